@@ -1,0 +1,245 @@
+/**
+ * Reverse-mode automatic differentiation.
+ *
+ * Every differentiable op is one {@linkcode defineOp} record: a forward that computes the output (run
+ * without recording, so composite forwards stay a single node) and a backward that maps the output's
+ * gradient to the inputs' gradients. When any input requires grad, the output gets a {@linkcode GradNode}
+ * that remembers the inputs and the tensors saved for the backward. `backward()` walks the nodes in
+ * reverse topological order, accumulates leaf gradients into `.grad`, and then releases the graph.
+ * @module
+ */
+
+import { markSaved } from "./memory.ts";
+import { fmt } from "./shape.ts";
+import { keep, Tensor, tidy } from "./tensor.ts";
+import { add, copy } from "./ops/index.ts";
+
+/** The record autograd keeps for one op application. */
+export interface GradNode {
+  /** Op name (for error messages). */
+  readonly name: string;
+  /** The op's tensor inputs. */
+  readonly inputs: readonly Tensor[];
+  /** Tensors the backward reads (counted in `memory().savedBytes`). */
+  readonly saved: readonly Tensor[];
+  /** Saved tensors that the op made itself (neither input nor output): disposed with the graph. */
+  readonly owned: readonly Tensor[];
+  /** Maps the output's gradient to one gradient (or null) per input. */
+  readonly backward: (grad: Tensor) => (Tensor | null)[];
+}
+
+/** Definition of a differentiable op: the registry record of the op. */
+export interface OpDef<A> {
+  /** Op name. */
+  name: string;
+  /** Computes the output; `save` keeps tensors for the backward (inputs or the output). */
+  forward(inputs: Tensor[], attrs: A, save: (...tensors: Tensor[]) => void): Tensor;
+  /** Gradients of the inputs, given the output's gradient and the saved tensors. `inputs` is for shapes. */
+  backward(grad: Tensor, saved: Tensor[], inputs: readonly Tensor[], attrs: A): (Tensor | null)[];
+}
+
+let gradEnabled = true;
+
+/** Whether ops currently record the graph. */
+export function isGradEnabled(): boolean {
+  return gradEnabled;
+}
+
+/** Runs `fn` without recording the graph (inference, optimizer updates). */
+export function noGrad<T>(fn: () => T): T {
+  const before = gradEnabled;
+  gradEnabled = false;
+  try {
+    return fn();
+  } finally {
+    gradEnabled = before;
+  }
+}
+
+/** Runs `fn` with graph recording on, even inside `noGrad` (used by recomputing backward passes). */
+export function enableGrad<T>(fn: () => T): T {
+  const before = gradEnabled;
+  gradEnabled = true;
+  try {
+    return fn();
+  } finally {
+    gradEnabled = before;
+  }
+}
+
+/** Attaches a node to `out` if grad is on and an input requires grad. */
+export function record(
+  out: Tensor,
+  name: string,
+  inputs: readonly Tensor[],
+  saved: readonly Tensor[],
+  backward: (grad: Tensor) => (Tensor | null)[],
+): Tensor {
+  const owned = saved.filter((t) => t !== out && !inputs.includes(t));
+  if (!gradEnabled || !inputs.some((t) => t.requiresGrad)) {
+    for (const t of owned) t.dispose();
+    return out;
+  }
+  for (const t of saved) markSaved(t.storage, 1);
+  out.requiresGrad = true;
+  out.node = { name, inputs, saved, owned, backward };
+  return out;
+}
+
+/** Registers a differentiable op and returns the function that applies it. */
+export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tensor {
+  return (inputs, attrs) => {
+    const saved: Tensor[] = [];
+    const out = noGrad(() => def.forward(inputs, attrs, (...t) => saved.push(...t)));
+    return record(out, def.name, inputs, saved, (g) => def.backward(g, saved, inputs, attrs));
+  };
+}
+
+/** Options for {@linkcode backward}. */
+export interface BackwardOptions {
+  /** Keep the graph (and its saved tensors) so that backward can run again. */
+  retainGraph?: boolean;
+}
+
+/** Backpropagates from `root`; accumulates into the `.grad` of every leaf that requires grad. */
+export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions = {}): void {
+  if (!root.requiresGrad) {
+    throw new Error(`backward(): ${root} does not require grad (no input of it requires grad, or noGrad)`);
+  }
+  if (!grad && root.size !== 1) {
+    throw new Error(`backward() without a gradient needs a scalar, got shape ${fmt(root.shape)}`);
+  }
+  if (grad && grad.shape.join() !== root.shape.join()) {
+    throw new Error(
+      `backward(): gradient shape ${fmt(grad.shape)} differs from tensor shape ${fmt(root.shape)}`,
+    );
+  }
+  const order = topoOrder(root);
+  const grads = new Map<Tensor, Tensor>();
+  // `claimed`: tensors held by the map or by a leaf's .grad; anything else produced here is disposed.
+  const claimed = new Set<Tensor>();
+  const seed = grad ?? tidy(() => keep(onesLike(root)));
+  if (grad) claimed.add(grad);
+  grads.set(root, seed);
+  claimed.add(seed);
+  noGrad(() => {
+    for (const t of order) {
+      const g = grads.get(t);
+      if (!g) continue;
+      grads.delete(t);
+      if (!t.node) {
+        accumulateLeaf(t, g, grad);
+        continue;
+      }
+      const node = t.node;
+      for (const s of node.saved) {
+        if (s.disposed) {
+          throw new Error(`backward(): a tensor saved by '${node.name}' was disposed before backward`);
+        }
+      }
+      const inGrads = node.backward(g);
+      const transient = new Set<Tensor>([g]);
+      // Released first, so that a backward that passes `g` through hands it on without a copy.
+      if (g !== grad) claimed.delete(g);
+      node.inputs.forEach((x, i) => {
+        let gi = inGrads[i];
+        if (!gi || !x.requiresGrad) return;
+        transient.add(gi);
+        if (gi.shape.join() !== x.shape.join()) {
+          throw new Error(`backward of '${node.name}': gradient ${fmt(gi.shape)} for input ${fmt(x.shape)}`);
+        }
+        if (claimed.has(gi)) gi = copy(gi);
+        const prev = grads.get(x);
+        if (prev) {
+          const sum = add(prev, gi);
+          claimed.delete(prev);
+          prev.dispose();
+          transient.add(gi);
+          gi = sum;
+        }
+        grads.set(x, gi);
+        claimed.add(gi);
+      });
+      for (const x of transient) if (!claimed.has(x) && x !== grad) x.dispose();
+    }
+  });
+  for (const g of grads.values()) if (g !== grad) g.dispose();
+  if (!options.retainGraph) releaseGraph(order);
+}
+
+function onesLike(t: Tensor): Tensor {
+  return copy(t).mul(0).add(1);
+}
+
+/** Adds `g` into a leaf's `.grad`; takes ownership of `g` unless it is the caller's own gradient. */
+function accumulateLeaf(t: Tensor, g: Tensor, userGrad: Tensor | undefined): void {
+  if (!t.requiresGrad) return;
+  if (t.grad) {
+    const sum = add(t.grad, g);
+    t.grad.dispose();
+    t.grad = keep(sum);
+    if (g !== userGrad) g.dispose();
+  } else {
+    t.grad = keep(g === userGrad ? copy(g) : g);
+  }
+}
+
+function topoOrder(root: Tensor): Tensor[] {
+  const order: Tensor[] = [];
+  const seen = new Set<Tensor>();
+  const stack: [Tensor, boolean][] = [[root, false]];
+  while (stack.length) {
+    const [t, done] = stack.pop()!;
+    if (done) {
+      order.push(t);
+      continue;
+    }
+    if (seen.has(t)) continue;
+    seen.add(t);
+    stack.push([t, true]);
+    for (const x of t.node?.inputs ?? []) if (x.requiresGrad && !seen.has(x)) stack.push([x, false]);
+  }
+  return order.reverse();
+}
+
+function releaseGraph(order: Tensor[]): void {
+  for (const t of order) {
+    if (!t.node) continue;
+    for (const s of t.node.saved) if (!s.disposed) markSaved(s.storage, -1);
+    for (const s of t.node.owned) s.dispose();
+    t.node = null;
+  }
+}
+
+/**
+ * Runs `fn(...inputs)` without keeping its intermediates; the backward runs `fn` again to get them.
+ * Trades compute for memory (gradient checkpointing). Parameters used inside `fn` get their gradients.
+ */
+export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
+  if (!gradEnabled) return fn(...inputs);
+  const out = noGrad(() => fn(...inputs));
+  for (const t of inputs) markSaved(t.storage, 1);
+  out.requiresGrad = true;
+  out.node = {
+    name: "checkpoint",
+    inputs,
+    saved: inputs,
+    owned: [],
+    backward: (g) =>
+      tidy(() => {
+        const leaves = inputs.map((x) => {
+          const d = copy(x);
+          d.requiresGrad = x.requiresGrad;
+          return d;
+        });
+        const y = enableGrad(() => fn(...leaves));
+        if (y.requiresGrad) backward(y, g);
+        return leaves.map((d) => {
+          const gd = d.grad;
+          if (gd) gd.kept = false;
+          return gd;
+        });
+      }),
+  };
+  return out;
+}

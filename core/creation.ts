@@ -1,0 +1,142 @@
+/**
+ * Creating tensors: from host data, constants, ranges and seeded random numbers.
+ * @module
+ */
+
+import { upload } from "./executor.ts";
+import { checkShape, fmt, type Shape, sizeOf } from "./shape.ts";
+import { type DType, Tensor } from "./tensor.ts";
+import { mapOp } from "./ops/map_kernel.ts";
+import { fillNormal, fillUniform, streamFor } from "./random.ts";
+
+/** Options of the creation functions. */
+export interface CreateOptions {
+  /** Element type (default f32, or i32 for Int32Array data). */
+  dtype?: DType;
+  /** Make the tensor a leaf that collects gradients. */
+  requiresGrad?: boolean;
+}
+
+/** Options of the random creation functions. */
+export interface RandomOptions extends CreateOptions {
+  /** Seed of this call's own stream; without it the global generator (see `manualSeed`) is used. */
+  seed?: number;
+}
+
+/** Nested arrays of numbers, as accepted by {@linkcode tensor}. */
+export type NestedArray = number | readonly NestedArray[];
+
+function inferShape(data: NestedArray): number[] {
+  const shape: number[] = [];
+  let cur: NestedArray = data;
+  while (Array.isArray(cur)) {
+    shape.push(cur.length);
+    cur = cur[0] ?? 0;
+  }
+  return shape;
+}
+
+function finish(t: Tensor, options: CreateOptions): Tensor {
+  if (options.requiresGrad) t.requiresGrad_(true);
+  return t;
+}
+
+/**
+ * A tensor from host data: a typed array or flat array with a `shape`, or nested arrays (shape inferred).
+ * Integers in an Int32Array give an i32 tensor unless `dtype` says otherwise.
+ */
+export function tensor(
+  data: Float32Array | Int32Array | readonly number[] | NestedArray,
+  shape?: Shape,
+  options: CreateOptions = {},
+): Tensor {
+  const dtype = options.dtype ?? (data instanceof Int32Array ? "i32" : "f32");
+  let flat: ArrayLike<number>;
+  if (data instanceof Float32Array || data instanceof Int32Array) flat = data;
+  else if (typeof data === "number") flat = [data];
+  else flat = (data as readonly NestedArray[]).flat(Infinity as 1) as number[];
+  const s = shape ??
+    (typeof data === "number" ? [] : ArrayBuffer.isView(data) ? [flat.length] : inferShape(data));
+  checkShape(s);
+  if (sizeOf(s) !== flat.length) {
+    throw new Error(`tensor: shape ${fmt(s)} needs ${sizeOf(s)} values, got ${flat.length}`);
+  }
+  if (dtype === "i32") {
+    for (let i = 0; i < flat.length; i++) {
+      if (!Number.isInteger(flat[i])) {
+        throw new Error(`tensor: i32 data has a non-integer ${flat[i]} at ${i}`);
+      }
+    }
+  }
+  const host = dtype === "f32"
+    ? (flat instanceof Float32Array ? flat : Float32Array.from(flat))
+    : (flat instanceof Int32Array ? flat : Int32Array.from(flat));
+  const t = Tensor.empty(s, dtype);
+  upload(t.storage.buffer, 0, host);
+  return finish(t, options);
+}
+
+/** A tensor filled with `value`. */
+export function full(shape: Shape, value: number, options: CreateOptions = {}): Tensor {
+  checkShape(shape);
+  const dtype = options.dtype ?? "f32";
+  if (dtype === "i32" && !Number.isInteger(value)) {
+    throw new Error(`full: i32 fill value ${value} is not an integer`);
+  }
+  return finish(mapOp(dtype === "f32" ? "P.s0" : "i32(P.s0)", [value], shape, dtype), options);
+}
+
+/** A tensor of zeros. */
+export function zeros(shape: Shape, options: CreateOptions = {}): Tensor {
+  return full(shape, 0, options);
+}
+
+/** A tensor of ones. */
+export function ones(shape: Shape, options: CreateOptions = {}): Tensor {
+  return full(shape, 1, options);
+}
+
+/** Zeros with another tensor's shape and dtype. */
+export function zerosLike(t: Tensor): Tensor {
+  return full(t.shape, 0, { dtype: t.dtype });
+}
+
+/** Ones with another tensor's shape and dtype. */
+export function onesLike(t: Tensor): Tensor {
+  return full(t.shape, 1, { dtype: t.dtype });
+}
+
+/** `[start, start + step, ...)` below `end`, like `torch.arange`; `arange(n)` counts 0..n-1. */
+export function arange(start: number, end?: number, step = 1, options: CreateOptions = {}): Tensor {
+  if (end === undefined) [start, end] = [0, start];
+  if (step === 0) throw new Error("arange: step must not be 0");
+  const n = Math.max(0, Math.ceil((end - start) / step));
+  const dtype = options.dtype ?? (Number.isInteger(start) && Number.isInteger(step) ? "i32" : "f32");
+  const host = dtype === "f32" ? new Float32Array(n) : new Int32Array(n);
+  for (let i = 0; i < n; i++) host[i] = start + i * step;
+  return tensor(host, [n], { ...options, dtype });
+}
+
+/** Normal samples (mean 0, std 1 unless given), seeded and identical on every adapter. */
+export function randn(shape: Shape, options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
+  checkShape(shape);
+  const host = fillNormal(
+    streamFor(options.seed),
+    new Float32Array(sizeOf(shape)),
+    options.mean,
+    options.std,
+  );
+  return tensor(host, shape, { ...options, dtype: "f32" });
+}
+
+/** Uniform samples in [low, high) (default [0, 1)), seeded and identical on every adapter. */
+export function rand(shape: Shape, options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
+  checkShape(shape);
+  const host = fillUniform(
+    streamFor(options.seed),
+    new Float32Array(sizeOf(shape)),
+    options.low,
+    options.high,
+  );
+  return tensor(host, shape, { ...options, dtype: "f32" });
+}

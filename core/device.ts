@@ -1,0 +1,154 @@
+/**
+ * The WebGPU adapter and device, acquired once for the whole runtime.
+ *
+ * `init()` asks for the adapter's own limits (storage binding size, buffer size, storage buffers per stage,
+ * workgroup storage) instead of the WebGPU defaults, and turns every way the GPU can fail (validation errors,
+ * out-of-memory, device loss) into a thrown JavaScript error at the next point where the runtime waits.
+ * @module
+ */
+
+/** Options for {@linkcode init}. */
+export interface InitOptions {
+  /** Passed to `requestAdapter`. Deno ignores it; browsers may honour it. */
+  powerPreference?: GPUPowerPreference;
+}
+
+/** What the runtime knows about the device it runs on. */
+export interface DeviceInfo {
+  /** Adapter description, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)" or a GPU name. */
+  description: string;
+  /** Adapter vendor string as the platform reports it. */
+  vendor: string;
+  /** True for software adapters (llvmpipe, SwiftShader, WARP): CPU rasterizers, not GPUs. */
+  isFallbackAdapter: boolean;
+  /** Largest subgroup size (tells Vulkan lavapipe, 8, from GL llvmpipe, 128). */
+  subgroupMaxSize: number;
+  /** Whether kernels may be timed with timestamp queries. */
+  timestampQuery: boolean;
+  /** The limits the device was created with. */
+  limits: DeviceLimits;
+}
+
+/** The device limits the runtime relies on. */
+export interface DeviceLimits {
+  /** Bytes one storage binding may cover (128 MiB on most adapters). */
+  maxStorageBufferBindingSize: number;
+  /** Largest buffer in bytes. */
+  maxBufferSize: number;
+  /** Storage buffers one compute stage may bind. */
+  maxStorageBuffersPerShaderStage: number;
+  /** Bytes of `var<workgroup>` memory per workgroup. */
+  maxComputeWorkgroupStorageSize: number;
+  /** Invocations per workgroup. */
+  maxComputeInvocationsPerWorkgroup: number;
+  /** Workgroups per dispatch dimension (65535). */
+  maxComputeWorkgroupsPerDimension: number;
+  /** Alignment of storage binding offsets in bytes (256). */
+  minStorageBufferOffsetAlignment: number;
+  /** Alignment of uniform binding offsets in bytes (256). */
+  minUniformBufferOffsetAlignment: number;
+}
+
+/** Raised for any failure reported by the GPU: validation, out-of-memory, device loss, no adapter. */
+export class GPUError extends Error {
+  /** Creates the error; `name` is "GPUError". */
+  constructor(message: string) {
+    super(message);
+    this.name = "GPUError";
+  }
+}
+
+let device: GPUDevice | null = null;
+let info: DeviceInfo | null = null;
+let pending: Promise<DeviceInfo> | null = null;
+let firstError: string | null = null;
+let lostReason: string | null = null;
+
+const NO_ADAPTER = "No WebGPU adapter found (navigator.gpu.requestAdapter() returned null). mamba.ts needs " +
+  "WebGPU: use a machine with a GPU and current drivers, or on Linux without a GPU install Mesa's software " +
+  "Vulkan driver (`sudo apt-get install mesa-vulkan-drivers`) and run with DENO_WEBGPU_BACKEND=vulkan " +
+  "and XDG_RUNTIME_DIR set to a private directory. In a browser, WebGPU must be enabled.";
+
+/**
+ * Acquires the adapter and device. Idempotent: later calls return the same info.
+ * Throws a {@linkcode GPUError} that says how to get WebGPU when there is no adapter.
+ */
+export function init(options: InitOptions = {}): Promise<DeviceInfo> {
+  if (info) return Promise.resolve(info);
+  pending ??= acquire(options).catch((e) => {
+    pending = null;
+    throw e;
+  });
+  return pending;
+}
+
+async function acquire(options: InitOptions): Promise<DeviceInfo> {
+  const gpu = (globalThis.navigator as Navigator | undefined)?.gpu;
+  if (!gpu) throw new GPUError(NO_ADAPTER);
+  const adapter = await gpu.requestAdapter({ powerPreference: options.powerPreference });
+  if (!adapter) throw new GPUError(NO_ADAPTER);
+  const a = adapter.limits;
+  const wanted: Record<string, number> = {
+    maxStorageBufferBindingSize: a.maxStorageBufferBindingSize,
+    maxBufferSize: a.maxBufferSize,
+    maxStorageBuffersPerShaderStage: a.maxStorageBuffersPerShaderStage,
+    maxComputeWorkgroupStorageSize: a.maxComputeWorkgroupStorageSize,
+    maxComputeInvocationsPerWorkgroup: a.maxComputeInvocationsPerWorkgroup,
+    maxComputeWorkgroupSizeX: a.maxComputeWorkgroupSizeX,
+  };
+  const timestampQuery = adapter.features.has("timestamp-query");
+  const requiredFeatures: GPUFeatureName[] = timestampQuery ? ["timestamp-query"] : [];
+  const dev = await adapter.requestDevice({ requiredLimits: wanted, requiredFeatures });
+  dev.addEventListener("uncapturederror", (ev) => {
+    const err = (ev as GPUUncapturedErrorEvent).error;
+    firstError ??= `${err.constructor.name}: ${err.message}`;
+  });
+  dev.lost.then((l) => {
+    lostReason = `GPU device lost (${l.reason}): ${l.message}`;
+    device = null;
+  });
+  const ai = adapter.info;
+  const l = dev.limits;
+  info = {
+    description: ai.description || ai.device || "unknown adapter",
+    vendor: ai.vendor,
+    isFallbackAdapter: ai.isFallbackAdapter ?? false,
+    subgroupMaxSize: ai.subgroupMaxSize ?? 0,
+    timestampQuery,
+    limits: {
+      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+      maxBufferSize: l.maxBufferSize,
+      maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
+      minStorageBufferOffsetAlignment: l.minStorageBufferOffsetAlignment,
+      minUniformBufferOffsetAlignment: l.minUniformBufferOffsetAlignment,
+    },
+  };
+  device = dev;
+  return info;
+}
+
+/** The device; throws if {@linkcode init} has not completed or the device was lost. */
+export function gpuDevice(): GPUDevice {
+  if (lostReason) throw new GPUError(lostReason);
+  if (!device) throw new GPUError("mamba.ts is not initialised: call `await init()` first.");
+  return device;
+}
+
+/** Info about the device; throws if {@linkcode init} has not completed. */
+export function deviceInfo(): DeviceInfo {
+  if (!info) throw new GPUError("mamba.ts is not initialised: call `await init()` first.");
+  return info;
+}
+
+/** Throws the first error the GPU reported since the last check (validation, out-of-memory, loss). */
+export function throwIfGPUFailed(): void {
+  if (lostReason) throw new GPUError(lostReason);
+  if (firstError) {
+    const e = firstError;
+    firstError = null;
+    throw new GPUError(`The GPU rejected work: ${e}`);
+  }
+}

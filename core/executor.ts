@@ -1,0 +1,159 @@
+/**
+ * Records GPU work and submits it in batches; waits only when data is read back.
+ *
+ * Ops record dispatches into one command encoder (inside one compute pass while no copy intervenes). Each
+ * dispatch's uniforms go into a host-side ring that is written to the GPU with one `writeBuffer` just before
+ * the submit, so uniforms cost no extra buffers. Uploads go through a fresh mapped staging buffer and a
+ * recorded copy, which keeps them in order with the dispatches around them (a `queue.writeBuffer` into a
+ * reused buffer would run before earlier, not yet submitted, dispatches that still read it).
+ * @module
+ */
+
+import { deviceInfo, gpuDevice, throwIfGPUFailed } from "./device.ts";
+import { destroyDoomed } from "./memory.ts";
+
+const UNIFORM_RING_BYTES = 1 << 20;
+const MAX_DISPATCHES_PER_SUBMIT = 512;
+
+let encoder: GPUCommandEncoder | null = null;
+let pass: GPUComputePassEncoder | null = null;
+let dispatches = 0;
+let totalDispatches = 0;
+let uniformHost = new Uint8Array(UNIFORM_RING_BYTES);
+let uniformUsed = 0;
+let uniformBuffer: GPUBuffer | null = null;
+const afterSubmit: (() => void)[] = [];
+
+function currentEncoder(): GPUCommandEncoder {
+  encoder ??= gpuDevice().createCommandEncoder();
+  return encoder;
+}
+
+function currentPass(): GPUComputePassEncoder {
+  pass ??= currentEncoder().beginComputePass();
+  return pass;
+}
+
+function endPass(): void {
+  pass?.end();
+  pass = null;
+}
+
+function uniformRing(): GPUBuffer {
+  uniformBuffer ??= gpuDevice().createBuffer({
+    size: UNIFORM_RING_BYTES,
+    usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+  });
+  return uniformBuffer;
+}
+
+/** Reserves `bytes` of uniform space for the next dispatch; returns its offset in the ring buffer. */
+export function reserveUniforms(bytes: number): { buffer: GPUBuffer; offset: number; view: DataView } {
+  const align = deviceInfo().limits.minUniformBufferOffsetAlignment;
+  const size = Math.ceil(Math.max(bytes, 16) / align) * align;
+  if (uniformUsed + size > UNIFORM_RING_BYTES) flush();
+  const offset = uniformUsed;
+  uniformUsed += size;
+  return { buffer: uniformRing(), offset, view: new DataView(uniformHost.buffer, offset, size) };
+}
+
+/** Records one compute dispatch. Submits when the batch is large. */
+export function recordDispatch(
+  pipeline: GPUComputePipeline,
+  bindGroup: GPUBindGroup,
+  workgroups: [number, number, number],
+): void {
+  const p = currentPass();
+  p.setPipeline(pipeline);
+  p.setBindGroup(0, bindGroup);
+  p.dispatchWorkgroups(workgroups[0], workgroups[1], workgroups[2]);
+  dispatches++;
+  totalDispatches++;
+  if (dispatches >= MAX_DISPATCHES_PER_SUBMIT) flush();
+}
+
+/** Records a buffer-to-buffer copy in order with the dispatches around it. */
+export function recordCopy(
+  src: GPUBuffer,
+  srcOffset: number,
+  dst: GPUBuffer,
+  dstOffset: number,
+  bytes: number,
+) {
+  endPass();
+  currentEncoder().copyBufferToBuffer(src, srcOffset, dst, dstOffset, bytes);
+}
+
+/** Copies host data into `dst` at `dstOffset` (bytes, multiple of 4), in order with recorded work. */
+export function upload(dst: GPUBuffer, dstOffset: number, data: ArrayBufferView): void {
+  const bytes = data.byteLength;
+  if (bytes === 0) return;
+  const padded = Math.ceil(bytes / 4) * 4;
+  const staging = gpuDevice().createBuffer({
+    size: padded,
+    usage: GPUBufferUsage.COPY_SRC,
+    mappedAtCreation: true,
+  });
+  new Uint8Array(staging.getMappedRange()).set(new Uint8Array(data.buffer, data.byteOffset, bytes));
+  staging.unmap();
+  recordCopy(staging, 0, dst, dstOffset, padded);
+  afterSubmit.push(() => staging.destroy());
+}
+
+/** Submits everything recorded so far. Does not wait. */
+export function flush(): void {
+  if (!encoder && uniformUsed === 0) return;
+  endPass();
+  const dev = gpuDevice();
+  if (uniformUsed > 0) {
+    dev.queue.writeBuffer(uniformRing(), 0, uniformHost, 0, uniformUsed);
+    uniformHost = new Uint8Array(UNIFORM_RING_BYTES);
+    uniformUsed = 0;
+  }
+  if (encoder) dev.queue.submit([encoder.finish()]);
+  encoder = null;
+  dispatches = 0;
+  for (const f of afterSubmit.splice(0)) f();
+  destroyDoomed();
+}
+
+/** Reads `bytes` bytes at `offset` of a GPU buffer back to the host. The only place the runtime waits. */
+export async function readBuffer(src: GPUBuffer, offset: number, bytes: number): Promise<ArrayBuffer> {
+  const size = Math.ceil(Math.max(bytes, 4) / 4) * 4;
+  const staging = gpuDevice().createBuffer({
+    size,
+    usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+  });
+  recordCopy(src, offset, staging, 0, size);
+  flush();
+  try {
+    await staging.mapAsync(GPUMapMode.READ);
+  } catch (e) {
+    throwIfGPUFailed();
+    throw e;
+  }
+  throwIfGPUFailed();
+  const out = new ArrayBuffer(bytes);
+  const dst = new Uint8Array(out);
+  // Copy in pieces of at most 4 MiB: large single copies out of a mapped range are slow in Deno.
+  const piece = 4 << 20;
+  for (let at = 0; at < bytes; at += piece) {
+    const n = Math.min(piece, bytes - at);
+    dst.set(new Uint8Array(staging.getMappedRange(at, Math.ceil(n / 4) * 4), 0, n), at);
+  }
+  staging.unmap();
+  staging.destroy();
+  return out;
+}
+
+/** Submits recorded work and waits until the GPU has finished it; rethrows any GPU error. */
+export async function sync(): Promise<void> {
+  flush();
+  await gpuDevice().queue.onSubmittedWorkDone();
+  throwIfGPUFailed();
+}
+
+/** Total dispatches recorded since start (for counting dispatches per layer in benchmarks). */
+export function dispatchCount(): number {
+  return totalDispatches;
+}

@@ -1,0 +1,219 @@
+/**
+ * The one place where kernels are defined, compiled, cached and dispatched.
+ *
+ * A kernel is WGSL with named buffers and named uniforms. Kernel bodies never index a storage array
+ * directly: they call `ld_<buf>(i)` and `st_<buf>(i, v)`. That lets one kernel read or write tensors larger
+ * than one storage binding (128 MiB): such a buffer is bound as several consecutive windows and the
+ * accessor picks the window. Shapes travel in uniforms, so one pipeline serves every shape; pipelines are
+ * cached per kernel and window count. Work is laid out over a linear workgroup index `group` (the dispatch
+ * is folded into two dimensions past 65535 workgroups), with `lid` the local invocation id.
+ * @module
+ */
+
+import { deviceInfo, gpuDevice } from "./device.ts";
+import { recordDispatch, reserveUniforms } from "./executor.ts";
+import type { Storage } from "./memory.ts";
+
+/** Element type of a storage binding as WGSL sees it. */
+export type ElemType = "f32" | "i32" | "u32" | "vec4<f32>";
+/** Type of one uniform field. */
+export type UniformType = "u32" | "i32" | "f32" | "vec4<u32>" | "vec4<i32>";
+
+/** A storage buffer of a kernel. */
+export interface BufferDecl {
+  /** Name used in accessors: `ld_<name>`, `st_<name>`. */
+  name: string;
+  /** WGSL element type. */
+  type: ElemType;
+  /** `read` for inputs, `read_write` for outputs. */
+  access: "read" | "read_write";
+}
+
+/** Everything that defines a kernel. */
+export interface KernelSpec {
+  /** Unique name; also the pipeline label. */
+  name: string;
+  /** Storage buffers, bound in this order. */
+  buffers: BufferDecl[];
+  /** Uniform fields `P.<name>`, in this order. */
+  uniforms: [string, UniformType][];
+  /** Invocations per workgroup (one-dimensional). */
+  workgroupSize: number;
+  /** WGSL placed before `main` (helper functions, `var<workgroup>` arrays). */
+  decls?: string;
+  /** Body of `main`; sees `group` (linear workgroup index), `lid` (local index) and `gid` = group*WG + lid. */
+  body: string;
+}
+
+/** A defined kernel; compiled lazily per window signature. */
+export interface Kernel {
+  /** Its definition. */
+  readonly spec: KernelSpec;
+  /** Byte offset of each uniform field. */
+  readonly uniformOffsets: Map<string, [number, UniformType]>;
+  /** Size of the uniform block in bytes. */
+  readonly uniformBytes: number;
+}
+
+const ELEM_BYTES: Record<ElemType, number> = { "f32": 4, "i32": 4, "u32": 4, "vec4<f32>": 16 };
+const pipelines = new Map<string, { pipeline: GPUComputePipeline; layout: GPUBindGroupLayout }>();
+
+/** Defines a kernel. Cheap: compilation happens at first dispatch. */
+export function defineKernel(spec: KernelSpec): Kernel {
+  const uniformOffsets = new Map<string, [number, UniformType]>();
+  let at = 0;
+  for (const [name, type] of [["_groups", "u32"], ...spec.uniforms] as [string, UniformType][]) {
+    const size = type.startsWith("vec4") ? 16 : 4;
+    at = Math.ceil(at / size) * size;
+    uniformOffsets.set(name, [at, type]);
+    at += size;
+  }
+  return { spec, uniformOffsets, uniformBytes: Math.ceil(at / 16) * 16 };
+}
+
+/** Bytes one binding window covers: the device limit rounded down to the offset alignment. */
+function windowBytes(): number {
+  const l = deviceInfo().limits;
+  return Math.floor(l.maxStorageBufferBindingSize / 256) * 256;
+}
+
+function accessors(b: BufferDecl, windows: number, segElems: number): string {
+  const v = (k: number) => `${b.name}_${k}`;
+  let ld = `fn ld_${b.name}(i: u32) -> ${b.type} {\n`;
+  let st = `fn st_${b.name}(i: u32, v: ${b.type}) {\n`;
+  for (let k = 0; k < windows - 1; k++) {
+    const base = k * segElems;
+    ld += `  if (i < ${base + segElems}u) { return ${v(k)}[i - ${base}u]; }\n`;
+    st += `  if (i < ${base + segElems}u) { ${v(k)}[i - ${base}u] = v; return; }\n`;
+  }
+  const last = (windows - 1) * segElems;
+  ld += `  return ${v(windows - 1)}[i - ${last}u];\n}\n`;
+  st += `  ${v(windows - 1)}[i - ${last}u] = v;\n}\n`;
+  return b.access === "read" ? ld : ld + st;
+}
+
+/** The WGSL source of a kernel for the given number of windows per buffer. */
+export function kernelSource(k: Kernel, windows: number[]): string {
+  const { spec } = k;
+  const lines: string[] = [];
+  const fields = [...k.uniformOffsets].map(([n, [, t]]) => `  ${n}: ${t},`).join("\n");
+  lines.push(`struct Params {\n${fields}\n}`);
+  lines.push(`@group(0) @binding(0) var<uniform> P: Params;`);
+  let binding = 1;
+  const seg = windowBytes();
+  spec.buffers.forEach((b, i) => {
+    for (let w = 0; w < windows[i]; w++) {
+      lines.push(
+        `@group(0) @binding(${binding++}) var<storage, ${b.access}> ${b.name}_${w}: array<${b.type}>;`,
+      );
+    }
+    lines.push(accessors(b, windows[i], seg / ELEM_BYTES[b.type]));
+  });
+  if (spec.decls) lines.push(spec.decls);
+  lines.push(
+    `@compute @workgroup_size(${spec.workgroupSize})`,
+    `fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,`,
+    `        @builtin(local_invocation_index) lid: u32) {`,
+    `  let group = wid.x + wid.y * nwg.x;`,
+    `  if (group >= P._groups) { return; }`,
+    `  let gid = group * ${spec.workgroupSize}u + lid;`,
+    spec.body,
+    `}`,
+  );
+  return lines.join("\n");
+}
+
+function pipelineFor(k: Kernel, windows: number[]) {
+  const key = `${k.spec.name}|${windows.join(",")}`;
+  let p = pipelines.get(key);
+  if (p) return p;
+  const dev = gpuDevice();
+  const code = kernelSource(k, windows);
+  const entries: GPUBindGroupLayoutEntry[] = [
+    { binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: { type: "uniform" } },
+  ];
+  let binding = 1;
+  k.spec.buffers.forEach((b, i) => {
+    for (let w = 0; w < windows[i]; w++) {
+      entries.push({
+        binding: binding++,
+        visibility: GPUShaderStage.COMPUTE,
+        buffer: { type: b.access === "read" ? "read-only-storage" : "storage" },
+      });
+    }
+  });
+  const layout = dev.createBindGroupLayout({ entries, label: k.spec.name });
+  const module = dev.createShaderModule({ code, label: k.spec.name });
+  const pipeline = dev.createComputePipeline({
+    label: k.spec.name,
+    layout: dev.createPipelineLayout({ bindGroupLayouts: [layout] }),
+    compute: { module, entryPoint: "main" },
+  });
+  p = { pipeline, layout };
+  pipelines.set(key, p);
+  return p;
+}
+
+/** Uniform values by field name: numbers, or 4-element arrays for vec4 fields. */
+export type UniformValues = Record<string, number | readonly number[]>;
+
+/**
+ * Records a dispatch of `groups` workgroups (any count; folded into 2-D past 65535).
+ * `buffers` maps each declared buffer name to the storage it binds.
+ */
+export function dispatch(
+  k: Kernel,
+  buffers: Record<string, Storage>,
+  uniforms: UniformValues,
+  groups: number,
+) {
+  if (groups <= 0) return;
+  const maxDim = deviceInfo().limits.maxComputeWorkgroupsPerDimension;
+  const seg = windowBytes();
+  const storages = k.spec.buffers.map((b) => {
+    const s = buffers[b.name];
+    if (!s) throw new Error(`kernel ${k.spec.name}: buffer '${b.name}' not given`);
+    return s;
+  });
+  const windows = storages.map((s) => Math.max(1, Math.ceil(s.buffer.size / seg)));
+  const { pipeline, layout } = pipelineFor(k, windows);
+  const u = reserveUniforms(k.uniformBytes);
+  const put = (name: string, value: number | readonly number[]) => {
+    const f = k.uniformOffsets.get(name);
+    if (!f) throw new Error(`kernel ${k.spec.name}: unknown uniform '${name}'`);
+    const [off, type] = f;
+    const vals = typeof value === "number" ? [value] : value;
+    vals.forEach((x, j) => {
+      const o = off + 4 * j;
+      if (type === "f32") u.view.setFloat32(o, x, true);
+      else if (type.endsWith("i32")) u.view.setInt32(o, x, true);
+      else u.view.setUint32(o, x, true);
+    });
+  };
+  put("_groups", groups);
+  for (const [name, value] of Object.entries(uniforms)) put(name, value);
+  const entries: GPUBindGroupEntry[] = [
+    { binding: 0, resource: { buffer: u.buffer, offset: u.offset, size: k.uniformBytes } },
+  ];
+  let binding = 1;
+  storages.forEach((s, i) => {
+    const size = s.buffer.size;
+    for (let w = 0; w < windows[i]; w++) {
+      const offset = w * seg;
+      entries.push({
+        binding: binding++,
+        resource: { buffer: s.buffer, offset, size: Math.min(seg, size - offset) },
+      });
+    }
+  });
+  const bindGroup = gpuDevice().createBindGroup({ layout, entries, label: k.spec.name });
+  const x = Math.min(groups, maxDim);
+  const y = Math.ceil(groups / x);
+  if (y > maxDim) throw new Error(`kernel ${k.spec.name}: ${groups} workgroups exceed ${maxDim}^2`);
+  recordDispatch(pipeline, bindGroup, [x, y, 1]);
+}
+
+/** Number of compiled pipelines (for tests of the cache). */
+export function pipelineCount(): number {
+  return pipelines.size;
+}

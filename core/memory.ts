@@ -1,0 +1,131 @@
+/**
+ * GPU memory: the buffer pool and the runtime's byte counters.
+ *
+ * Every tensor's data lives in a {@linkcode Storage}: one GPUBuffer, shared by views (reshape) of the same
+ * data. Freed buffers go back to a pool keyed by their size class and are reused; `memory()` reports exact
+ * bytes from these counters, which tests use to prove that nothing leaks.
+ * @module
+ */
+
+import { gpuDevice } from "./device.ts";
+
+/** Byte counts from the runtime's own allocator. */
+export interface MemoryInfo {
+  /** Bytes held by live tensors' buffers. */
+  liveBytes: number;
+  /** Highest `liveBytes` since start or the last {@linkcode resetPeak}. */
+  peakBytes: number;
+  /** Bytes in freed buffers kept for reuse. */
+  pooledBytes: number;
+  /** Number of live tensors (views of one buffer count once each). */
+  liveTensors: number;
+  /** Bytes of distinct buffers that autograd keeps for the backward pass. */
+  savedBytes: number;
+}
+
+/** GPU memory that holds one tensor's data; views share it. */
+export class Storage {
+  /** The buffer; its size is the size class of `bytes`. */
+  readonly buffer: GPUBuffer;
+  /** Bytes the data needs (the buffer may be a little larger). */
+  readonly bytes: number;
+  /** Tensors that use this storage; it returns to the pool when the last is disposed. */
+  users = 0;
+  /** Autograd nodes that keep this storage for the backward pass. */
+  savedBy = 0;
+  /** Set once the buffer went back to the pool. */
+  released = false;
+
+  /** Wraps a pooled buffer. */
+  constructor(buffer: GPUBuffer, bytes: number) {
+    this.buffer = buffer;
+    this.bytes = bytes;
+  }
+}
+
+const USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+const pool = new Map<number, GPUBuffer[]>();
+let live = 0;
+let peak = 0;
+let pooled = 0;
+let saved = 0;
+let tensors = 0;
+let poolLimit = 2 ** 30;
+/** Buffers evicted from the pool: destroyed after the next submit, as pending work may still use them. */
+const doomed: GPUBuffer[] = [];
+
+/** The size class of a request: multiples of 256 bytes up to 1 MiB, then steps of 1/8 of a power of two. */
+export function sizeClass(bytes: number): number {
+  const b = Math.max(bytes, 16);
+  if (b <= 1 << 20) return Math.ceil(b / 256) * 256;
+  const step = 2 ** (Math.floor(Math.log2(b)) - 3);
+  return Math.ceil(b / step) * step;
+}
+
+/** Allocates storage for `bytes` bytes, reusing a pooled buffer of the same size class when there is one. */
+export function allocStorage(bytes: number): Storage {
+  const size = sizeClass(bytes);
+  let buffer = pool.get(size)?.pop();
+  if (buffer) {
+    pooled -= size;
+  } else {
+    buffer = gpuDevice().createBuffer({ size, usage: USAGE });
+  }
+  live += size;
+  if (live > peak) peak = live;
+  return new Storage(buffer, bytes);
+}
+
+/** Returns a storage's buffer to the pool (or marks it for destruction when the pool is full). */
+export function releaseStorage(s: Storage): void {
+  const size = s.buffer.size;
+  live -= size;
+  if (s.savedBy > 0) saved -= size;
+  s.savedBy = 0;
+  s.released = true;
+  if (pooled + size > poolLimit) {
+    doomed.push(s.buffer);
+    return;
+  }
+  let list = pool.get(size);
+  if (!list) pool.set(size, list = []);
+  list.push(s.buffer);
+  pooled += size;
+}
+
+/** Counts a tensor handle created (+1) or disposed (-1). */
+export function countTensor(delta: number): void {
+  tensors += delta;
+}
+
+/** Adjusts the bytes kept for the backward pass when a storage is first saved or last released. */
+export function markSaved(s: Storage, delta: 1 | -1): void {
+  if (s.released || (delta === -1 && s.savedBy === 0)) return;
+  const before = s.savedBy;
+  s.savedBy += delta;
+  if (before === 0 && delta === 1) saved += s.buffer.size;
+  if (before === 1 && delta === -1) saved -= s.buffer.size;
+}
+
+/** Current byte counts. */
+export function memory(): MemoryInfo {
+  return { liveBytes: live, peakBytes: peak, pooledBytes: pooled, liveTensors: tensors, savedBytes: saved };
+}
+
+/** Starts a new peak measurement from the current live bytes. */
+export function resetPeak(): void {
+  peak = live;
+}
+
+/** Frees every pooled buffer (after pending work completes) and sets how many bytes the pool may keep. */
+export function emptyPool(limitBytes: number = poolLimit): void {
+  poolLimit = limitBytes;
+  for (const list of pool.values()) doomed.push(...list);
+  pool.clear();
+  pooled = 0;
+}
+
+/** Destroys buffers evicted from the pool; called by the executor right after a submit. */
+export function destroyDoomed(): void {
+  for (const b of doomed.splice(0)) b.destroy();
+}

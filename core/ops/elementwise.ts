@@ -1,0 +1,257 @@
+/**
+ * Elementwise ops: unary math, binary arithmetic with broadcasting, comparisons, where, clamp.
+ * Each op is one record: its WGSL expression (for the map template) and its gradient.
+ * @module
+ */
+
+import { defineOp } from "../autograd.ts";
+import { broadcastShapes } from "../shape.ts";
+import type { DType, Operand, Tensor } from "../tensor.ts";
+import { mapOp } from "./map_kernel.ts";
+import { sumToShape } from "./reduce.ts";
+
+function needF32(x: Tensor, op: string): void {
+  if (x.dtype !== "f32") throw new Error(`${op} needs an f32 tensor, got ${x.dtype} ${x}`);
+}
+
+// ---------------------------------------------------------------- unary
+
+/** Gradient rule of a unary op: WGSL of dL/dx from `a` (= x, or y when `fromOutput`) and `b` (= g). */
+interface UnaryDef {
+  expr: string;
+  grad: string;
+  fromOutput?: boolean;
+}
+
+const UNARY = {
+  neg: { expr: "-a", grad: "-b" },
+  exp: { expr: "exp(a)", grad: "b * a", fromOutput: true },
+  log: { expr: "log(a)", grad: "b / a" },
+  sqrt: { expr: "sqrt(a)", grad: "b * 0.5 / a", fromOutput: true },
+  rsqrt: { expr: "inverseSqrt(a)", grad: "-0.5 * b * a * a * a", fromOutput: true },
+  square: { expr: "a * a", grad: "2.0 * a * b" },
+  abs: { expr: "abs(a)", grad: "b * sign(a)" },
+  sigmoid: { expr: "sigmoid_(a)", grad: "b * a * (1.0 - a)", fromOutput: true },
+  silu: { expr: "a * sigmoid_(a)", grad: "b * sigmoid_(a) * (1.0 + a * (1.0 - sigmoid_(a)))" },
+  softplus: { expr: "softplus_(a)", grad: "b * sigmoid_(a)" },
+  tanh: { expr: "tanh(a)", grad: "b * (1.0 - a * a)", fromOutput: true },
+  relu: { expr: "max(a, 0.0)", grad: "select(0.0, b, a > 0.0)" },
+} satisfies Record<string, UnaryDef>;
+
+/** Names of the unary ops. */
+export type UnaryName = keyof typeof UNARY;
+
+const unaryOps = new Map<string, (inputs: Tensor[], attrs: null) => Tensor>();
+for (const [name, def] of Object.entries(UNARY) as [UnaryName, UnaryDef][]) {
+  unaryOps.set(
+    name,
+    defineOp<null>({
+      name,
+      forward: ([x], _, save) => {
+        needF32(x, name);
+        const y = mapOp(def.expr, [x], x.shape);
+        save(def.fromOutput ? y : x);
+        return y;
+      },
+      backward: (g, [s]) => [mapOp(def.grad, [s, g], g.shape)],
+    }),
+  );
+}
+
+/** Applies a unary op by name. */
+export function unary(name: UnaryName, x: Tensor): Tensor {
+  return unaryOps.get(name)!([x], null);
+}
+
+/** `-x` */
+export const neg = (x: Tensor): Tensor => unary("neg", x);
+/** `e^x` */
+export const exp = (x: Tensor): Tensor => unary("exp", x);
+/** Natural logarithm. */
+export const log = (x: Tensor): Tensor => unary("log", x);
+/** Square root. */
+export const sqrt = (x: Tensor): Tensor => unary("sqrt", x);
+/** `1 / sqrt(x)` */
+export const rsqrt = (x: Tensor): Tensor => unary("rsqrt", x);
+/** `x * x` */
+export const square = (x: Tensor): Tensor => unary("square", x);
+/** `|x|` */
+export const abs = (x: Tensor): Tensor => unary("abs", x);
+/** `1 / (1 + e^-x)` */
+export const sigmoid = (x: Tensor): Tensor => unary("sigmoid", x);
+/** `x * sigmoid(x)` */
+export const silu = (x: Tensor): Tensor => unary("silu", x);
+/** `log(1 + e^x)`, computed stably for all x. */
+export const softplus = (x: Tensor): Tensor => unary("softplus", x);
+/** Hyperbolic tangent. */
+export const tanh = (x: Tensor): Tensor => unary("tanh", x);
+/** `max(x, 0)` */
+export const relu = (x: Tensor): Tensor => unary("relu", x);
+
+// ---------------------------------------------------------------- binary
+
+/** Forward WGSL (a, b) and the two gradient expressions of (a, b, c = g, [y]) of a binary op. */
+interface BinaryDef {
+  expr: string;
+  ga: string;
+  gb: string;
+  ints?: boolean;
+}
+
+const BINARY = {
+  add: { expr: "a + b", ga: "", gb: "", ints: true },
+  sub: { expr: "a - b", ga: "", gb: "", ints: true },
+  mul: { expr: "a * b", ga: "c * b", gb: "c * a", ints: true },
+  div: { expr: "a / b", ga: "c / b", gb: "-c * a / (b * b)" },
+  pow: { expr: "pow_(a, b)", ga: "c * b * pow_(a, b - 1.0)", gb: "c * pow_(a, b) * log(a)" },
+  maximum: {
+    expr: "max(a, b)",
+    ga: "c * select(select(0.0, 0.5, a == b), 1.0, a > b)",
+    gb: "c * select(select(0.0, 0.5, a == b), 1.0, b > a)",
+    ints: true,
+  },
+  minimum: {
+    expr: "min(a, b)",
+    ga: "c * select(select(0.0, 0.5, a == b), 1.0, a < b)",
+    gb: "c * select(select(0.0, 0.5, a == b), 1.0, b < a)",
+    ints: true,
+  },
+} satisfies Record<string, BinaryDef>;
+
+/** Names of the binary arithmetic ops. */
+export type BinaryName = keyof typeof BINARY;
+
+function operandShape(o: Operand): readonly number[] {
+  return typeof o === "number" ? [] : o.shape;
+}
+
+function resultType(a: Operand, b: Operand, op: string, ints: boolean): DType {
+  const ta = typeof a === "number" ? null : a.dtype;
+  const tb = typeof b === "number" ? null : b.dtype;
+  if (ta && tb && ta !== tb) throw new Error(`${op}: dtypes differ (${a} and ${b}); convert one first`);
+  const t = ta ?? tb ?? "f32";
+  if (t === "i32" && !ints) throw new Error(`${op} needs f32 tensors, got i32`);
+  if (t === "i32" && [a, b].some((o) => typeof o === "number" && !Number.isInteger(o))) {
+    throw new Error(`${op}: an i32 tensor with a non-integer scalar`);
+  }
+  return t;
+}
+
+/** Gradient of one operand (a tensor) of a binary op, reduced to the operand's shape. */
+function operandGrad(expr: string, a: Operand, b: Operand, g: Tensor, target: Tensor): Tensor {
+  const full = expr === "" ? g : expr === "-" ? mapOp("-a", [g], g.shape) : mapOp(expr, [a, b, g], g.shape);
+  const r = sumToShape(full, target.shape);
+  if (r !== full && full !== g) full.dispose();
+  return r;
+}
+
+const binaryOps = new Map<string, (inputs: Tensor[], attrs: { a: Operand; b: Operand }) => Tensor>();
+for (const [name, def] of Object.entries(BINARY) as [BinaryName, BinaryDef][]) {
+  const gb = name === "sub" ? "-" : def.gb;
+  binaryOps.set(
+    name,
+    defineOp<{ a: Operand; b: Operand }>({
+      name,
+      forward: (_inputs, { a, b }, save) => {
+        const t = resultType(a, b, name, def.ints ?? false);
+        const shape = broadcastShapes(operandShape(a), operandShape(b), name);
+        if (def.ga !== "") { for (const o of [a, b]) if (typeof o !== "number") save(o); }
+        return mapOp(def.expr, [a, b], shape, t, [t, t]);
+      },
+      backward: (g, _saved, _inputs, { a, b }) => [
+        typeof a === "number" || !a.requiresGrad ? null : operandGrad(def.ga, a, b, g, a),
+        typeof b === "number" || !b.requiresGrad ? null : operandGrad(gb, a, b, g, b),
+      ],
+    }),
+  );
+}
+
+/** Applies a binary op by name; either operand may be a number. */
+export function binary(name: BinaryName, a: Operand, b: Operand): Tensor {
+  const inputs = [a, b].filter((o): o is Tensor => typeof o !== "number");
+  if (inputs.length === 0) throw new Error(`${name}: at least one operand must be a tensor`);
+  return binaryOps.get(name)!(inputs, { a, b });
+}
+
+/** `a + b` with broadcasting. */
+export const add = (a: Operand, b: Operand): Tensor => binary("add", a, b);
+/** `a - b` with broadcasting. */
+export const sub = (a: Operand, b: Operand): Tensor => binary("sub", a, b);
+/** `a * b` with broadcasting. */
+export const mul = (a: Operand, b: Operand): Tensor => binary("mul", a, b);
+/** `a / b` with broadcasting. */
+export const div = (a: Operand, b: Operand): Tensor => binary("div", a, b);
+/** `a ** b` with broadcasting (integer powers of negative numbers are defined). */
+export const pow = (a: Operand, b: Operand): Tensor => binary("pow", a, b);
+/** Elementwise maximum (ties share the gradient equally). */
+export const maximum = (a: Operand, b: Operand): Tensor => binary("maximum", a, b);
+/** Elementwise minimum (ties share the gradient equally). */
+export const minimum = (a: Operand, b: Operand): Tensor => binary("minimum", a, b);
+
+// ---------------------------------------------------------------- comparisons, where, clamp
+
+const COMPARE = { eq: "==", ne: "!=", lt: "<", le: "<=", gt: ">", ge: ">=" } as const;
+
+/** Names of the comparison ops. */
+export type CompareName = keyof typeof COMPARE;
+
+/** Elementwise comparison; returns an f32 mask of 0 and 1 (not differentiable). */
+export function compare(name: CompareName, a: Operand, b: Operand): Tensor {
+  if (typeof a === "number" && typeof b === "number") {
+    throw new Error(`${name}: one operand must be a tensor`);
+  }
+  const t = resultType(a, b, name, true);
+  const shape = broadcastShapes(operandShape(a), operandShape(b), name);
+  return mapOp(`select(0.0, 1.0, a ${COMPARE[name]} b)`, [a, b], shape, "f32", [t, t]);
+}
+
+const whereOp = defineOp<null>({
+  name: "where",
+  forward: ([cond, a, b], _, save) => {
+    needF32(a, "where");
+    needF32(b, "where");
+    save(cond);
+    const s1 = broadcastShapes(cond.shape, a.shape, "where");
+    return mapOp("select(c, b, a != 0.0)", [cond, a, b], broadcastShapes(s1, b.shape, "where"));
+  },
+  backward: (g, [cond], [, a, b]) => [
+    null,
+    a.requiresGrad ? reduceTo(mapOp("select(0.0, b, a != 0.0)", [cond, g], g.shape), a) : null,
+    b.requiresGrad ? reduceTo(mapOp("select(b, 0.0, a != 0.0)", [cond, g], g.shape), b) : null,
+  ],
+});
+
+function reduceTo(full: Tensor, target: Tensor): Tensor {
+  const r = sumToShape(full, target.shape);
+  if (r !== full) full.dispose();
+  return r;
+}
+
+/** `cond ? a : b` elementwise with broadcasting; `cond` is a mask (nonzero = true), f32. */
+export function where(cond: Tensor, a: Tensor, b: Tensor): Tensor {
+  if (cond.dtype !== "f32") throw new Error(`where: the condition must be an f32 mask, got ${cond.dtype}`);
+  return whereOp([cond, a, b], null);
+}
+
+const clampOp = defineOp<{ lo: number; hi: number }>({
+  name: "clamp",
+  forward: ([x], { lo, hi }, save) => {
+    needF32(x, "clamp");
+    save(x);
+    return mapOp("clamp(a, b, c)", [x, lo, hi], x.shape);
+  },
+  backward: (g, [x], _, { lo, hi }) =>
+    [mapOp("select(0.0, c, a >= b)", [x, lo, g], g.shape, "f32")].map((t) => {
+      const r = mapOp("select(0.0, a, b <= c)", [t, x, hi], g.shape);
+      t.dispose();
+      return r;
+    }),
+});
+
+/** Clamps into `[min, max]`; an omitted bound is infinite. Gradient 1 inside, 0 outside. */
+export function clamp(x: Tensor, min?: number, max?: number): Tensor {
+  const lo = min ?? -3.4028234663852886e38;
+  const hi = max ?? 3.4028234663852886e38;
+  if (lo > hi) throw new Error(`clamp: min ${min} is greater than max ${max}`);
+  return clampOp([x], { lo, hi });
+}

@@ -1,0 +1,139 @@
+/**
+ * Indexing: `indexSelect` (embedding lookup) and `gather`, with deterministic gradients.
+ *
+ * Both are one forward kernel over the view (outer, J, inner) of the output: each invocation copies
+ * x[o, idx, i] with idx read at o*so + j*sj + i*si (indexSelect: so = si = 0). The backward has no float
+ * atomics to scatter with, so each invocation owns one element (o, v, i) of the gradient and sums, in a
+ * fixed order, the output gradients whose index equals v, in slices of at most 16384 positions (loops
+ * past 65535 iterations stop silently on software adapters). Out-of-range indices read NaN.
+ * @module
+ */
+
+import { defineOp } from "../autograd.ts";
+import { defineKernel, dispatch } from "../kernel.ts";
+import { fmt, normAxis, sizeOf } from "../shape.ts";
+import { Tensor } from "../tensor.ts";
+
+const WG = 256;
+const MAX_J = 16384;
+const INDEX_UNIFORMS: [string, "u32"][] = [
+  ["n", "u32"],
+  ["V", "u32"],
+  ["J", "u32"],
+  ["inner", "u32"],
+  ["so", "u32"],
+  ["sj", "u32"],
+  ["si", "u32"],
+];
+
+const gatherKernel = defineKernel({
+  name: "gather",
+  buffers: [
+    { name: "x", type: "u32", access: "read" },
+    { name: "idx", type: "i32", access: "read" },
+    { name: "y", type: "u32", access: "read_write" },
+  ],
+  uniforms: INDEX_UNIFORMS,
+  workgroupSize: WG,
+  body: `
+  if (gid >= P.n) { return; }
+  let i = gid % P.inner;
+  let j = (gid / P.inner) % P.J;
+  let o = gid / (P.inner * P.J);
+  let v = ld_idx(o * P.so + j * P.sj + i * P.si);
+  if (v < 0 || u32(v) >= P.V) { st_y(gid, 0x7fc00000u); return; }
+  st_y(gid, ld_x((o * P.V + u32(v)) * P.inner + i));`,
+});
+
+const scatterKernel = defineKernel({
+  name: "gather_backward",
+  buffers: [
+    { name: "g", type: "f32", access: "read" },
+    { name: "idx", type: "i32", access: "read" },
+    { name: "dx", type: "f32", access: "read_write" },
+  ],
+  uniforms: [...INDEX_UNIFORMS, ["j0", "u32"], ["j1", "u32"]],
+  workgroupSize: WG,
+  body: `
+  if (gid >= P.n) { return; }
+  // gid -> (o, v, i) of dx; sums g[o, j, i] over j in [j0, j1) with idx == v.
+  let i = gid % P.inner;
+  let v = i32((gid / P.inner) % P.V);
+  let o = gid / (P.inner * P.V);
+  var acc = 0.0;
+  if (P.j0 > 0u) { acc = ld_dx(gid); }
+  for (var j = P.j0; j < P.j1; j++) {
+    if (ld_idx(o * P.so + j * P.sj + i * P.si) == v) {
+      acc += ld_g((o * P.J + j) * P.inner + i);
+    }
+  }
+  st_dx(gid, acc);`,
+});
+
+interface IndexAttrs {
+  dim: number;
+  outShape: number[];
+  strides: [number, number, number];
+}
+
+function view(x: Tensor, dim: number, J: number) {
+  return { outer: sizeOf(x.shape.slice(0, dim)), V: x.shape[dim], J, inner: sizeOf(x.shape.slice(dim + 1)) };
+}
+
+const gatherOp = defineOp<IndexAttrs>({
+  name: "gather",
+  forward: ([x, idx], { dim, outShape, strides }, save) => {
+    save(idx);
+    const out = Tensor.empty(outShape, x.dtype);
+    const { V, J, inner } = view(x, dim, outShape.length === x.rank ? outShape[dim] : idx.size);
+    const n = out.size;
+    const [so, sj, si] = strides;
+    dispatch(
+      gatherKernel,
+      { x: x.storage, idx: idx.storage, y: out.storage },
+      { n, V, J, inner, so, sj, si },
+      Math.ceil(n / WG),
+    );
+    return out;
+  },
+  backward: (g, [idx], [x], { dim, strides }) => {
+    const { outer, V, inner } = view(x, dim, 0);
+    const J = g.size / (outer * inner);
+    const dx = Tensor.empty(x.shape);
+    const n = dx.size;
+    const [so, sj, si] = strides;
+    const bufs = { g: g.storage, idx: idx.storage, dx: dx.storage };
+    for (let j0 = 0; j0 < Math.max(J, 1); j0 += MAX_J) {
+      const j1 = Math.min(J, j0 + MAX_J);
+      dispatch(scatterKernel, bufs, { n, V, J, inner, so, sj, si, j0, j1 }, Math.ceil(n / WG));
+    }
+    return [dx, null];
+  },
+});
+
+function checkIndex(idx: Tensor, op: string): void {
+  if (idx.dtype !== "i32") throw new Error(`${op}: indices must be an i32 tensor, got ${idx.dtype} ${idx}`);
+}
+
+/**
+ * Selects entries of `x` along `dim` by integer `index` (any shape): the result's shape is
+ * `x.shape[:dim] + index.shape + x.shape[dim+1:]`. With `dim = 0` this is an embedding lookup.
+ */
+export function indexSelect(x: Tensor, dim: number, index: Tensor): Tensor {
+  checkIndex(index, "indexSelect");
+  const d = normAxis(dim, x.rank, "indexSelect");
+  const outShape = [...x.shape.slice(0, d), ...index.shape, ...x.shape.slice(d + 1)];
+  return gatherOp([x, index], { dim: d, outShape, strides: [0, 1, 0] });
+}
+
+/** PyTorch's `gather`: `out[..., j, ...] = x[..., index[..., j, ...], ...]` along `dim`; out has index's shape. */
+export function gather(x: Tensor, dim: number, index: Tensor): Tensor {
+  checkIndex(index, "gather");
+  const d = normAxis(dim, x.rank, "gather");
+  if (index.rank !== x.rank || index.shape.some((s, i) => i !== d && s !== x.shape[i])) {
+    throw new Error(`gather: index ${fmt(index.shape)} must match x ${fmt(x.shape)} in every dim but ${dim}`);
+  }
+  const J = index.shape[d];
+  const inner = sizeOf(x.shape.slice(d + 1));
+  return gatherOp([x, index], { dim: d, outShape: [...index.shape], strides: [J * inner, inner, 1] });
+}

@@ -1,0 +1,143 @@
+/**
+ * The elementwise kernel template: one output element per invocation, y[i] = f(a, b, c).
+ *
+ * Every unary, binary and ternary op (and the fused gradient helpers) is this template with a WGSL
+ * expression. Operands are read in one of three ways, chosen per call:
+ * - `same`: all operands have the output's shape, read at `i`;
+ * - `bcast`: NumPy broadcasting, each operand read through its own strides (0 on broadcast dims);
+ * - a scalar operand comes from the uniform `P.s0`/`P.s1` and never touches memory.
+ * Workgroup: 256 invocations, no workgroup memory. Reads the operands, writes y.
+ * @module
+ */
+
+import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
+import { broadcastStrides, MAX_RANK, padRank, type Shape } from "../shape.ts";
+import { type DType, Tensor } from "../tensor.ts";
+
+/** One operand of a map: a tensor, or a number passed as a uniform. */
+export type MapOperand = Tensor | number;
+
+const WG = 256;
+const names = ["a", "b", "c"];
+const kernels = new Map<string, Kernel>();
+
+/** WGSL helpers available to every map expression. */
+export const MAP_HELPERS = `
+fn log1p_(u: f32) -> f32 {
+  // log(1 + u) without losing u when it is tiny (Goldberg's trick).
+  let w = 1.0 + u;
+  if (w == 1.0) { return u; }
+  return log(w) * u / (w - 1.0);
+}
+fn sigmoid_(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
+fn softplus_(x: f32) -> f32 { return max(x, 0.0) + log1p_(exp(-abs(x))); }
+fn pow_(x: f32, p: f32) -> f32 {
+  // WGSL pow is undefined for x < 0; integer powers of negative numbers follow PyTorch.
+  if (x >= 0.0) { return pow(x, p); }
+  if (fract(p) != 0.0) { return bitcast<f32>(0x7fc00000u); }
+  let m = pow(-x, p);
+  return select(m, -m, fract(p * 0.5) != 0.0);
+}
+`;
+
+function kernelFor(
+  expr: string,
+  kinds: ("same" | "bcast" | "scalar")[],
+  types: DType[],
+  outType: DType,
+): Kernel {
+  const key = `${expr}|${kinds.join()}|${types.join()}|${outType}`;
+  let k = kernels.get(key);
+  if (k) return k;
+  const bcast = kinds.includes("bcast");
+  const lines: string[] = [`if (gid >= P.n) { return; }`];
+  if (bcast) {
+    lines.push(`var rem = gid;`);
+    kinds.forEach((kind, j) => kind === "bcast" && lines.push(`var i${names[j]} = 0u;`));
+    for (let d = MAX_RANK - 1; d >= 0; d--) {
+      const comp = `${d < 4 ? "sh0" : "sh1"}.${"xyzw"[d % 4]}`;
+      lines.push(`{ let c = rem % P.${comp}; rem = rem / P.${comp};`);
+      kinds.forEach((kind, j) => {
+        if (kind === "bcast") {
+          lines.push(`  i${names[j]} += c * P.st${names[j]}${d < 4 ? 0 : 1}.${"xyzw"[d % 4]};`);
+        }
+      });
+      lines.push(`}`);
+    }
+  }
+  kinds.forEach((kind, j) => {
+    const n = names[j];
+    const read = kind === "scalar"
+      ? (types[j] === "f32" ? `P.s${j}` : `i32(P.s${j})`)
+      : `ld_${n}(${kind === "bcast" ? `i${n}` : "gid"})`;
+    lines.push(`let ${n} = ${read};`);
+  });
+  lines.push(`st_y(gid, ${expr});`);
+  const uniforms: [string, "u32" | "f32" | "vec4<u32>"][] = [["n", "u32"]];
+  kinds.forEach((_, j) => uniforms.push([`s${j}`, "f32"]));
+  if (bcast) {
+    uniforms.push(["sh0", "vec4<u32>"], ["sh1", "vec4<u32>"]);
+    kinds.forEach((kind, j) => {
+      if (kind === "bcast") uniforms.push([`st${names[j]}0`, "vec4<u32>"], [`st${names[j]}1`, "vec4<u32>"]);
+    });
+  }
+  k = defineKernel({
+    name: `map_${kernels.size}`,
+    buffers: [
+      ...kinds.flatMap((kind, j) =>
+        kind === "scalar" ? [] : [{ name: names[j], type: types[j], access: "read" as const }]
+      ),
+      { name: "y", type: outType, access: "read_write" },
+    ],
+    uniforms,
+    workgroupSize: WG,
+    decls: MAP_HELPERS,
+    body: lines.join("\n"),
+  });
+  kernels.set(key, k);
+  return k;
+}
+
+/**
+ * Computes `expr` elementwise over operands `a`, `b`, `c` (tensors broadcast to `outShape`, or numbers).
+ * No autograd: ops wrap this in their op records.
+ */
+export function mapOp(
+  expr: string,
+  operands: MapOperand[],
+  outShape: Shape,
+  outType: DType = "f32",
+  scalarTypes?: DType[],
+): Tensor {
+  const out = Tensor.empty(outShape, outType);
+  const n = out.size;
+  if (n === 0) return out;
+  const kinds = operands.map((o) =>
+    typeof o === "number"
+      ? "scalar" as const
+      : o.shape.join() === outShape.join()
+      ? "same" as const
+      : "bcast" as const
+  );
+  const types = operands.map((o, j) => typeof o === "number" ? (scalarTypes?.[j] ?? "f32") : o.dtype);
+  const k = kernelFor(expr, kinds, types, outType);
+  const buffers: Record<string, Tensor["storage"]> = { y: out.storage };
+  const uniforms: Record<string, number | number[]> = { n };
+  operands.forEach((o, j) => {
+    if (typeof o === "number") uniforms[`s${j}`] = o;
+    else buffers[names[j]] = o.storage;
+  });
+  if (kinds.includes("bcast")) {
+    const sh = padRank(outShape, 1);
+    uniforms.sh0 = sh.slice(0, 4);
+    uniforms.sh1 = sh.slice(4);
+    operands.forEach((o, j) => {
+      if (kinds[j] !== "bcast") return;
+      const st = padRank(broadcastStrides((o as Tensor).shape, outShape), 0);
+      uniforms[`st${names[j]}0`] = st.slice(0, 4);
+      uniforms[`st${names[j]}1`] = st.slice(4);
+    });
+  }
+  dispatch(k, buffers, uniforms, Math.ceil(n / WG));
+  return out;
+}

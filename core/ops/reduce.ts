@@ -1,0 +1,212 @@
+/**
+ * Reductions over axes: sum, mean, max, logsumexp, and `sumToShape` (the adjoint of broadcasting).
+ *
+ * Kernel: the input is viewed as (outer, R, inner); each invocation owns one (outer, chunk, inner) output
+ * and loops over at most CHUNK elements of R (loops past 65535 iterations stop silently on software
+ * adapters), so a long R is reduced in several passes. No workgroup memory.
+ * @module
+ */
+
+import { defineOp } from "../autograd.ts";
+import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
+import { fmt, normAxis, type Shape, sizeOf } from "../shape.ts";
+import { Tensor } from "../tensor.ts";
+import { mapOp } from "./map_kernel.ts";
+import { reshape } from "./shape_ops.ts";
+
+const CHUNK = 4096;
+const WG = 64;
+
+function reduceKernel(kind: "sum" | "max"): Kernel {
+  const init = kind === "sum" ? "0.0" : "-3.4028234663852886e38";
+  const step = kind === "sum" ? "acc = acc + v;" : "acc = max(acc, v);";
+  return defineKernel({
+    name: `reduce_${kind}`,
+    buffers: [{ name: "x", type: "f32", access: "read" }, { name: "y", type: "f32", access: "read_write" }],
+    uniforms: [["n", "u32"], ["r", "u32"], ["inner", "u32"], ["chunks", "u32"]],
+    workgroupSize: WG,
+    body: `
+  if (gid >= P.n) { return; }
+  // gid -> (o, k, i): output (o, chunk k, inner i) reduces x[o, k*CHUNK .. min(R, (k+1)*CHUNK), i].
+  let i = gid % P.inner;
+  let ok = gid / P.inner;
+  let k = ok % P.chunks;
+  let o = ok / P.chunks;
+  let start = k * ${CHUNK}u;
+  let end = min(P.r, start + ${CHUNK}u);
+  var acc: f32 = ${init};
+  var at = (o * P.r + start) * P.inner + i;
+  for (var t = start; t < end; t = t + 1u) {
+    let v = ld_x(at);
+    ${step}
+    at = at + P.inner;
+  }
+  st_y(gid, acc);`,
+  });
+}
+
+const KERNELS = { sum: reduceKernel("sum"), max: reduceKernel("max") };
+
+/** Reduces one axis of a contiguous f32 tensor (no autograd), keeping the axis as size 1. */
+function reduceAxis(x: Tensor, axis: number, kind: "sum" | "max"): Tensor {
+  const outer = sizeOf(x.shape.slice(0, axis));
+  const inner = sizeOf(x.shape.slice(axis + 1));
+  let r = x.shape[axis];
+  const outShape = x.shape.map((d, i) => (i === axis ? 1 : d));
+  if (r === 0) {
+    if (kind === "max") throw new Error(`max over an empty axis ${axis} of shape ${fmt(x.shape)}`);
+    return mapOp("0.0", [], outShape);
+  }
+  let cur = x;
+  while (true) {
+    const chunks = Math.ceil(r / CHUNK);
+    const out = Tensor.empty(chunks === 1 ? outShape : [outer, chunks, inner]);
+    const n = outer * chunks * inner;
+    dispatch(KERNELS[kind], { x: cur.storage, y: out.storage }, { n, r, inner, chunks }, Math.ceil(n / WG));
+    if (cur !== x) cur.dispose();
+    if (chunks === 1) return out;
+    cur = out;
+    r = chunks;
+  }
+}
+
+function axesOf(x: Tensor, axis: number | number[] | undefined, op: string): number[] {
+  const list = axis === undefined ? x.shape.map((_, i) => i) : typeof axis === "number" ? [axis] : axis;
+  const norm = list.map((a) => normAxis(a, x.rank, op));
+  if (new Set(norm).size !== norm.length) throw new Error(`${op}: repeated axis in ${JSON.stringify(axis)}`);
+  return norm.sort((a, b) => b - a);
+}
+
+function reduceAxes(x: Tensor, axes: number[], kind: "sum" | "max"): Tensor {
+  if (x.dtype !== "f32") throw new Error(`${kind} needs an f32 tensor, got ${x.dtype}`);
+  let cur = x;
+  for (const a of axes) {
+    const next = reduceAxis(cur, a, kind);
+    if (cur !== x) cur.dispose();
+    cur = next;
+  }
+  return cur === x ? mapOp("a", [x], x.shape) : cur;
+}
+
+function dropAxes(shape: Shape, axes: number[]): number[] {
+  return shape.filter((_, i) => !axes.includes(i));
+}
+
+function keptShape(shape: Shape, axes: number[]): number[] {
+  return shape.map((d, i) => (axes.includes(i) ? 1 : d));
+}
+
+const sumOp = defineOp<{ axes: number[]; keepdim: boolean }>({
+  name: "sum",
+  forward: ([x], { axes, keepdim }) => {
+    const y = reduceAxes(x, axes, "sum");
+    return keepdim ? y : reshapeOwned(y, dropAxes(x.shape, axes));
+  },
+  backward: (g, _s, [x], { axes }) => [broadcastGrad(g, x.shape, axes)],
+});
+
+const maxOp = defineOp<{ axes: number[]; keepdim: boolean }>({
+  name: "max",
+  forward: ([x], { axes, keepdim }, save) => {
+    const y = reduceAxes(x, axes, "max");
+    const out = keepdim ? y : reshapeOwned(y, dropAxes(x.shape, axes));
+    save(x, out);
+    return out;
+  },
+  backward: (g, [x, out], _i, { axes }) => {
+    // Ties share the gradient: mask / count, as torch.amax does.
+    const y = reshape(out, keptShape(x.shape, axes));
+    const mask = mapOp("select(0.0, 1.0, a == b)", [x, y], x.shape);
+    const count = reduceAxes(mask, axes, "sum");
+    const gk = reshape(g, keptShape(x.shape, axes));
+    const grad = mapOp("a * b / c", [mask, gk, count], x.shape);
+    for (const t of [y, mask, count, gk]) t.dispose();
+    return [grad];
+  },
+});
+
+function reshapeOwned(y: Tensor, shape: number[]): Tensor {
+  const r = reshape(y, shape);
+  y.dispose();
+  return r;
+}
+
+function broadcastGrad(g: Tensor, shape: Shape, axes: number[]): Tensor {
+  const gk = reshape(g, keptShape(shape, axes));
+  const out = mapOp("a", [gk], shape);
+  gk.dispose();
+  return out;
+}
+
+/** Sum over `axis` (or all axes); `keepdim` keeps reduced axes as size 1. */
+export function sum(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
+  return sumOp([x], { axes: axesOf(x, axis, "sum"), keepdim });
+}
+
+/** Maximum over `axis` (or all axes); ties share the gradient. */
+export function max(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
+  return maxOp([x], { axes: axesOf(x, axis, "max"), keepdim });
+}
+
+const meanOp = defineOp<{ axes: number[]; keepdim: boolean }>({
+  name: "mean",
+  forward: ([x], { axes, keepdim }) => {
+    const y = reduceAxes(x, axes, "sum");
+    const m = mapOp("a * b", [y, 1 / countOf(x.shape, axes)], y.shape);
+    y.dispose();
+    return keepdim ? m : reshapeOwned(m, dropAxes(x.shape, axes));
+  },
+  backward: (g, _s, [x], { axes }) => {
+    const gk = reshape(g, keptShape(x.shape, axes));
+    const out = mapOp("a * b", [gk, 1 / countOf(x.shape, axes)], x.shape);
+    gk.dispose();
+    return [out];
+  },
+});
+
+function countOf(shape: Shape, axes: number[]): number {
+  return axes.reduce((n, a) => n * shape[a], 1);
+}
+
+/** Mean over `axis` (or all axes). */
+export function mean(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
+  return meanOp([x], { axes: axesOf(x, axis, "mean"), keepdim });
+}
+
+const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
+  name: "logsumexp",
+  forward: ([x], { axis, keepdim }, save) => {
+    // lse = log(sum(exp(x - m))) + m with m = max(x): exp never overflows.
+    const m = reduceAxes(x, [axis], "max");
+    const e = mapOp("exp(a - b)", [x, m], x.shape);
+    const s = reduceAxes(e, [axis], "sum");
+    const lse = mapOp("log(a) + b", [s, m], s.shape);
+    for (const t of [m, e, s]) t.dispose();
+    save(x, lse);
+    return keepdim ? reshape(lse, lse.shape) : reshape(lse, dropAxes(x.shape, [axis]));
+  },
+  backward: (g, [x, lse], _i, { axis }) => {
+    // d lse / dx = softmax(x) = exp(x - lse).
+    const gk = reshape(g, keptShape(x.shape, [axis]));
+    const out = mapOp("exp(a - b) * c", [x, lse, gk], x.shape);
+    gk.dispose();
+    return [out];
+  },
+});
+
+/** `log(sum(exp(x), axis))`, shifted by the maximum so that it never overflows. */
+export function logsumexp(x: Tensor, axis: number, keepdim = false): Tensor {
+  return logsumexpOp([x], { axis: normAxis(axis, x.rank, "logsumexp"), keepdim });
+}
+
+/** Sums a broadcast gradient back to `shape` (the adjoint of broadcasting). Returns `g` if nothing to do. */
+export function sumToShape(g: Tensor, shape: Shape): Tensor {
+  if (g.shape.join() === shape.join()) return g;
+  const lead = g.rank - shape.length;
+  const axes: number[] = [];
+  g.shape.forEach((d, i) => {
+    if (i < lead || (shape[i - lead] === 1 && d !== 1)) axes.push(i);
+  });
+  const y = reduceAxes(g, axes.sort((a, b) => b - a), "sum");
+  return reshapeOwned(y, [...shape]);
+}

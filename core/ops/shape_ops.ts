@@ -1,0 +1,338 @@
+/**
+ * Shape ops: reshape/view (share storage), and the copies permute, transpose, slice, narrow, cat, split,
+ * chunk, pad, expand.
+ *
+ * All copies are one kernel, `strided_copy`: each invocation moves one 32-bit word from
+ * `src[srcOffset + sum(c_d * srcStride_d)]` to `dst[dstOffset + sum(c_d * dstStride_d)]` for the coordinate
+ * `c` of its element in the copied box. It is dtype-agnostic (u32 bits). No workgroup memory.
+ * @module
+ */
+
+import { defineOp } from "../autograd.ts";
+import { recordCopy } from "../executor.ts";
+import { defineKernel, dispatch } from "../kernel.ts";
+import { checkShape, fmt, MAX_RANK, normAxis, padRank, type Shape, sizeOf, stridesOf } from "../shape.ts";
+import { Tensor } from "../tensor.ts";
+import { mapOp } from "./map_kernel.ts";
+import { sumToShape } from "./reduce.ts";
+
+const WG = 256;
+
+function coordLines(): string {
+  const lines: string[] = [];
+  for (let d = MAX_RANK - 1; d >= 0; d--) {
+    const c = `${d < 4 ? "0" : "1"}.${"xyzw"[d % 4]}`;
+    lines.push(`{ let c = rem % P.sh${c}; rem = rem / P.sh${c}; si += c * P.ss${c}; di += c * P.ds${c}; }`);
+  }
+  return lines.join("\n  ");
+}
+
+const stridedCopy = defineKernel({
+  name: "strided_copy",
+  buffers: [{ name: "src", type: "u32", access: "read" }, { name: "dst", type: "u32", access: "read_write" }],
+  uniforms: [
+    ["n", "u32"],
+    ["srcOffset", "u32"],
+    ["dstOffset", "u32"],
+    ["sh0", "vec4<u32>"],
+    ["sh1", "vec4<u32>"],
+    ["ss0", "vec4<u32>"],
+    ["ss1", "vec4<u32>"],
+    ["ds0", "vec4<u32>"],
+    ["ds1", "vec4<u32>"],
+  ],
+  workgroupSize: WG,
+  body: `
+  if (gid >= P.n) { return; }
+  var rem = gid;
+  var si = P.srcOffset;
+  var di = P.dstOffset;
+  ${coordLines()}
+  st_dst(di, ld_src(si));`,
+});
+
+/** A box inside a tensor: start offset (elements) and strides of each box dim. */
+interface Box {
+  offset: number;
+  strides: readonly number[];
+}
+
+/** Copies the box `shape` from `src` (read through `from`) into `dst` (written through `to`). No autograd. */
+export function copyBox(src: Tensor, from: Box, dst: Tensor, to: Box, shape: Shape): void {
+  const n = sizeOf(shape);
+  if (n === 0) return;
+  const sh = padRank(shape, 1);
+  const ss = padRank(from.strides, 0);
+  const ds = padRank(to.strides, 0);
+  dispatch(stridedCopy, { src: src.storage, dst: dst.storage }, {
+    n,
+    srcOffset: from.offset,
+    dstOffset: to.offset,
+    sh0: sh.slice(0, 4),
+    sh1: sh.slice(4),
+    ss0: ss.slice(0, 4),
+    ss1: ss.slice(4),
+    ds0: ds.slice(0, 4),
+    ds1: ds.slice(4),
+  }, Math.ceil(n / WG));
+}
+
+/** A contiguous copy with its own storage (no autograd; one buffer copy). */
+export function copy(x: Tensor): Tensor {
+  const out = Tensor.empty(x.shape, x.dtype);
+  if (x.size > 0) recordCopy(x.storage.buffer, 0, out.storage.buffer, 0, x.size * 4);
+  return out;
+}
+
+/** The same data as a tensor outside any graph (shares storage). */
+export function detach(x: Tensor): Tensor {
+  return new Tensor(x.storage, x.shape, x.dtype);
+}
+
+function inferShape(x: Tensor, shape: readonly number[]): number[] {
+  const s = [...shape];
+  const free = s.indexOf(-1);
+  if (free >= 0) {
+    const known = sizeOf(s.filter((_, i) => i !== free));
+    if (known === 0 || x.size % known !== 0) {
+      throw new Error(
+        `reshape: cannot infer -1 in ${fmt(shape)} for ${x.size} elements (shape ${fmt(x.shape)})`,
+      );
+    }
+    s[free] = x.size / known;
+  }
+  checkShape(s, "reshape shape");
+  if (sizeOf(s) !== x.size) {
+    throw new Error(
+      `reshape: shape ${fmt(shape)} has ${sizeOf(s)} elements, tensor ${fmt(x.shape)} has ${x.size}`,
+    );
+  }
+  return s;
+}
+
+const reshapeOp = defineOp<{ shape: number[] }>({
+  name: "reshape",
+  forward: ([x], { shape }) => new Tensor(x.storage, shape, x.dtype),
+  backward: (g, _s, [x]) => [new Tensor(g.storage, x.shape, g.dtype)],
+});
+
+/** Same data, new shape (one dim may be -1). Shares storage; free. */
+export function reshape(x: Tensor, shape: readonly number[]): Tensor {
+  return reshapeOp([x], { shape: inferShape(x, shape) });
+}
+
+const permuteOp: (inputs: Tensor[], attrs: { dims: number[] }) => Tensor = defineOp<{ dims: number[] }>({
+  name: "permute",
+  forward: ([x], { dims }) => {
+    const st = stridesOf(x.shape);
+    const shape = dims.map((d) => x.shape[d]);
+    const out = Tensor.empty(shape, x.dtype);
+    copyBox(
+      x,
+      { offset: 0, strides: dims.map((d) => st[d]) },
+      out,
+      { offset: 0, strides: stridesOf(shape) },
+      shape,
+    );
+    return out;
+  },
+  backward: (g, _s, _i, { dims }) => {
+    const inv = new Array<number>(dims.length);
+    dims.forEach((d, i) => (inv[d] = i));
+    return [permuteOp([g], { dims: inv })];
+  },
+});
+
+/** Reorders dims (a copy): `out.shape[i] = x.shape[dims[i]]`. */
+export function permute(x: Tensor, dims: readonly number[]): Tensor {
+  const norm = dims.map((d) => normAxis(d, x.rank, "permute"));
+  if (norm.length !== x.rank || new Set(norm).size !== x.rank) {
+    throw new Error(
+      `permute: ${JSON.stringify(dims)} is not a permutation of the ${x.rank} dims of ${fmt(x.shape)}`,
+    );
+  }
+  return permuteOp([x], { dims: norm });
+}
+
+/** Swaps two dims (a copy). */
+export function transpose(x: Tensor, dim0 = -2, dim1 = -1): Tensor {
+  const dims = x.shape.map((_, i) => i);
+  const a = normAxis(dim0, x.rank, "transpose");
+  const b = normAxis(dim1, x.rank, "transpose");
+  [dims[a], dims[b]] = [dims[b], dims[a]];
+  return permuteOp([x], { dims });
+}
+
+/** The box of `length` elements of dim `dim` starting at `start` inside a contiguous tensor of `shape`. */
+function windowBox(shape: Shape, dim: number, start: number): Box {
+  const st = stridesOf(shape);
+  return { offset: start * st[dim], strides: st };
+}
+
+const narrowOp = defineOp<{ dim: number; start: number; length: number }>({
+  name: "narrow",
+  forward: ([x], { dim, start, length }) => {
+    const shape = x.shape.map((d, i) => (i === dim ? length : d));
+    const out = Tensor.empty(shape, x.dtype);
+    copyBox(x, windowBox(x.shape, dim, start), out, { offset: 0, strides: stridesOf(shape) }, shape);
+    return out;
+  },
+  backward: (g, _s, [x], { dim, start }) => {
+    const out = mapOp("0.0", [], x.shape);
+    copyBox(g, { offset: 0, strides: stridesOf(g.shape) }, out, windowBox(x.shape, dim, start), g.shape);
+    return [out];
+  },
+});
+
+/** `length` elements of `dim` starting at `start` (a copy). */
+export function narrow(x: Tensor, dim: number, start: number, length: number): Tensor {
+  const d = normAxis(dim, x.rank, "narrow");
+  if (
+    !Number.isInteger(start) || !Number.isInteger(length) || start < 0 || length < 0 ||
+    start + length > x.shape[d]
+  ) {
+    throw new Error(
+      `narrow: [${start}, ${start + length}) is outside dim ${dim} of size ${x.shape[d]} (${fmt(x.shape)})`,
+    );
+  }
+  return narrowOp([x], { dim: d, start, length });
+}
+
+/** Python-style slice `[start, end)` along `dim`; negative indices count from the end. */
+export function slice(x: Tensor, dim: number, start: number, end?: number): Tensor {
+  const d = normAxis(dim, x.rank, "slice");
+  const n = x.shape[d];
+  const s = Math.min(Math.max(start < 0 ? start + n : start, 0), n);
+  const e = Math.min(Math.max(end === undefined ? n : end < 0 ? end + n : end, s), n);
+  return narrow(x, d, s, e - s);
+}
+
+/** Splits along `dim` into pieces of the given sizes, or of `size` each (the last may be smaller). */
+export function split(x: Tensor, sizes: number | number[], dim = 0): Tensor[] {
+  const d = normAxis(dim, x.rank, "split");
+  const n = x.shape[d];
+  let list: number[];
+  if (typeof sizes === "number") {
+    if (!(sizes > 0)) throw new Error(`split: size must be positive, got ${sizes}`);
+    list = [];
+    for (let at = 0; at < n; at += sizes) list.push(Math.min(sizes, n - at));
+  } else {
+    list = sizes;
+    const total = list.reduce((a, b) => a + b, 0);
+    if (total !== n) {
+      throw new Error(`split: sizes ${JSON.stringify(sizes)} sum to ${total}, dim ${dim} has ${n}`);
+    }
+  }
+  let at = 0;
+  return list.map((len) => {
+    const t = narrow(x, d, at, len);
+    at += len;
+    return t;
+  });
+}
+
+/** Splits along `dim` into `chunks` pieces of size ceil(n / chunks) (the last may be smaller). */
+export function chunk(x: Tensor, chunks: number, dim = 0): Tensor[] {
+  const d = normAxis(dim, x.rank, "chunk");
+  return split(x, Math.ceil(x.shape[d] / chunks), d);
+}
+
+const catOp = defineOp<{ dim: number }>({
+  name: "cat",
+  forward: (xs, { dim }) => {
+    const shape = [...xs[0].shape];
+    shape[dim] = xs.reduce((n, t) => n + t.shape[dim], 0);
+    const out = Tensor.empty(shape, xs[0].dtype);
+    let at = 0;
+    for (const t of xs) {
+      copyBox(t, { offset: 0, strides: stridesOf(t.shape) }, out, windowBox(shape, dim, at), t.shape);
+      at += t.shape[dim];
+    }
+    return out;
+  },
+  backward: (g, _s, xs, { dim }) => {
+    let at = 0;
+    return xs.map((t) => {
+      const piece = t.requiresGrad ? narrowOp([g], { dim, start: at, length: t.shape[dim] }) : null;
+      at += t.shape[dim];
+      return piece;
+    });
+  },
+});
+
+/** Concatenates along `dim`; all other dims must agree. */
+export function cat(tensors: Tensor[], dim = 0): Tensor {
+  if (tensors.length === 0) throw new Error("cat: needs at least one tensor");
+  const first = tensors[0];
+  const d = normAxis(dim, first.rank, "cat");
+  for (const t of tensors) {
+    if (
+      t.rank !== first.rank || t.dtype !== first.dtype ||
+      t.shape.some((s, i) => i !== d && s !== first.shape[i])
+    ) {
+      throw new Error(`cat: ${t} does not match ${first} outside dim ${dim}`);
+    }
+  }
+  return catOp(tensors, { dim: d });
+}
+
+const padOp = defineOp<{ before: number[]; after: number[]; value: number }>({
+  name: "pad",
+  forward: ([x], { before, after, value }) => {
+    const shape = x.shape.map((d, i) => d + before[i] + after[i]);
+    const out = mapOp(x.dtype === "f32" ? "a" : "i32(a)", [value], shape, x.dtype);
+    const st = stridesOf(shape);
+    const offset = before.reduce((o, b, i) => o + b * st[i], 0);
+    copyBox(x, { offset: 0, strides: stridesOf(x.shape) }, out, { offset, strides: st }, x.shape);
+    return out;
+  },
+  backward: (g, _s, [x], { before }) => {
+    const out = Tensor.empty(x.shape, g.dtype);
+    const st = stridesOf(g.shape);
+    const offset = before.reduce((o, b, i) => o + b * st[i], 0);
+    copyBox(g, { offset, strides: st }, out, { offset: 0, strides: stridesOf(x.shape) }, x.shape);
+    return [out];
+  },
+});
+
+/**
+ * Pads with `value`, PyTorch-style: `padding` lists (before, after) pairs starting from the last dim,
+ * e.g. `[1, 2]` pads the last dim by 1 before and 2 after; `[0, 0, 3, 0]` pads dim -2 by 3 before.
+ */
+export function pad(x: Tensor, padding: number[], value = 0): Tensor {
+  if (
+    padding.length % 2 !== 0 || padding.length / 2 > x.rank ||
+    padding.some((p) => !Number.isInteger(p) || p < 0)
+  ) {
+    throw new Error(
+      `pad: padding ${JSON.stringify(padding)} must be non-negative pairs for at most ${x.rank} dims`,
+    );
+  }
+  const before = x.shape.map(() => 0);
+  const after = x.shape.map(() => 0);
+  for (let j = 0; j < padding.length / 2; j++) {
+    before[x.rank - 1 - j] = padding[2 * j];
+    after[x.rank - 1 - j] = padding[2 * j + 1];
+  }
+  return padOp([x], { before, after, value });
+}
+
+const expandOp = defineOp<{ shape: number[] }>({
+  name: "expand",
+  forward: ([x], { shape }) => mapOp(x.dtype === "f32" ? "a" : "a", [x], shape, x.dtype),
+  backward: (g, _s, [x]) => [sumToShape(g, x.shape)],
+});
+
+/** Broadcasts to `shape` (a copy); -1 keeps a dim. */
+export function expand(x: Tensor, shape: readonly number[]): Tensor {
+  const lead = shape.length - x.rank;
+  if (lead < 0) throw new Error(`expand: ${fmt(shape)} has fewer dims than ${fmt(x.shape)}`);
+  const full = shape.map((d, i) => (d === -1 && i >= lead ? x.shape[i - lead] : d));
+  checkShape(full, "expand shape");
+  x.shape.forEach((d, i) => {
+    if (d !== 1 && d !== full[i + lead]) {
+      throw new Error(`expand: cannot expand ${fmt(x.shape)} to ${fmt(shape)}`);
+    }
+  });
+  return expandOp([x], { shape: full });
+}

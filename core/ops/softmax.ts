@@ -1,0 +1,271 @@
+/**
+ * Fused, numerically stable softmax, log-softmax and cross-entropy.
+ *
+ * Kernel `softmax_rows`: one workgroup of 64 invocations per row (rows may be strided: the input is viewed
+ * as (outer, R, inner)). Invocations stride over the row for the maximum, then for sum(exp(x - max)),
+ * reducing each in a 64-float workgroup array, then write the row. Rows longer than 64 x 65535 / 3 would
+ * pass the loop limit of software adapters; vocabularies are far below that.
+ * Cross-entropy is the same row kernel that writes lse - x[target] per row (0 for ignored rows) and a
+ * validity mask; its backward is one elementwise pass (softmax - onehot) * g / count.
+ * @module
+ */
+
+import { defineOp } from "../autograd.ts";
+import { defineKernel, dispatch } from "../kernel.ts";
+import { fmt, normAxis, sizeOf } from "../shape.ts";
+import { Tensor } from "../tensor.ts";
+import { mapOp } from "./map_kernel.ts";
+import { reshape } from "./shape_ops.ts";
+import { sum } from "./reduce.ts";
+
+const WG = 64;
+
+const ROW_PRELUDE = `
+  let row = group;
+  let o = row / P.inner;
+  let i = row % P.inner;
+  let base = o * P.R * P.inner + i;
+  var m = -3.4028234663852886e38;
+  for (var r = lid; r < P.R; r += ${WG}u) { m = max(m, ld_x(base + r * P.inner)); }
+  red[lid] = m;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s = s >> 1u) {
+    if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
+    workgroupBarrier();
+  }
+  m = red[0];
+  workgroupBarrier();
+  var z = 0.0;
+  for (var r = lid; r < P.R; r += ${WG}u) { z += exp(ld_x(base + r * P.inner) - m); }
+  red[lid] = z;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s = s >> 1u) {
+    if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
+    workgroupBarrier();
+  }
+  let lse = m + log(red[0]);`;
+
+function rowKernel(name: string, write: string, extra: { name: string; type: "f32" | "i32" }[] = []) {
+  return defineKernel({
+    name,
+    buffers: [
+      { name: "x", type: "f32", access: "read" },
+      ...extra.map((e) => ({ ...e, access: e.name === "target" ? "read" as const : "read_write" as const })),
+    ],
+    uniforms: [["R", "u32"], ["inner", "u32"], ["ignore", "i32"]],
+    workgroupSize: WG,
+    decls: `var<workgroup> red: array<f32, ${WG}>;`,
+    body: ROW_PRELUDE + write,
+  });
+}
+
+const softmaxKernel = rowKernel(
+  "softmax_rows",
+  `for (var r = lid; r < P.R; r += ${WG}u) { st_y(base + r * P.inner, exp(ld_x(base + r * P.inner) - lse)); }`,
+  [{ name: "y", type: "f32" }],
+);
+const logSoftmaxKernel = rowKernel(
+  "log_softmax_rows",
+  `for (var r = lid; r < P.R; r += ${WG}u) { st_y(base + r * P.inner, ld_x(base + r * P.inner) - lse); }`,
+  [{ name: "y", type: "f32" }],
+);
+const crossEntropyKernel = rowKernel(
+  "cross_entropy_rows",
+  `if (lid == 0u) {
+    let t = ld_target(row);
+    let ok = t != P.ignore && t >= 0 && u32(t) < P.R;
+    var loss = 0.0;
+    if (ok) { loss = lse - ld_x(base + u32(t) * P.inner); }
+    if (t != P.ignore && !ok) { loss = bitcast<f32>(0x7fc00000u); }
+    st_y(row, loss);
+    st_valid(row, select(0.0, 1.0, ok));
+    st_lse(row, lse);
+  }`,
+  [{ name: "target", type: "i32" }, { name: "y", type: "f32" }, { name: "valid", type: "f32" }, {
+    name: "lse",
+    type: "f32",
+  }],
+);
+
+function rowsOf(x: Tensor, axis: number) {
+  const outer = sizeOf(x.shape.slice(0, axis));
+  const inner = sizeOf(x.shape.slice(axis + 1));
+  return { rows: outer * inner, R: x.shape[axis], inner };
+}
+
+function rowOp(x: Tensor, axis: number, kernel: typeof softmaxKernel): Tensor {
+  const y = Tensor.empty(x.shape);
+  const { rows, R, inner } = rowsOf(x, axis);
+  if (R > 0) dispatch(kernel, { x: x.storage, y: y.storage }, { R, inner, ignore: 0 }, rows);
+  return y;
+}
+
+const softmaxOp = defineOp<{ axis: number }>({
+  name: "softmax",
+  forward: ([x], { axis }, save) => {
+    const y = rowOp(x, axis, softmaxKernel);
+    save(y);
+    return y;
+  },
+  backward: (g, [y], _i, { axis }) => {
+    // dx = y * (g - sum(g * y))
+    const gy = mapOp("a * b", [g, y], y.shape);
+    const s = sum(gy, axis, true);
+    const dx = mapOp("a * (b - c)", [y, g, s], y.shape);
+    gy.dispose();
+    s.dispose();
+    return [dx];
+  },
+});
+
+const logSoftmaxOp = defineOp<{ axis: number }>({
+  name: "logSoftmax",
+  forward: ([x], { axis }, save) => {
+    const y = rowOp(x, axis, logSoftmaxKernel);
+    save(y);
+    return y;
+  },
+  backward: (g, [y], _i, { axis }) => {
+    // dx = g - exp(y) * sum(g)
+    const s = sum(g, axis, true);
+    const dx = mapOp("b - exp(a) * c", [y, g, s], y.shape);
+    s.dispose();
+    return [dx];
+  },
+});
+
+function checkF32(x: Tensor, op: string): void {
+  if (x.dtype !== "f32") throw new Error(`${op} needs an f32 tensor, got ${x.dtype}`);
+}
+
+/** Softmax over `axis` (default last), stable for any input range. */
+export function softmax(x: Tensor, axis = -1): Tensor {
+  checkF32(x, "softmax");
+  return softmaxOp([x], { axis: normAxis(axis, x.rank, "softmax") });
+}
+
+/** Log-softmax over `axis` (default last), stable for any input range. */
+export function logSoftmax(x: Tensor, axis = -1): Tensor {
+  checkF32(x, "logSoftmax");
+  return logSoftmaxOp([x], { axis: normAxis(axis, x.rank, "logSoftmax") });
+}
+
+/** Options of {@linkcode crossEntropy}. */
+export interface CrossEntropyOptions {
+  /** Targets equal to this are skipped (PyTorch's default -100). */
+  ignoreIndex?: number;
+  /** `mean` over non-ignored targets (default), `sum`, or `none` (per-target losses). */
+  reduction?: "mean" | "sum" | "none";
+}
+
+const ceOp = defineOp<{ reduction: "mean" | "sum" | "none"; ignore: number }>({
+  name: "crossEntropy",
+  forward: ([logits, target], { reduction, ignore }, save) => {
+    const V = logits.shape[logits.rank - 1];
+    const rows = logits.size / Math.max(V, 1);
+    const loss = Tensor.empty([rows]);
+    const valid = Tensor.empty([rows]);
+    const lse = Tensor.empty([rows]);
+    dispatch(
+      crossEntropyKernel,
+      {
+        x: logits.storage,
+        target: target.storage,
+        y: loss.storage,
+        valid: valid.storage,
+        lse: lse.storage,
+      },
+      { R: V, inner: 1, ignore },
+      rows,
+    );
+    save(logits, target, lse);
+    if (reduction === "none") {
+      save(valid);
+      return reshape(loss, target.shape);
+    }
+    const total = sum(loss);
+    loss.dispose();
+    if (reduction === "sum") {
+      save(valid);
+      return total;
+    }
+    const count = sum(valid);
+    valid.dispose();
+    save(count);
+    const out = mapOp("a / max(b, 1.0)", [total, count], []);
+    total.dispose();
+    return out;
+  },
+  backward: (g, [logits, target, lse, w], _i, { reduction, ignore }) => {
+    // d/dx = (softmax(x) - onehot(t)) * g_row * w_row; w = 1/count (mean) or the validity mask.
+    const V = logits.shape[logits.rank - 1];
+    const rows = logits.size / Math.max(V, 1);
+    const rowShape = [rows, 1];
+    const lse2 = reshape(lse, rowShape);
+    const t2 = reshape(target, rowShape);
+    const g2 = reduction === "none" ? reshape(g, rowShape) : reshape(g, [1, 1]);
+    const w2 = reduction === "mean" ? reshape(w, [1, 1]) : reshape(w, rowShape);
+    const x2 = reshape(logits, [rows, V]);
+    const weight = reduction === "mean"
+      ? mapOp("select(0.0, a / max(b, 1.0), c != " + ignore + ")", [g2, w2, t2], rowShape, "f32", [
+        "f32",
+        "f32",
+        "i32",
+      ])
+      : mapOp("a * b", [g2, w2], rowShape);
+    const dx = softmaxMinusOneHot(x2, lse2, t2, weight);
+    for (const t of [lse2, t2, g2, w2, x2, weight]) t.dispose();
+    const out = reshape(dx, logits.shape);
+    dx.dispose();
+    return [out, null];
+  },
+});
+
+const onehotKernel = defineKernel({
+  name: "softmax_minus_onehot",
+  buffers: [
+    { name: "x", type: "f32", access: "read" },
+    { name: "lse", type: "f32", access: "read" },
+    { name: "t", type: "i32", access: "read" },
+    { name: "w", type: "f32", access: "read" },
+    { name: "y", type: "f32", access: "read_write" },
+  ],
+  uniforms: [["n", "u32"], ["V", "u32"]],
+  workgroupSize: 256,
+  body: `
+  if (gid >= P.n) { return; }
+  let row = gid / P.V;
+  let v = gid % P.V;
+  let w = ld_w(row);
+  let p = exp(ld_x(gid) - ld_lse(row));
+  st_y(gid, (p - select(0.0, 1.0, ld_t(row) == i32(v))) * w);`,
+});
+
+function softmaxMinusOneHot(x: Tensor, lse: Tensor, t: Tensor, w: Tensor): Tensor {
+  const y = Tensor.empty(x.shape);
+  const n = x.size;
+  dispatch(onehotKernel, { x: x.storage, lse: lse.storage, t: t.storage, w: w.storage, y: y.storage }, {
+    n,
+    V: x.shape[1],
+  }, Math.ceil(n / 256));
+  return y;
+}
+
+/**
+ * Cross-entropy of `logits` (..., V) against integer `target` (...): fused log-softmax and pick, stable.
+ * Mean over non-ignored targets by default. Targets outside [0, V) that are not ignored give NaN.
+ */
+export function crossEntropy(logits: Tensor, target: Tensor, options: CrossEntropyOptions = {}): Tensor {
+  checkF32(logits, "crossEntropy");
+  if (target.dtype !== "i32") throw new Error(`crossEntropy: targets must be i32, got ${target.dtype}`);
+  if (logits.rank < 1 || target.shape.join() !== logits.shape.slice(0, -1).join()) {
+    throw new Error(
+      `crossEntropy: logits ${fmt(logits.shape)} need targets of shape ${fmt(logits.shape.slice(0, -1))}, ` +
+        `got ${fmt(target.shape)}`,
+    );
+  }
+  return ceOp([logits, target], {
+    reduction: options.reduction ?? "mean",
+    ignore: options.ignoreIndex ?? -100,
+  });
+}

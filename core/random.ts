@@ -1,0 +1,94 @@
+/**
+ * Seeded random numbers, made on the host with a counter-based generator (Philox4x32-10) so that the
+ * same seed gives bit-identical numbers on every adapter (GPU math functions differ between vendors).
+ * @module
+ */
+
+/** A stream of random 32-bit words: Philox4x32-10 keyed by a seed, counting up from 0. */
+export class Philox {
+  #k0: number;
+  #k1: number;
+  #counter = 0;
+  #buf = new Uint32Array(4);
+  #at = 4;
+
+  /** Seeds the stream (any integer below 2^53). */
+  constructor(seed: number) {
+    this.#k0 = seed >>> 0;
+    this.#k1 = Math.floor(seed / 2 ** 32) >>> 0;
+  }
+
+  /** The next random 32-bit unsigned word. */
+  nextU32(): number {
+    if (this.#at === 4) {
+      this.#block(this.#counter++);
+      this.#at = 0;
+    }
+    return this.#buf[this.#at++];
+  }
+
+  /** A uniform float in [0, 1) with 24 random bits (exact in f32). */
+  nextFloat(): number {
+    return (this.nextU32() >>> 8) / 16777216;
+  }
+
+  #block(ctr: number): void {
+    let c0 = ctr >>> 0, c1 = Math.floor(ctr / 2 ** 32) >>> 0, c2 = 0, c3 = 0;
+    let k0 = this.#k0, k1 = this.#k1;
+    for (let r = 0; r < 10; r++) {
+      const hi0 = mulhi(0xD2511F53, c0), lo0 = Math.imul(0xD2511F53, c0) >>> 0;
+      const hi1 = mulhi(0xCD9E8D57, c2), lo1 = Math.imul(0xCD9E8D57, c2) >>> 0;
+      [c0, c1, c2, c3] = [(hi1 ^ c1 ^ k0) >>> 0, lo1, (hi0 ^ c3 ^ k1) >>> 0, lo0];
+      k0 = (k0 + 0x9E3779B9) >>> 0;
+      k1 = (k1 + 0xBB67AE85) >>> 0;
+    }
+    this.#buf[0] = c0;
+    this.#buf[1] = c1;
+    this.#buf[2] = c2;
+    this.#buf[3] = c3;
+  }
+}
+
+function mulhi(a: number, b: number): number {
+  // High 32 bits of a 32x32-bit product, from 16-bit halves (exact in doubles).
+  const aH = a >>> 16, aL = a & 0xffff, bH = b >>> 16, bL = b & 0xffff;
+  const mid = aH * bL + aL * bH + ((aL * bL) >>> 16);
+  return (aH * bH + Math.floor(mid / 65536)) >>> 0;
+}
+
+/** Fills `out` with standard normal samples (Box-Muller on pairs of uniforms). */
+export function fillNormal(rng: Philox, out: Float32Array, mean = 0, std = 1): Float32Array {
+  for (let i = 0; i < out.length; i += 2) {
+    const u1 = 1 - rng.nextFloat(); // (0, 1]: log never sees 0
+    const u2 = rng.nextFloat();
+    const r = Math.sqrt(-2 * Math.log(u1));
+    out[i] = mean + std * r * Math.cos(2 * Math.PI * u2);
+    if (i + 1 < out.length) out[i + 1] = mean + std * r * Math.sin(2 * Math.PI * u2);
+  }
+  return out;
+}
+
+/** Fills `out` with uniform samples in [low, high). */
+export function fillUniform(rng: Philox, out: Float32Array, low = 0, high = 1): Float32Array {
+  for (let i = 0; i < out.length; i++) out[i] = low + (high - low) * rng.nextFloat();
+  return out;
+}
+
+let globalSeed = 0;
+let globalStream = new Philox(0);
+
+/** Seeds the global generator used when a creation function gets no `seed` (like torch.manual_seed). */
+export function manualSeed(seed: number): void {
+  globalSeed = seed;
+  globalStream = new Philox(seed);
+}
+
+/** The stream for a call: its own seed, or the global generator. */
+export function streamFor(seed?: number): Philox {
+  return seed === undefined ? globalStream : new Philox(seed);
+}
+
+/** The seed last given to {@linkcode manualSeed}. */
+export function currentSeed(): number {
+  return globalSeed;
+}

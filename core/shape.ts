@@ -1,0 +1,81 @@
+/**
+ * Shape arithmetic shared by the ops: sizes, strides, broadcasting and axis normalisation.
+ * @module
+ */
+
+/** A tensor shape. */
+export type Shape = readonly number[];
+
+/** Highest rank the generic kernels handle (their strides travel in two vec4 uniforms). */
+export const MAX_RANK = 8;
+
+/** Number of elements of a shape. */
+export function sizeOf(shape: Shape): number {
+  let n = 1;
+  for (const d of shape) n *= d;
+  return n;
+}
+
+/** Row-major strides of a contiguous tensor. */
+export function stridesOf(shape: Shape): number[] {
+  const s = new Array<number>(shape.length);
+  let acc = 1;
+  for (let i = shape.length - 1; i >= 0; i--) {
+    s[i] = acc;
+    acc *= shape[i];
+  }
+  return s;
+}
+
+/** `[2, 3]` as text, for error messages. */
+export function fmt(shape: Shape): string {
+  return `[${shape.join(", ")}]`;
+}
+
+/** Checks that a shape is a list of non-negative integers. */
+export function checkShape(shape: Shape, what = "shape"): void {
+  if (!Array.isArray(shape) || shape.some((d) => !Number.isInteger(d) || d < 0)) {
+    throw new Error(`${what} must be a list of non-negative integers, got ${JSON.stringify(shape)}`);
+  }
+  if (shape.length > MAX_RANK) {
+    throw new Error(`${what} ${fmt(shape)} has rank ${shape.length} > ${MAX_RANK}`);
+  }
+}
+
+/** NumPy broadcasting of two shapes; the error names both. */
+export function broadcastShapes(a: Shape, b: Shape, op = "op"): number[] {
+  const n = Math.max(a.length, b.length);
+  const out = new Array<number>(n);
+  for (let i = 0; i < n; i++) {
+    const x = a[a.length - n + i] ?? 1;
+    const y = b[b.length - n + i] ?? 1;
+    if (x !== y && x !== 1 && y !== 1) {
+      throw new Error(
+        `${op}: shapes ${fmt(a)} and ${fmt(b)} cannot be broadcast together (dim ${i}: ${x} vs ${y})`,
+      );
+    }
+    out[i] = x === 1 ? y : x;
+  }
+  return out;
+}
+
+/** Strides to read a tensor of shape `from` as if broadcast to `to` (0 along broadcast dims). */
+export function broadcastStrides(from: Shape, to: Shape): number[] {
+  const s = stridesOf(from);
+  const off = to.length - from.length;
+  return to.map((_, i) => (i < off || from[i - off] === 1 ? 0 : s[i - off]));
+}
+
+/** Resolves a possibly negative axis; the error names the axis and the rank. */
+export function normAxis(axis: number, rank: number, op = "op"): number {
+  const a = axis < 0 ? axis + rank : axis;
+  if (!Number.isInteger(axis) || a < 0 || a >= Math.max(rank, 1)) {
+    throw new Error(`${op}: axis ${axis} is out of range for a tensor of rank ${rank}`);
+  }
+  return a;
+}
+
+/** Pads shape/stride lists to {@linkcode MAX_RANK} entries (leading 1s / 0s), as the kernels expect. */
+export function padRank(values: readonly number[], fill: number): number[] {
+  return [...new Array<number>(MAX_RANK - values.length).fill(fill), ...values];
+}

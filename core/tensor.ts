@@ -1,0 +1,317 @@
+/**
+ * The Tensor: a shape, a dtype and a GPU storage, plus autograd links; and the lifetime rules.
+ *
+ * Tensors are freed explicitly: `t.dispose()`, or `tidy(fn)`, which disposes every tensor created inside
+ * `fn` except those it returns (and those marked with `keep`). Parameters and gradients are kept.
+ * @module
+ */
+
+import { readBuffer } from "./executor.ts";
+import { allocStorage, countTensor, releaseStorage, type Storage } from "./memory.ts";
+import { fmt, type Shape, sizeOf } from "./shape.ts";
+import type { GradNode } from "./autograd.ts";
+import * as ops from "./ops/index.ts";
+
+/** Element types: 32-bit floats and 32-bit integers. */
+export type DType = "f32" | "i32";
+
+/** A scalar or a tensor operand of a binary op. */
+export type Operand = Tensor | number;
+
+let nextId = 1;
+const scopes: Set<Tensor>[] = [];
+
+/** An n-dimensional array on the GPU. */
+export class Tensor {
+  /** Unique id (for debugging and autograd bookkeeping). */
+  readonly id: number = nextId++;
+  /** Dimensions, outermost first. */
+  readonly shape: readonly number[];
+  /** Element type. */
+  readonly dtype: DType;
+  /** Number of elements. */
+  readonly size: number;
+  /** Whether gradients flow to this tensor. */
+  requiresGrad = false;
+  /** Accumulated gradient after `backward()` (a kept tensor), or null. */
+  grad: Tensor | null = null;
+  /** The autograd record that produced this tensor (null for leaves and after backward). */
+  node: GradNode | null = null;
+  /** Kept tensors survive `tidy`. */
+  kept = false;
+  #storage: Storage | null;
+
+  /** Wraps a storage; use the creation functions (`tensor`, `zeros`, ...) instead. */
+  constructor(storage: Storage, shape: Shape, dtype: DType) {
+    this.#storage = storage;
+    storage.users++;
+    this.shape = Object.freeze([...shape]);
+    this.dtype = dtype;
+    this.size = sizeOf(shape);
+    countTensor(1);
+    scopes[scopes.length - 1]?.add(this);
+  }
+
+  /** Allocates an uninitialised tensor (kernels fill it). */
+  static empty(shape: Shape, dtype: DType = "f32"): Tensor {
+    return new Tensor(allocStorage(Math.max(sizeOf(shape), 1) * 4), shape, dtype);
+  }
+
+  /** The storage; throws a clear error if the tensor was disposed. */
+  get storage(): Storage {
+    if (!this.#storage) {
+      throw new Error(`Tensor#${this.id} ${fmt(this.shape)} ${this.dtype} was disposed and cannot be used`);
+    }
+    return this.#storage;
+  }
+
+  /** Whether `dispose()` has been called. */
+  get disposed(): boolean {
+    return this.#storage === null;
+  }
+
+  /** Number of dimensions. */
+  get rank(): number {
+    return this.shape.length;
+  }
+
+  /** Frees the tensor's GPU memory (when no view shares it). Safe to call twice. */
+  dispose(): void {
+    const s = this.#storage;
+    if (!s) return;
+    this.#storage = null;
+    countTensor(-1);
+    if (--s.users === 0) releaseStorage(s);
+    for (const scope of scopes) scope.delete(this);
+  }
+
+  /** Reads the data back: Float32Array for f32, Int32Array for i32. */
+  async toArray(): Promise<Float32Array | Int32Array> {
+    const buf = await readBuffer(this.storage.buffer, 0, this.size * 4);
+    return this.dtype === "f32" ? new Float32Array(buf) : new Int32Array(buf);
+  }
+
+  /** Reads a one-element tensor as a number. */
+  async item(): Promise<number> {
+    if (this.size !== 1) {
+      throw new Error(`item() needs a tensor with one element, got shape ${fmt(this.shape)}`);
+    }
+    return (await this.toArray())[0];
+  }
+
+  /** Human-readable summary (no readback). */
+  toString(): string {
+    return `Tensor(${fmt(this.shape)}, ${this.dtype}${this.requiresGrad ? ", requiresGrad" : ""})`;
+  }
+
+  /** Computes gradients of this scalar (or of `sum(this * grad)`) w.r.t. every leaf that requires grad. */
+  backward(grad?: Tensor): void {
+    ops.backward(this, grad);
+  }
+
+  /** A new tensor with the same data that is not part of any graph. */
+  detach(): Tensor {
+    return ops.detach(this);
+  }
+
+  /** Sets `requiresGrad` and returns this tensor. */
+  requiresGrad_(value = true): this {
+    if (value && this.dtype !== "f32") {
+      throw new Error(`only f32 tensors can require grad, got ${this.dtype}`);
+    }
+    this.requiresGrad = value;
+    return this;
+  }
+
+  // ---- op methods: each delegates to the free function of the same name in core/ops ----
+  /** `-x` */
+  neg(): Tensor {
+    return ops.neg(this);
+  }
+  /** `e^x` */
+  exp(): Tensor {
+    return ops.exp(this);
+  }
+  /** Natural logarithm. */
+  log(): Tensor {
+    return ops.log(this);
+  }
+  /** Square root. */
+  sqrt(): Tensor {
+    return ops.sqrt(this);
+  }
+  /** `1 / sqrt(x)` */
+  rsqrt(): Tensor {
+    return ops.rsqrt(this);
+  }
+  /** `x * x` */
+  square(): Tensor {
+    return ops.square(this);
+  }
+  /** Absolute value. */
+  abs(): Tensor {
+    return ops.abs(this);
+  }
+  /** Logistic sigmoid. */
+  sigmoid(): Tensor {
+    return ops.sigmoid(this);
+  }
+  /** `x * sigmoid(x)` */
+  silu(): Tensor {
+    return ops.silu(this);
+  }
+  /** `log(1 + e^x)`, stable. */
+  softplus(): Tensor {
+    return ops.softplus(this);
+  }
+  /** Hyperbolic tangent. */
+  tanh(): Tensor {
+    return ops.tanh(this);
+  }
+  /** `max(x, 0)` */
+  relu(): Tensor {
+    return ops.relu(this);
+  }
+  /** Elementwise sum with broadcasting. */
+  add(other: Operand): Tensor {
+    return ops.add(this, other);
+  }
+  /** Elementwise difference with broadcasting. */
+  sub(other: Operand): Tensor {
+    return ops.sub(this, other);
+  }
+  /** Elementwise product with broadcasting. */
+  mul(other: Operand): Tensor {
+    return ops.mul(this, other);
+  }
+  /** Elementwise quotient with broadcasting. */
+  div(other: Operand): Tensor {
+    return ops.div(this, other);
+  }
+  /** Elementwise power with broadcasting. */
+  pow(other: Operand): Tensor {
+    return ops.pow(this, other);
+  }
+  /** Elementwise maximum with broadcasting. */
+  maximum(other: Operand): Tensor {
+    return ops.maximum(this, other);
+  }
+  /** Elementwise minimum with broadcasting. */
+  minimum(other: Operand): Tensor {
+    return ops.minimum(this, other);
+  }
+  /** Clamps into `[min, max]` (either bound may be omitted). */
+  clamp(min?: number, max?: number): Tensor {
+    return ops.clamp(this, min, max);
+  }
+  /** Sum over `axis` (all axes when omitted). */
+  sum(axis?: number | number[], keepdim = false): Tensor {
+    return ops.sum(this, axis, keepdim);
+  }
+  /** Mean over `axis` (all axes when omitted). */
+  mean(axis?: number | number[], keepdim = false): Tensor {
+    return ops.mean(this, axis, keepdim);
+  }
+  /** Maximum over `axis` (all axes when omitted). */
+  max(axis?: number | number[], keepdim = false): Tensor {
+    return ops.max(this, axis, keepdim);
+  }
+  /** `log(sum(exp(x)))` over `axis`, stable. */
+  logsumexp(axis: number, keepdim = false): Tensor {
+    return ops.logsumexp(this, axis, keepdim);
+  }
+  /** Matrix product (batched, broadcasting leading dims). */
+  matmul(other: Tensor, options?: ops.MatmulOptions): Tensor {
+    return ops.matmul(this, other, options);
+  }
+  /** Same data, new shape (one dim may be -1). Shares storage. */
+  reshape(...shape: number[]): Tensor {
+    return ops.reshape(this, shape);
+  }
+  /** Alias of `reshape` (tensors are always contiguous). */
+  view(...shape: number[]): Tensor {
+    return ops.reshape(this, shape);
+  }
+  /** Swaps two dims (a copy). */
+  transpose(dim0 = -2, dim1 = -1): Tensor {
+    return ops.transpose(this, dim0, dim1);
+  }
+  /** Reorders dims (a copy). */
+  permute(...dims: number[]): Tensor {
+    return ops.permute(this, dims);
+  }
+  /** `length` elements of `dim` from `start`. */
+  narrow(dim: number, start: number, length: number): Tensor {
+    return ops.narrow(this, dim, start, length);
+  }
+  /** Python-style slice `[start, end)` along `dim`. */
+  slice(dim: number, start: number, end?: number): Tensor {
+    return ops.slice(this, dim, start, end);
+  }
+  /** Splits along `dim` into pieces of the given sizes (or of `size` each). */
+  split(sizes: number | number[], dim = 0): Tensor[] {
+    return ops.split(this, sizes, dim);
+  }
+  /** Splits along `dim` into `chunks` nearly equal pieces. */
+  chunk(chunks: number, dim = 0): Tensor[] {
+    return ops.chunk(this, chunks, dim);
+  }
+  /** Broadcasts to a larger shape (a copy). */
+  expand(...shape: number[]): Tensor {
+    return ops.expand(this, shape);
+  }
+  /** Softmax over `axis` (default last). */
+  softmax(axis = -1): Tensor {
+    return ops.softmax(this, axis);
+  }
+  /** Log-softmax over `axis` (default last). */
+  logSoftmax(axis = -1): Tensor {
+    return ops.logSoftmax(this, axis);
+  }
+}
+
+/** Runs `fn`; afterwards disposes every tensor it created, except the ones it returns or `keep`s. */
+export function tidy<T>(fn: () => T): T {
+  const scope = new Set<Tensor>();
+  scopes.push(scope);
+  let result: T;
+  try {
+    result = fn();
+    if (result instanceof Promise) {
+      throw new Error("tidy(fn) needs a synchronous fn: await readbacks outside of tidy");
+    }
+  } finally {
+    scopes.pop();
+  }
+  const returned = new Set<Tensor>();
+  collectTensors(result, returned);
+  for (const t of scope) {
+    if (returned.has(t)) scopes[scopes.length - 1]?.add(t);
+    else if (!t.kept) t.dispose();
+  }
+  return result;
+}
+
+function collectTensors(value: unknown, into: Set<Tensor>, depth = 0): void {
+  if (value instanceof Tensor) into.add(value);
+  else if (depth < 3 && Array.isArray(value)) { for (const v of value) collectTensors(v, into, depth + 1); }
+  else if (
+    depth < 3 && value && typeof value === "object" && Object.getPrototypeOf(value) === Object.prototype
+  ) {
+    for (const v of Object.values(value)) collectTensors(v, into, depth + 1);
+  } else if (value instanceof Map) { for (const v of value.values()) collectTensors(v, into, depth + 1); }
+}
+
+/** Marks a tensor as kept: no `tidy` disposes it (it still can be disposed explicitly). Returns it. */
+export function keep<T extends Tensor>(t: T): T {
+  t.kept = true;
+  for (const scope of scopes) scope.delete(t);
+  return t;
+}
+
+/** Disposes every tensor found in a value (a tensor, an array, or a plain object of tensors). */
+export function dispose(value: unknown): void {
+  const found = new Set<Tensor>();
+  collectTensors(value, found);
+  for (const t of found) t.dispose();
+}

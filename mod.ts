@@ -1,0 +1,82 @@
+/**
+ * mamba.ts: Mamba (the selective state-space model) in TypeScript on WebGPU, with its own small tensor
+ * runtime (tensors, autograd, fused kernels).
+ *
+ * ```ts
+ * import { init, tensor, tidy } from "@mambats/mamba";
+ *
+ * await init();
+ * const w = tensor([[1, 2], [3, 4]], undefined, { requiresGrad: true });
+ * const x = tensor([[1], [1]]);
+ * const loss = tidy(() => {
+ *   const l = w.matmul(x).square().sum(); // sum((w @ x)^2)
+ *   l.backward();
+ *   return l;
+ * });
+ * console.log(await loss.item(), await w.grad!.toArray()); // 58, [6, 6, 14, 14]
+ * ```
+ * @module
+ */
+
+export {
+  type DeviceInfo,
+  deviceInfo,
+  type DeviceLimits,
+  GPUError,
+  init,
+  type InitOptions,
+} from "./core/device.ts";
+export { dispose, type DType, keep, type Operand, Tensor, tidy } from "./core/tensor.ts";
+export { emptyPool, memory, type MemoryInfo, resetPeak } from "./core/memory.ts";
+export { dispatchCount, flush, sync } from "./core/executor.ts";
+export {
+  arange,
+  type CreateOptions,
+  full,
+  type NestedArray,
+  ones,
+  onesLike,
+  rand,
+  randn,
+  type RandomOptions,
+  tensor,
+  zeros,
+  zerosLike,
+} from "./core/creation.ts";
+export { manualSeed } from "./core/random.ts";
+export {
+  backward,
+  type BackwardOptions,
+  checkpoint,
+  defineOp,
+  enableGrad,
+  type GradNode,
+  isGradEnabled,
+  noGrad,
+  type OpDef,
+} from "./core/autograd.ts";
+export * from "./core/ops/index.ts";
+export {
+  type BufferDecl,
+  defineKernel,
+  dispatch,
+  type ElemType,
+  type Kernel,
+  type KernelSpec,
+  type UniformType,
+  type UniformValues,
+} from "./core/kernel.ts";
+export {
+  type DecodedTensor,
+  decodeTensor,
+  type ParsedSafetensors,
+  parseSafetensors,
+  parseSafetensorsHeader,
+  type SafetensorsDtype,
+  type SafetensorsEntry,
+  SafetensorsError,
+  type SafetensorsHeader,
+  safetensorsHeaderLength,
+  type SafetensorsInput,
+  serializeSafetensors,
+} from "./core/safetensors.ts";

@@ -1,0 +1,403 @@
+import assert from "node:assert/strict";
+import {
+  decodeTensor,
+  MAX_HEADER_LENGTH,
+  parseSafetensors,
+  parseSafetensorsHeader,
+  SafetensorsError,
+  safetensorsHeaderLength,
+  serializeSafetensors,
+} from "../core/safetensors.ts";
+import { readSafetensorsFile, writeFileAtomic, writeSafetensorsFile } from "../core/safetensors_fs.ts";
+
+const FIXTURE = new URL("./fixtures/pscan_L1.safetensors", import.meta.url);
+
+/** Builds a raw file: length field (default: the header's byte length), header text, data bytes. */
+function rawFile(
+  header: Uint8Array | string | object,
+  data = new Uint8Array(0),
+  length?: bigint,
+): Uint8Array {
+  const json = header instanceof Uint8Array
+    ? header
+    : new TextEncoder().encode(typeof header === "string" ? header : JSON.stringify(header));
+  const out = new Uint8Array(8 + json.length + data.length);
+  new DataView(out.buffer).setBigUint64(0, length ?? BigInt(json.length), true);
+  out.set(json, 8);
+  out.set(data, 8 + json.length);
+  return out;
+}
+
+/** Decodes 16-bit patterns as F16 or BF16. */
+function decode16(dtype: "F16" | "BF16", bits: number[]): Float32Array {
+  const bytes = new Uint8Array(new Uint16Array(bits).buffer); // test hosts are little-endian
+  const entry = { dtype, shape: [bits.length], dataOffsets: [0, 2 * bits.length] as [number, number] };
+  return decodeTensor(entry, bytes, "t") as Float32Array;
+}
+
+/** Encodes f32 values as F16 or BF16 through the writer and returns the stored 16-bit patterns. */
+function encode16(dtype: "F16" | "BF16", values: number[] | Float32Array): Uint16Array {
+  const file = serializeSafetensors({ t: { shape: [values.length], data: new Float32Array(values), dtype } });
+  const start = parseSafetensorsHeader(file, file.length).dataStart;
+  return new Uint16Array(file.slice(start).buffer);
+}
+
+Deno.test("round trip F32 and I32 with metadata", () => {
+  const w = new Float32Array([1.5, -2, 3.25, Math.PI, -0, Infinity]);
+  const idx = new Int32Array([0, -1, 2147483647, -2147483648]);
+  const file = serializeSafetensors(
+    {
+      w: { shape: [2, 3], data: w },
+      idx: { shape: [4], data: idx },
+      s: { shape: [], data: new Float32Array([7]) },
+    },
+    { format: "pt", note: "ünïcode" },
+  );
+  const len = safetensorsHeaderLength(file);
+  assert.equal(len % 8, 0, "header is padded to a multiple of 8");
+  const { header, tensors } = parseSafetensors(file, "rt");
+  assert.deepEqual(header.metadata, { format: "pt", note: "ünïcode" });
+  assert.equal(header.dataStart, 8 + len);
+  assert.deepEqual([...header.entries.keys()], ["w", "idx", "s"]);
+  assert.deepEqual(header.entries.get("idx"), { dtype: "I32", shape: [4], dataOffsets: [24, 40] });
+  assert.equal(file.length, header.dataStart + 44);
+  assert.deepEqual(tensors.get("w"), { dtype: "F32", shape: [2, 3], data: w });
+  assert.deepEqual(tensors.get("idx"), { dtype: "I32", shape: [4], data: idx });
+  assert.deepEqual(tensors.get("s"), { dtype: "F32", shape: [], data: new Float32Array([7]) });
+  assert.ok(Object.is(tensors.get("w")!.data[4], -0));
+});
+
+Deno.test("serialize rejects data/shape mismatch and bad dtypes, naming the tensor", () => {
+  const data = new Float32Array(5);
+  assert.throws(
+    () => serializeSafetensors({ ok: { shape: [5], data }, bad: { shape: [2, 3], data } }),
+    /tensor "bad": shape \[2,3\] needs 6 values, data has 5/,
+  );
+  assert.throws(() => serializeSafetensors({ x: { shape: [5], data, dtype: "I32" } }), /"x": cannot store/);
+  assert.throws(
+    () => serializeSafetensors({ x: { shape: [1], data: new Int32Array(1), dtype: "F16" } }),
+    SafetensorsError,
+  );
+  assert.throws(() => serializeSafetensors({ x: { shape: [-5], data } }), /"x": shape must be/);
+  assert.throws(() => serializeSafetensors({ __metadata__: { shape: [5], data } }), /reserved/);
+});
+
+Deno.test("F16 decodes known values exactly", () => {
+  const out = decode16("F16", [
+    0x3c00,
+    0xc100,
+    0x7bff,
+    0x0001,
+    0x03ff,
+    0x0400,
+    0x7c00,
+    0xfc00,
+    0x7e00,
+    0,
+    0x8000,
+  ]);
+  const expected = [1, -2.5, 65504, 2 ** -24, 1023 * 2 ** -24, 2 ** -14, Infinity, -Infinity, NaN, 0, -0];
+  expected.forEach((v, i) => assert.ok(Object.is(out[i], v), `index ${i}: ${out[i]} !== ${v}`));
+});
+
+Deno.test("BF16 decodes known values exactly", () => {
+  const out = decode16("BF16", [0x3f80, 0xc020, 0x4780, 0x7f7f, 0x0001, 0x7f80, 0xff80, 0x7fc0, 0, 0x8000]);
+  const f32Max = new Float32Array(new Uint32Array([0x7f7f0000]).buffer)[0];
+  const expected = [1, -2.5, 65536, f32Max, 2 ** -133, Infinity, -Infinity, NaN, 0, -0];
+  expected.forEach((v, i) => assert.ok(Object.is(out[i], v), `index ${i}: ${out[i]} !== ${v}`));
+});
+
+Deno.test("F16 and BF16 decode unaligned input", () => {
+  const buf = new Uint8Array(7);
+  buf.set([0x00, 0x3c, 0x80, 0x3f], 1); // F16 1.0 then BF16 1.0, at odd offsets
+  const e = { dtype: "F16" as const, shape: [1], dataOffsets: [0, 2] as [number, number] };
+  assert.deepEqual(decodeTensor(e, buf.subarray(1, 3), "a"), new Float32Array([1]));
+  assert.deepEqual(decodeTensor({ ...e, dtype: "BF16" }, buf.subarray(3, 5), "b"), new Float32Array([1]));
+  const f32 = new Uint8Array(9);
+  f32.set(new Uint8Array(new Float32Array([2.5, -1]).buffer), 1);
+  const e32 = { dtype: "F32" as const, shape: [2], dataOffsets: [0, 8] as [number, number] };
+  assert.deepEqual(decodeTensor(e32, f32.subarray(1), "c"), new Float32Array([2.5, -1]));
+  assert.throws(
+    () => decodeTensor(e32, f32.subarray(2), "c"),
+    /tensor "c": shape \[2\] x F32 needs 8 bytes, got 7/,
+  );
+});
+
+Deno.test("F16 and BF16 encode: every non-NaN pattern round-trips, NaN stays NaN", () => {
+  for (const dtype of ["F16", "BF16"] as const) {
+    const bits = Array.from({ length: 65536 }, (_, i) => i);
+    const finite = bits.filter((_, i) => !Number.isNaN(decode16(dtype, [i])[0]));
+    assert.equal(finite.length, dtype === "F16" ? 63490 : 65282);
+    assert.deepEqual(encode16(dtype, decode16(dtype, finite)), new Uint16Array(finite), dtype);
+    const nan = decode16(dtype, [...encode16(dtype, [NaN, -NaN])]);
+    assert.ok(nan.every(Number.isNaN), `${dtype} NaN`);
+  }
+});
+
+Deno.test("F16 and BF16 encode round to nearest even", () => {
+  const f16 = [
+    [1 + 2 ** -11, 0x3c00], // halfway, even stays down
+    [1 + 3 * 2 ** -11, 0x3c02], // halfway, odd goes up
+    [1 + 2 ** -11 + 2 ** -20, 0x3c01], // above halfway
+    [65519, 0x7bff],
+    [65520, 0x7c00], // halfway between max and 2^16: rounds to inf
+    [1e6, 0x7c00],
+    [-1e6, 0xfc00],
+    [2 ** -25, 0x0000], // halfway between 0 and the smallest subnormal
+    [1.5 * 2 ** -25, 0x0001],
+    [3 * 2 ** -25, 0x0002], // halfway between subnormals 1 and 2
+    [1023.5 * 2 ** -24, 0x0400], // carries into the smallest normal
+    [1e-10, 0x0000],
+    [-1e-10, 0x8000],
+    [-0, 0x8000],
+  ];
+  assert.deepEqual([...encode16("F16", f16.map(([v]) => v))], f16.map(([, b]) => b));
+  const bf16 = [
+    [65504, 0x4780], // f32 0x477fe000: above halfway
+    [1 + 2 ** -8, 0x3f80], // halfway, even stays down
+    [1 + 3 * 2 ** -8, 0x3f82], // halfway, odd goes up
+    [new Float32Array(new Uint32Array([0x7f7fffff]).buffer)[0], 0x7f80], // f32 max rounds to inf
+    [-0, 0x8000],
+  ];
+  assert.deepEqual([...encode16("BF16", bf16.map(([v]) => v))], bf16.map(([, b]) => b));
+});
+
+Deno.test("F16 encode matches a nearest-value search on random f32 inputs", () => {
+  // Non-negative finite halves in increasing order; 65536 stands in for inf as the rounding boundary.
+  const table = Float64Array.from(decode16("F16", Array.from({ length: 0x7c01 }, (_, i) => i)));
+  table[0x7c00] = 65536;
+  let seed = 12345;
+  const rand = () => (seed = (seed * 16807) % 2147483647) / 2147483647;
+  const xs = Float32Array.from({ length: 5000 }, () => (rand() - 0.5) * 2 ** Math.floor(rand() * 50 - 30));
+  const got = encode16("F16", xs);
+  let overflow = 0;
+  xs.forEach((x, i) => {
+    const a = Math.abs(x);
+    // Binary search for the largest lo with table[lo] <= a.
+    let lo = 0, hi = 0x7c00;
+    while (hi - lo > 1) {
+      const mid = (lo + hi) >> 1;
+      if (table[mid] <= a) lo = mid;
+      else hi = mid;
+    }
+    const dl = a - table[lo], dh = table[lo + 1] - a;
+    const want = a >= 65536 ? 0x7c00 : dl < dh || (dl === dh && lo % 2 === 0) ? lo : lo + 1;
+    if (want === 0x7c00) overflow++;
+    assert.equal(got[i], want | (x < 0 ? 0x8000 : 0), `x=${x}`);
+  });
+  assert.ok(overflow > 0, "some inputs overflow to inf");
+});
+
+Deno.test("I64 decodes to int32 and rejects values out of range", () => {
+  const values = [0n, -1n, 2147483647n, -2147483648n, 42n];
+  const data = new Uint8Array(new BigInt64Array(values).buffer);
+  const file = rawFile({ big: { dtype: "I64", shape: [5], data_offsets: [0, 40] } }, data);
+  const t = parseSafetensors(file).tensors.get("big")!;
+  assert.equal(t.dtype, "I64");
+  assert.deepEqual(t.data, new Int32Array([0, -1, 2147483647, -2147483648, 42]));
+  for (const bad of [2147483648n, -2147483649n, 2n ** 40n]) {
+    const d = new Uint8Array(new BigInt64Array([1n, bad]).buffer);
+    const f = rawFile({ big: { dtype: "I64", shape: [2], data_offsets: [0, 16] } }, d);
+    assert.throws(
+      () => parseSafetensors(f),
+      new RegExp(`tensor "big": I64 value ${bad} at index 1 does not fit in int32`),
+    );
+  }
+});
+
+Deno.test("F64 and small integer dtypes decode", () => {
+  const f64 = new Uint8Array(new Float64Array([0.1, -3]).buffer);
+  const small = new Uint8Array([0xff, 0x01, 0xfe, 0xff, 0x01]); // U8 255, BOOL 1, I16 -2, I8 1
+  const file = rawFile({
+    d: { dtype: "F64", shape: [2], data_offsets: [0, 16] },
+    u: { dtype: "U8", shape: [1], data_offsets: [16, 17] },
+    b: { dtype: "BOOL", shape: [1], data_offsets: [17, 18] },
+    h: { dtype: "I16", shape: [1], data_offsets: [18, 20] },
+    c: { dtype: "I8", shape: [1], data_offsets: [20, 21] },
+  }, new Uint8Array([...f64, ...small]));
+  const t = parseSafetensors(file).tensors;
+  assert.deepEqual(t.get("d")!.data, new Float32Array([0.1, -3]));
+  assert.deepEqual(["u", "b", "h", "c"].map((k) => t.get(k)!.data[0]), [255, 1, -2, 1]);
+});
+
+Deno.test("reads the pscan_L1 fixture (H = X at L = 1)", async () => {
+  const fromFile = await readSafetensorsFile(decodeURIComponent(FIXTURE.pathname));
+  const fromBytes = parseSafetensors(await Deno.readFile(FIXTURE), "pscan_L1");
+  assert.deepEqual(fromFile, fromBytes);
+  const { header, tensors } = fromFile;
+  assert.deepEqual([...tensors.keys()], ["A", "X", "H", "G", "dA", "dX"]);
+  for (const t of tensors.values()) {
+    assert.equal(t.dtype, "F32");
+    assert.deepEqual(t.shape, [2, 1, 3, 4]);
+    assert.equal(t.data.length, 24);
+  }
+  assert.match(JSON.parse(header.metadata.config).kind, /pscan/);
+  const [A, X, H] = ["A", "X", "H"].map((k) => tensors.get(k)!.data);
+  assert.ok(A.every((a) => a > 0 && a < 1));
+  H.forEach((h, i) => assert.ok(Math.abs(h - (A[i] * 0 + X[i])) <= 1e-6, `H[${i}]`));
+});
+
+Deno.test("corrupt files give errors that name the problem", async () => {
+  const good = await Deno.readFile(FIXTURE);
+  const n = safetensorsHeaderLength(good);
+  const withLength = (len: bigint) => {
+    const f = good.slice();
+    new DataView(f.buffer).setBigUint64(0, len, true);
+    return f;
+  };
+  const parse = (f: Uint8Array) => () => parseSafetensors(f, "bad.safetensors");
+  const f32 = (shape: number[], offs: number[]) => ({ dtype: "F32", shape, data_offsets: offs });
+
+  assert.throws(
+    parse(good.slice(0, good.length - 10)),
+    /bad\.safetensors: tensor "dX".*past the end.*566 bytes/,
+  );
+  assert.throws(parse(withLength(5000n)), /header length 5000 exceeds the file size 1960/);
+  assert.throws(
+    parse(withLength(BigInt(MAX_HEADER_LENGTH) + 1n)),
+    /100000001 exceeds the 100000000-byte bound/,
+  );
+  assert.throws(parse(withLength(2n ** 64n - 1n)), /18446744073709551615 exceeds the 100000000-byte bound/);
+  assert.throws(parse(rawFile("{not json}")), /header is not valid UTF-8 JSON/);
+  assert.throws(parse(rawFile(new Uint8Array([0x7b, 0x22, 0xff, 0x22, 0x7d]))), /not valid UTF-8 JSON/);
+  assert.throws(parse(rawFile("")), /not valid UTF-8 JSON/);
+  assert.throws(parse(rawFile("[1, 2]")), /header is not a JSON object/);
+  assert.throws(parse(rawFile({ a: 5 })), /tensor "a" is not an object/);
+  assert.throws(
+    parse(rawFile({ a: { ...f32([1], [0, 4]), dtype: "F33" } })),
+    /tensor "a": unknown dtype "F33"/,
+  );
+  assert.throws(
+    parse(rawFile({ a: { shape: [1], data_offsets: [0, 4] } })),
+    /"a": missing or non-string dtype/,
+  );
+  assert.throws(parse(rawFile({ a: f32([1.5], [0, 4]) })), /"a": shape must be an array of non-negative/);
+  assert.throws(parse(rawFile({ a: f32([-1], [0, 4]) })), /"a": shape must be/);
+  assert.throws(parse(rawFile({ a: { dtype: "F32", shape: [1] } })), /"a": data_offsets must be/);
+  assert.throws(parse(rawFile({ a: f32([0], [4, 0]) })), /"a": data_offsets must be.*\[4,0\]/);
+  assert.throws(
+    parse(rawFile({ a: f32([2, 3], [0, 20]) }, new Uint8Array(20))),
+    /tensor "a": shape \[2,3\] x F32 \(4 bytes\) needs 24 bytes, but data_offsets \[0, 20\] hold 20/,
+  );
+  assert.throws(
+    parse(rawFile({ a: f32([4], [0, 16]) }, new Uint8Array(15))),
+    /tensor "a": data_offsets \[0, 16\] go past the end of the data section \(15 bytes/,
+  );
+  assert.throws(
+    parse(rawFile({ a: f32([4], [0, 16]), b: f32([4], [8, 24]) }, new Uint8Array(24))),
+    /tensors "a" \[0,16\] and "b" \[8,24\] overlap/,
+  );
+  assert.throws(
+    parse(
+      rawFile({ big: f32([8], [0, 32]), a: f32([1], [4, 8]), b: f32([1], [40, 44]) }, new Uint8Array(44)),
+    ),
+    /tensors "big" \[0,32\] and "a" \[4,8\] overlap/,
+  );
+  assert.throws(parse(rawFile({ __metadata__: { k: 1 } })), /__metadata__ value "k" is not a string/);
+  assert.throws(parse(rawFile({ __metadata__: ["x"] })), /__metadata__ is not an object/);
+  assert.throws(parse(new Uint8Array(5)), /bad\.safetensors: file is 5 bytes, shorter than the 8-byte/);
+  assert.throws(() => parseSafetensorsHeader(good.subarray(0, 100), good.length, "p"), /p: need 1384 bytes/);
+  assert.throws(() => safetensorsHeaderLength(good.subarray(0, 4)), /need at least 8 bytes/);
+  assert.equal(n, 1376);
+});
+
+Deno.test("gaps, trailing bytes and empty tensors are accepted", () => {
+  const data = new Uint8Array(new Float32Array([1, 0, 2, 0, 0]).buffer);
+  const file = rawFile({
+    a: { dtype: "F32", shape: [1], data_offsets: [0, 4] },
+    e: { dtype: "F32", shape: [0, 3], data_offsets: [4, 4] },
+    e2: { dtype: "F32", shape: [0], data_offsets: [0, 0] },
+    inside: { dtype: "I32", shape: [0], data_offsets: [2, 2] }, // empty ranges overlap nothing
+    b: { dtype: "F32", shape: [1], data_offsets: [8, 12] },
+  }, data);
+  const { tensors } = parseSafetensors(file);
+  assert.deepEqual([...tensors.keys()], ["e2", "a", "inside", "e", "b"], "ordered by offset");
+  assert.deepEqual(tensors.get("b")!.data, new Float32Array([2]));
+  assert.equal(tensors.get("e")!.data.length, 0);
+});
+
+Deno.test("readSafetensorsFile names the path in errors", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/bad.safetensors`;
+    await Deno.writeFile(
+      path,
+      rawFile({ a: { dtype: "F32", shape: [4], data_offsets: [0, 16] } }, new Uint8Array(8)),
+    );
+    await assert.rejects(readSafetensorsFile(path), new RegExp(`${path}: tensor "a".*past the end`));
+    await Deno.writeFile(path, new Uint8Array(3));
+    await assert.rejects(readSafetensorsFile(path), /bad\.safetensors: file is 3 bytes/);
+    await Deno.writeFile(path, rawFile("{}", new Uint8Array(0), 99n));
+    await assert.rejects(
+      readSafetensorsFile(path),
+      /bad\.safetensors: header length 99 exceeds the file size/,
+    );
+    await assert.rejects(
+      readSafetensorsFile(`${dir}/missing.safetensors`),
+      /cannot read .*missing\.safetensors/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("atomic writes leave no temp files and keep old content on failure", async () => {
+  const dir = await Deno.makeTempDir();
+  const list = async (d: string) => (await Array.fromAsync(Deno.readDir(d))).map((e) => e.name).sort();
+  try {
+    // Missing directory: error names the path, nothing is created.
+    const missing = `${dir}/nope/w.safetensors`;
+    await assert.rejects(
+      writeSafetensorsFile(missing, { a: { shape: [1], data: new Float32Array(1) } }),
+      /cannot write .*\/nope\/w\.safetensors/,
+    );
+    assert.deepEqual(await list(dir), []);
+
+    // Success: only the target exists and it reads back.
+    const path = `${dir}/w.safetensors`;
+    await writeSafetensorsFile(path, { a: { shape: [2], data: new Float32Array([1, 2]) } }, { v: "1" });
+    assert.deepEqual(await list(dir), ["w.safetensors"]);
+    const old = await Deno.readFile(path);
+    assert.deepEqual((await readSafetensorsFile(path)).header.metadata, { v: "1" });
+
+    // Invalid tensors: serialization throws before the disk is touched.
+    await assert.rejects(
+      writeSafetensorsFile(path, { a: { shape: [3], data: new Float32Array(2) } }),
+      /cannot write .*w\.safetensors: .*tensor "a"/,
+    );
+    assert.deepEqual(await Deno.readFile(path), old);
+    assert.deepEqual(await list(dir), ["w.safetensors"]);
+
+    // Rename fails (target is a directory): the temp file is removed.
+    await Deno.mkdir(`${dir}/sub`);
+    await assert.rejects(writeFileAtomic(`${dir}/sub`, "x"), /cannot write .*\/sub:/);
+    assert.deepEqual(await list(dir), ["sub", "w.safetensors"]);
+
+    await writeFileAtomic(`${dir}/t.txt`, "hello");
+    assert.equal(await Deno.readTextFile(`${dir}/t.txt`), "hello");
+
+    // Read-only directory: the old file stays; root bypasses permissions, so probe and skip.
+    await Deno.chmod(dir, 0o555);
+    try {
+      let writable = true;
+      try {
+        await Deno.writeTextFile(`${dir}/probe`, "");
+        await Deno.remove(`${dir}/probe`);
+      } catch {
+        writable = false;
+      }
+      if (!writable) {
+        await assert.rejects(
+          writeSafetensorsFile(path, { a: { shape: [1], data: new Float32Array([9]) } }),
+          /cannot write .*w\.safetensors/,
+        );
+        assert.deepEqual(await Deno.readFile(path), old);
+        assert.deepEqual(await list(dir), ["sub", "t.txt", "w.safetensors"]);
+      }
+    } finally {
+      await Deno.chmod(dir, 0o755);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
