@@ -11,7 +11,7 @@
 
 import { markSaved } from "./memory.ts";
 import { fmt } from "./shape.ts";
-import { keep, Tensor, tidy } from "./tensor.ts";
+import { keep, type Tensor, tidy } from "./tensor.ts";
 import { add, copy } from "./ops/index.ts";
 
 /** The record autograd keeps for one op application. */

@@ -185,7 +185,7 @@ export function setMatmulVariant(v: MatmulVariant): void {
 }
 
 /** Computes op(a) @ op(b) into a new tensor with a given variant; no autograd. */
-export function matmulRaw(a: Tensor, b: Tensor, opts: MatmulOptions, variant = matmulVariant()): Tensor {
+export function matmulRaw(a: Tensor, b: Tensor, opts: MatmulOptions, variant: MatmulVariant = matmulVariant()): Tensor {
   const { transA = false, transB = false } = opts;
   const [M, Ka] = transA
     ? [a.shape[a.rank - 1], a.shape[a.rank - 2]]
