@@ -1,0 +1,112 @@
+/**
+ * Layers: Linear, Embedding, RMSNorm and the depthwise causal Conv1d of Mamba.
+ * Weights use PyTorch's layouts and default initialisation.
+ * @module
+ */
+
+import { add, indexSelect, matmul, mean, mul, narrow, pad, rsqrt } from "../core/ops/index.ts";
+import { fmt } from "../core/shape.ts";
+import type { Tensor } from "../core/tensor.ts";
+import { constant, kaimingUniform, normal } from "./init.ts";
+import { Module } from "./module.ts";
+
+function lastDim(x: Tensor, want: number, layer: string): void {
+  if (x.rank < 1 || x.shape[x.rank - 1] !== want) {
+    throw new Error(`${layer}: expected input (..., ${want}), got ${fmt(x.shape)}`);
+  }
+}
+
+/** `y = x @ W^T + b`, with W of shape (outFeatures, inFeatures) as in PyTorch. */
+export class Linear extends Module {
+  /** (outFeatures, inFeatures) */
+  readonly weight: Tensor;
+  /** (outFeatures) or null */
+  readonly bias: Tensor | null;
+
+  /** Creates the layer with PyTorch's default (kaiming-uniform) initialisation. */
+  constructor(readonly inFeatures: number, readonly outFeatures: number, bias = true) {
+    super();
+    this.weight = this.param("weight", kaimingUniform([outFeatures, inFeatures], inFeatures));
+    this.bias = bias ? this.param("bias", kaimingUniform([outFeatures], inFeatures)) : null;
+  }
+
+  /** x: (..., in) -> (..., out) */
+  forward(x: Tensor): Tensor {
+    lastDim(x, this.inFeatures, "Linear");
+    const y = matmul(x, this.weight, { transB: true }); // y: (..., out)
+    return this.bias ? add(y, this.bias) : y;
+  }
+}
+
+/** Rows of a (numEmbeddings, embeddingDim) table selected by integer ids. */
+export class Embedding extends Module {
+  /** (numEmbeddings, embeddingDim) */
+  readonly weight: Tensor;
+
+  /** Creates the table with N(0, 1) entries (PyTorch's default). */
+  constructor(readonly numEmbeddings: number, readonly embeddingDim: number) {
+    super();
+    this.weight = this.param("weight", normal([numEmbeddings, embeddingDim], 1));
+  }
+
+  /** ids: (...) i32 -> (..., embeddingDim) */
+  forward(ids: Tensor): Tensor {
+    if (ids.dtype !== "i32") throw new Error(`Embedding: token ids must be i32, got ${ids.dtype} ${ids}`);
+    return indexSelect(this.weight, 0, ids);
+  }
+}
+
+/** `x * rsqrt(mean(x^2, -1) + eps) * weight` */
+export class RMSNorm extends Module {
+  /** (dim) */
+  readonly weight: Tensor;
+
+  /** Creates the norm with unit weights. */
+  constructor(readonly dim: number, readonly eps = 1e-5) {
+    super();
+    this.weight = this.param("weight", constant([dim], 1));
+  }
+
+  /** x: (..., dim) -> (..., dim) */
+  forward(x: Tensor): Tensor {
+    lastDim(x, this.dim, "RMSNorm");
+    const ms = mean(mul(x, x), -1, true); // ms: (..., 1)
+    const r = rsqrt(add(ms, this.eps)); // r: (..., 1)
+    return mul(mul(x, r), this.weight);
+  }
+}
+
+/**
+ * Depthwise causal 1-D convolution over time, as Mamba uses it: weight (channels, 1, kernel), left padding
+ * kernel-1, so `y[t] = bias + sum_k w[k] * x[t - (kernel-1) + k]` with x = 0 before the start.
+ */
+export class Conv1d extends Module {
+  /** (channels, 1, kernelSize) */
+  readonly weight: Tensor;
+  /** (channels) or null */
+  readonly bias: Tensor | null;
+
+  /** Creates the layer with PyTorch's default initialisation (fan-in = kernelSize). */
+  constructor(readonly channels: number, readonly kernelSize: number, bias = true) {
+    super();
+    this.weight = this.param("weight", kaimingUniform([channels, 1, kernelSize], kernelSize));
+    this.bias = bias ? this.param("bias", kaimingUniform([channels], kernelSize)) : null;
+  }
+
+  /** x: (B, L, channels), time along dim 1 -> (B, L, channels) */
+  forward(x: Tensor): Tensor {
+    lastDim(x, this.channels, "Conv1d");
+    const K = this.kernelSize;
+    const L = x.shape[1];
+    const xp = pad(x, [0, 0, K - 1, 0]); // xp: (B, L+K-1, C)
+    const w = this.weight.reshape(this.channels, K); // w: (C, K)
+    let y: Tensor | null = this.bias;
+    for (let k = 0; k < K; k++) {
+      const xk = narrow(xp, 1, k, L); // xk: (B, L, C), x shifted by K-1-k
+      const wk = narrow(w, 1, k, 1).reshape(this.channels); // wk: (C)
+      const term = mul(xk, wk);
+      y = y ? add(y, term) : term;
+    }
+    return y!;
+  }
+}

@@ -1,0 +1,36 @@
+import assert from "node:assert/strict";
+import { sum } from "../core/ops/index.ts";
+import { tidy } from "../core/tensor.ts";
+import { linearScan, type ScanMode } from "../scan/linear_scan.ts";
+import { loadFixture, maxAbs, maxAbsDiff, toTensor } from "./fixture_util.ts";
+
+// mamba.py's pscan fixtures: H = pscan(A, X); dA, dX = gradients of sum(H * G).
+// Tolerances (MANIFEST): 1e-4 absolute on H (values O(1..5)); gradients 1e-4 relative to max |grad|.
+for (const L of [1, 17, 64, 128]) {
+  for (const mode of ["sequential", "pscan"] as ScanMode[]) {
+    Deno.test(`linearScan ${mode} equals mamba.py pscan fixture L=${L} (H, dA, dX)`, async () => {
+      const f = await loadFixture(`pscan_L${L}.safetensors`);
+      const A = toTensor(f, "A", true);
+      const X = toTensor(f, "X", true);
+      const G = toTensor(f, "G");
+      const H = tidy(() => {
+        const H = linearScan(A, X, mode);
+        sum(H.mul(G)).backward();
+        return H;
+      });
+      const [h, dA, dX] = await Promise.all([H.toArray(), A.grad!.toArray(), X.grad!.toArray()]);
+      assert.ok(maxAbsDiff(h, f.get("H")!.data) < 1e-4, `H diff ${maxAbsDiff(h, f.get("H")!.data)}`);
+      const refdA = f.get("dA")!.data;
+      const refdX = f.get("dX")!.data;
+      assert.ok(
+        maxAbsDiff(dA, refdA) <= 1e-4 * Math.max(maxAbs(refdA), 1),
+        `dA diff ${maxAbsDiff(dA, refdA)}`,
+      );
+      assert.ok(
+        maxAbsDiff(dX, refdX) <= 1e-4 * Math.max(maxAbs(refdX), 1),
+        `dX diff ${maxAbsDiff(dX, refdX)}`,
+      );
+      for (const t of [A, X, G, H, A.grad!, X.grad!]) t.dispose();
+    });
+  }
+}
