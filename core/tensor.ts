@@ -292,14 +292,16 @@ export function tidy<T>(fn: () => T): T {
   return result;
 }
 
-function collectTensors(value: unknown, into: Set<Tensor>, depth = 0): void {
+function collectTensors(value: unknown, into: Set<Tensor>, seen = new Set<unknown>()): void {
+  // Walks arrays, Maps and plain objects (any depth; `seen` guards against cycles).
   if (value instanceof Tensor) into.add(value);
-  else if (depth < 3 && Array.isArray(value)) { for (const v of value) collectTensors(v, into, depth + 1); }
-  else if (
-    depth < 3 && value && typeof value === "object" && Object.getPrototypeOf(value) === Object.prototype
-  ) {
-    for (const v of Object.values(value)) collectTensors(v, into, depth + 1);
-  } else if (value instanceof Map) { for (const v of value.values()) collectTensors(v, into, depth + 1); }
+  if (!value || typeof value !== "object" || seen.has(value)) return;
+  seen.add(value);
+  if (Array.isArray(value)) { for (const v of value) collectTensors(v, into, seen); }
+  else if (value instanceof Map) { for (const v of value.values()) collectTensors(v, into, seen); }
+  else if (Object.getPrototypeOf(value) === Object.prototype) {
+    for (const v of Object.values(value)) collectTensors(v, into, seen);
+  }
 }
 
 /** Marks a tensor as kept: no `tidy` disposes it (it still can be disposed explicitly). Returns it. */

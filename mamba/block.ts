@@ -1,0 +1,259 @@
+/**
+ * Mamba's blocks, exactly as mamba.py: `MambaBlock` (the mixer), `ResidualBlock` (norm, mixer, residual)
+ * and `Mamba` (the stack), with parallel `forward` and single-token `step`.
+ * @module
+ */
+
+import { tensor } from "../core/creation.ts";
+import {
+  add,
+  cat,
+  exp,
+  matmul,
+  mul,
+  narrow,
+  neg,
+  pad,
+  silu,
+  softplus,
+  split,
+  sum,
+  transpose,
+} from "../core/ops/index.ts";
+import { fmt } from "../core/shape.ts";
+import type { Tensor } from "../core/tensor.ts";
+import { streamFor } from "../core/random.ts";
+import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
+import { Module } from "../nn/module.ts";
+import { selectiveScan } from "../scan/selective_scan.ts";
+import type { MambaConfig } from "./config.ts";
+
+/** The inference cache of one layer. */
+export interface LayerCache {
+  /** SSM state (B, ED, N). */
+  h: Tensor;
+  /** The last dConv-1 inputs of the conv, oldest first (B, ED, dConv-1). */
+  inputs: Tensor;
+}
+
+/** The mixer: in_proj, causal conv, selective SSM, gate, out_proj. */
+export class MambaBlock extends Module {
+  /** D -> 2 ED */
+  readonly inProj: Linear;
+  /** depthwise causal conv over ED channels */
+  readonly conv1d: Conv1d;
+  /** ED -> R + 2N */
+  readonly xProj: Linear;
+  /** R -> ED, with bias */
+  readonly dtProj: Linear;
+  /** (ED, N), A = -exp(A_log) */
+  readonly A_log: Tensor;
+  /** (ED) */
+  readonly D: Tensor;
+  /** ED -> D */
+  readonly outProj: Linear;
+  /** Optional RMSNorms of delta, B, C (innerLayernorms). */
+  readonly norms: { dt: RMSNorm; B: RMSNorm; C: RMSNorm } | null;
+
+  /** Builds the mixer with mamba.py's initialisation. */
+  constructor(readonly config: MambaConfig) {
+    super();
+    const { dModel, dInner: ED, dState: N, dtRank: R, dConv } = config;
+    this.inProj = this.child("in_proj", new Linear(dModel, 2 * ED, config.bias));
+    this.conv1d = this.child("conv1d", new Conv1d(ED, dConv, config.convBias));
+    this.xProj = this.child("x_proj", new Linear(ED, R + 2 * N, false));
+    this.dtProj = this.child("dt_proj", new Linear(R, ED, true));
+    initDtProj(this.dtProj, config);
+    const aLog = new Float32Array(ED * N);
+    for (let i = 0; i < aLog.length; i++) aLog[i] = Math.log((i % N) + 1);
+    this.A_log = this.param("A_log", tensor(aLog, [ED, N]));
+    this.D = this.param("D", tensor(new Float32Array(ED).fill(1), [ED]));
+    this.outProj = this.child("out_proj", new Linear(ED, dModel, config.bias));
+    this.norms = config.innerLayernorms
+      ? {
+        dt: this.child("dt_layernorm", new RMSNorm(R, config.rmsNormEps)),
+        B: this.child("B_layernorm", new RMSNorm(N, config.rmsNormEps)),
+        C: this.child("C_layernorm", new RMSNorm(N, config.rmsNormEps)),
+      }
+      : null;
+  }
+
+  /** u: (B, L, D) -> (B, L, D); with `cache`, also the layer's state after the last step. */
+  forward(u: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
+    const { dInner: ED, dConv: K } = this.config;
+    const [Bsz, L] = u.shape;
+    const xz = this.inProj.forward(u); // xz: (B, L, 2ED)
+    const [xIn, z] = split(xz, ED, -1); // xIn, z: (B, L, ED)
+    const x = silu(this.conv1d.forward(xIn)); // x: (B, L, ED)
+    const { y, hs } = this.ssm(x); // y: (B, L, ED), hs: (B, L, ED, N)
+    const out = this.outProj.forward(mul(y, silu(z))); // out: (B, L, D)
+    if (!wantCache) return { out, cache: null };
+    const h = narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState); // h: (B, ED, N)
+    const tail = narrow(pad(xIn, [0, 0, K - 1, 0]), 1, L, K - 1); // tail: (B, K-1, ED)
+    return { out, cache: { h, inputs: transpose(tail, 1, 2) } }; // inputs: (B, ED, K-1)
+  }
+
+  /** x: (B, L, ED) after the conv -> y: (B, L, ED) and the states hs: (B, L, ED, N). */
+  ssm(x: Tensor): { y: Tensor; hs: Tensor } {
+    const { dtRank: R, dState: N } = this.config;
+    const A = neg(exp(this.A_log)); // A: (ED, N)
+    let [delta, Bm, C] = split(this.xProj.forward(x), [R, N, N], -1); // (B, L, R), (B, L, N), (B, L, N)
+    if (this.norms) {
+      [delta, Bm, C] = [this.norms.dt.forward(delta), this.norms.B.forward(Bm), this.norms.C.forward(C)];
+    }
+    delta = softplus(this.dtProj.forward(delta)); // delta: (B, L, ED)
+    return selectiveScan(x, delta, A, Bm, C, this.D, this.config.scan);
+  }
+
+  /** One token. u: (B, D); cache from the previous step -> (B, D) and the new cache. */
+  step(u: Tensor, cache: LayerCache): { out: Tensor; cache: LayerCache } {
+    const { dInner: ED, dState: N, dtRank: R, dConv: K } = this.config;
+    const Bsz = u.shape[0];
+    const [xIn, z] = split(this.inProj.forward(u), ED, -1); // xIn, z: (B, ED)
+    const xcat = cat([cache.inputs, xIn.reshape(Bsz, ED, 1)], 2); // xcat: (B, ED, K)
+    let xc = sum(mul(xcat, this.conv1d.weight.reshape(ED, K)), -1); // xc: (B, ED)
+    if (this.conv1d.bias) xc = add(xc, this.conv1d.bias);
+    const x = silu(xc); // x: (B, ED)
+    let [delta, Bm, C] = split(this.xProj.forward(x), [R, N, N], -1); // (B, R), (B, N), (B, N)
+    if (this.norms) {
+      [delta, Bm, C] = [this.norms.dt.forward(delta), this.norms.B.forward(Bm), this.norms.C.forward(C)];
+    }
+    delta = softplus(this.dtProj.forward(delta)); // delta: (B, ED)
+    const A = neg(exp(this.A_log)); // A: (ED, N)
+    const delta3 = delta.reshape(Bsz, ED, 1);
+    const deltaA = exp(mul(delta3, A)); // deltaA: (B, ED, N)
+    const BX = mul(mul(delta3, Bm.reshape(Bsz, 1, N)), x.reshape(Bsz, ED, 1)); // BX: (B, ED, N)
+    const h = add(mul(deltaA, cache.h), BX); // h: (B, ED, N)
+    const y = add(matmul(h, C.reshape(Bsz, N, 1)).reshape(Bsz, ED), mul(this.D, x)); // y: (B, ED)
+    const out = this.outProj.forward(mul(y, silu(z))); // out: (B, D)
+    return { out, cache: { h, inputs: narrow(xcat, 2, 1, K - 1) } };
+  }
+}
+
+/** dt_proj as mamba.py: weight U(+-R^-0.5 * dtScale) or constant; bias = softplus^-1(dt), dt log-uniform. */
+function initDtProj(dtProj: Linear, c: MambaConfig): void {
+  const std = c.dtRank ** -0.5 * c.dtScale;
+  const rng = streamFor();
+  const w = new Float32Array(c.dInner * c.dtRank);
+  for (let i = 0; i < w.length; i++) w[i] = c.dtInit === "constant" ? std : (2 * rng.nextFloat() - 1) * std;
+  const b = new Float32Array(c.dInner);
+  for (let i = 0; i < b.length; i++) {
+    const u = rng.nextFloat();
+    const dt = Math.max(
+      Math.exp(u * (Math.log(c.dtMax) - Math.log(c.dtMin)) + Math.log(c.dtMin)),
+      c.dtInitFloor,
+    );
+    b[i] = dt + Math.log(-Math.expm1(-dt)); // inverse of softplus
+  }
+  dtProj.loadStateDict({
+    weight: { shape: [c.dInner, c.dtRank], data: w },
+    bias: { shape: [c.dInner], data: b },
+  });
+}
+
+/** norm -> mixer -> + residual */
+export class ResidualBlock extends Module {
+  /** The mixer. */
+  readonly mixer: MambaBlock;
+  /** The pre-norm. */
+  readonly norm: RMSNorm;
+
+  /** Builds one block. */
+  constructor(config: MambaConfig) {
+    super();
+    this.mixer = this.child("mixer", new MambaBlock(config));
+    this.norm = this.child("norm", new RMSNorm(config.dModel, config.rmsNormEps));
+  }
+
+  /** x: (B, L, D) -> (B, L, D) */
+  forward(x: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
+    const { out, cache } = this.mixer.forward(this.norm.forward(x), wantCache);
+    return { out: add(out, x), cache };
+  }
+
+  /** x: (B, D) -> (B, D) */
+  step(x: Tensor, cache: LayerCache): { out: Tensor; cache: LayerCache } {
+    const r = this.mixer.step(this.norm.forward(x), cache);
+    return { out: add(r.out, x), cache: r.cache };
+  }
+}
+
+/** A list of sub-modules named "0", "1", ... */
+export class ModuleList<M extends Module> extends Module {
+  /** The modules in order. */
+  readonly items: M[];
+  /** Registers the modules. */
+  constructor(items: M[]) {
+    super();
+    this.items = items.map((m, i) => this.child(String(i), m));
+  }
+}
+
+/** The stack of residual Mamba blocks (no embedding, no final norm), as mamba.py's `Mamba`. */
+export class Mamba extends Module {
+  /** The blocks. */
+  readonly layers: ModuleList<ResidualBlock>;
+
+  /** Builds `config.nLayers` blocks. */
+  constructor(readonly config: MambaConfig) {
+    super();
+    this.layers = this.child(
+      "layers",
+      new ModuleList(Array.from({ length: config.nLayers }, () => new ResidualBlock(config))),
+    );
+  }
+
+  /** x: (B, L, D) -> (B, L, D) */
+  forward(x: Tensor): Tensor {
+    return this.forwardWithCache(x, false).out;
+  }
+
+  /** Forward that can also return each layer's cache after the last position (for generation). */
+  forwardWithCache(x: Tensor, wantCache: boolean): { out: Tensor; caches: LayerCache[] } {
+    this.checkInput(x, 3);
+    const caches: LayerCache[] = [];
+    for (const layer of this.layers.items) {
+      const r = layer.forward(x, wantCache);
+      x = r.out;
+      if (r.cache) caches.push(r.cache);
+    }
+    return { out: x, caches };
+  }
+
+  /** x: (B, D), one cache per layer -> (B, D) and the new caches. */
+  step(x: Tensor, caches: LayerCache[]): { out: Tensor; caches: LayerCache[] } {
+    this.checkInput(x, 2);
+    if (caches.length !== this.config.nLayers) {
+      throw new Error(`Mamba.step: ${caches.length} caches for ${this.config.nLayers} layers`);
+    }
+    const B = x.shape[0];
+    const next: LayerCache[] = [];
+    this.layers.items.forEach((layer, i) => {
+      const c = caches[i];
+      if (c.h.shape[0] !== B) {
+        throw new Error(`Mamba.step: cache of layer ${i} is for batch ${c.h.shape[0]}, input has batch ${B}`);
+      }
+      const r = layer.step(x, c);
+      x = r.out;
+      next.push(r.cache);
+    });
+    return { out: x, caches: next };
+  }
+
+  /** Zero caches for a batch size. */
+  emptyCache(batch: number): LayerCache[] {
+    const { dInner: ED, dState: N, dConv: K } = this.config;
+    return this.layers.items.map(() => ({
+      h: tensor(new Float32Array(batch * ED * N), [batch, ED, N]),
+      inputs: tensor(new Float32Array(batch * ED * (K - 1)), [batch, ED, K - 1]),
+    }));
+  }
+
+  private checkInput(x: Tensor, rank: number): void {
+    const D = this.config.dModel;
+    if (x.dtype !== "f32" || x.rank !== rank || x.shape[rank - 1] !== D) {
+      const want = rank === 3 ? `(B, L, ${D})` : `(B, ${D})`;
+      throw new Error(`Mamba: expected an f32 input ${want}, got ${x.dtype} ${fmt(x.shape)}`);
+    }
+  }
+}

@@ -1,0 +1,112 @@
+/**
+ * `MambaConfig`: every field of mamba.py's config, camelCase, with the same defaults, validated.
+ * @module
+ */
+
+import type { ScanMode } from "../scan/linear_scan.ts";
+
+/** What a user passes: `dModel` and `nLayers`, everything else optional. */
+export interface MambaConfigInput {
+  /** Model width D. */
+  dModel: number;
+  /** Number of residual Mamba blocks. */
+  nLayers: number;
+  /** Rank of the delta projection; "auto" = ceil(dModel / 16). */
+  dtRank?: number | "auto";
+  /** State size N per channel (16). */
+  dState?: number;
+  /** E: inner width ED = E * D (2). */
+  expandFactor?: number;
+  /** Kernel size of the causal depthwise conv (4). */
+  dConv?: number;
+  /** Smallest initial delta (0.001). */
+  dtMin?: number;
+  /** Largest initial delta (0.1). */
+  dtMax?: number;
+  /** Initialisation of dt_proj.weight: "random" (uniform) or "constant" (2). */
+  dtInit?: "random" | "constant";
+  /** Scale of dt_proj.weight's initialisation (1.0). */
+  dtScale?: number;
+  /** Floor of the initial delta (1e-4). */
+  dtInitFloor?: number;
+  /** RMSNorm epsilon (1e-5). */
+  rmsNormEps?: number;
+  /** Std of the LM's normal initialisation (0.02). */
+  baseStd?: number;
+  /** Bias in in_proj and out_proj (false). */
+  bias?: boolean;
+  /** Bias in the conv (true). */
+  convBias?: boolean;
+  /** RMSNorm on delta, B and C after x_proj (false). */
+  innerLayernorms?: boolean;
+  /** How the selective scan runs: "pscan" (default) or "sequential". */
+  scan?: ScanMode;
+}
+
+/** A complete, validated configuration with derived sizes. */
+export interface MambaConfig extends Required<Omit<MambaConfigInput, "dtRank">> {
+  /** Resolved dt rank. */
+  dtRank: number;
+  /** ED = expandFactor * dModel. */
+  dInner: number;
+}
+
+const DEFAULTS = {
+  dtRank: "auto" as number | "auto",
+  dState: 16,
+  expandFactor: 2,
+  dConv: 4,
+  dtMin: 0.001,
+  dtMax: 0.1,
+  dtInit: "random" as "random" | "constant",
+  dtScale: 1.0,
+  dtInitFloor: 1e-4,
+  rmsNormEps: 1e-5,
+  baseStd: 0.02,
+  bias: false,
+  convBias: true,
+  innerLayernorms: false,
+  scan: "pscan" as ScanMode,
+};
+
+const INT_KEYS = ["dModel", "nLayers", "dState", "expandFactor", "dConv"] as const;
+const POS_KEYS = ["dtMin", "dtMax", "dtScale", "dtInitFloor", "rmsNormEps", "baseStd"] as const;
+const BOOL_KEYS = ["bias", "convBias", "innerLayernorms"] as const;
+
+/** Fills defaults and validates; every error names the key and the value. */
+export function mambaConfig(input: MambaConfigInput): MambaConfig {
+  const known = new Set(["dModel", "nLayers", ...Object.keys(DEFAULTS)]);
+  for (const k of Object.keys(input)) {
+    if (!known.has(k)) throw new Error(`MambaConfig: unknown key '${k}'`);
+  }
+  const c = { ...DEFAULTS, ...input } as Required<MambaConfigInput>;
+  for (const k of INT_KEYS) {
+    if (!Number.isInteger(c[k]) || c[k] <= 0) {
+      throw new Error(`MambaConfig: ${k} must be a positive integer, got ${JSON.stringify(c[k])}`);
+    }
+  }
+  for (const k of POS_KEYS) {
+    if (typeof c[k] !== "number" || !(c[k] > 0)) {
+      throw new Error(`MambaConfig: ${k} must be a positive number, got ${JSON.stringify(c[k])}`);
+    }
+  }
+  for (const k of BOOL_KEYS) {
+    if (typeof c[k] !== "boolean") {
+      throw new Error(`MambaConfig: ${k} must be a boolean, got ${JSON.stringify(c[k])}`);
+    }
+  }
+  if (c.dtMin > c.dtMax) throw new Error(`MambaConfig: dtMin ${c.dtMin} is greater than dtMax ${c.dtMax}`);
+  if (c.dtInit !== "random" && c.dtInit !== "constant") {
+    throw new Error(`MambaConfig: dtInit must be "random" or "constant", got ${JSON.stringify(c.dtInit)}`);
+  }
+  if (c.scan !== "pscan" && c.scan !== "sequential") {
+    throw new Error(`MambaConfig: scan must be "pscan" or "sequential", got ${JSON.stringify(c.scan)}`);
+  }
+  const dtRank = c.dtRank === "auto" ? Math.ceil(c.dModel / 16) : c.dtRank;
+  if (!Number.isInteger(dtRank) || dtRank <= 0) {
+    throw new Error(
+      `MambaConfig: dtRank must be "auto" or a positive integer, got ${JSON.stringify(c.dtRank)}`,
+    );
+  }
+  return { ...c, dtRank, dInner: c.expandFactor * c.dModel };
+}

@@ -1,0 +1,117 @@
+import assert from "node:assert/strict";
+import { cat, sum } from "../core/ops/index.ts";
+import { keep, type Tensor, tidy } from "../core/tensor.ts";
+import { noGrad } from "../core/autograd.ts";
+import { readSafetensorsFile } from "../core/safetensors_fs.ts";
+import { mambaConfig } from "../mamba/config.ts";
+import { Mamba } from "../mamba/block.ts";
+import type { ScanMode } from "../scan/linear_scan.ts";
+import { fixturePath, loadFixture, maxAbs, maxAbsDiff, toTensor } from "./fixture_util.ts";
+
+async function configOf(name: string, scan: ScanMode) {
+  const meta = (await readSafetensorsFile(fixturePath(name))).header.metadata;
+  const c = JSON.parse(meta.config);
+  return mambaConfig({
+    dModel: c.d_model,
+    nLayers: c.n_layers,
+    dState: c.d_state,
+    expandFactor: c.expand_factor,
+    dConv: c.d_conv,
+    dtRank: c.dt_rank,
+    bias: c.bias,
+    convBias: c.conv_bias,
+    rmsNormEps: c.rms_norm_eps,
+    innerLayernorms: c.inner_layernorms,
+    scan,
+  });
+}
+
+// Tolerances (MANIFEST): 1e-4 absolute on y; gradients 1e-4 relative to max |grad| of each tensor.
+for (const name of ["mamba_L37", "mamba_dstate4", "mamba_tiny"]) {
+  for (const scan of ["pscan", "sequential"] as ScanMode[]) {
+    Deno.test(`Mamba ${scan}: forward and every gradient equal mamba.py (${name})`, async () => {
+      const f = await loadFixture(`${name}.safetensors`);
+      const model = new Mamba(await configOf(`${name}.safetensors`, scan));
+      const dict = new Map(
+        [...f].filter(([k]) => !k.includes(".") || k.startsWith("layers.")).filter(([k]) =>
+          k.startsWith("layers.")
+        ),
+      );
+      model.loadStateDict(dict);
+      const x = toTensor(f, "x", true);
+      const G = toTensor(f, "G");
+      const y = tidy(() => {
+        const y = model.forward(x);
+        sum(y.mul(G)).backward();
+        return keep(y);
+      });
+      const checks: [string, Promise<Float32Array | Int32Array>][] = [["y", y.toArray()], [
+        "grad.x",
+        x.grad!.toArray(),
+      ]];
+      for (const [k, p] of model.namedParameters()) checks.push([`grad.${k}`, p.grad!.toArray()]);
+      for (const [k, pending] of checks) {
+        const got = await pending;
+        const want = f.get(k)!.data;
+        const d = maxAbsDiff(got, want);
+        const tol = k === "y" ? 1e-4 : 1e-4 * Math.max(maxAbs(want), 1e-3);
+        assert.ok(d <= tol, `${k}: max diff ${d.toExponential(2)} > ${tol.toExponential(2)}`);
+      }
+      model.dispose();
+      for (const t of [x, x.grad!, G, y]) t.dispose();
+    });
+  }
+}
+
+Deno.test("Mamba.step outputs and final caches equal mamba.py's step fixture and the full forward", async () => {
+  const f = await loadFixture("step_tiny.safetensors");
+  const model = new Mamba(await configOf("step_tiny.safetensors", "pscan"));
+  model.loadStateDict(new Map([...f].filter(([k]) => k.startsWith("layers."))), { strict: true });
+  const x = toTensor(f, "x"); // x: (B, L, D)
+  const [B, L, D] = x.shape;
+  const { yStep, caches, full } = tidy(() =>
+    noGrad(() => {
+      let caches = model.emptyCache(B);
+      const ys = [];
+      for (let t = 0; t < L; t++) {
+        const r = model.step(x.narrow(1, t, 1).reshape(B, D), caches);
+        caches = r.caches;
+        ys.push(r.out.reshape(B, 1, D));
+      }
+      return { yStep: cat(ys, 1), caches, full: model.forwardWithCache(x, true) };
+    })
+  );
+  const pairs: [string, Tensor, string][] = [["y_step", yStep, "y_step"], ["forward", full.out, "y_forward"]];
+  caches.forEach((c, i) => {
+    pairs.push([`step cache ${i} h`, c.h, `cache.${i}.h`], [
+      `step cache ${i} inputs`,
+      c.inputs,
+      `cache.${i}.inputs`,
+    ]);
+    pairs.push([`forward cache ${i} h`, full.caches[i].h, `cache.${i}.h`]);
+    pairs.push([`forward cache ${i} inputs`, full.caches[i].inputs, `cache.${i}.inputs`]);
+  });
+  for (const [what, t, key] of pairs) {
+    const d = maxAbsDiff(await t.toArray(), f.get(key)!.data);
+    assert.ok(d < 1e-4, `${what} vs ${key}: max diff ${d}`);
+  }
+  model.dispose();
+});
+
+Deno.test("Mamba rejects bad input and configs with clear errors", async () => {
+  const config = mambaConfig({ dModel: 8, nLayers: 1 });
+  const model = new Mamba(config);
+  const bad = (await import("../core/creation.ts")).zeros([2, 3, 7]);
+  assert.throws(() => model.forward(bad), /expected an f32 input \(B, L, 8\), got f32 \[2, 3, 7\]/);
+  assert.throws(() => model.step(bad.reshape(6, 7), model.emptyCache(6)), /\(B, 8\)/);
+  const caches = model.emptyCache(3);
+  const x2 = (await import("../core/creation.ts")).zeros([2, 8]);
+  assert.throws(() => model.step(x2, caches), /cache of layer 0 is for batch 3, input has batch 2/);
+  assert.throws(() => mambaConfig({ dModel: 0, nLayers: 1 }), /dModel must be a positive integer, got 0/);
+  assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, scan: "fast" as "pscan" }), /scan must be/);
+  assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, dtInit: "x" as "random" }), /dtInit/);
+  assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, foo: 1 } as never), /unknown key 'foo'/);
+  model.dispose();
+  bad.dispose();
+  x2.dispose();
+});
