@@ -1,0 +1,208 @@
+/**
+ * `MambaLM`: embedding -> Mamba -> final RMSNorm -> LM head, as mamba.py's `LM`; generation with the
+ * prompt processed in one parallel forward and tokens chosen on the GPU.
+ * @module
+ */
+
+import { noGrad } from "../core/autograd.ts";
+import { tensor, zeros } from "../core/creation.ts";
+import { readBuffer } from "../core/executor.ts";
+import { matmul, narrow } from "../core/ops/index.ts";
+import { dispose, keep, type Tensor, tidy } from "../core/tensor.ts";
+import { normal } from "../nn/init.ts";
+import { Embedding, Linear, RMSNorm } from "../nn/layers.ts";
+import { Module } from "../nn/module.ts";
+import { type LayerCache, Mamba } from "./block.ts";
+import { type MambaConfig, mambaConfig, type MambaConfigInput } from "./config.ts";
+import { sampleInto, type SampleOptions } from "./sampling.ts";
+
+/** LM options on top of the Mamba config. */
+export interface LMOptions {
+  /** Vocabulary size before padding. */
+  vocabSize: number;
+  /** Pad the vocabulary to a multiple of this (as mamba.py's `pad_vocab_size_multiple`). */
+  padVocabSizeMultiple?: number;
+  /** Share the embedding with the LM head (default false, as mamba.py). */
+  tieEmbeddings?: boolean;
+}
+
+/** Token ids: an i32 tensor (B, L), nested arrays, or an Int32Array with a shape. */
+export type Tokens = Tensor | readonly (readonly number[])[];
+
+/** Options of {@linkcode MambaLM.generate}. */
+export interface GenerateOptions extends SampleOptions {
+  /** Called with each batch of new tokens (B, n) as soon as they are read back. */
+  onTokens?: (tokens: Int32Array[]) => void;
+  /** Tokens decoded between readbacks when streaming (default 16). */
+  readEvery?: number;
+}
+
+/** The language model. */
+export class MambaLM extends Module {
+  /** Validated config of the backbone. */
+  readonly config: MambaConfig;
+  /** Padded vocabulary size. */
+  readonly vocabSize: number;
+  /** Whether the head shares the embedding. */
+  readonly tied: boolean;
+  /** (vocab, D) */
+  readonly embedding: Embedding;
+  /** The blocks. */
+  readonly mamba: Mamba;
+  /** Final norm. */
+  readonly normF: RMSNorm;
+  /** (vocab, D) head, or null when tied. */
+  readonly lmHead: Linear | null;
+
+  /** Builds the LM with mamba.py's initialisation (llama2.c-style normal(0, baseStd)). */
+  constructor(config: MambaConfigInput | MambaConfig, options: LMOptions) {
+    super();
+    this.config = "dInner" in config ? config : mambaConfig(config);
+    const m = options.padVocabSizeMultiple ?? 1;
+    if (!Number.isInteger(options.vocabSize) || options.vocabSize <= 0) {
+      throw new Error(`MambaLM: vocabSize must be a positive integer, got ${options.vocabSize}`);
+    }
+    this.vocabSize = Math.ceil(options.vocabSize / m) * m;
+    this.tied = options.tieEmbeddings ?? false;
+    this.embedding = this.child("embedding", new Embedding(this.vocabSize, this.config.dModel));
+    this.mamba = this.child("mamba", new Mamba(this.config));
+    this.normF = this.child("norm_f", new RMSNorm(this.config.dModel, this.config.rmsNormEps));
+    this.lmHead = this.tied
+      ? null
+      : this.child("lm_head", new Linear(this.config.dModel, this.vocabSize, false));
+    this.initWeights();
+  }
+
+  /** mamba.py's `_init_weights`: every Linear weight and the embedding ~ N(0, baseStd), Linear biases 0,
+   * then out_proj weights ~ N(0, baseStd / sqrt(2 nLayers)). Conv, A_log, D and norms keep their init. */
+  private initWeights(): void {
+    const std = this.config.baseStd;
+    const fresh = new Map<string, Tensor>();
+    for (const [name, p] of this.namedParameters()) {
+      if (/(in_proj|x_proj|dt_proj|out_proj|lm_head)\.weight$/.test(name) || name === "embedding.weight") {
+        fresh.set(
+          name,
+          normal(p.shape, name.endsWith("out_proj.weight") ? std / Math.sqrt(2 * this.config.nLayers) : std),
+        );
+      } else if (/(in_proj|out_proj|dt_proj)\.bias$/.test(name)) {
+        fresh.set(name, zeros(p.shape));
+      }
+    }
+    this.loadStateDict(fresh, { strict: false });
+    dispose([...fresh.values()]);
+  }
+
+  /** Turns host token arrays into an i32 tensor, checking ids against the vocabulary. */
+  tokensTensor(tokens: Tokens): Tensor {
+    if (!Array.isArray(tokens)) {
+      const t = tokens as Tensor;
+      if (t.dtype !== "i32" || t.rank !== 2) {
+        throw new Error(`MambaLM: tokens must be an i32 (B, L) tensor, got ${t}`);
+      }
+      return t;
+    }
+    const rows = tokens as readonly (readonly number[])[];
+    const L = rows[0]?.length ?? 0;
+    const flat = new Int32Array(rows.length * L);
+    rows.forEach((r, b) => {
+      if (!Array.isArray(r) || r.length !== L) {
+        throw new Error(`MambaLM: token rows must all have length ${L}`);
+      }
+      r.forEach((id, t) => {
+        if (!Number.isInteger(id)) throw new Error(`MambaLM: token [${b}][${t}] = ${id} is not an integer`);
+        if (id < 0 || id >= this.vocabSize) {
+          throw new Error(
+            `MambaLM: token [${b}][${t}] = ${id} is outside the vocabulary [0, ${this.vocabSize})`,
+          );
+        }
+        flat[b * L + t] = id;
+      });
+    });
+    return tensor(flat, [rows.length, L], { dtype: "i32" });
+  }
+
+  private head(x: Tensor): Tensor {
+    const h = this.normF.forward(x);
+    return this.lmHead ? this.lmHead.forward(h) : matmul(h, this.embedding.weight, { transB: true });
+  }
+
+  /** tokens (B, L) -> logits (B, L, vocab) */
+  forward(tokens: Tokens): Tensor {
+    const ids = this.tokensTensor(tokens);
+    return this.head(this.mamba.forward(this.embedding.forward(ids)));
+  }
+
+  /** One token per row: ids (B) i32 -> logits (B, vocab) and the new caches. */
+  step(ids: Tensor, caches: LayerCache[]): { logits: Tensor; caches: LayerCache[] } {
+    if (ids.dtype !== "i32" || ids.rank !== 1) {
+      throw new Error(`MambaLM.step: ids must be an i32 (B) tensor, got ${ids}`);
+    }
+    const r = this.mamba.step(this.embedding.forward(ids), caches);
+    return { logits: this.head(r.out), caches: r.caches };
+  }
+
+  /** Zero caches for a batch size. */
+  emptyCache(batch: number): LayerCache[] {
+    return this.mamba.emptyCache(batch);
+  }
+
+  /**
+   * Continues each prompt row by `nTokens` tokens. The prompt runs as one parallel forward that also fills
+   * the caches; then each token costs one `step`. Tokens are chosen on the GPU (greedy by default) and read
+   * back every `readEvery` steps. Returns the new tokens (B rows of nTokens).
+   */
+  async generate(prompt: Tokens, nTokens: number, options: GenerateOptions = {}): Promise<Int32Array[]> {
+    if (!Number.isInteger(nTokens) || nTokens < 0) {
+      throw new Error(`generate: nTokens must be >= 0, got ${nTokens}`);
+    }
+    const ids = this.tokensTensor(prompt);
+    const [B, P] = ids.shape;
+    if (P === 0) throw new Error("generate: the prompt is empty");
+    const all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" }));
+    const next = keep(zeros([B], { dtype: "i32" }));
+    const readEvery = Math.max(1, options.readEvery ?? 16);
+    let caches: LayerCache[] = [];
+    const rows: Int32Array[] = Array.from({ length: B }, () => new Int32Array(nTokens));
+    let done = 0;
+    const readNew = async (upto: number) => {
+      if (upto <= done) return;
+      const buf = new Int32Array(await readBuffer(all.storage.buffer, 0, B * all.shape[1] * 4));
+      const fresh: Int32Array[] = [];
+      for (let b = 0; b < B; b++) {
+        rows[b].set(buf.subarray(b * all.shape[1] + done, b * all.shape[1] + upto), done);
+        fresh.push(rows[b].slice(done, upto));
+      }
+      done = upto;
+      options.onTokens?.(fresh);
+    };
+    try {
+      for (let i = 0; i < nTokens; i++) {
+        const prev = caches;
+        caches = tidy(() =>
+          noGrad(() => {
+            let logits: Tensor;
+            let c: LayerCache[];
+            if (i === 0) {
+              const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true);
+              logits = narrow(this.head(r.out), 1, P - 1, 1).reshape(B, this.vocabSize);
+              c = r.caches;
+            } else {
+              const r = this.step(next, prev);
+              logits = r.logits;
+              c = r.caches;
+            }
+            sampleInto(logits, next, all, i, { ...options, seed: options.seed ?? 0 });
+            return c;
+          })
+        );
+        dispose(prev);
+        if ((i + 1) % readEvery === 0) await readNew(i + 1);
+      }
+      await readNew(nTokens);
+    } finally {
+      dispose([caches, all, next]);
+      if (ids !== prompt) ids.dispose();
+    }
+    return rows;
+  }
+}

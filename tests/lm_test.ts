@@ -1,0 +1,120 @@
+import assert from "node:assert/strict";
+import { noGrad } from "../core/autograd.ts";
+import { tidy } from "../core/tensor.ts";
+import { readSafetensorsFile } from "../core/safetensors_fs.ts";
+import { MambaLM } from "../mamba/lm.ts";
+import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
+import { fixturePath, loadFixture, maxAbsDiff, toTensor } from "./fixture_util.ts";
+
+async function lmV64(scan: "pscan" | "sequential") {
+  const f = await loadFixture("lm_v64.safetensors");
+  const c = JSON.parse((await readSafetensorsFile(fixturePath("lm_v64.safetensors"))).header.metadata.config);
+  const lm = new MambaLM({ dModel: c.d_model, nLayers: c.n_layers, dtRank: c.dt_rank, scan }, {
+    vocabSize: 64,
+  });
+  lm.loadStateDict(
+    new Map([...f].filter(([k]) => !k.startsWith("generate.") && k !== "tokens" && k !== "logits")),
+  );
+  return { f, lm };
+}
+
+function rowsOf(data: Int32Array | Float32Array, B: number): number[][] {
+  const L = data.length / B;
+  return Array.from({ length: B }, (_, b) => Array.from(data.subarray(b * L, (b + 1) * L)));
+}
+
+for (const scan of ["pscan", "sequential"] as const) {
+  Deno.test(`MambaLM ${scan}: logits and greedy generation equal mamba.py (lm_v64)`, async () => {
+    const { f, lm } = await lmV64(scan);
+    const tokens = toTensor(f, "tokens");
+    const logits = tidy(() => noGrad(() => lm.forward(tokens)));
+    const d = maxAbsDiff(await logits.toArray(), f.get("logits")!.data);
+    assert.ok(d < 1e-4, `logits max diff ${d}`);
+    const prompt = rowsOf(f.get("generate.prompt")!.data, 2);
+    const got = await lm.generate(prompt, 16);
+    assert.deepEqual(got.map((r) => [...r]), rowsOf(f.get("generate.tokens")!.data, 2));
+    for (const t of [tokens, logits]) t.dispose();
+    lm.dispose();
+  });
+}
+
+Deno.test("fromPretrained loads the transformers and the state-spaces layouts to the same logits", async () => {
+  const f = await loadFixture("lm_v64.safetensors");
+  const tokens = toTensor(f, "tokens");
+  for (const dir of ["lm_v64_hf", "lm_v64_state_spaces"]) {
+    const lm = await fromPretrained(fixturePath(dir));
+    assert.equal(lm.vocabSize, 64);
+    assert.equal(lm.tied, false);
+    const logits = tidy(() => noGrad(() => lm.forward(tokens)));
+    const d = maxAbsDiff(await logits.toArray(), f.get("logits")!.data);
+    assert.ok(d < 1e-4, `${dir}: logits max diff ${d}`);
+    logits.dispose();
+    lm.dispose();
+  }
+  tokens.dispose();
+});
+
+Deno.test("char-mamba trained in PyTorch: prompt logits within 1e-4 and 64 greedy tokens exactly", async () => {
+  const s = await loadFixture("char-mamba/sample.safetensors");
+  const lm = await fromPretrained(fixturePath("char-mamba"));
+  for (const key of ["sample", "sample2"]) {
+    const prompt = rowsOf(s.get(`${key}.prompt`)!.data, 1);
+    const logits = tidy(() => noGrad(() => lm.forward(prompt)));
+    const d = maxAbsDiff(await logits.toArray(), s.get(`${key}.prompt_logits`)!.data);
+    assert.ok(d < 1e-4, `${key}: prompt logits max diff ${d}`);
+    logits.dispose();
+    const got = await lm.generate(prompt, 64, { readEvery: 64 });
+    assert.deepEqual([...got[0]], [...s.get(`${key}.tokens`)!.data]);
+  }
+  lm.dispose();
+});
+
+Deno.test("saveCheckpoint writes the HF layout that fromPretrained reads back identically", async () => {
+  const lm = await fromPretrained(fixturePath("lm_v64_hf"));
+  const dir = await Deno.makeTempDir();
+  await saveCheckpoint(lm, dir);
+  const back = await fromPretrained(dir);
+  for (const [k, p] of lm.namedParameters()) {
+    const q = back.stateDict().get(k)!;
+    assert.equal(maxAbsDiff(await p.toArray(), await q.toArray()), 0, k);
+  }
+  lm.dispose();
+  back.dispose();
+  await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", async () => {
+  const lm = await fromPretrained(fixturePath("char-mamba"));
+  const prompt = [[...new TextEncoder().encode("It is a truth")]];
+  const a = await lm.generate(prompt, 24, { sample: true, seed: 5, temperature: 0.8, topK: 5 });
+  const b = await lm.generate(prompt, 24, { sample: true, seed: 5, temperature: 0.8, topK: 5 });
+  const c = await lm.generate(prompt, 24, { sample: true, seed: 6, temperature: 0.8, topK: 5 });
+  assert.deepEqual(a, b);
+  assert.notDeepEqual(a, c);
+  // topK = 1 is greedy.
+  assert.deepEqual(
+    await lm.generate(prompt, 12, { sample: true, topK: 1, seed: 3 }),
+    await lm.generate(prompt, 12),
+  );
+  assert.throws(
+    () => lm.tokensTensor([[1, 300]]),
+    /token \[0\]\[1\] = 300 is outside the vocabulary \[0, 256\)/,
+  );
+  assert.throws(() => lm.tokensTensor([[1.5]]), /is not an integer/);
+  await assert.rejects(
+    () => lm.generate(prompt, 2, { temperature: 0, sample: true }),
+    /temperature must be > 0/,
+  );
+  lm.dispose();
+  assert.throws(() => parseCheckpointConfig({ model_type: "llama", hidden_size: 8 }), /not a Mamba/);
+  assert.throws(() => parseCheckpointConfig({ hidden_size: 8, num_hidden_layers: 1 }), /has no 'state_size'/);
+  assert.throws(
+    () => parseCheckpointConfig({ d_model: 8, n_layer: 1, vocab_size: 8, ssm_cfg: { layer: "Mamba2" } }),
+    /Mamba1/,
+  );
+  assert.throws(() => parseCheckpointConfig({ hidden_size: 8, wat: 1 }), /unknown config keys wat/);
+  await assert.rejects(
+    () => fromPretrained("/nonexistent/model"),
+    /cannot read \/nonexistent\/model\/config.json/,
+  );
+});
