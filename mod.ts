@@ -27,7 +27,8 @@ export {
   type InitOptions,
 } from "./core/device.ts";
 export { dispose, type DType, keep, type Operand, Tensor, tidy } from "./core/tensor.ts";
-export { emptyPool, memory, type MemoryInfo, resetPeak } from "./core/memory.ts";
+export { emptyPool, memory, type MemoryInfo, resetPeak, Storage } from "./core/memory.ts";
+export { type Shape } from "./core/shape.ts";
 export { dispatchCount, flush, sync } from "./core/executor.ts";
 export {
   arange,
@@ -80,3 +81,20 @@ export {
   type SafetensorsInput,
   serializeSafetensors,
 } from "./core/safetensors.ts";
+export { type HostTensor, type LoadOptions, type LoadResult, Module, type StateDict } from "./nn/module.ts";
+export { Conv1d, Embedding, Linear, RMSNorm } from "./nn/layers.ts";
+export { linearScan, runScan, type ScanMode } from "./scan/linear_scan.ts";
+export { selectiveScan } from "./scan/selective_scan.ts";
+export { type MambaConfig, mambaConfig, type MambaConfigInput } from "./mamba/config.ts";
+export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";
+export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./mamba/lm.ts";
+export { type SampleOptions } from "./mamba/sampling.ts";
+export {
+  type CheckpointConfig,
+  fromPretrained,
+  hfConfig,
+  mapKey,
+  parseCheckpointConfig,
+  saveCheckpoint,
+} from "./mamba/pretrained.ts";
+export { ByteTokenizer, type Tokenizer } from "./mamba/tokenizer.ts";

@@ -249,6 +249,7 @@ export class Mamba extends Module {
     }));
   }
 
+  /** Checks dtype, rank and width of an input. */
   private checkInput(x: Tensor, rank: number): void {
     const D = this.config.dModel;
     if (x.dtype !== "f32" || x.rank !== rank || x.shape[rank - 1] !== D) {

@@ -121,6 +121,7 @@ export class MambaLM extends Module {
     return tensor(flat, [rows.length, L], { dtype: "i32" });
   }
 
+  /** Final norm and LM head. */
   private head(x: Tensor): Tensor {
     const h = this.normF.forward(x);
     return this.lmHead ? this.lmHead.forward(h) : matmul(h, this.embedding.weight, { transB: true });

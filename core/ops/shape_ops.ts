@@ -52,8 +52,10 @@ const stridedCopy = defineKernel({
 });
 
 /** A box inside a tensor: start offset (elements) and strides of each box dim. */
-interface Box {
+export interface Box {
+  /** Element offset of the box's first element. */
   offset: number;
+  /** Element stride of each box dim. */
   strides: readonly number[];
 }
 
