@@ -86,12 +86,11 @@ const SSM_KEYS = new Set([
   "dt_max",
 ]);
 
-function need<T>(cfg: Record<string, unknown>, key: string, type: string, where: string): T {
+function need<T>(cfg: Record<string, unknown>, key: string, type: "number" | "string", where: string): T {
   const v = cfg[key];
   if (v === undefined) throw new Error(`${where}: config.json has no '${key}'`);
-  if (typeof v !== type) {
-    throw new Error(`${where}: config.json '${key}' must be a ${type}, got ${JSON.stringify(v)}`);
-  }
+  const ok = type === "number" ? typeof v === "number" && Number.isFinite(v) : typeof v === "string";
+  if (!ok) throw new Error(`${where}: config.json '${key}' must be a ${type}, got ${JSON.stringify(v)}`);
   return v as T;
 }
 
