@@ -1,0 +1,109 @@
+import assert from "node:assert/strict";
+import { init } from "../core/device.ts";
+import { manualSeed } from "../core/random.ts";
+import { randn } from "../core/creation.ts";
+import { Mamba } from "../mamba/block.ts";
+import { mambaConfig } from "../mamba/config.ts";
+import { MambaLM } from "../mamba/lm.ts";
+import { fromPretrained } from "../mamba/pretrained.ts";
+import { fixturePath } from "./fixture_util.ts";
+
+function stats(a: ArrayLike<number>) {
+  let s = 0, s2 = 0, lo = Infinity, hi = -Infinity;
+  for (let i = 0; i < a.length; i++) {
+    s += a[i];
+    s2 += a[i] * a[i];
+    lo = Math.min(lo, a[i]);
+    hi = Math.max(hi, a[i]);
+  }
+  const mean = s / a.length;
+  return { mean, std: Math.sqrt(s2 / a.length - mean * mean), lo, hi };
+}
+
+Deno.test("Mamba initialisation follows mamba.py's distributions", async () => {
+  await init();
+  manualSeed(1);
+  const c = mambaConfig({ dModel: 64, nLayers: 1, dState: 16 }); // ED 128, R 4
+  const m = new Mamba(c);
+  const p = m.stateDict();
+  const get = async (k: string) => await p.get(`layers.0.${k}`)!.toArray();
+  // Linear/Conv default: U(-1/sqrt(fanIn), 1/sqrt(fanIn)): std = bound / sqrt(3).
+  for (
+    const [k, fanIn] of [["mixer.in_proj.weight", 64], ["mixer.x_proj.weight", 128], [
+      "mixer.out_proj.weight",
+      128,
+    ], [
+      "mixer.conv1d.weight",
+      4,
+    ]] as const
+  ) {
+    const s = stats(await get(k));
+    const bound = 1 / Math.sqrt(fanIn);
+    assert.ok(s.lo >= -bound && s.hi <= bound, `${k} within +-${bound}`);
+    assert.ok(Math.abs(s.std - bound / Math.sqrt(3)) < 0.1 * bound, `${k} std ${s.std}`);
+  }
+  // dt_proj.weight ~ U(+-R^-0.5); softplus(dt bias) log-uniform in [dtMin, dtMax].
+  const w = stats(await get("mixer.dt_proj.weight"));
+  assert.ok(w.lo >= -0.5 && w.hi <= 0.5 && w.std > 0.25, `dt_proj.weight ${JSON.stringify(w)}`);
+  const dt = [...await get("mixer.dt_proj.bias")].map((b) => Math.log1p(Math.exp(b)));
+  assert.ok(Math.min(...dt) >= 0.001 * 0.999 && Math.max(...dt) <= 0.1 * 1.001, "dt in [dtMin, dtMax]");
+  const logDt = stats(dt.map(Math.log)); // uniform in [log 0.001, log 0.1]
+  assert.ok(Math.abs(logDt.mean - (Math.log(0.001) + Math.log(0.1)) / 2) < 0.4, `log dt mean ${logDt.mean}`);
+  const aLog = await get("mixer.A_log");
+  for (let i = 0; i < aLog.length; i++) assert.ok(Math.abs(aLog[i] - Math.log((i % 16) + 1)) < 1e-6);
+  assert.deepEqual([...new Set(await get("mixer.D"))], [1]);
+  assert.deepEqual([...new Set(await get("norm.weight"))], [1]);
+  m.dispose();
+});
+
+Deno.test("MambaLM initialisation: normal(0, baseStd), out_proj scaled by 1/sqrt(2 nLayers)", async () => {
+  await init();
+  manualSeed(2);
+  const lm = new MambaLM({ dModel: 64, nLayers: 2 }, { vocabSize: 250, padVocabSizeMultiple: 8 });
+  assert.equal(lm.vocabSize, 256);
+  const p = lm.stateDict();
+  const s1 = stats(await p.get("embedding.weight")!.toArray());
+  assert.ok(Math.abs(s1.std - 0.02) < 0.002 && Math.abs(s1.mean) < 0.002, `embedding ${JSON.stringify(s1)}`);
+  const s2 = stats(await p.get("mamba.layers.1.mixer.out_proj.weight")!.toArray());
+  assert.ok(Math.abs(s2.std - 0.02 / 2) < 0.001, `out_proj std ${s2.std}`);
+  const s3 = stats(await p.get("mamba.layers.0.mixer.in_proj.weight")!.toArray());
+  assert.ok(Math.abs(s3.std - 0.02) < 0.002, `in_proj std ${s3.std}`);
+  assert.deepEqual([...new Set(await p.get("mamba.layers.0.mixer.dt_proj.bias")!.toArray())], [0]);
+  lm.dispose();
+});
+
+Deno.test("randn/rand are reproducible: the same seed gives the same bits", async () => {
+  await init();
+  const [ta, tb] = [randn([1000], { seed: 42 }), randn([1000], { seed: 42 })];
+  const [a, b] = [await ta.toArray(), await tb.toArray()];
+  ta.dispose();
+  tb.dispose();
+  assert.deepEqual(a, b);
+  const s = stats(a);
+  assert.ok(Math.abs(s.mean) < 0.1 && Math.abs(s.std - 1) < 0.1);
+});
+
+Deno.test("fromPretrained over HTTP from a local server (hub-style resolve URL)", async () => {
+  await init();
+  const ac = new AbortController();
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} },
+    async (req) => {
+      const m = new URL(req.url).pathname.match(
+        /^\/org\/lm\/resolve\/main\/(config\.json|model\.safetensors)$/,
+      );
+      if (!m) return new Response("not found", { status: 404 });
+      return new Response(await Deno.readFile(fixturePath(`lm_v64_hf/${m[1]}`)));
+    },
+  );
+  const base = `http://127.0.0.1:${server.addr.port}`;
+  try {
+    const lm = await fromPretrained(`${base}/org/lm/resolve/main/`);
+    assert.equal(lm.vocabSize, 64);
+    lm.dispose();
+    await assert.rejects(() => fromPretrained(`${base}/org/missing/resolve/main`), /HTTP 404/);
+  } finally {
+    ac.abort();
+    await server.finished;
+  }
+});
