@@ -143,8 +143,11 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
       if (g !== grad) claimed.delete(g);
       node.inputs.forEach((x, i) => {
         let gi = inGrads[i];
-        if (!gi || !x.requiresGrad) return;
+        if (!gi) return;
+        // Also a gradient for an input that needs none (a custom backward may return one): it is
+        // transient, so it is disposed below instead of leaking.
         transient.add(gi);
+        if (!x.requiresGrad) return;
         if (gi.shape.join() !== x.shape.join()) {
           throw new Error(`backward of '${node.name}': gradient ${fmt(gi.shape)} for input ${fmt(x.shape)}`);
         }
@@ -184,6 +187,13 @@ function accumulateLeaf(t: Tensor, g: Tensor, userGrad: Tensor | undefined): voi
   }
 }
 
+/**
+ * Outputs whose node an earlier backward released, with the op's name. Without this, backward through
+ * such a tensor again treated it as a leaf: no error, no gradients for the real leaves, and a kept
+ * `.grad` on the output that nothing disposed.
+ */
+const released = new WeakMap<Tensor, string>();
+
 function topoOrder(root: Tensor): Tensor[] {
   const order: Tensor[] = [];
   const seen = new Set<Tensor>();
@@ -195,6 +205,12 @@ function topoOrder(root: Tensor): Tensor[] {
       continue;
     }
     if (seen.has(t)) continue;
+    if (!t.node && released.has(t)) {
+      throw new Error(
+        `backward(): the graph through '${released.get(t)}' (${t}) was already released by an earlier ` +
+          `backward(); pass { retainGraph: true } to the first backward() to run backward through it again`,
+      );
+    }
     seen.add(t);
     stack.push([t, true]);
     for (const x of t.node?.inputs ?? []) if (x.requiresGrad && !seen.has(x)) stack.push([x, false]);
@@ -207,6 +223,7 @@ function releaseGraph(order: Tensor[]): void {
     if (!t.node) continue;
     for (const s of t.node.saved) if (!s.disposed) markSaved(s.storage, -1);
     for (const s of t.node.owned) s.dispose();
+    released.set(t, t.node.name);
     t.node = null;
   }
 }

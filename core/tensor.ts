@@ -280,9 +280,13 @@ export function tidy<T>(fn: () => T): T {
     if (result instanceof Promise) {
       throw new Error("tidy(fn) needs a synchronous fn: await readbacks outside of tidy");
     }
-  } finally {
+  } catch (e) {
+    // Free what fn made before it failed; otherwise every tensor of a failed step leaks.
     scopes.pop();
+    for (const t of scope) if (!t.kept) t.dispose();
+    throw e;
   }
+  scopes.pop();
   const returned = new Set<Tensor>();
   collectTensors(result, returned);
   for (const t of scope) {

@@ -39,7 +39,19 @@ const UNARY = {
 } satisfies Record<string, UnaryDef>;
 
 /** Names of the unary ops. */
-export type UnaryName = keyof typeof UNARY;
+export type UnaryName =
+  | "neg"
+  | "exp"
+  | "log"
+  | "sqrt"
+  | "rsqrt"
+  | "square"
+  | "abs"
+  | "sigmoid"
+  | "silu"
+  | "softplus"
+  | "tanh"
+  | "relu";
 
 const unaryOps = new Map<string, (inputs: Tensor[], attrs: null) => Tensor>();
 for (const [name, def] of Object.entries(UNARY) as [UnaryName, UnaryDef][]) {
@@ -119,7 +131,7 @@ const BINARY = {
 } satisfies Record<string, BinaryDef>;
 
 /** Names of the binary arithmetic ops. */
-export type BinaryName = keyof typeof BINARY;
+export type BinaryName = "add" | "sub" | "mul" | "div" | "pow" | "maximum" | "minimum";
 
 function operandShape(o: Operand): readonly number[] {
   return typeof o === "number" ? [] : o.shape;
@@ -158,9 +170,11 @@ for (const [name, def] of Object.entries(BINARY) as [BinaryName, BinaryDef][]) {
         if (def.ga !== "") { for (const o of [a, b]) if (typeof o !== "number") save(o); }
         return mapOp(def.expr, [a, b], shape, t, [t, t]);
       },
+      // One gradient per tensor input, in order: a number operand is not an input, so for
+      // `sub(2, x)` the inputs are [x] and x's gradient must come first (not after a null for 2).
       backward: (g, _saved, _inputs, { a, b }) => [
-        typeof a === "number" || !a.requiresGrad ? null : operandGrad(def.ga, a, b, g, a),
-        typeof b === "number" || !b.requiresGrad ? null : operandGrad(gb, a, b, g, b),
+        ...(typeof a === "number" ? [] : [a.requiresGrad ? operandGrad(def.ga, a, b, g, a) : null]),
+        ...(typeof b === "number" ? [] : [b.requiresGrad ? operandGrad(gb, a, b, g, b) : null]),
       ],
     }),
   );
@@ -193,7 +207,7 @@ export const minimum = (a: Operand, b: Operand): Tensor => binary("minimum", a, 
 const COMPARE = { eq: "==", ne: "!=", lt: "<", le: "<=", gt: ">", ge: ">=" } as const;
 
 /** Names of the comparison ops. */
-export type CompareName = keyof typeof COMPARE;
+export type CompareName = "eq" | "ne" | "lt" | "le" | "gt" | "ge";
 
 /** Elementwise comparison; returns an f32 mask of 0 and 1 (not differentiable). */
 export function compare(name: CompareName, a: Operand, b: Operand): Tensor {

@@ -2,13 +2,19 @@
  * Batched matrix multiplication C = op(A) @ op(B), op = identity or transpose (read through strides, no
  * copy), broadcasting over up to four leading dims.
  *
- * Two variants from one template, chosen per adapter by a one-time measurement (`matmulVariant`):
- * - `register`: each invocation owns a 4x4 block of C and keeps it in registers; no workgroup memory and
- *   no barriers. Fastest on CPU adapters, where barriers are very expensive.
+ * Two variants, chosen per adapter by a one-time measurement (see `tuneKernels` in core/tune.ts):
+ * - `register`: each invocation owns an 8x8 block of C and keeps it in registers; a workgroup of 8x8
+ *   invocations covers 64x64 of C. No workgroup memory and no barriers: the fast one on CPU adapters
+ *   (llvmpipe/lavapipe), where barriers are very expensive and loads cost more than arithmetic. The kernel
+ *   is generated per operand layout: when an operand's contiguous dim (k or m for A, n or k for B) is a
+ *   multiple of 4 it is bound as `array<vec4<f32>>` and read four floats at a time (and C is written as
+ *   vec4 when N is a multiple of 4). Each layout is its own pipeline, made and compiled on first use.
  * - `tiled`: a workgroup of 16x16 invocations owns a 64x64 block of C; 64x16 slices of A and B are staged
  *   in workgroup memory, and each invocation accumulates a 4x4 block from them. Favoured on real GPUs.
+ *
  * K is walked in slices of at most MAX_K so that no invocation loops more than 65535 times; slices after
- * the first accumulate into C.
+ * the first accumulate into C. Every load and store goes through the kernel accessors, so operands larger
+ * than one storage binding (128 MiB) are read through several binding windows, vec4 bindings included.
  * @module
  */
 
@@ -30,6 +36,16 @@ export interface MatmulOptions {
 /** The two kernel variants. */
 export type MatmulVariant = "register" | "tiled";
 
+/** Every variant, in the order the tuner measures them. */
+export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled"];
+
+/**
+ * Version of the matmul kernels. It is part of the tuner's cache key, so a cached choice is measured
+ * again after the kernels change: bump it whenever a kernel's code changes.
+ */
+export const MATMUL_KERNEL_VERSION = "matmul-2";
+
+/** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
 
 const COMMON_UNIFORMS: [string, "u32" | "vec4<u32>"][] = [
@@ -59,60 +75,151 @@ const BATCH_OFFSETS = `
   { let c = rem % P.bsh.x; aoff += c * P.bsa.x; boff += c * P.bsb.x; }
   let coff = bi * P.M * P.N;`;
 
-/** WGSL that writes (or adds into) the 4x4 block `acc` at rows m0.., columns n0... */
-const STORE_BLOCK = `
-  for (var i = 0u; i < 4u; i++) {
-    let m = m0 + i;
-    if (m >= P.M) { break; }
-    for (var j = 0u; j < 4u; j++) {
-      let n = n0 + j;
-      if (n < P.N) {
-        let at = coff + m * P.N + n;
-        var v = acc[i][j];
-        if (P.accumulate != 0u) { v = v + ld_c(at); }
-        st_c(at, v);
+/** WGSL helper `put_c` that writes one element (or vec4) of C, adding the value already there after the
+ * first K slice. */
+function putC(type: "f32" | "vec4<f32>"): string {
+  return `
+fn put_c(at: u32, v: ${type}) {
+  var x = v;
+  if (P.accumulate != 0u) { x = x + ld_c(at); }
+  st_c(at, x);
+}`;
+}
+
+/** Layout of one `register` pipeline: the transposes, and which operands are accessed as vec4. */
+interface RegisterLayout {
+  transA: boolean;
+  transB: boolean;
+  vecA: boolean;
+  vecB: boolean;
+  vecC: boolean;
+}
+
+/** Rows and columns of C per invocation of the `register` variant. */
+const RB = 8;
+/** Invocations per side of a `register` workgroup (8x8 invocations: 64x64 of C). */
+const RW = 8;
+const XYZW = "xyzw";
+
+/**
+ * The `register` kernel for one layout. Per step of 4 k it reads A as 8 rows x 4 k and B as 4 k x 8
+ * columns -- 8 vec4 loads per operand along its contiguous dim, or 32 scalar loads -- and does 256
+ * multiply-adds. Row and column base addresses are computed once, before the K loop; rows and columns past
+ * the edge read a clamped (valid, 4-aligned) address and their results are never stored. C is written
+ * as vec4 when N is a multiple of 4.
+ */
+function registerKernel(l: RegisterLayout): Kernel {
+  const { transA, transB, vecA, vecB, vecC } = l;
+  const idx = [...Array(RB).keys()]; // rows of A / columns of B of one invocation
+  const quads = [...Array(RB / 4).keys()]; // groups of 4 of them
+  const q4 = [0, 1, 2, 3];
+  const aMode = transA ? (vecA ? "m4" : "m1") : (vecA ? "k4" : "k1");
+  const bMode = transB ? (vecB ? "k4" : "k1") : (vecB ? "n4" : "n1");
+  const pre: string[] = [];
+  const each = (list: number[], f: (i: number) => string) => list.forEach((i) => pre.push(f(i)));
+  if (aMode === "k4") each(idx, (r) => `let pa${r} = (aoff + min(m0 + ${r}u, P.M - 1u) * P.K) / 4u;`);
+  if (aMode === "k1") each(idx, (r) => `let pa${r} = aoff + min(m0 + ${r}u, P.M - 1u) * P.K;`);
+  if (aMode === "m4") each(quads, (g) => `let pa${g} = (aoff + min(m0 + ${4 * g}u, P.M - 4u)) / 4u;`);
+  if (aMode === "m1") each(idx, (r) => `let pa${r} = aoff + min(m0 + ${r}u, P.M - 1u);`);
+  if (bMode === "n4") each(quads, (g) => `let pb${g} = (boff + min(n0 + ${4 * g}u, P.N - 4u)) / 4u;`);
+  if (bMode === "n1") each(idx, (c) => `let pb${c} = boff + min(n0 + ${c}u, P.N - 1u);`);
+  if (bMode === "k4") each(idx, (c) => `let pb${c} = (boff + min(n0 + ${c}u, P.N - 1u) * P.K) / 4u;`);
+  if (bMode === "k1") each(idx, (c) => `let pb${c} = boff + min(n0 + ${c}u, P.N - 1u) * P.K;`);
+
+  /** One K step over `ku` values of k from `k` (vec4-along-k operands use `kv` = k / 4). */
+  const step = (ku: number): string => {
+    const s: string[] = [];
+    const qs = q4.slice(0, ku);
+    const kq = (q: number) => (q === 0 ? "k" : `(k + ${q}u)`);
+    const loads = (list: number[], f: (q: number, i: number) => string) =>
+      qs.forEach((q) => list.forEach((i) => s.push(f(q, i))));
+    // aval(r, q): A[m0 + r, k + q] as an f32 expression.
+    let aval: (r: number, q: number) => string = (r, q) => `a${q}_${r}`;
+    if (aMode === "k4") {
+      idx.forEach((r) => s.push(`let a${r} = ld_a(pa${r} + kv);`));
+      aval = (r, q) => `a${r}.${XYZW[q]}`;
+    } else if (aMode === "m4") {
+      loads(quads, (q, g) => `let a${q}_${g} = ld_a(pa${g} + ${kq(q)} * (P.M / 4u));`);
+      aval = (r, q) => `a${q}_${r >> 2}.${XYZW[r & 3]}`;
+    } else if (aMode === "k1") {
+      loads(idx, (q, r) => `let a${q}_${r} = ld_a(pa${r} + ${kq(q)});`);
+    } else {
+      loads(idx, (q, r) => `let a${q}_${r} = ld_a(pa${r} + ${kq(q)} * P.M);`);
+    }
+    // bvec(q, g): B[k + q, n0 + 4g .. n0 + 4g + 3] as a vec4<f32> expression.
+    const gather = (f: (q: number, c: number) => string) => (q: number, g: number) =>
+      `vec4<f32>(${q4.map((j) => f(q, 4 * g + j)).join(", ")})`;
+    let bvec = gather((q, c) => `b${q}_${c}`);
+    if (bMode === "n4") {
+      loads(quads, (q, g) => `let b${q}_${g} = ld_b(pb${g} + ${kq(q)} * (P.N / 4u));`);
+      bvec = (q, g) => `b${q}_${g}`;
+    } else if (bMode === "k4") {
+      idx.forEach((c) => s.push(`let b${c} = ld_b(pb${c} + kv);`));
+      bvec = gather((q, c) => `b${c}.${XYZW[q]}`);
+    } else if (bMode === "n1") {
+      loads(idx, (q, c) => `let b${q}_${c} = ld_b(pb${c} + ${kq(q)} * P.N);`);
+    } else {
+      loads(idx, (q, c) => `let b${q}_${c} = ld_b(pb${c} + ${kq(q)});`);
+    }
+    for (const q of qs) {
+      quads.forEach((g) => s.push(`let bq${q}_${g} = ${bvec(q, g)};`));
+      idx.forEach((r) => quads.forEach((g) => s.push(`acc${r}_${g} += ${aval(r, q)} * bq${q}_${g};`)));
+    }
+    return s.map((x) => `    ${x}`).join("\n");
+  };
+  // With an operand read as vec4 along k, K and k0 are multiples of 4 and the 4-step loop leaves no tail.
+  const tail = aMode === "k4" || bMode === "k4"
+    ? ""
+    : `  for (var k = kEnd4; k < P.k1; k++) {\n${step(1)}\n  }`;
+  // C rows are contiguous: with N a multiple of 4, 4-aligned vec4 stores (n0 is a multiple of 8).
+  const store: string[] = [];
+  for (const r of idx) {
+    store.push(`  if (m0 + ${r}u < P.M) {`);
+    if (vecC) {
+      store.push(`    let row = (coff + (m0 + ${r}u) * P.N + n0) / 4u;`);
+      for (const g of quads) {
+        store.push(`    if (n0 + ${4 * g}u < P.N) { put_c(row + ${g}u, acc${r}_${g}); }`);
+      }
+    } else {
+      store.push(`    let row = coff + (m0 + ${r}u) * P.N + n0;`);
+      for (const c of idx) {
+        store.push(`    if (n0 + ${c}u < P.N) { put_c(row + ${c}u, acc${r}_${c >> 2}.${XYZW[c & 3]}); }`);
       }
     }
-  }`;
-
-function registerKernel(): Kernel {
+    store.push(`  }`);
+  }
+  const acc = idx.flatMap((r) => quads.map((g) => `  var acc${r}_${g} = vec4<f32>();`));
   return defineKernel({
-    name: "matmul_register",
+    name: `matmul_register_${aMode}_${bMode}_c${vecC ? 4 : 1}`,
     buffers: [
-      { name: "a", type: "f32", access: "read" },
-      { name: "b", type: "f32", access: "read" },
-      { name: "c", type: "f32", access: "read_write" },
+      { name: "a", type: vecA ? "vec4<f32>" : "f32", access: "read" },
+      { name: "b", type: vecB ? "vec4<f32>" : "f32", access: "read" },
+      { name: "c", type: vecC ? "vec4<f32>" : "f32", access: "read_write" },
     ],
     uniforms: COMMON_UNIFORMS,
-    workgroupSize: 64,
+    workgroupSize: RW * RW,
+    decls: putC(vecC ? "vec4<f32>" : "f32"),
     body: `
-  // workgroup -> (batch, 32x32 block); invocation -> 4x4 sub-block, kept in registers.
+  // workgroup -> (batch, ${RB * RW}x${RB * RW} block of C); invocation -> ${RB}x${RB} sub-block in registers.
   let tilesPerBatch = P.tilesM * P.tilesN;
   let bi = group / tilesPerBatch;
   let t = group % tilesPerBatch;
-  let m0 = (t / P.tilesN) * 32u + (lid / 8u) * 4u;
-  let n0 = (t % P.tilesN) * 32u + (lid % 8u) * 4u;
+  let m0 = (t / P.tilesN) * ${RB * RW}u + (lid / ${RW}u) * ${RB}u;
+  let n0 = (t % P.tilesN) * ${RB * RW}u + (lid % ${RW}u) * ${RB}u;
   ${BATCH_OFFSETS}
-  // Rows/columns past the edge read a clamped (valid) address; their results are never stored.
-  var ar: array<u32, 4>;
-  var bc: array<u32, 4>;
-  for (var i = 0u; i < 4u; i++) {
-    ar[i] = aoff + min(m0 + i, P.M - 1u) * P.sam;
-    bc[i] = boff + min(n0 + i, P.N - 1u) * P.sbn;
+  ${pre.join("\n  ")}
+${acc.join("\n")}
+  let kEnd4 = P.k0 + ((P.k1 - P.k0) / 4u) * 4u;
+  for (var k = P.k0; k < kEnd4; k += 4u) {
+    let kv = k / 4u;
+${step(4)}
   }
-  var acc = mat4x4<f32>();
-  for (var k = P.k0; k < P.k1; k++) {
-    let av = vec4<f32>(ld_a(ar[0] + k * P.sak), ld_a(ar[1] + k * P.sak), ld_a(ar[2] + k * P.sak), ld_a(ar[3] + k * P.sak));
-    let bv = vec4<f32>(ld_b(bc[0] + k * P.sbk), ld_b(bc[1] + k * P.sbk), ld_b(bc[2] + k * P.sbk), ld_b(bc[3] + k * P.sbk));
-    acc[0] += av.x * bv;
-    acc[1] += av.y * bv;
-    acc[2] += av.z * bv;
-    acc[3] += av.w * bv;
-  }
-  ${STORE_BLOCK}`,
+${tail}
+${store.join("\n")}`,
   });
 }
 
+/** The `tiled` kernel: 64x64 of C per workgroup of 16x16 invocations, 64x16 slices in workgroup memory. */
 function tiledKernel(): Kernel {
   return defineKernel({
     name: "matmul_tiled",
@@ -123,7 +230,7 @@ function tiledKernel(): Kernel {
     ],
     uniforms: COMMON_UNIFORMS,
     workgroupSize: 256,
-    decls: `
+    decls: `${putC("f32")}
 var<workgroup> As: array<f32, 1024>; // 64 rows x 16 k of A
 var<workgroup> Bs: array<f32, 1024>; // 16 k x 64 columns of B`,
     body: `
@@ -163,14 +270,44 @@ var<workgroup> Bs: array<f32, 1024>; // 16 k x 64 columns of B`,
     }
     workgroupBarrier();
   }
-  ${STORE_BLOCK}`,
+  for (var i = 0u; i < 4u; i++) {
+    let m = m0 + i;
+    if (m >= P.M) { break; }
+    for (var j = 0u; j < 4u; j++) {
+      let n = n0 + j;
+      if (n < P.N) { put_c(coff + m * P.N + n, acc[i][j]); }
+    }
+  }`,
   });
 }
 
-const KERNELS: Record<MatmulVariant, { kernel: Kernel; block: number }> = {
-  register: { kernel: registerKernel(), block: 32 },
-  tiled: { kernel: tiledKernel(), block: 64 },
-};
+const registerKernels = new Map<string, Kernel>();
+let tiledKernelCache: Kernel | null = null;
+
+/** The kernel and its C block size for a variant and a problem (kernels are made on first use). */
+function kernelFor(
+  variant: MatmulVariant,
+  transA: boolean,
+  transB: boolean,
+  M: number,
+  N: number,
+  K: number,
+): { kernel: Kernel; block: number } {
+  if (variant === "tiled") return { kernel: tiledKernelCache ??= tiledKernel(), block: 64 };
+  // vec4 access needs the operand's contiguous dim to be a multiple of 4; then every row start, batch
+  // offset and K slice start is 4-aligned too.
+  const layout = {
+    transA,
+    transB,
+    vecA: (transA ? M : K) % 4 === 0,
+    vecB: (transB ? K : N) % 4 === 0,
+    vecC: N % 4 === 0,
+  };
+  const key = `${+transA}${+transB}${+layout.vecA}${+layout.vecB}${+layout.vecC}`;
+  let kernel = registerKernels.get(key);
+  if (!kernel) registerKernels.set(key, kernel = registerKernel(layout));
+  return { kernel, block: RB * RW };
+}
 
 let chosen: MatmulVariant | null = null;
 
@@ -185,7 +322,12 @@ export function setMatmulVariant(v: MatmulVariant): void {
 }
 
 /** Computes op(a) @ op(b) into a new tensor with a given variant; no autograd. */
-export function matmulRaw(a: Tensor, b: Tensor, opts: MatmulOptions, variant: MatmulVariant = matmulVariant()): Tensor {
+export function matmulRaw(
+  a: Tensor,
+  b: Tensor,
+  opts: MatmulOptions,
+  variant: MatmulVariant = matmulVariant(),
+): Tensor {
   const { transA = false, transB = false } = opts;
   const [M, Ka] = transA
     ? [a.shape[a.rank - 1], a.shape[a.rank - 2]]
@@ -220,7 +362,7 @@ export function matmulRaw(a: Tensor, b: Tensor, opts: MatmulOptions, variant: Ma
     ).slice(-4);
   };
   const bsh = padRank(batch, 1).slice(-4);
-  const { kernel, block } = KERNELS[variant];
+  const { kernel, block } = kernelFor(variant, transA, transB, M, N, K);
   const tilesM = Math.ceil(M / block);
   const tilesN = Math.ceil(N / block);
   const base = {
@@ -305,6 +447,3 @@ export function matmul(a: Tensor, b: Tensor, options: MatmulOptions = {}): Tenso
   }
   return matmulOp([a, b], opts);
 }
-
-/** Sizes the tuner measures with (kept small: it runs once per adapter). */
-export const TUNE_SIZE = 256;

@@ -180,16 +180,20 @@ const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
     const m = reduceAxes(x, [axis], "max");
     const e = mapOp("exp(a - b)", [x, m], x.shape);
     const s = reduceAxes(e, [axis], "sum");
-    const lse = mapOp("log(a) + b", [s, m], s.shape);
-    for (const t of [m, e, s]) t.dispose();
-    save(x, lse);
-    return keepdim ? reshape(lse, lse.shape) : reshape(lse, dropAxes(x.shape, [axis]));
+    const logs = mapOp("log(a)", [s], s.shape);
+    const lse = mapOp("a + b", [logs, m], s.shape);
+    for (const t of [e, s]) t.dispose();
+    // The backward needs m and log(s) apart: exp(x - lse) would inherit lse's rounding to the spacing
+    // of m (6e-5 at 1000), a relative error of that size in every gradient.
+    save(x, m, logs);
+    return keepdim ? lse : reshapeOwned(lse, dropAxes(x.shape, [axis]));
   },
-  backward: (g, [x, lse], _i, { axis }) => {
-    // d lse / dx = softmax(x) = exp(x - lse).
+  backward: (g, [x, m, logs], _i, { axis }) => {
+    // d lse / dx = softmax(x) = exp((x - m) - log(s)).
+    const p = mapOp("exp(a - b - c)", [x, m, logs], x.shape);
     const gk = reshape(g, keptShape(x.shape, [axis]));
-    const out = mapOp("exp(a - b) * c", [x, lse, gk], x.shape);
-    gk.dispose();
+    const out = mapOp("a * b", [p, gk], x.shape);
+    for (const t of [p, gk]) t.dispose();
     return [out];
   },
 });

@@ -43,7 +43,9 @@ const ROW_PRELUDE = `
     if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
     workgroupBarrier();
   }
-  let lse = m + log(red[0]);`;
+  // Outputs use (x - m) - logz, never x - (m + logz): for large logits m + logz would be rounded to the
+  // spacing of m (6e-5 at 1000) and every probability would inherit that error.
+  let logz = log(red[0]);`;
 
 function rowKernel(name: string, write: string, extra: { name: string; type: "f32" | "i32" }[] = []) {
   return defineKernel({
@@ -61,12 +63,12 @@ function rowKernel(name: string, write: string, extra: { name: string; type: "f3
 
 const softmaxKernel = rowKernel(
   "softmax_rows",
-  `for (var r = lid; r < P.R; r += ${WG}u) { st_y(base + r * P.inner, exp(ld_x(base + r * P.inner) - lse)); }`,
+  `for (var r = lid; r < P.R; r += ${WG}u) { st_y(base + r * P.inner, exp(ld_x(base + r * P.inner) - m - logz)); }`,
   [{ name: "y", type: "f32" }],
 );
 const logSoftmaxKernel = rowKernel(
   "log_softmax_rows",
-  `for (var r = lid; r < P.R; r += ${WG}u) { st_y(base + r * P.inner, ld_x(base + r * P.inner) - lse); }`,
+  `for (var r = lid; r < P.R; r += ${WG}u) { st_y(base + r * P.inner, ld_x(base + r * P.inner) - m - logz); }`,
   [{ name: "y", type: "f32" }],
 );
 const crossEntropyKernel = rowKernel(
@@ -75,14 +77,15 @@ const crossEntropyKernel = rowKernel(
     let t = ld_target(row);
     let ok = t != P.ignore && t >= 0 && u32(t) < P.R;
     var loss = 0.0;
-    if (ok) { loss = lse - ld_x(base + u32(t) * P.inner); }
+    if (ok) { loss = (m - ld_x(base + u32(t) * P.inner)) + logz; }
     if (t != P.ignore && !ok) { loss = bitcast<f32>(0x7fc00000u); }
     st_y(row, loss);
     st_valid(row, select(0.0, 1.0, ok));
-    st_lse(row, lse);
+    st_stats(2u * row, m);
+    st_stats(2u * row + 1u, logz);
   }`,
   [{ name: "target", type: "i32" }, { name: "y", type: "f32" }, { name: "valid", type: "f32" }, {
-    name: "lse",
+    name: "stats",
     type: "f32",
   }],
 );
@@ -165,7 +168,7 @@ const ceOp = defineOp<{ reduction: "mean" | "sum" | "none"; ignore: number }>({
     const rows = logits.size / Math.max(V, 1);
     const loss = Tensor.empty([rows]);
     const valid = Tensor.empty([rows]);
-    const lse = Tensor.empty([rows]);
+    const stats = Tensor.empty([rows, 2]); // per row: max, log(sum(exp(x - max)))
     dispatch(
       crossEntropyKernel,
       {
@@ -173,12 +176,12 @@ const ceOp = defineOp<{ reduction: "mean" | "sum" | "none"; ignore: number }>({
         target: target.storage,
         y: loss.storage,
         valid: valid.storage,
-        lse: lse.storage,
+        stats: stats.storage,
       },
       { R: V, inner: 1, ignore },
       rows,
     );
-    save(logits, target, lse);
+    save(logits, target, stats);
     if (reduction === "none") {
       save(valid);
       return reshape(loss, target.shape);
@@ -196,12 +199,11 @@ const ceOp = defineOp<{ reduction: "mean" | "sum" | "none"; ignore: number }>({
     total.dispose();
     return out;
   },
-  backward: (g, [logits, target, lse, w], _i, { reduction, ignore }) => {
+  backward: (g, [logits, target, stats, w], _i, { reduction, ignore }) => {
     // d/dx = (softmax(x) - onehot(t)) * g_row * w_row; w = 1/count (mean) or the validity mask.
     const V = logits.shape[logits.rank - 1];
     const rows = logits.size / Math.max(V, 1);
     const rowShape = [rows, 1];
-    const lse2 = reshape(lse, rowShape);
     const t2 = reshape(target, rowShape);
     const g2 = reduction === "none" ? reshape(g, rowShape) : reshape(g, [1, 1]);
     const w2 = reduction === "mean" ? reshape(w, [1, 1]) : reshape(w, rowShape);
@@ -213,8 +215,8 @@ const ceOp = defineOp<{ reduction: "mean" | "sum" | "none"; ignore: number }>({
         "i32",
       ])
       : mapOp("a * b", [g2, w2], rowShape);
-    const dx = softmaxMinusOneHot(x2, lse2, t2, weight);
-    for (const t of [lse2, t2, g2, w2, x2, weight]) t.dispose();
+    const dx = softmaxMinusOneHot(x2, stats, t2, weight);
+    for (const t of [t2, g2, w2, x2, weight]) t.dispose();
     const out = reshape(dx, logits.shape);
     dx.dispose();
     return [out, null];
@@ -225,7 +227,7 @@ const onehotKernel = defineKernel({
   name: "softmax_minus_onehot",
   buffers: [
     { name: "x", type: "f32", access: "read" },
-    { name: "lse", type: "f32", access: "read" },
+    { name: "stats", type: "f32", access: "read" },
     { name: "t", type: "i32", access: "read" },
     { name: "w", type: "f32", access: "read" },
     { name: "y", type: "f32", access: "read_write" },
@@ -237,14 +239,14 @@ const onehotKernel = defineKernel({
   let row = gid / P.V;
   let v = gid % P.V;
   let w = ld_w(row);
-  let p = exp(ld_x(gid) - ld_lse(row));
+  let p = exp(ld_x(gid) - ld_stats(2u * row) - ld_stats(2u * row + 1u));
   st_y(gid, (p - select(0.0, 1.0, ld_t(row) == i32(v))) * w);`,
 });
 
-function softmaxMinusOneHot(x: Tensor, lse: Tensor, t: Tensor, w: Tensor): Tensor {
+function softmaxMinusOneHot(x: Tensor, stats: Tensor, t: Tensor, w: Tensor): Tensor {
   const y = Tensor.empty(x.shape);
   const n = x.size;
-  dispatch(onehotKernel, { x: x.storage, lse: lse.storage, t: t.storage, w: w.storage, y: y.storage }, {
+  dispatch(onehotKernel, { x: x.storage, stats: stats.storage, t: t.storage, w: w.storage, y: y.storage }, {
     n,
     V: x.shape[1],
   }, Math.ceil(n / 256));

@@ -1,0 +1,212 @@
+/**
+ * One-time kernel autotuning per adapter.
+ *
+ * Some kernels come in variants whose speed depends on the adapter far more than on the problem: the matmul
+ * `register` variant (no workgroup memory) is several times faster than `tiled` on CPU adapters such as
+ * llvmpipe/lavapipe, where workgroup barriers are very expensive, while real GPUs favour `tiled`.
+ * {@linkcode tuneKernels} measures the variants on the current adapter, selects the fastest, and remembers
+ * the choice in `localStorage` (when the platform has it) under a key made of the adapter's description and
+ * the kernels' version, so later processes on the same adapter skip the measurement.
+ *
+ * ```ts
+ * import { init, tuneKernels } from "@mambats/mamba";
+ *
+ * await init();
+ * const t = await tuneKernels(); // measures once per adapter, then reads the cached choice
+ * console.log(t.variant, t.fromCache, t.gflops);
+ * ```
+ * @module
+ */
+
+import { deviceInfo, init } from "./device.ts";
+import { sync } from "./executor.ts";
+import { rand } from "./creation.ts";
+import {
+  MATMUL_KERNEL_VERSION,
+  MATMUL_VARIANTS,
+  matmulRaw,
+  type MatmulVariant,
+  setMatmulVariant,
+} from "./ops/matmul.ts";
+
+/** Options of {@linkcode tuneKernels}. */
+export interface TuneOptions {
+  /** Measure even when a cached choice exists (and overwrite the cache). Default false. */
+  force?: boolean;
+}
+
+/** What {@linkcode tuneKernels} decided, and on what grounds. */
+export interface TuneResult {
+  /** The matmul variant now in use. */
+  variant: MatmulVariant;
+  /** True when the choice came from the cache, without measuring. */
+  fromCache: boolean;
+  /** Adapter description the choice is for. */
+  adapter: string;
+  /** The `localStorage` key of the choice (adapter and kernel version). */
+  key: string;
+  /** Measured speed of each variant in GFLOP/s (over all measured sizes), from the cache or just now. */
+  gflops: Partial<Record<MatmulVariant, number>>;
+  /** Square matmul sizes that were measured. */
+  sizes: number[];
+  /** When the measurement was made (ISO 8601). */
+  measuredAt: string;
+}
+
+/** Square sizes the tuner measures: small, so a first run costs about a second on a CPU adapter. */
+const TUNE_SIZES = [256, 512];
+/** A timed batch should last at least this long, so the ~11 ms cost of a wait is a small part of it. */
+const MIN_BATCH_MS = 40;
+/** ... but no more than this many dispatches (fast GPUs). */
+const MAX_REPS = 256;
+const KEY_PREFIX = "mamba.ts/tune/";
+
+let current: TuneResult | null = null;
+let pending: Promise<TuneResult> | null = null;
+
+/** The result of the last {@linkcode tuneKernels} in this process, or null before the first. */
+export function tuneResult(): TuneResult | null {
+  return current;
+}
+
+/**
+ * Measures the matmul variants once per adapter and selects the fastest with `setMatmulVariant`.
+ *
+ * Acquires the device if needed (`init()`). Each variant multiplies square matrices of the sizes in
+ * `TUNE_SIZES` (256 and 512): one untimed dispatch first (pipeline compilation), then batches of
+ * dispatches between two waits, growing until a batch lasts about 40 ms, timed with and without the work
+ * so that the fixed cost of a wait cancels out. The variant with the highest overall GFLOP/s wins.
+ *
+ * The choice is cached in `localStorage` under `mamba.ts/tune/<kernel version>/<adapter>`; a later call
+ * (in this process or a later one on the same adapter) reads it instead of measuring, unless
+ * `options.force` is set. Where `localStorage` is missing or refuses access (some browsers, permissions),
+ * the tuner measures every process. Inputs come from a seeded generator of their own: the global random
+ * stream is not advanced. Concurrent calls share one measurement.
+ */
+export function tuneKernels(options: TuneOptions = {}): Promise<TuneResult> {
+  pending ??= tune(options).finally(() => pending = null);
+  return pending;
+}
+
+async function tune(options: TuneOptions): Promise<TuneResult> {
+  await init();
+  const adapter = adapterName();
+  const key = tuneCacheKey();
+  if (!options.force) {
+    const cached = readCache(key);
+    if (cached) {
+      setMatmulVariant(cached.variant);
+      current = { ...cached, fromCache: true, adapter, key };
+      return current;
+    }
+  }
+  const overhead = await waitCost();
+  const flops: Record<string, number> = {};
+  const ms: Record<string, number> = {};
+  for (const v of MATMUL_VARIANTS) {
+    flops[v] = 0;
+    ms[v] = 0;
+    for (const n of TUNE_SIZES) {
+      ms[v] += await timeMatmul(v, n, overhead);
+      flops[v] += 2 * n ** 3;
+    }
+  }
+  const gflops: Partial<Record<MatmulVariant, number>> = {};
+  for (const v of MATMUL_VARIANTS) gflops[v] = flops[v] / ms[v] / 1e6;
+  const variant = MATMUL_VARIANTS.reduce((best, v) => ((gflops[v] ?? 0) > (gflops[best] ?? 0) ? v : best));
+  setMatmulVariant(variant);
+  current = {
+    variant,
+    fromCache: false,
+    adapter,
+    key,
+    gflops,
+    sizes: [...TUNE_SIZES],
+    measuredAt: new Date().toISOString(),
+  };
+  writeCache(key, current);
+  return current;
+}
+
+/** The fixed cost of one wait with no work (best of 3), in ms. */
+async function waitCost(): Promise<number> {
+  let best = Infinity;
+  for (let i = 0; i < 3; i++) {
+    const t0 = performance.now();
+    await sync();
+    best = Math.min(best, performance.now() - t0);
+  }
+  return best;
+}
+
+/** Milliseconds per n x n x n matmul of a variant (batches of dispatches between waits). */
+async function timeMatmul(variant: MatmulVariant, n: number, overhead: number): Promise<number> {
+  const a = rand([n, n], { seed: 1 });
+  const b = rand([n, n], { seed: 2 });
+  try {
+    const run = async (reps: number) => {
+      const t0 = performance.now();
+      for (let i = 0; i < reps; i++) matmulRaw(a, b, {}, variant).dispose();
+      await sync();
+      return performance.now() - t0;
+    };
+    await run(1); // compiles the pipeline
+    let reps = 1;
+    let t = await run(reps);
+    while (t < MIN_BATCH_MS && reps < MAX_REPS) {
+      reps = Math.min(MAX_REPS, reps * Math.max(2, Math.ceil(MIN_BATCH_MS / Math.max(t, 1))));
+      t = await run(reps);
+    }
+    // The wait's fixed cost cancels; keep a floor so a noisy subtraction cannot go to zero.
+    return Math.max(t - overhead, t * 0.05) / reps;
+  } finally {
+    a.dispose();
+    b.dispose();
+  }
+}
+
+/** `localStorage`, or null where the platform lacks it or refuses access. */
+function storage(): { getItem(k: string): string | null; setItem(k: string, v: string): void } | null {
+  try {
+    return (globalThis as { localStorage?: Storage }).localStorage ?? null;
+  } catch {
+    return null;
+  }
+}
+
+function readCache(key: string): Omit<TuneResult, "fromCache" | "adapter" | "key"> | null {
+  try {
+    const text = storage()?.getItem(key);
+    if (!text) return null;
+    const v = JSON.parse(text);
+    if (!MATMUL_VARIANTS.includes(v?.variant)) return null;
+    return {
+      variant: v.variant,
+      gflops: typeof v.gflops === "object" && v.gflops ? v.gflops : {},
+      sizes: Array.isArray(v.sizes) ? v.sizes : [],
+      measuredAt: typeof v.measuredAt === "string" ? v.measuredAt : "",
+    };
+  } catch {
+    return null;
+  }
+}
+
+function writeCache(key: string, r: TuneResult): void {
+  try {
+    const { variant, gflops, sizes, measuredAt } = r;
+    storage()?.setItem(key, JSON.stringify({ variant, gflops, sizes, measuredAt }));
+  } catch {
+    // No storage, quota or permission: the choice holds for this process only.
+  }
+}
+
+/** The adapter as the tuner names it: description, vendor and subgroup size (GL and Vulkan llvmpipe differ). */
+function adapterName(): string {
+  const info = deviceInfo();
+  return `${info.description} (${info.vendor || "unknown vendor"}, subgroup ${info.subgroupMaxSize})`;
+}
+
+/** The `localStorage` key of the tuner's choice on this adapter and kernel version; needs `init()` first. */
+export function tuneCacheKey(): string {
+  return `${KEY_PREFIX}${MATMUL_KERNEL_VERSION}/${adapterName()}`;
+}

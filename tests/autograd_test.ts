@@ -1,0 +1,272 @@
+import assert from "node:assert/strict";
+import * as M from "../mod.ts";
+import { backward, checkpoint, defineOp, memory, noGrad, type Tensor, tensor, tidy } from "../mod.ts";
+import {
+  assertClose,
+  checkOps,
+  map1,
+  map2,
+  matmulRef,
+  type Nd,
+  nd,
+  rand,
+  readAll,
+  setup,
+  toTensor,
+  UNARY_REF,
+} from "./helpers.ts";
+
+await setup();
+
+Deno.test(".grad accumulates across two backward calls; an explicit output gradient is left intact", async () => {
+  const xr = rand([3, 4], 1);
+  const x = toTensor(xr, true);
+  tidy(() => M.sum(M.mul(x, x)).backward()); // d/dx = 2x
+  const first = await x.grad!.toArray();
+  tidy(() => M.sum(M.mul(x, 3)).backward()); // + 3
+  const g = tensor(Float32Array.from({ length: 12 }, (_, i) => i - 5), [3, 4]);
+  tidy(() => x.exp().backward(g)); // + g * e^x
+  const [second, gAfter] = await readAll([x.grad!, g]);
+  assertClose(first, map1(xr, (v) => 2 * v), {}, "first backward");
+  assertClose(
+    second,
+    map1(xr, (v) => 2 * v + 3).data.map((v, i) => v + (i - 5) * Math.exp(xr.data[i])),
+    {},
+    "after three backward calls",
+  );
+  assert.deepEqual(
+    [...gAfter],
+    Array.from({ length: 12 }, (_, i) => i - 5),
+    "the caller's gradient is untouched",
+  );
+  for (const t of [x.grad!, x, g]) t.dispose();
+});
+
+Deno.test("a tensor used several times (x*x, x+x, diamonds) gets the sum of its gradient paths", async () => {
+  const x = rand([2, 5], 2, { low: -1.5, high: 1.5 });
+  const w = rand([5, 5], 3);
+  await checkOps([
+    { what: "x * x", inputs: [x], gpu: ([t]) => M.mul(t, t), ref: ([t]) => map1(t, (v) => v * v) },
+    { what: "x + x", inputs: [x], gpu: ([t]) => t.add(t), ref: ([t]) => map1(t, (v) => 2 * v) },
+    {
+      what: "x - x (exact zero forward, zero grad)",
+      inputs: [x],
+      gpu: ([t]) => t.sub(t),
+      ref: ([t]) => map1(t, () => 0),
+    },
+    {
+      what: "x*x + exp(x) + x (three paths)",
+      inputs: [x],
+      gpu: ([t]) => t.mul(t).add(t.exp()).add(t),
+      ref: ([t]) => map1(t, (v) => v * v + Math.exp(v) + v),
+    },
+    {
+      what: "diamond: a = x @ w; tanh(a) * sigmoid(a) + a",
+      inputs: [x, w],
+      gpu: ([t, u]) => {
+        const a = t.matmul(u);
+        return a.tanh().mul(a.sigmoid()).add(a);
+      },
+      ref: ([t, u]) => map1(matmulRef(t, u), (v) => Math.tanh(v) * UNARY_REF.sigmoid(v) + v),
+    },
+    {
+      what: "x @ x^T (same tensor as both matmul operands)",
+      inputs: [x],
+      gpu: ([t]) => M.matmul(t, t, { transB: true }),
+      ref: ([t]) => matmulRef(t, t, { transB: true }),
+    },
+  ]);
+});
+
+Deno.test("gradients flow only to tensors that require grad; detach cuts the graph", async () => {
+  const x = M.randn([4], { seed: 1, requiresGrad: true });
+  const y = M.randn([4], { seed: 2 });
+  const z = tidy(() => {
+    const loss = x.mul(y).add(x.detach().mul(100)).sum();
+    loss.backward();
+    return loss;
+  });
+  assert.equal(y.grad, null, "y does not require grad");
+  const [gx, yv] = await readAll([x.grad!, y]);
+  assertClose(gx, yv, { rtol: 0, atol: 0 }, "d/dx sum(x*y + 100*detach(x)) = y");
+  for (const t of [x.grad!, x, y, z]) t.dispose();
+});
+
+Deno.test("noGrad records nothing and keeps no saved tensors; enableGrad re-enables inside it", () => {
+  const x = M.randn([8], { seed: 3, requiresGrad: true });
+  const before = memory().savedBytes;
+  const y = noGrad(() => x.exp().mul(x).sum());
+  assert.equal(y.requiresGrad, false);
+  assert.equal(y.node, null);
+  assert.equal(memory().savedBytes, before, "nothing saved under noGrad");
+  assert.equal(M.isGradEnabled(), true);
+  const z = noGrad(() => {
+    assert.equal(M.isGradEnabled(), false);
+    return M.enableGrad(() => x.exp());
+  });
+  assert.equal(z.requiresGrad, true, "enableGrad records inside noGrad");
+  assert.throws(() => y.backward(), /does not require grad/);
+  z.sum().backward();
+  for (const t of [x, y, z, x.grad!]) t.dispose();
+  assert.equal(memory().savedBytes, before);
+});
+
+Deno.test("checkpoint: same gradients for the input and a parameter used inside, fewer saved bytes", async () => {
+  const xr = rand([6, 16], 4), wr = rand([16, 16], 5, { low: -0.5, high: 0.5 }), br = rand([16], 6);
+  const w = toTensor(wr, true), b = toTensor(br, true);
+  const block = (x: Tensor) => x.matmul(w).add(b).silu().mul(x).tanh().square();
+  const run = (useCheckpoint: boolean) => {
+    const x = toTensor(xr, true);
+    const saved0 = memory().savedBytes;
+    const y = useCheckpoint ? checkpoint(block, x) : block(x);
+    const loss = y.mul(y.exp()).sum();
+    const savedBytes = memory().savedBytes - saved0;
+    loss.backward();
+    assert.equal(memory().savedBytes, saved0, "backward releases every saved tensor");
+    const grads = [x.grad!, w.grad!, b.grad!];
+    for (const t of [x, y, loss]) t.dispose();
+    w.grad = null;
+    b.grad = null;
+    return { savedBytes, grads };
+  };
+  const direct = run(false);
+  const ckpt = run(true);
+  const [dx, dw, db, cx, cw, cb] = await readAll([...direct.grads, ...ckpt.grads]);
+  assertClose(cx, dx, { rtol: 1e-6, atol: 1e-7 }, "checkpoint d/dx");
+  assertClose(cw, dw, { rtol: 1e-6, atol: 1e-7 }, "checkpoint d/dw (parameter inside fn)");
+  assertClose(cb, db, { rtol: 1e-6, atol: 1e-7 }, "checkpoint d/db (parameter inside fn)");
+  assert.ok(
+    ckpt.savedBytes < direct.savedBytes / 2,
+    `checkpoint keeps ${ckpt.savedBytes} saved bytes, direct ${direct.savedBytes}`,
+  );
+  // And both against the float64 reference (finite differences through the whole block).
+  await checkOps([{
+    what: "checkpointed block vs float64 reference",
+    inputs: [rand([3, 4], 7), rand([4, 4], 8)],
+    gpu: ([x, u]) => checkpoint((t, v) => t.matmul(v).silu().mul(t), x, u),
+    ref: ([x, u]) => {
+      const a = matmulRef(x, u);
+      return map2(map1(a, UNARY_REF.silu), x, (p, q) => p * q);
+    },
+  }, {
+    what: "checkpoint with an input that does not require grad",
+    inputs: [rand([3, 4], 9), rand([4], 10)],
+    gpu: ([x, c]) => checkpoint((t, v) => t.mul(v).exp(), x, c),
+    ref: ([x, c]) => map2(x, c, (p, q) => Math.exp(p * q)),
+    grad: [true, false],
+  }]);
+  // Under noGrad, checkpoint just runs fn.
+  const y = noGrad(() => checkpoint((t) => t.exp(), w));
+  assert.equal(y.node, null);
+  y.dispose();
+  for (const t of [...direct.grads, ...ckpt.grads, w, b]) t.dispose();
+});
+
+// A custom op: y = a * x^3 with a hand-written backward dy/dx = 3 a x^2 (attrs carry a).
+const cube = defineOp<{ a: number }>({
+  name: "scaledCube",
+  forward: ([x], { a }, save) => {
+    save(x);
+    return x.mul(x).mul(x).mul(a);
+  },
+  backward: (g, [x], _inputs, { a }) => [g.mul(x.square().mul(3 * a))],
+});
+
+// A two-input custom op: y = x * sigmoid(z), gradients for both inputs.
+const gate = defineOp<null>({
+  name: "gate",
+  forward: ([x, z], _, save) => {
+    const s = z.sigmoid();
+    save(x, s);
+    return x.mul(s);
+  },
+  backward: (g, [x, s]) => [g.mul(s), g.mul(x).mul(s).mul(s.neg().add(1))],
+});
+
+Deno.test("defineOp: custom ops with hand-written backward match finite differences", async () => {
+  await checkOps([
+    {
+      what: "custom scaledCube",
+      inputs: [rand([3, 5], 9)],
+      gpu: ([x]) => cube([x], { a: -1.5 }),
+      ref: ([x]) => map1(x, (v) => -1.5 * v ** 3),
+    },
+    {
+      what: "custom gate(x, z) inside a larger graph",
+      inputs: [rand([4, 3], 10), rand([4, 3], 11)],
+      gpu: ([x, z]) => gate([x.tanh(), z], null).add(x),
+      ref: ([x, z]) => map2(x, z, (u, v) => Math.tanh(u) * UNARY_REF.sigmoid(v) + u),
+    },
+    {
+      what: "custom gate with only z requiring grad",
+      inputs: [rand([4, 3], 12), rand([4, 3], 13)],
+      gpu: ([x, z]) => gate([x, z], null),
+      ref: ([x, z]) => map2(x, z, (u, v) => u * UNARY_REF.sigmoid(v)),
+      grad: [false, true],
+    },
+  ]);
+  // The custom op records one node with its name, and saves what it asked for.
+  const x = M.randn([2], { seed: 5, requiresGrad: true });
+  const y = cube([x], { a: 2 });
+  assert.equal(y.node?.name, "scaledCube");
+  assert.equal(y.node?.saved.length, 1);
+  assert.ok(memory().savedBytes > 0);
+  y.sum().backward();
+  for (const t of [x, y, x.grad!]) t.dispose();
+});
+
+Deno.test("backward: clear errors for a non-scalar without gradient, a wrong gradient shape, no grad", () => {
+  const x = M.randn([2, 3], { seed: 6, requiresGrad: true });
+  const y = x.mul(2);
+  assert.throws(() => y.backward(), /backward\(\) without a gradient needs a scalar, got shape \[2, 3\]/);
+  assert.throws(
+    () => backward(y, M.ones([3, 2])),
+    /gradient shape \[3, 2\] differs from tensor shape \[2, 3\]/,
+  );
+  const c = M.ones([2]);
+  assert.throws(() => c.sum().backward(), /does not require grad/);
+  assert.throws(() => M.ones([2], { dtype: "i32" }).requiresGrad_(), /only f32 tensors can require grad/);
+  y.sum().backward();
+  for (const t of [x, y, c, x.grad!]) t.dispose();
+});
+
+Deno.test("backward twice: retainGraph allows it; otherwise a clear error, no silent wrong result", async () => {
+  const xr = nd([1, -2, 3], [3]);
+  const x = toTensor(xr, true);
+  const y = x.square().sum();
+  backward(y, undefined, { retainGraph: true });
+  backward(y);
+  assertClose(
+    await x.grad!.toArray(),
+    map1(xr, (v) => 4 * v),
+    {},
+    "two backward passes through a retained graph",
+  );
+  assert.throws(() => y.backward(), /already|released|retainGraph/);
+  assert.equal(y.grad, null, "the released output did not turn into a leaf with its own .grad");
+  // An intermediate of a released graph, used again in a new graph, is an error too (as in PyTorch).
+  const h = x.exp();
+  tidy(() => h.sum().backward());
+  const l2 = h.mul(h).sum();
+  assert.throws(() => l2.backward(), /graph through 'exp'.*already released/);
+  for (const t of [x, y, x.grad!, h, l2]) t.dispose();
+  assert.equal(memory().savedBytes, 0);
+});
+
+Deno.test("a backward that uses a saved tensor disposed by the caller fails with a clear error", () => {
+  const x = M.randn([3], { seed: 7, requiresGrad: true });
+  const y = x.exp(); // saves its output
+  const loss = y.sum();
+  y.dispose();
+  assert.throws(() => loss.backward(), /a tensor saved by 'exp' was disposed before backward/);
+  for (const t of [x, loss]) t.dispose();
+});
+
+/** Float64 references used above must agree with themselves (helps keep the oracles honest). */
+Deno.test("float64 reference sanity: matmulRef and map helpers on a hand-computed case", () => {
+  const a: Nd = nd([1, 2, 3, 4], [2, 2]);
+  const b: Nd = nd([5, 6, 7, 8], [2, 2]);
+  assert.deepEqual([...matmulRef(a, b).data], [19, 22, 43, 50]);
+  assert.deepEqual([...matmulRef(a, b, { transA: true }).data], [26, 30, 38, 44]);
+  assert.deepEqual([...map2(a, nd([10, 20], [2]), (p, q) => p + q).data], [11, 22, 13, 24]);
+});

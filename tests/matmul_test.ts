@@ -1,0 +1,253 @@
+/**
+ * Correctness of every matmul kernel variant and operand layout against a plain-TypeScript float64
+ * reference: odd sizes (edge blocks), transposes, vec4 and scalar reads (contiguous dims that are and are
+ * not multiples of 4), batch broadcasting, K = 0, K split into several dispatches, and operands and
+ * results larger than one 128 MiB storage binding; and the autotuner's choice and cache.
+ */
+import assert from "node:assert/strict";
+import {
+  init,
+  matmul,
+  MATMUL_VARIANTS,
+  matmulRaw,
+  type MatmulVariant,
+  matmulVariant,
+  tensor,
+  tidy,
+} from "../mod.ts";
+import { tuneCacheKey, tuneKernels, tuneResult } from "../core/tune.ts";
+
+await init();
+
+/** Seeded uniform values in [-1, 1), rounded to f32; integers in [-r, r] when `ints` is given. */
+function data(n: number, seed: number, ints?: number): Float32Array {
+  let s = (seed * 2654435761 + 12345) >>> 0;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    const u = s / 4294967296;
+    out[i] = ints === undefined ? 2 * u - 1 : Math.floor(u * (2 * ints + 1)) - ints;
+  }
+  return out;
+}
+
+interface Problem {
+  aShape: number[];
+  bShape: number[];
+  transA: boolean;
+  transB: boolean;
+}
+
+/**
+ * Float64 reference of op(A) @ op(B) with batch broadcasting; also returns, per element, the sum of
+ * |products| (the scale that f32 rounding error is relative to). `rows` limits the checked rows.
+ */
+function reference(p: Problem, a: Float32Array, b: Float32Array, rows?: number[]) {
+  const { aShape, bShape, transA, transB } = p;
+  const ra = aShape.length, rb = bShape.length;
+  const [M, K] = transA ? [aShape[ra - 1], aShape[ra - 2]] : [aShape[ra - 2], aShape[ra - 1]];
+  const N = transB ? bShape[rb - 2] : bShape[rb - 1];
+  const la = aShape.slice(0, -2), lb = bShape.slice(0, -2);
+  const nd = Math.max(la.length, lb.length);
+  const pa = [...Array(nd - la.length).fill(1), ...la], pb = [...Array(nd - lb.length).fill(1), ...lb];
+  const batch = pa.map((x, i) => Math.max(x, pb[i]));
+  const nb = batch.reduce((x, y) => x * y, 1);
+  const ms = rows ?? [...Array(M).keys()];
+  const out = new Float64Array(nb * ms.length * N);
+  const scale = new Float64Array(out.length);
+  for (let bi = 0; bi < nb; bi++) {
+    // Batch index -> A and B matrix indices (broadcast dims of size 1 stay at 0).
+    let rem = bi, ia = 0, ib = 0, sa = 1, sb = 1;
+    for (let d = nd - 1; d >= 0; d--) {
+      const c = rem % batch[d];
+      rem = Math.floor(rem / batch[d]);
+      ia += (pa[d] === 1 ? 0 : c) * sa;
+      ib += (pb[d] === 1 ? 0 : c) * sb;
+      sa *= pa[d];
+      sb *= pb[d];
+    }
+    const ao = ia * M * K, bo = ib * K * N;
+    ms.forEach((m, mi) => {
+      for (let n = 0; n < N; n++) {
+        let acc = 0, abs = 0;
+        for (let k = 0; k < K; k++) {
+          const x = a[ao + (transA ? k * M + m : m * K + k)] * b[bo + (transB ? n * K + k : k * N + n)];
+          acc += x;
+          abs += Math.abs(x);
+        }
+        out[(bi * ms.length + mi) * N + n] = acc;
+        scale[(bi * ms.length + mi) * N + n] = abs;
+      }
+    });
+  }
+  return { out, scale, shape: [...batch, M, N], M, N, nb };
+}
+
+/** Asserts |got - want| <= 1e-5 * (sum of |products|) + 1e-6 elementwise, naming the worst element. */
+function assertMatches(got: ArrayLike<number>, want: Float64Array, scale: Float64Array, what: string) {
+  assert.equal(got.length, want.length, `${what}: length`);
+  let worst = -1, excess = 1;
+  for (let i = 0; i < want.length; i++) {
+    const e = Math.abs(got[i] - want[i]) / (1e-5 * scale[i] + 1e-6);
+    if (!(e <= excess)) [worst, excess] = [i, e];
+  }
+  if (worst >= 0) {
+    assert.fail(`${what}: element ${worst}: got ${got[worst]}, want ${want[worst]} (scale ${scale[worst]})`);
+  }
+}
+
+/** Runs many problems on the GPU with one readback round, then checks each against the reference. */
+async function check(
+  problems: Problem[],
+  variants: readonly MatmulVariant[] = MATMUL_VARIANTS,
+  ints?: number,
+) {
+  const runs = problems.flatMap((p, pi) => {
+    const size = (s: number[]) => s.reduce((x, y) => x * y, 1);
+    const a = data(size(p.aShape), 2 * pi + 1, ints), b = data(size(p.bShape), 2 * pi + 2, ints);
+    return variants.map((v) => {
+      const c = tidy(() => matmulRaw(tensor(a, p.aShape), tensor(b, p.bShape), p, v));
+      return { p, a, b, v, c };
+    });
+  });
+  const outs = await Promise.all(runs.map((r) => r.c.toArray()));
+  runs.forEach((r, i) => {
+    const ref = reference(r.p, r.a, r.b);
+    const what = `${r.v} [${r.p.aShape}]${r.p.transA ? "^T" : ""} @ [${r.p.bShape}]${r.p.transB ? "^T" : ""}`;
+    assert.deepEqual(r.c.shape, ref.shape, `${what}: shape`);
+    assertMatches(outs[i], ref.out, ref.scale, what);
+    r.c.dispose();
+  });
+}
+
+/** Operand shapes for op(A) of M x K and op(B) of K x N under the given transposes. */
+function mats(M: number, K: number, N: number, transA: boolean, transB: boolean, la: number[] = [], lb = la) {
+  return {
+    aShape: [...la, ...(transA ? [K, M] : [M, K])],
+    bShape: [...lb, ...(transB ? [N, K] : [K, N])],
+    transA,
+    transB,
+  };
+}
+
+const TRANS: [boolean, boolean][] = [[false, false], [true, false], [false, true], [true, true]];
+
+Deno.test("matmul: odd and aligned sizes, every layout and variant", async () => {
+  // Covers vec4 and scalar reads of both operands in every transpose: M, N, K multiples of 4 or not,
+  // sizes below, at and across the 64x64 block edges, and single rows/columns.
+  const sizes: [number, number, number][] = [
+    [1, 1, 1],
+    [3, 5, 7],
+    [4, 8, 12],
+    [8, 3, 8],
+    [5, 12, 9],
+    [12, 7, 4],
+    [64, 64, 64],
+    [65, 33, 67],
+    [70, 12, 130],
+    [129, 20, 1],
+    [1, 36, 100],
+  ];
+  const problems = sizes.flatMap(([M, K, N]) => TRANS.map(([tA, tB]) => mats(M, K, N, tA, tB)));
+  await check(problems);
+});
+
+Deno.test("matmul: batch dims broadcast on either side", async () => {
+  const problems: Problem[] = [];
+  for (const [tA, tB] of TRANS) {
+    problems.push(mats(9, 8, 12, tA, tB, [2, 3], [3]));
+    problems.push(mats(12, 5, 7, tA, tB, [3], [2, 1]));
+    problems.push(mats(4, 4, 4, tA, tB, [2, 1, 3], [1, 2, 1]));
+    problems.push(mats(7, 6, 5, tA, tB, [1], [4]));
+  }
+  await check(problems);
+});
+
+Deno.test("matmul: K = 0 gives zeros; 1-D operands; autograd path agrees", async () => {
+  for (const v of MATMUL_VARIANTS) {
+    const c = tidy(() =>
+      matmulRaw(tensor(new Float32Array(0), [5, 0]), tensor(new Float32Array(0), [0, 6]), {}, v)
+    );
+    assert.deepEqual([...(await c.toArray())], new Array(30).fill(0), `${v}: K = 0`);
+    c.dispose();
+  }
+  const a = data(12, 7), b = data(12 * 5, 8);
+  const y = tidy(() => matmul(tensor(a, [12]), tensor(b, [12, 5])));
+  assert.deepEqual(y.shape, [5]);
+  const ref = reference(mats(1, 12, 5, false, false), a, b);
+  assertMatches(await y.toArray(), ref.out, ref.scale, "vector @ matrix");
+  y.dispose();
+});
+
+Deno.test("matmul: K longer than one dispatch's slice accumulates over slices", async () => {
+  // K > MAX_K (16384): several dispatches, later ones add into C. Small integers keep every sum exact.
+  const problems: Problem[] = [];
+  for (const [tA, tB] of TRANS) {
+    problems.push(mats(5, 16384 + 36, 70, tA, tB)); // K multiple of 4: vec4 along k where k is contiguous
+    problems.push(mats(8, 16384 * 2 + 37, 3, tA, tB)); // odd K, three slices
+  }
+  await check(problems, MATMUL_VARIANTS, 2);
+});
+
+Deno.test("matmul: operands larger than one 128 MiB storage binding", async () => {
+  // A has 8200 x 4100 floats (134.5 MB > 128 MiB), so it is bound as two windows; the rows checked
+  // include those around the window boundary (element 2^25 lies in row 8184) and the last row.
+  // K = 4100 (multiple of 4): vec4 reads of A; then A transposed with M odd (scalar reads).
+  for (const [M, K, transA] of [[8200, 4100, false], [8199, 4097, true]] as const) {
+    const N = 5;
+    const rows = [0, 1, 2, 8182, 8183, 8184, 8185, 8190, M - 1];
+    const p = mats(M, K, N, transA, false);
+    const a = data(M * K, 11, 2), b = data(K * N, 12, 2);
+    const ta = tensor(a, p.aShape), tb = tensor(b, p.bShape);
+    const ref = reference(p, a, b, rows);
+    for (const v of MATMUL_VARIANTS) {
+      const c = matmulRaw(ta, tb, p, v);
+      const all = await c.toArray();
+      c.dispose();
+      const got = rows.flatMap((m) => [...all.subarray(m * N, m * N + N)]);
+      assertMatches(got, ref.out, ref.scale, `${v} big A [${p.aShape}]${transA ? "^T" : ""} @ [${p.bShape}]`);
+    }
+    ta.dispose();
+    tb.dispose();
+  }
+});
+
+Deno.test("matmul: a result larger than one 128 MiB storage binding", async () => {
+  // C has 8200 x 4100 floats (vec4 stores) or 8200 x 4099 (scalar stores): written through two windows.
+  for (const N of [4100, 4099]) {
+    const M = 8200, K = 6;
+    const rows = [0, 8182, 8183, 8184, 8185, M - 1];
+    const p = mats(M, K, N, false, true);
+    const a = data(M * K, 21, 3), b = data(K * N, 22, 3);
+    const ta = tensor(a, p.aShape), tb = tensor(b, p.bShape);
+    const ref = reference(p, a, b, rows);
+    for (const v of MATMUL_VARIANTS) {
+      const c = matmulRaw(ta, tb, p, v);
+      const all = await c.toArray();
+      c.dispose();
+      const got = rows.flatMap((m) => [...all.subarray(m * N, m * N + N)]);
+      assertMatches(got, ref.out, ref.scale, `${v} big C [${M}, ${N}]`);
+    }
+    ta.dispose();
+    tb.dispose();
+  }
+});
+
+Deno.test("tuneKernels measures once, selects a variant and caches the choice", async () => {
+  const measured = await tuneKernels({ force: true });
+  assert.ok(MATMUL_VARIANTS.includes(measured.variant));
+  assert.equal(measured.fromCache, false);
+  assert.equal(matmulVariant(), measured.variant);
+  for (const v of MATMUL_VARIANTS) assert.ok((measured.gflops[v] ?? 0) > 0, `${v} measured`);
+  assert.equal(tuneResult(), measured);
+  const again = await tuneKernels();
+  assert.equal(again.variant, measured.variant);
+  let hasStorage = false;
+  try {
+    hasStorage = typeof localStorage !== "undefined" && localStorage.getItem(measured.key) !== null;
+  } catch {
+    // no localStorage here: every call measures
+  }
+  assert.equal(again.fromCache, hasStorage);
+  assert.equal(again.key, tuneCacheKey());
+});

@@ -1,0 +1,193 @@
+import assert from "node:assert/strict";
+import * as M from "../mod.ts";
+import { defineOp, dispose, emptyPool, keep, memory, noGrad, type Tensor, tensor, tidy } from "../mod.ts";
+import { setup } from "./helpers.ts";
+
+await setup();
+
+/** A small model's parameters: two layers and an embedding. */
+function makeParams(): Tensor[] {
+  return [
+    M.randn([20, 16], { seed: 1, std: 0.3, requiresGrad: true }), // embedding
+    M.randn([16, 32], { seed: 2, std: 0.2, requiresGrad: true }),
+    M.randn([32], { seed: 3, std: 0.1, requiresGrad: true }),
+    M.randn([32, 20], { seed: 4, std: 0.2, requiresGrad: true }),
+  ];
+}
+
+/** One training-like step: forward, cross-entropy, backward, SGD update (new params), grads disposed. */
+function step(params: Tensor[], i: number): { params: Tensor[]; loss: Tensor } {
+  const [emb, w1, b1, w2] = params;
+  const loss = tidy(() => {
+    const ids = tensor(Int32Array.from({ length: 24 }, (_, k) => (k * 7 + i) % 20), [2, 12]);
+    const targets = tensor(Int32Array.from({ length: 24 }, (_, k) => (k * 3 + i + 1) % 20), [2, 12]);
+    const x = M.indexSelect(emb, 0, ids); // [2,12,16]
+    const h = M.checkpoint((t) => t.matmul(w1).add(b1).silu(), x); // [2,12,32]
+    const logits = h.matmul(w2).add(h.narrow(2, 0, 20).mul(0.1)); // [2,12,20]
+    const l = M.crossEntropy(logits, targets).add(M.mean(M.square(w1)).mul(1e-3));
+    l.backward();
+    return l;
+  });
+  const next = tidy(() =>
+    noGrad(() =>
+      params.map((p) => {
+        const q = keep(p.sub(p.grad!.mul(0.1))).requiresGrad_();
+        p.grad!.dispose();
+        p.dispose();
+        return q;
+      })
+    )
+  );
+  return { params: next, loss };
+}
+
+Deno.test("50 training-like steps: live bytes and tensors return to baseline, pool stays bounded", async () => {
+  await M.sync();
+  const base = memory();
+  let params = makeParams();
+  const afterParams = memory();
+  const losses: Tensor[] = [];
+  let steady: M.MemoryInfo | null = null;
+  let maxPooled = 0;
+  for (let i = 0; i < 50; i++) {
+    const r = step(params, i);
+    params = r.params;
+    losses.push(r.loss);
+    const m = memory();
+    assert.equal(m.savedBytes, base.savedBytes, `step ${i}: nothing saved after backward`);
+    if (i === 2) steady = m;
+    if (i > 2) {
+      // Only the kept loss scalars (one 256-byte buffer each) accumulate across steps.
+      assert.equal(m.liveTensors, steady!.liveTensors + (i - 2), `step ${i}: live tensors`);
+      assert.equal(m.liveBytes, steady!.liveBytes + (i - 2) * 256, `step ${i}: live bytes`);
+      maxPooled = Math.max(maxPooled, m.pooledBytes);
+    }
+  }
+  assert.ok(
+    maxPooled <= steady!.pooledBytes + steady!.liveBytes,
+    `the pool is reused: pooled bytes peaked at ${maxPooled} after step 2's ${steady!.pooledBytes}`,
+  );
+  const values = await Promise.all(losses.map((l) => l.item()));
+  assert.ok(values.every(Number.isFinite), "losses are finite");
+  assert.ok(values[49] < values[0], `training lowers the loss (${values[0]} -> ${values[49]})`);
+  assert.equal(afterParams.liveTensors - base.liveTensors, 4);
+  dispose([losses, params]);
+  const end = memory();
+  assert.equal(end.liveTensors, base.liveTensors, "live tensors back to baseline");
+  assert.equal(end.liveBytes, base.liveBytes, "live bytes back to baseline");
+  assert.equal(end.savedBytes, base.savedBytes, "saved bytes back to baseline");
+});
+
+Deno.test("savedBytes: counted between forward and backward, 0 after backward and after dispose", () => {
+  const base = memory();
+  const x = M.randn([1000], { seed: 5, requiresGrad: true });
+  const e = x.exp();
+  const m = e.mul(x);
+  const y = m.tanh();
+  const during = memory().savedBytes - base.savedBytes;
+  // exp saves its output, mul both operands (x and exp(x)), tanh its output: 3 distinct 4096-byte buffers.
+  assert.equal(during, 3 * 4096);
+  const loss = y.sum();
+  loss.backward();
+  assert.equal(memory().savedBytes, base.savedBytes);
+  // A graph dropped without backward: disposing its tensors releases the saved bytes.
+  const s = x.sigmoid();
+  const z = s.mul(2);
+  assert.ok(memory().savedBytes > base.savedBytes);
+  dispose([s, z]);
+  assert.equal(memory().savedBytes, base.savedBytes);
+  for (const t of [x, e, m, y, loss, x.grad!]) t.dispose();
+  assert.equal(memory().liveTensors, base.liveTensors, "all tensors freed");
+});
+
+Deno.test("tidy: disposes intermediates, keeps returned values (nested) and kept tensors", () => {
+  const base = memory();
+  let kept: Tensor | null = null;
+  const out = tidy(() => {
+    const a = M.ones([10]);
+    const b = a.mul(2);
+    kept = keep(b.add(1));
+    const inner = tidy(() => {
+      const c = b.exp();
+      return { c, list: [c.neg(), a.square()] };
+    });
+    return { b, nested: inner };
+  });
+  assert.equal(memory().liveTensors - base.liveTensors, 5, "b, kept, c and the two list entries, no more");
+  assert.ok(!out.b.disposed && !out.nested.c.disposed && !kept!.disposed);
+  dispose([out, kept]);
+  assert.equal(memory().liveTensors, base.liveTensors);
+  assert.equal(memory().liveBytes, base.liveBytes);
+  assert.throws(() => tidy(() => Promise.resolve(1) as unknown as number), /synchronous/);
+  assert.equal(memory().liveTensors, base.liveTensors, "a failing tidy does not leak");
+});
+
+Deno.test("tidy disposes even when fn throws; dispose twice is harmless", () => {
+  const base = memory();
+  assert.throws(() =>
+    tidy(() => {
+      M.ones([100]).mul(3);
+      throw new Error("boom");
+    }), /boom/);
+  const t = M.ones([3]);
+  t.dispose();
+  t.dispose();
+  assert.equal(memory().liveTensors, base.liveTensors, "tensors made before the throw are freed");
+  assert.equal(memory().liveBytes, base.liveBytes);
+});
+
+Deno.test("views share one buffer: counted once in liveBytes, freed with the last user", async () => {
+  const base = memory();
+  const t = M.arange(0, 1000, 1, { dtype: "f32" });
+  const bytes = memory().liveBytes - base.liveBytes;
+  assert.equal(bytes, 4096, "1000 f32 round up to a 4096-byte size class");
+  const v = t.reshape(10, 100);
+  assert.equal(memory().liveBytes - base.liveBytes, bytes, "a view allocates nothing");
+  assert.equal(memory().liveTensors - base.liveTensors, 2);
+  t.dispose();
+  assert.equal(memory().liveBytes - base.liveBytes, bytes, "the view keeps the buffer");
+  assert.equal((await v.toArray())[999], 999);
+  v.dispose();
+  assert.equal(memory().liveBytes, base.liveBytes);
+});
+
+Deno.test("the pool reuses freed buffers of the same size class; emptyPool empties it", () => {
+  emptyPool();
+  const base = memory();
+  assert.equal(base.pooledBytes, 0);
+  const a = M.zeros([5000]);
+  a.dispose();
+  const pooled = memory().pooledBytes;
+  assert.ok(pooled >= 20000, `a freed 20000-byte tensor is pooled (${pooled})`);
+  const b = M.zeros([5050]); // 20200 bytes: the same 256-byte size class as 20000
+  assert.equal(memory().pooledBytes, 0, "reused from the pool");
+  b.dispose();
+  emptyPool();
+  assert.equal(memory().pooledBytes, 0);
+  M.resetPeak();
+  assert.equal(memory().peakBytes, memory().liveBytes);
+});
+
+Deno.test("a custom op whose backward returns a gradient for an input that needs none does not leak", () => {
+  const op = defineOp<null>({
+    name: "mulBoth",
+    forward: ([a, b], _, save) => {
+      save(a, b);
+      return a.mul(b);
+    },
+    backward: (g, [a, b]) => [g.mul(b), g.mul(a)], // always both, even if b needs no gradient
+  });
+  const x = M.randn([64], { seed: 8, requiresGrad: true });
+  const c = M.randn([64], { seed: 9 });
+  const base = memory();
+  // No tidy around it: a tidy would dispose the stray gradient and hide a leak.
+  const y = op([x, c], null);
+  const loss = y.sum();
+  loss.backward();
+  dispose([y, loss]);
+  x.grad!.dispose();
+  x.grad = null;
+  assert.equal(memory().liveTensors, base.liveTensors, "no tensor left behind");
+  assert.equal(memory().savedBytes, base.savedBytes);
+  for (const t of [x, c]) t.dispose();
+});

@@ -1,0 +1,85 @@
+import assert from "node:assert/strict";
+import * as M from "../mod.ts";
+import { tensor } from "../mod.ts";
+import { checkOps, gatherRef, indexSelectRef, ndInt, type OpCase, rand, randInts, setup } from "./helpers.ts";
+
+await setup();
+
+Deno.test("indexSelect along each dim, with 1-D, 2-D and 0-d indices and repeats: forward and gradients", async () => {
+  const x = rand([5, 7, 3], 1);
+  const cases: OpCase[] = [
+    { idx: ndInt([4, 0, 4, 2, 4], [5]), dim: 0 },
+    { idx: ndInt([6, 6, 1, 0, 3, 6], [2, 3]), dim: 1 },
+    { idx: ndInt([2, 0, 2, 2], [4]), dim: 2 },
+    { idx: ndInt([1, 2, 1], [3]), dim: -1 },
+    { idx: ndInt([3], []), dim: 0 },
+    { idx: ndInt([], [0]), dim: 1 },
+  ].map(({ idx, dim }) => ({
+    what: `indexSelect(dim ${dim}, index [${idx.shape}] = ${[...idx.data]})`,
+    inputs: [x, idx],
+    gpu: ([t, i]) => M.indexSelect(t, dim, i),
+    ref: ([t, i]) => indexSelectRef(t, dim, i),
+  }));
+  cases.push({
+    what: "embedding lookup: indexSelect of a [50,8] table by [4,6] token ids",
+    inputs: [rand([50, 8], 2), ndInt(randInts(24, 3, 0, 49), [4, 6])],
+    gpu: ([t, i]) => M.indexSelect(t, 0, i),
+    ref: ([t, i]) => indexSelectRef(t, 0, i),
+  });
+  await checkOps(cases);
+});
+
+Deno.test("gather along each dim of a 3-D tensor (PyTorch semantics), repeats accumulate", async () => {
+  const x = rand([3, 4, 5], 4);
+  const cases: OpCase[] = [
+    { dim: 0, shape: [2, 4, 5], hi: 2 },
+    { dim: 1, shape: [3, 6, 5], hi: 3 },
+    { dim: 2, shape: [3, 4, 7], hi: 4 },
+    { dim: -1, shape: [3, 4, 1], hi: 4 },
+  ].map(({ dim, shape, hi }, k) => {
+    const idx = ndInt(randInts(shape.reduce((a, b) => a * b), 10 + k, 0, hi), shape);
+    return {
+      what: `gather(dim ${dim}, index [${shape}])`,
+      inputs: [x, idx],
+      gpu: ([t, i]) => M.gather(t, dim, i),
+      ref: ([t, i]) => gatherRef(t, dim, i),
+    };
+  });
+  await checkOps(cases);
+});
+
+Deno.test("indexSelect backward with more than 16384 positions (slices) and heavy repeats is exact", async () => {
+  // Integer cotangents: every per-row sum is an integer below 2^24, so the gradient must be exact.
+  const J = 40000, V = 10, D = 3;
+  const idx = randInts(J, 5, 0, V - 1);
+  const g = randInts(J * D, 6, -4, 4);
+  const x = M.randn([V, D], { seed: 7, requiresGrad: true });
+  const y = M.indexSelect(x, 0, tensor(Int32Array.from(idx)));
+  y.backward(tensor(Float32Array.from(g), [J, D]));
+  const expected = new Float64Array(V * D);
+  for (let j = 0; j < J; j++) for (let d = 0; d < D; d++) expected[idx[j] * D + d] += g[j * D + d];
+  assert.deepEqual([...await x.grad!.toArray()], [...expected]);
+  x.grad!.dispose();
+  x.dispose();
+  y.dispose();
+});
+
+Deno.test("index ops: i32 tables, out-of-range indices read NaN, bad indices are rejected", async () => {
+  const table = tensor(new Int32Array([10, 11, 12, 20, 21, 22]), [2, 3]);
+  const picked = M.indexSelect(table, 0, tensor(new Int32Array([1, 1, 0])));
+  assert.equal(picked.dtype, "i32");
+  assert.deepEqual([...await picked.toArray()], [20, 21, 22, 20, 21, 22, 10, 11, 12]);
+  const f = tensor([[1, 2], [3, 4]]);
+  const oob = M.indexSelect(f, 0, tensor(new Int32Array([1, 2, -1])));
+  const v = await oob.toArray();
+  assert.deepEqual([...v.slice(0, 2)], [3, 4]);
+  assert.ok(v.slice(2).every(Number.isNaN), `out-of-range rows are NaN, got ${[...v]}`);
+  assert.throws(() => M.indexSelect(f, 0, tensor([0, 1])), /indices must be an i32 tensor, got f32/);
+  assert.throws(() => M.gather(f, 0, tensor([[0, 1]])), /indices must be an i32 tensor/);
+  assert.throws(
+    () => M.gather(f, 1, tensor(new Int32Array([0, 1, 0]), [3, 1])),
+    /gather: index \[3, 1\] must match x \[2, 2\]/,
+  );
+  assert.throws(() => M.indexSelect(f, 2, tensor(new Int32Array([0]))), /axis 2 is out of range/);
+  for (const t of [table, picked, f, oob]) t.dispose();
+});

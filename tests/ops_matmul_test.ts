@@ -1,0 +1,155 @@
+import assert from "node:assert/strict";
+import * as M from "../mod.ts";
+import {
+  checkOps,
+  map1,
+  matmulRef,
+  type Nd,
+  nd,
+  type OpCase,
+  rand,
+  randInts,
+  setup,
+  transposeRef,
+} from "./helpers.ts";
+
+await setup();
+
+interface MatmulForm {
+  a: number[];
+  b: number[];
+  transA?: boolean;
+  transB?: boolean;
+}
+
+function matmulCase(f: MatmulForm, seed: number, extra: Partial<OpCase> = {}): OpCase {
+  const opts = { transA: f.transA, transB: f.transB };
+  return {
+    what: `matmul [${f.a}]${f.transA ? "^T" : ""} @ [${f.b}]${f.transB ? "^T" : ""}`,
+    inputs: [rand(f.a, seed), rand(f.b, seed + 1)],
+    gpu: ([a, b]) => M.matmul(a, b, opts),
+    ref: ([a, b]) => matmulRef(a, b, opts),
+    // f32 dot products are accurate relative to sum |a_k b_k| (the entries of |A| @ |B|), not to a result
+    // that cancels: use that as the error scale.
+    scale: ([a, b]) => matmulRef(map1(a, Math.abs), map1(b, Math.abs), opts),
+    ...extra,
+  };
+}
+
+/**
+ * Analytic float64 gradients of sum((op(A) @ op(B)) * G) for 2-D A and B: d op(A) = G op(B)^T and
+ * d op(B) = op(A)^T G, transposed back where the operand was transposed.
+ */
+function matmul2dGrad(transA: boolean, transB: boolean) {
+  return ([a, b]: Nd[], G: Nd): Nd[] => {
+    const opA = transA ? transposeRef(a, 0, 1) : a;
+    const opB = transB ? transposeRef(b, 0, 1) : b;
+    const dOpA = matmulRef(G, transposeRef(opB, 0, 1));
+    const dOpB = matmulRef(transposeRef(opA, 0, 1), G);
+    return [transA ? transposeRef(dOpA, 0, 1) : dOpA, transB ? transposeRef(dOpB, 0, 1) : dOpB];
+  };
+}
+
+Deno.test("matmul 2-D with transA/transB, odd sizes 7x13x5: forward and gradients", async () => {
+  await checkOps([
+    matmulCase({ a: [7, 13], b: [13, 5] }, 1),
+    matmulCase({ a: [13, 7], b: [13, 5], transA: true }, 3),
+    matmulCase({ a: [7, 13], b: [5, 13], transB: true }, 5),
+    matmulCase({ a: [13, 7], b: [5, 13], transA: true, transB: true }, 7),
+    matmulCase({ a: [1, 1], b: [1, 1] }, 9),
+    matmulCase({ a: [1, 13], b: [13, 1] }, 11),
+  ]);
+});
+
+Deno.test("matmul batched with broadcasting over leading dims (and transposes): forward and gradients", async () => {
+  await checkOps([
+    matmulCase({ a: [2, 3, 7, 13], b: [13, 5] }, 21),
+    matmulCase({ a: [7, 13], b: [3, 13, 5] }, 23),
+    matmulCase({ a: [2, 1, 4, 6], b: [3, 6, 5] }, 25),
+    matmulCase({ a: [3, 6, 4], b: [1, 5, 6], transA: true, transB: true }, 27),
+    matmulCase({ a: [2, 1, 6, 4], b: [1, 3, 6, 5], transA: true }, 29),
+    matmulCase({ a: [4, 3, 5], b: [4, 5, 2] }, 31),
+  ]);
+});
+
+Deno.test("matmul with 1-D operands (vector-matrix, matrix-vector, dot, batched)", async () => {
+  await checkOps([
+    matmulCase({ a: [13], b: [13, 5] }, 41),
+    matmulCase({ a: [7, 13], b: [13] }, 43),
+    matmulCase({ a: [13], b: [13] }, 45),
+    matmulCase({ a: [2, 7, 13], b: [13] }, 47),
+    matmulCase({ a: [13], b: [2, 13, 5] }, 49),
+    matmulCase({ a: [13], b: [5, 13], transB: true }, 51),
+    matmulCase({ a: [13, 7], b: [13], transA: true }, 53),
+  ]);
+});
+
+Deno.test("matmul across tile edges (33x65x31, 67x129x45) with analytic gradients", async () => {
+  const cases: OpCase[] = [];
+  for (const [m, k, n] of [[33, 65, 31], [67, 129, 45], [64, 64, 64], [1, 200, 97]]) {
+    for (const [tA, tB] of [[false, false], [true, false], [false, true], [true, true]]) {
+      cases.push(
+        matmulCase({ a: tA ? [k, m] : [m, k], b: tB ? [n, k] : [k, n], transA: tA, transB: tB }, m + k + n, {
+          refGrad: matmul2dGrad(tA, tB),
+        }),
+      );
+    }
+  }
+  await checkOps(cases);
+});
+
+Deno.test("matmul with K > 16384 (K split into slices) is exact on integer data; gradients too", async () => {
+  // Small integers: every product and partial sum is an integer below 2^24, so f32 is exact and a
+  // dropped or doubled K slice shows as a wrong value.
+  const K = 40000;
+  const ints = (shape: number[], seed: number) => nd(randInts(shape[0] * shape[1], seed, -3, 3), shape);
+  const exact = { rtol: 0, atol: 0 };
+  const cases: OpCase[] = [
+    {
+      what: `matmul [3,${K}] @ [${K},4]`,
+      inputs: [ints([3, K], 1), ints([K, 4], 2)],
+      gpu: ([a, b]) => M.matmul(a, b),
+      ref: ([a, b]) => matmulRef(a, b),
+      tol: exact,
+      refGrad: matmul2dGrad(false, false),
+    },
+    {
+      what: `matmul [${K},3]^T @ [4,${K}]^T`,
+      inputs: [ints([K, 3], 3), ints([4, K], 4)],
+      gpu: ([a, b]) => M.matmul(a, b, { transA: true, transB: true }),
+      ref: ([a, b]) => matmulRef(a, b, { transA: true, transB: true }),
+      tol: exact,
+      refGrad: matmul2dGrad(true, true),
+    },
+  ];
+  await checkOps(cases);
+});
+
+Deno.test("matmul with more than 65535 workgroups (65600 batched 2x3 @ 3x2; forward)", async () => {
+  // One workgroup per batch entry here: the dispatch is folded into two dimensions. Forward only: on
+  // software adapters each of these dispatches takes seconds (per-workgroup overhead).
+  await checkOps([matmulCase({ a: [65600, 2, 3], b: [65600, 3, 2] }, 61, { grad: false })]);
+});
+
+Deno.test("matmul errors: inner dims (with transposes), rank 0, dtype, batch dims that do not broadcast", () => {
+  M.tidy(() => {
+    const a = M.zeros([2, 3]), b = M.zeros([4, 5]), c = M.zeros([2, 3, 4]), d = M.zeros([3, 4, 5]);
+    assert.throws(() => M.matmul(a, b), /inner dims differ: \[2, 3\] @ \[4, 5\] \(3 vs 4\)/);
+    assert.throws(() => M.matmul(a, a), /\[2, 3\] @ \[2, 3\] \(3 vs 2\)/);
+    assert.throws(() => M.matmul(a, b, { transA: true }), /\[2, 3\]\^T @ \[4, 5\] \(2 vs 4\)/);
+    assert.throws(() => M.matmul(M.zeros([]), a), /rank >= 1/);
+    assert.throws(
+      () => M.matmul(M.zeros([2, 3], { dtype: "i32" }), M.zeros([3, 2])),
+      /matmul needs f32 tensors/,
+    );
+    assert.throws(() => M.matmul(c, d), /shapes \[2\] and \[3\] cannot be broadcast/);
+  });
+});
+
+Deno.test("matmul with empty dims: M = 0 gives an empty result, K = 0 gives zeros", async () => {
+  await checkOps([
+    matmulCase({ a: [0, 5], b: [5, 3] }, 71),
+    matmulCase({ a: [3, 0], b: [0, 4] }, 73),
+    matmulCase({ a: [2, 3, 0], b: [0, 4] }, 75),
+  ]);
+});

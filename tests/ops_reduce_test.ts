@@ -1,0 +1,189 @@
+import assert from "node:assert/strict";
+import * as M from "../mod.ts";
+import { tensor } from "../mod.ts";
+import {
+  assertClose,
+  checkOps,
+  expandRef,
+  map2,
+  type Nd,
+  nd,
+  type OpCase,
+  rand,
+  readAll,
+  REDUCE,
+  reduceRef,
+  setup,
+  softmaxRef,
+} from "./helpers.ts";
+
+await setup();
+
+type Kind = "sum" | "mean" | "max";
+const KINDS: Kind[] = ["sum", "mean", "max"];
+
+Deno.test("sum/mean/max over each axis, several axes, all axes, keepdim both ways (forward + grad)", async () => {
+  const x = rand([3, 4, 5], 1, { low: -2, high: 2 });
+  const axesList: (number | number[] | undefined)[] = [
+    0,
+    1,
+    2,
+    -1,
+    [0, 2],
+    [2, 0],
+    [1, 2],
+    [0, 1, 2],
+    undefined,
+  ];
+  const cases: OpCase[] = [];
+  for (const kind of KINDS) {
+    for (const axis of axesList) {
+      for (const keepdim of [false, true]) {
+        cases.push({
+          what: `${kind}(axis ${JSON.stringify(axis)}, keepdim ${keepdim}) of [3,4,5]`,
+          inputs: [x],
+          gpu: ([t]) => (keepdim ? M[kind](t, axis, true) : t[kind](axis)),
+          ref: ([t]) => reduceRef(t, axis, keepdim, REDUCE[kind]),
+        });
+      }
+    }
+    cases.push({
+      what: `${kind} of odd 7x13 over axis 0`,
+      inputs: [rand([7, 13], 2)],
+      gpu: ([t]) => M[kind](t, 0),
+      ref: ([t]) => reduceRef(t, 0, false, REDUCE[kind]),
+    });
+    cases.push({
+      what: `${kind} of a 0-d tensor (no axes)`,
+      inputs: [rand([], 3)],
+      gpu: ([t]) => M[kind](t),
+      ref: ([t]) => t,
+    });
+    cases.push({
+      what: `${kind} over an axis of size 1`,
+      inputs: [rand([4, 1, 3], 4)],
+      gpu: ([t]) => M[kind](t, 1),
+      ref: ([t]) => reduceRef(t, 1, false, REDUCE[kind]),
+    });
+  }
+  for (const axis of [0, 1, 2, -1]) {
+    for (const keepdim of [false, true]) {
+      cases.push({
+        what: `logsumexp(axis ${axis}, keepdim ${keepdim}) of [3,4,5]`,
+        inputs: [x],
+        gpu: ([t]) => t.logsumexp(axis, keepdim),
+        ref: ([t]) => reduceRef(t, axis, keepdim, REDUCE.logsumexp),
+      });
+    }
+  }
+  cases.push({
+    // Also the gradient's precision: exp(x - lse) would be off by ~3e-5 relative here (lse rounded to 6e-5).
+    what: "logsumexp of large logits (1000 +- 3) does not overflow and keeps its gradient precise",
+    inputs: [rand([8, 50], 5, { low: 997, high: 1003 })],
+    gpu: ([t]) => M.logsumexp(t, 1),
+    ref: ([t]) => reduceRef(t, 1, false, REDUCE.logsumexp),
+  });
+  await checkOps(cases);
+});
+
+Deno.test("max: tied maxima share the gradient equally", async () => {
+  await checkOps([{
+    what: "max with ties along axis 1",
+    inputs: [nd([1, 3, 3, 0, 2, 2, 2, 2, -1, -5, -1, -3], [3, 4])],
+    gpu: ([t]) => M.max(t, 1),
+    ref: ([t]) => reduceRef(t, 1, false, REDUCE.max),
+    refGrad: ([t], G) => {
+      const m = reduceRef(t, 1, true, REDUCE.max);
+      const mask = map2(t, m, (v, mx) => (v === mx ? 1 : 0));
+      const count = reduceRef(mask, 1, true, REDUCE.sum);
+      const gk = { data: G.data, shape: [3, 1] };
+      return [map2(map2(mask, count, (a, c) => a / c), gk, (a, g) => a * g)];
+    },
+  }]);
+});
+
+/** Analytic float64 gradient of `sum(reduce(x) * G)` for one axis: the references for long axes. */
+function reduceGradRef(kind: Kind | "logsumexp", x: Nd, axis: number, G: Nd): Nd {
+  const kept = x.shape.map((d, i) => (i === axis ? 1 : d));
+  const g = expandRef({ data: G.data, shape: kept }, x.shape);
+  if (kind === "sum") return g;
+  if (kind === "mean") return map2(g, 1 / x.shape[axis], (a, b) => a * b);
+  if (kind === "logsumexp") return map2(softmaxRef(x, axis), g, (a, b) => a * b);
+  const m = expandRef(reduceRef(x, axis, true, REDUCE.max), x.shape);
+  // Distinct random values: the maximum is unique, the gradient is one-hot.
+  return { data: g.data.map((v, i) => (x.data[i] === m.data[i] ? v : 0)), shape: x.shape };
+}
+
+function longAxisCases(shape: number[], axis: number, seed: number): OpCase[] {
+  // Positive values: sums have no cancellation, so f32 stays within ~1e-5 of float64 even over 70000 terms.
+  const x = rand(shape, seed, { low: 0.5, high: 1.5 });
+  return (["sum", "mean", "max", "logsumexp"] as const).map((kind) => ({
+    what: `${kind} over axis ${axis} (length ${shape[axis]}) of [${shape}]`,
+    inputs: [x],
+    gpu: ([t]) => (kind === "logsumexp" ? M.logsumexp(t, axis) : M[kind](t, axis)),
+    ref: ([t]) => reduceRef(t, axis, false, REDUCE[kind]),
+    refGrad: ([t], G) => [reduceGradRef(kind, t, axis, G)],
+  }));
+}
+
+Deno.test("reductions over an axis longer than 4096 (several passes), inner and outer dims", async () => {
+  await checkOps([
+    ...longAxisCases([3, 5000], 1, 11),
+    ...longAxisCases([5000, 3], 0, 12),
+    ...longAxisCases([2, 4097, 3], 1, 13),
+  ]);
+});
+
+Deno.test("reductions over an axis longer than 65535 (beyond one invocation's loop limit)", async () => {
+  await checkOps([
+    ...longAxisCases([70001], 0, 21),
+    ...longAxisCases([2, 70001], 1, 22),
+    ...longAxisCases([70001, 2], 0, 23),
+  ]);
+});
+
+Deno.test("long reductions see their last elements: a spike at the end and past 65536", async () => {
+  const n = 70001;
+  const outs: M.Tensor[] = [];
+  const expected: number[] = [];
+  for (const at of [0, 4095, 4096, 65535, 65536, n - 1]) {
+    const data = new Float32Array(n).fill(1);
+    data[at] = 1000;
+    const t = tensor(data);
+    outs.push(M.max(t), M.sum(t), M.max(t.reshape(1, n, 1), 1));
+    expected.push(1000, n - 1 + 1000, 1000);
+    t.dispose();
+  }
+  const got = await readAll(outs);
+  // Sums of integers below 2^24 are exact in f32.
+  assert.deepEqual(got.map((g) => g[0]), expected);
+  for (const t of outs) t.dispose();
+});
+
+Deno.test("sum over an empty axis is 0; max over an empty axis throws", async () => {
+  const e = M.zeros([3, 0]);
+  const s = M.sum(e, 1);
+  assertClose(await s.toArray(), [0, 0, 0], { rtol: 0, atol: 0 }, "sum over empty axis");
+  assert.throws(() => M.max(e, 1), /empty axis/);
+  s.dispose();
+  e.dispose();
+});
+
+Deno.test("reductions: the same values through free functions and methods, and along non-last axes", async () => {
+  const x = rand([4, 3, 2], 31);
+  const t = tensor(Float32Array.from(x.data), x.shape);
+  const outs = [t.sum(1), M.sum(t, 1), t.mean([0, 2], true), t.max(-2, true), t.logsumexp(0)];
+  const refs = [
+    reduceRef(x, 1, false, REDUCE.sum),
+    reduceRef(x, 1, false, REDUCE.sum),
+    reduceRef(x, [0, 2], true, REDUCE.mean),
+    reduceRef(x, -2, true, REDUCE.max),
+    reduceRef(x, 0, false, REDUCE.logsumexp),
+  ];
+  const got = await readAll(outs);
+  got.forEach((g, i) => {
+    assert.deepEqual(outs[i].shape, refs[i].shape, `output ${i} shape`);
+    assertClose(g, refs[i], {}, `reduction ${i}`);
+  });
+  for (const o of [t, ...outs]) o.dispose();
+});

@@ -1,0 +1,295 @@
+import assert from "node:assert/strict";
+import * as M from "../mod.ts";
+import { tensor } from "../mod.ts";
+import {
+  catRef,
+  checkOps,
+  expandRef,
+  map1,
+  narrowRef,
+  type Nd,
+  ndInt,
+  type OpCase,
+  padRef,
+  permuteRef,
+  rand,
+  readAll,
+  setup,
+  transposeRef,
+} from "./helpers.ts";
+
+await setup();
+
+const reshaped = (x: Nd, shape: number[]): Nd => ({ data: x.data, shape });
+
+Deno.test("reshape and view (with -1) share data; gradients flow back through them", async () => {
+  const x = rand([2, 3, 4], 1);
+  await checkOps([
+    {
+      what: "reshape [2,3,4] -> [6,4]",
+      inputs: [x],
+      gpu: ([t]) => t.reshape(6, 4),
+      ref: ([t]) => reshaped(t, [6, 4]),
+    },
+    {
+      what: "view [2,3,4] -> [4,-1]",
+      inputs: [x],
+      gpu: ([t]) => t.view(4, -1),
+      ref: ([t]) => reshaped(t, [4, 6]),
+    },
+    {
+      what: "reshape to [24] then square",
+      inputs: [x],
+      gpu: ([t]) => M.reshape(t, [-1]).square(),
+      ref: ([t]) => map1(reshaped(t, [24]), (v) => v * v),
+    },
+    {
+      what: "reshape to 0-d",
+      inputs: [rand([1, 1], 2)],
+      gpu: ([t]) => t.reshape(),
+      ref: ([t]) => reshaped(t, []),
+    },
+    {
+      what: "reshape from 0-d",
+      inputs: [rand([], 3)],
+      gpu: ([t]) => t.reshape(1, 1, 1),
+      ref: ([t]) => reshaped(t, [1, 1, 1]),
+    },
+  ]);
+  const t = M.arange(6, undefined, 1, { dtype: "f32" });
+  const v = t.reshape(2, 3);
+  assert.equal(v.storage, t.storage, "reshape shares storage");
+  v.dispose();
+  assert.deepEqual([...await t.toArray()], [0, 1, 2, 3, 4, 5], "disposing a view keeps the base alive");
+  t.dispose();
+});
+
+Deno.test("transpose and permute (including rank 4 and odd sizes): forward and gradients", async () => {
+  const x = rand([3, 7, 13], 4);
+  const y = rand([2, 3, 4, 5], 5);
+  await checkOps([
+    {
+      what: "transpose() of [3,7,13]",
+      inputs: [x],
+      gpu: ([t]) => t.transpose(),
+      ref: ([t]) => transposeRef(t, -2, -1),
+    },
+    {
+      what: "transpose(0, 2) of [3,7,13]",
+      inputs: [x],
+      gpu: ([t]) => M.transpose(t, 0, 2),
+      ref: ([t]) => transposeRef(t, 0, 2),
+    },
+    {
+      what: "permute(2,0,1)",
+      inputs: [x],
+      gpu: ([t]) => t.permute(2, 0, 1),
+      ref: ([t]) => permuteRef(t, [2, 0, 1]),
+    },
+    {
+      what: "permute(-1,1,0) of [3,7,13]",
+      inputs: [x],
+      gpu: ([t]) => M.permute(t, [-1, 1, 0]),
+      ref: ([t]) => permuteRef(t, [2, 1, 0]),
+    },
+    {
+      what: "permute(3,1,0,2) of [2,3,4,5]",
+      inputs: [y],
+      gpu: ([t]) => t.permute(3, 1, 0, 2),
+      ref: ([t]) => permuteRef(t, [3, 1, 0, 2]),
+    },
+    { what: "identity permute", inputs: [y], gpu: ([t]) => t.permute(0, 1, 2, 3), ref: ([t]) => t },
+  ]);
+});
+
+Deno.test("narrow and slice (negative and clamped bounds): forward and gradients", async () => {
+  const x = rand([5, 7, 3], 6);
+  await checkOps([
+    {
+      what: "narrow(1, 2, 4)",
+      inputs: [x],
+      gpu: ([t]) => t.narrow(1, 2, 4),
+      ref: ([t]) => narrowRef(t, 1, 2, 4),
+    },
+    {
+      what: "narrow(0, 4, 1)",
+      inputs: [x],
+      gpu: ([t]) => M.narrow(t, 0, 4, 1),
+      ref: ([t]) => narrowRef(t, 0, 4, 1),
+    },
+    {
+      what: "narrow(-1, 1, 2)",
+      inputs: [x],
+      gpu: ([t]) => t.narrow(-1, 1, 2),
+      ref: ([t]) => narrowRef(t, 2, 1, 2),
+    },
+    {
+      what: "narrow of length 0",
+      inputs: [x],
+      gpu: ([t]) => t.narrow(1, 3, 0).sum(1),
+      ref: () => ({ data: new Float64Array(15), shape: [5, 3] }),
+      grad: false,
+    },
+    {
+      what: "slice(1, 1, -1)",
+      inputs: [x],
+      gpu: ([t]) => t.slice(1, 1, -1),
+      ref: ([t]) => narrowRef(t, 1, 1, 5),
+    },
+    {
+      what: "slice(1, -3)",
+      inputs: [x],
+      gpu: ([t]) => M.slice(t, 1, -3),
+      ref: ([t]) => narrowRef(t, 1, 4, 3),
+    },
+    {
+      what: "slice(0, 2, 100) clamps",
+      inputs: [x],
+      gpu: ([t]) => t.slice(0, 2, 100),
+      ref: ([t]) => narrowRef(t, 0, 2, 3),
+    },
+  ]);
+});
+
+Deno.test("cat, split and chunk: forward and gradients (pieces used unequally)", async () => {
+  const a = rand([2, 3, 4], 7), b = rand([2, 5, 4], 8), c = rand([2, 1, 4], 9);
+  const x = rand([7, 6], 10);
+  const weights = [1, -2, 3, 0.5];
+  await checkOps([
+    {
+      what: "cat dim 1 of [2,3,4],[2,5,4],[2,1,4]",
+      inputs: [a, b, c],
+      gpu: (ts) => M.cat(ts, 1),
+      ref: (xs) => catRef(xs, 1),
+    },
+    {
+      what: "cat dim -1",
+      inputs: [a, a],
+      gpu: ([t, u]) => M.cat([t, u], -1),
+      ref: ([t, u]) => catRef([t, u], 2),
+    },
+    {
+      what: "cat dim 0",
+      inputs: [x, rand([2, 6], 11)],
+      gpu: (ts) => M.cat(ts, 0),
+      ref: (xs) => catRef(xs, 0),
+    },
+    {
+      what: "cat where only the second input requires grad",
+      inputs: [a, b],
+      gpu: (ts) => M.cat(ts, 1),
+      ref: (xs) => catRef(xs, 1),
+      grad: [false, true],
+    },
+    { what: "cat of one tensor", inputs: [x], gpu: (ts) => M.cat(ts), ref: ([t]) => t },
+    {
+      what: "split(x, [2,4,1]) pieces scaled and re-joined",
+      inputs: [x],
+      gpu: ([t]) => {
+        const parts = t.split([2, 4, 1]);
+        return M.cat(parts.map((p, i) => p.mul(weights[i])), 0);
+      },
+      ref: ([t]) => {
+        const parts = [narrowRef(t, 0, 0, 2), narrowRef(t, 0, 2, 4), narrowRef(t, 0, 6, 1)];
+        return catRef(parts.map((p, i) => map1(p, (v) => v * weights[i])), 0);
+      },
+    },
+    {
+      what: "split(x, 4, dim 1): sizes 4 and 2; only the second used",
+      inputs: [x],
+      gpu: ([t]) => M.split(t, 4, 1)[1],
+      ref: ([t]) => narrowRef(t, 1, 4, 2),
+    },
+    {
+      what: "chunk(x, 3) of 7 rows: 3, 3, 1",
+      inputs: [x],
+      gpu: ([t]) => {
+        const parts = t.chunk(3);
+        assert.deepEqual(parts.map((p) => p.shape[0]), [3, 3, 1]);
+        return M.cat([parts[2], parts[0].mul(2)], 0);
+      },
+      ref: ([t]) => catRef([narrowRef(t, 0, 6, 1), map1(narrowRef(t, 0, 0, 3), (v) => 2 * v)], 0),
+    },
+  ]);
+});
+
+Deno.test("pad (PyTorch order, constant value) and expand (-1, new leading dims): forward and gradients", async () => {
+  const x = rand([2, 3, 4], 12);
+  await checkOps([
+    { what: "pad [1,2]", inputs: [x], gpu: ([t]) => M.pad(t, [1, 2]), ref: ([t]) => padRef(t, [1, 2]) },
+    {
+      what: "pad [0,0,3,0] value 1.5",
+      inputs: [x],
+      gpu: ([t]) => M.pad(t, [0, 0, 3, 0], 1.5),
+      ref: ([t]) => padRef(t, [0, 0, 3, 0], 1.5),
+    },
+    {
+      what: "pad all dims [1,1,2,0,0,3]",
+      inputs: [x],
+      gpu: ([t]) => M.pad(t, [1, 1, 2, 0, 0, 3]),
+      ref: ([t]) => padRef(t, [1, 1, 2, 0, 0, 3]),
+    },
+    {
+      what: "expand [3,1] -> [2,3,5]",
+      inputs: [rand([3, 1], 13)],
+      gpu: ([t]) => t.expand(2, 3, 5),
+      ref: ([t]) => expandRef(t, [2, 3, 5]),
+    },
+    {
+      what: "expand with -1",
+      inputs: [rand([1, 4], 14)],
+      gpu: ([t]) => M.expand(t, [3, -1]),
+      ref: ([t]) => expandRef(t, [3, 4]),
+    },
+    {
+      what: "expand a 0-d tensor",
+      inputs: [rand([], 15)],
+      gpu: ([t]) => t.expand(2, 2),
+      ref: ([t]) => expandRef(t, [2, 2]),
+    },
+  ]);
+});
+
+Deno.test("shape ops on i32 tensors copy the bits exactly", async () => {
+  const v = Int32Array.from({ length: 24 }, (_, i) => (i * 2654435761) | 0);
+  const x = ndInt(v, [2, 3, 4]);
+  const t = tensor(v, [2, 3, 4]);
+  const outs = [
+    t.permute(2, 0, 1),
+    t.narrow(1, 1, 2),
+    M.cat([t, t], 0),
+    M.pad(t, [1, 0], -7),
+    t.reshape(4, 6).transpose(),
+    M.tensor(new Int32Array([5, -6]), [2, 1]).expand(2, 3),
+  ];
+  const refs = [
+    permuteRef(x, [2, 0, 1]),
+    narrowRef(x, 1, 1, 2),
+    catRef([x, x], 0),
+    padRef(x, [1, 0], -7),
+    transposeRef(reshaped(x, [4, 6]), 0, 1),
+    expandRef(ndInt([5, -6], [2, 1]), [2, 3]),
+  ];
+  const got = await readAll(outs);
+  got.forEach((g, i) => {
+    assert.ok(g instanceof Int32Array, `output ${i} is i32`);
+    assert.deepEqual(outs[i].shape, refs[i].shape, `output ${i} shape`);
+    assert.deepEqual([...g], [...refs[i].data], `output ${i}`);
+  });
+  for (const o of [t, ...outs]) o.dispose();
+});
+
+Deno.test("composite: shape ops chained with arithmetic give the right gradients", async () => {
+  await checkOps(
+    [{
+      what: "sum(permute(pad(x)) * narrow(y)) style chain",
+      inputs: [rand([3, 4], 16), rand([5, 3], 17)],
+      gpu: ([x, y]) => M.pad(x, [1, 0]).transpose().mul(y.narrow(1, 0, 3)).expand(2, 5, 3),
+      ref: ([x, y]) => {
+        const px = transposeRef(padRef(x, [1, 0]), 0, 1);
+        const ny = narrowRef(y, 1, 0, 3);
+        return expandRef({ data: px.data.map((v, i) => v * ny.data[i]), shape: px.shape }, [2, 5, 3]);
+      },
+    }] satisfies OpCase[],
+  );
+});

@@ -1,0 +1,258 @@
+import assert from "node:assert/strict";
+import * as M from "../mod.ts";
+import { defineOp, dispose, tensor } from "../mod.ts";
+import { assertClose, checkOps, map1, nd, numericGrad, rand, readAll, setup } from "./helpers.ts";
+
+await setup();
+
+Deno.test("tensor(): nested arrays, flat data with a shape, typed arrays, scalars, dtype and requiresGrad", async () => {
+  const a = tensor([[1, 2, 3], [4, 5, 6]]);
+  const b = tensor([1, 2, 3, 4, 5, 6], [3, 2]);
+  const c = tensor(new Int32Array([7, -8, 9]));
+  const d = tensor(2.5);
+  const e = tensor([1, 2], undefined, { dtype: "i32" });
+  const f = tensor(new Float32Array([0.5, 1.5]), [2, 1], { requiresGrad: true });
+  const g = tensor([[[1], [2]]]);
+  assert.deepEqual([a.shape, b.shape, c.shape, d.shape, e.shape, f.shape, g.shape], [
+    [2, 3],
+    [3, 2],
+    [3],
+    [],
+    [2],
+    [2, 1],
+    [1, 2, 1],
+  ]);
+  assert.deepEqual([a.dtype, c.dtype, d.dtype, e.dtype], ["f32", "i32", "f32", "i32"]);
+  assert.equal(f.requiresGrad, true);
+  assert.equal(a.size, 6);
+  assert.equal(a.rank, 2);
+  assert.equal(d.rank, 0);
+  assert.equal(String(f), "Tensor([2, 1], f32, requiresGrad)");
+  const got = await readAll([a, b, c, d, e, f, g]);
+  assert.deepEqual(got.map((x) => [...x]), [
+    [1, 2, 3, 4, 5, 6],
+    [1, 2, 3, 4, 5, 6],
+    [7, -8, 9],
+    [2.5],
+    [1, 2],
+    [0.5, 1.5],
+    [1, 2],
+  ]);
+  assert.ok(got[2] instanceof Int32Array && got[0] instanceof Float32Array);
+  assert.equal(await d.item(), 2.5);
+  await assert.rejects(() => a.item(), /item\(\) needs a tensor with one element, got shape \[2, 3\]/);
+  dispose([a, b, c, d, e, f, g]);
+});
+
+Deno.test("zeros/ones/full/arange/zerosLike/onesLike give exact values and dtypes", async () => {
+  const ts = [
+    M.zeros([2, 3]),
+    M.ones([4], { dtype: "i32" }),
+    M.full([3], -2.25),
+    M.full([2], 7, { dtype: "i32" }),
+    M.arange(5),
+    M.arange(2, 11, 3),
+    M.arange(0, 1, 0.25),
+    M.arange(5, 0, -2),
+    M.zerosLike(M.ones([2], { dtype: "i32" })),
+    M.onesLike(M.zeros([3])),
+    M.zeros([0, 4]),
+  ];
+  const got = await readAll(ts);
+  assert.deepEqual(got.map((x) => [...x]), [
+    [0, 0, 0, 0, 0, 0],
+    [1, 1, 1, 1],
+    [-2.25, -2.25, -2.25],
+    [7, 7],
+    [0, 1, 2, 3, 4],
+    [2, 5, 8],
+    [0, 0.25, 0.5, 0.75],
+    [5, 3, 1],
+    [0, 0],
+    [1, 1, 1],
+    [],
+  ]);
+  assert.deepEqual(ts.map((t) => t.dtype), [
+    "f32",
+    "i32",
+    "f32",
+    "i32",
+    "i32",
+    "i32",
+    "f32",
+    "i32",
+    "i32",
+    "f32",
+    "f32",
+  ]);
+  dispose(ts);
+});
+
+Deno.test("randn/rand: seeded and reproducible, in range, with the requested moments", async () => {
+  const n = 20000;
+  const ts = [
+    M.randn([n], { seed: 42 }),
+    M.randn([n], { seed: 42 }),
+    M.randn([n], { seed: 43 }),
+    M.rand([n], { seed: 1, low: -2, high: 3 }),
+    M.randn([n], { seed: 7, mean: 5, std: 0.5 }),
+  ];
+  M.manualSeed(9);
+  ts.push(M.rand([8]));
+  M.manualSeed(9);
+  ts.push(M.rand([8]));
+  const [a, a2, b, u, s, g1, g2] = await readAll(ts);
+  assert.deepEqual(a, a2, "same seed, same numbers");
+  assert.notDeepEqual(a, b, "different seeds differ");
+  assert.deepEqual(g1, g2, "manualSeed makes the global stream reproducible");
+  const moments = (x: ArrayLike<number>) => {
+    let m = 0, v = 0;
+    for (let i = 0; i < x.length; i++) m += x[i];
+    m /= x.length;
+    for (let i = 0; i < x.length; i++) v += (x[i] - m) ** 2;
+    return [m, Math.sqrt(v / x.length)];
+  };
+  // Fixed seeds, so these are deterministic; 20000 samples put the moments within a few 1e-2.
+  const [m0, s0] = moments(a);
+  assert.ok(Math.abs(m0) < 0.03 && Math.abs(s0 - 1) < 0.03, `randn moments ${m0}, ${s0}`);
+  const [m1, s1] = moments(s);
+  assert.ok(
+    Math.abs(m1 - 5) < 0.02 && Math.abs(s1 - 0.5) < 0.02,
+    `randn(mean 5, std 0.5) moments ${m1}, ${s1}`,
+  );
+  assert.ok(u.every((v) => v >= -2 && v < 3), "rand within [low, high)");
+  const [mu] = moments(u);
+  assert.ok(Math.abs(mu - 0.5) < 0.05, `rand mean ${mu}`);
+  dispose(ts);
+});
+
+Deno.test("bad input: shape mismatches name both shapes", () => {
+  const a = M.zeros([2, 3]), b = M.zeros([4]), c = M.zeros([2, 4]);
+  assert.throws(() => M.add(a, b), /add: shapes \[2, 3\] and \[4\] cannot be broadcast together/);
+  assert.throws(() => a.mul(M.zeros([3, 3])), /mul: shapes \[2, 3\] and \[3, 3\]/);
+  assert.throws(() => M.compare("lt", a, b), /lt: shapes \[2, 3\] and \[4\]/);
+  assert.throws(() => M.where(M.zeros([2, 3]), a, b), /where: shapes \[2, 3\] and \[4\]/);
+  assert.throws(() => M.matmul(a, c), /\[2, 3\] @ \[2, 4\]/);
+  assert.throws(
+    () => M.cat([a, c], 0),
+    /cat: Tensor\(\[2, 4\], f32\) does not match Tensor\(\[2, 3\], f32\) outside dim 0/,
+  );
+  assert.throws(() => M.cat([a, M.zeros([2], { dtype: "i32" })], 0), /cat: .*does not match/);
+  assert.throws(() => M.cat([]), /needs at least one tensor/);
+  assert.throws(() => M.expand(a, [2, 4]), /expand: cannot expand \[2, 3\] to \[2, 4\]/);
+  assert.throws(() => M.expand(a, [3]), /fewer dims/);
+  dispose([a, b, c]);
+});
+
+Deno.test("bad input: wrong dtypes are rejected with the op and dtype named", () => {
+  const i = M.ones([3], { dtype: "i32" }), f = M.ones([3]);
+  assert.throws(() => M.exp(i), /exp needs an f32 tensor, got i32/);
+  assert.throws(() => i.sigmoid(), /sigmoid needs an f32 tensor, got i32/);
+  assert.throws(() => M.add(i, f), /add: dtypes differ/);
+  assert.throws(() => M.div(i, i), /div needs f32 tensors, got i32/);
+  assert.throws(() => M.add(i, 0.5), /non-integer scalar/);
+  assert.throws(() => M.sum(i), /sum needs an f32 tensor, got i32/);
+  assert.throws(() => M.indexSelect(f, 0, f), /indices must be an i32 tensor, got f32/);
+  assert.throws(() => M.where(i, f, f), /condition must be an f32 mask, got i32/);
+  assert.throws(() => M.add(1, 2), /at least one operand must be a tensor/);
+  assert.throws(() => tensor([1.5], undefined, { dtype: "i32" }), /non-integer 1.5/);
+  assert.throws(() => M.full([2], 0.5, { dtype: "i32" }), /not an integer/);
+  dispose([i, f]);
+});
+
+Deno.test("bad input: reshape, permute, narrow, split, pad, axes and shapes out of range", () => {
+  const x = M.zeros([2, 3]);
+  assert.throws(() => x.reshape(4, 4), /reshape: shape \[4, 4\] has 16 elements, tensor \[2, 3\] has 6/);
+  assert.throws(() => x.reshape(4, -1), /cannot infer -1 in \[4, -1\] for 6 elements/);
+  assert.throws(() => x.reshape(-1, -1), /non-negative integers/);
+  assert.throws(() => x.permute(0, 0), /permute: \[0,0\] is not a permutation of the 2 dims of \[2, 3\]/);
+  assert.throws(() => x.permute(1), /not a permutation/);
+  assert.throws(() => x.permute(0, 2), /axis 2 is out of range for a tensor of rank 2/);
+  assert.throws(() => x.narrow(1, 2, 5), /narrow: \[2, 7\) is outside dim 1 of size 3 \(\[2, 3\]\)/);
+  assert.throws(() => x.narrow(0, -1, 1), /outside dim 0/);
+  assert.throws(() => x.split([1, 1], 1), /split: sizes \[1,1\] sum to 2, dim 1 has 3/);
+  assert.throws(() => M.pad(x, [1]), /pad: padding \[1\] must be non-negative pairs/);
+  assert.throws(() => M.pad(x, [1, -1]), /non-negative pairs/);
+  assert.throws(() => x.sum(2), /sum: axis 2 is out of range for a tensor of rank 2/);
+  assert.throws(() => x.sum([0, -2]), /repeated axis/);
+  assert.throws(() => x.softmax(5), /softmax: axis 5 is out of range/);
+  assert.throws(() => x.clamp(1, 0), /clamp: min 1 is greater than max 0/);
+  assert.throws(() => tensor([1, 2, 3], [2, 2]), /tensor: shape \[2, 2\] needs 4 values, got 3/);
+  assert.throws(() => M.zeros([2, -1]), /non-negative integers/);
+  assert.throws(() => M.zeros([1, 1, 1, 1, 1, 1, 1, 1, 1]), /rank 9 > 8/);
+  assert.throws(() => M.arange(0, 5, 0), /step must not be 0/);
+  assert.throws(() => M.ones([3]).transpose(), /axis -2 is out of range for a tensor of rank 1/);
+  x.dispose();
+});
+
+Deno.test("bad input: a disposed tensor is named in the error when read or used", async () => {
+  const t = M.ones([2, 3]);
+  const id = t.id;
+  t.dispose();
+  assert.equal(t.disposed, true);
+  await assert.rejects(
+    () => t.toArray(),
+    new RegExp(`Tensor#${id} \\[2, 3\\] f32 was disposed and cannot be used`),
+  );
+  assert.throws(() => t.add(1), new RegExp(`Tensor#${id} .*was disposed`));
+  assert.throws(() => M.matmul(t, t, { transB: true }), /was disposed/);
+});
+
+Deno.test("the test helpers themselves detect wrong values, wrong gradients and missing gradients", async () => {
+  // A reference that is off by 1e-4 relative must fail the forward check.
+  await assert.rejects(
+    () =>
+      checkOps([{
+        what: "exp vs a slightly wrong reference",
+        inputs: [rand([5], 1)],
+        gpu: ([x]) => x.exp(),
+        ref: ([x]) => map1(x, (v) => Math.exp(v) * (1 + 1e-4)),
+        grad: false,
+      }]),
+    /exp vs a slightly wrong reference: forward: \d+ of 5 values outside/,
+  );
+  // A custom op with a 1% wrong backward must fail the gradient check.
+  const wrong = defineOp<null>({
+    name: "wrongSquare",
+    forward: ([x], _, save) => {
+      save(x);
+      return x.square();
+    },
+    backward: (g, [x]) => [g.mul(x).mul(2.02)],
+  });
+  await assert.rejects(
+    () =>
+      checkOps([{
+        what: "square with a wrong backward",
+        inputs: [rand([6], 2, { avoid: [0] })],
+        gpu: ([x]) => wrong([x], null),
+        ref: ([x]) => map1(x, (v) => v * v),
+      }]),
+    /square with a wrong backward: d\/d input 0/,
+  );
+  // An op that cuts the graph (here the gradient comes out 0 instead of 1) is reported.
+  await assert.rejects(
+    () =>
+      checkOps([{
+        what: "detached",
+        inputs: [rand([3], 3)],
+        gpu: ([x]) => x.detach().add(x.mul(0)),
+        ref: ([x]) => x,
+      }]),
+    /detached: d\/d input 0/,
+  );
+  // assertClose: names the worst element with its coordinate; NaN only matches NaN.
+  assert.throws(
+    () => assertClose([1, 2, 3, 4.5], nd([1, 2, 3, 4], [2, 2]), {}, "demo"),
+    /demo: 1 of 4 values outside .*worst at index 3 \[1, 1\] of shape \[2, 2\]: actual 4.5, expected 4/,
+  );
+  assert.throws(() => assertClose([NaN], [1], {}, "nan"), /nan: 1 of 1/);
+  assert.throws(() => assertClose([1], [NaN], {}, "nan2"), /nan2: 1 of 1/);
+  assertClose([NaN, Infinity], [NaN, Infinity], {}, "nan and inf match");
+  // numericGrad: d/dx (x^3 + xy) = 3x^2 + y, d/dy = x.
+  const [gx, gy] = numericGrad(([x, y]) => x[0] ** 3 + x[0] * y[0], [
+    Float64Array.of(1.5),
+    Float64Array.of(-2),
+  ]);
+  assert.ok(Math.abs(gx![0] - (3 * 2.25 - 2)) < 1e-8 && Math.abs(gy![0] - 1.5) < 1e-8);
+});
