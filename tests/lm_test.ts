@@ -118,3 +118,37 @@ Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", 
     /cannot read \/nonexistent\/model\/config.json/,
   );
 });
+
+Deno.test("fromPretrained: BF16/F16 weights are converted; shapes that disagree with config.json are named", async () => {
+  const { parseSafetensors, serializeSafetensors } = await import("../core/safetensors.ts");
+  const src = fixturePath("lm_v64_hf");
+  const parsed = parseSafetensors(await Deno.readFile(`${src}/model.safetensors`));
+  const f = await loadFixture("lm_v64.safetensors");
+  const tokens = toTensor(f, "tokens");
+  for (const dtype of ["BF16", "F16"] as const) {
+    const dir = await Deno.makeTempDir();
+    const tensors = Object.fromEntries(
+      [...parsed.tensors].map(([k, t]) => [k, { shape: t.shape, data: t.data, dtype }]),
+    );
+    await Deno.writeFile(`${dir}/model.safetensors`, serializeSafetensors(tensors));
+    await Deno.copyFile(`${src}/config.json`, `${dir}/config.json`);
+    const lm = await fromPretrained(dir);
+    const logits = tidy(() => noGrad(() => lm.forward(tokens)));
+    const d = maxAbsDiff(await logits.toArray(), f.get("logits")!.data);
+    // Rounding the weights to 8 (BF16) or 11 (F16) mantissa bits moves logits of magnitude ~5 a little.
+    assert.ok(d < (dtype === "BF16" ? 0.5 : 0.05) && d > 0, `${dtype}: logits max diff ${d}`);
+    logits.dispose();
+    lm.dispose();
+    await Deno.remove(dir, { recursive: true });
+  }
+  tokens.dispose();
+  const dir = await Deno.makeTempDir();
+  const cfg = JSON.parse(await Deno.readTextFile(`${src}/config.json`));
+  await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify({ ...cfg, state_size: 8 }));
+  await Deno.copyFile(`${src}/model.safetensors`, `${dir}/model.safetensors`);
+  await assert.rejects(
+    () => fromPretrained(dir),
+    /shape mismatch for mamba\.layers\.0\.mixer\.A_log: checkpoint \[64, 16\] vs model \[64, 8\]/,
+  );
+  await Deno.remove(dir, { recursive: true });
+});
