@@ -1,0 +1,404 @@
+/**
+ * The fused selective scan: one kernel computes the whole SSM of a Mamba block, and the backward
+ * recomputes instead of storing. No (B, L, ED, N) tensor is ever created.
+ *
+ * Inputs (per batch row b, time t, channel d, state n):
+ *   x (B, L, ED), draw (B, L, ED) = dt_proj(delta) without its bias, dBC (B, L, R + 2N) = x_proj output
+ *   (B and C are read from its columns R.. and R+N..), params = [bias (ED) | A_log (ED*N) | D (ED)],
+ *   z (B, L, ED) optional gate.
+ * Forward kernel `fused_scan_fwd` (template: N, Lc, WG, gated): one invocation per (b, d) keeps h[0..N)
+ * in registers and walks time; dt = softplus(draw + bias), a = exp(dt A), h = a h + dt B x,
+ * y = C.h + D x, out = y * silu(z). It writes out and, every Lc steps (and at the end), the state
+ * hs (B, ED, ceil(L/Lc), N): the only state that leaves the chip, used by the backward and as the
+ * inference cache after a prompt. No workgroup memory, no barriers.
+ * Backward kernel `fused_scan_bwd`: a workgroup owns one b and WG channels. It walks the chunks in
+ * reverse; for each it recomputes the chunk's h from the saved boundary state into a private array
+ * (Lc x N floats), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk. dx, ddraw
+ * (through softplus) and dz are per (b, t, d) and written directly. dB and dC sum over channels: each
+ * step the WG invocations put their N + N terms in workgroup memory, and after a barrier they sum the
+ * columns and write per-tile partials (B, L, 2N, tiles), reduced afterwards. dA, dD and dbias sum over
+ * time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]).
+ * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
+ * longer sequences take several dispatches, carrying h through hs and lam through `gpar`.
+ * @module
+ */
+
+import { defineOp } from "../core/autograd.ts";
+import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
+import { cat, narrow, sum } from "../core/ops/index.ts";
+import { mapOp } from "../core/ops/map_kernel.ts";
+import { fmt } from "../core/shape.ts";
+import { Tensor } from "../core/tensor.ts";
+
+/** Compile-time shape of a fused-scan kernel. */
+export interface FusedVariant {
+  /** State size (unrolled loops). */
+  N: number;
+  /** Chunk length: steps between saved states. */
+  Lc: number;
+  /** Channels per workgroup. */
+  WG: number;
+}
+
+const MAX_STEPS = 16384;
+
+/** Repeats a WGSL line for n = 0..count-1 with the index spelled out: loops whose trip count the shader
+ * compiler might not unroll would count against the 65535-iteration limit of software adapters. */
+function unroll(count: number, line: (n: number) => string): string {
+  return Array.from({ length: count }, (_, n) => line(n)).join("\n    ");
+}
+const kernels = new Map<string, Kernel>();
+
+/** The variant used for a state size: chunks sized so that the backward's private h buffer is 1024 floats. */
+export function fusedVariant(N: number): FusedVariant {
+  const Lc = Math.min(64, Math.max(4, Math.floor(1024 / N)));
+  const WG = N > 32 ? 32 : 64; // workgroup memory of the backward: 2 * WG * N floats
+  return { N, Lc, WG };
+}
+
+const COMMON = `
+fn softplus_(u: f32) -> f32 {
+  if (u > 20.0) { return u; }
+  let e = exp(u);
+  let w = 1.0 + e;
+  if (w == 1.0) { return e; }
+  return log(w) * e / (w - 1.0);
+}
+fn sigmoid_(u: f32) -> f32 { return 1.0 / (1.0 + exp(-u)); }`;
+
+const UNIFORMS: [string, "u32"][] = [
+  ["B", "u32"],
+  ["L", "u32"],
+  ["ED", "u32"],
+  ["S", "u32"], // row stride of dBC (R + 2N)
+  ["R", "u32"],
+  ["chunks", "u32"],
+  ["tiles", "u32"],
+  ["gated", "u32"],
+  ["t0", "u32"], // forward: first step; backward: first chunk of this dispatch
+  ["t1", "u32"], // forward: end step; backward: end chunk
+];
+
+function forwardKernel(v: FusedVariant): Kernel {
+  const key = `fwd|${v.N}|${v.Lc}|${v.WG}`;
+  let k = kernels.get(key);
+  if (k) return k;
+  const { N, Lc } = v;
+  k = defineKernel({
+    name: `fused_scan_fwd_N${N}_Lc${Lc}_WG${v.WG}`,
+    buffers: [
+      { name: "x", type: "f32", access: "read" },
+      { name: "draw", type: "f32", access: "read" },
+      { name: "dbc", type: "f32", access: "read" },
+      { name: "par", type: "f32", access: "read" },
+      { name: "z", type: "f32", access: "read" },
+      { name: "y", type: "f32", access: "read_write" },
+      { name: "hs", type: "f32", access: "read_write" },
+    ],
+    uniforms: UNIFORMS,
+    workgroupSize: v.WG,
+    decls: COMMON,
+    body: `
+  // invocation -> (b, d); h[N] in registers for the whole walk.
+  let b = group / P.tiles;
+  let d = (group % P.tiles) * ${v.WG}u + lid;
+  if (d >= P.ED) { return; }
+  var A: array<f32, ${N}>;
+  var h: array<f32, ${N}>;
+  let hsBase = (b * P.ED + d) * P.chunks;
+  let h0 = (hsBase + P.t0 / ${Lc}u - 1u) * ${N}u;
+  ${unroll(N, (n) => `A[${n}] = -exp(ld_par(P.ED + d * ${N}u + ${n}u));`)}
+  ${unroll(N, (n) => `h[${n}] = select(0.0, ld_hs(h0 + ${n}u), P.t0 > 0u);`)}
+  let bias = ld_par(d);
+  let Dd = ld_par(P.ED + P.ED * ${N}u + d);
+  for (var t = P.t0; t < P.t1; t++) {
+    let i = (b * P.L + t) * P.ED + d;
+    let dt = softplus_(ld_draw(i) + bias);
+    let xv = ld_x(i);
+    let row = (b * P.L + t) * P.S + P.R;
+    var yv = Dd * xv;
+    let dtx = dt * xv;
+    ${unroll(N, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * ld_dbc(row + ${n}u);`)}
+    ${unroll(N, (n) => `yv += ld_dbc(row + ${N + n}u) * h[${n}];`)}
+    if (P.gated != 0u) { let zv = ld_z(i); yv *= zv * sigmoid_(zv); }
+    st_y(i, yv);
+    if ((t + 1u) % ${Lc}u == 0u || t + 1u == P.L) {
+      let at = (hsBase + t / ${Lc}u) * ${N}u;
+      ${unroll(N, (n) => `st_hs(at + ${n}u, h[${n}]);`)}
+    }
+  }`,
+  });
+  kernels.set(key, k);
+  return k;
+}
+
+function backwardKernel(v: FusedVariant): Kernel {
+  const key = `bwd|${v.N}|${v.Lc}|${v.WG}`;
+  let k = kernels.get(key);
+  if (k) return k;
+  const { N, Lc, WG } = v;
+  k = defineKernel({
+    name: `fused_scan_bwd_N${N}_Lc${Lc}_WG${WG}`,
+    buffers: [
+      { name: "x", type: "f32", access: "read" },
+      { name: "draw", type: "f32", access: "read" },
+      { name: "dbc", type: "f32", access: "read" },
+      { name: "par", type: "f32", access: "read" },
+      { name: "z", type: "f32", access: "read" },
+      { name: "hs", type: "f32", access: "read" },
+      { name: "g", type: "f32", access: "read" },
+      { name: "gx", type: "f32", access: "read_write" },
+      { name: "gdraw", type: "f32", access: "read_write" },
+      { name: "gz", type: "f32", access: "read_write" },
+      { name: "gbc", type: "f32", access: "read_write" },
+      { name: "gpar", type: "f32", access: "read_write" },
+    ],
+    uniforms: UNIFORMS,
+    workgroupSize: WG,
+    decls: COMMON + `
+var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]`,
+    body: `
+  // workgroup -> (b, tile of WG channels); invocation -> channel d. Chunks [t0, t1) walked in reverse.
+  let b = group / P.tiles;
+  let tile = group % P.tiles;
+  let d = tile * ${WG}u + lid;
+  let valid = d < P.ED;
+  let dc = min(d, P.ED - 1u); // out-of-range lanes compute on a valid channel and write nothing
+  var A: array<f32, ${N}>;
+  var lam: array<f32, ${N}>; // carry: a(t+1) * lam(t+1)
+  var gA: array<f32, ${N}>;
+  var h0: array<f32, ${N}>;
+  var hbuf: array<f32, ${Lc * N}>;
+  // gpar row of (b, d): [dbias, dD, dA (N), lam carry (N)], accumulated over dispatches.
+  let gp = (b * P.ED + dc) * ${2 * N + 2}u;
+  let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
+  var gbias = select(0.0, ld_gpar(gp), more);
+  var gD = select(0.0, ld_gpar(gp + 1u), more);
+  ${unroll(N, (n) => `A[${n}] = -exp(ld_par(P.ED + dc * ${N}u + ${n}u));`)}
+  ${unroll(N, (n) => `gA[${n}] = select(0.0, ld_gpar(gp + ${2 + n}u), more);`)}
+  ${unroll(N, (n) => `lam[${n}] = select(0.0, ld_gpar(gp + ${2 + N + n}u), more);`)}
+  let bias = ld_par(dc);
+  let Dd = ld_par(P.ED + P.ED * ${N}u + dc);
+  let hsBase = (b * P.ED + dc) * P.chunks;
+  for (var kk = P.t1; kk > P.t0; kk--) {
+    let k = kk - 1u;
+    let start = k * ${Lc}u;
+    let len = min(${Lc}u, P.L - start);
+    // 1. recompute h over the chunk from the saved state of the chunk before.
+    let hsAt = (hsBase + k - 1u) * ${N}u;
+    ${unroll(N, (n) => `h0[${n}] = select(0.0, ld_hs(hsAt + ${n}u), k > 0u);`)}
+    var hc = h0;
+    for (var s = 0u; s < len; s++) {
+      let i = (b * P.L + start + s) * P.ED + dc;
+      let dt = softplus_(ld_draw(i) + bias);
+      let dtx = dt * ld_x(i);
+      let row = (b * P.L + start + s) * P.S + P.R;
+      ${unroll(N, (n) => `hc[${n}] = exp(dt * A[${n}]) * hc[${n}] + dtx * ld_dbc(row + ${n}u);`)}
+      ${unroll(N, (n) => `hbuf[s * ${N}u + ${n}u] = hc[${n}];`)}
+    }
+    // 2. reverse scan inside the chunk.
+    for (var ss = len; ss > 0u; ss--) {
+      let s = ss - 1u;
+      let t = start + s;
+      let i = (b * P.L + t) * P.ED + dc;
+      let u = ld_draw(i) + bias;
+      let dt = softplus_(u);
+      let xv = ld_x(i);
+      let row = (b * P.L + t) * P.S + P.R;
+      var gy = ld_g(i);
+      if (P.gated != 0u) {
+        var yv = Dd * xv;
+        ${unroll(N, (n) => `yv += ld_dbc(row + ${N + n}u) * hbuf[s * ${N}u + ${n}u];`)}
+        let zv = ld_z(i);
+        let sg = sigmoid_(zv);
+        if (valid) { st_gz(i, gy * yv * sg * (1.0 + zv * (1.0 - sg))); }
+        gy = gy * zv * sg;
+      }
+      gD += gy * xv;
+      var gx = gy * Dd;
+      var gdt = 0.0;
+      let prev = select(0u, (s - 1u) * ${N}u, s > 0u);
+      var hp: array<f32, ${N}>;
+      ${unroll(N, (n) => `hp[${n}] = select(h0[${n}], hbuf[prev + ${n}u], s > 0u);`)}
+      let lane = lid * ${2 * N}u;
+      ${
+      unroll(N, (n) =>
+        `{ let a = exp(dt * A[${n}]); let Bn = ld_dbc(row + ${n}u); ` +
+        `let l = gy * ld_dbc(row + ${N + n}u) + lam[${n}]; let ga = l * hp[${n}]; ` +
+        `gx += l * dt * Bn; gdt += l * Bn * xv + ga * a * A[${n}]; gA[${n}] += ga * a * dt; ` +
+        `red[lane + ${n}u] = select(0.0, l * dt * xv, valid); ` +
+        `red[lane + ${N + n}u] = select(0.0, gy * hbuf[s * ${N}u + ${n}u], valid); lam[${n}] = a * l; }`)
+    }
+      let gu = gdt * sigmoid_(u);
+      gbias += gu;
+      if (valid) { st_gx(i, gx); st_gdraw(i, gu); }
+      workgroupBarrier();
+      // dB, dC: each lane sums WG channels of its columns; partials per tile.
+      ${
+      unroll(Math.ceil((2 * N) / WG), (j) =>
+        `{ let col = lid + ${j * WG}u; if (col < ${2 * N}u) { let acc = ${
+          Array.from({ length: WG }, (_, c) =>
+            `red[${c * 2 * N}u + col]`).join(" + ")
+        }; st_gbc(((b * P.L + t) * ${2 * N}u + col) * P.tiles + tile, acc); } }`)
+    }
+      workgroupBarrier();
+    }
+  }
+  if (valid) {
+    st_gpar(gp, gbias);
+    st_gpar(gp + 1u, gD);
+    ${unroll(N, (n) => `st_gpar(gp + ${2 + n}u, gA[${n}]); st_gpar(gp + ${2 + N + n}u, lam[${n}]);`)}
+  }`,
+  });
+  kernels.set(key, k);
+  return k;
+}
+
+interface FusedAttrs {
+  R: number;
+  N: number;
+  gated: boolean;
+}
+
+function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs) {
+  const [B, L, ED] = x.shape;
+  const v = fusedVariant(a.N);
+  return {
+    B,
+    L,
+    ED,
+    v,
+    u: {
+      B,
+      L,
+      ED,
+      S: dBC.shape[2],
+      R: a.R,
+      chunks: Math.ceil(L / v.Lc),
+      tiles: Math.ceil(ED / v.WG),
+      gated: a.gated ? 1 : 0,
+    },
+  };
+}
+
+/** Runs the forward kernel (no autograd): returns out (B, L, ED) and the chunk states hs (B, ED, chunks, N). */
+export function fusedScanForward(
+  x: Tensor,
+  draw: Tensor,
+  dBC: Tensor,
+  par: Tensor,
+  z: Tensor | null,
+  a: FusedAttrs,
+): { y: Tensor; hs: Tensor } {
+  const { B, L, ED, v, u } = sizes(x, dBC, a);
+  const y = Tensor.empty([B, L, ED]);
+  const hs = Tensor.empty([B, ED, u.chunks, a.N]);
+  const k = forwardKernel(v);
+  const bufs = {
+    x: x.storage,
+    draw: draw.storage,
+    dbc: dBC.storage,
+    par: par.storage,
+    z: (z ?? x).storage,
+    y: y.storage,
+    hs: hs.storage,
+  };
+  const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
+  for (let t0 = 0; t0 < L; t0 += step) {
+    dispatch(k, bufs, { ...u, t0, t1: Math.min(L, t0 + step) }, B * u.tiles);
+  }
+  return { y, hs };
+}
+
+const fusedOp = defineOp<FusedAttrs>({
+  name: "fusedSelectiveScan",
+  forward: (inputs, a, save) => {
+    const [x, draw, dBC, bias, A_log, D, z] = inputs;
+    const par = cat([bias, A_log.reshape(-1), D], 0); // par: (ED + ED*N + ED)
+    const { y, hs } = fusedScanForward(x, draw, dBC, par, z ?? null, a);
+    save(x, draw, dBC, A_log, par, hs, ...(z ? [z] : []));
+    return y;
+  },
+  backward: (g, saved, inputs, a) => {
+    const [x, draw, dBC, A_log, par, hs] = saved;
+    const z = a.gated ? saved[6] : null;
+    const { B, L, ED, v, u } = sizes(x, dBC, a);
+    const N = a.N;
+    const gx = Tensor.empty(x.shape);
+    const gdraw = Tensor.empty(x.shape);
+    const gz = Tensor.empty(x.shape);
+    const gbc = Tensor.empty([B, L, 2 * N, u.tiles]);
+    const gpar = Tensor.empty([B, ED, 2 * N + 2]);
+    const bufs = {
+      x: x.storage,
+      draw: draw.storage,
+      dbc: dBC.storage,
+      par: par.storage,
+      z: (z ?? x).storage,
+      hs: hs.storage,
+      g: g.storage,
+      gx: gx.storage,
+      gdraw: gdraw.storage,
+      gz: gz.storage,
+      gbc: gbc.storage,
+      gpar: gpar.storage,
+    };
+    const k = backwardKernel(v);
+    // Each dispatch walks at most MAX_STEPS / 2 chunk steps twice (recompute + reverse).
+    const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
+    for (let t1 = u.chunks; t1 > 0; t1 -= per) {
+      dispatch(k, bufs, { ...u, t0: Math.max(0, t1 - per), t1 }, B * u.tiles);
+    }
+    // Reductions: dB, dC over tiles; dbias, dD, dA over the batch.
+    const gBC = sum(gbc, -1); // gBC: (B, L, 2N)
+    const gdBC = a.R > 0 ? cat([mapOp("0.0", [], [B, L, a.R]), gBC], -1) : gBC; // (B, L, R + 2N)
+    const gp = sum(gpar, 0); // gp: (ED, 2N + 2)
+    const gbias = narrow(gp, 1, 0, 1).reshape(ED);
+    const gD = narrow(gp, 1, 1, 1).reshape(ED);
+    const gA = narrow(gp, 1, 2, N); // gA: (ED, N)
+    const gAlog = mapOp("-a * exp(b)", [gA, A_log], [ED, N]); // dA/dA_log = A = -exp(A_log)
+    for (const t of [gbc, gpar, gBC, gp, gA]) if (t !== gdBC) t.dispose();
+    if (!a.gated) gz.dispose();
+    return [
+      gx,
+      gdraw,
+      gdBC,
+      gbias,
+      gAlog,
+      gD,
+      ...(a.gated ? [gz] : []),
+    ].map((t, i) => (inputs[i].requiresGrad ? t : (t.dispose(), null)));
+  },
+});
+
+/**
+ * The whole SSM of a Mamba block in one kernel, differentiable with a recomputing backward.
+ * x, draw: (B, L, ED); dBC: (B, L, R + 2N) (B at columns R.., C at R+N..); bias, D: (ED); A_log: (ED, N);
+ * z: (B, L, ED) or null. Returns (C.h + D x) * silu(z): (B, L, ED).
+ */
+export function fusedSelectiveScan(
+  x: Tensor,
+  draw: Tensor,
+  dBC: Tensor,
+  bias: Tensor,
+  A_log: Tensor,
+  D: Tensor,
+  z: Tensor | null,
+): Tensor {
+  const [B, L, ED] = x.shape;
+  const N = A_log.shape[1];
+  const R = dBC.shape[2] - 2 * N;
+  const bad = (what: string) => {
+    throw new Error(`fusedSelectiveScan: ${what}`);
+  };
+  if (x.rank !== 3) bad(`x must be (B, L, ED), got ${fmt(x.shape)}`);
+  if (draw.shape.join() !== x.shape.join()) bad(`draw ${fmt(draw.shape)} must equal x ${fmt(x.shape)}`);
+  if (z && z.shape.join() !== x.shape.join()) bad(`z ${fmt(z.shape)} must equal x ${fmt(x.shape)}`);
+  if (A_log.rank !== 2 || A_log.shape[0] !== ED) bad(`A_log must be (${ED}, N), got ${fmt(A_log.shape)}`);
+  if (dBC.rank !== 3 || dBC.shape[0] !== B || dBC.shape[1] !== L || R < 0) {
+    bad(`dBC must be (${B}, ${L}, R + 2*${N}), got ${fmt(dBC.shape)}`);
+  }
+  if (bias.shape.join() !== `${ED}` || D.shape.join() !== `${ED}`) bad(`bias and D must be (${ED})`);
+  const inputs = [x, draw, dBC, bias, A_log, D, ...(z ? [z] : [])];
+  return fusedOp(inputs, { R, N, gated: z !== null });
+}
