@@ -26,6 +26,8 @@ import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
+import { fusedScanForward, fusedSelectiveScan } from "../scan/fused.ts";
+import { checkpoint, isGradEnabled } from "../core/autograd.ts";
 import type { MambaConfig } from "./config.ts";
 
 /** The inference cache of one layer. */
@@ -85,12 +87,38 @@ export class MambaBlock extends Module {
     const xz = this.inProj.forward(u); // xz: (B, L, 2ED)
     const [xIn, z] = split(xz, ED, -1); // xIn, z: (B, L, ED)
     const x = silu(this.conv1d.forward(xIn)); // x: (B, L, ED)
-    const { y, hs } = this.ssm(x); // y: (B, L, ED), hs: (B, L, ED, N)
-    const out = this.outProj.forward(mul(y, silu(z))); // out: (B, L, D)
-    if (!wantCache) return { out, cache: null };
-    const h = narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState); // h: (B, ED, N)
+    let out: Tensor;
+    let h: Tensor | null = null;
+    if (this.config.scan === "fused") {
+      const r = this.fusedSsm(x, z, wantCache); // gated y: (B, L, ED), h: (B, ED, N)
+      out = this.outProj.forward(r.y); // out: (B, L, D)
+      h = r.h;
+    } else {
+      const { y, hs } = this.ssm(x); // y: (B, L, ED), hs: (B, L, ED, N)
+      out = this.outProj.forward(mul(y, silu(z))); // out: (B, L, D)
+      if (wantCache) h = narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState); // h: (B, ED, N)
+    }
+    if (!wantCache || !h) return { out, cache: null };
     const tail = narrow(pad(xIn, [0, 0, K - 1, 0]), 1, L, K - 1); // tail: (B, K-1, ED)
     return { out, cache: { h, inputs: transpose(tail, 1, 2) } }; // inputs: (B, ED, K-1)
+  }
+
+  /** The fused kernel path: x, z: (B, L, ED) -> gated y (B, L, ED); with `wantState`, h at the end (B, ED, N). */
+  fusedSsm(x: Tensor, z: Tensor, wantState: boolean): { y: Tensor; h: Tensor | null } {
+    const { dtRank: R, dState: N, dInner: ED } = this.config;
+    let dBC = this.xProj.forward(x); // dBC: (B, L, R + 2N)
+    if (this.norms) {
+      const [delta, Bm, C] = split(dBC, [R, N, N], -1);
+      dBC = cat([this.norms.dt.forward(delta), this.norms.B.forward(Bm), this.norms.C.forward(C)], -1);
+    }
+    const draw = matmul(narrow(dBC, -1, 0, R), this.dtProj.weight, { transB: true }); // draw: (B, L, ED)
+    const bias = this.dtProj.bias!;
+    if (!wantState) return { y: fusedSelectiveScan(x, draw, dBC, bias, this.A_log, this.D, z), h: null };
+    // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.
+    const par = cat([bias, this.A_log.reshape(-1), this.D], 0);
+    const { y, hs } = fusedScanForward(x, draw, dBC, par, z, { R, N, gated: true });
+    const chunks = hs.shape[2];
+    return { y, h: narrow(hs, 2, chunks - 1, 1).reshape(x.shape[0], ED, N) };
   }
 
   /** x: (B, L, ED) after the conv -> y: (B, L, ED) and the states hs: (B, L, ED, N). */
@@ -102,7 +130,15 @@ export class MambaBlock extends Module {
       [delta, Bm, C] = [this.norms.dt.forward(delta), this.norms.B.forward(Bm), this.norms.C.forward(C)];
     }
     delta = softplus(this.dtProj.forward(delta)); // delta: (B, L, ED)
-    return selectiveScan(x, delta, A, Bm, C, this.D, this.config.scan);
+    return selectiveScan(
+      x,
+      delta,
+      A,
+      Bm,
+      C,
+      this.D,
+      this.config.scan === "fused" ? "pscan" : this.config.scan,
+    );
   }
 
   /** One token. u: (B, D); cache from the previous step -> (B, D) and the new cache. */
@@ -167,6 +203,10 @@ export class ResidualBlock extends Module {
 
   /** x: (B, L, D) -> (B, L, D) */
   forward(x: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
+    if (this.mixer.config.recompute && !wantCache && isGradEnabled()) {
+      // Keep only the block's input; norm, in_proj, conv, x_proj and the scan run again in the backward.
+      return { out: add(checkpoint((u) => this.mixer.forward(this.norm.forward(u)).out, x), x), cache: null };
+    }
     const { out, cache } = this.mixer.forward(this.norm.forward(x), wantCache);
     return { out: add(out, x), cache };
   }

@@ -39,8 +39,10 @@ export interface MambaConfigInput {
   convBias?: boolean;
   /** RMSNorm on delta, B and C after x_proj (false). */
   innerLayernorms?: boolean;
-  /** How the selective scan runs: "pscan" (default) or "sequential". */
-  scan?: ScanMode;
+  /** How the selective scan runs: "fused" (default: one kernel, recomputing backward), "pscan" or "sequential". */
+  scan?: ScanMode | "fused";
+  /** Recompute each block's in_proj, conv and x_proj in the backward instead of keeping them (true). */
+  recompute?: boolean;
 }
 
 /** A complete, validated configuration with derived sizes. */
@@ -66,12 +68,13 @@ const DEFAULTS = {
   bias: false,
   convBias: true,
   innerLayernorms: false,
-  scan: "pscan" as ScanMode,
+  scan: "fused" as ScanMode | "fused",
+  recompute: true,
 };
 
 const INT_KEYS = ["dModel", "nLayers", "dState", "expandFactor", "dConv"] as const;
 const POS_KEYS = ["dtMin", "dtMax", "dtScale", "dtInitFloor", "rmsNormEps", "baseStd"] as const;
-const BOOL_KEYS = ["bias", "convBias", "innerLayernorms"] as const;
+const BOOL_KEYS = ["bias", "convBias", "innerLayernorms", "recompute"] as const;
 
 /** Fills defaults and validates; every error names the key and the value. */
 export function mambaConfig(input: MambaConfigInput): MambaConfig {
@@ -99,8 +102,10 @@ export function mambaConfig(input: MambaConfigInput): MambaConfig {
   if (c.dtInit !== "random" && c.dtInit !== "constant") {
     throw new Error(`MambaConfig: dtInit must be "random" or "constant", got ${JSON.stringify(c.dtInit)}`);
   }
-  if (c.scan !== "pscan" && c.scan !== "sequential") {
-    throw new Error(`MambaConfig: scan must be "pscan" or "sequential", got ${JSON.stringify(c.scan)}`);
+  if (c.scan !== "fused" && c.scan !== "pscan" && c.scan !== "sequential") {
+    throw new Error(
+      `MambaConfig: scan must be "fused", "pscan" or "sequential", got ${JSON.stringify(c.scan)}`,
+    );
   }
   const dtRank = c.dtRank === "auto" ? Math.ceil(c.dModel / 16) : c.dtRank;
   if (!Number.isInteger(dtRank) || dtRank <= 0) {

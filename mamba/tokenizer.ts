@@ -1,23 +1,63 @@
 /**
- * Tokenizers. `ByteTokenizer` is the byte-level character tokenizer of the char models (token id = byte
- * value); it decodes incrementally, so a character split across tokens is emitted once complete.
+ * Tokenizers behind one small interface, {@linkcode Tokenizer}, with two implementations:
+ *
+ * - {@linkcode HubTokenizer}: a Hugging Face `tokenizer.json` (+ `tokenizer_config.json`), run by the
+ *   `@huggingface/tokenizers` package (pure JavaScript: Deno and browsers). This is the GPT-NeoX byte-level
+ *   BPE of the `state-spaces/mamba-*-hf` models, or any other tokenizer that package supports.
+ * - {@linkcode ByteTokenizer}: the byte-level character tokenizer of the char models (token id = byte value).
+ *
+ * {@linkcode StreamDecoder} turns a stream of token ids into text for either one, holding back a character
+ * whose UTF-8 bytes are split across tokens until it is complete. No Deno APIs here: this file runs in
+ * browsers too; reading the files is `pretrained.ts`'s job.
  * @module
  */
 
+import { Tokenizer as HFTokenizer } from "npm:@huggingface/tokenizers@0.2.0";
+
+/** Ids of the special tokens a tokenizer declares (null where it declares none). */
+export interface SpecialTokens {
+  /** Beginning of sequence. */
+  bos: number | null;
+  /** End of sequence (generation may stop there). */
+  eos: number | null;
+  /** Padding. */
+  pad: number | null;
+  /** Unknown token. */
+  unk: number | null;
+}
+
+/** Options of {@linkcode Tokenizer.encode}. */
+export interface EncodeOptions {
+  /** Add the special tokens the tokenizer's post-processor adds (e.g. a BOS); default true. */
+  addSpecialTokens?: boolean;
+}
+
+/** Options of {@linkcode Tokenizer.decode}. */
+export interface DecodeOptions {
+  /** Leave special tokens (`<|endoftext|>`, ...) out of the text; default false. */
+  skipSpecialTokens?: boolean;
+}
+
 /** What generation needs from a tokenizer. */
 export interface Tokenizer {
-  /** Number of token ids. */
+  /** Number of token ids: 1 + the largest id, added tokens included. */
   readonly vocabSize: number;
+  /** Special token ids. */
+  readonly specialTokens: SpecialTokens;
   /** Text to ids. */
-  encode(text: string): number[];
-  /** Ids to text. */
-  decode(ids: ArrayLike<number>): string;
+  encode(text: string, options?: EncodeOptions): number[];
+  /** Ids to text; an incomplete UTF-8 character at either end decodes to U+FFFD. */
+  decode(ids: ArrayLike<number>, options?: DecodeOptions): string;
 }
+
+const NO_SPECIAL: SpecialTokens = Object.freeze({ bos: null, eos: null, pad: null, unk: null });
 
 /** Byte-level tokenizer: UTF-8 bytes are the ids (vocabulary 256). */
 export class ByteTokenizer implements Tokenizer {
   /** Always 256. */
   readonly vocabSize: number = 256;
+  /** None. */
+  readonly specialTokens: SpecialTokens = NO_SPECIAL;
   /** Characters the model saw in training (from tokenizer.json), if known. */
   readonly known: Set<number> | null;
   #stream = new TextDecoder("utf-8", { fatal: false });
@@ -33,7 +73,7 @@ export class ByteTokenizer implements Tokenizer {
   }
 
   /** UTF-8 bytes of the text; with a known set, unknown characters give an error naming them. */
-  encode(text: string): number[] {
+  encode(text: string, _options?: EncodeOptions): number[] {
     const ids = [...new TextEncoder().encode(text)];
     if (this.known) {
       const bad = [
@@ -50,13 +90,199 @@ export class ByteTokenizer implements Tokenizer {
     return ids;
   }
 
-  /** Whole-text decode. */
-  decode(ids: ArrayLike<number>): string {
-    return new TextDecoder().decode(Uint8Array.from(Array.from(ids)));
+  /** Whole-text decode. Ids outside 0..255 are an error. */
+  decode(ids: ArrayLike<number>, _options?: DecodeOptions): string {
+    return new TextDecoder().decode(bytesOf(ids));
   }
 
   /** Streaming decode: holds back the bytes of an incomplete UTF-8 character until it completes. */
   decodeStream(ids: ArrayLike<number>): string {
-    return this.#stream.decode(Uint8Array.from(Array.from(ids)), { stream: true });
+    return this.#stream.decode(bytesOf(ids), { stream: true });
+  }
+}
+
+function bytesOf(ids: ArrayLike<number>): Uint8Array {
+  const out = new Uint8Array(ids.length);
+  for (let i = 0; i < ids.length; i++) {
+    const id = ids[i];
+    if (!Number.isInteger(id) || id < 0 || id > 255) {
+      throw new Error(`ByteTokenizer: id ${id} is not a byte (0..255)`);
+    }
+    out[i] = id;
+  }
+  return out;
+}
+
+// A special token in tokenizer_config.json: a string or an AddedToken object ({"content": ...}).
+function tokenText(v: unknown): string | null {
+  if (typeof v === "string") return v;
+  if (v && typeof v === "object" && typeof (v as { content?: unknown }).content === "string") {
+    return (v as { content: string }).content;
+  }
+  return null;
+}
+
+/**
+ * A Hugging Face tokenizer (`tokenizer.json` and, optionally, `tokenizer_config.json`) run by
+ * `@huggingface/tokenizers`: byte-level BPE (GPT-NeoX, GPT-2), and the other models that package supports.
+ */
+export class HubTokenizer implements Tokenizer {
+  /** 1 + the largest id of the vocabulary and the added tokens. */
+  readonly vocabSize: number;
+  /** From `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, `unk_token`). */
+  readonly specialTokens: SpecialTokens;
+  /** The `model.type` of tokenizer.json ("BPE", "Unigram", ...). */
+  readonly modelType: string;
+  #tok: HFTokenizer;
+
+  /**
+   * `tokenizerJson`: the parsed `tokenizer.json`; `config`: the parsed `tokenizer_config.json` (optional).
+   * Throws a clear error when the JSON is not a tokenizers file or uses something the package lacks.
+   */
+  constructor(tokenizerJson: Record<string, unknown>, config: Record<string, unknown> = {}) {
+    const model = tokenizerJson?.model as Record<string, unknown> | undefined;
+    if (!model || typeof model !== "object") {
+      throw new Error("tokenizer.json has no 'model': not a Hugging Face tokenizers file");
+    }
+    this.modelType = String(model.type ?? "unknown");
+    try {
+      this.#tok = new HFTokenizer(tokenizerJson, config);
+    } catch (e) {
+      throw new Error(`cannot build the ${this.modelType} tokenizer: ${(e as Error).message}`, { cause: e });
+    }
+    let max = -1;
+    for (const id of this.#tok.get_vocab(true).values()) if (id > max) max = id;
+    this.vocabSize = max + 1;
+    const id = (key: string): number | null => {
+      const text = tokenText(config[key]);
+      return text === null ? null : this.#tok.token_to_id(text) ?? null;
+    };
+    this.specialTokens = Object.freeze({
+      bos: id("bos_token"),
+      eos: id("eos_token"),
+      pad: id("pad_token"),
+      unk: id("unk_token"),
+    });
+  }
+
+  /** Text to ids (special tokens in the text are recognised; `addSpecialTokens` as the post-processor). */
+  encode(text: string, options: EncodeOptions = {}): number[] {
+    return this.#tok.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
+  }
+
+  /** Ids to text. */
+  decode(ids: ArrayLike<number>, options: DecodeOptions = {}): string {
+    return this.#tok.decode(Array.from(ids), { skip_special_tokens: options.skipSpecialTokens ?? false });
+  }
+
+  /** The id of a token string, or null. */
+  tokenToId(token: string): number | null {
+    return this.#tok.token_to_id(token) ?? null;
+  }
+
+  /** The token string of an id, or null. */
+  idToToken(id: number): string | null {
+    return this.#tok.id_to_token(id) ?? null;
+  }
+}
+
+/**
+ * Builds the tokenizer that a `tokenizer.json` describes: a char-model file (`char_to_id`, or
+ * `"type": "byte-level characters"`) gives a {@linkcode ByteTokenizer}, a Hugging Face tokenizers file
+ * (`model`) a {@linkcode HubTokenizer} with `config` (`tokenizer_config.json`). `where` names the source
+ * in errors.
+ */
+export function tokenizerFromJSON(
+  json: unknown,
+  config: Record<string, unknown> = {},
+  where = "tokenizer.json",
+): Tokenizer {
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    throw new Error(`${where}: not a JSON object`);
+  }
+  const j = json as Record<string, unknown>;
+  if ("char_to_id" in j || j.type === "byte-level characters") {
+    return ByteTokenizer.fromJSON(j as { char_to_id?: Record<string, number> });
+  }
+  if ("model" in j) {
+    try {
+      return new HubTokenizer(j, config);
+    } catch (e) {
+      throw new Error(`${where}: ${(e as Error).message}`, { cause: e });
+    }
+  }
+  throw new Error(`${where}: neither a Hugging Face tokenizers file ('model') nor a char tokenizer`);
+}
+
+/** Options of {@linkcode StreamDecoder}. */
+export interface StreamDecoderOptions extends DecodeOptions {
+  /**
+   * Most tokens held back waiting for a split character to complete (default 4, the most bytes a UTF-8
+   * character has); past that the text is emitted with U+FFFD for the invalid bytes.
+   */
+  maxPending?: number;
+}
+
+/**
+ * Incremental decoding for any {@linkcode Tokenizer}: `push` ids as they are generated and get the text they
+ * complete. Each step decodes a small window (the last emitted token as context plus the new ones) and emits
+ * only what lies past the context's text, once the window no longer ends in an incomplete UTF-8 character
+ * (U+FFFD). The context keeps decoders that treat the first token specially (a leading space) right; the
+ * algorithm is that of the Rust `tokenizers` crate's `DecodeStream`.
+ */
+export class StreamDecoder {
+  readonly #tok: Tokenizer;
+  readonly #opts: DecodeOptions;
+  readonly #maxPending: number;
+  #ids: number[] = [];
+  #prefix = "";
+  #prefixIndex = 0;
+
+  /** Decodes with `tokenizer`; options as {@linkcode Tokenizer.decode} plus `maxPending`. */
+  constructor(tokenizer: Tokenizer, options: StreamDecoderOptions = {}) {
+    this.#tok = tokenizer;
+    this.#opts = { skipSpecialTokens: options.skipSpecialTokens };
+    this.#maxPending = Math.max(1, options.maxPending ?? 4);
+  }
+
+  /** Adds ids; returns the text they complete (possibly ""). */
+  push(ids: ArrayLike<number>): string {
+    let out = "";
+    for (let i = 0; i < ids.length; i++) out += this.#step(ids[i]);
+    return out;
+  }
+
+  /** Emits whatever is held back (an incomplete character becomes U+FFFD) and starts over. */
+  flush(): string {
+    const text = this.#tok.decode(this.#ids, this.#opts);
+    const out = this.#emit(text);
+    this.#ids = [];
+    this.#prefix = "";
+    this.#prefixIndex = 0;
+    return out;
+  }
+
+  #step(id: number): string {
+    this.#ids.push(id);
+    const text = this.#tok.decode(this.#ids, this.#opts);
+    const pending = this.#ids.length - this.#prefixIndex;
+    if (text.length > this.#prefix.length && !text.endsWith("\uFFFD") || pending >= this.#maxPending) {
+      const out = this.#emit(text);
+      // Keep the tokens just emitted as the context of the next window.
+      this.#ids = this.#ids.slice(this.#prefixIndex);
+      this.#prefixIndex = this.#ids.length;
+      this.#prefix = this.#tok.decode(this.#ids, this.#opts);
+      return out;
+    }
+    return "";
+  }
+
+  // The part of `text` past the context's text. If a decoder rewrote the context (clean-up of spaces before
+  // punctuation), emit past the common prefix: text already emitted cannot be taken back.
+  #emit(text: string): string {
+    if (text.startsWith(this.#prefix)) return text.slice(this.#prefix.length);
+    let n = 0;
+    while (n < text.length && n < this.#prefix.length && text[n] === this.#prefix[n]) n++;
+    return text.slice(Math.max(n, Math.min(this.#prefix.length, text.length)));
   }
 }

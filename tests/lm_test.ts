@@ -6,7 +6,7 @@ import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
 import { fixturePath, loadFixture, maxAbsDiff, toTensor } from "./fixture_util.ts";
 
-async function lmV64(scan: "pscan" | "sequential") {
+async function lmV64(scan: "pscan" | "sequential" | "fused") {
   const f = await loadFixture("lm_v64.safetensors");
   const c = JSON.parse((await readSafetensorsFile(fixturePath("lm_v64.safetensors"))).header.metadata.config);
   const lm = new MambaLM({ dModel: c.d_model, nLayers: c.n_layers, dtRank: c.dt_rank, scan }, {
@@ -23,7 +23,7 @@ function rowsOf(data: Int32Array | Float32Array, B: number): number[][] {
   return Array.from({ length: B }, (_, b) => Array.from(data.subarray(b * L, (b + 1) * L)));
 }
 
-for (const scan of ["pscan", "sequential"] as const) {
+for (const scan of ["pscan", "sequential", "fused"] as const) {
   Deno.test(`MambaLM ${scan}: logits and greedy generation equal mamba.py (lm_v64)`, async () => {
     const { f, lm } = await lmV64(scan);
     const tokens = toTensor(f, "tokens");

@@ -8,7 +8,7 @@ import { Mamba } from "../mamba/block.ts";
 import type { ScanMode } from "../scan/linear_scan.ts";
 import { fixturePath, loadFixture, maxAbs, maxAbsDiff, toTensor } from "./fixture_util.ts";
 
-async function configOf(name: string, scan: ScanMode) {
+async function configOf(name: string, scan: ScanMode | "fused", recompute = true) {
   const meta = (await readSafetensorsFile(fixturePath(name))).header.metadata;
   const c = JSON.parse(meta.config);
   return mambaConfig({
@@ -23,15 +23,21 @@ async function configOf(name: string, scan: ScanMode) {
     rmsNormEps: c.rms_norm_eps,
     innerLayernorms: c.inner_layernorms,
     scan,
+    recompute,
   });
 }
 
 // Tolerances (MANIFEST): 1e-4 absolute on y; gradients 1e-4 relative to max |grad| of each tensor.
 for (const name of ["mamba_L37", "mamba_dstate4", "mamba_tiny"]) {
-  for (const scan of ["pscan", "sequential"] as ScanMode[]) {
-    Deno.test(`Mamba ${scan}: forward and every gradient equal mamba.py (${name})`, async () => {
+  for (
+    const [scan, recompute] of [["pscan", false], ["sequential", false], ["fused", false], [
+      "fused",
+      true,
+    ]] as const
+  ) {
+    Deno.test(`Mamba ${scan}${recompute ? "+recompute" : ""}: forward and every gradient equal mamba.py (${name})`, async () => {
       const f = await loadFixture(`${name}.safetensors`);
-      const model = new Mamba(await configOf(`${name}.safetensors`, scan));
+      const model = new Mamba(await configOf(`${name}.safetensors`, scan, recompute));
       const dict = new Map(
         [...f].filter(([k]) => !k.includes(".") || k.startsWith("layers.")).filter(([k]) =>
           k.startsWith("layers.")
@@ -65,7 +71,7 @@ for (const name of ["mamba_L37", "mamba_dstate4", "mamba_tiny"]) {
 
 Deno.test("Mamba.step outputs and final caches equal mamba.py's step fixture and the full forward", async () => {
   const f = await loadFixture("step_tiny.safetensors");
-  const model = new Mamba(await configOf("step_tiny.safetensors", "pscan"));
+  const model = new Mamba(await configOf("step_tiny.safetensors", "fused"));
   model.loadStateDict(new Map([...f].filter(([k]) => k.startsWith("layers."))), { strict: true });
   const x = toTensor(f, "x"); // x: (B, L, D)
   const [B, L, D] = x.shape;
