@@ -27,7 +27,7 @@ export {
   type InitOptions,
 } from "./core/device.ts";
 export { dispose, type DType, keep, type Operand, Tensor, tidy } from "./core/tensor.ts";
-export { emptyPool, memory, type MemoryInfo, resetPeak, Storage } from "./core/memory.ts";
+export { emptyPool, memory, type MemoryInfo, resetPeak, setMemoryLimit, Storage } from "./core/memory.ts";
 export { type Shape } from "./core/shape.ts";
 export { dispatchCount, flush, sync } from "./core/executor.ts";
 export {
@@ -85,6 +85,13 @@ export { type HostTensor, type LoadOptions, type LoadResult, Module, type StateD
 export { Conv1d, Embedding, Linear, RMSNorm } from "./nn/layers.ts";
 export { linearScan, runScan, type ScanMode } from "./scan/linear_scan.ts";
 export { selectiveScan } from "./scan/selective_scan.ts";
+export {
+  type FusedAttrs,
+  fusedScanForward,
+  fusedSelectiveScan,
+  type FusedVariant,
+  fusedVariant,
+} from "./scan/fused.ts";
 export { type MambaConfig, mambaConfig, type MambaConfigInput } from "./mamba/config.ts";
 export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";
 export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./mamba/lm.ts";

@@ -7,7 +7,7 @@
  * @module
  */
 
-import { gpuDevice } from "./device.ts";
+import { gpuDevice, GPUError } from "./device.ts";
 
 /** Byte counts from the runtime's own allocator. */
 export interface MemoryInfo {
@@ -62,9 +62,24 @@ export function sizeClass(bytes: number): number {
   return Math.ceil(b / step) * step;
 }
 
+let limit = Infinity;
+
+/**
+ * Caps the bytes live tensors may hold (default: no cap). An allocation past the cap throws a clear
+ * out-of-memory error instead of reaching the driver; use it to test that a workload fits a budget.
+ */
+export function setMemoryLimit(bytes: number | null): void {
+  limit = bytes ?? Infinity;
+}
+
 /** Allocates storage for `bytes` bytes, reusing a pooled buffer of the same size class when there is one. */
 export function allocStorage(bytes: number): Storage {
   const size = sizeClass(bytes);
+  if (live + size > limit) {
+    throw new GPUError(
+      `out of memory: allocating ${size} bytes with ${live} live would pass the memory limit of ${limit} bytes`,
+    );
+  }
   let buffer = pool.get(size)?.pop();
   if (buffer) {
     pooled -= size;

@@ -254,9 +254,13 @@ var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]`,
   return k;
 }
 
-interface FusedAttrs {
+/** Static attributes of a fused-scan call. */
+export interface FusedAttrs {
+  /** dt rank: B starts at column R of dBC. */
   R: number;
+  /** State size. */
   N: number;
+  /** Whether the output is gated by silu(z). */
   gated: boolean;
 }
 
