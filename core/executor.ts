@@ -57,12 +57,78 @@ export function reserveUniforms(bytes: number): { buffer: GPUBuffer; offset: num
   return { buffer: uniformRing(), offset, view: new DataView(uniformHost.buffer, offset, size) };
 }
 
+/** Kernel times collected while profiling. */
+export interface KernelTime {
+  /** Kernel name. */
+  name: string;
+  /** GPU time in milliseconds (timestamp queries). */
+  ms: number;
+}
+
+const PROFILE_SLOTS = 2048; // 2 queries each; a query set holds at most 4096
+let profiler: { set: GPUQuerySet; names: string[]; pending: Promise<KernelTime[]>[] } | null = null;
+
+/**
+ * Times every dispatch of `fn` on the GPU with timestamp queries (each dispatch gets its own pass, so this
+ * slows the work down a little) and returns the kernel times in order. Needs the `timestamp-query` feature.
+ */
+export async function profile(fn: () => void | Promise<void>): Promise<KernelTime[]> {
+  if (!deviceInfo().timestampQuery) throw new Error("profile(): the adapter has no timestamp-query feature");
+  flush();
+  profiler = {
+    set: gpuDevice().createQuerySet({ type: "timestamp", count: 2 * PROFILE_SLOTS }),
+    names: [],
+    pending: [],
+  };
+  try {
+    await fn();
+    resolveProfile();
+    return (await Promise.all(profiler.pending)).flat();
+  } finally {
+    profiler.set.destroy();
+    profiler = null;
+  }
+}
+
+/** Resolves the timestamps recorded so far and queues their readback (called before a submit). */
+function resolveProfile(): void {
+  if (!profiler || profiler.names.length === 0) return;
+  const n = profiler.names.length;
+  const names = profiler.names.splice(0);
+  endPass();
+  const dev = gpuDevice();
+  const resolved = dev.createBuffer({
+    size: 16 * n,
+    usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+  });
+  currentEncoder().resolveQuerySet(profiler.set, 0, 2 * n, resolved, 0);
+  const p = readBuffer(resolved, 0, 16 * n).then((buf) => {
+    resolved.destroy();
+    const t = new BigUint64Array(buf);
+    return names.map((name, i) => ({ name, ms: Number(t[2 * i + 1] - t[2 * i]) / 1e6 }));
+  });
+  profiler.pending.push(p);
+}
+
 /** Records one compute dispatch. Submits when the batch is large. */
 export function recordDispatch(
   pipeline: GPUComputePipeline,
   bindGroup: GPUBindGroup,
   workgroups: [number, number, number],
 ): void {
+  if (profiler) {
+    if (profiler.names.length === PROFILE_SLOTS) resolveProfile();
+    const i = profiler.names.length;
+    profiler.names.push(pipeline.label);
+    endPass();
+    pass = currentEncoder().beginComputePass({
+      timestampWrites: {
+        querySet: profiler.set,
+        beginningOfPassWriteIndex: 2 * i,
+        endOfPassWriteIndex: 2 * i + 1,
+      },
+    });
+  }
   const p = currentPass();
   p.setPipeline(pipeline);
   p.setBindGroup(0, bindGroup);
@@ -119,6 +185,7 @@ export function flush(): void {
 
 /** Reads `bytes` bytes at `offset` of a GPU buffer back to the host. The only place the runtime waits. */
 export async function readBuffer(src: GPUBuffer, offset: number, bytes: number): Promise<ArrayBuffer> {
+  if (profiler && profiler.names.length) resolveProfile();
   const size = Math.ceil(Math.max(bytes, 4) / 4) * 4;
   const staging = gpuDevice().createBuffer({
     size,

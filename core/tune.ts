@@ -72,16 +72,20 @@ export function tuneResult(): TuneResult | null {
 /**
  * Measures the matmul variants once per adapter and selects the fastest with `setMatmulVariant`.
  *
- * Acquires the device if needed (`init()`). Each variant multiplies square matrices of the sizes in
- * `TUNE_SIZES` (256 and 512): one untimed dispatch first (pipeline compilation), then batches of
- * dispatches between two waits, growing until a batch lasts about 40 ms, timed with and without the work
- * so that the fixed cost of a wait cancels out. The variant with the highest overall GFLOP/s wins.
+ * Acquires the device if needed (`init()`). Each variant multiplies square matrices of 256 and 512: one
+ * untimed dispatch first (pipeline compilation), then batches of dispatches between two waits, growing
+ * until a batch lasts at least 40 ms (at most 256 dispatches); the cost of an empty wait, measured first,
+ * is subtracted. The variant with the highest GFLOP/s over both sizes wins. On a CPU adapter the first
+ * measurement takes about 1-2 s.
  *
  * The choice is cached in `localStorage` under `mamba.ts/tune/<kernel version>/<adapter>`; a later call
  * (in this process or a later one on the same adapter) reads it instead of measuring, unless
- * `options.force` is set. Where `localStorage` is missing or refuses access (some browsers, permissions),
- * the tuner measures every process. Inputs come from a seeded generator of their own: the global random
- * stream is not advanced. Concurrent calls share one measurement.
+ * `options.force` is set. Deno keeps `localStorage` per `--location`, else per configuration file
+ * (deno.json), else per main module; where `localStorage` is missing or refuses access (some browsers,
+ * permissions), the tuner measures in every process. Inputs come from seeded generators of their own: the
+ * global random stream is not advanced. Concurrent calls share one measurement.
+ *
+ * {@linkcode tuneResult} returns the last result; `matmulVariant()` the variant in use.
  */
 export function tuneKernels(options: TuneOptions = {}): Promise<TuneResult> {
   pending ??= tune(options).finally(() => pending = null);
@@ -200,7 +204,7 @@ function writeCache(key: string, r: TuneResult): void {
   }
 }
 
-/** The adapter as the tuner names it: description, vendor and subgroup size (GL and Vulkan llvmpipe differ). */
+/** The adapter as the tuner names it: description, vendor, subgroup size (GL and Vulkan llvmpipe differ). */
 function adapterName(): string {
   const info = deviceInfo();
   return `${info.description} (${info.vendor || "unknown vendor"}, subgroup ${info.subgroupMaxSize})`;

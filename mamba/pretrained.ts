@@ -1,13 +1,28 @@
 /**
- * Pretrained checkpoints: `config.json` + `model.safetensors` in the two layouts people download,
- * Hugging Face transformers (`state-spaces/mamba-130m-hf`) and the original state-spaces layout, from a
- * local folder or an `https://` URL; and saving a model back in the Hugging Face layout.
+ * Pretrained checkpoints: `config.json` + `model.safetensors` (or a sharded `model.safetensors.index.json`)
+ * in the two layouts people download, Hugging Face transformers (`state-spaces/mamba-130m-hf`) and the
+ * original state-spaces layout, from a hub id (through the Hugging Face cache), a local folder or an
+ * `https://` URL, with the tokenizer beside them; and saving a model back in the Hugging Face layout.
  * @module
  */
 
-import { parseSafetensors, type SafetensorsInput, serializeSafetensors } from "../core/safetensors.ts";
+import { flush } from "../core/executor.ts";
+import {
+  decodeTensor,
+  parseSafetensorsHeader,
+  type SafetensorsEntry,
+  type SafetensorsHeader,
+  safetensorsHeaderLength,
+  type SafetensorsInput,
+  serializeSafetensors,
+} from "../core/safetensors.ts";
+import { fmt } from "../core/shape.ts";
+import type { Tensor } from "../core/tensor.ts";
 import type { MambaConfigInput } from "./config.ts";
+import { hubDownload, HubError, type HubOptions, isHubId, placeByHandHelp } from "./hub.ts";
+import { type ByteSource, isDirectory, openFileSource, responseSource } from "./hub_fs.ts";
 import { type LMOptions, MambaLM } from "./lm.ts";
+import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
 
 /** A checkpoint's config turned into ours, plus how its tensor names map to ours. */
 export interface CheckpointConfig {
@@ -177,63 +192,412 @@ export function mapKey(key: string): string | null {
   return null;
 }
 
-async function readBytes(base: string, file: string): Promise<Uint8Array> {
-  if (/^https?:\/\//.test(base)) {
-    const url = base.replace(/\/?$/, "/") + file;
+/** Options of {@linkcode fromPretrained} (hub options apply when the source is a hub id). */
+export interface PretrainedOptions extends HubOptions {
+  /**
+   * Where the tokenizer comes from: a hub id, folder or URL holding `tokenizer.json` (+
+   * `tokenizer_config.json`), or a {@linkcode Tokenizer}; `false`: none. Default: the model's own
+   * `tokenizer.json` when it has one (it is optional). A tokenizer id is read at revision "main".
+   */
+  tokenizer?: string | Tokenizer | false;
+}
+
+/** A {@linkcode MambaLM} loaded by {@linkcode fromPretrained}, with its tokenizer. */
+export class PretrainedLM extends MambaLM {
+  /** The tokenizer found with the model or named by the `tokenizer` option; null when there is none. */
+  readonly tokenizer: Tokenizer | null;
+  /** Where the model came from: folder, URL, or `org/name@revision`. */
+  readonly source: string;
+
+  /** Builds the model (weights are loaded by {@linkcode fromPretrained}). */
+  constructor(config: MambaConfigInput, options: LMOptions, tokenizer: Tokenizer | null, source: string) {
+    super(config, options);
+    this.tokenizer = tokenizer;
+    this.source = source;
+  }
+}
+
+// A place that holds a model's files: a folder, a URL prefix, or a hub repository (through the cache).
+interface Source {
+  // Folder, URL or id@revision, for messages.
+  where: string;
+  // The file's text; null when it is absent and `optional`.
+  text(file: string, optional: boolean): Promise<string | null>;
+  // The file as a byte source; null when absent.
+  open(file: string): Promise<ByteSource | null>;
+  // Hub, offline: the optional files that were not in the cache.
+  readonly notCached?: Map<string, HubError>;
+}
+
+const isUrl = (s: string) => /^https?:\/\//i.test(s);
+
+function folderSource(dir: string): Source {
+  const base = dir.replace(/\/+$/, "") || "/";
+  const path = (file: string) => `${base}/${file}`;
+  return {
+    where: base,
+    async text(file, optional) {
+      try {
+        return await Deno.readTextFile(path(file));
+      } catch (e) {
+        if (optional && e instanceof Deno.errors.NotFound) return null;
+        throw new Error(`cannot read ${path(file)}: ${(e as Error).message}`, { cause: e });
+      }
+    },
+    async open(file) {
+      try {
+        return await openFileSource(path(file));
+      } catch (e) {
+        if (e instanceof Deno.errors.NotFound) return null;
+        throw new Error(`cannot read ${path(file)}: ${(e as Error).message}`, { cause: e });
+      }
+    },
+  };
+}
+
+function urlSource(prefix: string): Source {
+  const base = prefix.replace(/\/+$/, "");
+  const get = async (file: string): Promise<Response | null> => {
+    const url = `${base}/${file}`;
     let res: Response;
     try {
-      res = await fetch(url);
+      res = await fetch(url, { headers: { "accept-encoding": "identity" } });
     } catch (e) {
-      throw new Error(`cannot fetch ${url}: ${(e as Error).message}`);
+      throw new Error(`cannot fetch ${url}: ${(e as Error).message}`, { cause: e });
+    }
+    if (res.status === 404) {
+      await res.body?.cancel();
+      return null;
     }
     if (!res.ok) {
       await res.body?.cancel();
       throw new Error(`cannot fetch ${url}: HTTP ${res.status}`);
     }
-    return new Uint8Array(await res.arrayBuffer());
-  }
-  const path = `${base.replace(/\/$/, "")}/${file}`;
+    return res;
+  };
+  return {
+    where: base,
+    async text(file, optional) {
+      const res = await get(file);
+      if (res === null) {
+        if (optional) return null;
+        throw new Error(`cannot fetch ${base}/${file}: HTTP 404`);
+      }
+      return await res.text();
+    },
+    async open(file) {
+      const res = await get(file);
+      return res && responseSource(res, `${base}/${file}`);
+    },
+  };
+}
+
+function hubSource(id: string, options: HubOptions): Source {
+  const where = `${id}@${options.revision ?? "main"}`;
+  // Offline, a file the cache lacks may still exist upstream: optional files count as absent then, except
+  // that the weights must be found one way or the other (planWeights throws this error if neither is).
+  const notCached = new Map<string, HubError>();
+  const get = async (file: string, optional: boolean) => {
+    try {
+      return await hubDownload(id, file, options);
+    } catch (e) {
+      if (optional && e instanceof HubError && e.code === "NotCached") {
+        notCached.set(file, e);
+        return null;
+      }
+      throw e;
+    }
+  };
+  return {
+    where,
+    notCached,
+    async text(file, optional) {
+      const path = await get(file, optional);
+      if (path === null) {
+        if (optional) return null;
+        throw new HubError(
+          "EntryNotFound",
+          `${where}: the repository has no ${file}. ${placeByHandHelp(id, options)}`,
+        );
+      }
+      return await Deno.readTextFile(path);
+    },
+    async open(file) {
+      const path = await get(file, file === "model.safetensors");
+      return path === null ? null : await openFileSource(path);
+    },
+  };
+}
+
+async function sourceOf(s: string, options: HubOptions): Promise<Source> {
+  if (isUrl(s)) return urlSource(s);
+  if (await isDirectory(s)) return folderSource(s);
+  if (isHubId(s)) return hubSource(s, options);
+  return folderSource(s); // reading it will say that it does not exist
+}
+
+function parseJson(text: string, where: string): Record<string, unknown> {
+  let json: unknown;
   try {
-    return await Deno.readFile(path);
+    json = JSON.parse(text);
   } catch (e) {
-    throw new Error(`cannot read ${path}: ${(e as Error).message}`);
+    throw new Error(`${where} is not valid JSON: ${(e as Error).message}`);
+  }
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    throw new Error(`${where}: not a JSON object`);
+  }
+  return json as Record<string, unknown>;
+}
+
+async function tokenizerOf(src: Source, required: boolean): Promise<Tokenizer | null> {
+  const text = await src.text("tokenizer.json", !required);
+  if (text === null) return null;
+  const cfgText = await src.text("tokenizer_config.json", true);
+  const where = `${src.where}/tokenizer.json`;
+  return tokenizerFromJSON(
+    parseJson(text, where),
+    cfgText === null ? {} : parseJson(cfgText, `${src.where}/tokenizer_config.json`),
+    where,
+  );
+}
+
+/**
+ * Loads the tokenizer of a hub id, folder or URL: its `tokenizer.json` (required) and
+ * `tokenizer_config.json` (optional). Char-model files give a {@linkcode ByteTokenizer}, Hugging Face ones a
+ * {@linkcode HubTokenizer}.
+ */
+export async function loadTokenizer(idOrDirOrUrl: string, options: HubOptions = {}): Promise<Tokenizer> {
+  return (await tokenizerOf(await sourceOf(idOrDirOrUrl, options), true))!;
+}
+
+// The checkpoint's tensor names (checkpoint name -> file), from the index of a sharded checkpoint or the
+// header of the single file (whose source stays open, positioned at the data).
+interface WeightPlan {
+  files: string[];
+  fileOf: Map<string, string>;
+  // The single file, already open with its header read.
+  single: { src: ByteSource; header: SafetensorsHeader } | null;
+}
+
+async function readHeader(src: ByteSource, where: string): Promise<SafetensorsHeader> {
+  const size = src.size >= 0 ? src.size : Number.MAX_SAFE_INTEGER;
+  if (size < 8) parseSafetensorsHeader(new Uint8Array(0), size, where); // throws: too short
+  const lengthField = new Uint8Array(8);
+  await src.readExact(lengthField);
+  const n = safetensorsHeaderLength(lengthField, where);
+  if (8 + n > size) parseSafetensorsHeader(lengthField, size, where); // throws: header past the end
+  const prefix = new Uint8Array(8 + n);
+  prefix.set(lengthField);
+  await src.readExact(prefix.subarray(8));
+  return parseSafetensorsHeader(prefix, size, where);
+}
+
+async function planWeights(src: Source): Promise<WeightPlan> {
+  const single = await src.open("model.safetensors");
+  if (single) {
+    try {
+      const header = await readHeader(single, `${src.where}/model.safetensors`);
+      const fileOf = new Map([...header.entries.keys()].map((k) => [k, "model.safetensors"]));
+      return { files: ["model.safetensors"], fileOf, single: { src: single, header } };
+    } catch (e) {
+      await single.close();
+      throw e;
+    }
+  }
+  const indexWhere = `${src.where}/model.safetensors.index.json`;
+  const indexText = await src.text("model.safetensors.index.json", true);
+  if (indexText === null) {
+    const notCached = src.notCached?.get("model.safetensors");
+    if (notCached) throw notCached;
+    throw new Error(
+      `${src.where} has neither model.safetensors nor model.safetensors.index.json: only safetensors ` +
+        `checkpoints are read (convert a pytorch_model.bin with transformers' save_pretrained, which writes ` +
+        `safetensors)`,
+    );
+  }
+  const map = parseJson(indexText, indexWhere).weight_map;
+  if (typeof map !== "object" || map === null || Array.isArray(map)) {
+    throw new Error(`${indexWhere}: no 'weight_map' object`);
+  }
+  const fileOf = new Map<string, string>();
+  for (const [k, f] of Object.entries(map)) {
+    if (typeof f !== "string" || !/^[\w.-]+\.safetensors$/.test(f)) {
+      throw new Error(
+        `${indexWhere}: weight_map['${k}'] = ${JSON.stringify(f)} is not a safetensors file name`,
+      );
+    }
+    fileOf.set(k, f);
+  }
+  return { files: [...new Set(fileOf.values())].sort(), fileOf, single: null };
+}
+
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+const CHUNK_BYTES = 4 << 20;
+
+// Reads one tensor's bytes from `src` (positioned at them) and decodes them to f32/i32, F32 straight into the
+// result, F16/BF16 (and big-endian hosts) a few MiB at a time, so that only the decoded tensor is held.
+async function readTensor(
+  src: ByteSource,
+  entry: SafetensorsEntry,
+  name: string,
+): Promise<Float32Array | Int32Array> {
+  const count = entry.shape.reduce((a, b) => a * b, 1);
+  const nbytes = entry.dataOffsets[1] - entry.dataOffsets[0];
+  if (entry.dtype === "F32" && LITTLE_ENDIAN) {
+    const out = new Float32Array(count);
+    await src.readExact(new Uint8Array(out.buffer));
+    return out;
+  }
+  if (entry.dtype === "F16" || entry.dtype === "BF16" || entry.dtype === "F32") {
+    const size = entry.dtype === "F32" ? 4 : 2;
+    const out = new Float32Array(count);
+    const per = Math.max(1, Math.floor(CHUNK_BYTES / size));
+    const raw = new Uint8Array(Math.min(nbytes, per * size));
+    for (let at = 0; at < count; at += per) {
+      const m = Math.min(per, count - at);
+      const bytes = raw.subarray(0, m * size);
+      await src.readExact(bytes);
+      out.set(decodeTensor({ dtype: entry.dtype, shape: [m], dataOffsets: [0, m * size] }, bytes, name), at);
+    }
+    return out;
+  }
+  const raw = new Uint8Array(nbytes);
+  await src.readExact(raw);
+  return decodeTensor(entry, raw, name);
+}
+
+// Streams the tensors of one file into the model, in file order, one tensor on the host at a time.
+async function streamInto(
+  model: MambaLM,
+  params: Map<string, Tensor>,
+  src: ByteSource,
+  header: SafetensorsHeader,
+  where: string,
+): Promise<void> {
+  const mismatched: string[] = [];
+  for (const [k, e] of header.entries) {
+    const p = params.get(mapKey(k)!)!;
+    if (e.shape.join() !== p.shape.join()) {
+      mismatched.push(`${mapKey(k)}: checkpoint ${fmt(e.shape)} vs model ${fmt(p.shape)}`);
+    }
+  }
+  if (mismatched.length) throw new Error(`loadStateDict: shape mismatch for ${mismatched.join("; ")}`);
+  let pos = 0; // within the data section
+  for (const [k, e] of header.entries) {
+    const [begin, end] = e.dataOffsets;
+    let data: Float32Array | Int32Array;
+    if (begin === end) {
+      data = new Float32Array(0);
+    } else {
+      await src.skip(begin - pos);
+      try {
+        data = await readTensor(src, e, k);
+      } catch (err) {
+        throw new Error(`${where}: ${(err as Error).message}`, { cause: err });
+      }
+      pos = end;
+    }
+    model.loadStateDict(new Map([[mapKey(k)!, { shape: e.shape, data }]]), { strict: false });
+    flush(); // the upload's staging buffer goes with this submit
   }
 }
 
-/** Loads a model from a local folder or a URL holding `config.json` and `model.safetensors`. */
-export async function fromPretrained(dirOrUrl: string): Promise<MambaLM> {
-  const cfgText = new TextDecoder().decode(await readBytes(dirOrUrl, "config.json"));
-  let json: Record<string, unknown>;
-  try {
-    json = JSON.parse(cfgText);
-  } catch (e) {
-    throw new Error(`${dirOrUrl}/config.json is not valid JSON: ${(e as Error).message}`);
-  }
-  const { config, lm } = parseCheckpointConfig(json, `${dirOrUrl}/config.json`);
-  const { tensors } = parseSafetensors(
-    await readBytes(dirOrUrl, "model.safetensors"),
-    `${dirOrUrl}/model.safetensors`,
+/**
+ * Loads a model from a hub id (`state-spaces/mamba-130m-hf`, downloaded into the Hugging Face cache; see
+ * {@linkcode hubDownload}), a local folder, or a URL prefix, holding `config.json` (transformers or
+ * state-spaces layout) and `model.safetensors` or `model.safetensors.index.json` with its shards.
+ * `tokenizer.json` (+ `tokenizer_config.json`) is optional; `options.tokenizer` can name another source.
+ * The config is checked before any weights are fetched; the tokenizer must not have more ids than the
+ * config's `vocab_size`. Tensors stream to the GPU one at a time (header first, then each tensor's bytes,
+ * F16/BF16 converted on the way), so host memory stays near the largest tensor.
+ */
+export async function fromPretrained(
+  idOrDirOrUrl: string,
+  options: PretrainedOptions = {},
+): Promise<PretrainedLM> {
+  const src = await sourceOf(idOrDirOrUrl, options);
+  const cfgWhere = `${src.where}/config.json`;
+  const { config, lm } = parseCheckpointConfig(
+    parseJson((await src.text("config.json", false))!, cfgWhere),
+    cfgWhere,
   );
-  const dict = new Map<string, { shape: number[]; data: Float32Array | Int32Array }>();
-  const unexpected: string[] = [];
-  for (const [k, t] of tensors) {
-    const ours = mapKey(k);
-    if (ours) dict.set(ours, t);
-    else unexpected.push(k);
+
+  let tokenizer: Tokenizer | null = null;
+  let tokWhere = `${src.where}/tokenizer.json`;
+  const t = options.tokenizer;
+  if (typeof t === "string") {
+    const tsrc = await sourceOf(t, { ...options, revision: undefined });
+    tokWhere = `${tsrc.where}/tokenizer.json`;
+    tokenizer = await tokenizerOf(tsrc, true);
+  } else if (t && typeof t === "object") {
+    tokenizer = t;
+    tokWhere = "the given tokenizer";
+  } else if (t !== false) {
+    tokenizer = await tokenizerOf(src, false);
   }
-  if (unexpected.length) {
-    throw new Error(`${dirOrUrl}/model.safetensors: unexpected tensors ${unexpected.join(", ")}`);
+  if (tokenizer && tokenizer.vocabSize > lm.vocabSize) {
+    throw new Error(
+      `${tokWhere}: the tokenizer has ${tokenizer.vocabSize} token ids but ${cfgWhere} has vocab_size ` +
+        `${lm.vocabSize}: ids past ${
+          lm.vocabSize - 1
+        } would have no embedding (a tokenizer of another model?)`,
+    );
   }
-  // Tied only when the config says so and the file has no separate head.
-  const tie = lm.tieEmbeddings === true && !dict.has("lm_head.weight");
-  const model = new MambaLM(config, { ...lm, tieEmbeddings: tie });
+
+  const plan = await planWeights(src);
+  let model: PretrainedLM | undefined;
+  const open: ByteSource[] = plan.single ? [plan.single.src] : [];
   try {
-    model.loadStateDict(dict);
+    const weightsWhere = plan.single
+      ? `${src.where}/model.safetensors`
+      : `${src.where}/model.safetensors.index.json`;
+    const ours = new Map<string, string>();
+    const unexpected: string[] = [];
+    for (const k of plan.fileOf.keys()) {
+      const o = mapKey(k);
+      if (o === null) unexpected.push(k);
+      else if (ours.has(o)) throw new Error(`${weightsWhere}: tensors ${ours.get(o)} and ${k} are both ${o}`);
+      else ours.set(o, k);
+    }
+    if (unexpected.length) throw new Error(`${weightsWhere}: unexpected tensors ${unexpected.join(", ")}`);
+    // Tied only when the config says so and the checkpoint has no separate head.
+    const tie = lm.tieEmbeddings === true && !ours.has("lm_head.weight");
+    model = new PretrainedLM(config, { ...lm, tieEmbeddings: tie }, tokenizer, src.where);
+    const params = model.stateDict();
+    const missing = [...params.keys()].filter((k) => !ours.has(k));
+    if (missing.length) throw new Error(`loadStateDict: missing keys: ${missing.join(", ")}`);
+    if (plan.single) {
+      await streamInto(model, params, plan.single.src, plan.single.header, weightsWhere);
+    } else {
+      for (const file of plan.files) {
+        const where = `${src.where}/${file}`;
+        const shard = await src.open(file);
+        if (!shard) throw new Error(`${weightsWhere} names ${file}, which ${src.where} does not have`);
+        open.push(shard);
+        const header = await readHeader(shard, where);
+        const want = [...plan.fileOf].filter(([, f]) => f === file).map(([k]) => k);
+        const lacking = want.filter((k) => !header.entries.has(k));
+        const extra = [...header.entries.keys()].filter((k) => plan.fileOf.get(k) !== file);
+        if (lacking.length || extra.length) {
+          throw new Error(
+            `${where} does not match ${weightsWhere}` +
+              (lacking.length ? `; it lacks ${lacking.join(", ")}` : "") +
+              (extra.length ? `; the index does not put ${extra.join(", ")} here` : ""),
+          );
+        }
+        await streamInto(model, params, shard, header, where);
+        await shard.close();
+      }
+    }
+    return model;
   } catch (e) {
-    model.dispose();
-    throw new Error(`${dirOrUrl}: ${(e as Error).message}`);
+    model?.dispose();
+    const msg = (e as Error).message;
+    if (e instanceof HubError || msg.startsWith(src.where)) throw e;
+    throw new Error(`${src.where}: ${msg}`, { cause: e });
+  } finally {
+    for (const s of open) await s.close();
   }
-  return model;
 }
 
 /** The Hugging Face transformers config.json of a model. */

@@ -12,6 +12,8 @@
  * @module
  */
 
+// Pinned here while deno.json has no import map entry for it.
+// deno-lint-ignore no-import-prefix
 import { Tokenizer as HFTokenizer } from "npm:@huggingface/tokenizers@0.2.0";
 
 /** Ids of the special tokens a tokenizer declares (null where it declares none). */
@@ -277,12 +279,9 @@ export class StreamDecoder {
     return "";
   }
 
-  // The part of `text` past the context's text. If a decoder rewrote the context (clean-up of spaces before
-  // punctuation), emit past the common prefix: text already emitted cannot be taken back.
+  // The part of `text` past the context's text. (Should a decoder rewrite the context, e.g. clean-up of a space
+  // before punctuation, the text already emitted cannot be taken back: the cut stays at the context's length.)
   #emit(text: string): string {
-    if (text.startsWith(this.#prefix)) return text.slice(this.#prefix.length);
-    let n = 0;
-    while (n < text.length && n < this.#prefix.length && text[n] === this.#prefix[n]) n++;
-    return text.slice(Math.max(n, Math.min(this.#prefix.length, text.length)));
+    return text.slice(this.#prefix.length);
   }
 }

@@ -4,7 +4,16 @@
  * @module
  */
 
-import { add, indexSelect, matmul, mean, mul, narrow, pad, rsqrt } from "../core/ops/index.ts";
+import {
+  add,
+  causalConv1d,
+  type ConvActivation,
+  indexSelect,
+  matmul,
+  mean,
+  mul,
+  rsqrt,
+} from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
 import { constant, kaimingUniform, normal } from "./init.ts";
@@ -93,20 +102,9 @@ export class Conv1d extends Module {
     this.bias = bias ? this.param("bias", kaimingUniform([channels], kernelSize)) : null;
   }
 
-  /** x: (B, L, channels), time along dim 1 -> (B, L, channels) */
-  forward(x: Tensor): Tensor {
+  /** x: (B, L, channels), time along dim 1 -> (B, L, channels); `activation` fuses silu into the kernel. */
+  forward(x: Tensor, activation: ConvActivation = "none"): Tensor {
     lastDim(x, this.channels, "Conv1d");
-    const K = this.kernelSize;
-    const L = x.shape[1];
-    const xp = pad(x, [0, 0, K - 1, 0]); // xp: (B, L+K-1, C)
-    const w = this.weight.reshape(this.channels, K); // w: (C, K)
-    let y: Tensor | null = this.bias;
-    for (let k = 0; k < K; k++) {
-      const xk = narrow(xp, 1, k, L); // xk: (B, L, C), x shifted by K-1-k
-      const wk = narrow(w, 1, k, 1).reshape(this.channels); // wk: (C)
-      const term = mul(xk, wk);
-      y = y ? add(y, term) : term;
-    }
-    return y!;
+    return causalConv1d(x, this.weight, this.bias, activation);
   }
 }

@@ -9,4 +9,5 @@ export * from "./shape_ops.ts";
 export * from "./matmul.ts";
 export * from "./index_ops.ts";
 export * from "./softmax.ts";
+export * from "./conv.ts";
 export { backward, checkpoint, noGrad } from "../autograd.ts";

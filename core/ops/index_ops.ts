@@ -13,8 +13,13 @@ import { defineOp } from "../autograd.ts";
 import { defineKernel, dispatch } from "../kernel.ts";
 import { fmt, normAxis, sizeOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
+import { mapOp } from "./map_kernel.ts";
+import { matmulRaw } from "./matmul.ts";
 
 const WG = 256;
+/** Up to this many (positions x rows) the embedding gradient goes through a one-hot matmul. */
+const ONE_HOT_LIMIT = 1 << 24;
+
 const MAX_J = 16384;
 const INDEX_UNIFORMS: [string, "u32"][] = [
   ["n", "u32"],
@@ -99,6 +104,16 @@ const gatherOp = defineOp<IndexAttrs>({
   backward: (g, [idx], [x], { dim, strides }) => {
     const { outer, V, inner } = view(x, dim, 0);
     const J = g.size / (outer * inner);
+    if (outer === 1 && strides[0] === 0 && strides[2] === 0 && J * V <= ONE_HOT_LIMIT && x.dtype === "f32") {
+      // Embedding gradient as onehot(idx)^T @ g: the same sums, but through the fast matmul kernel.
+      const ids = new Tensor(idx.storage, [J, 1], "i32"); // views of the saved tensors
+      const g2 = new Tensor(g.storage, [J, inner], "f32");
+      const onehot = mapOp("select(0.0, 1.0, a == i32(gid % u32(b)))", [ids, V], [J, V]); // onehot: (J, V)
+      const dw = matmulRaw(onehot, g2, { transA: true }); // dw: (V, inner)
+      const out = new Tensor(dw.storage, x.shape, "f32");
+      for (const t of [ids, g2, onehot, dw]) t.dispose();
+      return [out, null];
+    }
     const dx = Tensor.empty(x.shape);
     const n = dx.size;
     const [so, sj, si] = strides;

@@ -4,7 +4,9 @@
  * Every unary, binary and ternary op (and the fused gradient helpers) is this template with a WGSL
  * expression. Operands are read in one of three ways, chosen per call:
  * - `same`: all operands have the output's shape, read at `i`;
- * - `bcast`: NumPy broadcasting, each operand read through its own strides (0 on broadcast dims);
+ * - `tail`/`head`: an operand that spans only the trailing (e.g. a bias) or leading (e.g. a per-row scale)
+ *   dims of the output is read at `i % m` or `i / m`;
+ * - `bcast`: NumPy broadcasting in general, each operand read through its own strides (0 on broadcast dims);
  * - a scalar operand comes from the uniform `P.s0`/`P.s1` and never touches memory.
  * Workgroup: 256 invocations, no workgroup memory. Reads the operands, writes y.
  * @module
@@ -20,6 +22,10 @@ export type MapOperand = Tensor | number;
 const WG = 256;
 const names = ["a", "b", "c"];
 const kernels = new Map<string, Kernel>();
+/** Defined map kernels by key (for profiling tools). */
+export function kernelsForDebug(): Map<string, Kernel> {
+  return kernels;
+}
 
 /** WGSL helpers available to every map expression. */
 export const MAP_HELPERS = `
@@ -40,9 +46,12 @@ fn pow_(x: f32, p: f32) -> f32 {
 }
 `;
 
+/** How an operand is read: at i; through strides; as a uniform; at i % m (trailing dims); at i / m (leading). */
+type Kind = "same" | "bcast" | "scalar" | "tail" | "head";
+
 function kernelFor(
   expr: string,
-  kinds: ("same" | "bcast" | "scalar")[],
+  kinds: Kind[],
   types: DType[],
   outType: DType,
 ): Kernel {
@@ -69,12 +78,20 @@ function kernelFor(
     const n = names[j];
     const read = kind === "scalar"
       ? (types[j] === "f32" ? `P.s${j}` : `i32(P.s${j})`)
-      : `ld_${n}(${kind === "bcast" ? `i${n}` : "gid"})`;
+      : `ld_${n}(${
+        kind === "bcast"
+          ? `i${n}`
+          : kind === "tail"
+          ? `gid % P.m${j}`
+          : kind === "head"
+          ? `gid / P.m${j}`
+          : "gid"
+      })`;
     lines.push(`let ${n} = ${read};`);
   });
   lines.push(`st_y(gid, ${expr});`);
   const uniforms: [string, "u32" | "f32" | "vec4<u32>"][] = [["n", "u32"]];
-  kinds.forEach((_, j) => uniforms.push([`s${j}`, "f32"]));
+  kinds.forEach((_, j) => uniforms.push([`s${j}`, "f32"], [`m${j}`, "u32"]));
   if (bcast) {
     uniforms.push(["sh0", "vec4<u32>"], ["sh1", "vec4<u32>"]);
     kinds.forEach((kind, j) => {
@@ -82,7 +99,7 @@ function kernelFor(
     });
   }
   k = defineKernel({
-    name: `map_${kernels.size}`,
+    name: `map_${kernels.size}_${kinds.join("")}`,
     buffers: [
       ...kinds.flatMap((kind, j) =>
         kind === "scalar" ? [] : [{ name: names[j], type: types[j], access: "read" as const }]
@@ -96,6 +113,20 @@ function kernelFor(
   });
   kernels.set(key, k);
   return k;
+}
+
+/** Picks the cheapest way to read an operand of `shape` broadcast to `out`. */
+function readKind(shape: Shape, out: Shape): Kind {
+  if (shape.join() === out.join()) return "same";
+  const core = [...shape];
+  while (core.length && core[0] === 1) core.shift(); // leading 1s change nothing
+  if (core.length === 0) return "tail"; // one element: i % 1
+  if (core.join() === out.slice(out.length - core.length).join()) return "tail";
+  const padded = [...new Array<number>(out.length - shape.length).fill(1), ...shape];
+  let k = 0;
+  while (k < out.length && padded[k] === out[k]) k++;
+  if (k > 0 && padded.slice(k).every((d) => d === 1)) return "head";
+  return "bcast";
 }
 
 /**
@@ -112,13 +143,7 @@ export function mapOp(
   const out = Tensor.empty(outShape, outType);
   const n = out.size;
   if (n === 0) return out;
-  const kinds = operands.map((o) =>
-    typeof o === "number"
-      ? "scalar" as const
-      : o.shape.join() === outShape.join()
-      ? "same" as const
-      : "bcast" as const
-  );
+  const kinds = operands.map((o): Kind => typeof o === "number" ? "scalar" : readKind(o.shape, outShape));
   const types = operands.map((o, j) => typeof o === "number" ? (scalarTypes?.[j] ?? "f32") : o.dtype);
   const k = kernelFor(expr, kinds, types, outType);
   const buffers: Record<string, Tensor["storage"]> = { y: out.storage };
@@ -126,6 +151,8 @@ export function mapOp(
   operands.forEach((o, j) => {
     if (typeof o === "number") uniforms[`s${j}`] = o;
     else buffers[names[j]] = o.storage;
+    if (kinds[j] === "tail") uniforms[`m${j}`] = (o as Tensor).size;
+    if (kinds[j] === "head") uniforms[`m${j}`] = n / (o as Tensor).size;
   });
   if (kinds.includes("bcast")) {
     const sh = padRank(outShape, 1);

@@ -4,7 +4,8 @@
  *
  * Two variants, chosen per adapter by a one-time measurement (see `tuneKernels` in core/tune.ts):
  * - `register`: each invocation owns an 8x8 block of C and keeps it in registers; a workgroup of 8x8
- *   invocations covers 64x64 of C. No workgroup memory and no barriers: the fast one on CPU adapters
+ *   invocations covers 64x64 of C (for few rows, M <= 32, flatter blocks: down to 1 row x 4 columns per
+ *   invocation and 1 x 256 per workgroup). No workgroup memory and no barriers: the fast one on CPU adapters
  *   (llvmpipe/lavapipe), where barriers are very expensive and loads cost more than arithmetic. The kernel
  *   is generated per operand layout: when an operand's contiguous dim (k or m for A, n or k for B) is a
  *   multiple of 4 it is bound as `array<vec4<f32>>` and read four floats at a time (and C is written as
@@ -43,7 +44,7 @@ export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled"];
  * Version of the matmul kernels. It is part of the tuner's cache key, so a cached choice is measured
  * again after the kernels change: bump it whenever a kernel's code changes.
  */
-export const MATMUL_KERNEL_VERSION = "matmul-2";
+export const MATMUL_KERNEL_VERSION = "matmul-3";
 
 /** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
@@ -86,45 +87,64 @@ fn put_c(at: u32, v: ${type}) {
 }`;
 }
 
-/** Layout of one `register` pipeline: the transposes, and which operands are accessed as vec4. */
+/**
+ * Layout of one `register` pipeline: the transposes, which operands are accessed as vec4, and the tile:
+ * each invocation owns `rm` x `rn` of C, a workgroup of `wm` x `wn` invocations owns `rm*wm` x `rn*wn`.
+ */
 interface RegisterLayout {
   transA: boolean;
   transB: boolean;
   vecA: boolean;
   vecB: boolean;
   vecC: boolean;
+  rm: number;
+  rn: number;
+  wm: number;
+  wn: number;
 }
 
-/** Rows and columns of C per invocation of the `register` variant. */
-const RB = 8;
-/** Invocations per side of a `register` workgroup (8x8 invocations: 64x64 of C). */
-const RW = 8;
+/**
+ * The `register` tile for a problem with M rows per matrix: 64x64 of C per workgroup for large M, and for
+ * few rows (matrix-vector products, one token at a time) flatter blocks of 32, 16, 8, 4, 2 or 1 rows, so
+ * that invocations do not compute rows that do not exist. Every workgroup has 64 invocations.
+ */
+function registerTile(M: number): { rm: number; rn: number; wm: number; wn: number } {
+  if (M > 32) return { rm: 8, rn: 8, wm: 8, wn: 8 };
+  if (M > 16) return { rm: 8, rn: 8, wm: 4, wn: 16 };
+  if (M > 8) return { rm: 8, rn: 8, wm: 2, wn: 32 };
+  return { rm: M > 4 ? 8 : M > 2 ? 4 : M, rn: 4, wm: 1, wn: 64 };
+}
 const XYZW = "xyzw";
 
 /**
- * The `register` kernel for one layout. Per step of 4 k it reads A as 8 rows x 4 k and B as 4 k x 8
- * columns -- 8 vec4 loads per operand along its contiguous dim, or 32 scalar loads -- and does 256
- * multiply-adds. Row and column base addresses are computed once, before the K loop; rows and columns past
- * the edge read a clamped (valid, 4-aligned) address and their results are never stored. C is written
- * as vec4 when N is a multiple of 4.
+ * The `register` kernel for one layout. Per step of 4 k an invocation reads A as rm rows x 4 k and B as
+ * 4 k x rn columns -- vec4 loads along each operand's contiguous dim, or scalar loads -- and does 4*rm*rn
+ * multiply-adds (256 for the 8x8 tile: 16 vec4 loads). Row and column base addresses are computed once,
+ * before the K loop; rows and columns past the edge read a clamped (valid, 4-aligned) address and their
+ * results are never stored. C is written as vec4 when N is a multiple of 4.
  */
 function registerKernel(l: RegisterLayout): Kernel {
-  const { transA, transB, vecA, vecB, vecC } = l;
-  const idx = [...Array(RB).keys()]; // rows of A / columns of B of one invocation
-  const quads = [...Array(RB / 4).keys()]; // groups of 4 of them
+  const { transA, transB, vecA, vecB, vecC, rm, rn, wm, wn } = l;
+  if (rn % 4 !== 0 || (transA && vecA && rm % 4 !== 0)) {
+    throw new Error(`matmul: bad register tile ${rm}x${rn}`);
+  }
+  const rows = [...Array(rm).keys()]; // rows of A (and C) of one invocation
+  const cols = [...Array(rn).keys()]; // columns of B (and C)
+  const rowQuads = [...Array(rm >> 2).keys()]; // groups of 4 rows (vec4 along m)
+  const colQuads = [...Array(rn >> 2).keys()]; // groups of 4 columns (vec4 along n)
   const q4 = [0, 1, 2, 3];
   const aMode = transA ? (vecA ? "m4" : "m1") : (vecA ? "k4" : "k1");
   const bMode = transB ? (vecB ? "k4" : "k1") : (vecB ? "n4" : "n1");
   const pre: string[] = [];
   const each = (list: number[], f: (i: number) => string) => list.forEach((i) => pre.push(f(i)));
-  if (aMode === "k4") each(idx, (r) => `let pa${r} = (aoff + min(m0 + ${r}u, P.M - 1u) * P.K) / 4u;`);
-  if (aMode === "k1") each(idx, (r) => `let pa${r} = aoff + min(m0 + ${r}u, P.M - 1u) * P.K;`);
-  if (aMode === "m4") each(quads, (g) => `let pa${g} = (aoff + min(m0 + ${4 * g}u, P.M - 4u)) / 4u;`);
-  if (aMode === "m1") each(idx, (r) => `let pa${r} = aoff + min(m0 + ${r}u, P.M - 1u);`);
-  if (bMode === "n4") each(quads, (g) => `let pb${g} = (boff + min(n0 + ${4 * g}u, P.N - 4u)) / 4u;`);
-  if (bMode === "n1") each(idx, (c) => `let pb${c} = boff + min(n0 + ${c}u, P.N - 1u);`);
-  if (bMode === "k4") each(idx, (c) => `let pb${c} = (boff + min(n0 + ${c}u, P.N - 1u) * P.K) / 4u;`);
-  if (bMode === "k1") each(idx, (c) => `let pb${c} = boff + min(n0 + ${c}u, P.N - 1u) * P.K;`);
+  if (aMode === "k4") each(rows, (r) => `let pa${r} = (aoff + min(m0 + ${r}u, P.M - 1u) * P.K) / 4u;`);
+  if (aMode === "k1") each(rows, (r) => `let pa${r} = aoff + min(m0 + ${r}u, P.M - 1u) * P.K;`);
+  if (aMode === "m4") each(rowQuads, (g) => `let pa${g} = (aoff + min(m0 + ${4 * g}u, P.M - 4u)) / 4u;`);
+  if (aMode === "m1") each(rows, (r) => `let pa${r} = aoff + min(m0 + ${r}u, P.M - 1u);`);
+  if (bMode === "n4") each(colQuads, (g) => `let pb${g} = (boff + min(n0 + ${4 * g}u, P.N - 4u)) / 4u;`);
+  if (bMode === "n1") each(cols, (c) => `let pb${c} = boff + min(n0 + ${c}u, P.N - 1u);`);
+  if (bMode === "k4") each(cols, (c) => `let pb${c} = (boff + min(n0 + ${c}u, P.N - 1u) * P.K) / 4u;`);
+  if (bMode === "k1") each(cols, (c) => `let pb${c} = boff + min(n0 + ${c}u, P.N - 1u) * P.K;`);
 
   /** One K step over `ku` values of k from `k` (vec4-along-k operands use `kv` = k / 4). */
   const step = (ku: number): string => {
@@ -136,34 +156,34 @@ function registerKernel(l: RegisterLayout): Kernel {
     // aval(r, q): A[m0 + r, k + q] as an f32 expression.
     let aval: (r: number, q: number) => string = (r, q) => `a${q}_${r}`;
     if (aMode === "k4") {
-      idx.forEach((r) => s.push(`let a${r} = ld_a(pa${r} + kv);`));
+      rows.forEach((r) => s.push(`let a${r} = ld_a(pa${r} + kv);`));
       aval = (r, q) => `a${r}.${XYZW[q]}`;
     } else if (aMode === "m4") {
-      loads(quads, (q, g) => `let a${q}_${g} = ld_a(pa${g} + ${kq(q)} * (P.M / 4u));`);
+      loads(rowQuads, (q, g) => `let a${q}_${g} = ld_a(pa${g} + ${kq(q)} * (P.M / 4u));`);
       aval = (r, q) => `a${q}_${r >> 2}.${XYZW[r & 3]}`;
     } else if (aMode === "k1") {
-      loads(idx, (q, r) => `let a${q}_${r} = ld_a(pa${r} + ${kq(q)});`);
+      loads(rows, (q, r) => `let a${q}_${r} = ld_a(pa${r} + ${kq(q)});`);
     } else {
-      loads(idx, (q, r) => `let a${q}_${r} = ld_a(pa${r} + ${kq(q)} * P.M);`);
+      loads(rows, (q, r) => `let a${q}_${r} = ld_a(pa${r} + ${kq(q)} * P.M);`);
     }
     // bvec(q, g): B[k + q, n0 + 4g .. n0 + 4g + 3] as a vec4<f32> expression.
     const gather = (f: (q: number, c: number) => string) => (q: number, g: number) =>
       `vec4<f32>(${q4.map((j) => f(q, 4 * g + j)).join(", ")})`;
     let bvec = gather((q, c) => `b${q}_${c}`);
     if (bMode === "n4") {
-      loads(quads, (q, g) => `let b${q}_${g} = ld_b(pb${g} + ${kq(q)} * (P.N / 4u));`);
+      loads(colQuads, (q, g) => `let b${q}_${g} = ld_b(pb${g} + ${kq(q)} * (P.N / 4u));`);
       bvec = (q, g) => `b${q}_${g}`;
     } else if (bMode === "k4") {
-      idx.forEach((c) => s.push(`let b${c} = ld_b(pb${c} + kv);`));
+      cols.forEach((c) => s.push(`let b${c} = ld_b(pb${c} + kv);`));
       bvec = gather((q, c) => `b${c}.${XYZW[q]}`);
     } else if (bMode === "n1") {
-      loads(idx, (q, c) => `let b${q}_${c} = ld_b(pb${c} + ${kq(q)} * P.N);`);
+      loads(cols, (q, c) => `let b${q}_${c} = ld_b(pb${c} + ${kq(q)} * P.N);`);
     } else {
-      loads(idx, (q, c) => `let b${q}_${c} = ld_b(pb${c} + ${kq(q)});`);
+      loads(cols, (q, c) => `let b${q}_${c} = ld_b(pb${c} + ${kq(q)});`);
     }
     for (const q of qs) {
-      quads.forEach((g) => s.push(`let bq${q}_${g} = ${bvec(q, g)};`));
-      idx.forEach((r) => quads.forEach((g) => s.push(`acc${r}_${g} += ${aval(r, q)} * bq${q}_${g};`)));
+      colQuads.forEach((g) => s.push(`let bq${q}_${g} = ${bvec(q, g)};`));
+      rows.forEach((r) => colQuads.forEach((g) => s.push(`acc${r}_${g} += ${aval(r, q)} * bq${q}_${g};`)));
     }
     return s.map((x) => `    ${x}`).join("\n");
   };
@@ -171,41 +191,41 @@ function registerKernel(l: RegisterLayout): Kernel {
   const tail = aMode === "k4" || bMode === "k4"
     ? ""
     : `  for (var k = kEnd4; k < P.k1; k++) {\n${step(1)}\n  }`;
-  // C rows are contiguous: with N a multiple of 4, 4-aligned vec4 stores (n0 is a multiple of 8).
+  // C rows are contiguous: with N a multiple of 4, 4-aligned vec4 stores (n0 is a multiple of 4).
   const store: string[] = [];
-  for (const r of idx) {
+  for (const r of rows) {
     store.push(`  if (m0 + ${r}u < P.M) {`);
     if (vecC) {
       store.push(`    let row = (coff + (m0 + ${r}u) * P.N + n0) / 4u;`);
-      for (const g of quads) {
+      for (const g of colQuads) {
         store.push(`    if (n0 + ${4 * g}u < P.N) { put_c(row + ${g}u, acc${r}_${g}); }`);
       }
     } else {
       store.push(`    let row = coff + (m0 + ${r}u) * P.N + n0;`);
-      for (const c of idx) {
+      for (const c of cols) {
         store.push(`    if (n0 + ${c}u < P.N) { put_c(row + ${c}u, acc${r}_${c >> 2}.${XYZW[c & 3]}); }`);
       }
     }
     store.push(`  }`);
   }
-  const acc = idx.flatMap((r) => quads.map((g) => `  var acc${r}_${g} = vec4<f32>();`));
+  const acc = rows.flatMap((r) => colQuads.map((g) => `  var acc${r}_${g} = vec4<f32>();`));
   return defineKernel({
-    name: `matmul_register_${aMode}_${bMode}_c${vecC ? 4 : 1}`,
+    name: `matmul_register_${aMode}_${bMode}_c${vecC ? 4 : 1}_${rm}x${rn}_${wm}x${wn}`,
     buffers: [
       { name: "a", type: vecA ? "vec4<f32>" : "f32", access: "read" },
       { name: "b", type: vecB ? "vec4<f32>" : "f32", access: "read" },
       { name: "c", type: vecC ? "vec4<f32>" : "f32", access: "read_write" },
     ],
     uniforms: COMMON_UNIFORMS,
-    workgroupSize: RW * RW,
+    workgroupSize: wm * wn,
     decls: putC(vecC ? "vec4<f32>" : "f32"),
     body: `
-  // workgroup -> (batch, ${RB * RW}x${RB * RW} block of C); invocation -> ${RB}x${RB} sub-block in registers.
+  // workgroup -> (batch, ${rm * wm}x${rn * wn} block of C); invocation -> ${rm}x${rn} sub-block in registers.
   let tilesPerBatch = P.tilesM * P.tilesN;
   let bi = group / tilesPerBatch;
   let t = group % tilesPerBatch;
-  let m0 = (t / P.tilesN) * ${RB * RW}u + (lid / ${RW}u) * ${RB}u;
-  let n0 = (t % P.tilesN) * ${RB * RW}u + (lid % ${RW}u) * ${RB}u;
+  let m0 = (t / P.tilesN) * ${rm * wm}u + (lid / ${wn}u) * ${rm}u;
+  let n0 = (t % P.tilesN) * ${rn * wn}u + (lid % ${wn}u) * ${rn}u;
   ${BATCH_OFFSETS}
   ${pre.join("\n  ")}
 ${acc.join("\n")}
@@ -284,7 +304,7 @@ var<workgroup> Bs: array<f32, 1024>; // 16 k x 64 columns of B`,
 const registerKernels = new Map<string, Kernel>();
 let tiledKernelCache: Kernel | null = null;
 
-/** The kernel and its C block size for a variant and a problem (kernels are made on first use). */
+/** The kernel and the rows x columns of C per workgroup for a variant and a problem (made on first use). */
 function kernelFor(
   variant: MatmulVariant,
   transA: boolean,
@@ -292,21 +312,23 @@ function kernelFor(
   M: number,
   N: number,
   K: number,
-): { kernel: Kernel; block: number } {
-  if (variant === "tiled") return { kernel: tiledKernelCache ??= tiledKernel(), block: 64 };
+): { kernel: Kernel; blockM: number; blockN: number } {
+  if (variant === "tiled") return { kernel: tiledKernelCache ??= tiledKernel(), blockM: 64, blockN: 64 };
+  const tile = registerTile(M);
   // vec4 access needs the operand's contiguous dim to be a multiple of 4; then every row start, batch
-  // offset and K slice start is 4-aligned too.
-  const layout = {
+  // offset and K slice start is 4-aligned too. A read as vec4 along m also needs 4 rows per invocation.
+  const layout: RegisterLayout = {
     transA,
     transB,
-    vecA: (transA ? M : K) % 4 === 0,
+    vecA: transA ? M % 4 === 0 && tile.rm % 4 === 0 : K % 4 === 0,
     vecB: (transB ? K : N) % 4 === 0,
     vecC: N % 4 === 0,
+    ...tile,
   };
-  const key = `${+transA}${+transB}${+layout.vecA}${+layout.vecB}${+layout.vecC}`;
+  const key = JSON.stringify(layout);
   let kernel = registerKernels.get(key);
   if (!kernel) registerKernels.set(key, kernel = registerKernel(layout));
-  return { kernel, block: RB * RW };
+  return { kernel, blockM: tile.rm * tile.wm, blockN: tile.rn * tile.wn };
 }
 
 let chosen: MatmulVariant | null = null;
@@ -362,9 +384,9 @@ export function matmulRaw(
     ).slice(-4);
   };
   const bsh = padRank(batch, 1).slice(-4);
-  const { kernel, block } = kernelFor(variant, transA, transB, M, N, K);
-  const tilesM = Math.ceil(M / block);
-  const tilesN = Math.ceil(N / block);
+  const { kernel, blockM, blockN } = kernelFor(variant, transA, transB, M, N, K);
+  const tilesM = Math.ceil(M / blockM);
+  const tilesN = Math.ceil(N / blockN);
   const base = {
     M,
     N,

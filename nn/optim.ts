@@ -1,0 +1,693 @@
+/**
+ * Training: the AdamW and SGD optimizers, global-norm gradient clipping, the warm-up + cosine learning-rate
+ * schedule, and mamba.py's parameter grouping (`configureOptimizers`).
+ *
+ * Everything runs on the GPU without a readback: an optimizer step is one fused dispatch per parameter
+ * (the learning rate and the bias corrections travel as uniforms, so they may change every step), and
+ * clipping computes the norm and the scale factor into GPU buffers that the update kernels read. The
+ * update formulas are PyTorch's (torch.optim.AdamW / SGD, version 1.13), evaluated in f32 in the same order,
+ * and the optimizer state (moments, per-parameter step counts) can be saved and loaded so that a resumed run
+ * continues exactly as an uninterrupted one.
+ *
+ * ```ts
+ * const opt = configureOptimizers(model, { lr: 3e-3, weightDecay: 0.1, betas: [0.9, 0.95] });
+ * const lrAt = cosineSchedule({ warmup: 100, total: 1200, maxLr: 3e-3, minLr: 3e-4 });
+ * for (let it = 0; it < 1200; it++) {
+ *   opt.lr = lrAt(it);
+ *   const loss = tidy(() => {
+ *     const l = crossEntropy(model.forward(x).reshape(-1, V), y.reshape(-1));
+ *     l.backward();
+ *     clipGradNorm(model.parameters(), 1.0);
+ *     opt.step();
+ *     opt.zeroGrad();
+ *     return l;
+ *   });
+ * }
+ * ```
+ * @module
+ */
+
+import { full, zeros } from "../core/creation.ts";
+import { recordCopy, upload } from "../core/executor.ts";
+import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
+import { copy } from "../core/ops/index.ts";
+import { fmt } from "../core/shape.ts";
+import { keep, Tensor } from "../core/tensor.ts";
+import type { HostTensor, Module } from "./module.ts";
+
+// ------------------------------------------------------------------------------------------ kernels
+
+const WG = 256;
+/** Invocations of the partial-sum kernel per workgroup, and elements each of them sums. */
+const NORM_WG = 64;
+const NORM_ITEMS = 256;
+/** Elements one workgroup of the partial-sum kernel covers. */
+const NORM_BLOCK = NORM_WG * NORM_ITEMS;
+/** Invocations of the kernel that finishes the norm (one workgroup). */
+const FINISH_WG = 256;
+
+/**
+ * Sum of squares of one gradient, in partial sums. Workgroup w covers elements [w*BLOCK, (w+1)*BLOCK); its
+ * invocation `lid` owns partial `at + gid` and sums g[w*BLOCK + lid + k*WG]^2 for k < ITEMS (strided, so
+ * neighbouring invocations read neighbouring elements). Reads g; writes one element of partials.
+ */
+const sumSquaresKernel: Kernel = defineKernel({
+  name: "optim_grad_sumsq",
+  buffers: [{ name: "g", type: "f32", access: "read" }, {
+    name: "partials",
+    type: "f32",
+    access: "read_write",
+  }],
+  uniforms: [["n", "u32"], ["at", "u32"]],
+  workgroupSize: NORM_WG,
+  body: `
+  var acc = 0.0;
+  var i = group * ${NORM_BLOCK}u + lid;
+  for (var k = 0u; k < ${NORM_ITEMS}u; k = k + 1u) {
+    if (i >= P.n) { break; }
+    let v = ld_g(i);
+    acc = acc + v * v;
+    i = i + ${NORM_WG}u;
+  }
+  st_partials(P.at + gid, acc);`,
+});
+
+/**
+ * Finishes the global norm: one workgroup; invocation `lid` sums partials lid, lid + WG, ... (at most
+ * count / WG iterations), then invocation 0 adds the WG sums in order (deterministic), and writes
+ * norm = sqrt(total) and PyTorch's clip factor scale = min(1, maxNorm / (norm + 1e-6)).
+ * Reads partials; writes norm[0] and scale[0].
+ */
+const finishNormKernel: Kernel = defineKernel({
+  name: "optim_grad_norm_finish",
+  buffers: [
+    { name: "partials", type: "f32", access: "read" },
+    { name: "norm", type: "f32", access: "read_write" },
+    { name: "scale", type: "f32", access: "read_write" },
+  ],
+  uniforms: [["count", "u32"], ["maxNorm", "f32"]],
+  workgroupSize: FINISH_WG,
+  decls: `var<workgroup> sums: array<f32, ${FINISH_WG}>;`,
+  body: `
+  var acc = 0.0;
+  for (var i = lid; i < P.count; i = i + ${FINISH_WG}u) { acc = acc + ld_partials(i); }
+  sums[lid] = acc;
+  workgroupBarrier();
+  if (lid == 0u) {
+    var total = 0.0;
+    for (var j = 0u; j < ${FINISH_WG}u; j = j + 1u) { total = total + sums[j]; }
+    let norm = sqrt(total);
+    st_norm(0u, norm);
+    st_scale(0u, P.maxNorm / (norm + 1e-6));
+  }`,
+});
+
+/** g[i] *= s[0]: one element per invocation. Reads s; reads and writes g. */
+const scaleKernel: Kernel = defineKernel({
+  name: "optim_grad_scale",
+  buffers: [{ name: "g", type: "f32", access: "read_write" }, { name: "s", type: "f32", access: "read" }],
+  uniforms: [["n", "u32"]],
+  workgroupSize: WG,
+  body: `
+  if (gid >= P.n) { return; }
+  st_g(gid, ld_g(gid) * ld_s(0u));`,
+});
+
+/**
+ * AdamW (torch.optim.AdamW, 1.13, in its order of f32 operations), one element per invocation; the
+ * gradient is g * s[0] (s: the clip factor, or 1). Reads g and s; reads and writes p, m (exp_avg) and
+ * v (exp_avg_sq). Uniforms: decay = 1 - lr*wd, stepSize = lr / (1 - b1^t), bc2Sqrt = sqrt(1 - b2^t).
+ */
+const adamwKernel: Kernel = defineKernel({
+  name: "optim_adamw",
+  buffers: [
+    { name: "p", type: "f32", access: "read_write" },
+    { name: "g", type: "f32", access: "read" },
+    { name: "m", type: "f32", access: "read_write" },
+    { name: "v", type: "f32", access: "read_write" },
+    { name: "s", type: "f32", access: "read" },
+  ],
+  uniforms: [
+    ["n", "u32"],
+    ["decay", "f32"],
+    ["b1", "f32"],
+    ["c1", "f32"],
+    ["b2", "f32"],
+    ["c2", "f32"],
+    ["stepSize", "f32"],
+    ["bc2Sqrt", "f32"],
+    ["eps", "f32"],
+  ],
+  workgroupSize: WG,
+  body: `
+  if (gid >= P.n) { return; }
+  let g = ld_g(gid) * ld_s(0u);
+  let p = ld_p(gid) * P.decay;
+  let m = ld_m(gid) * P.b1 + P.c1 * g;
+  let v = ld_v(gid) * P.b2 + P.c2 * (g * g);
+  st_m(gid, m);
+  st_v(gid, v);
+  let denom = sqrt(v) / P.bc2Sqrt + P.eps;
+  st_p(gid, p + (-P.stepSize) * (m / denom));`,
+});
+
+/**
+ * SGD (torch.optim.SGD, 1.13), one element per invocation; the gradient is g * s[0]. d = g + wd*p; with
+ * momentum: buf = d on the parameter's first step (`first`), else momentum*buf + (1 - dampening)*d, and
+ * d = nesterov ? d + momentum*buf : buf; then p = p - lr*d. Reads g and s; reads and writes p (and buf).
+ */
+function sgdKernel(withMomentum: boolean): Kernel {
+  return defineKernel({
+    name: withMomentum ? "optim_sgd_momentum" : "optim_sgd",
+    buffers: [
+      { name: "p", type: "f32", access: "read_write" },
+      { name: "g", type: "f32", access: "read" },
+      ...(withMomentum ? [{ name: "buf", type: "f32" as const, access: "read_write" as const }] : []),
+      { name: "s", type: "f32", access: "read" },
+    ],
+    uniforms: [
+      ["n", "u32"],
+      ["lr", "f32"],
+      ["wd", "f32"],
+      ["momentum", "f32"],
+      ["damp", "f32"],
+      ["first", "u32"],
+      ["nesterov", "u32"],
+    ],
+    workgroupSize: WG,
+    body: `
+  if (gid >= P.n) { return; }
+  let p = ld_p(gid);
+  var d = ld_g(gid) * ld_s(0u);
+  if (P.wd != 0.0) { d = d + P.wd * p; }
+  ${
+      withMomentum
+        ? `var b = d;
+  if (P.first == 0u) { b = ld_buf(gid) * P.momentum + P.damp * d; }
+  st_buf(gid, b);
+  if (P.nesterov != 0u) { d = d + P.momentum * b; } else { d = b; }`
+        : ""
+    }
+  st_p(gid, p + (-P.lr) * d);`,
+  });
+}
+
+const SGD_KERNELS = { plain: sgdKernel(false), momentum: sgdKernel(true) };
+
+// ------------------------------------------------------------------------------------------ clipping
+
+function withGrads(params: readonly Tensor[]): Tensor[] {
+  return params.filter((p) => p.grad !== null);
+}
+
+/** The gradient of `p`, copied first if its storage is shared with another tensor (it is written in place). */
+function ownGrad(p: Tensor): Tensor {
+  const g = p.grad!;
+  if (g.storage.users === 1) return g;
+  const own = keep(copy(g));
+  g.dispose();
+  p.grad = own;
+  return own;
+}
+
+/** The global gradient norm and the clip factor, as one-element GPU tensors. */
+export interface GradNormScale {
+  /** sqrt(sum over parameters of sum(grad^2)): shape [] (0-d). */
+  norm: Tensor;
+  /** min(1, maxNorm / (norm + 1e-6)): shape []. Pass it to `step({ gradScale })`. */
+  scale: Tensor;
+}
+
+/**
+ * Computes the global L2 norm of the gradients of `params` (those without a gradient are skipped) and the
+ * clip factor `min(1, maxNorm / (norm + 1e-6))` on the GPU, without changing the gradients and without a
+ * readback: `opt.step({ gradScale: scale })` then applies the clipped update, which is bit-identical to
+ * {@linkcode clipGradNorm} followed by `opt.step()` and saves one dispatch per parameter.
+ * The sum of squares is taken over all elements at once (PyTorch takes the norm of per-parameter norms;
+ * the two differ by rounding only).
+ */
+export function gradNormScale(params: readonly Tensor[], maxNorm: number = Infinity): GradNormScale {
+  if (!(maxNorm > 0)) throw new Error(`gradNormScale: maxNorm must be positive, got ${maxNorm}`);
+  const ps = withGrads(params);
+  for (const p of ps) {
+    if (p.grad!.dtype !== "f32") throw new Error(`gradNormScale: gradients must be f32, got ${p.grad}`);
+  }
+  const counts = ps.map((p) => Math.ceil(p.grad!.size / NORM_BLOCK) * NORM_WG);
+  const total = counts.reduce((a, b) => a + b, 0);
+  if (total > FINISH_WG * 65535) {
+    throw new Error(`gradNormScale: ${total} partial sums exceed what one finishing workgroup can add`);
+  }
+  const partials = Tensor.empty([Math.max(total, 1)]);
+  let at = 0;
+  ps.forEach((p, k) => {
+    const g = p.grad!;
+    dispatch(
+      sumSquaresKernel,
+      { g: g.storage, partials: partials.storage },
+      { n: g.size, at },
+      counts[k] / NORM_WG,
+    );
+    at += counts[k];
+  });
+  const norm = Tensor.empty([]);
+  const scale = Tensor.empty([]);
+  dispatch(
+    finishNormKernel,
+    { partials: partials.storage, norm: norm.storage, scale: scale.storage },
+    { count: total, maxNorm },
+    1,
+  );
+  partials.dispose();
+  return { norm, scale };
+}
+
+/**
+ * PyTorch's `clip_grad_norm_`: scales every gradient of `params` in place by
+ * `min(1, maxNorm / (norm + 1e-6))`, where `norm` is the global L2 norm of all gradients, and returns that
+ * norm (shape [], on the GPU: `await norm.item()` reads it). No readback: the factor stays on the GPU.
+ * Parameters without a gradient are skipped.
+ */
+export function clipGradNorm(params: readonly Tensor[], maxNorm: number): Tensor {
+  const { norm, scale } = gradNormScale(params, maxNorm);
+  for (const p of withGrads(params)) {
+    const g = ownGrad(p);
+    dispatch(scaleKernel, { g: g.storage, s: scale.storage }, { n: g.size }, Math.ceil(g.size / WG));
+  }
+  scale.dispose();
+  return norm;
+}
+
+// ------------------------------------------------------------------------------------------ optimizers
+
+/** A group of parameters that share a weight decay. */
+export interface ParamGroup {
+  /** The parameters (f32 tensors, updated in place). */
+  params: Tensor[];
+  /** Weight decay of this group (default: the optimizer's `weightDecay`). */
+  weightDecay?: number;
+  /** Names of the parameters, used as state-dict keys (default: their index over all groups, "0", "1"...). */
+  names?: string[];
+}
+
+/** Optimizer state, ready to be saved with a checkpoint (tensors in safetensors, numbers in its metadata). */
+export interface OptimizerState {
+  /** Number of `step()` calls. */
+  step: number;
+  /** Per parameter name: the number of updates it received (bias corrections use it, as PyTorch's
+   * per-parameter `state["step"]`). Parameters that never had a gradient are absent. */
+  paramSteps: Record<string, number>;
+  /** Per-parameter buffers, keyed `<name>.<slot>`: AdamW `exp_avg`, `exp_avg_sq`; SGD `momentum_buffer`. */
+  tensors: Map<string, Tensor>;
+}
+
+/** What {@linkcode Optimizer.loadStateDict} accepts: the tensors may be GPU tensors or host data. */
+export interface OptimizerStateInput {
+  /** Number of `step()` calls. */
+  step: number;
+  /** Per-parameter update counts (default: `step` for every parameter that has buffers in `tensors`). */
+  paramSteps?: Record<string, number>;
+  /** Per-parameter buffers keyed `<name>.<slot>`. */
+  tensors: Map<string, Tensor | HostTensor> | Record<string, Tensor | HostTensor>;
+}
+
+/** Options of {@linkcode Optimizer.step}. */
+export interface StepOptions {
+  /**
+   * A GPU tensor whose first element multiplies every gradient before the update (e.g. the `scale` of
+   * {@linkcode gradNormScale}); read by the update kernels, never by the host.
+   */
+  gradScale?: Tensor;
+}
+
+interface Slot {
+  p: Tensor;
+  name: string;
+  weightDecay: number;
+  steps: number;
+  state: Tensor[] | null;
+}
+
+/** Base of the optimizers: parameter groups, state, gradient reset, state dicts. */
+export abstract class Optimizer {
+  /** Learning rate of the next `step()` (set it every step to follow a schedule). */
+  lr: number;
+  /** Number of `step()` calls so far. */
+  stepCount = 0;
+  /** The groups, with every default filled in (weight decay, names). */
+  readonly paramGroups: readonly Required<ParamGroup>[];
+  /** Names of the per-parameter state buffers. */
+  abstract readonly stateNames: readonly string[];
+  #slots: Slot[] = [];
+  #one: Tensor | null = null;
+
+  /** Collects the groups; `weightDecay` is the default of groups that do not set their own. */
+  constructor(groups: ParamGroup[] | Tensor[], lr: number, weightDecay: number) {
+    if (!(lr >= 0)) throw new Error(`optimizer: lr must be >= 0, got ${lr}`);
+    this.lr = lr;
+    const list: ParamGroup[] = groups.length > 0 && groups[0] instanceof Tensor
+      ? [{ params: groups as Tensor[] }]
+      : groups as ParamGroup[];
+    const seen = new Set<Tensor>();
+    const names = new Set<string>();
+    const resolved: Required<ParamGroup>[] = [];
+    for (const group of list) {
+      if (group.names && group.names.length !== group.params.length) {
+        throw new Error(`optimizer: ${group.names.length} names for ${group.params.length} parameters`);
+      }
+      const wd = group.weightDecay ?? weightDecay;
+      if (!(wd >= 0)) throw new Error(`optimizer: weightDecay must be >= 0, got ${wd}`);
+      group.params.forEach((p, i) => {
+        if (seen.has(p)) throw new Error(`optimizer: parameter ${p} appears twice`);
+        if (p.dtype !== "f32") throw new Error(`optimizer: parameters must be f32, got ${p}`);
+        const name = group.names?.[i] ?? String(this.#slots.length);
+        if (names.has(name)) throw new Error(`optimizer: parameter name '${name}' appears twice`);
+        seen.add(p);
+        names.add(name);
+        this.#slots.push({ p, name, weightDecay: wd, steps: 0, state: null });
+      });
+      const at = this.#slots.length - group.params.length;
+      resolved.push({
+        params: [...group.params],
+        weightDecay: wd,
+        names: this.#slots.slice(at).map((s) => s.name),
+      });
+    }
+    this.paramGroups = resolved;
+  }
+
+  /** Every parameter, in group order. */
+  get params(): Tensor[] {
+    return this.#slots.map((s) => s.p);
+  }
+
+  /** Records the update of one parameter; `state` holds its buffers (`stateNames` order). */
+  protected abstract update(
+    p: Tensor,
+    g: Tensor,
+    state: Tensor[],
+    info: { weightDecay: number; steps: number; fresh: boolean; scale: Tensor },
+  ): void;
+
+  /**
+   * Updates every parameter that has a gradient (one dispatch each, no readback); parameters without a
+   * gradient are skipped and their state is unchanged, as in PyTorch.
+   */
+  step(options: StepOptions = {}): void {
+    const scale = options.gradScale ?? (this.#one ??= keep(full([1], 1)));
+    if (scale.dtype !== "f32" || scale.size < 1) throw new Error(`step: gradScale must be f32, got ${scale}`);
+    this.stepCount++;
+    for (const s of this.#slots) {
+      const g = s.p.grad;
+      if (!g) continue;
+      if (g.shape.join() !== s.p.shape.join()) {
+        throw new Error(
+          `step: gradient ${fmt(g.shape)} for parameter '${s.name}' of shape ${fmt(s.p.shape)}`,
+        );
+      }
+      const fresh = s.state === null;
+      s.state ??= this.stateNames.map(() => keep(zeros(s.p.shape)));
+      s.steps++;
+      this.update(s.p, g, s.state, { weightDecay: s.weightDecay, steps: s.steps, fresh, scale });
+    }
+  }
+
+  /** Disposes every parameter's gradient and sets it to null. */
+  zeroGrad(): void {
+    for (const { p } of this.#slots) {
+      p.grad?.dispose();
+      p.grad = null;
+    }
+  }
+
+  /** The state: the live buffers (not copies; do not dispose them) and the step counts. */
+  stateDict(): OptimizerState {
+    const tensors = new Map<string, Tensor>();
+    const paramSteps: Record<string, number> = {};
+    for (const s of this.#slots) {
+      if (!s.state) continue;
+      paramSteps[s.name] = s.steps;
+      s.state.forEach((t, j) => tensors.set(`${s.name}.${this.stateNames[j]}`, t));
+    }
+    return { step: this.stepCount, paramSteps, tensors };
+  }
+
+  /**
+   * Copies a saved state into this optimizer (same parameters and names). Throws, naming the keys, on
+   * unknown keys, shape mismatches and parameters with only some of their buffers. Parameters absent from
+   * the state start fresh. Hyper-parameters (lr, betas, ...) are not part of the state.
+   */
+  loadStateDict(state: OptimizerStateInput): void {
+    const entries = state.tensors instanceof Map ? state.tensors : new Map(Object.entries(state.tensors));
+    const known = new Map(this.#slots.map((s) => [s.name, s]));
+    const problems: string[] = [];
+    const unexpected = [...entries.keys()].filter((k) => {
+      const dot = k.lastIndexOf(".");
+      return !known.has(k.slice(0, dot)) || !this.stateNames.includes(k.slice(dot + 1));
+    });
+    if (unexpected.length) problems.push(`unexpected keys: ${unexpected.join(", ")}`);
+    for (const name of Object.keys(state.paramSteps ?? {})) {
+      if (!known.has(name)) problems.push(`step count for unknown parameter '${name}'`);
+    }
+    const plan: [Slot, (Tensor | HostTensor)[] | null, number][] = [];
+    for (const s of this.#slots) {
+      const keys = this.stateNames.map((n) => `${s.name}.${n}`);
+      const vals = keys.map((k) => entries.get(k));
+      const have = vals.filter((v) => v !== undefined).length;
+      if (have === 0) {
+        plan.push([s, null, 0]);
+        continue;
+      }
+      if (have < keys.length) problems.push(`missing keys: ${keys.filter((_, j) => !vals[j]).join(", ")}`);
+      vals.forEach((v, j) => {
+        if (!v) return;
+        if (v.shape.join() !== s.p.shape.join()) {
+          problems.push(
+            `shape mismatch for ${keys[j]}: state ${fmt(v.shape)} vs parameter ${fmt(s.p.shape)}`,
+          );
+        } else if ("data" in v && v.data.length !== s.p.size) {
+          problems.push(`${keys[j]} has ${v.data.length} values, needs ${s.p.size}`);
+        }
+      });
+      const steps = state.paramSteps?.[s.name] ?? state.step;
+      if (!Number.isInteger(steps) || steps < 1) problems.push(`bad step count ${steps} for '${s.name}'`);
+      plan.push([s, vals as (Tensor | HostTensor)[], steps]);
+    }
+    if (!Number.isInteger(state.step) || state.step < 0) problems.push(`bad step ${state.step}`);
+    if (problems.length) throw new Error(`loadStateDict: ${problems.join(". ")}`);
+    for (const [s, vals, steps] of plan) {
+      s.steps = steps;
+      if (!vals) {
+        for (const t of s.state ?? []) t.dispose();
+        s.state = null;
+        continue;
+      }
+      s.state ??= this.stateNames.map(() => keep(Tensor.empty(s.p.shape)));
+      vals.forEach((v, j) => {
+        const dst = s.state![j].storage.buffer;
+        if ("data" in v) {
+          upload(dst, 0, v.data instanceof Float32Array ? v.data : Float32Array.from(v.data));
+        } else if (v.size > 0) {
+          recordCopy(v.storage.buffer, 0, dst, 0, v.size * 4);
+        }
+      });
+    }
+    this.stepCount = state.step;
+  }
+
+  /** Frees the optimizer's buffers (not the parameters nor their gradients). */
+  dispose(): void {
+    for (const s of this.#slots) {
+      for (const t of s.state ?? []) t.dispose();
+      s.state = null;
+    }
+    this.#one?.dispose();
+    this.#one = null;
+  }
+}
+
+/** Hyper-parameters of {@linkcode AdamW}. */
+export interface AdamWOptions {
+  /** Learning rate (default 1e-3). */
+  lr?: number;
+  /** Coefficients of the running averages of the gradient and its square (default [0.9, 0.999]). */
+  betas?: [number, number];
+  /** Added to the denominator (default 1e-8). */
+  eps?: number;
+  /** Decoupled weight decay of groups that do not set their own (default 0.01, as PyTorch). */
+  weightDecay?: number;
+}
+
+/**
+ * AdamW with PyTorch's semantics (torch.optim.AdamW, non-amsgrad), per parameter with step count t:
+ * `p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
+ * p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. One fused dispatch per parameter.
+ */
+export class AdamW extends Optimizer {
+  /** `exp_avg` (m) and `exp_avg_sq` (v), as PyTorch names them. */
+  readonly stateNames: readonly string[] = ["exp_avg", "exp_avg_sq"];
+  /** (b1, b2). */
+  readonly betas: readonly [number, number];
+  /** Denominator epsilon. */
+  readonly eps: number;
+
+  /** Takes a list of parameters or of groups (each may set its own weight decay). */
+  constructor(params: ParamGroup[] | Tensor[], options: AdamWOptions = {}) {
+    super(params, options.lr ?? 1e-3, options.weightDecay ?? 1e-2);
+    const [b1, b2] = options.betas ?? [0.9, 0.999];
+    if (!(b1 >= 0 && b1 < 1 && b2 >= 0 && b2 < 1)) {
+      throw new Error(`AdamW: betas must be in [0, 1), got ${b1}, ${b2}`);
+    }
+    this.betas = [b1, b2];
+    this.eps = options.eps ?? 1e-8;
+    if (!(this.eps >= 0)) throw new Error(`AdamW: eps must be >= 0, got ${this.eps}`);
+  }
+
+  /** Records the fused AdamW update of one parameter. */
+  protected update(
+    p: Tensor,
+    g: Tensor,
+    [m, v]: Tensor[],
+    { weightDecay, steps, scale }: { weightDecay: number; steps: number; scale: Tensor },
+  ): void {
+    const [b1, b2] = this.betas;
+    dispatch(adamwKernel, { p: p.storage, g: g.storage, m: m.storage, v: v.storage, s: scale.storage }, {
+      n: p.size,
+      decay: 1 - this.lr * weightDecay,
+      b1,
+      c1: 1 - b1,
+      b2,
+      c2: 1 - b2,
+      stepSize: this.lr / (1 - b1 ** steps),
+      bc2Sqrt: Math.sqrt(1 - b2 ** steps),
+      eps: this.eps,
+    }, Math.ceil(p.size / WG));
+  }
+}
+
+/** Hyper-parameters of {@linkcode SGD}. */
+export interface SGDOptions {
+  /** Learning rate (default 1e-3). */
+  lr?: number;
+  /** Momentum factor (default 0: plain SGD, no state). */
+  momentum?: number;
+  /** Dampening of the momentum (default 0). */
+  dampening?: number;
+  /** L2 penalty added to the gradient (coupled, as torch.optim.SGD) of groups without their own (default 0). */
+  weightDecay?: number;
+  /** Nesterov momentum (default false). */
+  nesterov?: boolean;
+}
+
+/**
+ * SGD with PyTorch's semantics (torch.optim.SGD): `d = g + wd*p`; with momentum, `buf = d` on the first
+ * step and `buf = momentum*buf + (1 - dampening)*d` afterwards, `d = nesterov ? d + momentum*buf : buf`;
+ * then `p -= lr*d`. One dispatch per parameter.
+ */
+export class SGD extends Optimizer {
+  /** `momentum_buffer` when momentum is used, else nothing. */
+  readonly stateNames: readonly string[];
+  /** Momentum factor. */
+  readonly momentum: number;
+  /** Dampening. */
+  readonly dampening: number;
+  /** Nesterov momentum. */
+  readonly nesterov: boolean;
+
+  /** Takes a list of parameters or of groups (each may set its own weight decay). */
+  constructor(params: ParamGroup[] | Tensor[], options: SGDOptions = {}) {
+    super(params, options.lr ?? 1e-3, options.weightDecay ?? 0);
+    this.momentum = options.momentum ?? 0;
+    this.dampening = options.dampening ?? 0;
+    this.nesterov = options.nesterov ?? false;
+    if (!(this.momentum >= 0)) throw new Error(`SGD: momentum must be >= 0, got ${this.momentum}`);
+    if (this.nesterov && (this.momentum <= 0 || this.dampening !== 0)) {
+      throw new Error("SGD: nesterov needs a positive momentum and zero dampening");
+    }
+    this.stateNames = this.momentum > 0 ? ["momentum_buffer"] : [];
+  }
+
+  /** Records the SGD update of one parameter. */
+  protected update(
+    p: Tensor,
+    g: Tensor,
+    state: Tensor[],
+    { weightDecay, fresh, scale }: { weightDecay: number; fresh: boolean; scale: Tensor },
+  ): void {
+    const withMomentum = this.momentum > 0;
+    const buffers: Record<string, Tensor["storage"]> = { p: p.storage, g: g.storage, s: scale.storage };
+    if (withMomentum) buffers.buf = state[0].storage;
+    dispatch(withMomentum ? SGD_KERNELS.momentum : SGD_KERNELS.plain, buffers, {
+      n: p.size,
+      lr: this.lr,
+      wd: weightDecay,
+      momentum: this.momentum,
+      damp: 1 - this.dampening,
+      first: fresh ? 1 : 0,
+      nesterov: this.nesterov ? 1 : 0,
+    }, Math.ceil(p.size / WG));
+  }
+}
+
+// ------------------------------------------------------------------------------------------ recipes
+
+/** Options of {@linkcode configureOptimizers}. */
+export interface ConfigureOptions {
+  /** Learning rate. */
+  lr: number;
+  /** Weight decay of the decayed group. */
+  weightDecay: number;
+  /** AdamW betas. */
+  betas: [number, number];
+  /** AdamW epsilon (default 1e-8). */
+  eps?: number;
+}
+
+/**
+ * mamba.py's `LM.configure_optimizers`: AdamW with two groups, every parameter of rank >= 2 decayed with
+ * `weightDecay` and every parameter of rank < 2 (biases, norm weights, D) not. This follows mamba.py's
+ * actual rule (`p.dim() >= 2`), so `A_log` (ED, N) and the conv weights (ED, 1, d_conv) ARE decayed, as in
+ * mamba.py (and in the char-mamba reference run), even though A_log is not a matmul weight. Parameters are
+ * named as in the model's state dict, so the optimizer state saves under the same names.
+ */
+export function configureOptimizers(model: Module, options: ConfigureOptions): AdamW {
+  const named = model.namedParameters().filter(([, p]) => p.requiresGrad);
+  const decay = named.filter(([, p]) => p.rank >= 2);
+  const noDecay = named.filter(([, p]) => p.rank < 2);
+  return new AdamW([
+    { params: decay.map(([, p]) => p), names: decay.map(([n]) => n), weightDecay: options.weightDecay },
+    { params: noDecay.map(([, p]) => p), names: noDecay.map(([n]) => n), weightDecay: 0 },
+  ], { lr: options.lr, betas: options.betas, eps: options.eps ?? 1e-8 });
+}
+
+/** Options of {@linkcode cosineSchedule}. */
+export interface CosineScheduleOptions {
+  /** Steps of linear warm-up (may be 0). */
+  warmup: number;
+  /** Step at which the cosine reaches `minLr` (>= warmup). */
+  total: number;
+  /** Learning rate at the end of the warm-up. */
+  maxLr: number;
+  /** Learning rate from `total` on. */
+  minLr: number;
+}
+
+/**
+ * The llama2.c / nanoGPT learning-rate schedule (the one the char-mamba reference run used), for a step
+ * counted from 0:
+ * - `step < warmup`: `maxLr * step / warmup` (0 at step 0);
+ * - `warmup <= step <= total`: `minLr + 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup))) * (maxLr - minLr)`
+ *   (maxLr at `warmup`, minLr at `total`);
+ * - `step > total`: `minLr`.
+ */
+export function cosineSchedule(options: CosineScheduleOptions): (step: number) => number {
+  const { warmup, total, maxLr, minLr } = options;
+  if (!(warmup >= 0 && total >= warmup)) {
+    throw new Error(`cosineSchedule: needs 0 <= warmup <= total, got warmup ${warmup}, total ${total}`);
+  }
+  return (step: number): number => {
+    if (step < warmup) return maxLr * step / warmup;
+    if (step >= total) return step === warmup ? maxLr : minLr;
+    const ratio = (step - warmup) / (total - warmup);
+    return minLr + 0.5 * (1 + Math.cos(Math.PI * ratio)) * (maxLr - minLr);
+  };
+}
