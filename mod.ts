@@ -100,8 +100,32 @@ export {
   type CheckpointConfig,
   fromPretrained,
   hfConfig,
+  loadTokenizer,
   mapKey,
   parseCheckpointConfig,
+  PretrainedLM,
+  type PretrainedOptions,
   saveCheckpoint,
 } from "./mamba/pretrained.ts";
-export { ByteTokenizer, type Tokenizer } from "./mamba/tokenizer.ts";
+export {
+  hubCacheDir,
+  hubDownload,
+  hubEndpoint,
+  HubError,
+  type HubErrorCode,
+  type HubOptions,
+  isHubId,
+  placeByHandHelp,
+  repoCacheDir,
+} from "./mamba/hub.ts";
+export {
+  ByteTokenizer,
+  type DecodeOptions,
+  type EncodeOptions,
+  HubTokenizer,
+  type SpecialTokens,
+  StreamDecoder,
+  type StreamDecoderOptions,
+  type Tokenizer,
+  tokenizerFromJSON,
+} from "./mamba/tokenizer.ts";

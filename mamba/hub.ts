@@ -21,7 +21,6 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
 import { parseSafetensorsHeader, safetensorsHeaderLength } from "../core/safetensors.ts";
 import { fileSize, linkAtomic, ProgressBar, withLock, writeTextAtomic } from "./hub_fs.ts";
 
@@ -37,6 +36,11 @@ export interface HubOptions {
   localFilesOnly?: boolean;
   /** Progress bar on stderr (default: when stderr is a terminal). */
   progress?: boolean;
+  /**
+   * Ask the hub for the revision's current commit even when the cache has the file (one HEAD request per
+   * file; a file of a new commit is downloaded). Default false: the cache answers without any request.
+   */
+  refresh?: boolean;
   /** Resumed attempts after a download breaks off, in the same call (default 3). */
   retries?: number;
   /** Milliseconds to wait for a response or for the next bytes of a body (default 30000). */
@@ -219,8 +223,8 @@ export async function hubDownload(
   const r = resolveOptions(id, options);
   checkFilename(filename);
   const cached = await fromCache(r, filename);
-  if (cached === ABSENT) return null;
-  if (cached !== null) return cached;
+  if (cached === ABSENT && (!options.refresh || r.offline)) return null;
+  if (typeof cached === "string" && (!options.refresh || r.offline)) return cached;
   if (r.offline) {
     throw new HubError(
       "NotCached",
@@ -255,7 +259,9 @@ async function fetchTimed(url: string, init: RequestInit, timeoutMs: number): Pr
   }
 }
 
-const USER_AGENT = `mamba.ts; deno/${Deno.version.deno}`;
+// Read lazily: nothing in this module touches Deno or node: APIs when it is merely imported (browsers).
+const userAgent = () => `mamba.ts; deno/${globalThis.Deno?.version?.deno ?? "?"}`;
+const sha256Hasher = async () => (await import("node:crypto")).createHash("sha256");
 
 // Maps a failed response to a HubError ("EntryNotFound" is returned as null by the callers).
 function httpError(r: Resolved, filename: string, url: string, res: Response): HubError {
@@ -300,7 +306,7 @@ async function head(r: Resolved, filename: string, url: string): Promise<Meta | 
       res = await fetchTimed(at, {
         method: "HEAD",
         redirect: "manual",
-        headers: { "accept-encoding": "identity", "user-agent": USER_AGENT },
+        headers: { "accept-encoding": "identity", "user-agent": userAgent() },
       }, r.timeoutMs);
     } catch (e) {
       throw new HubError(
@@ -361,7 +367,7 @@ async function download(r: Resolved, filename: string): Promise<string | null> {
   const getUrl = meta.commit
     ? `${r.endpoint}/${r.id}/resolve/${encodeURIComponent(meta.commit)}/${encodePath(filename)}`
     : url;
-  const key = meta.etag ?? `url-${createHash("sha256").update(getUrl).digest("hex")}`;
+  const key = meta.etag ?? `url-${(await sha256Hasher()).update(getUrl).digest("hex")}`;
   if (key.includes("/") || key.startsWith(".")) {
     throw new HubError("HTTP", `${url}: the ETag '${meta.etag}' cannot name a file`, url);
   }
@@ -376,7 +382,12 @@ async function download(r: Resolved, filename: string): Promise<string | null> {
     if (!meta.etag) blob = `${r.repoDir}/blobs/${sha}`;
     await Deno.rename(incomplete, blob);
   });
-  await linkAtomic(blob, pointer);
+  // Relative, as huggingface_hub makes them: up from snapshots/<commit>/<dirs of the file> to blobs/.
+  await linkAtomic(
+    blob,
+    pointer,
+    `${"../".repeat(1 + filename.split("/").length)}blobs/${blob.replace(/^.*\//, "")}`,
+  );
   await writeRef(r, commit);
   return pointer;
 }
@@ -440,7 +451,7 @@ async function getOnce(
     clearTimeout(timer);
     timer = setTimeout(() => ac.abort(new Error(`no data for ${r.timeoutMs} ms`)), r.timeoutMs);
   };
-  const headers: Record<string, string> = { "accept-encoding": "identity", "user-agent": USER_AGENT };
+  const headers: Record<string, string> = { "accept-encoding": "identity", "user-agent": userAgent() };
   if (have > 0) headers.range = `bytes=${have}-`;
   let file: Deno.FsFile | undefined;
   let bar: ProgressBar | undefined;
@@ -536,7 +547,7 @@ async function verify(path: string, meta: Meta, filename: string, url: string): 
   };
   const size = await fileSize(path);
   if (meta.size >= 0 && size !== meta.size) await fail(`got ${size} bytes, the hub announced ${meta.size}`);
-  const hash = createHash("sha256");
+  const hash = await sha256Hasher();
   const file = await Deno.open(path, { read: true });
   const buf = new Uint8Array(1 << 20);
   let prefix: Uint8Array | null = null;

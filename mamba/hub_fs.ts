@@ -5,7 +5,11 @@
  * @module
  */
 
-import { dirname, relative } from "node:path";
+// The folder part of a path ("/" or "\\" separated).
+function dirname(path: string): string {
+  const i = Math.max(path.lastIndexOf("/"), path.lastIndexOf("\\"));
+  return i > 0 ? path.slice(0, i) : i === 0 ? path.slice(0, 1) : ".";
+}
 
 /** A sequential source of bytes: a file, or the body of an HTTP response. */
 export interface ByteSource {
@@ -129,15 +133,19 @@ export async function isDirectory(path: string): Promise<boolean> {
 const tmpName = (path: string) => `${path}.tmp-${crypto.randomUUID().slice(0, 8)}`;
 
 /**
- * Makes `link` point at `target` atomically: a relative symlink is made under a temporary name and renamed
- * over `link`. Where symlinks fail (Windows without the privilege) the target is copied instead, also under a
- * temporary name first. Returns "symlink" or "copy".
+ * Makes `link` point at `target` atomically: a symlink holding `relTarget` (the target relative to the link's
+ * folder) is made under a temporary name and renamed over `link`. Where symlinks fail (Windows without the
+ * privilege) the target is copied instead, also under a temporary name first. Returns "symlink" or "copy".
  */
-export async function linkAtomic(target: string, link: string): Promise<"symlink" | "copy"> {
+export async function linkAtomic(
+  target: string,
+  link: string,
+  relTarget: string,
+): Promise<"symlink" | "copy"> {
   await Deno.mkdir(dirname(link), { recursive: true });
   const tmp = tmpName(link);
   try {
-    await Deno.symlink(relative(dirname(link), target), tmp);
+    await Deno.symlink(relTarget, tmp);
     await Deno.rename(tmp, link);
     return "symlink";
   } catch {

@@ -19,7 +19,7 @@ import {
 import { fmt } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
 import type { MambaConfigInput } from "./config.ts";
-import { hubDownload, HubError, type HubOptions, isHubId, placeByHandHelp } from "./hub.ts";
+import { hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
 import { type ByteSource, isDirectory, openFileSource, responseSource } from "./hub_fs.ts";
 import { type LMOptions, MambaLM } from "./lm.ts";
 import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
@@ -315,10 +315,7 @@ function hubSource(id: string, options: HubOptions): Source {
       const path = await get(file, optional);
       if (path === null) {
         if (optional) return null;
-        throw new HubError(
-          "EntryNotFound",
-          `${where}: the repository has no ${file}. ${placeByHandHelp(id, options)}`,
-        );
+        throw new HubError("EntryNotFound", `${where}: the repository has no ${file}`);
       }
       return await Deno.readTextFile(path);
     },

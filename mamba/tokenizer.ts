@@ -12,9 +12,7 @@
  * @module
  */
 
-// Pinned here while deno.json has no import map entry for it.
-// deno-lint-ignore no-import-prefix
-import { Tokenizer as HFTokenizer } from "npm:@huggingface/tokenizers@0.2.0";
+import { Tokenizer as HFTokenizer } from "@huggingface/tokenizers";
 
 /** Ids of the special tokens a tokenizer declares (null where it declares none). */
 export interface SpecialTokens {

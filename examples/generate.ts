@@ -1,0 +1,330 @@
+/**
+ * Generates text with a pretrained Mamba and streams it to stdout as it is produced.
+ *
+ * ```sh
+ * deno run -A examples/generate.ts --model state-spaces/mamba-130m-hf --prompt "Mamba is"
+ * deno run -A examples/generate.ts --model tests/fixtures/char-mamba --prompt "It is a truth" --greedy
+ * ```
+ *
+ * `--model` is a hub id (downloaded into the Hugging Face cache), a folder or a URL. Tokens are chosen on
+ * the GPU (greedy, or sampled with temperature and top-k), except with `--top-p`: the GPU sampler has no
+ * nucleus sampling, so then the logits of each step are read back and the token is drawn on the host
+ * (slower). Statistics go to stderr.
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { noGrad } from "../core/autograd.ts";
+import { tensor } from "../core/creation.ts";
+import { init } from "../core/device.ts";
+import { matmul, narrow } from "../core/ops/index.ts";
+import { dispose, type Tensor, tidy } from "../core/tensor.ts";
+import type { LayerCache } from "../mamba/block.ts";
+import type { MambaLM } from "../mamba/lm.ts";
+import { fromPretrained } from "../mamba/pretrained.ts";
+import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../mamba/tokenizer.ts";
+
+const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [options]
+
+  --model <s>        hub id (org/name), local folder or URL with config.json + model.safetensors
+  --prompt <s>       text to continue (default: the tokenizer's BOS/EOS token, if it has one)
+  --tokens <n>       new tokens per row (default 100)
+  --greedy           always take the most likely token (default: sample)
+  --temperature <x>  softmax temperature when sampling (default 1)
+  --top-k <n>        sample among the k most likely tokens (default 0: all)
+  --top-p <x>        nucleus sampling: the smallest set with probability >= x (host-side, slower)
+  --seed <n>         sampler seed (default: random; printed to stderr)
+  --batch <n>        rows generated at once from the same prompt (default 1)
+  --tokenizer <s>    hub id, folder or URL of the tokenizer (default: the model's own)
+  --revision <s>     hub branch, tag or commit (default main)
+  --cache-dir <s>    hub cache folder (default HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub)
+  --read-every <n>   tokens between readbacks while streaming (default 4)
+  -h, --help         this text`;
+
+class UsageError extends Error {}
+
+function int(name: string, v: string | undefined, dflt: number, min: number): number {
+  if (v === undefined) return dflt;
+  if (!/^-?\d+$/.test(v) || Number(v) < min) {
+    throw new UsageError(`--${name} must be an integer >= ${min}, got '${v}'`);
+  }
+  return Number(v);
+}
+
+function num(
+  name: string,
+  v: string | undefined,
+  ok: (x: number) => boolean,
+  what: string,
+): number | undefined {
+  if (v === undefined) return undefined;
+  const x = Number(v);
+  if (v.trim() === "" || !Number.isFinite(x) || !ok(x)) {
+    throw new UsageError(`--${name} must be ${what}, got '${v}'`);
+  }
+  return x;
+}
+
+function parse(argv: string[]) {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        model: { type: "string" },
+        prompt: { type: "string" },
+        tokens: { type: "string" },
+        greedy: { type: "boolean" },
+        temperature: { type: "string" },
+        "top-k": { type: "string" },
+        "top-p": { type: "string" },
+        seed: { type: "string" },
+        batch: { type: "string" },
+        tokenizer: { type: "string" },
+        revision: { type: "string" },
+        "cache-dir": { type: "string" },
+        "read-every": { type: "string" },
+        help: { type: "boolean", short: "h" },
+      },
+    }));
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  if (values.help) return null;
+  if (!values.model) throw new UsageError("--model is required");
+  const temperature = num("temperature", values.temperature, (x) => x > 0, "a number > 0");
+  const topP = num("top-p", values["top-p"], (x) => x > 0 && x <= 1, "a number in (0, 1]");
+  const topK = int("top-k", values["top-k"], 0, 0);
+  if (values.greedy && (temperature !== undefined || topP !== undefined || values["top-k"] !== undefined)) {
+    throw new UsageError(
+      "--greedy takes the most likely token: it does not combine with --temperature/--top-k/--top-p",
+    );
+  }
+  return {
+    model: values.model,
+    prompt: values.prompt ?? "",
+    tokens: int("tokens", values.tokens, 100, 1),
+    greedy: values.greedy ?? false,
+    temperature: temperature ?? 1,
+    topK,
+    topP: topP !== undefined && topP < 1 ? topP : undefined,
+    seed: values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : int("seed", values.seed, 0, 0),
+    batch: int("batch", values.batch, 1, 1),
+    tokenizer: values.tokenizer,
+    revision: values.revision,
+    cacheDir: values["cache-dir"],
+    readEvery: int("read-every", values["read-every"], 4, 1),
+  };
+}
+
+type Args = NonNullable<ReturnType<typeof parse>>;
+
+/** Where {@linkcode main} writes: the text, and messages/statistics. */
+export interface GenerateIO {
+  /** Generated text (default: stdout, unbuffered). */
+  out(text: string): void;
+  /** Errors and statistics, one line each (default: stderr). */
+  err(line: string): void;
+}
+
+const enc = new TextEncoder();
+const STDIO: GenerateIO = {
+  out(text: string): void {
+    const bytes = enc.encode(text);
+    for (let done = 0; done < bytes.length;) done += Deno.stdout.writeSync(bytes.subarray(done));
+  },
+  err: (line: string) => console.error(line),
+};
+
+// mulberry32: a small seeded generator for the host-side sampler.
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+// Temperature, then top-k, then top-p (as transformers orders them), then one draw.
+function sampleRow(logits: Float32Array, a: Args, rand: () => number): number {
+  let max = -Infinity;
+  for (const x of logits) if (x > max) max = x;
+  const inv = 1 / a.temperature;
+  // Tokens with weight below e^-40 of the best can never matter; leaving them out keeps the sort short.
+  const cand: number[] = [];
+  for (let v = 0; v < logits.length; v++) if ((logits[v] - max) * inv > -40) cand.push(v);
+  cand.sort((i, j) => logits[j] - logits[i] || i - j);
+  const kept = a.topK > 0 ? cand.slice(0, a.topK) : cand;
+  const w = kept.map((v) => Math.exp((logits[v] - max) * inv));
+  const total = w.reduce((s, x) => s + x, 0);
+  let n = kept.length;
+  if (a.topP !== undefined) {
+    let cum = 0;
+    for (n = 0; n < kept.length && cum < a.topP * total;) cum += w[n++];
+  }
+  let u = rand() * w.slice(0, n).reduce((s, x) => s + x, 0);
+  for (let i = 0; i < n; i++) if ((u -= w[i]) <= 0) return kept[i];
+  return kept[n - 1];
+}
+
+// The same loop as MambaLM.generate, but reading the logits back each step to sample on the host.
+async function generateTopP(
+  lm: MambaLM,
+  rows: number[][],
+  a: Args,
+  onTokens: (fresh: Int32Array[]) => void,
+): Promise<Int32Array[]> {
+  const B = rows.length;
+  const P = rows[0].length;
+  const rand = rng(a.seed);
+  const result = rows.map(() => new Int32Array(a.tokens));
+  const ids = lm.tokensTensor(rows);
+  let caches: LayerCache[] = [];
+  let next: Tensor | null = null;
+  try {
+    for (let i = 0; i < a.tokens; i++) {
+      const prev = caches;
+      const r = tidy(() =>
+        noGrad(() => {
+          if (i === 0) {
+            const f = lm.mamba.forwardWithCache(lm.embedding.forward(ids), true);
+            const h = lm.normF.forward(narrow(f.out, 1, P - 1, 1).reshape(B, lm.config.dModel));
+            const logits = lm.lmHead
+              ? lm.lmHead.forward(h)
+              : matmul(h, lm.embedding.weight, { transB: true });
+            return { logits, caches: f.caches };
+          }
+          return lm.step(next!, prev);
+        })
+      );
+      dispose(prev);
+      next?.dispose();
+      caches = r.caches;
+      const logits = await r.logits.toArray() as Float32Array;
+      r.logits.dispose();
+      const V = lm.vocabSize;
+      const chosen = Int32Array.from(
+        { length: B },
+        (_, b) => sampleRow(logits.subarray(b * V, (b + 1) * V), a, rand),
+      );
+      chosen.forEach((t, b) => result[b][i] = t);
+      next = tensor(chosen, [B], { dtype: "i32" });
+      if ((i + 1) % a.readEvery === 0 || i + 1 === a.tokens) {
+        const from = i + 1 - ((i + 1) % a.readEvery || a.readEvery);
+        onTokens(result.map((row) => row.slice(from, i + 1)));
+      }
+    }
+  } finally {
+    dispose(caches);
+    next?.dispose();
+    ids.dispose();
+  }
+  return result;
+}
+
+/** Runs the command line `argv`; returns the exit status (0 ok, 2 usage errors). Other errors throw. */
+export async function main(argv: string[], io: GenerateIO = STDIO): Promise<number> {
+  const out = (text: string) => io.out(text);
+  let a: Args | null;
+  try {
+    a = parse(argv);
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    io.err(`error: ${e.message}\n(run with --help for the options)`);
+    return 2;
+  }
+  if (a === null) {
+    out(USAGE + "\n");
+    return 0;
+  }
+  await init();
+  const t0 = performance.now();
+  const lm = await fromPretrained(a.model, {
+    revision: a.revision,
+    cacheDir: a.cacheDir,
+    tokenizer: a.tokenizer,
+  });
+  try {
+    const tok: Tokenizer | null = lm.tokenizer;
+    if (!tok) {
+      io.err(`error: ${lm.source} has no tokenizer.json: name one with --tokenizer <id|folder|url>`);
+      return 2;
+    }
+    let prompt = a.prompt ? tok.encode(a.prompt) : [];
+    if (prompt.length === 0) {
+      const start = tok.specialTokens.bos ?? tok.specialTokens.eos;
+      if (start === null) {
+        io.err("error: the prompt is empty and the tokenizer has no BOS/EOS token to start from");
+        return 2;
+      }
+      prompt = [start];
+    }
+    const loadMs = performance.now() - t0;
+    const rows = Array.from({ length: a.batch }, () => prompt);
+    // Row 0 streams; a special end token (not for byte tokenizers) ends what is shown.
+    const eos = tok instanceof ByteTokenizer ? null : tok.specialTokens.eos;
+    const decoder = new StreamDecoder(tok, { skipSpecialTokens: true });
+    let ended = false;
+    let firstMs = 0;
+    const t1 = performance.now();
+    const onTokens = (fresh: Int32Array[]) => {
+      if (!firstMs) firstMs = performance.now() - t1;
+      if (ended) return;
+      let ids = fresh[0];
+      const stop = eos === null ? -1 : ids.indexOf(eos);
+      if (stop >= 0) {
+        ids = ids.subarray(0, stop);
+        ended = true;
+      }
+      out(decoder.push(ids));
+    };
+    if (a.batch > 1) out(`[1/${a.batch}] `);
+    out(a.prompt);
+    const result = a.topP !== undefined
+      ? await generateTopP(lm, rows, a, onTokens)
+      : await lm.generate(rows, a.tokens, {
+        sample: !a.greedy,
+        temperature: a.temperature,
+        topK: a.topK,
+        seed: a.seed,
+        readEvery: a.readEvery,
+        onTokens,
+      });
+    const genMs = performance.now() - t1;
+    out(decoder.flush() + "\n");
+    for (let b = 1; b < a.batch; b++) {
+      let ids = result[b];
+      const stop = eos === null ? -1 : ids.indexOf(eos);
+      if (stop >= 0) ids = ids.subarray(0, stop);
+      out(`[${b + 1}/${a.batch}] ${a.prompt}${tok.decode(ids, { skipSpecialTokens: true })}\n`);
+    }
+    const n = a.batch * a.tokens;
+    const mode = a.greedy
+      ? "greedy"
+      : `sampled (T ${a.temperature}${a.topK ? `, top-k ${a.topK}` : ""}${
+        a.topP !== undefined ? `, top-p ${a.topP} on the host` : ""
+      }, seed ${a.seed})`;
+    io.err(
+      `${n} tokens (${a.batch} x ${a.tokens}, ${mode}) in ${(genMs / 1000).toFixed(2)} s: ` +
+        `${(n / (genMs / 1000)).toFixed(1)} tokens/s; prompt ${prompt.length} tokens, first tokens after ` +
+        `${firstMs.toFixed(0)} ms; model loaded in ${(loadMs / 1000).toFixed(2)} s`,
+    );
+    return 0;
+  } finally {
+    lm.dispose();
+  }
+}
+
+if (import.meta.main) {
+  try {
+    Deno.exit(await main(Deno.args));
+  } catch (e) {
+    console.error(`error: ${(e as Error).message}`);
+    Deno.exit(1);
+  }
+}

