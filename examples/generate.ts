@@ -7,20 +7,13 @@
  * ```
  *
  * `--model` is a hub id (downloaded into the Hugging Face cache), a folder or a URL. Tokens are chosen on
- * the GPU (greedy, or sampled with temperature and top-k), except with `--top-p`: the GPU sampler has no
- * nucleus sampling, so then the logits of each step are read back and the token is drawn on the host
- * (slower). Statistics go to stderr.
+ * the GPU (greedy, or sampled with temperature, top-k and top-p) and read back in batches. Statistics go
+ * to stderr.
  * @module
  */
 
 import { parseArgs } from "node:util";
-import { noGrad } from "../core/autograd.ts";
-import { tensor } from "../core/creation.ts";
 import { init } from "../core/device.ts";
-import { matmul, narrow } from "../core/ops/index.ts";
-import { dispose, type Tensor, tidy } from "../core/tensor.ts";
-import type { LayerCache } from "../mamba/block.ts";
-import type { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
 import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../mamba/tokenizer.ts";
 
@@ -32,7 +25,7 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
   --greedy           always take the most likely token (default: sample)
   --temperature <x>  softmax temperature when sampling (default 1)
   --top-k <n>        sample among the k most likely tokens (default 0: all)
-  --top-p <x>        nucleus sampling: the smallest set with probability >= x (host-side, slower)
+  --top-p <x>        nucleus sampling: the smallest set with probability >= x
   --seed <n>         sampler seed (default: random; printed to stderr)
   --batch <n>        rows generated at once from the same prompt (default 1)
   --tokenizer <s>    hub id, folder or URL of the tokenizer (default: the model's own)
@@ -138,95 +131,6 @@ const STDIO: GenerateIO = {
   err: (line: string) => console.error(line),
 };
 
-// mulberry32: a small seeded generator for the host-side sampler.
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-// Temperature, then top-k, then top-p (as transformers orders them), then one draw.
-function sampleRow(logits: Float32Array, a: Args, rand: () => number): number {
-  let max = -Infinity;
-  for (const x of logits) if (x > max) max = x;
-  const inv = 1 / a.temperature;
-  // Tokens with weight below e^-40 of the best can never matter; leaving them out keeps the sort short.
-  const cand: number[] = [];
-  for (let v = 0; v < logits.length; v++) if ((logits[v] - max) * inv > -40) cand.push(v);
-  cand.sort((i, j) => logits[j] - logits[i] || i - j);
-  const kept = a.topK > 0 ? cand.slice(0, a.topK) : cand;
-  const w = kept.map((v) => Math.exp((logits[v] - max) * inv));
-  const total = w.reduce((s, x) => s + x, 0);
-  let n = kept.length;
-  if (a.topP !== undefined) {
-    let cum = 0;
-    for (n = 0; n < kept.length && cum < a.topP * total;) cum += w[n++];
-  }
-  let u = rand() * w.slice(0, n).reduce((s, x) => s + x, 0);
-  for (let i = 0; i < n; i++) if ((u -= w[i]) <= 0) return kept[i];
-  return kept[n - 1];
-}
-
-// The same loop as MambaLM.generate, but reading the logits back each step to sample on the host.
-async function generateTopP(
-  lm: MambaLM,
-  rows: number[][],
-  a: Args,
-  onTokens: (fresh: Int32Array[]) => void,
-): Promise<Int32Array[]> {
-  const B = rows.length;
-  const P = rows[0].length;
-  const rand = rng(a.seed);
-  const result = rows.map(() => new Int32Array(a.tokens));
-  const ids = lm.tokensTensor(rows);
-  let caches: LayerCache[] = [];
-  let next: Tensor | null = null;
-  try {
-    for (let i = 0; i < a.tokens; i++) {
-      const prev = caches;
-      const r = tidy(() =>
-        noGrad(() => {
-          if (i === 0) {
-            const f = lm.mamba.forwardWithCache(lm.embedding.forward(ids), true);
-            const h = lm.normF.forward(narrow(f.out, 1, P - 1, 1).reshape(B, lm.config.dModel));
-            const logits = lm.lmHead
-              ? lm.lmHead.forward(h)
-              : matmul(h, lm.embedding.weight, { transB: true });
-            return { logits, caches: f.caches };
-          }
-          return lm.step(next!, prev);
-        })
-      );
-      dispose(prev);
-      next?.dispose();
-      caches = r.caches;
-      const logits = await r.logits.toArray() as Float32Array;
-      r.logits.dispose();
-      const V = lm.vocabSize;
-      const chosen = Int32Array.from(
-        { length: B },
-        (_, b) => sampleRow(logits.subarray(b * V, (b + 1) * V), a, rand),
-      );
-      chosen.forEach((t, b) => result[b][i] = t);
-      next = tensor(chosen, [B], { dtype: "i32" });
-      if ((i + 1) % a.readEvery === 0 || i + 1 === a.tokens) {
-        const from = i + 1 - ((i + 1) % a.readEvery || a.readEvery);
-        onTokens(result.map((row) => row.slice(from, i + 1)));
-      }
-    }
-  } finally {
-    dispose(caches);
-    next?.dispose();
-    ids.dispose();
-  }
-  return result;
-}
-
 /** Runs the command line `argv`; returns the exit status (0 ok, 2 usage errors). Other errors throw. */
 export async function main(argv: string[], io: GenerateIO = STDIO): Promise<number> {
   const out = (text: string) => io.out(text);
@@ -285,16 +189,15 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
     };
     if (a.batch > 1) out(`[1/${a.batch}] `);
     out(a.prompt);
-    const result = a.topP !== undefined
-      ? await generateTopP(lm, rows, a, onTokens)
-      : await lm.generate(rows, a.tokens, {
-        sample: !a.greedy,
-        temperature: a.temperature,
-        topK: a.topK,
-        seed: a.seed,
-        readEvery: a.readEvery,
-        onTokens,
-      });
+    const result = await lm.generate(rows, a.tokens, {
+      sample: !a.greedy,
+      temperature: a.temperature,
+      topK: a.topK,
+      topP: a.topP,
+      seed: a.seed,
+      readEvery: a.readEvery,
+      onTokens,
+    });
     const genMs = performance.now() - t1;
     out(decoder.flush() + "\n");
     for (let b = 1; b < a.batch; b++) {
@@ -307,7 +210,7 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
     const mode = a.greedy
       ? "greedy"
       : `sampled (T ${a.temperature}${a.topK ? `, top-k ${a.topK}` : ""}${
-        a.topP !== undefined ? `, top-p ${a.topP} on the host` : ""
+        a.topP !== undefined ? `, top-p ${a.topP}` : ""
       }, seed ${a.seed})`;
     io.err(
       `${n} tokens (${a.batch} x ${a.tokens}, ${mode}) in ${(genMs / 1000).toFixed(2)} s: ` +

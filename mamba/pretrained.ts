@@ -6,6 +6,7 @@
  * @module
  */
 
+import { init } from "../core/device.ts";
 import { flush } from "../core/executor.ts";
 import {
   decodeTensor,
@@ -512,6 +513,7 @@ export async function fromPretrained(
   idOrDirOrUrl: string,
   options: PretrainedOptions = {},
 ): Promise<PretrainedLM> {
+  await init(); // idempotent: loading is often the first thing a program does
   const src = await sourceOf(idOrDirOrUrl, options);
   const cfgWhere = `${src.where}/config.json`;
   const { config, lm } = parseCheckpointConfig(
