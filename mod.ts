@@ -83,6 +83,24 @@ export {
 } from "./core/safetensors.ts";
 export { type HostTensor, type LoadOptions, type LoadResult, Module, type StateDict } from "./nn/module.ts";
 export { Conv1d, Embedding, Linear, RMSNorm } from "./nn/layers.ts";
+export {
+  AdamW,
+  type AdamWOptions,
+  clipGradNorm,
+  configureOptimizers,
+  type ConfigureOptions,
+  cosineSchedule,
+  type CosineScheduleOptions,
+  type GradNormScale,
+  gradNormScale,
+  Optimizer,
+  type OptimizerState,
+  type OptimizerStateInput,
+  type ParamGroup,
+  SGD,
+  type SGDOptions,
+  type StepOptions,
+} from "./nn/optim.ts";
 export { linearScan, runScan, type ScanMode } from "./scan/linear_scan.ts";
 export { selectiveScan } from "./scan/selective_scan.ts";
 export {

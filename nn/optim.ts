@@ -45,6 +45,8 @@ const NORM_ITEMS = 256;
 const NORM_BLOCK = NORM_WG * NORM_ITEMS;
 /** Invocations of the kernel that finishes the norm (one workgroup). */
 const FINISH_WG = 256;
+/** Largest finite f32 (an infinite maxNorm becomes this: no clipping, and no infinity in a uniform). */
+const F32_MAX = 3.4028234663852886e38;
 
 /**
  * Sum of squares of one gradient, in partial sums. Workgroup w covers elements [w*BLOCK, (w+1)*BLOCK); its
@@ -98,7 +100,9 @@ const finishNormKernel: Kernel = defineKernel({
     for (var j = 0u; j < ${FINISH_WG}u; j = j + 1u) { total = total + sums[j]; }
     let norm = sqrt(total);
     st_norm(0u, norm);
-    st_scale(0u, P.maxNorm / (norm + 1e-6));
+    // = min(1, maxNorm / d) without forming a quotient above 1 (no overflow); NaN norms give NaN, as PyTorch.
+    let d = norm + 1e-6;
+    st_scale(0u, select(1.0, P.maxNorm / d, !(d <= P.maxNorm)));
   }`,
 });
 
@@ -254,7 +258,7 @@ export function gradNormScale(params: readonly Tensor[], maxNorm: number = Infin
   dispatch(
     finishNormKernel,
     { partials: partials.storage, norm: norm.storage, scale: scale.storage },
-    { count: total, maxNorm },
+    { count: total, maxNorm: Math.min(maxNorm, F32_MAX) },
     1,
   );
   partials.dispose();

@@ -1,0 +1,456 @@
+import assert from "node:assert/strict";
+import { tensor } from "../core/creation.ts";
+import { memory } from "../core/memory.ts";
+import { manualSeed } from "../core/random.ts";
+import { crossEntropy } from "../core/ops/index.ts";
+import { keep, type Tensor, tidy } from "../core/tensor.ts";
+import { MambaLM } from "../mamba/lm.ts";
+import type { HostTensor } from "../nn/module.ts";
+import {
+  AdamW,
+  clipGradNorm,
+  configureOptimizers,
+  cosineSchedule,
+  gradNormScale,
+  type Optimizer,
+  SGD,
+} from "../nn/optim.ts";
+import { assertClose, readAll, rng, setup, uniform } from "./helpers.ts";
+
+/**
+ * Update tolerance against the float64 reference: 1e-6 relative to the magnitude of the value over the run
+ * (`scale`), since a value that crosses zero keeps the absolute rounding error of its larger past.
+ */
+const TOL = { rtol: 1e-6, atol: 0 };
+
+/** Asserts bit-identical f32 data; names the first differing element (no giant diff of big arrays). */
+function assertBitEqual(actual: ArrayLike<number>, expected: ArrayLike<number>, what: string): void {
+  const bits = (a: ArrayLike<number>) => new Uint32Array(Float32Array.from(a).buffer);
+  const [a, e] = [bits(actual), bits(expected)];
+  assert.equal(a.length, e.length, `${what}: length`);
+  const i = a.findIndex((v, j) => v !== e[j]);
+  assert.ok(i < 0, `${what}: first difference at ${i}: ${actual[i]} vs ${expected[i]}`);
+}
+
+function param(data: Float64Array, shape: number[]): Tensor {
+  return keep(tensor(Float32Array.from(data), shape)).requiresGrad_();
+}
+
+function setGrad(p: Tensor, data: Float64Array | null): void {
+  p.grad?.dispose();
+  p.grad = data ? keep(tensor(Float32Array.from(data), [...p.shape])) : null;
+}
+
+/** One float64 parameter of the references, with its state, update count and magnitudes over the run. */
+interface RefParam {
+  p: Float64Array;
+  wd: number;
+  steps: number;
+  s1: Float64Array | null;
+  s2: Float64Array | null;
+  /** max |value| so far of p, s1 and s2. */
+  mag: [Float64Array, Float64Array, Float64Array];
+}
+
+function refParam(p: Float64Array, wd: number): RefParam {
+  const mag = [p.map(Math.abs), new Float64Array(p.length), new Float64Array(p.length)];
+  return { p: Float64Array.from(p), wd, steps: 0, s1: null, s2: null, mag: mag as RefParam["mag"] };
+}
+
+function trackMagnitudes(r: RefParam): void {
+  [r.p, r.s1, r.s2].forEach((a, j) => {
+    if (a) { for (let i = 0; i < a.length; i++) r.mag[j][i] = Math.max(r.mag[j][i], Math.abs(a[i])); }
+  });
+}
+
+/** torch.optim.AdamW, in float64. */
+function adamwRef(r: RefParam, g: Float64Array, lr: number, b1: number, b2: number, eps: number): void {
+  r.steps++;
+  r.s1 ??= new Float64Array(g.length);
+  r.s2 ??= new Float64Array(g.length);
+  const bc1 = 1 - b1 ** r.steps, bc2 = 1 - b2 ** r.steps;
+  for (let i = 0; i < g.length; i++) {
+    r.p[i] *= 1 - lr * r.wd;
+    r.s1[i] = b1 * r.s1[i] + (1 - b1) * g[i];
+    r.s2[i] = b2 * r.s2[i] + (1 - b2) * g[i] * g[i];
+    r.p[i] -= (lr / bc1) * r.s1[i] / (Math.sqrt(r.s2[i]) / Math.sqrt(bc2) + eps);
+  }
+}
+
+/** torch.optim.SGD, in float64. */
+function sgdRef(
+  r: RefParam,
+  g: Float64Array,
+  lr: number,
+  o: { momentum: number; dampening: number; nesterov: boolean },
+): void {
+  const first = r.s1 === null;
+  r.s1 ??= new Float64Array(g.length);
+  for (let i = 0; i < g.length; i++) {
+    let d = g[i] + r.wd * r.p[i];
+    if (o.momentum > 0) {
+      r.s1[i] = first ? d : o.momentum * r.s1[i] + (1 - o.dampening) * d;
+      d = o.nesterov ? d + o.momentum * r.s1[i] : r.s1[i];
+    }
+    r.p[i] -= lr * d;
+  }
+}
+
+/**
+ * Three parameters in two groups (a 2-D one decayed; a 1-D and an odd-sized 1-D one not), five steps with a
+ * changing lr and fresh gradients; the third parameter has no gradient at step 3 (skipped, as PyTorch).
+ */
+async function checkAgainstReference(
+  make: (groups: { params: Tensor[]; weightDecay: number }[]) => Optimizer,
+  ref: (r: RefParam, g: Float64Array, lr: number) => void,
+  what: string,
+): Promise<void> {
+  const shapes = [[7, 5], [5], [300]];
+  const init = shapes.map((s, k) => uniform(s.reduce((a, b) => a * b, 1), 100 + k));
+  const ps = shapes.map((s, k) => param(init[k], s));
+  const refs = init.map((d, k) => refParam(d, k === 0 ? 0.1 : 0));
+  const opt = make([{ params: [ps[0]], weightDecay: 0.1 }, { params: [ps[1], ps[2]], weightDecay: 0 }]);
+  const lrs = [0.01, 0.02, 0.05, 0.03, 0.004];
+  lrs.forEach((lr, step) => {
+    opt.lr = lr;
+    ps.forEach((p, k) => {
+      const g = k === 2 && step === 2 ? null : uniform(p.size, 1000 * step + k);
+      setGrad(p, g);
+      if (g) {
+        ref(refs[k], g, lr);
+        trackMagnitudes(refs[k]);
+      }
+    });
+    opt.step();
+  });
+  assert.equal(opt.stepCount, 5);
+  const state = opt.stateDict();
+  assert.deepEqual(state.paramSteps, { "0": 5, "1": 5, "2": 4 });
+  const got = await readAll([...ps, ...state.tensors.values()]);
+  ps.forEach((_, k) =>
+    assertClose(got[k], refs[k].p, { ...TOL, scale: refs[k].mag[0] }, `${what}: parameter ${k} after 5 steps`)
+  );
+  const keys = [...state.tensors.keys()];
+  keys.forEach((key, j) => {
+    const [k, slot] = key.split(".");
+    const r = refs[Number(k)];
+    const first = opt.stateNames.indexOf(slot) === 0;
+    const scale = r.mag[first ? 1 : 2];
+    assertClose(got[ps.length + j], first ? r.s1! : r.s2!, { ...TOL, scale }, `${what}: ${key}`);
+  });
+  opt.zeroGrad();
+  assert.ok(ps.every((p) => p.grad === null));
+  opt.dispose();
+  for (const p of ps) p.dispose();
+}
+
+Deno.test("AdamW equals torch.optim.AdamW's formulas (float64) over 5 steps with weight-decay groups", async () => {
+  await setup();
+  const base = memory().liveBytes;
+  const [b1, b2, eps] = [0.9, 0.95, 1e-8];
+  await checkAgainstReference(
+    (groups) => new AdamW(groups, { lr: 0.01, betas: [b1, b2], eps }),
+    (r, g, lr) => adamwRef(r, g, lr, b1, b2, eps),
+    "AdamW",
+  );
+  assert.equal(memory().liveBytes, base, "live bytes back to baseline");
+});
+
+Deno.test("SGD (plain, momentum with dampening, Nesterov) equals torch.optim.SGD's formulas over 5 steps", async () => {
+  await setup();
+  const base = memory().liveBytes;
+  const variants = [
+    { momentum: 0, dampening: 0, nesterov: false },
+    { momentum: 0.9, dampening: 0.1, nesterov: false },
+    { momentum: 0.8, dampening: 0, nesterov: true },
+  ];
+  for (const v of variants) {
+    await checkAgainstReference(
+      (groups) => new SGD(groups, { lr: 0.01, ...v }),
+      (r, g, lr) => sgdRef(r, g, lr, v),
+      `SGD ${JSON.stringify(v)}`,
+    );
+  }
+  assert.equal(memory().liveBytes, base, "live bytes back to baseline");
+});
+
+Deno.test("clipGradNorm: norm and clipped gradients equal the reference; no clipping leaves them bit-identical", async () => {
+  await setup();
+  const base = memory().liveBytes;
+  // 40017 elements: three partial-sum blocks, the last one ragged.
+  const sizes = [40017, 37, 1];
+  const grads = sizes.map((n, k) => uniform(n, 7 + k));
+  let sq = 0;
+  for (const g of grads) for (const v of g) sq += v * v;
+  const refNorm = Math.sqrt(sq);
+  for (const maxNorm of [1.0, 2 * refNorm]) {
+    const ps = sizes.map((n) => param(new Float64Array(n), [n]));
+    ps.forEach((p, k) => setGrad(p, grads[k]));
+    const noGradParam = param(new Float64Array(3), [3]); // skipped
+    const norm = clipGradNorm([...ps, noGradParam], maxNorm);
+    assert.deepEqual(norm.shape, []);
+    const [n, ...gs] = await readAll([norm, ...ps.map((p) => p.grad!)]);
+    assertClose(n, [refNorm], { rtol: 1e-6, atol: 0 }, `norm (maxNorm ${maxNorm})`);
+    const coef = Math.min(1, maxNorm / (refNorm + 1e-6));
+    gs.forEach((g, k) => {
+      if (coef === 1) assertBitEqual(g, grads[k], `unclipped gradient ${k} unchanged`);
+      else assertClose(g, grads[k].map((v) => v * coef), TOL, `clipped gradient ${k}`);
+    });
+    norm.dispose();
+    for (const p of [...ps, noGradParam]) {
+      p.grad?.dispose();
+      p.dispose();
+    }
+  }
+  // No maxNorm: scale exactly 1; an all-zero gradient: norm 0, scale 1; a NaN gradient: NaN, as PyTorch.
+  const z = param(new Float64Array(5), [5]);
+  setGrad(z, uniform(5, 3));
+  const free = gradNormScale([z]);
+  setGrad(z, new Float64Array(5));
+  const zero = gradNormScale([z], 1);
+  setGrad(z, Float64Array.from([1, NaN, 0, 0, 0]));
+  const nan = gradNormScale([z], 1);
+  const [fs, zn, zs, nn, ns] = await readAll([free.scale, zero.norm, zero.scale, nan.norm, nan.scale]);
+  assert.deepEqual([fs[0], zn[0], zs[0]], [1, 0, 1]);
+  assert.ok(Number.isNaN(nn[0]) && Number.isNaN(ns[0]), `NaN gradient: norm ${nn[0]}, scale ${ns[0]}`);
+  for (const t of [free, zero, nan]) {
+    t.norm.dispose();
+    t.scale.dispose();
+  }
+  z.grad!.dispose();
+  z.dispose();
+  // Gradients that share storage (a detached view) are each scaled once.
+  const a = param(new Float64Array(4), [4]), b = param(new Float64Array(4), [4]);
+  setGrad(a, Float64Array.from([3, 0, 0, 0]));
+  b.grad = keep(a.grad!.detach());
+  clipGradNorm([a, b], 1).dispose();
+  const [ga, gb] = await readAll([a.grad!, b.grad!]);
+  const c = 1 / (Math.sqrt(18) + 1e-6);
+  assertClose(ga, [3 * c, 0, 0, 0], TOL, "shared gradient a");
+  assertClose(gb, [3 * c, 0, 0, 0], TOL, "shared gradient b");
+  for (const p of [a, b]) {
+    p.grad!.dispose();
+    p.dispose();
+  }
+  assert.equal(memory().liveBytes, base, "live bytes back to baseline");
+});
+
+Deno.test("gradNormScale + step({ gradScale }) is bit-identical to clipGradNorm + step()", async () => {
+  await setup();
+  const base = memory().liveBytes;
+  const init = [uniform(35, 1), uniform(9, 2)];
+  const grads = [uniform(35, 3, { low: -5, high: 5 }), uniform(9, 4, { low: -5, high: 5 })];
+  const run = (fused: boolean) => {
+    const ps = [param(init[0], [7, 5]), param(init[1], [9])];
+    const opt = new AdamW([{ params: [ps[0]], weightDecay: 0.1 }, { params: [ps[1]], weightDecay: 0 }], {
+      lr: 0.01,
+      betas: [0.9, 0.95],
+    });
+    for (let step = 0; step < 3; step++) {
+      ps.forEach((p, k) => setGrad(p, grads[k].map((v) => v * (step + 1))));
+      if (fused) {
+        const { norm, scale } = gradNormScale(ps, 1.0);
+        opt.step({ gradScale: scale });
+        norm.dispose();
+        scale.dispose();
+      } else {
+        clipGradNorm(ps, 1.0).dispose();
+        opt.step();
+      }
+      opt.zeroGrad();
+    }
+    opt.dispose();
+    return ps;
+  };
+  const a = run(false), b = run(true);
+  const [a0, a1, b0, b1] = await readAll([...a, ...b]);
+  assertBitEqual(b0, a0, "parameter 0");
+  assertBitEqual(b1, a1, "parameter 1");
+  for (const p of [...a, ...b]) p.dispose();
+  assert.equal(memory().liveBytes, base, "live bytes back to baseline");
+});
+
+Deno.test("cosineSchedule: linear warm-up from 0, cosine to minLr at total, minLr afterwards", () => {
+  const lr = cosineSchedule({ warmup: 100, total: 1200, maxLr: 3e-3, minLr: 3e-4 });
+  assert.equal(lr(0), 0);
+  assert.equal(lr(50), 1.5e-3);
+  assert.ok(Math.abs(lr(99) - 3e-3 * 0.99) < 1e-15);
+  assert.equal(lr(100), 3e-3);
+  assert.ok(Math.abs(lr(650) - (3e-3 + 3e-4) / 2) < 1e-15, `midpoint ${lr(650)}`);
+  assert.ok(Math.abs(lr(375) - (3e-4 + 0.5 * (1 + Math.SQRT1_2) * 2.7e-3)) < 1e-15, "quarter");
+  assert.equal(lr(1200), 3e-4);
+  assert.equal(lr(5000), 3e-4);
+  for (let s = 101; s < 1200; s++) assert.ok(lr(s) < lr(s - 1), `decreasing at ${s}`);
+  const noWarmup = cosineSchedule({ warmup: 0, total: 10, maxLr: 1, minLr: 0 });
+  assert.equal(noWarmup(0), 1);
+  assert.throws(() => cosineSchedule({ warmup: 10, total: 5, maxLr: 1, minLr: 0 }), /warmup <= total/);
+});
+
+// ------------------------------------------------------------------------------------------ training
+
+const V = 32, B = 4, L = 16;
+const CONFIG = { warmup: 3, total: 30, maxLr: 1e-2, minLr: 1e-3 };
+
+/** Batch `i`: rows counting up by 3 modulo V from a random start (the next token is learnable). */
+function batch(i: number): { x: Int32Array; y: Int32Array } {
+  const r = rng(5000 + i);
+  const x = new Int32Array(B * L), y = new Int32Array(B * L);
+  for (let b = 0; b < B; b++) {
+    const s = Math.floor(r() * V);
+    for (let t = 0; t < L; t++) {
+      x[b * L + t] = (s + 3 * t) % V;
+      y[b * L + t] = (s + 3 * (t + 1)) % V;
+    }
+  }
+  return { x, y };
+}
+
+function tinyLM(seed: number): MambaLM {
+  manualSeed(seed);
+  return new MambaLM({ dModel: 16, nLayers: 1 }, { vocabSize: V });
+}
+
+function optimizerFor(model: MambaLM): AdamW {
+  return configureOptimizers(model, { lr: CONFIG.maxLr, weightDecay: 0.1, betas: [0.9, 0.95] });
+}
+
+/** One training step as mamba.py's loop does it: schedule, forward, backward, clip 1.0, AdamW, zero grads. */
+function trainStep(model: MambaLM, opt: AdamW, lrAt: (s: number) => number): Tensor {
+  const { x, y } = batch(opt.stepCount);
+  opt.lr = lrAt(opt.stepCount);
+  return tidy(() => {
+    const logits = model.forward(tensor(x, [B, L]));
+    const loss = crossEntropy(logits.reshape(-1, V), tensor(y, [B * L]));
+    loss.backward();
+    clipGradNorm(model.parameters(), 1.0);
+    opt.step();
+    opt.zeroGrad();
+    return loss;
+  });
+}
+
+Deno.test("configureOptimizers: mamba.py's grouping (rank >= 2 decayed, incl. A_log and conv weights)", () =>
+  setup().then(() => {
+    const model = tinyLM(1);
+    const opt = optimizerFor(model);
+    const named = model.namedParameters();
+    const [decay, noDecay] = opt.paramGroups;
+    assert.equal(decay.weightDecay, 0.1);
+    assert.equal(noDecay.weightDecay, 0);
+    assert.deepEqual([...decay.names, ...noDecay.names].sort(), named.map(([n]) => n).sort());
+    assert.deepEqual(decay.names, named.filter(([, p]) => p.rank >= 2).map(([n]) => n));
+    decay.params.forEach((p, i) => assert.equal(p, model.stateDict().get(decay.names[i])));
+    for (const n of ["embedding.weight", "lm_head.weight", "mamba.layers.0.mixer.A_log"]) {
+      assert.ok(decay.names.includes(n), `${n} decayed`);
+    }
+    assert.ok(decay.names.includes("mamba.layers.0.mixer.conv1d.weight"), "conv weight (ED, 1, K) decayed");
+    for (const n of ["mamba.layers.0.mixer.D", "norm_f.weight", "mamba.layers.0.mixer.dt_proj.bias"]) {
+      assert.ok(noDecay.names.includes(n), `${n} not decayed`);
+    }
+    opt.dispose();
+    model.dispose();
+  }));
+
+Deno.test("training a tiny MambaLM with AdamW, clipping and the schedule: the loss falls over 30 steps", async () => {
+  await setup();
+  const model = tinyLM(2);
+  const opt = optimizerFor(model);
+  const lrAt = cosineSchedule(CONFIG);
+  const losses: Tensor[] = [];
+  for (let i = 0; i < 30; i++) losses.push(keep(trainStep(model, opt, lrAt)));
+  const values = (await readAll(losses)).map((a) => a[0]);
+  for (const l of losses) l.dispose();
+  const first = values[0], last = values.slice(-3).reduce((a, b) => a + b) / 3;
+  assert.ok(Math.abs(first - Math.log(V)) < 0.3, `initial loss ${first} near ln(${V})`);
+  assert.ok(last < 0.5 * first, `loss fell from ${first} to ${last}: ${values.map((v) => v.toFixed(3))}`);
+  opt.dispose();
+  model.dispose();
+});
+
+async function toHost(ts: Map<string, Tensor>): Promise<Map<string, HostTensor>> {
+  const keys = [...ts.keys()];
+  const arrays = await readAll([...ts.values()]);
+  return new Map(keys.map((k, i) => [k, { shape: [...ts.get(k)!.shape], data: arrays[i] }]));
+}
+
+Deno.test("resume: 3 steps, save model + optimizer state, load into fresh objects, 3 more = 6 steps, bit for bit", async () => {
+  await setup();
+  const base = memory().liveBytes;
+  const lrAt = cosineSchedule(CONFIG);
+  const run = (model: MambaLM, opt: AdamW, n: number) =>
+    Array.from({ length: n }, () => keep(trainStep(model, opt, lrAt)));
+
+  const straight = tinyLM(3);
+  const straightOpt = optimizerFor(straight);
+  const straightLosses = run(straight, straightOpt, 6);
+
+  const first = tinyLM(3);
+  const firstOpt = optimizerFor(first);
+  const firstLosses = run(first, firstOpt, 3);
+  // What a checkpoint holds: parameters and optimizer buffers as host data, step counts as JSON metadata.
+  const savedParams = await toHost(first.stateDict());
+  const state = firstOpt.stateDict();
+  const savedState = await toHost(state.tensors);
+  const meta = JSON.parse(JSON.stringify({ step: state.step, paramSteps: state.paramSteps }));
+  assert.equal(savedState.size, 2 * first.namedParameters().length);
+  firstOpt.dispose();
+  first.dispose();
+
+  const resumed = tinyLM(99); // different initial weights: all of them must come from the checkpoint
+  resumed.loadStateDict(savedParams);
+  const resumedOpt = optimizerFor(resumed);
+  resumedOpt.loadStateDict({ ...meta, tensors: savedState });
+  assert.equal(resumedOpt.stepCount, 3);
+  const resumedLosses = run(resumed, resumedOpt, 3);
+
+  const ls = (await readAll([...straightLosses, ...firstLosses, ...resumedLosses])).map((a) => a[0]);
+  assertBitEqual(ls.slice(6), ls.slice(0, 6), "losses of the resumed run vs the uninterrupted run");
+  const a = await readAll(straight.parameters()), b = await readAll(resumed.parameters());
+  straight.namedParameters().forEach(([n], i) => assertBitEqual(b[i], a[i], n));
+  const sa = await readAll([...straightOpt.stateDict().tensors.values()]);
+  const sb = await readAll([...resumedOpt.stateDict().tensors.values()]);
+  sa.forEach((t, i) => assertBitEqual(sb[i], t, `optimizer buffer ${i}`));
+
+  for (const l of [...straightLosses, ...firstLosses, ...resumedLosses]) l.dispose();
+  for (const o of [straightOpt, resumedOpt]) o.dispose();
+  for (const m of [straight, resumed]) m.dispose();
+  assert.equal(memory().liveBytes, base, "live bytes back to baseline");
+});
+
+Deno.test("loadStateDict names bad keys, shapes and partial states", async () => {
+  await setup();
+  const p = param(new Float64Array(6), [2, 3]);
+  const opt = new AdamW([{ params: [p], names: ["w"] }]);
+  const host = (shape: number[]) => ({ shape, data: new Float32Array(shape.reduce((a, b) => a * b, 1)) });
+  assert.throws(
+    () => opt.loadStateDict({ step: 1, tensors: { "w.exp_avg": host([2, 3]), "v.exp_avg": host([1]) } }),
+    /unexpected keys: v\.exp_avg.*missing keys: w\.exp_avg_sq/,
+  );
+  assert.throws(
+    () =>
+      opt.loadStateDict({ step: 1, tensors: { "w.exp_avg": host([3, 2]), "w.exp_avg_sq": host([2, 3]) } }),
+    /shape mismatch for w\.exp_avg: state \[3, 2\] vs parameter \[2, 3\]/,
+  );
+  opt.loadStateDict({ step: 4, tensors: { "w.exp_avg": host([2, 3]), "w.exp_avg_sq": host([2, 3]) } });
+  assert.deepEqual(opt.stateDict().paramSteps, { w: 4 });
+  opt.dispose();
+  p.dispose();
+});
+
+Deno.test("no leaks: after training steps, zeroGrad and dispose, live bytes are back to baseline", async () => {
+  await setup();
+  const base = memory().liveBytes;
+  const model = tinyLM(4);
+  const opt = optimizerFor(model);
+  const lrAt = cosineSchedule(CONFIG);
+  const after: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    trainStep(model, opt, lrAt).dispose();
+    after.push(memory().liveBytes);
+  }
+  assert.equal(after[2], after[1], "steady state: no growth per step");
+  opt.zeroGrad();
+  opt.dispose();
+  model.dispose();
+  assert.equal(memory().liveBytes, base, "live bytes back to baseline");
+});
