@@ -1,0 +1,237 @@
+/**
+ * Trains a character-level Mamba LM on a text (Pride and Prejudice by default) and writes checkpoints.
+ *
+ * ```sh
+ * deno task train                                  # mamba.py's recipe: 1200 steps of 16 x 128 characters
+ * deno task train --steps 300 --out runs/short     # shorter
+ * deno task train --resume runs/char               # continue a run exactly where it stopped
+ * ```
+ * A progress line shows step, loss, validation loss, tokens/s and ETA. Checkpoints (config.json,
+ * model.safetensors in the Hugging Face layout, optimizer state, training log, tokenizer) are written every
+ * `--save-every` steps and at the end; Ctrl-C saves one before exiting. The loss curve is written as
+ * `loss.json` and `loss.svg`.
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { init } from "../core/device.ts";
+import { manualSeed } from "../core/random.ts";
+import { MambaLM } from "../mamba/lm.ts";
+import {
+  CharDataset,
+  type CharDataset as Data,
+  DEFAULT_TRAIN,
+  type TrainConfig,
+  Trainer,
+} from "../mamba/train.ts";
+import { loadTrainingCheckpoint, saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
+import { lossChartSVG } from "./lib/loss_chart.ts";
+
+const USAGE = `Usage: deno task train [options]
+
+  --steps <n>        optimizer steps (default ${DEFAULT_TRAIN.steps})
+  --batch <n>        sequences per batch (default ${DEFAULT_TRAIN.batch})
+  --seq <n>          characters per sequence (default ${DEFAULT_TRAIN.seq})
+  --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr})
+  --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup})
+  --d-model <n>      model width (default 64)
+  --layers <n>       Mamba blocks (default 2)
+  --d-state <n>      SSM state size (default 16)
+  --seed <n>         seed of the initialisation and the batches (default ${DEFAULT_TRAIN.seed})
+  --data <file>      training text (default data/pride_and_prejudice.txt; last 10% is validation)
+  --out <dir>        checkpoint folder (default runs/char)
+  --resume <dir>     continue the run saved in <dir> (its recipe and model; --steps may extend it)
+  --eval-every <n>   steps between validation losses (default ${DEFAULT_TRAIN.evalEvery})
+  --save-every <n>   steps between checkpoints (default 200)
+  --help             this text`;
+
+/** Parsed command line. */
+export interface TrainArgs {
+  /** Recipe. */
+  train: TrainConfig;
+  /** Model shape. */
+  dModel: number;
+  /** Blocks. */
+  layers: number;
+  /** State size. */
+  dState: number;
+  /** Text file. */
+  data: string;
+  /** Output folder. */
+  out: string;
+  /** Folder to resume from, if any. */
+  resume: string | null;
+  /** Steps between checkpoints. */
+  saveEvery: number;
+  /** Whether --steps was given (a resumed run keeps its own otherwise). */
+  stepsGiven: boolean;
+}
+
+/** Parses flags; throws an Error naming a bad flag or value; null for --help. */
+export function parseTrainArgs(argv: string[]): TrainArgs | null {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    options: {
+      steps: { type: "string" },
+      batch: { type: "string" },
+      seq: { type: "string" },
+      lr: { type: "string" },
+      warmup: { type: "string" },
+      "d-model": { type: "string" },
+      layers: { type: "string" },
+      "d-state": { type: "string" },
+      seed: { type: "string" },
+      data: { type: "string" },
+      out: { type: "string" },
+      resume: { type: "string" },
+      "eval-every": { type: "string" },
+      "save-every": { type: "string" },
+      help: { type: "boolean" },
+    },
+  });
+  if (values.help) return null;
+  const int = (name: string, v: string | undefined, dflt: number, min = 1): number => {
+    if (v === undefined) return dflt;
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min) {
+      throw new Error(`--${name} must be an integer >= ${min}, got '${v}'`);
+    }
+    return n;
+  };
+  const lr = values.lr === undefined ? DEFAULT_TRAIN.lr : Number(values.lr);
+  if (!(lr > 0)) throw new Error(`--lr must be a positive number, got '${values.lr}'`);
+  const train: TrainConfig = {
+    ...DEFAULT_TRAIN,
+    steps: int("steps", values.steps, DEFAULT_TRAIN.steps),
+    batch: int("batch", values.batch, DEFAULT_TRAIN.batch),
+    seq: int("seq", values.seq, DEFAULT_TRAIN.seq),
+    lr,
+    minLr: lr / 10,
+    warmup: int("warmup", values.warmup, DEFAULT_TRAIN.warmup, 0),
+    seed: int("seed", values.seed, DEFAULT_TRAIN.seed, 0),
+    evalEvery: int("eval-every", values["eval-every"], DEFAULT_TRAIN.evalEvery),
+  };
+  train.warmup = Math.min(train.warmup, train.steps); // short runs warm up over their whole length
+  return {
+    train,
+    dModel: int("d-model", values["d-model"], 64),
+    layers: int("layers", values.layers, 2),
+    dState: int("d-state", values["d-state"], 16),
+    data: values.data ?? new URL("../data/pride_and_prejudice.txt", import.meta.url).pathname,
+    out: values.out ?? "runs/char",
+    resume: values.resume ?? null,
+    saveEvery: int("save-every", values["save-every"], 200),
+    stepsGiven: values.steps !== undefined,
+  };
+}
+
+/** The char tokenizer file our checkpoints carry (the byte value is the id). */
+export function charTokenizerJson(data: Data): Record<string, unknown> {
+  const seen = new Set<number>([...data.train, ...data.val]);
+  const charToId: Record<string, number> = {};
+  for (const b of [...seen].sort((a, b) => a - b)) charToId[String.fromCharCode(b)] = b;
+  return { type: "byte-level characters", vocab_size: 256, char_to_id: charToId };
+}
+
+function fmtTime(s: number): string {
+  return s >= 60
+    ? `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s`
+    : `${s.toFixed(0)}s`;
+}
+
+/** Hooks for `runTraining` (the demo uses them to print samples). */
+export interface TrainHooks {
+  /** Receives progress text (default: stderr, one line rewritten in place on a terminal). */
+  progress?: (line: string, final: boolean) => void;
+  /** Stops the run early (checked after every step), e.g. set by Ctrl-C. */
+  shouldStop?: () => boolean;
+}
+
+/** Trains (or resumes) as the flags say; returns the trainer, with the final checkpoint written. */
+export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise<Trainer> {
+  await init();
+  const text = await Deno.readFile(a.data).catch((e) => {
+    throw new Error(`cannot read the training text ${a.data}: ${(e as Error).message}`);
+  });
+  const data = new CharDataset(text);
+  let trainer: Trainer;
+  if (a.resume) {
+    trainer = await loadTrainingCheckpoint(a.resume, data);
+    if (a.stepsGiven) (trainer.config as TrainConfig).steps = a.train.steps;
+  } else {
+    manualSeed(a.train.seed);
+    const model = new MambaLM({ dModel: a.dModel, nLayers: a.layers, dState: a.dState }, { vocabSize: 256 });
+    trainer = new Trainer(model, data, a.train);
+  }
+  const cfg = trainer.config;
+  const tokJson = charTokenizerJson(data);
+  const isTTY = Deno.stderr.isTerminal();
+  const progress = hooks.progress ??
+    ((line: string, final: boolean) => {
+      if (isTTY) Deno.stderr.writeSync(new TextEncoder().encode(`\r${line}\x1b[K${final ? "\n" : ""}`));
+      else console.error(line);
+    });
+  const save = async () => {
+    await saveTrainingCheckpoint(a.out, trainer, tokJson);
+    await Deno.writeTextFile(`${a.out}/loss.json`, JSON.stringify(trainer.log) + "\n");
+    await Deno.writeTextFile(`${a.out}/loss.svg`, await lossChartSVG(trainer.log));
+  };
+  const t0 = performance.now();
+  const startStep = trainer.step;
+  const priorSeconds = trainer.log.time.at(-1)?.[1] ?? 0;
+  let lastVal = trainer.log.val.at(-1)?.[1] ?? NaN;
+  if (trainer.step === 0) lastVal = await trainer.evaluate();
+  let lastLoss = trainer.log.train.at(-1)?.[1] ?? NaN;
+  while (trainer.step < cfg.steps) {
+    const mean = await trainer.trainStep();
+    if (mean !== null) lastLoss = mean;
+    const step = trainer.step;
+    if (step % cfg.evalEvery === 0 || step === cfg.steps) lastVal = await trainer.evaluate();
+    const secs = (performance.now() - t0) / 1000;
+    if (mean !== null || step === cfg.steps) {
+      trainer.log.time.push([step, priorSeconds + secs]);
+      const tps = ((step - startStep) * cfg.batch * cfg.seq) / secs;
+      const eta = ((cfg.steps - step) * secs) / (step - startStep);
+      progress(
+        `step ${step}/${cfg.steps}  loss ${lastLoss.toFixed(4)}  val ${lastVal.toFixed(4)}  ` +
+          `${tps.toFixed(0)} tok/s  ETA ${fmtTime(eta)}`,
+        false,
+      );
+    }
+    const stop = hooks.shouldStop?.() ?? false;
+    if (step % a.saveEvery === 0 || step === cfg.steps || stop) await save();
+    if (stop) break;
+  }
+  progress(`done: step ${trainer.step}, val ${lastVal.toFixed(4)}, checkpoint in ${a.out}`, true);
+  return trainer;
+}
+
+if (import.meta.main) {
+  let args: TrainArgs | null;
+  try {
+    args = parseTrainArgs(Deno.args);
+  } catch (e) {
+    console.error(`error: ${(e as Error).message}\n(run with --help for the options)`);
+    Deno.exit(2);
+  }
+  if (args === null) {
+    console.log(USAGE);
+    Deno.exit(0);
+  }
+  let interrupted = false;
+  Deno.addSignalListener("SIGINT", () => {
+    if (interrupted) Deno.exit(130);
+    interrupted = true;
+    console.error("\ninterrupted: saving a checkpoint (Ctrl-C again to quit at once)");
+  });
+  try {
+    const trainer = await runTraining(args, { shouldStop: () => interrupted });
+    trainer.model.dispose();
+    trainer.dispose();
+    Deno.exit(interrupted ? 130 : 0);
+  } catch (e) {
+    console.error(`error: ${(e as Error).message}`);
+    Deno.exit(1);
+  }
+}
