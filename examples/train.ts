@@ -146,6 +146,8 @@ export interface TrainHooks {
   progress?: (line: string, final: boolean) => void;
   /** Stops the run early (checked after every step), e.g. set by Ctrl-C. */
   shouldStop?: () => boolean;
+  /** Runs once the model exists, before the first step (the demo prints a sample there). */
+  onStart?: (trainer: Trainer) => Promise<void>;
 }
 
 /** Trains (or resumes) as the flags say; returns the trainer, with the final checkpoint written. */
@@ -177,6 +179,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     await Deno.writeTextFile(`${a.out}/loss.json`, JSON.stringify(trainer.log) + "\n");
     await Deno.writeTextFile(`${a.out}/loss.svg`, await lossChartSVG(trainer.log));
   };
+  await hooks.onStart?.(trainer);
   const t0 = performance.now();
   const startStep = trainer.step;
   const priorSeconds = trainer.log.time.at(-1)?.[1] ?? 0;
