@@ -24,6 +24,7 @@
  */
 
 import { defineOp } from "../core/autograd.ts";
+import { deviceInfo } from "../core/device.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { cat, narrow, sum } from "../core/ops/index.ts";
 import { mapOp } from "../core/ops/map_kernel.ts";
@@ -38,6 +39,9 @@ export interface FusedVariant {
   Lc: number;
   /** Channels per workgroup. */
   WG: number;
+  /** Where the backward keeps the recomputed states of a chunk: each invocation's private memory, or
+   * workgroup memory (laid out so that neighbouring invocations touch neighbouring words). */
+  hbuf?: "private" | "workgroup";
 }
 
 const MAX_STEPS = 16384;
@@ -49,11 +53,32 @@ function unroll(count: number, line: (n: number) => string): string {
 }
 const kernels = new Map<string, Kernel>();
 
-/** The variant used for a state size: chunks sized so that the backward's private h buffer is 1024 floats. */
-export function fusedVariant(N: number): FusedVariant {
+const chosen = new Map<number, FusedVariant>();
+
+/** The default variant of a state size: chunks sized so that the backward's private h buffer is 1024 floats. */
+export function defaultFusedVariant(N: number): FusedVariant {
   const Lc = Math.min(64, Math.max(4, Math.floor(1024 / N)));
   const WG = N > 32 ? 32 : 64; // workgroup memory of the backward: 2 * WG * N floats
   return { N, Lc, WG };
+}
+
+/** The variant in use for a state size (chosen by the tuner, else the default). */
+export function fusedVariant(N: number): FusedVariant {
+  return chosen.get(N) ?? defaultFusedVariant(N);
+}
+
+/** Selects the variant for a state size (the tuner calls this with its measured choice); null resets. */
+export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): void {
+  if (v === null) chosen.delete(N);
+  else {
+    const wgBytes = 4 * v.WG * N * (2 + (v.hbuf === "workgroup" ? v.Lc : 0));
+    if (
+      wgBytes > deviceInfo().limits.maxComputeWorkgroupStorageSize || v.Lc * N > 2048 || v.WG < 1 || v.Lc < 1
+    ) {
+      throw new Error(`setFusedVariant: WG ${v.WG}, Lc ${v.Lc} is too large for N = ${N}`);
+    }
+    chosen.set(N, { N, ...v });
+  }
 }
 
 const COMMON = `
@@ -133,12 +158,16 @@ function forwardKernel(v: FusedVariant): Kernel {
 }
 
 function backwardKernel(v: FusedVariant): Kernel {
-  const key = `bwd|${v.N}|${v.Lc}|${v.WG}`;
+  const shared = v.hbuf === "workgroup";
+  const key = `bwd|${v.N}|${v.Lc}|${v.WG}|${shared}`;
   let k = kernels.get(key);
   if (k) return k;
   const { N, Lc, WG } = v;
+  /** WGSL of the recomputed state n at chunk step `s`. */
+  const H = (s: string, n: number) =>
+    shared ? `hbufW[(${s} * ${N}u + ${n}u) * ${WG}u + lid]` : `hbuf[${s} * ${N}u + ${n}u]`;
   k = defineKernel({
-    name: `fused_scan_bwd_N${N}_Lc${Lc}_WG${WG}`,
+    name: `fused_scan_bwd_N${N}_Lc${Lc}_WG${WG}${shared ? "_wgmem" : ""}`,
     buffers: [
       { name: "x", type: "f32", access: "read" },
       { name: "draw", type: "f32", access: "read" },
@@ -156,7 +185,8 @@ function backwardKernel(v: FusedVariant): Kernel {
     uniforms: UNIFORMS,
     workgroupSize: WG,
     decls: COMMON + `
-var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]`,
+var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]
+${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][channel]` : ""}`,
     body: `
   // workgroup -> (b, tile of WG channels); invocation -> channel d. Chunks [t0, t1) walked in reverse.
   let b = group / P.tiles;
@@ -168,7 +198,7 @@ var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]`,
   var lam: array<f32, ${N}>; // carry: a(t+1) * lam(t+1)
   var gA: array<f32, ${N}>;
   var h0: array<f32, ${N}>;
-  var hbuf: array<f32, ${Lc * N}>;
+  ${shared ? "" : `var hbuf: array<f32, ${Lc * N}>;`}
   // gpar row of (b, d): [dbias, dD, dA (N), lam carry (N)], accumulated over dispatches.
   let gp = (b * P.ED + dc) * ${2 * N + 2}u;
   let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
@@ -194,7 +224,7 @@ var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]`,
       let dtx = dt * ld_x(i);
       let row = (b * P.L + start + s) * P.S + P.R;
       ${unroll(N, (n) => `hc[${n}] = exp(dt * A[${n}]) * hc[${n}] + dtx * ld_dbc(row + ${n}u);`)}
-      ${unroll(N, (n) => `hbuf[s * ${N}u + ${n}u] = hc[${n}];`)}
+      ${unroll(N, (n) => `${H("s", n)} = hc[${n}];`)}
     }
     // 2. reverse scan inside the chunk.
     for (var ss = len; ss > 0u; ss--) {
@@ -208,7 +238,7 @@ var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]`,
       var gy = ld_g(i);
       if (P.gated != 0u) {
         var yv = Dd * xv;
-        ${unroll(N, (n) => `yv += ld_dbc(row + ${N + n}u) * hbuf[s * ${N}u + ${n}u];`)}
+        ${unroll(N, (n) => `yv += ld_dbc(row + ${N + n}u) * ${H("s", n)};`)}
         let zv = ld_z(i);
         let sg = sigmoid_(zv);
         if (valid) { st_gz(i, gy * yv * sg * (1.0 + zv * (1.0 - sg))); }
@@ -217,9 +247,9 @@ var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]`,
       gD += gy * xv;
       var gx = gy * Dd;
       var gdt = 0.0;
-      let prev = select(0u, (s - 1u) * ${N}u, s > 0u);
+      let sp = select(0u, s - 1u, s > 0u);
       var hp: array<f32, ${N}>;
-      ${unroll(N, (n) => `hp[${n}] = select(h0[${n}], hbuf[prev + ${n}u], s > 0u);`)}
+      ${unroll(N, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
       let lane = lid * ${2 * N}u;
       ${
       unroll(N, (n) =>
@@ -227,7 +257,7 @@ var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]`,
         `let l = gy * ld_dbc(row + ${N + n}u) + lam[${n}]; let ga = l * hp[${n}]; ` +
         `gx += l * dt * Bn; gdt += l * Bn * xv + ga * a * A[${n}]; gA[${n}] += ga * a * dt; ` +
         `red[lane + ${n}u] = select(0.0, l * dt * xv, valid); ` +
-        `red[lane + ${N + n}u] = select(0.0, gy * hbuf[s * ${N}u + ${n}u], valid); lam[${n}] = a * l; }`)
+        `red[lane + ${N + n}u] = select(0.0, gy * ${H("s", n)}, valid); lam[${n}] = a * l; }`)
     }
       let gu = gdt * sigmoid_(u);
       gbias += gu;

@@ -95,3 +95,19 @@ Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096 
   await compare({ B: 1, L: 4096, ED: 4, N: 16, R: 1, gated: true }, 7);
   await compare({ B: 1, L: 70000, ED: 2, N: 4, R: 1, gated: true }, 8);
 });
+
+Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory) agree", async () => {
+  await init();
+  const { setFusedVariant } = await import("../scan/fused.ts");
+  try {
+    for (const v of [{ WG: 8, Lc: 16, hbuf: "workgroup" as const }, { WG: 32, Lc: 8 }, { WG: 16, Lc: 5 }]) {
+      setFusedVariant(16, v);
+      setFusedVariant(4, v);
+      await compare({ B: 2, L: 37, ED: 40, N: 16, R: 2, gated: true }, 9);
+      await compare({ B: 1, L: 21, ED: 12, N: 4, R: 1, gated: false }, 10);
+    }
+  } finally {
+    setFusedVariant(16, null);
+    setFusedVariant(4, null);
+  }
+});
