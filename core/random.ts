@@ -38,7 +38,13 @@ export class Philox {
     for (let r = 0; r < 10; r++) {
       const hi0 = mulhi(0xD2511F53, c0), lo0 = Math.imul(0xD2511F53, c0) >>> 0;
       const hi1 = mulhi(0xCD9E8D57, c2), lo1 = Math.imul(0xCD9E8D57, c2) >>> 0;
-      [c0, c1, c2, c3] = [(hi1 ^ c1 ^ k0) >>> 0, lo1, (hi0 ^ c3 ^ k1) >>> 0, lo0];
+      // (c0, c1, c2, c3) <- (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0), without allocating
+      const n0 = (hi1 ^ c1 ^ k0) >>> 0;
+      const n2 = (hi0 ^ c3 ^ k1) >>> 0;
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
       k0 = (k0 + 0x9E3779B9) >>> 0;
       k1 = (k1 + 0xBB67AE85) >>> 0;
     }
