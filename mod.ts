@@ -46,6 +46,15 @@ export {
 } from "./core/creation.ts";
 export { manualSeed } from "./core/random.ts";
 export {
+  registerTuner,
+  tuneCacheKey,
+  tuneKernels,
+  type TuneOptions,
+  type TuneResult,
+  tuneResult,
+} from "./core/tune.ts";
+export { type KernelTime, profile } from "./core/executor.ts";
+export {
   backward,
   type BackwardOptions,
   checkpoint,
@@ -104,12 +113,15 @@ export {
 export { linearScan, runScan, type ScanMode } from "./scan/linear_scan.ts";
 export { selectiveScan } from "./scan/selective_scan.ts";
 export {
+  defaultFusedVariant,
   type FusedAttrs,
   fusedScanForward,
   fusedSelectiveScan,
   type FusedVariant,
   fusedVariant,
+  setFusedVariant,
 } from "./scan/fused.ts";
+export { FUSED_KERNEL_VERSION, type FusedTuneResult, tuneFusedScan } from "./scan/tune_fused.ts";
 export { type MambaConfig, mambaConfig, type MambaConfigInput } from "./mamba/config.ts";
 export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";
 export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./mamba/lm.ts";

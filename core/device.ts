@@ -7,10 +7,17 @@
  * @module
  */
 
+import { tuneKernels } from "./tune.ts";
+
 /** Options for {@linkcode init}. */
 export interface InitOptions {
   /** Passed to `requestAdapter`. Deno ignores it; browsers may honour it. */
   powerPreference?: GPUPowerPreference;
+  /**
+   * Choose kernel variants for this adapter (`tuneKernels`): measured once per adapter, then read from a
+   * cache in `localStorage` (default true).
+   */
+  tune?: boolean;
 }
 
 /** What the runtime knows about the device it runs on. */
@@ -74,8 +81,11 @@ const NO_ADAPTER = "No WebGPU adapter found (navigator.gpu.requestAdapter() retu
  * Throws a {@linkcode GPUError} that says how to get WebGPU when there is no adapter.
  */
 export function init(options: InitOptions = {}): Promise<DeviceInfo> {
-  if (info) return Promise.resolve(info);
-  pending ??= acquire(options).catch((e) => {
+  if (info) return Promise.resolve(info); // also while tuning: the tuner itself calls init()
+  pending ??= acquire(options).then(async (i) => {
+    if (options.tune ?? true) await tuneKernels();
+    return i;
+  }).catch((e) => {
     pending = null;
     throw e;
   });

@@ -88,8 +88,21 @@ export function tuneResult(): TuneResult | null {
  * {@linkcode tuneResult} returns the last result; `matmulVariant()` the variant in use.
  */
 export function tuneKernels(options: TuneOptions = {}): Promise<TuneResult> {
-  pending ??= tune(options).finally(() => pending = null);
+  pending ??= tune(options).then(async (r) => {
+    for (const fn of tuners.values()) await fn(options.force ?? false);
+    return r;
+  }).finally(() => pending = null);
   return pending;
+}
+
+const tuners = new Map<string, (force: boolean) => Promise<unknown>>();
+
+/**
+ * Registers the tuner of another kernel family (the fused selective scan registers one when its module
+ * loads); {@linkcode tuneKernels} runs them after the matmul's. Each caches its own choice.
+ */
+export function registerTuner(name: string, fn: (force: boolean) => Promise<unknown>): void {
+  tuners.set(name, fn);
 }
 
 async function tune(options: TuneOptions): Promise<TuneResult> {

@@ -134,7 +134,8 @@ const TRANS: [boolean, boolean][] = [[false, false], [true, false], [false, true
 
 Deno.test("matmul: odd and aligned sizes, every layout and variant", async () => {
   // Covers vec4 and scalar reads of both operands in every transpose: M, N, K multiples of 4 or not,
-  // sizes below, at and across the 64x64 block edges, and single rows/columns.
+  // sizes below, at and across the block edges, single rows/columns, and every `register` tile (M of
+  // 1, 2, 3-4, 5-8, 9-16, 17-32 and more).
   const sizes: [number, number, number][] = [
     [1, 1, 1],
     [3, 5, 7],
@@ -147,6 +148,11 @@ Deno.test("matmul: odd and aligned sizes, every layout and variant", async () =>
     [70, 12, 130],
     [129, 20, 1],
     [1, 36, 100],
+    [2, 9, 6],
+    [16, 4, 260],
+    [17, 8, 40],
+    [24, 16, 300],
+    [33, 5, 20],
   ];
   const problems = sizes.flatMap(([M, K, N]) => TRANS.map(([tA, tB]) => mats(M, K, N, tA, tB)));
   await check(problems);
@@ -206,6 +212,24 @@ Deno.test("matmul: operands larger than one 128 MiB storage binding", async () =
       c.dispose();
       const got = rows.flatMap((m) => [...all.subarray(m * N, m * N + N)]);
       assertMatches(got, ref.out, ref.scale, `${v} big A [${p.aShape}]${transA ? "^T" : ""} @ [${p.bShape}]`);
+    }
+    ta.dispose();
+    tb.dispose();
+  }
+});
+
+Deno.test("matmul: few rows times a transposed weight larger than one 128 MiB binding", async () => {
+  // Like a language-model head: x [M, 4100] @ W^T with W [8200, 4100] (134.5 MB), M = 1 and 3.
+  for (const M of [1, 3]) {
+    const N = 8200, K = 4100;
+    const p = mats(M, K, N, false, true);
+    const a = data(M * K, 31, 2), b = data(K * N, 32, 2);
+    const ta = tensor(a, p.aShape), tb = tensor(b, p.bShape);
+    const ref = reference(p, a, b);
+    for (const v of MATMUL_VARIANTS) {
+      const c = matmulRaw(ta, tb, p, v);
+      assertMatches(await c.toArray(), ref.out, ref.scale, `${v} [${M}, ${K}] @ [${N}, ${K}]^T`);
+      c.dispose();
     }
     ta.dispose();
     tb.dispose();

@@ -1,0 +1,121 @@
+/**
+ * Chooses the fused selective-scan variant per adapter by a one-time measurement, cached in `localStorage`.
+ *
+ * Candidates differ in channels per workgroup, chunk length, and where the backward keeps a chunk's
+ * recomputed states (private or workgroup memory). A CPU adapter wants few invocations per workgroup
+ * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
+ * backward of a small problem a few times; the fastest by GPU time (timestamp queries, else wall clock)
+ * is selected with `setFusedVariant`.
+ * @module
+ */
+
+import { randn } from "../core/creation.ts";
+import { deviceInfo, init } from "../core/device.ts";
+import { profile, sync } from "../core/executor.ts";
+import { registerTuner } from "../core/tune.ts";
+import { mul, sum } from "../core/ops/index.ts";
+import { dispose, tidy } from "../core/tensor.ts";
+import { defaultFusedVariant, fusedSelectiveScan, type FusedVariant, setFusedVariant } from "./fused.ts";
+
+/** Bump when the kernels change, so cached choices are measured again. */
+export const FUSED_KERNEL_VERSION = 1;
+
+/** What the tuner chose for one state size. */
+export interface FusedTuneResult {
+  /** The selected variant. */
+  variant: FusedVariant;
+  /** Milliseconds per forward + backward of each candidate (JSON of the variant -> ms). */
+  timings: Record<string, number>;
+  /** True when read from the cache without measuring. */
+  fromCache: boolean;
+}
+
+function candidates(N: number): FusedVariant[] {
+  const limit = deviceInfo().limits.maxComputeWorkgroupStorageSize;
+  const list: FusedVariant[] = [defaultFusedVariant(N)];
+  for (const WG of [8, 32, 64]) {
+    for (const hbuf of ["private", "workgroup"] as const) {
+      const Lc = hbuf === "private"
+        ? defaultFusedVariant(N).Lc
+        : Math.max(4, Math.min(32, Math.floor(limit / (4 * WG * N)) - 2));
+      const v = { N, WG, Lc, hbuf };
+      if (4 * WG * N * (2 + (hbuf === "workgroup" ? Lc : 0)) > limit) continue;
+      if (!list.some((c) => JSON.stringify({ ...c, hbuf: c.hbuf ?? "private" }) === JSON.stringify(v))) {
+        list.push(v);
+      }
+    }
+  }
+  return list;
+}
+
+function cacheKey(N: number): string {
+  return `mambats.fusedScan.v${FUSED_KERNEL_VERSION}.N${N}.${deviceInfo().description}`;
+}
+
+/** Measures (or reads the cached choice of) the fused-scan variants for state size N and selects the fastest. */
+export async function tuneFusedScan(N: number, options: { force?: boolean } = {}): Promise<FusedTuneResult> {
+  await init();
+  const key = cacheKey(N);
+  if (!options.force) {
+    try {
+      const cached = globalThis.localStorage?.getItem(key);
+      if (cached) {
+        const r = JSON.parse(cached) as FusedTuneResult;
+        setFusedVariant(N, r.variant);
+        return { ...r, fromCache: true };
+      }
+    } catch { /* no localStorage here: measure */ }
+  }
+  const [B, L, ED, R] = [4, 256, 128, 4];
+  const r = (shape: number[], seed: number) => randn(shape, { seed, std: 0.5 }).requiresGrad_(true);
+  const t = [
+    r([B, L, ED], 1),
+    r([B, L, ED], 2),
+    r([B, L, R + 2 * N], 3),
+    r([ED], 4),
+    r([ED, N], 5),
+    r([ED], 6),
+  ];
+  const z = r([B, L, ED], 7);
+  const G = randn([B, L, ED], { seed: 8 });
+  const run = () =>
+    tidy(() => {
+      const [x, draw, dBC, bias, aLog, D] = t;
+      sum(mul(fusedSelectiveScan(x, draw, dBC, bias, aLog, D, z), G)).backward();
+      for (const p of [...t, z]) {
+        p.grad?.dispose();
+        p.grad = null;
+      }
+    });
+  const timings: Record<string, number> = {};
+  let best: FusedVariant = defaultFusedVariant(N);
+  let bestMs = Infinity;
+  for (const v of candidates(N)) {
+    setFusedVariant(N, v);
+    run(); // compile
+    await sync();
+    let ms: number;
+    if (deviceInfo().timestampQuery) {
+      const times = await profile(() => {
+        for (let i = 0; i < 3; i++) run();
+      });
+      ms = times.filter((k) => k.name.startsWith("fused_scan")).reduce((a, k) => a + k.ms, 0) / 3;
+    } else {
+      const t0 = performance.now();
+      for (let i = 0; i < 3; i++) run();
+      await sync();
+      ms = (performance.now() - t0) / 3;
+    }
+    timings[JSON.stringify(v)] = ms;
+    if (ms < bestMs) [best, bestMs] = [v, ms];
+  }
+  dispose([...t, z, G]);
+  setFusedVariant(N, best);
+  const result = { variant: best, timings, fromCache: false };
+  try {
+    globalThis.localStorage?.setItem(key, JSON.stringify(result));
+  } catch { /* not persistent here */ }
+  return result;
+}
+
+registerTuner("fusedScan.N16", (force) => tuneFusedScan(16, { force }));
