@@ -164,6 +164,8 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
         claimed.add(gi);
       });
       for (const x of transient) if (!claimed.has(x) && x !== grad) x.dispose();
+      // Every consumer of t came earlier in the order: its saved tensors are no longer needed.
+      if (!options.retainGraph) releaseNode(t);
     }
   });
   for (const g of grads.values()) if (g !== grad) g.dispose();
@@ -219,13 +221,16 @@ function topoOrder(root: Tensor): Tensor[] {
 }
 
 function releaseGraph(order: Tensor[]): void {
-  for (const t of order) {
-    if (!t.node) continue;
-    for (const s of t.node.saved) if (!s.disposed) markSaved(s.storage, -1);
-    for (const s of t.node.owned) s.dispose();
-    released.set(t, t.node.name);
-    t.node = null;
-  }
+  for (const t of order) releaseNode(t);
+}
+
+/** Drops a node: its saved tensors stop counting as saved, and the tensors it made for itself are freed. */
+function releaseNode(t: Tensor): void {
+  if (!t.node) return;
+  for (const s of t.node.saved) if (!s.disposed) markSaved(s.storage, -1);
+  for (const s of t.node.owned) s.dispose();
+  released.set(t, t.node.name);
+  t.node = null;
 }
 
 /**
@@ -234,7 +239,8 @@ function releaseGraph(order: Tensor[]): void {
  */
 export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
   if (!gradEnabled) return fn(...inputs);
-  const out = noGrad(() => fn(...inputs));
+  // The first pass keeps nothing but its output: its intermediates are freed at once.
+  const out = noGrad(() => tidy(() => fn(...inputs)));
   for (const t of inputs) markSaved(t.storage, 1);
   out.requiresGrad = true;
   out.node = {

@@ -86,6 +86,7 @@ export class MambaBlock extends Module {
     const [Bsz, L] = u.shape;
     const xz = this.inProj.forward(u); // xz: (B, L, 2ED)
     const [xIn, z] = split(xz, ED, -1); // xIn, z: (B, L, ED)
+    xz.dispose(); // nothing saves it (split's backward needs only its shape): free it before the scan
     const x = this.conv1d.forward(xIn, "silu"); // x: (B, L, ED)
     let out: Tensor;
     let h: Tensor | null = null;
