@@ -1,0 +1,133 @@
+/**
+ * Renders the scan benchmark's charts (time vs L, vs d_model, vs d_state) as SVG into docs/, from
+ * bench/results/scan.json (written by bench/scan_report.ts): each chart is a vega-lite spec, compiled to a
+ * vega spec and rendered by vega's headless `View.toSVG()`. Both axes are logarithmic (base 2 for the
+ * sizes), so equal ratios between the modes look like equal gaps.
+ *
+ * Run: deno run -A bench/charts.ts [path/to/scan.json]
+ * Writes docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg, docs/scan_time_vs_d_state.svg.
+ */
+import * as vega from "vega";
+import * as vl from "vega-lite";
+import type { Row, ScanReport, TimeMode } from "./scan_report.ts";
+
+/** One point of a chart: a mode's median ms per step at one size. */
+interface Point {
+  size: number;
+  mode: TimeMode;
+  ms: number;
+  reps: number;
+}
+
+const MODE_ORDER: TimeMode[] = ["fused", "fused+recompute", "pscan", "sequential"];
+const COLORS = ["#1b7837", "#7fbf7b", "#c51b7d", "#2166ac"];
+
+function points(rows: Row[], key: "L" | "dModel" | "N", modes: readonly TimeMode[]): Point[] {
+  return rows.flatMap((r) =>
+    modes.filter((m) => r.ms[m] !== undefined).map((m) => ({
+      size: r[key],
+      mode: m,
+      ms: r.ms[m]!,
+      reps: r.samples[m]?.length ?? 0,
+    }))
+  );
+}
+
+/** The vega-lite spec of one chart. */
+export function chartSpec(title: string, subtitle: string, xTitle: string, data: Point[]): vl.TopLevelSpec {
+  const sizes = [...new Set(data.map((p) => p.size))].sort((a, b) => a - b);
+  const modes = MODE_ORDER.filter((m) => data.some((p) => p.mode === m));
+  return {
+    $schema: "https://vega.github.io/schema/vega-lite/v6.json",
+    title: { text: title, subtitle, anchor: "start" },
+    width: 460,
+    height: 300,
+    background: "white",
+    data: { values: data },
+    encoding: {
+      x: {
+        field: "size",
+        type: "quantitative",
+        title: xTitle,
+        scale: { type: "log", base: 2, domain: [sizes[0], sizes[sizes.length - 1]] },
+        axis: { values: sizes, format: "d", grid: true },
+      },
+      y: {
+        field: "ms",
+        type: "quantitative",
+        title: "ms per training step (forward + backward)",
+        scale: { type: "log" },
+        axis: { grid: true },
+      },
+      color: {
+        field: "mode",
+        type: "nominal",
+        title: "scan",
+        scale: { domain: modes, range: modes.map((m) => COLORS[MODE_ORDER.indexOf(m)]) },
+      },
+      tooltip: [
+        { field: "mode", type: "nominal" },
+        { field: "size", type: "quantitative", title: xTitle },
+        { field: "ms", type: "quantitative", format: ".1f" },
+        { field: "reps", type: "quantitative" },
+      ],
+    },
+    layer: [
+      { mark: { type: "line", strokeWidth: 2 } },
+      { mark: { type: "point", filled: true, size: 40 } },
+    ],
+  };
+}
+
+/** Renders a vega-lite spec to an SVG string (headless vega view). */
+export async function renderSvg(spec: vl.TopLevelSpec): Promise<string> {
+  const view = new vega.View(vega.parse(vl.compile(spec).spec), { renderer: "none" });
+  try {
+    return await view.toSVG();
+  } finally {
+    view.finalize();
+  }
+}
+
+if (import.meta.main) {
+  const path = Deno.args[0] ?? new URL("./results/scan.json", import.meta.url).pathname;
+  const rep = JSON.parse(await Deno.readTextFile(path)) as ScanReport;
+  const s = rep.sweeps;
+  const where = `${rep.adapter}, batch 1, one Mamba layer; medians${rep.quick ? " (--quick)" : ""}`;
+  const charts: [string, vl.TopLevelSpec][] = [
+    [
+      "scan_time_vs_L.svg",
+      chartSpec(
+        `Time vs sequence length (d_model ${s.L.fixed.dModel}, N ${s.L.fixed.N})`,
+        where,
+        "sequence length L",
+        points(s.L.rows, "L", s.L.modes),
+      ),
+    ],
+    [
+      "scan_time_vs_d_model.svg",
+      chartSpec(
+        `Time vs d_model (N ${s.dModel.fixed.N}, L ${s.dModel.fixed.L})`,
+        where,
+        "d_model",
+        points(s.dModel.rows, "dModel", s.dModel.modes),
+      ),
+    ],
+    [
+      "scan_time_vs_d_state.svg",
+      chartSpec(
+        `Time vs d_state (d_model ${s.dState.fixed.dModel}, L ${s.dState.fixed.L})`,
+        where,
+        "d_state N",
+        points(s.dState.rows, "N", s.dState.modes),
+      ),
+    ],
+  ];
+  const docs = new URL("../docs/", import.meta.url);
+  await Deno.mkdir(docs, { recursive: true });
+  for (const [name, spec] of charts) {
+    const svg = await renderSvg(spec);
+    await Deno.writeTextFile(new URL(name, docs), svg + "\n");
+    console.log(`docs/${name}: ${svg.length} bytes`);
+  }
+}

@@ -1,0 +1,408 @@
+/**
+ * Memory of one Mamba layer's training step, per scan mode, from the runtime's own byte counters.
+ *
+ * For B = 1, d_model 64 (ED 128), N = 16 and 64, L = 1024 ... 16384, and three modes (fused + recompute,
+ * fused, pscan): the peak of live bytes during forward + backward of sum(y * G) above the live bytes before
+ * the step, and the bytes autograd keeps for the backward (`memory().savedBytes` right after the forward).
+ * Then the scan alone: the bytes saved by `fusedSelectiveScan` against those of the pscan path
+ * (`selectiveScan(..., "pscan")` and the gate) for the same inputs, per token. Finally the "does not fit"
+ * demonstration: under one memory limit, a pscan layer fails with an out-of-memory error while the
+ * fused + recompute layer trains (forward, backward, SGD update).
+ *
+ * Every case runs under `setMemoryLimit` (8 GiB above the baseline): a case that passes it is recorded
+ * with its error instead of exhausting the machine.
+ *
+ * Run: deno run -A bench/scan_memory.ts [--quick]
+ * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
+ * Writes bench/results/scan_memory.json.
+ */
+import {
+  deviceInfo,
+  emptyPool,
+  exp,
+  fusedSelectiveScan,
+  init,
+  keep,
+  Mamba,
+  mambaConfig,
+  memory,
+  mul,
+  narrow,
+  neg,
+  noGrad,
+  randn,
+  resetPeak,
+  selectiveScan,
+  setMemoryLimit,
+  silu,
+  softplus,
+  sum,
+  sync,
+  type Tensor,
+  tidy,
+} from "../mod.ts";
+import { add } from "../core/ops/index.ts";
+import { fusedVariant } from "../scan/fused.ts";
+import { sourceVersion } from "./scan_report.ts";
+
+/** The three training configurations compared. */
+export const MEMORY_MODES = [
+  { name: "fused+recompute", scan: "fused", recompute: true },
+  { name: "fused", scan: "fused", recompute: false },
+  { name: "pscan", scan: "pscan", recompute: false },
+] as const;
+
+/** Name of a training configuration. */
+export type MemoryMode = (typeof MEMORY_MODES)[number]["name"];
+
+/** What one training step of one configuration measured (bytes are exact, from the allocator). */
+export interface StepMemory {
+  /** Peak live bytes during forward + backward, minus the live bytes before the step. */
+  peakBytes: number | null;
+  /** Bytes autograd keeps for the backward, right after the forward. */
+  savedBytes: number | null;
+  /** Live bytes right after the forward, minus the live bytes before the step. */
+  liveAfterForwardBytes: number | null;
+  /** Wall time of the step including one wait (ms), for orientation only. */
+  ms: number | null;
+  /** The error, when the step failed (out of memory under the cap). */
+  error?: string;
+}
+
+const MiB = 2 ** 20;
+const GiB = 2 ** 30;
+
+/** A one-layer Mamba with the given scan and recompute setting. */
+export function makeLayer(dModel: number, N: number, mode: MemoryMode): Mamba {
+  const m = MEMORY_MODES.find((x) => x.name === mode)!;
+  return new Mamba(mambaConfig({ dModel, nLayers: 1, dState: N, scan: m.scan, recompute: m.recompute }));
+}
+
+/** Drops the parameters' gradients. */
+export function zeroGrad(model: Mamba): void {
+  for (const p of model.parameters()) {
+    p.grad?.dispose();
+    p.grad = null;
+  }
+}
+
+/**
+ * One training step (forward, backward of sum(y * G); gradients stay in `.grad`) under a memory limit of
+ * `capAbove` bytes above the live bytes before the step. Never throws: an error is returned.
+ */
+export async function measureStep(model: Mamba, x: Tensor, G: Tensor, capAbove: number): Promise<StepMemory> {
+  await sync();
+  const m0 = memory();
+  resetPeak();
+  let saved: number | null = null;
+  let live: number | null = null;
+  const t0 = performance.now();
+  setMemoryLimit(m0.liveBytes + capAbove);
+  try {
+    tidy(() => {
+      const y = model.forward(x);
+      saved = memory().savedBytes - m0.savedBytes;
+      live = memory().liveBytes - m0.liveBytes;
+      sum(mul(y, G)).backward();
+    });
+    await sync();
+    const peakBytes = memory().peakBytes - m0.liveBytes;
+    return { peakBytes, savedBytes: saved, liveAfterForwardBytes: live, ms: performance.now() - t0 };
+  } catch (e) {
+    await sync().catch(() => {});
+    return {
+      peakBytes: null,
+      savedBytes: saved,
+      liveAfterForwardBytes: live,
+      ms: null,
+      error: e instanceof Error ? e.message : String(e),
+    };
+  } finally {
+    setMemoryLimit(null);
+    zeroGrad(model);
+  }
+}
+
+/** One training-step measurement of a fresh layer (input and cotangent seeded). */
+export async function layerCase(
+  dModel: number,
+  N: number,
+  L: number,
+  mode: MemoryMode,
+  capAbove: number,
+): Promise<StepMemory> {
+  const model = makeLayer(dModel, N, mode);
+  const x = randn([1, L, dModel], { seed: 1 });
+  const G = randn([1, L, dModel], { seed: 2 });
+  try {
+    return await measureStep(model, x, G, capAbove);
+  } finally {
+    model.dispose();
+    x.dispose();
+    G.dispose();
+    emptyPool();
+    await sync();
+  }
+}
+
+/**
+ * Bytes autograd saves for the scan alone, for the same leaves (x, draw, dBC, bias, A_log, D, z): the fused
+ * op, or the pscan path (softplus(draw + bias), -exp(A_log), `selectiveScan` in pscan mode, gate silu(z)).
+ */
+export async function scanSavedBytes(
+  ED: number,
+  N: number,
+  L: number,
+  R: number,
+  path: "fused" | "pscan",
+): Promise<number> {
+  const leaves = tidy(() => {
+    const r = (shape: number[], seed: number, std = 1) =>
+      keep(randn(shape, { seed, std, requiresGrad: true }));
+    return {
+      x: r([1, L, ED], 1),
+      draw: r([1, L, ED], 2, 0.5),
+      dBC: r([1, L, R + 2 * N], 3),
+      bias: r([ED], 4, 0.5),
+      A_log: r([ED, N], 5, 0.3),
+      D: r([ED], 6),
+      z: r([1, L, ED], 7),
+    };
+  });
+  await sync();
+  const before = memory().savedBytes;
+  let saved = 0;
+  try {
+    tidy(() => {
+      const t = leaves;
+      if (path === "fused") {
+        fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, t.z);
+      } else {
+        const delta = softplus(add(t.draw, t.bias));
+        const A = neg(exp(t.A_log));
+        const Bm = narrow(t.dBC, 2, R, N);
+        const C = narrow(t.dBC, 2, R + N, N);
+        const { y } = selectiveScan(t.x, delta, A, Bm, C, t.D, "pscan");
+        mul(y, silu(t.z));
+      }
+      saved = memory().savedBytes - before;
+    });
+  } finally {
+    for (const t of Object.values(leaves)) t.dispose();
+    emptyPool();
+    await sync();
+  }
+  return saved;
+}
+
+/** Result of the "does not fit" demonstration. */
+export interface DemoResult {
+  /** Memory limit on all live bytes (including the parameters and the input). */
+  limitBytes: number;
+  dModel: number;
+  N: number;
+  L: number;
+  /** The pscan step's error (null if it unexpectedly fitted). */
+  pscanError: string | null;
+  /** Losses sum(y * G) of the fused + recompute steps (each followed by an SGD update). */
+  fusedLosses: number[];
+  /** Peak live bytes (absolute) of the fused + recompute steps. */
+  fusedPeakBytes: number;
+}
+
+/**
+ * Under `setMemoryLimit(limitBytes)` (absolute), tries one pscan training step, then trains a fused +
+ * recompute layer for `steps` steps: forward, backward, p -= lr * grad with core ops under noGrad.
+ */
+export async function doesNotFit(
+  dModel: number,
+  N: number,
+  L: number,
+  limitBytes: number,
+  steps = 3,
+  lr = 1e-3,
+): Promise<DemoResult> {
+  const x = randn([1, L, dModel], { seed: 1 });
+  const G = randn([1, L, dModel], { seed: 2 });
+  let pscanError: string | null = null;
+  const losses: number[] = [];
+  let fusedPeak = 0;
+  try {
+    const p = makeLayer(dModel, N, "pscan");
+    await sync();
+    resetPeak();
+    setMemoryLimit(limitBytes);
+    try {
+      tidy(() => sum(mul(p.forward(x), G)).backward());
+      await sync();
+    } catch (e) {
+      pscanError = e instanceof Error ? e.message : String(e);
+    } finally {
+      setMemoryLimit(null);
+      p.dispose();
+      emptyPool();
+      await sync();
+    }
+
+    const f = makeLayer(dModel, N, "fused+recompute");
+    await sync();
+    resetPeak();
+    setMemoryLimit(limitBytes);
+    try {
+      for (let s = 0; s < steps; s++) {
+        const loss = tidy(() => {
+          const l = sum(mul(f.forward(x), G));
+          l.backward();
+          noGrad(() => {
+            const named = f.namedParameters();
+            f.loadStateDict(new Map(named.map(([k, q]) => [k, q.sub(q.grad!.mul(lr))])));
+          });
+          zeroGrad(f);
+          return l;
+        });
+        losses.push(await loss.item());
+        loss.dispose();
+      }
+      fusedPeak = memory().peakBytes;
+    } finally {
+      setMemoryLimit(null);
+      f.dispose();
+      emptyPool();
+      await sync();
+    }
+  } finally {
+    x.dispose();
+    G.dispose();
+  }
+  return { limitBytes, dModel, N, L, pscanError, fusedLosses: losses, fusedPeakBytes: fusedPeak };
+}
+
+// ------------------------------------------------------------------------------------------ report
+
+const mib = (b: number | null) => (b === null ? "-" : (b / MiB).toFixed(2));
+const ratio = (
+  a: number | null,
+  b: number | null,
+) => (a === null || b === null || b === 0 ? "-" : (a / b).toFixed(1));
+
+if (import.meta.main) {
+  const quick = Deno.args.includes("--quick");
+  await init();
+  const dModel = 64;
+  const ED = 2 * dModel;
+  const R = Math.ceil(dModel / 16);
+  const Ns = [16, 64];
+  const Ls = quick ? [1024, 2048] : [1024, 2048, 4096, 8192, 16384];
+  const cap = 8 * GiB;
+
+  const rows: { N: number; L: number; mode: MemoryMode; r: StepMemory }[] = [];
+  for (const N of Ns) {
+    for (const L of Ls) {
+      for (const m of MEMORY_MODES) {
+        const r = await layerCase(dModel, N, L, m.name, cap);
+        rows.push({ N, L, mode: m.name, r });
+        console.error(
+          `N=${N} L=${L} ${m.name}: peak ${mib(r.peakBytes)} MiB, saved ${mib(r.savedBytes)} MiB` +
+            (r.ms !== null ? `, ${r.ms.toFixed(0)} ms` : "") + (r.error ? `, ERROR ${r.error}` : ""),
+        );
+      }
+    }
+  }
+
+  const scanRows: { N: number; L: number; fused: number; pscan: number }[] = [];
+  for (const N of Ns) {
+    for (const L of quick ? [1024] : [1024, 4096]) {
+      const fused = await scanSavedBytes(ED, N, L, R, "fused");
+      const pscan = await scanSavedBytes(ED, N, L, R, "pscan");
+      scanRows.push({ N, L, fused, pscan });
+    }
+  }
+
+  const demo = await doesNotFit(dModel, 64, 4096, 256 * MiB);
+
+  const get = (N: number, L: number, mode: MemoryMode) =>
+    rows.find((r) => r.N === N && r.L === L && r.mode === mode)!.r;
+  const out: string[] = [];
+  out.push(
+    `Training-step memory of one Mamba layer on ${deviceInfo().description} (B = 1, d_model ${dModel}, ` +
+      `ED ${ED}; forward + backward of sum(y * G); exact bytes from the runtime's allocator, ` +
+      `in MiB = 2^20 bytes; cap ${cap / GiB} GiB above the baseline per case)`,
+    "",
+  );
+  for (const what of ["peakBytes", "savedBytes"] as const) {
+    out.push(
+      what === "peakBytes"
+        ? "Peak live bytes of the step above the baseline (MiB):"
+        : "Bytes saved for the backward, right after the forward (MiB):",
+      "",
+      "| N | L | fused+recompute | fused | pscan | pscan / fused | pscan / fused+recompute |",
+      "|---:|---:|---:|---:|---:|---:|---:|",
+    );
+    for (const N of Ns) {
+      for (const L of Ls) {
+        const [a, b, c] = MEMORY_MODES.map((m) => get(N, L, m.name)[what]);
+        out.push(`| ${N} | ${L} | ${mib(a)} | ${mib(b)} | ${mib(c)} | ${ratio(c, b)} | ${ratio(c, a)} |`);
+      }
+    }
+    out.push("");
+  }
+  const errors = rows.filter((r) => r.r.error);
+  if (errors.length) {
+    out.push("Failed cases:", "");
+    for (const e of errors) out.push(`- N ${e.N}, L ${e.L}, ${e.mode}: ${e.r.error}`);
+    out.push("");
+  }
+  out.push(
+    "The scan alone: bytes autograd saves for the backward, per token (B = 1), for the same leaves:",
+    "",
+    "| N | L | fused scan (B/token) | pscan path (B/token) | pscan / fused |",
+    "|---:|---:|---:|---:|---:|",
+  );
+  for (const s of scanRows) {
+    out.push(
+      `| ${s.N} | ${s.L} | ${(s.fused / s.L).toFixed(0)} | ${(s.pscan / s.L).toFixed(0)} | ${
+        (s.pscan / s.fused).toFixed(1)
+      } |`,
+    );
+  }
+  out.push(
+    "",
+    `Does not fit: d_model ${demo.dModel}, N ${demo.N}, L ${demo.L}, memory limit ${
+      mib(demo.limitBytes)
+    } MiB ` +
+      `on all live bytes.`,
+    `- pscan: ${demo.pscanError ? `fails: ${demo.pscanError}` : "fitted (no error)"}`,
+    `- fused+recompute: trains, peak ${mib(demo.fusedPeakBytes)} MiB; losses sum(y*G) after SGD steps ` +
+      `(lr 1e-3): ${demo.fusedLosses.map((l) => l.toFixed(3)).join(", ")}`,
+  );
+  console.log(out.join("\n"));
+
+  if (!quick) {
+    await Deno.writeTextFile(
+      new URL("./results/scan_memory.json", import.meta.url),
+      JSON.stringify(
+        {
+          adapter: deviceInfo().description,
+          deno: Deno.version.deno,
+          date: new Date().toISOString(),
+          source: await sourceVersion(),
+          fusedVariants: Ns.map((n) => fusedVariant(n)),
+          B: 1,
+          dModel,
+          ED,
+          capBytesAboveBaseline: cap,
+          layer: rows.map((r) => ({ N: r.N, L: r.L, mode: r.mode, ...r.r })),
+          scanSavedBytes: scanRows.map((s) => ({
+            ...s,
+            fusedPerToken: s.fused / s.L,
+            pscanPerToken: s.pscan / s.L,
+            ratio: s.pscan / s.fused,
+          })),
+          doesNotFit: demo,
+        },
+        null,
+        2,
+      ) + "\n",
+    );
+  }
+}

@@ -1,0 +1,571 @@
+/**
+ * Speed of the three selective-scan modes in a Mamba layer: mamba.py's three comparisons (time vs L, vs
+ * d_model, vs d_state) with our modes `fused`, `pscan` and `sequential` (recompute off, so only the scan
+ * differs; the time-vs-L sweep also has `fused+recompute`, the default training setting), plus a roofline of
+ * the fused forward kernel and the dispatch counts of each mode.
+ *
+ * Measurement: one step = forward + backward of sum(y * G) through one Mamba layer, batch 1, parameter
+ * gradients dropped after each step. For each configuration the modes are prepared side by side and measured
+ * interleaved (rep 1: fused, pscan, sequential; rep 2: ...), so that the machine's load drifts alike for
+ * all; each measurement records k steps and waits once (k chosen so that a batch lasts >= ~250 ms, so the
+ * ~11 ms wait is a small part) and gives ms per step; the tables give the median over reps. Slow
+ * configurations get fewer reps (as few as one) and, once a mode's step takes over 5 s, no warm-up step
+ * (its kernels are compiled by then, but the first step also pays for allocating fresh buffers).
+ *
+ * Run: deno run -A bench/scan_report.ts [--quick]
+ * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
+ * Writes bench/results/scan.json (with --quick: bench/results/scan_quick.json, smaller sizes).
+ */
+import { init } from "../core/device.ts";
+import { deviceInfo } from "../core/device.ts";
+import { dispatchCount, profile, recordCopy, sync } from "../core/executor.ts";
+import { emptyPool } from "../core/memory.ts";
+import { full, randn } from "../core/creation.ts";
+import { cat, mul, sum } from "../core/ops/index.ts";
+import { keep, type Tensor, tidy } from "../core/tensor.ts";
+import { Mamba } from "../mamba/block.ts";
+import { mambaConfig } from "../mamba/config.ts";
+import { fusedScanForward, type FusedVariant, fusedVariant } from "../scan/fused.ts";
+
+/** A timed configuration of the layer. */
+export type TimeMode = "fused" | "pscan" | "sequential" | "fused+recompute";
+
+/** The modes of mamba.py's comparison, ours. */
+export const MODES: readonly TimeMode[] = ["fused", "pscan", "sequential"];
+
+/** One layer, its input and cotangent, ready to step. */
+export interface PreparedLayer {
+  /** Records one training step (forward, backward, gradients dropped); no wait. */
+  step(): void;
+  /** Frees everything. */
+  dispose(): void;
+}
+
+/** Prepares a one-layer Mamba (B = 1) in a mode. */
+export function prepareLayer(mode: TimeMode, dModel: number, N: number, L: number): PreparedLayer {
+  const scan = mode === "fused+recompute" ? "fused" : mode;
+  const model = new Mamba(
+    mambaConfig({ dModel, nLayers: 1, dState: N, scan, recompute: mode === "fused+recompute" }),
+  );
+  const x = randn([1, L, dModel], { seed: 1 });
+  const G = randn([1, L, dModel], { seed: 2 });
+  const drop = () => {
+    for (const p of model.parameters()) {
+      p.grad?.dispose();
+      p.grad = null;
+    }
+  };
+  return {
+    step() {
+      tidy(() => sum(mul(model.forward(x), G)).backward());
+      drop();
+    },
+    dispose() {
+      model.dispose();
+      x.dispose();
+      G.dispose();
+    },
+  };
+}
+
+/** Dispatches one training step records, forward and backward apart (recorded and submitted, not awaited). */
+export function countDispatches(
+  mode: TimeMode,
+  dModel: number,
+  N: number,
+  L: number,
+): { forward: number; backward: number } {
+  const model = new Mamba(
+    mambaConfig({
+      dModel,
+      nLayers: 1,
+      dState: N,
+      scan: mode === "fused+recompute" ? "fused" : mode,
+      recompute: mode === "fused+recompute",
+    }),
+  );
+  const x = randn([1, L, dModel], { seed: 1 });
+  const G = randn([1, L, dModel], { seed: 2 });
+  try {
+    return tidy(() => {
+      const d0 = dispatchCount();
+      const y = model.forward(x);
+      const d1 = dispatchCount();
+      sum(mul(y, G)).backward();
+      return { forward: d1 - d0, backward: dispatchCount() - d1 };
+    });
+  } finally {
+    model.dispose();
+    x.dispose();
+    G.dispose();
+  }
+}
+
+/** Records `k` steps, waits once; ms per step. */
+export async function timeSteps(p: PreparedLayer, k: number): Promise<number> {
+  const t0 = performance.now();
+  for (let i = 0; i < k; i++) p.step();
+  await sync();
+  return (performance.now() - t0) / k;
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
+
+/** One measured configuration. */
+export interface Row {
+  dModel: number;
+  N: number;
+  L: number;
+  /** Median ms per step, per mode. */
+  ms: Partial<Record<TimeMode, number>>;
+  /** Every measurement (ms per step), per mode. */
+  samples: Partial<Record<TimeMode, number[]>>;
+  /** Steps per wait, per mode. */
+  stepsPerWait: Partial<Record<TimeMode, number>>;
+  /** Whether the mode had a warm-up step before its measurements. */
+  warmedUp: Partial<Record<TimeMode, boolean>>;
+}
+
+/** Settings of a sweep's timing. */
+export interface TimingOptions {
+  /** Wall time a batch of steps should last (ms). */
+  batchMs: number;
+  /** Time budget of one configuration's reps (ms), which sets the number of reps. */
+  configMs: number;
+  /** At most this many reps. */
+  maxReps: number;
+  /** At least this many reps while one rep costs under `configMs / 2`. */
+  minReps: number;
+}
+
+/** Times one configuration, modes interleaved. `previous` (ms per step of the last config) skips warm-ups. */
+export async function timeConfig(
+  modes: readonly TimeMode[],
+  dModel: number,
+  N: number,
+  L: number,
+  opt: TimingOptions,
+  previous: Partial<Record<TimeMode, number>> = {},
+): Promise<Row> {
+  const row: Row = { dModel, N, L, ms: {}, samples: {}, stepsPerWait: {}, warmedUp: {} };
+  const prepared = modes.map((m) => prepareLayer(m, dModel, N, L));
+  try {
+    const estimate: number[] = [];
+    for (const [i, m] of modes.entries()) {
+      const p = prepared[i];
+      const prev = previous[m] ?? 0;
+      if (prev > 5000) {
+        estimate.push(prev * 2);
+        row.warmedUp[m] = false;
+        continue;
+      }
+      let t = await timeSteps(p, 1); // warm-up (compiles kernels on first use, fills the pool)
+      if (t < 2000) t = await timeSteps(p, 1);
+      estimate.push(t);
+      row.warmedUp[m] = true;
+    }
+    const ks = estimate.map((t) => Math.max(1, Math.min(64, Math.round(opt.batchMs / t))));
+    const perRep = estimate.reduce((s, t, i) => s + Math.max(t * ks[i], t), 0);
+    const reps = perRep > opt.configMs / 2
+      ? 1
+      : Math.max(opt.minReps, Math.min(opt.maxReps, Math.floor(opt.configMs / perRep)));
+    modes.forEach((m, i) => {
+      row.samples[m] = [];
+      row.stepsPerWait[m] = ks[i];
+    });
+    for (let r = 0; r < reps; r++) {
+      for (const [i, m] of modes.entries()) row.samples[m]!.push(await timeSteps(prepared[i], ks[i]));
+    }
+    for (const m of modes) row.ms[m] = median(row.samples[m]!);
+  } finally {
+    for (const p of prepared) p.dispose();
+    emptyPool();
+    await sync();
+  }
+  return row;
+}
+
+/** Copy bandwidth of the adapter: copyBufferToBuffer of a 64 MiB buffer, bytes read + written per second. */
+export async function copyBandwidth(
+  copies: number,
+  reps: number,
+): Promise<{ GBs: number; samples: number[] }> {
+  const n = 16 * 2 ** 20;
+  const a = full([n], 1), b = full([n], 0);
+  await sync();
+  const samples: number[] = [];
+  try {
+    recordCopy(a.storage.buffer, 0, b.storage.buffer, 0, 4 * n);
+    await sync();
+    for (let r = 0; r < reps; r++) {
+      const t0 = performance.now();
+      for (let i = 0; i < copies; i++) recordCopy(a.storage.buffer, 0, b.storage.buffer, 0, 4 * n);
+      await sync();
+      samples.push((copies * 2 * 4 * n) / ((performance.now() - t0) / 1000) / 1e9);
+    }
+  } finally {
+    a.dispose();
+    b.dispose();
+  }
+  return { GBs: median(samples), samples };
+}
+
+/** Roofline case of the fused forward kernel. */
+export interface RooflineRow {
+  dModel: number;
+  ED: number;
+  N: number;
+  L: number;
+  /** Minimal bytes: read x, draw, z (B, L, ED) and B, C (B, L, 2N) once, write y (B, L, ED). */
+  bytes: number;
+  /** Median ms per kernel call (many calls per wait). */
+  ms: number;
+  /** bytes / time. */
+  GBs: number;
+  /** State updates h = a h + b x per second (L * ED * N per call), in units of 1e9. */
+  GUpdatesPerS: number;
+  /** Calls per wait. */
+  callsPerWait: number;
+}
+
+/** Times `fusedScanForward` (gated, R = ceil(dModel / 16)) with many calls per wait. */
+export async function rooflineFused(
+  dModel: number,
+  N: number,
+  L: number,
+  batchMs: number,
+  reps: number,
+): Promise<RooflineRow> {
+  const ED = 2 * dModel;
+  const R = Math.ceil(dModel / 16);
+  const t = tidy(() => ({
+    x: keep(randn([1, L, ED], { seed: 1 })),
+    draw: keep(randn([1, L, ED], { seed: 2, std: 0.5 })),
+    dBC: keep(randn([1, L, R + 2 * N], { seed: 3 })),
+    par: keep(
+      cat([randn([ED], { seed: 4 }), randn([ED * N], { seed: 5, std: 0.3 }), randn([ED], { seed: 6 })]),
+    ),
+    z: keep(randn([1, L, ED], { seed: 7 })),
+  }));
+  const call = () => {
+    const r = fusedScanForward(t.x, t.draw, t.dBC, t.par, t.z, { R, N, gated: true });
+    r.y.dispose();
+    r.hs.dispose();
+  };
+  const samples: number[] = [];
+  let k = 1;
+  try {
+    const run = async (n: number) => {
+      const t0 = performance.now();
+      for (let i = 0; i < n; i++) call();
+      await sync();
+      return (performance.now() - t0) / n;
+    };
+    await run(1);
+    k = Math.max(1, Math.min(256, Math.round(batchMs / await run(2))));
+    for (let r = 0; r < reps; r++) samples.push(await run(k));
+  } finally {
+    for (const v of Object.values(t) as Tensor[]) v.dispose();
+    emptyPool();
+    await sync();
+  }
+  const ms = median(samples);
+  const bytes = 4 * (4 * L * ED + 2 * L * N);
+  const GUpdatesPerS = (L * ED * N) / (ms / 1000) / 1e9;
+  return { dModel, ED, N, L, bytes, ms, GBs: bytes / (ms / 1000) / 1e9, GUpdatesPerS, callsPerWait: k };
+}
+
+/** GPU time of one training step by kernel (timestamp queries). */
+export interface BreakdownRow {
+  dModel: number;
+  N: number;
+  L: number;
+  mode: TimeMode;
+  /** Sum of all kernel times (ms); each dispatch runs in its own pass while profiling. */
+  totalMs: number;
+  /** Time of the scan kernels: fused_scan_* or pscan_* / scan_sequential (ms). */
+  scanMs: number;
+  dispatches: number;
+  /** The kernels that took longest, summed by name (ms). */
+  top: { name: string; ms: number }[];
+}
+
+/** Profiles one step (after a warm-up step) with timestamp queries. */
+export async function breakdown(mode: TimeMode, dModel: number, N: number, L: number): Promise<BreakdownRow> {
+  const p = prepareLayer(mode, dModel, N, L);
+  try {
+    p.step();
+    await sync();
+    const times = await profile(async () => {
+      p.step();
+      await sync();
+    });
+    const by = new Map<string, number>();
+    for (const t of times) by.set(t.name, (by.get(t.name) ?? 0) + t.ms);
+    const isScan = (n: string) => /^(fused_scan_|pscan_|scan_sequential)/.test(n);
+    return {
+      dModel,
+      N,
+      L,
+      mode,
+      totalMs: times.reduce((a, t) => a + t.ms, 0),
+      scanMs: times.filter((t) => isScan(t.name)).reduce((a, t) => a + t.ms, 0),
+      dispatches: times.length,
+      top: [...by].sort((a, b) => b[1] - a[1]).slice(0, 4).map(([name, ms]) => ({ name, ms })),
+    };
+  } finally {
+    p.dispose();
+    emptyPool();
+    await sync();
+  }
+}
+
+/** The commit measured, and the runtime files (core, scan, mamba, nn) changed since it, if any. */
+export async function sourceVersion(): Promise<{ commit: string; uncommitted: string[] }> {
+  const git = async (...args: string[]) => {
+    try {
+      const out = await new Deno.Command("git", { args, stdout: "piped", stderr: "null" }).output();
+      return new TextDecoder().decode(out.stdout).trimEnd(); // porcelain lines start with a space
+    } catch {
+      return "";
+    }
+  };
+  const commit = (await git("rev-parse", "--short", "HEAD")).trim();
+  const status = await git("status", "--porcelain", "--", "core", "scan", "mamba", "nn", "mod.ts");
+  return {
+    commit: commit || "unknown",
+    uncommitted: status ? status.split("\n").map((l) => l.slice(3)) : [],
+  };
+}
+
+// ------------------------------------------------------------------------------------------ report
+
+/** The whole report's data, as written to bench/results/scan.json. */
+export interface ScanReport {
+  adapter: string;
+  deno: string;
+  date: string;
+  quick: boolean;
+  /** Commit measured, and runtime files changed since it. */
+  source: { commit: string; uncommitted: string[] };
+  /** Fused-scan kernel variant per state size. */
+  fusedVariants: FusedVariant[];
+  timing: TimingOptions;
+  sweeps: {
+    L: { fixed: { dModel: number; N: number }; modes: TimeMode[]; rows: Row[] };
+    dModel: { fixed: { N: number; L: number }; modes: TimeMode[]; rows: Row[] };
+    dState: { fixed: { dModel: number; L: number }; modes: TimeMode[]; rows: Row[] };
+  };
+  roofline: { copyGBs: number; copySamples: number[]; rows: RooflineRow[] };
+  dispatches: { dModel: number; N: number; L: number; mode: TimeMode; forward: number; backward: number }[];
+  /** Per-kernel GPU time of one step (empty without timestamp queries). */
+  breakdown: BreakdownRow[];
+  seconds: number;
+}
+
+const fmtMs = (x: number | undefined) =>
+  x === undefined ? "-" : x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2);
+const fmtRatio = (a: number | undefined, b: number | undefined) =>
+  a === undefined || b === undefined ? "-" : (a / b).toFixed(2);
+
+/** Markdown table of a sweep: ms per step per mode and the ratios to fused. */
+export function sweepTable(
+  key: "L" | "dModel" | "N",
+  label: string,
+  modes: readonly TimeMode[],
+  rows: Row[],
+): string {
+  const others = modes.filter((m) => m !== "fused");
+  const head = [label, ...modes.map((m) => `${m} (ms)`), ...others.map((m) => `${m} / fused`), "reps"];
+  const lines = [`| ${head.join(" | ")} |`, `|${head.map(() => "---:").join("|")}|`];
+  for (const r of rows) {
+    const reps = Math.min(...modes.map((m) => r.samples[m]?.length ?? 0));
+    lines.push(
+      `| ${
+        [
+          r[key],
+          ...modes.map((m) => fmtMs(r.ms[m])),
+          ...others.map((m) => fmtRatio(r.ms[m], r.ms.fused)),
+          reps,
+        ].join(" | ")
+      } |`,
+    );
+  }
+  return lines.join("\n");
+}
+
+/** Markdown tables of the whole report. */
+export function reportMarkdown(rep: ScanReport): string {
+  const s = rep.sweeps;
+  const out = [
+    `Selective-scan modes in one Mamba layer, forward + backward, batch 1, on ${rep.adapter} ` +
+    `(Deno ${rep.deno}, ${rep.date.slice(0, 10)}, commit ${rep.source.commit}` +
+    `${rep.source.uncommitted.length ? " + uncommitted changes" : ""}${rep.quick ? ", --quick" : ""}); ` +
+    `medians of ms per step.`,
+    "",
+    `Time vs L (d_model ${s.L.fixed.dModel}, N ${s.L.fixed.N}):`,
+    "",
+    sweepTable("L", "L", s.L.modes, s.L.rows),
+    "",
+    `Time vs d_model (N ${s.dModel.fixed.N}, L ${s.dModel.fixed.L}):`,
+    "",
+    sweepTable("dModel", "d_model", s.dModel.modes, s.dModel.rows),
+    "",
+    `Time vs d_state (d_model ${s.dState.fixed.dModel}, L ${s.dState.fixed.L}):`,
+    "",
+    sweepTable("N", "N", s.dState.modes, s.dState.rows),
+    "",
+    `Fused forward kernel alone (gated, B = 1) against the copy bandwidth of the same adapter in the same run ` +
+    `(copyBufferToBuffer of 64 MiB: ${
+      rep.roofline.copyGBs.toFixed(2)
+    } GB/s, bytes read + written). Minimal ` +
+    `bytes: read x, draw, z and B, C once, write y.`,
+    "",
+    "| d_model | ED | N | L | minimal MiB | ms per call | GB/s | of copy bandwidth | state updates (G/s) |",
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ...rep.roofline.rows.map((r) =>
+      `| ${r.dModel} | ${r.ED} | ${r.N} | ${r.L} | ${(r.bytes / 2 ** 20).toFixed(1)} | ${fmtMs(r.ms)} | ` +
+      `${r.GBs.toFixed(2)} | ${(100 * r.GBs / rep.roofline.copyGBs).toFixed(1)}% | ${
+        r.GUpdatesPerS.toFixed(2)
+      } |`
+    ),
+    "",
+    "Dispatches per layer step (forward / backward):",
+    "",
+  ];
+  const cfgs = [...new Set(rep.dispatches.map((d) => `${d.dModel}|${d.N}|${d.L}`))];
+  const dmodes = [...new Set(rep.dispatches.map((d) => d.mode))];
+  out.push(
+    `| d_model | N | L | ${dmodes.join(" | ")} |`,
+    `|---:|---:|---:|${dmodes.map(() => "---:").join("|")}|`,
+  );
+  for (const c of cfgs) {
+    const [dModel, N, L] = c.split("|");
+    const cells = dmodes.map((m) => {
+      const d = rep.dispatches.find((x) => `${x.dModel}|${x.N}|${x.L}` === c && x.mode === m);
+      return d ? `${d.forward} / ${d.backward}` : "-";
+    });
+    out.push(`| ${dModel} | ${N} | ${L} | ${cells.join(" | ")} |`);
+  }
+  if (rep.breakdown.length) {
+    out.push(
+      "",
+      "Where one step's GPU time goes (timestamp queries, one step after a warm-up; each dispatch in its own " +
+        "pass, so totals run a little above the step times):",
+      "",
+      "| d_model | N | L | mode | GPU ms | scan kernels ms | share | largest kernels (ms) |",
+      "|---:|---:|---:|---|---:|---:|---:|---|",
+      ...rep.breakdown.map((b) =>
+        `| ${b.dModel} | ${b.N} | ${b.L} | ${b.mode} | ${fmtMs(b.totalMs)} | ${fmtMs(b.scanMs)} | ` +
+        `${(100 * b.scanMs / b.totalMs).toFixed(0)}% | ${
+          b.top.map((t) => `${t.name} ${fmtMs(t.ms)}`).join(", ")
+        } |`
+      ),
+    );
+  }
+  out.push("", `(${rep.seconds.toFixed(0)} s in all)`);
+  return out.join("\n");
+}
+
+if (import.meta.main) {
+  const quick = Deno.args.includes("--quick");
+  const start = performance.now();
+  await init();
+  const timing: TimingOptions = quick
+    ? { batchMs: 100, configMs: 1500, maxReps: 2, minReps: 1 }
+    : { batchMs: 250, configMs: 40000, maxReps: 5, minReps: 2 };
+  const log = (s: string) => console.error(`[${((performance.now() - start) / 1000).toFixed(0)} s] ${s}`);
+
+  const sweep = async (
+    modes: readonly TimeMode[],
+    configs: { dModel: number; N: number; L: number }[],
+  ): Promise<Row[]> => {
+    const rows: Row[] = [];
+    for (const c of configs) {
+      const row = await timeConfig(modes, c.dModel, c.N, c.L, timing, rows.at(-1)?.ms);
+      rows.push(row);
+      log(
+        `d_model ${c.dModel} N ${c.N} L ${c.L}: ` +
+          modes.map((m) => `${m} ${fmtMs(row.ms[m])} ms (x${row.samples[m]!.length})`).join(", "),
+      );
+    }
+    return rows;
+  };
+
+  const Ls = quick ? [128, 256, 512, 1024] : [128, 256, 512, 1024, 2048, 4096, 8192, 16384];
+  const dModels = quick ? [16, 64, 128] : [16, 32, 64, 128, 256, 512, 1024];
+  const Ns = [4, 16, 64];
+  const sweepL = quick ? 256 : 1024;
+  const lModes: TimeMode[] = [...MODES, "fused+recompute"];
+
+  const rowsL = await sweep(lModes, Ls.map((L) => ({ dModel: 16, N: 16, L })));
+  const rowsD = await sweep(MODES, dModels.map((dModel) => ({ dModel, N: 16, L: sweepL })));
+  const rowsN = await sweep(MODES, Ns.map((N) => ({ dModel: 64, N, L: sweepL })));
+
+  const copy = await copyBandwidth(quick ? 8 : 32, quick ? 2 : 5);
+  log(`copy ${copy.GBs.toFixed(2)} GB/s`);
+  const roofCases = quick ? [{ dModel: 64, N: 16, L: 1024 }, { dModel: 1024, N: 16, L: 256 }] : [
+    { dModel: 16, N: 16, L: 16384 },
+    { dModel: 64, N: 16, L: 1024 },
+    { dModel: 64, N: 64, L: 1024 },
+    { dModel: 1024, N: 4, L: 1024 },
+    { dModel: 1024, N: 16, L: 1024 },
+    { dModel: 1024, N: 64, L: 1024 },
+  ];
+  const roof: RooflineRow[] = [];
+  for (const c of roofCases) {
+    roof.push(await rooflineFused(c.dModel, c.N, c.L, timing.batchMs * 2, quick ? 2 : 5));
+    log(`roofline d_model ${c.dModel} N ${c.N} L ${c.L}: ${roof.at(-1)!.GBs.toFixed(2)} GB/s`);
+  }
+
+  const dispatches: ScanReport["dispatches"] = [];
+  const dispCfgs = quick
+    ? [{ dModel: 16, N: 16, L: 1024 }]
+    : [{ dModel: 16, N: 16, L: 1024 }, { dModel: 16, N: 16, L: 16384 }, { dModel: 64, N: 64, L: 1024 }];
+  for (const c of dispCfgs) {
+    for (const mode of lModes) {
+      dispatches.push({ ...c, mode, ...countDispatches(mode, c.dModel, c.N, c.L) });
+      await sync();
+      emptyPool();
+    }
+  }
+
+  const breakdownRows: BreakdownRow[] = [];
+  if (deviceInfo().timestampQuery) {
+    const cfgs = quick
+      ? [{ dModel: 64, N: 16, L: 256 }]
+      : [{ dModel: 16, N: 16, L: 16384 }, { dModel: 64, N: 16, L: 1024 }, { dModel: 64, N: 64, L: 1024 }];
+    for (const c of cfgs) {
+      for (const mode of MODES) breakdownRows.push(await breakdown(mode, c.dModel, c.N, c.L));
+      log(`breakdown d_model ${c.dModel} N ${c.N} L ${c.L}`);
+    }
+  }
+
+  const report: ScanReport = {
+    adapter: deviceInfo().description,
+    deno: Deno.version.deno,
+    date: new Date().toISOString(),
+    quick,
+    source: await sourceVersion(),
+    fusedVariants: [4, 16, 64].map((n) => fusedVariant(n)),
+    timing,
+    sweeps: {
+      L: { fixed: { dModel: 16, N: 16 }, modes: lModes, rows: rowsL },
+      dModel: { fixed: { N: 16, L: sweepL }, modes: [...MODES], rows: rowsD },
+      dState: { fixed: { dModel: 64, L: sweepL }, modes: [...MODES], rows: rowsN },
+    },
+    roofline: { copyGBs: copy.GBs, copySamples: copy.samples, rows: roof },
+    dispatches,
+    breakdown: breakdownRows,
+    seconds: (performance.now() - start) / 1000,
+  };
+  console.log(reportMarkdown(report));
+  await Deno.writeTextFile(
+    new URL(quick ? "./results/scan_quick.json" : "./results/scan.json", import.meta.url),
+    JSON.stringify(report, null, 1) + "\n",
+  );
+}
