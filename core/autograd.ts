@@ -224,13 +224,17 @@ function releaseGraph(order: Tensor[]): void {
   for (const t of order) releaseNode(t);
 }
 
-/** Drops a node: its saved tensors stop counting as saved, and the tensors it made for itself are freed. */
-function releaseNode(t: Tensor): void {
+/**
+ * Drops a node: its saved tensors stop counting as saved, and the tensors it made for itself are freed.
+ * Called after the node's backward, and when its output is disposed without one.
+ */
+export function releaseNode(t: Tensor): void {
   if (!t.node) return;
-  for (const s of t.node.saved) if (!s.disposed) markSaved(s.storage, -1);
-  for (const s of t.node.owned) s.dispose();
-  released.set(t, t.node.name);
-  t.node = null;
+  const node = t.node;
+  t.node = null; // first: disposing an owned tensor below must not come back here
+  for (const s of node.saved) if (!s.disposed) markSaved(s.storage, -1);
+  for (const s of node.owned) s.dispose();
+  released.set(t, node.name);
 }
 
 /**

@@ -9,7 +9,7 @@
 import { readBuffer } from "./executor.ts";
 import { allocStorage, countTensor, releaseStorage, type Storage } from "./memory.ts";
 import { fmt, type Shape, sizeOf } from "./shape.ts";
-import type { GradNode } from "./autograd.ts";
+import { type GradNode, releaseNode } from "./autograd.ts";
 import * as ops from "./ops/index.ts";
 
 /** Element types: 32-bit floats and 32-bit integers. */
@@ -19,6 +19,7 @@ export type DType = "f32" | "i32";
 export type Operand = Tensor | number;
 
 let nextId = 1;
+
 const scopes: Set<Tensor>[] = [];
 
 /** An n-dimensional array on the GPU. */
@@ -291,7 +292,11 @@ export function tidy<T>(fn: () => T): T {
   collectTensors(result, returned);
   for (const t of scope) {
     if (returned.has(t)) scopes[scopes.length - 1]?.add(t);
-    else if (!t.kept) t.dispose();
+    else if (!t.kept) {
+      t.dispose();
+      // The scope's graph ends with it: nodes of its intermediates stop holding saved tensors.
+      releaseNode(t);
+    }
   }
   return result;
 }

@@ -40,7 +40,9 @@ fn softplus_(x: f32) -> f32 { return max(x, 0.0) + log1p_(exp(-abs(x))); }
 fn pow_(x: f32, p: f32) -> f32 {
   // WGSL pow is undefined for x < 0; integer powers of negative numbers follow PyTorch.
   if (x >= 0.0) { return pow(x, p); }
-  if (fract(p) != 0.0) { return bitcast<f32>(0x7fc00000u); }
+  // NaN from a variable: Chrome's WGSL compiler rejects a constant expression that evaluates to NaN.
+  var nan = 0x7fc00000u;
+  if (fract(p) != 0.0) { return bitcast<f32>(nan); }
   let m = pow(-x, p);
   return select(m, -m, fract(p * 0.5) != 0.0);
 }

@@ -78,7 +78,8 @@ const crossEntropyKernel = rowKernel(
     let ok = t != P.ignore && t >= 0 && u32(t) < P.R;
     var loss = 0.0;
     if (ok) { loss = (m - ld_x(base + u32(t) * P.inner)) + logz; }
-    if (t != P.ignore && !ok) { loss = bitcast<f32>(0x7fc00000u); }
+    var nan = 0x7fc00000u; // a variable: Chrome rejects a constant expression that evaluates to NaN
+    if (t != P.ignore && !ok) { loss = bitcast<f32>(nan); }
     st_y(row, loss);
     st_valid(row, select(0.0, 1.0, ok));
     st_stats(2u * row, m);
