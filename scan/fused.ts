@@ -42,6 +42,14 @@ export interface FusedVariant {
   /** Where the backward keeps the recomputed states of a chunk: each invocation's private memory, or
    * workgroup memory (laid out so that neighbouring invocations touch neighbouring words). */
   hbuf?: "private" | "workgroup";
+  /** Steps whose dB/dC terms the backward gathers between two barriers (default: as many as fit). */
+  S?: number;
+}
+
+/** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16). */
+function stepsPerBarrier(v: FusedVariant): number {
+  const budget = 16384 - (v.hbuf === "workgroup" ? 4 * v.WG * v.Lc * v.N : 0);
+  return v.S ?? Math.max(1, Math.min(16, Math.floor(budget / (4 * v.WG * 2 * v.N))));
 }
 
 const MAX_STEPS = 16384;
@@ -159,7 +167,8 @@ function forwardKernel(v: FusedVariant): Kernel {
 
 function backwardKernel(v: FusedVariant): Kernel {
   const shared = v.hbuf === "workgroup";
-  const key = `bwd|${v.N}|${v.Lc}|${v.WG}|${shared}`;
+  const S = stepsPerBarrier(v);
+  const key = `bwd|${v.N}|${v.Lc}|${v.WG}|${shared}|${S}`;
   let k = kernels.get(key);
   if (k) return k;
   const { N, Lc, WG } = v;
@@ -167,7 +176,7 @@ function backwardKernel(v: FusedVariant): Kernel {
   const H = (s: string, n: number) =>
     shared ? `hbufW[(${s} * ${N}u + ${n}u) * ${WG}u + lid]` : `hbuf[${s} * ${N}u + ${n}u]`;
   k = defineKernel({
-    name: `fused_scan_bwd_N${N}_Lc${Lc}_WG${WG}${shared ? "_wgmem" : ""}`,
+    name: `fused_scan_bwd_N${N}_Lc${Lc}_WG${WG}_S${S}${shared ? "_wgmem" : ""}`,
     buffers: [
       { name: "x", type: "f32", access: "read" },
       { name: "draw", type: "f32", access: "read" },
@@ -185,7 +194,7 @@ function backwardKernel(v: FusedVariant): Kernel {
     uniforms: UNIFORMS,
     workgroupSize: WG,
     decls: COMMON + `
-var<workgroup> red: array<f32, ${2 * WG * N}>; // [channel][B terms | C terms]
+var<workgroup> red: array<f32, ${S * 2 * WG * N}>; // [step slot][channel][B terms | C terms]
 ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][channel]` : ""}`,
     body: `
   // workgroup -> (b, tile of WG channels); invocation -> channel d. Chunks [t0, t1) walked in reverse.
@@ -230,6 +239,8 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
     for (var ss = len; ss > 0u; ss--) {
       let s = ss - 1u;
       let t = start + s;
+      let kq = len - ss; // steps of this chunk done before this one
+      let slot = kq % ${S}u;
       let i = (b * P.L + t) * P.ED + dc;
       let u = ld_draw(i) + bias;
       let dt = softplus_(u);
@@ -250,7 +261,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
       let sp = select(0u, s - 1u, s > 0u);
       var hp: array<f32, ${N}>;
       ${unroll(N, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
-      let lane = lid * ${2 * N}u;
+      let lane = (slot * ${WG}u + lid) * ${2 * N}u;
       ${
       unroll(N, (n) =>
         `{ let a = exp(dt * A[${n}]); let Bn = ld_dbc(row + ${n}u); ` +
@@ -262,16 +273,23 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
       let gu = gdt * sigmoid_(u);
       gbias += gu;
       if (valid) { st_gx(i, gx); st_gdraw(i, gu); }
-      workgroupBarrier();
-      // dB, dC: each lane sums WG channels of its columns; partials per tile.
-      ${
+      // dB, dC: every S steps (and at the chunk's start), each lane sums WG channels of its columns for
+      // each gathered step; partials per tile.
+      if (slot == ${S - 1}u || s == 0u) {
+        workgroupBarrier();
+        for (var q = 0u; q <= slot; q++) {
+          let tq = start + len - 1u - (kq - slot + q);
+          let base = q * ${WG * 2 * N}u;
+          ${
       unroll(Math.ceil((2 * N) / WG), (j) =>
         `{ let col = lid + ${j * WG}u; if (col < ${2 * N}u) { let acc = ${
           Array.from({ length: WG }, (_, c) =>
-            `red[${c * 2 * N}u + col]`).join(" + ")
-        }; st_gbc(((b * P.L + t) * ${2 * N}u + col) * P.tiles + tile, acc); } }`)
+            `red[base + ${c * 2 * N}u + col]`).join(" + ")
+        }; st_gbc(((b * P.L + tq) * ${2 * N}u + col) * P.tiles + tile, acc); } }`)
     }
-      workgroupBarrier();
+        }
+        workgroupBarrier();
+      }
     }
   }
   if (valid) {
@@ -294,9 +312,14 @@ export interface FusedAttrs {
   gated: boolean;
 }
 
+/** Workgroups wanted at least, so that small problems (batch 1, narrow models) still use every core. */
+const MIN_GROUPS = 16;
+
 function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs) {
   const [B, L, ED] = x.shape;
-  const v = fusedVariant(a.N);
+  const v = { ...fusedVariant(a.N) };
+  // Channels are the only parallelism: halve the workgroup until there are enough of them.
+  while (v.WG > 8 && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
   return {
     B,
     L,
@@ -378,7 +401,7 @@ const fusedOp = defineOp<FusedAttrs>({
       gpar: gpar.storage,
     };
     const k = backwardKernel(v);
-    // Each dispatch walks at most MAX_STEPS / 2 chunk steps twice (recompute + reverse).
+    // Each dispatch walks its steps three times (recompute, reverse, dB/dC sums): at most MAX_STEPS / 2 steps.
     const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
     for (let t1 = u.chunks; t1 > 0; t1 -= per) {
       dispatch(k, bufs, { ...u, t0: Math.max(0, t1 - per), t1 }, B * u.tiles);
