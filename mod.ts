@@ -44,7 +44,7 @@ export {
   zeros,
   zerosLike,
 } from "./core/creation.ts";
-export { manualSeed } from "./core/random.ts";
+export { manualSeed, Philox } from "./core/random.ts";
 export {
   registerTuner,
   tuneCacheKey,
@@ -128,10 +128,14 @@ export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./ma
 export { type SampleOptions } from "./mamba/sampling.ts";
 export {
   type CheckpointConfig,
+  checkpointFiles,
   fromPretrained,
+  fromPretrainedFiles,
   hfConfig,
+  hfTensors,
   loadTokenizer,
   mapKey,
+  type ModelFiles,
   parseCheckpointConfig,
   PretrainedLM,
   type PretrainedOptions,
@@ -159,3 +163,4 @@ export {
   type Tokenizer,
   tokenizerFromJSON,
 } from "./mamba/tokenizer.ts";
+export { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer, type TrainLog } from "./mamba/train.ts";

@@ -120,7 +120,8 @@ async function acquire(options: InitOptions): Promise<DeviceInfo> {
   const ai = adapter.info;
   const l = dev.limits;
   info = {
-    description: ai.description || ai.device || "unknown adapter",
+    description: ai.description || [ai.vendor, ai.architecture].filter(Boolean).join(" ") ||
+      "unknown adapter",
     vendor: ai.vendor,
     isFallbackAdapter: ai.isFallbackAdapter ?? false,
     subgroupMaxSize: ai.subgroupMaxSize ?? 0,

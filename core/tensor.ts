@@ -84,7 +84,7 @@ export class Tensor {
     countTensor(-1);
     if (--s.users === 0) releaseStorage(s);
     // A graph node stays listed in its scope, so that tidy releases it when the scope ends.
-    if (!this.node) for (const scope of scopes) scope.delete(this);
+    if (!this.node) { for (const scope of scopes) scope.delete(this); }
   }
 
   /** Reads the data back: Float32Array for f32, Int32Array for i32. */

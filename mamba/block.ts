@@ -28,6 +28,7 @@ import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { fusedScanForward, fusedSelectiveScan } from "../scan/fused.ts";
 import { checkpoint, isGradEnabled } from "../core/autograd.ts";
+import { deviceInfo } from "../core/device.ts";
 import type { MambaConfig } from "./config.ts";
 
 /** The inference cache of one layer. */
@@ -90,7 +91,7 @@ export class MambaBlock extends Module {
     const x = this.conv1d.forward(xIn, "silu"); // x: (B, L, ED)
     let out: Tensor;
     let h: Tensor | null = null;
-    if (this.config.scan === "fused") {
+    if (this.config.scan === "fused" && fusedScanFits()) {
       const r = this.fusedSsm(x, z, wantCache); // gated y: (B, L, ED), h: (B, ED, N)
       out = this.outProj.forward(r.y); // out: (B, L, D)
       h = r.h;
@@ -165,6 +166,11 @@ export class MambaBlock extends Module {
     const out = this.outProj.forward(mul(y, silu(z))); // out: (B, D)
     return { out, cache: { h, inputs: narrow(xcat, 2, 1, K - 1) } };
   }
+}
+
+/** Whether the adapter can bind the fused scan backward's 9 storage buffers (else the block uses pscan). */
+function fusedScanFits(): boolean {
+  return deviceInfo().limits.maxStorageBuffersPerShaderStage >= 9;
 }
 
 /** dt_proj as mamba.py: weight U(+-R^-0.5 * dtScale) or constant; bias = softplus^-1(dt), dt log-uniform. */

@@ -1,28 +1,16 @@
 /**
- * File and stream helpers of the hub cache and of the streaming loader: sequential byte sources over a file
- * or an HTTP body (read exactly n bytes, skip), atomic links into a snapshot, an exclusive lock file, and a
- * terminal progress bar.
+ * File helpers of the hub cache and of the streaming loader (Deno only): a sequential byte source over a
+ * file (read exactly n bytes, skip), atomic links into a snapshot, an exclusive lock file, and a terminal
+ * progress bar. The byte sources that also work in browsers (HTTP bodies, blobs) are in `byte_source.ts`.
  * @module
  */
+
+import type { ByteSource } from "./byte_source.ts";
 
 // The folder part of a path ("/" or "\\" separated).
 function dirname(path: string): string {
   const i = Math.max(path.lastIndexOf("/"), path.lastIndexOf("\\"));
   return i > 0 ? path.slice(0, i) : i === 0 ? path.slice(0, 1) : ".";
-}
-
-/** A sequential source of bytes: a file, or the body of an HTTP response. */
-export interface ByteSource {
-  /** Total size in bytes, or -1 when unknown (an HTTP body without Content-Length). */
-  readonly size: number;
-  /** File path or URL, for messages. */
-  readonly name: string;
-  /** Fills `buf` entirely; a source that ends first is an error naming the position. */
-  readExact(buf: Uint8Array): Promise<void>;
-  /** Skips `n` bytes. */
-  skip(n: number): Promise<void>;
-  /** Releases the file or the connection. */
-  close(): Promise<void>;
 }
 
 /** Opens a file as a {@linkcode ByteSource} (`Deno.open`, reads at the current position, seeks to skip). */
@@ -59,53 +47,6 @@ export async function openFileSource(path: string): Promise<ByteSource> {
       if (!closed) file.close();
       closed = true;
       return Promise.resolve();
-    },
-  };
-}
-
-/** Wraps a response body as a {@linkcode ByteSource}; `size` from Content-Length (or -1). */
-export function responseSource(res: Response, name: string): ByteSource {
-  const len = res.headers.get("content-length");
-  const size = len !== null && /^\d+$/.test(len) ? Number(len) : -1;
-  const reader = res.body!.getReader();
-  let chunk: Uint8Array = new Uint8Array(0);
-  let at = 0;
-  let pos = 0;
-  let done = false;
-  // Calls `take` with successive pieces until `n` bytes have been consumed.
-  const consume = async (n: number, take: (piece: Uint8Array, offset: number) => void) => {
-    for (let got = 0; got < n;) {
-      if (at === chunk.length) {
-        let r: ReadableStreamReadResult<Uint8Array>;
-        try {
-          r = await reader.read();
-        } catch (e) {
-          throw new Error(`${name}: connection failed at byte ${pos + got}: ${(e as Error).message}`, {
-            cause: e,
-          });
-        }
-        if (r.done) {
-          done = true;
-          throw new Error(`${name}: the body ended at byte ${pos + got} (wanted ${n - got} more)`);
-        }
-        chunk = r.value;
-        at = 0;
-      }
-      const m = Math.min(n - got, chunk.length - at);
-      take(chunk.subarray(at, at + m), got);
-      at += m;
-      got += m;
-    }
-    pos += n;
-  };
-  return {
-    size,
-    name,
-    readExact: (buf) => consume(buf.length, (piece, off) => buf.set(piece, off)),
-    skip: (n) => consume(n, () => {}),
-    async close(): Promise<void> {
-      if (!done) await reader.cancel().catch(() => {});
-      done = true;
     },
   };
 }

@@ -1,8 +1,10 @@
 /**
  * Pretrained checkpoints: `config.json` + `model.safetensors` (or a sharded `model.safetensors.index.json`)
  * in the two layouts people download, Hugging Face transformers (`state-spaces/mamba-130m-hf`) and the
- * original state-spaces layout, from a hub id (through the Hugging Face cache), a local folder or an
- * `https://` URL, with the tokenizer beside them; and saving a model back in the Hugging Face layout.
+ * original state-spaces layout, from a hub id (through the Hugging Face cache in Deno, fetched straight from
+ * the hub in a browser), a local folder, an `https://` URL, or blobs (files picked in a page), with the
+ * tokenizer beside them; and saving a model back in the Hugging Face layout, to a folder or as bytes (a
+ * download). No Deno API is used here: the file-system side is `pretrained_fs.ts`, imported only in Deno.
  * @module
  */
 
@@ -20,8 +22,8 @@ import {
 import { fmt } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
 import type { MambaConfigInput } from "./config.ts";
-import { hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
-import { type ByteSource, isDirectory, openFileSource, responseSource } from "./hub_fs.ts";
+import { hubEndpoint, HubError, type HubOptions, isHubId } from "./hub.ts";
+import { blobSource, type ByteSource, type ModelSource, responseSource } from "./byte_source.ts";
 import { type LMOptions, MambaLM } from "./lm.ts";
 import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
 
@@ -218,45 +220,9 @@ export class PretrainedLM extends MambaLM {
   }
 }
 
-// A place that holds a model's files: a folder, a URL prefix, or a hub repository (through the cache).
-interface Source {
-  // Folder, URL or id@revision, for messages.
-  where: string;
-  // The file's text; null when it is absent and `optional`.
-  text(file: string, optional: boolean): Promise<string | null>;
-  // The file as a byte source; null when absent.
-  open(file: string): Promise<ByteSource | null>;
-  // Hub, offline: the optional files that were not in the cache.
-  readonly notCached?: Map<string, HubError>;
-}
-
 const isUrl = (s: string) => /^https?:\/\//i.test(s);
 
-function folderSource(dir: string): Source {
-  const base = dir.replace(/\/+$/, "") || "/";
-  const path = (file: string) => `${base}/${file}`;
-  return {
-    where: base,
-    async text(file, optional) {
-      try {
-        return await Deno.readTextFile(path(file));
-      } catch (e) {
-        if (optional && e instanceof Deno.errors.NotFound) return null;
-        throw new Error(`cannot read ${path(file)}: ${(e as Error).message}`, { cause: e });
-      }
-    },
-    async open(file) {
-      try {
-        return await openFileSource(path(file));
-      } catch (e) {
-        if (e instanceof Deno.errors.NotFound) return null;
-        throw new Error(`cannot read ${path(file)}: ${(e as Error).message}`, { cause: e });
-      }
-    },
-  };
-}
-
-function urlSource(prefix: string): Source {
+function urlSource(prefix: string, where?: string): ModelSource {
   const base = prefix.replace(/\/+$/, "");
   const get = async (file: string): Promise<Response | null> => {
     const url = `${base}/${file}`;
@@ -277,7 +243,7 @@ function urlSource(prefix: string): Source {
     return res;
   };
   return {
-    where: base,
+    where: where ?? base,
     async text(file, optional) {
       const res = await get(file);
       if (res === null) {
@@ -293,45 +259,60 @@ function urlSource(prefix: string): Source {
   };
 }
 
-function hubSource(id: string, options: HubOptions): Source {
-  const where = `${id}@${options.revision ?? "main"}`;
-  // Offline, a file the cache lacks may still exist upstream: optional files count as absent then, except
-  // that the weights must be found one way or the other (planWeights throws this error if neither is).
-  const notCached = new Map<string, HubError>();
-  const get = async (file: string, optional: boolean) => {
-    try {
-      return await hubDownload(id, file, options);
-    } catch (e) {
-      if (optional && e instanceof HubError && e.code === "NotCached") {
-        notCached.set(file, e);
-        return null;
-      }
-      throw e;
-    }
-  };
-  return {
-    where,
-    notCached,
-    async text(file, optional) {
-      const path = await get(file, optional);
-      if (path === null) {
-        if (optional) return null;
-        throw new HubError("EntryNotFound", `${where}: the repository has no ${file}`);
-      }
-      return await Deno.readTextFile(path);
-    },
-    async open(file) {
-      const path = await get(file, file === "model.safetensors");
-      return path === null ? null : await openFileSource(path);
-    },
-  };
+// Whether the file system is there (Deno): folders and the hub cache; in a browser, only fetch and blobs.
+const hasFileSystem = () => typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
+
+// In a browser: the files of a hub repository fetched straight from the hub (the HTTP cache keeps them).
+function hubUrlSource(id: string, options: HubOptions): ModelSource {
+  const revision = options.revision ?? "main";
+  if (options.localFilesOnly) {
+    throw new HubError(
+      "NotCached",
+      `${id}: there is no hub cache folder in a browser and downloads are off (localFilesOnly); load the ` +
+        `files from a URL or pick them (fromPretrainedFiles) instead`,
+    );
+  }
+  const endpoint = (options.endpoint ?? hubEndpoint()).replace(/\/+$/, "");
+  return urlSource(`${endpoint}/${id}/resolve/${encodeURIComponent(revision)}`, `${id}@${revision}`);
 }
 
-async function sourceOf(s: string, options: HubOptions): Promise<Source> {
+async function sourceOf(s: string, options: HubOptions): Promise<ModelSource> {
   if (isUrl(s)) return urlSource(s);
-  if (await isDirectory(s)) return folderSource(s);
-  if (isHubId(s)) return hubSource(s, options);
-  return folderSource(s); // reading it will say that it does not exist
+  if (hasFileSystem()) return (await import("./pretrained_fs.ts")).localSource(s, options);
+  if (isHubId(s)) return hubUrlSource(s, options);
+  // A browser: a path relative to the page.
+  const page = (globalThis as { location?: { href: string } }).location?.href;
+  if (!page) throw new Error(`'${s}' is neither a URL nor a hub id, and there is no file system here`);
+  return urlSource(new URL(s, page).href);
+}
+
+/** Model files by name (`config.json`, `model.safetensors`, ...): files picked in a page, or blobs/bytes. */
+export type ModelFiles = Iterable<File> | Record<string, Blob | Uint8Array<ArrayBuffer>>;
+
+function filesSource(files: ModelFiles, where: string): ModelSource {
+  const byName = new Map<string, Blob>();
+  if (Symbol.iterator in files) {
+    for (const f of files as Iterable<File>) {
+      if (byName.has(f.name)) throw new Error(`${where}: two files are named ${f.name}`);
+      byName.set(f.name, f);
+    }
+  } else {
+    for (const [name, b] of Object.entries(files)) byName.set(name, b instanceof Blob ? b : new Blob([b]));
+  }
+  const names = () => [...byName.keys()].join(", ") || "none";
+  return {
+    where,
+    async text(file, optional) {
+      const b = byName.get(file);
+      if (b) return await b.text();
+      if (optional) return null;
+      throw new Error(`${where}/${file}: no such file among the given ones (${names()})`);
+    },
+    open(file) {
+      const b = byName.get(file);
+      return Promise.resolve(b ? blobSource(b, `${where}/${file}`) : null);
+    },
+  };
 }
 
 function parseJson(text: string, where: string): Record<string, unknown> {
@@ -347,7 +328,7 @@ function parseJson(text: string, where: string): Record<string, unknown> {
   return json as Record<string, unknown>;
 }
 
-async function tokenizerOf(src: Source, required: boolean): Promise<Tokenizer | null> {
+async function tokenizerOf(src: ModelSource, required: boolean): Promise<Tokenizer | null> {
   const text = await src.text("tokenizer.json", !required);
   if (text === null) return null;
   const cfgText = await src.text("tokenizer_config.json", true);
@@ -390,7 +371,7 @@ async function readHeader(src: ByteSource, where: string): Promise<SafetensorsHe
   return parseSafetensorsHeader(prefix, size, where);
 }
 
-async function planWeights(src: Source): Promise<WeightPlan> {
+async function planWeights(src: ModelSource): Promise<WeightPlan> {
   const single = await src.open("model.safetensors");
   if (single) {
     try {
@@ -508,13 +489,35 @@ async function streamInto(
  * The config is checked before any weights are fetched; the tokenizer must not have more ids than the
  * config's `vocab_size`. Tensors stream to the GPU one at a time (header first, then each tensor's bytes,
  * F16/BF16 converted on the way), so host memory stays near the largest tensor.
+ *
+ * In a browser there is no file system: a hub id is fetched from `<endpoint>/<id>/resolve/<revision>/` (the
+ * browser's HTTP cache keeps it), any other string is a URL, relative to the page (write `./models/x` for a
+ * folder beside the page: `models/x` has the form of a hub id). Files the user picked:
+ * {@linkcode fromPretrainedFiles}.
  */
 export async function fromPretrained(
   idOrDirOrUrl: string,
   options: PretrainedOptions = {},
 ): Promise<PretrainedLM> {
   await init(); // idempotent: loading is often the first thing a program does
-  const src = await sourceOf(idOrDirOrUrl, options);
+  return await loadFrom(await sourceOf(idOrDirOrUrl, options), options);
+}
+
+/**
+ * Loads a model from its files given as blobs: the files a user picked in a page (`<input type="file"
+ * multiple>`, by name), or a record such as `{ "config.json": blob, "model.safetensors": bytes }` (what
+ * {@linkcode checkpointFiles} returns reads back). The files are those {@linkcode fromPretrained} reads from a
+ * folder; `tokenizer.json` is optional; `options.name` names them in messages (default "files").
+ */
+export async function fromPretrainedFiles(
+  files: ModelFiles,
+  options: PretrainedOptions & { name?: string } = {},
+): Promise<PretrainedLM> {
+  await init();
+  return await loadFrom(filesSource(files, options.name ?? "files"), options);
+}
+
+async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<PretrainedLM> {
   const cfgWhere = `${src.where}/config.json`;
   const { config, lm } = parseCheckpointConfig(
     parseJson((await src.text("config.json", false))!, cfgWhere),
@@ -643,10 +646,27 @@ export async function hfTensors(model: MambaLM): Promise<Record<string, Safetens
   return out;
 }
 
-/** Saves `config.json` + `model.safetensors` (Hugging Face layout) into `dir`, each file atomically. */
+/**
+ * A checkpoint's files as bytes, by name: `model.safetensors` and `config.json` (Hugging Face layout), and
+ * `tokenizer.json` when `tokenizerJson` is given. In a page, offer them as downloads; in Deno,
+ * {@linkcode saveCheckpoint} writes them into a folder. {@linkcode fromPretrainedFiles} reads them back.
+ */
+export async function checkpointFiles(
+  model: MambaLM,
+  tokenizerJson?: unknown,
+): Promise<Record<string, Uint8Array<ArrayBuffer>>> {
+  const text = (v: unknown, indent: number) =>
+    new TextEncoder().encode(JSON.stringify(v, null, indent) + "\n");
+  const files: Record<string, Uint8Array<ArrayBuffer>> = {
+    "model.safetensors": serializeSafetensors(await hfTensors(model)),
+    "config.json": text(hfConfig(model), 2),
+  };
+  if (tokenizerJson !== undefined) files["tokenizer.json"] = text(tokenizerJson, 1);
+  return files;
+}
+
+/** Saves `config.json` + `model.safetensors` (Hugging Face layout) into `dir`, each file atomically (Deno). */
 export async function saveCheckpoint(model: MambaLM, dir: string): Promise<void> {
-  const { writeFileAtomic } = await import("../core/safetensors_fs.ts");
-  await Deno.mkdir(dir, { recursive: true });
-  await writeFileAtomic(`${dir}/model.safetensors`, serializeSafetensors(await hfTensors(model)));
-  await writeFileAtomic(`${dir}/config.json`, JSON.stringify(hfConfig(model), null, 2) + "\n");
+  const files = await checkpointFiles(model);
+  await (await import("./pretrained_fs.ts")).writeFiles(dir, files);
 }

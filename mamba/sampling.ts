@@ -130,7 +130,7 @@ fn countAtLeast(base: u32, thr: f32, lid: u32) -> u32 {
     var score = x;
     if (P.greedy == 0u) {
       if (x < thr) { continue; }
-      let h = hash(P.seed ^ hash(P.step * 0x9E3779B9u ^ hash(row * 65599u + v)));
+      let h = hash(P.seed ^ hash((P.step * 0x9E3779B9u) ^ hash(row * 65599u + v)));
       let u = (f32(h >> 8u) + 0.5) / 16777216.0;
       score = x * P.invTemp - log(-log(u));
     }

@@ -15,8 +15,9 @@
  * reverse; for each it recomputes the chunk's h from the saved boundary state into a private array
  * (Lc x N floats), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk. dx, ddraw
  * (through softplus) and dz are per (b, t, d) and written directly. dB and dC sum over channels: each
- * step the WG invocations put their N + N terms in workgroup memory, and after a barrier they sum the
- * columns and write per-tile partials (B, L, 2N, tiles), reduced afterwards. dA, dD and dbias sum over
+ * step the WG invocations put their N + N terms in workgroup memory, and every S steps, between two barriers,
+ * they sum the columns and write per-tile partials (B, L, 2N, tiles), reduced afterwards. Outputs are packed
+ * into two buffers, so that the kernel binds 9 storage buffers (browsers allow 10). dA, dD and dbias sum over
  * time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]).
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
  * longer sequences take several dispatches, carrying h through hs and lam through `gpar`.
@@ -26,6 +27,7 @@
 import { defineOp } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
+import { recordCopy } from "../core/executor.ts";
 import { cat, narrow, sum } from "../core/ops/index.ts";
 import { mapOp } from "../core/ops/map_kernel.ts";
 import { fmt } from "../core/shape.ts";
@@ -185,13 +187,12 @@ function backwardKernel(v: FusedVariant): Kernel {
       { name: "z", type: "f32", access: "read" },
       { name: "hs", type: "f32", access: "read" },
       { name: "g", type: "f32", access: "read" },
-      { name: "gx", type: "f32", access: "read_write" },
-      { name: "gdraw", type: "f32", access: "read_write" },
-      { name: "gz", type: "f32", access: "read_write" },
-      { name: "gbc", type: "f32", access: "read_write" },
-      { name: "gpar", type: "f32", access: "read_write" },
+      // Outputs packed in two buffers, so that the kernel binds 9 storage buffers (browsers allow 10):
+      // gout = [dx | ddraw | dz], each (B, L, ED); gred = [dB/dC partials (B, L, 2N, tiles) | gpar (B, ED, 2N+2)].
+      { name: "gout", type: "f32", access: "read_write" },
+      { name: "gred", type: "f32", access: "read_write" },
     ],
-    uniforms: UNIFORMS,
+    uniforms: [...UNIFORMS, ["n3", "u32"], ["gparOff", "u32"]],
     workgroupSize: WG,
     decls: COMMON + `
 var<workgroup> red: array<f32, ${S * 2 * WG * N}>; // [step slot][channel][B terms | C terms]
@@ -209,13 +210,13 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
   var h0: array<f32, ${N}>;
   ${shared ? "" : `var hbuf: array<f32, ${Lc * N}>;`}
   // gpar row of (b, d): [dbias, dD, dA (N), lam carry (N)], accumulated over dispatches.
-  let gp = (b * P.ED + dc) * ${2 * N + 2}u;
+  let gp = P.gparOff + (b * P.ED + dc) * ${2 * N + 2}u;
   let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
-  var gbias = select(0.0, ld_gpar(gp), more);
-  var gD = select(0.0, ld_gpar(gp + 1u), more);
+  var gbias = select(0.0, ld_gred(gp), more);
+  var gD = select(0.0, ld_gred(gp + 1u), more);
   ${unroll(N, (n) => `A[${n}] = -exp(ld_par(P.ED + dc * ${N}u + ${n}u));`)}
-  ${unroll(N, (n) => `gA[${n}] = select(0.0, ld_gpar(gp + ${2 + n}u), more);`)}
-  ${unroll(N, (n) => `lam[${n}] = select(0.0, ld_gpar(gp + ${2 + N + n}u), more);`)}
+  ${unroll(N, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n}u), more);`)}
+  ${unroll(N, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n}u), more);`)}
   let bias = ld_par(dc);
   let Dd = ld_par(P.ED + P.ED * ${N}u + dc);
   let hsBase = (b * P.ED + dc) * P.chunks;
@@ -252,7 +253,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
         ${unroll(N, (n) => `yv += ld_dbc(row + ${N + n}u) * ${H("s", n)};`)}
         let zv = ld_z(i);
         let sg = sigmoid_(zv);
-        if (valid) { st_gz(i, gy * yv * sg * (1.0 + zv * (1.0 - sg))); }
+        if (valid) { st_gout(i + 2u * P.n3, gy * yv * sg * (1.0 + zv * (1.0 - sg))); }
         gy = gy * zv * sg;
       }
       gD += gy * xv;
@@ -272,7 +273,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
     }
       let gu = gdt * sigmoid_(u);
       gbias += gu;
-      if (valid) { st_gx(i, gx); st_gdraw(i, gu); }
+      if (valid) { st_gout(i, gx); st_gout(i + P.n3, gu); }
       // dB, dC: every S steps (and at the chunk's start), each lane sums WG channels of its columns for
       // each gathered step; partials per tile.
       if (slot == ${S - 1}u || s == 0u) {
@@ -285,7 +286,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
         `{ let col = lid + ${j * WG}u; if (col < ${2 * N}u) { let acc = ${
           Array.from({ length: WG }, (_, c) =>
             `red[base + ${c * 2 * N}u + col]`).join(" + ")
-        }; st_gbc(((b * P.L + tq) * ${2 * N}u + col) * P.tiles + tile, acc); } }`)
+        }; st_gred(((b * P.L + tq) * ${2 * N}u + col) * P.tiles + tile, acc); } }`)
     }
         }
         workgroupBarrier();
@@ -293,9 +294,9 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
     }
   }
   if (valid) {
-    st_gpar(gp, gbias);
-    st_gpar(gp + 1u, gD);
-    ${unroll(N, (n) => `st_gpar(gp + ${2 + n}u, gA[${n}]); st_gpar(gp + ${2 + N + n}u, lam[${n}]);`)}
+    st_gred(gp, gbias);
+    st_gred(gp + 1u, gD);
+    ${unroll(N, (n) => `st_gred(gp + ${2 + n}u, gA[${n}]); st_gred(gp + ${2 + N + n}u, lam[${n}]);`)}
   }`,
   });
   kernels.set(key, k);
@@ -381,11 +382,10 @@ const fusedOp = defineOp<FusedAttrs>({
     const z = a.gated ? saved[6] : null;
     const { B, L, ED, v, u } = sizes(x, dBC, a);
     const N = a.N;
-    const gx = Tensor.empty(x.shape);
-    const gdraw = Tensor.empty(x.shape);
-    const gz = Tensor.empty(x.shape);
-    const gbc = Tensor.empty([B, L, 2 * N, u.tiles]);
-    const gpar = Tensor.empty([B, ED, 2 * N + 2]);
+    const n3 = B * L * ED;
+    const gbcSize = B * L * 2 * N * u.tiles;
+    const gout = Tensor.empty([3, B, L, ED]);
+    const gred = Tensor.empty([gbcSize + B * ED * (2 * N + 2)]);
     const bufs = {
       x: x.storage,
       draw: draw.storage,
@@ -394,18 +394,28 @@ const fusedOp = defineOp<FusedAttrs>({
       z: (z ?? x).storage,
       hs: hs.storage,
       g: g.storage,
-      gx: gx.storage,
-      gdraw: gdraw.storage,
-      gz: gz.storage,
-      gbc: gbc.storage,
-      gpar: gpar.storage,
+      gout: gout.storage,
+      gred: gred.storage,
     };
     const k = backwardKernel(v);
     // Each dispatch walks its steps three times (recompute, reverse, dB/dC sums): at most MAX_STEPS / 2 steps.
     const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
     for (let t1 = u.chunks; t1 > 0; t1 -= per) {
-      dispatch(k, bufs, { ...u, t0: Math.max(0, t1 - per), t1 }, B * u.tiles);
+      dispatch(k, bufs, { ...u, t0: Math.max(0, t1 - per), t1, n3, gparOff: gbcSize }, B * u.tiles);
     }
+    // Unpack with buffer copies (cheap next to the kernel).
+    const part = (src: Tensor, offset: number, shape: number[]) => {
+      const t = Tensor.empty(shape);
+      recordCopy(src.storage.buffer, 4 * offset, t.storage.buffer, 0, 4 * t.size);
+      return t;
+    };
+    const gx = part(gout, 0, [B, L, ED]);
+    const gdraw = part(gout, n3, [B, L, ED]);
+    const gz = a.gated ? part(gout, 2 * n3, [B, L, ED]) : null;
+    const gbc = part(gred, 0, [B, L, 2 * N, u.tiles]);
+    const gpar = part(gred, gbcSize, [B, ED, 2 * N + 2]);
+    gout.dispose();
+    gred.dispose();
     // Reductions: dB, dC over tiles; dbias, dD, dA over the batch.
     const gBC = sum(gbc, -1); // gBC: (B, L, 2N)
     const gdBC = a.R > 0 ? cat([mapOp("0.0", [], [B, L, a.R]), gBC], -1) : gBC; // (B, L, R + 2N)
@@ -415,7 +425,6 @@ const fusedOp = defineOp<FusedAttrs>({
     const gA = narrow(gp, 1, 2, N); // gA: (ED, N)
     const gAlog = mapOp("-a * exp(b)", [gA, A_log], [ED, N]); // dA/dA_log = A = -exp(A_log)
     for (const t of [gbc, gpar, gBC, gp, gA]) if (t !== gdBC) t.dispose();
-    if (!a.gated) gz.dispose();
     return [
       gx,
       gdraw,
@@ -423,7 +432,7 @@ const fusedOp = defineOp<FusedAttrs>({
       gbias,
       gAlog,
       gD,
-      ...(a.gated ? [gz] : []),
+      ...(gz ? [gz] : []),
     ].map((t, i) => (inputs[i].requiresGrad ? t : (t.dispose(), null)));
   },
 });

@@ -1,0 +1,463 @@
+/// <reference lib="dom" />
+/// <reference lib="dom.iterable" />
+/**
+ * The demo page's script (bundled into `out/web/app.js` by `deno task build:web`; served by `deno task web`).
+ *
+ * Generate: load a model (a local char model, a hub id, a URL, or picked files), type a prompt and watch the
+ * tokens stream; save the model as downloads. Train: train the char model on the bundled text with a live
+ * loss chart, then generate from it. The header shows the adapter, GPU memory from `memory()` and tokens/s.
+ * `window.mambaDemo` exposes the state for the browser tests.
+ * @module
+ */
+
+import { deviceInfo, init } from "../../core/device.ts";
+import { memory } from "../../core/memory.ts";
+import { manualSeed } from "../../core/random.ts";
+import { MambaLM } from "../../mamba/lm.ts";
+import { checkpointFiles, fromPretrained, fromPretrainedFiles } from "../../mamba/pretrained.ts";
+import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../../mamba/tokenizer.ts";
+import { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer, type TrainLog } from "../../mamba/train.ts";
+
+const $ = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
+const num = (id: string) => Number($<HTMLInputElement>(id).value);
+
+interface Loaded {
+  lm: MambaLM;
+  tokenizer: Tokenizer;
+  /** What the model is, for the status line. */
+  label: string;
+  /** tokenizer.json to save with it, if known. */
+  tokenizerJson?: unknown;
+}
+
+/** What the tests read. */
+interface DemoState {
+  ready: boolean;
+  error: string | null;
+  model: string | null;
+  generating: boolean;
+  lastGeneration: { prompt: string; text: string; tokens: number; seconds: number } | null;
+  training: boolean;
+  trainLog: TrainLog | null;
+  trainSample: string | null;
+}
+
+const state: DemoState = {
+  ready: false,
+  error: null,
+  model: null,
+  generating: false,
+  lastGeneration: null,
+  training: false,
+  trainLog: null,
+  trainSample: null,
+};
+(globalThis as unknown as { mambaDemo: DemoState }).mambaDemo = state;
+
+let current: Loaded | null = null;
+let trained: Loaded | null = null;
+let stopTraining = false;
+
+function status(id: string, text: string, error = false): void {
+  const el = $(id);
+  el.textContent = text;
+  el.classList.toggle("error", error);
+}
+
+const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+
+function showMemory(): void {
+  if (!state.ready) return;
+  const m = memory();
+  $("memory").textContent = `${mib(m.liveBytes)} live, ${mib(m.peakBytes)} peak, ${
+    mib(m.pooledBytes)
+  } pooled`;
+}
+
+function showSpeed(tokens: number, seconds: number, what = ""): void {
+  $("tps").textContent = `${(tokens / Math.max(seconds, 1e-6)).toFixed(1)} tokens/s${what && ` (${what})`}`;
+}
+
+// The tokenizer.json our char checkpoints carry: the characters the model knows (the byte is the id).
+function charTokenizerJson(known: Iterable<number>): Record<string, unknown> {
+  const charToId: Record<string, number> = {};
+  for (const b of [...known].sort((a, b) => a - b)) charToId[String.fromCharCode(b)] = b;
+  return { type: "byte-level characters", vocab_size: 256, char_to_id: charToId };
+}
+
+function setCurrent(next: Loaded): void {
+  if (current && current !== trained && current.lm !== next.lm) current.lm.dispose();
+  current = next;
+  state.model = next.label;
+  const lm = next.lm;
+  status(
+    "model-status",
+    `${next.label}: ${lm.numParameters().toLocaleString()} parameters, d_model ${lm.config.dModel}, ` +
+      `${lm.config.nLayers} layers, vocabulary ${lm.vocabSize}` +
+      (next.tokenizer instanceof ByteTokenizer ? ", bytes as tokens" : ""),
+  );
+  $<HTMLButtonElement>("generate").disabled = false;
+  $<HTMLButtonElement>("save").disabled = false;
+  showMemory();
+}
+
+// ---- tabs ----
+
+function selectTab(name: "generate" | "train"): void {
+  for (const t of ["generate", "train"]) {
+    $(`tab-${t}`).setAttribute("aria-selected", String(t === name));
+    $(`panel-${t}`).hidden = t !== name;
+  }
+}
+$("tab-generate").addEventListener("click", () => selectTab("generate"));
+$("tab-train").addEventListener("click", () => selectTab("train"));
+
+// ---- loading ----
+
+const source = $<HTMLSelectElement>("model-source");
+function showSourceInput(): void {
+  $("hub-id").hidden = source.value !== "hub";
+  $("model-url").hidden = source.value !== "url";
+  $("model-files").hidden = source.value !== "files";
+}
+source.addEventListener("change", showSourceInput);
+
+async function addLocalModels(): Promise<void> {
+  // `deno task web` lists the char models it serves; a page hosted elsewhere has none.
+  let list: { name: string; label: string; url: string }[] = [];
+  try {
+    const res = await fetch("models.json");
+    if (res.ok) list = await res.json();
+  } catch { /* no list */ }
+  for (const m of list.reverse()) {
+    const opt = document.createElement("option");
+    opt.value = `local:${m.url}`;
+    opt.textContent = m.label;
+    source.prepend(opt);
+  }
+  if (list.length) source.value = source.options[0].value;
+  showSourceInput();
+}
+
+async function loadModel(): Promise<void> {
+  const button = $<HTMLButtonElement>("load");
+  button.disabled = true;
+  const t0 = performance.now();
+  try {
+    const v = source.value;
+    if (v === "trained") {
+      if (trained) setCurrent(trained);
+      return;
+    }
+    let label: string;
+    let lm;
+    status("model-status", "loading…");
+    if (v.startsWith("local:")) {
+      label = v.slice("local:".length).replace(/\/$/, "");
+      lm = await fromPretrained(new URL(v.slice("local:".length), location.href).href);
+    } else if (v === "hub") {
+      label = $<HTMLInputElement>("hub-id").value.trim();
+      lm = await fromPretrained(label);
+    } else if (v === "url") {
+      label = $<HTMLInputElement>("model-url").value.trim();
+      lm = await fromPretrained(new URL(label, location.href).href);
+    } else {
+      const files = $<HTMLInputElement>("model-files").files;
+      if (!files?.length) {
+        throw new Error("pick config.json, model.safetensors and (optionally) tokenizer.json");
+      }
+      label = [...files].map((f) => f.name).join(", ");
+      lm = await fromPretrainedFiles(files, { name: "picked files" });
+    }
+    const tokenizer = lm.tokenizer ?? new ByteTokenizer();
+    const known = tokenizer instanceof ByteTokenizer ? tokenizer.known : null;
+    setCurrent({
+      lm,
+      tokenizer,
+      label: `${label} (loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s)`,
+      tokenizerJson: known ? charTokenizerJson(known) : undefined,
+    });
+  } catch (e) {
+    status("model-status", `cannot load: ${(e as Error).message}`, true);
+    state.error = (e as Error).message;
+  } finally {
+    button.disabled = false;
+  }
+}
+$("load").addEventListener("click", loadModel);
+
+// ---- generating ----
+
+async function streamText(
+  target: HTMLElement,
+  lm: MambaLM,
+  tokenizer: Tokenizer,
+  prompt: string,
+  n: number,
+  sampling: { sample: boolean; temperature?: number; topK?: number; topP?: number; seed?: number },
+): Promise<{ text: string; tokens: number; seconds: number }> {
+  target.textContent = "";
+  const p = document.createElement("span");
+  p.className = "prompt";
+  p.textContent = prompt;
+  const out = document.createTextNode("");
+  target.append(p, out);
+  const ids = tokenizer.encode(prompt);
+  if (!ids.length) throw new Error("the prompt is empty");
+  const decoder = new StreamDecoder(tokenizer);
+  let text = "";
+  let got = 0;
+  const t0 = performance.now();
+  await lm.generate([ids], n, {
+    ...sampling,
+    readEvery: 8,
+    onTokens: (fresh) => {
+      got += fresh[0].length;
+      text += decoder.push(fresh[0]);
+      out.textContent = text;
+      showSpeed(got, (performance.now() - t0) / 1000);
+      showMemory();
+    },
+  });
+  text += decoder.flush();
+  out.textContent = text;
+  const seconds = (performance.now() - t0) / 1000;
+  showSpeed(n, seconds);
+  return { text, tokens: n, seconds };
+}
+
+async function generate(): Promise<void> {
+  if (!current || state.generating) return;
+  const button = $<HTMLButtonElement>("generate");
+  button.disabled = true;
+  state.generating = true;
+  status("generate-status", "generating…");
+  try {
+    const prompt = $<HTMLTextAreaElement>("prompt").value;
+    const n = num("n-tokens");
+    const sample = $<HTMLSelectElement>("decoding").value === "sample";
+    const r = await streamText($("output"), current.lm, current.tokenizer, prompt, n, {
+      sample,
+      temperature: num("temperature"),
+      topK: num("top-k"),
+      topP: num("top-p"),
+      seed: num("seed"),
+    });
+    state.lastGeneration = { prompt, ...r };
+    status(
+      "generate-status",
+      `${r.tokens} tokens in ${r.seconds.toFixed(2)} s (${(r.tokens / r.seconds).toFixed(1)} tokens/s, ` +
+        `prompt included)`,
+    );
+  } catch (e) {
+    status("generate-status", (e as Error).message, true);
+    state.error = (e as Error).message;
+  } finally {
+    state.generating = false;
+    button.disabled = false;
+  }
+}
+$("generate").addEventListener("click", generate);
+
+// ---- saving as downloads ----
+
+async function save(): Promise<void> {
+  if (!current) return;
+  const files = await checkpointFiles(current.lm, current.tokenizerJson);
+  for (const [name, bytes] of Object.entries(files)) {
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(new Blob([bytes]));
+    a.download = name;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+  }
+}
+$("save").addEventListener("click", save);
+
+// ---- training ----
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function drawChart(log: TrainLog, totalSteps: number): void {
+  const svg = $("loss-chart") as unknown as SVGSVGElement;
+  const W = 900, H = 260, left = 50, right = 12, top = 14, bottom = 28;
+  const all = [...log.train, ...log.val].map(([, l]) => l);
+  const hi = Math.max(...all, 1e-3), lo = Math.min(...all, hi) * 0.95;
+  const x = (s: number) => left + (s / Math.max(totalSteps, 1)) * (W - left - right);
+  const y = (l: number) => top + (1 - (l - lo) / Math.max(hi - lo, 1e-6)) * (H - top - bottom);
+  const el = (name: string, attrs: Record<string, string | number>, text?: string) => {
+    const e = document.createElementNS(SVG, name);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
+  svg.replaceChildren(
+    el("line", { x1: left, y1: H - bottom, x2: W - right, y2: H - bottom, stroke: "#999" }),
+    el("line", { x1: left, y1: top, x2: left, y2: H - bottom, stroke: "#999" }),
+    el("text", { x: 4, y: top + 10, "font-size": 12, fill: "#555" }, hi.toFixed(2)),
+    el("text", { x: 4, y: H - bottom, "font-size": 12, fill: "#555" }, lo.toFixed(2)),
+    el("text", { x: W - right - 60, y: H - 8, "font-size": 12, fill: "#555" }, `step ${totalSteps}`),
+    el("text", { x: left + 8, y: H - 8, "font-size": 12, fill: "#2f6fde" }, "train loss"),
+    el("text", { x: left + 90, y: H - 8, "font-size": 12, fill: "#d9822b" }, "validation loss"),
+    el("polyline", {
+      points: log.train.map(([s, l]) => `${x(s).toFixed(1)},${y(l).toFixed(1)}`).join(" "),
+      fill: "none",
+      stroke: "#2f6fde",
+      "stroke-width": 2,
+    }),
+    ...log.val.map(([s, l]) => el("circle", { cx: x(s), cy: y(l), r: 4, fill: "#d9822b" })),
+  );
+}
+
+let textBytes: Uint8Array | null = null;
+
+async function train(): Promise<void> {
+  if (state.training) return;
+  const startButton = $<HTMLButtonElement>("train-start");
+  const stopButton = $<HTMLButtonElement>("train-stop");
+  startButton.disabled = true;
+  stopButton.disabled = false;
+  stopTraining = false;
+  state.training = true;
+  state.trainLog = null;
+  state.trainSample = null;
+  let trainer: Trainer | null = null;
+  let model: MambaLM | null = null;
+  try {
+    status("train-status", "fetching the text…");
+    if (!textBytes) {
+      const res = await fetch("data/pride_and_prejudice.txt");
+      if (!res.ok) throw new Error(`cannot fetch data/pride_and_prejudice.txt: HTTP ${res.status}`);
+      textBytes = new Uint8Array(await res.arrayBuffer());
+    }
+    const data = new CharDataset(textBytes);
+    const steps = num("train-steps");
+    const lr = num("train-lr");
+    const config: TrainConfig = {
+      ...DEFAULT_TRAIN,
+      steps,
+      batch: num("train-batch"),
+      seq: num("train-seq"),
+      lr,
+      minLr: lr / 10,
+      warmup: Math.min(DEFAULT_TRAIN.warmup, Math.floor(steps / 10)),
+      evalEvery: Math.max(1, Math.ceil(steps / 5)),
+      evalBatches: 4,
+      logEvery: Math.max(1, Math.min(10, Math.ceil(steps / 20))),
+    };
+    manualSeed(config.seed);
+    if (trained) {
+      if (current === trained) current = null;
+      trained.lm.dispose();
+      trained = null;
+      (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = true;
+    }
+    model = new MambaLM(
+      { dModel: num("train-dmodel"), nLayers: num("train-layers"), dState: 16 },
+      { vocabSize: 256 },
+    );
+    trainer = new Trainer(model, data, config);
+    state.trainLog = trainer.log;
+    const t0 = performance.now();
+    let lastVal = await trainer.evaluate();
+    let lastLoss = NaN;
+    drawChart(trainer.log, steps);
+    while (trainer.step < steps && !stopTraining) {
+      const mean = await trainer.trainStep();
+      const step = trainer.step;
+      if (step % config.evalEvery === 0 || step === steps) lastVal = await trainer.evaluate();
+      if (mean === null) continue;
+      lastLoss = mean;
+      const secs = (performance.now() - t0) / 1000;
+      trainer.log.time.push([step, secs]);
+      showSpeed(step * config.batch * config.seq, secs, "training");
+      showMemory();
+      status(
+        "train-status",
+        `step ${step}/${steps}  loss ${lastLoss.toFixed(3)}  validation ${lastVal.toFixed(3)}  ` +
+          `${secs.toFixed(0)} s`,
+      );
+      drawChart(trainer.log, steps);
+      await new Promise((r) => setTimeout(r, 0)); // let the page repaint
+    }
+    if (trainer.log.val.at(-1)?.[0] !== trainer.step) lastVal = await trainer.evaluate();
+    drawChart(trainer.log, steps);
+    const secs = (performance.now() - t0) / 1000;
+    status(
+      "train-status",
+      `trained ${trainer.step} steps in ${secs.toFixed(1)} s: validation loss ${
+        trainer.log.val[0][1].toFixed(3)
+      } → ${lastVal.toFixed(3)} nats/char. Sampling…`,
+    );
+    const known = new Set([...data.train, ...data.val]);
+    trained = {
+      lm: model,
+      tokenizer: new ByteTokenizer(),
+      label: `char model trained here (${trainer.step} steps)`,
+      tokenizerJson: charTokenizerJson(known),
+    };
+    (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = false;
+    const prompt = $<HTMLTextAreaElement>("prompt").value || "It is a truth";
+    const r = await streamText($("train-sample"), model, trained.tokenizer, prompt, 200, {
+      sample: true,
+      temperature: 0.7,
+      topK: 20,
+      seed: 1,
+    });
+    state.trainSample = r.text;
+    status(
+      "train-status",
+      `trained ${trainer.step} steps in ${secs.toFixed(1)} s: validation loss ${
+        trainer.log.val[0][1].toFixed(3)
+      } → ${lastVal.toFixed(3)} nats/char. The Generate tab can use this model ("the model trained in the ` +
+        `Train tab").`,
+    );
+  } catch (e) {
+    status("train-status", (e as Error).message, true);
+    state.error = (e as Error).message;
+    if (model && trained?.lm !== model) model.dispose();
+  } finally {
+    trainer?.dispose();
+    state.training = false;
+    startButton.disabled = false;
+    stopButton.disabled = true;
+  }
+}
+$("train-start").addEventListener("click", train);
+$("train-stop").addEventListener("click", () => (stopTraining = true));
+
+// ---- start ----
+
+async function start(): Promise<void> {
+  showSourceInput();
+  try {
+    await init();
+    const info = deviceInfo();
+    let name = info.description;
+    if (name === "unknown adapter") {
+      // Chrome leaves the description empty; its architecture names the implementation (swiftshader, ...).
+      const a = await navigator.gpu.requestAdapter();
+      name = [a?.info.vendor, a?.info.architecture].filter(Boolean).join(" ") || name;
+    }
+    $("adapter").textContent = name + (info.isFallbackAdapter ? " (software adapter: CPU speed)" : "");
+    state.ready = true;
+    showMemory();
+    await addLocalModels();
+  } catch (e) {
+    $("adapter").textContent = "no WebGPU";
+    status(
+      "model-status",
+      `${
+        (e as Error).message
+      } (Chrome and Edge have WebGPU; on Linux, or in Firefox and Safari, it may need ` +
+        `to be enabled)`,
+      true,
+    );
+    state.error = (e as Error).message;
+    for (const id of ["load", "train-start"]) $<HTMLButtonElement>(id).disabled = true;
+  }
+}
+
+start();

@@ -1,0 +1,41 @@
+/**
+ * Makes the README's screenshot of the demo page (examples/web/screenshot.png): headless Chromium, the char
+ * model trained by mamba.py, a sampled continuation.
+ *
+ * ```sh
+ * deno run -A examples/web/screenshot.ts [out.png]
+ * ```
+ * @module
+ */
+
+import { buildWeb } from "./build.ts";
+import { launchChromium } from "./chromium.ts";
+import { webHandler } from "./serve.ts";
+
+const out = Deno.args[0] ?? new URL("./screenshot.png", import.meta.url).pathname;
+await buildWeb();
+const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, webHandler());
+const browser = await launchChromium();
+try {
+  const page = await browser.newPage({ viewport: { width: 1000, height: 720 } });
+  await page.goto(`http://127.0.0.1:${server.addr.port}/`);
+  await page.waitForFunction(() => (globalThis as { mambaDemo?: { ready: boolean } }).mambaDemo?.ready);
+  await page.selectOption("#model-source", "local:models/char-mamba/");
+  await page.click("#load");
+  await page.waitForFunction(() =>
+    !!(globalThis as { mambaDemo?: { model: string | null } }).mambaDemo?.model
+  );
+  await page.fill("#prompt", "Elizabeth could not help");
+  await page.fill("#n-tokens", "300");
+  await page.click("#generate");
+  await page.waitForFunction(
+    () => (globalThis as { mambaDemo?: { lastGeneration: unknown } }).mambaDemo?.lastGeneration,
+    null,
+    { timeout: 60_000 },
+  );
+  await page.screenshot({ path: out });
+  console.log(`wrote ${out}`);
+} finally {
+  await browser.close();
+  await server.shutdown();
+}

@@ -1,0 +1,144 @@
+/**
+ * Serves the demo page on 127.0.0.1 after building it, and prints the URL.
+ *
+ * ```sh
+ * deno task web                    # http://127.0.0.1:8000/
+ * deno task web --port 9000
+ * ```
+ * Routes: `/` the page, `/app.js` and `/mamba.js` (+ source maps) from `out/web/`, `/data/` the bundled
+ * text (`data/`), `/models/char-mamba/` the PyTorch-trained char model (tests/fixtures/char-mamba),
+ * `/models/runs-char/` the char model of `deno task train` (runs/char, when it exists), `/models.json` the
+ * list of local models. WebGPU needs a secure context: 127.0.0.1 and localhost are one.
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { buildWeb, kb } from "./build.ts";
+
+const ROOT = new URL("../../", import.meta.url).pathname.replace(/\/$/, "");
+
+/** A local model the page can load (a folder served under `/models/<name>/`). */
+export interface LocalModel {
+  /** URL path segment. */
+  name: string;
+  /** What it is, for the page's menu. */
+  label: string;
+  /** Folder on disk. */
+  dir: string;
+}
+
+/** The char models: the PyTorch-trained fixture, and `deno task train`'s run when there is one. */
+export function localModels(root: string = ROOT): LocalModel[] {
+  return [
+    {
+      name: "char-mamba",
+      label: "char model trained by mamba.py (tests/fixtures/char-mamba)",
+      dir: `${root}/tests/fixtures/char-mamba`,
+    },
+    { name: "runs-char", label: "char model of `deno task train` (runs/char)", dir: `${root}/runs/char` },
+  ];
+}
+
+/** Options of {@linkcode webHandler}. */
+export interface WebOptions {
+  /** Folder holding the built `app.js` and `mamba.js` (default `<repo>/out/web`). */
+  outDir?: string;
+  /** Also serve `tests/fixtures/` under `/fixtures/` (the browser tests use it). */
+  fixtures?: boolean;
+}
+
+const TYPES: Record<string, string> = {
+  html: "text/html; charset=utf-8",
+  js: "text/javascript; charset=utf-8",
+  map: "application/json",
+  json: "application/json",
+  txt: "text/plain; charset=utf-8",
+  png: "image/png",
+  svg: "image/svg+xml",
+  css: "text/css",
+};
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    return (await Deno.stat(path)).isFile;
+  } catch {
+    return false;
+  }
+}
+
+async function sendFile(path: string, method: string): Promise<Response> {
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(path, { read: true });
+  } catch {
+    return new Response("not found\n", { status: 404 });
+  }
+  const { size, isFile } = await file.stat();
+  if (!isFile) {
+    file.close();
+    return new Response("not found\n", { status: 404 });
+  }
+  const ext = path.slice(path.lastIndexOf(".") + 1);
+  // No compression: the loader checks Content-Length against the safetensors header.
+  const headers = {
+    "content-type": TYPES[ext] ?? "application/octet-stream",
+    "content-length": String(size),
+    "cache-control": "no-cache",
+  };
+  if (method === "HEAD") {
+    file.close();
+    return new Response(null, { headers });
+  }
+  return new Response(file.readable, { headers });
+}
+
+/** The request handler: the page, the bundles, the text and the local models. */
+export function webHandler(options: WebOptions = {}): (req: Request) => Promise<Response> {
+  const out = (options.outDir ?? `${ROOT}/out/web`).replace(/\/+$/, "");
+  const models = localModels();
+  const routes: [string, string][] = [
+    ["/data/", `${ROOT}/data/`],
+    ...models.map((m): [string, string] => [`/models/${m.name}/`, `${m.dir}/`]),
+    ...(options.fixtures ? [["/fixtures/", `${ROOT}/tests/fixtures/`] as [string, string]] : []),
+  ];
+  return async (req) => {
+    if (req.method !== "GET" && req.method !== "HEAD") {
+      return new Response("method not allowed\n", { status: 405 });
+    }
+    const path = decodeURIComponent(new URL(req.url).pathname);
+    if (path.split("/").some((p) => p === "..")) return new Response("bad path\n", { status: 400 });
+    if (path === "/" || path === "/index.html") {
+      return await sendFile(`${ROOT}/examples/web/index.html`, req.method);
+    }
+    if (/^\/(app|mamba)\.js(\.map)?$/.test(path)) return await sendFile(`${out}${path}`, req.method);
+    if (path === "/models.json") {
+      const list = [];
+      for (const m of models) {
+        if (await exists(`${m.dir}/config.json`)) {
+          list.push({ name: m.name, label: m.label, url: `models/${m.name}/` });
+        }
+      }
+      return Response.json(list, { headers: { "cache-control": "no-cache" } });
+    }
+    for (const [prefix, dir] of routes) {
+      if (path.startsWith(prefix) && path.length > prefix.length) {
+        return await sendFile(dir + path.slice(prefix.length), req.method);
+      }
+    }
+    return new Response("not found\n", { status: 404 });
+  };
+}
+
+if (import.meta.main) {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: { port: { type: "string", default: "8000" }, host: { type: "string", default: "127.0.0.1" } },
+  });
+  const b = await buildWeb();
+  console.log(`built out/web/mamba.js (${kb(b.library.bytes)}) and out/web/app.js (${kb(b.app.bytes)})`);
+  Deno.serve({
+    hostname: values.host,
+    port: Number(values.port),
+    onListen: ({ hostname, port }) => console.log(`mamba.ts demo: http://${hostname}:${port}/`),
+  }, webHandler());
+}

@@ -1,0 +1,467 @@
+/**
+ * The Hugging Face hub cache on disk (Deno only, imported by `hubDownload`): the cache lookup, and downloads
+ * that resume, verify and then move into place. See `hub.ts` for the layout.
+ * @module
+ */
+
+import { parseSafetensorsHeader, safetensorsHeaderLength } from "../core/safetensors.ts";
+import {
+  help,
+  hubCacheDir,
+  hubEndpoint,
+  hubEnv,
+  HubError,
+  type HubOptions,
+  isHubId,
+  MODEL_FILES,
+  repoCacheDir,
+} from "./hub.ts";
+import { fileSize, linkAtomic, ProgressBar, withLock, writeTextAtomic } from "./hub_fs.ts";
+
+const COMMIT_RE = /^[0-9a-f]{40}$/;
+const SHA256_RE = /^[0-9a-f]{64}$/;
+
+interface Resolved {
+  id: string;
+  revision: string;
+  repoDir: string;
+  endpoint: string;
+  offline: boolean;
+  progress: boolean;
+  retries: number;
+  timeoutMs: number;
+}
+
+function resolveOptions(id: string, o: HubOptions): Resolved {
+  if (!isHubId(id)) throw new Error(`'${id}' is not a hub model id (org/name)`);
+  const revision = o.revision ?? "main";
+  if (!revision || revision.split("/").some((p) => p === "" || p === "." || p === "..")) {
+    throw new Error(`invalid revision '${revision}'`);
+  }
+  const off = hubEnv("HF_HUB_OFFLINE")?.toLowerCase();
+  let progress = o.progress;
+  if (progress === undefined) {
+    try {
+      progress = Deno.stderr.isTerminal();
+    } catch {
+      progress = false;
+    }
+  }
+  return {
+    id,
+    revision,
+    repoDir: repoCacheDir(id, o.cacheDir ?? hubCacheDir()),
+    endpoint: (o.endpoint ?? hubEndpoint()).replace(/\/+$/, ""),
+    offline: o.localFilesOnly ?? (off !== undefined && ["1", "true", "yes", "on"].includes(off)),
+    progress,
+    retries: Math.max(0, o.retries ?? 3),
+    timeoutMs: o.timeoutMs ?? 30_000,
+  };
+}
+
+function checkFilename(filename: string): void {
+  if (!filename || filename.startsWith("/") || filename.split("/").some((p) => p === "" || p === "..")) {
+    throw new Error(`invalid file name '${filename}'`);
+  }
+}
+
+const encodePath = (p: string) => p.split("/").map(encodeURIComponent).join("/");
+
+// The commit a revision stands for in the cache: a commit hash itself, else refs/<revision>, else (as
+// huggingface_hub) the revision string used as a snapshot name.
+async function cachedCommit(r: Resolved): Promise<string> {
+  if (COMMIT_RE.test(r.revision)) return r.revision;
+  try {
+    return (await Deno.readTextFile(`${r.repoDir}/refs/${r.revision}`)).trim();
+  } catch {
+    return r.revision;
+  }
+}
+
+const ABSENT = Symbol("absent");
+
+async function fromCache(r: Resolved, filename: string): Promise<string | typeof ABSENT | null> {
+  const commit = await cachedCommit(r);
+  const pointer = `${r.repoDir}/snapshots/${commit}/${filename}`;
+  if (await fileSize(pointer) >= 0) return pointer;
+  if (await fileSize(`${r.repoDir}/.no_exist/${commit}/${filename}`) >= 0) return ABSENT;
+  return null;
+}
+
+/** `hubDownload` in Deno: the cached file, else a download into the cache. */
+export async function cachedDownload(
+  id: string,
+  filename: string,
+  options: HubOptions = {},
+): Promise<string | null> {
+  const r = resolveOptions(id, options);
+  checkFilename(filename);
+  const cached = await fromCache(r, filename);
+  if (cached === ABSENT && (!options.refresh || r.offline)) return null;
+  if (typeof cached === "string" && (!options.refresh || r.offline)) return cached;
+  if (r.offline) {
+    throw new HubError(
+      "NotCached",
+      `${id}: ${filename} (revision ${r.revision}) is not in the cache ${r.repoDir} and downloads are off ` +
+        `(localFilesOnly or HF_HUB_OFFLINE). ${help(r.repoDir, r.revision, filename)}`,
+    );
+  }
+  return await download(r, filename);
+}
+
+interface Meta {
+  commit: string | null;
+  etag: string | null;
+  size: number;
+}
+
+const ETAG_CLEAN = (v: string | null) =>
+  v === null ? null : v.replace(/^W\//, "").replace(/^"|"$/g, "") || null;
+
+function intHeader(h: Headers, key: string): number {
+  const v = h.get(key);
+  return v !== null && /^\d+$/.test(v) ? Number(v) : -1;
+}
+
+async function fetchTimed(url: string, init: RequestInit, timeoutMs: number): Promise<Response> {
+  const ac = new AbortController();
+  const timer = setTimeout(() => ac.abort(new Error(`no response within ${timeoutMs} ms`)), timeoutMs);
+  try {
+    return await fetch(url, { ...init, signal: ac.signal });
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+// Read lazily: nothing in this module touches Deno or node: APIs when it is merely imported (browsers).
+const userAgent = () => `mamba.ts; deno/${globalThis.Deno?.version?.deno ?? "?"}`;
+const sha256Hasher = async () => (await import("node:crypto")).createHash("sha256");
+
+// Maps a failed response to a HubError ("EntryNotFound" is returned as null by the callers).
+function httpError(r: Resolved, filename: string, url: string, res: Response): HubError {
+  const code = res.headers.get("x-error-code");
+  const msg = res.headers.get("x-error-message");
+  const detail = `HTTP ${res.status}${msg ? `: ${msg}` : ""}`;
+  if (code === "RepositoryNotFound" || (res.status === 401 && !code)) {
+    return new HubError(
+      "RepositoryNotFound",
+      `repository '${r.id}' not found at ${r.endpoint} (${detail}, ${url}): check the id; private or gated ` +
+        `repositories are not supported`,
+      url,
+      res.status,
+    );
+  }
+  if (code === "RevisionNotFound") {
+    return new HubError(
+      "RevisionNotFound",
+      `revision '${r.revision}' not found in '${r.id}' (${detail}, ${url}): check the branch, tag or commit`,
+      url,
+      res.status,
+    );
+  }
+  if (code === "EntryNotFound" || res.status === 404) {
+    return new HubError(
+      "EntryNotFound",
+      `${filename} not found in '${r.id}' at revision '${r.revision}' (${url})`,
+      url,
+      404,
+    );
+  }
+  return new HubError("HTTP", `cannot download ${url}: ${detail}`, url, res.status);
+}
+
+// HEAD, following only same-host relative redirects (a renamed repository); an absolute redirect (to the
+// LFS storage) carries the metadata itself.
+async function head(r: Resolved, filename: string, url: string): Promise<Meta | null> {
+  let at = url;
+  for (let hop = 0; hop < 5; hop++) {
+    let res: Response;
+    try {
+      res = await fetchTimed(at, {
+        method: "HEAD",
+        redirect: "manual",
+        headers: { "accept-encoding": "identity", "user-agent": userAgent() },
+      }, r.timeoutMs);
+    } catch (e) {
+      throw new HubError(
+        "Network",
+        `cannot reach ${url}: ${errorText(e)}. ${help(r.repoDir, r.revision, MODEL_FILES)}`,
+        url,
+      );
+    }
+    await res.body?.cancel();
+    const h = res.headers;
+    const location = h.get("location");
+    if (res.status >= 300 && res.status < 400 && location && location.startsWith("/")) {
+      at = new URL(location, at).href;
+      continue;
+    }
+    const code = h.get("x-error-code");
+    if (res.status === 404 && (code === "EntryNotFound" || code === null)) {
+      const commit = h.get("x-repo-commit");
+      if (commit) {
+        await writeTextAtomic(`${r.repoDir}/.no_exist/${commit}/${filename}`, "");
+        await writeRef(r, commit);
+      }
+      return null;
+    }
+    if (res.status >= 400) throw httpError(r, filename, url, res);
+    // A redirect's own ETag and Content-Length describe the redirect, not the file.
+    const redirect = res.status >= 300;
+    const linkedSize = intHeader(h, "x-linked-size");
+    return {
+      commit: h.get("x-repo-commit"),
+      etag: ETAG_CLEAN(h.get("x-linked-etag") ?? (redirect ? null : h.get("etag"))),
+      size: linkedSize >= 0 ? linkedSize : redirect ? -1 : intHeader(h, "content-length"),
+    };
+  }
+  throw new HubError("HTTP", `too many redirects for ${url}`, url);
+}
+
+async function writeRef(r: Resolved, commit: string): Promise<void> {
+  if (r.revision === commit) return;
+  const ref = `${r.repoDir}/refs/${r.revision}`;
+  try {
+    if ((await Deno.readTextFile(ref)).trim() === commit) return;
+  } catch { /* not there yet */ }
+  await writeTextAtomic(ref, commit);
+}
+
+async function download(r: Resolved, filename: string): Promise<string | null> {
+  const url = `${r.endpoint}/${r.id}/resolve/${encodeURIComponent(r.revision)}/${encodePath(filename)}`;
+  const meta = await head(r, filename, url);
+  if (meta === null) return null;
+  const commit = meta.commit ?? r.revision;
+  const pointer = `${r.repoDir}/snapshots/${commit}/${filename}`;
+  if (await fileSize(pointer) >= 0) {
+    await writeRef(r, commit);
+    return pointer;
+  }
+  // Pin the GET to the commit, so that a branch moving in between cannot mix two versions.
+  const getUrl = meta.commit
+    ? `${r.endpoint}/${r.id}/resolve/${encodeURIComponent(meta.commit)}/${encodePath(filename)}`
+    : url;
+  const key = meta.etag ?? `url-${(await sha256Hasher()).update(getUrl).digest("hex")}`;
+  if (key.includes("/") || key.startsWith(".")) {
+    throw new HubError("HTTP", `${url}: the ETag '${meta.etag}' cannot name a file`, url);
+  }
+  let blob = `${r.repoDir}/blobs/${key}`;
+  const lock = `${r.repoDir.replace(/\/[^/]+$/, "")}/.locks/${r.repoDir.replace(/^.*\//, "")}/${key}.lock`;
+  await withLock(lock, async () => {
+    if (meta.etag && await fileSize(blob) >= 0) return; // another revision or process brought it
+    const incomplete = `${blob}.incomplete`;
+    await Deno.mkdir(`${r.repoDir}/blobs`, { recursive: true });
+    await fetchResuming(r, getUrl, incomplete, meta.size, filename);
+    const sha = await verify(incomplete, meta, filename, url);
+    if (!meta.etag) blob = `${r.repoDir}/blobs/${sha}`;
+    await Deno.rename(incomplete, blob);
+  });
+  // Relative, as huggingface_hub makes them: up from snapshots/<commit>/<dirs of the file> to blobs/.
+  await linkAtomic(
+    blob,
+    pointer,
+    `${"../".repeat(1 + filename.split("/").length)}blobs/${blob.replace(/^.*\//, "")}`,
+  );
+  await writeRef(r, commit);
+  return pointer;
+}
+
+class Retryable extends Error {}
+
+// An error's message with its cause's (fetch's "fetch failed" says why only in the cause).
+function errorText(e: unknown): string {
+  const msg = (e as Error)?.message ?? String(e);
+  const cause = (e as Error)?.cause as Error | undefined;
+  return cause?.message && !msg.includes(cause.message) ? `${msg} (${cause.message})` : msg;
+}
+
+// Downloads `url` into `path`, appending to what is there (Range), retrying breaks up to r.retries times.
+async function fetchResuming(
+  r: Resolved,
+  url: string,
+  path: string,
+  size: number,
+  label: string,
+): Promise<void> {
+  for (let attempt = 0;; attempt++) {
+    let have = Math.max(0, await fileSize(path));
+    if (size >= 0 && have > size) {
+      await Deno.remove(path);
+      have = 0;
+    }
+    if (size >= 0 && have === size && have > 0) return;
+    try {
+      await getOnce(r, url, path, have, size, label);
+      return;
+    } catch (e) {
+      if (!(e instanceof Retryable)) throw e;
+      if (attempt >= r.retries) {
+        const got = Math.max(0, await fileSize(path));
+        throw new HubError(
+          "Interrupted",
+          `download of ${url} broke off (${e.message}); ${got} of ${
+            size >= 0 ? size : "?"
+          } bytes are kept in ` +
+            `${path} and the next call resumes from there`,
+          url,
+        );
+      }
+      await new Promise((res) => setTimeout(res, Math.min(2000, 100 * 2 ** attempt)));
+    }
+  }
+}
+
+async function getOnce(
+  r: Resolved,
+  url: string,
+  path: string,
+  have: number,
+  size: number,
+  label: string,
+): Promise<void> {
+  const ac = new AbortController();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const arm = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => ac.abort(new Error(`no data for ${r.timeoutMs} ms`)), r.timeoutMs);
+  };
+  const headers: Record<string, string> = { "accept-encoding": "identity", "user-agent": userAgent() };
+  if (have > 0) headers.range = `bytes=${have}-`;
+  let file: Deno.FsFile | undefined;
+  let bar: ProgressBar | undefined;
+  arm();
+  try {
+    let res: Response;
+    try {
+      res = await fetch(url, { headers, signal: ac.signal });
+    } catch (e) {
+      throw new Retryable(errorText(e));
+    }
+    let start = 0;
+    if (res.status === 206) {
+      const m = /^bytes (\d+)-\d+\/(\d+|\*)$/.exec(res.headers.get("content-range") ?? "");
+      start = m ? Number(m[1]) : -1;
+      if (start !== have) {
+        await res.body?.cancel();
+        await Deno.remove(path).catch(() => {});
+        throw new Retryable(`the server resumed at byte ${start}, not ${have}`);
+      }
+    } else if (res.status === 200) {
+      start = 0; // no Range support (or a fresh download): start over
+    } else if (res.status === 416) {
+      await res.body?.cancel();
+      await Deno.remove(path).catch(() => {});
+      throw new Retryable("range not satisfiable");
+    } else if (res.status >= 500 || res.status === 429) {
+      await res.body?.cancel();
+      throw new Retryable(`HTTP ${res.status}`);
+    } else {
+      await res.body?.cancel();
+      throw new HubError("HTTP", `cannot download ${url}: HTTP ${res.status}`, url, res.status);
+    }
+    const len = intHeader(res.headers, "content-length");
+    if (size >= 0 && len >= 0 && start + len !== size) {
+      await res.body?.cancel();
+      await Deno.remove(path).catch(() => {});
+      throw new HubError(
+        "Corrupt",
+        `${url}: the server sends ${
+          start + len
+        } bytes (Content-Length ${len} from byte ${start}) but the file ` +
+          `has ${size} (X-Linked-Size/Content-Length of the hub); nothing was kept`,
+        url,
+      );
+    }
+    const total = size >= 0 ? size : len >= 0 ? start + len : -1;
+    file = await Deno.open(
+      path,
+      start > 0 ? { append: true } : { write: true, create: true, truncate: true },
+    );
+    bar = new ProgressBar(label, total, start, r.progress && (total < 0 || total >= 1 << 20));
+    let done = start;
+    const reader = res.body!.getReader();
+    try {
+      for (;;) {
+        arm();
+        let chunk: ReadableStreamReadResult<Uint8Array>;
+        try {
+          chunk = await reader.read();
+        } catch (e) {
+          throw new Retryable(`connection lost at byte ${done}: ${errorText(e)}`);
+        }
+        if (chunk.done) break;
+        for (let off = 0; off < chunk.value.length;) off += await file.write(chunk.value.subarray(off));
+        done += chunk.value.length;
+        bar.update(done);
+        if (total >= 0 && done > total) {
+          throw new HubError("Corrupt", `${url}: more than the announced ${total} bytes`, url);
+        }
+      }
+    } finally {
+      await reader.cancel().catch(() => {});
+    }
+    await file.syncData();
+    bar.finish(done);
+    if (total >= 0 && done < total) throw new Retryable(`the body ended at byte ${done} of ${total}`);
+  } catch (e) {
+    bar?.finish(Math.max(0, await fileSize(path)));
+    if (e instanceof HubError && e.code === "Corrupt") await Deno.remove(path).catch(() => {});
+    throw e;
+  } finally {
+    clearTimeout(timer);
+    file?.close();
+  }
+}
+
+// Size, sha256 (when the ETag is one) and safetensors header; a file that fails is deleted. Returns the sha256.
+async function verify(path: string, meta: Meta, filename: string, url: string): Promise<string> {
+  const fail = async (why: string): Promise<never> => {
+    await Deno.remove(path).catch(() => {});
+    throw new HubError("Corrupt", `${url}: ${why}; the download was deleted`, url);
+  };
+  const size = await fileSize(path);
+  if (meta.size >= 0 && size !== meta.size) await fail(`got ${size} bytes, the hub announced ${meta.size}`);
+  const hash = await sha256Hasher();
+  const file = await Deno.open(path, { read: true });
+  const buf = new Uint8Array(1 << 20);
+  let prefix: Uint8Array | null = null;
+  try {
+    for (;;) {
+      const n = await file.read(buf);
+      if (n === null) break;
+      hash.update(buf.subarray(0, n));
+      if (prefix === null && filename.endsWith(".safetensors")) prefix = buf.slice(0, n);
+    }
+  } finally {
+    file.close();
+  }
+  const sha = hash.digest("hex");
+  if (meta.etag && SHA256_RE.test(meta.etag) && sha !== meta.etag) {
+    await fail(`sha256 ${sha} differs from the hub's ${meta.etag} (corrupted in transfer)`);
+  }
+  if (filename.endsWith(".safetensors")) {
+    try {
+      const head8 = prefix ?? new Uint8Array(0);
+      if (size < 8) parseSafetensorsHeader(head8, size, filename);
+      const n = safetensorsHeaderLength(head8, filename);
+      let full = head8;
+      if (head8.length < 8 + n && 8 + n <= size) {
+        full = new Uint8Array(8 + n);
+        const f = await Deno.open(path, { read: true });
+        try {
+          for (let got = 0; got < full.length;) {
+            const k = await f.read(full.subarray(got));
+            if (k === null) break;
+            got += k;
+          }
+        } finally {
+          f.close();
+        }
+      }
+      parseSafetensorsHeader(full, size, filename);
+    } catch (e) {
+      await fail(`not a valid safetensors file: ${(e as Error).message}`);
+    }
+  }
+  return sha;
+}

@@ -1,0 +1,81 @@
+/**
+ * The file-system side of `pretrained.ts` (Deno only, imported on demand): model files from a local folder or
+ * through the Hugging Face hub cache, and writing a checkpoint's files into a folder.
+ * @module
+ */
+
+import { writeFileAtomic } from "../core/safetensors_fs.ts";
+import type { ModelSource } from "./byte_source.ts";
+import { hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
+import { isDirectory, openFileSource } from "./hub_fs.ts";
+
+function folderSource(dir: string): ModelSource {
+  const base = dir.replace(/\/+$/, "") || "/";
+  const path = (file: string) => `${base}/${file}`;
+  return {
+    where: base,
+    async text(file, optional) {
+      try {
+        return await Deno.readTextFile(path(file));
+      } catch (e) {
+        if (optional && e instanceof Deno.errors.NotFound) return null;
+        throw new Error(`cannot read ${path(file)}: ${(e as Error).message}`, { cause: e });
+      }
+    },
+    async open(file) {
+      try {
+        return await openFileSource(path(file));
+      } catch (e) {
+        if (e instanceof Deno.errors.NotFound) return null;
+        throw new Error(`cannot read ${path(file)}: ${(e as Error).message}`, { cause: e });
+      }
+    },
+  };
+}
+
+function hubSource(id: string, options: HubOptions): ModelSource {
+  const where = `${id}@${options.revision ?? "main"}`;
+  // Offline, a file the cache lacks may still exist upstream: optional files count as absent then, except
+  // that the weights must be found one way or the other (planWeights throws this error if neither is).
+  const notCached = new Map<string, HubError>();
+  const get = async (file: string, optional: boolean) => {
+    try {
+      return await hubDownload(id, file, options);
+    } catch (e) {
+      if (optional && e instanceof HubError && e.code === "NotCached") {
+        notCached.set(file, e);
+        return null;
+      }
+      throw e;
+    }
+  };
+  return {
+    where,
+    notCached,
+    async text(file, optional) {
+      const path = await get(file, optional);
+      if (path === null) {
+        if (optional) return null;
+        throw new HubError("EntryNotFound", `${where}: the repository has no ${file}`);
+      }
+      return await Deno.readTextFile(path);
+    },
+    async open(file) {
+      const path = await get(file, file === "model.safetensors");
+      return path === null ? null : await openFileSource(path);
+    },
+  };
+}
+
+/** A local folder, else a hub id read through the cache (a missing folder says so when it is read). */
+export async function localSource(s: string, options: HubOptions): Promise<ModelSource> {
+  if (await isDirectory(s)) return folderSource(s);
+  if (isHubId(s)) return hubSource(s, options);
+  return folderSource(s); // reading it will say that it does not exist
+}
+
+/** Writes each file into `dir` (created if needed), each atomically. */
+export async function writeFiles(dir: string, files: Record<string, Uint8Array>): Promise<void> {
+  await Deno.mkdir(dir, { recursive: true });
+  for (const [name, bytes] of Object.entries(files)) await writeFileAtomic(`${dir}/${name}`, bytes);
+}

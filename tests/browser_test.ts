@@ -1,0 +1,411 @@
+/**
+ * The library and the demo page in a real headless browser: Debian's Chromium with WebGPU on SwiftShader (a
+ * CPU adapter), driven by playwright-core. The bundle (`out/web/mamba.js`, built here as by
+ * `deno task build:web`) reproduces the PyTorch fixtures with the tolerances of the Deno tests, loads models
+ * from URLs and blobs, saves them as bytes, and trains; the page's generate and train flows work end to end
+ * (screenshots in out/browser-test/).
+ *
+ * Skipped, with a message, when Chromium is missing (`apt-get install chromium`; .ci/run installs it).
+ * Needs --allow-run (Chromium, and `deno bundle`) and --allow-sys (playwright reads the OS's name and home
+ * folder), besides the usual read/write/env/net=127.0.0.1.
+ */
+
+import assert from "node:assert/strict";
+import type { Browser, BrowserContext, Page } from "playwright-core";
+import type * as Library from "../mod.ts";
+import type * as Pretrained from "../mamba/pretrained.ts";
+import { checkpointFiles, fromPretrained, fromPretrainedFiles } from "../mamba/pretrained.ts";
+import { noGrad } from "../core/autograd.ts";
+import { tidy } from "../core/tensor.ts";
+import type * as Train from "../mamba/train.ts";
+import { buildWeb, kb } from "../examples/web/build.ts";
+import { CHROMIUM, haveChromium, launchChromium } from "../examples/web/chromium.ts";
+import { webHandler } from "../examples/web/serve.ts";
+
+/** What the page gets from `import("/mamba.js")`: mod.ts (with the browser loading and training exports). */
+type Bundle = typeof Library & typeof Pretrained & typeof Train;
+
+const ARTIFACTS = new URL("../out/browser-test/", import.meta.url).pathname;
+
+const chromiumInstalled = await haveChromium();
+if (!chromiumInstalled) {
+  console.warn(
+    `browser tests skipped: no Chromium at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM_PATH)`,
+  );
+}
+
+const sample = JSON.parse(
+  await Deno.readTextFile(new URL("./fixtures/char-mamba/sample.json", import.meta.url)),
+) as { key: string; prompt: string; continuation: string }[];
+
+const TEST_PAGE =
+  "<!doctype html><html><head><meta charset=utf-8><title>test</title><link rel=icon href='data:,'></head><body></body></html>";
+
+Deno.test({
+  name: "browser: the bundle and the demo page in headless Chromium (WebGPU on SwiftShader)",
+  ignore: !chromiumInstalled,
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn(t) {
+    for (const name of ["run", "sys"] as const) {
+      if ((await Deno.permissions.query({ name })).state !== "granted") {
+        throw new Error(`the browser tests need --allow-run and --allow-sys (deno task test passes them)`);
+      }
+    }
+    const build = await buildWeb();
+    console.log(
+      `bundle ${kb(build.library.bytes)} (${kb(build.library.gzipBytes)} gzipped), built in ${
+        build.ms.toFixed(0)
+      } ms`,
+    );
+    await Deno.mkdir(ARTIFACTS, { recursive: true });
+    const handler = webHandler({ fixtures: true });
+    const server = Deno.serve(
+      { hostname: "127.0.0.1", port: 0, onListen() {} },
+      (req) => {
+        const url = new URL(req.url);
+        if (url.pathname === "/test.html") {
+          return new Response(TEST_PAGE, { headers: { "content-type": "text/html" } });
+        }
+        // A stand-in for the hub: /hub/<org>/<name>/resolve/<revision>/<file> redirects, as huggingface.co
+        // does to its CDN, here to the fixture.
+        const hub = /^\/hub\/test-org\/char-mamba\/resolve\/main\/([\w.]+)$/.exec(url.pathname);
+        if (hub) {
+          return Promise.resolve(Response.redirect(`${url.origin}/fixtures/char-mamba/${hub[1]}`, 302));
+        }
+        return handler(req);
+      },
+    );
+    const base = `http://127.0.0.1:${server.addr.port}`;
+    let browser: Browser | undefined;
+    let context: BrowserContext | undefined;
+    const pageErrors: string[] = [];
+    const newPage = async (path: string): Promise<Page> => {
+      const page = await context!.newPage();
+      page.on("pageerror", (e) => pageErrors.push(`${path}: ${e.message}`));
+      page.on("console", (m) => {
+        // A 404 is how optional files (tokenizer_config.json) are found absent.
+        if (m.type() === "error" && !/status of 404/.test(m.text())) pageErrors.push(`${path}: ${m.text()}`);
+      });
+      await page.goto(base + path);
+      return page;
+    };
+    try {
+      browser = await launchChromium();
+      // One context: its pages share localStorage, where init() caches the kernel tuner's choices.
+      context = await browser.newContext({ viewport: { width: 1000, height: 900 } });
+      const lib = await newPage("/test.html");
+
+      await t.step("the bundle loads without Deno and finds the SwiftShader adapter", async () => {
+        const r = await lib.evaluate(async (url) => {
+          const m = (await import(url)) as Bundle;
+          const info = await m.init();
+          const g = globalThis as { Deno?: unknown; mamba?: Bundle };
+          g.mamba = m;
+          const missing = [
+            "fromPretrainedFiles",
+            "checkpointFiles",
+            "Trainer",
+            "CharDataset",
+            "DEFAULT_TRAIN",
+          ]
+            .filter((k) => !(k in m));
+          return { deno: typeof g.Deno, fallback: info.isFallbackAdapter, vendor: info.vendor, missing };
+        }, `${base}/mamba.js`);
+        assert.equal(r.deno, "undefined");
+        assert.equal(r.fallback, true, `expected SwiftShader, got ${JSON.stringify(r)}`);
+        assert.deepEqual(r.missing, [], `mod.ts does not export ${r.missing.join(", ")}`);
+      });
+
+      await t.step(
+        "char-mamba from a URL: prompt logits within 1e-4 of PyTorch, 64 greedy tokens exact",
+        async () => {
+          const results = await lib.evaluate(async (base) => {
+            const m = (globalThis as unknown as { mamba: Bundle }).mamba;
+            const lm = await m.fromPretrained(`${base}/fixtures/char-mamba`);
+            const bytes = new Uint8Array(
+              await (await fetch(`${base}/fixtures/char-mamba/sample.safetensors`)).arrayBuffer(),
+            );
+            const s = m.parseSafetensors(bytes).tensors;
+            const out = [];
+            for (const key of ["sample", "sample2"]) {
+              const prompt = [[...s.get(`${key}.prompt`)!.data]];
+              const logits = m.tidy(() => m.noGrad(() => lm.forward(prompt)));
+              const got = await logits.toArray();
+              logits.dispose();
+              const want = s.get(`${key}.prompt_logits`)!.data;
+              let d = got.length === want.length ? 0 : Infinity;
+              for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(got[i] - want[i]) || 0);
+              const t0 = performance.now();
+              const tokens = await lm.generate(prompt, 64, { readEvery: 64 });
+              out.push({
+                key,
+                maxDiff: d,
+                tokens: [...tokens[0]],
+                want: [...s.get(`${key}.tokens`)!.data],
+                ms: performance.now() - t0,
+                text: lm.tokenizer!.decode(tokens[0]),
+              });
+            }
+            lm.dispose();
+            return out;
+          }, base);
+          for (const r of results) {
+            assert.ok(r.maxDiff < 1e-4, `${r.key}: prompt logits max diff ${r.maxDiff}`);
+            assert.deepEqual(r.tokens, r.want, `${r.key}: greedy tokens`);
+            assert.equal(r.text, sample.find((x) => x.key === r.key)!.continuation);
+            console.log(
+              `  ${r.key}: max |logit diff| ${r.maxDiff.toExponential(2)}, 64 tokens in ${
+                r.ms.toFixed(0)
+              } ms`,
+            );
+          }
+        },
+      );
+
+      await t.step(
+        "models load from the hub, blobs and picked files, and save to bytes that load back",
+        async () => {
+          const r = await lib.evaluate(async (base) => {
+            const m = (globalThis as unknown as { mamba: Bundle }).mamba;
+            const dir = `${base}/fixtures/char-mamba`;
+            const blob = async (f: string) => await (await fetch(`${dir}/${f}`)).blob();
+            const names = ["config.json", "model.safetensors", "tokenizer.json"];
+            const blobs = await Promise.all(names.map(blob));
+            // As a user's picks: File objects, in any order.
+            const files = names.map((n, i) => new File([blobs[i]], n)).reverse();
+            const prompt = [[...new TextEncoder().encode("It is a truth universally acknowledged")]];
+            const logitsOf = async (lm: Library.MambaLM) => {
+              const l = m.tidy(() => m.noGrad(() => lm.forward(prompt)));
+              const a = await l.toArray();
+              l.dispose();
+              return a;
+            };
+            const diff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
+              let d = a.length === b.length ? 0 : Infinity;
+              for (let i = 0; i < a.length; i++) d = Math.max(d, Math.abs(a[i] - b[i]) || 0);
+              return d;
+            };
+            const fromUrl = await m.fromPretrained(dir);
+            const fromHub = await m.fromPretrained("test-org/char-mamba", { endpoint: `${base}/hub` });
+            const fromFiles = await m.fromPretrainedFiles(files, { name: "picked" });
+            const ref = await logitsOf(fromUrl);
+            const saved = await m.checkpointFiles(fromFiles, {
+              type: "byte-level characters",
+              char_to_id: {},
+            });
+            const back = await m.fromPretrainedFiles(saved);
+            const missing = await m.fromPretrainedFiles({ "model.safetensors": blobs[1] }).then(
+              () => "loaded",
+              (e: Error) => e.message,
+            );
+            const out = {
+              hubDiff: diff(ref, await logitsOf(fromHub)),
+              hubSource: fromHub.source,
+              hubTokenizer: fromHub.tokenizer instanceof m.ByteTokenizer,
+              filesDiff: diff(ref, await logitsOf(fromFiles)),
+              savedDiff: diff(ref, await logitsOf(back)),
+              byteTokenizer: fromFiles.tokenizer instanceof m.ByteTokenizer,
+              savedNames: Object.keys(saved).sort(),
+              missing,
+            };
+            for (const lm of [fromUrl, fromHub, fromFiles, back]) lm.dispose();
+            return out;
+          }, base);
+          assert.equal(r.hubDiff, 0);
+          assert.equal(r.hubSource, "test-org/char-mamba@main");
+          assert.equal(r.hubTokenizer, true);
+          assert.equal(r.filesDiff, 0);
+          assert.equal(r.savedDiff, 0);
+          assert.equal(r.byteTokenizer, true);
+          assert.deepEqual(r.savedNames, ["config.json", "model.safetensors", "tokenizer.json"]);
+          assert.match(
+            r.missing,
+            /files\/config.json: no such file among the given ones \(model.safetensors\)/,
+          );
+        },
+      );
+
+      await t.step("training in the browser: the loss falls within 20 steps", async () => {
+        const r = await lib.evaluate(async (base) => {
+          const m = (globalThis as unknown as { mamba: Bundle }).mamba;
+          const text = new Uint8Array(
+            await (await fetch(`${base}/data/pride_and_prejudice.txt`)).arrayBuffer(),
+          );
+          m.manualSeed(7);
+          const lm = new m.MambaLM({ dModel: 32, nLayers: 1, dState: 8 }, { vocabSize: 256 }); // fused scan
+          const config = {
+            ...m.DEFAULT_TRAIN,
+            steps: 20,
+            batch: 4,
+            seq: 32,
+            lr: 1e-2,
+            minLr: 1e-3,
+            warmup: 3,
+            evalBatches: 2,
+            logEvery: 5,
+          };
+          const trainer = new m.Trainer(lm, new m.CharDataset(text), config);
+          const t0 = performance.now();
+          const before = await trainer.evaluate();
+          while (trainer.step < config.steps) await trainer.trainStep();
+          const after = await trainer.evaluate();
+          const ms = performance.now() - t0;
+          const log = trainer.log.train;
+          trainer.dispose();
+          lm.dispose();
+          return { before, after, log, ms, live: m.memory().liveBytes };
+        }, base);
+        const first = r.log[0][1], last = r.log.at(-1)![1];
+        console.log(
+          `  20 steps in ${r.ms.toFixed(0)} ms: train loss ${first.toFixed(3)} -> ${last.toFixed(3)}, ` +
+            `validation ${r.before.toFixed(3)} -> ${r.after.toFixed(3)}`,
+        );
+        assert.ok(r.log.every(([, l]) => Number.isFinite(l)));
+        assert.ok(last < first - 0.5, `train loss ${first} -> ${last}`);
+        assert.ok(r.after < r.before - 0.5, `validation loss ${r.before} -> ${r.after}`);
+        assert.equal(r.live, 0, "every tensor was freed");
+      });
+      await lib.close();
+
+      await t.step(
+        "demo page: load the char model, stream a greedy continuation, save it as downloads",
+        async () => {
+          const page = await newPage("/");
+          await page.waitForFunction(
+            () => (globalThis as { mambaDemo?: { ready: boolean } }).mambaDemo?.ready,
+            null,
+            {
+              timeout: 20_000,
+            },
+          );
+          assert.match(await page.textContent("#adapter") ?? "", /swiftshader.*software adapter/i);
+          await page.selectOption("#model-source", "local:models/char-mamba/");
+          await page.click("#load");
+          await page.waitForFunction(() =>
+            !!(globalThis as { mambaDemo?: { model: string | null } }).mambaDemo?.model
+          );
+          assert.match(await page.textContent("#model-status") ?? "", /models\/char-mamba .*parameters/);
+          const s = sample[0];
+          await page.fill("#prompt", s.prompt);
+          await page.fill("#n-tokens", "64");
+          await page.selectOption("#decoding", "greedy");
+          await page.click("#generate");
+          await page.waitForFunction(
+            () => (globalThis as { mambaDemo?: { lastGeneration: unknown } }).mambaDemo?.lastGeneration,
+            null,
+            { timeout: 30_000 },
+          );
+          const output = await page.textContent("#output");
+          assert.equal(output, s.prompt + s.continuation);
+          assert.match(await page.textContent("#tps") ?? "", /^\d+(\.\d)? tokens\/s$/);
+          assert.match(await page.textContent("#memory") ?? "", /MiB live/);
+          await page.screenshot({ path: `${ARTIFACTS}/generate.png`, fullPage: true });
+
+          const downloads: string[] = [];
+          page.on("download", (d) => downloads.push(d.suggestedFilename()));
+          await page.click("#save");
+          const t0 = Date.now();
+          while (downloads.length < 3 && Date.now() - t0 < 10_000) {
+            await new Promise((r) => setTimeout(r, 50));
+          }
+          assert.deepEqual(downloads.sort(), ["config.json", "model.safetensors", "tokenizer.json"]);
+          await page.close();
+        },
+      );
+
+      await t.step("demo page: the Train tab trains with a live loss chart, then generates", async () => {
+        const page = await newPage("/");
+        await page.waitForFunction(
+          () => (globalThis as { mambaDemo?: { ready: boolean } }).mambaDemo?.ready,
+          null,
+          {
+            timeout: 20_000,
+          },
+        );
+        await page.click("#tab-train");
+        for (
+          const [id, v] of [
+            ["train-steps", "12"],
+            ["train-batch", "4"],
+            ["train-seq", "32"],
+            ["train-lr", "0.01"],
+            ["train-layers", "1"],
+            ["train-dmodel", "32"],
+          ]
+        ) {
+          await page.fill(`#${id}`, v);
+        }
+        await page.click("#train-start");
+        await page.waitForFunction(
+          () => {
+            const s =
+              (globalThis as { mambaDemo?: { trainSample: string | null; error: string | null } }).mambaDemo;
+            return s?.trainSample !== null || s?.error;
+          },
+          null,
+          { timeout: 45_000 },
+        );
+        const st = await page.evaluate(() =>
+          (globalThis as unknown as {
+            mambaDemo: { error: string | null; trainLog: Train.TrainLog; trainSample: string };
+          })
+            .mambaDemo
+        );
+        assert.equal(st.error, null);
+        const train = st.trainLog.train;
+        assert.ok(train.length >= 3, `logged ${train.length} losses`);
+        assert.ok(train.at(-1)![1] < train[0][1], `train loss ${train[0][1]} -> ${train.at(-1)![1]}`);
+        assert.ok(st.trainLog.val.at(-1)![1] < st.trainLog.val[0][1]);
+        assert.ok(st.trainSample.length > 0);
+        assert.equal(await page.locator("#loss-chart polyline").count(), 1);
+        assert.match(await page.textContent("#train-status") ?? "", /trained 12 steps/);
+        await page.screenshot({ path: `${ARTIFACTS}/train.png`, fullPage: true });
+        // The trained model is offered in the Generate tab.
+        await page.click("#tab-generate");
+        await page.selectOption("#model-source", "trained");
+        await page.click("#load");
+        await page.waitForFunction(() =>
+          /trained here/.test((globalThis as { mambaDemo?: { model: string | null } }).mambaDemo?.model ?? "")
+        );
+        await page.close();
+      });
+      assert.deepEqual(pageErrors, []);
+    } finally {
+      await browser?.close();
+      await server.shutdown();
+    }
+  },
+});
+
+Deno.test("fromPretrainedFiles and checkpointFiles (the browser's loading and saving) work in Deno too", async () => {
+  const dir = new URL("./fixtures/char-mamba/", import.meta.url);
+  const names = ["config.json", "model.safetensors", "tokenizer.json"];
+  const files = await Promise.all(
+    names.map(async (n) => new File([await Deno.readFile(new URL(n, dir))], n)),
+  );
+  const prompt = [[...new TextEncoder().encode("It is a truth")]];
+  const logitsOf = async (lm: Library.MambaLM) => {
+    const l = tidy(() => noGrad(() => lm.forward(prompt)));
+    const a = await l.toArray();
+    l.dispose();
+    return [...a];
+  };
+  const ref = await fromPretrained(dir.pathname);
+  const picked = await fromPretrainedFiles(files);
+  const back = await fromPretrainedFiles(await checkpointFiles(picked));
+  const want = await logitsOf(ref);
+  assert.deepEqual(await logitsOf(picked), want);
+  assert.deepEqual(await logitsOf(back), want);
+  assert.equal(picked.source, "files");
+  assert.equal(back.tokenizer, null); // checkpointFiles without a tokenizer: none saved
+  for (const lm of [ref, picked, back]) lm.dispose();
+  await assert.rejects(
+    () => fromPretrainedFiles([files[1], files[1]]),
+    /files: two files are named model.safetensors/,
+  );
+  await assert.rejects(
+    () => fromPretrainedFiles({ "config.json": files[0] }, { name: "mine" }),
+    /mine has neither model.safetensors nor model.safetensors.index.json/,
+  );
+});
