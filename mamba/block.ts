@@ -26,7 +26,7 @@ import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
-import { fusedScanForward, fusedSelectiveScan } from "../scan/fused.ts";
+import { fusedScanForward, fusedSelectiveScan, lastState } from "../scan/fused.ts";
 import { checkpoint, isGradEnabled } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import type { MambaConfig } from "./config.ts";
@@ -118,9 +118,8 @@ export class MambaBlock extends Module {
     if (!wantState) return { y: fusedSelectiveScan(x, draw, dBC, bias, this.A_log, this.D, z), h: null };
     // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.
     const par = cat([bias, this.A_log.reshape(-1), this.D], 0);
-    const { y, hs } = fusedScanForward(x, draw, dBC, par, z, { R, N, gated: true });
-    const chunks = hs.shape[2];
-    return { y, h: narrow(hs, 2, chunks - 1, 1).reshape(x.shape[0], ED, N) };
+    const { y, ph } = fusedScanForward(x, draw, dBC, par, z, { R, N, gated: true });
+    return { y, h: lastState(ph, x.shape[0], ED, N, x.shape[1]) };
   }
 
   /** x: (B, L, ED) after the conv -> y: (B, L, ED) and the states hs: (B, L, ED, N). */
@@ -168,9 +167,9 @@ export class MambaBlock extends Module {
   }
 }
 
-/** Whether the adapter can bind the fused scan backward's 9 storage buffers (else the block uses pscan). */
+/** Whether the adapter can bind the fused scan backward's 10 storage buffers (else the block uses pscan). */
 function fusedScanFits(): boolean {
-  return deviceInfo().limits.maxStorageBuffersPerShaderStage >= 9;
+  return deviceInfo().limits.maxStorageBuffersPerShaderStage >= 10;
 }
 
 /** dt_proj as mamba.py: weight U(+-R^-0.5 * dtScale) or constant; bias = softplus^-1(dt), dt log-uniform. */

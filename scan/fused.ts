@@ -16,9 +16,9 @@
  * (Lc x N floats), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk. dx, ddraw
  * (through softplus) and dz are per (b, t, d) and written directly. dB and dC sum over channels: each
  * step the WG invocations put their N + N terms in workgroup memory, and every S steps, between two barriers,
- * they sum the columns and write per-tile partials (B, L, 2N, tiles), reduced afterwards. Outputs are packed
- * into two buffers, so that the kernel binds 9 storage buffers (browsers allow 10). dA, dD and dbias sum over
- * time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]).
+ * they sum the columns and write per-tile partials (B, L, 2N, tiles), reduced afterwards. The partials share
+ * a buffer with `gpar`, and the parameters one with the chunk states (`ph`), so that the kernel binds 10
+ * storage buffers, what browsers allow. dA, dD and dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]).
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
  * longer sequences take several dispatches, carrying h through hs and lam through `gpar`.
  * @module
@@ -28,7 +28,7 @@ import { defineOp } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { recordCopy } from "../core/executor.ts";
-import { cat, narrow, sum } from "../core/ops/index.ts";
+import { cat, copyBox, narrow, sum } from "../core/ops/index.ts";
 import { mapOp } from "../core/ops/map_kernel.ts";
 import { fmt } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
@@ -125,12 +125,11 @@ function forwardKernel(v: FusedVariant): Kernel {
       { name: "x", type: "f32", access: "read" },
       { name: "draw", type: "f32", access: "read" },
       { name: "dbc", type: "f32", access: "read" },
-      { name: "par", type: "f32", access: "read" },
+      { name: "ph", type: "f32", access: "read_write" }, // [bias | A_log | D | hs]: reads params, writes states
       { name: "z", type: "f32", access: "read" },
       { name: "y", type: "f32", access: "read_write" },
-      { name: "hs", type: "f32", access: "read_write" },
     ],
-    uniforms: UNIFORMS,
+    uniforms: [...UNIFORMS, ["hsOff", "u32"]],
     workgroupSize: v.WG,
     decls: COMMON,
     body: `
@@ -142,10 +141,10 @@ function forwardKernel(v: FusedVariant): Kernel {
   var h: array<f32, ${N}>;
   let hsBase = (b * P.ED + d) * P.chunks;
   let h0 = (hsBase + P.t0 / ${Lc}u - 1u) * ${N}u;
-  ${unroll(N, (n) => `A[${n}] = -exp(ld_par(P.ED + d * ${N}u + ${n}u));`)}
-  ${unroll(N, (n) => `h[${n}] = select(0.0, ld_hs(h0 + ${n}u), P.t0 > 0u);`)}
-  let bias = ld_par(d);
-  let Dd = ld_par(P.ED + P.ED * ${N}u + d);
+  ${unroll(N, (n) => `A[${n}] = -exp(ld_ph(P.ED + d * ${N}u + ${n}u));`)}
+  ${unroll(N, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${n}u), P.t0 > 0u);`)}
+  let bias = ld_ph(d);
+  let Dd = ld_ph(P.ED + P.ED * ${N}u + d);
   for (var t = P.t0; t < P.t1; t++) {
     let i = (b * P.L + t) * P.ED + d;
     let dt = softplus_(ld_draw(i) + bias);
@@ -159,7 +158,7 @@ function forwardKernel(v: FusedVariant): Kernel {
     st_y(i, yv);
     if ((t + 1u) % ${Lc}u == 0u || t + 1u == P.L) {
       let at = (hsBase + t / ${Lc}u) * ${N}u;
-      ${unroll(N, (n) => `st_hs(at + ${n}u, h[${n}]);`)}
+      ${unroll(N, (n) => `st_ph(P.hsOff + at + ${n}u, h[${n}]);`)}
     }
   }`,
   });
@@ -183,16 +182,17 @@ function backwardKernel(v: FusedVariant): Kernel {
       { name: "x", type: "f32", access: "read" },
       { name: "draw", type: "f32", access: "read" },
       { name: "dbc", type: "f32", access: "read" },
-      { name: "par", type: "f32", access: "read" },
+      { name: "ph", type: "f32", access: "read" }, // [bias | A_log | D | hs]
       { name: "z", type: "f32", access: "read" },
-      { name: "hs", type: "f32", access: "read" },
       { name: "g", type: "f32", access: "read" },
-      // Outputs packed in two buffers, so that the kernel binds 9 storage buffers (browsers allow 10):
-      // gout = [dx | ddraw | dz], each (B, L, ED); gred = [dB/dC partials (B, L, 2N, tiles) | gpar (B, ED, 2N+2)].
-      { name: "gout", type: "f32", access: "read_write" },
+      { name: "gx", type: "f32", access: "read_write" },
+      { name: "gdraw", type: "f32", access: "read_write" },
+      { name: "gz", type: "f32", access: "read_write" },
+      // [dB/dC partials (B, L, 2N, tiles) | gpar (B, ED, 2N+2)]: with `ph`, this keeps the kernel at 10
+      // storage buffers, what browsers allow.
       { name: "gred", type: "f32", access: "read_write" },
     ],
-    uniforms: [...UNIFORMS, ["n3", "u32"], ["gparOff", "u32"]],
+    uniforms: [...UNIFORMS, ["hsOff", "u32"], ["gparOff", "u32"]],
     workgroupSize: WG,
     decls: COMMON + `
 var<workgroup> red: array<f32, ${S * 2 * WG * N}>; // [step slot][channel][B terms | C terms]
@@ -214,11 +214,11 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
   let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
   var gbias = select(0.0, ld_gred(gp), more);
   var gD = select(0.0, ld_gred(gp + 1u), more);
-  ${unroll(N, (n) => `A[${n}] = -exp(ld_par(P.ED + dc * ${N}u + ${n}u));`)}
+  ${unroll(N, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n}u));`)}
   ${unroll(N, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n}u), more);`)}
   ${unroll(N, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n}u), more);`)}
-  let bias = ld_par(dc);
-  let Dd = ld_par(P.ED + P.ED * ${N}u + dc);
+  let bias = ld_ph(dc);
+  let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   let hsBase = (b * P.ED + dc) * P.chunks;
   for (var kk = P.t1; kk > P.t0; kk--) {
     let k = kk - 1u;
@@ -226,7 +226,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
     let len = min(${Lc}u, P.L - start);
     // 1. recompute h over the chunk from the saved state of the chunk before.
     let hsAt = (hsBase + k - 1u) * ${N}u;
-    ${unroll(N, (n) => `h0[${n}] = select(0.0, ld_hs(hsAt + ${n}u), k > 0u);`)}
+    ${unroll(N, (n) => `h0[${n}] = select(0.0, ld_ph(P.hsOff + hsAt + ${n}u), k > 0u);`)}
     var hc = h0;
     for (var s = 0u; s < len; s++) {
       let i = (b * P.L + start + s) * P.ED + dc;
@@ -253,7 +253,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
         ${unroll(N, (n) => `yv += ld_dbc(row + ${N + n}u) * ${H("s", n)};`)}
         let zv = ld_z(i);
         let sg = sigmoid_(zv);
-        if (valid) { st_gout(i + 2u * P.n3, gy * yv * sg * (1.0 + zv * (1.0 - sg))); }
+        if (valid) { st_gz(i, gy * yv * sg * (1.0 + zv * (1.0 - sg))); }
         gy = gy * zv * sg;
       }
       gD += gy * xv;
@@ -273,7 +273,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
     }
       let gu = gdt * sigmoid_(u);
       gbias += gu;
-      if (valid) { st_gout(i, gx); st_gout(i + P.n3, gu); }
+      if (valid) { st_gx(i, gx); st_gdraw(i, gu); }
       // dB, dC: every S steps (and at the chunk's start), each lane sums WG channels of its columns for
       // each gathered step; partials per tile.
       if (slot == ${S - 1}u || s == 0u) {
@@ -314,7 +314,7 @@ export interface FusedAttrs {
 }
 
 /** Workgroups wanted at least, so that small problems (batch 1, narrow models) still use every core. */
-const MIN_GROUPS = 16;
+const MIN_GROUPS = 4;
 
 function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs) {
   const [B, L, ED] = x.shape;
@@ -339,7 +339,7 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs) {
   };
 }
 
-/** Runs the forward kernel (no autograd): returns out (B, L, ED) and the chunk states hs (B, ED, chunks, N). */
+/** Runs the forward kernel (no autograd): returns out (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. */
 export function fusedScanForward(
   x: Tensor,
   draw: Tensor,
@@ -347,25 +347,37 @@ export function fusedScanForward(
   par: Tensor,
   z: Tensor | null,
   a: FusedAttrs,
-): { y: Tensor; hs: Tensor } {
+): { y: Tensor; ph: Tensor } {
   const { B, L, ED, v, u } = sizes(x, dBC, a);
   const y = Tensor.empty([B, L, ED]);
-  const hs = Tensor.empty([B, ED, u.chunks, a.N]);
+  const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]);
+  recordCopy(par.storage.buffer, 0, ph.storage.buffer, 0, 4 * par.size);
   const k = forwardKernel(v);
   const bufs = {
     x: x.storage,
     draw: draw.storage,
     dbc: dBC.storage,
-    par: par.storage,
+    ph: ph.storage,
     z: (z ?? x).storage,
     y: y.storage,
-    hs: hs.storage,
   };
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
-    dispatch(k, bufs, { ...u, t0, t1: Math.min(L, t0 + step) }, B * u.tiles);
+    dispatch(k, bufs, { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) }, B * u.tiles);
   }
-  return { y, hs };
+  return { y, ph };
+}
+
+/** The state after the last step, h[L-1]: (B, ED, N), read out of `ph` (the inference cache after a prompt). */
+export function lastState(ph: Tensor, B: number, ED: number, N: number, L: number): Tensor {
+  const chunks = Math.ceil(L / fusedVariant(N).Lc);
+  const h = Tensor.empty([B, ED, N]);
+  const hsOff = ph.size - B * ED * chunks * N;
+  copyBox(ph, { offset: hsOff + (chunks - 1) * N, strides: [ED * chunks * N, chunks * N, 1] }, h, {
+    offset: 0,
+    strides: [ED * N, N, 1],
+  }, [B, ED, N]);
+  return h;
 }
 
 const fusedOp = defineOp<FusedAttrs>({
@@ -373,49 +385,45 @@ const fusedOp = defineOp<FusedAttrs>({
   forward: (inputs, a, save) => {
     const [x, draw, dBC, bias, A_log, D, z] = inputs;
     const par = cat([bias, A_log.reshape(-1), D], 0); // par: (ED + ED*N + ED)
-    const { y, hs } = fusedScanForward(x, draw, dBC, par, z ?? null, a);
-    save(x, draw, dBC, A_log, par, hs, ...(z ? [z] : []));
+    const { y, ph } = fusedScanForward(x, draw, dBC, par, z ?? null, a);
+    par.dispose();
+    save(x, draw, dBC, A_log, ph, ...(z ? [z] : []));
     return y;
   },
   backward: (g, saved, inputs, a) => {
-    const [x, draw, dBC, A_log, par, hs] = saved;
-    const z = a.gated ? saved[6] : null;
+    const [x, draw, dBC, A_log, ph] = saved;
+    const z = a.gated ? saved[5] : null;
     const { B, L, ED, v, u } = sizes(x, dBC, a);
     const N = a.N;
-    const n3 = B * L * ED;
     const gbcSize = B * L * 2 * N * u.tiles;
-    const gout = Tensor.empty([3, B, L, ED]);
+    const gx = Tensor.empty(x.shape);
+    const gdraw = Tensor.empty(x.shape);
+    const gz = Tensor.empty(x.shape);
     const gred = Tensor.empty([gbcSize + B * ED * (2 * N + 2)]);
     const bufs = {
       x: x.storage,
       draw: draw.storage,
       dbc: dBC.storage,
-      par: par.storage,
+      ph: ph.storage,
       z: (z ?? x).storage,
-      hs: hs.storage,
       g: g.storage,
-      gout: gout.storage,
+      gx: gx.storage,
+      gdraw: gdraw.storage,
+      gz: gz.storage,
       gred: gred.storage,
     };
     const k = backwardKernel(v);
+    const hsOff = ph.size - B * ED * u.chunks * N;
     // Each dispatch walks its steps three times (recompute, reverse, dB/dC sums): at most MAX_STEPS / 2 steps.
     const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
     for (let t1 = u.chunks; t1 > 0; t1 -= per) {
-      dispatch(k, bufs, { ...u, t0: Math.max(0, t1 - per), t1, n3, gparOff: gbcSize }, B * u.tiles);
+      dispatch(k, bufs, { ...u, t0: Math.max(0, t1 - per), t1, hsOff, gparOff: gbcSize }, B * u.tiles);
     }
-    // Unpack with buffer copies (cheap next to the kernel).
-    const part = (src: Tensor, offset: number, shape: number[]) => {
-      const t = Tensor.empty(shape);
-      recordCopy(src.storage.buffer, 4 * offset, t.storage.buffer, 0, 4 * t.size);
-      return t;
-    };
-    const gx = part(gout, 0, [B, L, ED]);
-    const gdraw = part(gout, n3, [B, L, ED]);
-    const gz = a.gated ? part(gout, 2 * n3, [B, L, ED]) : null;
-    const gbc = part(gred, 0, [B, L, 2 * N, u.tiles]);
-    const gpar = part(gred, gbcSize, [B, ED, 2 * N + 2]);
-    gout.dispose();
+    const gbc = new Tensor(gred.storage, [B, L, 2 * N, u.tiles], "f32"); // a view: the partials come first
+    const gpar = Tensor.empty([B, ED, 2 * N + 2]);
+    recordCopy(gred.storage.buffer, 4 * gbcSize, gpar.storage.buffer, 0, 4 * gpar.size);
     gred.dispose();
+    if (!a.gated) gz.dispose();
     // Reductions: dB, dC over tiles; dbias, dD, dA over the batch.
     const gBC = sum(gbc, -1); // gBC: (B, L, 2N)
     const gdBC = a.R > 0 ? cat([mapOp("0.0", [], [B, L, a.R]), gBC], -1) : gBC; // (B, L, R + 2N)
@@ -432,7 +440,7 @@ const fusedOp = defineOp<FusedAttrs>({
       gbias,
       gAlog,
       gD,
-      ...(gz ? [gz] : []),
+      ...(a.gated ? [gz] : []),
     ].map((t, i) => (inputs[i].requiresGrad ? t : (t.dispose(), null)));
   },
 });

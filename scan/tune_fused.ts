@@ -18,7 +18,7 @@ import { dispose, tidy } from "../core/tensor.ts";
 import { defaultFusedVariant, fusedSelectiveScan, type FusedVariant, setFusedVariant } from "./fused.ts";
 
 /** Bump when the kernels change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 3;
+export const FUSED_KERNEL_VERSION = 4;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -55,9 +55,9 @@ function cacheKey(N: number): string {
 /** Measures (or reads the cached choice of) the fused-scan variants for state size N and selects the fastest. */
 export async function tuneFusedScan(N: number, options: { force?: boolean } = {}): Promise<FusedTuneResult> {
   await init();
-  // The backward binds 9 storage buffers: an adapter that allows fewer cannot run it (WebGPU's default is 8;
+  // The backward binds 10 storage buffers: an adapter that allows fewer cannot run it (WebGPU's default is 8;
   // browsers give 10 or more when asked), so there is nothing to measure.
-  if (deviceInfo().limits.maxStorageBuffersPerShaderStage < 9) {
+  if (deviceInfo().limits.maxStorageBuffersPerShaderStage < 10) {
     return { variant: defaultFusedVariant(N), timings: {}, fromCache: false };
   }
   const key = cacheKey(N);
