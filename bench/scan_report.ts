@@ -254,7 +254,7 @@ export async function rooflineFused(
   const call = () => {
     const r = fusedScanForward(t.x, t.draw, t.dBC, t.par, t.z, { R, N, gated: true });
     r.y.dispose();
-    r.hs.dispose();
+    r.ph.dispose();
   };
   const samples: number[] = [];
   let k = 1;
