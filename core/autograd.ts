@@ -13,6 +13,7 @@ import { markSaved } from "./memory.ts";
 import { fmt } from "./shape.ts";
 import { keep, type Tensor, tidy } from "./tensor.ts";
 import { add, copy } from "./ops/index.ts";
+import { mapOp } from "./ops/map_kernel.ts";
 
 /** The record autograd keeps for one op application. */
 export interface GradNode {
@@ -118,7 +119,7 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
   const grads = new Map<Tensor, Tensor>();
   // `claimed`: tensors held by the map or by a leaf's .grad; anything else produced here is disposed.
   const claimed = new Set<Tensor>();
-  const seed = grad ?? tidy(() => keep(onesLike(root)));
+  const seed = grad ?? onesLike(root);
   if (grad) claimed.add(grad);
   grads.set(root, seed);
   claimed.add(seed);
@@ -173,7 +174,7 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
 }
 
 function onesLike(t: Tensor): Tensor {
-  return copy(t).mul(0).add(1);
+  return mapOp("1.0", [], t.shape);
 }
 
 /** Adds `g` into a leaf's `.grad`; takes ownership of `g` unless it is the caller's own gradient. */
