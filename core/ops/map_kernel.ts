@@ -51,6 +51,43 @@ fn pow_(x: f32, p: f32) -> f32 {
 /** How an operand is read: at i; through strides; as a uniform; at i % m (trailing dims); at i / m (leading). */
 type Kind = "same" | "bcast" | "scalar" | "tail" | "head";
 
+/**
+ * The vec4 form of a same-shape f32 map: each invocation loads and stores four elements at once (16-byte
+ * accesses) and evaluates the scalar expression per component, so every expression works unchanged.
+ */
+function vec4Kernel(expr: string, kinds: Kind[]): Kernel {
+  const key = `vec4|${expr}|${kinds.join()}`;
+  let k = kernels.get(key);
+  if (k) return k;
+  const lines = [`if (gid >= P.n) { return; }`];
+  kinds.forEach((kind, j) => kind !== "scalar" && lines.push(`let ${names[j]}4 = ld_${names[j]}(gid);`));
+  lines.push(`var r: vec4<f32>;`);
+  for (const c of "xyzw") {
+    const lets = kinds.map((kind, j) =>
+      `let ${names[j]} = ${kind === "scalar" ? `P.s${j}` : `${names[j]}4.${c}`};`
+    );
+    lines.push(`{ ${lets.join(" ")} r.${c} = ${expr}; }`);
+  }
+  lines.push(`st_y(gid, r);`);
+  const uniforms: [string, "u32" | "f32"][] = [["n", "u32"]];
+  kinds.forEach((_, j) => uniforms.push([`s${j}`, "f32"]));
+  k = defineKernel({
+    name: `map4_${kernels.size}_${kinds.join("")}`,
+    buffers: [
+      ...kinds.flatMap((kind, j) =>
+        kind === "scalar" ? [] : [{ name: names[j], type: "vec4<f32>" as const, access: "read" as const }]
+      ),
+      { name: "y", type: "vec4<f32>", access: "read_write" },
+    ],
+    uniforms,
+    workgroupSize: WG,
+    decls: MAP_HELPERS,
+    body: lines.join("\n"),
+  });
+  kernels.set(key, k);
+  return k;
+}
+
 function kernelFor(
   expr: string,
   kinds: Kind[],
@@ -147,6 +184,19 @@ export function mapOp(
   if (n === 0) return out;
   const kinds = operands.map((o): Kind => typeof o === "number" ? "scalar" : readKind(o.shape, outShape));
   const types = operands.map((o, j) => typeof o === "number" ? (scalarTypes?.[j] ?? "f32") : o.dtype);
+  if (
+    n % 4 === 0 && outType === "f32" && types.every((t) => t === "f32") && !/\bgid\b/.test(expr) &&
+    kinds.every((k) => k === "same" || k === "scalar")
+  ) {
+    const buffers: Record<string, Tensor["storage"]> = { y: out.storage };
+    const uniforms: Record<string, number> = { n: n / 4 };
+    operands.forEach((o, j) => {
+      if (typeof o === "number") uniforms[`s${j}`] = o;
+      else buffers[names[j]] = o.storage;
+    });
+    dispatch(vec4Kernel(expr, kinds), buffers, uniforms, Math.ceil(n / 4 / WG));
+    return out;
+  }
   const k = kernelFor(expr, kinds, types, outType);
   const buffers: Record<string, Tensor["storage"]> = { y: out.storage };
   const uniforms: Record<string, number | number[]> = { n };
