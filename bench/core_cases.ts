@@ -147,17 +147,6 @@ export async function timeBatch(p: Prepared, reps: number): Promise<number> {
   return performance.now() - t0;
 }
 
-/** The fixed cost of one wait with no work (best of 3), in ms. */
-export async function waitCost(): Promise<number> {
-  let best = Infinity;
-  for (let i = 0; i < 3; i++) {
-    const t0 = performance.now();
-    await sync();
-    best = Math.min(best, performance.now() - t0);
-  }
-  return best;
-}
-
 /**
  * Ops per wait so that one batch lasts about `targetMs` (at least 1, at most 2000): one untimed op first
  * (pipeline compilation), then batches that grow until one lasts `targetMs / 4`.

@@ -11,7 +11,8 @@
  */
 import { init, sync } from "../mod.ts";
 import { tuneKernels } from "../core/tune.ts";
-import { adapterLabel, calibrate, coreCases, rate, timeBatch, waitCost } from "./core_cases.ts";
+import { adapterLabel, calibrate, coreCases, rate, timeBatch } from "./core_cases.ts";
+import { waitCost } from "../core/tune.ts";
 
 const BATCHES = 5;
 

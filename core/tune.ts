@@ -145,8 +145,8 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
   return current;
 }
 
-/** The fixed cost of one wait with no work (best of 3), in ms. */
-async function waitCost(): Promise<number> {
+/** The fixed cost of one wait with no work (best of 3), in ms; timings subtract it. */
+export async function waitCost(): Promise<number> {
   let best = Infinity;
   for (let i = 0; i < 3; i++) {
     const t0 = performance.now();
