@@ -293,3 +293,37 @@ Deno.test("composite: shape ops chained with arithmetic give the right gradients
     }] satisfies OpCase[],
   );
 });
+
+Deno.test("copies that merge dims, move vec4 rows, or become buffer copies: forward and gradients", async () => {
+  // (2, 5, 8) rows of 8 split into halves of 4: vec4 copies over merged (B*L) rows; narrow on dim 0 is one
+  // contiguous run (a buffer copy); cat along 1 merges to (2, 10*8) boxes; an offset of 2 keeps it scalar.
+  const x = rand([2, 5, 8], 18);
+  await checkOps(
+    [
+      {
+        what: "split halves of the last dim (vec4 rows), second half",
+        inputs: [x],
+        gpu: ([a]) => M.split(a, 4, -1)[1],
+        ref: ([a]) => narrowRef(a, 2, 4, 4),
+      },
+      {
+        what: "narrow(0, 1, 1): one contiguous run",
+        inputs: [x],
+        gpu: ([a]) => a.narrow(0, 1, 1),
+        ref: ([a]) => narrowRef(a, 0, 1, 1),
+      },
+      {
+        what: "cat along 1 of (2,5,8) twice",
+        inputs: [x, rand([2, 5, 8], 19)],
+        gpu: ([a, b]) => M.cat([a, b], 1),
+        ref: ([a, b]) => catRef([a, b], 1),
+      },
+      {
+        what: "narrow(2, 2, 4): rows at an offset that is not a multiple of 4",
+        inputs: [x],
+        gpu: ([a]) => a.narrow(2, 2, 4),
+        ref: ([a]) => narrowRef(a, 2, 2, 4),
+      },
+    ] satisfies OpCase[],
+  );
+});

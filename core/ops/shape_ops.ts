@@ -2,54 +2,97 @@
  * Shape ops: reshape/view (share storage), and the copies permute, transpose, slice, narrow, cat, split,
  * chunk, pad, expand.
  *
- * All copies are one kernel, `strided_copy`: each invocation moves one 32-bit word from
- * `src[srcOffset + sum(c_d * srcStride_d)]` to `dst[dstOffset + sum(c_d * dstStride_d)]` for the coordinate
- * `c` of its element in the copied box. It is dtype-agnostic (u32 bits). No workgroup memory.
+ * All copies go through `copyBox`, one template `strided_copy_r<rank>`: each invocation moves one 32-bit
+ * word (or one vec4<u32> when rows allow) from `src[srcOffset + sum(c_d * srcStride_d)]` to
+ * `dst[dstOffset + sum(c_d * dstStride_d)]` for the coordinate `c` of its element in the copied box, after
+ * dims contiguous in both boxes were merged (fewer integer divisions, which are scalar on CPU adapters);
+ * fully contiguous boxes become buffer copies. Dtype-agnostic (u32 bits). No workgroup memory.
  * @module
  */
 
 import { defineOp } from "../autograd.ts";
 import { recordCopy } from "../executor.ts";
-import { defineKernel, dispatch } from "../kernel.ts";
-import { checkShape, fmt, MAX_RANK, normAxis, padRank, type Shape, sizeOf, stridesOf } from "../shape.ts";
+import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
+import { checkShape, fmt, MAX_RANK, normAxis, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { mapOp } from "./map_kernel.ts";
 import { sumToShape } from "./reduce.ts";
 
 const WG = 256;
 
-function coordLines(): string {
+/**
+ * Index arithmetic of a copy of rank r (after merging dims): r - 1 div/mod pairs, innermost first, the
+ * outermost coordinate is what remains. Integer division is scalar on CPU adapters, so fewer dims is faster.
+ */
+function coordLines(rank: number): string {
   const lines: string[] = [];
-  for (let d = MAX_RANK - 1; d >= 0; d--) {
+  for (let d = rank - 1; d >= 0; d--) {
     const c = `${d < 4 ? "0" : "1"}.${"xyzw"[d % 4]}`;
-    lines.push(`{ let c = rem % P.sh${c}; rem = rem / P.sh${c}; si += c * P.ss${c}; di += c * P.ds${c}; }`);
+    lines.push(
+      d === 0
+        ? `si += rem * P.ss${c}; di += rem * P.ds${c};`
+        : `{ let c = rem % P.sh${c}; rem = rem / P.sh${c}; si += c * P.ss${c}; di += c * P.ds${c}; }`,
+    );
   }
   return lines.join("\n  ");
 }
 
-const stridedCopy = defineKernel({
-  name: "strided_copy",
-  buffers: [{ name: "src", type: "u32", access: "read" }, { name: "dst", type: "u32", access: "read_write" }],
-  uniforms: [
-    ["n", "u32"],
-    ["srcOffset", "u32"],
-    ["dstOffset", "u32"],
-    ["sh0", "vec4<u32>"],
-    ["sh1", "vec4<u32>"],
-    ["ss0", "vec4<u32>"],
-    ["ss1", "vec4<u32>"],
-    ["ds0", "vec4<u32>"],
-    ["ds1", "vec4<u32>"],
-  ],
-  workgroupSize: WG,
-  body: `
+const copyKernels = new Map<string, Kernel>();
+
+/** `strided_copy_r<rank>[_v4]`: one invocation moves one 32-bit word (or four, as vec4<u32>). */
+function stridedCopyKernel(rank: number, vec4: boolean): Kernel {
+  const key = `${rank}|${vec4}`;
+  let k = copyKernels.get(key);
+  if (!k) {
+    const type = vec4 ? "vec4<u32>" : "u32";
+    k = defineKernel({
+      name: `strided_copy_r${rank}${vec4 ? "_v4" : ""}`,
+      buffers: [{ name: "src", type, access: "read" }, { name: "dst", type, access: "read_write" }],
+      uniforms: [
+        ["n", "u32"],
+        ["srcOffset", "u32"],
+        ["dstOffset", "u32"],
+        ["sh0", "vec4<u32>"],
+        ["sh1", "vec4<u32>"],
+        ["ss0", "vec4<u32>"],
+        ["ss1", "vec4<u32>"],
+        ["ds0", "vec4<u32>"],
+        ["ds1", "vec4<u32>"],
+      ],
+      workgroupSize: WG,
+      body: `
   if (gid >= P.n) { return; }
   var rem = gid;
   var si = P.srcOffset;
   var di = P.dstOffset;
-  ${coordLines()}
+  ${coordLines(rank)}
   st_dst(di, ld_src(si));`,
-});
+    });
+    copyKernels.set(key, k);
+  }
+  return k;
+}
+
+/** Drops size-1 dims and merges neighbours that are contiguous in both boxes: (B, L, ED) rows of a
+ * (B, L, 2ED) tensor become (B*L, ED). */
+function mergeDims(shape: Shape, ss: readonly number[], ds: readonly number[]) {
+  const out = { shape: [] as number[], ss: [] as number[], ds: [] as number[] };
+  for (let d = 0; d < shape.length; d++) {
+    if (shape[d] === 1) continue;
+    const last = out.shape.length - 1;
+    if (last >= 0 && out.ss[last] === ss[d] * shape[d] && out.ds[last] === ds[d] * shape[d]) {
+      out.shape[last] *= shape[d];
+      out.ss[last] = ss[d];
+      out.ds[last] = ds[d];
+    } else {
+      out.shape.push(shape[d]);
+      out.ss.push(ss[d]);
+      out.ds.push(ds[d]);
+    }
+  }
+  if (out.shape.length === 0) return { shape: [1], ss: [1], ds: [1] };
+  return out;
+}
 
 /** A box inside a tensor: start offset (elements) and strides of each box dim. */
 export interface Box {
@@ -59,24 +102,40 @@ export interface Box {
   strides: readonly number[];
 }
 
-/** Copies the box `shape` from `src` (read through `from`) into `dst` (written through `to`). No autograd. */
+/**
+ * Copies the box `shape` from `src` (read through `from`) into `dst` (written through `to`). No autograd.
+ * Dims are merged first; a contiguous run becomes a buffer copy, and rows whose length, strides and offsets
+ * are multiples of 4 move as vec4.
+ */
 export function copyBox(src: Tensor, from: Box, dst: Tensor, to: Box, shape: Shape): void {
   const n = sizeOf(shape);
   if (n === 0) return;
-  const sh = padRank(shape, 1);
-  const ss = padRank(from.strides, 0);
-  const ds = padRank(to.strides, 0);
-  dispatch(stridedCopy, { src: src.storage, dst: dst.storage }, {
-    n,
-    srcOffset: from.offset,
-    dstOffset: to.offset,
+  const m = mergeDims(shape, from.strides, to.strides);
+  const r = m.shape.length;
+  if (r === 1 && m.ss[0] === 1 && m.ds[0] === 1 && src.storage.buffer !== dst.storage.buffer) {
+    recordCopy(src.storage.buffer, 4 * from.offset, dst.storage.buffer, 4 * to.offset, 4 * n);
+    return;
+  }
+  const by4 = (v: number) => v % 4 === 0;
+  const vec4 = m.ss[r - 1] === 1 && m.ds[r - 1] === 1 && by4(m.shape[r - 1]) && by4(from.offset) &&
+    by4(to.offset) && m.ss.slice(0, -1).every(by4) && m.ds.slice(0, -1).every(by4);
+  const q = vec4 ? 4 : 1;
+  // Dims 0..r-1 of the uniforms, left-aligned (the kernel of rank r reads only those).
+  const fill = (a: number[]) => [...a, ...new Array(MAX_RANK - a.length).fill(0)];
+  const sh = fill(m.shape.map((v, d) => (d === r - 1 ? v / q : v)));
+  const ss = fill(m.ss.map((v, d) => (d === r - 1 ? v : v / q)));
+  const ds = fill(m.ds.map((v, d) => (d === r - 1 ? v : v / q)));
+  dispatch(stridedCopyKernel(r, vec4), { src: src.storage, dst: dst.storage }, {
+    n: n / q,
+    srcOffset: from.offset / q,
+    dstOffset: to.offset / q,
     sh0: sh.slice(0, 4),
     sh1: sh.slice(4),
     ss0: ss.slice(0, 4),
     ss1: ss.slice(4),
     ds0: ds.slice(0, 4),
     ds1: ds.slice(4),
-  }, Math.ceil(n / WG));
+  }, Math.ceil(n / q / WG));
 }
 
 /** A contiguous copy with its own storage (no autograd; one buffer copy). */
