@@ -32,8 +32,21 @@ export interface DeviceInfo {
   subgroupMaxSize: number;
   /** Whether kernels may be timed with timestamp queries. */
   timestampQuery: boolean;
+  /** Subgroup operations (`subgroupAdd`), when the device has them and a probe kernel summed correctly; else null. */
+  subgroups: SubgroupSupport | null;
   /** The limits the device was created with. */
   limits: DeviceLimits;
+}
+
+/** How kernels use subgroups on this device. */
+export interface SubgroupSupport {
+  /** WGSL directive to put first in a shader: "enable subgroups;" (browsers), or "" where the compiler has
+   * subgroup builtins without it (Deno's naga rejects the directive). */
+  directive: string;
+  /** Smallest subgroup size the adapter may use. */
+  minSize: number;
+  /** Largest subgroup size the adapter may use. */
+  maxSize: number;
 }
 
 /** The device limits the runtime relies on. */
@@ -108,7 +121,17 @@ async function acquire(options: InitOptions): Promise<DeviceInfo> {
   };
   const timestampQuery = adapter.features.has("timestamp-query");
   const requiredFeatures: GPUFeatureName[] = timestampQuery ? ["timestamp-query"] : [];
-  const dev = await adapter.requestDevice({ requiredLimits: wanted, requiredFeatures });
+  // Subgroups: ask even when the adapter does not list them (Deno's Vulkan adapters grant them unlisted);
+  // an adapter without them rejects the request, and we ask again without.
+  let dev: GPUDevice;
+  try {
+    dev = await adapter.requestDevice({
+      requiredLimits: wanted,
+      requiredFeatures: [...requiredFeatures, "subgroups" as GPUFeatureName],
+    });
+  } catch {
+    dev = await adapter.requestDevice({ requiredLimits: wanted, requiredFeatures });
+  }
   dev.addEventListener("uncapturederror", (ev) => {
     const err = (ev as GPUUncapturedErrorEvent).error;
     firstError ??= `${err.constructor.name}: ${err.message}`;
@@ -126,6 +149,9 @@ async function acquire(options: InitOptions): Promise<DeviceInfo> {
     isFallbackAdapter: ai.isFallbackAdapter ?? false,
     subgroupMaxSize: ai.subgroupMaxSize ?? 0,
     timestampQuery,
+    subgroups: dev.features.has("subgroups")
+      ? await probeSubgroups(dev, ai.subgroupMinSize ?? 0, ai.subgroupMaxSize ?? 0)
+      : null,
     limits: {
       maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
       maxBufferSize: l.maxBufferSize,
@@ -139,6 +165,59 @@ async function acquire(options: InitOptions): Promise<DeviceInfo> {
   };
   device = dev;
   return info;
+}
+
+/**
+ * Checks that subgroupAdd compiles and sums: tries the shader with and without `enable subgroups;` and runs
+ * the one that compiles on 64 invocations (one readback at init, only on devices that grant the feature).
+ */
+async function probeSubgroups(
+  dev: GPUDevice,
+  minSize: number,
+  maxSize: number,
+): Promise<SubgroupSupport | null> {
+  const body = `@group(0) @binding(0) var<storage, read_write> o: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) l: u32, @builtin(subgroup_size) sz: u32) {
+  o[l] = u32(subgroupAdd(1.0)) * 1000u + sz;
+}`;
+  for (const directive of ["enable subgroups;", ""]) {
+    dev.pushErrorScope("validation");
+    const module = dev.createShaderModule({ code: `${directive}\n${body}` });
+    const pipeline = dev.createComputePipeline({ layout: "auto", compute: { module, entryPoint: "main" } });
+    if (await dev.popErrorScope()) continue;
+    const buf = dev.createBuffer({ size: 256, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC });
+    const read = dev.createBuffer({ size: 256, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    const enc = dev.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(
+      0,
+      dev.createBindGroup({
+        layout: pipeline.getBindGroupLayout(0),
+        entries: [{ binding: 0, resource: { buffer: buf } }],
+      }),
+    );
+    pass.dispatchWorkgroups(1);
+    pass.end();
+    enc.copyBufferToBuffer(buf, 0, read, 0, 256);
+    dev.queue.submit([enc.finish()]);
+    await read.mapAsync(GPUMapMode.READ);
+    const o = new Uint32Array(read.getMappedRange().slice(0));
+    read.unmap();
+    buf.destroy();
+    read.destroy();
+    // Each invocation saw its subgroup's size twice: as the builtin and as the sum of ones.
+    const ok = o.every((v) => Math.floor(v / 1000) === v % 1000 && v % 1000 >= 1 && v % 1000 <= 64);
+    if (!ok) return null;
+    const sizes = [...o].map((v) => v % 1000);
+    return {
+      directive,
+      minSize: minSize || Math.min(...sizes),
+      maxSize: maxSize || Math.max(...sizes),
+    };
+  }
+  return null;
 }
 
 /** The device; throws if {@linkcode init} has not completed or the device was lost. */

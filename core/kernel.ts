@@ -15,7 +15,7 @@ import { recordDispatch, reserveUniforms } from "./executor.ts";
 import type { Storage } from "./memory.ts";
 
 /** Element type of a storage binding as WGSL sees it. */
-export type ElemType = "f32" | "i32" | "u32" | "vec4<f32>";
+export type ElemType = "f32" | "i32" | "u32" | "vec4<f32>" | "vec4<u32>";
 /** Type of one uniform field. */
 export type UniformType = "u32" | "i32" | "f32" | "vec4<u32>" | "vec4<i32>";
 
@@ -41,8 +41,11 @@ export interface KernelSpec {
   workgroupSize: number;
   /** WGSL placed before `main` (helper functions, `var<workgroup>` arrays). */
   decls?: string;
-  /** Body of `main`; sees `group` (linear workgroup index), `lid` (local index) and `gid` = group*WG + lid. */
+  /** Body of `main`; sees `group` (linear workgroup index), `lid` (local index) and `gid` = group*WG + lid,
+   * and with `subgroups` also `sgSize` and `sgLane` (subgroup size, index within the subgroup). */
   body: string;
+  /** Uses subgroup operations: needs `deviceInfo().subgroups` (checked when the pipeline is built). */
+  subgroups?: boolean;
 }
 
 /** A defined kernel; compiled lazily per window signature. */
@@ -55,7 +58,13 @@ export interface Kernel {
   readonly uniformBytes: number;
 }
 
-const ELEM_BYTES: Record<ElemType, number> = { "f32": 4, "i32": 4, "u32": 4, "vec4<f32>": 16 };
+const ELEM_BYTES: Record<ElemType, number> = {
+  "f32": 4,
+  "i32": 4,
+  "u32": 4,
+  "vec4<f32>": 16,
+  "vec4<u32>": 16,
+};
 const pipelines = new Map<string, { pipeline: GPUComputePipeline; layout: GPUBindGroupLayout }>();
 
 /** Defines a kernel. Cheap: compilation happens at first dispatch. */
@@ -96,6 +105,9 @@ function accessors(b: BufferDecl, windows: number, segElems: number): string {
 export function kernelSource(k: Kernel, windows: number[]): string {
   const { spec } = k;
   const lines: string[] = [];
+  const sg = spec.subgroups ? deviceInfo().subgroups : null;
+  if (spec.subgroups && !sg) throw new Error(`kernel ${spec.name} needs subgroups, which this device lacks`);
+  if (sg?.directive) lines.push(sg.directive);
   const fields = [...k.uniformOffsets].map(([n, [, t]]) => `  ${n}: ${t},`).join("\n");
   lines.push(`struct Params {\n${fields}\n}`);
   lines.push(`@group(0) @binding(0) var<uniform> P: Params;`);
@@ -113,7 +125,9 @@ export function kernelSource(k: Kernel, windows: number[]): string {
   lines.push(
     `@compute @workgroup_size(${spec.workgroupSize})`,
     `fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,`,
-    `        @builtin(local_invocation_index) lid: u32) {`,
+    `        @builtin(local_invocation_index) lid: u32${
+      sg ? ", @builtin(subgroup_size) sgSize: u32, @builtin(subgroup_invocation_id) sgLane: u32" : ""
+    }) {`,
     `  let group = wid.x + wid.y * nwg.x;`,
     `  if (group >= P._groups) { return; }`,
     `  let gid = group * ${spec.workgroupSize}u + lid;`,

@@ -27,6 +27,7 @@ import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { fusedScanForward, fusedSelectiveScan, lastState } from "../scan/fused.ts";
+import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs
 import { checkpoint, isGradEnabled } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import type { MambaConfig } from "./config.ts";

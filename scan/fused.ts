@@ -31,6 +31,7 @@ import { recordCopy } from "../core/executor.ts";
 import { cat, copyBox, narrow, sum } from "../core/ops/index.ts";
 import { mapOp } from "../core/ops/map_kernel.ts";
 import { fmt } from "../core/shape.ts";
+import { zeros } from "../core/creation.ts";
 import { Tensor } from "../core/tensor.ts";
 
 /** Compile-time shape of a fused-scan kernel. */
@@ -46,6 +47,10 @@ export interface FusedVariant {
   hbuf?: "private" | "workgroup";
   /** Steps whose dB/dC terms the backward gathers between two barriers (default: as many as fit). */
   S?: number;
+  /** How the backward sums dB/dC over the channels of a workgroup: through workgroup memory between
+   * barriers (default; every adapter), or with subgroupAdd (no workgroup memory, no barriers; needs
+   * `deviceInfo().subgroups`). */
+  reduce?: "workgroup" | "subgroup";
 }
 
 /** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16). */
@@ -65,9 +70,11 @@ const kernels = new Map<string, Kernel>();
 
 const chosen = new Map<number, FusedVariant>();
 
-/** The default variant of a state size: chunks sized so that the backward's private h buffer is 1024 floats. */
+/** The default variant of a state size: chunks sized so that the backward's private h buffer is 1024 floats;
+ * dB/dC summed with subgroupAdd where the device has subgroups (no barriers: fastest on every adapter measured). */
 export function defaultFusedVariant(N: number): FusedVariant {
   const Lc = Math.min(64, Math.max(4, Math.floor(1024 / N)));
+  if (deviceInfo().subgroups) return { N, Lc, WG: 32, reduce: "subgroup" };
   const WG = N > 32 ? 32 : 64; // workgroup memory of the backward: 2 * WG * N floats
   return { N, Lc, WG };
 }
@@ -169,15 +176,36 @@ function forwardKernel(v: FusedVariant): Kernel {
 function backwardKernel(v: FusedVariant): Kernel {
   const shared = v.hbuf === "workgroup";
   const S = stepsPerBarrier(v);
-  const key = `bwd|${v.N}|${v.Lc}|${v.WG}|${shared}|${S}`;
+  const sg = v.reduce === "subgroup";
+  const key = `bwd|${v.N}|${v.Lc}|${v.WG}|${shared}|${S}|${sg}`;
   let k = kernels.get(key);
   if (k) return k;
   const { N, Lc, WG } = v;
   /** WGSL of the recomputed state n at chunk step `s`. */
   const H = (s: string, n: number) =>
     shared ? `hbufW[(${s} * ${N}u + ${n}u) * ${WG}u + lid]` : `hbuf[${s} * ${N}u + ${n}u]`;
+  // dB, dC through workgroup memory: every S steps (and at the chunk's start), each lane sums WG channels of
+  // its columns for each gathered step, one partial row per tile.
+  const workgroupReduce = `
+      if (slot == ${S - 1}u || s == 0u) {
+        workgroupBarrier();
+        for (var q = 0u; q <= slot; q++) {
+          let tq = start + len - 1u - (kq - slot + q);
+          let base = q * ${WG * 2 * N}u;
+          ${
+    unroll(Math.ceil((2 * N) / WG), (j) =>
+      `{ let col = lid + ${j * WG}u; if (col < ${2 * N}u) { let acc = ${
+        Array.from({ length: WG }, (_, c) =>
+          `red[base + ${c * 2 * N}u + col]`).join(" + ")
+      }; st_gred(((b * P.L + tq) * P.slots + tile) * ${2 * N}u + col, acc); } }`)
+  }
+        }
+        workgroupBarrier();
+      }
+`;
   k = defineKernel({
-    name: `fused_scan_bwd_N${N}_Lc${Lc}_WG${WG}_S${S}${shared ? "_wgmem" : ""}`,
+    name: `fused_scan_bwd_N${N}_Lc${Lc}_WG${WG}_${sg ? "sg" : `S${S}`}${shared ? "_wgmem" : ""}`,
+    subgroups: sg,
     buffers: [
       { name: "x", type: "f32", access: "read" },
       { name: "draw", type: "f32", access: "read" },
@@ -188,14 +216,14 @@ function backwardKernel(v: FusedVariant): Kernel {
       { name: "gx", type: "f32", access: "read_write" },
       { name: "gdraw", type: "f32", access: "read_write" },
       { name: "gz", type: "f32", access: "read_write" },
-      // [dB/dC partials (B, L, 2N, tiles) | gpar (B, ED, 2N+2)]: with `ph`, this keeps the kernel at 10
+      // [dB/dC partials (B, L, slots, 2N) | gpar (B, ED, 2N+2)]: with `ph`, this keeps the kernel at 10
       // storage buffers, what browsers allow.
       { name: "gred", type: "f32", access: "read_write" },
     ],
-    uniforms: [...UNIFORMS, ["hsOff", "u32"], ["gparOff", "u32"]],
+    uniforms: [...UNIFORMS, ["hsOff", "u32"], ["gparOff", "u32"], ["slots", "u32"], ["slotsPerTile", "u32"]],
     workgroupSize: WG,
     decls: COMMON + `
-var<workgroup> red: array<f32, ${S * 2 * WG * N}>; // [step slot][channel][B terms | C terms]
+${sg ? "" : `var<workgroup> red: array<f32, ${S * 2 * WG * N}>; // [step slot][channel][B terms | C terms]`}
 ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][channel]` : ""}`,
     body: `
   // workgroup -> (b, tile of WG channels); invocation -> channel d. Chunks [t0, t1) walked in reverse.
@@ -236,7 +264,9 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
       ${unroll(N, (n) => `hc[${n}] = exp(dt * A[${n}]) * hc[${n}] + dtx * ld_dbc(row + ${n}u);`)}
       ${unroll(N, (n) => `${H("s", n)} = hc[${n}];`)}
     }
-    // 2. reverse scan inside the chunk.
+    // 2. reverse scan inside the chunk. hcur = h(t) is carried down from the step above (the last one is
+    // the recompute's final state), so each step reads one stored state, h(t-1).
+    var hcur = hc;
     for (var ss = len; ss > 0u; ss--) {
       let s = ss - 1u;
       let t = start + s;
@@ -247,10 +277,13 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
       let dt = softplus_(u);
       let xv = ld_x(i);
       let row = (b * P.L + t) * P.S + P.R;
+      var Bv: array<f32, ${N}>;
+      var Cv: array<f32, ${N}>;
+      ${unroll(N, (n) => `Bv[${n}] = ld_dbc(row + ${n}u); Cv[${n}] = ld_dbc(row + ${N + n}u);`)}
       var gy = ld_g(i);
       if (P.gated != 0u) {
         var yv = Dd * xv;
-        ${unroll(N, (n) => `yv += ld_dbc(row + ${N + n}u) * ${H("s", n)};`)}
+        ${unroll(N, (n) => `yv += Cv[${n}] * hcur[${n}];`)}
         let zv = ld_z(i);
         let sg = sigmoid_(zv);
         if (valid) { st_gz(i, gy * yv * sg * (1.0 + zv * (1.0 - sg))); }
@@ -263,34 +296,28 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
       var hp: array<f32, ${N}>;
       ${unroll(N, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
       let lane = (slot * ${WG}u + lid) * ${2 * N}u;
+      // this subgroup's partial row of step t: (B, L, slots, 2N)
+      let part = ((b * P.L + t) * P.slots + tile * P.slotsPerTile + ${sg ? "lid / sgSize" : "0u"}) * ${
+      2 * N
+    }u;
       ${
       unroll(N, (n) =>
-        `{ let a = exp(dt * A[${n}]); let Bn = ld_dbc(row + ${n}u); ` +
-        `let l = gy * ld_dbc(row + ${N + n}u) + lam[${n}]; let ga = l * hp[${n}]; ` +
-        `gx += l * dt * Bn; gdt += l * Bn * xv + ga * a * A[${n}]; gA[${n}] += ga * a * dt; ` +
-        `red[lane + ${n}u] = select(0.0, l * dt * xv, valid); ` +
-        `red[lane + ${N + n}u] = select(0.0, gy * ${H("s", n)}, valid); lam[${n}] = a * l; }`)
+        `{ let a = exp(dt * A[${n}]); ` +
+        `let l = gy * Cv[${n}] + lam[${n}]; let ga = l * hp[${n}]; ` +
+        `gx += l * dt * Bv[${n}]; gdt += l * Bv[${n}] * xv + ga * a * A[${n}]; gA[${n}] += ga * a * dt; ` +
+        (sg
+          ? `{ let sB = subgroupAdd(select(0.0, l * dt * xv, valid)); ` +
+            `let sC = subgroupAdd(select(0.0, gy * hcur[${n}], valid)); ` +
+            `if (sgLane == 0u) { st_gred(part + ${n}u, sB); st_gred(part + ${N + n}u, sC); } } `
+          : `red[lane + ${n}u] = select(0.0, l * dt * xv, valid); ` +
+            `red[lane + ${N + n}u] = select(0.0, gy * hcur[${n}], valid); `) +
+        `lam[${n}] = a * l; }`)
     }
+      hcur = hp;
       let gu = gdt * sigmoid_(u);
       gbias += gu;
       if (valid) { st_gx(i, gx); st_gdraw(i, gu); }
-      // dB, dC: every S steps (and at the chunk's start), each lane sums WG channels of its columns for
-      // each gathered step; partials per tile.
-      if (slot == ${S - 1}u || s == 0u) {
-        workgroupBarrier();
-        for (var q = 0u; q <= slot; q++) {
-          let tq = start + len - 1u - (kq - slot + q);
-          let base = q * ${WG * 2 * N}u;
-          ${
-      unroll(Math.ceil((2 * N) / WG), (j) =>
-        `{ let col = lid + ${j * WG}u; if (col < ${2 * N}u) { let acc = ${
-          Array.from({ length: WG }, (_, c) =>
-            `red[base + ${c * 2 * N}u + col]`).join(" + ")
-        }; st_gred(((b * P.L + tq) * ${2 * N}u + col) * P.tiles + tile, acc); } }`)
-    }
-        }
-        workgroupBarrier();
-      }
+${sg ? "" : workgroupReduce}
     }
   }
   if (valid) {
@@ -395,11 +422,17 @@ const fusedOp = defineOp<FusedAttrs>({
     const z = a.gated ? saved[5] : null;
     const { B, L, ED, v, u } = sizes(x, dBC, a);
     const N = a.N;
-    const gbcSize = B * L * 2 * N * u.tiles;
+    // dB/dC partials: one row per tile, or per subgroup of a tile (how many depends on the subgroup size the
+    // adapter picks at run time: rows it leaves unwritten must be zeros).
+    const sg = v.reduce === "subgroup" ? deviceInfo().subgroups : null;
+    const slotsPerTile = sg ? Math.ceil(v.WG / sg.minSize) : 1;
+    const slots = u.tiles * slotsPerTile;
+    const gbcSize = B * L * slots * 2 * N;
     const gx = Tensor.empty(x.shape);
     const gdraw = Tensor.empty(x.shape);
     const gz = Tensor.empty(x.shape);
-    const gred = Tensor.empty([gbcSize + B * ED * (2 * N + 2)]);
+    const gredShape = [gbcSize + B * ED * (2 * N + 2)];
+    const gred = sg && sg.minSize !== sg.maxSize ? zeros(gredShape) : Tensor.empty(gredShape);
     const bufs = {
       x: x.storage,
       draw: draw.storage,
@@ -417,15 +450,16 @@ const fusedOp = defineOp<FusedAttrs>({
     // Each dispatch walks its steps three times (recompute, reverse, dB/dC sums): at most MAX_STEPS / 2 steps.
     const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
     for (let t1 = u.chunks; t1 > 0; t1 -= per) {
-      dispatch(k, bufs, { ...u, t0: Math.max(0, t1 - per), t1, hsOff, gparOff: gbcSize }, B * u.tiles);
+      const uni = { ...u, t0: Math.max(0, t1 - per), t1, hsOff, gparOff: gbcSize, slots, slotsPerTile };
+      dispatch(k, bufs, uni, B * u.tiles);
     }
-    const gbc = new Tensor(gred.storage, [B, L, 2 * N, u.tiles], "f32"); // a view: the partials come first
+    const gbc = new Tensor(gred.storage, [B, L, slots, 2 * N], "f32"); // a view: the partials come first
     const gpar = Tensor.empty([B, ED, 2 * N + 2]);
     recordCopy(gred.storage.buffer, 4 * gbcSize, gpar.storage.buffer, 0, 4 * gpar.size);
     gred.dispose();
     if (!a.gated) gz.dispose();
-    // Reductions: dB, dC over tiles; dbias, dD, dA over the batch.
-    const gBC = sum(gbc, -1); // gBC: (B, L, 2N)
+    // Reductions: dB, dC over partial rows; dbias, dD, dA over the batch.
+    const gBC = sum(gbc, -2); // gBC: (B, L, 2N)
     const gdBC = a.R > 0 ? cat([mapOp("0.0", [], [B, L, a.R]), gBC], -1) : gBC; // (B, L, R + 2N)
     const gp = sum(gpar, 0); // gp: (ED, 2N + 2)
     const gbias = narrow(gp, 1, 0, 1).reshape(ED);

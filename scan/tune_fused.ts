@@ -1,8 +1,9 @@
 /**
  * Chooses the fused selective-scan variant per adapter by a one-time measurement, cached in `localStorage`.
  *
- * Candidates differ in channels per workgroup, chunk length, and where the backward keeps a chunk's
- * recomputed states (private or workgroup memory). A CPU adapter wants few invocations per workgroup
+ * Candidates differ in channels per workgroup, chunk length, where the backward keeps a chunk's
+ * recomputed states (private or workgroup memory), and how it sums dB/dC over channels (workgroup memory
+ * and barriers, or subgroupAdd where the device has subgroups). A CPU adapter wants few invocations per workgroup
  * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
  * backward of a small problem a few times; the fastest by GPU time (timestamp queries, else wall clock)
  * is selected with `setFusedVariant`.
@@ -18,7 +19,7 @@ import { dispose, tidy } from "../core/tensor.ts";
 import { defaultFusedVariant, fusedSelectiveScan, type FusedVariant, setFusedVariant } from "./fused.ts";
 
 /** Bump when the kernels change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 4;
+export const FUSED_KERNEL_VERSION = 5;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -42,6 +43,14 @@ function candidates(N: number): FusedVariant[] {
       if (4 * WG * N * (2 + (hbuf === "workgroup" ? Lc : 0)) > limit) continue;
       if (!list.some((c) => JSON.stringify({ ...c, hbuf: c.hbuf ?? "private" }) === JSON.stringify(v))) {
         list.push(v);
+      }
+    }
+  }
+  // Subgroup sums need no workgroup memory and no barriers: the states stay private.
+  if (deviceInfo().subgroups) {
+    for (const WG of [8, 32, 64]) {
+      if (!list.some((c) => c.reduce === "subgroup" && c.WG === WG)) {
+        list.push({ N, WG, Lc: defaultFusedVariant(N).Lc, reduce: "subgroup" });
       }
     }
   }

@@ -3,7 +3,7 @@ import { init } from "../core/device.ts";
 import { randn } from "../core/creation.ts";
 import { add, exp, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
-import { fusedSelectiveScan } from "../scan/fused.ts";
+import { fusedSelectiveScan, type FusedVariant } from "../scan/fused.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { maxAbs, maxAbsDiff } from "./fixture_util.ts";
 
@@ -96,18 +96,44 @@ Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096 
   await compare({ B: 1, L: 70000, ED: 2, N: 4, R: 1, gated: true }, 8);
 });
 
-Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory) agree", async () => {
-  await init();
+Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums) agree", async () => {
+  const info = await init();
   const { setFusedVariant } = await import("../scan/fused.ts");
+  const variants: Omit<FusedVariant, "N">[] = [{ WG: 8, Lc: 16, hbuf: "workgroup" }, { WG: 32, Lc: 8 }, {
+    WG: 16,
+    Lc: 5,
+  }];
+  // Subgroup sums where the device has them (lavapipe does; ED 40 leaves some lanes of the last tile idle).
+  if (info.subgroups) {
+    variants.push({ WG: 8, Lc: 16, reduce: "subgroup" }, { WG: 64, Lc: 7, reduce: "subgroup" });
+  }
   try {
-    for (const v of [{ WG: 8, Lc: 16, hbuf: "workgroup" as const }, { WG: 32, Lc: 8 }, { WG: 16, Lc: 5 }]) {
+    for (const v of variants) {
       setFusedVariant(16, v);
       setFusedVariant(4, v);
       await compare({ B: 2, L: 37, ED: 40, N: 16, R: 2, gated: true }, 9);
       await compare({ B: 1, L: 21, ED: 12, N: 4, R: 1, gated: false }, 10);
     }
+    if (info.subgroups) {
+      // An adapter whose subgroup size may vary leaves some partial rows unwritten: they start as zeros.
+      const real = info.subgroups;
+      info.subgroups = { ...real, maxSize: 4 * real.maxSize };
+      try {
+        setFusedVariant(16, { WG: 32, Lc: 8, reduce: "subgroup" });
+        await compare({ B: 2, L: 37, ED: 40, N: 16, R: 2, gated: true }, 11);
+      } finally {
+        info.subgroups = real;
+      }
+    }
   } finally {
     setFusedVariant(16, null);
     setFusedVariant(4, null);
   }
+});
+
+Deno.test("subgroup probe: a device that grants subgroups reports consistent sizes", async () => {
+  const info = await init();
+  if (!info.subgroups) return; // nothing granted: kernels use workgroup-memory sums
+  assert.ok(info.subgroups.minSize >= 1 && info.subgroups.minSize <= info.subgroups.maxSize);
+  assert.ok(info.subgroups.directive === "" || info.subgroups.directive === "enable subgroups;");
 });
