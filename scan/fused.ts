@@ -14,11 +14,14 @@
  * Backward kernel `fused_scan_bwd`: a workgroup owns one b and WG channels. It walks the chunks in
  * reverse; for each it recomputes the chunk's h from the saved boundary state into a private array
  * (Lc x N floats), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk. dx, ddraw
- * (through softplus) and dz are per (b, t, d) and written directly. dB and dC sum over channels: each
- * step the WG invocations put their N + N terms in workgroup memory, and every S steps, between two barriers,
- * they sum the columns and write per-tile partials (B, L, 2N, tiles), reduced afterwards. The partials share
- * a buffer with `gpar`, and the parameters one with the chunk states (`ph`), so that the kernel binds 10
- * storage buffers, what browsers allow. dA, dD and dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]).
+ * (through softplus) and dz are per (b, t, d) and written directly. dB and dC sum over channels, and WGSL
+ * has no float atomics, so each step's terms are reduced inside the workgroup into partial rows
+ * (B, L, slots, 2N), summed afterwards: with subgroupAdd where the device has subgroups (one row per
+ * subgroup; no workgroup memory, no barriers: 3x faster on lavapipe), else through workgroup memory: each
+ * step the WG invocations put their N + N terms there and every S steps, between two barriers, they sum
+ * the columns (one row per tile). The partials share a buffer with `gpar`, and the parameters one with
+ * the chunk states (`ph`), so that the kernel binds 10
+ storage buffers, what browsers allow. dA, dD and dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]).
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
  * longer sequences take several dispatches, carrying h through hs and lam through `gpar`.
  * @module
