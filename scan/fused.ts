@@ -20,8 +20,8 @@
  * subgroup; no workgroup memory, no barriers: 3x faster on lavapipe), else through workgroup memory: each
  * step the WG invocations put their N + N terms there and every S steps, between two barriers, they sum
  * the columns (one row per tile). The partials share a buffer with `gpar`, and the parameters one with
- * the chunk states (`ph`), so that the kernel binds 10
- storage buffers, what browsers allow. dA, dD and dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]).
+ * the chunk states (`ph`), so that the kernel binds 10 storage buffers, what browsers allow. dA, dD and
+ * dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]).
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
  * longer sequences take several dispatches, carrying h through hs and lam through `gpar`.
  * @module
