@@ -43,6 +43,10 @@ export interface FusedVariant {
   N: number;
   /** Chunk length: steps between saved states. */
   Lc: number;
+  /** Sub-chunk length of the backward's two-level recompute (a divisor of Lc; default Lc, one level): it
+   * first recomputes the states at sub-chunk boundaries, then each sub-chunk's states, so only Ls x N
+   * floats of h are held at once while the saved states stay Lc apart (less memory, one more forward walk). */
+  Ls?: number;
   /** Channels per workgroup. */
   WG: number;
   /** Where the backward keeps the recomputed states of a chunk: each invocation's private memory, or
@@ -58,7 +62,7 @@ export interface FusedVariant {
 
 /** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16). */
 function stepsPerBarrier(v: FusedVariant): number {
-  const budget = 16384 - (v.hbuf === "workgroup" ? 4 * v.WG * v.Lc * v.N : 0);
+  const budget = 16384 - (v.hbuf === "workgroup" ? 4 * v.WG * (v.Ls ?? v.Lc) * v.N : 0);
   return v.S ?? Math.max(1, Math.min(16, Math.floor(budget / (4 * v.WG * 2 * v.N))));
 }
 
@@ -73,13 +77,19 @@ const kernels = new Map<string, Kernel>();
 
 const chosen = new Map<number, FusedVariant>();
 
-/** The default variant of a state size: chunks sized so that the backward's private h buffer is 1024 floats;
- * dB/dC summed with subgroupAdd where the device has subgroups (no barriers: fastest on every adapter measured). */
+/**
+ * The default variant of a state size: the backward holds 1024 floats of recomputed h (Ls x N); chunks
+ * are Lc = 64 steps, so the saved states cost 4 ED N / 64 bytes per token (two-level recompute where
+ * N > 16); dB/dC summed with subgroupAdd where the device has subgroups (no barriers: fastest on every
+ * adapter measured).
+ */
 export function defaultFusedVariant(N: number): FusedVariant {
-  const Lc = Math.min(64, Math.max(4, Math.floor(1024 / N)));
-  if (deviceInfo().subgroups) return { N, Lc, WG: 32, reduce: "subgroup" };
+  const Ls = Math.min(64, Math.max(4, Math.floor(1024 / N)));
+  const Lc = Math.max(64, Ls);
+  const lc = Lc === Ls ? { Lc } : { Lc, Ls };
+  if (deviceInfo().subgroups) return { N, ...lc, WG: 32, reduce: "subgroup" };
   const WG = N > 32 ? 32 : 64; // workgroup memory of the backward: 2 * WG * N floats
-  return { N, Lc, WG };
+  return { N, ...lc, WG };
 }
 
 /** The variant in use for a state size (chosen by the tuner, else the default). */
@@ -91,11 +101,16 @@ export function fusedVariant(N: number): FusedVariant {
 export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): void {
   if (v === null) chosen.delete(N);
   else {
-    const wgBytes = 4 * v.WG * N * (2 + (v.hbuf === "workgroup" ? v.Lc : 0));
+    const Ls = v.Ls ?? v.Lc;
+    const wgBytes = 4 * v.WG * N * (2 + (v.hbuf === "workgroup" ? Ls : 0));
     if (
-      wgBytes > deviceInfo().limits.maxComputeWorkgroupStorageSize || v.Lc * N > 2048 || v.WG < 1 || v.Lc < 1
+      wgBytes > deviceInfo().limits.maxComputeWorkgroupStorageSize || Ls * N > 2048 ||
+      (v.Lc / Ls - 1) * N > 2048 || v.WG < 1 || v.Lc < 1 || Ls < 1 || v.Lc % Ls !== 0
     ) {
-      throw new Error(`setFusedVariant: WG ${v.WG}, Lc ${v.Lc} is too large for N = ${N}`);
+      throw new Error(
+        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls} does not fit N = ${N} (Ls must divide Lc; ` +
+          "Ls*N and (Lc/Ls - 1)*N at most 2048 floats; workgroup memory within the device limit)",
+      );
     }
     chosen.set(N, { N, ...v });
   }
@@ -180,10 +195,21 @@ function backwardKernel(v: FusedVariant): Kernel {
   const shared = v.hbuf === "workgroup";
   const S = stepsPerBarrier(v);
   const sg = v.reduce === "subgroup";
-  const key = `bwd|${v.N}|${v.Lc}|${v.WG}|${shared}|${S}|${sg}`;
+  const key = `bwd|${v.N}|${v.Lc}|${v.Ls ?? v.Lc}|${v.WG}|${shared}|${S}|${sg}`;
   let k = kernels.get(key);
   if (k) return k;
   const { N, Lc, WG } = v;
+  const Ls = v.Ls ?? Lc;
+  const SUB = Lc / Ls; // sub-chunks per chunk
+  /** WGSL of one recomputed step of the state array `h` at time `t`. */
+  const stepLines = (h: string, t: string) =>
+    `{
+      let i = (b * P.L + ${t}) * P.ED + dc;
+      let dt = softplus_(ld_draw(i) + bias);
+      let dtx = dt * ld_x(i);
+      let row = (b * P.L + ${t}) * P.S + P.R;
+      ${unroll(N, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * ld_dbc(row + ${n}u);`)}
+      }`;
   /** WGSL of the recomputed state n at chunk step `s`. */
   const H = (s: string, n: number) =>
     shared ? `hbufW[(${s} * ${N}u + ${n}u) * ${WG}u + lid]` : `hbuf[${s} * ${N}u + ${n}u]`;
@@ -207,7 +233,9 @@ function backwardKernel(v: FusedVariant): Kernel {
       }
 `;
   k = defineKernel({
-    name: `fused_scan_bwd_N${N}_Lc${Lc}_WG${WG}_${sg ? "sg" : `S${S}`}${shared ? "_wgmem" : ""}`,
+    name: `fused_scan_bwd_N${N}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${sg ? "sg" : `S${S}`}${
+      shared ? "_wgmem" : ""
+    }`,
     subgroups: sg,
     buffers: [
       { name: "x", type: "f32", access: "read" },
@@ -227,7 +255,7 @@ function backwardKernel(v: FusedVariant): Kernel {
     workgroupSize: WG,
     decls: COMMON + `
 ${sg ? "" : `var<workgroup> red: array<f32, ${S * 2 * WG * N}>; // [step slot][channel][B terms | C terms]`}
-${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][channel]` : ""}`,
+${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][channel]` : ""}`,
     body: `
   // workgroup -> (b, tile of WG channels); invocation -> channel d. Chunks [t0, t1) walked in reverse.
   let b = group / P.tiles;
@@ -239,7 +267,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
   var lam: array<f32, ${N}>; // carry: a(t+1) * lam(t+1)
   var gA: array<f32, ${N}>;
   var h0: array<f32, ${N}>;
-  ${shared ? "" : `var hbuf: array<f32, ${Lc * N}>;`}
+  ${shared ? "" : `var hbuf: array<f32, ${Ls * N}>;`}
   // gpar row of (b, d): [dbias, dD, dA (N), lam carry (N)], accumulated over dispatches.
   let gp = P.gparOff + (b * P.ED + dc) * ${2 * N + 2}u;
   let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
@@ -253,18 +281,40 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
   let hsBase = (b * P.ED + dc) * P.chunks;
   for (var kk = P.t1; kk > P.t0; kk--) {
     let k = kk - 1u;
-    let start = k * ${Lc}u;
-    let len = min(${Lc}u, P.L - start);
-    // 1. recompute h over the chunk from the saved state of the chunk before.
+    let cstart = k * ${Lc}u;
+    let clen = min(${Lc}u, P.L - cstart);
+    var hb: array<f32, ${N}>; // the saved state before this chunk
     let hsAt = (hsBase + k - 1u) * ${N}u;
-    ${unroll(N, (n) => `h0[${n}] = select(0.0, ld_ph(P.hsOff + hsAt + ${n}u), k > 0u);`)}
+    ${unroll(N, (n) => `hb[${n}] = select(0.0, ld_ph(P.hsOff + hsAt + ${n}u), k > 0u);`)}
+    let nsub = (clen + ${Ls - 1}u) / ${Ls}u;
+    ${
+      SUB > 1
+        ? `// 0. two-level recompute: the states at the sub-chunk boundaries, so that only Ls x N floats of h
+    // are held at once while chunks (and the saved states) are Lc long.
+    var hsub: array<f32, ${(SUB - 1) * N}>;
+    var hw = hb;
+    for (var s = 0u; s < (nsub - 1u) * ${Ls}u; s++) {
+      ${stepLines("hw", "cstart + s")}
+      if ((s + 1u) % ${Ls}u == 0u) {
+        let at = ((s + 1u) / ${Ls}u - 1u) * ${N}u;
+        ${unroll(N, (n) => `hsub[at + ${n}u] = hw[${n}];`)}
+      }
+    }`
+        : ""
+    }
+    for (var jj = nsub; jj > 0u; jj--) {
+    let j = jj - 1u;
+    let start = cstart + j * ${Ls}u;
+    let len = min(${Ls}u, clen - j * ${Ls}u);
+    ${
+      SUB > 1
+        ? unroll(N, (n) => `h0[${n}] = select(hb[${n}], hsub[(max(j, 1u) - 1u) * ${N}u + ${n}u], j > 0u);`)
+        : unroll(N, (n) => `h0[${n}] = hb[${n}];`)
+    }
+    // 1. recompute h over the (sub-)chunk from the state before it.
     var hc = h0;
     for (var s = 0u; s < len; s++) {
-      let i = (b * P.L + start + s) * P.ED + dc;
-      let dt = softplus_(ld_draw(i) + bias);
-      let dtx = dt * ld_x(i);
-      let row = (b * P.L + start + s) * P.S + P.R;
-      ${unroll(N, (n) => `hc[${n}] = exp(dt * A[${n}]) * hc[${n}] + dtx * ld_dbc(row + ${n}u);`)}
+      ${stepLines("hc", "start + s")}
       ${unroll(N, (n) => `${H("s", n)} = hc[${n}];`)}
     }
     // 2. reverse scan inside the chunk. hcur = h(t) is carried down from the step above (the last one is
@@ -321,6 +371,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Lc * N}>; // [step][state][c
       gbias += gu;
       if (valid) { st_gx(i, gx); st_gdraw(i, gu); }
 ${sg ? "" : workgroupReduce}
+    }
     }
   }
   if (valid) {

@@ -19,7 +19,7 @@ import { dispose, tidy } from "../core/tensor.ts";
 import { defaultFusedVariant, fusedSelectiveScan, type FusedVariant, setFusedVariant } from "./fused.ts";
 
 /** Bump when the kernels change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 5;
+export const FUSED_KERNEL_VERSION = 6;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -33,24 +33,22 @@ export interface FusedTuneResult {
 
 function candidates(N: number): FusedVariant[] {
   const limit = deviceInfo().limits.maxComputeWorkgroupStorageSize;
-  const list: FusedVariant[] = [defaultFusedVariant(N)];
+  const def = defaultFusedVariant(N);
+  const chunks = def.Ls ? { Lc: def.Lc, Ls: def.Ls } : { Lc: def.Lc }; // private states: the default's chunks
+  const list: FusedVariant[] = [def];
+  const has = (v: FusedVariant) => list.some((c) => JSON.stringify(c) === JSON.stringify(v));
   for (const WG of [8, 32, 64]) {
-    for (const hbuf of ["private", "workgroup"] as const) {
-      const Lc = hbuf === "private"
-        ? defaultFusedVariant(N).Lc
-        : Math.max(4, Math.min(32, Math.floor(limit / (4 * WG * N)) - 2));
-      const v = { N, WG, Lc, hbuf };
-      if (4 * WG * N * (2 + (hbuf === "workgroup" ? Lc : 0)) > limit) continue;
-      if (!list.some((c) => JSON.stringify({ ...c, hbuf: c.hbuf ?? "private" }) === JSON.stringify(v))) {
-        list.push(v);
-      }
-    }
+    const priv: FusedVariant = { N, ...chunks, WG, hbuf: "private" };
+    if (!has(priv) && !(def.reduce === undefined && def.WG === WG && !def.hbuf)) list.push(priv);
+    // States in workgroup memory: as long a chunk as fits, one level.
+    const Lc = Math.max(4, Math.min(32, Math.floor(limit / (4 * WG * N)) - 2));
+    if (4 * WG * N * (2 + Lc) <= limit) list.push({ N, WG, Lc, hbuf: "workgroup" });
   }
   // Subgroup sums need no workgroup memory and no barriers: the states stay private.
   if (deviceInfo().subgroups) {
     for (const WG of [8, 32, 64]) {
       if (!list.some((c) => c.reduce === "subgroup" && c.WG === WG)) {
-        list.push({ N, WG, Lc: defaultFusedVariant(N).Lc, reduce: "subgroup" });
+        list.push({ N, ...chunks, WG, reduce: "subgroup" });
       }
     }
   }

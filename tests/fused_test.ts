@@ -99,10 +99,13 @@ Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096 
 Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums) agree", async () => {
   const info = await init();
   const { setFusedVariant } = await import("../scan/fused.ts");
-  const variants: Omit<FusedVariant, "N">[] = [{ WG: 8, Lc: 16, hbuf: "workgroup" }, { WG: 32, Lc: 8 }, {
-    WG: 16,
-    Lc: 5,
-  }];
+  const variants: Omit<FusedVariant, "N">[] = [
+    { WG: 8, Lc: 16, hbuf: "workgroup" },
+    { WG: 32, Lc: 8 },
+    { WG: 16, Lc: 5 },
+    { WG: 16, Lc: 12, Ls: 4 }, // two-level recompute; L = 37, 21: the last chunk has a partial sub-chunk
+    { WG: 8, Lc: 20, Ls: 5, hbuf: "workgroup" },
+  ];
   // Subgroup sums where the device has them (lavapipe does; ED 40 leaves some lanes of the last tile idle).
   if (info.subgroups) {
     variants.push({ WG: 8, Lc: 16, reduce: "subgroup" }, { WG: 64, Lc: 7, reduce: "subgroup" });
