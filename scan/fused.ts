@@ -58,6 +58,10 @@ export interface FusedVariant {
    * barriers (default; every adapter), or with subgroupAdd (no workgroup memory, no barriers; needs
    * `deviceInfo().subgroups`). */
   reduce?: "workgroup" | "subgroup";
+  /** Read each step's B and C row once per subgroup (lane j loads columns j, j + size, ...) and hand the
+   * values to every lane with subgroupShuffle, instead of every lane loading all 2N (needs subgroups of
+   * one fixed size). */
+  shuffle?: boolean;
 }
 
 /** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16). */
@@ -75,19 +79,56 @@ function unroll(count: number, line: (n: number) => string): string {
 }
 const kernels = new Map<string, Kernel>();
 
+/** The fixed subgroup size the `shuffle` option compiles in (throws where the size may vary). */
+function shuffleSize(): number {
+  const sg = deviceInfo().subgroups;
+  if (!sg || sg.minSize !== sg.maxSize) {
+    throw new Error("fused scan: `shuffle` needs subgroups of one fixed size");
+  }
+  return sg.minSize;
+}
+
+/**
+ * WGSL filling `Bv` (and with `withC`, `Cv`): arrays of N floats, the B and C columns of dBC's row `row`.
+ * With `shuffle`, each lane loads every SG-th column and subgroupShuffle hands them out (needs uniform
+ * control flow); else each lane loads them all.
+ */
+function loadBC(N: number, row: string, withC: boolean, shuffle: boolean): string {
+  const cols = withC ? 2 * N : N;
+  const dst = (c: number) => (c < N ? `Bv[${c}]` : `Cv[${c - N}]`);
+  if (!shuffle) return unroll(cols, (c) => `${dst(c)} = ld_dbc(${row} + ${c}u);`);
+  const SG = shuffleSize();
+  const J = Math.ceil(cols / SG);
+  return [
+    `var bcv: array<f32, ${J}>;`,
+    unroll(
+      J,
+      (j) =>
+        `{ let c = ${j * SG}u + sgLane; bcv[${j}] = select(0.0, ld_dbc(${row} + min(c, ${
+          cols - 1
+        }u)), c < ${cols}u); }`,
+    ),
+    unroll(cols, (c) => `${dst(c)} = subgroupShuffle(bcv[${Math.floor(c / SG)}], ${c % SG}u);`),
+  ].join("\n    ");
+}
+
 const chosen = new Map<number, FusedVariant>();
 
 /**
  * The default variant of a state size: the backward holds 1024 floats of recomputed h (Ls x N); chunks
  * are Lc = 64 steps, so the saved states cost 4 ED N / 64 bytes per token (two-level recompute where
- * N > 16); dB/dC summed with subgroupAdd where the device has subgroups (no barriers: fastest on every
- * adapter measured).
+ * N > 16); where the device has subgroups, dB/dC summed with subgroupAdd (no barriers) and B, C rows
+ * shared by subgroupShuffle (when the subgroup size is fixed): the fastest on every adapter measured.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
   const Ls = Math.min(64, Math.max(4, Math.floor(1024 / N)));
   const Lc = Math.max(64, Ls);
   const lc = Lc === Ls ? { Lc } : { Lc, Ls };
-  if (deviceInfo().subgroups) return { N, ...lc, WG: 32, reduce: "subgroup" };
+  const sg = deviceInfo().subgroups;
+  if (sg) {
+    const shuffle = sg.minSize === sg.maxSize && 32 % sg.minSize === 0;
+    return { N, ...lc, WG: 32, reduce: "subgroup", ...(shuffle ? { shuffle } : {}) };
+  }
   const WG = N > 32 ? 32 : 64; // workgroup memory of the backward: 2 * WG * N floats
   return { N, ...lc, WG };
 }
@@ -105,11 +146,13 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
     const wgBytes = 4 * v.WG * N * (2 + (v.hbuf === "workgroup" ? Ls : 0));
     if (
       wgBytes > deviceInfo().limits.maxComputeWorkgroupStorageSize || Ls * N > 2048 ||
-      (v.Lc / Ls - 1) * N > 2048 || v.WG < 1 || v.Lc < 1 || Ls < 1 || v.Lc % Ls !== 0
+      (v.Lc / Ls - 1) * N > 2048 || v.WG < 1 || v.Lc < 1 || Ls < 1 || v.Lc % Ls !== 0 ||
+      (v.shuffle && v.WG % shuffleSize() !== 0)
     ) {
       throw new Error(
         `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls} does not fit N = ${N} (Ls must divide Lc; ` +
-          "Ls*N and (Lc/Ls - 1)*N at most 2048 floats; workgroup memory within the device limit)",
+          "Ls*N and (Lc/Ls - 1)*N at most 2048 floats; workgroup memory within the device limit; with shuffle, " +
+          "WG a multiple of the subgroup size)",
       );
     }
     chosen.set(N, { N, ...v });
@@ -140,12 +183,14 @@ const UNIFORMS: [string, "u32"][] = [
 ];
 
 function forwardKernel(v: FusedVariant): Kernel {
-  const key = `fwd|${v.N}|${v.Lc}|${v.WG}`;
+  const shuffle = v.shuffle === true;
+  const key = `fwd|${v.N}|${v.Lc}|${v.WG}|${shuffle}`;
   let k = kernels.get(key);
   if (k) return k;
   const { N, Lc } = v;
   k = defineKernel({
-    name: `fused_scan_fwd_N${N}_Lc${Lc}_WG${v.WG}`,
+    name: `fused_scan_fwd_N${N}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}`,
+    subgroups: shuffle,
     buffers: [
       { name: "x", type: "f32", access: "read" },
       { name: "draw", type: "f32", access: "read" },
@@ -158,30 +203,35 @@ function forwardKernel(v: FusedVariant): Kernel {
     workgroupSize: v.WG,
     decls: COMMON,
     body: `
-  // invocation -> (b, d); h[N] in registers for the whole walk.
+  // invocation -> (b, d); h[N] in registers for the whole walk. Lanes past ED compute on a valid channel
+  // and write nothing (control flow stays uniform for subgroup operations).
   let b = group / P.tiles;
   let d = (group % P.tiles) * ${v.WG}u + lid;
-  if (d >= P.ED) { return; }
+  let valid = d < P.ED;
+  let dc = min(d, P.ED - 1u);
   var A: array<f32, ${N}>;
   var h: array<f32, ${N}>;
-  let hsBase = (b * P.ED + d) * P.chunks;
+  var Bv: array<f32, ${N}>;
+  var Cv: array<f32, ${N}>;
+  let hsBase = (b * P.ED + dc) * P.chunks;
   let h0 = (hsBase + P.t0 / ${Lc}u - 1u) * ${N}u;
-  ${unroll(N, (n) => `A[${n}] = -exp(ld_ph(P.ED + d * ${N}u + ${n}u));`)}
+  ${unroll(N, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n}u));`)}
   ${unroll(N, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${n}u), P.t0 > 0u);`)}
-  let bias = ld_ph(d);
-  let Dd = ld_ph(P.ED + P.ED * ${N}u + d);
+  let bias = ld_ph(dc);
+  let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   for (var t = P.t0; t < P.t1; t++) {
-    let i = (b * P.L + t) * P.ED + d;
+    let i = (b * P.L + t) * P.ED + dc;
     let dt = softplus_(ld_draw(i) + bias);
     let xv = ld_x(i);
     let row = (b * P.L + t) * P.S + P.R;
+    ${loadBC(N, "row", true, shuffle)}
     var yv = Dd * xv;
     let dtx = dt * xv;
-    ${unroll(N, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * ld_dbc(row + ${n}u);`)}
-    ${unroll(N, (n) => `yv += ld_dbc(row + ${N + n}u) * h[${n}];`)}
+    ${unroll(N, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
+    ${unroll(N, (n) => `yv += Cv[${n}] * h[${n}];`)}
     if (P.gated != 0u) { let zv = ld_z(i); yv *= zv * sigmoid_(zv); }
-    st_y(i, yv);
-    if ((t + 1u) % ${Lc}u == 0u || t + 1u == P.L) {
+    if (valid) { st_y(i, yv); }
+    if (valid && ((t + 1u) % ${Lc}u == 0u || t + 1u == P.L)) {
       let at = (hsBase + t / ${Lc}u) * ${N}u;
       ${unroll(N, (n) => `st_ph(P.hsOff + at + ${n}u, h[${n}]);`)}
     }
@@ -195,7 +245,8 @@ function backwardKernel(v: FusedVariant): Kernel {
   const shared = v.hbuf === "workgroup";
   const S = stepsPerBarrier(v);
   const sg = v.reduce === "subgroup";
-  const key = `bwd|${v.N}|${v.Lc}|${v.Ls ?? v.Lc}|${v.WG}|${shared}|${S}|${sg}`;
+  const shuffle = v.shuffle === true;
+  const key = `bwd|${v.N}|${v.Lc}|${v.Ls ?? v.Lc}|${v.WG}|${shared}|${S}|${sg}|${shuffle}`;
   let k = kernels.get(key);
   if (k) return k;
   const { N, Lc, WG } = v;
@@ -208,7 +259,9 @@ function backwardKernel(v: FusedVariant): Kernel {
       let dt = softplus_(ld_draw(i) + bias);
       let dtx = dt * ld_x(i);
       let row = (b * P.L + ${t}) * P.S + P.R;
-      ${unroll(N, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * ld_dbc(row + ${n}u);`)}
+      var Bv: array<f32, ${N}>;
+      ${loadBC(N, "row", false, shuffle)}
+      ${unroll(N, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * Bv[${n}];`)}
       }`;
   /** WGSL of the recomputed state n at chunk step `s`. */
   const H = (s: string, n: number) =>
@@ -235,8 +288,8 @@ function backwardKernel(v: FusedVariant): Kernel {
   k = defineKernel({
     name: `fused_scan_bwd_N${N}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${sg ? "sg" : `S${S}`}${
       shared ? "_wgmem" : ""
-    }`,
-    subgroups: sg,
+    }${shuffle ? "_shuf" : ""}`,
+    subgroups: sg || shuffle,
     buffers: [
       { name: "x", type: "f32", access: "read" },
       { name: "draw", type: "f32", access: "read" },
@@ -332,7 +385,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
       let row = (b * P.L + t) * P.S + P.R;
       var Bv: array<f32, ${N}>;
       var Cv: array<f32, ${N}>;
-      ${unroll(N, (n) => `Bv[${n}] = ld_dbc(row + ${n}u); Cv[${n}] = ld_dbc(row + ${N + n}u);`)}
+      ${loadBC(N, "row", true, shuffle)}
       var gy = ld_g(i);
       if (P.gated != 0u) {
         var yv = Dd * xv;
@@ -401,7 +454,9 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs) {
   const [B, L, ED] = x.shape;
   const v = { ...fusedVariant(a.N) };
   // Channels are the only parallelism: halve the workgroup until there are enough of them.
-  while (v.WG > 8 && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
+  // (shuffles need whole subgroups: not below the subgroup size)
+  const least = v.shuffle ? Math.max(8, shuffleSize()) : 8;
+  while (v.WG > least && v.WG / 2 >= least && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
   return {
     B,
     L,

@@ -3,7 +3,8 @@
  *
  * Candidates differ in channels per workgroup, chunk length, where the backward keeps a chunk's
  * recomputed states (private or workgroup memory), and how it sums dB/dC over channels (workgroup memory
- * and barriers, or subgroupAdd where the device has subgroups). A CPU adapter wants few invocations per workgroup
+ * and barriers, or subgroupAdd where the device has subgroups), and whether B and C rows are shared by
+ * subgroupShuffle. A CPU adapter wants few invocations per workgroup
  * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
  * backward of a small problem a few times; the fastest by GPU time (timestamp queries, else wall clock)
  * is selected with `setFusedVariant`.
@@ -19,7 +20,7 @@ import { dispose, tidy } from "../core/tensor.ts";
 import { defaultFusedVariant, fusedSelectiveScan, type FusedVariant, setFusedVariant } from "./fused.ts";
 
 /** Bump when the kernels change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 6;
+export const FUSED_KERNEL_VERSION = 7;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -45,10 +46,14 @@ function candidates(N: number): FusedVariant[] {
     if (4 * WG * N * (2 + Lc) <= limit) list.push({ N, WG, Lc, hbuf: "workgroup" });
   }
   // Subgroup sums need no workgroup memory and no barriers: the states stay private.
-  if (deviceInfo().subgroups) {
+  // With a fixed subgroup size, B and C rows can also be shared by subgroupShuffle.
+  const sg = deviceInfo().subgroups;
+  if (sg) {
     for (const WG of [8, 32, 64]) {
-      if (!list.some((c) => c.reduce === "subgroup" && c.WG === WG)) {
-        list.push({ N, ...chunks, WG, reduce: "subgroup" });
+      for (const shuffle of [false, true]) {
+        if (shuffle && (sg.minSize !== sg.maxSize || WG % sg.minSize !== 0)) continue;
+        const v: FusedVariant = { N, ...chunks, WG, reduce: "subgroup", ...(shuffle ? { shuffle } : {}) };
+        if (!has(v)) list.push(v);
       }
     }
   }
