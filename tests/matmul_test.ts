@@ -12,6 +12,7 @@ import {
   matmulRaw,
   type MatmulVariant,
   matmulVariant,
+  memory,
   tensor,
   tidy,
 } from "../mod.ts";
@@ -191,6 +192,44 @@ Deno.test("matmul: K longer than one dispatch's slice accumulates over slices", 
   for (const [tA, tB] of TRANS) {
     problems.push(mats(5, 16384 + 36, 70, tA, tB)); // K multiple of 4: vec4 along k where k is contiguous
     problems.push(mats(8, 16384 * 2 + 37, 3, tA, tB)); // odd K, three slices
+  }
+  await check(problems, MATMUL_VARIANTS, 2);
+});
+
+Deno.test("matmul: small C with long K is split over K (weight-gradient shapes); no scratch is left", async () => {
+  // A C of few workgroups with K >= 256 sums partial products of K slices computed in parallel: odd M
+  // and N, every transpose, K not a multiple of the slice length, K just below and at the threshold, a C
+  // of several workgroups, and batches (broadcast on either side).
+  const problems: Problem[] = [];
+  for (const [tA, tB] of TRANS) {
+    problems.push(mats(33, 1024, 32, tA, tB));
+    problems.push(mats(32, 1000, 1, tA, tB));
+    problems.push(mats(1, 777, 3, tA, tB));
+    problems.push(mats(3, 300, 2, tA, tB));
+    problems.push(mats(7, 513, 13, tA, tB));
+    problems.push(mats(64, 256, 16, tA, tB));
+    problems.push(mats(16, 255, 32, tA, tB)); // below the threshold: not split
+    problems.push(mats(64, 400, 64, tA, tB)); // C of exactly one 64x64 block
+    problems.push(mats(100, 2000, 90, tA, tB)); // several workgroups, few slices
+    problems.push(mats(5, 1500, 6, tA, tB, [3], [2, 1])); // batch 2x3, broadcast both ways
+    problems.push(mats(9, 700, 4, tA, tB, [2], [2]));
+  }
+  const before = memory();
+  await check(problems);
+  const after = memory();
+  assert.equal(after.liveBytes, before.liveBytes, "live bytes");
+  assert.equal(after.liveTensors, before.liveTensors, "live tensors");
+});
+
+Deno.test("matmul: split K with K longer than one dispatch's slice; a batch of small C's that is not split", async () => {
+  // Small integers keep every sum exact, so a dropped or doubled slice shows. Batch 2: split over K (each
+  // dispatch covers at most SPLIT_MAX slices, the next ones accumulate into the partial sums). Batch 8:
+  // eight workgroups, not split: three dispatches accumulate into C.
+  const problems: Problem[] = [];
+  for (const [tA, tB] of TRANS) {
+    problems.push(mats(33, 16384 * 2 + 37, 17, tA, tB));
+    problems.push(mats(5, 16384 * 2 + 36, 7, tA, tB, [2]));
+    problems.push(mats(5, 16384 * 2 + 37, 7, tA, tB, [8]));
   }
   await check(problems, MATMUL_VARIANTS, 2);
 });

@@ -125,6 +125,21 @@ Deno.test("matmul with K > 16384 (K split into slices) is exact on integer data;
   await checkOps(cases);
 });
 
+Deno.test("matmul of weight-gradient shapes (small C, long K: split over K) with analytic gradients", async () => {
+  const cases: OpCase[] = [];
+  for (const [m, k, n] of [[33, 1000, 32], [7, 300, 1], [64, 520, 16]]) {
+    for (const [tA, tB] of [[true, false], [false, true]]) {
+      cases.push(
+        matmulCase({ a: tA ? [k, m] : [m, k], b: tB ? [n, k] : [k, n], transA: tA, transB: tB }, m + k + n, {
+          refGrad: matmul2dGrad(tA, tB),
+        }),
+      );
+    }
+  }
+  cases.push(matmulCase({ a: [2, 600, 9], b: [600, 5], transA: true }, 91));
+  await checkOps(cases);
+});
+
 Deno.test("matmul with more than 65535 workgroups (65600 batched 2x3 @ 3x2; forward)", async () => {
   // One workgroup per batch entry here: the dispatch is folded into two dimensions. Forward only: on
   // software adapters each of these dispatches takes seconds (per-workgroup overhead).

@@ -16,6 +16,13 @@
  * K is walked in slices of at most MAX_K so that no invocation loops more than 65535 times; slices after
  * the first accumulate into C. Every load and store goes through the kernel accessors, so operands larger
  * than one storage binding (128 MiB) are read through several binding windows, vec4 bindings included.
+ *
+ * Small C, long K (weight gradients g^T @ x: e.g. 32 x 32 of C from K = 16384 tokens): C has so few blocks
+ * that one workgroup -- one CPU core on a software adapter -- would walk all of K, mostly computing rows
+ * and columns outside C. Such a problem is split over K: the same kernels compute the partial products of
+ * K slices in parallel, slice s into the s-th (batch, M, N) block of a scratch tensor, and `sumToShape`
+ * adds them up (see SPLIT_BELOW). `register` then uses its `linear` layout: each invocation takes the
+ * next (slice, batch, 8x8 block) of C, so that no invocation computes a block outside C.
  * @module
  */
 
@@ -44,7 +51,7 @@ export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled"];
  * Version of the matmul kernels. It is part of the tuner's cache key, so a cached choice is measured
  * again after the kernels change: bump it whenever a kernel's code changes.
  */
-export const MATMUL_KERNEL_VERSION = "matmul-3";
+export const MATMUL_KERNEL_VERSION = "matmul-4";
 
 /** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
@@ -58,6 +65,9 @@ const COMMON_UNIFORMS: [string, "u32" | "vec4<u32>"][] = [
   ["accumulate", "u32"],
   ["tilesM", "u32"],
   ["tilesN", "u32"],
+  ["batches", "u32"], // batch entries (product of the batch shape)
+  ["slices", "u32"], // K slices computed in parallel (1 = K not split)
+  ["kLen", "u32"], // K values per slice
   ["sam", "u32"], // A stride along m
   ["sak", "u32"], // A stride along k
   ["sbk", "u32"],
@@ -67,14 +77,26 @@ const COMMON_UNIFORMS: [string, "u32" | "vec4<u32>"][] = [
   ["bsb", "vec4<u32>"],
 ];
 
-/** WGSL that turns the batch index `bi` into element offsets of A, B and C. */
-const BATCH_OFFSETS = `
+/** WGSL that turns a workgroup index into (K slice `s`, batch `bi`, block `t` of C), for kernels where a
+ * workgroup owns one block of C. */
+const GROUP_TILE = `
+  let tilesPerBatch = P.tilesM * P.tilesN;
+  let t = group % tilesPerBatch;
+  let gs = group / tilesPerBatch; // s * batches + bi
+  let bi = gs % P.batches;
+  let s = gs / P.batches;`;
+
+/** WGSL that turns the batch index `bi` and the K slice `s` into element offsets of A, B and C and the K
+ * range [kb, ke) to sum over. Slice s writes its partial sums to the s-th (batch, M, N) block of C. */
+const OFFSETS = `
   var rem = bi; var aoff = 0u; var boff = 0u;
   { let c = rem % P.bsh.w; rem = rem / P.bsh.w; aoff += c * P.bsa.w; boff += c * P.bsb.w; }
   { let c = rem % P.bsh.z; rem = rem / P.bsh.z; aoff += c * P.bsa.z; boff += c * P.bsb.z; }
   { let c = rem % P.bsh.y; rem = rem / P.bsh.y; aoff += c * P.bsa.y; boff += c * P.bsb.y; }
   { let c = rem % P.bsh.x; aoff += c * P.bsa.x; boff += c * P.bsb.x; }
-  let coff = bi * P.M * P.N;`;
+  let coff = (s * P.batches + bi) * P.M * P.N;
+  let kb = min(P.k1, P.k0 + s * P.kLen);
+  let ke = min(P.k1, kb + P.kLen);`;
 
 /** WGSL helper `put_c` that writes one element (or vec4) of C, adding the value already there after the
  * first K slice. */
@@ -90,6 +112,8 @@ fn put_c(at: u32, v: ${type}) {
 /**
  * Layout of one `register` pipeline: the transposes, which operands are accessed as vec4, and the tile:
  * each invocation owns `rm` x `rn` of C, a workgroup of `wm` x `wn` invocations owns `rm*wm` x `rn*wn`.
+ * With `linear`, the workgroup's invocations instead take consecutive (K slice, batch, rm x rn block)
+ * triples, so that a small C wastes no invocations on blocks outside it.
  */
 interface RegisterLayout {
   transA: boolean;
@@ -101,6 +125,7 @@ interface RegisterLayout {
   rn: number;
   wm: number;
   wn: number;
+  linear: boolean;
 }
 
 /**
@@ -124,7 +149,7 @@ const XYZW = "xyzw";
  * results are never stored. C is written as vec4 when N is a multiple of 4.
  */
 function registerKernel(l: RegisterLayout): Kernel {
-  const { transA, transB, vecA, vecB, vecC, rm, rn, wm, wn } = l;
+  const { transA, transB, vecA, vecB, vecC, rm, rn, wm, wn, linear } = l;
   if (rn % 4 !== 0 || (transA && vecA && rm % 4 !== 0)) {
     throw new Error(`matmul: bad register tile ${rm}x${rn}`);
   }
@@ -187,10 +212,11 @@ function registerKernel(l: RegisterLayout): Kernel {
     }
     return s.map((x) => `    ${x}`).join("\n");
   };
-  // With an operand read as vec4 along k, K and k0 are multiples of 4 and the 4-step loop leaves no tail.
+  // With an operand read as vec4 along k, K, k0 and kLen are multiples of 4 and the 4-step loop leaves no
+  // tail.
   const tail = aMode === "k4" || bMode === "k4"
     ? ""
-    : `  for (var k = kEnd4; k < P.k1; k++) {\n${step(1)}\n  }`;
+    : `  for (var k = kEnd4; k < ke; k++) {\n${step(1)}\n  }`;
   // C rows are contiguous: with N a multiple of 4, 4-aligned vec4 stores (n0 is a multiple of 4).
   const store: string[] = [];
   for (const r of rows) {
@@ -209,8 +235,25 @@ function registerKernel(l: RegisterLayout): Kernel {
     store.push(`  }`);
   }
   const acc = rows.flatMap((r) => colQuads.map((g) => `  var acc${r}_${g} = vec4<f32>();`));
+  const where = linear
+    ? `
+  // invocation -> (K slice s, batch bi, ${rm}x${rn} block of C), blocks first; in registers.
+  if (gid >= P.slices * P.batches * P.tilesM * P.tilesN) { return; }
+  let n0 = (gid % P.tilesN) * ${rn}u;
+  let mq = gid / P.tilesN;
+  let m0 = (mq % P.tilesM) * ${rm}u;
+  let bq = mq / P.tilesM;
+  let bi = bq % P.batches;
+  let s = bq / P.batches;`
+    : `
+  // workgroup -> (K slice, batch, ${rm * wm}x${rn * wn} block of C); invocation -> ${rm}x${rn} sub-block in
+  // registers.${GROUP_TILE}
+  let m0 = (t / P.tilesN) * ${rm * wm}u + (lid / ${wn}u) * ${rm}u;
+  let n0 = (t % P.tilesN) * ${rn * wn}u + (lid % ${wn}u) * ${rn}u;`;
   return defineKernel({
-    name: `matmul_register_${aMode}_${bMode}_c${vecC ? 4 : 1}_${rm}x${rn}_${wm}x${wn}`,
+    name: `matmul_register_${aMode}_${bMode}_c${vecC ? 4 : 1}_${rm}x${rn}_${
+      linear ? "linear" : `${wm}x${wn}`
+    }`,
     buffers: [
       { name: "a", type: vecA ? "vec4<f32>" : "f32", access: "read" },
       { name: "b", type: vecB ? "vec4<f32>" : "f32", access: "read" },
@@ -219,18 +262,12 @@ function registerKernel(l: RegisterLayout): Kernel {
     uniforms: COMMON_UNIFORMS,
     workgroupSize: wm * wn,
     decls: putC(vecC ? "vec4<f32>" : "f32"),
-    body: `
-  // workgroup -> (batch, ${rm * wm}x${rn * wn} block of C); invocation -> ${rm}x${rn} sub-block in registers.
-  let tilesPerBatch = P.tilesM * P.tilesN;
-  let bi = group / tilesPerBatch;
-  let t = group % tilesPerBatch;
-  let m0 = (t / P.tilesN) * ${rm * wm}u + (lid / ${wn}u) * ${rm}u;
-  let n0 = (t % P.tilesN) * ${rn * wn}u + (lid % ${wn}u) * ${rn}u;
-  ${BATCH_OFFSETS}
+    body: `${where}
+  ${OFFSETS}
   ${pre.join("\n  ")}
 ${acc.join("\n")}
-  let kEnd4 = P.k0 + ((P.k1 - P.k0) / 4u) * 4u;
-  for (var k = P.k0; k < kEnd4; k += 4u) {
+  let kEnd4 = kb + ((ke - kb) / 4u) * 4u;
+  for (var k = kb; k < kEnd4; k += 4u) {
     let kv = k / 4u;
 ${step(4)}
   }
@@ -254,28 +291,25 @@ function tiledKernel(): Kernel {
 var<workgroup> As: array<f32, 1024>; // 64 rows x 16 k of A
 var<workgroup> Bs: array<f32, 1024>; // 16 k x 64 columns of B`,
     body: `
-  // workgroup -> (batch, 64x64 block of C); invocation (ty, tx) -> 4x4 sub-block.
-  let tilesPerBatch = P.tilesM * P.tilesN;
-  let bi = group / tilesPerBatch;
-  let t = group % tilesPerBatch;
+  // workgroup -> (K slice, batch, 64x64 block of C); invocation (ty, tx) -> 4x4 sub-block.${GROUP_TILE}
   let bm = (t / P.tilesN) * 64u;
   let bn = (t % P.tilesN) * 64u;
   let m0 = bm + (lid / 16u) * 4u;
   let n0 = bn + (lid % 16u) * 4u;
-  ${BATCH_OFFSETS}
+  ${OFFSETS}
   var acc = mat4x4<f32>();
-  for (var kt = P.k0; kt < P.k1; kt += 16u) {
+  for (var kt = kb; kt < ke; kt += 16u) {
     // Stage A[bm..bm+64, kt..kt+16] and B[kt..kt+16, bn..bn+64]: 4 elements each per invocation.
     for (var e = 0u; e < 4u; e++) {
       let idx = lid * 4u + e;
       let r = idx / 16u; let kk = idx % 16u;
       let k = kt + kk;
       let m = bm + r;
-      As[idx] = select(0.0, ld_a(aoff + min(m, P.M - 1u) * P.sam + min(k, P.K - 1u) * P.sak), m < P.M && k < P.k1);
-      let kb = idx / 64u; let cn = idx % 64u;
+      As[idx] = select(0.0, ld_a(aoff + min(m, P.M - 1u) * P.sam + min(k, P.K - 1u) * P.sak), m < P.M && k < ke);
+      let kr = idx / 64u; let cn = idx % 64u;
       let n = bn + cn;
-      let k2 = kt + kb;
-      Bs[idx] = select(0.0, ld_b(boff + min(k2, P.K - 1u) * P.sbk + min(n, P.N - 1u) * P.sbn), n < P.N && k2 < P.k1);
+      let k2 = kt + kr;
+      Bs[idx] = select(0.0, ld_b(boff + min(k2, P.K - 1u) * P.sbk + min(n, P.N - 1u) * P.sbn), n < P.N && k2 < ke);
     }
     workgroupBarrier();
     let ly = (lid / 16u) * 4u;
@@ -304,7 +338,18 @@ var<workgroup> Bs: array<f32, 1024>; // 16 k x 64 columns of B`,
 const registerKernels = new Map<string, Kernel>();
 let tiledKernelCache: Kernel | null = null;
 
-/** The kernel and the rows x columns of C per workgroup for a variant and a problem (made on first use). */
+/**
+ * The `register` tile of the `linear` layout, for a small C: 8x8 per invocation, or 4 or fewer rows and 4
+ * columns where C has that few.
+ */
+function linearTile(M: number, N: number): { rm: number; rn: number; wm: number; wn: number } {
+  return { rm: M > 4 ? 8 : M > 2 ? 4 : M, rn: N > 4 ? 8 : 4, wm: 1, wn: 64 };
+}
+
+/**
+ * The kernel and the rows x columns of C per workgroup (per invocation with `linear`) for a variant and a
+ * problem (made on first use).
+ */
 function kernelFor(
   variant: MatmulVariant,
   transA: boolean,
@@ -312,9 +357,10 @@ function kernelFor(
   M: number,
   N: number,
   K: number,
+  linear = false,
 ): { kernel: Kernel; blockM: number; blockN: number } {
   if (variant === "tiled") return { kernel: tiledKernelCache ??= tiledKernel(), blockM: 64, blockN: 64 };
-  const tile = registerTile(M);
+  const tile = linear ? linearTile(M, N) : registerTile(M);
   // vec4 access needs the operand's contiguous dim to be a multiple of 4; then every row start, batch
   // offset and K slice start is 4-aligned too. A read as vec4 along m also needs 4 rows per invocation.
   const layout: RegisterLayout = {
@@ -324,11 +370,81 @@ function kernelFor(
     vecB: (transB ? K : N) % 4 === 0,
     vecC: N % 4 === 0,
     ...tile,
+    linear,
   };
   const key = JSON.stringify(layout);
   let kernel = registerKernels.get(key);
   if (!kernel) registerKernels.set(key, kernel = registerKernel(layout));
-  return { kernel, blockM: tile.rm * tile.wm, blockN: tile.rn * tile.wn };
+  return linear
+    ? { kernel, blockM: tile.rm, blockN: tile.rn }
+    : { kernel, blockM: tile.rm * tile.wm, blockN: tile.rn * tile.wn };
+}
+
+/**
+ * Small C, long K. A C of fewer than SPLIT_BELOW workgroups with K of at least SPLIT_MIN_K is computed as
+ * partial sums over K slices (split-K) in parallel -- each a multiple of 16 and at least SPLIT_MIN_SLICE
+ * long -- that are then summed; at most SPLIT_MAX slices per dispatch. `tiled` takes slices until about
+ * SPLIT_GROUPS workgroups run. `register` takes them in its `linear` layout, until about SPLIT_INVOCATIONS
+ * invocations run, when its usual blocks would leave at least half of their invocations outside C (the
+ * linear layout saves that work) or when there are fewer workgroups than CPU cores (`register` is the
+ * variant of CPU adapters, which run one workgroup per core). Otherwise its workgroups already keep every
+ * core busy on useful work, and splitting would only add the partial sums (and the linear layout reads
+ * more per multiply-add than a 64x64 block when C is wide).
+ */
+const SPLIT_BELOW = 8;
+const SPLIT_MIN_K = 256;
+const SPLIT_MIN_SLICE = 64;
+const SPLIT_INVOCATIONS = 1024;
+const SPLIT_GROUPS = 32;
+const SPLIT_MAX = 256;
+
+/** How a problem is laid out: `slices` K slices of `kLen` per dispatch, in `groups` workgroups. */
+interface Plan {
+  kernel: Kernel;
+  /** Blocks of C per batch entry along m and n (of a workgroup, or of an invocation when linear). */
+  tilesM: number;
+  tilesN: number;
+  /** K slices summed in parallel, each into its own partial C; 1: straight into C. */
+  slices: number;
+  kLen: number;
+  groups: number;
+}
+
+/** Slice length and count for K split into about `want` slices. */
+function splitK(K: number, want: number): { kLen: number; slices: number } {
+  const kLen = Math.min(MAX_K, Math.ceil(Math.max(SPLIT_MIN_SLICE, K / want) / 16) * 16);
+  return { kLen, slices: Math.min(SPLIT_MAX, Math.ceil(K / kLen)) };
+}
+
+/** The kernel, layout and K slices of a problem (see SPLIT_BELOW). */
+function planFor(
+  variant: MatmulVariant,
+  transA: boolean,
+  transB: boolean,
+  M: number,
+  N: number,
+  K: number,
+  nb: number,
+): Plan {
+  const { kernel, blockM, blockN } = kernelFor(variant, transA, transB, M, N, K);
+  const tilesM = Math.ceil(M / blockM);
+  const tilesN = Math.ceil(N / blockN);
+  const groups = nb * tilesM * tilesN;
+  const plain: Plan = { kernel, tilesM, tilesN, slices: 1, kLen: MAX_K, groups };
+  if (groups >= SPLIT_BELOW || K < SPLIT_MIN_K) return plain;
+  if (variant === "tiled") {
+    const { kLen, slices } = splitK(K, Math.ceil(SPLIT_GROUPS / groups));
+    return slices === 1 ? plain : { ...plain, slices, kLen, groups: groups * slices };
+  }
+  const used = (nb * M * N) / (groups * blockM * blockN);
+  if (used > 0.5 && groups >= (globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW)) return plain;
+  const lin = kernelFor(variant, transA, transB, M, N, K, true);
+  const linM = Math.ceil(M / lin.blockM);
+  const linN = Math.ceil(N / lin.blockN);
+  const blocks = nb * linM * linN;
+  const { kLen, slices } = splitK(K, Math.ceil(SPLIT_INVOCATIONS / blocks));
+  const groups2 = Math.ceil((slices * blocks) / lin.kernel.spec.workgroupSize);
+  return { kernel: lin.kernel, tilesM: linM, tilesN: linN, slices, kLen, groups: groups2 };
 }
 
 let chosen: MatmulVariant | null = null;
@@ -368,9 +484,9 @@ export function matmulRaw(
   const K = Ka;
   const batch = broadcastShapes(a.shape.slice(0, -2), b.shape.slice(0, -2), "matmul batch dims");
   if (batch.length > 4) throw new Error(`matmul: at most 4 batch dims, got ${fmt(batch)}`);
-  const out = Tensor.empty([...batch, M, N]);
+  const shape = [...batch, M, N];
   const nb = sizeOf(batch);
-  if (out.size === 0) return out;
+  if (sizeOf(shape) === 0) return Tensor.empty(shape);
   const batchStrides = (s: Shape) => {
     const mat = s[s.length - 1] * s[s.length - 2];
     const lead = s.slice(0, -2);
@@ -384,15 +500,16 @@ export function matmulRaw(
     ).slice(-4);
   };
   const bsh = padRank(batch, 1).slice(-4);
-  const { kernel, blockM, blockN } = kernelFor(variant, transA, transB, M, N, K);
-  const tilesM = Math.ceil(M / blockM);
-  const tilesN = Math.ceil(N / blockN);
+  const { kernel, tilesM, tilesN, slices, kLen, groups } = planFor(variant, transA, transB, M, N, K, nb);
   const base = {
     M,
     N,
     K,
     tilesM,
     tilesN,
+    batches: nb,
+    slices,
+    kLen,
     sam: transA ? 1 : K,
     sak: transA ? M : 1,
     sbk: transB ? 1 : N,
@@ -401,20 +518,20 @@ export function matmulRaw(
     bsa: batchStrides(a.shape),
     bsb: batchStrides(b.shape),
   };
-  const storages = { a: a.storage, b: b.storage, c: out.storage };
-  const groups = nb * tilesM * tilesN;
-  if (K === 0) {
-    dispatch(kernel, storages, { ...base, k0: 0, k1: 0, accumulate: 0 }, groups);
-    return out;
-  }
-  for (let k0 = 0; k0 < K; k0 += MAX_K) {
-    dispatch(
-      kernel,
-      storages,
-      { ...base, k0, k1: Math.min(K, k0 + MAX_K), accumulate: k0 > 0 ? 1 : 0 },
-      groups,
-    );
-  }
+  // Split K: slice s of each dispatch writes partial sums to c[s]; they are summed at the end.
+  const c = Tensor.empty(slices > 1 ? [slices, ...shape] : shape);
+  const storages = { a: a.storage, b: b.storage, c: c.storage };
+  // Each dispatch covers slices * kLen values of K (at most MAX_K per invocation); later ones accumulate.
+  // K = 0: one dispatch that writes zeros.
+  let k0 = 0;
+  do {
+    const k1 = Math.min(K, k0 + slices * kLen);
+    dispatch(kernel, storages, { ...base, k0, k1, accumulate: k0 > 0 ? 1 : 0 }, groups);
+    k0 = k1;
+  } while (k0 < K);
+  if (slices === 1) return c;
+  const out = sumToShape(c, shape);
+  c.dispose();
   return out;
 }
 
