@@ -2,13 +2,21 @@
  * Depthwise causal 1-D convolution over time, optionally fused with silu, as one op:
  *   pre[b,t,c] = bias[c] + sum_k w[c,k] * x[b, t-(K-1)+k, c]   (x = 0 before t = 0),  y = act(pre).
  *
- * Kernels (K is a template constant, so the k loops unroll):
- * - `conv_fwd`: one invocation per output element (b, t, c); reads K inputs and the weights, writes y.
- * - `conv_bwd_x`: one invocation per input element; gx[t] = sum_k w[k] gpre[t + K-1-k], where gpre = g *
- *   act'(pre) and pre is recomputed (K^2 multiply-adds per element instead of storing pre).
- * - `conv_bwd_w`: one invocation per (row chunk, channel) sums gpre * x over at most 4096 time rows into
- *   partials (chunks, C, K + 1) = [dw, dbias]; a reduction over chunks follows (no float atomics).
- * No workgroup memory.
+ * Every kernel gives one invocation a (b, group of V channels, chunk of T consecutive time steps); the lanes
+ * of a workgroup are consecutive channel groups, so neighbouring lanes read neighbouring addresses. V = 4
+ * (C a multiple of 4) binds x, g, y, w, bias and the partials as vec4<f32>; otherwise V = 1. The invocation
+ * walks its chunk in time order with a sliding window of the last K-1 inputs in registers (K is a template
+ * constant, so the window is K-1 values and the k loops unroll): each element is loaded once and its
+ * activation computed once, and the (b, channels, chunk) decomposition costs integer divisions once per
+ * invocation (they are scalar on CPU adapters), not once per element.
+ * - `conv_fwd`: y[t] = act(pre[t]) for the steps of its chunk (after reading the K-1 inputs before it).
+ * - `conv_bwd`: the backward of x and of (w, bias) in one pass. For each step s of its chunk and the K-1
+ *   after it, gpre[s] = g[s] act'(pre[s]) (pre from the window, one exp per element) enters a second window
+ *   of K-1 values; gx[t] = sum_k w[k] gpre[t + K-1-k] is written once gpre[t + K-1] is known. Over the steps
+ *   of its own chunk it sums gpre * window into partials (B * chunks, C, K + 1) = [dw, dbias], which a
+ *   reduction over the chunks follows (no float atomics).
+ * - `conv_bwd_w`: the same without gx (x needs no gradient), over the steps of its own chunk only.
+ * No workgroup memory; loops run at most T + K - 1 times.
  * @module
  */
 
@@ -22,90 +30,162 @@ import { sum } from "./reduce.ts";
 export type ConvActivation = "none" | "silu";
 
 const WG = 64;
-const ROWS = 4096;
+
+/**
+ * Time steps per invocation. Long chunks amortise the per-invocation work (weights, bias, the K-1 inputs
+ * before the chunk, the backward's K-1 look-ahead steps and its partials, which are (K + 1) / T of x's
+ * size). But CPU adapters run the SIMD batches of a workgroup one after the other, each walking its whole
+ * chunk: once a row is longer than one batch reads (128 bytes), every row of the chunk is its own strided
+ * memory stream per buffer, and past a few dozen streams hardware prefetching seems to fail. Measured on
+ * lavapipe (K = 4): forward chunks of 16 beat 64 from C = 64 on (1.1x at C = 128, 2-2.5x at C = 1536) and
+ * lose at C = 32 (1.2x); backward chunks of 8 beat 64 from C = 256 on (1.1-1.2x at 256, 1.45x at 1536,
+ * counting the partials' reduction) and lose at C = 128 (1.3-1.5x).
+ */
+function chunkSteps(kind: "fwd" | "bwd" | "bwd_w", C: number): number {
+  return kind === "fwd" ? (C <= 32 ? 64 : 16) : (C <= 128 ? 64 : 8);
+}
+
 const kernels = new Map<string, Kernel>();
 const UNIFORMS: [string, "u32"][] = [["B", "u32"], ["L", "u32"], ["C", "u32"], ["hasBias", "u32"], [
   "chunks",
   "u32",
 ]];
 
-/** WGSL: pre-activation at (b, t, c) and, for silu, the activation and its derivative. */
-function helpers(K: number, act: ConvActivation): string {
-  const taps = Array.from(
-    { length: K },
-    (_, k) =>
-      `if (t + ${k}u >= ${K - 1}u) { acc += ld_w(c * ${K}u + ${k}u) * ld_x(((b * P.L + t + ${k}u - ${
-        K - 1
-      }u) * P.C) + c); }`,
-  ).join("\n  ");
-  return `
-fn pre(b: u32, t: u32, c: u32) -> f32 {
-  var acc = select(0.0, ld_bias(c), P.hasBias != 0u);
-  ${taps}
-  return acc;
+/** `f(k)` for k in [from, to), joined. */
+function each(from: number, to: number, f: (k: number) => string, sep = " "): string {
+  return Array.from({ length: Math.max(0, to - from) }, (_, i) => f(from + i)).join(sep);
 }
-fn act(p: f32) -> f32 { ${act === "silu" ? "return p / (1.0 + exp(-p));" : "return p;"} }
-fn dact(p: f32) -> f32 { ${
-    act === "silu" ? "let s = 1.0 / (1.0 + exp(-p)); return s * (1.0 + p * (1.0 - s));" : "return 1.0;"
+
+/** WGSL: the activation and its derivative, per component of `F` (f32 or vec4<f32>). */
+function helpers(act: ConvActivation, F: string): string {
+  return `
+fn act(p: ${F}) -> ${F} { ${act === "silu" ? "return p / (1.0 + exp(-p));" : "return p;"} }
+fn dact(p: ${F}) -> ${F} { ${
+    act === "silu" ? "let s = 1.0 / (1.0 + exp(-p)); return s * (1.0 + p * (1.0 - s));" : `return ${F}(1.0);`
   } }`;
 }
 
-function kernel(kind: "fwd" | "bwd_x" | "bwd_w", K: number, act: ConvActivation): Kernel {
-  const key = `${kind}|${K}|${act}`;
+/**
+ * WGSL: the weights `w0..w{K-1}` and `bias` of the invocation's channels. With V = 4, w and bias are bound
+ * as vec4<f32>: the 4K weights of channels 4cv .. 4cv+3 are K contiguous vec4 (`m0..`), transposed here.
+ */
+function weights(K: number, V: number): string {
+  if (V === 1) {
+    return `${each(0, K, (k) => `let w${k} = ld_w(cv * ${K}u + ${k}u);`)}
+  let bias = select(0.0, ld_bias(cv), P.hasBias != 0u);`;
+  }
+  const comp = (j: number) => `m${j >> 2}.${"xyzw"[j & 3]}`;
+  return `${each(0, K, (j) => `let m${j} = ld_w(cv * ${K}u + ${j}u);`)}
+  ${each(0, K, (k) => `let w${k} = vec4<f32>(${each(0, 4, (i) => comp(i * K + k), ", ")});`, "\n  ")}
+  let bias = select(vec4<f32>(), ld_bias(cv), P.hasBias != 0u);`;
+}
+
+/**
+ * WGSL shared by every kernel: the invocation's (b, channel group cv, chunk), its weights `w0..`, `bias`,
+ * and the input window `x0..x{K-2}` = x[t0-K+1 .. t0-1] (zero before t = 0); `at` indexes x[b, t0, cv]
+ * in units of V channels, and `CV` is the row length in those units.
+ */
+function prologue(K: number, T: number, V: number, F: string): string {
+  return `
+  // invocation -> (row r = b * chunks + chunk, channel group cv): steps t0 .. end-1 of sequence b.
+  let CV = P.C / ${V}u;
+  let cv = gid % CV;
+  let r = gid / CV;
+  if (r >= P.B * P.chunks) { return; }
+  let b = r / P.chunks;
+  let t0 = (r - b * P.chunks) * ${T}u;
+  let end = min(P.L, t0 + ${T}u);
+  var at = (b * P.L + t0) * CV + cv;
+  ${weights(K, V)}
+  ${each(0, K - 1, (k) => `var x${k} = ${F}();`)}
+  ${each(0, K - 1, (k) => `if (t0 >= ${K - 1 - k}u) { x${k} = ld_x(at - ${K - 1 - k}u * CV); }`, "\n  ")}`;
+}
+
+/**
+ * WGSL: stores `gw0..gw{K}` as the partials (r, channel, K + 1) of the invocation's channels; with V = 4
+ * these are K + 1 contiguous vec4 (channel-major), transposed here.
+ */
+function storePartials(K: number, V: number): string {
+  if (V === 1) return each(0, K + 1, (k) => `st_part((r * P.C + cv) * ${K + 1}u + ${k}u, gw${k});`);
+  const comp = (f: number) => `gw${f % (K + 1)}.${"xyzw"[Math.floor(f / (K + 1))]}`;
+  return each(
+    0,
+    K + 1,
+    (j) =>
+      `st_part((r * P.C / 4u + cv) * ${K + 1}u + ${j}u, vec4<f32>(${
+        each(0, 4, (c) => comp(4 * j + c), ", ")
+      }));`,
+    "\n  ",
+  );
+}
+
+/** WGSL expression: pre-activation at the current step, whose input is `xs` (k ascending, as PyTorch). */
+function preExpr(K: number): string {
+  return `bias${each(0, K, (k) => ` + w${k} * ${k === K - 1 ? "xs" : `x${k}`}`, "")}`;
+}
+
+/** WGSL: slides the input window by one step (`xs` becomes the newest). */
+function shiftX(K: number): string {
+  return each(0, K - 1, (k) => `x${k} = ${k === K - 2 ? "xs" : `x${k + 1}`};`);
+}
+
+/**
+ * The kernel of one kind for K taps, the activation, V channels and T steps per invocation. V = 4 (C a
+ * multiple of 4) binds every buffer as vec4<f32>: on lavapipe each access is a loop over the SIMD lanes,
+ * which four components share, so 16-byte accesses cost little more than 4-byte ones.
+ */
+function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V: number, T: number): Kernel {
+  const key = `${kind}|${K}|${act}|${V}|${T}`;
   let k = kernels.get(key);
   if (k) return k;
-  const body = {
-    fwd: `
-  if (gid >= P.B * P.L * P.C) { return; }
-  let c = gid % P.C;
-  let t = (gid / P.C) % P.L;
-  let b = gid / (P.C * P.L);
-  st_y(gid, act(pre(b, t, c)));`,
-    bwd_x: `
-  if (gid >= P.B * P.L * P.C) { return; }
-  let c = gid % P.C;
-  let t = (gid / P.C) % P.L;
-  let b = gid / (P.C * P.L);
-  var acc = 0.0;
-  ${
-      Array.from({ length: K }, (_, k) =>
-        `if (t + ${K - 1 - k}u < P.L) { let o = t + ${K - 1 - k}u; ` +
-        `acc += ld_w(c * ${K}u + ${k}u) * ld_g((b * P.L + o) * P.C + c) * dact(pre(b, o, c)); }`).join("\n  ")
+  const F = V === 1 ? "f32" : `vec4<f32>`;
+  const gx = kind === "bwd";
+  const body = kind === "fwd"
+    ? `${prologue(K, T, V, F)}
+  for (var s = t0; s < end; s++) {
+    let xs = ld_x(at);
+    st_y(at, act(${preExpr(K)}));
+    ${shiftX(K)}
+    at += CV;
+  }`
+    : `${prologue(K, T, V, F)}
+  ${each(0, K + 1, (k) => `var gw${k} = ${F}();`)}
+  ${gx ? `${each(1, K, (k) => `var d${k} = ${F}();`)} // dk = gpre[s - k]` : ""}
+  // ${gx ? "its steps, then K-1 more (gpre for its last gx)" : "its steps"}
+  for (var s = t0; s < end${gx ? ` + ${K - 1}u` : ""}; s++) {
+    var d0 = ${F}(); // gpre[s]
+    if (s < P.L) {
+      let xs = ld_x(at);
+      d0 = ld_g(at) * dact(${preExpr(K)});
+      if (s < end) {
+        ${each(0, K, (k) => `gw${k} += d0 * ${k === K - 1 ? "xs" : `x${k}`};`)}
+        gw${K} += d0;
+      }
+      ${shiftX(K)}
+    }${
+      gx
+        ? `
+    if (s >= t0 + ${K - 1}u) { st_y(at - ${K - 1}u * CV, ${each(0, K, (k) => `w${k} * d${k}`, " + ")}); }
+    ${each(1, K, (k) => `d${K - k} = d${K - k - 1};`)}`
+        : ""
     }
-  st_y(gid, acc);`,
-    bwd_w: `
-  // invocation -> (row chunk r, channel c): rows are (b, t) pairs, ROWS of them per chunk.
-  if (gid >= P.chunks * P.C) { return; }
-  let c = gid % P.C;
-  let r = gid / P.C;
-  var gw: array<f32, ${K + 1}>;
-  let end = min(P.B * P.L, (r + 1u) * ${ROWS}u);
-  for (var row = r * ${ROWS}u; row < end; row++) {
-    let b = row / P.L;
-    let t = row % P.L;
-    let gp = ld_g(row * P.C + c) * dact(pre(b, t, c));
-    ${
-      Array.from({ length: K }, (_, k) =>
-        `if (t + ${k}u >= ${K - 1}u) { gw[${k}] += gp * ld_x((row + ${k}u - ${K - 1}u) * P.C + c); }`).join(
-          "\n    ",
-        )
-    }
-    gw[${K}] += gp;
+    at += CV;
   }
-  for (var k = 0u; k < ${K + 1}u; k++) { st_y((r * P.C + c) * ${K + 1}u + k, gw[k]); }`,
-  }[kind];
+  ${storePartials(K, V)}`;
+  const data = (name: string, access: "read" | "read_write") => ({ name, type: F as "f32", access });
   k = defineKernel({
-    name: `conv_${kind}_K${K}_${act}`,
+    name: `conv_${kind}_K${K}_${act}${V === 1 ? "" : "_v4"}_T${T}`,
     buffers: [
-      { name: "x", type: "f32", access: "read" },
-      { name: "w", type: "f32", access: "read" },
-      { name: "bias", type: "f32", access: "read" },
-      ...(kind === "fwd" ? [] : [{ name: "g", type: "f32" as const, access: "read" as const }]),
-      { name: "y", type: "f32", access: "read_write" },
+      data("x", "read"),
+      data("w", "read"),
+      data("bias", "read"),
+      ...(kind === "fwd" ? [] : [data("g", "read")]),
+      ...(kind === "bwd_w" ? [] : [data("y", "read_write")]),
+      ...(kind === "fwd" ? [] : [data("part", "read_write")]),
     ],
     uniforms: UNIFORMS,
     workgroupSize: WG,
-    decls: helpers(K, act),
+    decls: helpers(act, F),
     body,
   });
   kernels.set(key, k);
@@ -116,25 +196,28 @@ const convOp = defineOp<{ K: number; act: ConvActivation; hasBias: boolean }>({
   name: "causalConv1d",
   forward: ([x, w, bias], { K, act, hasBias }, save) => {
     const [B, L, C] = x.shape;
+    const V = C % 4 === 0 ? 4 : 1;
+    const T = chunkSteps("fwd", C);
     const y = Tensor.empty(x.shape);
-    const u = { B, L, C, hasBias: hasBias ? 1 : 0, chunks: 0 };
+    const chunks = Math.ceil(L / T);
+    const u = { B, L, C, hasBias: hasBias ? 1 : 0, chunks };
     const bufs = { x: x.storage, w: w.storage, bias: (bias ?? w).storage, y: y.storage };
-    dispatch(kernel("fwd", K, act), bufs, u, Math.ceil(x.size / WG));
+    dispatch(kernel("fwd", K, act, V, T), bufs, u, Math.ceil((B * chunks * C) / V / WG));
     save(x, w, ...(bias ? [bias] : []));
     return y;
   },
   backward: (g, [x, w, bias], inputs, { K, act, hasBias }) => {
     const [B, L, C] = x.shape;
-    const chunks = Math.ceil((B * L) / ROWS);
+    const V = C % 4 === 0 ? 4 : 1;
+    const kind = inputs[0].requiresGrad ? "bwd" : "bwd_w";
+    const T = chunkSteps(kind, C);
+    const chunks = Math.ceil(L / T);
     const u = { B, L, C, hasBias: hasBias ? 1 : 0, chunks };
-    const base = { x: x.storage, w: w.storage, bias: (bias ?? w).storage, g: g.storage };
-    let gx: Tensor | null = null;
-    if (inputs[0].requiresGrad) {
-      gx = Tensor.empty(x.shape);
-      dispatch(kernel("bwd_x", K, act), { ...base, y: gx.storage }, u, Math.ceil(x.size / WG));
-    }
-    const part = Tensor.empty([chunks, C, K + 1]);
-    dispatch(kernel("bwd_w", K, act), { ...base, y: part.storage }, u, Math.ceil((chunks * C) / WG));
+    const part = Tensor.empty([B * chunks, C, K + 1]);
+    const bufs = { x: x.storage, w: w.storage, bias: (bias ?? w).storage, g: g.storage, part: part.storage };
+    const groups = Math.ceil((B * chunks * C) / V / WG);
+    const gx = kind === "bwd" ? Tensor.empty(x.shape) : null;
+    dispatch(kernel(kind, K, act, V, T), gx ? { ...bufs, y: gx.storage } : bufs, u, groups);
     const gwb = sum(part, 0); // gwb: (C, K + 1)
     part.dispose();
     const gw = gwb.narrow(1, 0, K).reshape(...w.shape);

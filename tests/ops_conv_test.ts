@@ -1,0 +1,139 @@
+import * as M from "../mod.ts";
+import { checkOps, type Nd, type OpCase, rand, setup, UNARY_REF } from "./helpers.ts";
+
+await setup();
+
+type Act = "none" | "silu";
+
+/** Float64 pre-activation of the causal depthwise conv and the per-element error scale |bias| + sum |w x|. */
+function preRef(x: Nd, w: Nd, bias: Nd | null): { pre: Float64Array; scale: Float64Array } {
+  const [B, L, C] = x.shape;
+  const K = w.data.length / C;
+  const pre = new Float64Array(B * L * C), scale = new Float64Array(B * L * C);
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < L; t++) {
+      for (let c = 0; c < C; c++) {
+        let acc = bias ? bias.data[c] : 0, mag = Math.abs(acc);
+        for (let k = 0; k < K; k++) {
+          const u = t - (K - 1) + k;
+          if (u < 0) continue;
+          const v = w.data[c * K + k] * x.data[(b * L + u) * C + c];
+          acc += v;
+          mag += Math.abs(v);
+        }
+        pre[(b * L + t) * C + c] = acc;
+        scale[(b * L + t) * C + c] = mag;
+      }
+    }
+  }
+  return { pre, scale };
+}
+
+const ACT: Record<Act, (p: number) => number> = { none: (p) => p, silu: UNARY_REF.silu };
+const DACT: Record<Act, (p: number) => number> = {
+  none: () => 1,
+  silu: (p) => {
+    const s = UNARY_REF.sigmoid(p);
+    return s * (1 + p * (1 - s));
+  },
+};
+
+/** Analytic float64 gradients of sum(conv(x) * G): [gx, gw, gbias]. */
+function convGradRef(x: Nd, w: Nd, bias: Nd | null, act: Act, G: Nd): Nd[] {
+  const [B, L, C] = x.shape;
+  const K = w.data.length / C;
+  const { pre } = preRef(x, w, bias);
+  const gpre = pre.map((p, i) => G.data[i] * DACT[act](p));
+  const gx = new Float64Array(x.data.length), gw = new Float64Array(C * K), gb = new Float64Array(C);
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < L; t++) {
+      for (let c = 0; c < C; c++) {
+        const gp = gpre[(b * L + t) * C + c];
+        gb[c] += gp;
+        for (let k = 0; k < K; k++) {
+          const u = t - (K - 1) + k;
+          if (u < 0) continue;
+          gw[c * K + k] += gp * x.data[(b * L + u) * C + c];
+          gx[(b * L + u) * C + c] += gp * w.data[c * K + k];
+        }
+      }
+    }
+  }
+  return [{ data: gx, shape: x.shape }, { data: gw, shape: w.shape }, { data: gb, shape: [C] }];
+}
+
+function convCase(
+  B: number,
+  L: number,
+  C: number,
+  K: number,
+  act: Act,
+  hasBias: boolean,
+  options: { analytic?: boolean; xGrad?: boolean; flatWeight?: boolean } = {},
+): OpCase {
+  const seed = B * 1000003 + L * 1009 + C * 31 + K * 7 + (act === "silu" ? 3 : 0) + (hasBias ? 1 : 0);
+  const x = rand([B, L, C], seed, { low: -2, high: 2 });
+  const w = rand(options.flatWeight ? [C, K] : [C, 1, K], seed + 1);
+  const inputs = hasBias ? [x, w, rand([C], seed + 2)] : [x, w];
+  const ref = (xs: Nd[]): Nd => {
+    const { pre } = preRef(xs[0], xs[1], xs[2] ?? null);
+    return { data: pre.map(ACT[act]), shape: xs[0].shape };
+  };
+  return {
+    what: `conv B=${B} L=${L} C=${C} K=${K} ${act}${hasBias ? " +bias" : ""}${
+      options.xGrad === false ? " (x without grad)" : ""
+    }`,
+    inputs,
+    gpu: ([tx, tw, tb]) => M.causalConv1d(tx, tw, tb ?? null, act),
+    ref,
+    // f32 sums are accurate relative to their terms; silu' is at most 1.1.
+    scale: (xs) => ({ data: preRef(xs[0], xs[1], xs[2] ?? null).scale.map((s) => 1.1 * s), shape: x.shape }),
+    // dw and dbias sum B*L terms.
+    gradTol: { rtol: 2e-5, atol: 2e-6 * Math.sqrt(B * L) },
+    grad: options.xGrad === false ? [false, true, ...(hasBias ? [true] : [])] : true,
+    refGrad: options.analytic
+      ? (xs, G) => convGradRef(xs[0], xs[1], xs[2] ?? null, act, G).slice(0, xs.length)
+      : undefined,
+  };
+}
+
+Deno.test("causalConv1d: L = 1, L < K, L = K, chunk edges, B = 3, with/without silu and bias (finite differences)", async () => {
+  const cases: OpCase[] = [];
+  for (const act of ["none", "silu"] as const) {
+    for (const hasBias of [false, true]) {
+      for (const [B, L] of [[1, 1], [3, 1], [2, 2], [1, 3], [3, 4], [2, 7]]) {
+        cases.push(convCase(B, L, 3, 4, act, hasBias));
+      }
+    }
+  }
+  cases.push(convCase(2, 5, 3, 1, "silu", true), convCase(1, 6, 2, 2, "none", false, { flatWeight: true }));
+  cases.push(convCase(2, 9, 3, 4, "silu", true, { xGrad: false }));
+  // C a multiple of 4: four channels per invocation (vec4), every K (weights and partials transposed).
+  for (const K of [1, 2, 3, 4, 5]) cases.push(convCase(3, 6, 4, K, "silu", true));
+  cases.push(convCase(2, 1, 8, 4, "none", false), convCase(1, 3, 8, 4, "silu", true, { xGrad: false }));
+  await checkOps(cases);
+});
+
+Deno.test("causalConv1d: several time chunks, partial last chunk, channel counts across workgroups (analytic)", async () => {
+  const cases: OpCase[] = [];
+  for (const act of ["none", "silu"] as const) {
+    for (const hasBias of [false, true]) {
+      // L not a multiple of the chunk (64), and exactly a multiple; C below, at and above the workgroup (64).
+      cases.push(convCase(3, 130, 5, 4, act, hasBias, { analytic: true }));
+      cases.push(convCase(1, 128, 64, 4, act, hasBias, { analytic: true }));
+      cases.push(convCase(2, 67, 70, 3, act, hasBias, { analytic: true }));
+    }
+  }
+  cases.push(convCase(3, 200, 33, 4, "silu", true, { analytic: true, xGrad: false }));
+  cases.push(convCase(1, 1000, 8, 5, "silu", true, { analytic: true }));
+  // Wide rows (short chunks: 16 steps forward, 8 backward), vec4 and scalar, K = 3 and 4.
+  for (
+    const [B, L, C, K] of [[2, 37, 260, 4], [3, 5, 260, 4], [1, 1, 260, 4], [2, 19, 258, 4], [1, 45, 300, 3]]
+  ) {
+    cases.push(convCase(B, L, C, K, "silu", true, { analytic: true }));
+  }
+  cases.push(convCase(2, 21, 264, 4, "none", false, { analytic: true, xGrad: false }));
+  // More taps than chunk steps: the window reaches back over several chunks.
+  cases.push(convCase(2, 40, 260, 10, "silu", true, { analytic: true }));
+  await checkOps(cases);
+});
