@@ -150,6 +150,12 @@ export function recordCopy(
   currentEncoder().copyBufferToBuffer(src, srcOffset, dst, dstOffset, bytes);
 }
 
+/** Records zeroing `bytes` (a multiple of 4) of `dst` from `dstOffset`, in order with the dispatches around it. */
+export function recordClear(dst: GPUBuffer, dstOffset: number, bytes: number): void {
+  endPass();
+  currentEncoder().clearBuffer(dst, dstOffset, bytes);
+}
+
 /** Copies host data into `dst` at `dstOffset` (bytes, multiple of 4), in order with recorded work. */
 export function upload(dst: GPUBuffer, dstOffset: number, data: ArrayBufferView): void {
   const bytes = data.byteLength;

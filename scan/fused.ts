@@ -30,7 +30,7 @@
 import { defineOp } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
-import { recordCopy } from "../core/executor.ts";
+import { recordClear, recordCopy } from "../core/executor.ts";
 import { cat, copyBox, narrow, sum } from "../core/ops/index.ts";
 import { mapOp } from "../core/ops/map_kernel.ts";
 import { fmt } from "../core/shape.ts";
@@ -279,7 +279,7 @@ function backwardKernel(v: FusedVariant): Kernel {
       `{ let col = lid + ${j * WG}u; if (col < ${2 * N}u) { let acc = ${
         Array.from({ length: WG }, (_, c) =>
           `red[base + ${c * 2 * N}u + col]`).join(" + ")
-      }; st_gred(((b * P.L + tq) * P.slots + tile) * ${2 * N}u + col, acc); } }`)
+      }; st_gred(((b * P.segLen + tq - P.segStart) * P.slots + tile) * ${2 * N}u + col, acc); } }`)
   }
         }
         workgroupBarrier();
@@ -304,7 +304,15 @@ function backwardKernel(v: FusedVariant): Kernel {
       // storage buffers, what browsers allow.
       { name: "gred", type: "f32", access: "read_write" },
     ],
-    uniforms: [...UNIFORMS, ["hsOff", "u32"], ["gparOff", "u32"], ["slots", "u32"], ["slotsPerTile", "u32"]],
+    uniforms: [
+      ...UNIFORMS,
+      ["hsOff", "u32"],
+      ["gparOff", "u32"],
+      ["slots", "u32"],
+      ["slotsPerTile", "u32"],
+      ["segStart", "u32"], // first step of the time segment whose partial rows this dispatch writes
+      ["segLen", "u32"],
+    ],
     workgroupSize: WG,
     decls: COMMON + `
 ${sg ? "" : `var<workgroup> red: array<f32, ${S * 2 * WG * N}>; // [step slot][channel][B terms | C terms]`}
@@ -403,9 +411,9 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
       ${unroll(N, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
       let lane = (slot * ${WG}u + lid) * ${2 * N}u;
       // this subgroup's partial row of step t: (B, L, slots, 2N)
-      let part = ((b * P.L + t) * P.slots + tile * P.slotsPerTile + ${sg ? "lid / sgSize" : "0u"}) * ${
-      2 * N
-    }u;
+      let part = ((b * P.segLen + t - P.segStart) * P.slots + tile * P.slotsPerTile + ${
+      sg ? "lid / sgSize" : "0u"
+    }) * ${2 * N}u;
       ${
       unroll(N, (n) =>
         `{ let a = exp(dt * A[${n}]); ` +
@@ -445,6 +453,14 @@ export interface FusedAttrs {
   N: number;
   /** Whether the output is gated by silu(z). */
   gated: boolean;
+}
+
+let partialBudget: number | null = null;
+
+/** Caps the bytes of the backward's dB/dC partial rows (default null: max(4 MiB, bytes of x)); tests use a
+ * small cap to walk time in many segments. */
+export function setFusedPartialBudget(bytes: number | null): void {
+  partialBudget = bytes;
 }
 
 /** Workgroups wanted at least, so that small problems (batch 1, narrow models) still use every core. */
@@ -532,16 +548,22 @@ const fusedOp = defineOp<FusedAttrs>({
     const { B, L, ED, v, u } = sizes(x, dBC, a);
     const N = a.N;
     // dB/dC partials: one row per tile, or per subgroup of a tile (how many depends on the subgroup size the
-    // adapter picks at run time: rows it leaves unwritten must be zeros).
+    // adapter picks at run time: rows it leaves unwritten must be zeros). They take `slots` times the
+    // memory of dB/dC, so time is walked in segments whose partials fit in max(4 MiB, bytes of x), each
+    // reduced into gdBC before the next.
     const sg = v.reduce === "subgroup" ? deviceInfo().subgroups : null;
     const slotsPerTile = sg ? Math.ceil(v.WG / sg.minSize) : 1;
     const slots = u.tiles * slotsPerTile;
-    const gbcSize = B * L * slots * 2 * N;
+    const stepBytes = 4 * B * slots * 2 * N; // partials of one time step
+    const budget = partialBudget ?? Math.max(4 << 20, 4 * x.size);
+    const segChunks = Math.max(1, Math.min(u.chunks, Math.floor(budget / stepBytes / v.Lc)));
+    const segSteps = Math.min(L, segChunks * v.Lc);
+    const gbcSize = B * segSteps * slots * 2 * N;
     const gx = Tensor.empty(x.shape);
     const gdraw = Tensor.empty(x.shape);
     const gz = Tensor.empty(x.shape);
-    const gredShape = [gbcSize + B * ED * (2 * N + 2)];
-    const gred = sg && sg.minSize !== sg.maxSize ? zeros(gredShape) : Tensor.empty(gredShape);
+    const gred = Tensor.empty([gbcSize + B * ED * (2 * N + 2)]); // [partials of a segment | gpar]
+    const gdBC = zeros([B, L, a.R + 2 * N]); // (B, L, R + 2N): the dt columns get no gradient here
     const bufs = {
       x: x.storage,
       draw: draw.storage,
@@ -556,26 +578,40 @@ const fusedOp = defineOp<FusedAttrs>({
     };
     const k = backwardKernel(v);
     const hsOff = ph.size - B * ED * u.chunks * N;
-    // Each dispatch walks its steps three times (recompute, reverse, dB/dC sums): at most MAX_STEPS / 2 steps.
+    // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums):
+    // at most MAX_STEPS / 2 steps, so no invocation loops 65535 times.
     const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
-    for (let t1 = u.chunks; t1 > 0; t1 -= per) {
-      const uni = { ...u, t0: Math.max(0, t1 - per), t1, hsOff, gparOff: gbcSize, slots, slotsPerTile };
-      dispatch(k, bufs, uni, B * u.tiles);
+    const S = a.R + 2 * N;
+    for (let c1 = u.chunks; c1 > 0; c1 -= segChunks) {
+      const c0 = Math.max(0, c1 - segChunks);
+      const segStart = c0 * v.Lc;
+      const segLen = Math.min(L, c1 * v.Lc) - segStart;
+      if (sg && sg.minSize !== sg.maxSize) {
+        recordClear(gred.storage.buffer, 0, 4 * B * segLen * slots * 2 * N);
+      }
+      for (let t1 = c1; t1 > c0; t1 -= per) {
+        const t0 = Math.max(c0, t1 - per);
+        const uni = { ...u, t0, t1, hsOff, gparOff: gbcSize, slots, slotsPerTile, segStart, segLen };
+        dispatch(k, bufs, uni, B * u.tiles);
+      }
+      const part = new Tensor(gred.storage, [B, segLen, slots, 2 * N], "f32"); // a view: partials come first
+      const gBC = sum(part, -2); // gBC: (B, segLen, 2N)
+      const to = { offset: segStart * S + a.R, strides: [L * S, S, 1] };
+      copyBox(gBC, { offset: 0, strides: [segLen * 2 * N, 2 * N, 1] }, gdBC, to, [B, segLen, 2 * N]);
+      part.dispose();
+      gBC.dispose();
     }
-    const gbc = new Tensor(gred.storage, [B, L, slots, 2 * N], "f32"); // a view: the partials come first
     const gpar = Tensor.empty([B, ED, 2 * N + 2]);
     recordCopy(gred.storage.buffer, 4 * gbcSize, gpar.storage.buffer, 0, 4 * gpar.size);
     gred.dispose();
     if (!a.gated) gz.dispose();
-    // Reductions: dB, dC over partial rows; dbias, dD, dA over the batch.
-    const gBC = sum(gbc, -2); // gBC: (B, L, 2N)
-    const gdBC = a.R > 0 ? cat([mapOp("0.0", [], [B, L, a.R]), gBC], -1) : gBC; // (B, L, R + 2N)
+    // Reductions over the batch: dbias, dD, dA.
     const gp = sum(gpar, 0); // gp: (ED, 2N + 2)
     const gbias = narrow(gp, 1, 0, 1).reshape(ED);
     const gD = narrow(gp, 1, 1, 1).reshape(ED);
     const gA = narrow(gp, 1, 2, N); // gA: (ED, N)
     const gAlog = mapOp("-a * exp(b)", [gA, A_log], [ED, N]); // dA/dA_log = A = -exp(A_log)
-    for (const t of [gbc, gpar, gBC, gp, gA]) if (t !== gdBC) t.dispose();
+    for (const t of [gpar, gp, gA]) t.dispose();
     return [
       gx,
       gdraw,

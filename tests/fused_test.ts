@@ -96,6 +96,18 @@ Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096 
   await compare({ B: 1, L: 70000, ED: 2, N: 4, R: 1, gated: true }, 8);
 });
 
+Deno.test("fused scan backward in time segments (dB/dC partials capped): results unchanged", async () => {
+  const { setFusedPartialBudget } = await import("../scan/fused.ts");
+  try {
+    setFusedPartialBudget(1); // one chunk per segment
+    await compare({ B: 2, L: 150, ED: 40, N: 16, R: 2, gated: true }, 12);
+    setFusedPartialBudget(300_000); // L = 40000: 5 segments of 2 dispatches each
+    await compare({ B: 1, L: 40000, ED: 2, N: 4, R: 1, gated: false }, 13);
+  } finally {
+    setFusedPartialBudget(null);
+  }
+});
+
 Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums) agree", async () => {
   const info = await init();
   const { setFusedVariant } = await import("../scan/fused.ts");
