@@ -25,6 +25,7 @@ export {
   GPUError,
   init,
   type InitOptions,
+  type SubgroupSupport,
 } from "./core/device.ts";
 export { dispose, type DType, keep, type Operand, Tensor, tidy } from "./core/tensor.ts";
 export { emptyPool, memory, type MemoryInfo, resetPeak, setMemoryLimit, Storage } from "./core/memory.ts";
