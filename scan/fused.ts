@@ -115,15 +115,17 @@ function loadBC(N: number, row: string, withC: boolean, shuffle: boolean): strin
 const chosen = new Map<number, FusedVariant>();
 
 /**
- * The default variant of a state size: the backward holds 1024 floats of recomputed h (Ls x N); chunks
- * are Lc = 64 steps, so the saved states cost 4 ED N / 64 bytes per token (two-level recompute where
- * N > 16); where the device has subgroups, dB/dC summed with subgroupAdd (no barriers) and B, C rows
- * shared by subgroupShuffle (when the subgroup size is fixed): the fastest on every adapter measured.
+ * The default variant of a state size: the backward holds 1024 floats of recomputed h (Ls x N). Up to
+ * N = 16 chunks are Ls = 64 steps (one level: fastest); above, two-level recompute keeps chunks up to 256
+ * steps long with at most ~1024 floats of sub-chunk states, so the saved states, 4 ED N / Lc bytes per
+ * token, stay small (N = 64: Lc 256, 16x less than one level could hold). Where the device has subgroups,
+ * dB/dC are summed with subgroupAdd (no barriers) and B, C rows shared by subgroupShuffle (when the
+ * subgroup size is fixed): the fastest on every adapter measured.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
   const Ls = Math.min(64, Math.max(4, Math.floor(1024 / N)));
-  const Lc = Math.max(64, Ls);
-  const lc = Lc === Ls ? { Lc } : { Lc, Ls };
+  const sub = N <= 16 ? 1 : Math.max(1, Math.min(Math.floor(256 / Ls), Math.floor(1024 / N) + 1));
+  const lc = sub === 1 ? { Lc: Ls } : { Lc: Ls * sub, Ls };
   const sg = deviceInfo().subgroups;
   if (sg) {
     const shuffle = sg.minSize === sg.maxSize && 32 % sg.minSize === 0;
