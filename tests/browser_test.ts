@@ -110,8 +110,16 @@ Deno.test({
             "DEFAULT_TRAIN",
           ]
             .filter((k) => !(k in m));
-          return { deno: typeof g.Deno, fallback: info.isFallbackAdapter, vendor: info.vendor, missing };
+          return {
+            deno: typeof g.Deno,
+            fallback: info.isFallbackAdapter,
+            vendor: info.vendor,
+            subgroups: info.subgroups,
+            missing,
+          };
         }, `${base}/mamba.js`);
+        // Which fused-scan reduction the page's kernels use (subgroups need `enable subgroups;` in browsers).
+        console.log(`browser subgroups: ${JSON.stringify(r.subgroups)}`);
         assert.equal(r.deno, "undefined");
         assert.equal(r.fallback, true, `expected SwiftShader, got ${JSON.stringify(r)}`);
         assert.deepEqual(r.missing, [], `mod.ts does not export ${r.missing.join(", ")}`);
