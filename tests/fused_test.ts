@@ -120,7 +120,20 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
   ];
   // Subgroup sums where the device has them (lavapipe does; ED 40 leaves some lanes of the last tile idle).
   if (info.subgroups) {
-    variants.push({ WG: 8, Lc: 16, reduce: "subgroup" }, { WG: 64, Lc: 7, reduce: "subgroup" });
+    variants.push(
+      { WG: 8, Lc: 16, reduce: "subgroup" },
+      { WG: 64, Lc: 7, reduce: "subgroup" },
+      { WG: 32, Lc: 24, Ls: 8, reduce: "subgroup" },
+    );
+    const SG = info.subgroups.minSize;
+    if (SG === info.subgroups.maxSize && SG <= 32) {
+      // B and C rows shared by subgroupShuffle (with subgroup or workgroup sums, one- and two-level).
+      variants.push(
+        { WG: SG, Lc: 16, reduce: "subgroup", shuffle: true },
+        { WG: 2 * SG, Lc: 12, Ls: 4, shuffle: true },
+        { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true },
+      );
+    }
   }
   try {
     for (const v of variants) {
