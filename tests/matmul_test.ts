@@ -221,6 +221,23 @@ Deno.test("matmul: small C with long K is split over K (weight-gradient shapes);
   assert.equal(after.liveTensors, before.liveTensors, "live tensors");
 });
 
+Deno.test("matmul: narrow C (few columns or rows, short K) takes the linear layout", async () => {
+  // Blocks of 64 x 64 would leave most invocations outside C: each invocation takes the next 8x8 (or
+  // smaller) block instead, not split over K. Odd sizes, every transpose, batches.
+  const problems: Problem[] = [];
+  for (const [tA, tB] of TRANS) {
+    problems.push(mats(1024, 16, 64, tA, tB)); // 64 columns fill the usual blocks (control)
+    problems.push(mats(1000, 32, 1, tA, tB)); // one column
+    problems.push(mats(333, 17, 16, tA, tB));
+    problems.push(mats(517, 1, 33, tA, tB)); // K = 1
+    problems.push(mats(250, 40, 3, tA, tB, [2], [2]));
+  }
+  const before = memory();
+  await check(problems);
+  const after = memory();
+  assert.equal(after.liveBytes, before.liveBytes, "live bytes");
+});
+
 Deno.test("matmul: split K with K longer than one dispatch's slice; a batch of small C's that is not split", async () => {
   // Small integers keep every sum exact, so a dropped or doubled slice shows. Batch 2: split over K (each
   // dispatch covers at most SPLIT_MAX slices, the next ones accumulate into the partial sums). Batch 8:

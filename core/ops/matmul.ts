@@ -51,7 +51,7 @@ export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled"];
  * Version of the matmul kernels. It is part of the tuner's cache key, so a cached choice is measured
  * again after the kernels change: bump it whenever a kernel's code changes.
  */
-export const MATMUL_KERNEL_VERSION = "matmul-4";
+export const MATMUL_KERNEL_VERSION = "matmul-5";
 
 /** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
@@ -431,18 +431,25 @@ function planFor(
   const tilesN = Math.ceil(N / blockN);
   const groups = nb * tilesM * tilesN;
   const plain: Plan = { kernel, tilesM, tilesN, slices: 1, kLen: MAX_K, groups };
-  if (groups >= SPLIT_BELOW || K < SPLIT_MIN_K) return plain;
+  const used = (nb * M * N) / (groups * blockM * blockN); // share of the blocks' invocations inside C
+  const split = groups < SPLIT_BELOW && K >= SPLIT_MIN_K;
   if (variant === "tiled") {
+    if (!split) return plain;
     const { kLen, slices } = splitK(K, Math.ceil(SPLIT_GROUPS / groups));
     return slices === 1 ? plain : { ...plain, slices, kLen, groups: groups * slices };
   }
-  const used = (nb * M * N) / (groups * blockM * blockN);
-  if (used > 0.5 && groups >= (globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW)) return plain;
+  if (used > 0.5 && (!split || groups >= (globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW))) {
+    return plain;
+  }
+  // A narrow C (N or M under the block: e.g. 1024 x 16, or 1024 x 1) or a small one: the linear layout, so
+  // that no invocation computes a block outside C; split over K where C is small and K long.
   const lin = kernelFor(variant, transA, transB, M, N, K, true);
   const linM = Math.ceil(M / lin.blockM);
   const linN = Math.ceil(N / lin.blockN);
   const blocks = nb * linM * linN;
-  const { kLen, slices } = splitK(K, Math.ceil(SPLIT_INVOCATIONS / blocks));
+  const { kLen, slices } = split
+    ? splitK(K, Math.ceil(SPLIT_INVOCATIONS / blocks))
+    : { kLen: MAX_K, slices: 1 };
   const groups2 = Math.ceil((slices * blocks) / lin.kernel.spec.workgroupSize);
   return { kernel: lin.kernel, tilesM: linM, tilesN: linN, slices, kLen, groups: groups2 };
 }
