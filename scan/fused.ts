@@ -386,8 +386,10 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
     for (var ss = len; ss > 0u; ss--) {
       let s = ss - 1u;
       let t = start + s;
-      let kq = len - ss; // steps of this chunk done before this one
-      let slot = kq % ${S}u;
+      ${
+      sg ? "" : `let kq = len - ss; // steps of this chunk done before this one
+      let slot = kq % ${S}u;`
+    }
       let i = (b * P.L + t) * P.ED + dc;
       let u = ld_draw(i) + bias;
       let dt = softplus_(u);
@@ -411,11 +413,14 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
       let sp = select(0u, s - 1u, s > 0u);
       var hp: array<f32, ${N}>;
       ${unroll(N, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
-      let lane = (slot * ${WG}u + lid) * ${2 * N}u;
-      // this subgroup's partial row of step t: (B, L, slots, 2N)
-      let part = ((b * P.segLen + t - P.segStart) * P.slots + tile * P.slotsPerTile + ${
-      sg ? "lid / sgSize" : "0u"
-    }) * ${2 * N}u;
+      ${
+      sg
+        ? `// this subgroup's partial row of step t: (B, segLen, slots, 2N)
+      let part = ((b * P.segLen + t - P.segStart) * P.slots + tile * P.slotsPerTile + lid / sgSize) * ${
+          2 * N
+        }u;`
+        : `let lane = (slot * ${WG}u + lid) * ${2 * N}u; // this step's terms in workgroup memory`
+    }
       ${
       unroll(N, (n) =>
         `{ let a = exp(dt * A[${n}]); ` +
@@ -474,7 +479,7 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs) {
   // Channels are the only parallelism: halve the workgroup until there are enough of them.
   // (shuffles need whole subgroups: not below the subgroup size)
   const least = v.shuffle ? Math.max(8, shuffleSize()) : 8;
-  while (v.WG > least && v.WG / 2 >= least && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
+  while (v.WG / 2 >= least && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
   return {
     B,
     L,

@@ -37,10 +37,21 @@ function candidates(N: number): FusedVariant[] {
   const def = defaultFusedVariant(N);
   const chunks = def.Ls ? { Lc: def.Lc, Ls: def.Ls } : { Lc: def.Lc }; // private states: the default's chunks
   const list: FusedVariant[] = [def];
-  const has = (v: FusedVariant) => list.some((c) => JSON.stringify(c) === JSON.stringify(v));
+  // Variants compared with their defaults spelled out (hbuf private, workgroup sums, no shuffle).
+  const key = (v: FusedVariant) =>
+    JSON.stringify([
+      v.N,
+      v.Lc,
+      v.Ls ?? v.Lc,
+      v.WG,
+      v.hbuf ?? "private",
+      v.reduce ?? "workgroup",
+      !!v.shuffle,
+    ]);
+  const has = (v: FusedVariant) => list.some((c) => key(c) === key(v));
   for (const WG of [8, 32, 64]) {
     const priv: FusedVariant = { N, ...chunks, WG, hbuf: "private" };
-    if (!has(priv) && !(def.reduce === undefined && def.WG === WG && !def.hbuf)) list.push(priv);
+    if (!has(priv)) list.push(priv);
     // States in workgroup memory: as long a chunk as fits, one level.
     const Lc = Math.max(4, Math.min(32, Math.floor(limit / (4 * WG * N)) - 2));
     if (4 * WG * N * (2 + Lc) <= limit) list.push({ N, WG, Lc, hbuf: "workgroup" });
