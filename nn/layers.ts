@@ -4,16 +4,7 @@
  * @module
  */
 
-import {
-  add,
-  causalConv1d,
-  type ConvActivation,
-  indexSelect,
-  matmul,
-  mean,
-  mul,
-  rsqrt,
-} from "../core/ops/index.ts";
+import { add, causalConv1d, type ConvActivation, indexSelect, matmul, rmsNorm } from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
 import { constant, kaimingUniform, normal } from "./init.ts";
@@ -79,9 +70,7 @@ export class RMSNorm extends Module {
   /** x: (..., dim) -> (..., dim) */
   forward(x: Tensor): Tensor {
     lastDim(x, this.dim, "RMSNorm");
-    const ms = mean(mul(x, x), -1, true); // ms: (..., 1)
-    const r = rsqrt(add(ms, this.eps)); // r: (..., 1)
-    return mul(mul(x, r), this.weight);
+    return rmsNorm(x, this.weight, this.eps);
   }
 }
 

@@ -10,4 +10,5 @@ export * from "./matmul.ts";
 export * from "./index_ops.ts";
 export * from "./softmax.ts";
 export * from "./conv.ts";
+export * from "./rms_norm.ts";
 export { backward, checkpoint, noGrad } from "../autograd.ts";
