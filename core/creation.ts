@@ -3,7 +3,7 @@
  * @module
  */
 
-import { upload } from "./executor.ts";
+import { recordClear, upload } from "./executor.ts";
 import { checkShape, fmt, type Shape, sizeOf } from "./shape.ts";
 import { type DType, Tensor } from "./tensor.ts";
 import { mapOp } from "./ops/map_kernel.ts";
@@ -83,7 +83,15 @@ export function full(shape: Shape, value: number, options: CreateOptions = {}): 
   if (dtype === "i32" && !Number.isInteger(value)) {
     throw new Error(`full: i32 fill value ${value} is not an integer`);
   }
+  if (value === 0 && !Object.is(value, -0)) return finish(cleared(shape, dtype), options);
   return finish(mapOp(dtype === "f32" ? "P.s0" : "i32(P.s0)", [value], shape, dtype), options);
+}
+
+/** Zeros by clearing the buffer (a memset on the queue, no kernel): 0.0 and 0 are both all-zero bits. */
+function cleared(shape: Shape, dtype: DType): Tensor {
+  const t = Tensor.empty(shape, dtype);
+  if (t.size > 0) recordClear(t.storage.buffer, 0, 4 * t.size);
+  return t;
 }
 
 /** A tensor of zeros. */

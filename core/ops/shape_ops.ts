@@ -15,6 +15,7 @@ import { recordCopy } from "../executor.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { checkShape, fmt, MAX_RANK, normAxis, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
+import { full, zeros } from "../creation.ts";
 import { mapOp } from "./map_kernel.ts";
 import { sumToShape } from "./reduce.ts";
 
@@ -239,7 +240,7 @@ const narrowOp = defineOp<{ dim: number; start: number; length: number }>({
     return out;
   },
   backward: (g, _s, [x], { dim, start }) => {
-    const out = mapOp("0.0", [], x.shape);
+    const out = zeros(x.shape, { dtype: x.dtype });
     copyBox(g, { offset: 0, strides: stridesOf(g.shape) }, out, windowBox(x.shape, dim, start), g.shape);
     return [out];
   },
@@ -341,7 +342,7 @@ const padOp = defineOp<{ before: number[]; after: number[]; value: number }>({
   name: "pad",
   forward: ([x], { before, after, value }) => {
     const shape = x.shape.map((d, i) => d + before[i] + after[i]);
-    const out = mapOp(x.dtype === "f32" ? "a" : "i32(a)", [value], shape, x.dtype);
+    const out = full(shape, value, { dtype: x.dtype });
     const st = stridesOf(shape);
     const offset = before.reduce((o, b, i) => o + b * st[i], 0);
     copyBox(x, { offset: 0, strides: stridesOf(x.shape) }, out, { offset, strides: st }, x.shape);
