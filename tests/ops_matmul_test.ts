@@ -69,6 +69,8 @@ Deno.test("matmul batched with broadcasting over leading dims (and transposes): 
     matmulCase({ a: [3, 6, 4], b: [1, 5, 6], transA: true, transB: true }, 27),
     matmulCase({ a: [2, 1, 6, 4], b: [1, 3, 6, 5], transA: true }, 29),
     matmulCase({ a: [4, 3, 5], b: [4, 5, 2] }, 31),
+    matmulCase({ a: [3, 7, 13], b: [5, 13], transB: true }, 33), // a weight's gradient folds the batch
+    matmulCase({ a: [1, 9, 4], b: [4, 6] }, 35),
   ]);
 });
 

@@ -103,13 +103,18 @@ Deno.test("max: tied maxima share the gradient equally", async () => {
 });
 
 /** Analytic float64 gradient of `sum(reduce(x) * G)` for one axis: the references for long axes. */
-function reduceGradRef(kind: Kind | "logsumexp", x: Nd, axis: number, G: Nd): Nd {
-  const kept = x.shape.map((d, i) => (i === axis ? 1 : d));
+function reduceGradRef(kind: Kind | "logsumexp", x: Nd, axis: number | number[], G: Nd): Nd {
+  const axes = typeof axis === "number" ? [axis] : axis;
+  const kept = x.shape.map((d, i) => (axes.includes(i) ? 1 : d));
   const g = expandRef({ data: G.data, shape: kept }, x.shape);
   if (kind === "sum") return g;
-  if (kind === "mean") return map2(g, 1 / x.shape[axis], (a, b) => a * b);
-  if (kind === "logsumexp") return map2(softmaxRef(x, axis), g, (a, b) => a * b);
-  const m = expandRef(reduceRef(x, axis, true, REDUCE.max), x.shape);
+  const count = axes.reduce((n, a) => n * x.shape[a], 1);
+  if (kind === "mean") return map2(g, 1 / count, (a, b) => a * b);
+  if (kind === "logsumexp") {
+    if (typeof axis !== "number") throw new Error("logsumexp reference: one axis");
+    return map2(softmaxRef(x, axis), g, (a, b) => a * b);
+  }
+  const m = expandRef(reduceRef(x, axes, true, REDUCE.max), x.shape);
   // Distinct random values: the maximum is unique, the gradient is one-hot.
   return { data: g.data.map((v, i) => (x.data[i] === m.data[i] ? v : 0)), shape: x.shape };
 }
@@ -132,6 +137,34 @@ Deno.test("reductions over an axis longer than 4096 (several passes), inner and 
     ...longAxisCases([5000, 3], 0, 12),
     ...longAxisCases([2, 4097, 3], 1, 13),
   ]);
+});
+
+Deno.test("reductions over size-1 axes, merged neighbouring axes, and few outputs over a long axis", async () => {
+  // Size-1 axes are dropped and neighbouring reduced axes merged into one pass; few outputs over a long
+  // axis are reduced in chunks over several passes. All must match the plain reference.
+  const cases: OpCase[] = [];
+  const shapes: [number[], number[]][] = [
+    [[3, 1, 1000, 5], [0, 1, 2]], // one merged run of 3000, inner 5
+    [[6, 1, 7], [0, 2]], // 0 and 2 meet once the size-1 axis is dropped
+    [[1, 2000, 1, 3], [1]],
+    [[1, 4, 1], [0, 2]], // only size-1 axes: a copy
+    [[2, 9000], [1]], // 2 outputs over 9000: chunks, then a second pass
+    [[4, 3, 700, 2], [1, 3]], // two separate runs
+  ];
+  shapes.forEach(([shape, axes], i) => {
+    // Positive values: no cancellation, so f32 sums stay within ~1e-5 of float64.
+    const x = rand(shape, 70 + i, { low: 0.5, high: 1.5 });
+    for (const kind of KINDS) {
+      cases.push({
+        what: `${kind} over ${JSON.stringify(axes)} of [${shape}]`,
+        inputs: [x],
+        gpu: ([t]) => M[kind](t, axes),
+        ref: ([t]) => reduceRef(t, axes, false, REDUCE[kind]),
+        refGrad: ([t], G) => [reduceGradRef(kind, t, axes, G)],
+      });
+    }
+  });
+  await checkOps(cases);
 });
 
 Deno.test("reductions over an axis longer than 65535 (beyond one invocation's loop limit)", async () => {

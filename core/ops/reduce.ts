@@ -1,20 +1,28 @@
 /**
  * Reductions over axes: sum, mean, max, logsumexp, and `sumToShape` (the adjoint of broadcasting).
  *
- * Kernel: the input is viewed as (outer, R, inner); each invocation owns one (outer, chunk, inner) output
- * and loops over at most CHUNK elements of R (loops past 65535 iterations stop silently on software
- * adapters), so a long R is reduced in several passes. No workgroup memory.
+ * Size-1 axes are dropped and adjacent reduced axes merged, so each run of reduced axes is one pass over
+ * the input viewed as (outer, R, inner). Kernel: each invocation owns one (outer, chunk, inner) output and
+ * loops over `chunk` elements of R (at most 4096: loops past 65535 iterations stop silently on software
+ * adapters). Few outputs over a long R get shorter chunks, so that there are enough invocations to
+ * fill the device; the chunk partials are reduced by the next pass. No workgroup memory.
  * @module
  */
 
 import { defineOp } from "../autograd.ts";
+import { zeros } from "../creation.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { fmt, normAxis, type Shape, sizeOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { mapOp } from "./map_kernel.ts";
 import { reshape } from "./shape_ops.ts";
 
-const CHUNK = 4096;
+/** Longest chunk of R one invocation loops over. */
+const MAX_CHUNK = 4096;
+/** Shortest chunk worth a pass of its own. */
+const MIN_CHUNK = 64;
+/** Invocations a pass aims for, when the outputs are fewer. */
+const TARGET_INVOCATIONS = 4096;
 const WG = 64;
 
 function reduceKernel(kind: "sum" | "max"): Kernel {
@@ -23,17 +31,17 @@ function reduceKernel(kind: "sum" | "max"): Kernel {
   return defineKernel({
     name: `reduce_${kind}`,
     buffers: [{ name: "x", type: "f32", access: "read" }, { name: "y", type: "f32", access: "read_write" }],
-    uniforms: [["n", "u32"], ["r", "u32"], ["inner", "u32"], ["chunks", "u32"]],
+    uniforms: [["n", "u32"], ["r", "u32"], ["inner", "u32"], ["chunks", "u32"], ["chunk", "u32"]],
     workgroupSize: WG,
     body: `
   if (gid >= P.n) { return; }
-  // gid -> (o, k, i): output (o, chunk k, inner i) reduces x[o, k*CHUNK .. min(R, (k+1)*CHUNK), i].
+  // gid -> (o, k, i): output (o, chunk k, inner i) reduces x[o, k*chunk .. min(R, (k+1)*chunk), i].
   let i = gid % P.inner;
   let ok = gid / P.inner;
   let k = ok % P.chunks;
   let o = ok / P.chunks;
-  let start = k * ${CHUNK}u;
-  let end = min(P.r, start + ${CHUNK}u);
+  let start = k * P.chunk;
+  let end = min(P.r, start + P.chunk);
   var acc: f32 = ${init};
   var at = (o * P.r + start) * P.inner + i;
   for (var t = start; t < end; t = t + 1u) {
@@ -47,22 +55,24 @@ function reduceKernel(kind: "sum" | "max"): Kernel {
 
 const KERNELS = { sum: reduceKernel("sum"), max: reduceKernel("max") };
 
-/** Reduces one axis of a contiguous f32 tensor (no autograd), keeping the axis as size 1. */
-function reduceAxis(x: Tensor, axis: number, kind: "sum" | "max"): Tensor {
-  const outer = sizeOf(x.shape.slice(0, axis));
-  const inner = sizeOf(x.shape.slice(axis + 1));
-  let r = x.shape[axis];
-  const outShape = x.shape.map((d, i) => (i === axis ? 1 : d));
-  if (r === 0) {
-    if (kind === "max") throw new Error(`max over an empty axis ${axis} of shape ${fmt(x.shape)}`);
-    return mapOp("0.0", [], outShape);
-  }
+/** Reduces the middle axis of x viewed as (outer, r, inner), in as many passes as the chunks need; the
+ * result is flat (outer * inner). No autograd; `x` is not disposed. */
+function reduceRun(x: Tensor, outer: number, r: number, inner: number, kind: "sum" | "max"): Tensor {
   let cur = x;
   while (true) {
-    const chunks = Math.ceil(r / CHUNK);
-    const out = Tensor.empty(chunks === 1 ? outShape : [outer, chunks, inner]);
+    const n0 = outer * inner;
+    const chunk = r <= MIN_CHUNK
+      ? r
+      : Math.min(MAX_CHUNK, Math.max(MIN_CHUNK, Math.ceil((r * n0) / TARGET_INVOCATIONS)));
+    const chunks = Math.ceil(r / chunk);
+    const out = Tensor.empty([outer * chunks * inner]);
     const n = outer * chunks * inner;
-    dispatch(KERNELS[kind], { x: cur.storage, y: out.storage }, { n, r, inner, chunks }, Math.ceil(n / WG));
+    dispatch(
+      KERNELS[kind],
+      { x: cur.storage, y: out.storage },
+      { n, r, inner, chunks, chunk },
+      Math.ceil(n / WG),
+    );
     if (cur !== x) cur.dispose();
     if (chunks === 1) return out;
     cur = out;
@@ -77,15 +87,39 @@ function axesOf(x: Tensor, axis: number | number[] | undefined, op: string): num
   return norm.sort((a, b) => b - a);
 }
 
+/** Reduces `axes` of a contiguous f32 tensor (no autograd), keeping them as size 1. Always a new tensor. */
 function reduceAxes(x: Tensor, axes: number[], kind: "sum" | "max"): Tensor {
   if (x.dtype !== "f32") throw new Error(`${kind} needs an f32 tensor, got ${x.dtype}`);
+  const outShape = keptShape(x.shape, axes);
+  if (x.size === 0) {
+    if (kind === "max" && axes.some((a) => x.shape[a] === 0)) {
+      throw new Error(`max over an empty axis of shape ${fmt(x.shape)}`);
+    }
+    return zeros(outShape);
+  }
+  // Runs of dims: size-1 dims dropped, neighbours of the same kind (reduced or kept) merged.
+  const runs: { size: number; reduced: boolean }[] = [];
+  x.shape.forEach((d, i) => {
+    if (d === 1) return;
+    const reduced = axes.includes(i);
+    const last = runs.at(-1);
+    if (last && last.reduced === reduced) last.size *= d;
+    else runs.push({ size: d, reduced });
+  });
   let cur = x;
-  for (const a of axes) {
-    const next = reduceAxis(cur, a, kind);
+  for (let j = runs.length - 1; j >= 0; j--) {
+    if (!runs[j].reduced) continue;
+    const outer = runs.slice(0, j).reduce((n, q) => n * q.size, 1);
+    const inner = runs.slice(j + 1).reduce((n, q) => n * q.size, 1);
+    const next = reduceRun(cur, outer, runs[j].size, inner, kind);
     if (cur !== x) cur.dispose();
     cur = next;
+    runs[j].size = 1;
   }
-  return cur === x ? mapOp("a", [x], x.shape) : cur;
+  if (cur === x) return mapOp("a", [x], outShape); // only size-1 axes: a copy
+  const out = new Tensor(cur.storage, outShape, "f32");
+  cur.dispose();
+  return out;
 }
 
 function dropAxes(shape: Shape, axes: number[]): number[] {
@@ -211,6 +245,8 @@ export function sumToShape(g: Tensor, shape: Shape): Tensor {
   g.shape.forEach((d, i) => {
     if (i < lead || (shape[i - lead] === 1 && d !== 1)) axes.push(i);
   });
+  // Only size-1 axes to sum (e.g. a batch of one): the same data, a view.
+  if (g.size === sizeOf(shape)) return new Tensor(g.storage, [...shape], g.dtype);
   const y = reduceAxes(g, axes.sort((a, b) => b - a), "sum");
   return reshapeOwned(y, [...shape]);
 }
