@@ -34,7 +34,6 @@ import { recordClear, recordCopy } from "../core/executor.ts";
 import { cat, copyBox, narrow, sum } from "../core/ops/index.ts";
 import { mapOp } from "../core/ops/map_kernel.ts";
 import { fmt } from "../core/shape.ts";
-import { zeros } from "../core/creation.ts";
 import { Tensor } from "../core/tensor.ts";
 
 /** Compile-time shape of a fused-scan kernel. */
@@ -462,6 +461,39 @@ export interface FusedAttrs {
   gated: boolean;
 }
 
+/**
+ * `fused_scan_bwd_gather`: sums a segment's dB/dC partial rows over their slots and writes them into the
+ * gradient of the x_proj output at columns R.., zeros in the dt columns 0..R (which the scan does not
+ * differentiate). One invocation per (b, t, column) of the segment; reads `slots` floats, writes one.
+ */
+const gatherKernel = defineKernel({
+  name: "fused_scan_bwd_gather",
+  buffers: [
+    { name: "part", type: "f32", access: "read" },
+    { name: "gdbc", type: "f32", access: "read_write" },
+  ],
+  uniforms: [["n", "u32"], ["L", "u32"], ["S", "u32"], ["R", "u32"], ["slots", "u32"], ["segStart", "u32"], [
+    "segLen",
+    "u32",
+  ]],
+  workgroupSize: 64,
+  body: `
+  if (gid >= P.n) { return; }
+  let col = gid % P.S;
+  let bt = gid / P.S; // b * segLen + (t - segStart)
+  let b = bt / P.segLen;
+  let t = P.segStart + bt % P.segLen;
+  var acc = 0.0;
+  if (col >= P.R) {
+    var at = bt * P.slots * (P.S - P.R) + (col - P.R);
+    for (var s = 0u; s < P.slots; s = s + 1u) {
+      acc = acc + ld_part(at);
+      at = at + P.S - P.R;
+    }
+  }
+  st_gdbc((b * P.L + t) * P.S + col, acc);`,
+});
+
 let partialBudget: number | null = null;
 
 /** Caps the bytes of the backward's dB/dC partial rows (default null: max(4 MiB, bytes of x)); tests use a
@@ -570,7 +602,7 @@ const fusedOp = defineOp<FusedAttrs>({
     const gdraw = Tensor.empty(x.shape);
     const gz = Tensor.empty(x.shape);
     const gred = Tensor.empty([gbcSize + B * ED * (2 * N + 2)]); // [partials of a segment | gpar]
-    const gdBC = zeros([B, L, a.R + 2 * N]); // (B, L, R + 2N): the dt columns get no gradient here
+    const gdBC = Tensor.empty([B, L, a.R + 2 * N]); // gdBC: (B, L, R + 2N); the dt columns get zeros
     const bufs = {
       x: x.storage,
       draw: draw.storage,
@@ -601,12 +633,10 @@ const fusedOp = defineOp<FusedAttrs>({
         const uni = { ...u, t0, t1, hsOff, gparOff: gbcSize, slots, slotsPerTile, segStart, segLen };
         dispatch(k, bufs, uni, B * u.tiles);
       }
-      const part = new Tensor(gred.storage, [B, segLen, slots, 2 * N], "f32"); // a view: partials come first
-      const gBC = sum(part, -2); // gBC: (B, segLen, 2N)
-      const to = { offset: segStart * S + a.R, strides: [L * S, S, 1] };
-      copyBox(gBC, { offset: 0, strides: [segLen * 2 * N, 2 * N, 1] }, gdBC, to, [B, segLen, 2 * N]);
-      part.dispose();
-      gBC.dispose();
+      // partials (B, segLen, slots, 2N) -> gdBC[:, segStart..segStart+segLen, :]
+      const n = B * segLen * S;
+      const gu = { n, L, S, R: a.R, slots, segStart, segLen };
+      dispatch(gatherKernel, { part: gred.storage, gdbc: gdBC.storage }, gu, Math.ceil(n / 64));
     }
     const gpar = Tensor.empty([B, ED, 2 * N + 2]);
     recordCopy(gred.storage.buffer, 4 * gbcSize, gpar.storage.buffer, 0, 4 * gpar.size);
