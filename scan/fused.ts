@@ -31,8 +31,7 @@ import { defineOp } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { recordClear, recordCopy } from "../core/executor.ts";
-import { cat, copyBox, narrow, sum } from "../core/ops/index.ts";
-import { mapOp } from "../core/ops/map_kernel.ts";
+import { cat, copyBox } from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 
@@ -494,6 +493,41 @@ const gatherKernel = defineKernel({
   st_gdbc((b * P.L + t) * P.S + col, acc);`,
 });
 
+/**
+ * `fused_scan_bwd_params`: the parameter gradients out of `gpar` (B, ED, [dbias | dD | dA (N) | lam carry],
+ * at element `off` of its buffer): one invocation per (d, column) sums the batch and writes dbias (ED), dD (ED) or dA_log (ED, N) =
+ * dA * A with A = -exp(A_log).
+ */
+const paramsKernel = defineKernel({
+  name: "fused_scan_bwd_params",
+  buffers: [
+    { name: "gpar", type: "f32", access: "read" },
+    { name: "alog", type: "f32", access: "read" },
+    { name: "gbias", type: "f32", access: "read_write" },
+    { name: "gd", type: "f32", access: "read_write" },
+    { name: "galog", type: "f32", access: "read_write" },
+  ],
+  uniforms: [["B", "u32"], ["ED", "u32"], ["N", "u32"], ["off", "u32"]],
+  workgroupSize: 64,
+  body: `
+  let W = P.N + 2u; // the columns of gpar this kernel reads (the lam carry is left out)
+  if (gid >= P.ED * W) { return; }
+  let d = gid / W;
+  let c = gid % W;
+  var acc = 0.0;
+  for (var b = 0u; b < P.B; b = b + 1u) {
+    acc = acc + ld_gpar(P.off + (b * P.ED + d) * (2u * P.N + 2u) + c);
+  }
+  if (c == 0u) {
+    st_gbias(d, acc);
+  } else if (c == 1u) {
+    st_gd(d, acc);
+  } else {
+    let i = d * P.N + c - 2u;
+    st_galog(i, -acc * exp(ld_alog(i))); // dA/dA_log = A = -exp(A_log)
+  }`,
+});
+
 let partialBudget: number | null = null;
 
 /** Caps the bytes of the backward's dB/dC partial rows (default null: max(4 MiB, bytes of x)); tests use a
@@ -638,17 +672,15 @@ const fusedOp = defineOp<FusedAttrs>({
       const gu = { n, L, S, R: a.R, slots, segStart, segLen };
       dispatch(gatherKernel, { part: gred.storage, gdbc: gdBC.storage }, gu, Math.ceil(n / 64));
     }
-    const gpar = Tensor.empty([B, ED, 2 * N + 2]);
-    recordCopy(gred.storage.buffer, 4 * gbcSize, gpar.storage.buffer, 0, 4 * gpar.size);
-    gred.dispose();
     if (!a.gated) gz.dispose();
-    // Reductions over the batch: dbias, dD, dA.
-    const gp = sum(gpar, 0); // gp: (ED, 2N + 2)
-    const gbias = narrow(gp, 1, 0, 1).reshape(ED);
-    const gD = narrow(gp, 1, 1, 1).reshape(ED);
-    const gA = narrow(gp, 1, 2, N); // gA: (ED, N)
-    const gAlog = mapOp("-a * exp(b)", [gA, A_log], [ED, N]); // dA/dA_log = A = -exp(A_log)
-    for (const t of [gpar, gp, gA]) t.dispose();
+    // Reductions over the batch: dbias, dD, dA_log, from gpar (B, ED, 2N + 2) at the end of gred.
+    const gbias = Tensor.empty([ED]);
+    const gD = Tensor.empty([ED]);
+    const gAlog = Tensor.empty([ED, N]);
+    const pbufs = { gpar: gred.storage, alog: A_log.storage, gbias: gbias.storage, gd: gD.storage };
+    const pu = { B, ED, N, off: gbcSize };
+    dispatch(paramsKernel, { ...pbufs, galog: gAlog.storage }, pu, Math.ceil((ED * (N + 2)) / 64));
+    gred.dispose();
     return [
       gx,
       gdraw,

@@ -87,7 +87,8 @@ function axesOf(x: Tensor, axis: number | number[] | undefined, op: string): num
   return norm.sort((a, b) => b - a);
 }
 
-/** Reduces `axes` of a contiguous f32 tensor (no autograd), keeping them as size 1. Always a new tensor. */
+/** Reduces `axes` of a contiguous f32 tensor (no autograd), keeping them as size 1. A new tensor (a view of
+ * `x` when every reduced axis has size 1). */
 function reduceAxes(x: Tensor, axes: number[], kind: "sum" | "max"): Tensor {
   if (x.dtype !== "f32") throw new Error(`${kind} needs an f32 tensor, got ${x.dtype}`);
   const outShape = keptShape(x.shape, axes);
@@ -116,7 +117,7 @@ function reduceAxes(x: Tensor, axes: number[], kind: "sum" | "max"): Tensor {
     cur = next;
     runs[j].size = 1;
   }
-  if (cur === x) return mapOp("a", [x], outShape); // only size-1 axes: a copy
+  if (cur === x) return new Tensor(x.storage, outShape, "f32"); // only size-1 axes: a view
   const out = new Tensor(cur.storage, outShape, "f32");
   cur.dispose();
   return out;
