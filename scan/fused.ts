@@ -16,12 +16,14 @@
  * (Lc x N floats), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk. dx, ddraw
  * (through softplus) and dz are per (b, t, d) and written directly. dB and dC sum over channels, and WGSL
  * has no float atomics, so each step's terms are reduced inside the workgroup into partial rows
- * (B, L, slots, 2N), summed afterwards: with subgroupAdd where the device has subgroups (one row per
- * subgroup; no workgroup memory, no barriers: 3x faster on lavapipe), else through workgroup memory: each
- * step the WG invocations put their N + N terms there and every S steps, between two barriers, they sum
- * the columns (one row per tile). The partials share a buffer with `gpar`, and the parameters one with
+ * (B, L, slots, 2N): with subgroupAdd where the device has subgroups (one row per subgroup; no workgroup
+ * memory, no barriers: 3x faster on lavapipe), else through workgroup memory: each step the WG invocations
+ * put their N + N terms there and every S steps, between two barriers, they sum
+ * the columns (one row per tile). `fused_scan_bwd_gather` then sums the rows straight into the x_proj
+ * output's gradient (B, L, R + 2N). The partials share a buffer with `gpar`, and the parameters one with
  * the chunk states (`ph`), so that the kernel binds 10 storage buffers, what browsers allow. dA, dD and
- * dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]).
+ * dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]),
+ * summed over the batch by `fused_scan_bwd_params`.
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
  * longer sequences take several dispatches, carrying h through hs and lam through `gpar`.
  * @module
