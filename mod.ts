@@ -65,6 +65,7 @@ export {
   isGradEnabled,
   noGrad,
   type OpDef,
+  WindowGrad,
 } from "./core/autograd.ts";
 export * from "./core/ops/index.ts";
 export {

@@ -10,9 +10,10 @@
  */
 
 import { markSaved } from "./memory.ts";
-import { fmt } from "./shape.ts";
+import { fmt, stridesOf } from "./shape.ts";
 import { keep, type Tensor, tidy } from "./tensor.ts";
-import { add, copy } from "./ops/index.ts";
+import { add, copy, copyBox } from "./ops/index.ts";
+import { zeros } from "./creation.ts";
 import { mapOp } from "./ops/map_kernel.ts";
 
 /** The record autograd keeps for one op application. */
@@ -26,7 +27,17 @@ export interface GradNode {
   /** Saved tensors that the op made itself (neither input nor output): disposed with the graph. */
   readonly owned: readonly Tensor[];
   /** Maps the output's gradient to one gradient (or null) per input. */
-  readonly backward: (grad: Tensor) => (Tensor | null)[];
+  readonly backward: (grad: Tensor) => (Tensor | WindowGrad | null)[];
+}
+
+/**
+ * A gradient that is zero outside a window of its input: `grad` holds elements `start ..` of `dim` (what
+ * narrow's backward returns). The accumulator writes it into place, so that the pieces of a split cost
+ * one copy each instead of a zero-padded tensor each plus an add.
+ */
+export class WindowGrad {
+  /** Wraps the window's gradient; `grad`'s shape is the input's except along `dim`. */
+  constructor(readonly grad: Tensor, readonly dim: number, readonly start: number) {}
 }
 
 /** Definition of a differentiable op: the registry record of the op. */
@@ -36,7 +47,12 @@ export interface OpDef<A> {
   /** Computes the output; `save` keeps tensors for the backward (inputs or the output). */
   forward(inputs: Tensor[], attrs: A, save: (...tensors: Tensor[]) => void): Tensor;
   /** Gradients of the inputs, given the output's gradient and the saved tensors. `inputs` is for shapes. */
-  backward(grad: Tensor, saved: Tensor[], inputs: readonly Tensor[], attrs: A): (Tensor | null)[];
+  backward(
+    grad: Tensor,
+    saved: Tensor[],
+    inputs: readonly Tensor[],
+    attrs: A,
+  ): (Tensor | WindowGrad | null)[];
 }
 
 let gradEnabled = true;
@@ -74,7 +90,7 @@ export function record(
   name: string,
   inputs: readonly Tensor[],
   saved: readonly Tensor[],
-  backward: (grad: Tensor) => (Tensor | null)[],
+  backward: (grad: Tensor) => (Tensor | WindowGrad | null)[],
 ): Tensor {
   const owned = saved.filter((t) => t !== out && !inputs.includes(t));
   if (!gradEnabled || !inputs.some((t) => t.requiresGrad)) {
@@ -119,6 +135,8 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
   const grads = new Map<Tensor, Tensor>();
   // `claimed`: tensors held by the map or by a leaf's .grad; anything else produced here is disposed.
   const claimed = new Set<Tensor>();
+  // Gradients made here from windows alone (zeros elsewhere), with the windows written so far.
+  const windows = new Map<Tensor, Span[]>();
   const seed = grad ?? onesLike(root);
   if (grad) claimed.add(grad);
   grads.set(root, seed);
@@ -143,8 +161,24 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
       // Released first, so that a backward that passes `g` through hands it on without a copy.
       if (g !== grad) claimed.delete(g);
       node.inputs.forEach((x, i) => {
-        let gi = inGrads[i];
-        if (!gi) return;
+        const r = inGrads[i];
+        if (!r) return;
+        if (r instanceof WindowGrad) {
+          transient.add(r.grad);
+          if (!x.requiresGrad) return;
+          const prev = grads.get(x);
+          const next = accumulateWindow(prev, x, r, windows, grad, node.name);
+          if (next !== prev) {
+            if (prev) {
+              claimed.delete(prev);
+              prev.dispose();
+            }
+            grads.set(x, next);
+            claimed.add(next);
+          }
+          return;
+        }
+        let gi = r;
         // Also a gradient for an input that needs none (a custom backward may return one): it is
         // transient, so it is disposed below instead of leaking.
         transient.add(gi);
@@ -171,6 +205,70 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
   });
   for (const g of grads.values()) if (g !== grad) g.dispose();
   if (!options.retainGraph) releaseGraph(order);
+}
+
+/** A window written into a gradient: elements start..end of dim. */
+interface Span {
+  dim: number;
+  start: number;
+  end: number;
+}
+
+/**
+ * Adds a window gradient to `prev` (the input's gradient so far, if any) and returns the result: a fresh
+ * zero tensor with the window copied in; `prev` itself when the window could be written into it (a copy
+ * where `prev` is still zero there, an in-place add where `prev` is this backward's own tensor); or,
+ * when `prev` shares its storage, `prev` plus the zero-padded window.
+ */
+function accumulateWindow(
+  prev: Tensor | undefined,
+  x: Tensor,
+  w: WindowGrad,
+  windows: Map<Tensor, Span[]>,
+  userGrad: Tensor | undefined,
+  op: string,
+): Tensor {
+  const len = w.grad.shape[w.dim];
+  const fits = w.grad.rank === x.rank && w.start + len <= x.shape[w.dim] &&
+    w.grad.shape.every((d, k) => k === w.dim || d === x.shape[k]);
+  if (!fits) {
+    throw new Error(
+      `backward of '${op}': window gradient ${
+        fmt(w.grad.shape)
+      } at ${w.start} of dim ${w.dim} does not fit ` +
+        `input ${fmt(x.shape)}`,
+    );
+  }
+  const span = { dim: w.dim, start: w.start, end: w.start + len };
+  const st = stridesOf(x.shape);
+  const to = { offset: w.start * st[w.dim], strides: st };
+  const from = { offset: 0, strides: stridesOf(w.grad.shape) };
+  const padded = () => {
+    const z = zeros(x.shape, { dtype: x.dtype });
+    copyBox(w.grad, from, z, to, w.grad.shape);
+    return z;
+  };
+  if (!prev) {
+    const z = padded();
+    windows.set(z, [span]);
+    return z;
+  }
+  const spans = windows.get(prev);
+  if (spans?.every((s) => s.dim === span.dim && (s.end <= span.start || span.end <= s.start))) {
+    copyBox(w.grad, from, prev, to, w.grad.shape); // still zero there
+    spans.push(span);
+    return prev;
+  }
+  const own = prev !== userGrad && prev.storage.users === 1 && prev.storage.savedBy === 0;
+  if (own && prev.dtype === "f32") {
+    copyBox(w.grad, from, prev, to, w.grad.shape, true);
+    windows.delete(prev);
+    return prev;
+  }
+  const z = padded();
+  const sum = add(prev, z);
+  z.dispose();
+  return sum;
 }
 
 function onesLike(t: Tensor): Tensor {

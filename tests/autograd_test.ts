@@ -78,6 +78,73 @@ Deno.test("a tensor used several times (x*x, x+x, diamonds) gets the sum of its 
   ]);
 });
 
+Deno.test("window gradients (narrow, split) land in place: disjoint, overlapping, after a full gradient, shared storage", async () => {
+  // Float64 expectation: the sum of each use's gradient, zero-padded into x's shape.
+  const xr = rand([3, 8], 31);
+  const G = [rand([3, 2], 32), rand([3, 5], 33), rand([3, 1], 34), rand([3, 4], 35), rand([3, 8], 36)];
+  const expect = (uses: [number, number, number][]) => { // [G index, start, length] along dim 1
+    const out = new Float64Array(24);
+    for (const [gi, start, len] of uses) {
+      for (let i = 0; i < 3; i++) {
+        for (let j = 0; j < len; j++) out[i * 8 + start + j] += G[gi].data[i * len + j];
+      }
+    }
+    return out;
+  };
+  const grad = async (loss: (x: Tensor, g: Tensor[]) => Tensor) => {
+    const x = toTensor(xr, true);
+    const gs = G.map((g) => toTensor(g));
+    tidy(() => loss(x, gs).backward());
+    const [out] = await readAll([x.grad!]);
+    for (const t of [x, ...gs]) t.dispose();
+    return out;
+  };
+  const dot = (a: Tensor, b: Tensor) => M.sum(M.mul(a, b));
+  // Disjoint pieces of a split: each copied into one zero tensor.
+  assertClose(
+    await grad((x, g) => {
+      const [a, b, c] = M.split(x, [2, 5, 1], 1);
+      return M.add(M.add(dot(a, g[0]), dot(b, g[1])), dot(c, g[2]));
+    }),
+    expect([[0, 0, 2], [1, 2, 5], [2, 7, 1]]),
+    {},
+    "split pieces",
+  );
+  // Overlapping windows: the second is added in place.
+  assertClose(
+    await grad((x, g) => M.add(dot(M.narrow(x, 1, 0, 5), g[1]), dot(M.narrow(x, 1, 3, 4), g[3]))),
+    expect([[1, 0, 5], [3, 3, 4]]),
+    {},
+    "overlapping windows",
+  );
+  // A full gradient and a window, in both orders.
+  const full = expect([[4, 0, 8]]);
+  const win = expect([[3, 4, 4]]);
+  const both = full.map((v, i) => v + win[i]);
+  assertClose(
+    await grad((x, g) => M.add(dot(x, g[4]), dot(M.narrow(x, 1, 4, 4), g[3]))),
+    both,
+    {},
+    "full, window",
+  );
+  assertClose(
+    await grad((x, g) => M.add(dot(M.narrow(x, 1, 4, 4), g[3]), dot(x, g[4]))),
+    both,
+    {},
+    "window, full",
+  );
+  // Shared storage: add's backward hands v's gradient and a view of it to x (a batch of one); the window
+  // must not be written into that storage, or v's gradient would change too.
+  const x = toTensor(xr, true);
+  const v = toTensor(rand([1, 3, 8], 37), true);
+  const [g4, g3] = [toTensor(G[4]).reshape(1, 3, 8), toTensor(G[3])];
+  tidy(() => M.add(dot(M.add(x, v), g4), dot(M.narrow(x, 1, 4, 4), g3)).backward());
+  const [gx, gv] = await readAll([x.grad!, v.grad!]);
+  assertClose(gx, both, {}, "shared storage: x");
+  assertClose(gv, full, {}, "shared storage: v keeps its own gradient");
+  for (const t of [x, v, g4, g3]) t.dispose();
+});
+
 Deno.test("gradients flow only to tensors that require grad; detach cuts the graph", async () => {
   const x = M.randn([4], { seed: 1, requiresGrad: true });
   const y = M.randn([4], { seed: 2 });

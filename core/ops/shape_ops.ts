@@ -10,12 +10,12 @@
  * @module
  */
 
-import { defineOp } from "../autograd.ts";
+import { defineOp, WindowGrad } from "../autograd.ts";
 import { recordCopy } from "../executor.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { checkShape, fmt, MAX_RANK, normAxis, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
-import { full, zeros } from "../creation.ts";
+import { full } from "../creation.ts";
 import { mapOp } from "./map_kernel.ts";
 import { sumToShape } from "./reduce.ts";
 
@@ -40,14 +40,21 @@ function coordLines(rank: number): string {
 
 const copyKernels = new Map<string, Kernel>();
 
-/** `strided_copy_r<rank>[_v4]`: one invocation moves one 32-bit word (or four, as vec4<u32>). */
-function stridedCopyKernel(rank: number, vec4: boolean): Kernel {
-  const key = `${rank}|${vec4}`;
+/**
+ * `strided_copy_r<rank>[_v4]`: one invocation moves one 32-bit word (or four, as vec4<u32>);
+ * `strided_add_r<rank>[_v4]` adds f32 words into the destination instead (gradient accumulation).
+ */
+function stridedCopyKernel(rank: number, vec4: boolean, accumulate: boolean): Kernel {
+  const key = `${rank}|${vec4}|${accumulate}`;
   let k = copyKernels.get(key);
   if (!k) {
     const type = vec4 ? "vec4<u32>" : "u32";
+    const f = vec4 ? "vec4<f32>" : "f32";
+    const store = accumulate
+      ? `st_dst(di, bitcast<${type}>(bitcast<${f}>(ld_dst(di)) + bitcast<${f}>(ld_src(si))));`
+      : "st_dst(di, ld_src(si));";
     k = defineKernel({
-      name: `strided_copy_r${rank}${vec4 ? "_v4" : ""}`,
+      name: `strided_${accumulate ? "add" : "copy"}_r${rank}${vec4 ? "_v4" : ""}`,
       buffers: [{ name: "src", type, access: "read" }, { name: "dst", type, access: "read_write" }],
       uniforms: [
         ["n", "u32"],
@@ -67,7 +74,7 @@ function stridedCopyKernel(rank: number, vec4: boolean): Kernel {
   var si = P.srcOffset;
   var di = P.dstOffset;
   ${coordLines(rank)}
-  st_dst(di, ld_src(si));`,
+  ${store}`,
     });
     copyKernels.set(key, k);
   }
@@ -104,16 +111,28 @@ export interface Box {
 }
 
 /**
- * Copies the box `shape` from `src` (read through `from`) into `dst` (written through `to`). No autograd.
- * Dims are merged first; a contiguous run becomes a buffer copy, and rows whose length, strides and offsets
- * are multiples of 4 move as vec4.
+ * Copies the box `shape` from `src` (read through `from`) into `dst` (written through `to`); with
+ * `accumulate`, adds it to what `dst` holds there (f32 only). No autograd. Dims are merged first; a
+ * contiguous run becomes a buffer copy, and rows whose length, strides and offsets are multiples of 4 move
+ * as vec4.
  */
-export function copyBox(src: Tensor, from: Box, dst: Tensor, to: Box, shape: Shape): void {
+export function copyBox(
+  src: Tensor,
+  from: Box,
+  dst: Tensor,
+  to: Box,
+  shape: Shape,
+  accumulate = false,
+): void {
   const n = sizeOf(shape);
   if (n === 0) return;
+  if (accumulate && (src.dtype !== "f32" || dst.dtype !== "f32")) {
+    throw new Error(`copyBox: accumulating needs f32 tensors, got ${src.dtype} into ${dst.dtype}`);
+  }
   const m = mergeDims(shape, from.strides, to.strides);
   const r = m.shape.length;
-  if (r === 1 && m.ss[0] === 1 && m.ds[0] === 1 && src.storage.buffer !== dst.storage.buffer) {
+  const contiguous = r === 1 && m.ss[0] === 1 && m.ds[0] === 1;
+  if (contiguous && !accumulate && src.storage.buffer !== dst.storage.buffer) {
     recordCopy(src.storage.buffer, 4 * from.offset, dst.storage.buffer, 4 * to.offset, 4 * n);
     return;
   }
@@ -126,7 +145,7 @@ export function copyBox(src: Tensor, from: Box, dst: Tensor, to: Box, shape: Sha
   const sh = fill(m.shape.map((v, d) => (d === r - 1 ? v / q : v)));
   const ss = fill(m.ss.map((v, d) => (d === r - 1 ? v : v / q)));
   const ds = fill(m.ds.map((v, d) => (d === r - 1 ? v : v / q)));
-  dispatch(stridedCopyKernel(r, vec4), { src: src.storage, dst: dst.storage }, {
+  dispatch(stridedCopyKernel(r, vec4, accumulate), { src: src.storage, dst: dst.storage }, {
     n: n / q,
     srcOffset: from.offset / q,
     dstOffset: to.offset / q,
@@ -239,11 +258,8 @@ const narrowOp = defineOp<{ dim: number; start: number; length: number }>({
     copyBox(x, windowBox(x.shape, dim, start), out, { offset: 0, strides: stridesOf(shape) }, shape);
     return out;
   },
-  backward: (g, _s, [x], { dim, start }) => {
-    const out = zeros(x.shape, { dtype: x.dtype });
-    copyBox(g, { offset: 0, strides: stridesOf(g.shape) }, out, windowBox(x.shape, dim, start), g.shape);
-    return [out];
-  },
+  // The gradient is zero outside the window: autograd writes it into place (see WindowGrad).
+  backward: (g, _s, _i, { dim, start }) => [new WindowGrad(g, dim, start)],
 });
 
 /** `length` elements of `dim` starting at `start` (a copy). */
