@@ -465,7 +465,7 @@ export interface FusedAttrs {
 /**
  * `fused_scan_bwd_gather`: sums a segment's dB/dC partial rows over their slots and writes them into the
  * gradient of the x_proj output at columns R.., zeros in the dt columns 0..R (which the scan does not
- * differentiate). One invocation per (b, t, column) of the segment; reads `slots` floats, writes one.
+ * differentiate). One invocation per row (b, t) of the segment; reads its slots x 2N partials, writes R + 2N.
  */
 const gatherKernel = defineKernel({
   name: "fused_scan_bwd_gather",
@@ -480,19 +480,19 @@ const gatherKernel = defineKernel({
   workgroupSize: 64,
   body: `
   if (gid >= P.n) { return; }
-  let col = gid % P.S;
-  let bt = gid / P.S; // b * segLen + (t - segStart)
-  let b = bt / P.segLen;
-  let t = P.segStart + bt % P.segLen;
-  var acc = 0.0;
-  if (col >= P.R) {
-    var at = bt * P.slots * (P.S - P.R) + (col - P.R);
-    for (var s = 0u; s < P.slots; s = s + 1u) {
-      acc = acc + ld_part(at);
-      at = at + P.S - P.R;
-    }
-  }
-  st_gdbc((b * P.L + t) * P.S + col, acc);`,
+  // invocation -> one row (b, t) of the segment: few, long invocations (workgroups cost more than loops
+  // on CPU adapters).
+  let b = gid / P.segLen;
+  let t = P.segStart + gid % P.segLen;
+  let out = (b * P.L + t) * P.S;
+  for (var c = 0u; c < P.R; c = c + 1u) { st_gdbc(out + c, 0.0); }
+  let W = P.S - P.R;
+  let base = gid * P.slots * W;
+  for (var c = 0u; c < W; c = c + 1u) {
+    var acc = 0.0;
+    for (var s = 0u; s < P.slots; s = s + 1u) { acc = acc + ld_part(base + s * W + c); }
+    st_gdbc(out + P.R + c, acc);
+  }`,
 });
 
 /**
@@ -670,7 +670,7 @@ const fusedOp = defineOp<FusedAttrs>({
         dispatch(k, bufs, uni, B * u.tiles);
       }
       // partials (B, segLen, slots, 2N) -> gdBC[:, segStart..segStart+segLen, :]
-      const n = B * segLen * S;
+      const n = B * segLen;
       const gu = { n, L, S, R: a.R, slots, segStart, segLen };
       dispatch(gatherKernel, { part: gred.storage, gdbc: gdBC.storage }, gu, Math.ceil(n / 64));
     }
