@@ -5,7 +5,8 @@
  * the input viewed as (outer, R, inner). Kernel: each invocation owns one (outer, chunk, inner) output and
  * loops over `chunk` elements of R (at most 4096: loops past 65535 iterations stop silently on software
  * adapters). Few outputs over a long R get shorter chunks, so that there are enough invocations to
- * fill the device; the chunk partials are reduced by the next pass. No workgroup memory.
+ * fill the device, but at most 64 chunks each, so that the next pass reduces the partials in one go (up
+ * to R = 262144). No workgroup memory.
  * @module
  */
 
@@ -61,9 +62,11 @@ function reduceRun(x: Tensor, outer: number, r: number, inner: number, kind: "su
   let cur = x;
   while (true) {
     const n0 = outer * inner;
-    const chunk = r <= MIN_CHUNK
-      ? r
-      : Math.min(MAX_CHUNK, Math.max(MIN_CHUNK, Math.ceil((r * n0) / TARGET_INVOCATIONS)));
+    // Enough invocations, and at most MIN_CHUNK partials per output so that one more pass finishes.
+    const chunk = r <= MIN_CHUNK ? r : Math.min(
+      MAX_CHUNK,
+      Math.max(MIN_CHUNK, Math.ceil(r / MIN_CHUNK), Math.ceil((r * n0) / TARGET_INVOCATIONS)),
+    );
     const chunks = Math.ceil(r / chunk);
     const out = Tensor.empty([outer * chunks * inner]);
     const n = outer * chunks * inner;
