@@ -115,6 +115,7 @@ export function recordDispatch(
   pipeline: GPUComputePipeline,
   bindGroup: GPUBindGroup,
   workgroups: [number, number, number],
+  uniformOffset: number,
 ): void {
   if (profiler) {
     if (profiler.names.length === PROFILE_SLOTS) resolveProfile();
@@ -131,7 +132,7 @@ export function recordDispatch(
   }
   const p = currentPass();
   p.setPipeline(pipeline);
-  p.setBindGroup(0, bindGroup);
+  p.setBindGroup(0, bindGroup, [uniformOffset]);
   p.dispatchWorkgroups(workgroups[0], workgroups[1], workgroups[2]);
   dispatches++;
   totalDispatches++;
@@ -174,7 +175,10 @@ export function upload(dst: GPUBuffer, dstOffset: number, data: ArrayBufferView)
 
 /** Submits everything recorded so far. Does not wait. */
 export function flush(): void {
-  if (!encoder && uniformUsed === 0) return;
+  if (!encoder && uniformUsed === 0) {
+    destroyDoomed(); // everything recorded is submitted: nothing left to record can use them
+    return;
+  }
   endPass();
   const dev = gpuDevice();
   if (uniformUsed > 0) {

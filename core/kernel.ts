@@ -5,14 +5,16 @@
  * directly: they call `ld_<buf>(i)` and `st_<buf>(i, v)`. That lets one kernel read or write tensors larger
  * than one storage binding (128 MiB): such a buffer is bound as several consecutive windows and the
  * accessor picks the window. Shapes travel in uniforms, so one pipeline serves every shape; pipelines are
- * cached per kernel and window count. Work is laid out over a linear workgroup index `group` (the dispatch
- * is folded into two dimensions past 65535 workgroups), with `lid` the local invocation id.
+ * cached per kernel and window count, and bind groups per pipeline and bound buffers (the uniforms sit
+ * at a dynamic offset, so pooled buffers that come back step after step find their bind group). Work is
+ * laid out over a linear workgroup index `group` (the dispatch is folded into two dimensions past 65535
+ * workgroups), with `lid` the local invocation id.
  * @module
  */
 
 import { deviceInfo, gpuDevice } from "./device.ts";
 import { recordDispatch, reserveUniforms } from "./executor.ts";
-import type { Storage } from "./memory.ts";
+import { onBufferDestroyed, type Storage } from "./memory.ts";
 
 /** Element type of a storage binding as WGSL sees it. */
 export type ElemType = "f32" | "i32" | "u32" | "vec4<f32>" | "vec4<u32>";
@@ -65,7 +67,10 @@ const ELEM_BYTES: Record<ElemType, number> = {
   "vec4<f32>": 16,
   "vec4<u32>": 16,
 };
-const pipelines = new Map<string, { pipeline: GPUComputePipeline; layout: GPUBindGroupLayout }>();
+const pipelines = new Map<
+  string,
+  { pipeline: GPUComputePipeline; layout: GPUBindGroupLayout; key: string }
+>();
 
 /** Defines a kernel. Cheap: compilation happens at first dispatch. */
 export function defineKernel(spec: KernelSpec): Kernel {
@@ -144,7 +149,7 @@ function pipelineFor(k: Kernel, windows: number[]) {
   const dev = gpuDevice();
   const code = kernelSource(k, windows);
   const entries: GPUBindGroupLayoutEntry[] = [
-    { binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: { type: "uniform" } },
+    { binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: { type: "uniform", hasDynamicOffset: true } },
   ];
   let binding = 1;
   k.spec.buffers.forEach((b, i) => {
@@ -163,9 +168,38 @@ function pipelineFor(k: Kernel, windows: number[]) {
     layout: dev.createPipelineLayout({ bindGroupLayouts: [layout] }),
     compute: { module, entryPoint: "main" },
   });
-  p = { pipeline, layout };
+  p = { pipeline, layout, key };
   pipelines.set(key, p);
   return p;
+}
+
+/**
+ * Bind groups by pipeline and bound buffers. The uniforms are bound at a dynamic offset, so a bind group
+ * depends only on the buffers, which the pool hands out again step after step: creating one costs about
+ * 30 us of CPU per dispatch in Deno, more than recording the dispatch. Entries of a buffer are dropped
+ * when the pool destroys it.
+ */
+const bindGroups = new Map<string, GPUBindGroup>();
+const keysOfBuffer = new Map<GPUBuffer, string[]>();
+const bufferIds = new WeakMap<GPUBuffer, number>();
+let nextBufferId = 0;
+
+function bufferId(b: GPUBuffer): number {
+  let id = bufferIds.get(b);
+  if (id === undefined) bufferIds.set(b, id = nextBufferId++);
+  return id;
+}
+
+let listening = false; // registered on first use: memory.ts may not be initialised when this module is
+
+function forgetBuffer(b: GPUBuffer): void {
+  for (const key of keysOfBuffer.get(b) ?? []) bindGroups.delete(key);
+  keysOfBuffer.delete(b);
+}
+
+/** Number of cached bind groups (for tests of the cache). */
+export function bindGroupCount(): number {
+  return bindGroups.size;
 }
 
 /** Uniform values by field name: numbers, or 4-element arrays for vec4 fields. */
@@ -190,7 +224,7 @@ export function dispatch(
     return s;
   });
   const windows = storages.map((s) => Math.max(1, Math.ceil(s.buffer.size / seg)));
-  const { pipeline, layout } = pipelineFor(k, windows);
+  const p = pipelineFor(k, windows);
   const u = reserveUniforms(k.uniformBytes);
   const put = (name: string, value: number | readonly number[]) => {
     const f = k.uniformOffsets.get(name);
@@ -206,25 +240,37 @@ export function dispatch(
   };
   put("_groups", groups);
   for (const [name, value] of Object.entries(uniforms)) put(name, value);
-  const entries: GPUBindGroupEntry[] = [
-    { binding: 0, resource: { buffer: u.buffer, offset: u.offset, size: k.uniformBytes } },
-  ];
-  let binding = 1;
-  storages.forEach((s, i) => {
-    const size = s.buffer.size;
-    for (let w = 0; w < windows[i]; w++) {
-      const offset = w * seg;
-      entries.push({
-        binding: binding++,
-        resource: { buffer: s.buffer, offset, size: Math.min(seg, size - offset) },
-      });
+  const bgKey = `${p.key}|${bufferId(u.buffer)}|${storages.map((s) => bufferId(s.buffer)).join(",")}`;
+  let bindGroup = bindGroups.get(bgKey);
+  if (!bindGroup) {
+    const entries: GPUBindGroupEntry[] = [
+      { binding: 0, resource: { buffer: u.buffer, offset: 0, size: k.uniformBytes } },
+    ];
+    let binding = 1;
+    storages.forEach((s, i) => {
+      const size = s.buffer.size;
+      for (let w = 0; w < windows[i]; w++) {
+        const offset = w * seg;
+        entries.push({
+          binding: binding++,
+          resource: { buffer: s.buffer, offset, size: Math.min(seg, size - offset) },
+        });
+      }
+    });
+    if (!listening) onBufferDestroyed(forgetBuffer);
+    listening = true;
+    bindGroup = gpuDevice().createBindGroup({ layout: p.layout, entries, label: k.spec.name });
+    bindGroups.set(bgKey, bindGroup);
+    for (const s of new Set(storages.map((s) => s.buffer))) {
+      let keys = keysOfBuffer.get(s);
+      if (!keys) keysOfBuffer.set(s, keys = []);
+      keys.push(bgKey);
     }
-  });
-  const bindGroup = gpuDevice().createBindGroup({ layout, entries, label: k.spec.name });
+  }
   const x = Math.min(groups, maxDim);
   const y = Math.ceil(groups / x);
   if (y > maxDim) throw new Error(`kernel ${k.spec.name}: ${groups} workgroups exceed ${maxDim}^2`);
-  recordDispatch(pipeline, bindGroup, [x, y, 1]);
+  recordDispatch(p.pipeline, bindGroup, [x, y, 1], u.offset);
 }
 
 /** Number of compiled pipelines (for tests of the cache). */

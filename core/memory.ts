@@ -140,7 +140,17 @@ export function emptyPool(limitBytes: number = poolLimit): void {
   pooled = 0;
 }
 
+const destroyListeners: ((buffer: GPUBuffer) => void)[] = [];
+
+/** Calls `fn` with every pooled buffer just before it is destroyed (caches that refer to it drop it). */
+export function onBufferDestroyed(fn: (buffer: GPUBuffer) => void): void {
+  destroyListeners.push(fn);
+}
+
 /** Destroys buffers evicted from the pool; called by the executor right after a submit. */
 export function destroyDoomed(): void {
-  for (const b of doomed.splice(0)) b.destroy();
+  for (const b of doomed.splice(0)) {
+    for (const fn of destroyListeners) fn(b);
+    b.destroy();
+  }
 }

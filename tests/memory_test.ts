@@ -191,3 +191,32 @@ Deno.test("a custom op whose backward returns a gradient for an input that needs
   assert.equal(memory().savedBytes, base.savedBytes);
   for (const t of [x, c]) t.dispose();
 });
+
+Deno.test("bind groups are cached per pipeline and buffers, and dropped with the buffers the pool destroys", async () => {
+  const { bindGroupCount } = await import("../core/kernel.ts");
+  const { sync } = await import("../core/executor.ts");
+  emptyPool();
+  await sync();
+  const run = async () => {
+    const x = tensor([1, 2, 3, 4, 5, 6], [2, 3]);
+    const y = tidy(() => M.sum(M.mul(M.add(x, 1), x), -1));
+    const out = [...await y.toArray()];
+    dispose([x, y]);
+    return out;
+  };
+  const first = await run();
+  const counts = [bindGroupCount()];
+  for (let i = 0; i < 6; i++) {
+    assert.deepEqual(await run(), first);
+    counts.push(bindGroupCount());
+  }
+  // Steady state: once the pool's buffers have met these ops, a step makes no new bind groups.
+  const cached = counts.at(-1)!;
+  assert.equal(counts.at(-2), cached, `a repeated step reuses its bind groups (${counts})`);
+  assert.deepEqual(first, [2 + 6 + 12, 20 + 30 + 42]);
+  // Destroying the pooled buffers drops their bind groups; results stay right with fresh buffers.
+  emptyPool();
+  await sync();
+  assert.ok(bindGroupCount() < cached, `bind groups of destroyed buffers are dropped (${bindGroupCount()})`);
+  assert.deepEqual(await run(), first);
+});
