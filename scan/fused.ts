@@ -115,16 +115,17 @@ function loadBC(N: number, row: string, withC: boolean, shuffle: boolean): strin
 const chosen = new Map<number, FusedVariant>();
 
 /**
- * The default variant of a state size: the backward holds 1024 floats of recomputed h (Ls x N). Up to
- * N = 16 chunks are Ls = 64 steps (one level: fastest); above, two-level recompute keeps chunks up to 256
- * steps long with at most ~1024 floats of sub-chunk states, so the saved states, 4 ED N / Lc bytes per
- * token, stay small (N = 64: Lc 256, 16x less than one level could hold). Where the device has subgroups,
+ * The default variant of a state size: the backward holds up to 2048 floats of recomputed h (Ls x N,
+ * Ls at most 64). Up to N = 16 chunks are Ls = 64 steps (one level: fastest); above, two-level recompute
+ * keeps chunks 256 steps long with at most 2048 floats of sub-chunk states, so the saved states,
+ * 4 ED N / Lc bytes per token, stay small (N = 64: Lc 256, 8x less than one level could hold), for
+ * 5-15% more backward time on lavapipe (its sub-chunk states are read with constant indices only). Where the device has subgroups,
  * dB/dC are summed with subgroupAdd (no barriers) and B, C rows shared by subgroupShuffle (when the
  * subgroup size is fixed): the fastest on every adapter measured.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
-  const Ls = Math.min(64, Math.max(4, Math.floor(1024 / N)));
-  const sub = N <= 16 ? 1 : Math.max(1, Math.min(Math.floor(256 / Ls), Math.floor(1024 / N) + 1));
+  const Ls = Math.min(64, Math.max(4, Math.floor(2048 / N)));
+  const sub = N <= 16 ? 1 : Math.max(1, Math.min(Math.floor(256 / Ls), Math.floor(2048 / N) + 1));
   const lc = sub === 1 ? { Lc: Ls } : { Lc: Ls * sub, Ls };
   const sg = deviceInfo().subgroups;
   if (sg) {
@@ -359,8 +360,12 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
     for (var s = 0u; s < (nsub - 1u) * ${Ls}u; s++) {
       ${stepLines("hw", "cstart + s")}
       if ((s + 1u) % ${Ls}u == 0u) {
-        let at = ((s + 1u) / ${Ls}u - 1u) * ${N}u;
-        ${unroll(N, (n) => `hsub[at + ${n}u] = hw[${n}];`)}
+        // constant indices only (selects): a dynamically indexed private array is twice as slow on lavapipe
+        let jw = (s + 1u) / ${Ls}u - 1u;
+        ${
+          unroll(SUB - 1, (jc) =>
+            unroll(N, (n) => `hsub[${jc * N + n}] = select(hsub[${jc * N + n}], hw[${n}], jw == ${jc}u);`))
+        }
       }
     }`
         : ""
@@ -371,8 +376,13 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
     let len = min(${Ls}u, clen - j * ${Ls}u);
     ${
       SUB > 1
-        ? unroll(N, (n) => `h0[${n}] = select(hb[${n}], hsub[(max(j, 1u) - 1u) * ${N}u + ${n}u], j > 0u);`)
-        : unroll(N, (n) => `h0[${n}] = hb[${n}];`)
+        ? unroll(N, (n) =>
+          `h0[${n}] = hb[${n}]; ` +
+          Array.from({ length: SUB - 1 }, (_, jc) =>
+            `h0[${n}] = select(h0[${n}], hsub[${jc * N + n}], j == ${jc + 1}u);`)
+            .join(" "))
+        : unroll(N, (n) =>
+          `h0[${n}] = hb[${n}];`)
     }
     // 1. recompute h over the (sub-)chunk from the state before it.
     var hc = h0;
