@@ -92,7 +92,7 @@ export class MambaBlock extends Module {
     const x = this.conv1d.forward(xIn, "silu"); // x: (B, L, ED)
     let out: Tensor;
     let h: Tensor | null = null;
-    if (this.config.scan === "fused" && fusedScanFits()) {
+    if (this.config.scan === "fused" && fusedScanFits(this.config.dState)) {
       const r = this.fusedSsm(x, z, wantCache); // gated y: (B, L, ED), h: (B, ED, N)
       out = this.outProj.forward(r.y); // out: (B, L, D)
       h = r.h;
@@ -168,9 +168,14 @@ export class MambaBlock extends Module {
   }
 }
 
-/** Whether the adapter can bind the fused scan backward's 10 storage buffers (else the block uses pscan). */
-function fusedScanFits(): boolean {
-  return deviceInfo().limits.maxStorageBuffersPerShaderStage >= 10;
+/** Largest state size the block runs fused: the kernels unroll their loops over the N states, and at
+ * N = 128 lavapipe did not finish compiling them within 200 s. Above it the block uses pscan. */
+export const MAX_FUSED_STATE = 64;
+
+/** Whether the fused kernels serve this state size here: N at most MAX_FUSED_STATE, and an adapter that can
+ * bind the backward's 10 storage buffers (else the block uses pscan). */
+function fusedScanFits(N: number): boolean {
+  return N <= MAX_FUSED_STATE && deviceInfo().limits.maxStorageBuffersPerShaderStage >= 10;
 }
 
 /** dt_proj as mamba.py: weight U(+-R^-0.5 * dtScale) or constant; bias = softplus^-1(dt), dt log-uniform. */

@@ -39,7 +39,8 @@ export interface MambaConfigInput {
   convBias?: boolean;
   /** RMSNorm on delta, B and C after x_proj (false). */
   innerLayernorms?: boolean;
-  /** How the selective scan runs: "fused" (default: one kernel, recomputing backward), "pscan" or "sequential". */
+  /** How the selective scan runs: "fused" (default: one kernel, recomputing backward; pscan above d_state 64,
+   * where the fused kernels take too long to compile), "pscan" or "sequential". */
   scan?: ScanMode | "fused";
   /** Recompute each block's in_proj, conv and x_proj in the backward instead of keeping them (true). */
   recompute?: boolean;

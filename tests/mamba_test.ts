@@ -121,3 +121,34 @@ Deno.test("Mamba rejects bad input and configs with clear errors", async () => {
   bad.dispose();
   x2.dispose();
 });
+
+Deno.test("scan 'fused' above MAX_FUSED_STATE runs pscan (quickly), with the same output and gradients", async () => {
+  const { MAX_FUSED_STATE } = await import("../mamba/block.ts");
+  const { dispatchCount } = await import("../core/executor.ts");
+  const { randn } = await import("../core/creation.ts");
+  const N = 2 * MAX_FUSED_STATE;
+  const make = (scan: "fused" | "pscan") =>
+    new Mamba(mambaConfig({ dModel: 8, nLayers: 1, dState: N, scan, recompute: false }));
+  const reference = make("pscan"); // the weights both runs use
+  const run = async (scan: "fused" | "pscan") => {
+    const model = make(scan);
+    model.loadStateDict(reference.stateDict());
+    const x = randn([1, 5, 8], { seed: 3, requiresGrad: true });
+    const d0 = dispatchCount();
+    const y = tidy(() => {
+      const out = model.forward(x);
+      sum(out).backward();
+      return out;
+    });
+    const out = [await y.toArray(), await x.grad!.toArray()].map((a) => [...a]);
+    const dispatches = dispatchCount() - d0;
+    model.dispose();
+    for (const t of [x, y]) t.dispose();
+    return { out, dispatches };
+  };
+  const fused = await run("fused");
+  const pscan = await run("pscan");
+  reference.dispose();
+  assert.deepEqual(fused.out, pscan.out, "the same numbers: the same path");
+  assert.equal(fused.dispatches, pscan.dispatches);
+});
