@@ -180,6 +180,7 @@ function pipelineFor(k: Kernel, windows: number[]) {
  * when the pool destroys it.
  */
 const bindGroups = new Map<string, GPUBindGroup>();
+const MAX_BIND_GROUPS = 16384;
 const keysOfBuffer = new Map<GPUBuffer, string[]>();
 const bufferIds = new WeakMap<GPUBuffer, number>();
 let nextBufferId = 0;
@@ -260,6 +261,11 @@ export function dispatch(
     if (!listening) onBufferDestroyed(forgetBuffer);
     listening = true;
     bindGroup = gpuDevice().createBindGroup({ layout: p.layout, entries, label: k.spec.name });
+    if (bindGroups.size >= MAX_BIND_GROUPS) {
+      // A safety valve for workloads whose buffers keep changing: start over rather than grow without bound.
+      bindGroups.clear();
+      keysOfBuffer.clear();
+    }
     bindGroups.set(bgKey, bindGroup);
     for (const s of new Set(storages.map((s) => s.buffer))) {
       let keys = keysOfBuffer.get(s);
