@@ -232,12 +232,8 @@ function accumulateWindow(
   const fits = w.grad.rank === x.rank && w.start + len <= x.shape[w.dim] &&
     w.grad.shape.every((d, k) => k === w.dim || d === x.shape[k]);
   if (!fits) {
-    throw new Error(
-      `backward of '${op}': window gradient ${
-        fmt(w.grad.shape)
-      } at ${w.start} of dim ${w.dim} does not fit ` +
-        `input ${fmt(x.shape)}`,
-    );
+    const where = `window gradient ${fmt(w.grad.shape)} at ${w.start} of dim ${w.dim}`;
+    throw new Error(`backward of '${op}': ${where} does not fit input ${fmt(x.shape)}`);
   }
   const span = { dim: w.dim, start: w.start, end: w.start + len };
   const st = stridesOf(x.shape);

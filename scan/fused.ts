@@ -18,9 +18,9 @@
  * has no float atomics, so each step's terms are reduced inside the workgroup into partial rows
  * (B, L, slots, 2N): with subgroupAdd where the device has subgroups (one row per subgroup; no workgroup
  * memory, no barriers: 3x faster on lavapipe), else through workgroup memory: each step the WG invocations
- * put their N + N terms there and every S steps, between two barriers, they sum
- * the columns (one row per tile). `fused_scan_bwd_gather` then sums the rows straight into the x_proj
- * output's gradient (B, L, R + 2N). The partials share a buffer with `gpar`, and the parameters one with
+ * put their N + N terms there and every S steps, between two barriers, they sum the columns (one row per
+ * tile). `fused_scan_bwd_gather` then sums the rows straight into the x_proj output's gradient
+ * (B, L, R + 2N). The partials share a buffer with `gpar`, and the parameters one with
  * the chunk states (`ph`), so that the kernel binds 10 storage buffers, what browsers allow. dA, dD and
  * dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]),
  * summed over the batch by `fused_scan_bwd_params`.
@@ -119,8 +119,8 @@ const chosen = new Map<number, FusedVariant>();
  * Ls at most 64). Up to N = 16 chunks are Ls = 64 steps (one level: fastest); above, two-level recompute
  * keeps chunks 256 steps long with at most 2048 floats of sub-chunk states, so the saved states,
  * 4 ED N / Lc bytes per token, stay small (N = 64: Lc 256, 8x less than one level could hold), for
- * 5-15% more backward time on lavapipe (its sub-chunk states are read with constant indices only). Where the device has subgroups,
- * dB/dC are summed with subgroupAdd (no barriers) and B, C rows shared by subgroupShuffle (when the
+ * 5-15% more backward time on lavapipe (its sub-chunk states are read with constant indices only). Where
+ * the device has subgroups, dB/dC are summed with subgroupAdd (no barriers) and B, C rows shared by subgroupShuffle (when the
  * subgroup size is fixed): the fastest on every adapter measured.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
@@ -507,8 +507,8 @@ const gatherKernel = defineKernel({
 
 /**
  * `fused_scan_bwd_params`: the parameter gradients out of `gpar` (B, ED, [dbias | dD | dA (N) | lam carry],
- * at element `off` of its buffer): one invocation per (d, column) sums the batch and writes dbias (ED), dD (ED) or dA_log (ED, N) =
- * dA * A with A = -exp(A_log).
+ * at element `off` of its buffer): one invocation per (d, column) sums the batch and writes dbias (ED),
+ * dD (ED) or dA_log (ED, N) = dA * A with A = -exp(A_log).
  */
 const paramsKernel = defineKernel({
   name: "fused_scan_bwd_params",

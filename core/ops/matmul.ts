@@ -561,7 +561,7 @@ const matmulOp = defineOp<Required<MatmulOptions>>({
     if (b.requiresGrad && b.rank === 2 && a.rank > 2 && !transA) {
       // A weight used by a batch (x @ W): fold the batch into the contraction instead of summing
       // one product per batch element.
-      const M = a.shape.slice(0, -1).reduce((n, d) => n * d, 1);
+      const M = sizeOf(a.shape.slice(0, -1));
       const af = new Tensor(a.storage, [M, a.shape[a.rank - 1]], "f32"); // af: (batch * M, K)
       const gf = new Tensor(g.storage, [M, g.shape[g.rank - 1]], "f32"); // gf: (batch * M, N)
       gb = transB ? matmulRaw(gf, af, { transA: true }) : matmulRaw(af, gf, { transA: true });

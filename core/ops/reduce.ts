@@ -13,7 +13,7 @@
 import { defineOp } from "../autograd.ts";
 import { zeros } from "../creation.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
-import { fmt, normAxis, type Shape, sizeOf } from "../shape.ts";
+import { fmt, normAxis, type Shape } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { mapOp } from "./map_kernel.ts";
 import { reshape } from "./shape_ops.ts";
@@ -249,8 +249,6 @@ export function sumToShape(g: Tensor, shape: Shape): Tensor {
   g.shape.forEach((d, i) => {
     if (i < lead || (shape[i - lead] === 1 && d !== 1)) axes.push(i);
   });
-  // Only size-1 axes to sum (e.g. a batch of one): the same data, a view.
-  if (g.size === sizeOf(shape)) return new Tensor(g.storage, [...shape], g.dtype);
   const y = reduceAxes(g, axes.sort((a, b) => b - a), "sum");
   return reshapeOwned(y, [...shape]);
 }

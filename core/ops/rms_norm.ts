@@ -19,7 +19,7 @@ import { defineOp } from "../autograd.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { fmt } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
-import { mapOp } from "./map_kernel.ts";
+import { zeros } from "../creation.ts";
 import { sum } from "./reduce.ts";
 import { reshape } from "./shape_ops.ts";
 
@@ -128,7 +128,7 @@ const rmsNormOp = defineOp<{ eps: number }>({
     }
     if (inputs[1].requiresGrad) {
       if (rows === 0) {
-        dw = mapOp("0.0", [], w.shape);
+        dw = zeros(w.shape);
       } else {
         // ~sqrt(rows) rows per chunk: the partials' pass and `sum`'s pass over the chunks loop alike.
         const per = Math.ceil(Math.sqrt(rows));
