@@ -168,8 +168,8 @@ export class MambaBlock extends Module {
   }
 }
 
-/** Largest state size the block runs fused: the kernels unroll their loops over the N states, and at
- * N = 128 lavapipe did not finish compiling them within 200 s. Above it the block uses pscan. */
+/** Largest state size the block runs fused. Above it the kernels walk the states in blocks, but lavapipe's
+ * compile times for them were erratic (1.3 s to more than 30 s at N = 128), so the block uses pscan. */
 export const MAX_FUSED_STATE = 64;
 
 /** Whether the fused kernels serve this state size here: N at most MAX_FUSED_STATE, and an adapter that can

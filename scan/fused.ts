@@ -24,6 +24,8 @@
  * the chunk states (`ph`), so that the kernel binds 10 storage buffers, what browsers allow. dA, dD and
  * dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]),
  * summed over the batch by `fused_scan_bwd_params`.
+ * Above 64 states (or with `Nb` set), the states are walked in blocks of Nb, one pipeline and one dispatch
+ * per block, each adding its share of the outputs and gradients to the previous blocks'.
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
  * longer sequences take several dispatches, carrying h through hs and lam through `gpar`.
  * @module
@@ -39,8 +41,14 @@ import { Tensor } from "../core/tensor.ts";
 
 /** Compile-time shape of a fused-scan kernel. */
 export interface FusedVariant {
-  /** State size (unrolled loops). */
+  /** State size. */
   N: number;
+  /** States per block (a divisor of N; default N up to 64, else the largest divisor up to 64): each block
+   * of Nb states is its own pipeline (the block offset compiled in) and dispatch, walking all the steps
+   * (states outer, time inner, as the CUDA kernel does). Loops over a block's states are unrolled, so code
+   * size and live registers grow with Nb, not N; blocks after the first add their share of y (and of dx,
+   * ddelta, dz, dbias, dD) to what the earlier ones wrote. */
+  Nb?: number;
   /** Chunk length: steps between saved states. */
   Lc: number;
   /** Sub-chunk length of the backward's two-level recompute (a divisor of Lc; default Lc, one level): it
@@ -66,8 +74,9 @@ export interface FusedVariant {
 
 /** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16). */
 function stepsPerBarrier(v: FusedVariant): number {
-  const budget = 16384 - (v.hbuf === "workgroup" ? 4 * v.WG * (v.Ls ?? v.Lc) * v.N : 0);
-  return v.S ?? Math.max(1, Math.min(16, Math.floor(budget / (4 * v.WG * 2 * v.N))));
+  const Nb = v.Nb ?? v.N;
+  const budget = 16384 - (v.hbuf === "workgroup" ? 4 * v.WG * (v.Ls ?? v.Lc) * Nb : 0);
+  return v.S ?? Math.max(1, Math.min(16, Math.floor(budget / (4 * v.WG * 2 * Nb))));
 }
 
 const MAX_STEPS = 16384;
@@ -89,14 +98,17 @@ function shuffleSize(): number {
 }
 
 /**
- * WGSL filling `Bv` (and with `withC`, `Cv`): arrays of N floats, the B and C columns of dBC's row `row`.
- * With `shuffle`, each lane loads every SG-th column and subgroupShuffle hands them out (needs uniform
- * control flow); else each lane loads them all.
+ * WGSL filling `Bv` (and with `withC`, `Cv`): arrays of Nb floats, the B and C columns of the state block
+ * starting at `row` (B at row.., C at row + N..; `row` includes the block's first state). With `shuffle`, each lane
+ * loads every SG-th column and subgroupShuffle hands them out (needs uniform control flow); else each lane
+ * loads them all.
  */
-function loadBC(N: number, row: string, withC: boolean, shuffle: boolean): string {
-  const cols = withC ? 2 * N : N;
-  const dst = (c: number) => (c < N ? `Bv[${c}]` : `Cv[${c - N}]`);
-  if (!shuffle) return unroll(cols, (c) => `${dst(c)} = ld_dbc(${row} + ${c}u);`);
+function loadBC(N: number, Nb: number, row: string, withC: boolean, shuffle: boolean): string {
+  const cols = withC ? 2 * Nb : Nb;
+  const dst = (c: number) => (c < Nb ? `Bv[${c}]` : `Cv[${c - Nb}]`);
+  // the dBC offset of block column c from `row` (c < Nb: B, else C)
+  const at = (c: string) => Nb === N ? c : `select(${c} + ${N - Nb}u, ${c}, ${c} < ${Nb}u)`;
+  if (!shuffle) return unroll(cols, (c) => `${dst(c)} = ld_dbc(${row} + ${c < Nb ? c : c + N - Nb}u);`);
   const SG = shuffleSize();
   const J = Math.ceil(cols / SG);
   return [
@@ -104,9 +116,9 @@ function loadBC(N: number, row: string, withC: boolean, shuffle: boolean): strin
     unroll(
       J,
       (j) =>
-        `{ let c = ${j * SG}u + sgLane; bcv[${j}] = select(0.0, ld_dbc(${row} + min(c, ${
-          cols - 1
-        }u)), c < ${cols}u); }`,
+        `{ let c = ${j * SG}u + sgLane; bcv[${j}] = select(0.0, ld_dbc(${row} + ${
+          at(`min(c, ${cols - 1}u)`)
+        }), c < ${cols}u); }`,
     ),
     unroll(cols, (c) => `${dst(c)} = subgroupShuffle(bcv[${Math.floor(c / SG)}], ${c % SG}u);`),
   ].join("\n    ");
@@ -115,8 +127,8 @@ function loadBC(N: number, row: string, withC: boolean, shuffle: boolean): strin
 const chosen = new Map<number, FusedVariant>();
 
 /**
- * The default variant of a state size: the backward holds up to 2048 floats of recomputed h (Ls x N,
- * Ls at most 64). Up to N = 16 chunks are Ls = 64 steps (one level: fastest); above, two-level recompute
+ * The default variant of a state size: states in blocks of at most 64 (Nb; one block up to N = 64); the
+ * backward holds up to 2048 floats of recomputed h (Ls x Nb, Ls at most 64). Up to Nb = 16 chunks are Ls = 64 steps (one level: fastest); above, two-level recompute
  * keeps chunks 256 steps long with at most 2048 floats of sub-chunk states, so the saved states,
  * 4 ED N / Lc bytes per token, stay small (N = 64: Lc 256, 8x less than one level could hold), for
  * 5-15% more backward time on lavapipe (its sub-chunk states are read with constant indices only). Where
@@ -124,16 +136,25 @@ const chosen = new Map<number, FusedVariant>();
  * subgroup size is fixed): the fastest on every adapter measured.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
-  const Ls = Math.min(64, Math.max(4, Math.floor(2048 / N)));
-  const sub = N <= 16 ? 1 : Math.max(1, Math.min(Math.floor(256 / Ls), Math.floor(2048 / N) + 1));
-  const lc = sub === 1 ? { Lc: Ls } : { Lc: Ls * sub, Ls };
+  const Nb = N <= MAX_STATE_BLOCK ? N : largestDivisor(N, MAX_STATE_BLOCK);
+  const Ls = Math.min(64, Math.max(4, Math.floor(2048 / Nb)));
+  const sub = Nb <= 16 ? 1 : Math.max(1, Math.min(Math.floor(256 / Ls), Math.floor(2048 / Nb) + 1));
+  const lc = { ...(sub === 1 ? { Lc: Ls } : { Lc: Ls * sub, Ls }), ...(Nb < N ? { Nb } : {}) };
   const sg = deviceInfo().subgroups;
   if (sg) {
     const shuffle = sg.minSize === sg.maxSize && 32 % sg.minSize === 0;
     return { N, ...lc, WG: 32, reduce: "subgroup", ...(shuffle ? { shuffle } : {}) };
   }
-  const WG = N > 32 ? 32 : 64; // workgroup memory of the backward: 2 * WG * N floats
+  const WG = Nb > 32 ? 32 : 64; // workgroup memory of the backward: 2 * WG * Nb floats
   return { N, ...lc, WG };
+}
+
+/** States per block by default: N = 64 in one block compiles in about 2 s on lavapipe. */
+const MAX_STATE_BLOCK = 64;
+
+function largestDivisor(N: number, max: number): number {
+  for (let d = max; d > 1; d--) if (N % d === 0) return d;
+  return 1;
 }
 
 /** The variant in use for a state size (chosen by the tuner, else the default). */
@@ -146,16 +167,17 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
   if (v === null) chosen.delete(N);
   else {
     const Ls = v.Ls ?? v.Lc;
-    const wgBytes = 4 * v.WG * N * (2 + (v.hbuf === "workgroup" ? Ls : 0));
+    const Nb = v.Nb ?? N;
+    const wgBytes = 4 * v.WG * Nb * (2 + (v.hbuf === "workgroup" ? Ls : 0));
     if (
-      wgBytes > deviceInfo().limits.maxComputeWorkgroupStorageSize || Ls * N > 2048 ||
-      (v.Lc / Ls - 1) * N > 2048 || v.WG < 1 || v.Lc < 1 || Ls < 1 || v.Lc % Ls !== 0 ||
-      (v.shuffle && v.WG % shuffleSize() !== 0)
+      wgBytes > deviceInfo().limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 ||
+      (v.Lc / Ls - 1) * Nb > 2048 || v.WG < 1 || v.Lc < 1 || Ls < 1 || v.Lc % Ls !== 0 ||
+      Nb < 1 || N % Nb !== 0 || (v.shuffle && v.WG % shuffleSize() !== 0)
     ) {
       throw new Error(
-        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls} does not fit N = ${N} (Ls must divide Lc; ` +
-          "Ls*N and (Lc/Ls - 1)*N at most 2048 floats; workgroup memory within the device limit; with shuffle, " +
-          "WG a multiple of the subgroup size)",
+        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${Nb} does not fit N = ${N} (Ls must divide Lc ` +
+          "and Nb divide N; Ls*Nb and (Lc/Ls - 1)*Nb at most 2048 floats; workgroup memory within the device " +
+          "limit; with shuffle, WG a multiple of the subgroup size)",
       );
     }
     chosen.set(N, { N, ...v });
@@ -185,14 +207,21 @@ const UNIFORMS: [string, "u32"][] = [
   ["t1", "u32"], // forward: end step; backward: end chunk
 ];
 
-function forwardKernel(v: FusedVariant): Kernel {
+/** WGSL ` + k` for a compile-time offset (nothing for 0). */
+const plus = (k: number) => (k ? ` + ${k}u` : "");
+
+/** The forward kernel of the state block starting at n0 (one pipeline per block: a block offset known only
+ * at run time made lavapipe's compile of the backward about 100x slower). */
+function forwardKernel(v: FusedVariant, n0: number): Kernel {
   const shuffle = v.shuffle === true;
-  const key = `fwd|${v.N}|${v.Lc}|${v.WG}|${shuffle}`;
+  const Nb = v.Nb ?? v.N;
+  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}`;
   let k = kernels.get(key);
   if (k) return k;
   const { N, Lc } = v;
+  const [first, last] = [n0 === 0, n0 + Nb === N];
   k = defineKernel({
-    name: `fused_scan_fwd_N${N}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}`,
+    name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}`,
     subgroups: shuffle,
     buffers: [
       { name: "x", type: "f32", access: "read" },
@@ -206,37 +235,38 @@ function forwardKernel(v: FusedVariant): Kernel {
     workgroupSize: v.WG,
     decls: COMMON,
     body: `
-  // invocation -> (b, d); h[N] in registers for the whole walk. Lanes past ED compute on a valid channel
-  // and write nothing (control flow stays uniform for subgroup operations).
+  // invocation -> (b, d); h of states n0..n0+Nb in registers for the whole walk. Blocks run one after
+  // another: the first writes D x + C.h, later ones add their C.h, the last gates. Lanes past ED compute
+  // on a valid channel and write nothing (control flow stays uniform for subgroup operations).
   let b = group / P.tiles;
   let d = (group % P.tiles) * ${v.WG}u + lid;
   let valid = d < P.ED;
   let dc = min(d, P.ED - 1u);
-  var A: array<f32, ${N}>;
-  var h: array<f32, ${N}>;
-  var Bv: array<f32, ${N}>;
-  var Cv: array<f32, ${N}>;
+  var A: array<f32, ${Nb}>;
+  var h: array<f32, ${Nb}>;
+  var Bv: array<f32, ${Nb}>;
+  var Cv: array<f32, ${Nb}>;
   let hsBase = (b * P.ED + dc) * P.chunks;
   let h0 = (hsBase + P.t0 / ${Lc}u - 1u) * ${N}u;
-  ${unroll(N, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n}u));`)}
-  ${unroll(N, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${n}u), P.t0 > 0u);`)}
+  ${unroll(Nb, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0 + n}u));`)}
+  ${unroll(Nb, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${n0 + n}u), P.t0 > 0u);`)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   for (var t = P.t0; t < P.t1; t++) {
     let i = (b * P.L + t) * P.ED + dc;
     let dt = softplus_(ld_draw(i) + bias);
     let xv = ld_x(i);
-    let row = (b * P.L + t) * P.S + P.R;
-    ${loadBC(N, "row", true, shuffle)}
-    var yv = Dd * xv;
+    let row = (b * P.L + t) * P.S + P.R${plus(n0)};
+    ${loadBC(N, Nb, "row", true, shuffle)}
+    var yv = ${first ? "Dd * xv" : "ld_y(i)"};
     let dtx = dt * xv;
-    ${unroll(N, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
-    ${unroll(N, (n) => `yv += Cv[${n}] * h[${n}];`)}
-    if (P.gated != 0u) { let zv = ld_z(i); yv *= zv * sigmoid_(zv); }
+    ${unroll(Nb, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
+    ${unroll(Nb, (n) => `yv += Cv[${n}] * h[${n}];`)}
+    ${last ? "if (P.gated != 0u) { let zv = ld_z(i); yv *= zv * sigmoid_(zv); }" : ""}
     if (valid) { st_y(i, yv); }
     if (valid && ((t + 1u) % ${Lc}u == 0u || t + 1u == P.L)) {
-      let at = (hsBase + t / ${Lc}u) * ${N}u;
-      ${unroll(N, (n) => `st_ph(P.hsOff + at + ${n}u, h[${n}]);`)}
+      let at = (hsBase + t / ${Lc}u) * ${N}u${plus(n0)};
+      ${unroll(Nb, (n) => `st_ph(P.hsOff + at + ${n}u, h[${n}]);`)}
     }
   }`,
   });
@@ -244,15 +274,27 @@ function forwardKernel(v: FusedVariant): Kernel {
   return k;
 }
 
-function backwardKernel(v: FusedVariant): Kernel {
+/** The kernel-name part of a state block: empty with one block. */
+function blockName(N: number, Nb: number, n0: number): string {
+  return Nb === N ? "" : `_Nb${Nb}_n${n0}`;
+}
+
+/** The backward kernel of the state block starting at n0 (one pipeline per block, as the forward). */
+function backwardKernel(v: FusedVariant, n0: number): Kernel {
   const shared = v.hbuf === "workgroup";
   const S = stepsPerBarrier(v);
   const sg = v.reduce === "subgroup";
   const shuffle = v.shuffle === true;
-  const key = `bwd|${v.N}|${v.Lc}|${v.Ls ?? v.Lc}|${v.WG}|${shared}|${S}|${sg}|${shuffle}`;
+  const Nb = v.Nb ?? v.N;
+  const key = `bwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.Ls ?? v.Lc}|${v.WG}|${shared}|${S}|${sg}|${shuffle}`;
   let k = kernels.get(key);
   if (k) return k;
   const { N, Lc, WG } = v;
+  const first = n0 === 0;
+  /** WGSL of a term only the first state block adds (D x and its gradients). */
+  const firstOnly = (val: string) => (first ? val : "0.0");
+  /** WGSL storing `val` at element i of gx/gdraw/gz: the first block writes, later ones add. */
+  const acc = (buf: string, val: string) => `st_${buf}(i, ${first ? "" : `ld_${buf}(i) + `}${val});`;
   const Ls = v.Ls ?? Lc;
   const SUB = Lc / Ls; // sub-chunks per chunk
   /** WGSL of one recomputed step of the state array `h` at time `t`. */
@@ -261,14 +303,14 @@ function backwardKernel(v: FusedVariant): Kernel {
       let i = (b * P.L + ${t}) * P.ED + dc;
       let dt = softplus_(ld_draw(i) + bias);
       let dtx = dt * ld_x(i);
-      let row = (b * P.L + ${t}) * P.S + P.R;
-      var Bv: array<f32, ${N}>;
-      ${loadBC(N, "row", false, shuffle)}
-      ${unroll(N, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * Bv[${n}];`)}
+      let row = (b * P.L + ${t}) * P.S + P.R${plus(n0)};
+      var Bv: array<f32, ${Nb}>;
+      ${loadBC(N, Nb, "row", false, shuffle)}
+      ${unroll(Nb, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * Bv[${n}];`)}
       }`;
-  /** WGSL of the recomputed state n at chunk step `s`. */
+  /** WGSL of the recomputed state n (of the block) at chunk step `s`. */
   const H = (s: string, n: number) =>
-    shared ? `hbufW[(${s} * ${N}u + ${n}u) * ${WG}u + lid]` : `hbuf[${s} * ${N}u + ${n}u]`;
+    shared ? `hbufW[(${s} * ${Nb}u + ${n}u) * ${WG}u + lid]` : `hbuf[${s} * ${Nb}u + ${n}u]`;
   // dB, dC through workgroup memory: every S steps (and at the chunk's start), each lane sums WG channels of
   // its columns for each gathered step, one partial row per tile.
   const workgroupReduce = `
@@ -276,22 +318,24 @@ function backwardKernel(v: FusedVariant): Kernel {
         workgroupBarrier();
         for (var q = 0u; q <= slot; q++) {
           let tq = start + len - 1u - (kq - slot + q);
-          let base = q * ${WG * 2 * N}u;
+          let base = q * ${WG * 2 * Nb}u;
           ${
-    unroll(Math.ceil((2 * N) / WG), (j) =>
-      `{ let col = lid + ${j * WG}u; if (col < ${2 * N}u) { let acc = ${
+    unroll(Math.ceil((2 * Nb) / WG), (j) =>
+      `{ let col = lid + ${j * WG}u; if (col < ${2 * Nb}u) { let acc = ${
         Array.from({ length: WG }, (_, c) =>
-          `red[base + ${c * 2 * N}u + col]`).join(" + ")
-      }; st_gred(((b * P.segLen + tq - P.segStart) * P.slots + tile) * ${2 * N}u + col, acc); } }`)
+          `red[base + ${c * 2 * Nb}u + col]`).join(" + ")
+      }; st_gred(((b * P.segLen + tq - P.segStart) * P.slots + tile) * ${2 * N}u + ${
+        Nb === N ? "col" : `select(col + ${n0 + N - Nb}u, col${plus(n0)}, col < ${Nb}u)`
+      }, acc); } }`)
   }
         }
         workgroupBarrier();
       }
 `;
   k = defineKernel({
-    name: `fused_scan_bwd_N${N}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${sg ? "sg" : `S${S}`}${
-      shared ? "_wgmem" : ""
-    }${shuffle ? "_shuf" : ""}`,
+    name: `fused_scan_bwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${
+      sg ? "sg" : `S${S}`
+    }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}`,
     subgroups: sg || shuffle,
     buffers: [
       { name: "x", type: "f32", access: "read" },
@@ -318,28 +362,31 @@ function backwardKernel(v: FusedVariant): Kernel {
     ],
     workgroupSize: WG,
     decls: COMMON + `
-${sg ? "" : `var<workgroup> red: array<f32, ${S * 2 * WG * N}>; // [step slot][channel][B terms | C terms]`}
-${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][channel]` : ""}`,
+${sg ? "" : `var<workgroup> red: array<f32, ${S * 2 * WG * Nb}>; // [step slot][channel][B terms | C terms]`}
+${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][channel]` : ""}`,
     body: `
-  // workgroup -> (b, tile of WG channels); invocation -> channel d. Chunks [t0, t1) walked in reverse.
+  // workgroup -> (b, tile of WG channels); invocation -> channel d; states n0..n0+Nb. Chunks [t0, t1)
+  // walked in reverse.
   let b = group / P.tiles;
   let tile = group % P.tiles;
   let d = tile * ${WG}u + lid;
   let valid = d < P.ED;
   let dc = min(d, P.ED - 1u); // out-of-range lanes compute on a valid channel and write nothing
-  var A: array<f32, ${N}>;
-  var lam: array<f32, ${N}>; // carry: a(t+1) * lam(t+1)
-  var gA: array<f32, ${N}>;
-  var h0: array<f32, ${N}>;
-  ${shared ? "" : `var hbuf: array<f32, ${Ls * N}>;`}
+  var A: array<f32, ${Nb}>;
+  var lam: array<f32, ${Nb}>; // carry: a(t+1) * lam(t+1)
+  var gA: array<f32, ${Nb}>;
+  var h0: array<f32, ${Nb}>;
+  ${shared ? "" : `var hbuf: array<f32, ${Ls * Nb}>;`}
   // gpar row of (b, d): [dbias, dD, dA (N), lam carry (N)], accumulated over dispatches.
   let gp = P.gparOff + (b * P.ED + dc) * ${2 * N + 2}u;
   let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
-  var gbias = select(0.0, ld_gred(gp), more);
-  var gD = select(0.0, ld_gred(gp + 1u), more);
-  ${unroll(N, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n}u));`)}
-  ${unroll(N, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n}u), more);`)}
-  ${unroll(N, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n}u), more);`)}
+  // dbias and dD sum over the state blocks too: blocks after the first always continue
+  var gbias = ${first ? "select(0.0, ld_gred(gp), more)" : "ld_gred(gp)"};
+  var gD = ${first ? "select(0.0, ld_gred(gp + 1u), more)" : "ld_gred(gp + 1u)"};
+  // (the order of these loads matters to lavapipe: with bias, Dd first, its compile took 100x longer)
+  ${unroll(Nb, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0 + n}u));`)}
+  ${unroll(Nb, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n0 + n}u), more);`)}
+  ${unroll(Nb, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0 + n}u), more);`)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   let hsBase = (b * P.ED + dc) * P.chunks;
@@ -347,15 +394,15 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
     let k = kk - 1u;
     let cstart = k * ${Lc}u;
     let clen = min(${Lc}u, P.L - cstart);
-    var hb: array<f32, ${N}>; // the saved state before this chunk
-    let hsAt = (hsBase + k - 1u) * ${N}u;
-    ${unroll(N, (n) => `hb[${n}] = select(0.0, ld_ph(P.hsOff + hsAt + ${n}u), k > 0u);`)}
+    var hb: array<f32, ${Nb}>; // the saved state before this chunk
+    let hsAt = (hsBase + k - 1u) * ${N}u${plus(n0)};
+    ${unroll(Nb, (n) => `hb[${n}] = select(0.0, ld_ph(P.hsOff + hsAt + ${n}u), k > 0u);`)}
     let nsub = (clen + ${Ls - 1}u) / ${Ls}u;
     ${
       SUB > 1
-        ? `// 0. two-level recompute: the states at the sub-chunk boundaries, so that only Ls x N floats of h
+        ? `// 0. two-level recompute: the states at the sub-chunk boundaries, so that only Ls x Nb floats of h
     // are held at once while chunks (and the saved states) are Lc long.
-    var hsub: array<f32, ${(SUB - 1) * N}>;
+    var hsub: array<f32, ${(SUB - 1) * Nb}>;
     var hw = hb;
     for (var s = 0u; s < (nsub - 1u) * ${Ls}u; s++) {
       ${stepLines("hw", "cstart + s")}
@@ -364,7 +411,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
         let jw = (s + 1u) / ${Ls}u - 1u;
         ${
           unroll(SUB - 1, (jc) =>
-            unroll(N, (n) => `hsub[${jc * N + n}] = select(hsub[${jc * N + n}], hw[${n}], jw == ${jc}u);`))
+            unroll(Nb, (n) => `hsub[${jc * Nb + n}] = select(hsub[${jc * Nb + n}], hw[${n}], jw == ${jc}u);`))
         }
       }
     }`
@@ -376,19 +423,19 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
     let len = min(${Ls}u, clen - j * ${Ls}u);
     ${
       SUB > 1
-        ? unroll(N, (n) =>
+        ? unroll(Nb, (n) =>
           `h0[${n}] = hb[${n}]; ` +
           Array.from({ length: SUB - 1 }, (_, jc) =>
-            `h0[${n}] = select(h0[${n}], hsub[${jc * N + n}], j == ${jc + 1}u);`)
+            `h0[${n}] = select(h0[${n}], hsub[${jc * Nb + n}], j == ${jc + 1}u);`)
             .join(" "))
-        : unroll(N, (n) =>
+        : unroll(Nb, (n) =>
           `h0[${n}] = hb[${n}];`)
     }
     // 1. recompute h over the (sub-)chunk from the state before it.
     var hc = h0;
     for (var s = 0u; s < len; s++) {
       ${stepLines("hc", "start + s")}
-      ${unroll(N, (n) => `${H("s", n)} = hc[${n}];`)}
+      ${unroll(Nb, (n) => `${H("s", n)} = hc[${n}];`)}
     }
     // 2. reverse scan inside the chunk. hcur = h(t) is carried down from the step above (the last one is
     // the recompute's final state), so each step reads one stored state, h(t-1).
@@ -404,35 +451,36 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
       let u = ld_draw(i) + bias;
       let dt = softplus_(u);
       let xv = ld_x(i);
-      let row = (b * P.L + t) * P.S + P.R;
-      var Bv: array<f32, ${N}>;
-      var Cv: array<f32, ${N}>;
-      ${loadBC(N, "row", true, shuffle)}
+      let row = (b * P.L + t) * P.S + P.R${plus(n0)};
+      var Bv: array<f32, ${Nb}>;
+      var Cv: array<f32, ${Nb}>;
+      ${loadBC(N, Nb, "row", true, shuffle)}
       var gy = ld_g(i);
       if (P.gated != 0u) {
-        var yv = Dd * xv;
-        ${unroll(N, (n) => `yv += Cv[${n}] * hcur[${n}];`)}
+        // this block's share of y (the gate's gradient is linear in y: blocks add their shares)
+        var yv = ${firstOnly("Dd * xv")};
+        ${unroll(Nb, (n) => `yv += Cv[${n}] * hcur[${n}];`)}
         let zv = ld_z(i);
         let sg = sigmoid_(zv);
-        if (valid) { st_gz(i, gy * yv * sg * (1.0 + zv * (1.0 - sg))); }
+        if (valid) { ${acc("gz", "gy * yv * sg * (1.0 + zv * (1.0 - sg))")} }
         gy = gy * zv * sg;
       }
-      gD += gy * xv;
-      var gx = gy * Dd;
+      gD += ${firstOnly("gy * xv")};
+      var gx = ${firstOnly("gy * Dd")};
       var gdt = 0.0;
       let sp = select(0u, s - 1u, s > 0u);
-      var hp: array<f32, ${N}>;
-      ${unroll(N, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
+      var hp: array<f32, ${Nb}>;
+      ${unroll(Nb, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
       ${
       sg
-        ? `// this subgroup's partial row of step t: (B, segLen, slots, 2N)
+        ? `// this subgroup's partial row of step t: (B, segLen, slots, 2N), the block's columns
       let part = ((b * P.segLen + t - P.segStart) * P.slots + tile * P.slotsPerTile + lid / sgSize) * ${
           2 * N
-        }u;`
-        : `let lane = (slot * ${WG}u + lid) * ${2 * N}u; // this step's terms in workgroup memory`
+        }u${plus(n0)};`
+        : `let lane = (slot * ${WG}u + lid) * ${2 * Nb}u; // this step's terms in workgroup memory`
     }
       ${
-      unroll(N, (n) =>
+      unroll(Nb, (n) =>
         `{ let a = exp(dt * A[${n}]); ` +
         `let l = gy * Cv[${n}] + lam[${n}]; let ga = l * hp[${n}]; ` +
         `gx += l * dt * Bv[${n}]; gdt += l * Bv[${n}] * xv + ga * a * A[${n}]; gA[${n}] += ga * a * dt; ` +
@@ -441,13 +489,13 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * N}>; // [step][state][c
             `let sC = subgroupAdd(select(0.0, gy * hcur[${n}], valid)); ` +
             `if (sgLane == 0u) { st_gred(part + ${n}u, sB); st_gred(part + ${N + n}u, sC); } } `
           : `red[lane + ${n}u] = select(0.0, l * dt * xv, valid); ` +
-            `red[lane + ${N + n}u] = select(0.0, gy * hcur[${n}], valid); `) +
+            `red[lane + ${Nb + n}u] = select(0.0, gy * hcur[${n}], valid); `) +
         `lam[${n}] = a * l; }`)
     }
       hcur = hp;
       let gu = gdt * sigmoid_(u);
       gbias += gu;
-      if (valid) { st_gx(i, gx); st_gdraw(i, gu); }
+      if (valid) { ${acc("gx", "gx")} ${acc("gdraw", "gu")} }
 ${sg ? "" : workgroupReduce}
     }
     }
@@ -455,7 +503,10 @@ ${sg ? "" : workgroupReduce}
   if (valid) {
     st_gred(gp, gbias);
     st_gred(gp + 1u, gD);
-    ${unroll(N, (n) => `st_gred(gp + ${2 + n}u, gA[${n}]); st_gred(gp + ${2 + N + n}u, lam[${n}]);`)}
+    ${
+      unroll(Nb, (n) =>
+        `st_gred(gp + ${2 + n0 + n}u, gA[${n}]); st_gred(gp + ${2 + N + n0 + n}u, lam[${n}]);`)
+    }
   }`,
   });
   kernels.set(key, k);
@@ -589,7 +640,7 @@ export function fusedScanForward(
   const y = Tensor.empty([B, L, ED]);
   const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]);
   recordCopy(par.storage.buffer, 0, ph.storage.buffer, 0, 4 * par.size);
-  const k = forwardKernel(v);
+  const Nb = v.Nb ?? a.N;
   const bufs = {
     x: x.storage,
     draw: draw.storage,
@@ -600,7 +651,9 @@ export function fusedScanForward(
   };
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
-    dispatch(k, bufs, { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) }, B * u.tiles);
+    const uni = { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
+    // state blocks one after another: each adds its share of y
+    for (let n0 = 0; n0 < a.N; n0 += Nb) dispatch(forwardKernel(v, n0), bufs, uni, B * u.tiles);
   }
   return { y, ph };
 }
@@ -661,7 +714,7 @@ const fusedOp = defineOp<FusedAttrs>({
       gz: gz.storage,
       gred: gred.storage,
     };
-    const k = backwardKernel(v);
+    const Nb = v.Nb ?? N;
     const hsOff = ph.size - B * ED * u.chunks * N;
     // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums):
     // at most MAX_STEPS / 2 steps, so no invocation loops 65535 times.
@@ -677,7 +730,8 @@ const fusedOp = defineOp<FusedAttrs>({
       for (let t1 = c1; t1 > c0; t1 -= per) {
         const t0 = Math.max(c0, t1 - per);
         const uni = { ...u, t0, t1, hsOff, gparOff: gbcSize, slots, slotsPerTile, segStart, segLen };
-        dispatch(k, bufs, uni, B * u.tiles);
+        // state blocks one after another: each adds its share of dx, ddelta, dz, dbias, dD
+        for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0), bufs, uni, B * u.tiles);
       }
       // partials (B, segLen, slots, 2N) -> gdBC[:, segStart..segStart+segLen, :]
       const n = B * segLen;

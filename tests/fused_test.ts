@@ -117,6 +117,9 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
     { WG: 16, Lc: 5 },
     { WG: 16, Lc: 12, Ls: 4 }, // two-level recompute; L = 37, 21: the last chunk has a partial sub-chunk
     { WG: 8, Lc: 20, Ls: 5, hbuf: "workgroup" },
+    // states in blocks (N = 16: 4 and 8 blocks; N = 4: 1 and 2): later blocks add to y, dx, ddelta, dz
+    { WG: 16, Lc: 12, Ls: 4, Nb: 4 },
+    { WG: 8, Lc: 16, hbuf: "workgroup", Nb: 2 },
   ];
   // Subgroup sums where the device has them (lavapipe does; ED 40 leaves some lanes of the last tile idle).
   if (info.subgroups) {
@@ -124,6 +127,7 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
       { WG: 8, Lc: 16, reduce: "subgroup" },
       { WG: 64, Lc: 7, reduce: "subgroup" },
       { WG: 32, Lc: 24, Ls: 8, reduce: "subgroup" },
+      { WG: 32, Lc: 24, Ls: 8, reduce: "subgroup", Nb: 2 },
     );
     const SG = info.subgroups.minSize;
     if (SG === info.subgroups.maxSize && SG <= 32) {
@@ -132,6 +136,8 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
         { WG: SG, Lc: 16, reduce: "subgroup", shuffle: true },
         { WG: 2 * SG, Lc: 12, Ls: 4, shuffle: true },
         { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true },
+        { WG: 2 * SG, Lc: 16, reduce: "subgroup", shuffle: true, Nb: 4 },
+        { WG: SG, Lc: 12, Ls: 4, shuffle: true, Nb: 2 },
       );
     }
   }
