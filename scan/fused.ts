@@ -605,10 +605,11 @@ const MIN_GROUPS = 4;
 function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs) {
   const [B, L, ED] = x.shape;
   const v = { ...fusedVariant(a.N) };
-  // Channels are the only parallelism: halve the workgroup until there are enough of them.
-  // (shuffles need whole subgroups: not below the subgroup size)
+  // Channels are the only parallelism: halve the workgroup until there are enough of them (shuffles need
+  // whole subgroups: not below the subgroup size). Only up to N = 16: on lavapipe the N = 32 backward with
+  // 8 or 16 channels per workgroup did not compile within 90 s (with 32: in 1 s).
   const least = v.shuffle ? Math.max(8, shuffleSize()) : 8;
-  while (v.WG / 2 >= least && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
+  while (a.N <= 16 && v.WG / 2 >= least && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
   return {
     B,
     L,
