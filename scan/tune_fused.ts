@@ -35,6 +35,9 @@ export interface FusedTuneResult {
 function candidates(N: number): FusedVariant[] {
   const limit = deviceInfo().limits.maxComputeWorkgroupStorageSize;
   const def = defaultFusedVariant(N);
+  // On software adapters above N = 16 only the default: lavapipe's compile times are erratic there, and at
+  // N = 32 every other subgroup variant took more than 45 s to compile (a hang for the caller).
+  if (deviceInfo().isFallbackAdapter && N > 16) return [def];
   const chunks = def.Ls ? { Lc: def.Lc, Ls: def.Ls } : { Lc: def.Lc }; // private states: the default's chunks
   const list: FusedVariant[] = [def];
   // Variants compared with their defaults spelled out (hbuf private, workgroup sums, no shuffle).
@@ -49,7 +52,9 @@ function candidates(N: number): FusedVariant[] {
       !!v.shuffle,
     ]);
   const has = (v: FusedVariant) => list.some((c) => key(c) === key(v));
-  for (const WG of [8, 32, 64]) {
+  // (narrow workgroups only up to N = 16, as sizes() in fused.ts: N = 32 with 8 did not compile in 90 s)
+  const widths = N <= 16 ? [8, 32, 64] : [32, 64];
+  for (const WG of widths) {
     const priv: FusedVariant = { N, ...chunks, WG, hbuf: "private" };
     if (!has(priv)) list.push(priv);
     // States in workgroup memory: as long a chunk as fits, one level.
@@ -60,7 +65,7 @@ function candidates(N: number): FusedVariant[] {
   // With a fixed subgroup size, B and C rows can also be shared by subgroupShuffle.
   const sg = deviceInfo().subgroups;
   if (sg) {
-    for (const WG of [8, 32, 64]) {
+    for (const WG of widths) {
       for (const shuffle of [false, true]) {
         if (shuffle && (sg.minSize !== sg.maxSize || WG % sg.minSize !== 0)) continue;
         const v: FusedVariant = { N, ...chunks, WG, reduce: "subgroup", ...(shuffle ? { shuffle } : {}) };
