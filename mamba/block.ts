@@ -172,10 +172,17 @@ export class MambaBlock extends Module {
  * compile times for them were erratic (1.3 s to more than 30 s at N = 128), so the block uses pscan. */
 export const MAX_FUSED_STATE = 64;
 
-/** Whether the fused kernels serve this state size here: N at most MAX_FUSED_STATE, and an adapter that can
- * bind the backward's 10 storage buffers (else the block uses pscan). */
-function fusedScanFits(N: number): boolean {
-  return N <= MAX_FUSED_STATE && deviceInfo().limits.maxStorageBuffersPerShaderStage >= 10;
+/** State sizes whose fused kernels (default variants) were measured to compile within 2 s on lavapipe. Others
+ * took from 19 s to more than 40 s (N = 24, 48), so on software adapters they run pscan. */
+const SOFTWARE_FUSED_STATES: readonly number[] = [1, 2, 4, 8, 16, 32, 64];
+
+/** Whether the fused kernels serve this state size here: N at most MAX_FUSED_STATE (on software adapters one of
+ * the measured sizes), and an adapter that can bind the backward's 10 storage buffers (else the block uses
+ * pscan). */
+export function fusedScanFits(N: number): boolean {
+  const info = deviceInfo();
+  return N <= MAX_FUSED_STATE && info.limits.maxStorageBuffersPerShaderStage >= 10 &&
+    (!info.isFallbackAdapter || SOFTWARE_FUSED_STATES.includes(N));
 }
 
 /** dt_proj as mamba.py: weight U(+-R^-0.5 * dtScale) or constant; bias = softplus^-1(dt), dt log-uniform. */
