@@ -97,17 +97,20 @@ function shuffleSize(): number {
   return sg.minSize;
 }
 
+/** WGSL of the dBC offset of block column c (c < Nb: B, else C) from the block's first B column. */
+function blockColumn(N: number, Nb: number, c: string): string {
+  return Nb === N ? c : `select(${c} + ${N - Nb}u, ${c}, ${c} < ${Nb}u)`;
+}
+
 /**
  * WGSL filling `Bv` (and with `withC`, `Cv`): arrays of Nb floats, the B and C columns of the state block
- * starting at `row` (B at row.., C at row + N..; `row` includes the block's first state). With `shuffle`, each lane
- * loads every SG-th column and subgroupShuffle hands them out (needs uniform control flow); else each lane
- * loads them all.
+ * starting at `row` (B at row.., C at row + N..; `row` includes the block's first state). With `shuffle`,
+ * each lane loads every SG-th column and subgroupShuffle hands them out (needs uniform control flow); else
+ * each lane loads them all.
  */
 function loadBC(N: number, Nb: number, row: string, withC: boolean, shuffle: boolean): string {
   const cols = withC ? 2 * Nb : Nb;
   const dst = (c: number) => (c < Nb ? `Bv[${c}]` : `Cv[${c - Nb}]`);
-  // the dBC offset of block column c from `row` (c < Nb: B, else C)
-  const at = (c: string) => Nb === N ? c : `select(${c} + ${N - Nb}u, ${c}, ${c} < ${Nb}u)`;
   if (!shuffle) return unroll(cols, (c) => `${dst(c)} = ld_dbc(${row} + ${c < Nb ? c : c + N - Nb}u);`);
   const SG = shuffleSize();
   const J = Math.ceil(cols / SG);
@@ -117,7 +120,7 @@ function loadBC(N: number, Nb: number, row: string, withC: boolean, shuffle: boo
       J,
       (j) =>
         `{ let c = ${j * SG}u + sgLane; bcv[${j}] = select(0.0, ld_dbc(${row} + ${
-          at(`min(c, ${cols - 1}u)`)
+          blockColumn(N, Nb, `min(c, ${cols - 1}u)`)
         }), c < ${cols}u); }`,
     ),
     unroll(cols, (c) => `${dst(c)} = subgroupShuffle(bcv[${Math.floor(c / SG)}], ${c % SG}u);`),
@@ -128,11 +131,12 @@ const chosen = new Map<number, FusedVariant>();
 
 /**
  * The default variant of a state size: states in blocks of at most 64 (Nb; one block up to N = 64); the
- * backward holds up to 2048 floats of recomputed h (Ls x Nb, Ls at most 64). Up to Nb = 16 chunks are Ls = 64 steps (one level: fastest); above, two-level recompute
- * keeps chunks 256 steps long with at most 2048 floats of sub-chunk states, so the saved states,
- * 4 ED N / Lc bytes per token, stay small (N = 64: Lc 256, 8x less than one level could hold), for
- * 5-15% more backward time on lavapipe (its sub-chunk states are read with constant indices only). Where
- * the device has subgroups, dB/dC are summed with subgroupAdd (no barriers) and B, C rows shared by subgroupShuffle (when the
+ * backward holds up to 2048 floats of recomputed h (Ls x Nb, Ls at most 64). Up to Nb = 16 chunks are
+ * Ls = 64 steps (one level: fastest); above, two-level recompute keeps chunks 256 steps long with at most
+ * 2048 floats of sub-chunk states, so the saved states, 4 ED N / Lc bytes per token, stay small (N = 64:
+ * Lc 256, 8x less than one level could hold), for 5-15% more backward time on lavapipe (its sub-chunk
+ * states are read with constant indices only). Where the device has subgroups, dB/dC are summed with
+ * subgroupAdd (no barriers) and B, C rows shared by subgroupShuffle (when the
  * subgroup size is fixed): the fastest on every adapter measured.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
@@ -325,8 +329,8 @@ function backwardKernel(v: FusedVariant, n0: number): Kernel {
         Array.from({ length: WG }, (_, c) =>
           `red[base + ${c * 2 * Nb}u + col]`).join(" + ")
       }; st_gred(((b * P.segLen + tq - P.segStart) * P.slots + tile) * ${2 * N}u + ${
-        Nb === N ? "col" : `select(col + ${n0 + N - Nb}u, col${plus(n0)}, col < ${Nb}u)`
-      }, acc); } }`)
+        blockColumn(N, Nb, "col")
+      }${plus(n0)}, acc); } }`)
   }
         }
         workgroupBarrier();

@@ -52,9 +52,7 @@ function candidates(N: number): FusedVariant[] {
       !!v.shuffle,
     ]);
   const has = (v: FusedVariant) => list.some((c) => key(c) === key(v));
-  // (narrow workgroups only up to N = 16, as sizes() in fused.ts: N = 32 with 8 did not compile in 90 s)
-  const widths = N <= 16 ? [8, 32, 64] : [32, 64];
-  for (const WG of widths) {
+  for (const WG of [8, 32, 64]) {
     const priv: FusedVariant = { N, ...chunks, WG, hbuf: "private" };
     if (!has(priv)) list.push(priv);
     // States in workgroup memory: as long a chunk as fits, one level.
@@ -65,7 +63,7 @@ function candidates(N: number): FusedVariant[] {
   // With a fixed subgroup size, B and C rows can also be shared by subgroupShuffle.
   const sg = deviceInfo().subgroups;
   if (sg) {
-    for (const WG of widths) {
+    for (const WG of [8, 32, 64]) {
       for (const shuffle of [false, true]) {
         if (shuffle && (sg.minSize !== sg.maxSize || WG % sg.minSize !== 0)) continue;
         const v: FusedVariant = { N, ...chunks, WG, reduce: "subgroup", ...(shuffle ? { shuffle } : {}) };

@@ -109,7 +109,7 @@ Deno.test("fused scan backward in time segments (dB/dC partials capped): results
   }
 });
 
-Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums) agree", async () => {
+Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums, state blocks) agree", async () => {
   const info = await init();
   const { setFusedVariant } = await import("../scan/fused.ts");
   const variants: Omit<FusedVariant, "N">[] = [
