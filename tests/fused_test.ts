@@ -139,6 +139,7 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
         { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true },
         { WG: 2 * SG, Lc: 16, reduce: "subgroup", shuffle: true, Nb: 4 },
         { WG: SG, Lc: 12, Ls: 4, shuffle: true, Nb: 2 },
+        { WG: SG, Lc: 16, reduce: "subgroup", shuffle: true, Nb: 1 }, // 2 columns a block: padded butterfly
       );
     }
   }
