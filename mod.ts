@@ -125,14 +125,7 @@ export {
 } from "./scan/fused.ts";
 export { FUSED_KERNEL_VERSION, type FusedTuneResult, tuneFusedScan } from "./scan/tune_fused.ts";
 export { type MambaConfig, mambaConfig, type MambaConfigInput } from "./mamba/config.ts";
-export {
-  type LayerCache,
-  Mamba,
-  MambaBlock,
-  MAX_FUSED_STATE,
-  ModuleList,
-  ResidualBlock,
-} from "./mamba/block.ts";
+export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";
 export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./mamba/lm.ts";
 export { type SampleOptions } from "./mamba/sampling.ts";
 export {

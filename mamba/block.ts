@@ -92,7 +92,7 @@ export class MambaBlock extends Module {
     const x = this.conv1d.forward(xIn, "silu"); // x: (B, L, ED)
     let out: Tensor;
     let h: Tensor | null = null;
-    if (this.config.scan === "fused" && fusedScanFits(this.config.dState)) {
+    if (this.config.scan === "fused" && fusedScanAvailable()) {
       const r = this.fusedSsm(x, z, wantCache); // gated y: (B, L, ED), h: (B, ED, N)
       out = this.outProj.forward(r.y); // out: (B, L, D)
       h = r.h;
@@ -168,21 +168,10 @@ export class MambaBlock extends Module {
   }
 }
 
-/** Largest state size the block runs fused. Above it the kernels walk the states in blocks, but lavapipe's
- * compile times for them were erratic (1.3 s to more than 30 s at N = 128), so the block uses pscan. */
-export const MAX_FUSED_STATE = 64;
-
-/** State sizes whose fused kernels (default variants) were measured to compile within 2 s on lavapipe. Others
- * took from 19 s to more than 40 s (N = 24, 48), so on software adapters they run pscan. */
-const SOFTWARE_FUSED_STATES: readonly number[] = [1, 2, 4, 8, 16, 32, 64];
-
-/** Whether the fused kernels serve this state size here: N at most MAX_FUSED_STATE (on software adapters one of
- * the measured sizes), and an adapter that can bind the backward's 10 storage buffers (else the block uses
- * pscan). */
-export function fusedScanFits(N: number): boolean {
-  const info = deviceInfo();
-  return N <= MAX_FUSED_STATE && info.limits.maxStorageBuffersPerShaderStage >= 10 &&
-    (!info.isFallbackAdapter || SOFTWARE_FUSED_STATES.includes(N));
+/** Whether the fused kernels run on this adapter: their backward binds 10 storage buffers (WebGPU's default
+ * limit is 8; the device is asked for the adapter's limits). Where it cannot, the block uses pscan. */
+export function fusedScanAvailable(): boolean {
+  return deviceInfo().limits.maxStorageBuffersPerShaderStage >= 10;
 }
 
 /** dt_proj as mamba.py: weight U(+-R^-0.5 * dtScale) or constant; bias = softplus^-1(dt), dt log-uniform. */

@@ -39,9 +39,8 @@ export interface MambaConfigInput {
   convBias?: boolean;
   /** RMSNorm on delta, B and C after x_proj (false). */
   innerLayernorms?: boolean;
-  /** How the selective scan runs: "fused" (default: one kernel, recomputing backward; pscan above d_state 64,
-   * and on software adapters at d_state other than 1, 2, 4, 8, 16, 32, 64, where the fused kernels took too
-   * long to compile), "pscan" or "sequential". */
+  /** How the selective scan runs: "fused" (default: one kernel per block of 16 states, recomputing backward;
+   * pscan on an adapter that cannot bind 10 storage buffers), "pscan" or "sequential". */
   scan?: ScanMode | "fused";
   /** Recompute each block's in_proj, conv and x_proj in the backward instead of keeping them (true). */
   recompute?: boolean;

@@ -24,7 +24,7 @@
  * the chunk states (`ph`), so that the kernel binds 10 storage buffers, what browsers allow. dA, dD and
  * dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]),
  * summed over the batch by `fused_scan_bwd_params`.
- * Above 64 states (or with `Nb` set), the states are walked in blocks of Nb, one pipeline and one dispatch
+ * Above 16 states (or with `Nb` set), the states are walked in blocks of Nb, one pipeline and one dispatch
  * per block, each adding its share of the outputs and gradients to the previous blocks'.
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
  * longer sequences take several dispatches, carrying h through hs and lam through `gpar`.
@@ -43,7 +43,7 @@ import { Tensor } from "../core/tensor.ts";
 export interface FusedVariant {
   /** State size. */
   N: number;
-  /** States per block (a divisor of N; default N up to 64, else the largest divisor up to 64): each block
+  /** States per block (a divisor of N; default N up to 16, else the largest divisor up to 16): each block
    * of Nb states is its own pipeline (the block offset compiled in) and dispatch, walking all the steps
    * (states outer, time inner, as the CUDA kernel does). Loops over a block's states are unrolled, so code
    * size and live registers grow with Nb, not N; blocks after the first add their share of y (and of dx,
@@ -130,31 +130,33 @@ function loadBC(N: number, Nb: number, row: string, withC: boolean, shuffle: boo
 const chosen = new Map<number, FusedVariant>();
 
 /**
- * The default variant of a state size: states in blocks of at most 64 (Nb; one block up to N = 64); the
- * backward holds up to 2048 floats of recomputed h (Ls x Nb, Ls at most 64). Up to Nb = 16 chunks are
- * Ls = 64 steps (one level: fastest); above, two-level recompute keeps chunks 256 steps long with at most
- * 2048 floats of sub-chunk states, so the saved states, 4 ED N / Lc bytes per token, stay small (N = 64:
- * Lc 256, 8x less than one level could hold), for 5-15% more backward time on lavapipe (its sub-chunk
- * states are read with constant indices only). Where the device has subgroups, dB/dC are summed with
- * subgroupAdd (no barriers) and B, C rows shared by subgroupShuffle (when the
- * subgroup size is fixed): the fastest on every adapter measured.
+ * The default variant of a state size. States in blocks of at most 16 (Nb), each block its own pipeline, and
+ * at most 256 floats of recomputed h held per invocation (Ls x Nb, Ls at most 64): lavapipe's first compile of
+ * the backward grows steeply with that private array (N = 16: 2.0 s at 256 floats, 7.1 s at 512, 25 s at
+ * 1024, about 4 minutes at 2048), and a GPU spills such arrays to slow local memory. Chunks are max(64, 4N)
+ * steps (at most 16 sub-chunks of Ls), so the saved states, 4 ED N / Lc bytes per token, are at most ED bytes
+ * up to N = 64; when Lc > Ls the backward first recomputes the states at sub-chunk boundaries (two-level
+ * recompute: one more forward walk). Where the device has subgroups, dB/dC are summed with
+ * subgroup operations (no barriers) and B, C rows shared by subgroupShuffle (when the subgroup size is
+ * fixed): the fastest on every adapter measured.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
   const Nb = N <= MAX_STATE_BLOCK ? N : largestDivisor(N, MAX_STATE_BLOCK);
-  const Ls = Math.min(64, Math.max(4, Math.floor(2048 / Nb)));
-  const sub = Nb <= 16 ? 1 : Math.max(1, Math.min(Math.floor(256 / Ls), Math.floor(2048 / Nb) + 1));
-  const lc = { ...(sub === 1 ? { Lc: Ls } : { Lc: Ls * sub, Ls }), ...(Nb < N ? { Nb } : {}) };
+  const Ls = Math.min(64, 2 ** Math.floor(Math.log2(MAX_HELD_STATES / Nb)));
+  const Lc = Ls * Math.min(16, Math.ceil(Math.max(64, 4 * N) / Ls));
+  const lc = { Lc, ...(Ls < Lc ? { Ls } : {}), ...(Nb < N ? { Nb } : {}) };
   const sg = deviceInfo().subgroups;
   if (sg) {
     const shuffle = sg.minSize === sg.maxSize && 32 % sg.minSize === 0;
     return { N, ...lc, WG: 32, reduce: "subgroup", ...(shuffle ? { shuffle } : {}) };
   }
-  const WG = Nb > 32 ? 32 : 64; // workgroup memory of the backward: 2 * WG * Nb floats
-  return { N, ...lc, WG };
+  return { N, ...lc, WG: 64 }; // workgroup memory of the backward: 2 * WG * Nb floats
 }
 
-/** States per block by default: N = 64 in one block compiles in about 2 s on lavapipe. */
-const MAX_STATE_BLOCK = 64;
+/** States per block by default: code size and live registers grow with Nb. */
+const MAX_STATE_BLOCK = 16;
+/** Floats of recomputed h one invocation holds by default (Ls x Nb). */
+const MAX_HELD_STATES = 256;
 
 function largestDivisor(N: number, max: number): number {
   for (let d = max; d > 1; d--) if (N % d === 0) return d;
@@ -214,8 +216,8 @@ const UNIFORMS: [string, "u32"][] = [
 /** WGSL ` + k` for a compile-time offset (nothing for 0). */
 const plus = (k: number) => (k ? ` + ${k}u` : "");
 
-/** The forward kernel of the state block starting at n0 (one pipeline per block: a block offset known only
- * at run time made lavapipe's compile of the backward about 100x slower). */
+/** The forward kernel of the state block starting at n0 (one pipeline per block, n0 compiled in, so that
+ * every index into the states is a constant). */
 function forwardKernel(v: FusedVariant, n0: number): Kernel {
   const shuffle = v.shuffle === true;
   const Nb = v.Nb ?? v.N;
@@ -387,7 +389,6 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
   // dbias and dD sum over the state blocks too: blocks after the first always continue
   var gbias = ${first ? "select(0.0, ld_gred(gp), more)" : "ld_gred(gp)"};
   var gD = ${first ? "select(0.0, ld_gred(gp + 1u), more)" : "ld_gred(gp + 1u)"};
-  // (the order of these loads matters to lavapipe: with bias, Dd first, its compile took 100x longer)
   ${unroll(Nb, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0 + n}u));`)}
   ${unroll(Nb, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n0 + n}u), more);`)}
   ${unroll(Nb, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0 + n}u), more);`)}
@@ -654,10 +655,9 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs) {
   const [B, L, ED] = x.shape;
   const v = { ...fusedVariant(a.N) };
   // Channels are the only parallelism: halve the workgroup until there are enough of them (shuffles need
-  // whole subgroups: not below the subgroup size). Only up to N = 16: on lavapipe the N = 32 backward with
-  // 8 or 16 channels per workgroup did not compile within 90 s (with 32: in 1 s).
+  // whole subgroups: not below the subgroup size).
   const least = v.shuffle ? Math.max(8, shuffleSize()) : 8;
-  while (a.N <= 16 && v.WG / 2 >= least && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
+  while (v.WG / 2 >= least && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
   return {
     B,
     L,

@@ -35,15 +35,18 @@ export interface FusedTuneResult {
 function candidates(N: number): FusedVariant[] {
   const limit = deviceInfo().limits.maxComputeWorkgroupStorageSize;
   const def = defaultFusedVariant(N);
-  // On software adapters above N = 16 only the default: lavapipe's compile times are erratic there, and at
-  // N = 32 every other subgroup variant took more than 45 s to compile (a hang for the caller).
+  // On software adapters above N = 16 only the default: every candidate costs lavapipe a fresh compile of a
+  // few seconds per block of states.
   if (deviceInfo().isFallbackAdapter && N > 16) return [def];
   const chunks = def.Ls ? { Lc: def.Lc, Ls: def.Ls } : { Lc: def.Lc }; // private states: the default's chunks
+  const blocks = def.Nb ? { Nb: def.Nb } : {}; // and its state blocks
+  const Nb = def.Nb ?? N;
   const list: FusedVariant[] = [def];
   // Variants compared with their defaults spelled out (hbuf private, workgroup sums, no shuffle).
   const key = (v: FusedVariant) =>
     JSON.stringify([
       v.N,
+      v.Nb ?? v.N,
       v.Lc,
       v.Ls ?? v.Lc,
       v.WG,
@@ -53,11 +56,11 @@ function candidates(N: number): FusedVariant[] {
     ]);
   const has = (v: FusedVariant) => list.some((c) => key(c) === key(v));
   for (const WG of [8, 32, 64]) {
-    const priv: FusedVariant = { N, ...chunks, WG, hbuf: "private" };
+    const priv: FusedVariant = { N, ...chunks, ...blocks, WG, hbuf: "private" };
     if (!has(priv)) list.push(priv);
     // States in workgroup memory: as long a chunk as fits, one level.
-    const Lc = Math.max(4, Math.min(32, Math.floor(limit / (4 * WG * N)) - 2));
-    if (4 * WG * N * (2 + Lc) <= limit) list.push({ N, WG, Lc, hbuf: "workgroup" });
+    const Lc = Math.max(4, Math.min(32, Math.floor(limit / (4 * WG * Nb)) - 2));
+    if (4 * WG * Nb * (2 + Lc) <= limit) list.push({ N, ...blocks, WG, Lc, hbuf: "workgroup" });
   }
   // Subgroup sums need no workgroup memory and no barriers: the states stay private.
   // With a fixed subgroup size, B and C rows can also be shared by subgroupShuffle.
@@ -66,7 +69,14 @@ function candidates(N: number): FusedVariant[] {
     for (const WG of [8, 32, 64]) {
       for (const shuffle of [false, true]) {
         if (shuffle && (sg.minSize !== sg.maxSize || WG % sg.minSize !== 0)) continue;
-        const v: FusedVariant = { N, ...chunks, WG, reduce: "subgroup", ...(shuffle ? { shuffle } : {}) };
+        const v: FusedVariant = {
+          N,
+          ...chunks,
+          ...blocks,
+          WG,
+          reduce: "subgroup",
+          ...(shuffle ? { shuffle } : {}),
+        };
         if (!has(v)) list.push(v);
       }
     }
