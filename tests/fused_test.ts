@@ -92,9 +92,11 @@ Deno.test("fused scan equals the sequential reference: forward and every gradien
   await compare({ B: 2, L: 129, ED: 16, N: 4, R: 0, gated: true }, 6);
 });
 
-Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096 and 70000", async () => {
+Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096, 9000 and 70000", async () => {
   await compare({ B: 1, L: 4096, ED: 4, N: 16, R: 1, gated: true }, 7);
   await compare({ B: 1, L: 70000, ED: 2, N: 4, R: 1, gated: true }, 8);
+  // N = 32: two state blocks, two-level recompute (Lc 128, Ls 16), two backward dispatches per block
+  await compare({ B: 1, L: 9000, ED: 2, N: 32, R: 1, gated: true }, 17);
 });
 
 Deno.test("fused scan backward in time segments (dB/dC partials capped): results unchanged", async () => {
