@@ -519,6 +519,19 @@ ${sg ? "" : workgroupReduce}
 }
 
 /**
+ * The rounds of the butterfly that sums C columns over SG lanes (a power of two), the columns padded to W * SG
+ * (W = ceil(C / SG)). In the round with mask m, lanes whose bit m is clear keep columns [0, h) and the others
+ * [h, 2h), each adding its partner's (lane ^ m) copy of them; after the last round lane j holds the sums of
+ * columns j*W .. j*W + W - 1 in its first W slots.
+ */
+export function butterflyRounds(C: number, SG: number): { W: number; rounds: { m: number; h: number }[] } {
+  const W = Math.ceil(C / SG);
+  const rounds: { m: number; h: number }[] = [];
+  for (let m = SG / 2, K = W * SG; m >= 1; m /= 2, K /= 2) rounds.push({ m, h: K / 2 });
+  return { W, rounds };
+}
+
+/**
  * WGSL summing \`terms\` (2Nb: this lane's dB and dC terms of the block) over the subgroup and storing the
  * sums in the partial row at \`part\` (the block's columns). With a fixed subgroup size SG, a butterfly:
  * each round halves the columns a lane keeps and adds its partner's half (subgroupShuffleXor), so lane j ends
@@ -536,13 +549,12 @@ function subgroupSums(N: number, Nb: number, SG: number | null): string {
       `}`,
     ].join("\n      ");
   }
-  const W = Math.ceil(C / SG);
+  const { W, rounds } = butterflyRounds(C, SG);
   const lines = [
     `var v: array<f32, ${W * SG}>;`,
     unroll(C, (c) => `v[${c}] = select(0.0, terms[${c}], valid);`),
   ];
-  for (let m = SG / 2, K = W * SG; m >= 1; m /= 2, K /= 2) {
-    const h = K / 2; // this round keeps columns [0, h) (lanes with bit m clear) or [h, K) (set)
+  for (const { m, h } of rounds) {
     lines.push(
       `{ let up = (sgLane & ${m}u) != 0u;`,
       unroll(

@@ -3,7 +3,7 @@ import { init } from "../core/device.ts";
 import { randn } from "../core/creation.ts";
 import { add, exp, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
-import { fusedSelectiveScan, type FusedVariant } from "../scan/fused.ts";
+import { butterflyRounds, fusedSelectiveScan, type FusedVariant } from "../scan/fused.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { maxAbs, maxAbsDiff } from "./fixture_util.ts";
 
@@ -174,4 +174,32 @@ Deno.test("subgroup probe: a device that grants subgroups reports consistent siz
   if (!info.subgroups) return; // nothing granted: kernels use workgroup-memory sums
   assert.ok(info.subgroups.minSize >= 1 && info.subgroups.minSize <= info.subgroups.maxSize);
   assert.ok(info.subgroups.directive === "" || info.subgroups.directive === "enable subgroups;");
+});
+
+Deno.test("the backward's butterfly sums columns over any subgroup size (simulated lanes, 4 to 128)", () => {
+  // The rounds the kernel generator emits, run on plain arrays: the subgroup sizes of GPUs that lavapipe (8)
+  // cannot show, and column counts that need padding (C not a multiple of SG, C < SG).
+  for (const SG of [4, 8, 16, 32, 64, 128]) {
+    for (const C of [2, 6, 8, 32, 34, 128]) {
+      const terms = Array.from(
+        { length: SG },
+        (_, j) => Array.from({ length: C }, (_, c) => (j * 7 + c * 3) % 11),
+      );
+      const { W, rounds } = butterflyRounds(C, SG);
+      let v = terms.map((t) => [...t, ...Array(W * SG - C).fill(0)]);
+      for (const { m, h } of rounds) {
+        // lane j: v[k] = (up ? v[k+h] : v[k]) + partner's (up' ? v[k] : v[k+h]), k < h (WGSL's select(f, t, c))
+        const sent = v.map((x, j) => Array.from({ length: h }, (_, k) => ((j & m) !== 0 ? x[k] : x[k + h])));
+        v = v.map((x, j) => {
+          const y = [...x];
+          for (let k = 0; k < h; k++) y[k] = ((j & m) !== 0 ? x[k + h] : x[k]) + sent[j ^ m][k];
+          return y;
+        });
+      }
+      const got = Array(C).fill(NaN);
+      for (let j = 0; j < SG; j++) for (let k = 0; k < W; k++) if (j * W + k < C) got[j * W + k] = v[j][k];
+      const want = Array.from({ length: C }, (_, c) => terms.reduce((a, t) => a + t[c], 0));
+      assert.deepEqual(got, want, `SG ${SG}, C ${C}`);
+    }
+  }
 });
