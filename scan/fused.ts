@@ -13,17 +13,17 @@
  * inference cache after a prompt. No workgroup memory, no barriers.
  * Backward kernel `fused_scan_bwd`: a workgroup owns one b and WG channels. It walks the chunks in
  * reverse; for each it recomputes the chunk's h from the saved boundary state into a private array
- * (Lc x N floats), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk. dx, ddraw
+ * (Ls x Nb floats per sub-chunk), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk. dx, ddraw
  * (through softplus) and dz are per (b, t, d) and written directly. dB and dC sum over channels, and WGSL
  * has no float atomics, so each step's terms are reduced inside the workgroup into partial rows
- * (B, L, slots, 2N): with subgroup operations where the device has subgroups (one row per subgroup, summed
- * by a butterfly of shuffles, `subgroupSums`; no workgroup memory, no barriers), else through workgroup memory: each step the WG invocations
- * put their N + N terms there and every S steps, between two barriers, they sum the columns (one row per
- * tile). `fused_scan_bwd_gather` then sums the rows straight into the x_proj output's gradient
- * (B, L, R + 2N). The partials share a buffer with `gpar`, and the parameters one with
- * the chunk states (`ph`), so that the kernel binds 10 storage buffers, what browsers allow. dA, dD and
- * dbias sum over time: kept in registers, written per (b, d) into `gpar` (B, [dbias | dD | dA | lam carry]),
- * summed over the batch by `fused_scan_bwd_params`.
+ * (B, L, slots, 2N): with subgroup operations where the device has subgroups (one row per subgroup,
+ * summed by a butterfly of shuffles, `subgroupSums`; no workgroup memory, no barriers), else through
+ * workgroup memory: each step the WG invocations put their N + N terms there and every S steps, between two
+ * barriers, they sum the columns (one row per tile). `fused_scan_bwd_gather` then sums the rows straight
+ * into the x_proj output's gradient (B, L, R + 2N). The partials share a buffer with `gpar`, and the
+ * parameters one with the chunk states (`ph`), so that the kernel binds 10 storage buffers, what browsers
+ * allow. dA, dD and dbias sum over time: kept in registers, written per (b, d) into `gpar`
+ * (B, [dbias | dD | dA | lam carry]), summed over the batch by `fused_scan_bwd_params`.
  * Above 16 states (or with `Nb` set), the states are walked in blocks of Nb, one pipeline and one dispatch
  * per block, each adding its share of the outputs and gradients to the previous blocks'.
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
@@ -136,9 +136,9 @@ const chosen = new Map<number, FusedVariant>();
  * 1024, about 4 minutes at 2048), and a GPU spills such arrays to slow local memory. Chunks are max(64, 4N)
  * steps (at most 16 sub-chunks of Ls), so the saved states, 4 ED N / Lc bytes per token, are at most ED bytes
  * up to N = 64; when Lc > Ls the backward first recomputes the states at sub-chunk boundaries (two-level
- * recompute: one more forward walk). Where the device has subgroups, dB/dC are summed with
- * subgroup operations (no barriers) and B, C rows shared by subgroupShuffle (when the subgroup size is
- * fixed): the fastest on every adapter measured.
+ * recompute: one more forward walk). Where the device has subgroups, dB/dC are summed with subgroup
+ * operations (no barriers) and B, C rows shared by subgroupShuffle (when the subgroup size is fixed): the
+ * fastest on every adapter measured.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
   const Nb = N <= MAX_STATE_BLOCK ? N : largestDivisor(N, MAX_STATE_BLOCK);
@@ -535,9 +535,10 @@ export function butterflyRounds(C: number, SG: number): { W: number; rounds: { m
  * WGSL summing \`terms\` (2Nb: this lane's dB and dC terms of the block) over the subgroup and storing the
  * sums in the partial row at \`part\` (the block's columns). With a fixed subgroup size SG, a butterfly:
  * each round halves the columns a lane keeps and adds its partner's half (subgroupShuffleXor), so lane j ends
- * with the sums of columns j*W..j*W+W (W = 2Nb / SG, the terms padded with zeros to a multiple of SG) and
- * stores them: 2Nb - W shuffles instead of 2Nb subgroupAdds and 2Nb stores from one lane (3x faster on
- * lavapipe, where each of those is a loop over the lanes). Where the size varies: subgroupAdd, lane 0 stores.
+ * with the sums of columns j*W..j*W+W-1 (W = 2Nb / SG, the terms padded with zeros to a multiple of SG) and
+ * stores them: 2Nb - W shuffles instead of 2Nb subgroupAdds and 2Nb stores from one lane (the backward 1.4x
+ * faster on lavapipe, where each of those is a loop over the lanes). Where the size varies: subgroupAdd, and
+ * lane 0 stores.
  */
 function subgroupSums(N: number, Nb: number, SG: number | null): string {
   const C = 2 * Nb;
