@@ -51,7 +51,7 @@ export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled"];
  * Version of the matmul kernels. It is part of the tuner's cache key, so a cached choice is measured
  * again after the kernels change: bump it whenever a kernel's code changes.
  */
-export const MATMUL_KERNEL_VERSION = "matmul-5";
+export const MATMUL_KERNEL_VERSION = "matmul-6";
 
 /** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
@@ -385,8 +385,8 @@ function kernelFor(
  * partial sums over K slices (split-K) in parallel -- each a multiple of 16 and at least SPLIT_MIN_SLICE
  * long -- that are then summed; at most SPLIT_MAX slices per dispatch. `tiled` takes slices until about
  * SPLIT_GROUPS workgroups run. `register` takes them in its `linear` layout, until about SPLIT_INVOCATIONS
- * invocations run, when its usual blocks would leave at least half of their invocations outside C (the
- * linear layout saves that work) or when there are fewer workgroups than CPU cores (`register` is the
+ * invocations run, when its usual blocks would leave more than a quarter of their invocations outside C
+ * (PLAIN_MIN_USE; the linear layout saves that work) or when there are fewer workgroups than CPU cores (`register` is the
  * variant of CPU adapters, which run one workgroup per core). Otherwise its workgroups already keep every
  * core busy on useful work, and splitting would only add the partial sums (and the linear layout reads
  * more per multiply-add than a 64x64 block when C is wide).
@@ -397,6 +397,11 @@ const SPLIT_MIN_SLICE = 64;
 const SPLIT_INVOCATIONS = 1024;
 const SPLIT_GROUPS = 32;
 const SPLIT_MAX = 256;
+/** Least share of the usual blocks' invocations inside C for `register` to keep them. At or below it the
+ * linear layout was 1.3-1.7x faster on lavapipe in every shape measured (10 shapes from 1024 x 33 to
+ * 4096 x 96 and 40 x 4096, K 16 to 2048; e.g. x_proj's 2048 x 33, K 32: 1.40 -> 0.98 ms); at full use it
+ * was as fast or slower (1024 x 512, K 64, B not transposed: 4.7 -> 6.4 ms). */
+const PLAIN_MIN_USE = 0.75;
 
 /** How a problem is laid out: `slices` K slices of `kLen` per dispatch, in `groups` workgroups. */
 interface Plan {
@@ -438,7 +443,9 @@ function planFor(
     const { kLen, slices } = splitK(K, Math.ceil(SPLIT_GROUPS / groups));
     return slices === 1 ? plain : { ...plain, slices, kLen, groups: groups * slices };
   }
-  if (used > 0.5 && (!split || groups >= (globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW))) {
+  if (
+    used > PLAIN_MIN_USE && (!split || groups >= (globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW))
+  ) {
     return plain;
   }
   // A narrow C (N or M under the block: e.g. 1024 x 16, or 1024 x 1) or a small one: the linear layout, so
