@@ -97,8 +97,10 @@ function shuffleSize(): number {
   return sg.minSize;
 }
 
-/** WGSL of the dBC offset of block column c (c < Nb: B, else C) from the block's first B column. */
-function blockColumn(N: number, Nb: number, c: string): string {
+/** WGSL of the dBC offset of block column c (c < Nb: B, else C) from the block's first B column; c is a
+ * WGSL expression or a constant. */
+function blockColumn(N: number, Nb: number, c: string | number): string {
+  if (typeof c === "number") return `${c < Nb ? c : c + N - Nb}u`;
   return Nb === N ? c : `select(${c} + ${N - Nb}u, ${c}, ${c} < ${Nb}u)`;
 }
 
@@ -111,7 +113,7 @@ function blockColumn(N: number, Nb: number, c: string): string {
 function loadBC(N: number, Nb: number, row: string, withC: boolean, shuffle: boolean): string {
   const cols = withC ? 2 * Nb : Nb;
   const dst = (c: number) => (c < Nb ? `Bv[${c}]` : `Cv[${c - Nb}]`);
-  if (!shuffle) return unroll(cols, (c) => `${dst(c)} = ld_dbc(${row} + ${c < Nb ? c : c + N - Nb}u);`);
+  if (!shuffle) return unroll(cols, (c) => `${dst(c)} = ld_dbc(${row} + ${blockColumn(N, Nb, c)});`);
   const SG = shuffleSize();
   const J = Math.ceil(cols / SG);
   return [
@@ -546,7 +548,7 @@ function subgroupSums(N: number, Nb: number, SG: number | null): string {
     return [
       unroll(C, (c) => `let s${c} = subgroupAdd(select(0.0, terms[${c}], valid));`),
       `if (sgLane == 0u) {`,
-      unroll(C, (c) => `st_gred(part + ${c < Nb ? c : c + N - Nb}u, s${c});`),
+      unroll(C, (c) => `st_gred(part + ${blockColumn(N, Nb, c)}, s${c});`),
       `}`,
     ].join("\n      ");
   }

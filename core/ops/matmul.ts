@@ -387,9 +387,9 @@ function kernelFor(
  * SPLIT_GROUPS workgroups run. `register` takes them in its `linear` layout, until about SPLIT_INVOCATIONS
  * invocations run, when its usual blocks would leave more than a quarter of their invocations outside C
  * (PLAIN_MIN_USE; the linear layout saves that work) or when there are fewer workgroups than CPU cores
- * (`register` is the variant of CPU adapters, which run one workgroup per core). Otherwise its workgroups already keep every
- * core busy on useful work, and splitting would only add the partial sums (and the linear layout reads
- * more per multiply-add than a 64x64 block when C is wide).
+ * (`register` is the variant of CPU adapters, which run one workgroup per core). Otherwise its workgroups
+ * already keep every core busy on useful work, and splitting would only add the partial sums (and the
+ * linear layout reads more per multiply-add than a 64x64 block when C is wide).
  */
 const SPLIT_BELOW = 8;
 const SPLIT_MIN_K = 256;
