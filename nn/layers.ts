@@ -91,9 +91,12 @@ export class Conv1d extends Module {
     this.bias = bias ? this.param("bias", kaimingUniform([channels], kernelSize)) : null;
   }
 
-  /** x: (B, L, channels), time along dim 1 -> (B, L, channels); `activation` fuses silu into the kernel. */
-  forward(x: Tensor, activation: ConvActivation = "none"): Tensor {
-    lastDim(x, this.channels, "Conv1d");
-    return causalConv1d(x, this.weight, this.bias, activation);
+  /**
+   * x: (B, L, channels), time along dim 1 -> (B, L, channels); `activation` fuses silu into the kernel.
+   * With `start`, x is wider and the layer reads its channels start .. start + channels in place.
+   */
+  forward(x: Tensor, activation: ConvActivation = "none", start?: number): Tensor {
+    if (start === undefined) lastDim(x, this.channels, "Conv1d");
+    return causalConv1d(x, this.weight, this.bias, activation, start);
   }
 }

@@ -1,3 +1,4 @@
+import assert from "node:assert/strict";
 import * as M from "../mod.ts";
 import { checkOps, type Nd, type OpCase, rand, setup, UNARY_REF } from "./helpers.ts";
 
@@ -69,30 +70,60 @@ function convCase(
   K: number,
   act: Act,
   hasBias: boolean,
-  options: { analytic?: boolean; xGrad?: boolean; flatWeight?: boolean } = {},
+  options: {
+    analytic?: boolean;
+    xGrad?: boolean;
+    flatWeight?: boolean;
+    /** x is `width` channels wide and the conv reads channels start .. start + C of it. */
+    window?: { width: number; start: number };
+  } = {},
 ): OpCase {
   const seed = B * 1000003 + L * 1009 + C * 31 + K * 7 + (act === "silu" ? 3 : 0) + (hasBias ? 1 : 0);
-  const x = rand([B, L, C], seed, { low: -2, high: 2 });
+  const win = options.window;
+  const x = rand([B, L, win?.width ?? C], seed, { low: -2, high: 2 });
+  // The channels the conv reads, as a (B, L, C) array, and a (B, L, C) gradient put back at full width.
+  const inWin = (xn: Nd): Nd => {
+    if (!win) return xn;
+    const data = new Float64Array(B * L * C);
+    for (let r = 0; r < B * L; r++) {
+      for (let c = 0; c < C; c++) data[r * C + c] = xn.data[r * win.width + win.start + c];
+    }
+    return { data, shape: [B, L, C] };
+  };
+  const widen = (g: Nd): Nd => {
+    if (!win) return g;
+    const data = new Float64Array(B * L * win.width);
+    for (let r = 0; r < B * L; r++) {
+      for (let c = 0; c < C; c++) data[r * win.width + win.start + c] = g.data[r * C + c];
+    }
+    return { data, shape: [B, L, win.width] };
+  };
   const w = rand(options.flatWeight ? [C, K] : [C, 1, K], seed + 1);
   const inputs = hasBias ? [x, w, rand([C], seed + 2)] : [x, w];
   const ref = (xs: Nd[]): Nd => {
-    const { pre } = preRef(xs[0], xs[1], xs[2] ?? null);
-    return { data: pre.map(ACT[act]), shape: xs[0].shape };
+    const { pre } = preRef(inWin(xs[0]), xs[1], xs[2] ?? null);
+    return { data: pre.map(ACT[act]), shape: [B, L, C] };
   };
   return {
     what: `conv B=${B} L=${L} C=${C} K=${K} ${act}${hasBias ? " +bias" : ""}${
       options.xGrad === false ? " (x without grad)" : ""
-    }`,
+    }${win ? ` (channels ${win.start}.. of ${win.width})` : ""}`,
     inputs,
-    gpu: ([tx, tw, tb]) => M.causalConv1d(tx, tw, tb ?? null, act),
+    gpu: ([tx, tw, tb]) => M.causalConv1d(tx, tw, tb ?? null, act, win?.start),
     ref,
     // f32 sums are accurate relative to their terms; silu' is at most 1.1.
-    scale: (xs) => ({ data: preRef(xs[0], xs[1], xs[2] ?? null).scale.map((s) => 1.1 * s), shape: x.shape }),
+    scale: (xs) => ({
+      data: preRef(inWin(xs[0]), xs[1], xs[2] ?? null).scale.map((s) => 1.1 * s),
+      shape: [B, L, C],
+    }),
     // dw and dbias sum B*L terms.
     gradTol: { rtol: 2e-5, atol: 2e-6 * Math.sqrt(B * L) },
     grad: options.xGrad === false ? [false, true, ...(hasBias ? [true] : [])] : true,
     refGrad: options.analytic
-      ? (xs, G) => convGradRef(xs[0], xs[1], xs[2] ?? null, act, G).slice(0, xs.length)
+      ? (xs, G) => {
+        const [gx, ...rest] = convGradRef(inWin(xs[0]), xs[1], xs[2] ?? null, act, G);
+        return [widen(gx), ...rest].slice(0, xs.length);
+      }
       : undefined,
   };
 }
@@ -136,4 +167,30 @@ Deno.test("causalConv1d: several time chunks, partial last chunk, channel counts
   // More taps than chunk steps: the window reaches back over several chunks.
   cases.push(convCase(2, 40, 260, 10, "silu", true, { analytic: true }));
   await checkOps(cases);
+});
+
+Deno.test("causalConv1d: reads a channel window of a wider x in place; x's gradient is zero outside it", async () => {
+  const cases: OpCase[] = [];
+  // vec4 (C, width and start multiples of 4: in_proj's x half and a middle window) and scalar layouts.
+  for (const [C, width, start] of [[8, 16, 0], [8, 20, 8], [4, 10, 4], [3, 7, 2], [3, 3, 0]]) {
+    cases.push(convCase(2, 70, C, 4, "silu", true, { analytic: true, window: { width, start } }));
+  }
+  cases.push(convCase(2, 5, 3, 4, "silu", true, { window: { width: 6, start: 3 } })); // finite differences
+  cases.push(
+    convCase(1, 9, 8, 4, "none", false, { analytic: true, xGrad: false, window: { width: 16, start: 8 } }),
+  );
+  await checkOps(cases);
+});
+
+Deno.test("causalConv1d: a window that does not fit, or a wider x without one, is a clear error", () => {
+  const x = M.zeros([1, 4, 6]);
+  const w = M.zeros([4, 1, 3]);
+  assert.throws(
+    () => M.causalConv1d(x, w, null, "silu", 3),
+    /channels 3\.\.7, x must be \(B, L, Cx\) with Cx >= 7/,
+  );
+  assert.throws(() => M.causalConv1d(x, w, null, "silu"), /x must be \(B, L, 4\), got \[1, 4, 6\]/);
+  assert.throws(() => M.causalConv1d(x, w, null, "silu", -1), /channels -1/);
+  x.dispose();
+  w.dispose();
 });

@@ -20,7 +20,7 @@
  * @module
  */
 
-import { defineOp } from "../autograd.ts";
+import { defineOp, WindowGrad } from "../autograd.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { fmt } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
@@ -46,10 +46,15 @@ function chunkSteps(kind: "fwd" | "bwd" | "bwd_w", C: number): number {
 }
 
 const kernels = new Map<string, Kernel>();
-const UNIFORMS: [string, "u32"][] = [["B", "u32"], ["L", "u32"], ["C", "u32"], ["hasBias", "u32"], [
-  "chunks",
-  "u32",
-]];
+const UNIFORMS: [string, "u32"][] = [
+  ["B", "u32"],
+  ["L", "u32"],
+  ["C", "u32"],
+  ["hasBias", "u32"],
+  ["chunks", "u32"],
+  ["XS", "u32"], // row length of x in units of V channels (x may be wider than C: a channel window)
+  ["X0", "u32"], // first channel of the window, in units of V
+];
 
 /** `f(k)` for k in [from, to), joined. */
 function each(from: number, to: number, f: (k: number) => string, sep = " "): string {
@@ -82,8 +87,9 @@ function weights(K: number, V: number): string {
 
 /**
  * WGSL shared by every kernel: the invocation's (b, channel group cv, chunk), its weights `w0..`, `bias`,
- * and the input window `x0..x{K-2}` = x[t0-K+1 .. t0-1] (zero before t = 0); `at` indexes x[b, t0, cv]
- * in units of V channels, and `CV` is the row length in those units.
+ * and the input window `x0..x{K-2}` = x[t0-K+1 .. t0-1] (zero before t = 0). In units of V channels: `at`
+ * indexes y, g (and gx) at [b, t0, cv] and `CV` is their row length; `xat` indexes x at [b, t0, X0 + cv]
+ * and `P.XS` is x's row length (x can be a window of a wider tensor).
  */
 function prologue(K: number, T: number, V: number, F: string): string {
   return `
@@ -96,9 +102,10 @@ function prologue(K: number, T: number, V: number, F: string): string {
   let t0 = (r - b * P.chunks) * ${T}u;
   let end = min(P.L, t0 + ${T}u);
   var at = (b * P.L + t0) * CV + cv;
+  var xat = (b * P.L + t0) * P.XS + P.X0 + cv;
   ${weights(K, V)}
   ${each(0, K - 1, (k) => `var x${k} = ${F}();`)}
-  ${each(0, K - 1, (k) => `if (t0 >= ${K - 1 - k}u) { x${k} = ld_x(at - ${K - 1 - k}u * CV); }`, "\n  ")}`;
+  ${each(0, K - 1, (k) => `if (t0 >= ${K - 1 - k}u) { x${k} = ld_x(xat - ${K - 1 - k}u * P.XS); }`, "\n  ")}`;
 }
 
 /**
@@ -143,10 +150,11 @@ function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V
   const body = kind === "fwd"
     ? `${prologue(K, T, V, F)}
   for (var s = t0; s < end; s++) {
-    let xs = ld_x(at);
+    let xs = ld_x(xat);
     st_y(at, act(${preExpr(K)}));
     ${shiftX(K)}
     at += CV;
+    xat += P.XS;
   }`
     : `${prologue(K, T, V, F)}
   ${each(0, K + 1, (k) => `var gw${k} = ${F}();`)}
@@ -155,7 +163,7 @@ function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V
   for (var s = t0; s < end${gx ? ` + ${K - 1}u` : ""}; s++) {
     var d0 = ${F}(); // gpre[s]
     if (s < P.L) {
-      let xs = ld_x(at);
+      let xs = ld_x(xat);
       d0 = ld_g(at) * dact(${preExpr(K)});
       if (s < end) {
         ${each(0, K, (k) => `gw${k} += d0 * ${k === K - 1 ? "xs" : `x${k}`};`)}
@@ -170,6 +178,7 @@ function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V
         : ""
     }
     at += CV;
+    xat += P.XS;
   }
   ${storePartials(K, V)}`;
   const data = (name: string, access: "read" | "read_write") => ({ name, type: F as "f32", access });
@@ -192,55 +201,80 @@ function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V
   return k;
 }
 
-const convOp = defineOp<{ K: number; act: ConvActivation; hasBias: boolean }>({
+/** Static attributes of a conv call: taps, activation, bias, and the channel window of x it reads. */
+interface ConvAttrs {
+  K: number;
+  act: ConvActivation;
+  hasBias: boolean;
+  /** Channels C (the weight's) and x's first channel of them. */
+  C: number;
+  start: number;
+}
+
+/** Vector width and the uniforms of a call on x: (B, L, Cx) reading channels start .. start + C. */
+function layout(x: Tensor, { C, start, hasBias }: ConvAttrs, kind: "fwd" | "bwd" | "bwd_w") {
+  const [B, L, Cx] = x.shape;
+  const V = C % 4 === 0 && Cx % 4 === 0 && start % 4 === 0 ? 4 : 1;
+  const T = chunkSteps(kind, C);
+  const chunks = Math.ceil(L / T);
+  const u = { B, L, C, hasBias: hasBias ? 1 : 0, chunks, XS: Cx / V, X0: start / V };
+  return { B, L, V, T, chunks, u, groups: Math.ceil((B * chunks * C) / V / WG) };
+}
+
+const convOp = defineOp<ConvAttrs>({
   name: "causalConv1d",
-  forward: ([x, w, bias], { K, act, hasBias }, save) => {
-    const [B, L, C] = x.shape;
-    const V = C % 4 === 0 ? 4 : 1;
-    const T = chunkSteps("fwd", C);
-    const y = Tensor.empty(x.shape);
-    const chunks = Math.ceil(L / T);
-    const u = { B, L, C, hasBias: hasBias ? 1 : 0, chunks };
+  forward: ([x, w, bias], a, save) => {
+    const { B, L, V, T, u, groups } = layout(x, a, "fwd");
+    const y = Tensor.empty([B, L, a.C]);
     const bufs = { x: x.storage, w: w.storage, bias: (bias ?? w).storage, y: y.storage };
-    dispatch(kernel("fwd", K, act, V, T), bufs, u, Math.ceil((B * chunks * C) / V / WG));
+    dispatch(kernel("fwd", a.K, a.act, V, T), bufs, u, groups);
     save(x, w, ...(bias ? [bias] : []));
     return y;
   },
-  backward: (g, [x, w, bias], inputs, { K, act, hasBias }) => {
-    const [B, L, C] = x.shape;
-    const V = C % 4 === 0 ? 4 : 1;
+  backward: (g, [x, w, bias], inputs, a) => {
+    const { K, act, C, start } = a;
     const kind = inputs[0].requiresGrad ? "bwd" : "bwd_w";
-    const T = chunkSteps(kind, C);
-    const chunks = Math.ceil(L / T);
-    const u = { B, L, C, hasBias: hasBias ? 1 : 0, chunks };
+    const { B, L, V, T, chunks, u, groups } = layout(x, a, kind);
     const part = Tensor.empty([B * chunks, C, K + 1]);
     const bufs = { x: x.storage, w: w.storage, bias: (bias ?? w).storage, g: g.storage, part: part.storage };
-    const groups = Math.ceil((B * chunks * C) / V / WG);
-    const gx = kind === "bwd" ? Tensor.empty(x.shape) : null;
+    const gx = kind === "bwd" ? Tensor.empty([B, L, C]) : null;
     dispatch(kernel(kind, K, act, V, T), gx ? { ...bufs, y: gx.storage } : bufs, u, groups);
     const gwb = sum(part, 0); // gwb: (C, K + 1)
     part.dispose();
     const gw = gwb.narrow(1, 0, K).reshape(...w.shape);
-    const gb = hasBias ? gwb.narrow(1, K, 1).reshape(C) : null;
+    const gb = a.hasBias ? gwb.narrow(1, K, 1).reshape(C) : null;
     gwb.dispose();
-    return [gx, gw, gb];
+    // A window of a wider x: its gradient is zero outside the window (the accumulator writes it in place).
+    const gxWin = gx && x.shape[2] !== C ? new WindowGrad(gx, 2, start) : gx;
+    return [gxWin, gw, gb];
   },
 });
 
 /**
  * Depthwise causal convolution over time. x: (B, L, C); weight: (C, 1, K) or (C, K); bias: (C) or null.
- * Returns act(conv(x)): (B, L, C).
+ * Returns act(conv(x)): (B, L, C). With `start`, x is (B, L, Cx), Cx >= start + C, and the conv reads its
+ * channels start .. start + C in place (e.g. the x half of in_proj's output, without a copy); x's gradient
+ * is zero outside them.
  */
 export function causalConv1d(
   x: Tensor,
   weight: Tensor,
   bias: Tensor | null,
   activation: ConvActivation = "none",
+  start?: number,
 ): Tensor {
   const C = weight.shape[0];
   const K = weight.shape[weight.rank - 1];
-  if (x.rank !== 3 || x.shape[2] !== C) {
-    throw new Error(`causalConv1d: x must be (B, L, ${C}), got ${fmt(x.shape)}`);
+  if (start === undefined) {
+    if (x.rank !== 3 || x.shape[2] !== C) {
+      throw new Error(`causalConv1d: x must be (B, L, ${C}), got ${fmt(x.shape)}`);
+    }
+  } else if (x.rank !== 3 || !Number.isInteger(start) || start < 0 || start + C > x.shape[2]) {
+    throw new Error(
+      `causalConv1d: to read channels ${start}..${start + C}, x must be (B, L, Cx) with Cx >= ${
+        start + C
+      }, got ${fmt(x.shape)}`,
+    );
   }
   if (weight.size !== C * K || (bias && bias.shape.join() !== `${C}`)) {
     throw new Error(
@@ -248,5 +282,5 @@ export function causalConv1d(
     );
   }
   const inputs = bias ? [x, weight, bias] : [x, weight];
-  return convOp(inputs, { K, act: activation, hasBias: bias !== null });
+  return convOp(inputs, { K, act: activation, hasBias: bias !== null, C, start: start ?? 0 });
 }
