@@ -86,28 +86,31 @@ export class MambaBlock extends Module {
   forward(u: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
     const { dInner: ED, dConv: K } = this.config;
     const [Bsz, L] = u.shape;
-    const xz = this.inProj.forward(u); // xz: (B, L, 2ED)
-    const [xIn, z] = split(xz, ED, -1); // xIn, z: (B, L, ED)
-    xz.dispose(); // nothing saves it (split's backward needs only its shape): free it before the scan
-    const x = this.conv1d.forward(xIn, "silu"); // x: (B, L, ED)
+    const xz = this.inProj.forward(u); // xz: (B, L, 2ED) = [x | z]
+    const x = this.conv1d.forward(xz, "silu", 0); // x: (B, L, ED), the conv reading xz[..., :ED] in place
     let out: Tensor;
     let h: Tensor | null = null;
     if (this.config.scan === "fused" && fusedScanAvailable()) {
-      const r = this.fusedSsm(x, z, wantCache); // gated y: (B, L, ED), h: (B, ED, N)
+      const r = this.fusedSsm(x, xz, wantCache); // gated y: (B, L, ED), h: (B, ED, N); z read in place
       out = this.outProj.forward(r.y); // out: (B, L, D)
       h = r.h;
     } else {
+      const z = narrow(xz, -1, ED, ED); // z: (B, L, ED)
       const { y, hs } = this.ssm(x); // y: (B, L, ED), hs: (B, L, ED, N)
       out = this.outProj.forward(mul(y, silu(z))); // out: (B, L, D)
       if (wantCache) h = narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState); // h: (B, ED, N)
     }
     if (!wantCache || !h) return { out, cache: null };
+    const xIn = narrow(xz, -1, 0, ED); // xIn: (B, L, ED), the conv's input
     const tail = narrow(pad(xIn, [0, 0, K - 1, 0]), 1, L, K - 1); // tail: (B, K-1, ED)
     return { out, cache: { h, inputs: transpose(tail, 1, 2) } }; // inputs: (B, ED, K-1)
   }
 
-  /** The fused kernel path: x, z: (B, L, ED) -> gated y (B, L, ED); with `wantState`, h at the end (B, ED, N). */
-  fusedSsm(x: Tensor, z: Tensor, wantState: boolean): { y: Tensor; h: Tensor | null } {
+  /**
+   * The fused kernel path: x: (B, L, ED) and xz: (B, L, 2ED), whose z half gates -> gated y (B, L, ED); with
+   * `wantState`, h at the end (B, ED, N).
+   */
+  fusedSsm(x: Tensor, xz: Tensor, wantState: boolean): { y: Tensor; h: Tensor | null } {
     const { dtRank: R, dState: N, dInner: ED } = this.config;
     let dBC = this.xProj.forward(x); // dBC: (B, L, R + 2N)
     if (this.norms) {
@@ -116,10 +119,12 @@ export class MambaBlock extends Module {
     }
     const draw = matmul(narrow(dBC, -1, 0, R), this.dtProj.weight, { transB: true }); // draw: (B, L, ED)
     const bias = this.dtProj.bias!;
-    if (!wantState) return { y: fusedSelectiveScan(x, draw, dBC, bias, this.A_log, this.D, z), h: null };
+    if (!wantState) {
+      return { y: fusedSelectiveScan(x, draw, dBC, bias, this.A_log, this.D, xz, ED), h: null };
+    }
     // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.
     const par = cat([bias, this.A_log.reshape(-1), this.D], 0);
-    const { y, ph } = fusedScanForward(x, draw, dBC, par, z, { R, N, gated: true });
+    const { y, ph } = fusedScanForward(x, draw, dBC, par, xz, { R, N, gated: true, zStart: ED });
     return { y, h: lastState(ph, x.shape[0], ED, N, x.shape[1]) };
   }
 

@@ -14,6 +14,8 @@ interface Case {
   N: number;
   R: number;
   gated: boolean;
+  /** z is `width` columns wide and the gate reads columns start .. start + ED of it. */
+  zWindow?: { width: number; start: number };
 }
 
 function inputs(c: Case, seed: number) {
@@ -25,7 +27,7 @@ function inputs(c: Case, seed: number) {
     bias: r([c.ED], 4, 0.5),
     A_log: r([c.ED, c.N], 5, 0.3),
     D: r([c.ED], 6),
-    z: r([c.B, c.L, c.ED], 7),
+    z: r([c.B, c.L, c.zWindow?.width ?? c.ED], 7),
     G: r([c.B, c.L, c.ED], 8),
   };
   for (const k of ["x", "draw", "dBC", "bias", "A_log", "D", "z"] as const) t[k].requiresGrad_(true);
@@ -39,7 +41,8 @@ function reference(t: ReturnType<typeof inputs>, c: Case): Tensor {
   const C = narrow(t.dBC, 2, c.R + c.N, c.N);
   const A = neg(exp(t.A_log));
   const { y } = selectiveScan(t.x, delta, A, Bm, C, t.D, "sequential");
-  return c.gated ? mul(y, silu(t.z)) : y;
+  const z = c.zWindow ? narrow(t.z, 2, c.zWindow.start, c.ED) : t.z;
+  return c.gated ? mul(y, silu(z)) : y;
 }
 
 async function gradsOf(t: ReturnType<typeof inputs>, fn: () => Tensor) {
@@ -64,7 +67,8 @@ async function compare(c: Case, seed: number) {
   const t = inputs(c, seed);
   const fused = await gradsOf(
     t,
-    () => fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, c.gated ? t.z : null),
+    () =>
+      fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, c.gated ? t.z : null, c.zWindow?.start),
   );
   const ref = await gradsOf(t, () => reference(t, c));
   for (const k of Object.keys(ref)) {
@@ -90,6 +94,23 @@ Deno.test("fused scan equals the sequential reference: forward and every gradien
   await compare({ B: 1, L: 33, ED: 40, N: 64, R: 4, gated: true }, 5);
   await compare({ B: 1, L: 40, ED: 32, N: 32, R: 2, gated: true }, 16); // few channels: did not compile in 90 s
   await compare({ B: 2, L: 129, ED: 16, N: 4, R: 0, gated: true }, 6);
+});
+
+Deno.test("fused scan reads the gate z as a column window of a wider tensor (in_proj's output) in place", async () => {
+  // z = xz[..., ED:2ED] as in a Mamba block, and a window in the middle with ED not a multiple of 4
+  await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, zWindow: { width: 64, start: 32 } }, 18);
+  await compare({ B: 1, L: 70, ED: 5, N: 4, R: 2, gated: true, zWindow: { width: 12, start: 3 } }, 19);
+  await init();
+  const t = inputs({ B: 1, L: 4, ED: 8, N: 4, R: 1, gated: true, zWindow: { width: 12, start: 0 } }, 20);
+  assert.throws(
+    () => fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, t.z, 5),
+    /zStart 5: z must be \(1, 4, Z\) with Z >= 5 \+ 8, got \[1, 4, 12\]/,
+  );
+  assert.throws(
+    () => fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, t.z),
+    /z \[1, 4, 12\] must equal x \[1, 4, 8\]/,
+  );
+  for (const v of Object.values(t)) v.dispose();
 });
 
 Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096, 9000 and 70000", async () => {
