@@ -27,7 +27,7 @@ export interface GradNode {
   /** Saved tensors that the op made itself (neither input nor output): disposed with the graph. */
   readonly owned: readonly Tensor[];
   /** Maps the output's gradient to one gradient (or null) per input. */
-  readonly backward: (grad: Tensor) => (Tensor | WindowGrad | null)[];
+  readonly backward: (grad: Tensor, targets: GradTargets) => (Tensor | WindowGrad | null)[];
 }
 
 /**
@@ -40,18 +40,34 @@ export class WindowGrad {
   constructor(readonly grad: Tensor, readonly dim: number, readonly start: number) {}
 }
 
+/**
+ * Lets a backward write an input's gradient window itself, straight into the input's gradient, instead of
+ * returning a {@linkcode WindowGrad} that the accumulator then copies there (e.g. the conv and the fused
+ * scan, which read the two halves of in_proj's output in place, write the two halves of its gradient).
+ */
+export interface GradTargets {
+  /**
+   * The whole gradient of input `i`, zero in elements start .. start + len of `dim` and owned by this
+   * backward pass, for the backward to write that window of it; the backward then returns null for input i.
+   * Null where the input needs no gradient or its gradient so far overlaps the window: return a WindowGrad.
+   */
+  window(i: number, dim: number, start: number, len: number): Tensor | null;
+}
+
 /** Definition of a differentiable op: the registry record of the op. */
 export interface OpDef<A> {
   /** Op name. */
   name: string;
   /** Computes the output; `save` keeps tensors for the backward (inputs or the output). */
   forward(inputs: Tensor[], attrs: A, save: (...tensors: Tensor[]) => void): Tensor;
-  /** Gradients of the inputs, given the output's gradient and the saved tensors. `inputs` is for shapes. */
+  /** Gradients of the inputs, given the output's gradient and the saved tensors. `inputs` is for shapes;
+   * `targets` offers gradient windows to write in place. */
   backward(
     grad: Tensor,
     saved: Tensor[],
     inputs: readonly Tensor[],
     attrs: A,
+    targets: GradTargets,
   ): (Tensor | WindowGrad | null)[];
 }
 
@@ -90,7 +106,7 @@ export function record(
   name: string,
   inputs: readonly Tensor[],
   saved: readonly Tensor[],
-  backward: (grad: Tensor) => (Tensor | WindowGrad | null)[],
+  backward: (grad: Tensor, targets: GradTargets) => (Tensor | WindowGrad | null)[],
 ): Tensor {
   const owned = saved.filter((t) => t !== out && !inputs.includes(t));
   if (!gradEnabled || !inputs.some((t) => t.requiresGrad)) {
@@ -108,7 +124,13 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
   return (inputs, attrs) => {
     const saved: Tensor[] = [];
     const out = noGrad(() => def.forward(inputs, attrs, (...t) => saved.push(...t)));
-    return record(out, def.name, inputs, saved, (g) => def.backward(g, saved, inputs, attrs));
+    return record(
+      out,
+      def.name,
+      inputs,
+      saved,
+      (g, targets) => def.backward(g, saved, inputs, attrs, targets),
+    );
   };
 }
 
@@ -156,7 +178,33 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
           throw new Error(`backward(): a tensor saved by '${node.name}' was disposed before backward`);
         }
       }
-      const inGrads = node.backward(g);
+      const targets: GradTargets = {
+        window: (i, dim, start, len) => {
+          const x = node.inputs[i];
+          if (!x?.requiresGrad) return null;
+          const span = { dim, start, end: start + len };
+          if (dim < 0 || dim >= x.rank || start < 0 || len < 0 || span.end > x.shape[dim]) {
+            throw new Error(
+              `backward of '${node.name}': window ${start}..${span.end} of dim ${dim} of ${fmt(x.shape)}`,
+            );
+          }
+          const prev = grads.get(x);
+          if (!prev) {
+            const z = zeros(x.shape, { dtype: x.dtype });
+            windows.set(z, [span]);
+            grads.set(x, z);
+            claimed.add(z);
+            return z;
+          }
+          const spans = windows.get(prev);
+          if (!spans?.every((s) => s.dim === dim && (s.end <= span.start || span.end <= s.start))) {
+            return null;
+          }
+          spans.push(span); // still zero there
+          return prev;
+        },
+      };
+      const inGrads = node.backward(g, targets);
       const transient = new Set<Tensor>([g]);
       // Released first, so that a backward that passes `g` through hands it on without a copy.
       if (g !== grad) claimed.delete(g);

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { init } from "../core/device.ts";
 import { randn } from "../core/creation.ts";
-import { add, exp, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
+import { add, cat, exp, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { butterflyRounds, fusedSelectiveScan, type FusedVariant } from "../scan/fused.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
@@ -16,6 +16,9 @@ interface Case {
   gated: boolean;
   /** z is `width` columns wide and the gate reads columns start .. start + ED of it. */
   zWindow?: { width: number; start: number };
+  /** The loss also has sum(cat(y, y) * z) (z twice as wide as y): that op's backward runs before the scan's,
+   * so z's gradient already holds a contribution in the scan's window. */
+  zTimesY?: boolean;
 }
 
 function inputs(c: Case, seed: number) {
@@ -45,7 +48,7 @@ function reference(t: ReturnType<typeof inputs>, c: Case): Tensor {
   return c.gated ? mul(y, silu(z)) : y;
 }
 
-async function gradsOf(t: ReturnType<typeof inputs>, fn: () => Tensor) {
+async function gradsOf(t: ReturnType<typeof inputs>, fn: () => Tensor, c: Case) {
   const names = ["x", "draw", "dBC", "bias", "A_log", "D", "z"] as const;
   for (const k of names) {
     t[k].grad?.dispose();
@@ -53,7 +56,8 @@ async function gradsOf(t: ReturnType<typeof inputs>, fn: () => Tensor) {
   }
   const y = tidy(() => {
     const y = fn();
-    sum(mul(y, t.G)).backward();
+    const loss = sum(mul(y, t.G));
+    (c.zTimesY ? add(loss, sum(mul(cat([y, y], 2), t.z))) : loss).backward();
     return keep(y);
   });
   const out: Record<string, Float32Array | Int32Array> = { y: await y.toArray() };
@@ -69,8 +73,9 @@ async function compare(c: Case, seed: number) {
     t,
     () =>
       fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, c.gated ? t.z : null, c.zWindow?.start),
+    c,
   );
-  const ref = await gradsOf(t, () => reference(t, c));
+  const ref = await gradsOf(t, () => reference(t, c), c);
   for (const k of Object.keys(ref)) {
     assert.ok(fused[k], `${k}: fused gave no gradient`);
     const d = maxAbsDiff(fused[k], ref[k]);
@@ -96,10 +101,21 @@ Deno.test("fused scan equals the sequential reference: forward and every gradien
   await compare({ B: 2, L: 129, ED: 16, N: 4, R: 0, gated: true }, 6);
 });
 
-Deno.test("fused scan reads the gate z as a column window of a wider tensor (in_proj's output) in place", async () => {
+Deno.test("fused scan reads the gate z as a column window of a wider tensor (in_proj's output) in place, and writes its gradient there", async () => {
   // z = xz[..., ED:2ED] as in a Mamba block, and a window in the middle with ED not a multiple of 4
   await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, zWindow: { width: 64, start: 32 } }, 18);
   await compare({ B: 1, L: 70, ED: 5, N: 4, R: 2, gated: true, zWindow: { width: 12, start: 3 } }, 19);
+  // z's gradient already holds another op's (overlapping) contribution: the scan returns its window instead
+  await compare({
+    B: 2,
+    L: 37,
+    ED: 32,
+    N: 16,
+    R: 1,
+    gated: true,
+    zWindow: { width: 64, start: 32 },
+    zTimesY: true,
+  }, 21);
   await init();
   const t = inputs({ B: 1, L: 4, ED: 8, N: 4, R: 1, gated: true, zWindow: { width: 12, start: 0 } }, 20);
   assert.throws(

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import * as M from "../mod.ts";
-import { checkOps, type Nd, type OpCase, rand, setup, UNARY_REF } from "./helpers.ts";
+import { checkOps, type Nd, type OpCase, rand, setup, toTensor, UNARY_REF } from "./helpers.ts";
 
 await setup();
 
@@ -181,6 +181,47 @@ Deno.test("causalConv1d: reads a channel window of a wider x in place; x's gradi
   );
   await checkOps(cases);
 });
+
+Deno.test("causalConv1d: windows of one x, disjoint (written in place) and overlapping (accumulated), sum their gradients", async () => {
+  const [B, L, W, K] = [2, 33, 12, 4];
+  const x = rand([B, L, W], 1, { low: -2, high: 2 });
+  // [C, start]: two disjoint vec4 windows, then one overlapping both (scalar layout)
+  const wins = [[4, 0], [4, 8], [5, 2]];
+  const ws = wins.map(([C], i) => rand([C, 1, K], 10 + i));
+  const bs = wins.map(([C], i) => rand([C], 20 + i));
+  const Gs = wins.map(([C], i) => rand([B, L, C], 30 + i));
+  const tx = toTensor(x, true);
+  const tw = ws.map((w) => toTensor(w, true));
+  const tb = bs.map((b) => toTensor(b, true));
+  M.tidy(() => {
+    let loss = M.zeros([]);
+    wins.forEach(([, start], i) => {
+      const y = M.causalConv1d(tx, tw[i], tb[i], "silu", start);
+      loss = M.add(loss, M.sum(M.mul(y, toTensor(Gs[i]))));
+    });
+    loss.backward();
+  });
+  const gx = new Float64Array(B * L * W);
+  for (const [i, [C, start]] of wins.entries()) {
+    const xi = new Float64Array(B * L * C);
+    for (let r = 0; r < B * L; r++) for (let c = 0; c < C; c++) xi[r * C + c] = x.data[r * W + start + c];
+    const [g, gw, gb] = convGradRef({ data: xi, shape: [B, L, C] }, ws[i], bs[i], "silu", Gs[i]);
+    for (let r = 0; r < B * L; r++) for (let c = 0; c < C; c++) gx[r * W + start + c] += g.data[r * C + c];
+    assertClose(await tw[i].grad!.toArray(), gw.data, 1e-4, `gw of window ${i}`);
+    assertClose(await tb[i].grad!.toArray(), gb.data, 1e-4, `gbias of window ${i}`);
+  }
+  assertClose(await tx.grad!.toArray(), gx, 1e-4, "gx");
+  for (const t of [tx, ...tw, ...tb]) t.dispose();
+});
+
+function assertClose(got: ArrayLike<number>, want: ArrayLike<number>, tol: number, what: string): void {
+  assert.equal(got.length, want.length, what);
+  let worst = 0;
+  for (let i = 0; i < got.length; i++) {
+    worst = Math.max(worst, Math.abs(got[i] - want[i]) / Math.max(1, Math.abs(want[i])));
+  }
+  assert.ok(worst <= tol, `${what}: worst relative error ${worst.toExponential(2)} > ${tol}`);
+}
 
 Deno.test("causalConv1d: a window that does not fit, or a wider x without one, is a clear error", () => {
   const x = M.zeros([1, 4, 6]);

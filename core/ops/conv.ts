@@ -24,7 +24,6 @@ import { defineOp, WindowGrad } from "../autograd.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { fmt } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
-import { sum } from "./reduce.ts";
 
 /** Activation fused after the convolution. */
 export type ConvActivation = "none" | "silu";
@@ -54,6 +53,8 @@ const UNIFORMS: [string, "u32"][] = [
   ["chunks", "u32"],
   ["XS", "u32"], // row length of x in units of V channels (x may be wider than C: a channel window)
   ["X0", "u32"], // first channel of the window, in units of V
+  ["YS", "u32"], // the same for y (forward) or gx (backward), which may be a window of x's gradient
+  ["Y0", "u32"],
 ];
 
 /** `f(k)` for k in [from, to), joined. */
@@ -88,8 +89,9 @@ function weights(K: number, V: number): string {
 /**
  * WGSL shared by every kernel: the invocation's (b, channel group cv, chunk), its weights `w0..`, `bias`,
  * and the input window `x0..x{K-2}` = x[t0-K+1 .. t0-1] (zero before t = 0). In units of V channels: `at`
- * indexes y, g (and gx) at [b, t0, cv] and `CV` is their row length; `xat` indexes x at [b, t0, X0 + cv]
- * and `P.XS` is x's row length (x can be a window of a wider tensor).
+ * indexes g at [b, t0, cv] and `CV` is its row length; `xat` indexes x at [b, t0, X0 + cv] and `P.XS` is
+ * x's row length (x can be a window of a wider tensor); `yat` indexes y, or gx, the same way with Y0, YS
+ * (gx can be a window of x's gradient).
  */
 function prologue(K: number, T: number, V: number, F: string): string {
   return `
@@ -102,6 +104,7 @@ function prologue(K: number, T: number, V: number, F: string): string {
   let t0 = (r - b * P.chunks) * ${T}u;
   let end = min(P.L, t0 + ${T}u);
   var at = (b * P.L + t0) * CV + cv;
+  var yat = (b * P.L + t0) * P.YS + P.Y0 + cv;
   var xat = (b * P.L + t0) * P.XS + P.X0 + cv;
   ${weights(K, V)}
   ${each(0, K - 1, (k) => `var x${k} = ${F}();`)}
@@ -151,10 +154,11 @@ function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V
     ? `${prologue(K, T, V, F)}
   for (var s = t0; s < end; s++) {
     let xs = ld_x(xat);
-    st_y(at, act(${preExpr(K)}));
+    st_y(yat, act(${preExpr(K)}));
     ${shiftX(K)}
     at += CV;
     xat += P.XS;
+    yat += P.YS;
   }`
     : `${prologue(K, T, V, F)}
   ${each(0, K + 1, (k) => `var gw${k} = ${F}();`)}
@@ -173,12 +177,13 @@ function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V
     }${
       gx
         ? `
-    if (s >= t0 + ${K - 1}u) { st_y(at - ${K - 1}u * CV, ${each(0, K, (k) => `w${k} * d${k}`, " + ")}); }
+    if (s >= t0 + ${K - 1}u) { st_y(yat - ${K - 1}u * P.YS, ${each(0, K, (k) => `w${k} * d${k}`, " + ")}); }
     ${each(1, K, (k) => `d${K - k} = d${K - k - 1};`)}`
         : ""
     }
     at += CV;
     xat += P.XS;
+    yat += P.YS;
   }
   ${storePartials(K, V)}`;
   const data = (name: string, access: "read" | "read_write") => ({ name, type: F as "f32", access });
@@ -217,9 +222,33 @@ function layout(x: Tensor, { C, start, hasBias }: ConvAttrs, kind: "fwd" | "bwd"
   const V = C % 4 === 0 && Cx % 4 === 0 && start % 4 === 0 ? 4 : 1;
   const T = chunkSteps(kind, C);
   const chunks = Math.ceil(L / T);
-  const u = { B, L, C, hasBias: hasBias ? 1 : 0, chunks, XS: Cx / V, X0: start / V };
+  const u = { B, L, C, hasBias: hasBias ? 1 : 0, chunks, XS: Cx / V, X0: start / V, YS: C / V, Y0: 0 };
   return { B, L, V, T, chunks, u, groups: Math.ceil((B * chunks * C) / V / WG) };
 }
+
+/**
+ * `conv_bwd_params`: the weight and bias gradients out of the backward's partials (rows, C, K + 1): one
+ * invocation per (channel, tap or bias) sums the rows (neighbouring invocations read neighbouring partials)
+ * and writes gw (C, K) or gbias (C) directly, instead of a reduction and two copies.
+ */
+const paramsKernel = defineKernel({
+  name: "conv_bwd_params",
+  buffers: [
+    { name: "part", type: "f32", access: "read" },
+    { name: "gw", type: "f32", access: "read_write" },
+    { name: "gb", type: "f32", access: "read_write" },
+  ],
+  uniforms: [["rows", "u32"], ["C", "u32"], ["K", "u32"], ["hasBias", "u32"]],
+  workgroupSize: WG,
+  body: `
+  let W = P.K + 1u;
+  if (gid >= P.C * W) { return; }
+  var acc = 0.0;
+  for (var r = 0u; r < P.rows; r = r + 1u) { acc = acc + ld_part(r * P.C * W + gid); }
+  let c = gid / W;
+  let k = gid % W;
+  if (k < P.K) { st_gw(c * P.K + k, acc); } else if (P.hasBias != 0u) { st_gb(c, acc); }`,
+});
 
 const convOp = defineOp<ConvAttrs>({
   name: "causalConv1d",
@@ -231,22 +260,27 @@ const convOp = defineOp<ConvAttrs>({
     save(x, w, ...(bias ? [bias] : []));
     return y;
   },
-  backward: (g, [x, w, bias], inputs, a) => {
+  backward: (g, [x, w, bias], inputs, a, targets) => {
     const { K, act, C, start } = a;
     const kind = inputs[0].requiresGrad ? "bwd" : "bwd_w";
     const { B, L, V, T, chunks, u, groups } = layout(x, a, kind);
     const part = Tensor.empty([B * chunks, C, K + 1]);
     const bufs = { x: x.storage, w: w.storage, bias: (bias ?? w).storage, g: g.storage, part: part.storage };
-    const gx = kind === "bwd" ? Tensor.empty([B, L, C]) : null;
-    dispatch(kernel(kind, K, act, V, T), gx ? { ...bufs, y: gx.storage } : bufs, u, groups);
-    const gwb = sum(part, 0); // gwb: (C, K + 1)
+    // x a window of a wider tensor: write gx straight into that window of x's gradient where autograd
+    // offers it (else gx is its own tensor, returned as a window).
+    const wide = x.shape[2] !== C;
+    const target = kind === "bwd" && wide ? targets.window(0, 2, start, C) : null;
+    const gx = kind === "bwd" ? target ?? Tensor.empty([B, L, C]) : null;
+    const gu = target ? { ...u, YS: u.XS, Y0: u.X0 } : u;
+    dispatch(kernel(kind, K, act, V, T), gx ? { ...bufs, y: gx.storage } : bufs, gu, groups);
+    const gw = Tensor.empty(w.shape);
+    const gb = a.hasBias ? Tensor.empty([C]) : null;
+    const pu = { rows: B * chunks, C, K, hasBias: a.hasBias ? 1 : 0 };
+    const pbufs = { part: part.storage, gw: gw.storage, gb: (gb ?? gw).storage };
+    dispatch(paramsKernel, pbufs, pu, Math.ceil((C * (K + 1)) / WG));
     part.dispose();
-    const gw = gwb.narrow(1, 0, K).reshape(...w.shape);
-    const gb = a.hasBias ? gwb.narrow(1, K, 1).reshape(C) : null;
-    gwb.dispose();
-    // A window of a wider x: its gradient is zero outside the window (the accumulator writes it in place).
-    const gxWin = gx && x.shape[2] !== C ? new WindowGrad(gx, 2, start) : gx;
-    return [gxWin, gw, gb];
+    if (target || !gx) return [null, gw, gb];
+    return [wide ? new WindowGrad(gx, 2, start) : gx, gw, gb];
   },
 });
 
