@@ -11,7 +11,7 @@
 
 import { markSaved } from "./memory.ts";
 import { fmt, stridesOf } from "./shape.ts";
-import { keep, type Tensor, tidy } from "./tensor.ts";
+import { keep, Tensor, tidy } from "./tensor.ts";
 import { add, copy, copyBox } from "./ops/index.ts";
 import { zeros } from "./creation.ts";
 import { mapOp } from "./ops/map_kernel.ts";
@@ -42,8 +42,9 @@ export class WindowGrad {
 
 /**
  * Lets a backward write an input's gradient window itself, straight into the input's gradient, instead of
- * returning a {@linkcode WindowGrad} that the accumulator then copies there (e.g. the conv and the fused
- * scan, which read the two halves of in_proj's output in place, write the two halves of its gradient).
+ * returning a {@linkcode WindowGrad} that the accumulator then copies there (the conv, which reads the x
+ * half of in_proj's output in place, writes that half of its gradient; the whole gradient then exists from
+ * that point on, so take a target only where that does not raise the peak).
  */
 export interface GradTargets {
   /**
@@ -155,16 +156,49 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
   }
   const order = topoOrder(root);
   const grads = new Map<Tensor, Tensor>();
-  // `claimed`: tensors held by the map or by a leaf's .grad; anything else produced here is disposed.
+  // `claimed`: tensors held by the map, by `pending` or by a leaf's .grad; anything else produced here is
+  // disposed.
   const claimed = new Set<Tensor>();
   // Gradients made here from windows alone (zeros elsewhere), with the windows written so far.
   const windows = new Map<Tensor, Span[]>();
+  // Window gradients not written anywhere yet (an input has either these or an entry in `grads`): kept as
+  // they are until another contribution or the input's own backward needs the whole gradient, so that a
+  // split's pieces cost one copy each and no whole, mostly-zero gradient is held before it is needed.
+  const pending = new Map<Tensor, WindowGrad[]>();
   const seed = grad ?? onesLike(root);
   if (grad) claimed.add(grad);
   grads.set(root, seed);
   claimed.add(seed);
+  const release = (t: Tensor) => {
+    claimed.delete(t);
+    if (t !== grad) t.dispose();
+  };
+  /** Writes x's pending windows into one whole gradient (zero elsewhere; not cleared where they cover it). */
+  const settle = (x: Tensor) => {
+    const ws = pending.get(x);
+    if (!ws) return;
+    pending.delete(x);
+    const spans = ws.map(spanOf);
+    const whole = covers(spans, x.shape)
+      ? Tensor.empty(x.shape, x.dtype)
+      : zeros(x.shape, { dtype: x.dtype });
+    for (const w of ws) {
+      copyBox(
+        w.grad,
+        { offset: 0, strides: stridesOf(w.grad.shape) },
+        whole,
+        windowAt(x.shape, w),
+        w.grad.shape,
+      );
+      release(w.grad);
+    }
+    windows.set(whole, spans);
+    grads.set(x, whole);
+    claimed.add(whole);
+  };
   noGrad(() => {
     for (const t of order) {
+      settle(t);
       const g = grads.get(t);
       if (!g) continue;
       grads.delete(t);
@@ -188,6 +222,7 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
               `backward of '${node.name}': window ${start}..${span.end} of dim ${dim} of ${fmt(x.shape)}`,
             );
           }
+          settle(x);
           const prev = grads.get(x);
           if (!prev) {
             const z = zeros(x.shape, { dtype: x.dtype });
@@ -197,9 +232,7 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
             return z;
           }
           const spans = windows.get(prev);
-          if (!spans?.every((s) => s.dim === dim && (s.end <= span.start || span.end <= s.start))) {
-            return null;
-          }
+          if (!spans?.every((s) => disjoint(s, span))) return null;
           spans.push(span); // still zero there
           return prev;
         },
@@ -214,13 +247,20 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
         if (r instanceof WindowGrad) {
           transient.add(r.grad);
           if (!x.requiresGrad) return;
+          checkWindow(x, r, node.name);
+          const ws = pending.get(x);
           const prev = grads.get(x);
-          const next = accumulateWindow(prev, x, r, windows, grad, node.name);
-          if (next !== prev) {
-            if (prev) {
-              claimed.delete(prev);
-              prev.dispose();
-            }
+          if (!prev && !claimed.has(r.grad) && (!ws || ws.every((w) => disjoint(spanOf(w), spanOf(r))))) {
+            if (ws) ws.push(r);
+            else pending.set(x, [r]);
+            claimed.add(r.grad);
+            return;
+          }
+          settle(x);
+          const before = grads.get(x);
+          const next = accumulateWindow(before, x, r, windows, grad);
+          if (next !== before) {
+            if (before) release(before);
             grads.set(x, next);
             claimed.add(next);
           }
@@ -235,6 +275,7 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
           throw new Error(`backward of '${node.name}': gradient ${fmt(gi.shape)} for input ${fmt(x.shape)}`);
         }
         if (claimed.has(gi)) gi = copy(gi);
+        settle(x);
         const prev = grads.get(x);
         if (prev) {
           const sum = add(prev, gi);
@@ -252,6 +293,7 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
     }
   });
   for (const g of grads.values()) if (g !== grad) g.dispose();
+  for (const ws of pending.values()) for (const w of ws) if (w.grad !== grad) w.grad.dispose();
   if (!options.retainGraph) releaseGraph(order);
 }
 
@@ -260,6 +302,36 @@ interface Span {
   dim: number;
   start: number;
   end: number;
+}
+
+const spanOf = (w: WindowGrad): Span => ({ dim: w.dim, start: w.start, end: w.start + w.grad.shape[w.dim] });
+const disjoint = (a: Span, b: Span) => a.dim === b.dim && (a.end <= b.start || b.end <= a.start);
+
+/** Whether disjoint spans of one dim tile all of it. */
+function covers(spans: Span[], shape: readonly number[]): boolean {
+  const sorted = [...spans].sort((a, b) => a.start - b.start);
+  let at = 0;
+  for (const s of sorted) {
+    if (s.dim !== sorted[0].dim || s.start !== at) return false;
+    at = s.end;
+  }
+  return sorted.length > 0 && at === shape[sorted[0].dim];
+}
+
+/** Where window `w` sits in a contiguous tensor of `shape`. */
+function windowAt(shape: readonly number[], w: WindowGrad): { offset: number; strides: number[] } {
+  const st = stridesOf(shape);
+  return { offset: w.start * st[w.dim], strides: st };
+}
+
+function checkWindow(x: Tensor, w: WindowGrad, op: string): void {
+  const len = w.grad.shape[w.dim];
+  const fits = w.grad.rank === x.rank && w.start + len <= x.shape[w.dim] &&
+    w.grad.shape.every((d, k) => k === w.dim || d === x.shape[k]);
+  if (!fits) {
+    const where = `window gradient ${fmt(w.grad.shape)} at ${w.start} of dim ${w.dim}`;
+    throw new Error(`backward of '${op}': ${where} does not fit input ${fmt(x.shape)}`);
+  }
 }
 
 /**
@@ -274,18 +346,9 @@ function accumulateWindow(
   w: WindowGrad,
   windows: Map<Tensor, Span[]>,
   userGrad: Tensor | undefined,
-  op: string,
 ): Tensor {
-  const len = w.grad.shape[w.dim];
-  const fits = w.grad.rank === x.rank && w.start + len <= x.shape[w.dim] &&
-    w.grad.shape.every((d, k) => k === w.dim || d === x.shape[k]);
-  if (!fits) {
-    const where = `window gradient ${fmt(w.grad.shape)} at ${w.start} of dim ${w.dim}`;
-    throw new Error(`backward of '${op}': ${where} does not fit input ${fmt(x.shape)}`);
-  }
-  const span = { dim: w.dim, start: w.start, end: w.start + len };
-  const st = stridesOf(x.shape);
-  const to = { offset: w.start * st[w.dim], strides: st };
+  const span = spanOf(w);
+  const to = windowAt(x.shape, w);
   const from = { offset: 0, strides: stridesOf(w.grad.shape) };
   const padded = () => {
     const z = zeros(x.shape, { dtype: x.dtype });
@@ -298,7 +361,7 @@ function accumulateWindow(
     return z;
   }
   const spans = windows.get(prev);
-  if (spans?.every((s) => s.dim === span.dim && (s.end <= span.start || span.end <= s.start))) {
+  if (spans?.every((s) => disjoint(s, span))) {
     copyBox(w.grad, from, prev, to, w.grad.shape); // still zero there
     spans.push(span);
     return prev;

@@ -86,23 +86,29 @@ export class MambaBlock extends Module {
   forward(u: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
     const { dInner: ED, dConv: K } = this.config;
     const [Bsz, L] = u.shape;
-    const xz = this.inProj.forward(u); // xz: (B, L, 2ED) = [x | z]
-    const x = this.conv1d.forward(xz, "silu", 0); // x: (B, L, ED), the conv reading xz[..., :ED] in place
+    const xz = this.inProj.forward(u); // xz: (B, L, 2ED) = [xIn | z]
     let out: Tensor;
     let h: Tensor | null = null;
+    let xIn: Tensor | null = null; // the conv's input, where this path copies it out of xz
     if (this.config.scan === "fused" && fusedScanAvailable()) {
-      const r = this.fusedSsm(x, xz, wantCache); // gated y: (B, L, ED), h: (B, ED, N); z read in place
+      // The conv and the scan read the two halves of xz in place (no copies).
+      const x = this.conv1d.forward(xz, "silu", 0); // x: (B, L, ED)
+      const r = this.fusedSsm(x, xz, wantCache); // gated y: (B, L, ED), h: (B, ED, N)
       out = this.outProj.forward(r.y); // out: (B, L, D)
       h = r.h;
     } else {
-      const z = narrow(xz, -1, ED, ED); // z: (B, L, ED)
+      // As mamba.py: split into copies (silu(z) keeps its own z, so xz itself need not be kept).
+      const [x0, z] = split(xz, ED, -1); // x0, z: (B, L, ED)
+      xz.dispose(); // nothing saves it (split's backward needs only its shape): free it before the scan
+      xIn = x0;
+      const x = this.conv1d.forward(x0, "silu"); // x: (B, L, ED)
       const { y, hs } = this.ssm(x); // y: (B, L, ED), hs: (B, L, ED, N)
       out = this.outProj.forward(mul(y, silu(z))); // out: (B, L, D)
       if (wantCache) h = narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState); // h: (B, ED, N)
     }
     if (!wantCache || !h) return { out, cache: null };
-    const xIn = narrow(xz, -1, 0, ED); // xIn: (B, L, ED), the conv's input
-    const tail = narrow(pad(xIn, [0, 0, K - 1, 0]), 1, L, K - 1); // tail: (B, K-1, ED)
+    const x0 = xIn ?? narrow(xz, -1, 0, ED); // x0: (B, L, ED), the conv's input
+    const tail = narrow(pad(x0, [0, 0, K - 1, 0]), 1, L, K - 1); // tail: (B, K-1, ED)
     return { out, cache: { h, inputs: transpose(tail, 1, 2) } }; // inputs: (B, ED, K-1)
   }
 

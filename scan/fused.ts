@@ -308,8 +308,7 @@ function backwardKernel(v: FusedVariant, n0: number): Kernel {
   /** WGSL of a term only the first state block adds (D x and its gradients). */
   const firstOnly = (val: string) => (first ? val : "0.0");
   /** WGSL storing `val` at element i of gx/gdraw/gz: the first block writes, later ones add. */
-  const acc = (buf: string, val: string, i = "i") =>
-    `st_${buf}(${i}, ${first ? "" : `ld_${buf}(${i}) + `}${val});`;
+  const acc = (buf: string, val: string) => `st_${buf}(i, ${first ? "" : `ld_${buf}(i) + `}${val});`;
   const Ls = v.Ls ?? Lc;
   const SUB = Lc / Ls; // sub-chunks per chunk
   /** WGSL of one recomputed step of the state array `h` at time `t`. */
@@ -374,8 +373,6 @@ function backwardKernel(v: FusedVariant, n0: number): Kernel {
       ["slotsPerTile", "u32"],
       ["segStart", "u32"], // first step of the time segment whose partial rows this dispatch writes
       ["segLen", "u32"],
-      ["gzS", "u32"], // gz's row length and first column (zS and z0 when gz is a window of z's gradient)
-      ["gz0", "u32"],
     ],
     workgroupSize: WG,
     decls: COMMON + `
@@ -478,8 +475,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
         ${unroll(Nb, (n) => `yv += Cv[${n}] * hcur[${n}];`)}
         let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc);
         let sg = sigmoid_(zv);
-        let iz = (b * P.L + t) * P.gzS + P.gz0 + dc; // gz: (B, L, ED), or a window of z's gradient
-        if (valid) { ${acc("gz", "gy * yv * sg * (1.0 + zv * (1.0 - sg))", "iz")} }
+        if (valid) { ${acc("gz", "gy * yv * sg * (1.0 + zv * (1.0 - sg))")} }
         gy = gy * zv * sg;
       }
       gD += ${firstOnly("gy * xv")};
@@ -774,7 +770,7 @@ const fusedOp = defineOp<FusedAttrs>({
     save(x, draw, dBC, A_log, ph, ...(z ? [z] : []));
     return y;
   },
-  backward: (g, saved, inputs, a, targets) => {
+  backward: (g, saved, inputs, a) => {
     const [x, draw, dBC, A_log, ph] = saved;
     const z = a.gated ? saved[5] : null;
     const { B, L, ED, v, u } = sizes(x, dBC, a, z);
@@ -793,12 +789,9 @@ const fusedOp = defineOp<FusedAttrs>({
     const gbcSize = B * segSteps * slots * 2 * N;
     const gx = Tensor.empty(x.shape);
     const gdraw = Tensor.empty(x.shape);
-    // z a window of a wider tensor (in_proj's output): gz goes straight into that window of z's gradient
-    // where autograd offers it; else it is its own tensor, returned as a window.
-    const zWide = z !== null && z.shape[2] !== ED;
-    const gzTarget = zWide ? targets.window(6, 2, a.zStart ?? 0, ED) : null;
-    const gz = gzTarget ?? Tensor.empty(x.shape);
-    const gzAt = gzTarget ? { gzS: u.zS, gz0: u.z0 } : { gzS: ED, gz0: 0 };
+    // With z a window of a wider tensor (in_proj's output), gz is returned as that window of z's gradient:
+    // writing it there in place would make the whole gradient live from here on, raising the peak.
+    const gz = Tensor.empty(x.shape);
     const gred = Tensor.empty([gbcSize + B * ED * (2 * N + 2)]); // [partials of a segment | gpar]
     const gdBC = Tensor.empty([B, L, a.R + 2 * N]); // gdBC: (B, L, R + 2N); the dt columns get zeros
     const bufs = {
@@ -828,7 +821,7 @@ const fusedOp = defineOp<FusedAttrs>({
       }
       for (let t1 = c1; t1 > c0; t1 -= per) {
         const t0 = Math.max(c0, t1 - per);
-        const uni = { ...u, ...gzAt, t0, t1, hsOff, gparOff: gbcSize, slots, slotsPerTile, segStart, segLen };
+        const uni = { ...u, t0, t1, hsOff, gparOff: gbcSize, slots, slotsPerTile, segStart, segLen };
         // state blocks one after another: each adds its share of dx, ddelta, dz, dbias, dD
         for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0), bufs, uni, B * u.tiles);
       }
@@ -851,12 +844,12 @@ const fusedOp = defineOp<FusedAttrs>({
     const grads = [gx, gdraw, gdBC, gbias, gAlog, gD].map((t, i) =>
       inputs[i].requiresGrad ? t : (t.dispose(), null)
     );
-    if (!a.gated || gzTarget) return grads; // gz written in place (or none)
+    if (!z) return grads; // not gated
     if (!inputs[6].requiresGrad) {
       gz.dispose();
       return grads;
     }
-    return [...grads, zWide ? new WindowGrad(gz, 2, a.zStart ?? 0) : gz];
+    return [...grads, z.shape[2] !== ED ? new WindowGrad(gz, 2, a.zStart ?? 0) : gz];
   },
 });
 

@@ -79,6 +79,7 @@ Deno.test("a tensor used several times (x*x, x+x, diamonds) gets the sum of its 
 });
 
 Deno.test("window gradients (narrow, split) land in place: disjoint, overlapping, after a full gradient, shared storage", async () => {
+  const live0 = memory().liveTensors;
   // Float64 expectation: the sum of each use's gradient, zero-padded into x's shape.
   const xr = rand([3, 8], 31);
   const G = [rand([3, 2], 32), rand([3, 5], 33), rand([3, 1], 34), rand([3, 4], 35), rand([3, 8], 36)];
@@ -96,7 +97,7 @@ Deno.test("window gradients (narrow, split) land in place: disjoint, overlapping
     const gs = G.map((g) => toTensor(g));
     tidy(() => loss(x, gs).backward());
     const [out] = await readAll([x.grad!]);
-    for (const t of [x, ...gs]) t.dispose();
+    for (const t of [x.grad!, x, ...gs]) t.dispose();
     return out;
   };
   const dot = (a: Tensor, b: Tensor) => M.sum(M.mul(a, b));
@@ -137,12 +138,25 @@ Deno.test("window gradients (narrow, split) land in place: disjoint, overlapping
   // must not be written into that storage, or v's gradient would change too.
   const x = toTensor(xr, true);
   const v = toTensor(rand([1, 3, 8], 37), true);
-  const [g4, g3] = [toTensor(G[4]).reshape(1, 3, 8), toTensor(G[3])];
+  const g4flat = toTensor(G[4]);
+  const [g4, g3] = [g4flat.reshape(1, 3, 8), toTensor(G[3])];
   tidy(() => M.add(dot(M.add(x, v), g4), dot(M.narrow(x, 1, 4, 4), g3)).backward());
   const [gx, gv] = await readAll([x.grad!, v.grad!]);
   assertClose(gx, both, {}, "shared storage: x");
   assertClose(gv, full, {}, "shared storage: v keeps its own gradient");
-  for (const t of [x, v, g4, g3]) t.dispose();
+  for (const t of [x.grad!, v.grad!, x, v, g4flat, g4, g3]) t.dispose();
+  // A window held until x's gradient is needed, then a second one that only partly overlaps it, and a
+  // piece of a split used twice.
+  assertClose(
+    await grad((x, g) => {
+      const [a, b] = M.split(x, [4, 4], 1);
+      return M.add(M.add(dot(b, g[3]), dot(M.narrow(x, 1, 2, 5), g[1])), dot(M.add(a, a), g[3]));
+    }),
+    expect([[3, 4, 4], [1, 2, 5], [3, 0, 4], [3, 0, 4]]),
+    {},
+    "pending window, overlap, piece used twice",
+  );
+  assert.equal(memory().liveTensors, live0, "no tensor left behind");
 });
 
 Deno.test("gradients flow only to tensors that require grad; detach cuts the graph", async () => {

@@ -101,11 +101,11 @@ Deno.test("fused scan equals the sequential reference: forward and every gradien
   await compare({ B: 2, L: 129, ED: 16, N: 4, R: 0, gated: true }, 6);
 });
 
-Deno.test("fused scan reads the gate z as a column window of a wider tensor (in_proj's output) in place, and writes its gradient there", async () => {
+Deno.test("fused scan reads the gate z as a column window of a wider tensor (in_proj's output) in place; z's gradient is that window", async () => {
   // z = xz[..., ED:2ED] as in a Mamba block, and a window in the middle with ED not a multiple of 4
   await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, zWindow: { width: 64, start: 32 } }, 18);
   await compare({ B: 1, L: 70, ED: 5, N: 4, R: 2, gated: true, zWindow: { width: 12, start: 3 } }, 19);
-  // z's gradient already holds another op's (overlapping) contribution: the scan returns its window instead
+  // z's gradient already holds another op's contribution in the window when the scan's backward runs
   await compare({
     B: 2,
     L: 37,
