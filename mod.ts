@@ -62,6 +62,7 @@ export {
   defineOp,
   enableGrad,
   type GradNode,
+  type GradTargets,
   isGradEnabled,
   noGrad,
   type OpDef,

@@ -53,6 +53,12 @@ export interface GradTargets {
    * Null where the input needs no gradient or its gradient so far overlaps the window: return a WindowGrad.
    */
   window(i: number, dim: number, start: number, len: number): Tensor | null;
+  /**
+   * The gradient of input `i` so far, when there is one and this backward pass owns it (f32, not shared,
+   * not saved), for the backward to add its own gradient of input i into in place; it then returns null for
+   * input i. Null otherwise: return the gradient as usual.
+   */
+  sum(i: number): Tensor | null;
 }
 
 /** Definition of a differentiable op: the registry record of the op. */
@@ -234,6 +240,16 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
           const spans = windows.get(prev);
           if (!spans?.every((s) => disjoint(s, span))) return null;
           spans.push(span); // still zero there
+          return prev;
+        },
+        sum: (i) => {
+          const x = node.inputs[i];
+          if (!x?.requiresGrad) return null;
+          settle(x);
+          const prev = grads.get(x);
+          if (!prev || prev === grad || prev.dtype !== "f32") return null;
+          if (prev.storage.users !== 1 || prev.storage.savedBy !== 0) return null;
+          windows.delete(prev); // no longer zero outside its windows
           return prev;
         },
       };

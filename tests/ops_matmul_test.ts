@@ -10,8 +10,10 @@ import {
   rand,
   randInts,
   setup,
+  toTensor,
   transposeRef,
 } from "./helpers.ts";
+import { matmulRaw } from "../core/ops/matmul.ts";
 
 await setup();
 
@@ -169,4 +171,44 @@ Deno.test("matmul with empty dims: M = 0 gives an empty result, K = 0 gives zero
     matmulCase({ a: [3, 0], b: [0, 4] }, 73),
     matmulCase({ a: [2, 3, 0], b: [0, 4] }, 75),
   ]);
+});
+
+Deno.test("matmul adds into an operand's gradient in place when it is used elsewhere too; into a given tensor (split K)", async () => {
+  // loss = sum(x * (x W)): the product consumes the matmul's output, so its backward runs first and gives x a
+  // gradient of its own (x W), into which the matmul's backward adds x W^T in place (targets.sum).
+  const [xr, wr] = [rand([2, 9, 5], 1), rand([5, 5], 2)];
+  const x = toTensor(xr, true);
+  const w = toTensor(wr, true);
+  M.tidy(() => M.sum(M.mul(x, M.matmul(x, w))).backward());
+  const want = new Float64Array(2 * 9 * 5);
+  for (let r = 0; r < 18; r++) {
+    for (let k = 0; k < 5; k++) {
+      for (let n = 0; n < 5; n++) {
+        want[r * 5 + k] += xr.data[r * 5 + n] * (wr.data[n * 5 + k] + wr.data[k * 5 + n]);
+      }
+    }
+  }
+  const got = await x.grad!.toArray();
+  for (let i = 0; i < want.length; i++) {
+    assert.ok(
+      Math.abs(got[i] - want[i]) < 1e-5 * Math.max(1, Math.abs(want[i])),
+      `gx[${i}]: ${got[i]} vs ${want[i]}`,
+    );
+  }
+  for (const t of [x.grad!, w.grad!, x, w]) t.dispose();
+  // matmulRaw(..., into) with a small C and a long K (partial products over K slices, then added in).
+  const [a, b, c0] = [rand([4, 3000], 5), rand([3000, 3], 6), rand([4, 3], 7)];
+  const into = toTensor(c0);
+  const out = matmulRaw(toTensor(a), toTensor(b), {}, undefined, into);
+  assert.equal(out, into);
+  const ref = matmulRef(a, b);
+  const res = await into.toArray();
+  for (let i = 0; i < 12; i++) {
+    const e = ref.data[i] + c0.data[i];
+    assert.ok(Math.abs(res[i] - e) < 1e-3 * Math.max(1, Math.abs(e)), `into[${i}]: ${res[i]} vs ${e}`);
+  }
+  assert.throws(
+    () => matmulRaw(toTensor(a), toTensor(b), {}, undefined, M.zeros([4, 4])),
+    /cannot add a \[4, 3\] product into/,
+  );
 });

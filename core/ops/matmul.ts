@@ -32,6 +32,7 @@ import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { broadcastShapes, fmt, padRank, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
+import { copyBox } from "./shape_ops.ts";
 
 /** Options of {@linkcode matmul}. */
 export interface MatmulOptions {
@@ -473,12 +474,16 @@ export function setMatmulVariant(v: MatmulVariant): void {
   chosen = v;
 }
 
-/** Computes op(a) @ op(b) into a new tensor with a given variant; no autograd. */
+/**
+ * Computes op(a) @ op(b) into a new tensor with a given variant; no autograd. With `into` (an f32 tensor of
+ * the result's shape), adds the product to it in place instead and returns it.
+ */
 export function matmulRaw(
   a: Tensor,
   b: Tensor,
   opts: MatmulOptions,
   variant: MatmulVariant = matmulVariant(),
+  into?: Tensor,
 ): Tensor {
   const { transA = false, transB = false } = opts;
   const [M, Ka] = transA
@@ -499,8 +504,11 @@ export function matmulRaw(
   const batch = broadcastShapes(a.shape.slice(0, -2), b.shape.slice(0, -2), "matmul batch dims");
   if (batch.length > 4) throw new Error(`matmul: at most 4 batch dims, got ${fmt(batch)}`);
   const shape = [...batch, M, N];
+  if (into && (into.dtype !== "f32" || into.shape.join() !== shape.join())) {
+    throw new Error(`matmul: cannot add a ${fmt(shape)} product into ${into}`);
+  }
   const nb = sizeOf(batch);
-  if (sizeOf(shape) === 0) return Tensor.empty(shape);
+  if (sizeOf(shape) === 0) return into ?? Tensor.empty(shape);
   const batchStrides = (s: Shape) => {
     const mat = s[s.length - 1] * s[s.length - 2];
     const lead = s.slice(0, -2);
@@ -533,20 +541,25 @@ export function matmulRaw(
     bsb: batchStrides(b.shape),
   };
   // Split K: slice s of each dispatch writes partial sums to c[s]; they are summed at the end.
-  const c = Tensor.empty(slices > 1 ? [slices, ...shape] : shape);
+  const direct = into && slices === 1; // the kernel adds into `into` itself
+  const c = direct ? into : Tensor.empty(slices > 1 ? [slices, ...shape] : shape);
   const storages = { a: a.storage, b: b.storage, c: c.storage };
   // Each dispatch covers slices * kLen values of K (at most MAX_K per invocation); later ones accumulate.
-  // K = 0: one dispatch that writes zeros.
+  // K = 0: one dispatch that writes zeros (or adds them).
   let k0 = 0;
   do {
     const k1 = Math.min(K, k0 + slices * kLen);
-    dispatch(kernel, storages, { ...base, k0, k1, accumulate: k0 > 0 ? 1 : 0 }, groups);
+    dispatch(kernel, storages, { ...base, k0, k1, accumulate: direct || k0 > 0 ? 1 : 0 }, groups);
     k0 = k1;
   } while (k0 < K);
-  if (slices === 1) return c;
-  const out = sumToShape(c, shape);
-  c.dispose();
-  return out;
+  if (slices === 1 && !into) return c;
+  const out = slices === 1 ? c : sumToShape(c, shape);
+  if (c !== out) c.dispose();
+  if (!into || direct) return out;
+  const box = { offset: 0, strides: stridesOf(shape) };
+  copyBox(out, box, into, box, shape, true);
+  out.dispose();
+  return into;
 }
 
 const matmulOp = defineOp<Required<MatmulOptions>>({
@@ -555,15 +568,21 @@ const matmulOp = defineOp<Required<MatmulOptions>>({
     save(a, b);
     return matmulRaw(a, b, opts);
   },
-  backward: (g, [a, b], _i, { transA, transB }) => {
+  backward: (g, [a, b], _i, { transA, transB }, targets) => {
     let ga: Tensor | null = null;
     let gb: Tensor | null = null;
     if (a.requiresGrad) {
+      // Where a's gradient so far is this pass's own tensor (a used elsewhere too, e.g. the conv output that
+      // feeds both x_proj and the scan), add into it in place instead of making a tensor and adding it.
+      const batch = broadcastShapes(a.shape.slice(0, -2), b.shape.slice(0, -2), "matmul batch dims");
+      const into = batch.join() === a.shape.slice(0, -2).join() ? targets.sum(0) : null;
       const full = transA
-        ? matmulRaw(b, g, { transA: transB, transB: true })
-        : matmulRaw(g, b, { transB: !transB });
-      ga = sumToShape(full, a.shape);
-      if (ga !== full) full.dispose();
+        ? matmulRaw(b, g, { transA: transB, transB: true }, undefined, into ?? undefined)
+        : matmulRaw(g, b, { transB: !transB }, undefined, into ?? undefined);
+      if (!into) {
+        ga = sumToShape(full, a.shape);
+        if (ga !== full) full.dispose();
+      }
     }
     if (b.requiresGrad && b.rank === 2 && a.rank > 2 && !transA) {
       // A weight used by a batch (x @ W): fold the batch into the contraction instead of summing
