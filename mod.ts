@@ -118,6 +118,7 @@ export { selectiveScan } from "./scan/selective_scan.ts";
 export {
   defaultFusedVariant,
   type FusedAttrs,
+  fusedMambaScan,
   fusedScanForward,
   fusedSelectiveScan,
   type FusedVariant,

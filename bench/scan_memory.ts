@@ -4,8 +4,8 @@
  * For B = 1, d_model 64 (ED 128), N = 16 and 64, L = 1024 ... 16384, and three modes (fused + recompute,
  * fused, pscan): the peak of live bytes during forward + backward of sum(y * G) above the live bytes before
  * the step, and the bytes autograd keeps for the backward (`memory().savedBytes` right after the forward).
- * Then the scan alone: the bytes saved by `fusedSelectiveScan` against those of the pscan path
- * (`selectiveScan(..., "pscan")` and the gate) for the same inputs, per token. Finally the "does not fit"
+ * Then the scan alone, with dt_proj: the bytes saved by `fusedMambaScan` (as MambaBlock runs it) against those
+ * of the pscan path (dt_proj, `selectiveScan(..., "pscan")` and the gate) for the same inputs, per token. Finally the "does not fit"
  * demonstration: under one memory limit, a pscan layer fails with an out-of-memory error while the
  * fused + recompute layer trains (forward, backward, SGD update).
  *
@@ -20,11 +20,12 @@ import {
   deviceInfo,
   emptyPool,
   exp,
-  fusedSelectiveScan,
+  fusedMambaScan,
   init,
   keep,
   Mamba,
   mambaConfig,
+  matmul,
   memory,
   mul,
   narrow,
@@ -146,8 +147,9 @@ export async function layerCase(
 }
 
 /**
- * Bytes autograd saves for the scan alone, for the same leaves (x, draw, dBC, bias, A_log, D, z): the fused
- * op, or the pscan path (softplus(draw + bias), -exp(A_log), `selectiveScan` in pscan mode, gate silu(z)).
+ * Bytes autograd saves for the scan alone with dt_proj, for the same leaves (x, dBC, W = dt_proj's weight,
+ * bias, A_log, D, z): the fused op, or the pscan path (draw = dBC[..., :R] W^T, softplus(draw + bias),
+ * -exp(A_log), `selectiveScan` in pscan mode, gate silu(z)).
  */
 export async function scanSavedBytes(
   ED: number,
@@ -161,7 +163,7 @@ export async function scanSavedBytes(
       keep(randn(shape, { seed, std, requiresGrad: true }));
     return {
       x: r([1, L, ED], 1),
-      draw: r([1, L, ED], 2, 0.5),
+      W: r([ED, R], 2, 0.5),
       dBC: r([1, L, R + 2 * N], 3),
       bias: r([ED], 4, 0.5),
       A_log: r([ED, N], 5, 0.3),
@@ -176,9 +178,10 @@ export async function scanSavedBytes(
     tidy(() => {
       const t = leaves;
       if (path === "fused") {
-        fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, t.z);
+        fusedMambaScan(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z);
       } else {
-        const delta = softplus(add(t.draw, t.bias));
+        const draw = matmul(narrow(t.dBC, 2, 0, R), t.W, { transB: true });
+        const delta = softplus(add(draw, t.bias));
         const A = neg(exp(t.A_log));
         const Bm = narrow(t.dBC, 2, R, N);
         const C = narrow(t.dBC, 2, R + N, N);
@@ -353,7 +356,7 @@ if (import.meta.main) {
     out.push("");
   }
   out.push(
-    "The scan alone: bytes autograd saves for the backward, per token (B = 1), for the same leaves:",
+    "The scan alone (with dt_proj): bytes autograd saves for the backward, per token (B = 1), for the same leaves:",
     "",
     "| N | L | fused scan (B/token) | pscan path (B/token) | pscan / fused |",
     "|---:|---:|---:|---:|---:|",

@@ -36,7 +36,8 @@ import { deviceInfo } from "../core/device.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { recordClear, recordCopy } from "../core/executor.ts";
 import { cat, copyBox } from "../core/ops/index.ts";
-import { fmt } from "../core/shape.ts";
+import { matmulRaw } from "../core/ops/matmul.ts";
+import { fmt, stridesOf } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 
 /** Compile-time shape of a fused-scan kernel. */
@@ -760,6 +761,121 @@ export function lastState(ph: Tensor, B: number, ED: number, N: number, L: numbe
   return h;
 }
 
+/** The gradients of the fused scan's inputs (gz null when ungated). */
+interface FusedGrads {
+  gx: Tensor;
+  gdraw: Tensor;
+  gdBC: Tensor;
+  gbias: Tensor;
+  gAlog: Tensor;
+  gD: Tensor;
+  gz: Tensor | null;
+}
+
+/** Runs the backward kernels (no autograd): every input's gradient from the output's gradient g. gdBC has
+ * zeros in the dt columns 0..R. */
+function fusedScanBackward(
+  g: Tensor,
+  x: Tensor,
+  draw: Tensor,
+  dBC: Tensor,
+  A_log: Tensor,
+  ph: Tensor,
+  z: Tensor | null,
+  a: FusedAttrs,
+): FusedGrads {
+  const { B, L, ED, v, u } = sizes(x, dBC, a, z);
+  const N = a.N;
+  // dB/dC partials: one row per tile, or per subgroup of a tile (how many depends on the subgroup size the
+  // adapter picks at run time: rows it leaves unwritten must be zeros). They take `slots` times the
+  // memory of dB/dC, so time is walked in segments whose partials fit in max(4 MiB, bytes of x), each
+  // reduced into gdBC before the next.
+  const sg = v.reduce === "subgroup" ? deviceInfo().subgroups : null;
+  const slotsPerTile = sg ? Math.ceil(v.WG / sg.minSize) : 1;
+  const slots = u.tiles * slotsPerTile;
+  const stepBytes = 4 * B * slots * 2 * N; // partials of one time step
+  const budget = partialBudget ?? Math.max(4 << 20, 4 * x.size);
+  const segChunks = Math.max(1, Math.min(u.chunks, Math.floor(budget / stepBytes / v.Lc)));
+  const segSteps = Math.min(L, segChunks * v.Lc);
+  const gbcSize = B * segSteps * slots * 2 * N;
+  const gx = Tensor.empty(x.shape);
+  const gdraw = Tensor.empty(x.shape);
+  // With z a window of a wider tensor (in_proj's output), gz is returned as that window of z's gradient:
+  // writing it there in place would make the whole gradient live from here on, raising the peak.
+  const gz = Tensor.empty(x.shape);
+  const gred = Tensor.empty([gbcSize + B * ED * (2 * N + 2)]); // [partials of a segment | gpar]
+  const gdBC = Tensor.empty([B, L, a.R + 2 * N]); // gdBC: (B, L, R + 2N); the dt columns get zeros
+  const bufs = {
+    x: x.storage,
+    draw: draw.storage,
+    dbc: dBC.storage,
+    ph: ph.storage,
+    z: (z ?? x).storage,
+    g: g.storage,
+    gx: gx.storage,
+    gdraw: gdraw.storage,
+    gz: gz.storage,
+    gred: gred.storage,
+  };
+  const Nb = v.Nb ?? N;
+  const hsOff = ph.size - B * ED * u.chunks * N;
+  // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums):
+  // at most MAX_STEPS / 2 steps, so no invocation loops 65535 times.
+  const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
+  const S = a.R + 2 * N;
+  for (let c1 = u.chunks; c1 > 0; c1 -= segChunks) {
+    const c0 = Math.max(0, c1 - segChunks);
+    const segStart = c0 * v.Lc;
+    const segLen = Math.min(L, c1 * v.Lc) - segStart;
+    if (sg && sg.minSize !== sg.maxSize) {
+      recordClear(gred.storage.buffer, 0, 4 * B * segLen * slots * 2 * N);
+    }
+    for (let t1 = c1; t1 > c0; t1 -= per) {
+      const t0 = Math.max(c0, t1 - per);
+      const uni = { ...u, t0, t1, hsOff, gparOff: gbcSize, slots, slotsPerTile, segStart, segLen };
+      // state blocks one after another: each adds its share of dx, ddelta, dz, dbias, dD
+      for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0), bufs, uni, B * u.tiles);
+    }
+    // partials (B, segLen, slots, 2N) -> gdBC[:, segStart..segStart+segLen, :]
+    const V = (2 * N) % 4 === 0 ? 4 : 1;
+    const Q = (2 * N) / V;
+    const n = B * segLen;
+    const gu = { n, L, S, R: a.R, slots, segStart, segLen, Q };
+    dispatch(gatherKernel(V), { part: gred.storage, gdbc: gdBC.storage }, gu, Math.ceil(n / 64));
+  }
+  // Reductions over the batch: dbias, dD, dA_log, from gpar (B, ED, 2N + 2) at the end of gred.
+  const gbias = Tensor.empty([ED]);
+  const gD = Tensor.empty([ED]);
+  const gAlog = Tensor.empty([ED, N]);
+  const pbufs = { gpar: gred.storage, alog: A_log.storage, gbias: gbias.storage, gd: gD.storage };
+  const pu = { B, ED, N, off: gbcSize };
+  dispatch(paramsKernel, { ...pbufs, galog: gAlog.storage }, pu, Math.ceil((ED * (N + 2)) / 64));
+  gred.dispose();
+  if (!z) gz.dispose();
+  return { gx, gdraw, gdBC, gbias, gAlog, gD, gz: z ? gz : null };
+}
+
+/** The op's gradient of z: its own tensor, or a window of a wider z (in_proj's output); null if unneeded.
+ * Writing it into a whole gradient of a wide z here would make that live from here on, raising the peak. */
+function zGrad(
+  gz: Tensor | null,
+  z: Tensor | undefined,
+  ED: number,
+  a: FusedAttrs,
+): Tensor | WindowGrad | null {
+  if (!gz || !z) return null;
+  if (!z.requiresGrad) {
+    gz.dispose();
+    return null;
+  }
+  return z.shape[2] !== ED ? new WindowGrad(gz, 2, a.zStart ?? 0) : gz;
+}
+
+/** Disposes the gradients of inputs that need none (null for them). */
+function needed(grads: Tensor[], inputs: readonly Tensor[]): (Tensor | null)[] {
+  return grads.map((t, i) => (inputs[i].requiresGrad ? t : (t.dispose(), null)));
+}
+
 const fusedOp = defineOp<FusedAttrs>({
   name: "fusedSelectiveScan",
   forward: (inputs, a, save) => {
@@ -773,111 +889,89 @@ const fusedOp = defineOp<FusedAttrs>({
   backward: (g, saved, inputs, a) => {
     const [x, draw, dBC, A_log, ph] = saved;
     const z = a.gated ? saved[5] : null;
-    const { B, L, ED, v, u } = sizes(x, dBC, a, z);
-    const N = a.N;
-    // dB/dC partials: one row per tile, or per subgroup of a tile (how many depends on the subgroup size the
-    // adapter picks at run time: rows it leaves unwritten must be zeros). They take `slots` times the
-    // memory of dB/dC, so time is walked in segments whose partials fit in max(4 MiB, bytes of x), each
-    // reduced into gdBC before the next.
-    const sg = v.reduce === "subgroup" ? deviceInfo().subgroups : null;
-    const slotsPerTile = sg ? Math.ceil(v.WG / sg.minSize) : 1;
-    const slots = u.tiles * slotsPerTile;
-    const stepBytes = 4 * B * slots * 2 * N; // partials of one time step
-    const budget = partialBudget ?? Math.max(4 << 20, 4 * x.size);
-    const segChunks = Math.max(1, Math.min(u.chunks, Math.floor(budget / stepBytes / v.Lc)));
-    const segSteps = Math.min(L, segChunks * v.Lc);
-    const gbcSize = B * segSteps * slots * 2 * N;
-    const gx = Tensor.empty(x.shape);
-    const gdraw = Tensor.empty(x.shape);
-    // With z a window of a wider tensor (in_proj's output), gz is returned as that window of z's gradient:
-    // writing it there in place would make the whole gradient live from here on, raising the peak.
-    const gz = Tensor.empty(x.shape);
-    const gred = Tensor.empty([gbcSize + B * ED * (2 * N + 2)]); // [partials of a segment | gpar]
-    const gdBC = Tensor.empty([B, L, a.R + 2 * N]); // gdBC: (B, L, R + 2N); the dt columns get zeros
-    const bufs = {
-      x: x.storage,
-      draw: draw.storage,
-      dbc: dBC.storage,
-      ph: ph.storage,
-      z: (z ?? x).storage,
-      g: g.storage,
-      gx: gx.storage,
-      gdraw: gdraw.storage,
-      gz: gz.storage,
-      gred: gred.storage,
-    };
-    const Nb = v.Nb ?? N;
-    const hsOff = ph.size - B * ED * u.chunks * N;
-    // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums):
-    // at most MAX_STEPS / 2 steps, so no invocation loops 65535 times.
-    const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
-    const S = a.R + 2 * N;
-    for (let c1 = u.chunks; c1 > 0; c1 -= segChunks) {
-      const c0 = Math.max(0, c1 - segChunks);
-      const segStart = c0 * v.Lc;
-      const segLen = Math.min(L, c1 * v.Lc) - segStart;
-      if (sg && sg.minSize !== sg.maxSize) {
-        recordClear(gred.storage.buffer, 0, 4 * B * segLen * slots * 2 * N);
-      }
-      for (let t1 = c1; t1 > c0; t1 -= per) {
-        const t0 = Math.max(c0, t1 - per);
-        const uni = { ...u, t0, t1, hsOff, gparOff: gbcSize, slots, slotsPerTile, segStart, segLen };
-        // state blocks one after another: each adds its share of dx, ddelta, dz, dbias, dD
-        for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0), bufs, uni, B * u.tiles);
-      }
-      // partials (B, segLen, slots, 2N) -> gdBC[:, segStart..segStart+segLen, :]
-      const V = (2 * N) % 4 === 0 ? 4 : 1;
-      const Q = (2 * N) / V;
-      const n = B * segLen;
-      const gu = { n, L, S, R: a.R, slots, segStart, segLen, Q };
-      dispatch(gatherKernel(V), { part: gred.storage, gdbc: gdBC.storage }, gu, Math.ceil(n / 64));
-    }
-    if (!a.gated) gz.dispose();
-    // Reductions over the batch: dbias, dD, dA_log, from gpar (B, ED, 2N + 2) at the end of gred.
-    const gbias = Tensor.empty([ED]);
-    const gD = Tensor.empty([ED]);
-    const gAlog = Tensor.empty([ED, N]);
-    const pbufs = { gpar: gred.storage, alog: A_log.storage, gbias: gbias.storage, gd: gD.storage };
-    const pu = { B, ED, N, off: gbcSize };
-    dispatch(paramsKernel, { ...pbufs, galog: gAlog.storage }, pu, Math.ceil((ED * (N + 2)) / 64));
-    gred.dispose();
-    const grads = [gx, gdraw, gdBC, gbias, gAlog, gD].map((t, i) =>
-      inputs[i].requiresGrad ? t : (t.dispose(), null)
-    );
-    if (!z) return grads; // not gated
-    if (!inputs[6].requiresGrad) {
-      gz.dispose();
-      return grads;
-    }
-    return [...grads, z.shape[2] !== ED ? new WindowGrad(gz, 2, a.zStart ?? 0) : gz];
+    const r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a);
+    const grads = needed([r.gx, r.gdraw, r.gdBC, r.gbias, r.gAlog, r.gD], inputs);
+    return z ? [...grads, zGrad(r.gz, inputs[6], x.shape[2], a)] : grads;
   },
 });
 
 /**
- * The whole SSM of a Mamba block in one kernel, differentiable with a recomputing backward.
- * x, draw: (B, L, ED); dBC: (B, L, R + 2N) (B at columns R.., C at R+N..); bias, D: (ED); A_log: (ED, N);
- * z: (B, L, ED) or null. Returns (C.h + D x) * silu(z): (B, L, ED). With `zStart`, z is (B, L, Z), Z >=
- * zStart + ED, and the gate reads its columns zStart .. zStart + ED in place (e.g. the z half of in_proj's
- * output, without a copy); z's gradient is zero outside them.
+ * dt_proj and the SSM as one op: delta = softplus(dBC[..., :R] @ W^T + bias). It saves x, dBC, the R dt
+ * columns and W, not delta (B, L, ED): the backward recomputes draw = dt @ W^T (R multiply-adds per token
+ * and channel, as the official kernels' checkpoint_lvl 1 does), so the scan saves 4 (2 ED + 2R + 2N) bytes per
+ * token plus the chunk states.
  */
-export function fusedSelectiveScan(
+const dtScanOp = defineOp<FusedAttrs>({
+  name: "fusedMambaScan",
+  forward: (inputs, a, save) => {
+    const [x, dBC, W, bias, A_log, D, z] = inputs;
+    const [B, L] = x.shape;
+    const dt = Tensor.empty([B, L, a.R]); // dt: (B, L, R), the dt columns of dBC
+    copyBox(dBC, { offset: 0, strides: stridesOf(dBC.shape) }, dt, {
+      offset: 0,
+      strides: stridesOf(dt.shape),
+    }, [
+      B,
+      L,
+      a.R,
+    ]);
+    const draw = matmulRaw(dt, W, { transB: true }); // draw: (B, L, ED)
+    const par = cat([bias, A_log.reshape(-1), D], 0); // par: (ED + ED*N + ED)
+    const { y, ph } = fusedScanForward(x, draw, dBC, par, z ?? null, a);
+    par.dispose();
+    draw.dispose();
+    save(x, dBC, dt, W, A_log, ph, ...(z ? [z] : []));
+    return y;
+  },
+  backward: (g, saved, inputs, a) => {
+    const [x, dBC, dt, W, A_log, ph] = saved;
+    const z = a.gated ? saved[6] : null;
+    const draw = matmulRaw(dt, W, { transB: true }); // recomputed: draw: (B, L, ED)
+    const r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a);
+    draw.dispose();
+    const [B, L] = x.shape;
+    let gW: Tensor | null = null;
+    if (inputs[2].requiresGrad) {
+      const M = B * L;
+      const gdrawFlat = new Tensor(r.gdraw.storage, [M, x.shape[2]], "f32"); // (B L, ED)
+      const dtFlat = new Tensor(dt.storage, [M, a.R], "f32"); // (B L, R)
+      gW = matmulRaw(gdrawFlat, dtFlat, { transA: true }); // gW: (ED, R)
+      gdrawFlat.dispose();
+      dtFlat.dispose();
+    }
+    if (inputs[1].requiresGrad && a.R > 0) {
+      // the dt columns of dBC's gradient (zeros so far): gdraw @ W
+      const gdt = matmulRaw(r.gdraw, W, {}); // gdt: (B, L, R)
+      const box = { offset: 0, strides: stridesOf(r.gdBC.shape) };
+      copyBox(gdt, { offset: 0, strides: stridesOf(gdt.shape) }, r.gdBC, box, [B, L, a.R]);
+      gdt.dispose();
+    }
+    r.gdraw.dispose();
+    const grads = [r.gx, r.gdBC, gW, r.gbias, r.gAlog, r.gD].map((t, i) =>
+      inputs[i].requiresGrad || !t ? t : (t.dispose(), null)
+    );
+    return z ? [...grads, zGrad(r.gz, inputs[6], x.shape[2], a)] : grads;
+  },
+});
+
+/** Checks the shapes of a fused-scan call (`what` names the function); returns R and N. */
+function checkScanArgs(
+  what: string,
   x: Tensor,
-  draw: Tensor,
   dBC: Tensor,
   bias: Tensor,
   A_log: Tensor,
   D: Tensor,
   z: Tensor | null,
-  zStart?: number,
-): Tensor {
+  zStart: number | undefined,
+): { R: number; N: number } {
   const [B, L, ED] = x.shape;
   const N = A_log.shape[1];
   const R = dBC.shape[2] - 2 * N;
-  const bad = (what: string) => {
-    throw new Error(`fusedSelectiveScan: ${what}`);
+  const bad = (msg: string) => {
+    throw new Error(`${what}: ${msg}`);
   };
   if (x.rank !== 3) bad(`x must be (B, L, ED), got ${fmt(x.shape)}`);
-  if (draw.shape.join() !== x.shape.join()) bad(`draw ${fmt(draw.shape)} must equal x ${fmt(x.shape)}`);
   if (z && zStart === undefined && z.shape.join() !== x.shape.join()) {
     bad(`z ${fmt(z.shape)} must equal x ${fmt(x.shape)}`);
   }
@@ -897,6 +991,55 @@ export function fusedSelectiveScan(
     bad(`dBC must be (${B}, ${L}, R + 2*${N}), got ${fmt(dBC.shape)}`);
   }
   if (bias.shape.join() !== `${ED}` || D.shape.join() !== `${ED}`) bad(`bias and D must be (${ED})`);
+  return { R, N };
+}
+
+/**
+ * The whole SSM of a Mamba block in one kernel, differentiable with a recomputing backward.
+ * x, draw: (B, L, ED); dBC: (B, L, R + 2N) (B at columns R.., C at R+N..); bias, D: (ED); A_log: (ED, N);
+ * z: (B, L, ED) or null. Returns (C.h + D x) * silu(z): (B, L, ED). With `zStart`, z is (B, L, Z), Z >=
+ * zStart + ED, and the gate reads its columns zStart .. zStart + ED in place (e.g. the z half of in_proj's
+ * output, without a copy); z's gradient is zero outside them.
+ */
+export function fusedSelectiveScan(
+  x: Tensor,
+  draw: Tensor,
+  dBC: Tensor,
+  bias: Tensor,
+  A_log: Tensor,
+  D: Tensor,
+  z: Tensor | null,
+  zStart?: number,
+): Tensor {
+  const { R, N } = checkScanArgs("fusedSelectiveScan", x, dBC, bias, A_log, D, z, zStart);
+  if (draw.shape.join() !== x.shape.join()) {
+    throw new Error(`fusedSelectiveScan: draw ${fmt(draw.shape)} must equal x ${fmt(x.shape)}`);
+  }
   const inputs = [x, draw, dBC, bias, A_log, D, ...(z ? [z] : [])];
   return fusedOp(inputs, { R, N, gated: z !== null, ...(zStart ? { zStart } : {}) });
+}
+
+/**
+ * The SSM of a Mamba block with dt_proj folded in, as MambaBlock runs it: delta = softplus(dBC[..., :R] @
+ * dtWeight^T + dtBias), then as {@linkcode fusedSelectiveScan}. dtWeight: (ED, R); the other arguments as
+ * there. It saves dBC's R dt columns instead of draw (B, L, ED) and recomputes draw in the backward (an R-deep
+ * product per token and channel), so the scan keeps 4 (2 ED + 2R + 2N) bytes per token plus the chunk states.
+ */
+export function fusedMambaScan(
+  x: Tensor,
+  dBC: Tensor,
+  dtWeight: Tensor,
+  dtBias: Tensor,
+  A_log: Tensor,
+  D: Tensor,
+  z: Tensor | null,
+  zStart?: number,
+): Tensor {
+  const { R, N } = checkScanArgs("fusedMambaScan", x, dBC, dtBias, A_log, D, z, zStart);
+  const ED = x.shape[2];
+  if (dtWeight.rank !== 2 || dtWeight.shape[0] !== ED || dtWeight.shape[1] !== R) {
+    throw new Error(`fusedMambaScan: dtWeight must be (${ED}, ${R}), got ${fmt(dtWeight.shape)}`);
+  }
+  const inputs = [x, dBC, dtWeight, dtBias, A_log, D, ...(z ? [z] : [])];
+  return dtScanOp(inputs, { R, N, gated: z !== null, ...(zStart ? { zStart } : {}) });
 }

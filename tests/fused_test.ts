@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
 import { init } from "../core/device.ts";
 import { randn } from "../core/creation.ts";
-import { add, cat, exp, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
+import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
-import { butterflyRounds, fusedSelectiveScan, type FusedVariant } from "../scan/fused.ts";
+import { butterflyRounds, fusedMambaScan, fusedSelectiveScan, type FusedVariant } from "../scan/fused.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { maxAbs, maxAbsDiff } from "./fixture_util.ts";
 
@@ -19,6 +19,8 @@ interface Case {
   /** The loss also has sum(cat(y, y) * z) (z twice as wide as y): that op's backward runs before the scan's,
    * so z's gradient already holds a contribution in the scan's window. */
   zTimesY?: boolean;
+  /** dt_proj inside the op (fusedMambaScan): delta from dBC's dt columns and a weight W (ED, R). */
+  dtWeight?: boolean;
 }
 
 function inputs(c: Case, seed: number) {
@@ -32,14 +34,16 @@ function inputs(c: Case, seed: number) {
     D: r([c.ED], 6),
     z: r([c.B, c.L, c.zWindow?.width ?? c.ED], 7),
     G: r([c.B, c.L, c.ED], 8),
+    W: r([c.ED, c.R], 9, 0.5),
   };
-  for (const k of ["x", "draw", "dBC", "bias", "A_log", "D", "z"] as const) t[k].requiresGrad_(true);
+  for (const k of ["x", "draw", "dBC", "bias", "A_log", "D", "z", "W"] as const) t[k].requiresGrad_(true);
   return t;
 }
 
 /** The same function built from autograd ops and the sequential scan (the reference). */
 function reference(t: ReturnType<typeof inputs>, c: Case): Tensor {
-  const delta = softplus(add(t.draw, t.bias)); // (B, L, ED)
+  const draw = c.dtWeight ? matmul(narrow(t.dBC, 2, 0, c.R), t.W, { transB: true }) : t.draw; // (B, L, ED)
+  const delta = softplus(add(draw, t.bias)); // (B, L, ED)
   const Bm = narrow(t.dBC, 2, c.R, c.N);
   const C = narrow(t.dBC, 2, c.R + c.N, c.N);
   const A = neg(exp(t.A_log));
@@ -49,7 +53,7 @@ function reference(t: ReturnType<typeof inputs>, c: Case): Tensor {
 }
 
 async function gradsOf(t: ReturnType<typeof inputs>, fn: () => Tensor, c: Case) {
-  const names = ["x", "draw", "dBC", "bias", "A_log", "D", "z"] as const;
+  const names = ["x", "draw", "dBC", "bias", "A_log", "D", "z", "W"] as const;
   for (const k of names) {
     t[k].grad?.dispose();
     t[k].grad = null;
@@ -71,11 +75,16 @@ async function compare(c: Case, seed: number) {
   const t = inputs(c, seed);
   const fused = await gradsOf(
     t,
-    () =>
-      fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, c.gated ? t.z : null, c.zWindow?.start),
+    () => {
+      const z = c.gated ? t.z : null;
+      return c.dtWeight
+        ? fusedMambaScan(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, z, c.zWindow?.start)
+        : fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, z, c.zWindow?.start);
+    },
     c,
   );
   const ref = await gradsOf(t, () => reference(t, c), c);
+  assert.deepEqual(Object.keys(fused).sort(), Object.keys(ref).sort(), "the same inputs get gradients");
   for (const k of Object.keys(ref)) {
     assert.ok(fused[k], `${k}: fused gave no gradient`);
     const d = maxAbsDiff(fused[k], ref[k]);
@@ -125,6 +134,29 @@ Deno.test("fused scan reads the gate z as a column window of a wider tensor (in_
   assert.throws(
     () => fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, t.z),
     /z \[1, 4, 12\] must equal x \[1, 4, 8\]/,
+  );
+  for (const v of Object.values(t)) v.dispose();
+});
+
+Deno.test("fusedMambaScan (dt_proj inside, delta recomputed in the backward) equals the reference, W's gradient too", async () => {
+  await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, dtWeight: true }, 22);
+  await compare({ B: 1, L: 70, ED: 12, N: 4, R: 3, gated: false, dtWeight: true }, 23);
+  await compare({ B: 2, L: 33, ED: 16, N: 4, R: 0, gated: true, dtWeight: true }, 24);
+  await compare({
+    B: 1,
+    L: 40,
+    ED: 32,
+    N: 16,
+    R: 2,
+    gated: true,
+    dtWeight: true,
+    zWindow: { width: 64, start: 32 },
+  }, 25);
+  await init();
+  const t = inputs({ B: 1, L: 4, ED: 8, N: 4, R: 2, gated: true }, 26);
+  assert.throws(
+    () => fusedMambaScan(t.x, t.dBC, t.x, t.bias, t.A_log, t.D, t.z),
+    /fusedMambaScan: dtWeight must be \(8, 2\), got \[1, 4, 8\]/,
   );
   for (const v of Object.values(t)) v.dispose();
 });

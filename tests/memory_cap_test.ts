@@ -11,6 +11,7 @@
 import assert from "node:assert/strict";
 import {
   exp,
+  fusedMambaScan,
   fusedSelectiveScan,
   keep,
   Mamba,
@@ -93,11 +94,12 @@ Deno.test("under one memory limit, pscan runs out of memory and fused + recomput
 });
 
 /** Bytes autograd saves for the scan and gate alone, same leaves, fused op or pscan path. */
-function scanSaved(path: "fused" | "pscan"): number {
+function scanSaved(path: "fused" | "fusedMamba" | "pscan"): number {
   const r = (shape: number[], seed: number, std = 1) => keep(randn(shape, { seed, std, requiresGrad: true }));
   const t = {
     x: r([1, L, ED], 1),
     draw: r([1, L, ED], 2, 0.5),
+    W: r([ED, R], 8, 0.5),
     dBC: r([1, L, R + 2 * N], 3),
     bias: r([ED], 4, 0.5),
     A_log: r([ED, N], 5, 0.3),
@@ -109,6 +111,7 @@ function scanSaved(path: "fused" | "pscan"): number {
     return tidy(() => {
       let y: Tensor;
       if (path === "fused") y = fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, t.z);
+      else if (path === "fusedMamba") y = fusedMambaScan(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z);
       else {
         const delta = softplus(add(t.draw, t.bias));
         const A = neg(exp(t.A_log));
@@ -141,6 +144,10 @@ Deno.test("the fused scan saves > 15x fewer bytes per token than the pscan path 
   assert.ok(fused < 3000, `fused scan saves ${fused} bytes per token`);
   assert.ok(pscan > 3 * ED * N * 4, `pscan path saves ${pscan} bytes per token`);
   assert.ok(pscan / fused > 15, `ratio pscan / fused ${(pscan / fused).toFixed(1)}`);
+  // With dt_proj inside, the op keeps dBC's R dt columns and W instead of draw: 4 (ED - R) bytes per token
+  // fewer, less W's 4 ED R bytes spread over the L tokens.
+  const mamba = scanSaved("fusedMamba") / L;
+  assert.ok(mamba <= fused - 4 * (ED - R) + (4 * ED * R + 256) / L, `fusedMambaScan saves ${mamba} B/token`);
   assert.equal(memory().liveBytes, base.liveBytes, "no leak");
   assert.equal(memory().savedBytes, base.savedBytes, "nothing left saved");
 });
