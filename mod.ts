@@ -123,6 +123,7 @@ export {
   fusedSelectiveScan,
   type FusedVariant,
   fusedVariant,
+  MAX_INLINE_DT_RANK,
   setFusedVariant,
 } from "./scan/fused.ts";
 export { FUSED_KERNEL_VERSION, type FusedTuneResult, tuneFusedScan } from "./scan/tune_fused.ts";

@@ -224,6 +224,19 @@ export function dispatch(
     if (!s) throw new Error(`kernel ${k.spec.name}: buffer '${b.name}' not given`);
     return s;
   });
+  // WebGPU forbids a writable storage binding that aliases another binding of the same dispatch (browsers
+  // reject it; Deno's wgpu does not check): say so here, on every adapter.
+  k.spec.buffers.forEach((b, i) => {
+    if (b.access !== "read_write") return;
+    const j = storages.findIndex((s, jj) => jj !== i && s.buffer === storages[i].buffer);
+    if (j >= 0) {
+      throw new Error(
+        `kernel ${k.spec.name}: writable buffer '${b.name}' is the same GPU buffer as '${
+          k.spec.buffers[j].name
+        }' (writable bindings must not alias)`,
+      );
+    }
+  });
   const windows = storages.map((s) => Math.max(1, Math.ceil(s.buffer.size / seg)));
   const p = pipelineFor(k, windows);
   const u = reserveUniforms(k.uniformBytes);

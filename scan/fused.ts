@@ -73,11 +73,12 @@ export interface FusedVariant {
   shuffle?: boolean;
 }
 
-/** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16). */
-function stepsPerBarrier(v: FusedVariant): number {
+/** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16); each
+ * step holds `cols` terms per channel (2 Nb, plus the dt terms in the last state block). */
+function stepsPerBarrier(v: FusedVariant, cols = 2 * (v.Nb ?? v.N)): number {
   const Nb = v.Nb ?? v.N;
   const budget = 16384 - (v.hbuf === "workgroup" ? 4 * v.WG * (v.Ls ?? v.Lc) * Nb : 0);
-  return v.S ?? Math.max(1, Math.min(16, Math.floor(budget / (4 * v.WG * 2 * Nb))));
+  return v.S ?? Math.max(1, Math.min(16, Math.floor(budget / (4 * v.WG * cols))));
 }
 
 const MAX_STEPS = 16384;
@@ -98,11 +99,56 @@ function shuffleSize(): number {
   return sg.minSize;
 }
 
-/** WGSL of the dBC offset of block column c (c < Nb: B, else C) from the block's first B column; c is a
- * WGSL expression or a constant. */
-function blockColumn(N: number, Nb: number, c: string | number): string {
-  if (typeof c === "number") return `${c < Nb ? c : c + N - Nb}u`;
-  return Nb === N ? c : `select(${c} + ${N - Nb}u, ${c}, ${c} < ${Nb}u)`;
+/** WGSL of the offset of block column c (c < Nb: B, c < 2Nb: C, then the dt columns, `dt` of them, which
+ * a partial row keeps after all 2N B and C columns) from the block's first B column (state n0); c is a WGSL
+ * expression or a constant. */
+function blockColumn(N: number, Nb: number, c: string | number, n0 = 0, dt = 0): string {
+  if (typeof c === "number") return `${c < Nb ? c : c < 2 * Nb ? c + N - Nb : c - 2 * Nb + 2 * N - n0}u`;
+  const bc = Nb === N ? c : `select(${c} + ${N - Nb}u, ${c}, ${c} < ${Nb}u)`;
+  return dt ? `select(${c} + ${2 * N - n0 - 2 * Nb}u, ${bc}, ${c} < ${2 * Nb}u)` : bc;
+}
+
+/** Width of a dB/dC partial row: 2N, then `dt` dt columns (padded to a multiple of 4 for vec4 reads). */
+function partialWidth(N: number, dt: number): number {
+  return 2 * N + (dt && (2 * N) % 4 === 0 ? 4 * Math.ceil(dt / 4) : dt);
+}
+
+/** dt_proj inside the kernels up to this rank: draw = dBC[t, :R] . W[d, :] computed per step (R multiply-adds,
+ * the R dt values shared across lanes like B and C); larger R reads draw computed by a matmul. */
+export const MAX_INLINE_DT_RANK = 8;
+
+/**
+ * WGSL defining \`dr\`, the raw delta of channel dc at step t (row index \`i\`): read from draw, or with Ri > 0
+ * computed from the dt columns of dBC (row starting at \`rowStart\`, loaded into \`dtv\`) and this channel's
+ * dt_proj row \`Wd\`.
+ */
+function drawLines(Ri: number, shuffle: boolean, rowStart: string): string {
+  if (!Ri) return "let dr = ld_draw(i);";
+  const lines = [`var dtv: array<f32, ${Ri}>;`];
+  if (shuffle) {
+    const SG = shuffleSize();
+    const J = Math.ceil(Ri / SG);
+    lines.push(
+      `var dtb: array<f32, ${J}>;`,
+      unroll(
+        J,
+        (j) =>
+          `{ let c = ${j * SG}u + sgLane; dtb[${j}] = select(0.0, ld_dbc(${rowStart} + min(c, ${
+            Ri - 1
+          }u)), c < ${Ri}u); }`,
+      ),
+      unroll(Ri, (r) => `dtv[${r}] = subgroupShuffle(dtb[${Math.floor(r / SG)}], ${r % SG}u);`),
+    );
+  } else lines.push(unroll(Ri, (r) => `dtv[${r}] = ld_dbc(${rowStart} + ${r}u);`));
+  lines.push(`let dr = ${Array.from({ length: Ri }, (_, r) => `dtv[${r}] * Wd[${r}]`).join(" + ")};`);
+  return lines.join("\n    ");
+}
+
+/** WGSL loading this channel's dt_proj row \`Wd\` (Ri floats) from ph = [bias | A_log | D | W | ...]. */
+function loadWd(N: number, Ri: number): string {
+  if (!Ri) return "";
+  return `var Wd: array<f32, ${Ri}>;
+  ${unroll(Ri, (r) => `Wd[${r}] = ld_ph(P.ED * ${N + 2}u + dc * ${Ri}u + ${r}u);`)}`;
 }
 
 /**
@@ -223,22 +269,25 @@ const plus = (k: number) => (k ? ` + ${k}u` : "");
 
 /** The forward kernel of the state block starting at n0 (one pipeline per block, n0 compiled in, so that
  * every index into the states is a constant). */
-function forwardKernel(v: FusedVariant, n0: number): Kernel {
+function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
   const shuffle = v.shuffle === true;
   const Nb = v.Nb ?? v.N;
-  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}`;
+  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${Ri}`;
   let k = kernels.get(key);
   if (k) return k;
   const { N, Lc } = v;
   const [first, last] = [n0 === 0, n0 + Nb === N];
   k = defineKernel({
-    name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}`,
+    name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}${
+      Ri ? `_dt${Ri}` : ""
+    }`,
     subgroups: shuffle,
     buffers: [
       { name: "x", type: "f32", access: "read" },
       { name: "draw", type: "f32", access: "read" },
       { name: "dbc", type: "f32", access: "read" },
-      { name: "ph", type: "f32", access: "read_write" }, // [bias | A_log | D | hs]: reads params, writes states
+      // [bias | A_log | D | W (with Ri) | hs]: reads params, writes states
+      { name: "ph", type: "f32", access: "read_write" },
       { name: "z", type: "f32", access: "read" },
       { name: "y", type: "f32", access: "read_write" },
     ],
@@ -263,9 +312,11 @@ function forwardKernel(v: FusedVariant, n0: number): Kernel {
   ${unroll(Nb, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${n0 + n}u), P.t0 > 0u);`)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
+  ${loadWd(N, Ri)}
   for (var t = P.t0; t < P.t1; t++) {
     let i = (b * P.L + t) * P.ED + dc;
-    let dt = softplus_(ld_draw(i) + bias);
+    ${drawLines(Ri, shuffle, "(b * P.L + t) * P.S")}
+    let dt = softplus_(dr + bias);
     let xv = ld_x(i);
     let row = (b * P.L + t) * P.S + P.R${plus(n0)};
     ${loadBC(N, Nb, "row", true, shuffle)}
@@ -294,18 +345,24 @@ function blockName(N: number, Nb: number, n0: number): string {
   return Nb === N ? "" : `_Nb${Nb}_n${n0}`;
 }
 
-/** The backward kernel of the state block starting at n0 (one pipeline per block, as the forward). */
-function backwardKernel(v: FusedVariant, n0: number): Kernel {
+/** The backward kernel of the state block starting at n0 (one pipeline per block, as the forward). With
+ * Ri > 0 (dt_proj inside), the last block also sums dW (ED, Ri) over time and puts the Ri dt-column terms
+ * of dBC's gradient, sum_d ddraw W[d, r], into the partial rows (after the 2N B and C columns). */
+function backwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
   const shared = v.hbuf === "workgroup";
-  const S = stepsPerBarrier(v);
   const sg = v.reduce === "subgroup";
   const shuffle = v.shuffle === true;
   const Nb = v.Nb ?? v.N;
-  const key = `bwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.Ls ?? v.Lc}|${v.WG}|${shared}|${S}|${sg}|${shuffle}`;
-  let k = kernels.get(key);
-  if (k) return k;
   const { N, Lc, WG } = v;
   const first = n0 === 0;
+  const dtHere = n0 + Nb === N ? Ri : 0; // the dt terms need the whole ddraw: the last block adds them
+  const CW = 2 * Nb + dtHere; // terms per channel and step summed over channels
+  const PW = partialWidth(N, Ri);
+  const GP = 2 * N + 2 + Ri; // gpar row: [dbias, dD, dA (N), lam carry (N), dW (Ri)]
+  const S = stepsPerBarrier(v, CW);
+  const key = `bwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.Ls ?? v.Lc}|${v.WG}|${shared}|${S}|${sg}|${shuffle}|${Ri}`;
+  let k = kernels.get(key);
+  if (k) return k;
   /** WGSL of a term only the first state block adds (D x and its gradients). */
   const firstOnly = (val: string) => (first ? val : "0.0");
   /** WGSL storing `val` at element i of gx/gdraw/gz: the first block writes, later ones add. */
@@ -316,7 +373,8 @@ function backwardKernel(v: FusedVariant, n0: number): Kernel {
   const stepLines = (h: string, t: string) =>
     `{
       let i = (b * P.L + ${t}) * P.ED + dc;
-      let dt = softplus_(ld_draw(i) + bias);
+      ${drawLines(Ri, shuffle, `(b * P.L + ${t}) * P.S`)}
+      let dt = softplus_(dr + bias);
       let dtx = dt * ld_x(i);
       let row = (b * P.L + ${t}) * P.S + P.R${plus(n0)};
       var Bv: array<f32, ${Nb}>;
@@ -333,14 +391,14 @@ function backwardKernel(v: FusedVariant, n0: number): Kernel {
         workgroupBarrier();
         for (var q = 0u; q <= slot; q++) {
           let tq = start + len - 1u - (kq - slot + q);
-          let base = q * ${WG * 2 * Nb}u;
+          let base = q * ${WG * CW}u;
           ${
-    unroll(Math.ceil((2 * Nb) / WG), (j) =>
-      `{ let col = lid + ${j * WG}u; if (col < ${2 * Nb}u) { let acc = ${
+    unroll(Math.ceil(CW / WG), (j) =>
+      `{ let col = lid + ${j * WG}u; if (col < ${CW}u) { let acc = ${
         Array.from({ length: WG }, (_, c) =>
-          `red[base + ${c * 2 * Nb}u + col]`).join(" + ")
-      }; st_gred(((b * P.segLen + tq - P.segStart) * P.slots + tile) * ${2 * N}u + ${
-        blockColumn(N, Nb, "col")
+          `red[base + ${c * CW}u + col]`).join(" + ")
+      }; st_gred(((b * P.segLen + tq - P.segStart) * P.slots + tile) * ${PW}u + ${
+        blockColumn(N, Nb, "col", n0, dtHere)
       }${plus(n0)}, acc); } }`)
   }
         }
@@ -350,19 +408,19 @@ function backwardKernel(v: FusedVariant, n0: number): Kernel {
   k = defineKernel({
     name: `fused_scan_bwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${
       sg ? "sg" : `S${S}`
-    }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}`,
+    }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}${Ri ? `_dt${Ri}` : ""}`,
     subgroups: sg || shuffle,
     buffers: [
       { name: "x", type: "f32", access: "read" },
       { name: "draw", type: "f32", access: "read" },
       { name: "dbc", type: "f32", access: "read" },
-      { name: "ph", type: "f32", access: "read" }, // [bias | A_log | D | hs]
+      { name: "ph", type: "f32", access: "read" }, // [bias | A_log | D | W (with Ri) | hs]
       { name: "z", type: "f32", access: "read" },
       { name: "g", type: "f32", access: "read" },
       { name: "gx", type: "f32", access: "read_write" },
       { name: "gdraw", type: "f32", access: "read_write" },
       { name: "gz", type: "f32", access: "read_write" },
-      // [dB/dC partials (B, L, slots, 2N) | gpar (B, ED, 2N+2)]: with `ph`, this keeps the kernel at 10
+      // [dB/dC partials (B, L, slots, PW) | gpar (B, ED, GP)]: with `ph`, this keeps the kernel at 10
       // storage buffers, what browsers allow.
       { name: "gred", type: "f32", access: "read_write" },
     ],
@@ -377,7 +435,7 @@ function backwardKernel(v: FusedVariant, n0: number): Kernel {
     ],
     workgroupSize: WG,
     decls: COMMON + `
-${sg ? "" : `var<workgroup> red: array<f32, ${S * 2 * WG * Nb}>; // [step slot][channel][B terms | C terms]`}
+${sg ? "" : `var<workgroup> red: array<f32, ${S * WG * CW}>; // [step slot][channel][B | C | dt terms]`}
 ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][channel]` : ""}`,
     body: `
   // workgroup -> (b, tile of WG channels); invocation -> channel d; states n0..n0+Nb. Chunks [t0, t1)
@@ -392,8 +450,8 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
   var gA: array<f32, ${Nb}>;
   var h0: array<f32, ${Nb}>;
   ${shared ? "" : `var hbuf: array<f32, ${Ls * Nb}>;`}
-  // gpar row of (b, d): [dbias, dD, dA (N), lam carry (N)], accumulated over dispatches.
-  let gp = P.gparOff + (b * P.ED + dc) * ${2 * N + 2}u;
+  // gpar row of (b, d): [dbias, dD, dA (N), lam carry (N), dW (Ri)], accumulated over dispatches.
+  let gp = P.gparOff + (b * P.ED + dc) * ${GP}u;
   let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
   // dbias and dD sum over the state blocks too: blocks after the first always continue
   var gbias = ${first ? "select(0.0, ld_gred(gp), more)" : "ld_gred(gp)"};
@@ -403,6 +461,13 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
   ${unroll(Nb, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0 + n}u), more);`)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
+  ${loadWd(N, Ri)}
+  ${
+      dtHere
+        ? `var gW: array<f32, ${Ri}>;
+  ${unroll(Ri, (r) => `gW[${r}] = select(0.0, ld_gred(gp + ${2 + 2 * N + r}u), more);`)}`
+        : ""
+    }
   let hsBase = (b * P.ED + dc) * P.chunks;
   for (var kk = P.t1; kk > P.t0; kk--) {
     let k = kk - 1u;
@@ -462,7 +527,8 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
       let slot = kq % ${S}u;`
     }
       let i = (b * P.L + t) * P.ED + dc;
-      let u = ld_draw(i) + bias;
+      ${drawLines(Ri, shuffle, "(b * P.L + t) * P.S")}
+      let u = dr + bias;
       let dt = softplus_(u);
       let xv = ld_x(i);
       let row = (b * P.L + t) * P.S + P.R${plus(n0)};
@@ -487,13 +553,13 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
       ${unroll(Nb, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
       ${
       sg
-        ? `// this subgroup's partial row of step t: (B, segLen, slots, 2N), the block's columns
-      let part = ((b * P.segLen + t - P.segStart) * P.slots + tile * P.slotsPerTile + lid / sgSize) * ${
-          2 * N
-        }u${plus(n0)};`
-        : `let lane = (slot * ${WG}u + lid) * ${2 * Nb}u; // this step's terms in workgroup memory`
+        ? `// this subgroup's partial row of step t: (B, segLen, slots, PW), the block's columns
+      let part = ((b * P.segLen + t - P.segStart) * P.slots + tile * P.slotsPerTile + lid / sgSize) * ${PW}u${
+          plus(n0)
+        };`
+        : `let lane = (slot * ${WG}u + lid) * ${CW}u; // this step's terms in workgroup memory`
     }
-      ${sg ? `var terms: array<f32, ${2 * Nb}>; // [dB terms | dC terms] of this lane's channel` : ""}
+      ${sg ? `var terms: array<f32, ${CW}>; // [dB terms | dC terms | dt terms] of this lane's channel` : ""}
       ${
       unroll(Nb, (n) =>
         `{ let a = exp(dt * A[${n}]); ` +
@@ -505,11 +571,24 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
             `red[lane + ${Nb + n}u] = select(0.0, gy * hcur[${n}], valid); `) +
         `lam[${n}] = a * l; }`)
     }
-      ${sg ? subgroupSums(N, Nb, shuffle ? shuffleSize() : null) : ""}
       hcur = hp;
       let gu = gdt * sigmoid_(u);
       gbias += gu;
+      ${
+      dtHere
+        ? `// ddraw summed over the state blocks (earlier blocks' shares are in gdraw): dW and the dt terms
+      let gtot = ${first ? "gu" : "ld_gdraw(i) + gu"};
+      ${unroll(Ri, (r) => `gW[${r}] += gtot * dtv[${r}];`)}
+      ${
+          unroll(Ri, (r) =>
+            sg
+              ? `terms[${2 * Nb + r}] = gtot * Wd[${r}];`
+              : `red[lane + ${2 * Nb + r}u] = select(0.0, gtot * Wd[${r}], valid);`)
+        }`
+        : ""
+    }
       if (valid) { ${acc("gx", "gx")} ${acc("gdraw", "gu")} }
+      ${sg ? subgroupSums(N, Nb, shuffle ? shuffleSize() : null, n0, dtHere) : ""}
 ${sg ? "" : workgroupReduce}
     }
     }
@@ -517,6 +596,7 @@ ${sg ? "" : workgroupReduce}
   if (valid) {
     st_gred(gp, gbias);
     st_gred(gp + 1u, gD);
+    ${dtHere ? unroll(Ri, (r) => `st_gred(gp + ${2 + 2 * N + r}u, gW[${r}]);`) : ""}
     ${
       unroll(Nb, (n) =>
         `st_gred(gp + ${2 + n0 + n}u, gA[${n}]); st_gred(gp + ${2 + N + n0 + n}u, lam[${n}]);`)
@@ -549,13 +629,13 @@ export function butterflyRounds(C: number, SG: number): { W: number; rounds: { m
  * faster on lavapipe, where each of those is a loop over the lanes). Where the size varies: subgroupAdd, and
  * lane 0 stores.
  */
-function subgroupSums(N: number, Nb: number, SG: number | null): string {
-  const C = 2 * Nb;
+function subgroupSums(N: number, Nb: number, SG: number | null, n0 = 0, dt = 0): string {
+  const C = 2 * Nb + dt;
   if (!SG) {
     return [
       unroll(C, (c) => `let s${c} = subgroupAdd(select(0.0, terms[${c}], valid));`),
       `if (sgLane == 0u) {`,
-      unroll(C, (c) => `st_gred(part + ${blockColumn(N, Nb, c)}, s${c});`),
+      unroll(C, (c) => `st_gred(part + ${blockColumn(N, Nb, c, n0, dt)}, s${c});`),
       `}`,
     ].join("\n      ");
   }
@@ -577,7 +657,8 @@ function subgroupSums(N: number, Nb: number, SG: number | null): string {
       `}`,
     );
   }
-  const store = (k: number) => `st_gred(part + ${blockColumn(N, Nb, `sgLane * ${W}u + ${k}u`)}, v[${k}]);`;
+  const store = (k: number) =>
+    `st_gred(part + ${blockColumn(N, Nb, `sgLane * ${W}u + ${k}u`, n0, dt)}, v[${k}]);`;
   lines.push(
     W * SG === C ? unroll(W, store) : unroll(W, (k) => `if (sgLane * ${W}u + ${k}u < ${C}u) { ${store(k)} }`),
   );
@@ -594,25 +675,30 @@ export interface FusedAttrs {
   gated: boolean;
   /** z's first column: z is (B, L, ED), or wider with ED columns from here (default 0). */
   zStart?: number;
+  /** dt_proj inside the kernels (R <= MAX_INLINE_DT_RANK): draw is not given; `par` holds dt_proj's weight
+   * (ED, R) after D, and the backward also gives its gradient and the dt columns of dBC's. */
+  dtInside?: boolean;
 }
 
 /**
- * `fused_scan_bwd_gather`: sums a segment's dB/dC partial rows over their slots and writes them into the
- * gradient of the x_proj output at columns R.., zeros in the dt columns 0..R (which the scan does not
- * differentiate). One invocation per row (b, t) of the segment (few, long invocations: workgroups cost more
- * than loops on CPU adapters); it reads slots x 2N partials, V at a time (V = 4: as vec4, when 2N is a
- * multiple of 4; 1.1-2x faster on lavapipe than scalar loads), and writes R + 2N columns.
+ * `fused_scan_bwd_gather`: sums a segment's partial rows (B, segLen, slots, PW) over their slots and writes
+ * them into the gradient of the x_proj output (B, L, R + 2N): the 2N B and C columns at R.., and the R dt
+ * columns (kept after B and C in a partial row when dt_proj runs inside the kernels) at 0..R, or zeros there
+ * (the scan does not differentiate them). One invocation per row (b, t) of the segment (few, long
+ * invocations: workgroups cost more than loops on CPU adapters); it reads the partials V at a time (V = 4:
+ * as vec4, when the row width is a multiple of 4; 1.1-2x faster on lavapipe than scalar loads).
  */
-function gatherKernel(V: 1 | 4): Kernel {
-  const key = `gather|${V}`;
+function gatherKernel(V: 1 | 4, dt: boolean): Kernel {
+  const key = `gather|${V}|${dt}`;
   let k = kernels.get(key);
   if (k) return k;
   const F = V === 4 ? "vec4<f32>" : "f32";
-  const store = V === 4
-    ? [0, 1, 2, 3].map((j) => `st_gdbc(out + P.R + 4u * q + ${j}u, acc.${"xyzw"[j]});`).join(" ")
-    : "st_gdbc(out + P.R + q, acc);";
+  const comp = (j: number) => (V === 4 ? `acc.${"xyzw"[j]}` : "acc");
+  const sumSlots = (col: string) =>
+    `var acc = ${F}(0.0);
+    for (var s = 0u; s < P.slots; s = s + 1u) { acc = acc + ld_part(base + s * P.PQ + ${col}); }`;
   k = defineKernel({
-    name: `fused_scan_bwd_gather${V === 4 ? "_v4" : ""}`,
+    name: `fused_scan_bwd_gather${V === 4 ? "_v4" : ""}${dt ? "_dt" : ""}`,
     buffers: [
       { name: "part", type: F, access: "read" },
       { name: "gdbc", type: "f32", access: "read_write" },
@@ -625,7 +711,8 @@ function gatherKernel(V: 1 | 4): Kernel {
       ["slots", "u32"],
       ["segStart", "u32"],
       ["segLen", "u32"],
-      ["Q", "u32"], // groups of V columns per row: 2N / V
+      ["Q", "u32"], // groups of V columns of B and C: 2N / V
+      ["PQ", "u32"], // groups of V columns per partial row: PW / V
     ],
     workgroupSize: 64,
     body: `
@@ -633,12 +720,21 @@ function gatherKernel(V: 1 | 4): Kernel {
   let b = gid / P.segLen; // invocation -> row (b, t) of the segment
   let t = P.segStart + gid % P.segLen;
   let out = (b * P.L + t) * P.S;
-  for (var c = 0u; c < P.R; c = c + 1u) { st_gdbc(out + c, 0.0); }
-  let base = gid * P.slots * P.Q; // its partials (slot, q), in units of V floats
+  let base = gid * P.slots * P.PQ; // its partials (slot, column group)
+  ${
+      dt
+        ? `for (var q = 0u; q * ${V}u < P.R; q = q + 1u) {
+    ${sumSlots("P.Q + q")}
+    ${
+          Array.from({ length: V }, (_, j) =>
+            `if (q * ${V}u + ${j}u < P.R) { st_gdbc(out + q * ${V}u + ${j}u, ${comp(j)}); }`).join(" ")
+        }
+  }`
+        : "for (var c = 0u; c < P.R; c = c + 1u) { st_gdbc(out + c, 0.0); }"
+    }
   for (var q = 0u; q < P.Q; q = q + 1u) {
-    var acc = ${F}(0.0);
-    for (var s = 0u; s < P.slots; s = s + 1u) { acc = acc + ld_part(base + s * P.Q + q); }
-    ${store}
+    ${sumSlots("q")}
+    ${Array.from({ length: V }, (_, j) => `st_gdbc(out + P.R + ${V}u * q + ${j}u, ${comp(j)});`).join(" ")}
   }`,
   });
   kernels.set(key, k);
@@ -646,9 +742,9 @@ function gatherKernel(V: 1 | 4): Kernel {
 }
 
 /**
- * `fused_scan_bwd_params`: the parameter gradients out of `gpar` (B, ED, [dbias | dD | dA (N) | lam carry],
- * at element `off` of its buffer): one invocation per (d, column) sums the batch and writes dbias (ED),
- * dD (ED) or dA_log (ED, N) = dA * A with A = -exp(A_log).
+ * `fused_scan_bwd_params`: the parameter gradients out of `gpar` (B, ED, [dbias | dD | dA (N) | lam carry (N) |
+ * dW (Ri)], at element `off` of its buffer): one invocation per (d, column) sums the batch and writes dbias
+ * (ED), dD (ED), dA_log (ED, N) = dA * A with A = -exp(A_log), or dt_proj's weight gradient dW (ED, Ri).
  */
 const paramsKernel = defineKernel({
   name: "fused_scan_bwd_params",
@@ -658,25 +754,29 @@ const paramsKernel = defineKernel({
     { name: "gbias", type: "f32", access: "read_write" },
     { name: "gd", type: "f32", access: "read_write" },
     { name: "galog", type: "f32", access: "read_write" },
+    { name: "gw", type: "f32", access: "read_write" },
   ],
-  uniforms: [["B", "u32"], ["ED", "u32"], ["N", "u32"], ["off", "u32"]],
+  uniforms: [["B", "u32"], ["ED", "u32"], ["N", "u32"], ["off", "u32"], ["Ri", "u32"]],
   workgroupSize: 64,
   body: `
-  let W = P.N + 2u; // the columns of gpar this kernel reads (the lam carry is left out)
+  let W = P.N + 2u + P.Ri; // the columns of gpar this kernel reads (the lam carry is left out)
   if (gid >= P.ED * W) { return; }
   let d = gid / W;
   let c = gid % W;
+  let col = select(c, c + P.N, c >= P.N + 2u); // dW sits after the lam carry
   var acc = 0.0;
   for (var b = 0u; b < P.B; b = b + 1u) {
-    acc = acc + ld_gpar(P.off + (b * P.ED + d) * (2u * P.N + 2u) + c);
+    acc = acc + ld_gpar(P.off + (b * P.ED + d) * (2u * P.N + 2u + P.Ri) + col);
   }
   if (c == 0u) {
     st_gbias(d, acc);
   } else if (c == 1u) {
     st_gd(d, acc);
-  } else {
+  } else if (c < P.N + 2u) {
     let i = d * P.N + c - 2u;
     st_galog(i, -acc * exp(ld_alog(i))); // dA/dA_log = A = -exp(A_log)
+  } else {
+    st_gw(d * P.Ri + c - P.N - 2u, acc);
   }`,
 });
 
@@ -718,10 +818,13 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null) {
   };
 }
 
-/** Runs the forward kernel (no autograd): returns out (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. */
+/**
+ * Runs the forward kernel (no autograd): returns out (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
+ * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null).
+ */
 export function fusedScanForward(
   x: Tensor,
-  draw: Tensor,
+  draw: Tensor | null,
   dBC: Tensor,
   par: Tensor,
   z: Tensor | null,
@@ -732,9 +835,11 @@ export function fusedScanForward(
   const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]);
   recordCopy(par.storage.buffer, 0, ph.storage.buffer, 0, 4 * par.size);
   const Nb = v.Nb ?? a.N;
+  const Ri = a.dtInside ? a.R : 0;
+  if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
   const bufs = {
     x: x.storage,
-    draw: draw.storage,
+    draw: (draw ?? x).storage,
     dbc: dBC.storage,
     ph: ph.storage,
     z: (z ?? x).storage,
@@ -744,7 +849,7 @@ export function fusedScanForward(
   for (let t0 = 0; t0 < L; t0 += step) {
     const uni = { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
     // state blocks one after another: each adds its share of y
-    for (let n0 = 0; n0 < a.N; n0 += Nb) dispatch(forwardKernel(v, n0), bufs, uni, B * u.tiles);
+    for (let n0 = 0; n0 < a.N; n0 += Nb) dispatch(forwardKernel(v, n0, Ri), bufs, uni, B * u.tiles);
   }
   return { y, ph };
 }
@@ -764,7 +869,10 @@ export function lastState(ph: Tensor, B: number, ED: number, N: number, L: numbe
 /** The gradients of the fused scan's inputs (gz null when ungated). */
 interface FusedGrads {
   gx: Tensor;
+  /** ddraw (B, L, ED) */
   gdraw: Tensor;
+  /** dt_proj's weight gradient (ED, R) when it runs inside the kernels */
+  gW: Tensor | null;
   gdBC: Tensor;
   gbias: Tensor;
   gAlog: Tensor;
@@ -772,12 +880,12 @@ interface FusedGrads {
   gz: Tensor | null;
 }
 
-/** Runs the backward kernels (no autograd): every input's gradient from the output's gradient g. gdBC has
- * zeros in the dt columns 0..R. */
+/** Runs the backward kernels (no autograd): every input's gradient from the output's gradient g. gdBC's dt
+ * columns 0..R hold zeros, or (`a.dtInside`, draw null) ddraw @ W. */
 function fusedScanBackward(
   g: Tensor,
   x: Tensor,
-  draw: Tensor,
+  draw: Tensor | null,
   dBC: Tensor,
   A_log: Tensor,
   ph: Tensor,
@@ -793,21 +901,24 @@ function fusedScanBackward(
   const sg = v.reduce === "subgroup" ? deviceInfo().subgroups : null;
   const slotsPerTile = sg ? Math.ceil(v.WG / sg.minSize) : 1;
   const slots = u.tiles * slotsPerTile;
-  const stepBytes = 4 * B * slots * 2 * N; // partials of one time step
+  const Ri = a.dtInside ? a.R : 0;
+  const PW = partialWidth(N, Ri); // a partial row: [dB (N) | dC (N) | dt terms (Ri), padded]
+  const GP = 2 * N + 2 + Ri; // gpar row
+  const stepBytes = 4 * B * slots * PW; // partials of one time step
   const budget = partialBudget ?? Math.max(4 << 20, 4 * x.size);
   const segChunks = Math.max(1, Math.min(u.chunks, Math.floor(budget / stepBytes / v.Lc)));
   const segSteps = Math.min(L, segChunks * v.Lc);
-  const gbcSize = B * segSteps * slots * 2 * N;
+  const gbcSize = B * segSteps * slots * PW;
   const gx = Tensor.empty(x.shape);
   const gdraw = Tensor.empty(x.shape);
   // With z a window of a wider tensor (in_proj's output), gz is returned as that window of z's gradient:
   // writing it there in place would make the whole gradient live from here on, raising the peak.
   const gz = Tensor.empty(x.shape);
-  const gred = Tensor.empty([gbcSize + B * ED * (2 * N + 2)]); // [partials of a segment | gpar]
-  const gdBC = Tensor.empty([B, L, a.R + 2 * N]); // gdBC: (B, L, R + 2N); the dt columns get zeros
+  const gred = Tensor.empty([gbcSize + B * ED * GP]); // [partials of a segment | gpar]
+  const gdBC = Tensor.empty([B, L, a.R + 2 * N]); // gdBC: (B, L, R + 2N)
   const bufs = {
     x: x.storage,
-    draw: draw.storage,
+    draw: (draw ?? x).storage,
     dbc: dBC.storage,
     ph: ph.storage,
     z: (z ?? x).storage,
@@ -828,31 +939,35 @@ function fusedScanBackward(
     const segStart = c0 * v.Lc;
     const segLen = Math.min(L, c1 * v.Lc) - segStart;
     if (sg && sg.minSize !== sg.maxSize) {
-      recordClear(gred.storage.buffer, 0, 4 * B * segLen * slots * 2 * N);
+      recordClear(gred.storage.buffer, 0, 4 * B * segLen * slots * PW);
     }
     for (let t1 = c1; t1 > c0; t1 -= per) {
       const t0 = Math.max(c0, t1 - per);
       const uni = { ...u, t0, t1, hsOff, gparOff: gbcSize, slots, slotsPerTile, segStart, segLen };
       // state blocks one after another: each adds its share of dx, ddelta, dz, dbias, dD
-      for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0), bufs, uni, B * u.tiles);
+      for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0, Ri), bufs, uni, B * u.tiles);
     }
-    // partials (B, segLen, slots, 2N) -> gdBC[:, segStart..segStart+segLen, :]
-    const V = (2 * N) % 4 === 0 ? 4 : 1;
-    const Q = (2 * N) / V;
+    // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]
+    const V = PW % 4 === 0 && (2 * N) % 4 === 0 ? 4 : 1;
     const n = B * segLen;
-    const gu = { n, L, S, R: a.R, slots, segStart, segLen, Q };
-    dispatch(gatherKernel(V), { part: gred.storage, gdbc: gdBC.storage }, gu, Math.ceil(n / 64));
+    const gu = { n, L, S, R: a.R, slots, segStart, segLen, Q: (2 * N) / V, PQ: PW / V };
+    dispatch(gatherKernel(V, Ri > 0), { part: gred.storage, gdbc: gdBC.storage }, gu, Math.ceil(n / 64));
   }
   // Reductions over the batch: dbias, dD, dA_log, from gpar (B, ED, 2N + 2) at the end of gred.
   const gbias = Tensor.empty([ED]);
   const gD = Tensor.empty([ED]);
   const gAlog = Tensor.empty([ED, N]);
+  const gW = Ri ? Tensor.empty([ED, Ri]) : null;
   const pbufs = { gpar: gred.storage, alog: A_log.storage, gbias: gbias.storage, gd: gD.storage };
-  const pu = { B, ED, N, off: gbcSize };
-  dispatch(paramsKernel, { ...pbufs, galog: gAlog.storage }, pu, Math.ceil((ED * (N + 2)) / 64));
+  const pu = { B, ED, N, off: gbcSize, Ri };
+  // Without dW the kernel still binds a `gw`: a scratch word (writable bindings must not alias).
+  const gwOut = gW ?? Tensor.empty([1]);
+  const pout = { galog: gAlog.storage, gw: gwOut.storage };
+  dispatch(paramsKernel, { ...pbufs, ...pout }, pu, Math.ceil((ED * (N + 2 + Ri)) / 64));
+  if (!gW) gwOut.dispose();
   gred.dispose();
   if (!z) gz.dispose();
-  return { gx, gdraw, gdBC, gbias, gAlog, gD, gz: z ? gz : null };
+  return { gx, gdraw, gW, gdBC, gbias, gAlog, gD, gz: z ? gz : null };
 }
 
 /** The op's gradient of z: its own tensor, or a window of a wider z (in_proj's output); null if unneeded.
@@ -896,63 +1011,76 @@ const fusedOp = defineOp<FusedAttrs>({
 });
 
 /**
- * dt_proj and the SSM as one op: delta = softplus(dBC[..., :R] @ W^T + bias). It saves x, dBC, the R dt
- * columns and W, not delta (B, L, ED): the backward recomputes draw = dt @ W^T (R multiply-adds per token
- * and channel, as the official kernels' checkpoint_lvl 1 does), so the scan saves 4 (2 ED + 2R + 2N) bytes per
- * token plus the chunk states.
+ * dt_proj and the SSM as one op: delta = softplus(dBC[..., :R] @ W^T + bias). It never saves delta (B, L, ED).
+ * Up to rank MAX_INLINE_DT_RANK the kernels compute draw themselves, per step, from dBC's dt columns and W
+ * (kept with the parameters in `ph`), and the backward kernels also give W's gradient and the dt columns of
+ * dBC's: no draw tensor, no matmul. Above it, draw comes from a matmul in the forward and again in the
+ * backward (as the official kernels' checkpoint_lvl 1), and the op saves the dt columns.
  */
 const dtScanOp = defineOp<FusedAttrs>({
   name: "fusedMambaScan",
   forward: (inputs, a, save) => {
     const [x, dBC, W, bias, A_log, D, z] = inputs;
-    const [B, L] = x.shape;
-    const dt = Tensor.empty([B, L, a.R]); // dt: (B, L, R), the dt columns of dBC
-    copyBox(dBC, { offset: 0, strides: stridesOf(dBC.shape) }, dt, {
-      offset: 0,
-      strides: stridesOf(dt.shape),
-    }, [
-      B,
-      L,
-      a.R,
-    ]);
+    if (a.dtInside) {
+      const par = cat([bias, A_log.reshape(-1), D, W.reshape(-1)], 0); // par: (ED + ED*N + ED + ED*R)
+      const { y, ph } = fusedScanForward(x, null, dBC, par, z ?? null, a);
+      par.dispose();
+      save(x, dBC, A_log, ph, ...(z ? [z] : []));
+      return y;
+    }
+    const dt = dtColumns(dBC, a.R); // dt: (B, L, R)
     const draw = matmulRaw(dt, W, { transB: true }); // draw: (B, L, ED)
     const par = cat([bias, A_log.reshape(-1), D], 0); // par: (ED + ED*N + ED)
     const { y, ph } = fusedScanForward(x, draw, dBC, par, z ?? null, a);
     par.dispose();
     draw.dispose();
-    save(x, dBC, dt, W, A_log, ph, ...(z ? [z] : []));
+    save(x, dBC, A_log, ph, ...(z ? [z] : []), dt, W);
     return y;
   },
   backward: (g, saved, inputs, a) => {
-    const [x, dBC, dt, W, A_log, ph] = saved;
-    const z = a.gated ? saved[6] : null;
-    const draw = matmulRaw(dt, W, { transB: true }); // recomputed: draw: (B, L, ED)
-    const r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a);
-    draw.dispose();
-    const [B, L] = x.shape;
-    let gW: Tensor | null = null;
-    if (inputs[2].requiresGrad) {
-      const M = B * L;
-      const gdrawFlat = new Tensor(r.gdraw.storage, [M, x.shape[2]], "f32"); // (B L, ED)
-      const dtFlat = new Tensor(dt.storage, [M, a.R], "f32"); // (B L, R)
-      gW = matmulRaw(gdrawFlat, dtFlat, { transA: true }); // gW: (ED, R)
-      gdrawFlat.dispose();
-      dtFlat.dispose();
-    }
-    if (inputs[1].requiresGrad && a.R > 0) {
-      // the dt columns of dBC's gradient (zeros so far): gdraw @ W
-      const gdt = matmulRaw(r.gdraw, W, {}); // gdt: (B, L, R)
-      const box = { offset: 0, strides: stridesOf(r.gdBC.shape) };
-      copyBox(gdt, { offset: 0, strides: stridesOf(gdt.shape) }, r.gdBC, box, [B, L, a.R]);
-      gdt.dispose();
+    const [x, dBC, A_log, ph] = saved;
+    const z = a.gated ? saved[4] : null;
+    const ED = x.shape[2];
+    let r: FusedGrads;
+    if (a.dtInside) {
+      r = fusedScanBackward(g, x, null, dBC, A_log, ph, z, a);
+    } else {
+      const [dt, W] = saved.slice(a.gated ? 5 : 4);
+      const draw = matmulRaw(dt, W, { transB: true }); // recomputed: draw: (B, L, ED)
+      r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a);
+      draw.dispose();
+      const [B, L] = x.shape;
+      if (inputs[2].requiresGrad) {
+        const gdrawFlat = new Tensor(r.gdraw.storage, [B * L, ED], "f32"); // (B L, ED)
+        const dtFlat = new Tensor(dt.storage, [B * L, a.R], "f32"); // (B L, R)
+        r.gW = matmulRaw(gdrawFlat, dtFlat, { transA: true }); // gW: (ED, R)
+        gdrawFlat.dispose();
+        dtFlat.dispose();
+      }
+      if (inputs[1].requiresGrad && a.R > 0) {
+        // the dt columns of dBC's gradient (zeros so far): ddraw @ W
+        const gdt = matmulRaw(r.gdraw, W, {}); // gdt: (B, L, R)
+        const box = { offset: 0, strides: stridesOf(r.gdBC.shape) };
+        copyBox(gdt, { offset: 0, strides: stridesOf(gdt.shape) }, r.gdBC, box, [B, L, a.R]);
+        gdt.dispose();
+      }
     }
     r.gdraw.dispose();
-    const grads = [r.gx, r.gdBC, gW, r.gbias, r.gAlog, r.gD].map((t, i) =>
+    const grads = [r.gx, r.gdBC, r.gW, r.gbias, r.gAlog, r.gD].map((t, i) =>
       inputs[i].requiresGrad || !t ? t : (t.dispose(), null)
     );
-    return z ? [...grads, zGrad(r.gz, inputs[6], x.shape[2], a)] : grads;
+    return z ? [...grads, zGrad(r.gz, inputs[6], ED, a)] : grads;
   },
 });
+
+/** The R dt columns of dBC (B, L, R + 2N), copied: (B, L, R). */
+function dtColumns(dBC: Tensor, R: number): Tensor {
+  const [B, L] = dBC.shape;
+  const dt = Tensor.empty([B, L, R]);
+  const from = { offset: 0, strides: stridesOf(dBC.shape) };
+  copyBox(dBC, from, dt, { offset: 0, strides: stridesOf(dt.shape) }, [B, L, R]);
+  return dt;
+}
 
 /** Checks the shapes of a fused-scan call (`what` names the function); returns R and N. */
 function checkScanArgs(
@@ -1022,8 +1150,10 @@ export function fusedSelectiveScan(
 /**
  * The SSM of a Mamba block with dt_proj folded in, as MambaBlock runs it: delta = softplus(dBC[..., :R] @
  * dtWeight^T + dtBias), then as {@linkcode fusedSelectiveScan}. dtWeight: (ED, R); the other arguments as
- * there. It saves dBC's R dt columns instead of draw (B, L, ED) and recomputes draw in the backward (an R-deep
- * product per token and channel), so the scan keeps 4 (2 ED + 2R + 2N) bytes per token plus the chunk states.
+ * there. It never saves delta or draw (B, L, ED): up to R = MAX_INLINE_DT_RANK the kernels compute draw per
+ * step from dBC's dt columns (and the backward kernels W's gradient and those columns'); above it, draw comes
+ * from a matmul, recomputed in the backward. The scan keeps 4 (2 ED + R + 2N) bytes per token (4 (2 ED + 2R +
+ * 2N) above the inline rank) plus the chunk states.
  */
 export function fusedMambaScan(
   x: Tensor,
@@ -1041,5 +1171,12 @@ export function fusedMambaScan(
     throw new Error(`fusedMambaScan: dtWeight must be (${ED}, ${R}), got ${fmt(dtWeight.shape)}`);
   }
   const inputs = [x, dBC, dtWeight, dtBias, A_log, D, ...(z ? [z] : [])];
-  return dtScanOp(inputs, { R, N, gated: z !== null, ...(zStart ? { zStart } : {}) });
+  const dtInside = R >= 1 && R <= MAX_INLINE_DT_RANK;
+  return dtScanOp(inputs, {
+    R,
+    N,
+    gated: z !== null,
+    ...(zStart ? { zStart } : {}),
+    ...(dtInside ? { dtInside } : {}),
+  });
 }

@@ -141,7 +141,9 @@ Deno.test("fused scan reads the gate z as a column window of a wider tensor (in_
 Deno.test("fusedMambaScan (dt_proj inside, delta recomputed in the backward) equals the reference, W's gradient too", async () => {
   await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, dtWeight: true }, 22);
   await compare({ B: 1, L: 70, ED: 12, N: 4, R: 3, gated: false, dtWeight: true }, 23);
-  await compare({ B: 2, L: 33, ED: 16, N: 4, R: 0, gated: true, dtWeight: true }, 24);
+  await compare({ B: 2, L: 33, ED: 16, N: 4, R: 0, gated: true, dtWeight: true }, 24); // matmul path, R = 0
+  await compare({ B: 1, L: 45, ED: 20, N: 4, R: 9, gated: true, dtWeight: true }, 27); // above the inline rank
+  await compare({ B: 2, L: 70, ED: 16, N: 32, R: 8, gated: true, dtWeight: true }, 28); // two state blocks
   await compare({
     B: 1,
     L: 40,
@@ -219,7 +221,8 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
       setFusedVariant(16, v);
       setFusedVariant(4, v);
       await compare({ B: 2, L: 37, ED: 40, N: 16, R: 2, gated: true }, 9);
-      await compare({ B: 1, L: 21, ED: 12, N: 4, R: 1, gated: false }, 10);
+      // dt_proj inside the kernels: draw computed per step, dW and the dt columns' terms in the last block
+      await compare({ B: 1, L: 21, ED: 12, N: 4, R: 1, gated: false, dtWeight: true }, 10);
     }
     if (info.subgroups) {
       // An adapter whose subgroup size may vary leaves some partial rows unwritten: they start as zeros.
@@ -228,6 +231,7 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
       try {
         setFusedVariant(16, { WG: 32, Lc: 8, reduce: "subgroup" });
         await compare({ B: 2, L: 37, ED: 40, N: 16, R: 2, gated: true }, 11);
+        await compare({ B: 2, L: 37, ED: 40, N: 16, R: 3, gated: true, dtWeight: true }, 11);
       } finally {
         info.subgroups = real;
       }

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import * as M from "../mod.ts";
 import { defineOp, dispose, tensor } from "../mod.ts";
 import { assertClose, checkOps, map1, nd, numericGrad, rand, readAll, setup } from "./helpers.ts";
+import { defineKernel, dispatch } from "../core/kernel.ts";
 
 await setup();
 
@@ -255,4 +256,26 @@ Deno.test("the test helpers themselves detect wrong values, wrong gradients and 
     Float64Array.of(-2),
   ]);
   assert.ok(Math.abs(gx![0] - (3 * 2.25 - 2)) < 1e-8 && Math.abs(gy![0] - 1.5) < 1e-8);
+});
+
+Deno.test("dispatch: a writable binding that aliases another binding is a clear error (browsers reject it)", () => {
+  const k = defineKernel({
+    name: "alias_check",
+    buffers: [
+      { name: "a", type: "f32", access: "read" },
+      { name: "b", type: "f32", access: "read_write" },
+    ],
+    uniforms: [],
+    workgroupSize: 64,
+    body: "st_b(gid, ld_a(gid));",
+  });
+  const t = M.zeros([4]);
+  const u = M.zeros([4]);
+  assert.throws(
+    () => dispatch(k, { a: t.storage, b: t.storage }, {}, 1),
+    /kernel alias_check: writable buffer 'b' is the same GPU buffer as 'a'/,
+  );
+  dispatch(k, { a: t.storage, b: u.storage }, {}, 1); // distinct buffers: fine
+  t.dispose();
+  u.dispose();
 });

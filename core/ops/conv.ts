@@ -276,8 +276,11 @@ const convOp = defineOp<ConvAttrs>({
     const gw = Tensor.empty(w.shape);
     const gb = a.hasBias ? Tensor.empty([C]) : null;
     const pu = { rows: B * chunks, C, K, hasBias: a.hasBias ? 1 : 0 };
-    const pbufs = { part: part.storage, gw: gw.storage, gb: (gb ?? gw).storage };
+    // Without a bias the kernel still binds `gb`: a scratch word (writable bindings must not alias).
+    const gbOut = gb ?? Tensor.empty([1]);
+    const pbufs = { part: part.storage, gw: gw.storage, gb: gbOut.storage };
     dispatch(paramsKernel, pbufs, pu, Math.ceil((C * (K + 1)) / WG));
+    if (!gb) gbOut.dispose();
     part.dispose();
     if (target || !gx) return [null, gw, gb];
     return [wide ? new WindowGrad(gx, 2, start) : gx, gw, gb];
