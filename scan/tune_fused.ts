@@ -20,7 +20,7 @@ import { dispose, tidy } from "../core/tensor.ts";
 import { defaultFusedVariant, fusedSelectiveScan, type FusedVariant, setFusedVariant } from "./fused.ts";
 
 /** Bump when the kernels change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 12;
+export const FUSED_KERNEL_VERSION = 13;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
