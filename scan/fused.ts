@@ -904,7 +904,9 @@ function fusedScanBackward(
   const Ri = a.dtInside ? a.R : 0;
   const PW = partialWidth(N, Ri); // a partial row: [dB (N) | dC (N) | dt terms (Ri), padded]
   const GP = 2 * N + 2 + Ri; // gpar row
-  const stepBytes = 4 * B * slots * PW; // partials of one time step
+  // partials of one time step, as the budget counts them (the few dt columns ride along, so that they do not
+  // split time into more segments than the B and C columns alone would)
+  const stepBytes = 4 * B * slots * 2 * N;
   const budget = partialBudget ?? Math.max(4 << 20, 4 * x.size);
   const segChunks = Math.max(1, Math.min(u.chunks, Math.floor(budget / stepBytes / v.Lc)));
   const segSteps = Math.min(L, segChunks * v.Lc);
