@@ -118,14 +118,20 @@ export class MambaBlock extends Module {
    */
   fusedSsm(x: Tensor, xz: Tensor, wantState: boolean): { y: Tensor; h: Tensor | null } {
     const { dtRank: R, dState: N, dInner: ED } = this.config;
-    let dBC = this.xProj.forward(x); // dBC: (B, L, R + 2N)
+    // x_proj's output padded to a multiple of 4 columns (zero rows appended to its weight), so that x_proj's
+    // matmuls and their gradients move 16 bytes at a time; the scan ignores the extra columns.
+    const S = R + 2 * N;
+    const Sp = this.norms ? S : Math.ceil(S / 4) * 4;
+    let dBC = Sp === S
+      ? this.xProj.forward(x) // dBC: (B, L, R + 2N)
+      : matmul(x, pad(this.xProj.weight, [0, 0, 0, Sp - S]), { transB: true }); // dBC: (B, L, Sp)
     if (this.norms) {
       const [delta, Bm, C] = split(dBC, [R, N, N], -1);
       dBC = cat([this.norms.dt.forward(delta), this.norms.B.forward(Bm), this.norms.C.forward(C)], -1);
     }
     const bias = this.dtProj.bias!;
     if (!wantState) {
-      // dt_proj inside the op: delta is recomputed in the backward, not saved
+      // dt_proj inside the op: delta is never saved
       return { y: fusedMambaScan(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED), h: null };
     }
     // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.

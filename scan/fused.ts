@@ -735,7 +735,8 @@ function gatherKernel(V: 1 | 4, dt: boolean): Kernel {
   for (var q = 0u; q < P.Q; q = q + 1u) {
     ${sumSlots("q")}
     ${Array.from({ length: V }, (_, j) => `st_gdbc(out + P.R + ${V}u * q + ${j}u, ${comp(j)});`).join(" ")}
-  }`,
+  }
+  for (var c = P.R + P.Q * ${V}u; c < P.S; c = c + 1u) { st_gdbc(out + c, 0.0); } // padding columns`,
   });
   kernels.set(key, k);
   return k;
@@ -917,7 +918,7 @@ function fusedScanBackward(
   // writing it there in place would make the whole gradient live from here on, raising the peak.
   const gz = Tensor.empty(x.shape);
   const gred = Tensor.empty([gbcSize + B * ED * GP]); // [partials of a segment | gpar]
-  const gdBC = Tensor.empty([B, L, a.R + 2 * N]); // gdBC: (B, L, R + 2N)
+  const gdBC = Tensor.empty(dBC.shape); // gdBC: (B, L, R + 2N), or wider (zeros past R + 2N)
   const bufs = {
     x: x.storage,
     draw: (draw ?? x).storage,
@@ -935,7 +936,7 @@ function fusedScanBackward(
   // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums):
   // at most MAX_STEPS / 2 steps, so no invocation loops 65535 times.
   const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
-  const S = a.R + 2 * N;
+  const S = dBC.shape[2]; // row stride of dBC and its gradient (R + 2N, or more with padding)
   for (let c1 = u.chunks; c1 > 0; c1 -= segChunks) {
     const c0 = Math.max(0, c1 - segChunks);
     const segStart = c0 * v.Lc;
@@ -1094,10 +1095,11 @@ function checkScanArgs(
   D: Tensor,
   z: Tensor | null,
   zStart: number | undefined,
+  dtRank?: number,
 ): { R: number; N: number } {
   const [B, L, ED] = x.shape;
   const N = A_log.shape[1];
-  const R = dBC.shape[2] - 2 * N;
+  const R = dtRank ?? dBC.shape[2] - 2 * N;
   const bad = (msg: string) => {
     throw new Error(`${what}: ${msg}`);
   };
@@ -1117,8 +1119,13 @@ function checkScanArgs(
     }
   }
   if (A_log.rank !== 2 || A_log.shape[0] !== ED) bad(`A_log must be (${ED}, N), got ${fmt(A_log.shape)}`);
-  if (dBC.rank !== 3 || dBC.shape[0] !== B || dBC.shape[1] !== L || R < 0) {
-    bad(`dBC must be (${B}, ${L}, R + 2*${N}), got ${fmt(dBC.shape)}`);
+  const widthOk = dtRank === undefined ? R >= 0 : dBC.shape[2] >= R + 2 * N;
+  if (dBC.rank !== 3 || dBC.shape[0] !== B || dBC.shape[1] !== L || !widthOk) {
+    bad(
+      `dBC must be (${B}, ${L}, ${dtRank === undefined ? "R" : R} + 2*${N}${
+        dtRank === undefined ? "" : " or more"
+      }), got ${fmt(dBC.shape)}`,
+    );
   }
   if (bias.shape.join() !== `${ED}` || D.shape.join() !== `${ED}`) bad(`bias and D must be (${ED})`);
   return { R, N };
@@ -1151,8 +1158,9 @@ export function fusedSelectiveScan(
 
 /**
  * The SSM of a Mamba block with dt_proj folded in, as MambaBlock runs it: delta = softplus(dBC[..., :R] @
- * dtWeight^T + dtBias), then as {@linkcode fusedSelectiveScan}. dtWeight: (ED, R); the other arguments as
- * there. It never saves delta or draw (B, L, ED): up to R = MAX_INLINE_DT_RANK the kernels compute draw per
+ * dtWeight^T + dtBias), then as {@linkcode fusedSelectiveScan}. dtWeight: (ED, R); dBC may be wider than R +
+ * 2N (x_proj's output padded to a multiple of 4 columns: the extra columns are ignored, their gradient is
+ * zero); the other arguments as there. It never saves delta or draw (B, L, ED): up to R = MAX_INLINE_DT_RANK the kernels compute draw per
  * step from dBC's dt columns (and the backward kernels W's gradient and those columns'); above it, draw comes
  * from a matmul, recomputed in the backward. The scan keeps 4 (2 ED + R + 2N) bytes per token (4 (2 ED + 2R +
  * 2N) above the inline rank) plus the chunk states.
@@ -1167,11 +1175,11 @@ export function fusedMambaScan(
   z: Tensor | null,
   zStart?: number,
 ): Tensor {
-  const { R, N } = checkScanArgs("fusedMambaScan", x, dBC, dtBias, A_log, D, z, zStart);
   const ED = x.shape[2];
-  if (dtWeight.rank !== 2 || dtWeight.shape[0] !== ED || dtWeight.shape[1] !== R) {
-    throw new Error(`fusedMambaScan: dtWeight must be (${ED}, ${R}), got ${fmt(dtWeight.shape)}`);
+  if (dtWeight.rank !== 2 || dtWeight.shape[0] !== ED) {
+    throw new Error(`fusedMambaScan: dtWeight must be (${ED}, R), got ${fmt(dtWeight.shape)}`);
   }
+  const { R, N } = checkScanArgs("fusedMambaScan", x, dBC, dtBias, A_log, D, z, zStart, dtWeight.shape[1]);
   const inputs = [x, dBC, dtWeight, dtBias, A_log, D, ...(z ? [z] : [])];
   const dtInside = R >= 1 && R <= MAX_INLINE_DT_RANK;
   return dtScanOp(inputs, {

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { init } from "../core/device.ts";
-import { randn } from "../core/creation.ts";
+import { full, randn } from "../core/creation.ts";
 import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { butterflyRounds, fusedMambaScan, fusedSelectiveScan, type FusedVariant } from "../scan/fused.ts";
@@ -21,6 +21,8 @@ interface Case {
   zTimesY?: boolean;
   /** dt_proj inside the op (fusedMambaScan): delta from dBC's dt columns and a weight W (ED, R). */
   dtWeight?: boolean;
+  /** dBC has this many extra columns after R + 2N (x_proj's output padded; fusedMambaScan ignores them). */
+  dBCPad?: number;
 }
 
 function inputs(c: Case, seed: number) {
@@ -28,7 +30,7 @@ function inputs(c: Case, seed: number) {
   const t = {
     x: r([c.B, c.L, c.ED], 1),
     draw: r([c.B, c.L, c.ED], 2, 0.5),
-    dBC: r([c.B, c.L, c.R + 2 * c.N], 3),
+    dBC: r([c.B, c.L, c.R + 2 * c.N + (c.dBCPad ?? 0)], 3),
     bias: r([c.ED], 4, 0.5),
     A_log: r([c.ED, c.N], 5, 0.3),
     D: r([c.ED], 6),
@@ -73,6 +75,8 @@ async function gradsOf(t: ReturnType<typeof inputs>, fn: () => Tensor, c: Case) 
 async function compare(c: Case, seed: number) {
   await init();
   const t = inputs(c, seed);
+  // A pooled buffer of dBC's size full of 7s: a gradient that left its padding columns unwritten shows it.
+  if (c.dBCPad) full(t.dBC.shape, 7).dispose();
   const fused = await gradsOf(
     t,
     () => {
@@ -144,6 +148,9 @@ Deno.test("fusedMambaScan (dt_proj inside, delta recomputed in the backward) equ
   await compare({ B: 2, L: 33, ED: 16, N: 4, R: 0, gated: true, dtWeight: true }, 24); // matmul path, R = 0
   await compare({ B: 1, L: 45, ED: 20, N: 4, R: 9, gated: true, dtWeight: true }, 27); // above the inline rank
   await compare({ B: 2, L: 70, ED: 16, N: 32, R: 8, gated: true, dtWeight: true }, 28); // two state blocks
+  // dBC padded to a multiple of 4 columns (as MambaBlock pads x_proj's output): the padding's gradient is 0
+  await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, dtWeight: true, dBCPad: 3 }, 29);
+  await compare({ B: 1, L: 30, ED: 20, N: 4, R: 9, gated: true, dtWeight: true, dBCPad: 3 }, 30);
   await compare({
     B: 1,
     L: 40,
@@ -158,7 +165,7 @@ Deno.test("fusedMambaScan (dt_proj inside, delta recomputed in the backward) equ
   const t = inputs({ B: 1, L: 4, ED: 8, N: 4, R: 2, gated: true }, 26);
   assert.throws(
     () => fusedMambaScan(t.x, t.dBC, t.x, t.bias, t.A_log, t.D, t.z),
-    /fusedMambaScan: dtWeight must be \(8, 2\), got \[1, 4, 8\]/,
+    /fusedMambaScan: dtWeight must be \(8, R\), got \[1, 4, 8\]/,
   );
   for (const v of Object.values(t)) v.dispose();
 });
