@@ -119,6 +119,7 @@ export {
   defaultFusedVariant,
   type FusedAttrs,
   fusedMambaScan,
+  fusedMambaScanForward,
   fusedScanForward,
   fusedSelectiveScan,
   type FusedVariant,

@@ -26,7 +26,7 @@ import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
-import { fusedMambaScan, fusedScanForward, lastState } from "../scan/fused.ts";
+import { fusedMambaScan, fusedMambaScanForward, lastState } from "../scan/fused.ts";
 import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs
 import { checkpoint, isGradEnabled } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
@@ -135,9 +135,7 @@ export class MambaBlock extends Module {
       return { y: fusedMambaScan(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED), h: null };
     }
     // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.
-    const draw = matmul(narrow(dBC, -1, 0, R), this.dtProj.weight, { transB: true }); // draw: (B, L, ED)
-    const par = cat([bias, this.A_log.reshape(-1), this.D], 0);
-    const { y, ph } = fusedScanForward(x, draw, dBC, par, xz, { R, N, gated: true, zStart: ED });
+    const { y, ph } = fusedMambaScanForward(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED);
     return { y, h: lastState(ph, x.shape[0], ED, N, x.shape[1]) };
   }
 

@@ -819,6 +819,18 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null) {
   };
 }
 
+/** The bindings both kernels read: x, draw (x in its place when dt_proj runs inside), dBC, ph, z (x when
+ * ungated). */
+function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: Tensor | null) {
+  return {
+    x: x.storage,
+    draw: (draw ?? x).storage,
+    dbc: dBC.storage,
+    ph: ph.storage,
+    z: (z ?? x).storage,
+  };
+}
+
 /**
  * Runs the forward kernel (no autograd): returns out (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
  * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null).
@@ -838,14 +850,7 @@ export function fusedScanForward(
   const Nb = v.Nb ?? a.N;
   const Ri = a.dtInside ? a.R : 0;
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
-  const bufs = {
-    x: x.storage,
-    draw: (draw ?? x).storage,
-    dbc: dBC.storage,
-    ph: ph.storage,
-    z: (z ?? x).storage,
-    y: y.storage,
-  };
+  const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
     const uni = { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
@@ -920,11 +925,7 @@ function fusedScanBackward(
   const gred = Tensor.empty([gbcSize + B * ED * GP]); // [partials of a segment | gpar]
   const gdBC = Tensor.empty(dBC.shape); // gdBC: (B, L, R + 2N), or wider (zeros past R + 2N)
   const bufs = {
-    x: x.storage,
-    draw: (draw ?? x).storage,
-    dbc: dBC.storage,
-    ph: ph.storage,
-    z: (z ?? x).storage,
+    ...scanInputs(x, draw, dBC, ph, z),
     g: g.storage,
     gx: gx.storage,
     gdraw: gdraw.storage,
@@ -990,8 +991,8 @@ function zGrad(
 }
 
 /** Disposes the gradients of inputs that need none (null for them). */
-function needed(grads: Tensor[], inputs: readonly Tensor[]): (Tensor | null)[] {
-  return grads.map((t, i) => (inputs[i].requiresGrad ? t : (t.dispose(), null)));
+function needed(grads: (Tensor | null)[], inputs: readonly Tensor[]): (Tensor | null)[] {
+  return grads.map((t, i) => (!t || inputs[i].requiresGrad ? t : (t.dispose(), null)));
 }
 
 const fusedOp = defineOp<FusedAttrs>({
@@ -1024,20 +1025,8 @@ const dtScanOp = defineOp<FusedAttrs>({
   name: "fusedMambaScan",
   forward: (inputs, a, save) => {
     const [x, dBC, W, bias, A_log, D, z] = inputs;
-    if (a.dtInside) {
-      const par = cat([bias, A_log.reshape(-1), D, W.reshape(-1)], 0); // par: (ED + ED*N + ED + ED*R)
-      const { y, ph } = fusedScanForward(x, null, dBC, par, z ?? null, a);
-      par.dispose();
-      save(x, dBC, A_log, ph, ...(z ? [z] : []));
-      return y;
-    }
-    const dt = dtColumns(dBC, a.R); // dt: (B, L, R)
-    const draw = matmulRaw(dt, W, { transB: true }); // draw: (B, L, ED)
-    const par = cat([bias, A_log.reshape(-1), D], 0); // par: (ED + ED*N + ED)
-    const { y, ph } = fusedScanForward(x, draw, dBC, par, z ?? null, a);
-    par.dispose();
-    draw.dispose();
-    save(x, dBC, A_log, ph, ...(z ? [z] : []), dt, W);
+    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z ?? null, a);
+    save(x, dBC, A_log, ph, ...(z ? [z] : []), ...(dt ? [dt, W] : []));
     return y;
   },
   backward: (g, saved, inputs, a) => {
@@ -1069,12 +1058,31 @@ const dtScanOp = defineOp<FusedAttrs>({
       }
     }
     r.gdraw.dispose();
-    const grads = [r.gx, r.gdBC, r.gW, r.gbias, r.gAlog, r.gD].map((t, i) =>
-      inputs[i].requiresGrad || !t ? t : (t.dispose(), null)
-    );
+    const grads = needed([r.gx, r.gdBC, r.gW, r.gbias, r.gAlog, r.gD], inputs);
     return z ? [...grads, zGrad(r.gz, inputs[6], ED, a)] : grads;
   },
 });
+
+/** fusedMambaScan's forward kernels (no autograd): y, `ph` and, above the inline rank, the dt columns read. */
+function dtScanForward(
+  x: Tensor,
+  dBC: Tensor,
+  W: Tensor,
+  bias: Tensor,
+  A_log: Tensor,
+  D: Tensor,
+  z: Tensor | null,
+  a: FusedAttrs,
+): { y: Tensor; ph: Tensor; dt: Tensor | null } {
+  const dt = a.dtInside ? null : dtColumns(dBC, a.R); // dt: (B, L, R)
+  const draw = dt && matmulRaw(dt, W, { transB: true }); // draw: (B, L, ED)
+  // par: (ED + ED*N + ED), and dt_proj's weight (ED*R) after it when it runs inside
+  const par = cat([bias, A_log.reshape(-1), D, ...(dt ? [] : [W.reshape(-1)])], 0);
+  const { y, ph } = fusedScanForward(x, draw, dBC, par, z, a);
+  par.dispose();
+  draw?.dispose();
+  return { y, ph, dt };
+}
 
 /** The R dt columns of dBC (B, L, R + 2N), copied: (B, L, R). */
 function dtColumns(dBC: Tensor, R: number): Tensor {
@@ -1175,18 +1183,47 @@ export function fusedMambaScan(
   z: Tensor | null,
   zStart?: number,
 ): Tensor {
+  const a = mambaScanAttrs("fusedMambaScan", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
+  return dtScanOp([x, dBC, dtWeight, dtBias, A_log, D, ...(z ? [z] : [])], a);
+}
+
+/**
+ * {@linkcode fusedMambaScan}'s forward without autograd (a prompt's prefill): y (B, L, ED) and `ph`, whose
+ * last chunk state is the inference cache ({@linkcode lastState}).
+ */
+export function fusedMambaScanForward(
+  x: Tensor,
+  dBC: Tensor,
+  dtWeight: Tensor,
+  dtBias: Tensor,
+  A_log: Tensor,
+  D: Tensor,
+  z: Tensor | null,
+  zStart?: number,
+): { y: Tensor; ph: Tensor } {
+  const a = mambaScanAttrs("fusedMambaScanForward", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
+  const { y, ph, dt } = dtScanForward(x, dBC, dtWeight, dtBias, A_log, D, z, a);
+  dt?.dispose();
+  return { y, ph };
+}
+
+/** Checks a fusedMambaScan call and gives its attributes (dt_proj inside the kernels up to the inline rank). */
+function mambaScanAttrs(
+  what: string,
+  x: Tensor,
+  dBC: Tensor,
+  dtWeight: Tensor,
+  dtBias: Tensor,
+  A_log: Tensor,
+  D: Tensor,
+  z: Tensor | null,
+  zStart: number | undefined,
+): FusedAttrs {
   const ED = x.shape[2];
   if (dtWeight.rank !== 2 || dtWeight.shape[0] !== ED) {
-    throw new Error(`fusedMambaScan: dtWeight must be (${ED}, R), got ${fmt(dtWeight.shape)}`);
+    throw new Error(`${what}: dtWeight must be (${ED}, R), got ${fmt(dtWeight.shape)}`);
   }
-  const { R, N } = checkScanArgs("fusedMambaScan", x, dBC, dtBias, A_log, D, z, zStart, dtWeight.shape[1]);
-  const inputs = [x, dBC, dtWeight, dtBias, A_log, D, ...(z ? [z] : [])];
+  const { R, N } = checkScanArgs(what, x, dBC, dtBias, A_log, D, z, zStart, dtWeight.shape[1]);
   const dtInside = R >= 1 && R <= MAX_INLINE_DT_RANK;
-  return dtScanOp(inputs, {
-    R,
-    N,
-    gated: z !== null,
-    ...(zStart ? { zStart } : {}),
-    ...(dtInside ? { dtInside } : {}),
-  });
+  return { R, N, gated: z !== null, ...(zStart ? { zStart } : {}), ...(dtInside ? { dtInside } : {}) };
 }

@@ -552,7 +552,6 @@ export function matmulRaw(
     dispatch(kernel, storages, { ...base, k0, k1, accumulate: direct || k0 > 0 ? 1 : 0 }, groups);
     k0 = k1;
   } while (k0 < K);
-  if (slices === 1 && !into) return c;
   const out = slices === 1 ? c : sumToShape(c, shape);
   if (c !== out) c.dispose();
   if (!into || direct) return out;
@@ -575,10 +574,10 @@ const matmulOp = defineOp<Required<MatmulOptions>>({
       // Where a's gradient so far is this pass's own tensor (a used elsewhere too, e.g. the conv output that
       // feeds both x_proj and the scan), add into it in place instead of making a tensor and adding it.
       const batch = broadcastShapes(a.shape.slice(0, -2), b.shape.slice(0, -2), "matmul batch dims");
-      const into = batch.join() === a.shape.slice(0, -2).join() ? targets.sum(0) : null;
+      const into = (batch.join() === a.shape.slice(0, -2).join() && targets.sum(0)) || undefined;
       const full = transA
-        ? matmulRaw(b, g, { transA: transB, transB: true }, undefined, into ?? undefined)
-        : matmulRaw(g, b, { transB: !transB }, undefined, into ?? undefined);
+        ? matmulRaw(b, g, { transA: transB, transB: true }, undefined, into)
+        : matmulRaw(g, b, { transB: !transB }, undefined, into);
       if (!into) {
         ga = sumToShape(full, a.shape);
         if (ga !== full) full.dispose();
