@@ -116,17 +116,19 @@ export {
 export { linearScan, runScan, type ScanMode } from "./scan/linear_scan.ts";
 export { selectiveScan } from "./scan/selective_scan.ts";
 export {
-  defaultFusedVariant,
   type FusedAttrs,
   fusedMambaScan,
   fusedMambaScanForward,
   fusedScanForward,
   fusedSelectiveScan,
+} from "./scan/fused.ts";
+export {
+  defaultFusedVariant,
   type FusedVariant,
   fusedVariant,
-  MAX_INLINE_DT_RANK,
   setFusedVariant,
-} from "./scan/fused.ts";
+} from "./scan/fused_variant.ts";
+export { MAX_INLINE_DT_RANK } from "./scan/fused_wgsl.ts";
 export { FUSED_KERNEL_VERSION, type FusedTuneResult, tuneFusedScan } from "./scan/tune_fused.ts";
 export { type MambaConfig, mambaConfig, type MambaConfigInput } from "./mamba/config.ts";
 export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";

@@ -43,7 +43,7 @@ import {
   tidy,
 } from "../mod.ts";
 import { add } from "../core/ops/index.ts";
-import { fusedVariant } from "../scan/fused.ts";
+import { fusedVariant } from "../scan/fused_variant.ts";
 import { sourceVersion } from "./scan_report.ts";
 
 /** The three training configurations compared. */

@@ -25,7 +25,8 @@ import { cat, mul, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
-import { fusedScanForward, type FusedVariant, fusedVariant } from "../scan/fused.ts";
+import { fusedScanForward } from "../scan/fused.ts";
+import { type FusedVariant, fusedVariant } from "../scan/fused_variant.ts";
 
 /** A timed configuration of the layer. */
 export type TimeMode = "fused" | "pscan" | "sequential" | "fused+recompute";

@@ -17,7 +17,8 @@ import { profile, sync } from "../core/executor.ts";
 import { registerTuner } from "../core/tune.ts";
 import { mul, sum } from "../core/ops/index.ts";
 import { dispose, tidy } from "../core/tensor.ts";
-import { defaultFusedVariant, fusedSelectiveScan, type FusedVariant, setFusedVariant } from "./fused.ts";
+import { fusedSelectiveScan } from "./fused.ts";
+import { defaultFusedVariant, type FusedVariant, setFusedVariant } from "./fused_variant.ts";
 
 /** Bump when the kernels change, so cached choices are measured again. */
 export const FUSED_KERNEL_VERSION = 13;

@@ -3,7 +3,9 @@ import { init } from "../core/device.ts";
 import { full, randn } from "../core/creation.ts";
 import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
-import { butterflyRounds, fusedMambaScan, fusedSelectiveScan, type FusedVariant } from "../scan/fused.ts";
+import { fusedMambaScan, fusedSelectiveScan } from "../scan/fused.ts";
+import { butterflyRounds } from "../scan/fused_backward_kernel.ts";
+import type { FusedVariant } from "../scan/fused_variant.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { maxAbs, maxAbsDiff } from "./fixture_util.ts";
 
@@ -191,7 +193,7 @@ Deno.test("fused scan backward in time segments (dB/dC partials capped): results
 
 Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums, state blocks) agree", async () => {
   const info = await init();
-  const { setFusedVariant } = await import("../scan/fused.ts");
+  const { setFusedVariant } = await import("../scan/fused_variant.ts");
   const variants: Omit<FusedVariant, "N">[] = [
     { WG: 8, Lc: 16, hbuf: "workgroup" },
     { WG: 32, Lc: 8 },

@@ -1,0 +1,358 @@
+/**
+ * `fused_scan_bwd`, the fused scan's backward kernel with recomputation (template: the forward's parameters,
+ * plus Ls, hbuf, S, reduce), and the subgroup butterfly that sums dB and dC over channels.
+ *
+ * Owns: a workgroup owns one b and WG channels, an invocation one channel d and the states n0..n0+Nb. It
+ * walks the chunks t1 > k >= t0 in reverse; for each it recomputes the chunk's h from the saved boundary
+ * state (with Ls < Lc first the states at sub-chunk boundaries, then each sub-chunk's states into a private
+ * array of Ls x Nb floats), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk.
+ * Registers: h, lam, dA, dbias, dD (and dW with dt_proj inside) of its channel; the carry of lam and the sums
+ * over time leave through `gpar` between dispatches.
+ * Workgroup memory: with `reduce: "workgroup"` the dB/dC terms of S steps ([step][channel][B | C | dt]),
+ * summed over channels between two barriers; with "subgroup" none (a butterfly of subgroupShuffleXor sums
+ * them, no barriers). With `hbuf: "workgroup"` the recomputed states too ([step][state][channel]).
+ * Reads: x, draw or the dt columns, dBC, ph = [bias | A_log | D | W | hs], z, and g, the output's gradient.
+ * Writes: dx, ddraw (through softplus), dz per (b, t, d) (state blocks after the first add to them); one
+ * partial row of dB/dC (and dt) terms per tile or subgroup and step into `gred` (B, segLen, slots, PW), and
+ * after it, gpar (B, ED, [dbias | dD | dA (N) | lam carry (N) | dW (Ri)]). `fused_reduce_kernels.ts` sums
+ * both.
+ * @module
+ */
+
+import { defineKernel, type Kernel } from "../core/kernel.ts";
+import { type FusedVariant, shuffleSize, stepsPerBarrier } from "./fused_variant.ts";
+import {
+  blockColumn,
+  blockName,
+  cachedKernel,
+  COMMON,
+  drawLines,
+  loadBC,
+  loadWd,
+  partialWidth,
+  plus,
+  UNIFORMS,
+  unroll,
+} from "./fused_wgsl.ts";
+
+/** The backward kernel of the state block starting at n0 (one pipeline per block, as the forward). With
+ * Ri > 0 (dt_proj inside), the last block also sums dW (ED, Ri) over time and puts the Ri dt-column terms
+ * of dBC's gradient, sum_d ddraw W[d, r], into the partial rows (after the 2N B and C columns). */
+export function backwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
+  const key = `bwd|${v.N}|${v.Nb ?? v.N}|${n0}|${v.Lc}|${
+    v.Ls ?? v.Lc
+  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${Ri}`;
+  return cachedKernel(key, () => generateBackward(v, n0, Ri));
+}
+
+function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
+  const shared = v.hbuf === "workgroup";
+  const sg = v.reduce === "subgroup";
+  const shuffle = v.shuffle === true;
+  const Nb = v.Nb ?? v.N;
+  const { N, Lc, WG } = v;
+  const first = n0 === 0;
+  const dtHere = n0 + Nb === N ? Ri : 0; // the dt terms need the whole ddraw: the last block adds them
+  const CW = 2 * Nb + dtHere; // terms per channel and step summed over channels
+  const PW = partialWidth(N, Ri);
+  const GP = 2 * N + 2 + Ri; // gpar row: [dbias, dD, dA (N), lam carry (N), dW (Ri)]
+  const S = stepsPerBarrier(v, CW);
+  /** WGSL of a term only the first state block adds (D x and its gradients). */
+  const firstOnly = (val: string) => (first ? val : "0.0");
+  /** WGSL storing `val` at element i of gx/gdraw/gz: the first block writes, later ones add. */
+  const acc = (buf: string, val: string) => `st_${buf}(i, ${first ? "" : `ld_${buf}(i) + `}${val});`;
+  const Ls = v.Ls ?? Lc;
+  const SUB = Lc / Ls; // sub-chunks per chunk
+  /** WGSL of one recomputed step of the state array `h` at time `t`. */
+  const stepLines = (h: string, t: string) =>
+    `{
+      let i = (b * P.L + ${t}) * P.ED + dc;
+      ${drawLines(Ri, shuffle, `(b * P.L + ${t}) * P.S`)}
+      let dt = softplus_(dr + bias);
+      let dtx = dt * ld_x(i);
+      let row = (b * P.L + ${t}) * P.S + P.R${plus(n0)};
+      var Bv: array<f32, ${Nb}>;
+      ${loadBC(N, Nb, "row", false, shuffle)}
+      ${unroll(Nb, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * Bv[${n}];`)}
+      }`;
+  /** WGSL of the recomputed state n (of the block) at chunk step `s`. */
+  const H = (s: string, n: number) =>
+    shared ? `hbufW[(${s} * ${Nb}u + ${n}u) * ${WG}u + lid]` : `hbuf[${s} * ${Nb}u + ${n}u]`;
+  // dB, dC through workgroup memory: every S steps (and at the chunk's start), each lane sums WG channels of
+  // its columns for each gathered step, one partial row per tile.
+  const workgroupReduce = `
+      if (slot == ${S - 1}u || s == 0u) {
+        workgroupBarrier();
+        for (var q = 0u; q <= slot; q++) {
+          let tq = start + len - 1u - (kq - slot + q);
+          let base = q * ${WG * CW}u;
+          ${
+    unroll(Math.ceil(CW / WG), (j) =>
+      `{ let col = lid + ${j * WG}u; if (col < ${CW}u) { let acc = ${
+        Array.from({ length: WG }, (_, c) =>
+          `red[base + ${c * CW}u + col]`).join(" + ")
+      }; st_gred(((b * P.segLen + tq - P.segStart) * P.slots + tile) * ${PW}u + ${
+        blockColumn(N, Nb, "col", n0, dtHere)
+      }${plus(n0)}, acc); } }`)
+  }
+        }
+        workgroupBarrier();
+      }
+`;
+  return defineKernel({
+    name: `fused_scan_bwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${
+      sg ? "sg" : `S${S}`
+    }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}${Ri ? `_dt${Ri}` : ""}`,
+    subgroups: sg || shuffle,
+    buffers: [
+      { name: "x", type: "f32", access: "read" },
+      { name: "draw", type: "f32", access: "read" },
+      { name: "dbc", type: "f32", access: "read" },
+      { name: "ph", type: "f32", access: "read" }, // [bias | A_log | D | W (with Ri) | hs]
+      { name: "z", type: "f32", access: "read" },
+      { name: "g", type: "f32", access: "read" },
+      { name: "gx", type: "f32", access: "read_write" },
+      { name: "gdraw", type: "f32", access: "read_write" },
+      { name: "gz", type: "f32", access: "read_write" },
+      // [dB/dC partials (B, L, slots, PW) | gpar (B, ED, GP)]: with `ph`, this keeps the kernel at 10
+      // storage buffers, what browsers allow.
+      { name: "gred", type: "f32", access: "read_write" },
+    ],
+    uniforms: [
+      ...UNIFORMS,
+      ["hsOff", "u32"],
+      ["gparOff", "u32"],
+      ["slots", "u32"],
+      ["slotsPerTile", "u32"],
+      ["segStart", "u32"], // first step of the time segment whose partial rows this dispatch writes
+      ["segLen", "u32"],
+    ],
+    workgroupSize: WG,
+    decls: COMMON + `
+${sg ? "" : `var<workgroup> red: array<f32, ${S * WG * CW}>; // [step slot][channel][B | C | dt terms]`}
+${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][channel]` : ""}`,
+    body: `
+  // workgroup -> (b, tile of WG channels); invocation -> channel d; states n0..n0+Nb. Chunks [t0, t1)
+  // walked in reverse.
+  let b = group / P.tiles;
+  let tile = group % P.tiles;
+  let d = tile * ${WG}u + lid;
+  let valid = d < P.ED;
+  let dc = min(d, P.ED - 1u); // out-of-range lanes compute on a valid channel and write nothing
+  var A: array<f32, ${Nb}>;
+  var lam: array<f32, ${Nb}>; // carry: a(t+1) * lam(t+1)
+  var gA: array<f32, ${Nb}>;
+  var h0: array<f32, ${Nb}>;
+  ${shared ? "" : `var hbuf: array<f32, ${Ls * Nb}>;`}
+  // gpar row of (b, d): [dbias, dD, dA (N), lam carry (N), dW (Ri)], accumulated over dispatches.
+  let gp = P.gparOff + (b * P.ED + dc) * ${GP}u;
+  let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
+  // dbias and dD sum over the state blocks too: blocks after the first always continue
+  var gbias = ${first ? "select(0.0, ld_gred(gp), more)" : "ld_gred(gp)"};
+  var gD = ${first ? "select(0.0, ld_gred(gp + 1u), more)" : "ld_gred(gp + 1u)"};
+  ${unroll(Nb, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0 + n}u));`)}
+  ${unroll(Nb, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n0 + n}u), more);`)}
+  ${unroll(Nb, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0 + n}u), more);`)}
+  let bias = ld_ph(dc);
+  let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
+  ${loadWd(N, Ri)}
+  ${
+      dtHere
+        ? `var gW: array<f32, ${Ri}>;
+  ${unroll(Ri, (r) => `gW[${r}] = select(0.0, ld_gred(gp + ${2 + 2 * N + r}u), more);`)}`
+        : ""
+    }
+  let hsBase = (b * P.ED + dc) * P.chunks;
+  for (var kk = P.t1; kk > P.t0; kk--) {
+    let k = kk - 1u;
+    let cstart = k * ${Lc}u;
+    let clen = min(${Lc}u, P.L - cstart);
+    var hb: array<f32, ${Nb}>; // the saved state before this chunk
+    let hsAt = (hsBase + k - 1u) * ${N}u${plus(n0)};
+    ${unroll(Nb, (n) => `hb[${n}] = select(0.0, ld_ph(P.hsOff + hsAt + ${n}u), k > 0u);`)}
+    let nsub = (clen + ${Ls - 1}u) / ${Ls}u;
+    ${
+      SUB > 1
+        ? `// 0. two-level recompute: the states at the sub-chunk boundaries, so that only Ls x Nb floats of h
+    // are held at once while chunks (and the saved states) are Lc long.
+    var hsub: array<f32, ${(SUB - 1) * Nb}>;
+    var hw = hb;
+    for (var s = 0u; s < (nsub - 1u) * ${Ls}u; s++) {
+      ${stepLines("hw", "cstart + s")}
+      if ((s + 1u) % ${Ls}u == 0u) {
+        // constant indices only (selects): a dynamically indexed private array is twice as slow on lavapipe
+        let jw = (s + 1u) / ${Ls}u - 1u;
+        ${
+          unroll(SUB - 1, (jc) =>
+            unroll(Nb, (n) => `hsub[${jc * Nb + n}] = select(hsub[${jc * Nb + n}], hw[${n}], jw == ${jc}u);`))
+        }
+      }
+    }`
+        : ""
+    }
+    for (var jj = nsub; jj > 0u; jj--) {
+    let j = jj - 1u;
+    let start = cstart + j * ${Ls}u;
+    let len = min(${Ls}u, clen - j * ${Ls}u);
+    ${
+      SUB > 1
+        ? unroll(Nb, (n) =>
+          `h0[${n}] = hb[${n}]; ` +
+          Array.from({ length: SUB - 1 }, (_, jc) =>
+            `h0[${n}] = select(h0[${n}], hsub[${jc * Nb + n}], j == ${jc + 1}u);`)
+            .join(" "))
+        : unroll(Nb, (n) =>
+          `h0[${n}] = hb[${n}];`)
+    }
+    // 1. recompute h over the (sub-)chunk from the state before it.
+    var hc = h0;
+    for (var s = 0u; s < len; s++) {
+      ${stepLines("hc", "start + s")}
+      ${unroll(Nb, (n) => `${H("s", n)} = hc[${n}];`)}
+    }
+    // 2. reverse scan inside the chunk. hcur = h(t) is carried down from the step above (the last one is
+    // the recompute's final state), so each step reads one stored state, h(t-1).
+    var hcur = hc;
+    for (var ss = len; ss > 0u; ss--) {
+      let s = ss - 1u;
+      let t = start + s;
+      ${
+      sg ? "" : `let kq = len - ss; // steps of this chunk done before this one
+      let slot = kq % ${S}u;`
+    }
+      let i = (b * P.L + t) * P.ED + dc;
+      ${drawLines(Ri, shuffle, "(b * P.L + t) * P.S")}
+      let u = dr + bias;
+      let dt = softplus_(u);
+      let xv = ld_x(i);
+      let row = (b * P.L + t) * P.S + P.R${plus(n0)};
+      var Bv: array<f32, ${Nb}>;
+      var Cv: array<f32, ${Nb}>;
+      ${loadBC(N, Nb, "row", true, shuffle)}
+      var gy = ld_g(i);
+      if (P.gated != 0u) {
+        // this block's share of y (the gate's gradient is linear in y: blocks add their shares)
+        var yv = ${firstOnly("Dd * xv")};
+        ${unroll(Nb, (n) => `yv += Cv[${n}] * hcur[${n}];`)}
+        let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc);
+        let sg = sigmoid_(zv);
+        if (valid) { ${acc("gz", "gy * yv * sg * (1.0 + zv * (1.0 - sg))")} }
+        gy = gy * zv * sg;
+      }
+      gD += ${firstOnly("gy * xv")};
+      var gx = ${firstOnly("gy * Dd")};
+      var gdt = 0.0;
+      let sp = select(0u, s - 1u, s > 0u);
+      var hp: array<f32, ${Nb}>;
+      ${unroll(Nb, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
+      ${
+      sg
+        ? `// this subgroup's partial row of step t: (B, segLen, slots, PW), the block's columns
+      let part = ((b * P.segLen + t - P.segStart) * P.slots + tile * P.slotsPerTile + lid / sgSize) * ${PW}u${
+          plus(n0)
+        };`
+        : `let lane = (slot * ${WG}u + lid) * ${CW}u; // this step's terms in workgroup memory`
+    }
+      ${sg ? `var terms: array<f32, ${CW}>; // [dB terms | dC terms | dt terms] of this lane's channel` : ""}
+      ${
+      unroll(Nb, (n) =>
+        `{ let a = exp(dt * A[${n}]); ` +
+        `let l = gy * Cv[${n}] + lam[${n}]; let ga = l * hp[${n}]; ` +
+        `gx += l * dt * Bv[${n}]; gdt += l * Bv[${n}] * xv + ga * a * A[${n}]; gA[${n}] += ga * a * dt; ` +
+        (sg
+          ? `terms[${n}] = l * dt * xv; terms[${Nb + n}] = gy * hcur[${n}]; `
+          : `red[lane + ${n}u] = select(0.0, l * dt * xv, valid); ` +
+            `red[lane + ${Nb + n}u] = select(0.0, gy * hcur[${n}], valid); `) +
+        `lam[${n}] = a * l; }`)
+    }
+      hcur = hp;
+      let gu = gdt * sigmoid_(u);
+      gbias += gu;
+      ${
+      dtHere
+        ? `// ddraw summed over the state blocks (earlier blocks' shares are in gdraw): dW and the dt terms
+      let gtot = ${first ? "gu" : "ld_gdraw(i) + gu"};
+      ${unroll(Ri, (r) => `gW[${r}] += gtot * dtv[${r}];`)}
+      ${
+          unroll(Ri, (r) =>
+            sg
+              ? `terms[${2 * Nb + r}] = gtot * Wd[${r}];`
+              : `red[lane + ${2 * Nb + r}u] = select(0.0, gtot * Wd[${r}], valid);`)
+        }`
+        : ""
+    }
+      if (valid) { ${acc("gx", "gx")} ${acc("gdraw", "gu")} }
+      ${sg ? subgroupSums(N, Nb, shuffle ? shuffleSize() : null, n0, dtHere) : ""}
+${sg ? "" : workgroupReduce}
+    }
+    }
+  }
+  if (valid) {
+    st_gred(gp, gbias);
+    st_gred(gp + 1u, gD);
+    ${dtHere ? unroll(Ri, (r) => `st_gred(gp + ${2 + 2 * N + r}u, gW[${r}]);`) : ""}
+    ${
+      unroll(Nb, (n) =>
+        `st_gred(gp + ${2 + n0 + n}u, gA[${n}]); st_gred(gp + ${2 + N + n0 + n}u, lam[${n}]);`)
+    }
+  }`,
+  });
+}
+
+/**
+ * The rounds of the butterfly that sums C columns over SG lanes (a power of two), the columns padded to W * SG
+ * (W = ceil(C / SG)). In the round with mask m, lanes whose bit m is clear keep columns [0, h) and the others
+ * [h, 2h), each adding its partner's (lane ^ m) copy of them; after the last round lane j holds the sums of
+ * columns j*W .. j*W + W - 1 in its first W slots.
+ */
+export function butterflyRounds(C: number, SG: number): { W: number; rounds: { m: number; h: number }[] } {
+  const W = Math.ceil(C / SG);
+  const rounds: { m: number; h: number }[] = [];
+  for (let m = SG / 2, K = W * SG; m >= 1; m /= 2, K /= 2) rounds.push({ m, h: K / 2 });
+  return { W, rounds };
+}
+
+/**
+ * WGSL summing \`terms\` (2Nb: this lane's dB and dC terms of the block) over the subgroup and storing the
+ * sums in the partial row at \`part\` (the block's columns). With a fixed subgroup size SG, a butterfly:
+ * each round halves the columns a lane keeps and adds its partner's half (subgroupShuffleXor), so lane j ends
+ * with the sums of columns j*W..j*W+W-1 (W = 2Nb / SG, the terms padded with zeros to a multiple of SG) and
+ * stores them: 2Nb - W shuffles instead of 2Nb subgroupAdds and 2Nb stores from one lane (the backward 1.4x
+ * faster on lavapipe, where each of those is a loop over the lanes). Where the size varies: subgroupAdd, and
+ * lane 0 stores.
+ */
+function subgroupSums(N: number, Nb: number, SG: number | null, n0 = 0, dt = 0): string {
+  const C = 2 * Nb + dt;
+  if (!SG) {
+    return [
+      unroll(C, (c) => `let s${c} = subgroupAdd(select(0.0, terms[${c}], valid));`),
+      `if (sgLane == 0u) {`,
+      unroll(C, (c) => `st_gred(part + ${blockColumn(N, Nb, c, n0, dt)}, s${c});`),
+      `}`,
+    ].join("\n      ");
+  }
+  const { W, rounds } = butterflyRounds(C, SG);
+  const lines = [
+    `var v: array<f32, ${W * SG}>;`,
+    unroll(C, (c) => `v[${c}] = select(0.0, terms[${c}], valid);`),
+  ];
+  for (const { m, h } of rounds) {
+    lines.push(
+      `{ let up = (sgLane & ${m}u) != 0u;`,
+      unroll(
+        h,
+        (k) =>
+          `v[${k}] = select(v[${k}], v[${k + h}], up) + subgroupShuffleXor(select(v[${
+            k + h
+          }], v[${k}], up), ${m}u);`,
+      ),
+      `}`,
+    );
+  }
+  const store = (k: number) =>
+    `st_gred(part + ${blockColumn(N, Nb, `sgLane * ${W}u + ${k}u`, n0, dt)}, v[${k}]);`;
+  lines.push(
+    W * SG === C ? unroll(W, store) : unroll(W, (k) => `if (sgLane * ${W}u + ${k}u < ${C}u) { ${store(k)} }`),
+  );
+  return lines.join("\n      ");
+}

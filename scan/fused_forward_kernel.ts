@@ -1,0 +1,99 @@
+/**
+ * `fused_scan_fwd`, the fused scan's forward kernel (template: N, Nb and the block's first state n0, Lc, WG,
+ * shuffle, dt rank Ri).
+ *
+ * Owns: one invocation per (b, d) keeps h of states n0..n0+Nb in registers and walks time t0..t1:
+ * dt = softplus(draw + bias), a = exp(dt A), h = a h + dt B x, y = C.h + D x, out = y * silu(z).
+ * Workgroup memory: none; no barriers. With `shuffle`, each step's B and C row is loaded once per subgroup
+ * and handed to the lanes by subgroupShuffle.
+ * Reads: x, draw (or, with Ri > 0, dBC's dt columns and dt_proj's row, draw computed per step), B and C
+ * from dBC, the parameters [bias | A_log | D | W] at the front of `ph`, z (a window of a wider tensor).
+ * Writes: out (state blocks after the first add their C.h to it; the last gates), and every Lc steps (and
+ * at the end) the state into hs (B, ED, chunks, N) behind the parameters in `ph`: the only state that leaves
+ * the chip, read by the backward and, after a prompt, as the inference cache.
+ * @module
+ */
+
+import { defineKernel, type Kernel } from "../core/kernel.ts";
+import type { FusedVariant } from "./fused_variant.ts";
+import {
+  blockName,
+  cachedKernel,
+  COMMON,
+  drawLines,
+  loadBC,
+  loadWd,
+  plus,
+  UNIFORMS,
+  unroll,
+} from "./fused_wgsl.ts";
+
+/** The forward kernel of the state block starting at n0 (one pipeline per block, n0 compiled in, so that
+ * every index into the states is a constant). */
+export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
+  const shuffle = v.shuffle === true;
+  const Nb = v.Nb ?? v.N;
+  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${Ri}`;
+  const { N, Lc } = v;
+  const [first, last] = [n0 === 0, n0 + Nb === N];
+  return cachedKernel(key, () =>
+    defineKernel({
+      name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}${
+        Ri ? `_dt${Ri}` : ""
+      }`,
+      subgroups: shuffle,
+      buffers: [
+        { name: "x", type: "f32", access: "read" },
+        { name: "draw", type: "f32", access: "read" },
+        { name: "dbc", type: "f32", access: "read" },
+        // [bias | A_log | D | W (with Ri) | hs]: reads params, writes states
+        { name: "ph", type: "f32", access: "read_write" },
+        { name: "z", type: "f32", access: "read" },
+        { name: "y", type: "f32", access: "read_write" },
+      ],
+      uniforms: [...UNIFORMS, ["hsOff", "u32"]],
+      workgroupSize: v.WG,
+      decls: COMMON,
+      body: `
+  // invocation -> (b, d); h of states n0..n0+Nb in registers for the whole walk. Blocks run one after
+  // another: the first writes D x + C.h, later ones add their C.h, the last gates. Lanes past ED compute
+  // on a valid channel and write nothing (control flow stays uniform for subgroup operations).
+  let b = group / P.tiles;
+  let d = (group % P.tiles) * ${v.WG}u + lid;
+  let valid = d < P.ED;
+  let dc = min(d, P.ED - 1u);
+  var A: array<f32, ${Nb}>;
+  var h: array<f32, ${Nb}>;
+  var Bv: array<f32, ${Nb}>;
+  var Cv: array<f32, ${Nb}>;
+  let hsBase = (b * P.ED + dc) * P.chunks;
+  let h0 = (hsBase + P.t0 / ${Lc}u - 1u) * ${N}u;
+  ${unroll(Nb, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0 + n}u));`)}
+  ${unroll(Nb, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${n0 + n}u), P.t0 > 0u);`)}
+  let bias = ld_ph(dc);
+  let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
+  ${loadWd(N, Ri)}
+  for (var t = P.t0; t < P.t1; t++) {
+    let i = (b * P.L + t) * P.ED + dc;
+    ${drawLines(Ri, shuffle, "(b * P.L + t) * P.S")}
+    let dt = softplus_(dr + bias);
+    let xv = ld_x(i);
+    let row = (b * P.L + t) * P.S + P.R${plus(n0)};
+    ${loadBC(N, Nb, "row", true, shuffle)}
+    var yv = ${first ? "Dd * xv" : "ld_y(i)"};
+    let dtx = dt * xv;
+    ${unroll(Nb, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
+    ${unroll(Nb, (n) => `yv += Cv[${n}] * h[${n}];`)}
+    ${
+        last
+          ? "if (P.gated != 0u) { let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc); yv *= zv * sigmoid_(zv); }"
+          : ""
+      }
+    if (valid) { st_y(i, yv); }
+    if (valid && ((t + 1u) % ${Lc}u == 0u || t + 1u == P.L)) {
+      let at = (hsBase + t / ${Lc}u) * ${N}u${plus(n0)};
+      ${unroll(Nb, (n) => `st_ph(P.hsOff + at + ${n}u, h[${n}]);`)}
+    }
+  }`,
+    }));
+}

@@ -1,0 +1,122 @@
+/**
+ * The variants of the fused scan's kernels: their compile-time shape (states per block, chunk and sub-chunk
+ * lengths, channels per workgroup, where the backward keeps recomputed states and how it sums over channels),
+ * the default for a state size, and the one in use (set by the tuner, `tune_fused.ts`, from a one-time
+ * measurement on the adapter).
+ * @module
+ */
+
+import { deviceInfo } from "../core/device.ts";
+
+/** Compile-time shape of a fused-scan kernel. */
+export interface FusedVariant {
+  /** State size. */
+  N: number;
+  /** States per block (a divisor of N; default N up to 16, else the largest divisor up to 16): each block
+   * of Nb states is its own pipeline (the block offset compiled in) and dispatch, walking all the steps
+   * (states outer, time inner, as the CUDA kernel does). Loops over a block's states are unrolled, so code
+   * size and live registers grow with Nb, not N; blocks after the first add their share of y (and of dx,
+   * ddelta, dz, dbias, dD) to what the earlier ones wrote. */
+  Nb?: number;
+  /** Chunk length: steps between saved states. */
+  Lc: number;
+  /** Sub-chunk length of the backward's two-level recompute (a divisor of Lc; default Lc, one level): it
+   * first recomputes the states at sub-chunk boundaries, then each sub-chunk's states, so only Ls x N
+   * floats of h are held at once while the saved states stay Lc apart (less memory, one more forward walk). */
+  Ls?: number;
+  /** Channels per workgroup. */
+  WG: number;
+  /** Where the backward keeps the recomputed states of a chunk: each invocation's private memory, or
+   * workgroup memory (laid out so that neighbouring invocations touch neighbouring words). */
+  hbuf?: "private" | "workgroup";
+  /** Steps whose dB/dC terms the backward gathers between two barriers (default: as many as fit). */
+  S?: number;
+  /** How the backward sums dB/dC over the channels of a workgroup: through workgroup memory between
+   * barriers (default; every adapter), or with subgroupAdd (no workgroup memory, no barriers; needs
+   * `deviceInfo().subgroups`). */
+  reduce?: "workgroup" | "subgroup";
+  /** Read each step's B and C row once per subgroup (lane j loads columns j, j + size, ...) and hand the
+   * values to every lane with subgroupShuffle, instead of every lane loading all 2N (needs subgroups of
+   * one fixed size). */
+  shuffle?: boolean;
+}
+
+/** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16); each
+ * step holds `cols` terms per channel (2 Nb, plus the dt terms in the last state block). */
+export function stepsPerBarrier(v: FusedVariant, cols = 2 * (v.Nb ?? v.N)): number {
+  const Nb = v.Nb ?? v.N;
+  const budget = 16384 - (v.hbuf === "workgroup" ? 4 * v.WG * (v.Ls ?? v.Lc) * Nb : 0);
+  return v.S ?? Math.max(1, Math.min(16, Math.floor(budget / (4 * v.WG * cols))));
+}
+
+/** The fixed subgroup size the `shuffle` option compiles in (throws where the size may vary). */
+export function shuffleSize(): number {
+  const sg = deviceInfo().subgroups;
+  if (!sg || sg.minSize !== sg.maxSize) {
+    throw new Error("fused scan: `shuffle` needs subgroups of one fixed size");
+  }
+  return sg.minSize;
+}
+
+/** States per block by default: code size and live registers grow with Nb. */
+const MAX_STATE_BLOCK = 16;
+/** Floats of recomputed h one invocation holds by default (Ls x Nb). */
+const MAX_HELD_STATES = 256;
+
+function largestDivisor(N: number, max: number): number {
+  for (let d = max; d > 1; d--) if (N % d === 0) return d;
+  return 1;
+}
+
+const chosen = new Map<number, FusedVariant>();
+
+/**
+ * The default variant of a state size. States in blocks of at most 16 (Nb), each block its own pipeline, and
+ * at most 256 floats of recomputed h held per invocation (Ls x Nb, Ls at most 64): lavapipe's first compile of
+ * the backward grows steeply with that private array (N = 16: 2.0 s at 256 floats, 7.1 s at 512, 25 s at
+ * 1024, about 4 minutes at 2048), and a GPU spills such arrays to slow local memory. Chunks are max(64, 4N)
+ * steps (at most 16 sub-chunks of Ls), so the saved states, 4 ED N / Lc bytes per token, are at most ED bytes
+ * up to N = 64; when Lc > Ls the backward first recomputes the states at sub-chunk boundaries (two-level
+ * recompute: one more forward walk). Where the device has subgroups, dB/dC are summed with subgroup
+ * operations (no barriers) and B, C rows shared by subgroupShuffle (when the subgroup size is fixed): the
+ * fastest on every adapter measured.
+ */
+export function defaultFusedVariant(N: number): FusedVariant {
+  const Nb = N <= MAX_STATE_BLOCK ? N : largestDivisor(N, MAX_STATE_BLOCK);
+  const Ls = Math.min(64, 2 ** Math.floor(Math.log2(MAX_HELD_STATES / Nb)));
+  const Lc = Ls * Math.min(16, Math.ceil(Math.max(64, 4 * N) / Ls));
+  const lc = { Lc, ...(Ls < Lc ? { Ls } : {}), ...(Nb < N ? { Nb } : {}) };
+  const sg = deviceInfo().subgroups;
+  if (sg) {
+    const shuffle = sg.minSize === sg.maxSize && 32 % sg.minSize === 0;
+    return { N, ...lc, WG: 32, reduce: "subgroup", ...(shuffle ? { shuffle } : {}) };
+  }
+  return { N, ...lc, WG: 64 }; // workgroup memory of the backward: 2 * WG * Nb floats
+}
+
+/** The variant in use for a state size (chosen by the tuner, else the default). */
+export function fusedVariant(N: number): FusedVariant {
+  return chosen.get(N) ?? defaultFusedVariant(N);
+}
+
+/** Selects the variant for a state size (the tuner calls this with its measured choice); null resets. */
+export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): void {
+  if (v === null) chosen.delete(N);
+  else {
+    const Ls = v.Ls ?? v.Lc;
+    const Nb = v.Nb ?? N;
+    const wgBytes = 4 * v.WG * Nb * (2 + (v.hbuf === "workgroup" ? Ls : 0));
+    if (
+      wgBytes > deviceInfo().limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 ||
+      (v.Lc / Ls - 1) * Nb > 2048 || v.WG < 1 || v.Lc < 1 || Ls < 1 || v.Lc % Ls !== 0 ||
+      Nb < 1 || N % Nb !== 0 || (v.shuffle && v.WG % shuffleSize() !== 0)
+    ) {
+      throw new Error(
+        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${Nb} does not fit N = ${N} (Ls must divide Lc ` +
+          "and Nb divide N; Ls*Nb and (Lc/Ls - 1)*Nb at most 2048 floats; workgroup memory within the device " +
+          "limit; with shuffle, WG a multiple of the subgroup size)",
+      );
+    }
+    chosen.set(N, { N, ...v });
+  }
+}

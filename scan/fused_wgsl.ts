@@ -1,0 +1,137 @@
+/**
+ * The WGSL pieces the fused scan's kernel templates share: compile-time unrolling, the columns of a state
+ * block in dBC and in the backward's partial rows, loading B, C and the dt columns of a step (each lane
+ * loading all, or one subgroup load handed out by shuffles), dt_proj's product inside the kernels, softplus
+ * and sigmoid, the common uniforms, and the cache of generated kernels.
+ * @module
+ */
+
+import type { Kernel } from "../core/kernel.ts";
+import { shuffleSize } from "./fused_variant.ts";
+
+const kernels = new Map<string, Kernel>();
+
+/** The kernel of a template's parameters, generated once: `key` spells every parameter. */
+export function cachedKernel(key: string, make: () => Kernel): Kernel {
+  let k = kernels.get(key);
+  if (!k) kernels.set(key, k = make());
+  return k;
+}
+
+/** Repeats a WGSL line for n = 0..count-1 with the index spelled out: loops whose trip count the shader
+ * compiler might not unroll would count against the 65535-iteration limit of software adapters. */
+export function unroll(count: number, line: (n: number) => string): string {
+  return Array.from({ length: count }, (_, n) => line(n)).join("\n    ");
+}
+
+/** WGSL of the offset of block column c (c < Nb: B, c < 2Nb: C, then the dt columns, `dt` of them, which
+ * a partial row keeps after all 2N B and C columns) from the block's first B column (state n0); c is a WGSL
+ * expression or a constant. */
+export function blockColumn(N: number, Nb: number, c: string | number, n0 = 0, dt = 0): string {
+  if (typeof c === "number") return `${c < Nb ? c : c < 2 * Nb ? c + N - Nb : c - 2 * Nb + 2 * N - n0}u`;
+  const bc = Nb === N ? c : `select(${c} + ${N - Nb}u, ${c}, ${c} < ${Nb}u)`;
+  return dt ? `select(${c} + ${2 * N - n0 - 2 * Nb}u, ${bc}, ${c} < ${2 * Nb}u)` : bc;
+}
+
+/** Width of a dB/dC partial row: 2N, then `dt` dt columns (padded to a multiple of 4 for vec4 reads). */
+export function partialWidth(N: number, dt: number): number {
+  return 2 * N + (dt && (2 * N) % 4 === 0 ? 4 * Math.ceil(dt / 4) : dt);
+}
+
+/** dt_proj inside the kernels up to this rank: draw = dBC[t, :R] . W[d, :] computed per step (R multiply-adds,
+ * the R dt values shared across lanes like B and C); larger R reads draw computed by a matmul. */
+export const MAX_INLINE_DT_RANK = 8;
+
+/**
+ * WGSL defining \`dr\`, the raw delta of channel dc at step t (row index \`i\`): read from draw, or with Ri > 0
+ * computed from the dt columns of dBC (row starting at \`rowStart\`, loaded into \`dtv\`) and this channel's
+ * dt_proj row \`Wd\`.
+ */
+export function drawLines(Ri: number, shuffle: boolean, rowStart: string): string {
+  if (!Ri) return "let dr = ld_draw(i);";
+  const lines = [`var dtv: array<f32, ${Ri}>;`];
+  if (shuffle) {
+    const SG = shuffleSize();
+    const J = Math.ceil(Ri / SG);
+    lines.push(
+      `var dtb: array<f32, ${J}>;`,
+      unroll(
+        J,
+        (j) =>
+          `{ let c = ${j * SG}u + sgLane; dtb[${j}] = select(0.0, ld_dbc(${rowStart} + min(c, ${
+            Ri - 1
+          }u)), c < ${Ri}u); }`,
+      ),
+      unroll(Ri, (r) => `dtv[${r}] = subgroupShuffle(dtb[${Math.floor(r / SG)}], ${r % SG}u);`),
+    );
+  } else lines.push(unroll(Ri, (r) => `dtv[${r}] = ld_dbc(${rowStart} + ${r}u);`));
+  lines.push(`let dr = ${Array.from({ length: Ri }, (_, r) => `dtv[${r}] * Wd[${r}]`).join(" + ")};`);
+  return lines.join("\n    ");
+}
+
+/** WGSL loading this channel's dt_proj row \`Wd\` (Ri floats) from ph = [bias | A_log | D | W | ...]. */
+export function loadWd(N: number, Ri: number): string {
+  if (!Ri) return "";
+  return `var Wd: array<f32, ${Ri}>;
+  ${unroll(Ri, (r) => `Wd[${r}] = ld_ph(P.ED * ${N + 2}u + dc * ${Ri}u + ${r}u);`)}`;
+}
+
+/**
+ * WGSL filling `Bv` (and with `withC`, `Cv`): arrays of Nb floats, the B and C columns of the state block
+ * starting at `row` (B at row.., C at row + N..; `row` includes the block's first state). With `shuffle`,
+ * each lane loads every SG-th column and subgroupShuffle hands them out (needs uniform control flow); else
+ * each lane loads them all.
+ */
+export function loadBC(N: number, Nb: number, row: string, withC: boolean, shuffle: boolean): string {
+  const cols = withC ? 2 * Nb : Nb;
+  const dst = (c: number) => (c < Nb ? `Bv[${c}]` : `Cv[${c - Nb}]`);
+  if (!shuffle) return unroll(cols, (c) => `${dst(c)} = ld_dbc(${row} + ${blockColumn(N, Nb, c)});`);
+  const SG = shuffleSize();
+  const J = Math.ceil(cols / SG);
+  return [
+    `var bcv: array<f32, ${J}>;`,
+    unroll(
+      J,
+      (j) =>
+        `{ let c = ${j * SG}u + sgLane; bcv[${j}] = select(0.0, ld_dbc(${row} + ${
+          blockColumn(N, Nb, `min(c, ${cols - 1}u)`)
+        }), c < ${cols}u); }`,
+    ),
+    unroll(cols, (c) => `${dst(c)} = subgroupShuffle(bcv[${Math.floor(c / SG)}], ${c % SG}u);`),
+  ].join("\n    ");
+}
+
+/** WGSL functions both kernels use: softplus (as torch's, linear above 20) and sigmoid. */
+export const COMMON = `
+fn softplus_(u: f32) -> f32 {
+  if (u > 20.0) { return u; }
+  let e = exp(u);
+  let w = 1.0 + e;
+  if (w == 1.0) { return e; }
+  return log(w) * e / (w - 1.0);
+}
+fn sigmoid_(u: f32) -> f32 { return 1.0 / (1.0 + exp(-u)); }`;
+
+/** The uniforms both kernels take (each adds its own after them). */
+export const UNIFORMS: [string, "u32"][] = [
+  ["B", "u32"],
+  ["L", "u32"],
+  ["ED", "u32"],
+  ["S", "u32"], // row stride of dBC (R + 2N)
+  ["R", "u32"],
+  ["chunks", "u32"],
+  ["tiles", "u32"],
+  ["gated", "u32"],
+  ["t0", "u32"], // forward: first step; backward: first chunk of this dispatch
+  ["t1", "u32"], // forward: end step; backward: end chunk
+  ["zS", "u32"], // row length of z: ED, or more when z is a window of a wider tensor (in_proj's output)
+  ["z0", "u32"], // z's first column in its rows
+];
+
+/** WGSL ` + k` for a compile-time offset (nothing for 0). */
+export const plus = (k: number) => (k ? ` + ${k}u` : "");
+
+/** The kernel-name part of a state block: empty with one block. */
+export function blockName(N: number, Nb: number, n0: number): string {
+  return Nb === N ? "" : `_Nb${Nb}_n${n0}`;
+}
