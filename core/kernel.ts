@@ -69,8 +69,14 @@ const ELEM_BYTES: Record<ElemType, number> = {
 };
 const pipelines = new Map<
   string,
-  { pipeline: GPUComputePipeline; layout: GPUBindGroupLayout; key: string }
+  { pipeline: GPUComputePipeline; layout: GPUBindGroupLayout; key: string; spec: KernelSpec }
 >();
+
+function sameSource(a: KernelSpec, b: KernelSpec): boolean {
+  return a.body === b.body && a.decls === b.decls && a.workgroupSize === b.workgroupSize &&
+    JSON.stringify([a.buffers, a.uniforms, a.subgroups]) ===
+      JSON.stringify([b.buffers, b.uniforms, b.subgroups]);
+}
 
 /** Defines a kernel. Cheap: compilation happens at first dispatch. */
 export function defineKernel(spec: KernelSpec): Kernel {
@@ -145,7 +151,15 @@ export function kernelSource(k: Kernel, windows: number[]): string {
 function pipelineFor(k: Kernel, windows: number[]) {
   const key = `${k.spec.name}|${windows.join(",")}`;
   let p = pipelines.get(key);
-  if (p) return p;
+  if (p) {
+    // Pipelines are cached by name: a kernel generated again under the same name must be the same kernel.
+    if (p.spec !== k.spec && !sameSource(p.spec, k.spec)) {
+      throw new Error(
+        `kernel "${k.spec.name}": defined twice with different sources (a name must spell every parameter)`,
+      );
+    }
+    return p;
+  }
   const dev = gpuDevice();
   const code = kernelSource(k, windows);
   const entries: GPUBindGroupLayoutEntry[] = [
@@ -168,7 +182,7 @@ function pipelineFor(k: Kernel, windows: number[]) {
     layout: dev.createPipelineLayout({ bindGroupLayouts: [layout] }),
     compute: { module, entryPoint: "main" },
   });
-  p = { pipeline, layout, key };
+  p = { pipeline, layout, key, spec: k.spec };
   pipelines.set(key, p);
   return p;
 }

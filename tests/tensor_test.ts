@@ -279,3 +279,22 @@ Deno.test("dispatch: a writable binding that aliases another binding is a clear 
   t.dispose();
   u.dispose();
 });
+
+Deno.test("dispatch: two kernels under one name with different sources are a clear error (pipelines are cached by name)", async () => {
+  const spec = (body: string) => ({
+    name: "name_check",
+    buffers: [{ name: "a", type: "f32" as const, access: "read_write" as const }],
+    uniforms: [],
+    workgroupSize: 64,
+    body,
+  });
+  const t = M.zeros([4]);
+  dispatch(defineKernel(spec("st_a(gid, 1.0);")), { a: t.storage }, {}, 1);
+  dispatch(defineKernel(spec("st_a(gid, 1.0);")), { a: t.storage }, {}, 1); // same source again: fine
+  assert.throws(
+    () => dispatch(defineKernel(spec("st_a(gid, 2.0);")), { a: t.storage }, {}, 1),
+    /kernel "name_check": defined twice with different sources/,
+  );
+  assert.deepEqual([...await t.toArray()], [1, 1, 1, 1]);
+  t.dispose();
+});
