@@ -105,7 +105,9 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
   else {
     const Ls = v.Ls ?? v.Lc;
     const Nb = v.Nb ?? N;
-    const wgBytes = 4 * v.WG * Nb * (2 + (v.hbuf === "workgroup" ? Ls : 0));
+    // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, at least one
+    // step of dB/dC terms
+    const wgBytes = 4 * v.WG * Nb * ((v.reduce === "subgroup" ? 0 : 2) + (v.hbuf === "workgroup" ? Ls : 0));
     if (
       wgBytes > deviceInfo().limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 ||
       (v.Lc / Ls - 1) * Nb > 2048 || v.WG < 1 || v.Lc < 1 || Ls < 1 || v.Lc % Ls !== 0 ||

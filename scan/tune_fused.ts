@@ -3,8 +3,8 @@
  *
  * Candidates differ in channels per workgroup, chunk length, where the backward keeps a chunk's
  * recomputed states (private or workgroup memory), and how it sums dB/dC over channels (workgroup memory
- * and barriers, or subgroupAdd where the device has subgroups), and whether B and C rows are shared by
- * subgroupShuffle. A CPU adapter wants few invocations per workgroup
+ * and barriers, or subgroup operations where the device has subgroups; with either place for the states),
+ * and whether B and C rows are shared by subgroupShuffle. A CPU adapter wants few invocations per workgroup
  * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
  * backward of a small problem a few times; the fastest by GPU time (timestamp queries, else wall clock)
  * is selected with `setFusedVariant`.
@@ -20,8 +20,8 @@ import { dispose, tidy } from "../core/tensor.ts";
 import { fusedSelectiveScan } from "./fused.ts";
 import { defaultFusedVariant, type FusedVariant, setFusedVariant } from "./fused_variant.ts";
 
-/** Bump when the kernels change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 13;
+/** Bump when the kernels or the candidates change, so cached choices are measured again. */
+export const FUSED_KERNEL_VERSION = 14;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -79,6 +79,12 @@ function candidates(N: number): FusedVariant[] {
           ...(shuffle ? { shuffle } : {}),
         };
         if (!has(v)) list.push(v);
+        // ... and with the recomputed states in workgroup memory (where a GPU keeps them on chip; private
+        // arrays that large spill): sub-chunks as long as fit, the default's chunks
+        const Ls = [16, 8, 4].find((s) => def.Lc % s === 0 && 4 * WG * Nb * s <= limit);
+        if (Ls) {
+          list.push({ ...v, Lc: def.Lc, ...(Ls < def.Lc ? { Ls } : {}), hbuf: "workgroup" });
+        }
       }
     }
   }

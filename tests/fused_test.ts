@@ -191,7 +191,7 @@ Deno.test("fused scan backward in time segments (dB/dC partials capped): results
   }
 });
 
-Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums, state blocks) agree", async () => {
+Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums, both, state blocks) agree", async () => {
   const info = await init();
   const { setFusedVariant } = await import("../scan/fused_variant.ts");
   const variants: Omit<FusedVariant, "N">[] = [
@@ -211,6 +211,9 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
       { WG: 64, Lc: 7, reduce: "subgroup" },
       { WG: 32, Lc: 24, Ls: 8, reduce: "subgroup" },
       { WG: 32, Lc: 24, Ls: 8, reduce: "subgroup", Nb: 2 },
+      // subgroup sums with the recomputed states in workgroup memory (what a GPU is expected to prefer)
+      { WG: 8, Lc: 16, reduce: "subgroup", hbuf: "workgroup" },
+      { WG: 32, Lc: 24, Ls: 8, reduce: "subgroup", hbuf: "workgroup", Nb: 4 },
     );
     const SG = info.subgroups.minSize;
     if (SG === info.subgroups.maxSize && SG <= 32) {
@@ -222,6 +225,7 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
         { WG: 2 * SG, Lc: 16, reduce: "subgroup", shuffle: true, Nb: 4 },
         { WG: SG, Lc: 12, Ls: 4, shuffle: true, Nb: 2 },
         { WG: SG, Lc: 16, reduce: "subgroup", shuffle: true, Nb: 1 }, // 2 columns a block: padded butterfly
+        { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true, hbuf: "workgroup" },
       );
     }
   }
