@@ -21,7 +21,7 @@ import { fusedSelectiveScan } from "./fused.ts";
 import { defaultFusedVariant, type FusedVariant, setFusedVariant } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 14;
+export const FUSED_KERNEL_VERSION = 15;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
