@@ -34,7 +34,7 @@ import { Tensor } from "../core/tensor.ts";
 import { backwardKernel } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { gatherKernel, paramsKernel } from "./fused_reduce_kernels.ts";
-import { fusedVariant, shuffleSize } from "./fused_variant.ts";
+import { fusedVariant } from "./fused_variant.ts";
 import { MAX_INLINE_DT_RANK, partialWidth } from "./fused_wgsl.ts";
 
 /** Steps one invocation walks per dispatch at most (loops stop at 65535 iterations on software adapters). */
@@ -69,9 +69,10 @@ const MIN_GROUPS = 4;
 function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null) {
   const [B, L, ED] = x.shape;
   const v = { ...fusedVariant(a.N) };
-  // Channels are the only parallelism: halve the workgroup until there are enough of them (shuffles need
-  // whole subgroups: not below the subgroup size).
-  const least = v.shuffle ? Math.max(8, shuffleSize()) : 8;
+  // Channels are the only parallelism: halve the workgroup until there are enough of them (shuffles and
+  // lanes per channel need whole subgroups: not below the subgroup size).
+  const sg = deviceInfo().subgroups;
+  const least = (v.shuffle || (v.lanes ?? 1) > 1) && sg ? Math.max(8, sg.maxSize) : 8;
   while (v.WG / 2 >= least && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
   return {
     B,
@@ -127,9 +128,11 @@ export function fusedScanForward(
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
-    const uni = { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
+    // with lanes per channel, a workgroup holds WG / lanes channels
+    const tiles = Math.ceil(ED / (v.WG / (v.lanes ?? 1)));
+    const uni = { ...u, tiles, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
     // state blocks one after another: each adds its share of y
-    for (let n0 = 0; n0 < a.N; n0 += Nb) dispatch(forwardKernel(v, n0, Ri), bufs, uni, B * u.tiles);
+    for (let n0 = 0; n0 < a.N; n0 += Nb) dispatch(forwardKernel(v, n0, Ri), bufs, uni, B * tiles);
   }
   return { y, ph };
 }

@@ -1,16 +1,18 @@
 /**
  * `fused_scan_fwd`, the fused scan's forward kernel (template: N, Nb and the block's first state n0, Lc, WG,
- * shuffle, dt rank Ri).
+ * shuffle, lanes, dt rank Ri).
  *
  * Owns: one invocation per (b, d) keeps h of states n0..n0+Nb in registers and walks time t0..t1:
- * dt = softplus(draw + bias), a = exp(dt A), h = a h + dt B x, y = C.h + D x, out = y * silu(z).
+ * dt = softplus(draw + bias), a = exp(dt A), h = a h + dt B x, y = C.h + D x, out = y * silu(z). With
+ * `lanes` > 1, that many neighbouring lanes share (b, d), each holding Nb / lanes of the states, and
+ * subgroupShuffleXor sums their shares of C.h (more invocations for a GPU at batch 1).
  * Workgroup memory: none; no barriers. With `shuffle`, each step's B and C row is loaded once per subgroup
  * and handed to the lanes by subgroupShuffle.
  * Reads: x, draw (or, with Ri > 0, dBC's dt columns and dt_proj's row, draw computed per step), B and C
  * from dBC, the parameters [bias | A_log | D | W] at the front of `ph`, z (a window of a wider tensor).
  * Writes: out (state blocks after the first add their C.h to it; the last gates), and after each chunk of Lc
- * steps (and at the end) the state into hs (B, ED, chunks, N) behind the parameters in `ph`: the only state that leaves
- * the chip, read by the backward and, after a prompt, as the inference cache.
+ * steps (and at the end) the state into hs (B, ED, chunks, N) behind the parameters in `ph`: the only state
+ * that leaves the chip, read by the backward and, after a prompt, as the inference cache.
  * @module
  */
 
@@ -33,15 +35,19 @@ import {
 export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
   const shuffle = v.shuffle === true;
   const Nb = v.Nb ?? v.N;
-  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${Ri}`;
+  const lanes = v.lanes ?? 1;
+  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${lanes}|${Ri}`;
   const { N, Lc } = v;
   const [first, last] = [n0 === 0, n0 + Nb === N];
+  const S = Nb / lanes; // states of the block per invocation
+  /** WGSL of this invocation's state j of the block, from the block's first: j, or with lanes its share. */
+  const st = (j: number) => (lanes > 1 ? `nq + ${j}u` : `${j}u`);
   return cachedKernel(key, () =>
     defineKernel({
       name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}${
-        Ri ? `_dt${Ri}` : ""
-      }`,
-      subgroups: shuffle,
+        lanes > 1 ? `_lanes${lanes}` : ""
+      }${Ri ? `_dt${Ri}` : ""}`,
+      subgroups: shuffle || lanes > 1,
       buffers: [
         { name: "x", type: "f32", access: "read" },
         { name: "draw", type: "f32", access: "read" },
@@ -59,17 +65,25 @@ export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
   // another: the first writes D x + C.h, later ones add their C.h, the last gates. Lanes past ED compute
   // on a valid channel and write nothing (control flow stays uniform for subgroup operations).
   let b = group / P.tiles;
-  let d = (group % P.tiles) * ${v.WG}u + lid;
+  ${
+        lanes > 1
+          ? `// ${lanes} lanes share a channel, each holding ${S} of its states (lane q: states nq..nq+${S}); C.h is summed
+  // over them by shuffles, and lane q = 0 writes y (GPUs: ${lanes}x the invocations at batch 1)
+  let d = (group % P.tiles) * ${v.WG / lanes}u + lid / ${lanes}u;
+  let q = sgLane % ${lanes}u;
+  let nq = q * ${S}u;`
+          : `let d = (group % P.tiles) * ${v.WG}u + lid;`
+      }
   let valid = d < P.ED;
   let dc = min(d, P.ED - 1u);
-  var A: array<f32, ${Nb}>;
-  var h: array<f32, ${Nb}>;
-  var Bv: array<f32, ${Nb}>;
-  var Cv: array<f32, ${Nb}>;
+  var A: array<f32, ${S}>;
+  var h: array<f32, ${S}>;
+  var Bv: array<f32, ${S}>;
+  var Cv: array<f32, ${S}>;
   let hsBase = (b * P.ED + dc) * P.chunks;
-  let h0 = (hsBase + P.t0 / ${Lc}u - 1u) * ${N}u;
-  ${unroll(Nb, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0 + n}u));`)}
-  ${unroll(Nb, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${n0 + n}u), P.t0 > 0u);`)}
+  let h0 = (hsBase + P.t0 / ${Lc}u - 1u) * ${N}u${plus(n0)};
+  ${unroll(S, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)}));`)}
+  ${unroll(S, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${st(n)}), P.t0 > 0u);`)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   ${loadWd(N, Ri)}
@@ -83,21 +97,28 @@ export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
     let dt = softplus_(dr + bias);
     let xv = ld_x(i);
     let row = (b * P.L + t) * P.S + P.R${plus(n0)};
-    ${loadBC(N, Nb, "row", true, shuffle)}
-    var yv = ${first ? "Dd * xv" : "ld_y(i)"};
+    ${
+        lanes > 1
+          ? unroll(S, (n) => `Bv[${n}] = ld_dbc(row + ${st(n)}); Cv[${n}] = ld_dbc(row + ${N}u + ${st(n)});`)
+          : loadBC(N, Nb, "row", true, shuffle)
+      }
+    var yv = ${
+        lanes > 1 ? `select(0.0, ${first ? "Dd * xv" : "ld_y(i)"}, q == 0u)` : first ? "Dd * xv" : "ld_y(i)"
+      };
     let dtx = dt * xv;
-    ${unroll(Nb, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
-    ${unroll(Nb, (n) => `yv += Cv[${n}] * h[${n}];`)}
+    ${unroll(S, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
+    ${unroll(S, (n) => `yv += Cv[${n}] * h[${n}];`)}
+    ${unroll(Math.log2(lanes), (r) => `yv += subgroupShuffleXor(yv, ${1 << r}u);`)}
     ${
         last
           ? "if (P.gated != 0u) { let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc); yv *= zv * sigmoid_(zv); }"
           : ""
       }
-    if (valid) { st_y(i, yv); }
+    if (valid${lanes > 1 ? " && q == 0u" : ""}) { st_y(i, yv); }
   }
   if (valid) {
     let at = (hsBase + (cend - 1u) / ${Lc}u) * ${N}u${plus(n0)};
-    ${unroll(Nb, (n) => `st_ph(P.hsOff + at + ${n}u, h[${n}]);`)}
+    ${unroll(S, (n) => `st_ph(P.hsOff + at + ${st(n)}, h[${n}]);`)}
   }
   }`,
     }));

@@ -4,7 +4,8 @@
  * Candidates differ in channels per workgroup, chunk length, where the backward keeps a chunk's
  * recomputed states (private or workgroup memory), and how it sums dB/dC over channels (workgroup memory
  * and barriers, or subgroup operations where the device has subgroups; with either place for the states),
- * and whether B and C rows are shared by subgroupShuffle. A CPU adapter wants few invocations per workgroup
+ * whether B and C rows are shared by subgroupShuffle, and (GPUs) how many lanes share a channel in the
+ * forward. A CPU adapter wants few invocations per workgroup
  * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
  * backward of a small problem a few times; the fastest by GPU time (timestamp queries, else wall clock)
  * is selected with `setFusedVariant`.
@@ -21,7 +22,7 @@ import { fusedSelectiveScan } from "./fused.ts";
 import { defaultFusedVariant, type FusedVariant, setFusedVariant } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 15;
+export const FUSED_KERNEL_VERSION = 16;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -33,7 +34,8 @@ export interface FusedTuneResult {
   fromCache: boolean;
 }
 
-function candidates(N: number): FusedVariant[] {
+/** The variants the tuner measures for state size N on this adapter (exported for tests). */
+export function fusedCandidates(N: number): FusedVariant[] {
   const limit = deviceInfo().limits.maxComputeWorkgroupStorageSize;
   const def = defaultFusedVariant(N);
   // On software adapters above N = 16 only the default: every candidate costs lavapipe a fresh compile of a
@@ -82,8 +84,14 @@ function candidates(N: number): FusedVariant[] {
         // ... and with the recomputed states in workgroup memory (where a GPU keeps them on chip; private
         // arrays that large spill): sub-chunks as long as fit, the default's chunks
         const Ls = [16, 8, 4].find((s) => def.Lc % s === 0 && 4 * WG * Nb * s <= limit);
-        if (Ls) {
-          list.push({ ...v, Lc: def.Lc, ...(Ls < def.Lc ? { Ls } : {}), hbuf: "workgroup" });
+        if (!Ls) continue;
+        const onChip: FusedVariant = { ...v, Lc: def.Lc, ...(Ls < def.Lc ? { Ls } : {}), hbuf: "workgroup" };
+        list.push(onChip);
+        // ... and with lanes per channel in the forward (more invocations at small batch): GPUs only, a CPU
+        // adapter has no idle lanes to fill
+        if (shuffle || deviceInfo().isFallbackAdapter || WG % sg.maxSize !== 0) continue;
+        for (const lanes of [2, 4, 8]) {
+          if (lanes <= sg.minSize && Nb % lanes === 0) list.push({ ...onChip, lanes });
         }
       }
     }
@@ -138,7 +146,7 @@ export async function tuneFusedScan(N: number, options: { force?: boolean } = {}
   const timings: Record<string, number> = {};
   let best: FusedVariant = defaultFusedVariant(N);
   let bestMs = Infinity;
-  for (const v of candidates(N)) {
+  for (const v of fusedCandidates(N)) {
     setFusedVariant(N, v);
     run(); // compile
     await sync();

@@ -172,11 +172,22 @@ Deno.test("fusedMambaScan (dt_proj inside, delta recomputed in the backward) equ
   for (const v of Object.values(t)) v.dispose();
 });
 
-Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096, 9000 and 70000", async () => {
+Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096, 9000, 20000 (lanes) and 70000", async () => {
   await compare({ B: 1, L: 4096, ED: 4, N: 16, R: 1, gated: true }, 7);
   await compare({ B: 1, L: 70000, ED: 2, N: 4, R: 1, gated: true }, 8);
   // N = 32: two state blocks, two-level recompute (Lc 128, Ls 16), two backward dispatches per block
   await compare({ B: 1, L: 9000, ED: 2, N: 32, R: 1, gated: true }, 17);
+  // lanes per channel: the second forward dispatch starts each lane from its share of the saved state
+  const info = await init();
+  if (info.subgroups && info.subgroups.minSize >= 2) {
+    const { setFusedVariant } = await import("../scan/fused_variant.ts");
+    try {
+      setFusedVariant(4, { WG: info.subgroups.maxSize, Lc: 64, reduce: "subgroup", lanes: 2 });
+      await compare({ B: 1, L: 20000, ED: 3, N: 4, R: 1, gated: true }, 18);
+    } finally {
+      setFusedVariant(4, null);
+    }
+  }
 });
 
 Deno.test("fused scan backward in time segments (dB/dC partials capped): results unchanged", async () => {
@@ -226,6 +237,15 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
         { WG: SG, Lc: 12, Ls: 4, shuffle: true, Nb: 2 },
         { WG: SG, Lc: 16, reduce: "subgroup", shuffle: true, Nb: 1 }, // 2 columns a block: padded butterfly
         { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true, hbuf: "workgroup" },
+      );
+    }
+    // Lanes per channel in the forward (each walks Nb / lanes states; shuffles sum C.h), with state blocks and
+    // chunk boundaries inside the sequence.
+    if (SG >= 2) variants.push({ WG: SG, Lc: 16, reduce: "subgroup", lanes: 2 });
+    if (SG >= 4) {
+      variants.push(
+        { WG: 2 * SG, Lc: 12, Ls: 4, lanes: 4 },
+        { WG: SG, Lc: 16, reduce: "subgroup", lanes: 4, Nb: 4 }, // one state per lane (four blocks at N = 16)
       );
     }
   }
@@ -287,5 +307,27 @@ Deno.test("the backward's butterfly sums columns over any subgroup size (simulat
       const want = Array.from({ length: C }, (_, c) => terms.reduce((a, t) => a + t[c], 0));
       assert.deepEqual(got, want, `SG ${SG}, C ${C}`);
     }
+  }
+});
+
+Deno.test("the tuner's candidates are valid variants, here and on a GPU-like adapter (lanes per channel)", async () => {
+  const info = await init();
+  const { fusedCandidates } = await import("../scan/tune_fused.ts");
+  const { setFusedVariant } = await import("../scan/fused_variant.ts");
+  const fallback = info.isFallbackAdapter;
+  try {
+    for (const gpuLike of [false, true]) {
+      info.isFallbackAdapter = gpuLike ? false : fallback;
+      for (const N of [4, 16, 64]) {
+        const list = fusedCandidates(N);
+        if (gpuLike && info.subgroups) {
+          assert.ok(list.some((v) => (v.lanes ?? 1) > 1), `N = ${N}: no lanes candidate`);
+        }
+        for (const v of list) setFusedVariant(N, v); // throws on a variant that does not fit
+        setFusedVariant(N, null);
+      }
+    }
+  } finally {
+    info.isFallbackAdapter = fallback;
   }
 });
