@@ -73,7 +73,8 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null) {
   // lanes per channel need whole subgroups: not below the subgroup size).
   const sg = deviceInfo().subgroups;
   const least = (v.shuffle || (v.lanes ?? 1) > 1) && sg ? Math.max(8, sg.maxSize) : 8;
-  while (v.WG / 2 >= least && B * Math.ceil(ED / v.WG) < MIN_GROUPS) v.WG /= 2;
+  const lanes = v.lanes ?? 1; // a workgroup holds WG / lanes channels
+  while (v.WG / 2 >= least && v.WG / 2 >= lanes && B * Math.ceil(ED / (v.WG / lanes)) < MIN_GROUPS) v.WG /= 2;
   return {
     B,
     L,
@@ -86,7 +87,7 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null) {
       S: dBC.shape[2],
       R: a.R,
       chunks: Math.ceil(L / v.Lc),
-      tiles: Math.ceil(ED / v.WG),
+      tiles: Math.ceil(ED / (v.WG / lanes)),
       gated: a.gated ? 1 : 0,
       zS: z ? z.shape[2] : ED,
       z0: a.zStart ?? 0,
@@ -128,11 +129,9 @@ export function fusedScanForward(
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
-    // with lanes per channel, a workgroup holds WG / lanes channels
-    const tiles = Math.ceil(ED / (v.WG / (v.lanes ?? 1)));
-    const uni = { ...u, tiles, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
+    const uni = { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
     // state blocks one after another: each adds its share of y
-    for (let n0 = 0; n0 < a.N; n0 += Nb) dispatch(forwardKernel(v, n0, Ri), bufs, uni, B * tiles);
+    for (let n0 = 0; n0 < a.N; n0 += Nb) dispatch(forwardKernel(v, n0, Ri), bufs, uni, B * u.tiles);
   }
   return { y, ph };
 }

@@ -2,7 +2,9 @@
  * `fused_scan_bwd`, the fused scan's backward kernel with recomputation (template: the forward's parameters,
  * plus Ls, hbuf, S, reduce), and the subgroup butterfly that sums dB and dC over channels.
  *
- * Owns: a workgroup owns one b and WG channels, an invocation one channel d and the states n0..n0+Nb. It
+ * Owns: a workgroup owns one b and WG channels, an invocation one channel d and the states n0..n0+Nb (with
+ * `lanes` = P: WG / P channels, P lanes per channel, each Nb / P of its states; shuffles sum dx, ddelta and
+ * the gate's y over a channel's lanes). It
  * walks the chunks t1 > k >= t0 in reverse; for each it recomputes the chunk's h from the saved boundary
  * state (with Ls < Lc first the states at sub-chunk boundaries, then each sub-chunk's states into a private
  * array of Ls x Nb floats), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk.
@@ -41,7 +43,7 @@ import {
 export function backwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
   const key = `bwd|${v.N}|${v.Nb ?? v.N}|${n0}|${v.Lc}|${
     v.Ls ?? v.Lc
-  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${Ri}`;
+  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}`;
   return cachedKernel(key, () => generateBackward(v, n0, Ri));
 }
 
@@ -53,16 +55,37 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
   const { N, Lc, WG } = v;
   const first = n0 === 0;
   const dtHere = n0 + Nb === N ? Ri : 0; // the dt terms need the whole ddraw: the last block adds them
+  const lanes = v.lanes ?? 1; // lanes sharing a channel (subgroup sums only)
+  const K = Nb / lanes; // states of the block per invocation
+  /** WGSL of this invocation's state j of the block, from the block's first: j, or with lanes its share. */
+  const st = (j: number) => (lanes > 1 ? `nq + ${j}u` : `${j}u`);
+  /** WGSL of a per-channel value that lanes > 1 hold alike: only lane q = 0 stores it (or adds it once). */
+  const once = (cond: string) => (lanes > 1 ? `${cond} && q == 0u` : cond);
   const CW = 2 * Nb + dtHere; // terms per channel and step summed over channels
   const PW = partialWidth(N, Ri);
   const GP = 2 * N + 2 + Ri; // gpar row: [dbias, dD, dA (N), lam carry (N), dW (Ri)]
   const S = stepsPerBarrier(v, CW);
   /** WGSL of a term only the first state block adds (D x and its gradients). */
   const firstOnly = (val: string) => (first ? val : "0.0");
+  /** The same, added by one lane of a channel's (a term of a sum over the lanes). */
+  const firstOnce = (val: string) => (first && lanes > 1 ? `select(0.0, ${val}, q == 0u)` : firstOnly(val));
+  /** WGSL summing a per-channel partial over the channel's lanes (each gets the sum). */
+  const sumLanes = (x: string) =>
+    unroll(Math.log2(lanes), (r) => `${x} += subgroupShuffleXor(${x}, ${1 << r}u);`);
+  const TW = 2 * K + dtHere; // terms per lane and step summed over channels (CW without lanes)
   /** WGSL storing `val` at element i of gx/gdraw/gz: the first block writes, later ones add. */
   const acc = (buf: string, val: string) => `st_${buf}(i, ${first ? "" : `ld_${buf}(i) + `}${val});`;
   const Ls = v.Ls ?? Lc;
   const SUB = Lc / Ls; // sub-chunks per chunk
+  /** WGSL filling Bv (and Cv) from the step's dBC row: shared by shuffles, or each lane its own states. */
+  const loadRows = (withC: boolean) =>
+    lanes > 1
+      ? unroll(
+        K,
+        (n) =>
+          `Bv[${n}] = ld_dbc(row + ${st(n)});${withC ? ` Cv[${n}] = ld_dbc(row + ${N}u + ${st(n)});` : ""}`,
+      )
+      : loadBC(N, Nb, "row", withC, shuffle);
   /** WGSL of one recomputed step of the state array `h` at time `t`. */
   const stepLines = (h: string, t: string) =>
     `{
@@ -71,13 +94,13 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
       let dt = softplus_(dr + bias);
       let dtx = dt * ld_x(i);
       let row = (b * P.L + ${t}) * P.S + P.R${plus(n0)};
-      var Bv: array<f32, ${Nb}>;
-      ${loadBC(N, Nb, "row", false, shuffle)}
-      ${unroll(Nb, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * Bv[${n}];`)}
+      var Bv: array<f32, ${K}>;
+      ${loadRows(false)}
+      ${unroll(K, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * Bv[${n}];`)}
       }`;
   /** WGSL of the recomputed state n (of the block) at chunk step `s`. */
   const H = (s: string, n: number) =>
-    shared ? `hbufW[(${s} * ${Nb}u + ${n}u) * ${WG}u + lid]` : `hbuf[${s} * ${Nb}u + ${n}u]`;
+    shared ? `hbufW[(${s} * ${K}u + ${n}u) * ${WG}u + lid]` : `hbuf[${s} * ${K}u + ${n}u]`;
   // dB, dC through workgroup memory: every S steps (and at the chunk's start), each lane sums WG channels of
   // its columns for each gathered step, one partial row per tile.
   const workgroupReduce = `
@@ -102,7 +125,9 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
   return defineKernel({
     name: `fused_scan_bwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${
       sg ? "sg" : `S${S}`
-    }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}${Ri ? `_dt${Ri}` : ""}`,
+    }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}${lanes > 1 ? `_lanes${lanes}` : ""}${
+      Ri ? `_dt${Ri}` : ""
+    }`,
     subgroups: sg || shuffle,
     buffers: [
       { name: "x", type: "f32", access: "read" },
@@ -130,29 +155,37 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
     workgroupSize: WG,
     decls: COMMON + `
 ${sg ? "" : `var<workgroup> red: array<f32, ${S * WG * CW}>; // [step slot][channel][B | C | dt terms]`}
-${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][channel]` : ""}`,
+${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state][lane]` : ""}`,
     body: `
   // workgroup -> (b, tile of WG channels); invocation -> channel d; states n0..n0+Nb. Chunks [t0, t1)
   // walked in reverse.
   let b = group / P.tiles;
   let tile = group % P.tiles;
-  let d = tile * ${WG}u + lid;
+  ${
+      lanes > 1
+        ? `// ${lanes} lanes share a channel, each walking ${K} of its states (lane q: states nq..nq+${K}); the
+  // channel's sums over states (dx, ddelta, y for the gate) are shuffled together
+  let d = tile * ${WG / lanes}u + lid / ${lanes}u;
+  let q = sgLane % ${lanes}u;
+  let nq = q * ${K}u;`
+        : `let d = tile * ${WG}u + lid;`
+    }
   let valid = d < P.ED;
   let dc = min(d, P.ED - 1u); // out-of-range lanes compute on a valid channel and write nothing
-  var A: array<f32, ${Nb}>;
-  var lam: array<f32, ${Nb}>; // carry: a(t+1) * lam(t+1)
-  var gA: array<f32, ${Nb}>;
-  var h0: array<f32, ${Nb}>;
-  ${shared ? "" : `var hbuf: array<f32, ${Ls * Nb}>;`}
+  var A: array<f32, ${K}>;
+  var lam: array<f32, ${K}>; // carry: a(t+1) * lam(t+1)
+  var gA: array<f32, ${K}>;
+  var h0: array<f32, ${K}>;
+  ${shared ? "" : `var hbuf: array<f32, ${Ls * K}>;`}
   // gpar row of (b, d): [dbias, dD, dA (N), lam carry (N), dW (Ri)], accumulated over dispatches.
   let gp = P.gparOff + (b * P.ED + dc) * ${GP}u;
   let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
   // dbias and dD sum over the state blocks too: blocks after the first always continue
   var gbias = ${first ? "select(0.0, ld_gred(gp), more)" : "ld_gred(gp)"};
   var gD = ${first ? "select(0.0, ld_gred(gp + 1u), more)" : "ld_gred(gp + 1u)"};
-  ${unroll(Nb, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0 + n}u));`)}
-  ${unroll(Nb, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n0 + n}u), more);`)}
-  ${unroll(Nb, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0 + n}u), more);`)}
+  ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0}u + ${st(n)}));`)}
+  ${unroll(K, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n0}u + ${st(n)}), more);`)}
+  ${unroll(K, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0}u + ${st(n)}), more);`)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   ${loadWd(N, Ri)}
@@ -167,15 +200,15 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
     let k = kk - 1u;
     let cstart = k * ${Lc}u;
     let clen = min(${Lc}u, P.L - cstart);
-    var hb: array<f32, ${Nb}>; // the saved state before this chunk
+    var hb: array<f32, ${K}>; // the saved state before this chunk
     let hsAt = (hsBase + k - 1u) * ${N}u${plus(n0)};
-    ${unroll(Nb, (n) => `hb[${n}] = select(0.0, ld_ph(P.hsOff + hsAt + ${n}u), k > 0u);`)}
+    ${unroll(K, (n) => `hb[${n}] = select(0.0, ld_ph(P.hsOff + hsAt + ${st(n)}), k > 0u);`)}
     let nsub = (clen + ${Ls - 1}u) / ${Ls}u;
     ${
       SUB > 1
         ? `// 0. two-level recompute: the states at the sub-chunk boundaries, so that only Ls x Nb floats of h
     // are held at once while chunks (and the saved states) are Lc long.
-    var hsub: array<f32, ${(SUB - 1) * Nb}>;
+    var hsub: array<f32, ${(SUB - 1) * K}>;
     var hw = hb;
     for (var s = 0u; s < (nsub - 1u) * ${Ls}u; s++) {
       ${stepLines("hw", "cstart + s")}
@@ -184,7 +217,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
         let jw = (s + 1u) / ${Ls}u - 1u;
         ${
           unroll(SUB - 1, (jc) =>
-            unroll(Nb, (n) => `hsub[${jc * Nb + n}] = select(hsub[${jc * Nb + n}], hw[${n}], jw == ${jc}u);`))
+            unroll(K, (n) => `hsub[${jc * K + n}] = select(hsub[${jc * K + n}], hw[${n}], jw == ${jc}u);`))
         }
       }
     }`
@@ -196,19 +229,19 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
     let len = min(${Ls}u, clen - j * ${Ls}u);
     ${
       SUB > 1
-        ? unroll(Nb, (n) =>
+        ? unroll(K, (n) =>
           `h0[${n}] = hb[${n}]; ` +
           Array.from({ length: SUB - 1 }, (_, jc) =>
-            `h0[${n}] = select(h0[${n}], hsub[${jc * Nb + n}], j == ${jc + 1}u);`)
+            `h0[${n}] = select(h0[${n}], hsub[${jc * K + n}], j == ${jc + 1}u);`)
             .join(" "))
-        : unroll(Nb, (n) =>
+        : unroll(K, (n) =>
           `h0[${n}] = hb[${n}];`)
     }
     // 1. recompute h over the (sub-)chunk from the state before it.
     var hc = h0;
     for (var s = 0u; s < len; s++) {
       ${stepLines("hc", "start + s")}
-      ${unroll(Nb, (n) => `${H("s", n)} = hc[${n}];`)}
+      ${unroll(K, (n) => `${H("s", n)} = hc[${n}];`)}
     }
     // 2. reverse scan inside the chunk. hcur = h(t) is carried down from the step above (the last one is
     // the recompute's final state), so each step reads one stored state, h(t-1).
@@ -226,25 +259,26 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
       let dt = softplus_(u);
       let xv = ld_x(i);
       let row = (b * P.L + t) * P.S + P.R${plus(n0)};
-      var Bv: array<f32, ${Nb}>;
-      var Cv: array<f32, ${Nb}>;
-      ${loadBC(N, Nb, "row", true, shuffle)}
+      var Bv: array<f32, ${K}>;
+      var Cv: array<f32, ${K}>;
+      ${loadRows(true)}
       var gy = ld_g(i);
       if (P.gated != 0u) {
         // this block's share of y (the gate's gradient is linear in y: blocks add their shares)
-        var yv = ${firstOnly("Dd * xv")};
-        ${unroll(Nb, (n) => `yv += Cv[${n}] * hcur[${n}];`)}
+        var yv = ${firstOnce("Dd * xv")};
+        ${unroll(K, (n) => `yv += Cv[${n}] * hcur[${n}];`)}
+        ${sumLanes("yv")}
         let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc);
         let sg = sigmoid_(zv);
-        if (valid) { ${acc("gz", "gy * yv * sg * (1.0 + zv * (1.0 - sg))")} }
+        if (${once("valid")}) { ${acc("gz", "gy * yv * sg * (1.0 + zv * (1.0 - sg))")} }
         gy = gy * zv * sg;
       }
       gD += ${firstOnly("gy * xv")};
-      var gx = ${firstOnly("gy * Dd")};
+      var gx = ${firstOnce("gy * Dd")};
       var gdt = 0.0;
       let sp = select(0u, s - 1u, s > 0u);
-      var hp: array<f32, ${Nb}>;
-      ${unroll(Nb, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
+      var hp: array<f32, ${K}>;
+      ${unroll(K, (n) => `hp[${n}] = select(h0[${n}], ${H("sp", n)}, s > 0u);`)}
       ${
       sg
         ? `// this subgroup's partial row of step t: (B, segLen, slots, PW), the block's columns
@@ -253,18 +287,20 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
         };`
         : `let lane = (slot * ${WG}u + lid) * ${CW}u; // this step's terms in workgroup memory`
     }
-      ${sg ? `var terms: array<f32, ${CW}>; // [dB terms | dC terms | dt terms] of this lane's channel` : ""}
+      ${sg ? `var terms: array<f32, ${TW}>; // [dB terms | dC terms | dt terms] of this lane's states` : ""}
       ${
-      unroll(Nb, (n) =>
+      unroll(K, (n) =>
         `{ let a = exp(dt * A[${n}]); ` +
         `let l = gy * Cv[${n}] + lam[${n}]; let ga = l * hp[${n}]; ` +
         `gx += l * dt * Bv[${n}]; gdt += l * Bv[${n}] * xv + ga * a * A[${n}]; gA[${n}] += ga * a * dt; ` +
         (sg
-          ? `terms[${n}] = l * dt * xv; terms[${Nb + n}] = gy * hcur[${n}]; `
+          ? `terms[${n}] = l * dt * xv; terms[${K + n}] = gy * hcur[${n}]; `
           : `red[lane + ${n}u] = select(0.0, l * dt * xv, valid); ` +
             `red[lane + ${Nb + n}u] = select(0.0, gy * hcur[${n}], valid); `) +
         `lam[${n}] = a * l; }`)
     }
+      ${sumLanes("gx")}
+      ${sumLanes("gdt")}
       hcur = hp;
       let gu = gdt * sigmoid_(u);
       gbias += gu;
@@ -276,24 +312,26 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * Nb}>; // [step][state][
       ${
           unroll(Ri, (r) =>
             sg
-              ? `terms[${2 * Nb + r}] = gtot * Wd[${r}];`
+              ? `terms[${2 * K + r}] = gtot * Wd[${r}];`
               : `red[lane + ${2 * Nb + r}u] = select(0.0, gtot * Wd[${r}], valid);`)
         }`
         : ""
     }
-      if (valid) { ${acc("gx", "gx")} ${acc("gdraw", "gu")} }
-      ${sg ? subgroupSums(N, Nb, shuffle ? shuffleSize() : null, n0, dtHere) : ""}
+      if (${once("valid")}) { ${acc("gx", "gx")} ${acc("gdraw", "gu")} }
+      ${sg ? subgroupSums(N, Nb, shuffle || lanes > 1 ? shuffleSize() : null, n0, dtHere, lanes) : ""}
 ${sg ? "" : workgroupReduce}
     }
     }
   }
-  if (valid) {
+  if (${once("valid")}) {
     st_gred(gp, gbias);
     st_gred(gp + 1u, gD);
     ${dtHere ? unroll(Ri, (r) => `st_gred(gp + ${2 + 2 * N + r}u, gW[${r}]);`) : ""}
+  }
+  if (valid) {
     ${
-      unroll(Nb, (n) =>
-        `st_gred(gp + ${2 + n0 + n}u, gA[${n}]); st_gred(gp + ${2 + N + n0 + n}u, lam[${n}]);`)
+      unroll(K, (n) =>
+        `st_gred(gp + ${2 + n0}u + ${st(n)}, gA[${n}]); st_gred(gp + ${2 + N + n0}u + ${st(n)}, lam[${n}]);`)
     }
   }`,
   });
@@ -321,7 +359,8 @@ export function butterflyRounds(C: number, SG: number): { W: number; rounds: { m
  * faster on lavapipe, where each of those is a loop over the lanes). Where the size varies: subgroupAdd, and
  * lane 0 stores.
  */
-function subgroupSums(N: number, Nb: number, SG: number | null, n0 = 0, dt = 0): string {
+function subgroupSums(N: number, Nb: number, SG: number | null, n0 = 0, dt = 0, lanes = 1): string {
+  if (lanes > 1) return laneGroupSums(N, Nb, SG!, n0, dt, lanes);
   const C = 2 * Nb + dt;
   if (!SG) {
     return [
@@ -354,5 +393,45 @@ function subgroupSums(N: number, Nb: number, SG: number | null, n0 = 0, dt = 0):
   lines.push(
     W * SG === C ? unroll(W, store) : unroll(W, (k) => `if (sgLane * ${W}u + ${k}u < ${C}u) { ${store(k)} }`),
   );
+  return lines.join("\n      ");
+}
+
+/**
+ * {@linkcode subgroupSums} with `lanes` lanes per channel: lane q of a channel holds the terms of states
+ * q*K .. q*K + K - 1 (K = Nb / lanes) and, alike in every lane, the dt terms. The butterfly runs over the masks
+ * that change the channel and keep q (lanes .. SG/2), so it sums each q's 2K + dt columns over the subgroup's
+ * SG / lanes channels; lane (g, q) then stores its W columns of q's set, and only q = 0 stores dt columns.
+ */
+function laneGroupSums(N: number, Nb: number, SG: number, n0: number, dt: number, lanes: number): string {
+  const K = Nb / lanes;
+  const C = 2 * K + dt;
+  const { W, rounds } = butterflyRounds(C, SG / lanes);
+  const lines = [
+    `var v: array<f32, ${W * (SG / lanes)}>;`,
+    unroll(C, (c) => `v[${c}] = select(0.0, terms[${c}], valid);`),
+  ];
+  for (const { m, h } of rounds) {
+    const mask = m * lanes;
+    lines.push(
+      `{ let up = (sgLane & ${mask}u) != 0u;`,
+      unroll(
+        h,
+        (k) =>
+          `v[${k}] = select(v[${k}], v[${k + h}], up) + subgroupShuffleXor(select(v[${
+            k + h
+          }], v[${k}], up), ${mask}u);`,
+      ),
+      `}`,
+    );
+  }
+  // column c of q's set -> column of the block: B of state nq + c, C of state nq + c - K, or dt column c - 2K
+  const blockCol = `select(select(c - ${2 * K}u + ${2 * Nb}u, c - ${K}u + ${Nb}u + nq, c < ${
+    2 * K
+  }u), nq + c, c < ${K}u)`;
+  lines.push(unroll(W, (k) =>
+    `{ let c = (sgLane / ${lanes}u) * ${W}u + ${k}u; let col = ${blockCol}; ` +
+    `if (c < ${C}u && (c < ${2 * K}u || q == 0u)) { st_gred(part + ${
+      blockColumn(N, Nb, "col", n0, dt)
+    }, v[${k}]); } }`));
   return lines.join("\n      ");
 }

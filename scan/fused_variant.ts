@@ -39,10 +39,11 @@ export interface FusedVariant {
    * values to every lane with subgroupShuffle, instead of every lane loading all 2N (needs subgroups of
    * one fixed size). */
   shuffle?: boolean;
-  /** Lanes per channel in the forward kernel (a power of two dividing Nb, at most the subgroup size; default
-   * 1): each of them walks Nb / lanes of the channel's states and shuffles sum C.h. More invocations for the
-   * same work, which a GPU needs at batch 1 (B x ED invocations otherwise, 1536 for mamba-130m); on a CPU
-   * adapter it only adds work. The backward is unchanged. */
+  /** Lanes per channel (a power of two dividing Nb, at most the subgroup size, which must be fixed; needs
+   * subgroup sums; default 1): each walks Nb / lanes of the channel's states, and shuffles sum what a channel
+   * sums over its states (C.h, dx, ddelta). More invocations for the same work, which a GPU needs at batch 1
+   * (B x ED invocations otherwise, 1536 for mamba-130m), and fewer recomputed states per invocation; on a
+   * CPU adapter it only adds work. */
   lanes?: number;
 }
 
@@ -124,19 +125,20 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
         } does not fit N = ${N} (Ls must divide Lc ` +
           "and Nb divide N; Ls*Nb and (Lc/Ls - 1)*Nb at most 2048 floats; workgroup memory within the device " +
           "limit; with shuffle, WG a multiple of the subgroup size; lanes a power of two dividing Nb, at most " +
-          "the subgroup size, WG a multiple of the subgroup size, no shuffle)",
+          "a fixed subgroup size, WG a multiple of it, subgroup sums, no shuffle)",
       );
     }
     chosen.set(N, { N, ...v });
   }
 }
 
-/** Whether a variant's lanes per channel fit: a power of two dividing Nb, within one subgroup (they sum C.h by
- * shuffles), whole subgroups per workgroup, and no shuffled B/C rows (each lane loads its own states'). */
+/** Whether a variant's lanes per channel fit: a power of two dividing Nb, within one subgroup of a fixed size
+ * (they sum by shuffles), whole subgroups per workgroup, subgroup sums of dB/dC, and no shuffled B/C rows
+ * (each lane loads its own states'). */
 function lanesFit(v: Omit<FusedVariant, "N">, Nb: number): boolean {
   const P = v.lanes ?? 1;
   if (P === 1) return true;
   const sg = deviceInfo().subgroups;
-  return Number.isInteger(Math.log2(P)) && Nb % P === 0 && !v.shuffle && sg !== null &&
-    P <= sg.minSize && v.WG % sg.maxSize === 0;
+  return Number.isInteger(Math.log2(P)) && Nb % P === 0 && !v.shuffle && v.reduce === "subgroup" &&
+    sg !== null && sg.minSize === sg.maxSize && P <= sg.minSize && v.WG % sg.maxSize === 0;
 }

@@ -4,8 +4,8 @@
  * Candidates differ in channels per workgroup, chunk length, where the backward keeps a chunk's
  * recomputed states (private or workgroup memory), and how it sums dB/dC over channels (workgroup memory
  * and barriers, or subgroup operations where the device has subgroups; with either place for the states),
- * whether B and C rows are shared by subgroupShuffle, and (GPUs) how many lanes share a channel in the
- * forward. A CPU adapter wants few invocations per workgroup
+ * whether B and C rows are shared by subgroupShuffle, and (GPUs) how many lanes share a channel in both
+ * kernels. A CPU adapter wants few invocations per workgroup
  * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
  * backward of a small problem a few times; the fastest by GPU time (timestamp queries, else wall clock)
  * is selected with `setFusedVariant`.
@@ -22,7 +22,7 @@ import { fusedSelectiveScan } from "./fused.ts";
 import { defaultFusedVariant, type FusedVariant, setFusedVariant } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 16;
+export const FUSED_KERNEL_VERSION = 17;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -87,7 +87,7 @@ export function fusedCandidates(N: number): FusedVariant[] {
         if (!Ls) continue;
         const onChip: FusedVariant = { ...v, Lc: def.Lc, ...(Ls < def.Lc ? { Ls } : {}), hbuf: "workgroup" };
         list.push(onChip);
-        // ... and with lanes per channel in the forward (more invocations at small batch): GPUs only, a CPU
+        // ... and with lanes per channel (more invocations at small batch): GPUs only, a CPU
         // adapter has no idle lanes to fill
         if (shuffle || deviceInfo().isFallbackAdapter || WG % sg.maxSize !== 0) continue;
         for (const lanes of [2, 4, 8]) {

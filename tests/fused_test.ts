@@ -239,12 +239,14 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
         { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true, hbuf: "workgroup" },
       );
     }
-    // Lanes per channel in the forward (each walks Nb / lanes states; shuffles sum C.h), with state blocks and
-    // chunk boundaries inside the sequence.
-    if (SG >= 2) variants.push({ WG: SG, Lc: 16, reduce: "subgroup", lanes: 2 });
-    if (SG >= 4) {
+    // Lanes per channel (each walks Nb / lanes states; shuffles sum C.h, dx and ddelta over a channel's
+    // lanes, the butterfly dB/dC over its channels), with two-level recompute, states in workgroup memory and
+    // state blocks.
+    if (SG === info.subgroups.maxSize && SG >= 4) {
       variants.push(
-        { WG: 2 * SG, Lc: 12, Ls: 4, lanes: 4 },
+        { WG: SG, Lc: 16, reduce: "subgroup", lanes: 2 },
+        { WG: 2 * SG, Lc: 12, Ls: 4, reduce: "subgroup", lanes: 4 },
+        { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", hbuf: "workgroup", lanes: 2 },
         { WG: SG, Lc: 16, reduce: "subgroup", lanes: 4, Nb: 4 }, // one state per lane (four blocks at N = 16)
       );
     }
