@@ -8,6 +8,7 @@
  * - `fused_backward_kernel.ts`: chunks walked in reverse, each chunk's h recomputed from its saved state,
  *   then the reverse scan; dx, ddraw, dz written per element, dB/dC summed over channels into partial rows,
  *   dA, dD, dbias (and dt_proj's dW) summed over time in registers.
+ * - `fused_subgroup_sums.ts`: the backward's sums over channels by a butterfly of subgroup shuffles.
  * - `fused_reduce_kernels.ts`: the second passes of those sums (WGSL has no float atomics).
  * - `fused_variant.ts`: the kernels' compile-time shape, per state size; `fused_wgsl.ts`: shared WGSL.
  *

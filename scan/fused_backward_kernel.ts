@@ -23,6 +23,7 @@
 
 import { defineKernel, type Kernel } from "../core/kernel.ts";
 import { type FusedVariant, shuffleSize, stepsPerBarrier } from "./fused_variant.ts";
+import { subgroupSums } from "./fused_subgroup_sums.ts";
 import {
   blockColumn,
   blockName,
@@ -335,103 +336,4 @@ ${sg ? "" : workgroupReduce}
     }
   }`,
   });
-}
-
-/**
- * The rounds of the butterfly that sums C columns over SG lanes (a power of two), the columns padded to W * SG
- * (W = ceil(C / SG)). In the round with mask m, lanes whose bit m is clear keep columns [0, h) and the others
- * [h, 2h), each adding its partner's (lane ^ m) copy of them; after the last round lane j holds the sums of
- * columns j*W .. j*W + W - 1 in its first W slots.
- */
-export function butterflyRounds(C: number, SG: number): { W: number; rounds: { m: number; h: number }[] } {
-  const W = Math.ceil(C / SG);
-  const rounds: { m: number; h: number }[] = [];
-  for (let m = SG / 2, K = W * SG; m >= 1; m /= 2, K /= 2) rounds.push({ m, h: K / 2 });
-  return { W, rounds };
-}
-
-/**
- * WGSL summing \`terms\` (2Nb: this lane's dB and dC terms of the block) over the subgroup and storing the
- * sums in the partial row at \`part\` (the block's columns). With a fixed subgroup size SG, a butterfly:
- * each round halves the columns a lane keeps and adds its partner's half (subgroupShuffleXor), so lane j ends
- * with the sums of columns j*W..j*W+W-1 (W = 2Nb / SG, the terms padded with zeros to a multiple of SG) and
- * stores them: 2Nb - W shuffles instead of 2Nb subgroupAdds and 2Nb stores from one lane (the backward 1.4x
- * faster on lavapipe, where each of those is a loop over the lanes). Where the size varies: subgroupAdd, and
- * lane 0 stores.
- */
-function subgroupSums(N: number, Nb: number, SG: number | null, n0 = 0, dt = 0, lanes = 1): string {
-  if (lanes > 1) return laneGroupSums(N, Nb, SG!, n0, dt, lanes);
-  const C = 2 * Nb + dt;
-  if (!SG) {
-    return [
-      unroll(C, (c) => `let s${c} = subgroupAdd(select(0.0, terms[${c}], valid));`),
-      `if (sgLane == 0u) {`,
-      unroll(C, (c) => `st_gred(part + ${blockColumn(N, Nb, c, n0, dt)}, s${c});`),
-      `}`,
-    ].join("\n      ");
-  }
-  const { W, rounds } = butterflyRounds(C, SG);
-  const lines = [
-    `var v: array<f32, ${W * SG}>;`,
-    unroll(C, (c) => `v[${c}] = select(0.0, terms[${c}], valid);`),
-  ];
-  for (const { m, h } of rounds) {
-    lines.push(
-      `{ let up = (sgLane & ${m}u) != 0u;`,
-      unroll(
-        h,
-        (k) =>
-          `v[${k}] = select(v[${k}], v[${k + h}], up) + subgroupShuffleXor(select(v[${
-            k + h
-          }], v[${k}], up), ${m}u);`,
-      ),
-      `}`,
-    );
-  }
-  const store = (k: number) =>
-    `st_gred(part + ${blockColumn(N, Nb, `sgLane * ${W}u + ${k}u`, n0, dt)}, v[${k}]);`;
-  lines.push(
-    W * SG === C ? unroll(W, store) : unroll(W, (k) => `if (sgLane * ${W}u + ${k}u < ${C}u) { ${store(k)} }`),
-  );
-  return lines.join("\n      ");
-}
-
-/**
- * {@linkcode subgroupSums} with `lanes` lanes per channel: lane q of a channel holds the terms of states
- * q*K .. q*K + K - 1 (K = Nb / lanes) and, alike in every lane, the dt terms. The butterfly runs over the masks
- * that change the channel and keep q (lanes .. SG/2), so it sums each q's 2K + dt columns over the subgroup's
- * SG / lanes channels; lane (g, q) then stores its W columns of q's set, and only q = 0 stores dt columns.
- */
-function laneGroupSums(N: number, Nb: number, SG: number, n0: number, dt: number, lanes: number): string {
-  const K = Nb / lanes;
-  const C = 2 * K + dt;
-  const { W, rounds } = butterflyRounds(C, SG / lanes);
-  const lines = [
-    `var v: array<f32, ${W * (SG / lanes)}>;`,
-    unroll(C, (c) => `v[${c}] = select(0.0, terms[${c}], valid);`),
-  ];
-  for (const { m, h } of rounds) {
-    const mask = m * lanes;
-    lines.push(
-      `{ let up = (sgLane & ${mask}u) != 0u;`,
-      unroll(
-        h,
-        (k) =>
-          `v[${k}] = select(v[${k}], v[${k + h}], up) + subgroupShuffleXor(select(v[${
-            k + h
-          }], v[${k}], up), ${mask}u);`,
-      ),
-      `}`,
-    );
-  }
-  // column c of q's set -> column of the block: B of state nq + c, C of state nq + c - K, or dt column c - 2K
-  const blockCol = `select(select(c - ${2 * K}u + ${2 * Nb}u, c - ${K}u + ${Nb}u + nq, c < ${
-    2 * K
-  }u), nq + c, c < ${K}u)`;
-  lines.push(unroll(W, (k) =>
-    `{ let c = (sgLane / ${lanes}u) * ${W}u + ${k}u; let col = ${blockCol}; ` +
-    `if (c < ${C}u && (c < ${2 * K}u || q == 0u)) { st_gred(part + ${
-      blockColumn(N, Nb, "col", n0, dt)
-    }, v[${k}]); } }`));
-  return lines.join("\n      ");
 }

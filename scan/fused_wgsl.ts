@@ -43,9 +43,9 @@ export function partialWidth(N: number, dt: number): number {
 export const MAX_INLINE_DT_RANK = 8;
 
 /**
- * WGSL defining \`dr\`, the raw delta of channel dc at step t (row index \`i\`): read from draw, or with Ri > 0
- * computed from the dt columns of dBC (row starting at \`rowStart\`, loaded into \`dtv\`) and this channel's
- * dt_proj row \`Wd\`.
+ * WGSL defining `dr`, the raw delta of channel dc at step t (row index `i`): read from draw, or with Ri > 0
+ * computed from the dt columns of dBC (row starting at `rowStart`, loaded into `dtv`) and this channel's
+ * dt_proj row `Wd`.
  */
 export function drawLines(Ri: number, shuffle: boolean, rowStart: string): string {
   if (!Ri) return "let dr = ld_draw(i);";
@@ -69,7 +69,7 @@ export function drawLines(Ri: number, shuffle: boolean, rowStart: string): strin
   return lines.join("\n    ");
 }
 
-/** WGSL loading this channel's dt_proj row \`Wd\` (Ri floats) from ph = [bias | A_log | D | W | ...]. */
+/** WGSL loading this channel's dt_proj row `Wd` (Ri floats) from ph = [bias | A_log | D | W | ...]. */
 export function loadWd(N: number, Ri: number): string {
   if (!Ri) return "";
   return `var Wd: array<f32, ${Ri}>;

@@ -4,7 +4,7 @@ import { full, randn } from "../core/creation.ts";
 import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { fusedMambaScan, fusedSelectiveScan } from "../scan/fused.ts";
-import { butterflyRounds } from "../scan/fused_backward_kernel.ts";
+import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
 import type { FusedVariant } from "../scan/fused_variant.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { maxAbs, maxAbsDiff } from "./fixture_util.ts";
