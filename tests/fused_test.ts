@@ -329,6 +329,11 @@ Deno.test("the tuner's candidates are valid variants, here and on a GPU-like ada
         setFusedVariant(N, null);
       }
     }
+    // a variant that does not fit is refused with what was wrong
+    assert.throws(
+      () => setFusedVariant(16, { WG: 32, Lc: 64, reduce: "subgroup", lanes: 3 }),
+      /setFusedVariant: WG 32, Lc 64, Ls 64, Nb 16, lanes 3 does not fit N = 16 .*lanes a power of two dividing Nb/,
+    );
   } finally {
     info.isFallbackAdapter = fallback;
   }
