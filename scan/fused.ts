@@ -152,7 +152,7 @@ export function lastState(ph: Tensor, B: number, ED: number, N: number, L: numbe
 /** The gradients of the fused scan's inputs (gz null when ungated). */
 interface FusedGrads {
   gx: Tensor;
-  /** ddraw (B, L, ED) */
+  /** ddraw (B, L, ED); with dt_proj inside the kernels, scratch (not ddraw) */
   gdraw: Tensor;
   /** dt_proj's weight gradient (ED, R) when it runs inside the kernels */
   gW: Tensor | null;
@@ -195,7 +195,10 @@ function fusedScanBackward(
   const segSteps = Math.min(L, segChunks * v.Lc);
   const gbcSize = B * segSteps * slots * PW;
   const gx = Tensor.empty(x.shape);
-  const gdraw = Tensor.empty(x.shape);
+  const Nb = v.Nb ?? N;
+  // ddraw: with dt_proj inside, the kernels consume it themselves (dW and the dt columns); only state blocks
+  // before the last leave their shares there, so one block needs no tensor (a scratch word is bound)
+  const gdraw = Tensor.empty(Ri && Nb === N ? [1] : x.shape);
   // With z a window of a wider tensor (in_proj's output), gz is returned as that window of z's gradient:
   // writing it there in place would make the whole gradient live from here on, raising the peak.
   const gz = Tensor.empty(x.shape);
@@ -209,7 +212,6 @@ function fusedScanBackward(
     gz: gz.storage,
     gred: gred.storage,
   };
-  const Nb = v.Nb ?? N;
   const hsOff = ph.size - B * ED * u.chunks * N;
   // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums):
   // at most MAX_STEPS / 2 steps, so no invocation loops 65535 times.

@@ -138,6 +138,7 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
       { name: "z", type: "f32", access: "read" },
       { name: "g", type: "f32", access: "read" },
       { name: "gx", type: "f32", access: "read_write" },
+      // ddraw: an output, or with dt_proj inside only the earlier state blocks' shares for the last one
       { name: "gdraw", type: "f32", access: "read_write" },
       { name: "gz", type: "f32", access: "read_write" },
       // [dB/dC partials (B, L, slots, PW) | gpar (B, ED, GP)]: with `ph`, this keeps the kernel at 10
@@ -318,7 +319,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state][l
         }`
         : ""
     }
-      if (${once("valid")}) { ${acc("gx", "gx")} ${acc("gdraw", "gu")} }
+      if (${once("valid")}) { ${acc("gx", "gx")} ${dtHere ? "" : acc("gdraw", "gu")} }
       ${sg ? subgroupSums(N, Nb, shuffle || lanes > 1 ? shuffleSize() : null, n0, dtHere, lanes) : ""}
 ${sg ? "" : workgroupReduce}
     }
