@@ -30,6 +30,7 @@ import {
   cachedKernel,
   COMMON,
   drawLines,
+  laneState,
   loadBC,
   loadWd,
   partialWidth,
@@ -59,7 +60,7 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
   const lanes = v.lanes ?? 1; // lanes sharing a channel (subgroup sums only)
   const K = Nb / lanes; // states of the block per invocation
   /** WGSL of this invocation's state j of the block, from the block's first: j, or with lanes its share. */
-  const st = (j: number) => (lanes > 1 ? `nq + ${j}u` : `${j}u`);
+  const st = (j: number) => laneState(lanes, j);
   /** WGSL of a per-channel value that lanes > 1 hold alike: only lane q = 0 stores it (or adds it once). */
   const once = (cond: string) => (lanes > 1 ? `${cond} && q == 0u` : cond);
   const CW = 2 * Nb + dtHere; // terms per channel and step summed over channels
@@ -78,15 +79,6 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
   const acc = (buf: string, val: string) => `st_${buf}(i, ${first ? "" : `ld_${buf}(i) + `}${val});`;
   const Ls = v.Ls ?? Lc;
   const SUB = Lc / Ls; // sub-chunks per chunk
-  /** WGSL filling Bv (and Cv) from the step's dBC row: shared by shuffles, or each lane its own states. */
-  const loadRows = (withC: boolean) =>
-    lanes > 1
-      ? unroll(
-        K,
-        (n) =>
-          `Bv[${n}] = ld_dbc(row + ${st(n)});${withC ? ` Cv[${n}] = ld_dbc(row + ${N}u + ${st(n)});` : ""}`,
-      )
-      : loadBC(N, Nb, "row", withC, shuffle);
   /** WGSL of one recomputed step of the state array `h` at time `t`. */
   const stepLines = (h: string, t: string) =>
     `{
@@ -96,7 +88,7 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
       let dtx = dt * ld_x(i);
       let row = (b * P.L + ${t}) * P.S + P.R${plus(n0)};
       var Bv: array<f32, ${K}>;
-      ${loadRows(false)}
+      ${loadBC(N, Nb, "row", false, shuffle, lanes)}
       ${unroll(K, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * Bv[${n}];`)}
       }`;
   /** WGSL of the recomputed state n (of the block) at chunk step `s`. */
@@ -263,7 +255,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state][l
       let row = (b * P.L + t) * P.S + P.R${plus(n0)};
       var Bv: array<f32, ${K}>;
       var Cv: array<f32, ${K}>;
-      ${loadRows(true)}
+      ${loadBC(N, Nb, "row", true, shuffle, lanes)}
       var gy = ld_g(i);
       if (P.gated != 0u) {
         // this block's share of y (the gate's gradient is linear in y: blocks add their shares)

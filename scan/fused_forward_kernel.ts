@@ -23,6 +23,7 @@ import {
   cachedKernel,
   COMMON,
   drawLines,
+  laneState,
   loadBC,
   loadWd,
   plus,
@@ -39,9 +40,9 @@ export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
   const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${lanes}|${Ri}`;
   const { N, Lc } = v;
   const [first, last] = [n0 === 0, n0 + Nb === N];
-  const S = Nb / lanes; // states of the block per invocation
+  const K = Nb / lanes; // states of the block per invocation
   /** WGSL of this invocation's state j of the block, from the block's first: j, or with lanes its share. */
-  const st = (j: number) => (lanes > 1 ? `nq + ${j}u` : `${j}u`);
+  const st = (j: number) => laneState(lanes, j);
   return cachedKernel(key, () =>
     defineKernel({
       name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}${
@@ -67,23 +68,23 @@ export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
   let b = group / P.tiles;
   ${
         lanes > 1
-          ? `// ${lanes} lanes share a channel, each holding ${S} of its states (lane q: states nq..nq+${S}); C.h is summed
+          ? `// ${lanes} lanes share a channel, each holding ${K} of its states (lane q: states nq..nq+${K}); C.h is summed
   // over them by shuffles, and lane q = 0 writes y (GPUs: ${lanes}x the invocations at batch 1)
   let d = (group % P.tiles) * ${v.WG / lanes}u + lid / ${lanes}u;
   let q = sgLane % ${lanes}u;
-  let nq = q * ${S}u;`
+  let nq = q * ${K}u;`
           : `let d = (group % P.tiles) * ${v.WG}u + lid;`
       }
   let valid = d < P.ED;
   let dc = min(d, P.ED - 1u);
-  var A: array<f32, ${S}>;
-  var h: array<f32, ${S}>;
-  var Bv: array<f32, ${S}>;
-  var Cv: array<f32, ${S}>;
+  var A: array<f32, ${K}>;
+  var h: array<f32, ${K}>;
+  var Bv: array<f32, ${K}>;
+  var Cv: array<f32, ${K}>;
   let hsBase = (b * P.ED + dc) * P.chunks;
   let h0 = (hsBase + P.t0 / ${Lc}u - 1u) * ${N}u${plus(n0)};
-  ${unroll(S, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)}));`)}
-  ${unroll(S, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${st(n)}), P.t0 > 0u);`)}
+  ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)}));`)}
+  ${unroll(K, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${st(n)}), P.t0 > 0u);`)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   ${loadWd(N, Ri)}
@@ -97,17 +98,13 @@ export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
     let dt = softplus_(dr + bias);
     let xv = ld_x(i);
     let row = (b * P.L + t) * P.S + P.R${plus(n0)};
-    ${
-        lanes > 1
-          ? unroll(S, (n) => `Bv[${n}] = ld_dbc(row + ${st(n)}); Cv[${n}] = ld_dbc(row + ${N}u + ${st(n)});`)
-          : loadBC(N, Nb, "row", true, shuffle)
-      }
+    ${loadBC(N, Nb, "row", true, shuffle, lanes)}
     var yv = ${
         lanes > 1 ? `select(0.0, ${first ? "Dd * xv" : "ld_y(i)"}, q == 0u)` : first ? "Dd * xv" : "ld_y(i)"
       };
     let dtx = dt * xv;
-    ${unroll(S, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
-    ${unroll(S, (n) => `yv += Cv[${n}] * h[${n}];`)}
+    ${unroll(K, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
+    ${unroll(K, (n) => `yv += Cv[${n}] * h[${n}];`)}
     ${unroll(Math.log2(lanes), (r) => `yv += subgroupShuffleXor(yv, ${1 << r}u);`)}
     ${
         last
@@ -118,7 +115,7 @@ export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
   }
   if (valid) {
     let at = (hsBase + (cend - 1u) / ${Lc}u) * ${N}u${plus(n0)};
-    ${unroll(S, (n) => `st_ph(P.hsOff + at + ${st(n)}, h[${n}]);`)}
+    ${unroll(K, (n) => `st_ph(P.hsOff + at + ${st(n)}, h[${n}]);`)}
   }
   }`,
     }));

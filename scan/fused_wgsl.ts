@@ -76,13 +76,32 @@ export function loadWd(N: number, Ri: number): string {
   ${unroll(Ri, (r) => `Wd[${r}] = ld_ph(P.ED * ${N + 2}u + dc * ${Ri}u + ${r}u);`)}`;
 }
 
+/** WGSL of an invocation's state j of the block, counted from the block's first: j, or with `lanes` > 1 the
+ * j-th of its share (lane q of a channel holds states nq = q * Nb / lanes ..). */
+export function laneState(lanes: number, j: number): string {
+  return lanes > 1 ? `nq + ${j}u` : `${j}u`;
+}
+
 /**
  * WGSL filling `Bv` (and with `withC`, `Cv`): arrays of Nb floats, the B and C columns of the state block
  * starting at `row` (B at row.., C at row + N..; `row` includes the block's first state). With `shuffle`,
  * each lane loads every SG-th column and subgroupShuffle hands them out (needs uniform control flow); else
- * each lane loads them all.
+ * each lane loads them all. With `lanes` > 1, each lane loads its Nb / lanes states' columns.
  */
-export function loadBC(N: number, Nb: number, row: string, withC: boolean, shuffle: boolean): string {
+export function loadBC(
+  N: number,
+  Nb: number,
+  row: string,
+  withC: boolean,
+  shuffle: boolean,
+  lanes = 1,
+): string {
+  if (lanes > 1) {
+    const cols = (n: number) =>
+      `Bv[${n}] = ld_dbc(${row} + ${laneState(lanes, n)});` +
+      (withC ? ` Cv[${n}] = ld_dbc(${row} + ${N}u + ${laneState(lanes, n)});` : "");
+    return unroll(Nb / lanes, cols);
+  }
   const cols = withC ? 2 * Nb : Nb;
   const dst = (c: number) => (c < Nb ? `Bv[${c}]` : `Cv[${c - Nb}]`);
   if (!shuffle) return unroll(cols, (c) => `${dst(c)} = ld_dbc(${row} + ${blockColumn(N, Nb, c)});`);
