@@ -234,6 +234,76 @@ Deno.test({
         },
       );
 
+      await t.step(
+        "fused-scan variants for GPUs (lanes per channel, states in workgroup memory) compile in Chromium and agree",
+        async () => {
+          const r = await lib.evaluate(async () => {
+            const m = (globalThis as unknown as { mamba: Bundle }).mamba;
+            const info = await m.init();
+            const sg = info.subgroups;
+            if (!sg || sg.minSize !== sg.maxSize) return { skipped: JSON.stringify(sg), rows: [] };
+            const SG = sg.minSize;
+            const [B, L, ED, N, R] = [2, 37, 24, 8, 2];
+            const leaves = [
+              m.randn([B, L, ED], { seed: 1 }), // x
+              m.randn([B, L, R + 2 * N], { seed: 2 }), // dBC
+              m.randn([ED, R], { seed: 3, std: 0.5 }), // dt_proj weight
+              m.randn([ED], { seed: 4, std: 0.5 }), // dt bias
+              m.randn([ED, N], { seed: 5, std: 0.3 }), // A_log
+              m.randn([ED], { seed: 6 }), // D
+              m.randn([B, L, ED], { seed: 7 }), // z
+            ].map((t) => t.requiresGrad_(true));
+            const G = m.randn([B, L, ED], { seed: 8 });
+            // y and every leaf's gradient, flattened
+            const run = async () => {
+              const y = m.tidy(() => {
+                const [x, dBC, W, bias, aLog, D, z] = leaves;
+                const y = m.fusedMambaScan(x, dBC, W, bias, aLog, D, z);
+                m.sum(m.mul(y, G)).backward();
+                return y;
+              });
+              const out = [...(await y.toArray())];
+              y.dispose();
+              for (const t of leaves) {
+                out.push(...(await t.grad!.toArray()));
+                t.grad!.dispose();
+                t.grad = null;
+              }
+              return out;
+            };
+            const base = { Lc: 16, WG: 2 * SG, reduce: "subgroup" as const };
+            const variants = [
+              {},
+              { hbuf: "workgroup" as const },
+              { lanes: 2 },
+              { lanes: Math.min(4, SG), Lc: 24, Ls: 8, hbuf: "workgroup" as const },
+            ];
+            m.setFusedVariant(N, null);
+            const want = await run();
+            const scale = want.reduce((a, v) => Math.max(a, Math.abs(v)), 0);
+            const rows = [];
+            try {
+              for (const v of variants) {
+                m.setFusedVariant(N, { ...base, ...v });
+                const got = await run();
+                let d = got.length === want.length ? 0 : Infinity;
+                for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(got[i] - want[i]) || 0);
+                rows.push({ variant: JSON.stringify(v), rel: d / scale });
+              }
+            } finally {
+              m.setFusedVariant(N, null);
+              m.dispose([...leaves, G]);
+            }
+            return { skipped: "", rows };
+          });
+          if (r.skipped) console.log(`  skipped: subgroups ${r.skipped} (lanes need a fixed subgroup size)`);
+          for (const row of r.rows) {
+            console.log(`  ${row.variant}: max diff ${row.rel.toExponential(2)} of the largest value`);
+            assert.ok(row.rel < 1e-5, `${row.variant}: ${row.rel}`);
+          }
+        },
+      );
+
       await t.step("training in the browser: the loss falls within 20 steps", async () => {
         const r = await lib.evaluate(async (base) => {
           const m = (globalThis as unknown as { mamba: Bundle }).mamba;
