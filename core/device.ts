@@ -32,7 +32,9 @@ export interface DeviceInfo {
   subgroupMaxSize: number;
   /** Whether kernels may be timed with timestamp queries. */
   timestampQuery: boolean;
-  /** Subgroup operations (`subgroupAdd`), when the device has them and a probe kernel summed correctly; else null. */
+  /** Subgroup operations (`subgroupAdd`), when the device has them and a probe kernel summed correctly and found
+   * each subgroup to be an aligned run of the local index (lane = index mod size), as the kernels assume; else
+   * null. */
   subgroups: SubgroupSupport | null;
   /** The limits the device was created with. */
   limits: DeviceLimits;
@@ -168,8 +170,10 @@ async function acquire(options: InitOptions): Promise<DeviceInfo> {
 }
 
 /**
- * Checks that subgroupAdd compiles and sums: tries the shader with and without `enable subgroups;` and runs
- * the one that compiles on 64 invocations (one readback at init, only on devices that grant the feature).
+ * Checks that subgroupAdd compiles and sums, and that subgroups are aligned runs of the local index (the
+ * kernels derive a lane's channel and its partial-row slot from the local index): tries the shader with and
+ * without `enable subgroups;` and runs the one that compiles on 64 invocations (one readback at init, only on
+ * devices that grant the feature).
  */
 async function probeSubgroups(
   dev: GPUDevice,
@@ -178,8 +182,11 @@ async function probeSubgroups(
 ): Promise<SubgroupSupport | null> {
   const body = `@group(0) @binding(0) var<storage, read_write> o: array<u32>;
 @compute @workgroup_size(64)
-fn main(@builtin(local_invocation_index) l: u32, @builtin(subgroup_size) sz: u32) {
-  o[l] = u32(subgroupAdd(1.0)) * 1000u + sz;
+fn main(@builtin(local_invocation_index) l: u32, @builtin(subgroup_size) sz: u32,
+        @builtin(subgroup_invocation_id) lane: u32) {
+  let first = subgroupBroadcast(l, 0u); // before the &&: its right side is not uniform control flow
+  let aligned = lane == l % sz && first == l - lane;
+  o[l] = select(${NOT_ALIGNED}u, 0u, aligned) + u32(subgroupAdd(1.0)) * 1000u + sz;
 }`;
   for (const directive of ["enable subgroups;", ""]) {
     dev.pushErrorScope("validation");
@@ -207,17 +214,36 @@ fn main(@builtin(local_invocation_index) l: u32, @builtin(subgroup_size) sz: u32
     read.unmap();
     buf.destroy();
     read.destroy();
-    // Each invocation saw its subgroup's size twice: as the builtin and as the sum of ones.
-    const ok = o.every((v) => Math.floor(v / 1000) === v % 1000 && v % 1000 >= 1 && v % 1000 <= 64);
-    if (!ok) return null;
-    const sizes = [...o].map((v) => v % 1000);
-    return {
-      directive,
-      minSize: minSize || Math.min(...sizes),
-      maxSize: maxSize || Math.max(...sizes),
-    };
+    return subgroupProbeResult(o, directive, minSize, maxSize);
   }
   return null;
+}
+
+/** Added to a probe invocation's word when its subgroup is not an aligned run of the local index. */
+const NOT_ALIGNED = 1_000_000;
+
+/**
+ * Reads the subgroup probe's words (one per invocation: NOT_ALIGNED if its subgroup is not an aligned run of
+ * the local index, + 1000 x the sum of ones over its subgroup + the subgroup_size builtin): the support, or
+ * null when a sum disagrees with the size or a subgroup is laid out otherwise. Exported for tests.
+ */
+export function subgroupProbeResult(
+  o: Uint32Array,
+  directive: string,
+  minSize: number,
+  maxSize: number,
+): SubgroupSupport | null {
+  // Each invocation saw its subgroup's size twice: as the builtin and as the sum of ones.
+  const ok = o.every((v) =>
+    v < NOT_ALIGNED && Math.floor(v / 1000) === v % 1000 && v % 1000 >= 1 && v % 1000 <= 64
+  );
+  if (!ok) return null;
+  const sizes = [...o].map((v) => v % 1000);
+  return {
+    directive,
+    minSize: minSize || Math.min(...sizes),
+    maxSize: maxSize || Math.max(...sizes),
+  };
 }
 
 /** The device; throws if {@linkcode init} has not completed or the device was lost. */

@@ -107,3 +107,16 @@ Deno.test("fromPretrained over HTTP from a local server (hub-style resolve URL)"
     await server.finished;
   }
 });
+
+Deno.test("subgroup probe: sums that match the size and aligned subgroups give support; anything else none", async () => {
+  const { subgroupProbeResult } = await import("../core/device.ts");
+  const words = (sg: number) => Uint32Array.from({ length: 64 }, () => sg * 1000 + sg);
+  assert.deepEqual(subgroupProbeResult(words(8), "", 0, 0), { directive: "", minSize: 8, maxSize: 8 });
+  assert.deepEqual(subgroupProbeResult(words(4), "enable subgroups;", 4, 4)?.maxSize, 4);
+  const wrongSum = words(8);
+  wrongSum[5] = 7 * 1000 + 8; // a lane's subgroupAdd of ones disagrees with its size
+  assert.equal(subgroupProbeResult(wrongSum, "", 0, 0), null);
+  const interleaved = words(8);
+  interleaved[9] += 1_000_000; // lane 9's subgroup is not an aligned run of the local index
+  assert.equal(subgroupProbeResult(interleaved, "", 0, 0), null);
+});
