@@ -96,8 +96,8 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null) {
   };
 }
 
-/** The bindings both kernels read: x, draw (x in its place when dt_proj runs inside), dBC, ph, z (x when
- * ungated). */
+/** The bindings both kernels read (their declarations: `scanInputBuffers`): x, draw (x in its place when
+ * dt_proj runs inside), dBC, ph, z (x when ungated). */
 function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: Tensor | null) {
   return {
     x: x.storage,
@@ -447,9 +447,9 @@ export function fusedSelectiveScan(
  * The SSM of a Mamba block with dt_proj folded in, as MambaBlock runs it: delta = softplus(dBC[..., :R] @
  * dtWeight^T + dtBias), then as {@linkcode fusedSelectiveScan}. dtWeight: (ED, R); dBC may be wider than R +
  * 2N (x_proj's output padded to a multiple of 4 columns: the extra columns are ignored, their gradient is
- * zero); the other arguments as there. It never saves delta or draw (B, L, ED): up to R = MAX_INLINE_DT_RANK the kernels compute draw per
- * step from dBC's dt columns (and the backward kernels W's gradient and those columns'); above it, draw comes
- * from a matmul, recomputed in the backward. The scan keeps 4 (2 ED + R + 2N) bytes per token (4 (2 ED + 2R +
+ * zero); the other arguments as there. It never saves delta or draw (B, L, ED): up to R = MAX_INLINE_DT_RANK
+ * the kernels compute draw per step from dBC's dt columns (and the backward kernels W's gradient and those
+ * columns'); above it, draw comes from a matmul, recomputed in the backward. The scan keeps 4 (2 ED + R + 2N) bytes per token (4 (2 ED + 2R +
  * 2N) above the inline rank) plus the chunk states.
  */
 export function fusedMambaScan(

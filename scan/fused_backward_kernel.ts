@@ -35,6 +35,7 @@ import {
   loadWd,
   partialWidth,
   plus,
+  scanInputBuffers,
   UNIFORMS,
   unroll,
 } from "./fused_wgsl.ts";
@@ -123,11 +124,7 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
     }`,
     subgroups: sg || shuffle,
     buffers: [
-      { name: "x", type: "f32", access: "read" },
-      { name: "draw", type: "f32", access: "read" },
-      { name: "dbc", type: "f32", access: "read" },
-      { name: "ph", type: "f32", access: "read" }, // [bias | A_log | D | W (with Ri) | hs]
-      { name: "z", type: "f32", access: "read" },
+      ...scanInputBuffers("read"),
       { name: "g", type: "f32", access: "read" },
       { name: "gx", type: "f32", access: "read_write" },
       // ddraw: an output, or with dt_proj inside only the earlier state blocks' shares for the last one
@@ -139,7 +136,6 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
     ],
     uniforms: [
       ...UNIFORMS,
-      ["hsOff", "u32"],
       ["gparOff", "u32"],
       ["slots", "u32"],
       ["slotsPerTile", "u32"],

@@ -27,6 +27,7 @@ import {
   loadBC,
   loadWd,
   plus,
+  scanInputBuffers,
   UNIFORMS,
   unroll,
 } from "./fused_wgsl.ts";
@@ -49,16 +50,8 @@ export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
         lanes > 1 ? `_lanes${lanes}` : ""
       }${Ri ? `_dt${Ri}` : ""}`,
       subgroups: shuffle || lanes > 1,
-      buffers: [
-        { name: "x", type: "f32", access: "read" },
-        { name: "draw", type: "f32", access: "read" },
-        { name: "dbc", type: "f32", access: "read" },
-        // [bias | A_log | D | W (with Ri) | hs]: reads params, writes states
-        { name: "ph", type: "f32", access: "read_write" },
-        { name: "z", type: "f32", access: "read" },
-        { name: "y", type: "f32", access: "read_write" },
-      ],
-      uniforms: [...UNIFORMS, ["hsOff", "u32"]],
+      buffers: [...scanInputBuffers("read_write"), { name: "y", type: "f32", access: "read_write" }],
+      uniforms: UNIFORMS,
       workgroupSize: v.WG,
       decls: COMMON,
       body: `

@@ -6,7 +6,7 @@
  * @module
  */
 
-import type { Kernel } from "../core/kernel.ts";
+import type { BufferDecl, Kernel } from "../core/kernel.ts";
 import { shuffleSize } from "./fused_variant.ts";
 
 const kernels = new Map<string, Kernel>();
@@ -145,7 +145,20 @@ export const UNIFORMS: [string, "u32"][] = [
   ["t1", "u32"], // forward: end step; backward: end chunk
   ["zS", "u32"], // row length of z: ED, or more when z is a window of a wider tensor (in_proj's output)
   ["z0", "u32"], // z's first column in its rows
+  ["hsOff", "u32"], // where the chunk states start in ph
 ];
+
+/** The bindings both kernels read first, in this order (fused.ts's scanInputs gives them): x, draw (x in its
+ * place with dt_proj inside), dbc, ph = [bias | A_log | D | W (with Ri) | hs] (the forward writes hs), z. */
+export function scanInputBuffers(ph: "read" | "read_write"): BufferDecl[] {
+  return [
+    { name: "x", type: "f32", access: "read" },
+    { name: "draw", type: "f32", access: "read" },
+    { name: "dbc", type: "f32", access: "read" },
+    { name: "ph", type: "f32", access: ph },
+    { name: "z", type: "f32", access: "read" },
+  ];
+}
 
 /** WGSL ` + k` for a compile-time offset (nothing for 0). */
 export const plus = (k: number) => (k ? ` + ${k}u` : "");
