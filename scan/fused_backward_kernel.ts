@@ -28,6 +28,7 @@ import {
   blockColumn,
   blockName,
   cachedKernel,
+  channelLines,
   COMMON,
   drawLines,
   laneState,
@@ -36,6 +37,7 @@ import {
   partialWidth,
   plus,
   scanInputBuffers,
+  sumLanes,
   UNIFORMS,
   unroll,
 } from "./fused_wgsl.ts";
@@ -72,9 +74,6 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
   const firstOnly = (val: string) => (first ? val : "0.0");
   /** The same, added by one lane of a channel's (a term of a sum over the lanes). */
   const firstOnce = (val: string) => (first && lanes > 1 ? `select(0.0, ${val}, q == 0u)` : firstOnly(val));
-  /** WGSL summing a per-channel partial over the channel's lanes (each gets the sum). */
-  const sumLanes = (x: string) =>
-    unroll(Math.log2(lanes), (r) => `${x} += subgroupShuffleXor(${x}, ${1 << r}u);`);
   const TW = 2 * K + dtHere; // terms per lane and step summed over channels (CW without lanes)
   /** WGSL storing `val` at element i of gx/gdraw/gz: the first block writes, later ones add. */
   const acc = (buf: string, val: string) => `st_${buf}(i, ${first ? "" : `ld_${buf}(i) + `}${val});`;
@@ -151,15 +150,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state][l
   // walked in reverse.
   let b = group / P.tiles;
   let tile = group % P.tiles;
-  ${
-      lanes > 1
-        ? `// ${lanes} lanes share a channel, each walking ${K} of its states (lane q: states nq..nq+${K}); the
-  // channel's sums over states (dx, ddelta, y for the gate) are shuffled together
-  let d = tile * ${WG / lanes}u + lid / ${lanes}u;
-  let q = sgLane % ${lanes}u;
-  let nq = q * ${K}u;`
-        : `let d = tile * ${WG}u + lid;`
-    }
+  ${channelLines("tile", WG, lanes, Nb)}
   let valid = d < P.ED;
   let dc = min(d, P.ED - 1u); // out-of-range lanes compute on a valid channel and write nothing
   var A: array<f32, ${K}>;
@@ -257,7 +248,7 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state][l
         // this block's share of y (the gate's gradient is linear in y: blocks add their shares)
         var yv = ${firstOnce("Dd * xv")};
         ${unroll(K, (n) => `yv += Cv[${n}] * hcur[${n}];`)}
-        ${sumLanes("yv")}
+        ${sumLanes("yv", lanes)}
         let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc);
         let sg = sigmoid_(zv);
         if (${once("valid")}) { ${acc("gz", "gy * yv * sg * (1.0 + zv * (1.0 - sg))")} }
@@ -289,8 +280,8 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state][l
             `red[lane + ${Nb + n}u] = select(0.0, gy * hcur[${n}], valid); `) +
         `lam[${n}] = a * l; }`)
     }
-      ${sumLanes("gx")}
-      ${sumLanes("gdt")}
+      ${sumLanes("gx", lanes)}
+      ${sumLanes("gdt", lanes)}
       hcur = hp;
       let gu = gdt * sigmoid_(u);
       gbias += gu;

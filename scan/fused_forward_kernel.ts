@@ -21,6 +21,7 @@ import type { FusedVariant } from "./fused_variant.ts";
 import {
   blockName,
   cachedKernel,
+  channelLines,
   COMMON,
   drawLines,
   laneState,
@@ -28,6 +29,7 @@ import {
   loadWd,
   plus,
   scanInputBuffers,
+  sumLanes,
   UNIFORMS,
   unroll,
 } from "./fused_wgsl.ts";
@@ -59,15 +61,7 @@ export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
   // another: the first writes D x + C.h, later ones add their C.h, the last gates. Lanes past ED compute
   // on a valid channel and write nothing (control flow stays uniform for subgroup operations).
   let b = group / P.tiles;
-  ${
-        lanes > 1
-          ? `// ${lanes} lanes share a channel, each holding ${K} of its states (lane q: states nq..nq+${K}); C.h is summed
-  // over them by shuffles, and lane q = 0 writes y (GPUs: ${lanes}x the invocations at batch 1)
-  let d = (group % P.tiles) * ${v.WG / lanes}u + lid / ${lanes}u;
-  let q = sgLane % ${lanes}u;
-  let nq = q * ${K}u;`
-          : `let d = (group % P.tiles) * ${v.WG}u + lid;`
-      }
+  ${channelLines("(group % P.tiles)", v.WG, lanes, Nb)}
   let valid = d < P.ED;
   let dc = min(d, P.ED - 1u);
   var A: array<f32, ${K}>;
@@ -98,7 +92,7 @@ export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
     let dtx = dt * xv;
     ${unroll(K, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
     ${unroll(K, (n) => `yv += Cv[${n}] * h[${n}];`)}
-    ${unroll(Math.log2(lanes), (r) => `yv += subgroupShuffleXor(yv, ${1 << r}u);`)}
+    ${sumLanes("yv", lanes)}
     ${
         last
           ? "if (P.gated != 0u) { let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc); yv *= zv * sigmoid_(zv); }"

@@ -76,6 +76,26 @@ export function loadWd(N: number, Ri: number): string {
   ${unroll(Ri, (r) => `Wd[${r}] = ld_ph(P.ED * ${N + 2}u + dc * ${Ri}u + ${r}u);`)}`;
 }
 
+/**
+ * WGSL giving an invocation its channel `d` in tile `tile` (a WGSL expression) of WG invocations; with `lanes`
+ * > 1, that many neighbouring lanes share the channel, and lane q holds its states nq .. nq + Nb / lanes.
+ */
+export function channelLines(tile: string, WG: number, lanes: number, Nb: number): string {
+  if (lanes === 1) return `let d = ${tile} * ${WG}u + lid;`;
+  return `// ${lanes} lanes share a channel, each holding ${
+    Nb / lanes
+  } of its states; what the channel sums over
+  // its states is summed over its lanes by shuffles, and lane q = 0 writes the channel's outputs
+  let d = ${tile} * ${WG / lanes}u + lid / ${lanes}u;
+  let q = sgLane % ${lanes}u;
+  let nq = q * ${Nb / lanes}u;`;
+}
+
+/** WGSL adding to `x` its values in the other lanes of the channel (each lane gets the channel's sum). */
+export function sumLanes(x: string, lanes: number): string {
+  return unroll(Math.log2(lanes), (r) => `${x} += subgroupShuffleXor(${x}, ${1 << r}u);`);
+}
+
 /** WGSL of an invocation's state j of the block, counted from the block's first: j, or with `lanes` > 1 the
  * j-th of its share (lane q of a channel holds states nq = q * Nb / lanes ..). */
 export function laneState(lanes: number, j: number): string {
