@@ -65,7 +65,8 @@ export function fusedCandidates(N: number): FusedVariant[] {
     const Lc = Math.max(4, Math.min(32, Math.floor(limit / (4 * WG * Nb)) - 2));
     if (4 * WG * Nb * (2 + Lc) <= limit) list.push({ N, ...blocks, WG, Lc, hbuf: "workgroup" });
   }
-  // Subgroup sums need no workgroup memory and no barriers: the states stay private.
+  // Subgroup sums need no workgroup memory and no barriers: the states stay private (or, below, in workgroup
+  // memory).
   // With a fixed subgroup size, B and C rows can also be shared by subgroupShuffle.
   const sg = deviceInfo().subgroups;
   if (sg) {
