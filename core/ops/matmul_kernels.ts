@@ -1,0 +1,339 @@
+/**
+ * WGSL of the matmul kernels (see `matmul.ts` for how problems are planned over them):
+ * - `register`: each invocation owns an rm x rn block of C in registers, no workgroup memory, no barriers;
+ *   generated per operand layout (transposes, vec4 or scalar access) and tile.
+ * - `tiled`: a workgroup of 16x16 invocations owns 64x64 of C, staging 64x16 slices of A and B in workgroup
+ *   memory.
+ * Every kernel reads A, B through the kernel accessors (binding windows) and writes (or adds into) C; a
+ * workgroup index maps to (K slice, batch, block of C), and slice s writes the s-th partial C.
+ * @module
+ */
+
+import { defineKernel, type Kernel } from "../kernel.ts";
+
+/** The kernel variants. */
+export type MatmulVariant = "register" | "tiled";
+
+const COMMON_UNIFORMS: [string, "u32" | "vec4<u32>"][] = [
+  ["M", "u32"],
+  ["N", "u32"],
+  ["K", "u32"],
+  ["k0", "u32"],
+  ["k1", "u32"],
+  ["accumulate", "u32"],
+  ["tilesM", "u32"],
+  ["tilesN", "u32"],
+  ["batches", "u32"], // batch entries (product of the batch shape)
+  ["slices", "u32"], // K slices computed in parallel (1 = K not split)
+  ["kLen", "u32"], // K values per slice
+  ["sam", "u32"], // A stride along m
+  ["sak", "u32"], // A stride along k
+  ["sbk", "u32"],
+  ["sbn", "u32"],
+  ["bsh", "vec4<u32>"], // batch shape (4 dims)
+  ["bsa", "vec4<u32>"], // A batch strides (0 = broadcast)
+  ["bsb", "vec4<u32>"],
+];
+
+/** WGSL that turns a workgroup index into (K slice `s`, batch `bi`, block `t` of C), for kernels where a
+ * workgroup owns one block of C. */
+const GROUP_TILE = `
+  let tilesPerBatch = P.tilesM * P.tilesN;
+  let t = group % tilesPerBatch;
+  let gs = group / tilesPerBatch; // s * batches + bi
+  let bi = gs % P.batches;
+  let s = gs / P.batches;`;
+
+/** WGSL that turns the batch index `bi` and the K slice `s` into element offsets of A, B and C and the K
+ * range [kb, ke) to sum over. Slice s writes its partial sums to the s-th (batch, M, N) block of C. */
+const OFFSETS = `
+  var rem = bi; var aoff = 0u; var boff = 0u;
+  { let c = rem % P.bsh.w; rem = rem / P.bsh.w; aoff += c * P.bsa.w; boff += c * P.bsb.w; }
+  { let c = rem % P.bsh.z; rem = rem / P.bsh.z; aoff += c * P.bsa.z; boff += c * P.bsb.z; }
+  { let c = rem % P.bsh.y; rem = rem / P.bsh.y; aoff += c * P.bsa.y; boff += c * P.bsb.y; }
+  { let c = rem % P.bsh.x; aoff += c * P.bsa.x; boff += c * P.bsb.x; }
+  let coff = (s * P.batches + bi) * P.M * P.N;
+  let kb = min(P.k1, P.k0 + s * P.kLen);
+  let ke = min(P.k1, kb + P.kLen);`;
+
+/** WGSL helper `put_c` that writes one element (or vec4) of C, adding the value already there after the
+ * first K slice. */
+function putC(type: "f32" | "vec4<f32>"): string {
+  return `
+fn put_c(at: u32, v: ${type}) {
+  var x = v;
+  if (P.accumulate != 0u) { x = x + ld_c(at); }
+  st_c(at, x);
+}`;
+}
+
+/**
+ * Layout of one `register` pipeline: the transposes, which operands are accessed as vec4, and the tile:
+ * each invocation owns `rm` x `rn` of C, a workgroup of `wm` x `wn` invocations owns `rm*wm` x `rn*wn`.
+ * With `linear`, the workgroup's invocations instead take consecutive (K slice, batch, rm x rn block)
+ * triples, so that a small C wastes no invocations on blocks outside it.
+ */
+interface RegisterLayout {
+  transA: boolean;
+  transB: boolean;
+  vecA: boolean;
+  vecB: boolean;
+  vecC: boolean;
+  rm: number;
+  rn: number;
+  wm: number;
+  wn: number;
+  linear: boolean;
+}
+
+/**
+ * The `register` tile for a problem with M rows per matrix: 64x64 of C per workgroup for large M, and for
+ * few rows (matrix-vector products, one token at a time) flatter blocks of 32, 16, 8, 4, 2 or 1 rows, so
+ * that invocations do not compute rows that do not exist. Every workgroup has 64 invocations.
+ */
+function registerTile(M: number): { rm: number; rn: number; wm: number; wn: number } {
+  if (M > 32) return { rm: 8, rn: 8, wm: 8, wn: 8 };
+  if (M > 16) return { rm: 8, rn: 8, wm: 4, wn: 16 };
+  if (M > 8) return { rm: 8, rn: 8, wm: 2, wn: 32 };
+  return { rm: M > 4 ? 8 : M > 2 ? 4 : M, rn: 4, wm: 1, wn: 64 };
+}
+const XYZW = "xyzw";
+
+/**
+ * The `register` kernel for one layout. Per step of 4 k an invocation reads A as rm rows x 4 k and B as
+ * 4 k x rn columns -- vec4 loads along each operand's contiguous dim, or scalar loads -- and does 4*rm*rn
+ * multiply-adds (256 for the 8x8 tile: 16 vec4 loads). Row and column base addresses are computed once,
+ * before the K loop; rows and columns past the edge read a clamped (valid, 4-aligned) address and their
+ * results are never stored. C is written as vec4 when N is a multiple of 4.
+ */
+function registerKernel(l: RegisterLayout): Kernel {
+  const { transA, transB, vecA, vecB, vecC, rm, rn, wm, wn, linear } = l;
+  if (rn % 4 !== 0 || (transA && vecA && rm % 4 !== 0)) {
+    throw new Error(`matmul: bad register tile ${rm}x${rn}`);
+  }
+  const rows = [...Array(rm).keys()]; // rows of A (and C) of one invocation
+  const cols = [...Array(rn).keys()]; // columns of B (and C)
+  const rowQuads = [...Array(rm >> 2).keys()]; // groups of 4 rows (vec4 along m)
+  const colQuads = [...Array(rn >> 2).keys()]; // groups of 4 columns (vec4 along n)
+  const q4 = [0, 1, 2, 3];
+  const aMode = transA ? (vecA ? "m4" : "m1") : (vecA ? "k4" : "k1");
+  const bMode = transB ? (vecB ? "k4" : "k1") : (vecB ? "n4" : "n1");
+  const pre: string[] = [];
+  const each = (list: number[], f: (i: number) => string) => list.forEach((i) => pre.push(f(i)));
+  if (aMode === "k4") each(rows, (r) => `let pa${r} = (aoff + min(m0 + ${r}u, P.M - 1u) * P.K) / 4u;`);
+  if (aMode === "k1") each(rows, (r) => `let pa${r} = aoff + min(m0 + ${r}u, P.M - 1u) * P.K;`);
+  if (aMode === "m4") each(rowQuads, (g) => `let pa${g} = (aoff + min(m0 + ${4 * g}u, P.M - 4u)) / 4u;`);
+  if (aMode === "m1") each(rows, (r) => `let pa${r} = aoff + min(m0 + ${r}u, P.M - 1u);`);
+  if (bMode === "n4") each(colQuads, (g) => `let pb${g} = (boff + min(n0 + ${4 * g}u, P.N - 4u)) / 4u;`);
+  if (bMode === "n1") each(cols, (c) => `let pb${c} = boff + min(n0 + ${c}u, P.N - 1u);`);
+  if (bMode === "k4") each(cols, (c) => `let pb${c} = (boff + min(n0 + ${c}u, P.N - 1u) * P.K) / 4u;`);
+  if (bMode === "k1") each(cols, (c) => `let pb${c} = boff + min(n0 + ${c}u, P.N - 1u) * P.K;`);
+
+  /** One K step over `ku` values of k from `k` (vec4-along-k operands use `kv` = k / 4). */
+  const step = (ku: number): string => {
+    const s: string[] = [];
+    const qs = q4.slice(0, ku);
+    const kq = (q: number) => (q === 0 ? "k" : `(k + ${q}u)`);
+    const loads = (list: number[], f: (q: number, i: number) => string) =>
+      qs.forEach((q) => list.forEach((i) => s.push(f(q, i))));
+    // aval(r, q): A[m0 + r, k + q] as an f32 expression.
+    let aval: (r: number, q: number) => string = (r, q) => `a${q}_${r}`;
+    if (aMode === "k4") {
+      rows.forEach((r) => s.push(`let a${r} = ld_a(pa${r} + kv);`));
+      aval = (r, q) => `a${r}.${XYZW[q]}`;
+    } else if (aMode === "m4") {
+      loads(rowQuads, (q, g) => `let a${q}_${g} = ld_a(pa${g} + ${kq(q)} * (P.M / 4u));`);
+      aval = (r, q) => `a${q}_${r >> 2}.${XYZW[r & 3]}`;
+    } else if (aMode === "k1") {
+      loads(rows, (q, r) => `let a${q}_${r} = ld_a(pa${r} + ${kq(q)});`);
+    } else {
+      loads(rows, (q, r) => `let a${q}_${r} = ld_a(pa${r} + ${kq(q)} * P.M);`);
+    }
+    // bvec(q, g): B[k + q, n0 + 4g .. n0 + 4g + 3] as a vec4<f32> expression.
+    const gather = (f: (q: number, c: number) => string) => (q: number, g: number) =>
+      `vec4<f32>(${q4.map((j) => f(q, 4 * g + j)).join(", ")})`;
+    let bvec = gather((q, c) => `b${q}_${c}`);
+    if (bMode === "n4") {
+      loads(colQuads, (q, g) => `let b${q}_${g} = ld_b(pb${g} + ${kq(q)} * (P.N / 4u));`);
+      bvec = (q, g) => `b${q}_${g}`;
+    } else if (bMode === "k4") {
+      cols.forEach((c) => s.push(`let b${c} = ld_b(pb${c} + kv);`));
+      bvec = gather((q, c) => `b${c}.${XYZW[q]}`);
+    } else if (bMode === "n1") {
+      loads(cols, (q, c) => `let b${q}_${c} = ld_b(pb${c} + ${kq(q)} * P.N);`);
+    } else {
+      loads(cols, (q, c) => `let b${q}_${c} = ld_b(pb${c} + ${kq(q)});`);
+    }
+    for (const q of qs) {
+      colQuads.forEach((g) => s.push(`let bq${q}_${g} = ${bvec(q, g)};`));
+      rows.forEach((r) => colQuads.forEach((g) => s.push(`acc${r}_${g} += ${aval(r, q)} * bq${q}_${g};`)));
+    }
+    return s.map((x) => `    ${x}`).join("\n");
+  };
+  // With an operand read as vec4 along k, K, k0 and kLen are multiples of 4 and the 4-step loop leaves no
+  // tail.
+  const tail = aMode === "k4" || bMode === "k4"
+    ? ""
+    : `  for (var k = kEnd4; k < ke; k++) {\n${step(1)}\n  }`;
+  // C rows are contiguous: with N a multiple of 4, 4-aligned vec4 stores (n0 is a multiple of 4).
+  const store: string[] = [];
+  for (const r of rows) {
+    store.push(`  if (m0 + ${r}u < P.M) {`);
+    if (vecC) {
+      store.push(`    let row = (coff + (m0 + ${r}u) * P.N + n0) / 4u;`);
+      for (const g of colQuads) {
+        store.push(`    if (n0 + ${4 * g}u < P.N) { put_c(row + ${g}u, acc${r}_${g}); }`);
+      }
+    } else {
+      store.push(`    let row = coff + (m0 + ${r}u) * P.N + n0;`);
+      for (const c of cols) {
+        store.push(`    if (n0 + ${c}u < P.N) { put_c(row + ${c}u, acc${r}_${c >> 2}.${XYZW[c & 3]}); }`);
+      }
+    }
+    store.push(`  }`);
+  }
+  const acc = rows.flatMap((r) => colQuads.map((g) => `  var acc${r}_${g} = vec4<f32>();`));
+  const where = linear
+    ? `
+  // invocation -> (K slice s, batch bi, ${rm}x${rn} block of C), blocks first; in registers.
+  if (gid >= P.slices * P.batches * P.tilesM * P.tilesN) { return; }
+  let n0 = (gid % P.tilesN) * ${rn}u;
+  let mq = gid / P.tilesN;
+  let m0 = (mq % P.tilesM) * ${rm}u;
+  let bq = mq / P.tilesM;
+  let bi = bq % P.batches;
+  let s = bq / P.batches;`
+    : `
+  // workgroup -> (K slice, batch, ${rm * wm}x${rn * wn} block of C); invocation -> ${rm}x${rn} sub-block in
+  // registers.${GROUP_TILE}
+  let m0 = (t / P.tilesN) * ${rm * wm}u + (lid / ${wn}u) * ${rm}u;
+  let n0 = (t % P.tilesN) * ${rn * wn}u + (lid % ${wn}u) * ${rn}u;`;
+  return defineKernel({
+    name: `matmul_register_${aMode}_${bMode}_c${vecC ? 4 : 1}_${rm}x${rn}_${
+      linear ? "linear" : `${wm}x${wn}`
+    }`,
+    buffers: [
+      { name: "a", type: vecA ? "vec4<f32>" : "f32", access: "read" },
+      { name: "b", type: vecB ? "vec4<f32>" : "f32", access: "read" },
+      { name: "c", type: vecC ? "vec4<f32>" : "f32", access: "read_write" },
+    ],
+    uniforms: COMMON_UNIFORMS,
+    workgroupSize: wm * wn,
+    decls: putC(vecC ? "vec4<f32>" : "f32"),
+    body: `${where}
+  ${OFFSETS}
+  ${pre.join("\n  ")}
+${acc.join("\n")}
+  let kEnd4 = kb + ((ke - kb) / 4u) * 4u;
+  for (var k = kb; k < kEnd4; k += 4u) {
+    let kv = k / 4u;
+${step(4)}
+  }
+${tail}
+${store.join("\n")}`,
+  });
+}
+
+/** The `tiled` kernel: 64x64 of C per workgroup of 16x16 invocations, 64x16 slices in workgroup memory. */
+function tiledKernel(): Kernel {
+  return defineKernel({
+    name: "matmul_tiled",
+    buffers: [
+      { name: "a", type: "f32", access: "read" },
+      { name: "b", type: "f32", access: "read" },
+      { name: "c", type: "f32", access: "read_write" },
+    ],
+    uniforms: COMMON_UNIFORMS,
+    workgroupSize: 256,
+    decls: `${putC("f32")}
+var<workgroup> As: array<f32, 1024>; // 64 rows x 16 k of A
+var<workgroup> Bs: array<f32, 1024>; // 16 k x 64 columns of B`,
+    body: `
+  // workgroup -> (K slice, batch, 64x64 block of C); invocation (ty, tx) -> 4x4 sub-block.${GROUP_TILE}
+  let bm = (t / P.tilesN) * 64u;
+  let bn = (t % P.tilesN) * 64u;
+  let m0 = bm + (lid / 16u) * 4u;
+  let n0 = bn + (lid % 16u) * 4u;
+  ${OFFSETS}
+  var acc = mat4x4<f32>();
+  for (var kt = kb; kt < ke; kt += 16u) {
+    // Stage A[bm..bm+64, kt..kt+16] and B[kt..kt+16, bn..bn+64]: 4 elements each per invocation.
+    for (var e = 0u; e < 4u; e++) {
+      let idx = lid * 4u + e;
+      let r = idx / 16u; let kk = idx % 16u;
+      let k = kt + kk;
+      let m = bm + r;
+      As[idx] = select(0.0, ld_a(aoff + min(m, P.M - 1u) * P.sam + min(k, P.K - 1u) * P.sak), m < P.M && k < ke);
+      let kr = idx / 64u; let cn = idx % 64u;
+      let n = bn + cn;
+      let k2 = kt + kr;
+      Bs[idx] = select(0.0, ld_b(boff + min(k2, P.K - 1u) * P.sbk + min(n, P.N - 1u) * P.sbn), n < P.N && k2 < ke);
+    }
+    workgroupBarrier();
+    let ly = (lid / 16u) * 4u;
+    let lx = (lid % 16u) * 4u;
+    for (var kk = 0u; kk < 16u; kk++) {
+      let av = vec4<f32>(As[(ly) * 16u + kk], As[(ly + 1u) * 16u + kk], As[(ly + 2u) * 16u + kk], As[(ly + 3u) * 16u + kk]);
+      let bv = vec4<f32>(Bs[kk * 64u + lx], Bs[kk * 64u + lx + 1u], Bs[kk * 64u + lx + 2u], Bs[kk * 64u + lx + 3u]);
+      acc[0] += av.x * bv;
+      acc[1] += av.y * bv;
+      acc[2] += av.z * bv;
+      acc[3] += av.w * bv;
+    }
+    workgroupBarrier();
+  }
+  for (var i = 0u; i < 4u; i++) {
+    let m = m0 + i;
+    if (m >= P.M) { break; }
+    for (var j = 0u; j < 4u; j++) {
+      let n = n0 + j;
+      if (n < P.N) { put_c(coff + m * P.N + n, acc[i][j]); }
+    }
+  }`,
+  });
+}
+
+const registerKernels = new Map<string, Kernel>();
+let tiledKernelCache: Kernel | null = null;
+
+/**
+ * The `register` tile of the `linear` layout, for a small C: 8x8 per invocation, or 4 or fewer rows and 4
+ * columns where C has that few.
+ */
+function linearTile(M: number, N: number): { rm: number; rn: number; wm: number; wn: number } {
+  return { rm: M > 4 ? 8 : M > 2 ? 4 : M, rn: N > 4 ? 8 : 4, wm: 1, wn: 64 };
+}
+
+/**
+ * The kernel and the rows x columns of C per workgroup (per invocation with `linear`) for a variant and a
+ * problem (made on first use).
+ */
+export function kernelFor(
+  variant: MatmulVariant,
+  transA: boolean,
+  transB: boolean,
+  M: number,
+  N: number,
+  K: number,
+  linear = false,
+): { kernel: Kernel; blockM: number; blockN: number } {
+  if (variant === "tiled") return { kernel: tiledKernelCache ??= tiledKernel(), blockM: 64, blockN: 64 };
+  const tile = linear ? linearTile(M, N) : registerTile(M);
+  // vec4 access needs the operand's contiguous dim to be a multiple of 4; then every row start, batch
+  // offset and K slice start is 4-aligned too. A read as vec4 along m also needs 4 rows per invocation.
+  const layout: RegisterLayout = {
+    transA,
+    transB,
+    vecA: transA ? M % 4 === 0 && tile.rm % 4 === 0 : K % 4 === 0,
+    vecB: (transB ? K : N) % 4 === 0,
+    vecC: N % 4 === 0,
+    ...tile,
+    linear,
+  };
+  const key = JSON.stringify(layout);
+  let kernel = registerKernels.get(key);
+  if (!kernel) registerKernels.set(key, kernel = registerKernel(layout));
+  return linear
+    ? { kernel, blockM: tile.rm, blockN: tile.rn }
+    : { kernel, blockM: tile.rm * tile.wm, blockN: tile.rn * tile.wn };
+}
