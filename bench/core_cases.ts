@@ -15,10 +15,10 @@
 
 import {
   add,
+  availableMatmulVariants,
   defineKernel,
   deviceInfo,
   full,
-  MATMUL_VARIANTS,
   matmulRaw,
   type MatmulVariant,
   rand,
@@ -81,7 +81,7 @@ export function coreCases(): BenchCase[] {
       },
     },
   ];
-  for (const v of MATMUL_VARIANTS) {
+  for (const v of availableMatmulVariants()) {
     for (const n of MATMUL_SIZES) cases.push(matmulCase(v, n));
   }
   cases.push(

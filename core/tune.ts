@@ -22,8 +22,8 @@ import { deviceInfo, init } from "./device.ts";
 import { sync } from "./executor.ts";
 import { rand } from "./creation.ts";
 import {
+  availableMatmulVariants,
   MATMUL_KERNEL_VERSION,
-  MATMUL_VARIANTS,
   matmulRaw,
   type MatmulVariant,
   setMatmulVariant,
@@ -120,7 +120,8 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
   const overhead = await waitCost();
   const flops: Record<string, number> = {};
   const ms: Record<string, number> = {};
-  for (const v of MATMUL_VARIANTS) {
+  const variants = availableMatmulVariants();
+  for (const v of variants) {
     flops[v] = 0;
     ms[v] = 0;
     for (const n of TUNE_SIZES) {
@@ -129,8 +130,8 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
     }
   }
   const gflops: Partial<Record<MatmulVariant, number>> = {};
-  for (const v of MATMUL_VARIANTS) gflops[v] = flops[v] / ms[v] / 1e6;
-  const variant = MATMUL_VARIANTS.reduce((best, v) => ((gflops[v] ?? 0) > (gflops[best] ?? 0) ? v : best));
+  for (const v of variants) gflops[v] = flops[v] / ms[v] / 1e6;
+  const variant = variants.reduce((best, v) => ((gflops[v] ?? 0) > (gflops[best] ?? 0) ? v : best));
   setMatmulVariant(variant);
   current = {
     variant,
@@ -196,7 +197,7 @@ function readCache(key: string): Omit<TuneResult, "fromCache" | "adapter" | "key
     const text = storage()?.getItem(key);
     if (!text) return null;
     const v = JSON.parse(text);
-    if (!MATMUL_VARIANTS.includes(v?.variant)) return null;
+    if (!availableMatmulVariants().includes(v?.variant)) return null;
     return {
       variant: v.variant,
       gflops: typeof v.gflops === "object" && v.gflops ? v.gflops : {},

@@ -311,6 +311,46 @@ Deno.test({
         },
       );
 
+      await t.step("every matmul variant the page can run compiles in Chromium and agrees", async () => {
+        const r = await lib.evaluate(async () => {
+          const m = (globalThis as unknown as { mamba: Bundle }).mamba;
+          await m.init();
+          const rows = [];
+          // [M, K, N, transA, transB]: lanes sharing A's rows (wide C) and B's columns (narrow C), vec4 and
+          // scalar reads, split K
+          const shapes: [number, number, number, boolean, boolean][] = [
+            [37, 20, 300, false, true],
+            [64, 48, 16, true, false],
+            [5, 7, 9, false, false],
+            [16, 700, 33, true, true],
+          ];
+          for (const [M, K, N, transA, transB] of shapes) {
+            const a = m.randn(transA ? [K, M] : [M, K], { seed: M });
+            const b = m.randn(transB ? [N, K] : [K, N], { seed: N });
+            const outs = [];
+            for (const v of m.availableMatmulVariants()) {
+              const c = m.matmulRaw(a, b, { transA, transB }, v);
+              outs.push({ v, data: [...(await c.toArray())] });
+              c.dispose();
+            }
+            m.dispose([a, b]);
+            const want = outs[0].data; // `register`
+            const scale = want.reduce((s, x) => Math.max(s, Math.abs(x)), 0);
+            for (const { v, data } of outs) {
+              let d = 0;
+              for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(data[i] - want[i]));
+              rows.push({
+                what: `${v} ${M}x${K}x${N}${transA ? " A^T" : ""}${transB ? " B^T" : ""}`,
+                rel: d / scale,
+              });
+            }
+          }
+          return { variants: m.availableMatmulVariants(), rows };
+        });
+        console.log(`  matmul variants here: ${r.variants.join(", ")}`);
+        for (const row of r.rows) assert.ok(row.rel < 1e-5, `${row.what}: ${row.rel}`);
+      });
+
       await t.step("training in the browser: the loss falls within 20 steps", async () => {
         const r = await lib.evaluate(async (base) => {
           const m = (globalThis as unknown as { mamba: Bundle }).mamba;

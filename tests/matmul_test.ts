@@ -6,9 +6,9 @@
  */
 import assert from "node:assert/strict";
 import {
+  availableMatmulVariants,
   init,
   matmul,
-  MATMUL_VARIANTS,
   matmulRaw,
   type MatmulVariant,
   matmulVariant,
@@ -19,6 +19,9 @@ import {
 import { tuneCacheKey, tuneKernels, tuneResult } from "../core/tune.ts";
 
 await init();
+
+/** The variants this device runs (`subgroup` where subgroups have one fixed size, as on lavapipe). */
+const VARIANTS = availableMatmulVariants();
 
 /** Seeded uniform values in [-1, 1), rounded to f32; integers in [-r, r] when `ints` is given. */
 function data(n: number, seed: number, ints?: number): Float32Array {
@@ -100,7 +103,7 @@ function assertMatches(got: ArrayLike<number>, want: Float64Array, scale: Float6
 /** Runs many problems on the GPU with one readback round, then checks each against the reference. */
 async function check(
   problems: Problem[],
-  variants: readonly MatmulVariant[] = MATMUL_VARIANTS,
+  variants: readonly MatmulVariant[] = VARIANTS,
   ints?: number,
 ) {
   const runs = problems.flatMap((p, pi) => {
@@ -171,7 +174,7 @@ Deno.test("matmul: batch dims broadcast on either side", async () => {
 });
 
 Deno.test("matmul: K = 0 gives zeros; 1-D operands; autograd path agrees", async () => {
-  for (const v of MATMUL_VARIANTS) {
+  for (const v of VARIANTS) {
     const c = tidy(() =>
       matmulRaw(tensor(new Float32Array(0), [5, 0]), tensor(new Float32Array(0), [0, 6]), {}, v)
     );
@@ -193,7 +196,7 @@ Deno.test("matmul: K longer than one dispatch's slice accumulates over slices", 
     problems.push(mats(5, 16384 + 36, 70, tA, tB)); // K multiple of 4: vec4 along k where k is contiguous
     problems.push(mats(8, 16384 * 2 + 37, 3, tA, tB)); // odd K, three slices
   }
-  await check(problems, MATMUL_VARIANTS, 2);
+  await check(problems, VARIANTS, 2);
 });
 
 Deno.test("matmul: small C with long K is split over K (weight-gradient shapes); no scratch is left", async () => {
@@ -248,7 +251,7 @@ Deno.test("matmul: split K with K longer than one dispatch's slice; a batch of s
     problems.push(mats(5, 16384 * 2 + 36, 7, tA, tB, [2]));
     problems.push(mats(5, 16384 * 2 + 37, 7, tA, tB, [8]));
   }
-  await check(problems, MATMUL_VARIANTS, 2);
+  await check(problems, VARIANTS, 2);
 });
 
 Deno.test("matmul: operands larger than one 128 MiB storage binding", async () => {
@@ -262,7 +265,7 @@ Deno.test("matmul: operands larger than one 128 MiB storage binding", async () =
     const a = data(M * K, 11, 2), b = data(K * N, 12, 2);
     const ta = tensor(a, p.aShape), tb = tensor(b, p.bShape);
     const ref = reference(p, a, b, rows);
-    for (const v of MATMUL_VARIANTS) {
+    for (const v of VARIANTS) {
       const c = matmulRaw(ta, tb, p, v);
       const all = await c.toArray();
       c.dispose();
@@ -282,7 +285,7 @@ Deno.test("matmul: few rows times a transposed weight larger than one 128 MiB bi
     const a = data(M * K, 31, 2), b = data(K * N, 32, 2);
     const ta = tensor(a, p.aShape), tb = tensor(b, p.bShape);
     const ref = reference(p, a, b);
-    for (const v of MATMUL_VARIANTS) {
+    for (const v of VARIANTS) {
       const c = matmulRaw(ta, tb, p, v);
       assertMatches(await c.toArray(), ref.out, ref.scale, `${v} [${M}, ${K}] @ [${N}, ${K}]^T`);
       c.dispose();
@@ -301,7 +304,7 @@ Deno.test("matmul: a result larger than one 128 MiB storage binding", async () =
     const a = data(M * K, 21, 3), b = data(K * N, 22, 3);
     const ta = tensor(a, p.aShape), tb = tensor(b, p.bShape);
     const ref = reference(p, a, b, rows);
-    for (const v of MATMUL_VARIANTS) {
+    for (const v of VARIANTS) {
       const c = matmulRaw(ta, tb, p, v);
       const all = await c.toArray();
       c.dispose();
@@ -315,10 +318,10 @@ Deno.test("matmul: a result larger than one 128 MiB storage binding", async () =
 
 Deno.test("tuneKernels measures once, selects a variant and caches the choice", async () => {
   const measured = await tuneKernels({ force: true });
-  assert.ok(MATMUL_VARIANTS.includes(measured.variant));
+  assert.ok(VARIANTS.includes(measured.variant));
   assert.equal(measured.fromCache, false);
   assert.equal(matmulVariant(), measured.variant);
-  for (const v of MATMUL_VARIANTS) assert.ok((measured.gflops[v] ?? 0) > 0, `${v} measured`);
+  for (const v of VARIANTS) assert.ok((measured.gflops[v] ?? 0) > 0, `${v} measured`);
   assert.equal(tuneResult(), measured);
   const again = await tuneKernels();
   assert.equal(again.variant, measured.variant);

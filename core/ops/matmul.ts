@@ -2,7 +2,7 @@
  * Batched matrix multiplication C = op(A) @ op(B), op = identity or transpose (read through strides, no
  * copy), broadcasting over up to four leading dims.
  *
- * Two variants, chosen per adapter by a one-time measurement (see `tuneKernels` in core/tune.ts):
+ * Three variants, chosen per adapter by a one-time measurement (see `tuneKernels` in core/tune.ts):
  * - `register`: each invocation owns an 8x8 block of C and keeps it in registers; a workgroup of 8x8
  *   invocations covers 64x64 of C (for few rows, M <= 32, flatter blocks: down to 1 row x 4 columns per
  *   invocation and 1 x 256 per workgroup). No workgroup memory and no barriers: the fast one on CPU adapters
@@ -12,6 +12,10 @@
  *   vec4 when N is a multiple of 4). Each layout is its own pipeline, made and compiled on first use.
  * - `tiled`: a workgroup of 16x16 invocations owns a 64x64 block of C; 64x16 slices of A and B are staged
  *   in workgroup memory, and each invocation accumulates a 4x4 block from them. Favoured on real GPUs.
+ * - `subgroup` (devices with subgroups of one fixed size): the `register` kernel with a workgroup of one
+ *   subgroup whose lanes own neighbouring blocks and share one operand: each lane loads a share of the
+ *   common rows of A (or columns of B) and subgroupBroadcast hands them to all. On lavapipe, where each load
+ *   is a loop over the lanes and a broadcast almost free, 2.2-2.4x the `register` kernel's speed at 512^3.
  *
  * K is walked in slices of at most MAX_K so that no invocation loops more than 65535 times; slices after
  * the first accumulate into C. Every load and store goes through the kernel accessors, so operands larger
@@ -33,7 +37,7 @@ import { broadcastShapes, fmt, padRank, type Shape, sizeOf, stridesOf } from "..
 import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
 import { copyBox } from "./shape_ops.ts";
-import { kernelFor, type MatmulVariant } from "./matmul_kernels.ts";
+import { kernelFor, matmulSubgroupSize, type MatmulVariant } from "./matmul_kernels.ts";
 
 export type { MatmulVariant };
 
@@ -46,13 +50,18 @@ export interface MatmulOptions {
 }
 
 /** Every variant, in the order the tuner measures them. */
-export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled"];
+export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled", "subgroup"];
+
+/** The variants this device can run: `subgroup` needs subgroups of one fixed size. */
+export function availableMatmulVariants(): MatmulVariant[] {
+  return MATMUL_VARIANTS.filter((v) => v !== "subgroup" || matmulSubgroupSize() !== null);
+}
 
 /**
  * Version of the matmul kernels. It is part of the tuner's cache key, so a cached choice is measured
  * again after the kernels change: bump it whenever a kernel's code changes.
  */
-export const MATMUL_KERNEL_VERSION = "matmul-6";
+export const MATMUL_KERNEL_VERSION = "matmul-7";
 
 /** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
@@ -61,7 +70,7 @@ const MAX_K = 16384;
  * Small C, long K. A C of fewer than SPLIT_BELOW workgroups with K of at least SPLIT_MIN_K is computed as
  * partial sums over K slices (split-K) in parallel -- each a multiple of 16 and at least SPLIT_MIN_SLICE
  * long -- that are then summed; at most SPLIT_MAX slices per dispatch. `tiled` takes slices until about
- * SPLIT_GROUPS workgroups run. `register` takes them in its `linear` layout, until about SPLIT_INVOCATIONS
+ * SPLIT_GROUPS workgroups run, `subgroup` until about SPLIT_INVOCATIONS lanes do. `register` takes them in its `linear` layout, until about SPLIT_INVOCATIONS
  * invocations run, when its usual blocks would leave more than a quarter of their invocations outside C
  * (PLAIN_MIN_USE; the linear layout saves that work) or when there are fewer workgroups than CPU cores
  * (`register` is the variant of CPU adapters, which run one workgroup per core). Otherwise its workgroups
@@ -115,9 +124,13 @@ function planFor(
   const plain: Plan = { kernel, tilesM, tilesN, slices: 1, kLen: MAX_K, groups };
   const used = (nb * M * N) / (groups * blockM * blockN); // share of the blocks' invocations inside C
   const split = groups < SPLIT_BELOW && K >= SPLIT_MIN_K;
-  if (variant === "tiled") {
+  if (variant !== "register") {
     if (!split) return plain;
-    const { kLen, slices } = splitK(K, Math.ceil(SPLIT_GROUPS / groups));
+    // `subgroup`: workgroups of one subgroup, so slices until about SPLIT_INVOCATIONS lanes run
+    const want = variant === "tiled"
+      ? SPLIT_GROUPS / groups
+      : SPLIT_INVOCATIONS / (groups * kernel.spec.workgroupSize);
+    const { kLen, slices } = splitK(K, Math.ceil(want));
     return slices === 1 ? plain : { ...plain, slices, kLen, groups: groups * slices };
   }
   if (
@@ -140,13 +153,21 @@ function planFor(
 
 let chosen: MatmulVariant | null = null;
 
-/** The variant in use: set by {@linkcode setMatmulVariant} or by the autotuner; else by adapter kind. */
+/** The variant in use: set by {@linkcode setMatmulVariant} or by the autotuner; else by adapter kind (also
+ * where the device can no longer run the choice: `subgroup` once `deviceInfo().subgroups` changed). */
 export function matmulVariant(): MatmulVariant {
-  return chosen ?? (deviceInfo().isFallbackAdapter ? "register" : "tiled");
+  if (chosen && (chosen !== "subgroup" || matmulSubgroupSize() !== null)) return chosen;
+  return deviceInfo().isFallbackAdapter ? "register" : "tiled";
 }
 
-/** Forces a matmul variant (the autotuner calls this with its measured choice). */
+/** Forces a matmul variant (the autotuner calls this with its measured choice); throws for one this device
+ * cannot run. */
 export function setMatmulVariant(v: MatmulVariant): void {
+  if (!availableMatmulVariants().includes(v)) {
+    throw new Error(
+      `setMatmulVariant: '${v}' cannot run here (this device runs ${availableMatmulVariants().join(", ")})`,
+    );
+  }
   chosen = v;
 }
 
