@@ -121,8 +121,9 @@ function registerTile(M: number): { rm: number; rn: number; wm: number; wn: numb
 /**
  * The `subgroup` tile: lanes side by side along n, sharing A's rows (16 x 8 per lane; fewer rows where C has
  * fewer), where C is at least 8 columns per lane wide; else side by side along m, sharing B's columns (up to
- * 8 rows x 16 columns per lane, fewer where C has fewer). The blocks measured fastest on lavapipe among
- * 8x8, 8x16, 16x8 and 16x16 (512 x 512 x 512: 2.2-2.4x the `register` kernel's speed).
+ * 8 rows x 16 columns per lane, fewer where C has fewer). The fastest blocks measured on lavapipe at
+ * 512 x 512 x 512: sharing A, 16x8 (2.4x the `register` kernel's speed; 8x4: 1.3x); sharing B, 8x16 (2.2x;
+ * 8x8: 1.5x, 16x16: 2.1x).
  */
 function subgroupTile(M: number, N: number, sg: number): { rm: number; rn: number; share: "a" | "b" } {
   if (N >= 8 * sg) return { rm: M > 8 ? 16 : M > 4 ? 8 : M > 2 ? 4 : M, rn: 8, share: "a" };
