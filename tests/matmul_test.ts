@@ -219,6 +219,17 @@ Deno.test("matmul: small C with long K is split over K (weight-gradient shapes);
   }
   const before = memory();
   await check(problems);
+  // `subgroup` splits as on a GPU too (into about 32 workgroups; on a CPU adapter only K > 4096, one slice per core)
+  const info = await init();
+  if (VARIANTS.includes("subgroup")) {
+    const cpu = info.isFallbackAdapter;
+    info.isFallbackAdapter = !cpu;
+    try {
+      await check(problems, ["subgroup"]);
+    } finally {
+      info.isFallbackAdapter = cpu;
+    }
+  }
   const after = memory();
   assert.equal(after.liveBytes, before.liveBytes, "live bytes");
   assert.equal(after.liveTensors, before.liveTensors, "live tensors");
