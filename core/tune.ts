@@ -184,11 +184,31 @@ async function timeMatmul(variant: MatmulVariant, n: number, overhead: number): 
 }
 
 /** `localStorage`, or null where the platform lacks it or refuses access. */
-function storage(): { getItem(k: string): string | null; setItem(k: string, v: string): void } | null {
+function storage(): Storage | null {
   try {
     return (globalThis as { localStorage?: Storage }).localStorage ?? null;
   } catch {
     return null;
+  }
+}
+
+/**
+ * Removes the cached choices of other kernel versions: keys that start with `family` but not with `current`
+ * (a prefix of the family naming this version). Each kernel change bumps the version, and a browser's
+ * `localStorage` (a few MiB per origin, shared with the page) would otherwise keep every old choice.
+ */
+export function dropStaleTuneKeys(family: string, current: string): void {
+  try {
+    const s = storage();
+    if (!s) return;
+    const stale: string[] = [];
+    for (let i = 0; i < s.length; i++) {
+      const k = s.key(i);
+      if (k !== null && k.startsWith(family) && !k.startsWith(current)) stale.push(k);
+    }
+    for (const k of stale) s.removeItem(k);
+  } catch {
+    // No storage or no permission: nothing was kept there either.
   }
 }
 
@@ -213,6 +233,7 @@ function writeCache(key: string, r: TuneResult): void {
   try {
     const { variant, gflops, sizes, measuredAt } = r;
     storage()?.setItem(key, JSON.stringify({ variant, gflops, sizes, measuredAt }));
+    dropStaleTuneKeys(KEY_PREFIX, `${KEY_PREFIX}${MATMUL_KERNEL_VERSION}/`);
   } catch {
     // No storage, quota or permission: the choice holds for this process only.
   }

@@ -15,7 +15,7 @@
 import { randn } from "../core/creation.ts";
 import { deviceInfo, init } from "../core/device.ts";
 import { profile, sync } from "../core/executor.ts";
-import { registerTuner } from "../core/tune.ts";
+import { dropStaleTuneKeys, registerTuner } from "../core/tune.ts";
 import { mul, sum } from "../core/ops/index.ts";
 import { dispose, tidy } from "../core/tensor.ts";
 import { fusedSelectiveScan } from "./fused.ts";
@@ -100,8 +100,10 @@ export function fusedCandidates(N: number): FusedVariant[] {
   return list;
 }
 
+const KEY_FAMILY = "mambats.fusedScan.v";
+
 function cacheKey(N: number): string {
-  return `mambats.fusedScan.v${FUSED_KERNEL_VERSION}.N${N}.${deviceInfo().description}`;
+  return `${KEY_FAMILY}${FUSED_KERNEL_VERSION}.N${N}.${deviceInfo().description}`;
 }
 
 /** Measures (or reads the cached choice of) the fused-scan variants for state size N and selects the fastest. */
@@ -171,6 +173,7 @@ export async function tuneFusedScan(N: number, options: { force?: boolean } = {}
   const result = { variant: best, timings, fromCache: false };
   try {
     globalThis.localStorage?.setItem(key, JSON.stringify(result));
+    dropStaleTuneKeys(KEY_FAMILY, `${KEY_FAMILY}${FUSED_KERNEL_VERSION}.`);
   } catch { /* not persistent here */ }
   return result;
 }

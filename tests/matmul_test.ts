@@ -17,6 +17,7 @@ import {
   tidy,
 } from "../mod.ts";
 import { tuneCacheKey, tuneKernels, tuneResult } from "../core/tune.ts";
+import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
 
 await init();
 
@@ -344,4 +345,28 @@ Deno.test("tuneKernels measures once, selects a variant and caches the choice", 
   }
   assert.equal(again.fromCache, hasStorage);
   assert.equal(again.key, tuneCacheKey());
+});
+
+Deno.test("a new tuning drops the cached choices of older kernel versions, keeps the current ones", async () => {
+  let storage: Storage | null = null;
+  try {
+    storage = typeof localStorage === "undefined" ? null : localStorage;
+  } catch {
+    // no localStorage here: nothing is cached, nothing to drop
+  }
+  if (!storage) return;
+  const stale = ["mamba.ts/tune/matmul-0/some adapter", "mambats.fusedScan.v0.N16.some adapter"];
+  const other = "mamba.ts-unrelated-key"; // outside both families: untouched
+  for (const k of [...stale, other]) storage.setItem(k, "{}");
+  const r = await tuneKernels({ force: true });
+  for (const k of stale) assert.equal(storage.getItem(k), null, `${k} dropped`);
+  assert.equal(storage.getItem(other), "{}");
+  assert.notEqual(storage.getItem(r.key), null, "the new choice is cached");
+  assert.ok(
+    Array.from({ length: storage.length }, (_, i) => storage!.key(i)).some((k) =>
+      k?.startsWith(`mambats.fusedScan.v${FUSED_KERNEL_VERSION}.N16.`)
+    ),
+    "the fused scan's current choice is cached",
+  );
+  storage.removeItem(other);
 });
