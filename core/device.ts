@@ -259,6 +259,13 @@ export function deviceInfo(): DeviceInfo {
   return info;
 }
 
+/** The subgroup size when the device's subgroups all have one size (kernels that compile it in, e.g. a
+ * workgroup of exactly one subgroup, need that), else null (no subgroups, or a size that varies). */
+export function fixedSubgroupSize(): number | null {
+  const sg = deviceInfo().subgroups;
+  return sg && sg.minSize === sg.maxSize ? sg.minSize : null;
+}
+
 /** Throws the first error the GPU reported since the last check (validation, out-of-memory, loss). */
 export function throwIfGPUFailed(): void {
   if (lostReason) throw new GPUError(lostReason);

@@ -16,158 +16,176 @@ import {
 
 await setup();
 
-Deno.test("softmax and logSoftmax over last, first and middle axes: forward and gradients", async () => {
-  const cases: OpCase[] = [];
-  const shapes: [number[], number][] = [
-    [[7, 13], -1],
-    [[7, 13], 0],
-    [[3, 4, 5], 1],
-    [[3, 4, 5], 2],
-    [[9], 0],
-    [[2, 1, 3], 1],
-  ];
-  shapes.forEach(([shape, axis], k) => {
-    const x = rand(shape, 10 + k, { low: -3, high: 3 });
+/** Runs `fn` with the row kernels of this device (one subgroup per row where subgroups have one size, as on
+ * lavapipe), then, if that was the subgroup flavour, with subgroups hidden: a workgroup of 64 per row. */
+async function bothFlavours(fn: () => Promise<void>): Promise<void> {
+  const info = await M.init();
+  await fn();
+  const real = info.subgroups;
+  if (!real) return;
+  info.subgroups = null;
+  try {
+    await fn();
+  } finally {
+    info.subgroups = real;
+  }
+}
+
+Deno.test("softmax and logSoftmax over last, first and middle axes: forward and gradients (both row-kernel flavours)", () =>
+  bothFlavours(async () => {
+    const cases: OpCase[] = [];
+    const shapes: [number[], number][] = [
+      [[7, 13], -1],
+      [[7, 13], 0],
+      [[3, 4, 5], 1],
+      [[3, 4, 5], 2],
+      [[9], 0],
+      [[2, 1, 3], 1],
+    ];
+    shapes.forEach(([shape, axis], k) => {
+      const x = rand(shape, 10 + k, { low: -3, high: 3 });
+      cases.push(
+        {
+          what: `softmax [${shape}] axis ${axis}`,
+          inputs: [x],
+          gpu: ([t]) => M.softmax(t, axis),
+          ref: ([t]) => softmaxRef(t, axis),
+        },
+        {
+          what: `logSoftmax [${shape}] axis ${axis}`,
+          inputs: [x],
+          gpu: ([t]) => t.logSoftmax(axis),
+          ref: ([t]) => logSoftmaxRef(t, axis),
+        },
+      );
+    });
     cases.push(
       {
-        what: `softmax [${shape}] axis ${axis}`,
-        inputs: [x],
-        gpu: ([t]) => M.softmax(t, axis),
-        ref: ([t]) => softmaxRef(t, axis),
+        what: "softmax method, default axis",
+        inputs: [rand([4, 6], 30)],
+        gpu: ([t]) => t.softmax(),
+        ref: ([t]) => softmaxRef(t, -1),
       },
       {
-        what: `logSoftmax [${shape}] axis ${axis}`,
-        inputs: [x],
-        gpu: ([t]) => t.logSoftmax(axis),
-        ref: ([t]) => logSoftmaxRef(t, axis),
+        what: "softmax over a row of 5000 (longer than the workgroup)",
+        inputs: [rand([2, 5000], 31, { low: -5, high: 5 })],
+        gpu: ([t]) => M.softmax(t),
+        ref: ([t]) => softmaxRef(t),
+        grad: false,
+      },
+      {
+        what: "softmax over a strided axis of 5000 ([5000, 3], axis 0)",
+        inputs: [rand([5000, 3], 33, { low: -5, high: 5 })],
+        gpu: ([t]) => M.softmax(t, 0),
+        ref: ([t]) => softmaxRef(t, 0),
+        // d/dx = y * (g - sum(g * y)), analytic: finite differences over 15000 inputs are too slow.
+        refGrad: ([t], G) => {
+          const y = softmaxRef(t, 0);
+          const s = [0, 0, 0];
+          y.data.forEach((v, i) => (s[i % 3] += v * G.data[i]));
+          return [{ data: y.data.map((v, i) => v * (G.data[i] - s[i % 3])), shape: y.shape }];
+        },
+      },
+      {
+        what: "logSoftmax over a row of 5000",
+        inputs: [rand([2, 5000], 32, { low: -5, high: 5 })],
+        gpu: ([t]) => M.logSoftmax(t),
+        ref: ([t]) => logSoftmaxRef(t),
+        grad: false,
       },
     );
-  });
-  cases.push(
-    {
-      what: "softmax method, default axis",
-      inputs: [rand([4, 6], 30)],
-      gpu: ([t]) => t.softmax(),
-      ref: ([t]) => softmaxRef(t, -1),
-    },
-    {
-      what: "softmax over a row of 5000 (longer than the workgroup)",
-      inputs: [rand([2, 5000], 31, { low: -5, high: 5 })],
-      gpu: ([t]) => M.softmax(t),
-      ref: ([t]) => softmaxRef(t),
-      grad: false,
-    },
-    {
-      what: "softmax over a strided axis of 5000 ([5000, 3], axis 0)",
-      inputs: [rand([5000, 3], 33, { low: -5, high: 5 })],
-      gpu: ([t]) => M.softmax(t, 0),
-      ref: ([t]) => softmaxRef(t, 0),
-      // d/dx = y * (g - sum(g * y)), analytic: finite differences over 15000 inputs are too slow.
-      refGrad: ([t], G) => {
-        const y = softmaxRef(t, 0);
-        const s = [0, 0, 0];
-        y.data.forEach((v, i) => (s[i % 3] += v * G.data[i]));
-        return [{ data: y.data.map((v, i) => v * (G.data[i] - s[i % 3])), shape: y.shape }];
+    await checkOps(cases);
+  }));
+
+Deno.test("softmax/logSoftmax are stable for logits of magnitude 1000 (both row-kernel flavours)", () =>
+  bothFlavours(async () => {
+    await checkOps([
+      {
+        what: "softmax of logits near 1000",
+        inputs: [rand([3, 8], 40, { low: 997, high: 1003 })],
+        gpu: ([t]) => M.softmax(t),
+        ref: ([t]) => softmaxRef(t),
       },
-    },
-    {
-      what: "logSoftmax over a row of 5000",
-      inputs: [rand([2, 5000], 32, { low: -5, high: 5 })],
-      gpu: ([t]) => M.logSoftmax(t),
-      ref: ([t]) => logSoftmaxRef(t),
-      grad: false,
-    },
-  );
-  await checkOps(cases);
-});
+      {
+        what: "logSoftmax of logits near -1000",
+        inputs: [rand([3, 8], 41, { low: -1003, high: -997 })],
+        gpu: ([t]) => M.logSoftmax(t),
+        ref: ([t]) => logSoftmaxRef(t),
+      },
+      {
+        what: "softmax of [1000, -1000, 0]",
+        inputs: [nd([1000, -1000, 0, -1000, 1000, 999], [2, 3])],
+        gpu: ([t]) => M.softmax(t),
+        ref: ([t]) => softmaxRef(t),
+      },
+      {
+        what: "logSoftmax of [1000, -1000, 0]",
+        inputs: [nd([1000, -1000, 0, -1000, 1000, 999], [2, 3])],
+        gpu: ([t]) => M.logSoftmax(t),
+        ref: ([t]) => logSoftmaxRef(t),
+      },
+    ]);
+  }));
 
-Deno.test("softmax/logSoftmax are stable for logits of magnitude 1000", async () => {
-  await checkOps([
-    {
-      what: "softmax of logits near 1000",
-      inputs: [rand([3, 8], 40, { low: 997, high: 1003 })],
-      gpu: ([t]) => M.softmax(t),
-      ref: ([t]) => softmaxRef(t),
-    },
-    {
-      what: "logSoftmax of logits near -1000",
-      inputs: [rand([3, 8], 41, { low: -1003, high: -997 })],
-      gpu: ([t]) => M.logSoftmax(t),
-      ref: ([t]) => logSoftmaxRef(t),
-    },
-    {
-      what: "softmax of [1000, -1000, 0]",
-      inputs: [nd([1000, -1000, 0, -1000, 1000, 999], [2, 3])],
-      gpu: ([t]) => M.softmax(t),
-      ref: ([t]) => softmaxRef(t),
-    },
-    {
-      what: "logSoftmax of [1000, -1000, 0]",
-      inputs: [nd([1000, -1000, 0, -1000, 1000, 999], [2, 3])],
-      gpu: ([t]) => M.logSoftmax(t),
-      ref: ([t]) => logSoftmaxRef(t),
-    },
-  ]);
-});
-
-Deno.test("crossEntropy: reductions mean/sum/none, ignoreIndex, 1-D to 3-D logits, large logits; forward and gradients", async () => {
-  const logits = rand([6, 9], 50, { low: -3, high: 3 });
-  const targets = ndInt([3, -100, 0, 8, 5, 3], [6]);
-  const cases: OpCase[] = [];
-  for (const reduction of ["mean", "sum", "none"] as const) {
+Deno.test("crossEntropy: reductions mean/sum/none, ignoreIndex, 1-D to 3-D logits, large logits; forward and gradients (both row-kernel flavours)", () =>
+  bothFlavours(async () => {
+    const logits = rand([6, 9], 50, { low: -3, high: 3 });
+    const targets = ndInt([3, -100, 0, 8, 5, 3], [6]);
+    const cases: OpCase[] = [];
+    for (const reduction of ["mean", "sum", "none"] as const) {
+      cases.push({
+        what: `crossEntropy ${reduction} with an ignored target`,
+        inputs: [logits, targets],
+        gpu: ([x, t]) => M.crossEntropy(x, t, { reduction }),
+        ref: ([x, t]) => crossEntropyRef(x, t, { reduction }),
+      });
+      cases.push({
+        what: `crossEntropy ${reduction}, ignoreIndex 3`,
+        inputs: [logits, targets.data.includes(-100) ? ndInt([3, 1, 0, 8, 5, 3], [6]) : targets],
+        gpu: ([x, t]) => M.crossEntropy(x, t, { reduction, ignoreIndex: 3 }),
+        ref: ([x, t]) => crossEntropyRef(x, t, { reduction, ignoreIndex: 3 }),
+      });
+      cases.push({
+        what: `crossEntropy ${reduction} of [2,3,9] logits`,
+        inputs: [rand([2, 3, 9], 51), ndInt(randInts(6, 52, 0, 8), [2, 3])],
+        gpu: ([x, t]) => M.crossEntropy(x, t, { reduction }),
+        ref: ([x, t]) => crossEntropyRef(x, t, { reduction }),
+      });
+      cases.push({
+        what: `crossEntropy ${reduction} of logits near 1000`,
+        inputs: [rand([4, 9], 53, { low: 995, high: 1005 }), ndInt([0, 8, 4, 4], [4])],
+        gpu: ([x, t]) => M.crossEntropy(x, t, { reduction }),
+        ref: ([x, t]) => crossEntropyRef(x, t, { reduction }),
+      });
+    }
     cases.push({
-      what: `crossEntropy ${reduction} with an ignored target`,
-      inputs: [logits, targets],
-      gpu: ([x, t]) => M.crossEntropy(x, t, { reduction }),
-      ref: ([x, t]) => crossEntropyRef(x, t, { reduction }),
+      what: "crossEntropy of a single row [9] with a 0-d target",
+      inputs: [rand([9], 54), ndInt([2], [])],
+      gpu: ([x, t]) => M.crossEntropy(x, t),
+      ref: ([x, t]) => crossEntropyRef(x, t),
     });
     cases.push({
-      what: `crossEntropy ${reduction}, ignoreIndex 3`,
-      inputs: [logits, targets.data.includes(-100) ? ndInt([3, 1, 0, 8, 5, 3], [6]) : targets],
-      gpu: ([x, t]) => M.crossEntropy(x, t, { reduction, ignoreIndex: 3 }),
-      ref: ([x, t]) => crossEntropyRef(x, t, { reduction, ignoreIndex: 3 }),
+      what: "crossEntropy with one-sided extreme logits (loss 2000 for the wrong class)",
+      inputs: [nd([1000, -1000, 0, 0, 1000, -1000], [2, 3]), ndInt([1, 2], [2])],
+      gpu: ([x, t]) => M.crossEntropy(x, t, { reduction: "none" }),
+      ref: ([x, t]) => crossEntropyRef(x, t, { reduction: "none" }),
     });
     cases.push({
-      what: `crossEntropy ${reduction} of [2,3,9] logits`,
-      inputs: [rand([2, 3, 9], 51), ndInt(randInts(6, 52, 0, 8), [2, 3])],
-      gpu: ([x, t]) => M.crossEntropy(x, t, { reduction }),
-      ref: ([x, t]) => crossEntropyRef(x, t, { reduction }),
+      what: "crossEntropy over a vocabulary of 5000",
+      inputs: [rand([3, 5000], 55, { low: -4, high: 4 }), ndInt([0, 4999, 2500], [3])],
+      gpu: ([x, t]) => M.crossEntropy(x, t),
+      ref: ([x, t]) => crossEntropyRef(x, t),
+      // d/dx = (softmax - onehot) * g / count, analytic: finite differences over 15000 inputs are too slow.
+      refGrad: ([x, t], G) => {
+        const p = softmaxRef(x);
+        const g = p.data.map((v, i) =>
+          (v - (t.data[Math.floor(i / 5000)] === i % 5000 ? 1 : 0)) * G.data[0] / 3
+        );
+        return [{ data: g, shape: x.shape }, null];
+      },
     });
-    cases.push({
-      what: `crossEntropy ${reduction} of logits near 1000`,
-      inputs: [rand([4, 9], 53, { low: 995, high: 1005 }), ndInt([0, 8, 4, 4], [4])],
-      gpu: ([x, t]) => M.crossEntropy(x, t, { reduction }),
-      ref: ([x, t]) => crossEntropyRef(x, t, { reduction }),
-    });
-  }
-  cases.push({
-    what: "crossEntropy of a single row [9] with a 0-d target",
-    inputs: [rand([9], 54), ndInt([2], [])],
-    gpu: ([x, t]) => M.crossEntropy(x, t),
-    ref: ([x, t]) => crossEntropyRef(x, t),
-  });
-  cases.push({
-    what: "crossEntropy with one-sided extreme logits (loss 2000 for the wrong class)",
-    inputs: [nd([1000, -1000, 0, 0, 1000, -1000], [2, 3]), ndInt([1, 2], [2])],
-    gpu: ([x, t]) => M.crossEntropy(x, t, { reduction: "none" }),
-    ref: ([x, t]) => crossEntropyRef(x, t, { reduction: "none" }),
-  });
-  cases.push({
-    what: "crossEntropy over a vocabulary of 5000",
-    inputs: [rand([3, 5000], 55, { low: -4, high: 4 }), ndInt([0, 4999, 2500], [3])],
-    gpu: ([x, t]) => M.crossEntropy(x, t),
-    ref: ([x, t]) => crossEntropyRef(x, t),
-    // d/dx = (softmax - onehot) * g / count, analytic: finite differences over 15000 inputs are too slow.
-    refGrad: ([x, t], G) => {
-      const p = softmaxRef(x);
-      const g = p.data.map((v, i) =>
-        (v - (t.data[Math.floor(i / 5000)] === i % 5000 ? 1 : 0)) * G.data[0] / 3
-      );
-      return [{ data: g, shape: x.shape }, null];
-    },
-  });
-  await checkOps(cases);
-});
+    await checkOps(cases);
+  }));
 
 Deno.test("crossEntropy: targets out of range give NaN; bad targets are rejected", async () => {
   const x = tensor([[1, 2, 3], [0, 0, 0]]);

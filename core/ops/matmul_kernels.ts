@@ -9,18 +9,17 @@
  * @module
  */
 
-import { deviceInfo } from "../device.ts";
+import { fixedSubgroupSize } from "../device.ts";
 import { defineKernel, type Kernel } from "../kernel.ts";
 
 /** The kernel variants: `register` and `tiled`, and `subgroup` (the register kernel with a subgroup's lanes
  * sharing one operand's loads) where the device has subgroups of one fixed size. */
 export type MatmulVariant = "register" | "tiled" | "subgroup";
 
-/** The fixed subgroup size the `subgroup` variant compiles in, or null where it cannot run (no subgroups, or
- * a size that varies). */
+/** The subgroup size the `subgroup` variant compiles in, or null where it cannot run (no subgroups, or a size
+ * that varies). */
 export function matmulSubgroupSize(): number | null {
-  const sg = deviceInfo().subgroups;
-  return sg && sg.minSize === sg.maxSize ? sg.minSize : null;
+  return fixedSubgroupSize();
 }
 
 const COMMON_UNIFORMS: [string, "u32" | "vec4<u32>"][] = [
