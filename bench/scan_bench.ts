@@ -1,8 +1,10 @@
 /**
  * `deno bench` of the selective-scan modes in one Mamba layer: forward + backward of sum(y * G), batch 1,
- * one training step per iteration (each iteration waits once, ~11 ms on software adapters; the steps here
- * take 20 ms to seconds). Each group has `fused` as its baseline, so `deno bench` prints how many times
- * slower pscan and sequential are. bench/scan_report.ts runs the full sweeps (time vs L, d_model, d_state),
+ * `k` training steps per iteration, the same k for every mode of a group, chosen so that the fused steps
+ * outlast the one wait per iteration (~11 ms on software adapters) several times: with one step per wait,
+ * the wait alone made a 6 ms fused step look 3x slower and pscan only 3.8x slower than fused at L = 1024.
+ * Each group has `fused` as its baseline, so `deno bench` prints how many times slower pscan and sequential
+ * are. bench/scan_report.ts runs the full sweeps (time vs L, d_model, d_state),
  * interleaved, with several steps per wait, and writes bench/results/scan.json.
  *
  * Run: deno bench -A bench/scan_bench.ts
@@ -16,14 +18,14 @@ await init();
 
 /** Configurations: mamba.py's three axes, one point each around the middle, and a long sequence. */
 const CONFIGS = [
-  { dModel: 16, N: 16, L: 1024, n: 5 },
-  { dModel: 16, N: 16, L: 4096, n: 2 },
-  { dModel: 128, N: 16, L: 1024, n: 2 },
-  { dModel: 64, N: 64, L: 1024, n: 2 },
+  { dModel: 16, N: 16, L: 1024, n: 5, k: 16 },
+  { dModel: 16, N: 16, L: 4096, n: 2, k: 6 },
+  { dModel: 128, N: 16, L: 1024, n: 2, k: 3 },
+  { dModel: 64, N: 64, L: 1024, n: 2, k: 2 },
 ];
 
 for (const c of CONFIGS) {
-  const group = `d_model ${c.dModel}, N ${c.N}, L ${c.L}`;
+  const group = `d_model ${c.dModel}, N ${c.N}, L ${c.L}, x${c.k} per wait`;
   for (const mode of [...MODES, "fused+recompute"] as TimeMode[]) {
     let prepared: PreparedLayer | null = null;
     Deno.bench({
@@ -38,7 +40,7 @@ for (const c of CONFIGS) {
           await sync();
         }
         b.start();
-        prepared.step();
+        for (let i = 0; i < c.k; i++) prepared.step();
         await sync();
         b.end();
       },
