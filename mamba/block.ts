@@ -27,6 +27,7 @@ import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { fusedMambaScan, fusedMambaScanForward, lastState } from "../scan/fused.ts";
+import { convStep, ssmStep } from "../scan/fused_step.ts";
 import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs
 import { checkpoint, isGradEnabled } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
@@ -162,6 +163,16 @@ export class MambaBlock extends Module {
   /** One token. u: (B, D); cache from the previous step -> (B, D) and the new cache. */
   step(u: Tensor, cache: LayerCache): { out: Tensor; cache: LayerCache } {
     const { dInner: ED, dState: N, dtRank: R, dConv: K } = this.config;
+    if (this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2) {
+      // The same step in two kernels (conv, SSM) around x_proj's product: see scan/fused_step.ts.
+      const xz = this.inProj.forward(u); // xz: (B, 2ED) = [xIn | z]
+      const conv = convStep(xz, cache.inputs, this.conv1d.weight, this.conv1d.bias); // x: (B, ED)
+      const dBC = this.xProj.forward(conv.x); // dBC: (B, R + 2N)
+      const w = this.dtProj;
+      const r = ssmStep(conv.x, dBC, w.weight, w.bias!, this.A_log, this.D, xz, cache.h); // y: (B, ED)
+      return { out: this.outProj.forward(r.y), cache: { h: r.h, inputs: conv.inputs } };
+    }
+    // mamba.py's step, line by line
     const Bsz = u.shape[0];
     const [xIn, z] = split(this.inProj.forward(u), ED, -1); // xIn, z: (B, ED)
     const xcat = cat([cache.inputs, xIn.reshape(Bsz, ED, 1)], 2); // xcat: (B, ED, K)

@@ -3,6 +3,7 @@ import { cat, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
 import { init } from "../core/device.ts";
+import { randn } from "../core/creation.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { Mamba } from "../mamba/block.ts";
@@ -70,39 +71,82 @@ for (const name of ["mamba_L37", "mamba_dstate4", "mamba_tiny"]) {
   }
 }
 
-Deno.test("Mamba.step outputs and final caches equal mamba.py's step fixture and the full forward", async () => {
-  const f = await loadFixture("step_tiny.safetensors");
-  const model = new Mamba(await configOf("step_tiny.safetensors", "fused"));
-  model.loadStateDict(new Map([...f].filter(([k]) => k.startsWith("layers."))), { strict: true });
-  const x = toTensor(f, "x"); // x: (B, L, D)
-  const [B, L, D] = x.shape;
-  const { yStep, caches, full } = tidy(() =>
-    noGrad(() => {
-      let caches = model.emptyCache(B);
-      const ys = [];
-      for (let t = 0; t < L; t++) {
-        const r = model.step(x.narrow(1, t, 1).reshape(B, D), caches);
-        caches = r.caches;
-        ys.push(r.out.reshape(B, 1, D));
-      }
-      return { yStep: cat(ys, 1), caches, full: model.forwardWithCache(x, true) };
-    })
-  );
-  const pairs: [string, Tensor, string][] = [["y_step", yStep, "y_step"], ["forward", full.out, "y_forward"]];
-  caches.forEach((c, i) => {
-    pairs.push([`step cache ${i} h`, c.h, `cache.${i}.h`], [
-      `step cache ${i} inputs`,
-      c.inputs,
-      `cache.${i}.inputs`,
-    ]);
-    pairs.push([`forward cache ${i} h`, full.caches[i].h, `cache.${i}.h`]);
-    pairs.push([`forward cache ${i} inputs`, full.caches[i].inputs, `cache.${i}.inputs`]);
+for (const scan of ["fused", "pscan"] as const) {
+  Deno.test(`Mamba.step (${scan === "fused" ? "fused step kernels" : "mamba.py's readable step"}) outputs and final caches equal mamba.py's step fixture and the full forward`, async () => {
+    const f = await loadFixture("step_tiny.safetensors");
+    const model = new Mamba(await configOf("step_tiny.safetensors", scan));
+    model.loadStateDict(new Map([...f].filter(([k]) => k.startsWith("layers."))), { strict: true });
+    const x = toTensor(f, "x"); // x: (B, L, D)
+    const [B, L, D] = x.shape;
+    const { yStep, caches, full } = tidy(() =>
+      noGrad(() => {
+        let caches = model.emptyCache(B);
+        const ys = [];
+        for (let t = 0; t < L; t++) {
+          const r = model.step(x.narrow(1, t, 1).reshape(B, D), caches);
+          caches = r.caches;
+          ys.push(r.out.reshape(B, 1, D));
+        }
+        return { yStep: cat(ys, 1), caches, full: model.forwardWithCache(x, true) };
+      })
+    );
+    const pairs: [string, Tensor, string][] = [["y_step", yStep, "y_step"], [
+      "forward",
+      full.out,
+      "y_forward",
+    ]];
+    caches.forEach((c, i) => {
+      pairs.push([`step cache ${i} h`, c.h, `cache.${i}.h`], [
+        `step cache ${i} inputs`,
+        c.inputs,
+        `cache.${i}.inputs`,
+      ]);
+      pairs.push([`forward cache ${i} h`, full.caches[i].h, `cache.${i}.h`]);
+      pairs.push([`forward cache ${i} inputs`, full.caches[i].inputs, `cache.${i}.inputs`]);
+    });
+    for (const [what, t, key] of pairs) {
+      const d = maxAbsDiff(await t.toArray(), f.get(key)!.data);
+      assert.ok(d < 1e-4, `${what} vs ${key}: max diff ${d}`);
+    }
+    model.dispose();
   });
-  for (const [what, t, key] of pairs) {
-    const d = maxAbsDiff(await t.toArray(), f.get(key)!.data);
-    assert.ok(d < 1e-4, `${what} vs ${key}: max diff ${d}`);
+}
+
+Deno.test("the fused step kernels equal mamba.py's readable step: dt_proj inside (R <= 8) and as a matmul (R 12), conv with and without bias, dConv 2 and 4, batch 3", async () => {
+  for (
+    const [dtRank, convBias, dConv, dState] of [[2, true, 4, 16], [12, false, 2, 4], [8, true, 3, 5]] as const
+  ) {
+    const config = { dModel: 24, nLayers: 2, dtRank, convBias, dConv, dState };
+    const fused = new Mamba(mambaConfig({ ...config, scan: "fused" }));
+    const readable = new Mamba(mambaConfig({ ...config, scan: "pscan" }));
+    readable.loadStateDict(fused.stateDict(), { strict: true });
+    const B = 3;
+    const xs = randn([B, 5, 24], { seed: dtRank });
+    const outs = tidy(() =>
+      noGrad(() =>
+        [fused, readable].map((m) => {
+          let caches = m.emptyCache(B);
+          const ys: Tensor[] = [];
+          for (let t = 0; t < 5; t++) {
+            const r = m.step(xs.narrow(1, t, 1).reshape(B, 24), caches);
+            caches = r.caches;
+            ys.push(r.out);
+          }
+          return [...ys, ...caches.flatMap((c) => [c.h, c.inputs])].map((t) => keep(t));
+        })
+      )
+    );
+    const what = `R ${dtRank}, conv bias ${convBias}, dConv ${dConv}, N ${dState}`;
+    for (let i = 0; i < outs[0].length; i++) {
+      const [a, b] = [await outs[0][i].toArray(), await outs[1][i].toArray()];
+      assert.deepEqual(outs[0][i].shape, outs[1][i].shape);
+      const d = maxAbsDiff(a, b);
+      assert.ok(d <= 1e-5 * Math.max(1, maxAbs(b)), `${what}, output ${i}: max diff ${d}`);
+    }
+    for (const t of [...outs.flat(), xs]) t.dispose();
+    fused.dispose();
+    readable.dispose();
   }
-  model.dispose();
 });
 
 Deno.test("Mamba rejects bad input and configs with clear errors", async () => {

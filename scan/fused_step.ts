@@ -1,0 +1,206 @@
+/**
+ * One token of a Mamba block's conv and SSM, fused for decoding (what the official Mamba's
+ * `causal_conv1d_update` and `selective_state_update` do): the readable step (`MambaBlock.step` with the
+ * pscan and sequential modes, mamba.py's lines) takes about 25 small dispatches per layer, these two
+ * kernels and x_proj's and dt_proj's products about 5.
+ *
+ * - `conv_step_K{K}`: an invocation per (b, channel d). xc = bias + sum_k w[d, k] [inputs | x_new][k] with
+ *   x_new read in place from in_proj's output; writes x = silu(xc) (B, ED) and the inputs shifted by one
+ *   (B, ED, K-1).
+ * - `ssm_step_N{N}[_dt{R}]`: an invocation per (b, d), its N states in turn. delta = softplus(draw + bias),
+ *   draw computed here from dt_proj's weight and the dt columns of dBC (R <= 8) or given; then
+ *   h[n] = exp(delta A[n]) h[n] + delta B[n] x, y = C.h + D x, y silu(z) with z read in place from in_proj's
+ *   output. Writes y (B, ED) and the new state (B, ED, N), reading the old one once.
+ * No workgroup memory; the SSM step binds 10 storage buffers (as the fused backward does, so it runs where
+ * `fusedScanAvailable()`).
+ * @module
+ */
+
+import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
+import { matmulRaw } from "../core/ops/matmul.ts";
+import { copyBox } from "../core/ops/shape_ops.ts";
+import { stridesOf } from "../core/shape.ts";
+import { Tensor } from "../core/tensor.ts";
+import { cachedKernel, COMMON, MAX_INLINE_DT_RANK, unroll } from "./fused_wgsl.ts";
+
+const WG = 64;
+
+function convStepKernel(K: number): Kernel {
+  return cachedKernel(`conv_step|${K}`, () =>
+    defineKernel({
+      name: `conv_step_K${K}`,
+      buffers: [
+        { name: "xz", type: "f32", access: "read" },
+        { name: "inputs", type: "f32", access: "read" },
+        { name: "w", type: "f32", access: "read" },
+        { name: "bias", type: "f32", access: "read" },
+        { name: "x", type: "f32", access: "read_write" },
+        { name: "next", type: "f32", access: "read_write" },
+      ],
+      uniforms: [["B", "u32"], ["ED", "u32"], ["xS", "u32"], ["hasBias", "u32"]],
+      workgroupSize: WG,
+      decls: COMMON,
+      body: `
+  // invocation -> (b, d); in_proj's row b holds x_new at column d
+  if (gid >= P.B * P.ED) { return; }
+  let b = gid / P.ED;
+  let d = gid % P.ED;
+  let xn = ld_xz(b * P.xS + d);
+  var acc = select(0.0, ld_bias(d), P.hasBias != 0u);
+  ${
+        unroll(
+          K - 1,
+          (k) => `let c${k} = ld_inputs(gid * ${K - 1}u + ${k}u); acc += c${k} * ld_w(d * ${K}u + ${k}u);`,
+        )
+      }
+  acc += xn * ld_w(d * ${K}u + ${K - 1}u);
+  ${unroll(K - 2, (k) => `st_next(gid * ${K - 1}u + ${k}u, c${k + 1});`)}
+  st_next(gid * ${K - 1}u + ${K - 2}u, xn);
+  st_x(gid, acc * sigmoid_(acc));`,
+    }));
+}
+
+function ssmStepKernel(N: number, Ri: number): Kernel {
+  return cachedKernel(`ssm_step|${N}|${Ri}`, () =>
+    defineKernel({
+      name: `ssm_step_N${N}${Ri ? `_dt${Ri}` : ""}`,
+      buffers: [
+        { name: "x", type: "f32", access: "read" },
+        { name: "dbc", type: "f32", access: "read" },
+        // dt_proj's weight (ED, R) with Ri, else draw (B, ED)
+        { name: "dtw", type: "f32", access: "read" },
+        { name: "bias", type: "f32", access: "read" },
+        { name: "alog", type: "f32", access: "read" },
+        { name: "dd", type: "f32", access: "read" },
+        { name: "xz", type: "f32", access: "read" },
+        { name: "h", type: "f32", access: "read" },
+        { name: "y", type: "f32", access: "read_write" },
+        { name: "hnext", type: "f32", access: "read_write" },
+      ],
+      uniforms: [["B", "u32"], ["ED", "u32"], ["S", "u32"], ["R", "u32"], ["zS", "u32"], ["z0", "u32"]],
+      workgroupSize: WG,
+      decls: COMMON,
+      body: `
+  // invocation -> (b, d); dBC's row b: [dt (R) | B (N) | C (N)]
+  if (gid >= P.B * P.ED) { return; }
+  let b = gid / P.ED;
+  let d = gid % P.ED;
+  let row = b * P.S;
+  ${
+        Ri
+          ? `var dr = 0.0;
+  ${unroll(Ri, (r) => `dr += ld_dbc(row + ${r}u) * ld_dtw(d * ${Ri}u + ${r}u);`)}`
+          : "let dr = ld_dtw(gid);"
+      }
+  let dt = softplus_(dr + ld_bias(d));
+  let xv = ld_x(gid);
+  let dtx = dt * xv;
+  var y = ld_dd(d) * xv;
+  for (var n = 0u; n < ${N}u; n++) {
+    let a = exp(-exp(ld_alog(d * ${N}u + n)) * dt); // exp(delta A), A = -exp(A_log)
+    let hn = a * ld_h(gid * ${N}u + n) + dtx * ld_dbc(row + P.R + n);
+    st_hnext(gid * ${N}u + n, hn);
+    y += ld_dbc(row + P.R + ${N}u + n) * hn;
+  }
+  let zv = ld_xz(b * P.zS + P.z0 + d);
+  st_y(gid, y * zv * sigmoid_(zv));`,
+    }));
+}
+
+/**
+ * The conv of one token: xz (B, S) holds in_proj's output (x_new in columns 0..ED), `inputs` the last K-1
+ * inputs (B, ED, K-1), `weight` (ED, 1, K) or (ED, K), `bias` (ED) or null. Returns x = silu(conv) (B, ED)
+ * and the next inputs (B, ED, K-1). No autograd (decoding).
+ */
+export function convStep(
+  xz: Tensor,
+  inputs: Tensor,
+  weight: Tensor,
+  bias: Tensor | null,
+): { x: Tensor; inputs: Tensor } {
+  const [B, ED, K1] = inputs.shape;
+  const K = K1 + 1;
+  if (K < 2 || weight.size !== ED * K || xz.rank !== 2 || xz.shape[0] !== B || xz.shape[1] < ED) {
+    throw new Error(
+      `convStep: inputs ${inputs}, weight ${weight} and in_proj's output ${xz} do not fit (need K >= 2, ` +
+        "weight ED x K, xz (B, >= ED))",
+    );
+  }
+  const x = Tensor.empty([B, ED]);
+  const next = Tensor.empty([B, ED, K1]);
+  const bufs = {
+    xz: xz.storage,
+    inputs: inputs.storage,
+    w: weight.storage,
+    bias: (bias ?? weight).storage,
+    x: x.storage,
+    next: next.storage,
+  };
+  dispatch(
+    convStepKernel(K),
+    bufs,
+    { B, ED, xS: xz.shape[1], hasBias: bias ? 1 : 0 },
+    Math.ceil(B * ED / WG),
+  );
+  return { x, inputs: next };
+}
+
+/**
+ * The SSM of one token: x (B, ED) after the conv, dBC (B, R + 2N) x_proj's output, dt_proj's weight W (ED, R)
+ * and bias (ED), A_log (ED, N), D (ED), xz (B, 2 ED) in_proj's output (z in columns ED..2ED), h (B, ED, N)
+ * the state before. Returns the gated y (B, ED) and the state after (B, ED, N). No autograd (decoding).
+ */
+export function ssmStep(
+  x: Tensor,
+  dBC: Tensor,
+  W: Tensor,
+  bias: Tensor,
+  A_log: Tensor,
+  D: Tensor,
+  xz: Tensor,
+  h: Tensor,
+): { y: Tensor; h: Tensor } {
+  const [B, ED] = x.shape;
+  const [, R] = W.shape;
+  const N = A_log.shape[1];
+  const S = dBC.shape[1];
+  if (
+    dBC.shape[0] !== B || S < R + 2 * N || W.shape[0] !== ED || h.shape.join() !== [B, ED, N].join() ||
+    xz.shape.join() !== [B, 2 * ED].join() || bias.size !== ED || D.size !== ED || A_log.shape[0] !== ED
+  ) {
+    throw new Error(
+      `ssmStep: x ${x}, dBC ${dBC}, dt_proj weight ${W}, A_log ${A_log}, xz ${xz} and state ${h} do not fit`,
+    );
+  }
+  const Ri = R <= MAX_INLINE_DT_RANK ? R : 0;
+  // above rank 8, dt_proj's product as a matmul of the dt columns (copied out of dBC's rows)
+  const draw = Ri ? null : dtProduct(dBC, W);
+  const y = Tensor.empty([B, ED]);
+  const next = Tensor.empty([B, ED, N]);
+  const bufs = {
+    x: x.storage,
+    dbc: dBC.storage,
+    dtw: (draw ?? W).storage,
+    bias: bias.storage,
+    alog: A_log.storage,
+    dd: D.storage,
+    xz: xz.storage,
+    h: h.storage,
+    y: y.storage,
+    hnext: next.storage,
+  };
+  dispatch(ssmStepKernel(N, Ri), bufs, { B, ED, S, R, zS: 2 * ED, z0: ED }, Math.ceil(B * ED / WG));
+  draw?.dispose();
+  return { y, h: next };
+}
+
+/** dt_proj's product without its bias: dBC[:, :R] @ W^T, (B, ED). */
+function dtProduct(dBC: Tensor, W: Tensor): Tensor {
+  const [B] = dBC.shape;
+  const R = W.shape[1];
+  const dt = Tensor.empty([B, R]); // dt: (B, R)
+  copyBox(dBC, { offset: 0, strides: stridesOf(dBC.shape) }, dt, { offset: 0, strides: [R, 1] }, [B, R]);
+  const draw = matmulRaw(dt, W, { transB: true }); // draw: (B, ED)
+  dt.dispose();
+  return draw;
+}
