@@ -83,6 +83,13 @@ export class GPUError extends Error {
 let device: GPUDevice | null = null;
 let info: DeviceInfo | null = null;
 let pending: Promise<DeviceInfo> | null = null;
+let autoTune = true;
+
+/** Whether `init()` tuned kernels (not `init({ tune: false })`): later tuning on first use follows it (the
+ * fused scan's for a state size other than 16, measured when training starts). */
+export function autoTuneEnabled(): boolean {
+  return autoTune;
+}
 let firstError: string | null = null;
 let lostReason: string | null = null;
 
@@ -98,7 +105,8 @@ const NO_ADAPTER = "No WebGPU adapter found (navigator.gpu.requestAdapter() retu
 export function init(options: InitOptions = {}): Promise<DeviceInfo> {
   if (info) return Promise.resolve(info); // also while tuning: the tuner itself calls init()
   pending ??= acquire(options).then(async (i) => {
-    if (options.tune ?? true) await tuneKernels();
+    autoTune = options.tune ?? true;
+    if (autoTune) await tuneKernels();
     return i;
   }).catch((e) => {
     pending = null;

@@ -16,6 +16,7 @@ import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { configureOptimizers, cosineSchedule, gradNormScale } from "../nn/optim.ts";
 import type { AdamW } from "../nn/optim.ts";
 import type { MambaLM } from "./lm.ts";
+import { ensureFusedTuned } from "../scan/tune_fused.ts";
 
 /** Hyper-parameters of a run (mamba.py's char-model recipe by default). */
 export interface TrainConfig {
@@ -115,6 +116,7 @@ export class Trainer {
   log: TrainLog = { train: [], val: [], time: [] };
   #losses: Tensor;
   #pending = 0;
+  #tuned = false;
 
   /** Builds the optimizer and schedule for `model`. */
   constructor(readonly model: MambaLM, readonly data: CharDataset, readonly config: TrainConfig) {
@@ -147,6 +149,11 @@ export class Trainer {
    * (every `logEvery` steps), else null.
    */
   async trainStep(): Promise<number | null> {
+    if (!this.#tuned) {
+      this.#tuned = true;
+      const { scan, dState } = this.model.config;
+      if (scan === "fused") await ensureFusedTuned(dState); // init() measured N = 16 only
+    }
     const { batch: B, seq: L, clip, logEvery } = this.config;
     const tokens = this.batchOf(this.step);
     this.opt.lr = this.schedule(this.step);

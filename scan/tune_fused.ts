@@ -13,7 +13,7 @@
  */
 
 import { randn } from "../core/creation.ts";
-import { deviceInfo, init } from "../core/device.ts";
+import { autoTuneEnabled, deviceInfo, init } from "../core/device.ts";
 import { profile, sync } from "../core/executor.ts";
 import { dropStaleTuneKeys, registerTuner } from "../core/tune.ts";
 import { mul, sum } from "../core/ops/index.ts";
@@ -114,6 +114,12 @@ export async function tuneFusedScan(N: number, options: { force?: boolean } = {}
   if (deviceInfo().limits.maxStorageBuffersPerShaderStage < 10) {
     return { variant: defaultFusedVariant(N), timings: {}, fromCache: false };
   }
+  const candidates = fusedCandidates(N);
+  if (candidates.length === 1) {
+    // nothing to choose between (a software adapter above N = 16): no measurement
+    setFusedVariant(N, candidates[0]);
+    return { variant: candidates[0], timings: {}, fromCache: false };
+  }
   const key = cacheKey(N);
   if (!options.force) {
     try {
@@ -149,7 +155,7 @@ export async function tuneFusedScan(N: number, options: { force?: boolean } = {}
   const timings: Record<string, number> = {};
   let best: FusedVariant = defaultFusedVariant(N);
   let bestMs = Infinity;
-  for (const v of fusedCandidates(N)) {
+  for (const v of candidates) {
     setFusedVariant(N, v);
     run(); // compile
     await sync();
@@ -179,3 +185,13 @@ export async function tuneFusedScan(N: number, options: { force?: boolean } = {}
 }
 
 registerTuner("fusedScan.N16", (force) => tuneFusedScan(16, { force }));
+
+const tuned = new Set<number>([16]); // init() tunes N = 16
+
+/** Tunes the fused scan for state size N once per process, where `init()` tuned (the trainer calls this before
+ * its first step: models with N other than 16 get a measured variant too). */
+export async function ensureFusedTuned(N: number): Promise<void> {
+  if (tuned.has(N) || !autoTuneEnabled()) return;
+  tuned.add(N);
+  await tuneFusedScan(N);
+}

@@ -338,3 +338,23 @@ Deno.test("the tuner's candidates are valid variants, here and on a GPU-like ada
     info.isFallbackAdapter = fallback;
   }
 });
+
+Deno.test("the trainer's tuning on first use: a state size with one candidate is set without measuring; N 16 is init()'s", async () => {
+  const info = await init();
+  const { ensureFusedTuned, fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
+  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
+  const before16 = fusedVariant(16);
+  await ensureFusedTuned(16); // init() tuned it: nothing happens
+  assert.deepEqual(fusedVariant(16), before16);
+  if (info.isFallbackAdapter) {
+    // above N = 16 a software adapter measures no alternative (each costs lavapipe seconds of compiling)
+    assert.equal(fusedCandidates(32).length, 1);
+    const r = await tuneFusedScan(32);
+    assert.deepEqual(r.timings, {}, "no measurement");
+    assert.deepEqual(fusedVariant(32), fusedCandidates(32)[0]);
+    setFusedVariant(32, null);
+    await ensureFusedTuned(32);
+    assert.deepEqual(fusedVariant(32), fusedCandidates(32)[0]);
+    setFusedVariant(32, null);
+  }
+});
