@@ -363,12 +363,12 @@ function dtScanForward(
   return { y, ph, dt };
 }
 
-/** The R dt columns of dBC (B, L, R + 2N), copied: (B, L, R). */
-function dtColumns(dBC: Tensor, R: number): Tensor {
-  const [B, L] = dBC.shape;
-  const dt = Tensor.empty([B, L, R]);
+/** The R dt columns of dBC (..., R + 2N), copied: (..., R). */
+export function dtColumns(dBC: Tensor, R: number): Tensor {
+  const shape = [...dBC.shape.slice(0, -1), R];
+  const dt = Tensor.empty(shape);
   const from = { offset: 0, strides: stridesOf(dBC.shape) };
-  copyBox(dBC, from, dt, { offset: 0, strides: stridesOf(dt.shape) }, [B, L, R]);
+  copyBox(dBC, from, dt, { offset: 0, strides: stridesOf(shape) }, shape);
   return dt;
 }
 
@@ -449,8 +449,8 @@ export function fusedSelectiveScan(
  * 2N (x_proj's output padded to a multiple of 4 columns: the extra columns are ignored, their gradient is
  * zero); the other arguments as there. It never saves delta or draw (B, L, ED): up to R = MAX_INLINE_DT_RANK
  * the kernels compute draw per step from dBC's dt columns (and the backward kernels W's gradient and those
- * columns'); above it, draw comes from a matmul, recomputed in the backward. The scan keeps 4 (2 ED + R + 2N) bytes per token (4 (2 ED + 2R +
- * 2N) above the inline rank) plus the chunk states.
+ * columns'); above it, draw comes from a matmul, recomputed in the backward. The scan keeps 4 (2 ED + R + 2N)
+ * bytes per token (4 (2 ED + 2R + 2N) above the inline rank) plus the chunk states.
  */
 export function fusedMambaScan(
   x: Tensor,

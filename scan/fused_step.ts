@@ -18,9 +18,8 @@
 
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
-import { copyBox } from "../core/ops/shape_ops.ts";
-import { stridesOf } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
+import { dtColumns } from "./fused.ts";
 import { cachedKernel, COMMON, MAX_INLINE_DT_RANK, unroll } from "./fused_wgsl.ts";
 
 const WG = 64;
@@ -196,10 +195,7 @@ export function ssmStep(
 
 /** dt_proj's product without its bias: dBC[:, :R] @ W^T, (B, ED). */
 function dtProduct(dBC: Tensor, W: Tensor): Tensor {
-  const [B] = dBC.shape;
-  const R = W.shape[1];
-  const dt = Tensor.empty([B, R]); // dt: (B, R)
-  copyBox(dBC, { offset: 0, strides: stridesOf(dBC.shape) }, dt, { offset: 0, strides: [R, 1] }, [B, R]);
+  const dt = dtColumns(dBC, W.shape[1]); // dt: (B, R)
   const draw = matmulRaw(dt, W, { transB: true }); // draw: (B, ED)
   dt.dispose();
   return draw;

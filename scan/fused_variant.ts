@@ -6,7 +6,7 @@
  * @module
  */
 
-import { deviceInfo } from "../core/device.ts";
+import { deviceInfo, fixedSubgroupSize } from "../core/device.ts";
 
 /** Compile-time shape of a fused-scan kernel. */
 export interface FusedVariant {
@@ -57,11 +57,9 @@ export function stepsPerBarrier(v: FusedVariant, cols = 2 * (v.Nb ?? v.N)): numb
 
 /** The fixed subgroup size the `shuffle` option compiles in (throws where the size may vary). */
 export function shuffleSize(): number {
-  const sg = deviceInfo().subgroups;
-  if (!sg || sg.minSize !== sg.maxSize) {
-    throw new Error("fused scan: `shuffle` needs subgroups of one fixed size");
-  }
-  return sg.minSize;
+  const size = fixedSubgroupSize();
+  if (size === null) throw new Error("fused scan: `shuffle` needs subgroups of one fixed size");
+  return size;
 }
 
 /** States per block by default: code size and live registers grow with Nb. */
@@ -94,7 +92,8 @@ export function defaultFusedVariant(N: number): FusedVariant {
   const lc = { Lc, ...(Ls < Lc ? { Ls } : {}), ...(Nb < N ? { Nb } : {}) };
   const sg = deviceInfo().subgroups;
   if (sg) {
-    const shuffle = sg.minSize === sg.maxSize && 32 % sg.minSize === 0;
+    const size = fixedSubgroupSize();
+    const shuffle = size !== null && 32 % size === 0;
     return { N, ...lc, WG: 32, reduce: "subgroup", ...(shuffle ? { shuffle } : {}) };
   }
   return { N, ...lc, WG: 64 }; // workgroup memory of the backward: 2 * WG * Nb floats
@@ -138,7 +137,7 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
 function lanesFit(v: Omit<FusedVariant, "N">, Nb: number): boolean {
   const P = v.lanes ?? 1;
   if (P === 1) return true;
-  const sg = deviceInfo().subgroups;
+  const size = fixedSubgroupSize();
   return Number.isInteger(Math.log2(P)) && Nb % P === 0 && !v.shuffle && v.reduce === "subgroup" &&
-    sg !== null && sg.minSize === sg.maxSize && P <= sg.minSize && v.WG % sg.maxSize === 0;
+    size !== null && P <= size && v.WG % size === 0;
 }

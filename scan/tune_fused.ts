@@ -13,7 +13,7 @@
  */
 
 import { randn } from "../core/creation.ts";
-import { autoTuneEnabled, deviceInfo, init } from "../core/device.ts";
+import { autoTuneEnabled, deviceInfo, fixedSubgroupSize, init } from "../core/device.ts";
 import { profile, sync } from "../core/executor.ts";
 import { dropStaleTuneKeys, registerTuner } from "../core/tune.ts";
 import { mul, sum } from "../core/ops/index.ts";
@@ -69,10 +69,11 @@ export function fusedCandidates(N: number): FusedVariant[] {
   // memory).
   // With a fixed subgroup size, B and C rows can also be shared by subgroupShuffle.
   const sg = deviceInfo().subgroups;
+  const fixed = fixedSubgroupSize();
   if (sg) {
     for (const WG of [8, 32, 64]) {
       for (const shuffle of [false, true]) {
-        if (shuffle && (sg.minSize !== sg.maxSize || WG % sg.minSize !== 0)) continue;
+        if (shuffle && (fixed === null || WG % fixed !== 0)) continue;
         const v: FusedVariant = {
           N,
           ...chunks,

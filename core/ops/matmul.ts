@@ -31,13 +31,13 @@
  */
 
 import { defineOp } from "../autograd.ts";
-import { deviceInfo } from "../device.ts";
+import { deviceInfo, fixedSubgroupSize } from "../device.ts";
 import { dispatch, type Kernel } from "../kernel.ts";
 import { broadcastShapes, fmt, padRank, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
 import { copyBox } from "./shape_ops.ts";
-import { kernelFor, matmulSubgroupSize, type MatmulVariant } from "./matmul_kernels.ts";
+import { kernelFor, type MatmulVariant } from "./matmul_kernels.ts";
 
 export type { MatmulVariant };
 
@@ -54,7 +54,7 @@ export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled", "
 
 /** The variants this device can run: `subgroup` needs subgroups of one fixed size. */
 export function availableMatmulVariants(): MatmulVariant[] {
-  return MATMUL_VARIANTS.filter((v) => v !== "subgroup" || matmulSubgroupSize() !== null);
+  return MATMUL_VARIANTS.filter((v) => v !== "subgroup" || fixedSubgroupSize() !== null);
 }
 
 /**
@@ -102,6 +102,11 @@ interface Plan {
   groups: number;
 }
 
+/** CPU cores, which a software adapter runs one workgroup each on. */
+function cpuCores(): number {
+  return globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW;
+}
+
 /** Slice length and count for K split into about `want` slices of at least `minSlice`. */
 function splitK(K: number, want: number, minSlice = SPLIT_MIN_SLICE): { kLen: number; slices: number } {
   const kLen = Math.min(MAX_K, Math.ceil(Math.max(minSlice, K / want) / 16) * 16);
@@ -132,14 +137,14 @@ function planFor(
     // in 0.17 ms unsplit against 0.29 ms in 16 slices; 64 x 16, one workgroup, 0.20 ms against 0.25 ms in two;
     // from K = 16384: 1.8 ms against 1.0 ms in two).
     const cpu = variant === "subgroup" && deviceInfo().isFallbackAdapter;
-    const target = cpu ? (globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW) : SPLIT_GROUPS;
+    const target = cpu ? cpuCores() : SPLIT_GROUPS;
     if (!split || groups >= target) return plain;
     const { kLen, slices } = splitK(K, Math.ceil(target / groups), cpu ? CPU_MIN_SLICE : SPLIT_MIN_SLICE);
     return slices === 1 ? plain : { ...plain, slices, kLen, groups: groups * slices };
   }
 
   if (
-    used > PLAIN_MIN_USE && (!split || groups >= (globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW))
+    used > PLAIN_MIN_USE && (!split || groups >= cpuCores())
   ) {
     return plain;
   }
@@ -161,7 +166,7 @@ let chosen: MatmulVariant | null = null;
 /** The variant in use: set by {@linkcode setMatmulVariant} or by the autotuner; else by adapter kind (also
  * where the device can no longer run the choice: `subgroup` once `deviceInfo().subgroups` changed). */
 export function matmulVariant(): MatmulVariant {
-  if (chosen && (chosen !== "subgroup" || matmulSubgroupSize() !== null)) return chosen;
+  if (chosen && (chosen !== "subgroup" || fixedSubgroupSize() !== null)) return chosen;
   return deviceInfo().isFallbackAdapter ? "register" : "tiled";
 }
 

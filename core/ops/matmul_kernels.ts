@@ -16,12 +16,6 @@ import { defineKernel, type Kernel } from "../kernel.ts";
  * sharing one operand's loads) where the device has subgroups of one fixed size. */
 export type MatmulVariant = "register" | "tiled" | "subgroup";
 
-/** The subgroup size the `subgroup` variant compiles in, or null where it cannot run (no subgroups, or a size
- * that varies). */
-export function matmulSubgroupSize(): number | null {
-  return fixedSubgroupSize();
-}
-
 const COMMON_UNIFORMS: [string, "u32" | "vec4<u32>"][] = [
   ["M", "u32"],
   ["N", "u32"],
@@ -444,7 +438,8 @@ export function kernelFor(
   linear = false,
 ): { kernel: Kernel; blockM: number; blockN: number } {
   if (variant === "tiled") return { kernel: tiledKernelCache ??= tiledKernel(), blockM: 64, blockN: 64 };
-  const sg = variant === "subgroup" ? matmulSubgroupSize() : 0;
+  // the subgroup size compiled in: only where every subgroup has one size
+  const sg = variant === "subgroup" ? fixedSubgroupSize() : 0;
   if (sg === null) throw new Error("matmul: the `subgroup` variant needs subgroups of one fixed size");
   const shared = sg ? subgroupTile(M, N, sg) : null;
   const tile = shared
