@@ -24,7 +24,7 @@
  * @module
  */
 
-import { defineOp, WindowGrad } from "../core/autograd.ts";
+import { defineOp, type GradTargets, WindowGrad } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import { dispatch } from "../core/kernel.ts";
 import { recordClear, recordCopy } from "../core/executor.ts";
@@ -174,6 +174,7 @@ function fusedScanBackward(
   ph: Tensor,
   z: Tensor | null,
   a: FusedAttrs,
+  gzInto: Tensor | null = null,
 ): FusedGrads {
   const { B, L, ED, v, u } = sizes(x, dBC, a, z);
   const N = a.N;
@@ -199,9 +200,10 @@ function fusedScanBackward(
   // ddraw: with dt_proj inside, the kernels consume it themselves (dW and the dt columns); only state blocks
   // before the last leave their shares there, so one block needs no tensor (a scratch word is bound)
   const gdraw = Tensor.empty(Ri && Nb === N ? [1] : x.shape);
-  // With z a window of a wider tensor (in_proj's output), gz is returned as that window of z's gradient:
-  // writing it there in place would make the whole gradient live from here on, raising the peak.
-  const gz = Tensor.empty(x.shape);
+  // gz: written straight into `gzInto` (the whole gradient of a wide z, laid out as z) when autograd offers
+  // it, else its own (B, L, ED)
+  const gz = gzInto ?? Tensor.empty(x.shape);
+  const gzLayout = gzInto ? { gzS: u.zS, gz0: u.z0 } : { gzS: ED, gz0: 0 };
   const gred = Tensor.empty([gbcSize + B * ED * GP]); // [partials of a segment | gpar]
   const gdBC = Tensor.empty(dBC.shape); // gdBC: (B, L, R + 2N), or wider (zeros past R + 2N)
   const bufs = {
@@ -226,7 +228,18 @@ function fusedScanBackward(
     }
     for (let t1 = c1; t1 > c0; t1 -= per) {
       const t0 = Math.max(c0, t1 - per);
-      const uni = { ...u, t0, t1, hsOff, gparOff: gbcSize, slots, slotsPerTile, segStart, segLen };
+      const uni = {
+        ...u,
+        ...gzLayout,
+        t0,
+        t1,
+        hsOff,
+        gparOff: gbcSize,
+        slots,
+        slotsPerTile,
+        segStart,
+        segLen,
+      };
       // state blocks one after another: each adds its share of dx, ddelta, dz, dbias, dD
       for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0, Ri), bufs, uni, B * u.tiles);
     }
@@ -250,11 +263,24 @@ function fusedScanBackward(
   if (!gW) gwOut.dispose();
   gred.dispose();
   if (!z) gz.dispose();
-  return { gx, gdraw, gW, gdBC, gbias, gAlog, gD, gz: z ? gz : null };
+  return { gx, gdraw, gW, gdBC, gbias, gAlog, gD, gz: z && !gzInto ? gz : null };
 }
 
-/** The op's gradient of z: its own tensor, or a window of a wider z (in_proj's output); null if unneeded.
- * Writing it into a whole gradient of a wide z here would make that live from here on, raising the peak. */
+/**
+ * The whole gradient of a wide z (in_proj's output, whose z half the gate reads in place) for the backward
+ * kernel to write gz into, when autograd offers it (see GradTargets.window); else null (gz is then its own
+ * tensor, returned by zGrad), as the official kernels write dz into dxz. It saves a copy and a dispatch per
+ * layer; the price is that the whole gradient lives from here on instead of from the conv's backward (one
+ * more (B, L, ED) at the backward's peak: 8.21 -> 8.71 MiB for a d_model 64, N 16, L 1024 layer).
+ */
+function gzTarget(inputs: readonly Tensor[], ED: number, a: FusedAttrs, targets: GradTargets): Tensor | null {
+  const z = inputs[6];
+  if (!a.gated || !z?.requiresGrad || z.shape[2] === ED) return null;
+  return targets.window(6, 2, a.zStart ?? 0, ED);
+}
+
+/** The op's gradient of z: its own tensor, or a window of a wider z (in_proj's output); null if unneeded or
+ * written in place. */
 function zGrad(
   gz: Tensor | null,
   z: Tensor | undefined,
@@ -284,10 +310,11 @@ const fusedOp = defineOp<FusedAttrs>({
     save(x, draw, dBC, A_log, ph, ...(z ? [z] : []));
     return y;
   },
-  backward: (g, saved, inputs, a) => {
+  backward: (g, saved, inputs, a, targets) => {
     const [x, draw, dBC, A_log, ph] = saved;
     const z = a.gated ? saved[5] : null;
-    const r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a);
+    const gzInto = gzTarget(inputs, x.shape[2], a, targets);
+    const r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a, gzInto);
     const grads = needed([r.gx, r.gdraw, r.gdBC, r.gbias, r.gAlog, r.gD], inputs);
     return z ? [...grads, zGrad(r.gz, inputs[6], x.shape[2], a)] : grads;
   },
@@ -308,17 +335,18 @@ const dtScanOp = defineOp<FusedAttrs>({
     save(x, dBC, A_log, ph, ...(z ? [z] : []), ...(dt ? [dt, W] : []));
     return y;
   },
-  backward: (g, saved, inputs, a) => {
+  backward: (g, saved, inputs, a, targets) => {
     const [x, dBC, A_log, ph] = saved;
     const z = a.gated ? saved[4] : null;
     const ED = x.shape[2];
+    const gzInto = gzTarget(inputs, ED, a, targets);
     let r: FusedGrads;
     if (a.dtInside) {
-      r = fusedScanBackward(g, x, null, dBC, A_log, ph, z, a);
+      r = fusedScanBackward(g, x, null, dBC, A_log, ph, z, a, gzInto);
     } else {
       const [dt, W] = saved.slice(a.gated ? 5 : 4);
       const draw = matmulRaw(dt, W, { transB: true }); // recomputed: draw: (B, L, ED)
-      r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a);
+      r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a, gzInto);
       draw.dispose();
       const [B, L] = x.shape;
       if (inputs[2].requiresGrad) {

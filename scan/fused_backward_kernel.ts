@@ -14,7 +14,8 @@
  * summed over channels between two barriers; with "subgroup" none (a butterfly of subgroupShuffleXor sums
  * them, no barriers). With `hbuf: "workgroup"` the recomputed states too ([step][state][channel]).
  * Reads: x, draw or the dt columns, dBC, ph = [bias | A_log | D | W | hs], z, and g, the output's gradient.
- * Writes: dx, ddraw (through softplus), dz per (b, t, d) (state blocks after the first add to them); one
+ * Writes: dx, ddraw (through softplus), dz per (b, t, d) (dz possibly into a window of a wider gradient;
+ * state blocks after the first add to them); one
  * partial row of dB/dC (and dt) terms per tile or subgroup and step into `gred` (B, segLen, slots, PW), and
  * after it, gpar (B, ED, [dbias | dD | dA (N) | lam carry (N) | dW (Ri)]). `fused_reduce_kernels.ts` sums
  * both.
@@ -75,8 +76,9 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
   /** The same, added by one lane of a channel's (a term of a sum over the lanes). */
   const firstOnce = (val: string) => (first && lanes > 1 ? `select(0.0, ${val}, q == 0u)` : firstOnly(val));
   const TW = 2 * K + dtHere; // terms per lane and step summed over channels (CW without lanes)
-  /** WGSL storing `val` at element i of gx/gdraw/gz: the first block writes, later ones add. */
-  const acc = (buf: string, val: string) => `st_${buf}(i, ${first ? "" : `ld_${buf}(i) + `}${val});`;
+  /** WGSL storing `val` at element `i` of gx/gdraw/gz: the first block writes, later ones add. */
+  const acc = (buf: string, val: string, i = "i") =>
+    `st_${buf}(${i}, ${first ? "" : `ld_${buf}(${i}) + `}${val});`;
   const Ls = v.Ls ?? Lc;
   const SUB = Lc / Ls; // sub-chunks per chunk
   /** WGSL of one recomputed step of the state array `h` at time `t`. */
@@ -140,6 +142,8 @@ function generateBackward(v: FusedVariant, n0: number, Ri: number): Kernel {
       ["slotsPerTile", "u32"],
       ["segStart", "u32"], // first step of the time segment whose partial rows this dispatch writes
       ["segLen", "u32"],
+      ["gzS", "u32"], // row length of gz: ED, or z's when gz is a window of the whole gradient of a wide z
+      ["gz0", "u32"], // gz's first column in its rows
     ],
     workgroupSize: WG,
     decls: COMMON + `
@@ -251,7 +255,9 @@ ${shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state][l
         ${sumLanes("yv", lanes)}
         let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc);
         let sg = sigmoid_(zv);
-        if (${once("valid")}) { ${acc("gz", "gy * yv * sg * (1.0 + zv * (1.0 - sg))")} }
+        // gz is its own (B, L, ED) or a window of the whole gradient of a wider z (P.gzS, P.gz0)
+        let iz = (b * P.L + t) * P.gzS + P.gz0 + dc;
+        if (${once("valid")}) { ${acc("gz", "gy * yv * sg * (1.0 + zv * (1.0 - sg))", "iz")} }
         gy = gy * zv * sg;
       }
       gD += ${firstOnly("gy * xv")};
