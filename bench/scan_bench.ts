@@ -1,5 +1,6 @@
 /**
- * `deno bench` of the selective-scan modes in one Mamba layer: forward + backward of sum(y * G), batch 1,
+ * `deno bench` of the selective-scan modes in one Mamba layer: forward, then backward from y with a fixed
+ * cotangent G (`y.backward(G)`), batch 1,
  * `k` training steps per iteration, the same k for every mode of a group, chosen so that the fused steps
  * outlast the one wait per iteration (~11 ms on software adapters) several times: with one step per wait,
  * the wait alone made a 6 ms fused step look 3x slower and pscan only 3.8x slower than fused at L = 1024.

@@ -4,8 +4,11 @@
  * differs; the time-vs-L sweep also has `fused+recompute`, the default training setting), plus a roofline of
  * the fused forward kernel and the dispatch counts of each mode.
  *
- * Measurement: one step = forward + backward of sum(y * G) through one Mamba layer, batch 1, parameter
- * gradients dropped after each step. For each configuration the modes are prepared side by side and measured
+ * Measurement: one step = forward through one Mamba layer, batch 1, then backward from its output y with a
+ * fixed random cotangent G (`y.backward(G)`, as torch's; the gradients of sum(y * G) without computing that
+ * loss), parameter gradients dropped after each step. Until commit 7e2ccc3 the step computed the loss sum(y * G)
+ * and its gradient too: 6 more dispatches (the product, two reductions, the seed, the broadcast, the
+ * product's gradient), the same in every mode. For each configuration the modes are prepared side by side and measured
  * interleaved (rep 1: fused, pscan, sequential; rep 2: ...), so that the machine's load drifts alike for
  * all; each measurement records k steps and waits once (k chosen so that a batch lasts >= ~250 ms, so the
  * ~11 ms wait is a small part) and gives ms per step; the tables give the median over reps. Slow
@@ -21,7 +24,7 @@ import { deviceInfo } from "../core/device.ts";
 import { dispatchCount, profile, recordCopy, sync } from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
 import { full, randn } from "../core/creation.ts";
-import { cat, mul, sum } from "../core/ops/index.ts";
+import { cat } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
@@ -58,7 +61,7 @@ export function prepareLayer(mode: TimeMode, dModel: number, N: number, L: numbe
   };
   return {
     step() {
-      tidy(() => sum(mul(model.forward(x), G)).backward());
+      tidy(() => model.forward(x).backward(G));
       drop();
     },
     dispose() {
@@ -92,7 +95,7 @@ export function countDispatches(
       const d0 = dispatchCount();
       const y = model.forward(x);
       const d1 = dispatchCount();
-      sum(mul(y, G)).backward();
+      y.backward(G);
       return { forward: d1 - d0, backward: dispatchCount() - d1 };
     });
   } finally {
