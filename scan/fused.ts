@@ -34,7 +34,7 @@ import { fmt, stridesOf } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 import { backwardKernel } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
-import { gatherKernel, paramsKernel } from "./fused_reduce_kernels.ts";
+import { sumsInvocations, sumsKernel } from "./fused_reduce_kernels.ts";
 import { fusedVariant } from "./fused_variant.ts";
 import { MAX_INLINE_DT_RANK, partialWidth } from "./fused_wgsl.ts";
 
@@ -219,6 +219,24 @@ function fusedScanBackward(
   // at most MAX_STEPS / 2 steps, so no invocation loops 65535 times.
   const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
   const S = dBC.shape[2]; // row stride of dBC and its gradient (R + 2N, or more with padding)
+  // The parameter gradients (summed over the batch in the last segment's sums dispatch, from gpar (B, ED,
+  // 2N + 2 + Ri) at the end of gred).
+  const gbias = Tensor.empty([ED]);
+  const gD = Tensor.empty([ED]);
+  const gAlog = Tensor.empty([ED, N]);
+  const gW = Ri ? Tensor.empty([ED, Ri]) : null;
+  // Without dW the kernel still binds a `gw`: a scratch word (writable bindings must not alias).
+  const gwOut = gW ?? Tensor.empty([1]);
+  const sumBufs = {
+    part: gred.storage,
+    gdbc: gdBC.storage,
+    gpar: gred.storage,
+    alog: A_log.storage,
+    gbias: gbias.storage,
+    gd: gD.storage,
+    galog: gAlog.storage,
+    gw: gwOut.storage,
+  };
   for (let c1 = u.chunks; c1 > 0; c1 -= segChunks) {
     const c0 = Math.max(0, c1 - segChunks);
     const segStart = c0 * v.Lc;
@@ -243,23 +261,32 @@ function fusedScanBackward(
       // state blocks one after another: each adds its share of dx, ddelta, dz, dbias, dD
       for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0, Ri), bufs, uni, B * u.tiles);
     }
-    // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]
+    // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]; the last segment (c0 = 0) also
+    // sums the parameter gradients
     const V = PW % 4 === 0 && (2 * N) % 4 === 0 ? 4 : 1;
     const n = B * segLen;
-    const gu = { n, L, S, R: a.R, slots, segStart, segLen, Q: (2 * N) / V, PQ: PW / V };
-    dispatch(gatherKernel(V, Ri > 0), { part: gred.storage, gdbc: gdBC.storage }, gu, Math.ceil(n / 64));
+    const params = c0 === 0;
+    const [Q, PQ] = [(2 * N) / V, PW / V];
+    const su = {
+      n,
+      L,
+      S,
+      R: a.R,
+      slots,
+      segStart,
+      segLen,
+      Q,
+      PQ,
+      params: +params,
+      B,
+      ED,
+      N,
+      off: gbcSize,
+      Ri,
+    };
+    const invocations = sumsInvocations(n, params, ED, N, Ri);
+    dispatch(sumsKernel(V, Ri > 0), sumBufs, su, Math.ceil(invocations / 64));
   }
-  // Reductions over the batch: dbias, dD, dA_log, from gpar (B, ED, 2N + 2) at the end of gred.
-  const gbias = Tensor.empty([ED]);
-  const gD = Tensor.empty([ED]);
-  const gAlog = Tensor.empty([ED, N]);
-  const gW = Ri ? Tensor.empty([ED, Ri]) : null;
-  const pbufs = { gpar: gred.storage, alog: A_log.storage, gbias: gbias.storage, gd: gD.storage };
-  const pu = { B, ED, N, off: gbcSize, Ri };
-  // Without dW the kernel still binds a `gw`: a scratch word (writable bindings must not alias).
-  const gwOut = gW ?? Tensor.empty([1]);
-  const pout = { galog: gAlog.storage, gw: gwOut.storage };
-  dispatch(paramsKernel, { ...pbufs, ...pout }, pu, Math.ceil((ED * (N + 2 + Ri)) / 64));
   if (!gW) gwOut.dispose();
   gred.dispose();
   if (!z) gz.dispose();

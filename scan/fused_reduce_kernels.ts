@@ -2,9 +2,9 @@
  * The second passes of the fused backward's sums (WGSL has no float atomics, so the backward kernel writes
  * partial sums and these reduce them).
  *
- * `fused_scan_bwd_gather`: the dB/dC (and dt) partial rows summed over the channel tiles, into the gradient
- * of the x_proj output. `fused_scan_bwd_params`: the parameter gradients summed over the batch, from the
- * per-(b, d) rows the backward kernel left in `gpar`. Neither uses workgroup memory.
+ * `fused_scan_bwd_sums`: the dB/dC (and dt) partial rows summed over the channel tiles, into the gradient
+ * of the x_proj output, and in the last dispatch also the parameter gradients summed over the batch, from the
+ * per-(b, d) rows the backward kernel left in `gpar`. No workgroup memory.
  * @module
  */
 
@@ -12,28 +12,46 @@ import { defineKernel, type Kernel } from "../core/kernel.ts";
 import { cachedKernel } from "./fused_wgsl.ts";
 
 /**
- * `fused_scan_bwd_gather`: sums a segment's partial rows (B, segLen, slots, PW) over their slots and writes
- * them into the gradient of the x_proj output (B, L, R + 2N): the 2N B and C columns at R.., and the R dt
- * columns (kept after B and C in a partial row when dt_proj runs inside the kernels) at 0..R, or zeros there
- * (the scan does not differentiate them). One invocation per row (b, t) of the segment (few, long
- * invocations: workgroups cost more than loops on CPU adapters); it reads the partials V at a time (V = 4:
- * as vec4, when the row width is a multiple of 4; 1.1-2x faster on lavapipe than scalar loads).
+ * `fused_scan_bwd_sums`: one dispatch per time segment. Invocations 0..n-1 each sum one row (b, t) of the
+ * segment's partial rows (B, segLen, slots, PW) over their slots into the gradient of the x_proj output (B, L,
+ * R + 2N): the 2N B and C columns at R.., and the R dt columns (kept after B and C in a partial row when dt_proj
+ * runs inside the kernels) at 0..R, or zeros there (the scan does not differentiate them). Few, long
+ * invocations: workgroups cost more than loops on CPU adapters. The partials are read V at a time (V = 4: as
+ * vec4, when the row width is a multiple of 4; 1.1-2x faster on lavapipe than scalar loads).
+ *
+ * In the last segment's dispatch (`P.params` = 1; the backward walks time in reverse, so that is the segment
+ * starting at t = 0, after every backward dispatch), invocations n .. n + ED (N + 2 + Ri) - 1 also sum the
+ * parameter gradients over the batch, one per (d, column), from `gpar` (B, ED, [dbias | dD | dA (N) | lam carry
+ * (N) | dW (Ri)], at element `off` of the same buffer as the partials) and write dbias (ED), dD (ED), dA_log
+ * (ED, N) = dA * A with A = -exp(A_log), or dt_proj's weight gradient dW (ED, Ri): no dispatch of their own.
  */
-export function gatherKernel(V: 1 | 4, dt: boolean): Kernel {
-  return cachedKernel(`gather|${V}|${dt}`, () => generateGather(V, dt));
+export function sumsKernel(V: 1 | 4, dt: boolean): Kernel {
+  return cachedKernel(`sums|${V}|${dt}`, () => generateSums(V, dt));
 }
 
-function generateGather(V: 1 | 4, dt: boolean): Kernel {
+/** Invocations of a `fused_scan_bwd_sums` dispatch: the segment's rows, and with the parameters their columns. */
+export function sumsInvocations(rows: number, params: boolean, ED: number, N: number, Ri: number): number {
+  return rows + (params ? ED * (N + 2 + Ri) : 0);
+}
+
+function generateSums(V: 1 | 4, dt: boolean): Kernel {
   const F = V === 4 ? "vec4<f32>" : "f32";
   const comp = (j: number) => (V === 4 ? `acc.${"xyzw"[j]}` : "acc");
   const sumSlots = (col: string) =>
     `var acc = ${F}(0.0);
     for (var s = 0u; s < P.slots; s = s + 1u) { acc = acc + ld_part(base + s * P.PQ + ${col}); }`;
   return defineKernel({
-    name: `fused_scan_bwd_gather${V === 4 ? "_v4" : ""}${dt ? "_dt" : ""}`,
+    name: `fused_scan_bwd_sums${V === 4 ? "_v4" : ""}${dt ? "_dt" : ""}`,
     buffers: [
       { name: "part", type: F, access: "read" },
       { name: "gdbc", type: "f32", access: "read_write" },
+      // the parameters' buffers (the same buffer as `part`, as floats, for gpar)
+      { name: "gpar", type: "f32", access: "read" },
+      { name: "alog", type: "f32", access: "read" },
+      { name: "gbias", type: "f32", access: "read_write" },
+      { name: "gd", type: "f32", access: "read_write" },
+      { name: "galog", type: "f32", access: "read_write" },
+      { name: "gw", type: "f32", access: "read_write" },
     ],
     uniforms: [
       ["n", "u32"],
@@ -45,10 +63,16 @@ function generateGather(V: 1 | 4, dt: boolean): Kernel {
       ["segLen", "u32"],
       ["Q", "u32"], // groups of V columns of B and C: 2N / V
       ["PQ", "u32"], // groups of V columns per partial row: PW / V
+      ["params", "u32"], // 1: this dispatch also sums the parameter gradients
+      ["B", "u32"],
+      ["ED", "u32"],
+      ["N", "u32"],
+      ["off", "u32"], // gpar's first element
+      ["Ri", "u32"],
     ],
     workgroupSize: 64,
-    body: `
-  if (gid >= P.n) { return; }
+    decls: `
+fn gather_row(gid: u32) {
   let b = gid / P.segLen; // invocation -> row (b, t) of the segment
   let t = P.segStart + gid % P.segLen;
   let out = (b * P.L + t) * P.S;
@@ -68,32 +92,13 @@ function generateGather(V: 1 | 4, dt: boolean): Kernel {
     ${sumSlots("q")}
     ${Array.from({ length: V }, (_, j) => `st_gdbc(out + P.R + ${V}u * q + ${j}u, ${comp(j)});`).join(" ")}
   }
-  for (var c = P.R + P.Q * ${V}u; c < P.S; c = c + 1u) { st_gdbc(out + c, 0.0); } // padding columns`,
-  });
+  for (var c = P.R + P.Q * ${V}u; c < P.S; c = c + 1u) { st_gdbc(out + c, 0.0); } // padding columns
 }
 
-/**
- * `fused_scan_bwd_params`: the parameter gradients out of `gpar` (B, ED, [dbias | dD | dA (N) | lam carry (N) |
- * dW (Ri)], at element `off` of its buffer): one invocation per (d, column) sums the batch and writes dbias
- * (ED), dD (ED), dA_log (ED, N) = dA * A with A = -exp(A_log), or dt_proj's weight gradient dW (ED, Ri).
- */
-export const paramsKernel: Kernel = defineKernel({
-  name: "fused_scan_bwd_params",
-  buffers: [
-    { name: "gpar", type: "f32", access: "read" },
-    { name: "alog", type: "f32", access: "read" },
-    { name: "gbias", type: "f32", access: "read_write" },
-    { name: "gd", type: "f32", access: "read_write" },
-    { name: "galog", type: "f32", access: "read_write" },
-    { name: "gw", type: "f32", access: "read_write" },
-  ],
-  uniforms: [["B", "u32"], ["ED", "u32"], ["N", "u32"], ["off", "u32"], ["Ri", "u32"]],
-  workgroupSize: 64,
-  body: `
-  let W = P.N + 2u + P.Ri; // the columns of gpar this kernel reads (the lam carry is left out)
-  if (gid >= P.ED * W) { return; }
-  let d = gid / W;
-  let c = gid % W;
+fn sum_params(pid: u32) {
+  let W = P.N + 2u + P.Ri; // the columns of gpar read here (the lam carry is left out)
+  let d = pid / W;
+  let c = pid % W;
   let col = select(c, c + P.N, c >= P.N + 2u); // dW sits after the lam carry
   var acc = 0.0;
   for (var b = 0u; b < P.B; b = b + 1u) {
@@ -108,5 +113,13 @@ export const paramsKernel: Kernel = defineKernel({
     st_galog(i, -acc * exp(ld_alog(i))); // dA/dA_log = A = -exp(A_log)
   } else {
     st_gw(d * P.Ri + c - P.N - 2u, acc);
+  }
+}`,
+    body: `
+  if (gid < P.n) {
+    gather_row(gid);
+  } else if (P.params != 0u && gid - P.n < P.ED * (P.N + 2u + P.Ri)) {
+    sum_params(gid - P.n);
   }`,
-});
+  });
+}
