@@ -16,7 +16,9 @@
  *   of its own chunk it sums gpre * window into partials (B * chunks, C, K + 1) = [dw, dbias], which a
  *   reduction over the chunks follows (no float atomics).
  * - `conv_bwd_w`: the same without gx (x needs no gradient), over the steps of its own chunk only.
- * No workgroup memory; loops run at most T + K - 1 times.
+ * - `conv_bwd_params`: sums the partials over their rows, in slices of at most MAX_ROWS rows per dispatch.
+ * No workgroup memory; loops run at most T + K - 1 (or MAX_ROWS) times: software adapters silently stop
+ * loops past 65535 iterations.
  * @module
  */
 
@@ -29,6 +31,8 @@ import { Tensor } from "../tensor.ts";
 export type ConvActivation = "none" | "silu";
 
 const WG = 64;
+/** Rows of partials one `conv_bwd_params` dispatch sums (its loop's trip count). */
+const MAX_ROWS = 16384;
 
 /**
  * Time steps per invocation. Long chunks amortise the per-invocation work (weights, bias, the K-1 inputs
@@ -229,7 +233,8 @@ function layout(x: Tensor, { C, start, hasBias }: ConvAttrs, kind: "fwd" | "bwd"
 /**
  * `conv_bwd_params`: the weight and bias gradients out of the backward's partials (rows, C, K + 1): one
  * invocation per (channel, tap or bias) sums the rows (neighbouring invocations read neighbouring partials)
- * and writes gw (C, K) or gbias (C) directly, instead of a reduction and two copies.
+ * and writes gw (C, K) or gbias (C) directly, instead of a reduction and two copies. One dispatch sums rows
+ * r0 .. r1; dispatches after the first (r0 > 0) add to what the earlier ones wrote.
  */
 const paramsKernel = defineKernel({
   name: "conv_bwd_params",
@@ -238,15 +243,17 @@ const paramsKernel = defineKernel({
     { name: "gw", type: "f32", access: "read_write" },
     { name: "gb", type: "f32", access: "read_write" },
   ],
-  uniforms: [["rows", "u32"], ["C", "u32"], ["K", "u32"], ["hasBias", "u32"]],
+  uniforms: [["r0", "u32"], ["r1", "u32"], ["C", "u32"], ["K", "u32"], ["hasBias", "u32"]],
   workgroupSize: WG,
   body: `
   let W = P.K + 1u;
   if (gid >= P.C * W) { return; }
-  var acc = 0.0;
-  for (var r = 0u; r < P.rows; r = r + 1u) { acc = acc + ld_part(r * P.C * W + gid); }
   let c = gid / W;
   let k = gid % W;
+  let more = P.r0 > 0u;
+  var acc = 0.0;
+  if (k < P.K) { acc = select(0.0, ld_gw(c * P.K + k), more); } else if (P.hasBias != 0u) { acc = select(0.0, ld_gb(c), more); }
+  for (var r = P.r0; r < P.r1; r = r + 1u) { acc = acc + ld_part(r * P.C * W + gid); }
   if (k < P.K) { st_gw(c * P.K + k, acc); } else if (P.hasBias != 0u) { st_gb(c, acc); }`,
 });
 
@@ -275,11 +282,13 @@ const convOp = defineOp<ConvAttrs>({
     dispatch(kernel(kind, K, act, V, T), gx ? { ...bufs, y: gx.storage } : bufs, gu, groups);
     const gw = Tensor.empty(w.shape);
     const gb = a.hasBias ? Tensor.empty([C]) : null;
-    const pu = { rows: B * chunks, C, K, hasBias: a.hasBias ? 1 : 0 };
     // Without a bias the kernel still binds `gb`: a scratch word (writable bindings must not alias).
     const gbOut = gb ?? Tensor.empty([1]);
     const pbufs = { part: part.storage, gw: gw.storage, gb: gbOut.storage };
-    dispatch(paramsKernel, pbufs, pu, Math.ceil((C * (K + 1)) / WG));
+    for (let r0 = 0; r0 < B * chunks; r0 += MAX_ROWS) {
+      const pu = { r0, r1: Math.min(B * chunks, r0 + MAX_ROWS), C, K, hasBias: a.hasBias ? 1 : 0 };
+      dispatch(paramsKernel, pbufs, pu, Math.ceil((C * (K + 1)) / WG));
+    }
     if (!gb) gbOut.dispose();
     part.dispose();
     if (target || !gx) return [null, gw, gb];
