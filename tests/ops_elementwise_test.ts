@@ -196,6 +196,21 @@ Deno.test("pow: integer powers of negative bases, fractional powers give NaN, sc
     },
     { what: "pow(2, x)", inputs: [x], gpu: ([a]) => M.pow(2, a), ref: ([a]) => map1(a, (v) => 2 ** v) },
     {
+      // PyTorch's values: 0 ** 0 = 1, 0 ** -1 = inf; no gradient through b = 0, nor to b where a = 0, b >= 0.
+      what: "pow at base 0 and exponent 0, as PyTorch",
+      inputs: [nd([0, 0, 0, 0, 2, -2, 3], [7]), nd([0, 1, 2, -1, 0, 3, 0.5], [7])],
+      gpu: ([a, b]) => M.pow(a, b),
+      ref: () => nd([1, 0, 0, Infinity, 1, -8, Math.sqrt(3)], [7]),
+      refGrad: ([a, b], G) => [
+        map2(mapN([a, b], (u, v) => (v === 0 ? 0 : v * u ** (v - 1))), G, (p, g) => p * g),
+        map2(
+          mapN([a, b], (u, v) => (u === 0 && v >= 0 ? 0 : u < 0 ? NaN : u ** v * Math.log(u))),
+          G,
+          (p, g) => p * g,
+        ),
+      ],
+    },
+    {
       what: "pow(x, 0.5) is NaN for negative x",
       inputs: [x],
       gpu: ([a]) => M.pow(a, 0.5),

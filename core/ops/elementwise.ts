@@ -115,7 +115,13 @@ const BINARY = {
   sub: { expr: "a - b", ga: "", gb: "", ints: true },
   mul: { expr: "a * b", ga: "c * b", gb: "c * a", ints: true },
   div: { expr: "a / b", ga: "c / b", gb: "-c * a / (b * b)" },
-  pow: { expr: "pow_(a, b)", ga: "c * b * pow_(a, b - 1.0)", gb: "c * pow_(a, b) * log(a)" },
+  // As PyTorch: no gradient through a zero exponent, and none to the exponent where a = 0 and b >= 0
+  // (0 * log(0) would be NaN).
+  pow: {
+    expr: "pow_(a, b)",
+    ga: "select(c * b * pow_(a, b - 1.0), 0.0, b == 0.0)",
+    gb: "select(c * pow_(a, b) * log(a), 0.0, a == 0.0 && b >= 0.0)",
+  },
   maximum: {
     expr: "max(a, b)",
     ga: "c * select(select(0.0, 0.5, a == b), 1.0, a > b)",
@@ -195,7 +201,8 @@ export const sub = (a: Operand, b: Operand): Tensor => binary("sub", a, b);
 export const mul = (a: Operand, b: Operand): Tensor => binary("mul", a, b);
 /** `a / b` with broadcasting. */
 export const div = (a: Operand, b: Operand): Tensor => binary("div", a, b);
-/** `a ** b` with broadcasting (integer powers of negative numbers are defined). */
+/** `a ** b` with broadcasting, with PyTorch's values where WGSL leaves pow undefined: integer powers of negative
+ * numbers, 0 ** 0 = 1, 0 ** p = inf for p < 0 (and its gradients: none through b = 0, none to b at a = 0). */
 export const pow = (a: Operand, b: Operand): Tensor => binary("pow", a, b);
 /** Elementwise maximum (ties share the gradient equally). */
 export const maximum = (a: Operand, b: Operand): Tensor => binary("maximum", a, b);

@@ -38,10 +38,14 @@ fn log1p_(u: f32) -> f32 {
 fn sigmoid_(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
 fn softplus_(x: f32) -> f32 { return max(x, 0.0) + log1p_(exp(-abs(x))); }
 fn pow_(x: f32, p: f32) -> f32 {
-  // WGSL pow is undefined for x < 0; integer powers of negative numbers follow PyTorch.
-  if (x >= 0.0) { return pow(x, p); }
-  // NaN from a variable: Chrome's WGSL compiler rejects a constant expression that evaluates to NaN.
+  // WGSL pow is undefined for x < 0 and for x = 0 with p <= 0; PyTorch's values there: x ** 0 = 1,
+  // 0 ** p = 0 (p > 0) or inf (p < 0), integer powers of negative numbers, NaN for fractional ones.
+  if (p == 0.0) { return 1.0; }
+  if (x > 0.0) { return pow(x, p); }
+  // NaN and inf from a variable: Chrome's WGSL compiler rejects constant expressions that evaluate to them.
   var nan = 0x7fc00000u;
+  var inf = 0x7f800000u;
+  if (x == 0.0) { return select(0.0, bitcast<f32>(inf), p < 0.0); }
   if (fract(p) != 0.0) { return bitcast<f32>(nan); }
   let m = pow(-x, p);
   return select(m, -m, fract(p * 0.5) != 0.0);
