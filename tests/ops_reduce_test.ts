@@ -102,6 +102,35 @@ Deno.test("max: tied maxima share the gradient equally", async () => {
   }]);
 });
 
+Deno.test("max and logsumexp with infinite entries give PyTorch's values (not -FLT_MAX, not NaN)", async () => {
+  const I = Infinity;
+  const x = nd([-I, -I, -I, I, 0, 1, -I, 2, 1], [3, 3]);
+  const lse = [-I, I, Math.log(Math.exp(2) + Math.exp(1))];
+  const gk = (G: Nd) => ({ data: G.data, shape: [3, 1] });
+  await checkOps([
+    {
+      what: "max of rows with -inf and +inf (a row of -inf shares its gradient)",
+      inputs: [x],
+      gpu: ([t]) => M.max(t, 1),
+      ref: () => nd([-I, I, 2], [3]),
+      refGrad: (
+        [t],
+        G,
+      ) => [map2(nd([1 / 3, 1 / 3, 1 / 3, 1, 0, 0, 0, 1, 0], [3, 3]), gk(G), (a, g) => a * g)],
+    },
+    {
+      // the gradient exp(x - lse) is NaN where both are infinite, as in PyTorch
+      what: "logsumexp of rows with -inf and +inf",
+      inputs: [x],
+      gpu: ([t]) => M.logsumexp(t, 1),
+      ref: () => nd(lse, [3]),
+      refGrad: ([t], G) => [
+        map2(map2(t, nd(lse, [3, 1]), (v, l) => Math.exp(v - l)), gk(G), (a, g) => a * g),
+      ],
+    },
+  ]);
+});
+
 /** Analytic float64 gradient of `sum(reduce(x) * G)` for one axis: the references for long axes. */
 function reduceGradRef(kind: Kind | "logsumexp", x: Nd, axis: number | number[], G: Nd): Nd {
   const axes = typeof axis === "number" ? [axis] : axis;

@@ -27,7 +27,8 @@ const TARGET_INVOCATIONS = 4096;
 const WG = 64;
 
 function reduceKernel(kind: "sum" | "max"): Kernel {
-  const init = kind === "sum" ? "0.0" : "-3.4028234663852886e38";
+  // max starts at -inf (a row of -inf has maximum -inf), from a variable: WGSL rejects infinite constants.
+  const init = kind === "sum" ? "0.0" : "bitcast<f32>(ninf)";
   const step = kind === "sum" ? "acc = acc + v;" : "acc = max(acc, v);";
   return defineKernel({
     name: `reduce_${kind}`,
@@ -43,6 +44,7 @@ function reduceKernel(kind: "sum" | "max"): Kernel {
   let o = ok / P.chunks;
   let start = k * P.chunk;
   let end = min(P.r, start + P.chunk);
+  var ninf = 0xff800000u;
   var acc: f32 = ${init};
   var at = (o * P.r + start) * P.inner + i;
   for (var t = start; t < end; t = t + 1u) {
@@ -181,7 +183,7 @@ export function sum(x: Tensor, axis?: number | number[], keepdim = false): Tenso
   return sumOp([x], { axes: axesOf(x, axis, "sum"), keepdim });
 }
 
-/** Maximum over `axis` (or all axes); ties share the gradient. */
+/** Maximum over `axis` (or all axes; -inf over a row of -inf); ties share the gradient. */
 export function max(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
   return maxOp([x], { axes: axesOf(x, axis, "max"), keepdim });
 }
@@ -211,11 +213,17 @@ export function mean(x: Tensor, axis?: number | number[], keepdim = false): Tens
   return meanOp([x], { axes: axesOf(x, axis, "mean"), keepdim });
 }
 
+/** WGSL of the shift m = max(x) with infinities replaced by 0 (b: the max), as PyTorch's logsumexp: a row
+ * whose max is +inf sums to inf and one of -inf to 0 (log: -inf) instead of exp(inf - inf) = NaN. */
+const SHIFT = "select(b, 0.0, abs(b) > 3.4028234663852886e38)";
+
 const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
   name: "logsumexp",
   forward: ([x], { axis, keepdim }, save) => {
-    // lse = log(sum(exp(x - m))) + m with m = max(x): exp never overflows.
-    const m = reduceAxes(x, [axis], "max");
+    // lse = log(sum(exp(x - m))) + m with m = max(x) (0 if infinite): exp never overflows.
+    const mx = reduceAxes(x, [axis], "max");
+    const m = mapOp(SHIFT.replaceAll("b", "a"), [mx], mx.shape);
+    mx.dispose();
     const e = mapOp("exp(a - b)", [x, m], x.shape);
     const s = reduceAxes(e, [axis], "sum");
     const logs = mapOp("log(a)", [s], s.shape);
@@ -236,7 +244,8 @@ const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
   },
 });
 
-/** `log(sum(exp(x), axis))`, shifted by the maximum so that it never overflows. */
+/** `log(sum(exp(x), axis))`, shifted by the maximum so that it never overflows (a row with +inf gives inf, one of
+ * -inf gives -inf, as PyTorch). */
 export function logsumexp(x: Tensor, axis: number, keepdim = false): Tensor {
   return logsumexpOp([x], { axis: normAxis(axis, x.rank, "logsumexp"), keepdim });
 }
