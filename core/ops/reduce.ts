@@ -213,16 +213,16 @@ export function mean(x: Tensor, axis?: number | number[], keepdim = false): Tens
   return meanOp([x], { axes: axesOf(x, axis, "mean"), keepdim });
 }
 
-/** WGSL of the shift m = max(x) with infinities replaced by 0 (b: the max), as PyTorch's logsumexp: a row
- * whose max is +inf sums to inf and one of -inf to 0 (log: -inf) instead of exp(inf - inf) = NaN. */
-const SHIFT = "select(b, 0.0, abs(b) > 3.4028234663852886e38)";
+/** WGSL of the shift m = max(x) with infinities replaced by 0 (the max in operand `a`), as PyTorch's
+ * logsumexp: a row whose max is +inf sums to inf and one of -inf to 0 (log: -inf), not exp(inf - inf) = NaN. */
+const SHIFT = "select(a, 0.0, abs(a) > 3.4028234663852886e38)";
 
 const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
   name: "logsumexp",
   forward: ([x], { axis, keepdim }, save) => {
     // lse = log(sum(exp(x - m))) + m with m = max(x) (0 if infinite): exp never overflows.
     const mx = reduceAxes(x, [axis], "max");
-    const m = mapOp(SHIFT.replaceAll("b", "a"), [mx], mx.shape);
+    const m = mapOp(SHIFT, [mx], mx.shape);
     mx.dispose();
     const e = mapOp("exp(a - b)", [x, m], x.shape);
     const s = reduceAxes(e, [axis], "sum");
