@@ -63,6 +63,8 @@ export interface DeviceLimits {
   maxComputeWorkgroupStorageSize: number;
   /** Invocations per workgroup. */
   maxComputeInvocationsPerWorkgroup: number;
+  /** Workgroup size along x (kernels here are one-dimensional). */
+  maxComputeWorkgroupSizeX: number;
   /** Workgroups per dispatch dimension (65535). */
   maxComputeWorkgroupsPerDimension: number;
   /** Alignment of storage binding offsets in bytes (256). */
@@ -168,6 +170,7 @@ async function acquire(options: InitOptions): Promise<DeviceInfo> {
       maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
       maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
       maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
       maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
       minStorageBufferOffsetAlignment: l.minStorageBufferOffsetAlignment,
       minUniformBufferOffsetAlignment: l.minUniformBufferOffsetAlignment,

@@ -91,8 +91,9 @@ export function defineKernel(spec: KernelSpec): Kernel {
   return { spec, uniformOffsets, uniformBytes: Math.ceil(at / 16) * 16 };
 }
 
-/** Bytes one binding window covers: the device limit rounded down to the offset alignment. */
-function windowBytes(): number {
+/** Bytes one binding window covers: the device's largest storage binding rounded down to the offset
+ * alignment. A buffer larger than that is bound once per window. */
+export function windowBytes(): number {
   const l = deviceInfo().limits;
   return Math.floor(l.maxStorageBufferBindingSize / 256) * 256;
 }
@@ -252,6 +253,15 @@ export function dispatch(
     }
   });
   const windows = storages.map((s) => Math.max(1, Math.ceil(s.buffer.size / seg)));
+  const bindings = windows.reduce((a, w) => a + w, 0);
+  const maxBindings = deviceInfo().limits.maxStorageBuffersPerShaderStage;
+  if (bindings > maxBindings) {
+    const sizes = k.spec.buffers.map((b, i) => `${b.name} ${storages[i].buffer.size} B`).join(", ");
+    throw new Error(
+      `kernel ${k.spec.name}: needs ${bindings} storage bindings (${sizes}; a buffer over the ${seg}-byte ` +
+        `binding window takes one per window), the device allows ${maxBindings}`,
+    );
+  }
   const p = pipelineFor(k, windows);
   const u = reserveUniforms(k.uniformBytes);
   const put = (name: string, value: number | readonly number[]) => {

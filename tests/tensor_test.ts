@@ -280,6 +280,35 @@ Deno.test("dispatch: a writable binding that aliases another binding is a clear 
   u.dispose();
 });
 
+Deno.test("dispatch: more storage bindings than the device allows is a clear error naming the buffers", () => {
+  const k = defineKernel({
+    name: "binding_count_check",
+    buffers: [
+      { name: "a", type: "f32", access: "read" },
+      { name: "b", type: "f32", access: "read_write" },
+    ],
+    uniforms: [],
+    workgroupSize: 64,
+    body: "st_b(gid, ld_a(gid));",
+  });
+  const [t, u] = [M.zeros([4]), M.zeros([4])];
+  // a device that allows one storage buffer per stage (a buffer over the binding window takes one per window:
+  // the same count)
+  const limits = M.deviceInfo().limits;
+  const real = limits.maxStorageBuffersPerShaderStage;
+  limits.maxStorageBuffersPerShaderStage = 1;
+  try {
+    assert.throws(
+      () => dispatch(k, { a: t.storage, b: u.storage }, {}, 1),
+      /kernel binding_count_check: needs 2 storage bindings \(a 256 B, b 256 B; .*\), the device allows 1/,
+    );
+  } finally {
+    limits.maxStorageBuffersPerShaderStage = real;
+  }
+  t.dispose();
+  u.dispose();
+});
+
 Deno.test("dispatch: two kernels under one name with different sources are a clear error (pipelines are cached by name)", async () => {
   const spec = (body: string) => ({
     name: "name_check",
