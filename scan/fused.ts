@@ -26,7 +26,8 @@
 
 import { defineOp, type GradTargets, WindowGrad } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
-import { dispatch } from "../core/kernel.ts";
+import { dispatch, windowBytes } from "../core/kernel.ts";
+import type { Storage } from "../core/memory.ts";
 import { recordClear, recordCopy } from "../core/executor.ts";
 import { cat, copyBox } from "../core/ops/index.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
@@ -35,7 +36,7 @@ import { Tensor } from "../core/tensor.ts";
 import { backwardKernel } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel } from "./fused_reduce_kernels.ts";
-import { fusedVariant } from "./fused_variant.ts";
+import { type FusedVariant, fusedVariant } from "./fused_variant.ts";
 import { MAX_INLINE_DT_RANK, partialWidth } from "./fused_wgsl.ts";
 
 /** Steps one invocation walks per dispatch at most (loops stop at 65535 iterations on software adapters). */
@@ -67,15 +68,22 @@ export function setFusedPartialBudget(bytes: number | null): void {
 /** Workgroups wanted at least, so that small problems (batch 1, narrow models) still use every core. */
 const MIN_GROUPS = 4;
 
-function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null) {
+/**
+ * The variant each forward ran with, by the storage of its `ph`: the backward and `lastState` read the chunk
+ * states with the forward's chunk length even if the variant in use changed in between (a tuner run).
+ */
+const ranWith = new WeakMap<Storage, FusedVariant>();
+
+function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: FusedVariant) {
   const [B, L, ED] = x.shape;
-  const v = { ...fusedVariant(a.N) };
-  // Channels are the only parallelism: halve the workgroup until there are enough of them (shuffles and
-  // lanes per channel need whole subgroups: not below the subgroup size).
+  const v = { ...(ran ?? fusedVariant(a.N)) };
+  // Channels are the only parallelism: halve the workgroup until there are enough of them. Shuffles and
+  // lanes per channel need whole subgroups: the workgroup stays a multiple of the (largest) subgroup size.
   const sg = deviceInfo().subgroups;
-  const least = (v.shuffle || (v.lanes ?? 1) > 1) && sg ? Math.max(8, sg.maxSize) : 8;
+  const unit = (v.shuffle || (v.lanes ?? 1) > 1) && sg ? sg.maxSize : 1;
   const lanes = v.lanes ?? 1; // a workgroup holds WG / lanes channels
-  while (v.WG / 2 >= least && v.WG / 2 >= lanes && B * Math.ceil(ED / (v.WG / lanes)) < MIN_GROUPS) v.WG /= 2;
+  const fits = (WG: number) => WG >= 8 && WG % unit === 0 && WG >= lanes;
+  while (fits(v.WG / 2) && B * Math.ceil(ED / (v.WG / lanes)) < MIN_GROUPS) v.WG /= 2;
   return {
     B,
     L,
@@ -120,13 +128,14 @@ export function fusedScanForward(
   z: Tensor | null,
   a: FusedAttrs,
 ): { y: Tensor; ph: Tensor } {
-  const { B, L, ED, v, u } = sizes(x, dBC, a, z);
-  const y = Tensor.empty([B, L, ED]);
-  const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]);
-  recordCopy(par.storage.buffer, 0, ph.storage.buffer, 0, 4 * par.size);
-  const Nb = v.Nb ?? a.N;
   const Ri = a.dtInside ? a.R : 0;
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
+  const { B, L, ED, v, u } = sizes(x, dBC, a, z);
+  const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
+  const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
+  ranWith.set(ph.storage, fusedVariant(a.N));
+  recordCopy(par.storage.buffer, 0, ph.storage.buffer, 0, 4 * par.size);
+  const Nb = v.Nb ?? a.N;
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
@@ -139,8 +148,8 @@ export function fusedScanForward(
 
 /** The state after the last step, h[L-1]: (B, ED, N), read out of `ph` (the inference cache after a prompt). */
 export function lastState(ph: Tensor, B: number, ED: number, N: number, L: number): Tensor {
-  const chunks = Math.ceil(L / fusedVariant(N).Lc);
-  const h = Tensor.empty([B, ED, N]);
+  const chunks = Math.ceil(L / (ranWith.get(ph.storage) ?? fusedVariant(N)).Lc);
+  const h = Tensor.empty([B, ED, N]); // h: (B, ED, N)
   const hsOff = ph.size - B * ED * chunks * N;
   copyBox(ph, { offset: hsOff + (chunks - 1) * N, strides: [ED * chunks * N, chunks * N, 1] }, h, {
     offset: 0,
@@ -176,7 +185,7 @@ function fusedScanBackward(
   a: FusedAttrs,
   gzInto: Tensor | null = null,
 ): FusedGrads {
-  const { B, L, ED, v, u } = sizes(x, dBC, a, z);
+  const { B, L, ED, v, u } = sizes(x, dBC, a, z, ranWith.get(ph.storage));
   const N = a.N;
   // dB/dC partials: one row per tile, or per subgroup of a tile (how many depends on the subgroup size the
   // adapter picks at run time: rows it leaves unwritten must be zeros). They take `slots` times the
@@ -191,18 +200,20 @@ function fusedScanBackward(
   // partials of one time step, as the budget counts them (the few dt columns ride along, so that they do not
   // split time into more segments than the B and C columns alone would)
   const stepBytes = 4 * B * slots * 2 * N;
-  const budget = partialBudget ?? Math.max(4 << 20, 4 * x.size);
+  // ... and within one binding window, so that gred takes one binding (dispatch splits larger buffers)
+  const fit = windowBytes() - 4 * B * ED * GP;
+  const budget = Math.min(partialBudget ?? Math.max(4 << 20, 4 * x.size), Math.floor((fit * 2 * N) / PW));
   const segChunks = Math.max(1, Math.min(u.chunks, Math.floor(budget / stepBytes / v.Lc)));
   const segSteps = Math.min(L, segChunks * v.Lc);
   const gbcSize = B * segSteps * slots * PW;
-  const gx = Tensor.empty(x.shape);
+  const gx = Tensor.empty(x.shape); // gx: (B, L, ED)
   const Nb = v.Nb ?? N;
   // ddraw: with dt_proj inside, the kernels consume it themselves (dW and the dt columns); only state blocks
   // before the last leave their shares there, so one block needs no tensor (a scratch word is bound)
-  const gdraw = Tensor.empty(Ri && Nb === N ? [1] : x.shape);
+  const gdraw = Tensor.empty(Ri && Nb === N ? [1] : x.shape); // gdraw: (B, L, ED) or a scratch word
   // gz: written straight into `gzInto` (the whole gradient of a wide z, laid out as z) when autograd offers
   // it, else its own (B, L, ED)
-  const gz = gzInto ?? Tensor.empty(x.shape);
+  const gz = gzInto ?? Tensor.empty(z ? x.shape : [1]); // gz: (B, L, ED), z's window, or (ungated) scratch
   const gzLayout = gzInto ? { gzS: u.zS, gz0: u.z0 } : { gzS: ED, gz0: 0 };
   const gred = Tensor.empty([gbcSize + B * ED * GP]); // [partials of a segment | gpar]
   const gdBC = Tensor.empty(dBC.shape); // gdBC: (B, L, R + 2N), or wider (zeros past R + 2N)
@@ -331,7 +342,7 @@ const fusedOp = defineOp<FusedAttrs>({
   name: "fusedSelectiveScan",
   forward: (inputs, a, save) => {
     const [x, draw, dBC, bias, A_log, D, z] = inputs;
-    const par = cat([bias, A_log.reshape(-1), D], 0); // par: (ED + ED*N + ED)
+    const par = parameterRow([bias, A_log, D]); // par: (ED + ED*N + ED)
     const { y, ph } = fusedScanForward(x, draw, dBC, par, z ?? null, a);
     par.dispose();
     save(x, draw, dBC, A_log, ph, ...(z ? [z] : []));
@@ -411,11 +422,19 @@ function dtScanForward(
   const dt = a.dtInside ? null : dtColumns(dBC, a.R); // dt: (B, L, R)
   const draw = dt && matmulRaw(dt, W, { transB: true }); // draw: (B, L, ED)
   // par: (ED + ED*N + ED), and dt_proj's weight (ED*R) after it when it runs inside
-  const par = cat([bias, A_log.reshape(-1), D, ...(dt ? [] : [W.reshape(-1)])], 0);
+  const par = parameterRow([bias, A_log, D, ...(dt ? [] : [W])]);
   const { y, ph } = fusedScanForward(x, draw, dBC, par, z, a);
   par.dispose();
   draw?.dispose();
   return { y, ph, dt };
+}
+
+/** The parameters flattened and concatenated into one row (the flat views disposed). */
+function parameterRow(params: Tensor[]): Tensor {
+  const flat = params.map((p) => p.reshape(-1));
+  const row = cat(flat, 0);
+  for (const f of flat) f.dispose();
+  return row;
 }
 
 /** The R dt columns of dBC (..., R + 2N), copied: (..., R). */
@@ -445,7 +464,14 @@ function checkScanArgs(
   const bad = (msg: string) => {
     throw new Error(`${what}: ${msg}`);
   };
-  if (x.rank !== 3) bad(`x must be (B, L, ED), got ${fmt(x.shape)}`);
+  if (x.rank !== 3 || x.size === 0) bad(`x must be (B, L, ED) with B, L, ED >= 1, got ${fmt(x.shape)}`);
+  const named: [string, Tensor | null][] = [["x", x], ["dBC", dBC], ["bias", bias], ["A_log", A_log], [
+    "D",
+    D,
+  ]];
+  for (const [name, t] of [...named, ["z", z] as [string, Tensor | null]]) {
+    if (t && t.dtype !== "f32") bad(`${name} must be f32, got ${t.dtype} ${fmt(t.shape)}`);
+  }
   if (z && zStart === undefined && z.shape.join() !== x.shape.join()) {
     bad(`z ${fmt(z.shape)} must equal x ${fmt(x.shape)}`);
   }
@@ -469,7 +495,8 @@ function checkScanArgs(
       }), got ${fmt(dBC.shape)}`,
     );
   }
-  if (bias.shape.join() !== `${ED}` || D.shape.join() !== `${ED}`) bad(`bias and D must be (${ED})`);
+  if (bias.shape.join() !== `${ED}`) bad(`the dt bias must be (${ED}), got ${fmt(bias.shape)}`);
+  if (D.shape.join() !== `${ED}`) bad(`D must be (${ED}), got ${fmt(D.shape)}`);
   return { R, N };
 }
 
@@ -491,8 +518,10 @@ export function fusedSelectiveScan(
   zStart?: number,
 ): Tensor {
   const { R, N } = checkScanArgs("fusedSelectiveScan", x, dBC, bias, A_log, D, z, zStart);
-  if (draw.shape.join() !== x.shape.join()) {
-    throw new Error(`fusedSelectiveScan: draw ${fmt(draw.shape)} must equal x ${fmt(x.shape)}`);
+  if (draw.shape.join() !== x.shape.join() || draw.dtype !== "f32") {
+    throw new Error(
+      `fusedSelectiveScan: draw ${draw.dtype} ${fmt(draw.shape)} must be f32 ${fmt(x.shape)} as x`,
+    );
   }
   const inputs = [x, draw, dBC, bias, A_log, D, ...(z ? [z] : [])];
   return fusedOp(inputs, { R, N, gated: z !== null, ...(zStart ? { zStart } : {}) });
@@ -554,8 +583,8 @@ function mambaScanAttrs(
   zStart: number | undefined,
 ): FusedAttrs {
   const ED = x.shape[2];
-  if (dtWeight.rank !== 2 || dtWeight.shape[0] !== ED) {
-    throw new Error(`${what}: dtWeight must be (${ED}, R), got ${fmt(dtWeight.shape)}`);
+  if (dtWeight.rank !== 2 || dtWeight.shape[0] !== ED || dtWeight.dtype !== "f32") {
+    throw new Error(`${what}: dtWeight must be f32 (${ED}, R), got ${dtWeight.dtype} ${fmt(dtWeight.shape)}`);
   }
   const { R, N } = checkScanArgs(what, x, dBC, dtBias, A_log, D, z, zStart, dtWeight.shape[1]);
   const dtInside = R >= 1 && R <= MAX_INLINE_DT_RANK;

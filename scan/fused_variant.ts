@@ -47,6 +47,15 @@ export interface FusedVariant {
   lanes?: number;
 }
 
+/** dt_proj inside the kernels up to this rank: draw = dBC[t, :R] . W[d, :] computed per step (R multiply-adds,
+ * the R dt values shared across lanes like B and C); larger R reads draw computed by a matmul. The backward's
+ * last state block keeps R more terms per step in workgroup memory: variants must leave room for them. */
+export const MAX_INLINE_DT_RANK = 8;
+
+/** Longest chunk: the backward walks a chunk up to four times per dispatch, and a dispatch walks at least one
+ * chunk, within the 65535 loop iterations of software adapters. */
+export const MAX_CHUNK = 8192;
+
 /** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16); each
  * step holds `cols` terms per channel (2 Nb, plus the dt terms in the last state block). */
 export function stepsPerBarrier(v: FusedVariant, cols = 2 * (v.Nb ?? v.N)): number {
@@ -112,19 +121,26 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
     const Nb = v.Nb ?? N;
     // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, at least one
     // step of dB/dC terms
-    const wgBytes = 4 * v.WG * Nb * ((v.reduce === "subgroup" ? 0 : 2) + (v.hbuf === "workgroup" ? Ls : 0));
+    // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, at least one
+    // step of dB/dC terms (2 Nb, and the dt terms of dt_proj inside the kernels)
+    const terms = v.reduce === "subgroup" ? 0 : 2 * Nb + MAX_INLINE_DT_RANK;
+    const wgBytes = 4 * v.WG * (terms + (v.hbuf === "workgroup" ? Ls * Nb : 0));
+    const { limits, subgroups } = deviceInfo();
     if (
-      wgBytes > deviceInfo().limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 ||
-      (v.Lc / Ls - 1) * Nb > 2048 || v.WG < 1 || v.Lc < 1 || Ls < 1 || v.Lc % Ls !== 0 ||
-      Nb < 1 || N % Nb !== 0 || (v.shuffle && v.WG % shuffleSize() !== 0) || !lanesFit(v, Nb)
+      wgBytes > limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 || (v.Lc / Ls - 1) * Nb > 2048 ||
+      !Number.isInteger(v.WG) || v.WG < 1 || v.WG > limits.maxComputeInvocationsPerWorkgroup ||
+      v.WG > limits.maxComputeWorkgroupSizeX || !Number.isInteger(v.Lc) || v.Lc < 1 || v.Lc > MAX_CHUNK ||
+      !Number.isInteger(Ls) || Ls < 1 || v.Lc % Ls !== 0 || !Number.isInteger(Nb) || Nb < 1 || N % Nb !== 0 ||
+      (v.reduce === "subgroup" && !subgroups) || (v.shuffle && v.WG % shuffleSize() !== 0) || !lanesFit(v, Nb)
     ) {
       throw new Error(
-        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${Nb}${
-          v.lanes ? `, lanes ${v.lanes}` : ""
-        } does not fit N = ${N} (Ls must divide Lc ` +
-          "and Nb divide N; Ls*Nb and (Lc/Ls - 1)*Nb at most 2048 floats; workgroup memory within the device " +
-          "limit; with shuffle, WG a multiple of the subgroup size; lanes a power of two dividing Nb, at most " +
-          "a fixed subgroup size, WG a multiple of it, subgroup sums, no shuffle)",
+        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${Nb}${v.lanes ? `, lanes ${v.lanes}` : ""}${
+          v.reduce ? `, reduce ${v.reduce}` : ""
+        } does not fit N = ${N} on this device (Ls must divide Lc, Lc at most ${MAX_CHUNK}, and Nb divide N; ` +
+          "Ls*Nb and (Lc/Ls - 1)*Nb at most 2048 floats; WG within the device's workgroup size; workgroup " +
+          `memory (${wgBytes} bytes) within the device limit (${limits.maxComputeWorkgroupStorageSize}); subgroup ` +
+          "sums need subgroups; with shuffle, WG a multiple of the subgroup size; lanes a power of two dividing " +
+          "Nb, at most a fixed subgroup size, WG a multiple of it, subgroup sums, no shuffle)",
       );
     }
     chosen.set(N, { N, ...v });

@@ -8,6 +8,7 @@
 
 import type { BufferDecl, Kernel } from "../core/kernel.ts";
 import { shuffleSize } from "./fused_variant.ts";
+export { MAX_INLINE_DT_RANK } from "./fused_variant.ts";
 
 const kernels = new Map<string, Kernel>();
 
@@ -37,10 +38,6 @@ export function blockColumn(N: number, Nb: number, c: string | number, n0 = 0, d
 export function partialWidth(N: number, dt: number): number {
   return 2 * N + (dt && (2 * N) % 4 === 0 ? 4 * Math.ceil(dt / 4) : dt);
 }
-
-/** dt_proj inside the kernels up to this rank: draw = dBC[t, :R] . W[d, :] computed per step (R multiply-adds,
- * the R dt values shared across lanes like B and C); larger R reads draw computed by a matmul. */
-export const MAX_INLINE_DT_RANK = 8;
 
 /**
  * WGSL defining `dr`, the raw delta of channel dc at step t (row index `i`): read from draw, or with Ri > 0

@@ -11,8 +11,9 @@ import { linearScan, type ScanMode } from "./linear_scan.ts";
 
 /**
  * y[t] = C[t] . h[t] + D * x[t] with h[t] = exp(delta[t] A) h[t-1] + delta[t] B[t] x[t].
- * x, delta: (B, L, ED); A: (ED, N); Bm, C: (B, L, N); D: (ED). Returns y: (B, L, ED), and the final
- * state h[L-1]: (B, ED, N) when `returnState`.
+ * x, delta: (B, L, ED); A: (ED, N); Bm, C: (B, L, N); D: (ED). Returns y: (B, L, ED) and every state hs:
+ * (B, L, ED, N) (hs[:, L-1] is the inference cache after a prompt). `mode` picks the scan of h (see
+ * {@linkcode linearScan}): "sequential" or "pscan".
  */
 export function selectiveScan(
   x: Tensor,

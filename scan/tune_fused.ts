@@ -19,7 +19,12 @@ import { dropStaleTuneKeys, registerTuner } from "../core/tune.ts";
 import { mul, sum } from "../core/ops/index.ts";
 import { dispose, tidy } from "../core/tensor.ts";
 import { fusedSelectiveScan } from "./fused.ts";
-import { defaultFusedVariant, type FusedVariant, setFusedVariant } from "./fused_variant.ts";
+import {
+  defaultFusedVariant,
+  type FusedVariant,
+  MAX_INLINE_DT_RANK,
+  setFusedVariant,
+} from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
 export const FUSED_KERNEL_VERSION = 17;
@@ -61,9 +66,11 @@ export function fusedCandidates(N: number): FusedVariant[] {
   for (const WG of [8, 32, 64]) {
     const priv: FusedVariant = { N, ...chunks, ...blocks, WG, hbuf: "private" };
     if (!has(priv)) list.push(priv);
-    // States in workgroup memory: as long a chunk as fits, one level.
-    const Lc = Math.max(4, Math.min(32, Math.floor(limit / (4 * WG * Nb)) - 2));
-    if (4 * WG * Nb * (2 + Lc) <= limit) list.push({ N, ...blocks, WG, Lc, hbuf: "workgroup" });
+    // States in workgroup memory: as long a chunk as fits, one level, with room for one step of dB/dC and
+    // dt terms (2 Nb + MAX_INLINE_DT_RANK per channel).
+    const terms = 2 * Nb + MAX_INLINE_DT_RANK;
+    const Lc = Math.max(4, Math.min(32, Math.floor((limit / (4 * WG) - terms) / Nb)));
+    if (4 * WG * (terms + Nb * Lc) <= limit) list.push({ N, ...blocks, WG, Lc, hbuf: "workgroup" });
   }
   // Subgroup sums need no workgroup memory and no barriers: the states stay private (or, below, in workgroup
   // memory).
@@ -90,10 +97,10 @@ export function fusedCandidates(N: number): FusedVariant[] {
         const onChip: FusedVariant = { ...v, Lc: def.Lc, ...(Ls < def.Lc ? { Ls } : {}), hbuf: "workgroup" };
         list.push(onChip);
         // ... and with lanes per channel (more invocations at small batch): GPUs only, a CPU
-        // adapter has no idle lanes to fill
-        if (shuffle || deviceInfo().isFallbackAdapter || WG % sg.maxSize !== 0) continue;
+        // adapter has no idle lanes to fill; lanes sum by shuffles within a subgroup of one fixed size
+        if (shuffle || deviceInfo().isFallbackAdapter || fixed === null || WG % fixed !== 0) continue;
         for (const lanes of [2, 4, 8]) {
-          if (lanes <= sg.minSize && Nb % lanes === 0) list.push({ ...onChip, lanes });
+          if (lanes <= fixed && Nb % lanes === 0) list.push({ ...onChip, lanes });
         }
       }
     }
@@ -130,7 +137,7 @@ export async function tuneFusedScan(N: number, options: { force?: boolean } = {}
         setFusedVariant(N, r.variant);
         return { ...r, fromCache: true };
       }
-    } catch { /* no localStorage here: measure */ }
+    } catch { /* no localStorage here, or a cached variant that no longer fits: measure */ }
   }
   const [B, L, ED, R] = [4, 256, 128, 4];
   const r = (shape: number[], seed: number) => randn(shape, { seed, std: 0.5 }).requiresGrad_(true);

@@ -1,9 +1,10 @@
 import assert from "node:assert/strict";
-import { init } from "../core/device.ts";
+import { fixedSubgroupSize, init } from "../core/device.ts";
 import { full, randn } from "../core/creation.ts";
 import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
-import { fusedMambaScan, fusedSelectiveScan } from "../scan/fused.ts";
+import { memory } from "../core/memory.ts";
+import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan, lastState } from "../scan/fused.ts";
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
 import type { FusedVariant } from "../scan/fused_variant.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
@@ -190,6 +191,73 @@ Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096,
   }
 });
 
+Deno.test("fused scan: bad shapes and dtypes are errors that name them; forward-only calls leave nothing live", async () => {
+  await init();
+  const c = { B: 2, L: 5, ED: 6, N: 4, R: 2, gated: true };
+  const t = inputs(c, 13);
+  const call = (o: Partial<typeof t>) => {
+    const u = { ...t, ...o };
+    return () => fusedSelectiveScan(u.x, u.draw, u.dBC, u.bias, u.A_log, u.D, u.z);
+  };
+  const bad: [Partial<typeof t>, RegExp][] = [
+    [{ x: randn([5, 6]) }, /x must be \(B, L, ED\) with B, L, ED >= 1, got \[5, 6\]/],
+    [{ x: randn([2, 0, 6]) }, /x must be \(B, L, ED\) with B, L, ED >= 1, got \[2, 0, 6\]/],
+    [{ x: full([2, 5, 6], 1, { dtype: "i32" }) }, /x must be f32, got i32 \[2, 5, 6\]/],
+    [{ dBC: randn([2, 5, 7]) }, /dBC must be \(2, 5, R \+ 2\*4\), got \[2, 5, 7\]/],
+    [{ A_log: randn([5, 4]) }, /A_log must be \(6, N\), got \[5, 4\]/],
+    [{ bias: randn([5]) }, /the dt bias must be \(6\), got \[5\]/],
+    [{ D: randn([6, 1]) }, /D must be \(6\), got \[6, 1\]/],
+    [{ draw: randn([2, 5, 7]) }, /draw f32 \[2, 5, 7\] must be f32 \[2, 5, 6\] as x/],
+    [{ z: randn([2, 4, 6]) }, /z \[2, 4, 6\] must equal x \[2, 5, 6\]/],
+  ];
+  for (const [o, re] of bad) {
+    assert.throws(call(o), re);
+    for (const v of Object.values(o)) v.dispose();
+  }
+  assert.throws(
+    () => fusedMambaScan(t.x, t.dBC, randn([6, 2, 1]), t.bias, t.A_log, t.D, t.z),
+    /fusedMambaScan: dtWeight must be f32 \(6, R\), got f32 \[6, 2, 1\]/,
+  );
+  // the forward alone (a prompt's prefill) frees every temporary: only y, ph and the inputs stay live
+  const before = memory().liveTensors;
+  for (let i = 0; i < 3; i++) {
+    const { y, ph } = fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z);
+    y.dispose();
+    ph.dispose();
+  }
+  assert.equal(memory().liveTensors, before, "live tensors after three forwards, all outputs disposed");
+  for (const v of Object.values(t)) v.dispose();
+});
+
+Deno.test("lastState after a prompt of several chunks equals the sequential scan's, with the forward's chunk length", async () => {
+  await init();
+  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
+  const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
+  const t = inputs(c, 14);
+  assert.ok(c.L > 2 * fusedVariant(c.N).Lc, "the prompt spans several chunks");
+  const { y, ph } = fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z);
+  // the variant changes (a tuner run) between the forward and the read: hs keeps the forward's chunks
+  setFusedVariant(c.N, { WG: 8, Lc: 8 });
+  try {
+    const h = lastState(ph, c.B, c.ED, c.N, c.L); // h: (B, ED, N)
+    const want = tidy(() => {
+      const delta = softplus(add(matmul(narrow(t.dBC, 2, 0, c.R), t.W, { transB: true }), t.bias));
+      const A = neg(exp(t.A_log));
+      const Bm = narrow(t.dBC, 2, c.R, c.N);
+      const C = narrow(t.dBC, 2, c.R + c.N, c.N);
+      const { hs } = selectiveScan(t.x, delta, A, Bm, C, t.D, "sequential"); // hs: (B, L, ED, N)
+      return narrow(hs, 1, c.L - 1, 1).reshape(c.B, c.ED, c.N);
+    });
+    const [got, ref] = [await h.toArray(), await want.toArray()];
+    const d = maxAbsDiff(got, ref);
+    assert.ok(d <= 1e-4 * Math.max(1, maxAbs(ref)), `last state: max diff ${d.toExponential(2)}`);
+    for (const v of [h, want]) v.dispose();
+  } finally {
+    setFusedVariant(c.N, null);
+  }
+  for (const v of [y, ph, ...Object.values(t)]) v.dispose();
+});
+
 Deno.test("fused scan backward in time segments (dB/dC partials capped): results unchanged", async () => {
   const { setFusedPartialBudget } = await import("../scan/fused.ts");
   try {
@@ -259,6 +327,12 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
       // dt_proj inside the kernels: draw computed per step, dW and the dt columns' terms in the last block
       await compare({ B: 1, L: 21, ED: 12, N: 4, R: 1, gated: false, dtWeight: true }, 10);
     }
+    if (info.subgroups && fixedSubgroupSize() !== null) {
+      // Few channels at batch 1 halve the workgroup; with shuffles it must stay whole subgroups (3 SG lanes
+      // would become 1.5 SG: half a subgroup's B and C columns never loaded).
+      setFusedVariant(16, { WG: 3 * fixedSubgroupSize()!, Lc: 16, reduce: "subgroup", shuffle: true });
+      await compare({ B: 1, L: 37, ED: 40, N: 16, R: 2, gated: true }, 12);
+    }
     if (info.subgroups) {
       // An adapter whose subgroup size may vary leaves some partial rows unwritten: they start as zeros.
       const real = info.subgroups;
@@ -312,30 +386,61 @@ Deno.test("the backward's butterfly sums columns over any subgroup size (simulat
   }
 });
 
-Deno.test("the tuner's candidates are valid variants, here and on a GPU-like adapter (lanes per channel)", async () => {
+Deno.test("the tuner's candidates are valid variants, here, on a GPU-like adapter (lanes per channel) and where the subgroup size varies", async () => {
   const info = await init();
   const { fusedCandidates } = await import("../scan/tune_fused.ts");
   const { setFusedVariant } = await import("../scan/fused_variant.ts");
-  const fallback = info.isFallbackAdapter;
+  const { backwardKernel } = await import("../scan/fused_backward_kernel.ts");
+  const { fallback, subgroups } = { fallback: info.isFallbackAdapter, subgroups: info.subgroups };
+  const limit = info.limits.maxComputeWorkgroupStorageSize;
+  /** Bytes of the workgroup arrays a kernel declares. */
+  const wgBytes = (decls: string) =>
+    [...decls.matchAll(/var<workgroup> \w+: array<f32, (\d+)>/g)].reduce((a, m) => a + 4 * +m[1], 0);
   try {
-    for (const gpuLike of [false, true]) {
+    const adapters = [
+      { gpuLike: false, varying: false },
+      { gpuLike: true, varying: false },
+      ...(subgroups ? [{ gpuLike: true, varying: true }] : []),
+    ];
+    for (const { gpuLike, varying } of adapters) {
       info.isFallbackAdapter = gpuLike ? false : fallback;
+      // Intel's 8-32 and AMD's 32-64: lanes per channel and shuffles need one fixed size
+      if (varying) info.subgroups = { ...subgroups!, minSize: 8, maxSize: 32 };
       for (const N of [4, 16, 64]) {
         const list = fusedCandidates(N);
-        if (gpuLike && info.subgroups) {
+        if (gpuLike && !varying && subgroups) {
           assert.ok(list.some((v) => (v.lanes ?? 1) > 1), `N = ${N}: no lanes candidate`);
         }
-        for (const v of list) setFusedVariant(N, v); // throws on a variant that does not fit
+        if (varying) assert.ok(list.every((v) => !v.lanes && !v.shuffle), `N = ${N}: lanes or shuffle`);
+        for (const v of list) {
+          setFusedVariant(N, v); // throws on a variant that does not fit
+          // the backward's workgroup memory fits with dt_proj inside (its last block keeps the dt terms too)
+          const Nb = v.Nb ?? N;
+          for (const Ri of [0, 8]) {
+            const bytes = wgBytes(backwardKernel(v, N - Nb, Ri).spec.decls ?? "");
+            assert.ok(bytes <= limit, `N ${N} ${JSON.stringify(v)} dt rank ${Ri}: ${bytes} > ${limit} bytes`);
+          }
+        }
         setFusedVariant(N, null);
       }
+      info.subgroups = subgroups;
     }
     // a variant that does not fit is refused with what was wrong
     assert.throws(
       () => setFusedVariant(16, { WG: 32, Lc: 64, reduce: "subgroup", lanes: 3 }),
-      /setFusedVariant: WG 32, Lc 64, Ls 64, Nb 16, lanes 3 does not fit N = 16 .*lanes a power of two dividing Nb/,
+      /setFusedVariant: WG 32, Lc 64, Ls 64, Nb 16, lanes 3, reduce subgroup does not fit N = 16 .*lanes a power of two dividing Nb/,
+    );
+    // chunks longer than a dispatch's loop budget (the forward's dispatches would walk 0 steps: a hang)
+    assert.throws(() => setFusedVariant(1, { WG: 8, Lc: 20000, Ls: 2000 }), /Lc at most 8192/);
+    // a full workgroup memory leaves no room for the dt terms
+    const tight = Math.floor((limit / (4 * 32) - 32) / 16); // Lc filling the memory with 2 Nb terms only
+    assert.throws(
+      () => setFusedVariant(16, { WG: 32, Lc: tight, hbuf: "workgroup" }),
+      /workgroup memory \(\d+ bytes\) within the device limit/,
     );
   } finally {
     info.isFallbackAdapter = fallback;
+    info.subgroups = subgroups;
   }
 });
 
