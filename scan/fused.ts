@@ -117,7 +117,7 @@ function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: 
 }
 
 /**
- * Runs the forward kernel (no autograd): returns out (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
+ * Runs the forward kernel (no autograd): returns y (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
  * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null).
  */
 export function fusedScanForward(

@@ -27,8 +27,9 @@ export function butterflyRounds(C: number, SG: number): { W: number; rounds: { m
  * halves the columns a lane keeps and adds its partner's half, so lane (g, q) of channel group g ends with the
  * sums of columns g*W..g*W+W-1 of its set (W = C / (SG / lanes), the terms padded with zeros) and stores them:
  * C - W shuffles instead of C subgroupAdds and C stores from one lane (the backward 1.4x faster on lavapipe,
- * where each of those is a loop over the lanes). Only lane q = 0 stores dt columns. Where the size varies
- * (lanes 1 only): subgroupAdd, and lane 0 stores.
+ * where each of those is a loop over the lanes). Only lane q = 0 stores dt columns. Without SG (the size
+ * varies, or the variant neither shuffles nor splits lanes, so whole subgroups are not guaranteed; lanes 1
+ * only): subgroupAdd, and lane 0 stores.
  */
 export function subgroupSums(N: number, Nb: number, SG: number | null, n0 = 0, dt = 0, lanes = 1): string {
   const K = Nb / lanes;

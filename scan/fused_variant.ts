@@ -32,8 +32,9 @@ export interface FusedVariant {
   /** Steps whose dB/dC terms the backward gathers between two barriers (default: as many as fit). */
   S?: number;
   /** How the backward sums dB/dC over the channels of a workgroup: through workgroup memory between
-   * barriers (default; every adapter), or with subgroupAdd (no workgroup memory, no barriers; needs
-   * `deviceInfo().subgroups`). */
+   * barriers (every adapter), or with subgroup operations (no workgroup memory, no barriers; needs
+   * `deviceInfo().subgroups`; the default where it has them): a butterfly of shuffles where `shuffle` or
+   * `lanes` guarantee whole subgroups of one fixed size, else subgroupAdd. */
   reduce?: "workgroup" | "subgroup";
   /** Read each step's B and C row once per subgroup (lane j loads columns j, j + size, ...) and hand the
    * values to every lane with subgroupShuffle, instead of every lane loading all 2N (needs subgroups of

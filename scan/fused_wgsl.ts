@@ -153,7 +153,7 @@ export const UNIFORMS: [string, "u32"][] = [
   ["B", "u32"],
   ["L", "u32"],
   ["ED", "u32"],
-  ["S", "u32"], // row stride of dBC (R + 2N)
+  ["S", "u32"], // row stride of dBC (R + 2N, or wider: x_proj's output padded)
   ["R", "u32"],
   ["chunks", "u32"],
   ["tiles", "u32"],
