@@ -4,10 +4,15 @@
  * Kernel `sample_rows`: one workgroup of 64 invocations per row of logits (B, V). Greedy: argmax (first
  * index on ties, as torch.argmax). Sampling: Gumbel-max, argmax(x / T + g) with g = -log(-log(u)), which
  * draws exactly from softmax(x / T); u comes from a hash of (seed, step, row, v), so a seed reproduces a
- * run. Top-k and top-p: a bisection on the logit value finds the threshold of the k largest (24 rounds of
- * a workgroup count), or of the smallest set holding probability p (24 rounds of a workgroup sum of
- * exp((x - max) / T)); logits below it are skipped. Writes the token into `next` (B) and into column
- * `step` of `all` (B, T). Workgroup memory: 64 (value, index) pairs.
+ * run. Top-k keeps exactly k logits, as torch.topk: a bisection on an order-preserving u32 key of the f32
+ * logit (32 rounds of a workgroup count) finds the k-th largest value; everything above it is kept, and of
+ * the logits equal to it the lowest indices (each invocation counts the ties in its contiguous chunk of
+ * the row, invocation 0 turns the counts into prefix sums, and the invocation whose chunk holds the last
+ * tie to keep walks it to find the cut).
+ * Top-p: a bisection on the logit value (24 rounds of a workgroup sum of exp((x - max) / T) over the
+ * top-k set) finds the smallest set holding probability p; logits outside it are skipped (ties at its
+ * edge are all kept). Writes the token into `next` (B) and into column `step` of `all` (B, T).
+ * Workgroup memory: 64 (value, index) pairs, 64 counts, 64 partial sums.
  * @module
  */
 
@@ -39,18 +44,33 @@ var<workgroup> bestV: array<f32, ${WG}>;
 var<workgroup> bestI: array<u32, ${WG}>;
 var<workgroup> cnt: array<u32, ${WG}>;
 var<workgroup> fred: array<f32, ${WG}>;
+var<workgroup> cut: u32;
 fn hash(v: u32) -> u32 {
   // PCG-style integer hash: the same bits on every adapter.
   var s = v * 747796405u + 2891336453u;
   let w = ((s >> ((s >> 28u) + 4u)) ^ s) * 277803737u;
   return (w >> 22u) ^ w;
 }
-fn massAtLeast(base: u32, thr: f32, m: f32, lid: u32) -> f32 {
-  // sum of exp((x - m) / T) over the logits x >= thr (unnormalised probability mass)
+fn key(x: f32) -> u32 {
+  // Order-preserving: key(a) < key(b) exactly when a < b (-0 and +0 share a key).
+  if (x == 0.0) { return 0x80000000u; }
+  let b = bitcast<u32>(x);
+  return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}
+fn unkey(k: u32) -> f32 {
+  return bitcast<f32>(select(~k, k & 0x7fffffffu, (k & 0x80000000u) != 0u));
+}
+fn kept(x: f32, v: u32, kKey: u32, kIdx: u32) -> bool {
+  // In the top-k set: above the k-th largest value, or equal to it at an index below kIdx.
+  let k = key(x);
+  return k > kKey || (k == kKey && v < kIdx);
+}
+fn massAtLeast(base: u32, thr: f32, m: f32, kKey: u32, kIdx: u32, lid: u32) -> f32 {
+  // sum of exp((x - m) / T) over the top-k logits x >= thr (unnormalised probability mass)
   var c = 0.0;
   for (var v = lid; v < P.V; v += ${WG}u) {
     let x = ld_x(base + v);
-    if (x >= thr) { c += exp((x - m) * P.invTemp); }
+    if (x >= thr && kept(x, v, kKey, kIdx)) { c += exp((x - m) * P.invTemp); }
   }
   fred[lid] = c;
   workgroupBarrier();
@@ -62,9 +82,7 @@ fn massAtLeast(base: u32, thr: f32, m: f32, lid: u32) -> f32 {
   workgroupBarrier();
   return total;
 }
-fn countAtLeast(base: u32, thr: f32, lid: u32) -> u32 {
-  var c = 0u;
-  for (var v = lid; v < P.V; v += ${WG}u) { c += select(0u, 1u, ld_x(base + v) >= thr); }
+fn sumCounts(c: u32, lid: u32) -> u32 {
   cnt[lid] = c;
   workgroupBarrier();
   for (var s = ${WG / 2}u; s > 0u; s = s >> 1u) {
@@ -74,12 +92,18 @@ fn countAtLeast(base: u32, thr: f32, lid: u32) -> u32 {
   let total = cnt[0];
   workgroupBarrier();
   return total;
+}
+fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
+  var c = 0u;
+  for (var v = lid; v < P.V; v += ${WG}u) { c += select(0u, 1u, key(ld_x(base + v)) >= k); }
+  return sumCounts(c, lid);
 }`,
   body: `
   let row = group;
   let base = row * P.V;
-  // Thresholds on the logit value: top-k keeps the largest thr with count(x >= thr) >= k; top-p the largest
-  // thr whose kept mass is >= p of the total. Both by bisection between the row's min and max.
+  // top-k: kept(x, v, kKey, kIdx) (kKey 0, kIdx V: all); top-p: x >= thr
+  var kKey = 0u;
+  var kIdx = P.V;
   var thr = -3.4028234663852886e38;
   let useK = P.topK > 0u && P.topK < P.V;
   let useP = P.topP < 1.0;
@@ -105,22 +129,61 @@ fn countAtLeast(base: u32, thr: f32, lid: u32) -> u32 {
     workgroupBarrier();
     let rowMin = lo;
     let rowMax = hi;
+    var thrK = -3.4028234663852886e38;
     if (useK) {
-      for (var it = 0u; it < 24u; it++) {
-        let mid = lo + (hi - lo) * 0.5;
-        if (countAtLeast(base, mid, lid) >= P.topK) { lo = mid; } else { hi = mid; }
+      // the largest key with count(key >= it) >= k: the k-th largest logit's
+      var klo = 0u;
+      var khi = 0xffffffffu;
+      for (var it = 0u; it < 32u; it++) {
+        let d = khi - klo;
+        let mid = klo + (d >> 1u) + (d & 1u);
+        if (countKeyAtLeast(base, mid, lid) >= P.topK) { klo = mid; } else { khi = mid - 1u; }
       }
-      thr = lo;
+      kKey = klo;
+      thrK = unkey(klo);
+      // ties: counts per contiguous chunk, prefix sums, one walk to the cut
+      let chunk = (P.V + ${WG - 1}u) / ${WG}u;
+      let c0 = min(lid * chunk, P.V);
+      let c1 = min(c0 + chunk, P.V);
+      var gt = 0u;
+      var eq = 0u;
+      for (var v = c0; v < c1; v++) {
+        let k = key(ld_x(base + v));
+        gt += select(0u, 1u, k > kKey);
+        eq += select(0u, 1u, k == kKey);
+      }
+      let above = sumCounts(gt, lid);
+      let need = select(0u, P.topK - above, P.topK > above); // ties to keep, >= 1
+      cnt[lid] = eq;
+      workgroupBarrier();
+      if (lid == 0u) {
+        var run = 0u;
+        for (var i = 0u; i < ${WG}u; i++) { let e = cnt[i]; cnt[i] = run; run += e; }
+        cut = P.V;
+      }
+      workgroupBarrier();
+      let before = cnt[lid];
+      if (before < need && need <= before + eq) {
+        var seen = before;
+        for (var v = c0; v < c1; v++) {
+          if (key(ld_x(base + v)) == kKey) {
+            seen++;
+            if (seen == need) { cut = v + 1u; break; }
+          }
+        }
+      }
+      workgroupBarrier();
+      kIdx = cut;
     }
     if (useP) {
-      let total = massAtLeast(base, thr, rowMax, lid); // mass left after top-k
-      var plo = max(rowMin, thr);
+      let total = massAtLeast(base, thrK, rowMax, kKey, kIdx, lid); // mass left after top-k
+      var plo = max(rowMin, thrK);
       var phi = rowMax;
       for (var it = 0u; it < 24u; it++) {
         let mid = plo + (phi - plo) * 0.5;
-        if (massAtLeast(base, mid, rowMax, lid) >= P.topP * total) { plo = mid; } else { phi = mid; }
+        if (massAtLeast(base, mid, rowMax, kKey, kIdx, lid) >= P.topP * total) { plo = mid; } else { phi = mid; }
       }
-      thr = max(thr, plo);
+      thr = plo;
     }
   }
   var bv = -3.4028234663852886e38;
@@ -129,7 +192,7 @@ fn countAtLeast(base: u32, thr: f32, lid: u32) -> u32 {
     let x = ld_x(base + v);
     var score = x;
     if (P.greedy == 0u) {
-      if (x < thr) { continue; }
+      if (x < thr || !kept(x, v, kKey, kIdx)) { continue; }
       let h = hash(P.seed ^ hash((P.step * 0x9E3779B9u) ^ hash(row * 65599u + v)));
       let u = (f32(h >> 8u) + 0.5) / 16777216.0;
       score = x * P.invTemp - log(-log(u));
@@ -158,7 +221,8 @@ fn countAtLeast(base: u32, thr: f32, lid: u32) -> u32 {
 export interface SampleOptions {
   /** Draw from the distribution (default false: greedy argmax). */
   sample?: boolean;
-  /** Keep only the k most likely tokens before sampling (0 or undefined: all). */
+  /** Keep only the k most likely tokens before sampling, exactly k as torch.topk (ties: the lower token
+   * ids); 0 or undefined: all. */
   topK?: number;
   /** Nucleus sampling: keep the most likely tokens whose probability adds up to at least p (1: all). */
   topP?: number;

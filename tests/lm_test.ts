@@ -1,6 +1,9 @@
 import assert from "node:assert/strict";
 import { noGrad } from "../core/autograd.ts";
-import { tidy } from "../core/tensor.ts";
+import { tensor, zeros } from "../core/creation.ts";
+import { init } from "../core/device.ts";
+import { dispose, tidy } from "../core/tensor.ts";
+import { sampleInto } from "../mamba/sampling.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
@@ -151,4 +154,46 @@ Deno.test("fromPretrained: BF16/F16 weights are converted; shapes that disagree 
     /shape mismatch for mamba\.layers\.0\.mixer\.A_log: checkpoint \[64, 16\] vs model \[64, 8\]/,
   );
   await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.topk)", async () => {
+  await init();
+  // Each case: one row of logits repeated over many rows (each row draws its own noise), and the set of
+  // ids that sampling must produce, all of them and no other.
+  const R = 256;
+  const cases: [number[], { topK?: number; topP?: number; temperature?: number }, number[]][] = [
+    [Array(10).fill(1), { topK: 2 }, [0, 1]],
+    [[0, 5, 5, 5, 1, 5], { topK: 2 }, [1, 2]],
+    [[0, 5, 5, 5, 1, 5], { topK: 5 }, [1, 2, 3, 4, 5]],
+    [[-3, -1, -2, -1, -0, 0], { topK: 3 }, [4, 5, 1]],
+    [[2, 9, 4, 7, 1, 8], { topK: 3 }, [1, 3, 5]],
+    [Array(70).fill(0).map((_, i) => (i % 7 === 3 ? 2 : 0)), { topK: 4 }, [3, 10, 17, 24]],
+    [Array(70).fill(0).map((_, i) => (i % 7 === 3 ? 2 : 0)), { topK: 12 }, [
+      3,
+      10,
+      17,
+      24,
+      31,
+      38,
+      45,
+      52,
+      59,
+      66,
+      0,
+      1,
+    ]],
+    [[Math.log(0.5), Math.log(0.3), Math.log(0.15), Math.log(0.05)], { topP: 0.7 }, [0, 1]],
+    [[1, 1, 1, 1, 1, 1], { topK: 3, topP: 0.5 }, [0, 1, 2]],
+    [[3, 1, 3, 0, 3, 3], { topK: 3, topP: 0.5, temperature: 0.5 }, [0, 2, 4]],
+  ];
+  for (const [row, o, want] of cases) {
+    const V = row.length;
+    const logits = tensor(new Float32Array(Array.from({ length: R }, () => row).flat()), [R, V]);
+    const next = zeros([R], { dtype: "i32" });
+    const all = zeros([R, 1], { dtype: "i32" });
+    sampleInto(logits, next, all, 0, { sample: true, ...o, seed: 3 });
+    const got = [...new Set(await all.toArray())].sort((a, b) => a - b);
+    assert.deepEqual(got, [...want].sort((a, b) => a - b), `${JSON.stringify(o)} over ${row}`);
+    dispose([logits, next, all]);
+  }
 });
