@@ -16,11 +16,12 @@ import { type LayerCache, Mamba } from "./block.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput } from "./config.ts";
 import { sampleInto, type SampleOptions } from "./sampling.ts";
 
-/** LM options on top of the Mamba config. */
+/** LM options on top of the Mamba config. Unknown keys are an error. */
 export interface LMOptions {
-  /** Vocabulary size before padding. */
+  /** Vocabulary size before padding, a positive integer. */
   vocabSize: number;
-  /** Pad the vocabulary to a multiple of this (as mamba.py's `pad_vocab_size_multiple`). */
+  /** Pad the vocabulary to a multiple of this positive integer (default 1; as mamba.py's
+   * `pad_vocab_size_multiple`). */
   padVocabSizeMultiple?: number;
   /** Share the embedding with the LM head (default false, as mamba.py). */
   tieEmbeddings?: boolean;
@@ -35,6 +36,54 @@ export interface GenerateOptions extends SampleOptions {
   onTokens?: (tokens: Int32Array[]) => void;
   /** Tokens decoded between readbacks when streaming (default 16). */
   readEvery?: number;
+}
+
+const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings"];
+// A value for a message: numbers as JavaScript writes them (NaN, Infinity), anything else as JSON.
+const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
+
+/** Validates LMOptions; every error names the option. Undefined values count as absent. */
+function lmOptions(o: LMOptions): { vocabSize: number; multiple: number; tied: boolean } {
+  if (typeof o !== "object" || o === null) {
+    throw new Error(`MambaLM: options must be an object with vocabSize, got ${o}`);
+  }
+  for (const k of Object.keys(o)) {
+    if (!LM_OPTION_KEYS.includes(k)) {
+      throw new Error(`MambaLM: unknown option '${k}' (LMOptions has ${LM_OPTION_KEYS.join(", ")})`);
+    }
+  }
+  const { vocabSize, padVocabSizeMultiple: multiple = 1, tieEmbeddings: tied = false } = o;
+  if (!Number.isInteger(vocabSize) || vocabSize <= 0) {
+    throw new Error(`MambaLM: vocabSize must be a positive integer, got ${show(vocabSize)}`);
+  }
+  if (!Number.isInteger(multiple) || multiple <= 0) {
+    throw new Error(
+      `MambaLM: padVocabSizeMultiple must be a positive integer, got ${show(multiple)}`,
+    );
+  }
+  if (typeof tied !== "boolean") {
+    throw new Error(`MambaLM: tieEmbeddings must be a boolean, got ${show(tied)}`);
+  }
+  return { vocabSize, multiple, tied };
+}
+
+/**
+ * Validates the backbone config. A complete MambaConfig (say `{ ...lm.config, dState: 8 }`) is validated
+ * again; its derived `dInner` must agree with `expandFactor * dModel`, since a config derived from another
+ * with a new dModel would otherwise keep the old sizes.
+ */
+function backboneConfig(config: MambaConfigInput | MambaConfig): MambaConfig {
+  if (!("dInner" in config)) return mambaConfig(config);
+  const { dInner, ...input } = config as MambaConfig;
+  const c = mambaConfig(input);
+  if (dInner !== undefined && dInner !== c.dInner) {
+    throw new Error(
+      `MambaLM: config.dInner is ${show(dInner)}, but expandFactor * dModel = ` +
+        `${c.expandFactor} * ${c.dModel} = ${c.dInner}. dInner is derived: leave it out (and give ` +
+        `dtRank: "auto" if the rank should follow dModel, ceil(dModel / 16))`,
+    );
+  }
+  return c;
 }
 
 /** The language model. */
@@ -54,16 +103,16 @@ export class MambaLM extends Module {
   /** (vocab, D) head, or null when tied. */
   readonly lmHead: Linear | null;
 
-  /** Builds the LM with mamba.py's initialisation (llama2.c-style normal(0, baseStd)). */
+  /**
+   * Builds the LM with mamba.py's initialisation (llama2.c-style normal(0, baseStd)). The config and the
+   * options are validated; errors name the key.
+   */
   constructor(config: MambaConfigInput | MambaConfig, options: LMOptions) {
     super();
-    this.config = "dInner" in config ? config : mambaConfig(config);
-    const m = options.padVocabSizeMultiple ?? 1;
-    if (!Number.isInteger(options.vocabSize) || options.vocabSize <= 0) {
-      throw new Error(`MambaLM: vocabSize must be a positive integer, got ${options.vocabSize}`);
-    }
-    this.vocabSize = Math.ceil(options.vocabSize / m) * m;
-    this.tied = options.tieEmbeddings ?? false;
+    this.config = backboneConfig(config);
+    const o = lmOptions(options);
+    this.vocabSize = Math.ceil(o.vocabSize / o.multiple) * o.multiple;
+    this.tied = o.tied;
     this.embedding = this.child("embedding", new Embedding(this.vocabSize, this.config.dModel));
     this.mamba = this.child("mamba", new Mamba(this.config));
     this.normF = this.child("norm_f", new RMSNorm(this.config.dModel, this.config.rmsNormEps));

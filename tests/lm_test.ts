@@ -156,6 +156,48 @@ Deno.test("fromPretrained: BF16/F16 weights are converted; shapes that disagree 
   await Deno.remove(dir, { recursive: true });
 });
 
+Deno.test("LMOptions are validated and a config derived from another with a new dModel is an error", async () => {
+  await init();
+  const cfg = { dModel: 16, nLayers: 1 };
+  assert.throws(
+    () => new MambaLM(cfg, { vocabSize: 3, padVocabSizeMultiple: 0 }),
+    /padVocabSizeMultiple must be a positive integer, got 0/,
+  );
+  assert.throws(
+    () => new MambaLM(cfg, { vocabSize: 3, padVocabSizeMultiple: 2.5 }),
+    /padVocabSizeMultiple must be a positive integer, got 2.5/,
+  );
+  assert.throws(
+    () => new MambaLM(cfg, { vocabSize: 3, tieEmbedding: true } as never),
+    /unknown option 'tieEmbedding'/,
+  );
+  assert.throws(
+    () => new MambaLM(cfg, { vocabSize: 3, tieEmbeddings: "yes" } as never),
+    /tieEmbeddings must be a boolean, got "yes"/,
+  );
+  assert.throws(() => new MambaLM(cfg, { vocabSize: 0 }), /vocabSize must be a positive integer, got 0/);
+  assert.throws(
+    () => new MambaLM(cfg, { vocabSize: 3, padVocabSizeMultiple: NaN }),
+    /padVocabSizeMultiple must be a positive integer, got NaN/,
+  );
+  const lm = new MambaLM(cfg, { vocabSize: 30, padVocabSizeMultiple: 8, tieEmbeddings: undefined });
+  assert.equal(lm.vocabSize, 32);
+  // A complete config is validated again; a stale derived dInner (and with it dtRank) is named.
+  assert.throws(
+    () => new MambaLM({ ...lm.config, dModel: 32 }, { vocabSize: 30 }),
+    /config\.dInner is 32, but expandFactor \* dModel = 2 \* 32 = 64/,
+  );
+  assert.throws(
+    () => new MambaLM({ ...lm.config, dState: 0 }, { vocabSize: 30 }),
+    /dState must be a positive integer/,
+  );
+  const other = new MambaLM({ ...lm.config, dState: 8 }, { vocabSize: 30 });
+  assert.equal(other.config.dState, 8);
+  assert.deepEqual(new MambaLM(lm.config, { vocabSize: 30 }).config, lm.config);
+  lm.dispose();
+  other.dispose();
+});
+
 Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.topk)", async () => {
   await init();
   // Each case: one row of logits repeated over many rows (each row draws its own noise), and the set of
