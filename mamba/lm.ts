@@ -8,7 +8,7 @@ import { noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { readBuffer } from "../core/executor.ts";
 import { matmul, narrow } from "../core/ops/index.ts";
-import { dispose, keep, type Tensor, tidy } from "../core/tensor.ts";
+import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { normal } from "../nn/init.ts";
 import { Embedding, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
@@ -27,8 +27,11 @@ export interface LMOptions {
   tieEmbeddings?: boolean;
 }
 
-/** Token ids: an i32 tensor (B, L), nested arrays, or an Int32Array with a shape. */
-export type Tokens = Tensor | readonly (readonly number[])[];
+/**
+ * Token ids: an i32 tensor (B, L), or B rows of L ids each, every row a number array or an Int32Array
+ * (the rows {@linkcode MambaLM.generate} returns can be fed back as they are).
+ */
+export type Tokens = Tensor | readonly (readonly number[] | Int32Array)[];
 
 /** Options of {@linkcode MambaLM.generate}. */
 export interface GenerateOptions extends SampleOptions {
@@ -141,33 +144,55 @@ export class MambaLM extends Module {
     dispose([...fresh.values()]);
   }
 
-  /** Turns host token arrays into an i32 tensor, checking ids against the vocabulary. */
+  /**
+   * Turns host token rows into an i32 tensor, checking every id against the vocabulary; a tensor is checked
+   * for dtype and rank and returned as it is. Its ids are not range-checked here, which would need a
+   * readback ({@linkcode MambaLM.generate} does check them): an id outside [0, vocabSize) gives an
+   * unspecified embedding row.
+   */
   tokensTensor(tokens: Tokens): Tensor {
-    if (!Array.isArray(tokens)) {
-      const t = tokens as Tensor;
-      if (t.dtype !== "i32" || t.rank !== 2) {
-        throw new Error(`MambaLM: tokens must be an i32 (B, L) tensor, got ${t}`);
+    if (tokens instanceof Tensor) {
+      if (tokens.dtype !== "i32" || tokens.rank !== 2) {
+        throw new Error(`MambaLM: tokens must be an i32 (B, L) tensor, got ${tokens}`);
       }
-      return t;
+      return tokens;
     }
-    const rows = tokens as readonly (readonly number[])[];
+    if (!Array.isArray(tokens)) {
+      throw new Error(
+        `MambaLM: tokens must be an i32 (B, L) tensor or an array of B rows of ids, got ${
+          ArrayBuffer.isView(tokens)
+            ? `a flat ${tokens.constructor.name} (wrap it as [ids] for one row)`
+            : String(tokens)
+        }`,
+      );
+    }
+    const rows = tokens as readonly (readonly number[] | Int32Array)[];
     const L = rows[0]?.length ?? 0;
     const flat = new Int32Array(rows.length * L);
     rows.forEach((r, b) => {
-      if (!Array.isArray(r) || r.length !== L) {
-        throw new Error(`MambaLM: token rows must all have length ${L}`);
+      if (!Array.isArray(r) && !(r instanceof Int32Array)) {
+        throw new Error(`MambaLM: token row ${b} must be an array of ids or an Int32Array, got ${r}`);
       }
-      r.forEach((id, t) => {
+      if (r.length !== L) {
+        throw new Error(
+          `MambaLM: token rows must all have the same length: row 0 has ${L}, row ${b} has ${r.length}`,
+        );
+      }
+      for (let t = 0; t < L; t++) {
+        const id = r[t];
         if (!Number.isInteger(id)) throw new Error(`MambaLM: token [${b}][${t}] = ${id} is not an integer`);
-        if (id < 0 || id >= this.vocabSize) {
-          throw new Error(
-            `MambaLM: token [${b}][${t}] = ${id} is outside the vocabulary [0, ${this.vocabSize})`,
-          );
-        }
+        this.checkId(id, b, t);
         flat[b * L + t] = id;
-      });
+      }
     });
     return tensor(flat, [rows.length, L], { dtype: "i32" });
+  }
+
+  /** Throws for an id outside the vocabulary, naming its position [b][t] and the vocabulary size. */
+  private checkId(id: number, b: number, t: number): void {
+    if (id < 0 || id >= this.vocabSize) {
+      throw new Error(`MambaLM: token [${b}][${t}] = ${id} is outside the vocabulary [0, ${this.vocabSize})`);
+    }
   }
 
   /** Final norm and LM head. */
@@ -176,7 +201,8 @@ export class MambaLM extends Module {
     return this.lmHead ? this.lmHead.forward(h) : matmul(h, this.embedding.weight, { transB: true });
   }
 
-  /** tokens (B, L) -> logits (B, L, vocab) */
+  /** tokens (B, L) -> logits (B, L, vocab). The ids of a tensor are not range-checked (see
+   * {@linkcode MambaLM.tokensTensor}). */
   forward(tokens: Tokens): Tensor {
     const ids = this.tokensTensor(tokens);
     return this.head(this.mamba.forward(this.embedding.forward(ids)));
@@ -199,7 +225,8 @@ export class MambaLM extends Module {
   /**
    * Continues each prompt row by `nTokens` tokens. The prompt runs as one parallel forward that also fills
    * the caches; then each token costs one `step`. Tokens are chosen on the GPU (greedy by default) and read
-   * back every `readEvery` steps. Returns the new tokens (B rows of nTokens).
+   * back every `readEvery` steps. Returns the new tokens (B rows of nTokens). Every prompt id is checked
+   * against the vocabulary before the prompt runs, a tensor's after one readback.
    */
   async generate(prompt: Tokens, nTokens: number, options: GenerateOptions = {}): Promise<Int32Array[]> {
     if (!Number.isInteger(nTokens) || nTokens < 0) {
@@ -207,7 +234,14 @@ export class MambaLM extends Module {
     }
     const ids = this.tokensTensor(prompt);
     const [B, P] = ids.shape;
-    if (P === 0) throw new Error("generate: the prompt is empty");
+    if (P === 0) {
+      if (ids !== prompt) ids.dispose();
+      throw new Error("generate: the prompt is empty");
+    }
+    if (ids === prompt) {
+      const host = await ids.toArray();
+      for (let i = 0; i < host.length; i++) this.checkId(host[i], Math.floor(i / P), i % P);
+    }
     const all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" }));
     const next = keep(zeros([B], { dtype: "i32" }));
     const readEvery = Math.max(1, options.readEvery ?? 16);

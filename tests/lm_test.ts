@@ -198,6 +198,36 @@ Deno.test("LMOptions are validated and a config derived from another with a new 
   other.dispose();
 });
 
+Deno.test("generate: tensor prompt ids are range-checked, Int32Array rows are accepted", async () => {
+  await init();
+  const lm = new MambaLM({ dModel: 16, nLayers: 1 }, { vocabSize: 32 });
+  for (
+    const [ids, msg] of [
+      [[1, 999999, 3], /token \[0\]\[1\] = 999999 is outside the vocabulary \[0, 32\)/],
+      [[1, 2, -4], /token \[0\]\[2\] = -4 is outside the vocabulary \[0, 32\)/],
+    ] as const
+  ) {
+    const t = tensor(new Int32Array(ids), [1, 3], { dtype: "i32" });
+    await assert.rejects(() => lm.generate(t, 3), msg);
+    t.dispose();
+  }
+  const t2 = tensor(new Int32Array([1, 2, 3, 4, 5, 32]), [2, 3], { dtype: "i32" });
+  await assert.rejects(() => lm.generate(t2, 3), /token \[1\]\[2\] = 32 is outside/);
+  t2.dispose();
+  // generate's own rows can be fed back; a flat Int32Array and ragged rows get clear errors.
+  const out = await lm.generate([[1, 2, 3], [4, 5, 6]], 4);
+  assert.deepEqual(
+    (await lm.generate(out, 3)).map((r) => [...r]),
+    (await lm.generate(out.map((r) => [...r]), 3)).map((r) => [...r]),
+  );
+  await assert.rejects(() => lm.generate(new Int32Array([1, 2]) as never, 2), /a flat Int32Array/);
+  await assert.rejects(
+    () => lm.generate([[1, 2, 3], [1, 2]], 2),
+    /token rows must all have the same length: row 0 has 3, row 1 has 2/,
+  );
+  lm.dispose();
+});
+
 Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.topk)", async () => {
   await init();
   // Each case: one row of logits repeated over many rows (each row draws its own noise), and the set of
