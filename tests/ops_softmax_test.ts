@@ -201,3 +201,72 @@ Deno.test("crossEntropy: targets out of range give NaN; bad targets are rejected
   assert.throws(() => M.softmax(tensor(new Int32Array([1, 2]))), /softmax needs an f32 tensor, got i32/);
   for (const t of [x, loss]) t.dispose();
 });
+
+Deno.test("crossEntropy: every target ignored gives NaN for the mean (as PyTorch), 0 for the sum; zero gradients", async () => {
+  for (const [reduction, want] of [["mean", NaN], ["sum", 0]] as const) {
+    const x = M.randn([3, 4], { seed: 60, requiresGrad: true });
+    const t = tensor(new Int32Array([-100, -100, -100]));
+    const loss = M.crossEntropy(x, t, { reduction });
+    assert.ok(Object.is(await loss.item(), want), `${reduction}: ${await loss.item()}, want ${want}`);
+    loss.backward();
+    assert.deepEqual([...await x.grad!.toArray()], new Array(12).fill(0), `${reduction} gradient`);
+    for (const u of [x, x.grad!, t, loss]) u.dispose();
+  }
+  // One row counted among ignored ones: the mean is that row's loss.
+  const x = tensor([[1, 2, 3], [0, 0, 0]]);
+  const loss = M.crossEntropy(x, tensor(new Int32Array([-100, 1])));
+  assert.ok(Math.abs(await loss.item() - Math.log(3)) < 1e-6);
+  for (const u of [x, loss]) u.dispose();
+});
+
+Deno.test("crossEntropy: ignoreIndex must be an int32 integer; any such value works (a uniform, not WGSL source)", async () => {
+  const x = tensor([[1, 2, 3], [0, 0, 0]]);
+  const t = tensor(new Int32Array([2, 1]));
+  for (const bad of [1.5, NaN, Infinity, 2 ** 31, -(2 ** 31) - 1]) {
+    assert.throws(
+      () => M.crossEntropy(x, t, { ignoreIndex: bad }),
+      new RegExp(`crossEntropy: ignoreIndex must be an int32 integer, got ${bad}`),
+    );
+  }
+  // Extreme ignore values, in the forward and the gradient: the ignored row counts for nothing.
+  for (const ignore of [2 ** 31 - 1, -(2 ** 31), 16777217]) {
+    const xs = M.randn([2, 3], { seed: 61, requiresGrad: true });
+    const ts = tensor(new Int32Array([ignore, 1]));
+    const loss = M.crossEntropy(xs, ts, { ignoreIndex: ignore });
+    loss.backward();
+    const xv = await xs.toArray();
+    const p = [...xv.slice(3)].map(Math.exp);
+    const z = p.reduce((a, b) => a + b);
+    assert.ok(Math.abs(await loss.item() - (Math.log(z) - xv[4])) < 1e-5, `ignore ${ignore}: loss`);
+    const want = [0, 0, 0, p[0] / z, p[1] / z - 1, p[2] / z];
+    const got = await xs.grad!.toArray();
+    want.forEach((w, i) =>
+      assert.ok(Math.abs(got[i] - w) < 1e-6, `ignore ${ignore}: grad[${i}] ${got[i]} vs ${w}`)
+    );
+    for (const u of [xs, xs.grad!, ts, loss]) u.dispose();
+  }
+  for (const u of [x, t]) u.dispose();
+});
+
+Deno.test("crossEntropy leaves no tensor behind outside tidy, for every reduction, with and without backward", async () => {
+  for (const reduction of ["none", "sum", "mean"] as const) {
+    for (const grad of [false, true]) {
+      const before = M.memory();
+      const x = M.randn([4, 5], { seed: 62, requiresGrad: grad });
+      const t = tensor(new Int32Array([0, 1, -100, 3]));
+      const loss = M.crossEntropy(x, t, { reduction });
+      await loss.toArray();
+      const made: M.Tensor[] = [x, t, loss];
+      if (grad) {
+        const s = loss.sum();
+        s.backward();
+        made.push(s, x.grad!);
+      }
+      for (const u of made) u.dispose();
+      const after = M.memory();
+      assert.equal(after.liveTensors, before.liveTensors, `${reduction}, grad ${grad}: live tensors`);
+      assert.equal(after.liveBytes, before.liveBytes, `${reduction}, grad ${grad}: live bytes`);
+      assert.equal(after.savedBytes, before.savedBytes, `${reduction}, grad ${grad}: saved bytes`);
+    }
+  }
+});

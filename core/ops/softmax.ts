@@ -11,8 +11,9 @@
  * Each invocation walks R / lanes elements three times at most, so rows longer than lanes x 21845 (the loop
  * limit of software adapters) take the 64-lane flavour; vocabularies are far below either.
  * Cross-entropy is the row kernel that writes lse - x[target] per row (0 for ignored rows), a validity mask
- * and the row's max and log-sum; its backward is one pass (softmax - onehot) * g / count, a workgroup per row
- * (per element for rows too long for the loop limit).
+ * and the row's max and log-sum (`ignoreIndex` is an i32 uniform: one kernel for every value); its backward
+ * is one pass (softmax - onehot) * g * valid (/ count for the mean), a workgroup per row (per element for rows
+ * too long for the loop limit).
  * @module
  */
 
@@ -210,9 +211,9 @@ export function logSoftmax(x: Tensor, axis = -1): Tensor {
 
 /** Options of {@linkcode crossEntropy}. */
 export interface CrossEntropyOptions {
-  /** Targets equal to this are skipped (PyTorch's default -100). */
+  /** Targets equal to this are skipped (PyTorch's default -100); an integer in the int32 range. */
   ignoreIndex?: number;
-  /** `mean` over non-ignored targets (default), `sum`, or `none` (per-target losses). */
+  /** `mean` over non-ignored targets (default; NaN if all are ignored), `sum`, or `none` (per-target losses). */
   reduction?: "mean" | "sum" | "none";
 }
 
@@ -236,42 +237,37 @@ const ceOp = defineOp<{ reduction: "mean" | "sum" | "none"; ignore: number }>({
       { R: V, inner: 1, ignore },
       rows,
     );
-    save(logits, target, stats);
+    save(logits, target, stats, valid);
     if (reduction === "none") {
-      save(valid);
-      return reshape(loss, target.shape);
+      const out = reshape(loss, target.shape);
+      loss.dispose();
+      return out;
     }
     const total = sum(loss);
     loss.dispose();
-    if (reduction === "sum") {
-      save(valid);
-      return total;
-    }
+    if (reduction === "sum") return total;
     const count = sum(valid);
-    valid.dispose();
     save(count);
-    const out = mapOp("a / max(b, 1.0)", [total, count], []);
+    // No counted target: NaN (0 / 0), as PyTorch. The NaN comes in as a uniform: a NaN constant in WGSL is
+    // rejected by Chrome, and a runtime 0 / 0 is not guaranteed to give NaN.
+    const out = mapOp("select(a / b, c, b == 0.0)", [total, count, NaN], []);
     total.dispose();
     return out;
   },
-  backward: (g, [logits, target, stats, w], _i, { reduction, ignore }) => {
-    // d/dx = (softmax(x) - onehot(t)) * g_row * w_row; w = 1/count (mean) or the validity mask.
+  backward: (g, [logits, target, stats, valid, count], _i, { reduction }) => {
+    // d/dx = (softmax(x) - onehot(t)) * g_row * valid_row (/ count for the mean: 0 where no row counts).
     const V = logits.shape[logits.rank - 1];
     const rows = logits.size / Math.max(V, 1);
     const rowShape = [rows, 1];
     const t2 = reshape(target, rowShape);
     const g2 = reduction === "none" ? reshape(g, rowShape) : reshape(g, [1, 1]);
-    const w2 = reduction === "mean" ? reshape(w, [1, 1]) : reshape(w, rowShape);
+    const v2 = reshape(valid, rowShape);
     const x2 = reshape(logits, [rows, V]);
     const weight = reduction === "mean"
-      ? mapOp("select(0.0, a / max(b, 1.0), c != " + ignore + ")", [g2, w2, t2], rowShape, "f32", [
-        "f32",
-        "f32",
-        "i32",
-      ])
-      : mapOp("a * b", [g2, w2], rowShape);
+      ? mapOp("a * b / max(c, 1.0)", [g2, v2, count], rowShape)
+      : mapOp("a * b", [g2, v2], rowShape);
     const dx = softmaxMinusOneHot(x2, stats, t2, weight);
-    for (const t of [t2, g2, w2, x2, weight]) t.dispose();
+    for (const t of [t2, g2, v2, x2, weight]) t.dispose();
     const out = reshape(dx, logits.shape);
     dx.dispose();
     return [out, null];
@@ -340,19 +336,22 @@ function softmaxMinusOneHot(x: Tensor, stats: Tensor, t: Tensor, w: Tensor): Ten
 
 /**
  * Cross-entropy of `logits` (..., V) against integer `target` (...): fused log-softmax and pick, stable.
- * Mean over non-ignored targets by default. Targets outside [0, V) that are not ignored give NaN.
+ * Mean over non-ignored targets by default; as in PyTorch, the mean is NaN when every target is ignored (its
+ * gradient is then zero). Targets outside [0, V) that are not ignored give NaN (PyTorch raises); they get no
+ * gradient and do not count towards the mean. `ignoreIndex` must be an integer in the int32 range.
  */
 export function crossEntropy(logits: Tensor, target: Tensor, options: CrossEntropyOptions = {}): Tensor {
   checkF32(logits, "crossEntropy");
   if (target.dtype !== "i32") throw new Error(`crossEntropy: targets must be i32, got ${target.dtype}`);
+  const ignore = options.ignoreIndex ?? -100;
+  if (!Number.isInteger(ignore) || ignore < -(2 ** 31) || ignore >= 2 ** 31) {
+    throw new Error(`crossEntropy: ignoreIndex must be an int32 integer, got ${ignore}`);
+  }
   if (logits.rank < 1 || target.shape.join() !== logits.shape.slice(0, -1).join()) {
     throw new Error(
       `crossEntropy: logits ${fmt(logits.shape)} need targets of shape ${fmt(logits.shape.slice(0, -1))}, ` +
         `got ${fmt(target.shape)}`,
     );
   }
-  return ceOp([logits, target], {
-    reduction: options.reduction ?? "mean",
-    ignore: options.ignoreIndex ?? -100,
-  });
+  return ceOp([logits, target], { reduction: options.reduction ?? "mean", ignore });
 }
