@@ -14,7 +14,7 @@ import { Embedding, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { type LayerCache, Mamba } from "./block.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput } from "./config.ts";
-import { sampleInto, type SampleOptions } from "./sampling.ts";
+import { drawSeed, sampleInto, type SampleOptions, sampleParams } from "./sampling.ts";
 
 /** LM options on top of the Mamba config. Unknown keys are an error. */
 export interface LMOptions {
@@ -33,17 +33,18 @@ export interface LMOptions {
  */
 export type Tokens = Tensor | readonly (readonly number[] | Int32Array)[];
 
-/** Options of {@linkcode MambaLM.generate}. */
+/** Options of {@linkcode MambaLM.generate}. Unknown keys are an error. */
 export interface GenerateOptions extends SampleOptions {
   /** Called with each batch of new tokens (B, n) as soon as they are read back. */
   onTokens?: (tokens: Int32Array[]) => void;
-  /** Tokens decoded between readbacks when streaming (default 16). */
+  /** Tokens decoded between readbacks, a positive integer or Infinity (only at the end); default 16. */
   readEvery?: number;
 }
 
 const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings"];
 // A value for a message: numbers as JavaScript writes them (NaN, Infinity), anything else as JSON.
 const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
+const GENERATE_OPTION_KEYS = ["sample", "topK", "topP", "temperature", "seed", "onTokens", "readEvery"];
 
 /** Validates LMOptions; every error names the option. Undefined values count as absent. */
 function lmOptions(o: LMOptions): { vocabSize: number; multiple: number; tied: boolean } {
@@ -225,12 +226,27 @@ export class MambaLM extends Module {
   /**
    * Continues each prompt row by `nTokens` tokens. The prompt runs as one parallel forward that also fills
    * the caches; then each token costs one `step`. Tokens are chosen on the GPU (greedy by default) and read
-   * back every `readEvery` steps. Returns the new tokens (B rows of nTokens). Every prompt id is checked
-   * against the vocabulary before the prompt runs, a tensor's after one readback.
+   * back every `readEvery` steps. Returns the new tokens (B rows of nTokens).
+   *
+   * Everything is checked before the prompt runs: the options (see {@linkcode SampleOptions}: sampling
+   * options without `sample` are an error) and every prompt id, a tensor's ids after one readback.
    */
   async generate(prompt: Tokens, nTokens: number, options: GenerateOptions = {}): Promise<Int32Array[]> {
     if (!Number.isInteger(nTokens) || nTokens < 0) {
       throw new Error(`generate: nTokens must be >= 0, got ${nTokens}`);
+    }
+    for (const k of Object.keys(options)) {
+      if (!GENERATE_OPTION_KEYS.includes(k)) {
+        throw new Error(`generate: unknown option '${k}' (options are ${GENERATE_OPTION_KEYS.join(", ")})`);
+      }
+    }
+    const params = sampleParams(options);
+    const readEvery = options.readEvery ?? 16;
+    if (!(Number.isInteger(readEvery) && readEvery >= 1) && readEvery !== Infinity) {
+      throw new Error(`generate: readEvery must be a positive integer or Infinity, got ${readEvery}`);
+    }
+    if (options.onTokens !== undefined && typeof options.onTokens !== "function") {
+      throw new Error(`generate: onTokens must be a function, got ${options.onTokens}`);
     }
     const ids = this.tokensTensor(prompt);
     const [B, P] = ids.shape;
@@ -242,9 +258,10 @@ export class MambaLM extends Module {
       const host = await ids.toArray();
       for (let i = 0; i < host.length; i++) this.checkId(host[i], Math.floor(i / P), i % P);
     }
+    // Drawn only once everything is checked, so a call that throws leaves the global generator alone.
+    if (!params.greedy && params.seed === undefined) params.seed = drawSeed();
     const all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" }));
     const next = keep(zeros([B], { dtype: "i32" }));
-    const readEvery = Math.max(1, options.readEvery ?? 16);
     let caches: LayerCache[] = [];
     const rows: Int32Array[] = Array.from({ length: B }, () => new Int32Array(nTokens));
     let done = 0;
@@ -275,7 +292,7 @@ export class MambaLM extends Module {
               logits = r.logits;
               c = r.caches;
             }
-            sampleInto(logits, next, all, i, { ...options, seed: options.seed ?? 0 });
+            sampleInto(logits, next, all, i, params);
             return c;
           })
         );

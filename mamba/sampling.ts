@@ -17,6 +17,7 @@
  */
 
 import { defineKernel, dispatch } from "../core/kernel.ts";
+import { streamFor } from "../core/random.ts";
 import type { Tensor } from "../core/tensor.ts";
 
 const WG = 64;
@@ -217,7 +218,11 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
   }`,
 });
 
-/** How the next token is chosen. */
+/**
+ * How the next token is chosen. Greedy (argmax) unless `sample` is true. `temperature`, `topK`, `topP` and
+ * `seed` only act when sampling: giving any of them without `sample` is an error (say `sample: true`, or
+ * `sample: false` to decode greedily and ignore them, as a UI toggle would).
+ */
 export interface SampleOptions {
   /** Draw from the distribution (default false: greedy argmax). */
   sample?: boolean;
@@ -226,31 +231,87 @@ export interface SampleOptions {
   topK?: number;
   /** Nucleus sampling: keep the most likely tokens whose probability adds up to at least p (1: all). */
   topP?: number;
-  /** Softmax temperature (1). */
+  /** Softmax temperature, > 0 (1). */
   temperature?: number;
-  /** Seed of the sampler (0). */
+  /**
+   * Seed of the sampler, an integer (taken modulo 2^32): the same seed, prompt and options give the same
+   * tokens. Without one, each call draws its seed from the global generator, so successive calls differ
+   * and `manualSeed` makes a program's samples reproducible (as torch.manual_seed before HF's generate).
+   */
   seed?: number;
 }
 
-/** Writes the chosen token of each row of `logits` (B, V) into `next` (B) and column `step` of `all` (B, T). */
-export function sampleInto(logits: Tensor, next: Tensor, all: Tensor, step: number, o: SampleOptions): void {
-  const [B, V] = logits.shape;
+/** Validated sampling parameters, as {@linkcode sampleInto} takes them. */
+export interface SampleParams {
+  /** Argmax instead of sampling. */
+  greedy: boolean;
+  /** Softmax temperature. */
+  temperature: number;
+  /** Top-k (0: all). */
+  topK: number;
+  /** Top-p (1: all). */
+  topP: number;
+  /** Seed as a u32; undefined: not given (generate draws one from the global generator when sampling). */
+  seed: number | undefined;
+}
+
+const SAMPLING_ONLY = ["temperature", "topK", "topP", "seed"] as const;
+
+/** Validates sampling options before any work starts; errors name the option and the value. */
+export function sampleParams(o: SampleOptions): SampleParams {
+  if (o.sample !== undefined && typeof o.sample !== "boolean") {
+    throw new Error(`generate: sample must be a boolean, got ${JSON.stringify(o.sample)}`);
+  }
+  if (o.sample === undefined) {
+    const given = SAMPLING_ONLY.filter((k) => o[k] !== undefined);
+    if (given.length) {
+      const what = given.length > 1 ? "are sampling options" : "is a sampling option";
+      throw new Error(
+        `generate: ${given.join(", ")} ${what} but sample is not set: pass sample: true to sample ` +
+          "(or sample: false to decode greedily and ignore them)",
+      );
+    }
+  }
   const temperature = o.temperature ?? 1;
-  if (!(temperature > 0)) throw new Error(`generate: temperature must be > 0, got ${temperature}`);
+  if (typeof temperature !== "number" || !(temperature > 0)) {
+    throw new Error(`generate: temperature must be > 0, got ${temperature}`);
+  }
   const topK = o.topK ?? 0;
-  if (!Number.isInteger(topK) || topK < 0) {
+  if (!Number.isInteger(topK) || topK < 0 || topK > 0xffffffff) {
     throw new Error(`generate: topK must be a non-negative integer, got ${topK}`);
   }
   const topP = o.topP ?? 1;
-  if (!(topP > 0 && topP <= 1)) throw new Error(`generate: topP must be in (0, 1], got ${topP}`);
+  if (typeof topP !== "number" || !(topP > 0 && topP <= 1)) {
+    throw new Error(`generate: topP must be in (0, 1], got ${topP}`);
+  }
+  if (o.seed !== undefined && !Number.isSafeInteger(o.seed)) {
+    throw new Error(`generate: seed must be an integer, got ${o.seed}`);
+  }
+  return {
+    greedy: !o.sample,
+    temperature,
+    topK,
+    topP,
+    seed: o.seed === undefined ? undefined : o.seed >>> 0,
+  };
+}
+
+/** The seed of a sampling call that gave none: the next word of the global generator (see `manualSeed`). */
+export function drawSeed(): number {
+  return streamFor().nextU32();
+}
+
+/** Writes the chosen token of each row of `logits` (B, V) into `next` (B) and column `step` of `all` (B, T). */
+export function sampleInto(logits: Tensor, next: Tensor, all: Tensor, step: number, p: SampleParams): void {
+  const [B, V] = logits.shape;
   dispatch(sampleKernel, { x: logits.storage, next: next.storage, all: all.storage }, {
     V,
     T: all.shape[1],
     step,
-    seed: (o.seed ?? 0) >>> 0,
-    greedy: o.sample ? 0 : 1,
-    topK,
-    invTemp: 1 / temperature,
-    topP,
+    seed: p.seed ?? 0,
+    greedy: p.greedy ? 1 : 0,
+    topK: p.topK,
+    invTemp: 1 / p.temperature,
+    topP: p.topP,
   }, B);
 }

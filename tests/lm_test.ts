@@ -2,8 +2,10 @@ import assert from "node:assert/strict";
 import { noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { init } from "../core/device.ts";
+import { dispatchCount } from "../core/executor.ts";
+import { manualSeed } from "../core/random.ts";
 import { dispose, tidy } from "../core/tensor.ts";
-import { sampleInto } from "../mamba/sampling.ts";
+import { sampleInto, sampleParams } from "../mamba/sampling.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
@@ -228,6 +230,50 @@ Deno.test("generate: tensor prompt ids are range-checked, Int32Array rows are ac
   lm.dispose();
 });
 
+Deno.test("generate: options are checked before any work; sampling options need sample", async () => {
+  await init();
+  const lm = new MambaLM({ dModel: 16, nLayers: 1 }, { vocabSize: 32 });
+  const prompt = [[1, 2, 3]];
+  const before = dispatchCount();
+  for (
+    const [o, msg] of [
+      [{ topK: 3 }, /topK is a sampling option but sample is not set/],
+      [{ temperature: 5, seed: 4 }, /temperature, seed are sampling options but sample is not set/],
+      [{ sample: true, topP: 2 }, /topP must be in \(0, 1\], got 2/],
+      [{ sample: true, topK: 2.5 }, /topK must be a non-negative integer, got 2.5/],
+      [{ sample: true, seed: 0.5 }, /seed must be an integer, got 0.5/],
+      [{ readEvery: NaN }, /readEvery must be a positive integer or Infinity, got NaN/],
+      [{ readEvery: 2.5 }, /readEvery must be a positive integer or Infinity, got 2.5/],
+      [{ topk: 3 }, /unknown option 'topk'/],
+    ] as const
+  ) {
+    await assert.rejects(() => lm.generate(prompt, 4, o as never), msg);
+  }
+  assert.equal(dispatchCount(), before, "a bad option threw after work was dispatched");
+  // sample: false says greedy on purpose: the sampling options are ignored.
+  assert.deepEqual(
+    await lm.generate(prompt, 6, { sample: false, topK: 3, temperature: 5 }),
+    await lm.generate(prompt, 6),
+  );
+  let calls = 0;
+  await lm.generate(prompt, 8, { readEvery: Infinity, onTokens: () => calls++ });
+  assert.equal(calls, 1);
+  lm.dispose();
+});
+
+Deno.test("generate: without a seed, sampling draws one from the global generator (manualSeed)", async () => {
+  await init();
+  const lm = new MambaLM({ dModel: 16, nLayers: 1 }, { vocabSize: 32 });
+  const prompt = [[1, 2, 3]];
+  const run = async () => [...(await lm.generate(prompt, 16, { sample: true }))[0]];
+  assert.notDeepEqual(await run(), await run());
+  manualSeed(11);
+  const a = await run();
+  manualSeed(11);
+  assert.deepEqual(await run(), a);
+  lm.dispose();
+});
+
 Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.topk)", async () => {
   await init();
   // Each case: one row of logits repeated over many rows (each row draws its own noise), and the set of
@@ -263,7 +309,7 @@ Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.t
     const logits = tensor(new Float32Array(Array.from({ length: R }, () => row).flat()), [R, V]);
     const next = zeros([R], { dtype: "i32" });
     const all = zeros([R, 1], { dtype: "i32" });
-    sampleInto(logits, next, all, 0, { sample: true, ...o, seed: 3 });
+    sampleInto(logits, next, all, 0, { ...sampleParams({ sample: true, ...o }), seed: 3 });
     const got = [...new Set(await all.toArray())].sort((a, b) => a - b);
     assert.deepEqual(got, [...want].sort((a, b) => a - b), `${JSON.stringify(o)} over ${row}`);
     dispose([logits, next, all]);
