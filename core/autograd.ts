@@ -9,7 +9,7 @@
  * @module
  */
 
-import { markSaved } from "./memory.ts";
+import { markSaved, type Storage } from "./memory.ts";
 import { fmt, stridesOf } from "./shape.ts";
 import { keep, Tensor, tidy } from "./tensor.ts";
 import { add, copy, copyBox } from "./ops/index.ts";
@@ -120,10 +120,25 @@ export function record(
     for (const t of owned) t.dispose();
     return out;
   }
-  for (const t of saved) markSaved(t.storage, 1);
-  out.requiresGrad = true;
-  out.node = { name, inputs, saved, owned, backward };
+  attach(out, { name, inputs, saved, owned, backward });
   return out;
+}
+
+/** The storages a node's saved tensors had when it was recorded: a saved view disposed before the node is
+ * released still un-counts its storage. */
+const savedStorages = new WeakMap<GradNode, Storage[]>();
+
+/** How many live nodes take each tensor as an input: a disposed output's node is released once none does. */
+const consumers = new WeakMap<Tensor, number>();
+
+/** Gives `out` its node: counts the saved bytes and the node as a consumer of each input. */
+function attach(out: Tensor, node: GradNode): void {
+  const storages = node.saved.map((t) => t.storage);
+  for (const s of storages) markSaved(s, 1);
+  savedStorages.set(node, storages);
+  for (const x of new Set(node.inputs)) if (x.node) consumers.set(x, (consumers.get(x) ?? 0) + 1);
+  out.requiresGrad = true;
+  out.node = node;
 }
 
 /** Registers a differentiable op and returns the function that applies it. */
@@ -411,12 +426,25 @@ function accumulateLeaf(t: Tensor, g: Tensor, userGrad: Tensor | undefined): voi
   }
 }
 
+/** Why a node was released: after its backward, when the tidy() scope that made it ended, or when its output
+ * was disposed with no node consuming it. */
+export type ReleaseReason = "backward" | "tidy" | "dispose";
+
 /**
- * Outputs whose node an earlier backward released, with the op's name. Without this, backward through
- * such a tensor again treated it as a leaf: no error, no gradients for the real leaves, and a kept
- * `.grad` on the output that nothing disposed.
+ * Outputs whose node was released, with the op's name and why. Without this, backward through such a
+ * tensor again treated it as a leaf: no error, no gradients for the real leaves, and a kept `.grad` on the
+ * output that nothing disposed.
  */
-const released = new WeakMap<Tensor, string>();
+const released = new WeakMap<Tensor, [string, ReleaseReason]>();
+
+const RELEASED_HOW: Record<ReleaseReason, string> = {
+  backward: "by an earlier backward(); pass { retainGraph: true } to the first backward() to run backward " +
+    "through it again",
+  tidy:
+    "when the tidy() scope that made it ended (a tidy's intermediates take their graph with them): call " +
+    "backward() inside that tidy, or keep() the tensors it goes through",
+  dispose: "when it was disposed",
+};
 
 function topoOrder(root: Tensor): Tensor[] {
   const order: Tensor[] = [];
@@ -429,10 +457,10 @@ function topoOrder(root: Tensor): Tensor[] {
       continue;
     }
     if (seen.has(t)) continue;
-    if (!t.node && released.has(t)) {
+    const was = t.node ? undefined : released.get(t);
+    if (was) {
       throw new Error(
-        `backward(): the graph through '${released.get(t)}' (${t}) was already released by an earlier ` +
-          `backward(); pass { retainGraph: true } to the first backward() to run backward through it again`,
+        `backward(): the graph through '${was[0]}' (${t}) was already released ${RELEASED_HOW[was[1]]}`,
       );
     }
     seen.add(t);
@@ -448,15 +476,30 @@ function releaseGraph(order: Tensor[]): void {
 
 /**
  * Drops a node: its saved tensors stop counting as saved, and the tensors it made for itself are freed.
- * Called after the node's backward, and when its output is disposed without one.
+ * Called after the node's backward, for a tidy() scope's intermediates when it ends, and when its output is
+ * disposed with no node consuming it. Except after a backward (which releases every node in order), inputs
+ * that were disposed and that no node consumes any more are released in turn.
  */
-export function releaseNode(t: Tensor): void {
+export function releaseNode(t: Tensor, why: ReleaseReason = "backward"): void {
   if (!t.node) return;
   const node = t.node;
   t.node = null; // first: disposing an owned tensor below must not come back here
-  for (const s of node.saved) if (!s.disposed) markSaved(s.storage, -1);
+  for (const s of savedStorages.get(node) ?? []) markSaved(s, -1);
   for (const s of node.owned) s.dispose();
-  released.set(t, node.name);
+  released.set(t, [node.name, why]);
+  for (const x of new Set(node.inputs)) {
+    const n = (consumers.get(x) ?? 0) - 1;
+    if (n > 0) consumers.set(x, n);
+    else {
+      consumers.delete(x);
+      if (why !== "backward" && x.disposed) releaseNode(x, why);
+    }
+  }
+}
+
+/** Releases a disposed output's node when no node consumes it (called by `Tensor.dispose`). */
+export function releaseIfUnconsumed(t: Tensor): void {
+  if (t.node && !consumers.get(t)) releaseNode(t, "dispose");
 }
 
 /**
@@ -466,10 +509,14 @@ export function releaseNode(t: Tensor): void {
 export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
   if (!gradEnabled) return fn(...inputs);
   // The first pass keeps nothing but its output: its intermediates are freed at once.
-  const out = noGrad(() => tidy(() => fn(...inputs)));
-  for (const t of inputs) markSaved(t.storage, 1);
-  out.requiresGrad = true;
-  out.node = {
+  // fn may return one of its inputs: the output gets a node of its own, so it must be a tensor of its own
+  const out = noGrad(() =>
+    tidy(() => {
+      const y = fn(...inputs);
+      return inputs.includes(y) ? copy(y) : y;
+    })
+  );
+  attach(out, {
     name: "checkpoint",
     inputs,
     saved: inputs,
@@ -489,6 +536,6 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tenso
           return gd;
         });
       }),
-  };
+  });
   return out;
 }

@@ -9,7 +9,7 @@
 import { readBuffer } from "./executor.ts";
 import { allocStorage, countTensor, releaseStorage, type Storage } from "./memory.ts";
 import { fmt, type Shape, sizeOf } from "./shape.ts";
-import { type GradNode, releaseNode } from "./autograd.ts";
+import { type GradNode, releaseIfUnconsumed, releaseNode } from "./autograd.ts";
 import * as ops from "./ops/index.ts";
 
 /** Element types: 32-bit floats and 32-bit integers. */
@@ -83,7 +83,9 @@ export class Tensor {
     this.#storage = null;
     countTensor(-1);
     if (--s.users === 0) releaseStorage(s);
-    // A graph node stays listed in its scope, so that tidy releases it when the scope ends.
+    // A node no other node consumes goes now; one still consumed stays (with its tensor listed in its scope)
+    // until its consumers are released or its tidy scope ends.
+    releaseIfUnconsumed(this);
     if (!this.node) { for (const scope of scopes) scope.delete(this); }
   }
 
@@ -272,7 +274,11 @@ export class Tensor {
   }
 }
 
-/** Runs `fn`; afterwards disposes every tensor it created, except the ones it returns or `keep`s. */
+/**
+ * Runs `fn`; afterwards disposes every tensor it created, except the ones it returns or `keep`s. The graph
+ * through the disposed intermediates goes with them (their saved tensors are freed): run `backward()` inside
+ * the tidy, or `keep()` the tensors it must pass through.
+ */
 export function tidy<T>(fn: () => T): T {
   const scope = new Set<Tensor>();
   scopes.push(scope);
@@ -283,9 +289,13 @@ export function tidy<T>(fn: () => T): T {
       throw new Error("tidy(fn) needs a synchronous fn: await readbacks outside of tidy");
     }
   } catch (e) {
-    // Free what fn made before it failed; otherwise every tensor of a failed step leaks.
+    // Free what fn made before it failed (and its graph); otherwise every tensor of a failed step leaks.
     scopes.pop();
-    for (const t of scope) if (!t.kept) t.dispose();
+    for (const t of scope) {
+      if (t.kept) continue;
+      t.dispose();
+      releaseNode(t, "tidy");
+    }
     throw e;
   }
   scopes.pop();
@@ -296,7 +306,7 @@ export function tidy<T>(fn: () => T): T {
     else if (!t.kept) {
       t.dispose();
       // The scope's graph ends with it: nodes of its intermediates stop holding saved tensors.
-      releaseNode(t);
+      releaseNode(t, "tidy");
     }
   }
   return result;

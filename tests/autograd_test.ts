@@ -334,6 +334,24 @@ Deno.test("backward twice: retainGraph allows it; otherwise a clear error, no si
   assert.equal(memory().savedBytes, 0);
 });
 
+Deno.test("backward through a value returned from tidy names tidy as the cause, not an earlier backward", () => {
+  const x = M.randn([3], { seed: 8, requiresGrad: true });
+  const loss = tidy(() => x.exp().mul(2).sum());
+  assert.throws(() => loss.backward(), /was already released when the tidy\(\) scope that made it ended/);
+  for (const t of [x, loss]) t.dispose();
+  assert.equal(memory().savedBytes, 0);
+});
+
+Deno.test("checkpoint of a function that returns its input: the input keeps its own graph", async () => {
+  const x = M.ones([3], { requiresGrad: true });
+  const h = x.mul(3); // h's node (mul) must survive: checkpoint's output is a tensor of its own
+  const y = checkpoint((t) => t, h);
+  assert.notEqual(y, h);
+  y.sum().backward();
+  assert.deepEqual([...await x.grad!.toArray()], [3, 3, 3]);
+  for (const t of [x, x.grad!, h, y]) t.dispose();
+});
+
 Deno.test("a backward that uses a saved tensor disposed by the caller fails with a clear error", () => {
   const x = M.randn([3], { seed: 7, requiresGrad: true });
   const y = x.exp(); // saves its output

@@ -136,6 +136,42 @@ Deno.test("tidy disposes even when fn throws; dispose twice is harmless", () => 
   assert.equal(memory().liveBytes, base.liveBytes);
 });
 
+Deno.test("graphs are released without tidy: a disposed output, a throwing tidy, a saved view disposed first", () => {
+  const base = memory();
+  const x = M.randn([64, 16], { seed: 1, requiresGrad: true });
+  const w = M.ones([16], { requiresGrad: true });
+  const withX = memory();
+  // outputs disposed outside tidy: their nodes (and what the ops saved or made for themselves) go with them
+  M.logsumexp(x, 1).dispose();
+  M.rmsNorm(x, w, 1e-5).dispose();
+  const h = x.exp(); // consumed by m, m by y: disposing h and m keeps their nodes until y's goes
+  const m = h.mul(2);
+  const y = m.sum();
+  h.dispose();
+  m.dispose();
+  assert.ok(h.node, "h's node stays while y's node consumes h");
+  y.dispose();
+  assert.equal(h.node, null, "h's node goes with y's");
+  assert.equal(memory().liveTensors, withX.liveTensors, "tensors after disposing the outputs");
+  assert.equal(memory().savedBytes, withX.savedBytes, "saved bytes after disposing the outputs");
+  // a tidy that throws releases its graph too
+  assert.throws(() =>
+    tidy(() => {
+      x.mul(x).exp();
+      throw new Error("boom");
+    }), /boom/);
+  assert.equal(memory().savedBytes, withX.savedBytes, "saved bytes after a throwing tidy");
+  // a saved view of x (detach) disposed before its node is released still un-counts x's buffer
+  const v = x.detach();
+  const z = M.mul(v, w);
+  v.dispose();
+  z.dispose();
+  assert.equal(memory().savedBytes, withX.savedBytes, "saved bytes after a saved view was disposed first");
+  dispose([x, w]);
+  assert.equal(memory().liveTensors, base.liveTensors);
+  assert.equal(memory().liveBytes, base.liveBytes);
+});
+
 Deno.test("views share one buffer: counted once in liveBytes, freed with the last user", async () => {
   const base = memory();
   const t = M.arange(0, 1000, 1, { dtype: "f32" });
