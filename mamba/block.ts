@@ -33,7 +33,13 @@ import { checkpoint, isGradEnabled } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import type { MambaConfig } from "./config.ts";
 
-/** The inference cache of one layer. */
+/**
+ * The inference cache of one layer: plain tensors that the caller owns. A `step` returns new caches and
+ * leaves the ones it was given alive, so the caller disposes the old caches once the step has run (and, at
+ * the end, the last ones). A `tidy` around each step frees only what the step made, not the caches passed
+ * in; a `tidy` around a whole loop frees them all only when the loop ends, so memory grows with the steps.
+ * `MambaLM.generate` disposes its caches itself; `MambaLM.step` shows a manual loop.
+ */
 export interface LayerCache {
   /** SSM state (B, ED, N). */
   h: Tensor;

@@ -209,7 +209,28 @@ export class MambaLM extends Module {
     return this.head(this.mamba.forward(this.embedding.forward(ids)));
   }
 
-  /** One token per row: ids (B) i32 -> logits (B, vocab) and the new caches. */
+  /**
+   * One token per row: ids (B) i32 -> logits (B, vocab) and the new caches (ids are not range-checked).
+   *
+   * The caches passed in stay alive: the caller owns them and disposes them once the step has run
+   * ({@linkcode MambaLM.generate} does). A loop that only keeps the new caches leaks one set per step
+   * (`tidy` around a step does not free the caches it was given). Run each step in `tidy` and `noGrad`
+   * so its intermediates go, and dispose the old caches:
+   *
+   * ```ts
+   * let caches = lm.emptyCache(1);
+   * for (const id of [1, 2, 3]) {
+   *   const ids = tensor(new Int32Array([id]), [1], { dtype: "i32" });
+   *   const prev = caches;
+   *   const r = tidy(() => noGrad(() => lm.step(ids, prev)));
+   *   dispose([prev, ids]);
+   *   caches = r.caches;
+   *   // ... read or sample r.logits, then:
+   *   r.logits.dispose();
+   * }
+   * dispose(caches);
+   * ```
+   */
   step(ids: Tensor, caches: LayerCache[]): { logits: Tensor; caches: LayerCache[] } {
     if (ids.dtype !== "i32" || ids.rank !== 1) {
       throw new Error(`MambaLM.step: ids must be an i32 (B) tensor, got ${ids}`);
@@ -218,7 +239,7 @@ export class MambaLM extends Module {
     return { logits: this.head(r.out), caches: r.caches };
   }
 
-  /** Zero caches for a batch size. */
+  /** Zero caches for a batch size; the caller disposes them (see {@linkcode MambaLM.step}). */
   emptyCache(batch: number): LayerCache[] {
     return this.mamba.emptyCache(batch);
   }
