@@ -88,6 +88,66 @@ Deno.test("matmul with 1-D operands (vector-matrix, matrix-vector, dot, batched)
   ]);
 });
 
+Deno.test("matmul with a 1-D operand leaves no tensor behind (no grad, backward, tidy without backward); gradients of a 1-D operand used twice", async () => {
+  const forms: MatmulForm[] = [
+    { a: [13], b: [13, 5] },
+    { a: [7, 13], b: [13] },
+    { a: [13], b: [13] },
+    { a: [2, 7, 13], b: [13] },
+    { a: [13], b: [5, 13], transB: true },
+  ];
+  for (const f of forms) {
+    for (const mode of ["no grad", "backward", "tidy"] as const) {
+      const what = `[${f.a}] @ [${f.b}]${f.transB ? "^T" : ""}, ${mode}`;
+      const before = M.memory();
+      const a = toTensor(rand(f.a, 60), mode !== "no grad");
+      const b = toTensor(rand(f.b, 61), mode !== "no grad");
+      if (mode === "tidy") {
+        M.tidy(() => void M.matmul(a, b, f));
+      } else {
+        const y = M.matmul(a, b, f);
+        await y.toArray();
+        if (mode === "backward") {
+          const s = M.sum(y);
+          s.backward();
+          for (const t of [s, a.grad!, b.grad!]) t.dispose();
+        }
+        y.dispose();
+      }
+      a.dispose();
+      b.dispose();
+      const after = M.memory();
+      assert.equal(after.liveTensors, before.liveTensors, `${what}: live tensors`);
+      assert.equal(after.liveBytes, before.liveBytes, `${what}: live bytes`);
+      assert.equal(after.savedBytes, before.savedBytes, `${what}: saved bytes`);
+    }
+  }
+  // Mismatched inner dims with a 1-D operand: an error naming the views' shapes, and nothing left behind.
+  const [m, w] = [M.zeros([4, 5]), M.zeros([6])];
+  const live = M.memory().liveTensors;
+  assert.throws(() => M.matmul(m, w), /inner dims differ: \[4, 5\] @ \[6, 1\] \(5 vs 6\)/);
+  assert.throws(() => M.matmul(w, m), /inner dims differ: \[1, 6\] @ \[4, 5\] \(6 vs 4\)/);
+  assert.equal(M.memory().liveTensors, live, "live tensors after the errors");
+  m.dispose();
+  w.dispose();
+  // loss = v . (A v) + sum(v): v's gradient gathers three contributions, A's one.
+  const [ar, vr] = [rand([6, 6], 62), rand([6], 63)];
+  const A = toTensor(ar, true);
+  const v = toTensor(vr, true);
+  M.tidy(() => M.add(M.matmul(v, M.matmul(A, v)), M.sum(v)).backward());
+  const [gA, gv] = [await A.grad!.toArray(), await v.grad!.toArray()];
+  for (let i = 0; i < 6; i++) {
+    let want = 1; // d/dv_i of v^T A v + sum(v) = (A v)_i + (A^T v)_i + 1
+    for (let j = 0; j < 6; j++) {
+      want += ar.data[i * 6 + j] * vr.data[j] + ar.data[j * 6 + i] * vr.data[j];
+      const wA = vr.data[i] * vr.data[j];
+      assert.ok(Math.abs(gA[i * 6 + j] - wA) < 1e-5 * Math.max(1, Math.abs(wA)), `gA[${i},${j}]`);
+    }
+    assert.ok(Math.abs(gv[i] - want) < 1e-5 * Math.max(1, Math.abs(want)), `gv[${i}]: ${gv[i]} vs ${want}`);
+  }
+  for (const t of [A.grad!, v.grad!, A, v]) t.dispose();
+});
+
 Deno.test("matmul across tile edges (33x65x31, 67x129x45) with analytic gradients", async () => {
   const cases: OpCase[] = [];
   for (const [m, k, n] of [[33, 65, 31], [67, 129, 45], [64, 64, 64], [1, 200, 97]]) {

@@ -268,44 +268,82 @@ export function matmulRaw(
   return into;
 }
 
-const matmulOp = defineOp<Required<MatmulOptions>>({
+interface MatmulAttrs extends Required<MatmulOptions> {
+  /** A is 1-D: the product runs on its (1, K) view and the result drops that dim. */
+  vecA: boolean;
+  /** B is 1-D: the product runs on its (K, 1) view and the result drops that dim. */
+  vecB: boolean;
+}
+
+const matmulOp = defineOp<MatmulAttrs>({
   name: "matmul",
-  forward: ([a, b], opts, save) => {
-    save(a, b);
-    return matmulRaw(a, b, opts);
+  forward: ([a, b], { vecA, vecB, ...opts }, save) => {
+    // 1-D operands are viewed as a row (A) or a column (B) here, inside the op, so that the views are saved
+    // tensors the op owns (disposed with the graph, or at once without one) rather than graph nodes.
+    const a2 = vecA ? new Tensor(a.storage, [1, a.shape[0]], "f32") : a;
+    const b2 = vecB ? new Tensor(b.storage, [b.shape[0], 1], "f32") : b;
+    let c: Tensor;
+    try {
+      c = matmulRaw(a2, b2, opts);
+    } catch (e) { // bad shapes: the views go too
+      for (const [v, x] of [[a2, a], [b2, b]]) if (v !== x) v.dispose();
+      throw e;
+    }
+    save(a2, b2);
+    if (!vecA && !vecB) return c;
+    const shape = [...c.shape];
+    if (vecB) shape.splice(shape.length - 1, 1);
+    if (vecA) shape.splice(shape.length - (vecB ? 1 : 2), 1);
+    const out = new Tensor(c.storage, shape, "f32");
+    c.dispose();
+    return out;
   },
-  backward: (g, [a, b], _i, { transA, transB }, targets) => {
+  backward: (g0, [a, b], inputs, { transA, transB, vecA, vecB }, targets) => {
+    // a and b are the 2-D+ operands (the views of 1-D inputs); g is g0 with the dropped dims put back.
+    const batch = broadcastShapes(a.shape.slice(0, -2), b.shape.slice(0, -2), "matmul batch dims");
+    const [M, N] = [a.shape[a.rank - (transA ? 1 : 2)], b.shape[b.rank - (transB ? 2 : 1)]];
+    const g = vecA || vecB ? new Tensor(g0.storage, [...batch, M, N], "f32") : g0;
+    /** The gradient of an operand's view as the gradient of the input (the view's dim dropped). */
+    const asInput = (grad: Tensor, i: number) => {
+      if (grad.rank === inputs[i].rank) return grad;
+      const out = new Tensor(grad.storage, inputs[i].shape, "f32");
+      grad.dispose();
+      return out;
+    };
     let ga: Tensor | null = null;
     let gb: Tensor | null = null;
-    if (a.requiresGrad) {
+    if (inputs[0].requiresGrad) {
       // Where a's gradient so far is this pass's own tensor (a used elsewhere too, e.g. the conv output that
       // feeds both x_proj and the scan), add into it in place instead of making a tensor and adding it.
-      const batch = broadcastShapes(a.shape.slice(0, -2), b.shape.slice(0, -2), "matmul batch dims");
-      const into = (batch.join() === a.shape.slice(0, -2).join() && targets.sum(0)) || undefined;
+      const into = (!vecA && batch.join() === a.shape.slice(0, -2).join() && targets.sum(0)) || undefined;
       const full = transA
         ? matmulRaw(b, g, { transA: transB, transB: true }, undefined, into)
         : matmulRaw(g, b, { transB: !transB }, undefined, into);
       if (!into) {
         ga = sumToShape(full, a.shape);
         if (ga !== full) full.dispose();
+        ga = asInput(ga, 0);
       }
     }
-    if (b.requiresGrad && b.rank === 2 && a.rank > 2 && !transA) {
+    if (inputs[1].requiresGrad && b.rank === 2 && a.rank > 2 && !transA) {
       // A weight used by a batch (x @ W): fold the batch into the contraction instead of summing
       // one product per batch element.
-      const M = sizeOf(a.shape.slice(0, -1));
-      const af = new Tensor(a.storage, [M, a.shape[a.rank - 1]], "f32"); // af: (batch * M, K)
-      const gf = new Tensor(g.storage, [M, g.shape[g.rank - 1]], "f32"); // gf: (batch * M, N)
+      const rows = sizeOf(a.shape.slice(0, -1));
+      const af = new Tensor(a.storage, [rows, a.shape[a.rank - 1]], "f32"); // af: (batch * M, K)
+      const gf = new Tensor(g.storage, [rows, N], "f32"); // gf: (batch * M, N)
       gb = transB ? matmulRaw(gf, af, { transA: true }) : matmulRaw(af, gf, { transA: true });
       af.dispose();
       gf.dispose();
-    } else if (b.requiresGrad) {
+      gb = asInput(gb, 1);
+    } else if (inputs[1].requiresGrad) {
       const full = transB
         ? matmulRaw(g, a, { transA: true, transB: transA })
         : matmulRaw(a, g, { transA: !transA });
       gb = sumToShape(full, b.shape);
       if (gb !== full) full.dispose();
+      gb = asInput(gb, 1);
     }
+    if (g !== g0) g.dispose();
     return [ga, gb];
   },
 });
@@ -319,18 +357,11 @@ export function matmul(a: Tensor, b: Tensor, options: MatmulOptions = {}): Tenso
   if (a.rank === 0 || b.rank === 0) {
     throw new Error(`matmul: operands must have rank >= 1, got ${a} and ${b}`);
   }
-  const opts = { transA: options.transA ?? false, transB: options.transB ?? false };
-  if (a.rank === 1 || b.rank === 1) {
-    const a2 = a.rank === 1 ? a.reshape(1, a.shape[0]) : a;
-    const b2 = b.rank === 1 ? b.reshape(b.shape[0], 1) : b;
-    const c = matmulOp([a2, b2], {
-      transA: a.rank === 1 ? false : opts.transA,
-      transB: b.rank === 1 ? false : opts.transB,
-    });
-    const shape = [...c.shape];
-    if (b.rank === 1) shape.splice(shape.length - 1, 1);
-    if (a.rank === 1) shape.splice(shape.length - (b.rank === 1 ? 1 : 2), 1);
-    return c.reshape(...shape);
-  }
-  return matmulOp([a, b], opts);
+  const vecA = a.rank === 1, vecB = b.rank === 1;
+  return matmulOp([a, b], {
+    transA: !vecA && (options.transA ?? false),
+    transB: !vecB && (options.transB ?? false),
+    vecA,
+    vecB,
+  });
 }
