@@ -208,10 +208,16 @@ export async function readBuffer(src: GPUBuffer, offset: number, bytes: number):
   try {
     await staging.mapAsync(GPUMapMode.READ);
   } catch (e) {
+    staging.destroy();
     throwIfGPUFailed();
     throw e;
   }
-  throwIfGPUFailed();
+  try {
+    throwIfGPUFailed();
+  } catch (e) {
+    staging.destroy();
+    throw e;
+  }
   const out = new ArrayBuffer(bytes);
   const dst = new Uint8Array(out);
   // Copy in pieces of at most 4 MiB: large single copies out of a mapped range are slow in Deno.

@@ -196,7 +196,8 @@ function pipelineFor(k: Kernel, windows: number[]) {
  */
 const bindGroups = new Map<string, GPUBindGroup>();
 const MAX_BIND_GROUPS = 16384;
-const keysOfBuffer = new Map<GPUBuffer, string[]>();
+const keysOfBuffer = new Map<GPUBuffer, Set<string>>();
+const buffersOfKey = new Map<string, Set<GPUBuffer>>();
 const bufferIds = new WeakMap<GPUBuffer, number>();
 let nextBufferId = 0;
 
@@ -209,13 +210,26 @@ function bufferId(b: GPUBuffer): number {
 let listening = false; // registered on first use: memory.ts may not be initialised when this module is
 
 function forgetBuffer(b: GPUBuffer): void {
-  for (const key of keysOfBuffer.get(b) ?? []) bindGroups.delete(key);
+  for (const key of keysOfBuffer.get(b) ?? []) {
+    bindGroups.delete(key);
+    // the group's other buffers (parameters live long) must not keep the key
+    for (const other of buffersOfKey.get(key) ?? []) if (other !== b) keysOfBuffer.get(other)?.delete(key);
+    buffersOfKey.delete(key);
+  }
   keysOfBuffer.delete(b);
 }
 
 /** Number of cached bind groups (for tests of the cache). */
 export function bindGroupCount(): number {
   return bindGroups.size;
+}
+
+/** Bind-group keys listed under live buffers, summed over the buffers (for tests: equals the sum over the
+ * cached groups of their distinct buffers, so no key outlives its group). */
+export function bindGroupKeyCount(): number {
+  let n = 0;
+  for (const keys of keysOfBuffer.values()) n += keys.size;
+  return n;
 }
 
 /** Uniform values by field name: numbers, or 4-element arrays for vec4 fields. */
@@ -302,12 +316,15 @@ export function dispatch(
       // A safety valve for workloads whose buffers keep changing: start over rather than grow without bound.
       bindGroups.clear();
       keysOfBuffer.clear();
+      buffersOfKey.clear();
     }
     bindGroups.set(bgKey, bindGroup);
-    for (const s of new Set(storages.map((s) => s.buffer))) {
-      let keys = keysOfBuffer.get(s);
-      if (!keys) keysOfBuffer.set(s, keys = []);
-      keys.push(bgKey);
+    const buffers = new Set(storages.map((s) => s.buffer));
+    buffersOfKey.set(bgKey, buffers);
+    for (const b of buffers) {
+      let keys = keysOfBuffer.get(b);
+      if (!keys) keysOfBuffer.set(b, keys = new Set());
+      keys.add(bgKey);
     }
   }
   const x = Math.min(groups, maxDim);

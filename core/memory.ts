@@ -7,7 +7,7 @@
  * @module
  */
 
-import { gpuDevice, GPUError } from "./device.ts";
+import { deviceInfo, gpuDevice, GPUError } from "./device.ts";
 
 /** Byte counts from the runtime's own allocator. */
 export interface MemoryInfo {
@@ -72,9 +72,18 @@ export function setMemoryLimit(bytes: number | null): void {
   limit = bytes ?? Infinity;
 }
 
-/** Allocates storage for `bytes` bytes, reusing a pooled buffer of the same size class when there is one. */
-export function allocStorage(bytes: number): Storage {
-  const size = sizeClass(bytes);
+/**
+ * Allocates storage for `bytes` bytes, reusing a pooled buffer of the same size class when there is one.
+ * `what` names the request in errors (e.g. the tensor's shape).
+ */
+export function allocStorage(bytes: number, what = `${bytes} bytes`): Storage {
+  const max = deviceInfo().limits.maxBufferSize;
+  if (bytes > max) {
+    throw new GPUError(
+      `cannot allocate ${what}: ${bytes} bytes is more than the device's largest buffer (${max})`,
+    );
+  }
+  const size = Math.min(sizeClass(bytes), Math.floor(max / 4) * 4); // the class's rounding stays within it
   if (live + size > limit) {
     throw new GPUError(
       `out of memory: allocating ${size} bytes with ${live} live would pass the memory limit of ${limit} bytes`,

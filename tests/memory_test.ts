@@ -229,7 +229,7 @@ Deno.test("a custom op whose backward returns a gradient for an input that needs
 });
 
 Deno.test("bind groups are cached per pipeline and buffers, and dropped with the buffers the pool destroys", async () => {
-  const { bindGroupCount } = await import("../core/kernel.ts");
+  const { bindGroupCount, bindGroupKeyCount } = await import("../core/kernel.ts");
   const { sync } = await import("../core/executor.ts");
   emptyPool();
   await sync();
@@ -255,4 +255,45 @@ Deno.test("bind groups are cached per pipeline and buffers, and dropped with the
   await sync();
   assert.ok(bindGroupCount() < cached, `bind groups of destroyed buffers are dropped (${bindGroupCount()})`);
   assert.deepEqual(await run(), first);
+  // A long-lived buffer (a parameter) bound with short-lived ones keeps no keys of their dropped groups.
+  const w = tensor([1, 2, 3], [3]);
+  emptyPool();
+  await sync();
+  const keysBefore = bindGroupKeyCount();
+  for (let i = 0; i < 5; i++) {
+    const t = M.randn([1000 + 100 * i]); // a new size class each time: fresh buffers, fresh groups
+    dispose([tidy(() => M.mul(M.narrow(t, 0, 0, 3), w)), t]);
+    emptyPool();
+    await sync();
+  }
+  assert.equal(
+    bindGroupKeyCount(),
+    keysBefore,
+    `keys left behind under the long-lived buffer (${keysBefore} before)`,
+  );
+  w.dispose();
+});
+
+Deno.test("a tensor larger than the device's largest buffer is a clear error naming its shape; size classes stay within it", () => {
+  const limits = M.deviceInfo().limits;
+  const real = limits.maxBufferSize;
+  const base = memory();
+  assert.throws(
+    () => M.Tensor.empty([Math.ceil(real / 4) + 1]),
+    new RegExp(
+      `cannot allocate f32 \\[${
+        Math.ceil(real / 4) + 1
+      }\\]: \\d+ bytes is more than the device's largest buffer`,
+    ),
+  );
+  // a request just under the limit whose size class (1/8 steps) would round past it
+  limits.maxBufferSize = (1 << 20) + 1000;
+  try {
+    const t = M.Tensor.empty([((1 << 20) + 500) / 4]);
+    assert.ok(t.storage.buffer.size <= limits.maxBufferSize, `buffer of ${t.storage.buffer.size} bytes`);
+    t.dispose();
+  } finally {
+    limits.maxBufferSize = real;
+  }
+  assert.equal(memory().liveTensors, base.liveTensors);
 });
