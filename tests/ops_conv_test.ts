@@ -238,3 +238,27 @@ Deno.test("causalConv1d: a window that does not fit, or a wider x without one, i
   x.dispose();
   w.dispose();
 });
+
+Deno.test("causalConv1d: non-f32 operands, an empty kernel (K = 0) and a weight that is not (C, K) or (C, 1, K) are clear errors", () => {
+  const x = M.zeros([1, 4, 4]);
+  const w = M.zeros([4, 2]);
+  const b = M.zeros([4]);
+  const xi = M.zeros([1, 4, 4], { dtype: "i32" });
+  const wi = M.zeros([4, 2], { dtype: "i32" });
+  const bi = M.zeros([4], { dtype: "i32" });
+  assert.throws(() => M.causalConv1d(xi, w, b), /causalConv1d: x must be f32, got i32/);
+  assert.throws(() => M.causalConv1d(x, wi, b), /causalConv1d: weight must be f32, got i32/);
+  assert.throws(() => M.causalConv1d(x, w, bi), /causalConv1d: bias must be f32, got i32/);
+  const w0 = M.zeros([4, 0]);
+  const w01 = M.zeros([4, 1, 0]);
+  assert.throws(() => M.causalConv1d(x, w0, null), /kernel size K must be at least 1, got weight \[4, 0\]/);
+  assert.throws(() => M.causalConv1d(x, w01, b), /kernel size K must be at least 1, got weight \[4, 1, 0\]/);
+  const w3 = M.zeros([4, 2, 1]);
+  const w4 = M.zeros([4, 1, 1, 2]);
+  assert.throws(() => M.causalConv1d(x, w3, null), /weight must be \(C, 1, K\) or \(C, K\), got \[4, 2, 1\]/);
+  assert.throws(
+    () => M.causalConv1d(x, w4, null),
+    /weight must be \(C, 1, K\) or \(C, K\), got \[4, 1, 1, 2\]/,
+  );
+  for (const t of [x, w, b, xi, wi, bi, w0, w01, w3, w4]) t.dispose();
+});

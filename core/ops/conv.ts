@@ -309,8 +309,17 @@ export function causalConv1d(
   activation: ConvActivation = "none",
   start?: number,
 ): Tensor {
+  for (const [name, t] of [["x", x], ["weight", weight], ["bias", bias]] as const) {
+    if (t && t.dtype !== "f32") throw new Error(`causalConv1d: ${name} must be f32, got ${t.dtype} ${t}`);
+  }
+  if ((weight.rank !== 2 && weight.rank !== 3) || (weight.rank === 3 && weight.shape[1] !== 1)) {
+    throw new Error(`causalConv1d: weight must be (C, 1, K) or (C, K), got ${fmt(weight.shape)}`);
+  }
   const C = weight.shape[0];
   const K = weight.shape[weight.rank - 1];
+  if (K < 1) {
+    throw new Error(`causalConv1d: kernel size K must be at least 1, got weight ${fmt(weight.shape)}`);
+  }
   if (start === undefined) {
     if (x.rank !== 3 || x.shape[2] !== C) {
       throw new Error(`causalConv1d: x must be (B, L, ${C}), got ${fmt(x.shape)}`);
