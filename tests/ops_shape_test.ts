@@ -327,3 +327,72 @@ Deno.test("copies that merge dims, move vec4 rows, or become buffer copies: forw
     ] satisfies OpCase[],
   );
 });
+
+Deno.test("chunk and split reject counts and sizes that are not positive integers, as PyTorch", () => {
+  const x = M.zeros([6, 2]);
+  for (const bad of [0, -1, 1.5, NaN, Infinity]) {
+    assert.throws(
+      () => x.chunk(bad),
+      new RegExp(`chunk: the number of chunks must be a positive integer, got ${bad}`),
+    );
+    assert.throws(() => x.split(bad), new RegExp(`split: size must be a positive integer, got ${bad}`));
+  }
+  assert.throws(() => x.split([2.5, 3.5]), /split: sizes \[2\.5,3\.5\] must be non-negative integers/);
+  assert.throws(() => x.split([-1, 7]), /split: sizes \[-1,7\] must be non-negative integers/);
+  // PyTorch's counts: 6 rows in 4 chunks are 3 pieces of 2; more chunks than rows, one row each.
+  M.tidy(() => {
+    assert.deepEqual(x.chunk(4).map((t) => t.shape[0]), [2, 2, 2]);
+    assert.deepEqual(x.chunk(9).map((t) => t.shape[0]), [1, 1, 1, 1, 1, 1]);
+    assert.deepEqual(x.split([0, 6]).map((t) => t.shape[0]), [0, 6]);
+    assert.deepEqual(M.zeros([0, 2]).chunk(3).map((t) => t.shape), [[0, 2], [0, 2], [0, 2]]);
+  });
+  x.dispose();
+});
+
+Deno.test("copyBox within one storage (overlapping boxes, contiguous and strided, accumulate) goes through a temporary", async () => {
+  const host = Float32Array.from({ length: 16 }, (_, i) => i + 1);
+  const cases: { what: string; from: M.Box; to: M.Box; shape: number[]; acc?: boolean }[] = [
+    {
+      what: "contiguous, shifted right by 3 (overlapping)",
+      from: { offset: 0, strides: [1] },
+      to: { offset: 3, strides: [1] },
+      shape: [10],
+    },
+    {
+      what: "contiguous, shifted left by 2 (overlapping)",
+      from: { offset: 2, strides: [1] },
+      to: { offset: 0, strides: [1] },
+      shape: [12],
+    },
+    {
+      what: "strided 2x4 box onto its transpose",
+      from: { offset: 0, strides: [4, 1] },
+      to: { offset: 1, strides: [1, 4] },
+      shape: [2, 4],
+    },
+    {
+      what: "accumulate onto an overlapping box",
+      from: { offset: 0, strides: [1] },
+      to: { offset: 1, strides: [1] },
+      shape: [8],
+      acc: true,
+    },
+  ];
+  for (const c of cases) {
+    const t = tensor(host);
+    const alias = t.detach(); // another tensor on the same storage
+    const want = Float64Array.from(host);
+    const coords = (shape: number[]): number[][] =>
+      shape.reduce<number[][]>(
+        (acc, n) => acc.flatMap((p) => Array.from({ length: n }, (_, i) => [...p, i])),
+        [[]],
+      );
+    const at = (b: M.Box, p: number[]) => b.offset + p.reduce((o, v, d) => o + v * b.strides[d], 0);
+    const moved = coords(c.shape).map((p) => [at(c.to, p), host[at(c.from, p)]]);
+    for (const [i, v] of moved) want[i] = c.acc ? want[i] + v : v;
+    M.copyBox(alias, c.from, t, c.to, c.shape, c.acc);
+    assert.deepEqual([...await t.toArray()], [...want], c.what);
+    t.dispose();
+    alias.dispose();
+  }
+});

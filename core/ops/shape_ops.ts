@@ -114,7 +114,8 @@ export interface Box {
  * Copies the box `shape` from `src` (read through `from`) into `dst` (written through `to`); with
  * `accumulate`, adds it to what `dst` holds there (f32 only). No autograd. Dims are merged first; a
  * contiguous run becomes a buffer copy, and rows whose length, strides and offsets are multiples of 4 move
- * as vec4.
+ * as vec4. `src` and `dst` may share storage, even with overlapping boxes: the box then goes through a
+ * temporary (WebGPU copies no buffer into itself and binds none as both read and written).
  */
 export function copyBox(
   src: Tensor,
@@ -129,10 +130,18 @@ export function copyBox(
   if (accumulate && (src.dtype !== "f32" || dst.dtype !== "f32")) {
     throw new Error(`copyBox: accumulating needs f32 tensors, got ${src.dtype} into ${dst.dtype}`);
   }
+  if (src.storage.buffer === dst.storage.buffer) {
+    const tmp = Tensor.empty(shape, src.dtype);
+    const box = { offset: 0, strides: stridesOf(shape) };
+    copyBox(src, from, tmp, box, shape);
+    copyBox(tmp, box, dst, to, shape, accumulate);
+    tmp.dispose();
+    return;
+  }
   const m = mergeDims(shape, from.strides, to.strides);
   const r = m.shape.length;
   const contiguous = r === 1 && m.ss[0] === 1 && m.ds[0] === 1;
-  if (contiguous && !accumulate && src.storage.buffer !== dst.storage.buffer) {
+  if (contiguous && !accumulate) {
     recordCopy(src.storage.buffer, 4 * from.offset, dst.storage.buffer, 4 * to.offset, 4 * n);
     return;
   }
@@ -291,11 +300,16 @@ export function split(x: Tensor, sizes: number | number[], dim = 0): Tensor[] {
   const n = x.shape[d];
   let list: number[];
   if (typeof sizes === "number") {
-    if (!(sizes > 0)) throw new Error(`split: size must be positive, got ${sizes}`);
+    if (!Number.isInteger(sizes) || sizes < 1) {
+      throw new Error(`split: size must be a positive integer, got ${sizes}`);
+    }
     list = [];
     for (let at = 0; at < n; at += sizes) list.push(Math.min(sizes, n - at));
   } else {
     list = sizes;
+    if (!list.every((v) => Number.isInteger(v) && v >= 0)) {
+      throw new Error(`split: sizes ${JSON.stringify(sizes)} must be non-negative integers`);
+    }
     const total = list.reduce((a, b) => a + b, 0);
     if (total !== n) {
       throw new Error(`split: sizes ${JSON.stringify(sizes)} sum to ${total}, dim ${dim} has ${n}`);
@@ -309,10 +323,18 @@ export function split(x: Tensor, sizes: number | number[], dim = 0): Tensor[] {
   });
 }
 
-/** Splits along `dim` into `chunks` pieces of size ceil(n / chunks) (the last may be smaller). */
+/**
+ * Splits along `dim` into pieces of size ceil(n / chunks) (the last may be smaller, and there may be fewer
+ * than `chunks`; an empty dim gives `chunks` empty pieces, as in PyTorch); `chunks` must be a positive
+ * integer.
+ */
 export function chunk(x: Tensor, chunks: number, dim = 0): Tensor[] {
+  if (!Number.isInteger(chunks) || chunks < 1) {
+    throw new Error(`chunk: the number of chunks must be a positive integer, got ${chunks}`);
+  }
   const d = normAxis(dim, x.rank, "chunk");
-  return split(x, Math.ceil(x.shape[d] / chunks), d);
+  const n = x.shape[d];
+  return split(x, n === 0 ? new Array<number>(chunks).fill(0) : Math.ceil(n / chunks), d);
 }
 
 const catOp = defineOp<{ dim: number }>({
@@ -397,7 +419,7 @@ export function pad(x: Tensor, padding: number[], value = 0): Tensor {
 
 const expandOp = defineOp<{ shape: number[] }>({
   name: "expand",
-  forward: ([x], { shape }) => mapOp(x.dtype === "f32" ? "a" : "a", [x], shape, x.dtype),
+  forward: ([x], { shape }) => mapOp("a", [x], shape, x.dtype),
   backward: (g, _s, [x]) => [sumToShape(g, x.shape)],
 });
 
