@@ -80,21 +80,14 @@ export function fillUniform(rng: Philox, out: Float32Array, low = 0, high = 1): 
   return out;
 }
 
-let globalSeed = 0;
 let globalStream = new Philox(0);
 
 /** Seeds the global generator used when a creation function gets no `seed` (like torch.manual_seed). */
 export function manualSeed(seed: number): void {
-  globalSeed = seed;
   globalStream = new Philox(seed);
 }
 
 /** The stream for a call: its own seed, or the global generator. */
 export function streamFor(seed?: number): Philox {
   return seed === undefined ? globalStream : new Philox(seed);
-}
-
-/** The seed last given to {@linkcode manualSeed}. */
-export function currentSeed(): number {
-  return globalSeed;
 }
