@@ -4,7 +4,7 @@
  */
 
 import { recordClear, upload } from "./executor.ts";
-import { checkShape, fmt, type Shape, sizeOf } from "./shape.ts";
+import { checkShape, fmt, isInt32, type Shape, sizeOf } from "./shape.ts";
 import { type DType, Tensor } from "./tensor.ts";
 import { mapOp } from "./ops/map_kernel.ts";
 import { fillNormal, fillUniform, streamFor } from "./random.ts";
@@ -61,11 +61,9 @@ export function tensor(
   if (sizeOf(s) !== flat.length) {
     throw new Error(`tensor: shape ${fmt(s)} needs ${sizeOf(s)} values, got ${flat.length}`);
   }
-  if (dtype === "i32") {
+  if (dtype === "i32" && !(flat instanceof Int32Array)) {
     for (let i = 0; i < flat.length; i++) {
-      if (!Number.isInteger(flat[i])) {
-        throw new Error(`tensor: i32 data has a non-integer ${flat[i]} at ${i}`);
-      }
+      if (!isInt32(flat[i])) throw new Error(`tensor: i32 data has ${flat[i]} at ${i}, not an int32 integer`);
     }
   }
   const host = dtype === "f32"
@@ -80,11 +78,11 @@ export function tensor(
 export function full(shape: Shape, value: number, options: CreateOptions = {}): Tensor {
   checkShape(shape);
   const dtype = options.dtype ?? "f32";
-  if (dtype === "i32" && !Number.isInteger(value)) {
-    throw new Error(`full: i32 fill value ${value} is not an integer`);
+  if (dtype === "i32" && !isInt32(value)) {
+    throw new Error(`full: i32 fill value ${value} is not an int32 integer`);
   }
   if (value === 0 && !Object.is(value, -0)) return finish(cleared(shape, dtype), options);
-  return finish(mapOp(dtype === "f32" ? "P.s0" : "i32(P.s0)", [value], shape, dtype), options);
+  return finish(mapOp("a", [value], shape, dtype, [dtype]), options);
 }
 
 /** Zeros by clearing the buffer (a memset on the queue, no kernel): 0.0 and 0 are both all-zero bits. */
@@ -120,6 +118,9 @@ export function arange(start: number, end?: number, step = 1, options: CreateOpt
   if (step === 0) throw new Error("arange: step must not be 0");
   const n = Math.max(0, Math.ceil((end - start) / step));
   const dtype = options.dtype ?? (Number.isInteger(start) && Number.isInteger(step) ? "i32" : "f32");
+  if (dtype === "i32" && n > 0 && ![start, step, start + (n - 1) * step].every(isInt32)) {
+    throw new Error(`arange: i32 values from ${start} by ${step} (${n} of them) do not fit int32`);
+  }
   const host = dtype === "f32" ? new Float32Array(n) : new Int32Array(n);
   for (let i = 0; i < n; i++) host[i] = start + i * step;
   return tensor(host, [n], { ...options, dtype });

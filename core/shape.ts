@@ -32,6 +32,11 @@ export function fmt(shape: Shape): string {
   return `[${shape.join(", ")}]`;
 }
 
+/** Whether `v` is an integer that int32 holds (-2^31 .. 2^31 - 1). */
+export function isInt32(v: number): boolean {
+  return Number.isInteger(v) && v >= -(2 ** 31) && v < 2 ** 31;
+}
+
 /** Checks that a shape is a list of non-negative integers. */
 export function checkShape(shape: Shape, what = "shape"): void {
   if (!Array.isArray(shape) || shape.some((d) => !Number.isInteger(d) || d < 0)) {

@@ -274,6 +274,9 @@ Deno.test("i32 arithmetic: add/sub/mul/maximum/minimum are exact, broadcast, and
     M.mul(ta, -3),
     M.add(tensor(new Int32Array([2147483647, -2147483648])), 1),
     M.mul(tensor(new Int32Array([65536, 123456789])), 65536),
+    // scalars past 2^24 stay exact (they are i32 uniforms, not f32 ones)
+    M.add(tensor(new Int32Array([0, 1])), 16777217),
+    M.full([2], 2147483647, { dtype: "i32" }),
   ];
   for (const t of outs) assert.equal(t.dtype, "i32");
   const got = await readAll(outs);
@@ -289,12 +292,27 @@ Deno.test("i32 arithmetic: add/sub/mul/maximum/minimum are exact, broadcast, and
     Array.from(a, (x) => x * -3),
     [-2147483648, -2147483647], // two's-complement wrap, as WGSL defines i32 overflow
     [0, Math.imul(123456789, 65536)],
+    [16777217, 16777218],
+    [2147483647, 2147483647],
   ];
   got.forEach((g, i) => {
     assert.ok(g instanceof Int32Array, `output ${i} reads back as Int32Array`);
     assert.deepEqual([...g], expected[i], `i32 op #${i}`);
   });
   for (const t of [ta, tb, ...outs]) t.dispose();
+  // values int32 cannot hold are errors, not silent wraps
+  assert.throws(
+    () => tensor([2 ** 31], [1], { dtype: "i32" }),
+    /tensor: i32 data has 2147483648 at 0, not an int32/,
+  );
+  assert.throws(() => M.full([1], -(2 ** 31) - 1, { dtype: "i32" }), /full: i32 fill value -2147483649/);
+  assert.throws(() => M.arange(2 ** 31 - 2, 2 ** 31 + 2), /arange: i32 values from 2147483646 by 1/);
+  const i = tensor(new Int32Array([1]));
+  assert.throws(
+    () => M.add(i, 2 ** 31),
+    /add: an i32 tensor with a scalar that is not an int32 integer \(2147483648\)/,
+  );
+  i.dispose();
 });
 
 Deno.test("compare: all six comparisons with tensors, scalars, broadcasting and i32; f32 0/1 masks", async () => {

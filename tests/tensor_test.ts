@@ -151,13 +151,13 @@ Deno.test("bad input: wrong dtypes are rejected with the op and dtype named", ()
   assert.throws(() => i.sigmoid(), /sigmoid needs an f32 tensor, got i32/);
   assert.throws(() => M.add(i, f), /add: dtypes differ/);
   assert.throws(() => M.div(i, i), /div needs f32 tensors, got i32/);
-  assert.throws(() => M.add(i, 0.5), /non-integer scalar/);
+  assert.throws(() => M.add(i, 0.5), /add: an i32 tensor with a scalar that is not an int32 integer \(0.5\)/);
   assert.throws(() => M.sum(i), /sum needs an f32 tensor, got i32/);
   assert.throws(() => M.indexSelect(f, 0, f), /indices must be an i32 tensor, got f32/);
   assert.throws(() => M.where(i, f, f), /condition must be an f32 mask, got i32/);
   assert.throws(() => M.add(1, 2), /at least one operand must be a tensor/);
-  assert.throws(() => tensor([1.5], undefined, { dtype: "i32" }), /non-integer 1.5/);
-  assert.throws(() => M.full([2], 0.5, { dtype: "i32" }), /not an integer/);
+  assert.throws(() => tensor([1.5], undefined, { dtype: "i32" }), /i32 data has 1.5 at 0, not an int32 integer/);
+  assert.throws(() => M.full([2], 0.5, { dtype: "i32" }), /full: i32 fill value 0.5 is not an int32 integer/);
   dispose([i, f]);
 });
 

@@ -5,7 +5,7 @@
  */
 
 import { defineOp } from "../autograd.ts";
-import { broadcastShapes } from "../shape.ts";
+import { broadcastShapes, isInt32 } from "../shape.ts";
 import type { DType, Operand, Tensor } from "../tensor.ts";
 import { mapOp } from "./map_kernel.ts";
 import { sumToShape } from "./reduce.ts";
@@ -149,8 +149,10 @@ function resultType(a: Operand, b: Operand, op: string, ints: boolean): DType {
   if (ta && tb && ta !== tb) throw new Error(`${op}: dtypes differ (${a} and ${b}); convert one first`);
   const t = ta ?? tb ?? "f32";
   if (t === "i32" && !ints) throw new Error(`${op} needs f32 tensors, got i32`);
-  if (t === "i32" && [a, b].some((o) => typeof o === "number" && !Number.isInteger(o))) {
-    throw new Error(`${op}: an i32 tensor with a non-integer scalar`);
+  if (t === "i32" && [a, b].some((o) => typeof o === "number" && !isInt32(o))) {
+    throw new Error(
+      `${op}: an i32 tensor with a scalar that is not an int32 integer (${typeof a === "number" ? a : b})`,
+    );
   }
   return t;
 }

@@ -120,7 +120,7 @@ function kernelFor(
   kinds.forEach((kind, j) => {
     const n = names[j];
     const read = kind === "scalar"
-      ? (types[j] === "f32" ? `P.s${j}` : `i32(P.s${j})`)
+      ? `P.s${j}` // an i32 scalar travels as an i32 uniform: through f32 it lost integers past 2^24
       : `ld_${n}(${
         kind === "bcast"
           ? `i${n}`
@@ -133,8 +133,8 @@ function kernelFor(
     lines.push(`let ${n} = ${read};`);
   });
   lines.push(`st_y(gid, ${expr});`);
-  const uniforms: [string, "u32" | "f32" | "vec4<u32>"][] = [["n", "u32"]];
-  kinds.forEach((_, j) => uniforms.push([`s${j}`, "f32"], [`m${j}`, "u32"]));
+  const uniforms: [string, "u32" | "i32" | "f32" | "vec4<u32>"][] = [["n", "u32"]];
+  kinds.forEach((_, j) => uniforms.push([`s${j}`, types[j] === "i32" ? "i32" : "f32"], [`m${j}`, "u32"]));
   if (bcast) {
     uniforms.push(["sh0", "vec4<u32>"], ["sh1", "vec4<u32>"]);
     kinds.forEach((kind, j) => {
