@@ -171,4 +171,11 @@ export {
   type Tokenizer,
   tokenizerFromJSON,
 } from "./mamba/tokenizer.ts";
-export { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer, type TrainLog } from "./mamba/train.ts";
+export {
+  CharDataset,
+  DEFAULT_TRAIN,
+  type TrainConfig,
+  Trainer,
+  type TrainLog,
+  validateTrainConfig,
+} from "./mamba/train.ts";

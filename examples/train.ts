@@ -5,14 +5,17 @@
  * deno task train                                  # mamba.py's recipe: 1200 steps of 16 x 128 characters
  * deno task train --steps 300 --out runs/short     # shorter
  * deno task train --resume runs/char               # continue a run exactly where it stopped
+ * deno task train --resume runs/short --steps 600  # extend a run (the cosine schedule stretches from here on)
  * ```
  * A progress line shows step, loss, validation loss, tokens/s and ETA. Checkpoints (config.json,
  * model.safetensors in the Hugging Face layout, optimizer state, training log, tokenizer) are written every
  * `--save-every` steps and at the end; Ctrl-C saves one before exiting. The loss curve is written as
- * `loss.json` and `loss.svg`.
+ * `loss.json` and `loss.svg`. A resumed run keeps its recipe and model (flags that
+ * would change them are errors) and writes to the folder it resumes unless `--out` names another.
  * @module
  */
 
+import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { manualSeed } from "../core/random.ts";
@@ -39,8 +42,9 @@ const USAGE = `Usage: deno task train [options]
   --d-state <n>      SSM state size (default 16)
   --seed <n>         seed of the initialisation and the batches (default ${DEFAULT_TRAIN.seed})
   --data <file>      training text (default data/pride_and_prejudice.txt; last 10% is validation)
-  --out <dir>        checkpoint folder (default runs/char)
-  --resume <dir>     continue the run saved in <dir> (its recipe and model; --steps may extend it)
+  --out <dir>        checkpoint folder (default runs/char; with --resume, the resumed folder)
+  --resume <dir>     continue the run saved in <dir> with its recipe and model; only --steps (to extend
+                     it), --data, --out and --save-every may be given with it
   --eval-every <n>   steps between validation losses (default ${DEFAULT_TRAIN.evalEvery})
   --save-every <n>   steps between checkpoints (default 200)
   --help             this text`;
@@ -67,6 +71,9 @@ export interface TrainArgs {
   stepsGiven: boolean;
 }
 
+/** Flags that set the recipe or the model, which a resumed run takes from its checkpoint. */
+const RECIPE_FLAGS = ["batch", "seq", "lr", "warmup", "d-model", "layers", "d-state", "seed", "eval-every"];
+
 /** Parses flags; throws an Error naming a bad flag or value; null for --help. */
 export function parseTrainArgs(argv: string[]): TrainArgs | null {
   const { values } = parseArgs({
@@ -91,6 +98,15 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     },
   });
   if (values.help) return null;
+  if (values.resume !== undefined) {
+    const given = RECIPE_FLAGS.filter((f) => values[f as keyof typeof values] !== undefined);
+    if (given.length > 0) {
+      throw new Error(
+        `${given.map((f) => `--${f}`).join(", ")} cannot be used with --resume: a resumed run keeps the ` +
+          `recipe and model of its checkpoint (only --steps, --data, --out and --save-every apply)`,
+      );
+    }
+  }
   const int = (name: string, v: string | undefined, dflt: number, min = 1): number => {
     if (v === undefined) return dflt;
     const n = Number(v);
@@ -118,8 +134,8 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     dModel: int("d-model", values["d-model"], 64),
     layers: int("layers", values.layers, 2),
     dState: int("d-state", values["d-state"], 16),
-    data: values.data ?? new URL("../data/pride_and_prejudice.txt", import.meta.url).pathname,
-    out: values.out ?? "runs/char",
+    data: values.data ?? fileURLToPath(new URL("../data/pride_and_prejudice.txt", import.meta.url)),
+    out: values.out ?? values.resume ?? "runs/char",
     resume: values.resume ?? null,
     saveEvery: int("save-every", values["save-every"], 200),
     stepsGiven: values.steps !== undefined,
@@ -160,7 +176,15 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
   let trainer: Trainer;
   if (a.resume) {
     trainer = await loadTrainingCheckpoint(a.resume, data);
-    if (a.stepsGiven) (trainer.config as TrainConfig).steps = a.train.steps;
+    if (a.stepsGiven) {
+      try {
+        trainer.setSteps(a.train.steps); // the learning-rate schedule follows
+      } catch (e) {
+        trainer.model.dispose();
+        trainer.dispose();
+        throw new Error(`--steps ${a.train.steps} for the run in ${a.resume}: ${(e as Error).message}`);
+      }
+    }
   } else {
     manualSeed(a.train.seed);
     const model = new MambaLM({ dModel: a.dModel, nLayers: a.layers, dState: a.dState }, { vocabSize: 256 });

@@ -48,7 +48,7 @@ export interface TrainConfig {
   logEvery: number;
 }
 
-/** The recipe of ../shared/models/char-mamba's PyTorch run. */
+/** The recipe of the PyTorch char-mamba reference run (`tests/fixtures/char-mamba/training_log.json`). */
 export const DEFAULT_TRAIN: TrainConfig = {
   steps: 1200,
   batch: 16,
@@ -104,34 +104,116 @@ export class CharDataset {
   }
 }
 
+/**
+ * Checks a {@linkcode TrainConfig}: every key present, integers where steps or counts are meant, finite
+ * rates, `warmup <= steps`. Returns a frozen copy; throws an Error naming the first bad key and its value.
+ */
+export function validateTrainConfig(config: TrainConfig): Readonly<TrainConfig> {
+  if (typeof config !== "object" || config === null) {
+    throw new Error(`TrainConfig must be an object, got ${config === null ? "null" : typeof config}`);
+  }
+  const c = config as unknown as Record<string, unknown>;
+  const show = (v: unknown) => (typeof v === "string" ? `'${v}'` : Array.isArray(v) ? JSON.stringify(v) : v);
+  const bad = (key: string, want: string): never => {
+    throw new Error(`TrainConfig.${key} must be ${want}, got ${show(c[key])}`);
+  };
+  const int = (key: string, min: number, max = Number.MAX_SAFE_INTEGER) => {
+    const v = c[key];
+    if (typeof v !== "number" || !Number.isSafeInteger(v) || v < min || v > max) {
+      bad(key, max === Number.MAX_SAFE_INTEGER ? `an integer >= ${min}` : `an integer in [${min}, ${max}]`);
+    }
+  };
+  const num = (key: string, ok: (v: number) => boolean, want: string) => {
+    const v = c[key];
+    if (typeof v !== "number" || Number.isNaN(v) || !ok(v)) bad(key, want);
+  };
+  int("steps", 1);
+  int("batch", 1);
+  int("seq", 1);
+  num("lr", (v) => v > 0 && Number.isFinite(v), "a finite number > 0");
+  num("minLr", (v) => v >= 0 && Number.isFinite(v), "a finite number >= 0");
+  int("warmup", 0);
+  num("weightDecay", (v) => v >= 0 && Number.isFinite(v), "a finite number >= 0");
+  const betas = c.betas;
+  if (
+    !Array.isArray(betas) || betas.length !== 2 ||
+    !betas.every((b) => typeof b === "number" && b >= 0 && b < 1)
+  ) bad("betas", "two numbers in [0, 1)");
+  num("clip", (v) => v > 0, "a number > 0 (Infinity: no clipping)");
+  int("seed", 0, 9e9); // seed * 1e6 + step seeds a batch's generator, exact below 2^53
+  int("evalEvery", 1);
+  int("evalBatches", 1);
+  int("logEvery", 1);
+  if (config.warmup > config.steps) {
+    throw new Error(
+      `TrainConfig.warmup (${config.warmup}) must be <= steps (${config.steps}): ` +
+        `lower warmup for a run this short (deno task train clamps it to steps)`,
+    );
+  }
+  return Object.freeze({ ...config, betas: Object.freeze([...config.betas]) as [number, number] });
+}
+
 /** One training run's moving parts. */
 export class Trainer {
   /** The optimizer (mamba.py's grouping). */
   readonly opt: AdamW;
-  /** Learning rate per step. */
-  readonly schedule: (step: number) => number;
   /** Completed steps. */
   step = 0;
   /** The loss curve so far. */
   log: TrainLog = { train: [], val: [], time: [] };
+  #config: Readonly<TrainConfig>;
+  #schedule: (step: number) => number;
   #losses: Tensor;
   #pending = 0;
   #tuned = false;
 
-  /** Builds the optimizer and schedule for `model`. */
-  constructor(readonly model: MambaLM, readonly data: CharDataset, readonly config: TrainConfig) {
+  /**
+   * Builds the optimizer and schedule for `model`. `config` is validated (see
+   * {@linkcode validateTrainConfig}: `warmup` must not exceed `steps`) and copied.
+   */
+  constructor(readonly model: MambaLM, readonly data: CharDataset, config: TrainConfig) {
+    this.#config = validateTrainConfig(config);
+    this.#schedule = Trainer.#scheduleOf(this.#config);
     this.opt = configureOptimizers(model, {
       lr: config.lr,
       weightDecay: config.weightDecay,
       betas: config.betas,
     });
-    this.schedule = cosineSchedule({
-      warmup: config.warmup,
-      total: config.steps,
-      maxLr: config.lr,
-      minLr: config.minLr,
-    });
     this.#losses = keep(tensor(new Float32Array(config.logEvery), [config.logEvery]));
+  }
+
+  static #scheduleOf(c: Readonly<TrainConfig>): (step: number) => number {
+    return cosineSchedule({ warmup: c.warmup, total: c.steps, maxLr: c.lr, minLr: c.minLr });
+  }
+
+  /** The recipe (read-only: change the length of a run with {@linkcode Trainer.setSteps}). */
+  get config(): Readonly<TrainConfig> {
+    return this.#config;
+  }
+
+  /** Learning rate per step: warm-up, then cosine to `minLr` at the current `config.steps`. */
+  get schedule(): (step: number) => number {
+    return this.#schedule;
+  }
+
+  /**
+   * Changes the run's total steps, e.g. to extend a resumed run; the cosine schedule follows from the next
+   * step on (its steps so far ran on the old total). A run extended from its start or from any checkpoint
+   * along the way trains alike. Throws if `steps` is not an integer, is below the steps done or below
+   * `warmup`.
+   */
+  setSteps(steps: number): void {
+    if (!Number.isSafeInteger(steps) || steps < 1) {
+      throw new Error(`steps must be an integer >= 1, got ${steps}`);
+    }
+    if (steps < this.step) {
+      throw new Error(`steps (${steps}) is below the ${this.step} steps this run has already done`);
+    }
+    if (steps < this.#config.warmup) {
+      throw new Error(`steps (${steps}) is below the run's warm-up of ${this.#config.warmup} steps`);
+    }
+    this.#config = Object.freeze({ ...this.#config, steps });
+    this.#schedule = Trainer.#scheduleOf(this.#config);
   }
 
   /** The batch of a step: the same for the same (seed, step), so resumed runs see the same data. */
@@ -184,18 +266,22 @@ export class Trainer {
     const { batch: B, seq: L, evalBatches, seed } = this.config;
     const rng = new Philox(seed * 1e6 - 1);
     const sums = keep(tensor(new Float32Array(evalBatches), [evalBatches]));
-    for (let i = 0; i < evalBatches; i++) {
-      const tokens = this.data.windows("val", B, L, rng);
-      tidy(() =>
-        noGrad(() => {
-          const ids = tensor(tokens, [B, L + 1], { dtype: "i32" });
-          const loss = crossEntropy(this.model.forward(narrow(ids, 1, 0, L)), narrow(ids, 1, 1, L));
-          recordCopy(loss.storage.buffer, 0, sums.storage.buffer, 4 * i, 4);
-        })
-      );
+    let v: Float32Array;
+    try {
+      for (let i = 0; i < evalBatches; i++) {
+        const tokens = this.data.windows("val", B, L, rng);
+        tidy(() =>
+          noGrad(() => {
+            const ids = tensor(tokens, [B, L + 1], { dtype: "i32" });
+            const loss = crossEntropy(this.model.forward(narrow(ids, 1, 0, L)), narrow(ids, 1, 1, L));
+            recordCopy(loss.storage.buffer, 0, sums.storage.buffer, 4 * i, 4);
+          })
+        );
+      }
+      v = new Float32Array(await readBuffer(sums.storage.buffer, 0, 4 * evalBatches));
+    } finally {
+      sums.dispose();
     }
-    const v = new Float32Array(await readBuffer(sums.storage.buffer, 0, 4 * evalBatches));
-    sums.dispose();
     const val = v.reduce((a, b) => a + b, 0) / evalBatches;
     this.log.val.push([this.step, val]);
     return val;
