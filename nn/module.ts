@@ -75,8 +75,9 @@ export class Module {
   }
 
   /**
-   * Copies values into the parameters (in place: optimizers keep working). Shape mismatches always throw,
-   * naming the key and both shapes; with `strict` (default), missing and unexpected keys throw too.
+   * Copies values into the parameters (in place: optimizers keep working). Shape and dtype mismatches always
+   * throw, naming the key and both shapes or dtypes, before any parameter is written; with `strict`
+   * (default), missing and unexpected keys throw too.
    */
   loadStateDict(
     dict: StateDict | Record<string, Tensor | HostTensor>,
@@ -87,14 +88,23 @@ export class Module {
     const missingKeys = [...own.keys()].filter((k) => !entries.has(k));
     const unexpectedKeys = [...entries.keys()].filter((k) => !own.has(k));
     const mismatched: string[] = [];
+    const wrong: string[] = []; // wrong dtype or value count: checked before any parameter is written
     for (const [k, p] of own) {
       const v = entries.get(k);
-      if (v && v.shape.join() !== p.shape.join()) {
+      if (!v) continue;
+      if (v.shape.join() !== p.shape.join()) {
         mismatched.push(`${k}: checkpoint ${fmt(v.shape)} vs model ${fmt(p.shape)}`);
+        continue;
+      }
+      const dtype = "data" in v ? (v.data instanceof Int32Array ? "i32" : "f32") : v.dtype;
+      if (dtype !== p.dtype) wrong.push(`${k} is ${dtype}, the model's is ${p.dtype}`);
+      else if ("data" in v && v.data.length !== p.size) {
+        wrong.push(`${k} has ${v.data.length} values, needs ${p.size}`);
       }
     }
     const problems: string[] = [];
     if (mismatched.length) problems.push(`shape mismatch for ${mismatched.join("; ")}`);
+    problems.push(...wrong);
     if ((options.strict ?? true) && missingKeys.length) {
       problems.push(`missing keys: ${missingKeys.join(", ")}`);
     }
@@ -106,10 +116,7 @@ export class Module {
       const v = entries.get(k);
       if (!v) continue;
       if ("data" in v) {
-        if (v.data.length !== p.size) {
-          throw new Error(`loadStateDict: ${k} has ${v.data.length} values, needs ${p.size}`);
-        }
-        upload(p.storage.buffer, 0, v.data instanceof Float32Array ? v.data : Float32Array.from(v.data));
+        upload(p.storage.buffer, 0, v.data);
       } else {
         recordCopy(v.storage.buffer, 0, p.storage.buffer, 0, p.size * 4);
       }

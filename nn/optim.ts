@@ -470,6 +470,8 @@ export abstract class Optimizer {
           );
         } else if ("data" in v && v.data.length !== s.p.size) {
           problems.push(`${keys[j]} has ${v.data.length} values, needs ${s.p.size}`);
+        } else if (("data" in v ? (v.data instanceof Int32Array ? "i32" : "f32") : v.dtype) !== "f32") {
+          problems.push(`${keys[j]} is i32, optimizer state is f32`);
         }
       });
       const steps = state.paramSteps?.[s.name] ?? state.step;
@@ -489,7 +491,7 @@ export abstract class Optimizer {
       vals.forEach((v, j) => {
         const dst = s.state![j].storage.buffer;
         if ("data" in v) {
-          upload(dst, 0, v.data instanceof Float32Array ? v.data : Float32Array.from(v.data));
+          upload(dst, 0, v.data);
         } else if (v.size > 0) {
           recordCopy(v.storage.buffer, 0, dst, 0, v.size * 4);
         }

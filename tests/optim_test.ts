@@ -437,6 +437,24 @@ Deno.test("loadStateDict names bad keys, shapes and partial states", async () =>
   p.dispose();
 });
 
+Deno.test("Module.loadStateDict checks dtypes and value counts before writing any parameter", async () => {
+  await setup();
+  const { Linear } = await import("../nn/layers.ts");
+  const lin = new Linear(3, 2);
+  const before = await lin.weight.toArray();
+  const weight = { shape: [2, 3], data: new Float32Array(6).fill(9) }; // valid, listed first
+  assert.throws(
+    () => lin.loadStateDict({ weight, bias: { shape: [2], data: new Int32Array([1, 2]) } }),
+    /loadStateDict: bias is i32, the model's is f32/,
+  );
+  assert.throws(
+    () => lin.loadStateDict({ weight, bias: { shape: [2], data: new Float32Array(3) } }),
+    /loadStateDict: bias has 3 values, needs 2/,
+  );
+  assert.deepEqual([...await lin.weight.toArray()], [...before], "the weight was not written");
+  lin.dispose();
+});
+
 Deno.test("no leaks: after training steps, zeroGrad and dispose, live bytes are back to baseline", async () => {
   await setup();
   const base = memory().liveBytes;
