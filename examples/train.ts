@@ -10,7 +10,7 @@
  * A progress line shows step, loss, validation loss, tokens/s and ETA. Checkpoints (config.json,
  * model.safetensors in the Hugging Face layout, optimizer state, training log, tokenizer) are written every
  * `--save-every` steps and at the end; Ctrl-C saves one before exiting. The loss curve is written as
- * `loss.json` and `loss.svg`. A resumed run keeps its recipe and model (flags that
+ * `loss.json` and `loss.svg`, in the checkpoint folder. A resumed run keeps its recipe and model (flags that
  * would change them are errors) and writes to the folder it resumes unless `--out` names another.
  * @module
  */
@@ -27,7 +27,11 @@ import {
   type TrainConfig,
   Trainer,
 } from "../mamba/train.ts";
-import { loadTrainingCheckpoint, saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
+import {
+  checkCheckpointFolder,
+  loadTrainingCheckpoint,
+  saveTrainingCheckpoint,
+} from "../mamba/checkpoint.ts";
 import { lossChartSVG } from "./lib/loss_chart.ts";
 
 const USAGE = `Usage: deno task train [options]
@@ -169,6 +173,7 @@ export interface TrainHooks {
 /** Trains (or resumes) as the flags say; returns the trainer, with the final checkpoint written. */
 export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise<Trainer> {
   await init();
+  await checkCheckpointFolder(a.out); // a folder we may not replace fails now, not at the first save
   const text = await Deno.readFile(a.data).catch((e) => {
     throw new Error(`cannot read the training text ${a.data}: ${(e as Error).message}`);
   });
@@ -199,9 +204,13 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       else console.error(line);
     });
   const save = async () => {
-    await saveTrainingCheckpoint(a.out, trainer, tokJson);
-    await Deno.writeTextFile(`${a.out}/loss.json`, JSON.stringify(trainer.log) + "\n");
-    await Deno.writeTextFile(`${a.out}/loss.svg`, await lossChartSVG(trainer.log));
+    // The loss chart goes into the checkpoint folder with the rest, replaced with it atomically.
+    await saveTrainingCheckpoint(a.out, trainer, tokJson, {
+      files: {
+        "loss.json": JSON.stringify(trainer.log) + "\n",
+        "loss.svg": await lossChartSVG(trainer.log),
+      },
+    });
   };
   await hooks.onStart?.(trainer);
   const t0 = performance.now();

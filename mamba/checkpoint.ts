@@ -1,11 +1,14 @@
 /**
- * Training checkpoints: a folder with `config.json` + `model.safetensors` (the Hugging Face layout, so
+ * Training checkpoints (Deno): a folder with `config.json` + `model.safetensors` (the Hugging Face layout, so
  * `fromPretrained` and Python read it), `optimizer.safetensors` (AdamW's m and v by parameter name, step
- * counts in its metadata), `training_log.json` (recipe, loss curve, step) and `tokenizer.json`.
+ * counts in its metadata), `training_log.json` (recipe, loss curve, step, and the list of the folder's files)
+ * and `tokenizer.json`, plus any files the caller adds (`deno task train` adds its loss chart).
  *
- * The folder is replaced as a whole: everything is written into `<dir>.tmp-<random>`, then the old folder
- * is moved to `<dir>.prev`, the new one into place, and `.prev` removed. A crash at any point leaves a
- * complete checkpoint under `<dir>` or `<dir>.prev` (which `loadTrainingCheckpoint` falls back to).
+ * The folder is replaced as a whole: everything is written and fsynced into `<dir>.tmp-<random>`, then the
+ * old folder is moved to `<dir>.prev`, the new one into place, and `.prev` removed. A crash at any point
+ * leaves a complete checkpoint under `<dir>` or `<dir>.prev`: `loadTrainingCheckpoint` falls back to
+ * `.prev`, and the next save first moves `.prev` back. A save never deletes files it did not write: it
+ * refuses to replace a non-empty folder that is not a checkpoint, or a checkpoint holding other files.
  * @module
  */
 
@@ -25,26 +28,225 @@ export interface TrainingState {
   log: TrainLog;
   /** Train losses of the steps after the last logged mean. */
   pendingLosses?: number[];
+  /**
+   * The files the save wrote into the folder (a later save replaces the folder only if it holds no others).
+   * Absent in checkpoints written before it existed.
+   */
+  files?: string[];
 }
 
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.lstat(path);
-    return true;
-  } catch {
-    return false;
+/** Options of {@linkcode saveTrainingCheckpoint}. */
+export interface SaveTrainingOptions {
+  /**
+   * More files to write into the checkpoint (file name -> content), e.g. a loss chart. They are written with
+   * the rest and replace the folder with it, atomically. Names are plain file names, not the checkpoint's own.
+   */
+  files?: Record<string, Uint8Array | string>;
+}
+
+/** The files every training checkpoint has. */
+const CHECKPOINT_FILES = [
+  "config.json",
+  "model.safetensors",
+  "optimizer.safetensors",
+  "training_log.json",
+  "tokenizer.json",
+];
+/** The files of checkpoints whose training_log.json has no `files` (deno task train added the loss chart). */
+const LEGACY_FILES = [...CHECKPOINT_FILES, "loss.json", "loss.svg"];
+/** The suffix of our temporary names: `<name>.tmp-` and 8 hex digits. */
+const TMP_SUFFIX = /\.tmp-[0-9a-f]{8}$/;
+
+function tmpSuffix(): string {
+  return `.tmp-${crypto.randomUUID().slice(0, 8)}`;
+}
+
+function needDeno(what: string): void {
+  if (typeof (globalThis as { Deno?: unknown }).Deno === "undefined") {
+    throw new Error(`${what} reads and writes folders with Deno's file system (in a page: checkpointFiles)`);
   }
 }
 
-/** Writes a complete checkpoint of a run into `dir`, replacing the previous one only once it is complete. */
+/** `dir` without trailing separators, its parent folder and its last name; throws for names we cannot use. */
+function splitDir(dir: string): { path: string; parent: string; base: string } {
+  if (typeof dir !== "string" || dir === "") {
+    throw new Error(`the checkpoint folder must be a path, got '${dir}'`);
+  }
+  const path = dir.replace(/(?<=.)[\\/]+$/, "");
+  const i = Math.max(path.lastIndexOf("/"), path.lastIndexOf("\\"));
+  const base = path.slice(i + 1);
+  if (base === "" || base === "." || base === "..") {
+    throw new Error(`the checkpoint folder must end in a folder name, got '${dir}'`);
+  }
+  return { path, parent: i < 0 ? "." : i === 0 ? path[0] : path.slice(0, i), base };
+}
+
+function listNames(names: string[]): string {
+  const shown = names.slice(0, 5).join(", ");
+  return names.length > 5 ? `${shown} and ${names.length - 5} more` : shown;
+}
+
+/**
+ * What is at `path`: nothing; ours to replace (an empty folder, or a checkpoint holding only the files its
+ * save wrote); or something else, with why it is not ours.
+ */
+async function inspect(
+  path: string,
+): Promise<{ kind: "missing" | "ours" } | { kind: "foreign"; why: string }> {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.lstat(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return { kind: "missing" };
+    throw e;
+  }
+  if (info.isSymlink) return { kind: "foreign", why: "it is a symbolic link (name the folder it points to)" };
+  if (!info.isDirectory) return { kind: "foreign", why: "it is a file, not a folder" };
+  const entries: Deno.DirEntry[] = [];
+  for await (const e of Deno.readDir(path)) entries.push(e);
+  if (entries.length === 0) return { kind: "ours" };
+  const names = entries.map((e) => e.name).sort();
+  if (!names.includes("training_log.json")) {
+    return {
+      kind: "foreign",
+      why: `it is not a training checkpoint (no training_log.json) and holds ${listNames(names)}`,
+    };
+  }
+  let written: string[];
+  try {
+    const files = (JSON.parse(await Deno.readTextFile(`${path}/training_log.json`)) as TrainingState).files;
+    if (files !== undefined && !(Array.isArray(files) && files.every((f) => typeof f === "string"))) {
+      throw new Error("its files entry is not a list of names");
+    }
+    written = files ?? LEGACY_FILES;
+  } catch (e) {
+    return { kind: "foreign", why: `its training_log.json is not valid (${(e as Error).message})` };
+  }
+  const others = entries.filter((e) => !(e.isFile && written.includes(e.name))).map((e) => e.name).sort();
+  if (others.length > 0) {
+    return {
+      kind: "foreign",
+      why: `it holds files the checkpoint does not: ${listNames(others)} (move them out of it)`,
+    };
+  }
+  return { kind: "ours" };
+}
+
+function refusal(path: string, target: string, why: string): Error {
+  const what = target === path ? path : `${target} (the folder a save keeps the previous checkpoint in)`;
+  return new Error(
+    `cannot write checkpoint ${path}: refusing to replace ${what}: ${why}; choose another folder`,
+  );
+}
+
+/**
+ * Throws the refusal {@linkcode saveTrainingCheckpoint} would give for `dir` (Deno): lets a program stop
+ * before training rather than at its first save. Resolves when a save may write there.
+ */
+export async function checkCheckpointFolder(dir: string): Promise<void> {
+  needDeno("checkCheckpointFolder");
+  const { path } = splitDir(dir);
+  const prev = `${path}.prev`;
+  const prevKind = await inspect(prev);
+  if (prevKind.kind === "foreign") throw refusal(path, prev, prevKind.why);
+  const cur = await inspect(path);
+  if (cur.kind === "foreign") throw refusal(path, path, cur.why);
+}
+
+/** Makes renames in `dir` durable; skipped where a folder cannot be opened or synced (Windows). */
+async function syncDir(dir: string): Promise<void> {
+  let f: Deno.FsFile | undefined;
+  try {
+    f = await Deno.open(dir, { read: true });
+    await f.sync();
+  } catch {
+    // best effort: not every platform can fsync a folder
+  } finally {
+    f?.close();
+  }
+}
+
+/**
+ * Removes the `<base>.tmp-*` folders that interrupted saves left in `parent`, each only if it holds nothing
+ * but files a save writes.
+ */
+async function removeOrphans(parent: string, base: string, names: string[]): Promise<void> {
+  let entries: Deno.DirEntry[];
+  try {
+    entries = await Array.fromAsync(Deno.readDir(parent));
+  } catch {
+    return;
+  }
+  for (const e of entries) {
+    if (!e.isDirectory || !e.name.startsWith(base) || !TMP_SUFFIX.test(e.name)) continue;
+    if (e.name.length !== base.length + ".tmp-".length + 8) continue;
+    const path = `${parent}/${e.name}`;
+    try {
+      const inside = await Array.fromAsync(Deno.readDir(path));
+      const known = inside.every((f) => f.isFile && names.includes(f.name.replace(TMP_SUFFIX, "")));
+      if (known) await Deno.remove(path, { recursive: true });
+    } catch {
+      // left for the next save
+    }
+  }
+}
+
+/**
+ * Writes a complete checkpoint of a run into `dir` (Deno), replacing the previous one only once the new one
+ * is complete; `options.files` adds files to it. Refuses (and writes nothing) when `dir` or `<dir>.prev` is a
+ * non-empty folder that is not a checkpoint, or a checkpoint holding files its save did not write. Errors
+ * name `dir`.
+ */
 export async function saveTrainingCheckpoint(
   dir: string,
   trainer: Trainer,
   tokenizerJson: unknown,
+  options: SaveTrainingOptions = {},
 ): Promise<void> {
-  const tmp = `${dir}.tmp-${crypto.randomUUID().slice(0, 8)}`;
+  needDeno("saveTrainingCheckpoint");
+  const { path, parent, base } = splitDir(dir);
+  const extra = Object.entries(options.files ?? {});
+  for (const [name, content] of extra) {
+    if (!/^[^\\/]+$/.test(name) || name === "." || name === ".." || CHECKPOINT_FILES.includes(name)) {
+      throw new Error(
+        `cannot write checkpoint ${path}: options.files: '${name}' must be a plain file name ` +
+          `other than ${CHECKPOINT_FILES.join(", ")}`,
+      );
+    }
+    if (typeof content !== "string" && !(content instanceof Uint8Array)) {
+      throw new Error(`cannot write checkpoint ${path}: options.files['${name}'] must be a string or bytes`);
+    }
+  }
+  const names = [...CHECKPOINT_FILES, ...extra.map(([n]) => n)].sort();
+  const prev = `${path}.prev`;
+
+  const wrap = (e: unknown) =>
+    (e as Error).message.startsWith("cannot write checkpoint")
+      ? e
+      : new Error(`cannot write checkpoint ${path}: ${(e as Error).message}`, { cause: e });
+
+  // An interrupted save can leave the checkpoint under .prev alone: move it back first, so that one stays in
+  // place until the new one is complete.
+  let prevKind: Awaited<ReturnType<typeof inspect>>;
+  let cur: Awaited<ReturnType<typeof inspect>>;
   try {
-    await Deno.mkdir(tmp, { recursive: true });
+    prevKind = await inspect(prev);
+    if (prevKind.kind === "foreign") throw refusal(path, prev, prevKind.why);
+    cur = await inspect(path);
+    if (cur.kind === "missing" && prevKind.kind === "ours") {
+      await Deno.rename(prev, path);
+      await syncDir(parent);
+      [cur, prevKind] = [{ kind: "ours" }, { kind: "missing" }];
+    }
+    if (cur.kind === "foreign") throw refusal(path, path, cur.why);
+  } catch (e) {
+    throw wrap(e);
+  }
+
+  const tmp = `${path}${tmpSuffix()}`;
+  try {
+    await Deno.mkdir(parent, { recursive: true });
+    await Deno.mkdir(tmp);
     await saveCheckpoint(trainer.model, tmp);
     const state = trainer.opt.stateDict();
     const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
@@ -63,35 +265,69 @@ export async function saveTrainingCheckpoint(
       train: trainer.config,
       log: trainer.log,
       pendingLosses: await trainer.pendingLosses(),
+      files: names,
     };
     await Deno.writeTextFile(`${tmp}/training_log.json`, JSON.stringify(log) + "\n");
-    await Deno.writeTextFile(`${tmp}/tokenizer.json`, JSON.stringify(tokenizerJson, null, 1) + "\n");
-    // Make the new folder durable before it replaces the old one.
-    for (const e of Deno.readDirSync(tmp)) {
-      const f = await Deno.open(`${tmp}/${e.name}`, { read: true });
-      await f.syncData();
-      f.close();
+    const tok = JSON.stringify(tokenizerJson, null, 1);
+    if (tok === undefined) throw new Error(`the tokenizer is not a JSON value (got ${typeof tokenizerJson})`);
+    await Deno.writeTextFile(`${tmp}/tokenizer.json`, tok + "\n");
+    for (const [name, content] of extra) {
+      const bytes = typeof content === "string" ? new TextEncoder().encode(content) : content;
+      await Deno.writeFile(`${tmp}/${name}`, bytes);
     }
+    // Make the new folder durable before it replaces the old one.
+    for await (const e of Deno.readDir(tmp)) {
+      const f = await Deno.open(`${tmp}/${e.name}`, { read: true });
+      try {
+        await f.syncData();
+      } finally {
+        f.close();
+      }
+    }
+    await syncDir(tmp);
   } catch (e) {
     await Deno.remove(tmp, { recursive: true }).catch(() => {});
-    throw new Error(`cannot write checkpoint ${dir}: ${(e as Error).message}`, { cause: e });
+    throw wrap(e);
   }
-  const prev = `${dir}.prev`;
-  await Deno.remove(prev, { recursive: true }).catch(() => {});
-  if (await exists(dir)) await Deno.rename(dir, prev);
-  await Deno.rename(tmp, dir);
-  await Deno.remove(prev, { recursive: true }).catch(() => {});
+
+  let moved = false;
+  try {
+    // The folder may have changed while the new one was written: look again.
+    cur = await inspect(path);
+    if (cur.kind === "foreign") throw refusal(path, path, cur.why);
+    // Both present: .prev is what an interrupted save had left behind after putting its folder in place.
+    if (prevKind.kind === "ours" && cur.kind === "ours") await Deno.remove(prev, { recursive: true });
+    if (cur.kind === "ours") {
+      await Deno.rename(path, prev);
+      moved = true;
+    }
+    await Deno.rename(tmp, path);
+    moved = false;
+    await syncDir(parent);
+  } catch (e) {
+    if (moved) await Deno.rename(prev, path).catch(() => {}); // the old checkpoint back in place
+    await Deno.remove(tmp, { recursive: true }).catch(() => {});
+    throw wrap(e);
+  }
+  if (cur.kind === "ours") {
+    await Deno.remove(prev, { recursive: true }).catch(() => {}); // the next save removes it otherwise
+    await syncDir(parent);
+  }
+  await removeOrphans(parent, base, names);
 }
 
 /** The folder to read: `dir`, or `<dir>.prev` when a save was interrupted between its two renames. */
 async function resolveDir(dir: string): Promise<string> {
-  if (await exists(`${dir}/training_log.json`)) return dir;
-  if (await exists(`${dir}.prev/training_log.json`)) return `${dir}.prev`;
-  throw new Error(`${dir} is not a training checkpoint (no training_log.json)`);
+  const { path } = splitDir(dir);
+  const has = (p: string) => Deno.lstat(p).then(() => true, () => false);
+  if (await has(`${path}/training_log.json`)) return path;
+  if (await has(`${path}.prev/training_log.json`)) return `${path}.prev`;
+  throw new Error(`${path} is not a training checkpoint (no training_log.json)`);
 }
 
-/** Loads a run to continue it: the model, the optimizer state, the step and the log. */
+/** Loads a run to continue it (Deno): the model, the optimizer state, the step and the log. */
 export async function loadTrainingCheckpoint(dir: string, data: CharDataset): Promise<Trainer> {
+  needDeno("loadTrainingCheckpoint");
   const from = await resolveDir(dir);
   let state: TrainingState;
   try {
@@ -100,7 +336,13 @@ export async function loadTrainingCheckpoint(dir: string, data: CharDataset): Pr
     throw new Error(`${from}/training_log.json is not valid: ${(e as Error).message}`);
   }
   const model: MambaLM = await fromPretrained(from, { tokenizer: false });
-  const trainer = new Trainer(model, data, state.train);
+  let trainer: Trainer;
+  try {
+    trainer = new Trainer(model, data, state.train);
+  } catch (e) {
+    model.dispose();
+    throw new Error(`${from}/training_log.json: ${(e as Error).message}`, { cause: e });
+  }
   try {
     const opt = await readSafetensorsFile(`${from}/optimizer.safetensors`);
     const meta = opt.header.metadata;
@@ -114,8 +356,14 @@ export async function loadTrainingCheckpoint(dir: string, data: CharDataset): Pr
     model.dispose();
     throw new Error(`${from}/optimizer.safetensors: ${(e as Error).message}`, { cause: e });
   }
-  trainer.step = state.step;
-  trainer.log = state.log;
-  trainer.restorePendingLosses(state.pendingLosses ?? []);
+  try {
+    trainer.step = state.step;
+    trainer.log = state.log;
+    trainer.restorePendingLosses(state.pendingLosses ?? []);
+  } catch (e) {
+    trainer.dispose();
+    model.dispose();
+    throw new Error(`${from}/training_log.json: ${(e as Error).message}`, { cause: e });
+  }
   return trainer;
 }

@@ -6,7 +6,7 @@ import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { cosineSchedule } from "../nn/optim.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
-import { saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
+import { loadTrainingCheckpoint, saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
 import { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer } from "../mamba/train.ts";
 
 const quiet = () => {};
@@ -64,11 +64,65 @@ Deno.test("train: a resumed run continues exactly as an uninterrupted one (losse
   }
 });
 
+/** Every file under `dir` (relative path -> bytes). */
+async function snapshot(dir: string, at = ""): Promise<Map<string, Uint8Array>> {
+  const out = new Map<string, Uint8Array>();
+  for await (const e of Deno.readDir(`${dir}${at}`)) {
+    const rel = `${at}/${e.name}`;
+    if (e.isDirectory) { for (const [k, v] of await snapshot(dir, rel)) out.set(k, v); }
+    else out.set(rel, await Deno.readFile(`${dir}${rel}`));
+  }
+  return out;
+}
+
+async function copyDir(from: string, to: string): Promise<void> {
+  await Deno.mkdir(to, { recursive: true });
+  for await (const e of Deno.readDir(from)) {
+    if (e.isDirectory) await copyDir(`${from}/${e.name}`, `${to}/${e.name}`);
+    else await Deno.copyFile(`${from}/${e.name}`, `${to}/${e.name}`);
+  }
+}
+
 async function names(dir: string): Promise<string[]> {
   return (await Array.fromAsync(Deno.readDir(dir))).map((e) => e.name).sort();
 }
 
-Deno.test("train: the loss falls, and a failed save keeps the previous checkpoint intact", async () => {
+type Fs = { rename: typeof Deno.rename; remove: typeof Deno.remove };
+
+/**
+ * Runs `f` with Deno.rename and Deno.remove replaced: `hook` sees each call that is not inside a temporary
+ * folder (index from 1, name, paths) and may throw to make it fail instead of running. Returns the number
+ * of calls it saw.
+ */
+async function withFsHook(
+  hook: (n: number, op: string, args: string[]) => void,
+  f: () => Promise<void>,
+): Promise<number> {
+  const fs = Deno as unknown as Fs;
+  const { rename, remove } = fs;
+  let n = 0;
+  const inTmp = /\.tmp-[0-9a-f]{8}[\\/]/;
+  const hooked = <T>(op: string, args: string[], run: () => Promise<T>): Promise<T> => {
+    if (inTmp.test(args[0])) return run(); // writing the new folder: its files' own renames
+    try {
+      hook(++n, op, args);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return run();
+  };
+  fs.rename = (a, b) => hooked("rename", [String(a), String(b)], () => rename(a, b));
+  fs.remove = (a, o) => hooked("remove", [String(a)], () => remove(a, o));
+  try {
+    await f();
+  } finally {
+    fs.rename = rename;
+    fs.remove = remove;
+  }
+  return n;
+}
+
+Deno.test("train: the loss falls, and a save that fails after writing its new folder keeps the old one", async () => {
   const root = await Deno.makeTempDir();
   try {
     const a = parseTrainArgs([
@@ -85,14 +139,164 @@ Deno.test("train: the loss falls, and a failed save keeps the previous checkpoin
     const t = await runTraining(a, { progress: quiet });
     const val = t.log.val;
     assert.ok(val.at(-1)![1] < val[0][1] - 0.5, `val ${JSON.stringify(val)}`);
-    const before = await Deno.readFile(`${root}/c/model.safetensors`);
-    // A save into a path that cannot be created fails with a clear message and touches nothing else.
-    await Deno.writeTextFile(`${root}/file`, "x");
-    await assert.rejects(() => saveTrainingCheckpoint(`${root}/file/sub`, t, {}), /cannot write checkpoint/);
-    assert.deepEqual(await Deno.readFile(`${root}/c/model.safetensors`), before);
+    const before = await snapshot(`${root}/c`);
+    assert.ok(before.has("/loss.svg") && before.has("/loss.json"), "the loss chart is in the checkpoint");
+    await t.trainStep(); // the save below would write different weights
+    // The new folder is complete; putting it in place fails.
+    let failed = false;
+    await withFsHook((_, op, [from, to]) => {
+      if (op === "rename" && to === `${root}/c` && from.includes(".tmp-")) {
+        failed = true;
+        throw new Error("injected: no space left");
+      }
+    }, async () => {
+      await assert.rejects(
+        () => saveTrainingCheckpoint(`${root}/c`, t, {}),
+        /cannot write checkpoint .*\/c: injected: no space left/,
+      );
+    });
+    assert.ok(failed, "the save reached the rename of its new folder");
+    assert.deepEqual(await names(root), ["c"], "no .prev or temporary folder left");
+    assert.deepEqual(await snapshot(`${root}/c`), before);
+    const back = await loadTrainingCheckpoint(`${root}/c`, t.data);
+    assert.equal(back.step, 20);
+    back.model.dispose();
+    back.dispose();
     t.model.dispose();
     t.dispose();
   } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
+Deno.test("train: a save interrupted at any point leaves a loadable checkpoint; the next one cleans up", async () => {
+  const root = await Deno.makeTempDir();
+  try {
+    const t = await runTraining(parseTrainArgs([...small, "--steps", "3", "--out", `${root}/tpl`])!, {
+      progress: quiet,
+    });
+    await t.trainStep(); // step 4: what the saves below write
+    const tok = { type: "test" };
+    // An orphan of an earlier interrupted save: a partial temporary folder.
+    const orphan = async (at: string) => {
+      await Deno.mkdir(`${at}.tmp-0123abcd`);
+      await Deno.writeTextFile(`${at}.tmp-0123abcd/config.json.tmp-89abcdef`, "{");
+    };
+    const states: Record<string, (at: string) => Promise<void>> = {
+      "a checkpoint": (at) => copyDir(`${root}/tpl`, at),
+      "only .prev (and an orphan)": async (at) => {
+        await copyDir(`${root}/tpl`, `${at}.prev`);
+        await orphan(at);
+      },
+      "a checkpoint and a stale .prev": async (at) => {
+        await copyDir(`${root}/tpl`, at);
+        await copyDir(`${root}/tpl`, `${at}.prev`);
+      },
+    };
+    for (const [what, make] of Object.entries(states)) {
+      const calls = await (async () => {
+        const dir = `${root}/count/c`;
+        await Deno.mkdir(`${root}/count`);
+        await make(dir);
+        const n = await withFsHook(() => {}, () => saveTrainingCheckpoint(dir, t, tok));
+        assert.deepEqual(await names(`${root}/count`), ["c"], `${what}: a save leaves the folder alone`);
+        await Deno.remove(`${root}/count`, { recursive: true });
+        return n;
+      })();
+      // A crash at call k: calls before it ran, none from it on.
+      for (let k = 1; k <= calls; k++) {
+        const at = `${root}/k${k}`;
+        const dir = `${at}/c`;
+        await Deno.mkdir(at);
+        await make(dir);
+        await withFsHook((n) => {
+          if (n >= k) throw new Error("injected crash");
+        }, () => saveTrainingCheckpoint(dir, t, tok).catch(() => {}));
+        const where = `${what}, crash at fs call ${k} of ${calls}`;
+        const back = await loadTrainingCheckpoint(dir, t.data).catch((e) => {
+          throw new Error(
+            `${where}: ${(e as Error).message} (left: ${[...Deno.readDirSync(at)].map((e) => e.name)})`,
+          );
+        });
+        assert.ok(back.step === 3 || back.step === 4, `${where}: step ${back.step}`);
+        back.model.dispose();
+        back.dispose();
+        await saveTrainingCheckpoint(dir, t, tok);
+        assert.deepEqual(await names(at), ["c"], `${where}: the next save leaves only the checkpoint`);
+        const state = JSON.parse(await Deno.readTextFile(`${dir}/training_log.json`));
+        assert.equal(state.step, 4, where);
+        await Deno.remove(at, { recursive: true });
+      }
+    }
+    t.model.dispose();
+    t.dispose();
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
+Deno.test("train: a save refuses to replace a folder that is not its checkpoint, and deletes nothing", async () => {
+  await init();
+  const root = await Deno.makeTempDir();
+  const text = new TextEncoder().encode("It is a truth universally acknowledged. ".repeat(40));
+  const cfg: TrainConfig = { ...DEFAULT_TRAIN, steps: 2, warmup: 1, batch: 2, seq: 16, evalBatches: 1 };
+  const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 256 });
+  const t = new Trainer(model, new CharDataset(text), cfg);
+  try {
+    await t.trainStep();
+    const foreign = `${root}/mine`;
+    await Deno.mkdir(foreign);
+    await Deno.writeTextFile(`${foreign}/precious.txt`, "user data");
+    await assert.rejects(
+      () => saveTrainingCheckpoint(foreign, t, {}),
+      /cannot write checkpoint .*\/mine: refusing to replace .*\/mine: it is not a training checkpoint \(no training_log\.json\) and holds precious\.txt/,
+    );
+    assert.equal(await Deno.readTextFile(`${foreign}/precious.txt`), "user data");
+    assert.deepEqual(await names(root), ["mine"], "nothing written next to it");
+    // The command line stops before training.
+    await assert.rejects(
+      () => runTraining(parseTrainArgs([...small, "--out", foreign])!, { progress: quiet }),
+      /refusing to replace .*\/mine: it is not a training checkpoint/,
+    );
+    // A file, not a folder.
+    await assert.rejects(() => saveTrainingCheckpoint(`${foreign}/precious.txt`, t, {}), /it is a file/);
+    // A checkpoint that also holds a file its save did not write.
+    const ck = `${root}/ck`;
+    await saveTrainingCheckpoint(ck, t, {}, { files: { "notes.md": "x" } });
+    await Deno.writeTextFile(`${ck}/samples.txt`, "kept");
+    await assert.rejects(
+      () => saveTrainingCheckpoint(ck, t, {}),
+      /holds files the checkpoint does not: samples\.txt/,
+    );
+    assert.equal(await Deno.readTextFile(`${ck}/samples.txt`), "kept");
+    await Deno.remove(`${ck}/samples.txt`);
+    await saveTrainingCheckpoint(ck, t, {}); // notes.md was ours: replaced
+    assert.deepEqual(await names(ck), [
+      "config.json",
+      "model.safetensors",
+      "optimizer.safetensors",
+      "tokenizer.json",
+      "training_log.json",
+    ]);
+    // A foreign folder where the save keeps the previous checkpoint.
+    await Deno.mkdir(`${ck}.prev`);
+    await Deno.writeTextFile(`${ck}.prev/x.txt`, "x");
+    await assert.rejects(
+      () => saveTrainingCheckpoint(ck, t, {}),
+      /refusing to replace .*ck\.prev \(the folder a save keeps the previous checkpoint in\): it is not a training/,
+    );
+    assert.equal(await Deno.readTextFile(`${ck}.prev/x.txt`), "x");
+    // An empty folder holds nothing to lose.
+    await Deno.mkdir(`${root}/empty`);
+    await saveTrainingCheckpoint(`${root}/empty/`, t, {});
+    assert.ok((await names(`${root}/empty`)).includes("training_log.json"));
+    await assert.rejects(
+      () => saveTrainingCheckpoint(`${root}/e2`, t, {}, { files: { "model.safetensors": "x" } }),
+      /options.files: 'model.safetensors' must be a plain file name/,
+    );
+  } finally {
+    model.dispose();
+    t.dispose();
     await Deno.remove(root, { recursive: true });
   }
 });
