@@ -48,7 +48,7 @@ Deno.test("gather along each dim of a 3-D tensor (PyTorch semantics), repeats ac
   await checkOps(cases);
 });
 
-Deno.test("indexSelect backward with more than 16384 positions (slices) and heavy repeats is exact", async () => {
+Deno.test("indexSelect embedding backward (one-hot matmul) with 40000 positions and heavy repeats is exact", async () => {
   // Integer cotangents: every per-row sum is an integer below 2^24, so the gradient must be exact.
   const J = 40000, V = 10, D = 3;
   const idx = randInts(J, 5, 0, V - 1);
@@ -64,11 +64,53 @@ Deno.test("indexSelect backward with more than 16384 positions (slices) and heav
   y.dispose();
 });
 
-Deno.test("index ops: i32 tables, out-of-range indices read NaN, bad indices are rejected", async () => {
+Deno.test("scatter backward over 70000 positions in slices of 16384 (indexSelect with outer > 1, gather) is exact", async () => {
+  // 70000 positions: four slices of 16384 and one of 4464, each adding to those before (one loop over all
+  // of them would stop at 65535 on software adapters). Integer cotangents: every sum is an integer below
+  // 2^24, so the gradient must be exact.
+  const J = 70000, V = 6, D = 3, O = 2;
+  const idx = randInts(J, 8, 0, V - 1);
+  // indexSelect along dim 1 of (O, V, D): outer = 2, not the one-hot path.
+  {
+    const g = randInts(O * J * D, 9, -4, 4);
+    const x = M.randn([O, V, D], { seed: 10, requiresGrad: true });
+    const ids = tensor(Int32Array.from(idx));
+    const y = M.indexSelect(x, 1, ids);
+    const gt = tensor(Float32Array.from(g), [O, J, D]);
+    y.backward(gt);
+    const want = new Float64Array(O * V * D);
+    for (let o = 0; o < O; o++) {
+      for (let j = 0; j < J; j++) {
+        for (let d = 0; d < D; d++) want[(o * V + idx[j]) * D + d] += g[(o * J + j) * D + d];
+      }
+    }
+    assert.deepEqual([...await x.grad!.toArray()], [...want], "indexSelect(dim 1) gradient");
+    for (const t of [x.grad!, x, ids, y, gt]) t.dispose();
+  }
+  // gather along dim 0 of (V, D) with a (J, D) index: out[j, d] = x[index[j, d], d].
+  {
+    const gidx = randInts(J * D, 11, 0, V - 1);
+    const g = randInts(J * D, 12, -4, 4);
+    const x = M.randn([V, D], { seed: 13, requiresGrad: true });
+    const ids = tensor(Int32Array.from(gidx), [J, D]);
+    const y = M.gather(x, 0, ids);
+    const gt = tensor(Float32Array.from(g), [J, D]);
+    y.backward(gt);
+    const want = new Float64Array(V * D);
+    for (let j = 0; j < J; j++) for (let d = 0; d < D; d++) want[gidx[j * D + d] * D + d] += g[j * D + d];
+    assert.deepEqual([...await x.grad!.toArray()], [...want], "gather(dim 0) gradient");
+    for (const t of [x.grad!, x, ids, y, gt]) t.dispose();
+  }
+});
+
+Deno.test("index ops: i32 tables, out-of-range indices read NaN (i32: its bits), bad indices are rejected", async () => {
   const table = tensor(new Int32Array([10, 11, 12, 20, 21, 22]), [2, 3]);
   const picked = M.indexSelect(table, 0, tensor(new Int32Array([1, 1, 0])));
   assert.equal(picked.dtype, "i32");
   assert.deepEqual([...await picked.toArray()], [20, 21, 22, 20, 21, 22, 10, 11, 12]);
+  const pickedOob = M.indexSelect(table, 0, tensor(new Int32Array([2, -1])));
+  assert.deepEqual([...await pickedOob.toArray()], new Array(6).fill(0x7fc00000), "i32 rows out of range");
+  pickedOob.dispose();
   const f = tensor([[1, 2], [3, 4]]);
   const oob = M.indexSelect(f, 0, tensor(new Int32Array([1, 2, -1])));
   const v = await oob.toArray();

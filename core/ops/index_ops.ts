@@ -5,7 +5,9 @@
  * x[o, idx, i] with idx read at o*so + j*sj + i*si (indexSelect: so = si = 0). The backward has no float
  * atomics to scatter with, so each invocation owns one element (o, v, i) of the gradient and sums, in a
  * fixed order, the output gradients whose index equals v, in slices of at most 16384 positions (loops
- * past 65535 iterations stop silently on software adapters). Out-of-range indices read NaN.
+ * past 65535 iterations stop silently on software adapters); an indexSelect gradient along the first dim (J x V
+ * at most 2^24: embeddings) is onehot(idx)^T @ g instead. An index outside [0, V) reads NaN from an f32 x and
+ * 2143289344 (0x7fc00000, the bits of NaN) from an i32 x, and passes no gradient.
  * @module
  */
 
@@ -147,7 +149,8 @@ function checkIndex(idx: Tensor, op: string): void {
 
 /**
  * Selects entries of `x` along `dim` by integer `index` (any shape): the result's shape is
- * `x.shape[:dim] + index.shape + x.shape[dim+1:]`. With `dim = 0` this is an embedding lookup.
+ * `x.shape[:dim] + index.shape + x.shape[dim+1:]`. With `dim = 0` this is an embedding lookup. An index
+ * outside [0, x.shape[dim]) reads NaN (f32 x) or 2143289344 (i32 x: the bits of NaN) and gets no gradient.
  */
 export function indexSelect(x: Tensor, dim: number, index: Tensor): Tensor {
   checkIndex(index, "indexSelect");
@@ -156,7 +159,11 @@ export function indexSelect(x: Tensor, dim: number, index: Tensor): Tensor {
   return gatherOp([x, index], { dim: d, outShape, strides: [0, 1, 0] });
 }
 
-/** PyTorch's `gather`: `out[..., j, ...] = x[..., index[..., j, ...], ...]` along `dim`; out has index's shape. */
+/**
+ * PyTorch's `gather`: `out[..., j, ...] = x[..., index[..., j, ...], ...]` along `dim`; out has index's shape.
+ * An index outside [0, x.shape[dim]) reads NaN (f32 x) or 2143289344 (i32 x: the bits of NaN) and gets no
+ * gradient.
+ */
 export function gather(x: Tensor, dim: number, index: Tensor): Tensor {
   checkIndex(index, "gather");
   const d = normAxis(dim, x.rank, "gather");
