@@ -198,9 +198,10 @@ export class Trainer {
 
   /**
    * Changes the run's total steps, e.g. to extend a resumed run; the cosine schedule follows from the next
-   * step on (its steps so far ran on the old total). A run extended from its start or from any checkpoint
-   * along the way trains alike. Throws if `steps` is not an integer, is below the steps done or below
-   * `warmup`.
+   * step on. The steps already done ran on the old total, so a run extended at step s differs from one
+   * planned with the new total from the start; it is the same whether or not it is interrupted and resumed
+   * after s (the checkpoint stores the new total). Throws if `steps` is not an integer, is below the steps
+   * done or below `warmup`.
    */
   setSteps(steps: number): void {
     if (!Number.isSafeInteger(steps) || steps < 1) {
