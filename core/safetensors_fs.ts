@@ -1,6 +1,7 @@
 /**
  * Deno file I/O for safetensors: a reader that validates the header against the real file size before
- * reading any tensor data, and atomic writers (temp file in the same directory, fsync, rename).
+ * reading any tensor data, and atomic writers (temp file in the same directory, fsync, rename, fsync of the
+ * directory).
  * @module
  */
 
@@ -67,27 +68,68 @@ export async function readSafetensorsFile(path: string): Promise<ParsedSafetenso
   }
 }
 
+/** The permission bits of the regular file at `path`, or null where there is none (or the OS has no modes). */
+async function fileMode(path: string): Promise<number | null> {
+  try {
+    const info = await Deno.stat(path);
+    return info.isFile && info.mode !== null ? info.mode & 0o777 : null;
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return null;
+    throw e;
+  }
+}
+
+/**
+ * Flushes the directory entry of a rename to disk: fsync of the directory (POSIX). Windows cannot open a
+ * directory as a file, and some file systems reject fsync of one (EINVAL): there this is skipped.
+ */
+async function syncDir(dir: string): Promise<void> {
+  if (Deno.build.os === "windows") return;
+  let d: Deno.FsFile | undefined;
+  try {
+    d = await Deno.open(dir, { read: true });
+    await d.sync();
+  } catch (e) {
+    const unsupported = e instanceof Deno.errors.NotSupported ||
+      /os error 22\b|Invalid argument/.test(String(e));
+    if (!unsupported) {
+      throw new Error(`syncing directory ${dir} after the rename: ${(e as Error).message}`, { cause: e });
+    }
+  } finally {
+    d?.close();
+  }
+}
+
 /**
  * Writes `data` to `path` atomically: a temp file `<path>.tmp-<random>` in the same directory is written,
- * fsynced and renamed over `path`, so readers see either the old or the new content. On failure the temp
- * file is removed and the error (naming `path`) is rethrown with the original as `cause`.
+ * fsynced and renamed over `path`, then the directory is fsynced so that the rename survives a crash too
+ * (not on Windows, which cannot sync a directory). Readers see either the old or the new content. A file
+ * that is overwritten keeps its permission bits (the new one would otherwise get the default mode). On
+ * failure the temp file is removed and the error (naming `path`) is rethrown with the original as `cause`.
  */
 export async function writeFileAtomic(path: string, data: Uint8Array | string): Promise<void> {
   const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
   const tmp = `${path}.tmp-${crypto.randomUUID().slice(0, 8)}`;
+  const cut = path.lastIndexOf("/"); // (Windows skips the directory sync)
+  const dir = cut < 0 ? "." : cut === 0 ? "/" : path.slice(0, cut);
   let file: Deno.FsFile | undefined;
   let created = false;
+  let renamed = false;
   try {
+    const mode = await fileMode(path);
     file = await Deno.open(tmp, { write: true, createNew: true });
     created = true;
+    if (mode !== null) await Deno.chmod(tmp, mode);
     for (let done = 0; done < bytes.length;) done += await file.write(bytes.subarray(done));
     await file.syncData(); // data must be on disk before the rename makes it visible
     file.close();
     file = undefined;
     await Deno.rename(tmp, path);
+    renamed = true;
+    await syncDir(dir);
   } catch (e) {
     file?.close();
-    if (created) await Deno.remove(tmp).catch(() => {});
+    if (created && !renamed) await Deno.remove(tmp).catch(() => {});
     throw new Error(`cannot write ${path}: ${(e as Error).message}`, { cause: e });
   }
 }

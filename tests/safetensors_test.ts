@@ -401,3 +401,53 @@ Deno.test("atomic writes leave no temp files and keep old content on failure", a
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test({
+  name: "atomic writes keep an overwritten file's permission bits and fsync the directory after the rename",
+  ignore: Deno.build.os === "windows",
+  fn: async () => {
+    const dir = await Deno.makeTempDir();
+    const mode = async (p: string) => (await Deno.stat(p)).mode! & 0o777;
+    try {
+      const path = `${dir}/w.safetensors`;
+      for (const bits of [0o600, 0o640, 0o755]) {
+        await Deno.writeTextFile(path, "old");
+        await Deno.chmod(path, bits);
+        await writeSafetensorsFile(path, { a: { shape: [1], data: new Float32Array([1]) } });
+        assert.equal(
+          (await mode(path)).toString(8),
+          bits.toString(8),
+          `mode after overwriting a ${bits.toString(8)} file`,
+        );
+      }
+      // A new file gets the default mode (0o666 less the umask), not one from an earlier file.
+      const fresh = `${dir}/fresh.txt`;
+      await writeFileAtomic(fresh, "x");
+      const probe = `${dir}/probe.txt`;
+      await Deno.writeTextFile(probe, "");
+      assert.equal(await mode(fresh), await mode(probe));
+
+      // The directory is opened and synced after the rename (so that the rename itself is durable).
+      const events: string[] = [];
+      const open = Deno.open;
+      const spy = async (p: string | URL, o?: Deno.OpenOptions) => {
+        const f = await open(p, o);
+        if (String(p) === dir) {
+          events.push(`open dir (target ${await Deno.readTextFile(`${dir}/t.txt`).catch(() => "missing")})`);
+          const sync = f.sync.bind(f);
+          f.sync = () => (events.push("sync dir"), sync());
+        }
+        return f;
+      };
+      (Deno as { open: typeof Deno.open }).open = spy;
+      try {
+        await writeFileAtomic(`${dir}/t.txt`, "renamed");
+      } finally {
+        (Deno as { open: typeof Deno.open }).open = open;
+      }
+      assert.deepEqual(events, ["open dir (target renamed)", "sync dir"]);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
