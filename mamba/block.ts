@@ -143,7 +143,9 @@ export class MambaBlock extends Module {
     }
     // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.
     const { y, ph } = fusedMambaScanForward(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED);
-    return { y, h: lastState(ph, x.shape[0], ED, N, x.shape[1]) };
+    const h = lastState(ph, x.shape[0], ED, N, x.shape[1]); // h: (B, ED, N)
+    ph.dispose();
+    return { y, h };
   }
 
   /** x: (B, L, ED) after the conv -> y: (B, L, ED) and the states hs: (B, L, ED, N). */

@@ -18,6 +18,7 @@
 
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
+import { fmt } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 import { dtColumns } from "./fused.ts";
 import { cachedKernel, COMMON, MAX_INLINE_DT_RANK, unroll } from "./fused_wgsl.ts";
@@ -119,14 +120,20 @@ export function convStep(
 ): { x: Tensor; inputs: Tensor } {
   const [B, ED, K1] = inputs.shape;
   const K = K1 + 1;
-  if (K < 2 || weight.size !== ED * K || xz.rank !== 2 || xz.shape[0] !== B || xz.shape[1] < ED) {
+  const tensors = bias ? [xz, inputs, weight, bias] : [xz, inputs, weight];
+  if (
+    K < 2 || weight.size !== ED * K || xz.rank !== 2 || xz.shape[0] !== B || xz.shape[1] < ED ||
+    (bias && bias.size !== ED) || tensors.some((t) => t.dtype !== "f32")
+  ) {
     throw new Error(
-      `convStep: inputs ${inputs}, weight ${weight} and in_proj's output ${xz} do not fit (need K >= 2, ` +
-        "weight ED x K, xz (B, >= ED))",
+      `convStep: inputs ${inputs}, weight ${weight}, bias ${
+        bias ?? "none"
+      } and in_proj's output ${xz} do not ` +
+        "fit (need f32 tensors, K >= 2, weight ED x K, bias (ED), xz (B, >= ED))",
     );
   }
-  const x = Tensor.empty([B, ED]);
-  const next = Tensor.empty([B, ED, K1]);
+  const x = Tensor.empty([B, ED]); // x: (B, ED)
+  const next = Tensor.empty([B, ED, K1]); // next: (B, ED, K-1)
   const bufs = {
     xz: xz.storage,
     inputs: inputs.storage,
@@ -163,19 +170,28 @@ export function ssmStep(
   const [, R] = W.shape;
   const N = A_log.shape[1];
   const S = dBC.shape[1];
-  if (
-    dBC.shape[0] !== B || S < R + 2 * N || W.shape[0] !== ED || h.shape.join() !== [B, ED, N].join() ||
-    xz.shape.join() !== [B, 2 * ED].join() || bias.size !== ED || D.size !== ED || A_log.shape[0] !== ED
-  ) {
-    throw new Error(
-      `ssmStep: x ${x}, dBC ${dBC}, dt_proj weight ${W}, A_log ${A_log}, xz ${xz} and state ${h} do not fit`,
-    );
-  }
+  const wrong = [
+    [x.rank !== 2, `x must be (B, ED), got ${fmt(x.shape)}`],
+    [dBC.shape[0] !== B || S < R + 2 * N, `dBC must be (${B}, >= ${R} + 2*${N}), got ${fmt(dBC.shape)}`],
+    [W.shape[0] !== ED, `the dt_proj weight must be (${ED}, R), got ${fmt(W.shape)}`],
+    [A_log.shape[0] !== ED, `A_log must be (${ED}, N), got ${fmt(A_log.shape)}`],
+    [h.shape.join() !== [B, ED, N].join(), `the state must be (${B}, ${ED}, ${N}), got ${fmt(h.shape)}`],
+    [xz.shape.join() !== [B, 2 * ED].join(), `xz must be (${B}, ${2 * ED}), got ${fmt(xz.shape)}`],
+    [bias.size !== ED, `the dt bias must be (${ED}), got ${fmt(bias.shape)}`],
+    [D.size !== ED, `D must be (${ED}), got ${fmt(D.shape)}`],
+    ...([["x", x], ["dBC", dBC], ["the dt_proj weight", W], ["A_log", A_log], ["the state", h], ["xz", xz], [
+      "the dt bias",
+      bias,
+    ], ["D", D]] as [string, Tensor][]).map((
+      [n, t],
+    ) => [t.dtype !== "f32", `${n} must be f32, got ${t.dtype}`]),
+  ].filter(([bad]) => bad).map(([, msg]) => msg);
+  if (wrong.length) throw new Error(`ssmStep: ${wrong.join("; ")}`);
   const Ri = R <= MAX_INLINE_DT_RANK ? R : 0;
   // above rank 8, dt_proj's product as a matmul of the dt columns (copied out of dBC's rows)
   const draw = Ri ? null : dtProduct(dBC, W);
-  const y = Tensor.empty([B, ED]);
-  const next = Tensor.empty([B, ED, N]);
+  const y = Tensor.empty([B, ED]); // y: (B, ED)
+  const next = Tensor.empty([B, ED, N]); // next: (B, ED, N)
   const bufs = {
     x: x.storage,
     dbc: dBC.storage,

@@ -229,6 +229,42 @@ Deno.test("fused scan: bad shapes and dtypes are errors that name them; forward-
   for (const v of Object.values(t)) v.dispose();
 });
 
+Deno.test("the decoding steps (convStep, ssmStep) name what does not fit", async () => {
+  await init();
+  const { convStep, ssmStep } = await import("../scan/fused_step.ts");
+  const [B, ED, N, R] = [2, 6, 4, 2];
+  const ts = {
+    x: randn([B, ED]),
+    dBC: randn([B, R + 2 * N]),
+    W: randn([ED, R]),
+    bias: randn([ED]),
+    A_log: randn([ED, N]),
+    D: randn([ED]),
+    xz: randn([B, 2 * ED]),
+    h: randn([B, ED, N]),
+  };
+  const step = (o: Partial<typeof ts>) => {
+    const u = { ...ts, ...o };
+    return () => ssmStep(u.x, u.dBC, u.W, u.bias, u.A_log, u.D, u.xz, u.h);
+  };
+  const bad: [Partial<typeof ts>, RegExp][] = [
+    [{ h: randn([B, ED, N + 1]) }, /ssmStep: the state must be \(2, 6, 4\), got \[2, 6, 5\]/],
+    [{ D: randn([ED + 1]) }, /ssmStep: D must be \(6\), got \[7\]/],
+    [{ bias: randn([ED - 1]) }, /ssmStep: the dt bias must be \(6\), got \[5\]/],
+    [{ dBC: randn([B, R + 2 * N - 1]) }, /ssmStep: dBC must be \(2, >= 2 \+ 2\*4\), got \[2, 9\]/],
+    [{ x: full([B, ED], 1, { dtype: "i32" }) }, /ssmStep: x must be f32, got i32/],
+  ];
+  for (const [o, re] of bad) {
+    assert.throws(step(o), re);
+    for (const v of Object.values(o)) v.dispose();
+  }
+  const inputs = randn([B, ED, 3]);
+  const w = randn([ED, 4]);
+  const wideBias = randn([ED + 1]);
+  assert.throws(() => convStep(ts.xz, inputs, w, wideBias), /convStep: .*bias \(ED\)/);
+  for (const v of [...Object.values(ts), inputs, w, wideBias]) v.dispose();
+});
+
 Deno.test("lastState after a prompt of several chunks equals the sequential scan's, with the forward's chunk length", async () => {
   await init();
   const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
