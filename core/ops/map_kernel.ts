@@ -22,10 +22,6 @@ export type MapOperand = Tensor | number;
 const WG = 256;
 const names = ["a", "b", "c"];
 const kernels = new Map<string, Kernel>();
-/** Defined map kernels by key (for profiling tools). */
-export function kernelsForDebug(): Map<string, Kernel> {
-  return kernels;
-}
 
 /** WGSL helpers available to every map expression. */
 export const MAP_HELPERS = `
