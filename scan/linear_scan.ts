@@ -13,9 +13,8 @@
 
 import { defineOp } from "../core/autograd.ts";
 import { defineKernel, dispatch } from "../core/kernel.ts";
-import { narrow, pad } from "../core/ops/shape_ops.ts";
 import { mapOp } from "../core/ops/map_kernel.ts";
-import { copy } from "../core/ops/shape_ops.ts";
+import { copy, narrow, pad } from "../core/ops/shape_ops.ts";
 import { fmt, sizeOf } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 
@@ -23,6 +22,7 @@ import { Tensor } from "../core/tensor.ts";
 export type ScanMode = "sequential" | "pscan";
 
 const WG = 64;
+/** Steps one invocation walks per dispatch (loops stop at 65535 iterations on software adapters). */
 const MAX_STEPS = 16384;
 const UNIFORMS: [string, "u32"][] = [["B", "u32"], ["L", "u32"], ["C", "u32"], ["rev", "u32"]];
 /** Physical time index of logical step t: reversed for the backward scan. */
@@ -92,7 +92,7 @@ export function runScan(A: Tensor, X: Tensor, mode: ScanMode, rev = false): Tens
   const C = sizeOf(A.shape.slice(2));
   const u = { B, L, C, rev: rev ? 1 : 0 };
   if (mode === "sequential") {
-    const H = Tensor.empty(A.shape);
+    const H = Tensor.empty(A.shape); // H: (B, L, ...) as A
     for (let t0 = 0; t0 < L; t0 += MAX_STEPS) {
       const t1 = Math.min(L, t0 + MAX_STEPS);
       dispatch(
@@ -105,8 +105,8 @@ export function runScan(A: Tensor, X: Tensor, mode: ScanMode, rev = false): Tens
     return H;
   }
   // pscan works in place on copies: A's copy ends as running products, X's copy as H.
-  const a = copy(A);
-  const H = copy(X);
+  const a = copy(A); // a: (B, L, ...)
+  const H = copy(X); // H: (B, L, ...)
   const bufs = { a: a.storage, x: H.storage };
   let s = 1;
   for (; 2 * s <= L; s *= 2) {
@@ -156,5 +156,8 @@ export function linearScan(A: Tensor, X: Tensor, mode: ScanMode = "pscan"): Tens
     throw new Error(`linearScan: A ${fmt(A.shape)} and X ${fmt(X.shape)} must have one shape (B, L, ...)`);
   }
   if (mode !== "sequential" && mode !== "pscan") throw new Error(`linearScan: unknown mode '${mode}'`);
+  if (A.dtype !== "f32" || X.dtype !== "f32") {
+    throw new Error(`linearScan: A and X must be f32, got ${A.dtype}, ${X.dtype}`);
+  }
   return scanOp([A, X], { mode });
 }
