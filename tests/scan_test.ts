@@ -34,3 +34,12 @@ for (const L of [1, 17, 64, 128]) {
     });
   }
 }
+
+Deno.test("linearScan: shapes, dtypes and modes that do not fit are errors that name them", async () => {
+  const { full, randn } = await import("../core/creation.ts");
+  const [a, x, xi] = [randn([2, 5, 3]), randn([2, 4, 3]), full([2, 5, 3], 1, { dtype: "i32" })];
+  assert.throws(() => linearScan(a, x), /linearScan: A \[2, 5, 3\] and X \[2, 4, 3\] must have one shape/);
+  assert.throws(() => linearScan(a, xi), /linearScan: A and X must be f32, got f32, i32/);
+  assert.throws(() => linearScan(a, a, "blelloch" as ScanMode), /linearScan: unknown mode 'blelloch'/);
+  for (const t of [a, x, xi]) t.dispose();
+});
