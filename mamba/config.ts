@@ -23,7 +23,7 @@ export interface MambaConfigInput {
   dtMin?: number;
   /** Largest initial delta (0.1). */
   dtMax?: number;
-  /** Initialisation of dt_proj.weight: "random" (uniform) or "constant" (2). */
+  /** Initialisation of dt_proj.weight: "random" (uniform) or "constant" ("random"). */
   dtInit?: "random" | "constant";
   /** Scale of dt_proj.weight's initialisation (1.0). */
   dtScale?: number;
@@ -77,26 +77,33 @@ const INT_KEYS = ["dModel", "nLayers", "dState", "expandFactor", "dConv"] as con
 const POS_KEYS = ["dtMin", "dtMax", "dtScale", "dtInitFloor", "rmsNormEps", "baseStd"] as const;
 const BOOL_KEYS = ["bias", "convBias", "innerLayernorms", "recompute"] as const;
 
-/** Fills defaults and validates; every error names the key and the value. */
+// A value for a message: numbers as JavaScript writes them (Infinity, NaN), anything else as JSON.
+const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
+
+/**
+ * Fills defaults and validates; every error names the key and the value. A key set to `undefined` takes its
+ * default (as if absent), so options can be passed through: `{ dModel, nLayers, dState: opts.dState }`.
+ */
 export function mambaConfig(input: MambaConfigInput): MambaConfig {
   const known = new Set(["dModel", "nLayers", ...Object.keys(DEFAULTS)]);
   for (const k of Object.keys(input)) {
     if (!known.has(k)) throw new Error(`MambaConfig: unknown key '${k}'`);
   }
-  const c = { ...DEFAULTS, ...input } as Required<MambaConfigInput>;
+  const given = Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined));
+  const c = { ...DEFAULTS, ...given } as Required<MambaConfigInput>;
   for (const k of INT_KEYS) {
     if (!Number.isInteger(c[k]) || c[k] <= 0) {
-      throw new Error(`MambaConfig: ${k} must be a positive integer, got ${JSON.stringify(c[k])}`);
+      throw new Error(`MambaConfig: ${k} must be a positive integer, got ${show(c[k])}`);
     }
   }
   for (const k of POS_KEYS) {
-    if (typeof c[k] !== "number" || !(c[k] > 0)) {
-      throw new Error(`MambaConfig: ${k} must be a positive number, got ${JSON.stringify(c[k])}`);
+    if (typeof c[k] !== "number" || !(c[k] > 0) || !Number.isFinite(c[k])) {
+      throw new Error(`MambaConfig: ${k} must be a positive finite number, got ${show(c[k])}`);
     }
   }
   for (const k of BOOL_KEYS) {
     if (typeof c[k] !== "boolean") {
-      throw new Error(`MambaConfig: ${k} must be a boolean, got ${JSON.stringify(c[k])}`);
+      throw new Error(`MambaConfig: ${k} must be a boolean, got ${show(c[k])}`);
     }
   }
   if (c.dtMin > c.dtMax) throw new Error(`MambaConfig: dtMin ${c.dtMin} is greater than dtMax ${c.dtMax}`);
