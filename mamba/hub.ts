@@ -4,8 +4,8 @@
  *
  * A file of repository `org/name` at `revision` comes from `<endpoint>/org/name/resolve/<revision>/<file>`
  * (endpoint: option, `HF_ENDPOINT`, or https://huggingface.co) into
- * `<cache>/models--org--name/` (cache: option, `HF_HUB_CACHE`, `HF_HOME/hub`, or
- * `~/.cache/huggingface/hub`):
+ * `<cache>/models--org--name/` (cache: option, `HF_HUB_CACHE` or the older `HUGGINGFACE_HUB_CACHE`,
+ * `HF_HOME/hub`, `$XDG_CACHE_HOME/huggingface/hub`, or `~/.cache/huggingface/hub`, as `huggingface_hub`):
  *
  * - `blobs/<etag>`: the content, named by its ETag (the sha256 for LFS files, from `X-Linked-Etag`);
  * - `snapshots/<commit>/<file>`: a relative symlink to the blob (a copy where symlinks fail); the commit is
@@ -28,7 +28,10 @@
 export interface HubOptions {
   /** Branch, tag or commit (default "main"). */
   revision?: string;
-  /** Hub cache folder (default `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`). */
+  /**
+   * Hub cache folder (default {@linkcode hubCacheDir}: `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else
+   * `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`).
+   */
   cacheDir?: string;
   /** Hub address (default `HF_ENDPOINT`, else https://huggingface.co). */
   endpoint?: string;
@@ -101,7 +104,10 @@ function home(): string {
 
 const expand = (p: string) => p.startsWith("~/") || p === "~" ? home() + p.slice(1) : p;
 
-/** The hub cache folder: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`. */
+/**
+ * The hub cache folder: `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else `HF_HOME/hub`, else
+ * `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub` (a leading `~/` is the home folder).
+ */
 export function hubCacheDir(): string {
   const hub = hubEnv("HF_HUB_CACHE") ?? hubEnv("HUGGINGFACE_HUB_CACHE");
   if (hub) return expand(hub);
