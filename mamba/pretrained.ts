@@ -77,6 +77,7 @@ const HF_KEYS = new Set([
   "layer_norm_eps",
   "_name_or_path",
   "dtype",
+  "inner_layernorms", // ours: mamba.py's inner_layernorms
 ]);
 const SS_KEYS = new Set([
   "d_model",
@@ -102,49 +103,158 @@ const SSM_KEYS = new Set([
   "conv_bias",
   "dt_min",
   "dt_max",
+  "dt_init",
+  "dt_scale",
+  "dt_init_floor",
+  "use_fast_path",
 ]);
 
-function need<T>(cfg: Record<string, unknown>, key: string, type: "number" | "string", where: string): T {
-  const v = cfg[key];
-  if (v === undefined) throw new Error(`${where}: config.json has no '${key}'`);
-  const ok = type === "number" ? typeof v === "number" && Number.isFinite(v) : typeof v === "string";
-  if (!ok) throw new Error(`${where}: config.json '${key}' must be a ${type}, got ${JSON.stringify(v)}`);
-  return v as T;
+const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
+
+// Typed reads of a config object; every error names the file and the key as config.json spells it.
+class ConfigReader {
+  constructor(
+    readonly cfg: Record<string, unknown>,
+    readonly where: string,
+    readonly prefix = "",
+  ) {}
+
+  #bad(key: string, what: string): never {
+    throw new Error(`${this.where}: '${this.prefix}${key}' must be ${what}, got ${show(this.cfg[key])}`);
+  }
+
+  has(key: string): boolean {
+    return this.cfg[key] !== undefined && this.cfg[key] !== null;
+  }
+
+  #get(key: string, fallback: unknown): unknown {
+    if (this.has(key)) return this.cfg[key];
+    if (fallback === undefined) throw new Error(`${this.where} has no '${this.prefix}${key}'`);
+    return fallback;
+  }
+
+  /** An integer >= min (1 unless told); `fallback` when absent, else required. */
+  int(key: string, fallback?: number, min = 1): number {
+    const v = this.#get(key, fallback);
+    if (!Number.isInteger(v) || (v as number) < min) {
+      this.#bad(key, min === 1 ? "a positive integer" : `an integer >= ${min}`);
+    }
+    return v as number;
+  }
+
+  /** A positive finite number. */
+  pos(key: string, fallback?: number): number {
+    const v = this.#get(key, fallback);
+    if (typeof v !== "number" || !(v > 0) || !Number.isFinite(v)) this.#bad(key, "a positive number");
+    return v;
+  }
+
+  bool(key: string, fallback?: boolean): boolean {
+    const v = this.#get(key, fallback);
+    if (typeof v !== "boolean") this.#bad(key, "true or false");
+    return v;
+  }
+
+  /** One of the given strings. */
+  oneOf<T extends string>(key: string, allowed: readonly T[], fallback?: T): T {
+    const v = this.#get(key, fallback);
+    if (!allowed.includes(v as T)) this.#bad(key, allowed.map((a) => JSON.stringify(a)).join(" or "));
+    return v as T;
+  }
+
+  /** "auto" or a positive integer; "auto" when absent. */
+  rank(key: string): number | "auto" {
+    const v = this.cfg[key] ?? "auto";
+    if (v !== "auto" && (!Number.isInteger(v) || (v as number) < 1)) {
+      this.#bad(key, `"auto" or a positive integer`);
+    }
+    return v as number | "auto";
+  }
+
+  /** Refuses a value that changes the model in a way this library does not implement. */
+  refuse(key: string, why: string): never {
+    throw new Error(`${this.where}: '${this.prefix}${key}' ${show(this.cfg[key])} is not supported: ${why}`);
+  }
 }
 
-/** Reads either layout's config.json; errors name the key and the source. */
+/**
+ * Reads either layout's config.json; errors name the source and the key as config.json spells it. Keys
+ * that would change the model beyond what is implemented are refused: LayerNorm instead of RMSNorm
+ * (`rms_norm: false`), an activation other than SiLU (`hidden_act`), MLP blocks (state-spaces
+ * `d_intermediate > 0`), attention layers, Mamba2. `residual_in_fp32` and `fused_add_norm` are accepted
+ * either way: every tensor here is f32 (so the residual always is), and the fusion is a CUDA kernel detail.
+ * The `time_step_*` (`ssm_cfg.dt_*`) keys only set the initialisation; they are kept in the config.
+ */
 export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "config.json"): CheckpointConfig {
   if (typeof cfg !== "object" || cfg === null || Array.isArray(cfg)) {
     throw new Error(`${where}: not a JSON object`);
   }
+  const r = new ConfigReader(cfg, where);
   if ("hidden_size" in cfg || cfg.model_type !== undefined) {
     if (cfg.model_type !== undefined && cfg.model_type !== "mamba") {
       throw new Error(`${where}: model_type '${cfg.model_type}' is not a Mamba (1) model`);
     }
     const unknown = Object.keys(cfg).filter((k) => !HF_KEYS.has(k));
     if (unknown.length) throw new Error(`${where}: unknown config keys ${unknown.join(", ")}`);
-    const dModel = need<number>(cfg, "hidden_size", "number", where);
+    // transformers' MambaMixer applies ACT2FN[hidden_act], where "swish" is SiLU too.
+    if (r.has("hidden_act") && cfg.hidden_act !== "silu" && cfg.hidden_act !== "swish") {
+      r.refuse("hidden_act", `the mixer's activation here is SiLU ("silu" or "swish")`);
+    }
+    if (r.has("rms_norm") && !r.bool("rms_norm")) {
+      r.refuse("rms_norm", "the norms here are RMSNorm, not LayerNorm");
+    }
+    if (r.has("residual_in_fp32")) r.bool("residual_in_fp32");
+    if (r.has("fused_add_norm")) r.bool("fused_add_norm");
+    const dModel = r.int("hidden_size");
+    const nLayers = r.int("num_hidden_layers");
+    const dState = r.int("state_size");
+    let expandFactor: number;
+    if (r.has("intermediate_size")) {
+      const inner = r.int("intermediate_size");
+      if (inner % dModel !== 0) {
+        throw new Error(
+          `${where}: 'intermediate_size' ${inner} is not a multiple of 'hidden_size' ${dModel}: only whole ` +
+            `expansion factors are supported`,
+        );
+      }
+      expandFactor = inner / dModel;
+      if (r.has("expand") && cfg.expand !== expandFactor) {
+        throw new Error(
+          `${where}: 'expand' ${show(cfg.expand)} disagrees with 'intermediate_size' ${inner} / ` +
+            `'hidden_size' ${dModel} = ${expandFactor}`,
+        );
+      }
+    } else {
+      expandFactor = r.int("expand");
+    }
+    const dtMin = r.pos("time_step_min", 0.001);
+    const dtMax = r.pos("time_step_max", 0.1);
+    if (dtMin > dtMax) {
+      throw new Error(`${where}: 'time_step_min' ${dtMin} is greater than 'time_step_max' ${dtMax}`);
+    }
     const config: MambaConfigInput = {
       dModel,
-      nLayers: need<number>(cfg, "num_hidden_layers", "number", where),
-      dState: need<number>(cfg, "state_size", "number", where),
-      expandFactor: cfg.intermediate_size !== undefined
-        ? need<number>(cfg, "intermediate_size", "number", where) / dModel
-        : need<number>(cfg, "expand", "number", where),
-      dConv: need<number>(cfg, "conv_kernel", "number", where),
-      dtRank: cfg.time_step_rank === "auto" || cfg.time_step_rank === undefined
-        ? "auto"
-        : need<number>(cfg, "time_step_rank", "number", where),
-      bias: (cfg.use_bias as boolean | undefined) ?? false,
-      convBias: (cfg.use_conv_bias as boolean | undefined) ?? true,
-      rmsNormEps: (cfg.layer_norm_epsilon as number | undefined) ?? 1e-5,
+      nLayers,
+      dState,
+      expandFactor,
+      dConv: r.int("conv_kernel"),
+      dtRank: r.rank("time_step_rank"),
+      bias: r.bool("use_bias", false),
+      convBias: r.bool("use_conv_bias", true),
+      rmsNormEps: r.pos("layer_norm_epsilon", 1e-5),
+      dtMin,
+      dtMax,
+      dtInit: r.oneOf("time_step_init_scheme", ["random", "constant"] as const, "random"),
+      dtScale: r.pos("time_step_scale", 1),
+      dtInitFloor: r.pos("time_step_floor", 1e-4),
+      innerLayernorms: r.bool("inner_layernorms", false),
     };
     return {
       config,
       lm: {
-        vocabSize: need<number>(cfg, "vocab_size", "number", where),
-        padVocabSizeMultiple: (cfg.pad_vocab_size_multiple as number | undefined) ?? 1,
-        tieEmbeddings: (cfg.tie_word_embeddings as boolean | undefined) ?? true,
+        vocabSize: r.int("vocab_size"),
+        padVocabSizeMultiple: r.int("pad_vocab_size_multiple", 1),
+        tieEmbeddings: r.bool("tie_word_embeddings", true),
       },
       layout: "hf",
     };
@@ -152,7 +262,12 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
   if ("d_model" in cfg) {
     const unknown = Object.keys(cfg).filter((k) => !SS_KEYS.has(k));
     if (unknown.length) throw new Error(`${where}: unknown config keys ${unknown.join(", ")}`);
-    const ssm = (cfg.ssm_cfg ?? {}) as Record<string, unknown>;
+    const rawSsm = cfg.ssm_cfg ?? {};
+    if (typeof rawSsm !== "object" || rawSsm === null || Array.isArray(rawSsm)) {
+      throw new Error(`${where}: 'ssm_cfg' must be an object, got ${show(rawSsm)}`);
+    }
+    const ssm = rawSsm as Record<string, unknown>;
+    const s = new ConfigReader(ssm, where, "ssm_cfg.");
     if (ssm.layer !== undefined && ssm.layer !== "Mamba1") {
       throw new Error(`${where}: ssm_cfg.layer '${ssm.layer}' is not supported (only Mamba1)`);
     }
@@ -161,22 +276,39 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
     if (Array.isArray(cfg.attn_layer_idx) && cfg.attn_layer_idx.length) {
       throw new Error(`${where}: hybrid models with attention layers are not supported`);
     }
+    if (r.int("d_intermediate", 0, 0) > 0) {
+      r.refuse("d_intermediate", "the blocks here have no MLP after the mixer (0)");
+    }
+    if (!r.bool("rms_norm", true)) r.refuse("rms_norm", "the norms here are RMSNorm, not LayerNorm");
+    r.bool("residual_in_fp32", true);
+    r.bool("fused_add_norm", true);
+    if (s.has("use_fast_path")) s.bool("use_fast_path");
+    const dtMin = s.pos("dt_min", 0.001);
+    const dtMax = s.pos("dt_max", 0.1);
+    if (dtMin > dtMax) {
+      throw new Error(`${where}: 'ssm_cfg.dt_min' ${dtMin} is greater than 'ssm_cfg.dt_max' ${dtMax}`);
+    }
     const config: MambaConfigInput = {
-      dModel: need<number>(cfg, "d_model", "number", where),
-      nLayers: need<number>(cfg, "n_layer", "number", where),
-      dState: (ssm.d_state as number | undefined) ?? 16,
-      dConv: (ssm.d_conv as number | undefined) ?? 4,
-      expandFactor: (ssm.expand as number | undefined) ?? 2,
-      dtRank: (ssm.dt_rank as number | "auto" | undefined) ?? "auto",
-      bias: (ssm.bias as boolean | undefined) ?? false,
-      convBias: (ssm.conv_bias as boolean | undefined) ?? true,
+      dModel: r.int("d_model"),
+      nLayers: r.int("n_layer"),
+      dState: s.int("d_state", 16),
+      dConv: s.int("d_conv", 4),
+      expandFactor: s.int("expand", 2),
+      dtRank: s.rank("dt_rank"),
+      bias: s.bool("bias", false),
+      convBias: s.bool("conv_bias", true),
+      dtMin,
+      dtMax,
+      dtInit: s.oneOf("dt_init", ["random", "constant"] as const, "random"),
+      dtScale: s.pos("dt_scale", 1),
+      dtInitFloor: s.pos("dt_init_floor", 1e-4),
     };
     return {
       config,
       lm: {
-        vocabSize: need<number>(cfg, "vocab_size", "number", where),
-        padVocabSizeMultiple: (cfg.pad_vocab_size_multiple as number | undefined) ?? 8,
-        tieEmbeddings: (cfg.tie_embeddings as boolean | undefined) ?? true,
+        vocabSize: r.int("vocab_size"),
+        padVocabSizeMultiple: r.int("pad_vocab_size_multiple", 8),
+        tieEmbeddings: r.bool("tie_embeddings", true),
       },
       layout: "state-spaces",
     };
