@@ -77,7 +77,7 @@ const HF_KEYS = new Set([
   "layer_norm_eps",
   "_name_or_path",
   "dtype",
-  "inner_layernorms", // ours: mamba.py's inner_layernorms
+  "inner_layernorms", // ours (mamba.py's inner_layernorms): written by hfConfig when true
 ]);
 const SS_KEYS = new Set([
   "d_model",
@@ -321,7 +321,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
 /** Our parameter name for a checkpoint tensor name (or null if it is not ours). */
 export function mapKey(key: string): string | null {
   if (key === "backbone.embeddings.weight" || key === "backbone.embedding.weight") return "embedding.weight";
-  if (key === "backbone.norm_f.weight") return "norm_f.weight";
+  if (key.startsWith("backbone.norm_f.")) return key.slice("backbone.".length);
   if (key.startsWith("backbone.layers.")) return "mamba." + key.slice("backbone.".length);
   if (key === "lm_head.weight") return key;
   return null;
@@ -545,13 +545,9 @@ async function planWeights(src: ModelSource): Promise<WeightPlan> {
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 const CHUNK_BYTES = 4 << 20;
 
-// Reads one tensor's bytes from `src` (positioned at them) and decodes them to f32/i32, F32 straight into the
+// Reads one tensor's bytes from `src` (positioned at them) and decodes them to f32, F32 straight into the
 // result, F16/BF16 (and big-endian hosts) a few MiB at a time, so that only the decoded tensor is held.
-async function readTensor(
-  src: ByteSource,
-  entry: SafetensorsEntry,
-  name: string,
-): Promise<Float32Array | Int32Array> {
+async function readTensor(src: ByteSource, entry: SafetensorsEntry, name: string): Promise<Float32Array> {
   const count = entry.shape.reduce((a, b) => a * b, 1);
   const nbytes = entry.dataOffsets[1] - entry.dataOffsets[0];
   if (entry.dtype === "F32" && LITTLE_ENDIAN) {
@@ -574,10 +570,17 @@ async function readTensor(
   }
   const raw = new Uint8Array(nbytes);
   await src.readExact(raw);
-  return decodeTensor(entry, raw, name);
+  return decodeTensor(entry, raw, name) as Float32Array; // F64: streamInto admits no other dtype here
 }
 
-// Streams the tensors of one file into the model, in file order, one tensor on the host at a time.
+// The dtypes that load into the (f32) parameters; integer and bool tensors are refused, not converted.
+const FLOAT_DTYPES = new Set(["F32", "F16", "BF16", "F64"]);
+
+const describe = (k: string, e: SafetensorsEntry) =>
+  `tensor ${k} (${mapKey(k)}) is ${e.dtype} ${fmt(e.shape)} at data_offsets [${e.dataOffsets.join(", ")}]`;
+
+// Streams the tensors of one file into the model, in file order, one tensor on the host at a time. Every
+// name maps to a parameter of `params` (loadFrom checked); shapes and dtypes are checked before any read.
 async function streamInto(
   model: MambaLM,
   params: Map<string, Tensor>,
@@ -587,6 +590,9 @@ async function streamInto(
 ): Promise<void> {
   const mismatched: string[] = [];
   for (const [k, e] of header.entries) {
+    if (!FLOAT_DTYPES.has(e.dtype)) {
+      throw new Error(`${where}: ${describe(k, e)}; expected a float dtype (F32, F16, BF16 or F64)`);
+    }
     const p = params.get(mapKey(k)!)!;
     if (e.shape.join() !== p.shape.join()) {
       mismatched.push(`${mapKey(k)}: checkpoint ${fmt(e.shape)} vs model ${fmt(p.shape)}`);
@@ -596,15 +602,20 @@ async function streamInto(
   let pos = 0; // within the data section
   for (const [k, e] of header.entries) {
     const [begin, end] = e.dataOffsets;
-    let data: Float32Array | Int32Array;
+    let data: Float32Array;
     if (begin === end) {
       data = new Float32Array(0);
     } else {
-      await src.skip(begin - pos);
       try {
+        await src.skip(begin - pos);
         data = await readTensor(src, e, k);
       } catch (err) {
-        throw new Error(`${where}: ${(err as Error).message}`, { cause: err });
+        throw new Error(
+          `${where}: reading ${describe(k, e)} (bytes ${header.dataStart + begin}-${
+            header.dataStart + end
+          } of the file): ${(err as Error).message}`,
+          { cause: err },
+        );
       }
       pos = end;
     }
@@ -612,6 +623,10 @@ async function streamInto(
     flush(); // the upload's staging buffer goes with this submit
   }
 }
+
+// A list of names for a message: the first `n`, then how many in all.
+const names = (list: string[], n = 12) =>
+  list.length <= n ? list.join(", ") : `${list.slice(0, n).join(", ")}, ... (${list.length} in all)`;
 
 /**
  * Loads a model from a hub id (`state-spaces/mamba-130m-hf`, downloaded into the Hugging Face cache; see
@@ -698,8 +713,22 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     const tie = lm.tieEmbeddings === true && !ours.has("lm_head.weight");
     model = new PretrainedLM(config, { ...lm, tieEmbeddings: tie }, tokenizer, src.where);
     const params = model.stateDict();
+    // Checkpoint tensors the model built from config.json has no parameter for (more layers, inner
+    // layernorms, LayerNorm biases, MLPs, ...), and parameters the checkpoint lacks: refused before any read.
+    const noParam = [...ours].filter(([o]) => !params.has(o)).map(([o, k]) => `${k} (${o})`);
     const missing = [...params.keys()].filter((k) => !ours.has(k));
-    if (missing.length) throw new Error(`loadStateDict: missing keys: ${missing.join(", ")}`);
+    if (noParam.length || missing.length) {
+      const parts = [];
+      if (noParam.length) {
+        // Saved by a version that did not record inner layernorms in config.json.
+        const hint = !config.innerLayernorms && noParam.some((n) => /\.(dt|B|C)_layernorm\./.test(n))
+          ? ` (inner layernorms: add "inner_layernorms": true to ${cfgWhere})`
+          : "";
+        parts.push(`tensors the model of ${cfgWhere} has no parameter for: ${names(noParam)}${hint}`);
+      }
+      if (missing.length) parts.push(`parameters the checkpoint lacks: ${names(missing)}`);
+      throw new Error(`${weightsWhere}: ${parts.join("; ")}`);
+    }
     if (plan.single) {
       await streamInto(model, params, plan.single.src, plan.single.header, weightsWhere);
     } else {
@@ -734,7 +763,11 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
   }
 }
 
-/** The Hugging Face transformers config.json of a model. */
+/**
+ * The Hugging Face transformers config.json of a model. A model with inner layernorms (`innerLayernorms`,
+ * which transformers' Mamba does not have) also gets `"inner_layernorms": true`, a key of ours (mamba.py's
+ * name) that {@linkcode fromPretrained} reads back.
+ */
 export function hfConfig(model: MambaLM): Record<string, unknown> {
   const c = model.config;
   return {
@@ -759,6 +792,7 @@ export function hfConfig(model: MambaLM): Record<string, unknown> {
     time_step_scale: c.dtScale,
     time_step_floor: c.dtInitFloor,
     torch_dtype: "float32",
+    ...(c.innerLayernorms ? { inner_layernorms: true } : {}),
   };
 }
 

@@ -7,14 +7,73 @@
  */
 
 import assert from "node:assert/strict";
+import { noGrad } from "../core/autograd.ts";
+import { init } from "../core/device.ts";
+import { memory } from "../core/memory.ts";
+import { parseSafetensors } from "../core/safetensors.ts";
+import { tidy } from "../core/tensor.ts";
 import { mambaConfig } from "../mamba/config.ts";
-import { parseCheckpointConfig } from "../mamba/pretrained.ts";
-import { fixturePath } from "./fixture_util.ts";
+import { MambaLM } from "../mamba/lm.ts";
+import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
+import { fixturePath, loadFixture, maxAbsDiff, toTensor } from "./fixture_util.ts";
 
 const HF = fixturePath("lm_v64_hf");
 const SS = fixturePath("lm_v64_state_spaces");
 const hfConfig = async () => JSON.parse(await Deno.readTextFile(`${HF}/config.json`));
 const ssConfig = async () => JSON.parse(await Deno.readTextFile(`${SS}/config.json`));
+
+// A safetensors file from raw entries (any dtype, bytes as given), for dtypes serializeSafetensors refuses.
+function rawSafetensors(
+  entries: [string, { dtype: string; shape: number[]; bytes: Uint8Array }][],
+): Uint8Array {
+  const header: Record<string, unknown> = {};
+  let at = 0;
+  for (const [k, e] of entries) {
+    header[k] = { dtype: e.dtype, shape: e.shape, data_offsets: [at, at + e.bytes.length] };
+    at += e.bytes.length;
+  }
+  let json = JSON.stringify(header);
+  json += " ".repeat((8 - (json.length % 8)) % 8);
+  const head = new TextEncoder().encode(json);
+  const out = new Uint8Array(8 + head.length + at);
+  new DataView(out.buffer).setBigUint64(0, BigInt(head.length), true);
+  out.set(head, 8);
+  let pos = 8 + head.length;
+  for (const [, e] of entries) {
+    out.set(e.bytes, pos);
+    pos += e.bytes.length;
+  }
+  return out;
+}
+
+// The fixture's tensors as raw F32 entries, in file order.
+async function fixtureEntries(
+  dir = HF,
+): Promise<[string, { dtype: string; shape: number[]; bytes: Uint8Array }][]> {
+  const { tensors } = parseSafetensors(await Deno.readFile(`${dir}/model.safetensors`));
+  return [...tensors].map(([k, t]) => [k, {
+    dtype: "F32",
+    shape: t.shape,
+    bytes: new Uint8Array(Float32Array.from(t.data).buffer),
+  }]);
+}
+
+async function folder(config: unknown, model: Uint8Array): Promise<string> {
+  const dir = await Deno.makeTempDir({ prefix: "pretrained-" });
+  await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(config));
+  await Deno.writeFile(`${dir}/model.safetensors`, model);
+  return dir;
+}
+
+async function checkLogits(lm: MambaLM): Promise<void> {
+  const f = await loadFixture("lm_v64.safetensors");
+  const tokens = toTensor(f, "tokens");
+  const logits = tidy(() => noGrad(() => lm.forward(tokens)));
+  const d = maxAbsDiff(await logits.toArray(), f.get("logits")!.data);
+  logits.dispose();
+  tokens.dispose();
+  assert.ok(d < 1e-4, `logits max diff ${d}`);
+}
 
 Deno.test("parseCheckpointConfig: bad values are named by config.json's keys, not by MambaConfig's", async () => {
   const hf = await hfConfig();
@@ -111,4 +170,160 @@ Deno.test("mambaConfig: a key set to undefined takes its default; infinite numbe
     () => mambaConfig({ dModel: 16, nLayers: 2, rmsNormEps: Infinity }),
     /rmsNormEps must be a positive finite number, got Infinity/,
   );
+});
+
+Deno.test("fromPretrained: checkpoint tensors the model has no parameter for are named, before any read", async () => {
+  await init();
+  const entries = await fixtureEntries();
+  const cfg = await hfConfig();
+  const f32 = (n: number) => ({ dtype: "F32", shape: [n], bytes: new Uint8Array(4 * n) });
+  const cases: [string, typeof entries, RegExp][] = [
+    [
+      "an extra tensor in a layer",
+      [...entries, ["backbone.layers.0.mixer.extra.weight", f32(2)]],
+      /backbone\.layers\.0\.mixer\.extra\.weight \(mamba\.layers\.0\.mixer\.extra\.weight\)/,
+    ],
+    [
+      "a third layer with 2 in config.json",
+      [...entries, ["backbone.layers.2.norm.weight", f32(32)]],
+      /backbone\.layers\.2\.norm\.weight \(mamba\.layers\.2\.norm\.weight\)/,
+    ],
+    [
+      "a LayerNorm bias",
+      [...entries, ["backbone.layers.1.norm.bias", f32(32)]],
+      /backbone\.layers\.1\.norm\.bias \(mamba\.layers\.1\.norm\.bias\)/,
+    ],
+  ];
+  const before = memory().liveTensors;
+  for (const [what, list, re] of cases) {
+    const dir = await folder(cfg, rawSafetensors(list));
+    await assert.rejects(() => fromPretrained(dir), (e: Error) => {
+      assert.ok(!(e instanceof TypeError), `${what}: ${e.stack}`);
+      assert.match(
+        e.message,
+        new RegExp(
+          `^${dir}/model\\.safetensors: tensors the model of ${dir}/config\\.json has no parameter for: `,
+        ),
+        what,
+      );
+      assert.match(e.message, re, what);
+      return true;
+    });
+    await Deno.remove(dir, { recursive: true });
+  }
+  // A state-spaces checkpoint with MLP blocks: refused by its config; with the config saying 0, by its tensors.
+  const ss = await ssConfig();
+  const ssEntries = await fixtureEntries(SS);
+  const mlp = [...ssEntries, ["backbone.layers.0.mlp.fc1.weight", f32(8)]] as typeof entries;
+  let dir = await folder({ ...ss, d_intermediate: 8 }, rawSafetensors(mlp));
+  await assert.rejects(() => fromPretrained(dir), /'d_intermediate' 8 is not supported/);
+  await Deno.remove(dir, { recursive: true });
+  dir = await folder(ss, rawSafetensors(mlp));
+  await assert.rejects(
+    () => fromPretrained(dir),
+    /backbone\.layers\.0\.mlp\.fc1\.weight \(mamba\.layers\.0\.mlp\.fc1\.weight\)/,
+  );
+  await Deno.remove(dir, { recursive: true });
+  // Missing and unexpected together: both named in one message.
+  dir = await folder(
+    cfg,
+    rawSafetensors([...entries.filter(([k]) => k !== "backbone.norm_f.weight"), ["x.weight", f32(1)]]),
+  );
+  await assert.rejects(() => fromPretrained(dir), /unexpected tensors x\.weight/);
+  await Deno.remove(dir, { recursive: true });
+  dir = await folder(
+    cfg,
+    rawSafetensors([...entries.filter(([k]) => k !== "backbone.norm_f.weight"), [
+      "backbone.norm_f.bias",
+      f32(32),
+    ]]),
+  );
+  await assert.rejects(
+    () => fromPretrained(dir),
+    /no parameter for: backbone\.norm_f\.bias \(norm_f\.bias\); parameters the checkpoint lacks: norm_f\.weight$/,
+  );
+  await Deno.remove(dir, { recursive: true });
+  assert.equal(memory().liveTensors, before, "failed loads leave no tensors");
+});
+
+Deno.test("saveCheckpoint then fromPretrained round-trips a model with inner layernorms", async () => {
+  await init();
+  for (const innerLayernorms of [true, false]) {
+    const lm = new MambaLM({ dModel: 16, nLayers: 2, dState: 4, innerLayernorms }, { vocabSize: 32 });
+    // Non-trivial norm weights, so that a load that skipped them would show.
+    const sd = lm.stateDict();
+    const norms = [...sd.keys()].filter((k) => k.includes("_layernorm"));
+    assert.equal(norms.length, innerLayernorms ? 6 : 0);
+    lm.loadStateDict(
+      Object.fromEntries(norms.map((k, i) => {
+        const n = sd.get(k)!.shape[0];
+        return [k, { shape: [n], data: Float32Array.from({ length: n }, (_, j) => 1 + 0.1 * (i + j)) }];
+      })),
+      { strict: false },
+    );
+    const dir = await Deno.makeTempDir({ prefix: "pretrained-" });
+    await saveCheckpoint(lm, dir);
+    const cfg = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+    assert.equal(cfg.inner_layernorms, innerLayernorms ? true : undefined);
+    const back = await fromPretrained(dir);
+    assert.equal(back.config.innerLayernorms, innerLayernorms);
+    const got = back.stateDict();
+    for (const [k, p] of lm.stateDict()) {
+      assert.deepEqual(await got.get(k)!.toArray(), await p.toArray(), k);
+    }
+    const tokens = [[1, 5, 9, 30, 2, 7]];
+    const a = tidy(() => noGrad(() => lm.forward(lm.tokensTensor(tokens))));
+    const b = tidy(() => noGrad(() => back.forward(back.tokensTensor(tokens))));
+    assert.deepEqual(await a.toArray(), await b.toArray());
+    a.dispose();
+    b.dispose();
+    lm.dispose();
+    back.dispose();
+    if (innerLayernorms) {
+      // A folder saved before config.json recorded them: the error says what to add.
+      delete cfg.inner_layernorms;
+      await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(cfg));
+      await assert.rejects(
+        () => fromPretrained(dir),
+        /no parameter for: backbone\.layers\.0\.mixer\.dt_layernorm\.weight \(mamba\.layers\.0\.mixer\.dt_layernorm\.weight\), .* \(inner layernorms: add "inner_layernorms": true to .*config\.json\)$/,
+      );
+    }
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("fromPretrained refuses integer and bool tensors, naming file, tensor, dtype, shape and offsets", async () => {
+  await init();
+  const entries = await fixtureEntries();
+  const cfg = await hfConfig();
+  const D = "backbone.layers.0.mixer.D";
+  const sizes: Record<string, number> = { I32: 4, I64: 8, U8: 1, BOOL: 1 };
+  for (const [dtype, size] of Object.entries(sizes)) {
+    const list = entries.map(([k, e]) =>
+      [k, k === D ? { dtype, shape: e.shape, bytes: new Uint8Array(64 * size).fill(1) } : e] as const
+    );
+    const file = rawSafetensors(list as typeof entries);
+    const dir = await folder(cfg, file);
+    const begin = list.slice(0, list.findIndex(([k]) => k === D)).reduce((a, [, e]) => a + e.bytes.length, 0);
+    await assert.rejects(() => fromPretrained(dir), (e: Error) => {
+      assert.equal(
+        e.message,
+        `${dir}/model.safetensors: tensor ${D} (mamba.layers.0.mixer.D) is ${dtype} [64] at data_offsets ` +
+          `[${begin}, ${begin + 64 * size}]; expected a float dtype (F32, F16, BF16 or F64)`,
+      );
+      return true;
+    });
+    await Deno.remove(dir, { recursive: true });
+  }
+  // F64 is a float dtype: it loads (these values are exact in f32).
+  const f64 = entries.map(([k, e]) => {
+    if (k !== D) return [k, e] as const;
+    const x = new Float32Array(e.bytes.buffer.slice(0) as ArrayBuffer);
+    return [k, { dtype: "F64", shape: e.shape, bytes: new Uint8Array(Float64Array.from(x).buffer) }] as const;
+  });
+  const dir = await folder(cfg, rawSafetensors(f64 as typeof entries));
+  const lm = await fromPretrained(dir);
+  await checkLogits(lm);
+  lm.dispose();
+  await Deno.remove(dir, { recursive: true });
 });
