@@ -46,7 +46,11 @@ export interface HubOptions {
   refresh?: boolean;
   /** Resumed attempts after a download breaks off, in the same call (default 3). */
   retries?: number;
-  /** Milliseconds to wait for a response or for the next bytes of a body (default 30000). */
+  /**
+   * Milliseconds to wait for a response or for the next bytes of a body (default 30000): the wait restarts
+   * with each piece that arrives, so a slow download that keeps going is not cut off. It applies to hub
+   * downloads and to `fromPretrained`'s URL loads (and, in a browser, its hub fetches).
+   */
   timeoutMs?: number;
 }
 

@@ -38,6 +38,9 @@ function resolveOptions(id: string, o: HubOptions): Resolved {
   if (!revision || revision.split("/").some((p) => p === "" || p === "." || p === "..")) {
     throw new Error(`invalid revision '${revision}'`);
   }
+  if (o.timeoutMs !== undefined && !(o.timeoutMs > 0)) {
+    throw new Error(`timeoutMs must be a positive number, got ${o.timeoutMs}`);
+  }
   const off = hubEnv("HF_HUB_OFFLINE")?.toLowerCase();
   let progress = o.progress;
   if (progress === undefined) {

@@ -354,15 +354,53 @@ export class PretrainedLM extends MambaLM {
 
 const isUrl = (s: string) => /^https?:\/\//i.test(s);
 
-function urlSource(prefix: string, where?: string): ModelSource {
+// A response whose body errors when no bytes come for `timeoutMs` while a read waits (each read re-arms the
+// timer, so a slow download that keeps going is not cut off; time spent between reads does not count).
+function timedResponse(res: Response, ac: AbortController, timeoutMs: number, url: string): Response {
+  if (!res.body) return res;
+  const reader = res.body.getReader();
+  const body = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const stalled = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no data from ${url} for ${timeoutMs} ms`)), timeoutMs);
+      });
+      try {
+        const r = await Promise.race([reader.read(), stalled]);
+        if (r.done) controller.close();
+        else controller.enqueue(r.value);
+      } catch (e) {
+        ac.abort(e); // drops the connection
+        throw e; // errors this stream: the reader sees `e`
+      } finally {
+        clearTimeout(timer);
+      }
+    },
+    async cancel(reason) {
+      await reader.cancel(reason).catch(() => {});
+    },
+  }, { highWaterMark: 0 });
+  return new Response(body, { status: res.status, statusText: res.statusText, headers: res.headers });
+}
+
+function urlSource(prefix: string, options: HubOptions, where?: string): ModelSource {
   const base = prefix.replace(/\/+$/, "");
+  const timeoutMs = options.timeoutMs ?? 30_000;
+  if (!(timeoutMs > 0)) throw new Error(`timeoutMs must be a positive number, got ${timeoutMs}`);
   const get = async (file: string): Promise<Response | null> => {
     const url = `${base}/${file}`;
+    const ac = new AbortController();
+    const timer = setTimeout(
+      () => ac.abort(new Error(`no response within ${timeoutMs} ms`)),
+      timeoutMs,
+    );
     let res: Response;
     try {
-      res = await fetch(url, { headers: { "accept-encoding": "identity" } });
+      res = await fetch(url, { headers: { "accept-encoding": "identity" }, signal: ac.signal });
     } catch (e) {
       throw new Error(`cannot fetch ${url}: ${(e as Error).message}`, { cause: e });
+    } finally {
+      clearTimeout(timer);
     }
     if (res.status === 404) {
       await res.body?.cancel();
@@ -372,7 +410,7 @@ function urlSource(prefix: string, where?: string): ModelSource {
       await res.body?.cancel();
       throw new Error(`cannot fetch ${url}: HTTP ${res.status}`);
     }
-    return res;
+    return timedResponse(res, ac, timeoutMs, url);
   };
   return {
     where: where ?? base,
@@ -382,7 +420,11 @@ function urlSource(prefix: string, where?: string): ModelSource {
         if (optional) return null;
         throw new Error(`cannot fetch ${base}/${file}: HTTP 404`);
       }
-      return await res.text();
+      try {
+        return await res.text();
+      } catch (e) {
+        throw new Error(`cannot fetch ${base}/${file}: ${(e as Error).message}`, { cause: e });
+      }
     },
     async open(file) {
       const res = await get(file);
@@ -405,17 +447,17 @@ function hubUrlSource(id: string, options: HubOptions): ModelSource {
     );
   }
   const endpoint = (options.endpoint ?? hubEndpoint()).replace(/\/+$/, "");
-  return urlSource(`${endpoint}/${id}/resolve/${encodeURIComponent(revision)}`, `${id}@${revision}`);
+  return urlSource(`${endpoint}/${id}/resolve/${encodeURIComponent(revision)}`, options, `${id}@${revision}`);
 }
 
 async function sourceOf(s: string, options: HubOptions): Promise<ModelSource> {
-  if (isUrl(s)) return urlSource(s);
+  if (isUrl(s)) return urlSource(s, options);
   if (hasFileSystem()) return (await import("./pretrained_fs.ts")).localSource(s, options);
   if (isHubId(s)) return hubUrlSource(s, options);
   // A browser: a path relative to the page.
   const page = (globalThis as { location?: { href: string } }).location?.href;
   if (!page) throw new Error(`'${s}' is neither a URL nor a hub id, and there is no file system here`);
-  return urlSource(new URL(s, page).href);
+  return urlSource(new URL(s, page).href, options);
 }
 
 /** Model files by name (`config.json`, `model.safetensors`, ...): files picked in a page, or blobs/bytes. */

@@ -327,3 +327,141 @@ Deno.test("fromPretrained refuses integer and bool tensors, naming file, tensor,
   lm.dispose();
   await Deno.remove(dir, { recursive: true });
 });
+
+// A server for one model folder whose responses can stall, trickle or end early.
+function modelServer(
+  body: (file: string, data: Uint8Array<ArrayBuffer>, release: Promise<void>) => Response | Promise<Response>,
+) {
+  let release!: () => void;
+  const released = new Promise<void>((r) => release = r);
+  const ac = new AbortController();
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} },
+    async (req) => {
+      const file = new URL(req.url).pathname.slice(1);
+      if (file !== "config.json" && file !== "model.safetensors") return new Response("no", { status: 404 });
+      return await body(file, await Deno.readFile(`${HF}/${file}`), released);
+    },
+  );
+  return {
+    url: `http://127.0.0.1:${server.addr.port}`,
+    async close() {
+      release();
+      ac.abort();
+      await server.finished;
+    },
+  };
+}
+
+// A body that sends `data` in pieces, waiting `pause` before each, stopping for good after `stopAt` bytes.
+function trickle(
+  data: Uint8Array,
+  piece: number,
+  pause: () => Promise<void>,
+  stopAt = Infinity,
+  known = true,
+) {
+  let at = 0;
+  const stream = new ReadableStream<Uint8Array>({
+    async pull(c) {
+      if (at >= Math.min(data.length, stopAt)) {
+        if (at >= data.length) return c.close();
+        await pause();
+        try {
+          c.close(); // ends early: fewer bytes than announced, or a short body of unknown size
+        } catch { /* the client is gone */ }
+        return;
+      }
+      await pause();
+      const n = Math.min(piece, data.length - at, stopAt - at);
+      try {
+        c.enqueue(data.slice(at, at + n));
+      } catch { /* the client is gone */ }
+      at += n;
+    },
+  }, { highWaterMark: 0 });
+  return new Response(stream, { headers: known ? { "content-length": String(data.length) } : {} });
+}
+
+// Fails (instead of hanging the test run) when `p` has not settled after `ms`.
+function within<T>(ms: number, p: Promise<T>): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`still waiting after ${ms} ms`)), ms);
+  });
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
+}
+
+Deno.test("fromPretrained from a URL: a stalled server fails after timeoutMs; a slow one that keeps going loads", async () => {
+  await init();
+  for (const source of ["http://127.0.0.1:9/m", "org/m"]) {
+    await assert.rejects(
+      () => fromPretrained(source, { timeoutMs: 0 }),
+      /timeoutMs must be a positive number, got 0/,
+    );
+  }
+  const sleep = (ms: number) => () => new Promise<void>((r) => setTimeout(r, ms));
+  // No response at all to config.json.
+  let s = modelServer(async (_f, _d, release) => {
+    await release;
+    return new Response("late");
+  });
+  await assert.rejects(
+    () => within(5000, fromPretrained(s.url, { timeoutMs: 300 })),
+    new RegExp(`cannot fetch ${s.url}/config\\.json: no response within 300 ms`),
+  );
+  await s.close();
+
+  // The weights start, then stop coming (the connection stays open): the read names the tensor.
+  s = modelServer((file, data, release) =>
+    file === "config.json" ? new Response(data) : stalledAfter(data, 20000, release)
+  );
+  await assert.rejects(
+    () => within(5000, fromPretrained(s.url, { timeoutMs: 300 })),
+    new RegExp(
+      `${s.url}/model\\.safetensors: reading tensor (\\S+) \\(\\S+\\) is F32 \\[[\\d, ]+\\] at data_offsets \\[\\d+, \\d+\\] ` +
+        `\\(bytes \\d+-\\d+ of the file\\): .*no data from ${s.url}/model\\.safetensors for 300 ms`,
+    ),
+  );
+  await s.close();
+
+  // Slow but live: a piece every 100 ms, 1.5 s in all, with a 300 ms timeout.
+  s = modelServer((file, data) =>
+    file === "config.json" ? new Response(data) : trickle(data, Math.ceil(data.length / 15), sleep(100))
+  );
+  const t0 = performance.now();
+  const lm = await within(10000, fromPretrained(s.url, { timeoutMs: 300 }));
+  assert.ok(performance.now() - t0 > 1000, "the download took longer than the timeout");
+  await checkLogits(lm);
+  lm.dispose();
+  await s.close();
+
+  // A body of unknown length that ends early: the read error names the tensor and its offsets.
+  s = modelServer((file, data) =>
+    file === "config.json" ? new Response(data) : trickle(data, 4096, sleep(0), 30000, false)
+  );
+  await assert.rejects(
+    () => within(5000, fromPretrained(s.url)),
+    /model\.safetensors: reading tensor \S+ \(\S+\) is F32 \[[\d, ]+\] at data_offsets \[\d+, \d+\] \(bytes \d+-\d+ of the file\): .*the body ended at byte 30000/,
+  );
+  await s.close();
+});
+
+// A body that sends the first `n` bytes, then nothing until `release` (the connection stays open).
+function stalledAfter(data: Uint8Array, n: number, release: Promise<void>): Response {
+  let sent = false;
+  const stream = new ReadableStream<Uint8Array>({
+    async pull(c) {
+      if (!sent) {
+        sent = true;
+        c.enqueue(data.slice(0, n));
+        return;
+      }
+      await release;
+      try {
+        c.close();
+      } catch { /* cancelled */ }
+    },
+  }, { highWaterMark: 0 });
+  return new Response(stream, { headers: { "content-length": String(data.length) } });
+}
