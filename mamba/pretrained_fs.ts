@@ -33,20 +33,33 @@ function folderSource(dir: string): ModelSource {
   };
 }
 
+// `id` has the form of a hub id but is no local folder: until the hub has answered with a file, its errors
+// say that there is no such folder either (`runs/char` before training is a folder, not a repository).
 function hubSource(id: string, options: HubOptions): ModelSource {
   const where = `${id}@${options.revision ?? "main"}`;
+  let found = false;
+  const orFolder = (e: HubError) =>
+    found ? e : new HubError(
+      e.code,
+      `${e.message} (no local folder '${id}' either)`,
+      e.url,
+      e.status,
+    );
   // Offline, a file the cache lacks may still exist upstream: optional files count as absent then, except
   // that the weights must be found one way or the other (planWeights throws this error if neither is).
   const notCached = new Map<string, HubError>();
   const get = async (file: string, optional: boolean) => {
     try {
-      return await hubDownload(id, file, options);
+      const path = await hubDownload(id, file, options);
+      if (path !== null) found = true;
+      return path;
     } catch (e) {
-      if (optional && e instanceof HubError && e.code === "NotCached") {
-        notCached.set(file, e);
+      if (!(e instanceof HubError)) throw e;
+      if (optional && e.code === "NotCached") {
+        notCached.set(file, orFolder(e));
         return null;
       }
-      throw e;
+      throw orFolder(e);
     }
   };
   return {
@@ -56,7 +69,7 @@ function hubSource(id: string, options: HubOptions): ModelSource {
       const path = await get(file, optional);
       if (path === null) {
         if (optional) return null;
-        throw new HubError("EntryNotFound", `${where}: the repository has no ${file}`);
+        throw orFolder(new HubError("EntryNotFound", `${where}: the repository has no ${file}`));
       }
       return await Deno.readTextFile(path);
     },

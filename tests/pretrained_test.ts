@@ -13,6 +13,7 @@ import { memory } from "../core/memory.ts";
 import { parseSafetensors } from "../core/safetensors.ts";
 import { tidy } from "../core/tensor.ts";
 import { mambaConfig } from "../mamba/config.ts";
+import { HubError } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
 import { fixturePath, loadFixture, maxAbsDiff, toTensor } from "./fixture_util.ts";
@@ -465,3 +466,24 @@ function stalledAfter(data: Uint8Array, n: number, release: Promise<void>): Resp
   }, { highWaterMark: 0 });
   return new Response(stream, { headers: { "content-length": String(data.length) } });
 }
+
+Deno.test("fromPretrained: a missing folder that looks like a hub id says that the folder is missing too", async () => {
+  await init();
+  const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const dead = `http://127.0.0.1:${(probe.addr as Deno.NetAddr).port}`;
+  probe.close();
+  const cacheDir = await Deno.makeTempDir({ prefix: "hub-cache-" });
+  const id = "no-such-folder-3e1/char";
+  for (const extra of [{}, { localFilesOnly: true }]) {
+    await assert.rejects(
+      () => fromPretrained(id, { endpoint: dead, cacheDir, progress: false, ...extra }),
+      (e: Error) => {
+        assert.ok(e instanceof HubError, String(e));
+        assert.match(e.message, /no-such-folder-3e1\/char/);
+        assert.match(e.message, /\(no local folder 'no-such-folder-3e1\/char' either\)$/);
+        return true;
+      },
+    );
+  }
+  await Deno.remove(cacheDir, { recursive: true });
+});
