@@ -34,14 +34,14 @@ function folderSource(dir: string): ModelSource {
 }
 
 // `id` has the form of a hub id but is no local folder: until the hub has answered with a file, its errors
-// say that there is no such folder either (`runs/char` before training is a folder, not a repository).
+// say first that there is no such folder (`runs/char` before training is a folder, not a repository).
 function hubSource(id: string, options: HubOptions): ModelSource {
   const where = `${id}@${options.revision ?? "main"}`;
   let found = false;
   const orFolder = (e: HubError) =>
     found ? e : new HubError(
       e.code,
-      `${e.message} (no local folder '${id}' either)`,
+      `there is no local folder '${id}', and as a hub id: ${e.message}`,
       e.url,
       e.status,
     );
