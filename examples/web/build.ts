@@ -12,8 +12,9 @@
 
 /** Budget for the minified library bundle, in bytes (the build fails above it). */
 export const LIBRARY_BUDGET_BYTES = 256 * 1024;
-/** Budget for the gzip-compressed library bundle, in bytes. */
-export const LIBRARY_BUDGET_GZIP_BYTES = 80 * 1024;
+/** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
+ * messages naming keys, shapes and offsets took the bundle to 81 KiB). */
+export const LIBRARY_BUDGET_GZIP_BYTES = 88 * 1024;
 
 const ROOT = new URL("../../", import.meta.url);
 /** Where the build writes: `<repo>/out/web/`. */
