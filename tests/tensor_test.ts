@@ -156,7 +156,10 @@ Deno.test("bad input: wrong dtypes are rejected with the op and dtype named", ()
   assert.throws(() => M.indexSelect(f, 0, f), /indices must be an i32 tensor, got f32/);
   assert.throws(() => M.where(i, f, f), /condition must be an f32 mask, got i32/);
   assert.throws(() => M.add(1, 2), /at least one operand must be a tensor/);
-  assert.throws(() => tensor([1.5], undefined, { dtype: "i32" }), /i32 data has 1.5 at 0, not an int32 integer/);
+  assert.throws(
+    () => tensor([1.5], undefined, { dtype: "i32" }),
+    /i32 data has 1.5 at 0, not an int32 integer/,
+  );
   assert.throws(() => M.full([2], 0.5, { dtype: "i32" }), /full: i32 fill value 0.5 is not an int32 integer/);
   dispose([i, f]);
 });
