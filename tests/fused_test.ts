@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { fixedSubgroupSize, init } from "../core/device.ts";
 import { full, randn } from "../core/creation.ts";
 import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
-import { keep, type Tensor, tidy } from "../core/tensor.ts";
+import { keep, Tensor, tidy } from "../core/tensor.ts";
 import { memory } from "../core/memory.ts";
 import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan, lastState } from "../scan/fused.ts";
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
@@ -179,11 +179,11 @@ Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096,
   // N = 32: two state blocks, two-level recompute (Lc 128, Ls 16), two backward dispatches per block
   await compare({ B: 1, L: 9000, ED: 2, N: 32, R: 1, gated: true }, 17);
   // lanes per channel: the second forward dispatch starts each lane from its share of the saved state
-  const info = await init();
-  if (info.subgroups && info.subgroups.minSize >= 2) {
+  await init();
+  if ((fixedSubgroupSize() ?? 0) >= 2) { // lanes per channel need one fixed subgroup size
     const { setFusedVariant } = await import("../scan/fused_variant.ts");
     try {
-      setFusedVariant(4, { WG: info.subgroups.maxSize, Lc: 64, reduce: "subgroup", lanes: 2 });
+      setFusedVariant(4, { WG: fixedSubgroupSize()!, Lc: 64, reduce: "subgroup", lanes: 2 });
       await compare({ B: 1, L: 20000, ED: 3, N: 4, R: 1, gated: true }, 18);
     } finally {
       setFusedVariant(4, null);
@@ -387,11 +387,36 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
   }
 });
 
-Deno.test("subgroup probe: a device that grants subgroups reports consistent sizes", async () => {
+Deno.test("subgroups as the probe reports them: sizes within its range, aligned runs of the local index", async () => {
   const info = await init();
   if (!info.subgroups) return; // nothing granted: kernels use workgroup-memory sums
-  assert.ok(info.subgroups.minSize >= 1 && info.subgroups.minSize <= info.subgroups.maxSize);
-  assert.ok(info.subgroups.directive === "" || info.subgroups.directive === "enable subgroups;");
+  const { defineKernel, dispatch } = await import("../core/kernel.ts");
+  // what the kernels assume: each subgroup is the local indices sgSize * j .. sgSize * (j + 1), in order
+  const k = defineKernel({
+    name: "subgroup_layout_check",
+    subgroups: true,
+    buffers: [{ name: "y", type: "f32", access: "read_write" }],
+    uniforms: [],
+    workgroupSize: 64,
+    body: `
+  let first = subgroupBroadcastFirst(lid); // the subgroup's first local index
+  st_y(gid * 3u, f32(sgSize));
+  st_y(gid * 3u + 1u, f32(first + sgLane) - f32(lid)); // 0 where lanes are the local indices in order
+  st_y(gid * 3u + 2u, f32(first % sgSize)); // 0 where subgroups start at multiples of their size`,
+  });
+  const y = Tensor.empty([2 * 64 * 3]);
+  dispatch(k, { y: y.storage }, {}, 2);
+  const v = await y.toArray();
+  for (let i = 0; i < 128; i++) {
+    const size = v[3 * i];
+    assert.ok(
+      size >= info.subgroups.minSize && size <= info.subgroups.maxSize,
+      `invocation ${i}: size ${size}`,
+    );
+    assert.equal(v[3 * i + 1], 0, `invocation ${i}: lane out of order`);
+    assert.equal(v[3 * i + 2], 0, `invocation ${i}: subgroup not aligned`);
+  }
+  y.dispose();
 });
 
 Deno.test("the backward's butterfly sums columns over any subgroup size (simulated lanes, 4 to 128)", () => {
