@@ -1,7 +1,9 @@
 /**
  * Picks the next token of every row on the GPU, so generation never waits for logits.
  *
- * Kernel `sample_rows`: one workgroup of 64 invocations per row of logits (B, V). Greedy: argmax (first
+ * Kernel `sample_rows`: one workgroup of WG invocations per row of logits (B, V): 64, or 256 where a row is so
+ * long that 64 would loop past 65535 iterations (software adapters stop there silently; top-k and top-p
+ * walk the row about 61 times: V above 68k). Greedy: argmax (first
  * index on ties, as torch.argmax). Sampling: Gumbel-max, argmax(x / T + g) with g = -log(-log(u)), which
  * draws exactly from softmax(x / T); u comes from a hash of (seed, step, row, v), so a seed reproduces a
  * run. Top-k keeps exactly k logits, as torch.topk: a bisection on an order-preserving u32 key of the f32
@@ -12,35 +14,54 @@
  * Top-p: a bisection on the logit value (24 rounds of a workgroup sum of exp((x - max) / T) over the
  * top-k set) finds the smallest set holding probability p; logits outside it are skipped (ties at its
  * edge are all kept). Writes the token into `next` (B) and into column `step` of `all` (B, T).
- * Workgroup memory: 64 (value, index) pairs, 64 counts, 64 partial sums.
+ * Workgroup memory: WG (value, index) pairs, WG counts, WG partial sums.
  * @module
  */
 
-import { defineKernel, dispatch } from "../core/kernel.ts";
+import { deviceInfo } from "../core/device.ts";
+import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { streamFor } from "../core/random.ts";
 import type { Tensor } from "../core/tensor.ts";
 
-const WG = 64;
+/** Loop iterations one invocation runs for a row of V logits with top-k and top-p (the most): 32 rounds of
+ * the top-k bisection and 25 of the top-p one walk the row, a few more walks, and the tree reductions. */
+function loopIterations(V: number, WG: number): number {
+  return 61 * Math.ceil(V / WG) + 60 * Math.log2(WG) + WG;
+}
 
-const sampleKernel = defineKernel({
-  name: "sample_rows",
-  buffers: [
-    { name: "x", type: "f32", access: "read" },
-    { name: "next", type: "i32", access: "read_write" },
-    { name: "all", type: "i32", access: "read_write" },
-  ],
-  uniforms: [
-    ["V", "u32"],
-    ["T", "u32"],
-    ["step", "u32"],
-    ["seed", "u32"],
-    ["greedy", "u32"],
-    ["topK", "u32"],
-    ["invTemp", "f32"],
-    ["topP", "f32"],
-  ],
-  workgroupSize: WG,
-  decls: `
+/** The workgroup size for rows of V logits: 64, or 256 when 64 would loop past 65535 iterations. */
+export function sampleWorkgroup(V: number): number {
+  return loopIterations(V, 64) <= 65535 ? 64 : 256;
+}
+
+const kernels = new Map<number, Kernel>();
+
+function sampleKernel(WG: number): Kernel {
+  let k = kernels.get(WG);
+  if (!k) kernels.set(WG, k = makeSampleKernel(WG));
+  return k;
+}
+
+function makeSampleKernel(WG: number): Kernel {
+  return defineKernel({
+    name: `sample_rows_${WG}`,
+    buffers: [
+      { name: "x", type: "f32", access: "read" },
+      { name: "next", type: "i32", access: "read_write" },
+      { name: "all", type: "i32", access: "read_write" },
+    ],
+    uniforms: [
+      ["V", "u32"],
+      ["T", "u32"],
+      ["step", "u32"],
+      ["seed", "u32"],
+      ["greedy", "u32"],
+      ["topK", "u32"],
+      ["invTemp", "f32"],
+      ["topP", "f32"],
+    ],
+    workgroupSize: WG,
+    decls: `
 var<workgroup> bestV: array<f32, ${WG}>;
 var<workgroup> bestI: array<u32, ${WG}>;
 var<workgroup> cnt: array<u32, ${WG}>;
@@ -99,7 +120,7 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
   for (var v = lid; v < P.V; v += ${WG}u) { c += select(0u, 1u, key(ld_x(base + v)) >= k); }
   return sumCounts(c, lid);
 }`,
-  body: `
+    body: `
   let row = group;
   let base = row * P.V;
   // top-k: kept(x, v, kKey, kIdx) (kKey 0, kIdx V: all); top-p: x >= thr
@@ -216,7 +237,8 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
     st_next(row, tok);
     st_all(row * P.T + P.step, tok);
   }`,
-});
+  });
+}
 
 /**
  * How the next token is chosen. Greedy (argmax) unless `sample` is true. `temperature`, `topK`, `topP` and
@@ -304,7 +326,18 @@ export function drawSeed(): number {
 /** Writes the chosen token of each row of `logits` (B, V) into `next` (B) and column `step` of `all` (B, T). */
 export function sampleInto(logits: Tensor, next: Tensor, all: Tensor, step: number, p: SampleParams): void {
   const [B, V] = logits.shape;
-  dispatch(sampleKernel, { x: logits.storage, next: next.storage, all: all.storage }, {
+  const WG = sampleWorkgroup(V);
+  if (
+    deviceInfo().isFallbackAdapter && !p.greedy && (p.topK || p.topP < 1) && loopIterations(V, WG) > 65535
+  ) {
+    throw new Error(
+      `generate: top-k/top-p over ${V} logits would loop ${
+        loopIterations(V, WG)
+      } times per invocation, past ` +
+        "the 65535 a software adapter runs (at most about 272k logits): sample without topK/topP, or greedily",
+    );
+  }
+  dispatch(sampleKernel(WG), { x: logits.storage, next: next.storage, all: all.storage }, {
     V,
     T: all.shape[1],
     step,

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
-import { init } from "../core/device.ts";
+import { deviceInfo, init } from "../core/device.ts";
 import { dispatchCount } from "../core/executor.ts";
 import { manualSeed } from "../core/random.ts";
 import { dispose, tidy } from "../core/tensor.ts";
@@ -313,5 +313,36 @@ Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.t
     const got = [...new Set(await all.toArray())].sort((a, b) => a - b);
     assert.deepEqual(got, [...want].sort((a, b) => a - b), `${JSON.stringify(o)} over ${row}`);
     dispose([logits, next, all]);
+  }
+});
+
+Deno.test("top-k and top-p over a 100k vocabulary: a wider workgroup keeps every loop under 65535 iterations", async () => {
+  await init();
+  const { sampleWorkgroup } = await import("../mamba/sampling.ts");
+  const [R, V] = [4, 100_000];
+  assert.equal(sampleWorkgroup(50_280), 64, "the hub models' vocabulary keeps 64 invocations");
+  assert.equal(sampleWorkgroup(V), 256);
+  // distinct logits with each row's maximum somewhere else
+  const host = new Float32Array(R * V).map((_, i) => Math.sin(i * 12.9898) * 0.5);
+  const peaks = [99_999, 7, 65_000, 50_001];
+  peaks.forEach((v, r) => (host[r * V + v] = 3));
+  const logits = tensor(host, [R, V]);
+  for (const o of [{ topK: 1 }, { topP: 1e-6 }, { topK: 2, topP: 0.5, temperature: 0.1 }]) {
+    const next = zeros([R], { dtype: "i32" });
+    const all = zeros([R, 1], { dtype: "i32" });
+    sampleInto(logits, next, all, 0, { ...sampleParams({ sample: true, ...o }), seed: 11 });
+    assert.deepEqual([...await next.toArray()], peaks, JSON.stringify(o));
+    dispose([next, all]);
+  }
+  logits.dispose();
+  if (deviceInfo().isFallbackAdapter) {
+    // past what even 256 invocations walk within the limit: a clear error, not a silently wrong token
+    const wide = zeros([1, 300_000]);
+    const [next, all] = [zeros([1], { dtype: "i32" }), zeros([1, 1], { dtype: "i32" })];
+    assert.throws(
+      () => sampleInto(wide, next, all, 0, { ...sampleParams({ sample: true, topK: 5 }), seed: 1 }),
+      /top-k\/top-p over 300000 logits would loop \d+ times per invocation, past the 65535/,
+    );
+    dispose([wide, next, all]);
   }
 });
