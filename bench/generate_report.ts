@@ -1,19 +1,61 @@
 /**
  * Generation speed: prefill and decode tokens/s, batch 1 and 8, for the char model and for randomly
- * initialised models of mamba-130m's and mamba-370m's shapes, with GPU (runtime counter) and host (RSS)
- * memory peaks. Prints a markdown table and writes bench/results/generate.json.
+ * initialised models of mamba-130m's and mamba-370m's shapes, with GPU (runtime counter) and host (peak
+ * resident set) memory. Prints a markdown table and writes bench/results/generate.json (with --quick:
+ * generate_quick.json).
  *
- *   deno run -A bench/generate_report.ts [--quick] [--skip-370m]
+ * Per model, after one warm-up generation per batch size (kernel compilation), each rep measures batch 1
+ * then batch 8 (the order alternates between reps, so the machine's drift hits both alike): a prefill
+ * alone (the parallel forward over the prompt, its logits disposed) and a `generate` of the same prompt;
+ * decode tokens/s is (new tokens - 1) x batch over the generate's time minus that rep's prefill. The table
+ * gives medians over the reps. GPU peak: the runtime's peak live bytes during a rep (weights included),
+ * the largest over the reps. Host peaks: Linux's VmHWM (every page the process touched, not samples),
+ * reset through /proc/self/clear_refs: once from the model's creation to the end of its host-side
+ * initialisation (random weights on the host, or loading the char model), and once per rep for the prefill
+ * and the generate (the largest over the reps). Where VmHWM cannot be read or reset (not Linux) those
+ * columns are empty.
+ *
+ *   deno run -A bench/generate_report.ts [--quick] [--skip-370m] [--reps <n>]
  */
 
+import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { init, MambaLM, memory, noGrad, resetPeak, sync, tidy } from "../mod.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
+import { intFlag, parseCommandLine } from "../examples/lib/cli.ts";
+import {
+  hostPeakBytes,
+  median,
+  resetHostPeak,
+  resultPath,
+  sourceVersion,
+  writeJsonAtomic,
+} from "./report_util.ts";
 
-const { values } = parseArgs({
-  args: Deno.args,
-  options: { quick: { type: "boolean" }, "skip-370m": { type: "boolean" } },
+const USAGE = `Usage: deno run -A bench/generate_report.ts [options]
+
+  --quick        fewer new tokens (char model 64, large shapes 8 instead of 256 and 32);
+                 writes bench/results/generate_quick.json instead of generate.json
+  --skip-370m    leave out the mamba-370m shape (its host-side init peaks at several GiB)
+  --reps <n>     measured reps per row, batch sizes interleaved (default 3)
+  --help         this text`;
+
+const { values, reps: REPS } = parseCommandLine(USAGE, () => {
+  const r = parseArgs({
+    args: Deno.args,
+    strict: true,
+    options: {
+      quick: { type: "boolean" },
+      "skip-370m": { type: "boolean" },
+      reps: { type: "string" },
+      help: { type: "boolean" },
+    },
+  });
+  return { ...r, reps: intFlag("reps", r.values.reps, 3, 1, 100) };
 });
+const quick = values.quick ?? false;
+const BATCHES = [1, 8];
+const PROMPT = 64;
 const info = await init();
 
 interface Row {
@@ -21,77 +63,135 @@ interface Row {
   batch: number;
   prompt: number;
   decode: number;
+  reps: number;
+  /** Medians over the reps. */
   prefillTokS: number;
   decodeTokS: number;
+  /** Every rep's rate, in measurement order. */
+  prefillTokSSamples: number[];
+  decodeTokSSamples: number[];
+  /** Peak live GPU bytes of the runtime during a rep (largest over the reps), weights included. */
   gpuPeakMiB: number;
-  hostRssMiB: number;
+  /** VmHWM from the model's creation to the end of its initialisation (before any GPU work of the rows). */
+  hostInitPeakMiB: number | null;
+  /** VmHWM during a rep's prefill and generate (largest over the reps). */
+  hostPeakMiB: number | null;
 }
 
 const rows: Row[] = [];
-let rssPeak = 0;
-const rss = () => (rssPeak = Math.max(rssPeak, Deno.memoryUsage().rss));
+const MiB = (b: number) => b / 2 ** 20;
+const hostMiB = (b: number | null) => (b === null ? null : MiB(b));
 
-async function measure(name: string, lm: MambaLM, batch: number, prompt: number, decode: number) {
-  const V = lm.vocabSize;
-  const ids = Array.from(
-    { length: batch },
-    (_, b) => Array.from({ length: prompt }, (_, t) => (b * 131 + t * 7919) % V),
-  );
-  await lm.generate(ids, 2); // compile kernels
-  resetPeak();
-  rssPeak = 0;
-  // Prefill alone: the parallel forward over the prompt.
-  let t0 = performance.now();
-  tidy(() => noGrad(() => lm.forward(ids)));
-  await sync();
-  const prefill = (performance.now() - t0) / 1000;
-  rss();
-  // Decode: generate = prefill + (decode - 1) steps; subtract the prefill.
-  t0 = performance.now();
-  await lm.generate(ids, decode, { readEvery: 16, onTokens: rss });
-  const total = (performance.now() - t0) / 1000;
-  const steps = Math.max(total - prefill, 1e-9);
-  rows.push({
-    model: name,
-    batch,
-    prompt,
-    decode,
-    prefillTokS: (batch * prompt) / prefill,
-    decodeTokS: (batch * (decode - 1)) / steps,
-    gpuPeakMiB: memory().peakBytes / 2 ** 20,
-    hostRssMiB: rssPeak / 2 ** 20,
-  });
-  console.error(JSON.stringify(rows.at(-1)));
+/** Host peak since `resetHostPeak()`, or null when VmHWM could not be reset or read. */
+function peakSince(reset: boolean): number | null {
+  return reset ? hostPeakBytes() : null;
 }
 
-const char = await fromPretrained(new URL("../tests/fixtures/char-mamba", import.meta.url).pathname, {
-  tokenizer: false,
-});
-for (const b of [1, 8]) await measure("char (d64, 2 layers)", char, b, 64, values.quick ? 64 : 256);
-char.dispose();
+async function measure(name: string, make: () => Promise<MambaLM>, decode: number): Promise<void> {
+  await sync();
+  const initReset = resetHostPeak();
+  const lm = await make();
+  await sync();
+  const initPeak = peakSince(initReset);
+  try {
+    const V = lm.vocabSize;
+    const ids = new Map(BATCHES.map((batch) => [
+      batch,
+      Array.from(
+        { length: batch },
+        (_, b) => Array.from({ length: PROMPT }, (_, t) => (b * 131 + t * 7919) % V),
+      ),
+    ]));
+    for (const b of BATCHES) await lm.generate(ids.get(b)!, 2); // compile kernels
+    const s = new Map(
+      BATCHES.map((b) => [b, { prefill: [] as number[], decode: [] as number[], gpu: 0, host: 0 }]),
+    );
+    let hostKnown = true;
+    for (let r = 0; r < REPS; r++) {
+      const order = r % 2 ? [...BATCHES].reverse() : BATCHES;
+      for (const batch of order) {
+        const prompt = ids.get(batch)!;
+        const acc = s.get(batch)!;
+        await sync();
+        resetPeak();
+        const reset = resetHostPeak();
+        // Prefill alone: the parallel forward over the prompt (its logits disposed by tidy).
+        let t0 = performance.now();
+        tidy(() => {
+          noGrad(() => lm.forward(prompt));
+        });
+        await sync();
+        const prefill = (performance.now() - t0) / 1000;
+        // Decode: generate = prefill + (decode - 1) steps; subtract this rep's prefill.
+        t0 = performance.now();
+        await lm.generate(prompt, decode, { readEvery: 16 });
+        const total = (performance.now() - t0) / 1000;
+        const host = peakSince(reset);
+        if (host === null) hostKnown = false;
+        acc.prefill.push((batch * PROMPT) / prefill);
+        acc.decode.push((batch * (decode - 1)) / Math.max(total - prefill, 1e-9));
+        acc.gpu = Math.max(acc.gpu, memory().peakBytes);
+        acc.host = Math.max(acc.host, host ?? 0);
+      }
+    }
+    for (const batch of BATCHES) {
+      const acc = s.get(batch)!;
+      rows.push({
+        model: name,
+        batch,
+        prompt: PROMPT,
+        decode,
+        reps: REPS,
+        prefillTokS: median(acc.prefill),
+        decodeTokS: median(acc.decode),
+        prefillTokSSamples: acc.prefill,
+        decodeTokSSamples: acc.decode,
+        gpuPeakMiB: MiB(acc.gpu),
+        hostInitPeakMiB: hostMiB(initPeak),
+        hostPeakMiB: hostKnown ? MiB(acc.host) : null,
+      });
+      console.error(JSON.stringify(rows.at(-1)));
+    }
+  } finally {
+    lm.dispose();
+  }
+}
+
+const charDir = fileURLToPath(new URL("../tests/fixtures/char-mamba", import.meta.url));
+await measure("char (d64, 2 layers)", () => fromPretrained(charDir, { tokenizer: false }), quick ? 64 : 256);
 const shapes: [string, number, number][] = [["mamba-130m shape (d768, 24 layers)", 768, 24]];
 if (!values["skip-370m"]) shapes.push(["mamba-370m shape (d1024, 48 layers)", 1024, 48]);
 for (const [name, d, n] of shapes) {
-  const lm = new MambaLM({ dModel: d, nLayers: n }, { vocabSize: 50280 });
-  for (const b of [1, 8]) await measure(name, lm, b, 64, values.quick ? 8 : 32);
-  lm.dispose();
+  const make = () => Promise.resolve(new MambaLM({ dModel: d, nLayers: n }, { vocabSize: 50280 }));
+  await measure(name, make, quick ? 8 : 32);
 }
 
-console.log(`\nGeneration on ${info.description}\n`);
+const fmtMiB = (x: number | null) => (x === null ? "-" : x.toFixed(0));
 console.log(
-  "| model | batch | prompt | new tokens | prefill tok/s | decode tok/s | GPU peak MiB | host RSS MiB |",
+  `\nGeneration on ${info.description} (medians of ${REPS} reps; GPU peak: the runtime's live bytes; ` +
+    `host peaks: VmHWM, from the model's creation to the end of its init, and during prefill + generate)\n`,
 );
-console.log("| --- | --- | --- | --- | --- | --- | --- | --- |");
+console.log(
+  "| model | batch | prompt | new tokens | prefill tok/s | decode tok/s | GPU peak MiB | " +
+    "host peak MiB (init) | host peak MiB (prefill + generate) |",
+);
+console.log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const r of rows) {
   console.log(
-    `| ${r.model} | ${r.batch} | ${r.prompt} | ${r.decode} | ${r.prefillTokS.toFixed(0)} | ${
-      r.decodeTokS.toFixed(1)
-    } | ` +
-      `${r.gpuPeakMiB.toFixed(0)} | ${r.hostRssMiB.toFixed(0)} |`,
+    `| ${r.model} | ${r.batch} | ${r.prompt} | ${r.decode} | ${r.prefillTokS.toFixed(0)} | ` +
+      `${r.decodeTokS.toFixed(1)} | ${r.gpuPeakMiB.toFixed(0)} | ${fmtMiB(r.hostInitPeakMiB)} | ` +
+      `${fmtMiB(r.hostPeakMiB)} |`,
   );
 }
-await Deno.mkdir(new URL("./results", import.meta.url), { recursive: true });
-await Deno.writeTextFile(
-  new URL("./results/generate.json", import.meta.url),
-  JSON.stringify({ adapter: info.description, rows }, null, 1) + "\n",
-);
+const out = resultPath(quick ? "generate_quick.json" : "generate.json");
+await writeJsonAtomic(out, {
+  adapter: info.description,
+  deno: Deno.version.deno,
+  date: new Date().toISOString(),
+  source: await sourceVersion(),
+  quick,
+  skip370m: values["skip-370m"] ?? false,
+  reps: REPS,
+  rows,
+});
+console.error(`wrote ${out}`);

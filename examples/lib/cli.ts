@@ -1,0 +1,45 @@
+/**
+ * Command lines of the examples and bench scripts: strict flags (an unknown flag, a missing value or an
+ * unexpected argument is an error, so a typo such as `--quik` cannot start a long run), a usage text for
+ * `--help` and errors, exit status 2 on a usage error.
+ * @module
+ */
+
+/** A bad flag or value; {@linkcode parseCommandLine} prints it with the usage text and exits with 2. */
+export class UsageError extends Error {}
+
+/**
+ * Runs `parse` (a `parseArgs({ strict: true, ... })` call with a boolean `help` option, plus any checks of
+ * the values, which throw {@linkcode UsageError} or any Error) and returns its result. `--help` prints
+ * `usage` and exits with 0; an error prints `error: <message>` and `usage` on stderr and exits with 2.
+ */
+export function parseCommandLine<R extends { values: { help?: boolean } }>(usage: string, parse: () => R): R {
+  let r: R;
+  try {
+    r = parse();
+  } catch (e) {
+    console.error(`error: ${(e as Error).message}\n\n${usage}`);
+    Deno.exit(2);
+  }
+  if (r.values.help) {
+    console.log(usage);
+    Deno.exit(0);
+  }
+  return r;
+}
+
+/** An integer flag's value in [min, max] (`dflt` when absent); throws {@linkcode UsageError}. */
+export function intFlag(
+  name: string,
+  v: string | undefined,
+  dflt: number,
+  min: number,
+  max = Number.MAX_SAFE_INTEGER,
+): number {
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (v.trim() === "" || !Number.isInteger(n) || n < min || n > max) {
+    throw new UsageError(`--${name} must be an integer from ${min} to ${max}, got '${v}'`);
+  }
+  return n;
+}
