@@ -41,6 +41,8 @@ export interface Prepared {
 export interface BenchCase {
   /** Group (elementwise, matmul, dispatch). */
   group: string;
+  /** Matrix size n of a matmul case (n x n x n). */
+  size?: number;
   /** Name, unique within the file. */
   name: string;
   /** Unit of the reported rate. */
@@ -113,6 +115,7 @@ export function coreCases(): BenchCase[] {
 function matmulCase(variant: MatmulVariant, n: number): BenchCase {
   return {
     group: "matmul",
+    size: n,
     name: `matmul ${n}^3 ${variant}`,
     unit: "GFLOP/s",
     work: 2 * n ** 3,
