@@ -4,15 +4,41 @@
  *
  * Each case is sized per adapter so that one batch of operations between two waits lasts about 150 ms,
  * then timed over 5 batches; the table gives the median and the best batch, with the fixed cost of a wait
- * subtracted.
+ * subtracted. Cases that are compared are measured interleaved: within a group (elementwise: add and copy;
+ * one group per matmul size: its variants; dispatch) every case is prepared first, then batch 1 of each,
+ * batch 2 of each, ..., the order rotating from one round to the next, so that the machine's drift (up to
+ * 1.5x between periods on a shared machine) hits them alike. add's share of the copy bandwidth is also
+ * given as the median of the ratios of batches measured side by side.
  *
  * Run: deno run -A bench/core_report.ts
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
  */
+import { parseArgs } from "node:util";
 import { init, sync } from "../mod.ts";
-import { tuneKernels } from "../core/tune.ts";
-import { adapterLabel, calibrate, coreCases, rate, timeBatch } from "./core_cases.ts";
-import { waitCost } from "../core/tune.ts";
+import { tuneKernels, waitCost } from "../core/tune.ts";
+import { parseCommandLine } from "../examples/lib/cli.ts";
+import {
+  adapterLabel,
+  type BenchCase,
+  calibrate,
+  coreCases,
+  type Prepared,
+  rate,
+  timeBatch,
+} from "./core_cases.ts";
+import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
+
+const USAGE = `Usage: deno run -A bench/core_report.ts
+
+Measures the core cases (elementwise bandwidth, matmul per variant, dispatch cost), prints a markdown
+table and writes bench/results/core.json.
+
+  --help    this text`;
+
+parseCommandLine(
+  USAGE,
+  () => parseArgs({ args: Deno.args, strict: true, options: { help: { type: "boolean" } } }),
+);
 
 const BATCHES = 5;
 
@@ -25,38 +51,61 @@ function load(): number | null {
   }
 }
 
+/** Cases measured interleaved: one group per matmul size, else the case's group. */
+const groupKey = (c: BenchCase) => (c.group === "matmul" ? `matmul ${c.size}` : c.group);
+
 const loadBefore = load();
 await init();
 const tune = await tuneKernels();
 const waitMs = await waitCost();
-const rows: {
+interface ResultRow {
   group: string;
   name: string;
   unit: string;
   median: number;
   best: number;
   opsPerWait: number;
+  /** Every batch's milliseconds, in measurement order. */
   batchMs: number[];
-}[] = [];
-for (const c of coreCases()) {
-  const p = c.prepare();
-  await sync();
-  const reps = await calibrate(p);
-  const batchMs: number[] = [];
-  for (let i = 0; i < BATCHES; i++) batchMs.push(await timeBatch(p, reps));
-  p.dispose();
-  const rates = batchMs.map((ms) => rate(c, reps, ms, waitMs)).sort((a, b) => a - b);
-  const lowerIsBetter = c.unit === "us/dispatch";
-  rows.push({
-    group: c.group,
-    name: c.name,
-    unit: c.unit,
-    median: rates[Math.floor(rates.length / 2)],
-    best: lowerIsBetter ? rates[0] : rates[rates.length - 1],
-    opsPerWait: reps,
-    batchMs,
-  });
-  console.error(`${c.name}: ${rows[rows.length - 1].median.toPrecision(3)} ${c.unit}`);
+}
+const rows: ResultRow[] = [];
+const cases = coreCases();
+const groups = [...new Set(cases.map(groupKey))].map((k) => cases.filter((c) => groupKey(c) === k));
+/** Per case: its rate in each batch (measurement order), for ratios of batches measured side by side. */
+const batchRates = new Map<string, number[]>();
+for (const group of groups) {
+  const prepared: Prepared[] = [];
+  try {
+    for (const c of group) prepared.push(c.prepare());
+    await sync();
+    const reps: number[] = [];
+    for (const p of prepared) reps.push(await calibrate(p));
+    const batchMs: number[][] = group.map(() => []);
+    for (let b = 0; b < BATCHES; b++) {
+      for (let j = 0; j < group.length; j++) {
+        const i = (b + j) % group.length; // rotate the order from one round to the next
+        batchMs[i].push(await timeBatch(prepared[i], reps[i]));
+      }
+    }
+    group.forEach((c, i) => {
+      const inOrder = batchMs[i].map((ms) => rate(c, reps[i], ms, waitMs));
+      batchRates.set(c.name, inOrder);
+      const rates = [...inOrder].sort((a, b) => a - b);
+      const lowerIsBetter = c.unit === "us/dispatch";
+      rows.push({
+        group: c.group,
+        name: c.name,
+        unit: c.unit,
+        median: median(rates),
+        best: lowerIsBetter ? rates[0] : rates[rates.length - 1],
+        opsPerWait: reps[i],
+        batchMs: batchMs[i],
+      });
+      console.error(`${c.name}: ${rows[rows.length - 1].median.toPrecision(3)} ${c.unit}`);
+    });
+  } finally {
+    for (const p of prepared) p.dispose();
+  }
 }
 
 const loadAfter = load();
@@ -75,30 +124,32 @@ const lines = [
     `| ${r.group} | ${r.name} | ${fmtNum(r.median)} | ${fmtNum(r.best)} | ${r.unit} | ${r.opsPerWait} |`
   ),
 ];
-if (add && copy) {
+const addRates = add && batchRates.get(add.name), copyRates = copy && batchRates.get(copy.name);
+const addToCopy = addRates && copyRates ? median(addRates.map((a, i) => a / copyRates[i])) : null;
+if (add && copy && addToCopy !== null) {
   lines.push(
     "",
-    `add reaches ${(100 * add.median / copy.median).toFixed(0)}% of the copy bandwidth (medians).`,
+    `add reaches ${(100 * add.median / copy.median).toFixed(0)}% of the copy bandwidth (medians; ` +
+      `median of the ratios of batches measured side by side: ${(100 * addToCopy).toFixed(0)}%).`,
   );
 }
 console.log(lines.join("\n"));
 
-const out = new URL("./results/core.json", import.meta.url);
-await Deno.mkdir(new URL("./results/", import.meta.url), { recursive: true });
-await Deno.writeTextFile(
+const out = resultPath("core.json");
+await writeJsonAtomic(
   out,
-  JSON.stringify(
-    {
-      adapter,
-      deno: Deno.version.deno,
-      date: new Date().toISOString(),
-      waitMs,
-      loadAverage: { before: loadBefore, after: loadAfter, cpus: navigator.hardwareConcurrency },
-      tune: { variant: tune.variant, gflops: tune.gflops, fromCache: tune.fromCache },
-      results: rows,
-    },
-    null,
-    2,
-  ) + "\n",
+  {
+    adapter,
+    deno: Deno.version.deno,
+    date: new Date().toISOString(),
+    source: await sourceVersion(),
+    waitMs,
+    loadAverage: { before: loadBefore, after: loadAfter, cpus: navigator.hardwareConcurrency },
+    tune: { variant: tune.variant, gflops: tune.gflops, fromCache: tune.fromCache },
+    interleaved: true,
+    addToCopy,
+    results: rows,
+  },
+  2,
 );
-console.error(`wrote ${out.pathname}`);
+console.error(`wrote ${out}`);
