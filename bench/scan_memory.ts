@@ -2,8 +2,12 @@
  * Memory of one Mamba layer's training step, per scan mode, from the runtime's own byte counters.
  *
  * For B = 1, d_model 64 (ED 128), N = 16 and 64, L = 1024 ... 16384, and three modes (fused + recompute,
- * fused, pscan): the peak of live bytes during forward + backward of sum(y * G) above the live bytes before
- * the step, and the bytes autograd keeps for the backward (`memory().savedBytes` right after the forward).
+ * fused, pscan): the peak of live bytes during the training step (forward, then backward from y with a fixed
+ * cotangent G: `y.backward(G)`, as bench/scan_report.ts steps, the gradients of sum(y * G) without
+ * computing that loss) above the live bytes before the step, and the bytes autograd keeps for the backward
+ * (`memory().savedBytes` right after the forward). Until the commit that changed this, the step computed
+ * the loss sum(y * G) and its gradient too, which added a (B, L, D) product and its broadcast gradient to
+ * the peaks (about 0.5 MiB at N 16, L 1024).
  * Then the scan alone, with dt_proj: the bytes saved by `fusedMambaScan` (as MambaBlock runs it) against those
  * of the pscan path (dt_proj, `selectiveScan(..., "pscan")` and the gate) for the same inputs, per token. Finally the "does not fit"
  * demonstration: under one memory limit, a pscan layer fails with an out-of-memory error while the
@@ -14,8 +18,10 @@
  *
  * Run: deno run -A bench/scan_memory.ts [--quick]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
- * Writes bench/results/scan_memory.json.
+ * Writes bench/results/scan_memory.json (with --quick: bench/results/scan_memory_quick.json, L up to 2048),
+ * atomically.
  */
+import { parseArgs } from "node:util";
 import {
   deviceInfo,
   emptyPool,
@@ -44,7 +50,8 @@ import {
 } from "../mod.ts";
 import { add } from "../core/ops/index.ts";
 import { fusedVariant } from "../scan/fused_variant.ts";
-import { sourceVersion } from "./scan_report.ts";
+import { parseCommandLine } from "../examples/lib/cli.ts";
+import { resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
 /** The three training configurations compared. */
 export const MEMORY_MODES = [
@@ -88,7 +95,7 @@ export function zeroGrad(model: Mamba): void {
 }
 
 /**
- * One training step (forward, backward of sum(y * G); gradients stay in `.grad`) under a memory limit of
+ * One training step (forward, then `y.backward(G)`; gradients stay in `.grad`) under a memory limit of
  * `capAbove` bytes above the live bytes before the step. Never throws: an error is returned.
  */
 export async function measureStep(model: Mamba, x: Tensor, G: Tensor, capAbove: number): Promise<StepMemory> {
@@ -104,7 +111,7 @@ export async function measureStep(model: Mamba, x: Tensor, G: Tensor, capAbove: 
       const y = model.forward(x);
       saved = memory().savedBytes - m0.savedBytes;
       live = memory().liveBytes - m0.liveBytes;
-      sum(mul(y, G)).backward();
+      y.backward(G);
     });
     await sync();
     const peakBytes = memory().peakBytes - m0.liveBytes;
@@ -207,7 +214,8 @@ export interface DemoResult {
   L: number;
   /** The pscan step's error (null if it unexpectedly fitted). */
   pscanError: string | null;
-  /** Losses sum(y * G) of the fused + recompute steps (each followed by an SGD update). */
+  /** sum(y * G) of the fused + recompute steps, whose parameter gradients `y.backward(G)` gives (each step
+   * followed by an SGD update, so it falls). */
   fusedLosses: number[];
   /** Peak live bytes (absolute) of the fused + recompute steps. */
   fusedPeakBytes: number;
@@ -215,7 +223,8 @@ export interface DemoResult {
 
 /**
  * Under `setMemoryLimit(limitBytes)` (absolute), tries one pscan training step, then trains a fused +
- * recompute layer for `steps` steps: forward, backward, p -= lr * grad with core ops under noGrad.
+ * recompute layer for `steps` steps: forward, `y.backward(G)`, p -= lr * grad with core ops under noGrad
+ * (sum(y * G) is computed under noGrad after the backward, to show it falls).
  */
 export async function doesNotFit(
   dModel: number,
@@ -236,7 +245,7 @@ export async function doesNotFit(
     resetPeak();
     setMemoryLimit(limitBytes);
     try {
-      tidy(() => sum(mul(p.forward(x), G)).backward());
+      tidy(() => p.forward(x).backward(G));
       await sync();
     } catch (e) {
       pscanError = e instanceof Error ? e.message : String(e);
@@ -254,8 +263,9 @@ export async function doesNotFit(
     try {
       for (let s = 0; s < steps; s++) {
         const loss = tidy(() => {
-          const l = sum(mul(f.forward(x), G));
-          l.backward();
+          const y = f.forward(x);
+          y.backward(G);
+          const l = noGrad(() => sum(mul(y, G)));
           noGrad(() => {
             const named = f.namedParameters();
             f.loadStateDict(new Map(named.map(([k, q]) => [k, q.sub(q.grad!.mul(lr))])));
@@ -288,8 +298,26 @@ const ratio = (
   b: number | null,
 ) => (a === null || b === null || b === 0 ? "-" : (a / b).toFixed(1));
 
+const USAGE = `Usage: deno run -A bench/scan_memory.ts [--quick]
+
+Memory of one Mamba layer's training step per scan mode (exact bytes from the runtime's allocator), the
+bytes the scan alone saves, and the "does not fit" demonstration; prints markdown tables and writes
+bench/results/scan_memory.json.
+
+  --quick   L 1024 and 2048 only; writes bench/results/scan_memory_quick.json instead
+  --help    this text`;
+
 if (import.meta.main) {
-  const quick = Deno.args.includes("--quick");
+  const { values } = parseCommandLine(
+    USAGE,
+    () =>
+      parseArgs({
+        args: Deno.args,
+        strict: true,
+        options: { quick: { type: "boolean" }, help: { type: "boolean" } },
+      }),
+  );
+  const quick = values.quick ?? false;
   await init();
   const dModel = 64;
   const ED = 2 * dModel;
@@ -328,7 +356,7 @@ if (import.meta.main) {
   const out: string[] = [];
   out.push(
     `Training-step memory of one Mamba layer on ${deviceInfo().description} (B = 1, d_model ${dModel}, ` +
-      `ED ${ED}; forward + backward of sum(y * G); exact bytes from the runtime's allocator, ` +
+      `ED ${ED}; forward, then y.backward(G) with a fixed cotangent G; exact bytes from the runtime's allocator, ` +
       `in MiB = 2^20 bytes; cap ${cap / GiB} GiB above the baseline per case)`,
     "",
   );
@@ -375,37 +403,36 @@ if (import.meta.main) {
     } MiB ` +
       `on all live bytes.`,
     `- pscan: ${demo.pscanError ? `fails: ${demo.pscanError}` : "fitted (no error)"}`,
-    `- fused+recompute: trains, peak ${mib(demo.fusedPeakBytes)} MiB; losses sum(y*G) after SGD steps ` +
+    `- fused+recompute: trains, peak ${mib(demo.fusedPeakBytes)} MiB; sum(y*G) of successive SGD steps ` +
       `(lr 1e-3): ${demo.fusedLosses.map((l) => l.toFixed(3)).join(", ")}`,
   );
   console.log(out.join("\n"));
 
-  if (!quick) {
-    await Deno.writeTextFile(
-      new URL("./results/scan_memory.json", import.meta.url),
-      JSON.stringify(
-        {
-          adapter: deviceInfo().description,
-          deno: Deno.version.deno,
-          date: new Date().toISOString(),
-          source: await sourceVersion(),
-          fusedVariants: Ns.map((n) => fusedVariant(n)),
-          B: 1,
-          dModel,
-          ED,
-          capBytesAboveBaseline: cap,
-          layer: rows.map((r) => ({ N: r.N, L: r.L, mode: r.mode, ...r.r })),
-          scanSavedBytes: scanRows.map((s) => ({
-            ...s,
-            fusedPerToken: s.fused / s.L,
-            pscanPerToken: s.pscan / s.L,
-            ratio: s.pscan / s.fused,
-          })),
-          doesNotFit: demo,
-        },
-        null,
-        2,
-      ) + "\n",
-    );
-  }
+  const file = resultPath(quick ? "scan_memory_quick.json" : "scan_memory.json");
+  await writeJsonAtomic(
+    file,
+    {
+      adapter: deviceInfo().description,
+      deno: Deno.version.deno,
+      date: new Date().toISOString(),
+      source: await sourceVersion(),
+      quick,
+      step: "forward, then y.backward(G)",
+      fusedVariants: Ns.map((n) => fusedVariant(n)),
+      B: 1,
+      dModel,
+      ED,
+      capBytesAboveBaseline: cap,
+      layer: rows.map((r) => ({ N: r.N, L: r.L, mode: r.mode, ...r.r })),
+      scanSavedBytes: scanRows.map((s) => ({
+        ...s,
+        fusedPerToken: s.fused / s.L,
+        pscanPerToken: s.pscan / s.L,
+        ratio: s.pscan / s.fused,
+      })),
+      doesNotFit: demo,
+    },
+    2,
+  );
+  console.error(`wrote ${file}`);
 }
