@@ -9,16 +9,19 @@
  * loss), parameter gradients dropped after each step. Until commit 7e2ccc3 the step computed the loss sum(y * G)
  * and its gradient too: 6 more dispatches (the product, two reductions, the seed, the broadcast, the
  * product's gradient), the same in every mode. For each configuration the modes are prepared side by side and measured
- * interleaved (rep 1: fused, pscan, sequential; rep 2: ...), so that the machine's load drifts alike for
- * all; each measurement records k steps and waits once (k chosen so that a batch lasts >= ~250 ms, so the
- * ~11 ms wait is a small part) and gives ms per step; the tables give the median over reps. Slow
+ * interleaved (rep 1: fused, pscan, sequential; rep 2: pscan, sequential, fused; ...: the order rotates, so
+ * no mode always runs first or last), so that the machine's load drifts alike for all; each measurement
+ * records k steps and waits once (k = the batch time, 250 ms, over the step time, but at most 64 steps, so
+ * the fastest configurations' batches are shorter: fused at L 128 about 180 ms, where the ~11 ms wait, not
+ * subtracted, is about 6%) and gives ms per step; the tables give the median over reps. Slow
  * configurations get fewer reps (as few as one) and, once a mode's step takes over 5 s, no warm-up step
  * (its kernels are compiled by then, but the first step also pays for allocating fresh buffers).
  *
  * Run: deno run -A bench/scan_report.ts [--quick]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
- * Writes bench/results/scan.json (with --quick: bench/results/scan_quick.json, smaller sizes).
+ * Writes bench/results/scan.json (with --quick: bench/results/scan_quick.json, smaller sizes), atomically.
  */
+import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { deviceInfo } from "../core/device.ts";
 import { dispatchCount, profile, recordCopy, sync } from "../core/executor.ts";
@@ -30,6 +33,8 @@ import { Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { fusedScanForward } from "../scan/fused.ts";
 import { type FusedVariant, fusedVariant } from "../scan/fused_variant.ts";
+import { parseCommandLine } from "../examples/lib/cli.ts";
+import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
 /** A timed configuration of the layer. */
 export type TimeMode = "fused" | "pscan" | "sequential" | "fused+recompute";
@@ -113,12 +118,6 @@ export async function timeSteps(p: PreparedLayer, k: number): Promise<number> {
   return (performance.now() - t0) / k;
 }
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-};
-
 /** One measured configuration. */
 export interface Row {
   dModel: number;
@@ -182,7 +181,10 @@ export async function timeConfig(
       row.stepsPerWait[m] = ks[i];
     });
     for (let r = 0; r < reps; r++) {
-      for (const [i, m] of modes.entries()) row.samples[m]!.push(await timeSteps(prepared[i], ks[i]));
+      for (let j = 0; j < modes.length; j++) {
+        const i = (r + j) % modes.length; // rotate the order from one rep to the next
+        row.samples[modes[i]]!.push(await timeSteps(prepared[i], ks[i]));
+      }
     }
     for (const m of modes) row.ms[m] = median(row.samples[m]!);
   } finally {
@@ -224,8 +226,16 @@ export interface RooflineRow {
   ED: number;
   N: number;
   L: number;
-  /** Minimal bytes: read x, draw, z (B, L, ED) and B, C (B, L, 2N) once, write y (B, L, ED). */
+  /** Minimal bytes: read x, draw, z (B, L, ED) and B, C (B, L, 2N) once, write y (B, L, ED). Not counted:
+   * the chunk states hs written (`stateBytes`), and each further state block's re-reads of x, draw, z, B, C
+   * and read-modify-write of y. */
   bytes: number;
+  /** Bytes of the chunk states hs (B, ED, chunks, N) that the forward also writes (absent in reports
+   * written before it was recorded). */
+  stateBytes?: number;
+  /** Dispatches per call: one per state block (N / Nb), each walking all L steps (absent in older
+   * reports). */
+  dispatchesPerCall?: number;
   /** Median ms per kernel call (many calls per wait). */
   ms: number;
   /** bytes / time. */
@@ -262,7 +272,15 @@ export async function rooflineFused(
   };
   const samples: number[] = [];
   let k = 1;
+  let stateBytes = 0;
+  let dispatchesPerCall = 0;
   try {
+    const d0 = dispatchCount();
+    const first = fusedScanForward(t.x, t.draw, t.dBC, t.par, t.z, { R, N, gated: true });
+    dispatchesPerCall = dispatchCount() - d0;
+    stateBytes = 4 * (first.ph.size - t.par.size); // ph = [par | hs]
+    first.y.dispose();
+    first.ph.dispose();
     const run = async (n: number) => {
       const t0 = performance.now();
       for (let i = 0; i < n; i++) call();
@@ -280,7 +298,19 @@ export async function rooflineFused(
   const ms = median(samples);
   const bytes = 4 * (4 * L * ED + 2 * L * N);
   const GUpdatesPerS = (L * ED * N) / (ms / 1000) / 1e9;
-  return { dModel, ED, N, L, bytes, ms, GBs: bytes / (ms / 1000) / 1e9, GUpdatesPerS, callsPerWait: k };
+  return {
+    dModel,
+    ED,
+    N,
+    L,
+    bytes,
+    stateBytes,
+    dispatchesPerCall,
+    ms,
+    GBs: bytes / (ms / 1000) / 1e9,
+    GUpdatesPerS,
+    callsPerWait: k,
+  };
 }
 
 /** GPU time of one training step by kernel (timestamp queries). */
@@ -326,24 +356,6 @@ export async function breakdown(mode: TimeMode, dModel: number, N: number, L: nu
     emptyPool();
     await sync();
   }
-}
-
-/** The commit measured, and the runtime files (core, scan, mamba, nn) changed since it, if any. */
-export async function sourceVersion(): Promise<{ commit: string; uncommitted: string[] }> {
-  const git = async (...args: string[]) => {
-    try {
-      const out = await new Deno.Command("git", { args, stdout: "piped", stderr: "null" }).output();
-      return new TextDecoder().decode(out.stdout).trimEnd(); // porcelain lines start with a space
-    } catch {
-      return "";
-    }
-  };
-  const commit = (await git("rev-parse", "--short", "HEAD")).trim();
-  const status = await git("status", "--porcelain", "--", "core", "scan", "mamba", "nn", "mod.ts");
-  return {
-    commit: commit || "unknown",
-    uncommitted: status ? status.split("\n").map((l) => l.slice(3)) : [],
-  };
 }
 
 // ------------------------------------------------------------------------------------------ report
@@ -424,18 +436,20 @@ export function reportMarkdown(rep: ScanReport): string {
     sweepTable("N", "N", s.dState.modes, s.dState.rows),
     "",
     `Fused forward kernel alone (gated, B = 1) against the copy bandwidth of the same adapter in the same run ` +
-    `(copyBufferToBuffer of 64 MiB: ${
-      rep.roofline.copyGBs.toFixed(2)
-    } GB/s, bytes read + written). Minimal ` +
-    `bytes: read x, draw, z and B, C once, write y.`,
+    `(copyBufferToBuffer of 64 MiB: ${rep.roofline.copyGBs.toFixed(2)} GB/s, bytes read + written). ` +
+    `GB/s and its share of the copy bandwidth count minimal bytes only: read x, draw, z and B, C once, ` +
+    `write y. Not counted: the chunk states hs that the forward also writes (column hs), and, where the ` +
+    `state is split into blocks (one dispatch per block), each further block's re-reads of x, draw, z, B, C ` +
+    `and read-modify-write of y: with 4 blocks the real traffic is about 4-5x the minimal bytes.`,
     "",
-    "| d_model | ED | N | L | minimal MiB | ms per call | GB/s | of copy bandwidth | state updates (G/s) |",
-    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| d_model | ED | N | L | minimal MiB | hs MiB (not counted) | dispatches (state blocks) | ms per call | " +
+    "GB/s (minimal bytes) | minimal bytes / copy bandwidth | state updates (G/s) |",
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ...rep.roofline.rows.map((r) =>
-      `| ${r.dModel} | ${r.ED} | ${r.N} | ${r.L} | ${(r.bytes / 2 ** 20).toFixed(1)} | ${fmtMs(r.ms)} | ` +
-      `${r.GBs.toFixed(2)} | ${(100 * r.GBs / rep.roofline.copyGBs).toFixed(1)}% | ${
-        r.GUpdatesPerS.toFixed(2)
-      } |`
+      `| ${r.dModel} | ${r.ED} | ${r.N} | ${r.L} | ${(r.bytes / 2 ** 20).toFixed(1)} | ` +
+      `${r.stateBytes === undefined ? "-" : (r.stateBytes / 2 ** 20).toFixed(2)} | ` +
+      `${r.dispatchesPerCall ?? "-"} | ${fmtMs(r.ms)} | ${r.GBs.toFixed(2)} | ` +
+      `${(100 * r.GBs / rep.roofline.copyGBs).toFixed(1)}% | ${r.GUpdatesPerS.toFixed(2)} |`
     ),
     "",
     "Dispatches per layer step (forward / backward):",
@@ -475,8 +489,26 @@ export function reportMarkdown(rep: ScanReport): string {
   return out.join("\n");
 }
 
+const USAGE = `Usage: deno run -A bench/scan_report.ts [--quick]
+
+Times the scan modes in one Mamba layer (time vs L, d_model, d_state), the fused forward kernel against the
+copy bandwidth, dispatch counts and a per-kernel breakdown; prints markdown tables and writes
+bench/results/scan.json (the full run takes tens of minutes on a software adapter).
+
+  --quick   smaller sizes and fewer reps (a minute or two); writes bench/results/scan_quick.json instead
+  --help    this text`;
+
 if (import.meta.main) {
-  const quick = Deno.args.includes("--quick");
+  const { values } = parseCommandLine(
+    USAGE,
+    () =>
+      parseArgs({
+        args: Deno.args,
+        strict: true,
+        options: { quick: { type: "boolean" }, help: { type: "boolean" } },
+      }),
+  );
+  const quick = values.quick ?? false;
   const start = performance.now();
   await init();
   const timing: TimingOptions = quick
@@ -568,8 +600,7 @@ if (import.meta.main) {
     seconds: (performance.now() - start) / 1000,
   };
   console.log(reportMarkdown(report));
-  await Deno.writeTextFile(
-    new URL(quick ? "./results/scan_quick.json" : "./results/scan.json", import.meta.url),
-    JSON.stringify(report, null, 1) + "\n",
-  );
+  const out = resultPath(quick ? "scan_quick.json" : "scan.json");
+  await writeJsonAtomic(out, report);
+  console.error(`wrote ${out}`);
 }
