@@ -5,11 +5,17 @@
  * sizes), so equal ratios between the modes look like equal gaps.
  *
  * Run: deno run -A bench/charts.ts [path/to/scan.json]
- * Writes docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg, docs/scan_time_vs_d_state.svg.
+ * Writes docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg, docs/scan_time_vs_d_state.svg (each
+ * atomically: a failed run leaves the old charts whole).
  */
+import { join } from "node:path";
+import { parseArgs } from "node:util";
 import * as vega from "vega";
 import * as vl from "vega-lite";
+import { writeFileAtomic } from "../core/safetensors_fs.ts";
+import { parseCommandLine, UsageError } from "../examples/lib/cli.ts";
 import type { Row, ScanReport, TimeMode } from "./scan_report.ts";
+import { REPO_ROOT, resultPath } from "./report_util.ts";
 
 /** One point of a chart: a mode's median ms per step at one size. */
 interface Point {
@@ -89,8 +95,27 @@ export async function renderSvg(spec: vl.TopLevelSpec): Promise<string> {
   }
 }
 
+const USAGE = `Usage: deno run -A bench/charts.ts [path/to/scan.json]
+
+Renders docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg and docs/scan_time_vs_d_state.svg from a
+report of bench/scan_report.ts (default bench/results/scan.json).
+
+  --help    this text`;
+
 if (import.meta.main) {
-  const path = Deno.args[0] ?? new URL("./results/scan.json", import.meta.url).pathname;
+  const { positionals } = parseCommandLine(USAGE, () => {
+    const r = parseArgs({
+      args: Deno.args,
+      strict: true,
+      allowPositionals: true,
+      options: { help: { type: "boolean" } },
+    });
+    if (r.positionals.length > 1) {
+      throw new UsageError(`one report at most, got ${r.positionals.length}: ${r.positionals.join(" ")}`);
+    }
+    return r;
+  });
+  const path = positionals[0] ?? resultPath("scan.json");
   const rep = JSON.parse(await Deno.readTextFile(path)) as ScanReport;
   const s = rep.sweeps;
   const where = `${rep.adapter}, batch 1, one Mamba layer; medians${rep.quick ? " (--quick)" : ""}`;
@@ -123,11 +148,11 @@ if (import.meta.main) {
       ),
     ],
   ];
-  const docs = new URL("../docs/", import.meta.url);
+  const docs = join(REPO_ROOT, "docs");
   await Deno.mkdir(docs, { recursive: true });
   for (const [name, spec] of charts) {
     const svg = await renderSvg(spec);
-    await Deno.writeTextFile(new URL(name, docs), svg + "\n");
+    await writeFileAtomic(join(docs, name), svg + "\n");
     console.log(`docs/${name}: ${svg.length} bytes`);
   }
 }
