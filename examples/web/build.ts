@@ -3,12 +3,20 @@
  * map), checked against a size budget, and the demo page's script, `out/web/app.js`.
  *
  * ```sh
- * deno task build:web        # deno run --allow-read --allow-write --allow-env --allow-run examples/web/build.ts
+ * deno task build:web        # deno run --allow-read --allow-write --allow-run examples/web/build.ts
  * ```
  * Both are made by `deno bundle --platform browser` (esbuild). Pages import the library with
- * `import { init, fromPretrained } from "./mamba.js"`.
+ * `import { init, fromPretrained } from "./mamba.js"`. Each bundle is written under a temporary name beside
+ * its final one and renamed into place (its source map first) only after the budget check, so a bundle over
+ * the budget or a failed build leaves the previous files, and builds running at once (the browser test,
+ * `deno task web`) never see each other's half-written files.
  * @module
  */
+
+import { basename, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { parseCommandLine } from "../lib/cli.ts";
 
 /** Budget for the minified library bundle, in bytes (the build fails above it). */
 export const LIBRARY_BUDGET_BYTES = 256 * 1024;
@@ -16,9 +24,10 @@ export const LIBRARY_BUDGET_BYTES = 256 * 1024;
  * messages naming keys, shapes and offsets took the bundle to 81 KiB). */
 export const LIBRARY_BUDGET_GZIP_BYTES = 88 * 1024;
 
-const ROOT = new URL("../../", import.meta.url);
+/** The repository's root folder (a file path: spaces and non-ASCII names stay as they are). */
+const ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
 /** Where the build writes: `<repo>/out/web/`. */
-export const OUT_DIR: string = new URL("out/web/", ROOT).pathname;
+export const OUT_DIR: string = join(ROOT, "out", "web");
 
 /** One bundle's file and sizes. */
 export interface BundleInfo {
@@ -45,50 +54,115 @@ async function gzipSize(bytes: Uint8Array<ArrayBuffer>): Promise<number> {
   return (await new Response(stream).arrayBuffer()).byteLength;
 }
 
-async function bundle(entry: string, out: string, extra: string[]): Promise<BundleInfo> {
-  const args = ["bundle", "--quiet", "--platform", "browser", "--format", "esm", ...extra, "-o", out, entry];
-  const r = await new Deno.Command(Deno.execPath(), {
-    args,
-    cwd: new URL(".", ROOT).pathname,
-    stdout: "piped",
-    stderr: "piped",
-  })
-    .output();
-  if (!r.success) {
-    const msg = new TextDecoder().decode(r.stderr) + new TextDecoder().decode(r.stdout);
-    throw new Error(`deno ${args.join(" ")} failed:\n${msg}`);
+/** A bundle written under a temporary name: `install` renames it (and its source map) into place. */
+interface Staged {
+  info: BundleInfo;
+  install(): Promise<void>;
+  discard(): Promise<void>;
+}
+
+async function bundle(entry: string, out: string, extra: string[]): Promise<Staged> {
+  const tmp = `${out.replace(/\.js$/, "")}.tmp-${crypto.randomUUID().slice(0, 8)}.js`;
+  const files = [tmp, `${tmp}.map`];
+  const discard = async () => {
+    for (const f of files) await Deno.remove(f).catch(() => {});
+  };
+  try {
+    const args = [
+      "bundle",
+      "--quiet",
+      "--platform",
+      "browser",
+      "--format",
+      "esm",
+      ...extra,
+      "-o",
+      tmp,
+      entry,
+    ];
+    const r = await new Deno.Command(Deno.execPath(), { args, cwd: ROOT, stdout: "piped", stderr: "piped" })
+      .output();
+    if (!r.success) {
+      const msg = new TextDecoder().decode(r.stderr) + new TextDecoder().decode(r.stdout);
+      throw new Error(`deno ${args.join(" ")} failed:\n${msg}`);
+    }
+    // The linked source map is named after the file esbuild wrote; point it at the final name. The map's
+    // sources are relative to the folder, which the temporary file shares with the final one.
+    let js = await Deno.readTextFile(tmp);
+    const link = `//# sourceMappingURL=${basename(tmp)}.map`;
+    const hasMap = js.includes(link);
+    if (hasMap) {
+      js = js.replace(link, `//# sourceMappingURL=${basename(out)}.map`);
+      await Deno.writeTextFile(tmp, js);
+    }
+    const bytes = new TextEncoder().encode(js);
+    return {
+      info: { path: out, bytes: bytes.length, gzipBytes: await gzipSize(bytes) },
+      async install() {
+        if (hasMap) await Deno.rename(`${tmp}.map`, `${out}.map`);
+        await Deno.rename(tmp, out);
+      },
+      discard,
+    };
+  } catch (e) {
+    await discard();
+    throw e;
   }
-  const bytes = await Deno.readFile(out);
-  return { path: out, bytes: bytes.length, gzipBytes: await gzipSize(bytes) };
 }
 
 /**
  * Bundles the library (`mod.ts` -> `out/web/mamba.js`, minified) and the demo (`examples/web/app.ts` ->
- * `out/web/app.js`); throws when the library is over its budget.
+ * `out/web/app.js`); throws when the library is over its budget, and then leaves the files it would have
+ * replaced as they were.
  */
 export async function buildWeb(outDir: string = OUT_DIR): Promise<WebBuild> {
   const t0 = performance.now();
   await Deno.mkdir(outDir, { recursive: true });
   const dir = outDir.replace(/\/+$/, "");
-  const [library, app] = await Promise.all([
+  const staged = await Promise.allSettled([
     bundle("mod.ts", `${dir}/mamba.js`, ["--minify", "--sourcemap", "linked"]),
     bundle("examples/web/app.ts", `${dir}/app.js`, ["--minify", "--sourcemap", "linked"]),
   ]);
-  if (library.bytes > LIBRARY_BUDGET_BYTES || library.gzipBytes > LIBRARY_BUDGET_GZIP_BYTES) {
-    throw new Error(
-      `${library.path} is ${kb(library.bytes)} (${kb(library.gzipBytes)} gzipped), over the budget of ` +
-        `${kb(LIBRARY_BUDGET_BYTES)} (${kb(LIBRARY_BUDGET_GZIP_BYTES)} gzipped)`,
-    );
+  const ok = staged.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
+  try {
+    for (const s of staged) if (s.status === "rejected") throw s.reason;
+    const [library, app] = ok.map((s) => s.info);
+    if (library.bytes > LIBRARY_BUDGET_BYTES || library.gzipBytes > LIBRARY_BUDGET_GZIP_BYTES) {
+      throw new Error(
+        `${library.path} would be ${kb(library.bytes)} (${kb(library.gzipBytes)} gzipped), over the budget ` +
+          `of ${kb(LIBRARY_BUDGET_BYTES)} (${kb(LIBRARY_BUDGET_GZIP_BYTES)} gzipped); out/web is unchanged`,
+      );
+    }
+    for (const s of ok) await s.install();
+    return { library, app, ms: performance.now() - t0 };
+  } finally {
+    for (const s of ok) await s.discard(); // nothing left after install
   }
-  return { library, app, ms: performance.now() - t0 };
 }
 
 /** Bytes as KiB with one decimal. */
 export const kb = (n: number): string => `${(n / 1024).toFixed(1)} KiB`;
 
+const USAGE = `Usage: deno task build:web
+
+Bundles mod.ts into out/web/mamba.js (minified, checked against the size budget) and the demo page's
+script into out/web/app.js.
+
+  --help    this text`;
+
 if (import.meta.main) {
-  const b = await buildWeb();
-  const rel = (p: string) => p.replace(new URL(".", ROOT).pathname, "");
+  parseCommandLine(
+    USAGE,
+    () => parseArgs({ args: Deno.args, strict: true, options: { help: { type: "boolean" } } }),
+  );
+  let b: WebBuild;
+  try {
+    b = await buildWeb();
+  } catch (e) {
+    console.error(`error: ${(e as Error).message}`);
+    Deno.exit(1);
+  }
+  const rel = (p: string) => (p.startsWith(ROOT) ? p.slice(ROOT.length) : p);
   console.log(
     `${rel(b.library.path)}  ${kb(b.library.bytes)} minified, ${kb(b.library.gzipBytes)} gzipped ` +
       `(budget ${kb(LIBRARY_BUDGET_BYTES)}, ${kb(LIBRARY_BUDGET_GZIP_BYTES)} gzipped)`,
