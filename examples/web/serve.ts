@@ -12,10 +12,14 @@
  * @module
  */
 
+import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { intFlag, parseCommandLine } from "../lib/cli.ts";
 import { buildWeb, kb } from "./build.ts";
 
-const ROOT = new URL("../../", import.meta.url).pathname.replace(/\/$/, "");
+/** The repository's root folder, without a trailing separator (a file path: spaces and non-ASCII names
+ * stay as they are). */
+const ROOT = fileURLToPath(new URL("../../", import.meta.url)).replace(/[\\/]$/, "");
 
 /** A local model the page can load (a folder served under `/models/<name>/`). */
 export interface LocalModel {
@@ -105,7 +109,12 @@ export function webHandler(options: WebOptions = {}): (req: Request) => Promise<
     if (req.method !== "GET" && req.method !== "HEAD") {
       return new Response("method not allowed\n", { status: 405 });
     }
-    const path = decodeURIComponent(new URL(req.url).pathname);
+    let path: string;
+    try {
+      path = decodeURIComponent(new URL(req.url).pathname);
+    } catch {
+      return new Response("bad path\n", { status: 400 }); // a malformed escape such as %E0%A4%A
+    }
     if (path.split("/").some((p) => p === "..")) return new Response("bad path\n", { status: 400 });
     if (path === "/" || path === "/index.html") {
       return await sendFile(`${ROOT}/examples/web/index.html`, req.method);
@@ -129,16 +138,39 @@ export function webHandler(options: WebOptions = {}): (req: Request) => Promise<
   };
 }
 
+const USAGE = `Usage: deno task web [options]
+
+Builds the demo page (out/web) and serves it, the text and the local char models.
+
+  --port <n>     port, 0 for any free one (default 8000)
+  --host <name>  address to listen on (default 127.0.0.1; WebGPU needs a secure context, which
+                 127.0.0.1 and localhost are)
+  --help         this text`;
+
 if (import.meta.main) {
-  const { values } = parseArgs({
-    args: Deno.args,
-    options: { port: { type: "string", default: "8000" }, host: { type: "string", default: "127.0.0.1" } },
+  const { values, port } = parseCommandLine(USAGE, () => {
+    const r = parseArgs({
+      args: Deno.args,
+      strict: true,
+      options: {
+        port: { type: "string", default: "8000" },
+        host: { type: "string", default: "127.0.0.1" },
+        help: { type: "boolean" },
+      },
+    });
+    return { ...r, port: intFlag("port", r.values.port, 8000, 0, 65535) };
   });
-  const b = await buildWeb();
+  let b;
+  try {
+    b = await buildWeb();
+  } catch (e) {
+    console.error(`error: ${(e as Error).message}`);
+    Deno.exit(1);
+  }
   console.log(`built out/web/mamba.js (${kb(b.library.bytes)}) and out/web/app.js (${kb(b.app.bytes)})`);
   Deno.serve({
     hostname: values.host,
-    port: Number(values.port),
+    port,
     onListen: ({ hostname, port }) => console.log(`mamba.ts demo: http://${hostname}:${port}/`),
   }, webHandler());
 }
