@@ -124,10 +124,19 @@ source.addEventListener("change", showSourceInput);
 
 async function addLocalModels(): Promise<void> {
   // `deno task web` lists the char models it serves; a page hosted elsewhere has none.
-  let list: { name: string; label: string; url: string }[] = [];
+  type LocalModel = { name: string; label: string; url: string };
+  const isModel = (m: unknown): m is LocalModel =>
+    typeof m === "object" && m !== null &&
+    ["name", "label", "url"].every((k) => typeof (m as Record<string, unknown>)[k] === "string");
+  let list: LocalModel[] = [];
   try {
     const res = await fetch("models.json");
-    if (res.ok) list = await res.json();
+    if (res.ok) {
+      const json: unknown = await res.json();
+      // A server other than `deno task web` may answer anything: use only a list of well-formed entries.
+      if (Array.isArray(json)) list = json.filter(isModel);
+      else console.warn("models.json is not a list of models; ignored");
+    }
   } catch { /* no list */ }
   for (const m of list.reverse()) {
     const opt = document.createElement("option");
