@@ -15,7 +15,8 @@ export interface ReferenceCurve {
   points: [number, number][];
 }
 
-/** Renders train and validation loss against step; `refs` adds reference curves. */
+/** Renders train and validation loss against step; `refs` adds reference curves (examples/train.ts draws
+ * none; examples/loss_vs_pytorch.ts adds PyTorch mamba.py's validation loss for docs/loss_vs_pytorch.svg). */
 export async function lossChartSVG(
   log: TrainLog,
   refs: ReferenceCurve[] = [],
