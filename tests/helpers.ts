@@ -11,6 +11,8 @@
 
 import { AssertionError } from "node:assert/strict";
 import { init, mul, sum, type Tensor, tensor, tidy } from "../mod.ts";
+import { deviceInfo } from "../core/device.ts";
+import { fusedScanAvailable } from "../mamba/block.ts";
 
 // ------------------------------------------------------------------------------------------ setup
 
@@ -152,7 +154,15 @@ export function mapN(
   f: (...v: number[]) => number,
   outShape?: readonly number[],
 ): Nd {
-  const shape = outShape ?? broadcastShape(...xs.map((x) => typeof x === "number" ? [] : x.shape));
+  const shapes = xs.map((x) => typeof x === "number" ? [] : x.shape);
+  const shape = outShape ?? broadcastShape(...shapes);
+  if (outShape) {
+    // every operand must broadcast to outShape itself (not truncate to it, nor read past its end)
+    const b = broadcastShape(...shapes, outShape);
+    if (b.length !== outShape.length || b.join() !== outShape.join()) {
+      throw new Error(`reference: [${shapes.join("] [")}] does not broadcast to [${outShape.join(", ")}]`);
+    }
+  }
   const strides = xs.map((x) => {
     if (typeof x === "number") return [];
     const st = stridesOf(x.shape);
@@ -496,6 +506,25 @@ export function assertClose(
   const { rtol = F32.rtol, atol = F32.atol, scale } = tol;
   const exp = "data" in expected ? expected.data : expected;
   const shape = "data" in expected ? expected.shape : undefined;
+  // A tolerance that is NaN, negative or infinite, or a scale that is NaN, would let anything pass (or
+  // nothing): the check itself is wrong, so it fails.
+  for (const [k, v] of [["rtol", rtol], ["atol", atol]] as const) {
+    if (!(Number.isFinite(v) && v >= 0)) {
+      throw new AssertionError({ message: `${what}: ${k} must be a finite number >= 0, got ${v}` });
+    }
+  }
+  if (scale) {
+    if (scale.length !== exp.length) {
+      throw new AssertionError({ message: `${what}: ${scale.length} scale values for ${exp.length} values` });
+    }
+    for (let i = 0; i < scale.length; i++) {
+      if (!(Number.isFinite(scale[i]) && scale[i] >= 0)) {
+        throw new AssertionError({
+          message: `${what}: scale[${i}] is ${scale[i]}; a scale must be finite and >= 0`,
+        });
+      }
+    }
+  }
   if (actual.length !== exp.length) {
     throw new AssertionError({ message: `${what}: ${actual.length} values, expected ${exp.length}` });
   }
@@ -671,4 +700,80 @@ export async function checkOps(cases: OpCase[]): Promise<void> {
   if (failures.length > 0) {
     throw new AssertionError({ message: `${failures.length} check(s) failed:\n  ${failures.join("\n  ")}` });
   }
+}
+
+// ------------------------------------------------------------------------------------------ kernels run
+
+/**
+ * Runs `fn` and returns, with its value, the names of the compute kernels it dispatched, in order. A spy on
+ * `GPUComputePassEncoder.prototype.setPipeline` (the runtime labels every pipeline with its kernel's name,
+ * core/kernel.ts): it needs no timestamp queries, unlike `profile`, and sees every dispatch recorded while
+ * `fn` runs, awaited parts included. Not reentrant.
+ */
+export async function kernelsRun<T>(fn: () => T | Promise<T>): Promise<{ value: T; kernels: string[] }> {
+  const proto = GPUComputePassEncoder.prototype;
+  const original = proto.setPipeline;
+  if ((original as { spy?: boolean }).spy) throw new Error("kernelsRun: already running");
+  const kernels: string[] = [];
+  const spy = function (this: GPUComputePassEncoder, pipeline: GPUComputePipeline) {
+    kernels.push(pipeline.label);
+    return original.call(this, pipeline);
+  };
+  (spy as { spy?: boolean }).spy = true;
+  proto.setPipeline = spy;
+  try {
+    return { value: await fn(), kernels };
+  } finally {
+    proto.setPipeline = original;
+  }
+}
+
+/**
+ * Asserts that the fused scan's kernels ran among `kernels` (its forward; with `backward`, its backward
+ * too) and that neither the parallel nor the sequential scan did: a fused-mode test that silently ran the
+ * pscan fallback (mamba/block.ts, where `fusedScanAvailable()` is false) fails here.
+ */
+export function assertFusedRan(kernels: readonly string[], what: string, backward = false): void {
+  const has = (prefix: string) => kernels.some((k) => k.startsWith(prefix));
+  const need = ["fused_scan_fwd_", ...(backward ? ["fused_scan_bwd_"] : [])];
+  for (const p of need) {
+    if (!has(p)) {
+      throw new AssertionError({
+        message: `${what}: no ${p}* kernel ran (kernels: ${[...new Set(kernels)]})`,
+      });
+    }
+  }
+  const other = kernels.filter((k) => k.startsWith("pscan_") || k === "scan_sequential");
+  if (other.length) throw new AssertionError({ message: `${what}: the fused path ran ${other[0]}` });
+}
+
+/** Asserts that the fused decoding-step kernels (scan/fused_step.ts) ran among `kernels`. */
+export function assertFusedStepRan(kernels: readonly string[], what: string): void {
+  for (const p of ["conv_step_K", "ssm_step_N"]) {
+    if (!kernels.some((k) => k.startsWith(p))) {
+      throw new AssertionError({
+        message: `${what}: no ${p}* kernel ran (kernels: ${[...new Set(kernels)]})`,
+      });
+    }
+  }
+}
+
+let fusedNoted = false;
+
+/**
+ * Whether the tests of the fused kernels must be ignored on this adapter (after `init()`): true where
+ * `fusedScanAvailable()` is false (fewer than 10 storage buffers per stage), with the reason printed once;
+ * there the model would run pscan under the name "fused", so its tests would check nothing they name.
+ */
+export function fusedUnavailable(): boolean {
+  const available = fusedScanAvailable();
+  const storageBuffers = deviceInfo().limits.maxStorageBuffersPerShaderStage;
+  if (!available && !fusedNoted) {
+    fusedNoted = true;
+    console.log(
+      `fused-scan tests ignored: this adapter binds ${storageBuffers} storage buffers per shader stage, ` +
+        "the fused kernels need 10 (mamba/block.ts falls back to pscan)",
+    );
+  }
+  return !available;
 }
