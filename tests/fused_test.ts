@@ -8,7 +8,7 @@ import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan, lastState } 
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
 import type { FusedVariant } from "../scan/fused_variant.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
-import { maxAbs, maxAbsDiff } from "./fixture_util.ts";
+import { assertMatches, tolerance } from "./fixture_util.ts";
 
 interface Case {
   B: number;
@@ -91,15 +91,23 @@ async function compare(c: Case, seed: number) {
     c,
   );
   const ref = await gradsOf(t, () => reference(t, c), c);
+  const shapes: Record<string, readonly number[]> = { y: t.G.shape };
+  for (const k of Object.keys(t) as (keyof typeof t)[]) shapes[k] = t[k].shape;
   assert.deepEqual(Object.keys(fused).sort(), Object.keys(ref).sort(), "the same inputs get gradients");
+  // The fused scan is one op: the policy's op bound (fixture_util.ts), 1e-5 relative to max(1, max |ref|),
+  // for y and every gradient. The gradients of the per-channel parameters (bias, A_log, D, W) are sums over
+  // the B L time steps, computed in f32 in another order on each side, and the rounding of an n-term sum
+  // grows like sqrt(n): past 1024 terms their bound grows by sqrt(n / 1024). Measured on lavapipe: every
+  // other gradient and y 4.7e-7 at most; the parameters 1.4e-6 up to L 4096 (bound 2e-5), 2.7e-6 at L 9000
+  // (3e-5), and bias at L 20000, 40000, 70000 5.4e-6, 1.03e-5, 6.8e-6 (bounds 4.4e-5, 6.3e-5, 8.3e-5), which
+  // the plain 1e-5 would not hold with 3x headroom.
+  const op = tolerance("op");
+  const reduced = { ...op, rtol: op.rtol * Math.max(1, Math.sqrt((c.B * c.L) / 1024)) };
   for (const k of Object.keys(ref)) {
     assert.ok(fused[k], `${k}: fused gave no gradient`);
-    const d = maxAbsDiff(fused[k], ref[k]);
-    const tol = 2e-4 * Math.max(1, maxAbs(ref[k]));
-    assert.ok(
-      d <= tol,
-      `${JSON.stringify(c)} ${k}: max diff ${d.toExponential(2)} > ${tol.toExponential(2)}`,
-    );
+    const shape = shapes[k];
+    const bound = ["bias", "A_log", "D", "W"].includes(k) ? reduced : op;
+    assertMatches({ data: fused[k], shape }, { data: ref[k], shape }, bound, `${JSON.stringify(c)} ${k}`);
   }
   for (const v of Object.values(t)) {
     v.grad?.dispose();
@@ -284,9 +292,13 @@ Deno.test("lastState after a prompt of several chunks equals the sequential scan
       const { hs } = selectiveScan(t.x, delta, A, Bm, C, t.D, "sequential"); // hs: (B, L, ED, N)
       return narrow(hs, 1, c.L - 1, 1).reshape(c.B, c.ED, c.N);
     });
-    const [got, ref] = [await h.toArray(), await want.toArray()];
-    const d = maxAbsDiff(got, ref);
-    assert.ok(d <= 1e-4 * Math.max(1, maxAbs(ref)), `last state: max diff ${d.toExponential(2)}`);
+    // the op bound (fixture_util.ts); measured on lavapipe 1.6e-7
+    assertMatches(
+      { data: await h.toArray(), shape: h.shape },
+      { data: await want.toArray(), shape: want.shape },
+      tolerance("op"),
+      "last state",
+    );
     for (const v of [h, want]) v.dispose();
   } finally {
     setFusedVariant(c.N, null);
