@@ -16,7 +16,14 @@ import { hubDownload, HubError, repoCacheDir } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, loadTokenizer, mapKey, saveCheckpoint } from "../mamba/pretrained.ts";
 import { ByteTokenizer, HubTokenizer, StreamDecoder } from "../mamba/tokenizer.ts";
-import { fixturePath, loadFixture, maxAbsDiff, toTensor } from "./fixture_util.ts";
+import {
+  assertMatchesFixture,
+  fixturePath,
+  loadFixture,
+  maxAbsDiff,
+  tolerance,
+  toTensor,
+} from "./fixture_util.ts";
 
 const COMMIT = "0123456789abcdef0123456789abcdef01234567";
 const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
@@ -177,10 +184,12 @@ async function checkLogits(lm: MambaLM): Promise<void> {
   const f = await loadFixture("lm_v64.safetensors");
   const tokens = toTensor(f, "tokens");
   const logits = tidy(() => noGrad(() => lm.forward(tokens)));
-  const d = maxAbsDiff(await logits.toArray(), f.get("logits")!.data);
-  logits.dispose();
-  tokens.dispose();
-  assert.ok(d < 1e-4, `logits max diff ${d}`);
+  try {
+    await assertMatchesFixture(logits, f, "logits", tolerance("model"), "logits");
+  } finally {
+    logits.dispose();
+    tokens.dispose();
+  }
 }
 
 async function list(dir: string): Promise<string[]> {

@@ -16,7 +16,7 @@ import { mambaConfig } from "../mamba/config.ts";
 import { HubError } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
-import { fixturePath, loadFixture, maxAbsDiff, toTensor } from "./fixture_util.ts";
+import { assertMatchesFixture, fixturePath, loadFixture, tolerance, toTensor } from "./fixture_util.ts";
 
 const HF = fixturePath("lm_v64_hf");
 const SS = fixturePath("lm_v64_state_spaces");
@@ -70,10 +70,12 @@ async function checkLogits(lm: MambaLM): Promise<void> {
   const f = await loadFixture("lm_v64.safetensors");
   const tokens = toTensor(f, "tokens");
   const logits = tidy(() => noGrad(() => lm.forward(tokens)));
-  const d = maxAbsDiff(await logits.toArray(), f.get("logits")!.data);
-  logits.dispose();
-  tokens.dispose();
-  assert.ok(d < 1e-4, `logits max diff ${d}`);
+  try {
+    await assertMatchesFixture(logits, f, "logits", tolerance("model"), "logits");
+  } finally {
+    logits.dispose();
+    tokens.dispose();
+  }
 }
 
 Deno.test("parseCheckpointConfig: bad values are named by config.json's keys, not by MambaConfig's", async () => {
