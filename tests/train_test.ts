@@ -8,6 +8,7 @@ import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
 import { loadTrainingCheckpoint, saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
 import { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer } from "../mamba/train.ts";
+import { fixturePath } from "./fixture_util.ts";
 
 const quiet = () => {};
 const small = [
@@ -28,6 +29,46 @@ const small = [
 async function weights(dir: string) {
   return (await readSafetensorsFile(`${dir}/model.safetensors`)).tensors;
 }
+
+Deno.test("DEFAULT_TRAIN is the recipe of the PyTorch char-mamba run (char-mamba/training_log.json)", async () => {
+  const { train: t } = JSON.parse(await Deno.readTextFile(fixturePath("char-mamba/training_log.json")));
+  const want: TrainConfig = {
+    steps: t.steps,
+    batch: t.batch,
+    seq: t.seq_len,
+    lr: t.lr,
+    minLr: t.min_lr,
+    warmup: t.warmup,
+    weightDecay: t.weight_decay,
+    betas: t.betas,
+    clip: t.grad_clip,
+    seed: t.seed,
+    evalEvery: t.eval_every,
+    evalBatches: t.eval_batches,
+    logEvery: t.log_every,
+  };
+  assert.deepEqual(DEFAULT_TRAIN, want);
+  // The recipe's other keys: val_frac is CharDataset's default split (below); threads is PyTorch's CPU thread
+  // count. A key added to the recipe fails here until it is matched.
+  const mapped = [
+    "steps",
+    "batch",
+    "seq_len",
+    "lr",
+    "min_lr",
+    "warmup",
+    "weight_decay",
+    "betas",
+    "grad_clip",
+    "seed",
+    "eval_every",
+    "eval_batches",
+    "log_every",
+  ];
+  assert.deepEqual(Object.keys(t).sort(), [...mapped, "val_frac", "threads"].sort());
+  const data = new CharDataset(new Uint8Array(1000));
+  assert.equal(data.val.length, Math.round(1000 * t.val_frac));
+});
 
 Deno.test("train: a resumed run continues exactly as an uninterrupted one (losses, weights, optimizer)", async () => {
   const root = await Deno.makeTempDir();
