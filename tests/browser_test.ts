@@ -150,7 +150,10 @@ Deno.test({
               logits.dispose();
               const want = s.get(`${key}.prompt_logits`)!.data;
               let d = got.length === want.length ? 0 : Infinity;
-              for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(got[i] - want[i]) || 0);
+              for (let i = 0; i < want.length; i++) {
+                const x = Math.abs(got[i] - want[i]);
+                if (!(x <= d)) d = Number.isNaN(x) ? Infinity : x; // a NaN fails (maxAbsDiff's rule)
+              }
               const t0 = performance.now();
               const tokens = await lm.generate(prompt, 64, { readEvery: 64 });
               out.push({
@@ -198,7 +201,10 @@ Deno.test({
             };
             const diff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
               let d = a.length === b.length ? 0 : Infinity;
-              for (let i = 0; i < a.length; i++) d = Math.max(d, Math.abs(a[i] - b[i]) || 0);
+              for (let i = 0; i < a.length; i++) {
+                const x = Math.abs(a[i] - b[i]);
+                if (!(x <= d)) d = Number.isNaN(x) ? Infinity : x; // a NaN fails (maxAbsDiff's rule)
+              }
               return d;
             };
             const fromUrl = await m.fromPretrained(dir);
@@ -294,7 +300,10 @@ Deno.test({
                 m.setFusedVariant(N, { ...base, ...v });
                 const got = await run();
                 let d = got.length === want.length ? 0 : Infinity;
-                for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(got[i] - want[i]) || 0);
+                for (let i = 0; i < want.length; i++) {
+                  const x = Math.abs(got[i] - want[i]);
+                  if (!(x <= d)) d = Number.isNaN(x) ? Infinity : x; // a NaN fails (maxAbsDiff's rule)
+                }
                 rows.push({ variant: JSON.stringify(v), rel: d / scale });
               }
             } finally {
