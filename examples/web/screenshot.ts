@@ -41,7 +41,12 @@ const browser = await launchChromium();
 try {
   const page = await browser.newPage({ viewport: { width: 1000, height: 720 } });
   await page.goto(`http://127.0.0.1:${server.addr.port}/`);
-  await page.waitForFunction(() => (globalThis as { mambaDemo?: { ready: boolean } }).mambaDemo?.ready);
+  // A fresh browser profile tunes the kernels on the first load (SwiftShader: over 30 s on 2 cores).
+  await page.waitForFunction(
+    () => (globalThis as { mambaDemo?: { ready: boolean } }).mambaDemo?.ready,
+    null,
+    { timeout: 300_000 },
+  );
   await page.selectOption("#model-source", "local:models/char-mamba/");
   await page.click("#load");
   await page.waitForFunction(() =>
