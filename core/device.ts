@@ -7,7 +7,7 @@
  * @module
  */
 
-import { tuneKernels } from "./tune.ts";
+import { tuneKernels, tuningInProgress } from "./tune.ts";
 
 /** Options for {@linkcode init}. */
 export interface InitOptions {
@@ -108,7 +108,8 @@ export function init(options: InitOptions = {}): Promise<DeviceInfo> {
   if (info) return Promise.resolve(info); // also while tuning: the tuner itself calls init()
   pending ??= acquire(options).then(async (i) => {
     autoTune = options.tune ?? true;
-    if (autoTune) await tuneKernels();
+    // a tuneKernels() called before init() is waiting for this device: it tunes, this must not wait for it
+    if (autoTune && !tuningInProgress()) await tuneKernels();
     return i;
   }).catch((e) => {
     pending = null;

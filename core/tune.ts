@@ -95,6 +95,12 @@ export function tuneKernels(options: TuneOptions = {}): Promise<TuneResult> {
   return pending;
 }
 
+/** Whether a {@linkcode tuneKernels} call is in progress (`init()` does not start another: a tune that was
+ * called before `init()` waits for the device, and the device must not wait for that tune). */
+export function tuningInProgress(): boolean {
+  return pending !== null;
+}
+
 const tuners = new Map<string, (force: boolean) => Promise<unknown>>();
 
 /**

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { fileURLToPath } from "node:url";
 import { init } from "../core/device.ts";
 import { manualSeed } from "../core/random.ts";
 import { randn } from "../core/creation.ts";
@@ -119,4 +120,24 @@ Deno.test("subgroup probe: sums that match the size and aligned subgroups give s
   const interleaved = words(8);
   interleaved[9] += 1_000_000; // lane 9's subgroup is not an aligned run of the local index
   assert.equal(subgroupProbeResult(interleaved, "", 0, 0), null);
+});
+
+Deno.test("tuneKernels() before init() acquires the device and tunes (it waited on init, and init on it)", async () => {
+  // a fresh process: init() runs once per process
+  const script = `import { tuneKernels, deviceInfo } from ${
+    JSON.stringify(new URL("../mod.ts", import.meta.url).href)
+  };
+const r = await tuneKernels();
+console.log(JSON.stringify({ variant: r.variant, adapter: deviceInfo().description.length > 0 }));`;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--config", fileURLToPath(new URL("../deno.json", import.meta.url)), script],
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(120_000),
+  });
+  const out = await child.output();
+  const text = new TextDecoder().decode(out.stdout);
+  assert.equal(out.code, 0, `exit ${out.code}: ${new TextDecoder().decode(out.stderr)}`);
+  const r = JSON.parse(text.trim().split("\n").at(-1)!);
+  assert.ok(typeof r.variant === "string" && r.adapter, text);
 });
