@@ -33,6 +33,11 @@ export interface TrainingState {
    * Absent in checkpoints written before it existed.
    */
   files?: string[];
+  /**
+   * The embedding's padding row (see `LMOptions.paddingIdx`): config.json's HF layout has no padding_idx, so
+   * a resumed run takes it from here. Absent in checkpoints written before it existed: 0, mamba.py's.
+   */
+  paddingIdx?: number | null;
 }
 
 /** Options of {@linkcode saveTrainingCheckpoint}. */
@@ -266,6 +271,7 @@ export async function saveTrainingCheckpoint(
       log: trainer.log,
       pendingLosses: await trainer.pendingLosses(),
       files: names,
+      paddingIdx: trainer.model.embedding.paddingIdx,
     };
     await Deno.writeTextFile(`${tmp}/training_log.json`, JSON.stringify(log) + "\n");
     const tok = JSON.stringify(tokenizerJson, null, 1);
@@ -338,6 +344,8 @@ export async function loadTrainingCheckpoint(dir: string, data: CharDataset): Pr
   const model: MambaLM = await fromPretrained(from, { tokenizer: false });
   let trainer: Trainer;
   try {
+    // fromPretrained builds HF's embedding, without a padding row; the run keeps its own.
+    model.embedding.paddingIdx = state.paddingIdx === undefined ? 0 : state.paddingIdx;
     trainer = new Trainer(model, data, state.train);
   } catch (e) {
     model.dispose();

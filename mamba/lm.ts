@@ -25,6 +25,13 @@ export interface LMOptions {
   padVocabSizeMultiple?: number;
   /** Share the embedding with the LM head (default false, as mamba.py). */
   tieEmbeddings?: boolean;
+  /**
+   * The embedding's padding row, an integer in [0, vocabSize) or null for none: its gradient is always zero,
+   * so training never changes it (PyTorch's `padding_idx`). Default 0, as mamba.py's
+   * `nn.Embedding(vocab_size, d_model, padding_idx=0)`; the row is still initialised with the rest of the
+   * table. HF transformers' and state-spaces' Mamba have none ({@linkcode fromPretrained} gives null).
+   */
+  paddingIdx?: number | null;
 }
 
 /**
@@ -41,13 +48,15 @@ export interface GenerateOptions extends SampleOptions {
   readEvery?: number;
 }
 
-const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings"];
+const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings", "paddingIdx"];
 // A value for a message: numbers as JavaScript writes them (NaN, Infinity), anything else as JSON.
 const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
 const GENERATE_OPTION_KEYS = ["sample", "topK", "topP", "temperature", "seed", "onTokens", "readEvery"];
 
 /** Validates LMOptions; every error names the option. Undefined values count as absent. */
-function lmOptions(o: LMOptions): { vocabSize: number; multiple: number; tied: boolean } {
+function lmOptions(
+  o: LMOptions,
+): { vocabSize: number; multiple: number; tied: boolean; paddingIdx: number | null } {
   if (typeof o !== "object" || o === null) {
     throw new Error(`MambaLM: options must be an object with vocabSize, got ${o}`);
   }
@@ -68,7 +77,15 @@ function lmOptions(o: LMOptions): { vocabSize: number; multiple: number; tied: b
   if (typeof tied !== "boolean") {
     throw new Error(`MambaLM: tieEmbeddings must be a boolean, got ${show(tied)}`);
   }
-  return { vocabSize, multiple, tied };
+  const { paddingIdx = 0 } = o;
+  if (paddingIdx !== null && (!Number.isInteger(paddingIdx) || paddingIdx < 0 || paddingIdx >= vocabSize)) {
+    throw new Error(
+      `MambaLM: paddingIdx must be an integer in [0, vocabSize = ${vocabSize}) or null, got ${
+        show(paddingIdx)
+      }`,
+    );
+  }
+  return { vocabSize, multiple, tied, paddingIdx };
 }
 
 /**
@@ -117,7 +134,10 @@ export class MambaLM extends Module {
     const o = lmOptions(options);
     this.vocabSize = Math.ceil(o.vocabSize / o.multiple) * o.multiple;
     this.tied = o.tied;
-    this.embedding = this.child("embedding", new Embedding(this.vocabSize, this.config.dModel));
+    this.embedding = this.child(
+      "embedding",
+      new Embedding(this.vocabSize, this.config.dModel, o.paddingIdx),
+    );
     this.mamba = this.child("mamba", new Mamba(this.config));
     this.normF = this.child("norm_f", new RMSNorm(this.config.dModel, this.config.rmsNormEps));
     this.lmHead = this.tied

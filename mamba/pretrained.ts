@@ -255,6 +255,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
         vocabSize: r.int("vocab_size"),
         padVocabSizeMultiple: r.int("pad_vocab_size_multiple", 1),
         tieEmbeddings: r.bool("tie_word_embeddings", true),
+        paddingIdx: null, // HF's MambaForCausalLM embedding has no padding_idx
       },
       layout: "hf",
     };
@@ -309,6 +310,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
         vocabSize: r.int("vocab_size"),
         padVocabSizeMultiple: r.int("pad_vocab_size_multiple", 8),
         tieEmbeddings: r.bool("tie_embeddings", true),
+        paddingIdx: null, // state-spaces' MambaLMHeadModel embedding has no padding_idx
       },
       layout: "state-spaces",
     };

@@ -4,7 +4,8 @@
  * @module
  */
 
-import { add, causalConv1d, type ConvActivation, indexSelect, matmul, rmsNorm } from "../core/ops/index.ts";
+import { add, causalConv1d, type ConvActivation, embedding, matmul, rmsNorm } from "../core/ops/index.ts";
+import { recordClear } from "../core/executor.ts";
 import { fmt } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
 import { constant, kaimingUniform, normal } from "./init.ts";
@@ -38,21 +39,53 @@ export class Linear extends Module {
   }
 }
 
-/** Rows of a (numEmbeddings, embeddingDim) table selected by integer ids. */
+/** Rows of a (numEmbeddings, embeddingDim) table selected by integer ids, as PyTorch's `nn.Embedding`. */
 export class Embedding extends Module {
   /** (numEmbeddings, embeddingDim) */
   readonly weight: Tensor;
+  #paddingIdx: number | null = null;
 
-  /** Creates the table with N(0, 1) entries (PyTorch's default). */
-  constructor(readonly numEmbeddings: number, readonly embeddingDim: number) {
+  /**
+   * Creates the table with N(0, 1) entries (PyTorch's default).
+   *
+   * `paddingIdx` (PyTorch's `padding_idx`): if given, the entries at `paddingIdx` do not contribute to the
+   * gradient; therefore, the embedding vector at `paddingIdx` is not updated during training, i.e. it remains
+   * as a fixed "pad". For a newly constructed Embedding, the embedding vector at `paddingIdx` defaults to all
+   * zeros, but can be updated to another value (say by `loadStateDict`) to be used as the padding vector. A
+   * negative value counts from the end.
+   */
+  constructor(
+    readonly numEmbeddings: number,
+    readonly embeddingDim: number,
+    paddingIdx: number | null = null,
+  ) {
     super();
-    this.weight = this.param("weight", normal([numEmbeddings, embeddingDim], 1));
+    this.paddingIdx = paddingIdx;
+    const init = normal([numEmbeddings, embeddingDim], 1);
+    // The padding row starts at zero, as in PyTorch.
+    if (this.paddingIdx !== null && embeddingDim > 0) {
+      recordClear(init.storage.buffer, 4 * this.paddingIdx * embeddingDim, 4 * embeddingDim);
+    }
+    this.weight = this.param("weight", init);
+  }
+
+  /** The padding row in [0, numEmbeddings), or null (PyTorch's `padding_idx`). Setting it (a negative value
+   * counts from the end) changes only which row the gradient skips from then on, not the weights. */
+  get paddingIdx(): number | null {
+    return this.#paddingIdx;
+  }
+  set paddingIdx(p: number | null) {
+    const n = this.numEmbeddings;
+    if (p !== null && (!Number.isInteger(p) || p < -n || p >= n)) {
+      throw new Error(`Embedding: paddingIdx must be an integer in [-${n}, ${n}) or null, got ${p}`);
+    }
+    this.#paddingIdx = p === null ? null : p < 0 ? p + n : p;
   }
 
   /** ids: (...) i32 -> (..., embeddingDim) */
   forward(ids: Tensor): Tensor {
     if (ids.dtype !== "i32") throw new Error(`Embedding: token ids must be i32, got ${ids.dtype} ${ids}`);
-    return indexSelect(this.weight, 0, ids);
+    return embedding(this.weight, ids, this.paddingIdx);
   }
 }
 

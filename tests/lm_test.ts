@@ -165,6 +165,7 @@ Deno.test("fromPretrained loads the transformers and the state-spaces layouts to
     const lm = await fromPretrained(fixturePath(dir));
     assert.equal(lm.vocabSize, 64);
     assert.equal(lm.tied, false);
+    assert.equal(lm.embedding.paddingIdx, null, `${dir}: HF and state-spaces embeddings have no padding_idx`);
     const logits = tidy(() => noGrad(() => lm.forward(tokens)));
     await assertMatchesFixture(logits, f, "logits", tolerance("model"), `${dir}: logits`);
     logits.dispose();
@@ -215,7 +216,8 @@ Deno.test("MambaLM's gradients (embedding, norm_f, lm_head; tied and untied) equ
     manualSeed(3);
     const lm = new MambaLM(
       { dModel: 8, nLayers: 2, dState: 4, scan: "pscan", baseStd: 0.2 },
-      { vocabSize: 16, tieEmbeddings: tied },
+      // No padding row: every embedding row's gradient is the loss's derivative.
+      { vocabSize: 16, tieEmbeddings: tied, paddingIdx: null },
     );
     const r = rng(7);
     const [B, L] = [2, 9];
@@ -385,8 +387,19 @@ Deno.test("LMOptions are validated and a config derived from another with a new 
     () => new MambaLM(cfg, { vocabSize: 3, padVocabSizeMultiple: NaN }),
     /padVocabSizeMultiple must be a positive integer, got NaN/,
   );
+  for (const bad of [-1, 3, 1.5, "0"]) {
+    assert.throws(
+      () => new MambaLM(cfg, { vocabSize: 3, paddingIdx: bad as number }),
+      new RegExp(
+        `paddingIdx must be an integer in \\[0, vocabSize = 3\\) or null, got ${JSON.stringify(bad)}`,
+      ),
+    );
+  }
   const lm = new MambaLM(cfg, { vocabSize: 30, padVocabSizeMultiple: 8, tieEmbeddings: undefined });
   assert.equal(lm.vocabSize, 32);
+  assert.equal(lm.embedding.paddingIdx, 0, "mamba.py's padding_idx=0 by default");
+  assert.equal(new MambaLM(cfg, { vocabSize: 3, paddingIdx: null }).embedding.paddingIdx, null);
+  assert.equal(new MambaLM(cfg, { vocabSize: 3, paddingIdx: 2 }).embedding.paddingIdx, 2);
   // A complete config is validated again; a stale derived dInner (and with it dtRank) is named.
   assert.throws(
     () => new MambaLM({ ...lm.config, dModel: 32 }, { vocabSize: 30 }),
@@ -401,6 +414,29 @@ Deno.test("LMOptions are validated and a config derived from another with a new 
   assert.deepEqual(new MambaLM(lm.config, { vocabSize: 30 }).config, lm.config);
   lm.dispose();
   other.dispose();
+});
+
+Deno.test("MambaLM's embedding row paddingIdx (default 0, as mamba.py) is initialised but gets no gradient", async () => {
+  const cfg = { dModel: 8, nLayers: 1, dState: 4, scan: "pscan" as const };
+  const ids = tensor(new Int32Array([0, 1, 0, 2, 3, 0]), [2, 3], { dtype: "i32" });
+  for (const paddingIdx of [undefined, null]) {
+    manualSeed(1);
+    const lm = new MambaLM(cfg, { vocabSize: 5, ...(paddingIdx === undefined ? {} : { paddingIdx }) });
+    tidy(() => lm.forward(ids).sum().backward());
+    const w = await lm.embedding.weight.toArray();
+    const g = await lm.embedding.weight.grad!.toArray();
+    const row0 = (a: ArrayLike<number>) => Array.from(a).slice(0, 8);
+    assert.ok(
+      row0(w).some((v) => v !== 0),
+      "row 0 is re-initialised with the table, as mamba.py's _init_weights",
+    );
+    if (paddingIdx === undefined) {
+      assert.deepEqual(row0(g), new Array(8).fill(0), "default: no gradient for row 0");
+    } else assert.ok(row0(g).some((v) => v !== 0), "paddingIdx null: row 0 gets its gradient");
+    assert.ok(Array.from(g).slice(8, 16).some((v) => v !== 0), "row 1 gets its gradient");
+    lm.dispose();
+  }
+  ids.dispose();
 });
 
 Deno.test("generate: tensor prompt ids are range-checked, Int32Array rows are accepted", async () => {

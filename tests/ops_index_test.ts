@@ -1,7 +1,17 @@
 import assert from "node:assert/strict";
 import * as M from "../mod.ts";
 import { tensor } from "../mod.ts";
-import { checkOps, gatherRef, indexSelectRef, ndInt, type OpCase, rand, randInts, setup } from "./helpers.ts";
+import {
+  checkOps,
+  gatherRef,
+  indexSelectRef,
+  kernelsRun,
+  ndInt,
+  type OpCase,
+  rand,
+  randInts,
+  setup,
+} from "./helpers.ts";
 
 await setup();
 
@@ -101,6 +111,42 @@ Deno.test("scatter backward over 70000 positions in slices of 16384 (indexSelect
     assert.deepEqual([...await x.grad!.toArray()], [...want], "gather(dim 0) gradient");
     for (const t of [x.grad!, x, ids, y, gt]) t.dispose();
   }
+});
+
+Deno.test("embedding with paddingIdx: that row's gradient is zero, without it the row gets the sum (one-hot and scatter paths)", async () => {
+  // Integer cotangents: every sum is exact. (J, V, D): J x V <= 2^24 takes the one-hot matmul, above it the
+  // scatter kernel.
+  for (const [J, V, D, path] of [[300, 10, 3, "onehot_rows"], [4100, 4100, 1, "gather_backward"]] as const) {
+    const pad = 3;
+    const idx = randInts(J, 20, 0, V - 1);
+    for (let j = 0; j < J; j += 7) idx[j] = pad; // the padding id appears often
+    const g = randInts(J * D, 21, -4, 4);
+    const sums = new Float64Array(V * D);
+    for (let j = 0; j < J; j++) for (let d = 0; d < D; d++) sums[idx[j] * D + d] += g[j * D + d];
+    for (const paddingIdx of [null, pad, pad - V]) {
+      const what = `J ${J}, V ${V}, paddingIdx ${paddingIdx}`;
+      const x = M.randn([V, D], { seed: 22, requiresGrad: true });
+      const ids = tensor(Int32Array.from(idx), [J], { dtype: "i32" });
+      const y = M.embedding(x, ids, paddingIdx);
+      const gt = tensor(Float32Array.from(g), [J, D]);
+      const { kernels } = await kernelsRun(() => y.backward(gt));
+      assert.ok(kernels.includes(path), `${what}: ${path} ran (got ${kernels})`);
+      const grad = await x.grad!.toArray();
+      const want = sums.slice();
+      if (paddingIdx !== null) want.fill(0, pad * D, (pad + 1) * D);
+      assert.deepEqual([...grad], [...want], what);
+      // The forward still reads the padding row.
+      const xs = await x.toArray();
+      const ys = await y.toArray();
+      assert.deepEqual([...ys.slice(0, D)], [...xs.slice(pad * D, (pad + 1) * D)], `${what}: forward`);
+      for (const t of [x.grad!, x, ids, y, gt]) t.dispose();
+    }
+  }
+  const w = M.zeros([4, 2]);
+  const ids = tensor(new Int32Array([0]), [1], { dtype: "i32" });
+  assert.throws(() => M.embedding(w, ids, 4), /paddingIdx must be an integer in \[-4, 4\) or null, got 4/);
+  assert.throws(() => M.embedding(w, ids, 1.5), /paddingIdx must be an integer/);
+  M.dispose([w, ids]);
 });
 
 Deno.test("index ops: i32 tables, out-of-range indices read NaN (i32: its bits), bad indices are rejected", async () => {

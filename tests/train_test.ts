@@ -201,6 +201,9 @@ Deno.test("train: the loss falls, and a save that fails after writing its new fo
     assert.deepEqual(await snapshot(`${root}/c`), before);
     const back = await loadTrainingCheckpoint(`${root}/c`, t.data);
     assert.equal(back.step, 20);
+    // config.json (HF layout) has no padding_idx: the resumed run keeps mamba.py's padding row 0.
+    assert.equal(t.model.embedding.paddingIdx, 0);
+    assert.equal(back.model.embedding.paddingIdx, 0, "the resumed model keeps the run's padding row");
     back.model.dispose();
     back.dispose();
     t.model.dispose();

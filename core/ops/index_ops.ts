@@ -1,5 +1,6 @@
 /**
- * Indexing: `indexSelect` (embedding lookup) and `gather`, with deterministic gradients.
+ * Indexing: `indexSelect`, `embedding` (a lookup with PyTorch's `padding_idx`) and `gather`, with
+ * deterministic gradients.
  *
  * Both are one forward kernel over the view (outer, J, inner) of the output: each invocation copies
  * x[o, idx, i] with idx read at o*so + j*sj + i*si (indexSelect: so = si = 0). The backward has no float
@@ -12,6 +13,7 @@
  */
 
 import { defineOp } from "../autograd.ts";
+import { recordClear } from "../executor.ts";
 import { defineKernel, dispatch } from "../kernel.ts";
 import { fmt, normAxis, sizeOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
@@ -95,6 +97,8 @@ interface IndexAttrs {
   dim: number;
   outShape: number[];
   strides: [number, number, number];
+  /** Row of x (dim 0 only) whose gradient is cleared after the sums: PyTorch's `padding_idx`; -1 for none. */
+  paddingIdx?: number;
 }
 
 function view(x: Tensor, dim: number, J: number) {
@@ -117,8 +121,12 @@ const gatherOp = defineOp<IndexAttrs>({
     );
     return out;
   },
-  backward: (g, [idx], [x], { dim, strides }) => {
+  backward: (g, [idx], [x], { dim, strides, paddingIdx = -1 }) => {
     const { outer, V, inner } = view(x, dim, 0);
+    // The padding row (dim 0, outer = 1) gets no gradient: its bytes are cleared after the sums.
+    const clearPad = (dx: Tensor) => {
+      if (paddingIdx >= 0 && inner > 0) recordClear(dx.storage.buffer, 4 * paddingIdx * inner, 4 * inner);
+    };
     const J = g.size / (outer * inner);
     if (outer === 1 && strides[0] === 0 && strides[2] === 0 && J * V <= ONE_HOT_LIMIT && x.dtype === "f32") {
       // Embedding gradient as onehot(idx)^T @ g: the same sums, but through the fast matmul kernel.
@@ -129,6 +137,7 @@ const gatherOp = defineOp<IndexAttrs>({
       const dw = matmulRaw(onehot, g2, { transA: true }); // dw: (V, inner)
       const out = new Tensor(dw.storage, x.shape, "f32");
       for (const t of [ids, g2, onehot, dw]) t.dispose();
+      clearPad(out);
       return [out, null];
     }
     const dx = Tensor.empty(x.shape);
@@ -139,6 +148,7 @@ const gatherOp = defineOp<IndexAttrs>({
       const j1 = Math.min(J, j0 + MAX_J);
       dispatch(scatterKernel, bufs, { n, V, J, inner, so, sj, si, j0, j1 }, Math.ceil(n / WG));
     }
+    clearPad(dx);
     return [dx, null];
   },
 });
@@ -157,6 +167,28 @@ export function indexSelect(x: Tensor, dim: number, index: Tensor): Tensor {
   const d = normAxis(dim, x.rank, "indexSelect");
   const outShape = [...x.shape.slice(0, d), ...index.shape, ...x.shape.slice(d + 1)];
   return gatherOp([x, index], { dim: d, outShape, strides: [0, 1, 0] });
+}
+
+/**
+ * PyTorch's `F.embedding(ids, weight, padding_idx)`: the rows of `weight` (V, D) selected by integer `ids`
+ * (any shape), giving `ids.shape + (D)`, as {@linkcode indexSelect} along dim 0. With `paddingIdx` the row
+ * `weight[paddingIdx]` does not contribute to the gradient: the forward still reads it, but its gradient row
+ * stays zero, so an optimizer step never changes it (a negative `paddingIdx` counts from the end, as in
+ * PyTorch). Ids outside [0, V) read NaN and get no gradient.
+ */
+export function embedding(weight: Tensor, ids: Tensor, paddingIdx: number | null = null): Tensor {
+  checkIndex(ids, "embedding");
+  if (weight.rank !== 2) throw new Error(`embedding: weight must be (V, D), got ${fmt(weight.shape)}`);
+  const V = weight.shape[0];
+  let pad = -1;
+  if (paddingIdx !== null && paddingIdx !== undefined) {
+    if (!Number.isInteger(paddingIdx) || paddingIdx < -V || paddingIdx >= V) {
+      throw new Error(`embedding: paddingIdx must be an integer in [-${V}, ${V}) or null, got ${paddingIdx}`);
+    }
+    pad = paddingIdx < 0 ? paddingIdx + V : paddingIdx;
+  }
+  const outShape = [...ids.shape, weight.shape[1]];
+  return gatherOp([weight, ids], { dim: 0, outShape, strides: [0, 1, 0], paddingIdx: pad });
 }
 
 /**
