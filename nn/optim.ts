@@ -10,6 +10,24 @@
  * continues exactly as an uninterrupted one.
  *
  * ```ts
+ * import {
+ *   clipGradNorm,
+ *   configureOptimizers,
+ *   cosineSchedule,
+ *   crossEntropy,
+ *   init,
+ *   MambaLM,
+ *   tensor,
+ *   tidy,
+ * } from "@mambats/mamba";
+ *
+ * await init();
+ * const V = 16; // vocabulary size
+ * const model = new MambaLM({ dModel: 16, nLayers: 1 }, { vocabSize: V });
+ * // a batch of 2 sequences of 8 token ids, and the next-token targets
+ * const x = tensor(new Int32Array(16).map((_, i) => i % V), [2, 8], { dtype: "i32" });
+ * const y = tensor(new Int32Array(16).map((_, i) => (i + 1) % V), [2, 8], { dtype: "i32" });
+ *
  * const opt = configureOptimizers(model, { lr: 3e-3, weightDecay: 0.1, betas: [0.9, 0.95] });
  * const lrAt = cosineSchedule({ warmup: 100, total: 1200, maxLr: 3e-3, minLr: 3e-4 });
  * for (let it = 0; it < 1200; it++) {
@@ -22,6 +40,8 @@
  *     opt.zeroGrad();
  *     return l;
  *   });
+ *   if (it % 100 === 0) console.log(it, await loss.item());
+ *   loss.dispose(); // tidy keeps the returned tensor: the caller frees it
  * }
  * ```
  * @module
@@ -229,6 +249,8 @@ export interface GradNormScale {
  * {@linkcode clipGradNorm} followed by `opt.step()` and saves one dispatch per parameter.
  * The sum of squares is taken over all elements at once (PyTorch takes the norm of per-parameter norms;
  * the two differ by rounding only).
+ * `maxNorm` defaults to `Infinity`: no clipping, the scale is 1 (the norm is still computed).
+ * The caller disposes `norm` and `scale` (or creates them inside a `tidy`).
  */
 export function gradNormScale(params: readonly Tensor[], maxNorm: number = Infinity): GradNormScale {
   if (!(maxNorm > 0)) throw new Error(`gradNormScale: maxNorm must be positive, got ${maxNorm}`);
@@ -269,7 +291,8 @@ export function gradNormScale(params: readonly Tensor[], maxNorm: number = Infin
  * PyTorch's `clip_grad_norm_`: scales every gradient of `params` in place by
  * `min(1, maxNorm / (norm + 1e-6))`, where `norm` is the global L2 norm of all gradients, and returns that
  * norm (shape [], on the GPU: `await norm.item()` reads it). No readback: the factor stays on the GPU.
- * Parameters without a gradient are skipped.
+ * Parameters without a gradient are skipped. The caller disposes the returned norm (inside a `tidy`
+ * that does not return it, it is freed with the rest).
  */
 export function clipGradNorm(params: readonly Tensor[], maxNorm: number): Tensor {
   const { norm, scale } = gradNormScale(params, maxNorm);
