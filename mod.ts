@@ -121,6 +121,7 @@ export {
   fusedMambaScanForward,
   fusedScanForward,
   fusedSelectiveScan,
+  lastState,
 } from "./scan/fused.ts";
 export {
   defaultFusedVariant,

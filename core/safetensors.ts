@@ -95,8 +95,8 @@ const isCount = (v: unknown): v is number => Number.isSafeInteger(v) && (v as nu
 
 /**
  * Reads the header length N from the first 8 bytes; a streaming reader then reads `8 + N` bytes and calls
- * {@linkcode parseSafetensorsHeader}. Throws if fewer than 8 bytes are given or N exceeds
- * {@linkcode MAX_HEADER_LENGTH}.
+ * {@linkcode parseSafetensorsHeader}. Throws if fewer than 8 bytes are given or N exceeds 100,000,000 bytes
+ * (the bound of the Rust `safetensors` crate, which guards against huge allocations).
  */
 export function safetensorsHeaderLength(prefix: Uint8Array, source?: string): number {
   if (prefix.length < 8) fail(source, `need at least 8 bytes for the header length, got ${prefix.length}`);

@@ -119,6 +119,7 @@ function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: 
 /**
  * Runs the forward kernel (no autograd): returns y (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
  * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null).
+ * The caller disposes `y` and `ph` (after reading the state out of `ph` with {@linkcode lastState}).
  */
 export function fusedScanForward(
   x: Tensor,
@@ -146,7 +147,13 @@ export function fusedScanForward(
   return { y, ph };
 }
 
-/** The state after the last step, h[L-1]: (B, ED, N), read out of `ph` (the inference cache after a prompt). */
+/**
+ * The state after the last step, h[L-1]: (B, ED, N), read out of the `ph` that {@linkcode fusedMambaScanForward}
+ * or {@linkcode fusedScanForward} returned (the inference cache after a prompt). B, ED, N and L are that
+ * call's batch, channels (x's last dimension), state size (A_log's second dimension) and sequence length.
+ * The chunk length is the one that forward ran with, even if the fused variant changed since. Returns a new
+ * tensor: `ph` is not consumed, and the caller disposes both.
+ */
 export function lastState(ph: Tensor, B: number, ED: number, N: number, L: number): Tensor {
   const chunks = Math.ceil(L / (ranWith.get(ph.storage) ?? fusedVariant(N)).Lc);
   const h = Tensor.empty([B, ED, N]); // h: (B, ED, N)
@@ -506,6 +513,11 @@ function checkScanArgs(
  * z: (B, L, ED) or null. Returns (C.h + D x) * silu(z): (B, L, ED). With `zStart`, z is (B, L, Z), Z >=
  * zStart + ED, and the gate reads its columns zStart .. zStart + ED in place (e.g. the z half of in_proj's
  * output, without a copy); z's gradient is zero outside them.
+ *
+ * Per batch, channel d and step t, with h[-1] = 0 (h[t] a row of N):
+ * delta = softplus(draw[t] + bias[d]) (torch's softplus, linear above 20), A = -exp(A_log[d]),
+ * h[t] = exp(delta A) * h[t-1] + delta B[t] x[t] (elementwise over the N columns),
+ * y[t] = C[t] . h[t] + D[d] x[t], and the output is y * silu(z) (y alone when z is null).
  */
 export function fusedSelectiveScan(
   x: Tensor,
@@ -552,7 +564,8 @@ export function fusedMambaScan(
 
 /**
  * {@linkcode fusedMambaScan}'s forward without autograd (a prompt's prefill): y (B, L, ED) and `ph`, whose
- * last chunk state is the inference cache ({@linkcode lastState}).
+ * last chunk state is the inference cache: `lastState(ph, B, ED, N, L)` ({@linkcode lastState}) copies it out
+ * as (B, ED, N). The caller disposes `y` and `ph`.
  */
 export function fusedMambaScanForward(
   x: Tensor,

@@ -33,7 +33,12 @@ export const FUSED_KERNEL_VERSION = 17;
 export interface FusedTuneResult {
   /** The selected variant. */
   variant: FusedVariant;
-  /** Milliseconds per forward + backward of each candidate (JSON of the variant -> ms). */
+  /**
+   * Milliseconds per forward + backward of each candidate (JSON of the variant -> ms), on a (4, 256, 128)
+   * problem. With timestamp queries it is the GPU time of the fused-scan kernels alone (forward and backward,
+   * without the surrounding ops); without them, the wall time of the whole step, host included. Empty when
+   * nothing was measured (one candidate, or an adapter that cannot run the backward).
+   */
   timings: Record<string, number>;
   /** True when read from the cache without measuring. */
   fromCache: boolean;
