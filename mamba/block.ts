@@ -21,7 +21,7 @@ import {
   transpose,
 } from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
-import type { Tensor } from "../core/tensor.ts";
+import { type Tensor, tidy } from "../core/tensor.ts";
 import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
@@ -91,6 +91,13 @@ export class MambaBlock extends Module {
 
   /** u: (B, L, D) -> (B, L, D); with `cache`, also the layer's state after the last step. */
   forward(u: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
+    if (wantCache && isGradEnabled()) {
+      // The fused prefill kernel has no backward: gradients would be dropped silently.
+      throw new Error(
+        "Mamba: prefill with a cache is inference-only: run it under noGrad (forwardWithCache(x, true) / " +
+          "forward(u, true) with gradients enabled)",
+      );
+    }
     const { dInner: ED, dConv: K } = this.config;
     const [Bsz, L] = u.shape;
     const xz = this.inProj.forward(u); // xz: (B, L, 2ED) = [xIn | z]
@@ -295,9 +302,15 @@ export class Mamba extends Module {
   forwardWithCache(x: Tensor, wantCache: boolean): { out: Tensor; caches: LayerCache[] } {
     this.checkInput(x, 3);
     const caches: LayerCache[] = [];
+    // Without autograd nothing later needs a layer's intermediates: each layer runs in its own tidy, and the
+    // previous layer's output goes as soon as the next one has read it (the caller's input stays).
+    const grad = isGradEnabled();
+    const input = x;
     for (const layer of this.layers.items) {
-      const r = layer.forward(x, wantCache);
-      x = r.out;
+      const prev = x;
+      const r = grad ? layer.forward(prev, wantCache) : tidy(() => layer.forward(prev, wantCache));
+      x = r.out; // x: (B, L, D)
+      if (!grad && prev !== input) prev.dispose();
       if (r.cache) caches.push(r.cache);
     }
     return { out: x, caches };

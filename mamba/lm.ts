@@ -326,7 +326,9 @@ export class MambaLM extends Module {
             let c: LayerCache[];
             if (i === 0) {
               const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true);
-              logits = narrow(this.head(r.out), 1, P - 1, 1).reshape(B, this.vocabSize);
+              // Only the last position's logits are needed: the head (norm_f works row by row) runs on it alone.
+              const last = narrow(r.out, 1, P - 1, 1); // last: (B, 1, D)
+              logits = this.head(last).reshape(B, this.vocabSize); // logits: (B, vocab)
               c = r.caches;
             } else {
               const r = this.step(next, prev);

@@ -3,6 +3,7 @@ import { noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { deviceInfo, init } from "../core/device.ts";
 import { dispatchCount } from "../core/executor.ts";
+import { memory, resetPeak } from "../core/memory.ts";
 import { crossEntropy, matmul, narrow } from "../core/ops/index.ts";
 import { manualSeed } from "../core/random.ts";
 import { dispose, type Tensor, tidy } from "../core/tensor.ts";
@@ -437,6 +438,27 @@ Deno.test("MambaLM's embedding row paddingIdx (default 0, as mamba.py) is initia
     lm.dispose();
   }
   ids.dispose();
+});
+
+Deno.test("generate: the prompt's logits are computed for its last position only, with the same tokens", async () => {
+  manualSeed(4);
+  const [V, P] = [4096, 512];
+  const lm = new MambaLM({ dModel: 32, nLayers: 4 }, { vocabSize: V });
+  const prompt = [Array.from({ length: P }, (_, i) => (i * 7) % V)];
+  const last = tidy(() => noGrad(() => narrow(lm.forward(prompt), 1, P - 1, 1))); // last: (1, 1, V)
+  const row = await last.toArray();
+  last.dispose();
+  const first = row.indexOf(Math.max(...row));
+  await lm.generate(prompt, 2); // the kernels and pools are warm
+  const base = memory().liveBytes;
+  resetPeak();
+  const got = await lm.generate(prompt, 2);
+  const peak = memory().peakBytes - base;
+  assert.equal(got[0][0], first, "the first token is the argmax of the whole forward's last logits");
+  // All P positions' logits alone would be 8 MiB (measured on lavapipe: 1.16 MiB peak; 8.2 MiB with a per-layer
+  // tidy but every position's logits, 12.2 MiB before both).
+  assert.ok(peak < 4 * P * V, `prefill peak ${peak} bytes is not below the prompt's logits, ${4 * P * V}`);
+  lm.dispose();
 });
 
 Deno.test("generate: tensor prompt ids are range-checked, Int32Array rows are accepted", async () => {
