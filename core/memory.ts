@@ -141,7 +141,10 @@ export function resetPeak(): void {
   peak = live;
 }
 
-/** Frees every pooled buffer (after pending work completes) and sets how many bytes the pool may keep. */
+/**
+ * Frees every pooled buffer (after pending work completes) and sets how many bytes of freed buffers the pool
+ * may keep for reuse. `limitBytes` defaults to the current limit, which starts at 2^30 bytes (1 GiB).
+ */
 export function emptyPool(limitBytes: number = poolLimit): void {
   poolLimit = limitBytes;
   for (const list of pool.values()) doomed.push(...list);

@@ -118,7 +118,8 @@ export class Tensor {
     return ops.detach(this);
   }
 
-  /** Sets `requiresGrad` and returns this tensor. */
+  /** Sets `requiresGrad` (default true: `t.requiresGrad_()` makes `t` a leaf that collects gradients) and
+   * returns this tensor. Only f32 tensors can require grad. */
   requiresGrad_(value = true): this {
     if (value && this.dtype !== "f32") {
       throw new Error(`only f32 tensors can require grad, got ${this.dtype}`);
@@ -204,7 +205,7 @@ export class Tensor {
   minimum(other: Operand): Tensor {
     return ops.minimum(this, other);
   }
-  /** Clamps into `[min, max]` (either bound may be omitted). */
+  /** Clamps into `[min, max]`; an omitted bound is ±3.4e38 (the f32 maximum), so infinities are clamped too. */
   clamp(min?: number, max?: number): Tensor {
     return ops.clamp(this, min, max);
   }
@@ -277,7 +278,9 @@ export class Tensor {
 /**
  * Runs `fn`; afterwards disposes every tensor it created, except the ones it returns or `keep`s. The graph
  * through the disposed intermediates goes with them (their saved tensors are freed): run `backward()` inside
- * the tidy, or `keep()` the tensors it must pass through.
+ * the tidy, or `keep()` the tensors it must pass through. `fn` must be synchronous: an async `fn` (one
+ * that returns a Promise) throws, since its tensors would be freed before it awaits; await readbacks such as
+ * `item()` outside of tidy. Tensors it returns move to the enclosing tidy, if any, else the caller disposes them.
  */
 export function tidy<T>(fn: () => T): T {
   const scope = new Set<Tensor>();

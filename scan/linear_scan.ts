@@ -150,7 +150,8 @@ const scanOp = defineOp<{ mode: ScanMode }>({
   },
 });
 
-/** H[t] = A[t] * H[t-1] + X[t] along dim 1 of (B, L, ...) tensors, H[-1] = 0; differentiable. */
+/** H[t] = A[t] * H[t-1] + X[t] along dim 1 of (B, L, ...) tensors, H[-1] = 0; differentiable. `mode`
+ * (default "pscan"): the parallel (Blelloch) scan, or "sequential" (one step after another). */
 export function linearScan(A: Tensor, X: Tensor, mode: ScanMode = "pscan"): Tensor {
   if (A.shape.join() !== X.shape.join() || A.rank < 2) {
     throw new Error(`linearScan: A ${fmt(A.shape)} and X ${fmt(X.shape)} must have one shape (B, L, ...)`);

@@ -298,7 +298,8 @@ const convOp = defineOp<ConvAttrs>({
 
 /**
  * Depthwise causal convolution over time. x: (B, L, C); weight: (C, 1, K) or (C, K); bias: (C) or null.
- * Returns act(conv(x)): (B, L, C). With `start`, x is (B, L, Cx), Cx >= start + C, and the conv reads its
+ * Returns act(conv(x)): (B, L, C), where `activation` defaults to "none" ("silu" as a Mamba block uses it).
+ * With `start`, x is (B, L, Cx), Cx >= start + C, and the conv reads its
  * channels start .. start + C in place (e.g. the x half of in_proj's output, without a copy); x's gradient
  * is zero outside them.
  */

@@ -271,7 +271,10 @@ const clampOp = defineOp<{ lo: number; hi: number }>({
     }),
 });
 
-/** Clamps into `[min, max]`; an omitted bound is infinite. Gradient 1 inside, 0 outside. */
+/**
+ * Clamps into `[min, max]`. An omitted bound is the f32 maximum, -3.4e38 or 3.4e38 (not infinity):
+ * `clamp(x)` maps -Infinity and Infinity to those finite values. Gradient 1 inside, 0 outside.
+ */
 export function clamp(x: Tensor, min?: number, max?: number): Tensor {
   const lo = min ?? -3.4028234663852886e38;
   const hi = max ?? 3.4028234663852886e38;

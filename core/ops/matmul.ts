@@ -350,7 +350,8 @@ const matmulOp = defineOp<MatmulAttrs>({
 
 /**
  * Matrix product with PyTorch's rules: batched over leading dims with broadcasting; 1-D operands are
- * treated as a row (A) or column (B) vector and that dim is dropped from the result.
+ * treated as a row (A) or column (B) vector and that dim is dropped from the result. At most 4 batch dims
+ * (after broadcasting; the result has rank 6 or less): more throw.
  */
 export function matmul(a: Tensor, b: Tensor, options: MatmulOptions = {}): Tensor {
   if (a.dtype !== "f32" || b.dtype !== "f32") throw new Error(`matmul needs f32 tensors, got ${a} and ${b}`);

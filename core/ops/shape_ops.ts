@@ -244,7 +244,7 @@ export function permute(x: Tensor, dims: readonly number[]): Tensor {
   return permuteOp([x], { dims: norm });
 }
 
-/** Swaps two dims (a copy). */
+/** Swaps dims `dim0` and `dim1` (default the last two: -2, -1) into a copy. */
 export function transpose(x: Tensor, dim0 = -2, dim1 = -1): Tensor {
   const dims = x.shape.map((_, i) => i);
   const a = normAxis(dim0, x.rank, "transpose");
@@ -294,7 +294,7 @@ export function slice(x: Tensor, dim: number, start: number, end?: number): Tens
   return narrow(x, d, s, e - s);
 }
 
-/** Splits along `dim` into pieces of the given sizes, or of `size` each (the last may be smaller). */
+/** Splits along `dim` (default 0) into pieces of the given sizes, or of `size` each (the last may be smaller). */
 export function split(x: Tensor, sizes: number | number[], dim = 0): Tensor[] {
   const d = normAxis(dim, x.rank, "split");
   const n = x.shape[d];
@@ -324,7 +324,7 @@ export function split(x: Tensor, sizes: number | number[], dim = 0): Tensor[] {
 }
 
 /**
- * Splits along `dim` into pieces of size ceil(n / chunks) (the last may be smaller, and there may be fewer
+ * Splits along `dim` (default 0) into pieces of size ceil(n / chunks) (the last may be smaller, and there may be fewer
  * than `chunks`; an empty dim gives `chunks` empty pieces, as in PyTorch); `chunks` must be a positive
  * integer.
  */
@@ -360,7 +360,7 @@ const catOp = defineOp<{ dim: number }>({
   },
 });
 
-/** Concatenates along `dim`; all other dims must agree. */
+/** Concatenates along `dim` (default 0); all other dims must agree. */
 export function cat(tensors: Tensor[], dim = 0): Tensor {
   if (tensors.length === 0) throw new Error("cat: needs at least one tensor");
   const first = tensors[0];
@@ -396,7 +396,7 @@ const padOp = defineOp<{ before: number[]; after: number[]; value: number }>({
 });
 
 /**
- * Pads with `value`, PyTorch-style: `padding` lists (before, after) pairs starting from the last dim,
+ * Pads with `value` (default 0), PyTorch-style: `padding` lists (before, after) pairs starting from the last dim,
  * e.g. `[1, 2]` pads the last dim by 1 before and 2 after; `[0, 0, 3, 0]` pads dim -2 by 3 before.
  */
 export function pad(x: Tensor, padding: number[], value = 0): Tensor {
