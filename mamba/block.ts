@@ -254,8 +254,12 @@ export class ResidualBlock extends Module {
   /** x: (B, L, D) -> (B, L, D) */
   forward(x: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
     if (this.mixer.config.recompute && !wantCache && isGradEnabled()) {
-      // Keep only the block's input; norm, in_proj, conv, x_proj and the scan run again in the backward.
-      return { out: add(checkpoint((u) => this.mixer.forward(this.norm.forward(u)).out, x), x), cache: null };
+      // Keep only the block's input; norm, in_proj, conv, x_proj, the scan and out_proj run again in the
+      // backward. add saves neither input, so the mixer's output goes once the sum is made.
+      const m = checkpoint((u) => this.mixer.forward(this.norm.forward(u)).out, x); // m: (B, L, D)
+      const out = add(m, x); // out: (B, L, D)
+      m.dispose();
+      return { out, cache: null };
     }
     const { out, cache } = this.mixer.forward(this.norm.forward(x), wantCache);
     return { out: add(out, x), cache };
