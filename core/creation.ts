@@ -11,14 +11,14 @@ import { fillNormal, fillUniform, streamFor } from "./random.ts";
 
 /** Options of the creation functions. */
 export interface CreateOptions {
-  /** Element type (default f32, or i32 for Int32Array data). */
+  /** Element type (default f32, or i32 for Int32Array data; arange: i32 when start and step are integers). */
   dtype?: DType;
   /** Make the tensor a leaf that collects gradients. */
   requiresGrad?: boolean;
 }
 
-/** Options of the random creation functions. */
-export interface RandomOptions extends CreateOptions {
+/** Options of the random creation functions (always f32, so no `dtype`). */
+export interface RandomOptions extends Omit<CreateOptions, "dtype"> {
   /** Seed of this call's own stream; without it the global generator (see `manualSeed`) is used. */
   seed?: number;
 }
@@ -112,7 +112,11 @@ export function onesLike(t: Tensor): Tensor {
   return full(t.shape, 1, { dtype: t.dtype });
 }
 
-/** `[start, start + step, ...)` below `end`, like `torch.arange`; `arange(n)` counts 0..n-1. */
+/**
+ * `[start, start + step, ...)` below `end`, like `torch.arange`; `arange(n)` counts 0..n-1.
+ * Without `options.dtype` the result is i32 when `start` and `step` are integers (so `arange(5)` is i32,
+ * and cannot require grad) and f32 otherwise; pass `{ dtype: "f32" }` for float values from integer bounds.
+ */
 export function arange(start: number, end?: number, step = 1, options: CreateOptions = {}): Tensor {
   if (end === undefined) [start, end] = [0, start];
   if (step === 0) throw new Error("arange: step must not be 0");
