@@ -200,7 +200,8 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
  * Writes a complete checkpoint of a run into `dir` (Deno), replacing the previous one only once the new one
  * is complete; `options.files` adds files to it. Refuses (and writes nothing) when `dir` or `<dir>.prev` is a
  * non-empty folder that is not a checkpoint, or a checkpoint holding files its save did not write. Errors
- * name `dir`.
+ * name `dir`. `tokenizerJson` is required: the parsed `tokenizer.json` of the run's tokenizer (any JSON value,
+ * written as the checkpoint's `tokenizer.json`); undefined, or anything else that is not JSON, throws.
  */
 export async function saveTrainingCheckpoint(
   dir: string,
@@ -331,7 +332,11 @@ async function resolveDir(dir: string): Promise<string> {
   throw new Error(`${path} is not a training checkpoint (no training_log.json)`);
 }
 
-/** Loads a run to continue it (Deno): the model, the optimizer state, the step and the log. */
+/**
+ * Loads a run to continue it (Deno): the model, the optimizer state, the step and the log. The caller disposes
+ * both `trainer` and `trainer.model`: `trainer.dispose()` frees the optimizer state and the loss log, not the
+ * model.
+ */
 export async function loadTrainingCheckpoint(dir: string, data: CharDataset): Promise<Trainer> {
   needDeno("loadTrainingCheckpoint");
   const from = await resolveDir(dir);

@@ -18,7 +18,8 @@ import { Tokenizer as HFTokenizer } from "@huggingface/tokenizers";
 export interface SpecialTokens {
   /** Beginning of sequence. */
   bos: number | null;
-  /** End of sequence (generation may stop there). */
+  /** End of sequence. For information only: `MambaLM.generate` does not stop at it (it always produces
+   * `nTokens` tokens); a caller that wants to stop cuts the output at the first eos. */
   eos: number | null;
   /** Padding. */
   pad: number | null;
