@@ -140,8 +140,17 @@ export class MambaBlock extends Module {
       ? this.xProj.forward(x) // dBC: (B, L, R + 2N)
       : matmul(x, pad(this.xProj.weight, [0, 0, 0, Sp - S]), { transB: true }); // dBC: (B, L, Sp)
     if (this.norms) {
-      const [delta, Bm, C] = split(dBC, [R, N, N], -1);
-      dBC = cat([this.norms.dt.forward(delta), this.norms.B.forward(Bm), this.norms.C.forward(C)], -1);
+      // Nothing saves the pre-norm dBC (split's backward needs only shapes) nor the norm outputs (cat's
+      // backward likewise; the norms save their inputs): free them once consumed, as xz above.
+      const parts = split(dBC, [R, N, N], -1); // delta: (B, L, R), Bm: (B, L, N), C: (B, L, N)
+      dBC.dispose();
+      const normed = [
+        this.norms.dt.forward(parts[0]),
+        this.norms.B.forward(parts[1]),
+        this.norms.C.forward(parts[2]),
+      ];
+      dBC = cat(normed, -1); // dBC: (B, L, R + 2N)
+      for (const t of normed) t.dispose();
     }
     const bias = this.dtProj.bias!;
     if (!wantState) {
@@ -159,7 +168,9 @@ export class MambaBlock extends Module {
   ssm(x: Tensor): { y: Tensor; hs: Tensor } {
     const { dtRank: R, dState: N } = this.config;
     const A = neg(exp(this.A_log)); // A: (ED, N)
-    let [delta, Bm, C] = split(this.xProj.forward(x), [R, N, N], -1); // (B, L, R), (B, L, N), (B, L, N)
+    const dBC = this.xProj.forward(x); // dBC: (B, L, R + 2N)
+    let [delta, Bm, C] = split(dBC, [R, N, N], -1); // (B, L, R), (B, L, N), (B, L, N)
+    dBC.dispose(); // nothing saves it (split's backward needs only shapes)
     if (this.norms) {
       [delta, Bm, C] = [this.norms.dt.forward(delta), this.norms.B.forward(Bm), this.norms.C.forward(C)];
     }
