@@ -337,22 +337,35 @@ export class Mamba extends Module {
     if (caches.length !== this.config.nLayers) {
       throw new Error(`Mamba.step: ${caches.length} caches for ${this.config.nLayers} layers`);
     }
+    // Every cache is checked before any layer runs: h (B, ED, N), inputs (B, ED, K-1).
+    const { dInner: ED, dState: N, dConv: K } = this.config;
     const B = x.shape[0];
+    const wantH = [B, ED, N];
+    const wantInputs = [B, ED, K - 1];
+    caches.forEach((c, i) => {
+      if (!sameShape(c.h.shape, wantH) || !sameShape(c.inputs.shape, wantInputs)) {
+        throw new Error(
+          `Mamba.step: the cache of layer ${i} has h ${fmt(c.h.shape)} and inputs ${fmt(c.inputs.shape)}; ` +
+            `input ${fmt(x.shape)} needs h ${fmt(wantH)} (B, ED, N) and inputs ${
+              fmt(wantInputs)
+            } (B, ED, dConv-1)`,
+        );
+      }
+    });
     const next: LayerCache[] = [];
     this.layers.items.forEach((layer, i) => {
-      const c = caches[i];
-      if (c.h.shape[0] !== B) {
-        throw new Error(`Mamba.step: cache of layer ${i} is for batch ${c.h.shape[0]}, input has batch ${B}`);
-      }
-      const r = layer.step(x, c);
+      const r = layer.step(x, caches[i]);
       x = r.out;
       next.push(r.cache);
     });
     return { out: x, caches: next };
   }
 
-  /** Zero caches for a batch size. */
+  /** Zero caches for a batch size (a positive integer). */
   emptyCache(batch: number): LayerCache[] {
+    if (!Number.isInteger(batch) || batch < 1) {
+      throw new Error(`Mamba.emptyCache: batch must be a positive integer, got ${batch}`);
+    }
     const { dInner: ED, dState: N, dConv: K } = this.config;
     return this.layers.items.map(() => ({
       h: tensor(new Float32Array(batch * ED * N), [batch, ED, N]),
@@ -367,5 +380,12 @@ export class Mamba extends Module {
       const want = rank === 3 ? `(B, L, ${D})` : `(B, ${D})`;
       throw new Error(`Mamba: expected an f32 input ${want}, got ${x.dtype} ${fmt(x.shape)}`);
     }
+    if (rank === 3 && x.shape[1] === 0) {
+      throw new Error(`Mamba: the input ${fmt(x.shape)} has no positions (L = 0)`);
+    }
   }
+}
+
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((v, i) => v === b[i]);
 }

@@ -287,7 +287,34 @@ Deno.test("Mamba rejects bad input and configs with clear errors", async () => {
   assert.throws(() => model.step(bad.reshape(6, 7), model.emptyCache(6)), /\(B, 8\)/);
   const caches = model.emptyCache(3);
   const x2 = (await import("../core/creation.ts")).zeros([2, 8]);
-  assert.throws(() => model.step(x2, caches), /cache of layer 0 is for batch 3, input has batch 2/);
+  assert.throws(
+    () => model.step(x2, caches),
+    /cache of layer 0 has h \[3, 16, 16\] and inputs \[3, 16, 3\]; input \[2, 8\] needs h \[2, 16, 16\]/,
+  );
+  // A cache of another dConv (K-1 = 2 columns for 3) or dState, named with its layer and shapes.
+  const two = new Mamba(mambaConfig({ dModel: 8, nLayers: 2 }));
+  const others = [{ dConv: 3 }, { dState: 8 }].map((o) =>
+    new Mamba(mambaConfig({ dModel: 8, nLayers: 2, ...o }))
+  );
+  const [short, small] = others.map((m) => m.emptyCache(2));
+  const good = two.emptyCache(2);
+  assert.throws(
+    () => two.step(x2, [good[0], short[1]]),
+    /cache of layer 1 has h \[2, 16, 16\] and inputs \[2, 16, 2\]; .*inputs \[2, 16, 3\] \(B, ED, dConv-1\)/,
+  );
+  assert.throws(
+    () => two.step(x2, [small[0], good[1]]),
+    /cache of layer 0 has h \[2, 16, 8\] and inputs \[2, 16, 3\]; input \[2, 8\] needs h \[2, 16, 16\] \(B, ED, N\)/,
+  );
+  for (const c of [...short, ...small, ...good]) (c.h.dispose(), c.inputs.dispose());
+  for (const m of [two, ...others]) m.dispose();
+  // L = 0 is rejected at the input, with its shape.
+  const empty = (await import("../core/creation.ts")).zeros([2, 0, 8]);
+  assert.throws(() => model.forward(empty), /input \[2, 0, 8\] has no positions \(L = 0\)/);
+  empty.dispose();
+  for (const b of [0, -1, 1.5, NaN]) {
+    assert.throws(() => model.emptyCache(b), /emptyCache: batch must be a positive integer, got/);
+  }
   assert.throws(() => mambaConfig({ dModel: 0, nLayers: 1 }), /dModel must be a positive integer, got 0/);
   assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, scan: "fast" as "pscan" }), /scan must be/);
   assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, dtInit: "x" as "random" }), /dtInit/);
