@@ -121,9 +121,15 @@ export class MambaBlock extends Module {
       if (wantCache) h = narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState); // h: (B, ED, N)
     }
     if (!wantCache || !h) return { out, cache: null };
-    const x0 = xIn ?? narrow(xz, -1, 0, ED); // x0: (B, L, ED), the conv's input
-    const tail = narrow(pad(x0, [0, 0, K - 1, 0]), 1, L, K - 1); // tail: (B, K-1, ED)
-    return { out, cache: { h, inputs: transpose(tail, 1, 2) } }; // inputs: (B, ED, K-1)
+    // The conv's last K-1 inputs: narrow time first (xz is 2ED wide in the fused path), then the channels,
+    // then zeros in front when L < K-1, as the conv's left padding.
+    const n = Math.min(L, K - 1);
+    let tail = narrow(xIn ?? xz, 1, L - n, n); // tail: (B, n, ED) or, from xz, (B, n, 2ED)
+    if (!xIn) tail = disposeAfter(narrow(tail, -1, 0, ED), tail); // tail: (B, n, ED)
+    if (n < K - 1) tail = disposeAfter(pad(tail, [0, 0, K - 1 - n, 0]), tail); // tail: (B, K-1, ED)
+    const inputs = transpose(tail, 1, 2); // inputs: (B, ED, K-1)
+    tail.dispose();
+    return { out, cache: { h, inputs } };
   }
 
   /**
@@ -388,4 +394,10 @@ export class Mamba extends Module {
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
   return a.length === b.length && a.every((v, i) => v === b[i]);
+}
+
+/** Returns `next` after disposing `prev`, which made it. */
+function disposeAfter(next: Tensor, prev: Tensor): Tensor {
+  prev.dispose();
+  return next;
 }
