@@ -178,6 +178,7 @@ export class MambaBlock extends Module {
     let [delta, Bm, C] = split(dBC, [R, N, N], -1); // (B, L, R), (B, L, N), (B, L, N)
     dBC.dispose(); // nothing saves it (split's backward needs only shapes)
     if (this.norms) {
+      // delta: (B, L, R), Bm: (B, L, N), C: (B, L, N)
       [delta, Bm, C] = [this.norms.dt.forward(delta), this.norms.B.forward(Bm), this.norms.C.forward(C)];
     }
     delta = softplus(this.dtProj.forward(delta)); // delta: (B, L, ED)
@@ -198,32 +199,36 @@ export class MambaBlock extends Module {
     if (this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2) {
       // The same step in two kernels (conv, SSM) around x_proj's product: see scan/fused_step.ts.
       const xz = this.inProj.forward(u); // xz: (B, 2ED) = [xIn | z]
-      const conv = convStep(xz, cache.inputs, this.conv1d.weight, this.conv1d.bias); // x: (B, ED)
+      // conv.x: (B, ED), conv.inputs: (B, ED, K-1)
+      const conv = convStep(xz, cache.inputs, this.conv1d.weight, this.conv1d.bias);
       const dBC = this.xProj.forward(conv.x); // dBC: (B, R + 2N)
       const w = this.dtProj;
-      const r = ssmStep(conv.x, dBC, w.weight, w.bias!, this.A_log, this.D, xz, cache.h); // y: (B, ED)
-      return { out: this.outProj.forward(r.y), cache: { h: r.h, inputs: conv.inputs } };
+      // r.y: (B, ED), r.h: (B, ED, N)
+      const r = ssmStep(conv.x, dBC, w.weight, w.bias!, this.A_log, this.D, xz, cache.h);
+      const out = this.outProj.forward(r.y); // out: (B, D)
+      return { out, cache: { h: r.h, inputs: conv.inputs } };
     }
     // mamba.py's step, line by line
     const Bsz = u.shape[0];
     const [xIn, z] = split(this.inProj.forward(u), ED, -1); // xIn, z: (B, ED)
     const xcat = cat([cache.inputs, xIn.reshape(Bsz, ED, 1)], 2); // xcat: (B, ED, K)
     let xc = sum(mul(xcat, this.conv1d.weight.reshape(ED, K)), -1); // xc: (B, ED)
-    if (this.conv1d.bias) xc = add(xc, this.conv1d.bias);
+    if (this.conv1d.bias) xc = add(xc, this.conv1d.bias); // xc: (B, ED)
     const x = silu(xc); // x: (B, ED)
     let [delta, Bm, C] = split(this.xProj.forward(x), [R, N, N], -1); // (B, R), (B, N), (B, N)
     if (this.norms) {
+      // delta: (B, R), Bm: (B, N), C: (B, N)
       [delta, Bm, C] = [this.norms.dt.forward(delta), this.norms.B.forward(Bm), this.norms.C.forward(C)];
     }
     delta = softplus(this.dtProj.forward(delta)); // delta: (B, ED)
     const A = neg(exp(this.A_log)); // A: (ED, N)
-    const delta3 = delta.reshape(Bsz, ED, 1);
+    const delta3 = delta.reshape(Bsz, ED, 1); // delta3: (B, ED, 1)
     const deltaA = exp(mul(delta3, A)); // deltaA: (B, ED, N)
     const BX = mul(mul(delta3, Bm.reshape(Bsz, 1, N)), x.reshape(Bsz, ED, 1)); // BX: (B, ED, N)
     const h = add(mul(deltaA, cache.h), BX); // h: (B, ED, N)
     const y = add(matmul(h, C.reshape(Bsz, N, 1)).reshape(Bsz, ED), mul(this.D, x)); // y: (B, ED)
     const out = this.outProj.forward(mul(y, silu(z))); // out: (B, D)
-    return { out, cache: { h, inputs: narrow(xcat, 2, 1, K - 1) } };
+    return { out, cache: { h, inputs: narrow(xcat, 2, 1, K - 1) } }; // inputs: (B, ED, K-1)
   }
 }
 
@@ -278,14 +283,14 @@ export class ResidualBlock extends Module {
       m.dispose();
       return { out, cache: null };
     }
-    const { out, cache } = this.mixer.forward(this.norm.forward(x), wantCache);
-    return { out: add(out, x), cache };
+    const { out, cache } = this.mixer.forward(this.norm.forward(x), wantCache); // out: (B, L, D)
+    return { out: add(out, x), cache }; // out: (B, L, D)
   }
 
   /** x: (B, D) -> (B, D) */
   step(x: Tensor, cache: LayerCache): { out: Tensor; cache: LayerCache } {
-    const r = this.mixer.step(this.norm.forward(x), cache);
-    return { out: add(r.out, x), cache: r.cache };
+    const r = this.mixer.step(this.norm.forward(x), cache); // r.out: (B, D)
+    return { out: add(r.out, x), cache: r.cache }; // out: (B, D)
   }
 }
 
@@ -361,7 +366,7 @@ export class Mamba extends Module {
     const next: LayerCache[] = [];
     this.layers.items.forEach((layer, i) => {
       const r = layer.step(x, caches[i]);
-      x = r.out;
+      x = r.out; // x: (B, D)
       next.push(r.cache);
     });
     return { out: x, caches: next };

@@ -218,15 +218,16 @@ export class MambaLM extends Module {
 
   /** Final norm and LM head. */
   private head(x: Tensor): Tensor {
-    const h = this.normF.forward(x);
+    const h = this.normF.forward(x); // h: (..., D)
+    // logits: (..., vocab)
     return this.lmHead ? this.lmHead.forward(h) : matmul(h, this.embedding.weight, { transB: true });
   }
 
   /** tokens (B, L) -> logits (B, L, vocab). The ids of a tensor are not range-checked (see
    * {@linkcode MambaLM.tokensTensor}). */
   forward(tokens: Tokens): Tensor {
-    const ids = this.tokensTensor(tokens);
-    return this.head(this.mamba.forward(this.embedding.forward(ids)));
+    const ids = this.tokensTensor(tokens); // ids: (B, L) i32
+    return this.head(this.mamba.forward(this.embedding.forward(ids))); // logits: (B, L, vocab)
   }
 
   /**
@@ -255,8 +256,8 @@ export class MambaLM extends Module {
     if (ids.dtype !== "i32" || ids.rank !== 1) {
       throw new Error(`MambaLM.step: ids must be an i32 (B) tensor, got ${ids}`);
     }
-    const r = this.mamba.step(this.embedding.forward(ids), caches);
-    return { logits: this.head(r.out), caches: r.caches };
+    const r = this.mamba.step(this.embedding.forward(ids), caches); // r.out: (B, D)
+    return { logits: this.head(r.out), caches: r.caches }; // logits: (B, vocab)
   }
 
   /** Zero caches for a batch size; the caller disposes them (see {@linkcode MambaLM.step}). */
@@ -289,7 +290,7 @@ export class MambaLM extends Module {
     if (options.onTokens !== undefined && typeof options.onTokens !== "function") {
       throw new Error(`generate: onTokens must be a function, got ${options.onTokens}`);
     }
-    const ids = this.tokensTensor(prompt);
+    const ids = this.tokensTensor(prompt); // ids: (B, P) i32
     const [B, P] = ids.shape;
     if (P === 0) {
       if (ids !== prompt) ids.dispose();
@@ -301,8 +302,8 @@ export class MambaLM extends Module {
     }
     // Drawn only once everything is checked, so a call that throws leaves the global generator alone.
     if (!params.greedy && params.seed === undefined) params.seed = drawSeed();
-    const all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" }));
-    const next = keep(zeros([B], { dtype: "i32" }));
+    const all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" })); // all: (B, max(nTokens, 1)) i32
+    const next = keep(zeros([B], { dtype: "i32" })); // next: (B) i32, the last chosen tokens
     let caches: LayerCache[] = [];
     const rows: Int32Array[] = Array.from({ length: B }, () => new Int32Array(nTokens));
     let done = 0;
@@ -325,14 +326,14 @@ export class MambaLM extends Module {
             let logits: Tensor;
             let c: LayerCache[];
             if (i === 0) {
-              const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true);
+              const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true); // r.out: (B, P, D)
               // Only the last position's logits are needed: the head (norm_f works row by row) runs on it alone.
               const last = narrow(r.out, 1, P - 1, 1); // last: (B, 1, D)
               logits = this.head(last).reshape(B, this.vocabSize); // logits: (B, vocab)
               c = r.caches;
             } else {
               const r = this.step(next, prev);
-              logits = r.logits;
+              logits = r.logits; // logits: (B, vocab)
               c = r.caches;
             }
             sampleInto(logits, next, all, i, params);

@@ -35,7 +35,7 @@ export class Linear extends Module {
   forward(x: Tensor): Tensor {
     lastDim(x, this.inFeatures, "Linear");
     const y = matmul(x, this.weight, { transB: true }); // y: (..., out)
-    return this.bias ? add(y, this.bias) : y;
+    return this.bias ? add(y, this.bias) : y; // y: (..., out)
   }
 }
 
@@ -85,7 +85,7 @@ export class Embedding extends Module {
   /** ids: (...) i32 -> (..., embeddingDim) */
   forward(ids: Tensor): Tensor {
     if (ids.dtype !== "i32") throw new Error(`Embedding: token ids must be i32, got ${ids.dtype} ${ids}`);
-    return embedding(this.weight, ids, this.paddingIdx);
+    return embedding(this.weight, ids, this.paddingIdx); // (..., embeddingDim)
   }
 }
 
@@ -103,7 +103,7 @@ export class RMSNorm extends Module {
   /** x: (..., dim) -> (..., dim) */
   forward(x: Tensor): Tensor {
     lastDim(x, this.dim, "RMSNorm");
-    return rmsNorm(x, this.weight, this.eps);
+    return rmsNorm(x, this.weight, this.eps); // (..., dim)
   }
 }
 
@@ -130,6 +130,6 @@ export class Conv1d extends Module {
    */
   forward(x: Tensor, activation: ConvActivation = "none", start?: number): Tensor {
     if (start === undefined) lastDim(x, this.channels, "Conv1d");
-    return causalConv1d(x, this.weight, this.bias, activation, start);
+    return causalConv1d(x, this.weight, this.bias, activation, start); // (B, L, channels)
   }
 }
