@@ -89,7 +89,7 @@ export class MambaBlock extends Module {
       : null;
   }
 
-  /** u: (B, L, D) -> (B, L, D); with `cache`, also the layer's state after the last step. */
+  /** u: (B, L, D) -> (B, L, D); with `wantCache`, also the layer's state after the last step. */
   forward(u: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
     if (wantCache && isGradEnabled()) {
       // The fused prefill kernel has no backward: gradients would be dropped silently.

@@ -1,5 +1,6 @@
 /**
- * `MambaConfig`: every field of mamba.py's config, camelCase, with the same defaults, validated.
+ * `MambaConfig`: mamba.py's config fields, camelCase, with the same defaults, validated; not `mup`,
+ * `mup_base_width` or `use_cuda`, and mamba.py's `pscan` flag became `scan`.
  * @module
  */
 
@@ -42,7 +43,8 @@ export interface MambaConfigInput {
   /** How the selective scan runs: "fused" (default: one kernel per block of 16 states, recomputing backward;
    * pscan on an adapter that cannot bind 10 storage buffers), "pscan" or "sequential". */
   scan?: ScanMode | "fused";
-  /** Recompute each block's in_proj, conv and x_proj in the backward instead of keeping them (true). */
+  /** Keep only each block's input and re-run its norm, in_proj, conv, x_proj, scan and out_proj in the backward
+   * (true). */
   recompute?: boolean;
 }
 
