@@ -324,7 +324,11 @@ export class Mamba extends Module {
     return this.forwardWithCache(x, false).out;
   }
 
-  /** Forward that can also return each layer's cache after the last position (for generation). */
+  /**
+   * Forward that can also return each layer's cache after the last position (for generation). With
+   * `wantCache` it is inference-only (run it under `noGrad`; with grad on it throws), and the caller owns the
+   * returned caches: dispose them (`dispose(caches)`) when done.
+   */
   forwardWithCache(x: Tensor, wantCache: boolean): { out: Tensor; caches: LayerCache[] } {
     this.checkInput(x, 3);
     const caches: LayerCache[] = [];
@@ -372,7 +376,7 @@ export class Mamba extends Module {
     return { out: x, caches: next };
   }
 
-  /** Zero caches for a batch size (a positive integer). */
+  /** Zero caches for a batch size (a positive integer); the caller owns and disposes them. */
   emptyCache(batch: number): LayerCache[] {
     if (!Number.isInteger(batch) || batch < 1) {
       throw new Error(`Mamba.emptyCache: batch must be a positive integer, got ${batch}`);

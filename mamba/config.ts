@@ -20,7 +20,8 @@ export interface MambaConfigInput {
   expandFactor?: number;
   /** Kernel size of the causal depthwise conv (4). */
   dConv?: number;
-  /** Smallest initial delta (0.001). */
+  /** Smallest initial delta (0.001). The five dt keys set a bare `Mamba`'s dt_proj initialisation;
+   * `MambaLM` re-draws dt_proj.weight and zeroes its bias, as mamba.py's `LM._init_weights` does. */
   dtMin?: number;
   /** Largest initial delta (0.1). */
   dtMax?: number;
@@ -86,7 +87,9 @@ const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(
  * Fills defaults and validates; every error names the key and the value. A key set to `undefined` takes its
  * default (as if absent), so options can be passed through: `{ dModel, nLayers, dState: opts.dState }`.
  */
-export function mambaConfig(input: MambaConfigInput): MambaConfig {
+export function mambaConfig(config: MambaConfigInput | MambaConfig): MambaConfig {
+  // A resolved config passed back in: dInner is derived, and must agree with what it derives from.
+  const { dInner, ...input } = config as MambaConfigInput & { dInner?: number };
   const known = new Set(["dModel", "nLayers", ...Object.keys(DEFAULTS)]);
   for (const k of Object.keys(input)) {
     if (!known.has(k)) throw new Error(`MambaConfig: unknown key '${k}'`);
@@ -123,5 +126,15 @@ export function mambaConfig(input: MambaConfigInput): MambaConfig {
       `MambaConfig: dtRank must be "auto" or a positive integer, got ${JSON.stringify(c.dtRank)}`,
     );
   }
-  return { ...c, dtRank, dInner: c.expandFactor * c.dModel };
+  const derived = c.expandFactor * c.dModel;
+  if (dInner !== undefined && dInner !== derived) {
+    throw new Error(
+      `MambaConfig: dInner is ${
+        show(dInner)
+      }, but expandFactor * dModel = ${c.expandFactor} * ${c.dModel} = ` +
+        `${derived}. dInner is derived: leave it out (and give dtRank: "auto" if the rank should follow ` +
+        "dModel, ceil(dModel / 16))",
+    );
+  }
+  return { ...c, dtRank, dInner: derived };
 }

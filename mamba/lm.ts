@@ -93,20 +93,6 @@ function lmOptions(
  * again; its derived `dInner` must agree with `expandFactor * dModel`, since a config derived from another
  * with a new dModel would otherwise keep the old sizes.
  */
-function backboneConfig(config: MambaConfigInput | MambaConfig): MambaConfig {
-  if (!("dInner" in config)) return mambaConfig(config);
-  const { dInner, ...input } = config as MambaConfig;
-  const c = mambaConfig(input);
-  if (dInner !== undefined && dInner !== c.dInner) {
-    throw new Error(
-      `MambaLM: config.dInner is ${show(dInner)}, but expandFactor * dModel = ` +
-        `${c.expandFactor} * ${c.dModel} = ${c.dInner}. dInner is derived: leave it out (and give ` +
-        `dtRank: "auto" if the rank should follow dModel, ceil(dModel / 16))`,
-    );
-  }
-  return c;
-}
-
 /** The language model. */
 export class MambaLM extends Module {
   /** Validated config of the backbone. */
@@ -125,12 +111,14 @@ export class MambaLM extends Module {
   readonly lmHead: Linear | null;
 
   /**
-   * Builds the LM with mamba.py's initialisation (llama2.c-style normal(0, baseStd)). The config and the
-   * options are validated; errors name the key.
+   * Builds the LM with mamba.py's initialisation (llama2.c-style normal(0, baseStd) for every Linear weight and
+   * the embedding, out_proj scaled by 1/sqrt(2 nLayers), Linear biases zeroed: dt_proj's too, so the config's
+   * dt keys, which set a bare `Mamba`'s dt initialisation, have no effect here, as in mamba.py's `LM`). The
+   * config (a resolved one too) and the options are validated; errors name the key.
    */
   constructor(config: MambaConfigInput | MambaConfig, options: LMOptions) {
     super();
-    this.config = backboneConfig(config);
+    this.config = mambaConfig(config); // a resolved config passed back in is validated again
     const o = lmOptions(options);
     this.vocabSize = Math.ceil(o.vocabSize / o.multiple) * o.multiple;
     this.tied = o.tied;
@@ -239,6 +227,10 @@ export class MambaLM extends Module {
    * so its intermediates go, and dispose the old caches:
    *
    * ```ts
+   * import { dispose, init, MambaLM, noGrad, tensor, tidy } from "@mambats/mamba";
+   *
+   * await init();
+   * const lm = new MambaLM({ dModel: 16, nLayers: 1 }, { vocabSize: 16 });
    * let caches = lm.emptyCache(1);
    * for (const id of [1, 2, 3]) {
    *   const ids = tensor(new Int32Array([id]), [1], { dtype: "i32" });
@@ -250,6 +242,7 @@ export class MambaLM extends Module {
    *   r.logits.dispose();
    * }
    * dispose(caches);
+   * lm.dispose();
    * ```
    */
   step(ids: Tensor, caches: LayerCache[]): { logits: Tensor; caches: LayerCache[] } {

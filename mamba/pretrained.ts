@@ -343,7 +343,8 @@ export interface PretrainedOptions extends HubOptions {
 export class PretrainedLM extends MambaLM {
   /** The tokenizer found with the model or named by the `tokenizer` option; null when there is none. */
   readonly tokenizer: Tokenizer | null;
-  /** Where the model came from: folder, URL, or `org/name@revision`. */
+  /** Where the model came from: folder, URL, `org/name@revision`, or for {@linkcode fromPretrainedFiles} its
+   * `options.name` (default "files"). */
   readonly source: string;
 
   /** Builds the model (weights are loaded by {@linkcode fromPretrained}). */
@@ -696,8 +697,8 @@ export async function fromPretrained(
 
 /**
  * Loads a model from its files given as blobs: the files a user picked in a page (`<input type="file"
- * multiple>`, by name), or a record such as `{ "config.json": blob, "model.safetensors": bytes }` (what
- * {@linkcode checkpointFiles} returns reads back). The files are those {@linkcode fromPretrained} reads from a
+ * multiple>`, by name), or a record such as `{ "config.json": blob, "model.safetensors": bytes }` (the
+ * files {@linkcode checkpointFiles} returns load back this way). The files are those {@linkcode fromPretrained} reads from a
  * folder; `tokenizer.json` is optional; `options.name` names them in messages (default "files").
  */
 export async function fromPretrainedFiles(

@@ -24,7 +24,7 @@ export class Linear extends Module {
   /** (outFeatures) or null */
   readonly bias: Tensor | null;
 
-  /** Creates the layer with PyTorch's default (kaiming-uniform) initialisation. */
+  /** Creates the layer with PyTorch's default (kaiming-uniform) initialisation; `bias` defaults to true. */
   constructor(readonly inFeatures: number, readonly outFeatures: number, bias = true) {
     super();
     this.weight = this.param("weight", kaimingUniform([outFeatures, inFeatures], inFeatures));
@@ -94,7 +94,7 @@ export class RMSNorm extends Module {
   /** (dim) */
   readonly weight: Tensor;
 
-  /** Creates the norm with unit weights. */
+  /** Creates the norm with unit weights; `eps` defaults to 1e-5. */
   constructor(readonly dim: number, readonly eps = 1e-5) {
     super();
     this.weight = this.param("weight", constant([dim], 1));
@@ -117,7 +117,7 @@ export class Conv1d extends Module {
   /** (channels) or null */
   readonly bias: Tensor | null;
 
-  /** Creates the layer with PyTorch's default initialisation (fan-in = kernelSize). */
+  /** Creates the layer with PyTorch's default initialisation (fan-in = kernelSize); `bias` defaults to true. */
   constructor(readonly channels: number, readonly kernelSize: number, bias = true) {
     super();
     this.weight = this.param("weight", kaimingUniform([channels, 1, kernelSize], kernelSize));
@@ -125,7 +125,8 @@ export class Conv1d extends Module {
   }
 
   /**
-   * x: (B, L, channels), time along dim 1 -> (B, L, channels); `activation` fuses silu into the kernel.
+   * x: (B, L, channels), time along dim 1 -> (B, L, channels); `activation` ("none" by default) fuses silu into
+   * the kernel.
    * With `start`, x is wider and the layer reads its channels start .. start + channels in place.
    */
   forward(x: Tensor, activation: ConvActivation = "none", start?: number): Tensor {

@@ -10,6 +10,7 @@ import { dispose, type Tensor, tidy } from "../core/tensor.ts";
 import { sampleInto, sampleParams } from "../mamba/sampling.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { MambaLM } from "../mamba/lm.ts";
+import { mambaConfig } from "../mamba/config.ts";
 import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
 import {
   assertMatchesFixture,
@@ -404,8 +405,10 @@ Deno.test("LMOptions are validated and a config derived from another with a new 
   // A complete config is validated again; a stale derived dInner (and with it dtRank) is named.
   assert.throws(
     () => new MambaLM({ ...lm.config, dModel: 32 }, { vocabSize: 30 }),
-    /config\.dInner is 32, but expandFactor \* dModel = 2 \* 32 = 64/,
+    /MambaConfig: dInner is 32, but expandFactor \* dModel = 2 \* 32 = 64/,
   );
+  // ... by mambaConfig itself too: a resolved config round-trips
+  assert.deepEqual(mambaConfig(lm.config), lm.config);
   assert.throws(
     () => new MambaLM({ ...lm.config, dState: 0 }, { vocabSize: 30 }),
     /dState must be a positive integer/,
