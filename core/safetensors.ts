@@ -94,6 +94,50 @@ function fail(source: string | undefined, msg: string): never {
 const isCount = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) >= 0;
 
 /**
+ * The first key that occurs twice in one object of `text` (which must be valid JSON, e.g. text that
+ * `JSON.parse` accepted), named with the keys of the objects around it (`"a" in "b"`), or null if no key
+ * repeats. `JSON.parse` keeps the last of two equal keys silently, which would drop an entry of a corrupt file.
+ */
+export function duplicateJsonKey(text: string): string | null {
+  // One frame per open object (its keys so far, its name) or array (null keys).
+  const stack: { keys: Set<string> | null; name: string | null }[] = [];
+  let lastKey: string | null = null;
+  let expectKey = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x7b /* { */ || c === 0x5b /* [ */) {
+      const parent = stack.at(-1);
+      stack.push({
+        keys: c === 0x7b ? new Set() : null,
+        name: parent?.keys ? lastKey : parent?.name ?? null,
+      });
+      expectKey = c === 0x7b;
+    } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
+      stack.pop();
+      expectKey = false;
+    } else if (c === 0x2c /* , */) {
+      expectKey = !!stack.at(-1)?.keys;
+    } else if (c === 0x22 /* " */) {
+      let j = i + 1;
+      while (text.charCodeAt(j) !== 0x22) j += text.charCodeAt(j) === 0x5c /* \ */ ? 2 : 1;
+      if (expectKey) {
+        const key = JSON.parse(text.slice(i, j + 1)) as string;
+        const frame = stack.at(-1)!;
+        if (frame.keys!.has(key)) {
+          const names = stack.map((f) => f.name).filter((n) => n !== null).map((n) => JSON.stringify(n));
+          return [JSON.stringify(key), ...names.reverse()].join(" in ");
+        }
+        frame.keys!.add(key);
+        lastKey = key;
+        expectKey = false;
+      }
+      i = j;
+    }
+  }
+  return null;
+}
+
+/**
  * Reads the header length N from the first 8 bytes; a streaming reader then reads `8 + N` bytes and calls
  * {@linkcode parseSafetensorsHeader}. Throws if fewer than 8 bytes are given or N exceeds 100,000,000 bytes
  * (the bound of the Rust `safetensors` crate, which guards against huge allocations).
@@ -129,14 +173,19 @@ export function parseSafetensorsHeader(
   const dataLength = fileSize - 8 - n;
 
   let json: unknown;
+  let text: string;
   try {
-    json = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(prefix.subarray(8, 8 + n)));
+    // ignoreBOM: a byte-order mark is kept, so JSON.parse refuses it (the Rust crate does too).
+    text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(prefix.subarray(8, 8 + n));
+    json = JSON.parse(text);
   } catch (e) {
     fail(source, `header is not valid UTF-8 JSON (${(e as Error).message})`);
   }
   if (typeof json !== "object" || json === null || Array.isArray(json)) {
     fail(source, "header is not a JSON object");
   }
+  const dup = duplicateJsonKey(text);
+  if (dup !== null) fail(source, `header has the key ${dup} twice (corrupt header)`);
 
   let metadata: Record<string, string> = {};
   const entries: [string, SafetensorsEntry][] = [];
@@ -317,7 +366,13 @@ export function parseSafetensors(bytes: Uint8Array, source?: string): ParsedSafe
   for (const [name, entry] of header.entries) {
     const [begin, end] = entry.dataOffsets;
     const raw = bytes.subarray(header.dataStart + begin, header.dataStart + end);
-    tensors.set(name, { dtype: entry.dtype, shape: entry.shape, data: decodeTensor(entry, raw, name) });
+    let data;
+    try {
+      data = decodeTensor(entry, raw, name);
+    } catch (e) {
+      fail(source, (e as Error).message); // an I64 value past int32: the message names the tensor and index
+    }
+    tensors.set(name, { dtype: entry.dtype, shape: entry.shape, data });
   }
   return { header, tensors };
 }

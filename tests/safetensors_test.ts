@@ -301,6 +301,58 @@ Deno.test("corrupt files give errors that name the problem", async () => {
   assert.equal(n, 1376);
 });
 
+Deno.test("a parse error of a tensor's data names the source too", () => {
+  const d = new Uint8Array(new BigInt64Array([2n ** 40n]).buffer);
+  const f = rawFile({ big: { dtype: "I64", shape: [1], data_offsets: [0, 8] } }, d);
+  assert.throws(
+    () => parseSafetensors(f, "x.safetensors"),
+    (e: Error) =>
+      e instanceof SafetensorsError &&
+      /^x\.safetensors: tensor "big": I64 value 1099511627776 at index 0 does not fit in int32$/.test(
+        e.message,
+      ),
+  );
+});
+
+Deno.test("a key twice in the header (JSON.parse would keep the last) or a byte-order mark is refused", async () => {
+  const data = new Uint8Array(new Float32Array([1, 2]).buffer);
+  const a = '"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}';
+  const a2 = '"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}';
+  const cases: [string, RegExp][] = [
+    [`{${a},${a2}}`, /^x: header has the key "a" twice \(corrupt header\)$/],
+    [`{${a},${a}}`, /key "a" twice/], // even with equal values
+    [`{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"shape":[1]}}`, /key "shape" in "a" twice/],
+    [`{"__metadata__":{"k":"1","k":"2"},${a}}`, /key "k" in "__metadata__" twice/],
+    [`{"__metadata__":{},${a},"__metadata__":{}}`, /key "__metadata__" twice/],
+    [`{"a\\u0062":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a\\\\b":{}, "ab": {}}`, /key "ab" twice/],
+  ];
+  for (const [header, re] of cases) {
+    assert.throws(
+      () => parseSafetensors(rawFile(header, data), "x"),
+      (e: Error) => re.test(e.message),
+      header,
+    );
+  }
+  // Strings that hold braces, commas and quotes are not keys.
+  const ok = `{"__metadata__":{"a":"{\\"a\\":1,","b":"a"},${a}}`;
+  assert.deepEqual(parseSafetensors(rawFile(ok, data)).header.metadata, { a: '{"a":1,', b: "a" });
+  const bom = new Uint8Array([0xef, 0xbb, 0xbf, ...new TextEncoder().encode(`{${a}}`)]);
+  assert.throws(
+    () => parseSafetensors(rawFile(bom, data), "x"),
+    (e: Error) => /^x: header is not valid UTF-8 JSON/.test(e.message),
+  );
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeFile(`${dir}/d.safetensors`, rawFile(`{${a},${a2}}`, data));
+    await assert.rejects(
+      () => readSafetensorsFile(`${dir}/d.safetensors`),
+      (e: Error) => e.message.startsWith(`${dir}/d.safetensors: header has the key "a" twice`),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("gaps, trailing bytes and empty tensors are accepted", () => {
   const data = new Uint8Array(new Float32Array([1, 0, 2, 0, 0]).buffer);
   const file = rawFile({
