@@ -12,6 +12,7 @@ import { init } from "../core/device.ts";
 import { flush } from "../core/executor.ts";
 import {
   decodeTensor,
+  duplicateJsonKey,
   parseSafetensorsHeader,
   type SafetensorsEntry,
   type SafetensorsHeader,
@@ -21,7 +22,7 @@ import {
 } from "../core/safetensors.ts";
 import { fmt } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
-import type { MambaConfigInput } from "./config.ts";
+import { mambaConfig, type MambaConfigInput } from "./config.ts";
 import { hubEndpoint, HubError, type HubOptions, isHubId } from "./hub.ts";
 import { blobSource, type ByteSource, type ModelSource, responseSource } from "./byte_source.ts";
 import { type LMOptions, MambaLM } from "./lm.ts";
@@ -492,7 +493,9 @@ function filesSource(files: ModelFiles, where: string): ModelSource {
   };
 }
 
-function parseJson(text: string, where: string): Record<string, unknown> {
+// `unique`: a key twice in one object is an error (JSON.parse would keep the last one silently); set for
+// config.json and the shard index, whose keys decide the model, not for the tokenizer's files.
+function parseJson(text: string, where: string, unique = false): Record<string, unknown> {
   let json: unknown;
   try {
     json = JSON.parse(text);
@@ -502,6 +505,8 @@ function parseJson(text: string, where: string): Record<string, unknown> {
   if (typeof json !== "object" || json === null || Array.isArray(json)) {
     throw new Error(`${where}: not a JSON object`);
   }
+  const dup = unique ? duplicateJsonKey(text) : null;
+  if (dup !== null) throw new Error(`${where}: the key ${dup} is there twice`);
   return json as Record<string, unknown>;
 }
 
@@ -571,7 +576,7 @@ async function planWeights(src: ModelSource): Promise<WeightPlan> {
         `safetensors)`,
     );
   }
-  const map = parseJson(indexText, indexWhere).weight_map;
+  const map = parseJson(indexText, indexWhere, true).weight_map;
   if (typeof map !== "object" || map === null || Array.isArray(map)) {
     throw new Error(`${indexWhere}: no 'weight_map' object`);
   }
@@ -669,6 +674,91 @@ async function streamInto(
   }
 }
 
+// config.json's names of the sizes, by layout.
+const SIZE_KEYS = {
+  hf: {
+    D: "hidden_size",
+    L: "num_hidden_layers",
+    N: "state_size",
+    K: "conv_kernel",
+    R: "time_step_rank",
+    E: "intermediate_size",
+    V: "vocab_size",
+  },
+  "state-spaces": {
+    D: "d_model",
+    L: "n_layer",
+    N: "ssm_cfg.d_state",
+    K: "ssm_cfg.d_conv",
+    R: "ssm_cfg.dt_rank",
+    E: "ssm_cfg.expand x d_model =",
+    V: "vocab_size",
+  },
+} as const;
+
+// Compares the checkpoint's shapes (of the parameters that config.json sizes) and its number of layers with
+// what config.json makes, naming the config keys; names that are no parameter are left to loadFrom's check.
+function checkShapes(
+  input: MambaConfigInput,
+  lm: LMOptions,
+  layout: CheckpointConfig["layout"],
+  header: SafetensorsHeader,
+  ours: Map<string, string>,
+  weightsWhere: string,
+  cfgWhere: string,
+): void {
+  const c = mambaConfig(input);
+  const keys = SIZE_KEYS[layout];
+  const pad = lm.padVocabSizeMultiple ?? 1;
+  const V = Math.ceil(lm.vocabSize / pad) * pad;
+  const { dModel: D, dInner: E, dState: N, dConv: K, dtRank: R, nLayers: L } = c;
+  const vocab = `${keys.V} ${lm.vocabSize}${V !== lm.vocabSize ? ` padded to ${V}` : ""}`;
+  const dims: Record<string, [number[], string]> = {
+    "embedding.weight": [[V, D], `${vocab}, ${keys.D} ${D}`],
+    "lm_head.weight": [[V, D], `${vocab}, ${keys.D} ${D}`],
+    "norm_f.weight": [[D], `${keys.D} ${D}`],
+  };
+  const layer: Record<string, [number[], string]> = {
+    "norm.weight": [[D], `${keys.D} ${D}`],
+    "mixer.in_proj.weight": [[2 * E, D], `${keys.E} ${E}, ${keys.D} ${D}`],
+    "mixer.in_proj.bias": [[2 * E], `${keys.E} ${E}`],
+    "mixer.conv1d.weight": [[E, 1, K], `${keys.E} ${E}, ${keys.K} ${K}`],
+    "mixer.conv1d.bias": [[E], `${keys.E} ${E}`],
+    "mixer.x_proj.weight": [[R + 2 * N, E], `${keys.R} ${R}, ${keys.N} ${N}, ${keys.E} ${E}`],
+    "mixer.dt_proj.weight": [[E, R], `${keys.E} ${E}, ${keys.R} ${R}`],
+    "mixer.dt_proj.bias": [[E], `${keys.E} ${E}`],
+    "mixer.A_log": [[E, N], `${keys.E} ${E}, ${keys.N} ${N}`],
+    "mixer.D": [[E], `${keys.E} ${E}`],
+    "mixer.out_proj.weight": [[D, E], `${keys.D} ${D}, ${keys.E} ${E}`],
+    "mixer.out_proj.bias": [[D], `${keys.D} ${D}`],
+  };
+  const mismatched: string[] = [];
+  let layers = 0;
+  for (const [o, k] of ours) {
+    const m = /^mamba\.layers\.(\d+)\.(.*)$/.exec(o);
+    if (m) layers = Math.max(layers, Number(m[1]) + 1);
+    const want = m ? (Number(m[1]) < L ? layer[m[2]] : undefined) : dims[o];
+    const shape = header.entries.get(k)!.shape;
+    if (want && shape.join() !== want[0].join()) {
+      mismatched.push(`${o}: checkpoint ${fmt(shape)} vs model ${fmt(want[0])} (${want[1]})`);
+    }
+  }
+  if (mismatched.length) {
+    throw new Error(
+      `${weightsWhere}: shape mismatch for ${mismatched.slice(0, 4).join("; ")}` +
+        (mismatched.length > 4 ? `; ... (${mismatched.length} in all)` : "") +
+        ` (the model's sizes are those of ${cfgWhere})`,
+    );
+  }
+  if (layers < L) {
+    throw new Error(
+      `${weightsWhere}: ${cfgWhere} has ${keys.L} ${L}, but the checkpoint has ${
+        layers ? `layers 0-${layers - 1} only` : "no layers"
+      }`,
+    );
+  }
+}
+
 // A list of names for a message: the first `n`, then how many in all.
 const names = (list: string[], n = 12) =>
   list.length <= n ? list.join(", ") : `${list.slice(0, n).join(", ")}, ... (${list.length} in all)`;
@@ -711,8 +801,8 @@ export async function fromPretrainedFiles(
 
 async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<PretrainedLM> {
   const cfgWhere = `${src.where}/config.json`;
-  const { config, lm } = parseCheckpointConfig(
-    parseJson((await src.text("config.json", false))!, cfgWhere),
+  const { config, lm, layout } = parseCheckpointConfig(
+    parseJson((await src.text("config.json", false))!, cfgWhere, true),
     cfgWhere,
   );
 
@@ -756,6 +846,9 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     if (unexpected.length) throw new Error(`${weightsWhere}: unexpected tensors ${unexpected.join(", ")}`);
     // Tied only when the config says so and the checkpoint has no separate head.
     const tie = lm.tieEmbeddings === true && !ours.has("lm_head.weight");
+    // Shapes checked against config.json before the model is built: a corrupt size there (vocab_size 1e9,
+    // num_hidden_layers 2^60) would otherwise fail in an allocation, with no word of config.json.
+    if (plan.single) checkShapes(config, lm, layout, plan.single.header, ours, weightsWhere, cfgWhere);
     model = new PretrainedLM(config, { ...lm, tieEmbeddings: tie }, tokenizer, src.where);
     const params = model.stateDict();
     // Checkpoint tensors the model built from config.json has no parameter for (more layers, inner

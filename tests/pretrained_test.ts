@@ -15,7 +15,12 @@ import { tidy } from "../core/tensor.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { HubError } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
-import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
+import {
+  fromPretrained,
+  fromPretrainedFiles,
+  parseCheckpointConfig,
+  saveCheckpoint,
+} from "../mamba/pretrained.ts";
 import { assertMatchesFixture, fixturePath, loadFixture, tolerance, toTensor } from "./fixture_util.ts";
 
 const HF = fixturePath("lm_v64_hf");
@@ -491,4 +496,85 @@ Deno.test("fromPretrained: a missing folder that looks like a hub id says that t
     );
   }
   await Deno.remove(cacheDir, { recursive: true });
+});
+
+Deno.test("fromPretrained: sizes in config.json that the checkpoint does not have are named before the model is built", async () => {
+  await init();
+  const cfg = await hfConfig();
+  const model = await Deno.readFile(`${HF}/model.safetensors`);
+  const before = memory().liveTensors;
+  const load = (c: Record<string, unknown>) =>
+    fromPretrainedFiles({ "config.json": new Blob([JSON.stringify(c)]), "model.safetensors": model }, {
+      name: "m",
+    });
+  const cases: [Record<string, unknown>, RegExp][] = [
+    // Was "m: Array buffer allocation failed" (the embedding allocated first).
+    [
+      { vocab_size: 1e9 },
+      /^m\/model\.safetensors: shape mismatch for embedding\.weight: checkpoint \[64, 32\] vs model \[1000000000, 32\] \(vocab_size 1000000000, hidden_size 32\); lm_head\.weight: .* \(the model's sizes are those of m\/config\.json\)$/,
+    ],
+    // Was "m: Invalid array length".
+    [
+      { num_hidden_layers: 2 ** 40 },
+      /^m\/model\.safetensors: m\/config\.json has num_hidden_layers 1099511627776, but the checkpoint has layers 0-1 only$/,
+    ],
+    [
+      { state_size: 1e7 },
+      /mamba\.layers\.0\.mixer\.A_log: checkpoint \[64, 16\] vs model \[64, 10000000\] \(intermediate_size 64, state_size 10000000\)/,
+    ],
+    [
+      { conv_kernel: 1e6 },
+      /conv1d\.weight: checkpoint \[64, 1, 4\] vs model \[64, 1, 1000000\] \(intermediate_size 64, conv_kernel 1000000\)/,
+    ],
+    [
+      { time_step_rank: 1e9 },
+      /x_proj\.weight: checkpoint \[34, 64\] vs model \[1000000032, 64\] \(time_step_rank 1000000000, state_size 16/,
+    ],
+  ];
+  for (const [change, re] of cases) {
+    const started = performance.now();
+    await assert.rejects(() => load({ ...cfg, ...change }), (e: Error) => {
+      assert.match(e.message, re, JSON.stringify(change));
+      return true;
+    });
+    assert.ok(performance.now() - started < 2000, `${JSON.stringify(change)}: refused before any allocation`);
+  }
+  // A state-spaces config names its own keys.
+  const ss = await ssConfig();
+  const ssModel = await Deno.readFile(`${SS}/model.safetensors`);
+  await assert.rejects(
+    () =>
+      fromPretrainedFiles({
+        "config.json": new Blob([JSON.stringify({ ...ss, ssm_cfg: { ...ss.ssm_cfg, d_state: 8 } })]),
+        "model.safetensors": ssModel,
+      }, { name: "s" }),
+    /A_log: checkpoint \[64, 16\] vs model \[64, 8\] \(ssm_cfg\.expand x d_model = 64, ssm_cfg\.d_state 8\)/,
+  );
+  assert.equal(memory().liveTensors, before, "failed loads leave no tensors");
+});
+
+Deno.test("fromPretrained: a key twice in config.json or the shard index is refused (JSON.parse keeps the last)", async () => {
+  await init();
+  const text = await Deno.readTextFile(`${HF}/config.json`);
+  const model = await Deno.readFile(`${HF}/model.safetensors`);
+  await assert.rejects(
+    () =>
+      fromPretrainedFiles({
+        "config.json": new Blob([text.replace("{", '{"hidden_size": 64,')]),
+        "model.safetensors": model,
+      }, { name: "m" }),
+    (e: Error) => {
+      assert.equal(e.message, `m/config.json: the key "hidden_size" is there twice`);
+      return true;
+    },
+  );
+  const index = '{"weight_map": {"lm_head.weight": "a.safetensors", "lm_head.weight": "b.safetensors"}}';
+  await assert.rejects(
+    () =>
+      fromPretrainedFiles({
+        "config.json": new Blob([text]),
+        "model.safetensors.index.json": new Blob([index]),
+      }, { name: "m" }),
+    /^Error: m\/model\.safetensors\.index\.json: the key "lm_head\.weight" in "weight_map" is there twice$/,
+  );
 });
