@@ -9,11 +9,10 @@
  * atomically: a failed run leaves the old charts whole).
  */
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import * as vega from "vega";
 import * as vl from "vega-lite";
 import { writeFileAtomic } from "../core/safetensors_fs.ts";
-import { parseCommandLine, UsageError } from "../examples/lib/cli.ts";
+import { simpleCommandLine } from "../examples/lib/cli.ts";
 import type { Row, ScanReport, TimeMode } from "./scan_report.ts";
 import { REPO_ROOT, resultPath } from "./report_util.ts";
 
@@ -103,19 +102,7 @@ report of bench/scan_report.ts (default bench/results/scan.json).
   --help    this text`;
 
 if (import.meta.main) {
-  const { positionals } = parseCommandLine(USAGE, () => {
-    const r = parseArgs({
-      args: Deno.args,
-      strict: true,
-      allowPositionals: true,
-      options: { help: { type: "boolean" } },
-    });
-    if (r.positionals.length > 1) {
-      throw new UsageError(`one report at most, got ${r.positionals.length}: ${r.positionals.join(" ")}`);
-    }
-    return r;
-  });
-  const path = positionals[0] ?? resultPath("scan.json");
+  const path = simpleCommandLine(USAGE, [], "report").positional ?? resultPath("scan.json");
   const rep = JSON.parse(await Deno.readTextFile(path)) as ScanReport;
   const s = rep.sweeps;
   const where = `${rep.adapter}, batch 1, one Mamba layer; medians${rep.quick ? " (--quick)" : ""}`;

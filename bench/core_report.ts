@@ -13,10 +13,9 @@
  * Run: deno run -A bench/core_report.ts
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
  */
-import { parseArgs } from "node:util";
 import { init, sync } from "../mod.ts";
 import { tuneKernels, waitCost } from "../core/tune.ts";
-import { parseCommandLine } from "../examples/lib/cli.ts";
+import { simpleCommandLine } from "../examples/lib/cli.ts";
 import {
   adapterLabel,
   type BenchCase,
@@ -35,10 +34,7 @@ table and writes bench/results/core.json.
 
   --help    this text`;
 
-parseCommandLine(
-  USAGE,
-  () => parseArgs({ args: Deno.args, strict: true, options: { help: { type: "boolean" } } }),
-);
+simpleCommandLine(USAGE);
 
 const BATCHES = 5;
 

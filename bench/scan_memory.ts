@@ -21,7 +21,6 @@
  * Writes bench/results/scan_memory.json (with --quick: bench/results/scan_memory_quick.json, L up to 2048),
  * atomically.
  */
-import { parseArgs } from "node:util";
 import {
   deviceInfo,
   emptyPool,
@@ -50,7 +49,7 @@ import {
 } from "../mod.ts";
 import { add } from "../core/ops/index.ts";
 import { fusedVariant } from "../scan/fused_variant.ts";
-import { parseCommandLine } from "../examples/lib/cli.ts";
+import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
 /** The three training configurations compared. */
@@ -308,15 +307,7 @@ bench/results/scan_memory.json.
   --help    this text`;
 
 if (import.meta.main) {
-  const { values } = parseCommandLine(
-    USAGE,
-    () =>
-      parseArgs({
-        args: Deno.args,
-        strict: true,
-        options: { quick: { type: "boolean" }, help: { type: "boolean" } },
-      }),
-  );
+  const { values } = simpleCommandLine(USAGE, ["quick"]);
   const quick = values.quick ?? false;
   await init();
   const dModel = 64;

@@ -21,7 +21,6 @@
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
  * Writes bench/results/scan.json (with --quick: bench/results/scan_quick.json, smaller sizes), atomically.
  */
-import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { deviceInfo } from "../core/device.ts";
 import { dispatchCount, profile, recordCopy, sync } from "../core/executor.ts";
@@ -33,7 +32,7 @@ import { Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { fusedScanForward } from "../scan/fused.ts";
 import { type FusedVariant, fusedVariant } from "../scan/fused_variant.ts";
-import { parseCommandLine } from "../examples/lib/cli.ts";
+import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
 /** A timed configuration of the layer. */
@@ -499,15 +498,7 @@ bench/results/scan.json (the full run takes tens of minutes on a software adapte
   --help    this text`;
 
 if (import.meta.main) {
-  const { values } = parseCommandLine(
-    USAGE,
-    () =>
-      parseArgs({
-        args: Deno.args,
-        strict: true,
-        options: { quick: { type: "boolean" }, help: { type: "boolean" } },
-      }),
-  );
+  const { values } = simpleCommandLine(USAGE, ["quick"]);
   const quick = values.quick ?? false;
   const start = performance.now();
   await init();

@@ -8,12 +8,11 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
 import { deviceInfo, init } from "../core/device.ts";
 import { ByteTokenizer } from "../mamba/tokenizer.ts";
 import type { MambaLM } from "../mamba/lm.ts";
 import { parseTrainArgs, runTraining } from "./train.ts";
-import { parseCommandLine } from "./lib/cli.ts";
+import { simpleCommandLine } from "./lib/cli.ts";
 
 const PROMPT = "It is a truth universally acknowledged, that a single man";
 const OUT = "runs/demo";
@@ -27,10 +26,7 @@ output folder, resume).
 
   --help    this text`;
 
-parseCommandLine(
-  USAGE,
-  () => parseArgs({ args: Deno.args, strict: true, options: { help: { type: "boolean" } } }),
-);
+simpleCommandLine(USAGE);
 
 async function sample(lm: MambaLM, label: string, n = 200): Promise<void> {
   const tok = new ByteTokenizer();

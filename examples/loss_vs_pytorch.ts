@@ -12,10 +12,9 @@
 
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
 import { writeFileAtomic } from "../core/safetensors_fs.ts";
 import type { TrainLog } from "../mamba/train.ts";
-import { parseCommandLine, UsageError } from "./lib/cli.ts";
+import { simpleCommandLine } from "./lib/cli.ts";
 import { lossChartSVG } from "./lib/loss_chart.ts";
 
 const ROOT = fileURLToPath(new URL("../", import.meta.url));
@@ -28,19 +27,10 @@ docs/char_training_log.json) beside PyTorch mamba.py's validation loss for the s
 
   --help    this text`;
 
-const { positionals } = parseCommandLine(USAGE, () => {
-  const r = parseArgs({
-    args: Deno.args,
-    strict: true,
-    allowPositionals: true,
-    options: { help: { type: "boolean" } },
-  });
-  if (r.positionals.length > 1) throw new UsageError(`one log at most, got ${r.positionals.join(" ")}`);
-  return r;
-});
+const logPath = simpleCommandLine(USAGE, [], "log").positional;
 
 const ours = JSON.parse(
-  await Deno.readTextFile(positionals[0] ?? join(ROOT, "docs", "char_training_log.json")),
+  await Deno.readTextFile(logPath ?? join(ROOT, "docs", "char_training_log.json")),
 ) as { log: TrainLog };
 const pytorch = JSON.parse(
   await Deno.readTextFile(join(ROOT, "tests", "fixtures", "char-mamba", "training_log.json")),

@@ -5,6 +5,8 @@
  * @module
  */
 
+import { parseArgs } from "node:util";
+
 /** A bad flag or value; {@linkcode parseCommandLine} prints it with the usage text and exits with 2. */
 export class UsageError extends Error {}
 
@@ -26,6 +28,31 @@ export function parseCommandLine<R extends { values: { help?: boolean } }>(usage
     Deno.exit(0);
   }
   return r;
+}
+
+/**
+ * The command line of a script that takes only boolean flags (and `--help`) and, when `positional` names it,
+ * at most one positional argument: {@linkcode parseCommandLine} with the `parseArgs` call written once.
+ */
+export function simpleCommandLine(
+  usage: string,
+  flags: string[] = [],
+  positional?: string,
+): { values: Record<string, boolean | undefined>; positional: string | undefined } {
+  const options = Object.fromEntries(["help", ...flags].map((f) => [f, { type: "boolean" as const }]));
+  const r = parseCommandLine(usage, () => {
+    const r = parseArgs({
+      args: Deno.args,
+      strict: true,
+      allowPositionals: positional !== undefined,
+      options,
+    });
+    if (r.positionals.length > 1) {
+      throw new UsageError(`one ${positional} at most, got ${r.positionals.join(" ")}`);
+    }
+    return r as { values: Record<string, boolean | undefined>; positionals: string[] };
+  });
+  return { values: r.values, positional: r.positionals[0] };
 }
 
 /** An integer flag's value in [min, max] (`dflt` when absent); throws {@linkcode UsageError}. */

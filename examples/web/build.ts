@@ -15,8 +15,7 @@
 
 import { basename, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
-import { parseCommandLine } from "../lib/cli.ts";
+import { simpleCommandLine } from "../lib/cli.ts";
 
 /** Budget for the minified library bundle, in bytes (the build fails above it). */
 export const LIBRARY_BUDGET_BYTES = 256 * 1024;
@@ -151,10 +150,7 @@ script into out/web/app.js.
   --help    this text`;
 
 if (import.meta.main) {
-  parseCommandLine(
-    USAGE,
-    () => parseArgs({ args: Deno.args, strict: true, options: { help: { type: "boolean" } } }),
-  );
+  simpleCommandLine(USAGE);
   let b: WebBuild;
   try {
     b = await buildWeb();

@@ -9,8 +9,7 @@
  */
 
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
-import { parseCommandLine, UsageError } from "../lib/cli.ts";
+import { simpleCommandLine } from "../lib/cli.ts";
 import { buildWeb } from "./build.ts";
 import { launchChromium } from "./chromium.ts";
 import { webHandler } from "./serve.ts";
@@ -22,19 +21,8 @@ screenshot (default examples/web/screenshot.png).
 
   --help    this text`;
 
-const { positionals } = parseCommandLine(USAGE, () => {
-  const r = parseArgs({
-    args: Deno.args,
-    strict: true,
-    allowPositionals: true,
-    options: { help: { type: "boolean" } },
-  });
-  if (r.positionals.length > 1) {
-    throw new UsageError(`one output file at most, got ${r.positionals.join(" ")}`);
-  }
-  return r;
-});
-const out = positionals[0] ?? fileURLToPath(new URL("./screenshot.png", import.meta.url));
+const out = simpleCommandLine(USAGE, [], "output file").positional ??
+  fileURLToPath(new URL("./screenshot.png", import.meta.url));
 await buildWeb();
 const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, webHandler());
 const browser = await launchChromium();
