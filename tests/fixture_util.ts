@@ -9,7 +9,9 @@ import { AssertionError } from "node:assert/strict";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { deviceInfo, init } from "../core/device.ts";
 import { tensor } from "../core/creation.ts";
-import { Tensor } from "../core/tensor.ts";
+import { Tensor, tidy } from "../core/tensor.ts";
+import { noGrad } from "../core/autograd.ts";
+import type { MambaLM } from "../mamba/lm.ts";
 import type { DecodedTensor } from "../core/safetensors.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput } from "../mamba/config.ts";
 
@@ -227,4 +229,17 @@ export async function assertMatchesFixture(
   if (!want) throw new Error(`${what}: the fixture has no tensor '${key}'`);
   const g = got instanceof Tensor ? { data: await got.toArray(), shape: got.shape } : got;
   return assertMatches(g, want, bound, what === key ? key : `${what} (${key})`);
+}
+
+/** Asserts that `lm` gives lm_v64's logits for its tokens (a model loaded from lm_v64's weights, any layout). */
+export async function assertLmV64Logits(lm: MambaLM): Promise<void> {
+  const f = await loadFixture("lm_v64.safetensors");
+  const tokens = toTensor(f, "tokens");
+  const logits = tidy(() => noGrad(() => lm.forward(tokens)));
+  try {
+    await assertMatchesFixture(logits, f, "logits", tolerance("model"), "logits");
+  } finally {
+    logits.dispose();
+    tokens.dispose();
+  }
 }

@@ -8,22 +8,13 @@
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { noGrad } from "../core/autograd.ts";
 import { init } from "../core/device.ts";
 import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
-import { tidy } from "../core/tensor.ts";
 import { hubDownload, HubError, repoCacheDir } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, loadTokenizer, mapKey, saveCheckpoint } from "../mamba/pretrained.ts";
 import { ByteTokenizer, HubTokenizer, StreamDecoder } from "../mamba/tokenizer.ts";
-import {
-  assertMatchesFixture,
-  fixturePath,
-  loadFixture,
-  maxAbsDiff,
-  tolerance,
-  toTensor,
-} from "./fixture_util.ts";
+import { assertLmV64Logits, fixturePath, maxAbsDiff } from "./fixture_util.ts";
 
 const COMMIT = "0123456789abcdef0123456789abcdef01234567";
 const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
@@ -180,18 +171,6 @@ async function withHub(fn: (s: HubServer, cacheDir: string) => Promise<void>): P
   }
 }
 
-async function checkLogits(lm: MambaLM): Promise<void> {
-  const f = await loadFixture("lm_v64.safetensors");
-  const tokens = toTensor(f, "tokens");
-  const logits = tidy(() => noGrad(() => lm.forward(tokens)));
-  try {
-    await assertMatchesFixture(logits, f, "logits", tolerance("model"), "logits");
-  } finally {
-    logits.dispose();
-    tokens.dispose();
-  }
-}
-
 async function list(dir: string): Promise<string[]> {
   const out: string[] = [];
   try {
@@ -227,7 +206,7 @@ Deno.test("hub: download into the Hugging Face cache layout; the second call mak
       const lm = await fromPretrained("org/lm", { progress: false });
       assert.equal(lm.source, "org/lm@main");
       assert.equal(lm.tokenizer, null);
-      await checkLogits(lm);
+      await assertLmV64Logits(lm);
       lm.dispose();
     } finally {
       for (const [k, v] of [["HF_ENDPOINT", saved.e], ["HF_HUB_CACHE", saved.c]] as const) {
@@ -253,7 +232,7 @@ Deno.test("hub: download into the Hugging Face cache layout; the second call mak
     const before = s.count();
     for (const revision of ["main", COMMIT]) {
       const again = await fromPretrained("org/lm", { ...opts(s, cacheDir), revision });
-      await checkLogits(again);
+      await assertLmV64Logits(again);
       again.dispose();
     }
     assert.equal(s.count(), before, "a cached model costs no request");
@@ -272,7 +251,7 @@ Deno.test("hub: download into the Hugging Face cache layout; the second call mak
     const n = s.count((r) => r.method === "GET");
     const both = await Promise.all([1, 2].map(() => fromPretrained("org/lm", opts(s, cache2))));
     for (const m of both) {
-      await checkLogits(m);
+      await assertLmV64Logits(m);
       m.dispose();
     }
     assert.equal(
@@ -306,7 +285,7 @@ Deno.test("hub: a download cut off mid-file resumes with a Range request; no hal
       seenMid = true;
     };
     const lm = await fromPretrained("org/lm", opts(s, cacheDir));
-    await checkLogits(lm);
+    await assertLmV64Logits(lm);
     lm.dispose();
     assert.ok(seenMid);
     // The body comes from the storage URL the hub redirects to: cut once, then resumed.
@@ -331,7 +310,7 @@ Deno.test("hub: a download cut off mid-file resumes with a Range request; no hal
     assert.equal((await Deno.stat(`${blobs}/${incomplete[0]}`)).size, size >> 1);
     const n = s.count();
     const lm2 = await fromPretrained("org/lm", { ...opts(s, cache2), retries: 0 });
-    await checkLogits(lm2);
+    await assertLmV64Logits(lm2);
     lm2.dispose();
     const ranges = s.requests.slice(n).filter((r) => r.path.startsWith("/cdn/")).map((r) => r.range);
     assert.deepEqual(ranges, [`bytes=${size >> 1}-`]);
@@ -432,7 +411,7 @@ Deno.test("hub: sharded checkpoints (index + shards) load from the hub and from 
     const shards = shard(files["model.safetensors"]);
     s.addRepo("org/sharded", { "config.json": files["config.json"], ...shards });
     const lm = await fromPretrained("org/sharded", opts(s, cacheDir));
-    await checkLogits(lm);
+    await assertLmV64Logits(lm);
     lm.dispose();
     const snap = `${repoCacheDir("org/sharded", cacheDir)}/snapshots/${COMMIT}`;
     assert.deepEqual(await list(snap), ["config.json", ...Object.keys(shards)].sort());
@@ -446,7 +425,7 @@ Deno.test("hub: sharded checkpoints (index + shards) load from the hub and from 
       await Deno.writeFile(`${dir}/${k}`, typeof v === "string" ? new TextEncoder().encode(v) : v);
     }
     const local = await fromPretrained(dir);
-    await checkLogits(local);
+    await assertLmV64Logits(local);
     local.dispose();
     // An index that names a tensor a shard lacks, or a shard that is missing.
     const index = JSON.parse(shards["model.safetensors.index.json"] as string);
@@ -588,7 +567,7 @@ Deno.test("hub: without network it fails fast, naming the URL and how to place t
       );
       await Deno.writeFile(`${repo}/snapshots/manual/model.safetensors`, files["model.safetensors"]);
       const lm = await fromPretrained("org/lm", opts(s, cacheDir));
-      await checkLogits(lm);
+      await assertLmV64Logits(lm);
       assert.equal(lm.tokenizer, null);
       lm.dispose();
     } finally {

@@ -261,9 +261,10 @@ Deno.test("the test helpers themselves detect wrong values, wrong gradients and 
   assert.ok(Math.abs(gx![0] - (3 * 2.25 - 2)) < 1e-8 && Math.abs(gy![0] - 1.5) < 1e-8);
 });
 
-Deno.test("dispatch: a writable binding that aliases another binding is a clear error (browsers reject it)", () => {
-  const k = defineKernel({
-    name: "alias_check",
+/** A kernel that copies buffer a into buffer b, for the dispatch checks. */
+function copyKernel(name: string) {
+  return defineKernel({
+    name,
     buffers: [
       { name: "a", type: "f32", access: "read" },
       { name: "b", type: "f32", access: "read_write" },
@@ -272,6 +273,10 @@ Deno.test("dispatch: a writable binding that aliases another binding is a clear 
     workgroupSize: 64,
     body: "st_b(gid, ld_a(gid));",
   });
+}
+
+Deno.test("dispatch: a writable binding that aliases another binding is a clear error (browsers reject it)", () => {
+  const k = copyKernel("alias_check");
   const t = M.zeros([4]);
   const u = M.zeros([4]);
   assert.throws(
@@ -284,16 +289,7 @@ Deno.test("dispatch: a writable binding that aliases another binding is a clear 
 });
 
 Deno.test("dispatch: more storage bindings than the device allows is a clear error naming the buffers", () => {
-  const k = defineKernel({
-    name: "binding_count_check",
-    buffers: [
-      { name: "a", type: "f32", access: "read" },
-      { name: "b", type: "f32", access: "read_write" },
-    ],
-    uniforms: [],
-    workgroupSize: 64,
-    body: "st_b(gid, ld_a(gid));",
-  });
+  const k = copyKernel("binding_count_check");
   const [t, u] = [M.zeros([4]), M.zeros([4])];
   // a device that allows one storage buffer per stage (a buffer over the binding window takes one per window:
   // the same count)
