@@ -213,21 +213,20 @@ export function mean(x: Tensor, axis?: number | number[], keepdim = false): Tens
   return meanOp([x], { axes: axesOf(x, axis, "mean"), keepdim });
 }
 
-/** WGSL of the shift m = max(x) with infinities replaced by 0 (the max in operand `a`), as PyTorch's
- * logsumexp: a row whose max is +inf sums to inf and one of -inf to 0 (log: -inf), not exp(inf - inf) = NaN. */
-const SHIFT = "select(a, 0.0, abs(a) > 3.4028234663852886e38)";
+/** WGSL of the shift of logsumexp from the max in operand `v`: the max, or 0 where it is infinite, as PyTorch's
+ * logsumexp: a row whose max is +inf sums to inf and one of -inf to 0 (log: -inf), not exp(inf - inf) = NaN.
+ * Applied where the max is read, so that it costs no dispatch of its own. */
+const shift = (v: string) => `select(${v}, 0.0, abs(${v}) > 3.4028234663852886e38)`;
 
 const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
   name: "logsumexp",
   forward: ([x], { axis, keepdim }, save) => {
     // lse = log(sum(exp(x - m))) + m with m = max(x) (0 if infinite): exp never overflows.
-    const mx = reduceAxes(x, [axis], "max");
-    const m = mapOp(SHIFT, [mx], mx.shape);
-    mx.dispose();
-    const e = mapOp("exp(a - b)", [x, m], x.shape);
+    const m = reduceAxes(x, [axis], "max");
+    const e = mapOp(`exp(a - ${shift("b")})`, [x, m], x.shape);
     const s = reduceAxes(e, [axis], "sum");
     const logs = mapOp("log(a)", [s], s.shape);
-    const lse = mapOp("a + b", [logs, m], s.shape);
+    const lse = mapOp(`a + ${shift("b")}`, [logs, m], s.shape);
     for (const t of [e, s]) t.dispose();
     // The backward needs m and log(s) apart: exp(x - lse) would inherit lse's rounding to the spacing
     // of m (6e-5 at 1000), a relative error of that size in every gradient.
@@ -236,7 +235,7 @@ const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
   },
   backward: (g, [x, m, logs], _i, { axis }) => {
     // d lse / dx = softmax(x) = exp((x - m) - log(s)).
-    const p = mapOp("exp(a - b - c)", [x, m, logs], x.shape);
+    const p = mapOp(`exp(a - ${shift("b")} - c)`, [x, m, logs], x.shape);
     const gk = reshape(g, keptShape(x.shape, [axis]));
     const out = mapOp("a * b", [p, gk], x.shape);
     for (const t of [p, gk]) t.dispose();
