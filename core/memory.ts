@@ -74,13 +74,14 @@ export function setMemoryLimit(bytes: number | null): void {
 
 /**
  * Allocates storage for `bytes` bytes, reusing a pooled buffer of the same size class when there is one.
- * `what` names the request in errors (e.g. the tensor's shape).
+ * `what` names the request in errors (e.g. the tensor's shape; called only then).
  */
-export function allocStorage(bytes: number, what = `${bytes} bytes`): Storage {
+export function allocStorage(bytes: number, what?: () => string): Storage {
   const max = deviceInfo().limits.maxBufferSize;
   if (bytes > max) {
     throw new GPUError(
-      `cannot allocate ${what}: ${bytes} bytes is more than the device's largest buffer (${max})`,
+      `cannot allocate ${what?.() ?? `${bytes} bytes`}: ${bytes} bytes is more than the device's largest ` +
+        `buffer (${max})`,
     );
   }
   const size = Math.min(sizeClass(bytes), Math.floor(max / 4) * 4); // the class's rounding stays within it

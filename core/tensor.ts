@@ -55,7 +55,11 @@ export class Tensor {
 
   /** Allocates an uninitialised tensor (kernels fill it). */
   static empty(shape: Shape, dtype: DType = "f32"): Tensor {
-    return new Tensor(allocStorage(Math.max(sizeOf(shape), 1) * 4, `${dtype} ${fmt(shape)}`), shape, dtype);
+    return new Tensor(
+      allocStorage(Math.max(sizeOf(shape), 1) * 4, () => `${dtype} ${fmt(shape)}`),
+      shape,
+      dtype,
+    );
   }
 
   /** The storage; throws a clear error if the tensor was disposed. */
