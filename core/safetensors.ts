@@ -156,21 +156,26 @@ export function safetensorsHeaderLength(prefix: Uint8Array, source?: string): nu
 
 /**
  * Parses and validates the header. `prefix` holds the first bytes of the file (at least `8 + N`, see
- * {@linkcode safetensorsHeaderLength}); `fileSize` is the whole file's size, used to check data offsets.
+ * {@linkcode safetensorsHeaderLength}). As the `safetensors` library, it requires the tensors to tile the
+ * data section exactly: no gaps, no overlaps, and no bytes after the last tensor. `fileSize` is the whole
+ * file's size, used to check the data offsets; null when it is not known (a streamed HTTP body without
+ * Content-Length), in which case the caller must check that the file ends where the last tensor does.
  * `source` (e.g. a file name) prefixes every error message.
  */
 export function parseSafetensorsHeader(
   prefix: Uint8Array,
-  fileSize: number,
+  fileSize: number | null,
   source?: string,
 ): SafetensorsHeader {
-  if (fileSize < 8) fail(source, `file is ${fileSize} bytes, shorter than the 8-byte header length field`);
+  if (fileSize !== null && fileSize < 8) {
+    fail(source, `file is ${fileSize} bytes, shorter than the 8-byte header length field`);
+  }
   const n = safetensorsHeaderLength(prefix, source);
-  if (8 + n > fileSize) {
+  if (fileSize !== null && 8 + n > fileSize) {
     fail(source, `header length ${n} exceeds the file size ${fileSize} (8 + ${n} needed)`);
   }
   if (prefix.length < 8 + n) fail(source, `need ${8 + n} bytes to parse the header, got ${prefix.length}`);
-  const dataLength = fileSize - 8 - n;
+  const dataLength = fileSize === null ? Infinity : fileSize - 8 - n;
 
   let json: unknown;
   let text: string;
@@ -242,19 +247,29 @@ export function parseSafetensorsHeader(
     }]);
   }
 
-  // Sorted by begin, ranges are disjoint iff each non-empty one starts at or after the previous one's end.
+  // The layout rule of the safetensors library: sorted by offsets, the tensors tile the data section, each
+  // starting where the previous one ends, and the last one ends at the end of the file. Checking the end
+  // catches a header length that was shortened into the header's padding, which would shift every tensor.
   entries.sort(([, a], [, b]) => a.dataOffsets[0] - b.dataOffsets[0] || a.dataOffsets[1] - b.dataOffsets[1]);
-  let prev: [string, SafetensorsEntry] | undefined;
-  for (const e of entries) {
-    const [begin, end] = e[1].dataOffsets;
-    if (begin === end) continue; // empty tensors hold no bytes, so they overlap nothing
-    if (prev && begin < prev[1].dataOffsets[1]) {
+  let at = 0;
+  let prev = "the start of the data section";
+  for (const [name, { dataOffsets: [begin, end] }] of entries) {
+    if (begin !== at) {
       fail(
         source,
-        `tensors "${prev[0]}" [${prev[1].dataOffsets}] and "${e[0]}" [${e[1].dataOffsets}] overlap`,
+        `tensor "${name}" [${begin}, ${end}] ${begin < at ? "overlaps" : "leaves a gap after"} ${prev}, ` +
+          `which ends at byte ${at}: tensors must tile the data section (safetensors layout)`,
       );
     }
-    prev = e;
+    at = end;
+    prev = `tensor "${name}"`;
+  }
+  if (fileSize !== null && at !== dataLength) {
+    fail(
+      source,
+      `the tensors end at byte ${at} of the data section, which holds ${dataLength} bytes ` +
+        `(wrong header length, or extra bytes after the data)`,
+    );
   }
   return { entries: new Map(entries), metadata, dataStart: 8 + n };
 }

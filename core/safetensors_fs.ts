@@ -44,10 +44,7 @@ export async function readSafetensorsFile(path: string): Promise<ParsedSafetenso
     prefix.set(lengthField);
     prefix.set(await readExact(file, n, path), 8);
     const header = parseSafetensorsHeader(prefix, fileSize, path);
-    // Read only up to the last tensor's end; trailing bytes are ignored.
-    let dataEnd = 0;
-    for (const e of header.entries.values()) dataEnd = Math.max(dataEnd, e.dataOffsets[1]);
-    const data = await readExact(file, dataEnd, path);
+    const data = await readExact(file, fileSize - header.dataStart, path); // the tensors tile this exactly
     const tensors = new Map<string, DecodedTensor>();
     for (const [name, entry] of header.entries) {
       const raw = data.subarray(entry.dataOffsets[0], entry.dataOffsets[1]);

@@ -15,6 +15,8 @@ export interface ByteSource {
   readExact(buf: Uint8Array): Promise<void>;
   /** Skips `n` bytes. */
   skip(n: number): Promise<void>;
+  /** Whether every byte has been read or skipped (a body of unknown size is read one chunk further). */
+  atEnd(): Promise<boolean>;
   /** Releases the file or the connection. */
   close(): Promise<void>;
 }
@@ -59,6 +61,16 @@ export function responseSource(res: Response, name: string): ByteSource {
     name,
     readExact: (buf) => consume(buf.length, (piece, off) => buf.set(piece, off)),
     skip: (n) => consume(n, () => {}),
+    async atEnd(): Promise<boolean> {
+      while (at === chunk.length && !done) {
+        const r = await reader.read().catch((e) => {
+          throw new Error(`${name}: connection failed at byte ${pos}: ${(e as Error).message}`, { cause: e });
+        });
+        if (r.done) done = true;
+        else [chunk, at] = [r.value, 0];
+      }
+      return at === chunk.length;
+    },
     async close(): Promise<void> {
       if (!done) await reader.cancel().catch(() => {});
       done = true;
@@ -87,6 +99,7 @@ export function blobSource(blob: Blob, name: string): ByteSource {
       pos += Math.max(0, n);
       return Promise.resolve();
     },
+    atEnd: () => Promise.resolve(pos >= blob.size),
     close: () => Promise.resolve(),
   };
 }

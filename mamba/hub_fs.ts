@@ -43,6 +43,7 @@ export async function openFileSource(path: string): Promise<ByteSource> {
     async skip(n: number): Promise<void> {
       if (n > 0) pos = await file.seek(n, Deno.SeekMode.Current);
     },
+    atEnd: () => Promise.resolve(pos >= size),
     close(): Promise<void> {
       if (!closed) file.close();
       closed = true;

@@ -541,12 +541,12 @@ interface WeightPlan {
 }
 
 async function readHeader(src: ByteSource, where: string): Promise<SafetensorsHeader> {
-  const size = src.size >= 0 ? src.size : Number.MAX_SAFE_INTEGER;
-  if (size < 8) parseSafetensorsHeader(new Uint8Array(0), size, where); // throws: too short
+  const size = src.size >= 0 ? src.size : null; // unknown: streamInto checks where the body ends
+  if (size !== null && size < 8) parseSafetensorsHeader(new Uint8Array(0), size, where); // throws: too short
   const lengthField = new Uint8Array(8);
   await src.readExact(lengthField);
   const n = safetensorsHeaderLength(lengthField, where);
-  if (8 + n > size) parseSafetensorsHeader(lengthField, size, where); // throws: header past the end
+  if (size !== null && 8 + n > size) parseSafetensorsHeader(lengthField, size, where); // throws: past the end
   const prefix = new Uint8Array(8 + n);
   prefix.set(lengthField);
   await src.readExact(prefix.subarray(8));
@@ -671,6 +671,14 @@ async function streamInto(
     }
     model.loadStateDict(new Map([[mapKey(k)!, { shape: e.shape, data }]]), { strict: false });
     flush(); // the upload's staging buffer goes with this submit
+  }
+  // The header could not check the end of a body of unknown size: the tensors tile the data, so the body
+  // must end at the last tensor's end (a longer one means a wrong header length, which shifts every tensor).
+  if (src.size < 0 && !(await src.atEnd())) {
+    throw new Error(
+      `${where}: the body goes on after the last tensor, which ends at byte ${header.dataStart + pos} ` +
+        `(wrong header length, or extra bytes after the data)`,
+    );
   }
 }
 

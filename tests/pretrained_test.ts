@@ -441,6 +441,31 @@ Deno.test("fromPretrained from a URL: a stalled server fails after timeoutMs; a 
     /model\.safetensors: reading tensor \S+ \(\S+\) is F32 \[[\d, ]+\] at data_offsets \[\d+, \d+\] \(bytes \d+-\d+ of the file\): .*the body ended at byte 30000/,
   );
   await s.close();
+
+  // Of unknown length and whole, it loads; with bytes after the last tensor (what a header length cut into
+  // its padding looks like) it is refused, with a known length at the header, with an unknown one at the end.
+  for (const [extra, known] of [[0, false], [4, false], [4, true]] as const) {
+    s = modelServer((file, data) => {
+      if (file === "config.json") return new Response(data);
+      const body = new Uint8Array(data.length + extra);
+      body.set(data);
+      return trickle(body, 4096, sleep(0), Infinity, known);
+    });
+    const loading = within(5000, fromPretrained(s.url));
+    if (extra === 0) {
+      const whole = await loading;
+      await assertLmV64Logits(whole);
+      whole.dispose();
+    } else {
+      await assert.rejects(
+        () => loading,
+        known
+          ? /model\.safetensors: the tensors end at byte \d+ of the data section, which holds \d+ bytes/
+          : /model\.safetensors: the body goes on after the last tensor, which ends at byte \d+ \(wrong header/,
+      );
+    }
+    await s.close();
+  }
 });
 
 // A body that sends the first `n` bytes, then nothing until `release` (the connection stays open).

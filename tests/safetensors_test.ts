@@ -285,13 +285,13 @@ Deno.test("corrupt files give errors that name the problem", async () => {
   );
   assert.throws(
     parse(rawFile({ a: f32([4], [0, 16]), b: f32([4], [8, 24]) }, new Uint8Array(24))),
-    /tensors "a" \[0,16\] and "b" \[8,24\] overlap/,
+    /tensor "b" \[8, 24\] overlaps tensor "a", which ends at byte 16: tensors must tile/,
   );
   assert.throws(
     parse(
       rawFile({ big: f32([8], [0, 32]), a: f32([1], [4, 8]), b: f32([1], [40, 44]) }, new Uint8Array(44)),
     ),
-    /tensors "big" \[0,32\] and "a" \[4,8\] overlap/,
+    /tensor "a" \[4, 8\] overlaps tensor "big", which ends at byte 32/,
   );
   assert.throws(parse(rawFile({ __metadata__: { k: 1 } })), /__metadata__ value "k" is not a string/);
   assert.throws(parse(rawFile({ __metadata__: ["x"] })), /__metadata__ is not an object/);
@@ -335,7 +335,10 @@ Deno.test("a key twice in the header (JSON.parse would keep the last) or a byte-
   }
   // Strings that hold braces, commas and quotes are not keys.
   const ok = `{"__metadata__":{"a":"{\\"a\\":1,","b":"a"},${a}}`;
-  assert.deepEqual(parseSafetensors(rawFile(ok, data)).header.metadata, { a: '{"a":1,', b: "a" });
+  assert.deepEqual(parseSafetensors(rawFile(ok, data.subarray(0, 4))).header.metadata, {
+    a: '{"a":1,',
+    b: "a",
+  });
   const bom = new Uint8Array([0xef, 0xbb, 0xbf, ...new TextEncoder().encode(`{${a}}`)]);
   assert.throws(
     () => parseSafetensors(rawFile(bom, data), "x"),
@@ -353,19 +356,65 @@ Deno.test("a key twice in the header (JSON.parse would keep the last) or a byte-
   }
 });
 
-Deno.test("gaps, trailing bytes and empty tensors are accepted", () => {
-  const data = new Uint8Array(new Float32Array([1, 0, 2, 0, 0]).buffer);
-  const file = rawFile({
+Deno.test("tensors must tile the data section, as the safetensors library requires; empty tensors anywhere in order", async () => {
+  const data = new Uint8Array(new Float32Array([1, 2]).buffer);
+  const tiled = {
+    e2: { dtype: "F32", shape: [0], data_offsets: [0, 0] },
     a: { dtype: "F32", shape: [1], data_offsets: [0, 4] },
     e: { dtype: "F32", shape: [0, 3], data_offsets: [4, 4] },
-    e2: { dtype: "F32", shape: [0], data_offsets: [0, 0] },
-    inside: { dtype: "I32", shape: [0], data_offsets: [2, 2] }, // empty ranges overlap nothing
-    b: { dtype: "F32", shape: [1], data_offsets: [8, 12] },
-  }, data);
-  const { tensors } = parseSafetensors(file);
-  assert.deepEqual([...tensors.keys()], ["e2", "a", "inside", "e", "b"], "ordered by offset");
+    b: { dtype: "F32", shape: [1], data_offsets: [4, 8] },
+  };
+  const { tensors } = parseSafetensors(rawFile(tiled, data));
+  assert.deepEqual([...tensors.keys()], ["e2", "a", "e", "b"], "ordered by offset");
   assert.deepEqual(tensors.get("b")!.data, new Float32Array([2]));
   assert.equal(tensors.get("e")!.data.length, 0);
+
+  const refused = (header: object, bytes: Uint8Array<ArrayBuffer>, re: RegExp) =>
+    assert.throws(
+      () => parseSafetensors(rawFile(header, bytes), "x"),
+      (e: Error) => re.test(e.message),
+      re.source,
+    );
+  const f32 = (begin: number) => ({ dtype: "F32", shape: [1], data_offsets: [begin, begin + 4] });
+  refused(
+    { a: f32(0), b: f32(8) },
+    new Uint8Array(12),
+    /^x: tensor "b" \[8, 12\] leaves a gap after tensor "a", which ends at byte 4/,
+  );
+  refused(
+    { b: f32(4) },
+    new Uint8Array(8),
+    /tensor "b" \[4, 8\] leaves a gap after the start of the data section/,
+  );
+  refused(
+    { a: f32(0), mid: { dtype: "I32", shape: [0], data_offsets: [2, 2] } },
+    data,
+    /"mid" \[2, 2\] overlaps tensor "a"/,
+  );
+  refused({ a: f32(0) }, data, /^x: the tensors end at byte 4 of the data section, which holds 8 bytes/);
+  refused({}, data, /the tensors end at byte 0 of the data section, which holds 8 bytes/);
+
+  // A header length shortened into the header's padding would shift every tensor by the cut: refused.
+  const good = serializeSafetensors({ a: { data: new Float32Array([1, 2, 3]), shape: [3] } });
+  const n = Number(new DataView(good.buffer).getBigUint64(0, true));
+  const cut = good.slice();
+  const json = new TextDecoder().decode(good.subarray(8, 8 + n));
+  assert.ok(json.endsWith(" "), "the writer pads its header with spaces (precondition)");
+  new DataView(cut.buffer).setBigUint64(0, BigInt(n - 1), true);
+  assert.throws(
+    () => parseSafetensors(cut, "cut"),
+    /cut: the tensors end at byte 12 of the data section, which holds 13 bytes/,
+  );
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeFile(`${dir}/cut.safetensors`, cut);
+    await assert.rejects(
+      readSafetensorsFile(`${dir}/cut.safetensors`),
+      /cut\.safetensors: the tensors end at byte 12/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("readSafetensorsFile names the path in errors", async () => {
