@@ -217,12 +217,17 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
     grads.set(x, whole);
     claimed.add(whole);
   };
-  noGrad(() => {
+  // The gradient being propagated and what its node's backward returned: on a throw, freed with the rest.
+  let inFlight = new Set<Tensor>();
+  // Tensors whose node this pass ran (and released, unless retainGraph).
+  const ran: Tensor[] = [];
+  const pass = () => {
     for (const t of order) {
       settle(t);
       const g = grads.get(t);
       if (!g) continue;
       grads.delete(t);
+      inFlight = new Set([g]);
       if (!t.node) {
         accumulateLeaf(t, g, grad);
         continue;
@@ -269,7 +274,7 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
         },
       };
       const inGrads = node.backward(g, targets);
-      const transient = new Set<Tensor>([g]);
+      const transient = inFlight;
       // Released first, so that a backward that passes `g` through hands it on without a copy.
       if (g !== grad) claimed.delete(g);
       node.inputs.forEach((x, i) => {
@@ -320,9 +325,18 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
       });
       for (const x of transient) if (!claimed.has(x) && x !== grad) x.dispose();
       // Every consumer of t came earlier in the order: its saved tensors are no longer needed.
+      ran.push(t);
       if (!options.retainGraph) releaseNode(t);
     }
-  });
+  };
+  try {
+    noGrad(pass);
+  } catch (e) {
+    // Otherwise the gradients held so far leak, and disposed tensors upstream keep their nodes for good.
+    for (const x of new Set([...claimed, ...inFlight])) if (x !== grad && !x.kept) x.dispose();
+    if (!options.retainGraph) abandonGraph(order, ran);
+    throw e;
+  }
   for (const g of grads.values()) if (g !== grad) g.dispose();
   for (const ws of pending.values()) for (const w of ws) if (w.grad !== grad) w.grad.dispose();
   if (!options.retainGraph) releaseGraph(order);
@@ -426,9 +440,9 @@ function accumulateLeaf(t: Tensor, g: Tensor, userGrad: Tensor | undefined): voi
   }
 }
 
-/** Why a node was released: after its backward, when the tidy() scope that made it ended, or when its output
- * was disposed with no node consuming it. */
-export type ReleaseReason = "backward" | "tidy" | "dispose";
+/** Why a node was released: after its backward (in a pass that went through, or in one that threw), when the
+ * tidy() scope that made it ended, or when its output was disposed with no node consuming it. */
+export type ReleaseReason = "backward" | "failed" | "tidy" | "dispose";
 
 /**
  * Outputs whose node was released, with the op's name and why. Without this, backward through such a
@@ -440,6 +454,7 @@ const released = new WeakMap<Tensor, [string, ReleaseReason]>();
 const RELEASED_HOW: Record<ReleaseReason, string> = {
   backward: "by an earlier backward(); pass { retainGraph: true } to the first backward() to run backward " +
     "through it again",
+  failed: "by an earlier backward() that threw part-way (the nodes it had run were released)",
   tidy:
     "when the tidy() scope that made it ended (a tidy's intermediates take their graph with them): call " +
     "backward() inside that tidy, or keep() the tensors it goes through",
@@ -472,6 +487,20 @@ function topoOrder(root: Tensor): Tensor[] {
 
 function releaseGraph(order: Tensor[]): void {
   for (const t of order) releaseNode(t);
+}
+
+/**
+ * After a backward that threw: the nodes it ran stay released (as in PyTorch; a later backward through them
+ * says the earlier one failed), the others stay for the tensors that hold them. Its releases skipped the
+ * cascade to disposed inputs (it would have released every node at its end): disposed tensors that no node
+ * consumes any more are released now, in order, so that nothing is left behind once the rest is disposed.
+ */
+function abandonGraph(order: Tensor[], ran: Tensor[]): void {
+  for (const t of ran) {
+    const was = released.get(t);
+    if (was) released.set(t, [was[0], "failed"]);
+  }
+  for (const t of order) if (t.node && t.disposed && !consumers.get(t)) releaseNode(t, "dispose");
 }
 
 /**

@@ -361,6 +361,27 @@ Deno.test("a backward that uses a saved tensor disposed by the caller fails with
   for (const t of [x, loss]) t.dispose();
 });
 
+Deno.test("a backward that throws leaks nothing: its gradients are freed, and so is the graph once disposed", () => {
+  const x = M.tensor([[1, 2, 3]], undefined, { requiresGrad: true });
+  const before = memory();
+  const h = M.logsumexp(x, 1); // its node owns two tensors
+  const y = h.exp(); // saves y
+  const loss = y.sum();
+  h.dispose();
+  y.dispose();
+  assert.throws(() => loss.backward(), /a tensor saved by 'exp' was disposed before backward/);
+  assert.equal(h.node, null, "a disposed tensor whose consumers are gone loses its node");
+  assert.throws(() => loss.backward(), /already released by an earlier backward\(\) that threw part-way/);
+  loss.dispose();
+  const after = memory();
+  assert.deepEqual(
+    [after.liveTensors, after.liveBytes, after.savedBytes],
+    [before.liveTensors, before.liveBytes, before.savedBytes],
+    "back to where it started",
+  );
+  x.dispose();
+});
+
 /** Float64 references used above must agree with themselves (helps keep the oracles honest). */
 Deno.test("float64 reference sanity: matmulRef and map helpers on a hand-computed case", () => {
   const a: Nd = nd([1, 2, 3, 4], [2, 2]);
