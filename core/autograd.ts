@@ -11,7 +11,7 @@
 
 import { markSaved, type Storage } from "./memory.ts";
 import { fmt, stridesOf } from "./shape.ts";
-import { keep, Tensor, tidy } from "./tensor.ts";
+import { keep, Tensor, tidy, unscope } from "./tensor.ts";
 import { add, copy, copyBox } from "./ops/index.ts";
 import { zeros } from "./creation.ts";
 import { mapOp } from "./ops/map_kernel.ts";
@@ -131,10 +131,12 @@ const savedStorages = new WeakMap<GradNode, Storage[]>();
 /** How many live nodes take each tensor as an input: a disposed output's node is released once none does. */
 const consumers = new WeakMap<Tensor, number>();
 
-/** Gives `out` its node: counts the saved bytes and the node as a consumer of each input. */
+/** Gives `out` its node: counts the saved bytes and the node as a consumer of each input; the tensors the node
+ * owns go with the node, not with the tidy() scope that made them (which may return `out`). */
 function attach(out: Tensor, node: GradNode): void {
   const storages = node.saved.map((t) => t.storage);
   for (const s of storages) markSaved(s, 1);
+  for (const t of node.owned) unscope(t);
   savedStorages.set(node, storages);
   for (const x of new Set(node.inputs)) if (x.node) consumers.set(x, (consumers.get(x) ?? 0) + 1);
   out.requiresGrad = true;

@@ -338,6 +338,14 @@ export function keep<T extends Tensor>(t: T): T {
   return t;
 }
 
+/**
+ * Takes a tensor out of every tidy scope without keeping it: its owner disposes it (an autograd node, for
+ * the tensors it made for its backward, which must live as long as the node, not as the scope).
+ */
+export function unscope(t: Tensor): void {
+  for (const scope of scopes) scope.delete(t);
+}
+
 /** Disposes every tensor found in a value (a tensor, an array, or a plain object of tensors). */
 export function dispose(value: unknown): void {
   const found = new Set<Tensor>();

@@ -342,6 +342,30 @@ Deno.test("backward through a value returned from tidy names tidy as the cause, 
   assert.equal(memory().savedBytes, 0);
 });
 
+Deno.test("tidy that returns an op's output keeps what its node made for the backward (logsumexp, rmsNorm, 1-D matmul)", async () => {
+  const x = toTensor(rand([2, 3], 41), true), w = toTensor(rand([3], 42), true);
+  const v = toTensor(rand([2], 43), true);
+  const before = memory();
+  const gradsOf = async (y: Tensor) => {
+    tidy(() => y.sum().backward());
+    y.dispose();
+    const leaves = [x, w, v].filter((t) => t.grad);
+    const out = await readAll(leaves.map((t) => t.grad!));
+    for (const t of leaves) {
+      t.grad!.dispose();
+      t.grad = null;
+    }
+    return out;
+  };
+  for (const op of [() => M.logsumexp(x, 1), () => M.rmsNorm(x, w, 1e-5), () => M.matmul(v, x)]) {
+    const direct = await gradsOf(op());
+    assert.deepEqual(await gradsOf(tidy(op)), direct, `${op}`);
+  }
+  const after = memory();
+  assert.deepEqual([after.liveTensors, after.savedBytes], [before.liveTensors, before.savedBytes]);
+  for (const t of [x, w, v]) t.dispose();
+});
+
 Deno.test("checkpoint of a function that returns its input: the input keeps its own graph", async () => {
   const x = M.ones([3], { requiresGrad: true });
   const h = x.mul(3); // h's node (mul) must survive: checkpoint's output is a tensor of its own
