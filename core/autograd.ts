@@ -11,7 +11,7 @@
 
 import { markSaved, type Storage } from "./memory.ts";
 import { fmt, stridesOf } from "./shape.ts";
-import { keep, Tensor, tidy, unscope } from "./tensor.ts";
+import { keep, nextTensorId, Tensor, tidy, unscope } from "./tensor.ts";
 import { add, copy, copyBox } from "./ops/index.ts";
 import { zeros } from "./creation.ts";
 import { mapOp } from "./ops/map_kernel.ts";
@@ -540,11 +540,13 @@ export function releaseIfUnconsumed(t: Tensor): void {
 export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
   if (!gradEnabled) return fn(...inputs);
   // The first pass keeps nothing but its output: its intermediates are freed at once.
-  // fn may return one of its inputs: the output gets a node of its own, so it must be a tensor of its own
+  // fn may return a tensor it did not make (one of its inputs, one it captured, or what a checkpoint in it
+  // returned as is under noGrad): the output gets a node of its own, so it must be a tensor of its own.
+  const first = nextTensorId();
   const out = noGrad(() =>
     tidy(() => {
       const y = fn(...inputs);
-      return inputs.includes(y) ? copy(y) : y;
+      return y.id < first ? copy(y) : y;
     })
   );
   attach(out, {

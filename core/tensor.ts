@@ -22,6 +22,11 @@ let nextId = 1;
 
 const scopes: Set<Tensor>[] = [];
 
+/** The id the next tensor gets: every tensor made from now on has this id or a higher one. */
+export function nextTensorId(): number {
+  return nextId;
+}
+
 /** An n-dimensional array on the GPU. */
 export class Tensor {
   /** Unique id (for debugging and autograd bookkeeping). */

@@ -376,6 +376,21 @@ Deno.test("checkpoint of a function that returns its input: the input keeps its 
   for (const t of [x, x.grad!, h, y]) t.dispose();
 });
 
+Deno.test("checkpoint of a function that returns a tensor it did not make (captured, or from a nested checkpoint) returns a new one", async () => {
+  const c = M.ones([3], { requiresGrad: true }), p = M.ones([3], { requiresGrad: true });
+  // a nested checkpoint runs under the outer first pass's noGrad, where it returns fn's result as is: c
+  const nested = checkpoint(() => checkpoint((t) => t, c), p);
+  const captured = checkpoint(() => c, p);
+  for (const y of [nested, captured]) {
+    assert.notEqual(y, c);
+    assert.equal(c.node, null, "the leaf got no node");
+    y.sum().backward();
+  }
+  assert.deepEqual([...await c.grad!.toArray()], [2, 2, 2]);
+  assert.equal(p.grad, null, "neither output depends on p");
+  for (const t of [c, c.grad!, p, nested, captured]) t.dispose();
+});
+
 Deno.test("a backward that uses a saved tensor disposed by the caller fails with a clear error", () => {
   const x = M.randn([3], { seed: 7, requiresGrad: true });
   const y = x.exp(); // saves its output
