@@ -54,10 +54,11 @@ export interface BenchCase {
 }
 
 const ADD_ELEMS = 16 * 2 ** 20;
-const MATMUL_SIZES = [256, 512, 1024];
+/** The matmul sizes n of the full set of cases. */
+export const MATMUL_SIZES: readonly number[] = [256, 512, 1024];
 
-/** All cases, in report order. */
-export function coreCases(): BenchCase[] {
+/** All cases, in report order; `matmulSizes` narrows the matmul cases (the report's `--quick`). */
+export function coreCases(matmulSizes: readonly number[] = MATMUL_SIZES): BenchCase[] {
   const cases: BenchCase[] = [
     {
       group: "elementwise",
@@ -84,7 +85,7 @@ export function coreCases(): BenchCase[] {
     },
   ];
   for (const v of availableMatmulVariants()) {
-    for (const n of MATMUL_SIZES) cases.push(matmulCase(v, n));
+    for (const n of matmulSizes) cases.push(matmulCase(v, n));
   }
   cases.push(
     {

@@ -10,8 +10,10 @@
  * 1.5x between periods on a shared machine) hits them alike. add's share of the copy bandwidth is also
  * given as the median of the ratios of batches measured side by side.
  *
- * Run: deno run -A bench/core_report.ts
+ * Run: deno run -A bench/core_report.ts [--quick]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
+ * With --quick: matmul at 256^3 only, 3 batches of about 50 ms per case (a few seconds); writes
+ * bench/results/core_quick.json instead.
  */
 import { init, sync } from "../mod.ts";
 import { tuneKernels, waitCost } from "../core/tune.ts";
@@ -27,16 +29,21 @@ import {
 } from "./core_cases.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
-const USAGE = `Usage: deno run -A bench/core_report.ts
+const USAGE = `Usage: deno run -A bench/core_report.ts [--quick]
 
 Measures the core cases (elementwise bandwidth, matmul per variant, dispatch cost), prints a markdown
-table and writes bench/results/core.json.
+table and writes bench/results/core.json (the full run takes about 35 s on a software adapter).
 
+  --quick   matmul at 256^3 only, 3 shorter batches per case (a few seconds); writes
+            bench/results/core_quick.json instead
   --help    this text`;
 
-simpleCommandLine(USAGE);
+const { values } = simpleCommandLine(USAGE, ["quick"]);
+const quick = values.quick ?? false;
 
-const BATCHES = 5;
+const BATCHES = quick ? 3 : 5;
+/** Milliseconds one batch of a case is sized to last. */
+const BATCH_MS = quick ? 50 : 150;
 
 /** 1-minute load average (other processes share the CPU that a software adapter runs on), or null. */
 function load(): number | null {
@@ -65,7 +72,7 @@ interface ResultRow {
   batchMs: number[];
 }
 const rows: ResultRow[] = [];
-const cases = coreCases();
+const cases = quick ? coreCases([256]) : coreCases();
 const groups = [...new Set(cases.map(groupKey))].map((k) => cases.filter((c) => groupKey(c) === k));
 /** Per case: its rate in each batch (measurement order), for ratios of batches measured side by side. */
 const batchRates = new Map<string, number[]>();
@@ -75,7 +82,7 @@ for (const group of groups) {
     for (const c of group) prepared.push(c.prepare());
     await sync();
     const reps: number[] = [];
-    for (const p of prepared) reps.push(await calibrate(p));
+    for (const p of prepared) reps.push(await calibrate(p, BATCH_MS));
     const batchMs: number[][] = group.map(() => []);
     for (let b = 0; b < BATCHES; b++) {
       for (let j = 0; j < group.length; j++) {
@@ -112,7 +119,8 @@ const copy = rows.find((r) => r.name.startsWith("copyBufferToBuffer"));
 const lines = [
   `Core benchmarks on ${adapter} (Deno ${Deno.version.deno}, ${new Date().toISOString().slice(0, 10)}; ` +
   `wait cost ${waitMs.toFixed(1)} ms, subtracted; matmul variant chosen by tuneKernels: ${tune.variant}; ` +
-  `load average ${loadBefore?.toFixed(1) ?? "?"} before, ${loadAfter?.toFixed(1) ?? "?"} after)`,
+  `load average ${loadBefore?.toFixed(1) ?? "?"} before, ${loadAfter?.toFixed(1) ?? "?"} after` +
+  `${quick ? "; --quick" : ""})`,
   "",
   "| group | case | median | best | unit | ops per wait |",
   "|---|---|---:|---:|---|---:|",
@@ -131,7 +139,7 @@ if (add && copy && addToCopy !== null) {
 }
 console.log(lines.join("\n"));
 
-const out = resultPath("core.json");
+const out = resultPath(quick ? "core_quick.json" : "core.json");
 await writeJsonAtomic(
   out,
   {
@@ -139,6 +147,8 @@ await writeJsonAtomic(
     deno: Deno.version.deno,
     date: new Date().toISOString(),
     source: await sourceVersion(),
+    quick,
+    batchMs: BATCH_MS,
     waitMs,
     loadAverage: { before: loadBefore, after: loadAfter, cpus: navigator.hardwareConcurrency },
     tune: { variant: tune.variant, gflops: tune.gflops, fromCache: tune.fromCache },
