@@ -121,8 +121,6 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
     const Ls = v.Ls ?? v.Lc;
     const Nb = v.Nb ?? N;
     // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, at least one
-    // step of dB/dC terms
-    // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, at least one
     // step of dB/dC terms (2 Nb, and the dt terms of dt_proj inside the kernels)
     const terms = v.reduce === "subgroup" ? 0 : 2 * Nb + MAX_INLINE_DT_RANK;
     const wgBytes = 4 * v.WG * (terms + (v.hbuf === "workgroup" ? Ls * Nb : 0));

@@ -119,8 +119,19 @@ function cacheKey(N: number): string {
   return `${KEY_FAMILY}${FUSED_KERNEL_VERSION}.N${N}.${deviceInfo().description}`;
 }
 
-/** Measures (or reads the cached choice of) the fused-scan variants for state size N and selects the fastest. */
-export async function tuneFusedScan(N: number, options: { force?: boolean } = {}): Promise<FusedTuneResult> {
+/** A candidate whose first run (its compile) takes longer than this ends the measurement. */
+const SLOW_COMPILE_MS = 20_000;
+
+/**
+ * Measures (or reads the cached choice of) the fused-scan variants for state size N and selects the fastest.
+ * `force` measures even when a choice is cached. The default variant is measured first; once a candidate's
+ * first run (its compile) takes longer than `slowCompileMs` (default 20,000: Mesa through GL takes minutes),
+ * no further candidate is measured and the fastest measured is kept.
+ */
+export async function tuneFusedScan(
+  N: number,
+  options: { force?: boolean; slowCompileMs?: number } = {},
+): Promise<FusedTuneResult> {
   await init();
   // The backward binds 10 storage buffers: an adapter that allows fewer cannot run it (WebGPU's default is 8;
   // browsers give 10 or more when asked), so there is nothing to measure.
@@ -170,8 +181,10 @@ export async function tuneFusedScan(N: number, options: { force?: boolean } = {}
   let bestMs = Infinity;
   for (const v of candidates) {
     setFusedVariant(N, v);
+    const t0 = performance.now();
     run(); // compile
     await sync();
+    const compileMs = performance.now() - t0;
     let ms: number;
     if (deviceInfo().timestampQuery) {
       const times = await profile(() => {
@@ -186,6 +199,10 @@ export async function tuneFusedScan(N: number, options: { force?: boolean } = {}
     }
     timings[JSON.stringify(v)] = ms;
     if (ms < bestMs) [best, bestMs] = [v, ms];
+    // Where one compile takes this long, each further candidate would too: keep the fastest so far. (naga's
+    // GLSL backend zero-fills workgroup arrays with one array constructor, which Mesa's GL drivers compile in
+    // time quadratic in its length: minutes for the backward's 16 KiB; lavapipe takes seconds.)
+    if (compileMs > (options.slowCompileMs ?? SLOW_COMPILE_MS)) break;
   }
   dispose([...t, z, G]);
   setFusedVariant(N, best);

@@ -517,6 +517,29 @@ Deno.test("the tuner's candidates are valid variants, here, on a GPU-like adapte
   }
 });
 
+Deno.test("the fused tuner stops after a candidate whose compile is slow, keeping the fastest measured", async () => {
+  await init();
+  const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
+  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
+  const candidates = fusedCandidates(16);
+  if (candidates.length < 2) return; // nothing to cut short
+  const before = fusedVariant(16);
+  const cached = Object.entries(localStorage).filter(([k]) => k.startsWith("mambats.fusedScan."));
+  try {
+    const r = await tuneFusedScan(16, { force: true, slowCompileMs: 0 }); // every compile counts as slow
+    assert.deepEqual(Object.keys(r.timings), [JSON.stringify(candidates[0])], "the default only");
+    assert.deepEqual(r.variant, candidates[0]);
+    assert.deepEqual(fusedVariant(16), candidates[0]);
+  } finally {
+    // the suite's cached choice, as it was
+    for (const k of Object.keys(localStorage)) {
+      if (k.startsWith("mambats.fusedScan.")) localStorage.removeItem(k);
+    }
+    for (const [k, v] of cached) localStorage.setItem(k, v);
+    setFusedVariant(16, before);
+  }
+});
+
 Deno.test("the trainer's tuning on first use: a state size with one candidate is set without measuring; N 16 is init()'s", async () => {
   const info = await init();
   const { ensureFusedTuned, fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
