@@ -6,9 +6,12 @@
  *
  * Per model, after one warm-up generation per batch size (kernel compilation), each rep measures batch 1
  * then batch 8 (the order alternates between reps, so the machine's drift hits both alike): a prefill
- * alone (the parallel forward over the prompt, its logits disposed) and a `generate` of the same prompt;
- * decode tokens/s is (new tokens - 1) x batch over the generate's time minus that rep's prefill. The table
- * gives medians over the reps. GPU peak: the runtime's peak live bytes during a rep (weights included),
+ * alone (the parallel forward over the prompt, its logits disposed) and a `generate` of the same prompt
+ * that reads tokens back every R = min(16, new tokens / 2) steps. Decode is timed inside that generate,
+ * from its first readback (R tokens available, the prefill and R - 1 steps behind it) to its end:
+ * decode tokens/s is (new tokens - R) x batch over that time, steps and readbacks as a longer generation
+ * runs them. (Until this change it was the generate's time minus the separately timed prefill, which the
+ * machine's noise could make zero or negative on short runs.) The table gives medians over the reps. GPU peak: the runtime's peak live bytes during a rep (weights included),
  * the largest over the reps. Host peaks: Linux's VmHWM (every page the process touched, not samples),
  * reset through /proc/self/clear_refs: once from the model's creation to the end of its host-side
  * initialisation (random weights on the host, or loading the char model), and once per rep for the prefill
@@ -34,7 +37,8 @@ import {
 
 const USAGE = `Usage: deno run -A bench/generate_report.ts [options]
 
-  --quick        fewer new tokens (char model 64, large shapes 8 instead of 256 and 32);
+  --quick        fewer new tokens (char model 64, large shapes 8 instead of 256 and 32; decode is
+                 timed after the first readback, at 16 tokens, or 4 of the large shapes' 8);
                  writes bench/results/generate_quick.json instead of generate.json
   --skip-370m    leave out the mamba-370m shape (its host-side init peaks at several GiB)
   --reps <n>     measured reps per row, batch sizes interleaved (default 3)
@@ -62,11 +66,17 @@ interface Row {
   model: string;
   batch: number;
   prompt: number;
+  /** New tokens per row of each generate. */
   decode: number;
+  /** Tokens decoded between readbacks (R); decode is timed from the first readback on. */
+  readEvery: number;
+  /** New tokens per row in the timed decode window: decode - readEvery. */
+  decodeTimed: number;
   reps: number;
-  /** Medians over the reps. */
+  /** Medians over the reps; decodeTokS is null where nothing could be timed (no token after the first
+   * readback). */
   prefillTokS: number;
-  decodeTokS: number;
+  decodeTokS: number | null;
   /** Every rep's rate, in measurement order. */
   prefillTokSSamples: number[];
   decodeTokSSamples: number[];
@@ -88,6 +98,8 @@ function peakSince(reset: boolean): number | null {
 }
 
 async function measure(name: string, make: () => Promise<MambaLM>, decode: number): Promise<void> {
+  const readEvery = Math.max(1, Math.min(16, Math.floor(decode / 2)));
+  const decodeTimed = decode - readEvery;
   await sync();
   const initReset = resetHostPeak();
   const lm = await make();
@@ -116,20 +128,25 @@ async function measure(name: string, make: () => Promise<MambaLM>, decode: numbe
         resetPeak();
         const reset = resetHostPeak();
         // Prefill alone: the parallel forward over the prompt (its logits disposed by tidy).
-        let t0 = performance.now();
+        const t0 = performance.now();
         tidy(() => {
           noGrad(() => lm.forward(prompt));
         });
         await sync();
         const prefill = (performance.now() - t0) / 1000;
-        // Decode: generate = prefill + (decode - 1) steps; subtract this rep's prefill.
-        t0 = performance.now();
-        await lm.generate(prompt, decode, { readEvery: 16 });
-        const total = (performance.now() - t0) / 1000;
+        // Decode: timed from the generate's first readback (readEvery tokens available) to its end.
+        let first: number | null = null;
+        await lm.generate(prompt, decode, {
+          readEvery,
+          onTokens: () => {
+            first ??= performance.now();
+          },
+        });
+        const decodeSecs = first === null ? 0 : (performance.now() - first) / 1000;
         const host = peakSince(reset);
         if (host === null) hostKnown = false;
         acc.prefill.push((batch * PROMPT) / prefill);
-        acc.decode.push((batch * (decode - 1)) / Math.max(total - prefill, 1e-9));
+        if (decodeTimed > 0 && decodeSecs > 0) acc.decode.push((batch * decodeTimed) / decodeSecs);
         acc.gpu = Math.max(acc.gpu, memory().peakBytes);
         acc.host = Math.max(acc.host, host ?? 0);
       }
@@ -141,9 +158,11 @@ async function measure(name: string, make: () => Promise<MambaLM>, decode: numbe
         batch,
         prompt: PROMPT,
         decode,
+        readEvery,
+        decodeTimed,
         reps: REPS,
         prefillTokS: median(acc.prefill),
-        decodeTokS: median(acc.decode),
+        decodeTokS: acc.decode.length ? median(acc.decode) : null,
         prefillTokSSamples: acc.prefill,
         decodeTokSSamples: acc.decode,
         gpuPeakMiB: MiB(acc.gpu),
@@ -169,6 +188,7 @@ for (const [name, d, n] of shapes) {
 const fmtMiB = (x: number | null) => (x === null ? "-" : x.toFixed(0));
 console.log(
   `\nGeneration on ${info.description} (medians of ${REPS} reps; GPU peak: the runtime's live bytes; ` +
+    `decode timed from a generate's first readback to its end; ` +
     `host peaks: VmHWM, from the model's creation to the end of its init, and during prefill + generate)\n`,
 );
 console.log(
@@ -177,10 +197,10 @@ console.log(
 );
 console.log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const r of rows) {
+  const decodeRate = r.decodeTokS === null ? "not measured" : r.decodeTokS.toFixed(1);
   console.log(
-    `| ${r.model} | ${r.batch} | ${r.prompt} | ${r.decode} | ${r.prefillTokS.toFixed(0)} | ` +
-      `${r.decodeTokS.toFixed(1)} | ${r.gpuPeakMiB.toFixed(0)} | ${fmtMiB(r.hostInitPeakMiB)} | ` +
-      `${fmtMiB(r.hostPeakMiB)} |`,
+    `| ${r.model} | ${r.batch} | ${r.prompt} | ${r.decode} | ${r.prefillTokS.toFixed(0)} | ${decodeRate} | ` +
+      `${r.gpuPeakMiB.toFixed(0)} | ${fmtMiB(r.hostInitPeakMiB)} | ${fmtMiB(r.hostPeakMiB)} |`,
   );
 }
 const out = resultPath(quick ? "generate_quick.json" : "generate.json");
