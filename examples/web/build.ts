@@ -20,7 +20,8 @@ import { simpleCommandLine } from "../lib/cli.ts";
 /** Budget for the minified library bundle, in bytes (the build fails above it). */
 export const LIBRARY_BUDGET_BYTES = 256 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
- * messages naming keys, shapes and offsets took the bundle to 81 KiB). */
+ * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
+ * commit e71a001). */
 export const LIBRARY_BUDGET_GZIP_BYTES = 88 * 1024;
 
 /** The repository's root folder (a file path: spaces and non-ASCII names stay as they are). */
