@@ -7,8 +7,8 @@
  * ```
  * Routes: `/` the page, `/app.js` and `/mamba.js` (+ source maps) from `out/web/`, `/data/` the bundled
  * text (`data/`), `/models/char-mamba/` the PyTorch-trained char model (tests/fixtures/char-mamba),
- * `/models/runs-char/` the char model of `deno task train` (runs/char, when it exists), `/models.json` the
- * list of local models. WebGPU needs a secure context: 127.0.0.1 and localhost are one.
+ * `/models/runs-demo/` and `/models/runs-char/` the char models of `deno task demo` (runs/demo) and
+ * `deno task train` (runs/char), `/models.json` the list of the local models that exist. WebGPU needs a secure context: 127.0.0.1 and localhost are one.
  * @module
  */
 
@@ -31,7 +31,8 @@ export interface LocalModel {
   dir: string;
 }
 
-/** The char models: the PyTorch-trained fixture, and `deno task train`'s run when there is one. */
+/** The char models: the PyTorch-trained fixture, and the runs of `deno task train` and `deno task demo`
+ * (`/models.json` lists those whose folder holds a config.json). */
 export function localModels(root: string = ROOT): LocalModel[] {
   return [
     {
@@ -39,6 +40,7 @@ export function localModels(root: string = ROOT): LocalModel[] {
       label: "char model trained by mamba.py (tests/fixtures/char-mamba)",
       dir: `${root}/tests/fixtures/char-mamba`,
     },
+    { name: "runs-demo", label: "char model of `deno task demo` (runs/demo)", dir: `${root}/runs/demo` },
     { name: "runs-char", label: "char model of `deno task train` (runs/char)", dir: `${root}/runs/char` },
   ];
 }
