@@ -329,6 +329,12 @@ async function resolveDir(dir: string): Promise<string> {
   const has = (p: string) => Deno.lstat(p).then(() => true, () => false);
   if (await has(`${path}/training_log.json`)) return path;
   if (await has(`${path}.prev/training_log.json`)) return `${path}.prev`;
+  if (!(await has(path)) && !(await has(`${path}.prev`))) {
+    throw new Error(
+      `there is no folder ${path} to resume: train a run there first (\`deno task train --out ${path}\`, ` +
+        `or saveTrainingCheckpoint)`,
+    );
+  }
   throw new Error(`${path} is not a training checkpoint (no training_log.json)`);
 }
 

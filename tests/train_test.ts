@@ -401,6 +401,29 @@ Deno.test("train: --resume writes to its own folder, and extending a run with --
   }
 });
 
+Deno.test("train: --resume of a folder that does not exist says so, and suggests training first", async () => {
+  const root = await Deno.makeTempDir();
+  try {
+    const missing = `${root}/runs/char`;
+    const said =
+      /there is no folder .*\/runs\/char to resume: train a run there first \(`deno task train --out /;
+    await assert.rejects(() => loadTrainingCheckpoint(missing, new CharDataset(new Uint8Array(64))), said);
+    await assert.rejects(
+      () => runTraining(parseTrainArgs(["--resume", missing])!, { progress: quiet }),
+      said,
+    );
+    assert.deepEqual(await names(root), [], "nothing created");
+    // A folder that exists but holds no run is not a checkpoint, as before.
+    await Deno.mkdir(missing, { recursive: true });
+    await assert.rejects(
+      () => loadTrainingCheckpoint(missing, new CharDataset(new Uint8Array(64))),
+      /runs\/char is not a training checkpoint \(no training_log\.json\)/,
+    );
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
 Deno.test("train: Trainer checks its recipe, and evaluate frees its buffer when it fails", async () => {
   await init();
   const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 256 });
