@@ -48,9 +48,10 @@ export interface FusedTuneResult {
 export function fusedCandidates(N: number): FusedVariant[] {
   const limit = deviceInfo().limits.maxComputeWorkgroupStorageSize;
   const def = defaultFusedVariant(N);
-  // On software adapters above N = 16 only the default: every candidate costs lavapipe a fresh compile of a
-  // few seconds per block of states.
-  if (deviceInfo().isFallbackAdapter && N > 16) return [def];
+  // On software adapters only the default where every candidate costs a long compile: above N = 16 (lavapipe
+  // compiles a few seconds per block of states) and without subgroups (llvmpipe through GL: minutes each, see
+  // SLOW_COMPILE_MS; a user who only generates text never needs the backward compiled).
+  if (deviceInfo().isFallbackAdapter && (N > 16 || !deviceInfo().subgroups)) return [def];
   const chunks = def.Ls ? { Lc: def.Lc, Ls: def.Ls } : { Lc: def.Lc }; // private states: the default's chunks
   const blocks = def.Nb ? { Nb: def.Nb } : {}; // and its state blocks
   const Nb = def.Nb ?? N;

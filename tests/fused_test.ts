@@ -517,6 +517,28 @@ Deno.test("the tuner's candidates are valid variants, here, on a GPU-like adapte
   }
 });
 
+Deno.test("a software adapter without subgroups (llvmpipe through GL) gets the default only: no compile at init()", async () => {
+  const info = await init();
+  const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
+  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
+  const { fallback, subgroups } = { fallback: info.isFallbackAdapter, subgroups: info.subgroups };
+  const before = fusedVariant(16);
+  try {
+    info.isFallbackAdapter = true;
+    info.subgroups = null;
+    assert.equal(fusedCandidates(16).length, 1);
+    const r = await tuneFusedScan(16, { force: true });
+    assert.deepEqual(r.timings, {}, "nothing measured");
+    assert.deepEqual(fusedVariant(16), fusedCandidates(16)[0]);
+    info.isFallbackAdapter = false; // a GPU without subgroups still measures its candidates
+    assert.ok(fusedCandidates(16).length > 1);
+  } finally {
+    info.isFallbackAdapter = fallback;
+    info.subgroups = subgroups;
+    setFusedVariant(16, before);
+  }
+});
+
 Deno.test("the fused tuner stops after a candidate whose compile is slow, keeping the fastest measured", async () => {
   await init();
   const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
