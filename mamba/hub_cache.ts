@@ -81,6 +81,12 @@ async function cachedCommit(r: Resolved): Promise<string> {
   }
 }
 
+// The files the by-hand instructions name: a model's, and the file asked for when it is none of them (a
+// shard, or a file hubDownload was asked for).
+function filesToPlace(filename: string): string {
+  return MODEL_FILES.split(", ").includes(filename) ? MODEL_FILES : `${MODEL_FILES}, ${filename}`;
+}
+
 const ABSENT = Symbol("absent");
 
 async function fromCache(r: Resolved, filename: string): Promise<string | typeof ABSENT | null> {
@@ -106,7 +112,7 @@ export async function cachedDownload(
     throw new HubError(
       "NotCached",
       `${id}: ${filename} (revision ${r.revision}) is not in the cache ${r.repoDir} and downloads are off ` +
-        `(localFilesOnly or HF_HUB_OFFLINE). ${help(r.repoDir, r.revision, filename)}`,
+        `(localFilesOnly or HF_HUB_OFFLINE). ${help(r.repoDir, r.revision, filesToPlace(filename))}`,
     );
   }
   return await download(r, filename);
@@ -188,7 +194,7 @@ async function head(r: Resolved, filename: string, url: string): Promise<Meta | 
     } catch (e) {
       throw new HubError(
         "Network",
-        `cannot reach ${url}: ${errorText(e)}. ${help(r.repoDir, r.revision, MODEL_FILES)}`,
+        `cannot reach ${url}: ${errorText(e)}. ${help(r.repoDir, r.revision, filesToPlace(filename))}`,
         url,
       );
     }

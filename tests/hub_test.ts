@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { init } from "../core/device.ts";
 import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
-import { hubDownload, HubError, repoCacheDir } from "../mamba/hub.ts";
+import { hubDownload, HubError, MODEL_FILES, repoCacheDir } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, loadTokenizer, mapKey, saveCheckpoint } from "../mamba/pretrained.ts";
 import { ByteTokenizer, HubTokenizer, StreamDecoder } from "../mamba/tokenizer.ts";
@@ -532,6 +532,8 @@ Deno.test("hub: the tokenizer comes from the repository or the tokenizer option;
 Deno.test("hub: without network it fails fast, naming the URL and how to place the files by hand", async () => {
   await withHub(async (s, cacheDir) => {
     const files = await lmFiles();
+    const copyAll =
+      "copy the repository's files (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)";
     // A port where nothing listens.
     const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     const dead = `http://127.0.0.1:${(probe.addr as Deno.NetAddr).port}`;
@@ -543,18 +545,35 @@ Deno.test("hub: without network it fails fast, naming the URL and how to place t
         assert.ok(e instanceof HubError && e.code === "Network", String(e));
         assert.match(e.message, new RegExp(`cannot reach ${dead}/org/lm/resolve/main/config\\.json`));
         assert.match(e.message, /models--org--lm\/snapshots\/<name>\/ and write <name> into .*refs\/main/);
+        assert.ok(e.message.includes(copyAll), e.message);
         return true;
       },
     );
     assert.ok(performance.now() - t0 < 5000, "fails fast");
-    // Offline by option or environment: only the cache.
+    // Offline by option or environment: only the cache. The message names the same files to copy.
     await assert.rejects(
       () => fromPretrained("org/lm", { ...opts(s, cacheDir), localFilesOnly: true }),
-      /config\.json \(revision main\) is not in the cache .* downloads are off/,
+      (e: Error) => {
+        assert.match(e.message, /config\.json \(revision main\) is not in the cache .* downloads are off/);
+        assert.ok(e.message.includes(copyAll), e.message);
+        return true;
+      },
+    );
+    // A file that is none of a model's is named too.
+    await assert.rejects(
+      () => hubDownload("org/lm", "extra.bin", { ...opts(s, cacheDir), localFilesOnly: true }),
+      (e: Error) => {
+        assert.ok(e.message.includes(`files (${MODEL_FILES}, extra.bin)`), e.message);
+        return true;
+      },
     );
     Deno.env.set("HF_HUB_OFFLINE", "1");
     try {
-      await assert.rejects(() => fromPretrained("org/lm", opts(s, cacheDir)), /downloads are off/);
+      await assert.rejects(() => fromPretrained("org/lm", opts(s, cacheDir)), (e: Error) => {
+        assert.match(e.message, /downloads are off \(localFilesOnly or HF_HUB_OFFLINE\)/);
+        assert.ok(e.message.includes(copyAll), e.message);
+        return true;
+      });
       // Placed by hand as the message says: loads offline, with no tokenizer.
       const repo = repoCacheDir("org/lm", cacheDir);
       await Deno.mkdir(`${repo}/snapshots/manual`, { recursive: true });
