@@ -30,7 +30,8 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
   --batch <n>        rows generated at once from the same prompt (default 1)
   --tokenizer <s>    hub id, folder or URL of the tokenizer (default: the model's own)
   --revision <s>     hub branch, tag or commit (default main)
-  --cache-dir <s>    hub cache folder (default HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub)
+  --cache-dir <s>    hub cache folder (default HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else HF_HOME/hub,
+                     else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub)
   --read-every <n>   tokens between readbacks while streaming (default 4)
   -h, --help         this text`;
 
