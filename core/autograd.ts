@@ -115,6 +115,7 @@ export function record(
   saved: readonly Tensor[],
   backward: (grad: Tensor, targets: GradTargets) => (Tensor | WindowGrad | null)[],
 ): Tensor {
+  if (readers.length) noteReads(inputs);
   const owned = saved.filter((t) => t !== out && !inputs.includes(t));
   if (!gradEnabled || !inputs.some((t) => t.requiresGrad)) {
     for (const t of owned) t.dispose();
@@ -166,6 +167,19 @@ export interface BackwardOptions {
 
 /** Backpropagates from `root`; accumulates into the `.grad` of every leaf that requires grad. */
 export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions = {}): void {
+  for (const g of propagate(root, grad, options).values()) if (g !== grad) g.dispose();
+}
+
+/**
+ * The backward pass. `stop` marks tensors it does not go through (a checkpoint's rerun stops at the tensors
+ * its function captured from the enclosing graph): returns their gradients, for the caller to pass on.
+ */
+function propagate(
+  root: Tensor,
+  grad: Tensor | undefined,
+  options: BackwardOptions,
+  stop?: (t: Tensor) => boolean,
+): Map<Tensor, Tensor> {
   if (!root.requiresGrad) {
     throw new Error(`backward(): ${root} does not require grad (no input of it requires grad, or noGrad)`);
   }
@@ -177,7 +191,7 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
       `backward(): gradient shape ${fmt(grad.shape)} differs from tensor shape ${fmt(root.shape)}`,
     );
   }
-  const order = topoOrder(root);
+  const order = topoOrder(root, stop);
   const grads = new Map<Tensor, Tensor>();
   // `claimed`: tensors held by the map, by `pending` or by a leaf's .grad; anything else produced here is
   // disposed.
@@ -339,9 +353,10 @@ export function backward(root: Tensor, grad?: Tensor, options: BackwardOptions =
     if (!options.retainGraph) abandonGraph(order, ran);
     throw e;
   }
-  for (const g of grads.values()) if (g !== grad) g.dispose();
-  for (const ws of pending.values()) for (const w of ws) if (w.grad !== grad) w.grad.dispose();
+  // What is left are the gradients of the tensors where the pass stopped (none are in the order).
+  for (const x of [...pending.keys()]) settle(x);
   if (!options.retainGraph) releaseGraph(order);
+  return grads;
 }
 
 /** A window written into a gradient: elements start..end of dim. */
@@ -463,7 +478,7 @@ const RELEASED_HOW: Record<ReleaseReason, string> = {
   dispose: "when it was disposed",
 };
 
-function topoOrder(root: Tensor): Tensor[] {
+function topoOrder(root: Tensor, stop?: (t: Tensor) => boolean): Tensor[] {
   const order: Tensor[] = [];
   const seen = new Set<Tensor>();
   const stack: [Tensor, boolean][] = [[root, false]];
@@ -474,6 +489,10 @@ function topoOrder(root: Tensor): Tensor[] {
       continue;
     }
     if (seen.has(t)) continue;
+    if (stop?.(t)) {
+      seen.add(t);
+      continue;
+    }
     const was = t.node ? undefined : released.get(t);
     if (was) {
       throw new Error(
@@ -533,42 +552,105 @@ export function releaseIfUnconsumed(t: Tensor): void {
   if (t.node && !consumers.get(t)) releaseNode(t, "dispose");
 }
 
+/** The tensors read by each checkpoint first pass that is running (innermost last): what its function captures. */
+const readers: Set<Tensor>[] = [];
+
+/** Notes the op inputs that have a node (intermediates; leaves need no note) for the running first passes. */
+function noteReads(inputs: readonly Tensor[]): void {
+  for (const x of inputs) if (x.node) { for (const r of readers) r.add(x); }
+}
+
 /**
  * Runs `fn(...inputs)` without keeping its intermediates; the backward runs `fn` again to get them.
- * Trades compute for memory (gradient checkpointing). Parameters used inside `fn` get their gradients.
+ * Trades compute for memory (gradient checkpointing).
+ *
+ * `fn` may read tensors other than its inputs. Parameters (leaves) get their gradients in the rerun, as
+ * usual. Intermediates of the enclosing graph that require grad (`h = w.mul(2)`, read by `fn` by closure)
+ * are found in the first run and become inputs of the checkpoint's node, as in PyTorch's non-reentrant
+ * checkpoint: the rerun's backward stops at them (and at the inputs, where `fn` reads them by closure too)
+ * and hands their gradient to the enclosing backward, which goes on through their own graph. Like the
+ * inputs, they are saved for the backward: dispose them only after it. `fn` must read the same tensors in
+ * both runs: a rerun that reads an intermediate from outside that the first run did not read throws.
  */
 export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
+  // Its inputs are its node's inputs in the rerun of an enclosing checkpoint, whatever fn reads.
+  if (readers.length) noteReads(inputs);
   if (!gradEnabled) return fn(...inputs);
   // The first pass keeps nothing but its output: its intermediates are freed at once.
   // fn may return a tensor it did not make (one of its inputs, one it captured, or what a checkpoint in it
   // returned as is under noGrad): the output gets a node of its own, so it must be a tensor of its own.
   const first = nextTensorId();
-  const out = noGrad(() =>
-    tidy(() => {
-      const y = fn(...inputs);
-      return y.id < first ? copy(y) : y;
-    })
-  );
+  const reads = new Set<Tensor>();
+  readers.push(reads);
+  let out: Tensor;
+  try {
+    out = noGrad(() =>
+      tidy(() => {
+        const y = fn(...inputs);
+        if (y.node) reads.add(y);
+        return y.id < first ? copy(y) : y;
+      })
+    );
+  } finally {
+    readers.pop();
+  }
+  const captured = [...reads].filter((x) => x.node && x.id < first && !inputs.includes(x));
   attach(out, {
     name: "checkpoint",
-    inputs,
-    saved: inputs,
+    inputs: [...inputs, ...captured],
+    saved: [...inputs, ...captured],
     owned: [],
-    backward: (g) =>
-      tidy(() => {
-        const leaves = inputs.map((x) => {
-          const d = copy(x);
-          d.requiresGrad = x.requiresGrad;
-          return d;
-        });
-        const y = enableGrad(() => fn(...leaves));
-        if (y.requiresGrad) backward(y, g);
-        return leaves.map((d) => {
-          const gd = d.grad;
-          if (gd) gd.kept = false;
-          return gd;
-        });
-      }),
+    backward: (g) => rerun(fn, inputs, captured, g),
   });
   return out;
+}
+
+/**
+ * checkpoint's backward: runs `fn` again on copies of the inputs with grad on, and backpropagates through
+ * what it made. Returns the inputs' gradients, then the captured tensors'.
+ */
+function rerun(
+  fn: (...inputs: Tensor[]) => Tensor,
+  inputs: readonly Tensor[],
+  captured: readonly Tensor[],
+  g: Tensor,
+): (Tensor | null)[] {
+  return tidy(() => {
+    const leaves = inputs.map((x) => {
+      const d = copy(x);
+      d.requiresGrad = x.requiresGrad;
+      return d;
+    });
+    const from = nextTensorId();
+    const y = enableGrad(() => fn(...leaves));
+    const outside = y.requiresGrad ? propagate(y, g, {}, stopAt([...inputs, ...captured], from)) : new Map();
+    const grads = leaves.map((d, i) => {
+      const gd = d.grad;
+      if (gd) gd.kept = false;
+      // fn may read an input by closure too, not only through its copy: that gradient goes to it as well
+      const direct = inputs.indexOf(inputs[i]) === i ? outside.get(inputs[i]) : undefined;
+      if (!gd || !direct) return gd ?? direct ?? null;
+      const sum = add(gd, direct);
+      gd.dispose(); // kept by the backward, so in no tidy scope
+      return sum;
+    });
+    return [...grads, ...captured.map((x) => outside.get(x) ?? null)];
+  });
+}
+
+/**
+ * Where a rerun's backward stops: at the intermediates made before the rerun (ids below `from`), the
+ * enclosing graph's: the checkpoint's inputs and captured tensors. Their nodes are not the rerun's to run or
+ * release: the enclosing backward runs them.
+ */
+function stopAt(reads: readonly Tensor[], from: number): (t: Tensor) => boolean {
+  const known = new Set(reads);
+  return (t) => {
+    if (!t.node || t.id >= from) return false;
+    if (known.has(t)) return true;
+    throw new Error(
+      `checkpoint: the backward's rerun of its function read ${t} (made by '${t.node.name}' outside of ` +
+        "it), which its first run did not read: the function must read the same tensors each time",
+    );
+  };
 }

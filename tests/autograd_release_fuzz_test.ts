@@ -5,10 +5,11 @@
  * rmsNorm) from parameters that require grad, and along the way: disposes random tensors (right after they
  * were made, once consumed, before the backward, after it, the loss itself, now and then a parameter),
  * wraps parts in `tidy()` (nested, some throwing, some `keep`ing a tensor), runs parts through
- * `checkpoint()` (nested, functions that return their input, read parameters or ignore an input), makes
- * saved views (`detach`), runs ops under `noGrad`, calls backward in the middle of the graph (with and
- * without `retainGraph`) and at its end (a scalar loss, or a tensor with a given gradient; once, or twice
- * with `retainGraph`), or drops the graph without any backward; then it disposes everything in a random order.
+ * `checkpoint()` (nested, functions that return their input or a captured tensor, read parameters or
+ * intermediates that require grad by closure, or ignore an input), makes saved views (`detach`), runs ops
+ * under `noGrad`, calls backward in the middle of the graph (with and without `retainGraph`) and at its end
+ * (a scalar loss, or a tensor with a given gradient; once, or twice with `retainGraph`), or drops the graph
+ * without any backward; then it disposes everything in a random order.
  *
  * Every case checks:
  * 1. the backward either succeeds, with every leaf's gradient (and the loss) equal to a float64 finite
@@ -20,8 +21,8 @@
  * 3. nothing else throws (no crash, no stack overflow).
  *
  * Environment: AUTOGRAD_FUZZ_CASES (default 500, about 13 s here), AUTOGRAD_FUZZ_SEED (first case's seed, default 1),
- * AUTOGRAD_FUZZ_CASE (run only this case's seed, and print its program), AUTOGRAD_FUZZ_CAPTURE=1 (checkpoint
- * functions also capture intermediates that require grad and return captured tensors: not documented usage),
+ * AUTOGRAD_FUZZ_CASE (run only this case's seed, and print its program), AUTOGRAD_FUZZ_CAPTURE=0 (checkpoint
+ * functions capture no intermediates and return no captured tensor: they read only their inputs and leaves),
  * AUTOGRAD_FUZZ_LIST=1 (print every failure, one line each).
  * @module
  */
@@ -55,7 +56,7 @@ const env = (k: string) => Deno.env.get(k);
 const ONLY = env("AUTOGRAD_FUZZ_CASE");
 const CASES = ONLY ? 1 : Number(env("AUTOGRAD_FUZZ_CASES") ?? 500);
 const FIRST = ONLY ? Number(ONLY) : Number(env("AUTOGRAD_FUZZ_SEED") ?? 1);
-const CAPTURE = env("AUTOGRAD_FUZZ_CAPTURE") === "1";
+const CAPTURE = env("AUTOGRAD_FUZZ_CAPTURE") !== "0";
 const LIST = env("AUTOGRAD_FUZZ_LIST") === "1";
 
 // ------------------------------------------------------------------------------------------ the mirror
@@ -82,6 +83,9 @@ interface Val {
   gradTo: Val[];
   saved: Val[];
   closure: Val[];
+  /** A checkpoint: released intermediates its function reads and its output reaches (its rerun's backward
+   * throws when it walks to them). */
+  stale: Val[];
   /** Live nodes that take this tensor as an input. */
   consumers: Set<Val>;
   /** The tidy scope holding the tensor (null: none), and whether it was kept. */
@@ -119,10 +123,14 @@ interface OpSpec {
   /** Indices of the args the node saves; -1: its (first) output. */
   saves: number[];
   label: string;
-  /** A checkpoint: what its function reads besides its inputs; it always records a node. */
+  /** A checkpoint: what its function reads besides its inputs (its first run); it always records a node. */
   closure?: Val[];
+  /** A checkpoint: what its backward's rerun of the function reads (a returned tensor the function did not
+   * make is read by the first run's copy of it only), and the released values the rerun walks to. */
+  rerun?: { reads: Val[]; stale: Val[] };
   alwaysGrad?: boolean;
-  /** A checkpoint: which inputs get a gradient (none where fn's output does not depend on them). */
+  /** A checkpoint: which inputs (and captured values) get a gradient (none where fn's output does not depend
+   * on them). */
   gradInputs?: boolean[];
 }
 
@@ -236,6 +244,7 @@ class Case {
       gradTo: [],
       saved: [],
       closure: [],
+      stale: [],
       consumers: new Set(),
       scope: this.scope,
       kept: false,
@@ -288,7 +297,7 @@ class Case {
     const outs = data.map((d, i) => this.newVal([...d.shape], d, ts[i], { requiresGrad, hasNode }));
     if (hasNode) {
       const saved = spec.saves.map((i) => i === -1 ? outs[0] : args[i] as Val);
-      for (const o of outs) this.attach(o, ins, saved, spec.closure, spec.gradInputs);
+      for (const o of outs) this.attach(o, ins, saved, spec.rerun, spec.gradInputs);
     }
     // under noGrad, the output is a constant for the float64 side too (no gradient goes through it)
     const frozen = data.map((d) => ({ data: d.data.slice(), shape: d.shape }));
@@ -305,12 +314,19 @@ class Case {
     return outs;
   }
 
-  attach(out: Val, inputs: Val[], saved: Val[], closure: Val[] = [], gradInputs?: boolean[]): void {
+  attach(
+    out: Val,
+    inputs: Val[],
+    saved: Val[],
+    rerun = { reads: [] as Val[], stale: [] as Val[] },
+    gradInputs?: boolean[],
+  ): void {
     out.hasNode = true;
     out.inputs = inputs;
     out.gradTo = inputs.filter((x, i) => gradInputs ? gradInputs[i] : x.requiresGrad);
     out.saved = saved;
-    out.closure = closure;
+    out.closure = rerun.reads;
+    out.stale = rerun.stale;
     for (const x of new Set(inputs)) if (x.hasNode && !x.released) x.consumers.add(out);
   }
 
@@ -651,20 +667,32 @@ class Case {
         if (typeof a !== "number" && !own.includes(a) && !inputs.includes(a)) closure.add(a);
       }
     }
+    // what the backward's rerun reads: a returned tensor that fn did not make is read by the first run only
+    const reads = [...closure];
     if (!inputs.includes(ret) && !own.includes(ret)) closure.add(ret);
-    // which inputs the output depends on through differentiable paths (what the backward's rerun of fn
-    // passes gradients to); a value in fn requires grad there as it does here
-    const deps = new Map<Val, Set<Val>>(inputs.map((v) => [v, new Set([v])]));
-    for (const c of ops) {
-      const d = new Set<Val>();
-      c.args.forEach((a, i) => {
-        if (typeof a !== "number" && (c.spec.gradInputs?.[i] ?? true)) {
-          for (const x of deps.get(a) ?? []) d.add(x);
+    // the intermediates fn captures (those that require grad, with a node, or one in the enclosing function's
+    // rerun) become inputs of the checkpoint's node: their gradient goes through it to their own graph
+    const captures = [...closure].filter((v) => !v.leaf && v.requiresGrad && !v.released);
+    const args = [...inputs, ...captures];
+    // those whose graph is gone are not: the rerun's backward throws if it walks to one
+    const gone = [...closure].filter((v) => !v.leaf && v.requiresGrad && v.released);
+    // which of those the output depends on through differentiable paths (what the backward's rerun of fn
+    // passes gradients to; `walked`: what its backward walks to); a value in fn requires grad there as here
+    const reach = (walked: boolean) => {
+      const deps = new Map<Val, Set<Val>>([...args, ...gone].map((v) => [v, new Set([v])]));
+      for (const c of ops) {
+        const d = new Set<Val>();
+        const from = c.args.filter((_, i) => walked || (c.spec.gradInputs?.[i] ?? true));
+        for (const a of [...from, ...walked ? c.spec.rerun?.stale ?? [] : []]) {
+          if (typeof a !== "number") { for (const x of deps.get(a) ?? []) d.add(x); }
         }
-      });
-      for (const o of c.outs) deps.set(o, d);
-    }
-    const gradInputs = inputs.map((x) => ret.requiresGrad && x.requiresGrad && !!deps.get(ret)?.has(x));
+        for (const o of c.outs) deps.set(o, d);
+      }
+      return ret.requiresGrad ? deps.get(ret) ?? new Set<Val>() : new Set<Val>();
+    };
+    const [flows, walks] = [reach(false), reach(true)];
+    const gradInputs = args.map((x) => x.requiresGrad && flows.has(x));
+    const stale = gone.filter((v) => walks.has(v));
     // fn replays the mirrored ops on the runtime: once now, again in the backward
     const fn = (...ts: Tensor[]): Tensor => {
       const local = new Map<Val, Tensor>();
@@ -682,14 +710,15 @@ class Case {
     };
     this.log(`} fn returns ${ret.name}, reads ${[...closure].map((v) => v.name)}`);
     this.apply({
-      gpu: (ts) => M.checkpoint(fn, ...ts.map(tensorArg)),
+      gpu: (ts) => M.checkpoint(fn, ...ts.slice(0, inputs.length).map(tensorArg)),
       js: () => [ret.data],
-      saves: inputs.map((_, i) => i),
+      saves: args.map((_, i) => i),
       closure: [...closure],
+      rerun: { reads, stale },
       alwaysGrad: true,
       gradInputs,
       label: "checkpoint",
-    }, inputs);
+    }, args);
   }
 
   /** A backward in the middle of the case: sum(v * const) of a live value; later ops may go through it. */
@@ -705,7 +734,8 @@ class Case {
 
   /** Runs backward, checks that it throws exactly when the mirror says it must, and mirrors what it releases. */
   runBackward(root: Val, seed: Seed | null, retainGraph: boolean, times: number): void {
-    const expected = predictThrow(root);
+    const prediction = predictThrow(root);
+    const expected = prediction?.why;
     const how = `${retainGraph ? ", retainGraph" : ""}${times > 1 ? ` (${times} times)` : ""}`;
     this.log(`backward(${root.name}${how})${expected ? ` (should throw: ${expected})` : ""}`);
     let err: Error | null = null;
@@ -724,9 +754,7 @@ class Case {
     } else {
       if (expected && !err) this.fail("error expected", `backward succeeded, but ${expected}`);
       if (err && !expected) this.fail("unexpected error", `backward threw: ${err.name}: ${err.message}`);
-      // a released node is found while the backward orders the graph, before any node's backward runs
-      const clear = expected?.includes("released") ? /already released/ : /was disposed/;
-      if (err && expected && !clear.test(err.message)) {
+      if (err && prediction && !prediction.clear.test(err.message)) {
         this.fail("unclear error", `backward threw '${err.message}' (${expected})`);
       }
     }
@@ -787,31 +815,44 @@ function rmsNormRef(x: Nd, w: Nd, eps: number): Nd {
 }
 
 /**
- * Whether (and why) the runtime's backward from `root` must throw: the graph it walks (inputs that require
- * grad) reaches a released node, or a node that gets a gradient needs a tensor that was disposed (a saved
- * tensor, or one a checkpoint's function reads when the backward runs it again).
+ * Whether (and why) the runtime's backward from `root` must throw, and what its error must say: the graph it
+ * walks (inputs that require grad) reaches a released node (found while it orders the graph, before any
+ * node's backward runs); or a node that gets a gradient needs a tensor that was disposed (a saved tensor, or
+ * one a checkpoint's function reads when the backward runs it again), or is a checkpoint whose rerun walks
+ * to a released value (which of those comes first depends on the order the nodes run in).
  */
-function predictThrow(root: Val): string | null {
+function predictThrow(root: Val): { why: string; clear: RegExp } | null {
   const seen = new Set<Val>();
   const stack = [root];
   while (stack.length) {
     const v = stack.pop()!;
     if (seen.has(v) || !v.hasNode) continue;
     seen.add(v);
-    if (v.released) return `${v.name}'s node was released (${v.released})`;
+    if (v.released) {
+      return { why: `${v.name}'s node was released (${v.released})`, clear: /already released/ };
+    }
     stack.push(...v.inputs.filter((x) => x.requiresGrad));
   }
   const reached = new Set<Val>();
+  const why: string[] = [];
+  const kinds = new Set<string>();
   stack.push(root);
   while (stack.length) {
     const v = stack.pop()!;
     if (reached.has(v) || !v.hasNode) continue;
     reached.add(v);
     const gone = [...v.saved, ...v.closure].find((s) => s.disposed);
-    if (gone) return `${v.name}'s node needs ${gone.name}, which was disposed`;
+    if (gone) {
+      why.push(`${v.name}'s node needs ${gone.name}, which was disposed`);
+      kinds.add("was disposed");
+    }
+    if (v.stale.length) {
+      why.push(`${v.name}'s rerun walks to ${v.stale[0].name}, whose node was released`);
+      kinds.add("already released");
+    }
     stack.push(...v.gradTo);
   }
-  return null;
+  return why.length ? { why: why.join("; "), clear: new RegExp([...kinds].join("|")) } : null;
 }
 
 /** Float64 central differences of `loss()` with respect to every parameter element. */

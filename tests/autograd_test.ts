@@ -391,6 +391,55 @@ Deno.test("checkpoint of a function that returns a tensor it did not make (captu
   for (const t of [c, c.grad!, p, nested, captured]) t.dispose();
 });
 
+Deno.test("checkpoint of a function that reads an intermediate that requires grad: its gradient goes on through that intermediate's graph", async () => {
+  const w = M.tensor([1, 2, 3], undefined, { requiresGrad: true });
+  const x = M.tensor([1, 1, 1], undefined, { requiresGrad: true });
+  const before = memory();
+  /** Runs backward of loss(h) with h = 2w; returns w's and x's gradients. */
+  const grads = async (loss: (h: Tensor) => Tensor) => {
+    const h = w.mul(2);
+    tidy(() => loss(h).backward());
+    assert.equal(h.grad, null, "the intermediate is no leaf");
+    h.dispose();
+    assert.equal(memory().savedBytes, before.savedBytes, "nothing left saved");
+    const out = await Promise.all([w.grad, x.grad].map(async (g) => g ? [...await g.toArray()] : null));
+    for (const t of [w, x]) {
+      t.grad?.dispose();
+      t.grad = null;
+    }
+    return out;
+  };
+  // sum(x * h) + sum(h): d/dh = x + 1 = 2, so d/dw = 4; d/dx = h
+  assert.deepEqual(await grads((h) => checkpoint((t) => t.mul(h), x).sum().add(h.sum())), [[4, 4, 4], [
+    2,
+    4,
+    6,
+  ]]);
+  // sum(h * h), h read as the input and by closure: d/dw = 2 * 2h
+  assert.deepEqual(await grads((h) => checkpoint((t) => t.mul(h), h).sum()), [[8, 16, 24], null]);
+  // a nested checkpoint that captures it
+  assert.deepEqual(
+    await grads((h) => checkpoint((t) => checkpoint((u) => u.mul(h), t), x).sum()),
+    [[2, 2, 2], [2, 4, 6]],
+  );
+  // a function that returns it
+  assert.deepEqual(await grads((h) => checkpoint(() => h, x).sum()), [[2, 2, 2], null]);
+  // a function that reads it in the rerun only: a clear error
+  let runs = 0;
+  const h = w.mul(2);
+  const y = checkpoint((t) => runs++ ? t.mul(h) : t.exp(), x);
+  assert.throws(
+    () => tidy(() => y.sum().backward()),
+    /rerun of its function read .* which its first run did not read/,
+  );
+  for (const t of [h, y]) t.dispose();
+  w.grad?.dispose();
+  x.grad?.dispose();
+  const after = memory();
+  assert.deepEqual([after.liveTensors, after.savedBytes], [before.liveTensors, before.savedBytes]);
+  for (const t of [w, x]) t.dispose();
+});
+
 Deno.test("a backward that uses a saved tensor disposed by the caller fails with a clear error", () => {
   const x = M.randn([3], { seed: 7, requiresGrad: true });
   const y = x.exp(); // saves its output
