@@ -147,6 +147,13 @@ function attach(out: Tensor, node: GradNode): void {
 /** Registers a differentiable op and returns the function that applies it. */
 export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tensor {
   return (inputs, attrs) => {
+    // before the forward allocates its output, which a throw on a disposed input would leak
+    const gone = inputs.find((t) => t.disposed);
+    if (gone) {
+      throw new Error(
+        `${def.name}: Tensor#${gone.id} ${fmt(gone.shape)} ${gone.dtype} was disposed and cannot be used`,
+      );
+    }
     const saved: Tensor[] = [];
     const out = noGrad(() => def.forward(inputs, attrs, (...t) => saved.push(...t)));
     return record(

@@ -73,11 +73,19 @@ export function broadcastStrides(from: Shape, to: Shape): number[] {
 
 /** Resolves a possibly negative axis; the error names the axis and the rank. */
 export function normAxis(axis: number, rank: number, op = "op"): number {
-  const a = axis < 0 ? axis + rank : axis;
-  if (!Number.isInteger(axis) || a < 0 || a >= Math.max(rank, 1)) {
+  // As PyTorch, a 0-d tensor's axes wrap as a vector's: 0 and -1 both name it (reductions, softmax).
+  const r = Math.max(rank, 1);
+  const a = axis < 0 ? axis + r : axis;
+  if (!Number.isInteger(axis) || a < 0 || a >= r) {
     throw new Error(`${op}: axis ${axis} is out of range for a tensor of rank ${rank}`);
   }
   return a;
+}
+
+/** {@linkcode normAxis} for ops that need a real dim to cut, join or index along; a 0-d tensor has none. */
+export function normDim(dim: number, rank: number, op: string): number {
+  if (rank === 0) throw new Error(`${op}: needs a tensor of rank >= 1 (dim ${dim}), got a 0-d tensor`);
+  return normAxis(dim, rank, op);
 }
 
 /** Pads shape/stride lists to {@linkcode MAX_RANK} entries (leading 1s / 0s), as the kernels expect. */

@@ -249,3 +249,65 @@ Deno.test("reductions: the same values through free functions and methods, and a
   });
   for (const o of [t, ...outs]) o.dispose();
 });
+
+Deno.test("0-d tensors, as PyTorch: reductions and softmax over axis 0 or -1 give the value; ops that cut or join along a dim refuse them", async () => {
+  await M.init();
+  const base = M.memory().liveTensors;
+  const x = tensor(5, undefined, { requiresGrad: true });
+  const cases: [string, (t: M.Tensor) => M.Tensor, number, number][] = [
+    ["sum", (t) => M.sum(t, 0), 5, 1],
+    ["mean", (t) => M.mean(t, -1), 5, 1],
+    ["max", (t) => M.max(t, 0, true), 5, 1],
+    ["logsumexp", (t) => M.logsumexp(t, -1), 5, 1],
+    ["softmax", (t) => M.softmax(t), 1, 0],
+    ["logSoftmax", (t) => M.logSoftmax(t, 0), 0, 0],
+  ];
+  for (const [name, f, value, grad] of cases) {
+    const y = f(x);
+    assert.deepEqual(y.shape, [], name);
+    y.backward();
+    assert.deepEqual([...await y.toArray(), ...await x.grad!.toArray()], [value, grad], name);
+    y.dispose();
+    x.grad!.dispose();
+    x.grad = null;
+  }
+  const idx = tensor([0], undefined, { dtype: "i32" });
+  for (
+    const [name, f] of [
+      ["narrow", () => M.narrow(x, 0, 0, 1)],
+      ["split", () => M.split(x, 1)],
+      ["chunk", () => M.chunk(x, 1)],
+      ["cat", () => M.cat([x, x])],
+      ["gather", () => M.gather(x, 0, idx)],
+      ["indexSelect", () => M.indexSelect(x, 0, idx)],
+    ] as const
+  ) {
+    assert.throws(
+      f,
+      new RegExp(`^Error: ${name}: needs a tensor of rank >= 1 \\(dim 0\\), got a 0-d tensor`),
+    );
+  }
+  assert.throws(() => M.sum(x, 1), /sum: axis 1 is out of range for a tensor of rank 0/);
+  for (const t of [x, idx]) t.dispose();
+  assert.equal(M.memory().liveTensors, base, "nothing leaked");
+});
+
+Deno.test("an op given a disposed tensor names it and allocates nothing; reshape with two -1 says only one can be inferred", async () => {
+  await M.init();
+  const a = M.ones([3, 4]);
+  const b = M.ones([4, 2]);
+  b.dispose();
+  const before = M.memory();
+  assert.throws(
+    () => M.matmul(a, b),
+    /^Error: matmul: Tensor#\d+ \[4, 2\] f32 was disposed and cannot be used/,
+  );
+  assert.throws(() => M.softmax(b), /softmax: Tensor#\d+ \[4, 2\] f32 was disposed/);
+  assert.equal(M.memory().liveTensors, before.liveTensors);
+  assert.equal(M.memory().liveBytes, before.liveBytes);
+  assert.throws(
+    () => a.reshape(-1, -1),
+    /^Error: reshape: only one dim can be -1 \(inferred\), got \[-1, -1\]/,
+  );
+  a.dispose();
+});

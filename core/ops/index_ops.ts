@@ -8,14 +8,16 @@
  * fixed order, the output gradients whose index equals v, in slices of at most 16384 positions (loops
  * past 65535 iterations stop silently on software adapters); an indexSelect gradient along the first dim (J x V
  * at most 2^24: embeddings) is onehot(idx)^T @ g instead. An index outside [0, V) reads NaN from an f32 x and
- * 2143289344 (0x7fc00000, the bits of NaN) from an i32 x, and passes no gradient.
+ * 2143289344 (0x7fc00000, the bits of NaN) from an i32 x, and passes no gradient. Unlike PyTorch's scatter,
+ * the one-hot product spreads a non-finite output gradient (inf or NaN at any position, such as the NaN an
+ * out-of-range id's output leads to) as NaN over that column of every row (0 x inf).
  * @module
  */
 
 import { defineOp } from "../autograd.ts";
 import { recordClear } from "../executor.ts";
 import { defineKernel, dispatch } from "../kernel.ts";
-import { fmt, normAxis, sizeOf } from "../shape.ts";
+import { fmt, normDim, sizeOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { matmulRaw } from "./matmul.ts";
 
@@ -164,7 +166,7 @@ function checkIndex(idx: Tensor, op: string): void {
  */
 export function indexSelect(x: Tensor, dim: number, index: Tensor): Tensor {
   checkIndex(index, "indexSelect");
-  const d = normAxis(dim, x.rank, "indexSelect");
+  const d = normDim(dim, x.rank, "indexSelect");
   const outShape = [...x.shape.slice(0, d), ...index.shape, ...x.shape.slice(d + 1)];
   return gatherOp([x, index], { dim: d, outShape, strides: [0, 1, 0] });
 }
@@ -198,7 +200,7 @@ export function embedding(weight: Tensor, ids: Tensor, paddingIdx: number | null
  */
 export function gather(x: Tensor, dim: number, index: Tensor): Tensor {
   checkIndex(index, "gather");
-  const d = normAxis(dim, x.rank, "gather");
+  const d = normDim(dim, x.rank, "gather");
   if (index.rank !== x.rank || index.shape.some((s, i) => i !== d && s !== x.shape[i])) {
     throw new Error(`gather: index ${fmt(index.shape)} must match x ${fmt(x.shape)} in every dim but ${dim}`);
   }

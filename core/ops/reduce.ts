@@ -165,6 +165,7 @@ const maxOp = defineOp<{ axes: number[]; keepdim: boolean }>({
   },
 });
 
+/** `y` reshaped, `y` itself disposed (its node lives on while the view consumes it). */
 function reshapeOwned(y: Tensor, shape: number[]): Tensor {
   const r = reshape(y, shape);
   y.dispose();
@@ -180,12 +181,20 @@ function broadcastGrad(g: Tensor, shape: Shape, axes: number[]): Tensor {
 
 /** Sum over `axis` (or all axes); `keepdim` keeps reduced axes as size 1. */
 export function sum(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
-  return sumOp([x], { axes: axesOf(x, axis, "sum"), keepdim });
+  const axes = axesOf(x, axis, "sum");
+  if (x.rank === 0 && axes.length) return reducedScalar(x);
+  return sumOp([x], { axes, keepdim });
 }
 
+/** A 0-d tensor reduced over its one axis (0 or -1, as PyTorch allows) is itself: a view of it. */
+function reducedScalar(x: Tensor): Tensor {
+  return reshape(x, []);
+}
 /** Maximum over `axis` (or all axes; -inf over a row of -inf); ties share the gradient. */
 export function max(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
-  return maxOp([x], { axes: axesOf(x, axis, "max"), keepdim });
+  const axes = axesOf(x, axis, "max");
+  if (x.rank === 0 && axes.length) return reducedScalar(x);
+  return maxOp([x], { axes, keepdim });
 }
 
 const meanOp = defineOp<{ axes: number[]; keepdim: boolean }>({
@@ -210,7 +219,9 @@ function countOf(shape: Shape, axes: number[]): number {
 
 /** Mean over `axis` (or all axes). */
 export function mean(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
-  return meanOp([x], { axes: axesOf(x, axis, "mean"), keepdim });
+  const axes = axesOf(x, axis, "mean");
+  if (x.rank === 0 && axes.length) return reducedScalar(x);
+  return meanOp([x], { axes, keepdim });
 }
 
 /** WGSL of the shift of logsumexp from the max in operand `v`: the max, or 0 where it is infinite, as PyTorch's
@@ -246,7 +257,9 @@ const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
 /** `log(sum(exp(x), axis))`, shifted by the maximum so that it never overflows (a row with +inf gives inf, one of
  * -inf gives -inf, as PyTorch). */
 export function logsumexp(x: Tensor, axis: number, keepdim = false): Tensor {
-  return logsumexpOp([x], { axis: normAxis(axis, x.rank, "logsumexp"), keepdim });
+  const a = normAxis(axis, x.rank, "logsumexp");
+  if (x.rank === 0) return reducedScalar(x);
+  return logsumexpOp([x], { axis: a, keepdim });
 }
 
 /** Sums a broadcast gradient back to `shape` (the adjoint of broadcasting). Returns `g` if nothing to do. */

@@ -13,7 +13,7 @@
 import { defineOp, WindowGrad } from "../autograd.ts";
 import { recordCopy } from "../executor.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
-import { checkShape, fmt, MAX_RANK, normAxis, type Shape, sizeOf, stridesOf } from "../shape.ts";
+import { checkShape, fmt, MAX_RANK, normAxis, normDim, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { full } from "../creation.ts";
 import { mapOp } from "./map_kernel.ts";
@@ -182,6 +182,11 @@ export function detach(x: Tensor): Tensor {
 function inferShape(x: Tensor, shape: readonly number[]): number[] {
   const s = [...shape];
   const free = s.indexOf(-1);
+  if (free >= 0 && s.lastIndexOf(-1) !== free) {
+    throw new Error(
+      `reshape: only one dim can be -1 (inferred), got ${fmt(shape)} for shape ${fmt(x.shape)}`,
+    );
+  }
   if (free >= 0) {
     const known = sizeOf(s.filter((_, i) => i !== free));
     if (known === 0 || x.size % known !== 0) {
@@ -273,7 +278,7 @@ const narrowOp = defineOp<{ dim: number; start: number; length: number }>({
 
 /** `length` elements of `dim` starting at `start` (a copy). */
 export function narrow(x: Tensor, dim: number, start: number, length: number): Tensor {
-  const d = normAxis(dim, x.rank, "narrow");
+  const d = normDim(dim, x.rank, "narrow");
   if (
     !Number.isInteger(start) || !Number.isInteger(length) || start < 0 || length < 0 ||
     start + length > x.shape[d]
@@ -287,7 +292,7 @@ export function narrow(x: Tensor, dim: number, start: number, length: number): T
 
 /** Python-style slice `[start, end)` along `dim`; negative indices count from the end. */
 export function slice(x: Tensor, dim: number, start: number, end?: number): Tensor {
-  const d = normAxis(dim, x.rank, "slice");
+  const d = normDim(dim, x.rank, "slice");
   const n = x.shape[d];
   const s = Math.min(Math.max(start < 0 ? start + n : start, 0), n);
   const e = Math.min(Math.max(end === undefined ? n : end < 0 ? end + n : end, s), n);
@@ -296,7 +301,7 @@ export function slice(x: Tensor, dim: number, start: number, end?: number): Tens
 
 /** Splits along `dim` (default 0) into pieces of the given sizes, or of `size` each (the last may be smaller). */
 export function split(x: Tensor, sizes: number | number[], dim = 0): Tensor[] {
-  const d = normAxis(dim, x.rank, "split");
+  const d = normDim(dim, x.rank, "split");
   const n = x.shape[d];
   let list: number[];
   if (typeof sizes === "number") {
@@ -332,7 +337,7 @@ export function chunk(x: Tensor, chunks: number, dim = 0): Tensor[] {
   if (!Number.isInteger(chunks) || chunks < 1) {
     throw new Error(`chunk: the number of chunks must be a positive integer, got ${chunks}`);
   }
-  const d = normAxis(dim, x.rank, "chunk");
+  const d = normDim(dim, x.rank, "chunk");
   const n = x.shape[d];
   return split(x, n === 0 ? new Array<number>(chunks).fill(0) : Math.ceil(n / chunks), d);
 }
@@ -364,7 +369,7 @@ const catOp = defineOp<{ dim: number }>({
 export function cat(tensors: Tensor[], dim = 0): Tensor {
   if (tensors.length === 0) throw new Error("cat: needs at least one tensor");
   const first = tensors[0];
-  const d = normAxis(dim, first.rank, "cat");
+  const d = normDim(dim, first.rank, "cat");
   for (const t of tensors) {
     if (
       t.rank !== first.rank || t.dtype !== first.dtype ||

@@ -200,13 +200,25 @@ function checkF32(x: Tensor, op: string): void {
 /** Softmax over `axis` (default last), stable for any input range. */
 export function softmax(x: Tensor, axis = -1): Tensor {
   checkF32(x, "softmax");
-  return softmaxOp([x], { axis: normAxis(axis, x.rank, "softmax") });
+  const a = normAxis(axis, x.rank, "softmax");
+  // a 0-d tensor (axis 0 or -1, as PyTorch allows) is a row of one: exp(x - x) (1; NaN at +-inf, as PyTorch)
+  if (x.rank === 0) {
+    const d = x.sub(x);
+    try {
+      return d.exp();
+    } finally {
+      d.dispose(); // its node lives while exp's consumes it
+    }
+  }
+  return softmaxOp([x], { axis: a });
 }
 
 /** Log-softmax over `axis` (default last), stable for any input range. */
 export function logSoftmax(x: Tensor, axis = -1): Tensor {
   checkF32(x, "logSoftmax");
-  return logSoftmaxOp([x], { axis: normAxis(axis, x.rank, "logSoftmax") });
+  const a = normAxis(axis, x.rank, "logSoftmax");
+  if (x.rank === 0) return x.sub(x); // a row of one: x - x
+  return logSoftmaxOp([x], { axis: a });
 }
 
 /** Options of {@linkcode crossEntropy}. */
