@@ -113,17 +113,17 @@ export function mambaConfig(config: MambaConfigInput | MambaConfig): MambaConfig
   }
   if (c.dtMin > c.dtMax) throw new Error(`MambaConfig: dtMin ${c.dtMin} is greater than dtMax ${c.dtMax}`);
   if (c.dtInit !== "random" && c.dtInit !== "constant") {
-    throw new Error(`MambaConfig: dtInit must be "random" or "constant", got ${JSON.stringify(c.dtInit)}`);
+    throw new Error(`MambaConfig: dtInit must be "random" or "constant", got ${show(c.dtInit)}`);
   }
   if (c.scan !== "fused" && c.scan !== "pscan" && c.scan !== "sequential") {
     throw new Error(
-      `MambaConfig: scan must be "fused", "pscan" or "sequential", got ${JSON.stringify(c.scan)}`,
+      `MambaConfig: scan must be "fused", "pscan" or "sequential", got ${show(c.scan)}`,
     );
   }
   const dtRank = c.dtRank === "auto" ? Math.ceil(c.dModel / 16) : c.dtRank;
   if (!Number.isInteger(dtRank) || dtRank <= 0) {
     throw new Error(
-      `MambaConfig: dtRank must be "auto" or a positive integer, got ${JSON.stringify(c.dtRank)}`,
+      `MambaConfig: dtRank must be "auto" or a positive integer, got ${show(c.dtRank)}`,
     );
   }
   const derived = c.expandFactor * c.dModel;
