@@ -136,7 +136,7 @@ export function broadcastShape(...shapes: (readonly number[])[]): number[] {
 }
 
 /** Calls `fn(index, coord)` for every element of `shape` in row-major order. */
-function forEachCoord(shape: readonly number[], fn: (i: number, coord: number[]) => void): void {
+export function forEachCoord(shape: readonly number[], fn: (i: number, coord: number[]) => void): void {
   const n = sizeOf(shape);
   const coord = new Array<number>(shape.length).fill(0);
   for (let i = 0; i < n; i++) {

@@ -53,7 +53,8 @@
 import { AssertionError } from "node:assert/strict";
 import * as M from "../mod.ts";
 import { type DType, memory, type Tensor, tidy } from "../mod.ts";
-import { readAll, rng, setup } from "./helpers.ts";
+import { forEachCoord, readAll, rng, setup, sizeOf, stridesOf } from "./helpers.ts";
+import { fmt } from "../core/shape.ts";
 import { tolerance } from "./fixture_util.ts";
 
 await setup();
@@ -75,37 +76,7 @@ const NO_TENSOR = null as unknown as Tensor;
 
 // ------------------------------------------------------------------------------------------ shapes
 
-function sizeOf(shape: readonly number[]): number {
-  let n = 1;
-  for (const d of shape) n *= d;
-  return n;
-}
-
-function stridesOf(shape: readonly number[]): number[] {
-  const s = new Array<number>(shape.length);
-  let acc = 1;
-  for (let i = shape.length - 1; i >= 0; i--) {
-    s[i] = acc;
-    acc *= shape[i];
-  }
-  return s;
-}
-
-const fmt = (s: readonly number[]) => `[${s.join(", ")}]`;
 const esc = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-
-/** Calls `fn(i, coord)` for every element of `shape`, row-major. */
-function forEachCoord(shape: readonly number[], fn: (i: number, c: number[]) => void): void {
-  const n = sizeOf(shape);
-  const c = new Array<number>(shape.length).fill(0);
-  for (let i = 0; i < n; i++) {
-    fn(i, c);
-    for (let d = shape.length - 1; d >= 0; d--) {
-      if (++c[d] < shape[d]) break;
-      c[d] = 0;
-    }
-  }
-}
 
 /** NumPy broadcasting; null when the shapes do not broadcast. */
 function bshape(...shapes: (readonly number[])[]): number[] | null {
