@@ -89,7 +89,8 @@ function axesOf(x: Tensor, axis: number | number[] | undefined, op: string): num
   const list = axis === undefined ? x.shape.map((_, i) => i) : typeof axis === "number" ? [axis] : axis;
   const norm = list.map((a) => normAxis(a, x.rank, op));
   if (new Set(norm).size !== norm.length) throw new Error(`${op}: repeated axis in ${JSON.stringify(axis)}`);
-  return norm.sort((a, b) => b - a);
+  // a 0-d tensor's one axis (0 or -1, as PyTorch allows) holds its one value: nothing to reduce
+  return x.rank === 0 ? [] : norm.sort((a, b) => b - a);
 }
 
 /** Reduces `axes` of a contiguous f32 tensor (no autograd), keeping them as size 1. A new tensor (a view of
@@ -181,20 +182,12 @@ function broadcastGrad(g: Tensor, shape: Shape, axes: number[]): Tensor {
 
 /** Sum over `axis` (or all axes); `keepdim` keeps reduced axes as size 1. */
 export function sum(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
-  const axes = axesOf(x, axis, "sum");
-  if (x.rank === 0 && axes.length) return reducedScalar(x);
-  return sumOp([x], { axes, keepdim });
+  return sumOp([x], { axes: axesOf(x, axis, "sum"), keepdim });
 }
 
-/** A 0-d tensor reduced over its one axis (0 or -1, as PyTorch allows) is itself: a view of it. */
-function reducedScalar(x: Tensor): Tensor {
-  return reshape(x, []);
-}
 /** Maximum over `axis` (or all axes; -inf over a row of -inf); ties share the gradient. */
 export function max(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
-  const axes = axesOf(x, axis, "max");
-  if (x.rank === 0 && axes.length) return reducedScalar(x);
-  return maxOp([x], { axes, keepdim });
+  return maxOp([x], { axes: axesOf(x, axis, "max"), keepdim });
 }
 
 const meanOp = defineOp<{ axes: number[]; keepdim: boolean }>({
@@ -219,9 +212,7 @@ function countOf(shape: Shape, axes: number[]): number {
 
 /** Mean over `axis` (or all axes). */
 export function mean(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
-  const axes = axesOf(x, axis, "mean");
-  if (x.rank === 0 && axes.length) return reducedScalar(x);
-  return meanOp([x], { axes, keepdim });
+  return meanOp([x], { axes: axesOf(x, axis, "mean"), keepdim });
 }
 
 /** WGSL of the shift of logsumexp from the max in operand `v`: the max, or 0 where it is infinite, as PyTorch's
@@ -258,7 +249,7 @@ const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
  * -inf gives -inf, as PyTorch). */
 export function logsumexp(x: Tensor, axis: number, keepdim = false): Tensor {
   const a = normAxis(axis, x.rank, "logsumexp");
-  if (x.rank === 0) return reducedScalar(x);
+  if (x.rank === 0) return reshape(x, []); // its one value: a view of it
   return logsumexpOp([x], { axis: a, keepdim });
 }
 
