@@ -276,7 +276,7 @@ function fusedScanBackward(
         segStart,
         segLen,
       };
-      // state blocks one after another: each adds its share of dx, ddelta, dz, dbias, dD
+      // state blocks one after another: each adds its share of dx, ddelta, dz (the first sums dD, the last dbias)
       for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0, Ri), bufs, uni, B * u.tiles);
     }
     // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]; the last segment (c0 = 0) also

@@ -82,6 +82,8 @@ interface Shape {
   /** Steps gathered in workgroup memory between two barriers (reduce "workgroup"). */
   S: number;
   first: boolean;
+  /** The last state block: it sums dbias, from each step's whole ddraw (the earlier blocks' shares in gdraw). */
+  last: boolean;
   /** hbuf "workgroup": the recomputed states in workgroup memory. */
   shared: boolean;
   /** reduce "subgroup": dB/dC summed with subgroup operations. */
@@ -115,6 +117,7 @@ function shapeOf(v: FusedVariant, n0: number, Ri: number): Shape {
     GP: 2 * N + 2 + Ri, // [dbias, dD, dA (N), lam carry (N), dW (Ri)]
     S: stepsPerBarrier(v, CW),
     first: n0 === 0,
+    last: n0 + Nb === N,
     shared: v.hbuf === "workgroup",
     sg: v.reduce === "subgroup",
     shuffle: v.shuffle === true,
@@ -236,16 +239,15 @@ function invocationSetup(c: Shape): string {
 }
 
 /** Reads the channel's parameters from ph (A, bias, Dd, dt_proj's row Wd) and, from its gpar row `gp`, what
- * the dispatches of later chunks (and, for gbias and gD, earlier state blocks) summed: gbias, gD, gA, lam,
- * gW. */
+ * the dispatches of later chunks summed: gA, lam, gW, gD (the first state block's) and gbias (the last's). */
 function carryIn(c: Shape): string {
-  const { N, n0, K, GP, Ri, first } = c;
+  const { N, n0, K, GP, Ri, first, last } = c;
   return `// gpar row of (b, d): [dbias, dD, dA (N), lam carry (N), dW (Ri)], accumulated over dispatches.
   let gp = P.gparOff + (b * P.ED + dc) * ${GP}u;
   let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
-  // dbias and dD sum over the state blocks too: blocks after the first always continue
-  var gbias = ${first ? "select(0.0, ld_gred(gp), more)" : "ld_gred(gp)"};
-  var gD = ${first ? "select(0.0, ld_gred(gp + 1u), more)" : "ld_gred(gp + 1u)"};
+  // the first block alone sums dD and the last alone dbias; the others leave them be
+  ${last ? "var gbias = select(0.0, ld_gred(gp), more);" : ""}
+  ${first ? "var gD = select(0.0, ld_gred(gp + 1u), more);" : ""}
   ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0}u + ${st(c, n)}));`)}
   ${unroll(K, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n0}u + ${st(c, n)}), more);`)}
   ${unroll(K, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0}u + ${st(c, n)}), more);`)}
@@ -384,7 +386,7 @@ function outputGradient(c: Shape): string {
  * dC terms (into `terms`, or at `lane` in workgroup memory) and the new lam; gx and gdt summed over lanes. */
 function stateGradients(c: Shape): string {
   const { K, lanes, PW, n0, WG, CW, TW, sg } = c;
-  return `gD += ${firstOnly(c, "gy * xv")};
+  return `${c.first ? "gD += gy * xv;" : ""}
       var gx = ${firstOnce(c, "gy * Dd")};
       var gdt = 0.0;
       let sp = select(0u, s - 1u, s > 0u);
@@ -418,16 +420,24 @@ function stateTerms({ K, Nb, sg }: Shape, n: number): string {
     `lam[${n}] = a * l; }`;
 }
 
-/** ddraw (gu, through softplus) into gbias, and with dt_proj inside into gW and the dt terms; writes dx and
- * ddraw of the step (the last block with dt_proj inside only dx: ddraw goes on into dW). */
+/** The block's share of ddraw (gu, through softplus); the last block sums the step's whole ddraw (gtot) into
+ * gbias, and with dt_proj inside into gW and the dt terms. Writes dx and ddraw of the step (the last block
+ * with dt_proj inside only dx: ddraw goes on into dW). */
 function inputGradients(c: Shape): string {
-  const { dtHere, first, Ri, sg, K, Nb } = c;
+  const { dtHere, first, last, Ri, sg, K, Nb } = c;
+  // gbias sums whole steps, as the sequential mode does: one running sum of L block shares per block drifted
+  // (at d_state 17, 17 one-state blocks: 9e-6 from sequential, against 1e-6 for one block).
   return `let gu = gdt * sigmoid_(u);
-      gbias += gu;
+      ${
+    last
+      ? `// ddraw summed over the state blocks (earlier blocks' shares are in gdraw)
+      let gtot = ${first ? "gu" : "ld_gdraw(i) + gu"};
+      gbias += gtot;`
+      : ""
+  }
       ${
     dtHere
-      ? `// ddraw summed over the state blocks (earlier blocks' shares are in gdraw): dW and the dt terms
-      let gtot = ${first ? "gu" : "ld_gdraw(i) + gu"};
+      ? `// dW and the dt terms
       ${unroll(Ri, (r) => `gW[${r}] += gtot * dtv[${r}];`)}
       ${
         unroll(Ri, (r) =>
@@ -437,7 +447,9 @@ function inputGradients(c: Shape): string {
       }`
       : ""
   }
-      if (${once(c, "valid")}) { ${acc(c, "gx", "gx")} ${dtHere ? "" : acc(c, "gdraw", "gu")} }`;
+      if (${once(c, "valid")}) { ${acc(c, "gx", "gx")} ${
+    dtHere ? "" : last ? "st_gdraw(i, gtot);" : acc(c, "gdraw", "gu")
+  } }`;
 }
 
 /** The step's dB/dC (and dt) terms summed over the workgroup's channels into partial rows of gred: per
@@ -478,12 +490,12 @@ function columnSum({ WG, CW, PW, N, Nb, n0, dtHere }: Shape, j0: number): string
 /** Writes the channel's gpar row after the dispatch's chunks: its sums over time (gbias, gD, gA, gW) and the
  * lam carry into the next dispatch. */
 function carryOut(c: Shape): string {
-  const { dtHere, Ri, N, n0, K } = c;
+  const { dtHere, Ri, N, n0, K, first, last } = c;
   const dA = (n: number) => `st_gred(gp + ${2 + n0}u + ${st(c, n)}, gA[${n}]);`;
   const lamCarry = (n: number) => `st_gred(gp + ${2 + N + n0}u + ${st(c, n)}, lam[${n}]);`;
   return `if (${once(c, "valid")}) {
-    st_gred(gp, gbias);
-    st_gred(gp + 1u, gD);
+    ${last ? "st_gred(gp, gbias);" : ""}
+    ${first ? "st_gred(gp + 1u, gD);" : ""}
     ${dtHere ? unroll(Ri, (r) => `st_gred(gp + ${2 + 2 * N + r}u, gW[${r}]);`) : ""}
   }
   if (valid) {

@@ -16,7 +16,7 @@ export interface FusedVariant {
    * of Nb states is its own pipeline (the block offset compiled in) and dispatch, walking all the steps
    * (states outer, time inner, as the CUDA kernel does). Loops over a block's states are unrolled, so code
    * size and live registers grow with Nb, not N; blocks after the first add their share of y (and of dx,
-   * ddelta, dz, dbias, dD) to what the earlier ones wrote. */
+   * ddelta, dz) to what the earlier ones wrote; the last sums dbias over whole steps. */
   Nb?: number;
   /** Chunk length: steps between saved states. */
   Lc: number;

@@ -199,6 +199,73 @@ Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096,
   }
 });
 
+/** dbias of sum(y * G) for an ungated scan in float64: sum over (b, t) of ddelta * sigmoid(u), with ddelta =
+ * sum over n of l B x + l h(t-1) a A, l = G C + a(t+1) l(t+1) (docs/selective-scan.md). Inputs as `inputs`. */
+function biasGradF64(
+  v: Record<string, Float32Array>,
+  B: number,
+  L: number,
+  ED: number,
+  N: number,
+  R: number,
+) {
+  const S = R + 2 * N;
+  const out = new Float64Array(ED);
+  for (let b = 0; b < B; b++) {
+    for (let d = 0; d < ED; d++) {
+      const at = (t: number) => (b * L + t) * ED + d; // (b, t, d) of x, draw, G
+      const bc = (t: number, j: number) => (b * L + t) * S + R + j; // B (j < N) and C (N + j) of dBC
+      const u = Array.from({ length: L }, (_, t) => v.draw[at(t)] + v.bias[d]);
+      const dt = u.map((ut) => Math.log1p(Math.exp(ut)));
+      const gdt = new Float64Array(L);
+      for (let n = 0; n < N; n++) {
+        const A = -Math.exp(v.A_log[d * N + n]);
+        const h = new Float64Array(L + 1); // h[t + 1]: the state after step t
+        for (let t = 0; t < L; t++) {
+          h[t + 1] = Math.exp(dt[t] * A) * h[t] + dt[t] * v.x[at(t)] * v.dBC[bc(t, n)];
+        }
+        let lam = 0; // a(t + 1) l(t + 1)
+        for (let t = L - 1; t >= 0; t--) {
+          const a = Math.exp(dt[t] * A);
+          const l = v.G[at(t)] * v.dBC[bc(t, N + n)] + lam;
+          gdt[t] += l * v.dBC[bc(t, n)] * v.x[at(t)] + l * h[t] * a * A;
+          lam = a * l;
+        }
+      }
+      for (let t = 0; t < L; t++) out[d] += gdt[t] / (1 + Math.exp(-u[t]));
+    }
+  }
+  return out;
+}
+
+Deno.test("dbias with many state blocks (d_state 17 and 23: one-state blocks) sums whole steps: within 1.5e-6 of float64", async () => {
+  // Each state block adds its share of ddelta; the last sums the step's whole ddelta into dbias, as the
+  // sequential mode does. A running sum of every block's shares (before 2026-11-29) came to 4.8e-6 and 2.2e-6
+  // here; now 4.8e-7 and 1.5e-7 (lavapipe).
+  await init();
+  for (const [N, seed] of [[17, 1], [23, 3]]) {
+    const c: Case = { B: 1, L: 1024, ED: 8, N, R: 1, gated: false };
+    const t = inputs(c, seed);
+    tidy(() => sum(mul(fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, null), t.G)).backward());
+    const got = await t.bias.grad!.toArray();
+    const v: Record<string, Float32Array> = {};
+    for (const k of ["x", "draw", "dBC", "bias", "A_log", "G"] as const) {
+      v[k] = await t[k].toArray() as Float32Array;
+    }
+    const want = biasGradF64(v, c.B, c.L, c.ED, N, c.R);
+    const scale = Math.max(1, ...want.map(Math.abs));
+    const err = Math.max(...want.map((w, i) => Math.abs(got[i] - w))) / scale;
+    assert.ok(
+      err <= 1.5e-6,
+      `N ${N}: dbias ${err.toExponential(2)} from float64 (relative to ${scale.toFixed(1)})`,
+    );
+    for (const x of Object.values(t)) {
+      x.grad?.dispose();
+      x.dispose();
+    }
+  }
+});
+
 Deno.test("fused scan: bad shapes and dtypes are errors that name them; forward-only calls leave nothing live", async () => {
   await init();
   const c = { B: 2, L: 5, ED: 6, N: 4, R: 2, gated: true };
