@@ -9,7 +9,7 @@
 import { readBuffer } from "./executor.ts";
 import { allocStorage, countTensor, releaseStorage, type Storage } from "./memory.ts";
 import { fmt, type Shape, sizeOf } from "./shape.ts";
-import { type GradNode, releaseIfUnconsumed, releaseNode } from "./autograd.ts";
+import { type BackwardOptions, type GradNode, releaseIfUnconsumed, releaseNode } from "./autograd.ts";
 import * as ops from "./ops/index.ts";
 
 /** Element types: 32-bit floats and 32-bit integers. */
@@ -117,9 +117,10 @@ export class Tensor {
     return `Tensor(${fmt(this.shape)}, ${this.dtype}${this.requiresGrad ? ", requiresGrad" : ""})`;
   }
 
-  /** Computes gradients of this scalar (or of `sum(this * grad)`) w.r.t. every leaf that requires grad. */
-  backward(grad?: Tensor): void {
-    ops.backward(this, grad);
+  /** Computes gradients of this scalar (or of `sum(this * grad)`) w.r.t. every leaf that requires grad;
+   * `{ retainGraph: true }` keeps the graph for another backward (PyTorch's `retain_graph`). */
+  backward(grad?: Tensor, options: BackwardOptions = {}): void {
+    ops.backward(this, grad, options);
   }
 
   /** A new tensor with the same data that is not part of any graph. */

@@ -316,12 +316,13 @@ Deno.test("backward twice: retainGraph allows it; otherwise a clear error, no si
   const x = toTensor(xr, true);
   const y = x.square().sum();
   backward(y, undefined, { retainGraph: true });
+  y.backward(undefined, { retainGraph: true }); // the method takes the option too (the error below names it)
   backward(y);
   assertClose(
     await x.grad!.toArray(),
-    map1(xr, (v) => 4 * v),
+    map1(xr, (v) => 6 * v),
     {},
-    "two backward passes through a retained graph",
+    "three backward passes through a retained graph",
   );
   assert.throws(() => y.backward(), /already|released|retainGraph/);
   assert.equal(y.grad, null, "the released output did not turn into a leaf with its own .grad");
