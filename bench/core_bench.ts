@@ -7,7 +7,7 @@
  * Groups hold cases of the same work and operations per wait, so the ratios `deno bench` prints compare
  * like with like: `elementwise` (add against its baseline, the buffer copy), one group per matmul size
  * (`matmul 256^3`, ...: the variants against `register`, which every adapter has) and `dispatch` (the
- * tiny kernel as baseline).
+ * tiny kernel as baseline) and one per embedding vocabulary (the path before 2026-11-29 as baseline).
  *
  * Run: deno bench -A bench/core_bench.ts
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
@@ -21,6 +21,7 @@ await init();
 function opsPerIteration(c: BenchCase): number {
   if (c.group === "dispatch") return 500;
   if (c.group === "elementwise") return 8;
+  if (c.group.startsWith("embedding")) return c.group.endsWith(" 65") ? 8 : 1;
   const n = c.size!;
   return n <= 256 ? 16 : n <= 512 ? 4 : 1;
 }
@@ -31,7 +32,8 @@ const benchGroup = (c: BenchCase) => (c.group === "matmul" ? `matmul ${c.size}^3
 /** The case the others of its group are compared with. */
 function isBaseline(c: BenchCase): boolean {
   if (c.group === "matmul") return c.name.endsWith(" register");
-  return c.name.startsWith("copyBufferToBuffer") || c.name === "tiny kernel dispatch";
+  return c.name.startsWith("copyBufferToBuffer") || c.name === "tiny kernel dispatch" ||
+    c.name.includes("(before");
 }
 
 /** The case whose buffers are allocated: benches run one after another, so a bench that starts frees the

@@ -10,6 +10,9 @@
  * - matmul: n x n x n for n = 256, 512, 1024 and each variant, in GFLOP/s (2 n^3 per product).
  * - dispatch: microseconds per tiny dispatch: a one-invocation kernel on fixed buffers (the executor's own
  *   cost: bind group, uniforms, recording) and an `add` of one-element tensors (plus the op's allocation).
+ * - embedding gradient: milliseconds per `embedding` forward + backward into a (V, 64) table, V = 65 (the
+ *   char model) and 50280 (GPT-NeoX's vocabulary, the pretrained Mambas'), against the path that computed
+ *   it before 2026-11-29 (see embeddingCases).
  * @module
  */
 
@@ -18,18 +21,21 @@ import {
   availableMatmulVariants,
   defineKernel,
   deviceInfo,
+  embedding,
   full,
+  gather,
   matmulRaw,
   type MatmulVariant,
   rand,
   sync,
   type Tensor,
+  tensor,
 } from "../mod.ts";
 import { recordCopy } from "../core/executor.ts";
 import { dispatch } from "../core/kernel.ts";
 
 /** How a case's rate is expressed. */
-export type Unit = "GB/s" | "GFLOP/s" | "us/dispatch";
+export type Unit = "GB/s" | "GFLOP/s" | "us/dispatch" | "ms/op";
 
 /** A prepared case: `op` records one operation (no wait); `dispose` frees its buffers. */
 export interface Prepared {
@@ -47,7 +53,7 @@ export interface BenchCase {
   name: string;
   /** Unit of the reported rate. */
   unit: Unit;
-  /** Work of one op: bytes moved (GB/s), flops (GFLOP/s) or dispatches (us/dispatch). */
+  /** Work of one op: bytes moved (GB/s), flops (GFLOP/s), dispatches (us/dispatch) or 1 (ms/op). */
   work: number;
   /** Allocates the inputs; call after `init()`. */
   prepare: () => Prepared;
@@ -57,8 +63,15 @@ const ADD_ELEMS = 16 * 2 ** 20;
 /** The matmul sizes n of the full set of cases. */
 export const MATMUL_SIZES: readonly number[] = [256, 512, 1024];
 
-/** All cases, in report order; `matmulSizes` narrows the matmul cases (the report's `--quick`). */
-export function coreCases(matmulSizes: readonly number[] = MATMUL_SIZES): BenchCase[] {
+/** The vocabulary sizes of the full set of embedding-gradient cases. */
+export const EMBEDDING_VOCABS: readonly number[] = [65, 50280];
+
+/** All cases, in report order; `matmulSizes` and `vocabs` narrow the matmul and embedding cases (the report's
+ * `--quick`). */
+export function coreCases(
+  matmulSizes: readonly number[] = MATMUL_SIZES,
+  vocabs: readonly number[] = EMBEDDING_VOCABS,
+): BenchCase[] {
   const cases: BenchCase[] = [
     {
       group: "elementwise",
@@ -110,6 +123,68 @@ export function coreCases(matmulSizes: readonly number[] = MATMUL_SIZES): BenchC
       },
     },
   );
+  for (const V of vocabs) cases.push(...embeddingCases(V));
+  return cases;
+}
+
+/**
+ * The embedding gradient (D = 64) against the path that computed it before 2026-11-29, for a vocabulary V:
+ * up to J x V = 2^24 the one-hot product onehot(ids)^T @ g (V 65, J 2048: the char model), above it a
+ * scatter kernel in which each gradient element scanned all J positions, as `gather`'s backward still does
+ * (V 50280, GPT-NeoX's vocabulary of the pretrained Mambas, with J 512: J V D = 1.6e9 loop steps).
+ */
+function embeddingCases(V: number): BenchCase[] {
+  const D = 64;
+  const J = V <= 4096 ? 2048 : 512;
+  const group = `embedding grad V ${V}`;
+  let seed = 7;
+  const idArray = Int32Array.from({ length: J }, () => (seed = (seed * 1103515245 + 12345) >>> 0) % V);
+  const forwardBackward = (w: Tensor, ids: Tensor, g: Tensor, lookup: (w: Tensor, ids: Tensor) => Tensor) => {
+    const y = lookup(w, ids);
+    y.backward(g);
+    w.grad!.dispose();
+    w.grad = null;
+    y.dispose();
+  };
+  const cases: BenchCase[] = [{
+    group,
+    name: `embedding fwd+bwd V ${V}, J ${J}, D ${D}`,
+    unit: "ms/op",
+    work: 1,
+    prepare: () => {
+      const ids = tensor(idArray, [J], { dtype: "i32" }), g = rand([J, D], { seed: 4 });
+      const w = rand([V, D], { seed: 5 }).requiresGrad_(true);
+      return { op: () => forwardBackward(w, ids, g, embedding), dispose: () => disposeAll(ids, g, w) };
+    },
+  }];
+  if (J * V <= 2 ** 24) {
+    cases.push({
+      group,
+      name: `one-hot product V ${V} (before)`,
+      unit: "ms/op",
+      work: 1,
+      prepare: () => {
+        const onehot = new Float32Array(J * V);
+        idArray.forEach((v, j) => onehot[j * V + v] = 1);
+        const a = tensor(onehot, [J, V]), g = rand([J, D], { seed: 4 });
+        return { op: () => matmulRaw(a, g, { transA: true }).dispose(), dispose: () => disposeAll(a, g) };
+      },
+    });
+  } else {
+    cases.push({
+      group,
+      name: `gather fwd+bwd V ${V} (before: scans all positions)`,
+      unit: "ms/op",
+      work: 1,
+      prepare: () => {
+        const wide = Int32Array.from({ length: J * D }, (_, i) => idArray[Math.floor(i / D)]); // ids[j] in each column
+        const ids = tensor(wide, [J, D], { dtype: "i32" }), g = rand([J, D], { seed: 4 });
+        const w = rand([V, D], { seed: 5 }).requiresGrad_(true);
+        const op = () => forwardBackward(w, ids, g, (w, ids) => gather(w, 0, ids));
+        return { op, dispose: () => disposeAll(ids, g, w) };
+      },
+    });
+  }
   return cases;
 }
 
@@ -171,6 +246,7 @@ export async function calibrate(p: Prepared, targetMs = 150): Promise<number> {
 export function rate(c: BenchCase, reps: number, ms: number, waitMs: number): number {
   const net = Math.max(ms - waitMs, ms * 0.05);
   if (c.unit === "us/dispatch") return (net * 1000) / (reps * c.work);
+  if (c.unit === "ms/op") return net / (reps * c.work);
   const perSecond = (c.work * reps) / (net / 1000);
   return perSecond / 1e9;
 }

@@ -12,7 +12,7 @@
  *
  * Run: deno run -A bench/core_report.ts [--quick]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
- * With --quick: matmul at 256^3 only, 3 batches of about 50 ms per case (a few seconds); writes
+ * With --quick: matmul at 256^3 and the embedding at V 65 only, 3 batches of about 50 ms per case (a few seconds); writes
  * bench/results/core_quick.json instead.
  */
 import { init, sync } from "../mod.ts";
@@ -34,7 +34,7 @@ const USAGE = `Usage: deno run -A bench/core_report.ts [--quick]
 Measures the core cases (elementwise bandwidth, matmul per variant, dispatch cost), prints a markdown
 table and writes bench/results/core.json (the full run takes about 35 s on a software adapter).
 
-  --quick   matmul at 256^3 only, 3 shorter batches per case (a few seconds); writes
+  --quick   matmul at 256^3 and the embedding at V 65 only, 3 shorter batches per case (a few seconds); writes
             bench/results/core_quick.json instead
   --help    this text`;
 
@@ -72,7 +72,7 @@ interface ResultRow {
   batchMs: number[];
 }
 const rows: ResultRow[] = [];
-const cases = quick ? coreCases([256]) : coreCases();
+const cases = quick ? coreCases([256], [65]) : coreCases();
 const groups = [...new Set(cases.map(groupKey))].map((k) => cases.filter((c) => groupKey(c) === k));
 /** Per case: its rate in each batch (measurement order), for ratios of batches measured side by side. */
 const batchRates = new Map<string, number[]>();
@@ -94,7 +94,7 @@ for (const group of groups) {
       const inOrder = batchMs[i].map((ms) => rate(c, reps[i], ms, waitMs));
       batchRates.set(c.name, inOrder);
       const rates = [...inOrder].sort((a, b) => a - b);
-      const lowerIsBetter = c.unit === "us/dispatch";
+      const lowerIsBetter = c.unit === "us/dispatch" || c.unit === "ms/op";
       rows.push({
         group: c.group,
         name: c.name,

@@ -13,7 +13,7 @@
  *   compare; where; clamp; i32 arithmetic (wrapping) and i32 views; sum/mean/max over random single or
  *   multiple axes (negative, unsorted, keepdim); logsumexp, softmax, logSoftmax over any axis; matmul with 1-D
  *   operands, up to 4 broadcast batch dims, transA/transB, one leaf for both operands (x @ x^T), K up to 2100
- *   (split-K); cat (repeated tensors), split, chunk, pad, gather, indexSelect (one-hot and scatter backward
+ *   (split-K); cat (repeated tensors), split, chunk, pad, gather, indexSelect (sorted-bucket and scanning backward
  *   paths), embedding (paddingIdx), with i32 tables and views of indices (repeats), out-of-range indices;
  *   rmsNorm; crossEntropy (ignoreIndex, every reduction, out-of-range targets);
  * - now and then a follow-up kept as another output: a view, tanh or a sum of the result, or tanh of one of

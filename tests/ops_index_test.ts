@@ -58,7 +58,7 @@ Deno.test("gather along each dim of a 3-D tensor (PyTorch semantics), repeats ac
   await checkOps(cases);
 });
 
-Deno.test("indexSelect embedding backward (one-hot matmul) with 40000 positions and heavy repeats is exact", async () => {
+Deno.test("indexSelect embedding backward (sorted buckets) with 40000 positions and heavy repeats is exact", async () => {
   // Integer cotangents: every per-row sum is an integer below 2^24, so the gradient must be exact.
   const J = 40000, V = 10, D = 3;
   const idx = randInts(J, 5, 0, V - 1);
@@ -74,13 +74,13 @@ Deno.test("indexSelect embedding backward (one-hot matmul) with 40000 positions 
   y.dispose();
 });
 
-Deno.test("scatter backward over 70000 positions in slices of 16384 (indexSelect with outer > 1, gather) is exact", async () => {
+Deno.test("index gradients over 70000 positions in slices of 16384 (indexSelect with outer > 1, gather) are exact", async () => {
   // 70000 positions: four slices of 16384 and one of 4464, each adding to those before (one loop over all
   // of them would stop at 65535 on software adapters). Integer cotangents: every sum is an integer below
   // 2^24, so the gradient must be exact.
   const J = 70000, V = 6, D = 3, O = 2;
   const idx = randInts(J, 8, 0, V - 1);
-  // indexSelect along dim 1 of (O, V, D): outer = 2, not the one-hot path.
+  // indexSelect along dim 1 of (O, V, D): outer = 2, each (o, d) reading the same buckets.
   {
     const g = randInts(O * J * D, 9, -4, 4);
     const x = M.randn([O, V, D], { seed: 10, requiresGrad: true });
@@ -113,10 +113,10 @@ Deno.test("scatter backward over 70000 positions in slices of 16384 (indexSelect
   }
 });
 
-Deno.test("embedding with paddingIdx: that row's gradient is zero, without it the row gets the sum (one-hot and scatter paths)", async () => {
-  // Integer cotangents: every sum is exact. (J, V, D): J x V <= 2^24 takes the one-hot matmul, above it the
-  // scatter kernel.
-  for (const [J, V, D, path] of [[300, 10, 3, "onehot_rows"], [4100, 4100, 1, "gather_backward"]] as const) {
+Deno.test("embedding with paddingIdx: that row's gradient is zero, without it the row gets the sum", async () => {
+  // Integer cotangents: every sum is exact. Few rows with long buckets, and as many rows as positions.
+  for (const [J, V, D] of [[300, 10, 3], [4100, 4100, 1]] as const) {
+    const path = "index_select_backward";
     const pad = 3;
     const idx = randInts(J, 20, 0, V - 1);
     for (let j = 0; j < J; j += 7) idx[j] = pad; // the padding id appears often
@@ -170,4 +170,63 @@ Deno.test("index ops: i32 tables, out-of-range indices read NaN (i32: its bits),
   );
   assert.throws(() => M.indexSelect(f, 2, tensor(new Int32Array([0]))), /axis 2 is out of range/);
   for (const t of [table, picked, f, oob]) t.dispose();
+});
+
+Deno.test("embedding gradient: each row sums its positions in increasing order (float32, bit for bit), out-of-range ids pass nothing, a non-finite cotangent reaches its own row only", async () => {
+  // Sizes around powers of two (the bitonic sort pads to one), one row, more rows than positions.
+  const sizes: [number, number, number][] = [[1, 1, 2], [2, 3, 1], [3, 1, 4], [5, 7, 3], [64, 5, 2], [
+    65,
+    70,
+    2,
+  ], [
+    1000,
+    37,
+    5,
+  ], [4097, 300, 2]];
+  for (const [J, V, D] of sizes) {
+    const what = `J ${J}, V ${V}, D ${D}`;
+    // ids from -2 to V + 1: out-of-range ones read NaN and get no gradient (PyTorch would raise)
+    const idx = randInts(J, 30 + J, -2, V + 1);
+    const g = Float32Array.from(rand([J, D], 31 + J).data);
+    const want = new Float32Array(V * D); // float32 running sums in increasing j: the kernel's order
+    for (let j = 0; j < J; j++) {
+      if (idx[j] < 0 || idx[j] >= V) continue;
+      for (let d = 0; d < D; d++) want[idx[j] * D + d] = Math.fround(want[idx[j] * D + d] + g[j * D + d]);
+    }
+    const x = M.randn([V, D], { seed: 32, requiresGrad: true });
+    const ids = tensor(Int32Array.from(idx), [J], { dtype: "i32" });
+    const gt = tensor(g, [J, D]);
+    const y = M.embedding(x, ids);
+    y.backward(gt, { retainGraph: true });
+    assert.deepEqual([...await x.grad!.toArray()], [...want], what);
+    x.grad!.dispose();
+    x.grad = null;
+    // A NaN and an inf at two positions of valid rows: only those rows' columns change (the one-hot matmul
+    // this path replaced spread NaN over every row)
+    const valid = [...idx.keys()].filter((j) => idx[j] >= 0 && idx[j] < V);
+    if (valid.length >= 2 && idx[valid[0]] !== idx[valid[1]]) {
+      const bad = g.slice();
+      bad[valid[0] * D] = NaN;
+      bad[valid[1] * D] = Infinity;
+      const gb = tensor(bad, [J, D]);
+      y.backward(gb);
+      const got = await x.grad!.toArray();
+      for (let v = 0; v < V; v++) {
+        for (let d = 0; d < D; d++) {
+          const i = v * D + d;
+          const expect = d === 0 && v === idx[valid[0]]
+            ? NaN
+            : d === 0 && v === idx[valid[1]]
+            ? Infinity
+            : want[i];
+          assert.ok(
+            Object.is(got[i], expect),
+            `${what}: non-finite cotangent: grad[${v}, ${d}] = ${got[i]}, want ${expect}`,
+          );
+        }
+      }
+      M.dispose([gb, x.grad!]);
+    }
+    M.dispose([x, ids, gt, y]);
+  }
 });

@@ -2,15 +2,15 @@
  * Indexing: `indexSelect`, `embedding` (a lookup with PyTorch's `padding_idx`) and `gather`, with
  * deterministic gradients.
  *
- * Both are one forward kernel over the view (outer, J, inner) of the output: each invocation copies
+ * All are one forward kernel over the view (outer, J, inner) of the output: each invocation copies
  * x[o, idx, i] with idx read at o*so + j*sj + i*si (indexSelect: so = si = 0). The backward has no float
- * atomics to scatter with, so each invocation owns one element (o, v, i) of the gradient and sums, in a
- * fixed order, the output gradients whose index equals v, in slices of at most 16384 positions (loops
- * past 65535 iterations stop silently on software adapters); an indexSelect gradient along the first dim (J x V
- * at most 2^24: embeddings) is onehot(idx)^T @ g instead. An index outside [0, V) reads NaN from an f32 x and
- * 2143289344 (0x7fc00000, the bits of NaN) from an i32 x, and passes no gradient. Unlike PyTorch's scatter,
- * the one-hot product spreads a non-finite output gradient (inf or NaN at any position, such as the NaN an
- * out-of-range id's output leads to) as NaN over that column of every row (0 x inf).
+ * atomics to scatter with, so each invocation owns one element (o, v, i) of the gradient and sums, in
+ * increasing j, the output gradients whose index equals v, in slices of at most 16384 positions (loops past
+ * 65535 iterations stop silently on software adapters). For indexSelect and embedding, whose J indices serve
+ * every (o, i), the positions are first sorted into buckets by index (`index_buckets.ts`), so that each
+ * element reads its own positions only: O(J) reads per column instead of O(V J). gather, whose every (o, i)
+ * has its own indices, scans them all. An index outside [0, V) reads NaN from an f32 x and 2143289344
+ * (0x7fc00000, the bits of NaN) from an i32 x, and passes no gradient.
  * @module
  */
 
@@ -19,11 +19,9 @@ import { recordClear } from "../executor.ts";
 import { defineKernel, dispatch } from "../kernel.ts";
 import { fmt, normDim, sizeOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
-import { matmulRaw } from "./matmul.ts";
+import { indexBuckets } from "./index_buckets.ts";
 
 const WG = 256;
-/** Up to this many (positions x rows) the embedding gradient goes through a one-hot matmul. */
-const ONE_HOT_LIMIT = 1 << 24;
 
 const MAX_J = 16384;
 const INDEX_UNIFORMS: [string, "u32"][] = [
@@ -80,19 +78,31 @@ const scatterKernel = defineKernel({
   st_dx(gid, acc);`,
 });
 
-/** onehot(ids): (J, V), a workgroup of 64 per row: the row's id is read once and no element pays for a
- * division (scalar on CPU adapters: `gid % V` per element took 2.2 ms for 2048 x 256 on lavapipe). */
-const onehotKernel = defineKernel({
-  name: "onehot_rows",
+/** indexSelect's gradient from the buckets of its indices: invocation (o, v, i) adds g[o, j, i] over the
+ * positions j of row v's bucket that fall in sorted slots [k0, k1) (windows of at most MAX_J slots). */
+const bucketSumKernel = defineKernel({
+  name: "index_select_backward",
   buffers: [
-    { name: "ids", type: "i32", access: "read" },
-    { name: "y", type: "f32", access: "read_write" },
+    { name: "g", type: "f32", access: "read" },
+    { name: "order", type: "u32", access: "read" },
+    { name: "start", type: "u32", access: "read" },
+    { name: "end", type: "u32", access: "read" },
+    { name: "dx", type: "f32", access: "read_write" },
   ],
-  uniforms: [["V", "u32"]],
-  workgroupSize: 64,
+  uniforms: [["n", "u32"], ["V", "u32"], ["J", "u32"], ["inner", "u32"], ["k0", "u32"], ["k1", "u32"]],
+  workgroupSize: WG,
   body: `
-  let id = ld_ids(group);
-  for (var v = lid; v < P.V; v += 64u) { st_y(group * P.V + v, select(0.0, 1.0, id == i32(v))); }`,
+  if (gid >= P.n) { return; }
+  let i = gid % P.inner;
+  let v = (gid / P.inner) % P.V;
+  let o = gid / (P.inner * P.V);
+  var acc = 0.0;
+  if (P.k0 > 0u) { acc = ld_dx(gid); }
+  let k1 = min(ld_end(v), P.k1);
+  for (var k = max(ld_start(v), P.k0); k < k1; k++) {
+    acc += ld_g((o * P.J + ld_order(k)) * P.inner + i);
+  }
+  st_dx(gid, acc);`,
 });
 
 interface IndexAttrs {
@@ -130,25 +140,29 @@ const gatherOp = defineOp<IndexAttrs>({
       if (paddingIdx >= 0 && inner > 0) recordClear(dx.storage.buffer, 4 * paddingIdx * inner, 4 * inner);
     };
     const J = g.size / (outer * inner);
-    if (outer === 1 && strides[0] === 0 && strides[2] === 0 && J * V <= ONE_HOT_LIMIT && x.dtype === "f32") {
-      // Embedding gradient as onehot(idx)^T @ g: the same sums, but through the fast matmul kernel.
-      const ids = new Tensor(idx.storage, [J, 1], "i32"); // views of the saved tensors
-      const g2 = new Tensor(g.storage, [J, inner], "f32");
-      const onehot = Tensor.empty([J, V]); // onehot: (J, V)
-      dispatch(onehotKernel, { ids: ids.storage, y: onehot.storage }, { V }, J);
-      const dw = matmulRaw(onehot, g2, { transA: true }); // dw: (V, inner)
-      const out = new Tensor(dw.storage, x.shape, "f32");
-      for (const t of [ids, g2, onehot, dw]) t.dispose();
-      clearPad(out);
-      return [out, null];
-    }
     const dx = Tensor.empty(x.shape);
     const n = dx.size;
     const [so, sj, si] = strides;
-    const bufs = { g: g.storage, idx: idx.storage, dx: dx.storage };
-    for (let j0 = 0; j0 < Math.max(J, 1); j0 += MAX_J) {
-      const j1 = Math.min(J, j0 + MAX_J);
-      dispatch(scatterKernel, bufs, { n, V, J, inner, so, sj, si, j0, j1 }, Math.ceil(n / WG));
+    const windows = (fn: (j0: number, j1: number) => void) => {
+      for (let j0 = 0; j0 < Math.max(J, 1); j0 += MAX_J) fn(j0, Math.min(J, j0 + MAX_J));
+    };
+    if (so === 0 && si === 0 && V > 0) {
+      // indexSelect, embedding: one index per position j, shared by every (o, i)
+      const { order, start, end } = indexBuckets(idx, V);
+      const bufs = {
+        g: g.storage,
+        order: order.storage,
+        start: start.storage,
+        end: end.storage,
+        dx: dx.storage,
+      };
+      windows((k0, k1) => dispatch(bucketSumKernel, bufs, { n, V, J, inner, k0, k1 }, Math.ceil(n / WG)));
+      for (const t of [order, start, end]) t.dispose();
+    } else {
+      const bufs = { g: g.storage, idx: idx.storage, dx: dx.storage };
+      windows((j0, j1) =>
+        dispatch(scatterKernel, bufs, { n, V, J, inner, so, sj, si, j0, j1 }, Math.ceil(n / WG))
+      );
     }
     clearPad(dx);
     return [dx, null];
