@@ -32,7 +32,9 @@ import * as M from "../mod.ts";
 import type { Tensor, UnaryName } from "../mod.ts";
 import {
   catRef,
+  env,
   expandRef,
+  intEnv,
   logSoftmaxRef,
   map1,
   map2,
@@ -52,10 +54,9 @@ import {
 
 await setup();
 
-const env = (k: string) => Deno.env.get(k);
 const ONLY = env("AUTOGRAD_FUZZ_CASE");
-const CASES = ONLY ? 1 : Number(env("AUTOGRAD_FUZZ_CASES") ?? 500);
-const FIRST = ONLY ? Number(ONLY) : Number(env("AUTOGRAD_FUZZ_SEED") ?? 1);
+const CASES = ONLY ? 1 : intEnv("AUTOGRAD_FUZZ_CASES", 500);
+const FIRST = ONLY ? intEnv("AUTOGRAD_FUZZ_CASE", 0) : intEnv("AUTOGRAD_FUZZ_SEED", 1);
 const CAPTURE = env("AUTOGRAD_FUZZ_CAPTURE") !== "0";
 const LIST = env("AUTOGRAD_FUZZ_LIST") === "1";
 

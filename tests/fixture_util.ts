@@ -119,7 +119,8 @@ export interface Bound {
  *   against mamba.py's pscan fixtures 1.4e-7 (pscan mostly bit-exact); the fused scan against the
  *   sequential one 4.7e-7 for y and every per-element gradient; the block's stages (norm, in_proj, conv,
  *   x_proj) 2e-7; the fused step kernels 1e-7. So 20x headroom or more. (The gradients of per-channel
- *   parameters summed over tens of thousands of steps need more: fused_test.ts says how much and why.)
+ *   parameters summed over tens of thousands of steps need more: `compare` in fused_cases.ts says how much
+ *   and why.)
  * - `model`: a whole model (Mamba stacks, an LM's logits, losses, gradients, decoding, caches): 1e-5
  *   relative to max |want| of each tensor on a software adapter, 1e-4 on a hardware GPU.
  *   - Software adapters (lavapipe, llvmpipe, SwiftShader, WARP) run WGSL's exp, log and tanh as the CPU's

@@ -29,6 +29,27 @@ export function readAll(ts: readonly Tensor[]): Promise<(Float32Array | Int32Arr
   return Promise.all(ts.map((t) => t.toArray()));
 }
 
+// ------------------------------------------------------------------------------------------ environment
+
+/** A test's environment variable, or undefined where it is unset or the test runs without --allow-env. */
+export function env(name: string): string | undefined {
+  try {
+    return Deno.env.get(name);
+  } catch {
+    return undefined; // no --allow-env: the defaults
+  }
+}
+
+/** A non-negative integer from the environment, `fallback` where unset or empty; anything else is an error
+ * that names the variable. */
+export function intEnv(name: string, fallback: number): number {
+  const s = env(name);
+  if (s === undefined || s === "") return fallback;
+  const v = Number(s);
+  if (!Number.isInteger(v) || v < 0) throw new Error(`${name} must be a non-negative integer, got ${s}`);
+  return v;
+}
+
 // ------------------------------------------------------------------------------------------ random data
 
 /** A seeded uniform generator in [0, 1) (mulberry32). */

@@ -54,26 +54,18 @@ import { mambaConfig, type MambaConfigInput } from "../mamba/config.ts";
 import type { LayerCache } from "../mamba/block.ts";
 import { type LMOptions, MambaLM } from "../mamba/lm.ts";
 import { assertMatches, maxAbs, type Shaped, tolerance } from "./fixture_util.ts";
-import { assertFusedRan, assertFusedStepRan, fusedUnavailable, kernelsRun, rng } from "./helpers.ts";
+import {
+  assertFusedRan,
+  assertFusedStepRan,
+  env,
+  fusedUnavailable,
+  intEnv,
+  kernelsRun,
+  rng,
+} from "./helpers.ts";
 
 await init();
 const noFused = fusedUnavailable();
-
-function env(name: string): string | undefined {
-  try {
-    return Deno.env.get(name);
-  } catch {
-    return undefined; // no --allow-env: the defaults
-  }
-}
-
-function intEnv(name: string, fallback: number): number {
-  const s = env(name);
-  if (s === undefined || s === "") return fallback;
-  const v = Number(s);
-  if (!Number.isInteger(v) || v < 0) throw new Error(`${name} must be a non-negative integer, got ${s}`);
-  return v;
-}
 
 const SEED = intEnv("MODEL_FUZZ_SEED", 11);
 const CASES = intEnv("MODEL_FUZZ_CASES", 14);

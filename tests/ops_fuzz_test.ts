@@ -53,16 +53,15 @@
 import { AssertionError } from "node:assert/strict";
 import * as M from "../mod.ts";
 import { type DType, memory, type Tensor, tidy } from "../mod.ts";
-import { forEachCoord, readAll, rng, setup, sizeOf, stridesOf } from "./helpers.ts";
+import { env, forEachCoord, intEnv, readAll, rng, setup, sizeOf, stridesOf } from "./helpers.ts";
 import { fmt } from "../core/shape.ts";
 import { tolerance } from "./fixture_util.ts";
 
 await setup();
 
-const env = (k: string) => Deno.env.get(k);
 const ONLY = env("OPS_FUZZ_CASE");
-const CASES = ONLY ? 1 : Number(env("OPS_FUZZ_CASES") ?? 2000);
-const FIRST = ONLY ? Number(ONLY) : Number(env("OPS_FUZZ_SEED") ?? 1);
+const CASES = ONLY ? 1 : intEnv("OPS_FUZZ_CASES", 2000);
+const FIRST = ONLY ? intEnv("OPS_FUZZ_CASE", 0) : intEnv("OPS_FUZZ_SEED", 1);
 const LIST = env("OPS_FUZZ_LIST") === "1";
 const REPORT = env("OPS_FUZZ_REPORT") === "1";
 const FD = env("OPS_FUZZ_FD") === "1";
