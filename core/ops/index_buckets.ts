@@ -29,7 +29,7 @@ import { Tensor } from "../tensor.ts";
 const WG = 256;
 const NONE = 0xffffffff;
 
-/** Pairs a block sorts in workgroup memory (T / 2 compare-exchanges per step, T / (2 WG) per invocation). */
+/** Elements a block sorts in workgroup memory (T / 2 compare-exchanges per step, T / (2 WG) per invocation). */
 const T = 512;
 
 /** The compare-exchange of pair (i, l = i + j) of arrays `key`/`pos` (workgroup or global accessors), in
@@ -146,10 +146,10 @@ export function indexBuckets(ids: Tensor, V: number): IndexBuckets {
   const key = Tensor.empty([P], "i32");
   const order = Tensor.empty([P], "i32");
   const bufs = { ids: ids.storage, key: key.storage, pos: order.storage };
+  const pairs = { key: key.storage, pos: order.storage };
   const blocks = P / T;
   dispatch(blockKernel, bufs, { J, V, kLo: 2, kHi: T, init: 1 }, blocks);
   for (let k = 2 * T; k <= P; k *= 2) {
-    const pairs = { key: key.storage, pos: order.storage };
     for (let j = k / 2; j >= T; j /= 2) {
       dispatch(bitonicKernel, pairs, { half: P / 2, k, j }, Math.ceil(P / 2 / WG));
     }
