@@ -10,8 +10,9 @@
  * state (with Ls < Lc first the states at sub-chunk boundaries, then each sub-chunk's states into a private
  * array of Ls x Nb floats), then runs the reverse scan lam = gy C + a(t+1) lam(t+1) inside the chunk. One
  * generator below per part of that walk (`body` lists them in order).
- * Registers: h, lam, dA, dbias, dD (and dW with dt_proj inside) of its channel; the carry of lam and the sums
- * over time leave through `gpar` between dispatches.
+ * Registers: h, lam, dA (and dW with dt_proj inside) of its channel, dD in the first state block and dbias in
+ * the last (from each step's whole ddraw); the carry of lam and the sums over time leave through `gpar` between
+ * dispatches.
  * Workgroup memory: with `reduce: "workgroup"` the dB/dC terms of S steps ([step][channel][B | C | dt]),
  * summed over channels between two barriers; with "subgroup" none (a butterfly of subgroupShuffleXor, or
  * subgroupAdd, sums them; no barriers). With `hbuf: "workgroup"` the recomputed states too
@@ -427,11 +428,18 @@ function inputGradients(c: Shape): string {
   const { dtHere, first, last, Ri, sg, K, Nb } = c;
   // gbias sums whole steps, as the sequential mode does: one running sum of L block shares per block drifted
   // (at d_state 17, 17 one-state blocks: 9e-6 from sequential, against 1e-6 for one block).
+  // Where the block also writes gdraw (dt_proj outside), only the invocation that stores it reads it: lanes
+  // of the same channel and the clamped lanes past ED reading it as it is written would be a data race.
+  const whole = first
+    ? "let gtot = gu;"
+    : dtHere
+    ? "let gtot = ld_gdraw(i) + gu;"
+    : `var gtot = gu; if (${once(c, "valid")}) { gtot = ld_gdraw(i) + gu; }`;
   return `let gu = gdt * sigmoid_(u);
       ${
     last
       ? `// ddraw summed over the state blocks (earlier blocks' shares are in gdraw)
-      let gtot = ${first ? "gu" : "ld_gdraw(i) + gu"};
+      ${whole}
       gbias += gtot;`
       : ""
   }
