@@ -174,19 +174,25 @@ Deno.test("index ops: i32 tables, out-of-range indices read NaN (i32: its bits),
 
 Deno.test("embedding gradient: each row sums its positions in increasing order (float32, bit for bit), out-of-range ids pass nothing, a non-finite cotangent reaches its own row only", async () => {
   // Sizes around powers of two (the bitonic sort pads to one), one row, more rows than positions.
-  const sizes: [number, number, number][] = [[1, 1, 2], [2, 3, 1], [3, 1, 4], [5, 7, 3], [64, 5, 2], [
-    65,
-    70,
-    2,
-  ], [
-    1000,
-    37,
-    5,
-  ], [4097, 300, 2]];
+  // Sizes around powers of two (the bitonic sort pads to one), one row, more rows than positions, and past
+  // 16384 positions (the sums run in windows of that many sorted slots, each adding to the ones before).
+  const sizes: [number, number, number][] = [
+    [1, 1, 2],
+    [2, 3, 1],
+    [3, 1, 4],
+    [5, 7, 3],
+    [64, 5, 2],
+    [65, 70, 2],
+    [1000, 37, 5],
+    [4097, 300, 2],
+    [40000, 9, 2],
+  ];
   for (const [J, V, D] of sizes) {
     const what = `J ${J}, V ${V}, D ${D}`;
-    // ids from -2 to V + 1: out-of-range ones read NaN and get no gradient (PyTorch would raise)
+    // ids from -2 to V + 1: out-of-range ones read NaN and get no gradient (PyTorch would raise); every
+    // third position a valid id, so that small cases have some
     const idx = randInts(J, 30 + J, -2, V + 1);
+    for (let j = 0; j < J; j += 3) idx[j] = (j / 3) % V;
     const g = Float32Array.from(rand([J, D], 31 + J).data);
     const want = new Float32Array(V * D); // float32 running sums in increasing j: the kernel's order
     for (let j = 0; j < J; j++) {

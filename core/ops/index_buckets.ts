@@ -16,9 +16,10 @@
  * - `bucket_bitonic`: one step (k, j >= T) on global memory, one pair per invocation.
  * - `bucket_bounds`: invocation k < J reads sorted key k: where it starts (ends) a run of equal keys, it
  *   writes k (k + 1) to start (end) of that row. Rows without a run keep the zeros they were cleared to.
- * Dispatches for P pairs (P = J rounded up to a power of two, at least T): 1 + sum over k = 2T .. P of
+ * Dispatches for P elements (P = J rounded up to a power of two, at least T): 1 + sum over k = 2T .. P of
  * (log2(k / T) + 1), then the bounds: 2 for J <= 512, 7 at J = 2048, 16 at 8192 (a dispatch per step would
- * be 66 at 2048).
+ * be 66 at 2048). The order and the bounds share one buffer, [order (P) | start (V) | end (V)], so that a
+ * kernel reading them binds one storage buffer (a large gradient table may need several bindings).
  * @module
  */
 
@@ -115,27 +116,26 @@ const boundsKernel = defineKernel({
   name: "bucket_bounds",
   buffers: [
     { name: "key", type: "u32", access: "read" },
-    { name: "start", type: "u32", access: "read_write" },
-    { name: "end", type: "u32", access: "read_write" },
+    { name: "buckets", type: "u32", access: "read_write" },
   ],
-  uniforms: [["J", "u32"]],
+  uniforms: [["J", "u32"], ["P", "u32"], ["V", "u32"]],
   workgroupSize: WG,
   body: `
   if (gid >= P.J) { return; }
   let v = ld_key(gid);
   if (v == ${NONE}u) { return; }
-  if (gid == 0u || ld_key(gid - 1u) != v) { st_start(v, gid); }
-  if (gid + 1u == P.J || ld_key(gid + 1u) != v) { st_end(v, gid + 1u); }`,
+  if (gid == 0u || ld_key(gid - 1u) != v) { st_buckets(P.P + v, gid); }
+  if (gid + 1u == P.J || ld_key(gid + 1u) != v) { st_buckets(P.P + P.V + v, gid + 1u); }`,
 });
 
-/** The buckets of {@linkcode indexBuckets}: the caller disposes all three. */
+/** What {@linkcode indexBuckets} returns; the caller disposes `buckets`. */
 export interface IndexBuckets {
-  /** (P) the positions 0..J-1 sorted by (id, position), then padding (P >= J, a power of two). */
-  order: Tensor;
-  /** (V) where row v's positions start in `order` (0 for a row without any). */
-  start: Tensor;
-  /** (V) where they end: `order[start[v] .. end[v])` are the positions whose id is v. */
-  end: Tensor;
+  /** (P + 2V) i32: [order (P) | start (V) | end (V)]. order: the positions 0..J-1 sorted by (id, position),
+   * those with an id outside [0, V) after the others, then padding. start[v], end[v]: `order[start[v] ..
+   * end[v])` are the positions whose id is v (both 0 for a row without any). */
+  buckets: Tensor;
+  /** Where start begins: P, J rounded up to a power of two (at least 512); end begins at P + V. */
+  P: number;
 }
 
 /** Sorts the positions of `ids` (J i32 values, any shape read flat) into buckets of rows 0..V-1; see the
@@ -144,9 +144,9 @@ export function indexBuckets(ids: Tensor, V: number): IndexBuckets {
   const J = ids.size;
   const P = Math.max(T, 2 ** Math.ceil(Math.log2(Math.max(J, 1))));
   const key = Tensor.empty([P], "i32");
-  const order = Tensor.empty([P], "i32");
-  const bufs = { ids: ids.storage, key: key.storage, pos: order.storage };
-  const pairs = { key: key.storage, pos: order.storage };
+  const buckets = Tensor.empty([P + 2 * V], "i32"); // [order | start | end]
+  const bufs = { ids: ids.storage, key: key.storage, pos: buckets.storage };
+  const pairs = { key: key.storage, pos: buckets.storage };
   const blocks = P / T;
   dispatch(blockKernel, bufs, { J, V, kLo: 2, kHi: T, init: 1 }, blocks);
   for (let k = 2 * T; k <= P; k *= 2) {
@@ -155,16 +155,8 @@ export function indexBuckets(ids: Tensor, V: number): IndexBuckets {
     }
     dispatch(blockKernel, bufs, { J, V, kLo: k, kHi: k, init: 0 }, blocks);
   }
-  const start = Tensor.empty([V], "i32");
-  const end = Tensor.empty([V], "i32");
-  recordClear(start.storage.buffer, 0, 4 * V);
-  recordClear(end.storage.buffer, 0, 4 * V);
-  dispatch(
-    boundsKernel,
-    { key: key.storage, start: start.storage, end: end.storage },
-    { J },
-    Math.ceil(J / WG),
-  );
+  recordClear(buckets.storage.buffer, 4 * P, 8 * V);
+  dispatch(boundsKernel, { key: key.storage, buckets: buckets.storage }, { J, P, V }, Math.ceil(J / WG));
   key.dispose();
-  return { order, start, end };
+  return { buckets, P };
 }

@@ -78,29 +78,38 @@ const scatterKernel = defineKernel({
   st_dx(gid, acc);`,
 });
 
-/** indexSelect's gradient from the buckets of its indices: invocation (o, v, i) adds g[o, j, i] over the
- * positions j of row v's bucket that fall in sorted slots [k0, k1) (windows of at most MAX_J slots). */
+/** indexSelect's gradient from the buckets of its indices ([order (P) | start (V) | end (V)], see
+ * index_buckets.ts): invocation (o, v, i) adds g[o, j, i] over the positions j of row v's bucket that fall in
+ * sorted slots [k0, k1) (windows of at most MAX_J slots); a window that holds none of them leaves dx alone. */
 const bucketSumKernel = defineKernel({
   name: "index_select_backward",
   buffers: [
     { name: "g", type: "f32", access: "read" },
-    { name: "order", type: "u32", access: "read" },
-    { name: "start", type: "u32", access: "read" },
-    { name: "end", type: "u32", access: "read" },
+    { name: "buckets", type: "u32", access: "read" },
     { name: "dx", type: "f32", access: "read_write" },
   ],
-  uniforms: [["n", "u32"], ["V", "u32"], ["J", "u32"], ["inner", "u32"], ["k0", "u32"], ["k1", "u32"]],
+  uniforms: [
+    ["n", "u32"],
+    ["V", "u32"],
+    ["J", "u32"],
+    ["inner", "u32"],
+    ["P", "u32"], // start of the bucket bounds in `buckets`
+    ["k0", "u32"],
+    ["k1", "u32"],
+  ],
   workgroupSize: WG,
   body: `
   if (gid >= P.n) { return; }
   let i = gid % P.inner;
   let v = (gid / P.inner) % P.V;
   let o = gid / (P.inner * P.V);
+  let lo = max(ld_buckets(P.P + v), P.k0);
+  let hi = min(ld_buckets(P.P + P.V + v), P.k1);
+  if (P.k0 > 0u && lo >= hi) { return; } // nothing of this row in the window: dx holds the earlier ones
   var acc = 0.0;
   if (P.k0 > 0u) { acc = ld_dx(gid); }
-  let k1 = min(ld_end(v), P.k1);
-  for (var k = max(ld_start(v), P.k0); k < k1; k++) {
-    acc += ld_g((o * P.J + ld_order(k)) * P.inner + i);
+  for (var k = lo; k < hi; k++) {
+    acc += ld_g((o * P.J + ld_buckets(k)) * P.inner + i);
   }
   st_dx(gid, acc);`,
 });
@@ -148,16 +157,10 @@ const gatherOp = defineOp<IndexAttrs>({
     };
     if (so === 0 && si === 0 && V > 0) {
       // indexSelect, embedding: one index per position j, shared by every (o, i)
-      const { order, start, end } = indexBuckets(idx, V);
-      const bufs = {
-        g: g.storage,
-        order: order.storage,
-        start: start.storage,
-        end: end.storage,
-        dx: dx.storage,
-      };
-      windows((k0, k1) => dispatch(bucketSumKernel, bufs, { n, V, J, inner, k0, k1 }, Math.ceil(n / WG)));
-      for (const t of [order, start, end]) t.dispose();
+      const { buckets, P } = indexBuckets(idx, V);
+      const bufs = { g: g.storage, buckets: buckets.storage, dx: dx.storage };
+      windows((k0, k1) => dispatch(bucketSumKernel, bufs, { n, V, J, inner, P, k0, k1 }, Math.ceil(n / WG)));
+      buckets.dispose();
     } else {
       const bufs = { g: g.storage, idx: idx.storage, dx: dx.storage };
       windows((j0, j1) =>
