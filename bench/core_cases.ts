@@ -129,7 +129,8 @@ export function coreCases(
 
 /**
  * The embedding gradient (D = 64) against the path that computed it before 2026-11-29, for a vocabulary V:
- * up to J x V = 2^24 the one-hot product onehot(ids)^T @ g (V 65, J 2048: the char model), above it a
+ * up to J x V = 2^24 the one-hot product onehot(ids)^T @ g (V 65, J 2048: the char model; timed alone, a
+ * lower bound of that path, which also built the one-hot matrix and ran the gather forward), above it a
  * scatter kernel in which each gradient element scanned all J positions, as `gather`'s backward still does
  * (V 50280, GPT-NeoX's vocabulary of the pretrained Mambas, with J 512: J V D = 1.6e9 loop steps).
  */
@@ -138,7 +139,10 @@ function embeddingCases(V: number): BenchCase[] {
   const J = V <= 4096 ? 2048 : 512;
   const group = `embedding grad V ${V}`;
   let seed = 7;
-  const idArray = Int32Array.from({ length: J }, () => (seed = (seed * 1103515245 + 12345) >>> 0) % V);
+  const idArray = Int32Array.from(
+    { length: J },
+    () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) % V,
+  );
   const forwardBackward = (w: Tensor, ids: Tensor, g: Tensor, lookup: (w: Tensor, ids: Tensor) => Tensor) => {
     const y = lookup(w, ids);
     y.backward(g);
@@ -160,7 +164,7 @@ function embeddingCases(V: number): BenchCase[] {
   if (J * V <= 2 ** 24) {
     cases.push({
       group,
-      name: `one-hot product V ${V} (before)`,
+      name: `one-hot matmul alone V ${V} (before: without its one-hot kernel, forward, autograd)`,
       unit: "ms/op",
       work: 1,
       prepare: () => {

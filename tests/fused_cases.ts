@@ -127,7 +127,7 @@ export async function compare(c: Case, seed: number, options: CompareOptions = {
   const floors: Record<string, number> = {};
   if (options.cancellationFloor) {
     let s = seed * 7919 + 1;
-    const sign = () => ((s = (s * 1103515245 + 12345) >>> 0) & 0x10000 ? 1 : -1);
+    const sign = () => ((s = (Math.imul(s, 1103515245) + 12345) >>> 0) & 0x10000 ? 1 : -1);
     const signs = tensor(Float32Array.from({ length: t.G.size }, sign), t.G.shape);
     const G = t.G;
     t.G = mul(G, signs);

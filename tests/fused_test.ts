@@ -134,11 +134,13 @@ function biasGradF64(
   return out;
 }
 
-Deno.test("dbias with many state blocks (d_state 17 and 23: one-state blocks) sums whole steps: within 1.5e-6 of float64", async () => {
+Deno.test("dbias with many state blocks (d_state 17 and 23: one-state blocks) sums whole steps: within 1.5e-6 of float64 (software adapters)", async () => {
   // Each state block adds its share of ddelta; the last sums the step's whole ddelta into dbias, as the
   // sequential mode does. A running sum of every block's shares (before 2026-11-29) came to 4.8e-6 and 2.2e-6
-  // here; now 4.8e-7 and 1.5e-7 (lavapipe).
-  await init();
+  // here; now 4.8e-7 and 1.5e-7 (lavapipe). The bound holds where exp and log are the CPU's IEEE-accurate
+  // ones (software adapters); a GPU's fast-math exp adds errors of its own, so there it is the op bound.
+  const info = await init();
+  const bound = info.isFallbackAdapter ? 1.5e-6 : tolerance("op").rtol;
   for (const [N, seed] of [[17, 1], [23, 3]]) {
     const c: Case = { B: 1, L: 1024, ED: 8, N, R: 1, gated: false };
     const t = inputs(c, seed);
@@ -152,7 +154,7 @@ Deno.test("dbias with many state blocks (d_state 17 and 23: one-state blocks) su
     const scale = Math.max(1, ...want.map(Math.abs));
     const err = Math.max(...want.map((w, i) => Math.abs(got[i] - w))) / scale;
     assert.ok(
-      err <= 1.5e-6,
+      err <= bound,
       `N ${N}: dbias ${err.toExponential(2)} from float64 (relative to ${scale.toFixed(1)})`,
     );
     for (const x of Object.values(t)) {

@@ -45,9 +45,10 @@ export function env(name: string): string | undefined {
 export function intEnv(name: string, fallback: number): number {
   const s = env(name);
   if (s === undefined || s === "") return fallback;
-  const v = Number(s);
-  if (!Number.isInteger(v) || v < 0) throw new Error(`${name} must be a non-negative integer, got ${s}`);
-  return v;
+  if (!/^[0-9]+$/.test(s)) {
+    throw new Error(`${name} must be a non-negative integer, got ${JSON.stringify(s)}`);
+  }
+  return Number(s);
 }
 
 // ------------------------------------------------------------------------------------------ random data
