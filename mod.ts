@@ -175,7 +175,9 @@ export {
 export {
   CharDataset,
   DEFAULT_TRAIN,
+  TokenDataset,
   type TrainConfig,
+  type TrainData,
   Trainer,
   type TrainLog,
   validateTrainConfig,

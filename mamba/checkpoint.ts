@@ -16,7 +16,7 @@ import { serializeSafetensors } from "../core/safetensors.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import type { MambaLM } from "./lm.ts";
 import { fromPretrained, saveCheckpoint } from "./pretrained.ts";
-import { type CharDataset, type TrainConfig, Trainer, type TrainLog } from "./train.ts";
+import { type TrainConfig, type TrainData, Trainer, type TrainLog } from "./train.ts";
 
 /** What `training_log.json` holds. */
 export interface TrainingState {
@@ -343,7 +343,7 @@ async function resolveDir(dir: string): Promise<string> {
  * both `trainer` and `trainer.model`: `trainer.dispose()` frees the optimizer state and the loss log, not the
  * model.
  */
-export async function loadTrainingCheckpoint(dir: string, data: CharDataset): Promise<Trainer> {
+export async function loadTrainingCheckpoint(dir: string, data: TrainData): Promise<Trainer> {
   needDeno("loadTrainingCheckpoint");
   const from = await resolveDir(dir);
   let state: TrainingState;

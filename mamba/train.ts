@@ -1,6 +1,7 @@
 /**
- * Training a character-level Mamba LM: the data, the step (forward, loss, backward, clip, AdamW), evaluation,
- * and checkpoints that hold everything a bit-exact resume needs. Used by `deno task train` and `deno task demo`.
+ * Training a Mamba LM: the data (a text's bytes for a character model, or any tokenizer's ids to fine-tune a
+ * pretrained model), the step (forward, loss, backward, clip, AdamW), evaluation, and checkpoints that hold
+ * everything a bit-exact resume needs. Used by `deno task train` and `deno task demo`.
  *
  * A step reads nothing back: the loss is copied into a small GPU log that is read every `logEvery` steps.
  * Batches come from a counter-based generator keyed by (seed, step), so a resumed run draws the same batches.
@@ -82,38 +83,115 @@ export interface TrainLog {
   time: [number, number][];
 }
 
-/** A text as bytes, split into training (first 90%) and validation (last 10%) parts. */
-export class CharDataset {
+/** What a {@linkcode Trainer} draws its batches from: token ids in a training and a validation part. */
+export interface TrainData {
+  /** The largest id in either part (-1 when both are empty): the Trainer checks it against the model's
+   * vocabulary. */
+  readonly maxId: number;
+  /** B random windows of L + 1 ids (inputs and shifted targets), drawn from `rng`, as one (B, L + 1) array. */
+  windows(split: "train" | "val", B: number, L: number, rng: Philox): Int32Array;
+}
+
+/** B windows of L + 1 ids from `src`, each starting where `rng` says; `unit` names the ids in errors. */
+function windowsOf(
+  src: ArrayLike<number>,
+  split: "train" | "val",
+  B: number,
+  L: number,
+  rng: Philox,
+  unit: string,
+): Int32Array {
+  if (src.length < L + 2) {
+    throw new Error(
+      `the ${split} ${unit === "bytes" ? "text" : "part"} has ${src.length} ${unit}, fewer ` +
+        `than seq + 2 = ${L + 2}`,
+    );
+  }
+  const out = new Int32Array(B * (L + 1));
+  for (let b = 0; b < B; b++) {
+    const start = rng.nextU32() % (src.length - L - 1);
+    for (let t = 0; t <= L; t++) out[b * (L + 1) + t] = src[start + t];
+  }
+  return out;
+}
+
+function checkValFrac(valFrac: number, what: string): void {
+  if (!(valFrac >= 0 && valFrac < 1)) throw new Error(`${what}: valFrac must be in [0, 1), got ${valFrac}`);
+}
+
+/** A text as bytes (the ids of a character model), split into training (first 90%) and validation (last 10%)
+ * parts. */
+export class CharDataset implements TrainData {
   /** Training bytes. */
   readonly train: Uint8Array;
   /** Validation bytes. */
   readonly val: Uint8Array;
+  /** The largest byte (-1 for an empty text). */
+  readonly maxId: number;
 
   /** Splits `bytes`; `valFrac` of the end is held out. */
   constructor(bytes: Uint8Array, valFrac = 0.1) {
+    checkValFrac(valFrac, "CharDataset");
     const cut = Math.floor(bytes.length * (1 - valFrac));
     this.train = bytes.subarray(0, cut);
     this.val = bytes.subarray(cut);
+    this.maxId = bytes.reduce((m, v) => (v > m ? v : m), -1);
   }
 
   /** B random windows of L + 1 bytes (inputs and shifted targets), drawn from `rng`. */
   windows(split: "train" | "val", B: number, L: number, rng: Philox): Int32Array {
-    const src = split === "train" ? this.train : this.val;
-    if (src.length < L + 2) {
-      throw new Error(`the ${split} text has ${src.length} bytes, fewer than seq + 2 = ${L + 2}`);
+    return windowsOf(split === "train" ? this.train : this.val, split, B, L, rng, "bytes");
+  }
+}
+
+/**
+ * Token ids (a text run through a model's tokenizer, e.g. to fine-tune a pretrained model), split into
+ * training (first 90%) and validation (last 10%) parts. Ids must be integers in [0, 2^31); the Trainer
+ * checks that they fit the model's vocabulary.
+ *
+ * ```ts ignore
+ * const lm = await fromPretrained("state-spaces/mamba-130m-hf"); // lm.tokenizer: the checkpoint's own
+ * const data = new TokenDataset(lm.tokenizer!.encode(text));
+ * const recipe = { ...DEFAULT_TRAIN, lr: 1e-4, minLr: 1e-5, warmup: 10, steps: 200, batch: 4, seq: 256 };
+ * const trainer = new Trainer(lm, data, recipe);
+ * ```
+ */
+export class TokenDataset implements TrainData {
+  /** Training ids. */
+  readonly train: Int32Array;
+  /** Validation ids. */
+  readonly val: Int32Array;
+  /** The largest id (-1 when there are none). */
+  readonly maxId: number;
+
+  /** Copies `ids` and splits them; `valFrac` of the end is held out. */
+  constructor(ids: ArrayLike<number>, valFrac = 0.1) {
+    checkValFrac(valFrac, "TokenDataset");
+    const all = new Int32Array(ids.length);
+    let maxId = -1;
+    for (let i = 0; i < ids.length; i++) {
+      const v = ids[i];
+      if (!Number.isInteger(v) || v < 0 || v > 0x7fffffff) {
+        throw new Error(`TokenDataset: ids must be integers in [0, 2^31), got ${v} at index ${i}`);
+      }
+      all[i] = v;
+      if (v > maxId) maxId = v;
     }
-    const out = new Int32Array(B * (L + 1));
-    for (let b = 0; b < B; b++) {
-      const start = rng.nextU32() % (src.length - L - 1);
-      for (let t = 0; t <= L; t++) out[b * (L + 1) + t] = src[start + t];
-    }
-    return out;
+    const cut = Math.floor(all.length * (1 - valFrac));
+    this.train = all.subarray(0, cut);
+    this.val = all.subarray(cut);
+    this.maxId = maxId;
+  }
+
+  /** B random windows of L + 1 ids (inputs and shifted targets), drawn from `rng`. */
+  windows(split: "train" | "val", B: number, L: number, rng: Philox): Int32Array {
+    return windowsOf(split === "train" ? this.train : this.val, split, B, L, rng, "tokens");
   }
 }
 
 /**
  * Checks a {@linkcode TrainConfig}: every key present, integers where steps or counts are meant, finite
- * rates, `warmup <= steps`. Returns a frozen copy; throws an Error naming the first bad key and its value.
+ * rates, `minLr <= lr`, `warmup <= steps`. Returns a frozen copy; throws an Error naming the first bad key and its value.
  */
 export function validateTrainConfig(config: TrainConfig): Readonly<TrainConfig> {
   if (typeof config !== "object" || config === null) {
@@ -151,6 +229,12 @@ export function validateTrainConfig(config: TrainConfig): Readonly<TrainConfig> 
   int("evalEvery", 1);
   int("evalBatches", 1);
   int("logEvery", 1);
+  if (config.minLr > config.lr) {
+    throw new Error(
+      `TrainConfig.minLr (${config.minLr}) must be <= lr (${config.lr}): the schedule decays from lr to minLr ` +
+        "(set both when lowering lr, e.g. for fine-tuning)",
+    );
+  }
   if (config.warmup > config.steps) {
     throw new Error(
       `TrainConfig.warmup (${config.warmup}) must be <= steps (${config.steps}): ` +
@@ -178,8 +262,14 @@ export class Trainer {
    * Builds the optimizer and schedule for `model`. `config` is validated (see
    * {@linkcode validateTrainConfig}: `warmup` must not exceed `steps`) and copied.
    */
-  constructor(readonly model: MambaLM, readonly data: CharDataset, config: TrainConfig) {
+  constructor(readonly model: MambaLM, readonly data: TrainData, config: TrainConfig) {
     this.#config = validateTrainConfig(config);
+    if (!(Number.isInteger(data.maxId) && data.maxId < model.vocabSize)) {
+      throw new Error(
+        `the data has token id ${data.maxId}, outside the model's vocabulary of ${model.vocabSize} ` +
+          "(a tokenizer other than the model's?)",
+      );
+    }
     this.#schedule = Trainer.#scheduleOf(this.#config);
     this.opt = configureOptimizers(model, {
       lr: config.lr,

@@ -7,7 +7,8 @@ import { cosineSchedule } from "../nn/optim.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
 import { loadTrainingCheckpoint, saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
-import { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer } from "../mamba/train.ts";
+import { CharDataset, DEFAULT_TRAIN, TokenDataset, type TrainConfig, Trainer } from "../mamba/train.ts";
+import { Philox } from "../core/random.ts";
 import { fixturePath } from "./fixture_util.ts";
 
 const quiet = () => {};
@@ -436,6 +437,7 @@ Deno.test("train: Trainer checks its recipe, and evaluate frees its buffer when 
     bad({ logEvery: 0 }, /TrainConfig.logEvery must be an integer >= 1, got 0/);
     bad({ batch: 2.5 }, /TrainConfig.batch must be an integer >= 1, got 2.5/);
     bad({ lr: NaN }, /TrainConfig.lr must be a finite number > 0, got NaN/);
+    bad({ lr: 1e-4 }, /TrainConfig.minLr \(0.0003\) must be <= lr \(0.0001\): the schedule decays from lr/);
     bad({ betas: [0.9] }, /TrainConfig.betas must be two numbers in \[0, 1\), got \[0.9\]/);
     bad({ seq: undefined }, /TrainConfig.seq must be an integer >= 1, got undefined/);
     bad({ seed: "7" }, /TrainConfig.seed must be an integer in \[0, 9000000000\], got '7'/);
@@ -450,6 +452,69 @@ Deno.test("train: Trainer checks its recipe, and evaluate frees its buffer when 
     t.dispose();
   } finally {
     model.dispose();
+  }
+});
+
+Deno.test("TokenDataset: the same windows as CharDataset from the same ids; bad ids, valFrac and ids past the model's vocabulary are named", async () => {
+  await init();
+  const bytes = new TextEncoder().encode("It is a truth universally acknowledged. ".repeat(20));
+  const chars = new CharDataset(bytes), tokens = new TokenDataset([...bytes]);
+  assert.equal(tokens.maxId, chars.maxId);
+  for (const split of ["train", "val"] as const) {
+    assert.deepEqual(
+      tokens.windows(split, 3, 17, new Philox(5)),
+      chars.windows(split, 3, 17, new Philox(5)),
+      split,
+    );
+  }
+  assert.throws(
+    () => new TokenDataset([1, 2, -1]),
+    /TokenDataset: ids must be integers in \[0, 2\^31\), got -1 at index 2/,
+  );
+  assert.throws(() => new TokenDataset([1, 2.5]), /got 2.5 at index 1/);
+  assert.throws(() => new TokenDataset([1, 2], 1), /TokenDataset: valFrac must be in \[0, 1\), got 1/);
+  assert.throws(() => new CharDataset(bytes, -0.1), /CharDataset: valFrac must be in \[0, 1\), got -0.1/);
+  assert.throws(
+    () => new TokenDataset([1, 2, 3]).windows("val", 1, 4, new Philox(1)),
+    /the val part has 1 tokens, fewer than seq \+ 2 = 6/,
+  );
+  const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 50, padVocabSizeMultiple: 8 }); // padded to 56
+  try {
+    const config = { ...DEFAULT_TRAIN, steps: 4, warmup: 2, batch: 2, seq: 16 };
+    assert.throws(
+      () => new Trainer(model, new TokenDataset([3, 56, 7]), config),
+      /the data has token id 56, outside the model's vocabulary of 56 \(a tokenizer other than the model's\?\)/,
+    );
+    new Trainer(model, new TokenDataset([3, 55, 7]), config).dispose();
+  } finally {
+    model.dispose();
+  }
+});
+
+Deno.test("fine-tune: a pretrained checkpoint trains on its tokenizer's ids (TokenDataset) and saves and resumes as a run", async () => {
+  const root = await Deno.makeTempDir();
+  const lm = await fromPretrained(fixturePath("char-mamba"));
+  try {
+    assert.ok(lm.tokenizer, "the checkpoint has its tokenizer");
+    // A sentence the model never saw as such: fine-tuning on it should drive its loss down fast.
+    const text = "The quick brown fox jumps over the lazy dog; the dog sleeps on. ".repeat(40);
+    const data = new TokenDataset(lm.tokenizer!.encode(text, { addSpecialTokens: false }));
+    const config = { ...DEFAULT_TRAIN, steps: 30, warmup: 3, batch: 4, seq: 64, lr: 3e-3, evalBatches: 2 };
+    const t = new Trainer(lm, data, config);
+    const before = await t.evaluate();
+    for (let i = 0; i < 30; i++) await t.trainStep();
+    const after = await t.evaluate();
+    assert.ok(after < before - 0.5, `val loss ${before} -> ${after}`);
+    await saveTrainingCheckpoint(`${root}/ft`, t, {});
+    const back = await loadTrainingCheckpoint(`${root}/ft`, data);
+    assert.equal(back.step, 30);
+    assert.ok(Math.abs((await back.evaluate()) - after) < 1e-5, "the saved run evaluates alike");
+    back.model.dispose();
+    back.dispose();
+    t.dispose();
+  } finally {
+    lm.dispose();
+    await Deno.remove(root, { recursive: true });
   }
 });
 
