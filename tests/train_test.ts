@@ -5,7 +5,7 @@ import { memory } from "../core/memory.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { cosineSchedule } from "../nn/optim.ts";
 import { MambaLM } from "../mamba/lm.ts";
-import { fromPretrained } from "../mamba/pretrained.ts";
+import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
 import { loadTrainingCheckpoint, saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
 import { CharDataset, DEFAULT_TRAIN, TokenDataset, type TrainConfig, Trainer } from "../mamba/train.ts";
 import { Philox } from "../core/random.ts";
@@ -511,6 +511,18 @@ Deno.test("fine-tune: a pretrained checkpoint trains on its tokenizer's ids (Tok
     assert.ok(Math.abs((await back.evaluate()) - after) < 1e-5, "the saved run evaluates alike");
     back.model.dispose();
     back.dispose();
+    // The weights alone, with the tokenizer from the original checkpoint (as README shows for a hub model).
+    await saveCheckpoint(lm, `${root}/weights`);
+    const tuned = await fromPretrained(`${root}/weights`, { tokenizer: fixturePath("char-mamba") });
+    try {
+      const prompt = [lm.tokenizer!.encode("The quick", { addSpecialTokens: false })];
+      const [a] = await lm.generate(prompt, 12), [b] = await tuned.generate(prompt, 12);
+      assert.deepEqual(b, a, "the saved weights generate as the fine-tuned model");
+      assert.equal(tuned.tokenizer!.decode(b), lm.tokenizer!.decode(a));
+      assert.equal(lm.tokenizer!.decode(a), " brown fox j", "it learned the sentence");
+    } finally {
+      tuned.dispose();
+    }
     t.dispose();
   } finally {
     lm.dispose();
