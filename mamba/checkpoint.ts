@@ -357,6 +357,14 @@ export async function loadTrainingCheckpoint(dir: string, data: TrainData): Prom
   try {
     // fromPretrained builds HF's embedding, without a padding row; the run keeps its own.
     model.embedding.paddingIdx = state.paddingIdx === undefined ? 0 : state.paddingIdx;
+    const { lr, minLr } = state.train ?? {};
+    if (typeof lr === "number" && typeof minLr === "number" && minLr > lr) {
+      // validateTrainConfig's message suggests setting both, which a resume cannot
+      throw new Error(
+        `train.minLr (${minLr}) is above train.lr (${lr}): this run's schedule rose instead of decaying, which ` +
+          "a Trainer refuses since 2026-11-29; set train.minLr <= train.lr in this file to resume it",
+      );
+    }
     trainer = new Trainer(model, data, state.train);
   } catch (e) {
     model.dispose();

@@ -135,7 +135,9 @@ export class CharDataset implements TrainData {
     const cut = Math.floor(bytes.length * (1 - valFrac));
     this.train = bytes.subarray(0, cut);
     this.val = bytes.subarray(cut);
-    this.maxId = bytes.reduce((m, v) => (v > m ? v : m), -1);
+    let maxId = -1;
+    for (let i = 0; i < bytes.length && maxId < 255; i++) if (bytes[i] > maxId) maxId = bytes[i];
+    this.maxId = maxId;
   }
 
   /** B random windows of L + 1 bytes (inputs and shifted targets), drawn from `rng`. */
@@ -264,10 +266,13 @@ export class Trainer {
    */
   constructor(readonly model: MambaLM, readonly data: TrainData, config: TrainConfig) {
     this.#config = validateTrainConfig(config);
-    if (!(Number.isInteger(data.maxId) && data.maxId < model.vocabSize)) {
+    if (!Number.isInteger(data.maxId) || data.maxId < -1) {
+      throw new Error(`TrainData.maxId must be an integer >= -1 (the largest id), got ${data.maxId}`);
+    }
+    if (data.maxId >= model.vocabSize) {
       throw new Error(
         `the data has token id ${data.maxId}, outside the model's vocabulary of ${model.vocabSize} ` +
-          "(a tokenizer other than the model's?)",
+          "(ids must come from the model's own tokenizer)",
       );
     }
     this.#schedule = Trainer.#scheduleOf(this.#config);

@@ -128,22 +128,26 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
   else {
     const Ls = v.Ls ?? v.Lc;
     const Nb = v.Nb ?? N;
-    // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, at least one
-    // step of dB/dC terms (2 Nb, and the dt terms of dt_proj inside the kernels)
+    // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, S steps (at
+    // least one) of dB/dC terms (2 Nb, and the dt terms of dt_proj inside the kernels)
     const terms = v.reduce === "subgroup" ? 0 : 2 * Nb + MAX_INLINE_DT_RANK;
-    const wgBytes = 4 * v.WG * (terms + (v.hbuf === "workgroup" ? Ls * Nb : 0));
+    const wgBytes = 4 * v.WG * ((v.S ?? 1) * terms + (v.hbuf === "workgroup" ? Ls * Nb : 0));
     const { limits, subgroups } = deviceInfo();
     if (
       wgBytes > limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 || (v.Lc / Ls - 1) * Nb > 2048 ||
       !Number.isInteger(v.WG) || v.WG < 1 || v.WG > limits.maxComputeInvocationsPerWorkgroup ||
       v.WG > limits.maxComputeWorkgroupSizeX || !Number.isInteger(v.Lc) || v.Lc < 1 || v.Lc > MAX_CHUNK ||
       !Number.isInteger(Ls) || Ls < 1 || v.Lc % Ls !== 0 || !Number.isInteger(Nb) || Nb < 1 || N % Nb !== 0 ||
+      (v.S !== undefined && !(Number.isInteger(v.S) && v.S >= 1)) ||
       (v.reduce === "subgroup" && !subgroups) || (v.shuffle && v.WG % shuffleSize() !== 0) || !lanesFit(v, Nb)
     ) {
       throw new Error(
-        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${Nb}${v.lanes ? `, lanes ${v.lanes}` : ""}${
+        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${Nb}${v.S !== undefined ? `, S ${v.S}` : ""}${
+          v.lanes ? `, lanes ${v.lanes}` : ""
+        }${
           v.reduce ? `, reduce ${v.reduce}` : ""
-        } does not fit N = ${N} on this device (Ls must divide Lc, Lc at most ${MAX_CHUNK}, and Nb divide N; ` +
+        } does not fit N = ${N} on this device (Ls must divide Lc, Lc at ` +
+          `most ${MAX_CHUNK}, Nb divide N and S be an integer >= 1; ` +
           "Ls*Nb and (Lc/Ls - 1)*Nb at most 2048 floats; WG within the device's workgroup size; workgroup " +
           `memory (${wgBytes} bytes) within the device limit (${limits.maxComputeWorkgroupStorageSize}); subgroup ` +
           "sums need subgroups; with shuffle, WG a multiple of the subgroup size; lanes a power of two dividing " +

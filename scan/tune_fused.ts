@@ -67,6 +67,7 @@ export function fusedCandidates(N: number): FusedVariant[] {
       v.hbuf ?? "private",
       v.reduce ?? "workgroup",
       !!v.shuffle,
+      v.S ?? null,
     ]);
   const has = (v: FusedVariant) => list.some((c) => key(c) === key(v));
   for (const WG of [8, 32, 64]) {

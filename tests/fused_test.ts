@@ -469,6 +469,16 @@ Deno.test("the tuner's candidates are valid variants, here, on a GPU-like adapte
       () => setFusedVariant(16, { WG: 32, Lc: 64, reduce: "subgroup", lanes: 3 }),
       /setFusedVariant: WG 32, Lc 64, Ls 64, Nb 16, lanes 3, reduce subgroup does not fit N = 16 .*lanes a power of two dividing Nb/,
     );
+    // steps per barrier: a whole number, and S steps of terms within the workgroup memory
+    assert.throws(
+      () => setFusedVariant(16, { WG: 8, Lc: 64, S: 0 }),
+      /WG 8, Lc 64, Ls 64, Nb 16, S 0 does not fit/,
+    );
+    assert.throws(() => setFusedVariant(16, { WG: 8, Lc: 64, S: 2.5 }), /S be an integer >= 1/);
+    assert.throws(
+      () => setFusedVariant(16, { WG: 64, Lc: 64, S: 16 }), // 16 x 64 x 40 floats: 160 KiB
+      /S 16 does not fit .*workgroup memory \(163840 bytes\) within the device limit/,
+    );
     // chunks longer than a dispatch's loop budget (the forward's dispatches would walk 0 steps: a hang)
     assert.throws(() => setFusedVariant(1, { WG: 8, Lc: 20000, Ls: 2000 }), /Lc at most 8192/);
     // a full workgroup memory leaves no room for the dt terms

@@ -483,9 +483,14 @@ Deno.test("TokenDataset: the same windows as CharDataset from the same ids; bad 
     const config = { ...DEFAULT_TRAIN, steps: 4, warmup: 2, batch: 2, seq: 16 };
     assert.throws(
       () => new Trainer(model, new TokenDataset([3, 56, 7]), config),
-      /the data has token id 56, outside the model's vocabulary of 56 \(a tokenizer other than the model's\?\)/,
+      /the data has token id 56, outside the model's vocabulary of 56 \(ids must come from the model's own tokenizer\)/,
     );
     new Trainer(model, new TokenDataset([3, 55, 7]), config).dispose();
+    const duck = { windows: () => new Int32Array(0) } as unknown as TokenDataset; // no maxId
+    assert.throws(
+      () => new Trainer(model, duck, config),
+      /TrainData.maxId must be an integer >= -1 \(the largest id\), got undefined/,
+    );
   } finally {
     model.dispose();
   }
@@ -509,6 +514,17 @@ Deno.test("fine-tune: a pretrained checkpoint trains on its tokenizer's ids (Tok
     const back = await loadTrainingCheckpoint(`${root}/ft`, data);
     assert.equal(back.step, 30);
     assert.ok(Math.abs((await back.evaluate()) - after) < 1e-5, "the saved run evaluates alike");
+    // a run saved with minLr above lr (a Trainer refuses that now) says how to resume it
+    const logPath = `${root}/ft/training_log.json`;
+    const saved = JSON.parse(await Deno.readTextFile(logPath));
+    await Deno.writeTextFile(logPath, JSON.stringify({ ...saved, train: { ...saved.train, minLr: 1 } }));
+    await assert.rejects(
+      () => loadTrainingCheckpoint(`${root}/ft`, data),
+      /training_log.json: train.minLr \(1\) is above train.lr \(0.003\).*set train.minLr <= train.lr in this file/,
+    );
+    back.setSteps(31);
+    await back.trainStep(); // and trains on (bit-exact resumes: the CharDataset test above)
+    assert.equal(back.step, 31);
     back.model.dispose();
     back.dispose();
     // The weights alone, with the tokenizer from the original checkpoint (as README shows for a hub model).
