@@ -60,7 +60,7 @@ import {
   stepsPerBarrier,
 } from "../scan/fused_variant.ts";
 import { type Case as ScanCase, compare } from "./fused_cases.ts";
-import { env, fusedUnavailable, intEnv, kernelsRun, rng } from "./helpers.ts";
+import { env, fusedUnavailable, hash, intEnv, kernelsRun, rng, stratified } from "./helpers.ts";
 
 const info = await init();
 const noFused = fusedUnavailable();
@@ -140,27 +140,6 @@ const POOLS = {
   segments: [false, false, true],
   varying: [false, false, false, true],
 };
-
-function hash(...xs: number[]): number {
-  let h = 0x811c9dc5;
-  for (const x of xs) {
-    h = Math.imul(h ^ (x >>> 0), 0x01000193) >>> 0;
-    h = Math.imul(h ^ (h >>> 15), 0x2c1b3c6d) >>> 0;
-  }
-  return h;
-}
-
-/** Value i of a dimension: round floor(i / n) of its values shuffled by (seed, dimension, round). */
-function stratified<T>(values: readonly T[], seed: number, dim: number, i: number): T {
-  const n = values.length;
-  const r = rng(hash(seed, dim, Math.floor(i / n)));
-  const order = values.map((_, k) => k);
-  for (let k = n - 1; k > 0; k--) {
-    const j = Math.floor(r() * (k + 1));
-    [order[k], order[j]] = [order[j], order[k]];
-  }
-  return values[order[i % n]];
-}
 
 const divisors = (n: number) => Array.from({ length: n }, (_, k) => k + 1).filter((d) => n % d === 0);
 

@@ -53,6 +53,29 @@ export function intEnv(name: string, fallback: number): number {
 
 // ------------------------------------------------------------------------------------------ random data
 
+/** A 32-bit hash of integers (FNV-1a style with a final mix): seeds derived from (seed, case, ...). */
+export function hash(...xs: number[]): number {
+  let h = 0x811c9dc5;
+  for (const x of xs) {
+    h = Math.imul(h ^ (x >>> 0), 0x01000193) >>> 0;
+    h = Math.imul(h ^ (h >>> 15), 0x2c1b3c6d) >>> 0;
+  }
+  return h;
+}
+
+/** Value i of a fuzz dimension, stratified: round floor(i / n) of its n values shuffled by (seed, dimension,
+ * round), so every value occurs within each n consecutive cases. */
+export function stratified<T>(values: readonly T[], seed: number, dim: number, i: number): T {
+  const n = values.length;
+  const r = rng(hash(seed, dim, Math.floor(i / n)));
+  const order = values.map((_, k) => k);
+  for (let k = n - 1; k > 0; k--) {
+    const j = Math.floor(r() * (k + 1));
+    [order[k], order[j]] = [order[j], order[k]];
+  }
+  return values[order[i % n]];
+}
+
 /** A seeded uniform generator in [0, 1) (mulberry32). */
 export function rng(seed: number): () => number {
   let s = (seed * 0x9e3779b1 + 0x6d2b79f5) >>> 0;

@@ -59,9 +59,11 @@ import {
   assertFusedStepRan,
   env,
   fusedUnavailable,
+  hash,
   intEnv,
   kernelsRun,
   rng,
+  stratified,
 } from "./helpers.ts";
 
 await init();
@@ -130,27 +132,6 @@ const POOLS = {
   L: [1, 2, 3, 5, 7, 16, 31, 64, 65, 97, 130],
   recompute: [false, true],
 };
-
-function hash(...xs: number[]): number {
-  let h = 0x811c9dc5;
-  for (const x of xs) {
-    h = Math.imul(h ^ (x >>> 0), 0x01000193) >>> 0;
-    h = Math.imul(h ^ (h >>> 15), 0x2c1b3c6d) >>> 0;
-  }
-  return h;
-}
-
-/** Value i of a dimension: round floor(i / n) of its values shuffled by (seed, dimension, round). */
-function stratified<T>(values: readonly T[], seed: number, dim: number, i: number): T {
-  const n = values.length;
-  const r = rng(hash(seed, dim, Math.floor(i / n)));
-  const order = values.map((_, k) => k);
-  for (let k = n - 1; k > 0; k--) {
-    const j = Math.floor(r() * (k + 1));
-    [order[k], order[j]] = [order[j], order[k]];
-  }
-  return values[order[i % n]];
-}
 
 function makeCase(seed: number, index: number): Case {
   const pick = <K extends keyof typeof POOLS>(k: K, dim: number) =>
