@@ -170,6 +170,7 @@ export {
   StreamDecoder,
   type StreamDecoderOptions,
   type Tokenizer,
+  type TokenizerFiles,
   tokenizerFromJSON,
 } from "./mamba/tokenizer.ts";
 export {

@@ -6,7 +6,10 @@
  * deno task train --steps 300 --out runs/short     # shorter
  * deno task train --resume runs/char               # continue a run exactly where it stopped
  * deno task train --resume runs/short --steps 600  # extend a run (the cosine schedule stretches from here on)
+ * deno task train --from state-spaces/mamba-130m-hf --data my.txt --out runs/ft --steps 200 --batch 4 --seq 256
  * ```
+ * `--from` fine-tunes a pretrained model (hub id, folder or URL) on the text, encoded by the model's own
+ * tokenizer, which the checkpoints carry (`deno task generate --model runs/ft` reads it back).
  * A progress line shows step, loss, validation loss, tokens/s and ETA. Checkpoints (config.json,
  * model.safetensors in the Hugging Face layout, optimizer state, training log, tokenizer) are written every
  * `--save-every` steps and at the end; Ctrl-C saves one before exiting. The loss curve is written as
@@ -20,11 +23,14 @@ import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { manualSeed } from "../core/random.ts";
 import { MambaLM } from "../mamba/lm.ts";
+import { fromPretrained } from "../mamba/pretrained.ts";
+import { ByteTokenizer, type Tokenizer } from "../mamba/tokenizer.ts";
 import {
   CharDataset,
-  type CharDataset as Data,
   DEFAULT_TRAIN,
+  TokenDataset,
   type TrainConfig,
+  type TrainData,
   Trainer,
 } from "../mamba/train.ts";
 import {
@@ -34,12 +40,17 @@ import {
 } from "../mamba/checkpoint.ts";
 import { lossChartSVG } from "./lib/loss_chart.ts";
 
+/** Default peak learning rate with --from: DEFAULT_TRAIN's 3e-3 (a new char model's) would wreck pretrained
+ * weights; 1e-4 is a common fine-tuning rate for models of this size. */
+export const FINE_TUNE_LR = 1e-4;
+
 const USAGE = `Usage: deno task train [options]
 
   --steps <n>        optimizer steps (default ${DEFAULT_TRAIN.steps})
   --batch <n>        sequences per batch (default ${DEFAULT_TRAIN.batch})
   --seq <n>          characters per sequence (default ${DEFAULT_TRAIN.seq})
-  --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr})
+  --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr}; with
+                     --from ${FINE_TUNE_LR})
   --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup})
   --d-model <n>      model width (default 64)
   --layers <n>       Mamba blocks (default 2)
@@ -49,6 +60,11 @@ const USAGE = `Usage: deno task train [options]
   --out <dir>        checkpoint folder (default runs/char; with --resume, the resumed folder)
   --resume <dir>     continue the run saved in <dir> with its recipe and model; only --steps (to extend
                      it), --data, --out and --save-every may be given with it
+  --from <model>     fine-tune a pretrained model (hub id, folder or URL) instead of training a new one:
+                     the text is encoded by its tokenizer; --d-model, --layers, --d-state do not apply
+  --revision <s>     hub branch, tag or commit of --from (default main)
+  --cache-dir <s>    hub cache folder of --from (default HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else
+                     HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub)
   --eval-every <n>   steps between validation losses (default ${DEFAULT_TRAIN.evalEvery})
   --save-every <n>   steps between checkpoints (default 200)
   --help             this text`;
@@ -69,6 +85,10 @@ export interface TrainArgs {
   out: string;
   /** Folder to resume from, if any. */
   resume: string | null;
+  /** Pretrained model to fine-tune (hub id, folder or URL), if any. */
+  from: string | null;
+  /** Hub revision and cache folder of `from`. */
+  hub: { revision?: string; cacheDir?: string };
   /** Steps between checkpoints. */
   saveEvery: number;
   /** Whether --steps was given (a resumed run keeps its own otherwise). */
@@ -77,6 +97,8 @@ export interface TrainArgs {
 
 /** Flags that set the recipe or the model, which a resumed run takes from its checkpoint. */
 const RECIPE_FLAGS = ["batch", "seq", "lr", "warmup", "d-model", "layers", "d-state", "seed", "eval-every"];
+/** Flags that shape a new model, which a fine-tuned one has already. */
+const MODEL_FLAGS = ["d-model", "layers", "d-state"];
 
 /** Parses flags; throws an Error naming a bad flag or value; null for --help. */
 export function parseTrainArgs(argv: string[]): TrainArgs | null {
@@ -96,12 +118,31 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       data: { type: "string" },
       out: { type: "string" },
       resume: { type: "string" },
+      from: { type: "string" },
+      revision: { type: "string" },
+      "cache-dir": { type: "string" },
       "eval-every": { type: "string" },
       "save-every": { type: "string" },
       help: { type: "boolean" },
     },
   });
   if (values.help) return null;
+  if (values.from !== undefined && values.resume !== undefined) {
+    throw new Error("--from and --resume cannot be used together: a resumed run already has its model");
+  }
+  if (values.from !== undefined) {
+    const given = MODEL_FLAGS.filter((f) => values[f as keyof typeof values] !== undefined);
+    if (given.length > 0) {
+      throw new Error(
+        `${given.map((f) => `--${f}`).join(", ")} cannot be used with --from: the model has its shape`,
+      );
+    }
+  } else {
+    const hubFlags = ["revision", "cache-dir"].filter((f) => values[f as keyof typeof values] !== undefined);
+    if (hubFlags.length > 0) {
+      throw new Error(`${hubFlags.map((f) => `--${f}`).join(", ")} apply to --from only`);
+    }
+  }
   if (values.resume !== undefined) {
     const given = RECIPE_FLAGS.filter((f) => values[f as keyof typeof values] !== undefined);
     if (given.length > 0) {
@@ -119,7 +160,9 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     }
     return n;
   };
-  const lr = values.lr === undefined ? DEFAULT_TRAIN.lr : Number(values.lr);
+  const lr = values.lr === undefined
+    ? (values.from === undefined ? DEFAULT_TRAIN.lr : FINE_TUNE_LR)
+    : Number(values.lr);
   if (!(lr > 0)) throw new Error(`--lr must be a positive number, got '${values.lr}'`);
   const train: TrainConfig = {
     ...DEFAULT_TRAIN,
@@ -141,17 +184,30 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     data: values.data ?? fileURLToPath(new URL("../data/pride_and_prejudice.txt", import.meta.url)),
     out: values.out ?? values.resume ?? "runs/char",
     resume: values.resume ?? null,
+    from: values.from ?? null,
+    hub: { revision: values.revision, cacheDir: values["cache-dir"] },
     saveEvery: int("save-every", values["save-every"], 200),
     stepsGiven: values.steps !== undefined,
   };
 }
 
-/** The char tokenizer file our checkpoints carry (the byte value is the id). */
-export function charTokenizerJson(data: Data): Record<string, unknown> {
-  const seen = new Set<number>([...data.train, ...data.val]);
-  const charToId: Record<string, number> = {};
-  for (const b of [...seen].sort((a, b) => a - b)) charToId[String.fromCharCode(b)] = b;
-  return { type: "byte-level characters", vocab_size: 256, char_to_id: charToId };
+/**
+ * The data of a run from its text: the bytes themselves for a byte tokenizer (a char model), else the ids
+ * of the text run through `tokenizer`. Also the tokenizer its checkpoints carry: for a char model, one that
+ * knows every byte of the text (and those the model knew before).
+ */
+export function encodeText(
+  text: Uint8Array,
+  tokenizer: Tokenizer | null,
+): { data: TrainData; tokenizer: Tokenizer } {
+  if (tokenizer === null || tokenizer instanceof ByteTokenizer) {
+    const data = new CharDataset(text);
+    const fresh = tokenizer === null;
+    const known = fresh || tokenizer.known ? new Set<number>([...data.train, ...data.val]) : null;
+    for (const b of tokenizer?.known ?? []) known!.add(b);
+    return { data, tokenizer: new ByteTokenizer(known ?? undefined) };
+  }
+  return { data: new TokenDataset(tokenizer.encode(new TextDecoder().decode(text))), tokenizer };
 }
 
 function fmtTime(s: number): string {
@@ -177,10 +233,14 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
   const text = await Deno.readFile(a.data).catch((e) => {
     throw new Error(`cannot read the training text ${a.data}: ${(e as Error).message}`);
   });
-  const data = new CharDataset(text);
   let trainer: Trainer;
+  let tokenizer!: Tokenizer; // what the checkpoints carry
   if (a.resume) {
-    trainer = await loadTrainingCheckpoint(a.resume, data);
+    trainer = await loadTrainingCheckpoint(a.resume, (tok) => {
+      const run = encodeText(text, tok);
+      tokenizer = run.tokenizer;
+      return run.data;
+    });
     if (a.stepsGiven) {
       try {
         trainer.setSteps(a.train.steps); // the learning-rate schedule follows
@@ -190,13 +250,28 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
         throw new Error(`--steps ${a.train.steps} for the run in ${a.resume}: ${(e as Error).message}`);
       }
     }
+  } else if (a.from) {
+    const lm = await fromPretrained(a.from, a.hub);
+    try {
+      if (lm.tokenizer === null) {
+        throw new Error(`${lm.source} has no tokenizer.json to encode the text with`);
+      }
+      const run = encodeText(text, lm.tokenizer);
+      tokenizer = run.tokenizer;
+      manualSeed(a.train.seed);
+      trainer = new Trainer(lm, run.data, a.train);
+    } catch (e) {
+      lm.dispose();
+      throw e;
+    }
   } else {
+    const run = encodeText(text, null);
+    tokenizer = run.tokenizer;
     manualSeed(a.train.seed);
     const model = new MambaLM({ dModel: a.dModel, nLayers: a.layers, dState: a.dState }, { vocabSize: 256 });
-    trainer = new Trainer(model, data, a.train);
+    trainer = new Trainer(model, run.data, a.train);
   }
   const cfg = trainer.config;
-  const tokJson = charTokenizerJson(data);
   const isTTY = Deno.stderr.isTerminal();
   const progress = hooks.progress ??
     ((line: string, final: boolean) => {
@@ -205,7 +280,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     });
   const save = async () => {
     // The loss chart goes into the checkpoint folder with the rest, replaced with it atomically.
-    await saveTrainingCheckpoint(a.out, trainer, tokJson, {
+    await saveTrainingCheckpoint(a.out, trainer, tokenizer, {
       files: {
         "loss.json": JSON.stringify(trainer.log) + "\n",
         "loss.svg": await lossChartSVG(trainer.log),

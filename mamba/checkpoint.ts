@@ -14,8 +14,8 @@
 
 import { serializeSafetensors } from "../core/safetensors.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
-import type { MambaLM } from "./lm.ts";
-import { fromPretrained, saveCheckpoint } from "./pretrained.ts";
+import { fromPretrained, type PretrainedLM, saveCheckpoint } from "./pretrained.ts";
+import type { Tokenizer } from "./tokenizer.ts";
 import { type TrainConfig, type TrainData, Trainer, type TrainLog } from "./train.ts";
 
 /** What `training_log.json` holds. */
@@ -200,30 +200,36 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
  * Writes a complete checkpoint of a run into `dir` (Deno), replacing the previous one only once the new one
  * is complete; `options.files` adds files to it. Refuses (and writes nothing) when `dir` or `<dir>.prev` is a
  * non-empty folder that is not a checkpoint, or a checkpoint holding files its save did not write. Errors
- * name `dir`. `tokenizerJson` is required: the parsed `tokenizer.json` of the run's tokenizer (any JSON value,
- * written as the checkpoint's `tokenizer.json`); undefined, or anything else that is not JSON, throws.
+ * name `dir`. `tokenizer` is required: the run's {@linkcode Tokenizer} (one with `toFiles()`, as
+ * `ByteTokenizer` and `HubTokenizer`: its `tokenizer.json`, and `tokenizer_config.json` when it has one), or
+ * the parsed `tokenizer.json` itself (any JSON value); undefined, or anything else that is not JSON, throws.
  */
 export async function saveTrainingCheckpoint(
   dir: string,
   trainer: Trainer,
-  tokenizerJson: unknown,
+  tokenizer: Tokenizer | unknown,
   options: SaveTrainingOptions = {},
 ): Promise<void> {
   needDeno("saveTrainingCheckpoint");
   const { path, parent, base } = splitDir(dir);
+  const tok: { tokenizer: unknown; config?: unknown } =
+    typeof (tokenizer as Tokenizer)?.toFiles === "function"
+      ? (tokenizer as Tokenizer).toFiles!()
+      : { tokenizer };
+  const own = tok.config === undefined ? CHECKPOINT_FILES : [...CHECKPOINT_FILES, "tokenizer_config.json"];
   const extra = Object.entries(options.files ?? {});
   for (const [name, content] of extra) {
-    if (!/^[^\\/]+$/.test(name) || name === "." || name === ".." || CHECKPOINT_FILES.includes(name)) {
+    if (!/^[^\\/]+$/.test(name) || name === "." || name === ".." || own.includes(name)) {
       throw new Error(
         `cannot write checkpoint ${path}: options.files: '${name}' must be a plain file name ` +
-          `other than ${CHECKPOINT_FILES.join(", ")}`,
+          `other than ${own.join(", ")}`,
       );
     }
     if (typeof content !== "string" && !(content instanceof Uint8Array)) {
       throw new Error(`cannot write checkpoint ${path}: options.files['${name}'] must be a string or bytes`);
     }
   }
-  const names = [...CHECKPOINT_FILES, ...extra.map(([n]) => n)].sort();
+  const names = [...own, ...extra.map(([n]) => n)].sort();
   const prev = `${path}.prev`;
 
   const wrap = (e: unknown) =>
@@ -253,7 +259,7 @@ export async function saveTrainingCheckpoint(
   try {
     await Deno.mkdir(parent, { recursive: true });
     await Deno.mkdir(tmp);
-    await saveCheckpoint(trainer.model, tmp);
+    await saveCheckpoint(trainer.model, tmp, null); // the tokenizer's files below
     const state = trainer.opt.stateDict();
     const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
     for (const [k, t] of state.tensors) {
@@ -275,9 +281,14 @@ export async function saveTrainingCheckpoint(
       paddingIdx: trainer.model.embedding.paddingIdx,
     };
     await Deno.writeTextFile(`${tmp}/training_log.json`, JSON.stringify(log) + "\n");
-    const tok = JSON.stringify(tokenizerJson, null, 1);
-    if (tok === undefined) throw new Error(`the tokenizer is not a JSON value (got ${typeof tokenizerJson})`);
-    await Deno.writeTextFile(`${tmp}/tokenizer.json`, tok + "\n");
+    const tokText = JSON.stringify(tok.tokenizer, null, 1);
+    if (tokText === undefined) {
+      throw new Error(`the tokenizer is not a JSON value or a Tokenizer (got ${typeof tok.tokenizer})`);
+    }
+    await Deno.writeTextFile(`${tmp}/tokenizer.json`, tokText + "\n");
+    if (tok.config !== undefined) {
+      await Deno.writeTextFile(`${tmp}/tokenizer_config.json`, JSON.stringify(tok.config, null, 2) + "\n");
+    }
     for (const [name, content] of extra) {
       const bytes = typeof content === "string" ? new TextEncoder().encode(content) : content;
       await Deno.writeFile(`${tmp}/${name}`, bytes);
@@ -339,11 +350,16 @@ async function resolveDir(dir: string): Promise<string> {
 }
 
 /**
- * Loads a run to continue it (Deno): the model, the optimizer state, the step and the log. The caller disposes
- * both `trainer` and `trainer.model`: `trainer.dispose()` frees the optimizer state and the loss log, not the
- * model.
+ * Loads a run to continue it (Deno): the model, the optimizer state, the step and the log. `data` is the
+ * run's data, or a function that makes it from the checkpoint's tokenizer (its `tokenizer.json`, read as
+ * `fromPretrained` reads it), for data that must be encoded by the run's own tokenizer. The caller disposes
+ * both `trainer` and `trainer.model` (a `PretrainedLM`, with the tokenizer when `data` is a function):
+ * `trainer.dispose()` frees the optimizer state and the loss log, not the model.
  */
-export async function loadTrainingCheckpoint(dir: string, data: TrainData): Promise<Trainer> {
+export async function loadTrainingCheckpoint(
+  dir: string,
+  data: TrainData | ((tokenizer: Tokenizer) => TrainData | Promise<TrainData>),
+): Promise<Trainer> {
   needDeno("loadTrainingCheckpoint");
   const from = await resolveDir(dir);
   let state: TrainingState;
@@ -352,7 +368,20 @@ export async function loadTrainingCheckpoint(dir: string, data: TrainData): Prom
   } catch (e) {
     throw new Error(`${from}/training_log.json is not valid: ${(e as Error).message}`);
   }
-  const model: MambaLM = await fromPretrained(from, { tokenizer: false });
+  // A checkpoint's tokenizer.json may be any JSON: read it only for a caller that needs the tokenizer.
+  const model: PretrainedLM = await fromPretrained(
+    from,
+    typeof data === "function" ? {} : { tokenizer: false },
+  );
+  if (typeof data === "function") {
+    try {
+      if (model.tokenizer === null) throw new Error(`${from} has no tokenizer.json to encode the data with`);
+      data = await data(model.tokenizer);
+    } catch (e) {
+      model.dispose();
+      throw e;
+    }
+  }
   let trainer: Trainer;
   try {
     // fromPretrained builds HF's embedding, without a padding row; the run keeps its own.

@@ -26,7 +26,7 @@ import { mambaConfig, type MambaConfigInput } from "./config.ts";
 import { hubEndpoint, HubError, type HubOptions, isHubId } from "./hub.ts";
 import { blobSource, type ByteSource, type ModelSource, responseSource } from "./byte_source.ts";
 import { type LMOptions, MambaLM } from "./lm.ts";
-import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
+import { type Tokenizer, type TokenizerFiles, tokenizerFromJSON } from "./tokenizer.ts";
 
 /** A checkpoint's config turned into ours, plus how its tensor names map to ours. */
 export interface CheckpointConfig {
@@ -959,26 +959,53 @@ export async function hfTensors(model: MambaLM): Promise<Record<string, Safetens
 }
 
 /**
- * A checkpoint's files as bytes, by name: `model.safetensors` and `config.json` (Hugging Face layout), and
- * `tokenizer.json` when `tokenizerJson` is given. In a page, offer them as downloads; in Deno,
- * {@linkcode saveCheckpoint} writes them into a folder. {@linkcode fromPretrainedFiles} reads them back.
+ * A checkpoint's files as bytes, by name: `model.safetensors` and `config.json` (Hugging Face layout), and the
+ * tokenizer's `tokenizer.json` (+ `tokenizer_config.json` when it has one). `tokenizer` defaults to the
+ * model's own (a {@linkcode PretrainedLM}'s); null leaves it out. In a page, offer the files as downloads; in
+ * Deno, {@linkcode saveCheckpoint} writes them into a folder. {@linkcode fromPretrainedFiles} and
+ * {@linkcode fromPretrained} read them back, tokenizer included.
  */
 export async function checkpointFiles(
   model: MambaLM,
-  tokenizerJson?: unknown,
+  tokenizer: Tokenizer | null = model instanceof PretrainedLM ? model.tokenizer : null,
 ): Promise<Record<string, Uint8Array<ArrayBuffer>>> {
   const text = (v: unknown, indent: number) =>
     new TextEncoder().encode(JSON.stringify(v, null, indent) + "\n");
+  let tok: TokenizerFiles | null = null;
+  if (tokenizer !== null) {
+    if (typeof tokenizer.toFiles !== "function") {
+      throw new Error(
+        "cannot save the tokenizer: it has no toFiles() (ByteTokenizer and HubTokenizer have it); pass null " +
+          "to save the model without it",
+      );
+    }
+    if (tokenizer.vocabSize > model.vocabSize) {
+      throw new Error(
+        `cannot save the tokenizer with this model: it has ${tokenizer.vocabSize} token ids, the model's ` +
+          `vocabulary ${model.vocabSize} (fromPretrained would refuse the pair)`,
+      );
+    }
+    tok = tokenizer.toFiles();
+  }
   const files: Record<string, Uint8Array<ArrayBuffer>> = {
     "model.safetensors": serializeSafetensors(await hfTensors(model)),
     "config.json": text(hfConfig(model), 2),
   };
-  if (tokenizerJson !== undefined) files["tokenizer.json"] = text(tokenizerJson, 1);
+  if (tok) files["tokenizer.json"] = text(tok.tokenizer, 1);
+  if (tok?.config) files["tokenizer_config.json"] = text(tok.config, 2);
   return files;
 }
 
-/** Saves `config.json` + `model.safetensors` (Hugging Face layout) into `dir`, each file atomically (Deno). */
-export async function saveCheckpoint(model: MambaLM, dir: string): Promise<void> {
-  const files = await checkpointFiles(model);
+/**
+ * Saves `config.json` + `model.safetensors` (Hugging Face layout) and the tokenizer's files (see
+ * {@linkcode checkpointFiles}: the model's own by default, none for null) into `dir`, each file atomically
+ * (Deno).
+ */
+export async function saveCheckpoint(
+  model: MambaLM,
+  dir: string,
+  tokenizer: Tokenizer | null = model instanceof PretrainedLM ? model.tokenizer : null,
+): Promise<void> {
+  const files = await checkpointFiles(model, tokenizer);
   await (await import("./pretrained_fs.ts")).writeFiles(dir, files);
 }

@@ -39,6 +39,17 @@ export interface DecodeOptions {
   skipSpecialTokens?: boolean;
 }
 
+/**
+ * The parsed files that describe a tokenizer, as a checkpoint stores them: `tokenizer.json` and, when there is
+ * one, `tokenizer_config.json`. {@linkcode tokenizerFromJSON} builds the tokenizer back from them.
+ */
+export interface TokenizerFiles {
+  /** `tokenizer.json`. */
+  tokenizer: Record<string, unknown>;
+  /** `tokenizer_config.json` (special tokens), when the tokenizer has one. */
+  config?: Record<string, unknown>;
+}
+
 /** What generation needs from a tokenizer. */
 export interface Tokenizer {
   /** Number of token ids: 1 + the largest id, added tokens included. */
@@ -49,6 +60,8 @@ export interface Tokenizer {
   encode(text: string, options?: EncodeOptions): number[];
   /** Ids to text; an incomplete UTF-8 character at either end decodes to U+FFFD. */
   decode(ids: ArrayLike<number>, options?: DecodeOptions): string;
+  /** The files to save with a model (`saveCheckpoint` needs it); optional for tokenizers of your own. */
+  toFiles?(): TokenizerFiles;
 }
 
 const NO_SPECIAL: SpecialTokens = Object.freeze({ bos: null, eos: null, pad: null, unk: null });
@@ -100,6 +113,17 @@ export class ByteTokenizer implements Tokenizer {
   decodeStream(ids: ArrayLike<number>): string {
     return this.#stream.decode(bytesOf(ids), { stream: true });
   }
+
+  /** The char-model `tokenizer.json` (`char_to_id` lists the known bytes, when there is a known set). */
+  toFiles(): TokenizerFiles {
+    const tokenizer: Record<string, unknown> = { type: "byte-level characters", vocab_size: 256 };
+    if (this.known) {
+      const charToId: Record<string, number> = {};
+      for (const b of [...this.known].sort((a, b) => a - b)) charToId[String.fromCharCode(b)] = b;
+      tokenizer.char_to_id = charToId;
+    }
+    return { tokenizer };
+  }
 }
 
 function bytesOf(ids: ArrayLike<number>): Uint8Array {
@@ -135,6 +159,7 @@ export class HubTokenizer implements Tokenizer {
   /** The `model.type` of tokenizer.json ("BPE", "Unigram", ...). */
   readonly modelType: string;
   #tok: HFTokenizer;
+  #files: TokenizerFiles;
 
   /**
    * `tokenizerJson`: the parsed `tokenizer.json`; `config`: the parsed `tokenizer_config.json` (optional).
@@ -146,6 +171,7 @@ export class HubTokenizer implements Tokenizer {
       throw new Error("tokenizer.json has no 'model': not a Hugging Face tokenizers file");
     }
     this.modelType = String(model.type ?? "unknown");
+    this.#files = { tokenizer: tokenizerJson, ...(Object.keys(config).length > 0 ? { config } : {}) };
     try {
       this.#tok = new HFTokenizer(tokenizerJson, config);
     } catch (e) {
@@ -184,6 +210,11 @@ export class HubTokenizer implements Tokenizer {
   /** The token string of an id, or null. */
   idToToken(id: number): string | null {
     return this.#tok.id_to_token(id) ?? null;
+  }
+
+  /** The `tokenizer.json` and `tokenizer_config.json` it was built from (the objects given, not copies). */
+  toFiles(): TokenizerFiles {
+    return this.#files;
   }
 }
 

@@ -211,10 +211,7 @@ Deno.test({
             const fromHub = await m.fromPretrained("test-org/char-mamba", { endpoint: `${base}/hub` });
             const fromFiles = await m.fromPretrainedFiles(files, { name: "picked" });
             const ref = await logitsOf(fromUrl);
-            const saved = await m.checkpointFiles(fromFiles, {
-              type: "byte-level characters",
-              char_to_id: {},
-            });
+            const saved = await m.checkpointFiles(fromFiles); // with its own tokenizer
             const back = await m.fromPretrainedFiles(saved);
             const missing = await m.fromPretrainedFiles({ "model.safetensors": blobs[1] }).then(
               () => "loaded",
@@ -228,6 +225,10 @@ Deno.test({
               savedDiff: diff(ref, await logitsOf(back)),
               byteTokenizer: fromFiles.tokenizer instanceof m.ByteTokenizer,
               savedNames: Object.keys(saved).sort(),
+              // the saved tokenizer knows the same characters
+              savedKnown: [fromFiles, back].map((lm) =>
+                [...(lm.tokenizer as Library.ByteTokenizer).known!].sort()
+              ),
               missing,
             };
             for (const lm of [fromUrl, fromHub, fromFiles, back]) lm.dispose();
@@ -240,6 +241,8 @@ Deno.test({
           assert.equal(r.savedDiff, 0);
           assert.equal(r.byteTokenizer, true);
           assert.deepEqual(r.savedNames, ["config.json", "model.safetensors", "tokenizer.json"]);
+          assert.ok(r.savedKnown[0].length > 30, `${r.savedKnown[0].length} known characters`);
+          assert.deepEqual(r.savedKnown[1], r.savedKnown[0]);
           assert.match(
             r.missing,
             /files\/config.json: no such file among the given ones \(model.safetensors\)/,
@@ -528,12 +531,15 @@ Deno.test("fromPretrainedFiles and checkpointFiles (the browser's loading and sa
   const ref = await fromPretrained(dir.pathname);
   const picked = await fromPretrainedFiles(files);
   const back = await fromPretrainedFiles(await checkpointFiles(picked));
+  const bare = await fromPretrainedFiles(await checkpointFiles(picked, null));
   const want = await logitsOf(ref);
   assert.deepEqual(await logitsOf(picked), want);
   assert.deepEqual(await logitsOf(back), want);
   assert.equal(picked.source, "files");
-  assert.equal(back.tokenizer, null); // checkpointFiles without a tokenizer: none saved
-  for (const lm of [ref, picked, back]) lm.dispose();
+  // checkpointFiles saves the model's own tokenizer unless told null
+  assert.deepEqual(back.tokenizer, picked.tokenizer);
+  assert.equal(bare.tokenizer, null);
+  for (const lm of [ref, picked, back, bare]) lm.dispose();
   await assert.rejects(
     () => fromPretrainedFiles([files[1], files[1]]),
     /files: two files are named model.safetensors/,

@@ -21,6 +21,7 @@ import {
   parseCheckpointConfig,
   saveCheckpoint,
 } from "../mamba/pretrained.ts";
+import { HubTokenizer, type Tokenizer } from "../mamba/tokenizer.ts";
 import { assertLmV64Logits, fixturePath } from "./fixture_util.ts";
 
 const HF = fixturePath("lm_v64_hf");
@@ -590,4 +591,55 @@ Deno.test("fromPretrained: a key twice in config.json or the shard index is refu
       }, { name: "m" }),
     /^Error: m\/model\.safetensors\.index\.json: the key "lm_head\.weight" in "weight_map" is there twice$/,
   );
+});
+
+Deno.test("saveCheckpoint keeps a loaded model's tokenizer (and its config); null or a tokenizer without files", async () => {
+  await init();
+  const root = await Deno.makeTempDir({ prefix: "pretrained-" });
+  const json = JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer.json")));
+  const config = JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer_config.json")));
+  const lm = new MambaLM({ dModel: 4, nLayers: 1, dState: 4 }, { vocabSize: 65000 });
+  const small = new MambaLM({ dModel: 4, nLayers: 1, dState: 4 }, { vocabSize: 64 });
+  try {
+    await assert.rejects(
+      () => saveCheckpoint(small, `${root}/small`, new HubTokenizer(json, config)),
+      /cannot save the tokenizer with this model: it has 65000 token ids, the model's vocabulary 64/,
+    );
+    await saveCheckpoint(lm, `${root}/plain`); // a MambaLM has no tokenizer: none written
+    assert.deepEqual([...Deno.readDirSync(`${root}/plain`)].map((e) => e.name).sort(), [
+      "config.json",
+      "model.safetensors",
+    ]);
+    await saveCheckpoint(lm, `${root}/hub`, new HubTokenizer(json, config));
+    const loaded = await fromPretrained(`${root}/hub`);
+    try {
+      assert.ok(loaded.tokenizer instanceof HubTokenizer);
+      assert.deepEqual(loaded.tokenizer.specialTokens, new HubTokenizer(json, config).specialTokens);
+      assert.notEqual(loaded.tokenizer.specialTokens.eos, null, "tokenizer_config.json came along");
+      // A PretrainedLM saves its own tokenizer by default; null leaves it out.
+      await saveCheckpoint(loaded, `${root}/again`);
+      assert.deepEqual(
+        JSON.parse(await Deno.readTextFile(`${root}/again/tokenizer_config.json`)),
+        config,
+      );
+      await saveCheckpoint(loaded, `${root}/weights`, null);
+      assert.ok(!(await Deno.stat(`${root}/weights/tokenizer.json`).then(() => true, () => false)));
+    } finally {
+      loaded.dispose();
+    }
+    const own: Tokenizer = {
+      vocabSize: 32,
+      specialTokens: { bos: null, eos: null, pad: null, unk: null },
+      encode: () => [],
+      decode: () => "",
+    };
+    await assert.rejects(
+      () => saveCheckpoint(lm, `${root}/own`, own),
+      /cannot save the tokenizer: it has no toFiles\(\) \(ByteTokenizer and HubTokenizer have it\); pass null/,
+    );
+  } finally {
+    lm.dispose();
+    small.dispose();
+    await Deno.remove(root, { recursive: true });
+  }
 });

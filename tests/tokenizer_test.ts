@@ -103,3 +103,25 @@ Deno.test("tokenizerFromJSON picks ByteTokenizer for char models and HubTokenize
   );
   assert.throws(() => new ByteTokenizer().decode([300]), /id 300 is not a byte/);
 });
+
+Deno.test("toFiles: both tokenizers give back the files they read, and tokenizerFromJSON rebuilds them", async () => {
+  const hub = await hubTokenizer();
+  const files = hub.toFiles();
+  assert.deepEqual(
+    files.config,
+    JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer_config.json"))),
+  );
+  const again = tokenizerFromJSON(structuredClone(files.tokenizer), structuredClone(files.config));
+  assert.ok(again instanceof HubTokenizer);
+  assert.deepEqual(again.encode(TEXT), hub.encode(TEXT));
+  assert.deepEqual(again.specialTokens, hub.specialTokens);
+  assert.equal(new HubTokenizer(files.tokenizer).toFiles().config, undefined, "no config: no file");
+
+  const known = new ByteTokenizer([72, 105, 33]); // "Hi!"
+  const back = tokenizerFromJSON(structuredClone(known.toFiles().tokenizer)) as ByteTokenizer;
+  assert.deepEqual([...back.known!].sort((a, b) => a - b), [33, 72, 105]);
+  assert.throws(() => back.encode("Ho"), /never saw: "o"/);
+  assert.equal(known.toFiles().config, undefined);
+  const any = tokenizerFromJSON(new ByteTokenizer().toFiles().tokenizer) as ByteTokenizer;
+  assert.ok(any instanceof ByteTokenizer && any.known === null, "no known set: any byte");
+});

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { parseTrainArgs, runTraining } from "../examples/train.ts";
+import { FINE_TUNE_LR, parseTrainArgs, runTraining } from "../examples/train.ts";
 import { init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
@@ -9,6 +9,7 @@ import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
 import { loadTrainingCheckpoint, saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
 import { CharDataset, DEFAULT_TRAIN, TokenDataset, type TrainConfig, Trainer } from "../mamba/train.ts";
 import { Philox } from "../core/random.ts";
+import { ByteTokenizer, HubTokenizer } from "../mamba/tokenizer.ts";
 import { fixturePath } from "./fixture_util.ts";
 
 const quiet = () => {};
@@ -556,4 +557,98 @@ Deno.test("train: bad flags give clear errors", () => {
     /--lr, --d-model cannot be used with --resume: a resumed run keeps the recipe and model of its checkpoint/,
   );
   assert.ok(parseTrainArgs(["--resume", "runs/x", "--steps", "9", "--data", "t.txt", "--save-every", "3"]));
+  assert.throws(
+    () => parseTrainArgs(["--from", "m", "--layers", "2", "--d-state", "8"]),
+    /--layers, --d-state cannot be used with --from: the model has its shape/,
+  );
+  assert.throws(
+    () => parseTrainArgs(["--from", "m", "--resume", "runs/x"]),
+    /--from and --resume cannot be used together/,
+  );
+  assert.throws(() => parseTrainArgs(["--revision", "v1"]), /--revision apply to --from only/);
+  const ft = parseTrainArgs(["--from", "org/model", "--revision", "v1", "--cache-dir", "c"])!;
+  assert.deepEqual([ft.from, ft.hub, ft.train.lr, ft.train.minLr], [
+    "org/model",
+    { revision: "v1", cacheDir: "c" },
+    FINE_TUNE_LR,
+    FINE_TUNE_LR / 10,
+  ]);
+  assert.equal(parseTrainArgs(["--from", "m", "--lr", "0.002"])!.train.lr, 0.002);
+});
+
+Deno.test("train: --from fine-tunes a pretrained model on its own tokenizer's ids; the run carries the tokenizer and resumes", async () => {
+  const root = await Deno.makeTempDir();
+  const run = async (args: string[]) => {
+    const t = await runTraining(parseTrainArgs(args)!, { progress: quiet });
+    const r = { step: t.step, val: t.log.val.map(([, v]) => v) };
+    t.model.dispose();
+    t.dispose();
+    return r;
+  };
+  try {
+    const text = `${root}/text.txt`;
+    await Deno.writeTextFile(
+      text,
+      "The quick brown fox jumps over the lazy dog; the dog sleeps on. ".repeat(40),
+    );
+    // A char model (ByteTokenizer): the data is the text's bytes.
+    const flags = ["--data", text, "--batch", "4", "--seq", "32", "--eval-every", "5"];
+    const a = await run([
+      "--from",
+      fixturePath("char-mamba"),
+      ...flags,
+      "--steps",
+      "10",
+      "--lr",
+      "3e-3",
+      "--out",
+      `${root}/char`,
+    ]);
+    assert.ok(a.val.at(-1)! < a.val[0] - 0.3, `val loss ${a.val}`);
+    const tuned = await fromPretrained(`${root}/char`);
+    try {
+      const tok = tuned.tokenizer;
+      assert.ok(tok instanceof ByteTokenizer);
+      const base = await fromPretrained(fixturePath("char-mamba"));
+      const known = (base.tokenizer as ByteTokenizer).known!;
+      base.dispose();
+      assert.ok([...known].every((b) => tok.known!.has(b)), "it knows what the pretrained model knew");
+      assert.ok(tok.known!.has(";".charCodeAt(0)));
+    } finally {
+      tuned.dispose();
+    }
+    assert.equal((await run(["--resume", `${root}/char`, "--data", text, "--steps", "12"])).step, 12);
+
+    // A Hugging Face tokenizer (65000 ids): the data is the text's token ids; tokenizer_config.json comes along.
+    const hubTok = new HubTokenizer(
+      JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer.json"))),
+      JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer_config.json"))),
+    );
+    const lm = new MambaLM({ dModel: 8, nLayers: 1, dState: 4 }, { vocabSize: 65000 });
+    await saveCheckpoint(lm, `${root}/base`, hubTok);
+    lm.dispose();
+    const flagsHub = ["--data", text, "--batch", "2", "--seq", "16", "--eval-every", "2", "--lr", "3e-3"];
+    const b = await run(["--from", `${root}/base`, ...flagsHub, "--steps", "4", "--out", `${root}/hub`]);
+    assert.equal(b.step, 4);
+    const log = JSON.parse(await Deno.readTextFile(`${root}/hub/training_log.json`));
+    assert.ok(log.files.includes("tokenizer_config.json"), `files: ${log.files}`);
+    assert.equal((await run(["--resume", `${root}/hub`, "--data", text, "--steps", "6"])).step, 6);
+    const back = await fromPretrained(`${root}/hub`);
+    try {
+      assert.ok(back.tokenizer instanceof HubTokenizer);
+      assert.deepEqual(back.tokenizer.specialTokens, hubTok.specialTokens);
+    } finally {
+      back.dispose();
+    }
+    // A model without a tokenizer cannot be fine-tuned from the command line: nothing to encode the text with.
+    const bare = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 256 });
+    await saveCheckpoint(bare, `${root}/bare`);
+    bare.dispose();
+    await assert.rejects(
+      () => run(["--from", `${root}/bare`, ...flags, "--steps", "2", "--out", `${root}/x`]),
+      /bare has no tokenizer.json to encode the text with/,
+    );
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
 });

@@ -26,8 +26,6 @@ interface Loaded {
   tokenizer: Tokenizer;
   /** What the model is, for the status line. */
   label: string;
-  /** tokenizer.json to save with it, if known. */
-  tokenizerJson?: unknown;
 }
 
 /** What the tests read. */
@@ -76,13 +74,6 @@ function showMemory(): void {
 
 function showSpeed(tokens: number, seconds: number, what = ""): void {
   $("tps").textContent = `${(tokens / Math.max(seconds, 1e-6)).toFixed(1)} tokens/s${what && ` (${what})`}`;
-}
-
-// The tokenizer.json our char checkpoints carry: the characters the model knows (the byte is the id).
-function charTokenizerJson(known: Iterable<number>): Record<string, unknown> {
-  const charToId: Record<string, number> = {};
-  for (const b of [...known].sort((a, b) => a - b)) charToId[String.fromCharCode(b)] = b;
-  return { type: "byte-level characters", vocab_size: 256, char_to_id: charToId };
 }
 
 function setCurrent(next: Loaded): void {
@@ -178,13 +169,10 @@ async function loadModel(): Promise<void> {
       label = [...files].map((f) => f.name).join(", ");
       lm = await fromPretrainedFiles(files, { name: "picked files" });
     }
-    const tokenizer = lm.tokenizer ?? new ByteTokenizer();
-    const known = tokenizer instanceof ByteTokenizer ? tokenizer.known : null;
     setCurrent({
       lm,
-      tokenizer,
+      tokenizer: lm.tokenizer ?? new ByteTokenizer(),
       label: `${label} (loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s)`,
-      tokenizerJson: known ? charTokenizerJson(known) : undefined,
     });
   } catch (e) {
     status("model-status", `cannot load: ${(e as Error).message}`, true);
@@ -272,7 +260,7 @@ $("generate").addEventListener("click", generate);
 
 async function save(): Promise<void> {
   if (!current) return;
-  const files = await checkpointFiles(current.lm, current.tokenizerJson);
+  const files = await checkpointFiles(current.lm, current.tokenizer);
   for (const [name, bytes] of Object.entries(files)) {
     const a = document.createElement("a");
     a.href = URL.createObjectURL(new Blob([bytes]));
@@ -400,12 +388,10 @@ async function train(): Promise<void> {
         trainer.log.val[0][1].toFixed(3)
       } → ${lastVal.toFixed(3)} nats/char. Sampling…`,
     );
-    const known = new Set([...data.train, ...data.val]);
     trained = {
       lm: model,
-      tokenizer: new ByteTokenizer(),
+      tokenizer: new ByteTokenizer([...data.train, ...data.val]), // saved as the characters it knows
       label: `char model trained here (${trainer.step} steps)`,
-      tokenizerJson: charTokenizerJson(known),
     };
     (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = false;
     const prompt = $<HTMLTextAreaElement>("prompt").value || "It is a truth";
