@@ -19,7 +19,7 @@
  *   MAX_INLINE_DT_RANK the kernels compute draw per step.
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
  * longer sequences take several dispatches, carrying h through hs and lam through `gpar`. Above 16 states
- * the states are walked in blocks of Nb, one pipeline and one dispatch per block. The backward's dB/dC
+ * the states are walked in blocks of at most Nb (`stateBlocks`), one pipeline and one dispatch per block. The backward's dB/dC
  * partials are bounded by a memory budget: time is walked in segments, each gathered before the next.
  * @module
  */
@@ -36,7 +36,7 @@ import { Tensor } from "../core/tensor.ts";
 import { backwardKernel } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel } from "./fused_reduce_kernels.ts";
-import { type FusedVariant, fusedVariant } from "./fused_variant.ts";
+import { type FusedVariant, fusedVariant, stateBlocks } from "./fused_variant.ts";
 import { MAX_INLINE_DT_RANK, partialWidth } from "./fused_wgsl.ts";
 
 /** Steps one invocation walks per dispatch at most (loops stop at 65535 iterations on software adapters). */
@@ -136,13 +136,13 @@ export function fusedScanForward(
   const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
   ranWith.set(ph.storage, fusedVariant(a.N));
   recordCopy(par.storage.buffer, 0, ph.storage.buffer, 0, 4 * par.size);
-  const Nb = v.Nb ?? a.N;
+  const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
     const uni = { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
     // state blocks one after another: each adds its share of y
-    for (let n0 = 0; n0 < a.N; n0 += Nb) dispatch(forwardKernel(v, n0, Ri), bufs, uni, B * u.tiles);
+    for (const block of blocks) dispatch(forwardKernel(v, block, Ri), bufs, uni, B * u.tiles);
   }
   return { y, ph };
 }
@@ -214,10 +214,10 @@ function fusedScanBackward(
   const segSteps = Math.min(L, segChunks * v.Lc);
   const gbcSize = B * segSteps * slots * PW;
   const gx = Tensor.empty(x.shape); // gx: (B, L, ED)
-  const Nb = v.Nb ?? N;
+  const blocks = stateBlocks(v);
   // ddraw: with dt_proj inside, the kernels consume it themselves (dW and the dt columns); only state blocks
   // before the last leave their shares there, so one block needs no tensor (a scratch word is bound)
-  const gdraw = Tensor.empty(Ri && Nb === N ? [1] : x.shape); // gdraw: (B, L, ED) or a scratch word
+  const gdraw = Tensor.empty(Ri && blocks.length === 1 ? [1] : x.shape); // gdraw: (B, L, ED) or a scratch word
   // gz: written straight into `gzInto` (the whole gradient of a wide z, laid out as z) when autograd offers
   // it, else its own (B, L, ED)
   const gz = gzInto ?? Tensor.empty(z ? x.shape : [1]); // gz: (B, L, ED), z's window, or (ungated) scratch
@@ -277,7 +277,7 @@ function fusedScanBackward(
         segLen,
       };
       // state blocks one after another: each adds its share of dx, ddelta, dz (the first sums dD, the last dbias)
-      for (let n0 = 0; n0 < N; n0 += Nb) dispatch(backwardKernel(v, n0, Ri), bufs, uni, B * u.tiles);
+      for (const block of blocks) dispatch(backwardKernel(v, block, Ri), bufs, uni, B * u.tiles);
     }
     // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]; the last segment (c0 = 0) also
     // sums the parameter gradients

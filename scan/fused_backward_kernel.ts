@@ -26,7 +26,7 @@
  */
 
 import { defineKernel, type Kernel } from "../core/kernel.ts";
-import { type FusedVariant, shuffleSize, stepsPerBarrier } from "./fused_variant.ts";
+import { type FusedVariant, shuffleSize, type StateBlock, stepsPerBarrier } from "./fused_variant.ts";
 import { subgroupSums } from "./fused_subgroup_sums.ts";
 import {
   blockColumn,
@@ -46,14 +46,14 @@ import {
   unroll,
 } from "./fused_wgsl.ts";
 
-/** The backward kernel of the state block starting at n0 (one pipeline per block, as the forward). With
+/** The backward kernel of one state block (one pipeline per block, as the forward). With
  * Ri > 0 (dt_proj inside), the last block also sums dW (ED, Ri) over time and puts the Ri dt-column terms
  * of dBC's gradient, sum_d ddraw W[d, r], into the partial rows (after the 2N B and C columns). */
-export function backwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
-  const key = `bwd|${v.N}|${v.Nb ?? v.N}|${n0}|${v.Lc}|${
+export function backwardKernel(v: FusedVariant, block: StateBlock, Ri = 0): Kernel {
+  const key = `bwd|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${
     v.Ls ?? v.Lc
   }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}`;
-  return cachedKernel(key, () => generateBackward(shapeOf(v, n0, Ri)));
+  return cachedKernel(key, () => generateBackward(shapeOf(v, block, Ri)));
 }
 
 /** The compile-time shape of one backward kernel: its variant, state block and dt rank, and the sizes that
@@ -92,9 +92,8 @@ interface Shape {
   shuffle: boolean;
 }
 
-function shapeOf(v: FusedVariant, n0: number, Ri: number): Shape {
+function shapeOf(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number): Shape {
   const { N, Lc, WG } = v;
-  const Nb = v.Nb ?? N;
   const Ls = v.Ls ?? Lc;
   const lanes = v.lanes ?? 1;
   const K = Nb / lanes;
@@ -116,7 +115,7 @@ function shapeOf(v: FusedVariant, n0: number, Ri: number): Shape {
     TW: 2 * K + dtHere,
     PW: partialWidth(N, Ri),
     GP: 2 * N + 2 + Ri, // [dbias, dD, dA (N), lam carry (N), dW (Ri)]
-    S: stepsPerBarrier(v, CW),
+    S: stepsPerBarrier(v, Nb, CW),
     first: n0 === 0,
     last: n0 + Nb === N,
     shared: v.hbuf === "workgroup",

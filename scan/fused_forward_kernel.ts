@@ -17,7 +17,7 @@
  */
 
 import { defineKernel, type Kernel } from "../core/kernel.ts";
-import type { FusedVariant } from "./fused_variant.ts";
+import type { FusedVariant, StateBlock } from "./fused_variant.ts";
 import {
   blockName,
   cachedKernel,
@@ -34,11 +34,10 @@ import {
   unroll,
 } from "./fused_wgsl.ts";
 
-/** The forward kernel of the state block starting at n0 (one pipeline per block, n0 compiled in, so that
- * every index into the states is a constant). */
-export function forwardKernel(v: FusedVariant, n0: number, Ri = 0): Kernel {
+/** The forward kernel of one state block (one pipeline per block, its n0 and Nb compiled in, so that every
+ * index into the states is a constant). */
+export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0): Kernel {
   const shuffle = v.shuffle === true;
-  const Nb = v.Nb ?? v.N;
   const lanes = v.lanes ?? 1;
   const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${lanes}|${Ri}`;
   const { N, Lc } = v;

@@ -12,11 +12,12 @@ import { deviceInfo, fixedSubgroupSize } from "../core/device.ts";
 export interface FusedVariant {
   /** State size. */
   N: number;
-  /** States per block (a divisor of N; default N up to 16, else the largest divisor up to 16): each block
-   * of Nb states is its own pipeline (the block offset compiled in) and dispatch, walking all the steps
-   * (states outer, time inner, as the CUDA kernel does). Loops over a block's states are unrolled, so code
-   * size and live registers grow with Nb, not N; blocks after the first add their share of y (and of dx,
-   * ddelta, dz) to what the earlier ones wrote; the last sums dbias over whole steps. */
+  /** Most states per block (1 to N; default N up to 16, else 16): N is walked in ceil(N / Nb) blocks of
+   * near-equal size ({@linkcode stateBlocks}: N = 17 at Nb = 16 is 9 + 8), each block its own pipeline (its
+   * offset and size compiled in) and dispatch, walking all the steps (states outer, time inner, as the CUDA
+   * kernel does). Loops over a block's states are unrolled, so code size and live registers grow with the
+   * block, not N; blocks after the first add their share of y (and of dx, ddelta, dz) to what the earlier ones
+   * wrote; the last sums dbias over whole steps. */
   Nb?: number;
   /** Chunk length: steps between saved states. */
   Lc: number;
@@ -57,10 +58,30 @@ export const MAX_INLINE_DT_RANK = 8;
  * chunk, within the 65535 loop iterations of software adapters. */
 export const MAX_CHUNK = 8192;
 
-/** Steps per barrier pair of the backward: as many as 16 KiB of workgroup memory holds (at most 16); each
- * step holds `cols` terms per channel (2 Nb, plus the dt terms in the last state block). */
-export function stepsPerBarrier(v: FusedVariant, cols = 2 * (v.Nb ?? v.N)): number {
-  const Nb = v.Nb ?? v.N;
+/** One block of states, n0 .. n0 + Nb: what one pipeline of the fused kernels walks. */
+export interface StateBlock {
+  /** First state. */
+  n0: number;
+  /** States in the block. */
+  Nb: number;
+}
+
+/** The state blocks of a variant, in order: N split into ceil(N / Nb) blocks whose sizes differ by at most
+ * one, larger first (Nb dividing N: N / Nb blocks of Nb). */
+export function stateBlocks(v: FusedVariant): StateBlock[] {
+  const count = Math.ceil(v.N / (v.Nb ?? v.N));
+  const [size, extra] = [Math.floor(v.N / count), v.N % count];
+  const blocks: StateBlock[] = [];
+  for (let i = 0, n0 = 0; i < count; n0 += blocks[i++].Nb) {
+    blocks.push({ n0, Nb: size + (i < extra ? 1 : 0) });
+  }
+  return blocks;
+}
+
+/** Steps per barrier pair of the backward in a block of Nb states (default the variant's largest): as many
+ * as 16 KiB of workgroup memory holds (at most 16); each step holds `cols` terms per channel (2 Nb, plus the
+ * dt terms in the last state block). */
+export function stepsPerBarrier(v: FusedVariant, Nb = stateBlocks(v)[0].Nb, cols = 2 * Nb): number {
   const budget = 16384 - (v.hbuf === "workgroup" ? 4 * v.WG * (v.Ls ?? v.Lc) * Nb : 0);
   return v.S ?? Math.max(1, Math.min(16, Math.floor(budget / (4 * v.WG * cols))));
 }
@@ -77,15 +98,11 @@ const MAX_STATE_BLOCK = 16;
 /** Floats of recomputed h one invocation holds by default (Ls x Nb). */
 const MAX_HELD_STATES = 256;
 
-function largestDivisor(N: number, max: number): number {
-  for (let d = max; d > 1; d--) if (N % d === 0) return d;
-  return 1;
-}
-
 const chosen = new Map<number, FusedVariant>();
 
 /**
- * The default variant of a state size. States in blocks of at most 16 (Nb), each block its own pipeline, and
+ * The default variant of a state size. States in blocks of at most 16 (Nb; N = 17 is 9 + 8), each block its
+ * own pipeline, and
  * at most 256 floats of recomputed h held per invocation (Ls x Nb, Ls at most 64): lavapipe's first compile of
  * the backward grows steeply with that private array (N = 16: 2.0 s at 256 floats, 7.1 s at 512, 25 s at
  * 1024, about 4 minutes at 2048), and a GPU spills such arrays to slow local memory. Chunks are max(64, 4N)
@@ -97,7 +114,7 @@ const chosen = new Map<number, FusedVariant>();
  * workgroup array, which Mesa's GL compiles in seconds instead of minutes.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
-  const Nb = N <= MAX_STATE_BLOCK ? N : largestDivisor(N, MAX_STATE_BLOCK);
+  const Nb = stateBlocks({ N, Nb: Math.min(N, MAX_STATE_BLOCK), Lc: 1, WG: 1 })[0].Nb; // the largest block
   const Ls = Math.min(64, 2 ** Math.floor(Math.log2(MAX_HELD_STATES / Nb)));
   const Lc = Ls * Math.min(16, Math.ceil(Math.max(64, 4 * N) / Ls));
   const lc = { Lc, ...(Ls < Lc ? { Ls } : {}), ...(Nb < N ? { Nb } : {}) };
@@ -127,7 +144,8 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
   if (v === null) chosen.delete(N);
   else {
     const Ls = v.Ls ?? v.Lc;
-    const Nb = v.Nb ?? N;
+    const blocks = Number.isInteger(v.Nb ?? N) && (v.Nb ?? N) >= 1 ? stateBlocks({ N, ...v }) : [];
+    const Nb = blocks[0]?.Nb ?? v.Nb ?? N; // the largest block
     // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, S steps (at
     // least one) of dB/dC terms (2 Nb, and the dt terms of dt_proj inside the kernels)
     const terms = v.reduce === "subgroup" ? 0 : 2 * Nb + MAX_INLINE_DT_RANK;
@@ -137,21 +155,22 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
       wgBytes > limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 || (v.Lc / Ls - 1) * Nb > 2048 ||
       !Number.isInteger(v.WG) || v.WG < 1 || v.WG > limits.maxComputeInvocationsPerWorkgroup ||
       v.WG > limits.maxComputeWorkgroupSizeX || !Number.isInteger(v.Lc) || v.Lc < 1 || v.Lc > MAX_CHUNK ||
-      !Number.isInteger(Ls) || Ls < 1 || v.Lc % Ls !== 0 || !Number.isInteger(Nb) || Nb < 1 || N % Nb !== 0 ||
+      !Number.isInteger(Ls) || Ls < 1 || v.Lc % Ls !== 0 || blocks.length === 0 || (v.Nb ?? N) > N ||
       (v.S !== undefined && !(Number.isInteger(v.S) && v.S >= 1)) ||
-      (v.reduce === "subgroup" && !subgroups) || (v.shuffle && v.WG % shuffleSize() !== 0) || !lanesFit(v, Nb)
+      (v.reduce === "subgroup" && !subgroups) || (v.shuffle && v.WG % shuffleSize() !== 0) ||
+      !blocks.every((b) => lanesFit(v, b.Nb))
     ) {
       throw new Error(
-        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${Nb}${v.S !== undefined ? `, S ${v.S}` : ""}${
-          v.lanes ? `, lanes ${v.lanes}` : ""
-        }${
+        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${v.Nb ?? N}${
+          v.S !== undefined ? `, S ${v.S}` : ""
+        }${v.lanes ? `, lanes ${v.lanes}` : ""}${
           v.reduce ? `, reduce ${v.reduce}` : ""
         } does not fit N = ${N} on this device (Ls must divide Lc, Lc at ` +
-          `most ${MAX_CHUNK}, Nb divide N and S be an integer >= 1; ` +
+          `most ${MAX_CHUNK}, Nb be an integer from 1 to N and S be an integer >= 1; ` +
           "Ls*Nb and (Lc/Ls - 1)*Nb at most 2048 floats; WG within the device's workgroup size; workgroup " +
           `memory (${wgBytes} bytes) within the device limit (${limits.maxComputeWorkgroupStorageSize}); subgroup ` +
           "sums need subgroups; with shuffle, WG a multiple of the subgroup size; lanes a power of two dividing " +
-          "Nb, at most a fixed subgroup size, WG a multiple of it, subgroup sums, no shuffle)",
+          "every state block, at most a fixed subgroup size, WG a multiple of it, subgroup sums, no shuffle)",
       );
     }
     chosen.set(N, { N, ...v });

@@ -24,10 +24,11 @@ import {
   type FusedVariant,
   MAX_INLINE_DT_RANK,
   setFusedVariant,
+  stateBlocks,
 } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 20;
+export const FUSED_KERNEL_VERSION = 21;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -107,7 +108,9 @@ export function fusedCandidates(N: number): FusedVariant[] {
         // adapter has no idle lanes to fill; lanes sum by shuffles within a subgroup of one fixed size
         if (shuffle || deviceInfo().isFallbackAdapter || fixed === null || WG % fixed !== 0) continue;
         for (const lanes of [2, 4, 8]) {
-          if (lanes <= fixed && Nb % lanes === 0) list.push({ ...onChip, lanes });
+          if (lanes <= fixed && stateBlocks(def).every((b) => b.Nb % lanes === 0)) {
+            list.push({ ...onChip, lanes });
+          }
         }
       }
     }

@@ -57,6 +57,7 @@ import {
   type FusedVariant,
   MAX_INLINE_DT_RANK,
   setFusedVariant,
+  stateBlocks,
   stepsPerBarrier,
 } from "../scan/fused_variant.ts";
 import { type Case as ScanCase, compare } from "./fused_cases.ts";
@@ -146,10 +147,12 @@ const divisors = (n: number) => Array.from({ length: n }, (_, k) => k + 1).filte
 /** Whether setFusedVariant accepts v for N (it throws on a variant that does not fit), and lavapipe compiles
  * it in reasonable time. Leaves N's variant unset. */
 function accepted(N: number, v: Variant): boolean {
-  const Nb = v.Nb ?? N;
+  const blocks = stateBlocks({ N, ...v });
+  const Nb = blocks[0].Nb; // the largest
   const Ls = v.Ls ?? v.Lc;
   if (
-    Ls * Nb > COMPILE.heldStates || (v.Lc / Ls - 1) * Nb > COMPILE.boundaryStates || N / Nb > COMPILE.blocks
+    Ls * Nb > COMPILE.heldStates || (v.Lc / Ls - 1) * Nb > COMPILE.boundaryStates ||
+    blocks.length > COMPILE.blocks
   ) return false;
   try {
     setFusedVariant(N, v);
@@ -196,13 +199,12 @@ function makeVariant(
     const subs = divisors(Lc).filter((d) => d < Lc);
     const Ls = twoLevel && subs.length ? any(subs) : Lc;
     const blocks = first ? pick("blocks", 23) : any(POOLS.blocks);
-    const Nbs = divisors(N);
-    const Nb = blocks === "whole"
-      ? N
-      : blocks === "split" && Nbs.length > 1
-      ? any(Nbs.slice(0, -1))
-      : any(Nbs);
-    const lanes = profile.lanes ? any([2, 4, 8, 16, 32].filter((p) => p <= SG && Nb % p === 0)) : undefined;
+    // any block size: one that does not divide N gives blocks of two sizes (N 17 at Nb 10: 9 + 8)
+    const Nb = blocks === "whole" ? N : blocks === "split" && N > 1 ? int(1, N - 1) : int(1, N);
+    const sizes = stateBlocks({ N, Nb, Lc: 1, WG: 1 }).map((b) => b.Nb);
+    const lanes = profile.lanes
+      ? any([2, 4, 8, 16, 32].filter((p) => p <= SG && sizes.every((n) => n % p === 0)))
+      : undefined;
     const wgKind = first ? pick("wg", 24) : any(POOLS.wg);
     const whole = profile.shuffle || lanes; // whole subgroups per workgroup
     const multiples = [1, 2, 3, 4, 5, 6, 7, 8].map((k) => k * SG).filter((w) => w <= 64);
@@ -229,7 +231,7 @@ function makeVariant(
     // steps per barrier (workgroup sums only): at most what fits with the dt terms of dt_proj inside
     if (v.reduce === "workgroup") {
       const sKind = first ? pick("S", 25) : any(POOLS.S);
-      const fit = stepsPerBarrier({ N, ...v }, 2 * Nb + MAX_INLINE_DT_RANK);
+      const fit = stepsPerBarrier({ N, ...v }, sizes[0], 2 * sizes[0] + MAX_INLINE_DT_RANK);
       if (sKind === "1") v.S = 1;
       else if (sKind === "2-4" && fit >= 2) v.S = int(2, Math.min(4, fit));
     }
@@ -335,11 +337,10 @@ function describe(c: Case): string {
 function assertVariantRan(kernels: readonly string[], c: Case): void {
   const { N } = c.scan;
   const v = c.variant;
-  const Nb = v.Nb ?? N;
   const Ls = v.Ls ?? v.Lc;
   const fused = [...new Set(kernels.filter((k) => /^fused_scan_(fwd|bwd)_N\d/.test(k)))]; // not the reductions
   for (const pass of ["fwd", "bwd"]) {
-    for (let n0 = 0; n0 < N; n0 += Nb) {
+    for (const { n0, Nb } of stateBlocks({ N, ...v })) {
       const block = Nb === N ? "" : `_Nb${Nb}_n${n0}`;
       const head = `fused_scan_${pass}_N${N}${block}_Lc${v.Lc}${
         pass === "bwd" && Ls < v.Lc ? `_Ls${Ls}` : ""
