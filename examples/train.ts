@@ -57,7 +57,8 @@ const USAGE = `Usage: deno task train [options]
   --d-state <n>      SSM state size (default 16)
   --seed <n>         seed of the initialisation and the batches (default ${DEFAULT_TRAIN.seed})
   --data <file>      training text (default data/pride_and_prejudice.txt; last 10% is validation)
-  --out <dir>        checkpoint folder (default runs/char; with --resume, the resumed folder)
+  --out <dir>        checkpoint folder (default runs/char; with --from runs/ft; with --resume, the resumed
+                     folder)
   --resume <dir>     continue the run saved in <dir> with its recipe and model; only --steps (to extend
                      it), --data, --out and --save-every may be given with it
   --from <model>     fine-tune a pretrained model (hub id, folder or URL) instead of training a new one:
@@ -182,7 +183,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     layers: int("layers", values.layers, 2),
     dState: int("d-state", values["d-state"], 16),
     data: values.data ?? fileURLToPath(new URL("../data/pride_and_prejudice.txt", import.meta.url)),
-    out: values.out ?? values.resume ?? "runs/char",
+    out: values.out ?? values.resume ?? (values.from === undefined ? "runs/char" : "runs/ft"),
     resume: values.resume ?? null,
     from: values.from ?? null,
     hub: { revision: values.revision, cacheDir: values["cache-dir"] },

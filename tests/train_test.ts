@@ -574,6 +574,8 @@ Deno.test("train: bad flags give clear errors", () => {
     FINE_TUNE_LR / 10,
   ]);
   assert.equal(parseTrainArgs(["--from", "m", "--lr", "0.002"])!.train.lr, 0.002);
+  // a fine-tuned run does not replace the char run of the default folder
+  assert.deepEqual([parseTrainArgs([])!.out, parseTrainArgs(["--from", "m"])!.out], ["runs/char", "runs/ft"]);
 });
 
 Deno.test("train: --from fine-tunes a pretrained model on its own tokenizer's ids; the run carries the tokenizer and resumes", async () => {
