@@ -14,7 +14,12 @@ import { deviceInfo, init } from "../../core/device.ts";
 import { memory } from "../../core/memory.ts";
 import { manualSeed } from "../../core/random.ts";
 import { MambaLM } from "../../mamba/lm.ts";
-import { checkpointFiles, fromPretrained, fromPretrainedFiles } from "../../mamba/pretrained.ts";
+import {
+  checkpointFiles,
+  fromPretrained,
+  fromPretrainedFiles,
+  PretrainedLM,
+} from "../../mamba/pretrained.ts";
 import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../../mamba/tokenizer.ts";
 import { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer, type TrainLog } from "../../mamba/train.ts";
 
@@ -260,7 +265,10 @@ $("generate").addEventListener("click", generate);
 
 async function save(): Promise<void> {
   if (!current) return;
-  const files = await checkpointFiles(current.lm, current.tokenizer);
+  // a loaded model's own tokenizer (none if it had none: the byte fallback used for generating is not its
+  // tokenizer), or the char model trained here's
+  const lm = current.lm;
+  const files = await checkpointFiles(lm, lm instanceof PretrainedLM ? lm.tokenizer : current.tokenizer);
   for (const [name, bytes] of Object.entries(files)) {
     const a = document.createElement("a");
     a.href = URL.createObjectURL(new Blob([bytes]));
