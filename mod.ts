@@ -149,6 +149,7 @@ export {
   PretrainedLM,
   type PretrainedOptions,
   saveCheckpoint,
+  tokenizerFilesFor,
 } from "./mamba/pretrained.ts";
 export {
   hubCacheDir,

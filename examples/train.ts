@@ -48,7 +48,7 @@ const USAGE = `Usage: deno task train [options]
 
   --steps <n>        optimizer steps (default ${DEFAULT_TRAIN.steps})
   --batch <n>        sequences per batch (default ${DEFAULT_TRAIN.batch})
-  --seq <n>          characters per sequence (default ${DEFAULT_TRAIN.seq})
+  --seq <n>          tokens per sequence: characters for a char model (default ${DEFAULT_TRAIN.seq})
   --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr}; with
                      --from ${FINE_TUNE_LR})
   --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup})
@@ -252,6 +252,12 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       }
     }
   } else if (a.from) {
+    const same = await Promise.all([a.from, a.out].map((p) => Deno.realPath(p).catch(() => null)));
+    if (same[0] !== null && same[0] === same[1]) {
+      throw new Error(
+        `--out ${a.out} is the folder --from reads: name another --out (or --resume it to continue that run)`,
+      );
+    }
     const lm = await fromPretrained(a.from, a.hub);
     try {
       if (lm.tokenizer === null) {

@@ -14,7 +14,13 @@
 
 import { serializeSafetensors } from "../core/safetensors.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
-import { fromPretrained, type PretrainedLM, saveCheckpoint } from "./pretrained.ts";
+import {
+  fromPretrained,
+  loadTokenizer,
+  type PretrainedLM,
+  saveCheckpoint,
+  tokenizerFilesFor,
+} from "./pretrained.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import { type TrainConfig, type TrainData, Trainer, type TrainLog } from "./train.ts";
 
@@ -212,10 +218,21 @@ export async function saveTrainingCheckpoint(
 ): Promise<void> {
   needDeno("saveTrainingCheckpoint");
   const { path, parent, base } = splitDir(dir);
-  const tok: { tokenizer: unknown; config?: unknown } =
-    typeof (tokenizer as Tokenizer)?.toFiles === "function"
-      ? (tokenizer as Tokenizer).toFiles!()
+  let tok: { tokenizer: unknown; config?: unknown };
+  try {
+    if (tokenizer === null || tokenizer === undefined) {
+      throw new Error(
+        `the run's tokenizer is required, got ${tokenizer} (a model loaded without one: pass a Tokenizer, ` +
+          "e.g. new ByteTokenizer() or tokenizerFromJSON(json))",
+      );
+    }
+    // a Tokenizer (checked as checkpointFiles checks it), or a parsed tokenizer.json
+    tok = typeof (tokenizer as Tokenizer).encode === "function"
+      ? tokenizerFilesFor(trainer.model, tokenizer as Tokenizer)
       : { tokenizer };
+  } catch (e) {
+    throw new Error(`cannot write checkpoint ${path}: ${(e as Error).message}`, { cause: e });
+  }
   const own = tok.config === undefined ? CHECKPOINT_FILES : [...CHECKPOINT_FILES, "tokenizer_config.json"];
   const extra = Object.entries(options.files ?? {});
   for (const [name, content] of extra) {
@@ -369,14 +386,22 @@ export async function loadTrainingCheckpoint(
     throw new Error(`${from}/training_log.json is not valid: ${(e as Error).message}`);
   }
   // A checkpoint's tokenizer.json may be any JSON: read it only for a caller that needs the tokenizer.
-  const model: PretrainedLM = await fromPretrained(
-    from,
-    typeof data === "function" ? {} : { tokenizer: false },
-  );
+  let tokenizer: Tokenizer | false = false;
+  if (typeof data === "function") {
+    tokenizer = await loadTokenizer(from).catch((e) => {
+      throw new Error(
+        `${
+          (e as Error).message
+        } (the data of this resume is made from the run's tokenizer: ${from} needs a ` +
+          "tokenizer.json that fromPretrained reads, or pass the data itself)",
+        { cause: e },
+      );
+    });
+  }
+  const model: PretrainedLM = await fromPretrained(from, { tokenizer });
   if (typeof data === "function") {
     try {
-      if (model.tokenizer === null) throw new Error(`${from} has no tokenizer.json to encode the data with`);
-      data = await data(model.tokenizer);
+      data = await data(model.tokenizer!);
     } catch (e) {
       model.dispose();
       throw e;

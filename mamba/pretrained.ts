@@ -959,6 +959,34 @@ export async function hfTensors(model: MambaLM): Promise<Record<string, Safetens
 }
 
 /**
+ * The files of `tokenizer` to save with `model`, checked: a {@linkcode Tokenizer} with `toFiles()`, with no
+ * more ids than the model's vocabulary (`fromPretrained` would refuse the pair). Errors say what to pass.
+ */
+export function tokenizerFilesFor(model: MambaLM, tokenizer: Tokenizer): TokenizerFiles {
+  if (typeof tokenizer?.encode !== "function" || typeof tokenizer?.decode !== "function") {
+    throw new Error(
+      `cannot save the tokenizer: expected a Tokenizer, got ${
+        tokenizer === null ? "null" : typeof tokenizer
+      } ` +
+        "(for a parsed tokenizer.json, pass tokenizerFromJSON(json))",
+    );
+  }
+  if (typeof tokenizer.toFiles !== "function") {
+    throw new Error(
+      "cannot save the tokenizer: it has no toFiles() (ByteTokenizer and HubTokenizer have it); pass null " +
+        "to save the model without it",
+    );
+  }
+  if (tokenizer.vocabSize > model.vocabSize) {
+    throw new Error(
+      `cannot save the tokenizer with this model: it has ${tokenizer.vocabSize} token ids, the model's ` +
+        `vocabulary ${model.vocabSize} (fromPretrained would refuse the pair)`,
+    );
+  }
+  return tokenizer.toFiles();
+}
+
+/**
  * A checkpoint's files as bytes, by name: `model.safetensors` and `config.json` (Hugging Face layout), and the
  * tokenizer's `tokenizer.json` (+ `tokenizer_config.json` when it has one). `tokenizer` defaults to the
  * model's own (a {@linkcode PretrainedLM}'s); null leaves it out. In a page, offer the files as downloads; in
@@ -971,22 +999,7 @@ export async function checkpointFiles(
 ): Promise<Record<string, Uint8Array<ArrayBuffer>>> {
   const text = (v: unknown, indent: number) =>
     new TextEncoder().encode(JSON.stringify(v, null, indent) + "\n");
-  let tok: TokenizerFiles | null = null;
-  if (tokenizer !== null) {
-    if (typeof tokenizer.toFiles !== "function") {
-      throw new Error(
-        "cannot save the tokenizer: it has no toFiles() (ByteTokenizer and HubTokenizer have it); pass null " +
-          "to save the model without it",
-      );
-    }
-    if (tokenizer.vocabSize > model.vocabSize) {
-      throw new Error(
-        `cannot save the tokenizer with this model: it has ${tokenizer.vocabSize} token ids, the model's ` +
-          `vocabulary ${model.vocabSize} (fromPretrained would refuse the pair)`,
-      );
-    }
-    tok = tokenizer.toFiles();
-  }
+  const tok = tokenizer === null ? null : tokenizerFilesFor(model, tokenizer);
   const files: Record<string, Uint8Array<ArrayBuffer>> = {
     "model.safetensors": serializeSafetensors(await hfTensors(model)),
     "config.json": text(hfConfig(model), 2),
@@ -998,8 +1011,9 @@ export async function checkpointFiles(
 
 /**
  * Saves `config.json` + `model.safetensors` (Hugging Face layout) and the tokenizer's files (see
- * {@linkcode checkpointFiles}: the model's own by default, none for null) into `dir`, each file atomically
- * (Deno).
+ * {@linkcode checkpointFiles}: the model's own by default; null writes none and leaves any in `dir` alone) into
+ * `dir`, each file atomically (Deno). A tokenizer without a `tokenizer_config.json` removes one left in `dir`
+ * by an earlier save, which would otherwise load with it.
  */
 export async function saveCheckpoint(
   model: MambaLM,
@@ -1008,4 +1022,9 @@ export async function saveCheckpoint(
 ): Promise<void> {
   const files = await checkpointFiles(model, tokenizer);
   await (await import("./pretrained_fs.ts")).writeFiles(dir, files);
+  if (files["tokenizer.json"] && !files["tokenizer_config.json"]) {
+    await Deno.remove(`${dir}/tokenizer_config.json`).catch((e) => {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+    });
+  }
 }

@@ -623,7 +623,17 @@ Deno.test("saveCheckpoint keeps a loaded model's tokenizer (and its config); nul
         config,
       );
       await saveCheckpoint(loaded, `${root}/weights`, null);
-      assert.ok(!(await Deno.stat(`${root}/weights/tokenizer.json`).then(() => true, () => false)));
+      const has = (f: string) => Deno.stat(f).then(() => true, () => false);
+      assert.ok(!(await has(`${root}/weights/tokenizer.json`)));
+      // a tokenizer without a config replaces the pair (a stale tokenizer_config.json would load with it)
+      await saveCheckpoint(loaded, `${root}/again`, new HubTokenizer(json));
+      assert.ok(await has(`${root}/again/tokenizer.json`));
+      assert.ok(!(await has(`${root}/again/tokenizer_config.json`)));
+      // raw tokenizer.json is not a Tokenizer: the error says what to pass
+      await assert.rejects(
+        () => saveCheckpoint(loaded, `${root}/raw`, json as unknown as Tokenizer),
+        /expected a Tokenizer, got object \(for a parsed tokenizer.json, pass tokenizerFromJSON\(json\)\)/,
+      );
     } finally {
       loaded.dispose();
     }

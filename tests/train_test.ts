@@ -512,6 +512,22 @@ Deno.test("fine-tune: a pretrained checkpoint trains on its tokenizer's ids (Tok
     const after = await t.evaluate();
     assert.ok(after < before - 0.5, `val loss ${before} -> ${after}`);
     await saveTrainingCheckpoint(`${root}/ft`, t, {});
+    // no tokenizer (a model loaded without one), or one that cannot be saved: refused before anything is written
+    await assert.rejects(
+      () => saveTrainingCheckpoint(`${root}/none`, t, null),
+      /cannot write checkpoint .*none: the run's tokenizer is required, got null/,
+    );
+    const own = { ...lm.tokenizer!, encode: () => [], decode: () => "", toFiles: undefined };
+    await assert.rejects(
+      () => saveTrainingCheckpoint(`${root}/none`, t, own),
+      /cannot write checkpoint .*none: cannot save the tokenizer: it has no toFiles\(\)/,
+    );
+    assert.ok(!(await Deno.stat(`${root}/none`).then(() => true, () => false)), "nothing written");
+    // a run saved with a tokenizer.json that is no tokenizer resumes with its data, not with a data function
+    await assert.rejects(
+      () => loadTrainingCheckpoint(`${root}/ft`, () => data),
+      /tokenizer.json.*\(the data of this resume is made from the run's tokenizer: .*ft needs a tokenizer.json/,
+    );
     const back = await loadTrainingCheckpoint(`${root}/ft`, data);
     assert.equal(back.step, 30);
     assert.ok(Math.abs((await back.evaluate()) - after) < 1e-5, "the saved run evaluates alike");
@@ -620,6 +636,11 @@ Deno.test("train: --from fine-tunes a pretrained model on its own tokenizer's id
       tuned.dispose();
     }
     assert.equal((await run(["--resume", `${root}/char`, "--data", text, "--steps", "12"])).step, 12);
+    // fine-tuning a run further must not write over it
+    await assert.rejects(
+      () => run(["--from", `${root}/char`, ...flags, "--steps", "2", "--out", `${root}/char`]),
+      /--out .*char is the folder --from reads: name another --out \(or --resume it to continue that run\)/,
+    );
 
     // A Hugging Face tokenizer (65000 ids): the data is the text's token ids; tokenizer_config.json comes along.
     const hubTok = new HubTokenizer(

@@ -14,12 +14,7 @@ import { deviceInfo, init } from "../../core/device.ts";
 import { memory } from "../../core/memory.ts";
 import { manualSeed } from "../../core/random.ts";
 import { MambaLM } from "../../mamba/lm.ts";
-import {
-  checkpointFiles,
-  fromPretrained,
-  fromPretrainedFiles,
-  PretrainedLM,
-} from "../../mamba/pretrained.ts";
+import { checkpointFiles, fromPretrained, fromPretrainedFiles } from "../../mamba/pretrained.ts";
 import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../../mamba/tokenizer.ts";
 import { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer, type TrainLog } from "../../mamba/train.ts";
 
@@ -28,7 +23,11 @@ const num = (id: string) => Number($<HTMLInputElement>(id).value);
 
 interface Loaded {
   lm: MambaLM;
+  /** What generating uses. */
   tokenizer: Tokenizer;
+  /** What Save writes with the model: a loaded model's own (none if it had none: the byte fallback used for
+   * generating is not its tokenizer), the char model trained here's known characters. */
+  saved: Tokenizer | null;
   /** What the model is, for the status line. */
   label: string;
 }
@@ -177,6 +176,7 @@ async function loadModel(): Promise<void> {
     setCurrent({
       lm,
       tokenizer: lm.tokenizer ?? new ByteTokenizer(),
+      saved: lm.tokenizer,
       label: `${label} (loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s)`,
     });
   } catch (e) {
@@ -265,10 +265,7 @@ $("generate").addEventListener("click", generate);
 
 async function save(): Promise<void> {
   if (!current) return;
-  // a loaded model's own tokenizer (none if it had none: the byte fallback used for generating is not its
-  // tokenizer), or the char model trained here's
-  const lm = current.lm;
-  const files = await checkpointFiles(lm, lm instanceof PretrainedLM ? lm.tokenizer : current.tokenizer);
+  const files = await checkpointFiles(current.lm, current.saved);
   for (const [name, bytes] of Object.entries(files)) {
     const a = document.createElement("a");
     a.href = URL.createObjectURL(new Blob([bytes]));
@@ -398,7 +395,8 @@ async function train(): Promise<void> {
     );
     trained = {
       lm: model,
-      tokenizer: new ByteTokenizer([...data.train, ...data.val]), // saved as the characters it knows
+      tokenizer: new ByteTokenizer(), // any prompt, as before
+      saved: new ByteTokenizer([...data.train, ...data.val]), // the characters it knows
       label: `char model trained here (${trainer.step} steps)`,
     };
     (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = false;
