@@ -232,7 +232,7 @@ export interface RooflineRow {
   /** Bytes of the chunk states hs (B, ED, chunks, N) that the forward also writes (absent in reports
    * written before it was recorded). */
   stateBytes?: number;
-  /** Dispatches per call: one per state block (N / Nb), each walking all L steps (absent in older
+  /** Dispatches per call: one per state block (ceil(N / Nb)), each walking all L steps (absent in older
    * reports). */
   dispatchesPerCall?: number;
   /** Median ms per kernel call (many calls per wait). */

@@ -12,7 +12,8 @@ import { deviceInfo, fixedSubgroupSize } from "../core/device.ts";
 export interface FusedVariant {
   /** State size. */
   N: number;
-  /** Most states per block (1 to N; default N up to 16, else 16): N is walked in ceil(N / Nb) blocks of
+  /** Most states per block (1 to N; default N up to 16, else the largest of ceil(N / 16) near-equal blocks:
+   * 9 at N = 17, 16 at N = 64): N is walked in ceil(N / Nb) blocks of
    * near-equal size ({@linkcode stateBlocks}: N = 17 at Nb = 16 is 9 + 8), each block its own pipeline (its
    * offset and size compiled in) and dispatch, walking all the steps (states outer, time inner, as the CUDA
    * kernel does). Loops over a block's states are unrolled, so code size and live registers grow with the
@@ -69,7 +70,11 @@ export interface StateBlock {
 /** The state blocks of a variant, in order: N split into ceil(N / Nb) blocks whose sizes differ by at most
  * one, larger first (Nb dividing N: N / Nb blocks of Nb). */
 export function stateBlocks(v: FusedVariant): StateBlock[] {
-  const count = Math.ceil(v.N / (v.Nb ?? v.N));
+  const Nb = v.Nb ?? v.N;
+  if (!(Number.isInteger(Nb) && Nb >= 1 && Nb <= v.N)) {
+    throw new Error(`stateBlocks: Nb must be an integer from 1 to N = ${v.N}, got ${Nb}`);
+  }
+  const count = Math.ceil(v.N / Nb);
   const [size, extra] = [Math.floor(v.N / count), v.N % count];
   const blocks: StateBlock[] = [];
   for (let i = 0, n0 = 0; i < count; n0 += blocks[i++].Nb) {
@@ -144,7 +149,8 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
   if (v === null) chosen.delete(N);
   else {
     const Ls = v.Ls ?? v.Lc;
-    const blocks = Number.isInteger(v.Nb ?? N) && (v.Nb ?? N) >= 1 ? stateBlocks({ N, ...v }) : [];
+    const nb = v.Nb ?? N;
+    const blocks = Number.isInteger(nb) && nb >= 1 && nb <= N ? stateBlocks({ N, ...v }) : [];
     const Nb = blocks[0]?.Nb ?? v.Nb ?? N; // the largest block
     // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, S steps (at
     // least one) of dB/dC terms (2 Nb, and the dt terms of dt_proj inside the kernels)
@@ -155,7 +161,7 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
       wgBytes > limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 || (v.Lc / Ls - 1) * Nb > 2048 ||
       !Number.isInteger(v.WG) || v.WG < 1 || v.WG > limits.maxComputeInvocationsPerWorkgroup ||
       v.WG > limits.maxComputeWorkgroupSizeX || !Number.isInteger(v.Lc) || v.Lc < 1 || v.Lc > MAX_CHUNK ||
-      !Number.isInteger(Ls) || Ls < 1 || v.Lc % Ls !== 0 || blocks.length === 0 || (v.Nb ?? N) > N ||
+      !Number.isInteger(Ls) || Ls < 1 || v.Lc % Ls !== 0 || blocks.length === 0 ||
       (v.S !== undefined && !(Number.isInteger(v.S) && v.S >= 1)) ||
       (v.reduce === "subgroup" && !subgroups) || (v.shuffle && v.WG % shuffleSize() !== 0) ||
       !blocks.every((b) => lanesFit(v, b.Nb))
