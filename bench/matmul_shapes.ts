@@ -1,0 +1,105 @@
+/**
+ * The matmul variants at a Mamba layer's own shapes: in_proj, x_proj and out_proj forward, and in_proj's and
+ * out_proj's input and weight gradients (y = x W^T as nn.Linear; the weight gradient g^T x reads g
+ * transposed). `tuneKernels` picks a variant from square products; this shows whether that choice also wins at
+ * the skinny shapes a layer runs (d_model 64, L 1024 by default).
+ *
+ * Measurement: per shape and variant, one untimed call (compilation), then 5 batches of 20 calls between two
+ * waits; the median batch, less the ~11 ms of a wait, over 20, in ms per call.
+ *
+ * Run: deno run -A bench/matmul_shapes.ts [--d-model N] [--tokens L]
+ * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
+ * Prints a markdown table; writes bench/results/matmul_shapes.json atomically.
+ */
+import { parseArgs } from "node:util";
+import { deviceInfo, init } from "../core/device.ts";
+import { sync } from "../core/executor.ts";
+import { randn } from "../core/creation.ts";
+import { availableMatmulVariants, matmulRaw, type MatmulVariant } from "../core/ops/matmul.ts";
+import { intFlag, parseCommandLine } from "../examples/lib/cli.ts";
+import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
+
+const USAGE = `Usage: deno run -A bench/matmul_shapes.ts [options]
+
+  --d-model <n>   model width (default 64; ED = 2 d_model, dt rank ceil(d_model / 16), N 16)
+  --tokens <n>    B x L rows (default 1024)
+  --help          this text`;
+
+/** One product: C (M, N) = op(A) op(B), with K the inner size. */
+interface Shape {
+  label: string;
+  M: number;
+  K: number;
+  N: number;
+  transA: boolean;
+  transB: boolean;
+}
+
+function layerShapes(d: number, L: number): Shape[] {
+  const ED = 2 * d, R = Math.ceil(d / 16), xw = R + 32;
+  return [
+    { label: "in_proj forward", M: L, K: d, N: 2 * ED, transA: false, transB: true },
+    { label: "in_proj input gradient", M: L, K: 2 * ED, N: d, transA: false, transB: false },
+    { label: "in_proj weight gradient", M: 2 * ED, K: L, N: d, transA: true, transB: false },
+    { label: "x_proj forward", M: L, K: ED, N: xw, transA: false, transB: true },
+    { label: "out_proj forward", M: L, K: ED, N: d, transA: false, transB: true },
+    { label: "out_proj input gradient", M: L, K: d, N: ED, transA: false, transB: false },
+    { label: "out_proj weight gradient", M: d, K: L, N: ED, transA: true, transB: false },
+  ];
+}
+
+async function msPerCall(s: Shape, v: MatmulVariant): Promise<number> {
+  const a = randn(s.transA ? [s.K, s.M] : [s.M, s.K], { seed: 1 });
+  const b = randn(s.transB ? [s.N, s.K] : [s.K, s.N], { seed: 2 });
+  const opts = { transA: s.transA, transB: s.transB };
+  try {
+    matmulRaw(a, b, opts, v).dispose();
+    await sync();
+    const batches: number[] = [];
+    for (let r = 0; r < 5; r++) {
+      const t0 = performance.now();
+      for (let i = 0; i < 20; i++) matmulRaw(a, b, opts, v).dispose();
+      await sync();
+      batches.push((performance.now() - t0 - 11) / 20);
+    }
+    return median(batches);
+  } finally {
+    a.dispose();
+    b.dispose();
+  }
+}
+
+if (import.meta.main) {
+  const { d, L } = parseCommandLine(USAGE, () => {
+    const { values } = parseArgs({
+      args: Deno.args,
+      strict: true,
+      options: { "d-model": { type: "string" }, tokens: { type: "string" }, help: { type: "boolean" } },
+    });
+    // the flags are checked here, so that a bad value prints the usage
+    const d = intFlag("d-model", values["d-model"], 64, 1);
+    return { values, d, L: intFlag("tokens", values.tokens, 1024, 1) };
+  });
+  await init();
+  const variants = availableMatmulVariants();
+  const rows: { shape: Shape; ms: Partial<Record<MatmulVariant, number>> }[] = [];
+  for (const shape of layerShapes(d, L)) {
+    const ms: Partial<Record<MatmulVariant, number>> = {};
+    for (const v of variants) ms[v] = await msPerCall(shape, v);
+    rows.push({ shape, ms });
+  }
+  console.log(`\nmatmul ms per call at d_model ${d}, ${L} rows (${deviceInfo().description})\n`);
+  console.log(`| shape (M x K x N) | ${variants.join(" | ")} |`);
+  console.log(`| --- | ${variants.map(() => "---:").join(" | ")} |`);
+  for (const { shape: s, ms } of rows) {
+    const cells = variants.map((v) => ms[v]!.toFixed(2));
+    console.log(`| ${s.label} (${s.M} x ${s.K} x ${s.N}) | ${cells.join(" | ")} |`);
+  }
+  await writeJsonAtomic(resultPath("matmul_shapes.json"), {
+    source: await sourceVersion(),
+    adapter: deviceInfo().description,
+    dModel: d,
+    tokens: L,
+    rows,
+  });
+}
