@@ -389,13 +389,10 @@ export async function loadTrainingCheckpoint(
   let tokenizer: Tokenizer | false = false;
   if (typeof data === "function") {
     tokenizer = await loadTokenizer(from).catch((e) => {
-      throw new Error(
-        `${
-          (e as Error).message
-        } (the data of this resume is made from the run's tokenizer: ${from} needs a ` +
-          "tokenizer.json that fromPretrained reads, or pass the data itself)",
-        { cause: e },
-      );
+      const why =
+        `the data of this resume is made from the run's tokenizer: ${from} needs a tokenizer.json ` +
+        "that fromPretrained reads, or pass the data itself";
+      throw new Error(`${(e as Error).message} (${why})`, { cause: e });
     });
   }
   const model: PretrainedLM = await fromPretrained(from, { tokenizer });

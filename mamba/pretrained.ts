@@ -964,11 +964,10 @@ export async function hfTensors(model: MambaLM): Promise<Record<string, Safetens
  */
 export function tokenizerFilesFor(model: MambaLM, tokenizer: Tokenizer): TokenizerFiles {
   if (typeof tokenizer?.encode !== "function" || typeof tokenizer?.decode !== "function") {
+    const got = tokenizer === null ? "null" : typeof tokenizer;
     throw new Error(
-      `cannot save the tokenizer: expected a Tokenizer, got ${
-        tokenizer === null ? "null" : typeof tokenizer
-      } ` +
-        "(for a parsed tokenizer.json, pass tokenizerFromJSON(json))",
+      `cannot save the tokenizer: expected a Tokenizer, got ${got} (for a parsed tokenizer.json, pass ` +
+        "tokenizerFromJSON(json))",
     );
   }
   if (typeof tokenizer.toFiles !== "function") {

@@ -19,8 +19,9 @@
  *   MAX_INLINE_DT_RANK the kernels compute draw per step.
  * Every dispatch walks at most 16384 steps per invocation (loops stop at 65535 on software adapters):
  * longer sequences take several dispatches, carrying h through hs and lam through `gpar`. Above 16 states
- * the states are walked in blocks of at most Nb (`stateBlocks`), one pipeline and one dispatch per block. The backward's dB/dC
- * partials are bounded by a memory budget: time is walked in segments, each gathered before the next.
+ * the states are walked in blocks of at most Nb (`stateBlocks`), one pipeline and one dispatch per block.
+ * The backward's dB/dC partials are bounded by a memory budget: time is walked in segments, each gathered
+ * before the next.
  * @module
  */
 

@@ -13,12 +13,11 @@ export interface FusedVariant {
   /** State size. */
   N: number;
   /** Most states per block (1 to N; default N up to 16, else the largest of ceil(N / 16) near-equal blocks:
-   * 9 at N = 17, 16 at N = 64): N is walked in ceil(N / Nb) blocks of
-   * near-equal size ({@linkcode stateBlocks}: N = 17 at Nb = 16 is 9 + 8), each block its own pipeline (its
-   * offset and size compiled in) and dispatch, walking all the steps (states outer, time inner, as the CUDA
-   * kernel does). Loops over a block's states are unrolled, so code size and live registers grow with the
-   * block, not N; blocks after the first add their share of y (and of dx, ddelta, dz) to what the earlier ones
-   * wrote; the last sums dbias over whole steps. */
+   * 9 at N = 17, 16 at N = 64): N is walked in ceil(N / Nb) blocks of near-equal size ({@linkcode stateBlocks}:
+   * N = 17 at Nb = 16 is 9 + 8), each block its own pipeline (its offset and size compiled in) and dispatch,
+   * walking all the steps (states outer, time inner, as the CUDA kernel does). Loops over a block's states are
+   * unrolled, so code size and live registers grow with the block, not N; blocks after the first add their
+   * share of y (and of dx, ddelta, dz) to what the earlier ones wrote; the last sums dbias over whole steps. */
   Nb?: number;
   /** Chunk length: steps between saved states. */
   Lc: number;
@@ -107,8 +106,7 @@ const chosen = new Map<number, FusedVariant>();
 
 /**
  * The default variant of a state size. States in blocks of at most 16 (Nb; N = 17 is 9 + 8), each block its
- * own pipeline, and
- * at most 256 floats of recomputed h held per invocation (Ls x Nb, Ls at most 64): lavapipe's first compile of
+ * own pipeline, and at most 256 floats of recomputed h held per invocation (Ls x Nb, Ls at most 64): lavapipe's first compile of
  * the backward grows steeply with that private array (N = 16: 2.0 s at 256 floats, 7.1 s at 512, 25 s at
  * 1024, about 4 minutes at 2048), and a GPU spills such arrays to slow local memory. Chunks are max(64, 4N)
  * steps (at most 16 sub-chunks of Ls), so the saved states, 4 ED N / Lc bytes per token, are at most ED bytes
@@ -119,7 +117,7 @@ const chosen = new Map<number, FusedVariant>();
  * workgroup array, which Mesa's GL compiles in seconds instead of minutes.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
-  const Nb = stateBlocks({ N, Nb: Math.min(N, MAX_STATE_BLOCK), Lc: 1, WG: 1 })[0].Nb; // the largest block
+  const Nb = Math.ceil(N / Math.ceil(N / MAX_STATE_BLOCK)); // the largest of ceil(N / 16) near-equal blocks
   const Ls = Math.min(64, 2 ** Math.floor(Math.log2(MAX_HELD_STATES / Nb)));
   const Lc = Ls * Math.min(16, Math.ceil(Math.max(64, 4 * N) / Ls));
   const lc = { Lc, ...(Ls < Lc ? { Ls } : {}), ...(Nb < N ? { Nb } : {}) };
