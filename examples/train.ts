@@ -203,10 +203,8 @@ export function encodeText(
 ): { data: TrainData; tokenizer: Tokenizer } {
   if (tokenizer === null || tokenizer instanceof ByteTokenizer) {
     const data = new CharDataset(text);
-    const fresh = tokenizer === null;
-    const known = fresh || tokenizer.known ? new Set<number>([...data.train, ...data.val]) : null;
-    for (const b of tokenizer?.known ?? []) known!.add(b);
-    return { data, tokenizer: new ByteTokenizer(known ?? undefined) };
+    if (tokenizer?.known === null) return { data, tokenizer }; // one that takes any byte stays so
+    return { data, tokenizer: new ByteTokenizer([...data.train, ...data.val, ...(tokenizer?.known ?? [])]) };
   }
   return { data: new TokenDataset(tokenizer.encode(new TextDecoder().decode(text))), tokenizer };
 }
