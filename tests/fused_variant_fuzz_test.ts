@@ -61,14 +61,13 @@ import {
   stepsPerBarrier,
 } from "../scan/fused_variant.ts";
 import { type Case as ScanCase, compare } from "./fused_cases.ts";
-import { env, fusedUnavailable, hash, intEnv, kernelsRun, rng, stratified } from "./helpers.ts";
+import { caseIndices, env, fusedUnavailable, hash, intEnv, kernelsRun, rng, stratified } from "./helpers.ts";
 
 const info = await init();
 const noFused = fusedUnavailable();
 
 const SEED = intEnv("FUSED_FUZZ_SEED", 1);
 const CASES = intEnv("FUSED_FUZZ_CASES", 60);
-const ONLY = env("FUSED_FUZZ_CASE");
 const PRINT = env("FUSED_FUZZ_PRINT") === "1";
 
 // ------------------------------------------------------------------------------------------ cases
@@ -400,11 +399,7 @@ async function runCase(c: Case): Promise<void> {
   }
 }
 
-const indices = ONLY !== undefined && ONLY !== ""
-  ? [Number(ONLY)]
-  : Array.from({ length: CASES }, (_, i) => i);
-for (const i of indices) {
-  if (!Number.isInteger(i) || i < 0) throw new Error(`FUSED_FUZZ_CASE must be a case index, got ${ONLY}`);
+for (const i of caseIndices("FUSED_FUZZ_CASE", CASES)) {
   const c = makeCase(SEED, i);
   Deno.test({
     name: `fused variant fuzz ${SEED}/${i}: ${describe(c)}`,

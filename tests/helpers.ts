@@ -51,6 +51,12 @@ export function intEnv(name: string, fallback: number): number {
   return Number(s);
 }
 
+/** The cases a fuzz test runs: 0 .. count - 1, or the one case the variable `name` names (to rerun one). */
+export function caseIndices(name: string, count: number): number[] {
+  const only = env(name);
+  return only === undefined || only === "" ? Array.from({ length: count }, (_, i) => i) : [intEnv(name, 0)];
+}
+
 // ------------------------------------------------------------------------------------------ random data
 
 /** A 32-bit hash of integers (FNV-1a style with a final mix): seeds derived from (seed, case, ...). */

@@ -57,6 +57,7 @@ import { assertMatches, maxAbs, type Shaped, tolerance } from "./fixture_util.ts
 import {
   assertFusedRan,
   assertFusedStepRan,
+  caseIndices,
   env,
   fusedUnavailable,
   hash,
@@ -71,7 +72,6 @@ const noFused = fusedUnavailable();
 
 const SEED = intEnv("MODEL_FUZZ_SEED", 11);
 const CASES = intEnv("MODEL_FUZZ_CASES", 14);
-const ONLY = env("MODEL_FUZZ_CASE");
 const PRINT = env("MODEL_FUZZ_PRINT") === "1";
 
 const SCANS = ["fused", "pscan", "sequential"] as const;
@@ -491,11 +491,7 @@ async function runCase(c: Case): Promise<void> {
   f.throwIfAny();
 }
 
-const indices = ONLY !== undefined && ONLY !== ""
-  ? [Number(ONLY)]
-  : Array.from({ length: CASES }, (_, i) => i);
-for (const i of indices) {
-  if (!Number.isInteger(i) || i < 0) throw new Error(`MODEL_FUZZ_CASE must be a case index, got ${ONLY}`);
+for (const i of caseIndices("MODEL_FUZZ_CASE", CASES)) {
   const c = makeCase(SEED, i);
   Deno.test({
     name: `model fuzz ${SEED}/${i}: ${describe(c)}`,

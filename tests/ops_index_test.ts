@@ -173,7 +173,6 @@ Deno.test("index ops: i32 tables, out-of-range indices read NaN (i32: its bits),
 });
 
 Deno.test("embedding gradient: each row sums its positions in increasing order (float32, bit for bit), out-of-range ids pass nothing, a non-finite cotangent reaches its own row only", async () => {
-  // Sizes around powers of two (the bitonic sort pads to one), one row, more rows than positions.
   // Sizes around powers of two (the bitonic sort pads to one), one row, more rows than positions, and past
   // 16384 positions (the sums run in windows of that many sorted slots, each adding to the ones before).
   const sizes: [number, number, number][] = [
