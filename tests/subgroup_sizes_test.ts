@@ -6,7 +6,7 @@
  * variant (`subgroup` shares operand loads across the lanes) in a child `deno test` at another width: 16
  * lanes (512 bits) where lavapipe takes that width, else 4 (or 8 when this process runs at one of those).
  *
- * Opt-in, as it costs about 4 minutes with Mesa's shader cache cold (about 30 s warm): `SUBGROUP_SIZE_TESTS=1`, which
+ * Opt-in, as it costs about 3.5 minutes with Mesa's shader cache cold (about 30 s warm): `SUBGROUP_SIZE_TESTS=1`, which
  * `.ci/run` sets on lavapipe. Where the adapter is not lavapipe the width means nothing, and the test says so.
  * @module
  */
