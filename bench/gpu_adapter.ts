@@ -1,0 +1,69 @@
+/**
+ * What a run on a new adapter should record first (bench/gpu_check.sh's `adapter` phase): the adapter as
+ * WebGPU reports it (features, the limits the kernels depend on, subgroup sizes), what `init()` made of it
+ * (subgroup probe, timestamp queries), the matmul variant the tuner chose with each variant's speed, and the
+ * fused scan's candidates at d_state 16 with their measured times (the kernels' GPU time by timestamp
+ * queries where the adapter has them), fastest first.
+ *
+ * Run: deno run -A bench/gpu_adapter.ts [--force]   (--force measures again instead of reading the cache)
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { deviceInfo, fixedSubgroupSize, init } from "../core/device.ts";
+import { tuneKernels } from "../core/tune.ts";
+import { tuneFusedScan } from "../scan/tune_fused.ts";
+
+const { values } = parseArgs({ args: Deno.args, options: { force: { type: "boolean", default: false } } });
+const force = values.force ?? false;
+
+const adapter = await navigator.gpu?.requestAdapter({ powerPreference: "high-performance" });
+if (!adapter) {
+  console.log("no WebGPU adapter (navigator.gpu.requestAdapter() returned null)");
+  Deno.exit(1);
+}
+const ai = adapter.info as GPUAdapterInfo & { subgroupMinSize?: number; subgroupMaxSize?: number };
+console.log(
+  "adapter:",
+  JSON.stringify({
+    vendor: ai.vendor,
+    architecture: ai.architecture,
+    device: ai.device,
+    description: ai.description,
+    subgroupMinSize: ai.subgroupMinSize,
+    subgroupMaxSize: ai.subgroupMaxSize,
+  }),
+);
+console.log("features:", [...adapter.features].sort().join(", "));
+const limitNames = [
+  "maxStorageBufferBindingSize",
+  "maxBufferSize",
+  "maxStorageBuffersPerShaderStage",
+  "maxComputeWorkgroupStorageSize",
+  "maxComputeInvocationsPerWorkgroup",
+  "maxComputeWorkgroupSizeX",
+  "maxComputeWorkgroupsPerDimension",
+  "minStorageBufferOffsetAlignment",
+] as const;
+console.log(
+  "adapter limits:",
+  JSON.stringify(Object.fromEntries(limitNames.map((k) => [k, adapter.limits[k]]))),
+);
+
+let t0 = performance.now();
+await init({ tune: false });
+const info = deviceInfo();
+console.log(`init: ${(performance.now() - t0).toFixed(0)} ms`);
+console.log("deviceInfo:", JSON.stringify({ ...info, limits: undefined }));
+console.log("fixed subgroup size:", fixedSubgroupSize());
+
+t0 = performance.now();
+const mm = await tuneKernels({ force }); // the matmul, then every registered tuner (the fused scan at N 16)
+console.log(`tuning: ${(performance.now() - t0).toFixed(0)} ms${mm.fromCache ? " (cached)" : ""}`);
+console.log(`matmul: ${mm.variant}; GFLOP/s`, JSON.stringify(mm.gflops), "sizes", JSON.stringify(mm.sizes));
+
+const fused = await tuneFusedScan(16); // cached by now: the measurement tuneKernels just made
+console.log(`fused scan, d_state 16: ${JSON.stringify(fused.variant)}`);
+console.log("  ms per forward + backward of (4, 256, 128), fastest first:");
+for (const [v, ms] of Object.entries(fused.timings).sort((a, b) => a[1] - b[1])) {
+  console.log(`  ${ms.toFixed(3).padStart(9)}  ${v}`);
+}

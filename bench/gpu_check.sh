@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# The checks that need a hardware GPU, as one prepared run for a machine that has one but cannot reach any
+# registry (the device tool's: no npm, no apt there). Two steps:
+#
+#   bench/gpu_check.sh prepare            here, with network: fills .device/ (git-ignored) with the pinned
+#                                         Deno binary (xz, 30 MB), the npm packages deno.json imports
+#                                         (5 MB) and the Vulkan loader's Debian package
+#   bench/gpu_check.sh run [phase ...]    there, in the repository root, with .device carried along; writes
+#                                         one log per phase (and the reports' JSON) into $OUT (default
+#                                         ./gpu_check_out)
+#
+# Phases, in the order given (default: adapter tests quick). Each runs under its own time limit (seconds,
+# GPU_CHECK_LIMIT_<PHASE>, e.g. GPU_CHECK_LIMIT_TESTS=300), so a slow one cannot eat the others' time:
+#   adapter   the adapter (features, limits, subgroup sizes) and what init() tunes: the matmul variant and
+#             the fused scan's candidates at d_state 16 with their measured times
+#   tests     the numerics against PyTorch's fixtures and the plain-TS references (scan modes, fused kernels
+#             and every variant, whole models, long L), printing every measured error (MAMBA_TOL_REPORT=1)
+#   suite     the rest of the test suite (no browser, hub or subgroup-size tests)
+#   quick     bench/scan_report.ts --quick (scan_quick.json)
+#   report    the full bench/scan_report.ts (scan.json)
+#   matmul    bench/matmul_shapes.ts (matmul variants at a layer's shapes)
+# At most 8 files come back from $OUT: phases write one log each, quick/report/matmul one JSON more.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DENO_VERSION=2.9.6
+DEV=.device
+
+prepare() {
+  local deno
+  deno="$(command -v deno || true)"
+  [ -n "$deno" ] && "$deno" --version | grep -q "deno $DENO_VERSION" || {
+    echo "prepare: needs deno $DENO_VERSION on PATH (npm install deno@$DENO_VERSION)" >&2
+    exit 1
+  }
+  mkdir -p "$DEV/debs"
+  echo "compressing $(readlink -f "$deno")"
+  xz -6 -T2 -c "$(readlink -f "$deno")" >"$DEV/deno.xz.tmp" && mv "$DEV/deno.xz.tmp" "$DEV/deno.xz"
+  # The npm packages deno.json imports (Deno installs them all before running anything): a DENO_DIR of its own.
+  rm -rf /tmp/gpu_check_dd
+  DENO_DIR=/tmp/gpu_check_dd deno install >/dev/null || {
+    echo "prepare: deno install failed" >&2
+    exit 1
+  }
+  tar -C /tmp/gpu_check_dd -cf - npm | xz -6 -T2 >"$DEV/npm.tar.xz"
+  # The Vulkan loader (the GPU machine has the NVIDIA driver's ICD but may lack libvulkan.so.1).
+  local o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/gpu_check_apt"
+  mkdir -p /tmp/gpu_check_apt/partial
+  # shellcheck disable=SC2086
+  apt-get $o update -qq && (cd "$DEV/debs" && apt-get $o download -qq libvulkan1) || {
+    echo "prepare: cannot download libvulkan1" >&2
+    exit 1
+  }
+  echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo '+uncommitted')" \
+    >"$DEV/commit"
+  du -sh "$DEV"
+}
+
+setup() {
+  OUT="${OUT:-$PWD/gpu_check_out}"
+  mkdir -p "$OUT"
+  [ -f "$DEV/deno.xz" ] || {
+    echo "no $DEV/deno.xz: run 'bench/gpu_check.sh prepare' first and carry $DEV" >&2
+    exit 1
+  }
+  mkdir -p /tmp/gpu_check/bin
+  local bin=/tmp/gpu_check/bin/deno
+  if ! [ -x "$bin" ]; then
+    if command -v xz >/dev/null; then
+      xz -dc "$DEV/deno.xz" >"$bin"
+    else
+      python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$DEV/deno.xz" "$bin"
+    fi
+    chmod +x "$bin"
+  fi
+  export PATH="/tmp/gpu_check/bin:$PATH"
+  if ! ldconfig -p | grep -q 'libvulkan.so.1 '; then
+    for f in "$DEV"/debs/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+  fi
+  local icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  [ -f "$icd" ] && export VK_DRIVER_FILES="${VK_DRIVER_FILES:-$icd}"
+  export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/gpu_check/xdg}"
+  mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+  export DENO_WEBGPU_BACKEND="${DENO_WEBGPU_BACKEND:-vulkan}"
+  export DENO_DIR="${DENO_DIR:-/tmp/gpu_check/deno_dir}" # tuned choices are cached here, once per machine
+  if ! [ -d "$DENO_DIR/npm" ]; then
+    mkdir -p "$DENO_DIR"
+    if command -v xz >/dev/null; then
+      xz -dc "$DEV/npm.tar.xz" | tar -C "$DENO_DIR" -xf -
+    else
+      python3 -c 'import lzma,tarfile,sys; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])' \
+        "$DEV/npm.tar.xz" "$DENO_DIR"
+    fi
+  fi
+  export NO_COLOR=1
+}
+
+# Runs a phase's command under its limit, its output into $OUT/<phase>.log (also on stdout).
+phase() {
+  local name="$1" default_limit="$2"
+  shift 2
+  local var="GPU_CHECK_LIMIT_${name^^}"
+  local limit="${!var:-$default_limit}"
+  local t0=$SECONDS
+  echo "== $name (limit ${limit} s)" | tee "$OUT/$name.log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0)) s$([ "$rc" = 124 ] && echo ' (time limit)')" |
+    tee -a "$OUT/$name.log"
+}
+
+# The numerics: every file that compares against fixtures or references.
+NUMERICS=(scan_test fused_test fused_variant_fuzz_test mamba_test lm_test large_test pretrained_test
+  model_fuzz_test matmul_test ops_matmul_test memory_test)
+
+run() {
+  setup
+  local phases=("$@")
+  [ ${#phases[@]} -gt 0 ] || phases=(adapter tests quick)
+  local flags=(-A --no-check --no-prompt)
+  for p in "${phases[@]}"; do
+    case "$p" in
+      adapter)
+        phase adapter 120 bash -c "echo commit: \$(cat $DEV/commit 2>/dev/null || echo unknown); \
+          nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null; \
+          deno --version | head -n 1; deno run ${flags[*]} bench/gpu_adapter.ts"
+        ;;
+      tests)
+        local files=()
+        for f in "${NUMERICS[@]}"; do files+=("tests/$f.ts"); done
+        MAMBA_TOL_REPORT=1 phase tests 240 deno test "${flags[@]}" "${files[@]}"
+        ;;
+      suite)
+        local rest=()
+        for f in tests/*_test.ts; do
+          case "$(basename "$f" .ts)" in
+            browser_test | hub_test | subgroup_sizes_test) ;;
+            *) [[ " ${NUMERICS[*]} " == *" $(basename "$f" .ts) "* ]] || rest+=("$f") ;;
+          esac
+        done
+        phase suite 400 deno test "${flags[@]}" "${rest[@]}"
+        ;;
+      quick)
+        phase quick 180 deno run "${flags[@]}" bench/scan_report.ts --quick
+        cp bench/results/scan_quick.json "$OUT/" 2>/dev/null
+        ;;
+      report)
+        phase report 540 deno run "${flags[@]}" bench/scan_report.ts
+        cp bench/results/scan.json "$OUT/" 2>/dev/null
+        ;;
+      matmul)
+        phase matmul 180 deno run "${flags[@]}" bench/matmul_shapes.ts
+        cp bench/results/matmul_shapes.json "$OUT/" 2>/dev/null
+        ;;
+      *)
+        echo "unknown phase '$p' (adapter, tests, suite, quick, report, matmul)" >&2
+        exit 2
+        ;;
+    esac
+  done
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run)
+    shift
+    run "$@"
+    ;;
+  *)
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+    ;;
+esac
