@@ -10,6 +10,9 @@
  *   dA, dD, dbias (and dt_proj's dW) summed over time in registers.
  * - `fused_subgroup_sums.ts`: the backward's sums over channels by a butterfly of subgroup shuffles.
  * - `fused_reduce_kernels.ts`: the second passes of those sums (WGSL has no float atomics).
+ * - `fused_carry_kernels.ts`: for the chunk-parallel variant (GPUs), each chunk's carry (the forward's h, the
+ *   backward's lam) from a walk of every chunk at once and a chain over the chunks, so that the main kernels
+ *   walk every chunk at once too.
  * - `fused_variant.ts`: the kernels' compile-time shape, per state size; `fused_wgsl.ts`: shared WGSL.
  *
  * Inputs (per batch row b, time t, channel d, state n):
@@ -37,7 +40,8 @@ import { Tensor } from "../core/tensor.ts";
 import { backwardKernel } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel } from "./fused_reduce_kernels.ts";
-import { type FusedVariant, fusedVariant, stateBlocks } from "./fused_variant.ts";
+import { chainKernel, localKernel } from "./fused_carry_kernels.ts";
+import { type FusedVariant, fusedVariant, MAX_CHUNKS_CHAINED, stateBlocks } from "./fused_variant.ts";
 import { MAX_INLINE_DT_RANK, partialWidth } from "./fused_wgsl.ts";
 
 /** Steps one invocation walks per dispatch at most (loops stop at 65535 iterations on software adapters). */
@@ -84,19 +88,24 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: Fu
   const unit = (v.shuffle || (v.lanes ?? 1) > 1) && sg ? sg.maxSize : 1;
   const lanes = v.lanes ?? 1; // a workgroup holds WG / lanes channels
   const fits = (WG: number) => WG >= 8 && WG % unit === 0 && WG >= lanes;
-  while (fits(v.WG / 2) && B * Math.ceil(ED / (v.WG / lanes)) < MIN_GROUPS) v.WG /= 2;
+  const chunks = Math.ceil(L / v.Lc);
+  // chunk-parallel variants walk every chunk at once (unless there are too many to chain)
+  const chunked = v.chunkParallel === true && chunks > 1 && chunks <= MAX_CHUNKS_CHAINED;
+  const perTile = chunked ? chunks : 1; // workgroups per tile of channels
+  while (fits(v.WG / 2) && B * Math.ceil(ED / (v.WG / lanes)) * perTile < MIN_GROUPS) v.WG /= 2;
   return {
     B,
     L,
     ED,
     v,
+    chunked,
     u: {
       B,
       L,
       ED,
       S: dBC.shape[2],
       R: a.R,
-      chunks: Math.ceil(L / v.Lc),
+      chunks,
       tiles: Math.ceil(ED / (v.WG / lanes)),
       gated: a.gated ? 1 : 0,
       zS: z ? z.shape[2] : ED,
@@ -132,13 +141,26 @@ export function fusedScanForward(
 ): { y: Tensor; ph: Tensor } {
   const Ri = a.dtInside ? a.R : 0;
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
-  const { B, L, ED, v, u } = sizes(x, dBC, a, z);
+  const { B, L, ED, v, u, chunked } = sizes(x, dBC, a, z);
   const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
   const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
   ranWith.set(ph.storage, fusedVariant(a.N));
   recordCopy(par.storage.buffer, 0, ph.storage.buffer, 0, 4 * par.size);
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
+  if (chunked) {
+    // every chunk from a zero state (its state into hs, its sum of dt into y, which is written last), the
+    // chain over the chunks (hs: the state after each), then every chunk from the state before it
+    const cu = { ...u, N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
+    const groups = B * u.tiles * u.chunks;
+    for (const block of blocks) {
+      dispatch(localKernel(v, block, Ri, "fwd"), { ...bufs, out: y.storage }, cu, groups);
+    }
+    dispatch(chainKernel("fwd"), { ph: ph.storage, out: y.storage }, cu, Math.ceil((B * ED * a.N) / 64));
+    const uni = { ...u, hsOff: par.size, t0: 0, t1: L };
+    for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true), bufs, uni, groups);
+    return { y, ph };
+  }
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
     const uni = { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
@@ -193,7 +215,7 @@ function fusedScanBackward(
   a: FusedAttrs,
   gzInto: Tensor | null = null,
 ): FusedGrads {
-  const { B, L, ED, v, u } = sizes(x, dBC, a, z, ranWith.get(ph.storage));
+  const { B, L, ED, v, u, chunked: parallel } = sizes(x, dBC, a, z, ranWith.get(ph.storage));
   const N = a.N;
   // dB/dC partials: one row per tile, or per subgroup of a tile (how many depends on the subgroup size the
   // adapter picks at run time: rows it leaves unwritten must be zeros). They take `slots` times the
@@ -205,11 +227,16 @@ function fusedScanBackward(
   const Ri = a.dtInside ? a.R : 0;
   const PW = partialWidth(N, Ri); // a partial row: [dB (N) | dC (N) | dt terms (Ri), padded]
   const GP = 2 * N + 2 + Ri; // gpar row
+  // chunk-parallel: gpar rows per chunk, and the chain's lam carries (B, ED, chunks, N) and sums of dt (B, ED,
+  // chunks) after them in gred; walked in order where these would take more than half a binding window
+  const cells = B * ED * u.chunks;
+  const chunked = parallel && 4 * cells * (GP + N + 1) <= windowBytes() / 2;
+  const gparSize = B * ED * GP * (chunked ? u.chunks : 1);
   // partials of one time step, as the budget counts them (the few dt columns ride along, so that they do not
   // split time into more segments than the B and C columns alone would)
   const stepBytes = 4 * B * slots * 2 * N;
   // ... and within one binding window, so that gred takes one binding (dispatch splits larger buffers)
-  const fit = windowBytes() - 4 * B * ED * GP;
+  const fit = windowBytes() - 4 * (gparSize + (chunked ? cells * (N + 1) : 0));
   const budget = Math.min(partialBudget ?? Math.max(4 << 20, 4 * x.size), Math.floor((fit * 2 * N) / PW));
   const segChunks = Math.max(1, Math.min(u.chunks, Math.floor(budget / stepBytes / v.Lc)));
   const segSteps = Math.min(L, segChunks * v.Lc);
@@ -223,7 +250,9 @@ function fusedScanBackward(
   // it, else its own (B, L, ED)
   const gz = gzInto ?? Tensor.empty(z ? x.shape : [1]); // gz: (B, L, ED), z's window, or (ungated) scratch
   const gzLayout = gzInto ? { gzS: u.zS, gz0: u.z0 } : { gzS: ED, gz0: 0 };
-  const gred = Tensor.empty([gbcSize + B * ED * GP]); // [partials of a segment | gpar]
+  // gred: [partials of a segment | gpar | chunk-parallel: lam carries, sums of dt]
+  const [lamOff, sdtOff] = [gbcSize + gparSize, gbcSize + gparSize + cells * N];
+  const gred = Tensor.empty([gbcSize + gparSize + (chunked ? cells * (N + 1) : 0)]);
   const gdBC = Tensor.empty(dBC.shape); // gdBC: (B, L, R + 2N), or wider (zeros past R + 2N)
   const bufs = {
     ...scanInputs(x, draw, dBC, ph, z),
@@ -234,9 +263,25 @@ function fusedScanBackward(
     gred: gred.storage,
   };
   const hsOff = ph.size - B * ED * u.chunks * N;
-  // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums):
-  // at most MAX_STEPS / 2 steps, so no invocation loops 65535 times.
-  const per = Math.max(1, Math.floor(MAX_STEPS / 2 / v.Lc));
+  if (chunked) {
+    // every chunk's lam carry from a zero carry, and its sum of dt; the chain down the chunks leaves in
+    // place of each the carry into its chunk
+    const cu = { ...u, N, hsOff, locOff: lamOff, sdtOff };
+    const groups = B * u.tiles * u.chunks;
+    for (const block of stateBlocks(v)) {
+      dispatch(localKernel(v, block, Ri, "bwd"), { ...bufs, out: gred.storage }, cu, groups);
+    }
+    dispatch(chainKernel("bwd"), { ph: ph.storage, out: gred.storage }, cu, Math.ceil((B * ED * N) / 64));
+  }
+  // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums): at
+  // most MAX_STEPS / 2 steps, so no invocation loops 65535 times (a chunk-parallel one walks one chunk). Short
+  // chunks take fewer: each chunk's loops also count their entries and exits, about 5 Lc + 2 SUB + 6
+  // iterations in all (at Lc 1, 8192 chunks were 70000 and more: a dispatch stopped short, silently).
+  const sub = v.Lc / (v.Ls ?? v.Lc);
+  const perChunk = 5 * v.Lc + 2 * sub + 6;
+  const per = chunked
+    ? u.chunks
+    : Math.max(1, Math.min(Math.floor(MAX_STEPS / 2 / v.Lc), Math.floor((3 * MAX_STEPS) / perChunk)));
   const S = dBC.shape[2]; // row stride of dBC and its gradient (R + 2N, or more with padding)
   // The parameter gradients (summed over the batch in the last segment's sums dispatch, from gpar (B, ED,
   // 2N + 2 + Ri) at the end of gred).
@@ -276,9 +321,12 @@ function fusedScanBackward(
         slotsPerTile,
         segStart,
         segLen,
+        pc: t1 - t0,
+        lamOff,
       };
       // state blocks one after another: each adds its share of dx, ddelta, dz (the first sums dD, the last dbias)
-      for (const block of blocks) dispatch(backwardKernel(v, block, Ri), bufs, uni, B * u.tiles);
+      const groups = B * u.tiles * (chunked ? t1 - t0 : 1);
+      for (const block of blocks) dispatch(backwardKernel(v, block, Ri, chunked), bufs, uni, groups);
     }
     // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]; the last segment (c0 = 0) also
     // sums the parameter gradients
@@ -297,7 +345,7 @@ function fusedScanBackward(
       Q,
       PQ,
       params: +params,
-      B,
+      B: B * (chunked ? u.chunks : 1), // gpar's rows summed: per b, or per b and chunk
       ED,
       N,
       off: gbcSize,

@@ -22,6 +22,9 @@
  * state blocks after the first add to them); one partial row of dB/dC (and dt) terms per tile or subgroup
  * and step into `gred` (B, segLen, slots, PW), and after it, gpar (B, ED, [dbias | dD | dA (N) | lam carry
  * (N) | dW (Ri)]). `fused_reduce_kernels.ts` sums both.
+ * Chunk-parallel (`chunked`): a workgroup per (b, tile, chunk kc) walks only its chunk, starting lam from the
+ * carry the chain (fused_carry_kernels.ts) left at `lamOff` in gred, and its sums over time from zero into a
+ * gpar row of its own, (B, chunks, ED, GP), which the sums kernel adds up over b and the chunks.
  * @module
  */
 
@@ -49,11 +52,11 @@ import {
 /** The backward kernel of one state block (one pipeline per block, as the forward). With
  * Ri > 0 (dt_proj inside), the last block also sums dW (ED, Ri) over time and puts the Ri dt-column terms
  * of dBC's gradient, sum_d ddraw W[d, r], into the partial rows (after the 2N B and C columns). */
-export function backwardKernel(v: FusedVariant, block: StateBlock, Ri = 0): Kernel {
+export function backwardKernel(v: FusedVariant, block: StateBlock, Ri = 0, chunked = false): Kernel {
   const key = `bwd|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${
     v.Ls ?? v.Lc
-  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}`;
-  return cachedKernel(key, () => generateBackward(shapeOf(v, block, Ri)));
+  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}|${chunked}`;
+  return cachedKernel(key, () => generateBackward({ ...shapeOf(v, block, Ri), chunked }));
 }
 
 /** The compile-time shape of one backward kernel: its variant, state block and dt rank, and the sizes that
@@ -90,9 +93,12 @@ interface Shape {
   /** reduce "subgroup": dB/dC summed with subgroup operations. */
   sg: boolean;
   shuffle: boolean;
+  /** Chunk-parallel: a workgroup per chunk, its lam carry from the chain (at lamOff in gred), its sums over
+   * time into a gpar row of its own (B, chunks, ED, GP). */
+  chunked: boolean;
 }
 
-function shapeOf(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number): Shape {
+function shapeOf(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number): Omit<Shape, "chunked"> {
   const { N, Lc, WG } = v;
   const Ls = v.Ls ?? Lc;
   const lanes = v.lanes ?? 1;
@@ -149,6 +155,8 @@ function generateBackward(c: Shape): Kernel {
       ["segLen", "u32"],
       ["gzS", "u32"], // row length of gz: ED, or z's when gz is a window of the whole gradient of a wide z
       ["gz0", "u32"], // gz's first column in its rows
+      ["pc", "u32"], // chunk-parallel: chunks in this dispatch (from t0)
+      ["lamOff", "u32"], // chunk-parallel: the lam carry into each chunk (B, ED, chunks, N) in gred
     ],
     workgroupSize: WG,
     decls: COMMON + `
@@ -158,12 +166,12 @@ ${c.shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state]
   });
 }
 
-function kernelName({ N, Nb, n0, Lc, Ls, WG, S, sg, shared, shuffle, lanes, Ri }: Shape): string {
+function kernelName({ N, Nb, n0, Lc, Ls, WG, S, sg, shared, shuffle, lanes, Ri, chunked }: Shape): string {
   return `fused_scan_bwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${
     sg ? "sg" : `S${S}`
   }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}${lanes > 1 ? `_lanes${lanes}` : ""}${
     Ri ? `_dt${Ri}` : ""
-  }`;
+  }${chunked ? "_chunked" : ""}`;
 }
 
 // The states of the recompute, by their names in the WGSL (K floats each unless said; K = Nb / lanes):
@@ -186,7 +194,7 @@ function body(c: Shape): string {
   ${invocationSetup(c)}
   ${carryIn(c)}
   let hsBase = (b * P.ED + dc) * P.chunks;
-  for (var kk = P.t1; kk > P.t0; kk--) {
+  for (var kk = kt1; kk > kt0; kk--) {
     ${chunkStart(c)}
     ${c.SUB > 1 ? boundaryRecompute(c) : ""}
     for (var jj = nsub; jj > 0u; jj--) {
@@ -224,10 +232,21 @@ const H = (c: Shape, s: string, n: number) =>
  * a(t+1) lam(t+1)), gA, h0 and, with hbuf "private", hbuf. */
 function invocationSetup(c: Shape): string {
   const { K, Ls, WG, lanes, Nb } = c;
-  return `// workgroup -> (b, tile of WG channels); invocation -> channel d; states n0..n0+Nb. Chunks [t0, t1)
-  // walked in reverse.
-  let b = group / P.tiles;
-  let tile = group % P.tiles;
+  return `// workgroup -> (b, tile of WG channels${
+    c.chunked ? ", chunk kc" : ""
+  }); invocation -> channel d; states n0..n0+Nb. Chunks [kt0, kt1) walked in reverse.
+  ${
+    c.chunked
+      ? `let kc = P.t0 + group % P.pc;
+  let bt = group / P.pc;
+  let kt0 = kc;
+  let kt1 = kc + 1u;`
+      : `let bt = group;
+  let kt0 = P.t0;
+  let kt1 = P.t1;`
+  }
+  let b = bt / P.tiles;
+  let tile = bt % P.tiles;
   ${channelLines("tile", WG, lanes, Nb)}
   let valid = d < P.ED;
   let dc = min(d, P.ED - 1u); // out-of-range lanes compute on a valid channel and write nothing
@@ -242,15 +261,22 @@ function invocationSetup(c: Shape): string {
  * the dispatches of later chunks summed: gA, lam, gW, gD (the first state block's) and gbias (the last's). */
 function carryIn(c: Shape): string {
   const { N, n0, K, GP, Ri, first, last } = c;
-  return `// gpar row of (b, d): [dbias, dD, dA (N), lam carry (N), dW (Ri)], accumulated over dispatches.
-  let gp = P.gparOff + (b * P.ED + dc) * ${GP}u;
-  let more = P.t1 != P.chunks; // dispatches after the first continue from gpar
+  // chunk-parallel: the chain left the lam carry into this chunk at lamOff; sums start from zero per chunk
+  const lamIn = (n: number) =>
+    c.chunked
+      ? `lam[${n}] = ld_gred(P.lamOff + ((b * P.ED + dc) * P.chunks + kc) * ${N}u${plus(n0)} + ${st(c, n)});`
+      : `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0}u + ${st(c, n)}), more);`;
+  return `// gpar row of (b, d${
+    c.chunked ? ", its chunk" : ""
+  }): [dbias, dD, dA (N), lam carry (N), dW (Ri)], accumulated over dispatches.
+  let gp = P.gparOff + (${c.chunked ? "(b * P.chunks + kc) * P.ED" : "b * P.ED"} + dc) * ${GP}u;
+  let more = ${c.chunked ? "false" : "P.t1 != P.chunks"}; // dispatches after the first continue from gpar
   // the first block alone sums dD and the last alone dbias; the others leave them be
   ${last ? "var gbias = select(0.0, ld_gred(gp), more);" : ""}
   ${first ? "var gD = select(0.0, ld_gred(gp + 1u), more);" : ""}
   ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0}u + ${st(c, n)}));`)}
   ${unroll(K, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n0}u + ${st(c, n)}), more);`)}
-  ${unroll(K, (n) => `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0}u + ${st(c, n)}), more);`)}
+  ${unroll(K, lamIn)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   ${loadWd(N, Ri)}

@@ -13,6 +13,8 @@
  * Writes: out (state blocks after the first add their C.h to it; the last gates), and after each chunk of Lc
  * steps (and at the end) the state into hs (B, ED, chunks, N) behind the parameters in `ph`: the only state
  * that leaves the chip, read by the backward and, after a prompt, as the inference cache.
+ * Chunk-parallel (`chunked`): a workgroup per (b, tile, chunk) walks only its chunk, from the state the chain
+ * (fused_carry_kernels.ts) left in hs before it, and writes y only.
  * @module
  */
 
@@ -36,10 +38,10 @@ import {
 
 /** The forward kernel of one state block (one pipeline per block, its n0 and Nb compiled in, so that every
  * index into the states is a constant). */
-export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0): Kernel {
+export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0, chunked = false): Kernel {
   const shuffle = v.shuffle === true;
   const lanes = v.lanes ?? 1;
-  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${lanes}|${Ri}`;
+  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${lanes}|${Ri}|${chunked}`;
   const { N, Lc } = v;
   const [first, last] = [n0 === 0, n0 + Nb === N];
   const K = Nb / lanes; // states of the block per invocation
@@ -49,7 +51,7 @@ export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0): 
     defineKernel({
       name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}${
         lanes > 1 ? `_lanes${lanes}` : ""
-      }${Ri ? `_dt${Ri}` : ""}`,
+      }${Ri ? `_dt${Ri}` : ""}${chunked ? "_chunked" : ""}`,
       subgroups: shuffle || lanes > 1,
       buffers: [...scanInputBuffers("read_write"), { name: "y", type: "f32", access: "read_write" }],
       uniforms: UNIFORMS,
@@ -59,8 +61,19 @@ export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0): 
   // invocation -> (b, d); h of states n0..n0+Nb in registers for the whole walk. Blocks run one after
   // another: the first writes D x + C.h, later ones add their C.h, the last gates. Lanes past ED compute
   // on a valid channel and write nothing (control flow stays uniform for subgroup operations).
-  let b = group / P.tiles;
-  ${channelLines("(group % P.tiles)", v.WG, lanes, Nb)}
+  ${
+        chunked
+          ? `// chunk-parallel: workgroup -> (b, tile, chunk); the chunk starts from the state the chain left
+  // before it in hs, which it does not write
+  let bt = group / P.chunks;
+  let t0 = (group % P.chunks) * ${Lc}u;
+  let t1 = min(P.L, t0 + ${Lc}u);`
+          : `let bt = group;
+  let t0 = P.t0;
+  let t1 = P.t1;`
+      }
+  let b = bt / P.tiles;
+  ${channelLines("(bt % P.tiles)", v.WG, lanes, Nb)}
   let valid = d < P.ED;
   let dc = min(d, P.ED - 1u);
   var A: array<f32, ${K}>;
@@ -68,16 +81,16 @@ export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0): 
   var Bv: array<f32, ${K}>;
   var Cv: array<f32, ${K}>;
   let hsBase = (b * P.ED + dc) * P.chunks;
-  let h0 = (hsBase + P.t0 / ${Lc}u - 1u) * ${N}u${plus(n0)};
+  let h0 = (hsBase + t0 / ${Lc}u - 1u) * ${N}u${plus(n0)};
   ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)}));`)}
-  ${unroll(K, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${st(n)}), P.t0 > 0u);`)}
+  ${unroll(K, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${st(n)}), t0 > 0u);`)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   ${loadWd(N, Ri)}
   // chunks, then their steps: the state is stored after each chunk's loop, not under a condition inside it
   // (lavapipe runs an \`if\` body on every step with its lanes masked off: 1.5-2x slower)
-  for (var c0 = P.t0; c0 < P.t1; c0 += ${Lc}u) {
-  let cend = min(c0 + ${Lc}u, P.t1);
+  for (var c0 = t0; c0 < t1; c0 += ${Lc}u) {
+  let cend = min(c0 + ${Lc}u, t1);
   for (var t = c0; t < cend; t++) {
     let i = (b * P.L + t) * P.ED + dc;
     ${drawLines(Ri, shuffle, "(b * P.L + t) * P.S")}
@@ -99,10 +112,12 @@ export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0): 
       }
     if (valid${lanes > 1 ? " && q == 0u" : ""}) { st_y(i, yv); }
   }
-  if (valid) {
+  ${
+        chunked ? "" : `if (valid) {
     let at = (hsBase + (cend - 1u) / ${Lc}u) * ${N}u${plus(n0)};
     ${unroll(K, (n) => `st_ph(P.hsOff + at + ${st(n)}, h[${n}]);`)}
-  }
+  }`
+      }
   }`,
     }));
 }

@@ -47,7 +47,20 @@ export interface FusedVariant {
    * (B x ED invocations otherwise, 1536 for mamba-130m), and fewer recomputed states per invocation; on a
    * CPU adapter it only adds work. */
   lanes?: number;
+  /** Walk the chunks of time in parallel (default false): a workgroup per chunk of Lc steps instead of one
+   * walking all L, for GPUs, where B x ED invocations (x lanes) each walking L steps in order leave the chip
+   * idle at batch 1 and take L sequential steps. Each kernel first walks every chunk from a zero state (the
+   * forward's h, the backward's carry of lam) and sums its dt; one invocation per (b, d, n) then chains the
+   * chunks, the decay over a chunk being exp(A sum dt); then every chunk runs from its carry
+   * (`fused_carry_kernels.ts`). One more walk of the steps and two more dispatches per kernel; the backward
+   * keeps its sums over time per chunk. Where a call has more than MAX_CHUNKS_CHAINED chunks, or its
+   * per-chunk sums would not fit one binding, it walks time in order. */
+  chunkParallel?: boolean;
 }
+
+/** Most chunks the chunk-parallel variant chains in one invocation (its loop over them stays well within the
+ * 65535 iterations of software adapters); a longer call walks time in order. */
+export const MAX_CHUNKS_CHAINED = 16384;
 
 /** dt_proj inside the kernels up to this rank: draw = dBC[t, :R] . W[d, :] computed per step (R multiply-adds,
  * the R dt values shared across lanes like B and C); larger R reads draw computed by a matmul. The backward's

@@ -5,7 +5,7 @@
  * recomputed states (private or workgroup memory), and how it sums dB/dC over channels (workgroup memory
  * and barriers, or subgroup operations where the device has subgroups; with either place for the states),
  * whether B and C rows are shared by subgroupShuffle, and (GPUs) how many lanes share a channel in both
- * kernels. A CPU adapter wants few invocations per workgroup
+ * kernels and whether chunks of time are walked in parallel. A CPU adapter wants few invocations per workgroup
  * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
  * backward of a small problem a few times; the fastest by GPU time (timestamp queries, else wall clock)
  * is selected with `setFusedVariant`.
@@ -28,7 +28,7 @@ import {
 } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 21;
+export const FUSED_KERNEL_VERSION = 22;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -69,6 +69,7 @@ export function fusedCandidates(N: number): FusedVariant[] {
       v.reduce ?? "workgroup",
       !!v.shuffle,
       v.S ?? null,
+      !!v.chunkParallel,
     ]);
   const has = (v: FusedVariant) => list.some((c) => key(c) === key(v));
   for (const WG of [8, 32, 64]) {
@@ -115,6 +116,9 @@ export function fusedCandidates(N: number): FusedVariant[] {
       }
     }
   }
+  // Chunks walked in parallel: GPUs only (a CPU adapter's cores are busy with the channels already; on
+  // lavapipe one more walk of the steps cost 3-28% per layer step), every candidate so far a second time.
+  if (!deviceInfo().isFallbackAdapter) list.push(...list.map((v) => ({ ...v, chunkParallel: true })));
   return list;
 }
 

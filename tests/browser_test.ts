@@ -251,7 +251,7 @@ Deno.test({
       );
 
       await t.step(
-        "fused-scan variants for GPUs (lanes per channel, states in workgroup memory) compile in Chromium and agree",
+        "fused-scan variants for GPUs (lanes per channel, states in workgroup memory, chunks in parallel) compile in Chromium and agree",
         async () => {
           const r = await lib.evaluate(async () => {
             const m = (globalThis as unknown as { mamba: Bundle }).mamba;
@@ -293,6 +293,8 @@ Deno.test({
               { hbuf: "workgroup" as const },
               { lanes: 2 },
               { lanes: Math.min(4, SG), Lc: 24, Ls: 8, hbuf: "workgroup" as const },
+              { chunkParallel: true }, // L 37: three chunks of 16 at once, carries chained
+              { lanes: 2, Lc: 8, Ls: 4, hbuf: "workgroup" as const, chunkParallel: true },
             ];
             m.setFusedVariant(N, null);
             const want = await run();

@@ -4,12 +4,19 @@ import { full, randn } from "../core/creation.ts";
 import { add, exp, matmul, mul, narrow, neg, softplus, sum } from "../core/ops/index.ts";
 import { Tensor, tidy } from "../core/tensor.ts";
 import { memory } from "../core/memory.ts";
-import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan, lastState } from "../scan/fused.ts";
+import {
+  fusedMambaScan,
+  fusedMambaScanForward,
+  fusedSelectiveScan,
+  lastState,
+  setFusedPartialBudget,
+} from "../scan/fused.ts";
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
 import { type FusedVariant, stateBlocks } from "../scan/fused_variant.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { assertMatches, tolerance } from "./fixture_util.ts";
 import { type Case, compare, inputs } from "./fused_cases.ts";
+import { kernelsRun } from "./helpers.ts";
 
 Deno.test("fused scan equals the sequential reference: forward and every gradient, small and odd shapes", async () => {
   await compare({ B: 1, L: 1, ED: 8, N: 4, R: 2, gated: true }, 1);
@@ -291,7 +298,7 @@ Deno.test("fused scan backward in time segments (dB/dC partials capped): results
   }
 });
 
-Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums, both, state blocks) agree", async () => {
+Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums, both, state blocks, chunks in parallel) agree", async () => {
   const info = await init();
   const { setFusedVariant } = await import("../scan/fused_variant.ts");
   const variants: Omit<FusedVariant, "N">[] = [
@@ -305,6 +312,11 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
     { WG: 8, Lc: 16, hbuf: "workgroup", Nb: 2 },
     { WG: 8, Lc: 16, Nb: 3 }, // blocks of two sizes: N = 16 as 3 3 3 3 2 2 (N = 4: 2 2)
     { WG: 8, Lc: 64, Ls: 16, S: 2 }, // llvmpipe-through-GL's default: 2 steps per barrier
+    // chunks in parallel (L = 37: 3 and 8 chunks, the last partial; L = 21: 2 and 5), with two-level
+    // recompute, state blocks and workgroup sums
+    { WG: 8, Lc: 16, chunkParallel: true },
+    { WG: 16, Lc: 5, S: 2, chunkParallel: true },
+    { WG: 16, Lc: 12, Ls: 4, Nb: 3, chunkParallel: true },
   ];
   // Subgroup sums where the device has them (lavapipe does; ED 40 leaves some lanes of the last tile idle).
   if (info.subgroups) {
@@ -317,6 +329,7 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
       { WG: 8, Lc: 16, reduce: "subgroup", hbuf: "workgroup" },
       { WG: 32, Lc: 24, Ls: 8, reduce: "subgroup", hbuf: "workgroup", Nb: 4 },
       { WG: 32, Lc: 24, Ls: 8, reduce: "subgroup", Nb: 3 },
+      { WG: 8, Lc: 16, reduce: "subgroup", hbuf: "workgroup", chunkParallel: true },
     );
     const SG = info.subgroups.minSize;
     if (SG === info.subgroups.maxSize && SG <= 32) {
@@ -330,6 +343,7 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
         { WG: SG, Lc: 16, reduce: "subgroup", shuffle: true, Nb: 1 }, // 2 columns a block: padded butterfly
         { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true, Nb: 3 },
         { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true, hbuf: "workgroup" },
+        { WG: 2 * SG, Lc: 12, Ls: 4, reduce: "subgroup", shuffle: true, Nb: 3, chunkParallel: true },
       );
     }
     // Lanes per channel (each walks Nb / lanes states; shuffles sum C.h, dx and ddelta over a channel's
@@ -341,6 +355,7 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
         { WG: 2 * SG, Lc: 12, Ls: 4, reduce: "subgroup", lanes: 4 },
         { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", hbuf: "workgroup", lanes: 2 },
         { WG: SG, Lc: 16, reduce: "subgroup", lanes: 4, Nb: 4 }, // one state per lane (four blocks at N = 16)
+        { WG: 2 * SG, Lc: 8, Ls: 4, reduce: "subgroup", hbuf: "workgroup", lanes: 2, chunkParallel: true },
       );
     }
   }
@@ -373,6 +388,56 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
   } finally {
     setFusedVariant(16, null);
     setFusedVariant(4, null);
+  }
+});
+
+Deno.test("chunks in parallel: every chunk's kernels run at once, carries chained; in order past MAX_CHUNKS_CHAINED chunks, or where the backward's per-chunk sums would not fit half a binding", async () => {
+  const info = await init();
+  const { setFusedVariant, MAX_CHUNKS_CHAINED } = await import("../scan/fused_variant.ts");
+  const ran = async (c: Case, seed: number) => {
+    const { kernels } = await kernelsRun(() => compare(c, seed));
+    const has = (re: RegExp) => kernels.some((k) => re.test(k));
+    return {
+      fwd: has(/^fused_scan_fwd_.*_chunked$/) && has(/^fused_scan_local_fwd_/) &&
+        has(/^fused_scan_chain_fwd$/),
+      bwd: has(/^fused_scan_bwd_.*_chunked$/) && has(/^fused_scan_local_bwd_/) &&
+        has(/^fused_scan_chain_bwd$/),
+      serial: has(/^fused_scan_(fwd|bwd)_N\d+(?!.*_chunked$)/),
+    };
+  };
+  try {
+    // many chunks, batch 2, the backward in time segments of 8 chunks (each its own dispatch), dt_proj inside
+    setFusedVariant(4, { WG: 8, Lc: 16, Ls: 4, chunkParallel: true });
+    setFusedPartialBudget(4 * 2 * 1 * 8 * 16 * 8); // bytes: B 2 x 1 slot x 2N floats a step, x Lc x 8 chunks
+    assert.deepEqual(await ran({ B: 2, L: 1000, ED: 5, N: 4, R: 2, gated: true, dtWeight: true }, 21), {
+      fwd: true,
+      bwd: true,
+      serial: false,
+    });
+    setFusedPartialBudget(null);
+    // past MAX_CHUNKS_CHAINED chunks: time walked in order (also a regression test: one-step chunks made the
+    // backward's dispatches loop past 65535 iterations, which stopped them short silently)
+    setFusedVariant(4, { WG: 8, Lc: 1, chunkParallel: true });
+    const L = MAX_CHUNKS_CHAINED + 1;
+    assert.deepEqual(await ran({ B: 1, L, ED: 2, N: 4, R: 1, gated: true }, 22), {
+      fwd: false,
+      bwd: false,
+      serial: true,
+    });
+    // the backward's per-chunk sums and carries (512 cells x 16 floats, 32 KiB) over half a 48 KiB binding:
+    // the forward runs in parallel, the backward in order (every buffer of the call fits the window)
+    setFusedVariant(4, { WG: 8, Lc: 2, chunkParallel: true });
+    const real = info.limits.maxStorageBufferBindingSize;
+    info.limits.maxStorageBufferBindingSize = 48 * 1024;
+    try {
+      const r = await ran({ B: 1, L: 512, ED: 2, N: 4, R: 1, gated: true }, 23);
+      assert.deepEqual({ fwd: r.fwd, bwd: r.bwd }, { fwd: true, bwd: false });
+    } finally {
+      info.limits.maxStorageBufferBindingSize = real;
+    }
+  } finally {
+    setFusedVariant(4, null);
+    setFusedPartialBudget(null);
   }
 });
 
@@ -462,6 +527,9 @@ Deno.test("the tuner's candidates are valid variants, here, on a GPU-like adapte
           assert.ok(list.some((v) => (v.lanes ?? 1) > 1), `N = ${N}: no lanes candidate`);
         }
         if (varying) assert.ok(list.every((v) => !v.lanes && !v.shuffle), `N = ${N}: lanes or shuffle`);
+        // chunks in parallel on GPUs only, each candidate also without
+        const [par, serial] = [list.filter((v) => v.chunkParallel), list.filter((v) => !v.chunkParallel)];
+        assert.equal(par.length, gpuLike ? serial.length : 0, `N = ${N}: chunk-parallel candidates`);
         for (const v of list) {
           setFusedVariant(N, v); // throws on a variant that does not fit
           // the backward's workgroup memory fits with dt_proj inside (its last block keeps the dt terms too)

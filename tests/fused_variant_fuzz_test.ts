@@ -3,7 +3,7 @@
  * `FusedVariant` that `setFusedVariant` accepts on this adapter (channels per workgroup WG, chunk length Lc,
  * sub-chunk length Ls, states per block Nb, recomputed states in private or workgroup memory, dB/dC summed
  * through workgroup memory or subgroup operations, steps per barrier S, B/C rows shared by subgroupShuffle,
- * lanes per channel) and a random call (batch, length, channels, state size, dt rank, gate, dt_proj inside
+ * lanes per channel, chunks walked in parallel) and a random call (batch, length, channels, state size, dt rank, gate, dt_proj inside
  * the op, z as a column window of a wider tensor, z's gradient already holding another op's share, dBC with
  * padding columns, the backward walked in time segments), and checks the fused op against the autograd
  * composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
@@ -139,6 +139,7 @@ const POOLS = {
   dBCPad: [0, 1, 3], // with dt_proj inside
   segments: [false, false, true],
   varying: [false, false, false, true],
+  chunked: [false, true],
 };
 
 const divisors = (n: number) => Array.from({ length: n }, (_, k) => k + 1).filter((d) => n % d === 0);
@@ -226,6 +227,7 @@ function makeVariant(
       reduce: profile.reduce,
       ...(profile.shuffle ? { shuffle: true } : {}),
       ...(lanes ? { lanes } : {}),
+      ...((first ? pick("chunked", 26) : r() < 0.5) ? { chunkParallel: true } : {}),
     };
     // steps per barrier (workgroup sums only): at most what fits with the dt terms of dt_proj inside
     if (v.reduce === "workgroup") {
@@ -321,7 +323,7 @@ function describe(c: Case): string {
     v.hbuf === "workgroup" ? "wgmem" : "private"
   } ${v.reduce === "subgroup" ? "sg" : `wg${v.S ? ` S ${v.S}` : ""}`}${v.shuffle ? " shuffle" : ""}${
     v.lanes ? ` lanes ${v.lanes}` : ""
-  }${c.varying ? " varying-sg" : ""}${c.segments ? " segments" : ""}`;
+  }${v.chunkParallel ? " chunked" : ""}${c.varying ? " varying-sg" : ""}${c.segments ? " segments" : ""}`;
   const shape = `B ${s.B} L ${s.L} ED ${s.ED} N ${s.N} R ${s.R}${s.gated ? " gated" : ""}${
     s.dtWeight ? " dt_proj" : ""
   }${s.zWindow ? ` z ${s.zWindow.start}+${s.ED}/${s.zWindow.width}` : ""}${s.zTimesY ? " z*y" : ""}${
@@ -349,11 +351,19 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
       }
     }
   }
+  // chunks in parallel where the variant asks and there are several (the cases have few enough to chain)
+  const chunked = !!v.chunkParallel && c.scan.L > v.Lc;
+  for (const pass of ["fwd", "bwd"]) {
+    if (kernels.some((k) => k.startsWith(`fused_scan_local_${pass}_`)) !== chunked) {
+      throw new AssertionError({ message: `${pass}: ${chunked ? "no" : "unexpected"} chunk-local kernel` });
+    }
+  }
   for (const k of fused) {
     const bwd = k.startsWith("fused_scan_bwd_");
     // each option's token in the name, present exactly when the variant has it
     const want: [string, boolean][] = [
       ["_shuf", !!v.shuffle],
+      ["_chunked", chunked],
       [(v.lanes ?? 1) > 1 ? `_lanes${v.lanes}` : "_lanes\\d+", (v.lanes ?? 1) > 1],
       ...(bwd
         ? [["_sg", v.reduce === "subgroup"], ["_wgmem", v.hbuf === "workgroup"]] as [string, boolean][]

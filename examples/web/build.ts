@@ -21,8 +21,9 @@ import { simpleCommandLine } from "../lib/cli.ts";
 export const LIBRARY_BUDGET_BYTES = 256 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
- * commit e71a001). */
-export const LIBRARY_BUDGET_GZIP_BYTES = 88 * 1024;
+ * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB
+ * minified, 88.1 KiB gzipped, 2026-11-29). */
+export const LIBRARY_BUDGET_GZIP_BYTES = 92 * 1024;
 
 /** The repository's root folder (a file path: spaces and non-ASCII names stay as they are). */
 const ROOT: string = fileURLToPath(new URL("../../", import.meta.url));

@@ -1,0 +1,174 @@
+/**
+ * The carries of the chunk-parallel variant (`chunkParallel`): what each chunk of Lc steps needs from the
+ * chunks before it (the forward's h) or after it (the backward's lam), so that the main kernels can walk
+ * every chunk at once. Both recurrences are linear in their carry with the decay a(t) = exp(dt(t) A), and
+ * the product of a chunk's decays is exp(A S) with S the chunk's sum of dt: a chunk's effect on its carry is
+ * its result from a zero carry plus exp(A S) times the carry.
+ *
+ * `fused_scan_local_{fwd,bwd}` (template: the forward's N, Nb, n0, Lc, WG, shuffle, lanes, Ri).
+ * Owns: a workgroup owns (b, a tile of WG channels, chunk k); an invocation one channel (with `lanes`, its
+ * share of the block's states), walking chunk k from a zero state, the forward up, h = a h + dt x B, the
+ * backward down, m = a (gy C + m) with gy the gated gradient of y (m after the chunk's first step is the
+ * carry it passes to the chunk before it). Registers only; no workgroup memory, no barriers.
+ * Reads: x, draw (or dBC's dt columns and dt_proj's row), B or C from dBC, the parameters in `ph`, z; the
+ * backward also g. Writes: the chunk's local state into `loc` (B, ED, chunks, N) (the forward: the chunk
+ * states hs in `ph`; the backward: in `out` at `locOff`) and, from the first state block, S into `sdt` (B,
+ * ED, chunks) (in `out`, at `sdtOff`).
+ *
+ * `fused_scan_chain_{fwd,bwd}` (no template parameters).
+ * Owns: an invocation owns one (b, d, n) and walks the chunks in order, the forward up, h = exp(A S_k) h +
+ * loc_k, leaving loc_k = h, the state after chunk k; the backward down, leaving loc_k = m, the carry into
+ * chunk k from the chunks after it, then m = loc_k + exp(A S_k) m. Reads A_log from `ph` and S; reads and
+ * writes `loc`. At most MAX_CHUNKS_CHAINED iterations.
+ * @module
+ */
+
+import { defineKernel, type Kernel } from "../core/kernel.ts";
+import type { FusedVariant, StateBlock } from "./fused_variant.ts";
+import {
+  blockName,
+  cachedKernel,
+  channelLines,
+  COMMON,
+  drawLines,
+  laneState,
+  loadBC,
+  loadWd,
+  plus,
+  scanInputBuffers,
+  unroll,
+} from "./fused_wgsl.ts";
+
+/** Which carry: the forward's state h, or the backward's lam. */
+export type CarryDirection = "fwd" | "bwd";
+
+/** The uniforms of both carry kernels. */
+const CARRY_UNIFORMS: [string, "u32"][] = [
+  ["B", "u32"],
+  ["L", "u32"],
+  ["ED", "u32"],
+  ["S", "u32"], // row stride of dBC
+  ["R", "u32"],
+  ["N", "u32"],
+  ["chunks", "u32"],
+  ["tiles", "u32"],
+  ["gated", "u32"],
+  ["zS", "u32"],
+  ["z0", "u32"],
+  ["hsOff", "u32"], // the forward's loc: the chunk states in ph
+  ["locOff", "u32"], // the backward's loc in `out`
+  ["sdtOff", "u32"], // S in `out`
+];
+
+/** The local walk of every chunk for one state block (one dispatch per block, B x tiles x chunks workgroups). */
+export function localKernel(v: FusedVariant, block: StateBlock, Ri: number, dir: CarryDirection): Kernel {
+  const key = `local|${dir}|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${v.WG}|${v.shuffle}|${v.lanes}|${Ri}`;
+  return cachedKernel(key, () => generateLocal(v, block, Ri, dir));
+}
+
+function generateLocal(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number, dir: CarryDirection): Kernel {
+  const { N, Lc, WG } = v;
+  const shuffle = v.shuffle === true;
+  const lanes = v.lanes ?? 1;
+  const K = Nb / lanes;
+  const st = (j: number) => laneState(lanes, j);
+  const fwd = dir === "fwd";
+  // the forward reads B (columns R + n0..), the backward C (R + N + n0..): loadBC's "B" at an offset row
+  const step = fwd
+    ? `let dtx = dt * ld_x(i);
+    ${unroll(K, (n) => `m[${n}] = exp(dt * A[${n}]) * m[${n}] + dtx * Bv[${n}];`)}`
+    : `var gy = ld_g(i);
+    if (P.gated != 0u) { let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc); gy = gy * zv * sigmoid_(zv); }
+    ${unroll(K, (n) => `m[${n}] = exp(dt * A[${n}]) * (gy * Bv[${n}] + m[${n}]);`)}`;
+  const loc = (n: number) =>
+    fwd ? `st_ph(P.hsOff + at + ${st(n)}, m[${n}]);` : `st_out(P.locOff + at + ${st(n)}, m[${n}]);`;
+  return defineKernel({
+    name: `fused_scan_local_${dir}_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${WG}${shuffle ? "_shuf" : ""}${
+      lanes > 1 ? `_lanes${lanes}` : ""
+    }${Ri ? `_dt${Ri}` : ""}`,
+    subgroups: shuffle || lanes > 1,
+    buffers: [
+      ...scanInputBuffers(fwd ? "read_write" : "read"),
+      ...(fwd ? [] : [{ name: "g", type: "f32" as const, access: "read" as const }]),
+      { name: "out", type: "f32", access: "read_write" },
+    ],
+    uniforms: CARRY_UNIFORMS,
+    workgroupSize: WG,
+    decls: COMMON,
+    body: `
+  // workgroup -> (b, tile, chunk k); invocation -> channel d (lanes past ED compute on a valid one and write
+  // nothing); the chunk walked from a zero state
+  let k = group % P.chunks;
+  let bt = group / P.chunks;
+  let b = bt / P.tiles;
+  ${channelLines("(bt % P.tiles)", WG, lanes, Nb)}
+  let valid = d < P.ED;
+  let dc = min(d, P.ED - 1u);
+  var A: array<f32, ${K}>;
+  var m: array<f32, ${K}>;
+  var Bv: array<f32, ${K}>;
+  ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)})); m[${n}] = 0.0;`)}
+  let bias = ld_ph(dc);
+  ${loadWd(N, Ri)}
+  let t0 = k * ${Lc}u;
+  let t1 = min(P.L, t0 + ${Lc}u);
+  var sdt = 0.0;
+  for (var j = t0; j < t1; j++) {
+    let t = ${fwd ? "j" : "t0 + t1 - 1u - j"};
+    let i = (b * P.L + t) * P.ED + dc;
+    ${drawLines(Ri, shuffle, "(b * P.L + t) * P.S")}
+    let dt = softplus_(dr + bias);
+    sdt += dt;
+    let row = (b * P.L + t) * P.S + P.R${fwd ? "" : ` + ${N}u`}${plus(n0)};
+    ${loadBC(N, Nb, "row", false, shuffle, lanes)}
+    ${step}
+  }
+  let cell = (b * P.ED + dc) * P.chunks + k;
+  if (valid) {
+    let at = cell * ${N}u${plus(n0)};
+    ${unroll(K, loc)}
+  }
+  ${n0 === 0 ? `if (valid${lanes > 1 ? " && q == 0u" : ""}) { st_out(P.sdtOff + cell, sdt); }` : ""}`,
+  });
+}
+
+/** The chain over the chunks (one dispatch for all states: B x ED x N invocations). */
+export function chainKernel(dir: CarryDirection): Kernel {
+  return cachedKernel(`chain|${dir}`, () => {
+    const fwd = dir === "fwd";
+    // the forward's loc is hs in ph, its S in `out`; the backward's both in `out`
+    const locAt = fwd ? "P.hsOff" : "P.locOff";
+    const ldLoc = (i: string) => (fwd ? `ld_ph(${locAt} + ${i})` : `ld_out(${locAt} + ${i})`);
+    const stLoc = (
+      i: string,
+      val: string,
+    ) => (fwd ? `st_ph(${locAt} + ${i}, ${val});` : `st_out(${locAt} + ${i}, ${val});`);
+    return defineKernel({
+      name: `fused_scan_chain_${dir}`,
+      buffers: [
+        { name: "ph", type: "f32", access: fwd ? "read_write" : "read" },
+        { name: "out", type: "f32", access: "read_write" },
+      ],
+      uniforms: CARRY_UNIFORMS,
+      workgroupSize: 64,
+      body: `
+  // invocation -> (b, d, n); the chunks walked ${fwd ? "up" : "down"}
+  if (gid >= P.B * P.ED * P.N) { return; }
+  let n = gid % P.N;
+  let bd = gid / P.N; // b * ED + d
+  let d = bd % P.ED;
+  let A = -exp(ld_ph(P.ED + d * P.N + n));
+  var m = 0.0;
+  for (var j = 0u; j < P.chunks; j++) {
+    let cell = bd * P.chunks + ${fwd ? "j" : "P.chunks - 1u - j"};
+    let decay = exp(A * ld_out(P.sdtOff + cell));
+    let l = ${ldLoc("cell * P.N + n")};
+    ${
+        fwd
+          ? `m = decay * m + l;\n    ${stLoc("cell * P.N + n", "m")}`
+          : `${stLoc("cell * P.N + n", "m")}\n    m = l + decay * m;`
+      }
+  }`,
+    });
+  });
+}
