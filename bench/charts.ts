@@ -24,8 +24,8 @@ interface Point {
   reps: number;
 }
 
-const MODE_ORDER: TimeMode[] = ["fused", "fused+recompute", "pscan", "sequential"];
-const COLORS = ["#1b7837", "#7fbf7b", "#c51b7d", "#2166ac"];
+const MODE_ORDER: TimeMode[] = ["fused", "fused+recompute", "fused+chunked", "pscan", "sequential"];
+const COLORS = ["#1b7837", "#7fbf7b", "#b8a200", "#c51b7d", "#2166ac"];
 
 function points(rows: Row[], key: "L" | "dModel" | "N", modes: readonly TimeMode[]): Point[] {
   return rows.flatMap((r) =>

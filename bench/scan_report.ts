@@ -1,7 +1,8 @@
 /**
  * Speed of the three selective-scan modes in a Mamba layer: mamba.py's three comparisons (time vs L, vs
  * d_model, vs d_state) with our modes `fused`, `pscan` and `sequential` (recompute off, so only the scan
- * differs; the time-vs-L sweep also has `fused+recompute`, the default training setting), plus a roofline of
+ * differs; the time-vs-L sweep also has `fused+recompute`, the default training setting, and `fused+chunked`,
+ * the variant in use with chunks of time walked in parallel, which GPUs are meant to want), plus a roofline of
  * the fused forward kernel and the dispatch counts of each mode.
  *
  * Measurement: one step = forward through one Mamba layer, batch 1, then backward from its output y with a
@@ -31,12 +32,12 @@ import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { fusedScanForward } from "../scan/fused.ts";
-import { type FusedVariant, fusedVariant } from "../scan/fused_variant.ts";
+import { type FusedVariant, fusedVariant, setFusedVariant } from "../scan/fused_variant.ts";
 import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
 /** A timed configuration of the layer. */
-export type TimeMode = "fused" | "pscan" | "sequential" | "fused+recompute";
+export type TimeMode = "fused" | "pscan" | "sequential" | "fused+recompute" | "fused+chunked";
 
 /** The modes of mamba.py's comparison, ours. */
 export const MODES: readonly TimeMode[] = ["fused", "pscan", "sequential"];
@@ -49,12 +50,28 @@ export interface PreparedLayer {
   dispose(): void;
 }
 
+/** The layer's configuration in a mode. */
+function layerConfig(mode: TimeMode, dModel: number, N: number) {
+  const scan = mode === "fused+recompute" || mode === "fused+chunked" ? "fused" : mode;
+  return mambaConfig({ dModel, nLayers: 1, dState: N, scan, recompute: mode === "fused+recompute" });
+}
+
+/** Runs `fn` with the mode's fused variant: for "fused+chunked", the one in use with chunks walked in
+ * parallel (set around the recording only, so the other modes measured alongside keep theirs). */
+function inMode<T>(mode: TimeMode, N: number, fn: () => T): T {
+  if (mode !== "fused+chunked") return fn();
+  const before = fusedVariant(N);
+  setFusedVariant(N, { ...before, chunkParallel: true });
+  try {
+    return fn();
+  } finally {
+    setFusedVariant(N, before);
+  }
+}
+
 /** Prepares a one-layer Mamba (B = 1) in a mode. */
 export function prepareLayer(mode: TimeMode, dModel: number, N: number, L: number): PreparedLayer {
-  const scan = mode === "fused+recompute" ? "fused" : mode;
-  const model = new Mamba(
-    mambaConfig({ dModel, nLayers: 1, dState: N, scan, recompute: mode === "fused+recompute" }),
-  );
+  const model = new Mamba(layerConfig(mode, dModel, N));
   const x = randn([1, L, dModel], { seed: 1 });
   const G = randn([1, L, dModel], { seed: 2 });
   const drop = () => {
@@ -65,7 +82,7 @@ export function prepareLayer(mode: TimeMode, dModel: number, N: number, L: numbe
   };
   return {
     step() {
-      tidy(() => model.forward(x).backward(G));
+      inMode(mode, N, () => tidy(() => model.forward(x).backward(G)));
       drop();
     },
     dispose() {
@@ -83,25 +100,18 @@ export function countDispatches(
   N: number,
   L: number,
 ): { forward: number; backward: number } {
-  const model = new Mamba(
-    mambaConfig({
-      dModel,
-      nLayers: 1,
-      dState: N,
-      scan: mode === "fused+recompute" ? "fused" : mode,
-      recompute: mode === "fused+recompute",
-    }),
-  );
+  const model = new Mamba(layerConfig(mode, dModel, N));
   const x = randn([1, L, dModel], { seed: 1 });
   const G = randn([1, L, dModel], { seed: 2 });
   try {
-    return tidy(() => {
-      const d0 = dispatchCount();
-      const y = model.forward(x);
-      const d1 = dispatchCount();
-      y.backward(G);
-      return { forward: d1 - d0, backward: dispatchCount() - d1 };
-    });
+    return inMode(mode, N, () =>
+      tidy(() => {
+        const d0 = dispatchCount();
+        const y = model.forward(x);
+        const d1 = dispatchCount();
+        y.backward(G);
+        return { forward: d1 - d0, backward: dispatchCount() - d1 };
+      }));
   } finally {
     model.dispose();
     x.dispose();
@@ -527,7 +537,7 @@ if (import.meta.main) {
   const dModels = quick ? [16, 64, 128] : [16, 32, 64, 128, 256, 512, 1024];
   const Ns = [4, 16, 64];
   const sweepL = quick ? 256 : 1024;
-  const lModes: TimeMode[] = [...MODES, "fused+recompute"];
+  const lModes: TimeMode[] = [...MODES, "fused+recompute", "fused+chunked"];
 
   const rowsL = await sweep(lModes, Ls.map((L) => ({ dModel: 16, N: 16, L })));
   const rowsD = await sweep(MODES, dModels.map((dModel) => ({ dModel, N: 16, L: sweepL })));
