@@ -253,38 +253,49 @@ Deno.test("the decoding steps (convStep, ssmStep) name what does not fit", async
   for (const v of [...Object.values(ts), inputs, w, wideBias]) v.dispose();
 });
 
-Deno.test("lastState after a prompt of several chunks equals the sequential scan's, with the forward's chunk length", async () => {
-  await init();
-  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
-  const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
-  const t = inputs(c, 14);
-  assert.ok(c.L > 2 * fusedVariant(c.N).Lc, "the prompt spans several chunks");
-  const { y, ph } = fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z);
-  // the variant changes (a tuner run) between the forward and the read: hs keeps the forward's chunks
-  setFusedVariant(c.N, { WG: 8, Lc: 8 });
-  try {
-    const h = lastState(ph, c.B, c.ED, c.N, c.L); // h: (B, ED, N)
-    const want = tidy(() => {
-      const delta = softplus(add(matmul(narrow(t.dBC, 2, 0, c.R), t.W, { transB: true }), t.bias));
-      const A = neg(exp(t.A_log));
-      const Bm = narrow(t.dBC, 2, c.R, c.N);
-      const C = narrow(t.dBC, 2, c.R + c.N, c.N);
-      const { hs } = selectiveScan(t.x, delta, A, Bm, C, t.D, "sequential"); // hs: (B, L, ED, N)
-      return narrow(hs, 1, c.L - 1, 1).reshape(c.B, c.ED, c.N);
-    });
-    // the op bound (fixture_util.ts); measured on lavapipe 1.6e-7
-    assertMatches(
-      { data: await h.toArray(), shape: h.shape },
-      { data: await want.toArray(), shape: want.shape },
-      tolerance("op"),
-      "last state",
-    );
-    for (const v of [h, want]) v.dispose();
-  } finally {
-    setFusedVariant(c.N, null);
-  }
-  for (const v of [y, ph, ...Object.values(t)]) v.dispose();
-});
+for (const chunkParallel of [false, true]) {
+  Deno.test(
+    `lastState after a prompt of several chunks equals the sequential scan's, with the forward's chunk length${
+      chunkParallel ? " (chunks in parallel: the chain's last state)" : ""
+    }`,
+    async () => {
+      await init();
+      const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
+      const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
+      const t = inputs(c, 14);
+      setFusedVariant(c.N, { ...fusedVariant(c.N), chunkParallel });
+      assert.ok(c.L > 2 * fusedVariant(c.N).Lc, "the prompt spans several chunks");
+      const { y, ph, kernels } = await kernelsRun(() =>
+        fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z)
+      ).then((r) => ({ ...r.value, kernels: r.kernels }));
+      assert.equal(kernels.includes("fused_scan_chain_fwd"), chunkParallel);
+      // the variant changes (a tuner run) between the forward and the read: hs keeps the forward's chunks
+      setFusedVariant(c.N, { WG: 8, Lc: 8 });
+      try {
+        const h = lastState(ph, c.B, c.ED, c.N, c.L); // h: (B, ED, N)
+        const want = tidy(() => {
+          const delta = softplus(add(matmul(narrow(t.dBC, 2, 0, c.R), t.W, { transB: true }), t.bias));
+          const A = neg(exp(t.A_log));
+          const Bm = narrow(t.dBC, 2, c.R, c.N);
+          const C = narrow(t.dBC, 2, c.R + c.N, c.N);
+          const { hs } = selectiveScan(t.x, delta, A, Bm, C, t.D, "sequential"); // hs: (B, L, ED, N)
+          return narrow(hs, 1, c.L - 1, 1).reshape(c.B, c.ED, c.N);
+        });
+        // the op bound (fixture_util.ts); measured on lavapipe 1.6e-7
+        assertMatches(
+          { data: await h.toArray(), shape: h.shape },
+          { data: await want.toArray(), shape: want.shape },
+          tolerance("op"),
+          "last state",
+        );
+        for (const v of [h, want]) v.dispose();
+      } finally {
+        setFusedVariant(c.N, null);
+      }
+      for (const v of [y, ph, ...Object.values(t)]) v.dispose();
+    },
+  );
+}
 
 Deno.test("fused scan backward in time segments (dB/dC partials capped): results unchanged", async () => {
   const { setFusedPartialBudget } = await import("../scan/fused.ts");
@@ -312,11 +323,11 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
     { WG: 8, Lc: 16, hbuf: "workgroup", Nb: 2 },
     { WG: 8, Lc: 16, Nb: 3 }, // blocks of two sizes: N = 16 as 3 3 3 3 2 2 (N = 4: 2 2)
     { WG: 8, Lc: 64, Ls: 16, S: 2 }, // llvmpipe-through-GL's default: 2 steps per barrier
-    // chunks in parallel (L = 37: 3 and 8 chunks, the last partial; L = 21: 2 and 5), with two-level
-    // recompute, state blocks and workgroup sums
+    // chunks in parallel (L = 37: 3 chunks of 16, the last partial, 8 of 5; L = 21: 2 and 5), one- and two-level
+    // recompute, workgroup sums (in state blocks: the shuffled variant below and the fuzz test)
     { WG: 8, Lc: 16, chunkParallel: true },
     { WG: 16, Lc: 5, S: 2, chunkParallel: true },
-    { WG: 16, Lc: 12, Ls: 4, Nb: 3, chunkParallel: true },
+    { WG: 16, Lc: 12, Ls: 4, chunkParallel: true },
   ];
   // Subgroup sums where the device has them (lavapipe does; ED 40 leaves some lanes of the last tile idle).
   if (info.subgroups) {
@@ -343,7 +354,7 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
         { WG: SG, Lc: 16, reduce: "subgroup", shuffle: true, Nb: 1 }, // 2 columns a block: padded butterfly
         { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true, Nb: 3 },
         { WG: 2 * SG, Lc: 24, Ls: 8, reduce: "subgroup", shuffle: true, hbuf: "workgroup" },
-        { WG: 2 * SG, Lc: 12, Ls: 4, reduce: "subgroup", shuffle: true, Nb: 3, chunkParallel: true },
+        { WG: 2 * SG, Lc: 12, Ls: 4, reduce: "subgroup", shuffle: true, Nb: 4, chunkParallel: true },
       );
     }
     // Lanes per channel (each walks Nb / lanes states; shuffles sum C.h, dx and ddelta over a channel's
