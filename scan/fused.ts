@@ -268,7 +268,7 @@ function fusedScanBackward(
     // place of each the carry into its chunk
     const cu = { ...u, N, hsOff, locOff: lamOff, sdtOff };
     const groups = B * u.tiles * u.chunks;
-    for (const block of stateBlocks(v)) {
+    for (const block of blocks) {
       dispatch(localKernel(v, block, Ri, "bwd"), { ...bufs, out: gred.storage }, cu, groups);
     }
     dispatch(chainKernel("bwd"), { ph: ph.storage, out: gred.storage }, cu, Math.ceil((B * ED * N) / 64));

@@ -36,28 +36,20 @@ import {
   loadWd,
   plus,
   scanInputBuffers,
+  UNIFORMS,
   unroll,
 } from "./fused_wgsl.ts";
 
 /** Which carry: the forward's state h, or the backward's lam. */
 export type CarryDirection = "fwd" | "bwd";
 
-/** The uniforms of both carry kernels. */
+/** The uniforms of both carry kernels: the main kernels' (they walk every chunk, so no t0, t1), then N and
+ * where `loc` (the backward's) and S sit in `out`. The forward's loc is hs, at hsOff in ph. */
 const CARRY_UNIFORMS: [string, "u32"][] = [
-  ["B", "u32"],
-  ["L", "u32"],
-  ["ED", "u32"],
-  ["S", "u32"], // row stride of dBC
-  ["R", "u32"],
+  ...UNIFORMS.filter(([name]) => name !== "t0" && name !== "t1"),
   ["N", "u32"],
-  ["chunks", "u32"],
-  ["tiles", "u32"],
-  ["gated", "u32"],
-  ["zS", "u32"],
-  ["z0", "u32"],
-  ["hsOff", "u32"], // the forward's loc: the chunk states in ph
-  ["locOff", "u32"], // the backward's loc in `out`
-  ["sdtOff", "u32"], // S in `out`
+  ["locOff", "u32"],
+  ["sdtOff", "u32"],
 ];
 
 /** The local walk of every chunk for one state block (one dispatch per block, B x tiles x chunks workgroups). */
