@@ -3,7 +3,8 @@
  * d_model, vs d_state) with our modes `fused`, `pscan` and `sequential` (recompute off, so only the scan
  * differs; the time-vs-L sweep also has `fused+recompute`, the default training setting, and `fused+chunked`,
  * the variant in use with chunks of time walked in parallel, which GPUs are meant to want), plus a roofline of
- * the fused forward kernel and the dispatch counts of each mode.
+ * the fused forward kernel, and the dispatch counts and host time per step of each mode (what a step costs the
+ * host, which bounds small layers on a fast GPU).
  *
  * Measurement: one step = forward through one Mamba layer, batch 1, then backward from its output y with a
  * fixed random cotangent G (`y.backward(G)`, as torch's; the gradients of sum(y * G) without computing that
@@ -24,7 +25,7 @@
  */
 import { init } from "../core/device.ts";
 import { deviceInfo } from "../core/device.ts";
-import { dispatchCount, profile, recordCopy, sync } from "../core/executor.ts";
+import { dispatchCount, flush, profile, recordCopy, sync } from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
 import { full, randn } from "../core/creation.ts";
 import { cat } from "../core/ops/index.ts";
@@ -116,6 +117,41 @@ export function countDispatches(
     model.dispose();
     x.dispose();
     G.dispose();
+  }
+}
+
+/**
+ * Host time of one training step: recording its ops (autograd, buffers, bind groups, command encoding) and
+ * submitting them, not waiting for the GPU; ms, median of `reps` steps, each started with the GPU idle. Where
+ * the GPU's share of a step is shorter than this, the step takes this long whatever the kernels do: on a GPU,
+ * small layers are bound by it, and modes then compare as their host times, which follow their dispatch counts.
+ */
+export async function hostMs(
+  mode: TimeMode,
+  dModel: number,
+  N: number,
+  L: number,
+  reps: number,
+): Promise<number> {
+  const p = prepareLayer(mode, dModel, N, L);
+  try {
+    for (let i = 0; i < 3; i++) { // compiles, fills the buffer pool and the bind-group cache, warms the JIT
+      p.step();
+      await sync();
+    }
+    const samples: number[] = [];
+    for (let r = 0; r < reps; r++) {
+      const t0 = performance.now();
+      p.step();
+      flush();
+      samples.push(performance.now() - t0);
+      await sync();
+    }
+    return median(samples);
+  } finally {
+    p.dispose();
+    emptyPool();
+    await sync();
   }
 }
 
@@ -386,7 +422,16 @@ export interface ScanReport {
     dState: { fixed: { dModel: number; L: number }; modes: TimeMode[]; rows: Row[] };
   };
   roofline: { copyGBs: number; copySamples: number[]; rows: RooflineRow[] };
-  dispatches: { dModel: number; N: number; L: number; mode: TimeMode; forward: number; backward: number }[];
+  dispatches: {
+    dModel: number;
+    N: number;
+    L: number;
+    mode: TimeMode;
+    forward: number;
+    backward: number;
+    /** Host ms per step ({@linkcode hostMs}; absent in reports written before it was measured). */
+    hostMs?: number;
+  }[];
   /** Per-kernel GPU time of one step (empty without timestamp queries). */
   breakdown: BreakdownRow[];
   seconds: number;
@@ -461,7 +506,9 @@ export function reportMarkdown(rep: ScanReport): string {
       `${(100 * r.GBs / rep.roofline.copyGBs).toFixed(1)}% | ${r.GUpdatesPerS.toFixed(2)} |`
     ),
     "",
-    "Dispatches per layer step (forward / backward):",
+    "Dispatches per layer step (forward / backward) and host time per step (recording and submitting it, " +
+    "with the GPU idle, not waiting for it; median): where the GPU's share is shorter, a step takes this " +
+    "long, and modes compare as their host times.",
     "",
   ];
   const cfgs = [...new Set(rep.dispatches.map((d) => `${d.dModel}|${d.N}|${d.L}`))];
@@ -474,7 +521,11 @@ export function reportMarkdown(rep: ScanReport): string {
     const [dModel, N, L] = c.split("|");
     const cells = dmodes.map((m) => {
       const d = rep.dispatches.find((x) => `${x.dModel}|${x.N}|${x.L}` === c && x.mode === m);
-      return d ? `${d.forward} / ${d.backward}` : "-";
+      if (!d) return "-";
+      const host = d.hostMs === undefined
+        ? ""
+        : `, host ${fmtMs(d.hostMs)} ms (${(1000 * d.hostMs / (d.forward + d.backward)).toFixed(0)} µs each)`;
+      return `${d.forward} / ${d.backward}${host}`;
     });
     out.push(`| ${dModel} | ${N} | ${L} | ${cells.join(" | ")} |`);
   }
@@ -565,7 +616,14 @@ if (import.meta.main) {
     : [{ dModel: 16, N: 16, L: 1024 }, { dModel: 16, N: 16, L: 16384 }, { dModel: 64, N: 64, L: 1024 }];
   for (const c of dispCfgs) {
     for (const mode of lModes) {
-      dispatches.push({ ...c, mode, ...countDispatches(mode, c.dModel, c.N, c.L) });
+      const counts = countDispatches(mode, c.dModel, c.N, c.L);
+      await sync();
+      dispatches.push({
+        ...c,
+        mode,
+        ...counts,
+        hostMs: await hostMs(mode, c.dModel, c.N, c.L, quick ? 5 : 9),
+      });
       await sync();
       emptyPool();
     }
