@@ -47,15 +47,25 @@ function uniformRing(): GPUBuffer {
   return uniformBuffer;
 }
 
-/** Reserves `bytes` of uniform space for the next dispatch; returns its offset in the ring buffer. */
-export function reserveUniforms(bytes: number): { buffer: GPUBuffer; offset: number; view: DataView } {
+/** The host side of the uniform ring: a dispatch writes its fields at its reserved offset. */
+export const uniformView: DataView = new DataView(uniformHost.buffer);
+
+/** Reserves `bytes` of uniform space for the next dispatch, zeroed (fields a dispatch does not set read 0);
+ * returns its offset in the ring (write the fields through {@linkcode uniformView}, bind
+ * {@linkcode uniformRingBuffer}). */
+export function reserveUniforms(bytes: number): number {
   const align = deviceInfo().limits.minUniformBufferOffsetAlignment;
   const size = Math.ceil(Math.max(bytes, 16) / align) * align;
   if (uniformUsed + size > UNIFORM_RING_BYTES) flush();
   const offset = uniformUsed;
   uniformUsed += size;
-  uniformHost.fill(0, offset, offset + size); // fields a dispatch does not set read 0
-  return { buffer: uniformRing(), offset, view: new DataView(uniformHost.buffer, offset, size) };
+  uniformHost.fill(0, offset, offset + size);
+  return offset;
+}
+
+/** The GPU buffer of the uniform ring. */
+export function uniformRingBuffer(): GPUBuffer {
+  return uniformRing();
 }
 
 /** Kernel times collected while profiling. */
@@ -111,11 +121,14 @@ function resolveProfile(): void {
   profiler.pending.push(p);
 }
 
-/** Records one compute dispatch. Submits when the batch is large. */
+const dynamicOffset = new Uint32Array(1);
+
+/** Records one compute dispatch of x by y workgroups. Submits when the batch is large. */
 export function recordDispatch(
   pipeline: GPUComputePipeline,
   bindGroup: GPUBindGroup,
-  workgroups: [number, number, number],
+  x: number,
+  y: number,
   uniformOffset: number,
 ): void {
   if (profiler) {
@@ -133,8 +146,9 @@ export function recordDispatch(
   }
   const p = currentPass();
   p.setPipeline(pipeline);
-  p.setBindGroup(0, bindGroup, [uniformOffset]);
-  p.dispatchWorkgroups(workgroups[0], workgroups[1], workgroups[2]);
+  dynamicOffset[0] = uniformOffset;
+  p.setBindGroup(0, bindGroup, dynamicOffset, 0, 1); // the typed-array form: no sequence to convert
+  p.dispatchWorkgroups(x, y, 1);
   dispatches++;
   totalDispatches++;
   if (dispatches >= MAX_DISPATCHES_PER_SUBMIT) flush();

@@ -13,7 +13,7 @@
  */
 
 import { deviceInfo, gpuDevice } from "./device.ts";
-import { recordDispatch, reserveUniforms } from "./executor.ts";
+import { recordDispatch, reserveUniforms, uniformRingBuffer, uniformView } from "./executor.ts";
 import { onBufferDestroyed, type Storage } from "./memory.ts";
 
 /** Element type of a storage binding as WGSL sees it. */
@@ -67,10 +67,14 @@ const ELEM_BYTES: Record<ElemType, number> = {
   "vec4<f32>": 16,
   "vec4<u32>": 16,
 };
-const pipelines = new Map<
-  string,
-  { pipeline: GPUComputePipeline; layout: GPUBindGroupLayout; key: string; spec: KernelSpec }
->();
+/** A compiled pipeline, its bind-group layout, its cache key and the spec it was compiled from. */
+interface PipelineEntry {
+  pipeline: GPUComputePipeline;
+  layout: GPUBindGroupLayout;
+  key: string;
+  spec: KernelSpec;
+}
+const pipelines = new Map<string, PipelineEntry>();
 
 function sameSource(a: KernelSpec, b: KernelSpec): boolean {
   return a.body === b.body && a.decls === b.decls && a.workgroupSize === b.workgroupSize &&
@@ -149,7 +153,7 @@ export function kernelSource(k: Kernel, windows: number[]): string {
   return lines.join("\n");
 }
 
-function pipelineFor(k: Kernel, windows: number[]) {
+function pipelineFor(k: Kernel, windows: number[]): PipelineEntry {
   const key = `${k.spec.name}|${windows.join(",")}`;
   let p = pipelines.get(key);
   if (p) {
@@ -246,91 +250,127 @@ export function dispatch(
   groups: number,
 ) {
   if (groups <= 0) return;
-  const maxDim = deviceInfo().limits.maxComputeWorkgroupsPerDimension;
+  const { limits } = deviceInfo();
+  const maxDim = limits.maxComputeWorkgroupsPerDimension;
   const seg = windowBytes();
-  const storages = k.spec.buffers.map((b) => {
-    const s = buffers[b.name];
-    if (!s) throw new Error(`kernel ${k.spec.name}: buffer '${b.name}' not given`);
-    return s;
-  });
+  const decls = k.spec.buffers;
+  // Plain loops: this runs for every dispatch, and on a GPU the host's time per dispatch bounds small work.
+  const storages: Storage[] = new Array(decls.length);
+  const windows: number[] = new Array(decls.length);
+  let bindings = 0;
+  for (let i = 0; i < decls.length; i++) {
+    const s = buffers[decls[i].name];
+    if (!s) throw new Error(`kernel ${k.spec.name}: buffer '${decls[i].name}' not given`);
+    storages[i] = s;
+    bindings += windows[i] = Math.max(1, Math.ceil(s.buffer.size / seg));
+  }
   // WebGPU forbids a writable storage binding that aliases another binding of the same dispatch (browsers
   // reject it; Deno's wgpu does not check): say so here, on every adapter.
-  k.spec.buffers.forEach((b, i) => {
-    if (b.access !== "read_write") return;
-    const j = storages.findIndex((s, jj) => jj !== i && s.buffer === storages[i].buffer);
-    if (j >= 0) {
-      throw new Error(
-        `kernel ${k.spec.name}: writable buffer '${b.name}' is the same GPU buffer as '${
-          k.spec.buffers[j].name
-        }' (writable bindings must not alias)`,
-      );
+  for (let i = 0; i < decls.length; i++) {
+    if (decls[i].access !== "read_write") continue;
+    for (let j = 0; j < storages.length; j++) {
+      if (j !== i && storages[j].buffer === storages[i].buffer) {
+        throw new Error(
+          `kernel ${k.spec.name}: writable buffer '${decls[i].name}' is the same GPU buffer as '${
+            decls[j].name
+          }' (writable bindings must not alias)`,
+        );
+      }
     }
-  });
-  const windows = storages.map((s) => Math.max(1, Math.ceil(s.buffer.size / seg)));
-  const bindings = windows.reduce((a, w) => a + w, 0);
-  const maxBindings = deviceInfo().limits.maxStorageBuffersPerShaderStage;
-  if (bindings > maxBindings) {
-    const sizes = k.spec.buffers.map((b, i) => `${b.name} ${storages[i].buffer.size} B`).join(", ");
+  }
+  if (bindings > limits.maxStorageBuffersPerShaderStage) {
+    const sizes = decls.map((b, i) => `${b.name} ${storages[i].buffer.size} B`).join(", ");
     throw new Error(
       `kernel ${k.spec.name}: needs ${bindings} storage bindings (${sizes}; a buffer over the ${seg}-byte ` +
-        `binding window takes one per window), the device allows ${maxBindings}`,
+        `binding window takes one per window), the device allows ${limits.maxStorageBuffersPerShaderStage}`,
     );
   }
-  const p = pipelineFor(k, windows);
-  const u = reserveUniforms(k.uniformBytes);
-  const put = (name: string, value: number | readonly number[]) => {
-    const f = k.uniformOffsets.get(name);
-    if (!f) throw new Error(`kernel ${k.spec.name}: unknown uniform '${name}'`);
-    const [off, type] = f;
-    const vals = typeof value === "number" ? [value] : value;
-    vals.forEach((x, j) => {
-      const o = off + 4 * j;
-      if (type === "f32") u.view.setFloat32(o, x, true);
-      else if (type.endsWith("i32")) u.view.setInt32(o, x, true);
-      else u.view.setUint32(o, x, true);
-    });
-  };
-  put("_groups", groups);
-  for (const [name, value] of Object.entries(uniforms)) put(name, value);
-  const bgKey = `${p.key}|${bufferId(u.buffer)}|${storages.map((s) => bufferId(s.buffer)).join(",")}`;
+  const p = bindings === decls.length ? singleWindowPipeline(k, windows) : pipelineFor(k, windows);
+  const at = reserveUniforms(k.uniformBytes);
+  writeUniform(k, at, "_groups", groups);
+  for (const name in uniforms) writeUniform(k, at, name, uniforms[name]);
+  const ring = uniformRingBuffer();
+  let bgKey = `${p.key}|${bufferId(ring)}|`;
+  for (let i = 0; i < storages.length; i++) bgKey += `${bufferId(storages[i].buffer)},`;
   let bindGroup = bindGroups.get(bgKey);
-  if (!bindGroup) {
-    const entries: GPUBindGroupEntry[] = [
-      { binding: 0, resource: { buffer: u.buffer, offset: 0, size: k.uniformBytes } },
-    ];
-    let binding = 1;
-    storages.forEach((s, i) => {
-      const size = s.buffer.size;
-      for (let w = 0; w < windows[i]; w++) {
-        const offset = w * seg;
-        entries.push({
-          binding: binding++,
-          resource: { buffer: s.buffer, offset, size: Math.min(seg, size - offset) },
-        });
-      }
-    });
-    if (!listening) onBufferDestroyed(forgetBuffer);
-    listening = true;
-    bindGroup = gpuDevice().createBindGroup({ layout: p.layout, entries, label: k.spec.name });
-    if (bindGroups.size >= MAX_BIND_GROUPS) {
-      // A safety valve for workloads whose buffers keep changing: start over rather than grow without bound.
-      bindGroups.clear();
-      keysOfBuffer.clear();
-      buffersOfKey.clear();
-    }
-    bindGroups.set(bgKey, bindGroup);
-    const buffers = new Set(storages.map((s) => s.buffer));
-    buffersOfKey.set(bgKey, buffers);
-    for (const b of buffers) {
-      let keys = keysOfBuffer.get(b);
-      if (!keys) keysOfBuffer.set(b, keys = new Set());
-      keys.add(bgKey);
-    }
-  }
+  if (!bindGroup) bindGroup = newBindGroup(k, p.layout, bgKey, ring, storages, windows, seg);
   const x = Math.min(groups, maxDim);
   const y = Math.ceil(groups / x);
   if (y > maxDim) throw new Error(`kernel ${k.spec.name}: ${groups} workgroups exceed ${maxDim}^2`);
-  recordDispatch(p.pipeline, bindGroup, [x, y, 1], u.offset);
+  recordDispatch(p.pipeline, bindGroup, x, y, at);
+}
+
+/** The pipeline of a kernel whose buffers each fit one binding window (the common case), found without
+ * building its cache key. */
+const singleWindow = new WeakMap<Kernel, PipelineEntry>();
+function singleWindowPipeline(k: Kernel, windows: number[]): PipelineEntry {
+  let p = singleWindow.get(k);
+  if (!p) singleWindow.set(k, p = pipelineFor(k, windows));
+  return p;
+}
+
+/** Writes one uniform field (a number, or the elements of a vec4) at the dispatch's ring offset `at`. */
+function writeUniform(k: Kernel, at: number, name: string, value: number | readonly number[]): void {
+  const f = k.uniformOffsets.get(name);
+  if (!f) throw new Error(`kernel ${k.spec.name}: unknown uniform '${name}'`);
+  const [off, type] = f;
+  const v = uniformView;
+  const signed = type === "i32" || type === "vec4<i32>";
+  if (typeof value === "number") {
+    if (type === "f32") v.setFloat32(at + off, value, true);
+    else if (signed) v.setInt32(at + off, value, true);
+    else v.setUint32(at + off, value, true);
+    return;
+  }
+  for (let j = 0; j < value.length; j++) {
+    if (type === "f32") v.setFloat32(at + off + 4 * j, value[j], true);
+    else if (signed) v.setInt32(at + off + 4 * j, value[j], true);
+    else v.setUint32(at + off + 4 * j, value[j], true);
+  }
+}
+
+/** Creates and caches the bind group of a pipeline and its buffers (each buffer bound once per window). */
+function newBindGroup(
+  k: Kernel,
+  layout: GPUBindGroupLayout,
+  bgKey: string,
+  ring: GPUBuffer,
+  storages: Storage[],
+  windows: number[],
+  seg: number,
+): GPUBindGroup {
+  const entries: GPUBindGroupEntry[] = [
+    { binding: 0, resource: { buffer: ring, offset: 0, size: k.uniformBytes } },
+  ];
+  let binding = 1;
+  storages.forEach((s, i) => {
+    const size = s.buffer.size;
+    for (let w = 0; w < windows[i]; w++) {
+      const offset = w * seg;
+      entries.push({
+        binding: binding++,
+        resource: { buffer: s.buffer, offset, size: Math.min(seg, size - offset) },
+      });
+    }
+  });
+  if (!listening) onBufferDestroyed(forgetBuffer);
+  listening = true;
+  const bindGroup = gpuDevice().createBindGroup({ layout, entries, label: k.spec.name });
+  if (bindGroups.size >= MAX_BIND_GROUPS) {
+    // A safety valve for workloads whose buffers keep changing: start over rather than grow without bound.
+    bindGroups.clear();
+    keysOfBuffer.clear();
+    buffersOfKey.clear();
+  }
+  bindGroups.set(bgKey, bindGroup);
+  const buffers = new Set(storages.map((s) => s.buffer));
+  buffersOfKey.set(bgKey, buffers);
+  for (const b of buffers) {
+    let keys = keysOfBuffer.get(b);
+    if (!keys) keysOfBuffer.set(b, keys = new Set());
+    keys.add(bgKey);
+  }
+  return bindGroup;
 }
 
 /** Number of compiled pipelines (for tests of the cache). */
