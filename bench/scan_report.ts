@@ -311,7 +311,7 @@ export async function rooflineFused(
     z: keep(randn([1, L, ED], { seed: 7 })),
   }));
   const call = () => {
-    const r = fusedScanForward(t.x, t.draw, t.dBC, t.par, t.z, { R, N, gated: true });
+    const r = fusedScanForward(t.x, t.draw, t.dBC, [t.par], t.z, { R, N, gated: true });
     r.y.dispose();
     r.ph.dispose();
   };
@@ -321,7 +321,7 @@ export async function rooflineFused(
   let dispatchesPerCall = 0;
   try {
     const d0 = dispatchCount();
-    const first = fusedScanForward(t.x, t.draw, t.dBC, t.par, t.z, { R, N, gated: true });
+    const first = fusedScanForward(t.x, t.draw, t.dBC, [t.par], t.z, { R, N, gated: true });
     dispatchesPerCall = dispatchCount() - d0;
     stateBytes = 4 * (first.ph.size - t.par.size); // ph = [par | hs]
     first.y.dispose();

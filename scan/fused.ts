@@ -33,7 +33,7 @@ import { deviceInfo } from "../core/device.ts";
 import { dispatch, windowBytes } from "../core/kernel.ts";
 import type { Storage } from "../core/memory.ts";
 import { recordClear, recordCopy } from "../core/executor.ts";
-import { cat, copyBox } from "../core/ops/index.ts";
+import { copyBox } from "../core/ops/index.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt, stridesOf } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
@@ -128,14 +128,15 @@ function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: 
 
 /**
  * Runs the forward kernel (no autograd): returns y (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
- * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null).
+ * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null): `params` lists those
+ * pieces, copied into `ph` one after another (no row of them is built first).
  * The caller disposes `y` and `ph` (after reading the state out of `ph` with {@linkcode lastState}).
  */
 export function fusedScanForward(
   x: Tensor,
   draw: Tensor | null,
   dBC: Tensor,
-  par: Tensor,
+  params: readonly Tensor[],
   z: Tensor | null,
   a: FusedAttrs,
 ): { y: Tensor; ph: Tensor } {
@@ -143,27 +144,30 @@ export function fusedScanForward(
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
   const { B, L, ED, v, u, chunked } = sizes(x, dBC, a, z);
   const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
-  const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
+  const parSize = params.reduce((n, t) => n + t.size, 0);
+  const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
   ranWith.set(ph.storage, fusedVariant(a.N));
-  recordCopy(par.storage.buffer, 0, ph.storage.buffer, 0, 4 * par.size);
+  for (let at = 0, i = 0; i < params.length; at += params[i++].size) {
+    recordCopy(params[i].storage.buffer, 0, ph.storage.buffer, 4 * at, 4 * params[i].size);
+  }
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
   if (chunked) {
     // every chunk from a zero state (its state into hs, its sum of dt into y, which is written last), the
     // chain over the chunks (hs: the state after each), then every chunk from the state before it
-    const cu = { ...u, N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
+    const cu = { ...u, N: a.N, hsOff: parSize, locOff: 0, sdtOff: 0 };
     const groups = B * u.tiles * u.chunks;
     for (const block of blocks) {
       dispatch(localKernel(v, block, Ri, "fwd"), { ...bufs, out: y.storage }, cu, groups);
     }
     dispatch(chainKernel("fwd"), { ph: ph.storage, out: y.storage }, cu, Math.ceil((B * ED * a.N) / 64));
-    const uni = { ...u, hsOff: par.size, t0: 0, t1: L };
+    const uni = { ...u, hsOff: parSize, t0: 0, t1: L };
     for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true), bufs, uni, groups);
     return { y, ph };
   }
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
-    const uni = { ...u, hsOff: par.size, t0, t1: Math.min(L, t0 + step) };
+    const uni = { ...u, hsOff: parSize, t0, t1: Math.min(L, t0 + step) };
     // state blocks one after another: each adds its share of y
     for (const block of blocks) dispatch(forwardKernel(v, block, Ri), bufs, uni, B * u.tiles);
   }
@@ -398,9 +402,7 @@ const fusedOp = defineOp<FusedAttrs>({
   name: "fusedSelectiveScan",
   forward: (inputs, a, save) => {
     const [x, draw, dBC, bias, A_log, D, z] = inputs;
-    const par = parameterRow([bias, A_log, D]); // par: (ED + ED*N + ED)
-    const { y, ph } = fusedScanForward(x, draw, dBC, par, z ?? null, a);
-    par.dispose();
+    const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D], z ?? null, a); // par: (ED + ED*N + ED)
     save(x, draw, dBC, A_log, ph, ...(z ? [z] : []));
     return y;
   },
@@ -478,19 +480,9 @@ function dtScanForward(
   const dt = a.dtInside ? null : dtColumns(dBC, a.R); // dt: (B, L, R)
   const draw = dt && matmulRaw(dt, W, { transB: true }); // draw: (B, L, ED)
   // par: (ED + ED*N + ED), and dt_proj's weight (ED*R) after it when it runs inside
-  const par = parameterRow([bias, A_log, D, ...(dt ? [] : [W])]);
-  const { y, ph } = fusedScanForward(x, draw, dBC, par, z, a);
-  par.dispose();
+  const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D, ...(dt ? [] : [W])], z, a);
   draw?.dispose();
   return { y, ph, dt };
-}
-
-/** The parameters flattened and concatenated into one row (the flat views disposed). */
-function parameterRow(params: Tensor[]): Tensor {
-  const flat = params.map((p) => p.reshape(-1));
-  const row = cat(flat, 0);
-  for (const f of flat) f.dispose();
-  return row;
 }
 
 /** The R dt columns of dBC (..., R + 2N), copied: (..., R). */
