@@ -25,7 +25,14 @@
  */
 import { init } from "../core/device.ts";
 import { deviceInfo } from "../core/device.ts";
-import { dispatchCount, flush, profile, recordCopy, sync } from "../core/executor.ts";
+import {
+  dispatchCount,
+  flush,
+  MAX_DISPATCHES_PER_SUBMIT,
+  profile,
+  recordCopy,
+  sync,
+} from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
 import { full, randn } from "../core/creation.ts";
 import { cat } from "../core/ops/index.ts";
@@ -120,9 +127,6 @@ export function countDispatches(
   }
 }
 
-/** Dispatches the executor records before it submits (core/executor.ts's MAX_DISPATCHES_PER_SUBMIT). */
-const DISPATCHES_PER_SUBMIT = 512;
-
 /**
  * Host time of one training step: recording its ops (autograd, buffers, bind groups, command encoding) and
  * submitting them, not waiting for the GPU. Each sample starts with the GPU idle, records as many steps as
@@ -148,7 +152,7 @@ export async function hostMs(
       perStep = Math.max(1, dispatchCount() - d0);
       await sync();
     }
-    const k = Math.max(1, Math.min(16, Math.floor((DISPATCHES_PER_SUBMIT - 1) / perStep)));
+    const k = Math.max(1, Math.min(16, Math.floor((MAX_DISPATCHES_PER_SUBMIT - 1) / perStep)));
     const samples: number[] = [];
     for (let r = 0; r < reps; r++) {
       const t0 = performance.now();

@@ -13,7 +13,8 @@ import { deviceInfo, gpuDevice, throwIfGPUFailed } from "./device.ts";
 import { destroyDoomed } from "./memory.ts";
 
 const UNIFORM_RING_BYTES = 1 << 20;
-const MAX_DISPATCHES_PER_SUBMIT = 512;
+/** Dispatches recorded before the executor submits them (a batch of work, its uniforms in one write). */
+export const MAX_DISPATCHES_PER_SUBMIT = 512;
 
 let encoder: GPUCommandEncoder | null = null;
 let pass: GPUComputePassEncoder | null = null;

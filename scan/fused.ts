@@ -128,8 +128,8 @@ function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: 
 
 /**
  * Runs the forward kernel (no autograd): returns y (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
- * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null): `params` lists those
- * pieces, copied into `ph` one after another (no row of them is built first).
+ * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null): `params` lists
+ * those pieces, copied into `ph` one after another (no row of them is built first).
  * The caller disposes `y` and `ph` (after reading the state out of `ph` with {@linkcode lastState}).
  */
 export function fusedScanForward(
@@ -231,8 +231,9 @@ function fusedScanBackward(
   const Ri = a.dtInside ? a.R : 0;
   const PW = partialWidth(N, Ri); // a partial row: [dB (N) | dC (N) | dt terms (Ri), padded]
   const GP = 2 * N + 2 + Ri; // gpar row
-  // chunk-parallel: gpar rows per chunk, and the chain's lam carries (B, ED, chunks, N) and sums of dt (B, ED,
-  // chunks) after them in gred; walked in order where these would take more than half a binding window
+  // chunk-parallel: gpar rows per chunk, and the chain's lam carries (B, ED, chunks, N) and sums of dt
+  // (B, ED, chunks) after them in gred; walked in order where these would take more than half a binding
+  // window
   const cells = B * ED * u.chunks;
   const chunked = parallel && 4 * cells * (GP + N + 1) <= windowBytes() / 2;
   const gparSize = B * ED * GP * (chunked ? u.chunks : 1);
