@@ -262,7 +262,7 @@ export function dispatch(
     const s = buffers[decls[i].name];
     if (!s) throw new Error(`kernel ${k.spec.name}: buffer '${decls[i].name}' not given`);
     storages[i] = s;
-    bindings += windows[i] = Math.max(1, Math.ceil(s.buffer.size / seg));
+    bindings += windows[i] = Math.max(1, Math.ceil(s.size / seg));
   }
   // WebGPU forbids a writable storage binding that aliases another binding of the same dispatch (browsers
   // reject it; Deno's wgpu does not check): say so here, on every adapter.
@@ -279,7 +279,7 @@ export function dispatch(
     }
   }
   if (bindings > limits.maxStorageBuffersPerShaderStage) {
-    const sizes = decls.map((b, i) => `${b.name} ${storages[i].buffer.size} B`).join(", ");
+    const sizes = decls.map((b, i) => `${b.name} ${storages[i].size} B`).join(", ");
     throw new Error(
       `kernel ${k.spec.name}: needs ${bindings} storage bindings (${sizes}; a buffer over the ${seg}-byte ` +
         `binding window takes one per window), the device allows ${limits.maxStorageBuffersPerShaderStage}`,
@@ -344,7 +344,7 @@ function newBindGroup(
   ];
   let binding = 1;
   storages.forEach((s, i) => {
-    const size = s.buffer.size;
+    const size = s.size;
     for (let w = 0; w < windows[i]; w++) {
       const offset = w * seg;
       entries.push({

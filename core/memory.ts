@@ -29,6 +29,9 @@ export class Storage {
   readonly buffer: GPUBuffer;
   /** Bytes the data needs (the buffer may be a little larger). */
   readonly bytes: number;
+  /** The buffer's size in bytes, kept here: reading `buffer.size` is a call into Deno's native WebGPU, and
+   * every dispatch needs the sizes of the buffers it binds. */
+  readonly size: number;
   /** Tensors that use this storage; it returns to the pool when the last is disposed. */
   users = 0;
   /** Autograd nodes that keep this storage for the backward pass. */
@@ -36,10 +39,11 @@ export class Storage {
   /** Set once the buffer went back to the pool. */
   released = false;
 
-  /** Wraps a pooled buffer. */
-  constructor(buffer: GPUBuffer, bytes: number) {
+  /** Wraps a pooled buffer of `size` bytes. */
+  constructor(buffer: GPUBuffer, bytes: number, size: number) {
     this.buffer = buffer;
     this.bytes = bytes;
+    this.size = size;
   }
 }
 
@@ -98,12 +102,12 @@ export function allocStorage(bytes: number, what?: () => string): Storage {
   }
   live += size;
   if (live > peak) peak = live;
-  return new Storage(buffer, bytes);
+  return new Storage(buffer, bytes, size);
 }
 
 /** Returns a storage's buffer to the pool (or marks it for destruction when the pool is full). */
 export function releaseStorage(s: Storage): void {
-  const size = s.buffer.size;
+  const size = s.size;
   live -= size;
   if (s.savedBy > 0) saved -= size;
   s.savedBy = 0;
@@ -128,8 +132,8 @@ export function markSaved(s: Storage, delta: 1 | -1): void {
   if (s.released || (delta === -1 && s.savedBy === 0)) return;
   const before = s.savedBy;
   s.savedBy += delta;
-  if (before === 0 && delta === 1) saved += s.buffer.size;
-  if (before === 1 && delta === -1) saved -= s.buffer.size;
+  if (before === 0 && delta === 1) saved += s.size;
+  if (before === 1 && delta === -1) saved -= s.size;
 }
 
 /** Current byte counts. */

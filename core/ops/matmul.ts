@@ -161,6 +161,31 @@ function planFor(
   return { kernel: lin.kernel, tilesM: linM, tilesN: linN, slices, kLen, groups: groups2 };
 }
 
+/** Plans by problem: on a GPU the host's time per op bounds small work, and planning (the kernel's layout
+ * and its key, the K split) took about as long as recording the dispatch. The key holds everything a plan
+ * depends on, the subgroup size and adapter kind included. */
+const plans = new Map<string, Plan>();
+const MAX_PLANS = 4096;
+
+function cachedPlan(
+  variant: MatmulVariant,
+  transA: boolean,
+  transB: boolean,
+  M: number,
+  N: number,
+  K: number,
+  nb: number,
+): Plan {
+  const cpu = deviceInfo().isFallbackAdapter ? 1 : 0;
+  const key = `${variant}|${+transA}${+transB}|${M}|${N}|${K}|${nb}|${fixedSubgroupSize()}|${cpu}`;
+  let plan = plans.get(key);
+  if (!plan) {
+    if (plans.size >= MAX_PLANS) plans.clear(); // a workload of ever new shapes: start over, do not grow
+    plans.set(key, plan = planFor(variant, transA, transB, M, N, K, nb));
+  }
+  return plan;
+}
+
 let chosen: MatmulVariant | null = null;
 
 /** The variant in use: set by {@linkcode setMatmulVariant} or by the autotuner; else by adapter kind (also
@@ -229,7 +254,7 @@ export function matmulRaw(
     ).slice(-4);
   };
   const bsh = padRank(batch, 1).slice(-4);
-  const { kernel, tilesM, tilesN, slices, kLen, groups } = planFor(variant, transA, transB, M, N, K, nb);
+  const { kernel, tilesM, tilesN, slices, kLen, groups } = cachedPlan(variant, transA, transB, M, N, K, nb);
   const base = {
     M,
     N,
