@@ -127,14 +127,28 @@ export function countDispatches(
   }
 }
 
+/** Host time of a training step ({@linkcode hostMs}), in ms. */
+export interface HostTime {
+  /** A step among others, the host busy recording (median). */
+  steady: number;
+  /** The first step after a wait for the GPU (median): the same work, plus the CPU coming back from idle
+   * and the command encoder's creation, once per wait. */
+  first: number;
+}
+
 /**
  * Host time of one training step: recording its ops (autograd, buffers, bind groups, command encoding) and
- * submitting them, not waiting for the GPU. Each sample starts with the GPU idle, records as many steps as
- * one submit holds (at most 16), as the timed batches do, submits them and divides by the steps: so the
- * per-submit costs (the command encoder's creation at the first op, `finish`, `submit`) are shared as there.
- * ms per step, median of `reps` samples. Where the GPU's share of a step is shorter than this, the step takes
- * this long whatever the kernels do: on a GPU small layers are bound by it, and modes compare as their host
- * times, which follow their dispatch counts.
+ * submitting them, not waiting for the GPU. Each sample starts with the GPU idle (a wait): it times the first
+ * step alone, then records as many more steps as one submit holds (at most 16, as the timed batches do),
+ * submits them and divides by the steps, so the per-submit costs (`finish`, `submit`) are shared as there.
+ * The first step after a wait costs more, once per wait (1-5 ms more at d_model 16 on this 2-core machine):
+ * creating the command encoder takes about 0.4 ms there (in a bare WebGPU loop it grows with the submission
+ * before: 36 us after 67 dispatches, 162 us after 500), and every op of that step runs 1.5-2x slower, likely
+ * the CPU coming back from idle (30 ms more idle before it made its first op slower still). A training loop
+ * on a GPU faster than its host waits only when it reads something back, so `steady` is what bounds it.
+ * Medians of `reps` samples. Where the GPU's share of a step is shorter than this, the step takes this long
+ * whatever the kernels do: on a GPU small layers are bound by it, and modes compare as their host times,
+ * which follow their dispatch counts.
  */
 export async function hostMs(
   mode: TimeMode,
@@ -142,7 +156,7 @@ export async function hostMs(
   N: number,
   L: number,
   reps: number,
-): Promise<number> {
+): Promise<HostTime> {
   const p = prepareLayer(mode, dModel, N, L);
   try {
     let perStep = 1;
@@ -152,16 +166,22 @@ export async function hostMs(
       perStep = Math.max(1, dispatchCount() - d0);
       await sync();
     }
-    const k = Math.max(1, Math.min(16, Math.floor((MAX_DISPATCHES_PER_SUBMIT - 1) / perStep)));
-    const samples: number[] = [];
+    // the first step and k more in one submit
+    const k = Math.max(1, Math.min(16, Math.floor((MAX_DISPATCHES_PER_SUBMIT - 1) / perStep) - 1));
+    const steady: number[] = [];
+    const first: number[] = [];
     for (let r = 0; r < reps; r++) {
+      await sync();
       const t0 = performance.now();
+      p.step();
+      const t1 = performance.now();
       for (let i = 0; i < k; i++) p.step();
       flush();
-      samples.push((performance.now() - t0) / k);
-      await sync();
+      steady.push((performance.now() - t1) / k);
+      first.push(t1 - t0);
     }
-    return median(samples);
+    await sync();
+    return { steady: median(steady), first: median(first) };
   } finally {
     p.dispose();
     emptyPool();
@@ -443,8 +463,8 @@ export interface ScanReport {
     mode: TimeMode;
     forward: number;
     backward: number;
-    /** Host ms per step ({@linkcode hostMs}; absent in reports written before it was measured). */
-    hostMs?: number;
+    /** Host time per step ({@linkcode hostMs}; absent in reports written before it was measured). */
+    host?: HostTime;
   }[];
   /** Per-kernel GPU time of one step (empty without timestamp queries). */
   breakdown: BreakdownRow[];
@@ -521,8 +541,9 @@ export function reportMarkdown(rep: ScanReport): string {
     ),
     "",
     "Dispatches per layer step (forward / backward) and host time per step (recording steps and submitting " +
-    "them, as many as one submit holds, with the GPU idle, not waiting for it; median): where the GPU's " +
-    "share is shorter, a step takes this long, and modes compare as their host times.",
+    "them, as many as one submit holds, not waiting for the GPU; median): where the GPU's share is shorter, " +
+    "a step takes this long, and modes compare as their host times. The first step after a wait for the GPU " +
+    "costs more (the CPU back from idle, the encoder's creation), once per wait.",
     "",
   ];
   const cfgs = [...new Set(rep.dispatches.map((d) => `${d.dModel}|${d.N}|${d.L}`))];
@@ -536,9 +557,11 @@ export function reportMarkdown(rep: ScanReport): string {
     const cells = dmodes.map((m) => {
       const d = rep.dispatches.find((x) => `${x.dModel}|${x.N}|${x.L}` === c && x.mode === m);
       if (!d) return "-";
-      const host = d.hostMs === undefined
-        ? ""
-        : `, host ${fmtMs(d.hostMs)} ms (${(1000 * d.hostMs / (d.forward + d.backward)).toFixed(0)} µs each)`;
+      const h = d.host;
+      const each = h && (1000 * h.steady / (d.forward + d.backward)).toFixed(0);
+      const host = h
+        ? `, host ${fmtMs(h.steady)} ms (${each} µs each), first after a wait ${fmtMs(h.first)}`
+        : "";
       return `${d.forward} / ${d.backward}${host}`;
     });
     out.push(`| ${dModel} | ${N} | ${L} | ${cells.join(" | ")} |`);
@@ -636,7 +659,7 @@ if (import.meta.main) {
         ...c,
         mode,
         ...counts,
-        hostMs: await hostMs(mode, c.dModel, c.N, c.L, quick ? 5 : 9),
+        host: await hostMs(mode, c.dModel, c.N, c.L, quick ? 5 : 9),
       });
       await sync();
       emptyPool();
