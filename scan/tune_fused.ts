@@ -28,7 +28,7 @@ import {
 } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 22;
+export const FUSED_KERNEL_VERSION = 23;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -111,6 +111,16 @@ export function fusedCandidates(N: number): FusedVariant[] {
         for (const lanes of [2, 4, 8]) {
           if (lanes <= fixed && stateBlocks(def).every((b) => b.Nb % lanes === 0)) {
             list.push({ ...onChip, lanes });
+          }
+        }
+        // ... and, above one block of states, all N in one block, with lanes enough that each walks at most a
+        // default block's states (the same registers): one pipeline and one dispatch per kernel instead of one
+        // per block. Where a GPU's step is bound by the host's time per dispatch (small layers), the blocks'
+        // dispatches are what grows with N.
+        if (def.Nb !== undefined) {
+          const { Nb: _perBlock, ...whole } = v;
+          for (const lanes of [2, 4, 8]) {
+            if (lanes <= fixed && N % lanes === 0 && N / lanes <= def.Nb) list.push({ ...whole, lanes });
           }
         }
       }

@@ -378,6 +378,22 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
       // dt_proj inside the kernels: draw computed per step, dW and the dt columns' terms in the last block
       await compare({ B: 1, L: 21, ED: 12, N: 4, R: 1, gated: false, dtWeight: true }, 10);
     }
+    const SG = fixedSubgroupSize();
+    if (info.subgroups && SG !== null && SG >= 4) {
+      // 64 states in one block over 4 lanes (16 each, as a default block's): the tuner's candidate that saves
+      // the other blocks' dispatches on GPUs; private and workgroup states, chunks in order and in parallel
+      for (
+        const v of [
+          { WG: SG, Lc: 64, Ls: 16, reduce: "subgroup", lanes: 4 },
+          { WG: 2 * SG, Lc: 16, Ls: 8, reduce: "subgroup", lanes: 4, hbuf: "workgroup", chunkParallel: true },
+        ] as const
+      ) {
+        setFusedVariant(64, v);
+        await compare({ B: 2, L: 37, ED: 12, N: 64, R: 2, gated: true }, 13);
+        await compare({ B: 1, L: 150, ED: 8, N: 64, R: 1, gated: true, dtWeight: true }, 14);
+      }
+      setFusedVariant(64, null);
+    }
     if (info.subgroups && fixedSubgroupSize() !== null) {
       // Few channels at batch 1 halve the workgroup; with shuffles it must stay whole subgroups (3 SG lanes
       // would become 1.5 SG: half a subgroup's B and C columns never loaded).
@@ -536,6 +552,12 @@ Deno.test("the tuner's candidates are valid variants, here, on a GPU-like adapte
         const list = fusedCandidates(N);
         if (gpuLike && !varying && subgroups) {
           assert.ok(list.some((v) => (v.lanes ?? 1) > 1), `N = ${N}: no lanes candidate`);
+          // above one block of states (N > 16) also all of them in one block (one dispatch per kernel), split
+          // over lanes so that each walks at most 16
+          const whole = list.filter((v) => stateBlocks(v).length === 1 && (v.lanes ?? 1) > 1);
+          const perLane = whole.map((v) => N / v.lanes!);
+          assert.ok(whole.length > 0, `N = ${N}: no whole-block lanes candidate`);
+          assert.ok(perLane.every((k) => k <= 16), `N = ${N}: states per lane ${perLane}`);
         }
         if (varying) assert.ok(list.every((v) => !v.lanes && !v.shuffle), `N = ${N}: lanes or shuffle`);
         // chunks in parallel on GPUs only, each candidate also without
