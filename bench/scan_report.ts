@@ -131,8 +131,8 @@ export function countDispatches(
 export interface HostTime {
   /** A step among others, the host busy recording (median). */
   steady: number;
-  /** The first step after a wait for the GPU (median): the same work, plus the CPU coming back from idle
-   * and the command encoder's creation, once per wait. */
+  /** The first step after a wait for the GPU (median): the same work, plus what the wait leaves to the
+   * next calls (most likely reclaiming the submission before it), once per wait. */
   first: number;
 }
 
@@ -141,14 +141,15 @@ export interface HostTime {
  * submitting them, not waiting for the GPU. Each sample starts with the GPU idle (a wait): it times the first
  * step alone, then records as many more steps as one submit holds (at most 16, as the timed batches do),
  * submits them and divides by the steps, so the per-submit costs (`finish`, `submit`) are shared as there.
- * The first step after a wait costs more, once per wait (1-5 ms more at d_model 16 on this 2-core machine):
- * creating the command encoder takes about 0.4 ms there (in a bare WebGPU loop it grows with the submission
- * before: 36 us after 67 dispatches, 162 us after 500), and every op of that step runs 1.5-2x slower, likely
- * the CPU coming back from idle (30 ms more idle before it made its first op slower still). A training loop
- * on a GPU faster than its host waits only when it reads something back, so `steady` is what bounds it.
- * Medians of `reps` samples. Where the GPU's share of a step is shorter than this, the step takes this long
- * whatever the kernels do: on a GPU small layers are bound by it, and modes compare as their host times,
- * which follow their dispatch counts.
+ * The first step after a wait costs more, once per wait (1-5 ms more at d_model 16 on this 2-core machine),
+ * and more after a larger submission (d_model 64, N 64: the first step takes 1.5 ms after a one-step
+ * submission, 2.5-3.8 ms after 15 steps, against 0.41-0.57 ms steady): most likely the reclaiming of that
+ * submission, which the wait leaves to the next calls. Creating and finishing an empty encoder right after
+ * the wait takes about 1 ms off the step; spinning the CPU for 30 ms first takes nothing off (so it is not
+ * the CPU coming back from idle). A training loop on a GPU faster than its host waits only when it reads
+ * something back, so `steady` is what bounds it. Medians of `reps` samples. Where the GPU's share of a step
+ * is shorter than this, the step takes this long whatever the kernels do: on a GPU small layers are bound by
+ * it, and modes compare as their host times, which follow their dispatch counts.
  */
 export async function hostMs(
   mode: TimeMode,
@@ -543,7 +544,7 @@ export function reportMarkdown(rep: ScanReport): string {
     "Dispatches per layer step (forward / backward) and host time per step (recording steps and submitting " +
     "them, as many as one submit holds, not waiting for the GPU; median): where the GPU's share is shorter, " +
     "a step takes this long, and modes compare as their host times. The first step after a wait for the GPU " +
-    "costs more (the CPU back from idle, the encoder's creation), once per wait.",
+    "costs more (most likely reclaiming the submission before it), once per wait.",
     "",
   ];
   const cfgs = [...new Set(rep.dispatches.map((d) => `${d.dModel}|${d.N}|${d.L}`))];
