@@ -385,7 +385,8 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
       for (
         const v of [
           { WG: SG, Lc: 64, Ls: 16, reduce: "subgroup", lanes: 4 },
-          { WG: 2 * SG, Lc: 16, Ls: 8, reduce: "subgroup", lanes: 4, hbuf: "workgroup", chunkParallel: true },
+          // workgroup states: WG x Ls x 64 floats within 16 KiB at up to 16 lanes
+          { WG: SG, Lc: 16, Ls: 4, reduce: "subgroup", lanes: 4, hbuf: "workgroup", chunkParallel: true },
         ] as const
       ) {
         setFusedVariant(64, v);
