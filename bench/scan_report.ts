@@ -143,7 +143,7 @@ export interface HostTime {
  * submits them and divides by the steps, so the per-submit costs (`finish`, `submit`) are shared as there.
  * The first step after a wait costs more, once per wait (1-5 ms more at d_model 16 on this 2-core machine),
  * and more after a larger submission (d_model 64, N 64: the first step takes 1.5 ms after a one-step
- * submission, 2.5-3.8 ms after 15 steps, against 0.41-0.57 ms steady): most likely the reclaiming of that
+ * submission, 2.5-4.3 ms after 15 steps, against 0.41-0.57 ms steady): most likely the reclaiming of that
  * submission, which the wait leaves to the next calls. Creating and finishing an empty encoder right after
  * the wait takes about 1 ms off the step; spinning the CPU for 30 ms first takes nothing off (so it is not
  * the CPU coming back from idle). A training loop on a GPU faster than its host waits only when it reads

@@ -40,7 +40,8 @@ function endPass(): void {
   pass = null;
 }
 
-function uniformRing(): GPUBuffer {
+/** The GPU buffer of the uniform ring. */
+export function uniformRingBuffer(): GPUBuffer {
   uniformBuffer ??= gpuDevice().createBuffer({
     size: UNIFORM_RING_BYTES,
     usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
@@ -62,11 +63,6 @@ export function reserveUniforms(bytes: number): number {
   uniformUsed += size;
   uniformHost.fill(0, offset, offset + size);
   return offset;
-}
-
-/** The GPU buffer of the uniform ring. */
-export function uniformRingBuffer(): GPUBuffer {
-  return uniformRing();
 }
 
 /** Kernel times collected while profiling. */
@@ -200,7 +196,7 @@ export function flush(): void {
   if (uniformUsed > 0) {
     // writeBuffer copies the data at the call, so the host ring is reused (a fresh, zeroed 1 MiB array per
     // submit made a one-dispatch submit about 10% slower in Deno)
-    dev.queue.writeBuffer(uniformRing(), 0, uniformHost, 0, uniformUsed);
+    dev.queue.writeBuffer(uniformRingBuffer(), 0, uniformHost, 0, uniformUsed);
     uniformUsed = 0;
   }
   if (encoder) dev.queue.submit([encoder.finish()]);

@@ -124,10 +124,10 @@ const chosen = new Map<number, FusedVariant>();
  * floats, 7.1 s at 512, 25 s at 1024, about 4 minutes at 2048), and a GPU spills such arrays to slow local
  * memory. Chunks are max(64, 4N) steps (at most 16 sub-chunks of Ls), so the saved states, 4 ED N / Lc bytes
  * per token, are at most ED bytes up to N = 64; when Lc > Ls the backward first recomputes the states at
- * sub-chunk boundaries (two-level recompute: one more forward walk). Where the device has subgroups, dB/dC
- * are summed with subgroup operations (no barriers) and B, C rows shared by subgroupShuffle (when the
- * subgroup size is fixed): the fastest on every adapter measured. A software adapter without them (llvmpipe through GL) gets a small
- * workgroup array, which Mesa's GL compiles in seconds instead of minutes.
+ * sub-chunk boundaries (two-level recompute: one more forward walk). Where the device has subgroups, dB/dC are
+ * summed with subgroup operations (no barriers) and B, C rows shared by subgroupShuffle (when the subgroup
+ * size is fixed): the fastest on every adapter measured. A software adapter without them (llvmpipe through
+ * GL) gets a small workgroup array, which Mesa's GL compiles in seconds instead of minutes.
  */
 export function defaultFusedVariant(N: number): FusedVariant {
   const Nb = Math.ceil(N / Math.ceil(N / MAX_STATE_BLOCK)); // the largest of ceil(N / 16) near-equal blocks

@@ -161,31 +161,11 @@ function planFor(
   return { kernel: lin.kernel, tilesM: linM, tilesN: linN, slices, kLen, groups: groups2 };
 }
 
-/** Plans by problem: on a GPU the host's time per op bounds small work, and planning (the kernel's layout
- * and its key, the K split) took about half as long as recording the matmul's dispatch (V8's profiler, a
- * fused layer step). The key holds everything a plan depends on, the subgroup size and adapter kind
- * included. */
+/** Plans by problem (see matmulRaw): on a GPU the host's time per op bounds small work, and planning (the
+ * kernel's layout and its key, the K split) took about half as long as recording the matmul's dispatch (V8's
+ * profiler, a fused layer step). */
 const plans = new Map<string, Plan>();
 const MAX_PLANS = 4096;
-
-function cachedPlan(
-  variant: MatmulVariant,
-  transA: boolean,
-  transB: boolean,
-  M: number,
-  N: number,
-  K: number,
-  nb: number,
-): Plan {
-  const cpu = deviceInfo().isFallbackAdapter ? 1 : 0;
-  const key = `${variant}|${+transA}${+transB}|${M}|${N}|${K}|${nb}|${fixedSubgroupSize()}|${cpu}`;
-  let plan = plans.get(key);
-  if (!plan) {
-    if (plans.size >= MAX_PLANS) plans.clear(); // a workload of ever new shapes: start over, do not grow
-    plans.set(key, plan = planFor(variant, transA, transB, M, N, K, nb));
-  }
-  return plan;
-}
 
 let chosen: MatmulVariant | null = null;
 
@@ -255,7 +235,15 @@ export function matmulRaw(
     ).slice(-4);
   };
   const bsh = padRank(batch, 1).slice(-4);
-  const { kernel, tilesM, tilesN, slices, kLen, groups } = cachedPlan(variant, transA, transB, M, N, K, nb);
+  // the plan's key holds everything it depends on, the subgroup size and adapter kind included
+  const cpu = deviceInfo().isFallbackAdapter ? 1 : 0;
+  const planKey = `${variant}|${+transA}${+transB}|${M}|${N}|${K}|${nb}|${fixedSubgroupSize()}|${cpu}`;
+  let plan = plans.get(planKey);
+  if (!plan) {
+    if (plans.size >= MAX_PLANS) plans.clear(); // a workload of ever new shapes: start over, do not grow
+    plans.set(planKey, plan = planFor(variant, transA, transB, M, N, K, nb));
+  }
+  const { kernel, tilesM, tilesN, slices, kLen, groups } = plan;
   const base = {
     M,
     N,
