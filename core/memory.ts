@@ -32,6 +32,9 @@ export class Storage {
   /** The buffer's size in bytes, kept here: reading `buffer.size` is a call into Deno's native WebGPU, and
    * every dispatch needs the sizes of the buffers it binds. */
   readonly size: number;
+  /** The buffer's id, unique for the process ({@linkcode bufferId}): caches keyed by bound buffers (the
+   * bind groups) hash numbers, not strings, on every dispatch. */
+  readonly bufferId: number;
   /** Tensors that use this storage; it returns to the pool when the last is disposed. */
   users = 0;
   /** Autograd nodes that keep this storage for the backward pass. */
@@ -44,7 +47,18 @@ export class Storage {
     this.buffer = buffer;
     this.bytes = bytes;
     this.size = size;
+    this.bufferId = bufferId(buffer);
   }
+}
+
+const bufferIds = new WeakMap<GPUBuffer, number>();
+let nextBufferId = 0;
+
+/** A process-wide number for a GPU buffer, the same for its whole life (small integers, from 0). */
+export function bufferId(b: GPUBuffer): number {
+  let id = bufferIds.get(b);
+  if (id === undefined) bufferIds.set(b, id = nextBufferId++);
+  return id;
 }
 
 const USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
