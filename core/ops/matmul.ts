@@ -198,43 +198,28 @@ export function matmulRaw(
   variant: MatmulVariant = matmulVariant(),
   into?: Tensor,
 ): Tensor {
-  const { transA = false, transB = false } = opts;
-  const [M, Ka] = transA
-    ? [a.shape[a.rank - 1], a.shape[a.rank - 2]]
-    : [a.shape[a.rank - 2], a.shape[a.rank - 1]];
-  const [Kb, N] = transB
-    ? [b.shape[b.rank - 1], b.shape[b.rank - 2]]
-    : [b.shape[b.rank - 2], b.shape[b.rank - 1]];
+  // Plain reads, and no batch strides for one batch entry (B = 1): on a GPU the host's time per op bounds
+  // small work, and this path had cost 3-4 times a bare dispatch (lavapipe, x_proj's shape).
+  const transA = opts.transA ?? false;
+  const transB = opts.transB ?? false;
+  const as = a.shape, bs = b.shape;
+  const M = as[as.length - (transA ? 1 : 2)], Ka = as[as.length - (transA ? 2 : 1)];
+  const Kb = bs[bs.length - (transB ? 1 : 2)], N = bs[bs.length - (transB ? 2 : 1)];
   if (Ka !== Kb) {
     throw new Error(
-      `matmul: inner dims differ: ${fmt(a.shape)}${transA ? "^T" : ""} @ ${fmt(b.shape)}${
-        transB ? "^T" : ""
-      } ` +
+      `matmul: inner dims differ: ${fmt(as)}${transA ? "^T" : ""} @ ${fmt(bs)}${transB ? "^T" : ""} ` +
         `(${Ka} vs ${Kb})`,
     );
   }
   const K = Ka;
-  const batch = broadcastShapes(a.shape.slice(0, -2), b.shape.slice(0, -2), "matmul batch dims");
+  const batch = batchShape(as, bs);
   if (batch.length > 4) throw new Error(`matmul: at most 4 batch dims, got ${fmt(batch)}`);
-  const shape = [...batch, M, N];
-  if (into && (into.dtype !== "f32" || into.shape.join() !== shape.join())) {
+  const shape = batch.length === 0 ? [M, N] : [...batch, M, N];
+  if (into && (into.dtype !== "f32" || !sameDims(into.shape, shape))) {
     throw new Error(`matmul: cannot add a ${fmt(shape)} product into ${into}`);
   }
   const nb = sizeOf(batch);
-  if (sizeOf(shape) === 0) return into ?? Tensor.empty(shape);
-  const batchStrides = (s: Shape) => {
-    const mat = s[s.length - 1] * s[s.length - 2];
-    const lead = s.slice(0, -2);
-    const st = stridesOf(lead).map((x) => x * mat);
-    return padRank(
-      batch.map((_, i) => {
-        const j = i - (batch.length - lead.length);
-        return j < 0 || lead[j] === 1 ? 0 : st[j];
-      }),
-      0,
-    ).slice(-4);
-  };
-  const bsh = padRank(batch, 1).slice(-4);
+  if (nb * M * N === 0) return into ?? Tensor.empty(shape);
   // the plan's key holds everything it depends on, the subgroup size and adapter kind included
   const cpu = deviceInfo().isFallbackAdapter ? 1 : 0;
   const planKey = `${variant}|${+transA}${+transB}|${M}|${N}|${K}|${nb}|${fixedSubgroupSize()}|${cpu}`;
@@ -244,7 +229,12 @@ export function matmulRaw(
     plans.set(planKey, plan = planFor(variant, transA, transB, M, N, K, nb));
   }
   const { kernel, tilesM, tilesN, slices, kLen, groups } = plan;
-  const base = {
+  const unbatched = nb === 1; // batch strides would multiply coordinate 0 only
+  // Split K: slice s of each dispatch writes partial sums to c[s]; they are summed at the end.
+  const direct = into !== undefined && slices === 1; // the kernel adds into `into` itself
+  const c = direct ? into : Tensor.empty(slices > 1 ? [slices, ...shape] : shape);
+  const storages = { a: a.storage, b: b.storage, c: c.storage };
+  const u = {
     M,
     N,
     K,
@@ -257,22 +247,21 @@ export function matmulRaw(
     sak: transA ? M : 1,
     sbk: transB ? 1 : N,
     sbn: transB ? K : 1,
-    bsh,
-    bsa: batchStrides(a.shape),
-    bsb: batchStrides(b.shape),
+    bsh: unbatched ? NO_BATCH_SHAPE : padRank(batch, 1).slice(-4),
+    bsa: unbatched ? NO_BATCH_STRIDES : batchStrides(as, batch),
+    bsb: unbatched ? NO_BATCH_STRIDES : batchStrides(bs, batch),
+    k0: 0,
+    k1: 0,
+    accumulate: 0,
   };
-  // Split K: slice s of each dispatch writes partial sums to c[s]; they are summed at the end.
-  const direct = into && slices === 1; // the kernel adds into `into` itself
-  const c = direct ? into : Tensor.empty(slices > 1 ? [slices, ...shape] : shape);
-  const storages = { a: a.storage, b: b.storage, c: c.storage };
   // Each dispatch covers slices * kLen values of K (at most MAX_K per invocation); later ones accumulate.
   // K = 0: one dispatch that writes zeros (or adds them).
-  let k0 = 0;
   do {
-    const k1 = Math.min(K, k0 + slices * kLen);
-    dispatch(kernel, storages, { ...base, k0, k1, accumulate: direct || k0 > 0 ? 1 : 0 }, groups);
-    k0 = k1;
-  } while (k0 < K);
+    u.k1 = Math.min(K, u.k0 + slices * kLen);
+    u.accumulate = direct || u.k0 > 0 ? 1 : 0;
+    dispatch(kernel, storages, u, groups); // reads u now: it may change for the next
+    u.k0 = u.k1;
+  } while (u.k0 < K);
   const out = slices === 1 ? c : sumToShape(c, shape);
   if (c !== out) c.dispose();
   if (!into || direct) return out;
@@ -280,6 +269,43 @@ export function matmulRaw(
   copyBox(out, box, into, box, shape, true);
   out.dispose();
   return into;
+}
+
+const NO_BATCH_SHAPE: readonly number[] = Object.freeze([1, 1, 1, 1]);
+const NO_BATCH_STRIDES: readonly number[] = Object.freeze([0, 0, 0, 0]);
+
+/** The broadcast batch dims of two operands' shapes (all but their last two dims). */
+function batchShape(as: Shape, bs: Shape): readonly number[] {
+  if (bs.length <= 2) return as.slice(0, -2); // x @ W: nothing to broadcast
+  if (as.length <= 2) return bs.slice(0, -2);
+  return broadcastShapes(as.slice(0, -2), bs.slice(0, -2), "matmul batch dims");
+}
+
+/** Whether `batch` is the shape's own batch dims (all but its last two): nothing broadcast it. */
+function isBatchOf(batch: readonly number[], s: Shape): boolean {
+  if (batch.length !== s.length - 2) return false;
+  for (let i = 0; i < batch.length; i++) if (batch[i] !== s[i]) return false;
+  return true;
+}
+
+function sameDims(x: Shape, y: Shape): boolean {
+  if (x.length !== y.length) return false;
+  for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
+  return true;
+}
+
+/** An operand's element strides over the (last four) batch dims, 0 where it broadcasts. */
+function batchStrides(s: Shape, batch: readonly number[]): number[] {
+  const mat = s[s.length - 1] * s[s.length - 2];
+  const lead = s.slice(0, -2);
+  const st = stridesOf(lead).map((x) => x * mat);
+  return padRank(
+    batch.map((_, i) => {
+      const j = i - (batch.length - lead.length);
+      return j < 0 || lead[j] === 1 ? 0 : st[j];
+    }),
+    0,
+  ).slice(-4);
 }
 
 interface MatmulAttrs extends Required<MatmulOptions> {
@@ -314,8 +340,8 @@ const matmulOp = defineOp<MatmulAttrs>({
   },
   backward: (g0, [a, b], inputs, { transA, transB, vecA, vecB }, targets) => {
     // a and b are the 2-D+ operands (the views of 1-D inputs); g is g0 with the dropped dims put back.
-    const batch = broadcastShapes(a.shape.slice(0, -2), b.shape.slice(0, -2), "matmul batch dims");
-    const [M, N] = [a.shape[a.rank - (transA ? 1 : 2)], b.shape[b.rank - (transB ? 2 : 1)]];
+    const batch = batchShape(a.shape, b.shape);
+    const M = a.shape[a.rank - (transA ? 1 : 2)], N = b.shape[b.rank - (transB ? 2 : 1)];
     const g = vecA || vecB ? new Tensor(g0.storage, [...batch, M, N], "f32") : g0;
     /** The gradient of an operand's view as the gradient of the input (the view's dim dropped). */
     const asInput = (grad: Tensor, i: number) => {
@@ -329,7 +355,7 @@ const matmulOp = defineOp<MatmulAttrs>({
     if (inputs[0].requiresGrad) {
       // Where a's gradient so far is this pass's own tensor (a used elsewhere too, e.g. the conv output that
       // feeds both x_proj and the scan), add into it in place instead of making a tensor and adding it.
-      const into = (!vecA && batch.join() === a.shape.slice(0, -2).join() && targets.sum(0)) || undefined;
+      const into = (!vecA && isBatchOf(batch, a.shape) && targets.sum(0)) || undefined;
       const full = transA
         ? matmulRaw(b, g, { transA: transB, transB: true }, undefined, into)
         : matmulRaw(g, b, { transB: !transB }, undefined, into);
