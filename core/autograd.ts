@@ -48,9 +48,10 @@ export class WindowGrad {
  */
 export interface GradTargets {
   /**
-   * The whole gradient of input `i`, zero in elements start .. start + len of `dim` and owned by this
-   * backward pass, for the backward to write that window of it; the backward then returns null for input i.
-   * Null where the input needs no gradient or its gradient so far overlaps the window: return a WindowGrad.
+   * The whole gradient of input `i`, owned by this backward pass, for the backward to write elements
+   * start .. start + len of `dim` of it, every one of them (what is there before is undefined); the backward
+   * then returns null for input i. Null where the input needs no gradient or its gradient so far overlaps
+   * the window: return a WindowGrad.
    */
   window(i: number, dim: number, start: number, len: number): Tensor | null;
   /**
@@ -205,6 +206,10 @@ function propagate(
   const claimed = new Set<Tensor>();
   // Gradients made here from windows alone (zeros elsewhere), with the windows written so far.
   const windows = new Map<Tensor, Span[]>();
+  // Those of them that targets.window made without zeroing: zero outside their windows only once the whole
+  // gradient is read (see `complete`). The fused layer's two windows tile in_proj's output gradient, so its
+  // zeroing (a clear of (B, L, 2ED) and a command per layer) is never needed.
+  const unzeroed = new Set<Tensor>();
   // Window gradients not written anywhere yet (an input has either these or an entry in `grads`): kept as
   // they are until another contribution or the input's own backward needs the whole gradient, so that a
   // split's pieces cost one copy each and no whole, mostly-zero gradient is held before it is needed.
@@ -216,6 +221,26 @@ function propagate(
   const release = (t: Tensor) => {
     claimed.delete(t);
     if (t !== grad) t.dispose();
+  };
+  /** Makes x's gradient whole before it is read or added to: an unzeroed one (see targets.window) whose
+   * windows do not tile it is copied window by window into zeros. */
+  const complete = (x: Tensor) => {
+    const g = grads.get(x);
+    if (!g || !unzeroed.delete(g)) return;
+    const spans = windows.get(g)!;
+    if (covers(spans, x.shape)) return;
+    const z = zeros(x.shape, { dtype: x.dtype });
+    const whole = { offset: 0, strides: stridesOf(x.shape) };
+    for (const span of spans) {
+      const box = [...x.shape];
+      box[span.dim] = span.end - span.start;
+      const at = { offset: span.start * whole.strides[span.dim], strides: whole.strides };
+      copyBox(g, at, z, at, box);
+    }
+    release(g);
+    windows.set(z, spans);
+    grads.set(x, z);
+    claimed.add(z);
   };
   /** Writes x's pending windows into one whole gradient (zero elsewhere; not cleared where they cover it). */
   const settle = (x: Tensor) => {
@@ -247,6 +272,7 @@ function propagate(
   const pass = () => {
     for (const t of order) {
       settle(t);
+      complete(t);
       const g = grads.get(t);
       if (!g) continue;
       grads.delete(t);
@@ -274,8 +300,9 @@ function propagate(
           settle(x);
           const prev = grads.get(x);
           if (!prev) {
-            const z = zeros(x.shape, { dtype: x.dtype });
+            const z = Tensor.empty(x.shape, x.dtype);
             windows.set(z, [span]);
+            unzeroed.add(z);
             grads.set(x, z);
             claimed.add(z);
             return z;
@@ -289,6 +316,7 @@ function propagate(
           const x = node.inputs[i];
           if (!x?.requiresGrad) return null;
           settle(x);
+          complete(x);
           const prev = grads.get(x);
           if (!prev || prev === grad || prev.dtype !== "f32") return null;
           if (prev.storage.users !== 1 || prev.storage.savedBy !== 0) return null;
@@ -316,6 +344,9 @@ function propagate(
             return;
           }
           settle(x);
+          const before0 = grads.get(x);
+          // an unzeroed gradient takes a disjoint window as it is; anything else reads it whole
+          if (before0 && !windows.get(before0)?.every((w) => disjoint(w, spanOf(r)))) complete(x);
           const before = grads.get(x);
           const next = accumulateWindow(before, x, r, windows, grad);
           if (next !== before) {
@@ -335,6 +366,7 @@ function propagate(
         }
         if (claimed.has(gi)) gi = copy(gi);
         settle(x);
+        complete(x);
         const prev = grads.get(x);
         if (prev) {
           const sum = add(prev, gi);
@@ -362,6 +394,7 @@ function propagate(
   }
   // What is left are the gradients of the tensors where the pass stopped (none are in the order).
   for (const x of [...pending.keys()]) settle(x);
+  for (const x of [...grads.keys()]) complete(x);
   if (!options.retainGraph) releaseGraph(order);
   return grads;
 }

@@ -1,6 +1,16 @@
 import assert from "node:assert/strict";
 import * as M from "../mod.ts";
-import { backward, checkpoint, defineOp, memory, noGrad, type Tensor, tensor, tidy } from "../mod.ts";
+import {
+  backward,
+  checkpoint,
+  defineOp,
+  dispose,
+  memory,
+  noGrad,
+  type Tensor,
+  tensor,
+  tidy,
+} from "../mod.ts";
 import {
   assertClose,
   checkOps,
@@ -155,6 +165,83 @@ Deno.test("window gradients (narrow, split) land in place: disjoint, overlapping
     expect([[3, 4, 4], [1, 2, 5], [3, 0, 4], [3, 0, 4]]),
     {},
     "pending window, overlap, piece used twice",
+  );
+  assert.equal(memory().liveTensors, live0, "no tensor left behind");
+});
+
+Deno.test("window targets: a backward writes only its window of the whole gradient; the rest reads zero without a clear where windows tile it", async () => {
+  const live0 = memory().liveTensors;
+  const { copyBox } = await import("../core/ops/shape_ops.ts");
+  const xr = rand([3, 8], 41);
+  const G = [rand([3, 3], 42), rand([3, 5], 43), rand([3, 8], 44), rand([3, 4], 45)];
+  // x[:, start : start + len] as an op whose backward writes that window of x's gradient itself when
+  // autograd offers a target (as the conv and the fused scan do), else returns it as a WindowGrad.
+  const slice = (start: number, len: number) =>
+    defineOp<null>({
+      name: "slice",
+      forward: ([x]) => {
+        const y = M.Tensor.empty([3, len]);
+        copyBox(x, { offset: start, strides: [8, 1] }, y, { offset: 0, strides: [len, 1] }, [3, len]);
+        return y;
+      },
+      backward: (g, _saved, _inputs, _a, targets) => {
+        const into = targets.window(0, 1, start, len);
+        const gx = into ?? M.Tensor.empty([3, len]);
+        const to = into ? { offset: start, strides: [8, 1] } : { offset: 0, strides: [len, 1] };
+        copyBox(g, { offset: 0, strides: [len, 1] }, gx, to, [3, len]);
+        return [into ? null : new M.WindowGrad(gx, 1, start)];
+      },
+    });
+  const expect = (uses: [number, number, number][]) => { // [G index, start, length] along dim 1
+    const out = new Float64Array(24);
+    for (const [gi, start, len] of uses) {
+      for (let i = 0; i < 3; i++) {
+        for (let j = 0; j < len; j++) out[i * 8 + start + j] += G[gi].data[i * len + j];
+      }
+    }
+    return out;
+  };
+  const grad = async (loss: (x: Tensor, g: Tensor[]) => Tensor) => {
+    // the pool's buffers of this size class hold 7s: a gradient left unwritten would show them
+    dispose(Array.from({ length: 8 }, () => M.full([3, 8], 7)));
+    const x = toTensor(xr, true);
+    const gs = G.map((g) => toTensor(g));
+    tidy(() => loss(x, gs).backward());
+    const [out] = await readAll([x.grad!]);
+    for (const t of [x.grad!, x, ...gs]) t.dispose();
+    return out;
+  };
+  const dot = (a: Tensor, b: Tensor) => M.sum(M.mul(a, b));
+  const sl = (x: Tensor, start: number, len: number) => slice(start, len)([x], null);
+  assertClose(
+    await grad((x, g) => dot(sl(x, 2, 3), g[0])),
+    expect([[0, 2, 3]]),
+    {},
+    "one window: zeros around it",
+  );
+  assertClose(
+    await grad((x, g) => M.add(dot(sl(x, 0, 3), g[0]), dot(sl(x, 3, 5), g[1]))),
+    expect([[0, 0, 3], [1, 3, 5]]),
+    {},
+    "two windows that tile x",
+  );
+  assertClose(
+    await grad((x, g) => M.add(dot(x, g[2]), dot(sl(x, 2, 3), g[0]))),
+    expect([[2, 0, 8], [0, 2, 3]]),
+    {},
+    "a window, then a full gradient",
+  );
+  assertClose(
+    await grad((x, g) => M.add(dot(M.narrow(x, 1, 0, 4), g[3]), dot(sl(x, 2, 3), g[0]))),
+    expect([[3, 0, 4], [0, 2, 3]]),
+    {},
+    "a window, then an overlapping one",
+  );
+  assertClose(
+    await grad((x, g) => M.add(dot(M.narrow(x, 1, 5, 3), g[0]), dot(sl(x, 0, 3), g[0]))),
+    expect([[0, 5, 3], [0, 0, 3]]),
+    {},
+    "a window, then a disjoint one (narrow's), not tiling x",
   );
   assert.equal(memory().liveTensors, live0, "no tensor left behind");
 });
