@@ -32,8 +32,8 @@ import { defineOp, type GradTargets, WindowGrad } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import { dispatch, windowBytes } from "../core/kernel.ts";
 import type { Storage } from "../core/memory.ts";
-import { recordClear, recordCopy } from "../core/executor.ts";
-import { copyBox } from "../core/ops/index.ts";
+import { recordClear } from "../core/executor.ts";
+import { copyBox, packInto } from "../core/ops/index.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt, stridesOf } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
@@ -129,7 +129,7 @@ function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: 
 /**
  * Runs the forward kernel (no autograd): returns y (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
  * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null): `params` lists
- * those pieces, copied into `ph` one after another (no row of them is built first).
+ * those pieces, packed into `ph` one after another in one dispatch (no row of them is built first).
  * The caller disposes `y` and `ph` (after reading the state out of `ph` with {@linkcode lastState}).
  */
 export function fusedScanForward(
@@ -147,9 +147,7 @@ export function fusedScanForward(
   const parSize = params.reduce((n, t) => n + t.size, 0);
   const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
   ranWith.set(ph.storage, fusedVariant(a.N));
-  for (let at = 0, i = 0; i < params.length; at += params[i++].size) {
-    recordCopy(params[i].storage.buffer, 0, ph.storage.buffer, 4 * at, 4 * params[i].size);
-  }
+  packInto(ph, params); // one dispatch: copies would each end the compute pass
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
   if (chunked) {

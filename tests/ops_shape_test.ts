@@ -396,3 +396,48 @@ Deno.test("copyBox within one storage (overlapping boxes, contiguous and strided
     alias.dispose();
   }
 });
+
+Deno.test("packInto writes parts end to end at an offset in one dispatch per 7 parts (f32, i32, empty parts); bad calls are errors", async () => {
+  const live0 = M.memory().liveTensors;
+  const sizes = [3, 0, 5, 1, 8, 2, 4, 6, 7]; // 9 parts: two dispatches, one empty part
+  const parts = sizes.map((n, j) =>
+    j === 3
+      ? tensor(new Int32Array([-123456789]), [1])
+      : tensor(Float32Array.from({ length: n }, (_, i) => 100 * j + i + 0.25), [n])
+  );
+  const total = sizes.reduce((a, b) => a + b, 0);
+  const dst = tensor(new Float32Array(total + 7).fill(-1), [total + 7]);
+  const d0 = M.dispatchCount();
+  M.packInto(dst, parts, 5);
+  assert.equal(M.dispatchCount() - d0, 2, "7 non-empty parts in the first dispatch, 1 in the second");
+  const got = new Uint32Array((await dst.toArray()).buffer);
+  const expect = new Uint32Array(total + 7);
+  expect.set(new Uint32Array(new Float32Array(total + 7).fill(-1).buffer));
+  let at = 5;
+  for (const p of parts) {
+    const words = new Uint32Array((await p.toArray()).buffer);
+    expect.set(words, at);
+    at += words.length;
+  }
+  assert.deepEqual([...got], [...expect], "the parts' bits in order from element 5; the rest untouched");
+  assert.throws(() => M.packInto(dst, parts, 8), /packInto: 36 elements from 8 do not fit/);
+  // Buffers larger than one binding window (here: the limit cut to 256 bytes) go by buffer copies.
+  const limits = M.deviceInfo().limits as { maxStorageBufferBindingSize: number };
+  const real = limits.maxStorageBufferBindingSize;
+  const big = tensor(new Float32Array(100).fill(-1), [100]);
+  limits.maxStorageBufferBindingSize = 256;
+  try {
+    const d1 = M.dispatchCount();
+    M.packInto(big, [parts[0], parts[2]], 90);
+    assert.equal(M.dispatchCount() - d1, 0, "copies, no dispatch");
+  } finally {
+    limits.maxStorageBufferBindingSize = real;
+  }
+  const tail = [...(await big.toArray()).slice(88)];
+  assert.deepEqual(tail, [-1, -1, 0.25, 1.25, 2.25, 200.25, 201.25, 202.25, 203.25, 204.25, -1, -1]);
+  big.dispose();
+  const view = dst.reshape(total + 7);
+  assert.throws(() => M.packInto(dst, [view], 0), /shares its storage/);
+  M.dispose([parts, dst, view]);
+  assert.equal(M.memory().liveTensors, live0);
+});

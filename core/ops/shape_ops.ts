@@ -12,8 +12,9 @@
 
 import { defineOp, WindowGrad } from "../autograd.ts";
 import { recordCopy } from "../executor.ts";
-import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
+import { defineKernel, dispatch, type Kernel, windowBytes } from "../kernel.ts";
 import { checkShape, fmt, MAX_RANK, normAxis, normDim, type Shape, sizeOf, stridesOf } from "../shape.ts";
+import type { Storage } from "../memory.ts";
 import { Tensor } from "../tensor.ts";
 import { full } from "../creation.ts";
 import { mapOp } from "./map_kernel.ts";
@@ -165,6 +166,84 @@ export function copyBox(
     ds0: ds.slice(0, 4),
     ds1: ds.slice(4),
   }, Math.ceil(n / q / WG));
+}
+
+/** Most tensors {@linkcode packInto} writes in one dispatch (with the destination, within the 8 storage
+ * bindings a stage has by default). */
+const MAX_PACK = 7;
+const packKernels = new Map<number, Kernel>();
+
+/**
+ * The pack of `k` parts: invocation i copies word i of the parts laid end to end (part j from word
+ * P.e<j> on) to dst[P.at + i]. One 32-bit word each; no workgroup memory.
+ */
+function packKernel(k: number): Kernel {
+  let kernel = packKernels.get(k);
+  if (!kernel) {
+    const parts = Array.from({ length: k }, (_, j) => j);
+    kernel = defineKernel({
+      name: `pack_${k}`,
+      buffers: [
+        ...parts.map((j) => ({ name: `p${j}`, type: "u32" as const, access: "read" as const })),
+        { name: "dst", type: "u32", access: "read_write" },
+      ],
+      uniforms: [
+        ["n", "u32"],
+        ["at", "u32"],
+        ...parts.slice(1).map((j) => [`e${j}`, "u32"] as [string, "u32"]),
+      ],
+      workgroupSize: WG,
+      body: `
+  if (gid >= P.n) { return; }
+  ${
+        parts.map((j) => {
+          const from = j === 0 ? "gid" : `gid - P.e${j}`;
+          const read = `st_dst(P.at + gid, ld_p${j}(${from}));`;
+          return j === k - 1 ? read : `if (gid < P.e${j + 1}) { ${read} return; }`;
+        }).join("\n  ")
+      }`,
+    });
+    packKernels.set(k, kernel);
+  }
+  return kernel;
+}
+
+/**
+ * Writes `parts` one after another (their elements in order, any dtype) into `dst` from element `at` on:
+ * one dispatch for up to 7 parts, where buffer copies would each end the compute pass (buffer copies where a
+ * buffer is larger than one binding window). No autograd.
+ */
+export function packInto(dst: Tensor, parts: readonly Tensor[], at = 0): void {
+  const n = parts.reduce((sum, t) => sum + t.size, 0);
+  if (at < 0 || at + n > dst.size) {
+    throw new Error(`packInto: ${n} elements from ${at} do not fit ${dst}`);
+  }
+  if (parts.some((t) => t.storage.buffer === dst.storage.buffer)) {
+    throw new Error("packInto: a part shares its storage with the destination");
+  }
+  if ([dst, ...parts].some((t) => t.storage.size > windowBytes())) {
+    // a buffer bound as several windows could pass the stage's binding limit: copies instead
+    for (const t of parts) {
+      if (t.size > 0) recordCopy(t.storage.buffer, 0, dst.storage.buffer, 4 * at, 4 * t.size);
+      at += t.size;
+    }
+    return;
+  }
+  for (let i = 0; i < parts.length; i += MAX_PACK) {
+    const group = parts.slice(i, i + MAX_PACK).filter((t) => t.size > 0);
+    if (group.length === 0) continue;
+    const bufs: Record<string, Storage> = { dst: dst.storage };
+    const u: Record<string, number> = { at };
+    let end = 0;
+    group.forEach((t, j) => {
+      bufs[`p${j}`] = t.storage;
+      if (j > 0) u[`e${j}`] = end;
+      end += t.size;
+    });
+    u.n = end;
+    dispatch(packKernel(group.length), bufs, u, Math.ceil(end / WG));
+    at += end;
+  }
 }
 
 /** A contiguous copy with its own storage (no autograd; one buffer copy). */
