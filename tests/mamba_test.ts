@@ -401,3 +401,74 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "the fused layer pads x_proj's output to 4 columns on CPU adapters only (R + 2N = 33 here); padded or not, the same outputs and gradients",
+  ignore: noFused,
+  fn: async () => {
+    const { deviceInfo } = await import("../core/device.ts");
+    const info = deviceInfo() as { isFallbackAdapter: boolean };
+    const fallback = info.isFallbackAdapter;
+    // recompute off: the pad runs once forward (with recompute on, once more inside the backward)
+    const config = { dModel: 16, nLayers: 1, dState: 16, scan: "fused" as const, recompute: false };
+    const model = new Mamba(mambaConfig(config));
+    const x = randn([2, 9, 16], { seed: 5 });
+    const G = randn([2, 9, 16], { seed: 6 });
+    const run = async (cpu: boolean) => {
+      info.isFallbackAdapter = cpu;
+      try {
+        const copies = { n: 0 };
+        const enc = GPUCommandEncoder.prototype;
+        const [copy, clear] = [enc.copyBufferToBuffer, enc.clearBuffer];
+        enc.copyBufferToBuffer = function (...a: Parameters<typeof copy>) {
+          copies.n++;
+          return copy.apply(this, a);
+        };
+        enc.clearBuffer = function (...a: Parameters<typeof clear>) {
+          copies.n++;
+          return clear.apply(this, a);
+        };
+        let y: Tensor;
+        try {
+          y = tidy(() => {
+            const out = model.forward(x);
+            out.backward(G);
+            return out;
+          });
+        } finally {
+          [enc.copyBufferToBuffer, enc.clearBuffer] = [copy, clear];
+        }
+        const grads = model.parameters().map((p) => p.grad!);
+        const values = [await y.toArray(), ...await Promise.all(grads.map((g) => g.toArray()))];
+        y.dispose();
+        for (const p of model.parameters()) {
+          p.grad?.dispose();
+          p.grad = null;
+        }
+        return { values, commands: copies.n };
+      } finally {
+        info.isFallbackAdapter = fallback;
+      }
+    };
+    const padded = await run(true);
+    const plain = await run(false);
+    // the pad: a clear and a copy of the weight forward, a copy of its gradient backward
+    assert.equal(
+      padded.commands - plain.commands,
+      3,
+      `non-dispatch commands ${padded.commands} vs ${plain.commands}`,
+    );
+    padded.values.forEach((v, i) => {
+      assertMatches(
+        { data: v, shape: [v.length] },
+        { data: plain.values[i], shape: [v.length] },
+        tolerance("model"),
+        i === 0 ? "y" : `gradient ${i - 1}`,
+      );
+    });
+    model.dispose();
+    x.dispose();
+    G.dispose();
+  },
+});
