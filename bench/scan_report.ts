@@ -82,8 +82,9 @@ export function prepareLayer(mode: TimeMode, dModel: number, N: number, L: numbe
   const model = new Mamba(layerConfig(mode, dModel, N));
   const x = randn([1, L, dModel], { seed: 1 });
   const G = randn([1, L, dModel], { seed: 2 });
+  const params = model.parameters(); // held, as an optimizer holds them (walking the modules costs ~15 us)
   const drop = () => {
-    for (const p of model.parameters()) {
+    for (const p of params) {
       p.grad?.dispose();
       p.grad = null;
     }
