@@ -419,16 +419,20 @@ Deno.test({
       info.isFallbackAdapter = cpu;
       try {
         const copies = { n: 0 };
-        const enc = GPUCommandEncoder.prototype;
+        // count the encoder's copies and clears
+        type Method = (this: GPUCommandEncoder, ...a: unknown[]) => void;
+        const enc = GPUCommandEncoder.prototype as unknown as Record<
+          "copyBufferToBuffer" | "clearBuffer",
+          Method
+        >;
         const [copy, clear] = [enc.copyBufferToBuffer, enc.clearBuffer];
-        enc.copyBufferToBuffer = function (...a: Parameters<typeof copy>) {
-          copies.n++;
-          return copy.apply(this, a);
-        };
-        enc.clearBuffer = function (...a: Parameters<typeof clear>) {
-          copies.n++;
-          return clear.apply(this, a);
-        };
+        const counted = (f: Method): Method =>
+          function (this: GPUCommandEncoder, ...a: unknown[]) {
+            copies.n++;
+            return f.apply(this, a);
+          };
+        enc.copyBufferToBuffer = counted(copy);
+        enc.clearBuffer = counted(clear);
         let y: Tensor;
         try {
           y = tidy(() => {
