@@ -204,7 +204,7 @@ function propagate(
   // `claimed`: tensors held by the map, by `pending` or by a leaf's .grad; anything else produced here is
   // disposed.
   const claimed = new Set<Tensor>();
-  // Gradients made here from windows alone (zeros elsewhere), with the windows written so far.
+  // Gradients made here from windows alone (zeros elsewhere, or unzeroed below), with the windows written so far.
   const windows = new Map<Tensor, Span[]>();
   // Those of them that targets.window made without zeroing: zero outside their windows only once the whole
   // gradient is read (see `complete`). The fused layer's two windows tile in_proj's output gradient, so its
@@ -344,9 +344,9 @@ function propagate(
             return;
           }
           settle(x);
-          const before0 = grads.get(x);
+          const held = grads.get(x);
           // an unzeroed gradient takes a disjoint window as it is; anything else reads it whole
-          if (before0 && !windows.get(before0)?.every((w) => disjoint(w, spanOf(r)))) complete(x);
+          if (held && !windows.get(held)?.every((w) => disjoint(w, spanOf(r)))) complete(x);
           const before = grads.get(x);
           const next = accumulateWindow(before, x, r, windows, grad);
           if (next !== before) {
