@@ -6,7 +6,8 @@
  * word (or one vec4<u32> when rows allow) from `src[srcOffset + sum(c_d * srcStride_d)]` to
  * `dst[dstOffset + sum(c_d * dstStride_d)]` for the coordinate `c` of its element in the copied box, after
  * dims contiguous in both boxes were merged (fewer integer divisions, which are scalar on CPU adapters);
- * fully contiguous boxes become buffer copies. Dtype-agnostic (u32 bits). No workgroup memory.
+ * fully contiguous boxes become buffer copies. Dtype-agnostic (u32 bits). No workgroup memory. `packInto`
+ * (several tensors end to end into one, in one dispatch) has its own small template, `pack_<parts>`.
  * @module
  */
 
