@@ -88,12 +88,17 @@ Deno.test("a tensor used several times (x*x, x+x, diamonds) gets the sum of its 
   ]);
 });
 
-Deno.test("window gradients (narrow, split) land in place: disjoint, overlapping, after a full gradient, shared storage", async () => {
-  const live0 = memory().liveTensors;
-  // Float64 expectation: the sum of each use's gradient, zero-padded into x's shape.
-  const xr = rand([3, 8], 31);
-  const G = [rand([3, 2], 32), rand([3, 5], 33), rand([3, 1], 34), rand([3, 4], 35), rand([3, 8], 36)];
-  const expect = (uses: [number, number, number][]) => { // [G index, start, length] along dim 1
+/** sum(a * b), a loss whose gradient in a is b. */
+const dot = (a: Tensor, b: Tensor) => M.sum(M.mul(a, b));
+
+/**
+ * Gradients of x (3, 8) through windows along dim 1. `expect(uses)`: the sum of each use's output gradient
+ * G[i] zero-padded into x's shape (Float64), a use being [G index, start, length]. `grad(loss)`: x.grad after
+ * `loss(x, G).backward()`; with `poison`, the pool's buffers of x's size class first hold 7s, so that a
+ * gradient element left unwritten shows.
+ */
+function windowGrads(xr: Nd, G: Nd[], poison = false) {
+  const expect = (uses: [number, number, number][]) => {
     const out = new Float64Array(24);
     for (const [gi, start, len] of uses) {
       for (let i = 0; i < 3; i++) {
@@ -103,6 +108,7 @@ Deno.test("window gradients (narrow, split) land in place: disjoint, overlapping
     return out;
   };
   const grad = async (loss: (x: Tensor, g: Tensor[]) => Tensor) => {
+    if (poison) dispose(Array.from({ length: 8 }, () => M.full([3, 8], 7)));
     const x = toTensor(xr, true);
     const gs = G.map((g) => toTensor(g));
     tidy(() => loss(x, gs).backward());
@@ -110,7 +116,14 @@ Deno.test("window gradients (narrow, split) land in place: disjoint, overlapping
     for (const t of [x.grad!, x, ...gs]) t.dispose();
     return out;
   };
-  const dot = (a: Tensor, b: Tensor) => M.sum(M.mul(a, b));
+  return { expect, grad };
+}
+
+Deno.test("window gradients (narrow, split) land in place: disjoint, overlapping, after a full gradient, shared storage", async () => {
+  const live0 = memory().liveTensors;
+  const xr = rand([3, 8], 31);
+  const G = [rand([3, 2], 32), rand([3, 5], 33), rand([3, 1], 34), rand([3, 4], 35), rand([3, 8], 36)];
+  const { expect, grad } = windowGrads(xr, G);
   // Disjoint pieces of a split: each copied into one zero tensor.
   assertClose(
     await grad((x, g) => {
@@ -192,26 +205,7 @@ Deno.test("window targets: a backward writes only its window of the whole gradie
         return [into ? null : new M.WindowGrad(gx, 1, start)];
       },
     });
-  const expect = (uses: [number, number, number][]) => { // [G index, start, length] along dim 1
-    const out = new Float64Array(24);
-    for (const [gi, start, len] of uses) {
-      for (let i = 0; i < 3; i++) {
-        for (let j = 0; j < len; j++) out[i * 8 + start + j] += G[gi].data[i * len + j];
-      }
-    }
-    return out;
-  };
-  const grad = async (loss: (x: Tensor, g: Tensor[]) => Tensor) => {
-    // the pool's buffers of this size class hold 7s: a gradient left unwritten would show them
-    dispose(Array.from({ length: 8 }, () => M.full([3, 8], 7)));
-    const x = toTensor(xr, true);
-    const gs = G.map((g) => toTensor(g));
-    tidy(() => loss(x, gs).backward());
-    const [out] = await readAll([x.grad!]);
-    for (const t of [x.grad!, x, ...gs]) t.dispose();
-    return out;
-  };
-  const dot = (a: Tensor, b: Tensor) => M.sum(M.mul(a, b));
+  const { expect, grad } = windowGrads(xr, G, true);
   const sl = (x: Tensor, start: number, len: number) => slice(start, len)([x], null);
   assertClose(
     await grad((x, g) => dot(sl(x, 2, 3), g[0])),
