@@ -16,6 +16,13 @@ export function sizeOf(shape: Shape): number {
   return n;
 }
 
+/** Whether two shapes are equal, dim by dim. */
+export function sameShape(a: Shape, b: Shape): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
 /** Row-major strides of a contiguous tensor. */
 export function stridesOf(shape: Shape): number[] {
   const s = new Array<number>(shape.length);

@@ -20,7 +20,7 @@ import {
   sum,
   transpose,
 } from "../core/ops/index.ts";
-import { fmt } from "../core/shape.ts";
+import { fmt, sameShape } from "../core/shape.ts";
 import { type Tensor, tidy } from "../core/tensor.ts";
 import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
@@ -402,10 +402,6 @@ export class Mamba extends Module {
       throw new Error(`Mamba: the input ${fmt(x.shape)} has no positions (L = 0)`);
     }
   }
-}
-
-function sameShape(a: readonly number[], b: readonly number[]): boolean {
-  return a.length === b.length && a.every((v, i) => v === b[i]);
 }
 
 /** Returns `next` after disposing `prev`, which made it. */

@@ -13,7 +13,7 @@
  */
 
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
-import { broadcastStrides, MAX_RANK, padRank, type Shape } from "../shape.ts";
+import { broadcastStrides, MAX_RANK, padRank, sameShape, type Shape } from "../shape.ts";
 import { type DType, Tensor } from "../tensor.ts";
 
 /** One operand of a map: a tensor, or a number passed as a uniform. */
@@ -156,7 +156,7 @@ function kernelFor(
 
 /** Picks the cheapest way to read an operand of `shape` broadcast to `out`. */
 function readKind(shape: Shape, out: Shape): Kind {
-  if (shape.join() === out.join()) return "same";
+  if (sameShape(shape, out)) return "same";
   const core = [...shape];
   while (core.length && core[0] === 1) core.shift(); // leading 1s change nothing
   if (core.length === 0) return "tail"; // one element: i % 1

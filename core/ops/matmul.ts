@@ -33,7 +33,7 @@
 import { defineOp } from "../autograd.ts";
 import { deviceInfo, fixedSubgroupSize } from "../device.ts";
 import { dispatch, type Kernel } from "../kernel.ts";
-import { broadcastShapes, fmt, padRank, type Shape, sizeOf, stridesOf } from "../shape.ts";
+import { broadcastShapes, fmt, padRank, sameShape, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
 import { copyBox } from "./shape_ops.ts";
@@ -215,7 +215,7 @@ export function matmulRaw(
   const batch = batchShape(as, bs);
   if (batch.length > 4) throw new Error(`matmul: at most 4 batch dims, got ${fmt(batch)}`);
   const shape = batch.length === 0 ? [M, N] : [...batch, M, N];
-  if (into && (into.dtype !== "f32" || !sameDims(into.shape, shape))) {
+  if (into && (into.dtype !== "f32" || !sameShape(into.shape, shape))) {
     throw new Error(`matmul: cannot add a ${fmt(shape)} product into ${into}`);
   }
   const nb = sizeOf(batch);
@@ -285,12 +285,6 @@ function batchShape(as: Shape, bs: Shape): readonly number[] {
 function isBatchOf(batch: readonly number[], s: Shape): boolean {
   if (batch.length !== s.length - 2) return false;
   for (let i = 0; i < batch.length; i++) if (batch[i] !== s[i]) return false;
-  return true;
-}
-
-function sameDims(x: Shape, y: Shape): boolean {
-  if (x.length !== y.length) return false;
-  for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
   return true;
 }
 

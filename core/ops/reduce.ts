@@ -13,7 +13,7 @@
 import { defineOp } from "../autograd.ts";
 import { zeros } from "../creation.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
-import { fmt, normAxis, type Shape } from "../shape.ts";
+import { fmt, normAxis, sameShape, type Shape } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { mapOp } from "./map_kernel.ts";
 import { reshape } from "./shape_ops.ts";
@@ -255,7 +255,7 @@ export function logsumexp(x: Tensor, axis: number, keepdim = false): Tensor {
 
 /** Sums a broadcast gradient back to `shape` (the adjoint of broadcasting). Returns `g` if nothing to do. */
 export function sumToShape(g: Tensor, shape: Shape): Tensor {
-  if (g.shape.join() === shape.join()) return g;
+  if (sameShape(g.shape, shape)) return g;
   const lead = g.rank - shape.length;
   const axes: number[] = [];
   g.shape.forEach((d, i) => {
