@@ -59,8 +59,9 @@ interface Side {
   step(): void;
   flush(): void;
   sync(): Promise<void>;
-  /** Dispatches one step records. */
+  /** Dispatches one step records, and the most one submit holds. */
   perStep: number;
+  perSubmit: number;
 }
 
 async function load(root: string): Promise<Side> {
@@ -87,6 +88,8 @@ async function load(root: string): Promise<Side> {
     };
   } else {
     const { Mamba } = await import(url("mamba/block.ts"));
+    // built here rather than by each checkout's bench/scan_report.ts prepareLayer, whose step may differ
+    // between checkouts (before 86dde86 it walked the modules every step)
     const config = { dModel, nLayers: 1, dState, scan: values.case, recompute: false };
     const model = new Mamba(mambaConfig(config));
     const x = randn([1, 1024, dModel], { seed: 1 });
@@ -108,13 +111,15 @@ async function load(root: string): Promise<Side> {
   step();
   const perStep = Math.max(1, ex.dispatchCount() - d0);
   await ex.sync();
-  return { step, flush: ex.flush, sync: ex.sync, perStep };
+  return { step, flush: ex.flush, sync: ex.sync, perStep, perSubmit: ex.MAX_DISPATCHES_PER_SUBMIT };
 }
 
 const sides = [await load(positionals[0]), await load(positionals[1])];
-// the first step and k more in one submit of at most 512 dispatches (a second submit would wait for the
-// first on a software adapter)
-const k = Math.max(1, Math.min(16, Math.floor(511 / Math.max(...sides.map((s) => s.perStep))) - 1));
+// the first step and k more in one submit (a second submit would wait for the first on a software adapter)
+const k = Math.max(
+  1,
+  Math.min(16, ...sides.map((s) => Math.floor((s.perSubmit - 1) / s.perStep) - 1)),
+);
 const times: number[][] = [[], []];
 for (let r = 0; r < reps; r++) {
   for (const i of r % 2 ? [1, 0] : [0, 1]) {
