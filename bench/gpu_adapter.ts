@@ -63,7 +63,12 @@ console.log(`matmul: ${mm.variant}; GFLOP/s`, JSON.stringify(mm.gflops), "sizes"
 
 const fused = await tuneFusedScan(16); // cached by now: the measurement tuneKernels just made
 console.log(`fused scan, d_state 16: ${JSON.stringify(fused.variant)}`);
-console.log("  ms per forward + backward of (4, 256, 128), fastest first:");
+const shapes = fused.problems.map((p) => `(${p.join(", ")})`);
+console.log(
+  `  ms per forward + backward of ${shapes.join(" and ")}` +
+    `${shapes.length > 1 ? " (score: their geometric mean)" : ""}, fastest first:`,
+);
 for (const [v, ms] of Object.entries(fused.timings).sort((a, b) => a[1] - b[1])) {
-  console.log(`  ${ms.toFixed(3).padStart(9)}  ${v}`);
+  const each = shapes.length > 1 ? fused.problemTimings[v].map((m) => m.toFixed(3).padStart(9)).join("") : "";
+  console.log(`  ${ms.toFixed(3).padStart(9)}${each}  ${v}`);
 }

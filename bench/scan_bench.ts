@@ -18,9 +18,11 @@
 import { init } from "../core/device.ts";
 import { sync } from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
+import { ensureFusedTuned } from "../scan/tune_fused.ts";
 import { MODES, type PreparedLayer, prepareLayer, type TimeMode } from "./scan_report.ts";
 
 await init();
+await ensureFusedTuned(64); // as the trainer does before its first step (init() tunes N 16)
 
 /** Configurations: mamba.py's three axes, one point each around the middle, and a long sequence. */
 const CONFIGS = [

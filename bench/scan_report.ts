@@ -41,6 +41,7 @@ import { Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { fusedScanForward } from "../scan/fused.ts";
 import { type FusedVariant, fusedVariant, setFusedVariant } from "../scan/fused_variant.ts";
+import { ensureFusedTuned } from "../scan/tune_fused.ts";
 import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
@@ -606,6 +607,9 @@ if (import.meta.main) {
     ? { batchMs: 100, configMs: 1500, maxReps: 2, minReps: 1 }
     : { batchMs: 250, configMs: 40000, maxReps: 5, minReps: 2 };
   const log = (s: string) => console.error(`[${((performance.now() - start) / 1000).toFixed(0)} s] ${s}`);
+  // The variant for each state size measured, as the trainer does before its first step (init() tunes N 16 only)
+  for (const N of [4, 16, 64]) await ensureFusedTuned(N);
+  log(`fused variants: ${[4, 16, 64].map((n) => JSON.stringify(fusedVariant(n))).join(", ")}`);
 
   const sweep = async (
     modes: readonly TimeMode[],

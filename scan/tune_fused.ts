@@ -7,8 +7,9 @@
  * whether B and C rows are shared by subgroupShuffle, and (GPUs) how many lanes share a channel in both
  * kernels and whether chunks of time are walked in parallel. A CPU adapter wants few invocations per workgroup
  * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
- * backward of a small problem a few times; the fastest by GPU time (timestamp queries, else wall clock)
- * is selected with `setFusedVariant`.
+ * backward of a small problem a few times (on GPUs also of a long, narrow one: {@linkcode tuneProblems}); the
+ * fastest by GPU time (timestamp queries, else wall clock; the geometric mean over the problems) is selected
+ * with `setFusedVariant`.
  * @module
  */
 
@@ -28,19 +29,24 @@ import {
 } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 23;
+export const FUSED_KERNEL_VERSION = 24;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
   /** The selected variant. */
   variant: FusedVariant;
   /**
-   * Milliseconds per forward + backward of each candidate (JSON of the variant -> ms), on a (4, 256, 128)
-   * problem. With timestamp queries it is the GPU time of the fused-scan kernels alone (forward and backward,
-   * without the surrounding ops); without them, the wall time of the whole step, host included. Empty when
-   * nothing was measured (one candidate, or an adapter that cannot run the backward).
+   * Each candidate's score (JSON of the variant -> ms): the geometric mean of its milliseconds per forward +
+   * backward over the {@linkcode FusedTuneResult.problems}. With timestamp queries that is the GPU time of the
+   * fused-scan kernels alone (forward and backward, without the surrounding ops); without them, the wall time
+   * of the whole step, host included. Empty when nothing was measured (one candidate, or an adapter that
+   * cannot run the backward).
    */
   timings: Record<string, number>;
+  /** The problems measured, as [B, L, ED]: one on CPU adapters, two on GPUs (see {@linkcode tuneProblems}). */
+  problems: number[][];
+  /** Each candidate's milliseconds on each problem, in the order of `problems`. */
+  problemTimings: Record<string, number[]>;
   /** True when read from the cache without measuring. */
   fromCache: boolean;
 }
@@ -132,10 +138,63 @@ export function fusedCandidates(N: number): FusedVariant[] {
   return list;
 }
 
+/**
+ * The (B, L, ED) problems the tuner measures. (4, 256, 128) has channels enough to fill a GPU's workgroups and
+ * a short walk. GPUs also get (1, 2048, 32), d_model 16's layer at L 2048: few channels and a long walk, where
+ * a variant that walks its chunks one after another leaves almost the whole GPU idle (an H200 took 56 ms for
+ * such a step at L 16384 with the variant that won (4, 256, 128) by 1%, against 2.2 ms with chunks in
+ * parallel, at 481ea51). A CPU adapter measures the first only: its cores are busy with the channels already,
+ * and every measurement costs tens of ms there.
+ */
+export function tuneProblems(): number[][] {
+  return deviceInfo().isFallbackAdapter ? [[4, 256, 128]] : [[4, 256, 128], [1, 2048, 32]];
+}
+
 const KEY_FAMILY = "mambats.fusedScan.v";
 
 function cacheKey(N: number): string {
   return `${KEY_FAMILY}${FUSED_KERNEL_VERSION}.N${N}.${deviceInfo().description}`;
+}
+
+/** A gated forward + backward of the fused scan on random (B, L, ED) inputs with state size N; gradients dropped. */
+function problemRun(N: number, B: number, L: number, ED: number): { run: () => void; dispose: () => void } {
+  const R = 4;
+  const r = (shape: number[], seed: number) => randn(shape, { seed, std: 0.5 }).requiresGrad_(true);
+  const t = [
+    r([B, L, ED], 1), // x
+    r([B, L, ED], 2), // draw
+    r([B, L, R + 2 * N], 3), // dBC
+    r([ED], 4), // bias
+    r([ED, N], 5), // A_log
+    r([ED], 6), // D
+  ];
+  const z = r([B, L, ED], 7);
+  const G = randn([B, L, ED], { seed: 8 });
+  const run = () =>
+    tidy(() => {
+      const [x, draw, dBC, bias, aLog, D] = t;
+      sum(mul(fusedSelectiveScan(x, draw, dBC, bias, aLog, D, z), G)).backward();
+      for (const p of [...t, z]) {
+        p.grad?.dispose();
+        p.grad = null;
+      }
+    });
+  return { run, dispose: () => dispose([...t, z, G]) };
+}
+
+/** Milliseconds per run of `run` (3 runs): the fused-scan kernels' GPU time where timestamp queries exist,
+ * else the wall time. */
+async function timeRuns(run: () => void): Promise<number> {
+  if (deviceInfo().timestampQuery) {
+    const times = await profile(() => {
+      for (let i = 0; i < 3; i++) run();
+    });
+    return times.filter((k) => k.name.startsWith("fused_scan")).reduce((a, k) => a + k.ms, 0) / 3;
+  }
+  const t0 = performance.now();
+  for (let i = 0; i < 3; i++) run();
+  await sync();
+  return (performance.now() - t0) / 3;
 }
 
 /** A candidate whose first run (its compile) takes longer than this ends the measurement. */
@@ -155,13 +214,19 @@ export async function tuneFusedScan(
   // The backward binds 10 storage buffers: an adapter that allows fewer cannot run it (WebGPU's default is 8;
   // browsers give 10 or more when asked), so there is nothing to measure.
   if (deviceInfo().limits.maxStorageBuffersPerShaderStage < 10) {
-    return { variant: defaultFusedVariant(N), timings: {}, fromCache: false };
+    return {
+      variant: defaultFusedVariant(N),
+      timings: {},
+      problems: [],
+      problemTimings: {},
+      fromCache: false,
+    };
   }
   const candidates = fusedCandidates(N);
   if (candidates.length === 1) {
     // nothing to choose between (a software adapter above N = 16): no measurement
     setFusedVariant(N, candidates[0]);
-    return { variant: candidates[0], timings: {}, fromCache: false };
+    return { variant: candidates[0], timings: {}, problems: [], problemTimings: {}, fromCache: false };
   }
   const key = cacheKey(N);
   if (!options.force) {
@@ -174,58 +239,33 @@ export async function tuneFusedScan(
       }
     } catch { /* no localStorage here, or a cached variant that no longer fits: measure */ }
   }
-  const [B, L, ED, R] = [4, 256, 128, 4];
-  const r = (shape: number[], seed: number) => randn(shape, { seed, std: 0.5 }).requiresGrad_(true);
-  const t = [
-    r([B, L, ED], 1),
-    r([B, L, ED], 2),
-    r([B, L, R + 2 * N], 3),
-    r([ED], 4),
-    r([ED, N], 5),
-    r([ED], 6),
-  ];
-  const z = r([B, L, ED], 7);
-  const G = randn([B, L, ED], { seed: 8 });
-  const run = () =>
-    tidy(() => {
-      const [x, draw, dBC, bias, aLog, D] = t;
-      sum(mul(fusedSelectiveScan(x, draw, dBC, bias, aLog, D, z), G)).backward();
-      for (const p of [...t, z]) {
-        p.grad?.dispose();
-        p.grad = null;
-      }
-    });
+  const problems = tuneProblems();
+  const runs = problems.map(([B, L, ED]) => problemRun(N, B, L, ED));
   const timings: Record<string, number> = {};
+  const problemTimings: Record<string, number[]> = {};
   let best: FusedVariant = defaultFusedVariant(N);
-  let bestMs = Infinity;
+  let bestScore = Infinity;
   for (const v of candidates) {
     setFusedVariant(N, v);
     const t0 = performance.now();
-    run(); // compile
+    for (const p of runs) p.run(); // compile
     await sync();
     const compileMs = performance.now() - t0;
-    let ms: number;
-    if (deviceInfo().timestampQuery) {
-      const times = await profile(() => {
-        for (let i = 0; i < 3; i++) run();
-      });
-      ms = times.filter((k) => k.name.startsWith("fused_scan")).reduce((a, k) => a + k.ms, 0) / 3;
-    } else {
-      const t0 = performance.now();
-      for (let i = 0; i < 3; i++) run();
-      await sync();
-      ms = (performance.now() - t0) / 3;
-    }
-    timings[JSON.stringify(v)] = ms;
-    if (ms < bestMs) [best, bestMs] = [v, ms];
+    const ms: number[] = [];
+    for (const p of runs) ms.push(await timeRuns(p.run));
+    // geometric mean: a candidate 20x slower on one problem is not rescued by being 5% faster on the other
+    const score = Math.exp(ms.reduce((a, m) => a + Math.log(m), 0) / ms.length);
+    timings[JSON.stringify(v)] = score;
+    problemTimings[JSON.stringify(v)] = ms;
+    if (score < bestScore) [best, bestScore] = [v, score];
     // Where one compile takes this long, each further candidate would too: keep the fastest so far. (naga's
     // GLSL backend zero-fills workgroup arrays with one array constructor, which Mesa's GL drivers compile in
     // time quadratic in its length: minutes for the backward's 16 KiB; lavapipe takes seconds.)
     if (compileMs > (options.slowCompileMs ?? SLOW_COMPILE_MS)) break;
   }
-  dispose([...t, z, G]);
+  for (const p of runs) p.dispose();
   setFusedVariant(N, best);
-  const result = { variant: best, timings, fromCache: false };
+  const result = { variant: best, timings, problems, problemTimings, fromCache: false };
   try {
     globalThis.localStorage?.setItem(key, JSON.stringify(result));
     dropStaleTuneKeys(KEY_FAMILY, `${KEY_FAMILY}${FUSED_KERNEL_VERSION}.`);

@@ -529,7 +529,7 @@ Deno.test("the backward's butterfly sums columns over any subgroup size (simulat
   }
 });
 
-Deno.test("the tuner's candidates are valid variants, here, on a GPU-like adapter (lanes per channel) and where the subgroup size varies", async () => {
+Deno.test("the tuner's candidates are valid variants on a CPU adapter, a GPU-like one (lanes per channel) and where the subgroup size varies", async () => {
   const info = await init();
   const { fusedCandidates } = await import("../scan/tune_fused.ts");
   const { setFusedVariant } = await import("../scan/fused_variant.ts");
@@ -546,7 +546,7 @@ Deno.test("the tuner's candidates are valid variants, here, on a GPU-like adapte
       ...(subgroups ? [{ gpuLike: true, varying: true }] : []),
     ];
     for (const { gpuLike, varying } of adapters) {
-      info.isFallbackAdapter = gpuLike ? false : fallback;
+      info.isFallbackAdapter = !gpuLike; // on a GPU too: the CPU adapter's list is simulated
       // Intel's 8-32 and AMD's 32-64: lanes per channel and shuffles need one fixed size
       if (varying) info.subgroups = { ...subgroups!, minSize: 8, maxSize: 32 };
       for (const N of [4, 16, 64]) {
@@ -637,8 +637,9 @@ Deno.test("a software adapter without subgroups (llvmpipe through GL) gets the d
   }
 });
 
-Deno.test("the fused tuner stops after a candidate whose compile is slow, keeping the fastest measured", async () => {
-  await init();
+Deno.test("the fused tuner stops after a candidate whose compile is slow, keeping the fastest measured; GPUs score two problems", async () => {
+  const info = await init();
+  const fallback = info.isFallbackAdapter;
   const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
   const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
   const candidates = fusedCandidates(16);
@@ -650,7 +651,20 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow, keepin
     assert.deepEqual(Object.keys(r.timings), [JSON.stringify(candidates[0])], "the default only");
     assert.deepEqual(r.variant, candidates[0]);
     assert.deepEqual(fusedVariant(16), candidates[0]);
+    // a GPU also measures a long, narrow problem; a candidate's score is the geometric mean of its times
+    info.isFallbackAdapter = false;
+    const g = await tuneFusedScan(16, { force: true, slowCompileMs: 0 });
+    const key = JSON.stringify(fusedCandidates(16)[0]);
+    assert.deepEqual(g.problems, [[4, 256, 128], [1, 2048, 32]]);
+    assert.deepEqual(Object.keys(g.problemTimings), [key]);
+    const [a, b] = g.problemTimings[key];
+    assert.ok(a > 0 && b > 0, `times ${a}, ${b}`);
+    assert.ok(
+      Math.abs(g.timings[key] - Math.sqrt(a * b)) <= 1e-9 * g.timings[key],
+      `score ${g.timings[key]}`,
+    );
   } finally {
+    info.isFallbackAdapter = fallback;
     // the suite's cached choice, as it was
     for (const k of Object.keys(localStorage)) {
       if (k.startsWith("mambats.fusedScan.")) localStorage.removeItem(k);
