@@ -79,8 +79,14 @@ setup() {
     for f in "$DEV"/debs/*.deb; do dpkg -x "$f" /; done
     ldconfig
   fi
+  # NVIDIA's ICD file names libGLX_nvidia.so.0, which without a display fails the loader ("Could not get
+  # 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'": no adapter, seen on the H200 machine, driver 580).
+  # libEGL_nvidia.so.0 exports the same Vulkan entry points and works headless: an ICD file naming it.
   local icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-  [ -f "$icd" ] && export VK_DRIVER_FILES="${VK_DRIVER_FILES:-$icd}"
+  if [ -f "$icd" ] && [ -z "${VK_DRIVER_FILES:-}" ]; then
+    sed 's/libGLX_nvidia\.so\.0/libEGL_nvidia.so.0/' "$icd" >/tmp/gpu_check/nvidia_egl_icd.json
+    export VK_DRIVER_FILES=/tmp/gpu_check/nvidia_egl_icd.json
+  fi
   export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/gpu_check/xdg}"
   mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
   export DENO_WEBGPU_BACKEND="${DENO_WEBGPU_BACKEND:-vulkan}"
@@ -111,7 +117,8 @@ phase() {
     tee -a "$OUT/$name.log"
 }
 
-# The numerics: every file that compares against fixtures or references.
+# The numerics: every file that compares against fixtures or references (GPU_CHECK_TESTS, names without .ts
+# separated by spaces, runs some of them instead).
 NUMERICS=(scan_test fused_test fused_variant_fuzz_test mamba_test lm_test large_test pretrained_test
   model_fuzz_test matmul_test ops_matmul_test memory_test)
 
@@ -130,7 +137,9 @@ run() {
         ;;
       tests)
         local files=()
-        for f in "${NUMERICS[@]}"; do files+=("tests/$f.ts"); done
+        local names
+        read -r -a names <<<"${GPU_CHECK_TESTS:-${NUMERICS[*]}}"
+        for f in "${names[@]}"; do files+=("tests/$f.ts"); done
         MAMBA_TOL_REPORT=1 phase tests 240 deno test "${flags[@]}" "${files[@]}"
         ;;
       suite)

@@ -200,7 +200,7 @@ export function assertMatches(got: Shaped, want: Shaped, bound: Bound, what: str
     const d = Math.abs(got.data[i] - want.data[i]);
     if (!(d <= worst)) [worst, worstAt] = [Number.isNaN(d) ? Infinity : d, i];
   }
-  const rel = worst / scale;
+  const rel = worst === 0 ? 0 : worst / scale; // scale 0 (all zeros wanted, floor 0) with no difference
   measured.push({ what, rel, rtol: bound.rtol });
   if (report) console.log(`tolerance report: ${what}: ${rel.toExponential(2)} (bound ${bound.rtol})`);
   if (!(worst <= tol)) {
