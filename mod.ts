@@ -130,7 +130,13 @@ export {
   setFusedVariant,
 } from "./scan/fused_variant.ts";
 export { MAX_INLINE_DT_RANK } from "./scan/fused_wgsl.ts";
-export { FUSED_KERNEL_VERSION, type FusedTuneResult, tuneFusedScan } from "./scan/tune_fused.ts";
+export {
+  FUSED_KERNEL_VERSION,
+  type FusedTuneResult,
+  TUNE_BUDGET_MS,
+  tuneFusedScan,
+  tuneProblems,
+} from "./scan/tune_fused.ts";
 export { type MambaConfig, mambaConfig, type MambaConfigInput } from "./mamba/config.ts";
 export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";
 export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./mamba/lm.ts";

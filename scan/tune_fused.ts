@@ -133,8 +133,10 @@ export function fusedCandidates(N: number): FusedVariant[] {
     }
   }
   // Chunks walked in parallel: GPUs only (a CPU adapter's cores are busy with the channels already; on
-  // lavapipe one more walk of the steps cost 3-28% per layer step), every candidate so far a second time.
-  if (!deviceInfo().isFallbackAdapter) list.push(...list.map((v) => ({ ...v, chunkParallel: true })));
+  // lavapipe one more walk of the steps cost 3-28% per layer step), every candidate so far a second time, and
+  // those first: on the H200 the 13 best scores at N 16 were chunk-parallel, the best serial one 1.9 times the
+  // best (49a9be6), so a measurement cut short by TUNE_BUDGET_MS has measured them.
+  if (!deviceInfo().isFallbackAdapter) return [...list.map((v) => ({ ...v, chunkParallel: true })), ...list];
   return list;
 }
 
@@ -201,14 +203,22 @@ async function timeRuns(run: () => void): Promise<number> {
 const SLOW_COMPILE_MS = 20_000;
 
 /**
+ * Milliseconds of measuring after which no further candidate is started (the fastest so far is kept). On the
+ * H200, N 16's 44 candidates took 27 s, but N 64's 52 (up to four blocks of states, so up to 16 pipelines
+ * each) about 150 s, which a trainer's first step would wait for.
+ */
+export const TUNE_BUDGET_MS = 60_000;
+
+/**
  * Measures (or reads the cached choice of) the fused-scan variants for state size N and selects the fastest.
- * `force` measures even when a choice is cached. The default variant is measured first; once a candidate's
- * first run (its compile) takes longer than `slowCompileMs` (default 20,000: Mesa through GL takes minutes),
- * no further candidate is measured and the fastest measured is kept.
+ * `force` measures even when a choice is cached. The default variant is measured first (on GPUs, with
+ * chunks in parallel); once a candidate's first run (its compile) takes longer than `slowCompileMs` (default
+ * 20,000: Mesa through GL takes minutes), or once the measurement has taken `budgetMs` (default
+ * {@linkcode TUNE_BUDGET_MS}), no further candidate is measured and the fastest measured is kept.
  */
 export async function tuneFusedScan(
   N: number,
-  options: { force?: boolean; slowCompileMs?: number } = {},
+  options: { force?: boolean; slowCompileMs?: number; budgetMs?: number } = {},
 ): Promise<FusedTuneResult> {
   await init();
   // The backward binds 10 storage buffers: an adapter that allows fewer cannot run it (WebGPU's default is 8;
@@ -239,6 +249,7 @@ export async function tuneFusedScan(
       }
     } catch { /* no localStorage here, or a cached variant that no longer fits: measure */ }
   }
+  const started = performance.now();
   const problems = tuneProblems();
   const runs = problems.map(([B, L, ED]) => problemRun(N, B, L, ED));
   const timings: Record<string, number> = {};
@@ -262,6 +273,7 @@ export async function tuneFusedScan(
     // GLSL backend zero-fills workgroup arrays with one array constructor, which Mesa's GL drivers compile in
     // time quadratic in its length: minutes for the backward's 16 KiB; lavapipe takes seconds.)
     if (compileMs > (options.slowCompileMs ?? SLOW_COMPILE_MS)) break;
+    if (performance.now() - started > (options.budgetMs ?? TUNE_BUDGET_MS)) break;
   }
   for (const p of runs) p.dispose();
   setFusedVariant(N, best);

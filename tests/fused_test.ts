@@ -564,6 +564,8 @@ Deno.test("the tuner's candidates are valid variants on a CPU adapter, a GPU-lik
         // chunks in parallel on GPUs only, each candidate also without
         const [par, serial] = [list.filter((v) => v.chunkParallel), list.filter((v) => !v.chunkParallel)];
         assert.equal(par.length, gpuLike ? serial.length : 0, `N = ${N}: chunk-parallel candidates`);
+        // ... and on GPUs measured first (a measurement cut short by its budget has them)
+        assert.ok(list.slice(0, par.length).every((v) => v.chunkParallel), `N = ${N}: chunk-parallel first`);
         for (const v of list) {
           setFusedVariant(N, v); // throws on a variant that does not fit
           // the backward's workgroup memory fits with dt_proj inside (its last block keeps the dt terms too)
@@ -637,7 +639,7 @@ Deno.test("a software adapter without subgroups (llvmpipe through GL) gets the d
   }
 });
 
-Deno.test("the fused tuner stops after a candidate whose compile is slow, keeping the fastest measured; GPUs score two problems", async () => {
+Deno.test("the fused tuner stops after a candidate whose compile is slow or past its time budget, keeping the fastest measured; GPUs score two problems", async () => {
   const info = await init();
   const fallback = info.isFallbackAdapter;
   const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
@@ -651,6 +653,9 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow, keepin
     assert.deepEqual(Object.keys(r.timings), [JSON.stringify(candidates[0])], "the default only");
     assert.deepEqual(r.variant, candidates[0]);
     assert.deepEqual(fusedVariant(16), candidates[0]);
+    // likewise once the measurement has used its time budget
+    const cut = await tuneFusedScan(16, { force: true, budgetMs: 0 });
+    assert.deepEqual(Object.keys(cut.timings), [JSON.stringify(candidates[0])], "the first only");
     // a GPU also measures a long, narrow problem; a candidate's score is the geometric mean of its times
     info.isFallbackAdapter = false;
     const g = await tuneFusedScan(16, { force: true, slowCompileMs: 0 });
