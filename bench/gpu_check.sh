@@ -17,10 +17,15 @@
 #   tests     the numerics against PyTorch's fixtures and the plain-TS references (scan modes, fused kernels
 #             and every variant, whole models, long L), printing every measured error (MAMBA_TOL_REPORT=1)
 #   suite     the rest of the test suite (no browser, hub or subgroup-size tests)
+#   timeline  bench/gpu_timeline.ts: a step's wall, host, GPU-span and kernel times side by side, and the
+#             GPU's own time per dispatch (where the H200's fused step went, unexplained at 49a9be6)
 #   quick     bench/scan_report.ts --quick (scan_quick.json)
 #   report    the full bench/scan_report.ts (scan.json)
 #   matmul    bench/matmul_shapes.ts (matmul variants at a layer's shapes)
 # At most 8 files come back from $OUT: phases write one log each, quick/report/matmul one JSON more.
+# Seen on the H200 (2026-11-30): the machine starts in ~30 s; adapter 25 s; tests more than 270 s (all but
+# the end of matmul_test, ops_matmul_test, memory_test and most of model_fuzz_test ran in 150 + 120 s);
+# report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
@@ -152,6 +157,9 @@ run() {
         done
         phase suite 400 deno test "${flags[@]}" "${rest[@]}"
         ;;
+      timeline)
+        phase timeline 120 deno run "${flags[@]}" bench/gpu_timeline.ts
+        ;;
       quick)
         phase quick 180 deno run "${flags[@]}" bench/scan_report.ts --quick
         cp bench/results/scan_quick.json "$OUT/" 2>/dev/null
@@ -165,7 +173,7 @@ run() {
         cp bench/results/matmul_shapes.json "$OUT/" 2>/dev/null
         ;;
       *)
-        echo "unknown phase '$p' (adapter, tests, suite, quick, report, matmul)" >&2
+        echo "unknown phase '$p' (adapter, tests, suite, timeline, quick, report, matmul)" >&2
         exit 2
         ;;
     esac
@@ -179,7 +187,7 @@ case "${1:-}" in
     run "$@"
     ;;
   *)
-    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -1,0 +1,196 @@
+/**
+ * Where a layer step's wall time goes on a GPU (bench/gpu_check.sh's `timeline` phase). On the H200 (49a9be6)
+ * a fused step at d_model 16, L 1024 took 1.5 ms per step recorded back to back, its host time (recording and
+ * submitting) 0.27 ms and the sum of its kernels' times well under 1 ms: neither the host nor the kernels
+ * alone account for it. This measures, per mode and layer, in one loop of k steps recorded back to back and
+ * one wait (as bench/scan_report.ts times them):
+ *
+ * - wall: ms per step from the first recording to the end of the wait;
+ * - host: ms per step spent recording and submitting (the same loop, without the wait);
+ * - span: the GPU's ms per step from the start of the batch to its end, idle gaps included (timestamps written
+ *   by an empty pass submitted just before the first step and one just after the last);
+ * - kernels: the sum of one step's kernel times (`profile()`: each dispatch in its own pass), and the gap,
+ *   span minus kernels, per dispatch.
+ *
+ * Then the GPU's own floor per dispatch: n dispatches of one tiny workgroup in one pass, each reading and
+ * writing the same buffer (every one depends on the one before) or one of 64 buffers in turn, timed by the
+ * pass's timestamps.
+ *
+ * Run: deno run -A bench/gpu_timeline.ts   (needs the timestamp-query feature)
+ * @module
+ */
+import { deviceInfo, gpuDevice, init } from "../core/device.ts";
+import { dispatchCount, flush, profile, sync } from "../core/executor.ts";
+import { emptyPool } from "../core/memory.ts";
+import { prepareLayer, type TimeMode } from "./scan_report.ts";
+
+await init();
+if (!deviceInfo().timestampQuery) {
+  console.log("gpu_timeline: the adapter has no timestamp-query feature");
+  Deno.exit(1);
+}
+const device = gpuDevice();
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
+
+/** Two timestamps (ns) written by passes submitted around `work`: the GPU's time from before to after it. */
+async function gpuSpanMs(work: () => void | Promise<void>): Promise<number> {
+  const set = device.createQuerySet({ type: "timestamp", count: 2 });
+  const resolve = device.createBuffer({
+    size: 16,
+    usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+  });
+  const read = device.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  const stamp = (index: number, last: boolean) => {
+    const enc = device.createCommandEncoder();
+    enc.beginComputePass({ timestampWrites: { querySet: set, beginningOfPassWriteIndex: index } }).end();
+    if (last) {
+      enc.resolveQuerySet(set, 0, 2, resolve, 0);
+      enc.copyBufferToBuffer(resolve, 0, read, 0, 16);
+    }
+    device.queue.submit([enc.finish()]);
+  };
+  flush();
+  stamp(0, false);
+  await work();
+  flush();
+  stamp(1, true);
+  await read.mapAsync(GPUMapMode.READ);
+  const [t0, t1] = new BigUint64Array(read.getMappedRange());
+  read.unmap();
+  for (const b of [resolve, read]) b.destroy();
+  set.destroy();
+  return Number(t1 - t0) / 1e6;
+}
+
+/** One row of the step table. */
+interface StepRow {
+  mode: TimeMode;
+  dModel: number;
+  N: number;
+  L: number;
+  k: number;
+  dispatches: number;
+  wall: number;
+  host: number;
+  span: number;
+  kernels: number;
+}
+
+async function measureSteps(mode: TimeMode, dModel: number, N: number, L: number): Promise<StepRow> {
+  const p = prepareLayer(mode, dModel, N, L);
+  try {
+    let perStep = 0;
+    for (let i = 0; i < 3; i++) { // compiles, fills the pool and the caches
+      const d0 = dispatchCount();
+      p.step();
+      perStep = dispatchCount() - d0;
+      await sync();
+    }
+    const t0 = performance.now();
+    p.step();
+    await sync();
+    const k = Math.max(4, Math.min(64, Math.round(250 / Math.max(0.05, performance.now() - t0))));
+    const wall: number[] = [], host: number[] = [], span: number[] = [];
+    for (let r = 0; r < 5; r++) {
+      await sync();
+      let hostMs = 0;
+      const w0 = performance.now();
+      const s = await gpuSpanMs(() => {
+        const h0 = performance.now();
+        for (let i = 0; i < k; i++) p.step();
+        flush();
+        hostMs = performance.now() - h0;
+      });
+      wall.push((performance.now() - w0) / k);
+      host.push(hostMs / k);
+      span.push(s / k);
+    }
+    const times = await profile(() => p.step());
+    const kernels = times.reduce((a, t) => a + t.ms, 0);
+    return {
+      mode,
+      dModel,
+      N,
+      L,
+      k,
+      dispatches: perStep,
+      wall: median(wall),
+      host: median(host),
+      span: median(span),
+      kernels,
+    };
+  } finally {
+    p.dispose();
+    emptyPool();
+    await sync();
+  }
+}
+
+/** GPU µs per dispatch of one 64-invocation workgroup, `n` in one pass: on one buffer or on 64 in turn. */
+async function dispatchFloorUs(n: number, shared: boolean): Promise<number> {
+  const module = device.createShaderModule({
+    code: `@group(0) @binding(0) var<storage, read_write> a: array<f32>;
+@compute @workgroup_size(64) fn main(@builtin(local_invocation_index) i: u32) { a[i] += 1.0; }`,
+  });
+  const pipeline = device.createComputePipeline({ layout: "auto", compute: { module, entryPoint: "main" } });
+  const buffers = Array.from(
+    { length: shared ? 1 : 64 },
+    () => device.createBuffer({ size: 256, usage: GPUBufferUsage.STORAGE }),
+  );
+  const groups = buffers.map((buffer) =>
+    device.createBindGroup({
+      layout: pipeline.getBindGroupLayout(0),
+      entries: [{ binding: 0, resource: { buffer } }],
+    })
+  );
+  const us: number[] = [];
+  for (let r = 0; r < 6; r++) {
+    const ms = await gpuSpanMs(() => {
+      const enc = device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      pass.setPipeline(pipeline);
+      for (let i = 0; i < n; i++) {
+        pass.setBindGroup(0, groups[i % groups.length]);
+        pass.dispatchWorkgroups(1);
+      }
+      pass.end();
+      device.queue.submit([enc.finish()]);
+    });
+    if (r > 0) us.push((1000 * ms) / n);
+  }
+  for (const b of buffers) b.destroy();
+  return median(us);
+}
+
+const f = (x: number) => (x >= 10 ? x.toFixed(1) : x.toFixed(3));
+console.log(`adapter: ${deviceInfo().description}`);
+console.log(
+  "\n| mode | d_model | N | L | steps per wait | dispatches per step | wall ms / step | host ms / step | " +
+    "GPU span ms / step | kernels ms / step | gap µs / dispatch |",
+);
+console.log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+const configs = [
+  { dModel: 16, N: 16, L: 1024 },
+  { dModel: 64, N: 16, L: 1024 },
+  { dModel: 1024, N: 16, L: 1024 },
+];
+for (const c of configs) {
+  for (const mode of ["fused", "pscan", ...(c.dModel === 16 ? ["fused+recompute"] : [])] as TimeMode[]) {
+    const r = await measureSteps(mode, c.dModel, c.N, c.L);
+    const gap = (1000 * (r.span - r.kernels)) / r.dispatches;
+    console.log(
+      `| ${r.mode} | ${r.dModel} | ${r.N} | ${r.L} | ${r.k} | ${r.dispatches} | ${f(r.wall)} | ${
+        f(r.host)
+      } | ` +
+        `${f(r.span)} | ${f(r.kernels)} | ${gap.toFixed(1)} |`,
+    );
+  }
+}
+console.log("\n| dispatches in one pass | buffers | GPU µs per dispatch |");
+console.log("|---:|---|---:|");
+for (const shared of [true, false]) {
+  for (const n of [100, 1000]) {
+    const us = await dispatchFloorUs(n, shared);
+    console.log(`| ${n} | ${shared ? "one (each depends on the last)" : "64 in turn"} | ${us.toFixed(2)} |`);
+  }
+}
