@@ -6,9 +6,10 @@
  *
  * Run: deno run -A bench/charts.ts [path/to/scan.json]
  * Writes docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg, docs/scan_time_vs_d_state.svg (each
- * atomically: a failed run leaves the old charts whole).
+ * atomically: a failed run leaves the old charts whole); from a report in a folder of bench/results/, e.g.
+ * bench/results/h200/scan.json, docs/scan_time_vs_L_h200.svg and so on.
  */
-import { join } from "node:path";
+import { dirname, join, relative, resolve } from "node:path";
 import * as vega from "vega";
 import * as vl from "vega-lite";
 import { writeFileAtomic } from "../core/safetensors_fs.ts";
@@ -97,7 +98,8 @@ export async function renderSvg(spec: vl.TopLevelSpec): Promise<string> {
 const USAGE = `Usage: deno run -A bench/charts.ts [path/to/scan.json]
 
 Renders docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg and docs/scan_time_vs_d_state.svg from a
-report of bench/scan_report.ts (default bench/results/scan.json).
+report of bench/scan_report.ts (default bench/results/scan.json). A report in a folder of bench/results/
+(bench/results/h200/scan.json) renders docs/scan_time_vs_L_h200.svg and so on.
 
   --help    this text`;
 
@@ -135,11 +137,15 @@ if (import.meta.main) {
       ),
     ],
   ];
+  // a report from another adapter, in its own folder of bench/results/, gets that folder's name as a suffix
+  const folder = relative(join(REPO_ROOT, "bench", "results"), dirname(resolve(path)));
+  const suffix = folder && !folder.startsWith("..") ? `_${folder.replaceAll(/[^A-Za-z0-9]+/g, "_")}` : "";
   const docs = join(REPO_ROOT, "docs");
   await Deno.mkdir(docs, { recursive: true });
   for (const [name, spec] of charts) {
     const svg = await renderSvg(spec);
-    await writeFileAtomic(join(docs, name), svg + "\n");
-    console.log(`docs/${name}: ${svg.length} bytes`);
+    const file = name.replace(".svg", `${suffix}.svg`);
+    await writeFileAtomic(join(docs, file), svg + "\n");
+    console.log(`docs/${file}: ${svg.length} bytes`);
   }
 }
