@@ -1,18 +1,20 @@
 /**
  * Where a layer step's wall time goes on a GPU (bench/gpu_check.sh's `timeline` phase). On the H200 (49a9be6)
- * a fused step at d_model 16, L 1024 took 1.5 ms per step recorded back to back, its host time (recording and
- * submitting) 0.27 ms and the sum of its kernels' times well under 1 ms: neither the host nor the kernels
- * alone account for it. This measures, per mode and layer, in one loop of k steps recorded back to back and
- * one wait (as bench/scan_report.ts times them):
+ * the report gave a fused step at d_model 16, L 1024 1.5 ms, with 0.27 ms of host time (recording and
+ * submitting) and kernels summing to well under 1 ms. Most of the difference was probably the report's own
+ * wait: it sized its batches by one step plus one wait, so 14-18 steps carried a wait of 13-16 ms (fixed
+ * since, see `stepMsWithoutWait`). This measures it all directly, per mode and layer, in one loop of k steps
+ * recorded back to back and one wait (as bench/scan_report.ts times them):
  *
- * - wall: ms per step from the first recording to the end of the wait;
+ * - wall: ms per step from the first recording to the end of the wait (k steps per wait, sized to 250 ms);
  * - host: ms per step spent recording and submitting (the same loop, without the wait);
  * - span: the GPU's ms per step from the start of the batch to its end, idle gaps included (timestamps written
  *   by an empty pass submitted just before the first step and one just after the last);
  * - kernels: the sum of one step's kernel times (`profile()`: each dispatch in its own pass), and the gap,
  *   span minus kernels, per dispatch.
  *
- * Then the GPU's own floor per dispatch: n dispatches of one tiny workgroup in one pass, each reading and
+ * First the cost of a wait with nothing in flight (on the H200 the report's batches suggest 13-16 ms). Then,
+ * last, the GPU's own floor per dispatch: n dispatches of one tiny workgroup in one pass, each reading and
  * writing the same buffer (every one depends on the one before) or one of 64 buffers in turn, timed by the
  * pass's timestamps.
  *
@@ -22,7 +24,7 @@
 import { deviceInfo, gpuDevice, init } from "../core/device.ts";
 import { dispatchCount, flush, profile, sync } from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
-import { prepareLayer, type TimeMode } from "./scan_report.ts";
+import { prepareLayer, stepMsWithoutWait, type TimeMode, timeSteps } from "./scan_report.ts";
 
 await init();
 if (!deviceInfo().timestampQuery) {
@@ -86,10 +88,8 @@ async function measureSteps(mode: TimeMode, dModel: number, N: number, L: number
       perStep = dispatchCount() - d0;
       await sync();
     }
-    const t0 = performance.now();
-    p.step();
-    await sync();
-    const k = Math.max(4, Math.min(64, Math.round(250 / Math.max(0.05, performance.now() - t0))));
+    const est = await stepMsWithoutWait((n) => timeSteps(p, n), await timeSteps(p, 1));
+    const k = Math.max(4, Math.min(256, Math.round(250 / est)));
     const wall: number[] = [], host: number[] = [], span: number[] = [];
     for (let r = 0; r < 5; r++) {
       await sync();
@@ -162,8 +162,22 @@ async function dispatchFloorUs(n: number, shared: boolean): Promise<number> {
   return median(us);
 }
 
+/** Ms of a wait with nothing in flight: an empty command buffer submitted, then `onSubmittedWorkDone`. */
+async function idleWaitMs(): Promise<number> {
+  const ms: number[] = [];
+  for (let r = 0; r < 11; r++) {
+    await sync();
+    const t0 = performance.now();
+    device.queue.submit([device.createCommandEncoder().finish()]);
+    await device.queue.onSubmittedWorkDone();
+    ms.push(performance.now() - t0);
+  }
+  return median(ms.slice(1));
+}
+
 const f = (x: number) => (x >= 10 ? x.toFixed(1) : x.toFixed(3));
 console.log(`adapter: ${deviceInfo().description}`);
+console.log(`a wait with nothing in flight (empty submit, onSubmittedWorkDone): ${f(await idleWaitMs())} ms`);
 console.log(
   "\n| mode | d_model | N | L | steps per wait | dispatches per step | wall ms / step | host ms / step | " +
     "GPU span ms / step | kernels ms / step | gap µs / dispatch |",

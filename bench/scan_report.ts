@@ -13,9 +13,12 @@
  * product's gradient), the same in every mode. For each configuration the modes are prepared side by side and measured
  * interleaved (rep 1: fused, pscan, sequential; rep 2: pscan, sequential, fused; ...: the order rotates, so
  * no mode always runs first or last), so that the machine's load drifts alike for all; each measurement
- * records k steps and waits once (k = the batch time, 250 ms, over the step time, but at most 64 steps, so
- * the fastest configurations' batches are shorter: fused at L 128 about 180 ms, where the ~11 ms wait, not
- * subtracted, is about 6%) and gives ms per step; the tables give the median over reps. Slow
+ * records k steps and waits once (k = the batch time, 250 ms, over the step time, at most 256) and gives ms
+ * per step, the wait's share included (a wait costs about 11 ms on lavapipe, 13-16 ms on the H200: about 5%
+ * of a batch). The step time that sizes k is measured without its wait (`stepMsWithoutWait`). Before that
+ * function it was one step with its wait, which made the fastest configurations' batches short: 14-18 steps
+ * per wait on the H200, each carrying about 0.8 ms of the wait, and 8-16 fused steps at L <= 1024 on
+ * lavapipe, about a fifth of whose batch was the wait; the tables give the median over reps. Slow
  * configurations get fewer reps (as few as one) and, once a mode's step takes over 5 s, no warm-up step
  * (its kernels are compiled by then, but the first step also pays for allocating fresh buffers).
  *
@@ -192,6 +195,20 @@ export async function hostMs(
   }
 }
 
+/**
+ * Ms per step net of the wait that ends a measurement: `time(n)` gives ms per step of n steps recorded and one
+ * wait, `t1` is `time(1)`; n steps and one differ by n - 1 steps, the wait cancelling. (Sizing batches by `t1`
+ * alone took the wait, 13-16 ms on the H200, for the step.)
+ */
+export async function stepMsWithoutWait(
+  time: (n: number) => Promise<number>,
+  t1: number,
+  n = 8,
+): Promise<number> {
+  const tn = await time(n);
+  return Math.max((n * tn - t1) / (n - 1), 1e-3);
+}
+
 /** Records `k` steps, waits once; ms per step. */
 export async function timeSteps(p: PreparedLayer, k: number): Promise<number> {
   const t0 = performance.now();
@@ -250,10 +267,11 @@ export async function timeConfig(
       }
       let t = await timeSteps(p, 1); // warm-up (compiles kernels on first use, fills the pool)
       if (t < 2000) t = await timeSteps(p, 1);
+      if (t < opt.batchMs) t = await stepMsWithoutWait((n) => timeSteps(p, n), t);
       estimate.push(t);
       row.warmedUp[m] = true;
     }
-    const ks = estimate.map((t) => Math.max(1, Math.min(64, Math.round(opt.batchMs / t))));
+    const ks = estimate.map((t) => Math.max(1, Math.min(256, Math.round(opt.batchMs / t))));
     const perRep = estimate.reduce((s, t, i) => s + Math.max(t * ks[i], t), 0);
     const reps = perRep > opt.configMs / 2
       ? 1
@@ -375,7 +393,8 @@ export async function rooflineFused(
       return (performance.now() - t0) / n;
     };
     await run(1);
-    k = Math.max(1, Math.min(256, Math.round(batchMs / await run(2))));
+    const perCall = await stepMsWithoutWait(run, await run(1));
+    k = Math.max(1, Math.min(256, Math.round(batchMs / perCall)));
     for (let r = 0; r < reps; r++) samples.push(await run(k));
   } finally {
     for (const v of Object.values(t) as Tensor[]) v.dispose();
