@@ -44,7 +44,7 @@ import { Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { fusedScanForward } from "../scan/fused.ts";
 import { type FusedVariant, fusedVariant, setFusedVariant } from "../scan/fused_variant.ts";
-import { ensureFusedTuned } from "../scan/tune_fused.ts";
+import { type FusedTuneResult, tuneFusedScan } from "../scan/tune_fused.ts";
 import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
@@ -207,6 +207,13 @@ export async function stepMsWithoutWait(
 ): Promise<number> {
   const tn = await time(n);
   return Math.max((n * tn - t1) / (n - 1), 1e-3);
+}
+
+/** The tuner's result for state size N as the report keeps it: the ten best candidates. */
+function tuningSummary(N: number, r: FusedTuneResult): NonNullable<ScanReport["tuning"]>[number] {
+  const top = Object.entries(r.timings).sort((a, b) => a[1] - b[1]).slice(0, 10)
+    .map(([v, score]): [string, number, number[]] => [v, score, r.problemTimings?.[v] ?? []]);
+  return { N, fromCache: r.fromCache, problems: r.problems ?? [], top };
 }
 
 /** Records `k` steps, waits once; ms per step. */
@@ -476,6 +483,10 @@ export interface ScanReport {
   source: { commit: string; uncommitted: string[] };
   /** Fused-scan kernel variant per state size. */
   fusedVariants: FusedVariant[];
+  /** What the tuner measured for each state size (absent in older reports): its problems, and the fastest
+   * candidates with their score and their time on each problem (empty where it measured nothing, or read its
+   * choice from the cache: then `fromCache`). */
+  tuning?: { N: number; fromCache: boolean; problems: number[][]; top: [string, number, number[]][] }[];
   timing: TimingOptions;
   sweeps: {
     L: { fixed: { dModel: number; N: number }; modes: TimeMode[]; rows: Row[] };
@@ -632,7 +643,14 @@ if (import.meta.main) {
     : { batchMs: 250, configMs: 40000, maxReps: 5, minReps: 2 };
   const log = (s: string) => console.error(`[${((performance.now() - start) / 1000).toFixed(0)} s] ${s}`);
   // The variant for each state size measured, as the trainer does before its first step (init() tunes N 16 only)
-  for (const N of [4, 16, 64]) await ensureFusedTuned(N);
+  const tuning: ScanReport["tuning"] = [];
+  for (const N of [4, 16, 64]) tuning.push(tuningSummary(N, await tuneFusedScan(N)));
+  for (const t of tuning) {
+    const best = t.top.slice(0, 3).map(([v, score, each]) =>
+      `${score.toFixed(3)}${each.length > 1 ? ` (${each.map((m) => m.toFixed(3)).join(" / ")})` : ""} ${v}`
+    );
+    log(`fused scan, N ${t.N}${t.fromCache ? " (cached)" : ""}: ${best.join("; ") || "nothing measured"}`);
+  }
   log(`fused variants: ${[4, 16, 64].map((n) => JSON.stringify(fusedVariant(n))).join(", ")}`);
 
   const sweep = async (
@@ -714,6 +732,7 @@ if (import.meta.main) {
     quick,
     source: await sourceVersion(),
     fusedVariants: [4, 16, 64].map((n) => fusedVariant(n)),
+    tuning,
     timing,
     sweeps: {
       L: { fixed: { dModel: 16, N: 16 }, modes: lModes, rows: rowsL },
