@@ -127,7 +127,12 @@ export {
   defaultFusedVariant,
   type FusedVariant,
   fusedVariant,
+  fusedVariantFor,
+  fusedVariantsByProblem,
+  NEAR_PROBLEM,
+  type ProblemVariant,
   setFusedVariant,
+  setFusedVariantsByProblem,
 } from "./scan/fused_variant.ts";
 export { MAX_INLINE_DT_RANK } from "./scan/fused_wgsl.ts";
 export {

@@ -43,7 +43,13 @@ import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { fusedScanForward } from "../scan/fused.ts";
-import { type FusedVariant, fusedVariant, setFusedVariant } from "../scan/fused_variant.ts";
+import {
+  type FusedVariant,
+  fusedVariant,
+  fusedVariantsByProblem,
+  setFusedVariant,
+  setFusedVariantsByProblem,
+} from "../scan/fused_variant.ts";
 import { type FusedTuneResult, tuneFusedScan } from "../scan/tune_fused.ts";
 import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
@@ -72,12 +78,13 @@ function layerConfig(mode: TimeMode, dModel: number, N: number) {
  * parallel (set around the recording only, so the other modes measured alongside keep theirs). */
 function inMode<T>(mode: TimeMode, N: number, fn: () => T): T {
   if (mode !== "fused+chunked") return fn();
-  const before = fusedVariant(N);
-  setFusedVariant(N, { ...before, chunkParallel: true });
+  const [before, byProblem] = [fusedVariant(N), fusedVariantsByProblem(N)];
+  setFusedVariant(N, { ...before, chunkParallel: true }); // for every shape: it clears the variants by problem
   try {
     return fn();
   } finally {
     setFusedVariant(N, before);
+    setFusedVariantsByProblem(N, byProblem);
   }
 }
 
@@ -213,7 +220,7 @@ export async function stepMsWithoutWait(
 function tuningSummary(N: number, r: FusedTuneResult): NonNullable<ScanReport["tuning"]>[number] {
   const top = Object.entries(r.timings).sort((a, b) => a[1] - b[1]).slice(0, 10)
     .map(([v, score]): [string, number, number[]] => [v, score, r.problemTimings?.[v] ?? []]);
-  return { N, fromCache: r.fromCache, problems: r.problems ?? [], top };
+  return { N, fromCache: r.fromCache, problems: r.problems ?? [], top, byProblem: r.byProblem ?? [] };
 }
 
 /** Records `k` steps, waits once; ms per step. */
@@ -486,7 +493,14 @@ export interface ScanReport {
   /** What the tuner measured for each state size (absent in older reports): its problems, and the fastest
    * candidates with their score and their time on each problem (empty where it measured nothing, or read its
    * choice from the cache: then `fromCache`). */
-  tuning?: { N: number; fromCache: boolean; problems: number[][]; top: [string, number, number[]][] }[];
+  tuning?: {
+    N: number;
+    fromCache: boolean;
+    problems: number[][];
+    top: [string, number, number[]][];
+    /** The fastest variant on each problem, for calls near it in shape (several problems only). */
+    byProblem?: { problem: number[]; variant: FusedVariant }[];
+  }[];
   timing: TimingOptions;
   sweeps: {
     L: { fixed: { dModel: number; N: number }; modes: TimeMode[]; rows: Row[] };

@@ -41,7 +41,7 @@ import { backwardKernel } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel } from "./fused_reduce_kernels.ts";
 import { chainKernel, localKernel } from "./fused_carry_kernels.ts";
-import { type FusedVariant, fusedVariant, MAX_CHUNKS_CHAINED, stateBlocks } from "./fused_variant.ts";
+import { type FusedVariant, fusedVariantFor, MAX_CHUNKS_CHAINED, stateBlocks } from "./fused_variant.ts";
 import { MAX_INLINE_DT_RANK, partialWidth } from "./fused_wgsl.ts";
 
 /** Steps one invocation walks per dispatch at most (loops stop at 65535 iterations on software adapters). */
@@ -81,7 +81,9 @@ const ranWith = new WeakMap<Storage, FusedVariant>();
 
 function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: FusedVariant) {
   const [B, L, ED] = x.shape;
-  const v = { ...(ran ?? fusedVariant(a.N)) };
+  // the forward's variant in the backward; else the variant for this call's shape
+  const picked = ran ?? fusedVariantFor(a.N, B, L, ED);
+  const v = { ...picked };
   // Channels are the only parallelism: halve the workgroup until there are enough of them. Shuffles and
   // lanes per channel need whole subgroups: the workgroup stays a multiple of the (largest) subgroup size.
   const sg = deviceInfo().subgroups;
@@ -98,6 +100,7 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: Fu
     L,
     ED,
     v,
+    picked,
     chunked,
     u: {
       B,
@@ -142,11 +145,11 @@ export function fusedScanForward(
 ): { y: Tensor; ph: Tensor } {
   const Ri = a.dtInside ? a.R : 0;
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
-  const { B, L, ED, v, u, chunked } = sizes(x, dBC, a, z);
+  const { B, L, ED, v, picked, u, chunked } = sizes(x, dBC, a, z);
   const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
   const parSize = params.reduce((n, t) => n + t.size, 0);
   const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
-  ranWith.set(ph.storage, fusedVariant(a.N));
+  ranWith.set(ph.storage, picked);
   packInto(ph, params); // one dispatch: copies would each end the compute pass
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
@@ -180,7 +183,7 @@ export function fusedScanForward(
  * tensor: `ph` is not consumed, and the caller disposes both.
  */
 export function lastState(ph: Tensor, B: number, ED: number, N: number, L: number): Tensor {
-  const chunks = Math.ceil(L / (ranWith.get(ph.storage) ?? fusedVariant(N)).Lc);
+  const chunks = Math.ceil(L / (ranWith.get(ph.storage) ?? fusedVariantFor(N, B, L, ED)).Lc);
   const h = Tensor.empty([B, ED, N]); // h: (B, ED, N)
   const hsOff = ph.size - B * ED * chunks * N;
   copyBox(ph, { offset: hsOff + (chunks - 1) * N, strides: [ED * chunks * N, chunks * N, 1] }, h, {

@@ -155,43 +155,96 @@ export function fusedVariant(N: number): FusedVariant {
   return chosen.get(N) ?? defaultFusedVariant(N);
 }
 
-/** Selects the variant for a state size (the tuner calls this with its measured choice); null resets. */
+/** Selects the variant for a state size (the tuner calls this with its measured choice); null resets. It
+ * applies to every call: it also clears the variants by problem ({@linkcode setFusedVariantsByProblem}). */
 export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): void {
+  byProblem.delete(N);
   if (v === null) chosen.delete(N);
-  else {
-    const Ls = v.Ls ?? v.Lc;
-    const nb = v.Nb ?? N;
-    const blocks = Number.isInteger(nb) && nb >= 1 && nb <= N ? stateBlocks({ N, ...v }) : [];
-    const Nb = blocks[0]?.Nb ?? v.Nb ?? N; // the largest block
-    // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, S steps (at
-    // least one) of dB/dC terms (2 Nb, and the dt terms of dt_proj inside the kernels)
-    const terms = v.reduce === "subgroup" ? 0 : 2 * Nb + MAX_INLINE_DT_RANK;
-    const wgBytes = 4 * v.WG * ((v.S ?? 1) * terms + (v.hbuf === "workgroup" ? Ls * Nb : 0));
-    const { limits, subgroups } = deviceInfo();
-    if (
-      wgBytes > limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 || (v.Lc / Ls - 1) * Nb > 2048 ||
-      !Number.isInteger(v.WG) || v.WG < 1 || v.WG > limits.maxComputeInvocationsPerWorkgroup ||
-      v.WG > limits.maxComputeWorkgroupSizeX || !Number.isInteger(v.Lc) || v.Lc < 1 || v.Lc > MAX_CHUNK ||
-      !Number.isInteger(Ls) || Ls < 1 || v.Lc % Ls !== 0 || blocks.length === 0 ||
-      (v.S !== undefined && !(Number.isInteger(v.S) && v.S >= 1)) ||
-      (v.reduce === "subgroup" && !subgroups) || (v.shuffle && v.WG % shuffleSize() !== 0) ||
-      !blocks.every((b) => lanesFit(v, b.Nb))
-    ) {
-      throw new Error(
-        `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${v.Nb ?? N}${
-          v.S !== undefined ? `, S ${v.S}` : ""
-        }${v.lanes ? `, lanes ${v.lanes}` : ""}${
-          v.reduce ? `, reduce ${v.reduce}` : ""
-        } does not fit N = ${N} on this device (Ls must divide Lc, Lc at ` +
-          `most ${MAX_CHUNK}, Nb be an integer from 1 to N and S be an integer >= 1; ` +
-          "Ls*Nb and (Lc/Ls - 1)*Nb at most 2048 floats; WG within the device's workgroup size; workgroup " +
-          `memory (${wgBytes} bytes) within the device limit (${limits.maxComputeWorkgroupStorageSize}); subgroup ` +
-          "sums need subgroups; with shuffle, WG a multiple of the subgroup size; lanes a power of two dividing " +
-          "every state block, at most a fixed subgroup size, WG a multiple of it, subgroup sums, no shuffle)",
-      );
-    }
-    chosen.set(N, { N, ...v });
+  else chosen.set(N, checked(N, v));
+}
+
+/** The variant with its N, or an error naming what does not fit. */
+function checked(N: number, v: Omit<FusedVariant, "N">): FusedVariant {
+  const Ls = v.Ls ?? v.Lc;
+  const nb = v.Nb ?? N;
+  const blocks = Number.isInteger(nb) && nb >= 1 && nb <= N ? stateBlocks({ N, ...v }) : [];
+  const Nb = blocks[0]?.Nb ?? v.Nb ?? N; // the largest block
+  // workgroup memory: the recomputed states (hbuf "workgroup") and, without subgroup sums, S steps (at
+  // least one) of dB/dC terms (2 Nb, and the dt terms of dt_proj inside the kernels)
+  const terms = v.reduce === "subgroup" ? 0 : 2 * Nb + MAX_INLINE_DT_RANK;
+  const wgBytes = 4 * v.WG * ((v.S ?? 1) * terms + (v.hbuf === "workgroup" ? Ls * Nb : 0));
+  const { limits, subgroups } = deviceInfo();
+  if (
+    wgBytes > limits.maxComputeWorkgroupStorageSize || Ls * Nb > 2048 || (v.Lc / Ls - 1) * Nb > 2048 ||
+    !Number.isInteger(v.WG) || v.WG < 1 || v.WG > limits.maxComputeInvocationsPerWorkgroup ||
+    v.WG > limits.maxComputeWorkgroupSizeX || !Number.isInteger(v.Lc) || v.Lc < 1 || v.Lc > MAX_CHUNK ||
+    !Number.isInteger(Ls) || Ls < 1 || v.Lc % Ls !== 0 || blocks.length === 0 ||
+    (v.S !== undefined && !(Number.isInteger(v.S) && v.S >= 1)) ||
+    (v.reduce === "subgroup" && !subgroups) || (v.shuffle && v.WG % shuffleSize() !== 0) ||
+    !blocks.every((b) => lanesFit(v, b.Nb))
+  ) {
+    throw new Error(
+      `setFusedVariant: WG ${v.WG}, Lc ${v.Lc}, Ls ${Ls}, Nb ${v.Nb ?? N}${
+        v.S !== undefined ? `, S ${v.S}` : ""
+      }${v.lanes ? `, lanes ${v.lanes}` : ""}${
+        v.reduce ? `, reduce ${v.reduce}` : ""
+      } does not fit N = ${N} on this device (Ls must divide Lc, Lc at ` +
+        `most ${MAX_CHUNK}, Nb be an integer from 1 to N and S be an integer >= 1; ` +
+        "Ls*Nb and (Lc/Ls - 1)*Nb at most 2048 floats; WG within the device's workgroup size; workgroup " +
+        `memory (${wgBytes} bytes) within the device limit (${limits.maxComputeWorkgroupStorageSize}); subgroup ` +
+        "sums need subgroups; with shuffle, WG a multiple of the subgroup size; lanes a power of two dividing " +
+        "every state block, at most a fixed subgroup size, WG a multiple of it, subgroup sums, no shuffle)",
+    );
   }
+  return { N, ...v };
+}
+
+/** A problem the tuner measured, [B, L, ED], and the variant fastest on it. */
+export interface ProblemVariant {
+  /** [B, L, ED] */
+  problem: number[];
+  /** The fastest variant on it. */
+  variant: FusedVariant;
+}
+
+const byProblem = new Map<number, ProblemVariant[]>();
+
+/** A call this close to a problem in L / (B ED) (a factor, either way) takes that problem's variant. */
+export const NEAR_PROBLEM = 4;
+
+/**
+ * Sets, for state size N, the fastest variant on each of the tuner's problems (after `setFusedVariant` with the
+ * variant for everything else); null clears them. Each must fit, as `setFusedVariant` checks.
+ */
+export function setFusedVariantsByProblem(
+  N: number,
+  picks: { problem: number[]; variant: Omit<FusedVariant, "N"> }[] | null,
+): void {
+  if (picks === null || picks.length === 0) byProblem.delete(N);
+  else byProblem.set(N, picks.map((p) => ({ problem: [...p.problem], variant: checked(N, p.variant) })));
+}
+
+/** The variants by problem set for state size N (empty when none). */
+export function fusedVariantsByProblem(N: number): ProblemVariant[] {
+  return [...(byProblem.get(N) ?? [])];
+}
+
+/**
+ * The variant for one call of shape (B, L, ED). A long walk over few channels leaves a GPU idle unless chunks
+ * are walked in parallel; a short walk over many channels is faster in order (on the H200 the tuner's pick for
+ * both took 0.79 ms on (4, 256, 128), the fastest there 0.51). So a call whose L / (B ED) is within a factor
+ * NEAR_PROBLEM of one of the tuner's problems takes the variant fastest on it; other calls, and every call
+ * where the tuner measured one problem, take {@linkcode fusedVariant}.
+ */
+export function fusedVariantFor(N: number, B: number, L: number, ED: number): FusedVariant {
+  const walk = (b: number, l: number, ed: number) => Math.log(l / Math.max(1, b * ed));
+  let best: FusedVariant | null = null;
+  let bestDist = Math.log(NEAR_PROBLEM);
+  for (const p of byProblem.get(N) ?? []) {
+    const d = Math.abs(walk(B, L, ED) - walk(p.problem[0], p.problem[1], p.problem[2]));
+    if (d <= bestDist) [best, bestDist] = [p.variant, d];
+  }
+  return best ?? fusedVariant(N);
 }
 
 /** Whether a variant's lanes per channel fit: a power of two dividing Nb, within one subgroup of a fixed size

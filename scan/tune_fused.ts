@@ -24,12 +24,14 @@ import {
   defaultFusedVariant,
   type FusedVariant,
   MAX_INLINE_DT_RANK,
+  type ProblemVariant,
   setFusedVariant,
+  setFusedVariantsByProblem,
   stateBlocks,
 } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 24;
+export const FUSED_KERNEL_VERSION = 25;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -47,6 +49,11 @@ export interface FusedTuneResult {
   problems: number[][];
   /** Each candidate's milliseconds on each problem, in the order of `problems`. */
   problemTimings: Record<string, number[]>;
+  /**
+   * Where there were several problems, the fastest variant on each: calls near one of them in shape take it
+   * ({@linkcode fusedVariantFor}), the others `variant`. Empty with one problem.
+   */
+  byProblem: ProblemVariant[];
   /** True when read from the cache without measuring. */
   fromCache: boolean;
 }
@@ -229,6 +236,7 @@ export async function tuneFusedScan(
       timings: {},
       problems: [],
       problemTimings: {},
+      byProblem: [],
       fromCache: false,
     };
   }
@@ -236,7 +244,14 @@ export async function tuneFusedScan(
   if (candidates.length === 1) {
     // nothing to choose between (a software adapter above N = 16): no measurement
     setFusedVariant(N, candidates[0]);
-    return { variant: candidates[0], timings: {}, problems: [], problemTimings: {}, fromCache: false };
+    return {
+      variant: candidates[0],
+      timings: {},
+      problems: [],
+      problemTimings: {},
+      byProblem: [],
+      fromCache: false,
+    };
   }
   const key = cacheKey(N);
   if (!options.force) {
@@ -245,6 +260,7 @@ export async function tuneFusedScan(
       if (cached) {
         const r = JSON.parse(cached) as FusedTuneResult;
         setFusedVariant(N, r.variant);
+        setFusedVariantsByProblem(N, r.byProblem ?? null);
         return { ...r, fromCache: true };
       }
     } catch { /* no localStorage here, or a cached variant that no longer fits: measure */ }
@@ -276,8 +292,14 @@ export async function tuneFusedScan(
     if (performance.now() - started > (options.budgetMs ?? TUNE_BUDGET_MS)) break;
   }
   for (const p of runs) p.dispose();
+  // the fastest on each problem, for calls of about its shape (with one problem, `best` is that)
+  const byProblem: ProblemVariant[] = problems.length < 2 ? [] : problems.map((problem, i) => {
+    const [v] = Object.entries(problemTimings).reduce((a, b) => (b[1][i] < a[1][i] ? b : a));
+    return { problem, variant: JSON.parse(v) as FusedVariant };
+  });
   setFusedVariant(N, best);
-  const result = { variant: best, timings, problems, problemTimings, fromCache: false };
+  setFusedVariantsByProblem(N, byProblem);
+  const result = { variant: best, timings, problems, problemTimings, byProblem, fromCache: false };
   try {
     globalThis.localStorage?.setItem(key, JSON.stringify(result));
     dropStaleTuneKeys(KEY_FAMILY, `${KEY_FAMILY}${FUSED_KERNEL_VERSION}.`);

@@ -529,6 +529,74 @@ Deno.test("the backward's butterfly sums columns over any subgroup size (simulat
   }
 });
 
+Deno.test("variants by problem: a call near a problem's shape runs that problem's variant, its backward the forward's; other calls the tuner's pick", async () => {
+  await init();
+  const {
+    defaultFusedVariant,
+    fusedVariant,
+    fusedVariantFor,
+    fusedVariantsByProblem,
+    setFusedVariant,
+    setFusedVariantsByProblem,
+  } = await import("../scan/fused_variant.ts");
+  const before = fusedVariant(16);
+  // three variants told apart by their chunk lengths (and chunks in parallel for the long, narrow problem),
+  // from the default, which fits every adapter
+  const base = defaultFusedVariant(16);
+  const pick: FusedVariant = { ...base, Lc: 64, Ls: 16, chunkParallel: false };
+  const wide: FusedVariant = { ...base, Lc: 32, Ls: 16, chunkParallel: false };
+  const narrowPick: FusedVariant = { ...base, Lc: 16, Ls: 16, chunkParallel: true };
+  try {
+    setFusedVariant(16, pick);
+    setFusedVariantsByProblem(16, [
+      { problem: [4, 256, 128], variant: wide }, // L / (B ED) = 0.5
+      { problem: [1, 2048, 32], variant: narrowPick }, // 64
+    ]);
+    // the nearest problem in L / (B ED) within a factor of 4, else the pick
+    for (
+      const [B, L, ED, want] of [
+        [4, 256, 128, wide],
+        [2, 1024, 768, wide], // 0.67
+        [1, 2048, 32, narrowPick],
+        [1, 1024, 32, narrowPick], // 32
+        [1, 1024, 128, pick], // 8: 16x and 8x away
+        [1, 16, 1024, pick], // 0.016
+      ] as [number, number, number, FusedVariant][]
+    ) {
+      assert.deepEqual(fusedVariantFor(16, B, L, ED), want, `(${B}, ${L}, ${ED})`);
+    }
+    assert.deepEqual(fusedVariantFor(4, 1, 2048, 32), fusedVariant(4), "another state size: its own variant");
+    // run: the kernels of the variant for the shape, and every gradient right (the backward reads the chunk
+    // states with the forward's chunk length)
+    for (
+      const [c, lc, local] of [
+        [{ B: 1, L: 160, ED: 4, N: 16, R: 2, gated: true }, "_Lc16_", true], // 40
+        [{ B: 2, L: 20, ED: 24, N: 16, R: 2, gated: true }, "_Lc32_", false], // 0.42
+        [{ B: 1, L: 100, ED: 12, N: 16, R: 2, gated: false }, "_Lc64_", false], // 8.3
+      ] as [Case, string, boolean][]
+    ) {
+      const { kernels } = await kernelsRun(() => compare(c, 31));
+      const scan = kernels.filter((k) => k.startsWith("fused_scan_"));
+      assert.ok(scan.some((k) => k.includes(lc)), `${JSON.stringify(c)}: ${lc} in ${scan}`);
+      assert.equal(
+        scan.some((k) => k.startsWith("fused_scan_local")),
+        local,
+        `${JSON.stringify(c)}: ${scan}`,
+      );
+    }
+    // an explicit choice applies to every call; a variant that does not fit is refused
+    setFusedVariant(16, pick);
+    assert.deepEqual(fusedVariantsByProblem(16), []);
+    assert.deepEqual(fusedVariantFor(16, 1, 2048, 32), pick);
+    assert.throws(
+      () => setFusedVariantsByProblem(16, [{ problem: [1, 1, 1], variant: { ...before, Lc: 64, Ls: 48 } }]),
+      /Ls 48, .* does not fit N = 16/,
+    );
+  } finally {
+    setFusedVariant(16, before);
+  }
+});
+
 Deno.test("the tuner's candidates are valid variants on a CPU adapter, a GPU-like one (lanes per channel) and where the subgroup size varies", async () => {
   const info = await init();
   const { fusedCandidates } = await import("../scan/tune_fused.ts");
@@ -667,6 +735,16 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow or past
     assert.ok(
       Math.abs(g.timings[key] - Math.sqrt(a * b)) <= 1e-9 * g.timings[key],
       `score ${g.timings[key]}`,
+    );
+    // ... and keeps the fastest on each problem (here the one measured) for calls near it in shape
+    assert.deepEqual(g.byProblem.map((p) => [p.problem, JSON.stringify(p.variant)]), [
+      [[4, 256, 128], key],
+      [[1, 2048, 32], key],
+    ]);
+    assert.equal(
+      r.byProblem.length,
+      r.problems.length > 1 ? r.problems.length : 0,
+      "one problem: none by problem",
     );
   } finally {
     info.isFallbackAdapter = fallback;
