@@ -18,14 +18,19 @@
 #             and every variant, whole models, long L), printing every measured error (MAMBA_TOL_REPORT=1)
 #   suite     the rest of the test suite (no browser, hub or subgroup-size tests)
 #   timeline  bench/gpu_timeline.ts: a step's wall, host, GPU-span and kernel times side by side, and the
-#             GPU's own time per dispatch (where the H200's fused step went, unexplained at 49a9be6)
+#             GPU's own time per dispatch and a wait's cost (the H200's report at 49a9be6 put ~1 ms of its
+#             waits into each small step)
+#   variants  bench/fused_variants_layer.ts: a layer's step with each of the fused tuner's best variants and
+#             with its per-call choice, at d_model 16 to 1024 (does the tuner's proxy pick what layers want?)
 #   quick     bench/scan_report.ts --quick (scan_quick.json)
 #   report    the full bench/scan_report.ts (scan.json)
 #   matmul    bench/matmul_shapes.ts (matmul variants at a layer's shapes)
 # At most 8 files come back from $OUT: phases write one log each, quick/report/matmul one JSON more.
 # Seen on the H200 (2026-11-30): the machine starts in ~30 s; adapter 25 s; tests more than 270 s (all but
 # the end of matmul_test, ops_matmul_test, memory_test and most of model_fuzz_test ran in 150 + 120 s);
-# report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each).
+# report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each). For 15 minutes:
+#   GPU_CHECK_LIMIT_REPORT=200 GPU_CHECK_LIMIT_TESTS=330 bash bench/gpu_check.sh run adapter timeline variants \
+#   report tests   (about 12 minutes; timeout_s 600 is the most one call may take)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
@@ -160,6 +165,9 @@ run() {
       timeline)
         phase timeline 120 deno run "${flags[@]}" bench/gpu_timeline.ts
         ;;
+      variants)
+        phase variants 200 deno run "${flags[@]}" bench/fused_variants_layer.ts
+        ;;
       quick)
         phase quick 180 deno run "${flags[@]}" bench/scan_report.ts --quick
         cp bench/results/scan_quick.json "$OUT/" 2>/dev/null
@@ -173,7 +181,7 @@ run() {
         cp bench/results/matmul_shapes.json "$OUT/" 2>/dev/null
         ;;
       *)
-        echo "unknown phase '$p' (adapter, tests, suite, timeline, quick, report, matmul)" >&2
+        echo "unknown phase '$p' (adapter, tests, suite, timeline, variants, quick, report, matmul)" >&2
         exit 2
         ;;
     esac
@@ -187,7 +195,7 @@ case "${1:-}" in
     run "$@"
     ;;
   *)
-    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
