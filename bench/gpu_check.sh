@@ -25,7 +25,8 @@
 #   quick     bench/scan_report.ts --quick (scan_quick.json)
 #   report    the full bench/scan_report.ts (scan.json)
 #   matmul    bench/matmul_shapes.ts (matmul variants at a layer's shapes)
-# At most 8 files come back from $OUT: phases write one log each, quick/report/matmul one JSON more.
+#   generate  bench/generate_report.ts (prefill and decode tokens/s, GPU and host memory; generate.json)
+# At most 8 files come back from $OUT: phases write one log each, quick/report/matmul/generate one JSON more.
 # Seen on the H200 (2026-11-30): the machine starts in ~30 s; adapter 25 s; tests more than 270 s (all but
 # the end of matmul_test, ops_matmul_test, memory_test and most of model_fuzz_test ran in 150 + 120 s);
 # report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each). A 15-minute lease
@@ -181,8 +182,12 @@ run() {
         phase matmul 180 deno run "${flags[@]}" bench/matmul_shapes.ts
         cp bench/results/matmul_shapes.json "$OUT/" 2>/dev/null
         ;;
+      generate)
+        phase generate 240 deno run "${flags[@]}" bench/generate_report.ts
+        cp bench/results/generate.json "$OUT/" 2>/dev/null
+        ;;
       *)
-        echo "unknown phase '$p' (adapter, tests, suite, timeline, variants, quick, report, matmul)" >&2
+        echo "unknown phase '$p' (adapter, tests, suite, timeline, variants, quick, report, matmul, generate)" >&2
         exit 2
         ;;
     esac
@@ -196,7 +201,7 @@ case "${1:-}" in
     run "$@"
     ;;
   *)
-    sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
