@@ -24,7 +24,7 @@ import {
 import { tuneFusedScan } from "../scan/tune_fused.ts";
 import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { median } from "./report_util.ts";
-import { prepareLayer, stepMsWithoutWait, timeSteps } from "./scan_report.ts";
+import { prepareLayer, stepMsWithoutWait, stepsPerWait, timeSteps } from "./scan_report.ts";
 
 const USAGE = `Usage: deno run -A bench/fused_variants_layer.ts [--quick]
 
@@ -77,7 +77,7 @@ for (const dModel of dModels) {
       try {
         if (!ks.has(name)) { // warm-up, then steps enough for about 250 ms per wait
           const est = await stepMsWithoutWait((n) => timeSteps(p, n), await timeSteps(p, 1));
-          ks.set(name, Math.max(1, Math.min(256, Math.round(250 / est))));
+          ks.set(name, stepsPerWait(250, est));
         } else await timeSteps(p, 1);
         samples.get(name)!.push(await timeSteps(p, ks.get(name)!));
       } finally {

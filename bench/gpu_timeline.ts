@@ -24,7 +24,7 @@
 import { deviceInfo, gpuDevice, init } from "../core/device.ts";
 import { dispatchCount, flush, profile, sync } from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
-import { prepareLayer, stepMsWithoutWait, type TimeMode, timeSteps } from "./scan_report.ts";
+import { prepareLayer, stepMsWithoutWait, stepsPerWait, type TimeMode, timeSteps } from "./scan_report.ts";
 
 await init();
 if (!deviceInfo().timestampQuery) {
@@ -89,7 +89,7 @@ async function measureSteps(mode: TimeMode, dModel: number, N: number, L: number
       await sync();
     }
     const est = await stepMsWithoutWait((n) => timeSteps(p, n), await timeSteps(p, 1));
-    const k = Math.max(4, Math.min(256, Math.round(250 / est)));
+    const k = stepsPerWait(250, est, 4);
     const wall: number[] = [], host: number[] = [], span: number[] = [];
     for (let r = 0; r < 5; r++) {
       await sync();

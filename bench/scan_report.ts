@@ -216,6 +216,11 @@ export async function stepMsWithoutWait(
   return Math.max((n * tn - t1) / (n - 1), 1e-3);
 }
 
+/** Steps per wait for a batch of about `batchMs` of steps of `stepMs` each: at least `min`, at most 256. */
+export function stepsPerWait(batchMs: number, stepMs: number, min = 1): number {
+  return Math.max(min, Math.min(256, Math.round(batchMs / stepMs)));
+}
+
 /** The tuner's result for state size N as the report keeps it: the ten best candidates. */
 function tuningSummary(N: number, r: FusedTuneResult): NonNullable<ScanReport["tuning"]>[number] {
   const top = Object.entries(r.timings).sort((a, b) => a[1] - b[1]).slice(0, 10)
@@ -285,7 +290,7 @@ export async function timeConfig(
       estimate.push(t);
       row.warmedUp[m] = true;
     }
-    const ks = estimate.map((t) => Math.max(1, Math.min(256, Math.round(opt.batchMs / t))));
+    const ks = estimate.map((t) => stepsPerWait(opt.batchMs, t));
     const perRep = estimate.reduce((s, t, i) => s + Math.max(t * ks[i], t), 0);
     const reps = perRep > opt.configMs / 2
       ? 1
@@ -408,7 +413,7 @@ export async function rooflineFused(
     };
     await run(1);
     const perCall = await stepMsWithoutWait(run, await run(1));
-    k = Math.max(1, Math.min(256, Math.round(batchMs / perCall)));
+    k = stepsPerWait(batchMs, perCall);
     for (let r = 0; r < reps; r++) samples.push(await run(k));
   } finally {
     for (const v of Object.values(t) as Tensor[]) v.dispose();

@@ -237,11 +237,14 @@ export function fusedVariantsByProblem(N: number): ProblemVariant[] {
  * where the tuner measured one problem, take {@linkcode fusedVariant}.
  */
 export function fusedVariantFor(N: number, B: number, L: number, ED: number): FusedVariant {
+  const picks = byProblem.get(N);
+  if (!picks) return fusedVariant(N);
   const walk = (b: number, l: number, ed: number) => Math.log(l / Math.max(1, b * ed));
+  const here = walk(B, L, ED);
   let best: FusedVariant | null = null;
   let bestDist = Math.log(NEAR_PROBLEM);
-  for (const p of byProblem.get(N) ?? []) {
-    const d = Math.abs(walk(B, L, ED) - walk(p.problem[0], p.problem[1], p.problem[2]));
+  for (const p of picks) {
+    const d = Math.abs(here - walk(p.problem[0], p.problem[1], p.problem[2]));
     if (d <= bestDist) [best, bestDist] = [p.variant, d];
   }
   return best ?? fusedVariant(N);
