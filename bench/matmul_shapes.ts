@@ -4,8 +4,11 @@
  * transposed). `tuneKernels` picks a variant from square products; this shows whether that choice also wins at
  * the skinny shapes a layer runs (d_model 64, L 1024 by default).
  *
- * Measurement: per shape and variant, one untimed call (compilation), then 5 batches of 20 calls between two
- * waits; the median batch, less the ~11 ms of a wait, over 20, in ms per call.
+ * Measurement: per shape and variant, one untimed call (compilation), then the median of 21 calls' kernel times
+ * by timestamp queries (`profile()`) where the adapter has them. Otherwise 5 batches of calls between two
+ * waits, each batch about 100 ms of calls (sized net of a wait, as bench/scan_report.ts sizes its steps); the
+ * median batch less one wait, per call. (Batches of 20 calls less a fixed 11 ms, as before, measured mostly
+ * the wait on a GPU, where a wait costs 13-16 ms and 20 calls well under 1 ms.)
  *
  * Run: deno run -A bench/matmul_shapes.ts [--d-model N] [--tokens L]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
@@ -13,11 +16,12 @@
  */
 import { parseArgs } from "node:util";
 import { deviceInfo, init } from "../core/device.ts";
-import { sync } from "../core/executor.ts";
+import { profile, sync } from "../core/executor.ts";
 import { randn } from "../core/creation.ts";
 import { availableMatmulVariants, matmulRaw, type MatmulVariant } from "../core/ops/matmul.ts";
 import { intFlag, parseCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
+import { stepMsWithoutWait, stepsPerWait } from "./scan_report.ts";
 
 const USAGE = `Usage: deno run -A bench/matmul_shapes.ts [options]
 
@@ -55,13 +59,25 @@ async function msPerCall(s: Shape, v: MatmulVariant): Promise<number> {
   try {
     matmulRaw(a, b, opts, v).dispose();
     await sync();
-    const batches: number[] = [];
-    for (let r = 0; r < 5; r++) {
-      const t0 = performance.now();
-      for (let i = 0; i < 20; i++) matmulRaw(a, b, opts, v).dispose();
-      await sync();
-      batches.push((performance.now() - t0 - 11) / 20);
+    const call = () => matmulRaw(a, b, opts, v).dispose();
+    if (deviceInfo().timestampQuery) {
+      const times = await profile(() => {
+        for (let i = 0; i < 21; i++) call();
+      });
+      return median(times.map((t) => t.ms));
     }
+    const time = async (n: number) => {
+      const t0 = performance.now();
+      for (let i = 0; i < n; i++) call();
+      await sync();
+      return (performance.now() - t0) / n;
+    };
+    const t1 = await time(1);
+    const net = await stepMsWithoutWait(time, t1); // ms per call without the wait
+    const k = stepsPerWait(100, net, 8);
+    const wait = t1 - net; // one call and its wait, less the call
+    const batches: number[] = [];
+    for (let r = 0; r < 5; r++) batches.push(((await time(k)) * k - wait) / k);
     return median(batches);
   } finally {
     a.dispose();
@@ -88,7 +104,11 @@ if (import.meta.main) {
     for (const v of variants) ms[v] = await msPerCall(shape, v);
     rows.push({ shape, ms });
   }
-  console.log(`\nmatmul ms per call at d_model ${d}, ${L} rows (${deviceInfo().description})\n`);
+  console.log(
+    `\nmatmul ms per call at d_model ${d}, ${L} rows, ${
+      deviceInfo().timestampQuery ? "kernel time by timestamp queries" : "wall time less a wait"
+    } (${deviceInfo().description})\n`,
+  );
   console.log(`| shape (M x K x N) | ${variants.join(" | ")} |`);
   console.log(`| --- | ${variants.map(() => "---:").join(" | ")} |`);
   for (const { shape: s, ms } of rows) {
@@ -98,6 +118,7 @@ if (import.meta.main) {
   await writeJsonAtomic(resultPath("matmul_shapes.json"), {
     source: await sourceVersion(),
     adapter: deviceInfo().description,
+    timing: deviceInfo().timestampQuery ? "kernel (timestamp queries)" : "wall less a wait",
     dModel: d,
     tokens: L,
     rows,
