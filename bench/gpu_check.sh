@@ -29,7 +29,9 @@
 # At most 8 files come back from $OUT: phases write one log each, quick/report/matmul/generate one JSON more.
 # Seen on the H200 (2026-11-30): the machine starts in ~30 s; adapter 25 s; tests more than 270 s (all but
 # the end of matmul_test, ops_matmul_test, memory_test and most of model_fuzz_test ran in 150 + 120 s);
-# report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each). A 15-minute lease
+# report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each). At eae010e: adapter
+# 33 s (31 of them tuning d_state 16 on a fresh machine), timeline 15 s, matmul 3 s; variants ran out of its
+# 150 s before printing (it now measures five variants and prints each d_model as it finishes). A 15-minute lease
 # in two calls (10 minutes at most each; the second at once, while the machine is warm):
 #   GPU_CHECK_LIMIT_REPORT=200 bash bench/gpu_check.sh run adapter timeline variants report   (~7 min)
 #   GPU_CHECK_LIMIT_TESTS=330 bash bench/gpu_check.sh run tests                             (~6 min)

@@ -13,18 +13,33 @@
  * - kernels: the sum of one step's kernel times (`profile()`: each dispatch in its own pass), and the gap,
  *   span minus kernels, per dispatch.
  *
+ * Each mode is measured twice: the whole layer, and its SSM part alone (`prepareSsm`: x_proj, dt_proj, the
+ * scan, the gate, forward and backward). The layer's other work (norm, in_proj, conv, out_proj, residual and
+ * their gradients) is the same in every mode, so the fused layer's host and kernel times less its SSM part's
+ * give a floor that no scan kernel can go under, and pscan's layer step over that floor the ceiling of
+ * pscan / fused on this adapter. The largest kernels of each step are listed by name (summed per name).
+ *
  * First the cost of a wait with nothing in flight (on the H200 the report's batches suggest 13-16 ms). Then,
  * last, the GPU's own floor per dispatch: n dispatches of one tiny workgroup in one pass, each reading and
  * writing the same buffer (every one depends on the one before) or one of 64 buffers in turn, timed by the
  * pass's timestamps.
  *
- * Run: deno run -A bench/gpu_timeline.ts   (needs the timestamp-query feature)
+ * Run: deno run -A bench/gpu_timeline.ts [--quick]   (needs the timestamp-query feature; --quick: d_model 16
+ * and 64 at L 1024 only, for software adapters)
  * @module
  */
 import { deviceInfo, gpuDevice, init } from "../core/device.ts";
 import { dispatchCount, flush, profile, sync } from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
-import { prepareLayer, stepMsWithoutWait, stepsPerWait, type TimeMode, timeSteps } from "./scan_report.ts";
+import {
+  type PreparedLayer,
+  prepareLayer,
+  prepareSsm,
+  stepMsWithoutWait,
+  stepsPerWait,
+  type TimeMode,
+  timeSteps,
+} from "./scan_report.ts";
 
 await init();
 if (!deviceInfo().timestampQuery) {
@@ -67,6 +82,8 @@ async function gpuSpanMs(work: () => void | Promise<void>): Promise<number> {
 /** One row of the step table. */
 interface StepRow {
   mode: TimeMode;
+  /** The whole layer's step, or its SSM part alone (`prepareSsm`). */
+  part: "layer" | "ssm";
   dModel: number;
   N: number;
   L: number;
@@ -76,10 +93,18 @@ interface StepRow {
   host: number;
   span: number;
   kernels: number;
+  /** The largest kernels of one step, summed by name (ms). */
+  top: [string, number][];
 }
 
-async function measureSteps(mode: TimeMode, dModel: number, N: number, L: number): Promise<StepRow> {
-  const p = prepareLayer(mode, dModel, N, L);
+async function measureSteps(
+  mode: TimeMode,
+  part: StepRow["part"],
+  dModel: number,
+  N: number,
+  L: number,
+): Promise<StepRow> {
+  const p: PreparedLayer = (part === "layer" ? prepareLayer : prepareSsm)(mode, dModel, N, L);
   try {
     let perStep = 0;
     for (let i = 0; i < 3; i++) { // compiles, fills the pool and the caches
@@ -107,8 +132,11 @@ async function measureSteps(mode: TimeMode, dModel: number, N: number, L: number
     }
     const times = await profile(() => p.step());
     const kernels = times.reduce((a, t) => a + t.ms, 0);
+    const byName = new Map<string, number>();
+    for (const t of times) byName.set(t.name, (byName.get(t.name) ?? 0) + t.ms);
     return {
       mode,
+      part,
       dModel,
       N,
       L,
@@ -118,6 +146,7 @@ async function measureSteps(mode: TimeMode, dModel: number, N: number, L: number
       host: median(host),
       span: median(span),
       kernels,
+      top: [...byName].sort((a, b) => b[1] - a[1]).slice(0, 4),
     };
   } finally {
     p.dispose();
@@ -179,26 +208,66 @@ const f = (x: number) => (x >= 10 ? x.toFixed(1) : x.toFixed(3));
 console.log(`adapter: ${deviceInfo().description}`);
 console.log(`a wait with nothing in flight (empty submit, onSubmittedWorkDone): ${f(await idleWaitMs())} ms`);
 console.log(
-  "\n| mode | d_model | N | L | steps per wait | dispatches per step | wall ms / step | host ms / step | " +
-    "GPU span ms / step | kernels ms / step | gap µs / dispatch |",
+  "\n| mode | part | d_model | N | L | steps per wait | dispatches per step | wall ms / step | host ms / step | " +
+    "GPU span ms / step | kernels ms / step | gap µs / dispatch | largest kernels (ms) |",
 );
-console.log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+console.log("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+const quick = Deno.args.includes("--quick"); // software adapters: the two small layers only
 const configs = [
   { dModel: 16, N: 16, L: 1024 },
+  { dModel: 16, N: 16, L: 16384 },
   { dModel: 64, N: 16, L: 1024 },
   { dModel: 1024, N: 16, L: 1024 },
-];
+].filter((c) => !quick || (c.dModel <= 64 && c.L === 1024));
+const rows: StepRow[] = [];
 for (const c of configs) {
-  for (const mode of ["fused", "pscan", ...(c.dModel === 16 ? ["fused+recompute"] : [])] as TimeMode[]) {
-    const r = await measureSteps(mode, c.dModel, c.N, c.L);
-    const gap = (1000 * (r.span - r.kernels)) / r.dispatches;
-    console.log(
-      `| ${r.mode} | ${r.dModel} | ${r.N} | ${r.L} | ${r.k} | ${r.dispatches} | ${f(r.wall)} | ${
-        f(r.host)
-      } | ` +
-        `${f(r.span)} | ${f(r.kernels)} | ${gap.toFixed(1)} |`,
-    );
+  const modes: TimeMode[] = [
+    "fused",
+    "pscan",
+    ...(c.dModel === 16 && c.L === 1024 ? ["fused+recompute" as const] : []),
+  ];
+  for (const mode of modes) {
+    for (const part of ["layer", "ssm"] as const) {
+      if (mode === "fused+recompute" && part === "ssm") continue; // recompute acts on the whole block
+      const r = await measureSteps(mode, part, c.dModel, c.N, c.L);
+      rows.push(r);
+      const gap = (1000 * (r.span - r.kernels)) / r.dispatches;
+      const top = r.top.map(([n, ms]) => `${n} ${ms.toFixed(3)}`).join(", ");
+      console.log(
+        `| ${r.mode} | ${r.part} | ${r.dModel} | ${r.N} | ${r.L} | ${r.k} | ${r.dispatches} | ${
+          f(r.wall)
+        } | ` +
+          `${f(r.host)} | ${f(r.span)} | ${f(r.kernels)} | ${gap.toFixed(1)} | ${top} |`,
+      );
+    }
   }
+}
+
+// The layer's work outside its SSM part is the same in every mode; a step cannot take less than that part's
+// host time or its kernels' time (whichever is longer), however fast the scan. pscan's layer step over that
+// floor bounds pscan / fused on this adapter.
+console.log(
+  "\n| d_model | L | pscan / fused (layer) | pscan / fused (SSM part) | rest of the fused layer: host ms | " +
+    "kernels ms | ceiling of pscan / fused (layer) |",
+);
+console.log("|---:|---:|---:|---:|---:|---:|---:|");
+for (const c of configs) {
+  const at = (mode: TimeMode, part: StepRow["part"]) =>
+    rows.find((r) => r.mode === mode && r.part === part && r.dModel === c.dModel && r.L === c.L)!;
+  const [fl, fs, pl, ps] = [
+    at("fused", "layer"),
+    at("fused", "ssm"),
+    at("pscan", "layer"),
+    at("pscan", "ssm"),
+  ];
+  const restHost = Math.max(fl.host - fs.host, 0), restKernels = Math.max(fl.kernels - fs.kernels, 0);
+  const floor = Math.max(restHost, restKernels);
+  console.log(
+    `| ${c.dModel} | ${c.L} | ${(pl.wall / fl.wall).toFixed(2)} | ${(ps.wall / fs.wall).toFixed(2)} | ` +
+      `${f(restHost)} | ${f(restKernels)} | ${
+        floor > 0 ? (pl.wall / floor).toFixed(1) : "- (noise: the part outlasted the layer)"
+      } |`,
+  );
 }
 console.log("\n| dispatches in one pass | buffers | GPU µs per dispatch |");
 console.log("|---:|---|---:|");

@@ -38,9 +38,9 @@ import {
 } from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
 import { full, randn } from "../core/creation.ts";
-import { cat } from "../core/ops/index.ts";
+import { cat, mul, silu, split } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
-import { Mamba } from "../mamba/block.ts";
+import { fusedScanAvailable, Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { fusedScanForward } from "../scan/fused.ts";
 import {
@@ -109,6 +109,41 @@ export function prepareLayer(mode: TimeMode, dModel: number, N: number, L: numbe
       model.dispose();
       x.dispose();
       G.dispose();
+    },
+  };
+}
+
+/**
+ * The SSM part of a layer alone, as one mode runs it: x_proj, dt_proj, the selective scan, D x and the gate
+ * y * silu(z), forward and backward, from x (B, L, ED) after the conv and xz (B, L, 2ED) after in_proj (whose
+ * z half gates). The rest of the layer (the norm, in_proj, the conv, out_proj, the residual add and their
+ * gradients) is the same work in every mode: a layer step less this part is what no scan kernel can speed up.
+ */
+export function prepareSsm(mode: TimeMode, dModel: number, N: number, L: number): PreparedLayer {
+  const model = new Mamba(layerConfig(mode, dModel, N));
+  const block = model.layers.items[0].mixer;
+  const ED = block.config.dInner;
+  const x = randn([1, L, ED], { seed: 1 }).requiresGrad_(); // x: (1, L, ED)
+  const xz = randn([1, L, 2 * ED], { seed: 2 }).requiresGrad_(); // xz: (1, L, 2ED)
+  const G = randn([1, L, ED], { seed: 3 }); // G: (1, L, ED)
+  const leaves = [...model.parameters(), x, xz];
+  const fusedPath = layerConfig(mode, dModel, N).scan === "fused" && fusedScanAvailable();
+  return {
+    step() {
+      inMode(mode, N, () =>
+        tidy(() => {
+          if (fusedPath) return block.fusedSsm(x, xz, false).y.backward(G); // gated y: (1, L, ED)
+          const z = split(xz, ED, -1)[1]; // z: (1, L, ED)
+          mul(block.ssm(x).y, silu(z)).backward(G); // y * silu(z): (1, L, ED)
+        }));
+      for (const t of leaves) {
+        t.grad?.dispose();
+        t.grad = null;
+      }
+    },
+    dispose() {
+      model.dispose();
+      for (const t of [x, xz, G]) t.dispose();
     },
   };
 }
