@@ -19,7 +19,8 @@
  * Owns: an invocation owns one (b, d, n) and walks the chunks in order, the forward up, h = exp(A S_k) h +
  * loc_k, leaving loc_k = h, the state after chunk k; the backward down, leaving loc_k = m, the carry into
  * chunk k from the chunks after it, then m = loc_k + exp(A S_k) m. Reads A_log from `ph` and S; reads and
- * writes `loc`. At most MAX_CHUNKS_CHAINED iterations.
+ * writes `loc`, loading 8 chunks' values at a time so that their loads overlap. At most MAX_CHUNKS_CHAINED / 8
+ * + 7 iterations.
  * @module
  */
 
@@ -124,6 +125,9 @@ function generateLocal(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number, dir:
   });
 }
 
+/** Chunks whose loads the chain issues together (see the kernel's body). */
+const CHAIN_GROUP = 8;
+
 /** The chain over the chunks (one dispatch for all states: B x ED x N invocations). */
 export function chainKernel(dir: CarryDirection): Kernel {
   return cachedKernel(`chain|${dir}`, () => {
@@ -135,6 +139,13 @@ export function chainKernel(dir: CarryDirection): Kernel {
       i: string,
       val: string,
     ) => (fwd ? `st_ph(${locAt} + ${i}, ${val});` : `st_out(${locAt} + ${i}, ${val});`);
+    // chunk j of the walk (up for the forward, down for the backward)
+    const cellAt = (j: string) => `bd * P.chunks + ${fwd ? j : `P.chunks - 1u - (${j})`}`;
+    // h after the chunk = its decay times h before + its local state; the backward stores the carry first
+    const update = (cell: string, decay: string, l: string) =>
+      fwd
+        ? `m = ${decay} * m + ${l}; ${stLoc(`${cell} * P.N + n`, "m")}`
+        : `${stLoc(`${cell} * P.N + n`, "m")} m = ${l} + ${decay} * m;`;
     return defineKernel({
       name: `fused_scan_chain_${dir}`,
       buffers: [
@@ -151,15 +162,23 @@ export function chainKernel(dir: CarryDirection): Kernel {
   let d = bd % P.ED;
   let A = -exp(ld_ph(P.ED + d * P.N + n));
   var m = 0.0;
-  for (var j = 0u; j < P.chunks; j++) {
-    let cell = bd * P.chunks + ${fwd ? "j" : "P.chunks - 1u - j"};
-    let decay = exp(A * ld_out(P.sdtOff + cell));
-    let l = ${ldLoc("cell * P.N + n")};
-    ${
-        fwd
-          ? `m = decay * m + l;\n    ${stLoc("cell * P.N + n", "m")}`
-          : `${stLoc("cell * P.N + n", "m")}\n    m = l + decay * m;`
-      }
+  // Groups of ${CHAIN_GROUP} chunks: all their loads first, then the updates and stores. One chunk at a time,
+  // each load waited behind the store before it (same buffer, so the compiler cannot move it up): at
+  // L = 16384 (512 chunks of 32) each chain took 0.15 ms on the H200 (49a9be6), most of it memory latency.
+  var j = 0u;
+  loop {
+    if (j + ${CHAIN_GROUP}u > P.chunks) { break; }
+    ${unroll(CHAIN_GROUP, (q) => `let c${q} = ${cellAt(`j + ${q}u`)};`)}
+    ${unroll(CHAIN_GROUP, (q) => `let a${q} = exp(A * ld_out(P.sdtOff + c${q}));`)}
+    ${unroll(CHAIN_GROUP, (q) => `let l${q} = ${ldLoc(`c${q} * P.N + n`)};`)}
+    ${unroll(CHAIN_GROUP, (q) => update(`c${q}`, `a${q}`, `l${q}`))}
+    j += ${CHAIN_GROUP}u;
+  }
+  for (; j < P.chunks; j++) { // the last P.chunks % ${CHAIN_GROUP}
+    let c = ${cellAt("j")};
+    let a = exp(A * ld_out(P.sdtOff + c));
+    let l = ${ldLoc("c * P.N + n")}; // loaded before the backward's store to the same cell
+    ${update("c", "a", "l")}
   }`,
     });
   });
