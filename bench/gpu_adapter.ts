@@ -66,9 +66,13 @@ console.log(`fused scan, d_state 16: ${JSON.stringify(fused.variant)}`);
 const shapes = fused.problems.map((p) => `(${p.join(", ")})`);
 console.log(
   `  ms per forward + backward of ${shapes.join(" and ")}` +
-    `${shapes.length > 1 ? " (score: their geometric mean)" : ""}, fastest first:`,
+    `${shapes.length > 1 ? " (score: their geometric mean)" : ""}, fastest first; the finalists, measured ` +
+    "twice, count the slower time per problem (the second measurement in brackets):",
 );
 for (const [v, ms] of Object.entries(fused.timings).sort((a, b) => a[1] - b[1])) {
   const each = shapes.length > 1 ? fused.problemTimings[v].map((m) => m.toFixed(3).padStart(9)).join("") : "";
-  console.log(`  ${ms.toFixed(3).padStart(9)}${each}  ${v}`);
+  const again = fused.confirmations?.[v]
+    ? `  [${fused.confirmations[v].map((m) => m.toFixed(3)).join(", ")}]`
+    : "";
+  console.log(`  ${ms.toFixed(3).padStart(9)}${each}  ${v}${again}`);
 }

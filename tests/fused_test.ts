@@ -736,6 +736,9 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow or past
       Math.abs(g.timings[key] - Math.sqrt(a * b)) <= 1e-9 * g.timings[key],
       `score ${g.timings[key]}`,
     );
+    // the finalists (here the one measured) are measured again; each problem counts the slower time
+    assert.deepEqual(Object.keys(g.confirmations), [key]);
+    g.confirmations[key].forEach((m, i) => assert.ok(m > 0 && m <= g.problemTimings[key][i], `again ${m}`));
     // ... and keeps the fastest on each problem (here the one measured) for calls near it in shape
     assert.deepEqual(g.byProblem.map((p) => [p.problem, JSON.stringify(p.variant)]), [
       [[4, 256, 128], key],
