@@ -30,11 +30,15 @@
 # Seen on the H200 (2026-11-30): the machine starts in ~30 s; adapter 25 s; tests more than 270 s (all but
 # the end of matmul_test, ops_matmul_test, memory_test and most of model_fuzz_test ran in 150 + 120 s);
 # report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each). At eae010e: adapter
-# 33 s (31 of them tuning d_state 16 on a fresh machine), timeline 15 s, matmul 3 s; variants ran out of its
-# 150 s before printing (it now measures five variants and prints each d_model as it finishes). A 15-minute lease
-# in two calls (10 minutes at most each; the second at once, while the machine is warm):
-#   GPU_CHECK_LIMIT_REPORT=200 bash bench/gpu_check.sh run adapter timeline variants report   (~7 min)
-#   GPU_CHECK_LIMIT_TESTS=330 bash bench/gpu_check.sh run tests                             (~6 min)
+# 33 s (31 of them tuning d_state 16 on a fresh machine), timeline 15 s (before it measured SSM parts too;
+# now about 40), matmul 3 s; variants ran out of its 150 s before printing (it now measures five variants and
+# prints each d_model as it finishes). After that call the session gave the machine back and was lent no
+# other: the first call must hold what matters most. A 15-minute lease as two calls (10 minutes at most each;
+# the second at once, while the machine is warm):
+#   GPU_CHECK_LIMIT_TIMELINE=90 GPU_CHECK_LIMIT_VARIANTS=100 GPU_CHECK_LIMIT_REPORT=230 \
+#     bash bench/gpu_check.sh run adapter timeline variants report                                  (~8 min)
+#   GPU_CHECK_LIMIT_TESTS=280 GPU_CHECK_TESTS="fused_test fused_variant_fuzz_test ops_matmul_test \
+#     memory_test matmul_test model_fuzz_test" bash bench/gpu_check.sh run tests                    (~5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
@@ -203,7 +207,7 @@ case "${1:-}" in
     run "$@"
     ;;
   *)
-    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
