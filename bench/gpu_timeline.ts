@@ -25,7 +25,9 @@
  * pass's timestamps.
  *
  * Run: deno run -A bench/gpu_timeline.ts [--quick]   (needs the timestamp-query feature; --quick: d_model 16
- * and 64 at L 1024 only, for software adapters)
+ * and 64 at L 1024 only, for software adapters, where the columns mean less: a submit there runs work on the
+ * same two cores that record, so "host" includes some of the adapter's execution, and the profiled kernels,
+ * each in its own pass, vary by 30-50% from run to run)
  * @module
  */
 import { deviceInfo, gpuDevice, init } from "../core/device.ts";
