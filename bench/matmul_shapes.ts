@@ -1,6 +1,6 @@
 /**
- * The matmul variants at a Mamba layer's own shapes: in_proj, x_proj and out_proj forward, and in_proj's and
- * out_proj's input and weight gradients (y = x W^T as nn.Linear; the weight gradient g^T x reads g
+ * The matmul variants at a Mamba layer's own shapes: in_proj, x_proj and out_proj forward, and their input and
+ * weight gradients (y = x W^T as nn.Linear; the weight gradient g^T x reads g
  * transposed). `tuneKernels` picks a variant from square products; this shows whether that choice also wins at
  * the skinny shapes a layer runs (d_model 64, L 1024 by default).
  *
@@ -46,6 +46,8 @@ function layerShapes(d: number, L: number): Shape[] {
     { label: "in_proj input gradient", M: L, K: 2 * ED, N: d, transA: false, transB: false },
     { label: "in_proj weight gradient", M: 2 * ED, K: L, N: d, transA: true, transB: false },
     { label: "x_proj forward", M: L, K: ED, N: xw, transA: false, transB: true },
+    { label: "x_proj input gradient", M: L, K: xw, N: ED, transA: false, transB: false },
+    { label: "x_proj weight gradient", M: xw, K: L, N: ED, transA: true, transB: false },
     { label: "out_proj forward", M: L, K: ED, N: d, transA: false, transB: true },
     { label: "out_proj input gradient", M: L, K: d, N: ED, transA: false, transB: false },
     { label: "out_proj weight gradient", M: d, K: L, N: ED, transA: true, transB: false },
