@@ -136,6 +136,7 @@ export {
 } from "./scan/fused_variant.ts";
 export { MAX_INLINE_DT_RANK } from "./scan/fused_wgsl.ts";
 export {
+  CONFIRM_FINALISTS,
   FUSED_KERNEL_VERSION,
   type FusedTuneResult,
   TUNE_BUDGET_MS,
