@@ -89,8 +89,11 @@ export class MambaBlock extends Module {
       : null;
   }
 
-  /** u: (B, L, D) -> (B, L, D); with `wantCache`, also the layer's state after the last step. */
-  forward(u: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
+  /**
+   * u: (B, L, D) -> (B, L, D); with `wantCache`, also the layer's state after the last step. With `residual`
+   * (B, L, D), `out` is residual + the mixer's output, added by out_proj's product itself (`matmulAdd`).
+   */
+  forward(u: Tensor, wantCache = false, residual?: Tensor): { out: Tensor; cache: LayerCache | null } {
     if (wantCache && isGradEnabled()) {
       // The fused prefill kernel has no backward: gradients would be dropped silently.
       throw new Error(
@@ -108,7 +111,7 @@ export class MambaBlock extends Module {
       // The conv and the scan read the two halves of xz in place (no copies).
       const x = this.conv1d.forward(xz, "silu", 0); // x: (B, L, ED)
       const r = this.fusedSsm(x, xz, wantCache); // gated y: (B, L, ED), h: (B, ED, N)
-      out = this.outProj.forward(r.y); // out: (B, L, D)
+      out = this.outProj.forward(r.y, residual); // out: (B, L, D)
       h = r.h;
     } else {
       // As mamba.py: split into copies (silu(z) keeps its own z, so xz itself need not be kept).
@@ -117,7 +120,7 @@ export class MambaBlock extends Module {
       xIn = x0;
       const x = this.conv1d.forward(x0, "silu"); // x: (B, L, ED)
       const { y, hs } = this.ssm(x); // y: (B, L, ED), hs: (B, L, ED, N)
-      out = this.outProj.forward(mul(y, silu(z))); // out: (B, L, D)
+      out = this.outProj.forward(mul(y, silu(z)), residual); // out: (B, L, D)
       if (wantCache) h = narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState); // h: (B, ED, N)
     }
     if (!wantCache || !h) return { out, cache: null };
@@ -196,8 +199,9 @@ export class MambaBlock extends Module {
     );
   }
 
-  /** One token. u: (B, D); cache from the previous step -> (B, D) and the new cache. */
-  step(u: Tensor, cache: LayerCache): { out: Tensor; cache: LayerCache } {
+  /** One token. u: (B, D); cache from the previous step -> (B, D) and the new cache. With `residual` (B, D),
+   * `out` is residual + the mixer's output, as in {@linkcode MambaBlock.forward}. */
+  step(u: Tensor, cache: LayerCache, residual?: Tensor): { out: Tensor; cache: LayerCache } {
     const { dInner: ED, dState: N, dtRank: R, dConv: K } = this.config;
     if (this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2) {
       // The same step in two kernels (conv, SSM) around x_proj's product: see scan/fused_step.ts.
@@ -208,7 +212,7 @@ export class MambaBlock extends Module {
       const w = this.dtProj;
       // r.y: (B, ED), r.h: (B, ED, N)
       const r = ssmStep(conv.x, dBC, w.weight, w.bias!, this.A_log, this.D, xz, cache.h);
-      const out = this.outProj.forward(r.y); // out: (B, D)
+      const out = this.outProj.forward(r.y, residual); // out: (B, D)
       return { out, cache: { h: r.h, inputs: conv.inputs } };
     }
     // mamba.py's step, line by line
@@ -230,7 +234,7 @@ export class MambaBlock extends Module {
     const BX = mul(mul(delta3, Bm.reshape(Bsz, 1, N)), x.reshape(Bsz, ED, 1)); // BX: (B, ED, N)
     const h = add(mul(deltaA, cache.h), BX); // h: (B, ED, N)
     const y = add(matmul(h, C.reshape(Bsz, N, 1)).reshape(Bsz, ED), mul(this.D, x)); // y: (B, ED)
-    const out = this.outProj.forward(mul(y, silu(z))); // out: (B, D)
+    const out = this.outProj.forward(mul(y, silu(z)), residual); // out: (B, D)
     return { out, cache: { h, inputs: narrow(xcat, 2, 1, K - 1) } }; // inputs: (B, ED, K-1)
   }
 }
@@ -280,20 +284,18 @@ export class ResidualBlock extends Module {
   forward(x: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
     if (this.mixer.config.recompute && !wantCache && isGradEnabled()) {
       // Keep only the block's input; norm, in_proj, conv, x_proj, the scan and out_proj run again in the
-      // backward. add saves neither input, so the mixer's output goes once the sum is made.
-      const m = checkpoint((u) => this.mixer.forward(this.norm.forward(u)).out, x); // m: (B, L, D)
-      const out = add(m, x); // out: (B, L, D)
-      m.dispose();
+      // backward. The residual is added inside, by out_proj's product (so the block's output is the
+      // checkpoint's).
+      const out = checkpoint((u) => this.mixer.forward(this.norm.forward(u), false, u).out, x); // out: (B, L, D)
       return { out, cache: null };
     }
-    const { out, cache } = this.mixer.forward(this.norm.forward(x), wantCache); // out: (B, L, D)
-    return { out: add(out, x), cache }; // out: (B, L, D)
+    // out_proj adds the residual x itself (matmulAdd): no elementwise add after it
+    return this.mixer.forward(this.norm.forward(x), wantCache, x); // out: (B, L, D)
   }
 
   /** x: (B, D) -> (B, D) */
   step(x: Tensor, cache: LayerCache): { out: Tensor; cache: LayerCache } {
-    const r = this.mixer.step(this.norm.forward(x), cache); // r.out: (B, D)
-    return { out: add(r.out, x), cache: r.cache }; // out: (B, D)
+    return this.mixer.step(this.norm.forward(x), cache, x); // out: (B, D), out_proj adding x
   }
 }
 

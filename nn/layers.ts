@@ -4,7 +4,15 @@
  * @module
  */
 
-import { add, causalConv1d, type ConvActivation, embedding, matmul, rmsNorm } from "../core/ops/index.ts";
+import {
+  add,
+  causalConv1d,
+  type ConvActivation,
+  embedding,
+  matmul,
+  matmulAdd,
+  rmsNorm,
+} from "../core/ops/index.ts";
 import { recordClear } from "../core/executor.ts";
 import { fmt } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
@@ -31,11 +39,18 @@ export class Linear extends Module {
     this.bias = bias ? this.param("bias", kaimingUniform([outFeatures], inFeatures)) : null;
   }
 
-  /** x: (..., in) -> (..., out) */
-  forward(x: Tensor): Tensor {
+  /**
+   * x: (..., in) -> (..., out). With `residual` (x's shape with `out` last, no broadcasting) the result is
+   * residual + x W^T (+ bias): the product adds itself into a copy of the residual (`matmulAdd`), one
+   * elementwise dispatch fewer than adding it after.
+   */
+  forward(x: Tensor, residual?: Tensor): Tensor {
     lastDim(x, this.inFeatures, "Linear");
-    const y = matmul(x, this.weight, { transB: true }); // y: (..., out)
-    return this.bias ? add(y, this.bias) : y; // y: (..., out)
+    const y = residual && x.rank >= 2
+      ? matmulAdd(x, this.weight, residual, { transB: true }) // y: (..., out)
+      : matmul(x, this.weight, { transB: true }); // y: (..., out)
+    const r = residual && x.rank < 2 ? add(y, residual) : y; // r: (..., out)
+    return this.bias ? add(r, this.bias) : r; // (..., out)
   }
 }
 

@@ -3,6 +3,7 @@ import * as M from "../mod.ts";
 import {
   checkOps,
   map1,
+  map2,
   matmulRef,
   type Nd,
   nd,
@@ -271,4 +272,59 @@ Deno.test("matmul adds into an operand's gradient in place when it is used elsew
     () => matmulRaw(toTensor(a), toTensor(b), {}, undefined, M.zeros([4, 4])),
     /cannot add a \[4, 3\] product into/,
   );
+});
+
+/** A matmulAdd case: c + op(a) @ op(b), with analytic gradients where 2-D. */
+function matmulAddCase(f: MatmulForm & { c: number[] }, seed: number, extra: Partial<OpCase> = {}): OpCase {
+  const opts = { transA: f.transA, transB: f.transB };
+  return {
+    what: `matmulAdd [${f.c}] + [${f.a}]${f.transA ? "^T" : ""} @ [${f.b}]${f.transB ? "^T" : ""}`,
+    inputs: [rand(f.a, seed), rand(f.b, seed + 1), rand(f.c, seed + 2)],
+    gpu: ([a, b, c]) => M.matmulAdd(a, b, c, opts),
+    ref: ([a, b, c]) => map2(matmulRef(a, b, opts), c, (p, q) => p + q),
+    // the product's own error scale, plus |c|
+    scale: ([a, b, c]) =>
+      map2(matmulRef(map1(a, Math.abs), map1(b, Math.abs), opts), c, (p, q) => p + Math.abs(q)),
+    ...extra,
+  };
+}
+
+Deno.test("matmulAdd: c + op(a) @ op(b) with transposes, batched (a layer's x W^T + residual) and split over K; gradients to all three", async () => {
+  const grad2d =
+    (tA: boolean, tB: boolean) => ([a, b]: Nd[], G: Nd) => [...matmul2dGrad(tA, tB)([a, b], G), G];
+  const cases: OpCase[] = [];
+  for (const [tA, tB] of [[false, false], [true, false], [false, true], [true, true]]) {
+    const [m, k, n] = [7, 13, 5];
+    cases.push(matmulAddCase(
+      { a: tA ? [k, m] : [m, k], b: tB ? [n, k] : [k, n], c: [m, n], transA: tA, transB: tB },
+      11 + m,
+      { refGrad: grad2d(tA, tB) },
+    ));
+  }
+  // out_proj's shape: (B, L, ED) @ W^T (D, ED) + residual (B, L, D); finite differences for the batched case
+  cases.push(matmulAddCase({ a: [2, 9, 12], b: [8, 12], c: [2, 9, 8], transB: true }, 31));
+  // small C, long K: the product is split over K, its slices summed and then added into c's copy
+  cases.push(matmulAddCase({ a: [4, 3000], b: [3000, 3], c: [4, 3] }, 41, { refGrad: grad2d(false, false) }));
+  await checkOps(cases);
+});
+
+Deno.test("matmulAdd costs the product's dispatches only (c is copied, not added by a kernel); errors name the shapes", async () => {
+  const { dispatchCount } = await import("../core/executor.ts");
+  M.tidy(() => {
+    const [x, w, r] = [M.randn([2, 9, 12]), M.randn([8, 12]), M.randn([2, 9, 8])];
+    const d0 = dispatchCount();
+    M.matmul(x, w, { transB: true });
+    const d1 = dispatchCount();
+    M.matmulAdd(x, w, r, { transB: true });
+    assert.equal(dispatchCount() - d1, d1 - d0, "matmulAdd records the matmul's dispatches and no add");
+  });
+  const live = M.memory().liveTensors;
+  M.tidy(() => {
+    const a = M.zeros([2, 3]), b = M.zeros([3, 4]);
+    assert.throws(() => M.matmulAdd(a, b, M.zeros([2, 5])), /cannot add a \[2, 4\] product into/);
+    assert.throws(() => M.matmulAdd(a, M.zeros([4, 4]), M.zeros([2, 4])), /inner dims differ/);
+    assert.throws(() => M.matmulAdd(M.zeros([3]), b, M.zeros([4])), /rank >= 2/);
+    assert.throws(() => M.matmulAdd(a, b, M.zeros([2, 4], { dtype: "i32" })), /matmulAdd needs f32 tensors/);
+  });
+  assert.equal(M.memory().liveTensors, live, "live tensors after the errors");
 });

@@ -30,13 +30,13 @@
  * @module
  */
 
-import { defineOp } from "../autograd.ts";
+import { defineOp, type GradTargets } from "../autograd.ts";
 import { deviceInfo, fixedSubgroupSize } from "../device.ts";
 import { dispatch, type Kernel } from "../kernel.ts";
 import { broadcastShapes, fmt, padRank, sameShape, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
-import { copyBox } from "./shape_ops.ts";
+import { copy, copyBox } from "./shape_ops.ts";
 import { kernelFor, type MatmulVariant } from "./matmul_kernels.ts";
 
 export type { MatmulVariant };
@@ -309,6 +309,66 @@ interface MatmulAttrs extends Required<MatmulOptions> {
   vecB: boolean;
 }
 
+/**
+ * The gradients of op(a) @ op(b)'s operands from the product's gradient g0 (a matmul's backward, and
+ * `matmulAdd`'s for its first two inputs). a and b are the 2-D+ operands (the views of 1-D inputs); g is g0
+ * with the dropped dims put back.
+ */
+function matmulGrads(
+  g0: Tensor,
+  a: Tensor,
+  b: Tensor,
+  inputs: readonly Tensor[],
+  { transA, transB, vecA, vecB }: MatmulAttrs,
+  targets: GradTargets,
+): [Tensor | null, Tensor | null] {
+  const batch = batchShape(a.shape, b.shape);
+  const M = a.shape[a.rank - (transA ? 1 : 2)], N = b.shape[b.rank - (transB ? 2 : 1)];
+  const g = vecA || vecB ? new Tensor(g0.storage, [...batch, M, N], "f32") : g0;
+  /** The gradient of an operand's view as the gradient of the input (the view's dim dropped). */
+  const asInput = (grad: Tensor, i: number) => {
+    if (grad.rank === inputs[i].rank) return grad;
+    const out = new Tensor(grad.storage, inputs[i].shape, "f32");
+    grad.dispose();
+    return out;
+  };
+  let ga: Tensor | null = null;
+  let gb: Tensor | null = null;
+  if (inputs[0].requiresGrad) {
+    // Where a's gradient so far is this pass's own tensor (a used elsewhere too, e.g. the conv output that
+    // feeds both x_proj and the scan), add into it in place instead of making a tensor and adding it.
+    const into = (!vecA && isBatchOf(batch, a.shape) && targets.sum(0)) || undefined;
+    const full = transA
+      ? matmulRaw(b, g, { transA: transB, transB: true }, undefined, into)
+      : matmulRaw(g, b, { transB: !transB }, undefined, into);
+    if (!into) {
+      ga = sumToShape(full, a.shape);
+      if (ga !== full) full.dispose();
+      ga = asInput(ga, 0);
+    }
+  }
+  if (inputs[1].requiresGrad && b.rank === 2 && a.rank > 2 && !transA) {
+    // A weight used by a batch (x @ W): fold the batch into the contraction instead of summing
+    // one product per batch element.
+    const rows = sizeOf(a.shape.slice(0, -1));
+    const af = new Tensor(a.storage, [rows, a.shape[a.rank - 1]], "f32"); // af: (batch * M, K)
+    const gf = new Tensor(g.storage, [rows, N], "f32"); // gf: (batch * M, N)
+    gb = transB ? matmulRaw(gf, af, { transA: true }) : matmulRaw(af, gf, { transA: true });
+    af.dispose();
+    gf.dispose();
+    gb = asInput(gb, 1);
+  } else if (inputs[1].requiresGrad) {
+    const full = transB
+      ? matmulRaw(g, a, { transA: true, transB: transA })
+      : matmulRaw(a, g, { transA: !transA });
+    gb = sumToShape(full, b.shape);
+    if (gb !== full) full.dispose();
+    gb = asInput(gb, 1);
+  }
+  if (g !== g0) g.dispose();
+  return [ga, gb];
+}
+
 const matmulOp = defineOp<MatmulAttrs>({
   name: "matmul",
   forward: ([a, b], { vecA, vecB, ...opts }, save) => {
@@ -332,55 +392,55 @@ const matmulOp = defineOp<MatmulAttrs>({
     c.dispose();
     return out;
   },
-  backward: (g0, [a, b], inputs, { transA, transB, vecA, vecB }, targets) => {
-    // a and b are the 2-D+ operands (the views of 1-D inputs); g is g0 with the dropped dims put back.
-    const batch = batchShape(a.shape, b.shape);
-    const M = a.shape[a.rank - (transA ? 1 : 2)], N = b.shape[b.rank - (transB ? 2 : 1)];
-    const g = vecA || vecB ? new Tensor(g0.storage, [...batch, M, N], "f32") : g0;
-    /** The gradient of an operand's view as the gradient of the input (the view's dim dropped). */
-    const asInput = (grad: Tensor, i: number) => {
-      if (grad.rank === inputs[i].rank) return grad;
-      const out = new Tensor(grad.storage, inputs[i].shape, "f32");
-      grad.dispose();
-      return out;
-    };
-    let ga: Tensor | null = null;
-    let gb: Tensor | null = null;
-    if (inputs[0].requiresGrad) {
-      // Where a's gradient so far is this pass's own tensor (a used elsewhere too, e.g. the conv output that
-      // feeds both x_proj and the scan), add into it in place instead of making a tensor and adding it.
-      const into = (!vecA && isBatchOf(batch, a.shape) && targets.sum(0)) || undefined;
-      const full = transA
-        ? matmulRaw(b, g, { transA: transB, transB: true }, undefined, into)
-        : matmulRaw(g, b, { transB: !transB }, undefined, into);
-      if (!into) {
-        ga = sumToShape(full, a.shape);
-        if (ga !== full) full.dispose();
-        ga = asInput(ga, 0);
-      }
-    }
-    if (inputs[1].requiresGrad && b.rank === 2 && a.rank > 2 && !transA) {
-      // A weight used by a batch (x @ W): fold the batch into the contraction instead of summing
-      // one product per batch element.
-      const rows = sizeOf(a.shape.slice(0, -1));
-      const af = new Tensor(a.storage, [rows, a.shape[a.rank - 1]], "f32"); // af: (batch * M, K)
-      const gf = new Tensor(g.storage, [rows, N], "f32"); // gf: (batch * M, N)
-      gb = transB ? matmulRaw(gf, af, { transA: true }) : matmulRaw(af, gf, { transA: true });
-      af.dispose();
-      gf.dispose();
-      gb = asInput(gb, 1);
-    } else if (inputs[1].requiresGrad) {
-      const full = transB
-        ? matmulRaw(g, a, { transA: true, transB: transA })
-        : matmulRaw(a, g, { transA: !transA });
-      gb = sumToShape(full, b.shape);
-      if (gb !== full) full.dispose();
-      gb = asInput(gb, 1);
-    }
-    if (g !== g0) g.dispose();
-    return [ga, gb];
-  },
+  backward: (g, [a, b], inputs, attrs, targets) => matmulGrads(g, a, b, inputs, attrs, targets),
 });
+
+/**
+ * c + op(a) @ op(b), a and b of rank 2 or more: the product adds itself into a copy of c (a copy command, not
+ * a dispatch) in its own pass, so the sum costs no elementwise dispatch of its own (a residual added to a
+ * layer's output projection: one dispatch fewer per layer, every forward and decoding step). Where the
+ * product is split over K, the sum of the slices is added into the copy instead. The backward is the
+ * matmul's for a and b, and g itself for c.
+ */
+const matmulAddOp = defineOp<MatmulAttrs>({
+  name: "matmulAdd",
+  forward: ([a, b, c], opts, save) => {
+    const out = copy(c);
+    try {
+      matmulRaw(a, b, opts, undefined, out);
+    } catch (e) { // bad shapes: nothing is returned, so nothing may stay live
+      out.dispose();
+      throw e;
+    }
+    save(a, b);
+    return out;
+  },
+  backward: (g, [a, b], inputs, attrs, targets) => [
+    ...matmulGrads(g, a, b, inputs, attrs, targets),
+    inputs[2].requiresGrad ? g : null,
+  ],
+});
+
+/**
+ * `c + matmul(a, b, options)` in one op, for a and b of rank 2 or more and c of exactly the product's
+ * shape (no broadcasting): the product accumulates into a copy of c instead of an elementwise add after it.
+ * Gradients flow to all three.
+ */
+export function matmulAdd(a: Tensor, b: Tensor, c: Tensor, options: MatmulOptions = {}): Tensor {
+  for (const t of [a, b, c]) {
+    if (t.dtype !== "f32") throw new Error(`matmulAdd needs f32 tensors, got ${a}, ${b} and ${c}`);
+  }
+  if (a.rank < 2 || b.rank < 2) {
+    throw new Error(`matmulAdd: operands must have rank >= 2, got ${a} and ${b} (use matmul and add)`);
+  }
+  // the product's shape must be c's: matmulRaw checks `into` against it and names both
+  return matmulAddOp([a, b, c], {
+    transA: options.transA ?? false,
+    transB: options.transB ?? false,
+    vecA: false,
+    vecB: false,
+  });
+}
 
 /**
  * Matrix product with PyTorch's rules: batched over leading dims with broadcasting; 1-D operands are
