@@ -47,8 +47,9 @@ export interface FusedTuneResult {
    */
   timings: Record<string, number>;
   /**
-   * The finalists' second measurement (ms per problem): the {@linkcode CONFIRM_FINALISTS} best scores are
-   * measured again after all the others, the fastest last, and each problem's time is the slower of the two.
+   * The second measurement (ms per problem) of the finalists: the {@linkcode CONFIRM_FINALISTS} best scores,
+   * measured again after all the others, the fastest last, each problem's time then the slower of the two;
+   * and of any candidate that this leaves fastest overall or on a problem, until those are all confirmed.
    * On the H200 the same kernel, measured first in one run and among the others in another, scored 0.289 and
    * 0.834 ms, while the layer steps it ran in took about the same: one measurement alone may mislead.
    */
@@ -236,11 +237,19 @@ export const TUNE_BUDGET_MS = 60_000;
  * `force` measures even when a choice is cached. The default variant is measured first (on GPUs, with
  * chunks in parallel); once a candidate's first run (its compile) takes longer than `slowCompileMs` (default
  * 20,000: Mesa through GL takes minutes), or once the measurement has taken `budgetMs` (default
- * {@linkcode TUNE_BUDGET_MS}), no further candidate is measured and the fastest measured is kept.
+ * {@linkcode TUNE_BUDGET_MS}), no further candidate is measured and the fastest measured is kept. The best
+ * are then measured again ({@linkcode FusedTuneResult.confirmations}). `timer` replaces the measurement of one
+ * problem's runs under the variant in use (tests script the times with it; the default times the GPU's
+ * kernels, or the wall time without timestamp queries).
  */
 export async function tuneFusedScan(
   N: number,
-  options: { force?: boolean; slowCompileMs?: number; budgetMs?: number } = {},
+  options: {
+    force?: boolean;
+    slowCompileMs?: number;
+    budgetMs?: number;
+    timer?: (run: () => void) => Promise<number>;
+  } = {},
 ): Promise<FusedTuneResult> {
   await init();
   // The backward binds 10 storage buffers: an adapter that allows fewer cannot run it (WebGPU's default is 8;
@@ -283,12 +292,11 @@ export async function tuneFusedScan(
     } catch { /* no localStorage here, or a cached variant that no longer fits: measure */ }
   }
   const started = performance.now();
+  const time = options.timer ?? timeRuns;
   const problems = tuneProblems();
   const runs = problems.map(([B, L, ED]) => problemRun(N, B, L, ED));
   const timings: Record<string, number> = {};
   const problemTimings: Record<string, number[]> = {};
-  let best: FusedVariant = defaultFusedVariant(N);
-  let bestScore = Infinity;
   for (const v of candidates) {
     setFusedVariant(N, v);
     const t0 = performance.now();
@@ -296,39 +304,45 @@ export async function tuneFusedScan(
     await sync();
     const compileMs = performance.now() - t0;
     const ms: number[] = [];
-    for (const p of runs) ms.push(await timeRuns(p.run));
+    for (const p of runs) ms.push(await time(p.run));
     // geometric mean: a candidate 20x slower on one problem is not rescued by being 5% faster on the other
     const score = geometricMean(ms);
     timings[JSON.stringify(v)] = score;
     problemTimings[JSON.stringify(v)] = ms;
-    if (score < bestScore) [best, bestScore] = [v, score];
     // Where one compile takes this long, each further candidate would too: keep the fastest so far. (naga's
     // GLSL backend zero-fills workgroup arrays with one array constructor, which Mesa's GL drivers compile in
     // time quadratic in its length: minutes for the backward's 16 KiB; lavapipe takes seconds.)
     if (compileMs > (options.slowCompileMs ?? SLOW_COMPILE_MS)) break;
     if (performance.now() - started > (options.budgetMs ?? TUNE_BUDGET_MS)) break;
   }
-  // The finalists again, slowest first, each problem at the slower of its two times; then the best again.
+  // The finalists again, slowest first, each problem at the slower of its two times. A finalist's score may
+  // rise past an unconfirmed one's: then that one is measured again too, until the best overall and the best
+  // on each problem are confirmed (each candidate at most once more).
   const confirmations: Record<string, number[]> = {};
-  const finalists = Object.entries(timings).sort((a, b) => a[1] - b[1]).slice(0, CONFIRM_FINALISTS).reverse();
-  for (const [k] of finalists) {
+  const confirm = async (k: string) => {
     setFusedVariant(N, JSON.parse(k) as FusedVariant);
     const again: number[] = [];
-    for (const p of runs) again.push(await timeRuns(p.run));
+    for (const p of runs) again.push(await time(p.run));
     confirmations[k] = again;
     problemTimings[k] = problemTimings[k].map((m, i) => Math.max(m, again[i]));
     timings[k] = geometricMean(problemTimings[k]);
+  };
+  const fastest = (time: (k: string) => number) =>
+    Object.keys(timings).reduce((a, b) => (time(b) < time(a) ? b : a));
+  const leaders =
+    () => [fastest((k) => timings[k]), ...problems.map((_, i) => fastest((k) => problemTimings[k][i]))];
+  const ranked = Object.keys(timings).sort((a, b) => timings[a] - timings[b]);
+  for (const k of ranked.slice(0, CONFIRM_FINALISTS).reverse()) await confirm(k);
+  for (let k = leaders().find((l) => !confirmations[l]); k; k = leaders().find((l) => !confirmations[l])) {
+    await confirm(k);
   }
-  bestScore = Infinity;
-  for (const [k, score] of Object.entries(timings)) {
-    if (score < bestScore) [best, bestScore] = [JSON.parse(k) as FusedVariant, score];
-  }
+  const best = JSON.parse(fastest((k) => timings[k])) as FusedVariant;
   for (const p of runs) p.dispose();
   // the fastest on each problem, for calls of about its shape (with one problem, `best` is that)
-  const byProblem: ProblemVariant[] = problems.length < 2 ? [] : problems.map((problem, i) => {
-    const [v] = Object.entries(problemTimings).reduce((a, b) => (b[1][i] < a[1][i] ? b : a));
-    return { problem, variant: JSON.parse(v) as FusedVariant };
-  });
+  const byProblem: ProblemVariant[] = problems.length < 2 ? [] : problems.map((problem, i) => ({
+    problem,
+    variant: JSON.parse(fastest((k) => problemTimings[k][i])) as FusedVariant,
+  }));
   setFusedVariant(N, best);
   setFusedVariantsByProblem(N, byProblem);
   const result = {

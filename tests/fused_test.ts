@@ -760,6 +760,64 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow or past
   }
 });
 
+Deno.test("the fused tuner measures its three best again, counting each problem's slower time, and then any candidate that leaves fastest", async () => {
+  await init();
+  const { fusedCandidates, tuneFusedScan, tuneProblems } = await import("../scan/tune_fused.ts");
+  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
+  const candidates = fusedCandidates(16).map((v) => JSON.stringify(v));
+  if (candidates.length < 5) return; // a software adapter without subgroups measures the default only
+  const before = fusedVariant(16);
+  const cached = Object.entries(localStorage).filter(([k]) => k.startsWith("mambats.fusedScan."));
+  // scripted times per candidate, first and second measurement (one problem on CPU adapters, two on GPUs:
+  // both get the same); candidates past the fifth take 6 ms
+  const [c0, c1, c2, c3, c4] = candidates;
+  const P = tuneProblems().length;
+  const run = async (second: Record<string, number>) => {
+    const first: Record<string, number> = { [c0]: 5, [c1]: 1, [c2]: 2, [c3]: 3, [c4]: 4 };
+    const count = new Map<string, number>();
+    const calls: string[] = [];
+    const r = await tuneFusedScan(16, {
+      force: true,
+      budgetMs: Infinity,
+      slowCompileMs: Infinity,
+      timer: () => { // a candidate's first P calls (one per problem) are its first measurement
+        const k = JSON.stringify(fusedVariant(16));
+        calls.push(k);
+        count.set(k, (count.get(k) ?? 0) + 1);
+        return Promise.resolve(count.get(k)! > P ? second[k] ?? 6 : first[k] ?? 6);
+      },
+    });
+    return { r, calls };
+  };
+  try {
+    // c1 (first 1 ms) measures 10 ms again: c2 (2, then 2.5) wins; the finalists c1, c2, c3 measured again
+    const a = await run({ [c1]: 10, [c2]: 2.5, [c3]: 3 });
+    assert.equal(JSON.stringify(a.r.variant), c2);
+    assert.deepEqual(Object.keys(a.r.confirmations).sort(), [c1, c2, c3].sort());
+    assert.ok(Math.abs(a.r.timings[c1] - 10) < 1e-9, `c1 counts its slower time: ${a.r.timings[c1]}`);
+    assert.ok(Math.abs(a.r.timings[c2] - 2.5) < 1e-9, `c2: ${a.r.timings[c2]}`);
+    assert.deepEqual(a.r.confirmations[c2], Array(P).fill(2.5));
+    // all three finalists slower the second time: c4 (4, never a finalist) leads, so it is measured again
+    const b = await run({ [c1]: 10, [c2]: 8, [c3]: 9, [c4]: 4.5 });
+    assert.equal(JSON.stringify(b.r.variant), c4);
+    assert.deepEqual(Object.keys(b.r.confirmations).sort(), [c1, c2, c3, c4].sort());
+    assert.ok(Math.abs(b.r.timings[c4] - 4.5) < 1e-9, `c4: ${b.r.timings[c4]}`);
+    // the finalists are measured again slowest first: c3, c2, c1 (then c4)
+    const again = b.calls.slice(candidates.length * P);
+    assert.deepEqual(
+      again.filter((_, i) => i % P === 0),
+      [c3, c2, c1, c4],
+      "order of the second measurements",
+    );
+  } finally {
+    for (const k of Object.keys(localStorage)) {
+      if (k.startsWith("mambats.fusedScan.")) localStorage.removeItem(k);
+    }
+    for (const [k, v] of cached) localStorage.setItem(k, v);
+    setFusedVariant(16, before);
+  }
+});
+
 Deno.test("the trainer's tuning on first use: a state size with one candidate is set without measuring; N 16 is init()'s", async () => {
   const info = await init();
   const { ensureFusedTuned, fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
