@@ -41,7 +41,13 @@ import { backwardKernel } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel } from "./fused_reduce_kernels.ts";
 import { chainKernel, localKernel } from "./fused_carry_kernels.ts";
-import { type FusedVariant, fusedVariantFor, MAX_CHUNKS_CHAINED, stateBlocks } from "./fused_variant.ts";
+import {
+  type FusedVariant,
+  fusedVariantFor,
+  MAX_CHUNKS_CHAINED,
+  MAX_CHUNKS_FOLDED,
+  stateBlocks,
+} from "./fused_variant.ts";
 import { MAX_INLINE_DT_RANK, partialWidth } from "./fused_wgsl.ts";
 
 /** Steps one invocation walks per dispatch at most (loops stop at 65535 iterations on software adapters). */
@@ -68,6 +74,19 @@ let partialBudget: number | null = null;
  * small cap to walk time in many segments. */
 export function setFusedPartialBudget(bytes: number | null): void {
   partialBudget = bytes;
+}
+
+let foldedChunksSet: number | null = null;
+
+/** Sets how many chunks the chunk-parallel kernels fold their carries for, whatever the chunk length (tests
+ * run both paths with it); null restores the rule (MAX_CHUNKS_FOLDED). */
+export function setMaxChunksFolded(chunks: number | null): void {
+  foldedChunksSet = chunks;
+}
+
+/** Whether a chunk-parallel call of `chunks` chunks of Lc steps folds its carries (see MAX_CHUNKS_FOLDED). */
+function foldsCarries(chunks: number, Lc: number): boolean {
+  return chunks <= (foldedChunksSet ?? Math.min(MAX_CHUNKS_FOLDED, Math.floor(Lc / 2) + 1));
 }
 
 /** Workgroups wanted at least, so that small problems (batch 1, narrow models) still use every core. */
@@ -153,6 +172,23 @@ export function fusedScanForward(
   packInto(ph, params); // one dispatch: copies would each end the compute pass
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
+  if (chunked && foldsCarries(u.chunks, v.Lc)) {
+    // every chunk from a zero state (its state and sum of dt into `carry`), then every chunk from the state
+    // before it, which it folds out of `carry` itself, writing the state after it into hs
+    const cells = B * ED * u.chunks;
+    const carry = Tensor.empty([cells * (a.N + 1)]); // carry: [local states (B, ED, chunks, N) | sums of dt]
+    const cu = { ...u, N: a.N, hsOff: parSize, locOff: 0, sdtOff: cells * a.N };
+    const groups = B * u.tiles * u.chunks;
+    for (const block of blocks) {
+      dispatch(localKernel(v, block, Ri, "fwd", true), { ...bufs, out: carry.storage }, cu, groups);
+    }
+    const uni = { ...u, hsOff: parSize, t0: 0, t1: L, locOff: 0, sdtOff: cells * a.N };
+    for (const block of blocks) {
+      dispatch(forwardKernel(v, block, Ri, true, true), { ...bufs, carry: carry.storage }, uni, groups);
+    }
+    carry.dispose();
+    return { y, ph };
+  }
   if (chunked) {
     // every chunk from a zero state (its state into hs, its sum of dt into y, which is written last), the
     // chain over the chunks (hs: the state after each), then every chunk from the state before it
@@ -237,6 +273,9 @@ function fusedScanBackward(
   // window
   const cells = B * ED * u.chunks;
   const chunked = parallel && 4 * cells * (GP + N + 1) <= windowBytes() / 2;
+  // lam carries folded by each chunk itself (MAX_CHUNKS_FOLDED); either way of the forward left the true
+  // chunk states in hs
+  const folded = chunked && foldsCarries(u.chunks, v.Lc);
   const gparSize = B * ED * GP * (chunked ? u.chunks : 1);
   // partials of one time step, as the budget counts them (the few dt columns ride along, so that they do not
   // split time into more segments than the B and C columns alone would)
@@ -277,7 +316,10 @@ function fusedScanBackward(
     for (const block of blocks) {
       dispatch(localKernel(v, block, Ri, "bwd"), { ...bufs, out: gred.storage }, cu, groups);
     }
-    dispatch(chainKernel("bwd"), { ph: ph.storage, out: gred.storage }, cu, Math.ceil((B * ED * N) / 64));
+    // with few chunks, each main workgroup folds its own carry (MAX_CHUNKS_FOLDED)
+    if (!folded) {
+      dispatch(chainKernel("bwd"), { ph: ph.storage, out: gred.storage }, cu, Math.ceil((B * ED * N) / 64));
+    }
   }
   // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums): at
   // most MAX_STEPS / 2 steps, so no invocation loops 65535 times (a chunk-parallel one walks one chunk). Short
@@ -329,10 +371,11 @@ function fusedScanBackward(
         segLen,
         pc: t1 - t0,
         lamOff,
+        sdtOff,
       };
       // state blocks one after another: each adds its share of dx, ddelta, dz (the first sums dD, the last dbias)
       const groups = B * u.tiles * (chunked ? t1 - t0 : 1);
-      for (const block of blocks) dispatch(backwardKernel(v, block, Ri, chunked), bufs, uni, groups);
+      for (const block of blocks) dispatch(backwardKernel(v, block, Ri, chunked, folded), bufs, uni, groups);
     }
     // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]; the last segment (c0 = 0) also
     // sums the parameter gradients

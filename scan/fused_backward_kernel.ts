@@ -38,6 +38,7 @@ import {
   channelLines,
   COMMON,
   drawLines,
+  foldCarry,
   laneState,
   loadBC,
   loadWd,
@@ -52,11 +53,18 @@ import {
 /** The backward kernel of one state block (one pipeline per block, as the forward). With
  * Ri > 0 (dt_proj inside), the last block also sums dW (ED, Ri) over time and puts the Ri dt-column terms
  * of dBC's gradient, sum_d ddraw W[d, r], into the partial rows (after the 2N B and C columns). */
-export function backwardKernel(v: FusedVariant, block: StateBlock, Ri = 0, chunked = false): Kernel {
+export function backwardKernel(
+  v: FusedVariant,
+  block: StateBlock,
+  Ri = 0,
+  chunked = false,
+  folded = false,
+): Kernel {
+  const fold = chunked && folded;
   const key = `bwd|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${
     v.Ls ?? v.Lc
-  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}|${chunked}`;
-  return cachedKernel(key, () => generateBackward({ ...shapeOf(v, block, Ri), chunked }));
+  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}|${chunked}|${fold}`;
+  return cachedKernel(key, () => generateBackward({ ...shapeOf(v, block, Ri), chunked, fold }));
 }
 
 /** The compile-time shape of one backward kernel: its variant, state block and dt rank, and the sizes that
@@ -96,9 +104,12 @@ interface Shape {
   /** Chunk-parallel: a workgroup per chunk, its lam carry from the chain (at lamOff in gred), its sums over
    * time into a gpar row of its own (B, chunks, ED, GP). */
   chunked: boolean;
+  /** Chunk-parallel without the chain (MAX_CHUNKS_FOLDED): the lam carry folded from the local results of the
+   * chunks after this one (at lamOff, their sums of dt at sdtOff). */
+  fold: boolean;
 }
 
-function shapeOf(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number): Omit<Shape, "chunked"> {
+function shapeOf(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number): Omit<Shape, "chunked" | "fold"> {
   const { N, Lc, WG } = v;
   const Ls = v.Ls ?? Lc;
   const lanes = v.lanes ?? 1;
@@ -157,6 +168,7 @@ function generateBackward(c: Shape): Kernel {
       ["gz0", "u32"], // gz's first column in its rows
       ["pc", "u32"], // chunk-parallel: chunks in this dispatch (from t0)
       ["lamOff", "u32"], // chunk-parallel: the lam carry into each chunk (B, ED, chunks, N) in gred
+      ["sdtOff", "u32"], // folded: each chunk's sum of dt (B, ED, chunks) in gred
     ],
     workgroupSize: WG,
     decls: COMMON + `
@@ -166,12 +178,14 @@ ${c.shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state]
   });
 }
 
-function kernelName({ N, Nb, n0, Lc, Ls, WG, S, sg, shared, shuffle, lanes, Ri, chunked }: Shape): string {
+function kernelName(
+  { N, Nb, n0, Lc, Ls, WG, S, sg, shared, shuffle, lanes, Ri, chunked, fold }: Shape,
+): string {
   return `fused_scan_bwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${
     sg ? "sg" : `S${S}`
   }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}${lanes > 1 ? `_lanes${lanes}` : ""}${
     Ri ? `_dt${Ri}` : ""
-  }${chunked ? "_chunked" : ""}`;
+  }${chunked ? "_chunked" : ""}${fold ? "_folded" : ""}`;
 }
 
 // The states of the recompute, by their names in the WGSL (K floats each unless said; K = Nb / lanes):
@@ -266,6 +280,15 @@ function carryIn(c: Shape): string {
     c.chunked
       ? `lam[${n}] = ld_gred(P.lamOff + ((b * P.ED + dc) * P.chunks + kc) * ${N}u${plus(n0)} + ${st(c, n)});`
       : `lam[${n}] = select(0.0, ld_gred(gp + ${2 + N + n0}u + ${st(c, n)}), more);`;
+  // folded: every chunk j after this one, from the last down: lam = its local carry + exp(A S_j) lam
+  const lamFolded = foldCarry(
+    "lam",
+    K,
+    "P.chunks - 1u - kc",
+    (i) => `(b * P.ED + dc) * P.chunks + P.chunks - 1u - (${i})`,
+    (cell) => `ld_gred(P.sdtOff + ${cell})`,
+    (cell, n) => `ld_gred(P.lamOff + ${cell} * ${N}u${plus(n0)} + ${st(c, n)})`,
+  );
   return `// gpar row of (b, d${
     c.chunked ? ", its chunk" : ""
   }): [dbias, dD, dA (N), lam carry (N), dW (Ri)], accumulated over dispatches.
@@ -276,7 +299,7 @@ function carryIn(c: Shape): string {
   ${first ? "var gD = select(0.0, ld_gred(gp + 1u), more);" : ""}
   ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0}u + ${st(c, n)}));`)}
   ${unroll(K, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n0}u + ${st(c, n)}), more);`)}
-  ${unroll(K, lamIn)}
+  ${c.fold ? lamFolded : unroll(K, lamIn)}
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   ${loadWd(N, Ri)}

@@ -53,13 +53,31 @@ const CARRY_UNIFORMS: [string, "u32"][] = [
   ["sdtOff", "u32"],
 ];
 
-/** The local walk of every chunk for one state block (one dispatch per block, B x tiles x chunks workgroups). */
-export function localKernel(v: FusedVariant, block: StateBlock, Ri: number, dir: CarryDirection): Kernel {
-  const key = `local|${dir}|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${v.WG}|${v.shuffle}|${v.lanes}|${Ri}`;
-  return cachedKernel(key, () => generateLocal(v, block, Ri, dir));
+/**
+ * The local walk of every chunk for one state block (one dispatch per block, B x tiles x chunks workgroups).
+ * `folded` (the forward only): the local states go to `out` at locOff, beside the sums of dt, for the main
+ * kernel to fold (MAX_CHUNKS_FOLDED); it writes the true chunk states into hs itself.
+ */
+export function localKernel(
+  v: FusedVariant,
+  block: StateBlock,
+  Ri: number,
+  dir: CarryDirection,
+  folded = false,
+): Kernel {
+  const inOut = dir === "bwd" || folded; // where the local states go: `out` at locOff, else hs in ph
+  const key =
+    `local|${dir}|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${v.WG}|${v.shuffle}|${v.lanes}|${Ri}|${inOut}`;
+  return cachedKernel(key, () => generateLocal(v, block, Ri, dir, inOut));
 }
 
-function generateLocal(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number, dir: CarryDirection): Kernel {
+function generateLocal(
+  v: FusedVariant,
+  { n0, Nb }: StateBlock,
+  Ri: number,
+  dir: CarryDirection,
+  inOut: boolean,
+): Kernel {
   const { N, Lc, WG } = v;
   const shuffle = v.shuffle === true;
   const lanes = v.lanes ?? 1;
@@ -74,14 +92,14 @@ function generateLocal(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number, dir:
     if (P.gated != 0u) { let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc); gy = gy * zv * sigmoid_(zv); }
     ${unroll(K, (n) => `m[${n}] = exp(dt * A[${n}]) * (gy * Bv[${n}] + m[${n}]);`)}`;
   const loc = (n: number) =>
-    fwd ? `st_ph(P.hsOff + at + ${st(n)}, m[${n}]);` : `st_out(P.locOff + at + ${st(n)}, m[${n}]);`;
+    inOut ? `st_out(P.locOff + at + ${st(n)}, m[${n}]);` : `st_ph(P.hsOff + at + ${st(n)}, m[${n}]);`;
   return defineKernel({
     name: `fused_scan_local_${dir}_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${WG}${shuffle ? "_shuf" : ""}${
       lanes > 1 ? `_lanes${lanes}` : ""
-    }${Ri ? `_dt${Ri}` : ""}`,
+    }${Ri ? `_dt${Ri}` : ""}${fwd && inOut ? "_folded" : ""}`,
     subgroups: shuffle || lanes > 1,
     buffers: [
-      ...scanInputBuffers(fwd ? "read_write" : "read"),
+      ...scanInputBuffers(inOut ? "read" : "read_write"),
       ...(fwd ? [] : [{ name: "g", type: "f32" as const, access: "read" as const }]),
       { name: "out", type: "f32", access: "read_write" },
     ],

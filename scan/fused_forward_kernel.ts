@@ -14,7 +14,10 @@
  * steps (and at the end) the state into hs (B, ED, chunks, N) behind the parameters in `ph`: the only state
  * that leaves the chip, read by the backward and, after a prompt, as the inference cache.
  * Chunk-parallel (`chunked`): a workgroup per (b, tile, chunk) walks only its chunk, from the state the chain
- * (fused_carry_kernels.ts) left in hs before it, and writes y only.
+ * (fused_carry_kernels.ts) left in hs before it, and writes y only. Folded (`folded`, at most
+ * MAX_CHUNKS_FOLDED chunks): no chain; it first folds the state before its chunk out of the local kernel's
+ * results for the chunks before it (`carry`: their states from zero and sums of dt), and writes the state
+ * after its chunk into hs.
  * @module
  */
 
@@ -26,6 +29,7 @@ import {
   channelLines,
   COMMON,
   drawLines,
+  foldCarry,
   laneState,
   loadBC,
   loadWd,
@@ -38,10 +42,17 @@ import {
 
 /** The forward kernel of one state block (one pipeline per block, its n0 and Nb compiled in, so that every
  * index into the states is a constant). */
-export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0, chunked = false): Kernel {
+export function forwardKernel(
+  v: FusedVariant,
+  { n0, Nb }: StateBlock,
+  Ri = 0,
+  chunked = false,
+  folded = false,
+): Kernel {
   const shuffle = v.shuffle === true;
   const lanes = v.lanes ?? 1;
-  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${lanes}|${Ri}|${chunked}`;
+  const fold = chunked && folded;
+  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${lanes}|${Ri}|${chunked}|${fold}`;
   const { N, Lc } = v;
   const [first, last] = [n0 === 0, n0 + Nb === N];
   const K = Nb / lanes; // states of the block per invocation
@@ -51,10 +62,15 @@ export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0, c
     defineKernel({
       name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}${
         lanes > 1 ? `_lanes${lanes}` : ""
-      }${Ri ? `_dt${Ri}` : ""}${chunked ? "_chunked" : ""}`,
+      }${Ri ? `_dt${Ri}` : ""}${chunked ? "_chunked" : ""}${fold ? "_folded" : ""}`,
       subgroups: shuffle || lanes > 1,
-      buffers: [...scanInputBuffers("read_write"), { name: "y", type: "f32", access: "read_write" }],
-      uniforms: UNIFORMS,
+      buffers: [
+        ...scanInputBuffers("read_write"),
+        { name: "y", type: "f32", access: "read_write" },
+        // folded: the local kernel's chunk states (B, ED, chunks, N) at locOff and sums of dt at sdtOff
+        ...(fold ? [{ name: "carry", type: "f32" as const, access: "read" as const }] : []),
+      ],
+      uniforms: fold ? [...UNIFORMS, ["locOff", "u32"], ["sdtOff", "u32"]] : UNIFORMS,
       workgroupSize: v.WG,
       decls: COMMON,
       body: `
@@ -64,7 +80,8 @@ export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0, c
   ${
         chunked
           ? `// chunk-parallel: workgroup -> (b, tile, chunk); the chunk starts from the state the chain left
-  // before it in hs, which it does not write
+  // before it in hs, which it does not write (folded: from the state it folds out of the local results of
+  // the chunks before it, and it writes the state after it into hs)
   let bt = group / P.chunks;
   let t0 = (group % P.chunks) * ${Lc}u;
   let t1 = min(P.L, t0 + ${Lc}u);`
@@ -83,7 +100,21 @@ export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0, c
   let hsBase = (b * P.ED + dc) * P.chunks;
   let h0 = (hsBase + t0 / ${Lc}u - 1u) * ${N}u${plus(n0)};
   ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)}));`)}
-  ${unroll(K, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${st(n)}), t0 > 0u);`)}
+  ${
+        fold
+          ? `// the state before this chunk, from every chunk j before it: h = exp(A S_j) h + its local state
+  ${
+            foldCarry(
+              "h",
+              K,
+              `t0 / ${Lc}u`,
+              (j) => `hsBase + (${j})`,
+              (c) => `ld_carry(P.sdtOff + ${c})`,
+              (c, n) => `ld_carry(P.locOff + ${c} * ${N}u${plus(n0)} + ${st(n)})`,
+            )
+          }`
+          : unroll(K, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${st(n)}), t0 > 0u);`)
+      }
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
   ${loadWd(N, Ri)}
@@ -113,7 +144,7 @@ export function forwardKernel(v: FusedVariant, { n0, Nb }: StateBlock, Ri = 0, c
     if (valid${lanes > 1 ? " && q == 0u" : ""}) { st_y(i, yv); }
   }
   ${
-        chunked ? "" : `if (valid) {
+        chunked && !fold ? "" : `if (valid) {
     let at = (hsBase + (cend - 1u) / ${Lc}u) * ${N}u${plus(n0)};
     ${unroll(K, (n) => `st_ph(P.hsOff + at + ${st(n)}, h[${n}]);`)}
   }`

@@ -62,6 +62,16 @@ export interface FusedVariant {
  * 65535 iterations of software adapters); a longer call walks time in order. */
 export const MAX_CHUNKS_CHAINED = 16384;
 
+/**
+ * Most chunks whose carries the chunk-parallel main kernels fold themselves: each workgroup walks the local
+ * results of the chunks before it (the forward) or after it (the backward) instead of a chain dispatch
+ * computing every carry first. Two dispatches fewer per training step (each costs a GPU's host about 20 µs).
+ * A call folds where its chunks are at most this and at most Lc / 2 + 1: a chunk's fold then averages at most
+ * a quarter of its own walk's steps (a fold step costs about what a step of the walk does, an exp per state);
+ * past that the chain's one walk over the chunks costs less.
+ */
+export const MAX_CHUNKS_FOLDED = 64;
+
 /** dt_proj inside the kernels up to this rank: draw = dBC[t, :R] . W[d, :] computed per step (R multiply-adds,
  * the R dt values shared across lanes like B and C); larger R reads draw computed by a matmul. The backward's
  * last state block keeps R more terms per step in workgroup memory: variants must leave room for them. */

@@ -184,3 +184,42 @@ export const plus = (k: number) => (k ? ` + ${k}u` : "");
 export function blockName(N: number, Nb: number, n0: number): string {
   return Nb === N ? "" : `_Nb${Nb}_n${n0}`;
 }
+
+/** Chunks whose loads a fold issues together (see {@linkcode foldCarry}). */
+export const FOLD_GROUP = 4;
+
+/**
+ * WGSL that folds a carry over chunks: for i = 0 .. count-1, chunk c = cell(i), each state n of `v` (K in
+ * registers, zeroed first) becomes exp(S_c A[n]) v[n] + loc_c[n] (the forward's h from the chunks before, the
+ * backward's lam from the chunks after: the same form). Loads come FOLD_GROUP chunks at a time, state by
+ * state, before their updates: one chunk at a time, each load would wait out its latency alone.
+ * `count` is a WGSL u32 expression; `cell(i)` gives chunk i's cell from a WGSL index; `sAt(cell)` and
+ * `locAt(cell, n)` the loads of its sum of dt and its local state n.
+ */
+export function foldCarry(
+  v: string,
+  K: number,
+  count: string,
+  cell: (i: string) => string,
+  sAt: (cell: string) => string,
+  locAt: (cell: string, n: number) => string,
+): string {
+  const G = FOLD_GROUP;
+  const steps = (q: number) =>
+    unroll(G, (g) => `let l${g} = ${locAt(`c${g}`, q)};`) + "\n    " +
+    unroll(G, (g) => `${v}[${q}] = exp(s${g} * A[${q}]) * ${v}[${q}] + l${g};`);
+  return `${unroll(K, (n) => `${v}[${n}] = 0.0;`)}
+  var fi = 0u;
+  loop {
+    if (fi + ${G}u > ${count}) { break; }
+    ${unroll(G, (g) => `let c${g} = ${cell(`(fi + ${g}u)`)};`)}
+    ${unroll(G, (g) => `let s${g} = ${sAt(`c${g}`)};`)}
+    ${Array.from({ length: K }, (_, q) => `{ ${steps(q)} }`).join("\n    ")}
+    fi += ${G}u;
+  }
+  for (; fi < ${count}; fi++) {
+    let c = ${cell("fi")};
+    let s = ${sAt("c")};
+    ${unroll(K, (n) => `${v}[${n}] = exp(s * A[${n}]) * ${v}[${n}] + ${locAt("c", n)};`)}
+  }`;
+}

@@ -31,7 +31,7 @@ import {
 } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 27;
+export const FUSED_KERNEL_VERSION = 28;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {

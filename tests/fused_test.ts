@@ -10,6 +10,7 @@ import {
   fusedSelectiveScan,
   lastState,
   setFusedPartialBudget,
+  setMaxChunksFolded,
 } from "../scan/fused.ts";
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
 import { type FusedVariant, stateBlocks } from "../scan/fused_variant.ts";
@@ -253,10 +254,13 @@ Deno.test("the decoding steps (convStep, ssmStep) name what does not fit", async
   for (const v of [...Object.values(ts), inputs, w, wideBias]) v.dispose();
 });
 
-for (const chunkParallel of [false, true]) {
+for (
+  const mode of ["in order", "chunks in parallel, carries chained", "chunks in parallel, carries folded"]
+) {
+  const chunkParallel = mode !== "in order";
   Deno.test(
     `lastState after a prompt of several chunks equals the sequential scan's, with the forward's chunk length${
-      chunkParallel ? " (chunks in parallel: the chain's last state)" : ""
+      chunkParallel ? ` (${mode}: the last chunk's state)` : ""
     }`,
     async () => {
       await init();
@@ -264,11 +268,13 @@ for (const chunkParallel of [false, true]) {
       const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
       const t = inputs(c, 14);
       setFusedVariant(c.N, { ...fusedVariant(c.N), chunkParallel });
+      setMaxChunksFolded(mode.endsWith("chained") ? 0 : null);
       assert.ok(c.L > 2 * fusedVariant(c.N).Lc, "the prompt spans several chunks");
       const { y, ph, kernels } = await kernelsRun(() =>
         fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z)
       ).then((r) => ({ ...r.value, kernels: r.kernels }));
-      assert.equal(kernels.includes("fused_scan_chain_fwd"), chunkParallel);
+      assert.equal(kernels.includes("fused_scan_chain_fwd"), mode.endsWith("chained"));
+      assert.equal(kernels.some((k) => k.endsWith("_chunked_folded")), mode.endsWith("folded"));
       // the variant changes (a tuner run) between the forward and the read: hs keeps the forward's chunks
       setFusedVariant(c.N, { WG: 8, Lc: 8 });
       try {
@@ -291,6 +297,7 @@ for (const chunkParallel of [false, true]) {
         for (const v of [h, want]) v.dispose();
       } finally {
         setFusedVariant(c.N, null);
+        setMaxChunksFolded(null);
       }
       for (const v of [y, ph, ...Object.values(t)]) v.dispose();
     },
@@ -419,30 +426,46 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
   }
 });
 
-Deno.test("chunks in parallel: every chunk's kernels run at once, carries chained; in order past MAX_CHUNKS_CHAINED chunks, or where the backward's per-chunk sums would not fit half a binding", async () => {
+Deno.test("chunks in parallel: every chunk's kernels run at once, carries folded by each chunk (few chunks) or chained; in order past MAX_CHUNKS_CHAINED chunks, or where the backward's per-chunk sums would not fit half a binding", async () => {
   const info = await init();
-  const { setFusedVariant, MAX_CHUNKS_CHAINED } = await import("../scan/fused_variant.ts");
+  const { setFusedVariant, MAX_CHUNKS_CHAINED, MAX_CHUNKS_FOLDED } = await import("../scan/fused_variant.ts");
+  /** How each direction ran: carries "folded" by the main kernels, "chained" by a dispatch, or not in parallel. */
   const ran = async (c: Case, seed: number) => {
     const { kernels } = await kernelsRun(() => compare(c, seed));
     const has = (re: RegExp) => kernels.some((k) => re.test(k));
+    const how = (dir: "fwd" | "bwd") => {
+      if (!has(new RegExp(`^fused_scan_local_${dir}_`))) return false;
+      if (
+        has(new RegExp(`^fused_scan_${dir}_.*_chunked_folded$`)) &&
+        !has(new RegExp(`^fused_scan_chain_${dir}$`))
+      ) {
+        return "folded";
+      }
+      return has(new RegExp(`^fused_scan_${dir}_.*_chunked$`)) && has(new RegExp(`^fused_scan_chain_${dir}$`))
+        ? "chained"
+        : "mixed";
+    };
     return {
-      fwd: has(/^fused_scan_fwd_.*_chunked$/) && has(/^fused_scan_local_fwd_/) &&
-        has(/^fused_scan_chain_fwd$/),
-      bwd: has(/^fused_scan_bwd_.*_chunked$/) && has(/^fused_scan_local_bwd_/) &&
-        has(/^fused_scan_chain_bwd$/),
-      serial: has(/^fused_scan_(fwd|bwd)_N\d+(?!.*_chunked$)/),
+      fwd: how("fwd"),
+      bwd: how("bwd"),
+      serial: has(/^fused_scan_(fwd|bwd)_N\d+(?!.*_chunked(_folded)?$)/),
     };
   };
   try {
-    // many chunks, batch 2, the backward in time segments of 8 chunks (each its own dispatch), dt_proj inside
+    // 63 chunks, batch 2, the backward in time segments of 8 chunks (each its own dispatch: a chunk folds
+    // carries from other segments), dt_proj inside: chained (more than Lc / 2 + 1 = 9 chunks), then folded
     setFusedVariant(4, { WG: 8, Lc: 16, Ls: 4, chunkParallel: true });
     setFusedPartialBudget(4 * 2 * 1 * 8 * 16 * 8); // bytes: B 2 x 1 slot x 2N floats a step, x Lc x 8 chunks
-    assert.deepEqual(await ran({ B: 2, L: 1000, ED: 5, N: 4, R: 2, gated: true, dtWeight: true }, 21), {
-      fwd: true,
-      bwd: true,
-      serial: false,
-    });
+    const c = { B: 2, L: 1000, ED: 5, N: 4, R: 2, gated: true, dtWeight: true };
+    assert.deepEqual(await ran(c, 21), { fwd: "chained", bwd: "chained", serial: false });
+    setMaxChunksFolded(MAX_CHUNKS_FOLDED);
+    assert.deepEqual(await ran(c, 21), { fwd: "folded", bwd: "folded", serial: false });
+    setMaxChunksFolded(null);
     setFusedPartialBudget(null);
+    // the rule: up to min(MAX_CHUNKS_FOLDED, Lc / 2 + 1) chunks fold (here 9 of Lc 16, two state blocks)
+    setFusedVariant(4, { WG: 8, Lc: 16, Nb: 2, chunkParallel: true });
+    assert.deepEqual(await ran({ ...c, L: 144 }, 24), { fwd: "folded", bwd: "folded", serial: false });
+    assert.deepEqual(await ran({ ...c, L: 145 }, 24), { fwd: "chained", bwd: "chained", serial: false });
     // past MAX_CHUNKS_CHAINED chunks: time walked in order (also a regression test: one-step chunks made the
     // backward's dispatches loop past 65535 iterations, which stopped them short silently)
     setFusedVariant(4, { WG: 8, Lc: 1, chunkParallel: true });
@@ -453,19 +476,21 @@ Deno.test("chunks in parallel: every chunk's kernels run at once, carries chaine
       serial: true,
     });
     // the backward's per-chunk sums and carries (512 cells x 16 floats, 32 KiB) over half a 48 KiB binding:
-    // the forward runs in parallel, the backward in order (every buffer of the call fits the window)
+    // the forward runs in parallel (256 chunks: chained), the backward in order (every buffer of the call fits
+    // the window)
     setFusedVariant(4, { WG: 8, Lc: 2, chunkParallel: true });
     const real = info.limits.maxStorageBufferBindingSize;
     info.limits.maxStorageBufferBindingSize = 48 * 1024;
     try {
       const r = await ran({ B: 1, L: 512, ED: 2, N: 4, R: 1, gated: true }, 23);
-      assert.deepEqual({ fwd: r.fwd, bwd: r.bwd }, { fwd: true, bwd: false });
+      assert.deepEqual({ fwd: r.fwd, bwd: r.bwd }, { fwd: "chained", bwd: false });
     } finally {
       info.limits.maxStorageBufferBindingSize = real;
     }
   } finally {
     setFusedVariant(4, null);
     setFusedPartialBudget(null);
+    setMaxChunksFolded(null);
   }
 });
 

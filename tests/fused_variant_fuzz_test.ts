@@ -52,9 +52,10 @@
 import { AssertionError } from "node:assert/strict";
 import { fixedSubgroupSize, init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
-import { setFusedPartialBudget } from "../scan/fused.ts";
+import { setFusedPartialBudget, setMaxChunksFolded } from "../scan/fused.ts";
 import {
   type FusedVariant,
+  MAX_CHUNKS_CHAINED,
   MAX_INLINE_DT_RANK,
   setFusedVariant,
   stateBlocks,
@@ -85,6 +86,8 @@ interface Case {
   segments: boolean;
   /** Pretend the subgroup size varies (maxSize 4x the real one). */
   varying: boolean;
+  /** Chunks in parallel: their carries chained by a dispatch (setMaxChunksFolded(0)), not folded by each. */
+  chained: boolean;
 }
 
 /** Lavapipe's compile time grows steeply with a kernel's private arrays and its unrolled state loops (see
@@ -140,6 +143,7 @@ const POOLS = {
   segments: [false, false, true],
   varying: [false, false, false, true],
   chunked: [false, true],
+  chained: [false, true],
 };
 
 const divisors = (n: number) => Array.from({ length: n }, (_, k) => k + 1).filter((d) => n % d === 0);
@@ -313,6 +317,7 @@ function makeCase(seed: number, index: number): Case {
     scan,
     segments: pick("segments", 10),
     varying,
+    chained: !!variant.chunkParallel && pick("chained", 27),
   };
 }
 
@@ -323,7 +328,9 @@ function describe(c: Case): string {
     v.hbuf === "workgroup" ? "wgmem" : "private"
   } ${v.reduce === "subgroup" ? "sg" : `wg${v.S ? ` S ${v.S}` : ""}`}${v.shuffle ? " shuffle" : ""}${
     v.lanes ? ` lanes ${v.lanes}` : ""
-  }${v.chunkParallel ? " chunked" : ""}${c.varying ? " varying-sg" : ""}${c.segments ? " segments" : ""}`;
+  }${v.chunkParallel ? ` chunked${c.chained ? " chained" : ""}` : ""}${c.varying ? " varying-sg" : ""}${
+    c.segments ? " segments" : ""
+  }`;
   const shape = `B ${s.B} L ${s.L} ED ${s.ED} N ${s.N} R ${s.R}${s.gated ? " gated" : ""}${
     s.dtWeight ? " dt_proj" : ""
   }${s.zWindow ? ` z ${s.zWindow.start}+${s.ED}/${s.zWindow.width}` : ""}${s.zTimesY ? " z*y" : ""}${
@@ -357,6 +364,10 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
     if (kernels.some((k) => k.startsWith(`fused_scan_local_${pass}_`)) !== chunked) {
       throw new AssertionError({ message: `${pass}: ${chunked ? "no" : "unexpected"} chunk-local kernel` });
     }
+    // carries chained by a dispatch, or folded by the main kernels (the cases have few enough chunks)
+    if (kernels.includes(`fused_scan_chain_${pass}`) !== (chunked && c.chained)) {
+      throw new AssertionError({ message: `${pass}: ${chunked && c.chained ? "no" : "unexpected"} chain` });
+    }
   }
   for (const k of fused) {
     const bwd = k.startsWith("fused_scan_bwd_");
@@ -364,6 +375,7 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
     const want: [string, boolean][] = [
       ["_shuf", !!v.shuffle],
       ["_chunked", chunked],
+      ["_folded", chunked && !c.chained],
       [(v.lanes ?? 1) > 1 ? `_lanes${v.lanes}` : "_lanes\\d+", (v.lanes ?? 1) > 1],
       ...(bwd
         ? [["_sg", v.reduce === "subgroup"], ["_wgmem", v.hbuf === "workgroup"]] as [string, boolean][]
@@ -386,6 +398,7 @@ async function runCase(c: Case): Promise<void> {
     if (c.varying) info.subgroups = { ...real!, maxSize: 4 * real!.maxSize };
     setFusedVariant(N, c.variant);
     if (c.segments) setFusedPartialBudget(1); // one chunk per segment
+    setMaxChunksFolded(c.chained ? 0 : MAX_CHUNKS_CHAINED); // folded whatever the chunk length
     const { kernels } = await kernelsRun(() => compare(c.scan, c.seed, { cancellationFloor: true }));
     assertVariantRan(kernels, c);
     const now = memory();
@@ -405,6 +418,7 @@ async function runCase(c: Case): Promise<void> {
   } finally {
     setFusedVariant(N, null);
     setFusedPartialBudget(null);
+    setMaxChunksFolded(null);
     info.subgroups = real;
   }
 }
