@@ -12,8 +12,9 @@
  * carry it passes to the chunk before it). Registers only; no workgroup memory, no barriers.
  * Reads: x, draw (or dBC's dt columns and dt_proj's row), B or C from dBC, the parameters in `ph`, z; the
  * backward also g. Writes: the chunk's local state into `loc` (B, ED, chunks, N) (the forward: the chunk
- * states hs in `ph`; the backward: in `out` at `locOff`) and, from the first state block, S into `sdt` (B,
- * ED, chunks) (in `out`, at `sdtOff`).
+ * states hs in `ph`, or with folded carries a scratch `out` at `locOff`; the backward: in `out` at `locOff`)
+ * and, from the first state block, S into `sdt` (B, ED, chunks) (in `out`, at `sdtOff`). With few chunks no
+ * chain follows: the main kernels fold their carries from these (`foldCarry`, MAX_CHUNKS_FOLDED).
  *
  * `fused_scan_chain_{fwd,bwd}` (no template parameters).
  * Owns: an invocation owns one (b, d, n) and walks the chunks in order, the forward up, h = exp(A S_k) h +

@@ -52,8 +52,9 @@ export interface FusedVariant {
    * idle at batch 1 and take L sequential steps. Each kernel first walks every chunk from a zero state (the
    * forward's h, the backward's carry of lam) and sums its dt; one invocation per (b, d, n) then chains the
    * chunks, the decay over a chunk being exp(A sum dt); then every chunk runs from its carry
-   * (`fused_carry_kernels.ts`). One more walk of the steps and two more dispatches per kernel; the backward
-   * keeps its sums over time per chunk. Where a call has more than MAX_CHUNKS_CHAINED chunks, or its
+   * (`fused_carry_kernels.ts`). One more walk of the steps and two more dispatches per kernel (one with few
+   * chunks: the main kernels fold their carries, MAX_CHUNKS_FOLDED); the backward keeps its sums over time
+   * per chunk. Where a call has more than MAX_CHUNKS_CHAINED chunks, or its
    * per-chunk sums would not fit one binding, it walks time in order. */
   chunkParallel?: boolean;
 }
