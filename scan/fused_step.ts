@@ -170,15 +170,34 @@ export function ssmStep(
   const [, R] = W.shape;
   const N = A_log.shape[1];
   const S = dBC.shape[1];
-  // Checked on every decoded token: plain comparisons here, the messages (shapes formatted) only on failure.
+  // Checked on every decoded token: comparisons here, the messages (shapes formatted) only on failure.
   const tensors = [x, dBC, W, A_log, h, xz, bias, D];
-  if (
-    x.rank !== 2 || dBC.shape[0] !== B || S < R + 2 * N || W.shape[0] !== ED || A_log.shape[0] !== ED ||
-    h.rank !== 3 || h.shape[0] !== B || h.shape[1] !== ED || h.shape[2] !== N || xz.rank !== 2 ||
-    xz.shape[0] !== B || xz.shape[1] !== 2 * ED || bias.size !== ED || D.size !== ED ||
-    tensors.some((t) => t.dtype !== "f32")
-  ) {
-    throw new Error(`ssmStep: ${ssmStepProblems(x, dBC, W, bias, A_log, D, xz, h).join("; ")}`);
+  const bad = [
+    x.rank !== 2,
+    dBC.shape[0] !== B || S < R + 2 * N,
+    W.shape[0] !== ED,
+    A_log.shape[0] !== ED,
+    h.rank !== 3 || h.shape[0] !== B || h.shape[1] !== ED || h.shape[2] !== N,
+    xz.rank !== 2 || xz.shape[0] !== B || xz.shape[1] !== 2 * ED,
+    bias.size !== ED,
+    D.size !== ED,
+    ...tensors.map((t) => t.dtype !== "f32"),
+  ];
+  if (bad.includes(true)) {
+    const messages = [
+      `x must be (B, ED), got ${fmt(x.shape)}`,
+      `dBC must be (${B}, >= ${R} + 2*${N}), got ${fmt(dBC.shape)}`,
+      `the dt_proj weight must be (${ED}, R), got ${fmt(W.shape)}`,
+      `A_log must be (${ED}, N), got ${fmt(A_log.shape)}`,
+      `the state must be (${B}, ${ED}, ${N}), got ${fmt(h.shape)}`,
+      `xz must be (${B}, ${2 * ED}), got ${fmt(xz.shape)}`,
+      `the dt bias must be (${ED}), got ${fmt(bias.shape)}`,
+      `D must be (${ED}), got ${fmt(D.shape)}`,
+      ...["x", "dBC", "the dt_proj weight", "A_log", "the state", "xz", "the dt bias", "D"].map((n, i) =>
+        `${n} must be f32, got ${tensors[i].dtype}`
+      ),
+    ];
+    throw new Error(`ssmStep: ${messages.filter((_, i) => bad[i]).join("; ")}`);
   }
   const Ri = R <= MAX_INLINE_DT_RANK ? R : 0;
   // above rank 8, dt_proj's product as a matmul of the dt columns (copied out of dBC's rows)
@@ -200,47 +219,6 @@ export function ssmStep(
   dispatch(ssmStepKernel(N, Ri), bufs, { B, ED, S, R, zS: 2 * ED, z0: ED }, Math.ceil(B * ED / WG));
   draw?.dispose();
   return { y, h: next };
-}
-
-/** What is wrong with ssmStep's arguments, one message each. */
-function ssmStepProblems(
-  x: Tensor,
-  dBC: Tensor,
-  W: Tensor,
-  bias: Tensor,
-  A_log: Tensor,
-  D: Tensor,
-  xz: Tensor,
-  h: Tensor,
-): string[] {
-  const [B, ED] = x.shape;
-  const [, R] = W.shape;
-  const N = A_log.shape[1];
-  const named: [string, Tensor][] = [
-    ["x", x],
-    ["dBC", dBC],
-    ["the dt_proj weight", W],
-    ["A_log", A_log],
-    ["the state", h],
-    ["xz", xz],
-    ["the dt bias", bias],
-    ["D", D],
-  ];
-  const checks: [boolean, string][] = [
-    [x.rank !== 2, `x must be (B, ED), got ${fmt(x.shape)}`],
-    [
-      dBC.shape[0] !== B || dBC.shape[1] < R + 2 * N,
-      `dBC must be (${B}, >= ${R} + 2*${N}), got ${fmt(dBC.shape)}`,
-    ],
-    [W.shape[0] !== ED, `the dt_proj weight must be (${ED}, R), got ${fmt(W.shape)}`],
-    [A_log.shape[0] !== ED, `A_log must be (${ED}, N), got ${fmt(A_log.shape)}`],
-    [h.shape.join() !== [B, ED, N].join(), `the state must be (${B}, ${ED}, ${N}), got ${fmt(h.shape)}`],
-    [xz.shape.join() !== [B, 2 * ED].join(), `xz must be (${B}, ${2 * ED}), got ${fmt(xz.shape)}`],
-    [bias.size !== ED, `the dt bias must be (${ED}), got ${fmt(bias.shape)}`],
-    [D.size !== ED, `D must be (${ED}), got ${fmt(D.shape)}`],
-    ...named.map(([n, t]): [boolean, string] => [t.dtype !== "f32", `${n} must be f32, got ${t.dtype}`]),
-  ];
-  return checks.filter(([bad]) => bad).map(([, msg]) => msg);
 }
 
 /** dt_proj's product without its bias: dBC[:, :R] @ W^T, (B, ED). */

@@ -17,8 +17,10 @@ import { basename, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { simpleCommandLine } from "../lib/cli.ts";
 
-/** Budget for the minified library bundle, in bytes (the build fails above it). */
-export const LIBRARY_BUDGET_BYTES = 256 * 1024;
+/** Budget for the minified library bundle, in bytes (the build fails above it; raised from 256 KiB when
+ * matmulAdd, the chunk-parallel kernels' folded carries and the fused tuner's second measurements took it to
+ * 256.0 KiB minified, 91.0 KiB gzipped, 2026-11-30). */
+export const LIBRARY_BUDGET_BYTES = 260 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
  * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB
