@@ -785,56 +785,78 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow or past
   }
 });
 
-Deno.test("the fused tuner measures its three best again, counting each problem's slower time, and then any candidate that leaves fastest", async () => {
-  await init();
+Deno.test("the fused tuner measures its three best again, counting each problem's slower time, and then any candidate left fastest overall or on a problem", async () => {
+  const info = await init();
   const { fusedCandidates, tuneFusedScan, tuneProblems } = await import("../scan/tune_fused.ts");
   const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
-  const candidates = fusedCandidates(16).map((v) => JSON.stringify(v));
-  if (candidates.length < 5) return; // a software adapter without subgroups measures the default only
+  if (fusedCandidates(16).length < 6) return; // a software adapter without subgroups measures the default only
+  const fallback = info.isFallbackAdapter;
   const before = fusedVariant(16);
   const cached = Object.entries(localStorage).filter(([k]) => k.startsWith("mambats.fusedScan."));
-  // scripted times per candidate, first and second measurement (one problem on CPU adapters, two on GPUs:
-  // both get the same); candidates past the fifth take 6 ms
-  const [c0, c1, c2, c3, c4] = candidates;
-  const P = tuneProblems().length;
-  const run = async (second: Record<string, number>) => {
-    const first: Record<string, number> = { [c0]: 5, [c1]: 1, [c2]: 2, [c3]: 3, [c4]: 4 };
+  /** Tunes with scripted times (nothing runs): `first` and `second` give a candidate's ms per problem (a
+   * number: the same on every problem); candidates not named take 6 ms. */
+  const run = async (first: Record<string, number | number[]>, second: Record<string, number | number[]>) => {
+    const P = tuneProblems().length;
     const count = new Map<string, number>();
     const calls: string[] = [];
+    const at = (t: Record<string, number | number[]>, k: string, p: number) => {
+      const v = t[k] ?? 6;
+      return typeof v === "number" ? v : v[p];
+    };
     const r = await tuneFusedScan(16, {
       force: true,
       budgetMs: Infinity,
       slowCompileMs: Infinity,
-      timer: () => { // a candidate's first P calls (one per problem) are its first measurement
+      timer: () => { // a candidate's first P calls (one per problem, in order) are its first measurement
         const k = JSON.stringify(fusedVariant(16));
         calls.push(k);
-        count.set(k, (count.get(k) ?? 0) + 1);
-        return Promise.resolve(count.get(k)! > P ? second[k] ?? 6 : first[k] ?? 6);
+        const n = count.get(k) ?? 0;
+        count.set(k, n + 1);
+        return Promise.resolve(at(n < P ? first : second, k, n % P));
       },
     });
-    return { r, calls };
+    return { r, calls, P };
   };
+  const close = (a: number, b: number, what: string) =>
+    assert.ok(Math.abs(a - b) < 1e-9, `${what}: ${a}, ${b}`);
   try {
+    const [c0, c1, c2, c3, c4, c5] = fusedCandidates(16).map((v) => JSON.stringify(v));
+    const first = { [c0]: 5, [c1]: 1, [c2]: 2, [c3]: 3, [c4]: 4 };
     // c1 (first 1 ms) measures 10 ms again: c2 (2, then 2.5) wins; the finalists c1, c2, c3 measured again
-    const a = await run({ [c1]: 10, [c2]: 2.5, [c3]: 3 });
+    const a = await run(first, { [c1]: 10, [c2]: 2.5, [c3]: 3 });
     assert.equal(JSON.stringify(a.r.variant), c2);
     assert.deepEqual(Object.keys(a.r.confirmations).sort(), [c1, c2, c3].sort());
-    assert.ok(Math.abs(a.r.timings[c1] - 10) < 1e-9, `c1 counts its slower time: ${a.r.timings[c1]}`);
-    assert.ok(Math.abs(a.r.timings[c2] - 2.5) < 1e-9, `c2: ${a.r.timings[c2]}`);
-    assert.deepEqual(a.r.confirmations[c2], Array(P).fill(2.5));
+    close(a.r.timings[c1], 10, "c1 counts its slower time");
+    close(a.r.timings[c2], 2.5, "c2");
+    assert.deepEqual(a.r.confirmations[c2], Array(a.P).fill(2.5));
     // all three finalists slower the second time: c4 (4, never a finalist) leads, so it is measured again
-    const b = await run({ [c1]: 10, [c2]: 8, [c3]: 9, [c4]: 4.5 });
+    const b = await run(first, { [c1]: 10, [c2]: 8, [c3]: 9, [c4]: 4.5 });
     assert.equal(JSON.stringify(b.r.variant), c4);
     assert.deepEqual(Object.keys(b.r.confirmations).sort(), [c1, c2, c3, c4].sort());
-    assert.ok(Math.abs(b.r.timings[c4] - 4.5) < 1e-9, `c4: ${b.r.timings[c4]}`);
+    close(b.r.timings[c4], 4.5, "c4");
     // the finalists are measured again slowest first: c3, c2, c1 (then c4)
-    const again = b.calls.slice(candidates.length * P);
+    const again = b.calls.slice(fusedCandidates(16).length * b.P);
     assert.deepEqual(
-      again.filter((_, i) => i % P === 0),
+      again.filter((_, i) => i % b.P === 0),
       [c3, c2, c1, c4],
       "order of the second measurements",
     );
+    // a GPU (two problems): g5 is no finalist (score sqrt(36 x 0.5) = 4.2) but the fastest on the second
+    // problem, so it is measured again too, and calls near that problem take it
+    info.isFallbackAdapter = false;
+    const [g0, g1, g2, g3, g4, g5] = fusedCandidates(16).map((v) => JSON.stringify(v));
+    const g = await run(
+      { [g0]: 5, [g1]: 1, [g2]: 2, [g3]: 3, [g4]: 4, [g5]: [36, 0.5] },
+      { [g1]: 1, [g2]: 2, [g3]: 3, [g5]: [36, 0.6] },
+    );
+    assert.equal(g.P, 2);
+    assert.equal(JSON.stringify(g.r.variant), g1);
+    assert.deepEqual(Object.keys(g.r.confirmations).sort(), [g1, g2, g3, g5].sort());
+    assert.deepEqual(g.r.problemTimings[g5], [36, 0.6], "each problem at the slower of its two times");
+    close(g.r.timings[g5], Math.sqrt(36 * 0.6), "g5's score");
+    assert.deepEqual(g.r.byProblem.map((p) => JSON.stringify(p.variant)), [g1, g5]);
   } finally {
+    info.isFallbackAdapter = fallback;
     for (const k of Object.keys(localStorage)) {
       if (k.startsWith("mambats.fusedScan.")) localStorage.removeItem(k);
     }
