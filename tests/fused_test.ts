@@ -820,7 +820,7 @@ Deno.test("the fused tuner measures its three best again, counting each problem'
   const close = (a: number, b: number, what: string) =>
     assert.ok(Math.abs(a - b) < 1e-9, `${what}: ${a}, ${b}`);
   try {
-    const [c0, c1, c2, c3, c4, c5] = fusedCandidates(16).map((v) => JSON.stringify(v));
+    const [c0, c1, c2, c3, c4] = fusedCandidates(16).map((v) => JSON.stringify(v));
     const first = { [c0]: 5, [c1]: 1, [c2]: 2, [c3]: 3, [c4]: 4 };
     // c1 (first 1 ms) measures 10 ms again: c2 (2, then 2.5) wins; the finalists c1, c2, c3 measured again
     const a = await run(first, { [c1]: 10, [c2]: 2.5, [c3]: 3 });
