@@ -88,22 +88,24 @@ function inMode<T>(mode: TimeMode, N: number, fn: () => T): T {
   }
 }
 
+/** Frees the gradients the step left on these tensors (as an optimizer's zeroGrad). */
+function dropGrads(tensors: readonly Tensor[]): void {
+  for (const t of tensors) {
+    t.grad?.dispose();
+    t.grad = null;
+  }
+}
+
 /** Prepares a one-layer Mamba (B = 1) in a mode. */
 export function prepareLayer(mode: TimeMode, dModel: number, N: number, L: number): PreparedLayer {
   const model = new Mamba(layerConfig(mode, dModel, N));
   const x = randn([1, L, dModel], { seed: 1 });
   const G = randn([1, L, dModel], { seed: 2 });
   const params = model.parameters(); // held, as an optimizer holds them (walking the modules costs ~15 us)
-  const drop = () => {
-    for (const p of params) {
-      p.grad?.dispose();
-      p.grad = null;
-    }
-  };
   return {
     step() {
       inMode(mode, N, () => tidy(() => model.forward(x).backward(G)));
-      drop();
+      dropGrads(params);
     },
     dispose() {
       model.dispose();
@@ -136,10 +138,7 @@ export function prepareSsm(mode: TimeMode, dModel: number, N: number, L: number)
           const z = split(xz, ED, -1)[1]; // z: (1, L, ED)
           mul(block.ssm(x).y, silu(z)).backward(G); // y * silu(z): (1, L, ED)
         }));
-      for (const t of leaves) {
-        t.grad?.dispose();
-        t.grad = null;
-      }
+      dropGrads(leaves);
     },
     dispose() {
       model.dispose();

@@ -172,34 +172,26 @@ export function fusedScanForward(
   packInto(ph, params); // one dispatch: copies would each end the compute pass
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
-  if (chunked && foldsCarries(u.chunks, v.Lc)) {
-    // every chunk from a zero state (its state and sum of dt into `carry`), then every chunk from the state
-    // before it, which it folds out of `carry` itself, writing the state after it into hs
-    const cells = B * ED * u.chunks;
-    const carry = Tensor.empty([cells * (a.N + 1)]); // carry: [local states (B, ED, chunks, N) | sums of dt]
-    const cu = { ...u, N: a.N, hsOff: parSize, locOff: 0, sdtOff: cells * a.N };
-    const groups = B * u.tiles * u.chunks;
-    for (const block of blocks) {
-      dispatch(localKernel(v, block, Ri, "fwd", true), { ...bufs, out: carry.storage }, cu, groups);
-    }
-    const uni = { ...u, hsOff: parSize, t0: 0, t1: L, locOff: 0, sdtOff: cells * a.N };
-    for (const block of blocks) {
-      dispatch(forwardKernel(v, block, Ri, true, true), { ...bufs, carry: carry.storage }, uni, groups);
-    }
-    carry.dispose();
-    return { y, ph };
-  }
   if (chunked) {
-    // every chunk from a zero state (its state into hs, its sum of dt into y, which is written last), the
-    // chain over the chunks (hs: the state after each), then every chunk from the state before it
-    const cu = { ...u, N: a.N, hsOff: parSize, locOff: 0, sdtOff: 0 };
+    // Every chunk from a zero state (its local state, and its sum of dt), then every chunk from the state
+    // before it. With few chunks the main kernels fold that state themselves out of a scratch `carry` and
+    // write the state after their chunk into hs; else the local states go into hs, the sums into y (written
+    // last), and the chain turns hs into the state after each chunk before the main kernels read it.
+    const folded = foldsCarries(u.chunks, v.Lc);
+    const cells = B * ED * u.chunks;
+    const carry = folded ? Tensor.empty([cells * (a.N + 1)]) : null; // carry: [local states | sums of dt]
+    const out = (carry ?? y).storage;
+    const offsets = { locOff: 0, sdtOff: carry ? cells * a.N : 0 };
+    const cu = { ...u, N: a.N, hsOff: parSize, ...offsets };
     const groups = B * u.tiles * u.chunks;
     for (const block of blocks) {
-      dispatch(localKernel(v, block, Ri, "fwd"), { ...bufs, out: y.storage }, cu, groups);
+      dispatch(localKernel(v, block, Ri, "fwd", folded), { ...bufs, out }, cu, groups);
     }
-    dispatch(chainKernel("fwd"), { ph: ph.storage, out: y.storage }, cu, Math.ceil((B * ED * a.N) / 64));
-    const uni = { ...u, hsOff: parSize, t0: 0, t1: L };
-    for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true), bufs, uni, groups);
+    if (!folded) dispatch(chainKernel("fwd"), { ph: ph.storage, out }, cu, Math.ceil((B * ED * a.N) / 64));
+    const uni = { ...u, hsOff: parSize, t0: 0, t1: L, ...(carry ? offsets : {}) };
+    const main = carry ? { ...bufs, carry: carry.storage } : bufs;
+    for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true, folded), main, uni, groups);
+    carry?.dispose();
     return { y, ph };
   }
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;

@@ -215,6 +215,19 @@ async function timeRuns(run: () => void): Promise<number> {
   return (performance.now() - t0) / 3;
 }
 
+/** The result of a choice made without measuring. */
+function unmeasured(variant: FusedVariant): FusedTuneResult {
+  return {
+    variant,
+    timings: {},
+    confirmations: {},
+    problems: [],
+    problemTimings: {},
+    byProblem: [],
+    fromCache: false,
+  };
+}
+
 /** How many of the best candidates are measured a second time (see `FusedTuneResult.confirmations`). */
 export const CONFIRM_FINALISTS = 3;
 
@@ -254,30 +267,12 @@ export async function tuneFusedScan(
   await init();
   // The backward binds 10 storage buffers: an adapter that allows fewer cannot run it (WebGPU's default is 8;
   // browsers give 10 or more when asked), so there is nothing to measure.
-  if (deviceInfo().limits.maxStorageBuffersPerShaderStage < 10) {
-    return {
-      variant: defaultFusedVariant(N),
-      timings: {},
-      problems: [],
-      problemTimings: {},
-      confirmations: {},
-      byProblem: [],
-      fromCache: false,
-    };
-  }
+  if (deviceInfo().limits.maxStorageBuffersPerShaderStage < 10) return unmeasured(defaultFusedVariant(N));
   const candidates = fusedCandidates(N);
   if (candidates.length === 1) {
     // nothing to choose between (a software adapter above N = 16): no measurement
     setFusedVariant(N, candidates[0]);
-    return {
-      variant: candidates[0],
-      timings: {},
-      problems: [],
-      problemTimings: {},
-      confirmations: {},
-      byProblem: [],
-      fromCache: false,
-    };
+    return unmeasured(candidates[0]);
   }
   const key = cacheKey(N);
   if (!options.force) {

@@ -732,15 +732,31 @@ Deno.test("a software adapter without subgroups (llvmpipe through GL) gets the d
   }
 });
 
-Deno.test("the fused tuner stops after a candidate whose compile is slow or past its time budget, keeping the fastest measured; GPUs score two problems", async () => {
+/** What the tuner tests change (the adapter kind they pretend, the cached choices, d_state 16's variant),
+ * saved: the returned function puts it back as it was for the rest of the suite. */
+async function tunerState(): Promise<() => void> {
   const info = await init();
-  const fallback = info.isFallbackAdapter;
-  const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
   const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
-  const candidates = fusedCandidates(16);
-  if (candidates.length < 2) return; // nothing to cut short
+  const fallback = info.isFallbackAdapter;
   const before = fusedVariant(16);
   const cached = Object.entries(localStorage).filter(([k]) => k.startsWith("mambats.fusedScan."));
+  return () => {
+    info.isFallbackAdapter = fallback;
+    for (const k of Object.keys(localStorage)) {
+      if (k.startsWith("mambats.fusedScan.")) localStorage.removeItem(k);
+    }
+    for (const [k, v] of cached) localStorage.setItem(k, v);
+    setFusedVariant(16, before);
+  };
+}
+
+Deno.test("the fused tuner stops after a candidate whose compile is slow or past its time budget, keeping the fastest measured; GPUs score two problems", async () => {
+  const info = await init();
+  const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
+  const { fusedVariant } = await import("../scan/fused_variant.ts");
+  const candidates = fusedCandidates(16);
+  if (candidates.length < 2) return; // nothing to cut short
+  const restore = await tunerState();
   try {
     const r = await tuneFusedScan(16, { force: true, slowCompileMs: 0 }); // every compile counts as slow
     assert.deepEqual(Object.keys(r.timings), [JSON.stringify(candidates[0])], "the default only");
@@ -775,24 +791,16 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow or past
       "one problem: none by problem",
     );
   } finally {
-    info.isFallbackAdapter = fallback;
-    // the suite's cached choice, as it was
-    for (const k of Object.keys(localStorage)) {
-      if (k.startsWith("mambats.fusedScan.")) localStorage.removeItem(k);
-    }
-    for (const [k, v] of cached) localStorage.setItem(k, v);
-    setFusedVariant(16, before);
+    restore();
   }
 });
 
 Deno.test("the fused tuner measures its three best again, counting each problem's slower time, and then any candidate left fastest overall or on a problem", async () => {
   const info = await init();
   const { fusedCandidates, tuneFusedScan, tuneProblems } = await import("../scan/tune_fused.ts");
-  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
+  const { fusedVariant } = await import("../scan/fused_variant.ts");
   if (fusedCandidates(16).length < 6) return; // a software adapter without subgroups measures the default only
-  const fallback = info.isFallbackAdapter;
-  const before = fusedVariant(16);
-  const cached = Object.entries(localStorage).filter(([k]) => k.startsWith("mambats.fusedScan."));
+  const restore = await tunerState();
   /** Tunes with scripted times (nothing runs): `first` and `second` give a candidate's ms per problem (a
    * number: the same on every problem); candidates not named take 6 ms. */
   const run = async (first: Record<string, number | number[]>, second: Record<string, number | number[]>) => {
@@ -856,12 +864,7 @@ Deno.test("the fused tuner measures its three best again, counting each problem'
     close(g.r.timings[g5], Math.sqrt(36 * 0.6), "g5's score");
     assert.deepEqual(g.r.byProblem.map((p) => JSON.stringify(p.variant)), [g1, g5]);
   } finally {
-    info.isFallbackAdapter = fallback;
-    for (const k of Object.keys(localStorage)) {
-      if (k.startsWith("mambats.fusedScan.")) localStorage.removeItem(k);
-    }
-    for (const [k, v] of cached) localStorage.setItem(k, v);
-    setFusedVariant(16, before);
+    restore();
   }
 });
 
