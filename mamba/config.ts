@@ -88,6 +88,9 @@ const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(
  * default (as if absent), so options can be passed through: `{ dModel, nLayers, dState: opts.dState }`.
  */
 export function mambaConfig(config: MambaConfigInput | MambaConfig): MambaConfig {
+  if (typeof config !== "object" || config === null || Array.isArray(config)) {
+    throw new Error(`MambaConfig must be an object with dModel and nLayers, got ${show(config)}`);
+  }
   // A resolved config passed back in: dInner is derived, and must agree with what it derives from.
   const { dInner, ...input } = config as MambaConfigInput & { dInner?: number };
   const known = new Set(["dModel", "nLayers", ...Object.keys(DEFAULTS)]);

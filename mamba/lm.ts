@@ -8,6 +8,7 @@ import { noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { readBuffer } from "../core/executor.ts";
 import { matmul, narrow } from "../core/ops/index.ts";
+import { fmt } from "../core/shape.ts";
 import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { normal } from "../nn/init.ts";
 import { Embedding, Linear, RMSNorm } from "../nn/layers.ts";
@@ -267,8 +268,11 @@ export class MambaLM extends Module {
    * options without `sample` are an error) and every prompt id, a tensor's ids after one readback.
    */
   async generate(prompt: Tokens, nTokens: number, options: GenerateOptions = {}): Promise<Int32Array[]> {
-    if (!Number.isInteger(nTokens) || nTokens < 0) {
-      throw new Error(`generate: nTokens must be >= 0, got ${nTokens}`);
+    if (!Number.isSafeInteger(nTokens) || nTokens < 0) {
+      throw new Error(`generate: nTokens must be a non-negative integer, got ${JSON.stringify(nTokens)}`);
+    }
+    if (typeof options !== "object" || options === null || Array.isArray(options)) {
+      throw new Error(`generate: options must be an object, got ${JSON.stringify(options)}`);
     }
     for (const k of Object.keys(options)) {
       if (!GENERATE_OPTION_KEYS.includes(k)) {
@@ -285,9 +289,9 @@ export class MambaLM extends Module {
     }
     const ids = this.tokensTensor(prompt); // ids: (B, P) i32
     const [B, P] = ids.shape;
-    if (P === 0) {
+    if (P === 0 || B === 0) {
       if (ids !== prompt) ids.dispose();
-      throw new Error("generate: the prompt is empty");
+      throw new Error(`generate: the prompt is empty (shape ${fmt(ids.shape)})`);
     }
     if (ids === prompt) {
       const host = await ids.toArray();

@@ -4,14 +4,15 @@
  * Kernel `sample_rows`: one workgroup of WG invocations per row of logits (B, V): 64, or 256 where a row is so
  * long that 64 would loop past 65535 iterations (software adapters stop there silently; top-k and top-p
  * walk the row about 61 times: V above 68k). Greedy: argmax (first
- * index on ties, as torch.argmax). Sampling: Gumbel-max, argmax(x / T + g) with g = -log(-log(u)), which
+ * index on ties, as torch.argmax). Sampling: Gumbel-max, argmax((x - max) / T + g) with g = -log(-log(u)), which
  * draws exactly from softmax(x / T); u comes from a hash of (seed, step, row, v), so a seed reproduces a
  * run. Top-k keeps exactly k logits, as torch.topk: a bisection on an order-preserving u32 key of the f32
  * logit (32 rounds of a workgroup count) finds the k-th largest value; everything above it is kept, and of
  * the logits equal to it the lowest indices (each invocation counts the ties in its contiguous chunk of
  * the row, invocation 0 turns the counts into prefix sums, and the invocation whose chunk holds the last
  * tie to keep walks it to find the cut).
- * Top-p: a bisection on the logit value (24 rounds of a workgroup sum of exp((x - max) / T) over the
+ * Top-p: a bisection on the logit value, from max - 104 T (below it exp((x - max) / T) is 0 in f32) up to
+ * the max (24 rounds of a workgroup sum of exp((x - max) / T) over the
  * top-k set) finds the smallest set holding probability p; logits outside it are skipped (ties at its
  * edge are all kept). Writes the token into `next` (B) and into column `step` of `all` (B, T).
  * Workgroup memory: WG (value, index) pairs, WG counts, WG partial sums.
@@ -35,6 +36,7 @@ export function sampleWorkgroup(V: number): number {
 }
 
 const kernels = new Map<number, Kernel>();
+const F32_MAX = 3.4028234663852886e38;
 
 function sampleKernel(WG: number): Kernel {
   let k = kernels.get(WG);
@@ -129,7 +131,8 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
   var thr = -3.4028234663852886e38;
   let useK = P.topK > 0u && P.topK < P.V;
   let useP = P.topP < 1.0;
-  if (P.greedy == 0u && (useK || useP)) {
+  var rowMax = 0.0; // sampling scores (x - rowMax) / T: no overflow however small T is
+  if (P.greedy == 0u) {
     var lo = 3.4028234663852886e38;
     var hi = -3.4028234663852886e38;
     for (var v = lid; v < P.V; v += ${WG}u) { let x = ld_x(base + v); lo = min(lo, x); hi = max(hi, x); }
@@ -150,7 +153,7 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
     hi = bestV[0];
     workgroupBarrier();
     let rowMin = lo;
-    let rowMax = hi;
+    rowMax = hi;
     var thrK = -3.4028234663852886e38;
     if (useK) {
       // the largest key with count(key >= it) >= k: the k-th largest logit's
@@ -199,7 +202,9 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
     }
     if (useP) {
       let total = massAtLeast(base, thrK, rowMax, kKey, kIdx, lid); // mass left after top-k
-      var plo = max(rowMin, thrK);
+      // below rowMax - 104 T, exp((x - rowMax) / T) is 0 in f32: starting there keeps the 24 rounds among
+      // the candidates when a row holds -inf or a far outlier
+      var plo = max(max(rowMin, thrK), rowMax - 104.0 / P.invTemp);
       var phi = rowMax;
       for (var it = 0u; it < 24u; it++) {
         let mid = plo + (phi - plo) * 0.5;
@@ -217,7 +222,7 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
       if (x < thr || !kept(x, v, kKey, kIdx)) { continue; }
       let h = hash(P.seed ^ hash((P.step * 0x9E3779B9u) ^ hash(row * 65599u + v)));
       let u = (f32(h >> 8u) + 0.5) / 16777216.0;
-      score = x * P.invTemp - log(-log(u));
+      score = (x - rowMax) * P.invTemp - log(-log(u));
     }
     if (score > bv || (score == bv && v < bi)) { bv = score; bi = v; }
   }
@@ -279,6 +284,9 @@ export interface SampleParams {
 
 const SAMPLING_ONLY = ["temperature", "topK", "topP", "seed"] as const;
 
+/** A value for a message: numbers as JavaScript writes them (1e+21, NaN), anything else as JSON ("1"). */
+const show = (v: unknown) => (typeof v === "number" ? String(v) : JSON.stringify(v));
+
 /** Validates sampling options before any work starts; errors name the option and the value. */
 export function sampleParams(o: SampleOptions): SampleParams {
   if (o.sample !== undefined && typeof o.sample !== "boolean") {
@@ -296,18 +304,18 @@ export function sampleParams(o: SampleOptions): SampleParams {
   }
   const temperature = o.temperature ?? 1;
   if (typeof temperature !== "number" || !(temperature > 0)) {
-    throw new Error(`generate: temperature must be > 0, got ${temperature}`);
+    throw new Error(`generate: temperature must be a number > 0, got ${show(temperature)}`);
   }
   const topK = o.topK ?? 0;
   if (!Number.isInteger(topK) || topK < 0 || topK > 0xffffffff) {
-    throw new Error(`generate: topK must be a non-negative integer, got ${topK}`);
+    throw new Error(`generate: topK must be an integer from 0 to 2^32 - 1 (0: all), got ${show(topK)}`);
   }
   const topP = o.topP ?? 1;
   if (typeof topP !== "number" || !(topP > 0 && topP <= 1)) {
-    throw new Error(`generate: topP must be in (0, 1], got ${topP}`);
+    throw new Error(`generate: topP must be a number in (0, 1], got ${show(topP)}`);
   }
   if (o.seed !== undefined && !Number.isSafeInteger(o.seed)) {
-    throw new Error(`generate: seed must be an integer, got ${o.seed}`);
+    throw new Error(`generate: seed must be an integer within ±(2^53 - 1), got ${show(o.seed)}`);
   }
   return {
     greedy: !o.sample,
@@ -344,7 +352,7 @@ export function sampleInto(logits: Tensor, next: Tensor, all: Tensor, step: numb
     seed: p.seed ?? 0,
     greedy: p.greedy ? 1 : 0,
     topK: p.topK,
-    invTemp: 1 / p.temperature,
+    invTemp: Math.min(1 / p.temperature, F32_MAX), // an f32: 1 / 1e-40 would be inf there, and 0 * inf NaN
     topP: p.topP,
   }, B);
 }

@@ -314,7 +314,7 @@ Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", 
   assert.throws(() => lm.tokensTensor([[1.5]]), /is not an integer/);
   await assert.rejects(
     () => lm.generate(prompt, 2, { temperature: 0, sample: true }),
-    /temperature must be > 0/,
+    /temperature must be a number > 0, got 0/,
   );
   lm.dispose();
   assert.throws(() => parseCheckpointConfig({ model_type: "llama", hidden_size: 8 }), /not a Mamba/);
@@ -503,9 +503,14 @@ Deno.test("generate: options are checked before any work; sampling options need 
     const [o, msg] of [
       [{ topK: 3 }, /topK is a sampling option but sample is not set/],
       [{ temperature: 5, seed: 4 }, /temperature, seed are sampling options but sample is not set/],
-      [{ sample: true, topP: 2 }, /topP must be in \(0, 1\], got 2/],
-      [{ sample: true, topK: 2.5 }, /topK must be a non-negative integer, got 2.5/],
-      [{ sample: true, seed: 0.5 }, /seed must be an integer, got 0.5/],
+      [{ sample: true, topP: 2 }, /topP must be a number in \(0, 1\], got 2/],
+      [{ sample: true, topK: 2.5 }, /topK must be an integer from 0 to 2\^32 - 1 \(0: all\), got 2.5/],
+      [
+        { sample: true, topK: 1e10 },
+        /topK must be an integer from 0 to 2\^32 - 1 \(0: all\), got 10000000000/,
+      ],
+      [{ sample: true, temperature: "1" }, /temperature must be a number > 0, got "1"/],
+      [{ sample: true, seed: 0.5 }, /seed must be an integer within ±\(2\^53 - 1\), got 0.5/],
       [{ readEvery: NaN }, /readEvery must be a positive integer or Infinity, got NaN/],
       [{ readEvery: 2.5 }, /readEvery must be a positive integer or Infinity, got 2.5/],
       [{ topk: 3 }, /unknown option 'topk'/],
@@ -513,6 +518,11 @@ Deno.test("generate: options are checked before any work; sampling options need 
   ) {
     await assert.rejects(() => lm.generate(prompt, 4, o as never), msg);
   }
+  await assert.rejects(() => lm.generate(prompt, 2.5), /nTokens must be a non-negative integer, got 2.5/);
+  await assert.rejects(() => lm.generate(prompt, 2, null as never), /options must be an object, got null/);
+  const noRows = zeros([0, 3], { dtype: "i32" });
+  await assert.rejects(() => lm.generate(noRows, 2), /generate: the prompt is empty \(shape \[0, 3\]\)/);
+  noRows.dispose();
   assert.equal(dispatchCount(), before, "a bad option threw after work was dispatched");
   // sample: false says greedy on purpose: the sampling options are ignored.
   assert.deepEqual(
@@ -540,10 +550,7 @@ Deno.test("generate: without a seed, sampling draws one from the global generato
 
 Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.topk)", async () => {
   await init();
-  // Each case: one row of logits repeated over many rows (each row draws its own noise), and the set of
-  // ids that sampling must produce, all of them and no other.
-  const R = 256;
-  const cases: [number[], { topK?: number; topP?: number; temperature?: number }, number[]][] = [
+  const cases: SampleCase[] = [
     [Array(10).fill(1), { topK: 2 }, [0, 1]],
     [[0, 5, 5, 5, 1, 5], { topK: 2 }, [1, 2]],
     [[0, 5, 5, 5, 1, 5], { topK: 5 }, [1, 2, 3, 4, 5]],
@@ -568,6 +575,15 @@ Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.t
     [[1, 1, 1, 1, 1, 1], { topK: 3, topP: 0.5 }, [0, 1, 2]],
     [[3, 1, 3, 0, 3, 3], { topK: 3, topP: 0.5, temperature: 0.5 }, [0, 2, 4]],
   ];
+  await assertSampledSets(cases);
+});
+
+type SampleCase = [number[], { topK?: number; topP?: number; temperature?: number }, number[]];
+
+/** Each case: one row of logits repeated over 256 rows (each row draws its own noise), and the set of ids
+ * that sampling must produce, all of them and no other. */
+async function assertSampledSets(cases: SampleCase[]) {
+  const R = 256;
   for (const [row, o, want] of cases) {
     const V = row.length;
     const logits = tensor(new Float32Array(Array.from({ length: R }, () => row).flat()), [R, V]);
@@ -578,6 +594,23 @@ Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.t
     assert.deepEqual(got, [...want].sort((a, b) => a - b), `${JSON.stringify(o)} over ${row}`);
     dispose([logits, next, all]);
   }
+}
+
+Deno.test("top-p with -inf or far outliers in the row, and temperatures too small for 1 / T in f32", async () => {
+  await init();
+  // token 1 holds 0.91 of the mass (0.95 in the third row): the nucleus of 0.5 (0.9) is {1} alone. The
+  // bisection starts 104 T below the max: from the row's minimum, 24 rounds never got near the logits.
+  // 1 / 1e-40 overflows f32: scores (x - max) / T stay finite, so the draw tends to the argmax (ties
+  // split), not to the first positive logit or the last id.
+  await assertSampledSets([
+    [[-Infinity, 5, 2, 2], { topP: 0.5 }, [1]],
+    [[-1e30, 5, 2, 2], { topP: 0.5 }, [1]],
+    [[-Infinity, 5, -Infinity, 2], { topP: 0.9 }, [1]],
+    [[0.5, 3, 5, 2], { temperature: 1e-40 }, [2]],
+    [[-3, -0.5, -2, -1], { temperature: 1e-40 }, [1]],
+    [[5, 1, 5, -2], { temperature: 1e-40 }, [0, 2]],
+    [[5, 1, 5, -2], { temperature: 1e-40, topP: 0.9 }, [0, 2]],
+  ]);
 });
 
 Deno.test("top-k and top-p over a 100k vocabulary: a wider workgroup keeps every loop under 65535 iterations", async () => {
