@@ -16,6 +16,47 @@ export interface HostTensor {
   data: Float32Array | Int32Array;
 }
 
+/**
+ * What is wrong with state-dict entry `key` as a value for a tensor of `shape` and `dtype` (null: nothing).
+ * Checked for every entry before anything is written, so that a bad entry leaves the target unchanged.
+ */
+export function entryProblem(
+  key: string,
+  v: unknown,
+  shape: readonly number[],
+  dtype: string,
+  [from, to]: [string, string] = ["checkpoint", "model"],
+): string | null {
+  if (typeof v !== "object" || v === null || !Array.isArray((v as { shape?: unknown }).shape)) {
+    return `${key} must be a Tensor or { shape, data }, got ${v === null ? "null" : typeof v}`;
+  }
+  const e = v as Tensor | HostTensor;
+  if (e.shape.join() !== shape.join()) {
+    return `shape mismatch for ${key}: ${from} ${fmt(e.shape)} vs ${to} ${fmt(shape)}`;
+  }
+  if ("data" in e) {
+    const d = e.data as unknown;
+    if (!(d instanceof Float32Array || d instanceof Int32Array)) {
+      const got = d === null || typeof d !== "object" ? String(d) : d.constructor?.name ?? "an object";
+      return `${key}'s data must be a Float32Array or an Int32Array, got ${got}`;
+    }
+    const size = shape.reduce((a, b) => a * b, 1);
+    if (d.length !== size) return `${key} has ${d.length} values, needs ${size}`;
+    const got = d instanceof Int32Array ? "i32" : "f32";
+    return got === dtype ? null : `${key} is ${got}, the ${to}'s is ${dtype}`;
+  }
+  if (e.disposed) return `${key} was disposed`;
+  return e.dtype === dtype ? null : `${key} is ${e.dtype}, the ${to}'s is ${dtype}`;
+}
+
+/** Records copying entry `v` into `dst` (nothing when `v` is `dst` itself or a view of it). */
+export function writeEntry(v: Tensor | HostTensor, dst: Tensor): void {
+  if ("data" in v) upload(dst.storage.buffer, 0, v.data);
+  else if (v.storage !== dst.storage && dst.size > 0) {
+    recordCopy(v.storage.buffer, 0, dst.storage.buffer, 0, dst.size * 4);
+  }
+}
+
 /** A state dict: parameter name to tensor (or host data when loading). */
 export type StateDict = Map<string, Tensor | HostTensor>;
 
@@ -85,26 +126,15 @@ export class Module {
   ): LoadResult {
     const entries = dict instanceof Map ? dict : new Map(Object.entries(dict));
     const own = this.stateDict();
-    const missingKeys = [...own.keys()].filter((k) => !entries.has(k));
+    // a null or undefined value counts as missing
+    const missingKeys = [...own.keys()].filter((k) => entries.get(k) == null);
     const unexpectedKeys = [...entries.keys()].filter((k) => !own.has(k));
-    const mismatched: string[] = [];
-    const wrong: string[] = []; // wrong dtype or value count: checked before any parameter is written
+    const problems: string[] = []; // all checked before any parameter is written
     for (const [k, p] of own) {
       const v = entries.get(k);
-      if (!v) continue;
-      if (v.shape.join() !== p.shape.join()) {
-        mismatched.push(`${k}: checkpoint ${fmt(v.shape)} vs model ${fmt(p.shape)}`);
-        continue;
-      }
-      const dtype = "data" in v ? (v.data instanceof Int32Array ? "i32" : "f32") : v.dtype;
-      if (dtype !== p.dtype) wrong.push(`${k} is ${dtype}, the model's is ${p.dtype}`);
-      else if ("data" in v && v.data.length !== p.size) {
-        wrong.push(`${k} has ${v.data.length} values, needs ${p.size}`);
-      }
+      const problem = v == null ? null : entryProblem(k, v, p.shape, p.dtype);
+      if (problem) problems.push(problem);
     }
-    const problems: string[] = [];
-    if (mismatched.length) problems.push(`shape mismatch for ${mismatched.join("; ")}`);
-    problems.push(...wrong);
     if ((options.strict ?? true) && missingKeys.length) {
       problems.push(`missing keys: ${missingKeys.join(", ")}`);
     }
@@ -114,12 +144,7 @@ export class Module {
     if (problems.length) throw new Error(`loadStateDict: ${problems.join(". ")}`);
     for (const [k, p] of own) {
       const v = entries.get(k);
-      if (!v) continue;
-      if ("data" in v) {
-        upload(p.storage.buffer, 0, v.data);
-      } else {
-        recordCopy(v.storage.buffer, 0, p.storage.buffer, 0, p.size * 4);
-      }
+      if (v != null) writeEntry(v, p); // a dict of the module's own tensors loads as a no-op
     }
     return { missingKeys, unexpectedKeys };
   }

@@ -48,12 +48,11 @@
  */
 
 import { full, zeros } from "../core/creation.ts";
-import { recordCopy, upload } from "../core/executor.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { copy } from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
 import { keep, Tensor } from "../core/tensor.ts";
-import type { HostTensor, Module } from "./module.ts";
+import { entryProblem, type HostTensor, type Module, writeEntry } from "./module.ts";
 
 // ------------------------------------------------------------------------------------------ kernels
 
@@ -65,8 +64,6 @@ const NORM_ITEMS = 256;
 const NORM_BLOCK = NORM_WG * NORM_ITEMS;
 /** Invocations of the kernel that finishes the norm (one workgroup). */
 const FINISH_WG = 256;
-/** Largest finite f32 (an infinite maxNorm becomes this: no clipping, and no infinity in a uniform). */
-const F32_MAX = 3.4028234663852886e38;
 
 /**
  * Sum of squares of one gradient, in partial sums. Workgroup w covers elements [w*BLOCK, (w+1)*BLOCK); its
@@ -121,8 +118,9 @@ const finishNormKernel: Kernel = defineKernel({
     let norm = sqrt(total);
     st_norm(0u, norm);
     // = min(1, maxNorm / d) without forming a quotient above 1 (no overflow); NaN norms give NaN, as PyTorch.
+    // maxNorm < 0 stands for an infinite one (no infinity in a uniform): 1, even where the sum overflowed.
     let d = norm + 1e-6;
-    st_scale(0u, select(1.0, P.maxNorm / d, !(d <= P.maxNorm)));
+    st_scale(0u, select(select(1.0, P.maxNorm / d, !(d <= P.maxNorm)), 1.0, P.maxNorm < 0.0));
   }`,
 });
 
@@ -280,7 +278,7 @@ export function gradNormScale(params: readonly Tensor[], maxNorm: number = Infin
   dispatch(
     finishNormKernel,
     { partials: partials.storage, norm: norm.storage, scale: scale.storage },
-    { count: total, maxNorm: Math.min(maxNorm, F32_MAX) },
+    { count: total, maxNorm: maxNorm === Infinity ? -1 : maxNorm },
     1,
   );
   partials.dispose();
@@ -479,23 +477,17 @@ export abstract class Optimizer {
     for (const s of this.#slots) {
       const keys = this.stateNames.map((n) => `${s.name}.${n}`);
       const vals = keys.map((k) => entries.get(k));
-      const have = vals.filter((v) => v !== undefined).length;
+      const have = vals.filter((v) => v != null).length;
       if (have === 0) {
         plan.push([s, null, 0]);
         continue;
       }
-      if (have < keys.length) problems.push(`missing keys: ${keys.filter((_, j) => !vals[j]).join(", ")}`);
+      if (have < keys.length) {
+        problems.push(`missing keys: ${keys.filter((_, j) => vals[j] == null).join(", ")}`);
+      }
       vals.forEach((v, j) => {
-        if (!v) return;
-        if (v.shape.join() !== s.p.shape.join()) {
-          problems.push(
-            `shape mismatch for ${keys[j]}: state ${fmt(v.shape)} vs parameter ${fmt(s.p.shape)}`,
-          );
-        } else if ("data" in v && v.data.length !== s.p.size) {
-          problems.push(`${keys[j]} has ${v.data.length} values, needs ${s.p.size}`);
-        } else if (("data" in v ? (v.data instanceof Int32Array ? "i32" : "f32") : v.dtype) !== "f32") {
-          problems.push(`${keys[j]} is i32, optimizer state is f32`);
-        }
+        const problem = v == null ? null : entryProblem(keys[j], v, s.p.shape, "f32", ["state", "parameter"]);
+        if (problem) problems.push(problem);
       });
       const steps = state.paramSteps?.[s.name] ?? state.step;
       if (!Number.isInteger(steps) || steps < 1) problems.push(`bad step count ${steps} for '${s.name}'`);
@@ -511,14 +503,7 @@ export abstract class Optimizer {
         continue;
       }
       s.state ??= this.stateNames.map(() => keep(Tensor.empty(s.p.shape)));
-      vals.forEach((v, j) => {
-        const dst = s.state![j].storage.buffer;
-        if ("data" in v) {
-          upload(dst, 0, v.data);
-        } else if (v.size > 0) {
-          recordCopy(v.storage.buffer, 0, dst, 0, v.size * 4);
-        }
-      });
+      vals.forEach((v, j) => writeEntry(v, s.state![j])); // its own state loads as a no-op
     }
     this.stepCount = state.step;
   }

@@ -210,10 +210,20 @@ Deno.test("clipGradNorm: norm and clipped gradients equal the reference; no clip
   const zero = gradNormScale([z], 1);
   setGrad(z, Float64Array.from([1, NaN, 0, 0, 0]));
   const nan = gradNormScale([z], 1);
-  const [fs, zn, zs, nn, ns] = await readAll([free.scale, zero.norm, zero.scale, nan.norm, nan.scale]);
-  assert.deepEqual([fs[0], zn[0], zs[0]], [1, 0, 1]);
+  // finite gradients whose sum of squares overflows f32: no maxNorm still means scale 1
+  setGrad(z, Float64Array.from([3e19, 4e19, 0, 0, 0]));
+  const huge = gradNormScale([z]);
+  const [fs, zn, zs, nn, ns, hs] = await readAll([
+    free.scale,
+    zero.norm,
+    zero.scale,
+    nan.norm,
+    nan.scale,
+    huge.scale,
+  ]);
+  assert.deepEqual([fs[0], zn[0], zs[0], hs[0]], [1, 0, 1, 1]);
   assert.ok(Number.isNaN(nn[0]) && Number.isNaN(ns[0]), `NaN gradient: norm ${nn[0]}, scale ${ns[0]}`);
-  for (const t of [free, zero, nan]) {
+  for (const t of [free, zero, nan, huge]) {
     t.norm.dispose();
     t.scale.dispose();
   }
@@ -452,7 +462,48 @@ Deno.test("Module.loadStateDict checks dtypes and value counts before writing an
     /loadStateDict: bias has 3 values, needs 2/,
   );
   assert.deepEqual([...await lin.weight.toArray()], [...before], "the weight was not written");
+  // a disposed tensor, f64 or plain-array data, a null entry: named, and nothing written before
+  const gone = tensor([7, 8]);
+  gone.dispose();
+  const bad: [unknown, RegExp][] = [
+    [gone, /loadStateDict: bias was disposed/],
+    [
+      { shape: [2], data: new Float64Array(2) },
+      /bias's data must be a Float32Array or an Int32Array, got Float64Array/,
+    ],
+    [{ shape: [2], data: [1, 2] }, /bias's data must be a Float32Array or an Int32Array, got Array/],
+    [null, /loadStateDict: missing keys: bias/],
+    [3, /loadStateDict: bias must be a Tensor or \{ shape, data \}, got number/],
+  ];
+  for (const [bias, want] of bad) {
+    assert.throws(() => lin.loadStateDict({ weight, bias } as Record<string, HostTensor>), want);
+  }
+  assert.deepEqual([...await lin.weight.toArray()], [...before], "the weight was not written");
   lin.dispose();
+});
+
+Deno.test("loading a module's or an optimizer's own state dict is a no-op (as PyTorch), not a lost batch", async () => {
+  await setup();
+  const { Linear } = await import("../nn/layers.ts");
+  const lin = new Linear(3, 2);
+  const before = await lin.weight.toArray();
+  lin.loadStateDict(lin.stateDict());
+  // a view of the parameter too: same storage, nothing to copy (WebGPU refuses a copy onto itself)
+  lin.loadStateDict({ weight: lin.weight.reshape(2, 3), bias: lin.bias! });
+  const x = tensor([[1, 2, 3]]);
+  lin.forward(x).sum().backward();
+  const opt = new AdamW(lin.parameters());
+  opt.step();
+  const [key, m] = [...opt.stateDict().tensors][0];
+  const m0 = await m.toArray();
+  opt.loadStateDict(opt.stateDict());
+  assert.deepEqual([...await opt.stateDict().tensors.get(key)!.toArray()], [...m0], key);
+  const after = await lin.weight.toArray();
+  assert.ok(after.some((v, i) => v !== before[i]), "the step moved the weight (so the batch was not lost)");
+  opt.zeroGrad();
+  opt.dispose();
+  lin.dispose();
+  x.dispose();
 });
 
 Deno.test("no leaks: after training steps, zeroGrad and dispose, live bytes are back to baseline", async () => {
