@@ -11,7 +11,7 @@
 
 import { markSaved, type Storage } from "./memory.ts";
 import { fmt, stridesOf } from "./shape.ts";
-import { keep, nextTensorId, Tensor, tidy, unscope } from "./tensor.ts";
+import { freeOnThrow, keep, nextTensorId, Tensor, tidy, unscope } from "./tensor.ts";
 import { add, copy, copyBox } from "./ops/index.ts";
 import { zeros } from "./creation.ts";
 import { mapOp } from "./ops/map_kernel.ts";
@@ -156,7 +156,7 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
       );
     }
     const saved: Tensor[] = [];
-    const out = noGrad(() => def.forward(inputs, attrs, (...t) => saved.push(...t)));
+    const out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, (...t) => saved.push(...t))));
     return record(
       out,
       def.name,
@@ -193,6 +193,9 @@ function propagate(
   }
   if (!grad && root.size !== 1) {
     throw new Error(`backward() without a gradient needs a scalar, got shape ${fmt(root.shape)}`);
+  }
+  if (grad && grad.dtype !== root.dtype) {
+    throw new Error(`backward(): gradient dtype ${grad.dtype} differs from tensor dtype ${root.dtype}`);
   }
   if (grad && grad.shape.join() !== root.shape.join()) {
     throw new Error(

@@ -22,6 +22,28 @@ let nextId = 1;
 
 const scopes: Set<Tensor>[] = [];
 
+/** Tensors made inside the outermost {@linkcode freeOnThrow} running, else null (no cost outside one). */
+let made: Tensor[] | null = null;
+
+/**
+ * Runs `fn` (an op's forward) and, if it throws part-way (out of memory under a limit, a check after the
+ * first allocation), disposes the tensors it made that are neither disposed nor kept, so that a caught
+ * error leaks nothing, inside tidy or not. Nested calls share the outermost one's list.
+ */
+export function freeOnThrow<T>(fn: () => T): T {
+  const outermost = made === null;
+  const list = made ??= [];
+  const mark = list.length;
+  try {
+    return fn();
+  } catch (e) {
+    for (const t of list.slice(mark)) if (!t.disposed && !t.kept) t.dispose();
+    throw e;
+  } finally {
+    if (outermost) made = null;
+  }
+}
+
 /** The id the next tensor gets: every tensor made from now on has this id or a higher one. */
 export function nextTensorId(): number {
   return nextId;
@@ -56,6 +78,7 @@ export class Tensor {
     this.size = sizeOf(shape);
     countTensor(1);
     scopes[scopes.length - 1]?.add(this);
+    made?.push(this);
   }
 
   /** Allocates an uninitialised tensor (kernels fill it). */
@@ -291,6 +314,7 @@ export class Tensor {
  * the tidy, or `keep()` the tensors it must pass through. `fn` must be synchronous: an async `fn` (one
  * that returns a Promise) throws, since its tensors would be freed before it awaits; await readbacks such as
  * `item()` outside of tidy. Tensors it returns move to the enclosing tidy, if any, else the caller disposes them.
+ * Returned tensors are found at any depth in arrays, Sets, Maps and objects (their own enumerable properties).
  */
 export function tidy<T>(fn: () => T): T {
   const scope = new Set<Tensor>();
@@ -326,15 +350,23 @@ export function tidy<T>(fn: () => T): T {
 }
 
 function collectTensors(value: unknown, into: Set<Tensor>, seen = new Set<unknown>()): void {
-  // Walks arrays, Maps and plain objects (any depth; `seen` guards against cycles).
-  if (value instanceof Tensor) into.add(value);
-  if (!value || typeof value !== "object" || seen.has(value)) return;
-  seen.add(value);
-  if (Array.isArray(value)) { for (const v of value) collectTensors(v, into, seen); }
-  else if (value instanceof Map) { for (const v of value.values()) collectTensors(v, into, seen); }
-  else if (Object.getPrototypeOf(value) === Object.prototype) {
-    for (const v of Object.values(value)) collectTensors(v, into, seen);
+  // Walks arrays, Sets, Maps (keys and values) and any other object's own enumerable properties (plain,
+  // null-prototype or class instances), at any depth; `seen` guards against cycles. Typed arrays and
+  // buffers hold numbers only: not walked element by element.
+  if (value instanceof Tensor) {
+    into.add(value);
+    return;
   }
+  if (!value || typeof value !== "object" || seen.has(value)) return;
+  if (ArrayBuffer.isView(value) || value instanceof ArrayBuffer) return;
+  seen.add(value);
+  if (Array.isArray(value) || value instanceof Set) { for (const v of value) collectTensors(v, into, seen); }
+  else if (value instanceof Map) {
+    for (const [k, v] of value) {
+      collectTensors(k, into, seen);
+      collectTensors(v, into, seen);
+    }
+  } else for (const v of Object.values(value)) collectTensors(v, into, seen);
 }
 
 /** Marks a tensor as kept: no `tidy` disposes it (it still can be disposed explicitly). Returns it. */
@@ -352,7 +384,8 @@ export function unscope(t: Tensor): void {
   for (const scope of scopes) scope.delete(t);
 }
 
-/** Disposes every tensor found in a value (a tensor, an array, or a plain object of tensors). */
+/** Disposes every tensor found in a value: a tensor, or arrays, Sets, Maps and objects holding tensors at any
+ * depth (as `tidy` finds what it returns). */
 export function dispose(value: unknown): void {
   const found = new Set<Tensor>();
   collectTensors(value, found);

@@ -385,6 +385,9 @@ Deno.test("backward: clear errors for a non-scalar without gradient, a wrong gra
     () => backward(y, M.ones([3, 2])),
     /gradient shape \[3, 2\] differs from tensor shape \[2, 3\]/,
   );
+  const gi = M.ones([2, 3], { dtype: "i32" });
+  assert.throws(() => backward(y, gi), /backward\(\): gradient dtype i32 differs from tensor dtype f32/);
+  gi.dispose();
   const c = M.ones([2]);
   assert.throws(() => c.sum().backward(), /does not require grad/);
   assert.throws(() => M.ones([2], { dtype: "i32" }).requiresGrad_(), /only f32 tensors can require grad/);

@@ -122,6 +122,51 @@ Deno.test("tidy: disposes intermediates, keeps returned values (nested) and kept
   assert.equal(memory().liveTensors, base.liveTensors, "a failing tidy does not leak");
 });
 
+Deno.test("tidy keeps tensors returned in Sets, Maps (keys too), class instances and null-prototype objects", () => {
+  const base = memory();
+  class Pair {
+    constructor(readonly first: Tensor, readonly second: Tensor) {}
+  }
+  const out = tidy(() => {
+    const a = M.ones([4]);
+    const bare = Object.create(null) as { t: Tensor };
+    bare.t = a.mul(3);
+    a.mul(4); // an intermediate: freed
+    return {
+      set: new Set([a.add(1)]),
+      map: new Map([[a.mul(2), "key"]]),
+      pair: new Pair(a.neg(), a.exp()),
+      bare,
+      bytes: new Float32Array(1e6), // numbers only: not walked element by element
+    };
+  });
+  const all = [...out.set, ...out.map.keys(), out.pair.first, out.pair.second, out.bare.t];
+  assert.ok(all.every((t) => !t.disposed), "every returned tensor is alive");
+  assert.equal(memory().liveTensors - base.liveTensors, 5, "the five returned, not a or the intermediate");
+  dispose(out);
+  assert.ok(all.every((t) => t.disposed), "dispose finds them the same way");
+  assert.equal(memory().liveBytes, base.liveBytes);
+});
+
+Deno.test("an op that runs out of memory part-way through its forward leaks nothing (outside tidy too)", () => {
+  const x = M.zeros([64, 1000]);
+  const t = tensor(new Int32Array(64), [64]);
+  const base = memory();
+  // crossEntropy's forward makes several tensors (the loss, the valid mask, the row statistics): a cap
+  // just above what is live fails a later allocation, after the first ones were made
+  for (const room of [300, 600, 1100]) {
+    M.setMemoryLimit(base.liveBytes + room);
+    try {
+      assert.throws(() => M.crossEntropy(x, t), /out of memory/, `cap ${room} bytes above the live ones`);
+    } finally {
+      M.setMemoryLimit(null);
+    }
+    assert.equal(memory().liveBytes, base.liveBytes, `no bytes left live (cap +${room})`);
+    assert.equal(memory().liveTensors, base.liveTensors, `no tensors left live (cap +${room})`);
+  }
+  dispose([x, t]);
+});
+
 Deno.test("tidy disposes even when fn throws; dispose twice is harmless", () => {
   const base = memory();
   assert.throws(() =>
