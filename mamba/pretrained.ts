@@ -250,11 +250,14 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
       dtInitFloor: r.pos("time_step_floor", 1e-4),
       innerLayernorms: r.bool("inner_layernorms", false),
     };
+    // Checked, not applied: the -hf configs carry it over from state-spaces, but transformers' MambaConfig
+    // has no such field, and MambaForCausalLM's embedding and head have exactly vocab_size rows.
+    r.int("pad_vocab_size_multiple", 1);
     return {
       config,
       lm: {
         vocabSize: r.int("vocab_size"),
-        padVocabSizeMultiple: r.int("pad_vocab_size_multiple", 1),
+        padVocabSizeMultiple: 1,
         tieEmbeddings: r.bool("tie_word_embeddings", true),
         paddingIdx: null, // HF's MambaForCausalLM embedding has no padding_idx
       },
@@ -1020,10 +1023,6 @@ export async function saveCheckpoint(
   tokenizer: Tokenizer | null = model instanceof PretrainedLM ? model.tokenizer : null,
 ): Promise<void> {
   const files = await checkpointFiles(model, tokenizer);
-  await (await import("./pretrained_fs.ts")).writeFiles(dir, files);
-  if (files["tokenizer.json"] && !files["tokenizer_config.json"]) {
-    await Deno.remove(`${dir}/tokenizer_config.json`).catch((e) => {
-      if (!(e instanceof Deno.errors.NotFound)) throw e;
-    });
-  }
+  const stale = files["tokenizer.json"] && !files["tokenizer_config.json"] ? ["tokenizer_config.json"] : [];
+  await (await import("./pretrained_fs.ts")).writeFiles(dir, files, stale);
 }

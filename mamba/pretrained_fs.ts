@@ -87,8 +87,18 @@ export async function localSource(s: string, options: HubOptions): Promise<Model
   return folderSource(s); // reading it will say that it does not exist
 }
 
-/** Writes each file into `dir` (created if needed), each atomically. */
-export async function writeFiles(dir: string, files: Record<string, Uint8Array>): Promise<void> {
+/** Writes each file into `dir` (created if needed), each atomically, then removes the files named in
+ * `remove` if they are there. */
+export async function writeFiles(
+  dir: string,
+  files: Record<string, Uint8Array>,
+  remove: readonly string[] = [],
+): Promise<void> {
   await Deno.mkdir(dir, { recursive: true });
   for (const [name, bytes] of Object.entries(files)) await writeFileAtomic(`${dir}/${name}`, bytes);
+  for (const name of remove) {
+    await Deno.remove(`${dir}/${name}`).catch((e) => {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+    });
+  }
 }

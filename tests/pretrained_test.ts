@@ -167,6 +167,13 @@ Deno.test("mambaConfig: a key set to undefined takes its default; infinite numbe
     () => mambaConfig({ dModel: 16, nLayers: 2, rmsNormEps: Infinity }),
     /rmsNormEps must be a positive finite number, got Infinity/,
   );
+  for (const bad of [null, 3, [16, 2]]) {
+    assert.throws(
+      () => mambaConfig(bad as never),
+      /^Error: MambaConfig must be an object with dModel and nLayers, got /,
+      JSON.stringify(bad),
+    );
+  }
 });
 
 Deno.test("fromPretrained: checkpoint tensors the model has no parameter for are named, before any read", async () => {
@@ -285,6 +292,25 @@ Deno.test("saveCheckpoint then fromPretrained round-trips a model with inner lay
         /no parameter for: backbone\.layers\.0\.mixer\.dt_layernorm\.weight \(mamba\.layers\.0\.mixer\.dt_layernorm\.weight\), .* \(inner layernorms: add "inner_layernorms": true to .*config\.json\)$/,
       );
     }
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("an HF config's pad_vocab_size_multiple is not applied (transformers has exactly vocab_size rows)", async () => {
+  await init();
+  // what an HF fine-tune with added tokens looks like: a vocabulary of 67 and the key copied from a -hf config
+  const lm = new MambaLM({ dModel: 16, nLayers: 1, dState: 4 }, { vocabSize: 67 });
+  const dir = await Deno.makeTempDir({ prefix: "pretrained-pad-" });
+  try {
+    await saveCheckpoint(lm, dir, null);
+    const cfg = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+    await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify({ ...cfg, pad_vocab_size_multiple: 8 }));
+    const back = await fromPretrained(dir);
+    assert.equal(back.vocabSize, 67);
+    assert.deepEqual(back.stateDict().get("embedding.weight")!.shape, [67, 16]);
+    back.dispose();
+  } finally {
+    lm.dispose();
     await Deno.remove(dir, { recursive: true });
   }
 });
