@@ -16,6 +16,7 @@ import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
 import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../mamba/tokenizer.ts";
+import { intFlag as int, UsageError } from "./lib/cli.ts";
 
 const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [options]
 
@@ -34,16 +35,6 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
                      else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub)
   --read-every <n>   tokens between readbacks while streaming (default 4)
   -h, --help         this text`;
-
-class UsageError extends Error {}
-
-function int(name: string, v: string | undefined, dflt: number, min: number): number {
-  if (v === undefined) return dflt;
-  if (!/^-?\d+$/.test(v) || Number(v) < min) {
-    throw new UsageError(`--${name} must be an integer >= ${min}, got '${v}'`);
-  }
-  return Number(v);
-}
 
 function num(
   name: string,
@@ -90,7 +81,7 @@ function parse(argv: string[]) {
   if (!values.model) throw new UsageError("--model is required");
   const temperature = num("temperature", values.temperature, (x) => x > 0, "a number > 0");
   const topP = num("top-p", values["top-p"], (x) => x > 0 && x <= 1, "a number in (0, 1]");
-  const topK = int("top-k", values["top-k"], 0, 0);
+  const topK = int("top-k", values["top-k"], 0, 0, 2 ** 32 - 1);
   if (values.greedy && (temperature !== undefined || topP !== undefined || values["top-k"] !== undefined)) {
     throw new UsageError(
       "--greedy takes the most likely token: it does not combine with --temperature/--top-k/--top-p",

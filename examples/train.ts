@@ -28,6 +28,7 @@ import { ByteTokenizer, type Tokenizer } from "../mamba/tokenizer.ts";
 import {
   CharDataset,
   DEFAULT_TRAIN,
+  MAX_TRAIN_SEED,
   TokenDataset,
   type TrainConfig,
   type TrainData,
@@ -153,18 +154,25 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       );
     }
   }
-  const int = (name: string, v: string | undefined, dflt: number, min = 1): number => {
+  const int = (name: string, v: string | undefined, dflt: number, min = 1, max = Number.MAX_SAFE_INTEGER) => {
     if (v === undefined) return dflt;
     const n = Number(v);
-    if (!Number.isInteger(n) || n < min) {
-      throw new Error(`--${name} must be an integer >= ${min}, got '${v}'`);
+    if (v.trim() === "" || !Number.isInteger(n) || n < min || n > max) {
+      throw new Error(
+        `--${name} must be an integer ${
+          max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `from ${min} to ${max}`
+        }` +
+          `, got '${v}'`,
+      );
     }
     return n;
   };
   const lr = values.lr === undefined
     ? (values.from === undefined ? DEFAULT_TRAIN.lr : FINE_TUNE_LR)
     : Number(values.lr);
-  if (!(lr > 0)) throw new Error(`--lr must be a positive number, got '${values.lr}'`);
+  if (!(lr > 0 && Number.isFinite(lr))) {
+    throw new Error(`--lr must be a finite positive number, got '${values.lr}'`);
+  }
   const train: TrainConfig = {
     ...DEFAULT_TRAIN,
     steps: int("steps", values.steps, DEFAULT_TRAIN.steps),
@@ -173,7 +181,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     lr,
     minLr: lr / 10,
     warmup: int("warmup", values.warmup, DEFAULT_TRAIN.warmup, 0),
-    seed: int("seed", values.seed, DEFAULT_TRAIN.seed, 0),
+    seed: int("seed", values.seed, DEFAULT_TRAIN.seed, 0, MAX_TRAIN_SEED),
     evalEvery: int("eval-every", values["eval-every"], DEFAULT_TRAIN.evalEvery),
   };
   train.warmup = Math.min(train.warmup, train.steps); // short runs warm up over their whole length

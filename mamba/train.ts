@@ -191,6 +191,9 @@ export class TokenDataset implements TrainData {
   }
 }
 
+/** Largest {@linkcode TrainConfig.seed}: seed * 1e6 + step seeds a batch's generator, exact below 2^53. */
+export const MAX_TRAIN_SEED = 9e9;
+
 /**
  * Checks a {@linkcode TrainConfig}: every key present, integers where steps or counts are meant, finite
  * rates, `minLr <= lr`, `warmup <= steps`. Returns a frozen copy; throws an Error naming the first bad key and its value.
@@ -227,7 +230,7 @@ export function validateTrainConfig(config: TrainConfig): Readonly<TrainConfig> 
     !betas.every((b) => typeof b === "number" && b >= 0 && b < 1)
   ) bad("betas", "two numbers in [0, 1)");
   num("clip", (v) => v > 0, "a number > 0 (Infinity: no clipping)");
-  int("seed", 0, 9e9); // seed * 1e6 + step seeds a batch's generator, exact below 2^53
+  int("seed", 0, MAX_TRAIN_SEED);
   int("evalEvery", 1);
   int("evalBatches", 1);
   int("logEvery", 1);

@@ -690,5 +690,16 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.equal((await run("--prompt", "x")).code, 2);
   assert.match((await run("--model", char, "--top-p", "2")).err, /--top-p must be a number in \(0, 1\]/);
   assert.match((await run("--model", char, "--greedy", "--top-k", "3")).err, /does not combine/);
+  // out-of-range integers: refused as flags, before the model loads
+  const tooBig: [string, string, string][] = [
+    ["--seed", "99999999999999999999", `from 0 to ${Number.MAX_SAFE_INTEGER}`],
+    ["--top-k", "99999999999", `from 0 to ${2 ** 32 - 1}`],
+  ];
+  for (const [flag, v, max] of tooBig) {
+    const r = await run("--model", char, flag, v);
+    assert.equal(r.code, 2, r.err);
+    assert.equal(r.out, "", "nothing generated");
+    assert.match(r.err, new RegExp(`${flag} must be an integer ${max}, got '${v}'`));
+  }
   await assert.rejects(() => run("--model", char, "--prompt", "naïve"), /never saw: "ï"/);
 });

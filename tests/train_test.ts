@@ -565,7 +565,13 @@ Deno.test("fine-tune: a pretrained checkpoint trains on its tokenizer's ids (Tok
 
 Deno.test("train: bad flags give clear errors", () => {
   assert.throws(() => parseTrainArgs(["--steps", "x"]), /--steps must be an integer >= 1, got 'x'/);
-  assert.throws(() => parseTrainArgs(["--lr", "0"]), /--lr must be a positive number, got '0'/);
+  assert.throws(() => parseTrainArgs(["--lr", "0"]), /--lr must be a finite positive number, got '0'/);
+  assert.throws(() => parseTrainArgs(["--lr", "Infinity"]), /--lr must be a finite positive number/);
+  assert.throws(
+    () => parseTrainArgs(["--seed", "99999999999"]),
+    /--seed must be an integer from 0 to 9000000000, got '99999999999'/,
+  );
+  assert.throws(() => parseTrainArgs(["--steps", ""]), /--steps must be an integer >= 1, got ''/);
   assert.throws(() => parseTrainArgs(["--bogus"]), /Unknown option '--bogus'/);
   assert.equal(parseTrainArgs(["--help"]), null);
   assert.throws(

@@ -66,7 +66,8 @@ export function intFlag(
   if (v === undefined) return dflt;
   const n = Number(v);
   if (v.trim() === "" || !Number.isInteger(n) || n < min || n > max) {
-    throw new UsageError(`--${name} must be an integer from ${min} to ${max}, got '${v}'`);
+    const range = max === Number.MAX_SAFE_INTEGER && !(n > max) ? `>= ${min}` : `from ${min} to ${max}`;
+    throw new UsageError(`--${name} must be an integer ${range}, got '${v}'`);
   }
   return n;
 }
