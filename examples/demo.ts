@@ -1,6 +1,6 @@
 /**
- * The main job, with no arguments: trains a small character-level Mamba on Pride and Prejudice for a few
- * minutes, printing a sample before and after, saves the checkpoint and generates from it.
+ * The main job, with no arguments: trains a small character-level Mamba on Pride and Prejudice (300 steps,
+ * under a minute), printing a sample before and after, saves the checkpoint and generates from it.
  *
  * ```sh
  * deno task demo            # or, on a machine with only Node: npx -y deno@2.9.6 task demo
