@@ -141,6 +141,19 @@ Deno.test("rmsNorm: 70000 rows (past 65535 invocations) and 4194369 rows (past 6
   await checkLarge([65535 * 64 + 129, 1], 33);
 });
 
+Deno.test("rmsNorm: the longest rows within the loop limit are exact (D = 32766, and 131064 as vec4); one more throws", async () => {
+  // Each row's kernels loop twice over D / V; software adapters stop an invocation silently past 65535 loop
+  // trips in all (each loop's final test counting), so D / V stops at 32766.
+  await checkLarge([2, 32766], 34);
+  await checkLarge([1, 131064], 35);
+  for (const [D, limit] of [[32767, 32766], [40001, 32766], [65535, 32766], [131068, 131064]]) {
+    throwsWith(
+      () => M.rmsNorm(M.zeros([1, D]), M.zeros([D]), EPS),
+      `rmsNorm: the last dim of x [1, ${D}] exceeds ${limit} (at most 32766, or 131064 for a multiple of 4`,
+    );
+  }
+});
+
 Deno.test("rmsNorm: one dispatch forward; backward only for the inputs that need a gradient", async () => {
   const x = M.randn([4, 32, 16], { requiresGrad: true });
   const w = M.randn([16]);
@@ -189,7 +202,7 @@ Deno.test("rmsNorm: bad inputs name the shapes", () =>
       () => M.rmsNorm(M.zeros([2, 3], { dtype: "i32" }), M.zeros([3]), EPS),
       "rmsNorm needs f32 tensors, got x i32",
     );
-    throwsWith(() => M.rmsNorm(M.zeros([1, 70000]), M.zeros([70000]), EPS), "exceeds 65535");
+    throwsWith(() => M.rmsNorm(M.zeros([1, 70001]), M.zeros([70001]), EPS), "exceeds 32766");
     throwsWith(() => M.rmsNorm(x, M.zeros([3]), NaN), "eps");
     const norm = new M.RMSNorm(3);
     throwsWith(() => norm.forward(M.zeros([2, 4])), "RMSNorm: expected input (..., 3), got [2, 4]");

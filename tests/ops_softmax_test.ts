@@ -270,3 +270,68 @@ Deno.test("crossEntropy leaves no tensor behind outside tidy, for every reductio
     }
   }
 });
+
+Deno.test("softmax/logSoftmax/crossEntropy: rows past the row kernels' loop limit are exact (both row-kernel flavours)", () =>
+  bothFlavours(async () => {
+    // The first lengths past the 64-lane kernels' 65535 loop trips (3 walks of R / 64 for softmax, 2 for
+    // cross-entropy): software adapters stop such kernels silently, so these rows take the reductions.
+    const pattern = (n: number) => Float32Array.from({ length: n }, (_, i) => ((i * 7919) % 13) * 0.25 - 1.5);
+    const logSumExp = (v: Float32Array) => {
+      let m = -Infinity, z = 0;
+      for (const a of v) m = Math.max(m, a);
+      for (const a of v) z += Math.exp(a - m);
+      return m + Math.log(z);
+    };
+    const R = 64 * 21840, rows = 2; // strided: the rows are the columns of an (R, 2) tensor
+    const host = pattern(R * rows);
+    const cols = [0, 1].map((c) => host.filter((_, i) => i % rows === c));
+    const lse = cols.map(logSumExp);
+    const x = tensor(host, [R, rows]);
+    const [sm, lsm] = [M.softmax(x, 0), M.logSoftmax(x, 0)];
+    const [s, l] = [await sm.toArray(), await lsm.toArray()];
+    const want = Float64Array.from(host, (v, i) => v - lse[i % rows]);
+    let worstS = 0, worstL = 0;
+    for (let i = 0; i < host.length; i++) {
+      worstS = Math.max(worstS, Math.abs(s[i] - Math.exp(want[i])) / Math.exp(want[i]));
+      worstL = Math.max(worstL, Math.abs(l[i] - want[i]));
+    }
+    assert.ok(worstS < 1e-4, `softmax over ${R}: worst relative error ${worstS}`);
+    assert.ok(worstL < 1e-4, `logSoftmax over ${R}: worst error ${worstL}`);
+
+    const V = 64 * 32761;
+    const logits = pattern(V);
+    const xl = tensor(logits, [1, V], { requiresGrad: true });
+    const t = tensor(new Int32Array([V - 3]));
+    const loss = M.crossEntropy(xl, t);
+    const want0 = logSumExp(logits) - logits[V - 3];
+    const got0 = await loss.item();
+    assert.ok(Math.abs(got0 - want0) < 1e-4, `crossEntropy over ${V}: ${got0}, want ${want0}`);
+    loss.backward();
+    const g = await xl.grad!.toArray();
+    const lz = logSumExp(logits);
+    let worstG = 0;
+    for (let i = 0; i < V; i++) {
+      worstG = Math.max(worstG, Math.abs(g[i] - (Math.exp(logits[i] - lz) - (i === V - 3 ? 1 : 0))));
+    }
+    assert.ok(worstG < 1e-6, `crossEntropy gradient over ${V}: worst error ${worstG}`);
+    // ignored and out-of-range targets, as in the row kernels
+    const none = M.crossEntropy(xl, tensor(new Int32Array([-100])), { reduction: "none" });
+    const bad = M.crossEntropy(xl, tensor(new Int32Array([V])), { reduction: "none" });
+    assert.equal(await none.item(), 0);
+    assert.ok(Number.isNaN(await bad.item()));
+    M.dispose([x, sm, lsm, xl, xl.grad!, t, loss, none, bad]);
+  }));
+
+Deno.test("crossEntropy over V = 0 classes: every row a NaN loss (its target is out of range), ignored rows 0", async () => {
+  const x = M.zeros([3, 0], { requiresGrad: true });
+  const t = tensor(new Int32Array([0, -100, 1]));
+  const none = M.crossEntropy(x, t, { reduction: "none" });
+  assert.deepEqual(none.shape, [3]);
+  const v = await none.toArray();
+  assert.ok(Number.isNaN(v[0]) && v[1] === 0 && Number.isNaN(v[2]), `losses ${v}`);
+  const mean = M.crossEntropy(x, t);
+  assert.ok(Number.isNaN(await mean.item()));
+  mean.backward();
+  assert.deepEqual(x.grad!.shape, [3, 0]);
+  M.dispose([x, x.grad!, t, none, mean]);
+});

@@ -10,8 +10,10 @@
  * - `rms_bwd_w`: one invocation per (chunk of rows, group of V columns); neighbouring lanes own neighbouring
  *   columns. Reads g, x and rstd of its rows; writes partials (chunks, D) of sum(g * (x * r)), which `sum`
  *   over the chunks reduces to dweight (no float atomics).
- * No workgroup memory. Loops run at most D or ceil(sqrt(rows)) times; D is capped at 65535 because software
- * adapters silently stop longer loops. Past 65535 workgroups the dispatch is folded into two dimensions.
+ * No workgroup memory. A per-row invocation runs two loops of D / V trips; a `rms_bwd_w` invocation one
+ * loop of ceil(sqrt(rows)). Software adapters stop an invocation silently once its loops have run about
+ * 65535 trips in all (each loop's final test counting as one), so D / V is capped at 32766: D is at most
+ * 32766, or 131064 for a multiple of 4. Past 65535 workgroups the dispatch is folded into two dimensions.
  * @module
  */
 
@@ -24,8 +26,12 @@ import { sum } from "./reduce.ts";
 import { reshape } from "./shape_ops.ts";
 
 const WG = 64;
-/** Longest row: loops of software adapters stop silently past 65535 iterations. */
-const MAX_D = 65535;
+/** Loop trips software adapters run per invocation, all loops together, before stopping it silently. */
+const LOOP_LIMIT = 65535;
+
+/** The longest row in units of V: the per-row kernels run two loops of D / V trips, plus each loop's final
+ * test, within the loop limit (32766). */
+const MAX_DV = Math.floor(LOOP_LIMIT / 2) - 1;
 
 const kernels = new Map<string, Kernel>();
 
@@ -158,9 +164,12 @@ export function rmsNorm(x: Tensor, weight: Tensor, eps: number): Tensor {
   if (weight.rank !== 1 || weight.shape[0] !== D) {
     throw new Error(`rmsNorm: weight must be ${fmt([D])} for x ${fmt(x.shape)}, got ${fmt(weight.shape)}`);
   }
-  if (D > MAX_D) {
+  const V = D % 4 === 0 ? 4 : 1;
+  if (D / V > MAX_DV) {
+    const limits = `${MAX_DV}, or ${4 * MAX_DV} for a multiple of 4`;
     throw new Error(
-      `rmsNorm: the last dim of x ${fmt(x.shape)} exceeds ${MAX_D} (the loop limit of kernels)`,
+      `rmsNorm: the last dim of x ${fmt(x.shape)} exceeds ${MAX_DV * V} (at most ${limits}: each row's ` +
+        `kernel loops twice over it, within the ${LOOP_LIMIT} loop trips software adapters run)`,
     );
   }
   if (!Number.isFinite(eps)) throw new Error(`rmsNorm: eps must be a finite number, got ${eps}`);

@@ -8,8 +8,12 @@
  *   workgroup memory, no barriers), then write the row. On lavapipe (SG 8) cross-entropy over 2048 rows of
  *   256 took 8.7 ms with barriers and 0.3 ms so.
  * - else: one workgroup of 64 invocations per row, reducing in a 64-float workgroup array between barriers.
- * Each invocation walks R / lanes elements three times at most, so rows longer than lanes x 21845 (the loop
- * limit of software adapters) take the 64-lane flavour; vocabularies are far below either.
+ * Each invocation walks R / lanes elements three times (twice for cross-entropy). Software adapters stop an
+ * invocation silently once its loops have run about 65535 trips in all (see `rowLoopTrips`), so rows too long
+ * for one subgroup take the 64-lane flavour, and rows too long for that (about 1.4M elements, 2.1M for
+ * cross-entropy) are not one kernel: their max and log-sum come from the multi-pass reductions of `max` and
+ * `sum`, and an elementwise pass writes the output (`cross_entropy_pick`, one invocation per row, for
+ * cross-entropy). Vocabularies are far below either limit.
  * Cross-entropy is the row kernel that writes lse - x[target] per row (0 for ignored rows), a validity mask
  * and the row's max and log-sum (`ignoreIndex` is an i32 uniform: one kernel for every value); its backward
  * is one pass (softmax - onehot) * g * valid (/ count for the mean), a workgroup per row (per element for rows
@@ -24,7 +28,7 @@ import { fmt, normAxis, sizeOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { mapOp } from "./map_kernel.ts";
 import { reshape } from "./shape_ops.ts";
-import { sum } from "./reduce.ts";
+import { max, sum } from "./reduce.ts";
 
 const WG = 64;
 const LOWEST = "-3.4028234663852886e38";
@@ -82,24 +86,35 @@ function rowPrelude(sg: number | null): string {
   let logz = log(red[0]);`;
 }
 
-/** Subgroup size the row kernels use for rows of R (one subgroup per row), or null (a workgroup of 64). */
-function rowSubgroup(R: number): number | null {
-  const sg = fixedSubgroupSize();
-  return sg && Math.ceil(R / sg) * 3 < 65535 ? sg : null;
-}
-
 type RowKind = "softmax" | "log_softmax" | "cross_entropy";
 
-/** What each row kernel writes after the prelude; `lanes` invocations share a row (`lid` is the lane). Outputs
- * use (x - m) - logz, never x - (m + logz): for large logits m + logz would be rounded to the spacing of m
- * (6e-5 at 1000) and every probability would inherit that error. */
-const ROW_WRITES: Record<RowKind, (lanes: number) => string> = {
-  softmax: (lanes) =>
-    `for (var r = lid; r < P.R; r += ${lanes}u) { st_y(base + r * P.inner, exp(ld_x(base + r * P.inner) - m - logz)); }`,
-  log_softmax: (lanes) =>
-    `for (var r = lid; r < P.R; r += ${lanes}u) { st_y(base + r * P.inner, ld_x(base + r * P.inner) - m - logz); }`,
-  cross_entropy: () =>
-    `if (lid == 0u) {
+/** Loop trips software adapters run per invocation, all loops together, before stopping it silently. */
+const LOOP_LIMIT = 65535;
+
+/**
+ * Loop trips one invocation of a row kernel of `kind` runs for rows of R, with `sg` lanes (one subgroup)
+ * or, for null, a workgroup of 64 (plus its two trees of 6 steps): walks of R / lanes for the max and the
+ * sum, and one more for the writes of softmax and logSoftmax. Each loop's final test counts as a trip, as
+ * lavapipe counts them: a 64-lane softmax row of 64 x 21839 runs 65534 trips and is exact; one of
+ * 64 x 21840 runs 65537 and loses elements.
+ */
+function rowLoopTrips(kind: RowKind, R: number, sg: number | null): number {
+  const walks = kind === "cross_entropy" ? 2 : 3;
+  const trips = walks * (Math.ceil(R / (sg ?? WG)) + 1);
+  return sg ? trips : trips + 2 * (Math.log2(WG) + 1);
+}
+
+/** How rows of R are reduced: by one subgroup (its size), by a workgroup of 64 ("wg"), or, for rows too long
+ * for either within the loop limit, by the multi-pass reductions ("reduce"). */
+function rowFlavour(kind: RowKind, R: number): number | "wg" | "reduce" {
+  const sg = fixedSubgroupSize();
+  if (sg && rowLoopTrips(kind, R, sg) <= LOOP_LIMIT) return sg;
+  return rowLoopTrips(kind, R, null) <= LOOP_LIMIT ? "wg" : "reduce";
+}
+
+/** WGSL writing cross-entropy's outputs for `row` from its `m` and `logz` (x's row starts at `base`, with
+ * stride P.inner): the loss, the validity and the stats. */
+const CE_WRITE = `
     let t = ld_target(row);
     let ok = t != P.ignore && t >= 0 && u32(t) < P.R;
     var loss = 0.0;
@@ -110,7 +125,17 @@ const ROW_WRITES: Record<RowKind, (lanes: number) => string> = {
     st_valid(row, select(0.0, 1.0, ok));
     st_stats(2u * row, m);
     st_stats(2u * row + 1u, logz);
-  }`,
+`;
+
+/** What each row kernel writes after the prelude; `lanes` invocations share a row (`lid` is the lane). Outputs
+ * use (x - m) - logz, never x - (m + logz): for large logits m + logz would be rounded to the spacing of m
+ * (6e-5 at 1000) and every probability would inherit that error. */
+const ROW_WRITES: Record<RowKind, (lanes: number) => string> = {
+  softmax: (lanes) =>
+    `for (var r = lid; r < P.R; r += ${lanes}u) { st_y(base + r * P.inner, exp(ld_x(base + r * P.inner) - m - logz)); }`,
+  log_softmax: (lanes) =>
+    `for (var r = lid; r < P.R; r += ${lanes}u) { st_y(base + r * P.inner, ld_x(base + r * P.inner) - m - logz); }`,
+  cross_entropy: () => `if (lid == 0u) {${CE_WRITE}}`,
 };
 
 const ROW_OUTPUTS: Record<RowKind, BufferDecl[]> = {
@@ -126,9 +151,8 @@ const ROW_OUTPUTS: Record<RowKind, BufferDecl[]> = {
 
 const rowKernels = new Map<string, Kernel>();
 
-/** The row kernel of a kind for rows of R (one subgroup, or a workgroup of 64, per row). */
-function rowKernel(kind: RowKind, R: number): Kernel {
-  const sg = rowSubgroup(R);
+/** The row kernel of a kind: one subgroup of `sg` lanes, or for null a workgroup of 64, per row. */
+function rowKernel(kind: RowKind, sg: number | null): Kernel {
   const name = `${kind}_rows${sg ? `_sg${sg}` : ""}`;
   let k = rowKernels.get(name);
   if (!k) {
@@ -152,10 +176,31 @@ function rowsOf(x: Tensor, axis: number) {
   return { rows: outer * inner, R: x.shape[axis], inner };
 }
 
+/** The row statistics of the row kernels from multi-pass reductions over `axis` (kept as size 1): the max m
+ * (at least the lowest f32, as the kernels start there) and logz = log(sum(exp(x - m))). */
+function rowStats(x: Tensor, axis: number): { m: Tensor; logz: Tensor } {
+  const m0 = max(x, axis, true);
+  const m = mapOp(`max(a, ${LOWEST})`, [m0], m0.shape);
+  const e = mapOp("exp(a - b)", [x, m], x.shape);
+  const z = sum(e, axis, true);
+  const logz = mapOp("log(a)", [z], z.shape);
+  for (const t of [m0, e, z]) t.dispose();
+  return { m, logz };
+}
+
 function rowOp(x: Tensor, axis: number, kind: "softmax" | "log_softmax"): Tensor {
-  const y = Tensor.empty(x.shape);
   const { rows, R, inner } = rowsOf(x, axis);
-  if (R > 0) dispatch(rowKernel(kind, R), { x: x.storage, y: y.storage }, { R, inner, ignore: 0 }, rows);
+  const f = rowFlavour(kind, R);
+  if (f === "reduce") {
+    const { m, logz } = rowStats(x, axis);
+    const y = mapOp(kind === "softmax" ? "exp((a - b) - c)" : "(a - b) - c", [x, m, logz], x.shape);
+    m.dispose();
+    logz.dispose();
+    return y;
+  }
+  const y = Tensor.empty(x.shape);
+  const k = rowKernel(kind, f === "wg" ? null : f);
+  if (R > 0) dispatch(k, { x: x.storage, y: y.storage }, { R, inner, ignore: 0 }, rows);
   return y;
 }
 
@@ -233,22 +278,27 @@ const ceOp = defineOp<{ reduction: "mean" | "sum" | "none"; ignore: number }>({
   name: "crossEntropy",
   forward: ([logits, target], { reduction, ignore }, save) => {
     const V = logits.shape[logits.rank - 1];
-    const rows = logits.size / Math.max(V, 1);
+    const rows = target.size; // not logits.size / V: with V = 0 every (non-ignored) row still gets its NaN
     const loss = Tensor.empty([rows]);
     const valid = Tensor.empty([rows]);
     const stats = Tensor.empty([rows, 2]); // per row: max, log(sum(exp(x - max)))
-    dispatch(
-      rowKernel("cross_entropy", V),
-      {
-        x: logits.storage,
-        target: target.storage,
-        y: loss.storage,
-        valid: valid.storage,
-        stats: stats.storage,
-      },
-      { R: V, inner: 1, ignore },
-      rows,
-    );
+    const bufs = {
+      x: logits.storage,
+      target: target.storage,
+      y: loss.storage,
+      valid: valid.storage,
+      stats: stats.storage,
+    };
+    const f = rowFlavour("cross_entropy", V);
+    if (f === "reduce") {
+      const { m, logz } = rowStats(logits, logits.rank - 1);
+      const u = { rows, R: V, inner: 1, ignore };
+      dispatch(cePickKernel, { ...bufs, m: m.storage, logz: logz.storage }, u, Math.ceil(rows / WG));
+      m.dispose();
+      logz.dispose();
+    } else {
+      dispatch(rowKernel("cross_entropy", f === "wg" ? null : f), bufs, { R: V, inner: 1, ignore }, rows);
+    }
     save(logits, target, stats, valid);
     if (reduction === "none") {
       const out = reshape(loss, target.shape);
@@ -269,7 +319,7 @@ const ceOp = defineOp<{ reduction: "mean" | "sum" | "none"; ignore: number }>({
   backward: (g, [logits, target, stats, valid, count], _i, { reduction }) => {
     // d/dx = (softmax(x) - onehot(t)) * g_row * valid_row (/ count for the mean: 0 where no row counts).
     const V = logits.shape[logits.rank - 1];
-    const rows = logits.size / Math.max(V, 1);
+    const rows = target.size;
     const rowShape = [rows, 1];
     const t2 = reshape(target, rowShape);
     const g2 = reduction === "none" ? reshape(g, rowShape) : reshape(g, [1, 1]);
@@ -284,6 +334,27 @@ const ceOp = defineOp<{ reduction: "mean" | "sum" | "none"; ignore: number }>({
     dx.dispose();
     return [out, null];
   },
+});
+
+/** Cross-entropy of rows too long for the row kernels, from their max `m` and `logz` (reductions): each
+ * invocation owns one row; it reads the row's target, m, logz and x at the target, and writes the row's
+ * loss, validity and stats, as `cross_entropy_rows` does. */
+const cePickKernel = defineKernel({
+  name: "cross_entropy_pick",
+  buffers: [
+    { name: "x", type: "f32", access: "read" },
+    { name: "m", type: "f32", access: "read" },
+    { name: "logz", type: "f32", access: "read" },
+    ...ROW_OUTPUTS.cross_entropy,
+  ],
+  uniforms: [["rows", "u32"], ["R", "u32"], ["inner", "u32"], ["ignore", "i32"]],
+  workgroupSize: WG,
+  body: `
+  if (gid >= P.rows) { return; }
+  let row = gid;
+  let base = row * P.R;
+  let m = ld_m(row);
+  let logz = ld_logz(row);${CE_WRITE}`,
 });
 
 /** (softmax(x) - onehot(t)) * w per element: one invocation each (`i / V` and `i % V` per element). */
@@ -340,6 +411,7 @@ function softmaxMinusOneHot(x: Tensor, stats: Tensor, t: Tensor, w: Tensor): Ten
   const [rows, V] = x.shape;
   // a row per workgroup of one subgroup (lavapipe: 8 lanes, one CPU vector), or of 64
   const lanes = fixedSubgroupSize() ?? WG;
+  if (n === 0) return y;
   const bufs = { x: x.storage, stats: stats.storage, t: t.storage, w: w.storage, y: y.storage };
   if (Math.ceil(V / lanes) < 65535) dispatch(onehotRowKernel(lanes), bufs, { n, V }, rows);
   else dispatch(onehotKernel, bufs, { n, V }, Math.ceil(n / 256));
