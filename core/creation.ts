@@ -36,6 +36,56 @@ function inferShape(data: NestedArray): number[] {
   return shape;
 }
 
+/** The shape of nested arrays (the lengths along the first elements) and their values in order. Throws on
+ * ragged or mixed-depth nesting, naming the dim and the lengths seen, as PyTorch's "expected sequence of
+ * length 2 at dim 1 (got 1)". */
+function flattenNested(data: readonly NestedArray[]): { shape: number[]; flat: number[] } {
+  const shape = inferShape(data);
+  const flat: number[] = [];
+  const at: number[] = []; // index path of the element being walked, for errors
+  const where = () => `data${at.map((i) => `[${i}]`).join("")}`;
+  const walk = (v: NestedArray, d: number): void => {
+    if (d === shape.length) {
+      if (Array.isArray(v)) {
+        throw new Error(
+          `tensor: nested arrays of mixed depth: expected a number at ${where()} (dim ${d} of shape ` +
+            `${fmt(shape)}), got an array of length ${v.length}`,
+        );
+      }
+      flat.push(v as number);
+      return;
+    }
+    const first = `data${"[0]".repeat(d)}`;
+    if (!Array.isArray(v)) {
+      throw new Error(
+        `tensor: nested arrays of mixed depth: expected a sequence of length ${shape[d]} at dim ${d} ` +
+          `(as ${first}), got the number ${v} at ${where()}`,
+      );
+    }
+    if (v.length !== shape[d]) {
+      const want = `expected a sequence of length ${shape[d]} at dim ${d} (as ${first})`;
+      throw new Error(`tensor: ragged nested arrays: ${want}, got length ${v.length} at ${where()}`);
+    }
+    for (let i = 0; i < v.length; i++) {
+      at.push(i);
+      walk(v[i], d + 1);
+      at.pop();
+    }
+  };
+  walk(data, 0);
+  return { shape, flat };
+}
+
+/** checkShape with the op named, and the shape as written (JSON would show NaN as null). */
+function checkShapeOf(op: string, shape: Shape): void {
+  if (Array.isArray(shape) && shape.some((d) => !Number.isInteger(d) || d < 0)) {
+    throw new Error(
+      `${op}: shape must be a list of non-negative integers, got [${shape.map(String).join(", ")}]`,
+    );
+  }
+  checkShape(shape, `${op}: shape`);
+}
+
 function finish(t: Tensor, options: CreateOptions): Tensor {
   if (options.requiresGrad) t.requiresGrad_(true);
   return t;
@@ -52,12 +102,12 @@ export function tensor(
 ): Tensor {
   const dtype = options.dtype ?? (data instanceof Int32Array ? "i32" : "f32");
   let flat: ArrayLike<number>;
-  if (data instanceof Float32Array || data instanceof Int32Array) flat = data;
-  else if (typeof data === "number") flat = [data];
-  else flat = (data as readonly NestedArray[]).flat(Infinity as 1) as number[];
-  const s = shape ??
-    (typeof data === "number" ? [] : ArrayBuffer.isView(data) ? [flat.length] : inferShape(data));
-  checkShape(s);
+  let inferred: number[];
+  if (data instanceof Float32Array || data instanceof Int32Array) [flat, inferred] = [data, [data.length]];
+  else if (typeof data === "number") [flat, inferred] = [[data], []];
+  else ({ flat, shape: inferred } = flattenNested(data as readonly NestedArray[]));
+  const s = shape ?? inferred;
+  checkShapeOf("tensor", s);
   if (sizeOf(s) !== flat.length) {
     throw new Error(`tensor: shape ${fmt(s)} needs ${sizeOf(s)} values, got ${flat.length}`);
   }
@@ -76,10 +126,15 @@ export function tensor(
 
 /** A tensor filled with `value`. */
 export function full(shape: Shape, value: number, options: CreateOptions = {}): Tensor {
-  checkShape(shape);
+  return filled("full", shape, value, options);
+}
+
+/** full(), with errors naming `op` (the function the caller called). */
+function filled(op: string, shape: Shape, value: number, options: CreateOptions): Tensor {
+  checkShapeOf(op, shape);
   const dtype = options.dtype ?? "f32";
   if (dtype === "i32" && !isInt32(value)) {
-    throw new Error(`full: i32 fill value ${value} is not an int32 integer`);
+    throw new Error(`${op}: i32 fill value ${value} is not an int32 integer`);
   }
   if (value === 0 && !Object.is(value, -0)) return finish(cleared(shape, dtype), options);
   return finish(mapOp("a", [value], shape, dtype, [dtype]), options);
@@ -94,12 +149,12 @@ function cleared(shape: Shape, dtype: DType): Tensor {
 
 /** A tensor of zeros. */
 export function zeros(shape: Shape, options: CreateOptions = {}): Tensor {
-  return full(shape, 0, options);
+  return filled("zeros", shape, 0, options);
 }
 
 /** A tensor of ones. */
 export function ones(shape: Shape, options: CreateOptions = {}): Tensor {
-  return full(shape, 1, options);
+  return filled("ones", shape, 1, options);
 }
 
 /** Zeros with another tensor's shape and dtype. */
@@ -119,6 +174,10 @@ export function onesLike(t: Tensor): Tensor {
  */
 export function arange(start: number, end?: number, step = 1, options: CreateOptions = {}): Tensor {
   if (end === undefined) [start, end] = [0, start];
+  // named here: a NaN or infinite bound would otherwise surface as a bad length or shape
+  for (const [name, v] of [["start", start], ["end", end], ["step", step]] as const) {
+    if (!Number.isFinite(v)) throw new Error(`arange: ${name} must be a finite number, got ${v}`);
+  }
   if (step === 0) throw new Error("arange: step must not be 0");
   const n = Math.max(0, Math.ceil((end - start) / step));
   const dtype = options.dtype ?? (Number.isInteger(start) && Number.isInteger(step) ? "i32" : "f32");
@@ -132,7 +191,7 @@ export function arange(start: number, end?: number, step = 1, options: CreateOpt
 
 /** Normal samples (mean 0, std 1 unless given), seeded and identical on every adapter. */
 export function randn(shape: Shape, options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
-  checkShape(shape);
+  checkShapeOf("randn", shape);
   const host = fillNormal(
     streamFor(options.seed),
     new Float32Array(sizeOf(shape)),
@@ -144,7 +203,7 @@ export function randn(shape: Shape, options: RandomOptions & { mean?: number; st
 
 /** Uniform samples in [low, high) (default [0, 1)), seeded and identical on every adapter. */
 export function rand(shape: Shape, options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
-  checkShape(shape);
+  checkShapeOf("rand", shape);
   const host = fillUniform(
     streamFor(options.seed),
     new Float32Array(sizeOf(shape)),

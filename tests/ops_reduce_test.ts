@@ -231,6 +231,27 @@ Deno.test("sum over an empty axis is 0; max over an empty axis throws", async ()
   e.dispose();
 });
 
+Deno.test("logsumexp over an empty axis is -inf (as PyTorch), with an empty gradient", async () => {
+  const e = M.zeros([3, 0], { requiresGrad: true });
+  const l = M.logsumexp(e, 1), lk = e.logsumexp(-1, true);
+  assert.deepEqual([l.shape, lk.shape], [[3], [3, 1]]);
+  assert.deepEqual([...await l.toArray(), ...await lk.toArray()], new Array(6).fill(-Infinity));
+  l.sum().backward();
+  assert.deepEqual(e.grad!.shape, [3, 0]);
+  M.dispose([e, e.grad!, l, lk]);
+});
+
+Deno.test("sum/max over axes of size 1 give a copy: an in-place update of the input leaves them alone", async () => {
+  const p = tensor([[1, 2, 3]], undefined, { requiresGrad: true });
+  const outs = [p.sum(0), p.max(0), M.sum(p, [0], true), M.max(p.reshape(1, 3, 1), [0, 2])];
+  for (const o of outs) assert.notEqual(o.storage, p.storage, `${o} shares the storage of its input`);
+  p.mul(1).sum().backward(); // gradient 1: one SGD step of lr 1 subtracts 1 from p in place
+  new M.SGD([p], { lr: 1 }).step();
+  assert.deepEqual([...await p.toArray()], [0, 1, 2]);
+  for (const o of outs) assert.deepEqual([...await o.toArray()], [1, 2, 3], `${o} after the step`);
+  M.dispose([p, p.grad!, ...outs]);
+});
+
 Deno.test("reductions: the same values through free functions and methods, and along non-last axes", async () => {
   const x = rand([4, 3, 2], 31);
   const t = tensor(Float32Array.from(x.data), x.shape);

@@ -250,6 +250,18 @@ Deno.test("pad (PyTorch order, constant value) and expand (-1, new leading dims)
   ]);
 });
 
+Deno.test("pad: an i32 fill value that is not an int32 integer is an error naming pad (not full)", async () => {
+  const i = M.ones([2], { dtype: "i32" });
+  assert.throws(
+    () => M.pad(i, [1, 1], 0.5),
+    /pad: the value 0.5 for an i32 tensor \[2\] is not an int32 integer/,
+  );
+  assert.throws(() => M.pad(i, [1, 1], 2 ** 31), /pad: the value 2147483648 for an i32 tensor/);
+  const ok = M.pad(i, [1, 0], -3);
+  assert.deepEqual([...await ok.toArray()], [-3, 1, 1]);
+  M.dispose([i, ok]);
+});
+
 Deno.test("shape ops on i32 tensors copy the bits exactly", async () => {
   const v = Int32Array.from({ length: 24 }, (_, i) => (i * 2654435761) | 0);
   const x = ndInt(v, [2, 3, 4]);

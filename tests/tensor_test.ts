@@ -45,6 +45,52 @@ Deno.test("tensor(): nested arrays, flat data with a shape, typed arrays, scalar
   dispose([a, b, c, d, e, f, g]);
 });
 
+Deno.test("tensor(): ragged or mixed-depth nested arrays are rejected, naming the dim and the lengths", async () => {
+  const cases: [() => unknown, RegExp][] = [
+    [
+      () => tensor([[1, 2], [3], [4, 5, 6]]),
+      /tensor: ragged nested arrays: expected a sequence of length 2 at dim 1 \(as data\[0\]\), got length 1 at data\[1\]/,
+    ],
+    [
+      () => tensor([[[1, 2], [3, 4]], [[5, 6], [7]]]),
+      /expected a sequence of length 2 at dim 2 \(as data\[0\]\[0\]\), got length 1 at data\[1\]\[1\]/,
+    ],
+    [() => tensor([[], [1]]), /length 0 at dim 1 \(as data\[0\]\), got length 1 at data\[1\]/],
+    // with a shape the data still has to be rectangular
+    [() => tensor([[1], [2, 3]], [3]), /ragged nested arrays: .* got length 2 at data\[1\]/],
+    [
+      () => tensor([[1, 2], [3, [4]]] as unknown as M.NestedArray),
+      /tensor: nested arrays of mixed depth: expected a number at data\[1\]\[1\] \(dim 2 of shape \[2, 2\]\), got an array of length 1/,
+    ],
+    [
+      () => tensor([[1], 2]),
+      /nested arrays of mixed depth: expected a sequence of length 1 at dim 1 \(as data\[0\]\), got the number 2 at data\[1\]/,
+    ],
+  ];
+  for (const [fn, re] of cases) assert.throws(fn, re);
+  // rectangular nestings, empty ones included, still work
+  const ok = [tensor([[]]), tensor([]), tensor([[[]], [[]]]), tensor([[1, 2], [3, 4]], [4])];
+  assert.deepEqual(ok.map((t) => t.shape), [[1, 0], [0], [2, 1, 0], [4]]);
+  assert.deepEqual([...await ok[3].toArray()], [1, 2, 3, 4]);
+  dispose(ok);
+});
+
+Deno.test("creation errors show a NaN as NaN and name the function and the argument", () => {
+  const shape = /shape must be a list of non-negative integers, got \[2, NaN\]/;
+  assert.throws(() => M.zeros([2, NaN]), new RegExp(`zeros: ${shape.source}`));
+  assert.throws(() => M.ones([2, NaN]), new RegExp(`ones: ${shape.source}`));
+  assert.throws(() => M.full([2, NaN], 1), new RegExp(`full: ${shape.source}`));
+  assert.throws(() => M.randn([2, NaN]), new RegExp(`randn: ${shape.source}`));
+  assert.throws(() => M.rand([2, NaN]), new RegExp(`rand: ${shape.source}`));
+  assert.throws(() => tensor([1, 2], [2, NaN]), new RegExp(`tensor: ${shape.source}`));
+  assert.throws(() => M.zeros([1.5]), /zeros: shape must be .*, got \[1.5\]/);
+  assert.throws(() => M.arange(0, NaN), /arange: end must be a finite number, got NaN/);
+  assert.throws(() => M.arange(NaN), /arange: end must be a finite number, got NaN/);
+  assert.throws(() => M.arange(0, Infinity), /arange: end must be a finite number, got Infinity/);
+  assert.throws(() => M.arange(-Infinity, 0), /arange: start must be a finite number, got -Infinity/);
+  assert.throws(() => M.arange(0, 5, NaN), /arange: step must be a finite number, got NaN/);
+});
+
 Deno.test("zeros/ones/full/arange/zerosLike/onesLike give exact values and dtypes", async () => {
   const ts = [
     M.zeros([2, 3]),

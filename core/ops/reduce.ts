@@ -11,12 +11,12 @@
  */
 
 import { defineOp } from "../autograd.ts";
-import { zeros } from "../creation.ts";
+import { full, zeros } from "../creation.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { fmt, normAxis, sameShape, type Shape } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { mapOp } from "./map_kernel.ts";
-import { reshape } from "./shape_ops.ts";
+import { copy, reshape } from "./shape_ops.ts";
 
 /** Longest chunk of R one invocation loops over. */
 const MAX_CHUNK = 4096;
@@ -93,9 +93,10 @@ function axesOf(x: Tensor, axis: number | number[] | undefined, op: string): num
   return x.rank === 0 ? [] : norm.sort((a, b) => b - a);
 }
 
-/** Reduces `axes` of a contiguous f32 tensor (no autograd), keeping them as size 1. A new tensor (a view of
- * `x` when every reduced axis has size 1). */
-function reduceAxes(x: Tensor, axes: number[], kind: "sum" | "max"): Tensor {
+/** Reduces `axes` of a contiguous f32 tensor (no autograd), keeping them as size 1. A new tensor with its own
+ * storage (a copy of `x` when every reduced axis has size 1: only reshape, view and detach share), or, with
+ * `share`, a view of `x` then (for a caller that owns `x`, such as a gradient being summed to a shape). */
+function reduceAxes(x: Tensor, axes: number[], kind: "sum" | "max", share = false): Tensor {
   if (x.dtype !== "f32") throw new Error(`${kind} needs an f32 tensor, got ${x.dtype}`);
   const outShape = keptShape(x.shape, axes);
   if (x.size === 0) {
@@ -123,7 +124,11 @@ function reduceAxes(x: Tensor, axes: number[], kind: "sum" | "max"): Tensor {
     cur = next;
     runs[j].size = 1;
   }
-  if (cur === x) return new Tensor(x.storage, outShape, "f32"); // only size-1 axes: a view
+  // Only size-1 axes: a copy, not a view, so that in-place updates of x (optimizer steps) leave it alone.
+  if (cur === x) {
+    if (share) return new Tensor(x.storage, outShape, "f32");
+    cur = copy(x);
+  }
   const out = new Tensor(cur.storage, outShape, "f32");
   cur.dispose();
   return out;
@@ -223,8 +228,11 @@ const shift = (v: string) => `select(${v}, 0.0, abs(${v}) > 3.4028234663852886e3
 const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
   name: "logsumexp",
   forward: ([x], { axis, keepdim }, save) => {
-    // lse = log(sum(exp(x - m))) + m with m = max(x) (0 if infinite): exp never overflows.
-    const m = reduceAxes(x, [axis], "max");
+    // lse = log(sum(exp(x - m))) + m with m = max(x) (0 if infinite): exp never overflows. Over an empty
+    // axis m is -inf (max would throw) and the sum 0, so lse is -inf, as PyTorch.
+    const m = x.shape[axis] === 0
+      ? full(keptShape(x.shape, [axis]), -Infinity)
+      : reduceAxes(x, [axis], "max");
     const e = mapOp(`exp(a - ${shift("b")})`, [x, m], x.shape);
     const s = reduceAxes(e, [axis], "sum");
     const logs = mapOp("log(a)", [s], s.shape);
@@ -246,7 +254,7 @@ const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
 });
 
 /** `log(sum(exp(x), axis))`, shifted by the maximum so that it never overflows (a row with +inf gives inf, one of
- * -inf gives -inf, as PyTorch). */
+ * -inf or an empty one gives -inf, as PyTorch). */
 export function logsumexp(x: Tensor, axis: number, keepdim = false): Tensor {
   const a = normAxis(axis, x.rank, "logsumexp");
   if (x.rank === 0) return reshape(x, []); // its one value: a view of it
@@ -261,6 +269,6 @@ export function sumToShape(g: Tensor, shape: Shape): Tensor {
   g.shape.forEach((d, i) => {
     if (i < lead || (shape[i - lead] === 1 && d !== 1)) axes.push(i);
   });
-  const y = reduceAxes(g, axes.sort((a, b) => b - a), "sum");
+  const y = reduceAxes(g, axes.sort((a, b) => b - a), "sum", true); // a gradient: a view of it is safe
   return reshapeOwned(y, [...shape]);
 }

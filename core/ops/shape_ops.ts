@@ -14,7 +14,17 @@
 import { defineOp, WindowGrad } from "../autograd.ts";
 import { recordCopy } from "../executor.ts";
 import { defineKernel, dispatch, type Kernel, windowBytes } from "../kernel.ts";
-import { checkShape, fmt, MAX_RANK, normAxis, normDim, type Shape, sizeOf, stridesOf } from "../shape.ts";
+import {
+  checkShape,
+  fmt,
+  isInt32,
+  MAX_RANK,
+  normAxis,
+  normDim,
+  type Shape,
+  sizeOf,
+  stridesOf,
+} from "../shape.ts";
 import type { Storage } from "../memory.ts";
 import { Tensor } from "../tensor.ts";
 import { full } from "../creation.ts";
@@ -492,6 +502,10 @@ export function pad(x: Tensor, padding: number[], value = 0): Tensor {
     throw new Error(
       `pad: padding ${JSON.stringify(padding)} must be non-negative pairs for at most ${x.rank} dims`,
     );
+  }
+  // checked here so that the error names pad, not the full() that makes the output
+  if (x.dtype === "i32" && !isInt32(value)) {
+    throw new Error(`pad: the value ${value} for an i32 tensor ${fmt(x.shape)} is not an int32 integer`);
   }
   const before = x.shape.map(() => 0);
   const after = x.shape.map(() => 0);
