@@ -39,7 +39,7 @@ import { fmt, stridesOf } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 import { backwardKernel } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
-import { sumsInvocations, sumsKernel } from "./fused_reduce_kernels.ts";
+import { sumsInvocations, sumsKernel, sumsLoopTrips } from "./fused_reduce_kernels.ts";
 import { chainKernel, localKernel } from "./fused_carry_kernels.ts";
 import {
   type FusedVariant,
@@ -278,6 +278,19 @@ function fusedScanBackward(
   const segChunks = Math.max(1, Math.min(u.chunks, Math.floor(budget / stepBytes / v.Lc)));
   const segSteps = Math.min(L, segChunks * v.Lc);
   const gbcSize = B * segSteps * slots * PW;
+  // the sums pass reads the partials V columns at a time (Q groups of B and C, PQ per partial row)
+  const S = dBC.shape[2]; // row stride of dBC and its gradient (R + 2N, or more with padding)
+  const V = PW % 4 === 0 && (2 * N) % 4 === 0 ? 4 : 1;
+  const [Q, PQ] = [(2 * N) / V, PW / V];
+  const sumsB = B * (chunked ? u.chunks : 1); // gpar's rows summed: per b, or per b and chunk
+  const trips = sumsLoopTrips({ R: a.R, S, slots, Q, V, dt: Ri > 0, params: true, B: sumsB });
+  if (trips > 65535 && deviceInfo().isFallbackAdapter) {
+    throw new Error(
+      `fusedScan backward: summing over ${slots} channel slots and ${sumsB} batch rows (B ${B}, ED ${ED}, ` +
+        `N ${N}) would loop ${trips} times per invocation, past the 65535 a software adapter runs (GPUs have ` +
+        "no such limit; here, scan: 'pscan', or fewer channels or batch rows)",
+    );
+  }
   const gx = Tensor.empty(x.shape); // gx: (B, L, ED)
   const blocks = stateBlocks(v);
   // ddraw: with dt_proj inside, the kernels consume it themselves (dW and the dt columns); only state blocks
@@ -322,7 +335,6 @@ function fusedScanBackward(
   const per = chunked
     ? u.chunks
     : Math.max(1, Math.min(Math.floor(MAX_STEPS / 2 / v.Lc), Math.floor((3 * MAX_STEPS) / perChunk)));
-  const S = dBC.shape[2]; // row stride of dBC and its gradient (R + 2N, or more with padding)
   // The parameter gradients (summed over the batch in the last segment's sums dispatch, from gpar (B, ED,
   // 2N + 2 + Ri) at the end of gred).
   const gbias = Tensor.empty([ED]);
@@ -371,10 +383,8 @@ function fusedScanBackward(
     }
     // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]; the last segment (c0 = 0) also
     // sums the parameter gradients
-    const V = PW % 4 === 0 && (2 * N) % 4 === 0 ? 4 : 1;
     const n = B * segLen;
     const params = c0 === 0;
-    const [Q, PQ] = [(2 * N) / V, PW / V];
     const su = {
       n,
       L,
@@ -386,7 +396,7 @@ function fusedScanBackward(
       Q,
       PQ,
       params: +params,
-      B: B * (chunked ? u.chunks : 1), // gpar's rows summed: per b, or per b and chunk
+      B: sumsB,
       ED,
       N,
       off: gbcSize,

@@ -29,6 +29,23 @@ export function sumsKernel(V: 1 | 4, dt: boolean): Kernel {
   return cachedKernel(`sums|${V}|${dt}`, () => generateSums(V, dt));
 }
 
+/**
+ * Loop trips of a `fused_scan_bwd_sums` invocation at worst, each loop's last test counted: a row's walk over
+ * its column groups (the R dt columns in groups of V, or R zeros; the Q groups of B and C; the padding up to
+ * S), each group a walk over the slots; plus, in a dispatch that sums the parameters, a walk over the B rows
+ * of gpar, since lanes of one SIMD batch that take both branches run both loops (software adapters stop an
+ * invocation silently past 65535 trips in all).
+ */
+export function sumsLoopTrips(
+  o: { R: number; S: number; slots: number; Q: number; V: number; dt: boolean; params: boolean; B: number },
+): number {
+  const Rq = Math.ceil(o.R / o.V);
+  const dtCols = o.dt ? Rq + 1 + Rq * (o.slots + 1) : o.R + 1;
+  const bc = o.Q + 1 + o.Q * (o.slots + 1);
+  const pad = o.S - o.R - o.Q * o.V + 1;
+  return dtCols + bc + pad + (o.params ? o.B + 1 : 0);
+}
+
 /** Invocations of a `fused_scan_bwd_sums` dispatch: the segment's rows, and with the parameters their columns. */
 export function sumsInvocations(rows: number, params: boolean, ED: number, N: number, Ri: number): number {
   return rows + (params ? ED * (N + 2 + Ri) : 0);

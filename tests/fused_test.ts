@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { fixedSubgroupSize, init } from "../core/device.ts";
-import { full, randn } from "../core/creation.ts";
+import { full, randn, tensor } from "../core/creation.ts";
 import { add, exp, matmul, mul, narrow, neg, softplus, sum } from "../core/ops/index.ts";
 import { Tensor, tidy } from "../core/tensor.ts";
 import { memory } from "../core/memory.ts";
@@ -216,6 +216,48 @@ Deno.test("fused scan: bad shapes and dtypes are errors that name them; forward-
   }
   assert.equal(memory().liveTensors, before, "live tensors after three forwards, all outputs disposed");
   for (const v of Object.values(t)) v.dispose();
+});
+
+Deno.test("the backward's sums past a software adapter's loop limit are a clear error, not wrong gradients", async () => {
+  await init();
+  const { deviceInfo } = await import("../core/device.ts");
+  if (!deviceInfo().isFallbackAdapter) return; // GPUs run any length of loop
+  // One step, so that the tensors stay small: a sums invocation walks every channel slot per column group
+  // (ED 65536 at N 16: 65558 trips; lavapipe gave 4 of 33 columns of dBC's gradient wrong), or every batch
+  // row of the parameter gradients (B 65600: dD was 65531). One size class below, both were exact.
+  // x = 1, draw = 32 (softplus is linear above 20: dt = 32), B and C small integers: at one step dB[n] =
+  // 32 ED C[n], dC[n] = 32 ED B[n] and dD = B, every partial sum an integer below 2^24, so exact in f32 (a
+  // slot lost to the loop limit shows)
+  const run = async (B: number, ED: number, N: number) => {
+    const x = full([B, 1, ED], 1);
+    const draw = full([B, 1, ED], 32);
+    const S = 1 + 2 * N;
+    const dBC = tensor(Float32Array.from({ length: B * S }, (_, k) => 1 + (k * 7) % 4), [B, 1, S]);
+    dBC.requiresGrad_();
+    const A_log = full([ED, N], 0).requiresGrad_();
+    const [bias, D] = [full([ED], 0), full([ED], 0).requiresGrad_()];
+    try {
+      tidy(() => fusedSelectiveScan(x, draw, dBC, bias, A_log, D, null).sum().backward());
+      const [bc, g, gD] = [await dBC.toArray(), await dBC.grad!.toArray(), await D.grad!.toArray()];
+      const want = (b: number, c: number) => (c === 0 ? 0 : 32 * ED * bc[b * S + (c <= N ? c + N : c - N)]);
+      for (let k = 0; k < g.length; k++) assert.equal(g[k], want(Math.floor(k / S), k % S), `dBC[${k}]`);
+      assert.ok(gD.every((v) => v === B), `dD ${gD[0]}, ... != ${B}`);
+    } finally {
+      for (const t of [x, draw, dBC, A_log, bias, D]) {
+        t.grad?.dispose();
+        t.dispose();
+      }
+    }
+  };
+  const before = memory().liveBytes;
+  await run(1, 65472, 16);
+  await run(65000, 8, 1);
+  await assert.rejects(
+    () => run(1, 65536, 16),
+    /fusedScan backward: summing over \d+ channel slots and 1 batch rows \(B 1, ED 65536, N 16\) would loop \d+ times per invocation, past the 65535/,
+  );
+  await assert.rejects(() => run(65600, 8, 1), /and 65600 batch rows \(B 65600, ED 8, N 1\) would loop/);
+  assert.equal(memory().liveBytes, before, "nothing left live after the errors");
 });
 
 Deno.test("the decoding steps (convStep, ssmStep) name what does not fit", async () => {
