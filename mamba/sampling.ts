@@ -24,15 +24,23 @@ import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { streamFor } from "../core/random.ts";
 import type { Tensor } from "../core/tensor.ts";
 
-/** Loop iterations one invocation runs for a row of V logits with top-k and top-p (the most): 32 rounds of
- * the top-k bisection and 25 of the top-p one walk the row, a few more walks, and the tree reductions. */
-function loopIterations(V: number, WG: number): number {
-  return 61 * Math.ceil(V / WG) + 60 * Math.log2(WG) + WG;
+/**
+ * Loop trips one invocation runs for a row of V logits, each loop's final test counted (software adapters
+ * stop an invocation silently once all its loops together pass 65535): greedy walks the row once and reduces
+ * by a tree; sampling also finds the row's max and min (two trees); top-k and top-p add the bisections (32 and
+ * 24 rounds, each a walk and a tree) and a few more walks, bounds that reproduce the lengths at which lavapipe
+ * was measured to fail (V past 68096 at 64 invocations, 271104 at 256).
+ */
+export function loopIterations(V: number, WG: number, mode: "greedy" | "sample" | "top"): number {
+  const [walk, tree] = [Math.ceil(V / WG) + 1, Math.log2(WG) + 1];
+  if (mode === "greedy") return walk + tree;
+  if (mode === "sample") return 2 * walk + 3 * tree;
+  return 61 * walk + 61 * tree + WG + 64;
 }
 
-/** The workgroup size for rows of V logits: 64, or 256 when 64 would loop past 65535 iterations. */
+/** The workgroup size for rows of V logits: 64, or 256 when top-k and top-p would loop past 65535 trips at 64. */
 export function sampleWorkgroup(V: number): number {
-  return loopIterations(V, 64) <= 65535 ? 64 : 256;
+  return loopIterations(V, 64, "top") <= 65535 ? 64 : 256;
 }
 
 const kernels = new Map<number, Kernel>();
@@ -335,14 +343,13 @@ export function drawSeed(): number {
 export function sampleInto(logits: Tensor, next: Tensor, all: Tensor, step: number, p: SampleParams): void {
   const [B, V] = logits.shape;
   const WG = sampleWorkgroup(V);
-  if (
-    deviceInfo().isFallbackAdapter && !p.greedy && (p.topK || p.topP < 1) && loopIterations(V, WG) > 65535
-  ) {
+  const mode = p.greedy ? "greedy" : p.topK || p.topP < 1 ? "top" : "sample";
+  const trips = loopIterations(V, WG, mode);
+  if (deviceInfo().isFallbackAdapter && trips > 65535) {
+    const what = { greedy: "greedy decoding", sample: "sampling", top: "top-k/top-p" }[mode];
     throw new Error(
-      `generate: top-k/top-p over ${V} logits would loop ${
-        loopIterations(V, WG)
-      } times per invocation, past ` +
-        "the 65535 a software adapter runs (at most about 272k logits): sample without topK/topP, or greedily",
+      `generate: ${what} over ${V} logits would loop ${trips} times per invocation, past the 65535 a ` +
+        "software adapter runs (top-k/top-p: at most about 271k logits; sampling 8.3M; greedy 16.7M)",
     );
   }
   dispatch(sampleKernel(WG), { x: logits.storage, next: next.storage, all: all.storage }, {

@@ -258,7 +258,9 @@ export function gradNormScale(params: readonly Tensor[], maxNorm: number = Infin
   }
   const counts = ps.map((p) => Math.ceil(p.grad!.size / NORM_BLOCK) * NORM_WG);
   const total = counts.reduce((a, b) => a + b, 0);
-  if (total > FINISH_WG * 65535) {
+  // invocation 0 of the finishing kernel loops over its share of the partials, then over the FINISH_WG sums
+  // (each loop's last test a trip too): software adapters stop an invocation past 65535 trips in all
+  if (Math.ceil(total / FINISH_WG) + 1 + FINISH_WG + 1 > 65535) {
     throw new Error(`gradNormScale: ${total} partial sums exceed what one finishing workgroup can add`);
   }
   const partials = Tensor.empty([Math.max(total, 1)]);

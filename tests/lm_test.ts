@@ -615,10 +615,20 @@ Deno.test("top-p with -inf or far outliers in the row, and temperatures too smal
 
 Deno.test("top-k and top-p over a 100k vocabulary: a wider workgroup keeps every loop under 65535 iterations", async () => {
   await init();
-  const { sampleWorkgroup } = await import("../mamba/sampling.ts");
+  const { loopIterations, sampleWorkgroup } = await import("../mamba/sampling.ts");
   const [R, V] = [4, 100_000];
   assert.equal(sampleWorkgroup(50_280), 64, "the hub models' vocabulary keeps 64 invocations");
   assert.equal(sampleWorkgroup(V), 256);
+  // lavapipe (trips counted with each loop's last test) kept the right token at these lengths and lost it
+  // one size class up: 64 invocations to V 68096, not 68160; 256 to 271104, not 271360; greedy to 16742400,
+  // not 16793600; sampling to 8371200, not 8396800 (measured with repro scripts, 2026-11-30)
+  const fits = (V: number, WG: number, mode: "greedy" | "sample" | "top") =>
+    loopIterations(V, WG, mode) <= 65535;
+  assert.deepEqual([fits(68_096, 64, "top"), fits(68_160, 64, "top")], [true, false]);
+  assert.deepEqual([fits(271_104, 256, "top"), fits(271_360, 256, "top")], [true, false]);
+  assert.deepEqual([fits(16_742_400, 256, "greedy"), fits(16_793_600, 256, "greedy")], [true, false]);
+  assert.deepEqual([fits(8_371_200, 256, "sample"), fits(8_396_800, 256, "sample")], [true, false]);
+  assert.equal(sampleWorkgroup(68_160), 256, "past 64 invocations' limit: 256");
   // distinct logits with each row's maximum somewhere else
   const host = new Float32Array(R * V).map((_, i) => Math.sin(i * 12.9898) * 0.5);
   const peaks = [99_999, 7, 65_000, 50_001];
@@ -641,5 +651,13 @@ Deno.test("top-k and top-p over a 100k vocabulary: a wider workgroup keeps every
       /top-k\/top-p over 300000 logits would loop \d+ times per invocation, past the 65535/,
     );
     dispose([wide, next, all]);
+    // greedy decoding has a limit too, far above any vocabulary
+    const huge = zeros([1, 16_793_600]);
+    const [n2, a2] = [zeros([1], { dtype: "i32" }), zeros([1, 1], { dtype: "i32" })];
+    assert.throws(
+      () => sampleInto(huge, n2, a2, 0, sampleParams({})),
+      /greedy decoding over 16793600 logits would loop \d+ times per invocation, past the 65535/,
+    );
+    dispose([huge, n2, a2]);
   }
 });
