@@ -19,13 +19,15 @@ import { simpleCommandLine } from "../lib/cli.ts";
 
 /** Budget for the minified library bundle, in bytes (the build fails above it; raised from 256 KiB when
  * matmulAdd, the chunk-parallel kernels' folded carries and the fused tuner's second measurements took it to
- * 256.0 KiB minified, 91.0 KiB gzipped, 2026-11-30). */
-export const LIBRARY_BUDGET_BYTES = 260 * 1024;
+ * 256.0 KiB minified, 91.0 KiB gzipped, 2026-11-30; from 260 KiB when a review's fixes, among them softmax's
+ * path for rows past the loop limit, state-dict and creation checks and loop-limit checks, took it to 260.4
+ * KiB, 92.6 KiB gzipped, the same day). */
+export const LIBRARY_BUDGET_BYTES = 264 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
  * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB
- * minified, 88.1 KiB gzipped, 2026-11-29). */
-export const LIBRARY_BUDGET_GZIP_BYTES = 92 * 1024;
+ * minified, 88.1 KiB gzipped, 2026-11-29; from 92 KiB with the minified budget, above). */
+export const LIBRARY_BUDGET_GZIP_BYTES = 94 * 1024;
 
 /** The repository's root folder (a file path: spaces and non-ASCII names stay as they are). */
 const ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
