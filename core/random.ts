@@ -12,8 +12,9 @@ export class Philox {
   #buf = new Uint32Array(4);
   #at = 4;
 
-  /** Seeds the stream (any integer below 2^53). */
+  /** Seeds the stream (any integer below 2^53 in magnitude; anything else is an error, not a truncation). */
   constructor(seed: number) {
+    if (!Number.isSafeInteger(seed)) throw new Error(`seed must be an integer (|seed| < 2^53), got ${seed}`);
     this.#k0 = seed >>> 0;
     this.#k1 = Math.floor(seed / 2 ** 32) >>> 0;
   }

@@ -226,7 +226,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
         );
       }
     } else {
-      expandFactor = r.int("expand");
+      expandFactor = r.int("expand", 2); // transformers' MambaConfig defaults
     }
     const dtMin = r.pos("time_step_min", 0.001);
     const dtMax = r.pos("time_step_max", 0.1);
@@ -238,7 +238,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
       nLayers,
       dState,
       expandFactor,
-      dConv: r.int("conv_kernel"),
+      dConv: r.int("conv_kernel", 4),
       dtRank: r.rank("time_step_rank"),
       bias: r.bool("use_bias", false),
       convBias: r.bool("use_conv_bias", true),

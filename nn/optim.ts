@@ -422,15 +422,18 @@ export abstract class Optimizer {
   step(options: StepOptions = {}): void {
     const scale = options.gradScale ?? (this.#one ??= keep(full([1], 1)));
     if (scale.dtype !== "f32" || scale.size < 1) throw new Error(`step: gradScale must be f32, got ${scale}`);
+    // every gradient checked before any parameter moves: a bad one leaves the step undone, not half done
+    for (const { p, name } of this.#slots) {
+      const g = p.grad;
+      if (g && (g.shape.join() !== p.shape.join() || g.dtype !== "f32" || g.disposed)) {
+        const what = g.disposed ? "a disposed gradient" : `gradient ${g.dtype} ${fmt(g.shape)}`;
+        throw new Error(`step: ${what} for parameter '${name}' of shape ${fmt(p.shape)} (f32)`);
+      }
+    }
     this.stepCount++;
     for (const s of this.#slots) {
       const g = s.p.grad;
       if (!g) continue;
-      if (g.shape.join() !== s.p.shape.join()) {
-        throw new Error(
-          `step: gradient ${fmt(g.shape)} for parameter '${s.name}' of shape ${fmt(s.p.shape)}`,
-        );
-      }
       const fresh = s.state === null;
       s.state ??= this.stateNames.map(() => keep(zeros(s.p.shape)));
       s.steps++;

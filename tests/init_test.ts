@@ -82,6 +82,14 @@ Deno.test("randn/rand are reproducible: the same seed gives the same bits", asyn
   assert.deepEqual(a, b);
   const s = stats(a);
   assert.ok(Math.abs(s.mean) < 0.1 && Math.abs(s.std - 1) < 0.1);
+  // a seed that is not an integer is an error (0.5 was read as 0)
+  for (const seed of [0.5, NaN, Infinity, 2 ** 53]) {
+    assert.throws(
+      () => randn([2], { seed }),
+      /seed must be an integer \(\|seed\| < 2\^53\), got /,
+      `${seed}`,
+    );
+  }
 });
 
 Deno.test("fromPretrained over HTTP from a local server (hub-style resolve URL)", async () => {

@@ -482,6 +482,35 @@ Deno.test("Module.loadStateDict checks dtypes and value counts before writing an
   lin.dispose();
 });
 
+Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any parameter moves", async () => {
+  await setup();
+  const [a, b] = [param(Float64Array.from([1, 2]), [2]), param(Float64Array.from([3, 4, 5]), [3])];
+  const opt = new AdamW([{ params: [a, b], names: ["a", "b"] }]);
+  setGrad(a, Float64Array.from([1, 1]));
+  const bad: [() => Tensor, RegExp][] = [
+    [() => tensor([1, 1]), /step: gradient f32 \[2\] for parameter 'b' of shape \[3\] \(f32\)/],
+    [() => tensor(new Int32Array(3), [3]), /step: gradient i32 \[3\] for parameter 'b'/],
+    [() => {
+      const t = tensor([1, 1, 1]);
+      t.dispose();
+      return t;
+    }, /step: a disposed gradient for parameter 'b'/],
+  ];
+  for (const [grad, want] of bad) {
+    b.grad?.dispose();
+    b.grad = keep(grad());
+    assert.throws(() => opt.step(), want);
+    assert.deepEqual([...await a.toArray()], [1, 2], "a did not move");
+    assert.equal(opt.stepCount, 0, "no step counted");
+  }
+  b.grad = null;
+  opt.dispose();
+  for (const p of [a, b]) {
+    p.grad?.dispose();
+    p.dispose();
+  }
+});
+
 Deno.test("loading a module's or an optimizer's own state dict is a no-op (as PyTorch), not a lost batch", async () => {
   await setup();
   const { Linear } = await import("../nn/layers.ts");

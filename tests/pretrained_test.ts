@@ -116,6 +116,10 @@ Deno.test("parseCheckpointConfig: bad values are named by config.json's keys, no
   assert.equal(mambaConfig(c.config).expandFactor, 2);
   const s = parseCheckpointConfig({ ...ss, ssm_cfg: { ...ss.ssm_cfg, dt_max: 0.05, use_fast_path: false } });
   assert.equal(mambaConfig(s.config).dtMax, 0.05);
+  // keys a hand-written config may leave out take transformers' MambaConfig defaults
+  const { conv_kernel: _k, expand: _e, intermediate_size: _i, use_bias: _b, ...bare } = hf;
+  const d = mambaConfig(parseCheckpointConfig(bare).config);
+  assert.deepEqual([d.dConv, d.expandFactor, d.bias], [4, 2, false]);
 });
 
 Deno.test("parseCheckpointConfig: keys that change the model are refused; residual_in_fp32 is accepted", async () => {
