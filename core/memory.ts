@@ -96,6 +96,10 @@ export function setMemoryLimit(bytes: number | null): void {
  */
 export function allocStorage(bytes: number, what?: () => string): Storage {
   const max = deviceInfo().limits.maxBufferSize;
+  if (!(Number.isSafeInteger(bytes) && bytes >= 0)) {
+    // a NaN or fractional size would poison the byte counters (and with them the memory limit) for good
+    throw new GPUError(`cannot allocate ${what?.() ?? "a buffer"}: its size is not a whole number of bytes`);
+  }
   if (bytes > max) {
     throw new GPUError(
       `cannot allocate ${what?.() ?? `${bytes} bytes`}: ${bytes} bytes is more than the device's largest ` +

@@ -202,7 +202,20 @@ export class MambaBlock extends Module {
   /** One token. u: (B, D); cache from the previous step -> (B, D) and the new cache. With `residual` (B, D),
    * `out` is residual + the mixer's output, as in {@linkcode MambaBlock.forward}. */
   step(u: Tensor, cache: LayerCache, residual?: Tensor): { out: Tensor; cache: LayerCache } {
-    const { dInner: ED, dState: N, dtRank: R, dConv: K } = this.config;
+    const { dInner: ED, dState: N, dtRank: R, dConv: K, dModel: D } = this.config;
+    const Bu = u.shape[0];
+    if (
+      u.rank !== 2 || u.shape[1] !== D || u.dtype !== "f32" || !sameShape(cache.h.shape, [Bu, ED, N]) ||
+      !sameShape(cache.inputs.shape, [Bu, ED, K - 1]) || (residual && !sameShape(residual.shape, u.shape))
+    ) {
+      throw new Error(
+        `MambaBlock.step: u must be f32 (B, ${D}), the cache's h (B, ${ED}, ${N}) and inputs (B, ${ED}, ${
+          K - 1
+        })` +
+          `, a residual as u; got u ${u.dtype} ${fmt(u.shape)}, h ${fmt(cache.h.shape)}, inputs ` +
+          `${fmt(cache.inputs.shape)}${residual ? `, residual ${fmt(residual.shape)}` : ""}`,
+      );
+    }
     if (this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2) {
       // The same step in two kernels (conv, SSM) around x_proj's product: see scan/fused_step.ts.
       const xz = this.inProj.forward(u); // xz: (B, 2ED) = [xIn | z]

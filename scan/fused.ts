@@ -97,6 +97,8 @@ const MIN_GROUPS = 4;
  * states with the forward's chunk length even if the variant in use changed in between (a tuner run).
  */
 const ranWith = new WeakMap<Storage, FusedVariant>();
+/** The [B, L, ED, N] of each forward, by the storage of its `ph`: `lastState` checks its arguments against it. */
+const ranShape = new WeakMap<Storage, number[]>();
 
 function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: FusedVariant) {
   const [B, L, ED] = x.shape;
@@ -169,6 +171,7 @@ export function fusedScanForward(
   const parSize = params.reduce((n, t) => n + t.size, 0);
   const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
   ranWith.set(ph.storage, picked);
+  ranShape.set(ph.storage, [B, L, ED, a.N]);
   packInto(ph, params); // one dispatch: copies would each end the compute pass
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
@@ -211,7 +214,16 @@ export function fusedScanForward(
  * tensor: `ph` is not consumed, and the caller disposes both.
  */
 export function lastState(ph: Tensor, B: number, ED: number, N: number, L: number): Tensor {
-  const chunks = Math.ceil(L / (ranWith.get(ph.storage) ?? fusedVariantFor(N, B, L, ED)).Lc);
+  const ran = ranShape.get(ph.storage);
+  if (!ran) throw new Error("lastState: ph must be the `ph` a fused forward returned");
+  if ([B, L, ED, N].join() !== ran.join()) {
+    throw new Error(
+      `lastState: (B, L, ED, N) = (${B}, ${L}, ${ED}, ${N}) differ from the forward that made ph: (${
+        ran.join(", ")
+      })`,
+    );
+  }
+  const chunks = Math.ceil(L / ranWith.get(ph.storage)!.Lc);
   const h = Tensor.empty([B, ED, N]); // h: (B, ED, N)
   const hsOff = ph.size - B * ED * chunks * N;
   copyBox(ph, { offset: hsOff + (chunks - 1) * N, strides: [ED * chunks * N, chunks * N, 1] }, h, {
@@ -581,7 +593,9 @@ function checkScanArgs(
       );
     }
   }
-  if (A_log.rank !== 2 || A_log.shape[0] !== ED) bad(`A_log must be (${ED}, N), got ${fmt(A_log.shape)}`);
+  if (A_log.rank !== 2 || A_log.shape[0] !== ED || N < 1) {
+    bad(`A_log must be (${ED}, N) with N >= 1, got ${fmt(A_log.shape)}`);
+  }
   const widthOk = dtRank === undefined ? R >= 0 : dBC.shape[2] >= R + 2 * N;
   if (dBC.rank !== 3 || dBC.shape[0] !== B || dBC.shape[1] !== L || !widthOk) {
     bad(

@@ -174,8 +174,50 @@ export function setFusedVariant(N: number, v: Omit<FusedVariant, "N"> | null): v
   else chosen.set(N, checked(N, v));
 }
 
+const VARIANT_KEYS = [
+  "N",
+  "Nb",
+  "Lc",
+  "Ls",
+  "WG",
+  "hbuf",
+  "S",
+  "reduce",
+  "shuffle",
+  "lanes",
+  "chunkParallel",
+];
+const VARIANT_CHOICES: Record<string, readonly unknown[]> = {
+  hbuf: ["private", "workgroup"],
+  reduce: ["workgroup", "subgroup"],
+  shuffle: [true, false],
+  chunkParallel: [true, false],
+};
+
 /** The variant with its N, or an error naming what does not fit. */
 function checked(N: number, v: Omit<FusedVariant, "N">): FusedVariant {
+  const given = v as Record<string, unknown>;
+  const unknown = Object.keys(given).filter((k) => !VARIANT_KEYS.includes(k));
+  if (unknown.length) {
+    throw new Error(
+      `setFusedVariant: unknown keys ${unknown.join(", ")} (a variant has ${VARIANT_KEYS.join(", ")})`,
+    );
+  }
+  if (given.N !== undefined && given.N !== N) {
+    throw new Error(`setFusedVariant: the variant is for N = ${given.N}, set for N = ${N}`);
+  }
+  for (const [k, choices] of Object.entries(VARIANT_CHOICES)) {
+    if (given[k] !== undefined && !choices.includes(given[k])) {
+      throw new Error(
+        `setFusedVariant: ${k} must be ${choices.map((c) => JSON.stringify(c)).join(" or ")}, got ${
+          JSON.stringify(given[k])
+        }`,
+      );
+    }
+  }
+  if (v.lanes !== undefined && !(Number.isInteger(v.lanes) && v.lanes >= 1)) {
+    throw new Error(`setFusedVariant: lanes must be a positive integer, got ${JSON.stringify(v.lanes)}`);
+  }
   const Ls = v.Ls ?? v.Lc;
   const nb = v.Nb ?? N;
   const blocks = Number.isInteger(nb) && nb >= 1 && nb <= N ? stateBlocks({ N, ...v }) : [];
@@ -207,7 +249,7 @@ function checked(N: number, v: Omit<FusedVariant, "N">): FusedVariant {
         "every state block, at most a fixed subgroup size, WG a multiple of it, subgroup sums, no shuffle)",
     );
   }
-  return { N, ...v };
+  return { ...v, N };
 }
 
 /** A problem the tuner measured, [B, L, ED], and the variant fastest on it. */

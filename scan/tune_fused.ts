@@ -23,6 +23,8 @@ import { fusedSelectiveScan } from "./fused.ts";
 import {
   defaultFusedVariant,
   type FusedVariant,
+  fusedVariant,
+  fusedVariantsByProblem,
   MAX_INLINE_DT_RANK,
   type ProblemVariant,
   setFusedVariant,
@@ -289,59 +291,74 @@ export async function tuneFusedScan(
   const started = performance.now();
   const time = options.timer ?? timeRuns;
   const problems = tuneProblems();
-  const runs = problems.map(([B, L, ED]) => problemRun(N, B, L, ED));
+  // A run that fails part-way (out of memory, a lost device) leaves the variants as they were, and its
+  // problems' tensors freed.
+  const [prevVariant, prevPicks] = [fusedVariant(N), fusedVariantsByProblem(N)];
+  const runs: { run: () => void; dispose: () => void }[] = [];
   const timings: Record<string, number> = {};
   const problemTimings: Record<string, number[]> = {};
-  for (const v of candidates) {
-    setFusedVariant(N, v);
-    const t0 = performance.now();
-    if (!options.timer) { // a scripted timer (tests) runs nothing, so nothing compiles either
-      for (const p of runs) p.run(); // compile
-      await sync();
-    }
-    const compileMs = performance.now() - t0;
-    const ms: number[] = [];
-    for (const p of runs) ms.push(await time(p.run));
-    // geometric mean: a candidate 20x slower on one problem is not rescued by being 5% faster on the other
-    const score = geometricMean(ms);
-    timings[JSON.stringify(v)] = score;
-    problemTimings[JSON.stringify(v)] = ms;
-    // Where one compile takes this long, each further candidate would too: keep the fastest so far. (naga's
-    // GLSL backend zero-fills workgroup arrays with one array constructor, which Mesa's GL drivers compile in
-    // time quadratic in its length: minutes for the backward's 16 KiB; lavapipe takes seconds.)
-    if (compileMs > (options.slowCompileMs ?? SLOW_COMPILE_MS)) break;
-    if (performance.now() - started > (options.budgetMs ?? TUNE_BUDGET_MS)) break;
-  }
-  // The finalists again, slowest first, each problem at the slower of its two times. A finalist's score may
-  // rise past an unconfirmed one's: then that one is measured again too, until the best overall and the best
-  // on each problem are confirmed (each candidate at most once more).
   const confirmations: Record<string, number[]> = {};
-  const confirm = async (k: string) => {
-    setFusedVariant(N, JSON.parse(k) as FusedVariant);
-    const again: number[] = [];
-    for (const p of runs) again.push(await time(p.run));
-    confirmations[k] = again;
-    problemTimings[k] = problemTimings[k].map((m, i) => Math.max(m, again[i]));
-    timings[k] = geometricMean(problemTimings[k]);
-  };
-  const fastest = (time: (k: string) => number) =>
-    Object.keys(timings).reduce((a, b) => (time(b) < time(a) ? b : a));
-  const leaders =
-    () => [fastest((k) => timings[k]), ...problems.map((_, i) => fastest((k) => problemTimings[k][i]))];
-  const ranked = Object.keys(timings).sort((a, b) => timings[a] - timings[b]);
-  for (const k of ranked.slice(0, CONFIRM_FINALISTS).reverse()) await confirm(k);
-  for (let k = leaders().find((l) => !confirmations[l]); k; k = leaders().find((l) => !confirmations[l])) {
-    await confirm(k);
+  let best: FusedVariant;
+  let byProblem: ProblemVariant[];
+  try {
+    for (const [B, L, ED] of problems) runs.push(problemRun(N, B, L, ED));
+    for (const v of candidates) {
+      setFusedVariant(N, v);
+      const t0 = performance.now();
+      if (!options.timer) { // a scripted timer (tests) runs nothing, so nothing compiles either
+        for (const p of runs) p.run(); // compile
+        await sync();
+      }
+      const compileMs = performance.now() - t0;
+      const ms: number[] = [];
+      for (const p of runs) ms.push(await time(p.run));
+      // geometric mean: a candidate 20x slower on one problem is not rescued by being 5% faster on the other
+      const score = geometricMean(ms);
+      timings[JSON.stringify(v)] = score;
+      problemTimings[JSON.stringify(v)] = ms;
+      // Where one compile takes this long, each further candidate would too: keep the fastest so far. (naga's
+      // GLSL backend zero-fills workgroup arrays with one array constructor, which Mesa's GL drivers compile in
+      // time quadratic in its length: minutes for the backward's 16 KiB; lavapipe takes seconds.)
+      if (compileMs > (options.slowCompileMs ?? SLOW_COMPILE_MS)) break;
+      if (performance.now() - started > (options.budgetMs ?? TUNE_BUDGET_MS)) break;
+    }
+    // The finalists again, slowest first, each problem at the slower of its two times. A finalist's score may
+    // rise past an unconfirmed one's: then that one is measured again too, until the best overall and the best
+    // on each problem are confirmed (each candidate at most once more).
+    const confirm = async (k: string) => {
+      setFusedVariant(N, JSON.parse(k) as FusedVariant);
+      const again: number[] = [];
+      for (const p of runs) again.push(await time(p.run));
+      confirmations[k] = again;
+      problemTimings[k] = problemTimings[k].map((m, i) => Math.max(m, again[i]));
+      timings[k] = geometricMean(problemTimings[k]);
+    };
+    const fastest = (time: (k: string) => number) =>
+      Object.keys(timings).reduce((a, b) => (time(b) < time(a) ? b : a));
+    const leaders = () => [
+      fastest((k) => timings[k]),
+      ...problems.map((_, i) => fastest((k) => problemTimings[k][i])),
+    ];
+    const ranked = Object.keys(timings).sort((a, b) => timings[a] - timings[b]);
+    for (const k of ranked.slice(0, CONFIRM_FINALISTS).reverse()) await confirm(k);
+    for (let k = leaders().find((l) => !confirmations[l]); k; k = leaders().find((l) => !confirmations[l])) {
+      await confirm(k);
+    }
+    best = JSON.parse(fastest((k) => timings[k])) as FusedVariant;
+    // the fastest on each problem, for calls of about its shape (with one problem, `best` is that)
+    byProblem = problems.length < 2 ? [] : problems.map((problem, i) => ({
+      problem,
+      variant: JSON.parse(fastest((k) => problemTimings[k][i])) as FusedVariant,
+    }));
+    setFusedVariant(N, best);
+    setFusedVariantsByProblem(N, byProblem);
+  } catch (e) {
+    setFusedVariant(N, prevVariant);
+    setFusedVariantsByProblem(N, prevPicks.length ? prevPicks : null);
+    throw e;
+  } finally {
+    for (const p of runs) p.dispose();
   }
-  const best = JSON.parse(fastest((k) => timings[k])) as FusedVariant;
-  for (const p of runs) p.dispose();
-  // the fastest on each problem, for calls of about its shape (with one problem, `best` is that)
-  const byProblem: ProblemVariant[] = problems.length < 2 ? [] : problems.map((problem, i) => ({
-    problem,
-    variant: JSON.parse(fastest((k) => problemTimings[k][i])) as FusedVariant,
-  }));
-  setFusedVariant(N, best);
-  setFusedVariantsByProblem(N, byProblem);
   const result = {
     variant: best,
     timings,

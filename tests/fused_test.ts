@@ -193,7 +193,8 @@ Deno.test("fused scan: bad shapes and dtypes are errors that name them; forward-
     [{ x: randn([2, 0, 6]) }, /x must be \(B, L, ED\) with B, L, ED >= 1, got \[2, 0, 6\]/],
     [{ x: full([2, 5, 6], 1, { dtype: "i32" }) }, /x must be f32, got i32 \[2, 5, 6\]/],
     [{ dBC: randn([2, 5, 7]) }, /dBC must be \(2, 5, R \+ 2\*4\), got \[2, 5, 7\]/],
-    [{ A_log: randn([5, 4]) }, /A_log must be \(6, N\), got \[5, 4\]/],
+    [{ A_log: randn([5, 4]) }, /A_log must be \(6, N\) with N >= 1, got \[5, 4\]/],
+    [{ A_log: randn([6, 0]) }, /A_log must be \(6, N\) with N >= 1, got \[6, 0\]/],
     [{ bias: randn([5]) }, /the dt bias must be \(6\), got \[5\]/],
     [{ D: randn([6, 1]) }, /D must be \(6\), got \[6, 1\]/],
     [{ draw: randn([2, 5, 7]) }, /draw f32 \[2, 5, 7\] must be f32 \[2, 5, 6\] as x/],
@@ -333,6 +334,15 @@ for (
       // the variant changes (a tuner run) between the forward and the read: hs keeps the forward's chunks
       setFusedVariant(c.N, { WG: 8, Lc: 8 });
       try {
+        // arguments that are not the forward's: named, not a state read at the wrong offset
+        assert.throws(
+          () => lastState(ph, c.B, c.ED, c.N, 40),
+          /lastState: \(B, L, ED, N\) = \(2, 40, 12, 16\) differ from the forward that made ph: \(2, 150, 12, 16\)/,
+        );
+        assert.throws(
+          () => lastState(y, c.B, c.ED, c.N, c.L),
+          /ph must be the `ph` a fused forward returned/,
+        );
         const h = lastState(ph, c.B, c.ED, c.N, c.L); // h: (B, ED, N)
         const want = tidy(() => {
           const delta = softplus(add(matmul(narrow(t.dBC, 2, 0, c.R), t.W, { transB: true }), t.bias));
@@ -918,6 +928,44 @@ Deno.test("the fused tuner measures its three best again, counting each problem'
     assert.deepEqual(g.r.problemTimings[g5], [36, 0.6], "each problem at the slower of its two times");
     close(g.r.timings[g5], Math.sqrt(36 * 0.6), "g5's score");
     assert.deepEqual(g.r.byProblem.map((p) => JSON.stringify(p.variant)), [g1, g5]);
+  } finally {
+    restore();
+  }
+});
+
+Deno.test("setFusedVariant refuses a variant made for another N, unknown keys and values outside their choices", async () => {
+  await init();
+  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
+  const before = fusedVariant(8);
+  const bad: [object, RegExp][] = [
+    [fusedVariant(16), /the variant is for N = 16, set for N = 8/],
+    [{ WG: 8, Lc: 16, lane: 4 }, /unknown keys lane \(a variant has N, Nb, Lc/],
+    [{ WG: 8, Lc: 16, reduce: "subgroups" }, /reduce must be "workgroup" or "subgroup", got "subgroups"/],
+    [{ WG: 8, Lc: 16, hbuf: "shared" }, /hbuf must be "private" or "workgroup", got "shared"/],
+    [{ WG: 8, Lc: 16, chunkParallel: "no" }, /chunkParallel must be true or false, got "no"/],
+    [{ WG: 8, Lc: 16, lanes: 1.5 }, /lanes must be a positive integer, got 1.5/],
+  ];
+  for (const [v, want] of bad) {
+    assert.throws(() => setFusedVariant(8, v as Omit<FusedVariant, "N">), want);
+    assert.deepEqual(fusedVariant(8), before, "unchanged");
+  }
+  setFusedVariant(8, { ...fusedVariant(8) }); // its own N: accepted
+  assert.deepEqual(fusedVariant(8), before);
+});
+
+Deno.test("a tuner run that fails part-way keeps the variant in use and frees its problems' tensors", async () => {
+  await init();
+  const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
+  const { fusedVariant } = await import("../scan/fused_variant.ts");
+  if (fusedCandidates(16).length < 3) return; // nothing measured on this adapter
+  const restore = await tunerState();
+  try {
+    const [before, live] = [fusedVariant(16), memory().liveBytes];
+    let calls = 0;
+    const failing = () => (++calls === 3 ? Promise.reject(new Error("lost device")) : Promise.resolve(1));
+    await assert.rejects(() => tuneFusedScan(16, { force: true, timer: failing }), /lost device/);
+    assert.deepEqual(fusedVariant(16), before, "the variant in use, not the candidate being measured");
+    assert.equal(memory().liveBytes, live, "the problems' tensors freed");
   } finally {
     restore();
   }

@@ -6,7 +6,7 @@ import { init } from "../core/device.ts";
 import { memory, resetPeak } from "../core/memory.ts";
 import { randn, tensor } from "../core/creation.ts";
 import { mambaConfig } from "../mamba/config.ts";
-import { Mamba } from "../mamba/block.ts";
+import { Mamba, MambaBlock } from "../mamba/block.ts";
 import type { ScanMode } from "../scan/linear_scan.ts";
 import type { DecodedTensor } from "../core/safetensors.ts";
 import {
@@ -306,6 +306,18 @@ Deno.test("Mamba rejects bad input and configs with clear errors", async () => {
     () => two.step(x2, [small[0], good[1]]),
     /cache of layer 0 has h \[2, 16, 8\] and inputs \[2, 16, 3\]; input \[2, 8\] needs h \[2, 16, 16\] \(B, ED, N\)/,
   );
+  // a block's own step checks too (it is exported; a (B, 1, D) input gave a (B, B, D) output in pscan mode)
+  for (const scan of ["fused", "pscan"] as const) {
+    const block = new MambaBlock(mambaConfig({ dModel: 8, nLayers: 1, scan }));
+    const u3 = (await import("../core/creation.ts")).zeros([2, 1, 8]);
+    assert.throws(
+      () => block.step(u3, good[0]),
+      /MambaBlock.step: u must be f32 \(B, 8\), the cache's h \(B, 16, 16\) and inputs \(B, 16, 3\), a residual as u; got u f32 \[2, 1, 8\]/,
+    );
+    assert.throws(() => block.step(x2, short[0]), /got u f32 \[2, 8\], h \[2, 16, 16\], inputs \[2, 16, 2\]/);
+    u3.dispose();
+    block.dispose();
+  }
   for (const c of [...short, ...small, ...good]) (c.h.dispose(), c.inputs.dispose());
   for (const m of [two, ...others]) m.dispose();
   // L = 0 is rejected at the input, with its shape.

@@ -167,6 +167,25 @@ Deno.test("an op that runs out of memory part-way through its forward leaks noth
   dispose([x, t]);
 });
 
+Deno.test("a size that is not a whole number of bytes is refused before it reaches the byte counters", () => {
+  const base = memory();
+  for (const shape of [[NaN], [2, Infinity]]) {
+    assert.throws(
+      () => M.Tensor.empty(shape),
+      /its size is not a whole number of bytes/,
+      JSON.stringify(shape),
+    );
+  }
+  assert.deepEqual([memory().liveBytes, memory().liveTensors], [base.liveBytes, base.liveTensors]);
+  // the limit still holds (a NaN in the count had turned it off)
+  M.setMemoryLimit(base.liveBytes + 1024);
+  try {
+    assert.throws(() => M.zeros([1 << 20]), /out of memory/);
+  } finally {
+    M.setMemoryLimit(null);
+  }
+});
+
 Deno.test("tidy disposes even when fn throws; dispose twice is harmless", () => {
   const base = memory();
   assert.throws(() =>
