@@ -8,13 +8,18 @@
  * Run: deno run -A bench/gpu_adapter.ts [--force]   (--force measures again instead of reading the cache)
  * @module
  */
-import { parseArgs } from "node:util";
 import { deviceInfo, fixedSubgroupSize, init } from "../core/device.ts";
 import { tuneKernels } from "../core/tune.ts";
 import { tuneFusedScan } from "../scan/tune_fused.ts";
+import { simpleCommandLine } from "../examples/lib/cli.ts";
 
-const { values } = parseArgs({ args: Deno.args, options: { force: { type: "boolean", default: false } } });
-const force = values.force ?? false;
+const force = simpleCommandLine(
+  `Usage: deno run -A bench/gpu_adapter.ts [--force]
+
+  --force   measure the tuners' candidates again instead of reading the cache
+  --help    this text`,
+  ["force"],
+).values.force === true;
 
 const adapter = await navigator.gpu?.requestAdapter({ powerPreference: "high-performance" });
 if (!adapter) {

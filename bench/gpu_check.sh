@@ -128,12 +128,25 @@ phase() {
   local var="GPU_CHECK_LIMIT_${name^^}"
   local limit="${!var:-$default_limit}"
   local t0=$SECONDS
+  touch /tmp/gpu_check_phase_start
   echo "== $name (limit ${limit} s)" | tee "$OUT/$name.log"
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $((SECONDS - t0)) s$([ "$rc" = 124 ] && echo ' (time limit)')" |
+  PHASE_RC=${PIPESTATUS[0]}
+  echo "== $name: exit $PHASE_RC after $((SECONDS - t0)) s$([ "$PHASE_RC" = 124 ] && echo ' (time limit)')" |
     tee -a "$OUT/$name.log"
 }
+
+# Copies a phase's results file into $OUT only when the phase succeeded and wrote it: the committed file
+# (another machine's results) must not come back as if this run had written it.
+keep_result() {
+  if [ "$PHASE_RC" = 0 ] && [ "$1" -nt /tmp/gpu_check_phase_start ]; then
+    cp "$1" "$OUT/"
+  else
+    echo "== not kept: $1 (phase exit $PHASE_RC, or the file was not written by it)" | tee -a "$OUT/results.log"
+  fi
+}
+
+PHASES=(adapter tests suite timeline variants quick report matmul generate)
 
 # The numerics: every file that compares against fixtures or references (GPU_CHECK_TESTS, names without .ts
 # separated by spaces, runs some of them instead).
@@ -141,9 +154,16 @@ NUMERICS=(scan_test fused_test fused_variant_fuzz_test mamba_test lm_test large_
   model_fuzz_test matmul_test ops_matmul_test memory_test)
 
 run() {
-  setup
   local phases=("$@")
   [ ${#phases[@]} -gt 0 ] || phases=(adapter tests quick)
+  # every name checked before anything runs: a typo must not cost the phases before it
+  for p in "${phases[@]}"; do
+    [[ " ${PHASES[*]} " == *" $p "* ]] || {
+      echo "unknown phase '$p' (${PHASES[*]})" >&2
+      exit 2
+    }
+  done
+  setup
   local flags=(-A --no-check --no-prompt)
   for p in "${phases[@]}"; do
     case "$p" in
@@ -178,23 +198,19 @@ run() {
         ;;
       quick)
         phase quick 180 deno run "${flags[@]}" bench/scan_report.ts --quick
-        cp bench/results/scan_quick.json "$OUT/" 2>/dev/null
+        keep_result bench/results/scan_quick.json
         ;;
       report)
         phase report 540 deno run "${flags[@]}" bench/scan_report.ts
-        cp bench/results/scan.json "$OUT/" 2>/dev/null
+        keep_result bench/results/scan.json
         ;;
       matmul)
         phase matmul 180 deno run "${flags[@]}" bench/matmul_shapes.ts
-        cp bench/results/matmul_shapes.json "$OUT/" 2>/dev/null
+        keep_result bench/results/matmul_shapes.json
         ;;
       generate)
         phase generate 240 deno run "${flags[@]}" bench/generate_report.ts
-        cp bench/results/generate.json "$OUT/" 2>/dev/null
-        ;;
-      *)
-        echo "unknown phase '$p' (adapter, tests, suite, timeline, variants, quick, report, matmul, generate)" >&2
-        exit 2
+        keep_result bench/results/generate.json
         ;;
     esac
   done

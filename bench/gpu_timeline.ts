@@ -31,6 +31,8 @@
  * @module
  */
 import { deviceInfo, gpuDevice, init } from "../core/device.ts";
+import { simpleCommandLine } from "../examples/lib/cli.ts";
+import { median } from "./report_util.ts";
 import { dispatchCount, flush, profile, sync } from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
 import {
@@ -43,13 +45,19 @@ import {
   timeSteps,
 } from "./scan_report.ts";
 
+const quick = simpleCommandLine(
+  `Usage: deno run -A bench/gpu_timeline.ts [--quick]
+
+  --quick   d_model 16 and 64 at L 1024 only (software adapters)
+  --help    this text`,
+  ["quick"],
+).values.quick === true; // software adapters: the two small layers only
 await init();
 if (!deviceInfo().timestampQuery) {
   console.log("gpu_timeline: the adapter has no timestamp-query feature");
   Deno.exit(1);
 }
 const device = gpuDevice();
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 /** Two timestamps (ns) written by passes submitted around `work`: the GPU's time from before to after it. */
 async function gpuSpanMs(work: () => void | Promise<void>): Promise<number> {
@@ -214,7 +222,6 @@ console.log(
     "GPU span ms / step | kernels ms / step | gap µs / dispatch | largest kernels (ms) |",
 );
 console.log("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-const quick = Deno.args.includes("--quick"); // software adapters: the two small layers only
 const configs = [
   { dModel: 16, N: 16, L: 1024 },
   { dModel: 16, N: 16, L: 16384 },

@@ -15,6 +15,7 @@
  * so that the head does not dominate a software adapter). `--gpu-path` takes the adapter for a GPU
  * (`isFallbackAdapter` off), so that the code paths a GPU takes run here (their kernels on this adapter).
  */
+import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { intFlag, parseCommandLine } from "../examples/lib/cli.ts";
 import { median } from "./report_util.ts";
@@ -65,7 +66,7 @@ interface Side {
 }
 
 async function load(root: string): Promise<Side> {
-  const url = (path: string) => new URL(path, `file://${Deno.realPathSync(root)}/`).href;
+  const url = (path: string) => new URL(path, pathToFileURL(`${Deno.realPathSync(root)}/`)).href;
   const dev = await import(url("core/device.ts"));
   await dev.init();
   if (values["gpu-path"]) dev.deviceInfo().isFallbackAdapter = false;

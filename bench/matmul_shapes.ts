@@ -5,7 +5,7 @@
  * the skinny shapes a layer runs (d_model 64, L 1024 by default).
  *
  * Measurement: per shape and variant, one untimed call (compilation), then the median of 21 calls' kernel times
- * by timestamp queries (`profile()`) where the adapter has them. Otherwise 5 batches of calls between two
+ * by timestamp queries (`profile()`) where the adapter has them, a call's time the sum of its dispatches. Otherwise 5 batches of calls between two
  * waits, each batch about 100 ms of calls (sized net of a wait, as bench/scan_report.ts sizes its steps); the
  * median batch less one wait, per call. (Batches of 20 calls less a fixed 11 ms, as before, measured mostly
  * the wait on a GPU, where a wait costs 13-16 ms and 20 calls well under 1 ms.)
@@ -63,10 +63,16 @@ async function msPerCall(s: Shape, v: MatmulVariant): Promise<number> {
     await sync();
     const call = () => matmulRaw(a, b, opts, v).dispose();
     if (deviceInfo().timestampQuery) {
+      const calls = 21;
       const times = await profile(() => {
-        for (let i = 0; i < 21; i++) call();
+        for (let i = 0; i < calls; i++) call();
       });
-      return median(times.map((t) => t.ms));
+      // a call may be several dispatches (split K: the products, then their sum): a call's time is the sum
+      // of its own (before 2026-11-30 this took the median over every dispatch, about half for such calls)
+      const per = times.length / calls;
+      if (!Number.isInteger(per)) throw new Error(`${times.length} dispatches for ${calls} calls`);
+      const sums = Array.from({ length: calls }, (_, i) => times.slice(i * per, (i + 1) * per));
+      return median(sums.map((ts) => ts.reduce((a, t) => a + t.ms, 0)));
     }
     const time = async (n: number) => {
       const t0 = performance.now();

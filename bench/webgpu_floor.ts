@@ -3,7 +3,7 @@
  * mamba.ts in the way. A bare loop records `n` dispatches of one tiny kernel (a uniform at a dynamic offset,
  * as the runtime binds it, and `buffers` storage buffers per bind group, 32 bind groups in turn), optionally
  * breaking the compute pass for a copy every `copyEvery` dispatches (as the runtime's copies and clears do),
- * then finishes, submits and waits. Per configuration it prints the medians of 20 rounds: creating the command
+ * then finishes, submits and waits. Per configuration it prints the medians of 19 rounds (20, the first untimed): creating the command
  * encoder (after the wait for the previous round's submission), recording per dispatch, `finish` per
  * dispatch, and `submit`.
  *
@@ -15,6 +15,11 @@
  * Run: deno run -A bench/webgpu_floor.ts
  * @module
  */
+
+import { simpleCommandLine } from "../examples/lib/cli.ts";
+import { median } from "./report_util.ts";
+
+simpleCommandLine("Usage: deno run -A bench/webgpu_floor.ts\n\n  --help    this text (no other flags)");
 
 /** One configuration of the loop. */
 interface FloorCase {
@@ -95,8 +100,6 @@ ${decls}
     }));
   return { pipeline, groups, storage, align };
 }
-
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 /** Medians in microseconds: encoder creation, recording per dispatch, finish per dispatch, submit. */
 async function measure(c: FloorCase): Promise<[number, number, number, number]> {
