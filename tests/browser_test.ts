@@ -22,6 +22,20 @@ import { buildWeb, kb } from "../examples/web/build.ts";
 import { CHROMIUM, haveChromium, launchChromium } from "../examples/web/chromium.ts";
 import { webHandler } from "../examples/web/serve.ts";
 
+/** What examples/web/app.ts exposes as `window.mambaDemo` (the fields read here). */
+interface DemoState {
+  model: string | null;
+  loading: boolean;
+  generating: boolean;
+  error: string | null;
+  lastGeneration: { tokens: number } | null;
+}
+
+/** The page's document, as far as the tests use it (tests are type-checked without the DOM library). */
+type PageDocument = {
+  getElementById(id: string): { click(): void; disabled: boolean; textContent: string | null };
+};
+
 /** What the page gets from `import("/mamba.js")`: mod.ts (with the browser loading and training exports). */
 type Bundle = typeof Library & typeof Pretrained & typeof Train;
 
@@ -408,7 +422,7 @@ Deno.test({
       await lib.close();
 
       await t.step(
-        "demo page: load the char model, stream a greedy continuation, save it as downloads",
+        "demo page: load the char model, stream a greedy continuation (sampling fields unread), save it; no model goes while generating",
         async () => {
           const page = await newPage("/");
           await page.waitForFunction(
@@ -429,14 +443,41 @@ Deno.test({
           await page.fill("#prompt", s.prompt);
           await page.fill("#n-tokens", "64");
           await page.selectOption("#decoding", "greedy");
-          await page.click("#generate");
-          await page.waitForFunction(
-            () => (globalThis as { mambaDemo?: { lastGeneration: unknown } }).mambaDemo?.lastGeneration,
-            null,
-            { timeout: 30_000 },
-          );
+          // Greedy decoding reads none of the sampling fields: a cleared temperature and a top-p of 0 are no
+          // error then.
+          await page.fill("#temperature", "");
+          await page.fill("#top-p", "0");
+          // While it generates, nothing can replace (and dispose) its model: Load and Train are disabled.
+          const clickGenerate = () =>
+            page.evaluate(() => {
+              const doc = (globalThis as unknown as { document: PageDocument }).document;
+              const button = (id: string) => doc.getElementById(id);
+              button("generate").click(); // runs generate() up to its first await
+              return {
+                generating: (globalThis as unknown as { mambaDemo: DemoState }).mambaDemo.generating,
+                load: button("load").disabled,
+                train: button("train-start").disabled,
+              };
+            });
+          const finished = () =>
+            page.waitForFunction(
+              () => {
+                const d = (globalThis as unknown as { mambaDemo: DemoState }).mambaDemo;
+                return !d.generating && (d.lastGeneration || d.error);
+              },
+              null,
+              { timeout: 30_000 },
+            );
+          const demoState = () =>
+            page.evaluate(() => (globalThis as unknown as { mambaDemo: DemoState }).mambaDemo);
+          assert.deepEqual(await clickGenerate(), { generating: true, load: true, train: true });
+          await finished();
+          assert.equal((await demoState()).error, null);
           const output = await page.textContent("#output");
           assert.equal(output, s.prompt + s.continuation);
+          for (const id of ["#load", "#train-start", "#generate"]) {
+            assert.equal(await page.isDisabled(id), false);
+          }
           assert.match(await page.textContent("#tps") ?? "", /^\d+(\.\d)? tokens\/s$/);
           assert.match(await page.textContent("#memory") ?? "", /MiB live/);
           await page.screenshot({ path: `${ARTIFACTS}/generate.png`, fullPage: true });
@@ -449,6 +490,44 @@ Deno.test({
             await new Promise((r) => setTimeout(r, 50));
           }
           assert.deepEqual(downloads.sort(), ["config.json", "model.safetensors", "tokenizer.json"]);
+
+          // A load started before Generate was clicked ends during the generation: the model it replaces
+          // goes only when the generation ends. The char model's config.json is held back until tokens flow.
+          let release!: () => void;
+          const held = new Promise<void>((r) => (release = r));
+          const configUrl = "**/models/char-mamba/config.json";
+          await page.route(configUrl, async (route) => {
+            await held;
+            await route.continue();
+          });
+          await page.fill("#n-tokens", "160");
+          await page.evaluate(() =>
+            (globalThis as unknown as { document: PageDocument }).document.getElementById("load").click()
+          );
+          assert.deepEqual(await clickGenerate(), { generating: true, load: true, train: true });
+          await page.waitForFunction(
+            (n) =>
+              ((globalThis as unknown as { document: PageDocument }).document.getElementById("output")
+                .textContent ?? "").length >= n,
+            s.prompt.length + 16,
+            { timeout: 30_000 },
+          );
+          release();
+          // Whether it was still generating when the new model came in (else this part tested nothing).
+          const swapped = await page.waitForFunction(
+            () => {
+              const d = (globalThis as unknown as { mambaDemo: DemoState }).mambaDemo;
+              return !d.loading && { generating: d.generating, error: d.error };
+            },
+            null,
+            { timeout: 30_000 },
+          );
+          assert.deepEqual(await swapped.jsonValue(), { generating: true, error: null });
+          await finished();
+          await page.unroute(configUrl);
+          assert.equal((await demoState()).error, null);
+          assert.ok((await page.textContent("#output"))!.startsWith(s.prompt + s.continuation));
+          assert.equal((await demoState()).lastGeneration!.tokens, 160);
           await page.close();
         },
       );

@@ -37,6 +37,8 @@ interface DemoState {
   ready: boolean;
   error: string | null;
   model: string | null;
+  /** A Load is fetching a model. */
+  loading: boolean;
   generating: boolean;
   lastGeneration: { prompt: string; text: string; tokens: number; seconds: number } | null;
   training: boolean;
@@ -48,6 +50,7 @@ const state: DemoState = {
   ready: false,
   error: null,
   model: null,
+  loading: false,
   generating: false,
   lastGeneration: null,
   training: false,
@@ -59,6 +62,48 @@ const state: DemoState = {
 let current: Loaded | null = null;
 let trained: Loaded | null = null;
 let stopTraining = false;
+/** No WebGPU: nothing can load or train. */
+let noGpu = false;
+
+// A model that a generation, a save or the training's sample still uses is disposed only when the last of
+// them ends: Load and Train replace models while such a job may be running (a load started before Generate
+// was clicked finishes during the generation).
+const inUse = new Map<MambaLM, number>();
+const retired = new Set<MambaLM>();
+
+/** Disposes `lm` now, or when the jobs using it end. */
+function retire(lm: MambaLM): void {
+  if (inUse.has(lm)) retired.add(lm);
+  else lm.dispose();
+}
+
+/** Runs `job` with `lm` kept alive until it ends. */
+async function using<T>(lm: MambaLM, job: () => Promise<T>): Promise<T> {
+  inUse.set(lm, (inUse.get(lm) ?? 0) + 1);
+  try {
+    return await job();
+  } finally {
+    const n = inUse.get(lm)! - 1;
+    if (n) inUse.set(lm, n);
+    else {
+      inUse.delete(lm);
+      if (retired.delete(lm)) {
+        lm.dispose();
+        showMemory();
+      }
+    }
+  }
+}
+
+/** Enables the buttons that can run now: nothing replaces a model while a generation runs (Load, Train). */
+function updateButtons(): void {
+  const button = (id: string) => $<HTMLButtonElement>(id);
+  button("load").disabled = noGpu || state.loading || state.generating;
+  button("train-start").disabled = noGpu || state.training || state.generating;
+  button("train-stop").disabled = !state.training;
+  button("generate").disabled = !current || state.generating;
+  button("save").disabled = !current;
+}
 
 function status(id: string, text: string, error = false): void {
   const el = $(id);
@@ -81,7 +126,8 @@ function showSpeed(tokens: number, seconds: number, what = ""): void {
 }
 
 function setCurrent(next: Loaded): void {
-  if (current && current !== trained && current.lm !== next.lm) current.lm.dispose();
+  if (current && current !== trained && current.lm !== next.lm) retire(current.lm);
+  retired.delete(next.lm);
   current = next;
   state.model = next.label;
   const lm = next.lm;
@@ -91,8 +137,7 @@ function setCurrent(next: Loaded): void {
       `${lm.config.nLayers} layers, vocabulary ${lm.vocabSize}` +
       (next.tokenizer instanceof ByteTokenizer ? ", bytes as tokens" : ""),
   );
-  $<HTMLButtonElement>("generate").disabled = false;
-  $<HTMLButtonElement>("save").disabled = false;
+  updateButtons();
   showMemory();
 }
 
@@ -144,8 +189,9 @@ async function addLocalModels(): Promise<void> {
 }
 
 async function loadModel(): Promise<void> {
-  const button = $<HTMLButtonElement>("load");
-  button.disabled = true;
+  if (state.loading || state.generating) return;
+  state.loading = true;
+  updateButtons();
   const t0 = performance.now();
   try {
     const v = source.value;
@@ -183,7 +229,8 @@ async function loadModel(): Promise<void> {
     status("model-status", `cannot load: ${(e as Error).message}`, true);
     state.error = (e as Error).message;
   } finally {
-    button.disabled = false;
+    state.loading = false;
+    updateButtons();
   }
 }
 $("load").addEventListener("click", loadModel);
@@ -230,21 +277,24 @@ async function streamText(
 
 async function generate(): Promise<void> {
   if (!current || state.generating) return;
-  const button = $<HTMLButtonElement>("generate");
-  button.disabled = true;
+  const { lm, tokenizer } = current;
   state.generating = true;
+  updateButtons();
   status("generate-status", "generating…");
   try {
     const prompt = $<HTMLTextAreaElement>("prompt").value;
     const n = num("n-tokens");
-    const sample = $<HTMLSelectElement>("decoding").value === "sample";
-    const r = await streamText($("output"), current.lm, current.tokenizer, prompt, n, {
-      sample,
-      temperature: num("temperature"),
-      topK: num("top-k"),
-      topP: num("top-p"),
-      seed: num("seed"),
-    });
+    // Greedy decoding reads none of the sampling fields (a cleared or 0 temperature is no error then).
+    const sampling = $<HTMLSelectElement>("decoding").value === "sample"
+      ? {
+        sample: true,
+        temperature: num("temperature"),
+        topK: num("top-k"),
+        topP: num("top-p"),
+        seed: num("seed"),
+      }
+      : { sample: false };
+    const r = await using(lm, () => streamText($("output"), lm, tokenizer, prompt, n, sampling));
     state.lastGeneration = { prompt, ...r };
     status(
       "generate-status",
@@ -256,7 +306,7 @@ async function generate(): Promise<void> {
     state.error = (e as Error).message;
   } finally {
     state.generating = false;
-    button.disabled = false;
+    updateButtons();
   }
 }
 $("generate").addEventListener("click", generate);
@@ -265,7 +315,8 @@ $("generate").addEventListener("click", generate);
 
 async function save(): Promise<void> {
   if (!current) return;
-  const files = await checkpointFiles(current.lm, current.saved);
+  const { lm, saved } = current;
+  const files = await using(lm, () => checkpointFiles(lm, saved));
   for (const [name, bytes] of Object.entries(files)) {
     const a = document.createElement("a");
     a.href = URL.createObjectURL(new Blob([bytes]));
@@ -316,13 +367,10 @@ function drawChart(log: TrainLog, totalSteps: number): void {
 let textBytes: Uint8Array | null = null;
 
 async function train(): Promise<void> {
-  if (state.training) return;
-  const startButton = $<HTMLButtonElement>("train-start");
-  const stopButton = $<HTMLButtonElement>("train-stop");
-  startButton.disabled = true;
-  stopButton.disabled = false;
+  if (state.training || state.generating) return;
   stopTraining = false;
   state.training = true;
+  updateButtons();
   state.trainLog = null;
   state.trainSample = null;
   let trainer: Trainer | null = null;
@@ -351,8 +399,13 @@ async function train(): Promise<void> {
     };
     manualSeed(config.seed);
     if (trained) {
-      if (current === trained) current = null;
-      trained.lm.dispose();
+      if (current === trained) {
+        current = null;
+        state.model = null;
+        status("model-status", "no model loaded (the Train tab is training a new one)");
+        updateButtons();
+      }
+      retire(trained.lm);
       trained = null;
       (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = true;
     }
@@ -401,12 +454,14 @@ async function train(): Promise<void> {
     };
     (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = false;
     const prompt = $<HTMLTextAreaElement>("prompt").value || "It is a truth";
-    const r = await streamText($("train-sample"), model, trained.tokenizer, prompt, 200, {
-      sample: true,
-      temperature: 0.7,
-      topK: 20,
-      seed: 1,
-    });
+    const lm = model, tokenizer = trained.tokenizer;
+    const r = await using(lm, () =>
+      streamText($("train-sample"), lm, tokenizer, prompt, 200, {
+        sample: true,
+        temperature: 0.7,
+        topK: 20,
+        seed: 1,
+      }));
     state.trainSample = r.text;
     status(
       "train-status",
@@ -418,12 +473,11 @@ async function train(): Promise<void> {
   } catch (e) {
     status("train-status", (e as Error).message, true);
     state.error = (e as Error).message;
-    if (model && trained?.lm !== model) model.dispose();
+    if (model && trained?.lm !== model) retire(model);
   } finally {
     trainer?.dispose();
     state.training = false;
-    startButton.disabled = false;
-    stopButton.disabled = true;
+    updateButtons();
   }
 }
 $("train-start").addEventListener("click", train);
@@ -457,7 +511,8 @@ async function start(): Promise<void> {
       true,
     );
     state.error = (e as Error).message;
-    for (const id of ["load", "train-start"]) $<HTMLButtonElement>(id).disabled = true;
+    noGpu = true;
+    updateButtons();
   }
 }
 

@@ -1,9 +1,10 @@
 /**
- * Serves the demo page on 127.0.0.1 after building it, and prints the URL.
+ * Serves the demo page on 127.0.0.1 (or localhost) after building it, and prints the URL.
  *
  * ```sh
  * deno task web                    # http://127.0.0.1:8000/
  * deno task web --port 9000
+ * deno task web --host localhost   # http://localhost:8000/
  * ```
  * Routes: `/` the page, `/app.js` and `/mamba.js` (+ source maps) from `out/web/`, `/data/` the bundled
  * text (`data/`), `/models/char-mamba/` the PyTorch-trained char model (tests/fixtures/char-mamba),
@@ -145,8 +146,10 @@ const USAGE = `Usage: deno task web [options]
 Builds the demo page (out/web) and serves it, the text and the local char models.
 
   --port <n>     port, 0 for any free one (default 8000)
-  --host <name>  address to listen on (default 127.0.0.1; WebGPU needs a secure context, which
-                 127.0.0.1 and localhost are)
+  --host <name>  address to listen on: 127.0.0.1 (default) or localhost. WebGPU needs a secure
+                 context, which these are; the task's --allow-net names only them (another
+                 address: deno run --allow-read --allow-write --allow-env --allow-run --allow-net
+                 examples/web/serve.ts --host <name>)
   --help         this text`;
 
 if (import.meta.main) {
@@ -162,6 +165,22 @@ if (import.meta.main) {
     });
     return { ...r, port: intFlag("port", r.values.port, 8000, 0, 65535) };
   });
+  // Asked before the build: the task grants 127.0.0.1 and localhost; another address is refused here (or
+  // asked for, in a terminal), not after the build by Deno.serve.
+  let net: string;
+  try {
+    const host = values.host.includes(":") ? `[${values.host}]` : values.host; // IPv6
+    net = Deno.permissions.requestSync({ name: "net", host }).state;
+  } catch (e) {
+    net = (e as Error).message;
+  }
+  if (net !== "granted") {
+    console.error(
+      `error: no permission to listen on ${values.host} (${net}); deno task web listens on 127.0.0.1 or ` +
+        "localhost (see --help for another address)",
+    );
+    Deno.exit(1);
+  }
   let b;
   try {
     b = await buildWeb();
@@ -173,6 +192,8 @@ if (import.meta.main) {
   Deno.serve({
     hostname: values.host,
     port,
-    onListen: ({ hostname, port }) => console.log(`mamba.ts demo: http://${hostname}:${port}/`),
+    // localhost as asked, not the address it resolved to
+    onListen: ({ hostname, port }) =>
+      console.log(`mamba.ts demo: http://${values.host === "localhost" ? values.host : hostname}:${port}/`),
   }, webHandler());
 }
