@@ -36,7 +36,8 @@
 # other: the first call must hold what matters most. A 15-minute lease as two calls (10 minutes at most each;
 # the second at once, while the machine is warm):
 #   GPU_CHECK_LIMIT_TIMELINE=90 GPU_CHECK_LIMIT_VARIANTS=100 GPU_CHECK_LIMIT_REPORT=230 \
-#     bash bench/gpu_check.sh run adapter timeline variants report                                  (~8 min)
+#     bash bench/gpu_check.sh run adapter timeline matmul variants report                           (~8 min)
+# (matmul: its eae010e numbers halved split-K calls, fixed in fac71ff; 3 s there)
 #   GPU_CHECK_LIMIT_TESTS=280 GPU_CHECK_TESTS="fused_test fused_variant_fuzz_test ops_matmul_test \
 #     memory_test matmul_test model_fuzz_test" bash bench/gpu_check.sh run tests                    (~5 min)
 set -uo pipefail
