@@ -12,7 +12,8 @@
  *
  * Run: deno run -A bench/matmul_shapes.ts [--d-model N] [--tokens L]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
- * Prints a markdown table; writes bench/results/matmul_shapes.json atomically.
+ * Prints a markdown table; writes bench/results/matmul_shapes.json atomically (matmul_shapes_d<N>_L<L>.json for
+ * other sizes).
  */
 import { parseArgs } from "node:util";
 import { deviceInfo, init } from "../core/device.ts";
@@ -123,7 +124,9 @@ if (import.meta.main) {
     const cells = variants.map((v) => ms[v]!.toFixed(2));
     console.log(`| ${s.label} (${s.M} x ${s.K} x ${s.N}) | ${cells.join(" | ")} |`);
   }
-  await writeJsonAtomic(resultPath("matmul_shapes.json"), {
+  // other sizes than the default's go to their own file, not over the committed one
+  const file = d === 64 && L === 1024 ? "matmul_shapes.json" : `matmul_shapes_d${d}_L${L}.json`;
+  await writeJsonAtomic(resultPath(file), {
     source: await sourceVersion(),
     adapter: deviceInfo().description,
     timing: deviceInfo().timestampQuery ? "kernel (timestamp queries)" : "wall less a wait",

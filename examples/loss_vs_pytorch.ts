@@ -29,9 +29,17 @@ docs/char_training_log.json) beside PyTorch mamba.py's validation loss for the s
 
 const logPath = simpleCommandLine(USAGE, [], "log").positional;
 
-const ours = JSON.parse(
-  await Deno.readTextFile(logPath ?? join(ROOT, "docs", "char_training_log.json")),
-) as { log: TrainLog };
+const oursPath = logPath ?? join(ROOT, "docs", "char_training_log.json");
+let ours: { log: TrainLog };
+try {
+  ours = JSON.parse(await Deno.readTextFile(oursPath));
+  if (!Array.isArray(ours?.log?.train) || !Array.isArray(ours.log.val)) {
+    throw new Error("no log.train and log.val");
+  }
+} catch (e) {
+  console.error(`error: ${oursPath} is not a training log: ${(e as Error).message}\n\n${USAGE}`);
+  Deno.exit(2);
+}
 const pytorch = JSON.parse(
   await Deno.readTextFile(join(ROOT, "tests", "fixtures", "char-mamba", "training_log.json")),
 ) as { log: { val: [number, number][] } };

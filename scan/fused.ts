@@ -36,7 +36,7 @@ import { recordClear } from "../core/executor.ts";
 import { copyBox, packInto } from "../core/ops/index.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt, stridesOf } from "../core/shape.ts";
-import { Tensor } from "../core/tensor.ts";
+import { freeOnThrow, Tensor } from "../core/tensor.ts";
 import { backwardKernel } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel, sumsLoopTrips } from "./fused_reduce_kernels.ts";
@@ -680,7 +680,8 @@ export function fusedMambaScanForward(
   zStart?: number,
 ): { y: Tensor; ph: Tensor } {
   const a = mambaScanAttrs("fusedMambaScanForward", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
-  const { y, ph, dt } = dtScanForward(x, dBC, dtWeight, dtBias, A_log, D, z, a);
+  // not an op (no autograd), so freed here if it throws part-way (out of memory under a limit)
+  const { y, ph, dt } = freeOnThrow(() => dtScanForward(x, dBC, dtWeight, dtBias, A_log, D, z, a));
   dt?.dispose();
   return { y, ph };
 }

@@ -216,6 +216,29 @@ Deno.test("fused scan: bad shapes and dtypes are errors that name them; forward-
     ph.dispose();
   }
   assert.equal(memory().liveTensors, before, "live tensors after three forwards, all outputs disposed");
+  // ... and one that runs out of memory part-way (under a limit just above what is live) leaves nothing either
+  const { setMemoryLimit } = await import("../core/memory.ts");
+  let partWay = 0;
+  for (let room = 256;; room += 256) {
+    const live = memory().liveBytes;
+    setMemoryLimit(live + room);
+    let out: { y: Tensor; ph: Tensor } | null = null;
+    try {
+      out = fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z); // y takes 256 bytes first
+    } catch (e) {
+      assert.match((e as Error).message, /out of memory/);
+      partWay++;
+    } finally {
+      setMemoryLimit(null);
+    }
+    if (out) {
+      out.y.dispose();
+      out.ph.dispose();
+      break;
+    }
+    assert.equal(memory().liveBytes, live, `nothing left live (limit +${room} bytes)`);
+  }
+  assert.ok(partWay >= 1, "some limit let the forward allocate before it failed");
   for (const v of Object.values(t)) v.dispose();
 });
 

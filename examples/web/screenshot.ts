@@ -13,6 +13,7 @@ import { simpleCommandLine } from "../lib/cli.ts";
 import { buildWeb } from "./build.ts";
 import { launchChromium } from "./chromium.ts";
 import { webHandler } from "./serve.ts";
+import { writeFileAtomic } from "../../core/safetensors_fs.ts";
 
 const USAGE = `Usage: deno run -A examples/web/screenshot.ts [out.png]
 
@@ -48,7 +49,7 @@ try {
     null,
     { timeout: 60_000 },
   );
-  await page.screenshot({ path: out });
+  await writeFileAtomic(out, await page.screenshot()); // the committed PNG: never left half written
   console.log(`wrote ${out}`);
 } finally {
   await browser.close();
