@@ -6,7 +6,9 @@
  *
  * Per model, after one warm-up generation per batch size (kernel compilation), each rep measures batch 1
  * then batch 8 (the order alternates between reps, so the machine's drift hits both alike): a prefill
- * alone (the parallel forward over the prompt, its logits disposed) and a `generate` of the same prompt
+ * alone (the parallel forward over the prompt, its logits disposed, timed to the end of one wait for the GPU:
+ * about 11 ms of each prefill's time is that wait, most of it for the char model at batch 1) and a
+ * `generate` of the same prompt
  * that reads tokens back every R = min(16, new tokens / 2) steps. Decode is timed inside that generate,
  * from its first readback (R tokens available, the prefill and R - 1 steps behind it) to its end:
  * decode tokens/s is (new tokens - R) x batch over that time, steps and readbacks as a longer generation
