@@ -284,6 +284,16 @@ Deno.test("saveCheckpoint writes the HF layout that fromPretrained reads back id
   const lm = await fromPretrained(fixturePath("lm_v64_hf"));
   const dir = await Deno.makeTempDir();
   await saveCheckpoint(lm, dir);
+  // the HF layout itself: transformers' names and config keys, not only something fromPretrained reads
+  const names = [...(await readSafetensorsFile(`${dir}/model.safetensors`)).tensors.keys()];
+  assert.ok(names.includes("backbone.embeddings.weight"), names.join());
+  assert.ok(
+    names.includes("backbone.layers.0.mixer.in_proj.weight") && names.includes("backbone.norm_f.weight"),
+  );
+  assert.ok(names.every((n) => n.startsWith("backbone.") || n === "lm_head.weight"), names.join());
+  const cfg = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+  assert.deepEqual([cfg.model_type, cfg.architectures], ["mamba", ["MambaForCausalLM"]]);
+  assert.equal(cfg.hidden_size, lm.config.dModel);
   const back = await fromPretrained(dir);
   for (const [k, p] of lm.namedParameters()) {
     const q = back.stateDict().get(k)!;
