@@ -75,9 +75,23 @@ export function fillNormal(rng: Philox, out: Float32Array, mean = 0, std = 1): F
   return out;
 }
 
-/** Fills `out` with uniform samples in [low, high). */
+/** The largest f32 below x. */
+function f32Below(x: number): number {
+  const f = new Float32Array([x]);
+  if (f[0] < x) return f[0];
+  const bits = new Int32Array(f.buffer);
+  if (f[0] === 0) bits[0] = -2147483647; // 0x80000001: the negative subnormal nearest zero
+  else bits[0] += f[0] > 0 ? -1 : 1;
+  return f[0];
+}
+
+/** Fills `out` with uniform samples in [low, high), as f32: a sample that rounds up to `high` in f32 (1 - 2^-24
+ * of [1, 2) does, or most of a range a few f32 steps wide) takes the largest f32 below it instead. */
 export function fillUniform(rng: Philox, out: Float32Array, low = 0, high = 1): Float32Array {
-  for (let i = 0; i < out.length; i++) out[i] = low + (high - low) * rng.nextFloat();
+  const top = Math.max(f32Below(high), Math.fround(low));
+  for (let i = 0; i < out.length; i++) {
+    out[i] = Math.min(Math.fround(low + (high - low) * rng.nextFloat()), top);
+  }
   return out;
 }
 

@@ -290,7 +290,8 @@ export class Tensor {
   split(sizes: number | number[], dim = 0): Tensor[] {
     return ops.split(this, sizes, dim);
   }
-  /** Splits along `dim` into `chunks` nearly equal pieces. */
+  /** Splits along `dim` into pieces of ceil(size / chunks) (the last smaller): at most `chunks` pieces, fewer
+   * where that size covers the dim sooner (6 into 4 gives 3 of 2), as torch.chunk. */
   chunk(chunks: number, dim = 0): Tensor[] {
     return ops.chunk(this, chunks, dim);
   }

@@ -75,11 +75,13 @@ export const DEFAULT_TRAIN: TrainConfig = {
 
 /** The loss curve. */
 export interface TrainLog {
-  /** [step, mean train loss over the last logEvery steps] */
+  /** [step, mean train loss over the steps since the last entry: logEvery of them, fewer at the run's last
+   * step, one per step past it] */
   train: [number, number][];
   /** [step, validation loss] */
   val: [number, number][];
-  /** [step, seconds since the run started, cumulated over resumes] */
+  /** [step, seconds since the run started, cumulated over resumes]: the caller's to fill (`Trainer` does not
+   * time; `deno task train` records it with each train-loss entry) */
   time: [number, number][];
 }
 
@@ -333,8 +335,9 @@ export class Trainer {
   }
 
   /**
-   * One optimizer step. Returns the mean train loss of the last `logEvery` steps when it read them back
-   * (every `logEvery` steps), else null.
+   * One optimizer step. Returns the mean train loss of the steps since the last readback when it reads them
+   * back (every `logEvery` steps, and at the run's last step and every step past it, then over fewer steps),
+   * else null.
    */
   async trainStep(): Promise<number | null> {
     if (!this.#tuned) {

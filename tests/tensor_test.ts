@@ -135,6 +135,19 @@ Deno.test("zeros/ones/full/arange/zerosLike/onesLike give exact values and dtype
   dispose(ts);
 });
 
+Deno.test("rand stays below high after rounding to f32 (a range a few f32 steps wide; the top of [1, 2))", async () => {
+  const { fillUniform, Philox } = await import("../core/random.ts");
+  // 2^24 .. 2^24 + 2 holds two f32 values: 11 of 16 samples used to round up to high
+  const narrow = M.rand([64], { seed: 1, low: 2 ** 24, high: 2 ** 24 + 2 });
+  const got = await narrow.toArray();
+  narrow.dispose();
+  assert.ok(got.every((v) => v === 2 ** 24), `all at low, the one f32 below high: ${[...new Set(got)]}`);
+  // the largest draw of [1, 2) is 2 - 2^-24 in double, 2 in f32: it takes the f32 just below 2
+  const top = { nextFloat: () => 1 - 2 ** -24 } as unknown as InstanceType<typeof Philox>;
+  assert.deepEqual([...fillUniform(top, new Float32Array(1), 1, 2)], [2 - 2 ** -23]);
+  assert.deepEqual([...fillUniform(top, new Float32Array(1), -2, 0)], [-(2 ** -23)], "exact in f32: kept");
+});
+
 Deno.test("randn/rand: seeded and reproducible, in range, with the requested moments", async () => {
   const n = 20000;
   const ts = [
