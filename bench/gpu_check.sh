@@ -64,7 +64,11 @@ prepare() {
     echo "prepare: deno install failed" >&2
     exit 1
   }
-  tar -C /tmp/gpu_check_dd -cf - npm | xz -6 -T2 >"$DEV/npm.tar.xz"
+  # (pipefail: a failed tar or xz fails the pipe; the archive replaces the old one only when whole)
+  tar -C /tmp/gpu_check_dd -cf - npm | xz -6 -T2 >"$DEV/npm.tar.xz.tmp" && mv "$DEV/npm.tar.xz.tmp" "$DEV/npm.tar.xz" || {
+    echo "prepare: packing the npm packages failed" >&2
+    exit 1
+  }
   # The Vulkan loader (the GPU machine has the NVIDIA driver's ICD but may lack libvulkan.so.1).
   local o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/gpu_check_apt"
   mkdir -p /tmp/gpu_check_apt/partial
@@ -136,6 +140,7 @@ phase() {
   echo "== $name (limit ${limit} s)" | tee "$OUT/$name.log"
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
   PHASE_RC=${PIPESTATUS[0]}
+  [ "$PHASE_RC" = 0 ] || FAILED_PHASES+=("$name")
   echo "== $name: exit $PHASE_RC after $((SECONDS - t0)) s$([ "$PHASE_RC" = 124 ] && echo ' (time limit)')" |
     tee -a "$OUT/$name.log"
 }
@@ -218,7 +223,14 @@ run() {
         ;;
     esac
   done
+  # every phase runs whatever the others did; the exit status says whether all succeeded
+  if [ ${#FAILED_PHASES[@]} -gt 0 ]; then
+    echo "== failed phases: ${FAILED_PHASES[*]}"
+    exit 1
+  fi
 }
+
+FAILED_PHASES=()
 
 case "${1:-}" in
   prepare) prepare ;;
