@@ -76,16 +76,6 @@ function flattenNested(data: readonly NestedArray[]): { shape: number[]; flat: n
   return { shape, flat };
 }
 
-/** checkShape with the op named, and the shape as written (JSON would show NaN as null). */
-function checkShapeOf(op: string, shape: Shape): void {
-  if (Array.isArray(shape) && shape.some((d) => !Number.isInteger(d) || d < 0)) {
-    throw new Error(
-      `${op}: shape must be a list of non-negative integers, got [${shape.map(String).join(", ")}]`,
-    );
-  }
-  checkShape(shape, `${op}: shape`);
-}
-
 function finish(t: Tensor, options: CreateOptions): Tensor {
   if (options.requiresGrad) t.requiresGrad_(true);
   return t;
@@ -107,7 +97,7 @@ export function tensor(
   else if (typeof data === "number") [flat, inferred] = [[data], []];
   else ({ flat, shape: inferred } = flattenNested(data as readonly NestedArray[]));
   const s = shape ?? inferred;
-  checkShapeOf("tensor", s);
+  checkShape(s, "tensor: shape");
   if (sizeOf(s) !== flat.length) {
     throw new Error(`tensor: shape ${fmt(s)} needs ${sizeOf(s)} values, got ${flat.length}`);
   }
@@ -131,7 +121,7 @@ export function full(shape: Shape, value: number, options: CreateOptions = {}): 
 
 /** full(), with errors naming `op` (the function the caller called). */
 function filled(op: string, shape: Shape, value: number, options: CreateOptions): Tensor {
-  checkShapeOf(op, shape);
+  checkShape(shape, `${op}: shape`);
   const dtype = options.dtype ?? "f32";
   if (dtype === "i32" && !isInt32(value)) {
     throw new Error(`${op}: i32 fill value ${value} is not an int32 integer`);
@@ -191,7 +181,7 @@ export function arange(start: number, end?: number, step = 1, options: CreateOpt
 
 /** Normal samples (mean 0, std 1 unless given), seeded and identical on every adapter. */
 export function randn(shape: Shape, options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
-  checkShapeOf("randn", shape);
+  checkShape(shape, "randn: shape");
   const host = fillNormal(
     streamFor(options.seed),
     new Float32Array(sizeOf(shape)),
@@ -203,7 +193,7 @@ export function randn(shape: Shape, options: RandomOptions & { mean?: number; st
 
 /** Uniform samples in [low, high) (default [0, 1)), seeded and identical on every adapter. */
 export function rand(shape: Shape, options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
-  checkShapeOf("rand", shape);
+  checkShape(shape, "rand: shape");
   const host = fillUniform(
     streamFor(options.seed),
     new Float32Array(sizeOf(shape)),

@@ -47,7 +47,11 @@ export function isInt32(v: number): boolean {
 /** Checks that a shape is a list of non-negative integers. */
 export function checkShape(shape: Shape, what = "shape"): void {
   if (!Array.isArray(shape) || shape.some((d) => !Number.isInteger(d) || d < 0)) {
-    throw new Error(`${what} must be a list of non-negative integers, got ${JSON.stringify(shape)}`);
+    // numbers as written (JSON would show NaN and Infinity as null), anything else as JSON ("3")
+    const got = Array.isArray(shape)
+      ? `[${shape.map((d) => (typeof d === "number" ? String(d) : JSON.stringify(d))).join(", ")}]`
+      : JSON.stringify(shape);
+    throw new Error(`${what} must be a list of non-negative integers, got ${got}`);
   }
   if (shape.length > MAX_RANK) {
     throw new Error(`${what} ${fmt(shape)} has rank ${shape.length} > ${MAX_RANK}`);
