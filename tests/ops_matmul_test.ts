@@ -333,4 +333,10 @@ Deno.test("matmulAdd costs the product's dispatches only (c is copied, not added
     assert.throws(() => M.matmulAdd(a, b, M.zeros([2, 4], { dtype: "i32" })), /matmulAdd needs f32 tensors/);
   });
   assert.equal(M.memory().liveTensors, live, "live tensors after the errors");
+  // outside tidy too: the copy of c, made before the product's shapes are checked, is freed
+  const [a3, b3, c3] = [M.zeros([2, 3]), M.zeros([4, 4]), M.zeros([2, 4])];
+  const live3 = M.memory().liveTensors;
+  assert.throws(() => M.matmulAdd(a3, b3, c3), /inner dims differ/);
+  assert.equal(M.memory().liveTensors, live3, "live tensors after an error outside tidy");
+  for (const t of [a3, b3, c3]) t.dispose();
 });

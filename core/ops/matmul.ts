@@ -376,13 +376,7 @@ const matmulOp = defineOp<MatmulAttrs>({
     // tensors the op owns (disposed with the graph, or at once without one) rather than graph nodes.
     const a2 = vecA ? new Tensor(a.storage, [1, a.shape[0]], "f32") : a;
     const b2 = vecB ? new Tensor(b.storage, [b.shape[0], 1], "f32") : b;
-    let c: Tensor;
-    try {
-      c = matmulRaw(a2, b2, opts);
-    } catch (e) { // bad shapes: the views go too
-      for (const [v, x] of [[a2, a], [b2, b]]) if (v !== x) v.dispose();
-      throw e;
-    }
+    const c = matmulRaw(a2, b2, opts); // bad shapes throw: defineOp's freeOnThrow disposes the views
     save(a2, b2);
     if (!vecA && !vecB) return c;
     const shape = [...c.shape];
@@ -406,12 +400,7 @@ const matmulAddOp = defineOp<MatmulAttrs>({
   name: "matmulAdd",
   forward: ([a, b, c], opts, save) => {
     const out = copy(c);
-    try {
-      matmulRaw(a, b, opts, undefined, out);
-    } catch (e) { // bad shapes: nothing is returned, so nothing may stay live
-      out.dispose();
-      throw e;
-    }
+    matmulRaw(a, b, opts, undefined, out); // bad shapes throw: defineOp's freeOnThrow disposes out
     save(a, b);
     return out;
   },

@@ -163,7 +163,7 @@ const maxOp = defineOp<{ axes: number[]; keepdim: boolean }>({
     // Ties share the gradient: mask / count, as torch.amax does.
     const y = reshape(out, keptShape(x.shape, axes));
     const mask = mapOp("select(0.0, 1.0, a == b)", [x, y], x.shape);
-    const count = reduceAxes(mask, axes, "sum");
+    const count = reduceAxes(mask, axes, "sum", true); // mask is this op's own: a view of it is safe
     const gk = reshape(g, keptShape(x.shape, axes));
     const grad = mapOp("a * b / c", [mask, gk, count], x.shape);
     for (const t of [y, mask, count, gk]) t.dispose();
@@ -198,7 +198,7 @@ export function max(x: Tensor, axis?: number | number[], keepdim = false): Tenso
 const meanOp = defineOp<{ axes: number[]; keepdim: boolean }>({
   name: "mean",
   forward: ([x], { axes, keepdim }) => {
-    const y = reduceAxes(x, axes, "sum");
+    const y = reduceAxes(x, axes, "sum", true); // only read, by the scaling below
     const m = mapOp("a * b", [y, 1 / countOf(x.shape, axes)], y.shape);
     y.dispose();
     return keepdim ? m : reshapeOwned(m, dropAxes(x.shape, axes));
@@ -234,7 +234,7 @@ const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
       ? full(keptShape(x.shape, [axis]), -Infinity)
       : reduceAxes(x, [axis], "max");
     const e = mapOp(`exp(a - ${shift("b")})`, [x, m], x.shape);
-    const s = reduceAxes(e, [axis], "sum");
+    const s = reduceAxes(e, [axis], "sum", true); // e is this op's own
     const logs = mapOp("log(a)", [s], s.shape);
     const lse = mapOp(`a + ${shift("b")}`, [logs, m], s.shape);
     for (const t of [e, s]) t.dispose();
