@@ -24,7 +24,8 @@
 #             with its per-call choice, at d_model 16 to 1024 (does the tuner's proxy pick what layers want?)
 #   quick     bench/scan_report.ts --quick (scan_quick.json)
 #   report    the full bench/scan_report.ts (scan.json)
-#   matmul    bench/matmul_shapes.ts (matmul variants at a layer's shapes)
+#   matmul    bench/matmul_shapes.ts (matmul variants at a layer's shapes, each with this adapter's plans and
+#             a CPU adapter's: the A/B of the GPU split of 2026-11-30), at d_model 64 and 768
 #   generate  bench/generate_report.ts (prefill and decode tokens/s, GPU and host memory; generate.json)
 # At most 8 files come back from $OUT: phases write one log each, quick/report/matmul/generate one JSON more.
 # Seen on the H200 (2026-11-30): the machine starts in ~30 s; adapter 25 s; tests more than 270 s (all but
@@ -37,7 +38,8 @@
 # the second at once, while the machine is warm):
 #   GPU_CHECK_LIMIT_TIMELINE=90 GPU_CHECK_LIMIT_VARIANTS=100 GPU_CHECK_LIMIT_REPORT=230 \
 #     bash bench/gpu_check.sh run adapter timeline matmul variants report                           (~8 min)
-# (matmul: its eae010e numbers halved split-K calls, fixed in fac71ff; 3 s there)
+# (matmul: its eae010e numbers halved split-K calls, fixed in fac71ff; 3 s there, now about twice the calls
+# and d_model 768 too)
 #   GPU_CHECK_LIMIT_TESTS=280 GPU_CHECK_TESTS="fused_test fused_variant_fuzz_test ops_matmul_test \
 #     memory_test matmul_test model_fuzz_test autograd_release_fuzz_test" \
 #     bash bench/gpu_check.sh run tests                                                              (~5 min)
@@ -214,7 +216,10 @@ run() {
         keep_result bench/results/scan.json
         ;;
       matmul)
-        phase matmul 180 deno run "${flags[@]}" bench/matmul_shapes.ts
+        # d_model 64 (kept as JSON), then 768, the pretrained mamba-130m's width (its table in the log only:
+        # at most 8 files come back)
+        phase matmul 180 bash -c "deno run ${flags[*]} bench/matmul_shapes.ts && \
+          deno run ${flags[*]} bench/matmul_shapes.ts --d-model 768"
         keep_result bench/results/matmul_shapes.json
         ;;
       generate)

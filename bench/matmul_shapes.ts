@@ -10,6 +10,11 @@
  * median batch less one wait, per call. (Batches of 20 calls less a fixed 11 ms, as before, measured mostly
  * the wait on a GPU, where a wait costs 13-16 ms and 20 calls well under 1 ms.)
  *
+ * Each variant runs twice: with this adapter's plans, and with the other adapter kind's (`isFallbackAdapter`
+ * turned over for the call). On a GPU the other plans are a CPU adapter's, which GPUs used too until
+ * 2026-11-30 for `register` (K split only for a C of fewer than 8 workgroups, until 1024 invocations run); so
+ * the two columns are that change's A/B, in one run. Decoding's rows (M = 1) are matrix-vector products.
+ *
  * Run: deno run -A bench/matmul_shapes.ts [--d-model N] [--tokens L]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
  * Prints a markdown table; writes bench/results/matmul_shapes.json atomically (matmul_shapes_d<N>_L<L>.json for
@@ -52,7 +57,22 @@ function layerShapes(d: number, L: number): Shape[] {
     { label: "out_proj forward", M: L, K: ED, N: d, transA: false, transB: true },
     { label: "out_proj input gradient", M: L, K: d, N: ED, transA: false, transB: false },
     { label: "out_proj weight gradient", M: d, K: L, N: ED, transA: true, transB: false },
+    { label: "decoding's in_proj", M: 1, K: d, N: 2 * ED, transA: false, transB: true },
+    { label: "decoding's x_proj", M: 1, K: ED, N: xw, transA: false, transB: true },
+    { label: "decoding's out_proj", M: 1, K: ED, N: d, transA: false, transB: true },
   ];
+}
+
+/** `fn` with matmuls planned as on the other adapter kind (see the module's doc). */
+async function otherPlans<T>(fn: () => Promise<T>): Promise<T> {
+  const info = deviceInfo() as { isFallbackAdapter: boolean };
+  const own = info.isFallbackAdapter;
+  info.isFallbackAdapter = !own;
+  try {
+    return await fn();
+  } finally {
+    info.isFallbackAdapter = own;
+  }
 }
 
 async function msPerCall(s: Shape, v: MatmulVariant): Promise<number> {
@@ -107,21 +127,27 @@ if (import.meta.main) {
   });
   await init();
   const variants = availableMatmulVariants();
-  const rows: { shape: Shape; ms: Partial<Record<MatmulVariant, number>> }[] = [];
+  type Times = Partial<Record<MatmulVariant, number>>;
+  const rows: { shape: Shape; ms: Times; msOtherPlans: Times }[] = [];
   for (const shape of layerShapes(d, L)) {
-    const ms: Partial<Record<MatmulVariant, number>> = {};
-    for (const v of variants) ms[v] = await msPerCall(shape, v);
-    rows.push({ shape, ms });
+    const ms: Times = {}, msOtherPlans: Times = {};
+    for (const v of variants) {
+      ms[v] = await msPerCall(shape, v);
+      msOtherPlans[v] = await otherPlans(() => msPerCall(shape, v));
+    }
+    rows.push({ shape, ms, msOtherPlans });
   }
+  const other = deviceInfo().isFallbackAdapter ? "GPU plans" : "CPU plans";
   console.log(
     `\nmatmul ms per call at d_model ${d}, ${L} rows, ${
       deviceInfo().timestampQuery ? "kernel time by timestamp queries" : "wall time less a wait"
     } (${deviceInfo().description})\n`,
   );
-  console.log(`| shape (M x K x N) | ${variants.join(" | ")} |`);
-  console.log(`| --- | ${variants.map(() => "---:").join(" | ")} |`);
-  for (const { shape: s, ms } of rows) {
-    const cells = variants.map((v) => ms[v]!.toFixed(2));
+  const heads = variants.flatMap((v) => [v, `${v}, ${other}`]);
+  console.log(`| shape (M x K x N) | ${heads.join(" | ")} |`);
+  console.log(`| --- | ${heads.map(() => "---:").join(" | ")} |`);
+  for (const { shape: s, ms, msOtherPlans } of rows) {
+    const cells = variants.flatMap((v) => [ms[v]!.toFixed(3), msOtherPlans[v]!.toFixed(3)]);
     console.log(`| ${s.label} (${s.M} x ${s.K} x ${s.N}) | ${cells.join(" | ")} |`);
   }
   // other sizes than the default's go to their own file, not over the committed one
@@ -132,6 +158,7 @@ if (import.meta.main) {
     timing: deviceInfo().timestampQuery ? "kernel (timestamp queries)" : "wall less a wait",
     dModel: d,
     tokens: L,
+    otherPlans: other,
     rows,
   });
 }

@@ -17,6 +17,7 @@ import {
   tidy,
 } from "../mod.ts";
 import { tuneCacheKey, tuneKernels, tuneResult } from "../core/tune.ts";
+import { matmulPlan } from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
 
 await init();
@@ -137,6 +138,19 @@ function mats(M: number, K: number, N: number, transA: boolean, transB: boolean,
 
 const TRANS: [boolean, boolean][] = [[false, false], [true, false], [false, true], [true, true]];
 
+/** Runs `fn` with matmuls planned as on the other adapter kind (a GPU's plans on a CPU adapter, and the other
+ * way round): plans follow `isFallbackAdapter`, and every plan runs on every device. */
+async function asOtherAdapterKind(fn: () => Promise<void>): Promise<void> {
+  const info = await init();
+  const cpu = info.isFallbackAdapter;
+  info.isFallbackAdapter = !cpu;
+  try {
+    await fn();
+  } finally {
+    info.isFallbackAdapter = cpu;
+  }
+}
+
 Deno.test("matmul: odd and aligned sizes, every layout and variant", async () => {
   // Covers vec4 and scalar reads of both operands in every transpose: M, N, K multiples of 4 or not,
   // sizes below, at and across the block edges, single rows/columns, and every `register` tile (M of
@@ -220,17 +234,8 @@ Deno.test("matmul: small C with long K is split over K (weight-gradient shapes);
   }
   const before = memory();
   await check(problems);
-  // `subgroup` splits as on a GPU too (into about 32 workgroups; on a CPU adapter only K > 4096, one slice per core)
-  const info = await init();
-  if (VARIANTS.includes("subgroup")) {
-    const cpu = info.isFallbackAdapter;
-    info.isFallbackAdapter = !cpu;
-    try {
-      await check(problems, ["subgroup"]);
-    } finally {
-      info.isFallbackAdapter = cpu;
-    }
-  }
+  // and as the other adapter kind plans them (a GPU splits into slices of 32 until 32768 invocations run)
+  await asOtherAdapterKind(() => check(problems));
   const after = memory();
   assert.equal(after.liveBytes, before.liveBytes, "live bytes");
   assert.equal(after.liveTensors, before.liveTensors, "live tensors");
@@ -246,25 +251,86 @@ Deno.test("matmul: narrow C (few columns or rows, short K) takes the linear layo
     problems.push(mats(333, 17, 16, tA, tB));
     problems.push(mats(517, 1, 33, tA, tB)); // K = 1
     problems.push(mats(250, 40, 3, tA, tB, [2], [2]));
+    problems.push(mats(3, 600, 777, tA, tB)); // matrix-vector-like: few rows, K long enough to split on a GPU
   }
   const before = memory();
   await check(problems);
+  await asOtherAdapterKind(() => check(problems));
   const after = memory();
   assert.equal(after.liveBytes, before.liveBytes, "live bytes");
 });
 
 Deno.test("matmul: split K with K longer than one dispatch's slice; a batch of small C's that is not split", async () => {
-  // Small integers keep every sum exact, so a dropped or doubled slice shows. Batch 2: split over K (each
-  // dispatch covers at most SPLIT_MAX slices, the next ones accumulate into the partial sums). Batch 8:
-  // eight workgroups, not split: three dispatches accumulate into C.
+  // Small integers keep every sum exact, so a dropped or doubled slice shows. Batch 2: split over K into
+  // slices shorter than one dispatch's. Batch 8: eight workgroups, not split on a CPU adapter: three
+  // dispatches accumulate into C. K past 256 slices of 16384 (SPLIT_MAX of MAX_K): two dispatches of split
+  // slices, the second adding into the first's partial sums.
   const problems: Problem[] = [];
   for (const [tA, tB] of TRANS) {
     problems.push(mats(33, 16384 * 2 + 37, 17, tA, tB));
     problems.push(mats(5, 16384 * 2 + 36, 7, tA, tB, [2]));
     problems.push(mats(5, 16384 * 2 + 37, 7, tA, tB, [8]));
   }
+  const huge = [mats(1, 256 * 16384 + 52, 2, false, false), mats(2, 256 * 16384 + 33, 1, true, true)];
   await check(problems, VARIANTS, 2);
+  await asOtherAdapterKind(() => check(problems, VARIANTS, 2));
+  await check(huge, ["register"], 2); // the split path is the same for every variant
 });
+
+Deno.test("matmul plans: a GPU splits K until enough invocations run; a CPU adapter keeps one workgroup per core", async () => {
+  // A layer's shapes at d_model 64, 1024 tokens, and decoding's matrix-vector products (M = 1).
+  const shapes: [string, number, number, number, boolean, boolean][] = [
+    ["in_proj forward", 1024, 64, 256, false, true],
+    ["in_proj input gradient", 1024, 256, 64, false, false],
+    ["in_proj weight gradient", 256, 1024, 64, true, false],
+    ["out_proj weight gradient", 64, 1024, 128, true, false],
+    ["weight gradient over 16384 tokens", 64, 16384, 16, true, false],
+    ["decoding's in_proj", 1, 768, 3072, false, true],
+    ["decoding's head", 1, 768, 50280, false, true],
+    ["a large product", 1024, 1024, 4096, false, true],
+  ];
+  const plans = () =>
+    shapes.flatMap(([what, M, K, N, transA, transB]) =>
+      VARIANTS.map((v) => ({ what: `${v} ${what}`, K, plan: matmulPlan(M, K, N, { transA, transB }, v) }))
+    );
+  const info = await init();
+  const gpuPlans = info.isFallbackAdapter ? await otherKind(plans) : plans();
+  for (const { what, K, plan } of gpuPlans) {
+    const split = plan.slices > 1;
+    if (K < 256) assert.ok(!split, `${what}: K ${K} is not split (${JSON.stringify(plan)})`);
+    // enough invocations, or slices as short as they go (32), or as many as one dispatch holds (256)
+    const enough = plan.invocations >= 32768 / 2 || plan.kLen === 32 || plan.slices === 256;
+    assert.ok(K < 256 || enough, `${what}: ${JSON.stringify(plan)}`);
+    if (split) {
+      assert.ok(plan.invocations / plan.slices < 32768, `${what}: split though it had enough invocations`);
+    }
+    assert.equal(plan.dispatches, 1, `${what}: one dispatch`);
+  }
+  const inProjGrad = gpuPlans.find((p) => p.what === "register in_proj input gradient")!.plan;
+  assert.deepEqual([inProjGrad.slices, inProjGrad.kLen], [8, 32], "K 256 in eight slices of 32");
+  // A CPU adapter's plans are as before: the usual blocks where each core has a workgroup of them.
+  const cpuPlans = info.isFallbackAdapter ? plans() : await otherKind(plans);
+  const cpu = (what: string) => cpuPlans.find((p) => p.what === `register ${what}`)!.plan;
+  assert.equal(cpu("in_proj input gradient").slices, 1);
+  assert.equal(cpu("decoding's in_proj").slices, 1);
+  assert.deepEqual([
+    cpu("weight gradient over 16384 tokens").slices,
+    cpu("weight gradient over 16384 tokens").kLen,
+  ], [
+    64,
+    256,
+  ]);
+});
+
+/** `fn`'s result with plans made as on the other adapter kind. */
+async function otherKind<T>(fn: () => T): Promise<T> {
+  let out: T | undefined;
+  await asOtherAdapterKind(() => {
+    out = fn();
+    return Promise.resolve();
+  });
+  return out!;
+}
 
 Deno.test("matmul: operands larger than one 128 MiB storage binding", async () => {
   // A has 8200 x 4100 floats (134.5 MB > 128 MiB), so it is bound as two windows; the rows checked

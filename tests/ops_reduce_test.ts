@@ -168,6 +168,22 @@ Deno.test("reductions over an axis longer than 4096 (several passes), inner and 
   ]);
 });
 
+Deno.test("long reductions laid out as on the other adapter kind (a GPU aims for 8x the invocations)", async () => {
+  const info = await M.init();
+  const cpu = info.isFallbackAdapter;
+  info.isFallbackAdapter = !cpu;
+  try {
+    await checkOps([
+      ...longAxisCases([3, 5000], 1, 31),
+      ...longAxisCases([5000, 3], 0, 32),
+      ...longAxisCases([16384, 64], 0, 33), // as a (B, L) sum of a gradient: 64 outputs over 16384
+      ...longAxisCases([2, 70001], 1, 34),
+    ]);
+  } finally {
+    info.isFallbackAdapter = cpu;
+  }
+});
+
 Deno.test("reductions over size-1 axes, merged neighbouring axes, and few outputs over a long axis", async () => {
   // Size-1 axes are dropped and neighbouring reduced axes merged into one pass; few outputs over a long
   // axis are reduced in chunks over several passes. All must match the plain reference.

@@ -26,7 +26,9 @@
  * and columns outside C. Such a problem is split over K: the same kernels compute the partial products of
  * K slices in parallel, slice s into the s-th (batch, M, N) block of a scratch tensor, and `sumToShape`
  * adds them up (see SPLIT_BELOW). `register` then uses its `linear` layout: each invocation takes the
- * next (slice, batch, 8x8 block) of C, so that no invocation computes a block outside C.
+ * next (slice, batch, 8x8 block) of C, so that no invocation computes a block outside C. On a GPU the same
+ * split serves another end: every problem of too few invocations to hide a GPU's load latency (weight
+ * gradients, matrix-vector products while decoding) is split until enough run (see GPU_INVOCATIONS).
  * @module
  */
 
@@ -59,36 +61,49 @@ export function availableMatmulVariants(): MatmulVariant[] {
 
 /**
  * Version of the matmul kernels. It is part of the tuner's cache key, so a cached choice is measured
- * again after the kernels change: bump it whenever a kernel's code changes.
+ * again after the kernels change: bump it whenever a kernel's code or the planning of problems over them
+ * changes (matmul-8: GPUs split K by invocations).
  */
-export const MATMUL_KERNEL_VERSION = "matmul-7";
+export const MATMUL_KERNEL_VERSION = "matmul-8";
 
 /** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
 
 /**
- * Small C, long K. A C of fewer than SPLIT_BELOW workgroups with K of at least SPLIT_MIN_K is computed as
- * partial sums over K slices (split-K) in parallel -- each a multiple of 16 and at least SPLIT_MIN_SLICE
- * long -- that are then summed; at most SPLIT_MAX slices per dispatch. `tiled` takes slices until about
- * SPLIT_GROUPS workgroups run, as does `subgroup` (on CPU adapters only until each core has one). `register` takes them in its `linear` layout, until about SPLIT_INVOCATIONS
- * invocations run, when its usual blocks would leave more than a quarter of their invocations outside C
- * (PLAIN_MIN_USE; the linear layout saves that work) or when there are fewer workgroups than CPU cores
- * (`register` is the variant of CPU adapters, which run one workgroup per core). Otherwise its workgroups
- * already keep every core busy on useful work, and splitting would only add the partial sums (and the
- * linear layout reads more per multiply-add than a 64x64 block when C is wide).
+ * Small C, long K, on a CPU adapter. A C of fewer than SPLIT_BELOW workgroups with K of at least SPLIT_MIN_K
+ * is computed as partial sums over K slices (split-K) in parallel -- each a multiple of 16 and at least
+ * SPLIT_MIN_SLICE long -- that are then summed; at most SPLIT_MAX slices per dispatch. `tiled` and
+ * `subgroup` take slices until each core has a workgroup. `register` takes them in its `linear` layout,
+ * until about SPLIT_INVOCATIONS invocations run, when its usual blocks would leave more than a quarter of
+ * their invocations outside C (PLAIN_MIN_USE; the linear layout saves that work) or when there are fewer
+ * workgroups than CPU cores (a CPU adapter runs one workgroup per core). Otherwise its workgroups already
+ * keep every core busy on useful work, and splitting would only add the partial sums (and the linear layout
+ * reads more per multiply-add than a 64x64 block when C is wide).
  */
 const SPLIT_BELOW = 8;
 const SPLIT_MIN_K = 256;
 const SPLIT_MIN_SLICE = 64;
 const CPU_MIN_SLICE = 4096;
 const SPLIT_INVOCATIONS = 1024;
-const SPLIT_GROUPS = 32;
 const SPLIT_MAX = 256;
 /** Least share of the usual blocks' invocations inside C for `register` to keep them. At or below it the
  * linear layout was 1.3-1.7x faster on lavapipe in every shape measured (10 shapes from 1024 x 33 to
  * 4096 x 96 and 40 x 4096, K 16 to 2048; e.g. x_proj's 2048 x 33, K 32: 1.40 -> 0.98 ms); at full use it
  * was as fast or slower (1024 x 512, K 64, B not transposed: 4.7 -> 6.4 ms). */
 const PLAIN_MIN_USE = 0.75;
+
+/**
+ * GPUs: a problem with K of at least SPLIT_MIN_K whose layout runs fewer than GPU_INVOCATIONS invocations is
+ * split over K until about that many run, in slices of at least GPU_MIN_SLICE. Each invocation walks its K
+ * slice one step after another, each step waiting for its loads, and a GPU hides that wait only with many
+ * invocations per core: on the H200 (eae010e, timestamp queries) `register` with 1024 invocations took
+ * 0.055 ms for 1024 x 256 x 64 (K 256: 0.6 TFLOP/s, against 1.7 at 512^3) and 0.14 ms in a layer step for the
+ * in_proj weight gradient (K 1024 in 4 slices); a matrix-vector product of decoding walks all of K (768 to
+ * 2048 for the pretrained models) in 1024 invocations. 32768 invocations are about eight 32-lane subgroups
+ * per core of a large GPU; the partial sums then take at most 32768 blocks of C (8 MiB for 8x8 blocks).
+ */
+const GPU_INVOCATIONS = 32768;
+const GPU_MIN_SLICE = 32;
 
 /** How a problem is laid out: `slices` K slices of `kLen` per dispatch, in `groups` workgroups. */
 interface Plan {
@@ -102,18 +117,61 @@ interface Plan {
   groups: number;
 }
 
+/** A kernel's blocks of C before K is split: `blocks` per slice, each owned by a workgroup, or by one
+ * invocation when `linear`. */
+interface Layout {
+  kernel: Kernel;
+  tilesM: number;
+  tilesN: number;
+  blocks: number;
+  linear: boolean;
+  /** Share of the blocks' elements inside C. */
+  used: number;
+}
+
 /** CPU cores, which a software adapter runs one workgroup each on. */
 function cpuCores(): number {
   return globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW;
 }
 
+/** A variant's usual layout (`linear`: register's layout of one small block per invocation). */
+function layoutFor(
+  variant: MatmulVariant,
+  transA: boolean,
+  transB: boolean,
+  M: number,
+  N: number,
+  K: number,
+  nb: number,
+  linear = false,
+): Layout {
+  const { kernel, blockM, blockN } = kernelFor(variant, transA, transB, M, N, K, linear);
+  const tilesM = Math.ceil(M / blockM);
+  const tilesN = Math.ceil(N / blockN);
+  const blocks = nb * tilesM * tilesN;
+  return { kernel, tilesM, tilesN, blocks, linear, used: (nb * M * N) / (blocks * blockM * blockN) };
+}
+
+/** Invocations of one K slice of a layout. */
+function invocationsOf(l: Layout): number {
+  return l.linear ? l.blocks : l.blocks * l.kernel.spec.workgroupSize;
+}
+
+/** A layout's plan with K in about `want` slices of at least `minSlice` (want 1: not split). */
+function planOf(l: Layout, K: number, want = 1, minSlice = SPLIT_MIN_SLICE): Plan {
+  const { kLen, slices } = want > 1 ? splitK(K, want, minSlice) : { kLen: MAX_K, slices: 1 };
+  const groups = l.linear ? Math.ceil((slices * l.blocks) / l.kernel.spec.workgroupSize) : slices * l.blocks;
+  return { kernel: l.kernel, tilesM: l.tilesM, tilesN: l.tilesN, slices, kLen, groups };
+}
+
 /** Slice length and count for K split into about `want` slices of at least `minSlice`. */
-function splitK(K: number, want: number, minSlice = SPLIT_MIN_SLICE): { kLen: number; slices: number } {
-  const kLen = Math.min(MAX_K, Math.ceil(Math.max(minSlice, K / want) / 16) * 16);
+function splitK(K: number, want: number, minSlice: number): { kLen: number; slices: number } {
+  // no more than SPLIT_MAX slices: longer ones rather than more dispatches
+  const kLen = Math.min(MAX_K, Math.ceil(Math.max(minSlice, K / want, K / SPLIT_MAX) / 16) * 16);
   return { kLen, slices: Math.min(SPLIT_MAX, Math.ceil(K / kLen)) };
 }
 
-/** The kernel, layout and K slices of a problem (see SPLIT_BELOW). */
+/** The kernel, layout and K slices of a problem (see SPLIT_BELOW and GPU_INVOCATIONS). */
 function planFor(
   variant: MatmulVariant,
   transA: boolean,
@@ -123,42 +181,30 @@ function planFor(
   K: number,
   nb: number,
 ): Plan {
-  const { kernel, blockM, blockN } = kernelFor(variant, transA, transB, M, N, K);
-  const tilesM = Math.ceil(M / blockM);
-  const tilesN = Math.ceil(N / blockN);
-  const groups = nb * tilesM * tilesN;
-  const plain: Plan = { kernel, tilesM, tilesN, slices: 1, kLen: MAX_K, groups };
-  const used = (nb * M * N) / (groups * blockM * blockN); // share of the blocks' invocations inside C
-  const split = groups < SPLIT_BELOW && K >= SPLIT_MIN_K;
+  const usual = layoutFor(variant, transA, transB, M, N, K, nb);
+  const narrow = variant === "register" && usual.used <= PLAIN_MIN_USE;
+  if (!deviceInfo().isFallbackAdapter) {
+    const l = narrow ? layoutFor(variant, transA, transB, M, N, K, nb, true) : usual;
+    const n = invocationsOf(l);
+    return K < SPLIT_MIN_K || n >= GPU_INVOCATIONS
+      ? planOf(l, K)
+      : planOf(l, K, Math.ceil(GPU_INVOCATIONS / n), GPU_MIN_SLICE);
+  }
+  const split = usual.blocks < SPLIT_BELOW && K >= SPLIT_MIN_K;
   if (variant !== "register") {
-    // `tiled` (GPUs) takes slices until about SPLIT_GROUPS workgroups run, and so does `subgroup`, except on a
-    // CPU adapter: there only until every core has a workgroup, in slices of at least CPU_MIN_SLICE, as shorter
-    // slices' partial sums cost more to add up than they save (lavapipe, 2 cores, x^T g from K = 1024: 16 x 32
-    // in 0.17 ms unsplit against 0.29 ms in 16 slices; 64 x 16, one workgroup, 0.20 ms against 0.25 ms in two;
-    // from K = 16384: 1.8 ms against 1.0 ms in two).
-    const cpu = variant === "subgroup" && deviceInfo().isFallbackAdapter;
-    const target = cpu ? cpuCores() : SPLIT_GROUPS;
-    if (!split || groups >= target) return plain;
-    const { kLen, slices } = splitK(K, Math.ceil(target / groups), cpu ? CPU_MIN_SLICE : SPLIT_MIN_SLICE);
-    return slices === 1 ? plain : { ...plain, slices, kLen, groups: groups * slices };
+    // `tiled` and `subgroup` on a CPU adapter: slices only until every core has a workgroup, each at least
+    // CPU_MIN_SLICE long, as shorter slices' partial sums cost more to add up than they save (lavapipe, 2
+    // cores, x^T g from K = 1024: 16 x 32 in 0.17 ms unsplit against 0.29 ms in 16 slices; 64 x 16, one
+    // workgroup, 0.20 ms against 0.25 ms in two; from K = 16384: 1.8 ms against 1.0 ms in two).
+    return split && usual.blocks < cpuCores()
+      ? planOf(usual, K, Math.ceil(cpuCores() / usual.blocks), CPU_MIN_SLICE)
+      : planOf(usual, K);
   }
-
-  if (
-    used > PLAIN_MIN_USE && (!split || groups >= cpuCores())
-  ) {
-    return plain;
-  }
+  if (!narrow && (!split || usual.blocks >= cpuCores())) return planOf(usual, K);
   // A narrow C (N or M under the block: e.g. 1024 x 16, or 1024 x 1) or a small one: the linear layout, so
   // that no invocation computes a block outside C; split over K where C is small and K long.
-  const lin = kernelFor(variant, transA, transB, M, N, K, true);
-  const linM = Math.ceil(M / lin.blockM);
-  const linN = Math.ceil(N / lin.blockN);
-  const blocks = nb * linM * linN;
-  const { kLen, slices } = split
-    ? splitK(K, Math.ceil(SPLIT_INVOCATIONS / blocks))
-    : { kLen: MAX_K, slices: 1 };
-  const groups2 = Math.ceil((slices * blocks) / lin.kernel.spec.workgroupSize);
-  return { kernel: lin.kernel, tilesM: linM, tilesN: linN, slices, kLen, groups: groups2 };
+  const lin = layoutFor(variant, transA, transB, M, N, K, nb, true);
+  return split ? planOf(lin, K, Math.ceil(SPLIT_INVOCATIONS / lin.blocks)) : planOf(lin, K);
 }
 
 /** Plans by problem (see matmulRaw): on a GPU the host's time per op bounds small work, and planning (the
@@ -166,6 +212,64 @@ function planFor(
  * profiler, a fused layer step). */
 const plans = new Map<string, Plan>();
 const MAX_PLANS = 4096;
+
+/** The plan of a problem, made once (see `plans`). */
+function cachedPlan(
+  variant: MatmulVariant,
+  transA: boolean,
+  transB: boolean,
+  M: number,
+  N: number,
+  K: number,
+  nb: number,
+): Plan {
+  // the key holds everything a plan depends on, the subgroup size and adapter kind included
+  const cpu = deviceInfo().isFallbackAdapter ? 1 : 0;
+  const key = `${variant}|${+transA}${+transB}|${M}|${N}|${K}|${nb}|${fixedSubgroupSize()}|${cpu}`;
+  let plan = plans.get(key);
+  if (!plan) {
+    if (plans.size >= MAX_PLANS) plans.clear(); // a workload of ever new shapes: start over, do not grow
+    plans.set(key, plan = planFor(variant, transA, transB, M, N, K, nb));
+  }
+  return plan;
+}
+
+/** How {@linkcode matmulRaw} lays out one problem on this device (see {@linkcode matmulPlan}). */
+export interface MatmulPlan {
+  /** The kernel's name (its variant, operand layout and tile). */
+  kernel: string;
+  /** K slices computed in parallel into partial products that one more dispatch sums (1: not split). */
+  slices: number;
+  /** K values per slice. */
+  kLen: number;
+  /** Dispatches of the kernel (K longer than one dispatch's slices takes several), not counting the sum. */
+  dispatches: number;
+  /** Workgroups per dispatch. */
+  workgroups: number;
+  /** Invocations per dispatch. */
+  invocations: number;
+}
+
+/** How an (M x K) @ (K x N) product over `batch` matrices is laid out on this device: for tests and
+ * benchmarks (the layout follows the adapter kind, see GPU_INVOCATIONS). */
+export function matmulPlan(
+  M: number,
+  K: number,
+  N: number,
+  opts: MatmulOptions = {},
+  variant: MatmulVariant = matmulVariant(),
+  batch = 1,
+): MatmulPlan {
+  const p = cachedPlan(variant, opts.transA ?? false, opts.transB ?? false, M, N, K, batch);
+  return {
+    kernel: p.kernel.spec.name,
+    slices: p.slices,
+    kLen: p.kLen,
+    dispatches: Math.max(1, Math.ceil(K / (p.slices * p.kLen))),
+    workgroups: p.groups,
+    invocations: p.groups * p.kernel.spec.workgroupSize,
+  };
+}
 
 let chosen: MatmulVariant | null = null;
 
@@ -220,15 +324,7 @@ export function matmulRaw(
   }
   const nb = sizeOf(batch);
   if (nb * M * N === 0) return into ?? Tensor.empty(shape);
-  // the plan's key holds everything it depends on, the subgroup size and adapter kind included
-  const cpu = deviceInfo().isFallbackAdapter ? 1 : 0;
-  const planKey = `${variant}|${+transA}${+transB}|${M}|${N}|${K}|${nb}|${fixedSubgroupSize()}|${cpu}`;
-  let plan = plans.get(planKey);
-  if (!plan) {
-    if (plans.size >= MAX_PLANS) plans.clear(); // a workload of ever new shapes: start over, do not grow
-    plans.set(planKey, plan = planFor(variant, transA, transB, M, N, K, nb));
-  }
-  const { kernel, tilesM, tilesN, slices, kLen, groups } = plan;
+  const { kernel, tilesM, tilesN, slices, kLen, groups } = cachedPlan(variant, transA, transB, M, N, K, nb);
   const unbatched = nb === 1; // batch strides would multiply coordinate 0 only
   // Split K: slice s of each dispatch writes partial sums to c[s]; they are summed at the end.
   const direct = into !== undefined && slices === 1; // the kernel adds into `into` itself
