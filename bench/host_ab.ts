@@ -142,8 +142,8 @@ const what = values.case === "decode"
   ? `decode token (8 layers, d_model 768, N ${dState})`
   : `${values.case} layer step (d_model ${dModel}, N ${dState}, L 1024)`;
 console.log(`${what}, ${k} steps per batch, ${reps} reps${values["gpu-path"] ? ", GPU path" : ""}`);
-console.log(`A ${positionals[0]}: ${row(times[0])}`);
-console.log(`B ${positionals[1]}: ${row(times[1])}`);
+console.log(`A ${positionals[0]}: ${row(times[0])}, ${sides[0].perStep} dispatches per step`);
+console.log(`B ${positionals[1]}: ${row(times[1])}, ${sides[1].perStep} dispatches per step`);
 console.log(
   `B / A: median ${(median(times[1]) / median(times[0])).toFixed(3)}, p10 ${
     (q(times[1], 0.1) / q(times[0], 0.1)).toFixed(3)
