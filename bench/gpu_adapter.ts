@@ -65,6 +65,8 @@ t0 = performance.now();
 const mm = await tuneKernels({ force }); // the matmul, then every registered tuner (the fused scan at N 16)
 console.log(`tuning: ${(performance.now() - t0).toFixed(0)} ms${mm.fromCache ? " (cached)" : ""}`);
 console.log(`matmul: ${mm.variant}; GFLOP/s`, JSON.stringify(mm.gflops), "sizes", JSON.stringify(mm.sizes));
+// GPUs: the split over K timed both ways (ms of the tuner's probes) and the one kept
+console.log(`matmul split over K on GPUs: ${mm.gpuSplit ?? "not measured"}; ms`, JSON.stringify(mm.splitMs));
 
 const fused = await tuneFusedScan(16); // cached by now: the measurement tuneKernels just made
 console.log(`fused scan, d_state 16: ${JSON.stringify(fused.variant)}`);

@@ -10,10 +10,10 @@
  * median batch less one wait, per call. (Batches of 20 calls less a fixed 11 ms, as before, measured mostly
  * the wait on a GPU, where a wait costs 13-16 ms and 20 calls well under 1 ms.)
  *
- * Each variant runs twice: with this adapter's plans, and with the other adapter kind's (`isFallbackAdapter`
- * turned over for the call). On a GPU the other plans are a CPU adapter's, which GPUs used too until
- * 2026-11-30 for `register` (K split only for a C of fewer than 8 workgroups, until 1024 invocations run); so
- * the two columns are that change's A/B, in one run. Decoding's rows (M = 1) are matrix-vector products.
+ * Each variant runs twice: with a GPU's split over K (`matmulGpuSplit` on; on a CPU adapter, the adapter taken
+ * for a GPU for the call) and without it (as a CPU adapter plans; until 2026-11-30 GPUs planned so too, for
+ * `register` exactly). The two columns are that change's A/B, in one run; the tuner makes the same choice on
+ * a GPU from three probes. Decoding's rows (M = 1) are matrix-vector products.
  *
  * Run: deno run -A bench/matmul_shapes.ts [--d-model N] [--tokens L]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
@@ -24,7 +24,13 @@ import { parseArgs } from "node:util";
 import { deviceInfo, init } from "../core/device.ts";
 import { profile, sync } from "../core/executor.ts";
 import { randn } from "../core/creation.ts";
-import { availableMatmulVariants, matmulRaw, type MatmulVariant } from "../core/ops/matmul.ts";
+import {
+  availableMatmulVariants,
+  matmulGpuSplit,
+  matmulRaw,
+  type MatmulVariant,
+  setMatmulGpuSplit,
+} from "../core/ops/matmul.ts";
 import { intFlag, parseCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 import { stepMsWithoutWait, stepsPerWait } from "./scan_report.ts";
@@ -63,15 +69,17 @@ function layerShapes(d: number, L: number): Shape[] {
   ];
 }
 
-/** `fn` with matmuls planned as on the other adapter kind (see the module's doc). */
-async function otherPlans<T>(fn: () => Promise<T>): Promise<T> {
+/** `fn` with or without a GPU's split over K (see the module's doc); the settings are restored after. */
+async function withSplit<T>(split: boolean, fn: () => Promise<T>): Promise<T> {
   const info = deviceInfo() as { isFallbackAdapter: boolean };
-  const own = info.isFallbackAdapter;
-  info.isFallbackAdapter = !own;
+  const [fallback, was] = [info.isFallbackAdapter, matmulGpuSplit()];
+  if (split) info.isFallbackAdapter = false;
+  setMatmulGpuSplit(split);
   try {
     return await fn();
   } finally {
-    info.isFallbackAdapter = own;
+    info.isFallbackAdapter = fallback;
+    setMatmulGpuSplit(was);
   }
 }
 
@@ -128,26 +136,25 @@ if (import.meta.main) {
   await init();
   const variants = availableMatmulVariants();
   type Times = Partial<Record<MatmulVariant, number>>;
-  const rows: { shape: Shape; ms: Times; msOtherPlans: Times }[] = [];
+  const rows: { shape: Shape; msSplit: Times; msNoSplit: Times }[] = [];
   for (const shape of layerShapes(d, L)) {
-    const ms: Times = {}, msOtherPlans: Times = {};
+    const msSplit: Times = {}, msNoSplit: Times = {};
     for (const v of variants) {
-      ms[v] = await msPerCall(shape, v);
-      msOtherPlans[v] = await otherPlans(() => msPerCall(shape, v));
+      msSplit[v] = await withSplit(true, () => msPerCall(shape, v));
+      msNoSplit[v] = await withSplit(false, () => msPerCall(shape, v));
     }
-    rows.push({ shape, ms, msOtherPlans });
+    rows.push({ shape, msSplit, msNoSplit });
   }
-  const other = deviceInfo().isFallbackAdapter ? "GPU plans" : "CPU plans";
   console.log(
     `\nmatmul ms per call at d_model ${d}, ${L} rows, ${
       deviceInfo().timestampQuery ? "kernel time by timestamp queries" : "wall time less a wait"
-    } (${deviceInfo().description})\n`,
+    } (${deviceInfo().description}); split: a GPU's split over K, no split: as a CPU adapter plans\n`,
   );
-  const heads = variants.flatMap((v) => [v, `${v}, ${other}`]);
+  const heads = variants.flatMap((v) => [`${v}, split`, `${v}, no split`]);
   console.log(`| shape (M x K x N) | ${heads.join(" | ")} |`);
   console.log(`| --- | ${heads.map(() => "---:").join(" | ")} |`);
-  for (const { shape: s, ms, msOtherPlans } of rows) {
-    const cells = variants.flatMap((v) => [ms[v]!.toFixed(3), msOtherPlans[v]!.toFixed(3)]);
+  for (const { shape: s, msSplit, msNoSplit } of rows) {
+    const cells = variants.flatMap((v) => [msSplit[v]!.toFixed(3), msNoSplit[v]!.toFixed(3)]);
     console.log(`| ${s.label} (${s.M} x ${s.K} x ${s.N}) | ${cells.join(" | ")} |`);
   }
   // other sizes than the default's go to their own file, not over the committed one
@@ -158,7 +165,6 @@ if (import.meta.main) {
     timing: deviceInfo().timestampQuery ? "kernel (timestamp queries)" : "wall less a wait",
     dModel: d,
     tokens: L,
-    otherPlans: other,
     rows,
   });
 }

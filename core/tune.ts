@@ -26,6 +26,7 @@ import {
   MATMUL_KERNEL_VERSION,
   matmulRaw,
   type MatmulVariant,
+  setMatmulGpuSplit,
   setMatmulVariant,
 } from "./ops/matmul.ts";
 
@@ -51,7 +52,35 @@ export interface TuneResult {
   sizes: number[];
   /** When the measurement was made (ISO 8601). */
   measuredAt: string;
+  /**
+   * GPUs: whether matmuls split K until enough invocations run (`matmulGpuSplit`), as measured: the
+   * {@linkcode SPLIT_PROBES} timed both ways with the chosen variant, back to back between waits, so that
+   * the split's extra dispatches count as much as the time they save; null where not measured (CPU
+   * adapters, which never split so).
+   */
+  gpuSplit: boolean | null;
+  /** The probes' ms with the split on and off (null where not measured). */
+  splitMs: { on: number; off: number } | null;
 }
+
+/** A product the tuner times: op(A) (M x K) @ op(B) (K x N). */
+export interface TuneProduct {
+  M: number;
+  K: number;
+  N: number;
+  transA?: boolean;
+  transB?: boolean;
+}
+
+/**
+ * Products a GPU's split over K changes (few invocations, K >= 256): a layer's input and weight gradients at
+ * d_model 64, L 1024, and decoding's out_proj at mamba-130m's width (a matrix-vector product).
+ */
+export const SPLIT_PROBES: readonly TuneProduct[] = [
+  { M: 1024, K: 256, N: 64 },
+  { M: 256, K: 1024, N: 64, transA: true },
+  { M: 1, K: 1536, N: 768, transB: true },
+];
 
 /** Square sizes the tuner measures: small, so a first run costs about a second on a CPU adapter. */
 const TUNE_SIZES = [256, 512];
@@ -75,7 +104,9 @@ export function tuneResult(): TuneResult | null {
  * Acquires the device if needed (`init()`). Each variant multiplies square matrices of 256 and 512: one
  * untimed dispatch first (pipeline compilation), then batches of dispatches between two waits, growing
  * until a batch lasts at least 40 ms (at most 256 dispatches); the cost of an empty wait, measured first,
- * is subtracted. The variant with the highest GFLOP/s over both sizes wins. On a CPU adapter the first
+ * is subtracted. The variant with the highest GFLOP/s over both sizes wins. On a GPU it then times the
+ * {@linkcode SPLIT_PROBES} (a layer's gradients, a decoding step's product) with that variant, with
+ * `matmulGpuSplit` on and off, and keeps the faster (`TuneResult.gpuSplit`). On a CPU adapter the first
  * measurement takes about 1-2 s.
  *
  * The choice is cached in `localStorage` under `mamba.ts/tune/<kernel version>/<adapter>`; a later call
@@ -119,6 +150,7 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
     const cached = readCache(key);
     if (cached) {
       setMatmulVariant(cached.variant);
+      setMatmulGpuSplit(cached.gpuSplit ?? true);
       current = { ...cached, fromCache: true, adapter, key };
       return current;
     }
@@ -127,11 +159,12 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
   const flops: Record<string, number> = {};
   const ms: Record<string, number> = {};
   const variants = availableMatmulVariants();
+  setMatmulGpuSplit(true); // the variants are compared as they will run by default
   for (const v of variants) {
     flops[v] = 0;
     ms[v] = 0;
     for (const n of TUNE_SIZES) {
-      ms[v] += await timeMatmul(v, n, overhead);
+      ms[v] += await timeProduct(v, { M: n, K: n, N: n }, overhead);
       flops[v] += 2 * n ** 3;
     }
   }
@@ -139,6 +172,7 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
   for (const v of variants) gflops[v] = flops[v] / ms[v] / 1e6;
   const variant = variants.reduce((best, v) => ((gflops[v] ?? 0) > (gflops[best] ?? 0) ? v : best));
   setMatmulVariant(variant);
+  const split = deviceInfo().isFallbackAdapter ? null : await tuneGpuSplit(variant, overhead);
   current = {
     variant,
     fromCache: false,
@@ -147,6 +181,8 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
     gflops,
     sizes: [...TUNE_SIZES],
     measuredAt: new Date().toISOString(),
+    gpuSplit: split?.gpuSplit ?? null,
+    splitMs: split?.splitMs ?? null,
   };
   writeCache(key, current);
   return current;
@@ -163,14 +199,38 @@ export async function waitCost(): Promise<number> {
   return best;
 }
 
-/** Milliseconds per n x n x n matmul of a variant (batches of dispatches between waits). */
-async function timeMatmul(variant: MatmulVariant, n: number, overhead: number): Promise<number> {
-  const a = rand([n, n], { seed: 1 });
-  const b = rand([n, n], { seed: 2 });
+/**
+ * Times the {@linkcode SPLIT_PROBES} with a variant, with the GPU split on and off, and keeps the faster
+ * (`setMatmulGpuSplit`). Runs on any adapter (the split applies on GPUs only: on a CPU adapter both ways
+ * plan alike unless the adapter is taken for a GPU).
+ */
+export async function tuneGpuSplit(
+  variant: MatmulVariant,
+  overhead: number,
+): Promise<{ gpuSplit: boolean; splitMs: { on: number; off: number } }> {
+  const splitMs = { on: 0, off: 0 };
+  try {
+    for (const on of [true, false]) {
+      setMatmulGpuSplit(on);
+      for (const p of SPLIT_PROBES) splitMs[on ? "on" : "off"] += await timeProduct(variant, p, overhead);
+    }
+  } finally {
+    setMatmulGpuSplit(true);
+  }
+  const gpuSplit = splitMs.on <= splitMs.off;
+  setMatmulGpuSplit(gpuSplit);
+  return { gpuSplit, splitMs };
+}
+
+/** Milliseconds per product of a variant (batches of calls between waits, the wait's cost subtracted). */
+async function timeProduct(variant: MatmulVariant, p: TuneProduct, overhead: number): Promise<number> {
+  const a = rand(p.transA ? [p.K, p.M] : [p.M, p.K], { seed: 1 });
+  const b = rand(p.transB ? [p.N, p.K] : [p.K, p.N], { seed: 2 });
+  const opts = { transA: p.transA ?? false, transB: p.transB ?? false };
   try {
     const run = async (reps: number) => {
       const t0 = performance.now();
-      for (let i = 0; i < reps; i++) matmulRaw(a, b, {}, variant).dispose();
+      for (let i = 0; i < reps; i++) matmulRaw(a, b, opts, variant).dispose();
       await sync();
       return performance.now() - t0;
     };
@@ -229,6 +289,10 @@ function readCache(key: string): Omit<TuneResult, "fromCache" | "adapter" | "key
       gflops: typeof v.gflops === "object" && v.gflops ? v.gflops : {},
       sizes: Array.isArray(v.sizes) ? v.sizes : [],
       measuredAt: typeof v.measuredAt === "string" ? v.measuredAt : "",
+      gpuSplit: typeof v.gpuSplit === "boolean" ? v.gpuSplit : null,
+      splitMs: typeof v.splitMs?.on === "number" && typeof v.splitMs?.off === "number"
+        ? { on: v.splitMs.on, off: v.splitMs.off }
+        : null,
     };
   } catch {
     return null;
@@ -237,8 +301,8 @@ function readCache(key: string): Omit<TuneResult, "fromCache" | "adapter" | "key
 
 function writeCache(key: string, r: TuneResult): void {
   try {
-    const { variant, gflops, sizes, measuredAt } = r;
-    storage()?.setItem(key, JSON.stringify({ variant, gflops, sizes, measuredAt }));
+    const { variant, gflops, sizes, measuredAt, gpuSplit, splitMs } = r;
+    storage()?.setItem(key, JSON.stringify({ variant, gflops, sizes, measuredAt, gpuSplit, splitMs }));
     dropStaleTuneKeys(KEY_PREFIX, `${KEY_PREFIX}${MATMUL_KERNEL_VERSION}/`);
   } catch {
     // No storage, quota or permission: the choice holds for this process only.

@@ -16,8 +16,8 @@ import {
   tensor,
   tidy,
 } from "../mod.ts";
-import { tuneCacheKey, tuneKernels, tuneResult } from "../core/tune.ts";
-import { matmulPlan } from "../core/ops/matmul.ts";
+import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneResult } from "../core/tune.ts";
+import { matmulGpuSplit, matmulPlan, setMatmulGpuSplit } from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
 
 await init();
@@ -401,8 +401,13 @@ Deno.test("tuneKernels measures once, selects a variant and caches the choice", 
   assert.equal(matmulVariant(), measured.variant);
   for (const v of VARIANTS) assert.ok((measured.gflops[v] ?? 0) > 0, `${v} measured`);
   assert.equal(tuneResult(), measured);
+  // the GPU split over K is timed on GPUs only
+  const gpu = !(await init()).isFallbackAdapter;
+  assert.equal(measured.gpuSplit === null, !gpu, `gpuSplit ${measured.gpuSplit}`);
+  assert.equal(measured.splitMs === null, !gpu);
   const again = await tuneKernels();
   assert.equal(again.variant, measured.variant);
+  assert.equal(again.gpuSplit, measured.gpuSplit);
   let hasStorage = false;
   try {
     hasStorage = typeof localStorage !== "undefined" && localStorage.getItem(measured.key) !== null;
@@ -436,3 +441,74 @@ Deno.test("a new tuning drops the cached choices of older kernel versions, keeps
   );
   storage.removeItem(other);
 });
+
+Deno.test("on a GPU the tuner times the split over K both ways and keeps the faster; off, a GPU plans as a CPU adapter", async () => {
+  const variant = matmulVariant();
+  const r = await asGpuKind(() => tuneGpuSplit(variant, 0));
+  try {
+    assert.ok(r.splitMs.on > 0 && r.splitMs.off > 0, JSON.stringify(r));
+    assert.equal(r.gpuSplit, r.splitMs.on <= r.splitMs.off);
+    assert.equal(matmulGpuSplit(), r.gpuSplit, "the faster way is in use");
+    // off: the GPU's plans are the CPU adapter's (the in_proj input gradient of d_model 64 is not split)
+    setMatmulGpuSplit(false);
+    const shapes: [number, number, number, boolean, boolean][] = [
+      [1024, 256, 64, false, false],
+      [256, 1024, 64, true, false],
+      [1, 1536, 768, false, true],
+      [64, 16384, 16, true, false],
+    ];
+    for (const [M, K, N, transA, transB] of shapes) {
+      for (const v of VARIANTS) {
+        const cpu = matmulPlan(M, K, N, { transA, transB }, v);
+        const gpu = await asGpuKind(() => Promise.resolve(matmulPlan(M, K, N, { transA, transB }, v)));
+        assert.deepEqual(gpu, cpu, `${v} ${M} x ${K} x ${N}`);
+      }
+    }
+    setMatmulGpuSplit(true);
+    const on = await asGpuKind(() => Promise.resolve(matmulPlan(1024, 256, 64, {}, "register")));
+    assert.equal(on.slices, 8, "on: split");
+  } finally {
+    setMatmulGpuSplit(true);
+  }
+});
+
+Deno.test("the tuner's cached choice carries the GPU split", async () => {
+  let storage: Storage | null = null;
+  try {
+    storage = typeof localStorage === "undefined" ? null : localStorage;
+  } catch {
+    // no localStorage here: nothing is cached
+  }
+  if (!storage) return;
+  await tuneKernels(); // a choice for this adapter exists
+  const key = tuneCacheKey();
+  const before = storage.getItem(key)!;
+  try {
+    const entry = { ...JSON.parse(before), gpuSplit: false, splitMs: { on: 2, off: 1 } };
+    storage.setItem(key, JSON.stringify(entry));
+    const r = await tuneKernels();
+    assert.equal(r.fromCache, true);
+    assert.equal(r.gpuSplit, false);
+    assert.deepEqual(r.splitMs, { on: 2, off: 1 });
+    assert.equal(matmulGpuSplit(), false, "the cached choice is in use");
+    storage.setItem(key, JSON.stringify({ ...entry, gpuSplit: "yes", splitMs: { on: "1" } }));
+    const odd = await tuneKernels();
+    assert.deepEqual([odd.gpuSplit, odd.splitMs], [null, null], "malformed fields read as not measured");
+    assert.equal(matmulGpuSplit(), true, "not measured: the default");
+  } finally {
+    storage.setItem(key, before);
+    setMatmulGpuSplit(true);
+  }
+});
+
+/** `fn`'s result with the adapter taken for a GPU (plans as on a GPU; `isFallbackAdapter` restored after). */
+async function asGpuKind<T>(fn: () => Promise<T>): Promise<T> {
+  const info = await init();
+  const cpu = info.isFallbackAdapter;
+  info.isFallbackAdapter = false;
+  try {
+    return await fn();
+  } finally {
+    info.isFallbackAdapter = cpu;
+  }
+}

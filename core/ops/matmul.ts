@@ -105,6 +105,20 @@ const PLAIN_MIN_USE = 0.75;
 const GPU_INVOCATIONS = 32768;
 const GPU_MIN_SLICE = 32;
 
+/** See {@linkcode matmulGpuSplit}; off, a GPU plans as a CPU adapter does. */
+let gpuSplit = true;
+
+/** Whether a GPU splits a product of few invocations over K until about 32768 run (default on; the tuner
+ * times both ways on a GPU and keeps the faster). CPU adapters never do. */
+export function matmulGpuSplit(): boolean {
+  return gpuSplit;
+}
+
+/** Turns the GPU split of {@linkcode matmulGpuSplit} on or off (the tuner calls this with its measured choice). */
+export function setMatmulGpuSplit(on: boolean): void {
+  gpuSplit = on;
+}
+
 /** How a problem is laid out: `slices` K slices of `kLen` per dispatch, in `groups` workgroups. */
 interface Plan {
   kernel: Kernel;
@@ -183,7 +197,7 @@ function planFor(
 ): Plan {
   const usual = layoutFor(variant, transA, transB, M, N, K, nb);
   const narrow = variant === "register" && usual.used <= PLAIN_MIN_USE;
-  if (!deviceInfo().isFallbackAdapter) {
+  if (!deviceInfo().isFallbackAdapter && gpuSplit) {
     const l = narrow ? layoutFor(variant, transA, transB, M, N, K, nb, true) : usual;
     const n = invocationsOf(l);
     return K < SPLIT_MIN_K || n >= GPU_INVOCATIONS
@@ -223,9 +237,10 @@ function cachedPlan(
   K: number,
   nb: number,
 ): Plan {
-  // the key holds everything a plan depends on, the subgroup size and adapter kind included
+  // the key holds everything a plan depends on, the subgroup size, adapter kind and GPU split included
   const cpu = deviceInfo().isFallbackAdapter ? 1 : 0;
-  const key = `${variant}|${+transA}${+transB}|${M}|${N}|${K}|${nb}|${fixedSubgroupSize()}|${cpu}`;
+  const key =
+    `${variant}|${+transA}${+transB}|${M}|${N}|${K}|${nb}|${fixedSubgroupSize()}|${cpu}${+gpuSplit}`;
   let plan = plans.get(key);
   if (!plan) {
     if (plans.size >= MAX_PLANS) plans.clear(); // a workload of ever new shapes: start over, do not grow
