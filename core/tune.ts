@@ -59,7 +59,8 @@ export interface TuneResult {
    * adapters, which never split so).
    */
   gpuSplit: boolean | null;
-  /** The probes' ms with the split on and off (null where not measured). */
+  /** The probes' total ms with the split on and off, each the mean of two passes (measured on, off, off, on;
+   * null where not measured). */
   splitMs: { on: number; off: number } | null;
 }
 
@@ -210,9 +211,10 @@ export async function tuneGpuSplit(
 ): Promise<{ gpuSplit: boolean; splitMs: { on: number; off: number } }> {
   const splitMs = { on: 0, off: 0 };
   try {
-    for (const on of [true, false]) {
+    // on, off, off, on: a drift of the clocks over the measurement (a GPU leaving its idle clock) hits both
+    for (const on of [true, false, false, true]) {
       setMatmulGpuSplit(on);
-      for (const p of SPLIT_PROBES) splitMs[on ? "on" : "off"] += await timeProduct(variant, p, overhead);
+      for (const p of SPLIT_PROBES) splitMs[on ? "on" : "off"] += await timeProduct(variant, p, overhead) / 2;
     }
   } finally {
     setMatmulGpuSplit(true);
