@@ -11,9 +11,9 @@
  * the wait on a GPU, where a wait costs 13-16 ms and 20 calls well under 1 ms.)
  *
  * Each variant runs twice: with a GPU's split over K (`matmulGpuSplit` on; on a CPU adapter, the adapter taken
- * for a GPU for the call) and without it (as a CPU adapter plans; until 2026-11-30 GPUs planned so too, for
- * `register` exactly). The two columns are that change's A/B, in one run; the tuner makes the same choice on
- * a GPU from three probes. Decoding's rows (M = 1) are matrix-vector products.
+ * for a GPU for the call) and without it (as GPUs planned until 2026-11-30; on a CPU adapter, its own plans).
+ * On a GPU the two columns are that change's A/B, in one run; the tuner makes the same choice there from
+ * three probes. Decoding's rows (M = 1) are matrix-vector products.
  *
  * Run: deno run -A bench/matmul_shapes.ts [--d-model N] [--tokens L]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
@@ -148,7 +148,7 @@ if (import.meta.main) {
   console.log(
     `\nmatmul ms per call at d_model ${d}, ${L} rows, ${
       deviceInfo().timestampQuery ? "kernel time by timestamp queries" : "wall time less a wait"
-    } (${deviceInfo().description}); split: a GPU's split over K, no split: as a CPU adapter plans\n`,
+    } (${deviceInfo().description}); split: a GPU's split over K; no split: as before it\n`,
   );
   const heads = variants.flatMap((v) => [`${v}, split`, `${v}, no split`]);
   console.log(`| shape (M x K x N) | ${heads.join(" | ")} |`);

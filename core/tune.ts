@@ -24,6 +24,7 @@ import { rand } from "./creation.ts";
 import {
   availableMatmulVariants,
   MATMUL_KERNEL_VERSION,
+  matmulGpuSplit,
   matmulRaw,
   type MatmulVariant,
   setMatmulGpuSplit,
@@ -160,20 +161,26 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
   const flops: Record<string, number> = {};
   const ms: Record<string, number> = {};
   const variants = availableMatmulVariants();
+  const splitBefore = matmulGpuSplit();
   setMatmulGpuSplit(true); // the variants are compared as they will run by default
-  for (const v of variants) {
-    flops[v] = 0;
-    ms[v] = 0;
-    for (const n of TUNE_SIZES) {
-      ms[v] += await timeProduct(v, { M: n, K: n, N: n }, overhead);
-      flops[v] += 2 * n ** 3;
+  try {
+    for (const v of variants) {
+      flops[v] = 0;
+      ms[v] = 0;
+      for (const n of TUNE_SIZES) {
+        ms[v] += await timeProduct(v, { M: n, K: n, N: n }, overhead);
+        flops[v] += 2 * n ** 3;
+      }
     }
+  } finally {
+    setMatmulGpuSplit(splitBefore); // a failed measurement leaves the settings as they were
   }
   const gflops: Partial<Record<MatmulVariant, number>> = {};
   for (const v of variants) gflops[v] = flops[v] / ms[v] / 1e6;
   const variant = variants.reduce((best, v) => ((gflops[v] ?? 0) > (gflops[best] ?? 0) ? v : best));
-  setMatmulVariant(variant);
+  // the split first: if it fails, neither choice changes
   const split = deviceInfo().isFallbackAdapter ? null : await tuneGpuSplit(variant, overhead);
+  setMatmulVariant(variant);
   current = {
     variant,
     fromCache: false,
@@ -210,6 +217,7 @@ export async function tuneGpuSplit(
   overhead: number,
 ): Promise<{ gpuSplit: boolean; splitMs: { on: number; off: number } }> {
   const splitMs = { on: 0, off: 0 };
+  const before = matmulGpuSplit();
   try {
     // on, off, off, on: a drift of the clocks over the measurement (a GPU leaving its idle clock) hits both
     for (const on of [true, false, false, true]) {
@@ -217,7 +225,7 @@ export async function tuneGpuSplit(
       for (const p of SPLIT_PROBES) splitMs[on ? "on" : "off"] += await timeProduct(variant, p, overhead) / 2;
     }
   } finally {
-    setMatmulGpuSplit(true);
+    setMatmulGpuSplit(before); // as it was, should a measurement throw
   }
   const gpuSplit = splitMs.on <= splitMs.off;
   setMatmulGpuSplit(gpuSplit);

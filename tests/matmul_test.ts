@@ -13,6 +13,7 @@ import {
   type MatmulVariant,
   matmulVariant,
   memory,
+  setMemoryLimit,
   tensor,
   tidy,
 } from "../mod.ts";
@@ -138,16 +139,12 @@ function mats(M: number, K: number, N: number, transA: boolean, transB: boolean,
 
 const TRANS: [boolean, boolean][] = [[false, false], [true, false], [false, true], [true, true]];
 
-/** Runs `fn` with matmuls planned as on the other adapter kind (a GPU's plans on a CPU adapter, and the other
- * way round): plans follow `isFallbackAdapter`, and every plan runs on every device. */
-async function asOtherAdapterKind(fn: () => Promise<void>): Promise<void> {
-  const info = await init();
-  const cpu = info.isFallbackAdapter;
-  info.isFallbackAdapter = !cpu;
-  try {
-    await fn();
-  } finally {
-    info.isFallbackAdapter = cpu;
+/** Runs `fn` with matmuls planned as on each kind of adapter: a GPU with its split over K on, and off (the
+ * plans before it), and a CPU adapter. Plans follow `isFallbackAdapter` and `matmulGpuSplit`, and every plan
+ * runs on every device. */
+async function inEveryPlanKind(fn: () => Promise<void>): Promise<void> {
+  for (const [fallback, split] of [[false, true], [false, false], [true, true]]) {
+    await withSplit(split, () => asKind(fallback, fn));
   }
 }
 
@@ -233,9 +230,8 @@ Deno.test("matmul: small C with long K is split over K (weight-gradient shapes);
     problems.push(mats(9, 700, 4, tA, tB, [2], [2]));
   }
   const before = memory();
-  await check(problems);
-  // and as the other adapter kind plans them (a GPU splits into slices of 32 until 32768 invocations run)
-  await asOtherAdapterKind(() => check(problems));
+  // as each kind of adapter plans them (a GPU splits into slices of 32 until 32768 invocations run)
+  await inEveryPlanKind(() => check(problems));
   const after = memory();
   assert.equal(after.liveBytes, before.liveBytes, "live bytes");
   assert.equal(after.liveTensors, before.liveTensors, "live tensors");
@@ -254,8 +250,7 @@ Deno.test("matmul: narrow C (few columns or rows, short K) takes the linear layo
     problems.push(mats(3, 600, 777, tA, tB)); // matrix-vector-like: few rows, K long enough to split on a GPU
   }
   const before = memory();
-  await check(problems);
-  await asOtherAdapterKind(() => check(problems));
+  await inEveryPlanKind(() => check(problems));
   const after = memory();
   assert.equal(after.liveBytes, before.liveBytes, "live bytes");
 });
@@ -271,10 +266,27 @@ Deno.test("matmul: split K with K longer than one dispatch's slice; a batch of s
     problems.push(mats(5, 16384 * 2 + 36, 7, tA, tB, [2]));
     problems.push(mats(5, 16384 * 2 + 37, 7, tA, tB, [8]));
   }
-  const huge = [mats(1, 256 * 16384 + 52, 2, false, false), mats(2, 256 * 16384 + 33, 1, true, true)];
-  await check(problems, VARIANTS, 2);
-  await asOtherAdapterKind(() => check(problems, VARIANTS, 2));
-  await check(huge, ["register"], 2); // the split path is the same for every variant
+  await inEveryPlanKind(() => check(problems, VARIANTS, 2));
+  // the split path is the same for every variant; every partial sum is an integer below 2^24, so the result
+  // must be exact, and the second dispatch's 100000 values of K show if lost or doubled
+  for (
+    const [pi, p] of [
+      mats(1, 256 * 16384 + 100_000, 2, false, false),
+      mats(2, 256 * 16384 + 99_999, 1, true, true),
+    ].entries()
+  ) {
+    const size = (s: number[]) => s.reduce((x, y) => x * y, 1);
+    const a = data(size(p.aShape), 90 + pi, 2), b = data(size(p.bShape), 92 + pi, 2);
+    const c = tidy(() => matmulRaw(tensor(a, p.aShape), tensor(b, p.bShape), p, "register"));
+    const got = [...await c.toArray()];
+    c.dispose();
+    assert.equal(
+      matmulPlan(p.transA ? 2 : 1, size(p.aShape) / (p.transA ? 2 : 1), p.transA ? 1 : 2, p, "register")
+        .dispatches,
+      2,
+    );
+    assert.deepEqual(got, [...reference(p, a, b).out], `K ${size(p.aShape)}: exact`);
+  }
 });
 
 Deno.test("matmul plans: a GPU splits K until enough invocations run; a CPU adapter keeps one workgroup per core", async () => {
@@ -293,8 +305,8 @@ Deno.test("matmul plans: a GPU splits K until enough invocations run; a CPU adap
     shapes.flatMap(([what, M, K, N, transA, transB]) =>
       VARIANTS.map((v) => ({ what: `${v} ${what}`, K, plan: matmulPlan(M, K, N, { transA, transB }, v) }))
     );
-  const info = await init();
-  const gpuPlans = info.isFallbackAdapter ? await otherKind(plans) : plans();
+  // the split on, whatever this adapter's tuner chose
+  const gpuPlans = await withSplit(true, () => asKind(false, plans));
   for (const { what, K, plan } of gpuPlans) {
     const split = plan.slices > 1;
     if (K < 256) assert.ok(!split, `${what}: K ${K} is not split (${JSON.stringify(plan)})`);
@@ -309,7 +321,7 @@ Deno.test("matmul plans: a GPU splits K until enough invocations run; a CPU adap
   const inProjGrad = gpuPlans.find((p) => p.what === "register in_proj input gradient")!.plan;
   assert.deepEqual([inProjGrad.slices, inProjGrad.kLen], [8, 32], "K 256 in eight slices of 32");
   // A CPU adapter's plans are as before: the usual blocks where each core has a workgroup of them.
-  const cpuPlans = info.isFallbackAdapter ? plans() : await otherKind(plans);
+  const cpuPlans = await asKind(true, plans);
   const cpu = (what: string) => cpuPlans.find((p) => p.what === `register ${what}`)!.plan;
   assert.equal(cpu("in_proj input gradient").slices, 1);
   assert.equal(cpu("decoding's in_proj").slices, 1);
@@ -322,14 +334,27 @@ Deno.test("matmul plans: a GPU splits K until enough invocations run; a CPU adap
   ]);
 });
 
-/** `fn`'s result with plans made as on the other adapter kind. */
-async function otherKind<T>(fn: () => T): Promise<T> {
-  let out: T | undefined;
-  await asOtherAdapterKind(() => {
-    out = fn();
-    return Promise.resolve();
-  });
-  return out!;
+/** `fn`'s result with the adapter taken for a CPU adapter (`fallback`) or a GPU; restored after. */
+async function asKind<T>(fallback: boolean, fn: () => T | Promise<T>): Promise<T> {
+  const info = await init();
+  const own = info.isFallbackAdapter;
+  info.isFallbackAdapter = fallback;
+  try {
+    return await fn();
+  } finally {
+    info.isFallbackAdapter = own;
+  }
+}
+
+/** `fn`'s result with the GPU split on or off; restored after. */
+async function withSplit<T>(on: boolean, fn: () => T | Promise<T>): Promise<T> {
+  const was = matmulGpuSplit();
+  setMatmulGpuSplit(on);
+  try {
+    return await fn();
+  } finally {
+    setMatmulGpuSplit(was);
+  }
 }
 
 Deno.test("matmul: operands larger than one 128 MiB storage binding", async () => {
@@ -442,33 +467,54 @@ Deno.test("a new tuning drops the cached choices of older kernel versions, keeps
   storage.removeItem(other);
 });
 
-Deno.test("on a GPU the tuner times the split over K both ways and keeps the faster; off, a GPU plans as a CPU adapter", async () => {
-  const variant = matmulVariant();
-  const r = await asGpuKind(() => tuneGpuSplit(variant, 0));
+Deno.test("on a GPU the tuner times the split over K both ways and keeps the faster; off, a GPU plans as before it", async () => {
+  const was = matmulGpuSplit();
   try {
+    const r = await asKind(false, () => tuneGpuSplit(matmulVariant(), 0));
     assert.ok(r.splitMs.on > 0 && r.splitMs.off > 0, JSON.stringify(r));
     assert.equal(r.gpuSplit, r.splitMs.on <= r.splitMs.off);
     assert.equal(matmulGpuSplit(), r.gpuSplit, "the faster way is in use");
-    // off: the GPU's plans are the CPU adapter's (the in_proj input gradient of d_model 64 is not split)
-    setMatmulGpuSplit(false);
-    const shapes: [number, number, number, boolean, boolean][] = [
-      [1024, 256, 64, false, false],
-      [256, 1024, 64, true, false],
-      [1, 1536, 768, false, true],
-      [64, 16384, 16, true, false],
-    ];
-    for (const [M, K, N, transA, transB] of shapes) {
-      for (const v of VARIANTS) {
-        const cpu = matmulPlan(M, K, N, { transA, transB }, v);
-        const gpu = await asGpuKind(() => Promise.resolve(matmulPlan(M, K, N, { transA, transB }, v)));
-        assert.deepEqual(gpu, cpu, `${v} ${M} x ${K} x ${N}`);
-      }
-    }
-    setMatmulGpuSplit(true);
-    const on = await asGpuKind(() => Promise.resolve(matmulPlan(1024, 256, 64, {}, "register")));
-    assert.equal(on.slices, 8, "on: split");
   } finally {
-    setMatmulGpuSplit(true);
+    setMatmulGpuSplit(was);
+  }
+  // off: a GPU's plans are those before the split (SPLIT_BELOW): the input gradient of d_model 64 is not split,
+  // the weight gradient over 16384 tokens is, as it was (register's linear layout until about 1024
+  // invocations run, tiled and subgroup until about 32 workgroups do)
+  const plan = (
+    v: MatmulVariant,
+    gpu: boolean,
+    split: boolean,
+    M: number,
+    K: number,
+    N: number,
+    transA = false,
+  ) => withSplit(split, () => asKind(!gpu, () => matmulPlan(M, K, N, { transA }, v)));
+  const expected: Record<MatmulVariant, [number, number]> = {
+    register: [64, 256],
+    tiled: [32, 512],
+    subgroup: [32, 512],
+  };
+  for (const v of VARIANTS) {
+    assert.equal((await plan(v, true, false, 1024, 256, 64)).slices, 1, `${v}: input gradient, off`);
+    assert.equal((await plan(v, true, true, 1024, 256, 64)).slices, 8, `${v}: input gradient, on`);
+    const w = await plan(v, true, false, 64, 16384, 16, true);
+    assert.deepEqual([w.slices, w.kLen], expected[v], `${v}: weight gradient, off`);
+  }
+});
+
+Deno.test("a split tuning that fails leaves the split as it was", async () => {
+  const was = matmulGpuSplit();
+  try {
+    for (const before of [false, true]) {
+      setMatmulGpuSplit(before);
+      setMemoryLimit(memory().liveBytes + 1024); // the probes' operands do not fit
+      await assert.rejects(() => asKind(false, () => tuneGpuSplit(matmulVariant(), 0)), /out of memory/);
+      setMemoryLimit(null);
+      assert.equal(matmulGpuSplit(), before);
+    }
+  } finally {
+    setMemoryLimit(null);
+    setMatmulGpuSplit(was);
   }
 });
 
@@ -481,7 +527,7 @@ Deno.test("the tuner's cached choice carries the GPU split", async () => {
   }
   if (!storage) return;
   await tuneKernels(); // a choice for this adapter exists
-  const key = tuneCacheKey();
+  const [key, was] = [tuneCacheKey(), matmulGpuSplit()];
   const before = storage.getItem(key)!;
   try {
     const entry = { ...JSON.parse(before), gpuSplit: false, splitMs: { on: 2, off: 1 } };
@@ -497,18 +543,6 @@ Deno.test("the tuner's cached choice carries the GPU split", async () => {
     assert.equal(matmulGpuSplit(), true, "not measured: the default");
   } finally {
     storage.setItem(key, before);
-    setMatmulGpuSplit(true);
+    setMatmulGpuSplit(was);
   }
 });
-
-/** `fn`'s result with the adapter taken for a GPU (plans as on a GPU; `isFallbackAdapter` restored after). */
-async function asGpuKind<T>(fn: () => Promise<T>): Promise<T> {
-  const info = await init();
-  const cpu = info.isFallbackAdapter;
-  info.isFallbackAdapter = false;
-  try {
-    return await fn();
-  } finally {
-    info.isFallbackAdapter = cpu;
-  }
-}

@@ -70,10 +70,11 @@ export const MATMUL_KERNEL_VERSION = "matmul-8";
 const MAX_K = 16384;
 
 /**
- * Small C, long K, on a CPU adapter. A C of fewer than SPLIT_BELOW workgroups with K of at least SPLIT_MIN_K
- * is computed as partial sums over K slices (split-K) in parallel -- each a multiple of 16 and at least
- * SPLIT_MIN_SLICE long -- that are then summed; at most SPLIT_MAX slices per dispatch. `tiled` and
- * `subgroup` take slices until each core has a workgroup. `register` takes them in its `linear` layout,
+ * Small C, long K, on a CPU adapter (and on a GPU with its own split off, see GPU_INVOCATIONS). A C of fewer
+ * than SPLIT_BELOW workgroups with K of at least SPLIT_MIN_K is computed as partial sums over K slices
+ * (split-K) in parallel -- each a multiple of 16 and at least SPLIT_MIN_SLICE long -- that are then summed;
+ * at most SPLIT_MAX slices per dispatch. `tiled` takes slices until about SPLIT_GROUPS workgroups run, as
+ * does `subgroup` (on CPU adapters only until each core has one). `register` takes them in its `linear` layout,
  * until about SPLIT_INVOCATIONS invocations run, when its usual blocks would leave more than a quarter of
  * their invocations outside C (PLAIN_MIN_USE; the linear layout saves that work) or when there are fewer
  * workgroups than CPU cores (a CPU adapter runs one workgroup per core). Otherwise its workgroups already
@@ -85,6 +86,7 @@ const SPLIT_MIN_K = 256;
 const SPLIT_MIN_SLICE = 64;
 const CPU_MIN_SLICE = 4096;
 const SPLIT_INVOCATIONS = 1024;
+const SPLIT_GROUPS = 32;
 const SPLIT_MAX = 256;
 /** Least share of the usual blocks' invocations inside C for `register` to keep them. At or below it the
  * linear layout was 1.3-1.7x faster on lavapipe in every shape measured (10 shapes from 1024 x 33 to
@@ -100,12 +102,13 @@ const PLAIN_MIN_USE = 0.75;
  * 0.055 ms for 1024 x 256 x 64 (K 256: 0.6 TFLOP/s, against 1.7 at 512^3) and 0.14 ms in a layer step for the
  * in_proj weight gradient (K 1024 in 4 slices); a matrix-vector product of decoding walks all of K (768 to
  * 2048 for the pretrained models) in 1024 invocations. 32768 invocations are about eight 32-lane subgroups
- * per core of a large GPU; the partial sums then take at most 32768 blocks of C (8 MiB for 8x8 blocks).
+ * per core of a large GPU; the partial sums then take about 32768 blocks of C at most (8 MiB for `register`'s
+ * 8x8 blocks, 16 MiB for `subgroup`'s 16x8).
  */
 const GPU_INVOCATIONS = 32768;
 const GPU_MIN_SLICE = 32;
 
-/** See {@linkcode matmulGpuSplit}; off, a GPU plans as a CPU adapter does. */
+/** See {@linkcode matmulGpuSplit}; off, a GPU plans as before the split (SPLIT_BELOW's rules). */
 let gpuSplit = true;
 
 /** Whether a GPU splits a product of few invocations over K until about 32768 run (default on; the tuner
@@ -206,12 +209,15 @@ function planFor(
   }
   const split = usual.blocks < SPLIT_BELOW && K >= SPLIT_MIN_K;
   if (variant !== "register") {
-    // `tiled` and `subgroup` on a CPU adapter: slices only until every core has a workgroup, each at least
-    // CPU_MIN_SLICE long, as shorter slices' partial sums cost more to add up than they save (lavapipe, 2
-    // cores, x^T g from K = 1024: 16 x 32 in 0.17 ms unsplit against 0.29 ms in 16 slices; 64 x 16, one
-    // workgroup, 0.20 ms against 0.25 ms in two; from K = 16384: 1.8 ms against 1.0 ms in two).
-    return split && usual.blocks < cpuCores()
-      ? planOf(usual, K, Math.ceil(cpuCores() / usual.blocks), CPU_MIN_SLICE)
+    // `tiled` takes slices until about SPLIT_GROUPS workgroups run, and so does `subgroup`, except on a CPU
+    // adapter: there only until every core has a workgroup, in slices of at least CPU_MIN_SLICE, as shorter
+    // slices' partial sums cost more to add up than they save (lavapipe, 2 cores, x^T g from K = 1024: 16 x 32
+    // in 0.17 ms unsplit against 0.29 ms in 16 slices; 64 x 16, one workgroup, 0.20 ms against 0.25 ms in two;
+    // from K = 16384: 1.8 ms against 1.0 ms in two).
+    const cpu = variant === "subgroup" && deviceInfo().isFallbackAdapter;
+    const target = cpu ? cpuCores() : SPLIT_GROUPS;
+    return split && usual.blocks < target
+      ? planOf(usual, K, Math.ceil(target / usual.blocks), cpu ? CPU_MIN_SLICE : SPLIT_MIN_SLICE)
       : planOf(usual, K);
   }
   if (!narrow && (!split || usual.blocks >= cpuCores())) return planOf(usual, K);

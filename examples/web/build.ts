@@ -21,13 +21,14 @@ import { simpleCommandLine } from "../lib/cli.ts";
  * matmulAdd, the chunk-parallel kernels' folded carries and the fused tuner's second measurements took it to
  * 256.0 KiB minified, 91.0 KiB gzipped, 2026-11-30; from 260 KiB when a review's fixes, among them softmax's
  * path for rows past the loop limit, state-dict and creation checks and loop-limit checks, took it to 260.4
- * KiB, 92.6 KiB gzipped, the same day). */
-export const LIBRARY_BUDGET_BYTES = 264 * 1024;
+ * KiB, 92.6 KiB gzipped, the same day; from 264 KiB when the GPU's split of matmuls over K and the tuner's
+ * timing of it took it to 263.9 KiB, 94.0 KiB gzipped, 2026-11-30). */
+export const LIBRARY_BUDGET_BYTES = 268 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
  * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB
- * minified, 88.1 KiB gzipped, 2026-11-29; from 92 KiB with the minified budget, above). */
-export const LIBRARY_BUDGET_GZIP_BYTES = 94 * 1024;
+ * minified, 88.1 KiB gzipped, 2026-11-29; from 92 and 94 KiB with the minified budget, above). */
+export const LIBRARY_BUDGET_GZIP_BYTES = 96 * 1024;
 
 /** The repository's root folder (a file path: spaces and non-ASCII names stay as they are). */
 const ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
