@@ -143,8 +143,23 @@ const TRANS: [boolean, boolean][] = [[false, false], [true, false], [false, true
  * plans before it), and a CPU adapter. Plans follow `isFallbackAdapter` and `matmulGpuSplit`, and every plan
  * runs on every device. */
 async function inEveryPlanKind(fn: () => Promise<void>): Promise<void> {
-  for (const [fallback, split] of [[false, true], [false, false], [true, true]]) {
-    await withSplit(split, () => asKind(fallback, fn));
+  for (const [gpu, split] of [[true, true], [true, false], [false, true]]) {
+    await withPlans({ gpu, split }, fn);
+  }
+}
+
+/** `fn`'s result with matmuls planned as on a GPU or a CPU adapter (`isFallbackAdapter`) and with the GPU split
+ * on or off, where given; both are restored after. */
+async function withPlans<T>(set: { gpu?: boolean; split?: boolean }, fn: () => T | Promise<T>): Promise<T> {
+  const info = await init();
+  const [fallback, split] = [info.isFallbackAdapter, matmulGpuSplit()];
+  if (set.gpu !== undefined) info.isFallbackAdapter = !set.gpu;
+  if (set.split !== undefined) setMatmulGpuSplit(set.split);
+  try {
+    return await fn();
+  } finally {
+    info.isFallbackAdapter = fallback;
+    setMatmulGpuSplit(split);
   }
 }
 
@@ -306,7 +321,7 @@ Deno.test("matmul plans: a GPU splits K until enough invocations run; a CPU adap
       VARIANTS.map((v) => ({ what: `${v} ${what}`, K, plan: matmulPlan(M, K, N, { transA, transB }, v) }))
     );
   // the split on, whatever this adapter's tuner chose
-  const gpuPlans = await withSplit(true, () => asKind(false, plans));
+  const gpuPlans = await withPlans({ gpu: true, split: true }, plans);
   for (const { what, K, plan } of gpuPlans) {
     const split = plan.slices > 1;
     if (K < 256) assert.ok(!split, `${what}: K ${K} is not split (${JSON.stringify(plan)})`);
@@ -321,7 +336,7 @@ Deno.test("matmul plans: a GPU splits K until enough invocations run; a CPU adap
   const inProjGrad = gpuPlans.find((p) => p.what === "register in_proj input gradient")!.plan;
   assert.deepEqual([inProjGrad.slices, inProjGrad.kLen], [8, 32], "K 256 in eight slices of 32");
   // A CPU adapter's plans are as before: the usual blocks where each core has a workgroup of them.
-  const cpuPlans = await asKind(true, plans);
+  const cpuPlans = await withPlans({ gpu: false }, plans);
   const cpu = (what: string) => cpuPlans.find((p) => p.what === `register ${what}`)!.plan;
   assert.equal(cpu("in_proj input gradient").slices, 1);
   assert.equal(cpu("decoding's in_proj").slices, 1);
@@ -333,29 +348,6 @@ Deno.test("matmul plans: a GPU splits K until enough invocations run; a CPU adap
     256,
   ]);
 });
-
-/** `fn`'s result with the adapter taken for a CPU adapter (`fallback`) or a GPU; restored after. */
-async function asKind<T>(fallback: boolean, fn: () => T | Promise<T>): Promise<T> {
-  const info = await init();
-  const own = info.isFallbackAdapter;
-  info.isFallbackAdapter = fallback;
-  try {
-    return await fn();
-  } finally {
-    info.isFallbackAdapter = own;
-  }
-}
-
-/** `fn`'s result with the GPU split on or off; restored after. */
-async function withSplit<T>(on: boolean, fn: () => T | Promise<T>): Promise<T> {
-  const was = matmulGpuSplit();
-  setMatmulGpuSplit(on);
-  try {
-    return await fn();
-  } finally {
-    setMatmulGpuSplit(was);
-  }
-}
 
 Deno.test("matmul: operands larger than one 128 MiB storage binding", async () => {
   // A has 8200 x 4100 floats (134.5 MB > 128 MiB), so it is bound as two windows; the rows checked
@@ -468,53 +460,41 @@ Deno.test("a new tuning drops the cached choices of older kernel versions, keeps
 });
 
 Deno.test("on a GPU the tuner times the split over K both ways and keeps the faster; off, a GPU plans as before it", async () => {
-  const was = matmulGpuSplit();
-  try {
-    const r = await asKind(false, () => tuneGpuSplit(matmulVariant(), 0));
+  await withPlans({ gpu: true }, async () => {
+    const r = await tuneGpuSplit(matmulVariant(), 0);
     assert.ok(r.splitMs.on > 0 && r.splitMs.off > 0, JSON.stringify(r));
     assert.equal(r.gpuSplit, r.splitMs.on <= r.splitMs.off);
     assert.equal(matmulGpuSplit(), r.gpuSplit, "the faster way is in use");
-  } finally {
-    setMatmulGpuSplit(was);
-  }
+  });
   // off: a GPU's plans are those before the split (SPLIT_BELOW): the input gradient of d_model 64 is not split,
   // the weight gradient over 16384 tokens is, as it was (register's linear layout until about 1024
   // invocations run, tiled and subgroup until about 32 workgroups do)
-  const plan = (
-    v: MatmulVariant,
-    gpu: boolean,
-    split: boolean,
-    M: number,
-    K: number,
-    N: number,
-    transA = false,
-  ) => withSplit(split, () => asKind(!gpu, () => matmulPlan(M, K, N, { transA }, v)));
+  const plan = (v: MatmulVariant, split: boolean, M: number, K: number, N: number, transA = false) =>
+    withPlans({ gpu: true, split }, () => matmulPlan(M, K, N, { transA }, v));
   const expected: Record<MatmulVariant, [number, number]> = {
     register: [64, 256],
     tiled: [32, 512],
     subgroup: [32, 512],
   };
   for (const v of VARIANTS) {
-    assert.equal((await plan(v, true, false, 1024, 256, 64)).slices, 1, `${v}: input gradient, off`);
-    assert.equal((await plan(v, true, true, 1024, 256, 64)).slices, 8, `${v}: input gradient, on`);
-    const w = await plan(v, true, false, 64, 16384, 16, true);
+    assert.equal((await plan(v, false, 1024, 256, 64)).slices, 1, `${v}: input gradient, off`);
+    assert.equal((await plan(v, true, 1024, 256, 64)).slices, 8, `${v}: input gradient, on`);
+    const w = await plan(v, false, 64, 16384, 16, true);
     assert.deepEqual([w.slices, w.kLen], expected[v], `${v}: weight gradient, off`);
   }
 });
 
 Deno.test("a split tuning that fails leaves the split as it was", async () => {
-  const was = matmulGpuSplit();
-  try {
-    for (const before of [false, true]) {
-      setMatmulGpuSplit(before);
+  for (const before of [false, true]) {
+    await withPlans({ gpu: true, split: before }, async () => {
       setMemoryLimit(memory().liveBytes + 1024); // the probes' operands do not fit
-      await assert.rejects(() => asKind(false, () => tuneGpuSplit(matmulVariant(), 0)), /out of memory/);
-      setMemoryLimit(null);
+      try {
+        await assert.rejects(() => tuneGpuSplit(matmulVariant(), 0), /out of memory/);
+      } finally {
+        setMemoryLimit(null);
+      }
       assert.equal(matmulGpuSplit(), before);
-    }
-  } finally {
-    setMemoryLimit(null);
-    setMatmulGpuSplit(was);
+    });
   }
 });
 
@@ -527,22 +507,24 @@ Deno.test("the tuner's cached choice carries the GPU split", async () => {
   }
   if (!storage) return;
   await tuneKernels(); // a choice for this adapter exists
-  const [key, was] = [tuneCacheKey(), matmulGpuSplit()];
+  const key = tuneCacheKey();
   const before = storage.getItem(key)!;
-  try {
-    const entry = { ...JSON.parse(before), gpuSplit: false, splitMs: { on: 2, off: 1 } };
-    storage.setItem(key, JSON.stringify(entry));
-    const r = await tuneKernels();
-    assert.equal(r.fromCache, true);
-    assert.equal(r.gpuSplit, false);
-    assert.deepEqual(r.splitMs, { on: 2, off: 1 });
-    assert.equal(matmulGpuSplit(), false, "the cached choice is in use");
-    storage.setItem(key, JSON.stringify({ ...entry, gpuSplit: "yes", splitMs: { on: "1" } }));
-    const odd = await tuneKernels();
-    assert.deepEqual([odd.gpuSplit, odd.splitMs], [null, null], "malformed fields read as not measured");
-    assert.equal(matmulGpuSplit(), true, "not measured: the default");
-  } finally {
-    storage.setItem(key, before);
-    setMatmulGpuSplit(was);
-  }
+  // the split that reading the cache sets is restored after
+  await withPlans({}, async () => {
+    try {
+      const entry = { ...JSON.parse(before), gpuSplit: false, splitMs: { on: 2, off: 1 } };
+      storage.setItem(key, JSON.stringify(entry));
+      const r = await tuneKernels();
+      assert.equal(r.fromCache, true);
+      assert.equal(r.gpuSplit, false);
+      assert.deepEqual(r.splitMs, { on: 2, off: 1 });
+      assert.equal(matmulGpuSplit(), false, "the cached choice is in use");
+      storage.setItem(key, JSON.stringify({ ...entry, gpuSplit: "yes", splitMs: { on: "1" } }));
+      const odd = await tuneKernels();
+      assert.deepEqual([odd.gpuSplit, odd.splitMs], [null, null], "malformed fields read as not measured");
+      assert.equal(matmulGpuSplit(), true, "not measured: the default");
+    } finally {
+      storage.setItem(key, before);
+    }
+  });
 });

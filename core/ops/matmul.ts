@@ -146,22 +146,24 @@ interface Layout {
   used: number;
 }
 
+/** One product to plan: op(A) (M x K) @ op(B) (K x N) over `nb` batch entries, with a variant. */
+interface Problem {
+  variant: MatmulVariant;
+  transA: boolean;
+  transB: boolean;
+  M: number;
+  N: number;
+  K: number;
+  nb: number;
+}
+
 /** CPU cores, which a software adapter runs one workgroup each on. */
 function cpuCores(): number {
   return globalThis.navigator?.hardwareConcurrency ?? SPLIT_BELOW;
 }
 
 /** A variant's usual layout (`linear`: register's layout of one small block per invocation). */
-function layoutFor(
-  variant: MatmulVariant,
-  transA: boolean,
-  transB: boolean,
-  M: number,
-  N: number,
-  K: number,
-  nb: number,
-  linear = false,
-): Layout {
+function layoutFor({ variant, transA, transB, M, N, K, nb }: Problem, linear = false): Layout {
   const { kernel, blockM, blockN } = kernelFor(variant, transA, transB, M, N, K, linear);
   const tilesM = Math.ceil(M / blockM);
   const tilesN = Math.ceil(N / blockN);
@@ -189,19 +191,12 @@ function splitK(K: number, want: number, minSlice: number): { kLen: number; slic
 }
 
 /** The kernel, layout and K slices of a problem (see SPLIT_BELOW and GPU_INVOCATIONS). */
-function planFor(
-  variant: MatmulVariant,
-  transA: boolean,
-  transB: boolean,
-  M: number,
-  N: number,
-  K: number,
-  nb: number,
-): Plan {
-  const usual = layoutFor(variant, transA, transB, M, N, K, nb);
+function planFor(p: Problem): Plan {
+  const { variant, K } = p;
+  const usual = layoutFor(p);
   const narrow = variant === "register" && usual.used <= PLAIN_MIN_USE;
   if (!deviceInfo().isFallbackAdapter && gpuSplit) {
-    const l = narrow ? layoutFor(variant, transA, transB, M, N, K, nb, true) : usual;
+    const l = narrow ? layoutFor(p, true) : usual;
     const n = invocationsOf(l);
     return K < SPLIT_MIN_K || n >= GPU_INVOCATIONS
       ? planOf(l, K)
@@ -223,7 +218,7 @@ function planFor(
   if (!narrow && (!split || usual.blocks >= cpuCores())) return planOf(usual, K);
   // A narrow C (N or M under the block: e.g. 1024 x 16, or 1024 x 1) or a small one: the linear layout, so
   // that no invocation computes a block outside C; split over K where C is small and K long.
-  const lin = layoutFor(variant, transA, transB, M, N, K, nb, true);
+  const lin = layoutFor(p, true);
   return split ? planOf(lin, K, Math.ceil(SPLIT_INVOCATIONS / lin.blocks)) : planOf(lin, K);
 }
 
@@ -234,15 +229,8 @@ const plans = new Map<string, Plan>();
 const MAX_PLANS = 4096;
 
 /** The plan of a problem, made once (see `plans`). */
-function cachedPlan(
-  variant: MatmulVariant,
-  transA: boolean,
-  transB: boolean,
-  M: number,
-  N: number,
-  K: number,
-  nb: number,
-): Plan {
+function cachedPlan(p: Problem): Plan {
+  const { variant, transA, transB, M, N, K, nb } = p;
   // the key holds everything a plan depends on, the subgroup size, adapter kind and GPU split included
   const cpu = deviceInfo().isFallbackAdapter ? 1 : 0;
   const key =
@@ -250,7 +238,7 @@ function cachedPlan(
   let plan = plans.get(key);
   if (!plan) {
     if (plans.size >= MAX_PLANS) plans.clear(); // a workload of ever new shapes: start over, do not grow
-    plans.set(key, plan = planFor(variant, transA, transB, M, N, K, nb));
+    plans.set(key, plan = planFor(p));
   }
   return plan;
 }
@@ -281,7 +269,8 @@ export function matmulPlan(
   variant: MatmulVariant = matmulVariant(),
   batch = 1,
 ): MatmulPlan {
-  const p = cachedPlan(variant, opts.transA ?? false, opts.transB ?? false, M, N, K, batch);
+  const transA = opts.transA ?? false, transB = opts.transB ?? false;
+  const p = cachedPlan({ variant, transA, transB, M, N, K, nb: batch });
   return {
     kernel: p.kernel.spec.name,
     slices: p.slices,
@@ -345,7 +334,15 @@ export function matmulRaw(
   }
   const nb = sizeOf(batch);
   if (nb * M * N === 0) return into ?? Tensor.empty(shape);
-  const { kernel, tilesM, tilesN, slices, kLen, groups } = cachedPlan(variant, transA, transB, M, N, K, nb);
+  const { kernel, tilesM, tilesN, slices, kLen, groups } = cachedPlan({
+    variant,
+    transA,
+    transB,
+    M,
+    N,
+    K,
+    nb,
+  });
   const unbatched = nb === 1; // batch strides would multiply coordinate 0 only
   // Split K: slice s of each dispatch writes partial sums to c[s]; they are summed at the end.
   const direct = into !== undefined && slices === 1; // the kernel adds into `into` itself
