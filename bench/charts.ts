@@ -2,7 +2,8 @@
  * Renders the scan benchmark's charts (time vs L, vs d_model, vs d_state) as SVG into docs/, from
  * bench/results/scan.json (written by bench/scan_report.ts): each chart is a vega-lite spec, compiled to a
  * vega spec and rendered by vega's headless `View.toSVG()`. Both axes are logarithmic (base 2 for the
- * sizes), so equal ratios between the modes look like equal gaps.
+ * sizes), so equal ratios between the modes look like equal gaps. Where the report has the SSM part alone (the
+ * d_model sweep since 2026-11-30), the d_model chart draws it too, dashed.
  *
  * Run: deno run -A bench/charts.ts [path/to/scan.json]
  * Writes docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg, docs/scan_time_vs_d_state.svg (each
@@ -17,10 +18,14 @@ import { simpleCommandLine } from "../examples/lib/cli.ts";
 import type { Row, ScanReport, TimeMode } from "./scan_report.ts";
 import { REPO_ROOT, resultPath } from "./report_util.ts";
 
+/** What a point times: the whole layer's step, or its SSM part alone (dashed). */
+type Part = "whole layer" | "SSM part";
+
 /** One point of a chart: a mode's median ms per step at one size. */
 interface Point {
   size: number;
   mode: TimeMode;
+  part: Part;
   ms: number;
   reps: number;
 }
@@ -28,11 +33,17 @@ interface Point {
 const MODE_ORDER: TimeMode[] = ["fused", "fused+recompute", "fused+chunked", "pscan", "sequential"];
 const COLORS = ["#1b7837", "#7fbf7b", "#b8a200", "#c51b7d", "#2166ac"];
 
-function points(rows: Row[], key: "L" | "dModel" | "N", modes: readonly TimeMode[]): Point[] {
+function points(
+  rows: Row[],
+  key: "L" | "dModel" | "N",
+  modes: readonly TimeMode[],
+  part: Part = "whole layer",
+): Point[] {
   return rows.flatMap((r) =>
     modes.filter((m) => r.ms[m] !== undefined).map((m) => ({
       size: r[key],
       mode: m,
+      part,
       ms: r.ms[m]!,
       reps: r.samples[m]?.length ?? 0,
     }))
@@ -43,6 +54,8 @@ function points(rows: Row[], key: "L" | "dModel" | "N", modes: readonly TimeMode
 export function chartSpec(title: string, subtitle: string, xTitle: string, data: Point[]): vl.TopLevelSpec {
   const sizes = [...new Set(data.map((p) => p.size))].sort((a, b) => a - b);
   const modes = MODE_ORDER.filter((m) => data.some((p) => p.mode === m));
+  const parts: Part[] = ["whole layer", "SSM part"];
+  const twoParts = data.some((p) => p.part === "SSM part");
   return {
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     title: { text: title, subtitle, anchor: "start" },
@@ -71,15 +84,32 @@ export function chartSpec(title: string, subtitle: string, xTitle: string, data:
         title: "scan",
         scale: { domain: modes, range: modes.map((m) => COLORS[MODE_ORDER.indexOf(m)]) },
       },
+      // a line per mode and part
+      detail: { field: "part", type: "nominal" },
       tooltip: [
         { field: "mode", type: "nominal" },
+        { field: "part", type: "nominal" },
         { field: "size", type: "quantitative", title: xTitle },
         { field: "ms", type: "quantitative", format: ".1f" },
         { field: "reps", type: "quantitative" },
       ],
     },
     layer: [
-      { mark: { type: "line", strokeWidth: 2 } },
+      {
+        mark: { type: "line", strokeWidth: 2 },
+        // the SSM part alone dashed, where the chart has it (in the line layer, so its legend draws lines)
+        encoding: twoParts
+          ? {
+            strokeDash: {
+              field: "part",
+              type: "nominal",
+              title: "timed",
+              scale: { domain: parts, range: [[1, 0], [5, 3]] },
+              legend: { symbolType: "stroke", symbolStrokeColor: "#555", symbolStrokeWidth: 2 },
+            },
+          }
+          : {},
+      },
       { mark: { type: "point", filled: true, size: 40 } },
     ],
   };
@@ -124,7 +154,10 @@ if (import.meta.main) {
         `Time vs d_model (N ${s.dModel.fixed.N}, L ${s.dModel.fixed.L})`,
         where,
         "d_model",
-        points(s.dModel.rows, "dModel", s.dModel.modes),
+        [
+          ...points(s.dModel.rows, "dModel", s.dModel.modes),
+          ...(s.dModelSsm ? points(s.dModelSsm.rows, "dModel", s.dModelSsm.modes, "SSM part") : []),
+        ],
       ),
     ],
     [

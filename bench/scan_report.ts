@@ -2,7 +2,8 @@
  * Speed of the three selective-scan modes in a Mamba layer: mamba.py's three comparisons (time vs L, vs
  * d_model, vs d_state) with our modes `fused`, `pscan` and `sequential` (recompute off, so only the scan
  * differs; the time-vs-L sweep also has `fused+recompute`, the default training setting, and `fused+chunked`,
- * the variant in use with chunks of time walked in parallel, which GPUs are meant to want), plus a roofline of
+ * the variant in use with chunks of time walked in parallel, which GPUs are meant to want; the d_model sweep is
+ * also timed for the SSM part alone, fused and pscan, the work the modes change), plus a roofline of
  * the fused forward kernel, and the dispatch counts and host time per step of each mode (what a step costs the
  * host, which bounds small layers on a fast GPU).
  *
@@ -297,6 +298,9 @@ export interface TimingOptions {
   minReps: number;
 }
 
+/** What a sweep times: the whole layer's step, or its SSM part alone ({@linkcode prepareSsm}). */
+export type StepPart = "layer" | "ssm";
+
 /** Times one configuration, modes interleaved. `previous` (ms per step of the last config) skips warm-ups. */
 export async function timeConfig(
   modes: readonly TimeMode[],
@@ -305,9 +309,11 @@ export async function timeConfig(
   L: number,
   opt: TimingOptions,
   previous: Partial<Record<TimeMode, number>> = {},
+  part: StepPart = "layer",
 ): Promise<Row> {
   const row: Row = { dModel, N, L, ms: {}, samples: {}, stepsPerWait: {}, warmedUp: {} };
-  const prepared = modes.map((m) => prepareLayer(m, dModel, N, L));
+  const prepare = part === "ssm" ? prepareSsm : prepareLayer;
+  const prepared = modes.map((m) => prepare(m, dModel, N, L));
   try {
     const estimate: number[] = [];
     for (const [i, m] of modes.entries()) {
@@ -545,6 +551,9 @@ export interface ScanReport {
     L: { fixed: { dModel: number; N: number }; modes: TimeMode[]; rows: Row[] };
     dModel: { fixed: { N: number; L: number }; modes: TimeMode[]; rows: Row[] };
     dState: { fixed: { dModel: number; L: number }; modes: TimeMode[]; rows: Row[] };
+    /** The d_model sweep's SSM part alone ({@linkcode prepareSsm}): the work the scan modes change, without the
+     * layer's matmuls, norm, conv and residual, which every mode runs alike (absent in older reports). */
+    dModelSsm?: { fixed: { N: number; L: number }; modes: TimeMode[]; rows: Row[] };
   };
   roofline: { copyGBs: number; copySamples: number[]; rows: RooflineRow[] };
   dispatches: {
@@ -610,6 +619,16 @@ export function reportMarkdown(rep: ScanReport): string {
     "",
     sweepTable("dModel", "d_model", s.dModel.modes, s.dModel.rows),
     "",
+    ...(s.dModelSsm
+      ? [
+        `The same, the SSM part alone (x_proj, dt_proj, the scan, D x and the gate, forward + backward: what ` +
+        `the modes change; the layer's norm, in_proj, conv, out_proj and residual, the same work in every ` +
+        `mode, left out):`,
+        "",
+        sweepTable("dModel", "d_model", s.dModelSsm.modes, s.dModelSsm.rows),
+        "",
+      ]
+      : []),
     `Time vs d_state (d_model ${s.dState.fixed.dModel}, L ${s.dState.fixed.L}):`,
     "",
     sweepTable("N", "N", s.dState.modes, s.dState.rows),
@@ -709,13 +728,14 @@ if (import.meta.main) {
   const sweep = async (
     modes: readonly TimeMode[],
     configs: { dModel: number; N: number; L: number }[],
+    part: StepPart = "layer",
   ): Promise<Row[]> => {
     const rows: Row[] = [];
     for (const c of configs) {
-      const row = await timeConfig(modes, c.dModel, c.N, c.L, timing, rows.at(-1)?.ms);
+      const row = await timeConfig(modes, c.dModel, c.N, c.L, timing, rows.at(-1)?.ms, part);
       rows.push(row);
       log(
-        `d_model ${c.dModel} N ${c.N} L ${c.L}: ` +
+        `${part === "ssm" ? "SSM part, " : ""}d_model ${c.dModel} N ${c.N} L ${c.L}: ` +
           modes.map((m) => `${m} ${fmtMs(row.ms[m])} ms (x${row.samples[m]!.length})`).join(", "),
       );
     }
@@ -731,6 +751,8 @@ if (import.meta.main) {
   const rowsL = await sweep(lModes, Ls.map((L) => ({ dModel: 16, N: 16, L })));
   const rowsD = await sweep(MODES, dModels.map((dModel) => ({ dModel, N: 16, L: sweepL })));
   const rowsN = await sweep(MODES, Ns.map((N) => ({ dModel: 64, N, L: sweepL })));
+  const ssmModes: TimeMode[] = ["fused", "pscan"];
+  const rowsDSsm = await sweep(ssmModes, dModels.map((dModel) => ({ dModel, N: 16, L: sweepL })), "ssm");
 
   const copy = await copyBandwidth(quick ? 8 : 32, quick ? 2 : 5);
   log(`copy ${copy.GBs.toFixed(2)} GB/s`);
@@ -791,6 +813,7 @@ if (import.meta.main) {
       L: { fixed: { dModel: 16, N: 16 }, modes: lModes, rows: rowsL },
       dModel: { fixed: { N: 16, L: sweepL }, modes: [...MODES], rows: rowsD },
       dState: { fixed: { dModel: 64, L: sweepL }, modes: [...MODES], rows: rowsN },
+      dModelSsm: { fixed: { N: 16, L: sweepL }, modes: ssmModes, rows: rowsDSsm },
     },
     roofline: { copyGBs: copy.GBs, copySamples: copy.samples, rows: roof },
     dispatches,
