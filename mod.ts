@@ -148,21 +148,17 @@ export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from ".
 export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./mamba/lm.ts";
 export { type SampleOptions } from "./mamba/sampling.ts";
 export {
-  type CheckpointConfig,
   checkpointFiles,
   fromPretrained,
   fromPretrainedFiles,
-  hfConfig,
   hfTensors,
-  loadTokenizer,
-  mapKey,
-  type ModelFiles,
-  parseCheckpointConfig,
   PretrainedLM,
   type PretrainedOptions,
   saveCheckpoint,
   tokenizerFilesFor,
 } from "./mamba/pretrained.ts";
+export { type CheckpointConfig, hfConfig, mapKey, parseCheckpointConfig } from "./mamba/checkpoint_config.ts";
+export { loadTokenizer, type ModelFiles } from "./mamba/model_sources.ts";
 export {
   hubCacheDir,
   hubDownload,

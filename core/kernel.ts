@@ -406,8 +406,3 @@ function newBindGroup(
   }
   return e;
 }
-
-/** Number of compiled pipelines (for tests of the cache). */
-export function pipelineCount(): number {
-  return pipelines.size;
-}

@@ -14,13 +14,8 @@
 
 import { serializeSafetensors } from "../core/safetensors.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
-import {
-  fromPretrained,
-  loadTokenizer,
-  type PretrainedLM,
-  saveCheckpoint,
-  tokenizerFilesFor,
-} from "./pretrained.ts";
+import { loadTokenizer } from "./model_sources.ts";
+import { fromPretrained, type PretrainedLM, saveCheckpoint, tokenizerFilesFor } from "./pretrained.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import { type TrainConfig, type TrainData, Trainer, type TrainLog } from "./train.ts";
 

@@ -12,7 +12,9 @@ import { init } from "../core/device.ts";
 import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
 import { hubDownload, HubError, MODEL_FILES, repoCacheDir } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
-import { fromPretrained, loadTokenizer, mapKey, saveCheckpoint } from "../mamba/pretrained.ts";
+import { mapKey } from "../mamba/checkpoint_config.ts";
+import { loadTokenizer } from "../mamba/model_sources.ts";
+import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
 import { ByteTokenizer, HubTokenizer, StreamDecoder } from "../mamba/tokenizer.ts";
 import { assertLmV64Logits, fixturePath, maxAbsDiff } from "./fixture_util.ts";
 

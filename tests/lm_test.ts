@@ -11,7 +11,8 @@ import { sampleInto, sampleParams } from "../mamba/sampling.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { mambaConfig } from "../mamba/config.ts";
-import { fromPretrained, parseCheckpointConfig, saveCheckpoint } from "../mamba/pretrained.ts";
+import { parseCheckpointConfig } from "../mamba/checkpoint_config.ts";
+import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
 import {
   assertMatchesFixture,
   fixtureConfig,

@@ -15,12 +15,8 @@ import { tidy } from "../core/tensor.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { HubError } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
-import {
-  fromPretrained,
-  fromPretrainedFiles,
-  parseCheckpointConfig,
-  saveCheckpoint,
-} from "../mamba/pretrained.ts";
+import { parseCheckpointConfig } from "../mamba/checkpoint_config.ts";
+import { fromPretrained, fromPretrainedFiles, saveCheckpoint } from "../mamba/pretrained.ts";
 import { HubTokenizer, type Tokenizer } from "../mamba/tokenizer.ts";
 import { assertLmV64Logits, fixturePath } from "./fixture_util.ts";
 

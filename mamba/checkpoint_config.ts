@@ -1,0 +1,347 @@
+/**
+ * The config.json of a checkpoint, in the two layouts people download (Hugging Face transformers and the
+ * original state-spaces one), turned into ours and back: every key read, checked and named in errors, and
+ * what this library does not implement refused. Also the mapping of their tensor names to ours.
+ * @module
+ */
+
+import type { MambaConfigInput } from "./config.ts";
+import type { LMOptions, MambaLM } from "./lm.ts";
+
+/** A checkpoint's config turned into ours, plus how its tensor names map to ours. */
+export interface CheckpointConfig {
+  /** Backbone config. */
+  config: MambaConfigInput;
+  /** Vocabulary options. */
+  lm: LMOptions;
+  /** "hf" (transformers) or "state-spaces". */
+  layout: "hf" | "state-spaces";
+}
+
+const HF_KEYS = new Set([
+  "architectures",
+  "model_type",
+  "hidden_size",
+  "state_size",
+  "num_hidden_layers",
+  "expand",
+  "conv_kernel",
+  "time_step_rank",
+  "intermediate_size",
+  "vocab_size",
+  "use_bias",
+  "use_conv_bias",
+  "layer_norm_epsilon",
+  "tie_word_embeddings",
+  "residual_in_fp32",
+  "pad_vocab_size_multiple",
+  "hidden_act",
+  "time_step_min",
+  "time_step_max",
+  "time_step_init_scheme",
+  "time_step_scale",
+  "time_step_floor",
+  "initializer_range",
+  "rescale_prenorm_residual",
+  "use_cache",
+  "use_mambapy",
+  "torch_dtype",
+  "bos_token_id",
+  "eos_token_id",
+  "pad_token_id",
+  "transformers_version",
+  "n_layer",
+  "d_model",
+  "fused_add_norm",
+  "rms_norm",
+  "ssm_cfg",
+  "layer_norm_eps",
+  "_name_or_path",
+  "dtype",
+  "inner_layernorms", // ours (mamba.py's inner_layernorms): written by hfConfig when true
+]);
+const SS_KEYS = new Set([
+  "d_model",
+  "d_intermediate",
+  "n_layer",
+  "vocab_size",
+  "ssm_cfg",
+  "attn_layer_idx",
+  "attn_cfg",
+  "rms_norm",
+  "residual_in_fp32",
+  "fused_add_norm",
+  "pad_vocab_size_multiple",
+  "tie_embeddings",
+]);
+const SSM_KEYS = new Set([
+  "layer",
+  "d_state",
+  "d_conv",
+  "expand",
+  "dt_rank",
+  "bias",
+  "conv_bias",
+  "dt_min",
+  "dt_max",
+  "dt_init",
+  "dt_scale",
+  "dt_init_floor",
+  "use_fast_path",
+]);
+
+const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
+
+// Typed reads of a config object; every error names the file and the key as config.json spells it.
+class ConfigReader {
+  constructor(
+    readonly cfg: Record<string, unknown>,
+    readonly where: string,
+    readonly prefix = "",
+  ) {}
+
+  #bad(key: string, what: string): never {
+    throw new Error(`${this.where}: '${this.prefix}${key}' must be ${what}, got ${show(this.cfg[key])}`);
+  }
+
+  has(key: string): boolean {
+    return this.cfg[key] !== undefined && this.cfg[key] !== null;
+  }
+
+  #get(key: string, fallback: unknown): unknown {
+    if (this.has(key)) return this.cfg[key];
+    if (fallback === undefined) throw new Error(`${this.where} has no '${this.prefix}${key}'`);
+    return fallback;
+  }
+
+  /** An integer >= min (1 unless told); `fallback` when absent, else required. */
+  int(key: string, fallback?: number, min = 1): number {
+    const v = this.#get(key, fallback);
+    if (!Number.isInteger(v) || (v as number) < min) {
+      this.#bad(key, min === 1 ? "a positive integer" : `an integer >= ${min}`);
+    }
+    return v as number;
+  }
+
+  /** A positive finite number. */
+  pos(key: string, fallback?: number): number {
+    const v = this.#get(key, fallback);
+    if (typeof v !== "number" || !(v > 0) || !Number.isFinite(v)) this.#bad(key, "a positive number");
+    return v;
+  }
+
+  bool(key: string, fallback?: boolean): boolean {
+    const v = this.#get(key, fallback);
+    if (typeof v !== "boolean") this.#bad(key, "true or false");
+    return v;
+  }
+
+  /** One of the given strings. */
+  oneOf<T extends string>(key: string, allowed: readonly T[], fallback?: T): T {
+    const v = this.#get(key, fallback);
+    if (!allowed.includes(v as T)) this.#bad(key, allowed.map((a) => JSON.stringify(a)).join(" or "));
+    return v as T;
+  }
+
+  /** "auto" or a positive integer; "auto" when absent. */
+  rank(key: string): number | "auto" {
+    const v = this.cfg[key] ?? "auto";
+    if (v !== "auto" && (!Number.isInteger(v) || (v as number) < 1)) {
+      this.#bad(key, `"auto" or a positive integer`);
+    }
+    return v as number | "auto";
+  }
+
+  /** Refuses a value that changes the model in a way this library does not implement. */
+  refuse(key: string, why: string): never {
+    throw new Error(`${this.where}: '${this.prefix}${key}' ${show(this.cfg[key])} is not supported: ${why}`);
+  }
+}
+
+/**
+ * Reads either layout's config.json; errors name the source and the key as config.json spells it. Keys
+ * that would change the model beyond what is implemented are refused: LayerNorm instead of RMSNorm
+ * (`rms_norm: false`), an activation other than SiLU (`hidden_act`), MLP blocks (state-spaces
+ * `d_intermediate > 0`), attention layers, Mamba2. `residual_in_fp32` and `fused_add_norm` are accepted
+ * either way: every tensor here is f32 (so the residual always is), and the fusion is a CUDA kernel detail.
+ * The `time_step_*` (`ssm_cfg.dt_*`) keys only set the initialisation; they are kept in the config.
+ */
+export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "config.json"): CheckpointConfig {
+  if (typeof cfg !== "object" || cfg === null || Array.isArray(cfg)) {
+    throw new Error(`${where}: not a JSON object`);
+  }
+  const r = new ConfigReader(cfg, where);
+  if ("hidden_size" in cfg || cfg.model_type !== undefined) {
+    if (cfg.model_type !== undefined && cfg.model_type !== "mamba") {
+      throw new Error(`${where}: model_type '${cfg.model_type}' is not a Mamba (1) model`);
+    }
+    const unknown = Object.keys(cfg).filter((k) => !HF_KEYS.has(k));
+    if (unknown.length) throw new Error(`${where}: unknown config keys ${unknown.join(", ")}`);
+    // transformers' MambaMixer applies ACT2FN[hidden_act], where "swish" is SiLU too.
+    if (r.has("hidden_act") && cfg.hidden_act !== "silu" && cfg.hidden_act !== "swish") {
+      r.refuse("hidden_act", `the mixer's activation here is SiLU ("silu" or "swish")`);
+    }
+    if (r.has("rms_norm") && !r.bool("rms_norm")) {
+      r.refuse("rms_norm", "the norms here are RMSNorm, not LayerNorm");
+    }
+    if (r.has("residual_in_fp32")) r.bool("residual_in_fp32");
+    if (r.has("fused_add_norm")) r.bool("fused_add_norm");
+    const dModel = r.int("hidden_size");
+    const nLayers = r.int("num_hidden_layers");
+    const dState = r.int("state_size");
+    let expandFactor: number;
+    if (r.has("intermediate_size")) {
+      const inner = r.int("intermediate_size");
+      if (inner % dModel !== 0) {
+        throw new Error(
+          `${where}: 'intermediate_size' ${inner} is not a multiple of 'hidden_size' ${dModel}: only whole ` +
+            `expansion factors are supported`,
+        );
+      }
+      expandFactor = inner / dModel;
+      if (r.has("expand") && cfg.expand !== expandFactor) {
+        throw new Error(
+          `${where}: 'expand' ${show(cfg.expand)} disagrees with 'intermediate_size' ${inner} / ` +
+            `'hidden_size' ${dModel} = ${expandFactor}`,
+        );
+      }
+    } else {
+      expandFactor = r.int("expand", 2); // transformers' MambaConfig defaults
+    }
+    const dtMin = r.pos("time_step_min", 0.001);
+    const dtMax = r.pos("time_step_max", 0.1);
+    if (dtMin > dtMax) {
+      throw new Error(`${where}: 'time_step_min' ${dtMin} is greater than 'time_step_max' ${dtMax}`);
+    }
+    const config: MambaConfigInput = {
+      dModel,
+      nLayers,
+      dState,
+      expandFactor,
+      dConv: r.int("conv_kernel", 4),
+      dtRank: r.rank("time_step_rank"),
+      bias: r.bool("use_bias", false),
+      convBias: r.bool("use_conv_bias", true),
+      rmsNormEps: r.pos("layer_norm_epsilon", 1e-5),
+      dtMin,
+      dtMax,
+      dtInit: r.oneOf("time_step_init_scheme", ["random", "constant"] as const, "random"),
+      dtScale: r.pos("time_step_scale", 1),
+      dtInitFloor: r.pos("time_step_floor", 1e-4),
+      innerLayernorms: r.bool("inner_layernorms", false),
+    };
+    // Checked, not applied: the -hf configs carry it over from state-spaces, but transformers' MambaConfig
+    // has no such field, and MambaForCausalLM's embedding and head have exactly vocab_size rows.
+    r.int("pad_vocab_size_multiple", 1);
+    return {
+      config,
+      lm: {
+        vocabSize: r.int("vocab_size"),
+        padVocabSizeMultiple: 1,
+        tieEmbeddings: r.bool("tie_word_embeddings", true),
+        paddingIdx: null, // HF's MambaForCausalLM embedding has no padding_idx
+      },
+      layout: "hf",
+    };
+  }
+  if ("d_model" in cfg) {
+    const unknown = Object.keys(cfg).filter((k) => !SS_KEYS.has(k));
+    if (unknown.length) throw new Error(`${where}: unknown config keys ${unknown.join(", ")}`);
+    const rawSsm = cfg.ssm_cfg ?? {};
+    if (typeof rawSsm !== "object" || rawSsm === null || Array.isArray(rawSsm)) {
+      throw new Error(`${where}: 'ssm_cfg' must be an object, got ${show(rawSsm)}`);
+    }
+    const ssm = rawSsm as Record<string, unknown>;
+    const s = new ConfigReader(ssm, where, "ssm_cfg.");
+    if (ssm.layer !== undefined && ssm.layer !== "Mamba1") {
+      throw new Error(`${where}: ssm_cfg.layer '${ssm.layer}' is not supported (only Mamba1)`);
+    }
+    const badSsm = Object.keys(ssm).filter((k) => !SSM_KEYS.has(k));
+    if (badSsm.length) throw new Error(`${where}: unknown ssm_cfg keys ${badSsm.join(", ")}`);
+    if (Array.isArray(cfg.attn_layer_idx) && cfg.attn_layer_idx.length) {
+      throw new Error(`${where}: hybrid models with attention layers are not supported`);
+    }
+    if (r.int("d_intermediate", 0, 0) > 0) {
+      r.refuse("d_intermediate", "the blocks here have no MLP after the mixer (0)");
+    }
+    if (!r.bool("rms_norm", true)) r.refuse("rms_norm", "the norms here are RMSNorm, not LayerNorm");
+    r.bool("residual_in_fp32", true);
+    r.bool("fused_add_norm", true);
+    if (s.has("use_fast_path")) s.bool("use_fast_path");
+    const dtMin = s.pos("dt_min", 0.001);
+    const dtMax = s.pos("dt_max", 0.1);
+    if (dtMin > dtMax) {
+      throw new Error(`${where}: 'ssm_cfg.dt_min' ${dtMin} is greater than 'ssm_cfg.dt_max' ${dtMax}`);
+    }
+    const config: MambaConfigInput = {
+      dModel: r.int("d_model"),
+      nLayers: r.int("n_layer"),
+      dState: s.int("d_state", 16),
+      dConv: s.int("d_conv", 4),
+      expandFactor: s.int("expand", 2),
+      dtRank: s.rank("dt_rank"),
+      bias: s.bool("bias", false),
+      convBias: s.bool("conv_bias", true),
+      dtMin,
+      dtMax,
+      dtInit: s.oneOf("dt_init", ["random", "constant"] as const, "random"),
+      dtScale: s.pos("dt_scale", 1),
+      dtInitFloor: s.pos("dt_init_floor", 1e-4),
+    };
+    return {
+      config,
+      lm: {
+        vocabSize: r.int("vocab_size"),
+        padVocabSizeMultiple: r.int("pad_vocab_size_multiple", 8),
+        tieEmbeddings: r.bool("tie_embeddings", true),
+        paddingIdx: null, // state-spaces' MambaLMHeadModel embedding has no padding_idx
+      },
+      layout: "state-spaces",
+    };
+  }
+  throw new Error(
+    `${where}: neither a transformers Mamba config (hidden_size) nor a state-spaces one (d_model)`,
+  );
+}
+
+/** Our parameter name for a checkpoint tensor name (or null if it is not ours). */
+export function mapKey(key: string): string | null {
+  if (key === "backbone.embeddings.weight" || key === "backbone.embedding.weight") return "embedding.weight";
+  if (key.startsWith("backbone.norm_f.")) return key.slice("backbone.".length);
+  if (key.startsWith("backbone.layers.")) return "mamba." + key.slice("backbone.".length);
+  if (key === "lm_head.weight") return key;
+  return null;
+}
+
+/**
+ * The Hugging Face transformers config.json of a model. A model with inner layernorms (`innerLayernorms`,
+ * which transformers' Mamba does not have) also gets `"inner_layernorms": true`, a key of ours (mamba.py's
+ * name) that {@linkcode fromPretrained} reads back.
+ */
+export function hfConfig(model: MambaLM): Record<string, unknown> {
+  const c = model.config;
+  return {
+    architectures: ["MambaForCausalLM"],
+    model_type: "mamba",
+    hidden_size: c.dModel,
+    state_size: c.dState,
+    num_hidden_layers: c.nLayers,
+    expand: c.expandFactor,
+    conv_kernel: c.dConv,
+    time_step_rank: c.dtRank,
+    intermediate_size: c.dInner,
+    vocab_size: model.vocabSize,
+    use_bias: c.bias,
+    use_conv_bias: c.convBias,
+    layer_norm_epsilon: c.rmsNormEps,
+    tie_word_embeddings: model.tied,
+    pad_vocab_size_multiple: 1,
+    time_step_min: c.dtMin,
+    time_step_max: c.dtMax,
+    time_step_init_scheme: c.dtInit,
+    time_step_scale: c.dtScale,
+    time_step_floor: c.dtInitFloor,
+    torch_dtype: "float32",
+    ...(c.innerLayernorms ? { inner_layernorms: true } : {}),
+  };
+}

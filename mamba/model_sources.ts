@@ -1,0 +1,192 @@
+/**
+ * Where a checkpoint's files come from, as a {@linkcode ModelSource}: a URL prefix (fetched, with a timeout
+ * on stalls), the hub (in a browser, fetched straight from it; in Deno through the cache, in
+ * `pretrained_fs.ts`), a local folder (Deno), or blobs (files picked in a page). Also the JSON and tokenizer
+ * files read from a source.
+ * @module
+ */
+
+import { duplicateJsonKey } from "../core/safetensors.ts";
+import { hubEndpoint, HubError, type HubOptions, isHubId } from "./hub.ts";
+import { blobSource, type ModelSource, responseSource } from "./byte_source.ts";
+import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
+
+const isUrl = (s: string) => /^https?:\/\//i.test(s);
+
+// A response whose body errors when no bytes come for `timeoutMs` while a read waits (each read re-arms the
+// timer, so a slow download that keeps going is not cut off; time spent between reads does not count).
+function timedResponse(res: Response, ac: AbortController, timeoutMs: number, url: string): Response {
+  if (!res.body) return res;
+  const reader = res.body.getReader();
+  const body = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const stalled = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no data from ${url} for ${timeoutMs} ms`)), timeoutMs);
+      });
+      try {
+        const r = await Promise.race([reader.read(), stalled]);
+        if (r.done) controller.close();
+        else controller.enqueue(r.value);
+      } catch (e) {
+        ac.abort(e); // drops the connection
+        throw e; // errors this stream: the reader sees `e`
+      } finally {
+        clearTimeout(timer);
+      }
+    },
+    async cancel(reason) {
+      await reader.cancel(reason).catch(() => {});
+    },
+  }, { highWaterMark: 0 });
+  return new Response(body, { status: res.status, statusText: res.statusText, headers: res.headers });
+}
+
+function urlSource(prefix: string, options: HubOptions, where?: string): ModelSource {
+  const base = prefix.replace(/\/+$/, "");
+  const timeoutMs = options.timeoutMs ?? 30_000;
+  if (!(timeoutMs > 0)) throw new Error(`timeoutMs must be a positive number, got ${timeoutMs}`);
+  const get = async (file: string): Promise<Response | null> => {
+    const url = `${base}/${file}`;
+    const ac = new AbortController();
+    const timer = setTimeout(
+      () => ac.abort(new Error(`no response within ${timeoutMs} ms`)),
+      timeoutMs,
+    );
+    let res: Response;
+    try {
+      res = await fetch(url, { headers: { "accept-encoding": "identity" }, signal: ac.signal });
+    } catch (e) {
+      throw new Error(`cannot fetch ${url}: ${(e as Error).message}`, { cause: e });
+    } finally {
+      clearTimeout(timer);
+    }
+    if (res.status === 404) {
+      await res.body?.cancel();
+      return null;
+    }
+    if (!res.ok) {
+      await res.body?.cancel();
+      throw new Error(`cannot fetch ${url}: HTTP ${res.status}`);
+    }
+    return timedResponse(res, ac, timeoutMs, url);
+  };
+  return {
+    where: where ?? base,
+    async text(file, optional) {
+      const res = await get(file);
+      if (res === null) {
+        if (optional) return null;
+        throw new Error(`cannot fetch ${base}/${file}: HTTP 404`);
+      }
+      try {
+        return await res.text();
+      } catch (e) {
+        throw new Error(`cannot fetch ${base}/${file}: ${(e as Error).message}`, { cause: e });
+      }
+    },
+    async open(file) {
+      const res = await get(file);
+      return res && responseSource(res, `${base}/${file}`);
+    },
+  };
+}
+
+// Whether the file system is there (Deno): folders and the hub cache; in a browser, only fetch and blobs.
+const hasFileSystem = () => typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
+
+// In a browser: the files of a hub repository fetched straight from the hub (the HTTP cache keeps them).
+function hubUrlSource(id: string, options: HubOptions): ModelSource {
+  const revision = options.revision ?? "main";
+  if (options.localFilesOnly) {
+    throw new HubError(
+      "NotCached",
+      `${id}: there is no hub cache folder in a browser and downloads are off (localFilesOnly); load the ` +
+        `files from a URL or pick them (fromPretrainedFiles) instead`,
+    );
+  }
+  const endpoint = (options.endpoint ?? hubEndpoint()).replace(/\/+$/, "");
+  return urlSource(`${endpoint}/${id}/resolve/${encodeURIComponent(revision)}`, options, `${id}@${revision}`);
+}
+
+/** The source of a hub id, folder or URL: a folder or the hub cache in Deno, fetched in a browser. */
+export async function sourceOf(s: string, options: HubOptions): Promise<ModelSource> {
+  if (isUrl(s)) return urlSource(s, options);
+  if (hasFileSystem()) return (await import("./pretrained_fs.ts")).localSource(s, options);
+  if (isHubId(s)) return hubUrlSource(s, options);
+  // A browser: a path relative to the page.
+  const page = (globalThis as { location?: { href: string } }).location?.href;
+  if (!page) throw new Error(`'${s}' is neither a URL nor a hub id, and there is no file system here`);
+  return urlSource(new URL(s, page).href, options);
+}
+
+/** Model files by name (`config.json`, `model.safetensors`, ...): files picked in a page, or blobs/bytes. */
+export type ModelFiles = Iterable<File> | Record<string, Blob | Uint8Array<ArrayBuffer>>;
+
+/** The source of files given as blobs or bytes, by name; `where` names them in messages. */
+export function filesSource(files: ModelFiles, where: string): ModelSource {
+  const byName = new Map<string, Blob>();
+  if (Symbol.iterator in files) {
+    for (const f of files as Iterable<File>) {
+      if (byName.has(f.name)) throw new Error(`${where}: two files are named ${f.name}`);
+      byName.set(f.name, f);
+    }
+  } else {
+    for (const [name, b] of Object.entries(files)) byName.set(name, b instanceof Blob ? b : new Blob([b]));
+  }
+  const names = () => [...byName.keys()].join(", ") || "none";
+  return {
+    where,
+    async text(file, optional) {
+      const b = byName.get(file);
+      if (b) return await b.text();
+      if (optional) return null;
+      throw new Error(`${where}/${file}: no such file among the given ones (${names()})`);
+    },
+    open(file) {
+      const b = byName.get(file);
+      return Promise.resolve(b ? blobSource(b, `${where}/${file}`) : null);
+    },
+  };
+}
+
+/** A JSON object read from `where`. `unique`: a key twice in one object is an error (JSON.parse would keep
+ * the last one silently); set for config.json and the shard index, whose keys decide the model, not for the
+ * tokenizer's files. */
+export function parseJson(text: string, where: string, unique = false): Record<string, unknown> {
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new Error(`${where} is not valid JSON: ${(e as Error).message}`);
+  }
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    throw new Error(`${where}: not a JSON object`);
+  }
+  const dup = unique ? duplicateJsonKey(text) : null;
+  if (dup !== null) throw new Error(`${where}: the key ${dup} is there twice`);
+  return json as Record<string, unknown>;
+}
+
+/** The tokenizer of a source (`tokenizer.json` + optional `tokenizer_config.json`); null where it has none
+ * and it is not `required`. */
+export async function tokenizerOf(src: ModelSource, required: boolean): Promise<Tokenizer | null> {
+  const text = await src.text("tokenizer.json", !required);
+  if (text === null) return null;
+  const cfgText = await src.text("tokenizer_config.json", true);
+  const where = `${src.where}/tokenizer.json`;
+  return tokenizerFromJSON(
+    parseJson(text, where),
+    cfgText === null ? {} : parseJson(cfgText, `${src.where}/tokenizer_config.json`),
+    where,
+  );
+}
+
+/**
+ * Loads the tokenizer of a hub id, folder or URL: its `tokenizer.json` (required) and
+ * `tokenizer_config.json` (optional). Char-model files give a {@linkcode ByteTokenizer}, Hugging Face ones a
+ * {@linkcode HubTokenizer}.
+ */
+export async function loadTokenizer(idOrDirOrUrl: string, options: HubOptions = {}): Promise<Tokenizer> {
+  return (await tokenizerOf(await sourceOf(idOrDirOrUrl, options), true))!;
+}

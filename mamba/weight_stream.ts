@@ -1,0 +1,263 @@
+/**
+ * Reading a checkpoint's weights: the plan (one `model.safetensors`, or the shards an index names), each
+ * file's header, the shapes checked against config.json before the model is built, then the tensors streamed
+ * to the GPU one at a time (F16/BF16 decoded a few MiB at a time), so that host memory stays near the
+ * largest tensor.
+ * @module
+ */
+
+import { flush } from "../core/executor.ts";
+import {
+  decodeTensor,
+  parseSafetensorsHeader,
+  type SafetensorsEntry,
+  type SafetensorsHeader,
+  safetensorsHeaderLength,
+} from "../core/safetensors.ts";
+import { fmt } from "../core/shape.ts";
+import type { Tensor } from "../core/tensor.ts";
+import { mambaConfig, type MambaConfigInput } from "./config.ts";
+import type { ByteSource, ModelSource } from "./byte_source.ts";
+import { type CheckpointConfig, mapKey } from "./checkpoint_config.ts";
+import type { LMOptions, MambaLM } from "./lm.ts";
+import { parseJson } from "./model_sources.ts";
+
+/** The checkpoint's tensor names (checkpoint name -> file), from the index of a sharded checkpoint or the
+ * header of the single file (whose source stays open, positioned at the data). */
+export interface WeightPlan {
+  /** The safetensors files, sorted. */
+  files: string[];
+  /** The file of each checkpoint tensor name. */
+  fileOf: Map<string, string>;
+  /** The single file, already open with its header read; null for a sharded checkpoint. */
+  single: { src: ByteSource; header: SafetensorsHeader } | null;
+}
+
+/** Reads a safetensors header from `src` (positioned at the file's start), leaving it at the data. */
+export async function readHeader(src: ByteSource, where: string): Promise<SafetensorsHeader> {
+  const size = src.size >= 0 ? src.size : null; // unknown: streamInto checks where the body ends
+  if (size !== null && size < 8) parseSafetensorsHeader(new Uint8Array(0), size, where); // throws: too short
+  const lengthField = new Uint8Array(8);
+  await src.readExact(lengthField);
+  const n = safetensorsHeaderLength(lengthField, where);
+  if (size !== null && 8 + n > size) parseSafetensorsHeader(lengthField, size, where); // throws: past the end
+  const prefix = new Uint8Array(8 + n);
+  prefix.set(lengthField);
+  await src.readExact(prefix.subarray(8));
+  return parseSafetensorsHeader(prefix, size, where);
+}
+
+/** Which files hold which tensors: `model.safetensors`, else the shards `model.safetensors.index.json` names. */
+export async function planWeights(src: ModelSource): Promise<WeightPlan> {
+  const single = await src.open("model.safetensors");
+  if (single) {
+    try {
+      const header = await readHeader(single, `${src.where}/model.safetensors`);
+      const fileOf = new Map([...header.entries.keys()].map((k) => [k, "model.safetensors"]));
+      return { files: ["model.safetensors"], fileOf, single: { src: single, header } };
+    } catch (e) {
+      await single.close();
+      throw e;
+    }
+  }
+  const indexWhere = `${src.where}/model.safetensors.index.json`;
+  const indexText = await src.text("model.safetensors.index.json", true);
+  if (indexText === null) {
+    const notCached = src.notCached?.get("model.safetensors");
+    if (notCached) throw notCached;
+    throw new Error(
+      `${src.where} has neither model.safetensors nor model.safetensors.index.json: only safetensors ` +
+        `checkpoints are read (convert a pytorch_model.bin with transformers' save_pretrained, which writes ` +
+        `safetensors)`,
+    );
+  }
+  const map = parseJson(indexText, indexWhere, true).weight_map;
+  if (typeof map !== "object" || map === null || Array.isArray(map)) {
+    throw new Error(`${indexWhere}: no 'weight_map' object`);
+  }
+  const fileOf = new Map<string, string>();
+  for (const [k, f] of Object.entries(map)) {
+    if (typeof f !== "string" || !/^[\w.-]+\.safetensors$/.test(f)) {
+      throw new Error(
+        `${indexWhere}: weight_map['${k}'] = ${JSON.stringify(f)} is not a safetensors file name`,
+      );
+    }
+    fileOf.set(k, f);
+  }
+  return { files: [...new Set(fileOf.values())].sort(), fileOf, single: null };
+}
+
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+const CHUNK_BYTES = 4 << 20;
+
+// Reads one tensor's bytes from `src` (positioned at them) and decodes them to f32, F32 straight into the
+// result, F16/BF16 (and big-endian hosts) a few MiB at a time, so that only the decoded tensor is held.
+async function readTensor(src: ByteSource, entry: SafetensorsEntry, name: string): Promise<Float32Array> {
+  const count = entry.shape.reduce((a, b) => a * b, 1);
+  const nbytes = entry.dataOffsets[1] - entry.dataOffsets[0];
+  if (entry.dtype === "F32" && LITTLE_ENDIAN) {
+    const out = new Float32Array(count);
+    await src.readExact(new Uint8Array(out.buffer));
+    return out;
+  }
+  if (entry.dtype === "F16" || entry.dtype === "BF16" || entry.dtype === "F32") {
+    const size = entry.dtype === "F32" ? 4 : 2;
+    const out = new Float32Array(count);
+    const per = Math.max(1, Math.floor(CHUNK_BYTES / size));
+    const raw = new Uint8Array(Math.min(nbytes, per * size));
+    for (let at = 0; at < count; at += per) {
+      const m = Math.min(per, count - at);
+      const bytes = raw.subarray(0, m * size);
+      await src.readExact(bytes);
+      out.set(decodeTensor({ dtype: entry.dtype, shape: [m], dataOffsets: [0, m * size] }, bytes, name), at);
+    }
+    return out;
+  }
+  const raw = new Uint8Array(nbytes);
+  await src.readExact(raw);
+  return decodeTensor(entry, raw, name) as Float32Array; // F64: streamInto admits no other dtype here
+}
+
+// The dtypes that load into the (f32) parameters; integer and bool tensors are refused, not converted.
+const FLOAT_DTYPES = new Set(["F32", "F16", "BF16", "F64"]);
+
+const describe = (k: string, e: SafetensorsEntry) =>
+  `tensor ${k} (${mapKey(k)}) is ${e.dtype} ${fmt(e.shape)} at data_offsets [${e.dataOffsets.join(", ")}]`;
+
+/** Streams the tensors of one file into the model, in file order, one tensor on the host at a time. Every
+ * name maps to a parameter of `params` (the caller checked); shapes and dtypes are checked before any read. */
+export async function streamInto(
+  model: MambaLM,
+  params: Map<string, Tensor>,
+  src: ByteSource,
+  header: SafetensorsHeader,
+  where: string,
+): Promise<void> {
+  const mismatched: string[] = [];
+  for (const [k, e] of header.entries) {
+    if (!FLOAT_DTYPES.has(e.dtype)) {
+      throw new Error(`${where}: ${describe(k, e)}; expected a float dtype (F32, F16, BF16 or F64)`);
+    }
+    const p = params.get(mapKey(k)!)!;
+    if (e.shape.join() !== p.shape.join()) {
+      mismatched.push(`${mapKey(k)}: checkpoint ${fmt(e.shape)} vs model ${fmt(p.shape)}`);
+    }
+  }
+  if (mismatched.length) throw new Error(`loadStateDict: shape mismatch for ${mismatched.join("; ")}`);
+  let pos = 0; // within the data section
+  for (const [k, e] of header.entries) {
+    const [begin, end] = e.dataOffsets;
+    let data: Float32Array;
+    if (begin === end) {
+      data = new Float32Array(0);
+    } else {
+      try {
+        await src.skip(begin - pos);
+        data = await readTensor(src, e, k);
+      } catch (err) {
+        throw new Error(
+          `${where}: reading ${describe(k, e)} (bytes ${header.dataStart + begin}-${
+            header.dataStart + end
+          } of the file): ${(err as Error).message}`,
+          { cause: err },
+        );
+      }
+      pos = end;
+    }
+    model.loadStateDict(new Map([[mapKey(k)!, { shape: e.shape, data }]]), { strict: false });
+    flush(); // the upload's staging buffer goes with this submit
+  }
+  // The header could not check the end of a body of unknown size: the tensors tile the data, so the body
+  // must end at the last tensor's end (a longer one means a wrong header length, which shifts every tensor).
+  if (src.size < 0 && !(await src.atEnd())) {
+    throw new Error(
+      `${where}: the body goes on after the last tensor, which ends at byte ${header.dataStart + pos} ` +
+        `(wrong header length, or extra bytes after the data)`,
+    );
+  }
+}
+
+// config.json's names of the sizes, by layout.
+const SIZE_KEYS = {
+  hf: {
+    D: "hidden_size",
+    L: "num_hidden_layers",
+    N: "state_size",
+    K: "conv_kernel",
+    R: "time_step_rank",
+    E: "intermediate_size",
+    V: "vocab_size",
+  },
+  "state-spaces": {
+    D: "d_model",
+    L: "n_layer",
+    N: "ssm_cfg.d_state",
+    K: "ssm_cfg.d_conv",
+    R: "ssm_cfg.dt_rank",
+    E: "ssm_cfg.expand x d_model =",
+    V: "vocab_size",
+  },
+} as const;
+
+/** Compares the checkpoint's shapes (of the parameters that config.json sizes) and its number of layers with
+ * what config.json makes, naming the config keys; names that are no parameter are left to the caller. */
+export function checkShapes(
+  input: MambaConfigInput,
+  lm: LMOptions,
+  layout: CheckpointConfig["layout"],
+  header: SafetensorsHeader,
+  ours: Map<string, string>,
+  weightsWhere: string,
+  cfgWhere: string,
+): void {
+  const c = mambaConfig(input);
+  const keys = SIZE_KEYS[layout];
+  const pad = lm.padVocabSizeMultiple ?? 1;
+  const V = Math.ceil(lm.vocabSize / pad) * pad;
+  const { dModel: D, dInner: E, dState: N, dConv: K, dtRank: R, nLayers: L } = c;
+  const vocab = `${keys.V} ${lm.vocabSize}${V !== lm.vocabSize ? ` padded to ${V}` : ""}`;
+  const dims: Record<string, [number[], string]> = {
+    "embedding.weight": [[V, D], `${vocab}, ${keys.D} ${D}`],
+    "lm_head.weight": [[V, D], `${vocab}, ${keys.D} ${D}`],
+    "norm_f.weight": [[D], `${keys.D} ${D}`],
+  };
+  const layer: Record<string, [number[], string]> = {
+    "norm.weight": [[D], `${keys.D} ${D}`],
+    "mixer.in_proj.weight": [[2 * E, D], `${keys.E} ${E}, ${keys.D} ${D}`],
+    "mixer.in_proj.bias": [[2 * E], `${keys.E} ${E}`],
+    "mixer.conv1d.weight": [[E, 1, K], `${keys.E} ${E}, ${keys.K} ${K}`],
+    "mixer.conv1d.bias": [[E], `${keys.E} ${E}`],
+    "mixer.x_proj.weight": [[R + 2 * N, E], `${keys.R} ${R}, ${keys.N} ${N}, ${keys.E} ${E}`],
+    "mixer.dt_proj.weight": [[E, R], `${keys.E} ${E}, ${keys.R} ${R}`],
+    "mixer.dt_proj.bias": [[E], `${keys.E} ${E}`],
+    "mixer.A_log": [[E, N], `${keys.E} ${E}, ${keys.N} ${N}`],
+    "mixer.D": [[E], `${keys.E} ${E}`],
+    "mixer.out_proj.weight": [[D, E], `${keys.D} ${D}, ${keys.E} ${E}`],
+    "mixer.out_proj.bias": [[D], `${keys.D} ${D}`],
+  };
+  const mismatched: string[] = [];
+  let layers = 0;
+  for (const [o, k] of ours) {
+    const m = /^mamba\.layers\.(\d+)\.(.*)$/.exec(o);
+    if (m) layers = Math.max(layers, Number(m[1]) + 1);
+    const want = m ? (Number(m[1]) < L ? layer[m[2]] : undefined) : dims[o];
+    const shape = header.entries.get(k)!.shape;
+    if (want && shape.join() !== want[0].join()) {
+      mismatched.push(`${o}: checkpoint ${fmt(shape)} vs model ${fmt(want[0])} (${want[1]})`);
+    }
+  }
+  if (mismatched.length) {
+    throw new Error(
+      `${weightsWhere}: shape mismatch for ${mismatched.slice(0, 4).join("; ")}` +
+        (mismatched.length > 4 ? `; ... (${mismatched.length} in all)` : "") +
+        ` (the model's sizes are those of ${cfgWhere})`,
+    );
+  }
+  if (layers < L) {
+    throw new Error(
+      `${weightsWhere}: ${cfgWhere} has ${keys.L} ${L}, but the checkpoint has ${
+        layers ? `layers 0-${layers - 1} only` : "no layers"
+      }`,
+    );
+  }
+}
