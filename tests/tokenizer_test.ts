@@ -81,6 +81,22 @@ Deno.test("StreamDecoder: invalid bytes do not stall the stream; flush emits wha
   assert.ok(out.includes("\uFFFD"));
 });
 
+Deno.test("StreamDecoder: maxPending bounds the tokens held back for an unfinished character", () => {
+  const bytes = new ByteTokenizer();
+  // Default 4, the most bytes of a UTF-8 character: a 4-byte character waits for all of them.
+  const whole = new StreamDecoder(bytes);
+  assert.equal(whole.push([0xf0, 0x9f, 0x98]), "");
+  assert.equal(whole.push([0x80]), "😀");
+  // maxPending 2: the second pending token forces out what there is, its invalid bytes as U+FFFD.
+  const two = new StreamDecoder(bytes, { maxPending: 2 });
+  assert.equal(two.push([0xf0]), "");
+  assert.equal(two.push([0x9f]), "\uFFFD");
+  // At most one token is ever held (0 means 1): each push of an unfinished byte comes out at once.
+  const one = new StreamDecoder(bytes, { maxPending: 0 });
+  assert.equal(one.push([0xf0]), "\uFFFD");
+  assert.equal(one.push([0x41]), "A");
+});
+
 Deno.test("tokenizerFromJSON picks ByteTokenizer for char models and HubTokenizer for tokenizers files", async () => {
   const charJson = JSON.parse(await Deno.readTextFile(fixturePath("char-mamba/tokenizer.json")));
   const c = tokenizerFromJSON(charJson);
