@@ -13,7 +13,8 @@
 # GPU_CHECK_LIMIT_<PHASE>, e.g. GPU_CHECK_LIMIT_TESTS=300), so a slow one cannot eat the others' time:
 #   adapter   the adapter (features, limits, subgroup sizes) and what init() tunes: the matmul variant and
 #             the fused scan's candidates at d_state 16 with their measured times; then WebGPU's own host
-#             cost per dispatch (bench/webgpu_floor.ts), the floor under the reports' host times
+#             cost per dispatch (bench/webgpu_floor.ts), the floor under the reports' host times, and whether
+#             its loops stop at 65535 trips as software adapters' do (bench/loop_limit.ts)
 #   tests     the numerics against PyTorch's fixtures and the plain-TS references (scan modes, fused kernels
 #             and every variant, whole models, long L), printing every measured error (MAMBA_TOL_REPORT=1)
 #   suite     the rest of the test suite (no browser, hub or subgroup-size tests)
@@ -182,7 +183,7 @@ run() {
         phase adapter 120 bash -c "echo commit: \$(cat $DEV/commit 2>/dev/null || echo unknown); \
           nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null; \
           deno --version | head -n 1; deno run ${flags[*]} bench/gpu_adapter.ts; \
-          deno run ${flags[*]} bench/webgpu_floor.ts"
+          deno run ${flags[*]} bench/webgpu_floor.ts; deno run ${flags[*]} bench/loop_limit.ts"
         ;;
       tests)
         local files=()
