@@ -31,13 +31,14 @@
 # At most 8 files come back from $OUT: phases write one log each, quick/report/matmul/generate one JSON more.
 # Seen on the H200 (2026-11-30): the machine starts in ~30 s; adapter 25 s; tests more than 270 s (all but
 # the end of matmul_test, ops_matmul_test, memory_test and most of model_fuzz_test ran in 150 + 120 s);
-# report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each). At eae010e: adapter
+# report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each; since a58a5fc it also
+# times the d_model sweep's SSM part alone, fused and pscan: perhaps 20 s more there). At eae010e: adapter
 # 33 s (31 of them tuning d_state 16 on a fresh machine), timeline 15 s (before it measured SSM parts too;
 # now about 40), matmul 3 s; variants ran out of its 150 s before printing (it now measures five variants and
 # prints each d_model as it finishes). After that call the session gave the machine back and was lent no
 # other: the first call must hold what matters most. A 15-minute lease as two calls (10 minutes at most each;
 # the second at once, while the machine is warm):
-#   GPU_CHECK_LIMIT_TIMELINE=90 GPU_CHECK_LIMIT_VARIANTS=100 GPU_CHECK_LIMIT_REPORT=230 \
+#   GPU_CHECK_LIMIT_TIMELINE=90 GPU_CHECK_LIMIT_VARIANTS=100 GPU_CHECK_LIMIT_REPORT=260 \
 #     bash bench/gpu_check.sh run adapter timeline matmul variants report                           (~8 min)
 # (matmul: its eae010e numbers halved split-K calls, fixed in fac71ff; 3 s there, now about twice the calls
 # and d_model 768 too)
