@@ -120,7 +120,7 @@ function accessors(b: BufferDecl, windows: number, segElems: number): string {
 }
 
 /** The WGSL source of a kernel for the given number of windows per buffer. */
-export function kernelSource(k: Kernel, windows: number[]): string {
+function kernelSource(k: Kernel, windows: number[]): string {
   const { spec } = k;
   const lines: string[] = [];
   const sg = spec.subgroups ? deviceInfo().subgroups : null;

@@ -73,7 +73,7 @@ let poolLimit = 2 ** 30;
 const doomed: GPUBuffer[] = [];
 
 /** The size class of a request: multiples of 256 bytes up to 1 MiB, then steps of 1/8 of a power of two. */
-export function sizeClass(bytes: number): number {
+function sizeClass(bytes: number): number {
   const b = Math.max(bytes, 16);
   if (b <= 1 << 20) return Math.ceil(b / 256) * 256;
   const step = 2 ** (Math.floor(Math.log2(b)) - 3);

@@ -5,6 +5,7 @@
  * @module
  */
 
+import { writeFileAtomic } from "../core/safetensors_fs.ts";
 import type { ByteSource } from "./byte_source.ts";
 
 // The folder part of a path ("/" or "\\" separated).
@@ -103,17 +104,12 @@ export async function linkAtomic(
   }
 }
 
-/** Writes a small text file atomically (temporary name in the same folder, then rename). */
+/** Writes a small text file atomically and durably (its folder made if needed; {@linkcode writeFileAtomic}:
+ * the data synced before the rename, the folder after), so that a crash leaves the old ref or the new one,
+ * never an empty file. */
 export async function writeTextAtomic(path: string, text: string): Promise<void> {
   await Deno.mkdir(dirname(path), { recursive: true });
-  const tmp = tmpName(path);
-  try {
-    await Deno.writeTextFile(tmp, text);
-    await Deno.rename(tmp, path);
-  } catch (e) {
-    await Deno.remove(tmp).catch(() => {});
-    throw new Error(`cannot write ${path}: ${(e as Error).message}`, { cause: e });
-  }
+  await writeFileAtomic(path, text);
 }
 
 /**

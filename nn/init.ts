@@ -8,7 +8,7 @@ import type { Shape } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
 
 /** Uniform in [-bound, bound). */
-export function uniform(shape: Shape, bound: number): Tensor {
+function uniform(shape: Shape, bound: number): Tensor {
   return rand(shape, { low: -bound, high: bound });
 }
 

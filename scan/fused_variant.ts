@@ -80,7 +80,7 @@ export const MAX_INLINE_DT_RANK = 8;
 
 /** Longest chunk: the backward walks a chunk up to four times per dispatch, and a dispatch walks at least one
  * chunk, within the 65535 loop iterations of software adapters. */
-export const MAX_CHUNK = 8192;
+const MAX_CHUNK = 8192;
 
 /** One block of states, n0 .. n0 + Nb: what one pipeline of the fused kernels walks. */
 export interface StateBlock {

@@ -186,7 +186,7 @@ export function blockName(N: number, Nb: number, n0: number): string {
 }
 
 /** Chunks whose loads a fold issues together (see {@linkcode foldCarry}). */
-export const FOLD_GROUP = 4;
+const FOLD_GROUP = 4;
 
 /**
  * WGSL that folds a carry over chunks: for i = 0 .. count-1, chunk c = cell(i), each state n of `v` (K in

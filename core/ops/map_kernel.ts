@@ -17,14 +17,14 @@ import { broadcastStrides, MAX_RANK, padRank, sameShape, type Shape } from "../s
 import { type DType, Tensor } from "../tensor.ts";
 
 /** One operand of a map: a tensor, or a number passed as a uniform. */
-export type MapOperand = Tensor | number;
+type MapOperand = Tensor | number;
 
 const WG = 256;
 const names = ["a", "b", "c"];
 const kernels = new Map<string, Kernel>();
 
 /** WGSL helpers available to every map expression. */
-export const MAP_HELPERS = `
+const MAP_HELPERS = `
 fn log1p_(u: f32) -> f32 {
   // log(1 + u) without losing u when it is tiny (Goldberg's trick).
   let w = 1.0 + u;
