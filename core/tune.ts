@@ -86,10 +86,13 @@ export const SPLIT_PROBES: readonly TuneProduct[] = [
 
 /** Square sizes the tuner measures: small, so a first run costs about a second on a CPU adapter. */
 const TUNE_SIZES = [256, 512];
-/** A timed batch should last at least this long, so the ~11 ms cost of a wait is a small part of it. */
+/** A timed batch's calls should last at least this long without the wait, so that the wait's ~11 ms, and its
+ * variation, are a small part of the batch. */
 const MIN_BATCH_MS = 40;
-/** ... but no more than this many dispatches (fast GPUs). */
-const MAX_REPS = 256;
+/** ... but no more than this many calls. The split's probes are small products, tens of µs on a fast GPU:
+ * 256 calls (the cap until 2026-11-30) would last some 5-10 ms there (estimated from the H200's kernel times),
+ * under the wait they were measured against. */
+const MAX_REPS = 4096;
 const KEY_PREFIX = "mamba.ts/tune/";
 
 let current: TuneResult | null = null;
@@ -247,8 +250,8 @@ async function timeProduct(variant: MatmulVariant, p: TuneProduct, overhead: num
     await run(1); // compiles the pipeline
     let reps = 1;
     let t = await run(reps);
-    while (t < MIN_BATCH_MS && reps < MAX_REPS) {
-      reps = Math.min(MAX_REPS, reps * Math.max(2, Math.ceil(MIN_BATCH_MS / Math.max(t, 1))));
+    while (t - overhead < MIN_BATCH_MS && reps < MAX_REPS) {
+      reps = Math.min(MAX_REPS, reps * Math.max(2, Math.ceil(MIN_BATCH_MS / Math.max(t - overhead, 1))));
       t = await run(reps);
     }
     // The wait's fixed cost cancels; keep a floor so a noisy subtraction cannot go to zero.
