@@ -88,7 +88,6 @@ export function chartSpec(title: string, subtitle: string, xTitle: string, data:
       detail: { field: "part", type: "nominal" },
       tooltip: [
         { field: "mode", type: "nominal" },
-        { field: "part", type: "nominal" },
         { field: "size", type: "quantitative", title: xTitle },
         { field: "ms", type: "quantitative", format: ".1f" },
         { field: "reps", type: "quantitative" },

@@ -183,8 +183,9 @@ run() {
       adapter)
         phase adapter 120 bash -c "echo commit: \$(cat $DEV/commit 2>/dev/null || echo unknown); \
           nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null; \
-          deno --version | head -n 1; deno run ${flags[*]} bench/gpu_adapter.ts; \
-          deno run ${flags[*]} bench/webgpu_floor.ts; deno run ${flags[*]} bench/loop_limit.ts"
+          deno --version | head -n 1; rc=0; deno run ${flags[*]} bench/gpu_adapter.ts || rc=1; \
+          deno run ${flags[*]} bench/webgpu_floor.ts || rc=1; deno run ${flags[*]} bench/loop_limit.ts || rc=1; \
+          exit \$rc"
         ;;
       tests)
         local files=()

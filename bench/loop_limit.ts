@@ -61,7 +61,7 @@ struct U { n: u32 }
 }
 
 const info = adapter.info;
-console.log(`${info.vendor} ${info.architecture} ${info.description}`.trim());
+console.log([info.vendor, info.architecture, info.description].filter(Boolean).join(" "));
 console.log("| workgroup | n | trips per invocation |");
 console.log("|---:|---:|---|");
 for (const wg of [1, 8, 32]) {

@@ -301,7 +301,8 @@ export interface TimingOptions {
 /** What a sweep times: the whole layer's step, or its SSM part alone ({@linkcode prepareSsm}). */
 export type StepPart = "layer" | "ssm";
 
-/** Times one configuration, modes interleaved. `previous` (ms per step of the last config) skips warm-ups. */
+/** Times one configuration, modes interleaved. `previous` (ms per step of the last config) skips warm-ups;
+ * `part` "ssm" times each mode's SSM part alone ({@linkcode prepareSsm}) instead of the whole layer. */
 export async function timeConfig(
   modes: readonly TimeMode[],
   dModel: number,

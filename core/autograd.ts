@@ -502,7 +502,7 @@ function accumulateLeaf(t: Tensor, g: Tensor, userGrad: Tensor | undefined): voi
 
 /** Why a node was released: after its backward (in a pass that went through, or in one that threw), when the
  * tidy() scope that made it ended, or when its output was disposed with no node consuming it. */
-type ReleaseReason = "backward" | "failed" | "tidy" | "dispose";
+export type ReleaseReason = "backward" | "failed" | "tidy" | "dispose";
 
 /**
  * Outputs whose node was released, with the op's name and why. Without this, backward through such a

@@ -108,8 +108,8 @@ export function tuneResult(): TuneResult | null {
  *
  * Acquires the device if needed (`init()`). Each variant multiplies square matrices of 256 and 512: one
  * untimed dispatch first (pipeline compilation), then batches of dispatches between two waits, growing
- * until a batch lasts at least 40 ms (at most 256 dispatches); the cost of an empty wait, measured first,
- * is subtracted. The variant with the highest GFLOP/s over both sizes wins. On a GPU it then times the
+ * until a batch's calls last at least 40 ms not counting the wait (at most 4096 calls); the cost of an empty
+ * wait, measured first, is subtracted. The variant with the highest GFLOP/s over both sizes wins. On a GPU it then times the
  * {@linkcode SPLIT_PROBES} (a layer's gradients, a decoding step's product) with that variant, with
  * `matmulGpuSplit` on and off, and keeps the faster (`TuneResult.gpuSplit`). On a CPU adapter the first
  * measurement takes about 1-2 s.

@@ -105,8 +105,8 @@ export async function linkAtomic(
 }
 
 /** Writes a small text file atomically and durably (its folder made if needed; {@linkcode writeFileAtomic}:
- * the data synced before the rename, the folder after), so that a crash leaves the old ref or the new one,
- * never an empty file. */
+ * the data synced before the rename, the folder after), so that a crash leaves the old file or the new one,
+ * never a partly written one. */
 export async function writeTextAtomic(path: string, text: string): Promise<void> {
   await Deno.mkdir(dirname(path), { recursive: true });
   await writeFileAtomic(path, text);

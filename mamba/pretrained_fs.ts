@@ -1,6 +1,6 @@
 /**
- * The file-system side of `pretrained.ts` and `model_sources.ts` (Deno only, imported on demand): model files from a local folder or
- * through the Hugging Face hub cache, and writing a checkpoint's files into a folder.
+ * The file-system side of `pretrained.ts` and `model_sources.ts` (Deno only, imported on demand): model files
+ * from a local folder or through the Hugging Face hub cache, and writing a checkpoint's files into a folder.
  * @module
  */
 

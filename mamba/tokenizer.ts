@@ -8,7 +8,7 @@
  *
  * {@linkcode StreamDecoder} turns a stream of token ids into text for either one, holding back a character
  * whose UTF-8 bytes are split across tokens until it is complete. No Deno APIs here: this file runs in
- * browsers too; reading the files is `pretrained.ts`'s job.
+ * browsers too; reading the files is `model_sources.ts`'s job.
  * @module
  */
 
@@ -250,7 +250,8 @@ export function tokenizerFromJSON(
 export interface StreamDecoderOptions extends DecodeOptions {
   /**
    * Most tokens held back waiting for a split character to complete (default 4, the most bytes a UTF-8
-   * character has); past that the text is emitted with U+FFFD for the invalid bytes.
+   * character has); past that the text is emitted with U+FFFD for the invalid bytes. A positive integer (1: none
+   * held); anything else is an error.
    */
   maxPending?: number;
 }
@@ -274,7 +275,11 @@ export class StreamDecoder {
   constructor(tokenizer: Tokenizer, options: StreamDecoderOptions = {}) {
     this.#tok = tokenizer;
     this.#opts = { skipSpecialTokens: options.skipSpecialTokens };
-    this.#maxPending = Math.max(1, options.maxPending ?? 4);
+    const max = options.maxPending ?? 4;
+    if (!Number.isInteger(max) || max < 1) {
+      throw new Error(`StreamDecoder: maxPending must be a positive integer, got ${max}`);
+    }
+    this.#maxPending = max;
   }
 
   /** Adds ids; returns the text they complete (possibly ""). */

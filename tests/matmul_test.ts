@@ -475,9 +475,9 @@ Deno.test("on a GPU the tuner times the split over K both ways and keeps the fas
     assert.equal((await plan(v, false, 1024, 256, 64)).slices, 1, `${v}: input gradient, off`);
     assert.equal((await plan(v, true, 1024, 256, 64)).slices, 8, `${v}: input gradient, on`);
     const w = await plan(v, false, 64, 16384, 16, true);
-    // register: 8x8 blocks, linear; tiled and subgroup: about 32 workgroups, however many blocks of C one
-    // slice has (subgroup's block follows the subgroup width: 1 block at 8 lanes, 2 at 4)
-    const slices = v === "register" ? 64 : Math.ceil(32 / (w.workgroups / w.slices));
+    // register: 8x8 blocks, linear; tiled (64x64 tiles, one per slice): 32 workgroups; subgroup: about 32,
+    // however many blocks of C one slice has (its block follows the subgroup width: 1 at 8 lanes, 2 at 4)
+    const slices = v === "register" ? 64 : v === "tiled" ? 32 : Math.ceil(32 / (w.workgroups / w.slices));
     assert.deepEqual([w.slices, w.kLen], [slices, 16384 / slices], `${v}: weight gradient, off`);
   }
 });

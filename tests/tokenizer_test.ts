@@ -91,10 +91,16 @@ Deno.test("StreamDecoder: maxPending bounds the tokens held back for an unfinish
   const two = new StreamDecoder(bytes, { maxPending: 2 });
   assert.equal(two.push([0xf0]), "");
   assert.equal(two.push([0x9f]), "\uFFFD");
-  // At most one token is ever held (0 means 1): each push of an unfinished byte comes out at once.
-  const one = new StreamDecoder(bytes, { maxPending: 0 });
+  // maxPending 1: no token is held, each push of an unfinished byte comes out at once.
+  const one = new StreamDecoder(bytes, { maxPending: 1 });
   assert.equal(one.push([0xf0]), "\uFFFD");
   assert.equal(one.push([0x41]), "A");
+  for (const bad of [0, -1, 2.5, NaN, Infinity]) {
+    assert.throws(
+      () => new StreamDecoder(bytes, { maxPending: bad }),
+      /maxPending must be a positive integer/,
+    );
+  }
 });
 
 Deno.test("tokenizerFromJSON picks ByteTokenizer for char models and HubTokenizer for tokenizers files", async () => {

@@ -17,7 +17,7 @@ import { broadcastStrides, MAX_RANK, padRank, sameShape, type Shape } from "../s
 import { type DType, Tensor } from "../tensor.ts";
 
 /** One operand of a map: a tensor, or a number passed as a uniform. */
-type MapOperand = Tensor | number;
+export type MapOperand = Tensor | number;
 
 const WG = 256;
 const names = ["a", "b", "c"];

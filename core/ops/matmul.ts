@@ -62,9 +62,10 @@ export function availableMatmulVariants(): MatmulVariant[] {
 /**
  * Version of the matmul kernels. It is part of the tuner's cache key, so a cached choice is measured
  * again after the kernels change: bump it whenever a kernel's code or the planning of problems over them
- * changes (matmul-8: GPUs split K by invocations).
+ * changes, or the tuner's way of measuring them (matmul-8: GPUs split K by invocations; matmul-9: the tuner's
+ * batches sized without the wait, so that a GPU measures its split choice again).
  */
-export const MATMUL_KERNEL_VERSION = "matmul-8";
+export const MATMUL_KERNEL_VERSION = "matmul-9";
 
 /** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
