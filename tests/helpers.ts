@@ -12,6 +12,7 @@
 import { AssertionError } from "node:assert/strict";
 import { init, mul, sum, type Tensor, tensor, tidy } from "../mod.ts";
 import { deviceInfo } from "../core/device.ts";
+import { matmulGpuSplit, setMatmulGpuSplit } from "../core/ops/matmul.ts";
 import { fusedScanAvailable } from "../mamba/block.ts";
 
 // ------------------------------------------------------------------------------------------ setup
@@ -827,4 +828,22 @@ export function fusedUnavailable(): boolean {
     );
   }
   return !available;
+}
+
+/** `fn`'s result with matmuls planned as on a GPU or a CPU adapter (`isFallbackAdapter`) and with the GPU split
+ * on or off, where given; both are restored after. */
+export async function withPlans<T>(
+  set: { gpu?: boolean; split?: boolean },
+  fn: () => T | Promise<T>,
+): Promise<T> {
+  const info = await init();
+  const [fallback, split] = [info.isFallbackAdapter, matmulGpuSplit()];
+  if (set.gpu !== undefined) info.isFallbackAdapter = !set.gpu;
+  if (set.split !== undefined) setMatmulGpuSplit(set.split);
+  try {
+    return await fn();
+  } finally {
+    info.isFallbackAdapter = fallback;
+    setMatmulGpuSplit(split);
+  }
 }

@@ -18,7 +18,7 @@ import {
   tolerance,
   toTensor,
 } from "./fixture_util.ts";
-import { assertFusedRan, assertFusedStepRan, fusedUnavailable, kernelsRun } from "./helpers.ts";
+import { assertFusedRan, assertFusedStepRan, fusedUnavailable, kernelsRun, withPlans } from "./helpers.ts";
 
 await init();
 /** The fused tests are ignored where the fused kernels cannot run (the block would run pscan instead). */
@@ -410,6 +410,60 @@ Deno.test({
       for (const [i, what] of ["output", "grad x"].entries()) {
         assertMatches(fused.out[i], pscan.out[i], tolerance("model"), `N = ${N}, ${what}`);
       }
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "a layer's output and gradients under a GPU's matmul plans, its products split over K, equal this adapter's",
+  ignore: noFused,
+  fn: async () => {
+    const { defaultFusedVariant, fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
+    const { matmulPlan, matmulVariant } = await import("../core/ops/matmul.ts");
+    // the same scan variant both ways (the default one depends on the adapter's kind): only the plans differ
+    const variant = fusedVariant(16);
+    const tuned = JSON.stringify(variant) !== JSON.stringify(defaultFusedVariant(16));
+    setFusedVariant(16, variant);
+    // d_model 64, L 512: in_proj's input gradient (K = 2 ED = 256) and the weight gradients (K = 512) are split
+    // on a GPU, until about 32768 invocations run; summed by one more dispatch each
+    const config = { dModel: 64, nLayers: 1, dState: 16, scan: "fused" as const, recompute: false };
+    const model = new Mamba(mambaConfig(config));
+    const x = randn([1, 512, 64], { seed: 7 }); // x: (B, L, D)
+    const G = randn([1, 512, 64], { seed: 8 }); // G: (B, L, D)
+    const run = async () => {
+      const y = tidy(() => {
+        const out = model.forward(x); // out: (B, L, D)
+        out.backward(G);
+        return out;
+      });
+      const grads = model.parameters().map((p) => p.grad!.toArray());
+      const values = [await y.toArray(), ...await Promise.all(grads)];
+      y.dispose();
+      for (const p of model.parameters()) {
+        p.grad?.dispose();
+        p.grad = null;
+      }
+      return values;
+    };
+    try {
+      const slices = await withPlans(
+        { gpu: true, split: true },
+        () => matmulPlan(512, 256, 64, {}, matmulVariant()).slices,
+      );
+      assert.ok(slices > 1, `in_proj's input gradient is split on a GPU (${slices} slices)`);
+      const gpu = await withPlans({ gpu: true, split: true }, run);
+      const here = await withPlans({ gpu: false }, run);
+      const names = ["y", ...model.namedParameters().map(([n]) => `gradient of ${n}`)];
+      gpu.forEach((v, i) => {
+        const shape = [v.length];
+        assertMatches({ data: v, shape }, { data: here[i], shape }, tolerance("model"), names[i]);
+      });
+    } finally {
+      if (!tuned) setFusedVariant(16, null);
+      model.dispose();
+      x.dispose();
+      G.dispose();
     }
   },
 });

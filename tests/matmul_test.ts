@@ -20,6 +20,7 @@ import {
 import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneResult } from "../core/tune.ts";
 import { matmulGpuSplit, matmulPlan, setMatmulGpuSplit } from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
+import { withPlans } from "./helpers.ts";
 
 await init();
 
@@ -145,21 +146,6 @@ const TRANS: [boolean, boolean][] = [[false, false], [true, false], [false, true
 async function inEveryPlanKind(fn: () => Promise<void>): Promise<void> {
   for (const [gpu, split] of [[true, true], [true, false], [false, true]]) {
     await withPlans({ gpu, split }, fn);
-  }
-}
-
-/** `fn`'s result with matmuls planned as on a GPU or a CPU adapter (`isFallbackAdapter`) and with the GPU split
- * on or off, where given; both are restored after. */
-async function withPlans<T>(set: { gpu?: boolean; split?: boolean }, fn: () => T | Promise<T>): Promise<T> {
-  const info = await init();
-  const [fallback, split] = [info.isFallbackAdapter, matmulGpuSplit()];
-  if (set.gpu !== undefined) info.isFallbackAdapter = !set.gpu;
-  if (set.split !== undefined) setMatmulGpuSplit(set.split);
-  try {
-    return await fn();
-  } finally {
-    info.isFallbackAdapter = fallback;
-    setMatmulGpuSplit(split);
   }
 }
 
