@@ -18,7 +18,7 @@ import {
   tidy,
 } from "../mod.ts";
 import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneResult } from "../core/tune.ts";
-import { matmulGpuSplit, matmulPlan, setMatmulGpuSplit } from "../core/ops/matmul.ts";
+import { matmulGpuSplit, matmulPlan } from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
 import { withPlans } from "./helpers.ts";
 
