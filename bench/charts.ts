@@ -6,9 +6,10 @@
  * d_model sweep since 2026-11-30), the d_model chart draws it too, dashed.
  *
  * Run: deno run -A bench/charts.ts [path/to/scan.json]
- * Writes docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg, docs/scan_time_vs_d_state.svg (each
- * atomically: a failed run leaves the old charts whole); from a report in a folder of bench/results/, e.g.
- * bench/results/h200/scan.json, docs/scan_time_vs_L_h200.svg and so on.
+ * Writes docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg, docs/scan_time_vs_d_state.svg and the fused
+ * forward's roofline, docs/scan_roofline.svg (each atomically: a failed run leaves the old charts whole); from a
+ * report in a folder of bench/results/, e.g. bench/results/h200/scan.json, docs/scan_time_vs_L_h200.svg and so
+ * on.
  */
 import { dirname, join, relative, resolve } from "node:path";
 import * as vega from "vega";
@@ -114,6 +115,77 @@ export function chartSpec(title: string, subtitle: string, xTitle: string, data:
   };
 }
 
+/** The roofline chart: the fused forward kernel's minimal bytes per second for each measured configuration,
+ * against the copy bandwidth measured in the same run and half of it (the issue's aim). */
+export function rooflineSpec(rep: ScanReport, subtitle: string): vl.TopLevelSpec {
+  const { copyGBs, rows } = rep.roofline;
+  const bars = rows.map((r) => ({
+    config: `d_model ${r.dModel}, N ${r.N}, L ${r.L}`,
+    GBs: r.GBs,
+    share: r.GBs / copyGBs,
+  }));
+  const lines = [
+    { what: `copy bandwidth, ${copyGBs.toFixed(1)} GB/s`, GBs: copyGBs },
+    { what: "half of it (the aim)", GBs: copyGBs / 2 },
+  ];
+  const low = Math.min(...rows.map((r) => r.GBs)) / 2;
+  const y = {
+    field: "GBs",
+    type: "quantitative" as const,
+    title: "GB/s (minimal bytes: x, dt, z, B, C read once, y written)",
+    scale: { type: "log" as const, domain: [low, copyGBs * 1.5] },
+    axis: { grid: true },
+  };
+  return {
+    $schema: "https://vega.github.io/schema/vega-lite/v6.json",
+    title: { text: "Fused forward kernel against the copy bandwidth (same run)", subtitle, anchor: "start" },
+    width: 460,
+    height: 300,
+    background: "white",
+    layer: [
+      {
+        data: { values: bars },
+        mark: { type: "bar", color: "#1b7837" },
+        encoding: {
+          x: {
+            field: "config",
+            type: "nominal",
+            sort: null,
+            title: null,
+            axis: { labelAngle: -30, labelLimit: 240 },
+          },
+          y,
+          y2: { datum: low }, // bars from the bottom of the log scale (it has no zero)
+          tooltip: [
+            { field: "config", type: "nominal" },
+            { field: "GBs", type: "quantitative", format: ".2f" },
+            { field: "share", type: "quantitative", format: ".1%", title: "of the copy bandwidth" },
+          ],
+        },
+      },
+      {
+        data: { values: lines },
+        mark: { type: "rule", strokeWidth: 2, color: "#555" },
+        encoding: {
+          y,
+          strokeDash: {
+            field: "what",
+            type: "nominal",
+            scale: { domain: lines.map((l) => l.what), range: [[1, 0], [5, 3]] },
+            legend: null,
+          },
+        },
+      },
+      {
+        // each rule named at its right end, above it
+        data: { values: lines },
+        mark: { type: "text", align: "right", baseline: "bottom", dy: -3, color: "#333" },
+        encoding: { y, x: { value: 456 }, text: { field: "what" } },
+      },
+    ],
+  };
+}
+
 /** Renders a vega-lite spec to an SVG string (headless vega view). */
 export async function renderSvg(spec: vl.TopLevelSpec): Promise<string> {
   const view = new vega.View(vega.parse(vl.compile(spec).spec), { renderer: "none" });
@@ -126,8 +198,8 @@ export async function renderSvg(spec: vl.TopLevelSpec): Promise<string> {
 
 const USAGE = `Usage: deno run -A bench/charts.ts [path/to/scan.json]
 
-Renders docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg and docs/scan_time_vs_d_state.svg from a
-report of bench/scan_report.ts (default bench/results/scan.json). A report in a folder of bench/results/
+Renders docs/scan_time_vs_L.svg, docs/scan_time_vs_d_model.svg, docs/scan_time_vs_d_state.svg and
+docs/scan_roofline.svg from a report of bench/scan_report.ts (default bench/results/scan.json). A report in a folder of bench/results/
 (bench/results/h200/scan.json) renders docs/scan_time_vs_L_h200.svg and so on.
 
   --help    this text`;
@@ -159,6 +231,7 @@ if (import.meta.main) {
         ],
       ),
     ],
+    ["scan_roofline.svg", rooflineSpec(rep, `${rep.adapter}, batch 1, gated; medians`)],
     [
       "scan_time_vs_d_state.svg",
       chartSpec(
