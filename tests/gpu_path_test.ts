@@ -2,7 +2,8 @@
  * The whole-model tests again on the code paths a GPU takes, on a CPU adapter: a child `deno test` takes the
  * adapter for a GPU (`tests/gpu_path_runner.ts`: `isFallbackAdapter` off before anything is tuned), so that
  * matmuls take the GPU's plans (the split over K on), reductions the GPU's chunking, x_proj no padding, and
- * the fused scan walks chunks in parallel (what the tuners picked on the H200). It runs the block and LM tests
+ * the fused scan walks chunks in parallel (what the tuners picked on the H200), here chunks of 16 steps, so that
+ * the fixtures' sequences span several (cutting each chunk's last step fails 16 of the register run's 59). It runs the block and LM tests
  * against PyTorch's fixtures and the model fuzz against the plain-TS reference, once per matmul variant. The
  * child has a `--location` of its own, so that nothing it caches mixes with this adapter's own choices. (The
  * fixtures' models are small: their products are not split; `tests/mamba_test.ts` checks a layer whose
