@@ -13,6 +13,7 @@ import {
   setup,
   toTensor,
   transposeRef,
+  withPlans,
 } from "./helpers.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
 
@@ -257,22 +258,29 @@ Deno.test("matmul adds into an operand's gradient in place when it is used elsew
     );
   }
   for (const t of [x.grad!, w.grad!, x, w]) t.dispose();
-  // matmulRaw(..., into) with a small C and a long K (partial products over K slices, then added in).
+  // matmulRaw(..., into) with a small C and a long K: as this adapter plans it, and as a GPU does (split over
+  // K into slices of 32: 94 partial products, whose sum takes two passes, the second adding into `into`)
   const [a, b, c0] = [rand([4, 3000], 5), rand([3000, 3], 6), rand([4, 3], 7)];
-  const into = toTensor(c0);
-  const out = matmulRaw(toTensor(a), toTensor(b), {}, undefined, into);
-  assert.equal(out, into);
   const ref = matmulRef(a, b);
-  const res = await into.toArray();
-  for (let i = 0; i < 12; i++) {
-    const e = ref.data[i] + c0.data[i];
-    // the op bound against the sum's own error scale (tests/ops_fuzz_test.ts): f32 rounds each of the 3000
-    // products relative to its size, and the roundings add up like the root of the sum of their squares;
-    // measured on lavapipe 2.8e-6 of that scale (the bound was 1e-3 of max(1, |e|) before 2026-11-30)
-    let sq = c0.data[i] ** 2;
-    for (let k = 0; k < 3000; k++) sq += (a.data[(i / 3 | 0) * 3000 + k] * b.data[k * 3 + i % 3]) ** 2;
-    const scale = Math.max(1, Math.abs(e), Math.sqrt(sq));
-    assert.ok(Math.abs(res[i] - e) <= 1e-5 * scale, `into[${i}]: ${res[i]} vs ${e}`);
+  for (const plans of [{}, { gpu: true, split: true }]) {
+    const into = toTensor(c0);
+    const out = await withPlans(plans, () => matmulRaw(toTensor(a), toTensor(b), {}, undefined, into));
+    assert.equal(out, into);
+    const res = await into.toArray();
+    into.dispose();
+    checkInto(res, plans.gpu ? "GPU plans" : "this adapter's plans");
+  }
+  function checkInto(res: Float32Array | Int32Array, what: string) {
+    for (let i = 0; i < 12; i++) {
+      const e = ref.data[i] + c0.data[i];
+      // the op bound against the sum's own error scale (tests/ops_fuzz_test.ts): f32 rounds each of the 3000
+      // products relative to its size, and the roundings add up like the root of the sum of their squares;
+      // measured on lavapipe 2.8e-6 of that scale (the bound was 1e-3 of max(1, |e|) before 2026-11-30)
+      let sq = c0.data[i] ** 2;
+      for (let k = 0; k < 3000; k++) sq += (a.data[(i / 3 | 0) * 3000 + k] * b.data[k * 3 + i % 3]) ** 2;
+      const scale = Math.max(1, Math.abs(e), Math.sqrt(sq));
+      assert.ok(Math.abs(res[i] - e) <= 1e-5 * scale, `${what}: into[${i}]: ${res[i]} vs ${e}`);
+    }
   }
   assert.throws(
     () => matmulRaw(toTensor(a), toTensor(b), {}, undefined, M.zeros([4, 4])),
@@ -309,9 +317,16 @@ Deno.test("matmulAdd: c + op(a) @ op(b) with transposes, batched (a layer's x W^
   }
   // out_proj's shape: (B, L, ED) @ W^T (D, ED) + residual (B, L, D); finite differences for the batched case
   cases.push(matmulAddCase({ a: [2, 9, 12], b: [8, 12], c: [2, 9, 8], transB: true }, 31));
-  // small C, long K: the product is split over K, its slices summed and then added into c's copy
-  cases.push(matmulAddCase({ a: [4, 3000], b: [3000, 3], c: [4, 3] }, 41, { refGrad: grad2d(false, false) }));
-  await checkOps(cases);
+  // small C, long K: split over K where this adapter splits it, its slices summed and then added into c's copy
+  const split = matmulAddCase({ a: [4, 3000], b: [3000, 3], c: [4, 3] }, 41, {
+    refGrad: grad2d(false, false),
+  });
+  await checkOps([...cases, split]);
+  // ... and as a GPU plans it: split into slices of 32, their sum's last pass adding into c's copy
+  await withPlans(
+    { gpu: true, split: true },
+    () => checkOps([{ ...split, what: `${split.what}, GPU plans` }]),
+  );
 });
 
 Deno.test("matmulAdd costs the product's dispatches only (c is copied, not added by a kernel); errors name the shapes", async () => {
@@ -324,6 +339,18 @@ Deno.test("matmulAdd costs the product's dispatches only (c is copied, not added
     M.matmulAdd(x, w, r, { transB: true });
     assert.equal(dispatchCount() - d1, d1 - d0, "matmulAdd records the matmul's dispatches and no add");
   });
+  // split over K (small C, long K, planned as on a GPU): the slices' sum adds into c's copy in its last pass,
+  // with no add after it
+  await withPlans({ gpu: true, split: true }, () =>
+    M.tidy(() => {
+      const [a, b, c] = [M.randn([4, 3000]), M.randn([3000, 3]), M.randn([4, 3])];
+      const d2 = dispatchCount();
+      M.matmul(a, b);
+      const d3 = dispatchCount();
+      M.matmulAdd(a, b, c);
+      assert.ok(d3 - d2 > 1, `the product is split here (${d3 - d2} dispatches)`);
+      assert.equal(dispatchCount() - d3, d3 - d2, "a split matmulAdd records the split matmul's dispatches");
+    }));
   const live = M.memory().liveTensors;
   M.tidy(() => {
     const a = M.zeros([2, 3]), b = M.zeros([3, 4]);

@@ -38,7 +38,8 @@ import { dispatch, type Kernel } from "../kernel.ts";
 import { broadcastShapes, fmt, padRank, sameShape, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
-import { copy, copyBox } from "./shape_ops.ts";
+import { addSumOfFirstAxis } from "./reduce_kernel.ts";
+import { copy } from "./shape_ops.ts";
 import { kernelFor, type MatmulVariant } from "./matmul_kernels.ts";
 
 export type { MatmulVariant };
@@ -377,13 +378,15 @@ export function matmulRaw(
     dispatch(kernel, storages, u, groups); // reads u now: it may change for the next
     u.k0 = u.k1;
   } while (u.k0 < K);
-  const out = slices === 1 ? c : sumToShape(c, shape);
+  if (slices === 1) return c; // C, or `into` itself (direct)
+  if (into) {
+    addSumOfFirstAxis(c, into); // the slices' sum, added into `into` by the sum's last pass: one dispatch
+    c.dispose();
+    return into;
+  }
+  const out = sumToShape(c, shape);
   if (c !== out) c.dispose();
-  if (!into || direct) return out;
-  const box = { offset: 0, strides: stridesOf(shape) };
-  copyBox(out, box, into, box, shape, true);
-  out.dispose();
-  return into;
+  return out;
 }
 
 const NO_BATCH_SHAPE: readonly number[] = Object.freeze([1, 1, 1, 1]);
@@ -508,7 +511,7 @@ const matmulOp = defineOp<MatmulAttrs>({
  * c + op(a) @ op(b), a and b of rank 2 or more: the product adds itself into a copy of c (a copy command, not
  * a dispatch) in its own pass, so the sum costs no elementwise dispatch of its own (a residual added to a
  * layer's output projection: one dispatch fewer per layer, every forward and decoding step). Where the
- * product is split over K, the sum of the slices is added into the copy instead. The backward is the
+ * product is split over K, the last pass of the slices' sum adds into the copy instead (no add dispatch either). The backward is the
  * matmul's for a and b, and g itself for c.
  */
 const matmulAddOp = defineOp<MatmulAttrs>({
