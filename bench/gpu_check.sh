@@ -43,10 +43,12 @@
 # (matmul: its eae010e numbers halved split-K calls, fixed in fac71ff; 3 s there, now about twice the calls
 # and d_model 768 too)
 #   GPU_CHECK_LIMIT_TESTS=280 GPU_CHECK_TESTS="fused_test fused_variant_fuzz_test ops_matmul_test \
-#     memory_test matmul_test model_fuzz_test autograd_release_fuzz_test" \
+#     memory_test matmul_test mamba_test model_fuzz_test autograd_release_fuzz_test" \
 #     bash bench/gpu_check.sh run tests                                                              (~5 min)
 # (autograd_release_fuzz_test: its bound went from 1e-3 to the op bound 1e-5 on 2026-11-30, measured on
-# lavapipe only; its graphs chain several ops)
+# lavapipe only; its graphs chain several ops. mamba_test: since 2026-11-30 a layer whose products a GPU splits
+# over K against the same layer planned as on a CPU adapter; matmul_test and ops_matmul_test: the split's sum
+# adding into its target)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
