@@ -143,10 +143,22 @@ export const TOLERANCES = {
   hardware: { op: 1e-5, model: 1e-4 },
 } as const;
 
-/** The bound of a kind on this adapter (after `init()`). */
+/** The bound of a kind on this adapter (after `init()`; `MAMBA_ADAPTER_KIND` where a test takes the adapter for
+ * another kind, as tests/gpu_path_runner.ts does, so that the bounds stay this adapter's). */
 export function tolerance(kind: "op" | "model"): Bound {
-  const adapter = deviceInfo().isFallbackAdapter ? "software" : "hardware";
+  const adapter = adapterKind();
   return { rtol: TOLERANCES[adapter][kind], floor: kind === "op" ? 1 : 0, kind: `${kind} (${adapter})` };
+}
+
+function adapterKind(): "software" | "hardware" {
+  let kind: string | undefined;
+  try {
+    kind = Deno.env.get("MAMBA_ADAPTER_KIND");
+  } catch {
+    // no env permission: the adapter's own flag
+  }
+  if (kind === "software" || kind === "hardware") return kind;
+  return deviceInfo().isFallbackAdapter ? "software" : "hardware";
 }
 
 /** The measured errors of every comparison (relative, as the bound: `maxdiff / max(floor, max |want|)`). */

@@ -24,6 +24,29 @@ await init();
 /** The fused tests are ignored where the fused kernels cannot run (the block would run pscan instead). */
 const noFused = fusedUnavailable();
 
+/** Runs `fn` with the scan variant in use at d_state 16 applied to every call, and restores the choices after
+ * (the variant, or the default where none was chosen, and the tuner's variants by problem), even on a throw:
+ * the default variant depends on the adapter's kind, which some tests change. */
+async function withScanVariantFixed<T>(fn: () => Promise<T>): Promise<T> {
+  const {
+    defaultFusedVariant,
+    fusedVariant,
+    fusedVariantsByProblem,
+    setFusedVariant,
+    setFusedVariantsByProblem,
+  } = await import("../scan/fused_variant.ts");
+  const variant = fusedVariant(16);
+  const tuned = JSON.stringify(variant) !== JSON.stringify(defaultFusedVariant(16));
+  const byProblem = fusedVariantsByProblem(16);
+  try {
+    setFusedVariant(16, variant);
+    return await fn();
+  } finally {
+    setFusedVariant(16, tuned ? variant : null);
+    setFusedVariantsByProblem(16, byProblem);
+  }
+}
+
 /** Asserts that the scan of `mode` ran among `kernels` (and no other scan). */
 function assertScanRan(
   kernels: readonly string[],
@@ -419,12 +442,7 @@ Deno.test({
     "a layer's output and gradients under a GPU's matmul plans, its products split over K, equal this adapter's",
   ignore: noFused,
   fn: async () => {
-    const { defaultFusedVariant, fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
     const { matmulPlan, matmulVariant } = await import("../core/ops/matmul.ts");
-    // the same scan variant both ways (the default one depends on the adapter's kind): only the plans differ
-    const variant = fusedVariant(16);
-    const tuned = JSON.stringify(variant) !== JSON.stringify(defaultFusedVariant(16));
-    setFusedVariant(16, variant);
     // d_model 64, L 512: in_proj's input gradient (K = 2 ED = 256) and the weight gradients (K = 512) are split
     // on a GPU, until about 32768 invocations run; summed by one more dispatch each
     const config = { dModel: 64, nLayers: 1, dState: 16, scan: "fused" as const, recompute: false };
@@ -447,20 +465,22 @@ Deno.test({
       return values;
     };
     try {
-      const slices = await withPlans(
-        { gpu: true, split: true },
-        () => matmulPlan(512, 256, 64, {}, matmulVariant()).slices,
-      );
-      assert.ok(slices > 1, `in_proj's input gradient is split on a GPU (${slices} slices)`);
-      const gpu = await withPlans({ gpu: true, split: true }, run);
-      const here = await withPlans({ gpu: false }, run);
-      const names = ["y", ...model.namedParameters().map(([n]) => `gradient of ${n}`)];
-      gpu.forEach((v, i) => {
-        const shape = [v.length];
-        assertMatches({ data: v, shape }, { data: here[i], shape }, tolerance("model"), names[i]);
+      // the same scan variant both ways (the default one depends on the adapter's kind): only the plans differ
+      await withScanVariantFixed(async () => {
+        const slices = await withPlans(
+          { gpu: true, split: true },
+          () => matmulPlan(512, 256, 64, {}, matmulVariant()).slices,
+        );
+        assert.ok(slices > 1, `in_proj's input gradient is split on a GPU (${slices} slices)`);
+        const gpu = await withPlans({ gpu: true, split: true }, run);
+        const here = await withPlans({ gpu: false }, run);
+        const names = ["y", ...model.namedParameters().map(([n]) => `gradient of ${n}`)];
+        gpu.forEach((v, i) => {
+          const shape = [v.length];
+          assertMatches({ data: v, shape }, { data: here[i], shape }, tolerance("model"), names[i]);
+        });
       });
     } finally {
-      if (!tuned) setFusedVariant(16, null);
       model.dispose();
       x.dispose();
       G.dispose();
@@ -474,14 +494,8 @@ Deno.test({
   ignore: noFused,
   fn: async () => {
     const { deviceInfo } = await import("../core/device.ts");
-    const { defaultFusedVariant, fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
     const info = deviceInfo() as { isFallbackAdapter: boolean };
     const fallback = info.isFallbackAdapter;
-    // the same scan variant in both runs (the default one depends on the adapter's kind), so that only the
-    // padding differs in their commands
-    const variant = fusedVariant(16);
-    const tuned = JSON.stringify(variant) !== JSON.stringify(defaultFusedVariant(16));
-    setFusedVariant(16, variant);
     // recompute off: the pad runs once forward (with recompute on, once more inside the backward)
     const config = { dModel: 16, nLayers: 1, dState: 16, scan: "fused" as const, recompute: false };
     const model = new Mamba(mambaConfig(config));
@@ -527,13 +541,9 @@ Deno.test({
         info.isFallbackAdapter = fallback;
       }
     };
-    let padded, plain;
-    try {
-      padded = await run(true);
-      plain = await run(false);
-    } finally {
-      if (!tuned) setFusedVariant(16, null);
-    }
+    // the same scan variant in both runs (the default one depends on the adapter's kind), so that only the
+    // padding differs in their commands
+    const [padded, plain] = await withScanVariantFixed(async () => [await run(true), await run(false)]);
     // the pad: a clear and a copy of the weight forward, a copy of its gradient backward
     assert.equal(
       padded.commands - plain.commands,

@@ -259,32 +259,40 @@ Deno.test("matmul adds into an operand's gradient in place when it is used elsew
   }
   for (const t of [x.grad!, w.grad!, x, w]) t.dispose();
   // matmulRaw(..., into) with a small C and a long K: as this adapter plans it, and as a GPU does (split over
-  // K into slices of 32: 94 partial products, whose sum takes two passes, the second adding into `into`)
-  const [a, b, c0] = [rand([4, 3000], 5), rand([3000, 3], 6), rand([4, 3], 7)];
-  const ref = matmulRef(a, b);
-  for (const plans of [{}, { gpu: true, split: true }]) {
-    const into = toTensor(c0);
-    const out = await withPlans(plans, () => matmulRaw(toTensor(a), toTensor(b), {}, undefined, into));
-    assert.equal(out, into);
-    const res = await into.toArray();
-    into.dispose();
-    checkInto(res, plans.gpu ? "GPU plans" : "this adapter's plans");
-  }
-  function checkInto(res: Float32Array | Int32Array, what: string) {
-    for (let i = 0; i < 12; i++) {
-      const e = ref.data[i] + c0.data[i];
-      // the op bound against the sum's own error scale (tests/ops_fuzz_test.ts): f32 rounds each of the 3000
-      // products relative to its size, and the roundings add up like the root of the sum of their squares;
-      // measured on lavapipe 2.8e-6 of that scale (the bound was 1e-3 of max(1, |e|) before 2026-11-30)
-      let sq = c0.data[i] ** 2;
-      for (let k = 0; k < 3000; k++) sq += (a.data[(i / 3 | 0) * 3000 + k] * b.data[k * 3 + i % 3]) ** 2;
-      const scale = Math.max(1, Math.abs(e), Math.sqrt(sq));
-      assert.ok(Math.abs(res[i] - e) <= 1e-5 * scale, `${what}: into[${i}]: ${res[i]} vs ${e}`);
+  // K into slices of 32: K 1000 in 32 partial products, summed in one pass that adds into `into`; K 3000 in
+  // 94, whose sum takes two passes, the second adding)
+  for (const K of [1000, 3000]) {
+    const [a, b, c0] = [rand([4, K], 5), rand([K, 3], 6), rand([4, 3], 7)];
+    const ref = matmulRef(a, b);
+    for (const plans of [{}, { gpu: true, split: true }]) {
+      const [ta, tb, into] = [toTensor(a), toTensor(b), toTensor(c0)];
+      try {
+        const out = await withPlans(plans, () => matmulRaw(ta, tb, {}, undefined, into));
+        assert.equal(out, into);
+        const res = await into.toArray();
+        const what = `K ${K}, ${plans.gpu ? "GPU plans" : "this adapter's plans"}`;
+        for (let i = 0; i < 12; i++) {
+          const e = ref.data[i] + c0.data[i];
+          // the op bound against the sum's own error scale (tests/ops_fuzz_test.ts): f32 rounds each of the K
+          // products relative to its size, and the roundings add up like the root of the sum of their
+          // squares; measured on lavapipe 2.8e-6 of that scale (the bound was 1e-3 of max(1, |e|) before
+          // 2026-11-30)
+          let sq = c0.data[i] ** 2;
+          for (let k = 0; k < K; k++) sq += (a.data[(i / 3 | 0) * K + k] * b.data[k * 3 + i % 3]) ** 2;
+          const scale = Math.max(1, Math.abs(e), Math.sqrt(sq));
+          assert.ok(Math.abs(res[i] - e) <= 1e-5 * scale, `${what}: into[${i}]: ${res[i]} vs ${e}`);
+        }
+      } finally {
+        for (const t of [ta, tb, into]) t.dispose();
+      }
     }
   }
-  assert.throws(
-    () => matmulRaw(toTensor(a), toTensor(b), {}, undefined, M.zeros([4, 4])),
-    /cannot add a \[4, 3\] product into/,
+  const [a, b] = [rand([4, 3000], 5), rand([3000, 3], 6)];
+  M.tidy(() =>
+    assert.throws(
+      () => matmulRaw(toTensor(a), toTensor(b), {}, undefined, M.zeros([4, 4])),
+      /cannot add a \[4, 3\] product into/,
+    )
   );
 });
 

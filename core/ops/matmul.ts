@@ -511,7 +511,8 @@ const matmulOp = defineOp<MatmulAttrs>({
  * c + op(a) @ op(b), a and b of rank 2 or more: the product adds itself into a copy of c (a copy command, not
  * a dispatch) in its own pass, so the sum costs no elementwise dispatch of its own (a residual added to a
  * layer's output projection: one dispatch fewer per layer, every forward and decoding step). Where the
- * product is split over K, the last pass of the slices' sum adds into the copy instead (no add dispatch either). The backward is the
+ * product is split over K, the last pass of the slices' sum adds into the copy instead (no add dispatch
+ * either). The backward is the
  * matmul's for a and b, and g itself for c.
  */
 const matmulAddOp = defineOp<MatmulAttrs>({

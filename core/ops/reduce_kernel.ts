@@ -69,6 +69,7 @@ export function reduceRun(
   kind: "sum" | "max",
   into?: Tensor,
 ): Tensor {
+  if (into && kind !== "sum") throw new Error(`reduceRun: only a sum adds into a tensor, not ${kind}`);
   let cur = x;
   while (true) {
     const n0 = outer * inner;
@@ -79,7 +80,7 @@ export function reduceRun(
       Math.max(MIN_CHUNK, Math.ceil(r / MIN_CHUNK), Math.ceil((r * n0) / target)),
     );
     const chunks = Math.ceil(r / chunk);
-    const add = chunks === 1 && into !== undefined && kind === "sum"; // the last pass, into the target
+    const add = chunks === 1 && into !== undefined; // the last pass, into the target
     const out = add ? into : Tensor.empty([outer * chunks * inner]);
     const n = outer * chunks * inner;
     dispatch(
@@ -101,7 +102,8 @@ export function reduceRun(
  * tensor is made. No autograd; `parts` is not disposed.
  */
 export function addSumOfFirstAxis(parts: Tensor, into: Tensor): void {
-  if (parts.dtype !== "f32" || into.dtype !== "f32" || !sameShape(parts.shape.slice(1), into.shape)) {
+  const fits = parts.rank >= 1 && sameShape(parts.shape.slice(1), into.shape);
+  if (parts.dtype !== "f32" || into.dtype !== "f32" || !fits) {
     throw new Error(`addSumOfFirstAxis: cannot add the sum of ${parts} over its first axis into ${into}`);
   }
   if (into.size === 0 || parts.shape[0] === 0) return;
