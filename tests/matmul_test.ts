@@ -411,23 +411,22 @@ Deno.test("tuneKernels measures once, selects a variant and caches the choice", 
   const again = await tuneKernels();
   assert.equal(again.variant, measured.variant);
   assert.equal(again.gpuSplit, measured.gpuSplit);
-  let hasStorage = false;
-  try {
-    hasStorage = typeof localStorage !== "undefined" && localStorage.getItem(measured.key) !== null;
-  } catch {
-    // no localStorage here: every call measures
-  }
+  const hasStorage = (localStorageOrNull()?.getItem(measured.key) ?? null) !== null; // none: every call measures
   assert.equal(again.fromCache, hasStorage);
   assert.equal(again.key, tuneCacheKey());
 });
 
-Deno.test("a new tuning drops the cached choices of older kernel versions, keeps the current ones", async () => {
-  let storage: Storage | null = null;
+/** `localStorage`, or null where there is none or access to it is refused. */
+function localStorageOrNull(): Storage | null {
   try {
-    storage = typeof localStorage === "undefined" ? null : localStorage;
+    return typeof localStorage === "undefined" ? null : localStorage;
   } catch {
-    // no localStorage here: nothing is cached, nothing to drop
+    return null;
   }
+}
+
+Deno.test("a new tuning drops the cached choices of older kernel versions, keeps the current ones", async () => {
+  const storage = localStorageOrNull(); // none: nothing is cached, nothing to drop
   if (!storage) return;
   const stale = ["mamba.ts/tune/matmul-0/some adapter", "mambats.fusedScan.v0.N16.some adapter"];
   const other = "mamba.ts-unrelated-key"; // outside both families: untouched
@@ -483,12 +482,7 @@ Deno.test("a split tuning that fails leaves the split as it was", async () => {
 });
 
 Deno.test("the tuner's cached choice carries the GPU split", async () => {
-  let storage: Storage | null = null;
-  try {
-    storage = typeof localStorage === "undefined" ? null : localStorage;
-  } catch {
-    // no localStorage here: nothing is cached
-  }
+  const storage = localStorageOrNull(); // none: nothing is cached
   if (!storage) return;
   await tuneKernels(); // a choice for this adapter exists
   const key = tuneCacheKey();
