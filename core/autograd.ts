@@ -66,8 +66,15 @@ export interface GradTargets {
 export interface OpDef<A> {
   /** Op name. */
   name: string;
-  /** Computes the output; `save` keeps tensors for the backward (inputs or the output). */
-  forward(inputs: Tensor[], attrs: A, save: (...tensors: Tensor[]) => void): Tensor;
+  /** Computes the output; `save` keeps tensors for the backward (inputs or the output). In a checkpoint's
+   * first pass, an op with `replay` also gets `keep`: tensors it made (neither inputs nor the output) that
+   * the checkpoint holds until its backward, where `replay` takes them instead of this forward running again. */
+  forward(
+    inputs: Tensor[],
+    attrs: A,
+    save: (...tensors: Tensor[]) => void,
+    keep?: (...tensors: Tensor[]) => void,
+  ): Tensor;
   /** Gradients of the inputs, given the output's gradient and the saved tensors. `inputs` is for shapes;
    * `targets` offers gradient windows to write in place. */
   backward(
@@ -77,7 +84,34 @@ export interface OpDef<A> {
     attrs: A,
     targets: GradTargets,
   ): (Tensor | WindowGrad | null)[];
+  /**
+   * Optional (selective recomputation): stands in for `forward` in a checkpoint's rerun, given views of what
+   * the first pass's forward kept. It saves what the backward needs and returns the output tensor without
+   * computing it: its values are undefined, so it may only be the checkpointed function's result (an op that
+   * reads it throws). The rerun then skips work that only produces values its backward does not read (the
+   * fused scan and out_proj: the scan's backward recomputes y itself).
+   */
+  replay?(inputs: Tensor[], attrs: A, kept: Tensor[], save: (...tensors: Tensor[]) => void): Tensor;
 }
+
+/** What a checkpoint's first pass kept for one op that has `replay` (in call order). */
+interface KeptEntry {
+  readonly name: string;
+  readonly shapes: string;
+  readonly tensors: readonly Tensor[];
+}
+
+/**
+ * The innermost checkpoint pass running: its first pass ("keep": replayable ops keep tensors into `entries`),
+ * its rerun ("replay": those ops take them back in order; `replayed` holds the outputs they did not compute),
+ * or a checkpoint run as a plain call inside a first pass ("off": nothing kept; its own first pass, in the
+ * enclosing rerun, keeps for it).
+ */
+type KeepContext =
+  | { mode: "keep"; entries: KeptEntry[] }
+  | { mode: "replay"; entries: readonly KeptEntry[]; next: number; replayed: Set<Tensor> }
+  | { mode: "off" };
+const keepContexts: KeepContext[] = [];
 
 let gradEnabled = true;
 
@@ -155,8 +189,45 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
         `${def.name}: Tensor#${gone.id} ${fmt(gone.shape)} ${gone.dtype} was disposed and cannot be used`,
       );
     }
+    const ctx = keepContexts[keepContexts.length - 1];
+    if (ctx?.mode === "replay") {
+      const read = inputs.find((t) => ctx.replayed.has(t));
+      if (read) {
+        throw new Error(
+          `checkpoint: '${def.name}' read ${read}, the output of an op that the rerun replays without ` +
+            "computing it: only the checkpointed function's result may come from such an op",
+        );
+      }
+    }
     const saved: Tensor[] = [];
-    const out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, (...t) => saved.push(...t))));
+    const save = (...t: Tensor[]) => saved.push(...t);
+    let out: Tensor;
+    if (def.replay && ctx?.mode === "replay") {
+      const entry = takeKept(ctx, def.name, inputs);
+      const views = entry.tensors.map((t) => new Tensor(t.storage, t.shape, t.dtype));
+      // replayed only where the output gets a node (its values are never read); else computed as usual
+      if (gradEnabled && inputs.some((t) => t.requiresGrad)) {
+        out = noGrad(() => freeOnThrow(() => def.replay!(inputs, attrs, views, save)));
+        ctx.replayed.add(out);
+      } else {
+        for (const v of views) v.dispose();
+        out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save)));
+      }
+    } else if (def.replay && ctx?.mode === "keep") {
+      const kept: Tensor[] = [];
+      out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save, (...t) => kept.push(...t))));
+      for (const t of kept) {
+        if (t === out || inputs.includes(t)) {
+          throw new Error(`${def.name}: keep takes tensors the op made, not its inputs or output`);
+        }
+        unscope(t);
+      }
+      ctx.entries.push({ name: def.name, shapes: shapesOf(inputs), tensors: kept });
+      // the checkpoint owns them from here: not the op's to dispose when it records no node
+      for (let i = saved.length - 1; i >= 0; i--) if (kept.includes(saved[i])) saved.splice(i, 1);
+    } else {
+      out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save)));
+    }
     return record(
       out,
       def.name,
@@ -165,6 +236,27 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
       (g, targets) => def.backward(g, saved, inputs, attrs, targets),
     );
   };
+}
+
+/** Input shapes as one string (a replayed op's call is checked against its first pass's). */
+const shapesOf = (inputs: readonly Tensor[]) => inputs.map((t) => fmt(t.shape)).join(" ");
+
+/** The next kept entry of a rerun, which must be the same op's, called on inputs of the same shapes. */
+function takeKept(
+  ctx: { entries: readonly KeptEntry[]; next: number },
+  name: string,
+  inputs: Tensor[],
+): KeptEntry {
+  const entry = ctx.entries[ctx.next++];
+  const shapes = shapesOf(inputs);
+  if (!entry || entry.name !== name || entry.shapes !== shapes) {
+    throw new Error(
+      `checkpoint: the rerun called '${name}' on ${shapes} where the first pass called ${
+        entry ? `'${entry.name}' on ${entry.shapes}` : "no more replayable ops"
+      }: the function must run the same ops each time`,
+    );
+  }
+  return entry;
 }
 
 /** Options for {@linkcode backward}. */
@@ -618,13 +710,24 @@ function noteReads(inputs: readonly Tensor[]): void {
 export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
   // Its inputs are its node's inputs in the rerun of an enclosing checkpoint, whatever fn reads.
   if (readers.length) noteReads(inputs);
-  if (!gradEnabled) return fn(...inputs);
+  if (!gradEnabled) {
+    // a plain call: inside an enclosing first pass nothing is kept for it (its own first pass, in the
+    // enclosing rerun, keeps what its rerun replays)
+    keepContexts.push({ mode: "off" });
+    try {
+      return fn(...inputs);
+    } finally {
+      keepContexts.pop();
+    }
+  }
   // The first pass keeps nothing but its output: its intermediates are freed at once.
   // fn may return a tensor it did not make (one of its inputs, one it captured, or what a checkpoint in it
   // returned as is under noGrad): the output gets a node of its own, so it must be a tensor of its own.
   const first = nextTensorId();
   const reads = new Set<Tensor>();
+  const keeps: KeptEntry[] = [];
   readers.push(reads);
+  keepContexts.push({ mode: "keep", entries: keeps });
   let out: Tensor;
   try {
     out = noGrad(() =>
@@ -634,16 +737,22 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tenso
         return y.id < first ? copy(y) : y;
       })
     );
+  } catch (e) {
+    for (const t of keeps.flatMap((k) => k.tensors)) t.dispose();
+    throw e;
   } finally {
     readers.pop();
+    keepContexts.pop();
   }
   const captured = [...reads].filter((x) => x.node && x.id < first && !inputs.includes(x));
+  // what replayable ops kept: saved (counted) and owned by this node, so freed with the graph
+  const kept = keeps.flatMap((k) => k.tensors);
   attach(out, {
     name: "checkpoint",
     inputs: [...inputs, ...captured],
-    saved: [...inputs, ...captured],
-    owned: [],
-    backward: (g) => rerun(fn, inputs, captured, g),
+    saved: [...inputs, ...captured, ...kept],
+    owned: kept,
+    backward: (g) => rerun(fn, inputs, captured, keeps, g),
   });
   return out;
 }
@@ -656,6 +765,7 @@ function rerun(
   fn: (...inputs: Tensor[]) => Tensor,
   inputs: readonly Tensor[],
   captured: readonly Tensor[],
+  keeps: readonly KeptEntry[],
   g: Tensor,
 ): (Tensor | null)[] {
   return tidy(() => {
@@ -665,7 +775,20 @@ function rerun(
       return d;
     });
     const from = nextTensorId();
-    const y = enableGrad(() => fn(...leaves));
+    const ctx = { mode: "replay" as const, entries: keeps, next: 0, replayed: new Set<Tensor>() };
+    keepContexts.push(ctx);
+    let y: Tensor;
+    try {
+      y = enableGrad(() => fn(...leaves));
+    } finally {
+      keepContexts.pop();
+    }
+    if (ctx.next !== keeps.length) {
+      throw new Error(
+        `checkpoint: the rerun called ${ctx.next} replayable ops where the first pass called ${keeps.length}: ` +
+          "the function must run the same ops each time",
+      );
+    }
     const outside = y.requiresGrad ? propagate(y, g, {}, stopAt([...inputs, ...captured], from)) : new Map();
     const grads = leaves.map((d, i) => {
       const gd = d.grad;

@@ -563,3 +563,110 @@ Deno.test("float64 reference sanity: matmulRef and map helpers on a hand-compute
   assert.deepEqual([...matmulRef(a, b, { transA: true }).data], [26, 30, 38, 44]);
   assert.deepEqual([...map2(a, nd([10, 20], [2]), (p, q) => p + q).data], [11, 22, 13, 24]);
 });
+
+/** A toy op with `replay` (as fusedMambaScanOut): out = 2 exp(x), whose backward reads only exp(x), which it
+ * keeps for a checkpoint's rerun; counts how often its forward and replay run. */
+function replayableExp() {
+  const runs = { forward: 0, replay: 0 };
+  const op = defineOp<Record<string, never>>({
+    name: "twoExp",
+    forward: ([x], _a, save, keep) => {
+      runs.forward++;
+      const e = M.exp(x); // e: what the backward reads
+      save(e);
+      keep?.(e);
+      return M.mul(e, 2);
+    },
+    replay: ([x], _a, [e], save) => {
+      runs.replay++;
+      save(e);
+      return M.Tensor.empty(x.shape);
+    },
+    backward: (g, [e]) => [M.mul(M.mul(g, e), 2)],
+  });
+  return { runs, twoExp: (x: Tensor) => op([x], {}) };
+}
+
+Deno.test("checkpoint replays an op with `replay`: its forward runs once, gradients as without checkpoint, what it kept counted and freed", async () => {
+  const { runs, twoExp } = replayableExp();
+  const xr = rand([5, 7], 31);
+  const grads = async (useCheckpoint: boolean, retain = false) => {
+    const live0 = memory().liveBytes;
+    const x = toTensor(xr, true);
+    const fn = (u: Tensor) => twoExp(u.mul(3).tanh()); // tanh runs again in the rerun
+    const saved0 = memory().savedBytes;
+    const keptBytes = tidy(() => {
+      const y = useCheckpoint ? checkpoint(fn, x) : fn(x);
+      const kept = memory().savedBytes - saved0;
+      const loss = y.mul(y).sum();
+      loss.backward(undefined, { retainGraph: retain });
+      if (retain) loss.backward(); // the second rerun replays from the same kept tensors: twice the gradient
+      return kept;
+    });
+    assert.equal(memory().savedBytes, saved0, "the backward releases what the first pass kept");
+    const g = await x.grad!.toArray();
+    const unit = x.storage.size; // bytes of a (5, 7) buffer, as the pool rounds them
+    dispose([x, x.grad!]);
+    assert.equal(memory().liveBytes, live0, "nothing stays live");
+    return { g, keptBuffers: keptBytes / unit };
+  };
+  const direct = await grads(false);
+  assert.deepEqual(runs, { forward: 1, replay: 0 });
+  const ckpt = await grads(true);
+  assert.deepEqual(runs, { forward: 2, replay: 1 }, "the rerun replays instead of running the forward");
+  assert.equal(
+    ckpt.keptBuffers,
+    2,
+    "the checkpoint saves its input and what the op kept, a (5, 7) buffer each",
+  );
+  assertClose(ckpt.g, direct.g, { rtol: 1e-6, atol: 1e-7 }, "checkpoint with replay d/dx");
+  const twice = await grads(true, true);
+  assert.deepEqual(runs, { forward: 3, replay: 3 });
+  assertClose(twice.g, direct.g.map((v) => 2 * v), { rtol: 1e-6, atol: 1e-7 }, "retained graph, twice");
+});
+
+Deno.test("checkpoint replay: an op reading a replayed output, or a rerun running other ops, throws; no grad or a nested checkpoint computes", async () => {
+  const { runs, twoExp } = replayableExp();
+  const x = toTensor(rand([4, 3], 32), true);
+  // the replayed output's values are undefined: only the function's result may come from it
+  const read = checkpoint((u) => twoExp(u).add(1), x);
+  assert.throws(
+    () => read.sum().backward(),
+    /checkpoint: 'add' read Tensor\(\[4, 3\].*the output of an op that the rerun replays/,
+  );
+  // a rerun that runs other ops than the first pass (here a replayable op less)
+  let first = true;
+  const differs = checkpoint((u) => {
+    const y = first ? twoExp(twoExp(u)) : twoExp(u);
+    first = false;
+    return y;
+  }, x);
+  assert.throws(
+    () => differs.sum().backward(),
+    /checkpoint: the rerun called 1 replayable ops where the first pass called 2/,
+  );
+  // an input that needs no gradient: the op records no node, so the rerun computes its output (read by mul)
+  const c = toTensor(rand([4, 3], 33), false);
+  const before = runs.forward;
+  const mixed = checkpoint((u) => twoExp(c).mul(u), x);
+  x.grad?.dispose();
+  x.grad = null;
+  mixed.sum().backward();
+  assert.equal(runs.forward, before + 2, "computed in both passes");
+  assertClose(
+    await x.grad!.toArray(),
+    (await c.toArray()).map((v) => 2 * Math.exp(v)),
+    { rtol: 1e-5 },
+    "d/dx",
+  );
+  // nested: the inner checkpoint keeps for its own rerun, which runs inside the outer's
+  x.grad!.dispose();
+  x.grad = null;
+  const r = runs.replay;
+  const nested = checkpoint((u) => checkpoint((v) => twoExp(v), u.mul(2)), x);
+  nested.sum().backward();
+  assert.equal(runs.replay, r + 1, "the inner rerun replays");
+  const xv = await x.toArray();
+  assertClose(await x.grad!.toArray(), xv.map((v) => 4 * Math.exp(2 * v)), { rtol: 1e-5 }, "nested d/dx");
+  dispose([x, c, read, differs, mixed, nested, x.grad!]);
+});
