@@ -123,6 +123,7 @@ export {
   fusedSelectiveScan,
   lastState,
 } from "./scan/fused.ts";
+export { fusedMambaScanOut } from "./scan/fused_out.ts";
 export {
   defaultFusedVariant,
   type FusedVariant,

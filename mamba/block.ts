@@ -27,6 +27,7 @@ import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { fusedMambaScan, fusedMambaScanForward, lastState } from "../scan/fused.ts";
+import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { convStep, ssmStep } from "../scan/fused_step.ts";
 import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs
 import { checkpoint, isGradEnabled } from "../core/autograd.ts";
@@ -110,9 +111,28 @@ export class MambaBlock extends Module {
     if (this.config.scan === "fused" && fusedScanAvailable()) {
       // The conv and the scan read the two halves of xz in place (no copies).
       const x = this.conv1d.forward(xz, "silu", 0); // x: (B, L, ED)
-      const r = this.fusedSsm(x, xz, wantCache); // gated y: (B, L, ED), h: (B, ED, N)
-      out = this.outProj.forward(r.y, residual); // out: (B, L, D)
-      h = r.h;
+      if (wantCache) {
+        const r = this.fusedSsm(x, xz, true); // gated y: (B, L, ED), h: (B, ED, N)
+        out = this.outProj.forward(r.y, residual); // out: (B, L, D)
+        h = r.h;
+      } else {
+        // The scan and out_proj in one op: no y saved (the scan's backward recomputes it), and replayed in
+        // a recomputing block's rerun (see fusedMambaScanOut).
+        const w = this.dtProj;
+        out = fusedMambaScanOut(
+          x,
+          this.dBC(x),
+          w.weight,
+          w.bias!,
+          this.A_log,
+          this.D,
+          xz,
+          ED,
+          this.outProj.weight,
+          this.outProj.bias,
+          residual,
+        ); // out: (B, L, D)
+      }
     } else {
       // As mamba.py: split into copies (silu(z) keeps its own z, so xz itself need not be kept).
       const [x0, z] = split(xz, ED, -1); // x0, z: (B, L, ED)
@@ -140,7 +160,23 @@ export class MambaBlock extends Module {
    * `wantState`, h at the end (B, ED, N).
    */
   fusedSsm(x: Tensor, xz: Tensor, wantState: boolean): { y: Tensor; h: Tensor | null } {
-    const { dtRank: R, dState: N, dInner: ED } = this.config;
+    const { dState: N, dInner: ED } = this.config;
+    const dBC = this.dBC(x); // dBC: (B, L, R + 2N) or padded
+    const bias = this.dtProj.bias!;
+    if (!wantState) {
+      // dt_proj inside the op: delta is never saved
+      return { y: fusedMambaScan(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED), h: null };
+    }
+    // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.
+    const { y, ph } = fusedMambaScanForward(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED);
+    const h = lastState(ph, x.shape[0], ED, N, x.shape[1]); // h: (B, ED, N)
+    ph.dispose();
+    return { y, h };
+  }
+
+  /** The fused path's x_proj: x (B, L, ED) -> dBC (B, L, R + 2N), or padded (below), normed with `norms`. */
+  private dBC(x: Tensor): Tensor {
+    const { dtRank: R, dState: N } = this.config;
     // On CPU adapters x_proj's output is padded to a multiple of 4 columns (zero rows appended to its weight),
     // so that its matmuls and their gradients move 16 bytes at a time (lavapipe, d_model 16: 1.47 -> 1.17 ms
     // for the three); the scan ignores the extra columns. Not on GPUs: R + 2N is a multiple of 4 wherever
@@ -164,16 +200,7 @@ export class MambaBlock extends Module {
       dBC = cat(normed, -1); // dBC: (B, L, R + 2N)
       for (const t of normed) t.dispose();
     }
-    const bias = this.dtProj.bias!;
-    if (!wantState) {
-      // dt_proj inside the op: delta is never saved
-      return { y: fusedMambaScan(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED), h: null };
-    }
-    // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.
-    const { y, ph } = fusedMambaScanForward(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED);
-    const h = lastState(ph, x.shape[0], ED, N, x.shape[1]); // h: (B, ED, N)
-    ph.dispose();
-    return { y, h };
+    return dBC;
   }
 
   /** x: (B, L, ED) after the conv -> y: (B, L, ED) and the states hs: (B, L, ED, N). */

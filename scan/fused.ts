@@ -234,7 +234,7 @@ export function lastState(ph: Tensor, B: number, ED: number, N: number, L: numbe
 }
 
 /** The gradients of the fused scan's inputs (gz null when ungated). */
-interface FusedGrads {
+export interface FusedGrads {
   gx: Tensor;
   /** ddraw (B, L, ED); with dt_proj inside the kernels, scratch (not ddraw) */
   gdraw: Tensor;
@@ -248,8 +248,9 @@ interface FusedGrads {
 }
 
 /** Runs the backward kernels (no autograd): every input's gradient from the output's gradient g. gdBC's dt
- * columns 0..R hold zeros, or (`a.dtInside`, draw null) ddraw @ W. */
-function fusedScanBackward(
+ * columns 0..R hold zeros, or (`a.dtInside`, draw null) ddraw @ W. With `yInto` (B, L, ED), gated and with
+ * dt_proj inside only, the kernels also write the gated output y * silu(z) there, recomputed on the way. */
+export function fusedScanBackward(
   g: Tensor,
   x: Tensor,
   draw: Tensor | null,
@@ -259,7 +260,14 @@ function fusedScanBackward(
   z: Tensor | null,
   a: FusedAttrs,
   gzInto: Tensor | null = null,
+  yInto: Tensor | null = null,
 ): FusedGrads {
+  if (yInto && (!a.dtInside || !z || yInto.shape.join() !== x.shape.join())) {
+    throw new Error(
+      `fusedScanBackward: yInto ${fmt(yInto.shape)} needs a gated scan with dt_proj inside and x's shape ` +
+        `${fmt(x.shape)}`,
+    );
+  }
   const { B, L, ED, v, u, chunked: parallel } = sizes(x, dBC, a, z, ranWith.get(ph.storage));
   const N = a.N;
   // dB/dC partials: one row per tile, or per subgroup of a tile (how many depends on the subgroup size the
@@ -323,6 +331,7 @@ function fusedScanBackward(
     gdraw: gdraw.storage,
     gz: gz.storage,
     gred: gred.storage,
+    ...(yInto ? { yg: yInto.storage } : {}),
   };
   const hsOff = ph.size - B * ED * u.chunks * N;
   if (chunked) {
@@ -391,7 +400,9 @@ function fusedScanBackward(
       };
       // state blocks one after another: each adds its share of dx, ddelta, dz (the first sums dD, the last dbias)
       const groups = B * u.tiles * (chunked ? t1 - t0 : 1);
-      for (const block of blocks) dispatch(backwardKernel(v, block, Ri, chunked, folded), bufs, uni, groups);
+      for (const block of blocks) {
+        dispatch(backwardKernel(v, block, Ri, chunked, folded, yInto !== null), bufs, uni, groups);
+      }
     }
     // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]; the last segment (c0 = 0) also
     // sums the parameter gradients
@@ -430,7 +441,12 @@ function fusedScanBackward(
  * layer; the price is that the whole gradient lives from here on instead of from the conv's backward (one
  * more (B, L, ED) at the backward's peak: 8.21 -> 8.71 MiB for a d_model 64, N 16, L 1024 layer).
  */
-function gzTarget(inputs: readonly Tensor[], ED: number, a: FusedAttrs, targets: GradTargets): Tensor | null {
+export function gzTarget(
+  inputs: readonly Tensor[],
+  ED: number,
+  a: FusedAttrs,
+  targets: GradTargets,
+): Tensor | null {
   const z = inputs[6];
   if (!a.gated || !z?.requiresGrad || z.shape[2] === ED) return null;
   return targets.window(6, 2, a.zStart ?? 0, ED);
@@ -438,7 +454,7 @@ function gzTarget(inputs: readonly Tensor[], ED: number, a: FusedAttrs, targets:
 
 /** The op's gradient of z: its own tensor, or a window of a wider z (in_proj's output); null if unneeded or
  * written in place. */
-function zGrad(
+export function zGrad(
   gz: Tensor | null,
   z: Tensor | undefined,
   ED: number,
@@ -453,7 +469,7 @@ function zGrad(
 }
 
 /** Disposes the gradients of inputs that need none (null for them). */
-function needed(grads: (Tensor | null)[], inputs: readonly Tensor[]): (Tensor | null)[] {
+export function needed(grads: (Tensor | null)[], inputs: readonly Tensor[]): (Tensor | null)[] {
   return grads.map((t, i) => (!t || inputs[i].requiresGrad ? t : (t.dispose(), null)));
 }
 
@@ -526,7 +542,7 @@ const dtScanOp = defineOp<FusedAttrs>({
 });
 
 /** fusedMambaScan's forward kernels (no autograd): y, `ph` and, above the inline rank, the dt columns read. */
-function dtScanForward(
+export function dtScanForward(
   x: Tensor,
   dBC: Tensor,
   W: Tensor,
@@ -687,7 +703,7 @@ export function fusedMambaScanForward(
 }
 
 /** Checks a fusedMambaScan call and gives its attributes (dt_proj inside the kernels up to the inline rank). */
-function mambaScanAttrs(
+export function mambaScanAttrs(
   what: string,
   x: Tensor,
   dBC: Tensor,

@@ -19,9 +19,10 @@
  * ([step][state][channel]).
  * Reads: x, draw or the dt columns, dBC, ph = [bias | A_log | D | W | hs], z, and g, the output's gradient.
  * Writes: dx, ddraw (through softplus), dz per (b, t, d) (dz possibly into a window of a wider gradient;
- * state blocks after the first add to them); one partial row of dB/dC (and dt) terms per tile or subgroup
- * and step into `gred` (B, segLen, slots, PW), and after it, gpar (B, ED, [dbias | dD | dA (N) | lam carry
- * (N) | dW (Ri)]). `fused_reduce_kernels.ts` sums both.
+ * state blocks after the first add to them), with `emitY` also the gated y it recomputes for dz (into yg);
+ * one partial row of dB/dC (and dt) terms per tile or subgroup and step into `gred` (B, segLen, slots, PW),
+ * and after it, gpar (B, ED, [dbias | dD | dA (N) | lam carry (N) | dW (Ri)]). `fused_reduce_kernels.ts`
+ * sums both.
  * Chunk-parallel (`chunked`): a workgroup per (b, tile, chunk kc) walks only its chunk, starting lam from the
  * carry the chain (fused_carry_kernels.ts) left at `lamOff` in gred, and its sums over time from zero into a
  * gpar row of its own, (B, chunks, ED, GP), which the sums kernel adds up over b and the chunks.
@@ -59,12 +60,16 @@ export function backwardKernel(
   Ri = 0,
   chunked = false,
   folded = false,
+  emitY = false,
 ): Kernel {
   const fold = chunked && folded;
+  if (emitY && !Ri) {
+    throw new Error("backwardKernel: emitY needs dt_proj inside (Ri > 0): yg takes draw's binding");
+  }
   const key = `bwd|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${
     v.Ls ?? v.Lc
-  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}|${chunked}|${fold}`;
-  return cachedKernel(key, () => generateBackward({ ...shapeOf(v, block, Ri), chunked, fold }));
+  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}|${chunked}|${fold}|${emitY}`;
+  return cachedKernel(key, () => generateBackward({ ...shapeOf(v, block, Ri), chunked, fold, emitY }));
 }
 
 /** The compile-time shape of one backward kernel: its variant, state block and dt rank, and the sizes that
@@ -107,9 +112,16 @@ interface Shape {
   /** Chunk-parallel without the chain (MAX_CHUNKS_FOLDED): the lam carry folded from the local results of the
    * chunks after this one (at lamOff, their sums of dt at sdtOff). */
   fold: boolean;
+  /** Gated, with dt_proj inside: also writes the gated output y * silu(z) it recomputes for dz into `yg`
+   * (draw's binding, unused there), for out_proj's weight gradient (the official kernels' recompute_out_z). */
+  emitY: boolean;
 }
 
-function shapeOf(v: FusedVariant, { n0, Nb }: StateBlock, Ri: number): Omit<Shape, "chunked" | "fold"> {
+function shapeOf(
+  v: FusedVariant,
+  { n0, Nb }: StateBlock,
+  Ri: number,
+): Omit<Shape, "chunked" | "fold" | "emitY"> {
   const { N, Lc, WG } = v;
   const Ls = v.Ls ?? Lc;
   const lanes = v.lanes ?? 1;
@@ -147,7 +159,10 @@ function generateBackward(c: Shape): Kernel {
     name: kernelName(c),
     subgroups: c.sg || c.shuffle,
     buffers: [
-      ...scanInputBuffers("read"),
+      // with emitY, yg takes draw's place (dt_proj inside: draw is not read), so the kernel keeps 10 bindings
+      ...scanInputBuffers("read").map((b) =>
+        c.emitY && b.name === "draw" ? { name: "yg", type: "f32", access: "read_write" } as const : b
+      ),
       { name: "g", type: "f32", access: "read" },
       { name: "gx", type: "f32", access: "read_write" },
       // ddraw: an output, or with dt_proj inside only the earlier state blocks' shares for the last one
@@ -179,13 +194,13 @@ ${c.shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state]
 }
 
 function kernelName(
-  { N, Nb, n0, Lc, Ls, WG, S, sg, shared, shuffle, lanes, Ri, chunked, fold }: Shape,
+  { N, Nb, n0, Lc, Ls, WG, S, sg, shared, shuffle, lanes, Ri, chunked, fold, emitY }: Shape,
 ): string {
   return `fused_scan_bwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${
     sg ? "sg" : `S${S}`
   }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}${lanes > 1 ? `_lanes${lanes}` : ""}${
     Ri ? `_dt${Ri}` : ""
-  }${chunked ? "_chunked" : ""}${fold ? "_folded" : ""}`;
+  }${chunked ? "_chunked" : ""}${fold ? "_folded" : ""}${emitY ? "_y" : ""}`;
 }
 
 // The states of the recompute, by their names in the WGSL (K floats each unless said; K = Nb / lanes):
@@ -414,7 +429,7 @@ function stepInputs({ Ri, shuffle, n0, K, N, Nb, lanes }: Shape): string {
 }
 
 /** gy, the gradient of y: g, through the gate when gated, which needs y (this block's share, from hcur) and
- * writes dz. */
+ * writes dz (and with emitY the block's share of the gated y into yg). */
 function outputGradient(c: Shape): string {
   return `var gy = ld_g(i);
       if (P.gated != 0u) {
@@ -426,7 +441,10 @@ function outputGradient(c: Shape): string {
         let sig = sigmoid_(zv);
         // gz is its own (B, L, ED) or a window of the whole gradient of a wider z (P.gzS, P.gz0)
         let iz = (b * P.L + t) * P.gzS + P.gz0 + dc;
-        if (${once(c, "valid")}) { ${acc(c, "gz", "gy * yv * sig * (1.0 + zv * (1.0 - sig))", "iz")} }
+        if (${once(c, "valid")}) {
+          ${acc(c, "gz", "gy * yv * sig * (1.0 + zv * (1.0 - sig))", "iz")}
+          ${c.emitY ? acc(c, "yg", "yv * zv * sig") : ""}
+        }
         gy = gy * zv * sig;
       }`;
 }

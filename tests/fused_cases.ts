@@ -11,6 +11,7 @@ import { full, randn, tensor } from "../core/creation.ts";
 import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { dispose, keep, type Tensor, tidy } from "../core/tensor.ts";
 import { fusedMambaScan, fusedSelectiveScan } from "../scan/fused.ts";
+import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { assertMatches, tolerance } from "./fixture_util.ts";
 
@@ -34,11 +35,18 @@ export interface Case {
   dtWeight?: boolean;
   /** dBC has this many extra columns after R + 2N (x_proj's output padded; fusedMambaScan ignores them). */
   dBCPad?: number;
+  /** With `dtWeight` and `gated`, not with `zTimesY`: out_proj too, fusedMambaScanOut (res + y Wout^T + ob,
+   * Wout (3, ED)), with a residual, also a bias, or neither. The loss's G is then (B, L, 3). */
+  outProj?: "residual" | "bias" | "plain";
 }
 
+/** out_proj's output width in `outProj` cases (odd: no multiple of 4 to hide a column the product skips). */
+const DM = 3;
+
 /** The seeded inputs of a case (every one but G requires grad): x, draw (B, L, ED); dBC (B, L, R + 2N + pad);
- * bias, D (ED); A_log (ED, N); z (B, L, ED or the window's width); G (B, L, ED), the loss's weights on y; W
- * (ED, R), dt_proj's weight. Seed s draws from seeds 100 s + 1 .. 100 s + 9. */
+ * bias, D (ED); A_log (ED, N); z (B, L, ED or the window's width); G (B, L, ED, or 3 with outProj), the loss's
+ * weights on the output; W (ED, R), dt_proj's weight; Wout (3, ED) and res (B, L, 3), out_proj's weight and
+ * the residual; ob (3), out_proj's bias. Seed s draws from seeds 100 s + 1 .. 100 s + 12. */
 export function inputs(c: Case, seed: number) {
   const r = (shape: number[], s: number, scale = 1) => randn(shape, { seed: seed * 100 + s, std: scale });
   const t = {
@@ -49,12 +57,18 @@ export function inputs(c: Case, seed: number) {
     A_log: r([c.ED, c.N], 5, 0.3),
     D: r([c.ED], 6),
     z: r([c.B, c.L, c.zWindow?.width ?? c.ED], 7),
-    G: r([c.B, c.L, c.ED], 8),
+    G: r([c.B, c.L, c.outProj ? DM : c.ED], 8),
     W: r([c.ED, c.R], 9, 0.5),
+    Wout: r([DM, c.ED], 10, 0.5),
+    res: r([c.B, c.L, DM], 11),
+    ob: r([DM], 12),
   };
-  for (const k of ["x", "draw", "dBC", "bias", "A_log", "D", "z", "W"] as const) t[k].requiresGrad_(true);
+  for (const k of GRADS) t[k].requiresGrad_(true);
   return t;
 }
+
+/** The inputs that get gradients. */
+const GRADS = ["x", "draw", "dBC", "bias", "A_log", "D", "z", "W", "Wout", "res", "ob"] as const;
 
 /** The same function built from autograd ops and the sequential scan (the reference). */
 export function reference(t: ReturnType<typeof inputs>, c: Case): Tensor {
@@ -65,13 +79,17 @@ export function reference(t: ReturnType<typeof inputs>, c: Case): Tensor {
   const A = neg(exp(t.A_log));
   const { y } = selectiveScan(t.x, delta, A, Bm, C, t.D, "sequential");
   const z = c.zWindow ? narrow(t.z, 2, c.zWindow.start, c.ED) : t.z;
-  return c.gated ? mul(y, silu(z)) : y;
+  const yg = c.gated ? mul(y, silu(z)) : y; // (B, L, ED)
+  if (!c.outProj) return yg;
+  const o = matmul(yg, t.Wout, { transB: true }); // (B, L, 3)
+  if (c.outProj === "plain") return o;
+  return c.outProj === "bias" ? add(add(o, t.res), t.ob) : add(o, t.res);
 }
 
 /** Runs `fn` and the backward of sum(y * G) (plus sum(cat(y, y) * z) with `zTimesY`): y and the gradient
  * of every input that got one, read back. Clears the inputs' gradients first. */
 export async function gradsOf(t: ReturnType<typeof inputs>, fn: () => Tensor, c: Case) {
-  const names = ["x", "draw", "dBC", "bias", "A_log", "D", "z", "W"] as const;
+  const names = GRADS;
   for (const k of names) {
     t[k].grad?.dispose();
     t[k].grad = null;
@@ -96,7 +114,7 @@ export interface CompareOptions {
 }
 
 /** The per-channel parameters, whose gradients are sums over the B L steps. */
-const SUMMED = ["bias", "A_log", "D", "W"];
+const SUMMED = ["bias", "A_log", "D", "W", "Wout", "ob"];
 
 /**
  * The fused op (fusedSelectiveScan, or fusedMambaScan with `dtWeight`) against {@linkcode reference} on the
@@ -112,6 +130,23 @@ export async function compare(c: Case, seed: number, options: CompareOptions = {
     t,
     () => {
       const z = c.gated ? t.z : null;
+      if (c.outProj) {
+        const res = c.outProj === "plain" ? undefined : t.res;
+        const ob = c.outProj === "bias" ? t.ob : null;
+        return fusedMambaScanOut(
+          t.x,
+          t.dBC,
+          t.W,
+          t.bias,
+          t.A_log,
+          t.D,
+          t.z,
+          c.zWindow?.start,
+          t.Wout,
+          ob,
+          res,
+        );
+      }
       return c.dtWeight
         ? fusedMambaScan(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, z, c.zWindow?.start)
         : fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, z, c.zWindow?.start);

@@ -14,6 +14,7 @@ import {
 } from "../scan/fused.ts";
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
 import { type FusedVariant, stateBlocks } from "../scan/fused_variant.ts";
+import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { assertMatches, tolerance } from "./fixture_util.ts";
 import { type Case, compare, inputs } from "./fused_cases.ts";
@@ -81,6 +82,40 @@ Deno.test("fusedMambaScan (dt_proj inside, delta recomputed in the backward) equ
   assert.throws(
     () => fusedMambaScan(t.x, t.dBC, t.x, t.bias, t.A_log, t.D, t.z),
     /fusedMambaScan: dtWeight must be f32 \(8, R\), got f32 \[1, 4, 8\]/,
+  );
+  for (const v of Object.values(t)) v.dispose();
+});
+
+Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by the backward) equals the reference", async () => {
+  await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, dtWeight: true, outProj: "residual" }, 31);
+  await compare({ B: 1, L: 70, ED: 12, N: 4, R: 3, gated: true, dtWeight: true, outProj: "plain" }, 32);
+  await compare({ B: 2, L: 29, ED: 8, N: 4, R: 2, gated: true, dtWeight: true, outProj: "bias" }, 37);
+  await compare({ B: 2, L: 70, ED: 16, N: 32, R: 8, gated: true, dtWeight: true, outProj: "residual" }, 33); // two state blocks
+  await compare({ B: 1, L: 45, ED: 20, N: 4, R: 9, gated: true, dtWeight: true, outProj: "residual" }, 34); // above the inline rank: two ops
+  await compare({
+    B: 1,
+    L: 40,
+    ED: 32,
+    N: 16,
+    R: 2,
+    gated: true,
+    dtWeight: true,
+    zWindow: { width: 64, start: 32 },
+    outProj: "residual",
+  }, 35);
+  await init();
+  const t = inputs({ B: 1, L: 4, ED: 8, N: 4, R: 2, gated: true, dtWeight: true, outProj: "residual" }, 36);
+  assert.throws(
+    () => fusedMambaScanOut(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined, t.x, null, t.res),
+    /fusedMambaScanOut: outWeight must be f32 \(Dm, 8\), got f32 \[1, 4, 8\]/,
+  );
+  assert.throws(
+    () => fusedMambaScanOut(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined, t.Wout, null, t.x),
+    /fusedMambaScanOut: the residual must be f32 \(1, 4, 3\), got f32 \[1, 4, 8\]/,
+  );
+  assert.throws(
+    () => fusedMambaScanOut(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined, t.Wout, t.D, t.res),
+    /fusedMambaScanOut: outBias must be f32 \(3\), got f32 \[8\]/,
   );
   for (const v of Object.values(t)) v.dispose();
 });

@@ -3,10 +3,10 @@
  * `FusedVariant` that `setFusedVariant` accepts on this adapter (channels per workgroup WG, chunk length Lc,
  * sub-chunk length Ls, states per block Nb, recomputed states in private or workgroup memory, dB/dC summed
  * through workgroup memory or subgroup operations, steps per barrier S, B/C rows shared by subgroupShuffle,
- * lanes per channel, chunks walked in parallel) and a random call (batch, length, channels, state size, dt rank, gate, dt_proj inside
- * the op, z as a column window of a wider tensor, z's gradient already holding another op's share, dBC with
- * padding columns, the backward walked in time segments), and checks the fused op against the autograd
- * composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
+ * lanes per channel, chunks walked in parallel) and a random call (batch, length, channels, state size, dt
+ * rank, gate, dt_proj inside the op, z as a column window of a wider tensor, z's gradient already holding
+ * another op's share, dBC with padding columns, the backward walked in time segments, out_proj in the op:
+ * fusedMambaScanOut), and checks the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
  * bound), that the fused kernels that ran are the variant's, and that nothing stays live after the case.
  *
  * The tuner (scan/tune_fused.ts) picks variants per adapter; on GPUs it is expected to pick what lavapipe's
@@ -140,6 +140,7 @@ const POOLS = {
   z: ["plain", "window", "timesY"],
   dtWeight: [false, true],
   dBCPad: [0, 1, 3], // with dt_proj inside
+  outProj: ["none", "residual", "bias", "plain"] as const, // with dt_proj inside and the gate (not z*y): fusedMambaScanOut
   segments: [false, false, true],
   varying: [false, false, false, true],
   chunked: [false, true],
@@ -298,6 +299,8 @@ function makeCase(seed: number, index: number): Case {
   const dtWeight = pick("dtWeight", 8);
   // padding columns only with dt_proj inside: fusedSelectiveScan reads the dt rank off dBC's width
   const dBCPad = dtWeight ? pick("dBCPad", 9) : 0;
+  // out_proj in the op too: its backward writes the recomputed gated y (`yg`) for out_proj's weight gradient
+  const outProj = dtWeight && gated && zKind !== "timesY" ? pick("outProj", 28) : "none";
   const scan: ScanCase = {
     B: pick("B", 2),
     L,
@@ -309,6 +312,7 @@ function makeCase(seed: number, index: number): Case {
     ...(zKind === "timesY" ? { zTimesY: true } : {}),
     ...(dtWeight ? { dtWeight } : {}),
     ...(dBCPad ? { dBCPad } : {}),
+    ...(outProj !== "none" ? { outProj } : {}),
   };
   return {
     index,
@@ -335,7 +339,7 @@ function describe(c: Case): string {
     s.dtWeight ? " dt_proj" : ""
   }${s.zWindow ? ` z ${s.zWindow.start}+${s.ED}/${s.zWindow.width}` : ""}${s.zTimesY ? " z*y" : ""}${
     s.dBCPad ? ` pad ${s.dBCPad}` : ""
-  }`;
+  }${s.outProj ? ` out_proj ${s.outProj}` : ""}`;
   return `${variant} | ${shape}`;
 }
 
@@ -375,6 +379,8 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
     const want: [string, boolean][] = [
       ["_shuf", !!v.shuffle],
       ["_chunked", chunked],
+      // the backward writes the gated y where out_proj is in the op and dt_proj inside (R 1..8)
+      ["_y", bwd && !!c.scan.outProj && c.scan.R >= 1 && c.scan.R <= MAX_INLINE_DT_RANK],
       ["_folded", chunked && !c.chained],
       [(v.lanes ?? 1) > 1 ? `_lanes${v.lanes}` : "_lanes\\d+", (v.lanes ?? 1) > 1],
       ...(bwd

@@ -22,8 +22,10 @@ import { simpleCommandLine } from "../lib/cli.ts";
  * 256.0 KiB minified, 91.0 KiB gzipped, 2026-11-30; from 260 KiB when a review's fixes, among them softmax's
  * path for rows past the loop limit, state-dict and creation checks and loop-limit checks, took it to 260.4
  * KiB, 92.6 KiB gzipped, the same day; from 264 KiB when the GPU's split of matmuls over K and the tuner's
- * timing of it took it to 263.9 KiB, 94.0 KiB gzipped, 2026-11-30). */
-export const LIBRARY_BUDGET_BYTES = 268 * 1024;
+ * timing of it took it to 263.9 KiB, 94.0 KiB gzipped, 2026-11-30; from 268 KiB when the scan and out_proj
+ * as one op (`fusedMambaScanOut`) and the checkpoint's replay took it to 268.5 KiB, 95.8 KiB gzipped,
+ * 2026-11-30). */
+export const LIBRARY_BUDGET_BYTES = 272 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
  * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB

@@ -1,0 +1,141 @@
+/**
+ * The fused scan and out_proj as one op, as a Mamba block trains: out = residual + (y * silu(z)) @ W_out^T.
+ * Its backward takes the gated y from the scan's backward kernel, which recomputes it anyway for dz (the
+ * official kernels' `recompute_out_z`), so no (B, L, ED) y is saved for out_proj's weight gradient; and in a
+ * checkpoint's rerun (`MambaConfig.recompute`) it replays: neither the scan's forward kernel nor out_proj's
+ * product runs again, only the backward's kernels, from the chunk states (`ph`) that the first pass kept.
+ * @module
+ */
+
+import { defineOp } from "../core/autograd.ts";
+import { add, copy, sumToShape } from "../core/ops/index.ts";
+import { matmul, matmulAdd, matmulRaw } from "../core/ops/matmul.ts";
+import { fmt } from "../core/shape.ts";
+import { Tensor } from "../core/tensor.ts";
+import {
+  dtScanForward,
+  type FusedAttrs,
+  fusedMambaScan,
+  fusedScanBackward,
+  gzTarget,
+  mambaScanAttrs,
+  needed,
+  zGrad,
+} from "./fused.ts";
+
+/** The op's attributes: the scan's, and which of out_proj's bias and the residual are inputs. */
+interface ScanOutAttrs extends FusedAttrs {
+  outBias: boolean;
+  residual: boolean;
+}
+
+/** inputs: [x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, outBias?, residual?]; dt_proj inside, gated. */
+const scanOutOp = defineOp<ScanOutAttrs>({
+  name: "fusedMambaScanOut",
+  forward: (inputs, a, save, keep) => {
+    const [x, dBC, W, bias, A_log, D, z, Wout] = inputs;
+    const ob = a.outBias ? inputs[8] : null;
+    const residual = a.residual ? inputs[inputs.length - 1] : null;
+    const { y, ph } = dtScanForward(x, dBC, W, bias, A_log, D, z, a); // y: (B, L, ED), ph: par + chunk states
+    // the product added into a copy of the residual (as matmulAdd), then the bias
+    const into = residual ? copy(residual) : undefined;
+    const r = matmulRaw(y, Wout, { transB: true }, undefined, into); // r: (B, L, Dm)
+    y.dispose();
+    const out = ob ? add(r, ob) : r; // out: (B, L, Dm)
+    if (out !== r) r.dispose();
+    save(x, dBC, A_log, ph, z, Wout);
+    keep?.(ph); // all that a checkpoint's rerun needs besides the inputs, which it recomputes
+    return out;
+  },
+  replay: (inputs, _a, [ph], save) => {
+    const [x, dBC, , , A_log, , z, Wout] = inputs;
+    save(x, dBC, A_log, ph, z, Wout);
+    return Tensor.empty([x.shape[0], x.shape[1], Wout.shape[0]]); // out: (B, L, Dm), never read
+  },
+  backward: (g, [x, dBC, A_log, ph, z, Wout], inputs, a, targets) => {
+    const [B, L, ED] = x.shape;
+    const Dm = Wout.shape[0];
+    const gy = matmulRaw(g, Wout, {}); // gy: (B, L, ED), the gated y's gradient
+    const yg = Tensor.empty(x.shape); // yg: (B, L, ED), y * silu(z), recomputed by the scan's backward
+    const r = fusedScanBackward(gy, x, null, dBC, A_log, ph, z, a, gzTarget(inputs, ED, a, targets), yg);
+    gy.dispose();
+    r.gdraw.dispose();
+    let gWout: Tensor | null = null;
+    if (inputs[7].requiresGrad) {
+      const gf = new Tensor(g.storage, [B * L, Dm], "f32"); // gf: (B L, Dm)
+      const yf = new Tensor(yg.storage, [B * L, ED], "f32"); // yf: (B L, ED)
+      gWout = matmulRaw(gf, yf, { transA: true }); // gWout: (Dm, ED)
+      gf.dispose();
+      yf.dispose();
+    }
+    yg.dispose();
+    const grads = needed([r.gx, r.gdBC, r.gW, r.gbias, r.gAlog, r.gD], inputs);
+    const gob = a.outBias && inputs[8].requiresGrad ? sumToShape(g, [Dm]) : null; // gob: (Dm)
+    const gres = a.residual && inputs[inputs.length - 1].requiresGrad ? g : null; // gres: (B, L, Dm)
+    return [
+      ...grads,
+      zGrad(r.gz, inputs[6], ED, a),
+      gWout,
+      ...(a.outBias ? [gob] : []),
+      ...(a.residual ? [gres] : []),
+    ];
+  },
+});
+
+/**
+ * A Mamba block's SSM and its output projection: `residual + fusedMambaScan(x, dBC, dtWeight, dtBias, A_log,
+ * D, z, zStart) @ outWeight^T + outBias` (bias and residual optional), differentiable. outWeight: (Dm, ED);
+ * outBias: (Dm); residual: (B, L, Dm);
+ * the other arguments as {@linkcode fusedMambaScan}'s (z required: the gate). Up to dt rank
+ * `MAX_INLINE_DT_RANK` it is one op that saves neither y nor delta: its backward recomputes the gated y in the
+ * scan's backward kernel for outWeight's gradient, and a checkpoint's rerun replays it without running the scan's
+ * forward or the product. Above that rank it is those two ops.
+ */
+export function fusedMambaScanOut(
+  x: Tensor,
+  dBC: Tensor,
+  dtWeight: Tensor,
+  dtBias: Tensor,
+  A_log: Tensor,
+  D: Tensor,
+  z: Tensor,
+  zStart: number | undefined,
+  outWeight: Tensor,
+  outBias: Tensor | null = null,
+  residual?: Tensor,
+): Tensor {
+  const a = mambaScanAttrs("fusedMambaScanOut", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
+  const [B, L, ED] = x.shape;
+  const Dm = outWeight.shape[0];
+  if (outWeight.rank !== 2 || outWeight.shape[1] !== ED || outWeight.dtype !== "f32") {
+    throw new Error(
+      `fusedMambaScanOut: outWeight must be f32 (Dm, ${ED}), got ${outWeight.dtype} ${fmt(outWeight.shape)}`,
+    );
+  }
+  if (outBias && (outBias.shape.join() !== `${Dm}` || outBias.dtype !== "f32")) {
+    throw new Error(
+      `fusedMambaScanOut: outBias must be f32 (${Dm}), got ${outBias.dtype} ${fmt(outBias.shape)}`,
+    );
+  }
+  if (residual && (residual.shape.join() !== `${B},${L},${Dm}` || residual.dtype !== "f32")) {
+    throw new Error(
+      `fusedMambaScanOut: the residual must be f32 (${B}, ${L}, ${Dm}), got ${residual.dtype} ${
+        fmt(residual.shape)
+      }`,
+    );
+  }
+  if (!a.dtInside) {
+    const y = fusedMambaScan(x, dBC, dtWeight, dtBias, A_log, D, z, zStart); // y: (B, L, ED)
+    // out: (B, L, Dm); y stays (the product's node saves it)
+    const o = residual
+      ? matmulAdd(y, outWeight, residual, { transB: true })
+      : matmul(y, outWeight, { transB: true });
+    return outBias ? add(o, outBias) : o;
+  }
+  const extra = [...(outBias ? [outBias] : []), ...(residual ? [residual] : [])];
+  return scanOutOp([x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, ...extra], {
+    ...a,
+    outBias: outBias !== null,
+    residual: residual !== undefined,
+  });
+}
