@@ -4,14 +4,15 @@
  * as a change does, hits both alike. Each rep waits for the GPU, records one step (not counted: the first
  * after a wait pays for the submission before it), then k more steps and one submit, and gives ms per step,
  * as `hostMs` in bench/scan_report.ts; the order of the two alternates between reps. Prints the medians, the
- * quartiles and the 10th percentiles, and B / A.
+ * quartiles and the 10th percentiles, and B / A. With `--wall`, each rep times the k steps and the wait that
+ * ends them: the whole step's time on a software adapter, whose kernels run on the CPU.
  *
- *   deno run -A bench/host_ab.ts <checkout A> <checkout B> [--case fused|pscan|decode] [--dmodel 16]
- *     [--dstate 16] [--reps 60] [--gpu-path]
+ *   deno run -A bench/host_ab.ts <checkout A> <checkout B> [--case fused|recompute|pscan|decode]
+ *     [--dmodel 16] [--dstate 16] [--reps 60] [--gpu-path] [--wall]
  *
  * A checkout is a folder holding this repository (e.g. `git worktree add /tmp/base <commit>`). `fused` and
  * `pscan` time a training step of one Mamba layer (batch 1, L 1024, recompute off, parameter gradients
- * dropped after each step); `decode` times a token of an 8-layer model of mamba-130m's width (vocabulary 256,
+ * dropped after each step), `recompute` the fused one with recompute on; `decode` times a token of an 8-layer model of mamba-130m's width (vocabulary 256,
  * so that the head does not dominate a software adapter). `--gpu-path` takes the adapter for a GPU
  * (`isFallbackAdapter` off), so that the code paths a GPU takes run here (their kernels on this adapter).
  */
@@ -22,11 +23,12 @@ import { median } from "./report_util.ts";
 
 const USAGE = `Usage: deno run -A bench/host_ab.ts <checkout A> <checkout B> [options]
 
-  --case <name>  fused (default), pscan or decode
+  --case <name>  fused (default), recompute (fused, recompute on), pscan or decode
   --dmodel <n>   d_model of the layer (fused, pscan; default 16)
   --dstate <n>   d_state (default 16)
   --reps <n>     alternating reps (default 60)
   --gpu-path     take the adapter for a GPU (isFallbackAdapter off)
+  --wall         time the steps and the wait that ends them (wall time), not the host's recording alone
   --help         this text`;
 
 const { values, positionals, reps, dModel, dState } = parseCommandLine(USAGE, () => {
@@ -40,12 +42,13 @@ const { values, positionals, reps, dModel, dState } = parseCommandLine(USAGE, ()
       dstate: { type: "string" },
       reps: { type: "string" },
       "gpu-path": { type: "boolean" },
+      wall: { type: "boolean" },
       help: { type: "boolean" },
     },
   });
   if (!r.values.help && r.positionals.length !== 2) throw new Error("two checkouts are needed, A and B");
-  if (!["fused", "pscan", "decode"].includes(r.values.case!)) {
-    throw new Error(`--case must be fused, pscan or decode, got '${r.values.case}'`);
+  if (!["fused", "recompute", "pscan", "decode"].includes(r.values.case!)) {
+    throw new Error(`--case must be fused, recompute, pscan or decode, got '${r.values.case}'`);
   }
   return {
     ...r,
@@ -91,7 +94,8 @@ async function load(root: string): Promise<Side> {
     const { Mamba } = await import(url("mamba/block.ts"));
     // built here rather than by each checkout's bench/scan_report.ts prepareLayer, whose step may differ
     // between checkouts (before 86dde86 it walked the modules every step)
-    const config = { dModel, nLayers: 1, dState, scan: values.case, recompute: false };
+    const recompute = values.case === "recompute";
+    const config = { dModel, nLayers: 1, dState, scan: recompute ? "fused" : values.case, recompute };
     const model = new Mamba(mambaConfig(config));
     const x = randn([1, 1024, dModel], { seed: 1 });
     const G = randn([1, 1024, dModel], { seed: 2 });
@@ -126,10 +130,11 @@ for (let r = 0; r < reps; r++) {
   for (const i of r % 2 ? [1, 0] : [0, 1]) {
     const s = sides[i];
     await s.sync();
-    s.step();
+    if (!values.wall) s.step(); // host time: not the first step after a wait (wall time counts each wait once)
     const t0 = performance.now();
     for (let j = 0; j < k; j++) s.step();
-    s.flush();
+    if (values.wall) await s.sync();
+    else s.flush();
     times[i].push((performance.now() - t0) / k);
   }
 }
@@ -141,7 +146,11 @@ const row = (v: number[]) =>
 const what = values.case === "decode"
   ? `decode token (8 layers, d_model 768, N ${dState})`
   : `${values.case} layer step (d_model ${dModel}, N ${dState}, L 1024)`;
-console.log(`${what}, ${k} steps per batch, ${reps} reps${values["gpu-path"] ? ", GPU path" : ""}`);
+console.log(
+  `${what}, ${k} steps per batch, ${reps} reps${values["gpu-path"] ? ", GPU path" : ""}${
+    values.wall ? ", wall time (the wait included)" : ""
+  }`,
+);
 console.log(`A ${positionals[0]}: ${row(times[0])}, ${sides[0].perStep} dispatches per step`);
 console.log(`B ${positionals[1]}: ${row(times[1])}, ${sides[1].perStep} dispatches per step`);
 console.log(
