@@ -103,15 +103,30 @@ interface KeptEntry {
 
 /**
  * The innermost checkpoint pass running: its first pass ("keep": replayable ops keep tensors into `entries`),
- * its rerun ("replay": those ops take them back in order; `replayed` holds the outputs they did not compute),
+ * its rerun ("replay": those ops take them back in order; the outputs they did not compute are in
+ * `replayedOutputs` while the rerun runs),
  * or a checkpoint run as a plain call inside a first pass ("off": nothing kept; its own first pass, in the
  * enclosing rerun, keeps for it).
  */
 type KeepContext =
   | { mode: "keep"; entries: KeptEntry[] }
-  | { mode: "replay"; entries: readonly KeptEntry[]; next: number; replayed: Set<Tensor> }
+  | { mode: "replay"; entries: readonly KeptEntry[]; next: number }
   | { mode: "off" };
 const keepContexts: KeepContext[] = [];
+/** The outputs that running reruns replayed (values undefined): no op or checkpoint may read them. */
+const replayedOutputs = new Set<Tensor>();
+
+/** Throws if `inputs` hold an output that a running rerun replayed without computing it. */
+function checkNotReplayed(what: string, inputs: readonly Tensor[]): void {
+  if (!replayedOutputs.size) return;
+  const read = inputs.find((t) => replayedOutputs.has(t));
+  if (read) {
+    throw new Error(
+      `checkpoint: '${what}' read ${read}, the output of an op that the rerun replays without computing it: ` +
+        "only the checkpointed function's result may come from such an op",
+    );
+  }
+}
 
 let gradEnabled = true;
 
@@ -189,16 +204,8 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
         `${def.name}: Tensor#${gone.id} ${fmt(gone.shape)} ${gone.dtype} was disposed and cannot be used`,
       );
     }
+    checkNotReplayed(def.name, inputs);
     const ctx = keepContexts[keepContexts.length - 1];
-    if (ctx?.mode === "replay") {
-      const read = inputs.find((t) => ctx.replayed.has(t));
-      if (read) {
-        throw new Error(
-          `checkpoint: '${def.name}' read ${read}, the output of an op that the rerun replays without ` +
-            "computing it: only the checkpointed function's result may come from such an op",
-        );
-      }
-    }
     const saved: Tensor[] = [];
     const save = (...t: Tensor[]) => saved.push(...t);
     let out: Tensor;
@@ -208,23 +215,31 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
       // replayed only where the output gets a node (its values are never read); else computed as usual
       if (gradEnabled && inputs.some((t) => t.requiresGrad)) {
         out = noGrad(() => freeOnThrow(() => def.replay!(inputs, attrs, views, save)));
-        ctx.replayed.add(out);
+        replayedOutputs.add(out);
       } else {
         for (const v of views) v.dispose();
         out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save)));
       }
     } else if (def.replay && ctx?.mode === "keep") {
       const kept: Tensor[] = [];
+      const from = nextTensorId();
       out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save, (...t) => kept.push(...t))));
-      for (const t of kept) {
-        if (t === out || inputs.includes(t)) {
-          throw new Error(`${def.name}: keep takes tensors the op made, not its inputs or output`);
-        }
-        unscope(t);
+      // only tensors this forward made (not inputs, parameters or captured ones, which others dispose)
+      const bad = kept.find((t) => t === out || t.id < from || t.kept);
+      if (bad) {
+        out.dispose();
+        throw new Error(`${def.name}: keep takes tensors the op made, other than its output; got ${bad}`);
       }
+      for (const t of kept) unscope(t);
       ctx.entries.push({ name: def.name, shapes: shapesOf(inputs), tensors: kept });
-      // the checkpoint owns them from here: not the op's to dispose when it records no node
-      for (let i = saved.length - 1; i >= 0; i--) if (kept.includes(saved[i])) saved.splice(i, 1);
+      // the checkpoint owns them from here: a node the op records (grad on inside the first pass) saves views
+      const recorded = gradEnabled && inputs.some((t) => t.requiresGrad);
+      for (let i = saved.length - 1; i >= 0; i--) {
+        const t = saved[i];
+        if (!kept.includes(t)) continue;
+        if (recorded) saved[i] = new Tensor(t.storage, t.shape, t.dtype);
+        else saved.splice(i, 1);
+      }
     } else {
       out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save)));
     }
@@ -710,6 +725,7 @@ function noteReads(inputs: readonly Tensor[]): void {
 export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
   // Its inputs are its node's inputs in the rerun of an enclosing checkpoint, whatever fn reads.
   if (readers.length) noteReads(inputs);
+  checkNotReplayed("checkpoint", inputs);
   if (!gradEnabled) {
     // a plain call: inside an enclosing first pass nothing is kept for it (its own first pass, in the
     // enclosing rerun, keeps what its rerun replays)
@@ -775,13 +791,16 @@ function rerun(
       return d;
     });
     const from = nextTensorId();
-    const ctx = { mode: "replay" as const, entries: keeps, next: 0, replayed: new Set<Tensor>() };
+    const ctx = { mode: "replay" as const, entries: keeps, next: 0 };
     keepContexts.push(ctx);
+    const before = new Set(replayedOutputs);
     let y: Tensor;
     try {
       y = enableGrad(() => fn(...leaves));
     } finally {
       keepContexts.pop();
+      // this rerun's replayed outputs leave the set (only backpropagated from, below)
+      for (const t of [...replayedOutputs]) if (!before.has(t)) replayedOutputs.delete(t);
     }
     if (ctx.next !== keeps.length) {
       throw new Error(

@@ -50,7 +50,8 @@ const scanOutOp = defineOp<ScanOutAttrs>({
   replay: (inputs, _a, [ph], save) => {
     const [x, dBC, , , A_log, , z, Wout] = inputs;
     save(x, dBC, A_log, ph, z, Wout);
-    return Tensor.empty([x.shape[0], x.shape[1], Wout.shape[0]]); // out: (B, L, Dm), never read
+    // out: (B, L, Dm), never read (allocated all the same, until the rerun's scope ends: B L Dm floats)
+    return Tensor.empty([x.shape[0], x.shape[1], Wout.shape[0]]);
   },
   backward: (g, [x, dBC, A_log, ph, z, Wout], inputs, a, targets) => {
     const [B, L, ED] = x.shape;
@@ -104,6 +105,7 @@ export function fusedMambaScanOut(
   outBias: Tensor | null = null,
   residual?: Tensor,
 ): Tensor {
+  if (!z) throw new Error("fusedMambaScanOut: z (the gate) is required");
   const a = mambaScanAttrs("fusedMambaScanOut", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
   const [B, L, ED] = x.shape;
   const Dm = outWeight.shape[0];
@@ -132,10 +134,10 @@ export function fusedMambaScanOut(
       : matmul(y, outWeight, { transB: true });
     return outBias ? add(o, outBias) : o;
   }
-  const extra = [...(outBias ? [outBias] : []), ...(residual ? [residual] : [])];
+  const extra = [...(outBias ? [outBias] : []), ...(residual ? [residual] : [])]; // null or undefined: none
   return scanOutOp([x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, ...extra], {
     ...a,
-    outBias: outBias !== null,
-    residual: residual !== undefined,
+    outBias: outBias != null,
+    residual: residual != null,
   });
 }

@@ -634,6 +634,23 @@ Deno.test("checkpoint replay: an op reading a replayed output, or a rerun runnin
     () => read.sum().backward(),
     /checkpoint: 'add' read Tensor\(\[4, 3\].*the output of an op that the rerun replays/,
   );
+  // ... nor a checkpoint inside the rerun (under noGrad the op computes: its output gets no node)
+  const inner = checkpoint((u) => checkpoint((v) => v.add(1), twoExp(u)), x);
+  assert.throws(() => inner.sum().backward(), /checkpoint: 'checkpoint' read Tensor\(\[4, 3\]/);
+  // keep takes only tensors the op made: not an input
+  const keepsInput = defineOp<Record<string, never>>({
+    name: "keepsInput",
+    forward: ([t], _a, _save, keep) => {
+      keep?.(t);
+      return M.mul(t, 2);
+    },
+    replay: ([t]) => M.Tensor.empty(t.shape),
+    backward: (g) => [M.mul(g, 2)],
+  });
+  assert.throws(
+    () => checkpoint((u) => keepsInput([u], {}), x),
+    /keepsInput: keep takes tensors the op made/,
+  );
   // a rerun that runs other ops than the first pass (here a replayable op less)
   let first = true;
   const differs = checkpoint((u) => {
@@ -668,5 +685,5 @@ Deno.test("checkpoint replay: an op reading a replayed output, or a rerun runnin
   assert.equal(runs.replay, r + 1, "the inner rerun replays");
   const xv = await x.toArray();
   assertClose(await x.grad!.toArray(), xv.map((v) => 4 * Math.exp(2 * v)), { rtol: 1e-5 }, "nested d/dx");
-  dispose([x, c, read, differs, mixed, nested, x.grad!]);
+  dispose([x, c, read, inner, differs, mixed, nested, x.grad!]);
 });
