@@ -247,9 +247,16 @@ export interface FusedGrads {
   gz: Tensor | null;
 }
 
+/** Whether the backward kernel can bind `yg` besides draw (dt_proj outside): an 11th storage buffer, which
+ * native adapters offer and browsers may not (Chrome exposes 10). */
+export function yBindingFree(): boolean {
+  return deviceInfo().limits.maxStorageBuffersPerShaderStage >= 11;
+}
+
 /** Runs the backward kernels (no autograd): every input's gradient from the output's gradient g. gdBC's dt
- * columns 0..R hold zeros, or (`a.dtInside`, draw null) ddraw @ W. With `yInto` (B, L, ED), gated and with
- * dt_proj inside only, the kernels also write the gated output y * silu(z) there, recomputed on the way. */
+ * columns 0..R hold zeros, or (`a.dtInside`, draw null) ddraw @ W. With `yInto` (B, L, ED), gated only, the
+ * kernels also write the gated output y * silu(z) there, recomputed on the way (through draw's binding with
+ * dt_proj inside, else an 11th: `yBindingFree`). */
 export function fusedScanBackward(
   g: Tensor,
   x: Tensor,
@@ -262,10 +269,12 @@ export function fusedScanBackward(
   gzInto: Tensor | null = null,
   yInto: Tensor | null = null,
 ): FusedGrads {
-  if (yInto && (!a.dtInside || !z || yInto.shape.join() !== x.shape.join())) {
+  if (yInto && (!z || yInto.shape.join() !== x.shape.join() || (!a.dtInside && !yBindingFree()))) {
     throw new Error(
-      `fusedScanBackward: yInto ${fmt(yInto.shape)} needs a gated scan with dt_proj inside and x's shape ` +
-        `${fmt(x.shape)}`,
+      `fusedScanBackward: yInto ${fmt(yInto.shape)} needs a gated scan, x's shape ${
+        fmt(x.shape)
+      }, and dt_proj ` +
+        "inside or an adapter with 11 storage buffers per stage",
     );
   }
   const { B, L, ED, v, u, chunked: parallel } = sizes(x, dBC, a, z, ranWith.get(ph.storage));
@@ -509,37 +518,70 @@ const dtScanOp = defineOp<FusedAttrs>({
   backward: (g, saved, inputs, a, targets) => {
     const [x, dBC, A_log, ph] = saved;
     const z = a.gated ? saved[4] : null;
-    const ED = x.shape[2];
-    const gzInto = gzTarget(inputs, ED, a, targets);
-    let r: FusedGrads;
-    if (a.dtInside) {
-      r = fusedScanBackward(g, x, null, dBC, A_log, ph, z, a, gzInto);
-    } else {
-      const [dt, W] = saved.slice(a.gated ? 5 : 4);
-      const draw = matmulRaw(dt, W, { transB: true }); // recomputed: draw: (B, L, ED)
-      r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a, gzInto);
-      draw.dispose();
-      const [B, L] = x.shape;
-      if (inputs[2].requiresGrad) {
-        const gdrawFlat = new Tensor(r.gdraw.storage, [B * L, ED], "f32"); // (B L, ED)
-        const dtFlat = new Tensor(dt.storage, [B * L, a.R], "f32"); // (B L, R)
-        r.gW = matmulRaw(gdrawFlat, dtFlat, { transA: true }); // gW: (ED, R)
-        gdrawFlat.dispose();
-        dtFlat.dispose();
-      }
-      if (inputs[1].requiresGrad && a.R > 0) {
-        // the dt columns of dBC's gradient (zeros so far): ddraw @ W
-        const gdt = matmulRaw(r.gdraw, W, {}); // gdt: (B, L, R)
-        const box = { offset: 0, strides: stridesOf(r.gdBC.shape) };
-        copyBox(gdt, { offset: 0, strides: stridesOf(gdt.shape) }, r.gdBC, box, [B, L, a.R]);
-        gdt.dispose();
-      }
-    }
-    r.gdraw.dispose();
+    const dtW = a.dtInside ? null : saved.slice(a.gated ? 5 : 4) as [Tensor, Tensor];
+    const r = dtScanBackward(
+      g,
+      x,
+      dBC,
+      A_log,
+      ph,
+      z,
+      dtW,
+      inputs,
+      a,
+      gzTarget(inputs, x.shape[2], a, targets),
+    );
     const grads = needed([r.gx, r.gdBC, r.gW, r.gbias, r.gAlog, r.gD], inputs);
-    return z ? [...grads, zGrad(r.gz, inputs[6], ED, a)] : grads;
+    return z ? [...grads, zGrad(r.gz, inputs[6], x.shape[2], a)] : grads;
   },
 });
+
+/**
+ * fusedMambaScan's backward kernels (no autograd), for inputs [x, dBC, W, ...] (`inputs` says which need
+ * gradients): with dt_proj inside, the kernels give W's gradient and the dt columns of dBC's; above the inline
+ * rank, `dtW` = [dt (B, L, R), W] and draw is recomputed by a matmul, and those two gradients come from ddraw.
+ * With `yInto` (B, L, ED) the kernels also write the gated y there (see fusedScanBackward). ddraw is disposed.
+ */
+export function dtScanBackward(
+  g: Tensor,
+  x: Tensor,
+  dBC: Tensor,
+  A_log: Tensor,
+  ph: Tensor,
+  z: Tensor | null,
+  dtW: [Tensor, Tensor] | null,
+  inputs: readonly Tensor[],
+  a: FusedAttrs,
+  gzInto: Tensor | null,
+  yInto: Tensor | null = null,
+): FusedGrads {
+  if (!dtW) {
+    const r = fusedScanBackward(g, x, null, dBC, A_log, ph, z, a, gzInto, yInto);
+    r.gdraw.dispose();
+    return r;
+  }
+  const [dt, W] = dtW;
+  const [B, L, ED] = x.shape;
+  const draw = matmulRaw(dt, W, { transB: true }); // recomputed: draw: (B, L, ED)
+  const r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a, gzInto, yInto);
+  draw.dispose();
+  if (inputs[2].requiresGrad) {
+    const gdrawFlat = new Tensor(r.gdraw.storage, [B * L, ED], "f32"); // (B L, ED)
+    const dtFlat = new Tensor(dt.storage, [B * L, a.R], "f32"); // (B L, R)
+    r.gW = matmulRaw(gdrawFlat, dtFlat, { transA: true }); // gW: (ED, R)
+    gdrawFlat.dispose();
+    dtFlat.dispose();
+  }
+  if (inputs[1].requiresGrad && a.R > 0) {
+    // the dt columns of dBC's gradient (zeros so far): ddraw @ W
+    const gdt = matmulRaw(r.gdraw, W, {}); // gdt: (B, L, R)
+    const box = { offset: 0, strides: stridesOf(r.gdBC.shape) };
+    copyBox(gdt, { offset: 0, strides: stridesOf(gdt.shape) }, r.gdBC, box, [B, L, a.R]);
+    gdt.dispose();
+  }
+  r.gdraw.dispose();
+  return r;
+}
 
 /** fusedMambaScan's forward kernels (no autograd): y, `ph` and, above the inline rank, the dt columns read. */
 export function dtScanForward(

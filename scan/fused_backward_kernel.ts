@@ -63,9 +63,6 @@ export function backwardKernel(
   emitY = false,
 ): Kernel {
   const fold = chunked && folded;
-  if (emitY && !Ri) {
-    throw new Error("backwardKernel: emitY needs dt_proj inside (Ri > 0): yg takes draw's binding");
-  }
   const key = `bwd|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${
     v.Ls ?? v.Lc
   }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}|${chunked}|${fold}|${emitY}`;
@@ -112,8 +109,9 @@ interface Shape {
   /** Chunk-parallel without the chain (MAX_CHUNKS_FOLDED): the lam carry folded from the local results of the
    * chunks after this one (at lamOff, their sums of dt at sdtOff). */
   fold: boolean;
-  /** Gated, with dt_proj inside: also writes the gated output y * silu(z) it recomputes for dz into `yg`
-   * (draw's binding, unused there), for out_proj's weight gradient (the official kernels' recompute_out_z). */
+  /** Gated: also writes the gated output y * silu(z) it recomputes for dz into `yg` (draw's binding with
+   * dt_proj inside, where draw is unused; else an 11th), for out_proj's weight gradient (the official
+   * kernels' recompute_out_z). */
   emitY: boolean;
 }
 
@@ -153,16 +151,19 @@ function shapeOf(
   };
 }
 
+/** The gated y's binding (emitY). */
+const YG = { name: "yg", type: "f32", access: "read_write" } as const;
+
 function generateBackward(c: Shape): Kernel {
   const { WG, S, CW, Ls, K } = c;
   return defineKernel({
     name: kernelName(c),
     subgroups: c.sg || c.shuffle,
     buffers: [
-      // with emitY, yg takes draw's place (dt_proj inside: draw is not read), so the kernel keeps 10 bindings
-      ...scanInputBuffers("read").map((b) =>
-        c.emitY && b.name === "draw" ? { name: "yg", type: "f32", access: "read_write" } as const : b
-      ),
+      // with emitY, yg takes draw's place where dt_proj runs inside (draw is not read): 10 bindings, what
+      // browsers allow; else it is an 11th (native adapters only: fused.ts yBindingFree)
+      ...scanInputBuffers("read").map((b) => c.emitY && c.Ri && b.name === "draw" ? YG : b),
+      ...(c.emitY && !c.Ri ? [YG] : []),
       { name: "g", type: "f32", access: "read" },
       { name: "gx", type: "f32", access: "read_write" },
       // ddraw: an output, or with dt_proj inside only the earlier state blocks' shares for the last one

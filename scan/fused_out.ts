@@ -13,13 +13,15 @@ import { matmul, matmulAdd, matmulRaw } from "../core/ops/matmul.ts";
 import { fmt } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 import {
+  dtColumns,
+  dtScanBackward,
   dtScanForward,
   type FusedAttrs,
   fusedMambaScan,
-  fusedScanBackward,
   gzTarget,
   mambaScanAttrs,
   needed,
+  yBindingFree,
   zGrad,
 } from "./fused.ts";
 
@@ -36,31 +38,44 @@ const scanOutOp = defineOp<ScanOutAttrs>({
     const [x, dBC, W, bias, A_log, D, z, Wout] = inputs;
     const ob = a.outBias ? inputs[8] : null;
     const residual = a.residual ? inputs[inputs.length - 1] : null;
-    const { y, ph } = dtScanForward(x, dBC, W, bias, A_log, D, z, a); // y: (B, L, ED), ph: par + chunk states
+    // y: (B, L, ED), ph: par + chunk states, dt: above the inline rank, dBC's dt columns (B, L, R)
+    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z, a);
     // the product added into a copy of the residual (as matmulAdd), then the bias
     const into = residual ? copy(residual) : undefined;
     const r = matmulRaw(y, Wout, { transB: true }, undefined, into); // r: (B, L, Dm)
     y.dispose();
     const out = ob ? add(r, ob) : r; // out: (B, L, Dm)
     if (out !== r) r.dispose();
-    save(x, dBC, A_log, ph, z, Wout);
+    save(x, dBC, A_log, ph, z, Wout, ...(dt ? [dt, W] : []));
     keep?.(ph); // all that a checkpoint's rerun needs besides the inputs, which it recomputes
     return out;
   },
-  replay: (inputs, _a, [ph], save) => {
-    const [x, dBC, , , A_log, , z, Wout] = inputs;
-    save(x, dBC, A_log, ph, z, Wout);
+  replay: (inputs, a, [ph], save) => {
+    const [x, dBC, W, , A_log, , z, Wout] = inputs;
+    save(x, dBC, A_log, ph, z, Wout, ...(a.dtInside ? [] : [dtColumns(dBC, a.R), W])); // dt: a copy
     // out: (B, L, Dm), never read (allocated all the same, until the rerun's scope ends: B L Dm floats)
     return Tensor.empty([x.shape[0], x.shape[1], Wout.shape[0]]);
   },
-  backward: (g, [x, dBC, A_log, ph, z, Wout], inputs, a, targets) => {
+  backward: (g, [x, dBC, A_log, ph, z, Wout, ...dtW], inputs, a, targets) => {
     const [B, L, ED] = x.shape;
     const Dm = Wout.shape[0];
     const gy = matmulRaw(g, Wout, {}); // gy: (B, L, ED), the gated y's gradient
     const yg = Tensor.empty(x.shape); // yg: (B, L, ED), y * silu(z), recomputed by the scan's backward
-    const r = fusedScanBackward(gy, x, null, dBC, A_log, ph, z, a, gzTarget(inputs, ED, a, targets), yg);
+    const gzInto = gzTarget(inputs, ED, a, targets);
+    const r = dtScanBackward(
+      gy,
+      x,
+      dBC,
+      A_log,
+      ph,
+      z,
+      a.dtInside ? null : dtW as [Tensor, Tensor],
+      inputs,
+      a,
+      gzInto,
+      yg,
+    );
     gy.dispose();
-    r.gdraw.dispose();
     let gWout: Tensor | null = null;
     if (inputs[7].requiresGrad) {
       const gf = new Tensor(g.storage, [B * L, Dm], "f32"); // gf: (B L, Dm)
@@ -87,10 +102,11 @@ const scanOutOp = defineOp<ScanOutAttrs>({
  * A Mamba block's SSM and its output projection: `residual + fusedMambaScan(x, dBC, dtWeight, dtBias, A_log,
  * D, z, zStart) @ outWeight^T + outBias` (bias and residual optional), differentiable. outWeight: (Dm, ED);
  * outBias: (Dm); residual: (B, L, Dm);
- * the other arguments as {@linkcode fusedMambaScan}'s (z required: the gate). Up to dt rank
- * `MAX_INLINE_DT_RANK` it is one op that saves neither y nor delta: its backward recomputes the gated y in the
- * scan's backward kernel for outWeight's gradient, and a checkpoint's rerun replays it without running the scan's
- * forward or the product. Above that rank it is those two ops.
+ * the other arguments as {@linkcode fusedMambaScan}'s (z required: the gate). It is one op that saves neither
+ * y nor delta: its backward recomputes the gated y in the scan's backward kernel for outWeight's gradient, and a
+ * checkpoint's rerun replays it without running the scan's forward or the product. Above dt rank
+ * `MAX_INLINE_DT_RANK` that kernel needs an 11th storage buffer for y (native adapters have it; Chrome exposes
+ * 10): without one it is those two ops.
  */
 export function fusedMambaScanOut(
   x: Tensor,
@@ -126,7 +142,7 @@ export function fusedMambaScanOut(
       }`,
     );
   }
-  if (!a.dtInside) {
+  if (!a.dtInside && !yBindingFree()) {
     const y = fusedMambaScan(x, dBC, dtWeight, dtBias, A_log, D, z, zStart); // y: (B, L, ED)
     // out: (B, L, Dm); y stays (the product's node saves it)
     const o = residual

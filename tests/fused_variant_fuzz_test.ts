@@ -52,7 +52,7 @@
 import { AssertionError } from "node:assert/strict";
 import { fixedSubgroupSize, init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
-import { setFusedPartialBudget, setMaxChunksFolded } from "../scan/fused.ts";
+import { setFusedPartialBudget, setMaxChunksFolded, yBindingFree } from "../scan/fused.ts";
 import {
   type FusedVariant,
   MAX_CHUNKS_CHAINED,
@@ -379,8 +379,11 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
     const want: [string, boolean][] = [
       ["_shuf", !!v.shuffle],
       ["_chunked", chunked],
-      // the backward writes the gated y where out_proj is in the op and dt_proj inside (R 1..8)
-      ["_y", bwd && !!c.scan.outProj && c.scan.R >= 1 && c.scan.R <= MAX_INLINE_DT_RANK],
+      // the backward writes the gated y where out_proj is in the op: dt_proj inside (R 1..8), or an 11th binding
+      [
+        "_y",
+        bwd && !!c.scan.outProj && ((c.scan.R >= 1 && c.scan.R <= MAX_INLINE_DT_RANK) || yBindingFree()),
+      ],
       ["_folded", chunked && !c.chained],
       [(v.lanes ?? 1) > 1 ? `_lanes${v.lanes}` : "_lanes\\d+", (v.lanes ?? 1) > 1],
       ...(bwd
