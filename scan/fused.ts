@@ -248,9 +248,12 @@ export interface FusedGrads {
 }
 
 /** Whether the backward kernel can bind `yg` besides draw (dt_proj outside): an 11th storage buffer, which
- * native adapters offer and browsers may not (Chrome exposes 10). */
-export function yBindingFree(): boolean {
-  return deviceInfo().limits.maxStorageBuffersPerShaderStage >= 11;
+ * native adapters offer and browsers may not (Chrome exposes 10). With x (B, L, ED) and z given, it counts
+ * their binding windows (a tensor over one window takes one binding per window): x, draw, g, gx, gdraw and
+ * yg as large as x, z and gz as z, and dBC, ph and gred one each. */
+export function yBindingFree(x?: Tensor, z?: Tensor): boolean {
+  const w = (t: Tensor | undefined) => (t ? Math.max(1, Math.ceil((4 * t.size) / windowBytes())) : 1);
+  return deviceInfo().limits.maxStorageBuffersPerShaderStage >= 6 * w(x) + 2 * w(z) + 3;
 }
 
 /** Runs the backward kernels (no autograd): every input's gradient from the output's gradient g. gdBC's dt
@@ -269,7 +272,7 @@ export function fusedScanBackward(
   gzInto: Tensor | null = null,
   yInto: Tensor | null = null,
 ): FusedGrads {
-  if (yInto && (!z || yInto.shape.join() !== x.shape.join() || (!a.dtInside && !yBindingFree()))) {
+  if (yInto && (!z || yInto.shape.join() !== x.shape.join() || (!a.dtInside && !yBindingFree(x, z)))) {
     throw new Error(
       `fusedScanBackward: yInto ${fmt(yInto.shape)} needs a gated scan, x's shape ${
         fmt(x.shape)

@@ -31,7 +31,8 @@ interface ScanOutAttrs extends FusedAttrs {
   residual: boolean;
 }
 
-/** inputs: [x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, outBias?, residual?]; dt_proj inside, gated. */
+/** inputs: [x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, outBias?, residual?]; gated; dt_proj inside
+ * (R 1..8), or draw from a matmul with yg as the backward's 11th binding (`yBindingFree`). */
 const scanOutOp = defineOp<ScanOutAttrs>({
   name: "fusedMambaScanOut",
   forward: (inputs, a, save, keep) => {
@@ -142,7 +143,7 @@ export function fusedMambaScanOut(
       }`,
     );
   }
-  if (!a.dtInside && !yBindingFree()) {
+  if (!a.dtInside && !yBindingFree(x, z)) {
     const y = fusedMambaScan(x, dBC, dtWeight, dtBias, A_log, D, z, zStart); // y: (B, L, ED)
     // out: (B, L, Dm); y stays (the product's node saves it)
     const o = residual

@@ -91,19 +91,30 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
   await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, dtWeight: true, outProj: "residual" }, 31);
   await compare({ B: 1, L: 70, ED: 12, N: 4, R: 3, gated: true, dtWeight: true, outProj: "plain" }, 32);
   await compare({ B: 2, L: 29, ED: 8, N: 4, R: 2, gated: true, dtWeight: true, outProj: "bias" }, 37);
+  await compare({ B: 2, L: 33, ED: 16, N: 4, R: 0, gated: true, dtWeight: true, outProj: "residual" }, 38); // R 0
   await compare({ B: 2, L: 70, ED: 16, N: 32, R: 8, gated: true, dtWeight: true, outProj: "residual" }, 33); // two state blocks
   // above the inline rank: one op with an 11th binding for yg (native adapters), else the two ops
   const c34: Case = { B: 1, L: 45, ED: 20, N: 4, R: 9, gated: true, dtWeight: true, outProj: "residual" };
   const { kernels: ran } = await kernelsRun(() => compare(c34, 34));
   assert.equal(ran.some((k) => /^fused_scan_bwd_.*_y$/.test(k)), yBindingFree(), "yg written by the kernel");
   const limits = deviceInfo().limits;
-  const real = limits.maxStorageBuffersPerShaderStage;
+  const [real, realBinding] = [limits.maxStorageBuffersPerShaderStage, limits.maxStorageBufferBindingSize];
   limits.maxStorageBuffersPerShaderStage = 10; // as Chrome exposes: the two ops
   try {
     const { kernels: two } = await kernelsRun(() => compare(c34, 34));
     assert.ok(!two.some((k) => /^fused_scan_bwd_.*_y$/.test(k)), "no yg at 10 bindings");
+    // tensors over one binding window take a binding per window: x and z of 3600 bytes in 2048-byte windows
+    // take two each, so the one op needs 6 * 2 + 2 * 2 + 3 = 19 bindings
+    const t = inputs(c34, 34);
+    limits.maxStorageBufferBindingSize = 2048;
+    limits.maxStorageBuffersPerShaderStage = 19;
+    assert.ok(yBindingFree(t.x, t.z), "19 bindings fit");
+    limits.maxStorageBuffersPerShaderStage = 18;
+    assert.ok(!yBindingFree(t.x, t.z), "18 do not");
+    for (const v of Object.values(t)) v.dispose();
   } finally {
     limits.maxStorageBuffersPerShaderStage = real;
+    limits.maxStorageBufferBindingSize = realBinding;
   }
 
   await compare({

@@ -140,7 +140,7 @@ const POOLS = {
   z: ["plain", "window", "timesY"],
   dtWeight: [false, true],
   dBCPad: [0, 1, 3], // with dt_proj inside
-  outProj: ["none", "residual", "bias", "plain"] as const, // with dt_proj inside and the gate (not z*y): fusedMambaScanOut
+  outProj: ["none", "residual", "bias", "plain"] as const, // with dtWeight and the gate (not z*y): fusedMambaScanOut
   segments: [false, false, true],
   varying: [false, false, false, true],
   chunked: [false, true],
