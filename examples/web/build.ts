@@ -29,8 +29,10 @@ export const LIBRARY_BUDGET_BYTES = 272 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
  * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB
- * minified, 88.1 KiB gzipped, 2026-11-29; from 92 and 94 KiB with the minified budget, above). */
-export const LIBRARY_BUDGET_GZIP_BYTES = 96 * 1024;
+ * minified, 88.1 KiB gzipped, 2026-11-29; from 92 and 94 KiB with the minified budget, above; from 96 KiB when
+ * `fusedMambaScanOut` above the inline dt rank and its binding-window count took it to 269.0 KiB minified,
+ * 96.0 KiB gzipped, 2026-11-30). */
+export const LIBRARY_BUDGET_GZIP_BYTES = 98 * 1024;
 
 /** The repository's root folder (a file path: spaces and non-ASCII names stay as they are). */
 const ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
