@@ -323,9 +323,9 @@ export class ResidualBlock extends Module {
   /** x: (B, L, D) -> (B, L, D) */
   forward(x: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
     if (this.mixer.config.recompute && !wantCache && isGradEnabled()) {
-      // Keep only the block's input; norm, in_proj, conv, x_proj, the scan and out_proj run again in the
-      // backward. The residual is added inside, by out_proj's product (so the block's output is the
-      // checkpoint's).
+      // Keep only the block's input; norm, in_proj, conv and x_proj run again in the backward (the fused
+      // scan and out_proj replay from the chunk states they keep: fusedMambaScanOut). The residual is added
+      // inside, by out_proj's product (so the block's output is the checkpoint's).
       const out = checkpoint((u) => this.mixer.forward(this.norm.forward(u), false, u).out, x); // out: (B, L, D)
       return { out, cache: null };
     }

@@ -44,8 +44,10 @@ export interface MambaConfigInput {
   /** How the selective scan runs: "fused" (default: one kernel per block of 16 states, recomputing backward;
    * pscan on an adapter that cannot bind 10 storage buffers), "pscan" or "sequential". */
   scan?: ScanMode | "fused";
-  /** Keep only each block's input and re-run its norm, in_proj, conv, x_proj, scan and out_proj in the backward
-   * (true). */
+  /** Keep only each block's input (and, with the fused scan, its chunk states) and re-run its norm, in_proj,
+   * conv and x_proj in the backward (true). The fused scan and out_proj are not re-run: their op replays,
+   * its backward recomputing y (above dt rank 8 where the adapter has 11 storage buffers per stage); with
+   * pscan, sequential or without that, the scan and out_proj run again too. */
   recompute?: boolean;
 }
 
