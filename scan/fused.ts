@@ -273,12 +273,8 @@ export function fusedScanBackward(
   yInto: Tensor | null = null,
 ): FusedGrads {
   if (yInto && (!z || yInto.shape.join() !== x.shape.join() || (!a.dtInside && !yBindingFree(x, z)))) {
-    throw new Error(
-      `fusedScanBackward: yInto ${fmt(yInto.shape)} needs a gated scan, x's shape ${
-        fmt(x.shape)
-      }, and dt_proj ` +
-        "inside or an adapter with 11 storage buffers per stage",
-    );
+    const need = `a gated scan, x's shape ${fmt(x.shape)}, and dt_proj inside or a free binding for it`;
+    throw new Error(`fusedScanBackward: yInto ${fmt(yInto.shape)} needs ${need}`);
   }
   const { B, L, ED, v, u, chunked: parallel } = sizes(x, dBC, a, z, ranWith.get(ph.storage));
   const N = a.N;
