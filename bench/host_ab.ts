@@ -8,13 +8,15 @@
  * ends them: the whole step's time on a software adapter, whose kernels run on the CPU.
  *
  *   deno run -A bench/host_ab.ts <checkout A> <checkout B> [--case fused|recompute|pscan|decode]
- *     [--dmodel 16] [--dstate 16] [--reps 60] [--gpu-path] [--wall]
+ *     [--dmodel 16] [--dstate 16] [--reps 60] [--gpu-path] [--wall] [--storage-buffers N]
  *
  * A checkout is a folder holding this repository (e.g. `git worktree add /tmp/base <commit>`). `fused` and
  * `pscan` time a training step of one Mamba layer (batch 1, L 1024, recompute off, parameter gradients
  * dropped after each step), `recompute` the fused one with recompute on; `decode` times a token of an 8-layer model of mamba-130m's width (vocabulary 256,
  * so that the head does not dominate a software adapter). `--gpu-path` takes the adapter for a GPU
  * (`isFallbackAdapter` off), so that the code paths a GPU takes run here (their kernels on this adapter).
+ * `--storage-buffers N` lowers the storage buffers per shader stage that the runtimes see to N (10: what
+ * Chrome exposes), so that the code paths a browser takes run here.
  */
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
@@ -29,9 +31,10 @@ const USAGE = `Usage: deno run -A bench/host_ab.ts <checkout A> <checkout B> [op
   --reps <n>     alternating reps (default 60)
   --gpu-path     take the adapter for a GPU (isFallbackAdapter off)
   --wall         time the steps and the wait that ends them (wall time), not the host's recording alone
+  --storage-buffers <n>  storage buffers per shader stage the runtimes see (10: Chrome's; default the adapter's)
   --help         this text`;
 
-const { values, positionals, reps, dModel, dState } = parseCommandLine(USAGE, () => {
+const { values, positionals, reps, dModel, dState, storageBuffers } = parseCommandLine(USAGE, () => {
   const r = parseArgs({
     args: Deno.args,
     strict: true,
@@ -43,6 +46,7 @@ const { values, positionals, reps, dModel, dState } = parseCommandLine(USAGE, ()
       reps: { type: "string" },
       "gpu-path": { type: "boolean" },
       wall: { type: "boolean" },
+      "storage-buffers": { type: "string" },
       help: { type: "boolean" },
     },
   });
@@ -55,6 +59,9 @@ const { values, positionals, reps, dModel, dState } = parseCommandLine(USAGE, ()
     reps: intFlag("reps", r.values.reps, 60, 1, 10000),
     dModel: intFlag("dmodel", r.values.dmodel, 16, 1, 4096),
     dState: intFlag("dstate", r.values.dstate, 16, 1, 256),
+    storageBuffers: r.values["storage-buffers"] === undefined
+      ? null
+      : intFlag("storage-buffers", r.values["storage-buffers"], 10, 8, 1000),
   };
 });
 
@@ -73,6 +80,15 @@ async function load(root: string): Promise<Side> {
   const dev = await import(url("core/device.ts"));
   await dev.init();
   if (values["gpu-path"]) dev.deviceInfo().isFallbackAdapter = false;
+  const limits = dev.deviceInfo().limits;
+  if (storageBuffers !== null) {
+    if (storageBuffers > limits.maxStorageBuffersPerShaderStage) {
+      throw new Error(
+        `--storage-buffers ${storageBuffers}: the adapter has ${limits.maxStorageBuffersPerShaderStage}`,
+      );
+    }
+    limits.maxStorageBuffersPerShaderStage = storageBuffers;
+  }
   const ex = await import(url("core/executor.ts"));
   const { tidy, noGrad, dispose } = await import(url("mod.ts"));
   const { mambaConfig } = await import(url("mamba/config.ts"));
@@ -148,8 +164,8 @@ const what = values.case === "decode"
   : `${values.case} layer step (d_model ${dModel}, N ${dState}, L 1024)`;
 console.log(
   `${what}, ${k} steps per batch, ${reps} reps${values["gpu-path"] ? ", GPU path" : ""}${
-    values.wall ? ", wall time (the wait included)" : ""
-  }`,
+    storageBuffers !== null ? `, ${storageBuffers} storage buffers` : ""
+  }${values.wall ? ", wall time (the wait included)" : ""}`,
 );
 console.log(`A ${positionals[0]}: ${row(times[0])}, ${sides[0].perStep} dispatches per step`);
 console.log(`B ${positionals[1]}: ${row(times[1])}, ${sides[1].perStep} dispatches per step`);
