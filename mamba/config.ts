@@ -46,8 +46,8 @@ export interface MambaConfigInput {
   scan?: ScanMode | "fused";
   /** Keep only each block's input (and, with the fused scan, its chunk states) and re-run its norm, in_proj,
    * conv and x_proj in the backward (true). The fused scan and out_proj are not re-run: their op replays,
-   * its backward recomputing y (above dt rank 8 where the adapter has 11 storage buffers per stage); with
-   * pscan, sequential or without that, the scan and out_proj run again too. */
+   * its backward recomputing y (see `fusedMambaScanOut`); with pscan or sequential, the scan and out_proj
+   * run again too. */
   recompute?: boolean;
 }
 

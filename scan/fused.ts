@@ -37,7 +37,7 @@ import { copyBox, packInto } from "../core/ops/index.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt, stridesOf } from "../core/shape.ts";
 import { freeOnThrow, Tensor } from "../core/tensor.ts";
-import { backwardKernel } from "./fused_backward_kernel.ts";
+import { backwardKernel, type YOut } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel, sumsLoopTrips } from "./fused_reduce_kernels.ts";
 import { chainKernel, localKernel } from "./fused_carry_kernels.ts";
@@ -245,10 +245,14 @@ export interface FusedGrads {
   gAlog: Tensor;
   gD: Tensor;
   gz: Tensor | null;
+  /** With `emitY`: the gated output y * silu(z) (B, L, ED) that the kernels recomputed (a view of g's
+   * storage where they wrote it over g), or null where they could not write it (see fusedScanBackward). */
+  y: Tensor | null;
 }
 
-/** Whether the backward kernel can bind `yg` besides draw (dt_proj outside): an 11th storage buffer, which
- * native adapters offer and browsers may not (Chrome exposes 10). With x (B, L, ED) and z given, it counts
+/** Whether the backward kernel can bind `yg` besides draw (dt_proj outside; needed with several state
+ * blocks): an 11th storage buffer, which native adapters offer and browsers may not (Chrome exposes 10).
+ * With x (B, L, ED) and z given, it counts
  * their binding windows (a tensor over one window takes one binding per window): x, draw, g, gx, gdraw and
  * yg as large as x, z and gz as z, and dBC, ph and gred one each. */
 export function yBindingFree(x?: Tensor, z?: Tensor): boolean {
@@ -257,9 +261,10 @@ export function yBindingFree(x?: Tensor, z?: Tensor): boolean {
 }
 
 /** Runs the backward kernels (no autograd): every input's gradient from the output's gradient g. gdBC's dt
- * columns 0..R hold zeros, or (`a.dtInside`, draw null) ddraw @ W. With `yInto` (B, L, ED), gated only, the
- * kernels also write the gated output y * silu(z) there, recomputed on the way (through draw's binding with
- * dt_proj inside, else an 11th: `yBindingFree`). */
+ * columns 0..R hold zeros, or (`a.dtInside`, draw null) ddraw @ W. With `emitY` (gated only) the kernels also
+ * give the gated output y * silu(z) (`y` of the result), recomputed on the way: through draw's binding with
+ * dt_proj inside; else over g (which is then spent) where one state block walks all the states; else through
+ * an 11th binding where the adapter has one (`yBindingFree`). Otherwise `y` is null. */
 export function fusedScanBackward(
   g: Tensor,
   x: Tensor,
@@ -270,11 +275,11 @@ export function fusedScanBackward(
   z: Tensor | null,
   a: FusedAttrs,
   gzInto: Tensor | null = null,
-  yInto: Tensor | null = null,
+  emitY = false,
 ): FusedGrads {
-  if (yInto && (!z || yInto.shape.join() !== x.shape.join() || (!a.dtInside && !yBindingFree(x, z)))) {
-    const need = `a gated scan, x's shape ${fmt(x.shape)}, and dt_proj inside or a free binding for it`;
-    throw new Error(`fusedScanBackward: yInto ${fmt(yInto.shape)} needs ${need}`);
+  if (emitY && !z) throw new Error("fusedScanBackward: emitY needs a gated scan (z)");
+  if (emitY && g.shape.join() !== x.shape.join()) {
+    throw new Error(`fusedScanBackward: g ${fmt(g.shape)} must be x's shape ${fmt(x.shape)}`);
   }
   const { B, L, ED, v, u, chunked: parallel } = sizes(x, dBC, a, z, ranWith.get(ph.storage));
   const N = a.N;
@@ -321,6 +326,17 @@ export function fusedScanBackward(
   }
   const gx = Tensor.empty(x.shape); // gx: (B, L, ED)
   const blocks = stateBlocks(v);
+  // where the kernels write the gated y (YOut); nowhere: the caller reruns the forward for it
+  const yOut: YOut | null = !emitY
+    ? null
+    : Ri
+    ? "yg"
+    : blocks.length === 1
+    ? "g"
+    : yBindingFree(x, z!)
+    ? "yg"
+    : null;
+  const yg = yOut === "yg" ? Tensor.empty(x.shape) : null; // yg: (B, L, ED)
   // ddraw: with dt_proj inside, the kernels consume it themselves (dW and the dt columns); only state blocks
   // before the last leave their shares there, so one block needs no tensor (a scratch word is bound)
   const gdraw = Tensor.empty(Ri && blocks.length === 1 ? [1] : x.shape); // gdraw: (B, L, ED) or a scratch word
@@ -339,7 +355,7 @@ export function fusedScanBackward(
     gdraw: gdraw.storage,
     gz: gz.storage,
     gred: gred.storage,
-    ...(yInto ? { yg: yInto.storage } : {}),
+    ...(yg ? { yg: yg.storage } : {}),
   };
   const hsOff = ph.size - B * ED * u.chunks * N;
   if (chunked) {
@@ -409,7 +425,7 @@ export function fusedScanBackward(
       // state blocks one after another: each adds its share of dx, ddelta, dz (the first sums dD, the last dbias)
       const groups = B * u.tiles * (chunked ? t1 - t0 : 1);
       for (const block of blocks) {
-        dispatch(backwardKernel(v, block, Ri, chunked, folded, yInto !== null), bufs, uni, groups);
+        dispatch(backwardKernel(v, block, Ri, chunked, folded, yOut), bufs, uni, groups);
       }
     }
     // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]; the last segment (c0 = 0) also
@@ -439,7 +455,8 @@ export function fusedScanBackward(
   if (!gW) gwOut.dispose();
   gred.dispose();
   if (!z) gz.dispose();
-  return { gx, gdraw, gW, gdBC, gbias, gAlog, gD, gz: z && !gzInto ? gz : null };
+  const y = yOut === "g" ? new Tensor(g.storage, x.shape, "f32") : yg; // y: (B, L, ED)
+  return { gx, gdraw, gW, gdBC, gbias, gAlog, gD, gz: z && !gzInto ? gz : null, y };
 }
 
 /**
@@ -539,7 +556,8 @@ const dtScanOp = defineOp<FusedAttrs>({
  * fusedMambaScan's backward kernels (no autograd), for inputs [x, dBC, W, ...] (`inputs` says which need
  * gradients): with dt_proj inside, the kernels give W's gradient and the dt columns of dBC's; above the inline
  * rank, `dtW` = [dt (B, L, R), W] and draw is recomputed by a matmul, and those two gradients come from ddraw.
- * With `yInto` (B, L, ED) the kernels also write the gated y there (see fusedScanBackward). ddraw is disposed.
+ * With `emitY` the result's `y` is the gated y: from the kernels (see fusedScanBackward; g is then spent), or
+ * where they cannot write it, from the forward kernel run again. ddraw is disposed.
  */
 export function dtScanBackward(
   g: Tensor,
@@ -552,17 +570,23 @@ export function dtScanBackward(
   inputs: readonly Tensor[],
   a: FusedAttrs,
   gzInto: Tensor | null,
-  yInto: Tensor | null = null,
+  emitY = false,
 ): FusedGrads {
   if (!dtW) {
-    const r = fusedScanBackward(g, x, null, dBC, A_log, ph, z, a, gzInto, yInto);
+    const r = fusedScanBackward(g, x, null, dBC, A_log, ph, z, a, gzInto, emitY);
     r.gdraw.dispose();
     return r;
   }
   const [dt, W] = dtW;
   const [B, L, ED] = x.shape;
   const draw = matmulRaw(dt, W, { transB: true }); // recomputed: draw: (B, L, ED)
-  const r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a, gzInto, yInto);
+  const r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a, gzInto, emitY);
+  if (emitY && !r.y) {
+    // several state blocks and no binding free for y: the forward kernel again (y: (B, L, ED))
+    const f = fusedScanForward(x, draw, dBC, [inputs[3], inputs[4], inputs[5]], z, a);
+    f.ph.dispose();
+    r.y = f.y;
+  }
   draw.dispose();
   if (inputs[2].requiresGrad) {
     const gdrawFlat = new Tensor(r.gdraw.storage, [B * L, ED], "f32"); // (B L, ED)

@@ -19,7 +19,8 @@
  * ([step][state][channel]).
  * Reads: x, draw or the dt columns, dBC, ph = [bias | A_log | D | W | hs], z, and g, the output's gradient.
  * Writes: dx, ddraw (through softplus), dz per (b, t, d) (dz possibly into a window of a wider gradient;
- * state blocks after the first add to them), with `emitY` also the gated y it recomputes for dz (into yg);
+ * state blocks after the first add to them), with `yOut` also the gated y it recomputes for dz (into yg, or
+ * over g);
  * one partial row of dB/dC (and dt) terms per tile or subgroup and step into `gred` (B, segLen, slots, PW),
  * and after it, gpar (B, ED, [dbias | dD | dA (N) | lam carry (N) | dW (Ri)]). `fused_reduce_kernels.ts`
  * sums both.
@@ -51,6 +52,15 @@ import {
   unroll,
 } from "./fused_wgsl.ts";
 
+/**
+ * Where the backward kernel writes the gated output y * silu(z) that it recomputes for dz (for out_proj's
+ * weight gradient, as the official kernels' `recompute_out_z`): "yg", a binding of its own (draw's, where
+ * dt_proj runs inside and draw is unused; else an 11th); or "g", over the output's gradient, each element
+ * after the step that reads it (one state block only: later blocks would read g again). "g" keeps the kernel
+ * at 10 storage buffers, what browsers allow (Chrome exposes 10).
+ */
+export type YOut = "yg" | "g";
+
 /** The backward kernel of one state block (one pipeline per block, as the forward). With
  * Ri > 0 (dt_proj inside), the last block also sums dW (ED, Ri) over time and puts the Ri dt-column terms
  * of dBC's gradient, sum_d ddraw W[d, r], into the partial rows (after the 2N B and C columns). */
@@ -60,13 +70,14 @@ export function backwardKernel(
   Ri = 0,
   chunked = false,
   folded = false,
-  emitY = false,
+  yOut: YOut | null = null,
 ): Kernel {
   const fold = chunked && folded;
+  if (yOut === "g" && block.Nb !== v.N) throw new Error("backwardKernel: y over g needs one state block");
   const key = `bwd|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${
     v.Ls ?? v.Lc
-  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}|${chunked}|${fold}|${emitY}`;
-  return cachedKernel(key, () => generateBackward({ ...shapeOf(v, block, Ri), chunked, fold, emitY }));
+  }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}|${chunked}|${fold}|${yOut}`;
+  return cachedKernel(key, () => generateBackward({ ...shapeOf(v, block, Ri), chunked, fold, yOut }));
 }
 
 /** The compile-time shape of one backward kernel: its variant, state block and dt rank, and the sizes that
@@ -109,17 +120,15 @@ interface Shape {
   /** Chunk-parallel without the chain (MAX_CHUNKS_FOLDED): the lam carry folded from the local results of the
    * chunks after this one (at lamOff, their sums of dt at sdtOff). */
   fold: boolean;
-  /** Gated: also writes the gated output y * silu(z) it recomputes for dz into `yg` (draw's binding with
-   * dt_proj inside, where draw is unused; else an 11th), for out_proj's weight gradient (the official
-   * kernels' recompute_out_z). */
-  emitY: boolean;
+  /** Gated: also writes the gated output y * silu(z) it recomputes for dz (see YOut). */
+  yOut: YOut | null;
 }
 
 function shapeOf(
   v: FusedVariant,
   { n0, Nb }: StateBlock,
   Ri: number,
-): Omit<Shape, "chunked" | "fold" | "emitY"> {
+): Omit<Shape, "chunked" | "fold" | "yOut"> {
   const { N, Lc, WG } = v;
   const Ls = v.Ls ?? Lc;
   const lanes = v.lanes ?? 1;
@@ -151,20 +160,21 @@ function shapeOf(
   };
 }
 
-/** The gated y's binding (emitY). */
+/** The gated y's own binding (yOut "yg"). */
 const YG = { name: "yg", type: "f32", access: "read_write" } as const;
 
 function generateBackward(c: Shape): Kernel {
   const { WG, S, CW, Ls, K } = c;
+  const yg = c.yOut === "yg";
   return defineKernel({
     name: kernelName(c),
     subgroups: c.sg || c.shuffle,
     buffers: [
-      // with emitY, yg takes draw's place where dt_proj runs inside (draw is not read): 10 bindings, what
-      // browsers allow; else it is an 11th (native adapters only: fused.ts yBindingFree)
-      ...scanInputBuffers("read").map((b) => c.emitY && c.Ri && b.name === "draw" ? YG : b),
-      ...(c.emitY && !c.Ri ? [YG] : []),
-      { name: "g", type: "f32", access: "read" },
+      // yg takes draw's place where dt_proj runs inside (draw is not read): 10 bindings, what browsers
+      // allow; else it is an 11th (native adapters only: fused.ts yBindingFree)
+      ...scanInputBuffers("read").map((b) => yg && c.Ri && b.name === "draw" ? YG : b),
+      ...(yg && !c.Ri ? [YG] : []),
+      { name: "g", type: "f32", access: c.yOut === "g" ? "read_write" : "read" },
       { name: "gx", type: "f32", access: "read_write" },
       // ddraw: an output, or with dt_proj inside only the earlier state blocks' shares for the last one
       { name: "gdraw", type: "f32", access: "read_write" },
@@ -195,13 +205,13 @@ ${c.shared ? `var<workgroup> hbufW: array<f32, ${WG * Ls * K}>; // [step][state]
 }
 
 function kernelName(
-  { N, Nb, n0, Lc, Ls, WG, S, sg, shared, shuffle, lanes, Ri, chunked, fold, emitY }: Shape,
+  { N, Nb, n0, Lc, Ls, WG, S, sg, shared, shuffle, lanes, Ri, chunked, fold, yOut }: Shape,
 ): string {
   return `fused_scan_bwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${Ls < Lc ? `_Ls${Ls}` : ""}_WG${WG}_${
     sg ? "sg" : `S${S}`
   }${shared ? "_wgmem" : ""}${shuffle ? "_shuf" : ""}${lanes > 1 ? `_lanes${lanes}` : ""}${
     Ri ? `_dt${Ri}` : ""
-  }${chunked ? "_chunked" : ""}${fold ? "_folded" : ""}${emitY ? "_y" : ""}`;
+  }${chunked ? "_chunked" : ""}${fold ? "_folded" : ""}${yOut ? `_y${yOut === "g" ? "_g" : ""}` : ""}`;
 }
 
 // The states of the recompute, by their names in the WGSL (K floats each unless said; K = Nb / lanes):
@@ -430,9 +440,11 @@ function stepInputs({ Ri, shuffle, n0, K, N, Nb, lanes }: Shape): string {
 }
 
 /** gy, the gradient of y: g, through the gate when gated, which needs y (this block's share, from hcur) and
- * writes dz (and with emitY the block's share of the gated y into yg). */
+ * writes dz, and with yOut the block's share of the gated y: into yg, or over g it keeps it in yo for
+ * inputGradients to store. */
 function outputGradient(c: Shape): string {
   return `var gy = ld_g(i);
+      ${c.yOut === "g" ? "var yo = 0.0; // the gated y" : ""}
       if (P.gated != 0u) {
         // this block's share of y (the gate's gradient is linear in y: blocks add their shares)
         var yv = ${firstOnce(c, "Dd * xv")};
@@ -444,8 +456,9 @@ function outputGradient(c: Shape): string {
         let iz = (b * P.L + t) * P.gzS + P.gz0 + dc;
         if (${once(c, "valid")}) {
           ${acc(c, "gz", "gy * yv * sig * (1.0 + zv * (1.0 - sig))", "iz")}
-          ${c.emitY ? acc(c, "yg", "yv * zv * sig") : ""}
+          ${c.yOut === "yg" ? acc(c, "yg", "yv * zv * sig") : ""}
         }
+        ${c.yOut === "g" ? "yo = yv * zv * sig;" : ""}
         gy = gy * zv * sig;
       }`;
 }
@@ -490,7 +503,9 @@ function stateTerms({ K, Nb, sg }: Shape, n: number): string {
 
 /** The block's share of ddraw (gu, through softplus); the last block sums the step's whole ddraw (gtot) into
  * gbias, and with dt_proj inside into gW and the dt terms. Writes dx and ddraw of the step (the last block
- * with dt_proj inside only dx: ddraw goes on into dW). */
+ * with dt_proj inside only dx: ddraw goes on into dW), and with yOut "g" the gated y over g: after gx's sum
+ * over the lanes, which needs every lane's gy, so each lane's read of g(i) is done before the store (clamped
+ * lanes past ED may read it after; their results are discarded). */
 function inputGradients(c: Shape): string {
   const { dtHere, first, last, Ri, sg, K, Nb } = c;
   // gbias sums whole steps, as the sequential mode does: one running sum of L block shares per block drifted
@@ -524,7 +539,7 @@ function inputGradients(c: Shape): string {
   }
       if (${once(c, "valid")}) { ${acc(c, "gx", "gx")} ${
     dtHere ? "" : last ? "st_gdraw(i, gtot);" : acc(c, "gdraw", "gu")
-  } }`;
+  } ${c.yOut === "g" ? "st_g(i, yo);" : ""} }`;
 }
 
 /** The step's dB/dC (and dt) terms summed over the workgroup's channels into partial rows of gred: per

@@ -9,7 +9,7 @@
 
 import { defineOp } from "../core/autograd.ts";
 import { add, copy, sumToShape } from "../core/ops/index.ts";
-import { matmul, matmulAdd, matmulRaw } from "../core/ops/matmul.ts";
+import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 import {
@@ -17,11 +17,9 @@ import {
   dtScanBackward,
   dtScanForward,
   type FusedAttrs,
-  fusedMambaScan,
   gzTarget,
   mambaScanAttrs,
   needed,
-  yBindingFree,
   zGrad,
 } from "./fused.ts";
 
@@ -32,7 +30,8 @@ interface ScanOutAttrs extends FusedAttrs {
 }
 
 /** inputs: [x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, outBias?, residual?]; gated; dt_proj inside
- * (R 1..8), or draw from a matmul with yg as the backward's 11th binding (`yBindingFree`). */
+ * (R 1..8) or draw from a matmul. The backward kernel writes the gated y (see fusedScanBackward), or where it
+ * cannot, the forward kernel runs again for it. */
 const scanOutOp = defineOp<ScanOutAttrs>({
   name: "fusedMambaScanOut",
   forward: (inputs, a, save, keep) => {
@@ -60,8 +59,7 @@ const scanOutOp = defineOp<ScanOutAttrs>({
   backward: (g, [x, dBC, A_log, ph, z, Wout, ...dtW], inputs, a, targets) => {
     const [B, L, ED] = x.shape;
     const Dm = Wout.shape[0];
-    const gy = matmulRaw(g, Wout, {}); // gy: (B, L, ED), the gated y's gradient
-    const yg = Tensor.empty(x.shape); // yg: (B, L, ED), y * silu(z), recomputed by the scan's backward
+    const gy = matmulRaw(g, Wout, {}); // gy: (B, L, ED), the gated y's gradient (spent: y may go over it)
     const gzInto = gzTarget(inputs, ED, a, targets);
     const r = dtScanBackward(
       gy,
@@ -74,9 +72,10 @@ const scanOutOp = defineOp<ScanOutAttrs>({
       inputs,
       a,
       gzInto,
-      yg,
+      true,
     );
     gy.dispose();
+    const yg = r.y!; // yg: (B, L, ED), y * silu(z), recomputed by the scan's backward
     let gWout: Tensor | null = null;
     if (inputs[7].requiresGrad) {
       const gf = new Tensor(g.storage, [B * L, Dm], "f32"); // gf: (B L, Dm)
@@ -103,11 +102,13 @@ const scanOutOp = defineOp<ScanOutAttrs>({
  * A Mamba block's SSM and its output projection: `residual + fusedMambaScan(x, dBC, dtWeight, dtBias, A_log,
  * D, z, zStart) @ outWeight^T + outBias` (bias and residual optional), differentiable. outWeight: (Dm, ED);
  * outBias: (Dm); residual: (B, L, Dm);
- * the other arguments as {@linkcode fusedMambaScan}'s (z required: the gate). It is one op that saves neither
+ * the other arguments as `fusedMambaScan`'s (z required: the gate). It is one op that saves neither
  * y nor delta: its backward recomputes the gated y in the scan's backward kernel for outWeight's gradient, and a
- * checkpoint's rerun replays it without running the scan's forward or the product. Above dt rank
- * `MAX_INLINE_DT_RANK` that kernel needs an 11th storage buffer for y (native adapters have it; Chrome exposes
- * 10): without one it is those two ops.
+ * checkpoint's rerun replays it without running the scan's forward or the product. Within 10 storage buffers
+ * (what browsers allow) the kernel writes y where dt_proj runs inside it (dt rank 1 to `MAX_INLINE_DT_RANK`)
+ * or where one state block holds all the states (d_state up to 16); otherwise it needs an 11th (native
+ * adapters have it; Chrome exposes 10), and without one the backward runs the scan's forward kernel again for
+ * y.
  */
 export function fusedMambaScanOut(
   x: Tensor,
@@ -142,14 +143,6 @@ export function fusedMambaScanOut(
         fmt(residual.shape)
       }`,
     );
-  }
-  if (!a.dtInside && !yBindingFree(x, z)) {
-    const y = fusedMambaScan(x, dBC, dtWeight, dtBias, A_log, D, z, zStart); // y: (B, L, ED)
-    // out: (B, L, Dm); y stays (the product's node saves it)
-    const o = residual
-      ? matmulAdd(y, outWeight, residual, { transB: true })
-      : matmul(y, outWeight, { transB: true });
-    return outBias ? add(o, outBias) : o;
   }
   const extra = [...(outBias ? [outBias] : []), ...(residual ? [residual] : [])]; // null or undefined: none
   return scanOutOp([x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, ...extra], {

@@ -419,6 +419,73 @@ Deno.test({
         assert.ok(r.after < r.before - 0.5, `validation loss ${r.before} -> ${r.after}`);
         assert.equal(r.live, 0, "every tensor was freed");
       });
+
+      await t.step("above dt rank 8 at 10 storage buffers: the fused gradients equal pscan's", async () => {
+        // Chrome exposes 10 storage buffers, so the backward kernel writes the gated y over its g (one state
+        // block: d_state 8) instead of into an 11th binding; recompute on (the op replays) and off.
+        const r = await lib.evaluate(async () => {
+          const m = (globalThis as unknown as { mamba: Bundle }).mamba;
+          const config = { dModel: 32, nLayers: 1, dState: 8, dtRank: 12 };
+          m.manualSeed(5);
+          const lms = [
+            new m.MambaLM({ ...config, scan: "pscan" }, { vocabSize: 64 }),
+            new m.MambaLM({ ...config, scan: "fused" }, { vocabSize: 64 }),
+            new m.MambaLM({ ...config, scan: "fused", recompute: false }, { vocabSize: 64 }),
+          ];
+          for (const lm of lms.slice(1)) lm.loadStateDict(lms[0].stateDict());
+          const ids = [0, 1].map((b) => Array.from({ length: 40 }, (_, i) => (i * 7 + b * 13) % 64));
+          const G = m.randn([2, 40, 64]); // a cotangent with random signs
+          const grads: Float32Array[][] = [];
+          // the kernels that ran, by their pipelines' labels
+          const proto = GPUComputePassEncoder.prototype;
+          const setPipeline = proto.setPipeline;
+          const kernels: string[] = [];
+          proto.setPipeline = function (this: GPUComputePassEncoder, p: GPUComputePipeline) {
+            kernels.push(p.label);
+            return setPipeline.call(this, p);
+          };
+          try {
+            for (const lm of lms) {
+              m.tidy(() => lm.forward(ids).mul(G).sum().backward());
+              grads.push(
+                await Promise.all(lm.parameters().map((p) => p.grad!.toArray() as Promise<Float32Array>)),
+              );
+            }
+          } finally {
+            proto.setPipeline = setPipeline;
+          }
+          // each gradient's largest difference from pscan's, relative to max(1, its largest value)
+          const worst = grads.slice(1).map((gs) =>
+            Math.max(...gs.map((g, j) => {
+              const ref = grads[0][j];
+              let [d, top] = [0, 1];
+              for (let i = 0; i < g.length; i++) {
+                const x = Math.abs(g[i] - ref[i]);
+                d = x <= d ? d : Number.isNaN(x) ? Infinity : x;
+                top = Math.max(top, Math.abs(ref[i]));
+              }
+              return d / top;
+            }))
+          );
+          G.dispose();
+          for (const lm of lms) lm.dispose();
+          return {
+            buffers: m.deviceInfo().limits.maxStorageBuffersPerShaderStage,
+            yOverG: kernels.filter((k) => /^fused_scan_bwd_.*_y_g$/.test(k)).length,
+            worst,
+            live: m.memory().liveBytes,
+          };
+        });
+        console.log(
+          `  ${r.buffers} storage buffers; fused (recompute on, off) against pscan: ${
+            r.worst.map((w) => w.toExponential(1))
+          }`,
+        );
+        assert.equal(r.buffers, 10, "Chromium's limit");
+        assert.equal(r.yOverG, 2, "the backward kernel wrote y over g (recompute on and off)");
+        for (const w of r.worst) assert.ok(w <= 1e-4, `relative difference ${w} > 1e-4`);
+        assert.equal(r.live, 0, "every tensor was freed");
+      });
       await lib.close();
 
       await t.step(

@@ -93,18 +93,35 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
   await compare({ B: 2, L: 29, ED: 8, N: 4, R: 2, gated: true, dtWeight: true, outProj: "bias" }, 37);
   await compare({ B: 2, L: 33, ED: 16, N: 4, R: 0, gated: true, dtWeight: true, outProj: "residual" }, 38); // R 0
   await compare({ B: 2, L: 70, ED: 16, N: 32, R: 8, gated: true, dtWeight: true, outProj: "residual" }, 33); // two state blocks
-  // above the inline rank: one op with an 11th binding for yg (native adapters), else the two ops
+  // Above the inline rank the backward kernel writes y over g with one state block (10 bindings, as Chrome
+  // allows); with two, into an 11th binding (native adapters), or where there is none the forward kernel runs
+  // again for y.
   const c34: Case = { B: 1, L: 45, ED: 20, N: 4, R: 9, gated: true, dtWeight: true, outProj: "residual" };
-  const { kernels: ran } = await kernelsRun(() => compare(c34, 34));
-  assert.equal(ran.some((k) => /^fused_scan_bwd_.*_y$/.test(k)), yBindingFree(), "yg written by the kernel");
+  const c39: Case = { B: 1, L: 40, ED: 16, N: 32, R: 9, gated: true, dtWeight: true, outProj: "residual" };
+  const yKernels = (ks: string[]) =>
+    ks.filter((k) => /^fused_scan_bwd_.*_y(_g)?$/.test(k)).map((k) => k.slice(-2));
+  const forwards = (ks: string[]) => ks.filter((k) => k.startsWith("fused_scan_fwd_")).length;
+  const { kernels: overG } = await kernelsRun(() => compare(c34, 34));
+  assert.deepEqual([...new Set(yKernels(overG))], ["_g"], "y over g");
+  const { kernels: own } = await kernelsRun(() => compare(c39, 39));
+  const free = yBindingFree(); // native adapters: lavapipe has 32 storage buffers, GPUs more
+  assert.deepEqual([...new Set(yKernels(own))], free ? ["_y"] : [], "y into an 11th binding");
   const limits = deviceInfo().limits;
   const [real, realBinding] = [limits.maxStorageBuffersPerShaderStage, limits.maxStorageBufferBindingSize];
-  limits.maxStorageBuffersPerShaderStage = 10; // as Chrome exposes: the two ops
+  limits.maxStorageBuffersPerShaderStage = 10; // as Chrome exposes
   try {
-    const { kernels: two } = await kernelsRun(() => compare(c34, 34));
-    assert.ok(!two.some((k) => /^fused_scan_bwd_.*_y$/.test(k)), "no yg at 10 bindings");
+    const { kernels: g10 } = await kernelsRun(() => compare(c34, 34));
+    assert.deepEqual([...new Set(yKernels(g10))], ["_g"], "y over g at 10 bindings");
+    const { kernels: rerun } = await kernelsRun(() => compare(c39, 39));
+    assert.deepEqual(
+      yKernels(rerun),
+      [],
+      "no y from the backward kernel at 10 bindings with two state blocks",
+    );
+    // the forward kernel's two blocks once more, in the backward
+    assert.equal(forwards(rerun), forwards(own) + (free ? 2 : 0), "the forward kernel again for y");
     // tensors over one binding window take a binding per window: x and z of 3600 bytes in 2048-byte windows
-    // take two each, so the one op needs 6 * 2 + 2 * 2 + 3 = 19 bindings
+    // take two each, so y's own binding needs 6 * 2 + 2 * 2 + 3 = 19
     const t = inputs(c34, 34);
     limits.maxStorageBufferBindingSize = 2048;
     limits.maxStorageBuffersPerShaderStage = 19;
@@ -115,6 +132,18 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
   } finally {
     limits.maxStorageBuffersPerShaderStage = real;
     limits.maxStorageBufferBindingSize = realBinding;
+  }
+  // y over g with lanes sharing a channel (each lane reads g, one stores y over it) and chunks in parallel
+  const SG = fixedSubgroupSize() ?? 0;
+  if (SG >= 2) {
+    const { setFusedVariant } = await import("../scan/fused_variant.ts");
+    setFusedVariant(4, { WG: SG, Lc: 16, reduce: "subgroup", lanes: 2, chunkParallel: true });
+    try {
+      const { kernels } = await kernelsRun(() => compare(c34, 40));
+      assert.ok(kernels.some((k) => /^fused_scan_bwd_.*_lanes2_chunked_.*_y_g$/.test(k)), `${kernels}`);
+    } finally {
+      setFusedVariant(4, null);
+    }
   }
 
   await compare({

@@ -6,7 +6,7 @@
  * lanes per channel, chunks walked in parallel) and a random call (batch, length, channels, state size, dt
  * rank, gate, dt_proj inside the op, z as a column window of a wider tensor, z's gradient already holding
  * another op's share, dBC with padding columns, the backward walked in time segments, out_proj in the op:
- * fusedMambaScanOut), and checks the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
+ * fusedMambaScanOut, 10 storage buffers per stage as Chrome exposes), and checks the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
  * bound), that the fused kernels that ran are the variant's, and that nothing stays live after the case.
  *
  * The tuner (scan/tune_fused.ts) picks variants per adapter; on GPUs it is expected to pick what lavapipe's
@@ -88,6 +88,9 @@ interface Case {
   varying: boolean;
   /** Chunks in parallel: their carries chained by a dispatch (setMaxChunksFolded(0)), not folded by each. */
   chained: boolean;
+  /** The adapter's storage buffers per stage taken for 10, as Chrome exposes (the gated y's own binding is
+   * then not free: fusedScanBackward writes it over g, or the forward kernel runs again). */
+  tenBuffers: boolean;
 }
 
 /** Lavapipe's compile time grows steeply with a kernel's private arrays and its unrolled state loops (see
@@ -145,6 +148,7 @@ const POOLS = {
   varying: [false, false, false, true],
   chunked: [false, true],
   chained: [false, true],
+  tenBuffers: [false, false, true],
 };
 
 const divisors = (n: number) => Array.from({ length: n }, (_, k) => k + 1).filter((d) => n % d === 0);
@@ -322,6 +326,7 @@ function makeCase(seed: number, index: number): Case {
     segments: pick("segments", 10),
     varying,
     chained: !!variant.chunkParallel && pick("chained", 27),
+    tenBuffers: pick("tenBuffers", 29),
   };
 }
 
@@ -334,7 +339,7 @@ function describe(c: Case): string {
     v.lanes ? ` lanes ${v.lanes}` : ""
   }${v.chunkParallel ? ` chunked${c.chained ? " chained" : ""}` : ""}${c.varying ? " varying-sg" : ""}${
     c.segments ? " segments" : ""
-  }`;
+  }${c.tenBuffers ? " 10-buffers" : ""}`;
   const shape = `B ${s.B} L ${s.L} ED ${s.ED} N ${s.N} R ${s.R}${s.gated ? " gated" : ""}${
     s.dtWeight ? " dt_proj" : ""
   }${s.zWindow ? ` z ${s.zWindow.start}+${s.ED}/${s.zWindow.width}` : ""}${s.zTimesY ? " z*y" : ""}${
@@ -373,17 +378,18 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
       throw new AssertionError({ message: `${pass}: ${chunked && c.chained ? "no" : "unexpected"} chain` });
     }
   }
+  const inside = c.scan.R >= 1 && c.scan.R <= MAX_INLINE_DT_RANK;
+  const oneBlock = stateBlocks({ ...v, N: c.scan.N }).length === 1;
   for (const k of fused) {
     const bwd = k.startsWith("fused_scan_bwd_");
     // each option's token in the name, present exactly when the variant has it
     const want: [string, boolean][] = [
       ["_shuf", !!v.shuffle],
       ["_chunked", chunked],
-      // the backward writes the gated y where out_proj is in the op: dt_proj inside (R 1..8), or an 11th binding
-      [
-        "_y",
-        bwd && !!c.scan.outProj && ((c.scan.R >= 1 && c.scan.R <= MAX_INLINE_DT_RANK) || yBindingFree()),
-      ],
+      // the backward writes the gated y where out_proj is in the op: into draw's binding (dt_proj inside, R
+      // 1..8), else over g (one state block), else into an 11th binding
+      ["_y", bwd && !!c.scan.outProj && (inside || oneBlock || yBindingFree())],
+      ["_y_g", bwd && !!c.scan.outProj && !inside && oneBlock],
       ["_folded", chunked && !c.chained],
       [(v.lanes ?? 1) > 1 ? `_lanes${v.lanes}` : "_lanes\\d+", (v.lanes ?? 1) > 1],
       ...(bwd
@@ -402,9 +408,11 @@ async function runCase(c: Case): Promise<void> {
   if (PRINT) console.log(`fused variant fuzz case ${c.index}: ${JSON.stringify(c)}`);
   const { N } = c.scan;
   const real = info.subgroups;
+  const buffers = info.limits.maxStorageBuffersPerShaderStage;
   const before = memory();
   try {
     if (c.varying) info.subgroups = { ...real!, maxSize: 4 * real!.maxSize };
+    if (c.tenBuffers) info.limits.maxStorageBuffersPerShaderStage = 10;
     setFusedVariant(N, c.variant);
     if (c.segments) setFusedPartialBudget(1); // one chunk per segment
     setMaxChunksFolded(c.chained ? 0 : MAX_CHUNKS_CHAINED); // folded whatever the chunk length
@@ -429,6 +437,7 @@ async function runCase(c: Case): Promise<void> {
     setFusedPartialBudget(null);
     setMaxChunksFolded(null);
     info.subgroups = real;
+    info.limits.maxStorageBuffersPerShaderStage = buffers;
   }
 }
 
