@@ -87,9 +87,9 @@ export interface OpDef<A> {
   /**
    * Optional (selective recomputation): stands in for `forward` in a checkpoint's rerun, given views of what
    * the first pass's forward kept. It saves what the backward needs and returns the output tensor without
-   * computing it: its values are undefined, so it may only be the checkpointed function's result (an op that
-   * reads it throws). The rerun then skips work that only produces values its backward does not read (the
-   * fused scan and out_proj: the scan's backward recomputes y itself).
+   * computing it (`Tensor.hollow`, which holds no values), so it may only be the checkpointed function's
+   * result (an op that reads it throws). The rerun then skips work that only produces values its backward
+   * does not read (the fused scan and out_proj: the scan's backward recomputes y itself).
    */
   replay?(inputs: Tensor[], attrs: A, kept: Tensor[], save: (...tensors: Tensor[]) => void): Tensor;
 }
@@ -211,13 +211,18 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
     let out: Tensor;
     if (def.replay && ctx?.mode === "replay") {
       const entry = takeKept(ctx, def.name, inputs);
-      const views = entry.tensors.map((t) => new Tensor(t.storage, t.shape, t.dtype));
       // replayed only where the output gets a node (its values are never read); else computed as usual
       if (gradEnabled && inputs.some((t) => t.requiresGrad)) {
-        out = noGrad(() => freeOnThrow(() => def.replay!(inputs, attrs, views, save)));
+        out = noGrad(() =>
+          freeOnThrow(() => {
+            const views = entry.tensors.map((t) => new Tensor(t.storage, t.shape, t.dtype));
+            const o = def.replay!(inputs, attrs, views, save);
+            if (!o.hollow) throw new Error(`${def.name}: replay must return Tensor.hollow(shape), got ${o}`);
+            return o;
+          })
+        );
         replayedOutputs.add(out);
       } else {
-        for (const v of views) v.dispose();
         out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save)));
       }
     } else if (def.replay && ctx?.mode === "keep") {

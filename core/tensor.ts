@@ -68,6 +68,8 @@ export class Tensor {
   /** Kept tensors survive `tidy`. */
   kept = false;
   #storage: Storage | null;
+  /** Made by `hollow`: a shape without values. */
+  #hollow = false;
 
   /** Wraps a storage; use the creation functions (`tensor`, `zeros`, ...) instead. */
   constructor(storage: Storage, shape: Shape, dtype: DType) {
@@ -90,12 +92,34 @@ export class Tensor {
     );
   }
 
-  /** The storage; throws a clear error if the tensor was disposed. */
+  /**
+   * A tensor with a shape and no values (it holds a 4-byte storage): what an op's `replay` returns, since a
+   * checkpoint's rerun only backpropagates from that output. Anything that reads it (its `storage`: an op, a
+   * kernel, `toArray`) throws.
+   */
+  static hollow(shape: Shape, dtype: DType = "f32"): Tensor {
+    const t = new Tensor(allocStorage(4, () => `hollow ${dtype} ${fmt(shape)}`), shape, dtype);
+    t.#hollow = true;
+    return t;
+  }
+
+  /** The storage; throws a clear error if the tensor was disposed or is hollow. */
   get storage(): Storage {
-    if (!this.#storage) {
-      throw new Error(`Tensor#${this.id} ${fmt(this.shape)} ${this.dtype} was disposed and cannot be used`);
+    if (!this.#storage || this.#hollow) {
+      throw new Error(
+        `Tensor#${this.id} ${fmt(this.shape)} ${this.dtype} ${
+          this.#storage
+            ? "holds no values (Tensor.hollow: the output of an op that a checkpoint's rerun replayed)"
+            : "was disposed"
+        } and cannot be used`,
+      );
     }
     return this.#storage;
+  }
+
+  /** Whether the tensor was made by {@linkcode Tensor.hollow}: a shape without values. */
+  get hollow(): boolean {
+    return this.#hollow;
   }
 
   /** Whether `dispose()` has been called. */

@@ -46,8 +46,9 @@ export interface MambaConfigInput {
   scan?: ScanMode | "fused";
   /** Keep only each block's input (and, with the fused scan, its chunk states) and re-run its norm, in_proj,
    * conv and x_proj in the backward (true). The fused scan and out_proj are not re-run: their op replays,
-   * its backward recomputing y (see `fusedMambaScanOut`); with pscan or sequential, the scan and out_proj
-   * run again too. */
+   * its backward recomputing y (see `fusedMambaScanOut`: on adapters without an 11th storage buffer, above
+   * d_state 16 and dt rank 8, that is the scan's forward kernel again); with pscan or sequential, the scan
+   * and out_proj run again too. */
   recompute?: boolean;
 }
 

@@ -262,9 +262,9 @@ export function yBindingFree(x?: Tensor, z?: Tensor): boolean {
 
 /** Runs the backward kernels (no autograd): every input's gradient from the output's gradient g. gdBC's dt
  * columns 0..R hold zeros, or (`a.dtInside`, draw null) ddraw @ W. With `emitY` (gated only) the kernels also
- * give the gated output y * silu(z) (`y` of the result), recomputed on the way: through draw's binding with
- * dt_proj inside; else over g (which is then spent) where one state block walks all the states; else through
- * an 11th binding where the adapter has one (`yBindingFree`). Otherwise `y` is null. */
+ * give the gated output y * silu(z) (`y` of the result), recomputed on the way: over g (which is then spent)
+ * where one state block walks all the states; else through draw's binding with dt_proj inside, or an 11th
+ * binding where the adapter has one (`yBindingFree`). Otherwise `y` is null. */
 export function fusedScanBackward(
   g: Tensor,
   x: Tensor,
@@ -329,11 +329,9 @@ export function fusedScanBackward(
   // where the kernels write the gated y (YOut); nowhere: the caller reruns the forward for it
   const yOut: YOut | null = !emitY
     ? null
-    : Ri
-    ? "yg"
     : blocks.length === 1
     ? "g"
-    : yBindingFree(x, z!)
+    : Ri || yBindingFree(x, z!)
     ? "yg"
     : null;
   const yg = yOut === "yg" ? Tensor.empty(x.shape) : null; // yg: (B, L, ED)
@@ -582,10 +580,16 @@ export function dtScanBackward(
   const draw = matmulRaw(dt, W, { transB: true }); // recomputed: draw: (B, L, ED)
   const r = fusedScanBackward(g, x, draw, dBC, A_log, ph, z, a, gzInto, emitY);
   if (emitY && !r.y) {
-    // several state blocks and no binding free for y: the forward kernel again (y: (B, L, ED))
-    const f = fusedScanForward(x, draw, dBC, [inputs[3], inputs[4], inputs[5]], z, a);
-    f.ph.dispose();
-    r.y = f.y;
+    // several state blocks and no binding free for y: the forward kernel again (y: (B, L, ED)), with the
+    // parameters the first forward packed into ph ([bias | A_log | D] here: dt_proj outside)
+    const par = new Tensor(ph.storage, [ED * (a.N + 2)], "f32");
+    try {
+      const f = fusedScanForward(x, draw, dBC, [par], z, a);
+      f.ph.dispose();
+      r.y = f.y;
+    } finally {
+      par.dispose();
+    }
   }
   draw.dispose();
   if (inputs[2].requiresGrad) {

@@ -54,10 +54,11 @@ import {
 
 /**
  * Where the backward kernel writes the gated output y * silu(z) that it recomputes for dz (for out_proj's
- * weight gradient, as the official kernels' `recompute_out_z`): "yg", a binding of its own (draw's, where
- * dt_proj runs inside and draw is unused; else an 11th); or "g", over the output's gradient, each element
- * after the step that reads it (one state block only: later blocks would read g again). "g" keeps the kernel
- * at 10 storage buffers, what browsers allow (Chrome exposes 10).
+ * weight gradient, as the official kernels' `recompute_out_z`): "g", over the output's gradient, which the
+ * invocation that stores y at an element alone reads, before (one state block only: later blocks would
+ * read g again); or "yg", a binding of its own (draw's, where dt_proj runs inside and draw is unused; else an
+ * 11th). "g" needs no memory for y and keeps the kernel at 10 storage buffers, what browsers allow (Chrome
+ * exposes 10).
  */
 export type YOut = "yg" | "g";
 
@@ -443,8 +444,15 @@ function stepInputs({ Ri, shuffle, n0, K, N, Nb, lanes }: Shape): string {
  * writes dz, and with yOut the block's share of the gated y: into yg, or over g it keeps it in yo for
  * inputGradients to store. */
 function outputGradient(c: Shape): string {
-  return `var gy = ld_g(i);
-      ${c.yOut === "g" ? "var yo = 0.0; // the gated y" : ""}
+  // over g, only the invocation that stores y at i reads g(i), so no read can see y; the channel's other
+  // lanes get it through their sum (exact: they add zeros), and clamped lanes past ED read nothing
+  const read = c.yOut === "g"
+    ? `var gy = 0.0;
+      if (${once(c, "valid")}) { gy = ld_g(i); }
+      ${sumLanes("gy", c.lanes)}
+      var yo = 0.0; // the gated y`
+    : "var gy = ld_g(i);";
+  return `${read}
       if (P.gated != 0u) {
         // this block's share of y (the gate's gradient is linear in y: blocks add their shares)
         var yv = ${firstOnce(c, "Dd * xv")};
@@ -503,9 +511,8 @@ function stateTerms({ K, Nb, sg }: Shape, n: number): string {
 
 /** The block's share of ddraw (gu, through softplus); the last block sums the step's whole ddraw (gtot) into
  * gbias, and with dt_proj inside into gW and the dt terms. Writes dx and ddraw of the step (the last block
- * with dt_proj inside only dx: ddraw goes on into dW), and with yOut "g" the gated y over g: after gx's sum
- * over the lanes, which needs every lane's gy, so each lane's read of g(i) is done before the store (clamped
- * lanes past ED may read it after; their results are discarded). */
+ * with dt_proj inside only dx: ddraw goes on into dW), and with yOut "g" the gated y over g (read by this
+ * invocation alone: outputGradient). */
 function inputGradients(c: Shape): string {
   const { dtHere, first, last, Ri, sg, K, Nb } = c;
   // gbias sums whole steps, as the sequential mode does: one running sum of L block shares per block drifted

@@ -53,8 +53,7 @@ const scanOutOp = defineOp<ScanOutAttrs>({
   replay: (inputs, a, [ph], save) => {
     const [x, dBC, W, , A_log, , z, Wout] = inputs;
     save(x, dBC, A_log, ph, z, Wout, ...(a.dtInside ? [] : [dtColumns(dBC, a.R), W])); // dt: a copy
-    // out: (B, L, Dm), never read (allocated all the same, until the rerun's scope ends: B L Dm floats)
-    return Tensor.empty([x.shape[0], x.shape[1], Wout.shape[0]]);
+    return Tensor.hollow([x.shape[0], x.shape[1], Wout.shape[0]]); // out: (B, L, Dm), without values
   },
   backward: (g, [x, dBC, A_log, ph, z, Wout, ...dtW], inputs, a, targets) => {
     const [B, L, ED] = x.shape;
@@ -72,19 +71,19 @@ const scanOutOp = defineOp<ScanOutAttrs>({
       inputs,
       a,
       gzInto,
-      true,
+      inputs[7].requiresGrad, // y for out_proj's weight gradient
     );
     gy.dispose();
-    const yg = r.y!; // yg: (B, L, ED), y * silu(z), recomputed by the scan's backward
+    const yg = r.y; // yg: (B, L, ED), y * silu(z), recomputed by the scan's backward
     let gWout: Tensor | null = null;
-    if (inputs[7].requiresGrad) {
+    if (yg) {
       const gf = new Tensor(g.storage, [B * L, Dm], "f32"); // gf: (B L, Dm)
       const yf = new Tensor(yg.storage, [B * L, ED], "f32"); // yf: (B L, ED)
       gWout = matmulRaw(gf, yf, { transA: true }); // gWout: (Dm, ED)
       gf.dispose();
       yf.dispose();
     }
-    yg.dispose();
+    yg?.dispose();
     const grads = needed([r.gx, r.gdBC, r.gW, r.gbias, r.gAlog, r.gD], inputs);
     const gob = a.outBias && inputs[8].requiresGrad ? sumToShape(g, [Dm]) : null; // gob: (Dm)
     const gres = a.residual && inputs[inputs.length - 1].requiresGrad ? g : null; // gres: (B, L, Dm)
@@ -105,10 +104,10 @@ const scanOutOp = defineOp<ScanOutAttrs>({
  * the other arguments as `fusedMambaScan`'s (z required: the gate). It is one op that saves neither
  * y nor delta: its backward recomputes the gated y in the scan's backward kernel for outWeight's gradient, and a
  * checkpoint's rerun replays it without running the scan's forward or the product. Within 10 storage buffers
- * (what browsers allow) the kernel writes y where dt_proj runs inside it (dt rank 1 to `MAX_INLINE_DT_RANK`)
- * or where one state block holds all the states (d_state up to 16); otherwise it needs an 11th (native
- * adapters have it; Chrome exposes 10), and without one the backward runs the scan's forward kernel again for
- * y.
+ * (what browsers allow) the kernel writes y where one state block holds all the states (d_state up to 16 with
+ * the default variant) or where dt_proj runs inside it (dt rank 1 to `MAX_INLINE_DT_RANK`); otherwise it
+ * needs an 11th (native adapters have it; Chrome exposes 10), and without one the backward runs the scan's
+ * forward kernel again for y.
  */
 export function fusedMambaScanOut(
   x: Tensor,

@@ -580,7 +580,7 @@ function replayableExp() {
     replay: ([x], _a, [e], save) => {
       runs.replay++;
       save(e);
-      return M.Tensor.empty(x.shape);
+      return M.Tensor.hollow(x.shape);
     },
     backward: (g, [e]) => [M.mul(M.mul(g, e), 2)],
   });
@@ -644,13 +644,38 @@ Deno.test("checkpoint replay: an op reading a replayed output, or a rerun runnin
       keep?.(t);
       return M.mul(t, 2);
     },
-    replay: ([t]) => M.Tensor.empty(t.shape),
+    replay: ([t]) => M.Tensor.hollow(t.shape),
     backward: (g) => [M.mul(g, 2)],
   });
   assert.throws(
     () => checkpoint((u) => keepsInput([u], {}), x),
     /keepsInput: keep takes tensors the op made/,
   );
+  // replay must return a hollow tensor (no values to read by mistake); nothing leaks when it does not
+  const notHollow = defineOp<Record<string, never>>({
+    name: "notHollow",
+    forward: ([t], _a, _save, keep) => {
+      const h = M.mul(t, 3); // kept: the rerun makes a view of it
+      if (keep) keep(h);
+      else h.dispose();
+      return M.mul(t, 2);
+    },
+    replay: ([t]) => M.Tensor.empty(t.shape),
+    backward: (g) => [M.mul(g, 2)],
+  });
+  const live = [memory().liveBytes, memory().liveTensors];
+  const nh = checkpoint((u) => notHollow([u], {}), x);
+  const nhSum = nh.sum();
+  assert.throws(() => nhSum.backward(), /notHollow: replay must return Tensor.hollow\(shape\), got Tensor/);
+  dispose([nh, nhSum]);
+  assert.deepEqual([memory().liveBytes, memory().liveTensors], live, "nothing left by the failed rerun");
+  // a hollow tensor: any read throws, naming it
+  const hollow = M.Tensor.hollow([2, 3]);
+  assert.ok(hollow.hollow && !hollow.disposed);
+  await assert.rejects(() => hollow.toArray(), /Tensor#\d+ \[2, 3\] f32 holds no values \(Tensor.hollow/);
+  assert.throws(() => M.add(hollow, 1), /holds no values/);
+  hollow.dispose();
+  assert.ok(hollow.disposed);
   // a rerun that runs other ops than the first pass (here a replayable op less)
   let first = true;
   const differs = checkpoint((u) => {

@@ -93,19 +93,24 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
   await compare({ B: 2, L: 29, ED: 8, N: 4, R: 2, gated: true, dtWeight: true, outProj: "bias" }, 37);
   await compare({ B: 2, L: 33, ED: 16, N: 4, R: 0, gated: true, dtWeight: true, outProj: "residual" }, 38); // R 0
   await compare({ B: 2, L: 70, ED: 16, N: 32, R: 8, gated: true, dtWeight: true, outProj: "residual" }, 33); // two state blocks
-  // Above the inline rank the backward kernel writes y over g with one state block (10 bindings, as Chrome
-  // allows); with two, into an 11th binding (native adapters), or where there is none the forward kernel runs
-  // again for y.
+  // The backward kernel writes y over g where one state block holds all the states (10 bindings, as Chrome
+  // allows); with two, into draw's binding (dt_proj inside, R 1..8) or an 11th (native adapters), or where
+  // there is none the forward kernel runs again for y.
   const c34: Case = { B: 1, L: 45, ED: 20, N: 4, R: 9, gated: true, dtWeight: true, outProj: "residual" };
   const c39: Case = { B: 1, L: 40, ED: 16, N: 32, R: 9, gated: true, dtWeight: true, outProj: "residual" };
+  const c41: Case = { B: 1, L: 40, ED: 16, N: 32, R: 3, gated: true, dtWeight: true, outProj: "bias" };
   const yKernels = (ks: string[]) =>
     ks.filter((k) => /^fused_scan_bwd_.*_y(_g)?$/.test(k)).map((k) => k.slice(-2));
   const forwards = (ks: string[]) => ks.filter((k) => k.startsWith("fused_scan_fwd_")).length;
   const { kernels: overG } = await kernelsRun(() => compare(c34, 34));
   assert.deepEqual([...new Set(yKernels(overG))], ["_g"], "y over g");
+  const { kernels: inline } = await kernelsRun(() => compare({ ...c34, R: 2 }, 42));
+  assert.deepEqual([...new Set(yKernels(inline))], ["_g"], "y over g with dt_proj inside");
   const { kernels: own } = await kernelsRun(() => compare(c39, 39));
   const free = yBindingFree(); // native adapters: lavapipe has 32 storage buffers, GPUs more
   assert.deepEqual([...new Set(yKernels(own))], free ? ["_y"] : [], "y into an 11th binding");
+  const { kernels: drawBinding } = await kernelsRun(() => compare(c41, 41));
+  assert.deepEqual([...new Set(yKernels(drawBinding))], ["_y"], "y into draw's binding");
   const limits = deviceInfo().limits;
   const [real, realBinding] = [limits.maxStorageBuffersPerShaderStage, limits.maxStorageBufferBindingSize];
   limits.maxStorageBuffersPerShaderStage = 10; // as Chrome exposes
@@ -120,6 +125,8 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
     );
     // the forward kernel's two blocks once more, in the backward
     assert.equal(forwards(rerun), forwards(own) + (free ? 2 : 0), "the forward kernel again for y");
+    const { kernels: draw10 } = await kernelsRun(() => compare(c41, 41));
+    assert.deepEqual([...new Set(yKernels(draw10))], ["_y"], "y into draw's binding at 10 bindings");
     // tensors over one binding window take a binding per window: x and z of 3600 bytes in 2048-byte windows
     // take two each, so y's own binding needs 6 * 2 + 2 * 2 + 3 = 19
     const t = inputs(c34, 34);
@@ -133,17 +140,70 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
     limits.maxStorageBuffersPerShaderStage = real;
     limits.maxStorageBufferBindingSize = realBinding;
   }
-  // y over g with lanes sharing a channel (each lane reads g, one stores y over it) and chunks in parallel
+  // y over g with lanes sharing a channel (one lane reads g, and stores y over it) and chunks in parallel
   const SG = fixedSubgroupSize() ?? 0;
   if (SG >= 2) {
     const { setFusedVariant } = await import("../scan/fused_variant.ts");
     setFusedVariant(4, { WG: SG, Lc: 16, reduce: "subgroup", lanes: 2, chunkParallel: true });
     try {
       const { kernels } = await kernelsRun(() => compare(c34, 40));
-      assert.ok(kernels.some((k) => /^fused_scan_bwd_.*_lanes2_chunked_.*_y_g$/.test(k)), `${kernels}`);
+      assert.ok(
+        kernels.some((k) => /^fused_scan_bwd_.*_lanes2_chunked(_folded)?_y_g$/.test(k)),
+        `${kernels}`,
+      );
     } finally {
       setFusedVariant(4, null);
     }
+  }
+  // out_proj's weight frozen: no y from the backward kernel (nor, with two state blocks at 10 bindings, from
+  // the forward again), and the other gradients as with it
+  for (const c of [c34, c39]) {
+    const grads = async (frozen: boolean, buffers: number) => {
+      const t = inputs(c, 43);
+      t.Wout.requiresGrad_(!frozen);
+      limits.maxStorageBuffersPerShaderStage = buffers;
+      try {
+        const { kernels } = await kernelsRun(() =>
+          tidy(() => {
+            const out = fusedMambaScanOut(
+              t.x,
+              t.dBC,
+              t.W,
+              t.bias,
+              t.A_log,
+              t.D,
+              t.z,
+              undefined,
+              t.Wout,
+              null,
+              t.res,
+            );
+            sum(mul(out, t.G)).backward();
+          })
+        );
+        const gs = await Promise.all(
+          [t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z].map((v) => v.grad!.toArray()),
+        );
+        const wout = t.Wout.grad;
+        for (const v of Object.values(t)) v.grad?.dispose();
+        for (const v of Object.values(t)) v.dispose();
+        return { kernels, gs, wout };
+      } finally {
+        limits.maxStorageBuffersPerShaderStage = real;
+      }
+    };
+    const trained = await grads(false, 10);
+    const frozen = await grads(true, 10);
+    assert.equal(frozen.wout, null);
+    assert.deepEqual(yKernels(frozen.kernels), [], "no y");
+    assert.equal(
+      forwards(frozen.kernels),
+      forwards(trained.kernels) - (c === c39 ? 2 : 0),
+      "no forward again",
+    );
+    frozen.gs.forEach((g, i) =>
+      assert.deepEqual(g, trained.gs[i], `gradient ${i} as with out_proj's trained`)
+    );
   }
 
   await compare({

@@ -386,10 +386,10 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
     const want: [string, boolean][] = [
       ["_shuf", !!v.shuffle],
       ["_chunked", chunked],
-      // the backward writes the gated y where out_proj is in the op: into draw's binding (dt_proj inside, R
-      // 1..8), else over g (one state block), else into an 11th binding
-      ["_y", bwd && !!c.scan.outProj && (inside || oneBlock || yBindingFree())],
-      ["_y_g", bwd && !!c.scan.outProj && !inside && oneBlock],
+      // the backward writes the gated y where out_proj is in the op: over g (one state block), else into
+      // draw's binding (dt_proj inside, R 1..8) or an 11th
+      ["_y", bwd && !!c.scan.outProj && (oneBlock || inside || yBindingFree())],
+      ["_y_g", bwd && !!c.scan.outProj && oneBlock],
       ["_folded", chunked && !c.chained],
       [(v.lanes ?? 1) > 1 ? `_lanes${v.lanes}` : "_lanes\\d+", (v.lanes ?? 1) > 1],
       ...(bwd
