@@ -113,7 +113,7 @@ type KeepContext =
   | { mode: "replay"; entries: readonly KeptEntry[]; next: number }
   | { mode: "off" };
 const keepContexts: KeepContext[] = [];
-/** The outputs that running reruns replayed (values undefined): no op or checkpoint may read them. */
+/** The outputs that running reruns replayed (hollow: no values): no op or checkpoint may read them. */
 const replayedOutputs = new Set<Tensor>();
 
 /** Throws if `inputs` hold an output that a running rerun replayed without computing it. */

@@ -93,7 +93,7 @@ export class Tensor {
   }
 
   /**
-   * A tensor with a shape and no values (it holds a 4-byte storage): what an op's `replay` returns, since a
+   * A tensor with a shape and no values (it holds the smallest pooled buffer, 256 bytes): what an op's `replay` returns, since a
    * checkpoint's rerun only backpropagates from that output. Anything that reads it (its `storage`: an op, a
    * kernel, `toArray`) throws.
    */

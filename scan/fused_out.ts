@@ -30,8 +30,8 @@ interface ScanOutAttrs extends FusedAttrs {
 }
 
 /** inputs: [x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, outBias?, residual?]; gated; dt_proj inside
- * (R 1..8) or draw from a matmul. The backward kernel writes the gated y (see fusedScanBackward), or where it
- * cannot, the forward kernel runs again for it. */
+ * (R 1..8) or draw from a matmul. Where outWeight needs a gradient, the backward kernel writes the gated y for
+ * it (see fusedScanBackward), or where it cannot, the forward kernel runs again for it. */
 const scanOutOp = defineOp<ScanOutAttrs>({
   name: "fusedMambaScanOut",
   forward: (inputs, a, save, keep) => {

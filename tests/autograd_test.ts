@@ -628,7 +628,7 @@ Deno.test("checkpoint replays an op with `replay`: its forward runs once, gradie
 Deno.test("checkpoint replay: an op reading a replayed output, or a rerun running other ops, throws; no grad or a nested checkpoint computes", async () => {
   const { runs, twoExp } = replayableExp();
   const x = toTensor(rand([4, 3], 32), true);
-  // the replayed output's values are undefined: only the function's result may come from it
+  // the replayed output holds no values (hollow): only the function's result may come from it
   const read = checkpoint((u) => twoExp(u).add(1), x);
   assert.throws(
     () => read.sum().backward(),
