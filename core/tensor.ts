@@ -93,9 +93,9 @@ export class Tensor {
   }
 
   /**
-   * A tensor with a shape and no values (it holds the smallest pooled buffer, 256 bytes): what an op's `replay` returns, since a
-   * checkpoint's rerun only backpropagates from that output. Anything that reads it (its `storage`: an op, a
-   * kernel, `toArray`) throws.
+   * A tensor with a shape and no values (it holds the smallest pooled buffer, 256 bytes): what an op's
+   * `replay` returns, since a checkpoint's rerun only backpropagates from that output. Anything that reads it
+   * (its `storage`: an op, a kernel, `toArray`) throws.
    */
   static hollow(shape: Shape, dtype: DType = "f32"): Tensor {
     const t = new Tensor(allocStorage(4, () => `hollow ${dtype} ${fmt(shape)}`), shape, dtype);
