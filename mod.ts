@@ -115,14 +115,8 @@ export {
 } from "./nn/optim.ts";
 export { linearScan, runScan, type ScanMode } from "./scan/linear_scan.ts";
 export { selectiveScan } from "./scan/selective_scan.ts";
-export {
-  type FusedAttrs,
-  fusedMambaScan,
-  fusedMambaScanForward,
-  fusedScanForward,
-  fusedSelectiveScan,
-  lastState,
-} from "./scan/fused.ts";
+export { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan } from "./scan/fused.ts";
+export { type FusedAttrs, fusedScanForward, lastState } from "./scan/fused_run.ts";
 export { fusedMambaScanOut } from "./scan/fused_out.ts";
 export {
   defaultFusedVariant,

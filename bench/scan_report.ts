@@ -43,7 +43,7 @@ import { cat, mul, silu, split } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { fusedScanAvailable, Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
-import { fusedScanForward } from "../scan/fused.ts";
+import { fusedScanForward } from "../scan/fused_run.ts";
 import {
   type FusedVariant,
   fusedVariant,

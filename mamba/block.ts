@@ -26,7 +26,8 @@ import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
-import { fusedMambaScan, fusedMambaScanForward, lastState } from "../scan/fused.ts";
+import { fusedMambaScan, fusedMambaScanForward } from "../scan/fused.ts";
+import { lastState } from "../scan/fused_run.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { convStep, ssmStep } from "../scan/fused_step.ts";
 import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs

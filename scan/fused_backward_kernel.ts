@@ -172,7 +172,7 @@ function generateBackward(c: Shape): Kernel {
     subgroups: c.sg || c.shuffle,
     buffers: [
       // yg takes draw's place where dt_proj runs inside (draw is not read): 10 bindings, what browsers
-      // allow; else it is an 11th (native adapters only: fused.ts yBindingFree)
+      // allow; else it is an 11th (native adapters only: fused_run.ts yBindingFree)
       ...scanInputBuffers("read").map((b) => yg && c.Ri && b.name === "draw" ? YG : b),
       ...(yg && !c.Ri ? [YG] : []),
       { name: "g", type: "f32", access: c.yOut === "g" ? "read_write" : "read" },

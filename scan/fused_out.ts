@@ -16,12 +16,12 @@ import {
   dtColumns,
   dtScanBackward,
   dtScanForward,
-  type FusedAttrs,
   gzTarget,
   mambaScanAttrs,
   needed,
   zGrad,
 } from "./fused.ts";
+import type { FusedAttrs } from "./fused_run.ts";
 
 /** The op's attributes: the scan's, and which of out_proj's bias and the residual are inputs. */
 interface ScanOutAttrs extends FusedAttrs {

@@ -165,7 +165,7 @@ export const UNIFORMS: [string, "u32"][] = [
   ["hsOff", "u32"], // where the chunk states start in ph
 ];
 
-/** The bindings both kernels read first, in this order (fused.ts's scanInputs gives them): x, draw (x in its
+/** The bindings both kernels read first, in this order (fused_run.ts's scanInputs gives them): x, draw (x in its
  * place with dt_proj inside), dbc, ph = [bias | A_log | D | W (with Ri) | hs] (the forward writes hs), z. */
 export function scanInputBuffers(ph: "read" | "read_write"): BufferDecl[] {
   return [

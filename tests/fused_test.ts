@@ -4,15 +4,8 @@ import { full, randn, tensor } from "../core/creation.ts";
 import { add, exp, matmul, mul, narrow, neg, softplus, sum } from "../core/ops/index.ts";
 import { Tensor, tidy } from "../core/tensor.ts";
 import { memory } from "../core/memory.ts";
-import {
-  fusedMambaScan,
-  fusedMambaScanForward,
-  fusedSelectiveScan,
-  lastState,
-  setFusedPartialBudget,
-  setMaxChunksFolded,
-  yBindingFree,
-} from "../scan/fused.ts";
+import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan } from "../scan/fused.ts";
+import { lastState, setFusedPartialBudget, setMaxChunksFolded, yBindingFree } from "../scan/fused_run.ts";
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
 import { type FusedVariant, stateBlocks } from "../scan/fused_variant.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
@@ -543,7 +536,7 @@ for (
 }
 
 Deno.test("fused scan backward in time segments (dB/dC partials capped): results unchanged", async () => {
-  const { setFusedPartialBudget } = await import("../scan/fused.ts");
+  const { setFusedPartialBudget } = await import("../scan/fused_run.ts");
   try {
     setFusedPartialBudget(1); // one chunk per segment
     await compare({ B: 2, L: 150, ED: 40, N: 16, R: 2, gated: true }, 12);

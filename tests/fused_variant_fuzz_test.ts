@@ -52,7 +52,7 @@
 import { AssertionError } from "node:assert/strict";
 import { fixedSubgroupSize, init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
-import { setFusedPartialBudget, setMaxChunksFolded, yBindingFree } from "../scan/fused.ts";
+import { setFusedPartialBudget, setMaxChunksFolded, yBindingFree } from "../scan/fused_run.ts";
 import {
   type FusedVariant,
   MAX_CHUNKS_CHAINED,

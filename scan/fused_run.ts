@@ -1,0 +1,442 @@
+/**
+ * Runs the fused scan's kernels, without autograd (the ops in fused.ts call these):
+ *
+ * - `fusedScanForward`: y, and `ph` = the parameters packed with the state at every chunk's end (hs);
+ * - `fusedScanBackward`: every input's gradient (and, asked, the gated y), each chunk's states recomputed from
+ *   hs;
+ * - `lastState`: the state after the last step, out of `ph` (the inference cache after a prompt).
+ *
+ * Each call is sized here: workgroups (halved until there are enough), chunks walked in parallel or in order,
+ * state blocks (one pipeline and dispatch each), time segments. Every dispatch walks at most 16384 steps per
+ * invocation (loops stop at 65535 on software adapters): longer sequences take several dispatches, carrying h
+ * through hs and lam through `gpar`. The backward's dB/dC partials are bounded by a memory budget: time is
+ * walked in segments, each gathered before the next.
+ * @module
+ */
+
+import { deviceInfo } from "../core/device.ts";
+import { dispatch, windowBytes } from "../core/kernel.ts";
+import type { Storage } from "../core/memory.ts";
+import { recordClear } from "../core/executor.ts";
+import { copyBox, packInto } from "../core/ops/index.ts";
+import { fmt } from "../core/shape.ts";
+import { Tensor } from "../core/tensor.ts";
+import { backwardKernel, type YOut } from "./fused_backward_kernel.ts";
+import { forwardKernel } from "./fused_forward_kernel.ts";
+import { sumsInvocations, sumsKernel, sumsLoopTrips } from "./fused_reduce_kernels.ts";
+import { chainKernel, localKernel } from "./fused_carry_kernels.ts";
+import {
+  type FusedVariant,
+  fusedVariantFor,
+  MAX_CHUNKS_CHAINED,
+  MAX_CHUNKS_FOLDED,
+  stateBlocks,
+} from "./fused_variant.ts";
+import { partialWidth } from "./fused_wgsl.ts";
+
+/** Steps one invocation walks per dispatch at most (loops stop at 65535 iterations on software adapters). */
+const MAX_STEPS = 16384;
+
+/** Static attributes of a fused-scan call. */
+export interface FusedAttrs {
+  /** dt rank: B starts at column R of dBC. */
+  R: number;
+  /** State size. */
+  N: number;
+  /** Whether the output is gated by silu(z). */
+  gated: boolean;
+  /** z's first column: z is (B, L, ED), or wider with ED columns from here (default 0). */
+  zStart?: number;
+  /** dt_proj inside the kernels (R <= MAX_INLINE_DT_RANK): draw is not given; `par` holds dt_proj's weight
+   * (ED, R) after D, and the backward also gives its gradient and the dt columns of dBC's. */
+  dtInside?: boolean;
+}
+
+let partialBudget: number | null = null;
+
+/** Caps the bytes of the backward's dB/dC partial rows (default null: max(4 MiB, bytes of x)); tests use a
+ * small cap to walk time in many segments. */
+export function setFusedPartialBudget(bytes: number | null): void {
+  partialBudget = bytes;
+}
+
+let foldedChunksSet: number | null = null;
+
+/** Sets how many chunks the chunk-parallel kernels fold their carries for, whatever the chunk length (tests
+ * run both paths with it); null restores the rule (MAX_CHUNKS_FOLDED). */
+export function setMaxChunksFolded(chunks: number | null): void {
+  foldedChunksSet = chunks;
+}
+
+/** Whether a chunk-parallel call of `chunks` chunks of Lc steps folds its carries (see MAX_CHUNKS_FOLDED). */
+function foldsCarries(chunks: number, Lc: number): boolean {
+  return chunks <= (foldedChunksSet ?? Math.min(MAX_CHUNKS_FOLDED, Math.floor(Lc / 2) + 1));
+}
+
+/** Workgroups wanted at least, so that small problems (batch 1, narrow models) still use every core. */
+const MIN_GROUPS = 4;
+
+/**
+ * The variant each forward ran with, by the storage of its `ph`: the backward and `lastState` read the chunk
+ * states with the forward's chunk length even if the variant in use changed in between (a tuner run).
+ */
+const ranWith = new WeakMap<Storage, FusedVariant>();
+/** The [B, L, ED, N] of each forward, by the storage of its `ph`: `lastState` checks its arguments against it. */
+const ranShape = new WeakMap<Storage, number[]>();
+
+function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: FusedVariant) {
+  const [B, L, ED] = x.shape;
+  // the forward's variant in the backward; else the variant for this call's shape
+  const picked = ran ?? fusedVariantFor(a.N, B, L, ED);
+  const v = { ...picked };
+  // Channels are the only parallelism: halve the workgroup until there are enough of them. Shuffles and
+  // lanes per channel need whole subgroups: the workgroup stays a multiple of the (largest) subgroup size.
+  const sg = deviceInfo().subgroups;
+  const unit = (v.shuffle || (v.lanes ?? 1) > 1) && sg ? sg.maxSize : 1;
+  const lanes = v.lanes ?? 1; // a workgroup holds WG / lanes channels
+  const fits = (WG: number) => WG >= 8 && WG % unit === 0 && WG >= lanes;
+  const chunks = Math.ceil(L / v.Lc);
+  // chunk-parallel variants walk every chunk at once (unless there are too many to chain)
+  const chunked = v.chunkParallel === true && chunks > 1 && chunks <= MAX_CHUNKS_CHAINED;
+  const perTile = chunked ? chunks : 1; // workgroups per tile of channels
+  while (fits(v.WG / 2) && B * Math.ceil(ED / (v.WG / lanes)) * perTile < MIN_GROUPS) v.WG /= 2;
+  return {
+    B,
+    L,
+    ED,
+    v,
+    picked,
+    chunked,
+    u: {
+      B,
+      L,
+      ED,
+      S: dBC.shape[2],
+      R: a.R,
+      chunks,
+      tiles: Math.ceil(ED / (v.WG / lanes)),
+      gated: a.gated ? 1 : 0,
+      zS: z ? z.shape[2] : ED,
+      z0: a.zStart ?? 0,
+    },
+  };
+}
+
+/** The bindings both kernels read (their declarations: `scanInputBuffers`): x, draw (x in its place when
+ * dt_proj runs inside), dBC, ph, z (x when ungated). */
+function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: Tensor | null) {
+  return {
+    x: x.storage,
+    draw: (draw ?? x).storage,
+    dbc: dBC.storage,
+    ph: ph.storage,
+    z: (z ?? x).storage,
+  };
+}
+
+/**
+ * Runs the forward kernel (no autograd): returns y (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
+ * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null): `params` lists
+ * those pieces, packed into `ph` one after another in one dispatch (no row of them is built first).
+ * The caller disposes `y` and `ph` (after reading the state out of `ph` with {@linkcode lastState}).
+ */
+export function fusedScanForward(
+  x: Tensor,
+  draw: Tensor | null,
+  dBC: Tensor,
+  params: readonly Tensor[],
+  z: Tensor | null,
+  a: FusedAttrs,
+): { y: Tensor; ph: Tensor } {
+  const Ri = a.dtInside ? a.R : 0;
+  if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
+  const { B, L, ED, v, picked, u, chunked } = sizes(x, dBC, a, z);
+  const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
+  const parSize = params.reduce((n, t) => n + t.size, 0);
+  const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
+  ranWith.set(ph.storage, picked);
+  ranShape.set(ph.storage, [B, L, ED, a.N]);
+  packInto(ph, params); // one dispatch: copies would each end the compute pass
+  const blocks = stateBlocks(v);
+  const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
+  if (chunked) {
+    // Every chunk from a zero state (its local state, and its sum of dt), then every chunk from the state
+    // before it. With few chunks the main kernels fold that state themselves out of a scratch `carry` and
+    // write the state after their chunk into hs; else the local states go into hs, the sums into y (written
+    // last), and the chain turns hs into the state after each chunk before the main kernels read it.
+    const folded = foldsCarries(u.chunks, v.Lc);
+    const cells = B * ED * u.chunks;
+    const carry = folded ? Tensor.empty([cells * (a.N + 1)]) : null; // carry: [local states | sums of dt]
+    const out = (carry ?? y).storage;
+    const offsets = { locOff: 0, sdtOff: carry ? cells * a.N : 0 };
+    const cu = { ...u, N: a.N, hsOff: parSize, ...offsets };
+    const groups = B * u.tiles * u.chunks;
+    for (const block of blocks) {
+      dispatch(localKernel(v, block, Ri, "fwd", folded), { ...bufs, out }, cu, groups);
+    }
+    if (!folded) dispatch(chainKernel("fwd"), { ph: ph.storage, out }, cu, Math.ceil((B * ED * a.N) / 64));
+    const uni = { ...u, hsOff: parSize, t0: 0, t1: L, ...(carry ? offsets : {}) };
+    const main = carry ? { ...bufs, carry: carry.storage } : bufs;
+    for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true, folded), main, uni, groups);
+    carry?.dispose();
+    return { y, ph };
+  }
+  const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
+  for (let t0 = 0; t0 < L; t0 += step) {
+    const uni = { ...u, hsOff: parSize, t0, t1: Math.min(L, t0 + step) };
+    // state blocks one after another: each adds its share of y
+    for (const block of blocks) dispatch(forwardKernel(v, block, Ri), bufs, uni, B * u.tiles);
+  }
+  return { y, ph };
+}
+
+/**
+ * The state after the last step, h[L-1]: (B, ED, N), read out of the `ph` that {@linkcode fusedMambaScanForward}
+ * or {@linkcode fusedScanForward} returned (the inference cache after a prompt). B, ED, N and L are that
+ * call's batch, channels (x's last dimension), state size (A_log's second dimension) and sequence length.
+ * The chunk length is the one that forward ran with, even if the fused variant changed since. Returns a new
+ * tensor: `ph` is not consumed, and the caller disposes both.
+ */
+export function lastState(ph: Tensor, B: number, ED: number, N: number, L: number): Tensor {
+  const ran = ranShape.get(ph.storage);
+  if (!ran) throw new Error("lastState: ph must be the `ph` a fused forward returned");
+  if ([B, L, ED, N].join() !== ran.join()) {
+    throw new Error(
+      `lastState: (B, L, ED, N) = (${B}, ${L}, ${ED}, ${N}) differ from the forward that made ph: (${
+        ran.join(", ")
+      })`,
+    );
+  }
+  const chunks = Math.ceil(L / ranWith.get(ph.storage)!.Lc);
+  const h = Tensor.empty([B, ED, N]); // h: (B, ED, N)
+  const hsOff = ph.size - B * ED * chunks * N;
+  copyBox(ph, { offset: hsOff + (chunks - 1) * N, strides: [ED * chunks * N, chunks * N, 1] }, h, {
+    offset: 0,
+    strides: [ED * N, N, 1],
+  }, [B, ED, N]);
+  return h;
+}
+
+/** The gradients of the fused scan's inputs (gz null when ungated). */
+export interface FusedGrads {
+  gx: Tensor;
+  /** ddraw (B, L, ED); with dt_proj inside the kernels, scratch (not ddraw) */
+  gdraw: Tensor;
+  /** dt_proj's weight gradient (ED, R) when it runs inside the kernels */
+  gW: Tensor | null;
+  gdBC: Tensor;
+  gbias: Tensor;
+  gAlog: Tensor;
+  gD: Tensor;
+  gz: Tensor | null;
+  /** With `emitY`: the gated output y * silu(z) (B, L, ED) that the kernels recomputed (a view of g's
+   * storage where they wrote it over g), or null where they could not write it (see fusedScanBackward). */
+  y: Tensor | null;
+}
+
+/** Whether the backward kernel can bind `yg` besides draw (dt_proj outside; needed with several state
+ * blocks): an 11th storage buffer, which native adapters offer and browsers may not (Chrome exposes 10).
+ * With x (B, L, ED) and z given, it counts
+ * their binding windows (a tensor over one window takes one binding per window): x, draw, g, gx, gdraw and
+ * yg as large as x, z and gz as z, and dBC, ph and gred one each. */
+export function yBindingFree(x?: Tensor, z?: Tensor): boolean {
+  const w = (t: Tensor | undefined) => (t ? Math.max(1, Math.ceil((4 * t.size) / windowBytes())) : 1);
+  return deviceInfo().limits.maxStorageBuffersPerShaderStage >= 6 * w(x) + 2 * w(z) + 3;
+}
+
+/** Runs the backward kernels (no autograd): every input's gradient from the output's gradient g. gdBC's dt
+ * columns 0..R hold zeros, or (`a.dtInside`, draw null) ddraw @ W. With `emitY` (gated only) the kernels also
+ * give the gated output y * silu(z) (`y` of the result), recomputed on the way: over g (which is then spent)
+ * where one state block walks all the states; else through draw's binding with dt_proj inside, or an 11th
+ * binding where the adapter has one (`yBindingFree`). Otherwise `y` is null. */
+export function fusedScanBackward(
+  g: Tensor,
+  x: Tensor,
+  draw: Tensor | null,
+  dBC: Tensor,
+  A_log: Tensor,
+  ph: Tensor,
+  z: Tensor | null,
+  a: FusedAttrs,
+  gzInto: Tensor | null = null,
+  emitY = false,
+): FusedGrads {
+  if (emitY && !z) throw new Error("fusedScanBackward: emitY needs a gated scan (z)");
+  if (emitY && g.shape.join() !== x.shape.join()) {
+    throw new Error(`fusedScanBackward: g ${fmt(g.shape)} must be x's shape ${fmt(x.shape)}`);
+  }
+  const { B, L, ED, v, u, chunked: parallel } = sizes(x, dBC, a, z, ranWith.get(ph.storage));
+  const N = a.N;
+  // dB/dC partials: one row per tile, or per subgroup of a tile (how many depends on the subgroup size the
+  // adapter picks at run time: rows it leaves unwritten must be zeros). They take `slots` times the
+  // memory of dB/dC, so time is walked in segments whose partials fit in max(4 MiB, bytes of x), each
+  // reduced into gdBC before the next.
+  const sg = v.reduce === "subgroup" ? deviceInfo().subgroups : null;
+  const slotsPerTile = sg ? Math.ceil(v.WG / sg.minSize) : 1;
+  const slots = u.tiles * slotsPerTile;
+  const Ri = a.dtInside ? a.R : 0;
+  const PW = partialWidth(N, Ri); // a partial row: [dB (N) | dC (N) | dt terms (Ri), padded]
+  const GP = 2 * N + 2 + Ri; // gpar row
+  // chunk-parallel: gpar rows per chunk, and the chain's lam carries (B, ED, chunks, N) and sums of dt
+  // (B, ED, chunks) after them in gred; walked in order where these would take more than half a binding
+  // window
+  const cells = B * ED * u.chunks;
+  const chunked = parallel && 4 * cells * (GP + N + 1) <= windowBytes() / 2;
+  // lam carries folded by each chunk itself (MAX_CHUNKS_FOLDED); either way of the forward left the true
+  // chunk states in hs
+  const folded = chunked && foldsCarries(u.chunks, v.Lc);
+  const gparSize = B * ED * GP * (chunked ? u.chunks : 1);
+  // partials of one time step, as the budget counts them (the few dt columns ride along, so that they do not
+  // split time into more segments than the B and C columns alone would)
+  const stepBytes = 4 * B * slots * 2 * N;
+  // ... and within one binding window, so that gred takes one binding (dispatch splits larger buffers)
+  const fit = windowBytes() - 4 * (gparSize + (chunked ? cells * (N + 1) : 0));
+  const budget = Math.min(partialBudget ?? Math.max(4 << 20, 4 * x.size), Math.floor((fit * 2 * N) / PW));
+  const segChunks = Math.max(1, Math.min(u.chunks, Math.floor(budget / stepBytes / v.Lc)));
+  const segSteps = Math.min(L, segChunks * v.Lc);
+  const gbcSize = B * segSteps * slots * PW;
+  // the sums pass reads the partials V columns at a time (Q groups of B and C, PQ per partial row)
+  const S = dBC.shape[2]; // row stride of dBC and its gradient (R + 2N, or more with padding)
+  const V = PW % 4 === 0 && (2 * N) % 4 === 0 ? 4 : 1;
+  const [Q, PQ] = [(2 * N) / V, PW / V];
+  const sumsB = B * (chunked ? u.chunks : 1); // gpar's rows summed: per b, or per b and chunk
+  const trips = sumsLoopTrips({ R: a.R, S, slots, Q, V, dt: Ri > 0, params: true, B: sumsB });
+  if (trips > 65535 && deviceInfo().isFallbackAdapter) {
+    throw new Error(
+      `fusedScan backward: summing over ${slots} channel slots and ${sumsB} batch rows (B ${B}, ED ${ED}, ` +
+        `N ${N}) would loop ${trips} times per invocation, past the 65535 a software adapter runs (GPUs have ` +
+        "no such limit; here, scan: 'pscan', or fewer channels or batch rows)",
+    );
+  }
+  const gx = Tensor.empty(x.shape); // gx: (B, L, ED)
+  const blocks = stateBlocks(v);
+  // where the kernels write the gated y (YOut); nowhere: the caller reruns the forward for it
+  const yOut: YOut | null = !emitY
+    ? null
+    : blocks.length === 1
+    ? "g"
+    : Ri || yBindingFree(x, z!)
+    ? "yg"
+    : null;
+  const yg = yOut === "yg" ? Tensor.empty(x.shape) : null; // yg: (B, L, ED)
+  // ddraw: with dt_proj inside, the kernels consume it themselves (dW and the dt columns); only state blocks
+  // before the last leave their shares there, so one block needs no tensor (a scratch word is bound)
+  const gdraw = Tensor.empty(Ri && blocks.length === 1 ? [1] : x.shape); // gdraw: (B, L, ED) or a scratch word
+  // gz: written straight into `gzInto` (the whole gradient of a wide z, laid out as z) when autograd offers
+  // it, else its own (B, L, ED)
+  const gz = gzInto ?? Tensor.empty(z ? x.shape : [1]); // gz: (B, L, ED), z's window, or (ungated) scratch
+  const gzLayout = gzInto ? { gzS: u.zS, gz0: u.z0 } : { gzS: ED, gz0: 0 };
+  // gred: [partials of a segment | gpar | chunk-parallel: lam carries, sums of dt]
+  const [lamOff, sdtOff] = [gbcSize + gparSize, gbcSize + gparSize + cells * N];
+  const gred = Tensor.empty([gbcSize + gparSize + (chunked ? cells * (N + 1) : 0)]);
+  const gdBC = Tensor.empty(dBC.shape); // gdBC: (B, L, R + 2N), or wider (zeros past R + 2N)
+  const bufs = {
+    ...scanInputs(x, draw, dBC, ph, z),
+    g: g.storage,
+    gx: gx.storage,
+    gdraw: gdraw.storage,
+    gz: gz.storage,
+    gred: gred.storage,
+    ...(yg ? { yg: yg.storage } : {}),
+  };
+  const hsOff = ph.size - B * ED * u.chunks * N;
+  if (chunked) {
+    // every chunk's lam carry from a zero carry, and its sum of dt; the chain down the chunks leaves in
+    // place of each the carry into its chunk
+    const cu = { ...u, N, hsOff, locOff: lamOff, sdtOff };
+    const groups = B * u.tiles * u.chunks;
+    for (const block of blocks) {
+      dispatch(localKernel(v, block, Ri, "bwd"), { ...bufs, out: gred.storage }, cu, groups);
+    }
+    // with few chunks, each main workgroup folds its own carry (MAX_CHUNKS_FOLDED)
+    if (!folded) {
+      dispatch(chainKernel("bwd"), { ph: ph.storage, out: gred.storage }, cu, Math.ceil((B * ED * N) / 64));
+    }
+  }
+  // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums): at
+  // most MAX_STEPS / 2 steps, so no invocation loops 65535 times (a chunk-parallel one walks one chunk). Short
+  // chunks take fewer: each chunk's loops also count their entries and exits, about 5 Lc + 2 SUB + 6
+  // iterations in all (at Lc 1, 8192 chunks were 70000 and more: a dispatch stopped short, silently).
+  const sub = v.Lc / (v.Ls ?? v.Lc);
+  const perChunk = 5 * v.Lc + 2 * sub + 6;
+  const per = chunked
+    ? u.chunks
+    : Math.max(1, Math.min(Math.floor(MAX_STEPS / 2 / v.Lc), Math.floor((3 * MAX_STEPS) / perChunk)));
+  // The parameter gradients (summed over the batch in the last segment's sums dispatch, from gpar (B, ED,
+  // 2N + 2 + Ri) at the end of gred).
+  const gbias = Tensor.empty([ED]);
+  const gD = Tensor.empty([ED]);
+  const gAlog = Tensor.empty([ED, N]);
+  const gW = Ri ? Tensor.empty([ED, Ri]) : null;
+  // Without dW the kernel still binds a `gw`: a scratch word (writable bindings must not alias).
+  const gwOut = gW ?? Tensor.empty([1]);
+  const sumBufs = {
+    part: gred.storage,
+    gdbc: gdBC.storage,
+    gpar: gred.storage,
+    alog: A_log.storage,
+    gbias: gbias.storage,
+    gd: gD.storage,
+    galog: gAlog.storage,
+    gw: gwOut.storage,
+  };
+  for (let c1 = u.chunks; c1 > 0; c1 -= segChunks) {
+    const c0 = Math.max(0, c1 - segChunks);
+    const segStart = c0 * v.Lc;
+    const segLen = Math.min(L, c1 * v.Lc) - segStart;
+    if (sg && sg.minSize !== sg.maxSize) {
+      recordClear(gred.storage.buffer, 0, 4 * B * segLen * slots * PW);
+    }
+    for (let t1 = c1; t1 > c0; t1 -= per) {
+      const t0 = Math.max(c0, t1 - per);
+      const uni = {
+        ...u,
+        ...gzLayout,
+        t0,
+        t1,
+        hsOff,
+        gparOff: gbcSize,
+        slots,
+        slotsPerTile,
+        segStart,
+        segLen,
+        pc: t1 - t0,
+        lamOff,
+        sdtOff,
+      };
+      // state blocks one after another: each adds its share of dx, ddelta, dz (the first sums dD, the last dbias)
+      const groups = B * u.tiles * (chunked ? t1 - t0 : 1);
+      for (const block of blocks) {
+        dispatch(backwardKernel(v, block, Ri, chunked, folded, yOut), bufs, uni, groups);
+      }
+    }
+    // partials (B, segLen, slots, PW) -> gdBC[:, segStart..segStart+segLen, :]; the last segment (c0 = 0) also
+    // sums the parameter gradients
+    const n = B * segLen;
+    const params = c0 === 0;
+    const su = {
+      n,
+      L,
+      S,
+      R: a.R,
+      slots,
+      segStart,
+      segLen,
+      Q,
+      PQ,
+      params: +params,
+      B: sumsB,
+      ED,
+      N,
+      off: gbcSize,
+      Ri,
+    };
+    const invocations = sumsInvocations(n, params, ED, N, Ri);
+    dispatch(sumsKernel(V, Ri > 0), sumBufs, su, Math.ceil(invocations / 64));
+  }
+  if (!gW) gwOut.dispose();
+  gred.dispose();
+  if (!z) gz.dispose();
+  const y = yOut === "g" ? new Tensor(g.storage, x.shape, "f32") : yg; // y: (B, L, ED)
+  return { gx, gdraw, gW, gdBC, gbias, gAlog, gD, gz: z && !gzInto ? gz : null, y };
+}
