@@ -54,11 +54,11 @@ import {
 
 /**
  * Where the backward kernel writes the gated output y * silu(z) that it recomputes for dz (for out_proj's
- * weight gradient, as the official kernels' `recompute_out_z`): "g", over the output's gradient, which the
- * invocation that stores y at an element alone reads, before (one state block only: later blocks would
- * read g again); or "yg", a binding of its own (draw's, where dt_proj runs inside and draw is unused; else an
- * 11th). "g" needs no memory for y and keeps the kernel at 10 storage buffers, what browsers allow (Chrome
- * exposes 10).
+ * weight gradient, as the official kernels' `recompute_out_z`): "g", over the output's gradient (at each
+ * element, the invocation that stores y there is the only one that reads g, and reads it first; one state
+ * block only: later blocks would read g again); or "yg", a binding of its own (draw's, where dt_proj runs
+ * inside and draw is unused; else an 11th). "g" needs no memory for y and keeps the kernel at 10 storage
+ * buffers, what browsers allow (Chrome exposes 10).
  */
 export type YOut = "yg" | "g";
 
