@@ -19,10 +19,12 @@
  * give a floor that no scan kernel can go under, and pscan's layer step over that floor the ceiling of
  * pscan / fused on this adapter. The largest kernels of each step are listed by name (summed per name).
  *
- * First the cost of a wait with nothing in flight (on the H200 the report's batches suggest 13-16 ms). Then,
- * last, the GPU's own floor per dispatch: n dispatches of one tiny workgroup in one pass, each reading and
- * writing the same buffer (every one depends on the one before) or one of 64 buffers in turn, timed by the
- * pass's timestamps.
+ * First the cost of a wait with nothing in flight (on the H200 the report's batches suggest 13-16 ms). After
+ * the tables, the fused step (d_state 16, d_model 64 and 1024) with the scan's backward writing y over its
+ * gradient (the default) and into a binding of its own (`setFusedYOverG(false)`), alternated. Then, last, the
+ * GPU's own floor per dispatch: n dispatches of one tiny workgroup in one pass, each reading and writing the
+ * same buffer (every one depends on the one before) or one of 64 buffers in turn, timed by the pass's
+ * timestamps.
  *
  * Run: deno run -A bench/gpu_timeline.ts [--quick]   (needs the timestamp-query feature; --quick: d_model 16
  * and 64 at L 1024 only, for software adapters, where the columns mean less: a submit there runs work on the
@@ -35,6 +37,7 @@ import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { median } from "./report_util.ts";
 import { dispatchCount, flush, profile, sync } from "../core/executor.ts";
 import { emptyPool } from "../core/memory.ts";
+import { setFusedYOverG } from "../scan/fused_run.ts";
 import {
   type PreparedLayer,
   prepareLayer,
@@ -103,6 +106,8 @@ interface StepRow {
   host: number;
   span: number;
   kernels: number;
+  /** The scan's backward kernels in that step (ms). */
+  scanBwd: number;
   /** The largest kernels of one step, summed by name (ms). */
   top: [string, number][];
 }
@@ -156,6 +161,7 @@ async function measureSteps(
       host: median(host),
       span: median(span),
       kernels,
+      scanBwd: times.filter((t) => /^fused_scan_bwd_N/.test(t.name)).reduce((a, t) => a + t.ms, 0),
       top: [...byName].sort((a, b) => b[1] - a[1]).slice(0, 4),
     };
   } finally {
@@ -278,6 +284,33 @@ for (const c of configs) {
       } |`,
   );
 }
+// Where the scan's backward writes the recomputed y (d_state 16: one state block): over its gradient (the
+// default: g bound read-write, no (B, L, ED) tensor) or into a binding of its own (g read-only). Alternated,
+// twice each.
+console.log(
+  "\n| d_model | L | y over g: wall ms / step | kernels ms | scan backward ms | y in its own binding: wall ms | " +
+    "kernels ms | scan backward ms |",
+);
+console.log("|---:|---:|---:|---:|---:|---:|---:|---:|");
+for (const dModel of quick ? [64] : [64, 1024]) {
+  const runs: StepRow[][] = [[], []];
+  for (let rep = 0; rep < 2; rep++) {
+    for (const own of [false, true]) {
+      setFusedYOverG(!own);
+      try {
+        runs[+own].push(await measureSteps("fused", "layer", dModel, 16, 1024));
+      } finally {
+        setFusedYOverG(null);
+      }
+    }
+  }
+  const cell = (rs: StepRow[]) =>
+    `${f(median(rs.map((r) => r.wall)))} | ${f(median(rs.map((r) => r.kernels)))} | ${
+      f(median(rs.map((r) => r.scanBwd)))
+    }`;
+  console.log(`| ${dModel} | 1024 | ${cell(runs[0])} | ${cell(runs[1])} |`);
+}
+
 console.log("\n| dispatches in one pass | buffers | GPU µs per dispatch |");
 console.log("|---:|---|---:|");
 for (const shared of [true, false]) {

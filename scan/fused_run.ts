@@ -60,6 +60,15 @@ export function setFusedPartialBudget(bytes: number | null): void {
   partialBudget = bytes;
 }
 
+let yOverG = true;
+
+/** Whether the backward may write the gated y over its gradient where one state block holds all the states
+ * (default, null: yes); false keeps y in a binding of its own wherever one is free. bench/gpu_timeline.ts
+ * times both on GPUs, where g's read-write binding might cost more than the (B, L, ED) allocation saves. */
+export function setFusedYOverG(on: boolean | null): void {
+  yOverG = on ?? true;
+}
+
 let foldedChunksSet: number | null = null;
 
 /** Sets how many chunks the chunk-parallel kernels fold their carries for, whatever the chunk length (tests
@@ -311,11 +320,12 @@ export function fusedScanBackward(
   const gx = Tensor.empty(x.shape); // gx: (B, L, ED)
   const blocks = stateBlocks(v);
   // where the kernels write the gated y (YOut); nowhere: the caller reruns the forward for it
+  const free = Ri > 0 || yBindingFree(x, z!); // draw's binding, or an 11th
   const yOut: YOut | null = !emitY
     ? null
-    : blocks.length === 1
+    : blocks.length === 1 && (yOverG || !free)
     ? "g"
-    : Ri || yBindingFree(x, z!)
+    : free
     ? "yg"
     : null;
   const yg = yOut === "yg" ? Tensor.empty(x.shape) : null; // yg: (B, L, ED)

@@ -5,7 +5,13 @@ import { add, exp, matmul, mul, narrow, neg, softplus, sum } from "../core/ops/i
 import { Tensor, tidy } from "../core/tensor.ts";
 import { memory } from "../core/memory.ts";
 import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan } from "../scan/fused.ts";
-import { lastState, setFusedPartialBudget, setMaxChunksFolded, yBindingFree } from "../scan/fused_run.ts";
+import {
+  lastState,
+  setFusedPartialBudget,
+  setFusedYOverG,
+  setMaxChunksFolded,
+  yBindingFree,
+} from "../scan/fused_run.ts";
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
 import { type FusedVariant, stateBlocks } from "../scan/fused_variant.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
@@ -99,6 +105,13 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
   assert.deepEqual([...new Set(yKernels(overG))], ["_g"], "y over g");
   const { kernels: inline } = await kernelsRun(() => compare({ ...c34, R: 2 }, 42));
   assert.deepEqual([...new Set(yKernels(inline))], ["_g"], "y over g with dt_proj inside");
+  setFusedYOverG(false); // y in a binding of its own where one is free (bench/gpu_timeline.ts times both)
+  try {
+    const { kernels: kept } = await kernelsRun(() => compare(c34, 34));
+    assert.deepEqual([...new Set(yKernels(kept))], yBindingFree() ? ["_y"] : ["_g"], "y over g turned off");
+  } finally {
+    setFusedYOverG(null);
+  }
   const { kernels: own } = await kernelsRun(() => compare(c39, 39));
   const free = yBindingFree(); // native adapters: lavapipe has 32 storage buffers, GPUs more
   assert.deepEqual([...new Set(yKernels(own))], free ? ["_y"] : [], "y into an 11th binding");
