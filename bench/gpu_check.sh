@@ -20,7 +20,8 @@
 #   suite     the rest of the test suite (no browser, hub or subgroup-size tests)
 #   timeline  bench/gpu_timeline.ts: a step's wall, host, GPU-span and kernel times side by side, and the
 #             GPU's own time per dispatch and a wait's cost (the H200's report at 49a9be6 put ~1 ms of its
-#             waits into each small step)
+#             waits into each small step); since 6bf1c21 also the fused step with y written over its
+#             gradient (read-write) against y in its own binding, at d_model 64 and 1024 (perhaps 20 s)
 #   variants  bench/fused_variants_layer.ts: a layer's step with each of the fused tuner's best variants and
 #             with its per-call choice, at d_model 16 to 1024 (does the tuner's proxy pick what layers want?)
 #   quick     bench/scan_report.ts --quick (scan_quick.json)
@@ -33,8 +34,8 @@
 # the end of matmul_test, ops_matmul_test, memory_test and most of model_fuzz_test ran in 150 + 120 s);
 # report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each; since a58a5fc it also
 # times the d_model sweep's SSM part alone, fused and pscan: perhaps 20 s more there). At eae010e: adapter
-# 33 s (31 of them tuning d_state 16 on a fresh machine), timeline 15 s (before it measured SSM parts too;
-# now about 40), matmul 3 s; variants ran out of its 150 s before printing (it now measures five variants and
+# 33 s (31 of them tuning d_state 16 on a fresh machine), timeline 15 s (before it measured SSM parts too
+# and the placement of y; now about 60), matmul 3 s; variants ran out of its 150 s before printing (it now measures five variants and
 # prints each d_model as it finishes). After that call the session gave the machine back and was lent no
 # other: the first call must hold what matters most. A 15-minute lease as two calls (10 minutes at most each;
 # the second at once, while the machine is warm):
