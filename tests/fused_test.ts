@@ -165,10 +165,10 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
   // out_proj's weight frozen: no y from the backward kernel (nor, with two state blocks at 10 bindings, from
   // the forward again), and the other gradients as with it
   for (const c of [c34, c39]) {
-    const grads = async (frozen: boolean, buffers: number) => {
+    const grads = async (frozen: boolean) => {
       const t = inputs(c, 43);
       t.Wout.requiresGrad_(!frozen);
-      limits.maxStorageBuffersPerShaderStage = buffers;
+      limits.maxStorageBuffersPerShaderStage = 10;
       try {
         const { kernels } = await kernelsRun(() =>
           tidy(() => {
@@ -199,8 +199,7 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
         limits.maxStorageBuffersPerShaderStage = real;
       }
     };
-    const trained = await grads(false, 10);
-    const frozen = await grads(true, 10);
+    const [trained, frozen] = [await grads(false), await grads(true)];
     assert.equal(frozen.wout, null);
     assert.deepEqual(yKernels(frozen.kernels), [], "no y");
     assert.equal(
