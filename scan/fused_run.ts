@@ -320,7 +320,7 @@ export function fusedScanBackward(
   const gx = Tensor.empty(x.shape); // gx: (B, L, ED)
   const blocks = stateBlocks(v);
   // where the kernels write the gated y (YOut); nowhere: the caller reruns the forward for it
-  const free = Ri > 0 || yBindingFree(x, z!); // draw's binding, or an 11th
+  const free = emitY && (Ri > 0 || yBindingFree(x, z!)); // draw's binding, or an 11th (z: emitY needs it)
   const yOut: YOut | null = !emitY
     ? null
     : blocks.length === 1 && (yOverG || !free)
