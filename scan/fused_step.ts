@@ -2,13 +2,14 @@
  * One token of a Mamba block's conv and SSM, fused for decoding (what the official Mamba's
  * `causal_conv1d_update` and `selective_state_update` do): the readable step (`MambaBlock.step` with the
  * pscan and sequential modes, mamba.py's lines) takes about 25 small dispatches per layer, these two
- * kernels and x_proj's and dt_proj's products about 5.
+ * kernels and x_proj's product, 3.
  *
  * - `conv_step_K{K}`: an invocation per (b, channel d). xc = bias + sum_k w[d, k] [inputs | x_new][k] with
  *   x_new read in place from in_proj's output; writes x = silu(xc) (B, ED) and the inputs shifted by one
  *   (B, ED, K-1).
- * - `ssm_step_N{N}[_dt{R}]`: an invocation per (b, d), its N states in turn. delta = softplus(draw + bias),
- *   draw computed here from dt_proj's weight and the dt columns of dBC (R <= 8) or given; then
+ * - `ssm_step_N{N}_dt[{R}]`: an invocation per (b, d), its N states in turn. delta = softplus(draw + bias),
+ *   draw = dBC[b, :R] . W[d, :] computed here at any dt rank (unrolled up to 8, a loop above: one token's R
+ *   multiply-adds per channel cost less than a matmul's dispatch, and the dt columns' copy out of dBC); then
  *   h[n] = exp(delta A[n]) h[n] + delta B[n] x, y = C.h + D x, y silu(z) with z read in place from in_proj's
  *   output. Writes y (B, ED) and the new state (B, ED, N), reading the old one once.
  * No workgroup memory; the SSM step binds 10 storage buffers (as the fused backward does, so it runs where
@@ -17,10 +18,8 @@
  */
 
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
-import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
-import { dtColumns } from "./fused.ts";
 import { cachedKernel, COMMON, MAX_INLINE_DT_RANK, unroll } from "./fused_wgsl.ts";
 
 const WG = 64;
@@ -63,12 +62,11 @@ function convStepKernel(K: number): Kernel {
 function ssmStepKernel(N: number, Ri: number): Kernel {
   return cachedKernel(`ssm_step|${N}|${Ri}`, () =>
     defineKernel({
-      name: `ssm_step_N${N}${Ri ? `_dt${Ri}` : ""}`,
+      name: `ssm_step_N${N}_dt${Ri || ""}`,
       buffers: [
         { name: "x", type: "f32", access: "read" },
         { name: "dbc", type: "f32", access: "read" },
-        // dt_proj's weight (ED, R) with Ri, else draw (B, ED)
-        { name: "dtw", type: "f32", access: "read" },
+        { name: "dtw", type: "f32", access: "read" }, // dt_proj's weight (ED, R)
         { name: "bias", type: "f32", access: "read" },
         { name: "alog", type: "f32", access: "read" },
         { name: "dd", type: "f32", access: "read" },
@@ -86,11 +84,11 @@ function ssmStepKernel(N: number, Ri: number): Kernel {
   let b = gid / P.ED;
   let d = gid % P.ED;
   let row = b * P.S;
+  var dr = 0.0; // dt_proj: dBC[b, :R] . W[d, :]
   ${
         Ri
-          ? `var dr = 0.0;
-  ${unroll(Ri, (r) => `dr += ld_dbc(row + ${r}u) * ld_dtw(d * ${Ri}u + ${r}u);`)}`
-          : "let dr = ld_dtw(gid);"
+          ? unroll(Ri, (r) => `dr += ld_dbc(row + ${r}u) * ld_dtw(d * ${Ri}u + ${r}u);`)
+          : "for (var r = 0u; r < P.R; r++) { dr += ld_dbc(row + r) * ld_dtw(d * P.R + r); }"
       }
   let dt = softplus_(dr + ld_bias(d));
   let xv = ld_x(gid);
@@ -199,15 +197,13 @@ export function ssmStep(
     ];
     throw new Error(`ssmStep: ${messages.filter((_, i) => bad[i]).join("; ")}`);
   }
-  const Ri = R <= MAX_INLINE_DT_RANK ? R : 0;
-  // above rank 8, dt_proj's product as a matmul of the dt columns (copied out of dBC's rows)
-  const draw = Ri ? null : dtProduct(dBC, W);
+  const Ri = R <= MAX_INLINE_DT_RANK ? R : 0; // unrolled up to rank 8, else a loop over R
   const y = Tensor.empty([B, ED]); // y: (B, ED)
   const next = Tensor.empty([B, ED, N]); // next: (B, ED, N)
   const bufs = {
     x: x.storage,
     dbc: dBC.storage,
-    dtw: (draw ?? W).storage,
+    dtw: W.storage,
     bias: bias.storage,
     alog: A_log.storage,
     dd: D.storage,
@@ -217,14 +213,5 @@ export function ssmStep(
     hnext: next.storage,
   };
   dispatch(ssmStepKernel(N, Ri), bufs, { B, ED, S, R, zS: 2 * ED, z0: ED }, Math.ceil(B * ED / WG));
-  draw?.dispose();
   return { y, h: next };
-}
-
-/** dt_proj's product without its bias: dBC[:, :R] @ W^T, (B, ED). */
-function dtProduct(dBC: Tensor, W: Tensor): Tensor {
-  const dt = dtColumns(dBC, W.shape[1]); // dt: (B, R)
-  const draw = matmulRaw(dt, W, { transB: true }); // draw: (B, ED)
-  dt.dispose();
-  return draw;
 }

@@ -245,7 +245,7 @@ for (const scan of ["fused", "pscan", "sequential"] as const) {
 
 Deno.test({
   name:
-    "the fused step kernels equal mamba.py's readable step: dt_proj inside (R <= 8) and as a matmul (R 12), conv with and without bias, dConv 2 and 4, batch 3",
+    "the fused step kernels equal mamba.py's readable step: dt_proj inside, unrolled (R <= 8) and as a loop (R 12), conv with and without bias, dConv 2 and 4, batch 3",
   ignore: noFused,
   fn: async () => {
     for (
@@ -283,6 +283,11 @@ Deno.test({
         );
       }
       assertFusedStepRan(runs[0].kernels, `${what}: fused`);
+      // dt_proj's product inside the SSM step at every rank (unrolled up to 8): no matmul for it
+      const ssm = `ssm_step_N${dState}_dt${dtRank <= 8 ? dtRank : ""}`;
+      assert.ok(runs[0].kernels.includes(ssm), `${what}: ${ssm} ran (${runs[0].kernels.join(", ")})`);
+      const matmuls = runs[0].kernels.filter((k) => k.startsWith("matmul_")).length;
+      assert.equal(matmuls, 3 * 2 * 5, `${what}: in_proj, x_proj and out_proj per layer and token`);
       assert.ok(!runs[1].kernels.some((k) => k.startsWith("conv_step")), `${what}: the readable step ran`);
       const outs = runs.map((r) => r.value);
       for (let i = 0; i < outs[0].length; i++) {
