@@ -11,8 +11,10 @@ export const MAX_RANK = 8;
 
 /** Number of elements of a shape. */
 export function sizeOf(shape: Shape): number {
+  // an indexed loop: for-of allocated an iterator result per element where V8 did not inline it (about 6 KB
+  // of garbage per layer step, V8's sampling heap profiler)
   let n = 1;
-  for (const d of shape) n *= d;
+  for (let i = 0; i < shape.length; i++) n *= shape[i];
   return n;
 }
 

@@ -75,7 +75,7 @@ export class Tensor {
   constructor(storage: Storage, shape: Shape, dtype: DType) {
     this.#storage = storage;
     storage.users++;
-    this.shape = Object.freeze([...shape]);
+    this.shape = Object.freeze(shape.slice()); // slice: no iterator, unlike a spread
     this.dtype = dtype;
     this.size = sizeOf(shape);
     countTensor(1);

@@ -24,8 +24,8 @@
  * Small C, long K (weight gradients g^T @ x: e.g. 32 x 32 of C from K = 16384 tokens): C has so few blocks
  * that one workgroup -- one CPU core on a software adapter -- would walk all of K, mostly computing rows
  * and columns outside C. Such a problem is split over K: the same kernels compute the partial products of
- * K slices in parallel, slice s into the s-th (batch, M, N) block of a scratch tensor, and `sumToShape`
- * adds them up (see SPLIT_BELOW). `register` then uses its `linear` layout: each invocation takes the
+ * K slices in parallel, slice s into the s-th (batch, M, N) block of a scratch tensor, and the reduction
+ * kernel adds them up (see SPLIT_BELOW). `register` then uses its `linear` layout: each invocation takes the
  * next (slice, batch, 8x8 block) of C, so that no invocation computes a block outside C. On a GPU the same
  * split serves another end: every problem of too few invocations to hide a GPU's load latency (weight
  * gradients, matrix-vector products while decoding) is split until enough run (see GPU_INVOCATIONS).
@@ -38,7 +38,7 @@ import { dispatch, type Kernel } from "../kernel.ts";
 import { broadcastShapes, fmt, padRank, sameShape, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
-import { addSumOfFirstAxis } from "./reduce_kernel.ts";
+import { addSumOfFirstAxis, reduceRun } from "./reduce_kernel.ts";
 import { copy } from "./shape_ops.ts";
 import { kernelFor, type MatmulVariant } from "./matmul_kernels.ts";
 
@@ -384,8 +384,9 @@ export function matmulRaw(
     c.dispose();
     return into;
   }
-  const out = sumToShape(c, shape);
-  if (c !== out) c.dispose();
+  // the slices' sum straight from the reduction kernel: sumToShape's general axes cost a GPU's host more
+  const out = reduceRun(c, 1, slices, nb * M * N, "sum", undefined, shape);
+  c.dispose();
   return out;
 }
 

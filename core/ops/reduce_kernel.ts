@@ -11,7 +11,7 @@
 
 import { deviceInfo } from "../device.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
-import { sameShape } from "../shape.ts";
+import { fmt, sameShape, sizeOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 
 /** Longest chunk of R one invocation loops over. */
@@ -59,8 +59,8 @@ function reduceKernel(kind: "sum" | "max", add = false): Kernel {
 const KERNELS = { sum: reduceKernel("sum"), max: reduceKernel("max"), sumAdd: reduceKernel("sum", true) };
 
 /** Reduces the middle axis of x viewed as (outer, r, inner), in as many passes as the chunks need; the
- * result is flat (outer * inner), or, given `into` (a sum only), added into it by the last pass, which returns
- * `into`. No autograd; `x` is not disposed. */
+ * result is flat (outer * inner), or of `shape` (as many elements) where given, or, given `into` (a sum
+ * only), added into it by the last pass, which returns `into`. No autograd; `x` is not disposed. */
 export function reduceRun(
   x: Tensor,
   outer: number,
@@ -68,8 +68,12 @@ export function reduceRun(
   inner: number,
   kind: "sum" | "max",
   into?: Tensor,
+  shape?: readonly number[],
 ): Tensor {
   if (into && kind !== "sum") throw new Error(`reduceRun: only a sum adds into a tensor, not ${kind}`);
+  if (shape && sizeOf(shape) !== outer * inner) {
+    throw new Error(`reduceRun: a result of ${outer * inner} elements cannot have shape ${fmt(shape)}`);
+  }
   let cur = x;
   while (true) {
     const n0 = outer * inner;
@@ -81,7 +85,7 @@ export function reduceRun(
     );
     const chunks = Math.ceil(r / chunk);
     const add = chunks === 1 && into !== undefined; // the last pass, into the target
-    const out = add ? into : Tensor.empty([outer * chunks * inner]);
+    const out = add ? into : Tensor.empty(chunks === 1 && shape ? shape : [outer * chunks * inner]);
     const n = outer * chunks * inner;
     dispatch(
       add ? KERNELS.sumAdd : KERNELS[kind],
