@@ -10,7 +10,7 @@
  */
 
 import { markSaved, type Storage } from "./memory.ts";
-import { fmt, stridesOf } from "./shape.ts";
+import { fmt, sameShape, stridesOf } from "./shape.ts";
 import { freeOnThrow, keep, nextTensorId, Tensor, tidy, unscope } from "./tensor.ts";
 import { add, copy, copyBox } from "./ops/index.ts";
 import { zeros } from "./creation.ts";
@@ -309,7 +309,7 @@ function propagate(
   if (grad && grad.dtype !== root.dtype) {
     throw new Error(`backward(): gradient dtype ${grad.dtype} differs from tensor dtype ${root.dtype}`);
   }
-  if (grad && grad.shape.join() !== root.shape.join()) {
+  if (grad && !sameShape(grad.shape, root.shape)) {
     throw new Error(
       `backward(): gradient shape ${fmt(grad.shape)} differs from tensor shape ${fmt(root.shape)}`,
     );
@@ -476,7 +476,7 @@ function propagate(
         // transient, so it is disposed below instead of leaking.
         transient.add(gi);
         if (!x.requiresGrad) return;
-        if (gi.shape.join() !== x.shape.join()) {
+        if (!sameShape(gi.shape, x.shape)) {
           throw new Error(`backward of '${node.name}': gradient ${fmt(gi.shape)} for input ${fmt(x.shape)}`);
         }
         if (claimed.has(gi)) gi = copy(gi);

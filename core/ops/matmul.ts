@@ -226,22 +226,46 @@ function planFor(p: Problem): Plan {
 
 /** Plans by problem (see matmulRaw): on a GPU the host's time per op bounds small work, and planning (the
  * kernel's layout and its key, the K split) took about half as long as recording the matmul's dispatch (V8's
- * profiler, a fused layer step). */
-const plans = new Map<string, Plan>();
+ * profiler, a fused layer step). Found by a hash of the problem's numbers (entries of equal hashes share a
+ * bucket), as bind groups are: a string key per call made about 4 of the 127 KB of garbage of a fused layer
+ * step (V8's sampling heap profiler, d_model 16). */
+const plans = new Map<number, { key: number[]; plan: Plan }[]>();
+let planCount = 0;
 const MAX_PLANS = 4096;
+const VARIANT_CODE: Record<MatmulVariant, number> = { register: 0, tiled: 1, subgroup: 2 };
+
+/** Mixes one number into a hash, kept within V8's small integers (fast Map keys). */
+function mix(h: number, v: number): number {
+  return Math.imul(h ^ v, 0x01000193) & 0x3fffffff;
+}
 
 /** The plan of a problem, made once (see `plans`). */
 function cachedPlan(p: Problem): Plan {
   const { variant, transA, transB, M, N, K, nb } = p;
   // the key holds everything a plan depends on, the subgroup size, adapter kind and GPU split included
-  const cpu = deviceInfo().isFallbackAdapter ? 1 : 0;
-  const key =
-    `${variant}|${+transA}${+transB}|${M}|${N}|${K}|${nb}|${fixedSubgroupSize()}|${cpu}${+gpuSplit}`;
-  let plan = plans.get(key);
-  if (!plan) {
-    if (plans.size >= MAX_PLANS) plans.clear(); // a workload of ever new shapes: start over, do not grow
-    plans.set(key, plan = planFor(p));
+  const flags = VARIANT_CODE[variant] | (+transA << 2) | (+transB << 3) |
+    (+deviceInfo().isFallbackAdapter << 4) | (+gpuSplit << 5);
+  const sub = fixedSubgroupSize() ?? 0;
+  const h = mix(mix(mix(mix(mix(mix(0x2f1a3b, flags), M), N), K), nb), sub);
+  const bucket = plans.get(h);
+  if (bucket) {
+    for (const e of bucket) {
+      const k = e.key;
+      if (k[0] === flags && k[1] === M && k[2] === N && k[3] === K && k[4] === nb && k[5] === sub) {
+        return e.plan;
+      }
+    }
   }
+  if (planCount >= MAX_PLANS) { // a workload of ever new shapes: start over, do not grow
+    plans.clear();
+    planCount = 0;
+  }
+  const plan = planFor(p);
+  const entry = { key: [flags, M, N, K, nb, sub], plan };
+  const list = plans.get(h); // after a clear, the bucket found above is gone
+  if (list) list.push(entry);
+  else plans.set(h, [entry]);
+  planCount++;
   return plan;
 }
 
