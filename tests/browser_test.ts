@@ -420,83 +420,105 @@ Deno.test({
         assert.equal(r.live, 0, "every tensor was freed");
       });
 
-      await t.step("above dt rank 8 at 10 storage buffers: the fused gradients equal pscan's", async () => {
-        // Chrome exposes 10 storage buffers, so the backward kernel writes the gated y over its g (one state
-        // block: d_state 8) instead of into an 11th binding; recompute on (the op replays) and off, and with two
-        // lanes per channel (only one reads g; 62 channels leave two lanes of the last tile clamped), which
-        // Chromium's compiler checks for uniformity.
-        const r = await lib.evaluate(async () => {
-          const m = (globalThis as unknown as { mamba: Bundle }).mamba;
-          const config = { dModel: 31, nLayers: 1, dState: 8, dtRank: 12 };
-          m.manualSeed(5);
-          const lms = [
-            new m.MambaLM({ ...config, scan: "pscan" }, { vocabSize: 64 }),
-            new m.MambaLM({ ...config, scan: "fused" }, { vocabSize: 64 }),
-            new m.MambaLM({ ...config, scan: "fused", recompute: false }, { vocabSize: 64 }),
-            new m.MambaLM({ ...config, scan: "fused" }, { vocabSize: 64 }), // with lanes
-          ];
-          const lanes = { WG: 8, Lc: 16, reduce: "subgroup", lanes: 2, chunkParallel: true } as const;
-          for (const lm of lms.slice(1)) lm.loadStateDict(lms[0].stateDict());
-          const ids = [0, 1].map((b) => Array.from({ length: 40 }, (_, i) => (i * 7 + b * 13) % 64));
-          const G = m.randn([2, 40, 64]); // a cotangent with random signs
-          const grads: Float32Array[][] = [];
-          // the kernels that ran, by their pipelines' labels
-          const proto = GPUComputePassEncoder.prototype;
-          const setPipeline = proto.setPipeline;
-          const kernels: string[] = [];
-          proto.setPipeline = function (this: GPUComputePassEncoder, p: GPUComputePipeline) {
-            kernels.push(p.label);
-            return setPipeline.call(this, p);
-          };
-          try {
-            for (const [i, lm] of lms.entries()) {
-              if (i === 3) m.setFusedVariant(8, lanes);
-              try {
-                m.tidy(() => lm.forward(ids).mul(G).sum().backward());
-              } finally {
-                if (i === 3) m.setFusedVariant(8, null);
+      await t.step(
+        "above dt rank 8 at 10 storage buffers: the fused gradients and decoding steps equal pscan's",
+        async () => {
+          // Chrome exposes 10 storage buffers, so the backward kernel writes the gated y over its g (one state
+          // block: d_state 8) instead of into an 11th binding; recompute on (the op replays) and off, and with two
+          // lanes per channel (only one reads g; 62 channels leave two lanes of the last tile clamped), which
+          // Chromium's compiler checks for uniformity.
+          const r = await lib.evaluate(async () => {
+            const m = (globalThis as unknown as { mamba: Bundle }).mamba;
+            const config = { dModel: 31, nLayers: 1, dState: 8, dtRank: 12 };
+            m.manualSeed(5);
+            const lms = [
+              new m.MambaLM({ ...config, scan: "pscan" }, { vocabSize: 64 }),
+              new m.MambaLM({ ...config, scan: "fused" }, { vocabSize: 64 }),
+              new m.MambaLM({ ...config, scan: "fused", recompute: false }, { vocabSize: 64 }),
+              new m.MambaLM({ ...config, scan: "fused" }, { vocabSize: 64 }), // with lanes
+            ];
+            const lanes = { WG: 8, Lc: 16, reduce: "subgroup", lanes: 2, chunkParallel: true } as const;
+            for (const lm of lms.slice(1)) lm.loadStateDict(lms[0].stateDict());
+            const ids = [0, 1].map((b) => Array.from({ length: 40 }, (_, i) => (i * 7 + b * 13) % 64));
+            const G = m.randn([2, 40, 64]); // a cotangent with random signs
+            const grads: Float32Array[][] = [];
+            // the kernels that ran, by their pipelines' labels
+            const proto = GPUComputePassEncoder.prototype;
+            const setPipeline = proto.setPipeline;
+            const kernels: string[] = [];
+            proto.setPipeline = function (this: GPUComputePassEncoder, p: GPUComputePipeline) {
+              kernels.push(p.label);
+              return setPipeline.call(this, p);
+            };
+            try {
+              for (const [i, lm] of lms.entries()) {
+                if (i === 3) m.setFusedVariant(8, lanes);
+                try {
+                  m.tidy(() => lm.forward(ids).mul(G).sum().backward());
+                } finally {
+                  if (i === 3) m.setFusedVariant(8, null);
+                }
+                grads.push(
+                  await Promise.all(lm.parameters().map((p) => p.grad!.toArray() as Promise<Float32Array>)),
+                );
               }
-              grads.push(
-                await Promise.all(lm.parameters().map((p) => p.grad!.toArray() as Promise<Float32Array>)),
-              );
+              // decoding at dt rank 12: the fused SSM step computes dt_proj's product in a loop over R
+              for (const lm of lms.slice(0, 2)) {
+                let caches = lm.emptyCache(2);
+                const out: Float32Array[] = [];
+                for (const t of [3, 9, 27]) {
+                  const id = m.tensor(new Int32Array([t, t + 1]), [2]);
+                  const r = m.tidy(() => m.noGrad(() => lm.step(id, caches)));
+                  m.dispose(caches);
+                  id.dispose();
+                  caches = r.caches;
+                  out.push(await r.logits.toArray() as Float32Array);
+                  r.logits.dispose();
+                }
+                m.dispose(caches);
+                grads.push(out);
+              }
+            } finally {
+              proto.setPipeline = setPipeline;
             }
-          } finally {
-            proto.setPipeline = setPipeline;
-          }
-          // each gradient's largest difference from pscan's, relative to max(1, its largest value)
-          const worst = grads.slice(1).map((gs) =>
-            Math.max(...gs.map((g, j) => {
-              const ref = grads[0][j];
-              let [d, top] = [0, 1];
-              for (let i = 0; i < g.length; i++) {
-                const x = Math.abs(g[i] - ref[i]);
-                d = x <= d ? d : Number.isNaN(x) ? Infinity : x;
-                top = Math.max(top, Math.abs(ref[i]));
-              }
-              return d / top;
-            }))
+            const steps = grads.splice(4, 2);
+            // each gradient's largest difference from pscan's, relative to max(1, its largest value)
+            const worst = [...grads.slice(1), steps[1]].map((gs, k) =>
+              Math.max(...gs.map((g, j) => {
+                const ref = (k === 3 ? steps[0] : grads[0])[j];
+                let [d, top] = [0, 1];
+                for (let i = 0; i < g.length; i++) {
+                  const x = Math.abs(g[i] - ref[i]);
+                  d = x <= d ? d : Number.isNaN(x) ? Infinity : x;
+                  top = Math.max(top, Math.abs(ref[i]));
+                }
+                return d / top;
+              }))
+            );
+            G.dispose();
+            for (const lm of lms) lm.dispose();
+            return {
+              buffers: m.deviceInfo().limits.maxStorageBuffersPerShaderStage,
+              yOverG: kernels.filter((k) => /^fused_scan_bwd_.*_y_g$/.test(k)).length,
+              lanes: kernels.filter((k) => /^fused_scan_bwd_.*_lanes2_chunked(_folded)?_y_g$/.test(k)).length,
+              ssmSteps: kernels.filter((k) => k === "ssm_step_N8_dt").length,
+              worst,
+              live: m.memory().liveBytes,
+            };
+          });
+          console.log(
+            `  ${r.buffers} storage buffers; fused (recompute on, off; 2 lanes; decoding) against pscan: ${
+              r.worst.map((w) => w.toExponential(1))
+            }`,
           );
-          G.dispose();
-          for (const lm of lms) lm.dispose();
-          return {
-            buffers: m.deviceInfo().limits.maxStorageBuffersPerShaderStage,
-            yOverG: kernels.filter((k) => /^fused_scan_bwd_.*_y_g$/.test(k)).length,
-            lanes: kernels.filter((k) => /^fused_scan_bwd_.*_lanes2_chunked(_folded)?_y_g$/.test(k)).length,
-            worst,
-            live: m.memory().liveBytes,
-          };
-        });
-        console.log(
-          `  ${r.buffers} storage buffers; fused (recompute on, off; 2 lanes) against pscan: ${
-            r.worst.map((w) => w.toExponential(1))
-          }`,
-        );
-        assert.equal(r.buffers, 10, "Chromium's limit");
-        assert.equal(r.yOverG, 3, "the backward kernel wrote y over g (recompute on and off, lanes)");
-        assert.equal(r.lanes, 1, "two lanes per channel");
-        for (const w of r.worst) assert.ok(w <= 1e-4, `relative difference ${w} > 1e-4`);
-        assert.equal(r.live, 0, "every tensor was freed");
-      });
+          assert.equal(r.buffers, 10, "Chromium's limit");
+          assert.equal(r.yOverG, 3, "the backward kernel wrote y over g (recompute on and off, lanes)");
+          assert.equal(r.lanes, 1, "two lanes per channel");
+          assert.equal(r.ssmSteps, 3, "the fused SSM step with dt_proj's product in a loop, once per token");
+          for (const w of r.worst) assert.ok(w <= 1e-4, `relative difference ${w} > 1e-4`);
+          assert.equal(r.live, 0, "every tensor was freed");
+        },
+      );
       await lib.close();
 
       await t.step(
