@@ -59,6 +59,7 @@ export {
   backward,
   type BackwardOptions,
   checkpoint,
+  checkpointInputsOnly,
   defineOp,
   enableGrad,
   type GradNode,

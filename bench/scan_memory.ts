@@ -1,8 +1,8 @@
 /**
  * Memory of one Mamba layer's training step, per scan mode, from the runtime's own byte counters.
  *
- * For B = 1, d_model 64 (ED 128), N = 16 and 64, L = 1024 ... 16384, and three modes (fused + recompute,
- * fused, pscan): the peak of live bytes during the training step (forward, then backward from y with a fixed
+ * For B = 1, d_model 64 (ED 128), N = 16 and 64, L = 1024 ... 16384, and four modes (fused + recompute,
+ * keeping the chunk states or the block input alone, fused, pscan): the peak of live bytes during the training step (forward, then backward from y with a fixed
  * cotangent G: `y.backward(G)`, as bench/scan_report.ts steps, the gradients of sum(y * G) without
  * computing that loss) above the live bytes before the step, and the bytes autograd keeps for the backward
  * (`memory().savedBytes` right after the forward). Until the commit that changed this, the step computed
@@ -52,9 +52,11 @@ import { fusedVariant } from "../scan/fused_variant.ts";
 import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
-/** The three training configurations compared. */
+/** The training configurations compared: recompute keeping the chunk states (the default) or the block
+ * input alone ("input"), no recompute, and mamba.py's pscan. */
 export const MEMORY_MODES = [
   { name: "fused+recompute", scan: "fused", recompute: true },
+  { name: "fused+recompute(input)", scan: "fused", recompute: "input" },
   { name: "fused", scan: "fused", recompute: false },
   { name: "pscan", scan: "pscan", recompute: false },
 ] as const;
@@ -357,13 +359,19 @@ if (import.meta.main) {
         ? "Peak live bytes of the step above the baseline (MiB):"
         : "Bytes saved for the backward, right after the forward (MiB):",
       "",
-      "| N | L | fused+recompute | fused | pscan | pscan / fused | pscan / fused+recompute |",
-      "|---:|---:|---:|---:|---:|---:|---:|",
+      "| N | L | fused+recompute | fused+recompute(input) | fused | pscan | pscan / fused | " +
+        "pscan / fused+recompute | pscan / fused+recompute(input) |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     );
     for (const N of Ns) {
       for (const L of Ls) {
-        const [a, b, c] = MEMORY_MODES.map((m) => get(N, L, m.name)[what]);
-        out.push(`| ${N} | ${L} | ${mib(a)} | ${mib(b)} | ${mib(c)} | ${ratio(c, b)} | ${ratio(c, a)} |`);
+        const [a, i, b, c] = MEMORY_MODES.map((m) => get(N, L, m.name)[what]);
+        out.push(
+          `| ${N} | ${L} | ${mib(a)} | ${mib(i)} | ${mib(b)} | ${mib(c)} | ${ratio(c, b)} | ${
+            ratio(c, a)
+          } | ` +
+            `${ratio(c, i)} |`,
+        );
       }
     }
     out.push("");

@@ -104,9 +104,9 @@ interface KeptEntry {
 /**
  * The innermost checkpoint pass running: its first pass ("keep": replayable ops keep tensors into `entries`),
  * its rerun ("replay": those ops take them back in order; the outputs they did not compute are in
- * `replayedOutputs` while the rerun runs),
- * or a checkpoint run as a plain call inside a first pass ("off": nothing kept; its own first pass, in the
- * enclosing rerun, keeps for it).
+ * `replayedOutputs` while the rerun runs), or "off": nothing kept, and ops compute as usual. "off" is a
+ * checkpoint run as a plain call inside a first pass (its own first pass, in the enclosing rerun, keeps for
+ * it), and both passes of a `checkpointInputsOnly`.
  */
 type KeepContext =
   | { mode: "keep"; entries: KeptEntry[] }
@@ -728,6 +728,20 @@ function noteReads(inputs: readonly Tensor[]): void {
  * both runs: a rerun that reads an intermediate from outside that the first run did not read throws.
  */
 export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
+  return checkpointOf(fn, inputs, true);
+}
+
+/**
+ * {@linkcode checkpoint} that saves only its inputs (and the tensors `fn` captures): ops that could replay in
+ * the rerun from what their first pass kept (the fused scan and out_proj: its chunk states) keep nothing and
+ * compute again, as every other op does. Less memory, more time: what `MambaConfig.recompute: "input"` runs.
+ */
+export function checkpointInputsOnly(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tensor[]): Tensor {
+  return checkpointOf(fn, inputs, false);
+}
+
+/** A checkpoint whose replayable ops keep what their rerun needs (`replay`), or keep nothing. */
+function checkpointOf(fn: (...inputs: Tensor[]) => Tensor, inputs: Tensor[], replay: boolean): Tensor {
   // Its inputs are its node's inputs in the rerun of an enclosing checkpoint, whatever fn reads.
   if (readers.length) noteReads(inputs);
   checkNotReplayed("checkpoint", inputs);
@@ -748,7 +762,7 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tenso
   const reads = new Set<Tensor>();
   const keeps: KeptEntry[] = [];
   readers.push(reads);
-  keepContexts.push({ mode: "keep", entries: keeps });
+  keepContexts.push(replay ? { mode: "keep", entries: keeps } : { mode: "off" });
   let out: Tensor;
   try {
     out = noGrad(() =>
@@ -773,20 +787,21 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, ...inputs: Tenso
     inputs: [...inputs, ...captured],
     saved: [...inputs, ...captured, ...kept],
     owned: kept,
-    backward: (g) => rerun(fn, inputs, captured, keeps, g),
+    backward: (g) => rerun(fn, inputs, captured, replay ? keeps : null, g),
   });
   return out;
 }
 
 /**
  * checkpoint's backward: runs `fn` again on copies of the inputs with grad on, and backpropagates through
- * what it made. Returns the inputs' gradients, then the captured tensors'.
+ * what it made. Returns the inputs' gradients, then the captured tensors'. `keeps`: what the first pass's
+ * replayable ops kept, which they replay from; null: they compute again (checkpointInputsOnly).
  */
 function rerun(
   fn: (...inputs: Tensor[]) => Tensor,
   inputs: readonly Tensor[],
   captured: readonly Tensor[],
-  keeps: readonly KeptEntry[],
+  keeps: readonly KeptEntry[] | null,
   g: Tensor,
 ): (Tensor | null)[] {
   return tidy(() => {
@@ -796,7 +811,7 @@ function rerun(
       return d;
     });
     const from = nextTensorId();
-    const ctx = { mode: "replay" as const, entries: keeps, next: 0 };
+    const ctx = keeps ? { mode: "replay" as const, entries: keeps, next: 0 } : { mode: "off" as const };
     keepContexts.push(ctx);
     const before = new Set(replayedOutputs);
     let y: Tensor;
@@ -807,9 +822,9 @@ function rerun(
       // this rerun's replayed outputs leave the set (only backpropagated from, below)
       for (const t of [...replayedOutputs]) if (!before.has(t)) replayedOutputs.delete(t);
     }
-    if (ctx.next !== keeps.length) {
+    if (ctx.mode === "replay" && ctx.next !== ctx.entries.length) {
       throw new Error(
-        `checkpoint: the rerun called ${ctx.next} replayable ops where the first pass called ${keeps.length}: ` +
+        `checkpoint: the rerun called ${ctx.next} replayable ops where the first pass called ${ctx.entries.length}: ` +
           "the function must run the same ops each time",
       );
     }

@@ -31,7 +31,7 @@ import { lastState } from "../scan/fused_run.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { convStep, ssmStep } from "../scan/fused_step.ts";
 import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs
-import { checkpoint, isGradEnabled } from "../core/autograd.ts";
+import { checkpoint, checkpointInputsOnly, isGradEnabled } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import type { MambaConfig } from "./config.ts";
 
@@ -323,11 +323,14 @@ export class ResidualBlock extends Module {
 
   /** x: (B, L, D) -> (B, L, D) */
   forward(x: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
-    if (this.mixer.config.recompute && !wantCache && isGradEnabled()) {
+    const recompute = this.mixer.config.recompute;
+    if (recompute && !wantCache && isGradEnabled()) {
       // Keep only the block's input; norm, in_proj, conv and x_proj run again in the backward (the fused
-      // scan and out_proj replay from the chunk states they keep: fusedMambaScanOut). The residual is added
-      // inside, by out_proj's product (so the block's output is the checkpoint's).
-      const out = checkpoint((u) => this.mixer.forward(this.norm.forward(u), false, u).out, x); // out: (B, L, D)
+      // scan and out_proj replay from the chunk states they keep: fusedMambaScanOut; with "input" they keep
+      // nothing and run again too). The residual is added inside, by out_proj's product (so the block's
+      // output is the checkpoint's).
+      const run = recompute === "input" ? checkpointInputsOnly : checkpoint;
+      const out = run((u) => this.mixer.forward(this.norm.forward(u), false, u).out, x); // out: (B, L, D)
       return { out, cache: null };
     }
     // out_proj adds the residual x itself (matmulAdd): no elementwise add after it

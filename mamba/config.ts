@@ -48,8 +48,11 @@ export interface MambaConfigInput {
    * conv and x_proj in the backward (true). The fused scan and out_proj are not re-run: their op replays,
    * its backward recomputing y (see `fusedMambaScanOut`: on adapters without an 11th storage buffer, above
    * d_state 16 and dt rank 8, that is the scan's forward kernel again); with pscan or sequential, the scan
-   * and out_proj run again too. */
-  recompute?: boolean;
+   * and out_proj run again too. "input": keep the block's input alone and re-run the whole block, the fused
+   * scan's forward and out_proj included (`checkpointInputsOnly`): ED N / Lc floats per token less to keep
+   * per layer (half the block input's D floats, for the pretrained shapes), one forward scan and product more.
+   * false: keep what each op's backward needs. */
+  recompute?: boolean | "input";
 }
 
 /** A complete, validated configuration with derived sizes. */
@@ -76,12 +79,12 @@ const DEFAULTS = {
   convBias: true,
   innerLayernorms: false,
   scan: "fused" as ScanMode | "fused",
-  recompute: true,
+  recompute: true as boolean | "input",
 };
 
 const INT_KEYS = ["dModel", "nLayers", "dState", "expandFactor", "dConv"] as const;
 const POS_KEYS = ["dtMin", "dtMax", "dtScale", "dtInitFloor", "rmsNormEps", "baseStd"] as const;
-const BOOL_KEYS = ["bias", "convBias", "innerLayernorms", "recompute"] as const;
+const BOOL_KEYS = ["bias", "convBias", "innerLayernorms"] as const;
 
 // A value for a message: numbers as JavaScript writes them (Infinity, NaN), anything else as JSON.
 const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
@@ -116,6 +119,9 @@ export function mambaConfig(config: MambaConfigInput | MambaConfig): MambaConfig
     if (typeof c[k] !== "boolean") {
       throw new Error(`MambaConfig: ${k} must be a boolean, got ${show(c[k])}`);
     }
+  }
+  if (typeof c.recompute !== "boolean" && c.recompute !== "input") {
+    throw new Error(`MambaConfig: recompute must be true, false or "input", got ${show(c.recompute)}`);
   }
   if (c.dtMin > c.dtMax) throw new Error(`MambaConfig: dtMin ${c.dtMin} is greater than dtMax ${c.dtMax}`);
   if (c.dtInit !== "random" && c.dtInit !== "constant") {

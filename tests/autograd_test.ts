@@ -3,6 +3,7 @@ import * as M from "../mod.ts";
 import {
   backward,
   checkpoint,
+  checkpointInputsOnly,
   defineOp,
   dispose,
   memory,
@@ -587,16 +588,20 @@ function replayableExp() {
   return { runs, twoExp: (x: Tensor) => op([x], {}) };
 }
 
-Deno.test("checkpoint replays an op with `replay`: its forward runs once, gradients as without checkpoint, what it kept counted and freed", async () => {
+Deno.test("checkpoint replays an op with `replay`: its forward runs once, gradients as without checkpoint, what it kept counted and freed; checkpointInputsOnly keeps nothing and runs it again", async () => {
   const { runs, twoExp } = replayableExp();
   const xr = rand([5, 7], 31);
-  const grads = async (useCheckpoint: boolean, retain = false) => {
+  const grads = async (useCheckpoint: boolean | "inputsOnly", retain = false) => {
     const live0 = memory().liveBytes;
     const x = toTensor(xr, true);
     const fn = (u: Tensor) => twoExp(u.mul(3).tanh()); // tanh runs again in the rerun
     const saved0 = memory().savedBytes;
     const keptBytes = tidy(() => {
-      const y = useCheckpoint ? checkpoint(fn, x) : fn(x);
+      const y = useCheckpoint === "inputsOnly"
+        ? checkpointInputsOnly(fn, x)
+        : useCheckpoint
+        ? checkpoint(fn, x)
+        : fn(x);
       const kept = memory().savedBytes - saved0;
       const loss = y.mul(y).sum();
       loss.backward(undefined, { retainGraph: retain });
@@ -623,6 +628,14 @@ Deno.test("checkpoint replays an op with `replay`: its forward runs once, gradie
   const twice = await grads(true, true);
   assert.deepEqual(runs, { forward: 3, replay: 3 });
   assertClose(twice.g, direct.g.map((v) => 2 * v), { rtol: 1e-6, atol: 1e-7 }, "retained graph, twice");
+  // checkpointInputsOnly: the op keeps nothing and runs its forward again in the rerun
+  const inputsOnly = await grads("inputsOnly");
+  assert.deepEqual(runs, { forward: 5, replay: 3 }, "the rerun runs the forward, not replay");
+  assert.equal(inputsOnly.keptBuffers, 1, "checkpointInputsOnly saves its input alone");
+  assert.deepEqual(inputsOnly.g, ckpt.g, "the same gradient as checkpoint's, bit for bit");
+  const twiceInputsOnly = await grads("inputsOnly", true);
+  assert.deepEqual(runs, { forward: 8, replay: 3 });
+  assert.deepEqual(twiceInputsOnly.g, twice.g, "retained graph, twice, bit for bit");
 });
 
 Deno.test("checkpoint replay: an op reading a replayed output, or a rerun running other ops, throws; no grad or a nested checkpoint computes", async () => {

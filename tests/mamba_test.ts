@@ -67,16 +67,18 @@ function assertScanRan(
 // (fixture_util.ts: 1e-5 relative to the tensor's max on a software adapter, 1e-4 on a GPU).
 for (const name of ["mamba_L37", "mamba_dstate4", "mamba_tiny"]) {
   for (
-    const [scan, recompute] of [["pscan", false], ["sequential", false], ["fused", false], [
-      "fused",
-      true,
-    ]] as const
+    const [scan, recompute] of [
+      ["pscan", false],
+      ["sequential", false],
+      ["fused", false],
+      ["fused", true],
+      ["fused", "input"],
+    ] as const
   ) {
-    const what = `${name} ${scan}${recompute ? "+recompute" : ""}`;
+    const how = recompute === "input" ? "+recompute(input)" : recompute ? "+recompute" : "";
+    const what = `${name} ${scan}${how}`;
     Deno.test({
-      name: `Mamba ${scan}${
-        recompute ? "+recompute" : ""
-      }: forward, loss and every gradient equal mamba.py (${name})`,
+      name: `Mamba ${scan}${how}: forward, loss and every gradient equal mamba.py (${name})`,
       ignore: scan === "fused" && noFused,
       fn: async () => {
         const file = `${name}.safetensors`;
@@ -358,6 +360,10 @@ Deno.test("Mamba rejects bad input and configs with clear errors", async () => {
   assert.throws(() => mambaConfig({ dModel: 0, nLayers: 1 }), /dModel must be a positive integer, got 0/);
   assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, scan: "fast" as "pscan" }), /scan must be/);
   assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, dtInit: "x" as "random" }), /dtInit/);
+  assert.throws(
+    () => mambaConfig({ dModel: 4, nLayers: 1, recompute: "all" as "input" }),
+    /recompute must be true, false or "input", got "all"/,
+  );
   assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, foo: 1 } as never), /unknown key 'foo'/);
   model.dispose();
   bad.dispose();

@@ -34,7 +34,7 @@ import {
   tidy,
 } from "../mod.ts";
 import { add } from "../core/ops/index.ts";
-import { setup } from "./helpers.ts";
+import { kernelsRun, setup } from "./helpers.ts";
 
 await setup();
 
@@ -47,7 +47,7 @@ const MiB = 2 ** 20;
 /** Between the two measured peaks (8.4 and 76.6 MiB above the baseline). */
 const CAP_ABOVE_BASELINE = 32 * MiB;
 
-function layer(scan: "fused" | "pscan", recompute: boolean): Mamba {
+function layer(scan: "fused" | "pscan", recompute: boolean | "input"): Mamba {
   return new Mamba(mambaConfig({ dModel: D_MODEL, nLayers: 1, dState: N, scan, recompute }));
 }
 
@@ -94,6 +94,39 @@ Deno.test("under one memory limit, pscan runs out of memory and fused + recomput
     setMemoryLimit(null);
     pscan.dispose();
     fused.dispose();
+    x.dispose();
+    G.dispose();
+  }
+});
+
+Deno.test('recompute "input" saves the block input alone and gives recompute\'s gradients, bit for bit', async () => {
+  const x = randn([1, L, D_MODEL], { seed: 1 });
+  const G = randn([1, L, D_MODEL], { seed: 2 });
+  const layers = { chunkStates: layer("fused", true), input: layer("fused", "input") };
+  layers.input.loadStateDict(layers.chunkStates.stateDict());
+  const grads: Float32Array[][] = [];
+  const forwards: number[] = [];
+  try {
+    for (const [how, m] of Object.entries(layers)) {
+      let saved = 0;
+      const savedBefore = memory().savedBytes;
+      const { kernels } = await kernelsRun(() =>
+        tidy(() => {
+          const y = m.forward(x);
+          saved = memory().savedBytes - savedBefore;
+          sum(mul(y, G)).backward();
+        })
+      );
+      if (how === "input") assert.equal(saved, L * D_MODEL * 4, `recompute "input" saved ${saved} bytes`);
+      else assert.ok(saved > L * D_MODEL * 4, "recompute true keeps the chunk states too");
+      forwards.push(kernels.filter((k) => k.startsWith("fused_scan_fwd_")).length);
+      grads.push(await Promise.all(m.parameters().map((p) => p.grad!.toArray() as Promise<Float32Array>)));
+    }
+    // the rerun of "input" runs the scan's forward kernels again; recompute true replays the op instead
+    assert.equal(forwards[1], 2 * forwards[0], `forward scan dispatches ${forwards}`);
+    grads[0].forEach((g, i) => assert.deepEqual(grads[1][i], g, `parameter ${i}'s gradient`));
+  } finally {
+    for (const m of Object.values(layers)) m.dispose();
     x.dispose();
     G.dispose();
   }
