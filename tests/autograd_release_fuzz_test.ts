@@ -5,7 +5,7 @@
  * rmsNorm) from parameters that require grad, and along the way: disposes random tensors (right after they
  * were made, once consumed, before the backward, after it, the loss itself, now and then a parameter),
  * wraps parts in `tidy()` (nested, some throwing, some `keep`ing a tensor), runs parts through
- * `checkpoint()` (nested, functions that return their input or a captured tensor, read parameters or
+ * `checkpoint()` or `checkpointInputsOnly()` (nested, functions that return their input or a captured tensor, read parameters or
  * intermediates that require grad by closure, or ignore an input), makes saved views (`detach`), runs ops
  * under `noGrad`, calls backward in the middle of the graph (with and without `retainGraph`) and at its end
  * (a scalar loss, or a tensor with a given gradient; once, or twice with `retainGraph`), or drops the graph
@@ -709,9 +709,12 @@ class Case {
       }
       return get(ret);
     };
-    this.log(`} fn returns ${ret.name}, reads ${[...closure].map((v) => v.name)}`);
+    // checkpointInputsOnly takes another path through the first pass and the rerun (no op here replays, so
+    // both keep the same tensors)
+    const run = this.chance(0.3) ? M.checkpointInputsOnly : M.checkpoint;
+    this.log(`} fn returns ${ret.name}, reads ${[...closure].map((v) => v.name)}, by ${run.name}`);
     this.apply({
-      gpu: (ts) => M.checkpoint(fn, ...ts.slice(0, inputs.length).map(tensorArg)),
+      gpu: (ts) => run(fn, ...ts.slice(0, inputs.length).map(tensorArg)),
       js: () => [ret.data],
       saves: args.map((_, i) => i),
       closure: [...closure],
