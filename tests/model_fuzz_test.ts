@@ -4,7 +4,8 @@
  * vocabulary and its padding multiple, tied head, padding row, batch, length, recompute), each checked
  * against itself across the scan modes:
  *
- * 1. the logits of "fused", "pscan" and "sequential", each with recompute on and off, agree;
+ * 1. the logits of "fused", "pscan" and "sequential", each with recompute on and off (and fused with recompute
+ *    "input"), agree;
  * 2. so does every parameter's gradient of sum(logits * G) (G random), across modes and recompute on / off;
  * 3. per mode, a prefill with caches over a prefix (or none: steps from empty caches) and then `step`
  *    token by token give the mode's full-forward logits at every position, the final caches agree between
@@ -298,6 +299,10 @@ async function runCase(c: Case): Promise<void> {
       models.set(`${scan}${recompute ? "+rc" : ""}`, lm);
     }
   }
+  // and the fused block keeping its input alone (recompute "input": the scan and out_proj run again)
+  const inputOnly = new MambaLM({ ...c.config, scan: "fused", recompute: "input" }, c.lm);
+  inputOnly.loadStateDict(weights, { strict: true });
+  models.set("fused+rci", inputOnly);
 
   const tokens = Array.from(
     { length: B },
@@ -366,6 +371,7 @@ async function runCase(c: Case): Promise<void> {
   // every mode and setting against sequential without recompute; recompute on against off in each mode
   for (const name of models.keys()) if (name !== "sequential") compare(name, "sequential");
   for (const scan of ["fused", "pscan"]) compare(`${scan}+rc`, scan);
+  compare("fused+rci", "fused+rc");
 
   // 3: decoding. Prefill L - steps tokens (or none), then one step per token; logits at every position
   // against the same mode's full forward, final caches against sequential's.
