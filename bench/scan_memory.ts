@@ -9,9 +9,10 @@
  * the loss sum(y * G) and its gradient too, which added a (B, L, D) product and its broadcast gradient to
  * the peaks (about 0.5 MiB at N 16, L 1024).
  * Then the scan alone, with dt_proj: the bytes saved by `fusedMambaScan` (as MambaBlock runs it) against those
- * of the pscan path (dt_proj, `selectiveScan(..., "pscan")` and the gate) for the same inputs, per token. Finally the "does not fit"
+ * of the pscan path (dt_proj, `selectiveScan(..., "pscan")` and the gate) for the same inputs, per token. Then the "does not fit"
  * demonstration: under one memory limit, a pscan layer fails with an out-of-memory error while the
- * fused + recompute layer trains (forward, backward, SGD update).
+ * fused + recompute layer trains (forward, backward, SGD update). Finally 8- and 24-layer models, recompute
+ * true against "input" (L 4096; 1024 with --quick).
  *
  * Every case runs under `setMemoryLimit` (8 GiB above the baseline): a case that passes it is recorded
  * with its error instead of exhausting the machine.
@@ -141,6 +142,31 @@ export async function layerCase(
   capAbove: number,
 ): Promise<StepMemory> {
   const model = makeLayer(dModel, N, mode);
+  const x = randn([1, L, dModel], { seed: 1 });
+  const G = randn([1, L, dModel], { seed: 2 });
+  try {
+    return await measureStep(model, x, G, capAbove);
+  } finally {
+    model.dispose();
+    x.dispose();
+    G.dispose();
+    emptyPool();
+    await sync();
+  }
+}
+
+/** One training step of a fused model of `nLayers` layers with recompute true or "input" (see `layerCase`):
+ * over many layers the chunk states that recompute true keeps per layer add up, and "input"'s higher
+ * one-layer peak does not. */
+export async function deepCase(
+  dModel: number,
+  N: number,
+  L: number,
+  nLayers: number,
+  recompute: true | "input",
+  capAbove: number,
+): Promise<StepMemory> {
+  const model = new Mamba(mambaConfig({ dModel, nLayers, dState: N, scan: "fused", recompute }));
   const x = randn([1, L, dModel], { seed: 1 });
   const G = randn([1, L, dModel], { seed: 2 });
   try {
@@ -344,6 +370,14 @@ if (import.meta.main) {
 
   const demo = await doesNotFit(dModel, 64, 4096, 256 * MiB);
 
+  const deepL = quick ? 1024 : 4096;
+  const deep: { nLayers: number; recompute: true | "input"; r: StepMemory }[] = [];
+  for (const nLayers of [8, 24]) {
+    for (const recompute of [true, "input"] as const) {
+      deep.push({ nLayers, recompute, r: await deepCase(dModel, 16, deepL, nLayers, recompute, cap) });
+    }
+  }
+
   const get = (N: number, L: number, mode: MemoryMode) =>
     rows.find((r) => r.N === N && r.L === L && r.mode === mode)!.r;
   const out: string[] = [];
@@ -397,6 +431,15 @@ if (import.meta.main) {
   }
   out.push(
     "",
+    `Deep models (d_model ${dModel}, N 16, L ${deepL}), fused, recompute true (block input and chunk states) ` +
+      `or "input" (block input alone):`,
+    "",
+    "| layers | recompute | peak (MiB) | saved (MiB) |",
+    "|---:|---|---:|---:|",
+    ...deep.map((d) => `| ${d.nLayers} | ${d.recompute} | ${mib(d.r.peakBytes)} | ${mib(d.r.savedBytes)} |`),
+  );
+  out.push(
+    "",
     `Does not fit: d_model ${demo.dModel}, N ${demo.N}, L ${demo.L}, memory limit ${
       mib(demo.limitBytes)
     } MiB ` +
@@ -430,6 +473,14 @@ if (import.meta.main) {
         ratio: s.pscan / s.fused,
       })),
       doesNotFit: demo,
+      deep: deep.map((d) => ({
+        dModel,
+        N: 16,
+        L: deepL,
+        nLayers: d.nLayers,
+        recompute: d.recompute,
+        ...d.r,
+      })),
     },
     2,
   );

@@ -50,7 +50,8 @@ export interface MambaConfigInput {
    * d_state 16 and dt rank 8, that is the scan's forward kernel again); with pscan or sequential, the scan
    * and out_proj run again too. "input": keep the block's input alone and re-run the whole block, the fused
    * scan's forward and out_proj included (`checkpointInputsOnly`): ED N / Lc floats per token less to keep
-   * per layer (half the block input's D floats, for the pretrained shapes), one forward scan and product more.
+   * per layer (half the block input's D floats for the pretrained shapes at Lc 64), one forward scan and
+   * product more.
    * false: keep what each op's backward needs. */
   recompute?: boolean | "input";
 }

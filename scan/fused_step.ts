@@ -7,7 +7,7 @@
  * - `conv_step_K{K}`: an invocation per (b, channel d). xc = bias + sum_k w[d, k] [inputs | x_new][k] with
  *   x_new read in place from in_proj's output; writes x = silu(xc) (B, ED) and the inputs shifted by one
  *   (B, ED, K-1).
- * - `ssm_step_N{N}_dt[{R}]`: an invocation per (b, d), its N states in turn. delta = softplus(draw + bias),
+ * - `ssm_step_N{N}_dt{R | loop}`: an invocation per (b, d), its N states in turn. delta = softplus(draw + bias),
  *   draw = dBC[b, :R] . W[d, :] computed here at any dt rank (unrolled up to 8, a loop above: one token's R
  *   multiply-adds per channel cost less than a matmul's dispatch, and the dt columns' copy out of dBC); then
  *   h[n] = exp(delta A[n]) h[n] + delta B[n] x, y = C.h + D x, y silu(z) with z read in place from in_proj's
@@ -62,7 +62,7 @@ function convStepKernel(K: number): Kernel {
 function ssmStepKernel(N: number, Ri: number): Kernel {
   return cachedKernel(`ssm_step|${N}|${Ri}`, () =>
     defineKernel({
-      name: `ssm_step_N${N}_dt${Ri || ""}`,
+      name: `ssm_step_N${N}_dt${Ri || "loop"}`,
       buffers: [
         { name: "x", type: "f32", access: "read" },
         { name: "dbc", type: "f32", access: "read" },

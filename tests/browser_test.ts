@@ -501,7 +501,7 @@ Deno.test({
               buffers: m.deviceInfo().limits.maxStorageBuffersPerShaderStage,
               yOverG: kernels.filter((k) => /^fused_scan_bwd_.*_y_g$/.test(k)).length,
               lanes: kernels.filter((k) => /^fused_scan_bwd_.*_lanes2_chunked(_folded)?_y_g$/.test(k)).length,
-              ssmSteps: kernels.filter((k) => k === "ssm_step_N8_dt").length,
+              ssmSteps: kernels.filter((k) => k === "ssm_step_N8_dtloop").length,
               worst,
               live: m.memory().liveBytes,
             };

@@ -286,7 +286,7 @@ Deno.test({
       }
       assertFusedStepRan(runs[0].kernels, `${what}: fused`);
       // dt_proj's product inside the SSM step at every rank (unrolled up to 8): no matmul for it
-      const ssm = `ssm_step_N${dState}_dt${dtRank <= 8 ? dtRank : ""}`;
+      const ssm = `ssm_step_N${dState}_dt${dtRank <= 8 ? dtRank : "loop"}`;
       assert.ok(runs[0].kernels.includes(ssm), `${what}: ${ssm} ran (${runs[0].kernels.join(", ")})`);
       const matmuls = runs[0].kernels.filter((k) => k.startsWith("matmul_")).length;
       assert.equal(matmuls, 3 * 2 * 5, `${what}: in_proj, x_proj and out_proj per layer and token`);

@@ -24,6 +24,7 @@ import {
   neg,
   noGrad,
   randn,
+  resetPeak,
   selectiveScan,
   setMemoryLimit,
   silu,
@@ -123,6 +124,7 @@ Deno.test('recompute "input" saves the block input alone and gives recompute\'s 
       grads.push(await Promise.all(m.parameters().map((p) => p.grad!.toArray() as Promise<Float32Array>)));
     }
     // the rerun of "input" runs the scan's forward kernels again; recompute true replays the op instead
+    assert.ok(forwards[0] > 0, "the fused scan ran");
     assert.equal(forwards[1], 2 * forwards[0], `forward scan dispatches ${forwards}`);
     grads[0].forEach((g, i) => assert.deepEqual(grads[1][i], g, `parameter ${i}'s gradient`));
   } finally {
@@ -130,6 +132,42 @@ Deno.test('recompute "input" saves the block input alone and gives recompute\'s 
     x.dispose();
     G.dispose();
   }
+});
+
+Deno.test('recompute "input": in a deep model the chunk states it does not keep outweigh the y its rerun makes', async () => {
+  // per layer, recompute true keeps ph (the chunk states and the parameters) besides the block input; "input"
+  // keeps the input alone but makes y (B, L, ED) again in each block's backward, where a layer's peak is. With
+  // chunk states of ED L N / Lc floats per layer, enough layers keep three times a y more.
+  const [dState, len] = [16, 1024];
+  const { Lc } = fusedVariantFor(dState, 1, len, ED);
+  const layers = Math.ceil((3 * Lc) / dState); // 12 at Lc 64
+  const x = randn([1, len, D_MODEL], { seed: 1 });
+  const G = randn([1, len, D_MODEL], { seed: 2 });
+  const stats: { peak: number; saved: number }[] = [];
+  for (const recompute of [true, "input"] as const) {
+    const m = new Mamba(mambaConfig({ dModel: D_MODEL, nLayers: layers, dState, scan: "fused", recompute }));
+    try {
+      await sync();
+      const before = memory();
+      resetPeak();
+      let saved = 0;
+      tidy(() => {
+        const y = m.forward(x);
+        saved = memory().savedBytes - before.savedBytes;
+        y.backward(G);
+      });
+      await sync();
+      stats.push({ peak: memory().peakBytes - before.liveBytes, saved });
+    } finally {
+      m.dispose();
+    }
+  }
+  x.dispose();
+  G.dispose();
+  const ph = 4 * (ED * (2 + dState + R) + ED * Math.ceil(len / Lc) * dState);
+  assert.equal(stats[1].saved, layers * len * D_MODEL * 4, "input: the block inputs alone");
+  assert.equal(stats[0].saved - stats[1].saved, layers * ph, `true keeps ph per layer (Lc ${Lc})`);
+  assert.ok(stats[1].peak < stats[0].peak, `peaks: input ${stats[1].peak}, true ${stats[0].peak} bytes`);
 });
 
 /** Bytes autograd saves for the scan and gate alone, same leaves, fused op or pscan path. */

@@ -409,7 +409,7 @@ export function matmulRaw(
     return into;
   }
   // the slices' sum straight from the reduction kernel: sumToShape's general axes cost a GPU's host more
-  const out = reduceRun(c, 1, slices, nb * M * N, "sum", undefined, shape);
+  const out = reduceRun(c, 1, slices, nb * M * N, "sum", { shape });
   c.dispose();
   return out;
 }

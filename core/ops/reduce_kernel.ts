@@ -58,18 +58,19 @@ function reduceKernel(kind: "sum" | "max", add = false): Kernel {
 
 const KERNELS = { sum: reduceKernel("sum"), max: reduceKernel("max"), sumAdd: reduceKernel("sum", true) };
 
-/** Reduces the middle axis of x viewed as (outer, r, inner), in as many passes as the chunks need; the
- * result is flat (outer * inner), or of `shape` (as many elements) where given, or, given `into` (a sum
- * only), added into it by the last pass, which returns `into`. No autograd; `x` is not disposed. */
+/** Reduces the middle axis of x viewed as (outer, r, inner), in as many passes as the chunks need. The result
+ * is a new tensor, flat (outer * inner) or of `to.shape` (as many elements); or, with `to.into` (a sum only),
+ * the last pass adds it into that tensor and returns it. No autograd; `x` is not disposed. */
 export function reduceRun(
   x: Tensor,
   outer: number,
   r: number,
   inner: number,
   kind: "sum" | "max",
-  into?: Tensor,
-  shape?: readonly number[],
+  to: { into: Tensor } | { shape: readonly number[] } | Record<string, never> = {},
 ): Tensor {
+  const into = "into" in to ? to.into : undefined;
+  const shape = "shape" in to ? to.shape : undefined;
   if (into && kind !== "sum") throw new Error(`reduceRun: only a sum adds into a tensor, not ${kind}`);
   if (shape && sizeOf(shape) !== outer * inner) {
     throw new Error(`reduceRun: a result of ${outer * inner} elements cannot have shape ${fmt(shape)}`);
@@ -111,5 +112,5 @@ export function addSumOfFirstAxis(parts: Tensor, into: Tensor): void {
     throw new Error(`addSumOfFirstAxis: cannot add the sum of ${parts} over its first axis into ${into}`);
   }
   if (into.size === 0 || parts.shape[0] === 0) return;
-  reduceRun(parts, 1, parts.shape[0], into.size, "sum", into);
+  reduceRun(parts, 1, parts.shape[0], into.size, "sum", { into });
 }
