@@ -145,7 +145,9 @@ const times: number[][] = [[], []];
 for (let r = 0; r < reps; r++) {
   for (const i of r % 2 ? [1, 0] : [0, 1]) {
     const s = sides[i];
-    await s.sync();
+    // both devices idle: on a software adapter the other side's last submit would otherwise still run on the
+    // cores this side records on (and the two sides' GPU work differs)
+    await Promise.all(sides.map((x) => x.sync()));
     if (!values.wall) s.step(); // host time: not the first step after a wait (wall time counts each wait once)
     const t0 = performance.now();
     for (let j = 0; j < k; j++) s.step();
