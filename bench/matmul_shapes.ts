@@ -13,7 +13,9 @@
  * Each variant runs twice: with a GPU's split over K (`matmulGpuSplit` on; on a CPU adapter, the adapter taken
  * for a GPU for the call) and without it (as GPUs planned until 2026-11-30; on a CPU adapter, its own plans).
  * On a GPU the two columns are that change's A/B, in one run; the tuner makes the same choice there from
- * three probes. Decoding's rows (M = 1) are matrix-vector products.
+ * three probes. Decoding's rows (M = 1) are matrix-vector products: with K of at least 256 (d_model 768: in_proj,
+ * x_proj, out_proj) the split on takes the matvec kernel, and a third column times the split's slices and sum
+ * there instead (`setMatmulMatvec(false)`).
  *
  * Run: deno run -A bench/matmul_shapes.ts [--d-model N] [--tokens L]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
@@ -27,9 +29,12 @@ import { randn } from "../core/creation.ts";
 import {
   availableMatmulVariants,
   matmulGpuSplit,
+  matmulMatvec,
+  matmulPlan,
   matmulRaw,
   type MatmulVariant,
   setMatmulGpuSplit,
+  setMatmulMatvec,
 } from "../core/ops/matmul.ts";
 import { intFlag, parseCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
@@ -69,18 +74,29 @@ function layerShapes(d: number, L: number): Shape[] {
   ];
 }
 
-/** `fn` with or without a GPU's split over K (see the module's doc); the settings are restored after. */
-async function withSplit<T>(split: boolean, fn: () => Promise<T>): Promise<T> {
+/** `fn` with or without a GPU's split over K (see the module's doc), and with or without its matvec kernel;
+ * the settings are restored after. */
+async function withSplit<T>(split: boolean, fn: () => Promise<T>, matvec = true): Promise<T> {
   const info = deviceInfo() as { isFallbackAdapter: boolean };
-  const [fallback, was] = [info.isFallbackAdapter, matmulGpuSplit()];
+  const [fallback, was, wasMatvec] = [info.isFallbackAdapter, matmulGpuSplit(), matmulMatvec()];
   if (split) info.isFallbackAdapter = false;
   setMatmulGpuSplit(split);
+  setMatmulMatvec(matvec);
   try {
     return await fn();
   } finally {
     info.isFallbackAdapter = fallback;
     setMatmulGpuSplit(was);
+    setMatmulMatvec(wasMatvec);
   }
+}
+
+/** Whether a GPU with its split on runs `s` with the matvec kernel (a few rows against a weight). */
+function takesMatvec(s: Shape): Promise<boolean> {
+  return withSplit(
+    true,
+    () => Promise.resolve(matmulPlan(s.M, s.K, s.N, s).kernel.startsWith("matmul_matvec")),
+  );
 }
 
 async function msPerCall(s: Shape, v: MatmulVariant): Promise<number> {
@@ -136,25 +152,33 @@ if (import.meta.main) {
   await init();
   const variants = availableMatmulVariants();
   type Times = Partial<Record<MatmulVariant, number>>;
-  const rows: { shape: Shape; msSplit: Times; msNoSplit: Times }[] = [];
+  // msSplitNoMatvec: where the split on takes the matvec kernel, the split's slices and sum instead
+  const rows: { shape: Shape; msSplit: Times; msNoSplit: Times; msSplitNoMatvec: Times | null }[] = [];
   for (const shape of layerShapes(d, L)) {
     const msSplit: Times = {}, msNoSplit: Times = {};
+    const msSplitNoMatvec: Times | null = (await takesMatvec(shape)) ? {} : null;
     for (const v of variants) {
       msSplit[v] = await withSplit(true, () => msPerCall(shape, v));
       msNoSplit[v] = await withSplit(false, () => msPerCall(shape, v));
+      if (msSplitNoMatvec) msSplitNoMatvec[v] = await withSplit(true, () => msPerCall(shape, v), false);
     }
-    rows.push({ shape, msSplit, msNoSplit });
+    rows.push({ shape, msSplit, msNoSplit, msSplitNoMatvec });
   }
   console.log(
     `\nmatmul ms per call at d_model ${d}, ${L} rows, ${
       deviceInfo().timestampQuery ? "kernel time by timestamp queries" : "wall time less a wait"
-    } (${deviceInfo().description}); split: a GPU's split over K; no split: as before it\n`,
+    } (${deviceInfo().description}); split: a GPU's split over K, with the matvec kernel for a few rows ` +
+      `against a weight (K >= 256); no split: as before it; no matvec: the split's slices and their sum there\n`,
   );
-  const heads = variants.flatMap((v) => [`${v}, split`, `${v}, no split`]);
+  const heads = variants.flatMap((v) => [`${v}, split`, `${v}, no split`, `${v}, split, no matvec`]);
   console.log(`| shape (M x K x N) | ${heads.join(" | ")} |`);
   console.log(`| --- | ${heads.map(() => "---:").join(" | ")} |`);
-  for (const { shape: s, msSplit, msNoSplit } of rows) {
-    const cells = variants.flatMap((v) => [msSplit[v]!.toFixed(3), msNoSplit[v]!.toFixed(3)]);
+  for (const { shape: s, msSplit, msNoSplit, msSplitNoMatvec } of rows) {
+    const cells = variants.flatMap((v) => [
+      msSplit[v]!.toFixed(3),
+      msNoSplit[v]!.toFixed(3),
+      msSplitNoMatvec?.[v]?.toFixed(3) ?? "-",
+    ]);
     console.log(`| ${s.label} (${s.M} x ${s.K} x ${s.N}) | ${cells.join(" | ")} |`);
   }
   // other sizes than the default's go to their own file, not over the committed one

@@ -339,45 +339,87 @@ Deno.test({
         },
       );
 
-      await t.step("every matmul variant the page can run compiles in Chromium and agrees", async () => {
-        const r = await lib.evaluate(async () => {
-          const m = (globalThis as unknown as { mamba: Bundle }).mamba;
-          await m.init();
-          const rows = [];
-          // [M, K, N, transA, transB]: lanes sharing A's rows (wide C) and B's columns (narrow C), vec4 and
-          // scalar reads, split K
-          const shapes: [number, number, number, boolean, boolean][] = [
-            [37, 20, 300, false, true],
-            [64, 48, 16, true, false],
-            [5, 7, 9, false, false],
-            [16, 700, 33, true, true],
-          ];
-          for (const [M, K, N, transA, transB] of shapes) {
-            const a = m.randn(transA ? [K, M] : [M, K], { seed: M });
-            const b = m.randn(transB ? [N, K] : [K, N], { seed: N });
-            const outs = [];
-            for (const v of m.availableMatmulVariants()) {
-              const c = m.matmulRaw(a, b, { transA, transB }, v);
-              outs.push({ v, data: [...(await c.toArray())] });
-              c.dispose();
+      await t.step(
+        "every matmul variant the page can run, and the matvec kernel, compile in Chromium and agree",
+        async () => {
+          const r = await lib.evaluate(async () => {
+            const m = (globalThis as unknown as { mamba: Bundle }).mamba;
+            await m.init();
+            const rows = [];
+            // [M, K, N, transA, transB]: lanes sharing A's rows (wide C) and B's columns (narrow C), vec4 and
+            // scalar reads, split K
+            const shapes: [number, number, number, boolean, boolean][] = [
+              [37, 20, 300, false, true],
+              [64, 48, 16, true, false],
+              [5, 7, 9, false, false],
+              [16, 700, 33, true, true],
+            ];
+            for (const [M, K, N, transA, transB] of shapes) {
+              const a = m.randn(transA ? [K, M] : [M, K], { seed: M });
+              const b = m.randn(transB ? [N, K] : [K, N], { seed: N });
+              const outs = [];
+              for (const v of m.availableMatmulVariants()) {
+                const c = m.matmulRaw(a, b, { transA, transB }, v);
+                outs.push({ v, data: [...(await c.toArray())] });
+                c.dispose();
+              }
+              m.dispose([a, b]);
+              const want = outs[0].data; // `register`
+              const scale = want.reduce((s, x) => Math.max(s, Math.abs(x)), 0);
+              for (const { v, data } of outs) {
+                let d = 0;
+                for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(data[i] - want[i]));
+                rows.push({
+                  what: `${v} ${M}x${K}x${N}${transA ? " A^T" : ""}${transB ? " B^T" : ""}`,
+                  rel: d / scale,
+                });
+              }
             }
-            m.dispose([a, b]);
-            const want = outs[0].data; // `register`
-            const scale = want.reduce((s, x) => Math.max(s, Math.abs(x)), 0);
-            for (const { v, data } of outs) {
+            // the matvec kernel (a GPU's plan for a few rows against a weight, as decoding runs): Tint compiles it
+            // too, with vec4 loads (K 300) and scalar ones (K 301)
+            const info = m.deviceInfo() as { isFallbackAdapter: boolean };
+            const proto = GPUComputePassEncoder.prototype;
+            const setPipeline = proto.setPipeline;
+            const kernels: string[] = [];
+            for (const K of [300, 301]) {
+              const a = m.randn([3, K], { seed: K });
+              const b = m.randn([70, K], { seed: K + 1 });
+              const wasFallback = info.isFallbackAdapter;
+              info.isFallbackAdapter = true;
+              const ref = m.matmulRaw(a, b, { transB: true }, "register");
+              const want = [...(await ref.toArray())];
+              ref.dispose();
+              info.isFallbackAdapter = false;
+              proto.setPipeline = function (this: GPUComputePassEncoder, p: GPUComputePipeline) {
+                kernels.push(p.label);
+                return setPipeline.call(this, p);
+              };
+              let got: number[];
+              try {
+                const c = m.matmulRaw(a, b, { transB: true });
+                got = [...(await c.toArray())];
+                c.dispose();
+              } finally {
+                proto.setPipeline = setPipeline;
+                info.isFallbackAdapter = wasFallback;
+              }
+              m.dispose([a, b]);
+              const scale = want.reduce((x, v) => Math.max(x, Math.abs(v)), 0);
               let d = 0;
-              for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(data[i] - want[i]));
-              rows.push({
-                what: `${v} ${M}x${K}x${N}${transA ? " A^T" : ""}${transB ? " B^T" : ""}`,
-                rel: d / scale,
-              });
+              for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(got[i] - want[i]));
+              rows.push({ what: `matvec 3x${K}x70 B^T`, rel: d / scale });
             }
-          }
-          return { variants: m.availableMatmulVariants(), rows };
-        });
-        console.log(`  matmul variants here: ${r.variants.join(", ")}`);
-        for (const row of r.rows) assert.ok(row.rel < 1e-5, `${row.what}: ${row.rel}`);
-      });
+            return { variants: m.availableMatmulVariants(), rows, kernels };
+          });
+          console.log(`  matmul variants here: ${r.variants.join(", ")}; ${r.kernels.join(", ")}`);
+          assert.deepEqual(
+            r.kernels,
+            ["matmul_matvec_m3_k4", "matmul_matvec_m3_k1"],
+            "the matvec kernels ran",
+          );
+          for (const row of r.rows) assert.ok(row.rel < 1e-5, `${row.what}: ${row.rel}`);
+        },
+      );
 
       await t.step("training in the browser: the loss falls within 20 steps", async () => {
         const r = await lib.evaluate(async (base) => {

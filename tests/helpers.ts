@@ -12,7 +12,7 @@
 import { AssertionError } from "node:assert/strict";
 import { init, mul, sum, type Tensor, tensor, tidy } from "../mod.ts";
 import { deviceInfo } from "../core/device.ts";
-import { matmulGpuSplit, setMatmulGpuSplit } from "../core/ops/matmul.ts";
+import { matmulGpuSplit, matmulMatvec, setMatmulGpuSplit, setMatmulMatvec } from "../core/ops/matmul.ts";
 import { fusedScanAvailable } from "../mamba/block.ts";
 
 // ------------------------------------------------------------------------------------------ setup
@@ -830,20 +830,22 @@ export function fusedUnavailable(): boolean {
   return !available;
 }
 
-/** `fn`'s result with matmuls planned as on a GPU or a CPU adapter (`isFallbackAdapter`) and with the GPU split
- * on or off, where given; both are restored after. */
+/** `fn`'s result with matmuls planned as on a GPU or a CPU adapter (`isFallbackAdapter`), with the GPU split
+ * and the matvec kernel on or off, where given; all are restored after. */
 export async function withPlans<T>(
-  set: { gpu?: boolean; split?: boolean },
+  set: { gpu?: boolean; split?: boolean; matvec?: boolean },
   fn: () => T | Promise<T>,
 ): Promise<T> {
   const info = await init();
-  const [fallback, split] = [info.isFallbackAdapter, matmulGpuSplit()];
+  const [fallback, split, matvec] = [info.isFallbackAdapter, matmulGpuSplit(), matmulMatvec()];
   if (set.gpu !== undefined) info.isFallbackAdapter = !set.gpu;
   if (set.split !== undefined) setMatmulGpuSplit(set.split);
+  if (set.matvec !== undefined) setMatmulMatvec(set.matvec);
   try {
     return await fn();
   } finally {
     info.isFallbackAdapter = fallback;
     setMatmulGpuSplit(split);
+    setMatmulMatvec(matvec);
   }
 }

@@ -18,7 +18,7 @@ import {
   tidy,
 } from "../mod.ts";
 import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneResult } from "../core/tune.ts";
-import { matmulGpuSplit, matmulPlan } from "../core/ops/matmul.ts";
+import { matmulGpuSplit, type MatmulOptions, matmulPlan } from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
 import { withPlans } from "./helpers.ts";
 
@@ -210,6 +210,54 @@ Deno.test("matmul: K longer than one dispatch's slice accumulates over slices", 
     problems.push(mats(8, 16384 * 2 + 37, 3, tA, tB)); // odd K, three slices
   }
   await check(problems, VARIANTS, 2);
+});
+
+Deno.test("matmul on a GPU: a few rows against a weight (x @ W^T, as decoding) take the matvec kernel, one dispatch", async () => {
+  // Integer data keeps every sum exact: a dropped, doubled or misplaced partial of the workgroup's sum shows.
+  // K a multiple of 4 (vec4 loads) or not, past one dispatch's 16384 (the second accumulates), N odd.
+  const sizes: [number, number][] = [[256, 3], [300, 17], [768, 130], [16384 + 36, 5], [16384 + 37, 2]];
+  const problems = [1, 2, 3, 4].flatMap((M) => sizes.map(([K, N]) => mats(M, K, N, false, true)));
+  await withPlans({ gpu: true, split: true }, async () => {
+    for (const p of problems) {
+      const [[M, K], N] = [p.aShape, p.bShape[0]];
+      const plan = matmulPlan(M, K, N, { transB: true });
+      assert.equal(plan.kernel, `matmul_matvec_m${M}_k${K % 4 === 0 ? 4 : 1}`, `M ${M}, K ${K}`);
+      assert.deepEqual([plan.slices, plan.workgroups], [1, N], `M ${M}, K ${K}: a workgroup per column`);
+    }
+    await check(problems, VARIANTS, 2);
+    // added into a tensor (matmulAdd: out_proj adding the residual), in one dispatch and across two
+    for (const K of [768, 16384 + 36]) {
+      const [a, b, r] = [data(2 * K, 3, 2), data(7 * K, 4, 2), data(14, 5, 2)];
+      const c = tidy(() =>
+        matmulRaw(tensor(a, [2, K]), tensor(b, [7, K]), { transB: true }, undefined, tensor(r, [2, 7]))
+      );
+      const ref = reference(mats(2, K, 7, false, true), a, b);
+      assertMatches(await c.toArray(), ref.out.map((v, i) => v + r[i]), ref.scale, `into, K ${K}`);
+      c.dispose();
+    }
+    // five rows, a transposed A, a batch, K under 256, or the hook off: the usual plans
+    const others: [number, number, number, MatmulOptions, boolean][] = [
+      [5, 768, 64, { transB: true }, true],
+      [2, 768, 64, { transA: true, transB: true }, true],
+      [2, 128, 64, { transB: true }, true],
+      [1, 768, 64, { transB: true }, false],
+    ];
+    for (const [M, K, N, opts, on] of others) {
+      const plan = await withPlans({ matvec: on }, () => matmulPlan(M, K, N, opts));
+      assert.ok(
+        !plan.kernel.startsWith("matmul_matvec"),
+        `${M} x ${K} x ${N} ${JSON.stringify(opts)}: ${plan.kernel}`,
+      );
+    }
+    const batched = tidy(() =>
+      matmulRaw(tensor(data(2 * 300, 6, 2), [2, 1, 300]), tensor(data(5 * 300, 7, 2), [5, 300]), {
+        transB: true,
+      })
+    );
+    const bref = reference(mats(1, 300, 5, false, true, [2], []), data(2 * 300, 6, 2), data(5 * 300, 7, 2));
+    assertMatches(await batched.toArray(), bref.out, bref.scale, "a batch of two single rows");
+    batched.dispose();
+  });
 });
 
 Deno.test("matmul: small C with long K is split over K (weight-gradient shapes); no scratch is left", async () => {

@@ -40,7 +40,7 @@ import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
 import { addSumOfFirstAxis, reduceRun } from "./reduce_kernel.ts";
 import { copy } from "./shape_ops.ts";
-import { kernelFor, type MatmulVariant } from "./matmul_kernels.ts";
+import { kernelFor, type MatmulVariant, MATVEC_MAX_ROWS, matvecFor } from "./matmul_kernels.ts";
 
 export type { MatmulVariant };
 
@@ -64,9 +64,10 @@ export function availableMatmulVariants(): MatmulVariant[] {
  * Version of the matmul kernels. It is part of the tuner's cache key, so a cached choice is measured
  * again after the kernels change: bump it whenever a kernel's code or the planning of problems over them
  * changes, or the tuner's way of measuring them (matmul-8: GPUs split K by invocations; matmul-9: the tuner's
- * batches sized without the wait, so that a GPU measures its split choice again).
+ * batches sized without the wait, so that a GPU measures its split choice again; matmul-10: the matvec kernel,
+ * which decoding's out_proj, one of the split's probes, now takes).
  */
-export const MATMUL_KERNEL_VERSION = "matmul-9";
+export const MATMUL_KERNEL_VERSION = "matmul-10";
 
 /** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
@@ -122,6 +123,25 @@ export function matmulGpuSplit(): boolean {
 /** Turns the GPU split of {@linkcode matmulGpuSplit} on or off (the tuner calls this with its measured choice). */
 export function setMatmulGpuSplit(on: boolean): void {
   gpuSplit = on;
+}
+
+/** See {@linkcode setMatmulMatvec}. */
+let matvecOn = true;
+
+/** Whether a GPU takes the `matvec` kernel for a few rows against a weight (see {@linkcode setMatmulMatvec}). */
+export function matmulMatvec(): boolean {
+  return matvecOn;
+}
+
+/**
+ * Whether a GPU takes the `matvec` kernel for a few rows against a weight (default on): op(A) of at most 4 rows
+ * (not transposed, unbatched) @ B^T with K of at least SPLIT_MIN_K, as decoding's products are (x @ W^T).
+ * A workgroup per column of C splits K among its invocations and sums in workgroup memory: one dispatch where
+ * the GPU split (GPU_INVOCATIONS) takes two, a partial product per slice and their sum. It applies where that
+ * split is on. Off (a bench and test hook), those products split as other small ones do.
+ */
+export function setMatmulMatvec(on: boolean): void {
+  matvecOn = on;
 }
 
 /** How a problem is laid out: `slices` K slices of `kLen` per dispatch, in `groups` workgroups. */
@@ -192,12 +212,16 @@ function splitK(K: number, want: number, minSlice: number): { kLen: number; slic
   return { kLen, slices: Math.min(SPLIT_MAX, Math.ceil(K / kLen)) };
 }
 
-/** The kernel, layout and K slices of a problem (see SPLIT_BELOW and GPU_INVOCATIONS). */
+/** The kernel, layout and K slices of a problem (see SPLIT_BELOW, GPU_INVOCATIONS and setMatmulMatvec). */
 function planFor(p: Problem): Plan {
   const { variant, K } = p;
+  const gpu = !deviceInfo().isFallbackAdapter && gpuSplit;
+  if (gpu && matvecOn && p.transB && !p.transA && p.nb === 1 && p.M <= MATVEC_MAX_ROWS && K >= SPLIT_MIN_K) {
+    return { kernel: matvecFor(p.M, K), tilesM: 1, tilesN: p.N, slices: 1, kLen: MAX_K, groups: p.N };
+  }
   const usual = layoutFor(p);
   const narrow = variant === "register" && usual.used <= PLAIN_MIN_USE;
-  if (!deviceInfo().isFallbackAdapter && gpuSplit) {
+  if (gpu) {
     const l = narrow ? layoutFor(p, true) : usual;
     const n = invocationsOf(l);
     return K < SPLIT_MIN_K || n >= GPU_INVOCATIONS
@@ -242,9 +266,9 @@ function mix(h: number, v: number): number {
 /** The plan of a problem, made once (see `plans`). */
 function cachedPlan(p: Problem): Plan {
   const { variant, transA, transB, M, N, K, nb } = p;
-  // the key holds everything a plan depends on, the subgroup size, adapter kind and GPU split included
+  // the key holds everything a plan depends on, the subgroup size, adapter kind, GPU split and matvec included
   const flags = VARIANT_CODE[variant] | (+transA << 2) | (+transB << 3) |
-    (+deviceInfo().isFallbackAdapter << 4) | (+gpuSplit << 5);
+    (+deviceInfo().isFallbackAdapter << 4) | (+gpuSplit << 5) | (+matvecOn << 6);
   const sub = fixedSubgroupSize() ?? 0;
   const h = mix(mix(mix(mix(mix(mix(0x2f1a3b, flags), M), N), K), nb), sub);
   const bucket = plans.get(h);

@@ -4,6 +4,7 @@
  *   generated per operand layout (transposes, vec4 or scalar access) and tile.
  * - `tiled`: a workgroup of 16x16 invocations owns 64x64 of C, staging 64x16 slices of A and B in workgroup
  *   memory.
+ * - `matvec` (GPUs, any variant): a few rows against a weight, a workgroup per column of C splitting K.
  * Every kernel reads A, B through the kernel accessors (binding windows) and writes (or adds into) C; a
  * workgroup index maps to (K slice, batch, block of C), and slice s writes the s-th partial C.
  * @module
@@ -411,6 +412,71 @@ var<workgroup> Bs: array<f32, 1024>; // 16 k x 64 columns of B`,
     }
   }`,
   });
+}
+
+/** Most rows of A the `matvec` kernel takes (each an accumulator per invocation). */
+export const MATVEC_MAX_ROWS = 4;
+/** Invocations of a `matvec` workgroup, which split K among them. */
+const MATVEC_WG = 64;
+
+/**
+ * The `matvec` kernel, for a few rows of A against a weight read as B^T (decoding's x (M, K) @ W^T, W (N, K) as
+ * nn.Linear stores it) on a GPU: a workgroup of 64 owns one column n of C for all M (at most 4) rows. Its
+ * invocations take every 64th element of k in [k0, k1) (vec4s where K is a multiple of 4), so that they read
+ * W's row n side by side, and sum their M partials through workgroup memory (M x 64 floats) in a tree of six
+ * barriers. One dispatch with N workgroups where the `register` kernels split K into slices and sum them in a
+ * second dispatch. Unbatched, A and W contiguous.
+ */
+function matvecKernel(M: number, vec: boolean): Kernel {
+  const type = vec ? "vec4<f32>" : "f32";
+  const rows = [...Array(M).keys()];
+  const w = vec ? 4 : 1; // floats per load
+  const mul = vec ? (a: string, b: string) => `dot(${a}, ${b})` : (a: string, b: string) => `${a} * ${b}`;
+  return defineKernel({
+    name: `matmul_matvec_m${M}_k${w}`,
+    buffers: [
+      { name: "a", type, access: "read" },
+      { name: "b", type, access: "read" },
+      { name: "c", type: "f32", access: "read_write" },
+    ],
+    uniforms: COMMON_UNIFORMS,
+    workgroupSize: MATVEC_WG,
+    decls: `${putC("f32")}
+var<workgroup> part: array<f32, ${M * MATVEC_WG}>; // row m's partial sums at m * ${MATVEC_WG}`,
+    body: `
+  // workgroup -> column n of C (row n of W); invocation -> every ${MATVEC_WG}th load of k in [k0, k1)
+  let n = group;
+  let kw = P.K / ${w}u; // loads per row
+  ${rows.map((m) => `var acc${m} = 0.0;`).join(" ")}
+  for (var k = P.k0 / ${w}u + lid; k < P.k1 / ${w}u; k += ${MATVEC_WG}u) {
+    let wv = ld_b(n * kw + k);
+    ${rows.map((m) => `acc${m} += ${mul(`ld_a(${m}u * kw + k)`, "wv")};`).join("\n    ")}
+  }
+  ${rows.map((m) => `part[${m * MATVEC_WG}u + lid] = acc${m};`).join(" ")}
+  workgroupBarrier();
+  for (var half = ${MATVEC_WG / 2}u; half > 0u; half >>= 1u) {
+    if (lid < half) {
+      ${
+      rows.map((m) => `part[${m * MATVEC_WG}u + lid] += part[${m * MATVEC_WG}u + lid + half];`).join(
+        "\n      ",
+      )
+    }
+    }
+    workgroupBarrier();
+  }
+  if (lid < ${M}u) { put_c(lid * P.N + n, part[lid * ${MATVEC_WG}u]); }`,
+  });
+}
+
+const matvecKernels = new Map<string, Kernel>();
+
+/** The `matvec` kernel for M rows (at most MATVEC_MAX_ROWS), vec4 loads where K is a multiple of 4. */
+export function matvecFor(M: number, K: number): Kernel {
+  if (!(M >= 1 && M <= MATVEC_MAX_ROWS)) throw new Error(`matmul: matvec takes 1 to 4 rows, got ${M}`);
+  const key = `${M}|${K % 4 === 0}`;
+  let kernel = matvecKernels.get(key);
+  if (!kernel) matvecKernels.set(key, kernel = matvecKernel(M, K % 4 === 0));
+  return kernel;
 }
 
 const registerKernels = new Map<string, Kernel>();

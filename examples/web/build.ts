@@ -24,8 +24,9 @@ import { simpleCommandLine } from "../lib/cli.ts";
  * KiB, 92.6 KiB gzipped, the same day; from 264 KiB when the GPU's split of matmuls over K and the tuner's
  * timing of it took it to 263.9 KiB, 94.0 KiB gzipped, 2026-11-30; from 268 KiB when the scan and out_proj
  * as one op (`fusedMambaScanOut`) and the checkpoint's replay took it to 268.5 KiB, 95.8 KiB gzipped,
- * 2026-11-30). */
-export const LIBRARY_BUDGET_BYTES = 272 * 1024;
+ * 2026-11-30; from 272 KiB when the matvec kernel, `recompute: "input"` and dt_proj inside the decoding step at
+ * every rank took it to 272.2 KiB, 97.2 KiB gzipped, the same day). */
+export const LIBRARY_BUDGET_BYTES = 276 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
  * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB
