@@ -1,7 +1,8 @@
 /**
  * Host time of two checkouts of mamba.ts side by side in one process: both runtimes are loaded (each its own
  * device), and their steps alternate, so that the machine's drift, which moves separate processes as much
- * as a change does, hits both alike. Each rep waits for the GPU, records one step (not counted: the first
+ * as a change does, hits both alike. Each rep waits for both devices (on a software adapter the other side's
+ * work would otherwise still run on the cores this side records on), records one step (not counted: the first
  * after a wait pays for the submission before it), then k more steps and one submit, and gives ms per step,
  * as `hostMs` in bench/scan_report.ts; the order of the two alternates between reps. Prints the medians, the
  * quartiles and the 10th percentiles, and B / A. With `--wall`, each rep times the k steps and the wait that
