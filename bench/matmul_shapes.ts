@@ -13,9 +13,10 @@
  * Each variant runs twice: with a GPU's split over K (`matmulGpuSplit` on; on a CPU adapter, the adapter taken
  * for a GPU for the call) and without it (as GPUs planned until 2026-11-30; on a CPU adapter, its own plans).
  * On a GPU the two columns are that change's A/B, in one run; the tuner makes the same choice there from
- * three probes. Decoding's rows (M = 1) are matrix-vector products: with K of at least 256 (d_model 768: in_proj,
- * x_proj, out_proj) the split on takes the matvec kernel, and a third column times the split's slices and sum
- * there instead (`setMatmulMatvec(false)`).
+ * probes. Decoding's rows (M = 1) are matrix-vector products: with K of at least 256 (d_model 768: in_proj,
+ * x_proj, out_proj) a GPU takes the matvec kernel, split or not; for those rows the split column times matvec,
+ * the no-split column the unsplit product without it, and a third the split's slices and sum
+ * (`setMatmulMatvec(false)`).
  *
  * Run: deno run -A bench/matmul_shapes.ts [--d-model N] [--tokens L]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
@@ -91,7 +92,7 @@ async function withSplit<T>(split: boolean, fn: () => Promise<T>, matvec = true)
   }
 }
 
-/** Whether a GPU with its split on runs `s` with the matvec kernel (a few rows against a weight). */
+/** Whether a GPU runs `s` with the matvec kernel (a few rows against a weight; split on or off). */
 function takesMatvec(s: Shape): Promise<boolean> {
   return withSplit(
     true,
@@ -152,14 +153,15 @@ if (import.meta.main) {
   await init();
   const variants = availableMatmulVariants();
   type Times = Partial<Record<MatmulVariant, number>>;
-  // msSplitNoMatvec: where the split on takes the matvec kernel, the split's slices and sum instead
+  // Where a GPU takes the matvec kernel (split or not), msSplit times it, msNoSplit the unsplit product
+  // without it and msSplitNoMatvec the split's slices and sum: the three ways such a product has run
   const rows: { shape: Shape; msSplit: Times; msNoSplit: Times; msSplitNoMatvec: Times | null }[] = [];
   for (const shape of layerShapes(d, L)) {
     const msSplit: Times = {}, msNoSplit: Times = {};
     const msSplitNoMatvec: Times | null = (await takesMatvec(shape)) ? {} : null;
     for (const v of variants) {
       msSplit[v] = await withSplit(true, () => msPerCall(shape, v));
-      msNoSplit[v] = await withSplit(false, () => msPerCall(shape, v));
+      msNoSplit[v] = await withSplit(false, () => msPerCall(shape, v), !msSplitNoMatvec);
       if (msSplitNoMatvec) msSplitNoMatvec[v] = await withSplit(true, () => msPerCall(shape, v), false);
     }
     rows.push({ shape, msSplit, msNoSplit, msSplitNoMatvec });
@@ -167,8 +169,9 @@ if (import.meta.main) {
   console.log(
     `\nmatmul ms per call at d_model ${d}, ${L} rows, ${
       deviceInfo().timestampQuery ? "kernel time by timestamp queries" : "wall time less a wait"
-    } (${deviceInfo().description}); split: a GPU's split over K, with the matvec kernel for a few rows ` +
-      `against a weight (K >= 256); no split: as before it; no matvec: the split's slices and their sum there\n`,
+    } (${deviceInfo().description}); split: a GPU's split over K, or the matvec kernel for a few rows ` +
+      `against a weight (K >= 256); no split: as before it (without matvec); split, no matvec: the split's ` +
+      `slices and their sum where matvec would run\n`,
   );
   const heads = variants.flatMap((v) => [`${v}, split`, `${v}, no split`, `${v}, split, no matvec`]);
   console.log(`| shape (M x K x N) | ${heads.join(" | ")} |`);

@@ -76,12 +76,12 @@ export interface TuneProduct {
 
 /**
  * Products a GPU's split over K changes (few invocations, K >= 256): a layer's input and weight gradients at
- * d_model 64, L 1024, and decoding's out_proj at mamba-130m's width (a matrix-vector product).
+ * d_model 64, L 1024. (Until matmul-10 also decoding's out_proj at mamba-130m's width; matrix-vector products
+ * like it now take the matvec kernel on GPUs, split or not: `setMatmulMatvec`.)
  */
 export const SPLIT_PROBES: readonly TuneProduct[] = [
   { M: 1024, K: 256, N: 64 },
   { M: 256, K: 1024, N: 64, transA: true },
-  { M: 1, K: 1536, N: 768, transB: true },
 ];
 
 /** Square sizes the tuner measures: small, so a first run costs about a second on a CPU adapter. */

@@ -22,7 +22,14 @@ import {
   tolerance,
   toTensor,
 } from "./fixture_util.ts";
-import { assertFusedRan, assertFusedStepRan, fusedUnavailable, kernelsRun, rng } from "./helpers.ts";
+import {
+  assertFusedRan,
+  assertFusedStepRan,
+  fusedUnavailable,
+  kernelsRun,
+  rng,
+  withPlans,
+} from "./helpers.ts";
 
 await init();
 /** The fused tests are ignored where the fused kernels cannot run (the model would run pscan instead). */
@@ -452,6 +459,54 @@ Deno.test("MambaLM's embedding row paddingIdx (default 0, as mamba.py) is initia
     lm.dispose();
   }
   ids.dispose();
+});
+
+Deno.test({
+  name:
+    "decoding on a GPU's plans: one matvec dispatch per product (in_proj, x_proj, out_proj, head), no sums",
+  ignore: fusedUnavailable(),
+  fn: async () => {
+    // d_model 512: every product's K is at least 256 (512 and ED 1024), as at the pretrained widths
+    manualSeed(3);
+    const lm = new MambaLM(mambaConfig({ dModel: 512, nLayers: 2 }), { vocabSize: 300 });
+    const ids = tensor(new Int32Array([5]), [1]);
+    const step = async () => {
+      const caches = lm.emptyCache(1);
+      const r = await kernelsRun(() => tidy(() => noGrad(() => lm.step(ids, caches))));
+      const logits = await r.value.logits.toArray();
+      dispose([
+        r.value.logits,
+        ...r.value.caches.flatMap((c) => [c.h, c.inputs]),
+        ...caches.flatMap((c) => [c.h, c.inputs]),
+      ]);
+      return { kernels: r.kernels, logits };
+    };
+    try {
+      const cpu = await withPlans({ gpu: false }, step);
+      for (const matvec of [true, false]) {
+        const gpu = await withPlans({ gpu: true, split: true, matvec }, step);
+        const count = (re: RegExp) => gpu.kernels.filter((k) => re.test(k)).length;
+        if (matvec) {
+          assert.equal(count(/^matmul_matvec_m1_k4$/), 3 * 2 + 1, gpu.kernels.join(", "));
+          assert.equal(count(/^reduce_/), 0, `no sums of K slices: ${gpu.kernels.join(", ")}`);
+        } else {
+          assert.equal(count(/^matmul_matvec/), 0, "the hook off");
+          assert.ok(count(/^reduce_/) > 0, "the split's sums");
+        }
+        // the whole-model bound, relative to the logits' largest (1e-5 on a software adapter, 1e-4 on GPUs)
+        const { rtol } = tolerance("model");
+        const scale = Math.max(...cpu.logits.map(Math.abs));
+        const worst = Math.max(...gpu.logits.map((v, i) => Math.abs(v - cpu.logits[i])));
+        assert.ok(
+          worst <= rtol * scale,
+          `matvec ${matvec}: logits ${worst} from the CPU plans' (scale ${scale})`,
+        );
+      }
+    } finally {
+      ids.dispose();
+      lm.dispose();
+    }
+  },
 });
 
 Deno.test("generate: the prompt's logits are computed for its last position only, with the same tokens", async () => {

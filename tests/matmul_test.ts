@@ -214,47 +214,57 @@ Deno.test("matmul: K longer than one dispatch's slice accumulates over slices", 
 
 Deno.test("matmul on a GPU: a few rows against a weight (x @ W^T, as decoding) take the matvec kernel, one dispatch", async () => {
   // Integer data keeps every sum exact: a dropped, doubled or misplaced partial of the workgroup's sum shows.
-  // K a multiple of 4 (vec4 loads) or not, past one dispatch's 16384 (the second accumulates), N odd.
-  const sizes: [number, number][] = [[256, 3], [300, 17], [768, 130], [16384 + 36, 5], [16384 + 37, 2]];
+  // K a multiple of 4 (vec4 loads) or not, up to one dispatch's 16384, N odd.
+  const sizes: [number, number][] = [[256, 3], [300, 17], [768, 130], [4099, 9], [16384, 5]];
   const problems = [1, 2, 3, 4].flatMap((M) => sizes.map(([K, N]) => mats(M, K, N, false, true)));
+  for (const split of [true, false]) {
+    // whatever the GPU split (the tuner's choice)
+    await withPlans({ gpu: true, split }, () => {
+      for (const p of problems) {
+        const [[M, K], N] = [p.aShape, p.bShape[0]];
+        const plan = matmulPlan(M, K, N, { transB: true });
+        const what = `M ${M}, K ${K}, split ${split}`;
+        assert.equal(plan.kernel, `matmul_matvec_m${M}_k${K % 4 === 0 ? 4 : 1}`, what);
+        assert.deepEqual([plan.slices, plan.workgroups, plan.dispatches], [1, N, 1], `${what}: per column`);
+      }
+    });
+  }
   await withPlans({ gpu: true, split: true }, async () => {
-    for (const p of problems) {
-      const [[M, K], N] = [p.aShape, p.bShape[0]];
-      const plan = matmulPlan(M, K, N, { transB: true });
-      assert.equal(plan.kernel, `matmul_matvec_m${M}_k${K % 4 === 0 ? 4 : 1}`, `M ${M}, K ${K}`);
-      assert.deepEqual([plan.slices, plan.workgroups], [1, N], `M ${M}, K ${K}: a workgroup per column`);
-    }
-    await check(problems, VARIANTS, 2);
-    // added into a tensor (matmulAdd: out_proj adding the residual), in one dispatch and across two
-    for (const K of [768, 16384 + 36]) {
-      const [a, b, r] = [data(2 * K, 3, 2), data(7 * K, 4, 2), data(14, 5, 2)];
-      const c = tidy(() =>
-        matmulRaw(tensor(a, [2, K]), tensor(b, [7, K]), { transB: true }, undefined, tensor(r, [2, 7]))
-      );
-      const ref = reference(mats(2, K, 7, false, true), a, b);
-      assertMatches(await c.toArray(), ref.out.map((v, i) => v + r[i]), ref.scale, `into, K ${K}`);
-      c.dispose();
-    }
-    // five rows, a transposed A, a batch, K under 256, or the hook off: the usual plans
+    await check(problems, ["register"], 2); // the plan is the same for every variant
+    // added into a tensor (matmulAdd: out_proj adding the residual)
+    const [a, b, r] = [data(2 * 768, 3, 2), data(7 * 768, 4, 2), data(14, 5, 2)];
+    const c = tidy(() =>
+      matmulRaw(tensor(a, [2, 768]), tensor(b, [7, 768]), { transB: true }, undefined, tensor(r, [2, 7]))
+    );
+    const ref = reference(mats(2, 768, 7, false, true), a, b);
+    assertMatches(await c.toArray(), ref.out.map((v, i) => v + r[i]), ref.scale, "into");
+    c.dispose();
+    // a weight larger than one 128 MiB binding (8200 x 4100 floats: two windows), as a large head is
+    const [wa, wb] = [data(2 * 4100, 6, 2), data(8200 * 4100, 7, 2)];
+    const wc = tidy(() => matmulRaw(tensor(wa, [2, 4100]), tensor(wb, [8200, 4100]), { transB: true }));
+    assert.equal(matmulPlan(2, 4100, 8200, { transB: true }).kernel, "matmul_matvec_m2_k4");
+    const wref = reference(mats(2, 4100, 8200, false, true), wa, wb);
+    assertMatches(await wc.toArray(), wref.out, wref.scale, "a weight over two binding windows");
+    wc.dispose();
+    // five rows, a transposed A, K under 256 or past one dispatch, or the hook off: the usual plans
     const others: [number, number, number, MatmulOptions, boolean][] = [
       [5, 768, 64, { transB: true }, true],
       [2, 768, 64, { transA: true, transB: true }, true],
       [2, 128, 64, { transB: true }, true],
+      [1, 16384 + 36, 5, { transB: true }, true],
       [1, 768, 64, { transB: true }, false],
     ];
     for (const [M, K, N, opts, on] of others) {
       const plan = await withPlans({ matvec: on }, () => matmulPlan(M, K, N, opts));
-      assert.ok(
-        !plan.kernel.startsWith("matmul_matvec"),
-        `${M} x ${K} x ${N} ${JSON.stringify(opts)}: ${plan.kernel}`,
-      );
+      const what = `${M} x ${K} x ${N} ${JSON.stringify(opts)}${on ? "" : ", matvec off"}`;
+      assert.ok(!plan.kernel.startsWith("matmul_matvec"), `${what}: ${plan.kernel}`);
     }
-    const batched = tidy(() =>
-      matmulRaw(tensor(data(2 * 300, 6, 2), [2, 1, 300]), tensor(data(5 * 300, 7, 2), [5, 300]), {
-        transB: true,
-      })
-    );
-    const bref = reference(mats(1, 300, 5, false, true, [2], []), data(2 * 300, 6, 2), data(5 * 300, 7, 2));
+    // no rows: planned as before (matmulRaw returns before it dispatches), not an error
+    assert.ok(!matmulPlan(0, 768, 10, { transB: true }).kernel.startsWith("matmul_matvec"), "no rows");
+    // a batch of single rows: not matvec (unbatched only), and right
+    const [ba, bb] = [data(2 * 300, 8, 2), data(5 * 300, 9, 2)];
+    const batched = tidy(() => matmulRaw(tensor(ba, [2, 1, 300]), tensor(bb, [5, 300]), { transB: true }));
+    const bref = reference(mats(1, 300, 5, false, true, [2], []), ba, bb);
     assertMatches(await batched.toArray(), bref.out, bref.scale, "a batch of two single rows");
     batched.dispose();
   });

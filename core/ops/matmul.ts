@@ -65,7 +65,7 @@ export function availableMatmulVariants(): MatmulVariant[] {
  * again after the kernels change: bump it whenever a kernel's code or the planning of problems over them
  * changes, or the tuner's way of measuring them (matmul-8: GPUs split K by invocations; matmul-9: the tuner's
  * batches sized without the wait, so that a GPU measures its split choice again; matmul-10: the matvec kernel,
- * which decoding's out_proj, one of the split's probes, now takes).
+ * and decoding's out_proj, which takes it, no longer among the split's probes).
  */
 export const MATMUL_KERNEL_VERSION = "matmul-10";
 
@@ -134,11 +134,12 @@ export function matmulMatvec(): boolean {
 }
 
 /**
- * Whether a GPU takes the `matvec` kernel for a few rows against a weight (default on): op(A) of at most 4 rows
- * (not transposed, unbatched) @ B^T with K of at least SPLIT_MIN_K, as decoding's products are (x @ W^T).
- * A workgroup per column of C splits K among its invocations and sums in workgroup memory: one dispatch where
- * the GPU split (GPU_INVOCATIONS) takes two, a partial product per slice and their sum. It applies where that
- * split is on. Off (a bench and test hook), those products split as other small ones do.
+ * Whether a GPU takes the `matvec` kernel for a few rows against a weight (default on): op(A) of 1 to 4 rows
+ * (not transposed, unbatched) @ B^T with K from SPLIT_MIN_K to MAX_K (one dispatch), as decoding's products are
+ * (x @ W^T). A workgroup per column of C splits K among its invocations and sums in workgroup memory: one
+ * dispatch where the GPU split (GPU_INVOCATIONS) takes two, a partial product per slice and their sum, and
+ * where no split (the tuner's choice on some GPU) walks K in about a thousand invocations. Whatever the split;
+ * CPU adapters never take it. Off (a bench and test hook), those products plan as other small ones do.
  */
 export function setMatmulMatvec(on: boolean): void {
   matvecOn = on;
@@ -215,10 +216,12 @@ function splitK(K: number, want: number, minSlice: number): { kLen: number; slic
 /** The kernel, layout and K slices of a problem (see SPLIT_BELOW, GPU_INVOCATIONS and setMatmulMatvec). */
 function planFor(p: Problem): Plan {
   const { variant, K } = p;
-  const gpu = !deviceInfo().isFallbackAdapter && gpuSplit;
-  if (gpu && matvecOn && p.transB && !p.transA && p.nb === 1 && p.M <= MATVEC_MAX_ROWS && K >= SPLIT_MIN_K) {
+  const onGpu = !deviceInfo().isFallbackAdapter;
+  const fewRows = p.M >= 1 && p.M <= MATVEC_MAX_ROWS && p.nb === 1 && !p.transA;
+  if (onGpu && matvecOn && fewRows && p.transB && K >= SPLIT_MIN_K && K <= MAX_K) {
     return { kernel: matvecFor(p.M, K), tilesM: 1, tilesN: p.N, slices: 1, kLen: MAX_K, groups: p.N };
   }
+  const gpu = onGpu && gpuSplit;
   const usual = layoutFor(p);
   const narrow = variant === "register" && usual.used <= PLAIN_MIN_USE;
   if (gpu) {

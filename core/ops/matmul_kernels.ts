@@ -454,10 +454,10 @@ var<workgroup> part: array<f32, ${M * MATVEC_WG}>; // row m's partial sums at m 
   }
   ${rows.map((m) => `part[${m * MATVEC_WG}u + lid] = acc${m};`).join(" ")}
   workgroupBarrier();
-  for (var half = ${MATVEC_WG / 2}u; half > 0u; half >>= 1u) {
-    if (lid < half) {
+  for (var stride = ${MATVEC_WG / 2}u; stride > 0u; stride >>= 1u) {
+    if (lid < stride) {
       ${
-      rows.map((m) => `part[${m * MATVEC_WG}u + lid] += part[${m * MATVEC_WG}u + lid + half];`).join(
+      rows.map((m) => `part[${m * MATVEC_WG}u + lid] += part[${m * MATVEC_WG}u + lid + stride];`).join(
         "\n      ",
       )
     }
