@@ -157,6 +157,8 @@ await writeJsonAtomic(
       fromCache: tune.fromCache,
       gpuSplit: tune.gpuSplit,
       splitMs: tune.splitMs,
+      matvec: tune.matvec,
+      matvecMs: tune.matvecMs,
     },
     interleaved: true,
     addToCopy,

@@ -67,6 +67,7 @@ console.log(`tuning: ${(performance.now() - t0).toFixed(0)} ms${mm.fromCache ? "
 console.log(`matmul: ${mm.variant}; GFLOP/s`, JSON.stringify(mm.gflops), "sizes", JSON.stringify(mm.sizes));
 // GPUs: the split over K timed both ways (ms of the tuner's probes) and the one kept
 console.log(`matmul split over K on GPUs: ${mm.gpuSplit ?? "not measured"}; ms`, JSON.stringify(mm.splitMs));
+console.log(`matmul matvec kernel on GPUs: ${mm.matvec ?? "not measured"}; ms`, JSON.stringify(mm.matvecMs));
 
 const fused = await tuneFusedScan(16); // cached by now: the measurement tuneKernels just made
 console.log(`fused scan, d_state 16: ${JSON.stringify(fused.variant)}`);

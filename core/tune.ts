@@ -25,9 +25,11 @@ import {
   availableMatmulVariants,
   MATMUL_KERNEL_VERSION,
   matmulGpuSplit,
+  matmulMatvec,
   matmulRaw,
   type MatmulVariant,
   setMatmulGpuSplit,
+  setMatmulMatvec,
   setMatmulVariant,
 } from "./ops/matmul.ts";
 
@@ -63,6 +65,11 @@ export interface TuneResult {
   /** The probes' total ms with the split on and off, each the mean of two passes (measured on, off, off, on;
    * null where not measured). */
   splitMs: { on: number; off: number } | null;
+  /** GPUs: whether a few rows against a weight take the matvec kernel (`setMatmulMatvec`), as measured: the
+   * {@linkcode MATVEC_PROBES} timed both ways, as the split; null where not measured. */
+  matvec: boolean | null;
+  /** The matvec probes' total ms with it on and off (null where not measured). */
+  matvecMs: { on: number; off: number } | null;
 }
 
 /** A product the tuner times: op(A) (M x K) @ op(B) (K x N). */
@@ -82,6 +89,12 @@ export interface TuneProduct {
 export const SPLIT_PROBES: readonly TuneProduct[] = [
   { M: 1024, K: 256, N: 64 },
   { M: 256, K: 1024, N: 64, transA: true },
+];
+
+/** Products the matvec kernel takes on GPUs: decoding's in_proj and out_proj at mamba-130m's width. */
+export const MATVEC_PROBES: readonly TuneProduct[] = [
+  { M: 1, K: 768, N: 3072, transB: true },
+  { M: 1, K: 1536, N: 768, transB: true },
 ];
 
 /** Square sizes the tuner measures: small, so a first run costs about a second on a CPU adapter. */
@@ -110,8 +123,9 @@ export function tuneResult(): TuneResult | null {
  * untimed dispatch first (pipeline compilation), then batches of dispatches between two waits, growing
  * until a batch's calls last at least 40 ms not counting the wait (at most 4096 calls); the cost of an empty
  * wait, measured first, is subtracted. The variant with the highest GFLOP/s over both sizes wins. On a GPU it then times the
- * {@linkcode SPLIT_PROBES} (a layer's gradients, a decoding step's product) with that variant, with
- * `matmulGpuSplit` on and off, and keeps the faster (`TuneResult.gpuSplit`). On a CPU adapter the first
+ * {@linkcode SPLIT_PROBES} (a layer's gradients) with that variant, with `matmulGpuSplit` on and off, and keeps
+ * the faster (`TuneResult.gpuSplit`), and likewise the {@linkcode MATVEC_PROBES} (decoding's products) with the
+ * matvec kernel on and off (`TuneResult.matvec`). On a CPU adapter the first
  * measurement takes about 1-2 s.
  *
  * The choice is cached in `localStorage` under `mamba.ts/tune/<kernel version>/<adapter>`; a later call
@@ -156,6 +170,7 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
     if (cached) {
       setMatmulVariant(cached.variant);
       setMatmulGpuSplit(cached.gpuSplit ?? true);
+      setMatmulMatvec(cached.matvec ?? true);
       current = { ...cached, fromCache: true, adapter, key };
       return current;
     }
@@ -181,8 +196,9 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
   const gflops: Partial<Record<MatmulVariant, number>> = {};
   for (const v of variants) gflops[v] = flops[v] / ms[v] / 1e6;
   const variant = variants.reduce((best, v) => ((gflops[v] ?? 0) > (gflops[best] ?? 0) ? v : best));
-  // the split first: if it fails, neither choice changes
+  // the split and matvec first: if they fail, the variant does not change
   const split = deviceInfo().isFallbackAdapter ? null : await tuneGpuSplit(variant, overhead);
+  const mv = deviceInfo().isFallbackAdapter ? null : await tuneMatvec(variant, overhead);
   setMatmulVariant(variant);
   current = {
     variant,
@@ -194,6 +210,8 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
     measuredAt: new Date().toISOString(),
     gpuSplit: split?.gpuSplit ?? null,
     splitMs: split?.splitMs ?? null,
+    matvec: mv?.matvec ?? null,
+    matvecMs: mv?.matvecMs ?? null,
   };
   writeCache(key, current);
   return current;
@@ -219,20 +237,46 @@ export async function tuneGpuSplit(
   variant: MatmulVariant,
   overhead: number,
 ): Promise<{ gpuSplit: boolean; splitMs: { on: number; off: number } }> {
-  const splitMs = { on: 0, off: 0 };
-  const before = matmulGpuSplit();
+  const splitMs = await bothWays(variant, overhead, SPLIT_PROBES, matmulGpuSplit, setMatmulGpuSplit);
+  return { gpuSplit: matmulGpuSplit(), splitMs };
+}
+
+/**
+ * Times the {@linkcode MATVEC_PROBES} with a variant, with the matvec kernel on and off (with the GPU split as
+ * set), and keeps the faster (`setMatmulMatvec`). As {@linkcode tuneGpuSplit}, it runs on any adapter; only
+ * GPU plans take matvec.
+ */
+export async function tuneMatvec(
+  variant: MatmulVariant,
+  overhead: number,
+): Promise<{ matvec: boolean; matvecMs: { on: number; off: number } }> {
+  const matvecMs = await bothWays(variant, overhead, MATVEC_PROBES, matmulMatvec, setMatmulMatvec);
+  return { matvec: matmulMatvec(), matvecMs };
+}
+
+/** Times `probes` with a setting on and off (on, off, off, on: a drift of the clocks over the measurement, a
+ * GPU leaving its idle clock, hits both), back to back between waits so that extra dispatches count, and
+ * leaves the faster set; as it was, should a measurement throw. Returns the ms of each way. */
+async function bothWays(
+  variant: MatmulVariant,
+  overhead: number,
+  probes: readonly TuneProduct[],
+  get: () => boolean,
+  set: (on: boolean) => void,
+): Promise<{ on: number; off: number }> {
+  const ms = { on: 0, off: 0 };
+  const before = get();
   try {
-    // on, off, off, on: a drift of the clocks over the measurement (a GPU leaving its idle clock) hits both
     for (const on of [true, false, false, true]) {
-      setMatmulGpuSplit(on);
-      for (const p of SPLIT_PROBES) splitMs[on ? "on" : "off"] += await timeProduct(variant, p, overhead) / 2;
+      set(on);
+      for (const p of probes) ms[on ? "on" : "off"] += await timeProduct(variant, p, overhead) / 2;
     }
-  } finally {
-    setMatmulGpuSplit(before); // as it was, should a measurement throw
+  } catch (e) {
+    set(before);
+    throw e;
   }
-  const gpuSplit = splitMs.on <= splitMs.off;
-  setMatmulGpuSplit(gpuSplit);
-  return { gpuSplit, splitMs };
+  set(ms.on <= ms.off);
+  return ms;
 }
 
 /** Milliseconds per product of a variant (batches of calls between waits, the wait's cost subtracted). */
@@ -303,19 +347,27 @@ function readCache(key: string): Omit<TuneResult, "fromCache" | "adapter" | "key
       sizes: Array.isArray(v.sizes) ? v.sizes : [],
       measuredAt: typeof v.measuredAt === "string" ? v.measuredAt : "",
       gpuSplit: typeof v.gpuSplit === "boolean" ? v.gpuSplit : null,
-      splitMs: typeof v.splitMs?.on === "number" && typeof v.splitMs?.off === "number"
-        ? { on: v.splitMs.on, off: v.splitMs.off }
-        : null,
+      splitMs: onOff(v.splitMs),
+      matvec: typeof v.matvec === "boolean" ? v.matvec : null,
+      matvecMs: onOff(v.matvecMs),
     };
   } catch {
     return null;
   }
 }
 
+/** A cached { on, off } pair of ms, or null where malformed. */
+function onOff(v: { on?: unknown; off?: unknown } | undefined): { on: number; off: number } | null {
+  return typeof v?.on === "number" && typeof v?.off === "number" ? { on: v.on, off: v.off } : null;
+}
+
 function writeCache(key: string, r: TuneResult): void {
   try {
-    const { variant, gflops, sizes, measuredAt, gpuSplit, splitMs } = r;
-    storage()?.setItem(key, JSON.stringify({ variant, gflops, sizes, measuredAt, gpuSplit, splitMs }));
+    const { variant, gflops, sizes, measuredAt, gpuSplit, splitMs, matvec, matvecMs } = r;
+    storage()?.setItem(
+      key,
+      JSON.stringify({ variant, gflops, sizes, measuredAt, gpuSplit, splitMs, matvec, matvecMs }),
+    );
     dropStaleTuneKeys(KEY_PREFIX, `${KEY_PREFIX}${MATMUL_KERNEL_VERSION}/`);
   } catch {
     // No storage, quota or permission: the choice holds for this process only.

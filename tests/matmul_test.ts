@@ -17,8 +17,8 @@ import {
   tensor,
   tidy,
 } from "../mod.ts";
-import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneResult } from "../core/tune.ts";
-import { matmulGpuSplit, type MatmulOptions, matmulPlan } from "../core/ops/matmul.ts";
+import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneMatvec, tuneResult } from "../core/tune.ts";
+import { matmulGpuSplit, matmulMatvec, type MatmulOptions, matmulPlan } from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
 import { withPlans } from "./helpers.ts";
 
@@ -466,9 +466,12 @@ Deno.test("tuneKernels measures once, selects a variant and caches the choice", 
   const gpu = !(await init()).isFallbackAdapter;
   assert.equal(measured.gpuSplit === null, !gpu, `gpuSplit ${measured.gpuSplit}`);
   assert.equal(measured.splitMs === null, !gpu);
+  assert.equal(measured.matvec === null, !gpu, `matvec ${measured.matvec}`);
+  assert.equal(measured.matvecMs === null, !gpu);
   const again = await tuneKernels();
   assert.equal(again.variant, measured.variant);
   assert.equal(again.gpuSplit, measured.gpuSplit);
+  assert.equal(again.matvec, measured.matvec);
   const hasStorage = (localStorageOrNull()?.getItem(measured.key) ?? null) !== null; // none: every call measures
   assert.equal(again.fromCache, hasStorage);
   assert.equal(again.key, tuneCacheKey());
@@ -525,6 +528,26 @@ Deno.test("on a GPU the tuner times the split over K both ways and keeps the fas
   }
 });
 
+Deno.test("on a GPU the tuner times the matvec kernel both ways and keeps the faster; a failed timing leaves it", async () => {
+  await withPlans({ gpu: true }, async () => {
+    const r = await tuneMatvec(matmulVariant(), 0);
+    assert.ok(r.matvecMs.on > 0 && r.matvecMs.off > 0, JSON.stringify(r));
+    assert.equal(r.matvec, r.matvecMs.on <= r.matvecMs.off);
+    assert.equal(matmulMatvec(), r.matvec, "the faster way is in use");
+    for (const before of [false, true]) {
+      await withPlans({ matvec: before }, async () => {
+        setMemoryLimit(memory().liveBytes + 1024); // the probes' operands do not fit
+        try {
+          await assert.rejects(() => tuneMatvec(matmulVariant(), 0), /out of memory/);
+        } finally {
+          setMemoryLimit(null);
+        }
+        assert.equal(matmulMatvec(), before);
+      });
+    }
+  });
+});
+
 Deno.test("a split tuning that fails leaves the split as it was", async () => {
   for (const before of [false, true]) {
     await withPlans({ gpu: true, split: before }, async () => {
@@ -539,7 +562,7 @@ Deno.test("a split tuning that fails leaves the split as it was", async () => {
   }
 });
 
-Deno.test("the tuner's cached choice carries the GPU split", async () => {
+Deno.test("the tuner's cached choice carries the GPU split and matvec", async () => {
   const storage = localStorageOrNull(); // none: nothing is cached
   if (!storage) return;
   await tuneKernels(); // a choice for this adapter exists
@@ -548,17 +571,31 @@ Deno.test("the tuner's cached choice carries the GPU split", async () => {
   // the split that reading the cache sets is restored after
   await withPlans({}, async () => {
     try {
-      const entry = { ...JSON.parse(before), gpuSplit: false, splitMs: { on: 2, off: 1 } };
+      const entry = {
+        ...JSON.parse(before),
+        gpuSplit: false,
+        splitMs: { on: 2, off: 1 },
+        matvec: false,
+        matvecMs: { on: 4, off: 3 },
+      };
       storage.setItem(key, JSON.stringify(entry));
       const r = await tuneKernels();
       assert.equal(r.fromCache, true);
       assert.equal(r.gpuSplit, false);
       assert.deepEqual(r.splitMs, { on: 2, off: 1 });
+      assert.deepEqual([r.matvec, r.matvecMs], [false, { on: 4, off: 3 }]);
       assert.equal(matmulGpuSplit(), false, "the cached choice is in use");
-      storage.setItem(key, JSON.stringify({ ...entry, gpuSplit: "yes", splitMs: { on: "1" } }));
+      assert.equal(matmulMatvec(), false, "the cached matvec choice is in use");
+      const malformed = { gpuSplit: "yes", splitMs: { on: "1" }, matvec: 1, matvecMs: { off: 2 } };
+      storage.setItem(key, JSON.stringify({ ...entry, ...malformed }));
       const odd = await tuneKernels();
-      assert.deepEqual([odd.gpuSplit, odd.splitMs], [null, null], "malformed fields read as not measured");
+      assert.deepEqual(
+        [odd.gpuSplit, odd.splitMs, odd.matvec, odd.matvecMs],
+        [null, null, null, null],
+        "malformed fields read as not measured",
+      );
       assert.equal(matmulGpuSplit(), true, "not measured: the default");
+      assert.equal(matmulMatvec(), true, "not measured: the default");
     } finally {
       storage.setItem(key, before);
     }
