@@ -56,6 +56,9 @@ const USAGE = `Usage: deno task train [options]
   --d-model <n>      model width (default 64)
   --layers <n>       Mamba blocks (default 2)
   --d-state <n>      SSM state size (default 16)
+  --recompute <how>  what each block keeps for the backward: true (its input and the scan's chunk states,
+                     default), input (its input alone: least memory for deep models and long --seq, about a
+                     tenth more time per step) or false (every op's saved tensors); not with --resume
   --seed <n>         seed of the initialisation and the batches (default ${DEFAULT_TRAIN.seed})
   --data <file>      training text (default data/pride_and_prejudice.txt; last 10% is validation)
   --out <dir>        checkpoint folder (default runs/char; with --from runs/ft; with --resume, the resumed
@@ -81,6 +84,8 @@ export interface TrainArgs {
   layers: number;
   /** State size. */
   dState: number;
+  /** `MambaConfig.recompute` of a new or fine-tuned model. */
+  recompute: boolean | "input";
   /** Text file. */
   data: string;
   /** Output folder. */
@@ -98,7 +103,18 @@ export interface TrainArgs {
 }
 
 /** Flags that set the recipe or the model, which a resumed run takes from its checkpoint. */
-const RECIPE_FLAGS = ["batch", "seq", "lr", "warmup", "d-model", "layers", "d-state", "seed", "eval-every"];
+const RECIPE_FLAGS = [
+  "batch",
+  "seq",
+  "lr",
+  "warmup",
+  "d-model",
+  "layers",
+  "d-state",
+  "seed",
+  "eval-every",
+  "recompute",
+];
 /** Flags that shape a new model, which a fine-tuned one has already. */
 const MODEL_FLAGS = ["d-model", "layers", "d-state"];
 
@@ -116,6 +132,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       "d-model": { type: "string" },
       layers: { type: "string" },
       "d-state": { type: "string" },
+      recompute: { type: "string" },
       seed: { type: "string" },
       data: { type: "string" },
       out: { type: "string" },
@@ -185,11 +202,22 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     evalEvery: int("eval-every", values["eval-every"], DEFAULT_TRAIN.evalEvery),
   };
   train.warmup = Math.min(train.warmup, train.steps); // short runs warm up over their whole length
+  const how = new Map<string | undefined, boolean | "input">([
+    [undefined, true],
+    ["true", true],
+    ["false", false],
+    ["input", "input"],
+  ]);
+  const recompute = how.get(values.recompute);
+  if (recompute === undefined) {
+    throw new Error(`--recompute must be true, false or input, got '${values.recompute}'`);
+  }
   return {
     train,
     dModel: int("d-model", values["d-model"], 64),
     layers: int("layers", values.layers, 2),
     dState: int("d-state", values["d-state"], 16),
+    recompute,
     data: values.data ?? fileURLToPath(new URL("../data/pride_and_prejudice.txt", import.meta.url)),
     out: values.out ?? values.resume ?? (values.from === undefined ? "runs/char" : "runs/ft"),
     resume: values.resume ?? null,
@@ -264,7 +292,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
         `--out ${a.out} is the folder --from reads: name another --out (or --resume it to continue that run)`,
       );
     }
-    const lm = await fromPretrained(a.from, a.hub);
+    const lm = await fromPretrained(a.from, { ...a.hub, recompute: a.recompute });
     try {
       if (lm.tokenizer === null) {
         throw new Error(`${lm.source} has no tokenizer.json to encode the text with`);
@@ -281,7 +309,8 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     const run = encodeText(text, null);
     tokenizer = run.tokenizer;
     manualSeed(a.train.seed);
-    const model = new MambaLM({ dModel: a.dModel, nLayers: a.layers, dState: a.dState }, { vocabSize: 256 });
+    const config = { dModel: a.dModel, nLayers: a.layers, dState: a.dState, recompute: a.recompute };
+    const model = new MambaLM(config, { vocabSize: 256 });
     trainer = new Trainer(model, run.data, a.train);
   }
   const cfg = trainer.config;

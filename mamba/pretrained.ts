@@ -13,7 +13,7 @@
 
 import { init } from "../core/device.ts";
 import { type SafetensorsInput, serializeSafetensors } from "../core/safetensors.ts";
-import type { MambaConfigInput } from "./config.ts";
+import { mambaConfig, type MambaConfigInput } from "./config.ts";
 import { HubError, type HubOptions } from "./hub.ts";
 import type { ByteSource, ModelSource } from "./byte_source.ts";
 import { hfConfig, mapKey, parseCheckpointConfig } from "./checkpoint_config.ts";
@@ -30,6 +30,12 @@ export interface PretrainedOptions extends HubOptions {
    * `tokenizer.json` when it has one (it is optional). A tokenizer id is read at revision "main".
    */
   tokenizer?: string | Tokenizer | false;
+  /** How the loaded model runs its selective scan (`MambaConfig.scan`; default "fused"): config.json does not
+   * say, since it does not change the weights. */
+  scan?: MambaConfigInput["scan"];
+  /** What each block keeps for the backward when fine-tuning (`MambaConfig.recompute`; default true): "input"
+   * keeps the least for deep models and long sequences. */
+  recompute?: MambaConfigInput["recompute"];
 }
 
 /** A {@linkcode MambaLM} loaded by {@linkcode fromPretrained}, with its tokenizer. */
@@ -94,6 +100,9 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     parseJson((await src.text("config.json", false))!, cfgWhere, true),
     cfgWhere,
   );
+  // how the model runs, which config.json does not hold: checked before anything else is read
+  const runs = { scan: options.scan ?? config.scan, recompute: options.recompute ?? config.recompute };
+  mambaConfig({ ...config, ...runs });
 
   let tokenizer: Tokenizer | null = null;
   let tokWhere = `${src.where}/tokenizer.json`;
@@ -138,7 +147,7 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     // Shapes checked against config.json before the model is built: a corrupt size there (vocab_size 1e9,
     // num_hidden_layers 2^60) would otherwise fail in an allocation, with no word of config.json.
     if (plan.single) checkShapes(config, lm, layout, plan.single.header, ours, weightsWhere, cfgWhere);
-    model = new PretrainedLM(config, { ...lm, tieEmbeddings: tie }, tokenizer, src.where);
+    model = new PretrainedLM({ ...config, ...runs }, { ...lm, tieEmbeddings: tie }, tokenizer, src.where);
     const params = model.stateDict();
     // Checkpoint tensors the model built from config.json has no parameter for (more layers, inner
     // layernorms, LayerNorm biases, MLPs, ...), and parameters the checkpoint lacks: refused before any read.

@@ -184,6 +184,22 @@ Deno.test("fromPretrained loads the transformers and the state-spaces layouts to
   tokens.dispose();
 });
 
+Deno.test("fromPretrained sets how the model runs (scan, recompute), which config.json does not hold", async () => {
+  const dir = fixturePath("lm_v64_hf");
+  const lm = await fromPretrained(dir, { scan: "pscan", recompute: "input" });
+  assert.deepEqual([lm.config.scan, lm.config.recompute], ["pscan", "input"]);
+  lm.dispose();
+  const plain = await fromPretrained(dir);
+  assert.deepEqual([plain.config.scan, plain.config.recompute], ["fused", true], "the defaults");
+  plain.dispose();
+  const live = memory().liveBytes;
+  await assert.rejects(
+    () => fromPretrained(dir, { recompute: "all" as "input" }),
+    /MambaConfig: recompute must be true, false or "input", got "all"/,
+  );
+  assert.equal(memory().liveBytes, live, "refused before any weight was loaded");
+});
+
 Deno.test("char-mamba trained in PyTorch: prompt logits within the whole-model bound and 64 greedy tokens exactly", async () => {
   const s = await loadFixture("char-mamba/sample.safetensors");
   const lm = await fromPretrained(fixturePath("char-mamba"));

@@ -72,7 +72,7 @@ Deno.test("DEFAULT_TRAIN is the recipe of the PyTorch char-mamba run (char-mamba
   assert.equal(data.val.length, Math.round(1000 * t.val_frac));
 });
 
-Deno.test("train: a resumed run continues exactly as an uninterrupted one (losses, weights, optimizer)", async () => {
+Deno.test("train: a resumed run continues exactly as an uninterrupted one (losses, weights, optimizer); --recompute input trains to the same weights", async () => {
   const root = await Deno.makeTempDir();
   try {
     const a = parseTrainArgs([...small, "--out", `${root}/a`, "--save-every", "100"])!;
@@ -89,6 +89,21 @@ Deno.test("train: a resumed run continues exactly as an uninterrupted one (losse
     tr.model.dispose();
     const [wa, wb] = [await weights(`${root}/a`), await weights(`${root}/b`)];
     for (const [k, t] of wa) assert.deepEqual(wb.get(k)!.data, t.data, `${k} differs after resume`);
+    // --recompute input: the same gradients bit for bit (the block input alone kept), so the same weights
+    const c = parseTrainArgs([
+      ...small,
+      "--out",
+      `${root}/c`,
+      "--save-every",
+      "100",
+      "--recompute",
+      "input",
+    ])!;
+    const tc = await runTraining(c, { progress: quiet });
+    assert.equal(tc.model.config.recompute, "input");
+    tc.model.dispose();
+    const wc = await weights(`${root}/c`);
+    for (const [k, t] of wa) assert.deepEqual(wc.get(k)!.data, t.data, `${k} differs with --recompute input`);
     const la = JSON.parse(await Deno.readTextFile(`${root}/a/training_log.json`)).log;
     const lb = JSON.parse(await Deno.readTextFile(`${root}/b/training_log.json`)).log;
     assert.deepEqual(lb.train, la.train);
@@ -574,6 +589,20 @@ Deno.test("train: bad flags give clear errors", () => {
   assert.throws(() => parseTrainArgs(["--steps", ""]), /--steps must be an integer >= 1, got ''/);
   assert.throws(() => parseTrainArgs(["--bogus"]), /Unknown option '--bogus'/);
   assert.equal(parseTrainArgs(["--help"]), null);
+  assert.deepEqual(
+    ["true", "false", "input"].map((v) => parseTrainArgs(["--recompute", v])!.recompute),
+    [true, false, "input"],
+  );
+  assert.equal(parseTrainArgs([])!.recompute, true);
+  assert.throws(
+    () => parseTrainArgs(["--recompute", "all"]),
+    /--recompute must be true, false or input, got 'all'/,
+  );
+  assert.throws(() => parseTrainArgs(["--recompute", "constructor"]), /--recompute must be/);
+  assert.throws(
+    () => parseTrainArgs(["--resume", "runs/x", "--recompute", "input"]),
+    /--recompute cannot be used with --resume/,
+  );
   assert.throws(
     () => parseTrainArgs(["--resume", "runs/x", "--lr", "0.1", "--d-model", "32"]),
     /--lr, --d-model cannot be used with --resume: a resumed run keeps the recipe and model of its checkpoint/,
