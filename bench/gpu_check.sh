@@ -27,7 +27,9 @@
 #   quick     bench/scan_report.ts --quick (scan_quick.json)
 #   report    the full bench/scan_report.ts (scan.json)
 #   matmul    bench/matmul_shapes.ts (matmul variants at a layer's shapes, each with and without the GPU split
-#             over K of 2026-11-30: its A/B; the adapter phase prints what the tuner chose), at d_model 64, 768
+#             over K of 2026-11-30: its A/B; the adapter phase prints what the tuner chose), at d_model 64, 768;
+#             at 768 decoding's products also time the matvec kernel (0b19b04) against the split's slices and
+#             against no split (the adapter phase prints the tuner's matvec choice too)
 #   generate  bench/generate_report.ts (prefill and decode tokens/s, GPU and host memory; generate.json)
 # At most 8 files come back from $OUT: phases write one log each, quick/report/matmul/generate one JSON more.
 # Seen on the H200 (2026-11-30): the machine starts in ~30 s; adapter 25 s; tests more than 270 s (all but
