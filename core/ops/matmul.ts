@@ -34,7 +34,7 @@
 
 import { defineOp, type GradTargets } from "../autograd.ts";
 import { deviceInfo, fixedSubgroupSize } from "../device.ts";
-import { dispatch, type Kernel } from "../kernel.ts";
+import { dispatch, type Kernel, mix } from "../kernel.ts";
 import { broadcastShapes, fmt, padRank, sameShape, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
@@ -260,11 +260,6 @@ const plans = new Map<number, { key: number[]; plan: Plan }[]>();
 let planCount = 0;
 const MAX_PLANS = 4096;
 const VARIANT_CODE: Record<MatmulVariant, number> = { register: 0, tiled: 1, subgroup: 2 };
-
-/** Mixes one number into a hash, kept within V8's small integers (fast Map keys). */
-function mix(h: number, v: number): number {
-  return Math.imul(h ^ v, 0x01000193) & 0x3fffffff;
-}
 
 /** The plan of a problem, made once (see `plans`). */
 function cachedPlan(p: Problem): Plan {
