@@ -134,31 +134,20 @@ export async function measureStep(model: Mamba, x: Tensor, G: Tensor, capAbove: 
 }
 
 /** One training-step measurement of a fresh layer (input and cotangent seeded). */
-export async function layerCase(
+export function layerCase(
   dModel: number,
   N: number,
   L: number,
   mode: MemoryMode,
   capAbove: number,
 ): Promise<StepMemory> {
-  const model = makeLayer(dModel, N, mode);
-  const x = randn([1, L, dModel], { seed: 1 });
-  const G = randn([1, L, dModel], { seed: 2 });
-  try {
-    return await measureStep(model, x, G, capAbove);
-  } finally {
-    model.dispose();
-    x.dispose();
-    G.dispose();
-    emptyPool();
-    await sync();
-  }
+  return modelCase(makeLayer(dModel, N, mode), L, capAbove);
 }
 
 /** One training step of a fused model of `nLayers` layers with recompute true or "input" (see `layerCase`):
  * over many layers the chunk states that recompute true keeps per layer add up, and "input"'s higher
  * one-layer peak does not. */
-export async function deepCase(
+export function deepCase(
   dModel: number,
   N: number,
   L: number,
@@ -167,6 +156,13 @@ export async function deepCase(
   capAbove: number,
 ): Promise<StepMemory> {
   const model = new Mamba(mambaConfig({ dModel, nLayers, dState: N, scan: "fused", recompute }));
+  return modelCase(model, L, capAbove);
+}
+
+/** One training step of `model` on a seeded input and cotangent of L tokens; the model is disposed and the
+ * pool emptied after, so that the next case starts from the same state. */
+async function modelCase(model: Mamba, L: number, capAbove: number): Promise<StepMemory> {
+  const dModel = model.config.dModel;
   const x = randn([1, L, dModel], { seed: 1 });
   const G = randn([1, L, dModel], { seed: 2 });
   try {
