@@ -534,32 +534,32 @@ Deno.test("on a GPU the tuner times the matvec kernel both ways and keeps the fa
     assert.ok(r.matvecMs.on > 0 && r.matvecMs.off > 0, JSON.stringify(r));
     assert.equal(r.matvec, r.matvecMs.on <= r.matvecMs.off);
     assert.equal(matmulMatvec(), r.matvec, "the faster way is in use");
-    for (const before of [false, true]) {
-      await withPlans({ matvec: before }, async () => {
-        setMemoryLimit(memory().liveBytes + 1024); // the probes' operands do not fit
-        try {
-          await assert.rejects(() => tuneMatvec(matmulVariant(), 0), /out of memory/);
-        } finally {
-          setMemoryLimit(null);
-        }
-        assert.equal(matmulMatvec(), before);
-      });
-    }
   });
+  await failedTuningLeaves("matvec", () => tuneMatvec(matmulVariant(), 0), matmulMatvec);
 });
 
-Deno.test("a split tuning that fails leaves the split as it was", async () => {
+/** Runs a tuning of one setting (`split` or `matvec`) on GPU plans from each value, with too little memory
+ * for its probes' operands: it must throw, and leave the setting as it was. */
+async function failedTuningLeaves(
+  setting: "split" | "matvec",
+  tune: () => Promise<unknown>,
+  get: () => boolean,
+): Promise<void> {
   for (const before of [false, true]) {
-    await withPlans({ gpu: true, split: before }, async () => {
-      setMemoryLimit(memory().liveBytes + 1024); // the probes' operands do not fit
+    await withPlans({ gpu: true, [setting]: before }, async () => {
+      setMemoryLimit(memory().liveBytes + 1024);
       try {
-        await assert.rejects(() => tuneGpuSplit(matmulVariant(), 0), /out of memory/);
+        await assert.rejects(tune, /out of memory/);
       } finally {
         setMemoryLimit(null);
       }
-      assert.equal(matmulGpuSplit(), before);
+      assert.equal(get(), before, `${setting}, was ${before}`);
     });
   }
+}
+
+Deno.test("a split tuning that fails leaves the split as it was", async () => {
+  await failedTuningLeaves("split", () => tuneGpuSplit(matmulVariant(), 0), matmulGpuSplit);
 });
 
 Deno.test("the tuner's cached choice carries the GPU split and matvec", async () => {
