@@ -8,6 +8,7 @@ import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan } from "../sc
 import {
   lastState,
   setFusedPartialBudget,
+  setFusedPresumRows,
   setFusedYOverG,
   setMaxChunksFolded,
   yBindingFree,
@@ -735,6 +736,31 @@ Deno.test("chunks in parallel: every chunk's kernels run at once, carries folded
     setFusedPartialBudget(null);
     setMaxChunksFolded(null);
   }
+});
+
+Deno.test("the parameter gradients over many chunks' rows: summed by a reduction pass first (GPUs, past 256 rows) or walked by the sums kernel, both equal the reference", async () => {
+  await init();
+  const { setFusedVariant } = await import("../scan/fused_variant.ts");
+  // 300 chunks of 4 steps, batch 2: 600 gpar rows, which core's reduction sums in chunks of 64, then their 10
+  // partials (two passes); dt_proj inside, so dW is summed there too
+  const c: Case = { B: 2, L: 1200, ED: 6, N: 4, R: 2, gated: true, dtWeight: true };
+  const reduces: number[] = [];
+  try {
+    setFusedVariant(4, { WG: 8, Lc: 4, chunkParallel: true });
+    for (const rows of [Infinity, 0]) {
+      setFusedPresumRows(rows);
+      const { kernels } = await kernelsRun(() => compare(c, 31)); // compare: y and every gradient
+      reduces.push(kernels.filter((k) => k === "reduce_sum").length);
+    }
+  } finally {
+    setFusedVariant(4, null);
+    setFusedPresumRows(null);
+  }
+  assert.equal(
+    reduces[1],
+    reduces[0] + 2,
+    `reduce_sum dispatches: walked ${reduces[0]}, presummed ${reduces[1]}`,
+  );
 });
 
 Deno.test("subgroups as the probe reports them: sizes within its range, aligned runs of the local index", async () => {

@@ -6,7 +6,8 @@
  * lanes per channel, chunks walked in parallel) and a random call (batch, length, channels, state size, dt
  * rank, gate, dt_proj inside the op, z as a column window of a wider tensor, z's gradient already holding
  * another op's share, dBC with padding columns, the backward walked in time segments, out_proj in the op:
- * fusedMambaScanOut, 10 storage buffers per stage as Chrome exposes), and checks the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
+ * fusedMambaScanOut, 10 storage buffers per stage as Chrome exposes, the parameter gradients' rows summed by
+ * a reduction pass first or in the sums kernel), and checks the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
  * bound), that the fused kernels that ran are the variant's, and that nothing stays live after the case.
  *
  * The tuner (scan/tune_fused.ts) picks variants per adapter; on GPUs it is expected to pick what lavapipe's
@@ -52,7 +53,12 @@
 import { AssertionError } from "node:assert/strict";
 import { fixedSubgroupSize, init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
-import { setFusedPartialBudget, setMaxChunksFolded, yBindingFree } from "../scan/fused_run.ts";
+import {
+  setFusedPartialBudget,
+  setFusedPresumRows,
+  setMaxChunksFolded,
+  yBindingFree,
+} from "../scan/fused_run.ts";
 import {
   type FusedVariant,
   MAX_CHUNKS_CHAINED,
@@ -91,6 +97,9 @@ interface Case {
   /** The adapter's storage buffers per stage taken for 10, as Chrome exposes (the gated y's own binding is
    * then not free: fusedScanBackward writes it over g, or the forward kernel runs again). */
   tenBuffers: boolean;
+  /** The parameter gradients' rows summed by core's reduction before the sums kernel
+   * (setFusedPresumRows(0)), as GPUs do where there are many chunks. */
+  presum: boolean;
 }
 
 /** Lavapipe's compile time grows steeply with a kernel's private arrays and its unrolled state loops (see
@@ -149,6 +158,7 @@ const POOLS = {
   chunked: [false, true],
   chained: [false, true],
   tenBuffers: [false, false, true],
+  presum: [false, false, true],
 };
 
 const divisors = (n: number) => Array.from({ length: n }, (_, k) => k + 1).filter((d) => n % d === 0);
@@ -327,6 +337,7 @@ function makeCase(seed: number, index: number): Case {
     varying,
     chained: !!variant.chunkParallel && pick("chained", 27),
     tenBuffers: pick("tenBuffers", 29),
+    presum: pick("presum", 30),
   };
 }
 
@@ -339,7 +350,7 @@ function describe(c: Case): string {
     v.lanes ? ` lanes ${v.lanes}` : ""
   }${v.chunkParallel ? ` chunked${c.chained ? " chained" : ""}` : ""}${c.varying ? " varying-sg" : ""}${
     c.segments ? " segments" : ""
-  }${c.tenBuffers ? " 10-buffers" : ""}`;
+  }${c.tenBuffers ? " 10-buffers" : ""}${c.presum ? " presum" : ""}`;
   const shape = `B ${s.B} L ${s.L} ED ${s.ED} N ${s.N} R ${s.R}${s.gated ? " gated" : ""}${
     s.dtWeight ? " dt_proj" : ""
   }${s.zWindow ? ` z ${s.zWindow.start}+${s.ED}/${s.zWindow.width}` : ""}${s.zTimesY ? " z*y" : ""}${
@@ -416,6 +427,7 @@ async function runCase(c: Case): Promise<void> {
     setFusedVariant(N, c.variant);
     if (c.segments) setFusedPartialBudget(1); // one chunk per segment
     setMaxChunksFolded(c.chained ? 0 : MAX_CHUNKS_CHAINED); // folded whatever the chunk length
+    setFusedPresumRows(c.presum ? 0 : Infinity);
     const { kernels } = await kernelsRun(() => compare(c.scan, c.seed, { cancellationFloor: true }));
     assertVariantRan(kernels, c);
     const now = memory();
@@ -436,6 +448,7 @@ async function runCase(c: Case): Promise<void> {
     setFusedVariant(N, null);
     setFusedPartialBudget(null);
     setMaxChunksFolded(null);
+    setFusedPresumRows(null);
     info.subgroups = real;
     info.limits.maxStorageBuffersPerShaderStage = buffers;
   }

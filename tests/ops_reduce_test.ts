@@ -1,10 +1,12 @@
 import assert from "node:assert/strict";
 import * as M from "../mod.ts";
 import { tensor } from "../mod.ts";
+import { reduceRun } from "../core/ops/reduce_kernel.ts";
 import {
   assertClose,
   checkOps,
   expandRef,
+  F32,
   map2,
   type Nd,
   nd,
@@ -183,6 +185,29 @@ Deno.test("long reductions laid out as on the other adapter kind (a GPU aims for
     ]);
   } finally {
     info.isFallbackAdapter = cpu;
+  }
+});
+
+Deno.test("reduceRun reads a region of a larger buffer in place (from), over one pass and several; bad regions and options are errors", async () => {
+  // x: [pad (7) | region (outer 2, r, inner 3) | tail (5)]; the region summed over r, against float64
+  for (const r of [10, 5000]) {
+    const [outer, inner, from] = [2, 3, 7];
+    const data = rand([from + outer * r * inner + 5], 90 + r, { low: 0.5, high: 1.5 }).data;
+    const want = new Float64Array(outer * inner);
+    for (let o = 0; o < outer; o++) {
+      for (let t = 0; t < r; t++) {
+        for (let i = 0; i < inner; i++) want[o * inner + i] += data[from + (o * r + t) * inner + i];
+      }
+    }
+    const x = tensor(Float32Array.from(data));
+    const y = reduceRun(x, outer, r, inner, "sum", { from, shape: [outer, inner] });
+    assert.deepEqual(y.shape, [outer, inner]);
+    const [got] = await readAll([y]);
+    assertClose(got, want, F32, `region sum, r ${r}`);
+    assert.throws(() => reduceRun(x, outer, r, inner, "sum", { from: 13 }), /elements from 13 do not fit/);
+    assert.throws(() => reduceRun(x, outer, r, inner, "sum", { into: y, shape: [6] }), /not both/);
+    x.dispose();
+    y.dispose();
   }
 });
 

@@ -5,7 +5,8 @@
  * fill the device, but at most 64 chunks each, so that the next pass reduces the partials in one go (up to R =
  * 262144). No workgroup memory. A sum's last pass can add into an existing tensor instead of writing a new one
  * (`addSumOfFirstAxis`: matmul's split over K adds its slices' sum into its target so, in one dispatch).
- * Internal to core/ops (not re-exported).
+ * Used by core/ops and by the fused scan's backward (its parameter gradients summed over many rows); not
+ * re-exported.
  * @module
  */
 
@@ -33,11 +34,19 @@ function reduceKernel(kind: "sum" | "max", add = false): Kernel {
   return defineKernel({
     name: `reduce_${kind}${add ? "_add" : ""}`,
     buffers: [{ name: "x", type: "f32", access: "read" }, { name: "y", type: "f32", access: "read_write" }],
-    uniforms: [["n", "u32"], ["r", "u32"], ["inner", "u32"], ["chunks", "u32"], ["chunk", "u32"]],
+    uniforms: [
+      ["n", "u32"],
+      ["r", "u32"],
+      ["inner", "u32"],
+      ["chunks", "u32"],
+      ["chunk", "u32"],
+      ["x0", "u32"], // x's first element in its buffer
+    ],
     workgroupSize: WG,
     body: `
   if (gid >= P.n) { return; }
-  // gid -> (o, k, i): output (o, chunk k, inner i) reduces x[o, k*chunk .. min(R, (k+1)*chunk), i].
+  // gid -> (o, k, i): output (o, chunk k, inner i) reduces x[o, k*chunk .. min(R, (k+1)*chunk), i], x from
+  // element x0 of its buffer.
   let i = gid % P.inner;
   let ok = gid / P.inner;
   let k = ok % P.chunks;
@@ -46,7 +55,7 @@ function reduceKernel(kind: "sum" | "max", add = false): Kernel {
   let end = min(P.r, start + P.chunk);
   var ninf = 0xff800000u;
   var acc: f32 = ${init};
-  var at = (o * P.r + start) * P.inner + i;
+  var at = P.x0 + (o * P.r + start) * P.inner + i;
   for (var t = start; t < end; t = t + 1u) {
     let v = ld_x(at);
     ${step}
@@ -58,6 +67,16 @@ function reduceKernel(kind: "sum" | "max", add = false): Kernel {
 
 const KERNELS = { sum: reduceKernel("sum"), max: reduceKernel("max"), sumAdd: reduceKernel("sum", true) };
 
+/** Where a reduction's result goes, and where its input starts. */
+export interface ReduceOptions {
+  /** A sum's last pass adds into this tensor (of outer * inner elements), which is returned. */
+  into?: Tensor;
+  /** The result's shape (outer * inner elements; default flat). */
+  shape?: readonly number[];
+  /** x's elements start here in its storage (default 0): a region of a larger buffer, read in place. */
+  from?: number;
+}
+
 /** Reduces the middle axis of x viewed as (outer, r, inner), in as many passes as the chunks need. The result
  * is a new tensor, flat (outer * inner) or of `to.shape` (as many elements); or, with `to.into` (a sum only),
  * the last pass adds it into that tensor and returns it. No autograd; `x` is not disposed. */
@@ -67,15 +86,19 @@ export function reduceRun(
   r: number,
   inner: number,
   kind: "sum" | "max",
-  to: { into: Tensor } | { shape: readonly number[] } | Record<string, never> = {},
+  to: ReduceOptions = {},
 ): Tensor {
-  const into = "into" in to ? to.into : undefined;
-  const shape = "shape" in to ? to.shape : undefined;
+  const { into, shape, from = 0 } = to;
+  if (into && shape) throw new Error("reduceRun: give a result's shape or a tensor to add into, not both");
   if (into && kind !== "sum") throw new Error(`reduceRun: only a sum adds into a tensor, not ${kind}`);
   if (shape && sizeOf(shape) !== outer * inner) {
     throw new Error(`reduceRun: a result of ${outer * inner} elements cannot have shape ${fmt(shape)}`);
   }
+  if (from < 0 || from + outer * r * inner > x.size) {
+    throw new Error(`reduceRun: ${outer * r * inner} elements from ${from} do not fit in ${x}`);
+  }
   let cur = x;
+  let x0 = from;
   while (true) {
     const n0 = outer * inner;
     const target = TARGET_INVOCATIONS[deviceInfo().isFallbackAdapter ? "cpu" : "gpu"];
@@ -91,12 +114,13 @@ export function reduceRun(
     dispatch(
       add ? KERNELS.sumAdd : KERNELS[kind],
       { x: cur.storage, y: out.storage },
-      { n, r, inner, chunks, chunk },
+      { n, r, inner, chunks, chunk, x0 },
       Math.ceil(n / WG),
     );
     if (cur !== x) cur.dispose();
     if (chunks === 1) return out;
     cur = out;
+    x0 = 0;
     r = chunks;
   }
 }
