@@ -32,26 +32,23 @@
 #             against no split (the adapter phase prints the tuner's matvec choice too)
 #   generate  bench/generate_report.ts (prefill and decode tokens/s, GPU and host memory; generate.json)
 # At most 8 files come back from $OUT: phases write one log each, quick/report/matmul/generate one JSON more.
-# Seen on the H200 (2026-11-30): the machine starts in ~30 s; adapter 25 s; tests more than 270 s (all but
-# the end of matmul_test, ops_matmul_test, memory_test and most of model_fuzz_test ran in 150 + 120 s);
-# report 230 s, 175 of them tuning d_state 4 and 64 (now at most TUNE_BUDGET_MS each; since a58a5fc it also
-# times the d_model sweep's SSM part alone, fused and pscan: perhaps 20 s more there). At eae010e: adapter
-# 33 s (31 of them tuning d_state 16 on a fresh machine), timeline 15 s (before it measured SSM parts too
-# and the placement of y; now about 60), matmul 3 s; variants ran out of its 150 s before printing (it now measures five variants and
-# prints each d_model as it finishes). After that call the session gave the machine back and was lent no
-# other: the first call must hold what matters most. A 15-minute lease as two calls (10 minutes at most each;
-# the second at once, while the machine is warm):
-#   GPU_CHECK_LIMIT_TIMELINE=90 GPU_CHECK_LIMIT_VARIANTS=100 GPU_CHECK_LIMIT_REPORT=260 \
-#     bash bench/gpu_check.sh run adapter timeline matmul variants report                           (~8 min)
-# (matmul: its eae010e numbers halved split-K calls, fixed in fac71ff; 3 s there, now about twice the calls
-# and d_model 768 too)
-#   GPU_CHECK_LIMIT_TESTS=280 GPU_CHECK_TESTS="fused_test fused_variant_fuzz_test ops_matmul_test \
-#     memory_test matmul_test mamba_test model_fuzz_test autograd_release_fuzz_test" \
+# Seen on the H200 (2026-11-30, third session, 2d4b27c): the machine started within the first call; adapter
+# 43 s (40 of them tuning on a fresh machine); timeline 50 s; matmul more than 50 s (d_model 64's table
+# printed, 768's did not: give it 150); report 189 s; variants more than 75 s (three widths printed; give it
+# 150 for four); tests 301 s for the nine files of the second call below (194 passed). Earlier sessions:
+# adapter 25-33 s, report 230 s (before TUNE_BUDGET_MS), matmul 3 s at eae010e (half the calls, no 768). The
+# first call must hold what matters most (a session was once lent no second machine). A 15-minute lease as
+# two calls (10 minutes at most each; the second at once, while the machine is warm; about 12.5 minutes in
+# all with the machine's start):
+#   GPU_CHECK_LIMIT_ADAPTER=70 GPU_CHECK_LIMIT_TIMELINE=80 GPU_CHECK_LIMIT_MATMUL=150 \
+#     GPU_CHECK_LIMIT_REPORT=250 bash bench/gpu_check.sh run adapter timeline matmul report          (~8 min)
+#   GPU_CHECK_LIMIT_TESTS=300 GPU_CHECK_TESTS="matmul_test fused_test ops_matmul_test lm_test \
+#     mamba_test memory_test fused_variant_fuzz_test model_fuzz_test autograd_release_fuzz_test" \
 #     bash bench/gpu_check.sh run tests                                                              (~5 min)
-# (autograd_release_fuzz_test: its bound went from 1e-3 to the op bound 1e-5 on 2026-11-30, measured on
-# lavapipe only; its graphs chain several ops. mamba_test: since 2026-11-30 a layer whose products a GPU splits
-# over K against the same layer planned as on a CPU adapter; matmul_test and ops_matmul_test: the split's sum
-# adding into its target)
+# New since 2d4b27c, for that run to show: the timeline's L 16384 rows (the backward's parameter sums over the
+# chunks' rows, 0.41 ms there at 2d4b27c, now a reduction pass first: fused_scan_bwd_sums should fall to a
+# few µs and two reduce_sum dispatches appear); the matmul phase's d_model 768 table (matvec against the
+# split's slices), which has never run on a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
