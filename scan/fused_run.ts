@@ -25,7 +25,7 @@ import { Tensor } from "../core/tensor.ts";
 import { backwardKernel, type YOut } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel, sumsLoopTrips } from "./fused_reduce_kernels.ts";
-import { chainKernel, localKernel } from "./fused_carry_kernels.ts";
+import { chainGroups, chainKernel, localKernel } from "./fused_carry_kernels.ts";
 import {
   type FusedVariant,
   fusedVariantFor,
@@ -99,6 +99,36 @@ export function setFusedPresumRows(rows: number | null): void {
 
 function presumRows(): number {
   return presumRowsSet ?? (deviceInfo().isFallbackAdapter ? Infinity : PRESUM_ROWS_GPU);
+}
+
+/**
+ * Chunks from which a GPU chains them in runs (`chainKernel`'s segments), about 16 chunks a run, up to 64
+ * runs per chain. Below, the walk in order takes chunks / 8 groups of loads, a few µs.
+ */
+const CHAIN_RUNS_FROM = 128;
+
+let chainRunsSet: number | null = null;
+
+/** Sets the runs per chain of the chunk-parallel chain kernels (1, or a power of two to 64), whatever the
+ * adapter and chunks (tests run both kernels with it); null restores the rule (CHAIN_RUNS_FROM on GPUs, 1 on
+ * CPU adapters, where barriers and workgroups cost more than long walks). */
+export function setFusedChainRuns(runs: number | null): void {
+  chainRunsSet = runs;
+}
+
+/** Records the chain over `chunks` chunks for B x ED x N states (`dir`: up for h, down for lam). */
+function dispatchChain(
+  dir: "fwd" | "bwd",
+  bufs: { ph: Storage; out: Storage },
+  uniforms: Record<string, number>,
+  states: number,
+  chunks: number,
+): void {
+  const runs = chainRunsSet ??
+    (deviceInfo().isFallbackAdapter || chunks < CHAIN_RUNS_FROM
+      ? 1
+      : Math.min(64, 2 ** Math.ceil(Math.log2(chunks / 16))));
+  dispatch(chainKernel(dir, runs), bufs, uniforms, chainGroups(states, runs));
 }
 
 /** Whether a chunk-parallel call of `chunks` chunks of Lc steps folds its carries (see MAX_CHUNKS_FOLDED). */
@@ -207,7 +237,7 @@ export function fusedScanForward(
     for (const block of blocks) {
       dispatch(localKernel(v, block, Ri, "fwd", folded), { ...bufs, out }, cu, groups);
     }
-    if (!folded) dispatch(chainKernel("fwd"), { ph: ph.storage, out }, cu, Math.ceil((B * ED * a.N) / 64));
+    if (!folded) dispatchChain("fwd", { ph: ph.storage, out }, cu, B * ED * a.N, u.chunks);
     const uni = { ...u, hsOff: parSize, t0: 0, t1: L, ...(carry ? offsets : {}) };
     const main = carry ? { ...bufs, carry: carry.storage } : bufs;
     for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true, folded), main, uni, groups);
@@ -387,7 +417,7 @@ export function fusedScanBackward(
     }
     // with few chunks, each main workgroup folds its own carry (MAX_CHUNKS_FOLDED)
     if (!folded) {
-      dispatch(chainKernel("bwd"), { ph: ph.storage, out: gred.storage }, cu, Math.ceil((B * ED * N) / 64));
+      dispatchChain("bwd", { ph: ph.storage, out: gred.storage }, cu, B * ED * N, u.chunks);
     }
   }
   // Each dispatch walks its steps at most four times (sub-chunk states, recompute, reverse, dB/dC sums): at

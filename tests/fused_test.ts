@@ -7,6 +7,7 @@ import { memory } from "../core/memory.ts";
 import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan } from "../scan/fused.ts";
 import {
   lastState,
+  setFusedChainRuns,
   setFusedPartialBudget,
   setFusedPresumRows,
   setFusedYOverG,
@@ -14,6 +15,7 @@ import {
   yBindingFree,
 } from "../scan/fused_run.ts";
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
+import { chainKernel } from "../scan/fused_carry_kernels.ts";
 import { type FusedVariant, stateBlocks } from "../scan/fused_variant.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
@@ -735,6 +737,34 @@ Deno.test("chunks in parallel: every chunk's kernels run at once, carries folded
     setFusedVariant(4, null);
     setFusedPartialBudget(null);
     setMaxChunksFolded(null);
+  }
+});
+
+Deno.test("chunks in parallel chained in runs (GPUs, from 128 chunks): 2 to 64 runs per chain, runs left empty, chains past the last workgroup's, both directions equal the reference", async () => {
+  await init();
+  const { setFusedVariant } = await import("../scan/fused_variant.ts");
+  const chains = async (c: Case, seed: number) => {
+    const { kernels } = await kernelsRun(() => compare(c, seed)); // compare: y and every gradient
+    return kernels.filter((k) => k.startsWith("fused_scan_chain_")).sort();
+  };
+  try {
+    // chunks of 4 steps: 300 chunks (B 2, ED 5, N 4: 40 chains, not a multiple of a workgroup's 64 / runs),
+    // 11 chunks and 3 (fewer than the runs: some runs walk nothing)
+    setFusedVariant(4, { WG: 8, Lc: 4, chunkParallel: true });
+    setMaxChunksFolded(0); // chained, however few the chunks
+    for (const runs of [2, 8, 64]) {
+      setFusedChainRuns(runs);
+      const want = [`fused_scan_chain_bwd_seg${runs}`, `fused_scan_chain_fwd_seg${runs}`];
+      const c: Case = { B: 2, L: 1200, ED: 5, N: 4, R: 2, gated: true, dtWeight: true };
+      assert.deepEqual(await chains(c, 41 + runs), want);
+      assert.deepEqual(await chains({ ...c, L: 44, B: 1 }, 42 + runs), want);
+      assert.deepEqual(await chains({ ...c, L: 9, ED: 3 }, 43 + runs), want);
+    }
+    assert.throws(() => setFusedChainRuns(3) ?? chainKernel("fwd", 3), /power of two from 2 to 64, got 3/);
+  } finally {
+    setFusedVariant(4, null);
+    setMaxChunksFolded(null);
+    setFusedChainRuns(null);
   }
 });
 

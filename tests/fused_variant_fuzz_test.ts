@@ -7,7 +7,7 @@
  * rank, gate, dt_proj inside the op, z as a column window of a wider tensor, z's gradient already holding
  * another op's share, dBC with padding columns, the backward walked in time segments, out_proj in the op:
  * fusedMambaScanOut, 10 storage buffers per stage as Chrome exposes, the parameter gradients' rows summed by
- * a reduction pass first or in the sums kernel), and checks the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
+ * a reduction pass first or in the sums kernel, the chain of chunks walked in order or in runs), and checks the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
  * bound), that the fused kernels that ran are the variant's, and that nothing stays live after the case.
  *
  * The tuner (scan/tune_fused.ts) picks variants per adapter; on GPUs it is expected to pick what lavapipe's
@@ -54,6 +54,7 @@ import { AssertionError } from "node:assert/strict";
 import { fixedSubgroupSize, init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
 import {
+  setFusedChainRuns,
   setFusedPartialBudget,
   setFusedPresumRows,
   setMaxChunksFolded,
@@ -94,6 +95,8 @@ interface Case {
   varying: boolean;
   /** Chunks in parallel: their carries chained by a dispatch (setMaxChunksFolded(0)), not folded by each. */
   chained: boolean;
+  /** Runs per chain of the chain kernels (setFusedChainRuns): 1 walks the chunks in order. */
+  chainRuns: number;
   /** The adapter's storage buffers per stage taken for 10, as Chrome exposes (the gated y's own binding is
    * then not free: fusedScanBackward writes it over g, or the forward kernel runs again). */
   tenBuffers: boolean;
@@ -157,6 +160,7 @@ const POOLS = {
   varying: [false, false, false, true],
   chunked: [false, true],
   chained: [false, true],
+  chainRuns: [1, 2, 4, 64],
   tenBuffers: [false, false, true],
   presum: [false, false, true],
 };
@@ -336,6 +340,7 @@ function makeCase(seed: number, index: number): Case {
     segments: pick("segments", 10),
     varying,
     chained: !!variant.chunkParallel && pick("chained", 27),
+    chainRuns: pick("chainRuns", 31),
     tenBuffers: pick("tenBuffers", 29),
     presum: pick("presum", 30),
   };
@@ -348,9 +353,13 @@ function describe(c: Case): string {
     v.hbuf === "workgroup" ? "wgmem" : "private"
   } ${v.reduce === "subgroup" ? "sg" : `wg${v.S ? ` S ${v.S}` : ""}`}${v.shuffle ? " shuffle" : ""}${
     v.lanes ? ` lanes ${v.lanes}` : ""
-  }${v.chunkParallel ? ` chunked${c.chained ? " chained" : ""}` : ""}${c.varying ? " varying-sg" : ""}${
-    c.segments ? " segments" : ""
-  }${c.tenBuffers ? " 10-buffers" : ""}${c.presum ? " presum" : ""}`;
+  }${
+    v.chunkParallel
+      ? ` chunked${c.chained ? ` chained${c.chainRuns > 1 ? ` in ${c.chainRuns} runs` : ""}` : ""}`
+      : ""
+  }${c.varying ? " varying-sg" : ""}${c.segments ? " segments" : ""}${c.tenBuffers ? " 10-buffers" : ""}${
+    c.presum ? " presum" : ""
+  }`;
   const shape = `B ${s.B} L ${s.L} ED ${s.ED} N ${s.N} R ${s.R}${s.gated ? " gated" : ""}${
     s.dtWeight ? " dt_proj" : ""
   }${s.zWindow ? ` z ${s.zWindow.start}+${s.ED}/${s.zWindow.width}` : ""}${s.zTimesY ? " z*y" : ""}${
@@ -385,8 +394,11 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
       throw new AssertionError({ message: `${pass}: ${chunked ? "no" : "unexpected"} chunk-local kernel` });
     }
     // carries chained by a dispatch, or folded by the main kernels (the cases have few enough chunks)
-    if (kernels.includes(`fused_scan_chain_${pass}`) !== (chunked && c.chained)) {
-      throw new AssertionError({ message: `${pass}: ${chunked && c.chained ? "no" : "unexpected"} chain` });
+    const chain = `fused_scan_chain_${pass}${c.chainRuns > 1 ? `_seg${c.chainRuns}` : ""}`;
+    if (kernels.includes(chain) !== (chunked && c.chained)) {
+      throw new AssertionError({
+        message: `${pass}: ${chunked && c.chained ? "no" : "unexpected"} ${chain}`,
+      });
     }
   }
   const inside = c.scan.R >= 1 && c.scan.R <= MAX_INLINE_DT_RANK;
@@ -428,6 +440,7 @@ async function runCase(c: Case): Promise<void> {
     if (c.segments) setFusedPartialBudget(1); // one chunk per segment
     setMaxChunksFolded(c.chained ? 0 : MAX_CHUNKS_CHAINED); // folded whatever the chunk length
     setFusedPresumRows(c.presum ? 0 : Infinity);
+    setFusedChainRuns(c.chainRuns);
     const { kernels } = await kernelsRun(() => compare(c.scan, c.seed, { cancellationFloor: true }));
     assertVariantRan(kernels, c);
     const now = memory();
@@ -449,6 +462,7 @@ async function runCase(c: Case): Promise<void> {
     setFusedPartialBudget(null);
     setMaxChunksFolded(null);
     setFusedPresumRows(null);
+    setFusedChainRuns(null);
     info.subgroups = real;
     info.limits.maxStorageBuffersPerShaderStage = buffers;
   }
