@@ -41,14 +41,15 @@
 # two calls (10 minutes at most each; the second at once, while the machine is warm; about 12.5 minutes in
 # all with the machine's start):
 #   GPU_CHECK_LIMIT_ADAPTER=70 GPU_CHECK_LIMIT_TIMELINE=80 GPU_CHECK_LIMIT_MATMUL=150 \
-#     GPU_CHECK_LIMIT_REPORT=250 bash bench/gpu_check.sh run adapter timeline matmul report          (~8 min)
-#   GPU_CHECK_LIMIT_TESTS=300 GPU_CHECK_TESTS="matmul_test fused_test ops_matmul_test lm_test \
+#     GPU_CHECK_LIMIT_REPORT=220 bash bench/gpu_check.sh run adapter timeline matmul report          (~8 min)
+#   GPU_CHECK_LIMIT_TESTS=340 GPU_CHECK_TESTS="matmul_test fused_test ops_matmul_test lm_test \
 #     mamba_test memory_test fused_variant_fuzz_test model_fuzz_test autograd_release_fuzz_test" \
 #     bash bench/gpu_check.sh run tests                                                              (~5 min)
 # New since 2d4b27c, for that run to show: the timeline's L 16384 rows (the backward's parameter sums over the
-# chunks' rows, 0.41 ms there at 2d4b27c, now a reduction pass first: fused_scan_bwd_sums should fall to a
+# chunks' rows, 0.40 ms there at 2d4b27c, now a reduction pass first: fused_scan_bwd_sums should fall to a
 # few µs and two reduce_sum dispatches appear; the chains, 0.12 and 0.09 ms there, now fused_scan_chain_*_seg64,
-# in runs); the matmul phase's d_model 768 table (matvec against the
+# in runs; the report's breakdown counts the two reduce_sum dispatches of the parameter sums as the layer's
+# other kernels, not as scan kernels); the matmul phase's d_model 768 table (matvec against the
 # split's slices), which has never run on a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -26,7 +26,8 @@
  * sums both.
  * Chunk-parallel (`chunked`): a workgroup per (b, tile, chunk kc) walks only its chunk, starting lam from the
  * carry the chain (fused_carry_kernels.ts) left at `lamOff` in gred, and its sums over time from zero into a
- * gpar row of its own, (B, chunks, ED, GP), which the sums kernel adds up over b and the chunks.
+ * gpar row of its own, (B, chunks, ED, GP), which the sums kernel adds up over b and the chunks (on GPUs,
+ * past 256 rows, core's reduction first).
  * @module
  */
 

@@ -22,7 +22,8 @@ import { cachedKernel } from "./fused_wgsl.ts";
  * In the last segment's dispatch (`P.params` = 1; the backward walks time in reverse, so that is the segment
  * starting at t = 0, after every backward dispatch), invocations n .. n + ED (N + 2 + Ri) - 1 also sum the
  * parameter gradients over the batch, one per (d, column), from `gpar` (B, ED, [dbias | dD | dA (N) | lam carry
- * (N) | dW (Ri)], at element `off` of the same buffer as the partials) and write dbias (ED), dD (ED), dA_log
+ * (N) | dW (Ri)], at element `off` of the same buffer as the partials; or, past `presumRows` rows on GPUs, one
+ * row already summed by core's reduction, bound on its own: B 1, off 0) and write dbias (ED), dD (ED), dA_log
  * (ED, N) = dA * A with A = -exp(A_log), or dt_proj's weight gradient dW (ED, Ri): no dispatch of their own.
  */
 export function sumsKernel(V: 1 | 4, dt: boolean): Kernel {
@@ -62,7 +63,7 @@ function generateSums(V: 1 | 4, dt: boolean): Kernel {
     buffers: [
       { name: "part", type: F, access: "read" },
       { name: "gdbc", type: "f32", access: "read_write" },
-      // the parameters' buffers (the same buffer as `part`, as floats, for gpar)
+      // the parameters' buffers (gpar: the same buffer as `part`, as floats, or the rows' sum on its own)
       { name: "gpar", type: "f32", access: "read" },
       { name: "alog", type: "f32", access: "read" },
       { name: "gbias", type: "f32", access: "read_write" },

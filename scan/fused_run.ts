@@ -102,10 +102,14 @@ function presumRows(): number {
 }
 
 /**
- * Chunks from which a GPU chains them in runs (`chainKernel`'s segments), about 16 chunks a run, up to 64
- * runs per chain. Below, the walk in order takes chunks / 8 groups of loads, a few µs.
+ * Chunks from which a GPU chains them in runs (`chainKernel`'s segments): 8 to 16 chunks a run, up to 64 runs
+ * per chain (29 chunks a run at 1821 chunks), and at most CHAIN_INVOCATIONS invocations in all (wide models
+ * have chains enough to hide the walk's loads). Below, the walk in order takes chunks / 8 groups of loads, a
+ * few µs.
  */
 const CHAIN_RUNS_FROM = 128;
+/** Invocations a chain in runs stops adding runs at (2^18: 8 runs at ED 2048, N 16, batch 1). */
+const CHAIN_INVOCATIONS = 1 << 18;
 
 let chainRunsSet: number | null = null;
 
@@ -113,6 +117,7 @@ let chainRunsSet: number | null = null;
  * adapter and chunks (tests run both kernels with it); null restores the rule (CHAIN_RUNS_FROM on GPUs, 1 on
  * CPU adapters, where barriers and workgroups cost more than long walks). */
 export function setFusedChainRuns(runs: number | null): void {
+  if (runs !== null && runs !== 1) chainKernel("fwd", runs); // throws on a count it has no kernel for
   chainRunsSet = runs;
 }
 
@@ -124,10 +129,11 @@ function dispatchChain(
   states: number,
   chunks: number,
 ): void {
+  const pow2 = (x: number) => 2 ** Math.floor(Math.log2(Math.max(1, x)));
   const runs = chainRunsSet ??
     (deviceInfo().isFallbackAdapter || chunks < CHAIN_RUNS_FROM
       ? 1
-      : Math.min(64, 2 ** Math.ceil(Math.log2(chunks / 16))));
+      : Math.min(64, 2 * pow2(chunks / 16), pow2(CHAIN_INVOCATIONS / states)));
   dispatch(chainKernel(dir, runs), bufs, uniforms, chainGroups(states, runs));
 }
 
@@ -482,6 +488,7 @@ export function fusedScanBackward(
     const n = B * segLen;
     const params = c0 === 0;
     // gparSum: (ED, GP), gpar summed over its rows
+    // (all GP columns, the N lam carries among them, which nothing reads: one strided region, a few µs)
     const gparSum = params && presum ? reduceRun(gred, 1, gparRows, ED * GP, "sum", { from: gbcSize }) : null;
     const su = {
       n,

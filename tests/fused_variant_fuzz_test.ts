@@ -7,8 +7,10 @@
  * rank, gate, dt_proj inside the op, z as a column window of a wider tensor, z's gradient already holding
  * another op's share, dBC with padding columns, the backward walked in time segments, out_proj in the op:
  * fusedMambaScanOut, 10 storage buffers per stage as Chrome exposes, the parameter gradients' rows summed by
- * a reduction pass first or in the sums kernel, the chain of chunks walked in order or in runs), and checks the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and every gradient within the op
- * bound), that the fused kernels that ran are the variant's, and that nothing stays live after the case.
+ * a reduction pass first or in the sums kernel, the chain of chunks walked in order or in runs), and checks
+ * the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and
+ * every gradient within the op bound), that the fused kernels that ran are the variant's, and that nothing
+ * stays live after the case.
  *
  * The tuner (scan/tune_fused.ts) picks variants per adapter; on GPUs it is expected to pick what lavapipe's
  * default never runs (states in workgroup memory, subgroup sums, shuffles, lanes), so where the adapter has
