@@ -189,6 +189,26 @@ function generateChain(dir: CarryDirection, segments: number): Kernel {
     const st = guard ? `if (${guard}) { ${store} }` : store;
     return fwd ? `m = ${decay} * m + ${l}; ${st}` : `${st} m = ${l} + ${decay} * m;`;
   };
+  // The walk over chunks j0 .. j1 of the chain from the carry m, storing each result. Groups of ${CHAIN_GROUP}
+  // chunks: all their loads first, then the updates and stores. One chunk at a time, each load waited behind
+  // the store before it (same buffer, so the compiler cannot move it up): at L = 16384 (512 chunks of 32) each
+  // chain took 0.15 ms on the H200 (49a9be6), most of it memory latency.
+  const walk = (j0: string, j1: string, guard = "") =>
+    `var j = ${j0};
+  loop {
+    if (j + ${CHAIN_GROUP}u > ${j1}) { break; }
+    ${unroll(CHAIN_GROUP, (q) => `let c${q} = ${cellAt(`j + ${q}u`)};`)}
+    ${unroll(CHAIN_GROUP, (q) => `let a${q} = exp(A * ld_out(P.sdtOff + c${q}));`)}
+    ${unroll(CHAIN_GROUP, (q) => `let l${q} = ${ldLoc(`c${q} * P.N + n`)};`)}
+    ${unroll(CHAIN_GROUP, (q) => update(`c${q}`, `a${q}`, `l${q}`, guard))}
+    j += ${CHAIN_GROUP}u;
+  }
+  for (; j < ${j1}; j++) { // the last few
+    let c = ${cellAt("j")};
+    let a = exp(A * ld_out(P.sdtOff + c));
+    let l = ${ldLoc("c * P.N + n")}; // loaded before the backward's store to the same cell
+    ${update("c", "a", "l", guard)}
+  }`;
   const buffers = [
     { name: "ph", type: "f32" as const, access: fwd ? "read_write" as const : "read" as const },
     { name: "out", type: "f32" as const, access: "read_write" as const },
@@ -207,24 +227,7 @@ function generateChain(dir: CarryDirection, segments: number): Kernel {
   let d = bd % P.ED;
   let A = -exp(ld_ph(P.ED + d * P.N + n));
   var m = 0.0;
-  // Groups of ${CHAIN_GROUP} chunks: all their loads first, then the updates and stores. One chunk at a time,
-  // each load waited behind the store before it (same buffer, so the compiler cannot move it up): at
-  // L = 16384 (512 chunks of 32) each chain took 0.15 ms on the H200 (49a9be6), most of it memory latency.
-  var j = 0u;
-  loop {
-    if (j + ${CHAIN_GROUP}u > P.chunks) { break; }
-    ${unroll(CHAIN_GROUP, (q) => `let c${q} = ${cellAt(`j + ${q}u`)};`)}
-    ${unroll(CHAIN_GROUP, (q) => `let a${q} = exp(A * ld_out(P.sdtOff + c${q}));`)}
-    ${unroll(CHAIN_GROUP, (q) => `let l${q} = ${ldLoc(`c${q} * P.N + n`)};`)}
-    ${unroll(CHAIN_GROUP, (q) => update(`c${q}`, `a${q}`, `l${q}`))}
-    j += ${CHAIN_GROUP}u;
-  }
-  for (; j < P.chunks; j++) { // the last P.chunks % ${CHAIN_GROUP}
-    let c = ${cellAt("j")};
-    let a = exp(A * ld_out(P.sdtOff + c));
-    let l = ${ldLoc("c * P.N + n")}; // loaded before the backward's store to the same cell
-    ${update("c", "a", "l")}
-  }`,
+  ${walk("0u", "P.chunks")}`,
     });
   }
   return defineKernel({
@@ -273,11 +276,6 @@ var<workgroup> runS: array<f32, 64>; // each run's sum of dt`,
   workgroupBarrier();
   // the run again from its carry, storing as the walk in order does
   m = runM[lid];
-  for (var j = j0; j < j1; j++) {
-    let c = ${cellAt("j")};
-    let a = exp(A * ld_out(P.sdtOff + c));
-    let l = ${ldLoc("c * P.N + n")}; // loaded before the backward's store to the same cell
-    ${update("c", "a", "l", "valid")}
-  }`,
+  ${walk("j0", "j1", "valid")}`,
   });
 }
