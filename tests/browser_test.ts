@@ -265,41 +265,55 @@ Deno.test({
       );
 
       await t.step(
-        "fused-scan variants for GPUs (lanes per channel, states in workgroup memory, chunks in parallel) compile in Chromium and agree",
+        "fused-scan variants for GPUs (lanes per channel, states in workgroup memory, chunks in parallel; at many chunks the chains in runs and the parameter sums by a reduction pass) compile in Chromium and agree",
         async () => {
           const r = await lib.evaluate(async () => {
             const m = (globalThis as unknown as { mamba: Bundle }).mamba;
             const info = await m.init();
             const sg = info.subgroups;
-            if (!sg || sg.minSize !== sg.maxSize) return { skipped: JSON.stringify(sg), rows: [] };
+            if (!sg || sg.minSize !== sg.maxSize) {
+              return { skipped: JSON.stringify(sg), rows: [], kernels: [] };
+            }
             const SG = sg.minSize;
-            const [B, L, ED, N, R] = [2, 37, 24, 8, 2];
-            const leaves = [
-              m.randn([B, L, ED], { seed: 1 }), // x
-              m.randn([B, L, R + 2 * N], { seed: 2 }), // dBC
-              m.randn([ED, R], { seed: 3, std: 0.5 }), // dt_proj weight
-              m.randn([ED], { seed: 4, std: 0.5 }), // dt bias
-              m.randn([ED, N], { seed: 5, std: 0.3 }), // A_log
-              m.randn([ED], { seed: 6 }), // D
-              m.randn([B, L, ED], { seed: 7 }), // z
-            ].map((t) => t.requiresGrad_(true));
-            const G = m.randn([B, L, ED], { seed: 8 });
-            // y and every leaf's gradient, flattened
-            const run = async () => {
-              const y = m.tidy(() => {
-                const [x, dBC, W, bias, aLog, D, z] = leaves;
-                const y = m.fusedMambaScan(x, dBC, W, bias, aLog, D, z);
-                m.sum(m.mul(y, G)).backward();
-                return y;
-              });
-              const out = [...(await y.toArray())];
-              y.dispose();
-              for (const t of leaves) {
-                out.push(...(await t.grad!.toArray()));
-                t.grad!.dispose();
-                t.grad = null;
+            const [ED, N, R] = [24, 8, 2];
+            // a problem of batch B and length L: its leaves, and a run giving y and every leaf's gradient
+            const problem = (B: number, L: number) => {
+              const leaves = [
+                m.randn([B, L, ED], { seed: 1 }), // x
+                m.randn([B, L, R + 2 * N], { seed: 2 }), // dBC
+                m.randn([ED, R], { seed: 3, std: 0.5 }), // dt_proj weight
+                m.randn([ED], { seed: 4, std: 0.5 }), // dt bias
+                m.randn([ED, N], { seed: 5, std: 0.3 }), // A_log
+                m.randn([ED], { seed: 6 }), // D
+                m.randn([B, L, ED], { seed: 7 }), // z
+              ].map((t) => t.requiresGrad_(true));
+              const G = m.randn([B, L, ED], { seed: 8 });
+              const run = async () => {
+                const y = m.tidy(() => {
+                  const [x, dBC, W, bias, aLog, D, z] = leaves;
+                  const y = m.fusedMambaScan(x, dBC, W, bias, aLog, D, z);
+                  m.sum(m.mul(y, G)).backward();
+                  return y;
+                });
+                const out = [...(await y.toArray())];
+                y.dispose();
+                for (const t of leaves) {
+                  out.push(...(await t.grad!.toArray()));
+                  t.grad!.dispose();
+                  t.grad = null;
+                }
+                return out;
+              };
+              return { run, dispose: () => m.dispose([...leaves, G]) };
+            };
+            // max |got - want| over max |want| (a NaN or a length mismatch fails, maxAbsDiff's rule)
+            const rel = (got: number[], want: number[]) => {
+              let d = got.length === want.length ? 0 : Infinity;
+              for (let i = 0; i < want.length; i++) {
+                const x = Math.abs(got[i] - want[i]);
+                if (!(x <= d)) d = Number.isNaN(x) ? Infinity : x;
               }
-              return out;
+              return d / want.reduce((a, v) => Math.max(a, Math.abs(v)), 0);
             };
             const base = { Lc: 16, WG: 2 * SG, reduce: "subgroup" as const };
             const variants = [
@@ -310,31 +324,53 @@ Deno.test({
               { chunkParallel: true }, // L 37: three chunks of 16 at once, carries chained
               { lanes: 2, Lc: 8, Ls: 4, hbuf: "workgroup" as const, chunkParallel: true },
             ];
-            m.setFusedVariant(N, null);
-            const want = await run();
-            const scale = want.reduce((a, v) => Math.max(a, Math.abs(v)), 0);
             const rows = [];
+            const kernels: string[] = [];
+            const small = problem(2, 37);
+            const large = problem(2, 300);
+            const gpu = m.deviceInfo() as { isFallbackAdapter: boolean };
+            const wasFallback = gpu.isFallbackAdapter;
+            const proto = GPUComputePassEncoder.prototype;
+            const setPipeline = proto.setPipeline;
             try {
+              m.setFusedVariant(N, null);
+              const want = await small.run();
               for (const v of variants) {
                 m.setFusedVariant(N, { ...base, ...v });
-                const got = await run();
-                let d = got.length === want.length ? 0 : Infinity;
-                for (let i = 0; i < want.length; i++) {
-                  const x = Math.abs(got[i] - want[i]);
-                  if (!(x <= d)) d = Number.isNaN(x) ? Infinity : x; // a NaN fails (maxAbsDiff's rule)
-                }
-                rows.push({ variant: JSON.stringify(v), rel: d / scale });
+                rows.push({ variant: JSON.stringify(v), rel: rel(await small.run(), want) });
               }
+              // 150 chunks of 2 steps, batch 2: as a GPU runs them (the chains in 16 runs, the 300 rows of
+              // parameter sums by a reduction pass first) against a CPU adapter's plans
+              m.setFusedVariant(N, { ...base, Lc: 2, chunkParallel: true });
+              gpu.isFallbackAdapter = true;
+              const wantLarge = await large.run();
+              gpu.isFallbackAdapter = false;
+              proto.setPipeline = function (this: GPUComputePassEncoder, p: GPUComputePipeline) {
+                kernels.push(p.label);
+                return setPipeline.call(this, p);
+              };
+              const gotLarge = await large.run();
+              proto.setPipeline = setPipeline;
+              rows.push({ variant: "150 chunks on a GPU's paths", rel: rel(gotLarge, wantLarge) });
             } finally {
+              proto.setPipeline = setPipeline;
+              gpu.isFallbackAdapter = wasFallback;
               m.setFusedVariant(N, null);
-              m.dispose([...leaves, G]);
+              small.dispose();
+              large.dispose();
             }
-            return { skipped: "", rows };
+            return { skipped: "", rows, kernels };
           });
           if (r.skipped) console.log(`  skipped: subgroups ${r.skipped} (lanes need a fixed subgroup size)`);
           for (const row of r.rows) {
             console.log(`  ${row.variant}: max diff ${row.rel.toExponential(2)} of the largest value`);
             assert.ok(row.rel < 1e-5, `${row.variant}: ${row.rel}`);
+          }
+          if (!r.skipped) {
+            // (the reduction pass is core's reduce kernel, which every sum here runs)
+            for (const k of ["fused_scan_chain_fwd_seg16", "fused_scan_chain_bwd_seg16"]) {
+              assert.ok(r.kernels.includes(k), `${k} ran on the GPU's paths (${r.kernels.join(", ")})`);
+            }
           }
         },
       );
