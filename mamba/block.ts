@@ -14,6 +14,7 @@ import {
   narrow,
   neg,
   pad,
+  rmsNormMatmul,
   silu,
   softplus,
   split,
@@ -228,8 +229,9 @@ export class MambaBlock extends Module {
   }
 
   /** One token. u: (B, D); cache from the previous step -> (B, D) and the new cache. With `residual` (B, D),
-   * `out` is residual + the mixer's output, as in {@linkcode MambaBlock.forward}. */
-  step(u: Tensor, cache: LayerCache, residual?: Tensor): { out: Tensor; cache: LayerCache } {
+   * `out` is residual + the mixer's output, as in {@linkcode MambaBlock.forward}. With `norm`, the mixer
+   * takes norm(u) (the residual block's norm: on a GPU's fused path in_proj's product normalizes on the way). */
+  step(u: Tensor, cache: LayerCache, residual?: Tensor, norm?: RMSNorm): { out: Tensor; cache: LayerCache } {
     const { dInner: ED, dState: N, dtRank: R, dConv: K, dModel: D } = this.config;
     const Bu = u.shape[0];
     if (
@@ -245,8 +247,13 @@ export class MambaBlock extends Module {
       );
     }
     if (this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2) {
-      // The same step in two kernels (conv, SSM) around x_proj's product: see scan/fused_step.ts.
-      const xz = this.inProj.forward(u); // xz: (B, 2ED) = [xIn | z]
+      // The same step in two kernels (conv, SSM) around x_proj's product: see scan/fused_step.ts. The norm
+      // inside in_proj's product where it is one (matvec) kernel.
+      const fold = norm && !this.inProj.bias;
+      // xz: (B, 2ED) = [xIn | z]
+      const xz = fold
+        ? rmsNormMatmul(u, norm.weight, norm.eps, this.inProj.weight)
+        : this.inProj.forward(norm ? norm.forward(u) : u);
       // conv.x: (B, ED), conv.inputs: (B, ED, K-1)
       const conv = convStep(xz, cache.inputs, this.conv1d.weight, this.conv1d.bias);
       const dBC = this.xProj.forward(conv.x); // dBC: (B, R + 2N)
@@ -258,7 +265,7 @@ export class MambaBlock extends Module {
     }
     // mamba.py's step, line by line
     const Bsz = u.shape[0];
-    const [xIn, z] = split(this.inProj.forward(u), ED, -1); // xIn, z: (B, ED)
+    const [xIn, z] = split(this.inProj.forward(norm ? norm.forward(u) : u), ED, -1); // xIn, z: (B, ED)
     const xcat = cat([cache.inputs, xIn.reshape(Bsz, ED, 1)], 2); // xcat: (B, ED, K)
     let xc = sum(mul(xcat, this.conv1d.weight.reshape(ED, K)), -1); // xc: (B, ED)
     if (this.conv1d.bias) xc = add(xc, this.conv1d.bias); // xc: (B, ED)
@@ -339,7 +346,7 @@ export class ResidualBlock extends Module {
 
   /** x: (B, D) -> (B, D) */
   step(x: Tensor, cache: LayerCache): { out: Tensor; cache: LayerCache } {
-    return this.mixer.step(this.norm.forward(x), cache, x); // out: (B, D), out_proj adding x
+    return this.mixer.step(x, cache, x, this.norm); // out: (B, D): out_proj(mixer(norm(x))) + x
   }
 }
 

@@ -4,10 +4,10 @@
  * @module
  */
 
-import { noGrad } from "../core/autograd.ts";
+import { isGradEnabled, noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { readBuffer } from "../core/executor.ts";
-import { matmul, narrow } from "../core/ops/index.ts";
+import { matmul, narrow, rmsNormMatmul } from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
 import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { normal } from "../nn/init.ts";
@@ -251,7 +251,11 @@ export class MambaLM extends Module {
       throw new Error(`MambaLM.step: ids must be an i32 (B) tensor, got ${ids}`);
     }
     const r = this.mamba.step(this.embedding.forward(ids), caches); // r.out: (B, D)
-    return { logits: this.head(r.out), caches: r.caches }; // logits: (B, vocab)
+    // without autograd, norm_f inside the head's product (one kernel where a GPU takes matvec for it)
+    const logits = isGradEnabled()
+      ? this.head(r.out)
+      : rmsNormMatmul(r.out, this.normF.weight, this.normF.eps, (this.lmHead ?? this.embedding).weight);
+    return { logits, caches: r.caches }; // logits: (B, vocab)
   }
 
   /** Zero caches for a batch size; the caller disposes them (see {@linkcode MambaLM.step}). */

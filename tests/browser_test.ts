@@ -376,7 +376,7 @@ Deno.test({
       );
 
       await t.step(
-        "every matmul variant the page can run, and the matvec kernel, compile in Chromium and agree",
+        "every matmul variant the page can run, and the matvec kernel (with decoding's norm inside too), compile in Chromium and agree",
         async () => {
           const r = await lib.evaluate(async () => {
             const m = (globalThis as unknown as { mamba: Bundle }).mamba;
@@ -412,7 +412,7 @@ Deno.test({
               }
             }
             // the matvec kernel (a GPU's plan for a few rows against a weight, as decoding runs): Tint compiles it
-            // too, with vec4 loads (K 300) and scalar ones (K 301)
+            // too, with vec4 loads (K 300) and scalar ones (K 301), with and without the norm inside
             const info = m.deviceInfo() as { isFallbackAdapter: boolean };
             const proto = GPUComputePassEncoder.prototype;
             const setPipeline = proto.setPipeline;
@@ -439,18 +439,45 @@ Deno.test({
                 proto.setPipeline = setPipeline;
                 info.isFallbackAdapter = wasFallback;
               }
-              m.dispose([a, b]);
-              const scale = want.reduce((x, v) => Math.max(x, Math.abs(v)), 0);
-              let d = 0;
-              for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(got[i] - want[i]));
-              rows.push({ what: `matvec 3x${K}x70 B^T`, rel: d / scale });
+              // ... and with decoding's norm inside (rmsNormMatmul): the CPU plans run the norm's own kernel
+              const g = m.randn([K], { seed: K + 2 });
+              info.isFallbackAdapter = true;
+              const refN = m.rmsNormMatmul(a, g, 1e-5, b);
+              const wantN = [...(await refN.toArray())];
+              refN.dispose();
+              info.isFallbackAdapter = false;
+              proto.setPipeline = function (this: GPUComputePassEncoder, p: GPUComputePipeline) {
+                kernels.push(p.label);
+                return setPipeline.call(this, p);
+              };
+              let gotN: number[];
+              try {
+                const c = m.rmsNormMatmul(a, g, 1e-5, b);
+                gotN = [...(await c.toArray())];
+                c.dispose();
+              } finally {
+                proto.setPipeline = setPipeline;
+                info.isFallbackAdapter = wasFallback;
+              }
+              m.dispose([a, b, g]);
+              for (const [what, w, gt] of [["", want, got], [" with the norm", wantN, gotN]] as const) {
+                const scale = w.reduce((x, v) => Math.max(x, Math.abs(v)), 0);
+                let d = 0;
+                for (let i = 0; i < w.length; i++) d = Math.max(d, Math.abs(gt[i] - w[i]));
+                rows.push({ what: `matvec 3x${K}x70 B^T${what}`, rel: d / scale });
+              }
             }
             return { variants: m.availableMatmulVariants(), rows, kernels };
           });
           console.log(`  matmul variants here: ${r.variants.join(", ")}; ${r.kernels.join(", ")}`);
           assert.deepEqual(
             r.kernels,
-            ["matmul_matvec_m3_k4", "matmul_matvec_m3_k1"],
+            [
+              "matmul_matvec_m3_k4",
+              "matmul_matvec_m3_k4_rms",
+              "matmul_matvec_m3_k1",
+              "matmul_matvec_m3_k1_rms",
+            ],
             "the matvec kernels ran",
           );
           for (const row of r.rows) assert.ok(row.rel < 1e-5, `${row.what}: ${row.rel}`);

@@ -479,7 +479,7 @@ Deno.test("MambaLM's embedding row paddingIdx (default 0, as mamba.py) is initia
 
 Deno.test({
   name:
-    "decoding on a GPU's plans: one matvec dispatch per product (in_proj, x_proj, out_proj, head), no sums",
+    "decoding on a GPU's plans: one matvec dispatch per product (in_proj, x_proj, out_proj, head), the norms inside in_proj's and the head's, no sums",
   ignore: fusedUnavailable(),
   fn: async () => {
     // d_model 512: every product's K is at least 256 (512 and ED 1024), as at the pretrained widths
@@ -503,10 +503,14 @@ Deno.test({
         const gpu = await withPlans({ gpu: true, split: true, matvec }, step);
         const count = (re: RegExp) => gpu.kernels.filter((k) => re.test(k)).length;
         if (matvec) {
-          assert.equal(count(/^matmul_matvec_m1_k4$/), 3 * 2 + 1, gpu.kernels.join(", "));
+          // x_proj and out_proj per layer; in_proj and the head with their norms (each layer's, norm_f)
+          assert.equal(count(/^matmul_matvec_m1_k4$/), 2 * 2, gpu.kernels.join(", "));
+          assert.equal(count(/^matmul_matvec_m1_k4_rms$/), 2 + 1, gpu.kernels.join(", "));
+          assert.equal(count(/^rms_/), 0, `no norm kernels: ${gpu.kernels.join(", ")}`);
           assert.equal(count(/^reduce_/), 0, `no sums of K slices: ${gpu.kernels.join(", ")}`);
         } else {
           assert.equal(count(/^matmul_matvec/), 0, "the hook off");
+          assert.equal(count(/^rms_fwd/), 2 + 1, "the norms' own kernels");
           assert.ok(count(/^reduce_/) > 0, "the split's sums");
         }
         // the whole-model bound, relative to the logits' largest (1e-5 on a software adapter, 1e-4 on GPUs)

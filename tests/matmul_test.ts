@@ -13,6 +13,7 @@ import {
   type MatmulVariant,
   matmulVariant,
   memory,
+  rmsNormMatmul,
   setMemoryLimit,
   tensor,
   tidy,
@@ -20,7 +21,7 @@ import {
 import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneMatvec, tuneResult } from "../core/tune.ts";
 import { matmulGpuSplit, matmulMatvec, type MatmulOptions, matmulPlan } from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
-import { withPlans } from "./helpers.ts";
+import { kernelsRun, withPlans } from "./helpers.ts";
 
 await init();
 
@@ -268,6 +269,60 @@ Deno.test("matmul on a GPU: a few rows against a weight (x @ W^T, as decoding) t
     assertMatches(await batched.toArray(), bref.out, bref.scale, "a batch of two single rows");
     batched.dispose();
   });
+});
+
+Deno.test("rmsNormMatmul (decoding's norm and in_proj): on a GPU's matvec plans one kernel normalizes on the way; elsewhere the norm's kernel, then the product; both equal float64", async () => {
+  // M 1 to 4 rows, K with vec4 loads (768) or scalar ones (301), N odd; eps large enough to matter
+  const eps = 1e-2;
+  for (const [M, K, N] of [[1, 768, 37], [3, 301, 9], [4, 768, 5]]) {
+    const [x, g, w] = [data(M * K, 11 + M, undefined), data(K, 12), data(N * K, 13)];
+    // float64: y[m, n] = sum_k x[m, k] r[m] g[k] w[n, k], r[m] = 1 / sqrt(mean(x[m]^2) + eps)
+    const want = new Float64Array(M * N);
+    const scale = new Float64Array(M * N);
+    for (let m = 0; m < M; m++) {
+      let ss = 0;
+      for (let k = 0; k < K; k++) ss += x[m * K + k] ** 2;
+      const r = 1 / Math.sqrt(ss / K + eps);
+      for (let n = 0; n < N; n++) {
+        for (let k = 0; k < K; k++) {
+          const t = x[m * K + k] * r * g[k] * w[n * K + k];
+          want[m * N + n] += t;
+          scale[m * N + n] += Math.abs(t);
+        }
+      }
+    }
+    for (const gpu of [true, false]) {
+      const what = `M ${M}, K ${K}, N ${N}, ${gpu ? "a GPU's" : "a CPU adapter's"} plans`;
+      const { value: y, kernels } = await withPlans(
+        { gpu, split: true, matvec: true },
+        () =>
+          kernelsRun(() =>
+            tidy(() => rmsNormMatmul(tensor(x, [M, K]), tensor(g, [K]), eps, tensor(w, [N, K])))
+          ),
+      );
+      assert.deepEqual(y.shape, [M, N], what);
+      assertMatches(await y.toArray(), want, scale, what);
+      y.dispose();
+      const fused = `matmul_matvec_m${M}_k${K % 4 === 0 ? 4 : 1}_rms`;
+      assert.deepEqual(
+        gpu ? kernels : kernels.filter((k) => k.startsWith("rms_") || k.startsWith("matmul_matvec")),
+        [gpu ? fused : K % 4 === 0 ? "rms_fwd_v4" : "rms_fwd"],
+        `${what}: ${kernels.join(", ")}`,
+      );
+    }
+  }
+  await init();
+  const [x, g, w] = [tensor(data(6, 1), [2, 3]), tensor(data(3, 2), [3]), tensor(data(12, 3), [4, 3])];
+  const w6 = w.reshape(6, 2); // K 2 against x's 3
+  assert.throws(
+    () => rmsNormMatmul(x, w, 1e-5, w),
+    /g \(K\) and w \(N, K\); got x f32 \[2, 3\], g f32 \[4, 3\]/,
+  );
+  assert.throws(
+    () => rmsNormMatmul(x, g, 1e-5, w6),
+    /got x f32 \[2, 3\], g f32 \[3\], w f32 \[6, 2\]/,
+  );
+  for (const t of [x, g, w, w6]) t.dispose();
 });
 
 Deno.test("matmul: small C with long K is split over K (weight-gradient shapes); no scratch is left", async () => {

@@ -32,14 +32,16 @@
  * @module
  */
 
-import { defineOp, type GradTargets } from "../autograd.ts";
+import { defineOp, type GradTargets, noGrad } from "../autograd.ts";
 import { deviceInfo, fixedSubgroupSize } from "../device.ts";
 import { dispatch, type Kernel, mix } from "../kernel.ts";
 import { broadcastShapes, fmt, padRank, sameShape, type Shape, sizeOf, stridesOf } from "../shape.ts";
+import type { Storage } from "../memory.ts";
 import { Tensor } from "../tensor.ts";
 import { sumToShape } from "./reduce.ts";
 import { addSumOfFirstAxis, reduceRun } from "./reduce_kernel.ts";
 import { copy } from "./shape_ops.ts";
+import { rmsNorm } from "./rms_norm.ts";
 import { kernelFor, type MatmulVariant, MATVEC_MAX_ROWS, matvecFor } from "./matmul_kernels.ts";
 
 export type { MatmulVariant };
@@ -360,6 +362,39 @@ export function matmulRaw(
   variant: MatmulVariant = matmulVariant(),
   into?: Tensor,
 ): Tensor {
+  return product(a, b, opts, variant, into, null);
+}
+
+/**
+ * rmsNorm(x, g, eps) @ w^T, with no autograd: decoding's norm and in_proj (x (M, K), g (K), w (N, K)). Where
+ * a GPU takes the `matvec` kernel for the product (1 to 4 rows), that kernel normalizes the rows on the way:
+ * one dispatch instead of two. Elsewhere the norm's kernel, then the product.
+ */
+export function rmsNormMatmul(x: Tensor, g: Tensor, eps: number, w: Tensor): Tensor {
+  const K = x.shape[1];
+  if (
+    x.rank !== 2 || w.rank !== 2 || w.shape[1] !== K || !sameShape(g.shape, [K]) ||
+    x.dtype !== "f32" || g.dtype !== "f32" || w.dtype !== "f32"
+  ) {
+    throw new Error(
+      `rmsNormMatmul: x must be f32 (M, K), g (K) and w (N, K); got x ${x.dtype} ${
+        fmt(x.shape)
+      }, g ${g.dtype} ` +
+        `${fmt(g.shape)}, w ${w.dtype} ${fmt(w.shape)}`,
+    );
+  }
+  return product(x, w, { transB: true }, matmulVariant(), undefined, { g, eps });
+}
+
+/** matmulRaw's product; with `rms`, op(a)'s rows RMS-normalized with weight g first (rmsNormMatmul). */
+function product(
+  a: Tensor,
+  b: Tensor,
+  opts: MatmulOptions,
+  variant: MatmulVariant,
+  into: Tensor | undefined,
+  rms: { g: Tensor; eps: number } | null,
+): Tensor {
   // Plain reads, and no batch strides for one batch entry (B = 1): on a GPU the host's time per op bounds
   // small work, and this path had cost 3-4 times a bare dispatch (lavapipe, x_proj's shape).
   const transA = opts.transA ?? false;
@@ -391,11 +426,18 @@ export function matmulRaw(
     K,
     nb,
   });
+  if (rms && !kernel.spec.name.startsWith("matmul_matvec_")) { // the norm's own kernel, then the product
+    const an = noGrad(() => rmsNorm(a, rms.g, rms.eps)); // an: (M, K)
+    const out = product(an, b, opts, variant, into, null);
+    an.dispose();
+    return out;
+  }
   const unbatched = nb === 1; // batch strides would multiply coordinate 0 only
   // Split K: slice s of each dispatch writes partial sums to c[s]; they are summed at the end.
   const direct = into !== undefined && slices === 1; // the kernel adds into `into` itself
   const c = direct ? into : Tensor.empty(slices > 1 ? [slices, ...shape] : shape);
-  const storages = { a: a.storage, b: b.storage, c: c.storage };
+  const storages: Record<string, Storage> = { a: a.storage, b: b.storage, c: c.storage };
+  if (rms) storages.g = rms.g.storage;
   const u = {
     M,
     N,
@@ -416,12 +458,13 @@ export function matmulRaw(
     k1: 0,
     accumulate: 0,
   };
+  if (rms) (u as Record<string, unknown>).eps = rms.eps; // the normalizing kernel's (the others have none)
   // Each dispatch covers slices * kLen values of K (at most MAX_K per invocation); later ones accumulate.
   // K = 0: one dispatch that writes zeros (or adds them).
   do {
     u.k1 = Math.min(K, u.k0 + slices * kLen);
     u.accumulate = direct || u.k0 > 0 ? 1 : 0;
-    dispatch(kernel, storages, u, groups); // reads u now: it may change for the next
+    dispatch(rms ? matvecFor(M, K, true) : kernel, storages, u, groups); // reads u now: it may change
     u.k0 = u.k1;
   } while (u.k0 < K);
   if (slices === 1) return c; // C, or `into` itself (direct)

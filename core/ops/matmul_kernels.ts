@@ -11,7 +11,7 @@
  */
 
 import { fixedSubgroupSize } from "../device.ts";
-import { defineKernel, type Kernel } from "../kernel.ts";
+import { defineKernel, type ElemType, type Kernel } from "../kernel.ts";
 
 /** The kernel variants: `register` and `tiled`, and `subgroup` (the register kernel with a subgroup's lanes
  * sharing one operand's loads) where the device has subgroups of one fixed size. */
@@ -426,56 +426,74 @@ const MATVEC_WG = 64;
  * W's row n side by side, and sum their M partials through workgroup memory (M x 64 floats) in a tree of six
  * barriers. One dispatch with N workgroups where the `register` kernels split K into slices and sum them in a
  * second dispatch. Unbatched, A and W contiguous.
+ *
+ * With `rms`, A's rows are RMS-normalized on the way, as `rmsNorm(a, g, eps) @ W^T` (decoding's norm before
+ * in_proj): each invocation also sums its elements' squares of each row and multiplies A by g (K), the tree
+ * sums both (2M x 64 floats), and row m's sum is scaled by rsqrt(sum of squares / K + eps). Every workgroup
+ * reads the rows whole anyway, so the norm costs no dispatch of its own.
  */
-function matvecKernel(M: number, vec: boolean): Kernel {
-  const type = vec ? "vec4<f32>" : "f32";
+function matvecKernel(M: number, vec: boolean, rms: boolean): Kernel {
+  const type: ElemType = vec ? "vec4<f32>" : "f32";
   const rows = [...Array(M).keys()];
   const w = vec ? 4 : 1; // floats per load
   const mul = vec ? (a: string, b: string) => `dot(${a}, ${b})` : (a: string, b: string) => `${a} * ${b}`;
+  const sums = rms ? 2 * M : M; // the tree's values: row m's product at m, its sum of squares at M + m
+  const at = (j: number) => `${j * MATVEC_WG}u + lid`;
   return defineKernel({
-    name: `matmul_matvec_m${M}_k${w}`,
+    name: `matmul_matvec_m${M}_k${w}${rms ? "_rms" : ""}`,
     buffers: [
       { name: "a", type, access: "read" },
       { name: "b", type, access: "read" },
       { name: "c", type: "f32", access: "read_write" },
+      ...(rms ? [{ name: "g", type, access: "read" as const }] : []),
     ],
-    uniforms: COMMON_UNIFORMS,
+    uniforms: rms ? [...COMMON_UNIFORMS, ["eps", "f32"]] : COMMON_UNIFORMS,
     workgroupSize: MATVEC_WG,
     decls: `${putC("f32")}
-var<workgroup> part: array<f32, ${M * MATVEC_WG}>; // row m's partial sums at m * ${MATVEC_WG}`,
+var<workgroup> part: array<f32, ${sums * MATVEC_WG}>; // value j's partial sums at j * ${MATVEC_WG}`,
     body: `
   // workgroup -> column n of C (row n of W); invocation -> every ${MATVEC_WG}th load of k in [k0, k1)
   let n = group;
   let kw = P.K / ${w}u; // loads per row
-  ${rows.map((m) => `var acc${m} = 0.0;`).join(" ")}
+  ${rows.map((m) => `var acc${m} = 0.0;${rms ? ` var sq${m} = 0.0;` : ""}`).join(" ")}
   for (var k = P.k0 / ${w}u + lid; k < P.k1 / ${w}u; k += ${MATVEC_WG}u) {
-    let wv = ld_b(n * kw + k);
-    ${rows.map((m) => `acc${m} += ${mul(`ld_a(${m}u * kw + k)`, "wv")};`).join("\n    ")}
+    let wv = ld_b(n * kw + k);${rms ? "\n    let gv = ld_g(k);" : ""}
+    ${
+      rows.map((m) =>
+        rms
+          ? `let a${m} = ld_a(${m}u * kw + k); sq${m} += ${mul(`a${m}`, `a${m}`)}; acc${m} += ${
+            mul(`a${m} * gv`, "wv")
+          };`
+          : `acc${m} += ${mul(`ld_a(${m}u * kw + k)`, "wv")};`
+      ).join("\n    ")
+    }
   }
-  ${rows.map((m) => `part[${m * MATVEC_WG}u + lid] = acc${m};`).join(" ")}
+  ${rows.map((m) => `part[${at(m)}] = acc${m};${rms ? ` part[${at(M + m)}] = sq${m};` : ""}`).join(" ")}
   workgroupBarrier();
   for (var stride = ${MATVEC_WG / 2}u; stride > 0u; stride >>= 1u) {
     if (lid < stride) {
-      ${
-      rows.map((m) => `part[${m * MATVEC_WG}u + lid] += part[${m * MATVEC_WG}u + lid + stride];`).join(
-        "\n      ",
-      )
-    }
+      ${[...Array(sums).keys()].map((j) => `part[${at(j)}] += part[${at(j)} + stride];`).join("\n      ")}
     }
     workgroupBarrier();
   }
-  if (lid < ${M}u) { put_c(lid * P.N + n, part[lid * ${MATVEC_WG}u]); }`,
+  if (lid < ${M}u) {
+    let v = part[lid * ${MATVEC_WG}u];
+    put_c(lid * P.N + n, ${
+      rms ? `v * inverseSqrt(part[(${M}u + lid) * ${MATVEC_WG}u] / f32(P.K) + P.eps)` : "v"
+    });
+  }`,
   });
 }
 
 const matvecKernels = new Map<string, Kernel>();
 
-/** The `matvec` kernel for M rows (at most MATVEC_MAX_ROWS), vec4 loads where K is a multiple of 4. */
-export function matvecFor(M: number, K: number): Kernel {
+/** The `matvec` kernel for M rows (at most MATVEC_MAX_ROWS), vec4 loads where K is a multiple of 4; with
+ * `rms`, the rows RMS-normalized on the way (see matvecKernel). */
+export function matvecFor(M: number, K: number, rms = false): Kernel {
   if (!(M >= 1 && M <= MATVEC_MAX_ROWS)) throw new Error(`matmul: matvec takes 1 to 4 rows, got ${M}`);
-  const key = `${M}|${K % 4 === 0}`;
+  const key = `${M}|${K % 4 === 0}|${rms}`;
   let kernel = matvecKernels.get(key);
-  if (!kernel) matvecKernels.set(key, kernel = matvecKernel(M, K % 4 === 0));
+  if (!kernel) matvecKernels.set(key, kernel = matvecKernel(M, K % 4 === 0, rms));
   return kernel;
 }
 
