@@ -189,7 +189,7 @@ function generateChain(dir: CarryDirection, segments: number): Kernel {
     const st = guard ? `if (${guard}) { ${store} }` : store;
     return fwd ? `m = ${decay} * m + ${l}; ${st}` : `${st} m = ${l} + ${decay} * m;`;
   };
-  // The walk over chunks j0 .. j1 of the chain from the carry m, storing each result. Groups of ${CHAIN_GROUP}
+  // The walk over chunks j0 .. j1 of the chain from the carry m, storing each result. Groups of CHAIN_GROUP (8)
   // chunks: all their loads first, then the updates and stores. One chunk at a time, each load waited behind
   // the store before it (same buffer, so the compiler cannot move it up): at L = 16384 (512 chunks of 32) each
   // chain took 0.15 ms on the H200 (49a9be6), most of it memory latency.

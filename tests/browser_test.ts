@@ -417,55 +417,43 @@ Deno.test({
             const proto = GPUComputePassEncoder.prototype;
             const setPipeline = proto.setPipeline;
             const kernels: string[] = [];
+            // a product on a CPU adapter's plans (the reference), then on a GPU's with its kernels recorded
+            const bothWays = async (product: () => Library.Tensor) => {
+              const wasFallback = info.isFallbackAdapter;
+              try {
+                info.isFallbackAdapter = true;
+                const ref = product();
+                const want = [...(await ref.toArray())];
+                ref.dispose();
+                info.isFallbackAdapter = false;
+                proto.setPipeline = function (this: GPUComputePassEncoder, p: GPUComputePipeline) {
+                  kernels.push(p.label);
+                  return setPipeline.call(this, p);
+                };
+                const c = product();
+                const got = [...(await c.toArray())];
+                c.dispose();
+                const scale = want.reduce((x, v) => Math.max(x, Math.abs(v)), 0);
+                let d = 0;
+                for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(got[i] - want[i]));
+                return d / scale;
+              } finally {
+                proto.setPipeline = setPipeline;
+                info.isFallbackAdapter = wasFallback;
+              }
+            };
             for (const K of [300, 301]) {
               const a = m.randn([3, K], { seed: K });
               const b = m.randn([70, K], { seed: K + 1 });
-              const wasFallback = info.isFallbackAdapter;
-              info.isFallbackAdapter = true;
-              const ref = m.matmulRaw(a, b, { transB: true }, "register");
-              const want = [...(await ref.toArray())];
-              ref.dispose();
-              info.isFallbackAdapter = false;
-              proto.setPipeline = function (this: GPUComputePassEncoder, p: GPUComputePipeline) {
-                kernels.push(p.label);
-                return setPipeline.call(this, p);
-              };
-              let got: number[];
-              try {
-                const c = m.matmulRaw(a, b, { transB: true });
-                got = [...(await c.toArray())];
-                c.dispose();
-              } finally {
-                proto.setPipeline = setPipeline;
-                info.isFallbackAdapter = wasFallback;
-              }
-              // ... and with decoding's norm inside (rmsNormMatmul): the CPU plans run the norm's own kernel
               const g = m.randn([K], { seed: K + 2 });
-              info.isFallbackAdapter = true;
-              const refN = m.rmsNormMatmul(a, g, 1e-5, b);
-              const wantN = [...(await refN.toArray())];
-              refN.dispose();
-              info.isFallbackAdapter = false;
-              proto.setPipeline = function (this: GPUComputePassEncoder, p: GPUComputePipeline) {
-                kernels.push(p.label);
-                return setPipeline.call(this, p);
-              };
-              let gotN: number[];
-              try {
-                const c = m.rmsNormMatmul(a, g, 1e-5, b);
-                gotN = [...(await c.toArray())];
-                c.dispose();
-              } finally {
-                proto.setPipeline = setPipeline;
-                info.isFallbackAdapter = wasFallback;
-              }
+              rows.push({
+                what: `matvec 3x${K}x70 B^T`,
+                rel: await bothWays(() => m.matmulRaw(a, b, { transB: true })),
+              });
+              // ... and with decoding's norm inside (rmsNormMatmul): the CPU plans run the norm's own kernel
+              const rel = await bothWays(() => m.rmsNormMatmul(a, g, 1e-5, b));
+              rows.push({ what: `matvec 3x${K}x70 B^T with the norm`, rel });
               m.dispose([a, b, g]);
-              for (const [what, w, gt] of [["", want, got], [" with the norm", wantN, gotN]] as const) {
-                const scale = w.reduce((x, v) => Math.max(x, Math.abs(v)), 0);
-                let d = 0;
-                for (let i = 0; i < w.length; i++) d = Math.max(d, Math.abs(gt[i] - w[i]));
-                rows.push({ what: `matvec 3x${K}x70 B^T${what}`, rel: d / scale });
-              }
             }
             return { variants: m.availableMatmulVariants(), rows, kernels };
           });

@@ -482,52 +482,66 @@ Deno.test({
     "decoding on a GPU's plans: one matvec dispatch per product (in_proj, x_proj, out_proj, head), the norms inside in_proj's and the head's, no sums",
   ignore: fusedUnavailable(),
   fn: async () => {
-    // d_model 512: every product's K is at least 256 (512 and ED 1024), as at the pretrained widths
-    manualSeed(3);
-    const lm = new MambaLM(mambaConfig({ dModel: 512, nLayers: 2 }), { vocabSize: 300 });
-    const ids = tensor(new Int32Array([5]), [1]);
-    const step = async () => {
-      const caches = lm.emptyCache(1);
-      const r = await kernelsRun(() => tidy(() => noGrad(() => lm.step(ids, caches))));
-      const logits = await r.value.logits.toArray();
-      dispose([
-        r.value.logits,
-        ...r.value.caches.flatMap((c) => [c.h, c.inputs]),
-        ...caches.flatMap((c) => [c.h, c.inputs]),
-      ]);
-      return { kernels: r.kernels, logits };
-    };
-    try {
-      const cpu = await withPlans({ gpu: false }, step);
-      for (const matvec of [true, false]) {
-        const gpu = await withPlans({ gpu: true, split: true, matvec }, step);
-        const count = (re: RegExp) => gpu.kernels.filter((k) => re.test(k)).length;
-        if (matvec) {
-          // x_proj and out_proj per layer; in_proj and the head with their norms (each layer's, norm_f)
-          assert.equal(count(/^matmul_matvec_m1_k4$/), 2 * 2, gpu.kernels.join(", "));
-          assert.equal(count(/^matmul_matvec_m1_k4_rms$/), 2 + 1, gpu.kernels.join(", "));
-          assert.equal(count(/^rms_/), 0, `no norm kernels: ${gpu.kernels.join(", ")}`);
-          assert.equal(count(/^reduce_/), 0, `no sums of K slices: ${gpu.kernels.join(", ")}`);
-        } else {
-          assert.equal(count(/^matmul_matvec/), 0, "the hook off");
-          assert.equal(count(/^rms_fwd/), 2 + 1, "the norms' own kernels");
-          assert.ok(count(/^reduce_/) > 0, "the split's sums");
-        }
-        // the whole-model bound, relative to the logits' largest (1e-5 on a software adapter, 1e-4 on GPUs)
-        const { rtol } = tolerance("model");
-        const scale = Math.max(...cpu.logits.map(Math.abs));
-        const worst = Math.max(...gpu.logits.map((v, i) => Math.abs(v - cpu.logits[i])));
-        assert.ok(
-          worst <= rtol * scale,
-          `matvec ${matvec}: logits ${worst} from the CPU plans' (scale ${scale})`,
-        );
-      }
-    } finally {
-      ids.dispose();
-      lm.dispose();
-    }
+    // d_model 512: every product's K is at least 256 (512 and ED 1024), as at the pretrained widths; the head
+    // its own weight, then the embedding's (tied)
+    for (const tieEmbeddings of [false, true]) await decodeOnGpuPlans(tieEmbeddings);
   },
 });
+
+/** decoding's kernels on a GPU's plans, and its logits against the CPU plans' (see the test above) */
+async function decodeOnGpuPlans(tieEmbeddings: boolean): Promise<void> {
+  manualSeed(3);
+  const lm = new MambaLM(mambaConfig({ dModel: 512, nLayers: 2 }), { vocabSize: 300, tieEmbeddings });
+  const ids = tensor(new Int32Array([5]), [1]);
+  const step = async (grad = false) => {
+    const caches = lm.emptyCache(1);
+    const r = await kernelsRun(() =>
+      tidy(() => grad ? lm.step(ids, caches) : noGrad(() => lm.step(ids, caches)))
+    );
+    const logits = await r.value.logits.toArray();
+    dispose([
+      r.value.logits,
+      ...r.value.caches.flatMap((c) => [c.h, c.inputs]),
+      ...caches.flatMap((c) => [c.h, c.inputs]),
+    ]);
+    return { kernels: r.kernels, logits };
+  };
+  try {
+    const cpu = await withPlans({ gpu: false }, step);
+    for (const matvec of [true, false]) {
+      const gpu = await withPlans({ gpu: true, split: true, matvec }, step);
+      const count = (re: RegExp) => gpu.kernels.filter((k) => re.test(k)).length;
+      if (matvec) {
+        // x_proj and out_proj per layer; in_proj and the head with their norms (each layer's, norm_f)
+        assert.equal(count(/^matmul_matvec_m1_k4$/), 2 * 2, gpu.kernels.join(", "));
+        assert.equal(count(/^matmul_matvec_m1_k4_rms$/), 2 + 1, gpu.kernels.join(", "));
+        assert.equal(count(/^rms_/), 0, `no norm kernels: ${gpu.kernels.join(", ")}`);
+        assert.equal(count(/^reduce_/), 0, `no sums of K slices: ${gpu.kernels.join(", ")}`);
+      } else {
+        assert.equal(count(/^matmul_matvec/), 0, "the hook off");
+        assert.equal(count(/^rms_fwd/), 2 + 1, "the norms' own kernels");
+        assert.ok(count(/^reduce_/) > 0, "the split's sums");
+      }
+      // the whole-model bound, relative to the logits' largest (1e-5 on a software adapter, 1e-4 on GPUs)
+      const { rtol } = tolerance("model");
+      const scale = Math.max(...cpu.logits.map(Math.abs));
+      const worst = Math.max(...gpu.logits.map((v, i) => Math.abs(v - cpu.logits[i])));
+      assert.ok(
+        worst <= rtol * scale,
+        `tied ${tieEmbeddings}, matvec ${matvec}: logits ${worst} from the CPU plans' (scale ${scale})`,
+      );
+    }
+    // with autograd on, MambaLM.step keeps the norm's own kernel before the head, with the same logits
+    const withGrad = await withPlans({ gpu: true, split: true, matvec: true }, () => step(true));
+    assert.equal(withGrad.kernels.filter((k) => k === "matmul_matvec_m1_k4_rms").length, 2, "in_proj's only");
+    const scale = Math.max(...cpu.logits.map(Math.abs));
+    const worst = Math.max(...withGrad.logits.map((v, i) => Math.abs(v - cpu.logits[i])));
+    assert.ok(worst <= tolerance("model").rtol * scale, `grad on: logits ${worst} (scale ${scale})`);
+  } finally {
+    ids.dispose();
+    lm.dispose();
+  }
+}
 
 Deno.test("generate: the prompt's logits are computed for its last position only, with the same tokens", async () => {
   manualSeed(4);

@@ -275,7 +275,7 @@ Deno.test("rmsNormMatmul (decoding's norm and in_proj): on a GPU's matvec plans 
   // M 1 to 4 rows, K with vec4 loads (768) or scalar ones (301), N odd; eps large enough to matter
   const eps = 1e-2;
   for (const [M, K, N] of [[1, 768, 37], [3, 301, 9], [4, 768, 5]]) {
-    const [x, g, w] = [data(M * K, 11 + M, undefined), data(K, 12), data(N * K, 13)];
+    const [x, g, w] = [data(M * K, 11 + M), data(K, 12), data(N * K, 13)];
     // float64: y[m, n] = sum_k x[m, k] r[m] g[k] w[n, k], r[m] = 1 / sqrt(mean(x[m]^2) + eps)
     const want = new Float64Array(M * N);
     const scale = new Float64Array(M * N);
@@ -311,9 +311,10 @@ Deno.test("rmsNormMatmul (decoding's norm and in_proj): on a GPU's matvec plans 
       );
     }
   }
-  await init();
+  // bad shapes and eps, named (the checks run before any plan)
   const [x, g, w] = [tensor(data(6, 1), [2, 3]), tensor(data(3, 2), [3]), tensor(data(12, 3), [4, 3])];
   const w6 = w.reshape(6, 2); // K 2 against x's 3
+  assert.throws(() => rmsNormMatmul(x, g, NaN, w), /eps must be a finite number, got NaN/);
   assert.throws(
     () => rmsNormMatmul(x, w, 1e-5, w),
     /g \(K\) and w \(N, K\); got x f32 \[2, 3\], g f32 \[4, 3\]/,

@@ -157,6 +157,8 @@ interface Plan {
   slices: number;
   kLen: number;
   groups: number;
+  /** A matvec plan's kernel with the rows RMS-normalized on the way (rmsNormMatmul); absent elsewhere. */
+  rms?: Kernel;
 }
 
 /** A kernel's blocks of C before K is split: `blocks` per slice, each owned by a workgroup, or by one
@@ -221,7 +223,8 @@ function planFor(p: Problem): Plan {
   const onGpu = !deviceInfo().isFallbackAdapter;
   const fewRows = p.M >= 1 && p.M <= MATVEC_MAX_ROWS && p.nb === 1 && !p.transA;
   if (onGpu && matvecOn && fewRows && p.transB && K >= SPLIT_MIN_K && K <= MAX_K) {
-    return { kernel: matvecFor(p.M, K), tilesM: 1, tilesN: p.N, slices: 1, kLen: MAX_K, groups: p.N };
+    const [kernel, rms] = [matvecFor(p.M, K), matvecFor(p.M, K, true)];
+    return { kernel, tilesM: 1, tilesN: p.N, slices: 1, kLen: MAX_K, groups: p.N, rms };
   }
   const gpu = onGpu && gpuSplit;
   const usual = layoutFor(p);
@@ -377,12 +380,12 @@ export function rmsNormMatmul(x: Tensor, g: Tensor, eps: number, w: Tensor): Ten
     x.dtype !== "f32" || g.dtype !== "f32" || w.dtype !== "f32"
   ) {
     throw new Error(
-      `rmsNormMatmul: x must be f32 (M, K), g (K) and w (N, K); got x ${x.dtype} ${
-        fmt(x.shape)
-      }, g ${g.dtype} ` +
-        `${fmt(g.shape)}, w ${w.dtype} ${fmt(w.shape)}`,
+      `rmsNormMatmul: x must be f32 (M, K), g (K) and w (N, K); got x ${x.dtype} ${fmt(x.shape)}, ` +
+        `g ${g.dtype} ${fmt(g.shape)}, w ${w.dtype} ${fmt(w.shape)}`,
     );
   }
+  // as rmsNorm checks it, whichever path runs
+  if (!Number.isFinite(eps)) throw new Error(`rmsNormMatmul: eps must be a finite number, got ${eps}`);
   return product(x, w, { transB: true }, matmulVariant(), undefined, { g, eps });
 }
 
@@ -417,7 +420,7 @@ function product(
   }
   const nb = sizeOf(batch);
   if (nb * M * N === 0) return into ?? Tensor.empty(shape);
-  const { kernel, tilesM, tilesN, slices, kLen, groups } = cachedPlan({
+  const { kernel, tilesM, tilesN, slices, kLen, groups, rms: rmsKernel } = cachedPlan({
     variant,
     transA,
     transB,
@@ -426,12 +429,16 @@ function product(
     K,
     nb,
   });
-  if (rms && !kernel.spec.name.startsWith("matmul_matvec_")) { // the norm's own kernel, then the product
+  if (rms && !rmsKernel) { // not a matvec plan: the norm's own kernel, then the product
     const an = noGrad(() => rmsNorm(a, rms.g, rms.eps)); // an: (M, K)
-    const out = product(an, b, opts, variant, into, null);
-    an.dispose();
-    return out;
+    try {
+      return product(an, b, opts, variant, into, null);
+    } finally {
+      an.dispose();
+    }
   }
+  // the norm's sum of squares needs all of K in one dispatch (matvec plans take up to MAX_K in one slice)
+  if (rms && (slices !== 1 || K > kLen)) throw new Error(`rmsNormMatmul: K ${K} in more than one dispatch`);
   const unbatched = nb === 1; // batch strides would multiply coordinate 0 only
   // Split K: slice s of each dispatch writes partial sums to c[s]; they are summed at the end.
   const direct = into !== undefined && slices === 1; // the kernel adds into `into` itself
@@ -464,7 +471,7 @@ function product(
   do {
     u.k1 = Math.min(K, u.k0 + slices * kLen);
     u.accumulate = direct || u.k0 > 0 ? 1 : 0;
-    dispatch(rms ? matvecFor(M, K, true) : kernel, storages, u, groups); // reads u now: it may change
+    dispatch(rms ? rmsKernel! : kernel, storages, u, groups); // reads u now: it may change for the next
     u.k0 = u.k1;
   } while (u.k0 < K);
   if (slices === 1) return c; // C, or `into` itself (direct)
