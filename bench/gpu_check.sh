@@ -50,7 +50,8 @@
 # few µs and two reduce_sum dispatches appear; the chains, 0.12 and 0.09 ms there, now fused_scan_chain_*_seg64,
 # in runs; the report's breakdown counts the two reduce_sum dispatches of the parameter sums as the layer's
 # other kernels, not as scan kernels); the matmul phase's d_model 768 table (matvec against the
-# split's slices), which has never run on a GPU.
+# split's slices), which has never run on a GPU; lm_test's decoding with the norms inside matvec (c810197:
+# matmul_matvec_*_rms). With time to spare: the generate phase (decode tokens/s with both).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
