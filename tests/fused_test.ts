@@ -16,7 +16,18 @@ import {
 } from "../scan/fused_run.ts";
 import { butterflyRounds } from "../scan/fused_subgroup_sums.ts";
 import { chainKernel } from "../scan/fused_carry_kernels.ts";
-import { type FusedVariant, stateBlocks } from "../scan/fused_variant.ts";
+import {
+  defaultFusedVariant,
+  type FusedVariant,
+  fusedVariant,
+  fusedVariantFor,
+  fusedVariantsByProblem,
+  MAX_CHUNKS_CHAINED,
+  MAX_CHUNKS_FOLDED,
+  setFusedVariant,
+  setFusedVariantsByProblem,
+  stateBlocks,
+} from "../scan/fused_variant.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { assertMatches, tolerance } from "./fixture_util.ts";
@@ -152,7 +163,6 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
   // y over g with lanes sharing a channel (one lane reads g, and stores y over it) and chunks in parallel
   const SG = fixedSubgroupSize() ?? 0;
   if (SG >= 2) {
-    const { setFusedVariant } = await import("../scan/fused_variant.ts");
     setFusedVariant(4, { WG: SG, Lc: 16, reduce: "subgroup", lanes: 2, chunkParallel: true });
     try {
       // ED 22: the last tile's channels past ED take lanes too (with SG / 2 channels per tile)
@@ -251,7 +261,6 @@ Deno.test("fused scan on long sequences (several dispatches per pass): L = 4096,
   // lanes per channel: the second forward dispatch starts each lane from its share of the saved state
   await init();
   if ((fixedSubgroupSize() ?? 0) >= 2) { // lanes per channel need one fixed subgroup size
-    const { setFusedVariant } = await import("../scan/fused_variant.ts");
     try {
       setFusedVariant(4, { WG: fixedSubgroupSize()!, Lc: 64, reduce: "subgroup", lanes: 2 });
       await compare({ B: 1, L: 20000, ED: 3, N: 4, R: 1, gated: true }, 18);
@@ -307,7 +316,6 @@ Deno.test("dbias with many state blocks (d_state 17 and 23 in one-state blocks) 
   // ones (software adapters); a GPU's fast-math exp adds errors of its own, so there it is the op bound.
   const info = await init();
   const bound = info.isFallbackAdapter ? 1.5e-6 : tolerance("op").rtol;
-  const { defaultFusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
   for (const [N, seed] of [[17, 1], [23, 3]]) {
     setFusedVariant(N, { ...defaultFusedVariant(N), Nb: 1 }); // the default since 2026-11-29: two blocks
     try {
@@ -501,7 +509,6 @@ for (
     }`,
     async () => {
       await init();
-      const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
       const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
       const t = inputs(c, 14);
       setFusedVariant(c.N, { ...fusedVariant(c.N), chunkParallel });
@@ -565,7 +572,6 @@ Deno.test("fused scan backward in time segments (dB/dC partials capped): results
 
 Deno.test("fused scan variants (channels per workgroup, chunk length, states in workgroup memory, subgroup sums, both, state blocks, chunks in parallel) agree", async () => {
   const info = await init();
-  const { setFusedVariant } = await import("../scan/fused_variant.ts");
   const variants: Omit<FusedVariant, "N">[] = [
     { WG: 8, Lc: 16, hbuf: "workgroup" },
     { WG: 32, Lc: 8 },
@@ -675,7 +681,6 @@ Deno.test("fused scan variants (channels per workgroup, chunk length, states in 
 
 Deno.test("chunks in parallel: every chunk's kernels run at once, carries folded by each chunk (few chunks) or chained; in order past MAX_CHUNKS_CHAINED chunks, or where the backward's per-chunk sums would not fit half a binding", async () => {
   const info = await init();
-  const { setFusedVariant, MAX_CHUNKS_CHAINED, MAX_CHUNKS_FOLDED } = await import("../scan/fused_variant.ts");
   /** How each direction ran: carries "folded" by the main kernels, "chained" by a dispatch, or not in parallel. */
   const ran = async (c: Case, seed: number) => {
     const { kernels } = await kernelsRun(() => compare(c, seed));
@@ -744,7 +749,6 @@ Deno.test("chunks in parallel: every chunk's kernels run at once, carries folded
 
 Deno.test("chunks in parallel chained in runs (GPUs, from 128 chunks): 2 to 64 runs per chain, runs left empty, chains past the last workgroup's, both directions equal the reference", async () => {
   await init();
-  const { setFusedVariant } = await import("../scan/fused_variant.ts");
   const chains = async (c: Case, seed: number) => {
     const { kernels } = await kernelsRun(() => compare(c, seed)); // compare: y and every gradient
     return kernels.filter((k) => k.startsWith("fused_scan_chain_")).sort();
@@ -773,7 +777,6 @@ Deno.test("chunks in parallel chained in runs (GPUs, from 128 chunks): 2 to 64 r
 
 Deno.test("the parameter gradients over many chunks' rows: summed by a reduction pass first (GPUs, past 256 rows) or walked by the sums kernel, both equal the reference", async () => {
   await init();
-  const { setFusedVariant } = await import("../scan/fused_variant.ts");
   // 300 chunks of 4 steps, batch 2: 600 gpar rows, which core's reduction sums in chunks of 64, then their 10
   // partials (two passes); dt_proj inside, so dW is summed there too
   const c: Case = { B: 2, L: 1200, ED: 6, N: 4, R: 2, gated: true, dtWeight: true };
@@ -858,14 +861,6 @@ Deno.test("the backward's butterfly sums columns over any subgroup size (simulat
 
 Deno.test("variants by problem: a call near a problem's shape runs that problem's variant, its backward the forward's; other calls the tuner's pick", async () => {
   await init();
-  const {
-    defaultFusedVariant,
-    fusedVariant,
-    fusedVariantFor,
-    fusedVariantsByProblem,
-    setFusedVariant,
-    setFusedVariantsByProblem,
-  } = await import("../scan/fused_variant.ts");
   const before = fusedVariant(16);
   // three variants told apart by their chunk lengths (and chunks in parallel for the long, narrow problem),
   // from the default, which fits every adapter
@@ -927,7 +922,6 @@ Deno.test("variants by problem: a call near a problem's shape runs that problem'
 Deno.test("the tuner's candidates are valid variants on a CPU adapter, a GPU-like one (lanes per channel) and where the subgroup size varies", async () => {
   const info = await init();
   const { fusedCandidates } = await import("../scan/tune_fused.ts");
-  const { setFusedVariant } = await import("../scan/fused_variant.ts");
   const { backwardKernel } = await import("../scan/fused_backward_kernel.ts");
   const { fallback, subgroups } = { fallback: info.isFallbackAdapter, subgroups: info.subgroups };
   const limit = info.limits.maxComputeWorkgroupStorageSize;
@@ -1013,7 +1007,6 @@ Deno.test("the tuner's candidates are valid variants on a CPU adapter, a GPU-lik
 Deno.test("a software adapter without subgroups (llvmpipe through GL) gets the default only: no compile at init()", async () => {
   const info = await init();
   const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
-  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
   const { fallback, subgroups } = { fallback: info.isFallbackAdapter, subgroups: info.subgroups };
   const before = fusedVariant(16);
   try {
@@ -1038,7 +1031,6 @@ Deno.test("a software adapter without subgroups (llvmpipe through GL) gets the d
  * saved: the returned function puts it back as it was for the rest of the suite. */
 async function tunerState(): Promise<() => void> {
   const info = await init();
-  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
   const fallback = info.isFallbackAdapter;
   const before = fusedVariant(16);
   const cached = Object.entries(localStorage).filter(([k]) => k.startsWith("mambats.fusedScan."));
@@ -1055,7 +1047,6 @@ async function tunerState(): Promise<() => void> {
 Deno.test("the fused tuner stops after a candidate whose compile is slow or past its time budget, keeping the fastest measured; GPUs score two problems", async () => {
   const info = await init();
   const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
-  const { fusedVariant } = await import("../scan/fused_variant.ts");
   const candidates = fusedCandidates(16);
   if (candidates.length < 2) return; // nothing to cut short
   const restore = await tunerState();
@@ -1100,7 +1091,6 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow or past
 Deno.test("the fused tuner measures its three best again, counting each problem's slower time, and then any candidate left fastest overall or on a problem", async () => {
   const info = await init();
   const { fusedCandidates, tuneFusedScan, tuneProblems } = await import("../scan/tune_fused.ts");
-  const { fusedVariant } = await import("../scan/fused_variant.ts");
   if (fusedCandidates(16).length < 6) return; // a software adapter without subgroups measures the default only
   const restore = await tunerState();
   /** Tunes with scripted times (nothing runs): `first` and `second` give a candidate's ms per problem (a
@@ -1172,7 +1162,6 @@ Deno.test("the fused tuner measures its three best again, counting each problem'
 
 Deno.test("setFusedVariant refuses a variant made for another N, unknown keys and values outside their choices", async () => {
   await init();
-  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
   const before = fusedVariant(8);
   const bad: [object, RegExp][] = [
     [fusedVariant(16), /the variant is for N = 16, set for N = 8/],
@@ -1193,7 +1182,6 @@ Deno.test("setFusedVariant refuses a variant made for another N, unknown keys an
 Deno.test("a tuner run that fails part-way keeps the variant in use and frees its problems' tensors", async () => {
   await init();
   const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
-  const { fusedVariant } = await import("../scan/fused_variant.ts");
   if (fusedCandidates(16).length < 3) return; // nothing measured on this adapter
   const restore = await tunerState();
   try {
@@ -1211,7 +1199,6 @@ Deno.test("a tuner run that fails part-way keeps the variant in use and frees it
 Deno.test("the trainer's tuning on first use: a state size with one candidate is set without measuring; N 16 is init()'s", async () => {
   const info = await init();
   const { ensureFusedTuned, fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
-  const { fusedVariant, setFusedVariant } = await import("../scan/fused_variant.ts");
   const before16 = fusedVariant(16);
   await ensureFusedTuned(16); // init() tuned it: nothing happens
   assert.deepEqual(fusedVariant(16), before16);
