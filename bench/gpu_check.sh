@@ -48,8 +48,9 @@
 # New since 2d4b27c, for that run to show: the timeline's L 16384 rows (the backward's parameter sums over the
 # chunks' rows, 0.40 ms there at 2d4b27c, now a reduction pass first: fused_scan_bwd_sums should fall to a
 # few µs and two reduce_sum dispatches appear; the chains, 0.12 and 0.09 ms there, now fused_scan_chain_*_seg64,
-# in runs; the report's breakdown counts the two reduce_sum dispatches of the parameter sums as the layer's
-# other kernels, not as scan kernels); the matmul phase's d_model 768 table (matvec against the
+# in runs; the report's breakdown and the tuner count those two reduce_sum dispatches as the scan's); the
+# tuner's third problem, (1, 1024, 2048): its pick, and the timeline's d_model 1024 rows with it (chunks of 9
+# at 2d4b27c, 1.08 ms for the scan's backward kernel); the matmul phase's d_model 768 table (matvec against the
 # split's slices), which has never run on a GPU; lm_test's decoding with the norms inside matvec (c810197:
 # matmul_matvec_*_rms). With time to spare: the generate phase (decode tokens/s with both).
 set -uo pipefail

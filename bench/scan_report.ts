@@ -32,6 +32,7 @@ import { deviceInfo } from "../core/device.ts";
 import {
   dispatchCount,
   flush,
+  type KernelTime,
   MAX_DISPATCHES_PER_SUBMIT,
   profile,
   recordCopy,
@@ -51,7 +52,7 @@ import {
   setFusedVariant,
   setFusedVariantsByProblem,
 } from "../scan/fused_variant.ts";
-import { type FusedTuneResult, tuneFusedScan } from "../scan/tune_fused.ts";
+import { type FusedTuneResult, isFusedScanKernel, tuneFusedScan } from "../scan/tune_fused.ts";
 import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
@@ -487,7 +488,8 @@ export interface BreakdownRow {
   mode: TimeMode;
   /** Sum of all kernel times (ms); each dispatch runs in its own pass while profiling. */
   totalMs: number;
-  /** Time of the scan kernels: fused_scan_* or pscan_* / scan_sequential (ms). */
+  /** Time of the scan kernels: fused_scan_* (with the reduction passes of the fused backward's parameter sums)
+   * or pscan_* / scan_sequential (ms). */
   scanMs: number;
   dispatches: number;
   /** The kernels that took longest, summed by name (ms). */
@@ -506,14 +508,16 @@ export async function breakdown(mode: TimeMode, dModel: number, N: number, L: nu
     });
     const by = new Map<string, number>();
     for (const t of times) by.set(t.name, (by.get(t.name) ?? 0) + t.ms);
-    const isScan = (n: string) => /^(fused_scan_|pscan_|scan_sequential)/.test(n);
+    // the scan's kernels, with the fused backward's reduction passes of its parameter sums
+    const fused = isFusedScanKernel(times);
+    const isScan = (t: KernelTime, i: number) => fused[i] || /^(pscan_|scan_sequential)/.test(t.name);
     return {
       dModel,
       N,
       L,
       mode,
       totalMs: times.reduce((a, t) => a + t.ms, 0),
-      scanMs: times.filter((t) => isScan(t.name)).reduce((a, t) => a + t.ms, 0),
+      scanMs: times.filter(isScan).reduce((a, t) => a + t.ms, 0),
       dispatches: times.length,
       top: [...by].sort((a, b) => b[1] - a[1]).slice(0, 4).map(([name, ms]) => ({ name, ms })),
     };

@@ -262,7 +262,8 @@ export interface ProblemVariant {
 
 const byProblem = new Map<number, ProblemVariant[]>();
 
-/** A call this close to a problem in L / (B ED) (a factor, either way) takes that problem's variant. */
+/** A call this close to a problem in L / (B ED) and in B L ED (a factor, either way) takes that problem's
+ * variant. */
 export const NEAR_PROBLEM = 4;
 
 /**
@@ -285,22 +286,38 @@ export function fusedVariantsByProblem(N: number): ProblemVariant[] {
 /**
  * The variant for one call of shape (B, L, ED). A long walk over few channels leaves a GPU idle unless chunks
  * are walked in parallel; a short walk over many channels is faster in order (on the H200 the tuner's pick for
- * both took 0.79 ms on (4, 256, 128), the fastest there 0.51). So a call whose L / (B ED) is within a factor
- * NEAR_PROBLEM of one of the tuner's problems takes the variant fastest on it; other calls, and every call
- * where the tuner measured one problem, take {@linkcode fusedVariant}.
+ * both took 0.79 ms on (4, 256, 128), the fastest there 0.51); and a wide layer fills the GPU at any chunk
+ * length, where short chunks only add traffic (the chunk states). So a call takes the variant fastest on the
+ * nearest of the tuner's problems by two measures on log scales, its walk L / (B ED) and its size B L ED (a
+ * call larger than every problem counts as the largest, smaller than every one as the smallest: past them the
+ * GPU is full, or idle, either way), if both are within a factor NEAR_PROBLEM of that problem's. Other calls,
+ * and every call where the tuner measured one problem, take {@linkcode fusedVariant}.
  */
 export function fusedVariantFor(N: number, B: number, L: number, ED: number): FusedVariant {
   const picks = byProblem.get(N);
   if (!picks) return fusedVariant(N);
-  const walk = (b: number, l: number, ed: number) => Math.log(l / Math.max(1, b * ed));
-  const here = walk(B, L, ED);
+  let [lo, hi] = [Infinity, -Infinity]; // the problems' sizes
+  for (const { problem: [b, l, ed] } of picks) {
+    [lo, hi] = [Math.min(lo, logSize(b, l, ed)), Math.max(hi, logSize(b, l, ed))];
+  }
+  const [w, s] = [logWalk(B, L, ED), Math.min(Math.max(logSize(B, L, ED), lo), hi)];
   let best: FusedVariant | null = null;
   let bestDist = Math.log(NEAR_PROBLEM);
-  for (const p of picks) {
-    const d = Math.abs(here - walk(p.problem[0], p.problem[1], p.problem[2]));
-    if (d <= bestDist) [best, bestDist] = [p.variant, d];
+  for (const { problem: [b, l, ed], variant } of picks) {
+    const d = Math.max(Math.abs(w - logWalk(b, l, ed)), Math.abs(s - logSize(b, l, ed)));
+    if (d <= bestDist) [best, bestDist] = [variant, d];
   }
   return best ?? fusedVariant(N);
+}
+
+/** log(L / (B ED)): how long a walk each channel of a (B, L, ED) call has. */
+function logWalk(B: number, L: number, ED: number): number {
+  return Math.log(L / Math.max(1, B * ED));
+}
+
+/** log(B L ED): a (B, L, ED) call's size. */
+function logSize(B: number, L: number, ED: number): number {
+  return Math.log(Math.max(1, B * L * ED));
 }
 
 /** Whether a variant's lanes per channel fit: a power of two dividing Nb, within one subgroup of a fixed size

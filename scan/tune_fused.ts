@@ -7,9 +7,9 @@
  * whether B and C rows are shared by subgroupShuffle, and (GPUs) how many lanes share a channel in both
  * kernels and whether chunks of time are walked in parallel. A CPU adapter wants few invocations per workgroup
  * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
- * backward of a small problem a few times (on GPUs also of a long, narrow one: {@linkcode tuneProblems}); the
- * fastest by GPU time (timestamp queries, else wall clock; the geometric mean over the problems) is selected
- * with `setFusedVariant`.
+ * backward of a small problem a few times (on GPUs also of a long, narrow one and of a wide one:
+ * {@linkcode tuneProblems}); the fastest by GPU time (timestamp queries, else wall clock; the geometric mean
+ * over the problems) is selected with `setFusedVariant`.
  * @module
  */
 
@@ -33,7 +33,7 @@ import {
 } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 28;
+export const FUSED_KERNEL_VERSION = 29;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -56,7 +56,7 @@ export interface FusedTuneResult {
    * 0.834 ms, while the layer steps it ran in took about the same: one measurement alone may mislead.
    */
   confirmations: Record<string, number[]>;
-  /** The problems measured, as [B, L, ED]: one on CPU adapters, two on GPUs (see {@linkcode tuneProblems}). */
+  /** The problems measured, as [B, L, ED]: one on CPU adapters, three on GPUs (see {@linkcode tuneProblems}). */
   problems: number[][];
   /** Each candidate's milliseconds on each problem, in the order of `problems`. */
   problemTimings: Record<string, number[]>;
@@ -163,11 +163,14 @@ export function fusedCandidates(N: number): FusedVariant[] {
  * a short walk. GPUs also get (1, 2048, 32), d_model 16's layer at L 2048: few channels and a long walk, where
  * a variant that walks its chunks one after another leaves almost the whole GPU idle (an H200 took 56 ms for
  * such a step at L 16384 with the variant that won (4, 256, 128) by 1%, against 2.2 ms with chunks in
- * parallel, at 481ea51). A CPU adapter measures the first only: its cores are busy with the channels already,
- * and every measurement costs tens of ms there.
+ * parallel, at 481ea51); and (1, 1024, 2048), d_model 1024's layer at L 1024, 16 times the first's size: there
+ * the GPU is full at any chunk length, so the short chunks that win the small problems only add the chunk
+ * states' traffic (the H200 ran its d_model 1024 layers with the first problem's pick, chunks of 9 steps, at
+ * 2d4b27c). A CPU adapter measures the first only: its cores are busy with the channels already, and every
+ * measurement costs tens of ms there.
  */
 export function tuneProblems(): number[][] {
-  return deviceInfo().isFallbackAdapter ? [[4, 256, 128]] : [[4, 256, 128], [1, 2048, 32]];
+  return deviceInfo().isFallbackAdapter ? [[4, 256, 128]] : [[4, 256, 128], [1, 2048, 32], [1, 1024, 2048]];
 }
 
 const KEY_FAMILY = "mambats.fusedScan.v";
@@ -202,14 +205,30 @@ function problemRun(N: number, B: number, L: number, ED: number): { run: () => v
   return { run, dispose: () => dispose([...t, z, G]) };
 }
 
-/** Milliseconds per run of `run` (3 runs): the fused-scan kernels' GPU time where timestamp queries exist,
- * else the wall time. */
+/**
+ * Which of a profiled run's kernels (in the order they ran) are the fused scan's: `fused_scan_*`, and the
+ * reduction passes that sum the backward's parameter gradients over many chunks first (GPUs, past 256 rows:
+ * `reduce_sum` dispatches right before a `fused_scan_bwd_sums`). Counting those keeps the variants with short
+ * chunks, which take them, from looking faster than they are.
+ */
+export function isFusedScanKernel(times: readonly { readonly name: string }[]): boolean[] {
+  const scan = times.map((k) => k.name.startsWith("fused_scan"));
+  for (let i = times.length - 1, sums = false; i >= 0; i--) {
+    if (times[i].name === "reduce_sum") scan[i] = sums;
+    else sums = times[i].name.startsWith("fused_scan_bwd_sums");
+  }
+  return scan;
+}
+
+/** Milliseconds per run of `run` (3 runs): the fused scan's GPU time ({@linkcode isFusedScanKernel}) where
+ * timestamp queries exist, else the wall time. */
 async function timeRuns(run: () => void): Promise<number> {
   if (deviceInfo().timestampQuery) {
     const times = await profile(() => {
       for (let i = 0; i < 3; i++) run();
     });
-    return times.filter((k) => k.name.startsWith("fused_scan")).reduce((a, k) => a + k.ms, 0) / 3;
+    const scan = isFusedScanKernel(times);
+    return times.reduce((a, k, i) => (scan[i] ? a + k.ms : a), 0) / 3;
   }
   const t0 = performance.now();
   for (let i = 0; i < 3; i++) run();

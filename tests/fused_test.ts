@@ -33,6 +33,13 @@ import { selectiveScan } from "../scan/selective_scan.ts";
 import { assertMatches, tolerance } from "./fixture_util.ts";
 import { type Case, compare, inputs } from "./fused_cases.ts";
 import { kernelsRun } from "./helpers.ts";
+import {
+  ensureFusedTuned,
+  fusedCandidates,
+  isFusedScanKernel,
+  tuneFusedScan,
+  tuneProblems,
+} from "../scan/tune_fused.ts";
 
 Deno.test("fused scan equals the sequential reference: forward and every gradient, small and odd shapes", async () => {
   await compare({ B: 1, L: 1, ED: 8, N: 4, R: 2, gated: true }, 1);
@@ -781,12 +788,15 @@ Deno.test("the parameter gradients over many chunks' rows: summed by a reduction
   // partials (two passes); dt_proj inside, so dW is summed there too
   const c: Case = { B: 2, L: 1200, ED: 6, N: 4, R: 2, gated: true, dtWeight: true };
   const reduces: number[] = [];
+  const scanReduces: number[] = []; // those the tuner and the report count as the scan's
   try {
     setFusedVariant(4, { WG: 8, Lc: 4, chunkParallel: true });
     for (const rows of [Infinity, 0]) {
       setFusedPresumRows(rows);
       const { kernels } = await kernelsRun(() => compare(c, 31)); // compare: y and every gradient
       reduces.push(kernels.filter((k) => k === "reduce_sum").length);
+      const scan = isFusedScanKernel(kernels.map((name) => ({ name })));
+      scanReduces.push(kernels.filter((k, i) => k === "reduce_sum" && scan[i]).length);
     }
   } finally {
     setFusedVariant(4, null);
@@ -797,6 +807,8 @@ Deno.test("the parameter gradients over many chunks' rows: summed by a reduction
     reduces[0] + 2,
     `reduce_sum dispatches: walked ${reduces[0]}, presummed ${reduces[1]}`,
   );
+  assert.ok(reduces[0] > 0, "the comparison's own sums ran too"); // so the next line tells them apart
+  assert.deepEqual(scanReduces, [0, 2], "the reduction passes counted as the scan's");
 });
 
 Deno.test("subgroups as the probe reports them: sizes within its range, aligned runs of the local index", async () => {
@@ -866,26 +878,36 @@ Deno.test("variants by problem: a call near a problem's shape runs that problem'
   // from the default, which fits every adapter
   const base = defaultFusedVariant(16);
   const pick: FusedVariant = { ...base, Lc: 64, Ls: 16, chunkParallel: false };
-  const wide: FusedVariant = { ...base, Lc: 32, Ls: 16, chunkParallel: false };
+  const small: FusedVariant = { ...base, Lc: 32, Ls: 16, chunkParallel: false };
   const narrowPick: FusedVariant = { ...base, Lc: 16, Ls: 16, chunkParallel: true };
+  const wide: FusedVariant = { ...base, Lc: 64, Ls: 8, chunkParallel: true };
   try {
     setFusedVariant(16, pick);
     setFusedVariantsByProblem(16, [
-      { problem: [4, 256, 128], variant: wide }, // L / (B ED) = 0.5
-      { problem: [1, 2048, 32], variant: narrowPick }, // 64
+      { problem: [4, 256, 128], variant: small }, // L / (B ED) = 0.5, B L ED = 2^17
+      { problem: [1, 2048, 32], variant: narrowPick }, // 64, 2^16
+      { problem: [1, 1024, 2048], variant: wide }, // 0.5, 2^21
     ]);
-    // the nearest problem in L / (B ED) within a factor of 4, else the pick
+    // the nearest problem by L / (B ED) and B L ED (clamped to the problems' sizes) if both are within a
+    // factor of 4, else the pick
     for (
       const [B, L, ED, want] of [
-        [4, 256, 128, wide],
-        [2, 1024, 768, wide], // 0.67
+        [4, 256, 128, small],
+        [1, 16, 32, small], // 0.5, 2^9: as small as the smallest, 2^16
+        [2, 256, 256, small], // 0.5, 2^17
+        [1, 512, 512, small], // 1, 2^18: 2x from the first, 8x from the third in size
+        [1, 1024, 1536, wide], // 0.67, 1.5 x 2^20
+        [1, 1024, 2048, wide],
+        [8, 2048, 2048, wide], // 0.125, 2^25: as large as the largest
         [1, 2048, 32, narrowPick],
         [1, 1024, 32, narrowPick], // 32
         [1, 1024, 128, pick], // 8: 16x and 8x away
         [1, 16, 1024, pick], // 0.016
+        [16, 1024, 2048, pick], // 0.03: 16x away in walk
       ] as [number, number, number, FusedVariant][]
     ) {
-      assert.deepEqual(fusedVariantFor(16, B, L, ED), want, `(${B}, ${L}, ${ED})`);
+      const got = fusedVariantFor(16, B, L, ED);
+      assert.deepEqual(got, want, `(${B}, ${L}, ${ED}): ${JSON.stringify(got)}`);
     }
     assert.deepEqual(fusedVariantFor(4, 1, 2048, 32), fusedVariant(4), "another state size: its own variant");
     // run: the kernels of the variant for the shape, and every gradient right (the backward reads the chunk
@@ -893,7 +915,7 @@ Deno.test("variants by problem: a call near a problem's shape runs that problem'
     for (
       const [c, lc, local] of [
         [{ B: 1, L: 160, ED: 4, N: 16, R: 2, gated: true }, "_Lc16_", true], // 40
-        [{ B: 2, L: 20, ED: 24, N: 16, R: 2, gated: true }, "_Lc32_", false], // 0.42
+        [{ B: 2, L: 20, ED: 24, N: 16, R: 2, gated: true }, "_Lc32_", false], // 0.42, 960: as the smallest
         [{ B: 1, L: 100, ED: 12, N: 16, R: 2, gated: false }, "_Lc64_", false], // 8.3
       ] as [Case, string, boolean][]
     ) {
@@ -921,7 +943,6 @@ Deno.test("variants by problem: a call near a problem's shape runs that problem'
 
 Deno.test("the tuner's candidates are valid variants on a CPU adapter, a GPU-like one (lanes per channel) and where the subgroup size varies", async () => {
   const info = await init();
-  const { fusedCandidates } = await import("../scan/tune_fused.ts");
   const { backwardKernel } = await import("../scan/fused_backward_kernel.ts");
   const { fallback, subgroups } = { fallback: info.isFallbackAdapter, subgroups: info.subgroups };
   const limit = info.limits.maxComputeWorkgroupStorageSize;
@@ -1006,7 +1027,6 @@ Deno.test("the tuner's candidates are valid variants on a CPU adapter, a GPU-lik
 
 Deno.test("a software adapter without subgroups (llvmpipe through GL) gets the default only: no compile at init()", async () => {
   const info = await init();
-  const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
   const { fallback, subgroups } = { fallback: info.isFallbackAdapter, subgroups: info.subgroups };
   const before = fusedVariant(16);
   try {
@@ -1044,9 +1064,8 @@ async function tunerState(): Promise<() => void> {
   };
 }
 
-Deno.test("the fused tuner stops after a candidate whose compile is slow or past its time budget, keeping the fastest measured; GPUs score two problems", async () => {
+Deno.test("the fused tuner stops after a candidate whose compile is slow or past its time budget, keeping the fastest measured; GPUs score three problems", async () => {
   const info = await init();
-  const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
   const candidates = fusedCandidates(16);
   if (candidates.length < 2) return; // nothing to cut short
   const restore = await tunerState();
@@ -1058,16 +1077,17 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow or past
     // likewise once the measurement has used its time budget
     const cut = await tuneFusedScan(16, { force: true, budgetMs: 0 });
     assert.deepEqual(Object.keys(cut.timings), [JSON.stringify(candidates[0])], "the first only");
-    // a GPU also measures a long, narrow problem; a candidate's score is the geometric mean of its times
+    // a GPU also measures a long, narrow problem and a wide one; a candidate's score is the geometric mean of
+    // its times
     info.isFallbackAdapter = false;
     const g = await tuneFusedScan(16, { force: true, slowCompileMs: 0 });
     const key = JSON.stringify(fusedCandidates(16)[0]);
-    assert.deepEqual(g.problems, [[4, 256, 128], [1, 2048, 32]]);
+    assert.deepEqual(g.problems, [[4, 256, 128], [1, 2048, 32], [1, 1024, 2048]]);
     assert.deepEqual(Object.keys(g.problemTimings), [key]);
-    const [a, b] = g.problemTimings[key];
-    assert.ok(a > 0 && b > 0, `times ${a}, ${b}`);
+    const [a, b, c] = g.problemTimings[key];
+    assert.ok(a > 0 && b > 0 && c > 0, `times ${a}, ${b}, ${c}`);
     assert.ok(
-      Math.abs(g.timings[key] - Math.sqrt(a * b)) <= 1e-9 * g.timings[key],
+      Math.abs(g.timings[key] - Math.cbrt(a * b * c)) <= 1e-9 * g.timings[key],
       `score ${g.timings[key]}`,
     );
     // the finalists (here the one measured) are measured again; each problem counts the slower time
@@ -1077,6 +1097,7 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow or past
     assert.deepEqual(g.byProblem.map((p) => [p.problem, JSON.stringify(p.variant)]), [
       [[4, 256, 128], key],
       [[1, 2048, 32], key],
+      [[1, 1024, 2048], key],
     ]);
     assert.equal(
       r.byProblem.length,
@@ -1090,7 +1111,6 @@ Deno.test("the fused tuner stops after a candidate whose compile is slow or past
 
 Deno.test("the fused tuner measures its three best again, counting each problem's slower time, and then any candidate left fastest overall or on a problem", async () => {
   const info = await init();
-  const { fusedCandidates, tuneFusedScan, tuneProblems } = await import("../scan/tune_fused.ts");
   if (fusedCandidates(16).length < 6) return; // a software adapter without subgroups measures the default only
   const restore = await tunerState();
   /** Tunes with scripted times (nothing runs): `first` and `second` give a candidate's ms per problem (a
@@ -1141,20 +1161,22 @@ Deno.test("the fused tuner measures its three best again, counting each problem'
       [c3, c2, c1, c4],
       "order of the second measurements",
     );
-    // a GPU (two problems): g5 is no finalist (score sqrt(36 x 0.5) = 4.2) but the fastest on the second
-    // problem, so it is measured again too, and calls near that problem take it
+    // a GPU (three problems): g5 is no finalist (score cbrt(36 x 0.5 x 6) = 4.8) but the fastest on the second
+    // problem, and g0 (cbrt(9 x 9 x 0.4) = 3.2) on the third, so they are measured again too, and calls near
+    // those problems take them
     info.isFallbackAdapter = false;
     const [g0, g1, g2, g3, g4, g5] = fusedCandidates(16).map((v) => JSON.stringify(v));
     const g = await run(
-      { [g0]: 5, [g1]: 1, [g2]: 2, [g3]: 3, [g4]: 4, [g5]: [36, 0.5] },
-      { [g1]: 1, [g2]: 2, [g3]: 3, [g5]: [36, 0.6] },
+      { [g0]: [9, 9, 0.4], [g1]: 1, [g2]: 2, [g3]: 3, [g4]: 4, [g5]: [36, 0.5, 6] },
+      { [g0]: [9, 9, 0.45], [g1]: 1, [g2]: 2, [g3]: 3, [g5]: [36, 0.6, 6] },
     );
-    assert.equal(g.P, 2);
+    assert.equal(g.P, 3);
     assert.equal(JSON.stringify(g.r.variant), g1);
-    assert.deepEqual(Object.keys(g.r.confirmations).sort(), [g1, g2, g3, g5].sort());
-    assert.deepEqual(g.r.problemTimings[g5], [36, 0.6], "each problem at the slower of its two times");
-    close(g.r.timings[g5], Math.sqrt(36 * 0.6), "g5's score");
-    assert.deepEqual(g.r.byProblem.map((p) => JSON.stringify(p.variant)), [g1, g5]);
+    assert.deepEqual(Object.keys(g.r.confirmations).sort(), [g0, g1, g2, g3, g5].sort());
+    assert.deepEqual(g.r.problemTimings[g5], [36, 0.6, 6], "each problem at the slower of its two times");
+    close(g.r.timings[g5], Math.cbrt(36 * 0.6 * 6), "g5's score");
+    close(g.r.timings[g0], Math.cbrt(9 * 9 * 0.45), "g0's score");
+    assert.deepEqual(g.r.byProblem.map((p) => JSON.stringify(p.variant)), [g1, g5, g0]);
   } finally {
     restore();
   }
@@ -1181,7 +1203,6 @@ Deno.test("setFusedVariant refuses a variant made for another N, unknown keys an
 
 Deno.test("a tuner run that fails part-way keeps the variant in use and frees its problems' tensors", async () => {
   await init();
-  const { fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
   if (fusedCandidates(16).length < 3) return; // nothing measured on this adapter
   const restore = await tunerState();
   try {
@@ -1198,7 +1219,6 @@ Deno.test("a tuner run that fails part-way keeps the variant in use and frees it
 
 Deno.test("the trainer's tuning on first use: a state size with one candidate is set without measuring; N 16 is init()'s", async () => {
   const info = await init();
-  const { ensureFusedTuned, fusedCandidates, tuneFusedScan } = await import("../scan/tune_fused.ts");
   const before16 = fusedVariant(16);
   await ensureFusedTuned(16); // init() tuned it: nothing happens
   assert.deepEqual(fusedVariant(16), before16);
