@@ -31,6 +31,9 @@
 #             at 768 decoding's products also time the matvec kernel (0b19b04) against the split's slices and
 #             against no split (the adapter phase prints the tuner's matvec choice too)
 #   generate  bench/generate_report.ts (prefill and decode tokens/s, GPU and host memory; generate.json)
+#   memory    bench/scan_memory.ts --quick (log only): a layer's training-step memory per mode with the
+#             variants the tuner picks there (it tunes d_state 64 first, as the trainer does, up to 60 s):
+#             short chunks (9 steps at 2d4b27c) make the saved chunk states 4 ED N / Lc bytes per token
 # At most 8 files come back from $OUT: phases write one log each, quick/report/matmul/generate one JSON more.
 # Seen on the H200 (2026-11-30, third session, 2d4b27c): the machine started within the first call; adapter
 # 43 s (40 of them tuning on a fresh machine); timeline 50 s; matmul more than 50 s (d_model 64's table
@@ -42,9 +45,9 @@
 # all with the machine's start):
 #   GPU_CHECK_LIMIT_ADAPTER=70 GPU_CHECK_LIMIT_TIMELINE=80 GPU_CHECK_LIMIT_MATMUL=150 \
 #     GPU_CHECK_LIMIT_REPORT=220 bash bench/gpu_check.sh run adapter timeline matmul report          (~8 min)
-#   GPU_CHECK_LIMIT_TESTS=340 GPU_CHECK_TESTS="matmul_test fused_test ops_matmul_test lm_test \
-#     mamba_test memory_test fused_variant_fuzz_test model_fuzz_test autograd_release_fuzz_test" \
-#     bash bench/gpu_check.sh run tests                                                              (~5 min)
+#   GPU_CHECK_LIMIT_TESTS=260 GPU_CHECK_LIMIT_MEMORY=100 GPU_CHECK_TESTS="matmul_test fused_test \
+#     lm_test mamba_test memory_test fused_variant_fuzz_test" bash bench/gpu_check.sh run tests memory (~6 min)
+# (the second call's six test files are those the changes since 2d4b27c touch; all nine passed there)
 # New since 2d4b27c, for that run to show: the timeline's L 16384 rows (the backward's parameter sums over the
 # chunks' rows, 0.40 ms there at 2d4b27c, now a reduction pass first: fused_scan_bwd_sums should fall to a
 # few µs and two reduce_sum dispatches appear; the chains, 0.12 and 0.09 ms there, now fused_scan_chain_*_seg64,
@@ -52,7 +55,8 @@
 # tuner's third problem, (1, 1024, 2048): its pick, and the timeline's d_model 1024 rows with it (chunks of 9
 # at 2d4b27c, 1.08 ms for the scan's backward kernel); the matmul phase's d_model 768 table (matvec against the
 # split's slices), which has never run on a GPU; lm_test's decoding with the norms inside matvec (c810197:
-# matmul_matvec_*_rms). With time to spare: the generate phase (decode tokens/s with both).
+# matmul_matvec_*_rms); the memory phase (the chunk states' bytes with the GPU's chunk lengths). With time to
+# spare: the generate phase (decode tokens/s with both).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
@@ -165,7 +169,7 @@ keep_result() {
   fi
 }
 
-PHASES=(adapter tests suite timeline variants quick report matmul generate)
+PHASES=(adapter tests suite timeline variants quick report matmul generate memory)
 
 # The numerics: every file that compares against fixtures or references (GPU_CHECK_TESTS, names without .ts
 # separated by spaces, runs some of them instead).
@@ -234,6 +238,9 @@ run() {
       generate)
         phase generate 240 deno run "${flags[@]}" bench/generate_report.ts
         keep_result bench/results/generate.json
+        ;;
+      memory)
+        phase memory 120 deno run "${flags[@]}" bench/scan_memory.ts --quick
         ;;
     esac
   done

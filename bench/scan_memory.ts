@@ -49,7 +49,8 @@ import {
   tidy,
 } from "../mod.ts";
 import { add } from "../core/ops/index.ts";
-import { fusedVariant } from "../scan/fused_variant.ts";
+import { fusedVariant, fusedVariantFor } from "../scan/fused_variant.ts";
+import { ensureFusedTuned } from "../scan/tune_fused.ts";
 import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
@@ -341,6 +342,13 @@ if (import.meta.main) {
   const Ls = quick ? [1024, 2048] : [1024, 2048, 4096, 8192, 16384];
   const cap = 8 * GiB;
 
+  // the variants a trainer runs (it tunes each state size before its first step; init() tuned 16): on GPUs the
+  // chunk length, and so the chunk states' bytes, is the tuner's choice
+  for (const N of Ns) {
+    await ensureFusedTuned(N);
+    console.error(`fused variant, N ${N}: ${JSON.stringify(fusedVariant(N))}`);
+  }
+
   const rows: { N: number; L: number; mode: MemoryMode; r: StepMemory }[] = [];
   for (const N of Ns) {
     for (const L of Ls) {
@@ -349,6 +357,7 @@ if (import.meta.main) {
         rows.push({ N, L, mode: m.name, r });
         console.error(
           `N=${N} L=${L} ${m.name}: peak ${mib(r.peakBytes)} MiB, saved ${mib(r.savedBytes)} MiB` +
+            (m.scan === "fused" ? ` (chunks of ${fusedVariantFor(N, 1, L, ED).Lc} steps)` : "") +
             (r.ms !== null ? `, ${r.ms.toFixed(0)} ms` : "") + (r.error ? `, ERROR ${r.error}` : ""),
         );
       }
