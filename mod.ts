@@ -117,7 +117,7 @@ export {
 export { linearScan, runScan, type ScanMode } from "./scan/linear_scan.ts";
 export { selectiveScan } from "./scan/selective_scan.ts";
 export { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan } from "./scan/fused.ts";
-export { type FusedAttrs, fusedScanForward, lastState } from "./scan/fused_run.ts";
+export { type FusedAttrs, fusedScanForward, lastState, setFusedStateSaving } from "./scan/fused_run.ts";
 export { fusedMambaScanOut } from "./scan/fused_out.ts";
 export {
   defaultFusedVariant,

@@ -49,9 +49,11 @@ import {
   tidy,
 } from "../mod.ts";
 import { add } from "../core/ops/index.ts";
-import { fusedVariant, fusedVariantFor } from "../scan/fused_variant.ts";
+import { fusedVariant, fusedVariantFor, setFusedVariant } from "../scan/fused_variant.ts";
+import { setFusedStateSaving } from "../scan/fused_run.ts";
 import { ensureFusedTuned } from "../scan/tune_fused.ts";
-import { simpleCommandLine } from "../examples/lib/cli.ts";
+import { intFlag, parseCommandLine, UsageError } from "../examples/lib/cli.ts";
+import { parseArgs } from "node:util";
 import { resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
 
 /** The training configurations compared: recompute keeping the chunk states (the default) or the block
@@ -322,18 +324,39 @@ const ratio = (
   b: number | null,
 ) => (a === null || b === null || b === 0 ? "-" : (a / b).toFixed(1));
 
-const USAGE = `Usage: deno run -A bench/scan_memory.ts [--quick]
+const USAGE = `Usage: deno run -A bench/scan_memory.ts [--quick] [--lc <steps>] [--states keep|recompute]
 
 Memory of one Mamba layer's training step per scan mode (exact bytes from the runtime's allocator), the
 bytes the scan alone saves, and the "does not fit" demonstration; prints markdown tables and writes
 bench/results/scan_memory.json.
 
-  --quick   L 1024 and 2048 only; writes bench/results/scan_memory_quick.json instead
-  --help    this text`;
+  --quick            L 1024 and 2048 only; writes bench/results/scan_memory_quick.json instead
+  --lc <steps>       the fused variant with chunks of this many steps walked in parallel (as GPUs' tuners
+                     pick: 9 on the H200), states in private memory; writes no JSON
+  --states <how>     the ops keep the chunk states ("keep") or save the parameters alone ("recompute")
+                     wherever there are chunks to chain (default: the rule, recompute where N > 2 Lc);
+                     writes no JSON
+  --help             this text`;
 
 if (import.meta.main) {
-  const { values } = simpleCommandLine(USAGE, ["quick"]);
+  const { values, lc } = parseCommandLine(USAGE, () => {
+    const r = parseArgs({
+      args: Deno.args,
+      strict: true,
+      options: {
+        quick: { type: "boolean" },
+        lc: { type: "string" },
+        states: { type: "string" },
+        help: { type: "boolean" },
+      },
+    });
+    if (r.values.states !== undefined && !["keep", "recompute"].includes(r.values.states)) {
+      throw new UsageError(`--states must be keep or recompute, got '${r.values.states}'`);
+    }
+    return { ...r, lc: r.values.lc === undefined ? null : intFlag("lc", r.values.lc, 0, 1, 4096) };
+  });
   const quick = values.quick ?? false;
+  const states = values.states as "keep" | "recompute" | undefined;
   await init();
   const dModel = 64;
   const ED = 2 * dModel;
@@ -346,8 +369,13 @@ if (import.meta.main) {
   // chunk length, and so the chunk states' bytes, is the tuner's choice
   for (const N of Ns) {
     await ensureFusedTuned(N);
+    if (lc !== null) {
+      const { Ls: _, hbuf: _h, ...v } = fusedVariant(N);
+      setFusedVariant(N, { ...v, Lc: lc, chunkParallel: true });
+    }
     console.error(`fused variant, N ${N}: ${JSON.stringify(fusedVariant(N))}`);
   }
+  if (states) setFusedStateSaving(states);
 
   const rows: { N: number; L: number; mode: MemoryMode; r: StepMemory }[] = [];
   for (const N of Ns) {
@@ -455,39 +483,42 @@ if (import.meta.main) {
   );
   console.log(out.join("\n"));
 
-  const file = resultPath(quick ? "scan_memory_quick.json" : "scan_memory.json");
-  await writeJsonAtomic(
-    file,
-    {
-      adapter: deviceInfo().description,
-      deno: Deno.version.deno,
-      date: new Date().toISOString(),
-      source: await sourceVersion(),
-      quick,
-      step: "forward, then y.backward(G)",
-      fusedVariants: Ns.map((n) => fusedVariant(n)),
-      B: 1,
-      dModel,
-      ED,
-      capBytesAboveBaseline: cap,
-      layer: rows.map((r) => ({ N: r.N, L: r.L, mode: r.mode, ...r.r })),
-      scanSavedBytes: scanRows.map((s) => ({
-        ...s,
-        fusedPerToken: s.fused / s.L,
-        pscanPerToken: s.pscan / s.L,
-        ratio: s.pscan / s.fused,
-      })),
-      doesNotFit: demo,
-      deep: deep.map((d) => ({
+  // a forced variant or state saving is an experiment, not this adapter's result
+  if (lc === null && !states) {
+    const file = resultPath(quick ? "scan_memory_quick.json" : "scan_memory.json");
+    await writeJsonAtomic(
+      file,
+      {
+        adapter: deviceInfo().description,
+        deno: Deno.version.deno,
+        date: new Date().toISOString(),
+        source: await sourceVersion(),
+        quick,
+        step: "forward, then y.backward(G)",
+        fusedVariants: Ns.map((n) => fusedVariant(n)),
+        B: 1,
         dModel,
-        N: 16,
-        L: deepL,
-        nLayers: d.nLayers,
-        recompute: d.recompute,
-        ...d.r,
-      })),
-    },
-    2,
-  );
-  console.error(`wrote ${file}`);
+        ED,
+        capBytesAboveBaseline: cap,
+        layer: rows.map((r) => ({ N: r.N, L: r.L, mode: r.mode, ...r.r })),
+        scanSavedBytes: scanRows.map((s) => ({
+          ...s,
+          fusedPerToken: s.fused / s.L,
+          pscanPerToken: s.pscan / s.L,
+          ratio: s.pscan / s.fused,
+        })),
+        doesNotFit: demo,
+        deep: deep.map((d) => ({
+          dModel,
+          N: 16,
+          L: deepL,
+          nLayers: d.nLayers,
+          recompute: d.recompute,
+          ...d.r,
+        })),
+      },
+      2,
+    );
+    console.error(`wrote ${file}`);
+  }
 }

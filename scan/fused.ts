@@ -30,7 +30,13 @@ import { copyBox } from "../core/ops/index.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt, stridesOf } from "../core/shape.ts";
 import { freeOnThrow, Tensor } from "../core/tensor.ts";
-import { type FusedAttrs, type FusedGrads, fusedScanBackward, fusedScanForward } from "./fused_run.ts";
+import {
+  type FusedAttrs,
+  type FusedGrads,
+  fusedScanBackward,
+  fusedScanForward,
+  phForBackward,
+} from "./fused_run.ts";
 import { MAX_INLINE_DT_RANK } from "./fused_wgsl.ts";
 
 /**
@@ -72,12 +78,18 @@ export function needed(grads: (Tensor | null)[], inputs: readonly Tensor[]): (Te
   return grads.map((t, i) => (!t || inputs[i].requiresGrad ? t : (t.dispose(), null)));
 }
 
+/** What an op saves of a forward's `ph`: where an input needs a gradient, {@linkcode phForBackward}'s choice
+ * (the parameters alone where the chunk states would outweigh the inputs); else ph, which nothing saves. */
+export function phSaved(ph: Tensor, inputs: readonly Tensor[]): Tensor {
+  return inputs.some((t) => t.requiresGrad) ? phForBackward(ph) : ph;
+}
+
 const fusedOp = defineOp<FusedAttrs>({
   name: "fusedSelectiveScan",
   forward: (inputs, a, save) => {
     const [x, draw, dBC, bias, A_log, D, z] = inputs;
     const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D], z ?? null, a); // par: (ED + ED*N + ED)
-    save(x, draw, dBC, A_log, ph, ...(z ? [z] : []));
+    save(x, draw, dBC, A_log, phSaved(ph, inputs), ...(z ? [z] : []));
     return y;
   },
   backward: (g, saved, inputs, a, targets) => {
@@ -102,7 +114,7 @@ const dtScanOp = defineOp<FusedAttrs>({
   forward: (inputs, a, save) => {
     const [x, dBC, W, bias, A_log, D, z] = inputs;
     const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z ?? null, a);
-    save(x, dBC, A_log, ph, ...(z ? [z] : []), ...(dt ? [dt, W] : []));
+    save(x, dBC, A_log, phSaved(ph, inputs), ...(z ? [z] : []), ...(dt ? [dt, W] : []));
     return y;
   },
   backward: (g, saved, inputs, a, targets) => {

@@ -19,6 +19,7 @@ import {
   gzTarget,
   mambaScanAttrs,
   needed,
+  phSaved,
   zGrad,
 } from "./fused.ts";
 import type { FusedAttrs } from "./fused_run.ts";
@@ -46,8 +47,9 @@ const scanOutOp = defineOp<ScanOutAttrs>({
     y.dispose();
     const out = ob ? add(r, ob) : r; // out: (B, L, Dm)
     if (out !== r) r.dispose();
-    save(x, dBC, A_log, ph, z, Wout, ...(dt ? [dt, W] : []));
-    keep?.(ph); // all that a checkpoint's rerun needs besides the inputs, which it recomputes
+    const kept = phSaved(ph, inputs); // ph, or the parameters alone (phForBackward)
+    save(x, dBC, A_log, kept, z, Wout, ...(dt ? [dt, W] : []));
+    keep?.(kept); // all that a checkpoint's rerun needs besides the inputs, which it recomputes
     return out;
   },
   replay: (inputs, a, [ph], save) => {

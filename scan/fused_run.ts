@@ -2,8 +2,10 @@
  * Runs the fused scan's kernels, without autograd (the ops in fused.ts call these):
  *
  * - `fusedScanForward`: y, and `ph` = the parameters packed with the state at every chunk's end (hs);
+ * - `phForBackward`: what an op saves of `ph`: all of it, or, where the chunk states would outweigh the
+ *   inputs (short chunks, large N), the parameters alone;
  * - `fusedScanBackward`: every input's gradient (and, asked, the gated y), each chunk's states recomputed from
- *   hs;
+ *   hs (worked out again first where the op saved the parameters alone);
  * - `lastState`: the state after the last step, out of `ph` (the inference cache after a prompt).
  *
  * Each call is sized here: workgroups (halved until there are enough), chunks walked in parallel or in order,
@@ -259,6 +261,75 @@ export function fusedScanForward(
   return { y, ph };
 }
 
+/** Saved `ph`s that hold the parameters alone (`phForBackward`): the backward works the chunk states out
+ * again. */
+const statesDropped = new WeakSet<Storage>();
+
+let stateSaving: "keep" | "recompute" | null = null;
+
+/** Whether the ops keep the chunk states for the backward ("keep"), or save the parameters alone and work the
+ * states out again in the backward ("recompute"), wherever a call has chunks to chain; null restores the rule
+ * (recompute where N > 2 Lc). Tests run both paths with it. */
+export function setFusedStateSaving(mode: "keep" | "recompute" | null): void {
+  stateSaving = mode;
+}
+
+/**
+ * What a differentiable op saves of a forward's `ph` (the forward's own `ph` is then disposed or returned):
+ * the chunk states take 4 N / Lc bytes per channel and token, x, delta and z 12 together. Where N > 2 Lc they
+ * would outweigh two of those: a GPU's short chunks (9 steps on the H200 at N 64: 28 bytes) against what
+ * mamba.py's pscan saves (about 12 N) leave the scan's saved bytes 19 times below pscan's instead of 58. There
+ * the op saves the parameters alone (a copy: one dispatch) and the backward recomputes the states by the
+ * chunk-parallel forward's first two kernels, every chunk from a zero state, then the chain (one dispatch
+ * per state block, one more, and the parameters' pack). Elsewhere, and with one chunk or more than
+ * MAX_CHUNKS_CHAINED, ph itself.
+ */
+export function phForBackward(ph: Tensor): Tensor {
+  const v = ranWith.get(ph.storage);
+  const shape = ranShape.get(ph.storage);
+  if (!v || !shape) throw new Error("phForBackward: ph must be the `ph` a fused forward returned");
+  const [B, L, ED, N] = shape;
+  const chunks = Math.ceil(L / v.Lc);
+  const recompute = stateSaving === "recompute" || (stateSaving === null && N > 2 * v.Lc);
+  if (!recompute || chunks < 2 || chunks > MAX_CHUNKS_CHAINED) return ph;
+  const par = Tensor.empty([ph.size - B * ED * chunks * N]); // par: the parameters, as packed
+  const view = new Tensor(ph.storage, par.shape, "f32"); // ph's first par.size floats
+  packInto(par, [view]);
+  view.dispose();
+  ranWith.set(par.storage, v);
+  ranShape.set(par.storage, shape);
+  statesDropped.add(par.storage);
+  ph.dispose();
+  return par;
+}
+
+/** The full `ph` (parameters and chunk states) again, from the parameters that `phForBackward` saved: every
+ * chunk's state from a zero state into hs, then the chain turns them into the state after each chunk. */
+function statesAgain(
+  x: Tensor,
+  draw: Tensor | null,
+  dBC: Tensor,
+  par: Tensor,
+  z: Tensor | null,
+  a: FusedAttrs,
+) {
+  const { B, ED, v, u } = sizes(x, dBC, a, z, ranWith.get(par.storage));
+  const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
+  ranWith.set(ph.storage, ranWith.get(par.storage)!);
+  ranShape.set(ph.storage, ranShape.get(par.storage)!);
+  packInto(ph, [par]);
+  const sdt = Tensor.empty([B * ED * u.chunks]); // sdt: each chunk's sum of dt (B, ED, chunks)
+  const cu = { ...u, N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
+  const bufs = { ...scanInputs(x, draw, dBC, ph, z), out: sdt.storage };
+  const Ri = a.dtInside ? a.R : 0;
+  for (const block of stateBlocks(v)) {
+    dispatch(localKernel(v, block, Ri, "fwd"), bufs, cu, B * u.tiles * u.chunks);
+  }
+  dispatchChain("fwd", { ph: ph.storage, out: sdt.storage }, cu, B * ED * a.N, u.chunks);
+  sdt.dispose();
+  return ph;
+}
+
 /**
  * The state after the last step, h[L-1]: (B, ED, N), read out of the `ph` that {@linkcode fusedMambaScanForward}
  * or {@linkcode fusedScanForward} returned (the inference cache after a prompt). B, ED, N and L are that
@@ -268,7 +339,9 @@ export function fusedScanForward(
  */
 export function lastState(ph: Tensor, B: number, ED: number, N: number, L: number): Tensor {
   const ran = ranShape.get(ph.storage);
-  if (!ran) throw new Error("lastState: ph must be the `ph` a fused forward returned");
+  if (!ran || statesDropped.has(ph.storage)) {
+    throw new Error("lastState: ph must be the `ph` a fused forward returned");
+  }
   if ([B, L, ED, N].join() !== ran.join()) {
     throw new Error(
       `lastState: (B, L, ED, N) = (${B}, ${L}, ${ED}, ${N}) differ from the forward that made ph: (${
@@ -329,6 +402,28 @@ export function fusedScanBackward(
   a: FusedAttrs,
   gzInto: Tensor | null = null,
   emitY = false,
+): FusedGrads {
+  if (!statesDropped.has(ph.storage)) return backwardKernels(g, x, draw, dBC, A_log, ph, z, a, gzInto, emitY);
+  const full = statesAgain(x, draw, dBC, ph, z, a); // ph: the parameters alone (phForBackward)
+  try {
+    return backwardKernels(g, x, draw, dBC, A_log, full, z, a, gzInto, emitY);
+  } finally {
+    full.dispose();
+  }
+}
+
+/** fusedScanBackward from a full `ph` (the parameters and every chunk's state). */
+function backwardKernels(
+  g: Tensor,
+  x: Tensor,
+  draw: Tensor | null,
+  dBC: Tensor,
+  A_log: Tensor,
+  ph: Tensor,
+  z: Tensor | null,
+  a: FusedAttrs,
+  gzInto: Tensor | null,
+  emitY: boolean,
 ): FusedGrads {
   if (emitY && !z) throw new Error("fusedScanBackward: emitY needs a gated scan (z)");
   if (emitY && g.shape.join() !== x.shape.join()) {

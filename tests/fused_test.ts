@@ -10,6 +10,7 @@ import {
   setFusedChainRuns,
   setFusedPartialBudget,
   setFusedPresumRows,
+  setFusedStateSaving,
   setFusedYOverG,
   setMaxChunksFolded,
   yBindingFree,
@@ -779,6 +780,72 @@ Deno.test("chunks in parallel chained in runs (GPUs, from 128 chunks): 2 to 64 r
     setFusedVariant(4, null);
     setMaxChunksFolded(null);
     setFusedChainRuns(null);
+  }
+});
+
+Deno.test("chunk states that would outweigh the inputs (N > 2 Lc) are not saved: the backward works them out again, and every gradient equals the reference", async () => {
+  await init();
+  // bytes of a buffer as the pool sizes it (multiples of 256 up to 1 MiB)
+  const pooled = (floats: number) => Math.ceil(Math.max(4 * floats, 16) / 256) * 256;
+  const base: Case = { B: 2, L: 40, ED: 6, N: 16, R: 2, gated: true }; // 10 chunks of 4 steps
+  const count = (kernels: string[], name: string) => kernels.filter((k) => k.startsWith(name)).length;
+  try {
+    for (
+      const [variant, what] of [
+        [{ WG: 8, Lc: 4, chunkParallel: true }, "chunks in parallel"],
+        [{ WG: 8, Lc: 4 }, "chunks in order"], // the states again by the chunk-parallel kernels all the same
+        [{ WG: 8, Lc: 4, Nb: 8, chunkParallel: true }, "two state blocks"],
+      ] as [Omit<FusedVariant, "N">, string][]
+    ) {
+      setFusedVariant(16, variant);
+      const blocks = variant.Nb ? 2 : 1;
+      for (
+        const c of [base, { ...base, dtWeight: true }, {
+          ...base,
+          dtWeight: true,
+          outProj: "residual" as const,
+        }]
+      ) {
+        for (const mode of ["keep", null] as const) { // null: the rule, which recomputes here (16 > 2 x 4)
+          setFusedStateSaving(mode);
+          const { kernels } = await kernelsRun(() => compare(c, 61)); // y and every gradient
+          const again = mode === null;
+          const inOrder = !variant.chunkParallel;
+          const label = `${what}, ${JSON.stringify(c)}, ${mode ?? "rule"}: ${
+            kernels.filter((k) => k.startsWith("fused"))
+          }`;
+          // the forward's local states (in parallel), and the backward's again
+          assert.equal(
+            count(kernels, "fused_scan_local_fwd"),
+            blocks * ((inOrder ? 0 : 1) + (again ? 1 : 0)),
+            label,
+          );
+          // 10 chunks of 4: the forward chains them (folding is for at most Lc / 2 + 1), and so does the backward
+          assert.equal(count(kernels, "fused_scan_chain_fwd"), (inOrder ? 0 : 1) + (again ? 1 : 0), label);
+        }
+      }
+    }
+    // the bytes saved: the parameters alone, not the 2 x 6 x 10 x 16 floats of chunk states
+    setFusedVariant(16, { WG: 8, Lc: 4, chunkParallel: true });
+    const saved: number[] = [];
+    for (const mode of ["keep", "recompute"] as const) {
+      setFusedStateSaving(mode);
+      const t = inputs(base, 62);
+      const before = memory().savedBytes;
+      const y = fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, t.z);
+      saved.push(memory().savedBytes - before);
+      y.dispose();
+      for (const v of Object.values(t)) v.dispose();
+    }
+    const par = 6 * (16 + 2); // bias, A_log, D
+    assert.equal(saved[0] - saved[1], pooled(par + 2 * 6 * 10 * 16) - pooled(par), `saved bytes ${saved}`);
+    // one chunk: nothing to chain, ph kept whatever the mode
+    const one = { ...base, L: 4 };
+    const { kernels } = await kernelsRun(() => compare(one, 63));
+    assert.equal(count(kernels, "fused_scan_chain_fwd"), 0);
+  } finally {
+    setFusedVariant(16, null);
+    setFusedStateSaving(null);
   }
 });
 

@@ -7,7 +7,8 @@
  * rank, gate, dt_proj inside the op, z as a column window of a wider tensor, z's gradient already holding
  * another op's share, dBC with padding columns, the backward walked in time segments, out_proj in the op:
  * fusedMambaScanOut, 10 storage buffers per stage as Chrome exposes, the parameter gradients' rows summed by
- * a reduction pass first or in the sums kernel, the chain of chunks walked in order or in runs), and checks
+ * a reduction pass first or in the sums kernel, the chain of chunks walked in order or in runs, the chunk
+ * states kept by the op or worked out again in the backward), and checks
  * the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and
  * every gradient within the op bound), that the fused kernels that ran are the variant's, and that nothing
  * stays live after the case.
@@ -59,6 +60,7 @@ import {
   setFusedChainRuns,
   setFusedPartialBudget,
   setFusedPresumRows,
+  setFusedStateSaving,
   setMaxChunksFolded,
   yBindingFree,
 } from "../scan/fused_run.ts";
@@ -105,6 +107,9 @@ interface Case {
   /** The parameter gradients' rows summed by core's reduction before the sums kernel
    * (setFusedPresumRows(0)), as GPUs do where there are many chunks. */
   presum: boolean;
+  /** The op saves the parameters alone and the backward works the chunk states out again
+   * (setFusedStateSaving("recompute"), as where N > 2 Lc); else it keeps them ("keep"). */
+  statesAgain: boolean;
 }
 
 /** Lavapipe's compile time grows steeply with a kernel's private arrays and its unrolled state loops (see
@@ -165,6 +170,7 @@ const POOLS = {
   chainRuns: [1, 2, 4, 64],
   tenBuffers: [false, false, true],
   presum: [false, false, true],
+  statesAgain: [false, false, true],
 };
 
 const divisors = (n: number) => Array.from({ length: n }, (_, k) => k + 1).filter((d) => n % d === 0);
@@ -345,6 +351,7 @@ function makeCase(seed: number, index: number): Case {
     chainRuns: pick("chainRuns", 31),
     tenBuffers: pick("tenBuffers", 29),
     presum: pick("presum", 30),
+    statesAgain: pick("statesAgain", 32),
   };
 }
 
@@ -361,7 +368,7 @@ function describe(c: Case): string {
       : ""
   }${c.varying ? " varying-sg" : ""}${c.segments ? " segments" : ""}${c.tenBuffers ? " 10-buffers" : ""}${
     c.presum ? " presum" : ""
-  }`;
+  }${c.statesAgain ? " states-again" : ""}`;
   const shape = `B ${s.B} L ${s.L} ED ${s.ED} N ${s.N} R ${s.R}${s.gated ? " gated" : ""}${
     s.dtWeight ? " dt_proj" : ""
   }${s.zWindow ? ` z ${s.zWindow.start}+${s.ED}/${s.zWindow.width}` : ""}${s.zTimesY ? " z*y" : ""}${
@@ -391,16 +398,18 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
   }
   // chunks in parallel where the variant asks and there are several (the cases have few enough to chain)
   const chunked = !!v.chunkParallel && c.scan.L > v.Lc;
+  // the backward's chunk states worked out again: the forward's local kernels and a chain, whatever the variant
+  const again = c.statesAgain && c.scan.L > v.Lc;
   for (const pass of ["fwd", "bwd"]) {
-    if (kernels.some((k) => k.startsWith(`fused_scan_local_${pass}_`)) !== chunked) {
-      throw new AssertionError({ message: `${pass}: ${chunked ? "no" : "unexpected"} chunk-local kernel` });
+    const local = chunked || (pass === "fwd" && again);
+    if (kernels.some((k) => k.startsWith(`fused_scan_local_${pass}_`)) !== local) {
+      throw new AssertionError({ message: `${pass}: ${local ? "no" : "unexpected"} chunk-local kernel` });
     }
     // carries chained by a dispatch, or folded by the main kernels (the cases have few enough chunks)
     const chain = `fused_scan_chain_${pass}${c.chainRuns > 1 ? `_seg${c.chainRuns}` : ""}`;
-    if (kernels.includes(chain) !== (chunked && c.chained)) {
-      throw new AssertionError({
-        message: `${pass}: ${chunked && c.chained ? "no" : "unexpected"} ${chain}`,
-      });
+    const chained = (chunked && c.chained) || (pass === "fwd" && again);
+    if (kernels.includes(chain) !== chained) {
+      throw new AssertionError({ message: `${pass}: ${chained ? "no" : "unexpected"} ${chain}` });
     }
   }
   const inside = c.scan.R >= 1 && c.scan.R <= MAX_INLINE_DT_RANK;
@@ -443,6 +452,7 @@ async function runCase(c: Case): Promise<void> {
     setMaxChunksFolded(c.chained ? 0 : MAX_CHUNKS_CHAINED); // folded whatever the chunk length
     setFusedPresumRows(c.presum ? 0 : Infinity);
     setFusedChainRuns(c.chainRuns);
+    setFusedStateSaving(c.statesAgain ? "recompute" : "keep");
     const { kernels } = await kernelsRun(() => compare(c.scan, c.seed, { cancellationFloor: true }));
     assertVariantRan(kernels, c);
     const now = memory();
@@ -465,6 +475,7 @@ async function runCase(c: Case): Promise<void> {
     setMaxChunksFolded(null);
     setFusedPresumRows(null);
     setFusedChainRuns(null);
+    setFusedStateSaving(null);
     info.subgroups = real;
     info.limits.maxStorageBuffersPerShaderStage = buffers;
   }

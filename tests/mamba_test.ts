@@ -114,6 +114,61 @@ for (const name of ["mamba_L37", "mamba_dstate4", "mamba_tiny"]) {
   }
 }
 
+// A GPU's short chunks at large N: the ops save the parameters alone and the backward works the chunk states
+// out again (phForBackward), through a recomputing block's rerun too, which replays the scan op from what its
+// first pass kept. Still mamba.py's numbers, with fewer bytes saved.
+Deno.test({
+  name:
+    "Mamba fused+recompute, chunk states worked out again in the backward: every gradient equals mamba.py",
+  ignore: noFused,
+  fn: async () => {
+    const { setFusedVariant } = await import("../scan/fused_variant.ts");
+    const { setFusedStateSaving } = await import("../scan/fused_run.ts");
+    const file = "mamba_L37.safetensors";
+    const f = await loadFixture(file);
+    const saved: number[] = [];
+    for (const recompute of [true, false] as const) {
+      for (const mode of ["keep", "recompute"] as const) {
+        const config = await fixtureConfig(file, { scan: "fused", recompute });
+        const what = `mamba_L37 ${recompute ? "fused+recompute" : "fused"}, chunk states: ${mode}`;
+        setFusedVariant(config.dState, { WG: 8, Lc: 4, chunkParallel: true }); // 10 chunks at L 37
+        setFusedStateSaving(mode);
+        const model = new Mamba(config);
+        try {
+          model.loadStateDict(new Map([...f].filter(([k]) => k.startsWith("layers."))));
+          const x = toTensor(f, "x", true);
+          const G = toTensor(f, "G");
+          const { kernels } = await kernelsRun(() =>
+            tidy(() => {
+              const before = memory().savedBytes;
+              const y = model.forward(x);
+              saved.push(memory().savedBytes - before);
+              sum(y.mul(G)).backward();
+            })
+          );
+          // the states again: a local pass and a chain per layer in the backward besides the forward's
+          const layers = config.nLayers;
+          const twice = mode === "recompute" ? 2 : 1;
+          const locals = kernels.filter((k) => k.startsWith("fused_scan_local_fwd")).length;
+          assert.equal(locals, layers * twice, `${what}: ${locals} local passes`);
+          const bound = tolerance("model");
+          await assertMatchesFixture(x.grad!, f, "grad.x", bound, `${what}: grad.x`);
+          for (const [k, p] of model.namedParameters()) {
+            await assertMatchesFixture(p.grad!, f, `grad.${k}`, bound, `${what}: grad.${k}`);
+          }
+          for (const t of [x, x.grad!, G]) t.dispose();
+        } finally {
+          model.dispose();
+          setFusedVariant(config.dState, null);
+          setFusedStateSaving(null);
+        }
+      }
+    }
+    // fewer bytes kept for the backward without the chunk states, with recompute and without
+    assert.ok(saved[1] < saved[0] && saved[3] < saved[2], `saved bytes ${saved}`);
+  },
+});
+
 /** `t[..., start:start+length]` of a fixture tensor along `dim`, on the host. */
 function narrowHost(t: DecodedTensor, dim: number, start: number, length: number): Shaped {
   const shape = t.shape.map((s, i) => (i === dim ? length : s));
