@@ -79,7 +79,8 @@ export function backwardKernel(
   const key = `bwd|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${
     v.Ls ?? v.Lc
   }|${v.WG}|${v.hbuf}|${v.S}|${v.reduce}|${v.shuffle}|${v.lanes}|${Ri}|${chunked}|${fold}|${yOut}`;
-  return cachedKernel(key, () => generateBackward({ ...shapeOf(v, block, Ri), chunked, fold, yOut }));
+  const GP = gparWidth(v.N, Ri, chunked);
+  return cachedKernel(key, () => generateBackward({ ...shapeOf(v, block, Ri), GP, chunked, fold, yOut }));
 }
 
 /** The compile-time shape of one backward kernel: its variant, state block and dt rank, and the sizes that
@@ -126,11 +127,27 @@ interface Shape {
   yOut: YOut | null;
 }
 
+/**
+ * Width of a gpar row: [dbias, dD, dA (N), lam carry (N), dW (Ri)], where the lam carry passes between the
+ * dispatches of a backward walked in order; chunk-parallel kernels take their carries from the chain and write
+ * none, so their rows, one per chunk, are [dbias, dD, dA (N), dW (Ri)]: N floats per channel and chunk fewer
+ * (with chunks of 9 at N 16, 1.8 of the 6 floats per channel and token that the rows and the chain's carries
+ * hold at the backward's peak).
+ */
+export function gparWidth(N: number, Ri: number, chunked: boolean): number {
+  return (chunked ? N : 2 * N) + 2 + Ri;
+}
+
+/** Column of dW's r-th entry in a gpar row (after the lam carry, where the row has one). */
+function dwColumn(c: Shape, r: number): number {
+  return c.GP - c.Ri + r;
+}
+
 function shapeOf(
   v: FusedVariant,
   { n0, Nb }: StateBlock,
   Ri: number,
-): Omit<Shape, "chunked" | "fold" | "yOut"> {
+): Omit<Shape, "GP" | "chunked" | "fold" | "yOut"> {
   const { N, Lc, WG } = v;
   const Ls = v.Ls ?? Lc;
   const lanes = v.lanes ?? 1;
@@ -152,7 +169,6 @@ function shapeOf(
     CW,
     TW: 2 * K + dtHere,
     PW: partialWidth(N, Ri),
-    GP: 2 * N + 2 + Ri, // [dbias, dD, dA (N), lam carry (N), dW (Ri)]
     S: stepsPerBarrier(v, Nb, CW),
     first: n0 === 0,
     last: n0 + Nb === N,
@@ -318,8 +334,10 @@ function carryIn(c: Shape): string {
     (cell, n) => `ld_gred(P.lamOff + ${cell} * ${N}u${plus(n0)} + ${st(c, n)})`,
   );
   return `// gpar row of (b, d${
-    c.chunked ? ", its chunk" : ""
-  }): [dbias, dD, dA (N), lam carry (N), dW (Ri)], accumulated over dispatches.
+    c.chunked
+      ? ", its chunk): [dbias, dD, dA (N), dW (Ri)]"
+      : "): [dbias, dD, dA (N), lam carry (N), dW (Ri)]"
+  }, accumulated over dispatches.
   let gp = P.gparOff + (${c.chunked ? "(b * P.chunks + kc) * P.ED" : "b * P.ED"} + dc) * ${GP}u;
   let more = ${c.chunked ? "false" : "P.t1 != P.chunks"}; // dispatches after the first continue from gpar
   // the first block alone sums dD and the last alone dbias; the others leave them be
@@ -334,7 +352,7 @@ function carryIn(c: Shape): string {
   ${
     c.dtHere
       ? `var gW: array<f32, ${Ri}>;
-  ${unroll(Ri, (r) => `gW[${r}] = select(0.0, ld_gred(gp + ${2 + 2 * N + r}u), more);`)}`
+  ${unroll(Ri, (r) => `gW[${r}] = select(0.0, ld_gred(gp + ${dwColumn(c, r)}u), more);`)}`
       : ""
   }`;
 }
@@ -594,9 +612,9 @@ function carryOut(c: Shape): string {
   return `if (${once(c, "valid")}) {
     ${last ? "st_gred(gp, gbias);" : ""}
     ${first ? "st_gred(gp + 1u, gD);" : ""}
-    ${dtHere ? unroll(Ri, (r) => `st_gred(gp + ${2 + 2 * N + r}u, gW[${r}]);`) : ""}
+    ${dtHere ? unroll(Ri, (r) => `st_gred(gp + ${dwColumn(c, r)}u, gW[${r}]);`) : ""}
   }
   if (valid) {
-    ${unroll(K, (n) => `${dA(n)} ${lamCarry(n)}`)}
+    ${unroll(K, (n) => `${dA(n)}${c.chunked ? "" : ` ${lamCarry(n)}`}`)}
   }`;
 }

@@ -22,7 +22,8 @@ import { cachedKernel } from "./fused_wgsl.ts";
  * In the last segment's dispatch (`P.params` = 1; the backward walks time in reverse, so that is the segment
  * starting at t = 0, after every backward dispatch), invocations n .. n + ED (N + 2 + Ri) - 1 also sum the
  * parameter gradients over the batch, one per (d, column), from `gpar` (B, ED, [dbias | dD | dA (N) | lam carry
- * (N) | dW (Ri)], at element `off` of the same buffer as the partials; or, past `presumRows` rows on GPUs, one
+ * (`lamCols`: N, or none from chunk-parallel kernels) | dW (Ri)], at element `off` of the same buffer as the
+ * partials; or, past `presumRows` rows on GPUs, one
  * row already summed by core's reduction, bound on its own: B 1, off 0) and write dbias (ED), dD (ED), dA_log
  * (ED, N) = dA * A with A = -exp(A_log), or dt_proj's weight gradient dW (ED, Ri): no dispatch of their own.
  */
@@ -87,6 +88,7 @@ function generateSums(V: 1 | 4, dt: boolean): Kernel {
       ["N", "u32"],
       ["off", "u32"], // gpar's first element
       ["Ri", "u32"],
+      ["lamCols", "u32"], // the lam carry's columns in a gpar row: N, or 0 (chunk-parallel rows have none)
     ],
     workgroupSize: 64,
     decls: `
@@ -117,10 +119,10 @@ fn sum_params(pid: u32) {
   let W = P.N + 2u + P.Ri; // the columns of gpar read here (the lam carry is left out)
   let d = pid / W;
   let c = pid % W;
-  let col = select(c, c + P.N, c >= P.N + 2u); // dW sits after the lam carry
+  let col = select(c, c + P.lamCols, c >= P.N + 2u); // dW sits after the lam carry, if any
   var acc = 0.0;
   for (var b = 0u; b < P.B; b = b + 1u) {
-    acc = acc + ld_gpar(P.off + (b * P.ED + d) * (2u * P.N + 2u + P.Ri) + col);
+    acc = acc + ld_gpar(P.off + (b * P.ED + d) * (W + P.lamCols) + col);
   }
   if (c == 0u) {
     st_gbias(d, acc);

@@ -24,7 +24,7 @@ import { copyBox, packInto } from "../core/ops/index.ts";
 import { reduceRun } from "../core/ops/reduce_kernel.ts";
 import { fmt } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
-import { backwardKernel, type YOut } from "./fused_backward_kernel.ts";
+import { backwardKernel, gparWidth, type YOut } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel, sumsLoopTrips } from "./fused_reduce_kernels.ts";
 import { chainGroups, chainKernel, localKernel } from "./fused_carry_kernels.ts";
@@ -440,12 +440,13 @@ function backwardKernels(
   const slots = u.tiles * slotsPerTile;
   const Ri = a.dtInside ? a.R : 0;
   const PW = partialWidth(N, Ri); // a partial row: [dB (N) | dC (N) | dt terms (Ri), padded]
-  const GP = 2 * N + 2 + Ri; // gpar row
+
   // chunk-parallel: gpar rows per chunk, and the chain's lam carries (B, ED, chunks, N) and sums of dt
   // (B, ED, chunks) after them in gred; walked in order where these would take more than half a binding
   // window
   const cells = B * ED * u.chunks;
-  const chunked = parallel && 4 * cells * (GP + N + 1) <= windowBytes() / 2;
+  const chunked = parallel && 4 * cells * (gparWidth(N, Ri, true) + N + 1) <= windowBytes() / 2;
+  const GP = gparWidth(N, Ri, chunked); // a gpar row: [dbias, dD, dA (N), the lam carry (N) unless chunked, dW]
   // lam carries folded by each chunk itself (MAX_CHUNKS_FOLDED); either way of the forward left the true
   // chunk states in hs
   const folded = chunked && foldsCarries(u.chunks, v.Lc);
@@ -530,8 +531,8 @@ function backwardKernels(
   const per = chunked
     ? u.chunks
     : Math.max(1, Math.min(Math.floor(MAX_STEPS / 2 / v.Lc), Math.floor((3 * MAX_STEPS) / perChunk)));
-  // The parameter gradients (summed over the batch in the last segment's sums dispatch, from gpar (B, ED,
-  // 2N + 2 + Ri) at the end of gred).
+  // The parameter gradients (summed over the batch in the last segment's sums dispatch, from gpar (B, ED, GP)
+  // at the end of gred).
   const gbias = Tensor.empty([ED]);
   const gD = Tensor.empty([ED]);
   const gAlog = Tensor.empty([ED, N]);
@@ -582,8 +583,7 @@ function backwardKernels(
     // sums the parameter gradients
     const n = B * segLen;
     const params = c0 === 0;
-    // gparSum: (ED, GP), gpar summed over its rows
-    // (all GP columns, the N lam carries among them, which nothing reads: one strided region, a few µs)
+    // gparSum: (ED, GP), gpar summed over its rows (chunk-parallel rows: no lam carry columns)
     const gparSum = params && presum ? reduceRun(gred, 1, gparRows, ED * GP, "sum", { from: gbcSize }) : null;
     const su = {
       n,
@@ -601,6 +601,7 @@ function backwardKernels(
       N,
       off: gparSum ? 0 : gbcSize,
       Ri,
+      lamCols: GP - (N + 2 + Ri),
     };
     const invocations = sumsInvocations(n, params, ED, N, Ri);
     const sumsIn = gparSum ? { ...sumBufs, gpar: gparSum.storage } : sumBufs;

@@ -33,7 +33,7 @@ import {
 } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 29;
+export const FUSED_KERNEL_VERSION = 30;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {

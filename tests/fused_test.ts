@@ -736,12 +736,12 @@ Deno.test("chunks in parallel: every chunk's kernels run at once, carries folded
       bwd: false,
       serial: true,
     });
-    // the backward's per-chunk sums and carries (512 cells x 16 floats, 32 KiB) over half a 48 KiB binding:
+    // the backward's per-chunk sums and carries (512 cells x 12 floats, 24 KiB) over half a 40 KiB binding:
     // the forward runs in parallel (256 chunks: chained), the backward in order (every buffer of the call fits
     // the window)
     setFusedVariant(4, { WG: 8, Lc: 2, chunkParallel: true });
     const real = info.limits.maxStorageBufferBindingSize;
-    info.limits.maxStorageBufferBindingSize = 48 * 1024;
+    info.limits.maxStorageBufferBindingSize = 40 * 1024;
     try {
       const r = await ran({ B: 1, L: 512, ED: 2, N: 4, R: 1, gated: true }, 23);
       assert.deepEqual({ fwd: r.fwd, bwd: r.bwd }, { fwd: "chained", bwd: false });
