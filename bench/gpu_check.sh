@@ -55,8 +55,10 @@
 # tuner's third problem, (1, 1024, 2048): its pick, and the timeline's d_model 1024 rows with it (chunks of 9
 # at 2d4b27c, 1.08 ms for the scan's backward kernel); the matmul phase's d_model 768 table (matvec against the
 # split's slices), which has never run on a GPU; lm_test's decoding with the norms inside matvec (c810197:
-# matmul_matvec_*_rms); the memory phase (the chunk states' bytes with the GPU's chunk lengths). With time to
-# spare: the generate phase (decode tokens/s with both).
+# matmul_matvec_*_rms); the memory phase (the chunk states' bytes with the GPU's chunk lengths: at N 64, where
+# N > 2 Lc, the ops now save the parameters alone and the backward works the states out again, a local pass
+# per state block and a chain more in the timeline's and report's N 64 steps; the chunk-parallel backward's
+# per-chunk parameter rows are N floats narrower). With time to spare: the generate phase (decode tokens/s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
