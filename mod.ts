@@ -67,6 +67,7 @@ export {
   isGradEnabled,
   noGrad,
   type OpDef,
+  savesForLater,
   WindowGrad,
 } from "./core/autograd.ts";
 export * from "./core/ops/index.ts";

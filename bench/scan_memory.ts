@@ -331,8 +331,8 @@ bytes the scan alone saves, and the "does not fit" demonstration; prints markdow
 bench/results/scan_memory.json.
 
   --quick            L 1024 and 2048 only; writes bench/results/scan_memory_quick.json instead
-  --lc <steps>       the fused variant with chunks of this many steps walked in parallel (as GPUs' tuners
-                     pick: 9 on the H200), states in private memory; writes no JSON
+  --lc <steps>       the fused variant with chunks of this many steps (1 to 128) walked in parallel (as
+                     GPUs' tuners pick: 9 on the H200), states in private memory; writes no JSON
   --states <how>     the ops keep the chunk states ("keep") or save the parameters alone ("recompute")
                      wherever there are chunks to chain (default: the rule, recompute where N > 2 Lc);
                      writes no JSON
@@ -353,7 +353,8 @@ if (import.meta.main) {
     if (r.values.states !== undefined && !["keep", "recompute"].includes(r.values.states)) {
       throw new UsageError(`--states must be keep or recompute, got '${r.values.states}'`);
     }
-    return { ...r, lc: r.values.lc === undefined ? null : intFlag("lc", r.values.lc, 0, 1, 4096) };
+    // private states: Lc x 16 floats of a state block per invocation, at most 2048 (setFusedVariant)
+    return { ...r, lc: r.values.lc === undefined ? null : intFlag("lc", r.values.lc, 0, 1, 128) };
   });
   const quick = values.quick ?? false;
   const states = values.states as "keep" | "recompute" | undefined;
@@ -500,7 +501,14 @@ if (import.meta.main) {
         dModel,
         ED,
         capBytesAboveBaseline: cap,
-        layer: rows.map((r) => ({ N: r.N, L: r.L, mode: r.mode, ...r.r })),
+        // each row's chunk length: the variant its call ran with (GPUs' tuners pick by problem)
+        layer: rows.map((r) => ({
+          N: r.N,
+          L: r.L,
+          mode: r.mode,
+          ...(r.mode === "pscan" ? {} : { Lc: fusedVariantFor(r.N, 1, r.L, ED).Lc }),
+          ...r.r,
+        })),
         scanSavedBytes: scanRows.map((s) => ({
           ...s,
           fusedPerToken: s.fused / s.L,

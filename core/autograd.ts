@@ -194,6 +194,34 @@ function attach(out: Tensor, node: GradNode): void {
   out.node = node;
 }
 
+/** While an op's forward runs: whether what it saves stays held until a backward that runs later (see
+ * {@linkcode savesForLater}). */
+let holdsForLater = false;
+/** Checkpoint reruns running (their backward follows their forward at once). */
+let rerunDepth = 0;
+
+/**
+ * For an op's forward: whether the tensors it saves, or keeps for a checkpoint's replay, stay held past this
+ * forward until a backward that runs later. False under noGrad or where no input requires grad (nothing is
+ * saved), and in a checkpoint's rerun (its backward follows at once). An op that can save less at the cost of
+ * recomputing in its backward asks this (the fused scan's chunk states: saving less there would only add the
+ * recomputation).
+ */
+export function savesForLater(): boolean {
+  return holdsForLater;
+}
+
+/** Runs an op's forward with {@linkcode savesForLater} answering `later`. */
+function forwardHolding<T>(later: boolean, fn: () => T): T {
+  const before = holdsForLater;
+  holdsForLater = later;
+  try {
+    return fn();
+  } finally {
+    holdsForLater = before;
+  }
+}
+
 /** Registers a differentiable op and returns the function that applies it. */
 export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tensor {
   return (inputs, attrs) => {
@@ -223,12 +251,16 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
         );
         replayedOutputs.add(out);
       } else {
-        out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save)));
+        out = forwardHolding(false, () => noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save))));
       }
     } else if (def.replay && ctx?.mode === "keep") {
       const kept: Tensor[] = [];
       const from = nextTensorId();
-      out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save, (...t) => kept.push(...t))));
+      // what it keeps is held until the checkpoint's rerun
+      out = forwardHolding(
+        rerunDepth === 0,
+        () => noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save, (...t) => kept.push(...t)))),
+      );
       // only tensors this forward made (not inputs, parameters or captured ones, which others dispose)
       const bad = kept.find((t) => t === out || t.id < from || t.kept);
       if (bad) {
@@ -246,7 +278,8 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
         else saved.splice(i, 1);
       }
     } else {
-      out = noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save)));
+      const later = rerunDepth === 0 && gradEnabled && inputs.some((t) => t.requiresGrad);
+      out = forwardHolding(later, () => noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save))));
     }
     return record(
       out,
@@ -815,9 +848,11 @@ function rerun(
     keepContexts.push(ctx);
     const before = new Set(replayedOutputs);
     let y: Tensor;
+    rerunDepth++;
     try {
       y = enableGrad(() => fn(...leaves));
     } finally {
+      rerunDepth--;
       keepContexts.pop();
       // this rerun's replayed outputs leave the set (only backpropagated from, below)
       for (const t of [...replayedOutputs]) if (!before.has(t)) replayedOutputs.delete(t);

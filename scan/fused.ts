@@ -25,7 +25,7 @@
  * @module
  */
 
-import { defineOp, type GradTargets, WindowGrad } from "../core/autograd.ts";
+import { defineOp, type GradTargets, savesForLater, WindowGrad } from "../core/autograd.ts";
 import { copyBox } from "../core/ops/index.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt, stridesOf } from "../core/shape.ts";
@@ -78,10 +78,11 @@ export function needed(grads: (Tensor | null)[], inputs: readonly Tensor[]): (Te
   return grads.map((t, i) => (!t || inputs[i].requiresGrad ? t : (t.dispose(), null)));
 }
 
-/** What an op saves of a forward's `ph`: where an input needs a gradient, {@linkcode phForBackward}'s choice
- * (the parameters alone where the chunk states would outweigh the inputs); else ph, which nothing saves. */
-export function phSaved(ph: Tensor, inputs: readonly Tensor[]): Tensor {
-  return inputs.some((t) => t.requiresGrad) ? phForBackward(ph) : ph;
+/** What an op saves of a forward's `ph`: where it is held until a later backward ({@linkcode savesForLater}),
+ * {@linkcode phForBackward}'s choice (the parameters alone where the chunk states would outweigh the inputs);
+ * else ph (nothing saves it, or a checkpoint's rerun, whose backward follows at once, reads it). */
+export function phSaved(ph: Tensor): Tensor {
+  return savesForLater() ? phForBackward(ph) : ph;
 }
 
 const fusedOp = defineOp<FusedAttrs>({
@@ -89,7 +90,7 @@ const fusedOp = defineOp<FusedAttrs>({
   forward: (inputs, a, save) => {
     const [x, draw, dBC, bias, A_log, D, z] = inputs;
     const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D], z ?? null, a); // par: (ED + ED*N + ED)
-    save(x, draw, dBC, A_log, phSaved(ph, inputs), ...(z ? [z] : []));
+    save(x, draw, dBC, A_log, phSaved(ph), ...(z ? [z] : []));
     return y;
   },
   backward: (g, saved, inputs, a, targets) => {
@@ -114,7 +115,7 @@ const dtScanOp = defineOp<FusedAttrs>({
   forward: (inputs, a, save) => {
     const [x, dBC, W, bias, A_log, D, z] = inputs;
     const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z ?? null, a);
-    save(x, dBC, A_log, phSaved(ph, inputs), ...(z ? [z] : []), ...(dt ? [dt, W] : []));
+    save(x, dBC, A_log, phSaved(ph), ...(z ? [z] : []), ...(dt ? [dt, W] : []));
     return y;
   },
   backward: (g, saved, inputs, a, targets) => {

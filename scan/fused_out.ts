@@ -47,7 +47,7 @@ const scanOutOp = defineOp<ScanOutAttrs>({
     y.dispose();
     const out = ob ? add(r, ob) : r; // out: (B, L, Dm)
     if (out !== r) r.dispose();
-    const kept = phSaved(ph, inputs); // ph, or the parameters alone (phForBackward)
+    const kept = phSaved(ph); // ph, or the parameters alone (phForBackward)
     save(x, dBC, A_log, kept, z, Wout, ...(dt ? [dt, W] : []));
     keep?.(kept); // all that a checkpoint's rerun needs besides the inputs, which it recomputes
     return out;

@@ -23,7 +23,7 @@ import { recordClear } from "../core/executor.ts";
 import { copyBox, packInto } from "../core/ops/index.ts";
 import { reduceRun } from "../core/ops/reduce_kernel.ts";
 import { fmt } from "../core/shape.ts";
-import { Tensor } from "../core/tensor.ts";
+import { freeOnThrow, Tensor } from "../core/tensor.ts";
 import { backwardKernel, gparWidth, type YOut } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
 import { sumsInvocations, sumsKernel, sumsLoopTrips } from "./fused_reduce_kernels.ts";
@@ -314,20 +314,22 @@ function statesAgain(
   a: FusedAttrs,
 ) {
   const { B, ED, v, u } = sizes(x, dBC, a, z, ranWith.get(par.storage));
-  const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
-  ranWith.set(ph.storage, ranWith.get(par.storage)!);
-  ranShape.set(ph.storage, ranShape.get(par.storage)!);
-  packInto(ph, [par]);
-  const sdt = Tensor.empty([B * ED * u.chunks]); // sdt: each chunk's sum of dt (B, ED, chunks)
-  const cu = { ...u, N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
-  const bufs = { ...scanInputs(x, draw, dBC, ph, z), out: sdt.storage };
-  const Ri = a.dtInside ? a.R : 0;
-  for (const block of stateBlocks(v)) {
-    dispatch(localKernel(v, block, Ri, "fwd"), bufs, cu, B * u.tiles * u.chunks);
-  }
-  dispatchChain("fwd", { ph: ph.storage, out: sdt.storage }, cu, B * ED * a.N, u.chunks);
-  sdt.dispose();
-  return ph;
+  return freeOnThrow(() => { // an allocation past a memory limit leaves nothing behind
+    const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
+    ranWith.set(ph.storage, ranWith.get(par.storage)!);
+    ranShape.set(ph.storage, ranShape.get(par.storage)!);
+    packInto(ph, [par]);
+    const sdt = Tensor.empty([B * ED * u.chunks]); // sdt: each chunk's sum of dt (B, ED, chunks)
+    const cu = { ...u, N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
+    const bufs = { ...scanInputs(x, draw, dBC, ph, z), out: sdt.storage };
+    const Ri = a.dtInside ? a.R : 0;
+    for (const block of stateBlocks(v)) {
+      dispatch(localKernel(v, block, Ri, "fwd"), bufs, cu, B * u.tiles * u.chunks);
+    }
+    dispatchChain("fwd", { ph: ph.storage, out: sdt.storage }, cu, B * ED * a.N, u.chunks);
+    sdt.dispose();
+    return ph;
+  });
 }
 
 /**

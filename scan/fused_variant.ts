@@ -262,8 +262,7 @@ export interface ProblemVariant {
 
 const byProblem = new Map<number, ProblemVariant[]>();
 
-/** A call this close to a problem in L / (B ED) and in B L ED (a factor, either way) takes that problem's
- * variant. */
+/** A call this close to a problem in L / (B ED) (a factor, either way) may take that problem's variant. */
 export const NEAR_PROBLEM = 4;
 
 /**
@@ -287,25 +286,23 @@ export function fusedVariantsByProblem(N: number): ProblemVariant[] {
  * The variant for one call of shape (B, L, ED). A long walk over few channels leaves a GPU idle unless chunks
  * are walked in parallel; a short walk over many channels is faster in order (on the H200 the tuner's pick for
  * both took 0.79 ms on (4, 256, 128), the fastest there 0.51); and a wide layer fills the GPU at any chunk
- * length, where short chunks only add traffic (the chunk states). So a call takes the variant fastest on the
- * nearest of the tuner's problems by two measures on log scales, its walk L / (B ED) and its size B L ED (a
- * call larger than every problem counts as the largest, smaller than every one as the smallest: past them the
- * GPU is full, or idle, either way), if both are within a factor NEAR_PROBLEM of that problem's. Other calls,
- * and every call where the tuner measured one problem, take {@linkcode fusedVariant}.
+ * length, where short chunks only add traffic (the chunk states). So a call whose walk L / (B ED) is within a
+ * factor NEAR_PROBLEM of one or more of the tuner's problems takes the variant fastest on the nearest of those
+ * by both its walk and its size B L ED (the larger of the two distances, on log scales; ties go to the problem
+ * listed first). Other calls, and every call where the tuner measured one problem, take
+ * {@linkcode fusedVariant}.
  */
 export function fusedVariantFor(N: number, B: number, L: number, ED: number): FusedVariant {
   const picks = byProblem.get(N);
   if (!picks) return fusedVariant(N);
-  let [lo, hi] = [Infinity, -Infinity]; // the problems' sizes
-  for (const { problem: [b, l, ed] } of picks) {
-    [lo, hi] = [Math.min(lo, logSize(b, l, ed)), Math.max(hi, logSize(b, l, ed))];
-  }
-  const [w, s] = [logWalk(B, L, ED), Math.min(Math.max(logSize(B, L, ED), lo), hi)];
+  const [w, s] = [logWalk(B, L, ED), logSize(B, L, ED)];
+  const near = Math.log(NEAR_PROBLEM) + 1e-9; // a factor of exactly 4 counts, whatever the rounding
   let best: FusedVariant | null = null;
-  let bestDist = Math.log(NEAR_PROBLEM);
+  let bestDist = Infinity;
   for (const { problem: [b, l, ed], variant } of picks) {
-    const d = Math.max(Math.abs(w - logWalk(b, l, ed)), Math.abs(s - logSize(b, l, ed)));
-    if (d <= bestDist) [best, bestDist] = [variant, d];
+    const dw = Math.abs(w - logWalk(b, l, ed));
+    const d = Math.max(dw, Math.abs(s - logSize(b, l, ed)));
+    if (dw <= near && d < bestDist) [best, bestDist] = [variant, d];
   }
   return best ?? fusedVariant(N);
 }

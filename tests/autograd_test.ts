@@ -638,6 +638,51 @@ Deno.test("checkpoint replays an op with `replay`: its forward runs once, gradie
   assert.deepEqual(twiceInputsOnly.g, twice.g, "retained graph, twice, bit for bit");
 });
 
+Deno.test("savesForLater: true where an op's saved or kept tensors wait for a later backward; false under noGrad, without inputs needing grad, and in a checkpoint's rerun", () => {
+  const seen: boolean[] = [];
+  const op = defineOp<Record<string, never>>({
+    name: "asks",
+    forward: ([x], _a, save, keep) => {
+      seen.push(M.savesForLater());
+      const e = M.exp(x);
+      save(e);
+      keep?.(e);
+      return M.mul(e, 2);
+    },
+    replay: ([x], _a, [e], save) => {
+      save(e);
+      return M.Tensor.hollow(x.shape);
+    },
+    backward: (g, [e]) => [M.mul(M.mul(g, e), 2)],
+  });
+  // a plain op: asks in its forward only
+  const plain = defineOp<Record<string, never>>({
+    name: "asksPlain",
+    forward: ([x], _a, save) => {
+      seen.push(M.savesForLater());
+      save(x);
+      return M.mul(x, x);
+    },
+    backward: (g, [x]) => [M.mul(M.mul(g, x), 2)],
+  });
+  const x = tensor([0.5, -1], [2]).requiresGrad_();
+  const c = tensor([1, 2], [2]);
+  tidy(() => {
+    op([x], {}).sum().backward(); // recorded: true
+    noGrad(() => op([x], {})); // false
+    op([c], {}); // no input needs grad: false
+    // a checkpoint's first pass keeps for its replay (true); its rerun replays, its forward does not run
+    checkpoint((u) => op([u], {}), x).sum().backward();
+    // checkpointInputsOnly: the first pass saves nothing (false), the rerun's forward feeds a backward that
+    // follows at once (false)
+    checkpointInputsOnly((u) => plain([u], {}), x).sum().backward();
+    plain([x], {}); // true again after the reruns
+  });
+  assert.deepEqual(seen, [true, false, false, true, false, false, true]);
+  assert.equal(M.savesForLater(), false, "outside a forward");
+  dispose([x, x.grad!, c]);
+});
+
 Deno.test("checkpoint replay: an op reading a replayed output, or a rerun running other ops, throws; no grad or a nested checkpoint computes", async () => {
   const { runs, twoExp } = replayableExp();
   const x = toTensor(rand([4, 3], 32), true);

@@ -3,6 +3,7 @@ import { deviceInfo, fixedSubgroupSize, init } from "../core/device.ts";
 import { full, randn, tensor } from "../core/creation.ts";
 import { add, exp, matmul, mul, narrow, neg, softplus, sum } from "../core/ops/index.ts";
 import { Tensor, tidy } from "../core/tensor.ts";
+import { noGrad } from "../core/autograd.ts";
 import { memory } from "../core/memory.ts";
 import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan } from "../scan/fused.ts";
 import {
@@ -839,6 +840,18 @@ Deno.test("chunk states that would outweigh the inputs (N > 2 Lc) are not saved:
     }
     const par = 6 * (16 + 2); // bias, A_log, D
     assert.equal(saved[0] - saved[1], pooled(par + 2 * 6 * 10 * 16) - pooled(par), `saved bytes ${saved}`);
+    // under noGrad nothing is saved, so nothing is dropped either: the same kernels whatever the mode
+    const ran: string[][] = [];
+    for (const mode of ["keep", "recompute"] as const) {
+      setFusedStateSaving(mode);
+      const t = inputs(base, 64);
+      const { kernels } = await kernelsRun(() =>
+        noGrad(() => fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, t.z).dispose())
+      );
+      ran.push(kernels);
+      for (const v of Object.values(t)) v.dispose();
+    }
+    assert.deepEqual(ran[1], ran[0], "noGrad: no copy of the parameters");
     // one chunk: nothing to chain, ph kept whatever the mode
     const one = { ...base, L: 4 };
     const { kernels } = await kernelsRun(() => compare(one, 63));
@@ -955,19 +968,21 @@ Deno.test("variants by problem: a call near a problem's shape runs that problem'
       { problem: [1, 2048, 32], variant: narrowPick }, // 64, 2^16
       { problem: [1, 1024, 2048], variant: wide }, // 0.5, 2^21
     ]);
-    // the nearest problem by L / (B ED) and B L ED (clamped to the problems' sizes) if both are within a
-    // factor of 4, else the pick
+    // among the problems within a factor of 4 in L / (B ED), the nearest by that and B L ED; else the pick
     for (
       const [B, L, ED, want] of [
         [4, 256, 128, small],
-        [1, 16, 32, small], // 0.5, 2^9: as small as the smallest, 2^16
+        [1, 16, 32, small], // 0.5, 2^9: far smaller than any, nearest the first in size
         [2, 256, 256, small], // 0.5, 2^17
         [1, 512, 512, small], // 1, 2^18: 2x from the first, 8x from the third in size
         [1, 1024, 1536, wide], // 0.67, 1.5 x 2^20
         [1, 1024, 2048, wide],
-        [8, 2048, 2048, wide], // 0.125, 2^25: as large as the largest
+        [8, 2048, 2048, wide], // 0.125, 2^25: far larger than any, nearest the third
         [1, 2048, 32, narrowPick],
         [1, 1024, 32, narrowPick], // 32
+        [1, 8192, 128, narrowPick], // 64, 2^20: 16x the second's size, but the only walk near
+        [1, 2048, 128, narrowPick], // 16: exactly 4x from the second's walk
+        [1, 4096, 16, narrowPick], // 256: 4x too, where the logs' difference rounds above log 4
         [1, 1024, 128, pick], // 8: 16x and 8x away
         [1, 16, 1024, pick], // 0.016
         [16, 1024, 2048, pick], // 0.03: 16x away in walk
@@ -982,7 +997,7 @@ Deno.test("variants by problem: a call near a problem's shape runs that problem'
     for (
       const [c, lc, local] of [
         [{ B: 1, L: 160, ED: 4, N: 16, R: 2, gated: true }, "_Lc16_", true], // 40
-        [{ B: 2, L: 20, ED: 24, N: 16, R: 2, gated: true }, "_Lc32_", false], // 0.42, 960: as the smallest
+        [{ B: 2, L: 20, ED: 24, N: 16, R: 2, gated: true }, "_Lc32_", false], // 0.42, 960
         [{ B: 1, L: 100, ED: 12, N: 16, R: 2, gated: false }, "_Lc64_", false], // 8.3
       ] as [Case, string, boolean][]
     ) {
