@@ -856,6 +856,35 @@ Deno.test("chunk states that would outweigh the inputs (N > 2 Lc) are not saved:
     const one = { ...base, L: 4 };
     const { kernels } = await kernelsRun(() => compare(one, 63));
     assert.equal(count(kernels, "fused_scan_chain_fwd"), 0);
+    // at N = 2 Lc the rule keeps them (chunks of 8 in order: no local pass anywhere)
+    setFusedStateSaving(null);
+    setFusedVariant(16, { WG: 8, Lc: 8 });
+    const even = await kernelsRun(() => compare(base, 65));
+    assert.equal(count(even.kernels, "fused_scan_local_fwd"), 0, "N = 2 Lc: the states kept");
+    // the forward kernel again for the gated y, from the parameters alone: dt_proj outside (R 9), two state
+    // blocks and 10 storage buffers leave no binding for y
+    const info = deviceInfo();
+    const buffers = info.limits.maxStorageBuffersPerShaderStage;
+    setFusedVariant(32, { WG: 8, Lc: 4, Nb: 16 });
+    info.limits.maxStorageBuffersPerShaderStage = 10;
+    try {
+      const c: Case = { B: 1, L: 24, ED: 6, N: 32, R: 9, gated: true, dtWeight: true, outProj: "residual" };
+      const { kernels } = await kernelsRun(() => compare(c, 66));
+      assert.equal(count(kernels, "fused_scan_local_fwd"), 2, `the states again, two blocks: ${kernels}`);
+      assert.equal(count(kernels, "fused_scan_fwd_"), 4, `the forward, then again for y: ${kernels}`);
+    } finally {
+      info.limits.maxStorageBuffersPerShaderStage = buffers;
+      setFusedVariant(32, null);
+    }
+    // a forward walked in order in two dispatches (16384 steps each at most), its states worked out again
+    setFusedVariant(16, { WG: 8, Lc: 4 });
+    const long = await kernelsRun(() => compare({ B: 1, L: 16400, ED: 2, N: 16, R: 2, gated: true }, 67));
+    assert.equal(
+      count(long.kernels, "fused_scan_fwd_"),
+      2,
+      `${long.kernels.filter((k) => k.startsWith("fused"))}`,
+    );
+    assert.equal(count(long.kernels, "fused_scan_local_fwd"), 1);
   } finally {
     setFusedVariant(16, null);
     setFusedStateSaving(null);
