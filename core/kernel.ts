@@ -216,8 +216,8 @@ let bindGroupTotal = 0;
 const MAX_BIND_GROUPS = 16384;
 const entriesOfBuffer = new Map<GPUBuffer, Set<BindEntry>>();
 
-/** Mixes one number into a hash, kept within V8's small integers (fast Map keys): the bind groups' and
- * matmul's plans' caches hash their keys with it. */
+/** Mixes one number into a hash, kept within V8's small integers (fast Map keys): the bind groups' cache and
+ * `KeyedCache` (matmul's plans) hash their keys with it. */
 export function mix(h: number, id: number): number {
   return Math.imul(h ^ id, 0x01000193) & 0x3fffffff;
 }

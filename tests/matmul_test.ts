@@ -21,6 +21,7 @@ import {
 import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneMatvec, tuneResult } from "../core/tune.ts";
 import { matmulGpuSplit, matmulMatvec, type MatmulOptions, matmulPlan } from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
+import { hashKey, KeyedCache } from "../core/keyed_cache.ts";
 import { kernelsRun, withPlans } from "./helpers.ts";
 
 await init();
@@ -656,4 +657,29 @@ Deno.test("the tuner's cached choice carries the GPU split and matvec", async ()
       storage.setItem(key, before);
     }
   });
+});
+
+Deno.test("matmul's plan cache (KeyedCache): keys whose hashes collide are told apart, the key is copied, and past its size it starts over", () => {
+  const made: string[] = [];
+  const make = (k: string) => (made.push(k), `plan ${k}`);
+  const cache = new KeyedCache<string>(3, () => 7); // every key in one bucket
+  const key = [1, 2, 3];
+  assert.equal(cache.get(key, make, "a"), "plan a");
+  key[2] = 4; // the same scratch array, another problem
+  assert.equal(cache.get(key, make, "b"), "plan b", "a colliding key is another entry");
+  assert.equal(cache.get([1, 2, 3], make, "x"), "plan a", "the first key was copied when stored");
+  assert.equal(cache.get([1, 2, 4], make, "x"), "plan b");
+  assert.equal(cache.get([1, 2], make, "c"), "plan c", "a prefix is another key");
+  assert.deepEqual(made, ["a", "b", "c"]);
+  assert.equal(cache.size, 3);
+  cache.get([9], make, "d"); // past 3: starts over with this one
+  assert.equal(cache.size, 1);
+  assert.equal(cache.get([1, 2, 3], make, "e"), "plan e", "made again after the clear");
+  assert.deepEqual(made, ["a", "b", "c", "d", "e"]);
+  // the default hash: different keys, different buckets here; equal keys, equal hashes
+  assert.notEqual(hashKey([64, 1024, 16]), hashKey([64, 16, 1024]));
+  assert.equal(hashKey([5, 6]), hashKey([5, 6]));
+  // and matmul's plans through it: the same plan for the same problem, another for another
+  assert.deepEqual(matmulPlan(64, 256, 32), matmulPlan(64, 256, 32));
+  assert.notDeepEqual(matmulPlan(64, 256, 32).workgroups, matmulPlan(640, 256, 32).workgroups);
 });

@@ -34,7 +34,8 @@
 
 import { defineOp, type GradTargets, noGrad } from "../autograd.ts";
 import { deviceInfo, fixedSubgroupSize } from "../device.ts";
-import { dispatch, type Kernel, mix } from "../kernel.ts";
+import { dispatch, type Kernel } from "../kernel.ts";
+import { KeyedCache } from "../keyed_cache.ts";
 import { broadcastShapes, fmt, padRank, sameShape, type Shape, sizeOf, stridesOf } from "../shape.ts";
 import type { Storage } from "../memory.ts";
 import { Tensor } from "../tensor.ts";
@@ -258,42 +259,25 @@ function planFor(p: Problem): Plan {
 
 /** Plans by problem (see matmulRaw): on a GPU the host's time per op bounds small work, and planning (the
  * kernel's layout and its key, the K split) took about half as long as recording the matmul's dispatch (V8's
- * profiler, a fused layer step). Found by a hash of the problem's numbers (entries of equal hashes share a
- * bucket), as bind groups are: a string key per call made about 4 of the 127 KB of garbage of a fused layer
- * step (V8's sampling heap profiler, d_model 16). */
-const plans = new Map<number, { key: number[]; plan: Plan }[]>();
-let planCount = 0;
-const MAX_PLANS = 4096;
+ * profiler, a fused layer step). Found by a hash of the problem's numbers: a string key per call made about 4
+ * of the 127 KB of garbage of a fused layer step (V8's sampling heap profiler, d_model 16). */
+const plans = new KeyedCache<Plan>(4096);
+/** The key of the problem being looked up, reused: no allocation per call. */
+const planKey = [0, 0, 0, 0, 0, 0];
 const VARIANT_CODE: Record<MatmulVariant, number> = { register: 0, tiled: 1, subgroup: 2 };
 
 /** The plan of a problem, made once (see `plans`). */
 function cachedPlan(p: Problem): Plan {
   const { variant, transA, transB, M, N, K, nb } = p;
   // the key holds everything a plan depends on, the subgroup size, adapter kind, GPU split and matvec included
-  const flags = VARIANT_CODE[variant] | (+transA << 2) | (+transB << 3) |
+  planKey[0] = VARIANT_CODE[variant] | (+transA << 2) | (+transB << 3) |
     (+deviceInfo().isFallbackAdapter << 4) | (+gpuSplit << 5) | (+matvecOn << 6);
-  const sub = fixedSubgroupSize() ?? 0;
-  const h = mix(mix(mix(mix(mix(mix(0x2f1a3b, flags), M), N), K), nb), sub);
-  const bucket = plans.get(h);
-  if (bucket) {
-    for (const e of bucket) {
-      const k = e.key;
-      if (k[0] === flags && k[1] === M && k[2] === N && k[3] === K && k[4] === nb && k[5] === sub) {
-        return e.plan;
-      }
-    }
-  }
-  if (planCount >= MAX_PLANS) { // a workload of ever new shapes: start over, do not grow
-    plans.clear();
-    planCount = 0;
-  }
-  const plan = planFor(p);
-  const entry = { key: [flags, M, N, K, nb, sub], plan };
-  const list = plans.get(h); // after a clear, the bucket found above is gone
-  if (list) list.push(entry);
-  else plans.set(h, [entry]);
-  planCount++;
-  return plan;
+  planKey[1] = M;
+  planKey[2] = N;
+  planKey[3] = K;
+  planKey[4] = nb;
+  planKey[5] = fixedSubgroupSize() ?? 0;
+  return plans.get(planKey, planFor, p);
 }
 
 /** How {@linkcode matmulRaw} lays out one problem on this device (see {@linkcode matmulPlan}). */
