@@ -240,14 +240,10 @@ export function fusedScanForward(
     const carry = folded ? Tensor.empty([cells * (a.N + 1)]) : null; // carry: [local states | sums of dt]
     const out = (carry ?? y).storage;
     const offsets = { locOff: 0, sdtOff: carry ? cells * a.N : 0 };
-    const cu = { ...u, N: a.N, hsOff: parSize, ...offsets };
-    const groups = B * u.tiles * u.chunks;
-    for (const block of blocks) {
-      dispatch(localKernel(v, block, Ri, "fwd", folded), { ...bufs, out }, cu, groups);
-    }
-    if (!folded) dispatchChain("fwd", { ph: ph.storage, out }, cu, B * ED * a.N, u.chunks);
+    localStates(v, Ri, bufs, out, ph, { ...u, N: a.N, hsOff: parSize, ...offsets }, folded);
     const uni = { ...u, hsOff: parSize, t0: 0, t1: L, ...(carry ? offsets : {}) };
     const main = carry ? { ...bufs, carry: carry.storage } : bufs;
+    const groups = B * u.tiles * u.chunks;
     for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true, folded), main, uni, groups);
     carry?.dispose();
     return { y, ph };
@@ -259,6 +255,29 @@ export function fusedScanForward(
     for (const block of blocks) dispatch(forwardKernel(v, block, Ri), bufs, uni, B * u.tiles);
   }
   return { y, ph };
+}
+
+/**
+ * The chunk-parallel forward's first two steps: every chunk from a zero state (its local state and its sum of
+ * dt, into `out`; the local states into hs, or with `folded` into `out` too), one dispatch per state block;
+ * then, unless the main kernels fold the carries themselves, the chain, which turns the local states in hs
+ * into the state after each chunk. `cu`: the call's uniforms with N and where hs, the local states and the
+ * sums sit.
+ */
+function localStates(
+  v: FusedVariant,
+  Ri: number,
+  bufs: Record<string, Storage>,
+  out: Storage,
+  ph: Tensor,
+  cu: ReturnType<typeof sizes>["u"] & { N: number; hsOff: number; locOff: number; sdtOff: number },
+  folded: boolean,
+): void {
+  const groups = cu.B * cu.tiles * cu.chunks;
+  for (const block of stateBlocks(v)) {
+    dispatch(localKernel(v, block, Ri, "fwd", folded), { ...bufs, out }, cu, groups);
+  }
+  if (!folded) dispatchChain("fwd", { ph: ph.storage, out }, cu, cu.B * cu.ED * cu.N, cu.chunks);
 }
 
 /** Saved `ph`s that hold the parameters alone (`phForBackward`): the backward works the chunk states out
@@ -321,12 +340,7 @@ function statesAgain(
     packInto(ph, [par]);
     const sdt = Tensor.empty([B * ED * u.chunks]); // sdt: each chunk's sum of dt (B, ED, chunks)
     const cu = { ...u, N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
-    const bufs = { ...scanInputs(x, draw, dBC, ph, z), out: sdt.storage };
-    const Ri = a.dtInside ? a.R : 0;
-    for (const block of stateBlocks(v)) {
-      dispatch(localKernel(v, block, Ri, "fwd"), bufs, cu, B * u.tiles * u.chunks);
-    }
-    dispatchChain("fwd", { ph: ph.storage, out: sdt.storage }, cu, B * ED * a.N, u.chunks);
+    localStates(v, a.dtInside ? a.R : 0, scanInputs(x, draw, dBC, ph, z), sdt.storage, ph, cu, false);
     sdt.dispose();
     return ph;
   });
@@ -405,12 +419,12 @@ export function fusedScanBackward(
   gzInto: Tensor | null = null,
   emitY = false,
 ): FusedGrads {
-  if (!statesDropped.has(ph.storage)) return backwardKernels(g, x, draw, dBC, A_log, ph, z, a, gzInto, emitY);
-  const full = statesAgain(x, draw, dBC, ph, z, a); // ph: the parameters alone (phForBackward)
+  // ph the parameters alone (phForBackward): the chunk states again first
+  const full = statesDropped.has(ph.storage) ? statesAgain(x, draw, dBC, ph, z, a) : null;
   try {
-    return backwardKernels(g, x, draw, dBC, A_log, full, z, a, gzInto, emitY);
+    return backwardKernels(g, x, draw, dBC, A_log, full ?? ph, z, a, gzInto, emitY);
   } finally {
-    full.dispose();
+    full?.dispose();
   }
 }
 
