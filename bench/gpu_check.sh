@@ -58,7 +58,10 @@
 # matmul_matvec_*_rms); the memory phase (the chunk states' bytes with the GPU's chunk lengths: at N 64, where
 # N > 2 Lc, the ops now save the parameters alone and the backward works the states out again, a local pass
 # per state block and a chain more in the timeline's and report's N 64 steps; the chunk-parallel backward's
-# per-chunk parameter rows are N floats narrower). With time to spare: the generate phase (decode tokens/s).
+# per-chunk parameter rows are N floats narrower); the forward walking longer chunks than the backward (`Lf`,
+# FUSED_KERNEL_VERSION 31): the adapter phase's candidates with "Lf" and their times against the same without,
+# which problems pick one, and the report's roofline "walk" column with its GB/s at d_model 1024 (22% of the
+# copy bandwidth at 2d4b27c with chunks of 9). With time to spare: the generate phase (decode tokens/s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6

@@ -48,6 +48,7 @@ import { fusedScanForward } from "../scan/fused_run.ts";
 import {
   type FusedVariant,
   fusedVariant,
+  fusedVariantFor,
   fusedVariantsByProblem,
   setFusedVariant,
   setFusedVariantsByProblem,
@@ -402,6 +403,9 @@ export interface RooflineRow {
   /** Dispatches per call: one per state block (ceil(N / Nb)), each walking all L steps (absent in older
    * reports). */
   dispatchesPerCall?: number;
+  /** The variant's walk (absent in older reports): chunk length Lc, and with chunks in parallel, "parallel"
+   * and the forward's walk Lf where it is longer than Lc. */
+  walk?: string;
   /** Median ms per kernel call (many calls per wait). */
   ms: number;
   /** bytes / time. */
@@ -440,10 +444,13 @@ export async function rooflineFused(
   let k = 1;
   let stateBytes = 0;
   let dispatchesPerCall = 0;
+  let walk = "";
   try {
     const d0 = dispatchCount();
     const first = fusedScanForward(t.x, t.draw, t.dBC, [t.par], t.z, { R, N, gated: true });
     dispatchesPerCall = dispatchCount() - d0;
+    const v = fusedVariantFor(N, 1, L, ED);
+    walk = `Lc ${v.Lc}${v.chunkParallel ? `, parallel${v.Lf && v.Lf > v.Lc ? `, Lf ${v.Lf}` : ""}` : ""}`;
     stateBytes = 4 * (first.ph.size - t.par.size); // ph = [par | hs]
     first.y.dispose();
     first.ph.dispose();
@@ -473,6 +480,7 @@ export async function rooflineFused(
     bytes,
     stateBytes,
     dispatchesPerCall,
+    walk,
     ms,
     GBs: bytes / (ms / 1000) / 1e9,
     GUpdatesPerS,
@@ -645,11 +653,11 @@ export function reportMarkdown(rep: ScanReport): string {
     `state is split into blocks (one dispatch per block), each further block's re-reads of x, draw, z, B, C ` +
     `and read-modify-write of y: with 4 blocks the real traffic is about 4-5x the minimal bytes.`,
     "",
-    "| d_model | ED | N | L | minimal MiB | hs MiB (not counted) | dispatches (state blocks) | ms per call | " +
+    "| d_model | ED | N | L | walk | minimal MiB | hs MiB (not counted) | dispatches | ms per call | " +
     "GB/s (minimal bytes) | minimal bytes / copy bandwidth | state updates (G/s) |",
-    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ...rep.roofline.rows.map((r) =>
-      `| ${r.dModel} | ${r.ED} | ${r.N} | ${r.L} | ${(r.bytes / 2 ** 20).toFixed(1)} | ` +
+      `| ${r.dModel} | ${r.ED} | ${r.N} | ${r.L} | ${r.walk ?? "-"} | ${(r.bytes / 2 ** 20).toFixed(1)} | ` +
       `${r.stateBytes === undefined ? "-" : (r.stateBytes / 2 ** 20).toFixed(2)} | ` +
       `${r.dispatchesPerCall ?? "-"} | ${fmtMs(r.ms)} | ${r.GBs.toFixed(2)} | ` +
       `${(100 * r.GBs / rep.roofline.copyGBs).toFixed(1)}% | ${r.GUpdatesPerS.toFixed(2)} |`

@@ -14,9 +14,12 @@
  * backward also g. Writes: the chunk's local state into `loc` (B, ED, chunks, N) (the forward: the chunk
  * states hs in `ph`, or with folded carries a scratch `out` at `locOff`; the backward: in `out` at `locOff`)
  * and, from the first state block, S into `sdt` (B, ED, chunks) (in `out`, at `sdtOff`). With few chunks no
- * chain follows: the main kernels fold their carries from these (`foldCarry`, MAX_CHUNKS_FOLDED).
+ * chain follows: the main kernels fold their carries from these (`foldCarry`, MAX_CHUNKS_FOLDED). The forward
+ * with `Lf` > Lc walks G = Lf / Lc chunks per workgroup instead of one: its local state goes into hs at the
+ * cell of its last chunk (or into the scratch `out`, one cell per walk), its S beside it, one per walk.
  *
- * `fused_scan_chain_{fwd,bwd}` (template: the runs per chain, 1 or `_seg{S}`).
+ * `fused_scan_chain_{fwd,bwd}` (template: the runs per chain, 1 or `_seg{S}`; the forward's chunks per walk G,
+ * `_G{G}` above 1, whose links are the walks' cells in hs: the last chunk of each).
  * Owns: an invocation owns one (b, d, n) and walks the chunks in order, the forward up, h = exp(A S_k) h +
  * loc_k, leaving loc_k = h, the state after chunk k; the backward down, leaving loc_k = m, the carry into
  * chunk k from the chunks after it, then m = loc_k + exp(A S_k) m. Reads A_log from `ph` and S; reads and
@@ -43,6 +46,8 @@ import {
   scanInputBuffers,
   UNIFORMS,
   unroll,
+  walkChunks,
+  walksOf,
 } from "./fused_wgsl.ts";
 
 /** Which carry: the forward's state h, or the backward's lam. */
@@ -70,9 +75,10 @@ export function localKernel(
   folded = false,
 ): Kernel {
   const inOut = dir === "bwd" || folded; // where the local states go: `out` at locOff, else hs in ph
+  const G = dir === "fwd" ? walkChunks(v) : 1;
   const key =
-    `local|${dir}|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${v.WG}|${v.shuffle}|${v.lanes}|${Ri}|${inOut}`;
-  return cachedKernel(key, () => generateLocal(v, block, Ri, dir, inOut));
+    `local|${dir}|${v.N}|${block.Nb}|${block.n0}|${v.Lc}|${G}|${v.WG}|${v.shuffle}|${v.lanes}|${Ri}|${inOut}`;
+  return cachedKernel(key, () => generateLocal(v, block, Ri, dir, inOut, G));
 }
 
 function generateLocal(
@@ -81,8 +87,10 @@ function generateLocal(
   Ri: number,
   dir: CarryDirection,
   inOut: boolean,
+  G: number,
 ): Kernel {
   const { N, Lc, WG } = v;
+  const W = walksOf(G);
   const shuffle = v.shuffle === true;
   const lanes = v.lanes ?? 1;
   const K = Nb / lanes;
@@ -98,9 +106,11 @@ function generateLocal(
   const loc = (n: number) =>
     inOut ? `st_out(P.locOff + at + ${st(n)}, m[${n}]);` : `st_ph(P.hsOff + at + ${st(n)}, m[${n}]);`;
   return defineKernel({
-    name: `fused_scan_local_${dir}_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${WG}${shuffle ? "_shuf" : ""}${
-      lanes > 1 ? `_lanes${lanes}` : ""
-    }${Ri ? `_dt${Ri}` : ""}${fwd && inOut ? "_folded" : ""}`,
+    name: `fused_scan_local_${dir}_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${
+      G > 1 ? `_Lf${G * Lc}` : ""
+    }_WG${WG}${shuffle ? "_shuf" : ""}${lanes > 1 ? `_lanes${lanes}` : ""}${Ri ? `_dt${Ri}` : ""}${
+      fwd && inOut ? "_folded" : ""
+    }`,
     subgroups: shuffle || lanes > 1,
     buffers: [
       ...scanInputBuffers(inOut ? "read" : "read_write"),
@@ -111,10 +121,12 @@ function generateLocal(
     workgroupSize: WG,
     decls: COMMON,
     body: `
-  // workgroup -> (b, tile, chunk k); invocation -> channel d (lanes past ED compute on a valid one and write
-  // nothing); the chunk walked from a zero state
-  let k = group % P.chunks;
-  let bt = group / P.chunks;
+  // workgroup -> (b, tile, walk k over ${
+      G > 1 ? `${G} chunks` : "a chunk"
+    }); invocation -> channel d (lanes past
+  // ED compute on a valid one and write nothing); the walk from a zero state
+  let k = group % ${W};
+  let bt = group / ${W};
   let b = bt / P.tiles;
   ${channelLines("(bt % P.tiles)", WG, lanes, Nb)}
   let valid = d < P.ED;
@@ -125,8 +137,8 @@ function generateLocal(
   ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)})); m[${n}] = 0.0;`)}
   let bias = ld_ph(dc);
   ${loadWd(N, Ri)}
-  let t0 = k * ${Lc}u;
-  let t1 = min(P.L, t0 + ${Lc}u);
+  let t0 = k * ${G * Lc}u;
+  let t1 = min(P.L, t0 + ${G * Lc}u);
   var sdt = 0.0;
   for (var j = t0; j < t1; j++) {
     let t = ${fwd ? "j" : "t0 + t1 - 1u - j"};
@@ -138,9 +150,10 @@ function generateLocal(
     ${loadBC(N, Nb, "row", false, shuffle, lanes)}
     ${step}
   }
-  let cell = (b * P.ED + dc) * P.chunks + k;
+  // the walk's cell in the scratch out; in hs, the cell of its last chunk
+  let cell = (b * P.ED + dc) * ${W} + k;
   if (valid) {
-    let at = cell * ${N}u${plus(n0)};
+    let at = ${inOut ? "cell" : `((b * P.ED + dc) * P.chunks + (t1 - 1u) / ${Lc}u)`} * ${N}u${plus(n0)};
     ${unroll(K, loc)}
   }
   ${n0 === 0 ? `if (valid${lanes > 1 ? " && q == 0u" : ""}) { st_out(P.sdtOff + cell, sdt); }` : ""}`,
@@ -160,11 +173,14 @@ const CHAIN_GROUP = 8;
  * at L 16384 (1821 chunks of 9) each chain took 0.09-0.12 ms in order on the H200 (2d4b27c), 512 invocations
  * each waiting on 1821 chunks' loads.
  */
-export function chainKernel(dir: CarryDirection, segments = 1): Kernel {
+export function chainKernel(dir: CarryDirection, segments = 1, G = 1): Kernel {
   if (segments !== 1 && !(segments >= 2 && segments <= 64 && Number.isInteger(Math.log2(segments)))) {
     throw new Error(`chainKernel: segments must be 1 or a power of two from 2 to 64, got ${segments}`);
   }
-  return cachedKernel(`chain|${dir}|${segments}`, () => generateChain(dir, segments));
+  if (!(Number.isInteger(G) && G >= 1) || (G > 1 && dir === "bwd")) {
+    throw new Error(`chainKernel: G must be a positive integer, 1 for the backward, got ${G}`);
+  }
+  return cachedKernel(`chain|${dir}|${segments}|${G}`, () => generateChain(dir, segments, G));
 }
 
 /** Workgroups of a chain dispatch over `states` (B x ED x N) chains. */
@@ -172,8 +188,9 @@ export function chainGroups(states: number, segments: number): number {
   return Math.ceil((states * segments) / 64);
 }
 
-function generateChain(dir: CarryDirection, segments: number): Kernel {
+function generateChain(dir: CarryDirection, segments: number, G: number): Kernel {
   const fwd = dir === "fwd";
+  const W = walksOf(G); // the chain's links: walks of G chunks (the backward's: chunks)
   // the forward's loc is hs in ph, its S in `out`; the backward's both in `out`
   const locAt = fwd ? "P.hsOff" : "P.locOff";
   const ldLoc = (i: string) => (fwd ? `ld_ph(${locAt} + ${i})` : `ld_out(${locAt} + ${i})`);
@@ -181,8 +198,11 @@ function generateChain(dir: CarryDirection, segments: number): Kernel {
     i: string,
     val: string,
   ) => (fwd ? `st_ph(${locAt} + ${i}, ${val});` : `st_out(${locAt} + ${i}, ${val});`);
-  // chunk j of the walk (up for the forward, down for the backward)
-  const cellAt = (j: string) => `bd * P.chunks + ${fwd ? j : `P.chunks - 1u - (${j})`}`;
+  // link j of the chain (up for the forward, down for the backward): its cell among the sums of dt, and
+  // where its state sits in loc (the forward's hs: the cell of the walk's last chunk)
+  const cellAt = (j: string) => `bd * ${W} + ${fwd ? j : `P.chunks - 1u - (${j})`}`;
+  const locCell = (j: string, c: string) =>
+    G === 1 ? c : `(bd * P.chunks + min((${j}) * ${G}u + ${G - 1}u, P.chunks - 1u))`;
   // h after the chunk = its decay times h before + its local state; the backward stores the carry first
   const update = (cell: string, decay: string, l: string, guard = "") => {
     const store = stLoc(`${cell} * P.N + n`, "m");
@@ -198,24 +218,27 @@ function generateChain(dir: CarryDirection, segments: number): Kernel {
   loop {
     if (j + ${CHAIN_GROUP}u > ${j1}) { break; }
     ${unroll(CHAIN_GROUP, (q) => `let c${q} = ${cellAt(`j + ${q}u`)};`)}
+    ${G > 1 ? unroll(CHAIN_GROUP, (q) => `let e${q} = ${locCell(`j + ${q}u`, "")};`) : ""}
     ${unroll(CHAIN_GROUP, (q) => `let a${q} = exp(A * ld_out(P.sdtOff + c${q}));`)}
-    ${unroll(CHAIN_GROUP, (q) => `let l${q} = ${ldLoc(`c${q} * P.N + n`)};`)}
-    ${unroll(CHAIN_GROUP, (q) => update(`c${q}`, `a${q}`, `l${q}`, guard))}
+    ${unroll(CHAIN_GROUP, (q) => `let l${q} = ${ldLoc(`${G > 1 ? `e${q}` : `c${q}`} * P.N + n`)};`)}
+    ${unroll(CHAIN_GROUP, (q) => update(G > 1 ? `e${q}` : `c${q}`, `a${q}`, `l${q}`, guard))}
     j += ${CHAIN_GROUP}u;
   }
   for (; j < ${j1}; j++) { // the last few
     let c = ${cellAt("j")};
+    let e = ${locCell("j", "c")};
     let a = exp(A * ld_out(P.sdtOff + c));
-    let l = ${ldLoc("c * P.N + n")}; // loaded before the backward's store to the same cell
-    ${update("c", "a", "l", guard)}
+    let l = ${ldLoc("e * P.N + n")}; // loaded before the backward's store to the same cell
+    ${update("e", "a", "l", guard)}
   }`;
   const buffers = [
     { name: "ph", type: "f32" as const, access: fwd ? "read_write" as const : "read" as const },
     { name: "out", type: "f32" as const, access: "read_write" as const },
   ];
+  const walks = G > 1 ? `_G${G}` : "";
   if (segments === 1) {
     return defineKernel({
-      name: `fused_scan_chain_${dir}`,
+      name: `fused_scan_chain_${dir}${walks}`,
       buffers,
       uniforms: CARRY_UNIFORMS,
       workgroupSize: 64,
@@ -227,11 +250,11 @@ function generateChain(dir: CarryDirection, segments: number): Kernel {
   let d = bd % P.ED;
   let A = -exp(ld_ph(P.ED + d * P.N + n));
   var m = 0.0;
-  ${walk("0u", "P.chunks")}`,
+  ${walk("0u", W)}`,
     });
   }
   return defineKernel({
-    name: `fused_scan_chain_${dir}_seg${segments}`,
+    name: `fused_scan_chain_${dir}_seg${segments}${walks}`,
     buffers,
     uniforms: CARRY_UNIFORMS,
     workgroupSize: 64,
@@ -249,9 +272,10 @@ var<workgroup> runS: array<f32, 64>; // each run's sum of dt`,
   let bd = ch / P.N; // b * ED + d
   let d = bd % P.ED;
   let A = -exp(ld_ph(P.ED + d * P.N + n));
-  let len = (P.chunks + ${segments - 1}u) / ${segments}u;
-  let j0 = min(P.chunks, s * len);
-  let j1 = min(P.chunks, j0 + len);
+  let links = ${W};
+  let len = (links + ${segments - 1}u) / ${segments}u;
+  let j0 = min(links, s * len);
+  let j1 = min(links, j0 + len);
   // the run from a zero carry
   var m = 0.0;
   var sum = 0.0;
@@ -259,7 +283,7 @@ var<workgroup> runS: array<f32, 64>; // each run's sum of dt`,
     let c = ${cellAt("j")};
     let sd = ld_out(P.sdtOff + c);
     sum += sd;
-    m = exp(A * sd) * m + ${ldLoc("c * P.N + n")};
+    m = exp(A * sd) * m + ${ldLoc(`${locCell("j", "c")} * P.N + n`)};
   }
   runM[lid] = m;
   runS[lid] = sum;

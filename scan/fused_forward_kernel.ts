@@ -17,7 +17,8 @@
  * (fused_carry_kernels.ts) left in hs before it, and writes y only. Folded (`folded`, at most
  * MAX_CHUNKS_FOLDED chunks): no chain; it first folds the state before its chunk out of the local kernel's
  * results for the chunks before it (`carry`: their states from zero and sums of dt), and writes the state
- * after its chunk into hs.
+ * after its chunk into hs. With `Lf` > Lc a workgroup walks G = Lf / Lc chunks in order from the state before
+ * them, storing the state after each but the last (the chain's) for the backward.
  * @module
  */
 
@@ -38,6 +39,8 @@ import {
   sumLanes,
   UNIFORMS,
   unroll,
+  walkChunks,
+  walksOf,
 } from "./fused_wgsl.ts";
 
 /** The forward kernel of one state block (one pipeline per block, its n0 and Nb compiled in, so that every
@@ -52,17 +55,24 @@ export function forwardKernel(
   const shuffle = v.shuffle === true;
   const lanes = v.lanes ?? 1;
   const fold = chunked && folded;
-  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${v.WG}|${shuffle}|${lanes}|${Ri}|${chunked}|${fold}`;
+  const G = chunked ? walkChunks(v) : 1; // chunks per workgroup's walk
+  const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${G}|${v.WG}|${shuffle}|${lanes}|${Ri}|${chunked}|${fold}`;
   const { N, Lc } = v;
+  const W = walksOf(G);
+  // the chunked walk's stores for the backward: none with one chunk per walk (the chain wrote hs), else all
+  // but the walk's last chunk's (the chain's, which the next walk may be reading); folded and in order, all
+  const store = !chunked || fold ? "valid" : G > 1 ? "valid && cend < t1" : "";
   const [first, last] = [n0 === 0, n0 + Nb === N];
   const K = Nb / lanes; // states of the block per invocation
   /** WGSL of this invocation's state j of the block, from the block's first: j, or with lanes its share. */
   const st = (j: number) => laneState(lanes, j);
   return cachedKernel(key, () =>
     defineKernel({
-      name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}_WG${v.WG}${shuffle ? "_shuf" : ""}${
-        lanes > 1 ? `_lanes${lanes}` : ""
-      }${Ri ? `_dt${Ri}` : ""}${chunked ? "_chunked" : ""}${fold ? "_folded" : ""}`,
+      name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${G > 1 ? `_Lf${G * Lc}` : ""}_WG${v.WG}${
+        shuffle ? "_shuf" : ""
+      }${lanes > 1 ? `_lanes${lanes}` : ""}${Ri ? `_dt${Ri}` : ""}${chunked ? "_chunked" : ""}${
+        fold ? "_folded" : ""
+      }`,
       subgroups: shuffle || lanes > 1,
       buffers: [
         ...scanInputBuffers("read_write"),
@@ -79,12 +89,15 @@ export function forwardKernel(
   // on a valid channel and write nothing (control flow stays uniform for subgroup operations).
   ${
         chunked
-          ? `// chunk-parallel: workgroup -> (b, tile, chunk); the chunk starts from the state the chain left
-  // before it in hs, which it does not write (folded: from the state it folds out of the local results of
-  // the chunks before it, and it writes the state after it into hs)
-  let bt = group / P.chunks;
-  let t0 = (group % P.chunks) * ${Lc}u;
-  let t1 = min(P.L, t0 + ${Lc}u);`
+          ? `// chunk-parallel: workgroup -> (b, tile, walk of ${G} chunk${
+            G > 1 ? "s" : ""
+          }); the walk starts from the
+  // state the chain left before it in hs, and writes the states after its chunks but the last, which the chain
+  // wrote (folded: from the state it folds out of the local results of the walks before it, and it writes
+  // the state after each of its chunks into hs)
+  let bt = group / ${W};
+  let t0 = (group % ${W}) * ${G * Lc}u;
+  let t1 = min(P.L, t0 + ${G * Lc}u);`
           : `let bt = group;
   let t0 = P.t0;
   let t1 = P.t1;`
@@ -107,8 +120,8 @@ export function forwardKernel(
             foldCarry(
               "h",
               K,
-              `t0 / ${Lc}u`,
-              (j) => `hsBase + (${j})`,
+              `t0 / ${G * Lc}u`,
+              (j) => `(b * P.ED + dc) * ${W} + (${j})`,
               (c) => `ld_carry(P.sdtOff + ${c})`,
               (c, n) => `ld_carry(P.locOff + ${c} * ${N}u${plus(n0)} + ${st(n)})`,
             )
@@ -144,7 +157,7 @@ export function forwardKernel(
     if (valid${lanes > 1 ? " && q == 0u" : ""}) { st_y(i, yv); }
   }
   ${
-        chunked && !fold ? "" : `if (valid) {
+        !store ? "" : `if (${store}) {
     let at = (hsBase + (cend - 1u) / ${Lc}u) * ${N}u${plus(n0)};
     ${unroll(K, (n) => `st_ph(P.hsOff + at + ${st(n)}, h[${n}]);`)}
   }`

@@ -35,7 +35,7 @@ import {
   MAX_CHUNKS_FOLDED,
   stateBlocks,
 } from "./fused_variant.ts";
-import { partialWidth } from "./fused_wgsl.ts";
+import { partialWidth, walkChunks } from "./fused_wgsl.ts";
 
 /** Steps one invocation walks per dispatch at most (loops stop at 65535 iterations on software adapters). */
 const MAX_STEPS = 16384;
@@ -130,13 +130,14 @@ function dispatchChain(
   uniforms: Record<string, number>,
   states: number,
   chunks: number,
+  G = 1,
 ): void {
   const pow2 = (x: number) => 2 ** Math.floor(Math.log2(Math.max(1, x)));
   const runs = chainRunsSet ??
     (deviceInfo().isFallbackAdapter || chunks < CHAIN_RUNS_FROM
       ? 1
       : Math.min(64, 2 * pow2(chunks / 16), pow2(CHAIN_INVOCATIONS / states)));
-  dispatch(chainKernel(dir, runs), bufs, uniforms, chainGroups(states, runs));
+  dispatch(chainKernel(dir, runs, G), bufs, uniforms, chainGroups(states, runs));
 }
 
 /** Whether a chunk-parallel call of `chunks` chunks of Lc steps folds its carries (see MAX_CHUNKS_FOLDED). */
@@ -221,7 +222,7 @@ export function fusedScanForward(
 ): { y: Tensor; ph: Tensor } {
   const Ri = a.dtInside ? a.R : 0;
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
-  const { B, L, ED, v, picked, u, chunked } = sizes(x, dBC, a, z);
+  const { B, L, ED, v, picked, u } = sizes(x, dBC, a, z);
   const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
   const parSize = params.reduce((n, t) => n + t.size, 0);
   const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
@@ -230,20 +231,22 @@ export function fusedScanForward(
   packInto(ph, params); // one dispatch: copies would each end the compute pass
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
-  if (chunked) {
-    // Every chunk from a zero state (its local state, and its sum of dt), then every chunk from the state
-    // before it. With few chunks the main kernels fold that state themselves out of a scratch `carry` and
-    // write the state after their chunk into hs; else the local states go into hs, the sums into y (written
-    // last), and the chain turns hs into the state after each chunk before the main kernels read it.
-    const folded = foldsCarries(u.chunks, v.Lc);
-    const cells = B * ED * u.chunks;
+  const walks = forwardWalks(v, L, u.chunks);
+  if (walks > 1) {
+    // Every walk (a chunk, or Lf / Lc of them) from a zero state (its local state, and its sum of dt), then
+    // every walk from the state before it. With few walks the main kernels fold that state themselves out of
+    // a scratch `carry` and write the states after their chunks into hs; else the local states go into hs,
+    // the sums into y (written last), and the chain turns hs into the state after each walk before the main
+    // kernels read it.
+    const folded = foldsCarries(walks, v.Lf ?? v.Lc);
+    const cells = B * ED * walks;
     const carry = folded ? Tensor.empty([cells * (a.N + 1)]) : null; // carry: [local states | sums of dt]
     const out = (carry ?? y).storage;
     const offsets = { locOff: 0, sdtOff: carry ? cells * a.N : 0 };
     localStates(v, Ri, bufs, out, ph, { ...u, N: a.N, hsOff: parSize, ...offsets }, folded);
     const uni = { ...u, hsOff: parSize, t0: 0, t1: L, ...(carry ? offsets : {}) };
     const main = carry ? { ...bufs, carry: carry.storage } : bufs;
-    const groups = B * u.tiles * u.chunks;
+    const groups = B * u.tiles * walks;
     for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true, folded), main, uni, groups);
     carry?.dispose();
     return { y, ph };
@@ -257,12 +260,19 @@ export function fusedScanForward(
   return { y, ph };
 }
 
+/** How many walks the forward of a call with `chunks` chunks of Lc takes: with chunks in parallel (and at most
+ * MAX_CHUNKS_CHAINED of them), one per Lf steps; else 1 (in order). */
+function forwardWalks(v: FusedVariant, L: number, chunks: number): number {
+  const parallel = v.chunkParallel === true && chunks > 1 && chunks <= MAX_CHUNKS_CHAINED;
+  return parallel ? Math.ceil(L / (v.Lf ?? v.Lc)) : 1;
+}
+
 /**
- * The chunk-parallel forward's first two steps: every chunk from a zero state (its local state and its sum of
- * dt, into `out`; the local states into hs, or with `folded` into `out` too), one dispatch per state block;
- * then, unless the main kernels fold the carries themselves, the chain, which turns the local states in hs
- * into the state after each chunk. `cu`: the call's uniforms with N and where hs, the local states and the
- * sums sit.
+ * The chunk-parallel forward's first two steps: every walk (of Lf steps) from a zero state (its local state
+ * and its sum of dt, into `out`; the local states into hs at the cells of the walks' last chunks, or with
+ * `folded` into `out` too), one dispatch per state block; then, unless the main kernels fold the carries
+ * themselves, the chain, which turns the local states in hs into the state after each walk. `cu`: the call's
+ * uniforms with N and where hs, the local states and the sums sit.
  */
 function localStates(
   v: FusedVariant,
@@ -273,11 +283,14 @@ function localStates(
   cu: ReturnType<typeof sizes>["u"] & { N: number; hsOff: number; locOff: number; sdtOff: number },
   folded: boolean,
 ): void {
-  const groups = cu.B * cu.tiles * cu.chunks;
+  const walks = Math.ceil(cu.L / (v.Lf ?? v.Lc)); // in parallel, whatever the variant (statesAgain)
+  const groups = cu.B * cu.tiles * walks;
   for (const block of stateBlocks(v)) {
     dispatch(localKernel(v, block, Ri, "fwd", folded), { ...bufs, out }, cu, groups);
   }
-  if (!folded) dispatchChain("fwd", { ph: ph.storage, out }, cu, cu.B * cu.ED * cu.N, cu.chunks);
+  if (!folded) {
+    dispatchChain("fwd", { ph: ph.storage, out }, cu, cu.B * cu.ED * cu.N, walks, walkChunks(v));
+  }
 }
 
 /** Saved `ph`s that hold the parameters alone (`phForBackward`): the backward works the chunk states out
@@ -340,7 +353,9 @@ function statesAgain(
     packInto(ph, [par]);
     const sdt = Tensor.empty([B * ED * u.chunks]); // sdt: each chunk's sum of dt (B, ED, chunks)
     const cu = { ...u, N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
-    localStates(v, a.dtInside ? a.R : 0, scanInputs(x, draw, dBC, ph, z), sdt.storage, ph, cu, false);
+    // every chunk's state, the forward's walks of Lf steps or not: one walk per chunk
+    const { Lf: _walk, ...perChunk } = v;
+    localStates(perChunk, a.dtInside ? a.R : 0, scanInputs(x, draw, dBC, ph, z), sdt.storage, ph, cu, false);
     sdt.dispose();
     return ph;
   });

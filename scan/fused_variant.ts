@@ -57,6 +57,14 @@ export interface FusedVariant {
    * per chunk. Where a call has more than MAX_CHUNKS_CHAINED chunks, or its
    * per-chunk sums would not fit one binding, it walks time in order. */
   chunkParallel?: boolean;
+  /** The chunk-parallel forward's chunk length (a multiple of Lc, default Lc; needs `chunkParallel`): its local
+   * walk and chain run over chunks of Lf steps, and its main kernel walks each in order, storing the state
+   * every Lc steps for the backward. Short chunks (a backward that keeps a chunk's states on chip: 9 steps on
+   * the H200) make the chunk states most of the forward's traffic: written by the local walk, read and
+   * written by the chain, read by the main kernel, 4 N / Lc floats per channel and step. Chunks of Lf
+   * leave 4 N / Lf of that, and the main kernel's stores for the backward, N / Lc, for Lf / Lc times fewer
+   * workgroups. The backward keeps chunks of Lc. */
+  Lf?: number;
 }
 
 /** Most chunks the chunk-parallel variant chains in one invocation (its loop over them stays well within the
@@ -186,6 +194,7 @@ const VARIANT_KEYS = [
   "shuffle",
   "lanes",
   "chunkParallel",
+  "Lf",
 ];
 const VARIANT_CHOICES: Record<string, readonly unknown[]> = {
   hbuf: ["private", "workgroup"],
@@ -247,6 +256,17 @@ function checked(N: number, v: Omit<FusedVariant, "N">): FusedVariant {
         `memory (${wgBytes} bytes) within the device limit (${limits.maxComputeWorkgroupStorageSize}); subgroup ` +
         "sums need subgroups; with shuffle, WG a multiple of the subgroup size; lanes a power of two dividing " +
         "every state block, at most a fixed subgroup size, WG a multiple of it, subgroup sums, no shuffle)",
+    );
+  }
+  const Lf = v.Lf ?? v.Lc;
+  if (
+    !(Number.isInteger(Lf) && Lf >= v.Lc && Lf % v.Lc === 0 && Lf <= MAX_CHUNK) ||
+    (Lf !== v.Lc && v.chunkParallel !== true)
+  ) {
+    throw new Error(
+      `setFusedVariant: Lf must be a multiple of Lc = ${v.Lc} up to ${MAX_CHUNK}, with chunkParallel, got Lf ${
+        JSON.stringify(v.Lf)
+      }${v.chunkParallel ? "" : " without chunkParallel"}`,
     );
   }
   return { ...v, N };

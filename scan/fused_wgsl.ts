@@ -7,7 +7,7 @@
  */
 
 import type { BufferDecl, Kernel } from "../core/kernel.ts";
-import { shuffleSize } from "./fused_variant.ts";
+import { type FusedVariant, shuffleSize } from "./fused_variant.ts";
 export { MAX_INLINE_DT_RANK } from "./fused_variant.ts";
 
 const kernels = new Map<string, Kernel>();
@@ -175,6 +175,16 @@ export function scanInputBuffers(ph: "read" | "read_write"): BufferDecl[] {
     { name: "ph", type: "f32", access: ph },
     { name: "z", type: "f32", access: "read" },
   ];
+}
+
+/** The forward's chunks of Lc per walk of a chunk-parallel call: Lf / Lc. */
+export function walkChunks(v: FusedVariant): number {
+  return (v.Lf ?? v.Lc) / v.Lc;
+}
+
+/** WGSL of the number of walks of G chunks each, from the uniform `chunks` (of Lc steps). */
+export function walksOf(G: number): string {
+  return G === 1 ? "P.chunks" : `((P.chunks + ${G - 1}u) / ${G}u)`;
 }
 
 /** WGSL ` + k` for a compile-time offset (nothing for 0). */

@@ -33,7 +33,7 @@ import {
 } from "./fused_variant.ts";
 
 /** Bump when the kernels or the candidates change, so cached choices are measured again. */
-export const FUSED_KERNEL_VERSION = 30;
+export const FUSED_KERNEL_VERSION = 31;
 
 /** What the tuner chose for one state size. */
 export interface FusedTuneResult {
@@ -69,6 +69,9 @@ export interface FusedTuneResult {
   fromCache: boolean;
 }
 
+/** Steps of the forward's walks that the tuner offers to chunk-parallel candidates with short chunks (`Lf`). */
+const WALK_STEPS = 64;
+
 /** The variants the tuner measures for state size N on this adapter (exported for tests). */
 export function fusedCandidates(N: number): FusedVariant[] {
   const limit = deviceInfo().limits.maxComputeWorkgroupStorageSize;
@@ -94,6 +97,7 @@ export function fusedCandidates(N: number): FusedVariant[] {
       !!v.shuffle,
       v.S ?? null,
       !!v.chunkParallel,
+      v.Lf ?? v.Lc,
     ]);
   const has = (v: FusedVariant) => list.some((c) => key(c) === key(v));
   for (const WG of [8, 32, 64]) {
@@ -154,7 +158,17 @@ export function fusedCandidates(N: number): FusedVariant[] {
   // lavapipe one more walk of the steps cost 3-28% per layer step), every candidate so far a second time, and
   // those first: on the H200 the 13 best scores at N 16 were chunk-parallel, the best serial one 1.9 times the
   // best (49a9be6), so a measurement cut short by TUNE_BUDGET_MS has measured them.
-  if (!deviceInfo().isFallbackAdapter) return [...list.map((v) => ({ ...v, chunkParallel: true })), ...list];
+  // Those with short chunks (a backward keeping a chunk's states in workgroup memory: 9 steps on the H200) also
+  // with the forward walking chunks of about 64 steps (`Lf`): their chunk states were most of the forward's
+  // traffic there (docs/selective-scan.md section 9). A few candidates more, after the others in parallel.
+  if (!deviceInfo().isFallbackAdapter) {
+    const parallel = list.map((v) => ({ ...v, chunkParallel: true }));
+    const walks = parallel.filter((v) => v.Lc < WALK_STEPS / 2).map((v) => ({
+      ...v,
+      Lf: v.Lc * Math.ceil(WALK_STEPS / v.Lc),
+    }));
+    return [...parallel, ...walks, ...list];
+  }
   return list;
 }
 

@@ -509,9 +509,15 @@ Deno.test("the decoding steps (convStep, ssmStep) name what does not fit", async
 });
 
 for (
-  const mode of ["in order", "chunks in parallel, carries chained", "chunks in parallel, carries folded"]
+  const mode of [
+    "in order",
+    "chunks in parallel, carries chained",
+    "chunks in parallel, carries folded",
+    "walks of 3 chunks in parallel (the last of one), carries chained",
+  ]
 ) {
   const chunkParallel = mode !== "in order";
+  const walks = mode.startsWith("walks");
   Deno.test(
     `lastState after a prompt of several chunks equals the sequential scan's, with the forward's chunk length${
       chunkParallel ? ` (${mode}: the last chunk's state)` : ""
@@ -520,14 +526,22 @@ for (
       await init();
       const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
       const t = inputs(c, 14);
-      setFusedVariant(c.N, { ...fusedVariant(c.N), chunkParallel });
+      // walks: 19 chunks of 8 in 7 walks of 24 steps
+      setFusedVariant(
+        c.N,
+        walks ? { WG: 8, Lc: 8, Lf: 24, chunkParallel } : { ...fusedVariant(c.N), chunkParallel },
+      );
       setMaxChunksFolded(mode.endsWith("chained") ? 0 : null);
       assert.ok(c.L > 2 * fusedVariant(c.N).Lc, "the prompt spans several chunks");
       const { y, ph, kernels } = await kernelsRun(() =>
         fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z)
       ).then((r) => ({ ...r.value, kernels: r.kernels }));
       // (on GPUs, from 128 chunks, the chain runs in runs: fused_scan_chain_fwd_seg{S})
-      assert.equal(kernels.some((k) => /^fused_scan_chain_fwd(_seg\d+)?$/.test(k)), mode.endsWith("chained"));
+      assert.equal(
+        kernels.some((k) => /^fused_scan_chain_fwd(_seg\d+)?(_G3)?$/.test(k)),
+        mode.endsWith("chained"),
+      );
+      assert.equal(kernels.some((k) => /^fused_scan_fwd_N16_Lc8_Lf24_WG8(_dt\d+)?_chunked$/.test(k)), walks);
       assert.equal(kernels.some((k) => k.endsWith("_chunked_folded")), mode.endsWith("folded"));
       // the variant changes (a tuner run) between the forward and the read: hs keeps the forward's chunks
       setFusedVariant(c.N, { WG: 8, Lc: 8 });
@@ -781,6 +795,88 @@ Deno.test("chunks in parallel chained in runs (GPUs, from 128 chunks): 2 to 64 r
     setFusedVariant(4, null);
     setMaxChunksFolded(null);
     setFusedChainRuns(null);
+  }
+});
+
+Deno.test("the chunk-parallel forward walks chunks of Lf steps (the chunk states still every Lc): folded, chained, in runs, a last walk of fewer chunks, state blocks, lanes, states worked out again; y and every gradient equal the reference", async () => {
+  const info = await init();
+  const kernelsOf = async (c: Case, seed: number) => (await kernelsRun(() => compare(c, seed))).kernels;
+  const has = (kernels: string[], re: RegExp) => kernels.some((k) => re.test(k));
+  try {
+    // the backward reads the chunk states the forward wrote (N 16 > 2 Lc would work them out again)
+    setFusedStateSaving("keep");
+    // Lc 4, Lf 12: L 37 is 10 chunks in 4 walks, the last of one chunk (of one step); 4 <= Lf / 2 + 1 fold
+    setFusedVariant(16, { WG: 8, Lc: 4, Lf: 12, chunkParallel: true });
+    const c: Case = { B: 2, L: 37, ED: 40, N: 16, R: 2, gated: true };
+    let k = await kernelsOf(c, 71);
+    assert.ok(has(k, /^fused_scan_fwd_N16_Lc4_Lf12_WG8_chunked_folded$/), `${k}`);
+    assert.ok(has(k, /^fused_scan_local_fwd_N16_Lc4_Lf12_WG8_folded$/), `${k}`);
+    // the backward keeps chunks of 4 (10 chunks: chained)
+    assert.ok(has(k, /^fused_scan_local_bwd_N16_Lc4_WG8$/) && has(k, /^fused_scan_chain_bwd$/), `${k}`);
+    // chained: L 150 is 38 chunks in 13 walks (the last of two chunks); dt_proj inside; two state blocks
+    setMaxChunksFolded(0);
+    for (const v of [{}, { Nb: 8 }]) {
+      setFusedVariant(16, { WG: 8, Lc: 4, Lf: 12, chunkParallel: true, ...v });
+      k = await kernelsOf({ ...c, L: 150, dtWeight: true }, 72);
+      assert.ok(
+        has(k, /^fused_scan_chain_fwd_G3$/) && has(k, /^fused_scan_fwd_N16.*_Lf12_WG8_dt2_chunked$/),
+        `${k}`,
+      );
+    }
+    // the chain in runs: walks of 3 chunks (L 149: 13 walks, the last of 2) in 8 and 64 runs (runs of at most
+    // two walks, whose carries do not decay away before the next run)
+    setFusedVariant(4, { WG: 8, Lc: 4, Lf: 12, chunkParallel: true });
+    for (const runs of [8, 64]) {
+      setFusedChainRuns(runs);
+      k = await kernelsOf({ B: 2, L: 149, ED: 5, N: 4, R: 2, gated: true, dtWeight: true }, 73);
+      assert.ok(has(k, new RegExp(`^fused_scan_chain_fwd_seg${runs}_G3$`)), `${k}`);
+    }
+    setFusedChainRuns(null);
+    setMaxChunksFolded(null);
+    // one walk (Lf >= L): the forward in order
+    setFusedVariant(4, { WG: 8, Lc: 4, Lf: 64, chunkParallel: true });
+    k = await kernelsOf({ B: 1, L: 60, ED: 5, N: 4, R: 1, gated: false }, 74);
+    assert.ok(!has(k, /^fused_scan_local_fwd/) && has(k, /^fused_scan_fwd_N4_Lc4_WG8$/), `${k}`);
+    // the chunk states worked out again in the backward (one chunk per walk there), chained and folded
+    setFusedStateSaving("recompute");
+    setFusedVariant(16, { WG: 8, Lc: 4, Lf: 8, chunkParallel: true });
+    for (const L of [40, 150]) {
+      k = await kernelsOf({ ...c, L }, 75);
+      assert.ok(has(k, /^fused_scan_local_fwd_N16_Lc4_WG8$/), `${k}`); // the backward's, every chunk
+    }
+    setFusedStateSaving(null);
+    const SG = fixedSubgroupSize();
+    if (info.subgroups && SG !== null && SG >= 4) {
+      setFusedVariant(16, {
+        WG: 2 * SG,
+        Lc: 8,
+        Ls: 4,
+        reduce: "subgroup",
+        hbuf: "workgroup",
+        lanes: 2,
+        Lf: 24,
+        chunkParallel: true,
+      });
+      await compare({ ...c, L: 150 }, 76);
+      await compare({ ...c, L: 100, B: 1 }, 77);
+    }
+    // what does not fit is named
+    assert.throws(
+      () => setFusedVariant(4, { WG: 8, Lc: 4, Lf: 10, chunkParallel: true }),
+      /Lf must be a multiple of Lc = 4/,
+    );
+    assert.throws(() => setFusedVariant(4, { WG: 8, Lc: 4, Lf: 8 }), /Lf 8 without chunkParallel/);
+    assert.throws(
+      () => setFusedVariant(4, { WG: 8, Lc: 4, Lf: 2, chunkParallel: true }),
+      /Lf must be a multiple/,
+    );
+    assert.throws(() => chainKernel("bwd", 1, 2), /1 for the backward, got 2/);
+  } finally {
+    setFusedVariant(16, null);
+    setFusedVariant(4, null);
+    setMaxChunksFolded(null);
+    setFusedChainRuns(null);
+    setFusedStateSaving(null);
   }
 });
 
@@ -1084,7 +1180,20 @@ Deno.test("the tuner's candidates are valid variants on a CPU adapter, a GPU-lik
         if (varying) assert.ok(list.every((v) => !v.lanes && !v.shuffle), `N = ${N}: lanes or shuffle`);
         // chunks in parallel on GPUs only, each candidate also without
         const [par, serial] = [list.filter((v) => v.chunkParallel), list.filter((v) => !v.chunkParallel)];
-        assert.equal(par.length, gpuLike ? serial.length : 0, `N = ${N}: chunk-parallel candidates`);
+        // ... and those with chunks shorter than 32 also with the forward walking about 64 steps at a time
+        const walks = par.filter((v) => v.Lf !== undefined);
+        const short = gpuLike ? serial.filter((v) => v.Lc < 32) : [];
+        assert.equal(
+          par.length,
+          gpuLike ? serial.length + short.length : 0,
+          `N = ${N}: chunk-parallel candidates`,
+        );
+        assert.deepEqual(
+          walks.map(({ Lf, chunkParallel: _, ...v }) => [v, Lf! / v.Lc, Lf! >= 64 && Lf! - v.Lc < 64]),
+          short.map((v) => [v, Math.ceil(64 / v.Lc), true]),
+          `N = ${N}: walks of about 64 steps`,
+        );
+        if (gpuLike) assert.ok(walks.length > 0, `N = ${N}: no candidate walking chunks of Lf`);
         // ... and on GPUs measured first (a measurement cut short by its budget has them)
         assert.ok(list.slice(0, par.length).every((v) => v.chunkParallel), `N = ${N}: chunk-parallel first`);
         for (const v of list) {

@@ -8,7 +8,8 @@
  * another op's share, dBC with padding columns, the backward walked in time segments, out_proj in the op:
  * fusedMambaScanOut, 10 storage buffers per stage as Chrome exposes, the parameter gradients' rows summed by
  * a reduction pass first or in the sums kernel, the chain of chunks walked in order or in runs, the chunk
- * states kept by the op or worked out again in the backward), and checks
+ * states kept by the op or worked out again in the backward, the chunk-parallel forward walking several
+ * chunks per workgroup: Lf), and checks
  * the fused op against the autograd composition over the sequential scan (`compare` in fused_cases.ts: y and
  * every gradient within the op bound), that the fused kernels that ran are the variant's, and that nothing
  * stays live after the case.
@@ -171,6 +172,7 @@ const POOLS = {
   tenBuffers: [false, false, true],
   presum: [false, false, true],
   statesAgain: [false, false, true],
+  walk: [1, 1, 2, 3, 5], // chunks per walk of the chunk-parallel forward (Lf / Lc)
 };
 
 const divisors = (n: number) => Array.from({ length: n }, (_, k) => k + 1).filter((d) => n % d === 0);
@@ -260,6 +262,8 @@ function makeVariant(
       ...(lanes ? { lanes } : {}),
       ...((first ? pick("chunked", 26) : r() < 0.5) ? { chunkParallel: true } : {}),
     };
+    const walk = first ? pick("walk", 33) : any(POOLS.walk);
+    if (v.chunkParallel && walk > 1) v.Lf = walk * Lc;
     // steps per barrier (workgroup sums only): at most what fits with the dt terms of dt_proj inside
     if (v.reduce === "workgroup") {
       const sKind = first ? pick("S", 25) : any(POOLS.S);
@@ -368,7 +372,7 @@ function describe(c: Case): string {
       : ""
   }${c.varying ? " varying-sg" : ""}${c.segments ? " segments" : ""}${c.tenBuffers ? " 10-buffers" : ""}${
     c.presum ? " presum" : ""
-  }${c.statesAgain ? " states-again" : ""}`;
+  }${c.statesAgain ? " states-again" : ""}${v.Lf ? ` Lf ${v.Lf}` : ""}`;
   const shape = `B ${s.B} L ${s.L} ED ${s.ED} N ${s.N} R ${s.R}${s.gated ? " gated" : ""}${
     s.dtWeight ? " dt_proj" : ""
   }${s.zWindow ? ` z ${s.zWindow.start}+${s.ED}/${s.zWindow.width}` : ""}${s.zTimesY ? " z*y" : ""}${
@@ -385,31 +389,44 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
   const v = c.variant;
   const Ls = v.Ls ?? v.Lc;
   const fused = [...new Set(kernels.filter((k) => /^fused_scan_(fwd|bwd)_N\d/.test(k)))]; // not the reductions
-  for (const pass of ["fwd", "bwd"]) {
+  // chunks in parallel where the variant asks and there are several (the cases have few enough to chain); the
+  // forward walks chunks of Lf (several where L > Lf), the backward of Lc
+  const G = (v.Lf ?? v.Lc) / v.Lc;
+  const chunkedIn = {
+    fwd: !!v.chunkParallel && c.scan.L > G * v.Lc,
+    bwd: !!v.chunkParallel && c.scan.L > v.Lc,
+  };
+  for (const pass of ["fwd", "bwd"] as const) {
     for (const { n0, Nb } of stateBlocks({ N, ...v })) {
       const block = Nb === N ? "" : `_Nb${Nb}_n${n0}`;
       const head = `fused_scan_${pass}_N${N}${block}_Lc${v.Lc}${
         pass === "bwd" && Ls < v.Lc ? `_Ls${Ls}` : ""
-      }_WG`;
+      }${pass === "fwd" && chunkedIn.fwd && G > 1 ? `_Lf${G * v.Lc}` : ""}_WG`;
       if (!fused.some((k) => k.startsWith(head))) {
         throw new AssertionError({ message: `no ${head}* kernel ran (fused kernels: ${fused})` });
       }
     }
   }
-  // chunks in parallel where the variant asks and there are several (the cases have few enough to chain)
-  const chunked = !!v.chunkParallel && c.scan.L > v.Lc;
   // the backward's chunk states worked out again: the forward's local kernels and a chain, whatever the variant
+  // (a walk per chunk)
   const again = c.statesAgain && c.scan.L > v.Lc;
-  for (const pass of ["fwd", "bwd"]) {
+  for (const pass of ["fwd", "bwd"] as const) {
+    const chunked = chunkedIn[pass];
     const local = chunked || (pass === "fwd" && again);
     if (kernels.some((k) => k.startsWith(`fused_scan_local_${pass}_`)) !== local) {
       throw new AssertionError({ message: `${pass}: ${local ? "no" : "unexpected"} chunk-local kernel` });
     }
     // carries chained by a dispatch, or folded by the main kernels (the cases have few enough chunks)
     const chain = `fused_scan_chain_${pass}${c.chainRuns > 1 ? `_seg${c.chainRuns}` : ""}`;
-    const chained = (chunked && c.chained) || (pass === "fwd" && again);
-    if (kernels.includes(chain) !== chained) {
-      throw new AssertionError({ message: `${pass}: ${chained ? "no" : "unexpected"} ${chain}` });
+    const ranChains = kernels.filter((k) =>
+      k.startsWith(chain) && /^fused_scan_chain_\w+?(_seg\d+)?(_G\d+)?$/.test(k)
+    );
+    const want = [
+      ...(chunked && c.chained ? [`${chain}${pass === "fwd" && G > 1 ? `_G${G}` : ""}`] : []),
+      ...(pass === "fwd" && again ? [chain] : []),
+    ];
+    if ([...new Set(ranChains)].sort().join() !== [...new Set(want)].sort().join()) {
+      throw new AssertionError({ message: `${pass}: chains ${[...new Set(ranChains)]}, expected ${want}` });
     }
   }
   const inside = c.scan.R >= 1 && c.scan.R <= MAX_INLINE_DT_RANK;
@@ -419,12 +436,12 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
     // each option's token in the name, present exactly when the variant has it
     const want: [string, boolean][] = [
       ["_shuf", !!v.shuffle],
-      ["_chunked", chunked],
+      ["_chunked", chunkedIn[bwd ? "bwd" : "fwd"]],
       // the backward writes the gated y where out_proj is in the op: over g (one state block), else into
       // draw's binding (dt_proj inside, R 1..8) or an 11th
       ["_y", bwd && !!c.scan.outProj && (oneBlock || inside || yBindingFree())],
       ["_y_g", bwd && !!c.scan.outProj && oneBlock],
-      ["_folded", chunked && !c.chained],
+      ["_folded", chunkedIn[bwd ? "bwd" : "fwd"] && !c.chained],
       [(v.lanes ?? 1) > 1 ? `_lanes${v.lanes}` : "_lanes\\d+", (v.lanes ?? 1) > 1],
       ...(bwd
         ? [["_sg", v.reduce === "subgroup"], ["_wgmem", v.hbuf === "workgroup"]] as [string, boolean][]
