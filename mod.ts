@@ -67,6 +67,7 @@ export {
   isGradEnabled,
   noGrad,
   type OpDef,
+  savesForBackward,
   savesForLater,
   WindowGrad,
 } from "./core/autograd.ts";

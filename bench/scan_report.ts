@@ -44,7 +44,7 @@ import { cat, mul, silu, split } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { fusedScanAvailable, Mamba } from "../mamba/block.ts";
 import { mambaConfig } from "../mamba/config.ts";
-import { fusedScanForward } from "../scan/fused_run.ts";
+import { forwardWalks, fusedScanForward } from "../scan/fused_run.ts";
 import {
   type FusedVariant,
   fusedVariant,
@@ -403,20 +403,26 @@ export interface RooflineRow {
   /** Dispatches per call: one per state block (ceil(N / Nb)), each walking all L steps (absent in older
    * reports). */
   dispatchesPerCall?: number;
-  /** The variant's walk (absent in older reports): chunk length Lc, and with chunks in parallel, "parallel"
-   * and the forward's walk Lf where it is longer than Lc. */
+  /** How the forward walked (absent in older reports): chunk length Lc, and where it walked chunks in
+   * parallel, "parallel" and its walk Lf where that is longer than Lc. */
   walk?: string;
-  /** Median ms per kernel call (many calls per wait). */
+  /** Median ms per kernel call (many calls per wait), writing every chunk state (a training forward). */
   ms: number;
   /** bytes / time. */
   GBs: number;
+  /** Median ms per call writing the last state only (an inference forward, `states` "last"), measured
+   * alternately with `ms` (absent in older reports). */
+  msInference?: number;
+  /** bytes / msInference (absent in older reports). */
+  GBsInference?: number;
   /** State updates h = a h + b x per second (L * ED * N per call), in units of 1e9. */
   GUpdatesPerS: number;
   /** Calls per wait. */
   callsPerWait: number;
 }
 
-/** Times `fusedScanForward` (gated, R = ceil(dModel / 16)) with many calls per wait. */
+/** Times `fusedScanForward` (gated, R = ceil(dModel / 16)) with many calls per wait, writing every chunk state
+ * (training) and the last only (inference), alternately. */
 export async function rooflineFused(
   dModel: number,
   N: number,
@@ -435,12 +441,13 @@ export async function rooflineFused(
     ),
     z: keep(randn([1, L, ED], { seed: 7 })),
   }));
-  const call = () => {
-    const r = fusedScanForward(t.x, t.draw, t.dBC, [t.par], t.z, { R, N, gated: true });
+  const call = (states: "all" | "last") => {
+    const r = fusedScanForward(t.x, t.draw, t.dBC, [t.par], t.z, { R, N, gated: true }, states);
     r.y.dispose();
     r.ph.dispose();
   };
   const samples: number[] = [];
+  const inference: number[] = [];
   let k = 1;
   let stateBytes = 0;
   let dispatchesPerCall = 0;
@@ -450,26 +457,33 @@ export async function rooflineFused(
     const first = fusedScanForward(t.x, t.draw, t.dBC, [t.par], t.z, { R, N, gated: true });
     dispatchesPerCall = dispatchCount() - d0;
     const v = fusedVariantFor(N, 1, L, ED);
-    walk = `Lc ${v.Lc}${v.chunkParallel ? `, parallel${v.Lf && v.Lf > v.Lc ? `, Lf ${v.Lf}` : ""}` : ""}`;
+    const parallel = forwardWalks(v, L) > 1; // as the forward walks this call
+    walk = `Lc ${v.Lc}${parallel ? `, parallel${v.Lf && v.Lf > v.Lc ? `, Lf ${v.Lf}` : ""}` : ""}`;
     stateBytes = 4 * (first.ph.size - t.par.size); // ph = [par | hs]
     first.y.dispose();
     first.ph.dispose();
-    const run = async (n: number) => {
+    const run = async (n: number, states: "all" | "last" = "all") => {
       const t0 = performance.now();
-      for (let i = 0; i < n; i++) call();
+      for (let i = 0; i < n; i++) call(states);
       await sync();
       return (performance.now() - t0) / n;
     };
     await run(1);
+    await run(1, "last");
     const perCall = await stepMsWithoutWait(run, await run(1));
     k = stepsPerWait(batchMs, perCall);
-    for (let r = 0; r < reps; r++) samples.push(await run(k));
+    for (let r = 0; r < reps; r++) {
+      // alternately, the order swapped each rep
+      const order: ("all" | "last")[] = r % 2 ? ["last", "all"] : ["all", "last"];
+      for (const states of order) (states === "all" ? samples : inference).push(await run(k, states));
+    }
   } finally {
     for (const v of Object.values(t) as Tensor[]) v.dispose();
     emptyPool();
     await sync();
   }
   const ms = median(samples);
+  const msInference = median(inference);
   const bytes = 4 * (4 * L * ED + 2 * L * N);
   const GUpdatesPerS = (L * ED * N) / (ms / 1000) / 1e9;
   return {
@@ -483,6 +497,8 @@ export async function rooflineFused(
     walk,
     ms,
     GBs: bytes / (ms / 1000) / 1e9,
+    msInference,
+    GBsInference: bytes / (msInference / 1000) / 1e9,
     GUpdatesPerS,
     callsPerWait: k,
   };
@@ -651,16 +667,23 @@ export function reportMarkdown(rep: ScanReport): string {
     `GB/s and its share of the copy bandwidth count minimal bytes only: read x, draw, z and B, C once, ` +
     `write y. Not counted: the chunk states hs that the forward also writes (column hs), and, where the ` +
     `state is split into blocks (one dispatch per block), each further block's re-reads of x, draw, z, B, C ` +
-    `and read-modify-write of y: with 4 blocks the real traffic is about 4-5x the minimal bytes.`,
+    `and read-modify-write of y: with 4 blocks the real traffic is about 4-5x the minimal bytes. A training ` +
+    `forward writes every chunk state for the backward; an inference forward (a prompt, an evaluation) the ` +
+    `last only: both timed, alternately.`,
     "",
     "| d_model | ED | N | L | walk | minimal MiB | hs MiB (not counted) | dispatches | ms per call | " +
-    "GB/s (minimal bytes) | minimal bytes / copy bandwidth | state updates (G/s) |",
-    "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    "GB/s (minimal bytes) | minimal bytes / copy bandwidth | state updates (G/s) | inference: ms | " +
+    "inference: / copy bandwidth |",
+    "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ...rep.roofline.rows.map((r) =>
       `| ${r.dModel} | ${r.ED} | ${r.N} | ${r.L} | ${r.walk ?? "-"} | ${(r.bytes / 2 ** 20).toFixed(1)} | ` +
       `${r.stateBytes === undefined ? "-" : (r.stateBytes / 2 ** 20).toFixed(2)} | ` +
       `${r.dispatchesPerCall ?? "-"} | ${fmtMs(r.ms)} | ${r.GBs.toFixed(2)} | ` +
-      `${(100 * r.GBs / rep.roofline.copyGBs).toFixed(1)}% | ${r.GUpdatesPerS.toFixed(2)} |`
+      `${(100 * r.GBs / rep.roofline.copyGBs).toFixed(1)}% | ${r.GUpdatesPerS.toFixed(2)} | ` +
+      `${r.msInference === undefined ? "-" : fmtMs(r.msInference)} | ` +
+      `${
+        r.GBsInference === undefined ? "-" : `${(100 * r.GBsInference / rep.roofline.copyGBs).toFixed(1)}%`
+      } |`
     ),
     "",
     "Dispatches per layer step (forward / backward) and host time per step (recording steps and submitting " +

@@ -197,6 +197,8 @@ function attach(out: Tensor, node: GradNode): void {
 /** While an op's forward runs: whether what it saves stays held until a backward that runs later (see
  * {@linkcode savesForLater}). */
 let holdsForLater = false;
+/** While an op's forward runs: whether anything reads what it saves or keeps (see {@linkcode savesForBackward}). */
+let feedsBackward = false;
 /** Checkpoint reruns running (their backward follows their forward at once). */
 let rerunDepth = 0;
 
@@ -211,14 +213,25 @@ export function savesForLater(): boolean {
   return holdsForLater;
 }
 
-/** Runs an op's forward with {@linkcode savesForLater} answering `later`. */
-function forwardHolding<T>(later: boolean, fn: () => T): T {
-  const before = holdsForLater;
-  holdsForLater = later;
+/**
+ * For an op's forward: whether a backward (or a checkpoint's replay) reads what it saves or keeps: the op's
+ * node is recorded (grad on, an input requiring grad), or a checkpoint's first pass keeps its tensors. False
+ * under noGrad and where no input requires grad. An op whose forward writes something only its backward reads
+ * may skip it then (the fused scan's chunk states: an inference forward writes the last state only).
+ */
+export function savesForBackward(): boolean {
+  return feedsBackward;
+}
+
+/** Runs an op's forward with {@linkcode savesForLater} answering `later` and {@linkcode savesForBackward}
+ * answering `read`. */
+function forwardHolding<T>(later: boolean, read: boolean, fn: () => T): T {
+  const before = [holdsForLater, feedsBackward];
+  [holdsForLater, feedsBackward] = [later, read];
   try {
     return fn();
   } finally {
-    holdsForLater = before;
+    [holdsForLater, feedsBackward] = before;
   }
 }
 
@@ -251,7 +264,11 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
         );
         replayedOutputs.add(out);
       } else {
-        out = forwardHolding(false, () => noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save))));
+        out = forwardHolding(
+          false,
+          false,
+          () => noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save))),
+        );
       }
     } else if (def.replay && ctx?.mode === "keep") {
       const kept: Tensor[] = [];
@@ -259,6 +276,7 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
       // what it keeps is held until the checkpoint's rerun
       out = forwardHolding(
         rerunDepth === 0,
+        true,
         () => noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save, (...t) => kept.push(...t)))),
       );
       // only tensors this forward made (not inputs, parameters or captured ones, which others dispose)
@@ -278,8 +296,12 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
         else saved.splice(i, 1);
       }
     } else {
-      const later = rerunDepth === 0 && gradEnabled && inputs.some((t) => t.requiresGrad);
-      out = forwardHolding(later, () => noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save))));
+      const read = gradEnabled && inputs.some((t) => t.requiresGrad);
+      out = forwardHolding(
+        rerunDepth === 0 && read,
+        read,
+        () => noGrad(() => freeOnThrow(() => def.forward(inputs, attrs, save))),
+      );
     }
     return record(
       out,

@@ -25,7 +25,7 @@
  * @module
  */
 
-import { defineOp, type GradTargets, savesForLater, WindowGrad } from "../core/autograd.ts";
+import { defineOp, type GradTargets, savesForBackward, savesForLater, WindowGrad } from "../core/autograd.ts";
 import { copyBox } from "../core/ops/index.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt, stridesOf } from "../core/shape.ts";
@@ -85,11 +85,18 @@ export function phSaved(ph: Tensor): Tensor {
   return savesForLater() ? phForBackward(ph) : ph;
 }
 
+/** Which chunk states an op's forward writes: all where a backward (or a checkpoint's replay) reads what the op
+ * saves, else the last state only ({@linkcode savesForBackward}: under noGrad, an evaluation). */
+export function statesFor(): "all" | "last" {
+  return savesForBackward() ? "all" : "last";
+}
+
 const fusedOp = defineOp<FusedAttrs>({
   name: "fusedSelectiveScan",
   forward: (inputs, a, save) => {
     const [x, draw, dBC, bias, A_log, D, z] = inputs;
-    const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D], z ?? null, a); // par: (ED + ED*N + ED)
+    // par: (ED + ED*N + ED)
+    const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D], z ?? null, a, statesFor());
     save(x, draw, dBC, A_log, phSaved(ph), ...(z ? [z] : []));
     return y;
   },
@@ -114,7 +121,7 @@ const dtScanOp = defineOp<FusedAttrs>({
   name: "fusedMambaScan",
   forward: (inputs, a, save) => {
     const [x, dBC, W, bias, A_log, D, z] = inputs;
-    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z ?? null, a);
+    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z ?? null, a, statesFor());
     save(x, dBC, A_log, phSaved(ph), ...(z ? [z] : []), ...(dt ? [dt, W] : []));
     return y;
   },
@@ -173,7 +180,7 @@ export function dtScanBackward(
     // parameters the first forward packed into ph ([bias | A_log | D] here: dt_proj outside)
     const par = new Tensor(ph.storage, [ED * (a.N + 2)], "f32");
     try {
-      const f = fusedScanForward(x, draw, dBC, [par], z, a);
+      const f = fusedScanForward(x, draw, dBC, [par], z, a, "last"); // for y alone
       f.ph.dispose();
       r.y = f.y;
     } finally {
@@ -209,11 +216,12 @@ export function dtScanForward(
   D: Tensor,
   z: Tensor | null,
   a: FusedAttrs,
+  states: "all" | "last" = "all",
 ): { y: Tensor; ph: Tensor; dt: Tensor | null } {
   const dt = a.dtInside ? null : dtColumns(dBC, a.R); // dt: (B, L, R)
   const draw = dt && matmulRaw(dt, W, { transB: true }); // draw: (B, L, ED)
   // par: (ED + ED*N + ED), and dt_proj's weight (ED*R) after it when it runs inside
-  const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D, ...(dt ? [] : [W])], z, a);
+  const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D, ...(dt ? [] : [W])], z, a, states);
   draw?.dispose();
   return { y, ph, dt };
 }
@@ -340,7 +348,7 @@ export function fusedMambaScan(
 
 /**
  * {@linkcode fusedMambaScan}'s forward without autograd (a prompt's prefill): y (B, L, ED) and `ph`, whose
- * last chunk state is the inference cache: `lastState(ph, B, ED, N, L)` ({@linkcode lastState}) copies it out
+ * last chunk state (the only one it writes, besides those the forward reads again) is the inference cache: `lastState(ph, B, ED, N, L)` ({@linkcode lastState}) copies it out
  * as (B, ED, N). The caller disposes `y` and `ph`.
  */
 export function fusedMambaScanForward(
@@ -355,7 +363,7 @@ export function fusedMambaScanForward(
 ): { y: Tensor; ph: Tensor } {
   const a = mambaScanAttrs("fusedMambaScanForward", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
   // not an op (no autograd), so freed here if it throws part-way (out of memory under a limit)
-  const { y, ph, dt } = freeOnThrow(() => dtScanForward(x, dBC, dtWeight, dtBias, A_log, D, z, a));
+  const { y, ph, dt } = freeOnThrow(() => dtScanForward(x, dBC, dtWeight, dtBias, A_log, D, z, a, "last"));
   dt?.dispose();
   return { y, ph };
 }

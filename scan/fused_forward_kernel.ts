@@ -18,7 +18,9 @@
  * MAX_CHUNKS_FOLDED chunks): no chain; it first folds the state before its chunk out of the local kernel's
  * results for the chunks before it (`carry`: their states from zero and sums of dt), and writes the state
  * after its chunk into hs. With `Lf` > Lc a workgroup walks G = Lf / Lc chunks in order from the state before
- * them, storing the state after each but the last (the chain's) for the backward.
+ * them, storing the state after each but the last (the chain's) for the backward. Without a backward to feed
+ * (the uniform allStates 0: inference, a prompt) it stores only the states a forward reads again and the
+ * state after the last step.
  * @module
  */
 
@@ -59,9 +61,17 @@ export function forwardKernel(
   const key = `fwd|${v.N}|${Nb}|${n0}|${v.Lc}|${G}|${v.WG}|${shuffle}|${lanes}|${Ri}|${chunked}|${fold}`;
   const { N, Lc } = v;
   const W = walksOf(G);
-  // the chunked walk's stores for the backward: none with one chunk per walk (the chain wrote hs), else all
-  // but the walk's last chunk's (the chain's, which the next walk may be reading); folded and in order, all
-  const store = !chunked || fold ? "valid" : G > 1 ? "valid && cend < t1" : "";
+  // Which states after a chunk it stores. For the backward (P.allStates): in order and folded, all; a chunked
+  // walk, all but its last chunk's (the chain's, which the next walk may be reading), so none with one chunk
+  // per walk. Without (inference): those that a forward reads again or lastState reads, the state where a
+  // dispatch in order ends (the next starts from it), and after the last step.
+  const store = !chunked
+    ? "valid && (P.allStates != 0u || cend == t1)"
+    : fold
+    ? "valid && (P.allStates != 0u || cend == P.L)"
+    : G > 1
+    ? "valid && P.allStates != 0u && cend < t1"
+    : "";
   const [first, last] = [n0 === 0, n0 + Nb === N];
   const K = Nb / lanes; // states of the block per invocation
   /** WGSL of this invocation's state j of the block, from the block's first: j, or with lanes its share. */
@@ -80,7 +90,14 @@ export function forwardKernel(
         // folded: the local kernel's chunk states (B, ED, chunks, N) at locOff and sums of dt at sdtOff
         ...(fold ? [{ name: "carry", type: "f32" as const, access: "read" as const }] : []),
       ],
-      uniforms: fold ? [...UNIFORMS, ["locOff", "u32"], ["sdtOff", "u32"]] : UNIFORMS,
+      uniforms: [
+        ...UNIFORMS,
+        ["allStates", "u32"],
+        ...(fold ? [["locOff", "u32"], ["sdtOff", "u32"]] : []),
+      ] as [
+        string,
+        "u32",
+      ][],
       workgroupSize: v.WG,
       decls: COMMON,
       body: `

@@ -20,6 +20,7 @@ import {
   mambaScanAttrs,
   needed,
   phSaved,
+  statesFor,
   zGrad,
 } from "./fused.ts";
 import type { FusedAttrs } from "./fused_run.ts";
@@ -40,7 +41,8 @@ const scanOutOp = defineOp<ScanOutAttrs>({
     const ob = a.outBias ? inputs[8] : null;
     const residual = a.residual ? inputs[inputs.length - 1] : null;
     // y: (B, L, ED), ph: par + chunk states, dt: above the inline rank, dBC's dt columns (B, L, R)
-    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z, a);
+    // every chunk state where a backward or a checkpoint's rerun reads ph, else the last
+    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z, a, statesFor());
     // the product added into a copy of the residual (as matmulAdd), then the bias
     const into = residual ? copy(residual) : undefined;
     const r = matmulRaw(y, Wout, { transB: true }, undefined, into); // r: (B, L, Dm)

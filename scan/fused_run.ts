@@ -140,7 +140,8 @@ function dispatchChain(
   dispatch(chainKernel(dir, runs, G), bufs, uniforms, chainGroups(states, runs));
 }
 
-/** Whether a chunk-parallel call of `chunks` chunks of Lc steps folds its carries (see MAX_CHUNKS_FOLDED). */
+/** Whether a chunk-parallel kernel walking `chunks` chunks (the backward's of Lc steps, the forward's walks of
+ * Lf) folds its carries (see MAX_CHUNKS_FOLDED); `Lc` is that chunk's length. */
 function foldsCarries(chunks: number, Lc: number): boolean {
   return chunks <= (foldedChunksSet ?? Math.min(MAX_CHUNKS_FOLDED, Math.floor(Lc / 2) + 1));
 }
@@ -156,7 +157,9 @@ const ranWith = new WeakMap<Storage, FusedVariant>();
 /** The [B, L, ED, N] of each forward, by the storage of its `ph`: `lastState` checks its arguments against it. */
 const ranShape = new WeakMap<Storage, number[]>();
 
-function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: FusedVariant) {
+/** A call's shapes, its variant (the workgroup halved for small problems) and the main kernels' uniforms.
+ * `forward`: size the workgroups for the forward's walks (of Lf steps), else for chunks of Lc. */
+function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: FusedVariant, forward = false) {
   const [B, L, ED] = x.shape;
   // the forward's variant in the backward; else the variant for this call's shape
   const picked = ran ?? fusedVariantFor(a.N, B, L, ED);
@@ -170,7 +173,8 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: Fu
   const chunks = Math.ceil(L / v.Lc);
   // chunk-parallel variants walk every chunk at once (unless there are too many to chain)
   const chunked = v.chunkParallel === true && chunks > 1 && chunks <= MAX_CHUNKS_CHAINED;
-  const perTile = chunked ? chunks : 1; // workgroups per tile of channels
+  // workgroups per tile of channels
+  const perTile = forward ? forwardWalks(v, L, chunks) : chunked ? chunks : 1;
   while (fits(v.WG / 2) && B * Math.ceil(ED / (v.WG / lanes)) * perTile < MIN_GROUPS) v.WG /= 2;
   return {
     B,
@@ -210,7 +214,10 @@ function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: 
  * Runs the forward kernel (no autograd): returns y (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
  * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null): `params` lists
  * those pieces, packed into `ph` one after another in one dispatch (no row of them is built first).
- * The caller disposes `y` and `ph` (after reading the state out of `ph` with {@linkcode lastState}).
+ * `states` "last" (a forward no backward follows: inference, a prompt) writes of hs only what the forward
+ * itself reads again and the state after the last step, which {@linkcode lastState} reads; the backward
+ * refuses such a `ph`. The caller disposes `y` and `ph` (after reading the state out of `ph` with
+ * {@linkcode lastState}).
  */
 export function fusedScanForward(
   x: Tensor,
@@ -219,15 +226,18 @@ export function fusedScanForward(
   params: readonly Tensor[],
   z: Tensor | null,
   a: FusedAttrs,
+  states: "all" | "last" = "all",
 ): { y: Tensor; ph: Tensor } {
   const Ri = a.dtInside ? a.R : 0;
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
-  const { B, L, ED, v, picked, u } = sizes(x, dBC, a, z);
+  const { B, L, ED, v, picked, u } = sizes(x, dBC, a, z, undefined, true);
   const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
   const parSize = params.reduce((n, t) => n + t.size, 0);
   const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
   ranWith.set(ph.storage, picked);
   ranShape.set(ph.storage, [B, L, ED, a.N]);
+  if (states === "last") lastOnly.add(ph.storage);
+  const allStates = states === "all" ? 1 : 0;
   packInto(ph, params); // one dispatch: copies would each end the compute pass
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
@@ -244,7 +254,7 @@ export function fusedScanForward(
     const out = (carry ?? y).storage;
     const offsets = { locOff: 0, sdtOff: carry ? cells * a.N : 0 };
     localStates(v, Ri, bufs, out, ph, { ...u, N: a.N, hsOff: parSize, ...offsets }, folded);
-    const uni = { ...u, hsOff: parSize, t0: 0, t1: L, ...(carry ? offsets : {}) };
+    const uni = { ...u, hsOff: parSize, t0: 0, t1: L, allStates, ...(carry ? offsets : {}) };
     const main = carry ? { ...bufs, carry: carry.storage } : bufs;
     const groups = B * u.tiles * walks;
     for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true, folded), main, uni, groups);
@@ -253,18 +263,18 @@ export function fusedScanForward(
   }
   const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
   for (let t0 = 0; t0 < L; t0 += step) {
-    const uni = { ...u, hsOff: parSize, t0, t1: Math.min(L, t0 + step) };
+    const uni = { ...u, hsOff: parSize, t0, t1: Math.min(L, t0 + step), allStates };
     // state blocks one after another: each adds its share of y
     for (const block of blocks) dispatch(forwardKernel(v, block, Ri), bufs, uni, B * u.tiles);
   }
   return { y, ph };
 }
 
-/** How many walks the forward of a call with `chunks` chunks of Lc takes: with chunks in parallel (and at most
- * MAX_CHUNKS_CHAINED of them), one per Lf steps; else 1 (in order). */
-function forwardWalks(v: FusedVariant, L: number, chunks: number): number {
-  const parallel = v.chunkParallel === true && chunks > 1 && chunks <= MAX_CHUNKS_CHAINED;
-  return parallel ? Math.ceil(L / (v.Lf ?? v.Lc)) : 1;
+/** How many walks the forward of a call of L steps (`chunks` chunks of Lc) takes with variant v: with chunks in
+ * parallel, one per Lf steps, where there are at least 2 and at most MAX_CHUNKS_CHAINED; else 1 (in order). */
+export function forwardWalks(v: FusedVariant, L: number, chunks: number = Math.ceil(L / v.Lc)): number {
+  const walks = Math.ceil(L / (v.Lf ?? v.Lc));
+  return v.chunkParallel === true && chunks > 1 && walks > 1 && walks <= MAX_CHUNKS_CHAINED ? walks : 1;
 }
 
 /**
@@ -296,6 +306,17 @@ function localStates(
 /** Saved `ph`s that hold the parameters alone (`phForBackward`): the backward works the chunk states out
  * again. */
 const statesDropped = new WeakSet<Storage>();
+/** `ph`s of forwards that wrote the last state only (`states` "last"): no backward can read them. */
+const lastOnly = new WeakSet<Storage>();
+
+/** Throws where a backward is given the `ph` of a forward that wrote the last state only. */
+function checkAllStates(ph: Tensor, who: string): void {
+  if (lastOnly.has(ph.storage)) {
+    throw new Error(
+      `${who}: ph holds the last state only (a forward run with states "last", for no backward)`,
+    );
+  }
+}
 
 let stateSaving: "keep" | "recompute" | null = null;
 
@@ -320,6 +341,7 @@ export function phForBackward(ph: Tensor): Tensor {
   const v = ranWith.get(ph.storage);
   const shape = ranShape.get(ph.storage);
   if (!v || !shape) throw new Error("phForBackward: ph must be the `ph` a fused forward returned");
+  checkAllStates(ph, "phForBackward");
   const [B, L, ED, N] = shape;
   const chunks = Math.ceil(L / v.Lc);
   const recompute = stateSaving === "recompute" || (stateSaving === null && N > 2 * v.Lc);
@@ -435,6 +457,7 @@ export function fusedScanBackward(
   emitY = false,
 ): FusedGrads {
   // ph the parameters alone (phForBackward): the chunk states again first
+  checkAllStates(ph, "fusedScanBackward");
   const full = statesDropped.has(ph.storage) ? statesAgain(x, draw, dBC, ph, z, a) : null;
   try {
     return backwardKernels(g, x, draw, dBC, A_log, full ?? ph, z, a, gzInto, emitY);

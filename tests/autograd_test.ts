@@ -638,12 +638,14 @@ Deno.test("checkpoint replays an op with `replay`: its forward runs once, gradie
   assert.deepEqual(twiceInputsOnly.g, twice.g, "retained graph, twice, bit for bit");
 });
 
-Deno.test("savesForLater: true where an op's saved or kept tensors wait for a later backward; false under noGrad, without inputs needing grad, and in a checkpoint's rerun", () => {
+Deno.test("savesForLater: true where an op's saved or kept tensors wait for a later backward; false under noGrad, without inputs needing grad, and in a checkpoint's rerun. savesForBackward: true wherever a backward or a replay reads them, the rerun too", () => {
   const seen: boolean[] = [];
+  const read: boolean[] = [];
   const op = defineOp<Record<string, never>>({
     name: "asks",
     forward: ([x], _a, save, keep) => {
       seen.push(M.savesForLater());
+      read.push(M.savesForBackward());
       const e = M.exp(x);
       save(e);
       keep?.(e);
@@ -660,6 +662,7 @@ Deno.test("savesForLater: true where an op's saved or kept tensors wait for a la
     name: "asksPlain",
     forward: ([x], _a, save) => {
       seen.push(M.savesForLater());
+      read.push(M.savesForBackward());
       save(x);
       return M.mul(x, x);
     },
@@ -679,7 +682,10 @@ Deno.test("savesForLater: true where an op's saved or kept tensors wait for a la
     plain([x], {}); // true again after the reruns
   });
   assert.deepEqual(seen, [true, false, false, true, false, false, true]);
+  // the same calls: a checkpointInputsOnly's first pass feeds no backward, its rerun one that follows at once
+  assert.deepEqual(read, [true, false, false, true, false, true, true]);
   assert.equal(M.savesForLater(), false, "outside a forward");
+  assert.equal(M.savesForBackward(), false, "outside a forward");
   dispose([x, x.grad!, c]);
 });
 

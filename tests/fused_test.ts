@@ -5,9 +5,17 @@ import { add, exp, matmul, mul, narrow, neg, softplus, sum } from "../core/ops/i
 import { Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
 import { memory } from "../core/memory.ts";
-import { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan } from "../scan/fused.ts";
 import {
+  dtScanForward,
+  fusedMambaScan,
+  fusedMambaScanForward,
+  fusedSelectiveScan,
+  mambaScanAttrs,
+} from "../scan/fused.ts";
+import {
+  fusedScanBackward,
   lastState,
+  phForBackward,
   setFusedChainRuns,
   setFusedPartialBudget,
   setFusedPresumRows,
@@ -514,10 +522,13 @@ for (
     "chunks in parallel, carries chained",
     "chunks in parallel, carries folded",
     "walks of 3 chunks in parallel (the last of one), carries chained",
+    "walks of 3 chunks in parallel (the last of one), carries chained in 8 runs",
+    "walks of 3 chunks in parallel (the last of one), carries folded",
   ]
 ) {
   const chunkParallel = mode !== "in order";
   const walks = mode.startsWith("walks");
+  const runs = mode.endsWith("in 8 runs") ? 8 : null;
   Deno.test(
     `lastState after a prompt of several chunks equals the sequential scan's, with the forward's chunk length${
       chunkParallel ? ` (${mode}: the last chunk's state)` : ""
@@ -526,12 +537,12 @@ for (
       await init();
       const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
       const t = inputs(c, 14);
-      // walks: 19 chunks of 8 in 7 walks of 24 steps
-      setFusedVariant(
-        c.N,
-        walks ? { WG: 8, Lc: 8, Lf: 24, chunkParallel } : { ...fusedVariant(c.N), chunkParallel },
-      );
-      setMaxChunksFolded(mode.endsWith("chained") ? 0 : null);
+      // walks: 19 chunks of 8 in 7 walks of 24 steps; else the variant in use (a GPU's tuned one may walk
+      // longer chunks in its forward: not here)
+      const { Lf: _, ...inUse } = fusedVariant(c.N);
+      setFusedVariant(c.N, walks ? { WG: 8, Lc: 8, Lf: 24, chunkParallel } : { ...inUse, chunkParallel });
+      setMaxChunksFolded(mode.includes("chained") ? 0 : null);
+      setFusedChainRuns(runs);
       assert.ok(c.L > 2 * fusedVariant(c.N).Lc, "the prompt spans several chunks");
       const { y, ph, kernels } = await kernelsRun(() =>
         fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z)
@@ -539,9 +550,13 @@ for (
       // (on GPUs, from 128 chunks, the chain runs in runs: fused_scan_chain_fwd_seg{S})
       assert.equal(
         kernels.some((k) => /^fused_scan_chain_fwd(_seg\d+)?(_G3)?$/.test(k)),
-        mode.endsWith("chained"),
+        mode.includes("chained"),
       );
-      assert.equal(kernels.some((k) => /^fused_scan_fwd_N16_Lc8_Lf24_WG8(_dt\d+)?_chunked$/.test(k)), walks);
+      assert.equal(kernels.some((k) => k.startsWith("fused_scan_chain_fwd_seg8")), runs === 8);
+      assert.equal(
+        kernels.some((k) => /^fused_scan_fwd_N16_Lc8_Lf24_WG8(_dt\d+)?_chunked(_folded)?$/.test(k)),
+        walks,
+      );
       assert.equal(kernels.some((k) => k.endsWith("_chunked_folded")), mode.endsWith("folded"));
       // the variant changes (a tuner run) between the forward and the read: hs keeps the forward's chunks
       setFusedVariant(c.N, { WG: 8, Lc: 8 });
@@ -575,6 +590,7 @@ for (
       } finally {
         setFusedVariant(c.N, null);
         setMaxChunksFolded(null);
+        setFusedChainRuns(null);
       }
       for (const v of [y, ph, ...Object.values(t)]) v.dispose();
     },
@@ -833,6 +849,19 @@ Deno.test("the chunk-parallel forward walks chunks of Lf steps (the chunk states
     }
     setFusedChainRuns(null);
     setMaxChunksFolded(null);
+    // few walks (B 1, one tile of channels, 2 walks): the forward's workgroup halved for its walks (to 16: 4
+    // workgroups), the backward's not (32 chunks)
+    setFusedVariant(4, { WG: 32, Lc: 4, Lf: 64, chunkParallel: true });
+    k = await kernelsOf({ B: 1, L: 128, ED: 32, N: 4, R: 1, gated: false }, 78);
+    assert.ok(has(k, /^fused_scan_fwd_N4_Lc4_Lf64_WG16_chunked_folded$/), `${k}`);
+    assert.ok(has(k, /^fused_scan_bwd_N4_Lc4_WG32_/), `${k}`);
+    // more chunks than MAX_CHUNKS_CHAINED but fewer walks: the forward in parallel, the backward in order
+    setFusedVariant(4, { WG: 8, Lc: 1, Lf: 2, chunkParallel: true });
+    k = await kernelsOf({ B: 1, L: MAX_CHUNKS_CHAINED + 1, ED: 2, N: 4, R: 1, gated: true }, 79);
+    assert.ok(
+      has(k, /^fused_scan_chain_fwd(_seg\d+)?_G2$/) && has(k, /^fused_scan_fwd_N4_Lc1_Lf2_WG8_chunked$/),
+    );
+    assert.ok(!has(k, /^fused_scan_local_bwd/) && has(k, /^fused_scan_bwd_N4_Lc1_WG8_S\d+$/), `${k}`);
     // one walk (Lf >= L): the forward in order
     setFusedVariant(4, { WG: 8, Lc: 4, Lf: 64, chunkParallel: true });
     k = await kernelsOf({ B: 1, L: 60, ED: 5, N: 4, R: 1, gated: false }, 74);
@@ -877,6 +906,87 @@ Deno.test("the chunk-parallel forward walks chunks of Lf steps (the chunk states
     setMaxChunksFolded(null);
     setFusedChainRuns(null);
     setFusedStateSaving(null);
+  }
+});
+
+Deno.test("a forward that feeds no backward (inference, a prompt) writes the last state only: y and lastState as with every state, the other chunk states untouched, the backward refuses its ph", async () => {
+  await init();
+  const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
+  const t = inputs(c, 15);
+  const a = mambaScanAttrs("test", t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined);
+  const run = (states: "all" | "last") =>
+    dtScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, a, states);
+  const walkEnds = (chunks: number, G: number) =>
+    Array.from({ length: Math.ceil(chunks / G) }, (_, k) => Math.min(k * G + G - 1, chunks - 1));
+  // [mode, variant, carries folded (else chained), the chunks whose states the "last" forward writes]
+  const modes: [string, Omit<FusedVariant, "N">, boolean, (chunks: number) => number[]][] = [
+    ["in order", { WG: 8, Lc: 16 }, false, (n) => [n - 1]],
+    ["chunks in parallel, chained", { WG: 8, Lc: 16, chunkParallel: true }, false, (n) => walkEnds(n, 1)],
+    ["chunks in parallel, folded", { WG: 8, Lc: 16, chunkParallel: true }, true, (n) => [n - 1]],
+    [
+      "walks of 3 chunks, chained",
+      { WG: 8, Lc: 8, Lf: 24, chunkParallel: true },
+      false,
+      (n) => walkEnds(n, 3),
+    ],
+    ["walks of 3 chunks, folded", { WG: 8, Lc: 8, Lf: 24, chunkParallel: true }, true, (n) => [n - 1]],
+  ];
+  try {
+    for (const [mode, variant, folded, written] of modes) {
+      setFusedVariant(c.N, variant);
+      setMaxChunksFolded(folded ? MAX_CHUNKS_FOLDED : 0);
+      const all = run("all");
+      // the "last" forward's ph gets a buffer of NaNs: what it does not write stays NaN
+      const poison = full([all.ph.size], NaN);
+      const buffer = poison.storage.buffer;
+      poison.dispose();
+      const last = run("last");
+      assert.equal(last.ph.storage.buffer, buffer, `${mode}: the test's set-up (ph in the poisoned buffer)`);
+      const chunks = Math.ceil(c.L / variant.Lc);
+      const cells = c.B * c.ED * chunks * c.N;
+      const hsOff = all.ph.size - cells;
+      const [yAll, yLast, phAll, phLast] = await Promise.all(
+        [all.y, last.y, all.ph, last.ph].map((u) => u.toArray()),
+      );
+      assert.deepEqual(yLast, yAll, `${mode}: y`);
+      const want = new Set(written(chunks));
+      for (let i = 0; i < cells; i++) {
+        const k = Math.floor(i / c.N) % chunks;
+        const [got, ref] = [phLast[hsOff + i], phAll[hsOff + i]];
+        assert.ok(Number.isFinite(ref), `${mode}: every state with states "all"`);
+        if (want.has(k)) assert.equal(got, ref, `${mode}: chunk ${k}'s state, float ${i}`);
+        else assert.ok(Number.isNaN(got), `${mode}: chunk ${k}'s state written (float ${i}: ${got})`);
+      }
+      const [hAll, hLast] = [all, last].map((r) => lastState(r.ph, c.B, c.ED, c.N, c.L));
+      assert.deepEqual(await hLast.toArray(), await hAll.toArray(), `${mode}: lastState`);
+      assert.throws(() => phForBackward(last.ph), /phForBackward: ph holds the last state only/);
+      assert.throws(
+        () => fusedScanBackward(t.G, t.x, null, t.dBC, t.A_log, last.ph, t.z, a),
+        /fusedScanBackward: ph holds the last state only/,
+      );
+      for (const u of [all.y, all.ph, last.y, last.ph, hAll, hLast]) u.dispose();
+    }
+    // in order over two dispatches (L 16400): the second starts from the state where the first ended
+    setFusedVariant(4, { WG: 8, Lc: 16 });
+    const long = { B: 1, L: 16400, ED: 2, N: 4, R: 1, gated: true };
+    const u = inputs(long, 16);
+    const b = mambaScanAttrs("test", u.x, u.dBC, u.W, u.bias, u.A_log, u.D, u.z, undefined);
+    const states = [
+      dtScanForward(u.x, u.dBC, u.W, u.bias, u.A_log, u.D, u.z, b, "all"),
+      fusedMambaScanForward(u.x, u.dBC, u.W, u.bias, u.A_log, u.D, u.z), // a prompt's: the last state only
+    ];
+    const [ya, yb] = await Promise.all(states.map((r) => r.y.toArray()));
+    assert.deepEqual(yb, ya, "L 16400: y");
+    const hs = states.map((r) => lastState(r.ph, 1, 2, 4, long.L));
+    assert.deepEqual(await hs[1].toArray(), await hs[0].toArray(), "L 16400: lastState");
+    for (const r of states) [r.y, r.ph].forEach((v) => v.dispose());
+    hs.forEach((h) => h.dispose());
+    Object.values(u).forEach((v) => v.dispose());
+  } finally {
+    setFusedVariant(c.N, null);
+    setFusedVariant(4, null);
+    setMaxChunksFolded(null);
+    Object.values(t).forEach((v) => v.dispose());
   }
 });
 

@@ -172,7 +172,7 @@ const POOLS = {
   tenBuffers: [false, false, true],
   presum: [false, false, true],
   statesAgain: [false, false, true],
-  walk: [1, 1, 2, 3, 5], // chunks per walk of the chunk-parallel forward (Lf / Lc)
+  walk: [1, 1, 2, 3, 5], // chunks per walk of the chunk-parallel forward (Lf / Lc), fewer than the chunks
 };
 
 const divisors = (n: number) => Array.from({ length: n }, (_, k) => k + 1).filter((d) => n % d === 0);
@@ -262,8 +262,6 @@ function makeVariant(
       ...(lanes ? { lanes } : {}),
       ...((first ? pick("chunked", 26) : r() < 0.5) ? { chunkParallel: true } : {}),
     };
-    const walk = first ? pick("walk", 33) : any(POOLS.walk);
-    if (v.chunkParallel && walk > 1) v.Lf = walk * Lc;
     // steps per barrier (workgroup sums only): at most what fits with the dt terms of dt_proj inside
     if (v.reduce === "workgroup") {
       const sKind = first ? pick("S", 25) : any(POOLS.S);
@@ -306,6 +304,9 @@ function makeCase(seed: number, index: number): Case {
     any: () => int(1, 300),
   };
   const L = Math.max(1, Math.min(300, lengths[lkind]()));
+  // the chunk-parallel forward's walks of G chunks: at least two walks, so that the forward walks in parallel
+  const G = Math.min(pick("walk", 33), Math.ceil(L / Lc) - 1);
+  if (variant.chunkParallel && G >= 2) variant = { ...variant, Lf: G * Lc };
   const cpw = Math.max(1, variant.WG / (variant.lanes ?? 1)); // channels per workgroup (before any halving)
   const edKind = pick("ED", 4);
   const widths: Record<string, () => number> = {
@@ -419,7 +420,7 @@ function assertVariantRan(kernels: readonly string[], c: Case): void {
     // carries chained by a dispatch, or folded by the main kernels (the cases have few enough chunks)
     const chain = `fused_scan_chain_${pass}${c.chainRuns > 1 ? `_seg${c.chainRuns}` : ""}`;
     const ranChains = kernels.filter((k) =>
-      k.startsWith(chain) && /^fused_scan_chain_\w+?(_seg\d+)?(_G\d+)?$/.test(k)
+      k.startsWith(chain) && /^fused_scan_chain_(fwd|bwd)(_seg\d+)?(_G\d+)?$/.test(k)
     );
     const want = [
       ...(chunked && c.chained ? [`${chain}${pass === "fwd" && G > 1 ? `_G${G}` : ""}`] : []),
