@@ -54,8 +54,8 @@ export interface FusedVariant {
    * chunks, the decay over a chunk being exp(A sum dt); then every chunk runs from its carry
    * (`fused_carry_kernels.ts`). One more walk of the steps and two more dispatches per kernel (one with few
    * chunks: the main kernels fold their carries, MAX_CHUNKS_FOLDED); the backward keeps its sums over time
-   * per chunk. Where a call has more than MAX_CHUNKS_CHAINED chunks, or its
-   * per-chunk sums would not fit one binding, it walks time in order. */
+   * per chunk. Where a backward has more than MAX_CHUNKS_CHAINED chunks, or its per-chunk sums would not fit
+   * one binding, it walks time in order (a forward, where it has more than MAX_CHUNKS_CHAINED walks of Lf). */
   chunkParallel?: boolean;
   /** The chunk-parallel forward's chunk length (a multiple of Lc, default Lc; needs `chunkParallel`): its local
    * walk and chain run over chunks of Lf steps, and its main kernel walks each in order, storing the state
