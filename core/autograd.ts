@@ -214,10 +214,12 @@ export function savesForLater(): boolean {
 }
 
 /**
- * For an op's forward: whether a backward (or a checkpoint's replay) reads what it saves or keeps: the op's
- * node is recorded (grad on, an input requiring grad), or a checkpoint's first pass keeps its tensors. False
- * under noGrad and where no input requires grad. An op whose forward writes something only its backward reads
- * may skip it then (the fused scan's chunk states: an inference forward writes the last state only).
+ * For an op's forward: whether a backward (or a checkpoint's replay) may read what it saves or keeps: the op's
+ * node is recorded (grad on, an input requiring grad), or a checkpoint's first pass keeps its tensors (always
+ * true there, even where the rerun will not record the op: a safe answer, at worst memory held for nothing).
+ * False otherwise: under noGrad and where no input requires grad. An op whose forward writes something only its
+ * backward reads may skip it then (the fused scan's chunk states: an inference forward writes the last state
+ * only).
  */
 export function savesForBackward(): boolean {
   return feedsBackward;

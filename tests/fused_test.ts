@@ -4,7 +4,7 @@ import { full, randn, tensor } from "../core/creation.ts";
 import { add, exp, matmul, mul, narrow, neg, softplus, sum } from "../core/ops/index.ts";
 import { Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
-import { memory } from "../core/memory.ts";
+import { emptyPool, memory } from "../core/memory.ts";
 import {
   dtScanForward,
   fusedMambaScan,
@@ -537,6 +537,8 @@ for (
       await init();
       const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
       const t = inputs(c, 14);
+      // a fresh buffer (zeros) for ph: not the previous mode's, which holds the same last state
+      emptyPool();
       // walks: 19 chunks of 8 in 7 walks of 24 steps; else the variant in use (a GPU's tuned one may walk
       // longer chunks in its forward: not here)
       const { Lf: _, ...inUse } = fusedVariant(c.N);
@@ -966,6 +968,31 @@ Deno.test("a forward that feeds no backward (inference, a prompt) writes the las
       );
       for (const u of [all.y, all.ph, last.y, last.ph, hAll, hLast]) u.dispose();
     }
+    // the ops choose: under noGrad the last state only. The op's ph goes back to the pool when it returns, and
+    // the next allocation of its size gets its buffer: in order, all but the last chunk's state untouched.
+    setFusedVariant(c.N, { WG: 8, Lc: 16 });
+    const chunks = Math.ceil(c.L / 16);
+    const phFloats = c.ED * (c.N + 2 + c.R) + c.B * c.ED * chunks * c.N; // [bias | A_log | D | W | hs]
+    const poison = full([phFloats], NaN);
+    const buffer = poison.storage.buffer;
+    poison.dispose();
+    const y = noGrad(() => fusedMambaScan(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z));
+    const left = Tensor.empty([phFloats]); // what the op's ph left
+    assert.equal(left.storage.buffer, buffer, "the test's set-up (the op's ph in the poisoned buffer)");
+    const leftStates = (await left.toArray()).subarray(phFloats - c.B * c.ED * chunks * c.N);
+    for (let i = 0; i < leftStates.length; i++) {
+      const k = Math.floor(i / c.N) % chunks;
+      assert.equal(
+        Number.isNaN(leftStates[i]),
+        k !== chunks - 1,
+        `noGrad op: chunk ${k}'s state (float ${i}: ${leftStates[i]})`,
+      );
+    }
+    [y, left].forEach((v) => v.dispose());
+    // a prompt's prefill: its ph holds the last state only
+    const prefill = fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z);
+    assert.throws(() => phForBackward(prefill.ph), /phForBackward: ph holds the last state only/);
+    [prefill.y, prefill.ph].forEach((v) => v.dispose());
     // in order over two dispatches (L 16400): the second starts from the state where the first ended
     setFusedVariant(4, { WG: 8, Lc: 16 });
     const long = { B: 1, L: 16400, ED: 2, N: 4, R: 1, gated: true };

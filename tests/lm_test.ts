@@ -7,6 +7,8 @@ import { memory, resetPeak } from "../core/memory.ts";
 import { crossEntropy, matmul, narrow } from "../core/ops/index.ts";
 import { manualSeed } from "../core/random.ts";
 import { dispose, type Tensor, tidy } from "../core/tensor.ts";
+import { setMaxChunksFolded } from "../scan/fused_run.ts";
+import { MAX_CHUNKS_FOLDED, setFusedVariant } from "../scan/fused_variant.ts";
 import { sampleInto, sampleParams } from "../mamba/sampling.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { MambaLM } from "../mamba/lm.ts";
@@ -131,6 +133,51 @@ async function decodingLogits(lm: MambaLM, prompt: number[][], tokens: number[][
   dispose([...out, caches]);
   return { logits: { data, shape: [B, n, V] }, first: { data: firstData, shape: [B, V] } };
 }
+
+Deno.test({
+  name:
+    "MambaLM fused with chunks walked in parallel (forced; chained, folded, the forward in walks of 2 chunks): the logits under noGrad and the prefill + decoding path's equal mamba.py's (lm_v64)",
+  ignore: noFused,
+  fn: async () => {
+    // under noGrad and in a prompt's prefill the forward writes the last chunk state only: the prefill's is the
+    // decoding cache. L 32 and prompts of 8 in chunks of 2 (walks of 4): several chunks and walks everywhere.
+    const bound = tolerance("model");
+    const { f, lm } = await lmV64("fused");
+    const tokens = toTensor(f, "tokens");
+    const prompt = rowsOf(f.get("generate.prompt")!.data, 2);
+    const next = rowsOf(f.get("generate.tokens")!.data, 2);
+    const N = lm.config.dState;
+    try {
+      for (
+        const [variant, folded] of [
+          [{ WG: 8, Lc: 2, chunkParallel: true }, false],
+          [{ WG: 8, Lc: 2, chunkParallel: true }, true],
+          [{ WG: 8, Lc: 2, Lf: 4, chunkParallel: true }, false],
+          [{ WG: 8, Lc: 2, Lf: 4, chunkParallel: true }, true],
+        ] as const
+      ) {
+        setFusedVariant(N, variant);
+        setMaxChunksFolded(folded ? MAX_CHUNKS_FOLDED : 0);
+        const how = `${JSON.stringify(variant)}${folded ? " folded" : " chained"}`;
+        const fwd = await kernelsRun(() => tidy(() => noGrad(() => lm.forward(tokens))));
+        assert.ok(fwd.kernels.some((k) => k.startsWith("fused_scan_local_fwd")), `${how}: in parallel`);
+        await assertMatchesFixture(fwd.value, f, "logits", bound, `${how}: logits`);
+        fwd.value.dispose();
+        const run = await kernelsRun(() => decodingLogits(lm, prompt, next, false));
+        assert.ok(
+          run.kernels.some((k) => k.startsWith("fused_scan_local_fwd")),
+          `${how}: prefill in parallel`,
+        );
+        await assertMatchesFixture(run.value.logits, f, "generate.logits", bound, `${how}: decoding`);
+      }
+    } finally {
+      setFusedVariant(N, null);
+      setMaxChunksFolded(null);
+      tokens.dispose();
+      lm.dispose();
+    }
+  },
+});
 
 // Greedy tokens only rule out errors larger than the top-1/top-2 margin (2.8e-2 in lm_v64, 1.8e-2 in
 // char-mamba); the logits of every decoding step are held to the whole-model bound.
