@@ -323,6 +323,8 @@ Deno.test({
               { lanes: Math.min(4, SG), Lc: 24, Ls: 8, hbuf: "workgroup" as const },
               { chunkParallel: true }, // L 37: three chunks of 16 at once, carries chained
               { lanes: 2, Lc: 8, Ls: 4, hbuf: "workgroup" as const, chunkParallel: true },
+              // the forward in walks of 3 chunks (L 37: 10 chunks of 4 in 4 walks, the last of one chunk)
+              { Lc: 4, Lf: 12, chunkParallel: true },
             ];
             const rows = [];
             const kernels: string[] = [];
@@ -350,8 +352,15 @@ Deno.test({
                 return setPipeline.call(this, p);
               };
               const gotLarge = await large.run();
-              proto.setPipeline = setPipeline;
               rows.push({ variant: "150 chunks on a GPU's paths", rel: rel(gotLarge, wantLarge) });
+              // ... and 300 chunks of 1 step, the forward in 150 walks of 2 (its chain in runs too)
+              m.setFusedVariant(N, { ...base, Lc: 1, Lf: 2, chunkParallel: true });
+              const gotWalks = await large.run();
+              proto.setPipeline = setPipeline;
+              rows.push({
+                variant: "the forward in 150 walks on a GPU's paths",
+                rel: rel(gotWalks, wantLarge),
+              });
             } finally {
               proto.setPipeline = setPipeline;
               gpu.isFallbackAdapter = wasFallback;
@@ -370,6 +379,9 @@ Deno.test({
             // (the reduction pass is core's reduce kernel, which every sum here runs)
             for (const k of ["fused_scan_chain_fwd_seg16", "fused_scan_chain_bwd_seg16"]) {
               assert.ok(r.kernels.includes(k), `${k} ran on the GPU's paths (${r.kernels.join(", ")})`);
+            }
+            for (const re of [/^fused_scan_chain_fwd_seg\d+_G2$/, /^fused_scan_fwd_.*_Lf2_.*_chunked$/]) {
+              assert.ok(r.kernels.some((k) => re.test(k)), `${re} ran on the GPU's paths`);
             }
           }
         },
