@@ -61,7 +61,9 @@
 # per-chunk parameter rows are N floats narrower); the forward walking longer chunks than the backward (`Lf`,
 # FUSED_KERNEL_VERSION 31): the adapter phase's candidates with "Lf" and their times against the same without,
 # which problems pick one, and the report's roofline "walk" column with its GB/s at d_model 1024 (22% of the
-# copy bandwidth at 2d4b27c with chunks of 9). With time to spare: the generate phase (decode tokens/s).
+# copy bandwidth at 2d4b27c with chunks of 9); the roofline's new "inference" columns (82110c5: a forward no
+# backward reads writes the last chunk state only), the figure the issue's "at least half the copy bandwidth"
+# is about. With time to spare: the generate phase (decode tokens/s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
