@@ -116,20 +116,28 @@ export function chartSpec(title: string, subtitle: string, xTitle: string, data:
 }
 
 /** The roofline chart: the fused forward kernel's minimal bytes per second for each measured configuration,
- * against the copy bandwidth measured in the same run and half of it (the issue's aim). */
+ * against the copy bandwidth measured in the same run and half of it (the issue's aim); beside each training
+ * forward (every chunk state written), the inference forward (the last only) where the report timed it. */
 export function rooflineSpec(rep: ScanReport, subtitle: string): vl.TopLevelSpec {
   const { copyGBs, rows } = rep.roofline;
-  const bars = rows.map((r) => ({
-    config: `d_model ${r.dModel}, N ${r.N}, L ${r.L}`,
-    GBs: r.GBs,
-    share: r.GBs / copyGBs,
-  }));
+  const bar = (config: string, forward: string, GBs: number) => ({
+    config,
+    forward,
+    GBs,
+    share: GBs / copyGBs,
+  });
+  const bars = rows.flatMap((r) => {
+    const config = `d_model ${r.dModel}, N ${r.N}, L ${r.L}`;
+    const inference = r.GBsInference === undefined ? [] : [bar(config, "inference", r.GBsInference)];
+    return [bar(config, "training", r.GBs), ...inference];
+  });
+  const forwards = [...new Set(bars.map((b) => b.forward))];
   const lines = [
     { what: `copy bandwidth, ${copyGBs.toFixed(1)} GB/s`, GBs: copyGBs },
     { what: "half of it (the aim)", GBs: copyGBs / 2 },
   ];
-  const low = Math.min(...rows.map((r) => r.GBs)) / 2;
-  const high = Math.max(copyGBs, ...rows.map((r) => r.GBs)) * 1.5; // a kernel may beat a 64 MiB copy (caches)
+  const low = Math.min(...bars.map((b) => b.GBs)) / 2;
+  const high = Math.max(copyGBs, ...bars.map((b) => b.GBs)) * 1.5; // a kernel may beat a 64 MiB copy (caches)
   const y = {
     field: "GBs",
     type: "quantitative" as const,
@@ -146,7 +154,7 @@ export function rooflineSpec(rep: ScanReport, subtitle: string): vl.TopLevelSpec
     layer: [
       {
         data: { values: bars },
-        mark: { type: "bar", color: "#1b7837" },
+        mark: { type: "bar" },
         encoding: {
           x: {
             field: "config",
@@ -155,10 +163,19 @@ export function rooflineSpec(rep: ScanReport, subtitle: string): vl.TopLevelSpec
             title: null,
             axis: { labelAngle: -30, labelLimit: 240 },
           },
+          xOffset: { field: "forward", type: "nominal", sort: forwards },
+          color: {
+            field: "forward",
+            type: "nominal",
+            sort: forwards,
+            scale: { domain: forwards, range: ["#1b7837", "#7fbf7b"].slice(0, forwards.length) },
+            legend: forwards.length > 1 ? { title: "forward", orient: "top-left" } : null,
+          },
           y,
           y2: { datum: low }, // bars from the bottom of the log scale (it has no zero)
           tooltip: [
             { field: "config", type: "nominal" },
+            { field: "forward", type: "nominal" },
             { field: "GBs", type: "quantitative", format: ".2f" },
             { field: "share", type: "quantitative", format: ".1%", title: "of the copy bandwidth" },
           ],
