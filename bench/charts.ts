@@ -169,7 +169,7 @@ export function rooflineSpec(rep: ScanReport, subtitle: string): vl.TopLevelSpec
             type: "nominal",
             sort: forwards,
             scale: { domain: forwards, range: ["#1b7837", "#7fbf7b"].slice(0, forwards.length) },
-            legend: forwards.length > 1 ? { title: "forward", orient: "top-left" } : null,
+            legend: forwards.length > 1 ? { title: null, orient: "top", direction: "horizontal" } : null,
           },
           y,
           y2: { datum: low }, // bars from the bottom of the log scale (it has no zero)

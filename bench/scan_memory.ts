@@ -371,7 +371,7 @@ if (import.meta.main) {
   for (const N of Ns) {
     await ensureFusedTuned(N);
     if (lc !== null) {
-      const { Ls: _, hbuf: _h, ...v } = fusedVariant(N);
+      const { Ls: _, hbuf: _h, Lf: _f, ...v } = fusedVariant(N); // the chunk length forced: one walk a chunk
       setFusedVariant(N, { ...v, Lc: lc, chunkParallel: true });
     }
     console.error(`fused variant, N ${N}: ${JSON.stringify(fusedVariant(N))}`);

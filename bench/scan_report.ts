@@ -400,8 +400,9 @@ export interface RooflineRow {
   /** Bytes of the chunk states hs (B, ED, chunks, N) that the forward also writes (absent in reports
    * written before it was recorded). */
   stateBytes?: number;
-  /** Dispatches per call: one per state block (ceil(N / Nb)), each walking all L steps (absent in older
-   * reports). */
+  /** Dispatches per call (absent in older reports): the parameters' pack and one per state block (ceil(N /
+   * Nb)), each walking all L steps; with chunks in parallel also the local walks (one per block) and the
+   * chain. */
   dispatchesPerCall?: number;
   /** How the forward walked (absent in older reports): chunk length Lc, and where it walked chunks in
    * parallel, "parallel" and its walk Lf where that is longer than Lc. */
@@ -671,8 +672,8 @@ export function reportMarkdown(rep: ScanReport): string {
     `forward writes every chunk state for the backward; an inference forward (a prompt, an evaluation) the ` +
     `last only: both timed, alternately.`,
     "",
-    "| d_model | ED | N | L | walk | minimal MiB | hs MiB (not counted) | dispatches | ms per call | " +
-    "GB/s (minimal bytes) | minimal bytes / copy bandwidth | state updates (G/s) | inference: ms | " +
+    "| d_model | ED | N | L | walk | minimal MiB | hs MiB (not counted) | dispatches | training: ms per call | " +
+    "training: GB/s (minimal bytes) | training: / copy bandwidth | state updates (G/s) | inference: ms | " +
     "inference: / copy bandwidth |",
     "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ...rep.roofline.rows.map((r) =>

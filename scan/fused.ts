@@ -348,8 +348,9 @@ export function fusedMambaScan(
 
 /**
  * {@linkcode fusedMambaScan}'s forward without autograd (a prompt's prefill): y (B, L, ED) and `ph`, whose
- * last chunk state (the only one it writes, besides those the forward reads again) is the inference cache: `lastState(ph, B, ED, N, L)` ({@linkcode lastState}) copies it out
- * as (B, ED, N). The caller disposes `y` and `ph`.
+ * last chunk state (the only one it writes, besides those the forward reads again) is the inference cache:
+ * `lastState(ph, B, ED, N, L)` ({@linkcode lastState}) copies it out as (B, ED, N). The caller disposes `y` and
+ * `ph`.
  */
 export function fusedMambaScanForward(
   x: Tensor,

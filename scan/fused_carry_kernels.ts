@@ -5,9 +5,10 @@
  * the product of a chunk's decays is exp(A S) with S the chunk's sum of dt: a chunk's effect on its carry is
  * its result from a zero carry plus exp(A S) times the carry.
  *
- * `fused_scan_local_{fwd,bwd}` (template: the forward's N, Nb, n0, Lc, WG, shuffle, lanes, Ri).
- * Owns: a workgroup owns (b, a tile of WG channels, chunk k); an invocation one channel (with `lanes`, its
- * share of the block's states), walking chunk k from a zero state, the forward up, h = a h + dt x B, the
+ * `fused_scan_local_{fwd,bwd}` (template: the forward's N, Nb, n0, Lc, WG, shuffle, lanes, Ri; the forward's
+ * G = Lf / Lc chunks per walk, 1 for the backward).
+ * Owns: a workgroup owns (b, a tile of WG channels, walk k: chunk k where G is 1); an invocation one channel
+ * (with `lanes`, its share of the block's states), walking walk k from a zero state, the forward up, h = a h + dt x B, the
  * backward down, m = a (gy C + m) with gy the gated gradient of y (m after the chunk's first step is the
  * carry it passes to the chunk before it). Registers only; no workgroup memory, no barriers.
  * Reads: x, draw (or dBC's dt columns and dt_proj's row), B or C from dBC, the parameters in `ph`, z; the
@@ -20,8 +21,8 @@
  *
  * `fused_scan_chain_{fwd,bwd}` (template: the runs per chain, 1 or `_seg{S}`; the forward's chunks per walk G,
  * `_G{G}` above 1, whose links are the walks' cells in hs: the last chunk of each).
- * Owns: an invocation owns one (b, d, n) and walks the chunks in order, the forward up, h = exp(A S_k) h +
- * loc_k, leaving loc_k = h, the state after chunk k; the backward down, leaving loc_k = m, the carry into
+ * Owns: an invocation owns one (b, d, n) and walks its links in order (chunks; the forward's walks of G
+ * chunks), the forward up, h = exp(A S_k) h + loc_k, leaving loc_k = h, the state after link k; the backward down, leaving loc_k = m, the carry into
  * chunk k from the chunks after it, then m = loc_k + exp(A S_k) m. Reads A_log from `ph` and S; reads and
  * writes `loc`, loading 8 chunks' values at a time so that their loads overlap. At most MAX_CHUNKS_CHAINED / 8
  * + 7 iterations. `_seg{S}` (GPUs, many chunks): S invocations per (b, d, n), each owning a run of the chunks,

@@ -1,6 +1,6 @@
 /**
  * `fused_scan_fwd`, the fused scan's forward kernel (template: N, Nb and the block's first state n0, Lc, WG,
- * shuffle, lanes, dt rank Ri).
+ * shuffle, lanes, dt rank Ri; chunk-parallel: folded or not, G = Lf / Lc chunks per walk).
  *
  * Owns: one invocation per (b, d) keeps h of states n0..n0+Nb in registers and walks time t0..t1:
  * dt = softplus(draw + bias), a = exp(dt A), h = a h + dt B x, y = C.h + D x, out = y * silu(z). With
@@ -12,15 +12,15 @@
  * from dBC, the parameters [bias | A_log | D | W] at the front of `ph`, z (a window of a wider tensor).
  * Writes: out (state blocks after the first add their C.h to it; the last gates), and after each chunk of Lc
  * steps (and at the end) the state into hs (B, ED, chunks, N) behind the parameters in `ph`: the only state
- * that leaves the chip, read by the backward and, after a prompt, as the inference cache.
- * Chunk-parallel (`chunked`): a workgroup per (b, tile, chunk) walks only its chunk, from the state the chain
- * (fused_carry_kernels.ts) left in hs before it, and writes y only. Folded (`folded`, at most
- * MAX_CHUNKS_FOLDED chunks): no chain; it first folds the state before its chunk out of the local kernel's
- * results for the chunks before it (`carry`: their states from zero and sums of dt), and writes the state
- * after its chunk into hs. With `Lf` > Lc a workgroup walks G = Lf / Lc chunks in order from the state before
- * them, storing the state after each but the last (the chain's) for the backward. Without a backward to feed
- * (the uniform allStates 0: inference, a prompt) it stores only the states a forward reads again and the
- * state after the last step.
+ * that leaves the chip, read by the backward and, after a prompt, as the inference cache. Without a backward
+ * to feed (the uniform allStates 0: inference, a prompt) only the states a forward reads again (where a
+ * dispatch in order ends) and the state after the last step.
+ * Chunk-parallel (`chunked`): a workgroup per (b, tile, walk) walks only its walk, G chunks of Lc in order
+ * (G = 1 without `Lf`), from the state the chain (fused_carry_kernels.ts) left in hs before it, and stores the
+ * state after each of its chunks but the last, which the chain wrote (so none with G = 1; none either with
+ * allStates 0). Folded (`folded`, at most MAX_CHUNKS_FOLDED walks): no chain; it first folds the state before
+ * its walk out of the local kernel's results for the walks before it (`carry`: their states from zero and sums
+ * of dt), and stores the state after each of its chunks into hs (with allStates 0, after the last step only).
  * @module
  */
 

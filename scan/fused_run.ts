@@ -1,7 +1,8 @@
 /**
  * Runs the fused scan's kernels, without autograd (the ops in fused.ts call these):
  *
- * - `fusedScanForward`: y, and `ph` = the parameters packed with the state at every chunk's end (hs);
+ * - `fusedScanForward`: y, and `ph` = the parameters packed with the state at every chunk's end (hs; with
+ *   `states` "last", only the last and those the forward reads again);
  * - `phForBackward`: what an op saves of `ph`: all of it, or, where the chunk states would outweigh the
  *   inputs (short chunks, large N), the parameters alone;
  * - `fusedScanBackward`: every input's gradient (and, asked, the gated y), each chunk's states recomputed from
@@ -123,7 +124,8 @@ export function setFusedChainRuns(runs: number | null): void {
   chainRunsSet = runs;
 }
 
-/** Records the chain over `chunks` chunks for B x ED x N states (`dir`: up for h, down for lam). */
+/** Records the chain over `chunks` links (the backward's chunks, the forward's walks of G chunks each) for
+ * B x ED x N states (`dir`: up for h, down for lam). */
 function dispatchChain(
   dir: "fwd" | "bwd",
   bufs: { ph: Storage; out: Storage },
@@ -174,7 +176,7 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: Fu
   // chunk-parallel variants walk every chunk at once (unless there are too many to chain)
   const chunked = v.chunkParallel === true && chunks > 1 && chunks <= MAX_CHUNKS_CHAINED;
   // workgroups per tile of channels
-  const perTile = forward ? forwardWalks(v, L, chunks) : chunked ? chunks : 1;
+  const perTile = forward ? forwardWalks(v, L) : chunked ? chunks : 1;
   while (fits(v.WG / 2) && B * Math.ceil(ED / (v.WG / lanes)) * perTile < MIN_GROUPS) v.WG /= 2;
   return {
     B,
@@ -230,6 +232,9 @@ export function fusedScanForward(
 ): { y: Tensor; ph: Tensor } {
   const Ri = a.dtInside ? a.R : 0;
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
+  if (states !== "all" && states !== "last") {
+    throw new Error(`fusedScanForward: states must be "all" or "last", got ${JSON.stringify(states)}`);
+  }
   const { B, L, ED, v, picked, u } = sizes(x, dBC, a, z, undefined, true);
   const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
   const parSize = params.reduce((n, t) => n + t.size, 0);
@@ -241,7 +246,7 @@ export function fusedScanForward(
   packInto(ph, params); // one dispatch: copies would each end the compute pass
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
-  const walks = forwardWalks(v, L, u.chunks);
+  const walks = forwardWalks(v, L);
   if (walks > 1) {
     // Every walk (a chunk, or Lf / Lc of them) from a zero state (its local state, and its sum of dt), then
     // every walk from the state before it. With few walks the main kernels fold that state themselves out of
@@ -253,7 +258,7 @@ export function fusedScanForward(
     const carry = folded ? Tensor.empty([cells * (a.N + 1)]) : null; // carry: [local states | sums of dt]
     const out = (carry ?? y).storage;
     const offsets = { locOff: 0, sdtOff: carry ? cells * a.N : 0 };
-    localStates(v, Ri, bufs, out, ph, { ...u, N: a.N, hsOff: parSize, ...offsets }, folded);
+    localStates(v, Ri, bufs, out, ph, { ...u, N: a.N, hsOff: parSize, ...offsets }, folded, walks);
     const uni = { ...u, hsOff: parSize, t0: 0, t1: L, allStates, ...(carry ? offsets : {}) };
     const main = carry ? { ...bufs, carry: carry.storage } : bufs;
     const groups = B * u.tiles * walks;
@@ -270,11 +275,11 @@ export function fusedScanForward(
   return { y, ph };
 }
 
-/** How many walks the forward of a call of L steps (`chunks` chunks of Lc) takes with variant v: with chunks in
- * parallel, one per Lf steps, where there are at least 2 and at most MAX_CHUNKS_CHAINED; else 1 (in order). */
-export function forwardWalks(v: FusedVariant, L: number, chunks: number = Math.ceil(L / v.Lc)): number {
+/** How many walks the forward of a call of L steps takes with variant v: with chunks in parallel, one per Lf
+ * steps, where there are at least 2 and at most MAX_CHUNKS_CHAINED; else 1 (in order). */
+export function forwardWalks(v: FusedVariant, L: number): number {
   const walks = Math.ceil(L / (v.Lf ?? v.Lc));
-  return v.chunkParallel === true && chunks > 1 && walks > 1 && walks <= MAX_CHUNKS_CHAINED ? walks : 1;
+  return v.chunkParallel === true && walks > 1 && walks <= MAX_CHUNKS_CHAINED ? walks : 1;
 }
 
 /**
@@ -282,7 +287,7 @@ export function forwardWalks(v: FusedVariant, L: number, chunks: number = Math.c
  * and its sum of dt, into `out`; the local states into hs at the cells of the walks' last chunks, or with
  * `folded` into `out` too), one dispatch per state block; then, unless the main kernels fold the carries
  * themselves, the chain, which turns the local states in hs into the state after each walk. `cu`: the call's
- * uniforms with N and where hs, the local states and the sums sit.
+ * uniforms with N and where hs, the local states and the sums sit; `walks`: ceil(L / Lf).
  */
 function localStates(
   v: FusedVariant,
@@ -292,8 +297,8 @@ function localStates(
   ph: Tensor,
   cu: ReturnType<typeof sizes>["u"] & { N: number; hsOff: number; locOff: number; sdtOff: number },
   folded: boolean,
+  walks: number,
 ): void {
-  const walks = Math.ceil(cu.L / (v.Lf ?? v.Lc)); // in parallel, whatever the variant (statesAgain)
   const groups = cu.B * cu.tiles * walks;
   for (const block of stateBlocks(v)) {
     dispatch(localKernel(v, block, Ri, "fwd", folded), { ...bufs, out }, cu, groups);
@@ -377,7 +382,8 @@ function statesAgain(
     const cu = { ...u, N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
     // every chunk's state, the forward's walks of Lf steps or not: one walk per chunk
     const { Lf: _walk, ...perChunk } = v;
-    localStates(perChunk, a.dtInside ? a.R : 0, scanInputs(x, draw, dBC, ph, z), sdt.storage, ph, cu, false);
+    const Ri = a.dtInside ? a.R : 0;
+    localStates(perChunk, Ri, scanInputs(x, draw, dBC, ph, z), sdt.storage, ph, cu, false, u.chunks);
     sdt.dispose();
     return ph;
   });

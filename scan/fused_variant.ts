@@ -57,25 +57,28 @@ export interface FusedVariant {
    * per chunk. Where a backward has more than MAX_CHUNKS_CHAINED chunks, or its per-chunk sums would not fit
    * one binding, it walks time in order (a forward, where it has more than MAX_CHUNKS_CHAINED walks of Lf). */
   chunkParallel?: boolean;
-  /** The chunk-parallel forward's chunk length (a multiple of Lc, default Lc; needs `chunkParallel`): its local
-   * walk and chain run over chunks of Lf steps, and its main kernel walks each in order, storing the state
-   * every Lc steps for the backward. Short chunks (a backward that keeps a chunk's states on chip: 9 steps on
-   * the H200) make the chunk states most of the forward's traffic: written by the local walk, read and
-   * written by the chain, read by the main kernel, 4 N / Lc floats per channel and step. Chunks of Lf
-   * leave 4 N / Lf of that, and the main kernel's stores for the backward, N / Lc, for Lf / Lc times fewer
-   * workgroups. The backward keeps chunks of Lc. */
+  /** The chunk-parallel forward's walk length (a multiple of Lc, default Lc; needs `chunkParallel`): its local
+   * walk and chain run over walks of Lf steps, and its main kernel walks each walk's chunks in order, storing
+   * the state every Lc steps for the backward. Short chunks (a backward that keeps a chunk's states on chip: 9
+   * steps on the H200) make the chunk states most of the forward's traffic: written by the local walk, read
+   * and written by the chain, read by the main kernel, 4 N / Lc floats per channel and step. Walks of Lf leave
+   * 3 N / Lf + N / Lc of that (the main kernel stores all states but a walk's last, which the chain wrote;
+   * 3 N / Lf where no backward reads them), for Lf / Lc times fewer workgroups. The backward keeps chunks of
+   * Lc. */
   Lf?: number;
 }
 
-/** Most chunks the chunk-parallel variant chains in one invocation (its loop over them stays well within the
- * 65535 iterations of software adapters); a longer call walks time in order. */
+/** Most links (the backward's chunks, the forward's walks of Lf steps) the chunk-parallel variant chains in one
+ * invocation (its loop over them stays well within the 65535 iterations of software adapters); a call with
+ * more walks time in order. */
 export const MAX_CHUNKS_CHAINED = 16384;
 
 /**
- * Most chunks whose carries the chunk-parallel main kernels fold themselves: each workgroup walks the local
- * results of the chunks before it (the forward) or after it (the backward) instead of a chain dispatch
- * computing every carry first. Two dispatches fewer per training step (each costs a GPU's host about 20 µs).
- * A call folds where its chunks are at most this and at most Lc / 2 + 1: a chunk's fold then averages at most
+ * Most chunks (the forward's walks of Lf steps) whose carries the chunk-parallel main kernels fold themselves:
+ * each workgroup walks the local results of the chunks before it (the forward) or after it (the backward)
+ * instead of a chain dispatch computing every carry first. Two dispatches fewer per training step (each costs
+ * a GPU's host about 20 µs). A call folds where its chunks are at most this and at most Lc / 2 + 1 (walks: Lf /
+ * 2 + 1): a chunk's fold then averages at most
  * a quarter of its own walk's steps (a fold step costs about what a step of the walk does, an exp per state);
  * past that the chain's one walk over the chunks costs less.
  */

@@ -862,6 +862,7 @@ Deno.test("the chunk-parallel forward walks chunks of Lf steps (the chunk states
     k = await kernelsOf({ B: 1, L: MAX_CHUNKS_CHAINED + 1, ED: 2, N: 4, R: 1, gated: true }, 79);
     assert.ok(
       has(k, /^fused_scan_chain_fwd(_seg\d+)?_G2$/) && has(k, /^fused_scan_fwd_N4_Lc1_Lf2_WG8_chunked$/),
+      `${k}`,
     );
     assert.ok(!has(k, /^fused_scan_local_bwd/) && has(k, /^fused_scan_bwd_N4_Lc1_WG8_S\d+$/), `${k}`);
     // one walk (Lf >= L): the forward in order
@@ -993,6 +994,11 @@ Deno.test("a forward that feeds no backward (inference, a prompt) writes the las
     const prefill = fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z);
     assert.throws(() => phForBackward(prefill.ph), /phForBackward: ph holds the last state only/);
     [prefill.y, prefill.ph].forEach((v) => v.dispose());
+    // a misspelt states is named, not run as "last" with a ph the backward would take
+    assert.throws(
+      () => dtScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, a, "Last" as "last"),
+      /fusedScanForward: states must be "all" or "last", got "Last"/,
+    );
     // in order over two dispatches (L 16400): the second starts from the state where the first ended
     setFusedVariant(4, { WG: 8, Lc: 16 });
     const long = { B: 1, L: 16400, ED: 2, N: 4, R: 1, gated: true };

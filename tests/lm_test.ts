@@ -159,15 +159,22 @@ Deno.test({
         setFusedVariant(N, variant);
         setMaxChunksFolded(folded ? MAX_CHUNKS_FOLDED : 0);
         const how = `${JSON.stringify(variant)}${folded ? " folded" : " chained"}`;
+        // the forward's kernels as the variant asks: walks of 2 chunks (_Lf4), the carries chained or folded
+        const walked = (kernels: string[], what: string) => {
+          const fwd = kernels.filter((k) => /^fused_scan_(local_fwd|fwd|chain_fwd)/.test(k));
+          const lf = "Lf" in variant ? "_Lf4_" : "";
+          const label = `${how} ${what}: ${fwd}`;
+          assert.ok(fwd.some((k) => k.startsWith("fused_scan_local_fwd") && k.includes(lf)), label);
+          assert.ok(fwd.some((k) => k.startsWith("fused_scan_fwd") && k.includes(lf)), label);
+          assert.equal(fwd.some((k) => k.startsWith("fused_scan_chain_fwd")), !folded, label);
+          assert.equal(fwd.some((k) => k.endsWith("_chunked_folded")), folded, label);
+        };
         const fwd = await kernelsRun(() => tidy(() => noGrad(() => lm.forward(tokens))));
-        assert.ok(fwd.kernels.some((k) => k.startsWith("fused_scan_local_fwd")), `${how}: in parallel`);
+        walked(fwd.kernels, "forward");
         await assertMatchesFixture(fwd.value, f, "logits", bound, `${how}: logits`);
         fwd.value.dispose();
         const run = await kernelsRun(() => decodingLogits(lm, prompt, next, false));
-        assert.ok(
-          run.kernels.some((k) => k.startsWith("fused_scan_local_fwd")),
-          `${how}: prefill in parallel`,
-        );
+        walked(run.kernels, "prefill");
         await assertMatchesFixture(run.value.logits, f, "generate.logits", bound, `${how}: decoding`);
       }
     } finally {
