@@ -199,8 +199,8 @@ function generateChain(dir: CarryDirection, segments: number, G: number): Kernel
     i: string,
     val: string,
   ) => (fwd ? `st_ph(${locAt} + ${i}, ${val});` : `st_out(${locAt} + ${i}, ${val});`);
-  // link j of the chain (up for the forward, down for the backward): its cell among the sums of dt, and
-  // where its state sits in loc (the forward's hs: the cell of the walk's last chunk)
+  // link j of the chain (up for the forward, down for the backward): its cell c among the sums of dt, and
+  // where its state sits in loc (c itself, or in the forward's hs with walks the cell of the walk's last chunk)
   const cellAt = (j: string) => `bd * ${W} + ${fwd ? j : `P.chunks - 1u - (${j})`}`;
   const locCell = (j: string, c: string) =>
     G === 1 ? c : `(bd * P.chunks + min((${j}) * ${G}u + ${G - 1}u, P.chunks - 1u))`;
@@ -219,10 +219,10 @@ function generateChain(dir: CarryDirection, segments: number, G: number): Kernel
   loop {
     if (j + ${CHAIN_GROUP}u > ${j1}) { break; }
     ${unroll(CHAIN_GROUP, (q) => `let c${q} = ${cellAt(`j + ${q}u`)};`)}
-    ${G > 1 ? unroll(CHAIN_GROUP, (q) => `let e${q} = ${locCell(`j + ${q}u`, "")};`) : ""}
+    ${unroll(CHAIN_GROUP, (q) => `let e${q} = ${locCell(`j + ${q}u`, `c${q}`)};`)}
     ${unroll(CHAIN_GROUP, (q) => `let a${q} = exp(A * ld_out(P.sdtOff + c${q}));`)}
-    ${unroll(CHAIN_GROUP, (q) => `let l${q} = ${ldLoc(`${G > 1 ? `e${q}` : `c${q}`} * P.N + n`)};`)}
-    ${unroll(CHAIN_GROUP, (q) => update(G > 1 ? `e${q}` : `c${q}`, `a${q}`, `l${q}`, guard))}
+    ${unroll(CHAIN_GROUP, (q) => `let l${q} = ${ldLoc(`e${q} * P.N + n`)};`)}
+    ${unroll(CHAIN_GROUP, (q) => update(`e${q}`, `a${q}`, `l${q}`, guard))}
     j += ${CHAIN_GROUP}u;
   }
   for (; j < ${j1}; j++) { // the last few
