@@ -46,12 +46,23 @@ export class Linear extends Module {
    */
   forward(x: Tensor, residual?: Tensor): Tensor {
     lastDim(x, this.inFeatures, "Linear");
+    if (residual && !residualFits(x, residual, this.outFeatures)) {
+      const out = [...x.shape.slice(0, -1), this.outFeatures];
+      throw new Error(`Linear: residual ${fmt(residual.shape)} must have the output's shape ${fmt(out)}`);
+    }
     const y = residual && x.rank >= 2
       ? matmulAdd(x, this.weight, residual, { transB: true }) // y: (..., out)
       : matmul(x, this.weight, { transB: true }); // y: (..., out)
     const r = residual && x.rank < 2 ? add(y, residual) : y; // r: (..., out)
     return this.bias ? add(r, this.bias) : r; // (..., out)
   }
+}
+
+/** Whether `residual` has the shape of x's product, (..., out) (checked without allocating: a step's hot path). */
+function residualFits(x: Tensor, residual: Tensor, out: number): boolean {
+  if (residual.rank !== x.rank || residual.shape[x.rank - 1] !== out) return false;
+  for (let i = 0; i < x.rank - 1; i++) if (residual.shape[i] !== x.shape[i]) return false;
+  return true;
 }
 
 /** Rows of a (numEmbeddings, embeddingDim) table selected by integer ids, as PyTorch's `nn.Embedding`. */

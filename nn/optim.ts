@@ -5,9 +5,11 @@
  * Everything runs on the GPU without a readback: an optimizer step is one fused dispatch per parameter
  * (the learning rate and the bias corrections travel as uniforms, so they may change every step), and
  * clipping computes the norm and the scale factor into GPU buffers that the update kernels read. The
- * update formulas are PyTorch's (torch.optim.AdamW / SGD, version 1.13), evaluated in f32 in the same order,
- * and the optimizer state (moments, per-parameter step counts) can be saved and loaded so that a resumed run
- * continues exactly as an uninterrupted one.
+ * update formulas are PyTorch's (torch.optim.AdamW / SGD, version 1.13), evaluated in f32 in the order of its
+ * CPU kernels (`addcmul` as (value * a) * b, `addcdiv` as (value * a) / b; its CUDA `addcdiv` divides first).
+ * WGSL's division and square root need not be correctly rounded, and a compiler may fuse a multiply-add, so a
+ * step can differ from PyTorch's in the last bits. The optimizer state (moments, per-parameter step counts)
+ * can be saved and loaded so that a resumed run continues exactly as an uninterrupted one.
  *
  * ```ts
  * import {
@@ -136,7 +138,7 @@ const scaleKernel: Kernel = defineKernel({
 });
 
 /**
- * AdamW (torch.optim.AdamW, 1.13, in its order of f32 operations), one element per invocation; the
+ * AdamW (torch.optim.AdamW, 1.13, in the order of its CPU kernels' f32 operations), one element per invocation; the
  * gradient is g * s[0] (s: the clip factor, or 1). Reads g and s; reads and writes p, m (exp_avg) and
  * v (exp_avg_sq). Uniforms: decay = 1 - lr*wd, stepSize = lr / (1 - b1^t), bc2Sqrt = sqrt(1 - b2^t).
  */
@@ -166,11 +168,11 @@ const adamwKernel: Kernel = defineKernel({
   let g = ld_g(gid) * ld_s(0u);
   let p = ld_p(gid) * P.decay;
   let m = ld_m(gid) * P.b1 + P.c1 * g;
-  let v = ld_v(gid) * P.b2 + P.c2 * (g * g);
+  let v = ld_v(gid) * P.b2 + P.c2 * g * g;
   st_m(gid, m);
   st_v(gid, v);
   let denom = sqrt(v) / P.bc2Sqrt + P.eps;
-  st_p(gid, p + (-P.stepSize) * (m / denom));`,
+  st_p(gid, p + (-P.stepSize) * m / denom);`,
 });
 
 /**
@@ -346,6 +348,44 @@ export interface StepOptions {
   gradScale?: Tensor;
 }
 
+function checkLr(where: string, lr: number): void {
+  if (!(lr >= 0 && lr < Infinity)) throw new Error(`${where}: lr must be a finite number >= 0, got ${lr}`);
+}
+
+/** The optimizer's argument as groups: a list of tensors is one group; anything else is named. */
+function paramGroupsOf(groups: ParamGroup[] | Tensor[]): ParamGroup[] {
+  const what = (v: unknown) => v instanceof Tensor ? "a tensor" : Array.isArray(v) ? "a list" : typeof v;
+  if (!Array.isArray(groups)) {
+    throw new Error(
+      `optimizer: parameters must be a list of tensors or of groups ({ params: Tensor[] }), got ${
+        what(groups)
+      }` +
+        (typeof (groups as { parameters?: unknown } | null)?.parameters === "function"
+          ? " (a module: pass model.parameters())"
+          : (groups as { params?: unknown } | null)?.params !== undefined
+          ? " (one group: pass [group])"
+          : ""),
+    );
+  }
+  if (groups.length > 0 && groups[0] instanceof Tensor) {
+    const i = groups.findIndex((p) => !(p instanceof Tensor));
+    if (i >= 0) throw new Error(`optimizer: parameter ${i} of the list is ${what(groups[i])}, not a tensor`);
+    return [{ params: groups as Tensor[] }];
+  }
+  (groups as unknown[]).forEach((g, i) => {
+    const params = (g as ParamGroup | null)?.params;
+    if (!Array.isArray(params) || !params.every((p) => p instanceof Tensor)) {
+      throw new Error(
+        `optimizer: group ${i} must be { params: Tensor[] } (a list of groups takes no bare tensors), got ` +
+          (g instanceof Tensor
+            ? "a tensor"
+            : `params ${Array.isArray(params) ? "holding a non-tensor" : what(params)}`),
+      );
+    }
+  });
+  return groups as ParamGroup[];
+}
+
 interface Slot {
   p: Tensor;
   name: string;
@@ -369,11 +409,9 @@ export abstract class Optimizer {
 
   /** Collects the groups; `weightDecay` is the default of groups that do not set their own. */
   constructor(groups: ParamGroup[] | Tensor[], lr: number, weightDecay: number) {
-    if (!(lr >= 0)) throw new Error(`optimizer: lr must be >= 0, got ${lr}`);
+    checkLr("optimizer", lr);
     this.lr = lr;
-    const list: ParamGroup[] = groups.length > 0 && groups[0] instanceof Tensor
-      ? [{ params: groups as Tensor[] }]
-      : groups as ParamGroup[];
+    const list = paramGroupsOf(groups);
     const seen = new Set<Tensor>();
     const names = new Set<string>();
     const resolved: Required<ParamGroup>[] = [];
@@ -420,6 +458,7 @@ export abstract class Optimizer {
    * gradient are skipped and their state is unchanged, as in PyTorch.
    */
   step(options: StepOptions = {}): void {
+    checkLr("step", this.lr); // a schedule's NaN would turn every parameter into NaN
     const scale = options.gradScale ?? (this.#one ??= keep(full([1], 1)));
     if (scale.dtype !== "f32" || scale.size < 1) throw new Error(`step: gradScale must be f32, got ${scale}`);
     // every gradient checked before any parameter moves: a bad one leaves the step undone, not half done
@@ -483,7 +522,9 @@ export abstract class Optimizer {
       const keys = this.stateNames.map((n) => `${s.name}.${n}`);
       const vals = keys.map((k) => entries.get(k));
       const have = vals.filter((v) => v != null).length;
-      if (have === 0) {
+      // a parameter without buffers (plain SGD) keeps its step count where the state has one
+      const stateless = keys.length === 0 && state.paramSteps?.[s.name] !== undefined;
+      if (have === 0 && !stateless) {
         plan.push([s, null, 0]);
         continue;
       }
@@ -700,10 +741,20 @@ export interface CosineScheduleOptions {
  */
 export function cosineSchedule(options: CosineScheduleOptions): (step: number) => number {
   const { warmup, total, maxLr, minLr } = options;
-  if (!(warmup >= 0 && total >= warmup)) {
-    throw new Error(`cosineSchedule: needs 0 <= warmup <= total, got warmup ${warmup}, total ${total}`);
+  if (!(warmup >= 0 && total >= warmup && total < Infinity)) {
+    throw new Error(
+      `cosineSchedule: needs 0 <= warmup <= total < Infinity, got warmup ${warmup}, total ${total}`,
+    );
+  }
+  for (const [name, lr] of [["maxLr", maxLr], ["minLr", minLr]] as const) {
+    if (!(lr >= 0 && lr < Infinity)) {
+      throw new Error(`cosineSchedule: ${name} must be a finite number >= 0, got ${lr}`);
+    }
   }
   return (step: number): number => {
+    if (!(step >= 0 && step < Infinity)) {
+      throw new Error(`cosineSchedule: the step must be a finite number >= 0, got ${step}`);
+    }
     if (step < warmup) return maxLr * step / warmup;
     if (step >= total) return step === warmup ? maxLr : minLr;
     const ratio = (step - warmup) / (total - warmup);

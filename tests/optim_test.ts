@@ -294,6 +294,16 @@ Deno.test("cosineSchedule: linear warm-up from 0, cosine to minLr at total, minL
   const noWarmup = cosineSchedule({ warmup: 0, total: 10, maxLr: 1, minLr: 0 });
   assert.equal(noWarmup(0), 1);
   assert.throws(() => cosineSchedule({ warmup: 10, total: 5, maxLr: 1, minLr: 0 }), /warmup <= total/);
+  assert.throws(
+    () => cosineSchedule({ warmup: 0, total: 5, maxLr: NaN, minLr: 0 }),
+    /cosineSchedule: maxLr must be a finite number >= 0, got NaN/,
+  );
+  assert.throws(
+    () => cosineSchedule({ warmup: 0, total: 5, maxLr: 1, minLr: -1 }),
+    /cosineSchedule: minLr must be a finite number >= 0, got -1/,
+  );
+  assert.throws(() => lr(-1), /cosineSchedule: the step must be a finite number >= 0, got -1/);
+  assert.throws(() => lr(NaN), /got NaN/);
 });
 
 // ------------------------------------------------------------------------------------------ training
@@ -504,11 +514,63 @@ Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any par
     assert.equal(opt.stepCount, 0, "no step counted");
   }
   b.grad = null;
+  // a learning rate set to NaN or Infinity (a schedule's bug) would turn every parameter into NaN
+  for (const lr of [NaN, Infinity, -1]) {
+    opt.lr = lr;
+    assert.throws(() => opt.step(), new RegExp(`step: lr must be a finite number >= 0, got ${lr}`));
+    assert.deepEqual([...await a.toArray()], [1, 2], "a did not move");
+  }
   opt.dispose();
   for (const p of [a, b]) {
     p.grad?.dispose();
     p.dispose();
   }
+  // what is not a list of parameters or of groups is named (a module, where PyTorch takes its parameters())
+  const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 8 });
+  const c = param(Float64Array.from([1]), [1]);
+  const notParams: [unknown, RegExp][] = [
+    [
+      model,
+      /parameters must be a list of tensors or of groups.*got object \(a module: pass model.parameters\(\)\)/,
+    ],
+    [
+      { params: [c] },
+      /parameters must be a list of tensors or of groups \(\{ params: Tensor\[\] \}\), got object \(one group: pass \[group\]\)/,
+    ],
+    [[c, 3], /parameter 1 of the list is number, not a tensor/],
+    [
+      [{ params: [c] }, c],
+      /group 1 must be \{ params: Tensor\[\] \} \(a list of groups takes no bare tensors\), got a tensor/,
+    ],
+    [[{ params: [c, "w"] }], /group 0 must be .*got params holding a non-tensor/],
+  ];
+  for (const [arg, want] of notParams) {
+    assert.throws(() => new AdamW(arg as Tensor[]), want);
+  }
+  assert.throws(
+    () => new SGD([c], { lr: Infinity }),
+    /optimizer: lr must be a finite number >= 0, got Infinity/,
+  );
+  c.dispose();
+  model.dispose();
+});
+
+Deno.test("plain SGD keeps its step counts through a state dict", async () => {
+  await setup();
+  const p = param(Float64Array.from([1, 2]), [2]);
+  const opt = new SGD([{ params: [p], names: ["w"] }], { lr: 0.1 });
+  setGrad(p, Float64Array.from([1, 1]));
+  opt.step();
+  opt.step();
+  const saved = opt.stateDict();
+  assert.deepEqual(saved.paramSteps, { w: 2 });
+  const fresh = new SGD([{ params: [p], names: ["w"] }], { lr: 0.1 });
+  fresh.loadStateDict(saved);
+  assert.deepEqual(fresh.stateDict().paramSteps, { w: 2 });
+  assert.equal(fresh.stepCount, 2);
+  for (const o of [opt, fresh]) o.dispose();
+  p.grad?.dispose();
+  p.dispose();
 });
 
 Deno.test("loading a module's or an optimizer's own state dict is a no-op (as PyTorch), not a lost batch", async () => {
@@ -551,4 +613,37 @@ Deno.test("no leaks: after training steps, zeroGrad and dispose, live bytes are 
   opt.dispose();
   model.dispose();
   assert.equal(memory().liveBytes, base, "live bytes back to baseline");
+});
+
+Deno.test("Linear: the residual must have the output's shape, for 1-D inputs too (no broadcasting)", async () => {
+  await setup();
+  const { Linear } = await import("../nn/layers.ts");
+  const lin = new Linear(3, 2);
+  const live = memory().liveTensors;
+  const cases: [number[], number[]][] = [[[3], [4, 2]], [[3], [1]], [[5, 3], [2]], [[5, 3], [5, 3]]];
+  for (const [xs, rs] of cases) {
+    tidy(() => {
+      const [x, r] = [
+        tensor(new Float32Array(xs.reduce((a, b) => a * b)), xs),
+        tensor(new Float32Array(rs.reduce((a, b) => a * b)), rs),
+      ];
+      const out = [...xs.slice(0, -1), 2].join(", ");
+      assert.throws(
+        () => lin.forward(x, r),
+        new RegExp(`Linear: residual \\[${rs.join(", ")}\\] must have the output's shape \\[${out}\\]`),
+      );
+    });
+  }
+  assert.equal(memory().liveTensors, live, "nothing left behind");
+  const y = tidy(() => lin.forward(tensor([1, 2, 3]), tensor([10, 20])));
+  const plain = tidy(() => lin.forward(tensor([1, 2, 3])));
+  assertClose(
+    await y.toArray(),
+    Float32Array.from(await plain.toArray(), (v, i) => v + [10, 20][i]),
+    TOL,
+    "1-D",
+  );
+  y.dispose();
+  plain.dispose();
+  lin.dispose();
 });
