@@ -5,7 +5,8 @@
  * and `tokenizer.json`, plus any files the caller adds (`deno task train` adds its loss chart).
  *
  * The folder is replaced as a whole: everything is written and fsynced into `<dir>.tmp-<random>`, then the
- * old folder is moved to `<dir>.prev`, the new one into place, and `.prev` removed. A crash at any point
+ * old folder is moved to `<dir>.prev`, the new one into place, and `.prev` removed (renamed to
+ * `<dir>.del-<random>` first, so that a removal cut short leaves no half-deleted `.prev`). A crash at any point
  * leaves a complete checkpoint under `<dir>` or `<dir>.prev`: `loadTrainingCheckpoint` falls back to
  * `.prev`, and the next save first moves `.prev` back. A save never deletes files it did not write: it
  * refuses to replace a non-empty folder that is not a checkpoint, or a checkpoint holding other files.
@@ -13,13 +14,15 @@
  */
 
 import { serializeSafetensors } from "../core/safetensors.ts";
+import type { MambaConfig } from "./config.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { loadTokenizer } from "./model_sources.ts";
 import { fromPretrained, type PretrainedLM, saveCheckpoint, tokenizerFilesFor } from "./pretrained.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import { type TrainConfig, type TrainData, Trainer, type TrainLog } from "./train.ts";
 
-/** What `training_log.json` holds. */
+/** What `training_log.json` holds. JSON has no NaN nor infinities: numbers that are not finite (a `clip` of
+ * Infinity, a loss that diverged) are written as the strings "NaN", "Infinity" and "-Infinity". */
 export interface TrainingState {
   /** Completed steps. */
   step: number;
@@ -39,6 +42,19 @@ export interface TrainingState {
    * a resumed run takes it from here. Absent in checkpoints written before it existed: 0, mamba.py's.
    */
   paddingIdx?: number | null;
+  /**
+   * How the model ran (`MambaConfig.scan` and `recompute`): config.json's HF layout has neither, so a resumed
+   * run takes them from here. Absent in checkpoints written before it existed: the defaults.
+   */
+  model?: { scan: MambaConfig["scan"]; recompute: MambaConfig["recompute"] };
+}
+
+/** Options of {@linkcode loadTrainingCheckpoint}. */
+export interface ResumeOptions {
+  /** How the resumed model runs its scan (default: as the saved run did). */
+  scan?: MambaConfig["scan"];
+  /** What each block keeps for the backward (default: as the saved run did); it changes memory, not results. */
+  recompute?: MambaConfig["recompute"];
 }
 
 /** Options of {@linkcode saveTrainingCheckpoint}. */
@@ -65,6 +81,51 @@ const TMP_SUFFIX = /\.tmp-[0-9a-f]{8}$/;
 
 function tmpSuffix(): string {
   return `.tmp-${crypto.randomUUID().slice(0, 8)}`;
+}
+
+/** The suffix of a folder of ours renamed to be deleted: `<name>.del-` and 8 hex digits. */
+const DEL_SUFFIX = /\.del-[0-9a-f]{8}$/;
+
+/**
+ * Deletes `<dir>.prev`, a checkpoint of ours, by first renaming it to `<dir>.del-<random>` (atomic), then
+ * removing that: a removal cut short (a crash, a file held open) leaves a folder that the next save deletes,
+ * never a half-deleted `.prev` that would look foreign to every later save.
+ */
+async function discard(prev: string): Promise<void> {
+  const doomed = `${prev.replace(/\.prev$/, "")}.del-${crypto.randomUUID().slice(0, 8)}`;
+  await Deno.rename(prev, doomed);
+  await Deno.remove(doomed, { recursive: true });
+}
+
+/** JSON has no NaN nor infinities (JSON.stringify writes null): training_log.json writes them as strings. */
+function jsonNumber(x: number): number | string {
+  return Number.isFinite(x) ? x : String(x);
+}
+
+/** A number of training_log.json (see {@linkcode jsonNumber}); `what` names it in the error. */
+function readNumber(v: unknown, what: string): number {
+  if (typeof v === "number") return v;
+  if (v === "NaN" || v === "Infinity" || v === "-Infinity") return Number(v);
+  throw new Error(`${what} must be a number, got ${JSON.stringify(v)}`);
+}
+
+/** The saved loss curve, checked: lists of [step, number] pairs. */
+function readLog(log: unknown): TrainLog {
+  const out: TrainLog = { train: [], val: [], time: [] };
+  if (typeof log !== "object" || log === null) {
+    throw new Error(`log must be an object, got ${JSON.stringify(log)}`);
+  }
+  for (const key of ["train", "val", "time"] as const) {
+    const rows = (log as Record<string, unknown>)[key] ?? [];
+    if (!Array.isArray(rows)) throw new Error(`log.${key} must be a list of [step, value] pairs`);
+    out[key] = rows.map((row, i) => {
+      if (!Array.isArray(row) || row.length !== 2 || !Number.isInteger(row[0])) {
+        throw new Error(`log.${key}[${i}] must be a [step, value] pair, got ${JSON.stringify(row)}`);
+      }
+      return [row[0], readNumber(row[1], `log.${key}[${i}][1]`)];
+    });
+  }
+  return out;
 }
 
 function needDeno(what: string): void {
@@ -174,7 +235,8 @@ async function syncDir(dir: string): Promise<void> {
 
 /**
  * Removes the `<base>.tmp-*` folders that interrupted saves left in `parent`, each only if it holds nothing
- * but files a save writes.
+ * but files a save writes, and the `<base>.del-*` folders that a deletion cut short left (checkpoints of ours
+ * when they were renamed, see {@linkcode discard}).
  */
 async function removeOrphans(parent: string, base: string, names: string[]): Promise<void> {
   let entries: Deno.DirEntry[];
@@ -184,9 +246,15 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
     return;
   }
   for (const e of entries) {
-    if (!e.isDirectory || !e.name.startsWith(base) || !TMP_SUFFIX.test(e.name)) continue;
-    if (e.name.length !== base.length + ".tmp-".length + 8) continue;
+    if (!e.isDirectory || !e.name.startsWith(base) || e.name.length !== base.length + ".tmp-".length + 8) {
+      continue;
+    }
     const path = `${parent}/${e.name}`;
+    if (DEL_SUFFIX.test(e.name)) {
+      await Deno.remove(path, { recursive: true }).catch(() => {}); // else left for the next save
+      continue;
+    }
+    if (!TMP_SUFFIX.test(e.name)) continue;
     try {
       const inside = await Array.fromAsync(Deno.readDir(path));
       const known = inside.every((f) => f.isFile && names.includes(f.name.replace(TMP_SUFFIX, "")));
@@ -284,13 +352,16 @@ export async function saveTrainingCheckpoint(
         paramSteps: JSON.stringify(state.paramSteps),
       }),
     );
-    const log: TrainingState = {
+    const { scan, recompute } = trainer.model.config;
+    const pairs = (rows: [number, number][]) => rows.map(([step, x]) => [step, jsonNumber(x)]);
+    const log = {
       step: trainer.step,
-      train: trainer.config,
-      log: trainer.log,
-      pendingLosses: await trainer.pendingLosses(),
+      train: { ...trainer.config, clip: jsonNumber(trainer.config.clip) }, // clip may be Infinity
+      log: { train: pairs(trainer.log.train), val: pairs(trainer.log.val), time: pairs(trainer.log.time) },
+      pendingLosses: (await trainer.pendingLosses()).map(jsonNumber),
       files: names,
       paddingIdx: trainer.model.embedding.paddingIdx,
+      model: { scan, recompute },
     };
     await Deno.writeTextFile(`${tmp}/training_log.json`, JSON.stringify(log) + "\n");
     const tokText = JSON.stringify(tok.tokenizer, null, 1);
@@ -326,7 +397,7 @@ export async function saveTrainingCheckpoint(
     cur = await inspect(path);
     if (cur.kind === "foreign") throw refusal(path, path, cur.why);
     // Both present: .prev is what an interrupted save had left behind after putting its folder in place.
-    if (prevKind.kind === "ours" && cur.kind === "ours") await Deno.remove(prev, { recursive: true });
+    if (prevKind.kind === "ours" && cur.kind === "ours") await discard(prev);
     if (cur.kind === "ours") {
       await Deno.rename(path, prev);
       moved = true;
@@ -340,10 +411,41 @@ export async function saveTrainingCheckpoint(
     throw wrap(e);
   }
   if (cur.kind === "ours") {
-    await Deno.remove(prev, { recursive: true }).catch(() => {}); // the next save removes it otherwise
+    await discard(prev).catch(() => {}); // the next save removes it otherwise
     await syncDir(parent);
   }
   await removeOrphans(parent, base, names);
+}
+
+/** training_log.json's content, checked where a resume reads it unchecked (the recipe is the Trainer's to check). */
+function readTrainingState(json: unknown): TrainingState {
+  if (typeof json !== "object" || json === null) throw new Error("it is not an object");
+  const state = { ...json } as TrainingState;
+  if (!Number.isInteger(state.step) || state.step < 0) {
+    throw new Error(`step must be an integer >= 0, got ${JSON.stringify(state.step)}`);
+  }
+  const train = state.train as unknown as Record<string, unknown> | undefined;
+  if (train && typeof train === "object") {
+    // clip: Infinity was written as null before it was written as "Infinity" (no other clip is valid JSON null)
+    state.train = {
+      ...state.train,
+      clip: train.clip === null ? Infinity : readNumber(train.clip, "train.clip"),
+    };
+  }
+  state.log = readLog(state.log);
+  const pending: unknown = state.pendingLosses ?? [];
+  if (!Array.isArray(pending)) throw new Error("pendingLosses must be a list of losses");
+  state.pendingLosses = pending.map((x, i) => readNumber(x, `pendingLosses[${i}]`));
+  if (state.model !== undefined) {
+    const { scan, recompute } = state.model ?? {};
+    if (!["fused", "pscan", "sequential"].includes(scan as string)) {
+      throw new Error(`model.scan must be "fused", "pscan" or "sequential", got ${JSON.stringify(scan)}`);
+    }
+    if (recompute !== true && recompute !== false && recompute !== "input") {
+      throw new Error(`model.recompute must be true, false or "input", got ${JSON.stringify(recompute)}`);
+    }
+  }
+  return state;
 }
 
 /** The folder to read: `dir`, or `<dir>.prev` when a save was interrupted between its two renames. */
@@ -371,14 +473,15 @@ async function resolveDir(dir: string): Promise<string> {
 export async function loadTrainingCheckpoint(
   dir: string,
   data: TrainData | ((tokenizer: Tokenizer) => TrainData | Promise<TrainData>),
+  options: ResumeOptions = {},
 ): Promise<Trainer> {
   needDeno("loadTrainingCheckpoint");
   const from = await resolveDir(dir);
   let state: TrainingState;
   try {
-    state = JSON.parse(await Deno.readTextFile(`${from}/training_log.json`));
+    state = readTrainingState(JSON.parse(await Deno.readTextFile(`${from}/training_log.json`)));
   } catch (e) {
-    throw new Error(`${from}/training_log.json is not valid: ${(e as Error).message}`);
+    throw new Error(`${from}/training_log.json is not valid: ${(e as Error).message}`, { cause: e });
   }
   // A checkpoint's tokenizer.json may be any JSON: read it only for a caller that needs the tokenizer.
   let tokenizer: Tokenizer | false = false;
@@ -390,7 +493,11 @@ export async function loadTrainingCheckpoint(
       throw new Error(`${(e as Error).message} (${why})`, { cause: e });
     });
   }
-  const model: PretrainedLM = await fromPretrained(from, { tokenizer });
+  const model: PretrainedLM = await fromPretrained(from, {
+    tokenizer,
+    scan: options.scan ?? state.model?.scan,
+    recompute: options.recompute ?? state.model?.recompute,
+  });
   if (typeof data === "function") {
     try {
       data = await data(model.tokenizer!);
@@ -432,7 +539,7 @@ export async function loadTrainingCheckpoint(
   try {
     trainer.step = state.step;
     trainer.log = state.log;
-    trainer.restorePendingLosses(state.pendingLosses ?? []);
+    trainer.restorePendingLosses(state.pendingLosses!);
   } catch (e) {
     trainer.dispose();
     model.dispose();

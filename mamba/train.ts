@@ -103,15 +103,15 @@ function windowsOf(
   rng: Philox,
   unit: string,
 ): Int32Array {
-  if (src.length < L + 2) {
+  if (src.length < L + 1) {
     throw new Error(
       `the ${split} ${unit === "bytes" ? "text" : "part"} has ${src.length} ${unit}, fewer ` +
-        `than seq + 2 = ${L + 2}`,
+        `than seq + 1 = ${L + 1}`,
     );
   }
   const out = new Int32Array(B * (L + 1));
   for (let b = 0; b < B; b++) {
-    const start = rng.nextU32() % (src.length - L - 1);
+    const start = rng.nextU32() % (src.length - L); // any window of L + 1 ids, the last one's included
     for (let t = 0; t <= L; t++) out[b * (L + 1) + t] = src[start + t];
   }
   return out;

@@ -255,25 +255,31 @@ Deno.test("train: a save interrupted at any point leaves a loadable checkpoint; 
       },
     };
     for (const [what, make] of Object.entries(states)) {
-      const calls = await (async () => {
+      const ops: string[] = [];
+      await (async () => {
         const dir = `${root}/count/c`;
         await Deno.mkdir(`${root}/count`);
         await make(dir);
-        const n = await withFsHook(() => {}, () => saveTrainingCheckpoint(dir, t, tok));
+        await withFsHook((_, op) => ops.push(op), () => saveTrainingCheckpoint(dir, t, tok));
         assert.deepEqual(await names(`${root}/count`), ["c"], `${what}: a save leaves the folder alone`);
         await Deno.remove(`${root}/count`, { recursive: true });
-        return n;
       })();
-      // A crash at call k: calls before it ran, none from it on.
-      for (let k = 1; k <= calls; k++) {
-        const at = `${root}/k${k}`;
+      const calls = ops.length;
+      // A crash at call k: calls before it ran, none from it on. Where call k removes a folder, also a removal
+      // cut short: its training_log.json gone, the rest left (a crash inside a recursive remove).
+      const cases = ops.flatMap((op, i) =>
+        op === "remove" ? [[i + 1, false], [i + 1, true]] : [[i + 1, false]]
+      );
+      for (const [k, halfRemoved] of cases as [number, boolean][]) {
+        const at = `${root}/k${k}${halfRemoved ? "h" : ""}`;
         const dir = `${at}/c`;
         await Deno.mkdir(at);
         await make(dir);
-        await withFsHook((n) => {
+        await withFsHook((n, _op, args) => {
+          if (n === k && halfRemoved) Deno.removeSync(`${args[0]}/training_log.json`);
           if (n >= k) throw new Error("injected crash");
         }, () => saveTrainingCheckpoint(dir, t, tok).catch(() => {}));
-        const where = `${what}, crash at fs call ${k} of ${calls}`;
+        const where = `${what}, crash at fs call ${k} of ${calls}${halfRemoved ? " (half removed)" : ""}`;
         const back = await loadTrainingCheckpoint(dir, t.data).catch((e) => {
           throw new Error(
             `${where}: ${(e as Error).message} (left: ${[...Deno.readDirSync(at)].map((e) => e.name)})`,
@@ -461,9 +467,9 @@ Deno.test("train: Trainer checks its recipe, and evaluate frees its buffer when 
     assert.throws(() => (t.config as TrainConfig).steps = 9, TypeError); // read-only: use setSteps
     assert.throws(() => t.setSteps(1), /steps \(1\) is below the run's warm-up of 2 steps/);
     assert.throws(() => t.setSteps(2.5), /steps must be an integer >= 1, got 2.5/);
-    // The validation text (10 bytes) is shorter than seq + 2.
+    // The validation text (10 bytes) is shorter than seq + 1.
     const live = memory().liveTensors;
-    await assert.rejects(() => t.evaluate(), /the val text has 10 bytes, fewer than seq \+ 2 = 18/);
+    await assert.rejects(() => t.evaluate(), /the val text has 10 bytes, fewer than seq \+ 1 = 17/);
     assert.equal(memory().liveTensors, live);
     t.dispose();
   } finally {
@@ -492,8 +498,17 @@ Deno.test("TokenDataset: the same windows as CharDataset from the same ids; bad 
   assert.throws(() => new CharDataset(bytes, -0.1), /CharDataset: valFrac must be in \[0, 1\), got -0.1/);
   assert.throws(
     () => new TokenDataset([1, 2, 3]).windows("val", 1, 4, new Philox(1)),
-    /the val part has 1 tokens, fewer than seq \+ 2 = 6/,
+    /the val part has 1 tokens, fewer than seq \+ 1 = 5/,
   );
+  // Windows start anywhere a window of seq + 1 ids fits: a part of exactly seq + 1 ids is one window, and
+  // over many draws every id is drawn, the last one's included (as nanoGPT's get_batch).
+  const ten = new TokenDataset([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 0);
+  assert.deepEqual([...ten.windows("train", 2, 9, new Philox(3))], [
+    ...Array(10).keys(),
+    ...Array(10).keys(),
+  ]);
+  const drawn = new Set(ten.windows("train", 64, 4, new Philox(5)));
+  assert.deepEqual([...drawn].sort((a, b) => a - b), [...Array(10).keys()]);
   const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 50, padVocabSizeMultiple: 8 }); // padded to 56
   try {
     const config = { ...DEFAULT_TRAIN, steps: 4, warmup: 2, batch: 2, seq: 16 };
@@ -707,6 +722,72 @@ Deno.test("train: --from fine-tunes a pretrained model on its own tokenizer's id
       /bare has no tokenizer.json to encode the text with/,
     );
   } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
+Deno.test("checkpoint: a clip of Infinity and the model's scan and recompute survive a resume; bad training_log fields are named", async () => {
+  await init();
+  const root = await Deno.makeTempDir();
+  const text = new TextEncoder().encode("It is a truth universally acknowledged. ".repeat(20));
+  const data = new CharDataset(text);
+  const recipe = { ...DEFAULT_TRAIN, steps: 4, warmup: 1, batch: 2, seq: 8, clip: Infinity, logEvery: 3 };
+  const model = new MambaLM({ dModel: 8, nLayers: 1, scan: "pscan", recompute: "input" }, { vocabSize: 256 });
+  const t = new Trainer(model, data, recipe);
+  try {
+    await t.trainStep();
+    const dir = `${root}/c`;
+    await saveTrainingCheckpoint(dir, t, new ByteTokenizer());
+    const saved = JSON.parse(await Deno.readTextFile(`${dir}/training_log.json`));
+    assert.equal(saved.train.clip, "Infinity", "JSON has no Infinity: written as a string, not null");
+    assert.deepEqual(saved.model, { scan: "pscan", recompute: "input" });
+    const back = await loadTrainingCheckpoint(dir, data);
+    assert.equal(back.config.clip, Infinity);
+    assert.equal(back.model.config.scan, "pscan");
+    assert.equal(back.model.config.recompute, "input");
+    assert.deepEqual(await back.pendingLosses(), await t.pendingLosses());
+    back.model.dispose();
+    back.dispose();
+    const other = await loadTrainingCheckpoint(dir, data, { scan: "fused", recompute: true });
+    assert.equal(other.model.config.scan, "fused");
+    assert.equal(other.model.config.recompute, true);
+    other.model.dispose();
+    other.dispose();
+    // Before this file wrote "Infinity", JSON.stringify wrote a clip of Infinity as null: read back as Infinity.
+    const edit = async (change: (s: Record<string, unknown>) => void) => {
+      const s = structuredClone(saved);
+      change(s);
+      await Deno.writeTextFile(`${dir}/training_log.json`, JSON.stringify(s));
+    };
+    await edit((s) => (s.train as Record<string, unknown>).clip = null);
+    const legacy = await loadTrainingCheckpoint(dir, data);
+    assert.equal(legacy.config.clip, Infinity);
+    legacy.model.dispose();
+    legacy.dispose();
+    const live = memory().liveTensors;
+    const bad: [(s: Record<string, unknown>) => void, RegExp][] = [
+      [(s) => s.step = -1, /training_log.json is not valid: step must be an integer >= 0, got -1/],
+      [(s) => s.step = "3", /step must be an integer >= 0, got "3"/],
+      [(s) => s.pendingLosses = [1, "x"], /pendingLosses\[1\] must be a number, got "x"/],
+      [(s) => s.log = { train: [[1, null]] }, /log.train\[0\]\[1\] must be a number, got null/],
+      [(s) => s.log = { val: [[1.5, 2]] }, /log.val\[0\] must be a \[step, value\] pair, got \[1.5,2\]/],
+      [
+        (s) => s.model = { scan: "fast", recompute: true },
+        /model.scan must be "fused", "pscan" or "sequential", got "fast"/,
+      ],
+      [
+        (s) => s.model = { scan: "fused", recompute: 1 },
+        /model.recompute must be true, false or "input", got 1/,
+      ],
+    ];
+    for (const [change, want] of bad) {
+      await edit(change);
+      await assert.rejects(() => loadTrainingCheckpoint(dir, data), want);
+    }
+    assert.equal(memory().liveTensors, live, "a refused resume leaves nothing behind");
+  } finally {
+    t.dispose();
+    model.dispose();
     await Deno.remove(root, { recursive: true });
   }
 });
