@@ -16,8 +16,16 @@ export interface CheckpointConfig {
   lm: LMOptions;
   /** "hf" (transformers) or "state-spaces". */
   layout: "hf" | "state-spaces";
+  /**
+   * Keys of an HF-layout config.json that this library does not know and so did not read, as transformers
+   * ignores them (generic `PretrainedConfig` keys, and those of newer transformers versions); empty for the
+   * state-spaces layout, which refuses unknown keys. The weights are still checked against the config by
+   * name, shape and dtype, so a key that changed the model's tensors fails there.
+   */
+  ignored: string[];
 }
 
+/** The HF-layout keys that are read (and checked); any other key of that layout is ignored. */
 const HF_KEYS = new Set([
   "architectures",
   "model_type",
@@ -59,6 +67,8 @@ const HF_KEYS = new Set([
   "_name_or_path",
   "dtype",
   "inner_layernorms", // ours (mamba.py's inner_layernorms): written by hfConfig when true
+  "d_inner", // the -hf conversions' copies of state-spaces names (d_model, n_layer too): checked against ours
+  "use_associative_scan", // transformers' choice of scan in PyTorch: how a run executes, not the weights
 ]);
 const SS_KEYS = new Set([
   "d_model",
@@ -152,6 +162,15 @@ class ConfigReader {
     return v as number | "auto";
   }
 
+  /** Checks that `key`, where present, is the integer `want` that `of` gave (a key with two spellings). */
+  same(key: string, of: string, want: number): void {
+    if (this.has(key) && this.int(key) !== want) {
+      throw new Error(
+        `${this.where}: '${this.prefix}${key}' ${show(this.cfg[key])} disagrees with '${of}' ${want}`,
+      );
+    }
+  }
+
   /** Refuses a value that changes the model in a way this library does not implement. */
   refuse(key: string, why: string): never {
     throw new Error(`${this.where}: '${this.prefix}${key}' ${show(this.cfg[key])} is not supported: ${why}`);
@@ -159,7 +178,9 @@ class ConfigReader {
 }
 
 /**
- * Reads either layout's config.json; errors name the source and the key as config.json spells it. Keys
+ * Reads either layout's config.json; errors name the source and the key as config.json spells it. The HF
+ * layout's keys that this library does not know are ignored, as transformers does (listed in `ignored`); the
+ * state-spaces layout (a closed dataclass) refuses them. Keys
  * that would change the model beyond what is implemented are refused: LayerNorm instead of RMSNorm
  * (`rms_norm: false`), an activation other than SiLU (`hidden_act`), MLP blocks (state-spaces
  * `d_intermediate > 0`), attention layers, Mamba2. `residual_in_fp32` and `fused_add_norm` are accepted
@@ -175,8 +196,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
     if (cfg.model_type !== undefined && cfg.model_type !== "mamba") {
       throw new Error(`${where}: model_type '${cfg.model_type}' is not a Mamba (1) model`);
     }
-    const unknown = Object.keys(cfg).filter((k) => !HF_KEYS.has(k));
-    if (unknown.length) throw new Error(`${where}: unknown config keys ${unknown.join(", ")}`);
+    const ignored = Object.keys(cfg).filter((k) => !HF_KEYS.has(k));
     // transformers' MambaMixer applies ACT2FN[hidden_act], where "swish" is SiLU too.
     if (r.has("hidden_act") && cfg.hidden_act !== "silu" && cfg.hidden_act !== "swish") {
       r.refuse("hidden_act", `the mixer's activation here is SiLU ("silu" or "swish")`);
@@ -186,8 +206,12 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
     }
     if (r.has("residual_in_fp32")) r.bool("residual_in_fp32");
     if (r.has("fused_add_norm")) r.bool("fused_add_norm");
+    if (r.has("use_associative_scan")) r.bool("use_associative_scan");
+    if (r.has("use_mambapy")) r.bool("use_mambapy");
     const dModel = r.int("hidden_size");
     const nLayers = r.int("num_hidden_layers");
+    r.same("d_model", "hidden_size", dModel);
+    r.same("n_layer", "num_hidden_layers", nLayers);
     const dState = r.int("state_size");
     let expandFactor: number;
     if (r.has("intermediate_size")) {
@@ -208,6 +232,11 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
     } else {
       expandFactor = r.int("expand", 2); // transformers' MambaConfig defaults
     }
+    r.same(
+      "d_inner",
+      r.has("intermediate_size") ? "intermediate_size" : "expand * hidden_size",
+      expandFactor * dModel,
+    );
     const dtMin = r.pos("time_step_min", 0.001);
     const dtMax = r.pos("time_step_max", 0.1);
     if (dtMin > dtMax) {
@@ -242,6 +271,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
         paddingIdx: null, // HF's MambaForCausalLM embedding has no padding_idx
       },
       layout: "hf",
+      ignored,
     };
   }
   if ("d_model" in cfg) {
@@ -297,6 +327,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
         paddingIdx: null, // state-spaces' MambaLMHeadModel embedding has no padding_idx
       },
       layout: "state-spaces",
+      ignored: [],
     };
   }
   throw new Error(

@@ -16,6 +16,7 @@ import { mambaConfig } from "../mamba/config.ts";
 import { parseCheckpointConfig } from "../mamba/checkpoint_config.ts";
 import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
 import {
+  assertLmV64Logits,
   assertMatchesFixture,
   fixtureConfig,
   fixturePath,
@@ -254,6 +255,63 @@ Deno.test("fromPretrained sets how the model runs (scan, recompute), which confi
   assert.equal(memory().liveBytes, live, "refused before any weight was loaded");
 });
 
+Deno.test("config.json as the hub's -hf models have it (mamba-130m-hf): read, extra keys ignored and listed, copies checked", async () => {
+  const real = JSON.parse(await Deno.readTextFile(fixturePath("hf_configs/mamba-130m-hf.json")));
+  const parsed = parseCheckpointConfig(real);
+  assert.equal(parsed.layout, "hf");
+  assert.deepEqual(parsed.ignored, []);
+  const c = parsed.config;
+  assert.deepEqual(
+    [c.dModel, c.nLayers, c.dState, c.expandFactor, c.dConv, c.dtRank, c.bias, c.convBias, c.rmsNormEps],
+    [768, 24, 16, 2, 4, 48, false, true, 1e-5],
+  );
+  assert.deepEqual([parsed.lm.vocabSize, parsed.lm.tieEmbeddings], [50280, true]);
+  // Newer transformers write use_associative_scan; generic PretrainedConfig keys are ignored, as transformers does.
+  const newer = parseCheckpointConfig({ ...real, use_associative_scan: true, max_length: 20, id2label: {} });
+  assert.deepEqual(newer.ignored, ["max_length", "id2label"]);
+  assert.deepEqual(newer.config, c);
+  const bad: [Record<string, unknown>, RegExp][] = [
+    [{ d_inner: 1024 }, /'d_inner' 1024 disagrees with 'intermediate_size' 1536/],
+    [{ d_model: 512 }, /'d_model' 512 disagrees with 'hidden_size' 768/],
+    [{ n_layer: 12 }, /'n_layer' 12 disagrees with 'num_hidden_layers' 24/],
+    [
+      { intermediate_size: undefined, expand: 3 },
+      /'d_inner' 1536 disagrees with 'expand \* hidden_size' 2304/,
+    ],
+    [{ use_associative_scan: "yes" }, /'use_associative_scan' must be true or false, got "yes"/],
+  ];
+  for (const [change, want] of bad) assert.throws(() => parseCheckpointConfig({ ...real, ...change }), want);
+  // The state-spaces layout is a closed dataclass: an unknown key there is refused.
+  assert.throws(
+    () => parseCheckpointConfig({ d_model: 8, n_layer: 1, vocab_size: 8, wat: 1 }),
+    /unknown config keys wat/,
+  );
+  // A -hf model's config.json with the small fixture's shapes loads (the keys above, with the weights).
+  const dir = await Deno.makeTempDir();
+  try {
+    const small = JSON.parse(await Deno.readTextFile(fixturePath("lm_v64_hf/config.json")));
+    const like130m = {
+      ...small,
+      d_inner: 64,
+      d_model: 32,
+      n_layer: 2,
+      fused_add_norm: true,
+      rms_norm: true,
+      ssm_cfg: {},
+    };
+    await Deno.writeTextFile(
+      `${dir}/config.json`,
+      JSON.stringify({ ...like130m, transformers_version: "4.39.0.dev0" }),
+    );
+    await Deno.copyFile(fixturePath("lm_v64_hf/model.safetensors"), `${dir}/model.safetensors`);
+    const lm = await fromPretrained(dir);
+    await assertLmV64Logits(lm);
+    lm.dispose();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("char-mamba trained in PyTorch: prompt logits within the whole-model bound and 64 greedy tokens exactly", async () => {
   const s = await loadFixture("char-mamba/sample.safetensors");
   const lm = await fromPretrained(fixturePath("char-mamba"));
@@ -411,7 +469,6 @@ Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", 
     () => parseCheckpointConfig({ d_model: 8, n_layer: 1, vocab_size: 8, ssm_cfg: { layer: "Mamba2" } }),
     /Mamba1/,
   );
-  assert.throws(() => parseCheckpointConfig({ hidden_size: 8, wat: 1 }), /unknown config keys wat/);
   await assert.rejects(
     () => fromPretrained("/nonexistent/model"),
     /cannot read \/nonexistent\/model\/config.json/,
