@@ -197,8 +197,9 @@ export class HubTokenizer implements Tokenizer {
     return this.#tok.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
   }
 
-  /** Ids to text. */
+  /** Ids to text ("" for no ids, as ByteTokenizer; the tokenizers library throws there). */
   decode(ids: ArrayLike<number>, options: DecodeOptions = {}): string {
+    if (ids.length === 0) return "";
     return this.#tok.decode(Array.from(ids), { skip_special_tokens: options.skipSpecialTokens ?? false });
   }
 

@@ -44,6 +44,15 @@ Deno.test("HubTokenizer: byte-level BPE from tokenizer.json encodes and decodes 
   assert.equal(withEot[0], 0);
   assert.equal(tok.decode(withEot), "<EOT>hi");
   assert.equal(tok.decode(withEot, { skipSpecialTokens: true }), "hi");
+  // No ids are no text (the tokenizers library throws for them): a stream flushed before any token, or a
+  // generation whose first token is the end of text.
+  assert.equal(tok.decode([]), "");
+  assert.equal(tok.decode(new Int32Array(0)), "");
+  const stream = new StreamDecoder(tok);
+  assert.equal(stream.flush(), "");
+  assert.equal(stream.push(tok.encode("Hello")), "Hello");
+  assert.equal(stream.flush(), "");
+  assert.equal(stream.flush(), "", "a second flush");
 });
 
 Deno.test("StreamDecoder: characters split across tokens come out whole, for both tokenizers", async () => {
