@@ -20,7 +20,7 @@ import { hfConfig, mapKey, parseCheckpointConfig } from "./checkpoint_config.ts"
 import { type LMOptions, MambaLM } from "./lm.ts";
 import { filesSource, type ModelFiles, parseJson, sourceOf, tokenizerOf } from "./model_sources.ts";
 import type { Tokenizer, TokenizerFiles } from "./tokenizer.ts";
-import { checkShapes, planWeights, readHeader, streamInto } from "./weight_stream.ts";
+import { checkShapes, planWeights, readHeader, shardHeaders, streamInto } from "./weight_stream.ts";
 
 /** Options of {@linkcode fromPretrained} (hub options apply when the source is a hub id). */
 export interface PretrainedOptions extends HubOptions {
@@ -145,8 +145,13 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     // Tied only when the config says so and the checkpoint has no separate head.
     const tie = lm.tieEmbeddings === true && !ours.has("lm_head.weight");
     // Shapes checked against config.json before the model is built: a corrupt size there (vocab_size 1e9,
-    // num_hidden_layers 2^60) would otherwise fail in an allocation, with no word of config.json.
-    if (plan.single) checkShapes(config, lm, layout, plan.single.header, ours, weightsWhere, cfgWhere);
+    // num_hidden_layers 2^60) would otherwise fail in an allocation, with no word of config.json. A sharded
+    // checkpoint's headers are all read first for that.
+    const shards = plan.single ? null : await shardHeaders(src, plan, weightsWhere);
+    const entries = plan.single
+      ? plan.single.header.entries
+      : new Map([...shards!.values()].flatMap((h) => [...h.entries]));
+    checkShapes(config, lm, layout, entries, ours, weightsWhere, cfgWhere);
     model = new PretrainedLM({ ...config, ...runs }, { ...lm, tieEmbeddings: tie }, tokenizer, src.where);
     const params = model.stateDict();
     // Checkpoint tensors the model built from config.json has no parameter for (more layers, inner
@@ -174,15 +179,8 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
         if (!shard) throw new Error(`${weightsWhere} names ${file}, which ${src.where} does not have`);
         open.push(shard);
         const header = await readHeader(shard, where);
-        const want = [...plan.fileOf].filter(([, f]) => f === file).map(([k]) => k);
-        const lacking = want.filter((k) => !header.entries.has(k));
-        const extra = [...header.entries.keys()].filter((k) => plan.fileOf.get(k) !== file);
-        if (lacking.length || extra.length) {
-          throw new Error(
-            `${where} does not match ${weightsWhere}` +
-              (lacking.length ? `; it lacks ${lacking.join(", ")}` : "") +
-              (extra.length ? `; the index does not put ${extra.join(", ")} here` : ""),
-          );
+        if (JSON.stringify([...header.entries]) !== JSON.stringify([...shards!.get(file)!.entries])) {
+          throw new Error(`${where} changed while the model loaded (its header differs from the first read)`);
         }
         await streamInto(model, params, shard, header, where);
         await shard.close();

@@ -87,6 +87,40 @@ export async function planWeights(src: ModelSource): Promise<WeightPlan> {
   return { files: [...new Set(fileOf.values())].sort(), fileOf, single: null };
 }
 
+/**
+ * The headers of a sharded checkpoint's files, each read and its file closed again (a header is small; the
+ * bodies stream later), checked against the index: each file holds exactly the tensors the index puts in it.
+ * Read before the model is built, so that {@linkcode checkShapes} sees every shape first.
+ */
+export async function shardHeaders(
+  src: ModelSource,
+  plan: WeightPlan,
+  indexWhere: string,
+): Promise<Map<string, SafetensorsHeader>> {
+  const headers = new Map<string, SafetensorsHeader>();
+  for (const file of plan.files) {
+    const where = `${src.where}/${file}`;
+    const shard = await src.open(file);
+    if (!shard) throw new Error(`${indexWhere} names ${file}, which ${src.where} does not have`);
+    try {
+      headers.set(file, await readHeader(shard, where));
+    } finally {
+      await shard.close();
+    }
+    const header = headers.get(file)!;
+    const lacking = [...plan.fileOf].filter(([k, f]) => f === file && !header.entries.has(k)).map(([k]) => k);
+    const extra = [...header.entries.keys()].filter((k) => plan.fileOf.get(k) !== file);
+    if (lacking.length || extra.length) {
+      throw new Error(
+        `${where} does not match ${indexWhere}` +
+          (lacking.length ? `; it lacks ${lacking.join(", ")}` : "") +
+          (extra.length ? `; the index does not put ${extra.join(", ")} here` : ""),
+      );
+    }
+  }
+  return headers;
+}
+
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 const CHUNK_BYTES = 4 << 20;
 
@@ -205,7 +239,7 @@ export function checkShapes(
   input: MambaConfigInput,
   lm: LMOptions,
   layout: CheckpointConfig["layout"],
-  header: SafetensorsHeader,
+  entries: ReadonlyMap<string, { readonly shape: readonly number[] }>,
   ours: Map<string, string>,
   weightsWhere: string,
   cfgWhere: string,
@@ -241,7 +275,7 @@ export function checkShapes(
     const m = /^mamba\.layers\.(\d+)\.(.*)$/.exec(o);
     if (m) layers = Math.max(layers, Number(m[1]) + 1);
     const want = m ? (Number(m[1]) < L ? layer[m[2]] : undefined) : dims[o];
-    const shape = header.entries.get(k)!.shape;
+    const shape = entries.get(k)!.shape;
     if (want && shape.join() !== want[0].join()) {
       mismatched.push(`${o}: checkpoint ${fmt(shape)} vs model ${fmt(want[0])} (${want[1]})`);
     }

@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { init } from "../core/device.ts";
+import { memory } from "../core/memory.ts";
 import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
 import { hubDownload, HubError, MODEL_FILES, repoCacheDir } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
@@ -442,6 +443,29 @@ Deno.test("hub: sharded checkpoints (index + shards) load from the hub and from 
       `${dir}/model.safetensors.index.json`,
       shards["model.safetensors.index.json"] as string,
     );
+    // A config.json whose sizes the shards do not have is named before the model is built (a vocab_size of
+    // 5e7 allocated for 80 s before failing, 3000 layers were built before they were found missing).
+    const cfg = JSON.parse(new TextDecoder().decode(files["config.json"]));
+    const live = memory().liveBytes;
+    for (
+      const [change, want] of [
+        [
+          { vocab_size: 5e7 },
+          /shape mismatch for embedding\.weight: checkpoint \[64, 32\] vs model \[50000000, 32\]/,
+        ],
+        [
+          { num_hidden_layers: 3000 },
+          /config\.json has num_hidden_layers 3000, but the checkpoint has layers 0-1 only/,
+        ],
+      ] as const
+    ) {
+      await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify({ ...cfg, ...change }));
+      const t0 = performance.now();
+      await assert.rejects(() => fromPretrained(dir), want);
+      assert.ok(performance.now() - t0 < 5000, `refused at once (${performance.now() - t0} ms)`);
+      assert.equal(memory().liveBytes, live, "nothing allocated");
+    }
+    await Deno.writeFile(`${dir}/config.json`, files["config.json"]);
     await Deno.remove(`${dir}/model-00002-of-00002.safetensors`);
     await assert.rejects(
       () => fromPretrained(dir),
