@@ -42,6 +42,7 @@ export interface HubOptions {
   /**
    * Ask the hub for the revision's current commit even when the cache has the file (one HEAD request per
    * file; a file of a new commit is downloaded). Default false: the cache answers without any request.
+   * Without network a refresh takes the cached file, as huggingface_hub does.
    */
   refresh?: boolean;
   /** Resumed attempts after a download breaks off, in the same call (default 3). */
@@ -49,9 +50,24 @@ export interface HubOptions {
   /**
    * Milliseconds to wait for a response or for the next bytes of a body (default 30000): the wait restarts
    * with each piece that arrives, so a slow download that keeps going is not cut off. It applies to hub
-   * downloads and to `fromPretrained`'s URL loads (and, in a browser, its hub fetches).
+   * downloads and to `fromPretrained`'s URL loads (and, in a browser, its hub fetches). Infinity: no limit;
+   * a finite value must be at most 2^31 - 1 (about 24.8 days, what a timer holds).
    */
   timeoutMs?: number;
+}
+
+/** `HubOptions.timeoutMs` checked, with its default (30 s). */
+export function timeoutOf(options: HubOptions): number {
+  const ms = options.timeoutMs ?? 30_000;
+  if (!(ms > 0 && (ms <= 2 ** 31 - 1 || ms === Infinity))) {
+    throw new Error(`timeoutMs must be a positive number of ms up to 2^31 - 1, or Infinity, got ${ms}`);
+  }
+  return ms;
+}
+
+/** setTimeout for a checked `timeoutMs` (see {@linkcode timeoutOf}): never fires for Infinity. */
+export function startTimer(fn: () => void, ms: number): ReturnType<typeof setTimeout> | undefined {
+  return ms === Infinity ? undefined : setTimeout(fn, ms);
 }
 
 /** Why a hub request failed. */

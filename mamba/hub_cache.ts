@@ -15,6 +15,8 @@ import {
   isHubId,
   MODEL_FILES,
   repoCacheDir,
+  startTimer,
+  timeoutOf,
 } from "./hub.ts";
 import { fileSize, linkAtomic, ProgressBar, withLock, writeTextAtomic } from "./hub_fs.ts";
 
@@ -38,9 +40,7 @@ function resolveOptions(id: string, o: HubOptions): Resolved {
   if (!revision || revision.split("/").some((p) => p === "" || p === "." || p === "..")) {
     throw new Error(`invalid revision '${revision}'`);
   }
-  if (o.timeoutMs !== undefined && !(o.timeoutMs > 0)) {
-    throw new Error(`timeoutMs must be a positive number, got ${o.timeoutMs}`);
-  }
+  const timeoutMs = timeoutOf(o);
   const off = hubEnv("HF_HUB_OFFLINE")?.toLowerCase();
   let progress = o.progress;
   if (progress === undefined) {
@@ -58,7 +58,7 @@ function resolveOptions(id: string, o: HubOptions): Resolved {
     offline: o.localFilesOnly ?? (off !== undefined && ["1", "true", "yes", "on"].includes(off)),
     progress,
     retries: Math.max(0, o.retries ?? 3),
-    timeoutMs: o.timeoutMs ?? 30_000,
+    timeoutMs,
   };
 }
 
@@ -115,7 +115,15 @@ export async function cachedDownload(
         `(localFilesOnly or HF_HUB_OFFLINE). ${help(r.repoDir, r.revision, filesToPlace(filename))}`,
     );
   }
-  return await download(r, filename);
+  try {
+    return await download(r, filename);
+  } catch (e) {
+    // A refresh that cannot reach the hub keeps to what the cache has, as huggingface_hub does.
+    if (cached !== null && e instanceof HubError && e.code === "Network") {
+      return cached === ABSENT ? null : cached;
+    }
+    throw e;
+  }
 }
 
 interface Meta {
@@ -134,7 +142,7 @@ function intHeader(h: Headers, key: string): number {
 
 async function fetchTimed(url: string, init: RequestInit, timeoutMs: number): Promise<Response> {
   const ac = new AbortController();
-  const timer = setTimeout(() => ac.abort(new Error(`no response within ${timeoutMs} ms`)), timeoutMs);
+  const timer = startTimer(() => ac.abort(new Error(`no response within ${timeoutMs} ms`)), timeoutMs);
   try {
     return await fetch(url, { ...init, signal: ac.signal });
   } finally {
@@ -151,7 +159,8 @@ function httpError(r: Resolved, filename: string, url: string, res: Response): H
   const code = res.headers.get("x-error-code");
   const msg = res.headers.get("x-error-message");
   const detail = `HTTP ${res.status}${msg ? `: ${msg}` : ""}`;
-  if (code === "RepositoryNotFound" || (res.status === 401 && !code)) {
+  // The hub says X-Error-Code: RepoNotFound (what huggingface_hub checks), also as a 401 for a private id.
+  if (code === "RepoNotFound" || code === "RepositoryNotFound" || (res.status === 401 && !code)) {
     return new HubError(
       "RepositoryNotFound",
       `repository '${r.id}' not found at ${r.endpoint} (${detail}, ${url}): check the id; private or gated ` +
@@ -332,7 +341,7 @@ async function getOnce(
   let timer: ReturnType<typeof setTimeout> | undefined;
   const arm = () => {
     clearTimeout(timer);
-    timer = setTimeout(() => ac.abort(new Error(`no data for ${r.timeoutMs} ms`)), r.timeoutMs);
+    timer = startTimer(() => ac.abort(new Error(`no data for ${r.timeoutMs} ms`)), r.timeoutMs);
   };
   const headers: Record<string, string> = { "accept-encoding": "identity", "user-agent": userAgent() };
   if (have > 0) headers.range = `bytes=${have}-`;

@@ -7,7 +7,7 @@
  */
 
 import { duplicateJsonKey } from "../core/safetensors.ts";
-import { hubEndpoint, HubError, type HubOptions, isHubId } from "./hub.ts";
+import { hubEndpoint, HubError, type HubOptions, isHubId, startTimer, timeoutOf } from "./hub.ts";
 import { blobSource, type ModelSource, responseSource } from "./byte_source.ts";
 import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
 
@@ -22,7 +22,7 @@ function timedResponse(res: Response, ac: AbortController, timeoutMs: number, ur
     async pull(controller) {
       let timer: ReturnType<typeof setTimeout> | undefined;
       const stalled = new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`no data from ${url} for ${timeoutMs} ms`)), timeoutMs);
+        timer = startTimer(() => reject(new Error(`no data from ${url} for ${timeoutMs} ms`)), timeoutMs);
       });
       try {
         const r = await Promise.race([reader.read(), stalled]);
@@ -44,15 +44,11 @@ function timedResponse(res: Response, ac: AbortController, timeoutMs: number, ur
 
 function urlSource(prefix: string, options: HubOptions, where?: string): ModelSource {
   const base = prefix.replace(/\/+$/, "");
-  const timeoutMs = options.timeoutMs ?? 30_000;
-  if (!(timeoutMs > 0)) throw new Error(`timeoutMs must be a positive number, got ${timeoutMs}`);
+  const timeoutMs = timeoutOf(options);
   const get = async (file: string): Promise<Response | null> => {
     const url = `${base}/${file}`;
     const ac = new AbortController();
-    const timer = setTimeout(
-      () => ac.abort(new Error(`no response within ${timeoutMs} ms`)),
-      timeoutMs,
-    );
+    const timer = startTimer(() => ac.abort(new Error(`no response within ${timeoutMs} ms`)), timeoutMs);
     let res: Response;
     try {
       res = await fetch(url, { headers: { "accept-encoding": "identity" }, signal: ac.signal });

@@ -48,10 +48,17 @@ function hubSource(id: string, options: HubOptions): ModelSource {
   // Offline, a file the cache lacks may still exist upstream: optional files count as absent then, except
   // that the weights must be found one way or the other (planWeights throws this error if neither is).
   const notCached = new Map<string, HubError>();
+  // Every file after the first comes from the commit that one did (as huggingface_hub's snapshot_download
+  // pins one commit): else a branch that moved between a cached config.json and its weights' download would
+  // mix two versions of the model.
+  let pinned: string | null = null;
   const get = async (file: string, optional: boolean) => {
     try {
-      const path = await hubDownload(id, file, options);
-      if (path !== null) found = true;
+      const path = await hubDownload(id, file, pinned === null ? options : { ...options, revision: pinned });
+      if (path !== null) {
+        found = true;
+        pinned ??= /\/snapshots\/([0-9a-f]{40})\/[^/]+$/.exec(path)?.[1] ?? null;
+      }
       return path;
     } catch (e) {
       if (!(e instanceof HubError)) throw e;

@@ -38,6 +38,8 @@ class HubServer {
   readonly dropOnce = new Set<string>();
   /** Bytes served as a file's body instead of the real ones (headers still describe the real file). */
   readonly lie = new Map<string, Uint8Array>();
+  /** Commits a repository may be read at besides "main" (which is COMMIT); each serves the same files. */
+  readonly commits = new Set([COMMIT]);
   /** Called while a cut body is being served, after the first half went out. */
   midBody: (() => Promise<void>) | null = null;
   readonly #ac = new AbortController();
@@ -110,13 +112,14 @@ class HubServer {
     const [, id, revEnc, file] = m;
     const repo = this.repos.get(id);
     if (!repo) {
+      // as the hub answers: X-Error-Code RepoNotFound, as a 401 (ids that could be private) or a 404
       return new Response("Repository not found", {
-        status: 401,
-        headers: { "x-error-code": "RepositoryNotFound", "x-error-message": "Repository not found" },
+        status: id.endsWith("-404") ? 404 : 401,
+        headers: { "x-error-code": "RepoNotFound", "x-error-message": "Repository not found" },
       });
     }
     const rev = decodeURIComponent(revEnc);
-    if (rev !== "main" && rev !== COMMIT) {
+    if (rev !== "main" && !this.commits.has(rev)) {
       return new Response("Invalid rev id", {
         status: 404,
         headers: { "x-error-code": "RevisionNotFound", "x-error-message": `Invalid rev id: ${rev}` },
@@ -126,7 +129,7 @@ class HubServer {
     if (!data) {
       return new Response("Entry not found", {
         status: 404,
-        headers: { "x-error-code": "EntryNotFound", "x-repo-commit": COMMIT },
+        headers: { "x-error-code": "EntryNotFound", "x-repo-commit": rev === "main" ? COMMIT : rev },
       });
     }
     if (file.endsWith(".safetensors")) {
@@ -134,14 +137,14 @@ class HubServer {
         status: 302,
         headers: {
           location: `${this.url}/cdn/${id}/${file}`,
-          "x-repo-commit": COMMIT,
+          "x-repo-commit": rev === "main" ? COMMIT : rev,
           "x-linked-etag": `"${sha256(data)}"`,
           "x-linked-size": String(data.length),
         },
       });
     }
     const res = this.#body(req, file, data);
-    res.headers.set("x-repo-commit", COMMIT);
+    res.headers.set("x-repo-commit", rev === "main" ? COMMIT : rev);
     res.headers.set("etag", `"${gitSha1(data)}"`);
     return res;
   }
@@ -270,6 +273,37 @@ Deno.test("hub: download into the Hugging Face cache layout; the second call mak
   });
 });
 
+Deno.test("hub: a model's files all come from one commit, though main moved after its config.json was cached", async () => {
+  await withHub(async (s, cacheDir) => {
+    s.addRepo("org/lm", await lmFiles());
+    const OLD = "fedcba9876543210fedcba9876543210fedcba98";
+    s.commits.add(OLD);
+    // An earlier load cached config.json at OLD, then stopped; main is COMMIT now.
+    const repo = repoCacheDir("org/lm", cacheDir);
+    await Deno.mkdir(`${repo}/snapshots/${OLD}`, { recursive: true });
+    await Deno.copyFile(fixturePath("lm_v64_hf/config.json"), `${repo}/snapshots/${OLD}/config.json`);
+    await Deno.mkdir(`${repo}/refs`);
+    await Deno.writeTextFile(`${repo}/refs/main`, OLD);
+    const lm = await fromPretrained("org/lm", opts(s, cacheDir));
+    await assertLmV64Logits(lm);
+    lm.dispose();
+    const asked = s.requests.filter((r) => r.path.includes("/resolve/")).map((r) => r.path);
+    assert.ok(asked.length > 0 && asked.every((p) => p.includes(`/resolve/${OLD}/`)), asked.join(", "));
+    assert.deepEqual(await list(`${repo}/snapshots`), [OLD]);
+    assert.deepEqual(await list(`${repo}/snapshots/${OLD}`), ["config.json", "model.safetensors"]);
+    assert.equal(await Deno.readTextFile(`${repo}/refs/main`), OLD, "main still names the commit read");
+    // A refresh without network keeps to the cache, as huggingface_hub does (it threw "Network").
+    await s.close();
+    const offline = await fromPretrained("org/lm", { ...opts(s, cacheDir), refresh: true, retries: 0 });
+    await assertLmV64Logits(offline);
+    offline.dispose();
+    await assert.rejects(
+      () => fromPretrained("org/other", { ...opts(s, cacheDir), refresh: true, retries: 0 }),
+      (e: Error) => e instanceof HubError && e.code === "Network",
+    );
+  });
+});
+
 Deno.test("hub: a download cut off mid-file resumes with a Range request; no half file is ever final", async () => {
   await withHub(async (s, cacheDir) => {
     const files = await lmFiles();
@@ -370,6 +404,12 @@ Deno.test("hub: unknown repository, revision and file give clear errors", async 
     await assert.rejects(
       () => fromPretrained("org/nope", opts(s, cacheDir)),
       /repository 'org\/nope' not found at http:\/\/127\.0\.0\.1:\d+ \(HTTP 401: Repository not found/,
+    );
+    await assert.rejects(
+      () => fromPretrained("org/nope-404", opts(s, cacheDir)),
+      (e: Error) =>
+        e instanceof HubError && e.code === "RepositoryNotFound" &&
+        /repository 'org\/nope-404' not found .*HTTP 404: Repository not found.*check the id/.test(e.message),
     );
     await assert.rejects(
       () => fromPretrained("org/lm", { ...opts(s, cacheDir), revision: "v9" }),

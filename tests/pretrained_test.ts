@@ -418,10 +418,12 @@ function within<T>(ms: number, p: Promise<T>): Promise<T> {
 Deno.test("fromPretrained from a URL: a stalled server fails after timeoutMs; a slow one that keeps going loads", async () => {
   await init();
   for (const source of ["http://127.0.0.1:9/m", "org/m"]) {
-    await assert.rejects(
-      () => fromPretrained(source, { timeoutMs: 0 }),
-      /timeoutMs must be a positive number, got 0/,
-    );
+    for (const ms of [0, -1, NaN, 2 ** 31]) {
+      await assert.rejects(
+        () => fromPretrained(source, { timeoutMs: ms }),
+        new RegExp(`timeoutMs must be a positive number of ms up to 2\\^31 - 1, or Infinity, got ${ms}`),
+      );
+    }
   }
   const sleep = (ms: number) => () => new Promise<void>((r) => setTimeout(r, ms));
   // No response at all to config.json.
@@ -457,6 +459,10 @@ Deno.test("fromPretrained from a URL: a stalled server fails after timeoutMs; a 
   assert.ok(performance.now() - t0 > 1000, "the download took longer than the timeout");
   await assertLmV64Logits(lm);
   lm.dispose();
+  // No limit (Infinity): a timer given Infinity would fire at once (setTimeout clamps what it cannot hold).
+  const unlimited = await within(10000, fromPretrained(s.url, { timeoutMs: Infinity }));
+  await assertLmV64Logits(unlimited);
+  unlimited.dispose();
   await s.close();
 
   // A body of unknown length that ends early: the read error names the tensor and its offsets.
