@@ -93,6 +93,25 @@ function fail(source: string | undefined, msg: string): never {
 
 const isCount = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) >= 0;
 
+/** Deepest nesting of objects and arrays a header may have (it needs 3). */
+const MAX_HEADER_DEPTH = 64;
+
+/** How deep `text`'s objects and arrays nest, counted up to `stop` + 1 (strings skipped; a scan, no parse). */
+function jsonDepth(text: string, stop: number): number {
+  let depth = 0, deepest = 0;
+  for (let i = 0; i < text.length && deepest <= stop; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x7b /* { */ || c === 0x5b /* [ */) deepest = Math.max(deepest, ++depth);
+    else if (c === 0x7d /* } */ || c === 0x5d /* ] */) depth--;
+    else if (c === 0x22 /* " */) {
+      for (i++; i < text.length && text.charCodeAt(i) !== 0x22; i++) {
+        if (text.charCodeAt(i) === 0x5c /* \ */) i++;
+      }
+    }
+  }
+  return deepest;
+}
+
 /**
  * The first key that occurs twice in one object of `text` (which must be valid JSON, e.g. text that
  * `JSON.parse` accepted), named with the keys of the objects around it (`"a" in "b"`), or null if no key
@@ -182,6 +201,16 @@ export function parseSafetensorsHeader(
   try {
     // ignoreBOM: a byte-order mark is kept, so JSON.parse refuses it (the Rust crate does too).
     text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(prefix.subarray(8, 8 + n));
+  } catch (e) {
+    fail(source, `header is not valid UTF-8 JSON (${(e as Error).message})`);
+  }
+  // A header nests 3 levels (tensor, its shape); a hostile one nested a million deep took seconds and GBs in
+  // JSON.parse before its error (serde_json, the Rust crate's parser, stops at 128).
+  const depth = jsonDepth(text, MAX_HEADER_DEPTH);
+  if (depth > MAX_HEADER_DEPTH) {
+    fail(source, `header nests deeper than ${MAX_HEADER_DEPTH} levels (corrupt header)`);
+  }
+  try {
     json = JSON.parse(text);
   } catch (e) {
     fail(source, `header is not valid UTF-8 JSON (${(e as Error).message})`);

@@ -339,6 +339,19 @@ Deno.test("a key twice in the header (JSON.parse would keep the last) or a byte-
     a: '{"a":1,',
     b: "a",
   });
+  // A header nested a million deep (20 MB) took 4.8 s and 1.5 GB in JSON.parse; it is refused by a scan first.
+  // Braces inside strings do not count, and 64 levels (in metadata, where any JSON text may sit) are fine.
+  const deep = `{"a":${"[".repeat(1_000_000)}${"]".repeat(1_000_000)}}`;
+  const t0 = performance.now();
+  assert.throws(
+    () => parseSafetensors(rawFile(deep, data), "x"),
+    /^SafetensorsError: x: header nests deeper than 64 levels \(corrupt header\)$/,
+  );
+  assert.ok(performance.now() - t0 < 1000, `refused at once (${performance.now() - t0} ms)`);
+  const at64 = `{"a":${"[".repeat(63)}${"]".repeat(63)}}`;
+  assert.throws(() => parseSafetensors(rawFile(at64, data), "x"), /tensor "a" is not an object/);
+  const quoted = `{"__metadata__":{"k":"${"[{".repeat(100)}"},${a}}`;
+  assert.equal(parseSafetensors(rawFile(quoted, data.subarray(0, 4))).header.metadata.k, "[{".repeat(100));
   const bom = new Uint8Array([0xef, 0xbb, 0xbf, ...new TextEncoder().encode(`{${a}}`)]);
   assert.throws(
     () => parseSafetensors(rawFile(bom, data), "x"),
@@ -476,6 +489,21 @@ Deno.test("atomic writes leave no temp files and keep old content on failure", a
 
     await writeFileAtomic(`${dir}/t.txt`, "hello");
     assert.equal(await Deno.readTextFile(`${dir}/t.txt`), "hello");
+
+    // The disk fails after the bytes were written (injected: this runs as root too, which the read-only
+    // case below cannot fail for): the old file stays, the temp file goes.
+    const { syncData } = Deno.FsFile.prototype;
+    Deno.FsFile.prototype.syncData = () => Promise.reject(new Error("injected disk error"));
+    try {
+      await assert.rejects(
+        writeSafetensorsFile(path, { a: { shape: [1], data: new Float32Array([9]) } }),
+        /cannot write .*w\.safetensors: injected disk error/,
+      );
+    } finally {
+      Deno.FsFile.prototype.syncData = syncData;
+    }
+    assert.deepEqual(await Deno.readFile(path), old);
+    assert.deepEqual(await list(dir), ["sub", "t.txt", "w.safetensors"]);
 
     // Read-only directory: the old file stays; root bypasses permissions, so probe and skip.
     await Deno.chmod(dir, 0o555);
