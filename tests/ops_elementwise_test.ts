@@ -437,3 +437,39 @@ Deno.test("empty tensors: elementwise, broadcasting and gradients of size-0 oper
     },
   ]);
 });
+
+Deno.test("NaN stays NaN through max, maximum, minimum, relu and clamp, as in PyTorch (WGSL's max/min may drop it)", async () => {
+  await M.init();
+  const x = tensor([1, NaN, 3, -2]);
+  const [nanFirst, inf] = [tensor([NaN, 1]), tensor([-Infinity, -Infinity])];
+  const got = tidy(() =>
+    [
+      M.max(x),
+      M.max(nanFirst),
+      M.max(tensor([1, NaN, 3, -2, 5, 6], [2, 3]), 1), // rows [1, NaN, 3], [-2, 5, 6]
+      M.maximum(x, 0),
+      M.minimum(x, 0),
+      M.maximum(0, x),
+      M.relu(x),
+      M.clamp(x, 0, 2),
+      M.clamp(x),
+      M.max(inf), // no NaN made of -inf
+      M.maximum(tensor(new Int32Array([3, -5]), [2], { dtype: "i32" }), 0), // i32 keeps WGSL's max
+    ].map((t) => M.keep(t))
+  );
+  const values = await Promise.all(got.map(async (t) => [...await t.toArray()]));
+  assert.deepEqual(values, [
+    [NaN],
+    [NaN],
+    [NaN, 6],
+    [1, NaN, 3, 0],
+    [0, NaN, 0, -2],
+    [1, NaN, 3, 0],
+    [1, NaN, 3, 0],
+    [1, NaN, 2, 0],
+    [1, NaN, 3, -2],
+    [-Infinity],
+    [3, 0],
+  ]);
+  for (const t of [...got, x, nanFirst, inf]) t.dispose();
+});

@@ -35,7 +35,7 @@ const UNARY = {
   silu: { expr: "a * sigmoid_(a)", grad: "b * sigmoid_(a) * (1.0 + a * (1.0 - sigmoid_(a)))" },
   softplus: { expr: "softplus_(a)", grad: "b * sigmoid_(a)" },
   tanh: { expr: "tanh(a)", grad: "b * (1.0 - a * a)", fromOutput: true },
-  relu: { expr: "max(a, 0.0)", grad: "select(0.0, b, a > 0.0)" },
+  relu: { expr: "fmax_(a, 0.0)", grad: "select(0.0, b, a > 0.0)" }, // NaN stays NaN, as PyTorch
 } satisfies Record<string, UnaryDef>;
 
 /** Names of the unary ops. */
@@ -97,7 +97,7 @@ export const silu = (x: Tensor): Tensor => unary("silu", x);
 export const softplus = (x: Tensor): Tensor => unary("softplus", x);
 /** Hyperbolic tangent. */
 export const tanh = (x: Tensor): Tensor => unary("tanh", x);
-/** `max(x, 0)` */
+/** `max(x, 0)` (NaN stays NaN, as in PyTorch). */
 export const relu = (x: Tensor): Tensor => unary("relu", x);
 
 // ---------------------------------------------------------------- binary
@@ -105,6 +105,8 @@ export const relu = (x: Tensor): Tensor => unary("relu", x);
 /** Forward WGSL (a, b) and the two gradient expressions of (a, b, c = g, [y]) of a binary op. */
 interface BinaryDef {
   expr: string;
+  /** The expression for f32 operands where it differs from `expr` (the i32 one). */
+  f32Expr?: string;
   ga: string;
   gb: string;
   ints?: boolean;
@@ -124,12 +126,14 @@ const BINARY = {
   },
   maximum: {
     expr: "max(a, b)",
+    f32Expr: "fmax_(a, b)", // a NaN operand gives NaN, as PyTorch
     ga: "c * select(select(0.0, 0.5, a == b), 1.0, a > b)",
     gb: "c * select(select(0.0, 0.5, a == b), 1.0, b > a)",
     ints: true,
   },
   minimum: {
     expr: "min(a, b)",
+    f32Expr: "fmin_(a, b)",
     ga: "c * select(select(0.0, 0.5, a == b), 1.0, a < b)",
     gb: "c * select(select(0.0, 0.5, a == b), 1.0, b < a)",
     ints: true,
@@ -176,7 +180,7 @@ for (const [name, def] of Object.entries(BINARY) as [BinaryName, BinaryDef][]) {
         const t = resultType(a, b, name, def.ints ?? false);
         const shape = broadcastShapes(operandShape(a), operandShape(b), name);
         if (def.ga !== "") { for (const o of [a, b]) if (typeof o !== "number") save(o); }
-        return mapOp(def.expr, [a, b], shape, t, [t, t]);
+        return mapOp(t === "f32" ? def.f32Expr ?? def.expr : def.expr, [a, b], shape, t, [t, t]);
       },
       // One gradient per tensor input, in order: a number operand is not an input, so for
       // `sub(2, x)` the inputs are [x] and x's gradient must come first (not after a null for 2).
@@ -206,9 +210,9 @@ export const div = (a: Operand, b: Operand): Tensor => binary("div", a, b);
 /** `a ** b` with broadcasting, with PyTorch's values where WGSL leaves pow undefined: integer powers of negative
  * numbers, 0 ** 0 = 1, 0 ** p = inf for p < 0 (and its gradients: none through b = 0, none to b at a = 0). */
 export const pow = (a: Operand, b: Operand): Tensor => binary("pow", a, b);
-/** Elementwise maximum (ties share the gradient equally). */
+/** Elementwise maximum (ties share the gradient equally; a NaN operand gives NaN, as in PyTorch). */
 export const maximum = (a: Operand, b: Operand): Tensor => binary("maximum", a, b);
-/** Elementwise minimum (ties share the gradient equally). */
+/** Elementwise minimum (ties share the gradient equally; a NaN operand gives NaN, as in PyTorch). */
 export const minimum = (a: Operand, b: Operand): Tensor => binary("minimum", a, b);
 
 // ---------------------------------------------------------------- comparisons, where, clamp
@@ -261,7 +265,7 @@ const clampOp = defineOp<{ lo: number; hi: number }>({
   forward: ([x], { lo, hi }, save) => {
     needF32(x, "clamp");
     save(x);
-    return mapOp("clamp(a, b, c)", [x, lo, hi], x.shape);
+    return mapOp("fclamp_(a, b, c)", [x, lo, hi], x.shape); // NaN stays NaN, as PyTorch
   },
   backward: (g, [x], _, { lo, hi }) =>
     [mapOp("select(0.0, c, a >= b)", [x, lo, g], g.shape, "f32")].map((t) => {
@@ -273,7 +277,8 @@ const clampOp = defineOp<{ lo: number; hi: number }>({
 
 /**
  * Clamps into `[min, max]`. An omitted bound is the f32 maximum, -3.4e38 or 3.4e38 (not infinity):
- * `clamp(x)` maps -Infinity and Infinity to those finite values. Gradient 1 inside, 0 outside.
+ * `clamp(x)` maps -Infinity and Infinity to those finite values. Gradient 1 inside, 0 outside. NaN stays NaN,
+ * as in PyTorch.
  */
 export function clamp(x: Tensor, min?: number, max?: number): Tensor {
   const lo = min ?? -3.4028234663852886e38;

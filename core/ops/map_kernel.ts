@@ -23,14 +23,23 @@ const WG = 256;
 const names = ["a", "b", "c"];
 const kernels = new Map<string, Kernel>();
 
+/** WGSL's isnan_: NaN by its bits (WGSL lets a compiler assume x == x for floats). */
+export const IS_NAN_WGSL =
+  "fn isnan_(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u; }";
+
 /** WGSL helpers available to every map expression. */
-const MAP_HELPERS = `
+const MAP_HELPERS = `${IS_NAN_WGSL}
 fn log1p_(u: f32) -> f32 {
   // log(1 + u) without losing u when it is tiny (Goldberg's trick).
   let w = 1.0 + u;
   if (w == 1.0) { return u; }
   return log(w) * u / (w - 1.0);
 }
+// max / min / clamp that keep a NaN as PyTorch's do (WGSL leaves them unspecified there; llvmpipe returns
+// the other operand).
+fn fmax_(a: f32, b: f32) -> f32 { return select(select(max(a, b), b, isnan_(b)), a, isnan_(a)); }
+fn fmin_(a: f32, b: f32) -> f32 { return select(select(min(a, b), b, isnan_(b)), a, isnan_(a)); }
+fn fclamp_(x: f32, lo: f32, hi: f32) -> f32 { return select(clamp(x, lo, hi), x, isnan_(x)); }
 fn sigmoid_(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
 fn softplus_(x: f32) -> f32 { return max(x, 0.0) + log1p_(exp(-abs(x))); }
 fn pow_(x: f32, p: f32) -> f32 {

@@ -119,7 +119,8 @@ export function sum(x: Tensor, axis?: number | number[], keepdim = false): Tenso
   return sumOp([x], { axes: axesOf(x, axis, "sum"), keepdim });
 }
 
-/** Maximum over `axis` (or all axes; -inf over a row of -inf); ties share the gradient. */
+/** Maximum over `axis` (or all axes; -inf over a row of -inf, NaN over a row with a NaN, as in PyTorch); ties
+ * share the gradient. */
 export function max(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
   return maxOp([x], { axes: axesOf(x, axis, "max"), keepdim });
 }

@@ -14,6 +14,7 @@ import { deviceInfo } from "../device.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { fmt, sameShape, sizeOf } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
+import { IS_NAN_WGSL } from "./map_kernel.ts";
 
 /** Longest chunk of R one invocation loops over. */
 const MAX_CHUNK = 4096;
@@ -30,7 +31,10 @@ const WG = 64;
 function reduceKernel(kind: "sum" | "max", add = false): Kernel {
   // max starts at -inf (a row of -inf has maximum -inf), from a variable: WGSL rejects infinite constants.
   const init = kind === "sum" ? "0.0" : "bitcast<f32>(ninf)";
-  const step = kind === "sum" ? "acc = acc + v;" : "acc = max(acc, v);";
+  // max keeps a NaN, as PyTorch (WGSL's max need not; NaN found by its bits, which no compiler assumes away)
+  const step = kind === "sum"
+    ? "acc = acc + v;"
+    : "acc = select(select(max(acc, v), v, isnan_(v)), acc, isnan_(acc));";
   return defineKernel({
     name: `reduce_${kind}${add ? "_add" : ""}`,
     buffers: [{ name: "x", type: "f32", access: "read" }, { name: "y", type: "f32", access: "read_write" }],
@@ -43,6 +47,7 @@ function reduceKernel(kind: "sum" | "max", add = false): Kernel {
       ["x0", "u32"], // x's first element in its buffer
     ],
     workgroupSize: WG,
+    decls: kind === "max" ? IS_NAN_WGSL : "",
     body: `
   if (gid >= P.n) { return; }
   // gid -> (o, k, i): output (o, chunk k, inner i) reduces x[o, k*chunk .. min(R, (k+1)*chunk), i], x from
