@@ -262,3 +262,27 @@ Deno.test("causalConv1d: non-f32 operands, an empty kernel (K = 0) and a weight 
   );
   for (const t of [x, w, b, xi, wi, bi, w0, w01, w3, w4]) t.dispose();
 });
+
+Deno.test("causalConv1d: with no rows (L = 0 or B = 0) the weight and bias gradients are zeros, not stale pool bytes", async () => {
+  await setup();
+  for (const shape of [[1, 0, 4], [0, 5, 4]]) {
+    for (const withBias of [true, false]) {
+      // Pooled buffers full of 7s: what an unwritten gradient would show.
+      for (let i = 0; i < 20; i++) M.full([60], 7).dispose();
+      const x = M.zeros(shape, { requiresGrad: true });
+      const w = M.ones([4, 3], { requiresGrad: true });
+      const b = withBias ? M.ones([4], { requiresGrad: true }) : null;
+      M.tidy(() => M.causalConv1d(x, w, b, "silu").sum().backward());
+      assert.deepEqual(
+        [...await w.grad!.toArray()],
+        new Array(12).fill(0),
+        `w.grad, ${shape}, bias ${withBias}`,
+      );
+      if (b) assert.deepEqual([...await b.grad!.toArray()], [0, 0, 0, 0], `b.grad, ${shape}`);
+      for (const t of [x, w, b]) {
+        t?.grad?.dispose();
+        t?.dispose();
+      }
+    }
+  }
+});

@@ -24,6 +24,7 @@
 
 import { defineOp, WindowGrad } from "../autograd.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
+import { zeros } from "../creation.ts";
 import { fmt } from "../shape.ts";
 import { Tensor } from "../tensor.ts";
 
@@ -280,8 +281,10 @@ const convOp = defineOp<ConvAttrs>({
     const gx = kind === "bwd" ? target ?? Tensor.empty([B, L, C]) : null;
     const gu = target ? { ...u, YS: u.XS, Y0: u.X0 } : u;
     dispatch(kernel(kind, K, act, V, T), gx ? { ...bufs, y: gx.storage } : bufs, gu, groups);
-    const gw = Tensor.empty(w.shape);
-    const gb = a.hasBias ? Tensor.empty([C]) : null;
+    // No rows (B or L zero): the sums over them are zero, which the params kernel would never write.
+    const none = B * chunks === 0;
+    const gw = none ? zeros(w.shape) : Tensor.empty(w.shape);
+    const gb = a.hasBias ? (none ? zeros([C]) : Tensor.empty([C])) : null;
     // Without a bias the kernel still binds `gb`: a scratch word (writable bindings must not alias).
     const gbOut = gb ?? Tensor.empty([1]);
     const pbufs = { part: part.storage, gw: gw.storage, gb: gbOut.storage };
