@@ -409,6 +409,38 @@ Deno.test("copyBox within one storage (overlapping boxes, contiguous and strided
   }
 });
 
+Deno.test("copyBox: a box past either tensor's storage, a negative offset or a bad stride is named, and nothing moves", async () => {
+  const src = tensor([1, 2, 3, 4, 5, 6], [2, 3]);
+  const dst = tensor(new Float32Array(6).fill(9), [2, 3]);
+  const row = (offset: number, strides = [3, 1]) => ({ offset, strides });
+  const bad: [M.Box, M.Box, number[], RegExp][] = [
+    [
+      row(4),
+      row(0),
+      [2, 3],
+      /the source box \[2, 3\] at offset 4 with strides \[3, 1\] reaches element 9, past the 6 of/,
+    ],
+    [row(0), row(5), [2, 3], /the destination box \[2, 3\] at offset 5 .*reaches element 10, past the 6/],
+    [row(1, [4]), row(0, [1]), [3], /the source box \[3\] at offset 1 with strides \[4\] reaches element 9/],
+    [
+      row(-1),
+      row(0),
+      [2, 3],
+      /source box .*needs an integer offset >= 0 and one integer stride >= 0 per dim/,
+    ],
+    [row(0, [3]), row(0), [2, 3], /source box .*one integer stride >= 0 per dim/],
+    [row(0, [3, 0.5]), row(0), [2, 3], /source box .*integer stride/],
+  ];
+  for (const [from, to, shape, want] of bad) {
+    assert.throws(() => M.copyBox(src, from, dst, to, shape), want);
+    assert.deepEqual([...await dst.toArray()], new Array(6).fill(9), "nothing written");
+  }
+  M.copyBox(src, row(3, [1]), dst, row(0, [1]), [3]); // the last row, to the start: in bounds
+  assert.deepEqual([...await dst.toArray()], [4, 5, 6, 9, 9, 9]);
+  src.dispose();
+  dst.dispose();
+});
+
 Deno.test("packInto writes parts end to end at an offset in one dispatch per 7 parts (f32, i32, empty parts); bad calls are errors", async () => {
   const live0 = M.memory().liveTensors;
   const sizes = [3, 0, 5, 1, 8, 2, 4, 6, 7]; // 9 parts: two dispatches, one empty part

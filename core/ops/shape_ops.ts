@@ -122,6 +122,25 @@ export interface Box {
   strides: readonly number[];
 }
 
+/** Throws unless `box` of `shape` lies inside `t`'s storage (a copy past it reads stale bytes, or drops writes). */
+function checkBox(which: string, t: Tensor, box: Box, shape: Shape): void {
+  const elements = t.storage.bytes / 4;
+  let last = box.offset;
+  let ok = Number.isInteger(box.offset) && box.offset >= 0 && box.strides.length === shape.length;
+  for (let d = 0; ok && d < shape.length; d++) {
+    ok = Number.isInteger(box.strides[d]) && box.strides[d] >= 0;
+    last += (shape[d] - 1) * box.strides[d];
+  }
+  if (!ok || last >= elements) {
+    throw new Error(
+      `copyBox: the ${which} box ${fmt(shape)} at offset ${box.offset} with strides ${fmt(box.strides)} ` +
+        (ok
+          ? `reaches element ${last}, past the ${elements} of ${t}`
+          : "needs an integer offset >= 0 and one integer stride >= 0 per dim"),
+    );
+  }
+}
+
 /**
  * Copies the box `shape` from `src` (read through `from`) into `dst` (written through `to`); with
  * `accumulate`, adds it to what `dst` holds there (f32 only). No autograd. Dims are merged first; a
@@ -139,6 +158,8 @@ export function copyBox(
 ): void {
   const n = sizeOf(shape);
   if (n === 0) return;
+  checkBox("source", src, from, shape);
+  checkBox("destination", dst, to, shape);
   if (accumulate && (src.dtype !== "f32" || dst.dtype !== "f32")) {
     throw new Error(`copyBox: accumulating needs f32 tensors, got ${src.dtype} into ${dst.dtype}`);
   }
