@@ -4,6 +4,7 @@
  */
 
 import { recordClear, upload } from "./executor.ts";
+import { checkAllocatable } from "./memory.ts";
 import { checkShape, fmt, isInt32, type Shape, sizeOf } from "./shape.ts";
 import { type DType, Tensor } from "./tensor.ts";
 import { mapOp } from "./ops/map_kernel.ts";
@@ -52,7 +53,10 @@ function flattenNested(data: readonly NestedArray[]): { shape: number[]; flat: n
             `${fmt(shape)}), got an array of length ${v.length}`,
         );
       }
-      flat.push(v as number);
+      if (typeof v !== "number") {
+        throw new Error(`tensor: expected a number at ${where()}, got ${describeValue(v)}`);
+      }
+      flat.push(v);
       return;
     }
     const first = `data${"[0]".repeat(d)}`;
@@ -76,6 +80,15 @@ function flattenNested(data: readonly NestedArray[]): { shape: number[]; flat: n
   return { shape, flat };
 }
 
+/** What a value that is not a number is, for errors. */
+function describeValue(v: unknown): string {
+  if (ArrayBuffer.isView(v)) return `a ${v.constructor.name} (pass it as the data, with a shape)`;
+  if (v === null || v === undefined) return String(v);
+  if (typeof v === "string") return `the string ${JSON.stringify(v)}`;
+  if (typeof v !== "object") return `${typeof v} ${String(v)}`;
+  return `an object (${(v as object).constructor?.name ?? "null prototype"})`;
+}
+
 function finish(t: Tensor, options: CreateOptions): Tensor {
   if (options.requiresGrad) t.requiresGrad_(true);
   return t;
@@ -95,7 +108,12 @@ export function tensor(
   let inferred: number[];
   if (data instanceof Float32Array || data instanceof Int32Array) [flat, inferred] = [data, [data.length]];
   else if (typeof data === "number") [flat, inferred] = [[data], []];
-  else ({ flat, shape: inferred } = flattenNested(data as readonly NestedArray[]));
+  else if (!Array.isArray(data)) {
+    throw new Error(
+      `tensor: data must be a Float32Array, an Int32Array, a number or (nested) arrays of numbers, got ` +
+        describeValue(data),
+    );
+  } else ({ flat, shape: inferred } = flattenNested(data as readonly NestedArray[]));
   const s = shape ?? inferred;
   checkShape(s, "tensor: shape");
   if (sizeOf(s) !== flat.length) {
@@ -174,6 +192,7 @@ export function arange(start: number, end?: number, step = 1, options: CreateOpt
   if (dtype === "i32" && n > 0 && ![start, step, start + (n - 1) * step].every(isInt32)) {
     throw new Error(`arange: i32 values from ${start} by ${step} (${n} of them) do not fit int32`);
   }
+  checkAllocatable(4 * n, () => `arange ${dtype} [${n}]`);
   const host = dtype === "f32" ? new Float32Array(n) : new Int32Array(n);
   for (let i = 0; i < n; i++) host[i] = start + i * step;
   return tensor(host, [n], { ...options, dtype });
@@ -182,6 +201,7 @@ export function arange(start: number, end?: number, step = 1, options: CreateOpt
 /** Normal samples (mean 0, std 1 unless given), seeded and identical on every adapter. */
 export function randn(shape: Shape, options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
   checkShape(shape, "randn: shape");
+  checkAllocatable(4 * sizeOf(shape), () => `randn f32 ${fmt(shape)}`); // before the host array is filled
   const host = fillNormal(
     streamFor(options.seed),
     new Float32Array(sizeOf(shape)),
@@ -194,6 +214,7 @@ export function randn(shape: Shape, options: RandomOptions & { mean?: number; st
 /** Uniform samples in [low, high) (default [0, 1)), seeded and identical on every adapter. */
 export function rand(shape: Shape, options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
   checkShape(shape, "rand: shape");
+  checkAllocatable(4 * sizeOf(shape), () => `rand f32 ${fmt(shape)}`);
   const host = fillUniform(
     streamFor(options.seed),
     new Float32Array(sizeOf(shape)),

@@ -82,18 +82,24 @@ let profiler: { set: GPUQuerySet; names: string[]; pending: Promise<KernelTime[]
  */
 export async function profile(fn: () => void | Promise<void>): Promise<KernelTime[]> {
   if (!deviceInfo().timestampQuery) throw new Error("profile(): the adapter has no timestamp-query feature");
+  // One query set for the device's one stream of work: a second profile at once would take the first's.
+  if (profiler) throw new Error("profile(): another profile() is running (nest or overlap none)");
   flush();
-  profiler = {
+  const mine = {
     set: gpuDevice().createQuerySet({ type: "timestamp", count: 2 * PROFILE_SLOTS }),
-    names: [],
-    pending: [],
+    names: [] as string[],
+    pending: [] as Promise<KernelTime[]>[],
   };
+  profiler = mine;
   try {
     await fn();
     resolveProfile();
-    return (await Promise.all(profiler.pending)).flat();
+    return (await Promise.all(mine.pending)).flat();
   } finally {
-    profiler.set.destroy();
+    // The passes that wrote timestamps are submitted before the set goes (a submit that uses a destroyed
+    // query set is invalid in WebGPU), also when fn threw.
+    flush();
+    mine.set.destroy();
     profiler = null;
   }
 }

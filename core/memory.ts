@@ -91,10 +91,11 @@ export function setMemoryLimit(bytes: number | null): void {
 }
 
 /**
- * Allocates storage for `bytes` bytes, reusing a pooled buffer of the same size class when there is one.
- * `what` names the request in errors (e.g. the tensor's shape; called only then).
+ * Throws the error {@linkcode allocStorage} would give for `bytes` (not a whole number, or more than the
+ * device's largest buffer) without allocating: creators that fill host memory first check before they do.
+ * Returns the device's largest buffer size.
  */
-export function allocStorage(bytes: number, what?: () => string): Storage {
+export function checkAllocatable(bytes: number, what?: () => string): number {
   const max = deviceInfo().limits.maxBufferSize;
   if (!(Number.isSafeInteger(bytes) && bytes >= 0)) {
     // a NaN or fractional size would poison the byte counters (and with them the memory limit) for good
@@ -106,6 +107,15 @@ export function allocStorage(bytes: number, what?: () => string): Storage {
         `buffer (${max})`,
     );
   }
+  return max;
+}
+
+/**
+ * Allocates storage for `bytes` bytes, reusing a pooled buffer of the same size class when there is one.
+ * `what` names the request in errors (e.g. the tensor's shape; called only then).
+ */
+export function allocStorage(bytes: number, what?: () => string): Storage {
+  const max = checkAllocatable(bytes, what);
   const size = Math.min(sizeClass(bytes), Math.floor(max / 4) * 4); // the class's rounding stays within it
   if (live + size > limit) {
     throw new GPUError(

@@ -393,7 +393,14 @@ Deno.test("backward: clear errors for a non-scalar without gradient, a wrong gra
   assert.throws(() => c.sum().backward(), /does not require grad/);
   assert.throws(() => M.ones([2], { dtype: "i32" }).requiresGrad_(), /only f32 tensors can require grad/);
   y.sum().backward();
-  for (const t of [x, y, c, x.grad!]) t.dispose();
+  // A .grad disposed without being set to null is named (it read "add: Tensor#.. was disposed").
+  x.grad!.dispose();
+  assert.throws(
+    () => x.mul(3).sum().backward(),
+    /backward: the \.grad of Tensor\(\[2, 3\], f32, requiresGrad\) was disposed but not set to null \(zeroGrad\(\) does both/,
+  );
+  x.grad = null;
+  for (const t of [x, y, c]) t.dispose();
 });
 
 Deno.test("backward twice: retainGraph allows it; otherwise a clear error, no silent wrong result", async () => {

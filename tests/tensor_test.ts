@@ -89,6 +89,35 @@ Deno.test("creation errors show a NaN as NaN and name the function and the argum
   assert.throws(() => M.arange(0, Infinity), /arange: end must be a finite number, got Infinity/);
   assert.throws(() => M.arange(-Infinity, 0), /arange: start must be a finite number, got -Infinity/);
   assert.throws(() => M.arange(0, 5, NaN), /arange: step must be a finite number, got NaN/);
+  // Past the device's largest buffer: refused before a host array of that size is filled (rand([30000,
+  // 30000]) spent 21 s and 3.6 GB first; randn([1e5, 1e5]) died in a RangeError).
+  const max = M.deviceInfo().limits.maxBufferSize;
+  const t0 = performance.now();
+  assert.throws(
+    () => M.rand([30000, 30000]),
+    new RegExp(
+      `cannot allocate rand f32 \\[30000, 30000\\]: 3600000000 bytes is more than the device's largest buffer \\(${max}\\)`,
+    ),
+  );
+  assert.throws(() => M.randn([1e5, 1e5]), /cannot allocate randn f32 \[100000, 100000\]: 40000000000 bytes/);
+  assert.throws(() => M.arange(0, 1e10, 1, { dtype: "f32" }), /cannot allocate arange f32 \[10000000000\]/);
+  assert.ok(performance.now() - t0 < 1000, `refused at once (${performance.now() - t0} ms)`);
+});
+
+Deno.test("tensor(): data that is not numbers is named (it became NaN, 0 or a parsed number)", () => {
+  const bad: [unknown, RegExp][] = [
+    [
+      new Float64Array([1, 2]),
+      /data must be a Float32Array, .*got a Float64Array \(pass it as the data, with a shape\)/,
+    ],
+    [[new Float32Array(2), new Float32Array(2)], /expected a number at data\[0\], got a Float32Array/],
+    [["1", "2"], /expected a number at data\[0\], got the string "1"/],
+    [[1, null], /expected a number at data\[1\], got null/],
+    [[1, undefined], /expected a number at data\[1\], got undefined/],
+    [[[1, true]], /expected a number at data\[0\]\[1\], got boolean true/],
+    [{ length: 2 }, /data must be .*got an object \(Object\)/],
+  ];
+  for (const [data, want] of bad) assert.throws(() => tensor(data as number[]), want);
 });
 
 Deno.test("zeros/ones/full/arange/zerosLike/onesLike give exact values and dtypes", async () => {
@@ -211,7 +240,9 @@ Deno.test("bad input: wrong dtypes are rejected with the op and dtype named", ()
   assert.throws(() => M.add(i, f), /add: dtypes differ/);
   assert.throws(() => M.div(i, i), /div needs f32 tensors, got i32/);
   assert.throws(() => M.add(i, 0.5), /add: an i32 tensor with a scalar that is not an int32 integer \(0.5\)/);
-  assert.throws(() => M.sum(i), /sum needs an f32 tensor, got i32/);
+  assert.throws(() => M.sum(i), /sum needs an f32 tensor, got i32 \[3\]/);
+  assert.throws(() => M.mean(i, 0), /mean needs an f32 tensor, got i32 \[3\]/); // it said "sum"
+  assert.throws(() => M.max(i), /max needs an f32 tensor, got i32 \[3\]/);
   assert.throws(() => M.indexSelect(f, 0, f), /indices must be an i32 tensor, got f32/);
   assert.throws(() => M.where(i, f, f), /condition must be an f32 mask, got i32/);
   assert.throws(() => M.add(1, 2), /at least one operand must be a tensor/);
@@ -384,4 +415,34 @@ Deno.test("dispatch: two kernels under one name with different sources are a cle
   );
   assert.deepEqual([...await t.toArray()], [1, 1, 1, 1]);
   t.dispose();
+});
+
+Deno.test("profile: times a block's kernels; a second profile while one runs is a clear error; one that throws leaves the device usable", async () => {
+  await setup();
+  if (!M.deviceInfo().timestampQuery) return; // every adapter this suite runs on has it; some browsers do not
+  const x = tensor([1, 2, 3]);
+  let inner: unknown = null;
+  const times = await M.profile(async () => {
+    M.tidy(() => M.keep(M.add(x, 1))).dispose();
+    inner = await M.profile(() => {}).catch((e: Error) => e.message);
+  });
+  assert.equal(inner, "profile(): another profile() is running (nest or overlap none)");
+  assert.ok(
+    times.length >= 1 && times.every((t) => t.ms >= 0 && typeof t.name === "string"),
+    JSON.stringify(times),
+  );
+  await assert.rejects(
+    () =>
+      M.profile(() => {
+        M.tidy(() => M.keep(M.add(x, 2))).dispose();
+        throw new Error("fn failed");
+      }),
+    /fn failed/,
+  );
+  // the next profile and the next work run as usual
+  const again = await M.profile(() => M.tidy(() => M.keep(M.mul(x, 2))).dispose());
+  assert.ok(again.length >= 1);
+  const y = M.add(x, 10);
+  assert.deepEqual([...await y.toArray()], [11, 12, 13]);
+  for (const t of [x, y]) t.dispose();
 });

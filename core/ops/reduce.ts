@@ -15,6 +15,8 @@ import { copy, reshape } from "./shape_ops.ts";
 import { reduceRun } from "./reduce_kernel.ts";
 
 function axesOf(x: Tensor, axis: number | number[] | undefined, op: string): number[] {
+  // every public reduction takes f32 (named here, where the op's own name is known)
+  if (x.dtype !== "f32") throw new Error(`${op} needs an f32 tensor, got ${x.dtype} ${fmt(x.shape)}`);
   const list = axis === undefined ? x.shape.map((_, i) => i) : typeof axis === "number" ? [axis] : axis;
   const norm = list.map((a) => normAxis(a, x.rank, op));
   if (new Set(norm).size !== norm.length) throw new Error(`${op}: repeated axis in ${JSON.stringify(axis)}`);
