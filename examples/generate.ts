@@ -148,7 +148,7 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
   try {
     const tok: Tokenizer | null = lm.tokenizer;
     if (!tok) {
-      io.err(`error: ${lm.source} has no tokenizer.json: name one with --tokenizer <id|folder|url>`);
+      io.err(`error: no tokenizer (${lm.noTokenizer}): name one with --tokenizer <id|folder|url>`);
       return 2;
     }
     let prompt = a.prompt ? tok.encode(a.prompt) : [];

@@ -45,12 +45,26 @@ export class PretrainedLM extends MambaLM {
   /** Where the model came from: folder, URL, `org/name@revision`, or for {@linkcode fromPretrainedFiles} its
    * `options.name` (default "files"). */
   readonly source: string;
+  /**
+   * Why `tokenizer` is null: the source has no tokenizer.json, it is not in the hub cache while downloads
+   * are off (the cache's own message, with how to place it by hand), or `tokenizer: false`; null when there
+   * is a tokenizer.
+   */
+  readonly noTokenizer: string | null;
 
-  /** Builds the model (weights are loaded by {@linkcode fromPretrained}). */
-  constructor(config: MambaConfigInput, options: LMOptions, tokenizer: Tokenizer | null, source: string) {
+  /** Builds the model (weights are loaded by {@linkcode fromPretrained}); `noTokenizer` says why a null
+   * tokenizer is missing (default: the source has none). */
+  constructor(
+    config: MambaConfigInput,
+    options: LMOptions,
+    tokenizer: Tokenizer | null,
+    source: string,
+    noTokenizer?: string,
+  ) {
     super(config, options);
     this.tokenizer = tokenizer;
     this.source = source;
+    this.noTokenizer = tokenizer ? null : noTokenizer ?? `${source} has no tokenizer.json`;
   }
 }
 
@@ -152,7 +166,16 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
       ? plan.single.header.entries
       : new Map([...shards!.values()].flatMap((h) => [...h.entries]));
     checkShapes(config, lm, layout, entries, ours, weightsWhere, cfgWhere);
-    model = new PretrainedLM({ ...config, ...runs }, { ...lm, tieEmbeddings: tie }, tokenizer, src.where);
+    const noTokenizer = t === false
+      ? "loaded with tokenizer: false"
+      : src.notCached?.get("tokenizer.json")?.message ?? `${tokWhere} does not exist`;
+    model = new PretrainedLM(
+      { ...config, ...runs },
+      { ...lm, tieEmbeddings: tie },
+      tokenizer,
+      src.where,
+      noTokenizer,
+    );
     const params = model.stateDict();
     // Checkpoint tensors the model built from config.json has no parameter for (more layers, inner
     // layernorms, LayerNorm biases, MLPs, ...), and parameters the checkpoint lacks: refused before any read.

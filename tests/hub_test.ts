@@ -573,6 +573,10 @@ Deno.test("hub: the tokenizer comes from the repository or the tokenizer option;
     }
     const none = await fromPretrained("org/tiny", { ...opts(s, cacheDir), tokenizer: false });
     assert.equal(none.tokenizer, null);
+    assert.equal(none.noTokenizer, "loaded with tokenizer: false");
+    const missing = await fromPretrained("org/tiny-notok", opts(s, cacheDir));
+    assert.equal(missing.noTokenizer, "org/tiny-notok@main/tokenizer.json does not exist");
+    missing.dispose();
     none.dispose();
     assert.equal((await loadTokenizer("org/tok", opts(s, cacheDir))).vocabSize, 65000);
     await assert.rejects(() => loadTokenizer("org/tiny-notok", opts(s, cacheDir)), /has no tokenizer\.json/);
@@ -654,6 +658,12 @@ Deno.test("hub: without network it fails fast, naming the URL and how to place t
       const lm = await fromPretrained("org/lm", opts(s, cacheDir));
       await assertLmV64Logits(lm);
       assert.equal(lm.tokenizer, null);
+      // ... and says why: not that the repository has none, but that the cache lacks it (deno task generate
+      // prints this).
+      assert.match(
+        lm.noTokenizer!,
+        /tokenizer\.json \(revision main\) is not in the cache .* downloads are off/,
+      );
       lm.dispose();
     } finally {
       Deno.env.delete("HF_HUB_OFFLINE");
