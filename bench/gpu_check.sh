@@ -63,7 +63,10 @@
 # which problems pick one, and the report's roofline "walk" column with its GB/s at d_model 1024 (22% of the
 # copy bandwidth at 2d4b27c with chunks of 9); the roofline's new "inference" columns (82110c5: a forward no
 # backward reads writes the last chunk state only), the figure the issue's "at least half the copy bandwidth"
-# is about. With time to spare: the generate phase (decode tokens/s).
+# is about. The `tiled128` matmul (128x128 tiles, 8x8 per invocation): its GFLOP/s in the adapter phase's
+# tuner line against register's 6.4 TFLOP/s at 2d4b27c, and its column in the matmul phase's tables at a
+# layer's shapes (whether the tuner picks it, and whether d_model 1024's products, 0.93-1.08 ms each at
+# 2d4b27c, fall). With time to spare: the generate phase (decode tokens/s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6

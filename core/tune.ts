@@ -27,6 +27,7 @@ import {
   matmulGpuSplit,
   matmulMatvec,
   matmulRaw,
+  matmulTuneCandidates,
   type MatmulVariant,
   setMatmulGpuSplit,
   setMatmulMatvec,
@@ -178,7 +179,7 @@ async function tune(options: TuneOptions): Promise<TuneResult> {
   const overhead = await waitCost();
   const flops: Record<string, number> = {};
   const ms: Record<string, number> = {};
-  const variants = availableMatmulVariants();
+  const variants = matmulTuneCandidates();
   const splitBefore = matmulGpuSplit();
   setMatmulGpuSplit(true); // the variants are compared as they will run by default
   try {

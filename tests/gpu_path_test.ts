@@ -31,8 +31,9 @@ Deno.test({
   ignore,
   fn: async () => {
     // each matmul variant this adapter runs with the block and LM tests, register (the H200's pick) with the
-    // model fuzz too (about 25 s a run on lavapipe; tiled's 64x64 tiles are slow there)
-    for (const variant of availableMatmulVariants()) {
+    // model fuzz too (about 25 s a run on lavapipe; tiled's 64x64 tiles are slow there); not tiled128, which
+    // hands these tests' small products to the register kernel (matmul_test runs its own in every plan kind)
+    for (const variant of availableMatmulVariants().filter((v) => v !== "tiled128")) {
       const files = variant === "register" ? TESTS : TESTS.slice(0, 2);
       const out = await new Deno.Command(Deno.execPath(), {
         args: [

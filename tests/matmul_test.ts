@@ -10,6 +10,7 @@ import {
   init,
   matmul,
   matmulRaw,
+  matmulTuneCandidates,
   type MatmulVariant,
   matmulVariant,
   memory,
@@ -175,6 +176,24 @@ Deno.test("matmul: odd and aligned sizes, every layout and variant", async () =>
   ];
   const problems = sizes.flatMap(([M, K, N]) => TRANS.map(([tA, tB]) => mats(M, K, N, tA, tB)));
   await check(problems);
+});
+
+Deno.test("matmul: the tiled kernels on C they fill: partial tiles, every transpose, batches, K past a slice", async () => {
+  // tiled128 hands a C that would fill under 3/4 of its 128x128 tiles to the register kernel, so the sizes
+  // above barely reach it: these fill 91-100% of them (partial tiles along m and n, K not a multiple of 8).
+  const sizes: [number, number, number][] = [[120, 37, 125], [250, 300, 240], [256, 8, 128], [255, 17, 230]];
+  const problems: Problem[] = sizes.flatMap(([M, K, N]) => TRANS.map(([tA, tB]) => mats(M, K, N, tA, tB)));
+  problems.push(...TRANS.map(([tA, tB]) => mats(128, 21, 124, tA, tB, [2, 1], [3])));
+  const tiled: MatmulVariant[] = ["tiled", "tiled128"];
+  for (const [M, K, N] of sizes) {
+    for (const [transA, transB] of TRANS) {
+      const plan = matmulPlan(M, K, N, { transA, transB }, "tiled128");
+      assert.match(plan.kernel, /^matmul_tiled_128x128_k8_/, `${M} x ${K} x ${N} runs tiled128 itself`);
+    }
+  }
+  await inEveryPlanKind(() => check(problems, tiled, 2));
+  // K past one dispatch's slice (MAX_K): later dispatches add into C
+  await check(TRANS.map(([tA, tB]) => mats(130, 16384 + 13, 120, tA, tB)), tiled, 2);
 });
 
 Deno.test("matmul: batch dims broadcast on either side", async () => {
@@ -517,7 +536,10 @@ Deno.test("tuneKernels measures once, selects a variant and caches the choice", 
   assert.ok(VARIANTS.includes(measured.variant));
   assert.equal(measured.fromCache, false);
   assert.equal(matmulVariant(), measured.variant);
-  for (const v of VARIANTS) assert.ok((measured.gflops[v] ?? 0) > 0, `${v} measured`);
+  // every variant the tuner measures here (tiled128 on GPUs only), and no other
+  assert.deepEqual(Object.keys(measured.gflops).sort(), [...matmulTuneCandidates()].sort());
+  for (const v of matmulTuneCandidates()) assert.ok((measured.gflops[v] ?? 0) > 0, `${v} measured`);
+  assert.equal(matmulTuneCandidates().includes("tiled128"), !(await init()).isFallbackAdapter);
   assert.equal(tuneResult(), measured);
   // the GPU split over K is timed on GPUs only
   const gpu = !(await init()).isFallbackAdapter;
@@ -578,9 +600,14 @@ Deno.test("on a GPU the tuner times the split over K both ways and keeps the fas
     assert.equal((await plan(v, false, 1024, 256, 64)).slices, 1, `${v}: input gradient, off`);
     assert.equal((await plan(v, true, 1024, 256, 64)).slices, 8, `${v}: input gradient, on`);
     const w = await plan(v, false, 64, 16384, 16, true);
-    // register: 8x8 blocks, linear; tiled (64x64 tiles, one per slice): 32 workgroups; subgroup: about 32,
-    // however many blocks of C one slice has (its block follows the subgroup width: 1 at 8 lanes, 2 at 4)
-    const slices = v === "register" ? 64 : v === "tiled" ? 32 : Math.ceil(32 / (w.workgroups / w.slices));
+    // register: 8x8 blocks, linear (tiled128 hands this narrow C to it); tiled (64x64 tiles, one per slice):
+    // 32 workgroups; subgroup: about 32, however many blocks of C one slice has (its block follows the
+    // subgroup width: 1 at 8 lanes, 2 at 4)
+    const slices = v === "register" || v === "tiled128"
+      ? 64
+      : v === "tiled"
+      ? 32
+      : Math.ceil(32 / (w.workgroups / w.slices));
     assert.deepEqual([w.slices, w.kLen], [slices, 16384 / slices], `${v}: weight gradient, off`);
   }
 });

@@ -11,7 +11,12 @@
  *   multiple of 4 it is bound as `array<vec4<f32>>` and read four floats at a time (and C is written as
  *   vec4 when N is a multiple of 4). Each layout is its own pipeline, made and compiled on first use.
  * - `tiled`: a workgroup of 16x16 invocations owns a 64x64 block of C; 64x16 slices of A and B are staged
- *   in workgroup memory, and each invocation accumulates a 4x4 block from them. Favoured on real GPUs.
+ *   in workgroup memory, and each invocation accumulates a 4x4 block from them. The default on GPUs before
+ *   the tuner has measured.
+ * - `tiled128`: the same template with 128x128 of C per workgroup, 128x8 slices and 8x8 per invocation (64
+ *   multiply-adds per four vec4 reads of workgroup memory), the usual shape of a GPU's fast f32 matmul;
+ *   measured by the tuner on GPUs only. A C that would fill under PLAIN_MIN_USE of its tiles takes the
+ *   `register` kernel instead.
  * - `subgroup` (devices with subgroups of one fixed size): the `register` kernel with a workgroup of one
  *   subgroup whose lanes own neighbouring blocks and share one operand: each lane loads a share of the
  *   common rows of A (or columns of B) and subgroupBroadcast hands them to all. On lavapipe, where each load
@@ -56,11 +61,18 @@ export interface MatmulOptions {
 }
 
 /** Every variant, in the order the tuner measures them. */
-export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled", "subgroup"];
+export const MATMUL_VARIANTS: readonly MatmulVariant[] = ["register", "tiled", "subgroup", "tiled128"];
 
 /** The variants this device can run: `subgroup` needs subgroups of one fixed size. */
 export function availableMatmulVariants(): MatmulVariant[] {
   return MATMUL_VARIANTS.filter((v) => v !== "subgroup" || fixedSubgroupSize() !== null);
+}
+
+/** The variants the tuner measures here: those this device runs, `tiled128` on GPUs only (made for a GPU's
+ * large matrices; on a CPU adapter its barriers and 128x128 tiles only cost tuning time, and it runs there
+ * when set, as the tests do). */
+export function matmulTuneCandidates(): MatmulVariant[] {
+  return availableMatmulVariants().filter((v) => v !== "tiled128" || !deviceInfo().isFallbackAdapter);
 }
 
 /**
@@ -68,9 +80,10 @@ export function availableMatmulVariants(): MatmulVariant[] {
  * again after the kernels change: bump it whenever a kernel's code or the planning of problems over them
  * changes, or the tuner's way of measuring them (matmul-8: GPUs split K by invocations; matmul-9: the tuner's
  * batches sized without the wait, so that a GPU measures its split choice again; matmul-10: the matvec kernel,
- * and decoding's out_proj, which takes it, no longer among the split's probes).
+ * and decoding's out_proj, which takes it, no longer among the split's probes; matmul-11: the `tiled`
+ * template's loads follow the operands' contiguous dims, and `tiled128`).
  */
-export const MATMUL_KERNEL_VERSION = "matmul-10";
+export const MATMUL_KERNEL_VERSION = "matmul-11";
 
 /** Longest K slice of one dispatch (a multiple of 16, so vec4 reads and tiles stay aligned). */
 const MAX_K = 16384;
@@ -229,6 +242,9 @@ function planFor(p: Problem): Plan {
   }
   const gpu = onGpu && gpuSplit;
   const usual = layoutFor(p);
+  // `tiled128` leaves a C that would fill under PLAIN_MIN_USE of its 128x128 tiles (x_proj's 36 columns, a
+  // weight gradient of 16 rows) to the register kernel, which covers it in 8x8 blocks.
+  if (variant === "tiled128" && usual.used <= PLAIN_MIN_USE) return planFor({ ...p, variant: "register" });
   const narrow = variant === "register" && usual.used <= PLAIN_MIN_USE;
   if (gpu) {
     const l = narrow ? layoutFor(p, true) : usual;
@@ -264,7 +280,7 @@ function planFor(p: Problem): Plan {
 const plans = new KeyedCache<Plan>(4096);
 /** The key of the problem being looked up, reused: no allocation per call. */
 const planKey = [0, 0, 0, 0, 0, 0];
-const VARIANT_CODE: Record<MatmulVariant, number> = { register: 0, tiled: 1, subgroup: 2 };
+const VARIANT_CODE: Record<MatmulVariant, number> = { register: 0, tiled: 1, subgroup: 2, tiled128: 3 };
 
 /** The plan of a problem, made once (see `plans`). */
 function cachedPlan(p: Problem): Plan {

@@ -2,8 +2,8 @@
  * WGSL of the matmul kernels (see `matmul.ts` for how problems are planned over them):
  * - `register`: each invocation owns an rm x rn block of C in registers, no workgroup memory, no barriers;
  *   generated per operand layout (transposes, vec4 or scalar access) and tile.
- * - `tiled`: a workgroup of 16x16 invocations owns 64x64 of C, staging 64x16 slices of A and B in workgroup
- *   memory.
+ * - `tiled`, `tiled128`: a workgroup of 16x16 invocations owns 64x64 (128x128) of C, staging 64x16 (128x8)
+ *   slices of A and B in workgroup memory; one template (`tiledKernel`), generated per tile and transposes.
  * - `matvec` (GPUs, any variant): a few rows against a weight, a workgroup per column of C splitting K.
  * Every kernel reads A, B through the kernel accessors (binding windows) and writes (or adds into) C; a
  * workgroup index maps to (K slice, batch, block of C), and slice s writes the s-th partial C.
@@ -13,9 +13,10 @@
 import { fixedSubgroupSize } from "../device.ts";
 import { defineKernel, type ElemType, type Kernel } from "../kernel.ts";
 
-/** The kernel variants: `register` and `tiled`, and `subgroup` (the register kernel with a subgroup's lanes
- * sharing one operand's loads) where the device has subgroups of one fixed size. */
-export type MatmulVariant = "register" | "tiled" | "subgroup";
+/** The kernel variants: `register`, `tiled` and `tiled128` (workgroup-memory tiles of 64x64 and 128x128),
+ * and `subgroup` (the register kernel with a subgroup's lanes sharing one operand's loads) where the device has
+ * subgroups of one fixed size. */
+export type MatmulVariant = "register" | "tiled" | "tiled128" | "subgroup";
 
 const COMMON_UNIFORMS: [string, "u32" | "vec4<u32>"][] = [
   ["M", "u32"],
@@ -355,10 +356,45 @@ ${store.join("\n")}`,
   });
 }
 
-/** The `tiled` kernel: 64x64 of C per workgroup of 16x16 invocations, 64x16 slices in workgroup memory. */
-function tiledKernel(): Kernel {
+/**
+ * Shape of a `tiled` pipeline: a workgroup of 16x16 invocations owns bm x bn of C and walks K in slices of
+ * bk, staging bm x bk of A and bk x bn of B in workgroup memory between two barriers; each invocation
+ * accumulates tm x tn of C in registers, as tm / 4 x tn / 4 quarters of 4x4 that lie 64 rows (columns) apart,
+ * so that the 16 invocations of a row of the workgroup read 16 neighbouring vec4s of workgroup memory. The
+ * transposes pick how invocations load the tiles: neighbouring invocations read neighbouring addresses of
+ * whichever dim is contiguous (k of A, or m where A is read transposed; n of B, or k where transposed).
+ */
+interface TiledShape {
+  bm: number;
+  bn: number;
+  bk: number;
+  transA: boolean;
+  transB: boolean;
+}
+
+/** The `tiled` variants' tiles: `tiled`, 64x64 of C in 16-deep slices (4x4 per invocation); `tiled128`,
+ * 128x128 in 8-deep slices (8x8 per invocation: 64 multiply-adds per 4 vec4 reads of workgroup memory, the
+ * usual shape of a GPU's fast single-precision matmul). */
+const TILED_TILES: Record<"tiled" | "tiled128", { bm: number; bn: number; bk: number }> = {
+  tiled: { bm: 64, bn: 64, bk: 16 },
+  tiled128: { bm: 128, bn: 128, bk: 8 },
+};
+
+/** The `tiled` kernel of a shape (see {@linkcode TiledShape}). */
+function tiledKernel({ bm, bn, bk, transA, transB }: TiledShape): Kernel {
+  const [qm, qn] = [bm / 64, bn / 64]; // 4x4 quarters per invocation along m and n
+  const [loadsA, loadsB] = [(bm * bk) / 256, (bk * bn) / 256]; // elements each invocation stages per slice
+  const range = (n: number) => [...Array(n).keys()];
+  const acc = (q: number, i: number, p: number) => `c${q}_${i}_${p}`;
+  // element idx of a tile -> (row or column, k), neighbouring idx along the operand's contiguous dim
+  const aAt = transA
+    ? `let r = idx % ${bm}u; let kk = idx / ${bm}u;`
+    : `let kk = idx % ${bk}u; let r = idx / ${bk}u;`;
+  const bAt = transB
+    ? `let kr = idx % ${bk}u; let cn = idx / ${bk}u;`
+    : `let cn = idx % ${bn}u; let kr = idx / ${bn}u;`;
   return defineKernel({
-    name: "matmul_tiled",
+    name: `matmul_tiled_${bm}x${bn}_k${bk}_${transA ? "t" : "n"}${transB ? "t" : "n"}`,
     buffers: [
       { name: "a", type: "f32", access: "read" },
       { name: "b", type: "f32", access: "read" },
@@ -367,50 +403,68 @@ function tiledKernel(): Kernel {
     uniforms: COMMON_UNIFORMS,
     workgroupSize: 256,
     decls: `${putC("f32")}
-var<workgroup> As: array<f32, 1024>; // 64 rows x 16 k of A
-var<workgroup> Bs: array<f32, 1024>; // 16 k x 64 columns of B`,
+var<workgroup> As: array<vec4<f32>, ${(bk * bm) / 4}>; // [k][m]: ${bk} k x ${bm} rows of A
+var<workgroup> Bs: array<vec4<f32>, ${(bk * bn) / 4}>; // [k][n]: ${bk} k x ${bn} columns of B`,
     body: `
-  // workgroup -> (K slice, batch, 64x64 block of C); invocation (ty, tx) -> 4x4 sub-block.${GROUP_TILE}
-  let bm = (t / P.tilesN) * 64u;
-  let bn = (t % P.tilesN) * 64u;
-  let m0 = bm + (lid / 16u) * 4u;
-  let n0 = bn + (lid % 16u) * 4u;
+  // workgroup -> (K slice, batch, ${bm}x${bn} block of C); invocation (ty, tx) -> rows q * 64 + 4 ty + i and
+  // columns p * 64 + 4 tx + j of the block.${GROUP_TILE}
+  let bm0 = (t / P.tilesN) * ${bm}u;
+  let bn0 = (t % P.tilesN) * ${bn}u;
+  let ty = lid / 16u;
+  let tx = lid % 16u;
   ${OFFSETS}
-  var acc = mat4x4<f32>();
-  for (var kt = kb; kt < ke; kt += 16u) {
-    // Stage A[bm..bm+64, kt..kt+16] and B[kt..kt+16, bn..bn+64]: 4 elements each per invocation.
-    for (var e = 0u; e < 4u; e++) {
-      let idx = lid * 4u + e;
-      let r = idx / 16u; let kk = idx % 16u;
+  ${
+      range(qm).flatMap((q) =>
+        range(4).flatMap((i) => range(qn).map((p) => `var ${acc(q, i, p)} = vec4<f32>();`))
+      ).join(" ")
+    }
+  for (var kt = kb; kt < ke; kt += ${bk}u) {
+    // Stage A[bm0.., kt..] and B[kt.., bn0..] (zeros outside A, B and the slice), ${loadsA} + ${loadsB} per invocation.
+    for (var e = 0u; e < ${loadsA}u; e++) {
+      let idx = e * 256u + lid;
+      ${aAt}
+      let m = bm0 + r;
       let k = kt + kk;
-      let m = bm + r;
-      As[idx] = select(0.0, ld_a(aoff + min(m, P.M - 1u) * P.sam + min(k, P.K - 1u) * P.sak), m < P.M && k < ke);
-      let kr = idx / 64u; let cn = idx % 64u;
-      let n = bn + cn;
-      let k2 = kt + kr;
-      Bs[idx] = select(0.0, ld_b(boff + min(k2, P.K - 1u) * P.sbk + min(n, P.N - 1u) * P.sbn), n < P.N && k2 < ke);
+      As[kk * ${bm / 4}u + r / 4u][r % 4u] =
+        select(0.0, ld_a(aoff + min(m, P.M - 1u) * P.sam + min(k, P.K - 1u) * P.sak), m < P.M && k < ke);
+    }
+    for (var e = 0u; e < ${loadsB}u; e++) {
+      let idx = e * 256u + lid;
+      ${bAt}
+      let n = bn0 + cn;
+      let k = kt + kr;
+      Bs[kr * ${bn / 4}u + cn / 4u][cn % 4u] =
+        select(0.0, ld_b(boff + min(k, P.K - 1u) * P.sbk + min(n, P.N - 1u) * P.sbn), n < P.N && k < ke);
     }
     workgroupBarrier();
-    let ly = (lid / 16u) * 4u;
-    let lx = (lid % 16u) * 4u;
-    for (var kk = 0u; kk < 16u; kk++) {
-      let av = vec4<f32>(As[(ly) * 16u + kk], As[(ly + 1u) * 16u + kk], As[(ly + 2u) * 16u + kk], As[(ly + 3u) * 16u + kk]);
-      let bv = vec4<f32>(Bs[kk * 64u + lx], Bs[kk * 64u + lx + 1u], Bs[kk * 64u + lx + 2u], Bs[kk * 64u + lx + 3u]);
-      acc[0] += av.x * bv;
-      acc[1] += av.y * bv;
-      acc[2] += av.z * bv;
-      acc[3] += av.w * bv;
+    for (var kk = 0u; kk < ${bk}u; kk++) {
+      ${range(qm).map((q) => `let a${q} = As[kk * ${bm / 4}u + ${q * 16}u + ty];`).join(" ")}
+      ${range(qn).map((p) => `let b${p} = Bs[kk * ${bn / 4}u + ${p * 16}u + tx];`).join(" ")}
+      ${
+      range(qm).flatMap((q) =>
+        range(4).flatMap((i) => range(qn).map((p) => `${acc(q, i, p)} += a${q}[${i}] * b${p};`))
+      ).join("\n      ")
+    }
     }
     workgroupBarrier();
   }
-  for (var i = 0u; i < 4u; i++) {
-    let m = m0 + i;
-    if (m >= P.M) { break; }
-    for (var j = 0u; j < 4u; j++) {
-      let n = n0 + j;
-      if (n < P.N) { put_c(coff + m * P.N + n, acc[i][j]); }
+  ${
+      range(qm).flatMap((q) =>
+        range(4).map((i) =>
+          `{
+    let m = bm0 + ${q * 64 + i}u + 4u * ty;
+    if (m < P.M) {${
+            range(qn).map((p) => `
+      for (var j = 0u; j < 4u; j++) {
+        let n = bn0 + ${p * 64}u + 4u * tx + j;
+        if (n < P.N) { put_c(coff + m * P.N + n, ${acc(q, i, p)}[j]); }
+      }`).join("")
+          }
     }
-  }`,
+  }`
+        )
+      ).join("\n  ")
+    }`,
   });
 }
 
@@ -498,7 +552,7 @@ export function matvecFor(M: number, K: number, rms = false): Kernel {
 }
 
 const registerKernels = new Map<string, Kernel>();
-let tiledKernelCache: Kernel | null = null;
+const tiledKernels = new Map<string, Kernel>();
 
 /**
  * The `register` tile of the `linear` layout, for a small C: 8x8 per invocation, or 4 or fewer rows and 4
@@ -521,7 +575,13 @@ export function kernelFor(
   K: number,
   linear = false,
 ): { kernel: Kernel; blockM: number; blockN: number } {
-  if (variant === "tiled") return { kernel: tiledKernelCache ??= tiledKernel(), blockM: 64, blockN: 64 };
+  if (variant === "tiled" || variant === "tiled128") {
+    const tile = TILED_TILES[variant];
+    const key = `${variant}|${transA}|${transB}`;
+    let kernel = tiledKernels.get(key);
+    if (!kernel) tiledKernels.set(key, kernel = tiledKernel({ ...tile, transA, transB }));
+    return { kernel, blockM: tile.bm, blockN: tile.bn };
+  }
   // the subgroup size compiled in: only where every subgroup has one size
   const sg = variant === "subgroup" ? fixedSubgroupSize() : 0;
   if (sg === null) throw new Error("matmul: the `subgroup` variant needs subgroups of one fixed size");
