@@ -4,7 +4,7 @@
  */
 
 import { recordClear, upload } from "./executor.ts";
-import { checkAllocatable } from "./memory.ts";
+import { checkHostFill } from "./memory.ts";
 import { checkShape, fmt, isInt32, type Shape, sizeOf } from "./shape.ts";
 import { type DType, Tensor } from "./tensor.ts";
 import { mapOp } from "./ops/map_kernel.ts";
@@ -63,7 +63,7 @@ function flattenNested(data: readonly NestedArray[]): { shape: number[]; flat: n
     if (!Array.isArray(v)) {
       throw new Error(
         `tensor: nested arrays of mixed depth: expected a sequence of length ${shape[d]} at dim ${d} ` +
-          `(as ${first}), got the number ${v} at ${where()}`,
+          `(as ${first}), got ${typeof v === "number" ? `the number ${v}` : describeValue(v)} at ${where()}`,
       );
     }
     if (v.length !== shape[d]) {
@@ -82,7 +82,7 @@ function flattenNested(data: readonly NestedArray[]): { shape: number[]; flat: n
 
 /** What a value that is not a number is, for errors. */
 function describeValue(v: unknown): string {
-  if (ArrayBuffer.isView(v)) return `a ${v.constructor.name} (pass it as the data, with a shape)`;
+  if (ArrayBuffer.isView(v)) return `a ${v.constructor.name} (convert it: Float32Array.from(data))`;
   if (v === null || v === undefined) return String(v);
   if (typeof v === "string") return `the string ${JSON.stringify(v)}`;
   if (typeof v !== "object") return `${typeof v} ${String(v)}`;
@@ -192,7 +192,7 @@ export function arange(start: number, end?: number, step = 1, options: CreateOpt
   if (dtype === "i32" && n > 0 && ![start, step, start + (n - 1) * step].every(isInt32)) {
     throw new Error(`arange: i32 values from ${start} by ${step} (${n} of them) do not fit int32`);
   }
-  checkAllocatable(4 * n, () => `arange ${dtype} [${n}]`);
+  checkHostFill(4 * n, () => `arange ${dtype} [${n}]`);
   const host = dtype === "f32" ? new Float32Array(n) : new Int32Array(n);
   for (let i = 0; i < n; i++) host[i] = start + i * step;
   return tensor(host, [n], { ...options, dtype });
@@ -201,7 +201,7 @@ export function arange(start: number, end?: number, step = 1, options: CreateOpt
 /** Normal samples (mean 0, std 1 unless given), seeded and identical on every adapter. */
 export function randn(shape: Shape, options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
   checkShape(shape, "randn: shape");
-  checkAllocatable(4 * sizeOf(shape), () => `randn f32 ${fmt(shape)}`); // before the host array is filled
+  checkHostFill(4 * sizeOf(shape), () => `randn f32 ${fmt(shape)}`); // before the host array is filled
   const host = fillNormal(
     streamFor(options.seed),
     new Float32Array(sizeOf(shape)),
@@ -214,7 +214,7 @@ export function randn(shape: Shape, options: RandomOptions & { mean?: number; st
 /** Uniform samples in [low, high) (default [0, 1)), seeded and identical on every adapter. */
 export function rand(shape: Shape, options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
   checkShape(shape, "rand: shape");
-  checkAllocatable(4 * sizeOf(shape), () => `rand f32 ${fmt(shape)}`);
+  checkHostFill(4 * sizeOf(shape), () => `rand f32 ${fmt(shape)}`);
   const host = fillUniform(
     streamFor(options.seed),
     new Float32Array(sizeOf(shape)),

@@ -92,12 +92,12 @@ export function setMemoryLimit(bytes: number | null): void {
 
 /**
  * Throws the error {@linkcode allocStorage} would give for `bytes` (not a whole number, or more than the
- * device's largest buffer) without allocating: creators that fill host memory first check before they do.
- * Returns the device's largest buffer size.
+ * device's largest buffer) without allocating: creators that fill host memory first check before they do
+ * (with `limit`, also against the memory limit). Returns the device's largest buffer size.
  */
 export function checkAllocatable(bytes: number, what?: () => string): number {
   const max = deviceInfo().limits.maxBufferSize;
-  if (!(Number.isSafeInteger(bytes) && bytes >= 0)) {
+  if (!(Number.isSafeInteger(bytes) && bytes >= 0) && !(bytes > max)) {
     // a NaN or fractional size would poison the byte counters (and with them the memory limit) for good
     throw new GPUError(`cannot allocate ${what?.() ?? "a buffer"}: its size is not a whole number of bytes`);
   }
@@ -110,6 +110,23 @@ export function checkAllocatable(bytes: number, what?: () => string): number {
   return max;
 }
 
+/** Throws the out-of-memory error {@linkcode allocStorage} gives where `size` bytes more would pass the limit
+ * set by {@linkcode setMemoryLimit}. */
+function checkLimit(size: number): void {
+  if (live + size > limit) {
+    throw new GPUError(
+      `out of memory: allocating ${size} bytes with ${live} live would pass the memory limit of ${limit} bytes`,
+    );
+  }
+}
+
+/** {@linkcode checkAllocatable} and the memory limit, for a tensor of `bytes` about to be filled on the host
+ * (rand, randn, arange): the errors allocStorage would give, before the host array is made. */
+export function checkHostFill(bytes: number, what: () => string): void {
+  const max = checkAllocatable(bytes, what);
+  checkLimit(Math.min(sizeClass(bytes), Math.floor(max / 4) * 4));
+}
+
 /**
  * Allocates storage for `bytes` bytes, reusing a pooled buffer of the same size class when there is one.
  * `what` names the request in errors (e.g. the tensor's shape; called only then).
@@ -117,11 +134,7 @@ export function checkAllocatable(bytes: number, what?: () => string): number {
 export function allocStorage(bytes: number, what?: () => string): Storage {
   const max = checkAllocatable(bytes, what);
   const size = Math.min(sizeClass(bytes), Math.floor(max / 4) * 4); // the class's rounding stays within it
-  if (live + size > limit) {
-    throw new GPUError(
-      `out of memory: allocating ${size} bytes with ${live} live would pass the memory limit of ${limit} bytes`,
-    );
-  }
+  checkLimit(size);
   let buffer = pool.get(size)?.pop();
   if (buffer) {
     pooled -= size;

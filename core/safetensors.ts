@@ -93,11 +93,13 @@ function fail(source: string | undefined, msg: string): never {
 
 const isCount = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) >= 0;
 
-/** Deepest nesting of objects and arrays a header may have (it needs 3). */
-const MAX_HEADER_DEPTH = 64;
+/** Deepest nesting of objects and arrays a header may have (it needs 3); model JSON files (config.json,
+ * tokenizer.json, the shard index) keep to it too. */
+export const MAX_JSON_DEPTH = 64;
 
-/** How deep `text`'s objects and arrays nest, counted up to `stop` + 1 (strings skipped; a scan, no parse). */
-function jsonDepth(text: string, stop: number): number {
+/** How deep `text`'s objects and arrays nest, counted up to `stop` + 1 (strings skipped; a scan, no parse):
+ * checked before `JSON.parse`, which took seconds and GBs for a text nested a million deep. */
+export function jsonDepth(text: string, stop: number): number {
   let depth = 0, deepest = 0;
   for (let i = 0; i < text.length && deepest <= stop; i++) {
     const c = text.charCodeAt(i);
@@ -206,9 +208,9 @@ export function parseSafetensorsHeader(
   }
   // A header nests 3 levels (tensor, its shape); a hostile one nested a million deep took seconds and GBs in
   // JSON.parse before its error (serde_json, the Rust crate's parser, stops at 128).
-  const depth = jsonDepth(text, MAX_HEADER_DEPTH);
-  if (depth > MAX_HEADER_DEPTH) {
-    fail(source, `header nests deeper than ${MAX_HEADER_DEPTH} levels (corrupt header)`);
+  const depth = jsonDepth(text, MAX_JSON_DEPTH);
+  if (depth > MAX_JSON_DEPTH) {
+    fail(source, `header nests deeper than ${MAX_JSON_DEPTH} levels (corrupt header)`);
   }
   try {
     json = JSON.parse(text);

@@ -102,9 +102,11 @@ function jsonNumber(x: number): number | string {
   return Number.isFinite(x) ? x : String(x);
 }
 
-/** A number of training_log.json (see {@linkcode jsonNumber}); `what` names it in the error. */
-function readNumber(v: unknown, what: string): number {
+/** A number of training_log.json (see {@linkcode jsonNumber}); `what` names it in the error. With `legacy`, a
+ * null is the NaN or infinity that files written before the strings had there (JSON.stringify wrote null). */
+function readNumber(v: unknown, what: string, legacy: number | null = null): number {
   if (typeof v === "number") return v;
+  if (v === null && legacy !== null) return legacy;
   if (v === "NaN" || v === "Infinity" || v === "-Infinity") return Number(v);
   throw new Error(`${what} must be a number, got ${JSON.stringify(v)}`);
 }
@@ -122,7 +124,7 @@ function readLog(log: unknown): TrainLog {
       if (!Array.isArray(row) || row.length !== 2 || !Number.isInteger(row[0])) {
         throw new Error(`log.${key}[${i}] must be a [step, value] pair, got ${JSON.stringify(row)}`);
       }
-      return [row[0], readNumber(row[1], `log.${key}[${i}][1]`)];
+      return [row[0], readNumber(row[1], `log.${key}[${i}][1]`, NaN)];
     });
   }
   return out;
@@ -234,9 +236,10 @@ async function syncDir(dir: string): Promise<void> {
 }
 
 /**
- * Removes the `<base>.tmp-*` folders that interrupted saves left in `parent`, each only if it holds nothing
- * but files a save writes, and the `<base>.del-*` folders that a deletion cut short left (checkpoints of ours
- * when they were renamed, see {@linkcode discard}).
+ * Removes the `<base>.tmp-*` folders that interrupted saves left in `parent` and the `<base>.del-*` ones that a
+ * deletion cut short left (see {@linkcode discard}), each only if it holds nothing but files a save writes
+ * (or, a `.del-` one, a checkpoint whose training_log.json lists what it holds): a save deletes no files of
+ * others.
  */
 async function removeOrphans(parent: string, base: string, names: string[]): Promise<void> {
   let entries: Deno.DirEntry[];
@@ -250,14 +253,16 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
       continue;
     }
     const path = `${parent}/${e.name}`;
-    if (DEL_SUFFIX.test(e.name)) {
-      await Deno.remove(path, { recursive: true }).catch(() => {}); // else left for the next save
-      continue;
-    }
-    if (!TMP_SUFFIX.test(e.name)) continue;
+    if (!TMP_SUFFIX.test(e.name) && !DEL_SUFFIX.test(e.name)) continue;
     try {
       const inside = await Array.fromAsync(Deno.readDir(path));
-      const known = inside.every((f) => f.isFile && names.includes(f.name.replace(TMP_SUFFIX, "")));
+      // a new folder's files (some under their temporary names), or what is left of an old checkpoint
+      const ours = (f: Deno.DirEntry) =>
+        f.isFile &&
+        [names, LEGACY_FILES, ["tokenizer_config.json"]].some((n) =>
+          n.includes(f.name.replace(TMP_SUFFIX, ""))
+        );
+      const known = inside.every(ours) || (DEL_SUFFIX.test(e.name) && (await inspect(path)).kind === "ours");
       if (known) await Deno.remove(path, { recursive: true });
     } catch {
       // left for the next save
@@ -429,13 +434,13 @@ function readTrainingState(json: unknown): TrainingState {
     // clip: Infinity was written as null before it was written as "Infinity" (no other clip is valid JSON null)
     state.train = {
       ...state.train,
-      clip: train.clip === null ? Infinity : readNumber(train.clip, "train.clip"),
+      clip: readNumber(train.clip, "train.clip", Infinity),
     };
   }
   state.log = readLog(state.log);
   const pending: unknown = state.pendingLosses ?? [];
   if (!Array.isArray(pending)) throw new Error("pendingLosses must be a list of losses");
-  state.pendingLosses = pending.map((x, i) => readNumber(x, `pendingLosses[${i}]`));
+  state.pendingLosses = pending.map((x, i) => readNumber(x, `pendingLosses[${i}]`, NaN));
   if (state.model !== undefined) {
     const { scan, recompute } = state.model ?? {};
     if (!["fused", "pscan", "sequential"].includes(scan as string)) {

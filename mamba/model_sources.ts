@@ -6,7 +6,7 @@
  * @module
  */
 
-import { duplicateJsonKey } from "../core/safetensors.ts";
+import { duplicateJsonKey, jsonDepth, MAX_JSON_DEPTH } from "../core/safetensors.ts";
 import { hubEndpoint, HubError, type HubOptions, isHubId, startTimer, timeoutOf } from "./hub.ts";
 import { blobSource, type ModelSource, responseSource } from "./byte_source.ts";
 import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
@@ -42,8 +42,16 @@ function timedResponse(res: Response, ac: AbortController, timeoutMs: number, ur
   return new Response(body, { status: res.status, statusText: res.statusText, headers: res.headers });
 }
 
-function urlSource(prefix: string, options: HubOptions, where?: string): ModelSource {
-  const base = prefix.replace(/\/+$/, "");
+/** A hub repository read over HTTP (a browser's hub source): its answers are the hub's. */
+interface HubRepo {
+  id: string;
+  revision: string;
+  endpoint: string;
+}
+
+function urlSource(prefix: string, options: HubOptions, where?: string, hub?: HubRepo): ModelSource {
+  let base = prefix.replace(/\/+$/, "");
+  let pinned = false;
   const timeoutMs = timeoutOf(options);
   const get = async (file: string): Promise<Response | null> => {
     const url = `${base}/${file}`;
@@ -56,6 +64,19 @@ function urlSource(prefix: string, options: HubOptions, where?: string): ModelSo
       throw new Error(`cannot fetch ${url}: ${(e as Error).message}`, { cause: e });
     } finally {
       clearTimeout(timer);
+    }
+    if (hub) {
+      const refusal = hubRefusal(hub, res, url);
+      if (refusal) {
+        await res.body?.cancel();
+        throw refusal;
+      }
+      // Every later file from the commit of the first (as the Deno hub cache does), where the hub says it.
+      const commit = res.headers.get("x-repo-commit");
+      if (!pinned && res.ok && commit && /^[0-9a-f]{40}$/.test(commit)) {
+        base = `${hub.endpoint}/${hub.id}/resolve/${commit}`;
+        pinned = true;
+      }
     }
     if (res.status === 404) {
       await res.body?.cancel();
@@ -91,8 +112,9 @@ function urlSource(prefix: string, options: HubOptions, where?: string): ModelSo
 // Whether the file system is there (Deno): folders and the hub cache; in a browser, only fetch and blobs.
 const hasFileSystem = () => typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 
-// In a browser: the files of a hub repository fetched straight from the hub (the HTTP cache keeps them).
-function hubUrlSource(id: string, options: HubOptions): ModelSource {
+/** In a browser: the files of a hub repository fetched straight from the hub (the HTTP cache keeps them);
+ * exported for tests, which run it in Deno. */
+export function hubUrlSource(id: string, options: HubOptions): ModelSource {
   const revision = options.revision ?? "main";
   if (options.localFilesOnly) {
     throw new HubError(
@@ -102,7 +124,32 @@ function hubUrlSource(id: string, options: HubOptions): ModelSource {
     );
   }
   const endpoint = (options.endpoint ?? hubEndpoint()).replace(/\/+$/, "");
-  return urlSource(`${endpoint}/${id}/resolve/${encodeURIComponent(revision)}`, options, `${id}@${revision}`);
+  const base = `${endpoint}/${id}/resolve/${encodeURIComponent(revision)}`;
+  return urlSource(base, options, `${id}@${revision}`, { id, revision, endpoint });
+}
+
+/** The hub's own refusal of a request (an unknown repository or revision) as the Deno cache names it, or null. */
+function hubRefusal(hub: HubRepo, res: Response, url: string): HubError | null {
+  const code = res.headers.get("x-error-code");
+  if (code === "RepoNotFound" || code === "RepositoryNotFound" || (res.status === 401 && !code)) {
+    return new HubError(
+      "RepositoryNotFound",
+      `repository '${hub.id}' not found at ${hub.endpoint} (HTTP ${res.status}, ${url}): check the id; private ` +
+        "or gated repositories are not supported",
+      url,
+      res.status,
+    );
+  }
+  if (code === "RevisionNotFound") {
+    return new HubError(
+      "RevisionNotFound",
+      `revision '${hub.revision}' not found in '${hub.id}' (HTTP ${res.status}, ${url}): check the branch, tag ` +
+        "or commit",
+      url,
+      res.status,
+    );
+  }
+  return null;
 }
 
 /** The source of a hub id, folder or URL: a folder or the hub cache in Deno, fetched in a browser. */
@@ -150,6 +197,9 @@ export function filesSource(files: ModelFiles, where: string): ModelSource {
  * the last one silently); set for config.json and the shard index, whose keys decide the model, not for the
  * tokenizer's files. */
 export function parseJson(text: string, where: string, unique = false): Record<string, unknown> {
+  if (jsonDepth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) {
+    throw new Error(`${where}: nests deeper than ${MAX_JSON_DEPTH} levels (not a model's JSON)`);
+  }
   let json: unknown;
   try {
     json = JSON.parse(text);

@@ -221,7 +221,17 @@ const SGD_KERNELS = { plain: sgdKernel(false), momentum: sgdKernel(true) };
 // ------------------------------------------------------------------------------------------ clipping
 
 function withGrads(params: readonly Tensor[]): Tensor[] {
-  return params.filter((p) => p.grad !== null);
+  const out = params.filter((p) => p.grad !== null);
+  const gone = out.findIndex((p) => p.grad!.disposed);
+  if (gone >= 0) {
+    throw new Error(
+      `gradient clipping: the .grad of parameter ${gone} of those with gradients (${
+        out[gone]
+      }) was disposed ` +
+        "but not set to null (zeroGrad() does both)",
+    );
+  }
+  return out;
 }
 
 /** The gradient of `p`, copied first if its storage is shared with another tensor (it is written in place). */

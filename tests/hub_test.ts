@@ -14,7 +14,7 @@ import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
 import { hubDownload, HubError, MODEL_FILES, repoCacheDir } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { mapKey } from "../mamba/checkpoint_config.ts";
-import { loadTokenizer } from "../mamba/model_sources.ts";
+import { hubUrlSource, loadTokenizer } from "../mamba/model_sources.ts";
 import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
 import { ByteTokenizer, HubTokenizer, StreamDecoder } from "../mamba/tokenizer.ts";
 import { assertLmV64Logits, fixturePath, maxAbsDiff } from "./fixture_util.ts";
@@ -270,6 +270,34 @@ Deno.test("hub: download into the Hugging Face cache layout; the second call mak
     const local = await fromPretrained(`${repo}/snapshots/${COMMIT}`);
     assert.equal(local.vocabSize, 64);
     local.dispose();
+  });
+});
+
+Deno.test("hub in a browser (fetched, no cache): an unknown repository or revision is named; files after the first come from its commit", async () => {
+  await withHub(async (s) => {
+    s.addRepo("org/lm", await lmFiles());
+    for (
+      const [id, revision, code] of [["org/nope", "main", "RepositoryNotFound"], [
+        "org/nope-404",
+        "main",
+        "RepositoryNotFound",
+      ], ["org/lm", "v9", "RevisionNotFound"]]
+    ) {
+      await assert.rejects(
+        () => hubUrlSource(id, { endpoint: s.url, revision }).text("config.json", false),
+        (e: Error) => e instanceof HubError && e.code === code,
+        `${id}@${revision}`,
+      );
+    }
+    const src = hubUrlSource("org/lm", { endpoint: s.url });
+    const before = s.requests.length;
+    assert.ok((await src.text("config.json", false))!.includes("hidden_size"));
+    const weights = await src.open("model.safetensors");
+    await weights!.close();
+    assert.deepEqual(
+      s.requests.slice(before).filter((r) => r.path.includes("/resolve/")).map((r) => r.path),
+      ["/org/lm/resolve/main/config.json", `/org/lm/resolve/${COMMIT}/model.safetensors`],
+    );
   });
 });
 

@@ -307,6 +307,18 @@ Deno.test("config.json as the hub's -hf models have it (mamba-130m-hf): read, ex
     const lm = await fromPretrained(dir);
     await assertLmV64Logits(lm);
     lm.dispose();
+    // An unread key nested a million deep would pass as ignored, after seconds and GBs in JSON.parse: refused
+    // by a scan first.
+    await Deno.writeTextFile(
+      `${dir}/config.json`,
+      JSON.stringify(like130m).replace(/}$/, `,"x":${"[".repeat(1e6)}${"]".repeat(1e6)}}`),
+    );
+    const t0 = performance.now();
+    await assert.rejects(
+      () => fromPretrained(dir),
+      /config\.json: nests deeper than 64 levels \(not a model's JSON\)/,
+    );
+    assert.ok(performance.now() - t0 < 2000, `refused at once (${performance.now() - t0} ms)`);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

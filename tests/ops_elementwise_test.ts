@@ -472,4 +472,15 @@ Deno.test("NaN stays NaN through max, maximum, minimum, relu and clamp, as in Py
     [3, 0],
   ]);
   for (const t of [...got, x, nanFirst, inf]) t.dispose();
+  // Gradients at a NaN as PyTorch's: relu's passes (threshold_backward masks x <= 0, false for NaN); maximum
+  // and minimum give it to both operands (their masks a < b, b < a are false for NaN).
+  const a = tensor([NaN, 1, -1]).requiresGrad_(true);
+  const b = tensor([2, NaN, -1]).requiresGrad_(true);
+  M.tidy(() => M.add(M.add(M.relu(a), M.maximum(a, b)), M.minimum(a, b)).sum().backward());
+  assert.deepEqual([...await a.grad!.toArray()], [3, 3, 1], "a: relu 1, 1, 0; max 1, 1, 0.5; min 1, 1, 0.5");
+  assert.deepEqual([...await b.grad!.toArray()], [2, 2, 1], "b: max 1, 1, 0.5; min 1, 1, 0.5");
+  for (const t of [a, b]) {
+    t.grad!.dispose();
+    t.dispose();
+  }
 });

@@ -555,6 +555,21 @@ Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any par
   model.dispose();
 });
 
+Deno.test("gradient clipping names a .grad disposed but not set to null", async () => {
+  await setup();
+  const [a, b] = [param(Float64Array.from([1, 2]), [2]), param(Float64Array.from([3]), [1])];
+  setGrad(a, Float64Array.from([1, 1]));
+  setGrad(b, Float64Array.from([2]));
+  b.grad!.dispose();
+  const want =
+    /gradient clipping: the \.grad of parameter 1 of those with gradients \(.*\) was disposed but not set to null/;
+  assert.throws(() => clipGradNorm([a, b], 1), want);
+  assert.throws(() => gradNormScale([a, b], 1), want);
+  b.grad = null;
+  a.grad!.dispose();
+  for (const p of [a, b]) p.dispose();
+});
+
 Deno.test("plain SGD keeps its step counts through a state dict", async () => {
   await setup();
   const p = param(Float64Array.from([1, 2]), [2]);

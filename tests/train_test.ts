@@ -327,6 +327,18 @@ Deno.test("train: a save refuses to replace a folder that is not its checkpoint,
     );
     // A file, not a folder.
     await assert.rejects(() => saveTrainingCheckpoint(`${foreign}/precious.txt`, t, {}), /it is a file/);
+    // Folders named as a save's leftovers (<dir>.tmp-*, <dir>.del-*) holding what no save writes are left.
+    const fresh = `${root}/fresh`;
+    for (const left of [`${fresh}.tmp-0123abcd`, `${fresh}.del-0123abcd`]) {
+      await Deno.mkdir(left);
+      await Deno.writeTextFile(`${left}/precious.txt`, "user data");
+    }
+    await saveTrainingCheckpoint(fresh, t, {});
+    for (const left of [`${fresh}.tmp-0123abcd`, `${fresh}.del-0123abcd`]) {
+      assert.equal(await Deno.readTextFile(`${left}/precious.txt`), "user data", left);
+      await Deno.remove(left, { recursive: true });
+    }
+    await Deno.remove(fresh, { recursive: true });
     // A checkpoint that also holds a file its save did not write.
     const ck = `${root}/ck`;
     await saveTrainingCheckpoint(ck, t, {}, { files: { "notes.md": "x" } });
@@ -759,9 +771,16 @@ Deno.test("checkpoint: a clip of Infinity and the model's scan and recompute sur
       change(s);
       await Deno.writeTextFile(`${dir}/training_log.json`, JSON.stringify(s));
     };
-    await edit((s) => (s.train as Record<string, unknown>).clip = null);
+    // (and a loss that was NaN or infinite as null: read as NaN)
+    await edit((s) => {
+      (s.train as Record<string, unknown>).clip = null;
+      s.pendingLosses = [null];
+      s.log = { train: [[3, null]], val: [], time: [] };
+    });
     const legacy = await loadTrainingCheckpoint(dir, data);
     assert.equal(legacy.config.clip, Infinity);
+    assert.deepEqual(legacy.log.train, [[3, NaN]]);
+    assert.deepEqual(await legacy.pendingLosses(), [NaN]);
     legacy.model.dispose();
     legacy.dispose();
     const live = memory().liveTensors;
@@ -769,7 +788,7 @@ Deno.test("checkpoint: a clip of Infinity and the model's scan and recompute sur
       [(s) => s.step = -1, /training_log.json is not valid: step must be an integer >= 0, got -1/],
       [(s) => s.step = "3", /step must be an integer >= 0, got "3"/],
       [(s) => s.pendingLosses = [1, "x"], /pendingLosses\[1\] must be a number, got "x"/],
-      [(s) => s.log = { train: [[1, null]] }, /log.train\[0\]\[1\] must be a number, got null/],
+      [(s) => s.log = { train: [[1, "x"]] }, /log.train\[0\]\[1\] must be a number, got "x"/],
       [(s) => s.log = { val: [[1.5, 2]] }, /log.val\[0\] must be a \[step, value\] pair, got \[1.5,2\]/],
       [
         (s) => s.model = { scan: "fast", recompute: true },

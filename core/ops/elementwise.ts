@@ -35,7 +35,8 @@ const UNARY = {
   silu: { expr: "a * sigmoid_(a)", grad: "b * sigmoid_(a) * (1.0 + a * (1.0 - sigmoid_(a)))" },
   softplus: { expr: "softplus_(a)", grad: "b * sigmoid_(a)" },
   tanh: { expr: "tanh(a)", grad: "b * (1.0 - a * a)", fromOutput: true },
-  relu: { expr: "fmax_(a, 0.0)", grad: "select(0.0, b, a > 0.0)" }, // NaN stays NaN, as PyTorch
+  // NaN stays NaN, and its gradient passes, as PyTorch's threshold_backward (x <= 0 is false for NaN)
+  relu: { expr: "fmax_(a, 0.0)", grad: "select(select(0.0, b, a > 0.0), b, isnan_(a))" },
 } satisfies Record<string, UnaryDef>;
 
 /** Names of the unary ops. */
@@ -124,18 +125,19 @@ const BINARY = {
     ga: "select(c * b * pow_(a, b - 1.0), 0.0, b == 0.0)",
     gb: "select(c * pow_(a, b) * log(a), 0.0, a == 0.0 && b >= 0.0)",
   },
+  // A NaN operand gives NaN, and both operands its gradient, as PyTorch's masks do (a < b is false for NaN).
   maximum: {
     expr: "max(a, b)",
-    f32Expr: "fmax_(a, b)", // a NaN operand gives NaN, as PyTorch
-    ga: "c * select(select(0.0, 0.5, a == b), 1.0, a > b)",
-    gb: "c * select(select(0.0, 0.5, a == b), 1.0, b > a)",
+    f32Expr: "fmax_(a, b)",
+    ga: "c * select(select(select(0.0, 0.5, a == b), 1.0, a > b), 1.0, isnan_(a) || isnan_(b))",
+    gb: "c * select(select(select(0.0, 0.5, a == b), 1.0, b > a), 1.0, isnan_(a) || isnan_(b))",
     ints: true,
   },
   minimum: {
     expr: "min(a, b)",
     f32Expr: "fmin_(a, b)",
-    ga: "c * select(select(0.0, 0.5, a == b), 1.0, a < b)",
-    gb: "c * select(select(0.0, 0.5, a == b), 1.0, b < a)",
+    ga: "c * select(select(select(0.0, 0.5, a == b), 1.0, a < b), 1.0, isnan_(a) || isnan_(b))",
+    gb: "c * select(select(select(0.0, 0.5, a == b), 1.0, b < a), 1.0, isnan_(a) || isnan_(b))",
     ints: true,
   },
 } satisfies Record<string, BinaryDef>;
