@@ -221,17 +221,30 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
       thr = plo;
     }
   }
-  var bv = -3.4028234663852886e38;
+  // from -inf (a variable: WGSL rejects infinite constants), so that a greedy row of -inf takes its first id
+  // as torch.argmax does; a row with no candidate at all (NaN logits, or an infinity when sampling: torch's
+  // multinomial refuses those) is marked -1 in \`all\` for generate to name
+  var ninf = 0xff800000u;
+  var bv = bitcast<f32>(ninf);
   var bi = 0xffffffffu;
   for (var v = lid; v < P.V; v += ${WG}u) {
     let x = ld_x(base + v);
     var score = x;
     if (P.greedy == 0u) {
       if (x < thr || !kept(x, v, kKey, kIdx)) { continue; }
-      let h = hash(P.seed ^ hash((P.step * 0x9E3779B9u) ^ hash(row * 65599u + v)));
-      let u = (f32(h >> 8u) + 0.5) / 16777216.0;
-      score = (x - rowMax) * P.invTemp - log(-log(u));
+      // Gumbel noise -log(-log(u)) from u in (0, 1): 23 bits, so that 0.5 + (2^23 - 1) stays below 2^23 in f32
+      // (24 bits rounded u to 1.0 once in 2^24 draws: an infinite score, a uniformly random token once in about
+      // 330 at a 50k vocabulary); and -log(u) kept above 0 where log rounds u near 1 to 0. The row is hashed
+      // apart from the token id (row * 65599 + v made row r + 1's noise row r's past 65599 tokens).
+      let h = hash(P.seed ^ hash((P.step * 0x9E3779B9u) ^ hash(v ^ hash(row + 0x85EBCA6Bu))));
+      let u = (f32(h >> 9u) + 0.5) / 8388608.0;
+      score = (x - rowMax) * P.invTemp - log(max(-log(u), 2.98e-8));
     }
+    // a NaN score (a NaN logit, or inf - inf) is no candidate, nor when sampling one of probability 0 (a score
+    // of -inf: beside a logit of +inf, every finite one): tested by its bits, as WGSL lets a compiler assume
+    // x == x
+    let bits = bitcast<u32>(score);
+    if ((bits & 0x7fffffffu) > 0x7f800000u || (P.greedy == 0u && bits == ninf)) { continue; }
     if (score > bv || (score == bv && v < bi)) { bv = score; bi = v; }
   }
   bestV[lid] = bv;
@@ -246,9 +259,9 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
     workgroupBarrier();
   }
   if (lid == 0u) {
-    let tok = i32(min(bestI[0], P.V - 1u));
-    st_next(row, tok);
-    st_all(row * P.T + P.step, tok);
+    let found = bestI[0] < P.V;
+    st_next(row, i32(select(0u, bestI[0], found))); // a valid id for the next step's embedding either way
+    st_all(row * P.T + P.step, select(-1, i32(bestI[0]), found));
   }`,
   });
 }
@@ -272,6 +285,9 @@ export interface SampleOptions {
    * Seed of the sampler, an integer (taken modulo 2^32): the same seed, prompt and options give the same
    * tokens. Without one, each call draws its seed from the global generator, so successive calls differ
    * and `manualSeed` makes a program's samples reproducible (as torch.manual_seed before HF's generate).
+   * That generator starts from one fixed seed in every process, as PyTorch's default generator does (its
+   * 67280421310721): a program that never seeds samples the same text in every run (`deno task generate`
+   * draws a seed per run unless `--seed` is given).
    */
   seed?: number;
 }
