@@ -21,13 +21,13 @@ import { intFlag as int, UsageError } from "./lib/cli.ts";
 const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [options]
 
   --model <s>        hub id (org/name), local folder or URL with config.json + model.safetensors
-  --prompt <s>       text to continue (default: the tokenizer's BOS/EOS token, if it has one)
-  --tokens <n>       new tokens per row (default 100)
+  --prompt <s>       text to continue (default: the tokenizer's BOS/EOS token; a char model's: a new line)
+  --tokens <n>       new tokens per row (default 100; fewer where a row reaches the end-of-text token)
   --greedy           always take the most likely token (default: sample)
   --temperature <x>  softmax temperature when sampling (default 1)
   --top-k <n>        sample among the k most likely tokens (default 0: all)
   --top-p <x>        nucleus sampling: the smallest set with probability >= x
-  --seed <n>         sampler seed (default: random; printed to stderr)
+  --seed <n>         sampler seed (default: random; printed to stderr); not with --greedy
   --batch <n>        rows generated at once from the same prompt (default 1)
   --tokenizer <s>    hub id, folder or URL of the tokenizer (default: the model's own)
   --revision <s>     hub branch, tag or commit (default main)
@@ -82,9 +82,15 @@ function parse(argv: string[]) {
   const temperature = num("temperature", values.temperature, (x) => x > 0, "a number > 0");
   const topP = num("top-p", values["top-p"], (x) => x > 0 && x <= 1, "a number in (0, 1]");
   const topK = int("top-k", values["top-k"], 0, 0, 2 ** 32 - 1);
-  if (values.greedy && (temperature !== undefined || topP !== undefined || values["top-k"] !== undefined)) {
+  const sampling = [
+    temperature !== undefined,
+    values["top-k"] !== undefined,
+    topP !== undefined,
+    values.seed !== undefined,
+  ];
+  if (values.greedy && sampling.some((given) => given)) {
     throw new UsageError(
-      "--greedy takes the most likely token: it does not combine with --temperature/--top-k/--top-p",
+      "--greedy takes the most likely token: it does not combine with --temperature/--top-k/--top-p/--seed",
     );
   }
   return {
@@ -153,7 +159,9 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
     }
     let prompt = a.prompt ? tok.encode(a.prompt) : [];
     if (prompt.length === 0) {
-      const start = tok.specialTokens.bos ?? tok.specialTokens.eos;
+      // a char model has no special tokens: it starts from a new line, as a text's paragraphs do
+      const start = tok.specialTokens.bos ?? tok.specialTokens.eos ??
+        (tok instanceof ByteTokenizer ? 10 : null);
       if (start === null) {
         io.err("error: the prompt is empty and the tokenizer has no BOS/EOS token to start from");
         return 2;
@@ -189,6 +197,7 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       seed: a.seed,
       readEvery: a.readEvery,
       onTokens,
+      ...(eos === null ? {} : { stopTokens: [eos] }), // every row at its end: decoding stops
     });
     const genMs = performance.now() - t1;
     out(decoder.flush() + "\n");
@@ -198,14 +207,16 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       if (stop >= 0) ids = ids.subarray(0, stop);
       out(`[${b + 1}/${a.batch}] ${a.prompt}${tok.decode(ids, { skipSpecialTokens: true })}\n`);
     }
-    const n = a.batch * a.tokens;
+    const n = result.reduce((sum, r) => sum + r.length, 0); // rows end at the end token
     const mode = a.greedy
       ? "greedy"
       : `sampled (T ${a.temperature}${a.topK ? `, top-k ${a.topK}` : ""}${
         a.topP !== undefined ? `, top-p ${a.topP}` : ""
       }, seed ${a.seed})`;
     io.err(
-      `${n} tokens (${a.batch} x ${a.tokens}, ${mode}) in ${(genMs / 1000).toFixed(2)} s: ` +
+      `${n} tokens (${a.batch} x ${a.tokens}${
+        n < a.batch * a.tokens ? " at most: rows end at the end token" : ""
+      }, ${mode}) in ${(genMs / 1000).toFixed(2)} s: ` +
         `${(n / (genMs / 1000)).toFixed(1)} tokens/s; prompt ${prompt.length} tokens, first tokens after ` +
         `${firstMs.toFixed(0)} ms; model loaded in ${(loadMs / 1000).toFixed(2)} s`,
     );

@@ -142,10 +142,14 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       "cache-dir": { type: "string" },
       "eval-every": { type: "string" },
       "save-every": { type: "string" },
-      help: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
     },
   });
   if (values.help) return null;
+  // An empty path (--from "$MODEL" with the variable unset) would read as absent: a fresh run, not the one meant.
+  for (const f of ["from", "resume", "out", "data", "cache-dir", "revision"] as const) {
+    if (values[f] !== undefined && values[f]!.trim() === "") throw new Error(`--${f} needs a value, got ''`);
+  }
   if (values.from !== undefined && values.resume !== undefined) {
     throw new Error("--from and --resume cannot be used together: a resumed run already has its model");
   }

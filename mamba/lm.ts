@@ -43,16 +43,32 @@ export type Tokens = Tensor | readonly (readonly number[] | Int32Array)[];
 
 /** Options of {@linkcode MambaLM.generate}. Unknown keys are an error. */
 export interface GenerateOptions extends SampleOptions {
-  /** Called with each batch of new tokens (B, n) as soon as they are read back. */
+  /** Called with each batch of new tokens (B, n) as soon as they are read back (a row that stopped gets its
+   * tokens up to its stop token, then none). */
   onTokens?: (tokens: Int32Array[]) => void;
   /** Tokens decoded between readbacks, a positive integer or Infinity (only at the end); default 16. */
   readEvery?: number;
+  /**
+   * Token ids that end a row (e.g. the tokenizer's end of text, as HF's eos_token_id): a row ends with its
+   * first one (kept, as HF keeps it), and decoding stops at the first readback where every row has ended, so
+   * rows may be shorter than nTokens. Default none.
+   */
+  stopTokens?: readonly number[];
 }
 
 const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings", "paddingIdx"];
 // A value for a message: numbers as JavaScript writes them (NaN, Infinity), anything else as JSON.
 const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
-const GENERATE_OPTION_KEYS = ["sample", "topK", "topP", "temperature", "seed", "onTokens", "readEvery"];
+const GENERATE_OPTION_KEYS = [
+  "sample",
+  "topK",
+  "topP",
+  "temperature",
+  "seed",
+  "onTokens",
+  "readEvery",
+  "stopTokens",
+];
 
 /** Validates LMOptions; every error names the option. Undefined values count as absent. */
 function lmOptions(
@@ -291,6 +307,15 @@ export class MambaLM extends Module {
     if (options.onTokens !== undefined && typeof options.onTokens !== "function") {
       throw new Error(`generate: onTokens must be a function, got ${options.onTokens}`);
     }
+    const stopList = options.stopTokens ?? [];
+    if (
+      !Array.isArray(stopList) || !stopList.every((t) => Number.isInteger(t) && t >= 0 && t < this.vocabSize)
+    ) {
+      throw new Error(
+        `generate: stopTokens must be a list of token ids in [0, ${this.vocabSize}), got ${show(stopList)}`,
+      );
+    }
+    const stops = new Set(stopList);
     const ids = this.tokensTensor(prompt); // ids: (B, P) i32
     const [B, P] = ids.shape;
     if (P === 0 || B === 0) {
@@ -301,20 +326,40 @@ export class MambaLM extends Module {
       const host = await ids.toArray();
       for (let i = 0; i < host.length; i++) this.checkId(host[i], Math.floor(i / P), i % P);
     }
+    let all: Tensor | null = null, next: Tensor | null = null;
+    try {
+      all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" })); // all: (B, max(nTokens, 1)) i32
+      next = keep(zeros([B], { dtype: "i32" })); // next: (B) i32, the last chosen tokens
+    } catch (e) {
+      dispose([all, next]);
+      if (ids !== prompt) ids.dispose();
+      throw new Error(`generate: ${B} rows of nTokens ${nTokens}: ${(e as Error).message}`, { cause: e });
+    }
     // Drawn only once everything is checked, so a call that throws leaves the global generator alone.
     if (!params.greedy && params.seed === undefined) params.seed = drawSeed();
-    const all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" })); // all: (B, max(nTokens, 1)) i32
-    const next = keep(zeros([B], { dtype: "i32" })); // next: (B) i32, the last chosen tokens
     let caches: LayerCache[] = [];
     const rows: Int32Array[] = Array.from({ length: B }, () => new Int32Array(nTokens));
+    const ended = new Array<number>(B).fill(-1); // a row's length once its stop token came, else -1
     let done = 0;
     const readNew = async (upto: number) => {
       if (upto <= done) return;
-      const buf = new Int32Array(await readBuffer(all.storage.buffer, 0, B * all.shape[1] * 4));
+      const buf = new Int32Array(await readBuffer(all!.storage.buffer, 0, B * all!.shape[1] * 4));
       const fresh: Int32Array[] = [];
       for (let b = 0; b < B; b++) {
-        rows[b].set(buf.subarray(b * all.shape[1] + done, b * all.shape[1] + upto), done);
-        fresh.push(rows[b].slice(done, upto));
+        rows[b].set(buf.subarray(b * all!.shape[1] + done, b * all!.shape[1] + upto), done);
+        let end = ended[b] >= 0 ? done : upto;
+        for (let t = done; t < end; t++) {
+          if (rows[b][t] < 0) {
+            // the sampler's mark for a row of logits with no token to choose
+            throw new Error(
+              `generate: row ${b}, token ${t}: the logits had no token to choose (NaN${
+                params.greedy ? "" : ", or an infinity when sampling"
+              }: a diverged model?)`,
+            );
+          }
+          if (stops.has(rows[b][t])) [end, ended[b]] = [t + 1, t + 1];
+        }
+        fresh.push(rows[b].slice(done, end));
       }
       done = upto;
       options.onTokens?.(fresh);
@@ -342,13 +387,16 @@ export class MambaLM extends Module {
           })
         );
         dispose(prev);
-        if ((i + 1) % readEvery === 0) await readNew(i + 1);
+        if ((i + 1) % readEvery === 0) {
+          await readNew(i + 1);
+          if (stops.size > 0 && ended.every((e) => e >= 0)) break; // every row has ended
+        }
       }
-      await readNew(nTokens);
+      if (!(stops.size > 0 && ended.every((e) => e >= 0))) await readNew(nTokens);
     } finally {
       dispose([caches, all, next]);
       if (ids !== prompt) ids.dispose();
     }
-    return rows;
+    return rows.map((r, b) => (ended[b] >= 0 ? r.slice(0, ended[b]) : r));
   }
 }

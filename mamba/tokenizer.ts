@@ -18,8 +18,8 @@ import { Tokenizer as HFTokenizer } from "@huggingface/tokenizers";
 export interface SpecialTokens {
   /** Beginning of sequence. */
   bos: number | null;
-  /** End of sequence. For information only: `MambaLM.generate` does not stop at it (it always produces
-   * `nTokens` tokens); a caller that wants to stop cuts the output at the first eos. */
+  /** End of sequence: `MambaLM.generate` stops a row at it when given as `stopTokens: [eos]` (deno task
+   * generate does), else produces `nTokens` tokens. */
   eos: number | null;
   /** Padding. */
   pad: number | null;

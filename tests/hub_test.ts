@@ -785,6 +785,22 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.match(h.err, /12 tokens/);
   const none = await run("--model", dir, "--tokens", "3", "--greedy"); // empty prompt: starts from BOS
   assert.equal(none.code, 0, none.err);
+  // A model whose every logit is 0 takes id 0 greedily, the tokenizer's end of text: the row ends there and
+  // decoding stops (it ran all 400 steps and counted them).
+  const ends = new MambaLM({ dModel: 8, nLayers: 1, dState: 4 }, { vocabSize: 65000, tieEmbeddings: false });
+  await saveCheckpoint(ends, dir, null);
+  ends.dispose();
+  const { tensors } = parseSafetensors(await Deno.readFile(`${dir}/model.safetensors`));
+  const weights = Object.fromEntries([...tensors].map(([k, t]) => [k, { shape: t.shape, data: t.data }]));
+  weights["lm_head.weight"].data = new Float32Array(65000 * 8);
+  await Deno.writeFile(`${dir}/model.safetensors`, serializeSafetensors(weights));
+  const eos = await run("--model", dir, "--prompt", "Hello", "--tokens", "400", "--greedy");
+  assert.equal(eos.code, 0, eos.err);
+  assert.equal(eos.out, "Hello\n");
+  assert.match(eos.err, /^1 tokens \(1 x 400 at most: rows end at the end token, greedy\)/);
+  assert.match((await run("--model", char, "--greedy", "--seed", "3")).err, /does not combine/);
+  const noPrompt = await run("--model", char, "--tokens", "5", "--greedy"); // a char model starts from "\n"
+  assert.equal(noPrompt.code, 0, noPrompt.err);
   await Deno.remove(dir, { recursive: true });
   // Usage.
   assert.match((await run("--help")).out, /^Usage: deno run -A examples\/generate\.ts --model/);

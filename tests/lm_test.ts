@@ -771,6 +771,91 @@ Deno.test("generate: without a seed, sampling draws one from the global generato
   lm.dispose();
 });
 
+Deno.test("sampling's noise stays finite: a token far below the best one is never drawn in 10^5 draws", async () => {
+  // Uniforms of 24 bits rounded to 1.0 once in 2^24 draws: an infinite score, so a uniformly random token won
+  // about V / 2^24 of the draws (49 of these 102400 at V 8192; 1 in 330 tokens at a 50k vocabulary). With one
+  // logit at 0 and the rest at -30 softmax gives the others 7.7e-10 in all: no draw.
+  await init();
+  const V = 8192, R = 1024, S = 100;
+  const host = new Float32Array(R * V).fill(-30);
+  for (let r = 0; r < R; r++) host[r * V + 123] = 0;
+  const logits = tensor(host, [R, V]);
+  const next = zeros([R], { dtype: "i32" });
+  const all = zeros([R, S], { dtype: "i32" });
+  const params = { ...sampleParams({ sample: true }), seed: 42 };
+  for (let s = 0; s < S; s++) sampleInto(logits, next, all, s, params);
+  const drawn = await all.toArray();
+  const others = drawn.filter((t) => t !== 123);
+  assert.equal(
+    others.length,
+    0,
+    `${others.length} of ${drawn.length} draws were not the dominant token: ${others.slice(0, 8)}`,
+  );
+  dispose([logits, next, all]);
+});
+
+Deno.test("generate: stopTokens end each row at its first one (kept) and stop decoding once every row has ended", async () => {
+  await init();
+  manualSeed(5);
+  const lm = new MambaLM({ dModel: 16, nLayers: 1 }, { vocabSize: 32 });
+  const prompt = [[1, 2, 3], [4, 5, 6]];
+  const full = await lm.generate(prompt, 40, { sample: true, seed: 9 });
+  // stop tokens that each row meets by its 6th token: every row ends by then, so decoding stops at the first
+  // readback (8 tokens) instead of running 40
+  const stops = [full[0][5], full[1][5]];
+  const ends = full.map((r) => r.findIndex((t) => stops.includes(t)) + 1);
+  const seen: Int32Array[][] = [];
+  const got = await lm.generate(prompt, 40, {
+    sample: true,
+    seed: 9,
+    stopTokens: stops,
+    readEvery: 8,
+    onTokens: (t) => seen.push(t),
+  });
+  got.forEach((r, b) => {
+    assert.ok(ends[b] >= 1 && ends[b] <= 6, `row ${b} ends at ${ends[b]}`);
+    assert.deepEqual([...r], [...full[b].slice(0, ends[b])], `row ${b}`);
+    assert.deepEqual([...seen.flatMap((t) => [...t[b]])], [...r], `row ${b} as onTokens saw it`);
+  });
+  assert.equal(seen.length, 1, "one readback: decoding stopped once every row had ended");
+  await assert.rejects(
+    () => lm.generate(prompt, 4, { stopTokens: [32] }),
+    /stopTokens must be a list of token ids in \[0, 32\), got \[32\]/,
+  );
+  await assert.rejects(
+    () => lm.generate(prompt, 4, { stopTokens: 3 as unknown as number[] }),
+    /stopTokens must be a list/,
+  );
+  lm.dispose();
+});
+
+Deno.test("logits with no token to choose (NaN; infinities when sampling) are named by generate, not read as the last id", async () => {
+  await init();
+  // the sampler: greedy over -inf takes the first id (torch.argmax); NaN rows, and sampling over -inf or +inf,
+  // are marked -1 (they read as id V - 1 before)
+  const V = 6;
+  const rows = [Array(V).fill(NaN), Array(V).fill(-Infinity), [0, 1, Infinity, 2, 0, 0]];
+  const logits = tensor(rows.flat(), [3, V]);
+  const all = zeros([3, 2], { dtype: "i32" });
+  const next = zeros([3], { dtype: "i32" });
+  sampleInto(logits, next, all, 0, sampleParams({}));
+  sampleInto(logits, next, all, 1, { ...sampleParams({ sample: true }), seed: 1 });
+  assert.deepEqual([...await all.toArray()], [-1, -1, 0, -1, 2, -1]);
+  assert.deepEqual([...await next.toArray()], [0, 0, 0], "the next step's ids stay valid");
+  dispose([logits, all, next]);
+  // generate names the row and the token
+  const lm = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 16 });
+  // a final norm of NaN: every logit NaN (one NaN logit among finite ones is only never chosen)
+  lm.loadStateDict({ "norm_f.weight": { shape: [8], data: new Float32Array(8).fill(NaN) } }, {
+    strict: false,
+  });
+  await assert.rejects(
+    () => lm.generate([[1, 2]], 3, { readEvery: 1 }),
+    /generate: row 0, token 0: the logits had no token to choose \(NaN: a diverged model\?\)/,
+  );
+  lm.dispose();
+});
+
 Deno.test("top-k keeps exactly k logits, ties going to the lower ids (as torch.topk)", async () => {
   await init();
   const cases: SampleCase[] = [

@@ -614,6 +614,11 @@ Deno.test("train: bad flags give clear errors", () => {
     /--seed must be an integer from 0 to 9000000000, got '99999999999'/,
   );
   assert.throws(() => parseTrainArgs(["--steps", ""]), /--steps must be an integer >= 1, got ''/);
+  // an empty path read as absent: --from "" trained a fresh char model, --resume "" started a new run
+  for (const f of ["--from", "--resume", "--out", "--data"]) {
+    assert.throws(() => parseTrainArgs([f, ""]), new RegExp(`${f} needs a value, got ''`));
+  }
+  assert.equal(parseTrainArgs(["-h"]), null, "-h is --help, as for deno task generate");
   assert.throws(() => parseTrainArgs(["--bogus"]), /Unknown option '--bogus'/);
   assert.equal(parseTrainArgs(["--help"]), null);
   assert.deepEqual(
