@@ -97,7 +97,8 @@ export function setMemoryLimit(bytes: number | null): void {
  */
 export function checkAllocatable(bytes: number, what?: () => string): number {
   const max = deviceInfo().limits.maxBufferSize;
-  if (!(Number.isSafeInteger(bytes) && bytes >= 0) && !(bytes > max)) {
+  // (a size past 2^53 is merely too large: the next check names it)
+  if (!(Number.isSafeInteger(bytes) && bytes >= 0) && !(Number.isFinite(bytes) && bytes > max)) {
     // a NaN or fractional size would poison the byte counters (and with them the memory limit) for good
     throw new GPUError(`cannot allocate ${what?.() ?? "a buffer"}: its size is not a whole number of bytes`);
   }
