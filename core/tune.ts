@@ -3,7 +3,8 @@
  *
  * Some kernels come in variants whose speed depends on the adapter far more than on the problem: the matmul
  * `register` variant (no workgroup memory) is several times faster than `tiled` on CPU adapters such as
- * llvmpipe/lavapipe, where workgroup barriers are very expensive, while real GPUs favour `tiled`.
+ * llvmpipe/lavapipe, where workgroup barriers are very expensive, while GPUs may favour workgroup-memory tiles
+ * (the H200 picked `register`: 6.4 TFLOP/s against 1.5 for `tiled`).
  * {@linkcode tuneKernels} measures the variants on the current adapter, selects the fastest, and remembers
  * the choice in `localStorage` (when the platform has it) under a key made of the adapter's description and
  * the kernels' version, so later processes on the same adapter skip the measurement.

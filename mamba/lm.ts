@@ -282,7 +282,8 @@ export class MambaLM extends Module {
   /**
    * Continues each prompt row by `nTokens` tokens. The prompt runs as one parallel forward that also fills
    * the caches; then each token costs one `step`. Tokens are chosen on the GPU (greedy by default) and read
-   * back every `readEvery` steps. Returns the new tokens (B rows of nTokens).
+   * back every `readEvery` steps. Returns the new tokens (B rows of up to nTokens: with `stopTokens` a row ends
+   * at its first stop token).
    *
    * Everything is checked before the prompt runs: the options (see {@linkcode SampleOptions}: sampling
    * options without `sample` are an error) and every prompt id, a tensor's ids after one readback.

@@ -111,9 +111,10 @@ export interface Bound {
 
 /**
  * The tolerance policy (relative bounds, see {@linkcode Bound}). Measured errors below are from lavapipe (run
- * a test with MAMBA_TOL_REPORT=1 to print them), where they were set. On an NVIDIA H200 (2026-11-30,
- * bench/results/h200/tests.log) the worst of 2749 comparisons was 13% of its bound (an op: 1.3e-6), and whole
- * models stayed within 5.6e-6 (mamba_L37, fused, grad of x_proj's weight) against their 1e-4.
+ * a test with MAMBA_TOL_REPORT=1 to print them), where they were set. On an NVIDIA H200 (2026-11-30) the
+ * worst of 2749 comparisons was 13% of its bound (an op: 1.3e-6; bench/results/h200/tests_49a9be6.log), and of
+ * 5628 at 2d4b27c too (tests.log); whole models stayed within 5.6e-6 (mamba_L37, fused, grad of x_proj's
+ * weight) against their 1e-4.
  *
  * - `op`: one op or one kernel (a scan, the fused scan and its gradients, a step kernel, one stage of a
  *   block) against the PyTorch op, a float64 reference or another implementation of the same op: 1e-5

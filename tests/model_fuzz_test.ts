@@ -38,7 +38,7 @@
  * - MAMBA_TOL_REPORT=1 (fixture_util.ts): print every comparison's relative error.
  *
  * Cost (lavapipe, 2 cores): about 16 s for the default cases once Mesa's shader cache holds their kernels,
- * about 80 s with an empty cache. The fused kernels compile per state size (N 17: 17 blocks of one state),
+ * about 80 s with an empty cache. The fused kernels compile per state size (N 17: blocks of 9 and 8 states),
  * inline dt rank (up to 8) and workgroup size (which follows batch and width), the matmuls per tile shape.
  * @module
  */
