@@ -52,7 +52,8 @@ const USAGE = `Usage: deno task train [options]
   --seq <n>          tokens per sequence: characters for a char model (default ${DEFAULT_TRAIN.seq})
   --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr}; with
                      --from ${FINE_TUNE_LR})
-  --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup})
+  --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup}; at most --steps: a shorter run warms up
+                     over its whole length)
   --d-model <n>      model width (default 64)
   --layers <n>       Mamba blocks (default 2)
   --d-state <n>      SSM state size (default 16)
@@ -70,6 +71,7 @@ const USAGE = `Usage: deno task train [options]
   --revision <s>     hub branch, tag or commit of --from (default main)
   --cache-dir <s>    hub cache folder of --from (default HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else
                      HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub)
+  --tokenizer <s>    hub id, folder or URL of --from's tokenizer (default: the model's own)
   --eval-every <n>   steps between validation losses (default ${DEFAULT_TRAIN.evalEvery})
   --save-every <n>   steps between checkpoints (default 200)
   --help             this text`;
@@ -95,7 +97,7 @@ export interface TrainArgs {
   /** Pretrained model to fine-tune (hub id, folder or URL), if any. */
   from: string | null;
   /** Hub revision and cache folder of `from`. */
-  hub: { revision?: string; cacheDir?: string };
+  hub: { revision?: string; cacheDir?: string; tokenizer?: string };
   /** Steps between checkpoints. */
   saveEvery: number;
   /** Whether --steps was given (a resumed run keeps its own otherwise). */
@@ -140,6 +142,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       from: { type: "string" },
       revision: { type: "string" },
       "cache-dir": { type: "string" },
+      tokenizer: { type: "string" },
       "eval-every": { type: "string" },
       "save-every": { type: "string" },
       help: { type: "boolean", short: "h" },
@@ -147,7 +150,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
   });
   if (values.help) return null;
   // An empty path (--from "$MODEL" with the variable unset) would read as absent: a fresh run, not the one meant.
-  for (const f of ["from", "resume", "out", "data", "cache-dir", "revision"] as const) {
+  for (const f of ["from", "resume", "out", "data", "cache-dir", "revision", "tokenizer"] as const) {
     if (values[f] !== undefined && values[f]!.trim() === "") throw new Error(`--${f} needs a value, got ''`);
   }
   if (values.from !== undefined && values.resume !== undefined) {
@@ -161,7 +164,9 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       );
     }
   } else {
-    const hubFlags = ["revision", "cache-dir"].filter((f) => values[f as keyof typeof values] !== undefined);
+    const hubFlags = ["revision", "cache-dir", "tokenizer"].filter((f) =>
+      values[f as keyof typeof values] !== undefined
+    );
     if (hubFlags.length > 0) {
       throw new Error(`${hubFlags.map((f) => `--${f}`).join(", ")} apply to --from only`);
     }
@@ -226,7 +231,11 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     out: values.out ?? values.resume ?? (values.from === undefined ? "runs/char" : "runs/ft"),
     resume: values.resume ?? null,
     from: values.from ?? null,
-    hub: { revision: values.revision, cacheDir: values["cache-dir"] },
+    hub: {
+      revision: values.revision,
+      cacheDir: values["cache-dir"],
+      ...(values.tokenizer === undefined ? {} : { tokenizer: values.tokenizer }),
+    },
     saveEvery: int("save-every", values["save-every"], 200),
     stepsGiven: values.steps !== undefined,
   };
@@ -299,7 +308,10 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     const lm = await fromPretrained(a.from, { ...a.hub, recompute: a.recompute });
     try {
       if (lm.tokenizer === null) {
-        throw new Error(`${lm.source} has no tokenizer.json to encode the text with`);
+        throw new Error(
+          `${lm.source} has no tokenizer.json to encode the text with (${lm.noTokenizer}): name one with ` +
+            "--tokenizer <id|folder|url>",
+        );
       }
       const run = encodeText(text, lm.tokenizer);
       tokenizer = run.tokenizer;

@@ -197,7 +197,10 @@ export class MambaLM extends Module {
     const flat = new Int32Array(rows.length * L);
     rows.forEach((r, b) => {
       if (!Array.isArray(r) && !(r instanceof Int32Array)) {
-        throw new Error(`MambaLM: token row ${b} must be an array of ids or an Int32Array, got ${r}`);
+        throw new Error(
+          `MambaLM: token row ${b} must be an array of ids or an Int32Array, got ${r}` +
+            (typeof r === "number" ? " (one row of ids is [ids])" : ""),
+        );
       }
       if (r.length !== L) {
         throw new Error(

@@ -62,7 +62,9 @@ function hubSource(id: string, options: HubOptions): ModelSource {
       return path;
     } catch (e) {
       if (!(e instanceof HubError)) throw e;
-      if (optional && e.code === "NotCached") {
+      // Offline, or without network once a file was found (a model placed in the cache by hand, without the
+      // optional files it does not have): an optional file counts as absent, as a cached model needs no network.
+      if (optional && (e.code === "NotCached" || (e.code === "Network" && found))) {
         notCached.set(file, orFolder(e));
         return null;
       }

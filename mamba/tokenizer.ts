@@ -97,7 +97,9 @@ export class ByteTokenizer implements Tokenizer {
       ];
       if (bad.length) {
         throw new Error(
-          `the prompt has characters the model never saw: ${bad.map((c) => JSON.stringify(c)).join(", ")}`,
+          `the text has characters this tokenizer does not know (the model never saw them): ${
+            bad.map((c) => JSON.stringify(c)).join(", ")
+          }`,
         );
       }
     }

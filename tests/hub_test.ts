@@ -696,6 +696,13 @@ Deno.test("hub: without network it fails fast, naming the URL and how to place t
     } finally {
       Deno.env.delete("HF_HUB_OFFLINE");
     }
+    // The same without HF_HUB_OFFLINE and without network: the cached files load, the optional ones it lacks
+    // count as absent (they failed with "cannot reach" before).
+    const unreachable = await fromPretrained("org/lm", { ...opts(s, cacheDir), endpoint: dead, retries: 0 });
+    await assertLmV64Logits(unreachable);
+    assert.equal(unreachable.tokenizer, null);
+    assert.match(unreachable.noTokenizer!, /cannot reach/);
+    unreachable.dispose();
     assert.equal(s.count(), 0, "offline means no request");
   });
 });
@@ -821,5 +828,8 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
     assert.equal(r.out, "", "nothing generated");
     assert.match(r.err, new RegExp(`${flag} must be an integer ${max}, got '${v}'`));
   }
-  await assert.rejects(() => run("--model", char, "--prompt", "naïve"), /never saw: "ï"/);
+  await assert.rejects(
+    () => run("--model", char, "--prompt", "naïve"),
+    /this tokenizer does not know \(the model never saw them\): "ï"/,
+  );
 });

@@ -730,14 +730,27 @@ Deno.test("train: --from fine-tunes a pretrained model on its own tokenizer's id
     } finally {
       back.dispose();
     }
-    // A model without a tokenizer cannot be fine-tuned from the command line: nothing to encode the text with.
+    // A model without a tokenizer needs one named (--tokenizer): nothing to encode the text with else.
     const bare = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 256 });
-    await saveCheckpoint(bare, `${root}/bare`);
+    await saveCheckpoint(bare, `${root}/bare`, null);
     bare.dispose();
     await assert.rejects(
       () => run(["--from", `${root}/bare`, ...flags, "--steps", "2", "--out", `${root}/x`]),
-      /bare has no tokenizer.json to encode the text with/,
+      /bare has no tokenizer.json to encode the text with \(.*\): name one with --tokenizer <id\|folder\|url>/,
     );
+    const named = await run([
+      "--from",
+      `${root}/bare`,
+      "--tokenizer",
+      fixturePath("char-mamba"),
+      ...flags,
+      "--steps",
+      "2",
+      "--out",
+      `${root}/x`,
+    ]);
+    assert.equal(named.step, 2);
+    assert.throws(() => parseTrainArgs(["--tokenizer", "x"]), /--tokenizer apply to --from only/);
   } finally {
     await Deno.remove(root, { recursive: true });
   }
