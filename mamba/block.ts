@@ -34,7 +34,7 @@ import { convStep, ssmStep } from "../scan/fused_step.ts";
 import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs
 import { checkpoint, checkpointInputsOnly, isGradEnabled } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
-import type { MambaConfig } from "./config.ts";
+import { type MambaConfig, mambaConfig } from "./config.ts";
 
 /**
  * The inference cache of one layer: plain tensors that the caller owns. A `step` returns new caches and
@@ -69,9 +69,13 @@ export class MambaBlock extends Module {
   /** Optional RMSNorms of delta, B, C (innerLayernorms). */
   readonly norms: { dt: RMSNorm; B: RMSNorm; C: RMSNorm } | null;
 
+  /** The config, checked (a key that is missing or ill-typed, or a stale dInner, is named). */
+  readonly config: MambaConfig;
+
   /** Builds the mixer with mamba.py's initialisation. */
-  constructor(readonly config: MambaConfig) {
+  constructor(config: MambaConfig) {
     super();
+    config = this.config = mambaConfig(config);
     const { dModel, dInner: ED, dState: N, dtRank: R, dConv } = config;
     this.inProj = this.child("in_proj", new Linear(dModel, 2 * ED, config.bias));
     this.conv1d = this.child("conv1d", new Conv1d(ED, dConv, config.convBias));
@@ -246,7 +250,11 @@ export class MambaBlock extends Module {
           `${fmt(cache.inputs.shape)}${residual ? `, residual ${fmt(residual.shape)}` : ""}`,
       );
     }
-    if (this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2) {
+    // The fused step's kernels have no backward: with gradients wanted (the input or a parameter requires
+    // grad, outside noGrad) the readable step below runs, differentiable as mamba.py's (the fused one dropped
+    // every gradient but out_proj's and the residual's).
+    const wantsGrad = isGradEnabled() && (u.requiresGrad || this.parameters().some((p) => p.requiresGrad));
+    if (this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2 && !wantsGrad) {
       // The same step in two kernels (conv, SSM) around x_proj's product: see scan/fused_step.ts. The norm
       // inside in_proj's product where it is one (matvec) kernel.
       const fold = norm && !this.inProj.bias;
@@ -324,6 +332,7 @@ export class ResidualBlock extends Module {
   /** Builds one block. */
   constructor(config: MambaConfig) {
     super();
+    config = mambaConfig(config);
     this.mixer = this.child("mixer", new MambaBlock(config));
     this.norm = this.child("norm", new RMSNorm(config.dModel, config.rmsNormEps));
   }
@@ -366,9 +375,13 @@ export class Mamba extends Module {
   /** The blocks. */
   readonly layers: ModuleList<ResidualBlock>;
 
+  /** The config, checked (a key that is missing or ill-typed, or a stale dInner, is named). */
+  readonly config: MambaConfig;
+
   /** Builds `config.nLayers` blocks. */
-  constructor(readonly config: MambaConfig) {
+  constructor(config: MambaConfig) {
     super();
+    config = this.config = mambaConfig(config);
     this.layers = this.child(
       "layers",
       new ModuleList(Array.from({ length: config.nLayers }, () => new ResidualBlock(config))),
@@ -414,6 +427,13 @@ export class Mamba extends Module {
     const wantH = [B, ED, N];
     const wantInputs = [B, ED, K - 1];
     caches.forEach((c, i) => {
+      for (const [name, t] of [["h", c.h], ["inputs", c.inputs]] as const) {
+        if (t.disposed || t.dtype !== "f32") {
+          throw new Error(
+            `Mamba.step: the cache of layer ${i} has ${name} ${t.disposed ? "disposed" : `of ${t.dtype}`}`,
+          );
+        }
+      }
       if (!sameShape(c.h.shape, wantH) || !sameShape(c.inputs.shape, wantInputs)) {
         throw new Error(
           `Mamba.step: the cache of layer ${i} has h ${fmt(c.h.shape)} and inputs ${fmt(c.inputs.shape)}; ` +

@@ -23,7 +23,7 @@ import type { Storage } from "../core/memory.ts";
 import { recordClear } from "../core/executor.ts";
 import { copyBox, packInto } from "../core/ops/index.ts";
 import { reduceRun } from "../core/ops/reduce_kernel.ts";
-import { fmt } from "../core/shape.ts";
+import { fmt, sameShape } from "../core/shape.ts";
 import { freeOnThrow, Tensor } from "../core/tensor.ts";
 import { backwardKernel, gparWidth, type YOut } from "./fused_backward_kernel.ts";
 import { forwardKernel } from "./fused_forward_kernel.ts";
@@ -212,6 +212,43 @@ function scanInputs(x: Tensor, draw: Tensor | null, dBC: Tensor, ph: Tensor, z: 
   };
 }
 
+/** Throws, naming what does not fit, unless the tensors agree with the attributes: x (and draw, z's columns)
+ * (B, L, ED), dBC (B, L, >= R + 2N), params [bias (ED), A_log (ED, N), D (ED)] and with dtInside W (ED, R), a z
+ * exactly when gated. The exported kernel runner would read past them silently otherwise. */
+function checkForwardArgs(
+  x: Tensor,
+  draw: Tensor | null,
+  dBC: Tensor,
+  params: readonly Tensor[],
+  z: Tensor | null,
+  a: FusedAttrs,
+): void {
+  const problems: string[] = [];
+  if (x.rank !== 3) problems.push(`x ${fmt(x.shape)} is not (B, L, ED)`);
+  const [B, L, ED] = x.shape;
+  const positive = (n: number) => Number.isInteger(n) && n >= 1;
+  if (!positive(a.N) || !(Number.isInteger(a.R) && a.R >= 0)) problems.push(`N ${a.N} and R ${a.R}`);
+  if (draw && !sameShape(draw.shape, x.shape)) problems.push(`draw ${fmt(draw.shape)} is not x's`);
+  if (dBC.rank !== 3 || dBC.shape[0] !== B || dBC.shape[1] !== L || dBC.shape[2] < a.R + 2 * a.N) {
+    problems.push(`dBC ${fmt(dBC.shape)} is not (${B}, ${L}, >= R + 2N = ${a.R + 2 * a.N})`);
+  }
+  // the pieces, or some of them packed already: their sizes must add up
+  const want = [ED, ED * a.N, ED, ...(a.dtInside ? [ED * a.R] : [])];
+  const total = params.reduce((n, p) => n + p.size, 0);
+  if (total !== want.reduce((n, s) => n + s, 0)) {
+    problems.push(
+      `params of ${fmt(params.map((p) => p.size))} values, not ${fmt(want)} (bias, A_log, D${
+        a.dtInside ? ", W" : ""
+      })`,
+    );
+  }
+  if (a.gated !== (z !== null)) problems.push(a.gated ? "gated without z" : "z given but not gated");
+  if (z && (z.rank !== 3 || z.shape[0] !== B || z.shape[1] !== L || z.shape[2] < (a.zStart ?? 0) + ED)) {
+    problems.push(`z ${fmt(z.shape)} has no ${ED} columns from ${a.zStart ?? 0}`);
+  }
+  if (problems.length) throw new Error(`fusedScanForward: ${problems.join("; ")}`);
+}
+
 /**
  * Runs the forward kernel (no autograd): returns y (B, L, ED) and `ph` = [par | hs (B, ED, chunks, N)]. par =
  * [bias | A_log | D], and dt_proj's weight after them with `a.dtInside` (draw then null): `params` lists
@@ -232,6 +269,7 @@ export function fusedScanForward(
 ): { y: Tensor; ph: Tensor } {
   const Ri = a.dtInside ? a.R : 0;
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
+  checkForwardArgs(x, draw, dBC, params, z, a);
   if (states !== "all" && states !== "last") {
     throw new Error(`fusedScanForward: states must be "all" or "last", got ${JSON.stringify(states)}`);
   }

@@ -207,7 +207,18 @@ const VARIANT_CHOICES: Record<string, readonly unknown[]> = {
 };
 
 /** The variant with its N, or an error naming what does not fit. */
+/** Largest state size the fused scan's variants are set or tuned for (its blocks of states are pipelines). */
+export const MAX_FUSED_N = 65536;
+
+/** Throws unless N is a state size: an integer from 1 to MAX_FUSED_N (NaN, 0 and 1e9 failed far from here). */
+export function checkStateSize(N: number, where: string): void {
+  if (!(Number.isInteger(N) && N >= 1 && N <= MAX_FUSED_N)) {
+    throw new Error(`${where}: N must be a state size, an integer from 1 to ${MAX_FUSED_N}, got ${N}`);
+  }
+}
+
 function checked(N: number, v: Omit<FusedVariant, "N">): FusedVariant {
+  checkStateSize(N, "setFusedVariant");
   const given = v as Record<string, unknown>;
   const unknown = Object.keys(given).filter((k) => !VARIANT_KEYS.includes(k));
   if (unknown.length) {
@@ -296,6 +307,18 @@ export function setFusedVariantsByProblem(
   N: number,
   picks: { problem: number[]; variant: Omit<FusedVariant, "N"> }[] | null,
 ): void {
+  checkStateSize(N, "setFusedVariantsByProblem");
+  for (const { problem } of picks ?? []) {
+    if (
+      !(Array.isArray(problem) && problem.length === 3 && problem.every((d) => Number.isInteger(d) && d >= 1))
+    ) {
+      throw new Error(
+        `setFusedVariantsByProblem: a problem is (B, L, ED), three positive integers, got ${
+          JSON.stringify(problem)
+        }`,
+      );
+    }
+  }
   if (picks === null || picks.length === 0) byProblem.delete(N);
   else byProblem.set(N, picks.map((p) => ({ problem: [...p.problem], variant: checked(N, p.variant) })));
 }

@@ -6,8 +6,35 @@
  */
 
 import { add, exp, matmul, mul } from "../core/ops/index.ts";
+import { fmt, sameShape } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
 import { linearScan, type ScanMode } from "./linear_scan.ts";
+
+/** Throws, naming every argument and its shape, unless x, delta are f32 (B, L, ED), A (ED, N), Bm and C
+ * (B, L, N), D (ED): reshapes of the right element count would otherwise pass a wrong layout silently. */
+function checkSelectiveScanArgs(x: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, C: Tensor, D: Tensor): void {
+  const args = { x, delta, A, Bm, C, D };
+  const [Bsz, L, ED] = x.shape;
+  const N = A.rank === 2 ? A.shape[1] : NaN;
+  const want: Record<string, number[]> = {
+    x: [Bsz, L, ED],
+    delta: [Bsz, L, ED],
+    A: [ED, N],
+    Bm: [Bsz, L, N],
+    C: [Bsz, L, N],
+    D: [ED],
+  };
+  const bad = Object.entries(args).filter(([k, t]) =>
+    x.rank !== 3 || t.dtype !== "f32" || !sameShape(t.shape, want[k])
+  );
+  if (bad.length) {
+    const got = Object.entries(args).map(([k, t]) => `${k} ${t.dtype} ${fmt(t.shape)}`).join(", ");
+    throw new Error(
+      `selectiveScan: needs f32 x and delta (B, L, ED), A (ED, N), Bm and C (B, L, N), D (ED); got ${got} ` +
+        `(${bad.map(([k]) => k).join(", ")} ${bad.length > 1 ? "do" : "does"} not fit)`,
+    );
+  }
+}
 
 /**
  * y[t] = C[t] . h[t] + D * x[t] with h[t] = exp(delta[t] A) h[t-1] + delta[t] B[t] x[t].
@@ -24,6 +51,7 @@ export function selectiveScan(
   D: Tensor,
   mode: ScanMode,
 ): { y: Tensor; hs: Tensor } {
+  checkSelectiveScanArgs(x, delta, A, Bm, C, D);
   const [Bsz, L, ED] = x.shape;
   const N = A.shape[1];
   const delta4 = delta.reshape(Bsz, L, ED, 1); // delta4: (B, L, ED, 1)

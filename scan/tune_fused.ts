@@ -21,6 +21,7 @@ import { mul, sum } from "../core/ops/index.ts";
 import { dispose, tidy } from "../core/tensor.ts";
 import { fusedSelectiveScan } from "./fused.ts";
 import {
+  checkStateSize,
   defaultFusedVariant,
   type FusedVariant,
   fusedVariant,
@@ -299,6 +300,7 @@ export async function tuneFusedScan(
     timer?: (run: () => void) => Promise<number>;
   } = {},
 ): Promise<FusedTuneResult> {
+  checkStateSize(N, "tuneFusedScan");
   await init();
   // The backward binds 10 storage buffers: an adapter that allows fewer cannot run it (WebGPU's default is 8;
   // browsers give 10 or more when asked), so there is nothing to measure.

@@ -5,6 +5,7 @@ import { noGrad } from "../core/autograd.ts";
 import { init } from "../core/device.ts";
 import { memory, resetPeak } from "../core/memory.ts";
 import { randn, tensor } from "../core/creation.ts";
+import { manualSeed } from "../core/random.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { Mamba, MambaBlock } from "../mamba/block.ts";
 import type { ScanMode } from "../scan/linear_scan.ts";
@@ -631,4 +632,98 @@ Deno.test({
     x.dispose();
     G.dispose();
   },
+});
+
+Deno.test("step with gradients wanted takes the differentiable step (the fused one dropped all but out_proj's)", async () => {
+  await init();
+  const grads = async (scan: "fused" | "pscan") => {
+    manualSeed(5); // the same initialisation for both
+    const model = new Mamba(mambaConfig({ dModel: 8, nLayers: 1, scan }));
+    const x = randn([2, 8], { seed: 3 }).requiresGrad_(true);
+    const caches = model.emptyCache(2);
+    const r = model.step(x, caches);
+    tidy(() => sum(r.out).backward());
+    const named = model.namedParameters().map(([n, p]) => [n, p.grad] as const);
+    const out = {
+      missing: named.filter(([, g]) => g === null).map(([n]) => n),
+      x: [...await x.grad!.toArray()],
+    };
+    for (const c of [...caches, ...r.caches]) (c.h.dispose(), c.inputs.dispose());
+    r.out.dispose();
+    x.grad!.dispose();
+    x.dispose();
+    for (const [, p] of model.namedParameters()) p.grad?.dispose();
+    model.dispose();
+    return out;
+  };
+  // fused and pscan models share their initialisation (seeded the same): the same gradients
+  const [fused, pscan] = [await grads("fused"), await grads("pscan")];
+  assert.deepEqual(fused.missing, [], "every parameter has a gradient");
+  assert.deepEqual(pscan.missing, []);
+  const err = Math.max(...fused.x.map((v, i) => Math.abs(v - pscan.x[i])));
+  assert.ok(err < 1e-5, `x's gradient: fused step against pscan's, ${err}`);
+});
+
+Deno.test("selectiveScan, Mamba's constructors, Mamba.step's caches and the fused variants' N check what they are given", async () => {
+  await init();
+  const { selectiveScan } = await import("../scan/selective_scan.ts");
+  const { setFusedVariant, setFusedVariantsByProblem } = await import("../scan/fused_variant.ts");
+  const { tuneFusedScan } = await import("../scan/tune_fused.ts");
+  const [B, L, ED, N] = [2, 5, 6, 3];
+  const t = (...s: number[]) => randn(s, { seed: s.reduce((a, b) => a * 7 + b, 1) });
+  const ok = { x: t(B, L, ED), delta: t(B, L, ED), A: t(ED, N), Bm: t(B, L, N), C: t(B, L, N), D: t(ED) };
+  const call = (o: Partial<typeof ok>) => {
+    const a = { ...ok, ...o };
+    return selectiveScan(a.x, a.delta, a.A, a.Bm, a.C, a.D, "sequential");
+  };
+  // a wrong layout of the right size was accepted (and gave wrong numbers)
+  const wrong: [Partial<typeof ok>, RegExp][] = [
+    [{ delta: t(B, ED, L) }, /\(delta does not fit\)/],
+    [{ Bm: t(L, B, N) }, /\(Bm does not fit\)/],
+    [{ C: t(B, N, L) }, /\(C does not fit\)/],
+    [{ Bm: t(B * L * N) }, /Bm f32 \[30\].*\(Bm does not fit\)/],
+    [{ x: t(B * L, ED) }, /selectiveScan: needs f32 x and delta \(B, L, ED\)/],
+  ];
+  for (const [o, want] of wrong) {
+    assert.throws(() => call(o), want);
+    for (const v of Object.values(o)) v!.dispose();
+  }
+  const r = tidy(() => call({}));
+  r.y.dispose();
+  r.hs.dispose();
+  for (const v of Object.values(ok)) v.dispose();
+  // constructors validate what they are given: an input config is completed (it failed with a NaN shape), a
+  // fractional rank and a stale dInner are named
+  new Mamba({ dModel: 8, nLayers: 1 } as ReturnType<typeof mambaConfig>).dispose();
+  assert.throws(
+    () => new Mamba({ ...mambaConfig({ dModel: 8, nLayers: 1 }), dtRank: 2.5 }),
+    /dtRank/,
+  );
+  assert.throws(
+    () => new MambaBlock({ ...mambaConfig({ dModel: 8, nLayers: 1 }), dModel: 16 }),
+    /dInner/,
+  );
+  // a step's caches are all checked before any layer runs: a disposed or i32 one is named with its layer
+  const model = new Mamba(mambaConfig({ dModel: 8, nLayers: 3 }));
+  const x = randn([2, 8], { seed: 1 });
+  const live = memory().liveTensors;
+  const caches = model.emptyCache(2);
+  caches[1].h.dispose();
+  assert.throws(() => model.step(x, caches), /Mamba.step: the cache of layer 1 has h disposed/);
+  assert.equal(memory().liveTensors, live + 5, "nothing left behind but the caches");
+  for (const c of caches) (c.h.disposed || c.h.dispose(), c.inputs.dispose());
+  x.dispose();
+  model.dispose();
+  // state sizes for the fused variants
+  for (const n of [0, NaN, 1.5, 1e9]) {
+    assert.throws(
+      () => setFusedVariant(n, { Lc: 64, WG: 32 }),
+      /N must be a state size, an integer from 1 to 65536/,
+    );
+    await assert.rejects(() => tuneFusedScan(n), /tuneFusedScan: N must be a state size/);
+  }
+  assert.throws(
+    () => setFusedVariantsByProblem(16, [{ problem: [1, 2], variant: { Lc: 64, WG: 32 } }]),
+    /a problem is \(B, L, ED\), three positive integers, got \[1,2\]/,
+  );
 });
