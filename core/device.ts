@@ -120,7 +120,21 @@ export function init(options: InitOptions = {}): Promise<DeviceInfo> {
 
 async function acquire(options: InitOptions): Promise<DeviceInfo> {
   const gpu = (globalThis.navigator as Navigator | undefined)?.gpu;
-  if (!gpu) throw new GPUError(NO_ADAPTER);
+  if (!gpu) {
+    // a page without navigator.gpu: WebGPU is off, or the page is not a secure context (http:// on a LAN
+    // address), where browsers hide it
+    const page = typeof (globalThis as { Deno?: unknown }).Deno === "undefined" &&
+      typeof (globalThis as { isSecureContext?: boolean }).isSecureContext === "boolean";
+    throw new GPUError(
+      page
+        ? "No WebGPU in this page (navigator.gpu is undefined). " +
+          ((globalThis as { isSecureContext?: boolean }).isSecureContext
+            ? "Enable WebGPU in the browser (Chrome and Edge have it), or use one that has it."
+            : "The page is not a secure context, where browsers hide WebGPU: serve it over https or from " +
+              "localhost / 127.0.0.1.")
+        : NO_ADAPTER,
+    );
+  }
   const adapter = await gpu.requestAdapter({ powerPreference: options.powerPreference });
   if (!adapter) throw new GPUError(NO_ADAPTER);
   const a = adapter.limits;

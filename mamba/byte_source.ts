@@ -21,10 +21,12 @@ export interface ByteSource {
   close(): Promise<void>;
 }
 
-/** Wraps a response body as a {@linkcode ByteSource}; `size` from Content-Length (or -1). */
+/** Wraps a response body as a {@linkcode ByteSource}; `size` from Content-Length (or -1, also where the body
+ * was compressed: a browser decompresses it, while Content-Length counts the compressed bytes). */
 export function responseSource(res: Response, name: string): ByteSource {
   const len = res.headers.get("content-length");
-  const size = len !== null && /^\d+$/.test(len) ? Number(len) : -1;
+  const encoded = (res.headers.get("content-encoding") ?? "identity").toLowerCase() !== "identity";
+  const size = len !== null && /^\d+$/.test(len) && !encoded ? Number(len) : -1;
   const reader = res.body!.getReader();
   let chunk: Uint8Array = new Uint8Array(0);
   let at = 0;

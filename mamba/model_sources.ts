@@ -53,7 +53,9 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
   let base = prefix.replace(/\/+$/, "");
   let pinned = false;
   const timeoutMs = timeoutOf(options);
-  const get = async (file: string): Promise<Response | null> => {
+  // `optional`: a file a model may lack (tokenizer files, model.safetensors beside an index), which servers that
+  // hide what they do not list (S3 buckets) answer with 403 rather than 404
+  const get = async (file: string, optional: boolean): Promise<Response | null> => {
     const url = `${base}/${file}`;
     const ac = new AbortController();
     const timer = startTimer(() => ac.abort(new Error(`no response within ${timeoutMs} ms`)), timeoutMs);
@@ -61,7 +63,11 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
     try {
       res = await fetch(url, { headers: { "accept-encoding": "identity" }, signal: ac.signal });
     } catch (e) {
-      throw new Error(`cannot fetch ${url}: ${(e as Error).message}`, { cause: e });
+      // a browser says only "Failed to fetch" for a refused connection and for a server that does not allow
+      // this page's origin alike
+      const page = typeof (globalThis as { Deno?: unknown }).Deno === "undefined";
+      const why = page ? " (a network error, or the server does not allow this page's origin: CORS)" : "";
+      throw new Error(`cannot fetch ${url}: ${(e as Error).message}${why}`, { cause: e });
     } finally {
       clearTimeout(timer);
     }
@@ -78,7 +84,7 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
         pinned = true;
       }
     }
-    if (res.status === 404) {
+    if (res.status === 404 || (optional && (res.status === 403 || res.status === 410))) {
       await res.body?.cancel();
       return null;
     }
@@ -91,7 +97,7 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
   return {
     where: where ?? base,
     async text(file, optional) {
-      const res = await get(file);
+      const res = await get(file, optional);
       if (res === null) {
         if (optional) return null;
         throw new Error(`cannot fetch ${base}/${file}: HTTP 404`);
@@ -103,7 +109,7 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
       }
     },
     async open(file) {
-      const res = await get(file);
+      const res = await get(file, file === "model.safetensors"); // optional: an index may stand for it
       return res && responseSource(res, `${base}/${file}`);
     },
   };

@@ -297,6 +297,12 @@ export async function saveCheckpoint(
   dir: string,
   tokenizer: Tokenizer | null = model instanceof PretrainedLM ? model.tokenizer : null,
 ): Promise<void> {
+  if (typeof (globalThis as { Deno?: unknown }).Deno === "undefined") {
+    throw new Error(
+      "saveCheckpoint writes a folder with Deno's file system; in a page, checkpointFiles(model) gives the " +
+        "files (name -> bytes) to offer for download",
+    );
+  }
   const files = await checkpointFiles(model, tokenizer);
   const stale = files["tokenizer.json"] && !files["tokenizer_config.json"] ? ["tokenizer_config.json"] : [];
   await (await import("./pretrained_fs.ts")).writeFiles(dir, files, stale);

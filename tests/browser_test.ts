@@ -837,3 +837,29 @@ Deno.test("fromPretrainedFiles and checkpointFiles (the browser's loading and sa
     /mine has neither model.safetensors nor model.safetensors.index.json/,
   );
 });
+
+Deno.test("web server: only loopback Host names, no backslashes or NULs in paths (no browser needed)", async () => {
+  const handler = webHandler({ fixtures: true });
+  const ask = async (path: string, host = "127.0.0.1:8000") => {
+    const res = await handler(
+      new Request(`http://127.0.0.1:8000${path}`, { method: "HEAD", headers: { host } }),
+    );
+    await res.body?.cancel();
+    return res.status;
+  };
+  assert.equal(await ask("/data/pride_and_prejudice.txt"), 200);
+  assert.equal(await ask("/data/pride_and_prejudice.txt", "localhost:8000"), 200);
+  // a page elsewhere whose name was rebound to 127.0.0.1 (DNS rebinding) sends its own name
+  assert.equal(await ask("/data/pride_and_prejudice.txt", "evil.example:8000"), 403);
+  assert.equal(await ask("/data/pride_and_prejudice.txt", ""), 403);
+  // Windows reads "..\" as the parent: an encoded backslash passed the ".." check
+  for (
+    const bad of [
+      "/data/..%5c..%5cdeno.json",
+      "/data/%00x",
+      "/data/..%2f..%2fdeno.json",
+    ]
+  ) {
+    assert.equal(await ask(bad), 400, bad);
+  }
+});

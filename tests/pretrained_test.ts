@@ -354,6 +354,7 @@ Deno.test("fromPretrained refuses integer and bool tensors, naming file, tensor,
 // A server for one model folder whose responses can stall, trickle or end early.
 function modelServer(
   body: (file: string, data: Uint8Array<ArrayBuffer>, release: Promise<void>) => Response | Promise<Response>,
+  missing = 404,
 ) {
   let release!: () => void;
   const released = new Promise<void>((r) => release = r);
@@ -362,7 +363,9 @@ function modelServer(
     { hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} },
     async (req) => {
       const file = new URL(req.url).pathname.slice(1);
-      if (file !== "config.json" && file !== "model.safetensors") return new Response("no", { status: 404 });
+      if (file !== "config.json" && file !== "model.safetensors") {
+        return new Response("no", { status: missing });
+      }
       return await body(file, await Deno.readFile(`${HF}/${file}`), released);
     },
   );
@@ -459,6 +462,18 @@ Deno.test("fromPretrained from a URL: a stalled server fails after timeoutMs; a 
   assert.ok(performance.now() - t0 > 1000, "the download took longer than the timeout");
   await assertLmV64Logits(lm);
   lm.dispose();
+  await s.close();
+  // A server that answers 403 for what it does not have (an S3 bucket that hides its listing): the optional
+  // files count as absent, as with 404 (the load failed on tokenizer_config.json's 403).
+  s = modelServer((_f, data) => new Response(data), 403);
+  const hidden = await fromPretrained(s.url);
+  await assertLmV64Logits(hidden);
+  assert.equal(hidden.tokenizer, null);
+  hidden.dispose();
+  await s.close();
+  s = modelServer((file, data) =>
+    file === "config.json" ? new Response(data) : trickle(data, Math.ceil(data.length / 15), sleep(100))
+  );
   // No limit (Infinity): a timer given Infinity would fire at once (setTimeout clamps what it cannot hold).
   const unlimited = await within(10000, fromPretrained(s.url, { timeoutMs: Infinity }));
   await assertLmV64Logits(unlimited);

@@ -271,8 +271,9 @@ async function streamText(
   text += decoder.flush();
   out.textContent = text;
   const seconds = (performance.now() - t0) / 1000;
-  showSpeed(n, seconds);
-  return { text, tokens: n, seconds };
+  showSpeed(got, seconds);
+  showMemory(); // what the generation left (its buffers are back in the pool)
+  return { text, tokens: got, seconds };
 }
 
 async function generate(): Promise<void> {
@@ -284,6 +285,8 @@ async function generate(): Promise<void> {
   try {
     const prompt = $<HTMLTextAreaElement>("prompt").value;
     const n = num("n-tokens");
+    // the field's own bounds: a run past them could not be stopped short of reloading the page
+    if (!(Number.isInteger(n) && n >= 1 && n <= 4096)) throw new Error(`tokens must be 1 to 4096, got ${n}`);
     // Greedy decoding reads none of the sampling fields (a cleared or 0 temperature is no error then).
     const sampling = $<HTMLSelectElement>("decoding").value === "sample"
       ? {
@@ -316,15 +319,23 @@ $("generate").addEventListener("click", generate);
 async function save(): Promise<void> {
   if (!current) return;
   const { lm, saved } = current;
-  const files = await using(lm, () => checkpointFiles(lm, saved));
-  for (const [name, bytes] of Object.entries(files)) {
-    const a = document.createElement("a");
-    a.href = URL.createObjectURL(new Blob([bytes]));
-    a.download = name;
-    document.body.append(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+  status("model-status", "saving…");
+  try {
+    const files = await using(lm, () => checkpointFiles(lm, saved));
+    for (const [name, bytes] of Object.entries(files)) {
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(new Blob([bytes]));
+      a.download = name;
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+    }
+    status("model-status", `saved ${Object.keys(files).join(", ")} as downloads`);
+  } catch (e) {
+    // a large model's files are about three copies of its weights in the page: this can fail
+    status("model-status", `saving failed: ${(e as Error).message}`, true);
+    state.error = (e as Error).message;
   }
 }
 $("save").addEventListener("click", save);
@@ -398,6 +409,18 @@ async function train(): Promise<void> {
       logEvery: Math.max(1, Math.min(10, Math.ceil(steps / 20))),
     };
     manualSeed(config.seed);
+    // the new model and its trainer first: a setting they refuse leaves the model trained before in place
+    const fresh = new MambaLM(
+      { dModel: num("train-dmodel"), nLayers: num("train-layers"), dState: 16 },
+      { vocabSize: 256 },
+    );
+    try {
+      trainer = new Trainer(fresh, data, config);
+    } catch (e) {
+      fresh.dispose();
+      throw e;
+    }
+    model = fresh;
     if (trained) {
       if (current === trained) {
         current = null;
@@ -409,11 +432,6 @@ async function train(): Promise<void> {
       trained = null;
       (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = true;
     }
-    model = new MambaLM(
-      { dModel: num("train-dmodel"), nLayers: num("train-layers"), dState: 16 },
-      { vocabSize: 256 },
-    );
-    trainer = new Trainer(model, data, config);
     state.trainLog = trainer.log;
     const t0 = performance.now();
     let lastVal = await trainer.evaluate();

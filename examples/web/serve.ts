@@ -99,6 +99,18 @@ async function sendFile(path: string, method: string): Promise<Response> {
   return new Response(file.readable, { headers });
 }
 
+/** The names a request's Host header may give: the loopback addresses the server listens on. */
+const LOCAL_HOSTS = new Set(["127.0.0.1", "localhost", "[::1]"]);
+
+/** The host name of a Host header ("127.0.0.1:8000" -> "127.0.0.1"), or "" where there is none. */
+function hostOf(header: string | null): string {
+  try {
+    return header ? new URL(`http://${header}`).hostname : "";
+  } catch {
+    return "";
+  }
+}
+
 /** The request handler: the page, the bundles, the text and the local models. */
 export function webHandler(options: WebOptions = {}): (req: Request) => Promise<Response> {
   const out = (options.outDir ?? `${ROOT}/out/web`).replace(/\/+$/, "");
@@ -112,13 +124,21 @@ export function webHandler(options: WebOptions = {}): (req: Request) => Promise<
     if (req.method !== "GET" && req.method !== "HEAD") {
       return new Response("method not allowed\n", { status: 405 });
     }
+    // Only this machine's names: a page elsewhere that rebinds its own name to 127.0.0.1 (DNS rebinding)
+    // sends its name as the Host, and is refused.
+    if (!LOCAL_HOSTS.has(hostOf(req.headers.get("host")))) {
+      return new Response("forbidden host\n", { status: 403 });
+    }
     let path: string;
     try {
       path = decodeURIComponent(new URL(req.url).pathname);
     } catch {
       return new Response("bad path\n", { status: 400 }); // a malformed escape such as %E0%A4%A
     }
-    if (path.split("/").some((p) => p === "..")) return new Response("bad path\n", { status: 400 });
+    // ".." as a part, and backslashes and NULs anywhere (Windows reads "..\" as the parent: %5c decodes to it)
+    if (path.split("/").some((p) => p === "..") || /[\\\0]/.test(path)) {
+      return new Response("bad path\n", { status: 400 });
+    }
     if (path === "/" || path === "/index.html") {
       return await sendFile(`${ROOT}/examples/web/index.html`, req.method);
     }
