@@ -793,6 +793,29 @@ Deno.test({
         await page.waitForFunction(() =>
           /trained here/.test((globalThis as { mambaDemo?: { model: string | null } }).mambaDemo?.model ?? "")
         );
+        // Stop ends a long generation at the next readback, with what streamed kept and no error.
+        await page.fill("#n-tokens", "4096");
+        await page.click("#generate");
+        await page.waitForFunction(() =>
+          ((globalThis as unknown as {
+            document: { querySelector(s: string): { textContent: string } | null };
+          })
+            .document.querySelector("#output")?.textContent ?? "").length > 40
+        );
+        await page.click("#generate-stop");
+        await page.waitForFunction(() =>
+          !(globalThis as { mambaDemo?: { generating: boolean } }).mambaDemo?.generating
+        );
+        const stopped = await page.textContent("#generate-status") ?? "";
+        const n = Number(/stopped after (\d+) tokens/.exec(stopped)?.[1]);
+        assert.ok(n > 0 && n < 4096, stopped);
+        assert.equal(
+          await page.evaluate(() =>
+            (globalThis as unknown as { mambaDemo: { error: string | null } }).mambaDemo.error
+          ),
+          null,
+        );
+        assert.equal(await page.isDisabled("#generate-stop"), true);
         await page.close();
       });
       assert.deepEqual(pageErrors, []);

@@ -102,6 +102,7 @@ function updateButtons(): void {
   button("train-start").disabled = noGpu || state.training || state.generating;
   button("train-stop").disabled = !state.training;
   button("generate").disabled = !current || state.generating;
+  button("generate-stop").disabled = !state.generating;
   button("save").disabled = !current;
 }
 
@@ -261,6 +262,7 @@ async function streamText(
     ...sampling,
     readEvery: 8,
     onTokens: (fresh) => {
+      if (stopGenerating) throw new Stopped(`stopped after ${got} tokens`);
       got += fresh[0].length;
       text += decoder.push(fresh[0]);
       out.textContent = text;
@@ -276,10 +278,17 @@ async function streamText(
   return { text, tokens: got, seconds };
 }
 
+/** Set by Stop: the next tokens read back end the generation (generate frees its buffers as it unwinds). */
+let stopGenerating = false;
+
+/** Thrown from onTokens to end a generation the user stopped. */
+class Stopped extends Error {}
+
 async function generate(): Promise<void> {
   if (!current || state.generating) return;
   const { lm, tokenizer } = current;
   state.generating = true;
+  stopGenerating = false;
   updateButtons();
   status("generate-status", "generating…");
   try {
@@ -305,14 +314,19 @@ async function generate(): Promise<void> {
         `prompt included)`,
     );
   } catch (e) {
-    status("generate-status", (e as Error).message, true);
-    state.error = (e as Error).message;
+    if (e instanceof Stopped) {
+      status("generate-status", e.message);
+    } else {
+      status("generate-status", (e as Error).message, true);
+      state.error = (e as Error).message;
+    }
   } finally {
     state.generating = false;
     updateButtons();
   }
 }
 $("generate").addEventListener("click", generate);
+$("generate-stop").addEventListener("click", () => stopGenerating = true);
 
 // ---- saving as downloads ----
 
