@@ -253,7 +253,8 @@ export class MambaBlock extends Module {
     // The fused step's kernels have no backward: with gradients wanted (the input or a parameter requires
     // grad, outside noGrad) the readable step below runs, differentiable as mamba.py's (the fused one dropped
     // every gradient but out_proj's and the residual's).
-    const wantsGrad = isGradEnabled() && (u.requiresGrad || this.parameters().some((p) => p.requiresGrad));
+    const wantsGrad = isGradEnabled() &&
+      [u, residual, norm?.weight, cache.h, cache.inputs, ...this.parameters()].some((t) => t?.requiresGrad);
     if (this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2 && !wantsGrad) {
       // The same step in two kernels (conv, SSM) around x_proj's product: see scan/fused_step.ts. The norm
       // inside in_proj's product where it is one (matvec) kernel.

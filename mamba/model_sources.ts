@@ -52,6 +52,7 @@ interface HubRepo {
 function urlSource(prefix: string, options: HubOptions, where?: string, hub?: HubRepo): ModelSource {
   let base = prefix.replace(/\/+$/, "");
   let pinned = false;
+  const refused = new Map<string, HubError>();
   const timeoutMs = timeoutOf(options);
   // `optional`: a file a model may lack (tokenizer files, model.safetensors beside an index), which servers that
   // hide what they do not list (S3 buckets) answer with 403 rather than 404
@@ -86,6 +87,10 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
     }
     if (res.status === 404 || (optional && (res.status === 403 || res.status === 410))) {
       await res.body?.cancel();
+      // a refusal counted as absence: said if the file turns out to be needed (weights without an index)
+      if (res.status !== 404) {
+        refused.set(file, new HubError("HTTP", `cannot fetch ${url}: HTTP ${res.status}`, url, res.status));
+      }
       return null;
     }
     if (!res.ok) {
@@ -96,6 +101,7 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
   };
   return {
     where: where ?? base,
+    notCached: refused,
     async text(file, optional) {
       const res = await get(file, optional);
       if (res === null) {

@@ -52,8 +52,22 @@ function hubSource(id: string, options: HubOptions): ModelSource {
   // pins one commit): else a branch that moved between a cached config.json and its weights' download would
   // mix two versions of the model.
   let pinned: string | null = null;
+  // Whether the first file came from the cache without a request: then a network failure of an optional file
+  // means no network (a model placed there by hand), not a blip while downloading, and it counts as absent.
+  let fromCacheFirst: boolean | null = null;
   const get = async (file: string, optional: boolean) => {
     try {
+      if (fromCacheFirst === null) {
+        const cached = options.refresh
+          ? null
+          : await hubDownload(id, file, { ...options, localFilesOnly: true }).catch(() => null);
+        fromCacheFirst = cached !== null;
+        if (cached !== null) {
+          found = true;
+          pinned ??= /\/snapshots\/([0-9a-f]{40})\/[^/]+$/.exec(cached)?.[1] ?? null;
+          return cached;
+        }
+      }
       const path = await hubDownload(id, file, pinned === null ? options : { ...options, revision: pinned });
       if (path !== null) {
         found = true;
@@ -64,7 +78,7 @@ function hubSource(id: string, options: HubOptions): ModelSource {
       if (!(e instanceof HubError)) throw e;
       // Offline, or without network once a file was found (a model placed in the cache by hand, without the
       // optional files it does not have): an optional file counts as absent, as a cached model needs no network.
-      if (optional && (e.code === "NotCached" || (e.code === "Network" && found))) {
+      if (optional && (e.code === "NotCached" || (e.code === "Network" && fromCacheFirst))) {
         notCached.set(file, orFolder(e));
         return null;
       }

@@ -84,9 +84,11 @@ fn hash(v: u32) -> u32 {
   return (w >> 22u) ^ w;
 }
 fn key(x: f32) -> u32 {
-  // Order-preserving: key(a) < key(b) exactly when a < b (-0 and +0 share a key).
-  if (x == 0.0) { return 0x80000000u; }
+  // Order-preserving: key(a) < key(b) exactly when a < b (-0 and +0 share a key). A NaN gets the lowest key,
+  // below -inf, so that it takes no top-k place (it is no candidate).
   let b = bitcast<u32>(x);
+  if ((b & 0x7fffffffu) > 0x7f800000u) { return 0u; }
+  if (x == 0.0) { return 0x80000000u; }
   return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
 }
 fn unkey(k: u32) -> f32 {
@@ -236,7 +238,7 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
       // (24 bits rounded u to 1.0 once in 2^24 draws: an infinite score, a uniformly random token once in about
       // 330 at a 50k vocabulary); and -log(u) kept above 0 where log rounds u near 1 to 0. The row is hashed
       // apart from the token id (row * 65599 + v made row r + 1's noise row r's past 65599 tokens).
-      let h = hash(P.seed ^ hash((P.step * 0x9E3779B9u) ^ hash(v ^ hash(row + 0x85EBCA6Bu))));
+      let h = hash(P.seed ^ hash((P.step * 0x9E3779B9u) ^ hash(hash(v) ^ hash(row + 0x85EBCA6Bu))));
       let u = (f32(h >> 9u) + 0.5) / 8388608.0;
       score = (x - rowMax) * P.invTemp - log(max(-log(u), 2.98e-8));
     }

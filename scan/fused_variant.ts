@@ -206,7 +206,6 @@ const VARIANT_CHOICES: Record<string, readonly unknown[]> = {
   chunkParallel: [true, false],
 };
 
-/** The variant with its N, or an error naming what does not fit. */
 /** Largest state size the fused scan's variants are set or tuned for (its blocks of states are pipelines). */
 export const MAX_FUSED_N = 65536;
 
@@ -217,6 +216,7 @@ export function checkStateSize(N: number, where: string): void {
   }
 }
 
+/** The variant with its N, or an error naming what does not fit. */
 function checked(N: number, v: Omit<FusedVariant, "N">): FusedVariant {
   checkStateSize(N, "setFusedVariant");
   const given = v as Record<string, unknown>;

@@ -875,6 +875,15 @@ Deno.test("web server: only loopback Host names, no backslashes or NULs in paths
   // a page elsewhere whose name was rebound to 127.0.0.1 (DNS rebinding) sends its own name
   assert.equal(await ask("/data/pride_and_prejudice.txt", "evil.example:8000"), 403);
   assert.equal(await ask("/data/pride_and_prejudice.txt", ""), 403);
+  // the address given with --host is allowed too (another machine's, or an IPv6 one)
+  for (const h of ["192.168.1.5", "::1", "fe80::1"]) {
+    const other = webHandler({ hosts: [h] });
+    const host = h.includes(":") ? `[${h}]:8000` : `${h}:8000`;
+    const res = await other(
+      new Request("http://x/data/pride_and_prejudice.txt", { method: "HEAD", headers: { host } }),
+    );
+    assert.equal(res.status, 200, h);
+  }
   // Windows reads "..\" as the parent: an encoded backslash passed the ".." check
   for (
     const bad of [

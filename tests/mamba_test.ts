@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { cat, silu, split, sum } from "../core/ops/index.ts";
-import { keep, Tensor, tidy } from "../core/tensor.ts";
+import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
 import { init } from "../core/device.ts";
 import { memory, resetPeak } from "../core/memory.ts";
@@ -662,6 +662,27 @@ Deno.test("step with gradients wanted takes the differentiable step (the fused o
   assert.deepEqual(pscan.missing, []);
   const err = Math.max(...fused.x.map((v, i) => Math.abs(v - pscan.x[i])));
   assert.ok(err < 1e-5, `x's gradient: fused step against pscan's, ${err}`);
+  // gradients wanted only by the block's norm (a ResidualBlock's, outside the mixer) or by a cache (a learned
+  // initial state): the fused step cut the graph there too
+  const model = new Mamba(mambaConfig({ dModel: 8, nLayers: 2 }));
+  for (const [name, p] of model.namedParameters()) p.requiresGrad_(/\.norm\.weight$/.test(name));
+  const x = randn([2, 8], { seed: 4 });
+  const caches = model.emptyCache(2);
+  let r = model.step(x, caches);
+  tidy(() => sum(r.out).backward());
+  const norms = model.namedParameters().filter(([n]) => /\.norm\.weight$/.test(n));
+  assert.equal(norms.length, 2);
+  assert.ok(norms.every(([, p]) => p.grad !== null), "both norms' weights have gradients");
+  for (const [, p] of norms) (p.grad!.dispose(), p.grad = null, p.requiresGrad_(false));
+  dispose(r.caches.flatMap((c) => [c.h, c.inputs]));
+  r.out.dispose();
+  caches[0].h.requiresGrad_(true);
+  r = model.step(x, caches);
+  tidy(() => sum(r.out).backward());
+  assert.ok(caches[0].h.grad !== null, "the first cache's h has a gradient");
+  caches[0].h.grad!.dispose();
+  dispose([...r.caches.flatMap((c) => [c.h, c.inputs]), ...caches.flatMap((c) => [c.h, c.inputs]), r.out, x]);
+  model.dispose();
 });
 
 Deno.test("selectiveScan, Mamba's constructors, Mamba.step's caches and the fused variants' N check what they are given", async () => {

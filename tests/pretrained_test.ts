@@ -471,6 +471,17 @@ Deno.test("fromPretrained from a URL: a stalled server fails after timeoutMs; a 
   assert.equal(hidden.tokenizer, null);
   hidden.dispose();
   await s.close();
+  // ... but where the weights themselves are refused (a private object, an expired link), the 403 is said
+  // (it read as "neither model.safetensors nor model.safetensors.index.json")
+  s = modelServer(
+    (file, data) => file === "config.json" ? new Response(data) : new Response("no", { status: 403 }),
+    403,
+  );
+  await assert.rejects(
+    () => fromPretrained(s.url),
+    /cannot fetch http:\/\/127\.0\.0\.1:\d+\/model\.safetensors: HTTP 403/,
+  );
+  await s.close();
   s = modelServer((file, data) =>
     file === "config.json" ? new Response(data) : trickle(data, Math.ceil(data.length / 15), sleep(100))
   );

@@ -238,6 +238,12 @@ $("load").addEventListener("click", loadModel);
 
 // ---- generating ----
 
+/** Set by Stop: the next tokens read back end the generation (generate frees its buffers as it unwinds). */
+let stopGenerating = false;
+
+/** Thrown from onTokens to end a generation the user stopped. */
+class Stopped extends Error {}
+
 async function streamText(
   target: HTMLElement,
   lm: MambaLM,
@@ -257,6 +263,7 @@ async function streamText(
   const decoder = new StreamDecoder(tokenizer);
   let text = "";
   let got = 0;
+  stopGenerating = false; // a Stop belongs to the run it was clicked in
   const t0 = performance.now();
   await lm.generate([ids], n, {
     ...sampling,
@@ -277,12 +284,6 @@ async function streamText(
   showMemory(); // what the generation left (its buffers are back in the pool)
   return { text, tokens: got, seconds };
 }
-
-/** Set by Stop: the next tokens read back end the generation (generate frees its buffers as it unwinds). */
-let stopGenerating = false;
-
-/** Thrown from onTokens to end a generation the user stopped. */
-class Stopped extends Error {}
 
 async function generate(): Promise<void> {
   if (!current || state.generating) return;

@@ -52,6 +52,8 @@ export interface WebOptions {
   outDir?: string;
   /** Also serve `tests/fixtures/` under `/fixtures/` (the browser tests use it). */
   fixtures?: boolean;
+  /** Host names requests may name besides the loopback ones (the address given with --host). */
+  hosts?: string[];
 }
 
 const TYPES: Record<string, string> = {
@@ -115,6 +117,9 @@ function hostOf(header: string | null): string {
 export function webHandler(options: WebOptions = {}): (req: Request) => Promise<Response> {
   const out = (options.outDir ?? `${ROOT}/out/web`).replace(/\/+$/, "");
   const models = localModels();
+  const allowed = new Set(
+    (options.hosts ?? []).map((h) => hostOf(h.includes(":") && !h.startsWith("[") ? `[${h}]` : h)),
+  );
   const routes: [string, string][] = [
     ["/data/", `${ROOT}/data/`],
     ...models.map((m): [string, string] => [`/models/${m.name}/`, `${m.dir}/`]),
@@ -125,8 +130,9 @@ export function webHandler(options: WebOptions = {}): (req: Request) => Promise<
       return new Response("method not allowed\n", { status: 405 });
     }
     // Only this machine's names: a page elsewhere that rebinds its own name to 127.0.0.1 (DNS rebinding)
-    // sends its name as the Host, and is refused.
-    if (!LOCAL_HOSTS.has(hostOf(req.headers.get("host")))) {
+    // sends its name as the Host, and is refused (the address given with --host is allowed too).
+    const host = hostOf(req.headers.get("host"));
+    if (!LOCAL_HOSTS.has(host) && !allowed.has(host)) {
       return new Response("forbidden host\n", { status: 403 });
     }
     let path: string;
@@ -215,5 +221,5 @@ if (import.meta.main) {
     // localhost as asked, not the address it resolved to
     onListen: ({ hostname, port }) =>
       console.log(`mamba.ts demo: http://${values.host === "localhost" ? values.host : hostname}:${port}/`),
-  }, webHandler());
+  }, webHandler({ hosts: [values.host] }));
 }
