@@ -327,7 +327,12 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     manualSeed(a.train.seed);
     const config = { dModel: a.dModel, nLayers: a.layers, dState: a.dState, recompute: a.recompute };
     const model = new MambaLM(config, { vocabSize: 256 });
-    trainer = new Trainer(model, run.data, a.train);
+    try {
+      trainer = new Trainer(model, run.data, a.train); // refuses a text too short for a window of --seq
+    } catch (e) {
+      model.dispose();
+      throw e;
+    }
   }
   const cfg = trainer.config;
   const isTTY = Deno.stderr.isTerminal();

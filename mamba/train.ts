@@ -280,6 +280,16 @@ export class Trainer {
           "(ids must come from the model's own tokenizer)",
       );
     }
+    // Parts that hold ids but too few for one window fail here, not at the first evaluate() after training
+    // (CharDataset and TokenDataset show their parts; an empty validation part is for runs that never
+    // evaluate): windowsOf's own error, from a throwaway generator.
+    const parts = data as { train?: ArrayLike<number>; val?: ArrayLike<number> };
+    for (const split of ["train", "val"] as const) {
+      const n = parts[split]?.length;
+      if (n !== undefined && (split === "train" || n > 0) && n < this.#config.seq + 1) {
+        data.windows(split, 1, this.#config.seq, new Philox(0)); // throws, naming the part and its size
+      }
+    }
     this.#schedule = Trainer.#scheduleOf(this.#config);
     this.opt = configureOptimizers(model, {
       lr: config.lr,

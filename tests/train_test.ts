@@ -475,11 +475,19 @@ Deno.test("train: Trainer checks its recipe, and evaluate frees its buffer when 
     bad({ betas: [0.9] }, /TrainConfig.betas must be two numbers in \[0, 1\), got \[0.9\]/);
     bad({ seq: undefined }, /TrainConfig.seq must be an integer >= 1, got undefined/);
     bad({ seed: "7" }, /TrainConfig.seed must be an integer in \[0, 9000000000\], got '7'/);
-    const t = new Trainer(model, data, { ...DEFAULT_TRAIN, steps: 4, warmup: 2, batch: 2, seq: 16 });
+    // The validation text (10 bytes) is shorter than seq + 1: said when the Trainer is made, not at the first
+    // evaluate() after the training steps
+    const recipe = { ...DEFAULT_TRAIN, steps: 4, warmup: 2, batch: 2, seq: 16 };
+    assert.throws(
+      () => new Trainer(model, data, recipe),
+      /the val text has 10 bytes, fewer than seq \+ 1 = 17/,
+    );
+    // ... a TrainData that shows no parts finds it at evaluate(), which frees its buffer
+    const opaque = { maxId: data.maxId, windows: data.windows.bind(data) };
+    const t = new Trainer(model, opaque, recipe);
     assert.throws(() => (t.config as TrainConfig).steps = 9, TypeError); // read-only: use setSteps
     assert.throws(() => t.setSteps(1), /steps \(1\) is below the run's warm-up of 2 steps/);
     assert.throws(() => t.setSteps(2.5), /steps must be an integer >= 1, got 2.5/);
-    // The validation text (10 bytes) is shorter than seq + 1.
     const live = memory().liveTensors;
     await assert.rejects(() => t.evaluate(), /the val text has 10 bytes, fewer than seq \+ 1 = 17/);
     assert.equal(memory().liveTensors, live);
@@ -528,7 +536,13 @@ Deno.test("TokenDataset: the same windows as CharDataset from the same ids; bad 
       () => new Trainer(model, new TokenDataset([3, 56, 7]), config),
       /the data has token id 56, outside the model's vocabulary of 56 \(ids must come from the model's own tokenizer\)/,
     );
-    new Trainer(model, new TokenDataset([3, 55, 7]), config).dispose();
+    // (200 ids: both parts hold a window of seq + 1; three were too few, said when the Trainer is made)
+    new Trainer(model, new TokenDataset(Array.from({ length: 200 }, (_, i) => (i % 2 ? 55 : 3))), config)
+      .dispose();
+    assert.throws(
+      () => new Trainer(model, new TokenDataset([3, 55, 7]), config),
+      /the train part has 2 tokens/,
+    );
     const duck = { windows: () => new Int32Array(0) } as unknown as TokenDataset; // no maxId
     assert.throws(
       () => new Trainer(model, duck, config),
