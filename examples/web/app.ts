@@ -521,6 +521,9 @@ $("train-stop").addEventListener("click", () => (stopTraining = true));
 async function start(): Promise<void> {
   showSourceInput();
   try {
+    // init() measures the kernel variants the first time a browser runs this page (up to about a minute on a
+    // software adapter; cached after): say so rather than "starting…" all along
+    $("adapter").textContent = "starting… (measuring kernel variants on first use: up to a minute)";
     await init();
     const info = deviceInfo();
     let name = info.description;
