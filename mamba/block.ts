@@ -333,9 +333,9 @@ export class ResidualBlock extends Module {
   /** Builds one block. */
   constructor(config: MambaConfig) {
     super();
-    config = mambaConfig(config);
-    this.mixer = this.child("mixer", new MambaBlock(config));
-    this.norm = this.child("norm", new RMSNorm(config.dModel, config.rmsNormEps));
+    this.mixer = this.child("mixer", new MambaBlock(config)); // validates the config
+    const { dModel, rmsNormEps } = this.mixer.config;
+    this.norm = this.child("norm", new RMSNorm(dModel, rmsNormEps));
   }
 
   /** x: (B, L, D) -> (B, L, D) */

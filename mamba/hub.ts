@@ -56,6 +56,39 @@ export interface HubOptions {
   timeoutMs?: number;
 }
 
+/**
+ * The hub's refusal of a request for a repository or revision that it does not have (or will not show), as
+ * the {@linkcode HubError} the cache and a page's fetches both throw; null for any other answer. The hub says
+ * X-Error-Code: RepoNotFound (what huggingface_hub checks), also as a 401 for a private id.
+ */
+export function hubRefusal(
+  repo: { id: string; revision: string; endpoint: string },
+  res: Response,
+  url: string,
+): HubError | null {
+  const code = res.headers.get("x-error-code");
+  const msg = res.headers.get("x-error-message");
+  const detail = `HTTP ${res.status}${msg ? `: ${msg}` : ""}`;
+  if (code === "RepoNotFound" || code === "RepositoryNotFound" || (res.status === 401 && !code)) {
+    return new HubError(
+      "RepositoryNotFound",
+      `repository '${repo.id}' not found at ${repo.endpoint} (${detail}, ${url}): check the id; private or gated ` +
+        `repositories are not supported`,
+      url,
+      res.status,
+    );
+  }
+  if (code === "RevisionNotFound") {
+    return new HubError(
+      "RevisionNotFound",
+      `revision '${repo.revision}' not found in '${repo.id}' (${detail}, ${url}): check the branch, tag or commit`,
+      url,
+      res.status,
+    );
+  }
+  return null;
+}
+
 /** `HubOptions.timeoutMs` checked, with its default (30 s). */
 export function timeoutOf(options: HubOptions): number {
   const ms = options.timeoutMs ?? 30_000;

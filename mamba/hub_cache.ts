@@ -12,6 +12,7 @@ import {
   hubEnv,
   HubError,
   type HubOptions,
+  hubRefusal,
   isHubId,
   MODEL_FILES,
   repoCacheDir,
@@ -156,27 +157,11 @@ const sha256Hasher = async () => (await import("node:crypto")).createHash("sha25
 
 // Maps a failed response to a HubError ("EntryNotFound" is returned as null by the callers).
 function httpError(r: Resolved, filename: string, url: string, res: Response): HubError {
+  const refusal = hubRefusal(r, res, url);
+  if (refusal) return refusal;
   const code = res.headers.get("x-error-code");
   const msg = res.headers.get("x-error-message");
   const detail = `HTTP ${res.status}${msg ? `: ${msg}` : ""}`;
-  // The hub says X-Error-Code: RepoNotFound (what huggingface_hub checks), also as a 401 for a private id.
-  if (code === "RepoNotFound" || code === "RepositoryNotFound" || (res.status === 401 && !code)) {
-    return new HubError(
-      "RepositoryNotFound",
-      `repository '${r.id}' not found at ${r.endpoint} (${detail}, ${url}): check the id; private or gated ` +
-        `repositories are not supported`,
-      url,
-      res.status,
-    );
-  }
-  if (code === "RevisionNotFound") {
-    return new HubError(
-      "RevisionNotFound",
-      `revision '${r.revision}' not found in '${r.id}' (${detail}, ${url}): check the branch, tag or commit`,
-      url,
-      res.status,
-    );
-  }
   if (code === "EntryNotFound" || res.status === 404) {
     return new HubError(
       "EntryNotFound",

@@ -344,6 +344,7 @@ export class MambaLM extends Module {
     let caches: LayerCache[] = [];
     const rows: Int32Array[] = Array.from({ length: B }, () => new Int32Array(nTokens));
     const ended = new Array<number>(B).fill(-1); // a row's length once its stop token came, else -1
+    const allEnded = () => stops.size > 0 && ended.every((e) => e >= 0); // then decoding stops
     let done = 0;
     const readNew = async (upto: number) => {
       if (upto <= done) return;
@@ -393,10 +394,10 @@ export class MambaLM extends Module {
         dispose(prev);
         if ((i + 1) % readEvery === 0) {
           await readNew(i + 1);
-          if (stops.size > 0 && ended.every((e) => e >= 0)) break; // every row has ended
+          if (allEnded()) break;
         }
       }
-      if (!(stops.size > 0 && ended.every((e) => e >= 0))) await readNew(nTokens);
+      if (!allEnded()) await readNew(nTokens);
     } finally {
       dispose([caches, all, next]);
       if (ids !== prompt) ids.dispose();

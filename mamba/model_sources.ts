@@ -7,7 +7,7 @@
  */
 
 import { duplicateJsonKey, jsonDepth, MAX_JSON_DEPTH } from "../core/safetensors.ts";
-import { hubEndpoint, HubError, type HubOptions, isHubId, startTimer, timeoutOf } from "./hub.ts";
+import { hubEndpoint, HubError, type HubOptions, hubRefusal, isHubId, startTimer, timeoutOf } from "./hub.ts";
 import { blobSource, type ModelSource, responseSource } from "./byte_source.ts";
 import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
 
@@ -138,30 +138,6 @@ export function hubUrlSource(id: string, options: HubOptions): ModelSource {
   const endpoint = (options.endpoint ?? hubEndpoint()).replace(/\/+$/, "");
   const base = `${endpoint}/${id}/resolve/${encodeURIComponent(revision)}`;
   return urlSource(base, options, `${id}@${revision}`, { id, revision, endpoint });
-}
-
-/** The hub's own refusal of a request (an unknown repository or revision) as the Deno cache names it, or null. */
-function hubRefusal(hub: HubRepo, res: Response, url: string): HubError | null {
-  const code = res.headers.get("x-error-code");
-  if (code === "RepoNotFound" || code === "RepositoryNotFound" || (res.status === 401 && !code)) {
-    return new HubError(
-      "RepositoryNotFound",
-      `repository '${hub.id}' not found at ${hub.endpoint} (HTTP ${res.status}, ${url}): check the id; private ` +
-        "or gated repositories are not supported",
-      url,
-      res.status,
-    );
-  }
-  if (code === "RevisionNotFound") {
-    return new HubError(
-      "RevisionNotFound",
-      `revision '${hub.revision}' not found in '${hub.id}' (HTTP ${res.status}, ${url}): check the branch, tag ` +
-        "or commit",
-      url,
-      res.status,
-    );
-  }
-  return null;
 }
 
 /** The source of a hub id, folder or URL: a folder or the hub cache in Deno, fetched in a browser. */

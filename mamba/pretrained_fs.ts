@@ -57,18 +57,15 @@ function hubSource(id: string, options: HubOptions): ModelSource {
   let fromCacheFirst: boolean | null = null;
   const get = async (file: string, optional: boolean) => {
     try {
+      let path: string | null = null;
       if (fromCacheFirst === null) {
-        const cached = options.refresh
-          ? null
-          : await hubDownload(id, file, { ...options, localFilesOnly: true }).catch(() => null);
-        fromCacheFirst = cached !== null;
-        if (cached !== null) {
-          found = true;
-          pinned ??= /\/snapshots\/([0-9a-f]{40})\/[^/]+$/.exec(cached)?.[1] ?? null;
-          return cached;
+        // the first file: from the cache alone if it is there (no request), else as any other
+        if (!options.refresh) {
+          path = await hubDownload(id, file, { ...options, localFilesOnly: true }).catch(() => null);
         }
+        fromCacheFirst = path !== null;
       }
-      const path = await hubDownload(id, file, pinned === null ? options : { ...options, revision: pinned });
+      path ??= await hubDownload(id, file, pinned === null ? options : { ...options, revision: pinned });
       if (path !== null) {
         found = true;
         pinned ??= /\/snapshots\/([0-9a-f]{40})\/[^/]+$/.exec(path)?.[1] ?? null;

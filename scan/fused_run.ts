@@ -223,30 +223,34 @@ function checkForwardArgs(
   z: Tensor | null,
   a: FusedAttrs,
 ): void {
-  const problems: string[] = [];
-  if (x.rank !== 3) problems.push(`x ${fmt(x.shape)} is not (B, L, ED)`);
-  const [B, L, ED] = x.shape;
-  const positive = (n: number) => Number.isInteger(n) && n >= 1;
-  if (!positive(a.N) || !(Number.isInteger(a.R) && a.R >= 0)) problems.push(`N ${a.N} and R ${a.R}`);
-  if (draw && !sameShape(draw.shape, x.shape)) problems.push(`draw ${fmt(draw.shape)} is not x's`);
-  if (dBC.rank !== 3 || dBC.shape[0] !== B || dBC.shape[1] !== L || dBC.shape[2] < a.R + 2 * a.N) {
-    problems.push(`dBC ${fmt(dBC.shape)} is not (${B}, ${L}, >= R + 2N = ${a.R + 2 * a.N})`);
-  }
-  // the pieces, or some of them packed already: their sizes must add up
-  const want = [ED, ED * a.N, ED, ...(a.dtInside ? [ED * a.R] : [])];
-  const total = params.reduce((n, p) => n + p.size, 0);
-  if (total !== want.reduce((n, s) => n + s, 0)) {
-    problems.push(
-      `params of ${fmt(params.map((p) => p.size))} values, not ${fmt(want)} (bias, A_log, D${
-        a.dtInside ? ", W" : ""
-      })`,
-    );
-  }
-  if (a.gated !== (z !== null)) problems.push(a.gated ? "gated without z" : "z given but not gated");
-  if (z && (z.rank !== 3 || z.shape[0] !== B || z.shape[1] !== L || z.shape[2] < (a.zStart ?? 0) + ED)) {
-    problems.push(`z ${fmt(z.shape)} has no ${ED} columns from ${a.zStart ?? 0}`);
-  }
-  if (problems.length) throw new Error(`fusedScanForward: ${problems.join("; ")}`);
+  // Every training step's forward runs this: the checks first, allocating nothing; the messages only on failure.
+  const B = x.shape[0], L = x.shape[1], ED = x.shape[2];
+  const zStart = a.zStart ?? 0;
+  let total = 0;
+  for (let i = 0; i < params.length; i++) total += params[i].size;
+  const want = ED * (2 + a.N + (a.dtInside ? a.R : 0)); // bias, A_log, D (and W): pieces, or packed already
+  const badX = x.rank !== 3;
+  const badAttrs = !(Number.isInteger(a.N) && a.N >= 1 && Number.isInteger(a.R) && a.R >= 0);
+  const badDraw = draw !== null && !sameShape(draw.shape, x.shape);
+  const badDBC = dBC.rank !== 3 || dBC.shape[0] !== B || dBC.shape[1] !== L || dBC.shape[2] < a.R + 2 * a.N;
+  const badGate = a.gated !== (z !== null);
+  const badZ = z !== null &&
+    (z.rank !== 3 || z.shape[0] !== B || z.shape[1] !== L || z.shape[2] < zStart + ED);
+  if (!(badX || badAttrs || badDraw || badDBC || total !== want || badGate || badZ)) return;
+  const pieces = [ED, ED * a.N, ED, ...(a.dtInside ? [ED * a.R] : [])];
+  const problems = [
+    badX && `x ${fmt(x.shape)} is not (B, L, ED)`,
+    badAttrs && `N ${a.N} and R ${a.R}`,
+    badDraw && `draw ${fmt(draw!.shape)} is not x's`,
+    badDBC && `dBC ${fmt(dBC.shape)} is not (${B}, ${L}, >= R + 2N = ${a.R + 2 * a.N})`,
+    total !== want &&
+    `params of ${fmt(params.map((p) => p.size))} values, not ${fmt(pieces)} (bias, A_log, D${
+      a.dtInside ? ", W" : ""
+    })`,
+    badGate && (a.gated ? "gated without z" : "z given but not gated"),
+    badZ && `z ${fmt(z!.shape)} has no ${ED} columns from ${zStart}`,
+  ].filter((m) => m);
+  throw new Error(`fusedScanForward: ${problems.join("; ")}`);
 }
 
 /**

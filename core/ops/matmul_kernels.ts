@@ -383,16 +383,27 @@ const TILED_TILES: Record<"tiled" | "tiled128", { bm: number; bn: number; bk: nu
 /** The `tiled` kernel of a shape (see {@linkcode TiledShape}). */
 function tiledKernel({ bm, bn, bk, transA, transB }: TiledShape): Kernel {
   const [qm, qn] = [bm / 64, bn / 64]; // 4x4 quarters per invocation along m and n
-  const [loadsA, loadsB] = [(bm * bk) / 256, (bk * bn) / 256]; // elements each invocation stages per slice
   const range = (n: number) => [...Array(n).keys()];
   const acc = (q: number, i: number, p: number) => `c${q}_${i}_${p}`;
-  // element idx of a tile -> (row or column, k), neighbouring idx along the operand's contiguous dim
-  const aAt = transA
-    ? `let r = idx % ${bm}u; let kk = idx / ${bm}u;`
-    : `let kk = idx % ${bk}u; let r = idx / ${bk}u;`;
-  const bAt = transB
-    ? `let kr = idx % ${bk}u; let cn = idx / ${bk}u;`
-    : `let cn = idx % ${bn}u; let kr = idx / ${bn}u;`;
+  // Stages `width` rows (A) or columns (B) from `first` by bk of k into `tile` ([k][width] as vec4s), zeros
+  // outside the operand and the slice; element idx of the tile -> (row or column c, k), neighbouring idx
+  // along the operand's contiguous dim (`kFirst`: k). One template for both operands.
+  const stage = (
+    o: { tile: string; width: number; kFirst: boolean; first: string; ld: string; off: string },
+    s: { dim: string; k: string; limit: string },
+  ) => `
+    for (var e = 0u; e < ${(o.width * bk) / 256}u; e++) {
+      let idx = e * 256u + lid;
+      ${
+    o.kFirst
+      ? `let kk = idx % ${bk}u; let c = idx / ${bk}u;`
+      : `let c = idx % ${o.width}u; let kk = idx / ${o.width}u;`
+  }
+      let d = ${o.first} + c;
+      let k = kt + kk;
+      ${o.tile}[kk * ${o.width / 4}u + c / 4u][c % 4u] = select(0.0,
+        ${o.ld}(${o.off} + min(d, ${s.limit} - 1u) * ${s.dim} + min(k, P.K - 1u) * ${s.k}), d < ${s.limit} && k < ke);
+    }`;
   return defineKernel({
     name: `matmul_tiled_${bm}x${bn}_k${bk}_${transA ? "t" : "n"}${transB ? "t" : "n"}`,
     buffers: [
@@ -419,22 +430,16 @@ var<workgroup> Bs: array<vec4<f32>, ${(bk * bn) / 4}>; // [k][n]: ${bk} k x ${bn
       ).join(" ")
     }
   for (var kt = kb; kt < ke; kt += ${bk}u) {
-    // Stage A[bm0.., kt..] and B[kt.., bn0..] (zeros outside A, B and the slice), ${loadsA} + ${loadsB} per invocation.
-    for (var e = 0u; e < ${loadsA}u; e++) {
-      let idx = e * 256u + lid;
-      ${aAt}
-      let m = bm0 + r;
-      let k = kt + kk;
-      As[kk * ${bm / 4}u + r / 4u][r % 4u] =
-        select(0.0, ld_a(aoff + min(m, P.M - 1u) * P.sam + min(k, P.K - 1u) * P.sak), m < P.M && k < ke);
-    }
-    for (var e = 0u; e < ${loadsB}u; e++) {
-      let idx = e * 256u + lid;
-      ${bAt}
-      let n = bn0 + cn;
-      let k = kt + kr;
-      Bs[kr * ${bn / 4}u + cn / 4u][cn % 4u] =
-        select(0.0, ld_b(boff + min(k, P.K - 1u) * P.sbk + min(n, P.N - 1u) * P.sbn), n < P.N && k < ke);
+    // Stage A[bm0.., kt..] and B[kt.., bn0..] (zeros outside A, B and the slice).${
+      stage(
+        { tile: "As", width: bm, kFirst: !transA, first: "bm0", ld: "ld_a", off: "aoff" },
+        { dim: "P.sam", k: "P.sak", limit: "P.M" },
+      )
+    }${
+      stage(
+        { tile: "Bs", width: bn, kFirst: transB, first: "bn0", ld: "ld_b", off: "boff" },
+        { dim: "P.sbn", k: "P.sbk", limit: "P.N" },
+      )
     }
     workgroupBarrier();
     for (var kk = 0u; kk < ${bk}u; kk++) {
