@@ -278,11 +278,14 @@ function checkScanArgs(
   if (A_log.rank !== 2 || A_log.shape[0] !== ED || N < 1) {
     bad(`A_log must be (${ED}, N) with N >= 1, got ${fmt(A_log.shape)}`);
   }
-  const widthOk = dtRank === undefined ? R >= 0 : dBC.shape[2] >= R + 2 * N;
+  // With dtWeight's R known, dBC is R + 2N wide or padded to the next multiple of 4 (as MambaBlock pads
+  // x_proj's output on CPU adapters): any other width means a dt rank that disagrees with x_proj's.
+  const S = R + 2 * N, padded = Math.ceil(S / 4) * 4;
+  const widthOk = dtRank === undefined ? R >= 0 : dBC.shape[2] === S || dBC.shape[2] === padded;
   if (dBC.rank !== 3 || dBC.shape[0] !== B || dBC.shape[1] !== L || !widthOk) {
     bad(
       `dBC must be (${B}, ${L}, ${dtRank === undefined ? "R" : R} + 2*${N}${
-        dtRank === undefined ? "" : " or more"
+        dtRank === undefined || padded === S ? "" : `, or ${padded} padded`
       }), got ${fmt(dBC.shape)}`,
     );
   }
@@ -326,8 +329,9 @@ export function fusedSelectiveScan(
 /**
  * The SSM of a Mamba block with dt_proj folded in, as MambaBlock runs it: delta = softplus(dBC[..., :R] @
  * dtWeight^T + dtBias), then as {@linkcode fusedSelectiveScan}. dtWeight: (ED, R); dBC may be wider than R +
- * 2N (x_proj's output padded to a multiple of 4 columns: the extra columns are ignored, their gradient is
- * zero); the other arguments as there. It never saves delta or draw (B, L, ED): up to R = MAX_INLINE_DT_RANK
+ * 2N, padded to the next multiple of 4 columns (as MambaBlock pads x_proj's output: the extra columns are
+ * ignored, their gradient is zero; any other width is an error, a dt rank that disagrees with x_proj's); the
+ * other arguments as there. It never saves delta or draw (B, L, ED): up to R = MAX_INLINE_DT_RANK
  * the kernels compute draw per step from dBC's dt columns (and the backward kernels W's gradient and those
  * columns'); above it, draw comes from a matmul, recomputed in the backward. The scan keeps 4 (2 ED + R + 2N)
  * bytes per token (4 (2 ED + 2R + 2N) above the inline rank) plus the chunk states.

@@ -391,6 +391,18 @@ Deno.test("fused scan: bad shapes and dtypes are errors that name them; forward-
     () => fusedMambaScan(t.x, t.dBC, randn([6, 2, 1]), t.bias, t.A_log, t.D, t.z),
     /fusedMambaScan: dtWeight must be f32 \(6, R\), got f32 \[6, 2, 1\]/,
   );
+  // dBC is x_proj's output for R = 2 (10 columns): a dtWeight of rank 1 or 3 disagrees; 11 or 13 columns
+  // are neither R + 2N nor its padding to 12
+  for (const [R, w] of [[1, 10], [3, 10], [2, 11], [2, 13]]) { // dtWeight's rank, dBC's width
+    const W = randn([6, R]), d = w === 10 ? t.dBC : randn([2, 5, w]);
+    const S = R + 8, also = S % 4 === 0 ? "" : `, or ${Math.ceil(S / 4) * 4} padded`;
+    assert.throws(
+      () => fusedMambaScan(t.x, d, W, t.bias, t.A_log, t.D, t.z),
+      new RegExp(`fusedMambaScan: dBC must be \\(2, 5, ${R} \\+ 2\\*4${also}\\), got \\[2, 5, ${w}\\]`),
+    );
+    W.dispose();
+    if (d !== t.dBC) d.dispose();
+  }
   // the forward alone (a prompt's prefill) frees every temporary: only y, ph and the inputs stay live
   const before = memory().liveTensors;
   for (let i = 0; i < 3; i++) {
