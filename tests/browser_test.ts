@@ -74,6 +74,8 @@ Deno.test({
     );
     await Deno.mkdir(ARTIFACTS, { recursive: true });
     const handler = webHandler({ fixtures: true });
+    const HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567";
+    const hubRequests: string[] = []; // "<name>@<revision>/<file>", in order
     const server = Deno.serve(
       { hostname: "127.0.0.1", port: 0, onListen() {} },
       (req) => {
@@ -81,11 +83,25 @@ Deno.test({
         if (url.pathname === "/test.html") {
           return new Response(TEST_PAGE, { headers: { "content-type": "text/html" } });
         }
-        // A stand-in for the hub: /hub/<org>/<name>/resolve/<revision>/<file> redirects, as huggingface.co
-        // does to its CDN, here to the fixture.
-        const hub = /^\/hub\/test-org\/char-mamba\/resolve\/main\/([\w.]+)$/.exec(url.pathname);
+        // A stand-in for the hub: /hub/<org>/<name>/resolve/<revision>/<file>. As huggingface.co: small
+        // files answered in place with the commit that the revision resolves to (X-Repo-Commit), large ones
+        // redirected to the CDN (here the fixture); an unknown repository is 404 with X-Error-Code.
+        const hub = /^\/hub\/test-org\/([\w-]+)\/resolve\/(\w+)\/([\w.]+)$/.exec(url.pathname);
         if (hub) {
-          return Promise.resolve(Response.redirect(`${url.origin}/fixtures/char-mamba/${hub[1]}`, 302));
+          const [, name, revision, file] = hub;
+          hubRequests.push(`${name}@${revision}/${file}`);
+          if (name !== "char-mamba") {
+            const headers = { "x-error-code": "RepoNotFound", "x-error-message": "Repository not found" };
+            return new Response("not found", { status: 404, headers });
+          }
+          const fixture = `${url.origin}/fixtures/char-mamba/${file}`;
+          if (file.endsWith(".safetensors")) return Response.redirect(fixture, 302);
+          return (async () => {
+            const res = await handler(new Request(fixture, { headers: req.headers })); // its Host: the server checks it
+            const headers = new Headers(res.headers);
+            if (res.ok) headers.set("x-repo-commit", HUB_COMMIT);
+            return new Response(res.body, { status: res.status, headers });
+          })();
         }
         return handler(req);
       },
@@ -231,6 +247,10 @@ Deno.test({
               () => "loaded",
               (e: Error) => e.message,
             );
+            const noRepo = await m.fromPretrained("test-org/no-such-model", { endpoint: `${base}/hub` }).then(
+              () => "loaded",
+              (e: Error) => `${e.name}: ${e.message}`,
+            );
             const out = {
               hubDiff: diff(ref, await logitsOf(fromHub)),
               hubSource: fromHub.source,
@@ -244,12 +264,22 @@ Deno.test({
                 [...(lm.tokenizer as Library.ByteTokenizer).known!].sort()
               ),
               missing,
+              noRepo,
             };
             for (const lm of [fromUrl, fromHub, fromFiles, back]) lm.dispose();
             return out;
           }, base);
           assert.equal(r.hubDiff, 0);
           assert.equal(r.hubSource, "test-org/char-mamba@main");
+          // the first file by the revision asked for, every later one by the commit it resolved to
+          const charHub = hubRequests.filter((q) => q.startsWith("char-mamba@"));
+          assert.equal(charHub[0], "char-mamba@main/config.json");
+          assert.ok(charHub.length >= 2, charHub.join());
+          for (const q of charHub.slice(1)) assert.ok(q.startsWith(`char-mamba@${HUB_COMMIT}/`), q);
+          assert.match(
+            r.noRepo,
+            /repository 'test-org\/no-such-model' not found at .*HTTP 404: Repository not found/,
+          );
           assert.equal(r.hubTokenizer, true);
           assert.equal(r.filesDiff, 0);
           assert.equal(r.savedDiff, 0);
