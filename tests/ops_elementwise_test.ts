@@ -220,6 +220,21 @@ Deno.test("pow: integer powers of negative bases, fractional powers give NaN, sc
   ]);
 });
 
+Deno.test("div: the divisor's gradient at very large and very small divisors is PyTorch's -g (a / b) / b", async () => {
+  // -g a / (b * b) lost these: b * b overflows past |b| 1.8e19 (gradient -0) and is subnormal or 0 below 1e-19
+  // (gradient off by 5e-6, or -inf where a GPU flushes subnormals, or always at 1e-25).
+  const a = [1e20, 2e30, 1e-20, 1e-30, 6];
+  const b = [1e20, 4e25, 1e-20, 1e-25, 3];
+  const x = tensor(a, undefined, { requiresGrad: true });
+  const y = tensor(b, undefined, { requiresGrad: true });
+  tidy(() => M.div(x, y).sum().backward());
+  const f = Math.fround;
+  const want = a.map((u, i) => -f(f(f(u) / f(b[i])) / f(b[i]))); // [-1e-20, -1.25e-21, -1e20, -1e20, -0.666..]
+  assertClose(await y.grad!.toArray(), want, { rtol: 1e-6, atol: 0 }, "div's dL/db");
+  x.dispose();
+  y.dispose();
+});
+
 Deno.test("maximum/minimum: ties split the gradient equally; scalar operands", async () => {
   const a = nd([1, 2, 3, -1, 0.5, 4], [6]);
   const b = nd([1, 5, 3, -2, 0.5, 0], [6]);

@@ -117,7 +117,8 @@ const BINARY = {
   add: { expr: "a + b", ga: "", gb: "", ints: true },
   sub: { expr: "a - b", ga: "", gb: "", ints: true },
   mul: { expr: "a * b", ga: "c * b", gb: "c * a", ints: true },
-  div: { expr: "a / b", ga: "c / b", gb: "-c * a / (b * b)" },
+  // dL/db as PyTorch: -g (a / b) / b, so that b * b neither overflows (|b| > 1.8e19) nor underflows (< 1e-19)
+  div: { expr: "a / b", ga: "c / b", gb: "-c * ((a / b) / b)" },
   // As PyTorch: no gradient through a zero exponent, and none to the exponent where a = 0 and b >= 0
   // (0 * log(0) would be NaN).
   pow: {
