@@ -475,6 +475,10 @@ export class Mamba extends Module {
     if (rank === 3 && x.shape[1] === 0) {
       throw new Error(`Mamba: the input ${fmt(x.shape)} has no positions (L = 0)`);
     }
+    // as L = 0: the fused scan's check named its own x (B, L, ED), not this input
+    if (rank === 3 && x.shape[0] === 0) {
+      throw new Error(`Mamba: the input ${fmt(x.shape)} has no rows (B = 0)`);
+    }
   }
 }
 

@@ -409,10 +409,18 @@ Deno.test("Mamba rejects bad input and configs with clear errors", async () => {
   }
   for (const c of [...short, ...small, ...good]) (c.h.dispose(), c.inputs.dispose());
   for (const m of [two, ...others]) m.dispose();
-  // L = 0 is rejected at the input, with its shape.
+  // L = 0 and B = 0 are rejected at the input, with its shape (in every scan mode: the fused one failed on
+  // B = 0 inside fusedMambaScanOut, naming its x [0, 3, 16]; pscan returned an empty output).
   const empty = (await import("../core/creation.ts")).zeros([2, 0, 8]);
   assert.throws(() => model.forward(empty), /input \[2, 0, 8\] has no positions \(L = 0\)/);
   empty.dispose();
+  for (const scan of ["fused", "pscan"] as const) {
+    const m = new Mamba(mambaConfig({ dModel: 8, nLayers: 1, scan }));
+    const none = (await import("../core/creation.ts")).zeros([0, 3, 8]);
+    assert.throws(() => m.forward(none), /Mamba: the input \[0, 3, 8\] has no rows \(B = 0\)/);
+    none.dispose();
+    m.dispose();
+  }
   for (const b of [0, -1, 1.5, NaN]) {
     assert.throws(() => model.emptyCache(b), /emptyCache: batch must be a positive integer, got/);
   }
