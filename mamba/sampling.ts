@@ -6,11 +6,10 @@
  * walk the row about 61 times: V above 68k). Greedy: argmax (first
  * index on ties, as torch.argmax). Sampling: Gumbel-max, argmax((x - max) / T + g) with g = -log(-log(u)), which
  * draws exactly from softmax(x / T); u comes from a hash of (seed, step, row, v), so a seed reproduces a
- * run. Top-k keeps exactly k logits, as torch.topk: a bisection on an order-preserving u32 key of the f32
- * logit (32 rounds of a workgroup count) finds the k-th largest value; everything above it is kept, and of
- * the logits equal to it the lowest indices (each invocation counts the ties in its contiguous chunk of
- * the row, invocation 0 turns the counts into prefix sums, and the invocation whose chunk holds the last
- * tie to keep walks it to find the cut).
+ * run. Top-k, as mamba.py's generate and HF's TopKLogitsWarper: a bisection on an order-preserving u32 key of
+ * the f32 logit (32 rounds of a workgroup count) finds the k-th largest value, and every logit at least that
+ * large is kept (so ties with the k-th are all kept, more than k then, where torch.topk alone would cut them
+ * by index).
  * Top-p: a bisection on the logit value, from max - 104 T (below it exp((x - max) / T) is 0 in f32) up to
  * the max (24 rounds of a workgroup sum of exp((x - max) / T) over the
  * top-k set) finds the smallest set holding probability p; logits outside it are skipped (ties at its
@@ -28,14 +27,14 @@ import type { Tensor } from "../core/tensor.ts";
  * Loop trips one invocation runs for a row of V logits, each loop's final test counted (software adapters
  * stop an invocation silently once all its loops together pass 65535): greedy walks the row once and reduces
  * by a tree; sampling also finds the row's max and min (two trees); top-k and top-p add the bisections (32 and
- * 24 rounds, each a walk and a tree) and a few more walks, bounds that reproduce the lengths at which lavapipe
- * was measured to fail (V past 68096 at 64 invocations, 271104 at 256).
+ * 24 rounds, each a walk and a tree) and the top-p total (a walk and a tree), bounds that reproduce the
+ * lengths at which lavapipe was measured to fail (top-k/top-p: V past 70464 at 64 invocations, 281344 at 256).
  */
 export function loopIterations(V: number, WG: number, mode: "greedy" | "sample" | "top"): number {
   const [walk, tree] = [Math.ceil(V / WG) + 1, Math.log2(WG) + 1];
   if (mode === "greedy") return walk + tree;
   if (mode === "sample") return 2 * walk + 3 * tree;
-  return 61 * walk + 61 * tree + WG + 64;
+  return 59 * walk + 60 * tree + 64;
 }
 
 /** The workgroup size for rows of V logits: 64, or 256 when top-k and top-p would loop past 65535 trips at 64. */
@@ -76,7 +75,6 @@ var<workgroup> bestV: array<f32, ${WG}>;
 var<workgroup> bestI: array<u32, ${WG}>;
 var<workgroup> cnt: array<u32, ${WG}>;
 var<workgroup> fred: array<f32, ${WG}>;
-var<workgroup> cut: u32;
 fn hash(v: u32) -> u32 {
   // PCG-style integer hash: the same bits on every adapter.
   var s = v * 747796405u + 2891336453u;
@@ -94,17 +92,12 @@ fn key(x: f32) -> u32 {
 fn unkey(k: u32) -> f32 {
   return bitcast<f32>(select(~k, k & 0x7fffffffu, (k & 0x80000000u) != 0u));
 }
-fn kept(x: f32, v: u32, kKey: u32, kIdx: u32) -> bool {
-  // In the top-k set: above the k-th largest value, or equal to it at an index below kIdx.
-  let k = key(x);
-  return k > kKey || (k == kKey && v < kIdx);
-}
-fn massAtLeast(base: u32, thr: f32, m: f32, kKey: u32, kIdx: u32, lid: u32) -> f32 {
+fn massAtLeast(base: u32, thr: f32, m: f32, kKey: u32, lid: u32) -> f32 {
   // sum of exp((x - m) / T) over the top-k logits x >= thr (unnormalised probability mass)
   var c = 0.0;
   for (var v = lid; v < P.V; v += ${WG}u) {
     let x = ld_x(base + v);
-    if (x >= thr && kept(x, v, kKey, kIdx)) { c += exp((x - m) * P.invTemp); }
+    if (x >= thr && key(x) >= kKey) { c += exp((x - m) * P.invTemp); }
   }
   fred[lid] = c;
   workgroupBarrier();
@@ -135,9 +128,8 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
     body: `
   let row = group;
   let base = row * P.V;
-  // top-k: kept(x, v, kKey, kIdx) (kKey 0, kIdx V: all); top-p: x >= thr
+  // top-k: key(x) >= kKey (0: all, NaN included; NaN is no candidate anyway); top-p: x >= thr
   var kKey = 0u;
-  var kIdx = P.V;
   var thr = -3.4028234663852886e38;
   let useK = P.topK > 0u && P.topK < P.V;
   let useP = P.topP < 1.0;
@@ -176,49 +168,16 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
       }
       kKey = klo;
       thrK = unkey(klo);
-      // ties: counts per contiguous chunk, prefix sums, one walk to the cut
-      let chunk = (P.V + ${WG - 1}u) / ${WG}u;
-      let c0 = min(lid * chunk, P.V);
-      let c1 = min(c0 + chunk, P.V);
-      var gt = 0u;
-      var eq = 0u;
-      for (var v = c0; v < c1; v++) {
-        let k = key(ld_x(base + v));
-        gt += select(0u, 1u, k > kKey);
-        eq += select(0u, 1u, k == kKey);
-      }
-      let above = sumCounts(gt, lid);
-      let need = select(0u, P.topK - above, P.topK > above); // ties to keep, >= 1
-      cnt[lid] = eq;
-      workgroupBarrier();
-      if (lid == 0u) {
-        var run = 0u;
-        for (var i = 0u; i < ${WG}u; i++) { let e = cnt[i]; cnt[i] = run; run += e; }
-        cut = P.V;
-      }
-      workgroupBarrier();
-      let before = cnt[lid];
-      if (before < need && need <= before + eq) {
-        var seen = before;
-        for (var v = c0; v < c1; v++) {
-          if (key(ld_x(base + v)) == kKey) {
-            seen++;
-            if (seen == need) { cut = v + 1u; break; }
-          }
-        }
-      }
-      workgroupBarrier();
-      kIdx = cut;
     }
     if (useP) {
-      let total = massAtLeast(base, thrK, rowMax, kKey, kIdx, lid); // mass left after top-k
+      let total = massAtLeast(base, thrK, rowMax, kKey, lid); // mass left after top-k
       // below rowMax - 104 T, exp((x - rowMax) / T) is 0 in f32: starting there keeps the 24 rounds among
       // the candidates when a row holds -inf or a far outlier
       var plo = max(max(rowMin, thrK), rowMax - 104.0 / P.invTemp);
       var phi = rowMax;
       for (var it = 0u; it < 24u; it++) {
         let mid = plo + (phi - plo) * 0.5;
-        if (massAtLeast(base, mid, rowMax, kKey, kIdx, lid) >= P.topP * total) { plo = mid; } else { phi = mid; }
+        if (massAtLeast(base, mid, rowMax, kKey, lid) >= P.topP * total) { plo = mid; } else { phi = mid; }
       }
       thr = plo;
     }
@@ -233,7 +192,7 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
     let x = ld_x(base + v);
     var score = x;
     if (P.greedy == 0u) {
-      if (x < thr || !kept(x, v, kKey, kIdx)) { continue; }
+      if (x < thr || key(x) < kKey) { continue; }
       // Gumbel noise -log(-log(u)) from u in (0, 1): 23 bits, so that 0.5 + (2^23 - 1) stays below 2^23 in f32
       // (24 bits rounded u to 1.0 once in 2^24 draws: an infinite score, a uniformly random token once in about
       // 330 at a 50k vocabulary); and -log(u) kept above 0 where log rounds u near 1 to 0. The row is hashed
@@ -276,8 +235,8 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
 export interface SampleOptions {
   /** Draw from the distribution (default false: greedy argmax). */
   sample?: boolean;
-  /** Keep only the k most likely tokens before sampling, exactly k as torch.topk (ties: the lower token
-   * ids); 0 or undefined: all. */
+  /** Keep only the k most likely tokens before sampling, and every token tied with the k-th (as mamba.py's
+   * generate and HF's TopKLogitsWarper); 0 or undefined: all. */
   topK?: number;
   /** Nucleus sampling: keep the most likely tokens whose probability adds up to at least p (1: all). */
   topP?: number;
@@ -367,7 +326,7 @@ export function sampleInto(logits: Tensor, next: Tensor, all: Tensor, step: numb
     const what = { greedy: "greedy decoding", sample: "sampling", top: "top-k/top-p" }[mode];
     throw new Error(
       `generate: ${what} over ${V} logits would loop ${trips} times per invocation, past the 65535 a ` +
-        "software adapter runs (top-k/top-p: at most about 271k logits; sampling 8.3M; greedy 16.7M)",
+        "software adapter runs (top-k/top-p: at most about 281k logits; sampling 8.3M; greedy 16.7M)",
     );
   }
   dispatch(sampleKernel(WG), { x: logits.storage, next: next.storage, all: all.storage }, {
