@@ -14,6 +14,10 @@
  * @module
  */
 
+import { simpleCommandLine } from "../examples/lib/cli.ts";
+
+simpleCommandLine("Usage: deno run -A bench/loop_limit.ts\n\n  --help    this text (no other flags)");
+
 const adapter = await navigator.gpu.requestAdapter();
 if (!adapter) throw new Error("loop_limit: no WebGPU adapter");
 const device = await adapter.requestDevice();

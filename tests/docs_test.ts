@@ -1,6 +1,7 @@
 // What README.md tells a user to type: the flag lists it gives for the example scripts are the flags the
 // scripts take (a flag the README leaves out is one a reader never learns of; one it names that the script
-// refuses fails at the first try).
+// refuses fails at the first try), and every script they name answers --help with its usage instead of
+// starting its work.
 import assert from "node:assert/strict";
 
 const ROOT = new URL("..", import.meta.url);
@@ -46,4 +47,49 @@ Deno.test("README's flag list of deno task generate is the flags examples/genera
     ...readmeFlags("`--model` takes a hub id, a local folder or a URL; also\n"),
   ]);
   assert.deepEqual([...listed].sort(), [...taken].sort());
+});
+
+/** The scripts README and docs/ tell a user to run with `deno run -A <script>`: every bench/*.ts whose header
+ * says so, and the examples. */
+async function runnableScripts(): Promise<string[]> {
+  const bench: string[] = [];
+  for await (const e of Deno.readDir(new URL("bench", ROOT))) {
+    if (!e.isFile || !e.name.endsWith(".ts")) continue;
+    const text = await Deno.readTextFile(new URL(`bench/${e.name}`, ROOT));
+    if (text.includes(`deno run -A bench/${e.name}`)) bench.push(`bench/${e.name}`);
+  }
+  const examples = [
+    "demo",
+    "generate",
+    "train",
+    "loss_vs_pytorch",
+    "web/build",
+    "web/serve",
+    "web/screenshot",
+  ];
+  return [...bench.sort(), ...examples.map((e) => `examples/${e}.ts`)];
+}
+
+Deno.test("every script answers --help with its usage and refuses an unknown flag, before any work", async () => {
+  const scripts = await runnableScripts();
+  assert.ok(
+    scripts.includes("bench/scan_report.ts") && scripts.includes("bench/loop_limit.ts"),
+    String(scripts),
+  );
+  for (const script of scripts) {
+    const run = (flag: string) =>
+      new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", script, flag],
+        cwd: ROOT,
+        stdin: "null",
+        env: { NO_COLOR: "1" },
+      }).output();
+    const h = await run("--help");
+    const out = new TextDecoder().decode(h.stdout);
+    assert.equal(h.code, 0, `${script} --help: ${new TextDecoder().decode(h.stderr)}`);
+    assert.match(out, /^Usage: /, `${script} --help printed no usage (did it run?):\n${out.slice(0, 300)}`);
+    const bad = await run("--no-such-flag");
+    assert.equal(bad.code, 2, `${script} --no-such-flag: exit ${bad.code}`);
+    assert.match(new TextDecoder().decode(bad.stderr), /Unknown option '--no-such-flag'/, script);
+  }
 });
