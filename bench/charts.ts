@@ -132,6 +132,8 @@ export function rooflineSpec(rep: ScanReport, subtitle: string): vl.TopLevelSpec
     return [bar(config, "training", r.GBs), ...inference];
   });
   const forwards = [...new Set(bars.map((b) => b.forward))];
+  // a report without the inference forward draws one bar per config, as before it was timed
+  const both = forwards.length > 1;
   const lines = [
     { what: `copy bandwidth, ${copyGBs.toFixed(1)} GB/s`, GBs: copyGBs },
     { what: "half of it (the aim)", GBs: copyGBs / 2 },
@@ -154,7 +156,7 @@ export function rooflineSpec(rep: ScanReport, subtitle: string): vl.TopLevelSpec
     layer: [
       {
         data: { values: bars },
-        mark: { type: "bar" },
+        mark: both ? { type: "bar" } : { type: "bar", color: "#1b7837" },
         encoding: {
           x: {
             field: "config",
@@ -163,19 +165,23 @@ export function rooflineSpec(rep: ScanReport, subtitle: string): vl.TopLevelSpec
             title: null,
             axis: { labelAngle: -30, labelLimit: 240 },
           },
-          xOffset: { field: "forward", type: "nominal", sort: forwards },
-          color: {
-            field: "forward",
-            type: "nominal",
-            sort: forwards,
-            scale: { domain: forwards, range: ["#1b7837", "#7fbf7b"].slice(0, forwards.length) },
-            legend: forwards.length > 1 ? { title: null, orient: "top", direction: "horizontal" } : null,
-          },
+          ...(both
+            ? {
+              xOffset: { field: "forward", type: "nominal", sort: forwards },
+              color: {
+                field: "forward",
+                type: "nominal",
+                sort: forwards,
+                scale: { domain: forwards, range: ["#1b7837", "#7fbf7b"] },
+                legend: { title: null, orient: "top", direction: "horizontal" },
+              },
+            }
+            : {}),
           y,
           y2: { datum: low }, // bars from the bottom of the log scale (it has no zero)
           tooltip: [
             { field: "config", type: "nominal" },
-            { field: "forward", type: "nominal" },
+            ...(both ? [{ field: "forward", type: "nominal" as const }] : []),
             { field: "GBs", type: "quantitative", format: ".2f" },
             { field: "share", type: "quantitative", format: ".1%", title: "of the copy bandwidth" },
           ],
@@ -222,13 +228,12 @@ folder of bench/results/ (bench/results/h200/scan.json) renders docs/scan_time_v
 
   --help    this text`;
 
-if (import.meta.main) {
-  const path = simpleCommandLine(USAGE, [], "report").positional ?? resultPath("scan.json");
-  const rep = JSON.parse(await Deno.readTextFile(path)) as ScanReport;
+/** The charts of a report, by file name (in docs/, before a folder's suffix). */
+export function reportCharts(rep: ScanReport): [string, vl.TopLevelSpec][] {
   const s = rep.sweeps;
   const quickMark = rep.quick ? " (--quick)" : "";
   const where = `${rep.adapter}, batch 1, one Mamba layer; medians${quickMark}`;
-  const charts: [string, vl.TopLevelSpec][] = [
+  return [
     [
       "scan_time_vs_L.svg",
       chartSpec(
@@ -267,9 +272,20 @@ if (import.meta.main) {
       ),
     ],
   ];
-  // a report from another adapter, in its own folder of bench/results/, gets that folder's name as a suffix
+}
+
+/** The suffix of a report's chart files: a report from another adapter, in its own folder of bench/results/,
+ * gets that folder's name (bench/results/h200/scan.json: `_h200`). */
+export function chartSuffix(path: string): string {
   const folder = relative(join(REPO_ROOT, "bench", "results"), dirname(resolve(path)));
-  const suffix = folder && !folder.startsWith("..") ? `_${folder.replaceAll(/[^A-Za-z0-9]+/g, "_")}` : "";
+  return folder && !folder.startsWith("..") ? `_${folder.replaceAll(/[^A-Za-z0-9]+/g, "_")}` : "";
+}
+
+if (import.meta.main) {
+  const path = simpleCommandLine(USAGE, [], "report").positional ?? resultPath("scan.json");
+  const rep = JSON.parse(await Deno.readTextFile(path)) as ScanReport;
+  const charts = reportCharts(rep);
+  const suffix = chartSuffix(path);
   const docs = join(REPO_ROOT, "docs");
   await Deno.mkdir(docs, { recursive: true });
   for (const [name, spec] of charts) {

@@ -1,8 +1,9 @@
 // What README.md tells a user to type: the flag lists it gives for the example scripts are the flags the
 // scripts take (a flag the README leaves out is one a reader never learns of; one it names that the script
-// refuses fails at the first try), and every script they name answers --help with its usage instead of
-// starting its work.
+// refuses fails at the first try), every script they name answers --help with its usage instead of starting
+// its work, and the charts in docs/ are what bench/charts.ts draws from the reports in bench/results/.
 import assert from "node:assert/strict";
+import { chartSuffix, renderSvg, reportCharts } from "../bench/charts.ts";
 
 const ROOT = new URL("..", import.meta.url);
 const README = await Deno.readTextFile(new URL("README.md", ROOT));
@@ -91,5 +92,21 @@ Deno.test("every script answers --help with its usage and refuses an unknown fla
     const bad = await run("--no-such-flag");
     assert.equal(bad.code, 2, `${script} --no-such-flag: exit ${bad.code}`);
     assert.match(new TextDecoder().decode(bad.stderr), /Unknown option '--no-such-flag'/, script);
+  }
+});
+
+Deno.test("the committed charts are what bench/charts.ts draws from the committed reports", async () => {
+  for (const report of ["bench/results/scan.json", "bench/results/h200/scan.json"]) {
+    const path = new URL(report, ROOT).pathname;
+    const charts = reportCharts(JSON.parse(await Deno.readTextFile(path)));
+    assert.ok(charts.length >= 4, report);
+    for (const [name, spec] of charts) {
+      const file = `docs/${name.replace(".svg", `${chartSuffix(path)}.svg`)}`;
+      const drawn = (await renderSvg(spec)) + "\n";
+      assert.ok(
+        drawn === (await Deno.readTextFile(new URL(file, ROOT))),
+        `${file} is not what bench/charts.ts draws from ${report} (deno run -A bench/charts.ts ${report})`,
+      );
+    }
   }
 });
