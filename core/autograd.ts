@@ -557,16 +557,20 @@ function propagate(
     }
   };
   try {
-    noGrad(pass);
+    // freeOnThrow: what a backward made before it threw and had not returned yet (a's gradient where b's ran
+    // out of memory) goes too, also outside tidy.
+    freeOnThrow(() => {
+      noGrad(pass);
+      // What is left are the gradients of the tensors where the pass stopped (none are in the order).
+      for (const x of [...pending.keys()]) settle(x);
+      for (const x of [...grads.keys()]) complete(x);
+    });
   } catch (e) {
     // Otherwise the gradients held so far leak, and disposed tensors upstream keep their nodes for good.
     for (const x of new Set([...claimed, ...inFlight])) if (x !== grad && !x.kept) x.dispose();
     if (!options.retainGraph) abandonGraph(order, ran);
     throw e;
   }
-  // What is left are the gradients of the tensors where the pass stopped (none are in the order).
-  for (const x of [...pending.keys()]) settle(x);
-  for (const x of [...grads.keys()]) complete(x);
   if (!options.retainGraph) releaseGraph(order);
   return grads;
 }

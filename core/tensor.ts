@@ -26,9 +26,9 @@ const scopes: Set<Tensor>[] = [];
 let made: Tensor[] | null = null;
 
 /**
- * Runs `fn` (an op's forward) and, if it throws part-way (out of memory under a limit, a check after the
- * first allocation), disposes the tensors it made that are neither disposed nor kept, so that a caught
- * error leaks nothing, inside tidy or not. Nested calls share the outermost one's list.
+ * Runs `fn` (an op's forward, a backward pass) and, if it throws part-way (out of memory under a limit, a
+ * check after the first allocation), disposes the tensors it made that are neither disposed nor kept, so
+ * that a caught error leaks nothing, inside tidy or not. Nested calls share the outermost one's list.
  */
 export function freeOnThrow<T>(fn: () => T): T {
   const outermost = made === null;

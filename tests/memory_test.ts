@@ -167,6 +167,32 @@ Deno.test("an op that runs out of memory part-way through its forward leaks noth
   dispose([x, t]);
 });
 
+Deno.test("a backward that runs out of memory part-way leaks nothing (outside tidy too), and can run again", async () => {
+  const x = M.randn([2, 8, 6], { seed: 1, requiresGrad: true });
+  const w = M.randn([6, 5], { seed: 2, requiresGrad: true });
+  // no tidy: matmul's backward makes a's gradient, then b's runs out of memory; the graph is kept
+  const y = x.matmul(w);
+  const loss = y.sum();
+  const base = memory();
+  for (const room of [256, 512, 1024]) {
+    M.setMemoryLimit(base.liveBytes + room);
+    try {
+      assert.throws(() => loss.backward(undefined, { retainGraph: true }), /out of memory/, `cap +${room}`);
+    } finally {
+      M.setMemoryLimit(null);
+    }
+    for (const p of [x, w]) {
+      p.grad?.dispose(); // a gradient that reached its leaf before the throw stays, as in PyTorch
+      p.grad = null;
+    }
+    assert.equal(memory().liveTensors, base.liveTensors, `no tensors left live (cap +${room})`);
+    assert.equal(memory().liveBytes, base.liveBytes, `no bytes left live (cap +${room})`);
+  }
+  loss.backward();
+  assert.deepEqual([...await w.grad!.toArray()].slice(0, 2).map((v) => v !== 0), [true, true]);
+  dispose([y, loss, x.grad, w.grad, x, w]);
+});
+
 Deno.test("a size that is not a whole number of bytes is refused before it reaches the byte counters", () => {
   const base = memory();
   for (const shape of [[NaN], [2, Infinity]]) {
