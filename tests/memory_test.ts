@@ -193,6 +193,30 @@ Deno.test("a backward that runs out of memory part-way leaks nothing (outside ti
   dispose([y, loss, x.grad, w.grad, x, w]);
 });
 
+Deno.test("a checkpoint whose rerun's backward throws leaves no gradient of its inputs' copies behind", () => {
+  const fails = defineOp<null>({
+    name: "failsBackward",
+    forward: ([a]) => a.mul(1),
+    backward: () => {
+      throw new Error("backward failed");
+    },
+  });
+  const x = M.randn([4], { seed: 1, requiresGrad: true });
+  const w = M.randn([4], { seed: 2, requiresGrad: true });
+  const base = memory();
+  // the copy of x gets its gradient (a kept .grad, as a leaf's) before the op on w throws
+  assert.throws(
+    () =>
+      tidy(() => {
+        M.checkpoint((t) => t.mul(2).add(fails([w], null)), x).sum().backward();
+      }),
+    /backward failed/,
+  );
+  assert.equal(memory().liveTensors, base.liveTensors, "no tensors left live");
+  assert.equal(memory().liveBytes, base.liveBytes, "no bytes left live");
+  dispose([x, w]);
+});
+
 Deno.test("a size that is not a whole number of bytes is refused before it reaches the byte counters", () => {
   const base = memory();
   for (const shape of [[NaN], [2, Infinity]]) {
