@@ -479,15 +479,35 @@ export abstract class Optimizer {
         throw new Error(`step: ${what} for parameter '${name}' of shape ${fmt(p.shape)} (f32)`);
       }
     }
+    // and every new state buffer made before then: running out of memory leaves it undone too
+    const fresh = this.#newState(this.#slots.filter((s) => s.p.grad && !s.state), zeros);
     this.stepCount++;
     for (const s of this.#slots) {
       const g = s.p.grad;
       if (!g) continue;
-      const fresh = s.state === null;
-      s.state ??= this.stateNames.map(() => keep(zeros(s.p.shape)));
       s.steps++;
-      this.update(s.p, g, s.state, { weightDecay: s.weightDecay, steps: s.steps, fresh, scale });
+      this.update(s.p, g, s.state!, {
+        weightDecay: s.weightDecay,
+        steps: s.steps,
+        fresh: fresh.has(s),
+        scale,
+      });
     }
+  }
+
+  /** Gives `slots` their state buffers, made by `make`, all or none: a throw part-way (out of memory under a
+   * limit) frees those made so far and leaves every slot as it was. Returns the slots. */
+  #newState(slots: Slot[], make: (shape: readonly number[]) => Tensor): Set<Slot> {
+    const made: Tensor[] = [];
+    try {
+      for (const s of slots) for (const _ of this.stateNames) made.push(keep(make(s.p.shape)));
+    } catch (e) {
+      for (const t of made) t.dispose();
+      throw e;
+    }
+    let at = 0;
+    for (const s of slots) s.state = this.stateNames.map(() => made[at++]);
+    return new Set(slots);
   }
 
   /** Disposes every parameter's gradient and sets it to null. */
@@ -551,6 +571,10 @@ export abstract class Optimizer {
     }
     if (!Number.isInteger(state.step) || state.step < 0) problems.push(`bad step ${state.step}`);
     if (problems.length) throw new Error(`loadStateDict: ${problems.join(". ")}`);
+    this.#newState(
+      plan.filter(([s, vals]) => vals && !s.state).map(([s]) => s),
+      (shape) => Tensor.empty(shape),
+    );
     for (const [s, vals, steps] of plan) {
       s.steps = steps;
       if (!vals) {
@@ -558,7 +582,6 @@ export abstract class Optimizer {
         s.state = null;
         continue;
       }
-      s.state ??= this.stateNames.map(() => keep(Tensor.empty(s.p.shape)));
       vals.forEach((v, j) => writeEntry(v, s.state![j])); // its own state loads as a no-op
     }
     this.stepCount = state.step;

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { tensor } from "../core/creation.ts";
-import { memory } from "../core/memory.ts";
+import { memory, setMemoryLimit } from "../core/memory.ts";
 import { manualSeed } from "../core/random.ts";
 import { crossEntropy } from "../core/ops/index.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
@@ -553,6 +553,65 @@ Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any par
   );
   c.dispose();
   model.dispose();
+});
+
+Deno.test("step and loadStateDict that run out of memory for new state buffers leave everything as it was", async () => {
+  await setup();
+  const [a, b] = [param(Float64Array.from([1, 2]), [2]), param(Float64Array.from([3, 4, 5]), [3])];
+  setGrad(a, Float64Array.from([1, 1]));
+  setGrad(b, Float64Array.from([1, 1, 1]));
+  const one = tensor([1]);
+  const opt = new AdamW([{ params: [a, b], names: ["a", "b"] }]);
+  const base = memory();
+  // room for three of the four 256-byte moment buffers: b's second runs out
+  setMemoryLimit(base.liveBytes + 3 * 256);
+  try {
+    assert.throws(() => opt.step({ gradScale: one }), /out of memory/);
+  } finally {
+    setMemoryLimit(null);
+  }
+  assert.deepEqual([...await a.toArray()], [1, 2], "a did not move");
+  assert.equal(opt.stepCount, 0, "no step counted");
+  assert.equal(opt.stateDict().tensors.size, 0, "no state kept");
+  assert.equal(memory().liveTensors, base.liveTensors, "no buffer left live");
+  assert.equal(memory().liveBytes, base.liveBytes);
+  // a retry takes the same step as an optimizer that never failed
+  const other = new AdamW([{ params: [param(Float64Array.from([1, 2]), [2])], names: ["a"] }]);
+  setGrad(other.params[0], Float64Array.from([1, 1]));
+  opt.step({ gradScale: one });
+  other.step({ gradScale: one });
+  assertBitEqual(await a.toArray(), await other.params[0].toArray(), "a after the retried step");
+  const saved = opt.stateDict();
+  const state = {
+    step: saved.step,
+    paramSteps: saved.paramSteps,
+    tensors: new Map(
+      await Promise.all(
+        [...saved.tensors].map(async ([k, t]) =>
+          [k, { shape: [...t.shape], data: await t.toArray() }] as const
+        ),
+      ),
+    ),
+  };
+  const fresh = new AdamW([{ params: [a, b], names: ["a", "b"] }]);
+  const before = memory();
+  setMemoryLimit(before.liveBytes + 3 * 256);
+  try {
+    assert.throws(() => fresh.loadStateDict(state), /out of memory/);
+  } finally {
+    setMemoryLimit(null);
+  }
+  assert.equal(fresh.stateDict().tensors.size, 0, "no state loaded");
+  assert.equal(fresh.stepCount, 0);
+  assert.equal(memory().liveTensors, before.liveTensors, "no buffer left live");
+  fresh.loadStateDict(state);
+  assert.equal(fresh.stateDict().tensors.size, 4, "loads once there is room");
+  for (const o of [opt, other, fresh]) o.dispose();
+  for (const p of [a, b, other.params[0]]) {
+    p.grad?.dispose();
+    p.dispose();
+  }
+  one.dispose();
 });
 
 Deno.test("gradient clipping names a .grad disposed but not set to null", async () => {
