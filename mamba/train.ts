@@ -347,7 +347,7 @@ export class Trainer {
   /**
    * One optimizer step. Returns the mean train loss of the steps since the last readback when it reads them
    * back (every `logEvery` steps, and at the run's last step and every step past it, then over fewer steps),
-   * else null.
+   * else null. A step that throws (out of memory under a limit) counts nothing and leaves no gradients.
    */
   async trainStep(): Promise<number | null> {
     if (!this.#tuned) {
@@ -358,17 +358,23 @@ export class Trainer {
     const { batch: B, seq: L, clip, logEvery } = this.config;
     const tokens = this.batchOf(this.step);
     this.opt.lr = this.schedule(this.step);
-    tidy(() => {
-      const ids = tensor(tokens, [B, L + 1], { dtype: "i32" });
-      const x = narrow(ids, 1, 0, L); // x: (B, L)
-      const y = narrow(ids, 1, 1, L); // y: (B, L)
-      const loss = crossEntropy(this.model.forward(x), y); // loss: []
-      loss.backward();
-      const { scale } = gradNormScale(this.model.parameters(), clip);
-      this.opt.step({ gradScale: scale });
+    try {
+      tidy(() => {
+        const ids = tensor(tokens, [B, L + 1], { dtype: "i32" });
+        const x = narrow(ids, 1, 0, L); // x: (B, L)
+        const y = narrow(ids, 1, 1, L); // y: (B, L)
+        const loss = crossEntropy(this.model.forward(x), y); // loss: []
+        loss.backward();
+        const { scale } = gradNormScale(this.model.parameters(), clip);
+        this.opt.step({ gradScale: scale });
+        this.opt.zeroGrad();
+        recordCopy(loss.storage.buffer, 0, this.#losses.storage.buffer, 4 * this.#pending, 4);
+      });
+    } catch (e) {
+      // a step that failed part-way (out of memory in the backward) leaves no gradients for the next to add to
       this.opt.zeroGrad();
-      recordCopy(loss.storage.buffer, 0, this.#losses.storage.buffer, 4 * this.#pending, 4);
-    });
+      throw e;
+    }
     this.step++;
     this.#pending++;
     if (this.#pending < logEvery && this.step < this.config.steps) return null;

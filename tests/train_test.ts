@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { FINE_TUNE_LR, parseTrainArgs, runTraining } from "../examples/train.ts";
 import { init } from "../core/device.ts";
-import { memory } from "../core/memory.ts";
+import { memory, setMemoryLimit } from "../core/memory.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { cosineSchedule } from "../nn/optim.ts";
 import { MambaLM } from "../mamba/lm.ts";
@@ -494,6 +494,47 @@ Deno.test("train: Trainer checks its recipe, and evaluate frees its buffer when 
     t.dispose();
   } finally {
     model.dispose();
+  }
+});
+
+Deno.test("train: a step that runs out of memory part-way leaves no gradients: the next step is the one it would have been", async () => {
+  await init();
+  const a = new MambaLM({ dModel: 16, nLayers: 2, dState: 4 }, { vocabSize: 11 });
+  const b = new MambaLM({ dModel: 16, nLayers: 2, dState: 4 }, { vocabSize: 11 });
+  b.loadStateDict(a.stateDict());
+  const data = new TokenDataset(Array.from({ length: 400 }, (_, i) => (i * 7) % 11));
+  const recipe = { ...DEFAULT_TRAIN, steps: 10, warmup: 1, batch: 2, seq: 8, logEvery: 1 };
+  const [ta, tb] = [new Trainer(a, data, recipe), new Trainer(b, data, recipe)];
+  try {
+    await ta.trainStep();
+    await tb.trainStep();
+    // caps from the live bytes up: the step fails in the forward, then in the backward (some gradients made),
+    // until it fits
+    const live = memory().liveBytes;
+    let failed = 0;
+    for (let room = 0;; room += 1024) {
+      setMemoryLimit(live + room);
+      try {
+        await ta.trainStep();
+        break;
+      } catch (e) {
+        assert.match((e as Error).message, /out of memory/);
+        failed++;
+      } finally {
+        setMemoryLimit(null);
+      }
+      assert.deepEqual(a.parameters().filter((p) => p.grad).map(String), [], `gradients left at +${room}`);
+    }
+    assert.ok(failed > 10, `${failed} failed steps`);
+    assert.equal(ta.step, 2);
+    await tb.trainStep();
+    const [pa, pb] = [a.parameters(), b.parameters()];
+    for (let i = 0; i < pa.length; i++) {
+      assert.deepEqual(await pa[i].toArray(), await pb[i].toArray(), `parameter ${i} after the retried step`);
+    }
+  } finally {
+    for (const t of [ta, tb]) t.dispose();
+    for (const m of [a, b]) m.dispose();
   }
 });
 
