@@ -77,23 +77,28 @@ export class MambaBlock extends Module {
     super();
     config = this.config = mambaConfig(config);
     const { dModel, dInner: ED, dState: N, dtRank: R, dConv } = config;
-    this.inProj = this.child("in_proj", new Linear(dModel, 2 * ED, config.bias));
-    this.conv1d = this.child("conv1d", new Conv1d(ED, dConv, config.convBias));
-    this.xProj = this.child("x_proj", new Linear(ED, R + 2 * N, false));
-    this.dtProj = this.child("dt_proj", new Linear(R, ED, true));
-    initDtProj(this.dtProj, config);
-    const aLog = new Float32Array(ED * N);
-    for (let i = 0; i < aLog.length; i++) aLog[i] = Math.log((i % N) + 1);
-    this.A_log = this.param("A_log", tensor(aLog, [ED, N]));
-    this.D = this.param("D", tensor(new Float32Array(ED).fill(1), [ED]));
-    this.outProj = this.child("out_proj", new Linear(ED, dModel, config.bias));
-    this.norms = config.innerLayernorms
-      ? {
-        dt: this.child("dt_layernorm", new RMSNorm(R, config.rmsNormEps)),
-        B: this.child("B_layernorm", new RMSNorm(N, config.rmsNormEps)),
-        C: this.child("C_layernorm", new RMSNorm(N, config.rmsNormEps)),
-      }
-      : null;
+    try {
+      this.inProj = this.child("in_proj", new Linear(dModel, 2 * ED, config.bias));
+      this.conv1d = this.child("conv1d", new Conv1d(ED, dConv, config.convBias));
+      this.xProj = this.child("x_proj", new Linear(ED, R + 2 * N, false));
+      this.dtProj = this.child("dt_proj", new Linear(R, ED, true));
+      initDtProj(this.dtProj, config);
+      const aLog = new Float32Array(ED * N);
+      for (let i = 0; i < aLog.length; i++) aLog[i] = Math.log((i % N) + 1);
+      this.A_log = this.param("A_log", tensor(aLog, [ED, N]));
+      this.D = this.param("D", tensor(new Float32Array(ED).fill(1), [ED]));
+      this.outProj = this.child("out_proj", new Linear(ED, dModel, config.bias));
+      this.norms = config.innerLayernorms
+        ? {
+          dt: this.child("dt_layernorm", new RMSNorm(R, config.rmsNormEps)),
+          B: this.child("B_layernorm", new RMSNorm(N, config.rmsNormEps)),
+          C: this.child("C_layernorm", new RMSNorm(N, config.rmsNormEps)),
+        }
+        : null;
+    } catch (e) {
+      this.dispose(); // what was made before running out of memory (under setMemoryLimit)
+      throw e;
+    }
   }
 
   /**
@@ -335,7 +340,12 @@ export class ResidualBlock extends Module {
     super();
     this.mixer = this.child("mixer", new MambaBlock(config)); // validates the config
     const { dModel, rmsNormEps } = this.mixer.config;
-    this.norm = this.child("norm", new RMSNorm(dModel, rmsNormEps));
+    try {
+      this.norm = this.child("norm", new RMSNorm(dModel, rmsNormEps));
+    } catch (e) {
+      this.dispose(); // the mixer, where the norm ran out of memory
+      throw e;
+    }
   }
 
   /** x: (B, L, D) -> (B, L, D) */
@@ -383,10 +393,14 @@ export class Mamba extends Module {
   constructor(config: MambaConfig) {
     super();
     config = this.config = mambaConfig(config);
-    this.layers = this.child(
-      "layers",
-      new ModuleList(Array.from({ length: config.nLayers }, () => new ResidualBlock(config))),
-    );
+    const blocks: ResidualBlock[] = [];
+    try {
+      for (let i = 0; i < config.nLayers; i++) blocks.push(new ResidualBlock(config));
+    } catch (e) {
+      for (const b of blocks) b.dispose(); // the blocks made before one ran out of memory
+      throw e;
+    }
+    this.layers = this.child("layers", new ModuleList(blocks));
   }
 
   /** x: (B, L, D) -> (B, L, D) */

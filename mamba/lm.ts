@@ -143,12 +143,19 @@ export class MambaLM extends Module {
       "embedding",
       new Embedding(this.vocabSize, this.config.dModel, o.paddingIdx),
     );
-    this.mamba = this.child("mamba", new Mamba(this.config));
-    this.normF = this.child("norm_f", new RMSNorm(this.config.dModel, this.config.rmsNormEps));
-    this.lmHead = this.tied
-      ? null
-      : this.child("lm_head", new Linear(this.config.dModel, this.vocabSize, false));
-    this.initWeights();
+    try {
+      this.mamba = this.child("mamba", new Mamba(this.config));
+      this.normF = this.child("norm_f", new RMSNorm(this.config.dModel, this.config.rmsNormEps));
+      this.lmHead = this.tied
+        ? null
+        : this.child("lm_head", new Linear(this.config.dModel, this.vocabSize, false));
+      this.initWeights();
+    } catch (e) {
+      // what was made before running out of memory (under setMemoryLimit; fromPretrained of a model that
+      // does not fit) would stay live with no model to dispose it
+      this.dispose();
+      throw e;
+    }
   }
 
   /** mamba.py's `_init_weights`: every Linear weight and the embedding ~ N(0, baseStd), Linear biases 0,
@@ -156,18 +163,24 @@ export class MambaLM extends Module {
   private initWeights(): void {
     const std = this.config.baseStd;
     const fresh = new Map<string, Tensor>();
-    for (const [name, p] of this.namedParameters()) {
-      if (/(in_proj|x_proj|dt_proj|out_proj|lm_head)\.weight$/.test(name) || name === "embedding.weight") {
-        fresh.set(
-          name,
-          normal(p.shape, name.endsWith("out_proj.weight") ? std / Math.sqrt(2 * this.config.nLayers) : std),
-        );
-      } else if (/(in_proj|out_proj|dt_proj)\.bias$/.test(name)) {
-        fresh.set(name, zeros(p.shape));
+    try {
+      for (const [name, p] of this.namedParameters()) {
+        if (/(in_proj|x_proj|dt_proj|out_proj|lm_head)\.weight$/.test(name) || name === "embedding.weight") {
+          fresh.set(
+            name,
+            normal(
+              p.shape,
+              name.endsWith("out_proj.weight") ? std / Math.sqrt(2 * this.config.nLayers) : std,
+            ),
+          );
+        } else if (/(in_proj|out_proj|dt_proj)\.bias$/.test(name)) {
+          fresh.set(name, zeros(p.shape));
+        }
       }
+      this.loadStateDict(fresh, { strict: false });
+    } finally {
+      dispose([...fresh.values()]);
     }
-    this.loadStateDict(fresh, { strict: false });
-    dispose([...fresh.values()]);
   }
 
   /**

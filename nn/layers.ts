@@ -36,7 +36,12 @@ export class Linear extends Module {
   constructor(readonly inFeatures: number, readonly outFeatures: number, bias = true) {
     super();
     this.weight = this.param("weight", kaimingUniform([outFeatures, inFeatures], inFeatures));
-    this.bias = bias ? this.param("bias", kaimingUniform([outFeatures], inFeatures)) : null;
+    try {
+      this.bias = bias ? this.param("bias", kaimingUniform([outFeatures], inFeatures)) : null;
+    } catch (e) {
+      this.dispose(); // the weight, where the bias ran out of memory (under setMemoryLimit)
+      throw e;
+    }
   }
 
   /**
@@ -147,7 +152,12 @@ export class Conv1d extends Module {
   constructor(readonly channels: number, readonly kernelSize: number, bias = true) {
     super();
     this.weight = this.param("weight", kaimingUniform([channels, 1, kernelSize], kernelSize));
-    this.bias = bias ? this.param("bias", kaimingUniform([channels], kernelSize)) : null;
+    try {
+      this.bias = bias ? this.param("bias", kaimingUniform([channels], kernelSize)) : null;
+    } catch (e) {
+      this.dispose(); // the weight, where the bias ran out of memory
+      throw e;
+    }
   }
 
   /**

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import * as M from "../mod.ts";
 import { defineOp, dispose, emptyPool, keep, memory, noGrad, type Tensor, tensor, tidy } from "../mod.ts";
+import { fixturePath } from "./fixture_util.ts";
 import { setup } from "./helpers.ts";
 
 await setup();
@@ -215,6 +216,43 @@ Deno.test("a checkpoint whose rerun's backward throws leaves no gradient of its 
   assert.equal(memory().liveTensors, base.liveTensors, "no tensors left live");
   assert.equal(memory().liveBytes, base.liveBytes, "no bytes left live");
   dispose([x, w]);
+});
+
+Deno.test("a model that runs out of memory while it is built leaks nothing: MambaLM, its layers, fromPretrained", async () => {
+  const config = { dModel: 8, nLayers: 2, dState: 4, bias: true, innerLayernorms: true };
+  const builds: [string, () => M.Module | Promise<M.Module>][] = [
+    ["MambaLM", () => new M.MambaLM(config, { vocabSize: 11 })],
+    ["Mamba", () => new M.Mamba(M.mambaConfig(config))],
+    ["Linear", () => new M.Linear(8, 100)],
+    ["fromPretrained", () => M.fromPretrained(fixturePath("lm_v64_hf"))],
+  ];
+  for (const [what, build] of builds) {
+    const base = memory();
+    let failed = 0;
+    // caps from the live bytes up, until it fits: each failure leaves nothing live
+    for (let room = 0;; room += 512) {
+      M.setMemoryLimit(base.liveBytes + room);
+      let built: M.Module;
+      try {
+        built = await build();
+      } catch (e) {
+        assert.match((e as Error).message, /out of memory/, what);
+        assert.deepEqual(
+          [memory().liveTensors, memory().liveBytes],
+          [base.liveTensors, base.liveBytes],
+          `${what}: nothing left live at +${room}`,
+        );
+        failed++;
+        continue;
+      } finally {
+        M.setMemoryLimit(null);
+      }
+      built.dispose();
+      break;
+    }
+    assert.ok(failed > 1, `${what}: ${failed} failed builds`);
+    assert.equal(memory().liveBytes, base.liveBytes, what);
+  }
 });
 
 Deno.test("a size that is not a whole number of bytes is refused before it reaches the byte counters", () => {
