@@ -255,6 +255,22 @@ Deno.test("a model that runs out of memory while it is built leaks nothing: Mamb
   }
 });
 
+Deno.test("split and chunk that run out of memory after their first pieces leak nothing (outside tidy too)", () => {
+  const x = M.zeros([4, 300]);
+  const base = memory();
+  // each piece is a copy of 1600 bytes (a 1792-byte buffer): room for one
+  for (const cut of [() => x.split([100, 100, 100], 1), () => x.chunk(3, 1), () => x.split(100, 1)]) {
+    M.setMemoryLimit(base.liveBytes + 1792);
+    try {
+      assert.throws(cut, /out of memory/);
+    } finally {
+      M.setMemoryLimit(null);
+    }
+    assert.deepEqual([memory().liveTensors, memory().liveBytes], [base.liveTensors, base.liveBytes]);
+  }
+  x.dispose();
+});
+
 Deno.test("a size that is not a whole number of bytes is refused before it reaches the byte counters", () => {
   const base = memory();
   for (const shape of [[NaN], [2, Infinity]]) {

@@ -26,7 +26,7 @@ import {
   stridesOf,
 } from "../shape.ts";
 import type { Storage } from "../memory.ts";
-import { Tensor } from "../tensor.ts";
+import { freeOnThrow, Tensor } from "../tensor.ts";
 import { full } from "../creation.ts";
 import { mapOp } from "./map_kernel.ts";
 import { sumToShape } from "./reduce.ts";
@@ -432,11 +432,14 @@ export function split(x: Tensor, sizes: number | number[], dim = 0): Tensor[] {
     }
   }
   let at = 0;
-  return list.map((len) => {
-    const t = narrow(x, d, at, len);
-    at += len;
-    return t;
-  });
+  // freeOnThrow: the pieces made before one runs out of memory go too, also outside tidy
+  return freeOnThrow(() =>
+    list.map((len) => {
+      const t = narrow(x, d, at, len);
+      at += len;
+      return t;
+    })
+  );
 }
 
 /**
