@@ -22,7 +22,7 @@ import {
   transpose,
 } from "../core/ops/index.ts";
 import { fmt, sameShape } from "../core/shape.ts";
-import { type Tensor, tidy } from "../core/tensor.ts";
+import { freeOnThrow, type Tensor, tidy } from "../core/tensor.ts";
 import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
@@ -473,10 +473,13 @@ export class Mamba extends Module {
       throw new Error(`Mamba.emptyCache: batch must be a positive integer, got ${batch}`);
     }
     const { dInner: ED, dState: N, dConv: K } = this.config;
-    return this.layers.items.map(() => ({
-      h: tensor(new Float32Array(batch * ED * N), [batch, ED, N]),
-      inputs: tensor(new Float32Array(batch * ED * (K - 1)), [batch, ED, K - 1]),
-    }));
+    // freeOnThrow: the layers' caches made before one runs out of memory go too
+    return freeOnThrow(() =>
+      this.layers.items.map(() => ({
+        h: tensor(new Float32Array(batch * ED * N), [batch, ED, N]),
+        inputs: tensor(new Float32Array(batch * ED * (K - 1)), [batch, ED, K - 1]),
+      }))
+    );
   }
 
   /** Checks dtype, rank and width of an input. */

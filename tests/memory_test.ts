@@ -271,6 +271,20 @@ Deno.test("split and chunk that run out of memory after their first pieces leak 
   x.dispose();
 });
 
+Deno.test("emptyCache that runs out of memory after the first layers' caches leaks nothing", () => {
+  const lm = new M.MambaLM({ dModel: 8, nLayers: 3, dState: 4 }, { vocabSize: 11 });
+  const base = memory();
+  // each layer's cache is h (1, 16, 4) and inputs (1, 16, 3): 256 bytes each; room for layer 0's and h of 1
+  M.setMemoryLimit(base.liveBytes + 3 * 256);
+  try {
+    assert.throws(() => lm.emptyCache(1), /out of memory/);
+  } finally {
+    M.setMemoryLimit(null);
+  }
+  assert.deepEqual([memory().liveTensors, memory().liveBytes], [base.liveTensors, base.liveBytes]);
+  lm.dispose();
+});
+
 Deno.test("a size that is not a whole number of bytes is refused before it reaches the byte counters", () => {
   const base = memory();
   for (const shape of [[NaN], [2, Infinity]]) {
