@@ -94,6 +94,13 @@ function finish(t: Tensor, options: CreateOptions): Tensor {
   return t;
 }
 
+/** requiresGrad_'s check, before the tensor is made (an i32 tensor made first would be left live). */
+function checkGradDtype(dtype: DType, options: CreateOptions): void {
+  if (options.requiresGrad && dtype !== "f32") {
+    throw new Error(`only f32 tensors can require grad, got ${dtype}`);
+  }
+}
+
 /**
  * A tensor from host data: a typed array or flat array with a `shape`, or nested arrays (shape inferred).
  * Integers in an Int32Array give an i32 tensor unless `dtype` says otherwise.
@@ -104,6 +111,7 @@ export function tensor(
   options: CreateOptions = {},
 ): Tensor {
   const dtype = options.dtype ?? (data instanceof Int32Array ? "i32" : "f32");
+  checkGradDtype(dtype, options);
   let flat: ArrayLike<number>;
   let inferred: number[];
   if (data instanceof Float32Array || data instanceof Int32Array) [flat, inferred] = [data, [data.length]];
@@ -141,6 +149,7 @@ export function full(shape: Shape, value: number, options: CreateOptions = {}): 
 function filled(op: string, shape: Shape, value: number, options: CreateOptions): Tensor {
   checkShape(shape, `${op}: shape`);
   const dtype = options.dtype ?? "f32";
+  checkGradDtype(dtype, options);
   if (dtype === "i32" && !isInt32(value)) {
     throw new Error(`${op}: i32 fill value ${value} is not an int32 integer`);
   }

@@ -120,6 +120,25 @@ Deno.test("creation errors show a NaN as NaN and name the function and the argum
   }
 });
 
+Deno.test("creation with requiresGrad on an i32 tensor is refused before anything is made", () => {
+  const base = M.memory();
+  const made: [string, () => M.Tensor][] = [
+    ["tensor", () => tensor([1, 2], undefined, { dtype: "i32", requiresGrad: true })],
+    ["Int32Array", () => tensor(new Int32Array(2), [2], { requiresGrad: true })],
+    ["zeros", () => M.zeros([3], { dtype: "i32", requiresGrad: true })],
+    ["full", () => M.full([3], 2, { dtype: "i32", requiresGrad: true })],
+    ["arange", () => M.arange(5, undefined, 1, { requiresGrad: true })],
+  ];
+  for (const [what, make] of made) {
+    assert.throws(make, /only f32 tensors can require grad, got i32/, what);
+    assert.deepEqual(
+      [M.memory().liveTensors, M.memory().liveBytes],
+      [base.liveTensors, base.liveBytes],
+      what,
+    );
+  }
+});
+
 Deno.test("tensor(): data that is not numbers is named (it became NaN, 0 or a parsed number)", () => {
   const bad: [unknown, RegExp][] = [
     [
