@@ -87,6 +87,10 @@ let limit = Infinity;
  * out-of-memory error instead of reaching the driver; use it to test that a workload fits a budget.
  */
 export function setMemoryLimit(bytes: number | null): void {
+  // a NaN (or a string) would compare false with every allocation: no cap, silently
+  if (bytes != null && !(typeof bytes === "number" && bytes >= 0)) {
+    throw new Error(`setMemoryLimit: bytes must be a number >= 0 (Infinity or null: no cap), got ${bytes}`);
+  }
   limit = bytes ?? Infinity;
 }
 
@@ -193,6 +197,9 @@ export function resetPeak(): void {
  * may keep for reuse. `limitBytes` defaults to the current limit, which starts at 2^30 bytes (1 GiB).
  */
 export function emptyPool(limitBytes: number = poolLimit): void {
+  if (!(typeof limitBytes === "number" && limitBytes >= 0)) {
+    throw new Error(`emptyPool: the pool's limit must be a number of bytes >= 0, got ${limitBytes}`);
+  }
   poolLimit = limitBytes;
   for (const list of pool.values()) doomed.push(...list);
   pool.clear();

@@ -304,6 +304,28 @@ Deno.test("a size that is not a whole number of bytes is refused before it reach
   }
 });
 
+Deno.test("setMemoryLimit and emptyPool refuse a NaN, a negative or a string limit (a NaN turned the cap off)", () => {
+  for (const bad of [NaN, -1, "1000" as unknown as number]) {
+    assert.throws(() => M.setMemoryLimit(bad), /setMemoryLimit: bytes must be a number >= 0/, String(bad));
+    assert.throws(
+      () => emptyPool(bad),
+      /emptyPool: the pool's limit must be a number of bytes >= 0/,
+      String(bad),
+    );
+  }
+  // the cap set before still holds
+  M.setMemoryLimit(memory().liveBytes + 1024);
+  try {
+    assert.throws(() => M.setMemoryLimit(NaN));
+    assert.throws(() => M.zeros([1 << 20]), /out of memory/);
+  } finally {
+    M.setMemoryLimit(null);
+  }
+  M.setMemoryLimit(Infinity); // no cap, as null
+  M.zeros([4]).dispose();
+  M.setMemoryLimit(null);
+});
+
 Deno.test("tidy disposes even when fn throws; dispose twice is harmless", () => {
   const base = memory();
   assert.throws(() =>
