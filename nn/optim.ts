@@ -53,7 +53,7 @@ import { full, zeros } from "../core/creation.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { copy } from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
-import { keep, Tensor } from "../core/tensor.ts";
+import { freeOnThrow, keep, Tensor } from "../core/tensor.ts";
 import { entryProblem, type HostTensor, type Module, writeEntry } from "./module.ts";
 
 // ------------------------------------------------------------------------------------------ kernels
@@ -275,28 +275,31 @@ export function gradNormScale(params: readonly Tensor[], maxNorm: number = Infin
   if (Math.ceil(total / FINISH_WG) + 1 + FINISH_WG + 1 > 65535) {
     throw new Error(`gradNormScale: ${total} partial sums exceed what one finishing workgroup can add`);
   }
-  const partials = Tensor.empty([Math.max(total, 1)]);
-  let at = 0;
-  ps.forEach((p, k) => {
-    const g = p.grad!;
+  // freeOnThrow: the partial sums or the norm made before running out of memory go too, also outside tidy
+  return freeOnThrow(() => {
+    const partials = Tensor.empty([Math.max(total, 1)]);
+    let at = 0;
+    ps.forEach((p, k) => {
+      const g = p.grad!;
+      dispatch(
+        sumSquaresKernel,
+        { g: g.storage, partials: partials.storage },
+        { n: g.size, at },
+        counts[k] / NORM_WG,
+      );
+      at += counts[k];
+    });
+    const norm = Tensor.empty([]);
+    const scale = Tensor.empty([]);
     dispatch(
-      sumSquaresKernel,
-      { g: g.storage, partials: partials.storage },
-      { n: g.size, at },
-      counts[k] / NORM_WG,
+      finishNormKernel,
+      { partials: partials.storage, norm: norm.storage, scale: scale.storage },
+      { count: total, maxNorm: maxNorm === Infinity ? -1 : maxNorm },
+      1,
     );
-    at += counts[k];
+    partials.dispose();
+    return { norm, scale };
   });
-  const norm = Tensor.empty([]);
-  const scale = Tensor.empty([]);
-  dispatch(
-    finishNormKernel,
-    { partials: partials.storage, norm: norm.storage, scale: scale.storage },
-    { count: total, maxNorm: maxNorm === Infinity ? -1 : maxNorm },
-    1,
-  );
-  partials.dispose();
-  return { norm, scale };
 }
 
 /**
@@ -307,13 +310,16 @@ export function gradNormScale(params: readonly Tensor[], maxNorm: number = Infin
  * that does not return it, it is freed with the rest).
  */
 export function clipGradNorm(params: readonly Tensor[], maxNorm: number): Tensor {
-  const { norm, scale } = gradNormScale(params, maxNorm);
-  for (const p of withGrads(params)) {
-    const g = ownGrad(p);
-    dispatch(scaleKernel, { g: g.storage, s: scale.storage }, { n: g.size }, Math.ceil(g.size / WG));
-  }
-  scale.dispose();
-  return norm;
+  // freeOnThrow: norm and scale go if a shared gradient's copy runs out of memory
+  return freeOnThrow(() => {
+    const { norm, scale } = gradNormScale(params, maxNorm);
+    for (const p of withGrads(params)) {
+      const g = ownGrad(p);
+      dispatch(scaleKernel, { g: g.storage, s: scale.storage }, { n: g.size }, Math.ceil(g.size / WG));
+    }
+    scale.dispose();
+    return norm;
+  });
 }
 
 // ------------------------------------------------------------------------------------------ optimizers

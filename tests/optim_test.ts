@@ -614,6 +614,32 @@ Deno.test("step and loadStateDict that run out of memory for new state buffers l
   one.dispose();
 });
 
+Deno.test("gradNormScale and clipGradNorm that run out of memory part-way leak nothing (outside tidy too)", async () => {
+  await setup();
+  const p = param(uniform(21000, 3), [300, 70]);
+  setGrad(p, uniform(21000, 4));
+  const base = memory();
+  // the partial sums take 512 bytes, the norm and the scale 256 each: the norm, then the scale, runs out
+  for (const room of [512, 768]) {
+    for (
+      const [what, run] of [["gradNormScale", () => gradNormScale([p], 1)], [
+        "clipGradNorm",
+        () => clipGradNorm([p], 1),
+      ]] as const
+    ) {
+      setMemoryLimit(base.liveBytes + room);
+      try {
+        assert.throws(run, /out of memory/, `${what} at +${room}`);
+      } finally {
+        setMemoryLimit(null);
+      }
+      assert.equal(memory().liveTensors, base.liveTensors, `${what} at +${room}: no tensor left live`);
+    }
+  }
+  p.grad!.dispose();
+  p.dispose();
+});
+
 Deno.test("gradient clipping names a .grad disposed but not set to null", async () => {
   await setup();
   const [a, b] = [param(Float64Array.from([1, 2]), [2]), param(Float64Array.from([3]), [1])];
