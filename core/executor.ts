@@ -76,6 +76,11 @@ export interface KernelTime {
 const PROFILE_SLOTS = 2048; // 2 queries each; a query set holds at most 4096
 let profiler: { set: GPUQuerySet; names: string[]; pending: Promise<KernelTime[]>[] } | null = null;
 
+/** Whether a {@linkcode profile} is running: its query set takes every dispatch, and a second may not start. */
+export function profiling(): boolean {
+  return profiler !== null;
+}
+
 /**
  * Times every dispatch of `fn` on the GPU with timestamp queries (each dispatch gets its own pass, so this
  * slows the work down a little) and returns the kernel times in order. Needs the `timestamp-query` feature.

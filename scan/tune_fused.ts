@@ -15,7 +15,7 @@
 
 import { randn } from "../core/creation.ts";
 import { autoTuneEnabled, deviceInfo, fixedSubgroupSize, init } from "../core/device.ts";
-import { profile, sync } from "../core/executor.ts";
+import { profile, profiling, sync } from "../core/executor.ts";
 import { dropStaleTuneKeys, registerTuner } from "../core/tune.ts";
 import { mul, sum } from "../core/ops/index.ts";
 import { dispose, tidy } from "../core/tensor.ts";
@@ -236,9 +236,10 @@ export function isFusedScanKernel(times: readonly { readonly name: string }[]): 
 }
 
 /** Milliseconds per run of `run` (3 runs): the fused scan's GPU time ({@linkcode isFusedScanKernel}) where
- * timestamp queries exist, else the wall time. */
+ * timestamp queries exist, else the wall time; the wall time too inside a caller's `profile()` (a trainer's
+ * first step tunes its state size there), which must not be refused for it. */
 async function timeRuns(run: () => void): Promise<number> {
-  if (deviceInfo().timestampQuery) {
+  if (deviceInfo().timestampQuery && !profiling()) {
     const times = await profile(() => {
       for (let i = 0; i < 3; i++) run();
     });
@@ -289,7 +290,7 @@ export const TUNE_BUDGET_MS = 60_000;
  * {@linkcode TUNE_BUDGET_MS}), no further candidate is measured and the fastest measured is kept. The best
  * are then measured again ({@linkcode FusedTuneResult.confirmations}). `timer` replaces running and timing
  * one problem's runs under the variant in use (tests script the times with it, and nothing is compiled; the
- * default times the GPU's kernels, or the wall time without timestamp queries).
+ * default times the GPU's kernels, or the wall time without timestamp queries or inside a `profile()`).
  */
 export async function tuneFusedScan(
   N: number,

@@ -5,6 +5,7 @@ import { add, exp, matmul, mul, narrow, neg, softplus, sum } from "../core/ops/i
 import { Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
 import { emptyPool, memory } from "../core/memory.ts";
+import { profile } from "../core/executor.ts";
 import {
   dtScanForward,
   fusedMambaScan,
@@ -1587,6 +1588,25 @@ Deno.test("a tuner run that fails part-way keeps the variant in use and frees it
     await assert.rejects(() => tuneFusedScan(16, { force: true, timer: failing }), /lost device/);
     assert.deepEqual(fusedVariant(16), before, "the variant in use, not the candidate being measured");
     assert.equal(memory().liveBytes, live, "the problems' tensors freed");
+  } finally {
+    restore();
+  }
+});
+
+Deno.test("the fused tuner inside a caller's profile() times by the clock, not refused (a trainer's first step tunes its state size there)", async () => {
+  await init();
+  const candidates = fusedCandidates(16);
+  if (candidates.length < 2 || !deviceInfo().timestampQuery) return; // nothing measured, or no profile()
+  const restore = await tunerState();
+  try {
+    let r: Awaited<ReturnType<typeof tuneFusedScan>> | null = null;
+    const times = await profile(async () => {
+      r = await tuneFusedScan(16, { force: true, budgetMs: 0 });
+    });
+    assert.deepEqual(Object.keys(r!.timings), [JSON.stringify(candidates[0])]);
+    assert.ok(r!.timings[JSON.stringify(candidates[0])] > 0);
+    // the caller's profile saw the tuner's kernels
+    assert.ok(times.some((k) => k.name.startsWith("fused_scan")), JSON.stringify(times.slice(0, 5)));
   } finally {
     restore();
   }
