@@ -135,23 +135,33 @@ export function isGradEnabled(): boolean {
   return gradEnabled;
 }
 
-/** Runs `fn` without recording the graph (inference, optimizer updates). */
+/**
+ * Runs `fn` without recording the graph (inference, optimizer updates). `fn` must be synchronous: an async
+ * `fn` (one that returns a Promise) throws, since recording is back on by the time it resumes after an
+ * await; run the synchronous parts in `noGrad` and await between them.
+ */
 export function noGrad<T>(fn: () => T): T {
-  const before = gradEnabled;
-  gradEnabled = false;
-  try {
-    return fn();
-  } finally {
-    gradEnabled = before;
-  }
+  return withGrad(false, "noGrad", fn);
 }
 
-/** Runs `fn` with graph recording on, even inside `noGrad` (used by recomputing backward passes). */
+/** Runs `fn` with graph recording on, even inside `noGrad` (used by recomputing backward passes); `fn` must be
+ * synchronous, as in {@linkcode noGrad}. */
 export function enableGrad<T>(fn: () => T): T {
+  return withGrad(true, "enableGrad", fn);
+}
+
+function withGrad<T>(on: boolean, name: string, fn: () => T): T {
   const before = gradEnabled;
-  gradEnabled = true;
+  gradEnabled = on;
   try {
-    return fn();
+    const out = fn();
+    if (out instanceof Promise) {
+      out.catch(() => {}); // what fn does after the refusal fails unseen, not as an unhandled rejection
+      throw new Error(
+        `${name}(fn) needs a synchronous fn: after an await in fn, ops would record the graph as outside it`,
+      );
+    }
+    return out;
   } finally {
     gradEnabled = before;
   }

@@ -274,6 +274,31 @@ Deno.test("noGrad records nothing and keeps no saved tensors; enableGrad re-enab
   assert.equal(memory().savedBytes, before);
 });
 
+Deno.test("noGrad and enableGrad refuse an async fn (after its await, ops recorded the graph unseen)", async () => {
+  const x = M.randn([8], { seed: 3, requiresGrad: true });
+  const before = memory().savedBytes;
+  let resumed: Tensor | null = null;
+  const late = Promise.withResolvers<void>();
+  assert.throws(
+    () =>
+      noGrad(async () => {
+        await late.promise;
+        resumed = x.exp(); // runs after the refusal: it must not leave an unhandled rejection either
+        throw new Error("fn failed after its await");
+      }),
+    /noGrad\(fn\) needs a synchronous fn/,
+  );
+  assert.equal(M.isGradEnabled(), true);
+  assert.throws(() => noGrad(() => M.enableGrad(async () => {})), /enableGrad\(fn\) needs a synchronous fn/);
+  assert.equal(M.isGradEnabled(), true);
+  late.resolve();
+  await new Promise((r) => setTimeout(r, 0)); // fn's rest has run (its error was not unhandled)
+  assert.ok(resumed !== null);
+  (resumed as Tensor).dispose();
+  x.dispose();
+  assert.equal(memory().savedBytes, before);
+});
+
 Deno.test("checkpoint: same gradients for the input and a parameter used inside, fewer saved bytes", async () => {
   const xr = rand([6, 16], 4), wr = rand([16, 16], 5, { low: -0.5, high: 0.5 }), br = rand([16], 6);
   const w = toTensor(wr, true), b = toTensor(br, true);
