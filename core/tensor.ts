@@ -348,6 +348,9 @@ export function tidy<T>(fn: () => T): T {
   try {
     result = fn();
     if (result instanceof Promise) {
+      // fn resumes after its await with its tensors freed: that failure is this error's, not an unhandled
+      // rejection (which ends a Deno process)
+      result.catch(() => {});
       throw new Error("tidy(fn) needs a synchronous fn: await readbacks outside of tidy");
     }
   } catch (e) {

@@ -340,6 +340,31 @@ Deno.test("tidy disposes even when fn throws; dispose twice is harmless", () => 
   assert.equal(memory().liveBytes, base.liveBytes);
 });
 
+Deno.test("tidy refuses an async fn: what it made before its await is freed, and its failure after the await is not an unhandled rejection", async () => {
+  const base = memory();
+  const late = Promise.withResolvers<void>();
+  let failed: unknown = null;
+  assert.throws(
+    () =>
+      tidy(async () => {
+        const a = M.ones([4]).mul(2);
+        await late.promise;
+        try {
+          return a.add(1); // a was freed with the refused scope
+        } catch (e) {
+          failed = e;
+          throw e;
+        }
+      }),
+    /tidy\(fn\) needs a synchronous fn/,
+  );
+  assert.equal(memory().liveTensors, base.liveTensors);
+  late.resolve();
+  await new Promise((r) => setTimeout(r, 0)); // fn's rest has run; its rejection must not be unhandled
+  assert.match(String(failed), /was disposed and cannot be used/);
+  assert.equal(memory().liveBytes, base.liveBytes);
+});
+
 Deno.test("graphs are released without tidy: a disposed output, a throwing tidy, a saved view disposed first", () => {
   const base = memory();
   const x = M.randn([64, 16], { seed: 1, requiresGrad: true });
