@@ -375,20 +375,23 @@ export class Trainer {
       this.opt.zeroGrad();
       throw e;
     }
-    this.step++;
-    this.#pending++;
-    if (this.#pending < logEvery && this.step < this.config.steps) return null;
-    const losses = new Float32Array(await readBuffer(this.#losses.storage.buffer, 0, 4 * this.#pending));
-    const mean = losses.reduce((a, b) => a + b, 0) / this.#pending;
+    const step = ++this.step;
+    const n = ++this.#pending;
+    if (n < logEvery && step < this.config.steps) return null;
+    // Counted before the wait: a step called meanwhile (not awaited) writes its loss from slot 0, after this
+    // readback's copy in the GPU's order, and logs under its own step.
     this.#pending = 0;
-    if (!Number.isFinite(mean)) throw new Error(`training diverged: loss ${mean} at step ${this.step}`);
-    this.log.train.push([this.step, mean]);
+    const losses = new Float32Array(await readBuffer(this.#losses.storage.buffer, 0, 4 * n));
+    const mean = losses.reduce((a, b) => a + b, 0) / n;
+    if (!Number.isFinite(mean)) throw new Error(`training diverged: loss ${mean} at step ${step}`);
+    this.log.train.push([step, mean]);
     return mean;
   }
 
   /** Mean loss over `evalBatches` fixed validation batches (the same every time). */
   async evaluate(): Promise<number> {
     const { batch: B, seq: L, evalBatches, seed } = this.config;
+    const step = this.step; // the step evaluated: a step taken while the losses are read back comes after it
     const rng = new Philox(seed * 1e6 - 1);
     const sums = keep(tensor(new Float32Array(evalBatches), [evalBatches]));
     let v: Float32Array;
@@ -408,7 +411,7 @@ export class Trainer {
       sums.dispose();
     }
     const val = v.reduce((a, b) => a + b, 0) / evalBatches;
-    this.log.val.push([this.step, val]);
+    this.log.val.push([step, val]);
     return val;
   }
 

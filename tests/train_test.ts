@@ -8,7 +8,7 @@ import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
 import { loadTrainingCheckpoint, saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
 import { CharDataset, DEFAULT_TRAIN, TokenDataset, type TrainConfig, Trainer } from "../mamba/train.ts";
-import { Philox } from "../core/random.ts";
+import { manualSeed, Philox } from "../core/random.ts";
 import { ByteTokenizer, HubTokenizer } from "../mamba/tokenizer.ts";
 import { fixturePath } from "./fixture_util.ts";
 
@@ -536,6 +536,33 @@ Deno.test("train: a step that runs out of memory part-way leaves no gradients: t
     for (const t of [ta, tb]) t.dispose();
     for (const m of [a, b]) m.dispose();
   }
+});
+
+Deno.test("train: steps and an evaluation called without awaiting each log the losses of steps awaited one by one", async () => {
+  await init();
+  const text = new TextEncoder().encode("the quick brown fox jumps over the lazy dog. ".repeat(20));
+  const recipe = { ...DEFAULT_TRAIN, steps: 6, warmup: 1, batch: 2, seq: 16, logEvery: 2, evalBatches: 2 };
+  const run = async (awaited: boolean) => {
+    manualSeed(5);
+    const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 256 });
+    const t = new Trainer(model, new CharDataset(text), recipe);
+    try {
+      await t.trainStep(); // the first waits for the scan's tuning: later calls would start before it
+      // steps 2-3, an evaluation at step 3, steps 4-6
+      const calls = [2, 3, 0, 4, 5, 6].map((s) => () => s ? t.trainStep() : t.evaluate());
+      if (awaited) { for (const c of calls) await c(); }
+      else await Promise.all(calls.map((c) => c()));
+      const byStep = (a: [number, number][]) => [...a].sort((x, y) => x[0] - y[0]);
+      return { train: byStep(t.log.train), val: t.log.val };
+    } finally {
+      t.dispose();
+      model.dispose();
+    }
+  };
+  const one = await run(true);
+  assert.deepEqual(one.train.map(([s]) => s), [2, 4, 6]);
+  assert.deepEqual(one.val.map(([s]) => s), [3]);
+  assert.deepEqual(await run(false), one);
 });
 
 Deno.test("TokenDataset: the same windows as CharDataset from the same ids; bad ids, valFrac and ids past the model's vocabulary are named", async () => {
