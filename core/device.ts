@@ -85,6 +85,8 @@ export class GPUError extends Error {
 let device: GPUDevice | null = null;
 let info: DeviceInfo | null = null;
 let pending: Promise<DeviceInfo> | null = null;
+/** The info once {@linkcode init} has finished, its tuning included; until then init() calls wait. */
+let ready: DeviceInfo | null = null;
 let autoTune = true;
 
 /** Whether `init()` tuned kernels (not `init({ tune: false })`): later tuning on first use follows it (the
@@ -101,21 +103,32 @@ const NO_ADAPTER = "No WebGPU adapter found (navigator.gpu.requestAdapter() retu
   "and XDG_RUNTIME_DIR set to a private directory. In a browser, WebGPU must be enabled.";
 
 /**
- * Acquires the adapter and device. Idempotent: later calls return the same info.
+ * Acquires the adapter and device, and tunes the kernels (see {@linkcode InitOptions.tune}). Idempotent: later
+ * calls, concurrent ones too, resolve with the same info once the first call's work is done, its tuning
+ * included (their options are ignored).
  * Throws a {@linkcode GPUError} that says how to get WebGPU when there is no adapter.
  */
 export function init(options: InitOptions = {}): Promise<DeviceInfo> {
-  if (info) return Promise.resolve(info); // also while tuning: the tuner itself calls init()
-  pending ??= acquire(options).then(async (i) => {
+  if (ready) return Promise.resolve(ready);
+  // after a failed tuning, the device acquired stays (its buffers exist): a later init() tunes again
+  pending ??= (info ? Promise.resolve(info) : acquire(options)).then(async (i) => {
     autoTune = options.tune ?? true;
     // a tuneKernels() called before init() is waiting for this device: it tunes, this must not wait for it
     if (autoTune && !tuningInProgress()) await tuneKernels();
-    return i;
+    return ready = i;
   }).catch((e) => {
     pending = null;
     throw e;
   });
   return pending;
+}
+
+/**
+ * The device's info as soon as it is acquired, without waiting for `init()`'s tuning: what the tuners call
+ * (init() waits for them, so they must not wait for it); acquires it with `init()` where nothing has.
+ */
+export function acquired(): Promise<DeviceInfo> {
+  return info ? Promise.resolve(info) : init();
 }
 
 async function acquire(options: InitOptions): Promise<DeviceInfo> {

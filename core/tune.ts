@@ -19,7 +19,7 @@
  * @module
  */
 
-import { deviceInfo, init } from "./device.ts";
+import { acquired, deviceInfo } from "./device.ts";
 import { sync } from "./executor.ts";
 import { rand } from "./creation.ts";
 import {
@@ -164,7 +164,7 @@ export function registerTuner(name: string, fn: (force: boolean) => Promise<unkn
 }
 
 async function tune(options: TuneOptions): Promise<TuneResult> {
-  await init();
+  await acquired();
   const adapter = adapterName();
   const key = tuneCacheKey();
   if (!options.force) {

@@ -14,7 +14,7 @@
  */
 
 import { randn } from "../core/creation.ts";
-import { autoTuneEnabled, deviceInfo, fixedSubgroupSize, init } from "../core/device.ts";
+import { acquired, autoTuneEnabled, deviceInfo, fixedSubgroupSize } from "../core/device.ts";
 import { profile, profiling, sync } from "../core/executor.ts";
 import { dropStaleTuneKeys, registerTuner } from "../core/tune.ts";
 import { mul, sum } from "../core/ops/index.ts";
@@ -302,7 +302,7 @@ export async function tuneFusedScan(
   } = {},
 ): Promise<FusedTuneResult> {
   checkStateSize(N, "tuneFusedScan");
-  await init();
+  await acquired();
   // The backward binds 10 storage buffers: an adapter that allows fewer cannot run it (WebGPU's default is 8;
   // browsers give 10 or more when asked), so there is nothing to measure.
   if (deviceInfo().limits.maxStorageBuffersPerShaderStage < 10) return unmeasured(defaultFusedVariant(N));

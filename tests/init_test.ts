@@ -149,3 +149,31 @@ console.log(JSON.stringify({ variant: r.variant, adapter: deviceInfo().descripti
   const r = JSON.parse(text.trim().split("\n").at(-1)!);
   assert.ok(typeof r.variant === "string" && r.adapter, text);
 });
+
+Deno.test("init() called while the first call tunes waits for that tuning, as the first call does", async () => {
+  // a fresh process with a local storage of its own, emptied: the tuner measures (a cached choice takes no
+  // wait at all, and leaves no time between acquiring the device and the end of tuning to call in)
+  const script = `import { deviceInfo, init, tuneResult } from ${
+    JSON.stringify(new URL("../mod.ts", import.meta.url).href)
+  };
+localStorage.clear();
+const first = init();
+for (;;) { try { deviceInfo(); break; } catch { await new Promise((r) => setTimeout(r, 0)); } }
+const tuning = tuneResult() === null; // the device is there, the first call still tunes
+await init();
+console.log(JSON.stringify({ tuning, tunedWhenSecondResolved: tuneResult() !== null }));
+await first;`;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--location", "http://init-while-tuning.mambats.test/", script],
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(120_000),
+  });
+  const out = await child.output();
+  const text = new TextDecoder().decode(out.stdout);
+  assert.equal(out.code, 0, `exit ${out.code}: ${new TextDecoder().decode(out.stderr)}`);
+  assert.deepEqual(JSON.parse(text.trim().split("\n").at(-1)!), {
+    tuning: true,
+    tunedWhenSecondResolved: true,
+  });
+});
