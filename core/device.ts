@@ -106,9 +106,11 @@ const NO_ADAPTER = "No WebGPU adapter found (navigator.gpu.requestAdapter() retu
  * Acquires the adapter and device, and tunes the kernels (see {@linkcode InitOptions.tune}). Idempotent: later
  * calls, concurrent ones too, resolve with the same info once the first call's work is done, its tuning
  * included (their options are ignored).
- * Throws a {@linkcode GPUError} that says how to get WebGPU when there is no adapter.
+ * Throws a {@linkcode GPUError} that says how to get WebGPU when there is no adapter, and the loss once the
+ * device was lost (as every later call into the GPU does).
  */
 export function init(options: InitOptions = {}): Promise<DeviceInfo> {
+  if (lostReason) return Promise.reject(new GPUError(lostReason)); // not ready: its device is gone
   if (ready) return Promise.resolve(ready);
   // after a failed tuning, the device acquired stays (its buffers exist): a later init() tunes again
   pending ??= (info ? Promise.resolve(info) : acquire(options)).then(async (i) => {
@@ -177,7 +179,9 @@ async function acquire(options: InitOptions): Promise<DeviceInfo> {
     firstError ??= `${err.constructor.name}: ${err.message}`;
   });
   dev.lost.then((l) => {
-    lostReason = `GPU device lost (${l.reason}): ${l.message}`;
+    // nothing is acquired again: every buffer, pipeline and cache belongs to the lost device
+    lostReason = `GPU device lost (${l.reason}): ${l.message}. mamba.ts does not acquire another device: ` +
+      "reload the page or restart the process";
     device = null;
   });
   const ai = adapter.info;

@@ -177,3 +177,35 @@ await first;`;
     tunedWhenSecondResolved: true,
   });
 });
+
+Deno.test("a lost device: a readback in flight, later ops, sync() and init() all reject with the loss, none waits", async () => {
+  // a fresh process: the device is destroyed for good
+  const url = (p: string) => JSON.stringify(new URL(p, import.meta.url).href);
+  const script = `import { init, randn, sync } from ${url("../mod.ts")};
+import { gpuDevice } from ${url("../core/device.ts")};
+await init({ tune: false });
+const a = randn([64, 64]);
+const pending = a.matmul(a).toArray();
+gpuDevice().destroy();
+const out = [];
+const said = (p) => p.then(() => "resolved", (e) => e.name + ": " + e.message);
+out.push(await said(pending));
+out.push(await said((async () => a.add(1))()));
+out.push(await said(sync()));
+out.push(await said(init()));
+console.log(JSON.stringify(out));`;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--config", fileURLToPath(new URL("../deno.json", import.meta.url)), script],
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(120_000),
+  });
+  const out = await child.output();
+  const text = new TextDecoder().decode(out.stdout);
+  assert.equal(out.code, 0, `exit ${out.code}: ${new TextDecoder().decode(out.stderr)}`);
+  const said = JSON.parse(text.trim().split("\n").at(-1)!) as string[];
+  assert.equal(said.length, 4);
+  for (const s of said) {
+    assert.match(s, /^GPUError: GPU device lost \(destroyed\): .*does not acquire another device: reload/, s);
+  }
+});
