@@ -17,7 +17,8 @@ import { serializeSafetensors } from "../core/safetensors.ts";
 import type { MambaConfig } from "./config.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { loadTokenizer } from "./model_sources.ts";
-import { fromPretrained, type PretrainedLM, saveCheckpoint, tokenizerFilesFor } from "./pretrained.ts";
+import { checkpointFiles, fromPretrained, type PretrainedLM, tokenizerFilesFor } from "./pretrained.ts";
+import { writeFiles } from "./pretrained_fs.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import { type TrainConfig, type TrainData, Trainer, type TrainLog } from "./train.ts";
 
@@ -277,6 +278,7 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
  * name `dir`. `tokenizer` is required: the run's {@linkcode Tokenizer} (one with `toFiles()`, as
  * `ByteTokenizer` and `HubTokenizer`: its `tokenizer.json`, and `tokenizer_config.json` when it has one), or
  * the parsed `tokenizer.json` itself (any JSON value); undefined, or anything else that is not JSON, throws.
+ * The run is read as it is at the call: steps taken before the promise resolves are in none of the files.
  */
 export async function saveTrainingCheckpoint(
   dir: string,
@@ -322,6 +324,27 @@ export async function saveTrainingCheckpoint(
       ? e
       : new Error(`cannot write checkpoint ${path}: ${(e as Error).message}`, { cause: e });
 
+  // The run as it is at the call, its readbacks recorded before the first wait: steps taken while the files
+  // are written (a save not awaited) end up in none of them.
+  const state = trainer.opt.stateDict();
+  const { scan, recompute } = trainer.model.config;
+  const pairs = (rows: [number, number][]) => rows.map(([step, x]) => [step, jsonNumber(x)]);
+  const log = {
+    step: trainer.step,
+    train: { ...trainer.config, clip: jsonNumber(trainer.config.clip) }, // clip may be Infinity
+    log: { train: pairs(trainer.log.train), val: pairs(trainer.log.val), time: pairs(trainer.log.time) },
+    pendingLosses: [] as (number | string)[],
+    files: names,
+    paddingIdx: trainer.model.embedding.paddingIdx,
+    model: { scan, recompute },
+  };
+  const read = Promise.all([
+    checkpointFiles(trainer.model, null), // the tokenizer's files below
+    Promise.all([...state.tensors.values()].map((t) => t.toArray())),
+    trainer.pendingLosses(),
+  ]);
+  read.catch(() => {}); // awaited below, unless the save is refused first
+
   // An interrupted save can leave the checkpoint under .prev alone: move it back first, so that one stays in
   // place until the new one is complete.
   let prevKind: Awaited<ReturnType<typeof inspect>>;
@@ -344,12 +367,12 @@ export async function saveTrainingCheckpoint(
   try {
     await Deno.mkdir(parent, { recursive: true });
     await Deno.mkdir(tmp);
-    await saveCheckpoint(trainer.model, tmp, null); // the tokenizer's files below
-    const state = trainer.opt.stateDict();
+    const [files, optData, losses] = await read;
+    await writeFiles(tmp, files);
     const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
-    for (const [k, t] of state.tensors) {
-      tensors[k] = { shape: [...t.shape], data: (await t.toArray()) as Float32Array };
-    }
+    [...state.tensors].forEach(([k, t], i) =>
+      tensors[k] = { shape: [...t.shape], data: optData[i] as Float32Array }
+    );
     await Deno.writeFile(
       `${tmp}/optimizer.safetensors`,
       serializeSafetensors(tensors, {
@@ -357,17 +380,7 @@ export async function saveTrainingCheckpoint(
         paramSteps: JSON.stringify(state.paramSteps),
       }),
     );
-    const { scan, recompute } = trainer.model.config;
-    const pairs = (rows: [number, number][]) => rows.map(([step, x]) => [step, jsonNumber(x)]);
-    const log = {
-      step: trainer.step,
-      train: { ...trainer.config, clip: jsonNumber(trainer.config.clip) }, // clip may be Infinity
-      log: { train: pairs(trainer.log.train), val: pairs(trainer.log.val), time: pairs(trainer.log.time) },
-      pendingLosses: (await trainer.pendingLosses()).map(jsonNumber),
-      files: names,
-      paddingIdx: trainer.model.embedding.paddingIdx,
-      model: { scan, recompute },
-    };
+    log.pendingLosses = losses.map(jsonNumber);
     await Deno.writeTextFile(`${tmp}/training_log.json`, JSON.stringify(log) + "\n");
     const tokText = JSON.stringify(tok.tokenizer, null, 1);
     if (tokText === undefined) {

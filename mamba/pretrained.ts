@@ -20,6 +20,7 @@ import { hfConfig, mapKey, parseCheckpointConfig } from "./checkpoint_config.ts"
 import { type LMOptions, MambaLM } from "./lm.ts";
 import { filesSource, type ModelFiles, parseJson, sourceOf, tokenizerOf } from "./model_sources.ts";
 import type { Tokenizer, TokenizerFiles } from "./tokenizer.ts";
+import type { Tensor } from "../core/tensor.ts";
 import { checkShapes, planWeights, readHeader, shardHeaders, streamInto } from "./weight_stream.ts";
 
 /** Options of {@linkcode fromPretrained} (hub options apply when the source is a hub id). */
@@ -220,9 +221,10 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
   }
 }
 
-/** The model's tensors under Hugging Face names, read back from the GPU. */
+/** The model's tensors under Hugging Face names, read back from the GPU: as they are at the call (a training
+ * step taken before the promise resolves changes none of them). */
 export async function hfTensors(model: MambaLM): Promise<Record<string, SafetensorsInput>> {
-  const out: Record<string, SafetensorsInput> = {};
+  const named: [string, Tensor][] = [];
   for (const [name, p] of model.namedParameters()) {
     const key = name === "embedding.weight"
       ? "backbone.embeddings.weight"
@@ -231,8 +233,12 @@ export async function hfTensors(model: MambaLM): Promise<Record<string, Safetens
       : name.startsWith("mamba.")
       ? "backbone." + name.slice("mamba.".length)
       : name;
-    out[key] = { shape: [...p.shape], data: await p.toArray() };
+    named.push([key, p]);
   }
+  // every readback is recorded before the first wait (a wait per parameter let steps run in between)
+  const data = await Promise.all(named.map(([, p]) => p.toArray()));
+  const out: Record<string, SafetensorsInput> = {};
+  named.forEach(([key, p], i) => out[key] = { shape: [...p.shape], data: data[i] });
   return out;
 }
 
@@ -268,7 +274,8 @@ export function tokenizerFilesFor(model: MambaLM, tokenizer: Tokenizer): Tokeniz
  * tokenizer's `tokenizer.json` (+ `tokenizer_config.json` when it has one). `tokenizer` defaults to the
  * model's own (a {@linkcode PretrainedLM}'s); null leaves it out. In a page, offer the files as downloads; in
  * Deno, {@linkcode saveCheckpoint} writes them into a folder. {@linkcode fromPretrainedFiles} and
- * {@linkcode fromPretrained} read them back, tokenizer included.
+ * {@linkcode fromPretrained} read them back, tokenizer included. The weights are read as they are at the call
+ * (a training step taken before the promise resolves changes none of them).
  */
 export async function checkpointFiles(
   model: MambaLM,

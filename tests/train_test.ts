@@ -565,6 +565,37 @@ Deno.test("train: steps and an evaluation called without awaiting each log the l
   assert.deepEqual(await run(false), one);
 });
 
+Deno.test("train: a save not awaited writes the run as it was when called, though steps are taken meanwhile", async () => {
+  await init();
+  const text = new TextEncoder().encode("the quick brown fox jumps over the lazy dog. ".repeat(20));
+  const recipe = { ...DEFAULT_TRAIN, steps: 8, warmup: 1, batch: 2, seq: 16, logEvery: 3 };
+  const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 256 });
+  const t = new Trainer(model, new CharDataset(text), recipe);
+  const dir = await Deno.makeTempDir();
+  try {
+    for (let i = 0; i < 4; i++) await t.trainStep(); // a loss logged, one pending
+    await saveTrainingCheckpoint(`${dir}/awaited`, t, new ByteTokenizer());
+    await saveCheckpoint(model, `${dir}/model-awaited`, null);
+    const run = saveTrainingCheckpoint(`${dir}/meanwhile`, t, new ByteTokenizer());
+    const plain = saveCheckpoint(model, `${dir}/model-meanwhile`, null);
+    await t.trainStep();
+    await t.trainStep(); // reads its losses back
+    await Promise.all([run, plain]);
+    for (const [a, b] of [["awaited", "meanwhile"], ["model-awaited", "model-meanwhile"]]) {
+      const names = (d: string) => Array.from(Deno.readDirSync(`${dir}/${d}`), (e) => e.name).sort();
+      assert.deepEqual(names(b), names(a));
+      for (const name of names(a)) {
+        const [x, y] = [Deno.readFileSync(`${dir}/${a}/${name}`), Deno.readFileSync(`${dir}/${b}/${name}`)];
+        assert.ok(x.length === y.length && x.every((v, i) => v === y[i]), `${b}/${name} differs from ${a}'s`);
+      }
+    }
+  } finally {
+    t.dispose();
+    model.dispose();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("TokenDataset: the same windows as CharDataset from the same ids; bad ids, valFrac and ids past the model's vocabulary are named", async () => {
   await init();
   const bytes = new TextEncoder().encode("It is a truth universally acknowledged. ".repeat(20));
