@@ -341,7 +341,19 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       if (isTTY) Deno.stderr.writeSync(new TextEncoder().encode(`\r${line}\x1b[K${final ? "\n" : ""}`));
       else console.error(line);
     });
+  let saved: number | null = null; // the step of this run's last checkpoint
+  // A diverged run's error says which checkpoint is left: none is written once a loss is not finite.
+  const diverged = (e: unknown) => {
+    const kept = saved === null
+      ? `no checkpoint written since the run ${a.resume ? "resumed" : "started"}`
+      : `${a.out} keeps the checkpoint of step ${saved}`;
+    return new Error(`${(e as Error).message} (${kept})`, { cause: e });
+  };
   const save = async () => {
+    // A run that diverged since the last readback must not replace the checkpoint of one that had not.
+    await trainer.checkLosses().catch((e) => {
+      throw diverged(e);
+    });
     // The loss chart goes into the checkpoint folder with the rest, replaced with it atomically.
     await saveTrainingCheckpoint(a.out, trainer, tokenizer, {
       files: {
@@ -349,6 +361,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
         "loss.svg": await lossChartSVG(trainer.log),
       },
     });
+    saved = trainer.step;
   };
   await hooks.onStart?.(trainer);
   const t0 = performance.now();
@@ -358,7 +371,9 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
   if (trainer.step === 0) lastVal = await trainer.evaluate();
   let lastLoss = trainer.log.train.at(-1)?.[1] ?? NaN;
   while (trainer.step < cfg.steps) {
-    const mean = await trainer.trainStep();
+    const mean = await trainer.trainStep().catch((e) => {
+      throw /^training diverged/.test((e as Error).message) ? diverged(e) : e;
+    });
     if (mean !== null) lastLoss = mean;
     const step = trainer.step;
     if (step % cfg.evalEvery === 0 || step === cfg.steps) lastVal = await trainer.evaluate();

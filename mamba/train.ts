@@ -348,6 +348,7 @@ export class Trainer {
    * One optimizer step. Returns the mean train loss of the steps since the last readback when it reads them
    * back (every `logEvery` steps, and at the run's last step and every step past it, then over fewer steps),
    * else null. A step that throws (out of memory under a limit) counts nothing and leaves no gradients.
+   * Throws at a readback where a loss is not finite, naming the first step whose loss was not.
    */
   async trainStep(): Promise<number | null> {
     if (!this.#tuned) {
@@ -383,9 +384,28 @@ export class Trainer {
     this.#pending = 0;
     const losses = new Float32Array(await readBuffer(this.#losses.storage.buffer, 0, 4 * n));
     const mean = losses.reduce((a, b) => a + b, 0) / n;
-    if (!Number.isFinite(mean)) throw new Error(`training diverged: loss ${mean} at step ${step}`);
+    Trainer.#checkFinite(losses, step - n);
     this.log.train.push([step, mean]);
     return mean;
+  }
+
+  /** Throws if a loss of `losses` (those of steps from + 1, from + 2, ...) is not finite, naming the first. */
+  static #checkFinite(losses: ArrayLike<number>, from: number): void {
+    for (let i = 0; i < losses.length; i++) {
+      if (!Number.isFinite(losses[i])) {
+        throw new Error(`training diverged: loss ${losses[i]} at step ${from + i + 1}`);
+      }
+    }
+  }
+
+  /**
+   * Throws as {@linkcode Trainer.trainStep} does when a loss of the steps since the last readback is not
+   * finite (their readback waits for `logEvery` steps): a run that diverged after its last readback is found
+   * before a checkpoint of it replaces a good one.
+   */
+  async checkLosses(): Promise<void> {
+    const from = this.step - this.#pending;
+    Trainer.#checkFinite(await this.pendingLosses(), from);
   }
 
   /** Mean loss over `evalBatches` fixed validation batches (the same every time). */

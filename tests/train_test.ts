@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { FINE_TUNE_LR, parseTrainArgs, runTraining } from "../examples/train.ts";
 import { init } from "../core/device.ts";
+import { upload } from "../core/executor.ts";
 import { memory, setMemoryLimit } from "../core/memory.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { cosineSchedule } from "../nn/optim.ts";
@@ -431,6 +432,48 @@ Deno.test("train: --resume writes to its own folder, and extending a run with --
       () => run(["--resume", `${root}/a`, "--steps", "8"]),
       /--steps 8 for the run in .*\/a: steps \(8\) is below the 12 steps this run has already done/,
     );
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
+Deno.test("train: a loss that is not finite names its first step, and no checkpoint of the diverged run replaces the last good one", async () => {
+  const root = await Deno.makeTempDir();
+  try {
+    // Every weight of the embedding NaN after step 12: the loss of step 13 is the first NaN. logEvery is 10.
+    const run = async (saveEvery: string) => {
+      let trainer: Trainer | undefined;
+      const args = ["--steps", "30", "--batch", "2", "--seq", "16", "--d-model", "8", "--layers", "1"];
+      const a = parseTrainArgs([...args, "--warmup", "2", "--save-every", saveEvery, "--out", `${root}/r`])!;
+      try {
+        await runTraining(a, {
+          progress: quiet,
+          onStart: (t) => Promise.resolve(void (trainer = t)),
+          shouldStop: () => {
+            if (trainer!.step === 12) {
+              const p = trainer!.model.embedding.weight;
+              upload(p.storage.buffer, 0, new Float32Array(p.size).fill(NaN));
+            }
+            return false;
+          },
+        });
+      } finally {
+        trainer?.model.dispose();
+        trainer?.dispose();
+      }
+    };
+    // Read back at step 20: the error names step 13, not the readback's step.
+    await assert.rejects(
+      () => run("100"),
+      /training diverged: loss NaN at step 13 \(no checkpoint written since the run started\)/,
+    );
+    // A save at step 15 comes before that readback: it refuses, and the checkpoint of step 10 stays.
+    await assert.rejects(
+      () => run("5"),
+      new RegExp(`training diverged: loss NaN at step 13 \\(${root}/r keeps the checkpoint of step 10\\)`),
+    );
+    assert.equal(JSON.parse(await Deno.readTextFile(`${root}/r/training_log.json`)).step, 10);
+    for (const [k, t] of await weights(`${root}/r`)) assert.ok(t.data.every(Number.isFinite), `${k} finite`);
   } finally {
     await Deno.remove(root, { recursive: true });
   }
