@@ -277,7 +277,7 @@ export interface TrainHooks {
 /** Trains (or resumes) as the flags say; returns the trainer, with the final checkpoint written. */
 export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise<Trainer> {
   await init();
-  await checkCheckpointFolder(a.out); // a folder we may not replace fails now, not at the first save
+  await checkCheckpointFolder(a.out); // a folder we may not replace or write in fails now, not at the first save
   const text = await Deno.readFile(a.data).catch((e) => {
     throw new Error(`cannot read the training text ${a.data}: ${(e as Error).message}`);
   });

@@ -210,17 +210,32 @@ function refusal(path: string, target: string, why: string): Error {
 }
 
 /**
- * Throws the refusal {@linkcode saveTrainingCheckpoint} would give for `dir` (Deno): lets a program stop
- * before training rather than at its first save. Resolves when a save may write there.
+ * Throws the refusal {@linkcode saveTrainingCheckpoint} would give for `dir` (Deno), or the error of a folder
+ * it could not write in (no permission, a read-only file system): lets a program stop before training rather
+ * than at its first save. Resolves when a save may write there. It makes and removes an empty folder where
+ * the save would make its own (in `dir`'s parent, or the nearest folder above it that exists).
  */
 export async function checkCheckpointFolder(dir: string): Promise<void> {
   needDeno("checkCheckpointFolder");
-  const { path } = splitDir(dir);
+  const { path, parent, base } = splitDir(dir);
   const prev = `${path}.prev`;
   const prevKind = await inspect(prev);
   if (prevKind.kind === "foreign") throw refusal(path, prev, prevKind.why);
   const cur = await inspect(path);
   if (cur.kind === "foreign") throw refusal(path, path, cur.why);
+  let at = parent; // a save makes the folders up to its parent: the first of them is made where one exists
+  while (!(await Deno.lstat(at).then(() => true, (e) => !(e instanceof Deno.errors.NotFound)))) {
+    const up = splitDir(at).parent;
+    if (up === at) break;
+    at = up;
+  }
+  const probe = `${at}/${base}${tmpSuffix()}`;
+  try {
+    await Deno.mkdir(probe);
+  } catch (e) {
+    throw new Error(`cannot write checkpoint ${path}: ${(e as Error).message}`, { cause: e });
+  }
+  await Deno.remove(probe);
 }
 
 /** Makes renames in `dir` durable; skipped where a folder cannot be opened or synced (Windows). */

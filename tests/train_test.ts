@@ -7,7 +7,11 @@ import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { cosineSchedule } from "../nn/optim.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
-import { loadTrainingCheckpoint, saveTrainingCheckpoint } from "../mamba/checkpoint.ts";
+import {
+  checkCheckpointFolder,
+  loadTrainingCheckpoint,
+  saveTrainingCheckpoint,
+} from "../mamba/checkpoint.ts";
 import { CharDataset, DEFAULT_TRAIN, TokenDataset, type TrainConfig, Trainer } from "../mamba/train.ts";
 import { manualSeed, Philox } from "../core/random.ts";
 import { ByteTokenizer, HubTokenizer } from "../mamba/tokenizer.ts";
@@ -377,6 +381,38 @@ Deno.test("train: a save refuses to replace a folder that is not its checkpoint,
   } finally {
     model.dispose();
     t.dispose();
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
+Deno.test("train: an --out it cannot write in fails before the first step, not at the first save", async () => {
+  const root = await Deno.makeTempDir();
+  // A folder it may not write in (tests may run as root, whom permissions do not stop): mkdir fails there.
+  const fs = Deno as unknown as { mkdir: typeof Deno.mkdir };
+  const { mkdir } = fs;
+  fs.mkdir = (p, o) =>
+    String(p).startsWith(`${root}/ro/`)
+      ? Promise.reject(new Deno.errors.PermissionDenied(`injected: permission denied, mkdir '${p}'`))
+      : mkdir(p, o);
+  try {
+    await Deno.mkdir(`${root}/ro`);
+    const denied = /cannot write checkpoint .*\/ro\/(sub\/)?run: injected: permission denied/;
+    for (const out of [`${root}/ro/run`, `${root}/ro/sub/run`]) {
+      let started = false;
+      await assert.rejects(
+        () =>
+          runTraining(parseTrainArgs([...small, "--out", out])!, {
+            progress: quiet,
+            onStart: () => Promise.resolve(void (started = true)),
+          }),
+        denied,
+      );
+      assert.ok(!started, `${out}: no training before the refusal`);
+    }
+    await checkCheckpointFolder(`${root}/w/sub/run`); // a folder it may write in: nothing left behind
+    assert.deepEqual(await names(root), ["ro"]);
+  } finally {
+    fs.mkdir = mkdir;
     await Deno.remove(root, { recursive: true });
   }
 });
