@@ -20,7 +20,7 @@ import { loadTokenizer } from "./model_sources.ts";
 import { checkpointFiles, fromPretrained, type PretrainedLM, tokenizerFilesFor } from "./pretrained.ts";
 import { writeFiles } from "./pretrained_fs.ts";
 import type { Tokenizer } from "./tokenizer.ts";
-import { type TrainConfig, type TrainData, Trainer, type TrainLog } from "./train.ts";
+import { type TrainConfig, type TrainData, Trainer, type TrainLog, validateTrainConfig } from "./train.ts";
 
 /** What `training_log.json` holds. JSON has no NaN nor infinities: numbers that are not finite (a `clip` of
  * Infinity, a loss that diverged) are written as the strings "NaN", "Infinity" and "-Infinity". */
@@ -551,10 +551,16 @@ export async function loadTrainingCheckpoint(
           "a Trainer refuses since 2026-11-29; set train.minLr <= train.lr in this file to resume it",
       );
     }
-    trainer = new Trainer(model, data, state.train);
+    validateTrainConfig(state.train);
   } catch (e) {
     model.dispose();
     throw new Error(`${from}/training_log.json: ${(e as Error).message}`, { cause: e });
+  }
+  try {
+    trainer = new Trainer(model, data, state.train); // the recipe is valid: what it refuses is the data
+  } catch (e) {
+    model.dispose();
+    throw new Error(`cannot resume ${from} with this data: ${(e as Error).message}`, { cause: e });
   }
   try {
     const opt = await readSafetensorsFile(`${from}/optimizer.safetensors`);

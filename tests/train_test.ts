@@ -1013,6 +1013,17 @@ Deno.test("checkpoint: a clip of Infinity and the model's scan and recompute sur
       await edit(change);
       await assert.rejects(() => loadTrainingCheckpoint(dir, data), want);
     }
+    // Data the run cannot take is named as the data's fault, not training_log.json's.
+    await edit(() => {});
+    const short = new CharDataset(new TextEncoder().encode("tiny"));
+    await assert.rejects(
+      () => loadTrainingCheckpoint(dir, short),
+      /^Error: cannot resume .*\/c with this data: the train text has 3 bytes, fewer than seq \+ 1 = 9$/,
+    );
+    await assert.rejects(
+      () => loadTrainingCheckpoint(dir, new TokenDataset(new Array(20).fill(300))),
+      /^Error: cannot resume .*\/c with this data: the data has token id 300, outside the model's vocabulary/,
+    );
     assert.equal(memory().liveTensors, live, "a refused resume leaves nothing behind");
   } finally {
     t.dispose();
