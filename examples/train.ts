@@ -378,7 +378,10 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     const step = trainer.step;
     if (step % cfg.evalEvery === 0 || step === cfg.steps) lastVal = await trainer.evaluate();
     const secs = (performance.now() - t0) / 1000;
-    if (mean !== null || step === cfg.steps) {
+    const stop = hooks.shouldStop?.() ?? false;
+    const saving = step % a.saveEvery === 0 || step === cfg.steps || stop;
+    // the time goes with each checkpoint too: a run resumed from one adds its own to the seconds saved there
+    if (mean !== null || saving) {
       trainer.log.time.push([step, priorSeconds + secs]);
       const tps = ((step - startStep) * cfg.batch * cfg.seq) / secs;
       const eta = ((cfg.steps - step) * secs) / (step - startStep);
@@ -388,8 +391,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
         false,
       );
     }
-    const stop = hooks.shouldStop?.() ?? false;
-    if (step % a.saveEvery === 0 || step === cfg.steps || stop) await save();
+    if (saving) await save();
     if (stop) break;
   }
   progress(`done: step ${trainer.step}, val ${lastVal.toFixed(4)}, checkpoint in ${a.out}`, true);

@@ -81,7 +81,7 @@ export interface TrainLog {
   /** [step, validation loss] */
   val: [number, number][];
   /** [step, seconds since the run started, cumulated over resumes]: the caller's to fill (`Trainer` does not
-   * time; `deno task train` records it with each train-loss entry) */
+   * time; `deno task train` records it with each train-loss entry and each checkpoint) */
   time: [number, number][];
 }
 

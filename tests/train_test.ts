@@ -88,9 +88,13 @@ Deno.test("train: a resumed run continues exactly as an uninterrupted one (losse
     const tb = await runTraining(b, { progress: quiet, shouldStop: () => ++steps === 5 });
     assert.equal(tb.step, 5);
     tb.model.dispose();
+    // The checkpoint holds the seconds up to step 5 (there was no readback yet), which the resume adds to.
+    const time5 = JSON.parse(await Deno.readTextFile(`${root}/b/training_log.json`)).log.time;
+    assert.equal(time5.at(-1)?.[0], 5, `time ${JSON.stringify(time5)}`);
     const r = parseTrainArgs(["--resume", `${root}/b`, "--out", `${root}/b`])!;
     const tr = await runTraining(r, { progress: quiet });
     assert.equal(tr.step, 12);
+    assert.ok(tr.log.time.at(-1)![1] > time5.at(-1)[1], "the resumed run's seconds add to those saved");
     tr.model.dispose();
     const [wa, wb] = [await weights(`${root}/a`), await weights(`${root}/b`)];
     for (const [k, t] of wa) assert.deepEqual(wb.get(k)!.data, t.data, `${k} differs after resume`);
