@@ -33,7 +33,7 @@ export interface TrainConfig {
   minLr: number;
   /** Linear warm-up steps. */
   warmup: number;
-  /** AdamW weight decay of 2-D weights. */
+  /** AdamW weight decay of the parameters of rank >= 2 (conv weights and A_log too: see `configureOptimizers`). */
   weightDecay: number;
   /** AdamW betas. */
   betas: [number, number];
