@@ -84,6 +84,7 @@ export function profiling(): boolean {
 /**
  * Times every dispatch of `fn` on the GPU with timestamp queries (each dispatch gets its own pass, so this
  * slows the work down a little) and returns the kernel times in order. Needs the `timestamp-query` feature.
+ * With an async `fn`, the dispatches that other tasks record while it waits are timed too.
  */
 export async function profile(fn: () => void | Promise<void>): Promise<KernelTime[]> {
   if (!deviceInfo().timestampQuery) throw new Error("profile(): the adapter has no timestamp-query feature");
