@@ -162,7 +162,7 @@ const POOLS = {
   gated: [false, true],
   z: ["plain", "window", "timesY"],
   dtWeight: [false, true],
-  dBCPad: [0, 1, 3], // with dt_proj inside
+  dBCPad: [false, true], // with dt_proj inside: R + 2N padded to the next multiple of 4, as MambaBlock pads
   outProj: ["none", "residual", "bias", "plain"] as const, // with dtWeight and the gate (not z*y): fusedMambaScanOut
   segments: [false, false, true],
   varying: [false, false, false, true],
@@ -329,7 +329,9 @@ function makeCase(seed: number, index: number): Case {
     : undefined;
   const dtWeight = pick("dtWeight", 8);
   // padding columns only with dt_proj inside: fusedSelectiveScan reads the dt rank off dBC's width
-  const dBCPad = dtWeight ? pick("dBCPad", 9) : 0;
+  const padded = dtWeight && pick("dBCPad", 9);
+  const R = pick("R", 5);
+  const dBCPad = padded ? (4 - ((R + 2 * N) % 4)) % 4 : 0; // 0 where R + 2N is a multiple of 4 already
   // out_proj in the op too: its backward writes the recomputed gated y (`yg`) for out_proj's weight gradient
   const outProj = dtWeight && gated && zKind !== "timesY" ? pick("outProj", 28) : "none";
   const scan: ScanCase = {
@@ -337,7 +339,7 @@ function makeCase(seed: number, index: number): Case {
     L,
     ED,
     N,
-    R: pick("R", 5),
+    R,
     gated,
     ...(zWindow ? { zWindow } : {}),
     ...(zKind === "timesY" ? { zTimesY: true } : {}),
