@@ -376,8 +376,8 @@ export function setFusedStateSaving(mode: "keep" | "recompute" | null): void {
 
 /**
  * What a differentiable op saves of a forward's `ph` (the forward's own `ph` is then disposed or returned):
- * the chunk states take 4 N / Lc bytes per channel and token, x, delta and z 12 together. Where N > 2 Lc they
- * would outweigh two of those: a GPU's short chunks (9 steps on the H200 at N 64: 28 bytes) against what
+ * the chunk states take 4 N / Lc bytes per channel and token, x and z (what the block saves besides) 8
+ * together. Where N > 2 Lc the states outweigh them: a GPU's short chunks (9 steps on the H200 at N 64: 28 bytes) against what
  * mamba.py's pscan saves (about 12 N) leave the scan's saved bytes 19 times below pscan's instead of 58. There
  * the op saves the parameters alone (a copy: one dispatch) and the backward recomputes the states by the
  * chunk-parallel forward's first two kernels, every chunk from a zero state, then the chain (one dispatch
