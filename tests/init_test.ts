@@ -130,6 +130,21 @@ Deno.test("subgroup probe: sums that match the size and aligned subgroups give s
   assert.equal(subgroupProbeResult(interleaved, "", 0, 0), null);
 });
 
+/** Runs `script` in a fresh Deno process (the repository's config, or `flags` instead) and parses the last
+ * line it prints as JSON; a non-zero exit fails with its stderr. */
+async function lastLineOf(script: string, flags?: string[]): Promise<unknown> {
+  const config = ["--config", fileURLToPath(new URL("../deno.json", import.meta.url))];
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["eval", ...(flags ?? config), script],
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(120_000),
+  }).output();
+  const text = new TextDecoder().decode(out.stdout);
+  assert.equal(out.code, 0, `exit ${out.code}: ${new TextDecoder().decode(out.stderr)}`);
+  return JSON.parse(text.trim().split("\n").at(-1)!);
+}
+
 Deno.test("tuneKernels() before init() acquires the device and tunes (it waited on init, and init on it)", async () => {
   // a fresh process: init() runs once per process
   const script = `import { tuneKernels, deviceInfo } from ${
@@ -137,17 +152,8 @@ Deno.test("tuneKernels() before init() acquires the device and tunes (it waited 
   };
 const r = await tuneKernels();
 console.log(JSON.stringify({ variant: r.variant, adapter: deviceInfo().description.length > 0 }));`;
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["eval", "--config", fileURLToPath(new URL("../deno.json", import.meta.url)), script],
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(120_000),
-  });
-  const out = await child.output();
-  const text = new TextDecoder().decode(out.stdout);
-  assert.equal(out.code, 0, `exit ${out.code}: ${new TextDecoder().decode(out.stderr)}`);
-  const r = JSON.parse(text.trim().split("\n").at(-1)!);
-  assert.ok(typeof r.variant === "string" && r.adapter, text);
+  const r = await lastLineOf(script) as { variant: unknown; adapter: boolean };
+  assert.ok(typeof r.variant === "string" && r.adapter, JSON.stringify(r));
 });
 
 Deno.test("init() called while the first call tunes waits for that tuning, as the first call does", async () => {
@@ -163,16 +169,7 @@ const tuning = tuneResult() === null; // the device is there, the first call sti
 await init();
 console.log(JSON.stringify({ tuning, tunedWhenSecondResolved: tuneResult() !== null }));
 await first;`;
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["eval", "--location", "http://init-while-tuning.mambats.test/", script],
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(120_000),
-  });
-  const out = await child.output();
-  const text = new TextDecoder().decode(out.stdout);
-  assert.equal(out.code, 0, `exit ${out.code}: ${new TextDecoder().decode(out.stderr)}`);
-  assert.deepEqual(JSON.parse(text.trim().split("\n").at(-1)!), {
+  assert.deepEqual(await lastLineOf(script, ["--location", "http://init-while-tuning.mambats.test/"]), {
     tuning: true,
     tunedWhenSecondResolved: true,
   });
@@ -194,16 +191,7 @@ out.push(await said((async () => a.add(1))()));
 out.push(await said(sync()));
 out.push(await said(init()));
 console.log(JSON.stringify(out));`;
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["eval", "--config", fileURLToPath(new URL("../deno.json", import.meta.url)), script],
-    stdout: "piped",
-    stderr: "piped",
-    signal: AbortSignal.timeout(120_000),
-  });
-  const out = await child.output();
-  const text = new TextDecoder().decode(out.stdout);
-  assert.equal(out.code, 0, `exit ${out.code}: ${new TextDecoder().decode(out.stderr)}`);
-  const said = JSON.parse(text.trim().split("\n").at(-1)!) as string[];
+  const said = await lastLineOf(script) as string[];
   assert.equal(said.length, 4);
   for (const s of said) {
     assert.match(s, /^GPUError: GPU device lost \(destroyed\): .*does not acquire another device: reload/, s);
