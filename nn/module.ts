@@ -92,27 +92,41 @@ export class Module {
     return m;
   }
 
-  /** Every parameter with its dotted name, in registration order. */
-  namedParameters(prefix = ""): [string, Tensor][] {
-    const out: [string, Tensor][] = [];
+  /** Every parameter under every name it has, in registration order (a shared one under each). */
+  #named(prefix: string, out: [string, Tensor][]): [string, Tensor][] {
     for (const [n, p] of this.#params) out.push([prefix + n, p]);
-    for (const [n, c] of this.#children) out.push(...c.namedParameters(`${prefix}${n}.`));
+    for (const [n, c] of this.#children) c.#named(`${prefix}${n}.`, out);
     return out;
   }
 
-  /** Every parameter, in registration order. */
+  /**
+   * Every parameter with its dotted name, in registration order. A tensor registered under several names (a
+   * weight shared by two layers) comes once, under its first name, as in PyTorch's `named_parameters()`: an
+   * optimizer or `clipGradNorm` over `parameters()` sees it once.
+   */
+  namedParameters(prefix = ""): [string, Tensor][] {
+    const seen = new Set<Tensor>();
+    return this.#named(prefix, []).filter(([, p]) => {
+      if (seen.has(p)) return false;
+      seen.add(p);
+      return true;
+    });
+  }
+
+  /** Every parameter, in registration order (a shared one once). */
   parameters(): Tensor[] {
     return this.namedParameters().map(([, p]) => p);
   }
 
-  /** Total number of parameter elements. */
+  /** Total number of parameter elements (a shared parameter counted once). */
   numParameters(): number {
     return this.parameters().reduce((n, p) => n + p.size, 0);
   }
 
-  /** Parameters by name (the live tensors, not copies). */
+  /** Parameters by name (the live tensors, not copies); a shared parameter under each of its names, as in
+   * PyTorch's `state_dict()`. */
   stateDict(): Map<string, Tensor> {
-    return new Map(this.namedParameters());
+    return new Map(this.#named("", []));
   }
 
   /**

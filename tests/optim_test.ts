@@ -492,6 +492,36 @@ Deno.test("Module.loadStateDict checks dtypes and value counts before writing an
   lin.dispose();
 });
 
+Deno.test("Module: a weight shared by two layers is one parameter (clipping sees it once); state dicts name both", async () => {
+  await setup();
+  const { Module } = await import("../nn/module.ts");
+  const { Embedding } = await import("../nn/layers.ts");
+  class Head extends Module {
+    constructor(readonly weight: Tensor) {
+      super();
+      this.param("weight", weight);
+    }
+  }
+  class Tied extends Module {
+    readonly emb = this.child("emb", new Embedding(4, 2));
+    readonly head = this.child("head", new Head(this.emb.weight));
+  }
+  const model = new Tied();
+  const w = model.emb.weight;
+  assert.deepEqual(model.namedParameters().map(([n]) => n), ["emb.weight"]);
+  assert.equal(model.numParameters(), 8);
+  assert.deepEqual([...model.stateDict().keys()], ["emb.weight", "head.weight"], "PyTorch's state_dict keys");
+  tidy(() => w.sum().mul(3).backward()); // every gradient element 3: norm sqrt(8 * 9)
+  const norm = clipGradNorm(model.parameters(), 1);
+  const [n, g] = await readAll([norm, w.grad!]);
+  assertClose(n, { data: Float64Array.of(Math.sqrt(72)), shape: [] }, { rtol: 1e-6 }, "norm");
+  const clipped = 3 / (Math.sqrt(72) + 1e-6);
+  assertClose(g, { data: new Float64Array(8).fill(clipped), shape: [4, 2] }, { rtol: 1e-6 }, "clipped once");
+  const opt = configureOptimizers(model, { lr: 1, weightDecay: 0, betas: [0.9, 0.999] }); // no "appears twice"
+  assert.deepEqual(opt.paramGroups.flatMap((group) => group.names), ["emb.weight"]);
+  for (const t of [norm, opt, model]) t.dispose();
+});
+
 Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any parameter moves", async () => {
   await setup();
   const [a, b] = [param(Float64Array.from([1, 2]), [2]), param(Float64Array.from([3, 4, 5]), [3])];
