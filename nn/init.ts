@@ -24,8 +24,8 @@ export function constant(shape: Shape, value: number): Tensor {
 
 /**
  * PyTorch's default for Linear and Conv weights, kaiming_uniform(a = sqrt(5)): U(-1/sqrt(fanIn), 1/sqrt(fanIn)).
- * Their biases use the same bound.
+ * Their biases use the same bound, 0 for a fan-in of 0 as in PyTorch (1/sqrt(0) drew NaN from an infinite range).
  */
 export function kaimingUniform(shape: Shape, fanIn: number): Tensor {
-  return uniform(shape, 1 / Math.sqrt(fanIn));
+  return uniform(shape, fanIn > 0 ? 1 / Math.sqrt(fanIn) : 0);
 }

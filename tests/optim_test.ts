@@ -745,6 +745,18 @@ Deno.test("no leaks: after training steps, zeroGrad and dispose, live bytes are 
   assert.equal(memory().liveBytes, base, "live bytes back to baseline");
 });
 
+Deno.test("Linear with no inputs: its bias starts at zero (PyTorch's bound 0), not NaN", async () => {
+  await setup();
+  const { Linear } = await import("../nn/layers.ts");
+  const lin = new Linear(0, 3);
+  const y = lin.forward(tensor(new Float32Array(0), [2, 0]));
+  const [bias, out] = await readAll([lin.bias!, y]);
+  assert.ok(bias.length === 3 && bias.every((v) => v === 0), `bias ${bias}`);
+  assert.ok(out.length === 6 && out.every((v) => v === 0), `output ${out}`);
+  y.dispose();
+  lin.dispose();
+});
+
 Deno.test("Linear: the residual must have the output's shape, for 1-D inputs too (no broadcasting)", async () => {
   await setup();
   const { Linear } = await import("../nn/layers.ts");
