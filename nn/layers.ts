@@ -19,6 +19,15 @@ import type { Tensor } from "../core/tensor.ts";
 import { constant, kaimingUniform, normal } from "./init.ts";
 import { Module } from "./module.ts";
 
+/** Throws unless `v` is a size a layer's argument can take: an integer >= `min` (named here, not by the
+ * creation function that would refuse the weight's shape). */
+function checkSize(layer: string, name: string, v: number, min = 0): void {
+  if (!Number.isInteger(v) || v < min) {
+    const got = typeof v === "number" ? String(v) : `${JSON.stringify(v)} (${typeof v})`;
+    throw new Error(`${layer}: ${name} must be an integer >= ${min}, got ${got}`);
+  }
+}
+
 function lastDim(x: Tensor, want: number, layer: string): void {
   if (x.rank < 1 || x.shape[x.rank - 1] !== want) {
     throw new Error(`${layer}: expected input (..., ${want}), got ${fmt(x.shape)}`);
@@ -35,6 +44,8 @@ export class Linear extends Module {
   /** Creates the layer with PyTorch's default (kaiming-uniform) initialisation; `bias` defaults to true. */
   constructor(readonly inFeatures: number, readonly outFeatures: number, bias = true) {
     super();
+    checkSize("Linear", "inFeatures", inFeatures);
+    checkSize("Linear", "outFeatures", outFeatures);
     this.weight = this.param("weight", kaimingUniform([outFeatures, inFeatures], inFeatures));
     try {
       this.bias = bias ? this.param("bias", kaimingUniform([outFeatures], inFeatures)) : null;
@@ -91,6 +102,8 @@ export class Embedding extends Module {
     paddingIdx: number | null = null,
   ) {
     super();
+    checkSize("Embedding", "numEmbeddings", numEmbeddings);
+    checkSize("Embedding", "embeddingDim", embeddingDim);
     this.paddingIdx = paddingIdx;
     const init = normal([numEmbeddings, embeddingDim], 1);
     // The padding row starts at zero, as in PyTorch.
@@ -128,6 +141,7 @@ export class RMSNorm extends Module {
   /** Creates the norm with unit weights; `eps` defaults to 1e-5. */
   constructor(readonly dim: number, readonly eps = 1e-5) {
     super();
+    checkSize("RMSNorm", "dim", dim);
     this.weight = this.param("weight", constant([dim], 1));
   }
 
@@ -151,6 +165,8 @@ export class Conv1d extends Module {
   /** Creates the layer with PyTorch's default initialisation (fan-in = kernelSize); `bias` defaults to true. */
   constructor(readonly channels: number, readonly kernelSize: number, bias = true) {
     super();
+    checkSize("Conv1d", "channels", channels);
+    checkSize("Conv1d", "kernelSize", kernelSize, 1); // as causalConv1d: a kernel of 0 taps computes nothing
     this.weight = this.param("weight", kaimingUniform([channels, 1, kernelSize], kernelSize));
     try {
       this.bias = bias ? this.param("bias", kaimingUniform([channels], kernelSize)) : null;

@@ -745,6 +745,24 @@ Deno.test("no leaks: after training steps, zeroGrad and dispose, live bytes are 
   assert.equal(memory().liveBytes, base, "live bytes back to baseline");
 });
 
+Deno.test("layer constructors name the layer and the argument of a bad size (not rand's weight shape)", async () => {
+  await setup();
+  const { Conv1d, Embedding, Linear, RMSNorm } = await import("../nn/layers.ts");
+  const live = memory().liveBytes;
+  const bad: [() => unknown, RegExp][] = [
+    [() => new Linear(-1, 3), /Linear: inFeatures must be an integer >= 0, got -1$/],
+    [() => new Linear(3, 2.5), /Linear: outFeatures must be an integer >= 0, got 2.5$/],
+    [() => new Linear("3" as unknown as number, 2), /Linear: inFeatures .* got "3" \(string\)$/],
+    [() => new Embedding(NaN, 3), /Embedding: numEmbeddings must be an integer >= 0, got NaN$/],
+    [() => new Embedding(3, -2), /Embedding: embeddingDim must be an integer >= 0, got -2$/],
+    [() => new RMSNorm(1.5), /RMSNorm: dim must be an integer >= 0, got 1.5$/],
+    [() => new Conv1d(-4, 4), /Conv1d: channels must be an integer >= 0, got -4$/],
+    [() => new Conv1d(4, 0), /Conv1d: kernelSize must be an integer >= 1, got 0$/],
+  ];
+  for (const [make, want] of bad) assert.throws(make, want);
+  assert.equal(memory().liveBytes, live, "nothing allocated");
+});
+
 Deno.test("Linear with no inputs: its bias starts at zero (PyTorch's bound 0), not NaN", async () => {
   await setup();
   const { Linear } = await import("../nn/layers.ts");
