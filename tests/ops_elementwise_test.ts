@@ -85,6 +85,24 @@ Deno.test("unary ops stay finite and exact at large |x| (softplus, sigmoid, silu
   assert.deepEqual([...y], [1000, 100, 0]);
 });
 
+Deno.test("unary ops keep tiny |x| to f32's relative precision (WGSL's tanh may lose it: tanh(1e-8) gave 3e-8)", async () => {
+  // |x| from 1e-30 to 0.3, both signs; the ops defined there for negative x take both
+  const mags = Array.from({ length: 59 }, (_, i) => Math.fround(10 ** (-30 + i / 2)));
+  const both = nd([...mags, ...mags.map((v) => -v)], [2, 59]);
+  const positive = nd(mags, [59]);
+  const names = ["exp", "sigmoid", "silu", "softplus", "tanh", "log", "sqrt", "rsqrt"] as const;
+  const inputs = names.map((name) => ["log", "sqrt", "rsqrt"].includes(name) ? positive : both);
+  const ys = tidy(() =>
+    names.map((name, k) => M[name](tensor(Float32Array.from(inputs[k].data), inputs[k].shape)))
+  );
+  const got = await readAll(ys);
+  for (const t of ys) t.dispose();
+  // rtol: a few ulp, within what WGSL allows its exp and log (log: 2^-21 absolute near 1, in softplus)
+  names.forEach((name, k) => {
+    assertClose(got[k], map1(inputs[k], UNARY_REF[name]), { rtol: 2e-6, atol: 0 }, `${name} at tiny |x|`);
+  });
+});
+
 /** Operand forms of a binary op check: tensors of shapes (sa, sb), or a number on one side. */
 interface BinaryForm {
   label: string;

@@ -34,7 +34,7 @@ const UNARY = {
   sigmoid: { expr: "sigmoid_(a)", grad: "b * a * (1.0 - a)", fromOutput: true },
   silu: { expr: "a * sigmoid_(a)", grad: "b * sigmoid_(a) * (1.0 + a * (1.0 - sigmoid_(a)))" },
   softplus: { expr: "softplus_(a)", grad: "b * sigmoid_(a)" },
-  tanh: { expr: "tanh(a)", grad: "b * (1.0 - a * a)", fromOutput: true },
+  tanh: { expr: "tanh_(a)", grad: "b * (1.0 - a * a)", fromOutput: true },
   // NaN stays NaN, and its gradient passes, as PyTorch's threshold_backward (x <= 0 is false for NaN)
   relu: { expr: "fmax_(a, 0.0)", grad: "select(select(0.0, b, a > 0.0), b, isnan_(a))" },
 } satisfies Record<string, UnaryDef>;
