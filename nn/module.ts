@@ -79,17 +79,34 @@ export class Module {
   #params = new Map<string, Tensor>();
   #children = new Map<string, Module>();
 
-  /** Registers a parameter: it is kept (never freed by `tidy`) and requires grad. Returns it. */
+  /** Registers a parameter: it is kept (never freed by `tidy`) and requires grad. Returns it. `name` is one
+   * part of its state-dict key: non-empty, without '.', and not yet used in this module. */
   protected param(name: string, t: Tensor): Tensor {
+    this.#checkName("parameter", name);
     t.requiresGrad_(true);
     this.#params.set(name, keep(t));
     return t;
   }
 
-  /** Registers a sub-module under `name`. Returns it. */
+  /** Registers a sub-module under `name` (named as a parameter is). Returns it. */
   protected child<M extends Module>(name: string, m: M): M {
+    this.#checkName("child", name);
     this.#children.set(name, m);
     return m;
+  }
+
+  /** Names join into dotted keys: a dot inside one (param "a.weight" beside child "a") would give two parameters
+   * one key, and a name registered again would drop what it named, both silently. */
+  #checkName(kind: string, name: string): void {
+    if (typeof name !== "string" || name === "" || name.includes(".")) {
+      throw new Error(
+        `Module: a ${kind} name must be a non-empty string without '.', got ${JSON.stringify(name)}`,
+      );
+    }
+    if (this.#params.has(name) || this.#children.has(name)) {
+      const what = this.#params.has(name) ? "parameter" : "child";
+      throw new Error(`Module: the ${kind} name '${name}' is already taken by a ${what} of this module`);
+    }
   }
 
   /** Every parameter under every name it has, in registration order (a shared one under each). */

@@ -745,6 +745,35 @@ Deno.test("no leaks: after training steps, zeroGrad and dispose, live bytes are 
   assert.equal(memory().liveBytes, base, "live bytes back to baseline");
 });
 
+Deno.test("Module: a name with a dot, an empty one or one taken is refused (keys would collide or drop)", async () => {
+  await setup();
+  const { Module } = await import("../nn/module.ts");
+  const { RMSNorm } = await import("../nn/layers.ts");
+  class Custom extends Module {
+    constructor(params: string[], children: string[]) {
+      super();
+      for (const n of params) this.param(n, tensor([1]));
+      for (const n of children) this.child(n, new RMSNorm(1));
+    }
+  }
+  const bad: [string[], string[], RegExp][] = [
+    [
+      ["a.weight"],
+      ["a"],
+      /Module: a parameter name must be a non-empty string without '\.', got "a\.weight"/,
+    ],
+    [[""], [], /Module: a parameter name must be .*, got ""/],
+    [[], ["x.y"], /Module: a child name must be .*, got "x\.y"/],
+    [["w", "w"], [], /Module: the parameter name 'w' is already taken by a parameter of this module/],
+    [["norm"], ["norm"], /Module: the child name 'norm' is already taken by a parameter of this module/],
+    [[], ["n", "n"], /Module: the child name 'n' is already taken by a child of this module/],
+  ];
+  for (const [params, children, want] of bad) assert.throws(() => new Custom(params, children), want);
+  const ok = new Custom(["w"], ["norm"]);
+  assert.deepEqual([...ok.stateDict().keys()], ["w", "norm.weight"]);
+  ok.dispose();
+});
+
 Deno.test("layer constructors name the layer and the argument of a bad size (not rand's weight shape)", async () => {
   await setup();
   const { Conv1d, Embedding, Linear, RMSNorm } = await import("../nn/layers.ts");
