@@ -239,7 +239,7 @@ Deno.test("causalConv1d: a window that does not fit, or a wider x without one, i
   w.dispose();
 });
 
-Deno.test("causalConv1d: non-f32 operands, an empty kernel (K = 0) and a weight that is not (C, K) or (C, 1, K) are clear errors", () => {
+Deno.test("causalConv1d: non-f32 operands, an unknown activation, an empty kernel (K = 0) and a weight that is not (C, K) or (C, 1, K) are clear errors", () => {
   const x = M.zeros([1, 4, 4]);
   const w = M.zeros([4, 2]);
   const b = M.zeros([4]);
@@ -249,6 +249,11 @@ Deno.test("causalConv1d: non-f32 operands, an empty kernel (K = 0) and a weight 
   assert.throws(() => M.causalConv1d(xi, w, b), /causalConv1d: x must be f32, got i32/);
   assert.throws(() => M.causalConv1d(x, wi, b), /causalConv1d: weight must be f32, got i32/);
   assert.throws(() => M.causalConv1d(x, w, bi), /causalConv1d: bias must be f32, got i32/);
+  // an unknown activation is named, not run as "none"
+  assert.throws(
+    () => M.causalConv1d(x, w, b, "gelu" as "silu"),
+    /causalConv1d: activation must be "none" or "silu", got "gelu"/,
+  );
   const w0 = M.zeros([4, 0]);
   const w01 = M.zeros([4, 1, 0]);
   assert.throws(() => M.causalConv1d(x, w0, null), /kernel size K must be at least 1, got weight \[4, 0\]/);

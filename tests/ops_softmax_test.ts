@@ -187,7 +187,7 @@ Deno.test("crossEntropy: reductions mean/sum/none, ignoreIndex, 1-D to 3-D logit
     await checkOps(cases);
   }));
 
-Deno.test("crossEntropy: targets out of range give NaN; bad targets are rejected", async () => {
+Deno.test("crossEntropy: targets out of range give NaN; bad targets and an unknown reduction are rejected", async () => {
   const x = tensor([[1, 2, 3], [0, 0, 0]]);
   const loss = M.crossEntropy(x, tensor(new Int32Array([3, 0])), { reduction: "none" });
   const v = await loss.toArray();
@@ -199,6 +199,11 @@ Deno.test("crossEntropy: targets out of range give NaN; bad targets are rejected
     /logits \[2, 3\] need targets of shape \[2\], got \[3\]/,
   );
   assert.throws(() => M.softmax(tensor(new Int32Array([1, 2]))), /softmax needs an f32 tensor, got i32/);
+  // an unknown reduction is named, not taken as the mean
+  assert.throws(
+    () => M.crossEntropy(x, tensor(new Int32Array([0, 1])), { reduction: "avg" as "mean" }),
+    /crossEntropy: reduction must be "mean", "sum" or "none", got "avg"/,
+  );
   for (const t of [x, loss]) t.dispose();
 });
 

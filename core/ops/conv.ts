@@ -316,6 +316,9 @@ export function causalConv1d(
   for (const [name, t] of [["x", x], ["weight", weight], ["bias", bias]] as const) {
     if (t && t.dtype !== "f32") throw new Error(`causalConv1d: ${name} must be f32, got ${t.dtype} ${t}`);
   }
+  if (activation !== "none" && activation !== "silu") {
+    throw new Error(`causalConv1d: activation must be "none" or "silu", got ${JSON.stringify(activation)}`);
+  }
   if ((weight.rank !== 2 && weight.rank !== 3) || (weight.rank === 3 && weight.shape[1] !== 1)) {
     throw new Error(`causalConv1d: weight must be (C, 1, K) or (C, K), got ${fmt(weight.shape)}`);
   }

@@ -437,5 +437,11 @@ export function crossEntropy(logits: Tensor, target: Tensor, options: CrossEntro
         `got ${fmt(target.shape)}`,
     );
   }
-  return ceOp([logits, target], { reduction: options.reduction ?? "mean", ignore });
+  const reduction = options.reduction ?? "mean";
+  if (!["mean", "sum", "none"].includes(reduction)) {
+    throw new Error(
+      `crossEntropy: reduction must be "mean", "sum" or "none", got ${JSON.stringify(reduction)}`,
+    );
+  }
+  return ceOp([logits, target], { reduction, ignore });
 }
