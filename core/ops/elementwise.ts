@@ -153,7 +153,13 @@ function operandShape(o: Operand): readonly number[] {
 function resultType(a: Operand, b: Operand, op: string, ints: boolean): DType {
   const ta = typeof a === "number" ? null : a.dtype;
   const tb = typeof b === "number" ? null : b.dtype;
-  if (ta && tb && ta !== tb) throw new Error(`${op}: dtypes differ (${a} and ${b}); convert one first`);
+  if (ta && tb && ta !== tb) {
+    // no op converts between dtypes: say how to, instead of sending the user looking for one
+    throw new Error(
+      `${op}: dtypes differ (${a} and ${b}); no op converts f32 and i32: make one again from its values, ` +
+        "tensor(await t.toArray(), t.shape, { dtype })",
+    );
+  }
   const t = ta ?? tb ?? "f32";
   if (t === "i32" && !ints) throw new Error(`${op} needs f32 tensors, got i32`);
   if (t === "i32" && [a, b].some((o) => typeof o === "number" && !isInt32(o))) {
