@@ -334,7 +334,8 @@ export class Tensor {
 }
 
 /**
- * Runs `fn`; afterwards disposes every tensor it created, except the ones it returns or `keep`s. The graph
+ * Runs `fn`; afterwards disposes every tensor it created, except the ones it returns or `keep`s, and with a
+ * disposed leaf its `.grad` (unless returned). The graph
  * through the disposed intermediates goes with them (their saved tensors are freed): run `backward()` inside
  * the tidy, or `keep()` the tensors it must pass through. `fn` must be synchronous: an async `fn` (one
  * that returns a Promise) throws, since its tensors would be freed before it awaits; await readbacks such as
@@ -356,11 +357,7 @@ export function tidy<T>(fn: () => T): T {
   } catch (e) {
     // Free what fn made before it failed (and its graph); otherwise every tensor of a failed step leaks.
     scopes.pop();
-    for (const t of scope) {
-      if (t.kept) continue;
-      t.dispose();
-      releaseNode(t, "tidy");
-    }
+    for (const t of scope) if (!t.kept) free(t, null);
     throw e;
   }
   scopes.pop();
@@ -368,13 +365,21 @@ export function tidy<T>(fn: () => T): T {
   collectTensors(result, returned);
   for (const t of scope) {
     if (returned.has(t)) scopes[scopes.length - 1]?.add(t);
-    else if (!t.kept) {
-      t.dispose();
-      // The scope's graph ends with it: nodes of its intermediates stop holding saved tensors.
-      releaseNode(t, "tidy");
-    }
+    else if (!t.kept) free(t, returned);
   }
   return result;
+}
+
+/** Frees a tensor of a tidy scope, and a leaf's gradient with it unless `returned` holds it (kept, as every
+ * gradient is, it has no owner left); the scope's graph ends with it: nodes of its intermediates stop holding
+ * saved tensors. */
+function free(t: Tensor, returned: Set<Tensor> | null): void {
+  if (t.grad && !returned?.has(t.grad)) {
+    t.grad.dispose();
+    t.grad = null;
+  }
+  t.dispose();
+  releaseNode(t, "tidy");
 }
 
 function collectTensors(value: unknown, into: Set<Tensor>, seen = new Set<unknown>()): void {

@@ -123,6 +123,39 @@ Deno.test("tidy: disposes intermediates, keeps returned values (nested) and kept
   assert.equal(memory().liveTensors, base.liveTensors, "a failing tidy does not leak");
 });
 
+Deno.test("tidy frees a leaf made inside it with its gradient, unless the gradient is returned; a parameter's gradient stays", async () => {
+  await setup();
+  const w = tensor([1, 2, 3], [3], { requiresGrad: true }); // made outside: its gradient outlives the tidy
+  const base = memory();
+  const step = (give: boolean) =>
+    tidy(() => {
+      const x = M.randn([1000], { requiresGrad: true });
+      const loss = x.mul(w.sum()).sum();
+      loss.backward();
+      return give ? x.grad! : loss;
+    });
+  for (let i = 0; i < 3; i++) step(false).dispose();
+  // x (1000 floats) went with its gradient: w's gradient (3 floats) is the only new tensor
+  assert.equal(memory().liveTensors, base.liveTensors + 1, "a leaf's gradient outlived its leaf");
+  assert.ok(
+    memory().liveBytes - base.liveBytes < 4000,
+    "one small buffer (w's gradient); x's would be 4000 bytes",
+  );
+  const g = step(true);
+  assert.ok(!g.disposed);
+  assert.deepEqual([...await g.toArray()].slice(0, 2), [6, 6]);
+  g.dispose();
+  // the same when fn throws after its backward
+  assert.throws(() =>
+    tidy(() => {
+      const x = M.randn([1000], { requiresGrad: true });
+      x.mul(w.sum()).sum().backward();
+      throw new Error("after the backward");
+    }), /after the backward/);
+  assert.equal(memory().liveTensors, base.liveTensors + 1);
+  dispose([w, w.grad!]);
+});
+
 Deno.test("tidy keeps tensors returned in Sets, Maps (keys too), class instances and null-prototype objects", () => {
   const base = memory();
   class Pair {
