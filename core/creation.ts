@@ -210,6 +210,12 @@ export function arange(start: number, end?: number, step = 1, options: CreateOpt
 /** Normal samples (mean 0, std 1 unless given), seeded and identical on every adapter. */
 export function randn(shape: Shape, options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
   checkShape(shape, "randn: shape");
+  const { mean = 0, std = 1 } = options;
+  if (!Number.isFinite(mean) || !(std >= 0 && std < Infinity)) {
+    throw new Error(
+      `randn: mean must be finite and std finite and >= 0 (as torch.normal), got ${mean}, ${std}`,
+    );
+  }
   checkHostFill(4 * sizeOf(shape), () => `randn f32 ${fmt(shape)}`); // before the host array is filled
   const host = fillNormal(
     streamFor(options.seed),
@@ -223,6 +229,12 @@ export function randn(shape: Shape, options: RandomOptions & { mean?: number; st
 /** Uniform samples in [low, high) (default [0, 1)), seeded and identical on every adapter. */
 export function rand(shape: Shape, options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
   checkShape(shape, "rand: shape");
+  const { low = 0, high = 1 } = options;
+  if (!(Number.isFinite(low) && Number.isFinite(high) && low <= high)) {
+    throw new Error(
+      `rand: [low, high) must be finite with low <= high (as torch's uniform_), got [${low}, ${high})`,
+    );
+  }
   checkHostFill(4 * sizeOf(shape), () => `rand f32 ${fmt(shape)}`);
   const host = fillUniform(
     streamFor(options.seed),

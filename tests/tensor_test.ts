@@ -219,6 +219,23 @@ Deno.test("rand stays below high after rounding to f32 (a range a few f32 steps 
   assert.deepEqual([...fillUniform(top, new Float32Array(1), -2, 0)], [-(2 ** -23)], "exact in f32: kept");
 });
 
+Deno.test("rand and randn refuse an empty or infinite range and a negative std (as torch's uniform_ and normal)", () => {
+  const live = M.memory().liveTensors;
+  assert.throws(
+    () => M.rand([4], { low: 1, high: 0 }),
+    /rand: \[low, high\) must be finite with low <= high .*got \[1, 0\)/,
+  );
+  assert.throws(() => M.rand([4], { high: Infinity }), /got \[0, Infinity\)/);
+  assert.throws(
+    () => M.randn([4], { std: -1 }),
+    /randn: mean must be finite and std finite and >= 0 .*got 0, -1/,
+  );
+  assert.throws(() => M.randn([4], { mean: NaN }), /got NaN, 1/);
+  assert.equal(M.memory().liveTensors, live);
+  const same = M.rand([3], { low: 2, high: 2 }); // torch's uniform_(2, 2) gives 2
+  same.dispose();
+});
+
 Deno.test("randn/rand: seeded and reproducible, in range, with the requested moments", async () => {
   const n = 20000;
   const ts = [
