@@ -263,6 +263,9 @@ export class Trainer {
   #schedule: (step: number) => number;
   #losses: Tensor;
   #pending = 0;
+  /** The scan's tuning for the model's state size, which the first step starts and every step waits for;
+   * null: not started. */
+  #tuning: Promise<void> | null = null;
   #tuned = false;
 
   /**
@@ -351,10 +354,16 @@ export class Trainer {
    * Throws at a readback where a loss is not finite, naming the first step whose loss was not.
    */
   async trainStep(): Promise<number | null> {
-    if (!this.#tuned) {
-      this.#tuned = true;
-      const { scan, dState } = this.model.config;
-      if (scan === "fused") await ensureFusedTuned(dState); // init() measured N = 16 only
+    const { scan, dState } = this.model.config;
+    if (!this.#tuned && scan === "fused") {
+      // init() measured N = 16 only. Every step waits for the first's tuning: one called meanwhile (not
+      // awaited) would run on the untuned scan, inside the tuner's timings.
+      this.#tuning ??= ensureFusedTuned(dState);
+      try {
+        await this.#tuning;
+      } finally {
+        this.#tuned = true;
+      }
     }
     const { batch: B, seq: L, clip, logEvery } = this.config;
     const tokens = this.batchOf(this.step);

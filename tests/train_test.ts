@@ -630,7 +630,7 @@ Deno.test("train: steps and an evaluation called without awaiting each log the l
     const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 256 });
     const t = new Trainer(model, new CharDataset(text), recipe);
     try {
-      await t.trainStep(); // the first waits for the scan's tuning: later calls would start before it
+      await t.trainStep(); // the first waits for the scan's tuning: an evaluation called meanwhile does not
       // steps 2-3, an evaluation at step 3, steps 4-6
       const calls = [2, 3, 0, 4, 5, 6].map((s) => () => s ? t.trainStep() : t.evaluate());
       if (awaited) { for (const c of calls) await c(); }
@@ -645,6 +645,34 @@ Deno.test("train: steps and an evaluation called without awaiting each log the l
   const one = await run(true);
   assert.deepEqual(one.train.map(([s]) => s), [2, 4, 6]);
   assert.deepEqual(one.val.map(([s]) => s), [3]);
+  assert.deepEqual(await run(false), one);
+});
+
+Deno.test("train: a step called while the first step waits for the scan's tuning waits too, and runs after it", async () => {
+  await init();
+  const text = new TextEncoder().encode("the quick brown fox jumps over the lazy dog. ".repeat(20));
+  const recipe = { ...DEFAULT_TRAIN, steps: 4, warmup: 1, batch: 2, seq: 16, logEvery: 2 };
+  const run = async (awaited: boolean) => {
+    manualSeed(5);
+    const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 256 });
+    const t = new Trainer(model, new CharDataset(text), recipe);
+    try {
+      if (awaited) { for (let i = 0; i < 4; i++) await t.trainStep(); }
+      else {
+        const steps = [1, 2, 3, 4].map(() => t.trainStep());
+        const early = t.step;
+        await Promise.all(steps);
+        // none ran ahead of the first's tuning (on the untuned scan, inside the tuner's timings)
+        assert.equal(early, 0, "steps taken before the first step's tuning ended");
+      }
+      return { step: t.step, train: t.log.train };
+    } finally {
+      t.dispose();
+      model.dispose();
+    }
+  };
+  const one = await run(true);
+  assert.deepEqual(one.train.map(([s]) => s), [2, 4]);
   assert.deepEqual(await run(false), one);
 });
 
