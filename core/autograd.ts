@@ -906,25 +906,18 @@ function rerun(
           "the function must run the same ops each time",
       );
     }
-    let grads: (Tensor | null)[];
-    let outside: Map<Tensor, Tensor>;
-    try {
-      outside = y.requiresGrad ? propagate(y, g, {}, stopAt([...inputs, ...captured], from)) : new Map();
-      grads = leaves.map((d, i) => {
-        const gd = d.grad;
-        if (gd) gd.kept = false;
-        // fn may read an input by closure too, not only through its copy: that gradient goes to it as well
-        const direct = inputs.indexOf(inputs[i]) === i ? outside.get(inputs[i]) : undefined;
-        if (!gd || !direct) return gd ?? direct ?? null;
-        const sum = add(gd, direct);
-        gd.dispose(); // kept by the backward, so in no tidy scope
-        return sum;
-      });
-    } catch (e) {
-      // the copies' gradients are kept (leaves' .grad), so this tidy would leave them behind
-      for (const d of leaves) d.grad?.dispose();
-      throw e;
-    }
+    // On a throw, this tidy frees the copies with their gradients (kept, as leaves' .grad are).
+    const outside = y.requiresGrad ? propagate(y, g, {}, stopAt([...inputs, ...captured], from)) : new Map();
+    const grads = leaves.map((d, i) => {
+      const gd = d.grad;
+      if (gd) gd.kept = false;
+      // fn may read an input by closure too, not only through its copy: that gradient goes to it as well
+      const direct = inputs.indexOf(inputs[i]) === i ? outside.get(inputs[i]) : undefined;
+      if (!gd || !direct) return gd ?? direct ?? null;
+      const sum = add(gd, direct);
+      gd.dispose(); // kept by the backward, so in no tidy scope
+      return sum;
+    });
     return [...grads, ...captured.map((x) => outside.get(x) ?? null)];
   });
 }
