@@ -413,12 +413,21 @@ export async function tuneFusedScan(
 
 registerTuner("fusedScan.N16", (force) => tuneFusedScan(16, { force }));
 
-const tuned = new Set<number>([16]); // init() tunes N = 16
+// init() tunes N = 16; the others once each, on first use. One promise per N: a caller that comes while N
+// is being tuned waits for it (it ran on the untuned scan, inside the tuner's timings).
+const tuned = new Map<number, Promise<unknown>>([[16, Promise.resolve()]]);
 
 /** Tunes the fused scan for state size N once per process, where `init()` tuned (the trainer calls this before
- * its first step: models with N other than 16 get a measured variant too). */
+ * its first step: models with N other than 16 get a measured variant too); a call during that tuning waits
+ * for it. */
 export async function ensureFusedTuned(N: number): Promise<void> {
-  if (tuned.has(N) || !autoTuneEnabled()) return;
-  tuned.add(N);
-  await tuneFusedScan(N);
+  if (!autoTuneEnabled()) return;
+  const pending = tuned.get(N);
+  if (pending) {
+    await pending;
+    return;
+  }
+  const run = tuneFusedScan(N);
+  tuned.set(N, run.catch(() => {})); // a failure is the first caller's to report; later ones run untuned
+  await run;
 }

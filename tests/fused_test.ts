@@ -1628,4 +1628,12 @@ Deno.test("the trainer's tuning on first use: a state size with one candidate is
     assert.deepEqual(fusedVariant(32), fusedCandidates(32)[0]);
     setFusedVariant(32, null);
   }
+  // a second caller during the first's tuning (a second Trainer, say) waits for it: it marked N tuned and
+  // returned at once, then ran on the untuned scan inside the tuner's timings
+  const order: string[] = [];
+  const first = ensureFusedTuned(24).then(() => order.push("first"));
+  const second = ensureFusedTuned(24).then(() => order.push("second"));
+  await Promise.all([first, second]);
+  assert.deepEqual(order, ["first", "second"]);
+  setFusedVariant(24, null);
 });
