@@ -13,6 +13,7 @@
  * @module
  */
 
+import { normalize } from "node:path";
 import { serializeSafetensors } from "../core/safetensors.ts";
 import type { MambaConfig } from "./config.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
@@ -142,7 +143,9 @@ function splitDir(dir: string): { path: string; parent: string; base: string } {
   if (typeof dir !== "string" || dir === "") {
     throw new Error(`the checkpoint folder must be a path, got '${dir}'`);
   }
-  const path = dir.replace(/(?<=.)[\\/]+$/, "");
+  // `.` and `..` resolved first (as the OS would where the folders exist): Deno's remove does not resolve a
+  // `..` after a folder that does not exist yet, where mkdir and lstat do
+  const path = normalize(dir).replace(/(?<=.)[\\/]+$/, "");
   const i = Math.max(path.lastIndexOf("/"), path.lastIndexOf("\\"));
   const base = path.slice(i + 1);
   if (base === "" || base === "." || base === "..") {

@@ -225,6 +225,10 @@ Deno.test("train: the loss falls, and a save that fails after writing its new fo
     assert.ok(failed, "the save reached the rename of its new folder");
     assert.deepEqual(await names(root), ["c"], "no .prev or temporary folder left");
     assert.deepEqual(await snapshot(`${root}/c`), before);
+    // the same checkpoint through a path with `..` and `.`, into a folder that does not exist yet
+    await saveTrainingCheckpoint(`${root}/x/../c2/./`, t, {});
+    assert.deepEqual(await names(root), ["c", "c2"]);
+    await Deno.remove(`${root}/c2`, { recursive: true });
     const back = await loadTrainingCheckpoint(`${root}/c`, t.data);
     assert.equal(back.step, 20);
     // config.json (HF layout) has no padding_idx: the resumed run keeps mamba.py's padding row 0.
@@ -414,6 +418,10 @@ Deno.test("train: an --out it cannot write in fails before the first step, not a
       assert.ok(!started, `${out}: no training before the refusal`);
     }
     await checkCheckpointFolder(`${root}/w/sub/run`); // a folder it may write in: nothing left behind
+    // `..` and `.` after folders that do not exist yet: resolved as paths (a raw NotFound from remove, and a
+    // stray probe folder, before)
+    await checkCheckpointFolder(`${root}/new/../run`);
+    await checkCheckpointFolder(`${root}/new/./run/`);
     assert.deepEqual(await names(root), ["ro"]);
   } finally {
     fs.mkdir = mkdir;
