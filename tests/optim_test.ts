@@ -242,6 +242,13 @@ Deno.test("clipGradNorm: norm and clipped gradients equal the reference; no clip
     p.grad!.dispose();
     p.dispose();
   }
+  // A norm near PyTorch's 1e-6: the factor is maxNorm / (norm + 1e-6), 1/6 here, not maxNorm / norm (1/5).
+  const t = param(new Float64Array(2), [2]);
+  setGrad(t, Float64Array.from([3e-6, 4e-6]));
+  clipGradNorm([t], 1e-6).dispose();
+  assertClose((await readAll([t.grad!]))[0], [0.5e-6, 2e-6 / 3], TOL, "clipped tiny gradient");
+  t.grad!.dispose();
+  t.dispose();
   assert.equal(memory().liveBytes, base, "live bytes back to baseline");
 });
 
