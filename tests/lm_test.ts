@@ -926,6 +926,42 @@ Deno.test("top-p with -inf or far outliers in the row, and temperatures too smal
   ]);
 });
 
+Deno.test("sampling draws from softmax(x / T), renormalised over top-k and top-p: each token's frequency within 5 sigma", async () => {
+  // The set tests above see which tokens are drawn, not how often: a temperature applied twice, or noise
+  // that is not Gumbel's, keeps every set. 8192 rows, each its own draw (sigma at most 0.0055).
+  await init();
+  const R = 8192;
+  const x = [Math.log(0.5), Math.log(0.3), Math.log(0.15), Math.log(0.05)];
+  const cases: [{ temperature?: number; topK?: number; topP?: number }, number[]][] = [
+    [{}, [0.5, 0.3, 0.15, 0.05]],
+    [{ temperature: 2 }, x.map((v) => Math.exp(v / 2))],
+    [{ temperature: 0.5 }, x.map((v) => Math.exp(v / 0.5))],
+    [{ topK: 2, temperature: 2 }, x.map((v, i) => (i < 2 ? Math.exp(v / 2) : 0))],
+    [{ topP: 0.7 }, [0.5, 0.3, 0, 0]],
+  ];
+  const logits = tensor(new Float32Array(Array.from({ length: R }, () => x).flat()), [R, x.length]);
+  for (const [o, weights] of cases) {
+    const total = weights.reduce((a, b) => a + b);
+    const want = weights.map((w) => w / total);
+    const next = zeros([R], { dtype: "i32" });
+    const all = zeros([R, 1], { dtype: "i32" });
+    sampleInto(logits, next, all, 0, { ...sampleParams({ sample: true, ...o }), seed: 7 });
+    const counts = new Array(x.length).fill(0);
+    for (const t of await all.toArray()) counts[t]++;
+    counts.forEach((c, i) => {
+      const sigma = Math.sqrt(want[i] * (1 - want[i]) / R);
+      assert.ok(
+        Math.abs(c / R - want[i]) <= 5 * sigma,
+        `${JSON.stringify(o)}: token ${i} drawn ${c / R}, softmax gives ${want[i].toFixed(4)} (sigma ${
+          sigma.toFixed(4)
+        })`,
+      );
+    });
+    dispose([next, all]);
+  }
+  logits.dispose();
+});
+
 Deno.test("top-k and top-p over a 100k vocabulary: a wider workgroup keeps every loop under 65535 iterations", async () => {
   await init();
   const { loopIterations, sampleWorkgroup } = await import("../mamba/sampling.ts");
