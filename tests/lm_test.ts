@@ -962,6 +962,22 @@ Deno.test("sampling draws from softmax(x / T), renormalised over top-k and top-p
   logits.dispose();
 });
 
+Deno.test("greedy decoding takes the first of tied maxima, as torch.argmax: in one invocation's walk and across the workgroup", async () => {
+  await init();
+  const V = 200; // 64 invocations: ids 3, 67, 131 and 195 are one invocation's, 20 and 90 two others'
+  const rows = [[67, 131, 3], [150, 90, 20], [1, 2, 4]].map((peaks) => {
+    const row = Array.from({ length: V }, (_, v) => Math.sin(v) * 0.5);
+    for (const v of peaks) row[v] = 2;
+    return row;
+  });
+  const logits = tensor(new Float32Array(rows.flat()), [rows.length, V]);
+  const next = zeros([rows.length], { dtype: "i32" });
+  const all = zeros([rows.length, 1], { dtype: "i32" });
+  sampleInto(logits, next, all, 0, sampleParams({}));
+  assert.deepEqual([...await next.toArray()], [3, 20, 1]);
+  dispose([logits, next, all]);
+});
+
 Deno.test("top-k and top-p over a 100k vocabulary: a wider workgroup keeps every loop under 65535 iterations", async () => {
   await init();
   const { loopIterations, sampleWorkgroup } = await import("../mamba/sampling.ts");
