@@ -811,19 +811,23 @@ Deno.test("generate: stopTokens end each row at its first one (kept) and stop de
   const stops = [full[0][5], full[1][5]];
   const ends = full.map((r) => r.findIndex((t) => stops.includes(t)) + 1);
   const seen: Int32Array[][] = [];
-  const got = await lm.generate(prompt, 40, {
-    sample: true,
-    seed: 9,
-    stopTokens: stops,
-    readEvery: 8,
-    onTokens: (t) => seen.push(t),
-  });
+  const { value: got, kernels } = await kernelsRun(() =>
+    lm.generate(prompt, 40, {
+      sample: true,
+      seed: 9,
+      stopTokens: stops,
+      readEvery: 8,
+      onTokens: (t) => seen.push(t),
+    })
+  );
   got.forEach((r, b) => {
     assert.ok(ends[b] >= 1 && ends[b] <= 6, `row ${b} ends at ${ends[b]}`);
     assert.deepEqual([...r], [...full[b].slice(0, ends[b])], `row ${b}`);
     assert.deepEqual([...seen.flatMap((t) => [...t[b]])], [...r], `row ${b} as onTokens saw it`);
   });
   assert.equal(seen.length, 1, "one readback: decoding stopped once every row had ended");
+  const drawn = kernels.filter((k) => k.startsWith("sample_rows")).length;
+  assert.equal(drawn, 8, "8 tokens drawn: decoding stopped at the readback of the 8th, not a step later");
   await assert.rejects(
     () => lm.generate(prompt, 4, { stopTokens: [32] }),
     /stopTokens must be a list of token ids in \[0, 32\), got \[32\]/,
