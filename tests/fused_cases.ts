@@ -33,6 +33,9 @@ export interface Case {
   zTimesY?: boolean;
   /** dt_proj inside the op (fusedMambaScan): delta from dBC's dt columns and a weight W (ED, R). */
   dtWeight?: boolean;
+  /** The mean of draw (default 0): far from 0, dt + bias reaches softplus's other branches (u above 20; e^u
+   * where 1 + e^u rounds to 1). */
+  drawMean?: number;
   /** dBC has this many extra columns after R + 2N (x_proj's output padded; fusedMambaScan ignores them). */
   dBCPad?: number;
   /** With `dtWeight` and `gated`, not with `zTimesY`: out_proj too, fusedMambaScanOut (res + y Wout^T + ob,
@@ -51,7 +54,7 @@ export function inputs(c: Case, seed: number) {
   const r = (shape: number[], s: number, scale = 1) => randn(shape, { seed: seed * 100 + s, std: scale });
   const t = {
     x: r([c.B, c.L, c.ED], 1),
-    draw: r([c.B, c.L, c.ED], 2, 0.5),
+    draw: randn([c.B, c.L, c.ED], { seed: seed * 100 + 2, std: 0.5, mean: c.drawMean ?? 0 }),
     dBC: r([c.B, c.L, c.R + 2 * c.N + (c.dBCPad ?? 0)], 3),
     bias: r([c.ED], 4, 0.5),
     A_log: r([c.ED, c.N], 5, 0.3),

@@ -62,6 +62,16 @@ Deno.test("fused scan equals the sequential reference: forward and every gradien
   await compare({ B: 2, L: 129, ED: 16, N: 4, R: 0, gated: true }, 6);
 });
 
+Deno.test("fused scan with dt + bias far from 0 (softplus: 2.5 to 10, both sides of its linear branch at 20, past exp's overflow at 88, and near -20) equals the reference", async () => {
+  // The cases above keep dt + bias within a few units of 0, and the loop-limit test's 32 is below exp's
+  // overflow: a softplus without its linear branch (above 20), whose exp(u) is inf past 88 and dt NaN, passed
+  // every test. Here u runs about 2.5 to 10 (a linear branch from 8 instead of 20 shows), both sides of 20,
+  // about 90, and about -20, where 1 + e^u rounds to 1 (the branch that returns e^u).
+  for (const drawMean of [4, 8, 21, 90, -20]) {
+    await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, drawMean }, 7);
+  }
+});
+
 Deno.test("fused scan reads the gate z as a column window of a wider tensor (in_proj's output) in place; z's gradient is that window", async () => {
   // z = xz[..., ED:2ED] as in a Mamba block, and a window in the middle with ED not a multiple of 4
   await compare({ B: 2, L: 37, ED: 32, N: 16, R: 1, gated: true, zWindow: { width: 64, start: 32 } }, 18);
