@@ -18,7 +18,13 @@ import { serializeSafetensors } from "../core/safetensors.ts";
 import type { MambaConfig } from "./config.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { loadTokenizer } from "./model_sources.ts";
-import { checkpointFiles, fromPretrained, type PretrainedLM, tokenizerFilesFor } from "./pretrained.ts";
+import {
+  checkpointFilesOf,
+  fromPretrained,
+  hfTensors,
+  type PretrainedLM,
+  tokenizerFilesFor,
+} from "./pretrained.ts";
 import { writeFiles } from "./pretrained_fs.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import { type TrainConfig, type TrainData, Trainer, type TrainLog, validateTrainConfig } from "./train.ts";
@@ -297,6 +303,7 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
  * `ByteTokenizer` and `HubTokenizer`: its `tokenizer.json`, and `tokenizer_config.json` when it has one), or
  * the parsed `tokenizer.json` itself (any JSON value); undefined, or anything else that is not JSON, throws.
  * The run is read as it is at the call: steps taken before the promise resolves are in none of the files.
+ * Weights that are not finite (a diverged run) are refused, naming the tensor: `dir` keeps what it held.
  */
 export async function saveTrainingCheckpoint(
   dir: string,
@@ -357,7 +364,7 @@ export async function saveTrainingCheckpoint(
     model: { scan, recompute },
   };
   const read = Promise.all([
-    checkpointFiles(trainer.model, null), // the tokenizer's files below
+    hfTensors(trainer.model),
     Promise.all([...state.tensors.values()].map((t) => t.toArray())),
     trainer.pendingLosses(),
   ]);
@@ -385,8 +392,17 @@ export async function saveTrainingCheckpoint(
   try {
     await Deno.mkdir(parent, { recursive: true });
     await Deno.mkdir(tmp);
-    const [files, optData, losses] = await read;
-    await writeFiles(tmp, files);
+    const [weights, optData, losses] = await read;
+    // A diverged run's weights never replace a checkpoint (a step whose loss was finite can still have
+    // written NaN into them; the losses' check before a save sees only the next step's).
+    const bad = Object.entries(weights).find(([, t]) => !t.data.every(Number.isFinite));
+    if (bad) {
+      throw new Error(
+        `cannot write checkpoint ${path}: ${bad[0]} holds values that are not finite (the run diverged by ` +
+          `step ${log.step}); ${path} keeps what it held`,
+      );
+    }
+    await writeFiles(tmp, checkpointFilesOf(trainer.model, weights, null)); // the tokenizer's files below
     const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
     [...state.tensors].forEach(([k, t], i) =>
       tensors[k] = { shape: [...t.shape], data: optData[i] as Float32Array }

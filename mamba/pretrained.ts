@@ -281,11 +281,21 @@ export async function checkpointFiles(
   model: MambaLM,
   tokenizer: Tokenizer | null = model instanceof PretrainedLM ? model.tokenizer : null,
 ): Promise<Record<string, Uint8Array<ArrayBuffer>>> {
+  const tok = tokenizer === null ? null : tokenizerFilesFor(model, tokenizer);
+  return checkpointFilesOf(model, await hfTensors(model), tok);
+}
+
+/** {@linkcode checkpointFiles} from the model's tensors as {@linkcode hfTensors} read them, and the tokenizer's
+ * files (checked), or null for none. */
+export function checkpointFilesOf(
+  model: MambaLM,
+  tensors: Record<string, SafetensorsInput>,
+  tok: TokenizerFiles | null,
+): Record<string, Uint8Array<ArrayBuffer>> {
   const text = (v: unknown, indent: number) =>
     new TextEncoder().encode(JSON.stringify(v, null, indent) + "\n");
-  const tok = tokenizer === null ? null : tokenizerFilesFor(model, tokenizer);
   const files: Record<string, Uint8Array<ArrayBuffer>> = {
-    "model.safetensors": serializeSafetensors(await hfTensors(model)),
+    "model.safetensors": serializeSafetensors(tensors),
     "config.json": text(hfConfig(model), 2),
   };
   if (tok) files["tokenizer.json"] = text(tok.tokenizer, 1);

@@ -489,7 +489,7 @@ Deno.test("train: a loss that is not finite names its first step, and no checkpo
   const root = await Deno.makeTempDir();
   try {
     // Every weight of the embedding NaN after step 12: the loss of step 13 is the first NaN. logEvery is 10.
-    const run = async (saveEvery: string) => {
+    const run = async (saveEvery: string, poisonAt = 12) => {
       let trainer: Trainer | undefined;
       const args = ["--steps", "30", "--batch", "2", "--seq", "16", "--d-model", "8", "--layers", "1"];
       const a = parseTrainArgs([...args, "--warmup", "2", "--save-every", saveEvery, "--out", `${root}/r`])!;
@@ -498,7 +498,7 @@ Deno.test("train: a loss that is not finite names its first step, and no checkpo
           progress: quiet,
           onStart: (t) => Promise.resolve(void (trainer = t)),
           shouldStop: () => {
-            if (trainer!.step === 12) {
+            if (trainer!.step === poisonAt) {
               const p = trainer!.model.embedding.weight;
               upload(p.storage.buffer, 0, new Float32Array(p.size).fill(NaN));
             }
@@ -522,6 +522,15 @@ Deno.test("train: a loss that is not finite names its first step, and no checkpo
     );
     assert.equal(JSON.parse(await Deno.readTextFile(`${root}/r/training_log.json`)).step, 10);
     for (const [k, t] of await weights(`${root}/r`)) assert.ok(t.data.every(Number.isFinite), `${k} finite`);
+    // NaN weights from step 15's update, saved at step 15 before any loss shows them: the save refuses
+    await assert.rejects(
+      () => run("5", 15),
+      new RegExp(
+        `cannot write checkpoint ${root}/r: backbone.embeddings.weight holds values that are not finite \\(the ` +
+          `run diverged by step 15\\); ${root}/r keeps what it held`,
+      ),
+    );
+    assert.equal(JSON.parse(await Deno.readTextFile(`${root}/r/training_log.json`)).step, 10);
   } finally {
     await Deno.remove(root, { recursive: true });
   }
