@@ -14,14 +14,17 @@
  * product's gradient), the same in every mode. For each configuration the modes are prepared side by side and measured
  * interleaved (rep 1: fused, pscan, sequential; rep 2: pscan, sequential, fused; ...: the order rotates, so
  * no mode always runs first or last), so that the machine's load drifts alike for all; each measurement
- * records k steps and waits once (k = the batch time, 250 ms, over the step time, at most 256) and gives ms
- * per step, the wait's share included (a wait costs about 11 ms on lavapipe, 13-16 ms on the H200: about 5%
- * of a batch). The step time that sizes k is measured without its wait (`stepMsWithoutWait`). Before that
- * function it was one step with its wait, which made the fastest configurations' batches short: 14-18 steps
- * per wait on the H200, each carrying about 0.8 ms of the wait, and 8-16 fused steps at L <= 1024 on
- * lavapipe, about a fifth of whose batch was the wait; the tables give the median over reps. Slow
- * configurations get fewer reps (as few as one) and, once a mode's step takes over 5 s, no warm-up step
- * (its kernels are compiled by then, but the first step also pays for allocating fresh buffers).
+ * records k steps and waits once (k = the batch time, 250 ms, over the step time, at most 16384) and gives
+ * ms per step, the wait's share included (a wait costs about 11 ms on lavapipe, 13-16 ms on the H200: about 5%
+ * of a batch). Until the cap was raised from 256, the H200's fast steps (0.24-0.59 ms) and the roofline's
+ * calls (0.09-0.22 ms, wait included) hit it: their batches lasted 24-150 ms, and the wait (11.4 ms) was 8-19%
+ * of a step's time and up to half of a call's. The step time that sizes k is measured without its wait
+ * (`stepMsWithoutWait`). Before that function it was one step with its wait, which made the fastest
+ * configurations' batches short: 14-18 steps per wait on the H200, each carrying about 0.8 ms of the wait,
+ * and 8-16 fused steps at L <= 1024 on lavapipe, about a fifth of whose batch was the wait; the tables give
+ * the median over reps. Slow configurations get fewer reps (as few as one) and, once a mode's step takes over
+ * 5 s, no warm-up step (its kernels are compiled by then, but the first step also pays for allocating fresh
+ * buffers).
  *
  * Run: deno run -A bench/scan_report.ts [--quick]
  * (software adapter on Linux: DENO_WEBGPU_BACKEND=vulkan XDG_RUNTIME_DIR=<private dir>)
@@ -250,12 +253,21 @@ export async function stepMsWithoutWait(
   n = 8,
 ): Promise<number> {
   const tn = await time(n);
-  return Math.max((n * tn - t1) / (n - 1), 1e-3);
+  const net = (n * tn - t1) / (n - 1);
+  // t1 slower than n steps (noise, or a first call's compilation): tn, wait share and all, is still an upper
+  // bound, where a tiny floor would size a batch of the most steps a wait takes
+  return net > 0 ? net : tn;
 }
 
-/** Steps per wait for a batch of about `batchMs` of steps of `stepMs` each: at least `min`, at most 256. */
+/** The most steps one wait ends: enough that a batch of the fastest calls measured (about 0.05 ms, the
+ * roofline's on the H200; a 64 MiB copy there about 0.03 ms) lasts its 250-500 ms, so that the wait's share
+ * stays a few percent. */
+export const MAX_STEPS_PER_WAIT = 16384;
+
+/** Steps per wait for a batch of about `batchMs` of steps of `stepMs` each: at least `min`, at most
+ * {@linkcode MAX_STEPS_PER_WAIT}. */
 export function stepsPerWait(batchMs: number, stepMs: number, min = 1): number {
-  return Math.max(min, Math.min(256, Math.round(batchMs / stepMs)));
+  return Math.max(min, Math.min(MAX_STEPS_PER_WAIT, Math.round(batchMs / stepMs)));
 }
 
 /** The tuner's result for state size N as the report keeps it: the ten best candidates. */
