@@ -270,6 +270,20 @@ export function stepsPerWait(batchMs: number, stepMs: number, min = 1): number {
   return Math.max(min, Math.min(MAX_STEPS_PER_WAIT, Math.round(batchMs / stepMs)));
 }
 
+/**
+ * Steps per wait for batches of about `batchMs` (at least `min`), from `time(n)`: ms per step of n steps
+ * recorded and one wait. One untimed call first: a first call compiles and allocates, and in the `t1` of
+ * {@linkcode stepMsWithoutWait} it would hide the step's time.
+ */
+export async function batchSize(
+  time: (n: number) => Promise<number>,
+  batchMs: number,
+  min = 1,
+): Promise<number> {
+  await time(1);
+  return stepsPerWait(batchMs, await stepMsWithoutWait(time, await time(1)), min);
+}
+
 /** The tuner's result for state size N as the report keeps it: the ten best candidates. */
 function tuningSummary(N: number, r: FusedTuneResult): NonNullable<ScanReport["tuning"]>[number] {
   const top = Object.entries(r.timings).sort((a, b) => a[1] - b[1]).slice(0, 10)
@@ -370,10 +384,12 @@ export async function timeConfig(
 }
 
 /** Copy bandwidth of the adapter: copyBufferToBuffer of a 64 MiB buffer, bytes read + written per second;
- * at least `copies` copies per wait, more where that many take less than about 250 ms. */
+ * at least `copies` copies per wait, more where that many take less than about `batchMs` (the roofline's
+ * batches, so that the wait that each includes weighs alike). */
 export async function copyBandwidth(
   copies: number,
   reps: number,
+  batchMs: number,
 ): Promise<{ GBs: number; samples: number[] }> {
   const n = 16 * 2 ** 20;
   const a = full([n], 1), b = full([n], 0);
@@ -386,11 +402,12 @@ export async function copyBandwidth(
     return performance.now() - t0;
   };
   try {
-    await run(1);
-    // As many copies per wait as fill about 250 ms. On the H200, 32 copies of 64 MiB per wait gave 255 GB/s
-    // (49a9be6): 17 ms where the copies alone would take about 1 ms at the 4.3 TB/s that PyTorch's
-    // device-to-device copies reach there, so it timed the wait, not the copies.
-    const k = Math.max(copies, Math.min(8192, Math.round(250 / (await run(copies) / copies))));
+    // As many copies per wait as fill the batch, sized by a copy's time net of the wait. On the H200, 32
+    // copies of 64 MiB per wait gave 255 GB/s (49a9be6): 17 ms where the copies alone would take about 1 ms at
+    // the 4.3 TB/s that PyTorch's device-to-device copies reach there, so it timed the wait, not the copies.
+    // Sizing by 32 copies with their wait (until this change) still took the wait for copies: 724 GB/s there
+    // (2d4b27c), in batches far shorter than 250 ms.
+    const k = await batchSize(async (c) => await run(c) / c, batchMs, copies);
     for (let r = 0; r < reps; r++) samples.push((k * 2 * 4 * n) / (await run(k) / 1000) / 1e9);
   } finally {
     a.dispose();
@@ -803,7 +820,7 @@ if (import.meta.main) {
   const ssmModes: TimeMode[] = ["fused", "pscan"];
   const rowsDSsm = await sweep(ssmModes, dModels.map((dModel) => ({ dModel, N: 16, L: sweepL })), "ssm");
 
-  const copy = await copyBandwidth(quick ? 8 : 32, quick ? 2 : 5);
+  const copy = await copyBandwidth(quick ? 8 : 32, quick ? 2 : 5, timing.batchMs * 2); // the roofline's batches
   log(`copy ${copy.GBs.toFixed(2)} GB/s`);
   const roofCases = quick ? [{ dModel: 64, N: 16, L: 1024 }, { dModel: 1024, N: 16, L: 256 }] : [
     { dModel: 16, N: 16, L: 16384 },

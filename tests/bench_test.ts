@@ -3,7 +3,7 @@
 // the H200's times (s 0.05-6.5 ms, w 11.4 ms), where the batch sizes decide how much of a measured step is
 // the wait.
 import assert from "node:assert/strict";
-import { stepMsWithoutWait, stepsPerWait } from "../bench/scan_report.ts";
+import { batchSize, stepMsWithoutWait, stepsPerWait } from "../bench/scan_report.ts";
 
 /** ms per step of n steps and one wait, as timeSteps gives it, for steps of s ms and a wait of w ms. */
 const model = (s: number, w: number) => (n: number) => Promise.resolve(s + w / n);
@@ -35,4 +35,16 @@ Deno.test("stepMsWithoutWait: the step's time net of the wait, an upper bound wh
   const est = await stepMsWithoutWait(time, 3000);
   assert.ok(est >= 20, `estimate ${est} ms for steps of 20 ms`);
   assert.ok(stepsPerWait(250, est) * 20 <= 250 * 1.1, `${stepsPerWait(250, est)} steps of 20 ms`);
+});
+
+Deno.test("batchSize: batches of about the batch time from the step's time net of the wait", async () => {
+  // a 64 MiB copy on the H200 (0.03 ms; sized by 32 copies with their wait, a batch held 20 ms of copies),
+  // the roofline's calls there, a fused layer step there and on lavapipe
+  for (const [s, w] of [[0.031, 11.4], [0.05, 11.4], [0.5, 14], [4, 11]]) {
+    let calls = 0;
+    // the first call compiles its kernels: in t1 it would hide the step's time
+    const time = (n: number) => calls++ === 0 ? Promise.resolve(3000) : model(s, w)(n);
+    const k = await batchSize(time, 500, 8);
+    assert.ok(Math.abs(k * s - 500) <= 50, `${k} steps of ${s} ms (wait ${w} ms) for a batch of 500 ms`);
+  }
 });
