@@ -24,7 +24,7 @@ import {
 import { tuneFusedScan } from "../scan/tune_fused.ts";
 import { simpleCommandLine } from "../examples/lib/cli.ts";
 import { median } from "./report_util.ts";
-import { prepareLayer, stepMsWithoutWait, stepsPerWait, timeSteps } from "./scan_report.ts";
+import { batchSize, prepareLayer, timeSteps } from "./scan_report.ts";
 
 const USAGE = `Usage: deno run -A bench/fused_variants_layer.ts [--quick]
 
@@ -77,10 +77,10 @@ for (const dModel of dModels) {
       use(named.get(name)!);
       const p = prepareLayer("fused", dModel, N, L);
       try {
-        if (!ks.has(name)) { // warm-up, then steps enough for about 250 ms per wait
-          const est = await stepMsWithoutWait((n) => timeSteps(p, n), await timeSteps(p, 1));
-          ks.set(name, stepsPerWait(250, est));
-        } else await timeSteps(p, 1);
+        // a warm-up, then steps enough for about 250 ms per wait (until batchSize, the warm-up was also the
+        // estimate's t1: a variant's first step compiles its kernels, which left the estimate at its floor)
+        if (!ks.has(name)) ks.set(name, await batchSize((n) => timeSteps(p, n), 250));
+        else await timeSteps(p, 1);
         samples.get(name)!.push(await timeSteps(p, ks.get(name)!));
       } finally {
         p.dispose();
