@@ -13,11 +13,16 @@
  * from its first readback (R tokens available, the prefill and R - 1 steps behind it) to its end:
  * decode tokens/s is (new tokens - R) x batch over that time, steps and readbacks as a longer generation
  * runs them. (Until this change it was the generate's time minus the separately timed prefill, which the
- * machine's noise could make zero or negative on short runs.) The table gives medians over the reps. GPU peak: the runtime's peak live bytes during a rep (weights included),
- * the largest over the reps. Host peaks: Linux's VmHWM (every page the process touched, not samples),
- * reset through /proc/self/clear_refs: once from the model's creation to the end of its host-side
- * initialisation (random weights on the host, or loading the char model), and once per rep for the prefill
- * and the generate (the largest over the reps). Where VmHWM cannot be read or reset (not Linux) those
+ * machine's noise could make zero or negative on short runs.) The table gives medians over the reps. GPU
+ * peaks: the runtime's peak live bytes (weights included, the largest over the reps) during the generate, and
+ * apart during the prefill alone, whose forward computes logits at every prompt position (B x 64 x V floats:
+ * 98 MiB at batch 8 and V 50280) where the generate's prompt pass computes the last position's only. (Until
+ * this change one peak spanned both, so it was the prefill's: 679 / 774 MiB at the 130m shape, batch 1 / 8,
+ * where a --quick run measured the generate's own at 671 / 715 and the prefill's at 679 / 774.)
+ * Host peaks: Linux's VmHWM (every page the process touched, not samples), reset through
+ * /proc/self/clear_refs: once from the model's creation to the end of its host-side initialisation (random
+ * weights on the host, or loading the char model), and once per rep for the prefill and the generate (the
+ * largest over the reps). Where VmHWM cannot be read or reset (not Linux) those
  * columns are empty.
  *
  *   deno run -A bench/generate_report.ts [--quick] [--skip-370m] [--reps <n>]
@@ -82,8 +87,10 @@ interface Row {
   /** Every rep's rate, in measurement order. */
   prefillTokSSamples: number[];
   decodeTokSSamples: number[];
-  /** Peak live GPU bytes of the runtime during a rep (largest over the reps), weights included. */
+  /** Peak live GPU bytes of the runtime during a rep's generate (largest over the reps), weights included. */
   gpuPeakMiB: number;
+  /** The same during a rep's prefill alone (its logits at every prompt position). */
+  gpuPrefillPeakMiB: number;
   /** VmHWM from the model's creation to the end of its initialisation (before any GPU work of the rows). */
   hostInitPeakMiB: number | null;
   /** VmHWM during a rep's prefill and generate (largest over the reps). */
@@ -118,7 +125,10 @@ async function measure(name: string, make: () => Promise<MambaLM>, decode: numbe
     ]));
     for (const b of BATCHES) await lm.generate(ids.get(b)!, 2); // compile kernels
     const s = new Map(
-      BATCHES.map((b) => [b, { prefill: [] as number[], decode: [] as number[], gpu: 0, host: 0 }]),
+      BATCHES.map((b) => [
+        b,
+        { prefill: [] as number[], decode: [] as number[], gpu: 0, gpuPrefill: 0, host: 0 },
+      ]),
     );
     let hostKnown = true;
     for (let r = 0; r < REPS; r++) {
@@ -136,6 +146,8 @@ async function measure(name: string, make: () => Promise<MambaLM>, decode: numbe
         });
         await sync();
         const prefill = (performance.now() - t0) / 1000;
+        acc.gpuPrefill = Math.max(acc.gpuPrefill, memory().peakBytes);
+        resetPeak(); // the generate's own peak: the prefill's logits are gone
         // Decode: timed from the generate's first readback (readEvery tokens available) to its end.
         let first: number | null = null;
         await lm.generate(prompt, decode, {
@@ -168,6 +180,7 @@ async function measure(name: string, make: () => Promise<MambaLM>, decode: numbe
         prefillTokSSamples: acc.prefill,
         decodeTokSSamples: acc.decode,
         gpuPeakMiB: MiB(acc.gpu),
+        gpuPrefillPeakMiB: MiB(acc.gpuPrefill),
         hostInitPeakMiB: hostMiB(initPeak),
         hostPeakMiB: hostKnown ? MiB(acc.host) : null,
       });
@@ -189,20 +202,23 @@ for (const [name, d, n] of shapes) {
 
 const fmtMiB = (x: number | null) => (x === null ? "-" : x.toFixed(0));
 console.log(
-  `\nGeneration on ${info.description} (medians of ${REPS} reps; GPU peak: the runtime's live bytes; ` +
+  `\nGeneration on ${info.description} (medians of ${REPS} reps; GPU peaks: the runtime's live bytes, ` +
+    `during the generate and during the prefill alone (logits at every position); ` +
     `decode timed from a generate's first readback to its end; ` +
     `host peaks: VmHWM, from the model's creation to the end of its init, and during prefill + generate)\n`,
 );
 console.log(
-  "| model | batch | prompt | new tokens | prefill tok/s | decode tok/s | GPU peak MiB | " +
+  "| model | batch | prompt | new tokens | prefill tok/s | decode tok/s | GPU peak MiB (generate) | " +
+    "GPU peak MiB (prefill) | " +
     "host peak MiB (init) | host peak MiB (prefill + generate) |",
 );
-console.log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+console.log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const r of rows) {
   const decodeRate = r.decodeTokS === null ? "not measured" : r.decodeTokS.toFixed(1);
   console.log(
     `| ${r.model} | ${r.batch} | ${r.prompt} | ${r.decode} | ${r.prefillTokS.toFixed(0)} | ${decodeRate} | ` +
-      `${r.gpuPeakMiB.toFixed(0)} | ${fmtMiB(r.hostInitPeakMiB)} | ${fmtMiB(r.hostPeakMiB)} |`,
+      `${r.gpuPeakMiB.toFixed(0)} | ${r.gpuPrefillPeakMiB.toFixed(0)} | ${fmtMiB(r.hostInitPeakMiB)} | ` +
+      `${fmtMiB(r.hostPeakMiB)} |`,
   );
 }
 const out = resultPath(quick ? "generate_quick.json" : "generate.json");
