@@ -42,6 +42,7 @@ import {
   type PreparedLayer,
   prepareLayer,
   prepareSsm,
+  refineStepMs,
   stepMsWithoutWait,
   stepsPerWait,
   type TimeMode,
@@ -128,7 +129,8 @@ async function measureSteps(
       perStep = dispatchCount() - d0;
       await sync();
     }
-    const est = await stepMsWithoutWait((n) => timeSteps(p, n), await timeSteps(p, 1));
+    const time = (n: number) => timeSteps(p, n);
+    const est = await refineStepMs(time, await stepMsWithoutWait(time, await timeSteps(p, 1)), 250);
     const k = stepsPerWait(250, est, 4);
     const wall: number[] = [], host: number[] = [], span: number[] = [];
     for (let r = 0; r < 5; r++) {

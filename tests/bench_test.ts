@@ -3,7 +3,7 @@
 // the H200's times (s 0.05-6.5 ms, w 11.4 ms), where the batch sizes decide how much of a measured step is
 // the wait.
 import assert from "node:assert/strict";
-import { batchSize, stepMsWithoutWait, stepsPerWait } from "../bench/scan_report.ts";
+import { batchSize, refineStepMs, stepMsWithoutWait, stepsPerWait } from "../bench/scan_report.ts";
 
 /** ms per step of n steps and one wait, as timeSteps gives it, for steps of s ms and a wait of w ms. */
 const model = (s: number, w: number) => (n: number) => Promise.resolve(s + w / n);
@@ -47,4 +47,20 @@ Deno.test("batchSize: batches of about the batch time from the step's time net o
     const k = await batchSize(time, 500, 8);
     assert.ok(Math.abs(k * s - 500) <= 50, `${k} steps of ${s} ms (wait ${w} ms) for a batch of 500 ms`);
   }
+});
+
+Deno.test("refineStepMs: a jittery wait that made the 8-step estimate 4-5x a step gives a batch near its time", async () => {
+  // every wait after the first single step is slow (25 ms against 11.4): over 8 steps that reads as 1.9 ms
+  // more per step, over a batch's steps as hardly any (the H200's estimates came out 2.5-3x)
+  for (const s of [0.235, 0.5]) {
+    let calls = 0;
+    const time = (n: number) => Promise.resolve(s + (calls++ === 0 ? 11.4 : 25) / n);
+    const est = await stepMsWithoutWait(time, await time(1));
+    assert.ok(est > 4 * s, `the first estimate ${est} for steps of ${s} ms`);
+    const k = stepsPerWait(250, await refineStepMs(time, est, 250));
+    assert.ok(Math.abs(k * s - 250) <= 0.15 * 250, `${k} steps of ${s} ms for a batch of 250 ms`);
+    assert.ok(stepsPerWait(250, est) * s < 0.3 * 250, "without the second estimate: batches of a fifth");
+  }
+  // an estimate that gives 8 steps or fewer is kept (nothing to gain, and a slow step's batch stays short)
+  assert.equal(await refineStepMs(() => Promise.reject(new Error("not called")), 40, 250), 40);
 });
