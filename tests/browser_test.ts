@@ -18,7 +18,7 @@ import { checkpointFiles, fromPretrained, fromPretrainedFiles } from "../mamba/p
 import { noGrad } from "../core/autograd.ts";
 import { tidy } from "../core/tensor.ts";
 import type * as Train from "../mamba/train.ts";
-import { buildWeb, kb } from "../examples/web/build.ts";
+import { buildWeb, kb, stripKernelComments } from "../examples/web/build.ts";
 import { CHROMIUM, haveChromium, launchChromium } from "../examples/web/chromium.ts";
 import { webHandler } from "../examples/web/serve.ts";
 
@@ -737,7 +737,8 @@ Deno.test({
             await held;
             await route.continue();
           });
-          await page.fill("#n-tokens", "160");
+          // long enough to outlast the held load once released (160 ended first once, on a loaded machine)
+          await page.fill("#n-tokens", "480");
           await page.evaluate(() =>
             (globalThis as unknown as { document: PageDocument }).document.getElementById("load").click()
           );
@@ -764,7 +765,7 @@ Deno.test({
           await page.unroute(configUrl);
           assert.equal((await demoState()).error, null);
           assert.ok((await page.textContent("#output"))!.startsWith(s.prompt + s.continuation));
-          assert.equal((await demoState()).lastGeneration!.tokens, 160);
+          assert.equal((await demoState()).lastGeneration!.tokens, 480);
           await page.close();
         },
       );
@@ -889,6 +890,26 @@ Deno.test("fromPretrainedFiles and checkpointFiles (the browser's loading and sa
     () => fromPretrainedFiles({ "config.json": files[0] }, { name: "mine" }),
     /mine has neither model.safetensors nor model.safetensors.index.json/,
   );
+});
+
+Deno.test("the bundle drops its kernels' comment lines, keeping the lines (source map), code, expressions and the map link (no browser needed)", () => {
+  const js = [
+    "const k=`fn f() {",
+    "  // what each invocation owns",
+    "  let a = 1; // kept: after code",
+    "  // block of ${n}x${m}${more}",
+    '}`;const u="https://x";',
+    "//# sourceMappingURL=mamba.js.map",
+  ].join("\n");
+  const out = stripKernelComments(js).split("\n");
+  assert.deepEqual(out, [
+    "const k=`fn f() {",
+    "",
+    "  let a = 1; // kept: after code",
+    "  // block of ${n}x${m}${more}",
+    '}`;const u="https://x";',
+    "//# sourceMappingURL=mamba.js.map",
+  ]);
 });
 
 Deno.test("web server: only loopback Host names, no backslashes or NULs in paths (no browser needed)", async () => {
