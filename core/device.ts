@@ -45,9 +45,9 @@ export interface SubgroupSupport {
   /** WGSL directive to put first in a shader: "enable subgroups;" (browsers), or "" where the compiler has
    * subgroup builtins without it (Deno's naga rejects the directive). */
   directive: string;
-  /** Smallest subgroup size the adapter may use. */
+  /** Smallest subgroup size the adapter may use (as it reports, or the probe ran if smaller). */
   minSize: number;
-  /** Largest subgroup size the adapter may use. */
+  /** Largest subgroup size the adapter may use (as it reports, or the probe ran if larger). */
   maxSize: number;
 }
 
@@ -267,7 +267,8 @@ const NOT_ALIGNED = 1_000_000;
 
 /**
  * Reads the subgroup probe's words (one per invocation: NOT_ALIGNED if its subgroup is not an aligned run of
- * the local index, + 1000 x the sum of ones over its subgroup + the subgroup_size builtin): the support, or
+ * the local index, + 1000 x the sum of ones over its subgroup + the subgroup_size builtin): the support, its
+ * sizes the adapter's range (`minSize`, `maxSize`; 0 where not reported) widened to the sizes the probe ran, or
  * null when a sum disagrees with the size or a subgroup is laid out otherwise. Exported for tests.
  */
 export function subgroupProbeResult(
@@ -281,11 +282,13 @@ export function subgroupProbeResult(
     v < NOT_ALIGNED && Math.floor(v / 1000) === v % 1000 && v % 1000 >= 1 && v % 1000 <= 64
   );
   if (!ok) return null;
+  // The range covers the sizes seen too: kernels compile a fixed size in where min = max, so an adapter that
+  // reports one size while the probe ran another (a misreport, or a range it does not state) gets none.
   const sizes = [...o].map((v) => v % 1000);
   return {
     directive,
-    minSize: minSize || Math.min(...sizes),
-    maxSize: maxSize || Math.max(...sizes),
+    minSize: Math.min(minSize || Infinity, ...sizes),
+    maxSize: Math.max(maxSize, ...sizes),
   };
 }
 

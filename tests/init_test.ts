@@ -128,6 +128,10 @@ Deno.test("subgroup probe: sums that match the size and aligned subgroups give s
   const interleaved = words(8);
   interleaved[9] += 1_000_000; // lane 9's subgroup is not an aligned run of the local index
   assert.equal(subgroupProbeResult(interleaved, "", 0, 0), null);
+  // an adapter that reports one size (16) while the probe ran another (8): no fixed size, which kernels would
+  // compile in (a softmax row came out NaN on lavapipe's 8 lanes reported as 16)
+  assert.deepEqual(subgroupProbeResult(words(8), "", 16, 16), { directive: "", minSize: 8, maxSize: 16 });
+  assert.deepEqual(subgroupProbeResult(words(32), "", 4, 64), { directive: "", minSize: 4, maxSize: 64 });
 });
 
 /** Runs `script` in a fresh Deno process (the repository's config, or `flags` instead) and parses the last
