@@ -190,8 +190,13 @@ export function tuneProblems(): number[][] {
 
 const KEY_FAMILY = "mambats.fusedScan.v";
 
+/** The `localStorage` key of a state size's choice on this adapter: with its subgroups (their size range, or
+ * none), which decide the candidates, so that a choice made without them (an older browser or runtime) is not
+ * kept once the device has them. */
 function cacheKey(N: number): string {
-  return `${KEY_FAMILY}${FUSED_KERNEL_VERSION}.N${N}.${deviceInfo().description}`;
+  const sg = deviceInfo().subgroups;
+  const subgroups = sg ? `sg${sg.minSize}-${sg.maxSize}` : "nosg";
+  return `${KEY_FAMILY}${FUSED_KERNEL_VERSION}.N${N}.${subgroups}.${deviceInfo().description}`;
 }
 
 /** A gated forward + backward of the fused scan on random (B, L, ED) inputs with state size N; gradients dropped. */

@@ -1625,6 +1625,31 @@ Deno.test("the fused tuner inside a caller's profile() times by the clock, not r
   }
 });
 
+Deno.test("the fused tuner's cached choice is per subgroup support: one made without subgroups is not reused once the device has them", async () => {
+  const info = await init();
+  const subgroups = info.subgroups;
+  if (!subgroups || typeof localStorage === "undefined") return; // nothing to gain, or nothing cached
+  const restore = await tunerState();
+  try {
+    for (const k of Object.keys(localStorage)) {
+      if (k.startsWith("mambats.fusedScan.")) localStorage.removeItem(k); // no choice cached (restored after)
+    }
+    info.isFallbackAdapter = false; // a GPU's candidates (a software adapter without subgroups has one only)
+    const timer = () => Promise.resolve(1); // scripted: nothing runs; ties go to the first candidate
+    info.subgroups = null; // an older browser or runtime
+    const without = await tuneFusedScan(16, { force: true, budgetMs: Infinity, timer });
+    assert.notEqual(without.variant.reduce, "subgroup");
+    info.subgroups = subgroups; // the same adapter, now with subgroups: its own measurement
+    const r = await tuneFusedScan(16, { budgetMs: Infinity, timer });
+    assert.equal(r.fromCache, false, `reused ${JSON.stringify(r.variant)}, chosen without subgroups`);
+    assert.equal(r.variant.reduce, "subgroup");
+    assert.equal((await tuneFusedScan(16, { timer })).fromCache, true, "its own choice is cached");
+  } finally {
+    info.subgroups = subgroups;
+    restore();
+  }
+});
+
 Deno.test("the trainer's tuning on first use: a state size with one candidate is set without measuring; N 16 is init()'s", async () => {
   const info = await init();
   const before16 = fusedVariant(16);
