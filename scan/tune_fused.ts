@@ -241,7 +241,7 @@ export function isFusedScanKernel(times: readonly { readonly name: string }[]): 
 }
 
 /** Milliseconds per run of `run` (3 runs): the fused scan's GPU time ({@linkcode isFusedScanKernel}) where
- * timestamp queries exist, else the wall time; the wall time too inside a caller's `profile()` (a trainer's
+ * timestamp queries exist and give a positive time, else the wall time; the wall time too inside a caller's `profile()` (a trainer's
  * first step tunes its state size there), which must not be refused for it. */
 async function timeRuns(run: () => void): Promise<number> {
   if (deviceInfo().timestampQuery && !profiling()) {
@@ -249,7 +249,8 @@ async function timeRuns(run: () => void): Promise<number> {
       for (let i = 0; i < 3; i++) run();
     });
     const scan = isFusedScanKernel(times);
-    return times.reduce((a, k, i) => (scan[i] ? a + k.ms : a), 0) / 3;
+    const gpu = times.reduce((a, k, i) => (scan[i] ? a + k.ms : a), 0) / 3;
+    if (gpu > 0 && gpu < Infinity) return gpu; // else timestamps that tell nothing: the wall time
   }
   const t0 = performance.now();
   for (let i = 0; i < 3; i++) run();
@@ -330,7 +331,13 @@ export async function tuneFusedScan(
     } catch { /* no localStorage here, or a cached variant that no longer fits: measure */ }
   }
   const started = performance.now();
-  const time = options.timer ?? timeRuns;
+  // A time that is not a positive number (timestamps quantised to 0, as Chrome's 100 µs can make a fast
+  // kernel's, or out of order) tells nothing: it counts as Infinity, so that it can never win.
+  const timer = options.timer ?? timeRuns;
+  const time = async (run: () => void) => {
+    const ms = await timer(run);
+    return ms > 0 ? ms : Infinity;
+  };
   const problems = tuneProblems();
   // A run that fails part-way (out of memory, a lost device) leaves the variants as they were, and its
   // problems' tensors freed.

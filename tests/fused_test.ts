@@ -1566,6 +1566,16 @@ Deno.test("the fused tuner measures its three best again, counting each problem'
     close(g.r.timings[g5], Math.cbrt(36 * 0.6 * 6), "g5's score");
     close(g.r.timings[g0], Math.cbrt(9 * 9 * 0.45), "g0's score");
     assert.deepEqual(g.r.byProblem.map((p) => JSON.stringify(p.variant)), [g1, g5, g0]);
+    // times that tell nothing (0 from timestamps quantised to 100 µs, as Chrome's; NaN, negative) never win,
+    // overall or on a problem: as 0 ms, g0 was the fastest everywhere
+    const z = await run({ [g0]: 0, [g1]: 1, [g2]: [2, NaN, 2], [g3]: -1 }, {
+      [g0]: 0,
+      [g1]: 1,
+      [g2]: [2, NaN, 2],
+    });
+    assert.equal(JSON.stringify(z.r.variant), g1);
+    assert.equal(z.r.timings[g0], Infinity);
+    assert.ok(z.r.byProblem.every((p) => ![g0, g2, g3].includes(JSON.stringify(p.variant))));
   } finally {
     restore();
   }
