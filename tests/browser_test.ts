@@ -898,6 +898,8 @@ Deno.test("the bundle drops its kernels' comment lines, keeping the lines (sourc
     "  // what each invocation owns",
     "  let a = 1; // kept: after code",
     "  // block of ${n}x${m}${more}",
+    "  // an \\`if\\` body (escaped backticks stay in the template)",
+    "  // the kernel's last line`;f();const v=`", // the template ends here: code follows
     '}`;const u="https://x";',
     "//# sourceMappingURL=mamba.js.map",
   ].join("\n");
@@ -907,6 +909,8 @@ Deno.test("the bundle drops its kernels' comment lines, keeping the lines (sourc
     "",
     "  let a = 1; // kept: after code",
     "  // block of ${n}x${m}${more}",
+    "",
+    "  // the kernel's last line`;f();const v=`",
     '}`;const u="https://x";',
     "//# sourceMappingURL=mamba.js.map",
   ]);

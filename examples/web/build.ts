@@ -83,10 +83,13 @@ interface Staged {
  * A minified bundle without the comment lines of its WGSL sources (about 6 KiB): minified JavaScript keeps
  * no comments of its own, so a line that starts with `//` lies inside a template literal, a kernel's source.
  * Each such line is emptied, its newline kept so that the source map's lines still match; lines holding a
- * `${...}` (a comment whose expression may add code) and the `//#` source-map link are left alone.
+ * `${...}` (a comment whose expression may add code) or an unescaped backtick (the template ends there) and
+ * the `//#` source-map link are left alone.
  */
 export function stripKernelComments(js: string): string {
-  return js.replace(/^[ \t]*\/\/(?!#)[^\n]*$/gm, (line) => (line.includes("${") ? line : ""));
+  // a line holding an unescaped backtick ends its template literal there: code may follow it
+  const keep = (line: string) => line.includes("${") || /(^|[^\\])`/.test(line);
+  return js.replace(/^[ \t]*\/\/(?!#)[^\n]*$/gm, (line) => (keep(line) ? line : ""));
 }
 
 async function bundle(entry: string, out: string, extra: string[]): Promise<Staged> {
