@@ -350,16 +350,17 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     return new Error(`${(e as Error).message} (${kept})`, { cause: e });
   };
   const save = async () => {
-    // A run that diverged since the last readback must not replace the checkpoint of one that had not.
-    await trainer.checkLosses().catch((e) => {
-      throw diverged(e);
-    });
-    // The loss chart goes into the checkpoint folder with the rest, replaced with it atomically.
+    // The loss chart goes into the checkpoint folder with the rest, replaced with it atomically. A run that
+    // diverged since the last readback is refused by the save (its losses are read there), so it never
+    // replaces the checkpoint of one that had not.
     await saveTrainingCheckpoint(a.out, trainer, tokenizer, {
       files: {
         "loss.json": JSON.stringify(trainer.log) + "\n",
         "loss.svg": await lossChartSVG(trainer.log),
       },
+    }).catch((e) => {
+      const cause = (e as Error).cause; // the divergence itself, said with the checkpoint left
+      throw cause instanceof Error && /^training diverged/.test(cause.message) ? diverged(cause) : e;
     });
     saved = trainer.step;
   };

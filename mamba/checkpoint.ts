@@ -27,7 +27,14 @@ import {
 } from "./pretrained.ts";
 import { writeFiles } from "./pretrained_fs.ts";
 import type { Tokenizer } from "./tokenizer.ts";
-import { type TrainConfig, type TrainData, Trainer, type TrainLog, validateTrainConfig } from "./train.ts";
+import {
+  checkFiniteLosses,
+  type TrainConfig,
+  type TrainData,
+  Trainer,
+  type TrainLog,
+  validateTrainConfig,
+} from "./train.ts";
 
 /** What `training_log.json` holds. JSON has no NaN nor infinities: numbers that are not finite (a `clip` of
  * Infinity, a loss that diverged) are written as the strings "NaN", "Infinity" and "-Infinity". */
@@ -303,7 +310,8 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
  * `ByteTokenizer` and `HubTokenizer`: its `tokenizer.json`, and `tokenizer_config.json` when it has one), or
  * the parsed `tokenizer.json` itself (any JSON value); undefined, or anything else that is not JSON, throws.
  * The run is read as it is at the call: steps taken before the promise resolves are in none of the files.
- * Weights that are not finite (a diverged run) are refused, naming the tensor: `dir` keeps what it held.
+ * A diverged run is refused (a loss since the last readback, or a weight, that is not finite: the message says
+ * `training diverged` and the step, or names the tensor), and `dir` keeps what it held.
  */
 export async function saveTrainingCheckpoint(
   dir: string,
@@ -393,8 +401,19 @@ export async function saveTrainingCheckpoint(
     await Deno.mkdir(parent, { recursive: true });
     await Deno.mkdir(tmp);
     const [weights, optData, losses] = await read;
-    // A diverged run's weights never replace a checkpoint (a step whose loss was finite can still have
-    // written NaN into them; the losses' check before a save sees only the next step's).
+    // A diverged run never replaces a checkpoint: its losses since the last readback (which waits for
+    // logEvery steps) are checked here, and its weights (a step whose loss was finite can still have written
+    // NaN into them).
+    try {
+      checkFiniteLosses(losses, log.step - losses.length);
+    } catch (e) {
+      throw new Error(
+        `cannot write checkpoint ${path}: ${(e as Error).message}; ${path} keeps what it held`,
+        {
+          cause: e,
+        },
+      );
+    }
     const bad = Object.entries(weights).find(([, t]) => !t.data.every(Number.isFinite));
     if (bad) {
       throw new Error(

@@ -148,6 +148,16 @@ export class CharDataset implements TrainData {
   }
 }
 
+/** Throws if a loss of `losses` (those of steps from + 1, from + 2, ...) is not finite, naming the first: at
+ * a trainer's readback, and in a training checkpoint's save for the losses not yet read back. */
+export function checkFiniteLosses(losses: ArrayLike<number>, from: number): void {
+  for (let i = 0; i < losses.length; i++) {
+    if (!Number.isFinite(losses[i])) {
+      throw new Error(`training diverged: loss ${losses[i]} at step ${from + i + 1}`);
+    }
+  }
+}
+
 /**
  * Token ids (a text run through a model's tokenizer, e.g. to fine-tune a pretrained model), split into
  * training (first 90%) and validation (last 10%) parts. Ids must be integers in [0, 2^31); the Trainer
@@ -393,28 +403,9 @@ export class Trainer {
     this.#pending = 0;
     const losses = new Float32Array(await readBuffer(this.#losses.storage.buffer, 0, 4 * n));
     const mean = losses.reduce((a, b) => a + b, 0) / n;
-    Trainer.#checkFinite(losses, step - n);
+    checkFiniteLosses(losses, step - n);
     this.log.train.push([step, mean]);
     return mean;
-  }
-
-  /** Throws if a loss of `losses` (those of steps from + 1, from + 2, ...) is not finite, naming the first. */
-  static #checkFinite(losses: ArrayLike<number>, from: number): void {
-    for (let i = 0; i < losses.length; i++) {
-      if (!Number.isFinite(losses[i])) {
-        throw new Error(`training diverged: loss ${losses[i]} at step ${from + i + 1}`);
-      }
-    }
-  }
-
-  /**
-   * Throws as {@linkcode Trainer.trainStep} does when a loss of the steps since the last readback is not
-   * finite (their readback waits for `logEvery` steps): a run that diverged after its last readback is found
-   * before a checkpoint of it replaces a good one.
-   */
-  async checkLosses(): Promise<void> {
-    const from = this.step - this.#pending;
-    Trainer.#checkFinite(await this.pendingLosses(), from);
   }
 
   /** Mean loss over `evalBatches` fixed validation batches (the same every time). */
