@@ -42,8 +42,7 @@ import {
   type PreparedLayer,
   prepareLayer,
   prepareSsm,
-  refineStepMs,
-  stepMsWithoutWait,
+  stepMsForBatch,
   stepsPerWait,
   type TimeMode,
   timeSteps,
@@ -129,8 +128,7 @@ async function measureSteps(
       perStep = dispatchCount() - d0;
       await sync();
     }
-    const time = (n: number) => timeSteps(p, n);
-    const est = await refineStepMs(time, await stepMsWithoutWait(time, await timeSteps(p, 1)), 250);
+    const est = await stepMsForBatch((n) => timeSteps(p, n), await timeSteps(p, 1), 250);
     const k = stepsPerWait(250, est, 4);
     const wall: number[] = [], host: number[] = [], span: number[] = [];
     for (let r = 0; r < 5; r++) {

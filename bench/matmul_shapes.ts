@@ -39,7 +39,7 @@ import {
 } from "../core/ops/matmul.ts";
 import { intFlag, parseCommandLine } from "../examples/lib/cli.ts";
 import { median, resultPath, sourceVersion, writeJsonAtomic } from "./report_util.ts";
-import { stepMsWithoutWait, stepsPerWait } from "./scan_report.ts";
+import { stepMsForBatch, stepsPerWait } from "./scan_report.ts";
 
 const USAGE = `Usage: deno run -A bench/matmul_shapes.ts [options]
 
@@ -127,7 +127,7 @@ async function msPerCall(s: Shape, v: MatmulVariant): Promise<number> {
       return (performance.now() - t0) / n;
     };
     const t1 = await time(1);
-    const net = await stepMsWithoutWait(time, t1); // ms per call without the wait
+    const net = await stepMsForBatch(time, t1, 100); // ms per call without the wait
     const k = stepsPerWait(100, net, 8);
     const wait = t1 - net; // one call and its wait, less the call
     const batches: number[] = [];

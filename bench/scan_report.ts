@@ -19,11 +19,11 @@
  * of a batch). Until the cap was raised from 256, the H200's fast steps (0.24-0.59 ms) and the roofline's
  * calls (0.09-0.22 ms, wait included) hit it: their batches lasted 24-150 ms, and the wait (11.4 ms) was 8-19%
  * of a step's time and up to half of a call's. The step time that sizes k is measured without its wait
- * (`stepMsWithoutWait`), then again over about a batch of steps (`refineStepMs`: over 8 steps a jittery wait
- * made the estimate up to 2.5-3x a step on the H200). Before that function it was one step with its wait, which made the fastest
- * configurations' batches short: 14-18 steps per wait on the H200, each carrying about 0.8 ms of the wait,
- * and 8-16 fused steps at L <= 1024 on lavapipe, about a fifth of whose batch was the wait; the tables give
- * the median over reps. Slow configurations get fewer reps (as few as one) and, once a mode's step takes over
+ * (`stepMsWithoutWait`), then again over about a batch of steps (`refineStepMs`: over 8 steps a jittery
+ * wait made the estimate up to 2.5-3x a step on the H200). Before that function it was one step with its
+ * wait, which made the fastest configurations' batches short: 14-18 steps per wait on the H200, each carrying
+ * about 0.8 ms of the wait, and 8-16 fused steps at L <= 1024 on lavapipe, about a fifth of whose batch was
+ * the wait; the tables give the median over reps. Slow configurations get fewer reps (as few as one) and, once a mode's step takes over
  * 5 s, no warm-up step (its kernels are compiled by then, but the first step also pays for allocating fresh
  * buffers).
  *
@@ -275,6 +275,16 @@ export async function refineStepMs(
   return n <= 8 ? est : await stepMsWithoutWait(time, await time(1), n);
 }
 
+/** A step's time for sizing batches of about `batchMs`: net of the wait over 8 steps, then again over about a
+ * batch ({@linkcode stepMsWithoutWait}, {@linkcode refineStepMs}); `t1` is `time(1)`, after any warm-up. */
+export async function stepMsForBatch(
+  time: (n: number) => Promise<number>,
+  t1: number,
+  batchMs: number,
+): Promise<number> {
+  return await refineStepMs(time, await stepMsWithoutWait(time, t1), batchMs);
+}
+
 /** The most steps one wait ends: enough that a batch of the fastest calls measured (about 0.05 ms, the
  * roofline's on the H200; a 64 MiB copy there about 0.03 ms) lasts its 250-500 ms, so that the wait's share
  * stays a few percent. */
@@ -297,8 +307,7 @@ export async function batchSize(
   min = 1,
 ): Promise<number> {
   await time(1);
-  const est = await stepMsWithoutWait(time, await time(1));
-  return stepsPerWait(batchMs, await refineStepMs(time, est, batchMs), min);
+  return stepsPerWait(batchMs, await stepMsForBatch(time, await time(1), batchMs), min);
 }
 
 /** The tuner's result for state size N as the report keeps it: the ten best candidates. */
@@ -372,10 +381,7 @@ export async function timeConfig(
       }
       let t = await timeSteps(p, 1); // warm-up (compiles kernels on first use, fills the pool)
       if (t < 2000) t = await timeSteps(p, 1);
-      if (t < opt.batchMs) {
-        t = await stepMsWithoutWait((n) => timeSteps(p, n), t);
-        t = await refineStepMs((n) => timeSteps(p, n), t, opt.batchMs);
-      }
+      if (t < opt.batchMs) t = await stepMsForBatch((n) => timeSteps(p, n), t, opt.batchMs);
       estimate.push(t);
       row.warmedUp[m] = true;
     }
@@ -520,7 +526,7 @@ export async function rooflineFused(
     };
     await run(1);
     await run(1, "last");
-    const perCall = await refineStepMs(run, await stepMsWithoutWait(run, await run(1)), batchMs);
+    const perCall = await stepMsForBatch(run, await run(1), batchMs);
     k = stepsPerWait(batchMs, perCall);
     for (let r = 0; r < reps; r++) {
       // alternately, the order swapped each rep

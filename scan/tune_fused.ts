@@ -241,8 +241,8 @@ export function isFusedScanKernel(times: readonly { readonly name: string }[]): 
 }
 
 /** Milliseconds per run of `run` (3 runs): the fused scan's GPU time ({@linkcode isFusedScanKernel}) where
- * timestamp queries exist and give a positive time, else the wall time; the wall time too inside a caller's `profile()` (a trainer's
- * first step tunes its state size there), which must not be refused for it. */
+ * timestamp queries exist and give a positive time, else the wall time; the wall time too inside a caller's
+ * `profile()` (a trainer's first step tunes its state size there), which must not be refused for it. */
 async function timeRuns(run: () => void): Promise<number> {
   if (deviceInfo().timestampQuery && !profiling()) {
     const times = await profile(() => {
