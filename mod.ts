@@ -96,6 +96,7 @@ export {
   type SafetensorsInput,
   serializeSafetensors,
 } from "./core/safetensors.ts";
+export { parseTorchCheckpoint } from "./core/torch_checkpoint.ts";
 export { type HostTensor, type LoadOptions, type LoadResult, Module, type StateDict } from "./nn/module.ts";
 export { Conv1d, Embedding, Linear, RMSNorm } from "./nn/layers.ts";
 export {

@@ -106,6 +106,10 @@ export function blobSource(blob: Blob, name: string): ByteSource {
   };
 }
 
+/** Weight files a model may lack, where another form stands for them (model.safetensors: its index, or
+ * pytorch_model.bin; pytorch_model.bin: the safetensors): opening one that is absent gives null. */
+export const OPTIONAL_WEIGHT_FILES: ReadonlySet<string> = new Set(["model.safetensors", "pytorch_model.bin"]);
+
 /** A place that holds a model's files: a folder, a URL prefix, a hub repository, or a set of blobs. */
 export interface ModelSource {
   /** Folder, URL, `id@revision` or a name for the blobs, for messages. */

@@ -8,7 +8,7 @@
 
 import { duplicateJsonKey, jsonDepth, MAX_JSON_DEPTH } from "../core/safetensors.ts";
 import { hubEndpoint, HubError, type HubOptions, hubRefusal, isHubId, startTimer, timeoutOf } from "./hub.ts";
-import { blobSource, type ModelSource, responseSource } from "./byte_source.ts";
+import { blobSource, type ModelSource, OPTIONAL_WEIGHT_FILES, responseSource } from "./byte_source.ts";
 import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
 
 const isUrl = (s: string) => /^https?:\/\//i.test(s);
@@ -54,7 +54,7 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
   let pinned = false;
   const refused = new Map<string, HubError>();
   const timeoutMs = timeoutOf(options);
-  // `optional`: a file a model may lack (tokenizer files, model.safetensors beside an index), which servers that
+  // `optional`: a file a model may lack (tokenizer files, one form of the weights where another may stand for it), which servers that
   // hide what they do not list (S3 buckets) answer with 403 rather than 404
   const get = async (file: string, optional: boolean): Promise<Response | null> => {
     const url = `${base}/${file}`;
@@ -115,7 +115,7 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
       }
     },
     async open(file) {
-      const res = await get(file, file === "model.safetensors"); // optional: an index may stand for it
+      const res = await get(file, OPTIONAL_WEIGHT_FILES.has(file));
       return res && responseSource(res, `${base}/${file}`);
     },
   };

@@ -1,13 +1,14 @@
 /**
- * Pretrained checkpoints: `config.json` + `model.safetensors` (or a sharded `model.safetensors.index.json`)
- * in the two layouts people download, Hugging Face transformers (`state-spaces/mamba-130m-hf`) and the
+ * Pretrained checkpoints: `config.json` + `model.safetensors` (or a sharded `model.safetensors.index.json`,
+ * or PyTorch's `pytorch_model.bin`, as state-spaces' own repositories have it) in the two layouts people download, Hugging Face transformers (`state-spaces/mamba-130m-hf`) and the
  * original state-spaces layout, from a hub id (through the Hugging Face cache in Deno, fetched straight from
  * the hub in a browser), a local folder, an `https://` URL, or blobs (files picked in a page), with the
  * tokenizer beside them; and saving a model back in the Hugging Face layout, to a folder or as bytes (a
  * download). No Deno API is used here: the file-system side is `pretrained_fs.ts`, imported only in Deno.
  *
  * The parts: `checkpoint_config.ts` reads and writes config.json and maps tensor names, `model_sources.ts`
- * finds the files, `weight_stream.ts` checks and streams the weights; this module puts them together.
+ * finds the files, `weight_stream.ts` checks and streams the weights (`torch_weights.ts` those of a
+ * `pytorch_model.bin`); this module puts them together.
  * @module
  */
 
@@ -22,6 +23,7 @@ import { filesSource, type ModelFiles, parseJson, sourceOf, tokenizerOf } from "
 import type { Tokenizer, TokenizerFiles } from "./tokenizer.ts";
 import type { Tensor } from "../core/tensor.ts";
 import { checkShapes, planWeights, readHeader, shardHeaders, streamInto } from "./weight_stream.ts";
+import { sameView, streamTorchInto } from "./torch_weights.ts";
 
 /** Options of {@linkcode fromPretrained} (hub options apply when the source is a hub id). */
 export interface PretrainedOptions extends HubOptions {
@@ -76,7 +78,8 @@ const names = (list: string[], n = 12) =>
 /**
  * Loads a model from a hub id (`state-spaces/mamba-130m-hf`, downloaded into the Hugging Face cache; see
  * {@linkcode hubDownload}), a local folder, or a URL prefix, holding `config.json` (transformers or
- * state-spaces layout) and `model.safetensors` or `model.safetensors.index.json` with its shards.
+ * state-spaces layout) and `model.safetensors` or `model.safetensors.index.json` with its shards, else
+ * `pytorch_model.bin` (read as `torch.load(weights_only=True)` would: no code in it runs).
  * `tokenizer.json` (+ `tokenizer_config.json`) is optional; `options.tokenizer` can name another source.
  * The config is checked before any weights are fetched; the tokenizer must not have more ids than the
  * config's `vocab_size`. Tensors stream to the GPU one at a time (header first, then each tensor's bytes,
@@ -143,11 +146,11 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
 
   const plan = await planWeights(src);
   let model: PretrainedLM | undefined;
-  const open: ByteSource[] = plan.single ? [plan.single.src] : [];
+  const open: ByteSource[] = plan.single ? [plan.single.src] : plan.torch ? [plan.torch.src] : [];
   try {
-    const weightsWhere = plan.single
-      ? `${src.where}/model.safetensors`
-      : `${src.where}/model.safetensors.index.json`;
+    const weightsWhere = `${src.where}/${
+      plan.single || plan.torch ? plan.files[0] : "model.safetensors.index.json"
+    }`;
     const ours = new Map<string, string>();
     const unexpected: string[] = [];
     for (const k of plan.fileOf.keys()) {
@@ -157,14 +160,22 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
       else ours.set(o, k);
     }
     if (unexpected.length) throw new Error(`${weightsWhere}: unexpected tensors ${unexpected.join(", ")}`);
+    // torch.save keeps a tied head under its own name as well, as a view of the embedding's storage.
+    const views = plan.torch?.state.tensors;
+    const [head, emb] = [ours.get("lm_head.weight"), ours.get("embedding.weight")];
+    if (lm.tieEmbeddings === true && views && head && emb && sameView(views.get(head)!, views.get(emb)!)) {
+      ours.delete("lm_head.weight");
+    }
     // Tied only when the config says so and the checkpoint has no separate head.
     const tie = lm.tieEmbeddings === true && !ours.has("lm_head.weight");
     // Shapes checked against config.json before the model is built: a corrupt size there (vocab_size 1e9,
     // num_hidden_layers 2^60) would otherwise fail in an allocation, with no word of config.json. A sharded
     // checkpoint's headers are all read first for that.
-    const shards = plan.single ? null : await shardHeaders(src, plan, weightsWhere);
+    const shards = plan.single || plan.torch ? null : await shardHeaders(src, plan, weightsWhere);
     const entries = plan.single
       ? plan.single.header.entries
+      : plan.torch
+      ? plan.torch.state.tensors
       : new Map([...shards!.values()].flatMap((h) => [...h.entries]));
     checkShapes(config, lm, layout, entries, ours, weightsWhere, cfgWhere);
     const noTokenizer = t === false
@@ -196,6 +207,14 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     }
     if (plan.single) {
       await streamInto(model, params, plan.single.src, plan.single.header, weightsWhere);
+    } else if (plan.torch) {
+      await streamTorchInto(
+        model,
+        params,
+        plan.torch,
+        new Map([...ours].map(([o, k]) => [k, o])),
+        weightsWhere,
+      );
     } else {
       for (const file of plan.files) {
         const where = `${src.where}/${file}`;

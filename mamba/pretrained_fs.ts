@@ -5,7 +5,7 @@
  */
 
 import { writeFileAtomic } from "../core/safetensors_fs.ts";
-import type { ModelSource } from "./byte_source.ts";
+import { type ModelSource, OPTIONAL_WEIGHT_FILES } from "./byte_source.ts";
 import { hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
 import { isDirectory, openFileSource } from "./hub_fs.ts";
 
@@ -94,7 +94,7 @@ function hubSource(id: string, options: HubOptions): ModelSource {
       return await Deno.readTextFile(path);
     },
     async open(file) {
-      const path = await get(file, file === "model.safetensors");
+      const path = await get(file, OPTIONAL_WEIGHT_FILES.has(file));
       return path === null ? null : await openFileSource(path);
     },
   };

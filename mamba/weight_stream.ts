@@ -8,7 +8,6 @@
 
 import { flush } from "../core/executor.ts";
 import {
-  decodeTensor,
   parseSafetensorsHeader,
   type SafetensorsEntry,
   type SafetensorsHeader,
@@ -21,16 +20,20 @@ import type { ByteSource, ModelSource } from "./byte_source.ts";
 import { type CheckpointConfig, mapKey } from "./checkpoint_config.ts";
 import type { LMOptions, MambaLM } from "./lm.ts";
 import { parseJson } from "./model_sources.ts";
+import { readTorchWeights, type TorchWeights } from "./torch_weights.ts";
+import { FLOAT_DTYPES, readTensor } from "./read_tensor.ts";
 
 /** The checkpoint's tensor names (checkpoint name -> file), from the index of a sharded checkpoint or the
  * header of the single file (whose source stays open, positioned at the data). */
 export interface WeightPlan {
-  /** The safetensors files, sorted. */
+  /** The safetensors files, sorted (or `pytorch_model.bin`). */
   files: string[];
   /** The file of each checkpoint tensor name. */
   fileOf: Map<string, string>;
   /** The single file, already open with its header read; null for a sharded checkpoint. */
   single: { src: ByteSource; header: SafetensorsHeader } | null;
+  /** `pytorch_model.bin`, open with its state dict read, where there are no safetensors; else null. */
+  torch: TorchWeights | null;
 }
 
 /** Reads a safetensors header from `src` (positioned at the file's start), leaving it at the data. */
@@ -54,7 +57,7 @@ export async function planWeights(src: ModelSource): Promise<WeightPlan> {
     try {
       const header = await readHeader(single, `${src.where}/model.safetensors`);
       const fileOf = new Map([...header.entries.keys()].map((k) => [k, "model.safetensors"]));
-      return { files: ["model.safetensors"], fileOf, single: { src: single, header } };
+      return { files: ["model.safetensors"], fileOf, single: { src: single, header }, torch: null };
     } catch (e) {
       await single.close();
       throw e;
@@ -63,12 +66,23 @@ export async function planWeights(src: ModelSource): Promise<WeightPlan> {
   const indexWhere = `${src.where}/model.safetensors.index.json`;
   const indexText = await src.text("model.safetensors.index.json", true);
   if (indexText === null) {
-    const notCached = src.notCached?.get("model.safetensors");
+    const bin = await src.open("pytorch_model.bin");
+    if (bin) {
+      try {
+        const torch = await readTorchWeights(bin, `${src.where}/pytorch_model.bin`);
+        const fileOf = new Map([...torch.state.tensors.keys()].map((k) => [k, "pytorch_model.bin"]));
+        return { files: ["pytorch_model.bin"], fileOf, single: null, torch };
+      } catch (e) {
+        await bin.close();
+        throw e;
+      }
+    }
+    const notCached = src.notCached?.get("model.safetensors") ?? src.notCached?.get("pytorch_model.bin");
     if (notCached) throw notCached;
     throw new Error(
-      `${src.where} has neither model.safetensors nor model.safetensors.index.json: only safetensors ` +
-        `checkpoints are read (convert a pytorch_model.bin with transformers' save_pretrained, which writes ` +
-        `safetensors)`,
+      `${src.where} has none of model.safetensors, model.safetensors.index.json and pytorch_model.bin ` +
+        `(sharded pytorch_model.bin checkpoints are not read: convert them with transformers' save_pretrained, ` +
+        `which writes safetensors)`,
     );
   }
   const map = parseJson(indexText, indexWhere, true).weight_map;
@@ -84,7 +98,7 @@ export async function planWeights(src: ModelSource): Promise<WeightPlan> {
     }
     fileOf.set(k, f);
   }
-  return { files: [...new Set(fileOf.values())].sort(), fileOf, single: null };
+  return { files: [...new Set(fileOf.values())].sort(), fileOf, single: null, torch: null };
 }
 
 /**
@@ -120,40 +134,6 @@ export async function shardHeaders(
   }
   return headers;
 }
-
-const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
-const CHUNK_BYTES = 4 << 20;
-
-// Reads one tensor's bytes from `src` (positioned at them) and decodes them to f32, F32 straight into the
-// result, F16/BF16 (and big-endian hosts) a few MiB at a time, so that only the decoded tensor is held.
-async function readTensor(src: ByteSource, entry: SafetensorsEntry, name: string): Promise<Float32Array> {
-  const count = entry.shape.reduce((a, b) => a * b, 1);
-  const nbytes = entry.dataOffsets[1] - entry.dataOffsets[0];
-  if (entry.dtype === "F32" && LITTLE_ENDIAN) {
-    const out = new Float32Array(count);
-    await src.readExact(new Uint8Array(out.buffer));
-    return out;
-  }
-  if (entry.dtype === "F16" || entry.dtype === "BF16" || entry.dtype === "F32") {
-    const size = entry.dtype === "F32" ? 4 : 2;
-    const out = new Float32Array(count);
-    const per = Math.max(1, Math.floor(CHUNK_BYTES / size));
-    const raw = new Uint8Array(Math.min(nbytes, per * size));
-    for (let at = 0; at < count; at += per) {
-      const m = Math.min(per, count - at);
-      const bytes = raw.subarray(0, m * size);
-      await src.readExact(bytes);
-      out.set(decodeTensor({ dtype: entry.dtype, shape: [m], dataOffsets: [0, m * size] }, bytes, name), at);
-    }
-    return out;
-  }
-  const raw = new Uint8Array(nbytes);
-  await src.readExact(raw);
-  return decodeTensor(entry, raw, name) as Float32Array; // F64: streamInto admits no other dtype here
-}
-
-// The dtypes that load into the (f32) parameters; integer and bool tensors are refused, not converted.
-const FLOAT_DTYPES = new Set(["F32", "F16", "BF16", "F64"]);
 
 const describe = (k: string, e: SafetensorsEntry) =>
   `tensor ${k} (${mapKey(k)}) is ${e.dtype} ${fmt(e.shape)} at data_offsets [${e.dataOffsets.join(", ")}]`;

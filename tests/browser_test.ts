@@ -212,7 +212,7 @@ Deno.test({
       );
 
       await t.step(
-        "models load from the hub, blobs and picked files, and save to bytes that load back",
+        "models load from the hub, blobs and picked files (safetensors and pytorch_model.bin), and save to bytes that load back",
         async () => {
           const r = await lib.evaluate(async (base) => {
             const m = (globalThis as unknown as { mamba: Bundle }).mamba;
@@ -251,7 +251,24 @@ Deno.test({
               () => "loaded",
               (e: Error) => `${e.name}: ${e.message}`,
             );
+            // A PyTorch checkpoint picked in the page (views of storages, ZIP64 data descriptors) and the same
+            // weights as safetensors from a URL: the same values, so the same logits.
+            const ss = `${base}/fixtures/lm_v64_state_spaces`;
+            const fromBin = await m.fromPretrainedFiles([
+              new File(
+                [await (await fetch(`${base}/fixtures/torch/lm_v64_views.bin`)).blob()],
+                "pytorch_model.bin",
+              ),
+              new File([await (await fetch(`${ss}/config.json`)).blob()], "config.json"),
+            ]);
+            const fromSafetensors = await m.fromPretrained(ss);
+            const tokens = [[1, 5, 9, 33, 60, 2]];
+            const [binLogits, stLogits] = await Promise.all([fromBin, fromSafetensors].map((lm) => {
+              const l = m.tidy(() => m.noGrad(() => lm.forward(tokens)));
+              return l.toArray().finally(() => l.dispose());
+            }));
             const out = {
+              binDiff: diff(binLogits, stLogits),
               hubDiff: diff(ref, await logitsOf(fromHub)),
               hubSource: fromHub.source,
               hubTokenizer: fromHub.tokenizer instanceof m.ByteTokenizer,
@@ -266,10 +283,11 @@ Deno.test({
               missing,
               noRepo,
             };
-            for (const lm of [fromUrl, fromHub, fromFiles, back]) lm.dispose();
+            for (const lm of [fromUrl, fromHub, fromFiles, back, fromBin, fromSafetensors]) lm.dispose();
             return out;
           }, base);
           assert.equal(r.hubDiff, 0);
+          assert.equal(r.binDiff, 0, "pytorch_model.bin in the page: the safetensors' logits");
           assert.equal(r.hubSource, "test-org/char-mamba@main");
           // the first file by the revision asked for, every later one by the commit it resolved to
           const charHub = hubRequests.filter((q) => q.startsWith("char-mamba@"));
@@ -888,7 +906,7 @@ Deno.test("fromPretrainedFiles and checkpointFiles (the browser's loading and sa
   );
   await assert.rejects(
     () => fromPretrainedFiles({ "config.json": files[0] }, { name: "mine" }),
-    /mine has neither model.safetensors nor model.safetensors.index.json/,
+    /mine has none of model.safetensors, model.safetensors.index.json and pytorch_model.bin/,
   );
 });
 

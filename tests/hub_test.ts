@@ -543,13 +543,38 @@ Deno.test("hub: sharded checkpoints (index + shards) load from the hub and from 
   });
 });
 
-Deno.test("hub: no safetensors, or a config of another architecture: clear errors, no weights fetched", async () => {
+Deno.test("hub: pytorch_model.bin where there are no safetensors (state-spaces' repositories), downloaded, then offline, and over a URL", async () => {
+  await withHub(async (s, cacheDir) => {
+    s.addRepo("org/bin", {
+      "config.json": await Deno.readFile(fixturePath("lm_v64_state_spaces/config.json")),
+      "pytorch_model.bin": await Deno.readFile(fixturePath("torch/lm_v64.bin")),
+    });
+    const lm = await fromPretrained("org/bin", opts(s, cacheDir));
+    await assertLmV64Logits(lm);
+    lm.dispose();
+    const weights = /\/(model\.safetensors|model\.safetensors\.index\.json|pytorch_model\.bin)$/;
+    const asked = s.requests.map((r) => weights.exec(r.path)?.[1]).filter((f) => f !== undefined);
+    assert.deepEqual(
+      [...new Set(asked)],
+      ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"],
+      "safetensors looked for first, as transformers prefers them",
+    );
+    const offline = await fromPretrained("org/bin", { ...opts(s, cacheDir), localFilesOnly: true });
+    await assertLmV64Logits(offline);
+    offline.dispose();
+    const streamed = await fromPretrained(`${s.url}/org/bin/resolve/main`); // a response body, read as it comes
+    await assertLmV64Logits(streamed);
+    streamed.dispose();
+  });
+});
+
+Deno.test("hub: no weights, or a config of another architecture: clear errors, no weights fetched", async () => {
   await withHub(async (s, cacheDir) => {
     const files = await lmFiles();
-    s.addRepo("org/bin", { "config.json": files["config.json"], "pytorch_model.bin": "not read" });
+    s.addRepo("org/none", { "config.json": files["config.json"] });
     await assert.rejects(
-      () => fromPretrained("org/bin", opts(s, cacheDir)),
-      /org\/bin@main has neither model\.safetensors nor model\.safetensors\.index\.json/,
+      () => fromPretrained("org/none", opts(s, cacheDir)),
+      /org\/none@main has none of model\.safetensors, model\.safetensors\.index\.json and pytorch_model\.bin/,
     );
     const llama = JSON.stringify({ model_type: "llama", hidden_size: 64, vocab_size: 100 });
     s.addRepo("org/llama", { "config.json": llama, "model.safetensors": files["model.safetensors"] });

@@ -1,0 +1,82 @@
+/**
+ * A whole PyTorch checkpoint in memory (`torch.save(model.state_dict())`, any module's) decoded to host
+ * tensors, as {@linkcode parseSafetensors} decodes a safetensors file: what `model.load_state_dict(torch.load(f))`
+ * loads in mamba.py, here `model.loadStateDict(await parseTorchCheckpoint(bytes))`.
+ * @module
+ */
+
+import { type DecodedTensor, decodeTensor } from "./safetensors.ts";
+import type { TorchTensorRef } from "./torch_pickle.ts";
+import { TorchArchiveReader } from "./torch_zip.ts";
+
+/** Whether a view's elements lie back to back in row-major order (dimensions of size 1 step anything). */
+export function isContiguous(r: TorchTensorRef): boolean {
+  return r.shape.every((d, i) => d === 1 || r.strides[i] === r.shape.slice(i + 1).reduce((a, b) => a * b, 1));
+}
+
+/** The elements of a strided view, in row-major order, taken from its whole storage's values. */
+export function gatherView<T extends Float32Array | Int32Array>(all: T, r: TorchTensorRef): T {
+  const count = r.shape.reduce((a, b) => a * b, 1);
+  if (isContiguous(r)) return all.slice(r.offset, r.offset + count) as T;
+  const out = new (all.constructor as new (n: number) => T)(count);
+  const idx = new Array(r.shape.length).fill(0);
+  for (let i = 0; i < count; i++) {
+    let at = r.offset;
+    for (let d = 0; d < idx.length; d++) at += idx[d] * r.strides[d];
+    out[i] = all[at];
+    for (let d = idx.length - 1; d >= 0 && ++idx[d] === r.shape[d]; d--) idx[d] = 0;
+  }
+  return out;
+}
+
+/**
+ * Decodes every tensor of a PyTorch checkpoint (the zip archive `torch.save` writes since PyTorch 1.6) held in
+ * memory: floats to f32, integers and bools to int32 (an I64 value past int32 is an error naming it), views
+ * (offsets, strides, shared storages) as saved. The pickle is read by a restricted unpickler that refuses any
+ * global a state dict of tensors does not name, so nothing in the file runs. `source` names it in errors.
+ */
+export async function parseTorchCheckpoint(
+  bytes: Uint8Array,
+  source = "torch checkpoint",
+): Promise<Map<string, DecodedTensor>> {
+  let pos = 0;
+  const archive = new TorchArchiveReader({
+    size: bytes.length,
+    readExact(buf: Uint8Array): Promise<void> {
+      if (pos + buf.length > bytes.length) {
+        throw new Error(
+          `unexpected end of file at byte ${bytes.length} (wanted ${pos + buf.length - bytes.length} more)`,
+        );
+      }
+      buf.set(bytes.subarray(pos, pos + buf.length));
+      pos += buf.length;
+      return Promise.resolve();
+    },
+    skip(n: number): Promise<void> {
+      pos += n;
+      return Promise.resolve();
+    },
+  }, source);
+  const state = await archive.readStateDict();
+  const storages = new Map<string, Float32Array | Int32Array>();
+  for (let rec; (rec = await archive.nextStorage(state));) {
+    const raw = new Uint8Array(rec.bytes);
+    await archive.read(raw);
+    const s = state.storages.get(rec.key)!;
+    const entry = { dtype: s.dtype, shape: [s.numel], dataOffsets: [0, rec.bytes] as [number, number] };
+    // named by a tensor that views it (an index is the storage's)
+    const name = [...state.tensors].find(([, r]) => r.storage === rec!.key)?.[0] ?? `storage ${rec.key}`;
+    try {
+      storages.set(rec.key, decodeTensor(entry, raw, name));
+    } catch (e) {
+      throw new Error(`${source}: ${(e as Error).message}`, { cause: e });
+    }
+  }
+  const out = new Map<string, DecodedTensor>();
+  for (const [name, r] of state.tensors) {
+    const all = storages.get(r.storage);
+    if (!all) throw new Error(`${source}: the archive ends without storage ${r.storage} (of ${name})`);
+    out.set(name, { dtype: r.dtype, shape: r.shape, data: gatherView(all, r) as DecodedTensor["data"] });
+  }
+  return out;
+}

@@ -1,0 +1,310 @@
+/**
+ * A PyTorch checkpoint (`pytorch_model.bin`, the zip archive `torch.save` writes since PyTorch 1.6) read
+ * front to back, as it downloads: `<prefix>/data.pkl` first (the state dict, see `torch_pickle.ts`), then
+ * one `<prefix>/data/<key>` record per storage, and small records (`version`, `byteorder`) that are skipped.
+ * Records are stored uncompressed. PyTorch's writer puts their sizes in data descriptors after the data, not
+ * in the headers before it, so a storage's size comes from the pickle, and the pickle's own end is found by
+ * its descriptor (signature, CRC-32 and size must all agree). ZIP64 sizes are read. The central directory at
+ * the end is not needed, so a stream of unknown length works too.
+ * @module
+ */
+
+import { DTYPE_BYTES, parseTorchPickle, type TorchStateDict } from "./torch_pickle.ts";
+
+/** A sequential byte source (`ByteSource` of the loader fits it). */
+export interface SequentialSource {
+  /** Total size in bytes, or -1 when unknown. */
+  readonly size: number;
+  /** Fills `buf` entirely (an error if the source ends first). */
+  readExact(buf: Uint8Array): Promise<void>;
+  /** Skips `n` bytes. */
+  skip(n: number): Promise<void>;
+}
+
+/** One storage record, positioned at its first byte. */
+export interface StorageRecord {
+  /** The storage's key (`data/<key>`). */
+  key: string;
+  /** Its size in bytes (elements times their size). */
+  bytes: number;
+  /** Offset of its first byte in the file, for messages. */
+  at: number;
+}
+
+const LOCAL = 0x04034b50;
+const DESCRIPTOR = 0x08074b50;
+const ENDS = new Set([0x02014b50, 0x06054b50, 0x06064b50]); // central directory, end records
+const SCAN_CHUNK = 64; // bytes read at a time while looking for a descriptor (at least 68 bytes follow one)
+const MAX_SMALL_RECORD = 64 << 20; // data.pkl and the other records read whole (a state dict's pickle: ~1 MB)
+// The first bytes of a pre-1.6 torch.save file: a pickle protocol 2 header, then torch's magic number as a
+// 10-byte LONG1.
+const LEGACY_MAGIC = [0x80, 0x02, 0x8a, 0x0a];
+
+let crcTable: Uint32Array | null = null;
+/** CRC-32 (zip's) of `bytes`. */
+export function crc32(bytes: Uint8Array): number {
+  if (!crcTable) {
+    crcTable = new Uint32Array(256);
+    for (let i = 0; i < 256; i++) {
+      let c = i;
+      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+      crcTable[i] = c >>> 0;
+    }
+  }
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) c = crcTable[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+interface LocalHeader {
+  name: string;
+  at: number;
+  /** Size from the header; null where a descriptor after the data gives it. */
+  size: number | null;
+  crc: number;
+  descriptor: boolean;
+}
+
+/** Reads a torch zip archive front to back: {@linkcode readStateDict}, then {@linkcode nextStorage} in turn. */
+export class TorchArchiveReader {
+  #src: SequentialSource;
+  #where: string;
+  #pos = 0; // file offset of the next byte
+  #back: Uint8Array = new Uint8Array(0); // bytes read ahead, given back
+  #prefix = "";
+  #open: LocalHeader | null = null; // the record whose data is being read
+
+  /** Reads `src` (positioned at the file's start); `where` names the file in errors. */
+  constructor(src: SequentialSource, where: string) {
+    this.#src = src;
+    this.#where = where;
+  }
+
+  #fail(at: number, why: string): never {
+    throw new Error(`${this.#where}: byte ${at}: ${why}`);
+  }
+
+  /** Reads `buf.length` bytes of the open record (or of the structure around records). */
+  async read(buf: Uint8Array): Promise<void> {
+    const n = Math.min(this.#back.length, buf.length);
+    buf.set(this.#back.subarray(0, n));
+    this.#back = this.#back.subarray(n);
+    if (n < buf.length) await this.#src.readExact(buf.subarray(n));
+    this.#pos += buf.length;
+  }
+
+  /** Skips `n` bytes of the open record. */
+  async skip(n: number): Promise<void> {
+    const m = Math.min(this.#back.length, n);
+    this.#back = this.#back.subarray(m);
+    if (n > m) await this.#src.skip(n - m);
+    this.#pos += n;
+  }
+
+  async #bytes(n: number): Promise<Uint8Array> {
+    const b = new Uint8Array(n);
+    await this.read(b);
+    return b;
+  }
+
+  #unread(bytes: Uint8Array) {
+    const joined = new Uint8Array(bytes.length + this.#back.length);
+    joined.set(bytes);
+    joined.set(this.#back, bytes.length);
+    this.#back = joined;
+    this.#pos -= bytes.length;
+  }
+
+  // The next local header, or null at the central directory.
+  async #header(): Promise<LocalHeader | null> {
+    const at = this.#pos;
+    const head = await this.#bytes(4);
+    const sig = new DataView(head.buffer).getUint32(0, true);
+    if (ENDS.has(sig)) return null;
+    if (sig !== LOCAL) {
+      if (at === 0 && head.every((b, i) => b === LEGACY_MAGIC[i])) {
+        this.#fail(
+          0,
+          "a torch.save file of the format before PyTorch 1.6 (not a zip archive), which is not read: " +
+            "load it in PyTorch and save it again with torch.save, or as safetensors",
+        );
+      }
+      this.#fail(
+        at,
+        `expected a zip record, found bytes ${
+          [...head].map((b) => b.toString(16).padStart(2, "0")).join(" ")
+        }` +
+          (at === 0 ? " (not a PyTorch zip checkpoint)" : ""),
+      );
+    }
+    const h = new DataView((await this.#bytes(26)).buffer);
+    const flags = h.getUint16(2, true);
+    const method = h.getUint16(4, true);
+    const crc = h.getUint32(10, true);
+    let size: number | null = h.getUint32(14, true);
+    const name = new TextDecoder().decode(await this.#bytes(h.getUint16(22, true)));
+    const extra = await this.#bytes(h.getUint16(24, true));
+    if (flags & 1) this.#fail(at, `record ${name} is encrypted`);
+    if (method !== 0) {
+      this.#fail(at, `record ${name} is compressed (method ${method}); PyTorch stores records as they are`);
+    }
+    if (size === 0xffffffff) {
+      size = zip64Size(extra) ?? this.#fail(at, `record ${name}: size 0xffffffff without a ZIP64 field`);
+    }
+    const left = this.#src.size >= 0 ? this.#src.size - this.#pos : Infinity;
+    if (size > left) {
+      this.#fail(at, `record ${name} claims ${size} bytes, past the end of the file (${left} left)`);
+    }
+    const descriptor = (flags & 8) !== 0;
+    if (descriptor && size === 0) size = null; // the descriptor says
+    return { name, at, size, crc, descriptor };
+  }
+
+  // After `size` bytes of data: the descriptor, checked against them (signature, size, and `crc` if given).
+  async #endRecord(h: LocalHeader, size: number, crc: number | null): Promise<void> {
+    if (!h.descriptor) return;
+    const at = this.#pos;
+    const d = new DataView((await this.#bytes(16)).buffer);
+    const [sig, dcrc, a, b] = [0, 4, 8, 12].map((o) => d.getUint32(o, true));
+    const lo = size % 2 ** 32;
+    const hi = Math.floor(size / 2 ** 32);
+    let wide = hi > 0 || (b === 0 && a === lo && lo !== 0); // 8-byte sizes (ZIP64)
+    if (size === 0 && a === 0 && b === 0) { // either width: 8 more zero bytes, or the next record's signature
+      const next = await this.#bytes(4);
+      wide = next.every((x) => x === 0);
+      if (!wide) this.#unread(next);
+      else await this.#bytes(4);
+    } else if (wide) {
+      const u = new DataView((await this.#bytes(8)).buffer);
+      wide = a === lo && b === hi && u.getUint32(0, true) === lo && u.getUint32(4, true) === hi;
+      if (!wide) this.#fail(at, `record ${h.name}'s data descriptor does not give its size, ${size} bytes`);
+    } else if (a !== lo || b !== lo) {
+      this.#fail(at, `record ${h.name}'s data descriptor gives ${a} bytes, but it has ${size}`);
+    }
+    if (sig !== DESCRIPTOR) this.#fail(at, `record ${h.name} has no data descriptor after its ${size} bytes`);
+    if (crc !== null && dcrc !== crc) this.#fail(at, `record ${h.name}'s CRC-32 does not match its data`);
+  }
+
+  // The data of a record of unknown size: up to the descriptor whose size and CRC-32 match what precedes it.
+  async #scan(h: LocalHeader): Promise<Uint8Array> {
+    let buf = new Uint8Array(0);
+    const start = this.#pos;
+    for (let from = 0;;) {
+      const left = this.#src.size >= 0 ? this.#src.size - this.#pos : SCAN_CHUNK;
+      if (left <= 0) {
+        this.#fail(
+          h.at,
+          `record ${h.name}: no data descriptor matches its size and CRC-32 before the end of the file`,
+        );
+      }
+      const more = await this.#bytes(Math.min(SCAN_CHUNK, left));
+      const next = new Uint8Array(buf.length + more.length);
+      next.set(buf);
+      next.set(more, buf.length);
+      buf = next;
+      const v = new DataView(buf.buffer);
+      for (; from + 24 <= buf.length; from++) {
+        if (v.getUint32(from, true) !== DESCRIPTOR) continue;
+        const [a, b] = [v.getUint32(from + 8, true), v.getUint32(from + 12, true)];
+        if (
+          a !== from || (b !== from && b !== 0) ||
+          v.getUint32(from + 4, true) !== crc32(buf.subarray(0, from))
+        ) continue;
+        // 4-byte sizes (a, b = size, size), else ZIP64's 8-byte ones (size, 0, size, 0); for an empty record
+        // both read 0, 0: a record's signature follows the short form
+        const short = from !== 0
+          ? b === from
+          : ENDS.has(v.getUint32(from + 16, true)) || v.getUint32(from + 16, true) === LOCAL;
+        if (!short && (v.getUint32(from + 16, true) !== from || v.getUint32(from + 20, true) !== 0)) continue;
+        const end = from + (short ? 16 : 24);
+        this.#unread(buf.subarray(end));
+        return buf.slice(0, from);
+      }
+      if (buf.length > MAX_SMALL_RECORD) {
+        this.#fail(start, `record ${h.name}: no data descriptor in its first 64 MiB`);
+      }
+    }
+  }
+
+  // A whole small record's data, checked by its CRC-32.
+  async #whole(h: LocalHeader): Promise<Uint8Array> {
+    if (h.size === null) return await this.#scan(h);
+    if (h.size > MAX_SMALL_RECORD) {
+      this.#fail(h.at, `record ${h.name} claims ${h.size} bytes, over the 64 MiB bound`);
+    }
+    const data = await this.#bytes(h.size);
+    if (!h.descriptor && crc32(data) !== h.crc) {
+      this.#fail(h.at, `record ${h.name}'s CRC-32 does not match its data`);
+    }
+    await this.#endRecord(h, h.size, crc32(data));
+    return data;
+  }
+
+  /** Reads the records up to `<prefix>/data.pkl` and parses it (the records before it are skipped). */
+  async readStateDict(): Promise<TorchStateDict> {
+    for (;;) {
+      const h = await this.#header();
+      if (!h) this.#fail(this.#pos - 4, "the archive has no data.pkl (not a torch.save checkpoint?)");
+      const data = await this.#whole(h);
+      if (h.name === "data.pkl" || h.name.endsWith("/data.pkl")) {
+        this.#prefix = h.name.slice(0, -"data.pkl".length);
+        return parseTorchPickle(data, `${this.#where}: ${h.name}`);
+      }
+    }
+  }
+
+  /**
+   * Goes to the next storage record of `state` (skipping other records; a `byteorder` that is not "little" is
+   * refused) and returns it; null at the end of the records. Read exactly `bytes` of it (`read`/`skip`)
+   * before the next call.
+   */
+  async nextStorage(state: TorchStateDict): Promise<StorageRecord | null> {
+    if (this.#open) {
+      const h = this.#open;
+      this.#open = null;
+      await this.#endRecord(h, h.size!, null);
+    }
+    for (;;) {
+      const h = await this.#header();
+      if (!h) return null;
+      const dataPrefix = `${this.#prefix}data/`;
+      if (!h.name.startsWith(dataPrefix)) {
+        const data = await this.#whole(h);
+        if (h.name === `${this.#prefix}byteorder` && new TextDecoder().decode(data) !== "little") {
+          this.#fail(
+            h.at,
+            `the storages are ${new TextDecoder().decode(data)}-endian; only little-endian is read`,
+          );
+        }
+        continue;
+      }
+      const key = h.name.slice(dataPrefix.length);
+      const s = state.storages.get(key);
+      if (!s) this.#fail(h.at, `record ${h.name} is a storage that data.pkl does not name`);
+      const bytes = s.numel * DTYPE_BYTES[s.dtype];
+      if (h.size !== null && h.size !== bytes) {
+        this.#fail(
+          h.at,
+          `record ${h.name} has ${h.size} bytes, but data.pkl makes it ${s.numel} x ${s.dtype} = ${bytes}`,
+        );
+      }
+      this.#open = { ...h, size: bytes };
+      return { key, bytes, at: this.#pos };
+    }
+  }
+}
+
+// The size in a local header's ZIP64 extra field (id 1: uncompressed size, then compressed size).
+function zip64Size(extra: Uint8Array): number | null {
+  const v = new DataView(extra.buffer, extra.byteOffset, extra.byteLength);
+  for (let o = 0; o + 4 <= extra.length;) {
+    const id = v.getUint16(o, true);
+    const n = v.getUint16(o + 2, true);
+    if (id === 1 && n >= 16 && o + 20 <= extra.length) {
+      const size = v.getUint32(o + 12, true) + v.getUint32(o + 16, true) * 2 ** 32; // compressed = stored size
+      return Number.isSafeInteger(size) ? size : null;
+    }
+    o += 4 + n;
+  }
+  return null;
+}

@@ -1,0 +1,443 @@
+/**
+ * PyTorch checkpoints (`pytorch_model.bin`), as mamba.py's `from_pretrained` reads them from state-spaces'
+ * repositories: files written by torch.save (PyTorch 1.13) and repacked by Python's zipfile
+ * (`tests/fixtures/torch/make.py`) load to mamba.py's logits, in every dtype, with views, tied heads, both
+ * pickle protocols; and every malformed file is refused with a message naming what is wrong, leaking nothing.
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { init } from "../core/device.ts";
+import { memory } from "../core/memory.ts";
+import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
+import { parseTorchPickle } from "../core/torch_pickle.ts";
+import { crc32, TorchArchiveReader } from "../core/torch_zip.ts";
+import { parseTorchCheckpoint } from "../core/torch_checkpoint.ts";
+import { fromPretrained, fromPretrainedFiles } from "../mamba/pretrained.ts";
+import { assertLmV64Logits, fixturePath } from "./fixture_util.ts";
+
+const SS_CONFIG = fixturePath("lm_v64_state_spaces/config.json");
+const bin = (name: string) => Deno.readFile(fixturePath(`torch/${name}`));
+const load = async (bytes: Uint8Array<ArrayBuffer>, config?: Uint8Array<ArrayBuffer>, name = "ckpt") =>
+  await fromPretrainedFiles({
+    "config.json": config ?? await Deno.readFile(SS_CONFIG),
+    "pytorch_model.bin": bytes,
+  }, { name });
+
+Deno.test("pytorch_model.bin written by torch.save loads to mamba.py's logits (lm_v64), from a folder and from files", async () => {
+  await init();
+  const dir = await Deno.makeTempDir();
+  await Deno.copyFile(SS_CONFIG, `${dir}/config.json`);
+  await Deno.copyFile(fixturePath("torch/lm_v64.bin"), `${dir}/pytorch_model.bin`);
+  const lm = await fromPretrained(dir);
+  assert.equal(lm.tied, false, "lm_v64's config: tie_embeddings false");
+  await assertLmV64Logits(lm);
+  lm.dispose();
+  await Deno.remove(dir, { recursive: true });
+  const fromFiles = await load(await bin("lm_v64.bin"));
+  await assertLmV64Logits(fromFiles);
+  fromFiles.dispose();
+});
+
+Deno.test("pytorch_model.bin: views (offsets into a shared storage, transposed, inside a larger storage) in an archive with ZIP64 data descriptors", async () => {
+  await init();
+  const lm = await load(await bin("lm_v64_views.bin"));
+  await assertLmV64Logits(lm);
+  lm.dispose();
+});
+
+Deno.test("pytorch_model.bin: F16, BF16 and F64 tensors load as f32 values rounded as stored (sizes in ZIP64 local headers)", async () => {
+  await init();
+  const lm = await load(await bin("lm_v64_mixed.bin"));
+  const f32 = parseSafetensors(await Deno.readFile(fixturePath("lm_v64_state_spaces/model.safetensors")));
+  const names = [...f32.tensors.keys()].sort(); // make.py: dtype by sorted name, F16, BF16, F64 in turn
+  const sd = lm.stateDict();
+  for (const [i, k] of names.entries()) {
+    const dtype = (["F16", "BF16", "F32"] as const)[i % 3];
+    const t = f32.tensors.get(k)!;
+    // Our own writer rounds to nearest even, as torch's .half() and .bfloat16() do; F64 holds f32 exactly.
+    const want =
+      parseSafetensors(serializeSafetensors({ t: { shape: t.shape, data: t.data, dtype } })).tensors
+        .get("t")!.data;
+    const ours = k.replace(/^backbone\.embedding/, "embedding").replace(/^backbone\.norm_f/, "norm_f")
+      .replace(/^backbone\./, "mamba.");
+    assert.deepEqual(await sd.get(ours)!.toArray(), want, `${k} (${["F16", "BF16", "F64"][i % 3]})`);
+  }
+  lm.dispose();
+});
+
+Deno.test("pytorch_model.bin: a head saved as a view of the embedding ties them where the config says so (pickle protocols 2 and 4)", async () => {
+  await init();
+  const want = parseSafetensors(await bin("tiny_tied.safetensors")).tensors;
+  const config = await bin("tiny_tied.json");
+  for (const file of ["tiny_tied.bin", "tiny_tied_p4.bin"]) {
+    const lm = await load(await bin(file), config);
+    assert.equal(lm.tied, true, file);
+    const sd = lm.stateDict();
+    assert.equal(sd.has("lm_head.weight"), false, `${file}: one tensor for both`);
+    assert.deepEqual(
+      await sd.get("embedding.weight")!.toArray(),
+      want.get("backbone.embedding.weight")!.data,
+    );
+    assert.deepEqual(
+      await sd.get("mamba.layers.0.mixer.x_proj.weight")!.toArray(),
+      want.get("backbone.layers.0.mixer.x_proj.weight")!.data,
+    );
+    lm.dispose();
+  }
+  // A config that unties them: two parameters, both the embedding's values.
+  const untie = JSON.stringify({ ...JSON.parse(new TextDecoder().decode(config)), tie_embeddings: false });
+  const lm = await load(await bin("tiny_tied.bin"), new TextEncoder().encode(untie));
+  assert.equal(lm.tied, false);
+  const sd = lm.stateDict();
+  assert.deepEqual(await sd.get("lm_head.weight")!.toArray(), want.get("backbone.embedding.weight")!.data);
+  lm.dispose();
+});
+
+// --- Malformed files, made here: a protocol-2 pickle of tensors and a stored zip around it. ---
+
+interface FakeTensor {
+  name: string;
+  storage?: string; // torch's storage class (default FloatStorage)
+  key: string;
+  numel: number;
+  offset?: number;
+  shape: number[];
+  stride?: number[];
+}
+
+const enc = new TextEncoder();
+const cat = (...parts: (Uint8Array | number[])[]): Uint8Array<ArrayBuffer> => {
+  const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
+  let at = 0;
+  for (const p of parts) out.set(p, (at += p.length) - p.length);
+  return out;
+};
+const u32 = (n: number) => [n & 255, (n >> 8) & 255, (n >> 16) & 255, (n >>> 24) & 255];
+const str = (s: string) => cat([0x58], u32(enc.encode(s).length), enc.encode(s)); // BINUNICODE
+const int = (n: number) => cat([0x4a], u32(n)); // BININT
+const tuple = (items: (Uint8Array | number[])[]) => cat([0x28], ...items, [0x74]); // MARK ... TUPLE
+const global = (module: string, name: string) => cat([0x63], enc.encode(`${module}\n${name}\n`));
+
+// data.pkl of an OrderedDict of the given tensors (as torch.save writes it, less the memo).
+function statePickle(tensors: FakeTensor[], extra: Uint8Array[] = []): Uint8Array<ArrayBuffer> {
+  const items = tensors.map((t) => {
+    const stride = t.stride ?? t.shape.map((_, i) => t.shape.slice(i + 1).reduce((a, b) => a * b, 1));
+    const pid = tuple([
+      str("storage"),
+      global("torch", t.storage ?? "FloatStorage"),
+      str(t.key),
+      str("cpu"),
+      int(t.numel),
+    ]);
+    const args = tuple([
+      cat(pid, [0x51]), // BINPERSID
+      int(t.offset ?? 0),
+      tuple(t.shape.map(int)),
+      tuple(stride.map(int)),
+      [0x89], // False
+      cat(global("collections", "OrderedDict"), [0x29, 0x52]), // OrderedDict()
+    ]);
+    return cat(str(t.name), global("torch._utils", "_rebuild_tensor_v2"), args, [0x52]);
+  });
+  return cat([0x80, 2], global("collections", "OrderedDict"), [0x29, 0x52, 0x28], ...items, ...extra, [
+    0x75,
+    0x2e,
+  ]);
+}
+
+// A stored zip of `records`, sizes in the local headers (as Python's zipfile writes to a file); `zip64`: the
+// sizes 0xffffffff there and the real ones in a ZIP64 extra field, as writers do for records over 4 GiB.
+function storedZip(
+  records: [string, Uint8Array][],
+  options: { method?: number; zip64?: boolean } = {},
+): Uint8Array<ArrayBuffer> {
+  const parts: Uint8Array[] = [];
+  for (const [name, data] of records) {
+    const n = enc.encode(name);
+    const size = options.zip64 ? u32(0xffffffff) : u32(data.length);
+    const extra = options.zip64 ? cat([1, 0, 16, 0], u32(data.length), u32(0), u32(data.length), u32(0)) : [];
+    parts.push(cat(
+      u32(0x04034b50),
+      [20, 0, 0, 0, options.method ?? 0, 0, 0, 0, 0, 0],
+      u32(crc32(data)),
+      size,
+      size,
+      [n.length, 0, extra.length, 0],
+      n,
+      extra,
+      data,
+    ));
+  }
+  return cat(...parts, u32(0x06054b50), new Array(18).fill(0)); // an empty end record: never read
+}
+
+const lmV64Tensors = async (): Promise<FakeTensor[]> => {
+  const f = parseSafetensors(await Deno.readFile(fixturePath("lm_v64_state_spaces/model.safetensors")));
+  return [...f.tensors].map(([name, t], i) => ({
+    name,
+    key: String(i),
+    numel: t.data.length,
+    shape: t.shape,
+  }));
+};
+
+// An archive of lm_v64's names and shapes with zero-filled storages; `edit` changes the tensors first.
+async function fakeCheckpoint(
+  edit: (ts: FakeTensor[]) => FakeTensor[] = (ts) => ts,
+  options: { extra?: Uint8Array[]; drop?: string; method?: number; zip64?: boolean } = {},
+): Promise<Uint8Array<ArrayBuffer>> {
+  const ts = edit(await lmV64Tensors());
+  const storages = new Map(ts.map((t) => [t.key, t]));
+  const records: [string, Uint8Array][] = [["archive/data.pkl", statePickle(ts, options.extra)]];
+  for (const [key, t] of storages) {
+    const size = { LongStorage: 8, HalfStorage: 2 }[t.storage ?? ""] ?? 4;
+    if (key !== options.drop) records.push([`archive/data/${key}`, new Uint8Array(t.numel * size)]);
+  }
+  records.push(["archive/version", enc.encode("3\n")]);
+  return storedZip(records, options);
+}
+
+Deno.test("pytorch_model.bin made here: the test's own writer is read (so that the refusals below test what they say)", async () => {
+  await init();
+  for (const zip64 of [false, true]) {
+    const lm = await load(await fakeCheckpoint(undefined, { zip64 }));
+    assert.equal(lm.stateDict().size, 23, `zip64 ${zip64}`);
+    lm.dispose();
+  }
+});
+
+Deno.test("pytorch_model.bin: malformed files are refused, naming what is wrong, and leak nothing", async () => {
+  await init();
+  const live = memory().liveBytes;
+  const refuse = async (bytes: Uint8Array<ArrayBuffer>, re: RegExp, what: string) => {
+    await assert.rejects(() => load(bytes), (e: Error) => {
+      assert.match(e.message, re, `${what}: ${e.message}`);
+      assert.match(e.message, /^ckpt/, `${what}: the message names the files`);
+      return true;
+    });
+    assert.equal(memory().liveBytes, live, `${what}: nothing left on the GPU`);
+  };
+  const real = await bin("lm_v64.bin");
+  await refuse(
+    cat([0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46], new Uint8Array(64)),
+    /format before PyTorch 1\.6 .* save it again/,
+    "legacy torch.save",
+  );
+  await refuse(
+    enc.encode("not a checkpoint at all"),
+    /byte 0: expected a zip record.*not a PyTorch zip/,
+    "not zip",
+  );
+  const version = new TextDecoder("latin1").decode(real).indexOf("archive/version") - 30; // its local header
+  for (const cut of [10, 200, 2000, 50000, version - 10, version]) {
+    await refuse(
+      real.slice(0, cut),
+      /ckpt\/pytorch_model\.bin.*(end|descriptor)/,
+      `cut at ${cut} of ${real.length}`,
+    );
+  }
+  // The central directory is not needed: a file cut inside it loads (every storage was there, sizes checked).
+  const centralDirectory = new TextDecoder("latin1").decode(real).indexOf("PK\x01\x02");
+  assert.ok(centralDirectory > version);
+  const lm = await load(real.slice(0, centralDirectory + 10));
+  lm.dispose();
+  const flipped = real.slice();
+  flipped[200] ^= 1; // inside data.pkl: its CRC no longer matches, so its end is not found
+  await refuse(flipped, /data\.pkl.*no data descriptor matches its size and CRC-32/, "pickle corrupted");
+  const mixed = await bin("lm_v64_mixed.bin");
+  mixed[100] ^= 1; // inside data.pkl, whose size the local header gives
+  await refuse(
+    mixed,
+    /record archive\/data\.pkl's CRC-32 does not match its data/,
+    "pickle corrupted (local sizes)",
+  );
+  const evil = cat([0x80, 2], global("os", "system"), str("ls"), [0x85, 0x52, 0x2e]);
+  await refuse(
+    storedZip([["archive/data.pkl", evil]]),
+    /byte 2 of the pickle: it refers to os\.system.*refused/,
+    "os.system",
+  );
+  const fakeStorage = cat([0x80, 2], global("os", "FloatStorage"), [0x2e]);
+  await refuse(
+    storedZip([["archive/data.pkl", fakeStorage]]),
+    /os\.FloatStorage.*refused/,
+    "a storage type elsewhere",
+  );
+  const builtins = cat([0x80, 2], global("builtins", "eval"), [0x2e]);
+  await refuse(storedZip([["archive/data.pkl", builtins]]), /builtins\.eval.*refused/, "eval");
+  await refuse(
+    storedZip([["archive/data.pkl", cat([0x80, 2, 0x7d, 0x28], str("step"), int(3), [0x75, 0x2e])]]),
+    /'step' is a number, not a tensor/,
+    "a number",
+  );
+  await refuse(
+    storedZip([["archive/data.pkl", cat([0x80, 2, 0x7d, 0x28], str("model"), [0x7d, 0x75, 0x2e])]]),
+    /'model' is a dict, not a tensor \(a training checkpoint\?/,
+    "nested",
+  );
+  await refuse(
+    storedZip([["archive/data.pkl", cat([0x80, 2, 0x5d, 0x2e])]]),
+    /holds a list, not a state dict/,
+    "list",
+  );
+  await refuse(
+    storedZip([["archive/data.pkl", cat([0x80, 2, 0x7d, 0x28])]]),
+    /ends inside an instruction/,
+    "no STOP",
+  );
+  await refuse(
+    storedZip([["archive/data.pkl", cat([0x80, 2, 0xff])]]),
+    /byte 2 of the pickle: opcode 0xff/,
+    "opcode",
+  );
+  await refuse(storedZip([["archive/version", enc.encode("3")]]), /has no data\.pkl/, "no data.pkl");
+  await refuse(await fakeCheckpoint(undefined, { method: 8 }), /compressed \(method 8\)/, "deflated");
+  await refuse(
+    await fakeCheckpoint((ts) => ts.map((t, i) => i === 0 ? { ...t, offset: 1 } : t)),
+    /reaches element \d+ of storage 0, which has \d+/,
+    "past its storage",
+  );
+  await refuse(
+    await fakeCheckpoint((ts) => ts.map((t, i) => i === 1 ? { ...t, storage: "LongStorage" } : t)),
+    /tensor backbone\.layers\.0\.mixer\.D \(mamba\.layers\.0\.mixer\.D\) is I64 \[64\] in storage 1; expected a float dtype/,
+    "int64",
+  );
+  await refuse(
+    await fakeCheckpoint((ts) => ts.map((t, i) => i === 1 ? { ...t, shape: [32], numel: 32 } : t)),
+    /mamba\.layers\.0\.mixer\.D: checkpoint \[32\] vs model \[64\]/,
+    "shape",
+  );
+  await refuse(
+    await fakeCheckpoint(undefined, { drop: "3" }),
+    /ends without the storages 3 \(backbone\.layers\.0\.mixer\.conv1d\.weight\)/,
+    "missing storage",
+  );
+  await refuse(
+    await fakeCheckpoint((ts) => ts.map((t, i) => i === 2 ? { ...t, key: "1" } : t)),
+    /storage 1 named as F32 x 4096 and as F32 x 64/,
+    "one key, two sizes",
+  );
+  const big = await fakeCheckpoint();
+  const at = new TextDecoder("latin1").decode(big).indexOf("archive/data/0") - 30;
+  new DataView(big.buffer).setUint32(at + 18, 5, true); // the local header's compressed size
+  await refuse(big, /record archive\/data\/0 has 5 bytes, but data\.pkl makes it 1024 x F32 = 4096/, "size");
+  new DataView(big.buffer).setUint32(at + 18, 2 ** 31, true);
+  await refuse(
+    big,
+    /record archive\/data\/0 claims 2147483648 bytes, past the end of the file \(\d+ left\)/,
+    "size past the end",
+  );
+  const pkl = storedZip([["archive/data.pkl", new Uint8Array(100)]], { zip64: true });
+  new DataView(pkl.buffer).setUint32(30 + 16 + 12, 2 ** 30, true); // the ZIP64 field's size of data.pkl
+  await refuse(pkl, /record archive\/data\.pkl claims 1073741824 bytes, past the end/, "pickle past the end");
+});
+
+Deno.test("parseTorchPickle: memo, LONG1 and BINFLOAT values; the state dict's _metadata (BUILD) is not needed", () => {
+  const pickle = cat(
+    [0x80, 2],
+    global("collections", "OrderedDict"),
+    [0x71, 0, 0x29, 0x52, 0x28], // BINPUT 0, OrderedDict(), MARK
+    str("w"),
+    global("torch._utils", "_rebuild_tensor_v2"),
+    tuple([
+      cat(
+        tuple([str("storage"), global("torch", "HalfStorage"), str("k"), str("cpu"), [0x8a, 2, 0x10, 0x27]]),
+        [0x51],
+      ),
+      [0x4b, 7], // BININT1 7
+      tuple([int(3), int(1000)]),
+      tuple([int(1), int(3)]),
+      [0x89],
+      cat([0x68, 0, 0x29, 0x52]), // BINGET 0: OrderedDict again
+    ]),
+    [0x52, 0x75], // REDUCE, SETITEMS
+    [0x7d, 0x28], // the state: {'_metadata': 1.5}
+    str("_metadata"),
+    [0x47, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0],
+    [0x75, 0x62, 0x2e], // SETITEMS, BUILD, STOP
+  );
+  const sd = parseTorchPickle(pickle, "p");
+  assert.deepEqual(sd.tensors.get("w"), {
+    storage: "k",
+    dtype: "F16",
+    shape: [3, 1000],
+    strides: [1, 3],
+    offset: 7,
+  });
+  assert.deepEqual(sd.storages.get("k"), { dtype: "F16", numel: 10000 });
+});
+
+Deno.test("TorchArchiveReader on a stream of unknown length (a body without Content-Length) reads every storage, never past the end", async () => {
+  for (const file of ["lm_v64.bin", "lm_v64_views.bin", "lm_v64_mixed.bin"]) {
+    const bytes = await bin(file);
+    let pos = 0;
+    const src = {
+      size: -1,
+      readExact(buf: Uint8Array): Promise<void> {
+        if (pos + buf.length > bytes.length) throw new Error(`read past the end (${pos + buf.length})`);
+        buf.set(bytes.subarray(pos, pos + buf.length));
+        pos += buf.length;
+        return Promise.resolve();
+      },
+      skip(n: number): Promise<void> {
+        pos += n;
+        return Promise.resolve();
+      },
+    };
+    const archive = new TorchArchiveReader(src, file);
+    const state = await archive.readStateDict();
+    const seen: string[] = [];
+    for (let rec; (rec = await archive.nextStorage(state));) {
+      await archive.read(new Uint8Array(rec.bytes));
+      seen.push(rec.key);
+    }
+    assert.deepEqual(seen.sort(), [...state.storages.keys()].sort(), file);
+    assert.equal(state.tensors.size, 23);
+  }
+});
+
+Deno.test("parseTorchCheckpoint decodes every tensor in memory: views as saved, dtypes as stored, integers to int32", async () => {
+  const want =
+    parseSafetensors(await Deno.readFile(fixturePath("lm_v64_state_spaces/model.safetensors"))).tensors;
+  const views = await parseTorchCheckpoint(await bin("lm_v64_views.bin"));
+  assert.deepEqual([...views.keys()].sort(), [...want.keys()].sort());
+  for (const [k, t] of views) {
+    assert.equal(t.dtype, "F32", k);
+    assert.deepEqual(t.shape, want.get(k)!.shape, k);
+    assert.deepEqual(t.data, want.get(k)!.data, k);
+  }
+  const mixed = await parseTorchCheckpoint(await bin("lm_v64_mixed.bin"));
+  assert.deepEqual([...mixed.values()].map((t) => t.dtype).sort(), [
+    ...new Array(8).fill("BF16"),
+    ...new Array(8).fill("F16"),
+    ...new Array(7).fill("F64"),
+  ]);
+  const ints = await parseTorchCheckpoint(
+    storedZip([
+      [
+        "archive/data.pkl",
+        statePickle([{ name: "step", storage: "LongStorage", key: "0", numel: 2, shape: [2] }]),
+      ],
+      [
+        "archive/data/0",
+        new Uint8Array([7, 0, 0, 0, 0, 0, 0, 0, 0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+      ],
+    ]),
+  );
+  assert.deepEqual(ints.get("step"), { dtype: "I64", shape: [2], data: new Int32Array([7, -2]) });
+  await assert.rejects(
+    () =>
+      parseTorchCheckpoint(
+        storedZip([
+          [
+            "archive/data.pkl",
+            statePickle([{ name: "n", storage: "LongStorage", key: "0", numel: 1, shape: [] }]),
+          ],
+          ["archive/data/0", new Uint8Array([0, 0, 0, 0, 1, 0, 0, 0])],
+        ]),
+        "big.pt",
+      ),
+    /big\.pt: tensor "n": I64 value 4294967296 at index 0 does not fit in int32$/,
+  );
+});
