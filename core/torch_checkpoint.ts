@@ -59,15 +59,15 @@ export async function parseTorchCheckpoint(
   }, source);
   const state = await archive.readStateDict();
   const storages = new Map<string, Float32Array | Int32Array>();
+  const viewer = new Map<string, string>(); // a tensor that views each storage, to name it in errors
+  for (const [name, r] of state.tensors) if (!viewer.has(r.storage)) viewer.set(r.storage, name);
   for (let rec; (rec = await archive.nextStorage(state));) {
     const raw = new Uint8Array(rec.bytes);
     await archive.read(raw);
     const s = state.storages.get(rec.key)!;
     const entry = { dtype: s.dtype, shape: [s.numel], dataOffsets: [0, rec.bytes] as [number, number] };
-    // named by a tensor that views it (an index is the storage's)
-    const name = [...state.tensors].find(([, r]) => r.storage === rec!.key)?.[0] ?? `storage ${rec.key}`;
     try {
-      storages.set(rec.key, decodeTensor(entry, raw, name));
+      storages.set(rec.key, decodeTensor(entry, raw, viewer.get(rec.key) ?? `storage ${rec.key}`)); // index: the storage's
     } catch (e) {
       throw new Error(`${source}: ${(e as Error).message}`, { cause: e });
     }

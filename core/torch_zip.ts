@@ -187,7 +187,8 @@ export class TorchArchiveReader {
 
   // The data of a record of unknown size: up to the descriptor whose size and CRC-32 match what precedes it.
   async #scan(h: LocalHeader): Promise<Uint8Array> {
-    let buf = new Uint8Array(0);
+    let buf = new Uint8Array(SCAN_CHUNK); // grown by doubling: a pickle of thousands of tensors is read in O(n)
+    let len = 0;
     const start = this.#pos;
     for (let from = 0;;) {
       const left = this.#src.size >= 0 ? this.#src.size - this.#pos : SCAN_CHUNK;
@@ -197,13 +198,17 @@ export class TorchArchiveReader {
           `record ${h.name}: no data descriptor matches its size and CRC-32 before the end of the file`,
         );
       }
-      const more = await this.#bytes(Math.min(SCAN_CHUNK, left));
-      const next = new Uint8Array(buf.length + more.length);
-      next.set(buf);
-      next.set(more, buf.length);
-      buf = next;
-      const v = new DataView(buf.buffer);
-      for (; from + 24 <= buf.length; from++) {
+      // a source of known size is read 64 KiB at a time (what follows the descriptor is given back)
+      const n = Math.min(this.#src.size >= 0 ? 1 << 16 : SCAN_CHUNK, left);
+      if (len + n > buf.length) {
+        const grown = new Uint8Array(Math.max(2 * buf.length, len + n));
+        grown.set(buf.subarray(0, len));
+        buf = grown;
+      }
+      await this.read(buf.subarray(len, len + n));
+      len += n;
+      const v = new DataView(buf.buffer, 0, len);
+      for (; from + 24 <= len; from++) {
         if (v.getUint32(from, true) !== DESCRIPTOR) continue;
         const [a, b] = [v.getUint32(from + 8, true), v.getUint32(from + 12, true)];
         if (
@@ -217,10 +222,10 @@ export class TorchArchiveReader {
           : ENDS.has(v.getUint32(from + 16, true)) || v.getUint32(from + 16, true) === LOCAL;
         if (!short && (v.getUint32(from + 16, true) !== from || v.getUint32(from + 20, true) !== 0)) continue;
         const end = from + (short ? 16 : 24);
-        this.#unread(buf.subarray(end));
+        this.#unread(buf.slice(end, len));
         return buf.slice(0, from);
       }
-      if (buf.length > MAX_SMALL_RECORD) {
+      if (len > MAX_SMALL_RECORD) {
         this.#fail(start, `record ${h.name}: no data descriptor in its first 64 MiB`);
       }
     }
