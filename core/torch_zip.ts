@@ -187,7 +187,9 @@ export class TorchArchiveReader {
 
   // The data of a record of unknown size: up to the descriptor whose size and CRC-32 match what precedes it.
   async #scan(h: LocalHeader): Promise<Uint8Array> {
-    let buf = new Uint8Array(SCAN_CHUNK); // grown by doubling: a pickle of thousands of tensors is read in O(n)
+    // Grown by doubling, and read in chunks as large as what is held where the file's size bounds them: a
+    // copy per 64-byte chunk made a 64 MiB search quadratic (minutes for a pickle whose descriptor is bad).
+    let buf = new Uint8Array(1024);
     let len = 0;
     const start = this.#pos;
     for (let from = 0;;) {
@@ -198,8 +200,11 @@ export class TorchArchiveReader {
           `record ${h.name}: no data descriptor matches its size and CRC-32 before the end of the file`,
         );
       }
-      // a source of known size is read 64 KiB at a time (what follows the descriptor is given back)
-      const n = Math.min(this.#src.size >= 0 ? 1 << 16 : SCAN_CHUNK, left);
+      const n = Math.min(
+        this.#src.size >= 0 ? Math.max(SCAN_CHUNK, len) : SCAN_CHUNK,
+        left,
+        MAX_SMALL_RECORD + SCAN_CHUNK - len,
+      );
       if (len + n > buf.length) {
         const grown = new Uint8Array(Math.max(2 * buf.length, len + n));
         grown.set(buf.subarray(0, len));
@@ -222,7 +227,7 @@ export class TorchArchiveReader {
           : ENDS.has(v.getUint32(from + 16, true)) || v.getUint32(from + 16, true) === LOCAL;
         if (!short && (v.getUint32(from + 16, true) !== from || v.getUint32(from + 20, true) !== 0)) continue;
         const end = from + (short ? 16 : 24);
-        this.#unread(buf.slice(end, len));
+        this.#unread(buf.subarray(end, len));
         return buf.slice(0, from);
       }
       if (len > MAX_SMALL_RECORD) {
