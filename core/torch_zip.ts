@@ -298,6 +298,16 @@ export class TorchArchiveReader {
           `record ${h.name} has ${h.size} bytes, but data.pkl makes it ${s.numel} x ${s.dtype} = ${bytes}`,
         );
       }
+      // A record sized by its descriptor has only the pickle's word for it until its end: checked against the
+      // file before anyone allocates that many bytes.
+      const left = this.#src.size >= 0 ? this.#src.size - this.#pos : Infinity;
+      if (bytes > left) {
+        this.#fail(
+          h.at,
+          `record ${h.name}: data.pkl makes it ${s.numel} x ${s.dtype} = ${bytes} bytes, past the end of the ` +
+            `file (${left} left)`,
+        );
+      }
       this.#open = { ...h, size: bytes };
       return { key, bytes, at: this.#pos };
     }

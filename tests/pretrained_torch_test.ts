@@ -104,6 +104,7 @@ interface FakeTensor {
   offset?: number;
   shape: number[];
   stride?: number[];
+  stored?: number; // elements in its data/<key> record, where not numel
 }
 
 const enc = new TextEncoder();
@@ -115,7 +116,9 @@ const cat = (...parts: (Uint8Array | number[])[]): Uint8Array<ArrayBuffer> => {
 };
 const u32 = (n: number) => [n & 255, (n >> 8) & 255, (n >> 16) & 255, (n >>> 24) & 255];
 const str = (s: string) => cat([0x58], u32(enc.encode(s).length), enc.encode(s)); // BINUNICODE
-const int = (n: number) => cat([0x4a], u32(n)); // BININT
+const int = (n: number) =>
+  // BININT, or LONG1 past int32
+  n < 2 ** 31 ? cat([0x4a], u32(n)) : cat([0x8a, 8], u32(n % 2 ** 32), u32(Math.floor(n / 2 ** 32)));
 const tuple = (items: (Uint8Array | number[])[]) => cat([0x28], ...items, [0x74]); // MARK ... TUPLE
 const global = (module: string, name: string) => cat([0x63], enc.encode(`${module}\n${name}\n`));
 
@@ -147,26 +150,29 @@ function statePickle(tensors: FakeTensor[], extra: Uint8Array[] = []): Uint8Arra
 }
 
 // A stored zip of `records`, sizes in the local headers (as Python's zipfile writes to a file); `zip64`: the
-// sizes 0xffffffff there and the real ones in a ZIP64 extra field, as writers do for records over 4 GiB.
+// sizes 0xffffffff there and the real ones in a ZIP64 extra field, as writers do for records over 4 GiB;
+// `descriptors`: sizes and CRC-32 in data descriptors after the data instead, as torch.save writes.
 function storedZip(
   records: [string, Uint8Array][],
-  options: { method?: number; zip64?: boolean } = {},
+  options: { method?: number; zip64?: boolean; descriptors?: boolean } = {},
 ): Uint8Array<ArrayBuffer> {
   const parts: Uint8Array[] = [];
   for (const [name, data] of records) {
     const n = enc.encode(name);
-    const size = options.zip64 ? u32(0xffffffff) : u32(data.length);
+    const d = options.descriptors;
+    const size = d ? u32(0) : options.zip64 ? u32(0xffffffff) : u32(data.length);
     const extra = options.zip64 ? cat([1, 0, 16, 0], u32(data.length), u32(0), u32(data.length), u32(0)) : [];
     parts.push(cat(
       u32(0x04034b50),
-      [20, 0, 0, 0, options.method ?? 0, 0, 0, 0, 0, 0],
-      u32(crc32(data)),
+      [20, 0, d ? 8 : 0, 0, options.method ?? 0, 0, 0, 0, 0, 0],
+      d ? u32(0) : u32(crc32(data)),
       size,
       size,
       [n.length, 0, extra.length, 0],
       n,
       extra,
       data,
+      d ? cat(u32(0x08074b50), u32(crc32(data)), u32(data.length), u32(data.length)) : [],
     ));
   }
   return cat(...parts, u32(0x06054b50), new Array(18).fill(0)); // an empty end record: never read
@@ -185,14 +191,17 @@ const lmV64Tensors = async (): Promise<FakeTensor[]> => {
 // An archive of lm_v64's names and shapes with zero-filled storages; `edit` changes the tensors first.
 async function fakeCheckpoint(
   edit: (ts: FakeTensor[]) => FakeTensor[] = (ts) => ts,
-  options: { extra?: Uint8Array[]; drop?: string; method?: number; zip64?: boolean } = {},
+  options: { extra?: Uint8Array[]; drop?: string; method?: number; zip64?: boolean; descriptors?: boolean } =
+    {},
 ): Promise<Uint8Array<ArrayBuffer>> {
   const ts = edit(await lmV64Tensors());
   const storages = new Map(ts.map((t) => [t.key, t]));
   const records: [string, Uint8Array][] = [["archive/data.pkl", statePickle(ts, options.extra)]];
   for (const [key, t] of storages) {
     const size = { LongStorage: 8, HalfStorage: 2 }[t.storage ?? ""] ?? 4;
-    if (key !== options.drop) records.push([`archive/data/${key}`, new Uint8Array(t.numel * size)]);
+    if (key !== options.drop) {
+      records.push([`archive/data/${key}`, new Uint8Array((t.stored ?? t.numel) * size)]);
+    }
   }
   records.push(["archive/version", enc.encode("3\n")]);
   return storedZip(records, options);
@@ -200,9 +209,9 @@ async function fakeCheckpoint(
 
 Deno.test("pytorch_model.bin made here: the test's own writer is read (so that the refusals below test what they say)", async () => {
   await init();
-  for (const zip64 of [false, true]) {
-    const lm = await load(await fakeCheckpoint(undefined, { zip64 }));
-    assert.equal(lm.stateDict().size, 23, `zip64 ${zip64}`);
+  for (const options of [{ zip64: false }, { zip64: true }, { descriptors: true }]) {
+    const lm = await load(await fakeCheckpoint(undefined, options));
+    assert.equal(lm.stateDict().size, 23, JSON.stringify(options));
     lm.dispose();
   }
 });
@@ -328,6 +337,17 @@ Deno.test("pytorch_model.bin: malformed files are refused, naming what is wrong,
     /record archive\/data\/0 claims 2147483648 bytes, past the end of the file \(\d+ left\)/,
     "size past the end",
   );
+  // Sizes in descriptors: a storage's size is the pickle's until its end, checked against the file first (a
+  // transposed view reads its storage whole: 2^40 elements were an allocation that failed with a RangeError).
+  const lying = await fakeCheckpoint(
+    (ts) =>
+      ts.map((t, i) => i === 5 ? { ...t, numel: 2 ** 40, stored: t.numel, stride: [1, t.shape[0]] } : t),
+    { descriptors: true },
+  );
+  const pastTheEnd =
+    /record archive\/data\/5: data\.pkl makes it 1099511627776 x F32 = 4398046511104 bytes, past the end of the file \(\d+ left\)/;
+  await refuse(lying, pastTheEnd, "storage past the end");
+  await assert.rejects(() => parseTorchCheckpoint(lying, "ckpt"), pastTheEnd);
   const pkl = storedZip([["archive/data.pkl", new Uint8Array(100)]], { zip64: true });
   new DataView(pkl.buffer).setUint32(30 + 16 + 12, 2 ** 30, true); // the ZIP64 field's size of data.pkl
   await refuse(pkl, /record archive\/data\.pkl claims 1073741824 bytes, past the end/, "pickle past the end");
