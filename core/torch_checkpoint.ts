@@ -29,11 +29,14 @@ export function gatherView<T extends Float32Array | Int32Array>(all: T, r: Torch
   return out;
 }
 
+const MAX_REPEATED = 2 ** 24;
+
 /**
  * Decodes every tensor of a PyTorch checkpoint (the zip archive `torch.save` writes since PyTorch 1.6) held in
  * memory: floats to f32, integers and bools to int32 (an I64 value past int32 is an error naming it), views
- * (offsets, strides, shared storages) as saved. The pickle is read by a restricted unpickler that refuses any
- * global a state dict of tensors does not name, so nothing in the file runs. `source` names it in errors.
+ * (offsets, strides, shared storages) as saved; a view that repeats elements (expand()) up to 2^24 of them.
+ * The pickle is read by a restricted unpickler that refuses any global a state dict of tensors does not name,
+ * so nothing in the file runs. `source` names it in errors.
  */
 export async function parseTorchCheckpoint(
   bytes: Uint8Array,
@@ -58,6 +61,20 @@ export async function parseTorchCheckpoint(
     },
   }, source);
   const state = await archive.readStateDict();
+  for (const [name, r] of state.tensors) {
+    // Only a view that repeats elements (a zero stride, as expand() makes) has more than its storage; each is
+    // copied out whole, so a few bytes of pickle could otherwise ask for gigabytes.
+    const count = r.shape.reduce((a, b) => a * b, 1);
+    const numel = state.storages.get(r.storage)!.numel;
+    if (count > Math.max(numel, MAX_REPEATED)) {
+      throw new Error(
+        `${source}: tensor ${name} of size (${r.shape.join(", ")}), stride (${
+          r.strides.join(", ")
+        }) repeats ` +
+          `the ${numel} elements of storage ${r.storage} as ${count}: such views are decoded up to 2^24 elements`,
+      );
+    }
+  }
   const storages = new Map<string, Float32Array | Int32Array>();
   const viewer = new Map<string, string>(); // a tensor that views each storage, to name it in errors
   for (const [name, r] of state.tensors) if (!viewer.has(r.storage)) viewer.set(r.storage, name);

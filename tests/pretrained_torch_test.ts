@@ -460,6 +460,21 @@ Deno.test("parseTorchCheckpoint decodes every tensor in memory: views as saved, 
       ),
     /big\.pt: tensor "n": I64 value 4294967296 at index 0 does not fit in int32$/,
   );
+  // expand(): a zero stride repeats the storage's elements, which are copied out, up to 2^24 of them.
+  const expanded = (shape: number[]) =>
+    storedZip([
+      ["archive/data.pkl", statePickle([{ name: "e", key: "0", numel: 2, shape, stride: [0, 1] }])],
+      ["archive/data/0", new Uint8Array(new Float32Array([1.5, -2]).buffer)],
+    ]);
+  assert.deepEqual((await parseTorchCheckpoint(expanded([3, 2]))).get("e"), {
+    dtype: "F32",
+    shape: [3, 2],
+    data: new Float32Array([1.5, -2, 1.5, -2, 1.5, -2]),
+  });
+  await assert.rejects(
+    () => parseTorchCheckpoint(expanded([2 ** 30, 2]), "wide.pt"),
+    /wide\.pt: tensor e of size \(1073741824, 2\), stride \(0, 1\) repeats the 2 elements of storage 0 as 2147483648: such views are decoded up to 2\^24 elements/,
+  );
 });
 
 // The search is linear in what follows (measured: 8 MiB in 56 ms; quadratic, it took 48 s): no timing here, as
