@@ -109,7 +109,14 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
   const u16 = (at: number) => (need(2, at), pos += 2, view.getUint16(pos - 2, true));
   const u32 = (at: number) => (need(4, at), pos += 4, view.getUint32(pos - 4, true));
   const take = (n: number, at: number) => (need(n, at), pos += n, bytes.subarray(pos - n, pos));
-  const text = (n: number, at: number) => new TextDecoder("utf-8", { fatal: true }).decode(take(n, at));
+  const text = (n: number, at: number) => {
+    try {
+      return new TextDecoder("utf-8", { fatal: true }).decode(take(n, at));
+    } catch (e) {
+      if (e instanceof TypeError) fail(at, "a string that is not valid UTF-8");
+      throw e;
+    }
+  };
   const line = (at: number) => {
     const end = bytes.indexOf(10, pos);
     if (end < 0) fail(at, "a GLOBAL without its newline");
@@ -363,7 +370,7 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
         const items = popMark(at);
         const l = top(at);
         if (!Array.isArray(l) || Object.isFrozen(l)) fail(at, "APPENDS to something that is not a list");
-        (l as Value[]).push(...items);
+        for (const v of items) (l as Value[]).push(v); // push(...items) overflows the stack on many
         break;
       }
       case 0x30: // POP

@@ -388,6 +388,31 @@ Deno.test("parseTorchPickle: memo, LONG1 and BINFLOAT values; the state dict's _
   assert.deepEqual(sd.storages.get("k"), { dtype: "F16", numel: 10000 });
 });
 
+Deno.test("parseTorchPickle: malformed pickles are refused with an Error naming the byte, never a TypeError or RangeError", () => {
+  const refuse = (bytes: (Uint8Array | number[])[], re: RegExp, what: string) =>
+    assert.throws(() => parseTorchPickle(cat(...bytes), "p"), (e: Error) => {
+      assert.equal(e.constructor, Error, `${what}: ${e.constructor.name}: ${e.message}`);
+      assert.match(e.message, re, what);
+      return true;
+    });
+  refuse(
+    [[0x80, 2, 0x58], u32(2), [0xc3, 0x28, 0x2e]],
+    /^p: byte 2 of the pickle: a string that is not valid UTF-8/,
+    "BINUNICODE",
+  );
+  refuse(
+    [[0x80, 4, 0x8c, 1, 0xff, 0x2e]],
+    /^p: byte 2 of the pickle: a string that is not valid UTF-8/,
+    "SHORT_BINUNICODE",
+  );
+  // APPENDS of 300000 items (a list is refused as the top object, after it is built)
+  refuse(
+    [[0x80, 2, 0x5d, 0x28], new Uint8Array(300000).fill(0x4e), [0x65, 0x2e]],
+    /holds a list, not a state dict/,
+    "APPENDS",
+  );
+});
+
 Deno.test("TorchArchiveReader on a stream of unknown length (a body without Content-Length) reads every storage, never past the end", async () => {
   for (const file of ["lm_v64.bin", "lm_v64_views.bin", "lm_v64_mixed.bin"]) {
     const bytes = await bin(file);
