@@ -502,6 +502,24 @@ Deno.test("parseTorchCheckpoint decodes every tensor in memory: views as saved, 
   );
 });
 
+Deno.test("parseTorchCheckpoint: every kind of state dict decodes to torch.load's values (torch.save of PyTorch 1.13, pickle protocols 2 and 5; PyTorch 2.x's layout)", async () => {
+  for (
+    const [file, values] of [
+      ["kinds.bin", "kinds.safetensors"], // buffers, Parameters, views, 0-d and empty, every dtype, LONG_BINPUT
+      ["kinds_p5.bin", "kinds.safetensors"],
+      ["torch2.bin", "torch2.safetensors"], // metadata (7th argument), _rebuild_parameter_with_state, 'FB' padding
+    ]
+  ) {
+    const want = parseSafetensors(await bin(values)).tensors; // make.py: torch.load's values as F32 or I32
+    const got = await parseTorchCheckpoint(await bin(file), file);
+    assert.deepEqual([...got.keys()].sort(), [...want.keys()].sort(), file);
+    for (const [k, t] of got) {
+      assert.deepEqual(t.shape, want.get(k)!.shape, `${file}: ${k}`);
+      assert.deepEqual(t.data, want.get(k)!.data, `${file}: ${k} (${t.dtype})`);
+    }
+  }
+});
+
 // The search is linear in what follows (measured: 8 MiB in 56 ms; quadratic, it took 48 s): no timing here, as
 // timings belong in bench/, but a regression would show as this test's minute.
 Deno.test("parseTorchCheckpoint: a pickle whose data descriptor is bad is refused after searching the 8 MiB that follow", async () => {
