@@ -40,6 +40,9 @@ const MAX_SMALL_RECORD = 64 << 20; // data.pkl and the other records read whole 
 // 10-byte LONG1.
 const LEGACY_MAGIC = [0x80, 0x02, 0x8a, 0x0a];
 
+// A local header's, the central directory's or an end record's signature.
+const isSignature = (sig: number) => sig === LOCAL || ENDS.has(sig);
+
 let crcTable: Uint32Array | null = null;
 /** CRC-32 (zip's) of `bytes`. */
 export function crc32(bytes: Uint8Array): number {
@@ -216,17 +219,21 @@ export class TorchArchiveReader {
       for (; from + 24 <= len; from++) {
         if (v.getUint32(from, true) !== DESCRIPTOR) continue;
         const [a, b] = [v.getUint32(from + 8, true), v.getUint32(from + 12, true)];
-        if (
-          a !== from || (b !== from && b !== 0) ||
-          v.getUint32(from + 4, true) !== crc32(buf.subarray(0, from))
-        ) continue;
+        if (a !== from || (b !== from && b !== 0)) continue;
         // 4-byte sizes (a, b = size, size), else ZIP64's 8-byte ones (size, 0, size, 0); for an empty record
         // both read 0, 0: a record's signature follows the short form
-        const short = from !== 0
-          ? b === from
-          : ENDS.has(v.getUint32(from + 16, true)) || v.getUint32(from + 16, true) === LOCAL;
+        const short = from !== 0 ? b === from : isSignature(v.getUint32(from + 16, true));
         if (!short && (v.getUint32(from + 16, true) !== from || v.getUint32(from + 20, true) !== 0)) continue;
         const end = from + (short ? 16 : 24);
+        // torch.save under torch.serialization.set_crc32_options(False) (PyTorch 2.x) writes 0 for
+        // every CRC-32, which torch.load accepts: taken where a record's signature (or the file's end) follows
+        const crc = v.getUint32(from + 4, true);
+        if (crc !== crc32(buf.subarray(0, from))) {
+          if (crc !== 0) continue;
+          if (end + 4 > len) {
+            if (this.#src.size < 0 || this.#src.size > this.#pos) break; // look again with more bytes
+          } else if (!isSignature(v.getUint32(end, true))) continue;
+        }
         this.#unread(buf.subarray(end, len));
         return buf.slice(0, from);
       }

@@ -502,12 +502,13 @@ Deno.test("parseTorchCheckpoint decodes every tensor in memory: views as saved, 
   );
 });
 
-Deno.test("parseTorchCheckpoint: every kind of state dict decodes to torch.load's values (torch.save of PyTorch 1.13, pickle protocols 2 and 5; PyTorch 2.x's layout)", async () => {
+Deno.test("parseTorchCheckpoint: every kind of state dict decodes to torch.load's values (torch.save of PyTorch 1.13, pickle protocols 2 and 5; PyTorch 2.x's layout, with and without CRC-32s)", async () => {
   for (
     const [file, values] of [
       ["kinds.bin", "kinds.safetensors"], // buffers, Parameters, views, 0-d and empty, every dtype, LONG_BINPUT
       ["kinds_p5.bin", "kinds.safetensors"],
       ["torch2.bin", "torch2.safetensors"], // metadata (7th argument), _rebuild_parameter_with_state, 'FB' padding
+      ["torch2_nocrc.bin", "torch2.safetensors"], // torch.serialization.set_crc32_options(False): CRC-32s 0
     ]
   ) {
     const want = parseSafetensors(await bin(values)).tensors; // make.py: torch.load's values as F32 or I32
