@@ -36,9 +36,10 @@ const DESCRIPTOR = 0x08074b50;
 const ENDS = new Set([0x02014b50, 0x06054b50, 0x06064b50]); // central directory, end records
 const SCAN_CHUNK = 64; // bytes read at a time while looking for a descriptor (at least 68 bytes follow one)
 const MAX_SMALL_RECORD = 64 << 20; // data.pkl and the other records read whole (a state dict's pickle: ~1 MB)
-// The first bytes of a pre-1.6 torch.save file: a pickle protocol 2 header, then torch's magic number as a
-// 10-byte LONG1.
-const LEGACY_MAGIC = [0x80, 0x02, 0x8a, 0x0a];
+// A pre-1.6 torch.save file (still written under _use_new_zipfile_serialization=False) is pickles back to back,
+// the first torch's magic number: it starts with a PROTO opcode of the pickle_protocol it was saved with (2 by
+// default, up to 5), where a zip starts with a record's signature.
+const isLegacy = (head: Uint8Array) => head[0] === 0x80 && head[1] >= 2 && head[1] <= 5;
 
 // A local header's, the central directory's or an end record's signature.
 const isSignature = (sig: number) => sig === LOCAL || ENDS.has(sig);
@@ -125,7 +126,7 @@ export class TorchArchiveReader {
     const sig = new DataView(head.buffer).getUint32(0, true);
     if (ENDS.has(sig)) return null;
     if (sig !== LOCAL) {
-      if (at === 0 && head.every((b, i) => b === LEGACY_MAGIC[i])) {
+      if (at === 0 && isLegacy(head)) {
         this.#fail(
           0,
           "a torch.save file of the format before PyTorch 1.6 (not a zip archive), which is not read: " +

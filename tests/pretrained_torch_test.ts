@@ -233,6 +233,15 @@ Deno.test("pytorch_model.bin: malformed files are refused, naming what is wrong,
     /format before PyTorch 1\.6 .* save it again/,
     "legacy torch.save",
   );
+  // the same under pickle_protocol=4: a FRAME before the magic number
+  await refuse(
+    cat(
+      [0x80, 0x04, 0x95, 0x0d, 0, 0, 0, 0, 0, 0, 0, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46],
+      new Uint8Array(64),
+    ),
+    /format before PyTorch 1\.6 .* save it again/,
+    "legacy torch.save, protocol 4",
+  );
   await refuse(
     enc.encode("not a checkpoint at all"),
     /byte 0: expected a zip record.*not a PyTorch zip/,
