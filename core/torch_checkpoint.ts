@@ -48,7 +48,9 @@ export async function parseTorchCheckpoint(
     readExact(buf: Uint8Array): Promise<void> {
       if (pos + buf.length > bytes.length) {
         throw new Error(
-          `unexpected end of file at byte ${bytes.length} (wanted ${pos + buf.length - bytes.length} more)`,
+          `${source}: unexpected end of file at byte ${bytes.length} (wanted ${
+            pos + buf.length - bytes.length
+          } more)`,
         );
       }
       buf.set(bytes.subarray(pos, pos + buf.length));

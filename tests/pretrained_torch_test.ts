@@ -494,6 +494,11 @@ Deno.test("parseTorchCheckpoint decodes every tensor in memory: views as saved, 
       ),
     /big\.pt: tensor "n": I64 value 4294967296 at index 0 does not fit in int32$/,
   );
+  // a file cut short is named too, as the file sources of fromPretrained name theirs
+  await assert.rejects(
+    async () => parseTorchCheckpoint((await bin("lm_v64.bin")).slice(0, 10), "cut.pt"),
+    /^Error: cut\.pt: unexpected end of file at byte 10 \(wanted \d+ more\)$/,
+  );
   // expand(): a zero stride repeats the storage's elements, which are copied out, up to 2^24 of them.
   const expanded = (shape: number[]) =>
     storedZip([
