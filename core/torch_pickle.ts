@@ -53,6 +53,8 @@ const STORAGE_DTYPES: Record<string, SafetensorsDtype> = {
   BoolStorage: "BOOL",
 };
 
+const READ_STORAGES = Object.keys(STORAGE_DTYPES).join(", ");
+
 /** Bytes per element of each dtype a storage can hold. */
 export const DTYPE_BYTES: Record<SafetensorsDtype, number> = {
   F32: 4,
@@ -142,6 +144,19 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
   const global = (module: string, name: string, at: number): Value => {
     if (module === "torch" && name in STORAGE_DTYPES) return new StorageType(STORAGE_DTYPES[name]);
     if (CALLABLE.has(`${module}.${name}`)) return new Global(module, name);
+    // tensors a state dict may hold that are not read: say so rather than that the file is no state dict
+    if (module === "torch" && name.endsWith("Storage")) {
+      return fail(
+        at,
+        `torch.${name}: a storage of an element type that is not read (read: ${READ_STORAGES})`,
+      );
+    }
+    if (module === "torch._utils" && name.startsWith("_rebuild_")) {
+      return fail(
+        at,
+        `torch._utils.${name}: a kind of tensor that is not read (quantized, sparse, ...; only dense ones are)`,
+      );
+    }
     return fail(
       at,
       `it refers to ${module}.${name}, which a state dict of tensors does not need: refused (only dicts, ` +

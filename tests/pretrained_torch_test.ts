@@ -414,6 +414,17 @@ Deno.test("parseTorchPickle: malformed pickles are refused with an Error naming 
     /^p: byte 2 of the pickle: a string that is not valid UTF-8/,
     "SHORT_BINUNICODE",
   );
+  // tensors of kinds not read are named as such (they had 'which a state dict of tensors does not need')
+  refuse(
+    [[0x80, 2], global("torch", "ComplexFloatStorage"), [0x2e]],
+    /^p: byte 2 of the pickle: torch\.ComplexFloatStorage: a storage of an element type that is not read \(read: FloatStorage, /,
+    "complex",
+  );
+  refuse(
+    [[0x80, 2], global("torch._utils", "_rebuild_sparse_tensor"), [0x2e]],
+    /^p: byte 2 of the pickle: torch\._utils\._rebuild_sparse_tensor: a kind of tensor that is not read/,
+    "sparse",
+  );
   // APPENDS of 300000 items (a list is refused as the top object, after it is built)
   refuse(
     [[0x80, 2, 0x5d, 0x28], new Uint8Array(300000).fill(0x4e), [0x65, 0x2e]],
