@@ -135,6 +135,8 @@ export class HubError extends Error {
 
 /** The files a model repository usually has (for messages). */
 export const MODEL_FILES = "config.json, model.safetensors, tokenizer.json, tokenizer_config.json";
+/** A commit hash: the cache keeps a commit's files as a snapshot of its own name. */
+export const COMMIT_RE = /^[0-9a-f]{40}$/;
 const ID_RE = /^[A-Za-z0-9][A-Za-z0-9._-]*\/[A-Za-z0-9][A-Za-z0-9._-]*$/;
 
 /** Whether `s` has the form of a hub model id `org/name` (letters, digits, `._-`; no `--` or `..`). */
@@ -194,9 +196,13 @@ export function placeByHandHelp(
 
 /** The by-hand instructions for a cache folder, revision and files. */
 export function help(dir: string, rev: string, files: string): string {
+  // A commit is looked up as a snapshot of its own name (no refs/ file names it): a model pinned to the
+  // commit its first file came from, or a --revision given as a hash.
+  const place = COMMIT_RE.test(rev)
+    ? `${dir}/snapshots/${rev}/ (the folder of commit ${rev}; `
+    : `${dir}/snapshots/<name>/ and write <name> into ${dir}/refs/${rev} (any name works; `;
   return `To work without network, copy the repository's files (${files}) from a machine that has it, ` +
-    `then either pass their folder instead of the id, or put them into the cache as ` +
-    `${dir}/snapshots/<name>/ and write <name> into ${dir}/refs/${rev} (any name works; ` +
+    `then either pass their folder instead of the id, or put them into the cache as ${place}` +
     `HF_HUB_CACHE picks the cache, HF_HUB_OFFLINE=1 keeps to it).`;
 }
 

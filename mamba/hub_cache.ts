@@ -6,6 +6,7 @@
 
 import { parseSafetensorsHeader, safetensorsHeaderLength } from "../core/safetensors.ts";
 import {
+  COMMIT_RE,
   help,
   hubCacheDir,
   hubEndpoint,
@@ -21,7 +22,6 @@ import {
 } from "./hub.ts";
 import { fileSize, linkAtomic, ProgressBar, withLock, writeTextAtomic } from "./hub_fs.ts";
 
-const COMMIT_RE = /^[0-9a-f]{40}$/;
 const SHA256_RE = /^[0-9a-f]{64}$/;
 
 interface Resolved {

@@ -732,6 +732,34 @@ Deno.test("hub: without network it fails fast, naming the URL and how to place t
   });
 });
 
+Deno.test("hub: offline with a model's first file cached, the by-hand help names its commit's snapshot folder", async () => {
+  await withHub(async (s, cacheDir) => {
+    const files = await lmFiles();
+    s.addRepo("org/lm", files);
+    // config.json downloaded (a download of the weights interrupted, say), then offline: the model's other
+    // files are read at the commit config.json came from, which no refs/ file names.
+    await hubDownload("org/lm", "config.json", opts(s, cacheDir));
+    const repo = repoCacheDir("org/lm", cacheDir);
+    await assert.rejects(
+      () => fromPretrained("org/lm", { ...opts(s, cacheDir), localFilesOnly: true }),
+      (e: Error) => {
+        assert.match(
+          e.message,
+          new RegExp(`model\\.safetensors \\(revision ${COMMIT}\\) is not in the cache`),
+        );
+        assert.ok(e.message.includes(`put them into the cache as ${repo}/snapshots/${COMMIT}/ `), e.message);
+        assert.ok(!e.message.includes(`refs/${COMMIT}`), e.message);
+        return true;
+      },
+    );
+    // Placed as it says: loads offline.
+    await Deno.writeFile(`${repo}/snapshots/${COMMIT}/model.safetensors`, files["model.safetensors"]);
+    const lm = await fromPretrained("org/lm", { ...opts(s, cacheDir), localFilesOnly: true });
+    await assertLmV64Logits(lm);
+    lm.dispose();
+  });
+});
+
 Deno.test("fromPretrained streams F16/BF16 tensors larger than one read chunk, converting exactly", async () => {
   await init();
   // 65000 x 40 = 2.6M elements: the embedding spans two 4 MiB chunks as BF16.
