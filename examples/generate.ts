@@ -20,7 +20,8 @@ import { intFlag as int, UsageError } from "./lib/cli.ts";
 
 const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [options]
 
-  --model <s>        hub id (org/name), local folder or URL with config.json + model.safetensors
+  --model <s>        hub id (org/name), local folder or URL with config.json + model.safetensors (or
+                     pytorch_model.bin)
   --prompt <s>       text to continue (default: the tokenizer's BOS/EOS token; a char model's: a new line)
   --tokens <n>       new tokens per row (default 100; fewer where a row reaches the end-of-text token)
   --greedy           always take the most likely token (default: sample)

@@ -133,8 +133,17 @@ export class HubError extends Error {
   }
 }
 
-/** The files a model repository usually has (for messages). */
-export const MODEL_FILES = "config.json, model.safetensors, tokenizer.json, tokenizer_config.json";
+/** The files a model repository usually has (for messages): state-spaces' own hold pytorch_model.bin. */
+export const MODEL_FILES =
+  "config.json, model.safetensors (or pytorch_model.bin), tokenizer.json, tokenizer_config.json";
+/** The names in {@linkcode MODEL_FILES}. */
+export const MODEL_FILE_NAMES: readonly string[] = [
+  "config.json",
+  "model.safetensors",
+  "pytorch_model.bin",
+  "tokenizer.json",
+  "tokenizer_config.json",
+];
 /** A commit hash: the cache keeps a commit's files as a snapshot of its own name. */
 export const COMMIT_RE = /^[0-9a-f]{40}$/;
 const ID_RE = /^[A-Za-z0-9][A-Za-z0-9._-]*\/[A-Za-z0-9][A-Za-z0-9._-]*$/;

@@ -15,6 +15,7 @@ import {
   type HubOptions,
   hubRefusal,
   isHubId,
+  MODEL_FILE_NAMES,
   MODEL_FILES,
   repoCacheDir,
   startTimer,
@@ -85,7 +86,7 @@ async function cachedCommit(r: Resolved): Promise<string> {
 // The files the by-hand instructions name: a model's, and the file asked for when it is none of them (a
 // shard, or a file hubDownload was asked for).
 function filesToPlace(filename: string): string {
-  return MODEL_FILES.split(", ").includes(filename) ? MODEL_FILES : `${MODEL_FILES}, ${filename}`;
+  return MODEL_FILE_NAMES.includes(filename) ? MODEL_FILES : `${MODEL_FILES}, ${filename}`;
 }
 
 const ABSENT = Symbol("absent");

@@ -549,6 +549,14 @@ Deno.test("hub: pytorch_model.bin where there are no safetensors (state-spaces' 
       "config.json": await Deno.readFile(fixturePath("lm_v64_state_spaces/config.json")),
       "pytorch_model.bin": await Deno.readFile(fixturePath("torch/lm_v64.bin")),
     });
+    // Not cached yet and offline: the files to place by hand include the one such a repository holds.
+    await assert.rejects(
+      () => fromPretrained("org/bin", { ...opts(s, cacheDir), localFilesOnly: true }),
+      (e: Error) =>
+        e.message.includes(
+          "copy the repository's files (config.json, model.safetensors (or pytorch_model.bin),",
+        ),
+    );
     const lm = await fromPretrained("org/bin", opts(s, cacheDir));
     await assertLmV64Logits(lm);
     lm.dispose();
@@ -656,7 +664,8 @@ Deno.test("hub: without network it fails fast, naming the URL and how to place t
   await withHub(async (s, cacheDir) => {
     const files = await lmFiles();
     const copyAll =
-      "copy the repository's files (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)";
+      "copy the repository's files (config.json, model.safetensors (or pytorch_model.bin), tokenizer.json, " +
+      "tokenizer_config.json)";
     // A port where nothing listens.
     const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     const dead = `http://127.0.0.1:${(probe.addr as Deno.NetAddr).port}`;
