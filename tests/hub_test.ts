@@ -868,6 +868,19 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.equal(eos.out, "Hello\n");
   assert.match(eos.err, /^1 tokens \(1 x 400 at most: rows end at the end token, greedy\)/);
   assert.match((await run("--model", char, "--greedy", "--seed", "3")).err, /does not combine/);
+  // No tokenizer with GPT-NeoX's vocabulary, as state-spaces' repositories (pytorch_model.bin and
+  // config.json alone): the error says which tokenizer their models use.
+  const neoxDir = await Deno.makeTempDir();
+  const neox = new MambaLM({ dModel: 8, nLayers: 1, dState: 4 }, { vocabSize: 50277 });
+  await saveCheckpoint(neox, neoxDir, null);
+  neox.dispose();
+  const noTok = await run("--model", neoxDir, "--tokens", "3");
+  assert.equal(noTok.code, 2, noTok.err);
+  assert.match(
+    noTok.err,
+    /no tokenizer \(.*tokenizer\.json does not exist \(vocab_size 50277 is GPT-NeoX's: .* EleutherAI\/gpt-neox-20b\)\): name one with --tokenizer/,
+  );
+  await Deno.remove(neoxDir, { recursive: true });
   const noPrompt = await run("--model", char, "--tokens", "5", "--greedy"); // a char model starts from "\n"
   assert.equal(noPrompt.code, 0, noPrompt.err);
   await Deno.remove(dir, { recursive: true });
