@@ -48,24 +48,36 @@ async function sample(lm: MambaLM, label: string, n = 200): Promise<void> {
   console.error(`(${n} characters in ${((performance.now() - t0) / 1000).toFixed(1)} s)`);
 }
 
-await init();
-const info = deviceInfo();
-console.log(
-  `mamba.ts demo on ${info.description}${info.isFallbackAdapter ? " (a software adapter: CPU speed)" : ""}`,
-);
-const args = parseTrainArgs(["--steps", "300", "--eval-every", "50", "--save-every", "100", "--out", OUT])!;
-const t0 = performance.now();
-const trainer = await runTraining(args, {
-  onStart: (t) => sample(t.model, "before training (random weights)"),
-});
-const log = trainer.log;
-const secs = (performance.now() - t0) / 1000;
-console.log(
-  `\ntrained ${trainer.step} steps (${trainer.model.numParameters()} parameters) in ${secs.toFixed(0)} s: ` +
-    `validation loss ${log.val[0][1].toFixed(3)} -> ${log.val.at(-1)![1].toFixed(3)} nats/char`,
-);
-await sample(trainer.model, "after training");
-console.log(`\ncheckpoint: ${OUT}/ (loss curve: ${OUT}/loss.svg)`);
-console.log(`more text: deno task generate --model ${OUT} --prompt "Elizabeth" --tokens 300`);
-trainer.model.dispose();
-trainer.dispose();
+async function main(): Promise<void> {
+  await init();
+  const info = deviceInfo();
+  console.log(
+    `mamba.ts demo on ${info.description}${info.isFallbackAdapter ? " (a software adapter: CPU speed)" : ""}`,
+  );
+  const args = parseTrainArgs(["--steps", "300", "--eval-every", "50", "--save-every", "100", "--out", OUT])!;
+  const t0 = performance.now();
+  const trainer = await runTraining(args, {
+    onStart: (t) => sample(t.model, "before training (random weights)"),
+  });
+  const log = trainer.log;
+  const secs = (performance.now() - t0) / 1000;
+  const params = trainer.model.numParameters();
+  console.log(
+    `\ntrained ${trainer.step} steps (${params} parameters) in ${secs.toFixed(0)} s: ` +
+      `validation loss ${log.val[0][1].toFixed(3)} -> ${log.val.at(-1)![1].toFixed(3)} nats/char`,
+  );
+  await sample(trainer.model, "after training");
+  console.log(`\ncheckpoint: ${OUT}/ (loss curve: ${OUT}/loss.svg)`);
+  console.log(`more text: deno task generate --model ${OUT} --prompt "Elizabeth" --tokens 300`);
+  trainer.model.dispose();
+  trainer.dispose();
+}
+
+// Errors (no WebGPU adapter on a fresh machine, a folder it cannot write) as one line, as deno task train
+// and generate print them, not as an uncaught exception with a stack trace.
+try {
+  await main();
+} catch (e) {
+  console.error(`error: ${(e as Error).message}`);
+  Deno.exit(1);
+}

@@ -1,7 +1,8 @@
 // What README.md tells a user to type: the flag lists it gives for the example scripts are the flags the
 // scripts take (a flag the README leaves out is one a reader never learns of; one it names that the script
 // refuses fails at the first try), every script they name answers --help with its usage instead of starting
-// its work, and the charts in docs/ are what bench/charts.ts draws from the reports in bench/results/.
+// its work, the charts in docs/ are what bench/charts.ts draws from the reports in bench/results/, and the
+// demo (the first command) says a missing adapter in one line.
 import assert from "node:assert/strict";
 import { chartSuffix, renderSvg, reportCharts } from "../bench/charts.ts";
 
@@ -109,4 +110,22 @@ Deno.test("the committed charts are what bench/charts.ts draws from the committe
       );
     }
   }
+});
+
+Deno.test({
+  name: "deno task demo, README's first command, says a missing WebGPU adapter in one error line",
+  // Linux's wgpu has no DX12 backend: asking for it finds no adapter, as a machine without a driver would.
+  ignore: Deno.build.os !== "linux",
+  fn: async () => {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "examples/demo.ts"],
+      cwd: ROOT,
+      stdin: "null",
+      env: { NO_COLOR: "1", DENO_WEBGPU_BACKEND: "dx12" },
+    }).output();
+    const err = new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 1, err);
+    assert.match(err, /^error: No WebGPU adapter found .*mesa-vulkan-drivers/);
+    assert.doesNotMatch(err, /Uncaught|^ +at /m, "no stack trace");
+  },
 });
