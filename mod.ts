@@ -151,6 +151,7 @@ export {
   fromPretrained,
   fromPretrainedFiles,
   hfTensors,
+  NoTokenizerError,
   PretrainedLM,
   type PretrainedOptions,
   saveCheckpoint,

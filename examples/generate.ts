@@ -14,7 +14,7 @@
 
 import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
-import { fromPretrained } from "../mamba/pretrained.ts";
+import { fromPretrained, NoTokenizerError } from "../mamba/pretrained.ts";
 import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../mamba/tokenizer.ts";
 import { intFlag as int, UsageError } from "./lib/cli.ts";
 
@@ -147,17 +147,21 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
   }
   await init();
   const t0 = performance.now();
-  const lm = await fromPretrained(a.model, {
-    revision: a.revision,
-    cacheDir: a.cacheDir,
-    tokenizer: a.tokenizer,
-  });
+  let lm;
   try {
-    const tok: Tokenizer | null = lm.tokenizer;
-    if (!tok) {
-      io.err(`error: no tokenizer (${lm.noTokenizer}): name one with --tokenizer <id|folder|url>`);
-      return 2;
-    }
+    lm = await fromPretrained(a.model, {
+      revision: a.revision,
+      cacheDir: a.cacheDir,
+      tokenizer: a.tokenizer,
+      requireTokenizer: true, // said before the weights download
+    });
+  } catch (e) {
+    if (!(e instanceof NoTokenizerError)) throw e;
+    io.err(`error: no tokenizer (${e.reason}): name one with --tokenizer <id|folder|url>`);
+    return 2;
+  }
+  try {
+    const tok: Tokenizer = lm.tokenizer!;
     let prompt = a.prompt ? tok.encode(a.prompt) : [];
     if (prompt.length === 0) {
       // a char model has no special tokens: it starts from a new line, as a text's paragraphs do

@@ -23,7 +23,7 @@ import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { manualSeed } from "../core/random.ts";
 import { MambaLM } from "../mamba/lm.ts";
-import { fromPretrained } from "../mamba/pretrained.ts";
+import { fromPretrained, NoTokenizerError } from "../mamba/pretrained.ts";
 import { ByteTokenizer, type Tokenizer } from "../mamba/tokenizer.ts";
 import {
   CharDataset,
@@ -305,15 +305,17 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
         `--out ${a.out} is the folder --from reads: name another --out (or --resume it to continue that run)`,
       );
     }
-    const lm = await fromPretrained(a.from, { ...a.hub, recompute: a.recompute });
-    try {
-      if (lm.tokenizer === null) {
+    // a tokenizer to encode the text with is needed: said before the weights download
+    const lm = await fromPretrained(a.from, { ...a.hub, recompute: a.recompute, requireTokenizer: true })
+      .catch((e) => {
+        if (!(e instanceof NoTokenizerError)) throw e;
         throw new Error(
-          `${lm.source} has no tokenizer.json to encode the text with (${lm.noTokenizer}): name one with ` +
+          `${a.from} has no tokenizer.json to encode the text with (${e.reason}): name one with ` +
             "--tokenizer <id|folder|url>",
         );
-      }
-      const run = encodeText(text, lm.tokenizer);
+      });
+    try {
+      const run = encodeText(text, lm.tokenizer!);
       tokenizer = run.tokenizer;
       manualSeed(a.train.seed);
       trainer = new Trainer(lm, run.data, a.train);

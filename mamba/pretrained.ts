@@ -39,6 +39,22 @@ export interface PretrainedOptions extends HubOptions {
   /** What each block keeps for the backward when fine-tuning (`MambaConfig.recompute`; default true): "input"
    * keeps the least for deep models and long sequences. */
   recompute?: MambaConfigInput["recompute"];
+  /** Throw a {@linkcode NoTokenizerError} before any weight is fetched when no tokenizer is found (default
+   * false: the model loads with `tokenizer` null and `noTokenizer` saying why). For programs that need text. */
+  requireTokenizer?: boolean;
+}
+
+/** {@linkcode fromPretrained} with `requireTokenizer` found no tokenizer; thrown before any weight is fetched. */
+export class NoTokenizerError extends Error {
+  /** Why there is none, as {@linkcode PretrainedLM.noTokenizer} would say. */
+  readonly reason: string;
+
+  /** Creates the error. */
+  constructor(reason: string) {
+    super(`no tokenizer (${reason}): name one with the tokenizer option`);
+    this.name = "NoTokenizerError";
+    this.reason = reason;
+  }
 }
 
 /** A {@linkcode MambaLM} loaded by {@linkcode fromPretrained}, with its tokenizer. */
@@ -145,6 +161,17 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     );
   }
 
+  // state-spaces' repositories have no tokenizer; their vocab_size (50277, 50280 padded in the -hf
+  // conversions) is GPT-NeoX's, whose tokenizer mamba.py loads for them.
+  const neox = lm.vocabSize === 50277 || lm.vocabSize === 50280
+    ? ` (vocab_size ${lm.vocabSize} is GPT-NeoX's: state-spaces' Mamba models use the tokenizer of ` +
+      "EleutherAI/gpt-neox-20b)"
+    : "";
+  const noTokenizer = t === false
+    ? "loaded with tokenizer: false"
+    : src.notCached?.get("tokenizer.json")?.message ?? `${tokWhere} does not exist${neox}`;
+  if (!tokenizer && options.requireTokenizer) throw new NoTokenizerError(noTokenizer);
+
   const plan = await planWeights(src);
   let model: PretrainedLM | undefined;
   const open: ByteSource[] = plan.single ? [plan.single.src] : plan.torch ? [plan.torch.src] : [];
@@ -179,15 +206,6 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
       ? plan.torch.state.tensors
       : new Map([...shards!.values()].flatMap((h) => [...h.entries]));
     checkShapes(config, lm, layout, entries, ours, weightsWhere, cfgWhere);
-    // state-spaces' repositories have no tokenizer; their vocab_size (50277, 50280 padded in the -hf
-    // conversions) is GPT-NeoX's, whose tokenizer mamba.py loads for them.
-    const neox = lm.vocabSize === 50277 || lm.vocabSize === 50280
-      ? ` (vocab_size ${lm.vocabSize} is GPT-NeoX's: state-spaces' Mamba models use the tokenizer of ` +
-        "EleutherAI/gpt-neox-20b)"
-      : "";
-    const noTokenizer = t === false
-      ? "loaded with tokenizer: false"
-      : src.notCached?.get("tokenizer.json")?.message ?? `${tokWhere} does not exist${neox}`;
     model = new PretrainedLM(
       { ...config, ...runs },
       { ...lm, tieEmbeddings: tie },

@@ -15,7 +15,7 @@ import { hubDownload, HubError, MODEL_FILES, repoCacheDir } from "../mamba/hub.t
 import { MambaLM } from "../mamba/lm.ts";
 import { mapKey } from "../mamba/checkpoint_config.ts";
 import { hubUrlSource, loadTokenizer } from "../mamba/model_sources.ts";
-import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
+import { fromPretrained, NoTokenizerError, saveCheckpoint } from "../mamba/pretrained.ts";
 import { ByteTokenizer, HubTokenizer, StreamDecoder } from "../mamba/tokenizer.ts";
 import { assertLmV64Logits, fixturePath, maxAbsDiff } from "./fixture_util.ts";
 
@@ -556,6 +556,21 @@ Deno.test("hub: pytorch_model.bin where there are no safetensors (state-spaces' 
         e.message.includes(
           "copy the repository's files (config.json, model.safetensors (or pytorch_model.bin),",
         ),
+    );
+    // A program that needs text hears that there is no tokenizer before any weight is fetched.
+    await assert.rejects(
+      () => fromPretrained("org/bin", { ...opts(s, cacheDir), requireTokenizer: true }),
+      (e) => {
+        assert.ok(e instanceof NoTokenizerError);
+        assert.match(e.reason, /org\/bin@main\/tokenizer\.json does not exist$/);
+        assert.match(e.message, /^no tokenizer \(.*\): name one with the tokenizer option$/);
+        return true;
+      },
+    );
+    assert.equal(
+      s.count((r) => /\/(model\.safetensors|pytorch_model\.bin)$/.test(r.path)),
+      0,
+      "no weights asked for",
     );
     const lm = await fromPretrained("org/bin", opts(s, cacheDir));
     await assertLmV64Logits(lm);
