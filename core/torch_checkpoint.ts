@@ -77,6 +77,17 @@ export async function parseTorchCheckpoint(
       );
     }
   }
+  // Each view is copied out, so views that share a storage decode it again (a tied head: twice). In all at most
+  // 4 times what the storages hold, plus 4 repeated views' allowance: else thousands of views of one storage, a
+  // few bytes of pickle each, could ask for gigabytes.
+  const total = [...state.tensors.values()].reduce((a, r) => a + r.shape.reduce((x, y) => x * y, 1), 0);
+  const stored = [...state.storages.values()].reduce((a, s) => a + s.numel, 0);
+  if (total > 4 * stored + 4 * MAX_REPEATED) {
+    throw new Error(
+      `${source}: its ${state.tensors.size} tensors would decode to ${total} elements from the ${stored} that ` +
+        `its storages hold: views share storages more than 4 times over (at most 4 x ${stored} + 2^26 are decoded)`,
+    );
+  }
   const storages = new Map<string, Float32Array | Int32Array>();
   const viewer = new Map<string, string>(); // a tensor that views each storage, to name it in errors
   for (const [name, r] of state.tensors) if (!viewer.has(r.storage)) viewer.set(r.storage, name);

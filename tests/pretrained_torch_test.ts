@@ -433,6 +433,18 @@ Deno.test("parseTorchPickle: malformed pickles are refused with an Error naming 
   );
 });
 
+Deno.test("parseTorchCheckpoint refuses views that share a storage far more often than a tied weight does (each is copied out)", async () => {
+  const views = (n: number) =>
+    Array.from({ length: n }, (_, i) => ({ name: `v${i}`, key: "0", numel: 1 << 20, shape: [1 << 20] }));
+  const file = (n: number) =>
+    storedZip([["archive/data.pkl", statePickle(views(n))], ["archive/data/0", new Uint8Array(4 << 20)]]);
+  assert.equal((await parseTorchCheckpoint(file(68), "ok.pt")).size, 68); // 4 x 2^20 + 2^26 = 68 x 2^20
+  await assert.rejects(
+    () => parseTorchCheckpoint(file(69), "many.pt"),
+    /many\.pt: its 69 tensors would decode to 72351744 elements from the 1048576 that its storages hold/,
+  );
+});
+
 Deno.test("TorchArchiveReader on a stream of unknown length (a body without Content-Length) reads every storage, never past the end", async () => {
   for (const file of ["lm_v64.bin", "lm_v64_views.bin", "lm_v64_mixed.bin"]) {
     const bytes = await bin(file);
