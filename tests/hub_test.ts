@@ -132,7 +132,7 @@ class HubServer {
         headers: { "x-error-code": "EntryNotFound", "x-repo-commit": rev === "main" ? COMMIT : rev },
       });
     }
-    if (file.endsWith(".safetensors")) {
+    if (/\.(safetensors|bin)$/.test(file)) { // LFS files, as the hub stores weights: redirected to its CDN
       return new Response(null, {
         status: 302,
         headers: {
