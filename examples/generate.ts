@@ -190,7 +190,15 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
         ids = ids.subarray(0, stop);
         ended = true;
       }
-      out(decoder.push(ids));
+      try {
+        out(decoder.push(ids));
+      } catch (e) {
+        // a tokenizer with fewer ids than the model, and the model sampled past them
+        const hint = tok.vocabSize < lm.vocabSize
+          ? ` (the tokenizer has ${tok.vocabSize} ids, the model ${lm.vocabSize}: a tokenizer of another model?)`
+          : "";
+        throw new Error(`${(e as Error).message}${hint}`, { cause: e });
+      }
     };
     if (a.batch > 1) out(`[1/${a.batch}] `);
     out(a.prompt);
@@ -203,6 +211,9 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       readEvery: a.readEvery,
       onTokens,
       ...(eos === null ? {} : { stopTokens: [eos] }), // every row at its end: decoding stops
+    }).catch((e) => {
+      out("\n"); // the error's line starts on its own, after the text streamed so far
+      throw e;
     });
     const genMs = performance.now() - t1;
     out(decoder.flush() + "\n");

@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { init } from "../core/device.ts";
+import { manualSeed } from "../core/random.ts";
 import { memory } from "../core/memory.ts";
 import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
 import { hubDownload, HubError, MODEL_FILES, repoCacheDir } from "../mamba/hub.ts";
@@ -886,6 +887,7 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   // No tokenizer with GPT-NeoX's vocabulary, as state-spaces' repositories (pytorch_model.bin and
   // config.json alone): the error says which tokenizer their models use.
   const neoxDir = await Deno.makeTempDir();
+  manualSeed(5);
   const neox = new MambaLM({ dModel: 8, nLayers: 1, dState: 4 }, { vocabSize: 50277 });
   await saveCheckpoint(neox, neoxDir, null);
   neox.dispose();
@@ -895,6 +897,18 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
     noTok.err,
     /no tokenizer \(.*tokenizer\.json does not exist \(vocab_size 50277 is GPT-NeoX's: .* EleutherAI\/gpt-neox-20b\)\): name one with --tokenizer/,
   );
+  // A tokenizer with fewer ids than the model: an id past them is said on its own line, with the sizes.
+  // (The model's random weights are seeded: its greedy first token is past 255.)
+  let streamed = "";
+  await assert.rejects(
+    () =>
+      main(["--model", neoxDir, "--tokenizer", char, "--prompt", "Hi", "--tokens", "3", "--greedy"], {
+        out: (t) => streamed += t,
+        err: () => {},
+      }),
+    /id \d+ is not a byte \(0\.\.255\) \(the tokenizer has 256 ids, the model 50277: a tokenizer of another model\?\)/,
+  );
+  assert.equal(streamed, "Hi\n");
   await Deno.remove(neoxDir, { recursive: true });
   const noPrompt = await run("--model", char, "--tokens", "5", "--greedy"); // a char model starts from "\n"
   assert.equal(noPrompt.code, 0, noPrompt.err);
