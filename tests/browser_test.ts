@@ -21,6 +21,7 @@ import type * as Train from "../mamba/train.ts";
 import { buildWeb, kb, stripKernelComments } from "../examples/web/build.ts";
 import { CHROMIUM, haveChromium, launchChromium } from "../examples/web/chromium.ts";
 import { webHandler } from "../examples/web/serve.ts";
+import { MODEL_FILE_NAMES } from "../mamba/hub.ts";
 
 /** What examples/web/app.ts exposes as `window.mambaDemo` (the fields read here). */
 interface DemoState {
@@ -908,6 +909,19 @@ Deno.test("fromPretrainedFiles and checkpointFiles (the browser's loading and sa
     () => fromPretrainedFiles({ "config.json": files[0] }, { name: "mine" }),
     /mine has none of model.safetensors, model.safetensors.index.json and pytorch_model.bin/,
   );
+});
+
+Deno.test("the demo page's file picker admits every file fromPretrainedFiles reads, pytorch_model.bin too (no browser needed)", async () => {
+  const html = await Deno.readTextFile(new URL("../examples/web/index.html", import.meta.url));
+  const accept = /id="model-files"[^>]*\saccept="([^"]*)"/.exec(html)?.[1];
+  assert.ok(accept !== undefined, "the page has its #model-files picker");
+  const endings = accept.split(",").map((e) => e.trim());
+  // a file dialog hides (macOS: greys out) the files that match none of them
+  for (
+    const name of [...MODEL_FILE_NAMES, "model.safetensors.index.json", "model-00001-of-00002.safetensors"]
+  ) {
+    assert.ok(endings.some((e) => name.endsWith(e)), `${name} is admitted by accept="${accept}"`);
+  }
 });
 
 Deno.test("the bundle drops its kernels' comment lines, keeping the lines (source map), code, expressions and the map link (no browser needed)", () => {

@@ -215,7 +215,9 @@ async function loadModel(): Promise<void> {
     } else {
       const files = $<HTMLInputElement>("model-files").files;
       if (!files?.length) {
-        throw new Error("pick config.json, model.safetensors and (optionally) tokenizer.json");
+        throw new Error(
+          "pick config.json, model.safetensors (or pytorch_model.bin) and (optionally) tokenizer.json",
+        );
       }
       label = [...files].map((f) => f.name).join(", ");
       lm = await fromPretrainedFiles(files, { name: "picked files" });
