@@ -54,8 +54,8 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
   let pinned = false;
   const refused = new Map<string, HubError>();
   const timeoutMs = timeoutOf(options);
-  // `optional`: a file a model may lack (tokenizer files, one form of the weights where another may stand for it), which servers that
-  // hide what they do not list (S3 buckets) answer with 403 rather than 404
+  // `optional`: a file a model may lack (tokenizer files, one form of the weights where another may stand for
+  // it), which servers that hide what they do not list (S3 buckets) answer with 403 rather than 404
   const get = async (file: string, optional: boolean): Promise<Response | null> => {
     const url = `${base}/${file}`;
     const ac = new AbortController();

@@ -1,10 +1,11 @@
 /**
  * Pretrained checkpoints: `config.json` + `model.safetensors` (or a sharded `model.safetensors.index.json`,
- * or PyTorch's `pytorch_model.bin`, as state-spaces' own repositories have it) in the two layouts people download, Hugging Face transformers (`state-spaces/mamba-130m-hf`) and the
- * original state-spaces layout, from a hub id (through the Hugging Face cache in Deno, fetched straight from
- * the hub in a browser), a local folder, an `https://` URL, or blobs (files picked in a page), with the
- * tokenizer beside them; and saving a model back in the Hugging Face layout, to a folder or as bytes (a
- * download). No Deno API is used here: the file-system side is `pretrained_fs.ts`, imported only in Deno.
+ * or PyTorch's `pytorch_model.bin`, as state-spaces' own repositories have it) in the two layouts people
+ * download, Hugging Face transformers (`state-spaces/mamba-130m-hf`) and the original state-spaces layout,
+ * from a hub id (through the Hugging Face cache in Deno, fetched straight from the hub in a browser), a local
+ * folder, an `https://` URL, or blobs (files picked in a page), with the tokenizer beside them; and saving a
+ * model back in the Hugging Face layout, to a folder or as bytes (a download). No Deno API is used here: the
+ * file-system side is `pretrained_fs.ts`, imported only in Deno.
  *
  * The parts: `checkpoint_config.ts` reads and writes config.json and maps tensor names, `model_sources.ts`
  * finds the files, `weight_stream.ts` checks and streams the weights (`torch_weights.ts` those of a
