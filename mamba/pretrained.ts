@@ -66,10 +66,10 @@ export class PretrainedLM extends MambaLM {
    * `options.name` (default "files"). */
   readonly source: string;
   /**
-   * Why `tokenizer` is null: the source has no tokenizer.json (with GPT-NeoX's vocab_size, as state-spaces'
-   * repositories, it names the tokenizer their models use), it is not in the hub cache while downloads are
+   * Why `tokenizer` is null: the source has no tokenizer.json, it is not in the hub cache while downloads are
    * off (the cache's own message, with how to place it by hand), or `tokenizer: false`; null when there is a
-   * tokenizer.
+   * tokenizer. With GPT-NeoX's vocab_size, as state-spaces' repositories have, the first two also name the
+   * tokenizer their models use.
    */
   readonly noTokenizer: string | null;
 
@@ -163,14 +163,15 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
   }
 
   // state-spaces' repositories have no tokenizer; their vocab_size (50277, 50280 padded in the -hf
-  // conversions) is GPT-NeoX's, whose tokenizer mamba.py loads for them.
+  // conversions) is GPT-NeoX's, whose tokenizer mamba.py loads for them. Said offline too: the cache's own
+  // message asks for a tokenizer.json (mamba_ssm caches such a model without a word of it).
   const neox = lm.vocabSize === 50277 || lm.vocabSize === 50280
     ? ` (vocab_size ${lm.vocabSize} is GPT-NeoX's: state-spaces' Mamba models use the tokenizer of ` +
       "EleutherAI/gpt-neox-20b)"
     : "";
   const noTokenizer = t === false
     ? "loaded with tokenizer: false"
-    : src.notCached?.get("tokenizer.json")?.message ?? `${tokWhere} does not exist${neox}`;
+    : (src.notCached?.get("tokenizer.json")?.message ?? `${tokWhere} does not exist`) + neox;
   if (!tokenizer && options.requireTokenizer) throw new NoTokenizerError(noTokenizer);
 
   const plan = await planWeights(src);

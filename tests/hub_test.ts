@@ -592,6 +592,30 @@ Deno.test("hub: pytorch_model.bin where there are no safetensors (state-spaces' 
   });
 });
 
+Deno.test("hub: offline, a model cached without tokenizer.json (as mamba_ssm caches state-spaces' repositories): the missing tokenizer names GPT-NeoX's", async () => {
+  await withHub(async (s, cacheDir) => {
+    // What Python's mamba_ssm leaves in the cache: config.json and pytorch_model.bin, no word of tokenizer.json.
+    const repo = repoCacheDir("org/ss", cacheDir);
+    await Deno.mkdir(`${repo}/snapshots/${COMMIT}`, { recursive: true });
+    await Deno.mkdir(`${repo}/refs`);
+    await Deno.writeTextFile(`${repo}/refs/main`, COMMIT);
+    const config = JSON.parse(await Deno.readTextFile(fixturePath("lm_v64_state_spaces/config.json")));
+    await Deno.writeTextFile(
+      `${repo}/snapshots/${COMMIT}/config.json`,
+      JSON.stringify({ ...config, vocab_size: 50277 }),
+    );
+    await assert.rejects(
+      () => fromPretrained("org/ss", { ...opts(s, cacheDir), localFilesOnly: true, requireTokenizer: true }),
+      (e) => {
+        assert.ok(e instanceof NoTokenizerError, String(e));
+        assert.ok(e.reason.includes(`tokenizer.json (revision ${COMMIT}) is not in the cache`), e.reason);
+        assert.match(e.reason, /vocab_size 50277 is GPT-NeoX's: .* EleutherAI\/gpt-neox-20b\)$/);
+        return true;
+      },
+    );
+  });
+});
+
 Deno.test("hub: no weights, or a config of another architecture: clear errors, no weights fetched", async () => {
   await withHub(async (s, cacheDir) => {
     const files = await lmFiles();
