@@ -35,6 +35,7 @@ const MAX_REPEATED = 2 ** 24;
  * Decodes every tensor of a PyTorch checkpoint (the zip archive `torch.save` writes since PyTorch 1.6) held in
  * memory: floats to f32, integers and bools to int32 (an I64 value past int32 is an error naming it), views
  * (offsets, strides, shared storages) as saved; a view that repeats elements (expand()) up to 2^24 of them.
+ * Names that save the same view (a tied head, a module listed twice) share one array.
  * The pickle is read by a restricted unpickler that refuses any global a state dict of tensors does not name,
  * so nothing in the file runs. `source` names it in errors.
  */
@@ -77,14 +78,17 @@ export async function parseTorchCheckpoint(
       );
     }
   }
-  // Each view is copied out, so views that share a storage decode it again (a tied head: twice). In all at most
-  // 4 times what the storages hold, plus 4 repeated views' allowance: else thousands of views of one storage, a
-  // few bytes of pickle each, could ask for gigabytes.
-  const total = [...state.tensors.values()].reduce((a, r) => a + r.shape.reduce((x, y) => x * y, 1), 0);
+  // Each distinct view is copied out (the same view under several names, as a tied head or a module listed
+  // twice saves it, shares one array), so views that differ but share a storage decode it again. In all at
+  // most 4 times what the storages hold, plus 4 repeated views' allowance: else thousands of views of one
+  // storage, a few bytes of pickle each, could ask for gigabytes.
+  const viewKey = (r: TorchTensorRef) => `${r.storage}|${r.offset}|${r.shape}|${r.strides}`;
+  const distinct = new Map([...state.tensors.values()].map((r) => [viewKey(r), r]));
+  const total = [...distinct.values()].reduce((a, r) => a + r.shape.reduce((x, y) => x * y, 1), 0);
   const stored = [...state.storages.values()].reduce((a, s) => a + s.numel, 0);
   if (total > 4 * stored + 4 * MAX_REPEATED) {
     throw new Error(
-      `${source}: its ${state.tensors.size} tensors would decode to ${total} elements from the ${stored} that ` +
+      `${source}: its ${distinct.size} distinct views would decode to ${total} elements from the ${stored} that ` +
         `its storages hold: views share storages more than 4 times over (at most 4 x ${stored} + 2^26 are decoded)`,
     );
   }
@@ -103,10 +107,13 @@ export async function parseTorchCheckpoint(
     }
   }
   const out = new Map<string, DecodedTensor>();
+  const decoded = new Map<string, DecodedTensor["data"]>(); // by view
   for (const [name, r] of state.tensors) {
     const all = storages.get(r.storage);
     if (!all) throw new Error(`${source}: the archive ends without storage ${r.storage} (of ${name})`);
-    out.set(name, { dtype: r.dtype, shape: r.shape, data: gatherView(all, r) as DecodedTensor["data"] });
+    const key = viewKey(r);
+    if (!decoded.has(key)) decoded.set(key, gatherView(all, r) as DecodedTensor["data"]);
+    out.set(name, { dtype: r.dtype, shape: r.shape, data: decoded.get(key)! });
   }
   return out;
 }

@@ -433,16 +433,32 @@ Deno.test("parseTorchPickle: malformed pickles are refused with an Error naming 
   );
 });
 
-Deno.test("parseTorchCheckpoint refuses views that share a storage far more often than a tied weight does (each is copied out)", async () => {
+Deno.test("parseTorchCheckpoint refuses distinct views that share a storage far more often than a tied weight does (each is copied out); the same view under many names is decoded once", async () => {
   const views = (n: number) =>
-    Array.from({ length: n }, (_, i) => ({ name: `v${i}`, key: "0", numel: 1 << 20, shape: [1 << 20] }));
+    // distinct views: each starts one element further
+    Array.from(
+      { length: n },
+      (_, i) => ({ name: `v${i}`, key: "0", numel: 1 << 20, offset: i, shape: [(1 << 20) - 128] }),
+    );
   const file = (n: number) =>
     storedZip([["archive/data.pkl", statePickle(views(n))], ["archive/data/0", new Uint8Array(4 << 20)]]);
-  assert.equal((await parseTorchCheckpoint(file(68), "ok.pt")).size, 68); // 4 x 2^20 + 2^26 = 68 x 2^20
+  assert.equal((await parseTorchCheckpoint(file(68), "ok.pt")).size, 68); // 68 x (2^20 - 128) <= 4 x 2^20 + 2^26
   await assert.rejects(
     () => parseTorchCheckpoint(file(69), "many.pt"),
-    /many\.pt: its 69 tensors would decode to 72351744 elements from the 1048576 that its storages hold/,
+    /many\.pt: its 69 distinct views would decode to 72342912 elements from the 1048576 that its storages hold/,
   );
+  // The same view under many names (a module listed 200 times, as nn.ModuleList([layer] * 200) saves it):
+  // one array for all, so no bound is reached.
+  const same = Array.from(
+    { length: 200 },
+    (_, i) => ({ name: `m${i}`, key: "0", numel: 1 << 20, shape: [1 << 20] }),
+  );
+  const shared = await parseTorchCheckpoint(
+    storedZip([["archive/data.pkl", statePickle(same)], ["archive/data/0", new Uint8Array(4 << 20)]]),
+    "same.pt",
+  );
+  assert.equal(shared.size, 200);
+  assert.equal(shared.get("m0")!.data, shared.get("m199")!.data, "one array");
 });
 
 Deno.test("TorchArchiveReader on a stream of unknown length (a body without Content-Length) reads every storage, never past the end", async () => {
