@@ -3,7 +3,7 @@
  * state-spaces repositories): its state dict is read first (the archive's `data.pkl`), so shapes are checked
  * before the model is built, then each storage streams to the GPU as it arrives, decoded to f32 (F16, BF16
  * and F64 converted). A tensor is any strided view of a storage, as torch.save keeps it: views that are
- * contiguous and apart stream straight; others (transposed, overlapping) are gathered from the whole storage.
+ * contiguous and apart stream straight; others (transposed, overlapping) are gathered from the span they cover.
  * @module
  */
 
@@ -40,6 +40,9 @@ export function sameView(a: TorchTensorRef, b: TorchTensorRef): boolean {
 }
 
 const countOf = (r: TorchTensorRef) => r.shape.reduce((a, b) => a * b, 1);
+// Elements from a view's first to one past its last (0 for an empty view).
+const extentOf = (r: TorchTensorRef) =>
+  countOf(r) === 0 ? 0 : r.shape.reduce((a, d, i) => a + (d - 1) * r.strides[i], 0) + 1;
 
 /**
  * Streams the storages of `w` into the model's parameters: `names` maps each checkpoint name to load to its
@@ -106,8 +109,23 @@ export async function streamTorchInto(
         }
         await w.archive.skip(rec.bytes - pos * size);
       } else {
-        const all = await readTensor(reader, entry(views[0][1].dtype, rec.bytes / size), rec.key);
-        for (const [k, r] of views) load(k, r, gatherView(all, r));
+        // The span the views cover is read, not the whole storage: its size comes from the pickle, which a
+        // body of unknown length cannot check (2^40 elements claimed would be allocated). A span far wider
+        // than the views (strides that spread a few elements over gigabytes) is refused.
+        const lo = Math.min(...views.map(([, r]) => r.offset));
+        const hi = Math.max(...views.map(([, r]) => r.offset + extentOf(r)));
+        const held = views.reduce((a, [, r]) => a + countOf(r), 0);
+        if (hi - lo > 4 * held + (1 << 24)) {
+          throw new Error(
+            `its views spread ${held} elements over ${
+              hi - lo
+            } of the storage; at most 4 x ${held} + 2^24 are read`,
+          );
+        }
+        await w.archive.skip(lo * size);
+        const span = await readTensor(reader, entry(views[0][1].dtype, hi - lo), rec.key);
+        for (const [k, r] of views) load(k, r, gatherView(span, { ...r, offset: r.offset - lo }));
+        await w.archive.skip(rec.bytes - hi * size);
       }
     } catch (e) {
       const what = views.length ? views.map(([k, r]) => describe(k, r)).join("; ") : `storage ${rec.key}`;

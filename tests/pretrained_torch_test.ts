@@ -665,3 +665,47 @@ Deno.test("parseTorchCheckpoint: a seeded corruption fuzz (bit flips, bytes set,
   }
   assert.ok(outcomes.refused > 1500 && outcomes.readIntact > 50, JSON.stringify(outcomes));
 });
+
+Deno.test("pytorch_model.bin over a body of unknown length (chunked): a storage the pickle makes huge behind a transposed view is not allocated, and views spread far wider than they hold are refused", async () => {
+  await init();
+  const live = memory().liveBytes;
+  let body = new Uint8Array(0);
+  const ac = new AbortController();
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} },
+    async (req) => {
+      const file = new URL(req.url).pathname.slice(1);
+      if (file === "config.json") return new Response(await Deno.readFile(SS_CONFIG));
+      if (file !== "pytorch_model.bin") return new Response("no", { status: 404 });
+      const data = body;
+      // no Content-Length: the body is chunked, so its size is unknown until it ends
+      return new Response(new ReadableStream({ start: (c) => (c.enqueue(data.slice()), c.close()) }));
+    },
+  );
+  const url = `http://127.0.0.1:${server.addr.port}`;
+  try {
+    // x_proj (34, 64) saved transposed (stride (1, 34)) in a storage the pickle says holds 2^40 elements: only
+    // the view's span is read, and the body's end comes while skipping the rest.
+    body = await fakeCheckpoint(
+      (ts) => ts.map((t, i) => i === 5 ? { ...t, numel: 2 ** 40, stored: t.numel, stride: [1, 34] } : t),
+      { descriptors: true },
+    );
+    await assert.rejects(() => fromPretrained(url), (e: Error) => {
+      assert.match(e.message, /backbone\.layers\.0\.mixer\.x_proj\.weight.*the body ended at byte \d+/);
+      return true;
+    });
+    // The same view with strides that spread its 2176 elements over 66 M of the storage: refused before a read.
+    body = await fakeCheckpoint(
+      (ts) => ts.map((t, i) => i === 5 ? { ...t, numel: 2 ** 27, stored: t.numel, stride: [1, 2 ** 20] } : t),
+      { descriptors: true },
+    );
+    await assert.rejects(
+      () => fromPretrained(url),
+      /its views spread 2176 elements over 66060322 of the storage; at most 4 x 2176 \+ 2\^24 are read/,
+    );
+    assert.equal(memory().liveBytes, live);
+  } finally {
+    ac.abort();
+    await server.finished;
+  }
+});
