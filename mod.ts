@@ -142,7 +142,7 @@ export {
   tuneFusedScan,
   tuneProblems,
 } from "./scan/tune_fused.ts";
-export { type MambaConfig, mambaConfig, type MambaConfigInput } from "./mamba/config.ts";
+export { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./mamba/config.ts";
 export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";
 export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./mamba/lm.ts";
 export { type SampleOptions } from "./mamba/sampling.ts";

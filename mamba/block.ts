@@ -90,9 +90,9 @@ export class MambaBlock extends Module {
       this.outProj = this.child("out_proj", new Linear(ED, dModel, config.bias));
       this.norms = config.innerLayernorms
         ? {
-          dt: this.child("dt_layernorm", new RMSNorm(R, config.rmsNormEps)),
-          B: this.child("B_layernorm", new RMSNorm(N, config.rmsNormEps)),
-          C: this.child("C_layernorm", new RMSNorm(N, config.rmsNormEps)),
+          dt: this.child("dt_layernorm", new RMSNorm(R, config.rmsNormEps, { affine: !config.mup })),
+          B: this.child("B_layernorm", new RMSNorm(N, config.rmsNormEps, { affine: !config.mup })),
+          C: this.child("C_layernorm", new RMSNorm(N, config.rmsNormEps, { affine: !config.mup })),
         }
         : null;
     } catch (e) {
@@ -339,9 +339,9 @@ export class ResidualBlock extends Module {
   constructor(config: MambaConfig) {
     super();
     this.mixer = this.child("mixer", new MambaBlock(config)); // validates the config
-    const { dModel, rmsNormEps } = this.mixer.config;
+    const { dModel, rmsNormEps, mup } = this.mixer.config;
     try {
-      this.norm = this.child("norm", new RMSNorm(dModel, rmsNormEps));
+      this.norm = this.child("norm", new RMSNorm(dModel, rmsNormEps, { affine: !mup }));
     } catch (e) {
       this.dispose(); // the mixer, where the norm ran out of memory
       throw e;

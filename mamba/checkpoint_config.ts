@@ -67,6 +67,8 @@ const HF_KEYS = new Set([
   "_name_or_path",
   "dtype",
   "inner_layernorms", // ours (mamba.py's inner_layernorms): written by hfConfig when true
+  "mup", // ours (mamba.py's mup and mup_base_width): written by hfConfig for a muP model
+  "mup_base_width",
   "d_inner", // the -hf conversions' copies of state-spaces names (d_model, n_layer too): checked against ours
   "use_associative_scan", // transformers' choice of scan in PyTorch: how a run executes, not the weights
 ]);
@@ -258,6 +260,8 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
       dtScale: r.pos("time_step_scale", 1),
       dtInitFloor: r.pos("time_step_floor", 1e-4),
       innerLayernorms: r.bool("inner_layernorms", false),
+      mup: r.bool("mup", false),
+      mupBaseWidth: r.pos("mup_base_width", 128),
     };
     // Checked, not applied: the -hf configs carry it over from state-spaces, but transformers' MambaConfig
     // has no such field, and MambaForCausalLM's embedding and head have exactly vocab_size rows.
@@ -346,8 +350,9 @@ export function mapKey(key: string): string | null {
 
 /**
  * The Hugging Face transformers config.json of a model. A model with inner layernorms (`innerLayernorms`,
- * which transformers' Mamba does not have) also gets `"inner_layernorms": true`, a key of ours (mamba.py's
- * name) that {@linkcode fromPretrained} reads back.
+ * which transformers' Mamba does not have) also gets `"inner_layernorms": true`, and a muP model `"mup": true`
+ * and `"mup_base_width"`: keys of ours (mamba.py's names) that {@linkcode fromPretrained} reads back
+ * (transformers would ignore them, so a muP checkpoint is for mamba.ts and mamba.py).
  */
 export function hfConfig(model: MambaLM): Record<string, unknown> {
   const c = model.config;
@@ -374,5 +379,6 @@ export function hfConfig(model: MambaLM): Record<string, unknown> {
     time_step_floor: c.dtInitFloor,
     torch_dtype: "float32",
     ...(c.innerLayernorms ? { inner_layernorms: true } : {}),
+    ...(c.mup ? { mup: true, mup_base_width: c.mupBaseWidth } : {}),
   };
 }

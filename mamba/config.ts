@@ -1,6 +1,6 @@
 /**
- * `MambaConfig`: mamba.py's config fields, camelCase, with the same defaults, validated; not `mup`,
- * `mup_base_width` or `use_cuda`, and mamba.py's `pscan` flag became `scan`.
+ * `MambaConfig`: mamba.py's config fields, camelCase, with the same defaults, validated; not `use_cuda`, and
+ * mamba.py's `pscan` flag became `scan`.
  * @module
  */
 
@@ -41,6 +41,12 @@ export interface MambaConfigInput {
   convBias?: boolean;
   /** RMSNorm on delta, B and C after x_proj (false). */
   innerLayernorms?: boolean;
+  /** muP, as mamba.py's `mup` (false): RMSNorms without weights, `MambaLM`'s muP initialisation and its
+   * logits divided by the width multiplier dModel / mupBaseWidth, and `configureOptimizers`'s
+   * learning rate / multiplier (weight decay x multiplier) for in_proj, x_proj, dt_proj and out_proj. */
+  mup?: boolean;
+  /** The width that muP's hyper-parameters were tuned at (128), as mamba.py's `mup_base_width`. */
+  mupBaseWidth?: number;
   /** How the selective scan runs: "fused" (default: one kernel per block of 16 states, recomputing backward;
    * pscan on an adapter that cannot bind 10 storage buffers), "pscan" or "sequential". */
   scan?: ScanMode | "fused";
@@ -79,13 +85,23 @@ const DEFAULTS = {
   bias: false,
   convBias: true,
   innerLayernorms: false,
+  mup: false,
+  mupBaseWidth: 128,
   scan: "fused" as ScanMode | "fused",
   recompute: true as boolean | "input",
 };
 
 const INT_KEYS = ["dModel", "nLayers", "dState", "expandFactor", "dConv"] as const;
-const POS_KEYS = ["dtMin", "dtMax", "dtScale", "dtInitFloor", "rmsNormEps", "baseStd"] as const;
-const BOOL_KEYS = ["bias", "convBias", "innerLayernorms"] as const;
+const POS_KEYS = [
+  "dtMin",
+  "dtMax",
+  "dtScale",
+  "dtInitFloor",
+  "rmsNormEps",
+  "baseStd",
+  "mupBaseWidth",
+] as const;
+const BOOL_KEYS = ["bias", "convBias", "innerLayernorms", "mup"] as const;
 
 // A value for a message: numbers as JavaScript writes them (Infinity, NaN), anything else as JSON.
 const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
@@ -150,4 +166,9 @@ export function mambaConfig(config: MambaConfigInput | MambaConfig): MambaConfig
     );
   }
   return { ...c, dtRank, dInner: derived };
+}
+
+/** muP's width multiplier dModel / mupBaseWidth (mamba.py's `mup_width_mult`); 1 without muP. */
+export function mupWidthMult(c: MambaConfig): number {
+  return c.mup ? c.dModel / c.mupBaseWidth : 1;
 }

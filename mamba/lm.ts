@@ -14,7 +14,7 @@ import { normal } from "../nn/init.ts";
 import { Embedding, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { type LayerCache, Mamba } from "./block.ts";
-import { type MambaConfig, mambaConfig, type MambaConfigInput } from "./config.ts";
+import { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./config.ts";
 import { drawSeed, sampleInto, type SampleOptions, sampleParams } from "./sampling.ts";
 
 /** LM options on top of the Mamba config. Unknown keys are an error. */
@@ -145,7 +145,15 @@ export class MambaLM extends Module {
     );
     try {
       this.mamba = this.child("mamba", new Mamba(this.config));
-      this.normF = this.child("norm_f", new RMSNorm(this.config.dModel, this.config.rmsNormEps));
+      // muP: no gains, and the logits divided by the width multiplier (mamba.py's x / mup_width_mult before
+      // lm_head), folded into the norm's constant so that every head path (forward, prefill, decoding) has it
+      this.normF = this.child(
+        "norm_f",
+        new RMSNorm(this.config.dModel, this.config.rmsNormEps, {
+          affine: !this.config.mup,
+          scale: 1 / mupWidthMult(this.config),
+        }),
+      );
       this.lmHead = this.tied
         ? null
         : this.child("lm_head", new Linear(this.config.dModel, this.vocabSize, false));
@@ -159,8 +167,10 @@ export class MambaLM extends Module {
   }
 
   /** mamba.py's `_init_weights`: every Linear weight and the embedding ~ N(0, baseStd), Linear biases 0,
-   * then out_proj weights ~ N(0, baseStd / sqrt(2 nLayers)). Conv, A_log, D and norms keep their init. */
+   * then out_proj weights ~ N(0, baseStd / sqrt(2 nLayers)). Conv, A_log, D and norms keep their init.
+   * With muP, mamba.py's muP initialisation instead (see `initMup`). */
   private initWeights(): void {
+    if (this.config.mup) return this.initMup();
     const std = this.config.baseStd;
     const fresh = new Map<string, Tensor>();
     try {
@@ -174,6 +184,41 @@ export class MambaLM extends Module {
             ),
           );
         } else if (/(in_proj|out_proj|dt_proj)\.bias$/.test(name)) {
+          fresh.set(name, zeros(p.shape));
+        }
+      }
+      this.loadStateDict(fresh, { strict: false });
+    } finally {
+      dispose([...fresh.values()]);
+    }
+  }
+
+  /**
+   * mamba.py's muP initialisation (`LM.__init__` with `mup`): in_proj, x_proj, dt_proj and out_proj weights ~
+   * N(0, std / sqrt(w)) with w = dModel / mupBaseWidth and std = baseStd (out_proj: / sqrt(2 nLayers); dt_proj:
+   * dtRank^-0.5 dtScale); conv1d weights and lm_head 0; the embedding ~ N(0, baseStd); in_proj and out_proj
+   * biases 0; conv1d and dt_proj biases, A_log and D keep the block's init. A tied head is the embedding's.
+   */
+  private initMup(): void {
+    const { baseStd, nLayers, dtRank, dtScale } = this.config;
+    const w = mupWidthMult(this.config);
+    const fresh = new Map<string, Tensor>();
+    try {
+      for (const [name, p] of this.namedParameters()) {
+        const hidden = /mixer\.(in_proj|x_proj|dt_proj|out_proj)\.weight$/.exec(name);
+        if (hidden) {
+          const std = hidden[1] === "out_proj"
+            ? baseStd / Math.sqrt(2 * nLayers)
+            : hidden[1] === "dt_proj"
+            ? dtRank ** -0.5 * dtScale
+            : baseStd;
+          fresh.set(name, normal(p.shape, std / Math.sqrt(w)));
+        } else if (name === "embedding.weight") {
+          fresh.set(name, normal(p.shape, baseStd));
+        } else if (
+          /mixer\.conv1d\.weight$/.test(name) || name === "lm_head.weight" ||
+          /(in|out)_proj\.bias$/.test(name)
+        ) {
           fresh.set(name, zeros(p.shape));
         }
       }

@@ -135,14 +135,21 @@ export class Embedding extends Module {
 
 /** `x * rsqrt(mean(x^2, -1) + eps) * weight` */
 export class RMSNorm extends Module {
-  /** (dim) */
+  /** (dim): the learned gains, or with `affine: false` a constant that is no parameter. */
   readonly weight: Tensor;
 
-  /** Creates the norm with unit weights; `eps` defaults to 1e-5. */
-  constructor(readonly dim: number, readonly eps = 1e-5) {
+  /**
+   * Creates the norm with unit weights; `eps` defaults to 1e-5. With `affine: false` (muP: gains prevent
+   * muTransfer, as mamba.py drops them) there is no parameter and the output is multiplied by the constant
+   * `scale` (default 1).
+   */
+  constructor(readonly dim: number, readonly eps = 1e-5, options: { affine?: boolean; scale?: number } = {}) {
     super();
     checkSize("RMSNorm", "dim", dim);
-    this.weight = this.param("weight", constant([dim], 1));
+    const scale = options.scale ?? 1;
+    if (!Number.isFinite(scale)) throw new Error(`RMSNorm: scale must be a finite number, got ${scale}`);
+    const w = constant([dim], scale);
+    this.weight = options.affine ?? true ? this.param("weight", w) : this.keepConstant(w);
   }
 
   /** x: (..., dim) -> (..., dim) */

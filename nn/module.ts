@@ -78,6 +78,7 @@ export interface LoadResult {
 export class Module {
   #params = new Map<string, Tensor>();
   #children = new Map<string, Module>();
+  #constants: Tensor[] = [];
 
   /** Registers a parameter: it is kept (never freed by `tidy`) and requires grad. Returns it. `name` is one
    * part of its state-dict key: non-empty, without '.', and not yet used in this module. */
@@ -85,6 +86,13 @@ export class Module {
     this.#checkName("parameter", name);
     t.requiresGrad_(true);
     this.#params.set(name, keep(t));
+    return t;
+  }
+
+  /** Holds a tensor that is no parameter (a constant: not trained, not in the state dict), kept and freed
+   * with the module. Returns it. */
+  protected keepConstant(t: Tensor): Tensor {
+    this.#constants.push(keep(t));
     return t;
   }
 
@@ -180,12 +188,18 @@ export class Module {
     return { missingKeys, unexpectedKeys };
   }
 
-  /** Frees every parameter (and its gradient). */
+  /** Frees every parameter (and its gradient), and the constants of every module in the tree. */
   dispose(): void {
     for (const p of this.parameters()) {
       p.grad?.dispose();
       p.grad = null;
       p.dispose();
     }
+    this.#disposeConstants();
+  }
+
+  #disposeConstants(): void {
+    for (const t of this.#constants) t.dispose();
+    for (const c of this.#children.values()) c.#disposeConstants();
   }
 }

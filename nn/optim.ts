@@ -330,6 +330,9 @@ export interface ParamGroup {
   params: Tensor[];
   /** Weight decay of this group (default: the optimizer's `weightDecay`). */
   weightDecay?: number;
+  /** This group's learning rate as a multiple of the optimizer's `lr` (default 1), so that a schedule that
+   * sets `lr` keeps the ratio (muP's 1 / width multiplier: {@linkcode configureOptimizers}). */
+  lrScale?: number;
   /** Names of the parameters, used as state-dict keys (default: their index over all groups, "0", "1"...). */
   names?: string[];
 }
@@ -406,6 +409,7 @@ interface Slot {
   p: Tensor;
   name: string;
   weightDecay: number;
+  lrScale: number;
   steps: number;
   state: Tensor[] | null;
 }
@@ -437,6 +441,10 @@ export abstract class Optimizer {
       }
       const wd = group.weightDecay ?? weightDecay;
       if (!(wd >= 0)) throw new Error(`optimizer: weightDecay must be >= 0, got ${wd}`);
+      const lrScale = group.lrScale ?? 1;
+      if (!(lrScale >= 0 && lrScale < Infinity)) {
+        throw new Error(`optimizer: lrScale must be a finite number >= 0, got ${lrScale}`);
+      }
       group.params.forEach((p, i) => {
         if (seen.has(p)) throw new Error(`optimizer: parameter ${p} appears twice`);
         if (p.dtype !== "f32") throw new Error(`optimizer: parameters must be f32, got ${p}`);
@@ -444,12 +452,13 @@ export abstract class Optimizer {
         if (names.has(name)) throw new Error(`optimizer: parameter name '${name}' appears twice`);
         seen.add(p);
         names.add(name);
-        this.#slots.push({ p, name, weightDecay: wd, steps: 0, state: null });
+        this.#slots.push({ p, name, weightDecay: wd, lrScale, steps: 0, state: null });
       });
       const at = this.#slots.length - group.params.length;
       resolved.push({
         params: [...group.params],
         weightDecay: wd,
+        lrScale,
         names: this.#slots.slice(at).map((s) => s.name),
       });
     }
@@ -466,7 +475,7 @@ export abstract class Optimizer {
     p: Tensor,
     g: Tensor,
     state: Tensor[],
-    info: { weightDecay: number; steps: number; fresh: boolean; scale: Tensor },
+    info: { lr: number; weightDecay: number; steps: number; fresh: boolean; scale: Tensor },
   ): void;
 
   /**
@@ -493,6 +502,7 @@ export abstract class Optimizer {
       if (!g) continue;
       s.steps++;
       this.update(s.p, g, s.state!, {
+        lr: this.lr * s.lrScale,
         weightDecay: s.weightDecay,
         steps: s.steps,
         fresh: fresh.has(s),
@@ -646,17 +656,17 @@ export class AdamW extends Optimizer {
     p: Tensor,
     g: Tensor,
     [m, v]: Tensor[],
-    { weightDecay, steps, scale }: { weightDecay: number; steps: number; scale: Tensor },
+    { lr, weightDecay, steps, scale }: { lr: number; weightDecay: number; steps: number; scale: Tensor },
   ): void {
     const [b1, b2] = this.betas;
     dispatch(adamwKernel, { p: p.storage, g: g.storage, m: m.storage, v: v.storage, s: scale.storage }, {
       n: p.size,
-      decay: 1 - this.lr * weightDecay,
+      decay: 1 - lr * weightDecay,
       b1,
       c1: 1 - b1,
       b2,
       c2: 1 - b2,
-      stepSize: this.lr / (1 - b1 ** steps),
+      stepSize: lr / (1 - b1 ** steps),
       bc2Sqrt: Math.sqrt(1 - b2 ** steps),
       eps: this.eps,
     }, Math.ceil(p.size / WG));
@@ -710,14 +720,14 @@ export class SGD extends Optimizer {
     p: Tensor,
     g: Tensor,
     state: Tensor[],
-    { weightDecay, fresh, scale }: { weightDecay: number; fresh: boolean; scale: Tensor },
+    { lr, weightDecay, fresh, scale }: { lr: number; weightDecay: number; fresh: boolean; scale: Tensor },
   ): void {
     const withMomentum = this.momentum > 0;
     const buffers: Record<string, Tensor["storage"]> = { p: p.storage, g: g.storage, s: scale.storage };
     if (withMomentum) buffers.buf = state[0].storage;
     dispatch(withMomentum ? SGD_KERNELS.momentum : SGD_KERNELS.plain, buffers, {
       n: p.size,
-      lr: this.lr,
+      lr,
       wd: weightDecay,
       momentum: this.momentum,
       damp: 1 - this.dampening,
@@ -739,6 +749,8 @@ export interface ConfigureOptions {
   betas: [number, number];
   /** AdamW epsilon (default 1e-8). */
   eps?: number;
+  /** muP's width multiplier (`mupWidthMult(model.config)` of a muP model); absent: no muP group. */
+  mupWidthMult?: number;
 }
 
 /**
@@ -747,16 +759,33 @@ export interface ConfigureOptions {
  * actual rule (`p.dim() >= 2`), so `A_log` (ED, N) and the conv weights (ED, 1, d_conv) ARE decayed, as in
  * mamba.py (and in the char-mamba reference run), even though A_log is not a matmul weight. Parameters are
  * named as in the model's state dict, so the optimizer state saves under the same names.
+ *
+ * With `mupWidthMult` w (a muP model's, `mupWidthMult(config)`), a third group first, as mamba.py's: the
+ * in_proj, x_proj, dt_proj and out_proj weights with learning rate lr / w (`lrScale`) and weight decay
+ * `weightDecay` x w.
  */
 export function configureOptimizers(model: Module, options: ConfigureOptions): AdamW {
   const named = model.namedParameters().filter(([, p]) => p.requiresGrad);
-  const decay = named.filter(([, p]) => p.rank >= 2);
+  const w = options.mupWidthMult ?? 1;
+  if (!(w > 0 && w < Infinity)) throw new Error(`configureOptimizers: mupWidthMult must be > 0, got ${w}`);
+  const isMup = (n: string) => options.mupWidthMult !== undefined && MUP_HIDDEN.test(n);
+  const mup = named.filter(([n]) => isMup(n));
+  const decay = named.filter(([n, p]) => p.rank >= 2 && !isMup(n));
   const noDecay = named.filter(([, p]) => p.rank < 2);
+  const group = (list: [string, Tensor][], g: Omit<ParamGroup, "params" | "names">): ParamGroup => ({
+    params: list.map(([, p]) => p),
+    names: list.map(([n]) => n),
+    ...g,
+  });
   return new AdamW([
-    { params: decay.map(([, p]) => p), names: decay.map(([n]) => n), weightDecay: options.weightDecay },
-    { params: noDecay.map(([, p]) => p), names: noDecay.map(([n]) => n), weightDecay: 0 },
+    ...(mup.length ? [group(mup, { weightDecay: options.weightDecay * w, lrScale: 1 / w })] : []),
+    group(decay, { weightDecay: options.weightDecay }),
+    group(noDecay, { weightDecay: 0 }),
   ], { lr: options.lr, betas: options.betas, eps: options.eps ?? 1e-8 });
 }
+
+// muP's "hidden weights" (mamba.py's list for Mamba).
+const MUP_HIDDEN = /mixer\.(in_proj|x_proj|dt_proj|out_proj)\.weight$/;
 
 /** Options of {@linkcode cosineSchedule}. */
 export interface CosineScheduleOptions {

@@ -60,9 +60,10 @@ export async function fixtureConfig(
     bias: "bias",
     conv_bias: "convBias",
     inner_layernorms: "innerLayernorms",
+    mup: "mup",
   };
   // Checked below, or a choice of mamba.py's implementation that does not change the function.
-  const OTHER = new Set(["d_inner", "mup", "pscan", "use_cuda"]);
+  const OTHER = new Set(["d_inner", "pscan", "use_cuda"]);
   const input: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(c)) {
     if (k in MAPPED) input[MAPPED[k]] = v;

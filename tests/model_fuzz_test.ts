@@ -531,6 +531,8 @@ const BAD_CONFIG: Record<string, unknown[]> = {
   bias: NOT_BOOL,
   convBias: NOT_BOOL,
   innerLayernorms: NOT_BOOL,
+  mup: NOT_BOOL,
+  mupBaseWidth: NOT_POS,
   recompute: NOT_BOOL,
   dtInit: ["uniform", "", "Random", 1, NaN, null],
   scan: ["Fused", "parallel", "", 1, null, NaN],
