@@ -57,6 +57,8 @@ const USAGE = `Usage: deno task train [options]
   --d-model <n>      model width (default 64)
   --layers <n>       Mamba blocks (default 2)
   --d-state <n>      SSM state size (default 16)
+  --mup-base-width <n>  train with muP, its hyper-parameters tuned at width n (mamba.py's mup and
+                     mup_base_width; off by default)
   --recompute <how>  what each block keeps for the backward: true (its input and the scan's chunk states,
                      default), input (its input alone: least memory for deep models and long --seq, about a
                      tenth more time per step) or false (every op's saved tensors); not with --resume
@@ -67,7 +69,8 @@ const USAGE = `Usage: deno task train [options]
   --resume <dir>     continue the run saved in <dir> with its recipe and model; only --steps (to extend
                      it), --data, --out and --save-every may be given with it
   --from <model>     fine-tune a pretrained model (hub id, folder or URL) instead of training a new one:
-                     the text is encoded by its tokenizer; --d-model, --layers, --d-state do not apply
+                     the text is encoded by its tokenizer; --d-model, --layers, --d-state, --mup-base-width
+                     do not apply
   --revision <s>     hub branch, tag or commit of --from (default main)
   --cache-dir <s>    hub cache folder of --from (default HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else
                      HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub)
@@ -86,6 +89,8 @@ export interface TrainArgs {
   layers: number;
   /** State size. */
   dState: number;
+  /** muP's base width (`MambaConfig.mupBaseWidth`), or null: no muP. */
+  mupBaseWidth: number | null;
   /** `MambaConfig.recompute` of a new or fine-tuned model. */
   recompute: boolean | "input";
   /** Text file. */
@@ -113,12 +118,13 @@ const RECIPE_FLAGS = [
   "d-model",
   "layers",
   "d-state",
+  "mup-base-width",
   "seed",
   "eval-every",
   "recompute",
 ];
 /** Flags that shape a new model, which a fine-tuned one has already. */
-const MODEL_FLAGS = ["d-model", "layers", "d-state"];
+const MODEL_FLAGS = ["d-model", "layers", "d-state", "mup-base-width"];
 
 /** Parses flags; throws an Error naming a bad flag or value; null for --help. */
 export function parseTrainArgs(argv: string[]): TrainArgs | null {
@@ -134,6 +140,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       "d-model": { type: "string" },
       layers: { type: "string" },
       "d-state": { type: "string" },
+      "mup-base-width": { type: "string" },
       recompute: { type: "string" },
       seed: { type: "string" },
       data: { type: "string" },
@@ -226,6 +233,9 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     dModel: int("d-model", values["d-model"], 64),
     layers: int("layers", values.layers, 2),
     dState: int("d-state", values["d-state"], 16),
+    mupBaseWidth: values["mup-base-width"] === undefined
+      ? null
+      : int("mup-base-width", values["mup-base-width"], 0),
     recompute,
     data: values.data ?? fileURLToPath(new URL("../data/pride_and_prejudice.txt", import.meta.url)),
     out: values.out ?? values.resume ?? (values.from === undefined ? "runs/char" : "runs/ft"),
@@ -327,7 +337,8 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     const run = encodeText(text, null);
     tokenizer = run.tokenizer;
     manualSeed(a.train.seed);
-    const config = { dModel: a.dModel, nLayers: a.layers, dState: a.dState, recompute: a.recompute };
+    const mup = a.mupBaseWidth === null ? {} : { mup: true, mupBaseWidth: a.mupBaseWidth };
+    const config = { dModel: a.dModel, nLayers: a.layers, dState: a.dState, recompute: a.recompute, ...mup };
     const model = new MambaLM(config, { vocabSize: 256 });
     try {
       trainer = new Trainer(model, run.data, a.train); // refuses a text too short for a window of --seq

@@ -1106,3 +1106,47 @@ Deno.test("checkpoint: a clip of Infinity and the model's scan and recompute sur
     await Deno.remove(root, { recursive: true });
   }
 });
+
+Deno.test("train: --mup-base-width trains a muP model (mamba.py's groups), whose checkpoint resumes as one, bit-exact", async () => {
+  const root = await Deno.makeTempDir();
+  try {
+    const run = async (args: string[], stopAfter?: number) => {
+      let n = 0;
+      const t = await runTraining(parseTrainArgs(args)!, {
+        progress: quiet,
+        shouldStop: stopAfter === undefined ? undefined : () => ++n === stopAfter,
+      });
+      const r = {
+        step: t.step,
+        mup: t.model.config.mup,
+        base: t.model.config.mupBaseWidth,
+        groups: t.opt.paramGroups,
+      };
+      t.model.dispose();
+      t.dispose();
+      return r;
+    };
+    const base = ["--batch", "4", "--seq", "32", "--d-model", "16", "--layers", "1", "--eval-every", "2"];
+    const mup = [...base, "--mup-base-width", "8", "--steps", "2"];
+    const a = await run([...mup, "--out", `${root}/a`]);
+    assert.deepEqual([a.mup, a.base, a.groups[0].lrScale, a.groups[0].weightDecay], [true, 8, 0.5, 0.2]);
+    const cfg = JSON.parse(await Deno.readTextFile(`${root}/a/config.json`));
+    assert.deepEqual([cfg.mup, cfg.mup_base_width], [true, 8]);
+    assert.ok(![...(await weights(`${root}/a`)).keys()].some((k) => k.includes("norm")), "no norm gains");
+    // a: extended to 4 at once; b: the same, interrupted after step 3 and resumed: the same weights (the muP
+    // groups' optimizer state restored by name).
+    const ra = await run(["--resume", `${root}/a`, "--steps", "4"]);
+    assert.deepEqual([ra.step, ra.mup, ra.groups.length], [4, true, 3]);
+    await run([...mup, "--out", `${root}/b`]);
+    assert.equal((await run(["--resume", `${root}/b`, "--steps", "4"], 1)).step, 3);
+    assert.equal((await run(["--resume", `${root}/b`])).step, 4);
+    const [wa, wb] = [await weights(`${root}/a`), await weights(`${root}/b`)];
+    for (const [k, t] of wa) assert.deepEqual(wb.get(k)!.data, t.data, `${k} differs`);
+    assert.throws(
+      () => parseTrainArgs(["--mup-base-width", "0"]),
+      /--mup-base-width must be an integer >= 1, got '0'/,
+    );
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
