@@ -749,7 +749,8 @@ export interface ConfigureOptions {
   betas: [number, number];
   /** AdamW epsilon (default 1e-8). */
   eps?: number;
-  /** muP's width multiplier (`mupWidthMult(model.config)` of a muP model); absent: no muP group. */
+  /** muP's width multiplier w (default: a muP model's own, `mupWidthMult(model.config)`, as mamba.py's
+   * `configure_optimizers` reads `config.mup`; for another model, none: no muP group). */
   mupWidthMult?: number;
 }
 
@@ -760,15 +761,18 @@ export interface ConfigureOptions {
  * mamba.py (and in the char-mamba reference run), even though A_log is not a matmul weight. Parameters are
  * named as in the model's state dict, so the optimizer state saves under the same names.
  *
- * With `mupWidthMult` w (a muP model's, `mupWidthMult(config)`), a third group first, as mamba.py's: the
+ * For a muP model (`config.mup`), or with `mupWidthMult` w given, a third group first, as mamba.py's: the
  * in_proj, x_proj, dt_proj and out_proj weights with learning rate lr / w (`lrScale`) and weight decay
- * `weightDecay` x w.
+ * `weightDecay` x w, where w is by default the model's `mupWidthMult(config)`.
  */
 export function configureOptimizers(model: Module, options: ConfigureOptions): AdamW {
   const named = model.namedParameters().filter(([, p]) => p.requiresGrad);
-  const w = options.mupWidthMult ?? 1;
+  // a muP model's own multiplier by default: mamba.py's configure_optimizers reads its config.mup
+  const own = (model as { config?: { mup?: unknown; dModel: number; mupBaseWidth: number } }).config;
+  const given = options.mupWidthMult ?? (own?.mup === true ? own.dModel / own.mupBaseWidth : undefined);
+  const w = given ?? 1;
   if (!(w > 0 && w < Infinity)) throw new Error(`configureOptimizers: mupWidthMult must be > 0, got ${w}`);
-  const isMup = (n: string) => options.mupWidthMult !== undefined && MUP_HIDDEN.test(n);
+  const isMup = (n: string) => given !== undefined && MUP_HIDDEN.test(n);
   const mup = named.filter(([n]) => isMup(n));
   const decay = named.filter(([n, p]) => p.rank >= 2 && !isMup(n));
   const noDecay = named.filter(([, p]) => p.rank < 2);

@@ -120,11 +120,16 @@ Deno.test("configureOptimizers with muP: in_proj, x_proj, dt_proj, out_proj weig
     "mamba.layers.1.mixer.conv1d.weight",
   ]);
   assert.deepEqual([decay.lrScale, decay.weightDecay, noDecay.lrScale, noDecay.weightDecay], [1, 0.1, 1, 0]);
-  // Without mupWidthMult: mamba.py's two groups, as before.
+  // Without mupWidthMult: the model's own w, as mamba.py's configure_optimizers reads config.mup; for a
+  // plain model, mamba.py's two groups.
+  const own = configureOptimizers(lm, { lr: 1e-3, weightDecay: 0.1, betas: [0.9, 0.95] }).paramGroups;
+  assert.deepEqual([own.length, own[0].lrScale, own[0].weightDecay], [3, 0.25, 0.4], "a muP model's own w");
+  const plain = new MambaLM({ dModel: 32, nLayers: 2 }, { vocabSize: 16 });
   assert.equal(
-    configureOptimizers(lm, { lr: 1e-3, weightDecay: 0.1, betas: [0.9, 0.95] }).paramGroups.length,
+    configureOptimizers(plain, { lr: 1e-3, weightDecay: 0.1, betas: [0.9, 0.95] }).paramGroups.length,
     2,
   );
+  plain.dispose();
   assert.throws(
     () => configureOptimizers(lm, { lr: 1e-3, weightDecay: 0.1, betas: [0.9, 0.95], mupWidthMult: 0 }),
     /mupWidthMult must be > 0/,
