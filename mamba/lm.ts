@@ -130,8 +130,10 @@ export class MambaLM extends Module {
   /**
    * Builds the LM with mamba.py's initialisation (llama2.c-style normal(0, baseStd) for every Linear weight and
    * the embedding, out_proj scaled by 1/sqrt(2 nLayers), Linear biases zeroed: dt_proj's too, so the config's
-   * dt keys, which set a bare `Mamba`'s dt initialisation, have no effect here, as in mamba.py's `LM`). The
-   * config (a resolved one too) and the options are validated; errors name the key.
+   * dt keys, which set a bare `Mamba`'s dt initialisation, have no effect here, as in mamba.py's `LM`); with
+   * `mup`, mamba.py's muP initialisation instead, which keeps dt_proj's bias (so dtMin, dtMax and dtInitFloor
+   * apply) and draws dt_proj's weight with dtScale. The config (a resolved one too) and the options are
+   * validated; errors name the key.
    */
   constructor(config: MambaConfigInput | MambaConfig, options: LMOptions) {
     super();

@@ -139,9 +139,9 @@ export class RMSNorm extends Module {
   readonly weight: Tensor;
 
   /**
-   * Creates the norm with unit weights; `eps` defaults to 1e-5. With `affine: false` (muP: gains prevent
-   * muTransfer, as mamba.py drops them) there is no parameter and the output is multiplied by the constant
-   * `scale` (default 1).
+   * Creates the norm with weights `scale` (default 1: unit gains); `eps` defaults to 1e-5. With `affine: false`
+   * (muP: gains prevent muTransfer, as mamba.py drops them) there is no parameter and the output is multiplied
+   * by the constant `scale`.
    */
   constructor(readonly dim: number, readonly eps = 1e-5, options: { affine?: boolean; scale?: number } = {}) {
     super();
