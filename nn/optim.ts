@@ -771,7 +771,9 @@ export function configureOptimizers(model: Module, options: ConfigureOptions): A
   const own = (model as { config?: { mup?: unknown; dModel: number; mupBaseWidth: number } }).config;
   const given = options.mupWidthMult ?? (own?.mup === true ? own.dModel / own.mupBaseWidth : undefined);
   const w = given ?? 1;
-  if (!(w > 0 && w < Infinity)) throw new Error(`configureOptimizers: mupWidthMult must be > 0, got ${w}`);
+  if (!(w > 0 && w < Infinity)) {
+    throw new Error(`configureOptimizers: mupWidthMult must be a finite number > 0, got ${w}`);
+  }
   const isMup = (n: string) => given !== undefined && MUP_HIDDEN.test(n);
   const mup = named.filter(([n]) => isMup(n));
   const decay = named.filter(([n, p]) => p.rank >= 2 && !isMup(n));

@@ -130,10 +130,12 @@ Deno.test("configureOptimizers with muP: in_proj, x_proj, dt_proj, out_proj weig
     2,
   );
   plain.dispose();
-  assert.throws(
-    () => configureOptimizers(lm, { lr: 1e-3, weightDecay: 0.1, betas: [0.9, 0.95], mupWidthMult: 0 }),
-    /mupWidthMult must be > 0/,
-  );
+  for (const bad of [0, -1, NaN, Infinity]) {
+    assert.throws(
+      () => configureOptimizers(lm, { lr: 1e-3, weightDecay: 0.1, betas: [0.9, 0.95], mupWidthMult: bad }),
+      new RegExp(`mupWidthMult must be a finite number > 0, got ${bad}$`),
+    );
+  }
   lm.dispose();
 });
 
