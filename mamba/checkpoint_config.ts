@@ -352,7 +352,7 @@ export function mapKey(key: string): string | null {
  * The Hugging Face transformers config.json of a model. A model with inner layernorms (`innerLayernorms`,
  * which transformers' Mamba does not have) also gets `"inner_layernorms": true`, and a muP model `"mup": true`
  * and `"mup_base_width"`: keys of ours (mamba.py's names) that {@linkcode fromPretrained} reads back
- * (transformers would ignore them, so a muP checkpoint is for mamba.ts and mamba.py).
+ * (transformers would ignore them and give logits w times too large: a muP checkpoint is for mamba.ts).
  */
 export function hfConfig(model: MambaLM): Record<string, unknown> {
   const c = model.config;

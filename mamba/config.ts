@@ -149,6 +149,11 @@ export function mambaConfig(config: MambaConfigInput | MambaConfig): MambaConfig
       `MambaConfig: scan must be "fused", "pscan" or "sequential", got ${show(c.scan)}`,
     );
   }
+  if (c.mup && !Number.isFinite(c.dModel / c.mupBaseWidth)) {
+    throw new Error(
+      `MambaConfig: mupBaseWidth ${c.mupBaseWidth} makes the width multiplier dModel / mupBaseWidth overflow`,
+    );
+  }
   const dtRank = c.dtRank === "auto" ? Math.ceil(c.dModel / 16) : c.dtRank;
   if (!Number.isInteger(dtRank) || dtRank <= 0) {
     throw new Error(

@@ -146,6 +146,9 @@ export class RMSNorm extends Module {
   constructor(readonly dim: number, readonly eps = 1e-5, options: { affine?: boolean; scale?: number } = {}) {
     super();
     checkSize("RMSNorm", "dim", dim);
+    if (options.affine !== undefined && typeof options.affine !== "boolean") {
+      throw new Error(`RMSNorm: affine must be a boolean, got ${JSON.stringify(options.affine)}`);
+    }
     const scale = options.scale ?? 1;
     if (!Number.isFinite(scale)) throw new Error(`RMSNorm: scale must be a finite number, got ${scale}`);
     const w = constant([dim], scale);

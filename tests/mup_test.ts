@@ -17,6 +17,7 @@ import { mambaConfig, mupWidthMult } from "../mamba/config.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { fromPretrained, saveCheckpoint } from "../mamba/pretrained.ts";
 import { CharDataset, DEFAULT_TRAIN, Trainer } from "../mamba/train.ts";
+import { RMSNorm } from "../nn/layers.ts";
 import { AdamW, configureOptimizers } from "../nn/optim.ts";
 import { assertMatches, tolerance } from "./fixture_util.ts";
 
@@ -32,6 +33,14 @@ Deno.test("muP config: mup and mupBaseWidth (mamba.py's defaults), the width mul
   assert.throws(
     () => mambaConfig({ dModel: 8, nLayers: 1, mupBaseWidth: 0 }),
     /mupBaseWidth must be a positive/,
+  );
+  assert.throws(
+    () => mambaConfig({ dModel: 8, nLayers: 1, mup: true, mupBaseWidth: 1e-320 }),
+    /mupBaseWidth 1e-320 makes the width multiplier dModel \/ mupBaseWidth overflow/,
+  );
+  assert.throws(
+    () => new RMSNorm(4, 1e-5, { affine: "false" as unknown as boolean }),
+    /affine must be a boolean/,
   );
 });
 
@@ -180,6 +189,18 @@ Deno.test("muP survives a checkpoint (config.json's mup, mup_base_width) and the
   await saveCheckpoint(lm, dir, null);
   const cfg = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
   assert.deepEqual([cfg.mup, cfg.mup_base_width], [true, 4]);
+  // config.json without its muP keys: the norm gains it lacks are named, with the hint
+  const plainCfg = { ...cfg };
+  delete plainCfg.mup;
+  delete plainCfg.mup_base_width;
+  const lost = await Deno.makeTempDir();
+  await Deno.copyFile(`${dir}/model.safetensors`, `${lost}/model.safetensors`);
+  await Deno.writeTextFile(`${lost}/config.json`, JSON.stringify(plainCfg));
+  await assert.rejects(
+    () => fromPretrained(lost),
+    /parameters the checkpoint lacks: .*norm_f\.weight.* \(a muP model has no norm gains: add "mup": true and its "mup_base_width"/,
+  );
+  await Deno.remove(lost, { recursive: true });
   const back = await fromPretrained(dir);
   assert.deepEqual([back.config.mup, back.config.mupBaseWidth], [true, 4]);
   const ids = tensor(new Int32Array([72, 105, 33]), [1, 3], { dtype: "i32" });
