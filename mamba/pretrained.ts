@@ -230,8 +230,9 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
         parts.push(`tensors the model of ${cfgWhere} has no parameter for: ${names(noParam)}${hint}`);
       }
       if (missing.length) {
-        // A muP model has no norm gains: its config.json lost "mup" (written by hfConfig) if only they lack.
-        const hint = !config.mup && missing.every((n) =>
+        // A muP model has no norm gains: its config.json lost "mup" (written by hfConfig) if only they lack
+        // and nothing else is amiss (a checkpoint with norm biases instead is another architecture).
+        const hint = !config.mup && !noParam.length && missing.every((n) =>
             /(^|\.)norm(_f)?\.weight$|_layernorm\.weight$/.test(n)
           )
           ? ` (a muP model has no norm gains: add "mup": true and its "mup_base_width" to ${cfgWhere})`
