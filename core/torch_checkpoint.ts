@@ -7,7 +7,7 @@
 
 import { type DecodedTensor, decodeTensor } from "./safetensors.ts";
 import type { TorchTensorRef } from "./torch_pickle.ts";
-import { TorchArchiveReader } from "./torch_zip.ts";
+import { bytesSource, TorchArchiveReader } from "./torch_zip.ts";
 
 /** Whether a view's elements lie back to back in row-major order (dimensions of size 1 step anything). */
 export function isContiguous(r: TorchTensorRef): boolean {
@@ -43,26 +43,7 @@ export async function parseTorchCheckpoint(
   bytes: Uint8Array,
   source = "torch checkpoint",
 ): Promise<Map<string, DecodedTensor>> {
-  let pos = 0;
-  const archive = new TorchArchiveReader({
-    size: bytes.length,
-    readExact(buf: Uint8Array): Promise<void> {
-      if (pos + buf.length > bytes.length) {
-        throw new Error(
-          `${source}: unexpected end of file at byte ${bytes.length} (wanted ${
-            pos + buf.length - bytes.length
-          } more)`,
-        );
-      }
-      buf.set(bytes.subarray(pos, pos + buf.length));
-      pos += buf.length;
-      return Promise.resolve();
-    },
-    skip(n: number): Promise<void> {
-      pos += n;
-      return Promise.resolve();
-    },
-  }, source);
+  const archive = new TorchArchiveReader(bytesSource(bytes, source), source);
   const state = await archive.readStateDict();
   for (const [name, r] of state.tensors) {
     // Only a view that repeats elements (a zero stride, as expand() makes) has more than its storage; each is

@@ -21,6 +21,35 @@ export interface SequentialSource {
   skip(n: number): Promise<void>;
 }
 
+/** `bytes` as a {@linkcode SequentialSource} of the given `size` (-1: as a body of unknown length); a read
+ * past the end is an error naming `source`. */
+export function bytesSource(
+  bytes: Uint8Array,
+  source: string,
+  size: number = bytes.length,
+): SequentialSource {
+  let pos = 0;
+  return {
+    size,
+    readExact(buf: Uint8Array): Promise<void> {
+      if (pos + buf.length > bytes.length) {
+        throw new Error(
+          `${source}: unexpected end of file at byte ${bytes.length} (wanted ${
+            pos + buf.length - bytes.length
+          } more)`,
+        );
+      }
+      buf.set(bytes.subarray(pos, pos + buf.length));
+      pos += buf.length;
+      return Promise.resolve();
+    },
+    skip(n: number): Promise<void> {
+      pos += n;
+      return Promise.resolve();
+    },
+  };
+}
+
 /** One storage record, positioned at its first byte. */
 export interface StorageRecord {
   /** The storage's key (`data/<key>`). */

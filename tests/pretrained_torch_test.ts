@@ -11,7 +11,7 @@ import { init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
 import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
 import { parseTorchPickle } from "../core/torch_pickle.ts";
-import { crc32, TorchArchiveReader } from "../core/torch_zip.ts";
+import { bytesSource, crc32, TorchArchiveReader } from "../core/torch_zip.ts";
 import { parseTorchCheckpoint } from "../core/torch_checkpoint.ts";
 import { fromPretrained, fromPretrainedFiles } from "../mamba/pretrained.ts";
 import { assertLmV64Logits, fixturePath } from "./fixture_util.ts";
@@ -464,20 +464,7 @@ Deno.test("parseTorchCheckpoint refuses distinct views that share a storage far 
 Deno.test("TorchArchiveReader on a stream of unknown length (a body without Content-Length) reads every storage, never past the end", async () => {
   for (const file of ["lm_v64.bin", "lm_v64_views.bin", "lm_v64_mixed.bin"]) {
     const bytes = await bin(file);
-    let pos = 0;
-    const src = {
-      size: -1,
-      readExact(buf: Uint8Array): Promise<void> {
-        if (pos + buf.length > bytes.length) throw new Error(`read past the end (${pos + buf.length})`);
-        buf.set(bytes.subarray(pos, pos + buf.length));
-        pos += buf.length;
-        return Promise.resolve();
-      },
-      skip(n: number): Promise<void> {
-        pos += n;
-        return Promise.resolve();
-      },
-    };
+    const src = bytesSource(bytes, file, -1); // a read past the end throws
     const archive = new TorchArchiveReader(src, file);
     const state = await archive.readStateDict();
     const seen: string[] = [];
