@@ -6,17 +6,12 @@
  */
 
 import { type DecodedTensor, decodeTensor } from "./safetensors.ts";
-import type { TorchTensorRef } from "./torch_pickle.ts";
+import { isContiguous, type TorchTensorRef, viewCount, viewKey } from "./torch_pickle.ts";
 import { bytesSource, TorchArchiveReader } from "./torch_zip.ts";
-
-/** Whether a view's elements lie back to back in row-major order (dimensions of size 1 step anything). */
-export function isContiguous(r: TorchTensorRef): boolean {
-  return r.shape.every((d, i) => d === 1 || r.strides[i] === r.shape.slice(i + 1).reduce((a, b) => a * b, 1));
-}
 
 /** The elements of a strided view, in row-major order, taken from its whole storage's values. */
 export function gatherView<T extends Float32Array | Int32Array>(all: T, r: TorchTensorRef): T {
-  const count = r.shape.reduce((a, b) => a * b, 1);
+  const count = viewCount(r);
   if (isContiguous(r)) return all.slice(r.offset, r.offset + count) as T;
   const out = new (all.constructor as new (n: number) => T)(count);
   const idx = new Array(r.shape.length).fill(0);
@@ -48,7 +43,7 @@ export async function parseTorchCheckpoint(
   for (const [name, r] of state.tensors) {
     // Only a view that repeats elements (a zero stride, as expand() makes) has more than its storage; each is
     // copied out whole, so a few bytes of pickle could otherwise ask for gigabytes.
-    const count = r.shape.reduce((a, b) => a * b, 1);
+    const count = viewCount(r);
     const numel = state.storages.get(r.storage)!.numel;
     if (count > Math.max(numel, MAX_REPEATED)) {
       throw new Error(
@@ -63,9 +58,8 @@ export async function parseTorchCheckpoint(
   // twice saves it, shares one array), so views that differ but share a storage decode it again. In all at
   // most 4 times what the storages hold, plus 4 repeated views' allowance: else thousands of views of one
   // storage, a few bytes of pickle each, could ask for gigabytes.
-  const viewKey = (r: TorchTensorRef) => `${r.storage}|${r.offset}|${r.shape}|${r.strides}`;
   const distinct = new Map([...state.tensors.values()].map((r) => [viewKey(r), r]));
-  const total = [...distinct.values()].reduce((a, r) => a + r.shape.reduce((x, y) => x * y, 1), 0);
+  const total = [...distinct.values()].reduce((a, r) => a + viewCount(r), 0);
   const stored = [...state.storages.values()].reduce((a, s) => a + s.numel, 0);
   if (total > 4 * stored + 4 * MAX_REPEATED) {
     throw new Error(

@@ -23,6 +23,26 @@ export interface TorchTensorRef {
   offset: number;
 }
 
+/** Number of elements of a view. */
+export function viewCount(r: TorchTensorRef): number {
+  return r.shape.reduce((a, b) => a * b, 1);
+}
+
+/** Elements of the storage from a view's first to one past its last (0 for an empty view). */
+export function viewExtent(r: TorchTensorRef): number {
+  return viewCount(r) === 0 ? 0 : r.shape.reduce((a, d, i) => a + (d - 1) * r.strides[i], 0) + 1;
+}
+
+/** Whether a view's elements lie back to back in row-major order (dimensions of size 1 step anything). */
+export function isContiguous(r: TorchTensorRef): boolean {
+  return r.shape.every((d, i) => d === 1 || r.strides[i] === r.shape.slice(i + 1).reduce((a, b) => a * b, 1));
+}
+
+/** A key equal for the same view of the same storage (a tied weight saved under two names). */
+export function viewKey(r: TorchTensorRef): string {
+  return `${r.storage}|${r.offset}|${r.shape}|${r.strides}`;
+}
+
 /** A storage that tensors view: its element type and count. */
 export interface TorchStorage {
   /** Element type. */
@@ -173,25 +193,22 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
       fail(at, `a tensor of storage ${key} with a bad offset, size or stride`);
     }
     const s = storages.get(key)!;
-    const count = (shape as number[]).reduce((a, b) => a * b, 1);
-    const last = count === 0
-      ? 0
-      : (shape as number[]).reduce((a, d, i) => a + (d - 1) * (strides as number[])[i], offset as number) + 1;
-    if (last > s.numel) {
-      fail(
-        at,
-        `a tensor of size (${(shape as number[]).join(", ")}), stride (${
-          (strides as number[]).join(", ")
-        }) at offset ${offset} reaches element ${last} of storage ${key}, which has ${s.numel}`,
-      );
-    }
-    return new TensorValue({
+    const r = {
       storage: key,
       dtype: s.dtype,
       shape: shape as number[],
       strides: strides as number[],
       offset: offset as number,
-    });
+    };
+    const last = viewExtent(r) === 0 ? 0 : r.offset + viewExtent(r);
+    if (last > s.numel) {
+      fail(
+        at,
+        `a tensor of size (${r.shape.join(", ")}), stride (${r.strides.join(", ")}) at offset ${r.offset} ` +
+          `reaches element ${last} of storage ${key}, which has ${s.numel}`,
+      );
+    }
+    return new TensorValue(r);
   };
 
   const call = (fn: Value, args: Value, at: number): Value => {

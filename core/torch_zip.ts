@@ -134,6 +134,11 @@ export class TorchArchiveReader {
     this.#pos += n;
   }
 
+  // Bytes left in the file; Infinity for a source of unknown size.
+  #left(): number {
+    return this.#src.size >= 0 ? this.#src.size - this.#pos : Infinity;
+  }
+
   async #bytes(n: number): Promise<Uint8Array> {
     const b = new Uint8Array(n);
     await this.read(b);
@@ -184,9 +189,8 @@ export class TorchArchiveReader {
     if (size === 0xffffffff) {
       size = zip64Size(extra) ?? this.#fail(at, `record ${name}: size 0xffffffff without a ZIP64 field`);
     }
-    const left = this.#src.size >= 0 ? this.#src.size - this.#pos : Infinity;
-    if (size > left) {
-      this.#fail(at, `record ${name} claims ${size} bytes, past the end of the file (${left} left)`);
+    if (size > this.#left()) {
+      this.#fail(at, `record ${name} claims ${size} bytes, past the end of the file (${this.#left()} left)`);
     }
     const descriptor = (flags & 8) !== 0;
     if (descriptor && size === 0) size = null; // the descriptor says
@@ -226,7 +230,7 @@ export class TorchArchiveReader {
     let len = 0;
     const start = this.#pos;
     for (let from = 0;;) {
-      const left = this.#src.size >= 0 ? this.#src.size - this.#pos : SCAN_CHUNK;
+      const left = this.#left();
       if (left <= 0) {
         this.#fail(
           h.at,
@@ -261,7 +265,7 @@ export class TorchArchiveReader {
         if (crc !== crc32(buf.subarray(0, from))) {
           if (crc !== 0) continue;
           if (end + 4 > len) {
-            if (this.#src.size < 0 || this.#src.size > this.#pos) break; // look again with more bytes
+            if (this.#left() > 0) break; // look again with more bytes
           } else if (!isSignature(v.getUint32(end, true))) continue;
         }
         this.#unread(buf.subarray(end, len));
@@ -280,10 +284,9 @@ export class TorchArchiveReader {
       this.#fail(h.at, `record ${h.name} claims ${h.size} bytes, over the 64 MiB bound`);
     }
     const data = await this.#bytes(h.size);
-    if (!h.descriptor && crc32(data) !== h.crc) {
-      this.#fail(h.at, `record ${h.name}'s CRC-32 does not match its data`);
-    }
-    await this.#endRecord(h, h.size, crc32(data));
+    const crc = crc32(data);
+    if (!h.descriptor && crc !== h.crc) this.#fail(h.at, `record ${h.name}'s CRC-32 does not match its data`);
+    await this.#endRecord(h, h.size, crc);
     return data;
   }
 
@@ -317,11 +320,9 @@ export class TorchArchiveReader {
       const dataPrefix = `${this.#prefix}data/`;
       if (!h.name.startsWith(dataPrefix)) {
         const data = await this.#whole(h);
-        if (h.name === `${this.#prefix}byteorder` && new TextDecoder().decode(data) !== "little") {
-          this.#fail(
-            h.at,
-            `the storages are ${new TextDecoder().decode(data)}-endian; only little-endian is read`,
-          );
+        const order = h.name === `${this.#prefix}byteorder` ? new TextDecoder().decode(data) : "little";
+        if (order !== "little") {
+          this.#fail(h.at, `the storages are ${order}-endian; only little-endian is read`);
         }
         continue;
       }
@@ -337,12 +338,11 @@ export class TorchArchiveReader {
       }
       // A record sized by its descriptor has only the pickle's word for it until its end: checked against the
       // file before anyone allocates that many bytes.
-      const left = this.#src.size >= 0 ? this.#src.size - this.#pos : Infinity;
-      if (bytes > left) {
+      if (bytes > this.#left()) {
         this.#fail(
           h.at,
           `record ${h.name}: data.pkl makes it ${s.numel} x ${s.dtype} = ${bytes} bytes, past the end of the ` +
-            `file (${left} left)`,
+            `file (${this.#left()} left)`,
         );
       }
       this.#open = { ...h, size: bytes };

@@ -10,9 +10,17 @@
 import { flush } from "../core/executor.ts";
 import { fmt } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
-import { DTYPE_BYTES, type TorchStateDict, type TorchTensorRef } from "../core/torch_pickle.ts";
+import {
+  DTYPE_BYTES,
+  isContiguous,
+  type TorchStateDict,
+  type TorchTensorRef,
+  viewCount,
+  viewExtent,
+  viewKey,
+} from "../core/torch_pickle.ts";
 import { TorchArchiveReader } from "../core/torch_zip.ts";
-import { gatherView, isContiguous } from "../core/torch_checkpoint.ts";
+import { gatherView } from "../core/torch_checkpoint.ts";
 import type { ByteSource } from "./byte_source.ts";
 import type { MambaLM } from "./lm.ts";
 import { FLOAT_DTYPES, readTensor } from "./read_tensor.ts";
@@ -35,14 +43,8 @@ export async function readTorchWeights(src: ByteSource, where: string): Promise<
 
 /** Whether two tensors are the same view of the same storage (a tied weight saved under both names). */
 export function sameView(a: TorchTensorRef, b: TorchTensorRef): boolean {
-  return a.storage === b.storage && a.offset === b.offset && a.shape.join() === b.shape.join() &&
-    a.strides.join() === b.strides.join();
+  return viewKey(a) === viewKey(b);
 }
-
-const countOf = (r: TorchTensorRef) => r.shape.reduce((a, b) => a * b, 1);
-// Elements from a view's first to one past its last (0 for an empty view).
-const extentOf = (r: TorchTensorRef) =>
-  countOf(r) === 0 ? 0 : r.shape.reduce((a, d, i) => a + (d - 1) * r.strides[i], 0) + 1;
 
 /**
  * Streams the storages of `w` into the model's parameters: `names` maps each checkpoint name to load to its
@@ -91,7 +93,7 @@ export async function streamTorchInto(
       const apart = views.every(([, r], i) =>
         isContiguous(r) &&
         (i === 0 || sameView(views[i - 1][1], r) ||
-          views[i - 1][1].offset + countOf(views[i - 1][1]) <= r.offset)
+          views[i - 1][1].offset + viewCount(views[i - 1][1]) <= r.offset)
       );
       if (apart) {
         let pos = 0; // elements into the storage
@@ -102,8 +104,8 @@ export async function streamTorchInto(
             continue;
           }
           await w.archive.skip((r.offset - pos) * size);
-          const data = await readTensor(reader, entry(r.dtype, countOf(r)), k);
-          pos = r.offset + countOf(r);
+          const data = await readTensor(reader, entry(r.dtype, viewCount(r)), k);
+          pos = r.offset + viewCount(r);
           load(k, r, data);
           last = [r, data];
         }
@@ -113,8 +115,8 @@ export async function streamTorchInto(
         // body of unknown length cannot check (2^40 elements claimed would be allocated). A span far wider
         // than the views (strides that spread a few elements over gigabytes) is refused.
         const lo = Math.min(...views.map(([, r]) => r.offset));
-        const hi = Math.max(...views.map(([, r]) => r.offset + extentOf(r)));
-        const held = views.reduce((a, [, r]) => a + countOf(r), 0);
+        const hi = Math.max(...views.map(([, r]) => r.offset + viewExtent(r)));
+        const held = views.reduce((a, [, r]) => a + viewCount(r), 0);
         if (hi - lo > 4 * held + (1 << 24)) {
           throw new Error(
             `its views spread ${held} elements over ${
