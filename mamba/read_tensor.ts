@@ -5,6 +5,8 @@
  */
 
 import { decodeTensor, type SafetensorsEntry } from "../core/safetensors.ts";
+import { fmt } from "../core/shape.ts";
+import type { Tensor } from "../core/tensor.ts";
 import type { ByteSource } from "./byte_source.ts";
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
@@ -44,3 +46,30 @@ export async function readTensor(
 
 /** The dtypes that load into the (f32) parameters; integer and bool tensors are refused, not converted. */
 export const FLOAT_DTYPES = new Set(["F32", "F16", "BF16", "F64"]);
+
+/** One checkpoint tensor to load: the parameter it goes to, its dtype and shape, and how to name it. */
+export interface Loadable {
+  /** Our parameter name. */
+  param: string;
+  /** Stored dtype. */
+  dtype: string;
+  /** Stored shape. */
+  shape: readonly number[];
+  /** The tensor, for a message: name, dtype, shape and where it lies. */
+  describe: () => string;
+}
+
+/** Checks, before any read, that every tensor is a float and has its parameter's shape (in `params`). */
+export function checkLoadable(list: Iterable<Loadable>, params: Map<string, Tensor>, where: string): void {
+  const mismatched: string[] = [];
+  for (const t of list) {
+    if (!FLOAT_DTYPES.has(t.dtype)) {
+      throw new Error(`${where}: ${t.describe()}; expected a float dtype (F32, F16, BF16 or F64)`);
+    }
+    const p = params.get(t.param)!;
+    if (t.shape.join() !== p.shape.join()) {
+      mismatched.push(`${t.param}: checkpoint ${fmt(t.shape)} vs model ${fmt(p.shape)}`);
+    }
+  }
+  if (mismatched.length) throw new Error(`loadStateDict: shape mismatch for ${mismatched.join("; ")}`);
+}

@@ -23,7 +23,7 @@ import { TorchArchiveReader } from "../core/torch_zip.ts";
 import { gatherView } from "../core/torch_checkpoint.ts";
 import type { ByteSource } from "./byte_source.ts";
 import type { MambaLM } from "./lm.ts";
-import { FLOAT_DTYPES, readTensor } from "./read_tensor.ts";
+import { checkLoadable, readTensor } from "./read_tensor.ts";
 
 /** A torch checkpoint whose state dict has been read, its source positioned at the storages. */
 export interface TorchWeights {
@@ -60,20 +60,19 @@ export async function streamTorchInto(
 ): Promise<void> {
   const describe = (k: string, r: TorchTensorRef) =>
     `tensor ${k} (${names.get(k)}) is ${r.dtype} ${fmt(r.shape)} in storage ${r.storage}`;
-  const mismatched: string[] = [];
   const byStorage = new Map<string, [string, TorchTensorRef][]>();
-  for (const [k, o] of names) {
+  for (const [k] of names) {
     const r = w.state.tensors.get(k)!;
-    if (!FLOAT_DTYPES.has(r.dtype)) {
-      throw new Error(`${where}: ${describe(k, r)}; expected a float dtype (F32, F16, BF16 or F64)`);
-    }
-    const p = params.get(o)!;
-    if (r.shape.join() !== p.shape.join()) {
-      mismatched.push(`${o}: checkpoint ${fmt(r.shape)} vs model ${fmt(p.shape)}`);
-    }
     byStorage.set(r.storage, [...byStorage.get(r.storage) ?? [], [k, r]]);
   }
-  if (mismatched.length) throw new Error(`loadStateDict: shape mismatch for ${mismatched.join("; ")}`);
+  checkLoadable(
+    [...names].map(([k, param]) => {
+      const r = w.state.tensors.get(k)!;
+      return { param, dtype: r.dtype, shape: r.shape, describe: () => describe(k, r) };
+    }),
+    params,
+    where,
+  );
   const load = (k: string, r: TorchTensorRef, data: Float32Array) => {
     model.loadStateDict(new Map([[names.get(k)!, { shape: r.shape, data }]]), { strict: false });
     flush(); // the upload's staging buffer goes with this submit

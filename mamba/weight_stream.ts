@@ -21,7 +21,7 @@ import { type CheckpointConfig, mapKey } from "./checkpoint_config.ts";
 import type { LMOptions, MambaLM } from "./lm.ts";
 import { parseJson } from "./model_sources.ts";
 import { readTorchWeights, type TorchWeights } from "./torch_weights.ts";
-import { FLOAT_DTYPES, readTensor } from "./read_tensor.ts";
+import { checkLoadable, readTensor } from "./read_tensor.ts";
 
 /** The checkpoint's tensor names (checkpoint name -> file), from the index of a sharded checkpoint or the
  * header of the single file (whose source stays open, positioned at the data). */
@@ -147,17 +147,12 @@ export async function streamInto(
   header: SafetensorsHeader,
   where: string,
 ): Promise<void> {
-  const mismatched: string[] = [];
-  for (const [k, e] of header.entries) {
-    if (!FLOAT_DTYPES.has(e.dtype)) {
-      throw new Error(`${where}: ${describe(k, e)}; expected a float dtype (F32, F16, BF16 or F64)`);
-    }
-    const p = params.get(mapKey(k)!)!;
-    if (e.shape.join() !== p.shape.join()) {
-      mismatched.push(`${mapKey(k)}: checkpoint ${fmt(e.shape)} vs model ${fmt(p.shape)}`);
-    }
-  }
-  if (mismatched.length) throw new Error(`loadStateDict: shape mismatch for ${mismatched.join("; ")}`);
+  const list = [...header.entries].map(([k, e]) => ({
+    param: mapKey(k)!,
+    ...e,
+    describe: () => describe(k, e),
+  }));
+  checkLoadable(list, params, where);
   let pos = 0; // within the data section
   for (const [k, e] of header.entries) {
     const [begin, end] = e.dataOffsets;
