@@ -168,31 +168,32 @@ export class MambaLM extends Module {
     }
   }
 
-  /** mamba.py's `_init_weights`: every Linear weight and the embedding ~ N(0, baseStd), Linear biases 0,
-   * then out_proj weights ~ N(0, baseStd / sqrt(2 nLayers)). Conv, A_log, D and norms keep their init.
-   * With muP, mamba.py's muP initialisation instead (see `initMup`). */
+  /** Draws the LM's initial weights, mamba.py's way (`plainInit`, or `mupInit` with muP), and loads them. */
   private initWeights(): void {
-    if (this.config.mup) return this.initMup();
-    const std = this.config.baseStd;
+    const draw = this.config.mup ? this.mupInit() : this.plainInit();
     const fresh = new Map<string, Tensor>();
     try {
       for (const [name, p] of this.namedParameters()) {
-        if (/(in_proj|x_proj|dt_proj|out_proj|lm_head)\.weight$/.test(name) || name === "embedding.weight") {
-          fresh.set(
-            name,
-            normal(
-              p.shape,
-              name.endsWith("out_proj.weight") ? std / Math.sqrt(2 * this.config.nLayers) : std,
-            ),
-          );
-        } else if (/(in_proj|out_proj|dt_proj)\.bias$/.test(name)) {
-          fresh.set(name, zeros(p.shape));
-        }
+        const t = draw(name, p.shape);
+        if (t) fresh.set(name, t);
       }
       this.loadStateDict(fresh, { strict: false });
     } finally {
       dispose([...fresh.values()]);
     }
+  }
+
+  /** mamba.py's `_init_weights`: every Linear weight and the embedding ~ N(0, baseStd), Linear biases 0,
+   * then out_proj weights ~ N(0, baseStd / sqrt(2 nLayers)). Conv, A_log, D and norms keep their init
+   * (null: the parameter keeps it). */
+  private plainInit(): (name: string, shape: readonly number[]) => Tensor | null {
+    const { baseStd: std, nLayers } = this.config;
+    return (name, shape) => {
+      if (/(in_proj|x_proj|dt_proj|out_proj|lm_head)\.weight$/.test(name) || name === "embedding.weight") {
+        return normal(shape, name.endsWith("out_proj.weight") ? std / Math.sqrt(2 * nLayers) : std);
+      }
+      return /(in_proj|out_proj|dt_proj)\.bias$/.test(name) ? zeros(shape) : null;
+    };
   }
 
   /**
@@ -201,33 +202,24 @@ export class MambaLM extends Module {
    * dtRank^-0.5 dtScale); conv1d weights and lm_head 0; the embedding ~ N(0, baseStd); in_proj and out_proj
    * biases 0; conv1d and dt_proj biases, A_log and D keep the block's init. A tied head is the embedding's.
    */
-  private initMup(): void {
+  private mupInit(): (name: string, shape: readonly number[]) => Tensor | null {
     const { baseStd, nLayers, dtRank, dtScale } = this.config;
     const w = mupWidthMult(this.config);
-    const fresh = new Map<string, Tensor>();
-    try {
-      for (const [name, p] of this.namedParameters()) {
-        const hidden = /mixer\.(in_proj|x_proj|dt_proj|out_proj)\.weight$/.exec(name);
-        if (hidden) {
-          const std = hidden[1] === "out_proj"
-            ? baseStd / Math.sqrt(2 * nLayers)
-            : hidden[1] === "dt_proj"
-            ? dtRank ** -0.5 * dtScale
-            : baseStd;
-          fresh.set(name, normal(p.shape, std / Math.sqrt(w)));
-        } else if (name === "embedding.weight") {
-          fresh.set(name, normal(p.shape, baseStd));
-        } else if (
-          /mixer\.conv1d\.weight$/.test(name) || name === "lm_head.weight" ||
-          /(in|out)_proj\.bias$/.test(name)
-        ) {
-          fresh.set(name, zeros(p.shape));
-        }
+    return (name, shape) => {
+      const hidden = /mixer\.(in_proj|x_proj|dt_proj|out_proj)\.weight$/.exec(name);
+      if (hidden) {
+        const std = hidden[1] === "out_proj"
+          ? baseStd / Math.sqrt(2 * nLayers)
+          : hidden[1] === "dt_proj"
+          ? dtRank ** -0.5 * dtScale
+          : baseStd;
+        return normal(shape, std / Math.sqrt(w));
       }
-      this.loadStateDict(fresh, { strict: false });
-    } finally {
-      dispose([...fresh.values()]);
-    }
+      if (name === "embedding.weight") return normal(shape, baseStd);
+      const zeroed = /mixer\.conv1d\.weight$/.test(name) || name === "lm_head.weight" ||
+        /(in|out)_proj\.bias$/.test(name);
+      return zeroed ? zeros(shape) : null;
+    };
   }
 
   /**
