@@ -17,7 +17,6 @@ import { keep, type Tensor, tidy } from "../core/tensor.ts";
 import { configureOptimizers, cosineSchedule, gradNormScale } from "../nn/optim.ts";
 import type { AdamW } from "../nn/optim.ts";
 import type { MambaLM } from "./lm.ts";
-import { mupWidthMult } from "./config.ts";
 import { ensureFusedTuned } from "../scan/tune_fused.ts";
 
 /** Hyper-parameters of a run (mamba.py's char-model recipe by default). */
@@ -305,11 +304,11 @@ export class Trainer {
       }
     }
     this.#schedule = Trainer.#scheduleOf(this.#config);
+    // a muP model gets its third group from its own config, as mamba.py's configure_optimizers
     this.opt = configureOptimizers(model, {
       lr: config.lr,
       weightDecay: config.weightDecay,
       betas: config.betas,
-      ...(model.config.mup ? { mupWidthMult: mupWidthMult(model.config) } : {}), // muP's groups, as mamba.py's
     });
     this.#losses = keep(tensor(new Float32Array(config.logEvery), [config.logEvery]));
   }
