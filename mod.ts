@@ -76,6 +76,7 @@ export {
   type BufferDecl,
   defineKernel,
   dispatch,
+  dispatchElementwise,
   type ElemType,
   type Kernel,
   type KernelSpec,

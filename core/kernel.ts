@@ -14,7 +14,7 @@
 
 import { deviceInfo, gpuDevice } from "./device.ts";
 import { recordDispatch, reserveUniforms, uniformRingBuffer, uniformView } from "./executor.ts";
-import { bufferId, onBufferDestroyed, type Storage } from "./memory.ts";
+import { bufferId, onBufferDestroyed, type Storage, storageSpan } from "./memory.ts";
 
 /** Element type of a storage binding as WGSL sees it. */
 export type ElemType = "f32" | "i32" | "u32" | "vec4<f32>" | "vec4<u32>";
@@ -156,7 +156,8 @@ function kernelSource(k: Kernel, windows: number[]): string {
 }
 
 function pipelineFor(k: Kernel, windows: number[]): PipelineEntry {
-  const key = `${k.spec.name}|${windows.join(",")}`;
+  // the window's size is in the source's accessors (a test may shrink it)
+  const key = `${k.spec.name}|${windows.join(",")}|${windowBytes()}`;
   let p = pipelines.get(key);
   if (p) {
     // Pipelines are cached by name: a kernel generated again under the same name must be the same kernel.
@@ -331,6 +332,43 @@ export function dispatch(
   recordDispatch(p.pipeline, bindGroup, x, y, at);
 }
 
+/**
+ * Records an elementwise kernel over `n` elements (its uniform `n`; each invocation `gid < P.n` touches
+ * element `gid` of the buffers named in `spanned`, which all have the element type of their declaration, and
+ * may read the other buffers whole). Where binding the buffers whole takes more storage bindings than the
+ * device allows (a buffer over the binding window takes one per window: AdamW on a 154 MB embedding needs 9
+ * at WebGPU's default 128 MiB and 8), it records one dispatch per window-sized span of the elements instead,
+ * each binding only its span of the spanned buffers. The same arithmetic, element for element.
+ */
+export function dispatchElementwise(
+  k: Kernel,
+  buffers: Record<string, Storage>,
+  spanned: readonly string[],
+  uniforms: UniformValues,
+  n: number,
+): void {
+  const seg = windowBytes();
+  const wg = k.spec.workgroupSize;
+  let bindings = 0;
+  for (const b of k.spec.buffers) bindings += Math.max(1, Math.ceil((buffers[b.name]?.size ?? 0) / seg));
+  if (bindings <= deviceInfo().limits.maxStorageBuffersPerShaderStage) {
+    dispatch(k, buffers, { ...uniforms, n }, Math.ceil(n / wg));
+    return;
+  }
+  const bytes = spanned.map((name) => {
+    const decl = k.spec.buffers.find((b) => b.name === name);
+    if (!decl) throw new Error(`kernel ${k.spec.name}: no buffer '${name}' to span`);
+    return ELEM_BYTES[decl.type];
+  });
+  const per = seg / Math.max(...bytes); // elements per span: whole windows of every spanned buffer
+  for (let at = 0; at < n; at += per) {
+    const count = Math.min(per, n - at);
+    const spans = { ...buffers };
+    spanned.forEach((name, i) => spans[name] = storageSpan(buffers[name], at * bytes[i], count * bytes[i]));
+    dispatch(k, spans, { ...uniforms, n: count }, Math.ceil(count / wg));
+  }
+}
+
 /** The pipeline of a kernel whose buffers each fit one binding window (the common case), found without
  * building its cache key. */
 const singleWindow = new WeakMap<Kernel, PipelineEntry>();
@@ -380,7 +418,7 @@ function newBindGroup(
       const offset = w * seg;
       entries.push({
         binding: binding++,
-        resource: { buffer: s.buffer, offset, size: Math.min(seg, size - offset) },
+        resource: { buffer: s.buffer, offset: s.offset + offset, size: Math.min(seg, size - offset) },
       });
     }
   });

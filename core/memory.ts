@@ -42,12 +42,16 @@ export class Storage {
   /** Set once the buffer went back to the pool. */
   released = false;
 
-  /** Wraps a pooled buffer of `size` bytes. */
-  constructor(buffer: GPUBuffer, bytes: number, size: number) {
+  /** Where in `buffer` the storage starts: 0, but for a {@linkcode storageSpan}. */
+  readonly offset: number;
+
+  /** Wraps a pooled buffer of `size` bytes (or, with `offset` and `id`, a span of it). */
+  constructor(buffer: GPUBuffer, bytes: number, size: number, offset = 0, id: number = bufferId(buffer)) {
     this.buffer = buffer;
     this.bytes = bytes;
     this.size = size;
-    this.bufferId = bufferId(buffer);
+    this.offset = offset;
+    this.bufferId = id;
   }
 }
 
@@ -59,6 +63,28 @@ export function bufferId(b: GPUBuffer): number {
   let id = bufferIds.get(b);
   if (id === undefined) bufferIds.set(b, id = nextBufferId++);
   return id;
+}
+
+const spanIds = new WeakMap<GPUBuffer, Map<string, number>>();
+
+/**
+ * `bytes` bytes of `s` from byte `offset` (a multiple of 256, the binding offset alignment), to bind in place
+ * of the whole buffer. Only for binding: not pooled nor counted. Its id is its own, the same for the same
+ * span of the same buffer, so cached bind groups find it again and never confuse it with the whole buffer.
+ */
+export function storageSpan(s: Storage, offset: number, bytes: number): Storage {
+  const at = s.offset + offset;
+  if (at % 256 !== 0 || bytes <= 0 || bytes % 4 !== 0 || offset + bytes > s.size) {
+    throw new Error(
+      `storageSpan: bytes [${offset}, ${offset + bytes}) of a ${s.size}-byte storage at ${s.offset}`,
+    );
+  }
+  let ids = spanIds.get(s.buffer);
+  if (!ids) spanIds.set(s.buffer, ids = new Map());
+  const key = `${at}:${bytes}`;
+  let id = ids.get(key);
+  if (id === undefined) ids.set(key, id = nextBufferId++);
+  return new Storage(s.buffer, bytes, bytes, at, id);
 }
 
 const USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;

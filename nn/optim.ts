@@ -50,7 +50,7 @@
  */
 
 import { full, zeros } from "../core/creation.ts";
-import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
+import { defineKernel, dispatch, dispatchElementwise, type Kernel } from "../core/kernel.ts";
 import { copy } from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
 import { freeOnThrow, keep, Tensor } from "../core/tensor.ts";
@@ -629,7 +629,8 @@ export interface AdamWOptions {
 /**
  * AdamW with PyTorch's semantics (torch.optim.AdamW, non-amsgrad), per parameter with step count t:
  * `p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
- * p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. One fused dispatch per parameter.
+ * p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. One fused dispatch per parameter (one per
+ * binding window of it where binding it whole would take more storage bindings than the device has).
  */
 export class AdamW extends Optimizer {
   /** `exp_avg` (m) and `exp_avg_sq` (v), as PyTorch names them. */
@@ -659,8 +660,8 @@ export class AdamW extends Optimizer {
     { lr, weightDecay, steps, scale }: { lr: number; weightDecay: number; steps: number; scale: Tensor },
   ): void {
     const [b1, b2] = this.betas;
-    dispatch(adamwKernel, { p: p.storage, g: g.storage, m: m.storage, v: v.storage, s: scale.storage }, {
-      n: p.size,
+    const buffers = { p: p.storage, g: g.storage, m: m.storage, v: v.storage, s: scale.storage };
+    dispatchElementwise(adamwKernel, buffers, ["p", "g", "m", "v"], {
       decay: 1 - lr * weightDecay,
       b1,
       c1: 1 - b1,
@@ -669,7 +670,7 @@ export class AdamW extends Optimizer {
       stepSize: lr / (1 - b1 ** steps),
       bc2Sqrt: Math.sqrt(1 - b2 ** steps),
       eps: this.eps,
-    }, Math.ceil(p.size / WG));
+    }, p.size);
   }
 }
 
@@ -725,15 +726,15 @@ export class SGD extends Optimizer {
     const withMomentum = this.momentum > 0;
     const buffers: Record<string, Tensor["storage"]> = { p: p.storage, g: g.storage, s: scale.storage };
     if (withMomentum) buffers.buf = state[0].storage;
-    dispatch(withMomentum ? SGD_KERNELS.momentum : SGD_KERNELS.plain, buffers, {
-      n: p.size,
+    const spanned = withMomentum ? ["p", "g", "buf"] : ["p", "g"];
+    dispatchElementwise(withMomentum ? SGD_KERNELS.momentum : SGD_KERNELS.plain, buffers, spanned, {
       lr,
       wd: weightDecay,
       momentum: this.momentum,
       damp: 1 - this.dampening,
       first: fresh ? 1 : 0,
       nesterov: this.nesterov ? 1 : 0,
-    }, Math.ceil(p.size / WG));
+    }, p.size);
   }
 }
 

@@ -287,6 +287,62 @@ Deno.test("gradNormScale + step({ gradScale }) is bit-identical to clipGradNorm 
   assert.equal(memory().liveBytes, base, "live bytes back to baseline");
 });
 
+Deno.test("AdamW and SGD over a parameter past the binding window with too few bindings: one dispatch per span, bit-identical", async () => {
+  await setup();
+  const { deviceInfo } = await import("../core/device.ts");
+  const { dispatchCount } = await import("../core/executor.ts");
+  const limits = deviceInfo().limits;
+  const [buffers, binding] = [limits.maxStorageBuffersPerShaderStage, limits.maxStorageBufferBindingSize];
+  const base = memory().liveBytes;
+  const n = 1300; // 5200 bytes: three 2048-byte windows
+  /** Three steps of each optimizer (the gradient scaled by a clip factor); the states and dispatches. */
+  const run = async () => {
+    const out: ArrayLike<number>[] = [];
+    const dispatches: number[] = [];
+    for (
+      const make of [
+        (ps: Tensor[]) => new AdamW(ps, { lr: 0.01, weightDecay: 0.1 }),
+        (ps: Tensor[]) => new SGD(ps, { lr: 0.01, momentum: 0.9, weightDecay: 0.1 }),
+      ]
+    ) {
+      const p = param(uniform(n, 7), [n]);
+      const opt = make([p]);
+      const scale = keep(tensor(new Float32Array([0.75]), []));
+      for (let step = 0; step < 3; step++) {
+        setGrad(p, uniform(n, 70 + step));
+        const before = dispatchCount();
+        opt.step({ gradScale: scale });
+        dispatches.push(dispatchCount() - before);
+      }
+      out.push(...await readAll([p, ...opt.stateDict().tensors.values()]));
+      opt.dispose();
+      setGrad(p, null);
+      p.dispose();
+      scale.dispose();
+    }
+    return { out, dispatches };
+  };
+  const whole = await run();
+  try {
+    limits.maxStorageBufferBindingSize = 2048;
+    const windowed = await run(); // AdamW binds 4 x 3 + 1 = 13 windows, SGD 3 x 3 + 1 = 10
+    limits.maxStorageBuffersPerShaderStage = 8;
+    const spans = await run();
+    assert.deepEqual(whole.dispatches, [1, 1, 1, 1, 1, 1]);
+    assert.deepEqual(windowed.dispatches, [1, 1, 1, 1, 1, 1]);
+    assert.deepEqual(spans.dispatches, [3, 3, 3, 3, 3, 3], "one dispatch per 512-element span");
+    assert.equal(spans.out.length, 5); // AdamW: p, exp_avg, exp_avg_sq; SGD: p, momentum_buffer
+    spans.out.forEach((a, i) => {
+      assertBitEqual(a, whole.out[i], `spans against one dispatch, array ${i}`);
+      assertBitEqual(windowed.out[i], whole.out[i], `windows against one dispatch, array ${i}`);
+    });
+  } finally {
+    limits.maxStorageBuffersPerShaderStage = buffers;
+    limits.maxStorageBufferBindingSize = binding;
+  }
+  assert.equal(memory().liveBytes, base, "live bytes back to baseline");
+});
+
 Deno.test("cosineSchedule: linear warm-up from 0, cosine to minLr at total, minLr afterwards", () => {
   const lr = cosineSchedule({ warmup: 100, total: 1200, maxLr: 3e-3, minLr: 3e-4 });
   assert.equal(lr(0), 0);
