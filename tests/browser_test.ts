@@ -789,6 +789,40 @@ Deno.test({
         },
       );
 
+      await t.step(
+        "demo page: a model without tokenizer.json says why it runs on bytes, and takes another's tokenizer",
+        async () => {
+          const page = await newPage("/");
+          await page.waitForFunction(() =>
+            (globalThis as { mambaDemo?: { ready: boolean } }).mambaDemo?.ready
+          );
+          const load = async () => {
+            await page.click("#load");
+            await page.waitForFunction(() =>
+              !(globalThis as unknown as { mambaDemo: DemoState }).mambaDemo.loading
+            );
+            return await page.textContent("#model-status") ?? "";
+          };
+          await page.selectOption("#model-source", "url");
+          await page.fill("#model-url", "./fixtures/lm_v64_hf/");
+          assert.match(
+            await load(),
+            /vocabulary 64, no tokenizer \(.*fixtures\/lm_v64_hf\/tokenizer\.json.*\): bytes as tokens$/,
+          );
+          // the field's tokenizer is checked against the model (256 ids > 64)
+          await page.fill("#tokenizer-from", "./fixtures/char-mamba/");
+          assert.match(
+            await load(),
+            /cannot load: .*fixtures\/char-mamba\/tokenizer\.json.* 256 token ids .* 64/,
+          );
+          await page.selectOption("#model-source", "local:models/char-mamba/");
+          assert.match(await load(), /vocabulary 256, tokenizer from \.\/fixtures\/char-mamba\/$/);
+          await page.fill("#tokenizer-from", "");
+          assert.match(await load(), /vocabulary 256, bytes as tokens$/); // its own char tokenizer
+          await page.close();
+        },
+      );
+
       await t.step("demo page: the Train tab trains with a live loss chart, then generates", async () => {
         const page = await newPage("/");
         await page.waitForFunction(

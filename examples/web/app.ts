@@ -30,6 +30,8 @@ interface Loaded {
   saved: Tokenizer | null;
   /** What the model is, for the status line. */
   label: string;
+  /** Where its tokenizer came from, for the status line ("" for a model's own tokenizer.json). */
+  tokenizerNote: string;
 }
 
 /** What the tests read. */
@@ -135,8 +137,9 @@ function setCurrent(next: Loaded): void {
   status(
     "model-status",
     `${next.label}: ${lm.numParameters().toLocaleString()} parameters, d_model ${lm.config.dModel}, ` +
-      `${lm.config.nLayers} layers, vocabulary ${lm.vocabSize}` +
-      (next.tokenizer instanceof ByteTokenizer ? ", bytes as tokens" : ""),
+      `${lm.config.nLayers} layers, vocabulary ${lm.vocabSize}${
+        next.tokenizerNote && `, ${next.tokenizerNote}`
+      }`,
   );
   updateButtons();
   showMemory();
@@ -203,15 +206,18 @@ async function loadModel(): Promise<void> {
     let label: string;
     let lm;
     status("model-status", "loading…");
+    // A model without tokenizer.json (state-spaces' own repositories) takes another's, as mamba.py does.
+    const tokenizerFrom = $<HTMLInputElement>("tokenizer-from").value.trim();
+    const options = tokenizerFrom ? { tokenizer: tokenizerFrom } : {};
     if (v.startsWith("local:")) {
       label = v.slice("local:".length).replace(/\/$/, "");
-      lm = await fromPretrained(new URL(v.slice("local:".length), location.href).href);
+      lm = await fromPretrained(new URL(v.slice("local:".length), location.href).href, options);
     } else if (v === "hub") {
       label = $<HTMLInputElement>("hub-id").value.trim();
-      lm = await fromPretrained(label);
+      lm = await fromPretrained(label, options);
     } else if (v === "url") {
       label = $<HTMLInputElement>("model-url").value.trim();
-      lm = await fromPretrained(new URL(label, location.href).href);
+      lm = await fromPretrained(new URL(label, location.href).href, options);
     } else {
       const files = $<HTMLInputElement>("model-files").files;
       if (!files?.length) {
@@ -220,13 +226,20 @@ async function loadModel(): Promise<void> {
         );
       }
       label = [...files].map((f) => f.name).join(", ");
-      lm = await fromPretrainedFiles(files, { name: "picked files" });
+      lm = await fromPretrainedFiles(files, { ...options, name: "picked files" });
     }
     setCurrent({
       lm,
       tokenizer: lm.tokenizer ?? new ByteTokenizer(),
       saved: lm.tokenizer,
       label: `${label} (loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s)`,
+      tokenizerNote: !lm.tokenizer
+        ? `no tokenizer (${lm.noTokenizer}): bytes as tokens`
+        : tokenizerFrom
+        ? `tokenizer from ${tokenizerFrom}`
+        : lm.tokenizer instanceof ByteTokenizer
+        ? "bytes as tokens"
+        : "",
     });
   } catch (e) {
     status("model-status", `cannot load: ${(e as Error).message}`, true);
@@ -486,6 +499,7 @@ async function train(): Promise<void> {
       tokenizer: new ByteTokenizer(), // any prompt, as before
       saved: new ByteTokenizer([...data.train, ...data.val]), // the characters it knows
       label: `char model trained here (${trainer.step} steps)`,
+      tokenizerNote: "bytes as tokens",
     };
     (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = false;
     const prompt = $<HTMLTextAreaElement>("prompt").value || "It is a truth";
