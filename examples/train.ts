@@ -49,6 +49,8 @@ const USAGE = `Usage: deno task train [options]
 
   --steps <n>        optimizer steps (default ${DEFAULT_TRAIN.steps})
   --batch <n>        sequences per batch (default ${DEFAULT_TRAIN.batch})
+  --accumulate <n>   run each step's batch as n micro-batches of --batch sequences (gradient accumulation:
+                     n times the batch in one micro-batch's memory; default 1)
   --seq <n>          tokens per sequence: characters for a char model (default ${DEFAULT_TRAIN.seq})
   --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr}; with
                      --from ${FINE_TUNE_LR})
@@ -112,6 +114,7 @@ export interface TrainArgs {
 /** Flags that set the recipe or the model, which a resumed run takes from its checkpoint. */
 const RECIPE_FLAGS = [
   "batch",
+  "accumulate",
   "seq",
   "lr",
   "warmup",
@@ -134,6 +137,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     options: {
       steps: { type: "string" },
       batch: { type: "string" },
+      accumulate: { type: "string" },
       seq: { type: "string" },
       lr: { type: "string" },
       warmup: { type: "string" },
@@ -210,6 +214,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     ...DEFAULT_TRAIN,
     steps: int("steps", values.steps, DEFAULT_TRAIN.steps),
     batch: int("batch", values.batch, DEFAULT_TRAIN.batch),
+    ...(values.accumulate === undefined ? {} : { accumulate: int("accumulate", values.accumulate, 1) }),
     seq: int("seq", values.seq, DEFAULT_TRAIN.seq),
     lr,
     minLr: lr / 10,
@@ -397,7 +402,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     // the time goes with each checkpoint too: a run resumed from one adds its own to the seconds saved there
     if (mean !== null || saving) {
       trainer.log.time.push([step, priorSeconds + secs]);
-      const tps = ((step - startStep) * cfg.batch * cfg.seq) / secs;
+      const tps = ((step - startStep) * cfg.batch * (cfg.accumulate ?? 1) * cfg.seq) / secs;
       const eta = ((cfg.steps - step) * secs) / (step - startStep);
       progress(
         `step ${step}/${cfg.steps}  loss ${lastLoss.toFixed(4)}  val ${lastVal.toFixed(4)}  ` +

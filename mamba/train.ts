@@ -10,7 +10,7 @@
 
 import { tensor } from "../core/creation.ts";
 import { readBuffer, recordCopy } from "../core/executor.ts";
-import { crossEntropy, narrow } from "../core/ops/index.ts";
+import { add, crossEntropy, mul, narrow } from "../core/ops/index.ts";
 import { noGrad } from "../core/autograd.ts";
 import { Philox } from "../core/random.ts";
 import { keep, type Tensor, tidy } from "../core/tensor.ts";
@@ -23,8 +23,14 @@ import { ensureFusedTuned } from "../scan/tune_fused.ts";
 export interface TrainConfig {
   /** Optimizer steps. */
   steps: number;
-  /** Sequences per batch. */
+  /** Sequences per forward pass: the batch, or with `accumulate` > 1 one micro-batch of it. */
   batch: number;
+  /**
+   * Micro-batches whose gradients one optimizer step adds up (gradient accumulation, transformers'
+   * `gradient_accumulation_steps`; default 1). A step draws `accumulate * batch` windows, those of one batch of
+   * that size, and runs them `batch` at a time: the same update (up to rounding) in a micro-batch's memory.
+   */
+  accumulate?: number;
   /** Characters per sequence. */
   seq: number;
   /** Peak learning rate. */
@@ -246,6 +252,7 @@ export function validateTrainConfig(config: TrainConfig): Readonly<TrainConfig> 
   int("evalEvery", 1);
   int("evalBatches", 1);
   int("logEvery", 1);
+  if (c.accumulate !== undefined) int("accumulate", 1);
   if (config.minLr > config.lr) {
     throw new Error(
       `TrainConfig.minLr (${config.minLr}) must be <= lr (${config.lr}): the schedule decays from lr to minLr ` +
@@ -348,14 +355,11 @@ export class Trainer {
     this.#schedule = Trainer.#scheduleOf(this.#config);
   }
 
-  /** The batch of a step: the same for the same (seed, step), so resumed runs see the same data. */
+  /** The windows of a step, (accumulate * batch, seq + 1): the same for the same (seed, step), so resumed runs
+   * see the same data, and one batch of 8 draws the windows of two micro-batches of 4. */
   batchOf(step: number): Int32Array {
-    return this.data.windows(
-      "train",
-      this.config.batch,
-      this.config.seq,
-      new Philox(this.config.seed * 1e6 + step),
-    );
+    const { batch, accumulate = 1, seq, seed } = this.config;
+    return this.data.windows("train", accumulate * batch, seq, new Philox(seed * 1e6 + step));
   }
 
   /**
@@ -376,25 +380,38 @@ export class Trainer {
         this.#tuned = true;
       }
     }
-    const { batch: B, seq: L, clip, logEvery } = this.config;
-    const tokens = this.batchOf(this.step);
+    const { batch: B, accumulate = 1, seq: L, clip, logEvery } = this.config;
+    const tokens = this.batchOf(this.step); // tokens: (accumulate * B, L + 1)
     this.opt.lr = this.schedule(this.step);
+    let total: Tensor | null = null; // the step's loss: the sum of its micro-batches' losses
     try {
+      for (let a = 0; a < accumulate; a++) {
+        // one micro-batch's activations at a time; its gradients add into the parameters' .grad
+        total = tidy(() => {
+          const rows = tokens.subarray(a * B * (L + 1), (a + 1) * B * (L + 1));
+          const ids = tensor(rows, [B, L + 1], { dtype: "i32" });
+          const x = narrow(ids, 1, 0, L); // x: (B, L)
+          const y = narrow(ids, 1, 1, L); // y: (B, L)
+          const mean = crossEntropy(this.model.forward(x), y); // mean: []
+          const loss = accumulate === 1 ? mean : mul(mean, 1 / accumulate); // loss: [], a share of the batch's mean
+          loss.backward();
+          const sum = total ? noGrad(() => add(total!, loss)) : loss; // sum: []
+          total?.dispose();
+          return keep(sum);
+        });
+      }
       tidy(() => {
-        const ids = tensor(tokens, [B, L + 1], { dtype: "i32" });
-        const x = narrow(ids, 1, 0, L); // x: (B, L)
-        const y = narrow(ids, 1, 1, L); // y: (B, L)
-        const loss = crossEntropy(this.model.forward(x), y); // loss: []
-        loss.backward();
         const { scale } = gradNormScale(this.model.parameters(), clip);
         this.opt.step({ gradScale: scale });
         this.opt.zeroGrad();
-        recordCopy(loss.storage.buffer, 0, this.#losses.storage.buffer, 4 * this.#pending, 4);
+        recordCopy(total!.storage.buffer, 0, this.#losses.storage.buffer, 4 * this.#pending, 4);
       });
     } catch (e) {
       // a step that failed part-way (out of memory in the backward) leaves no gradients for the next to add to
       this.opt.zeroGrad();
       throw e;
+    } finally {
+      total?.dispose();
     }
     const step = ++this.step;
     const n = ++this.#pending;

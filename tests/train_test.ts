@@ -16,6 +16,8 @@ import { CharDataset, DEFAULT_TRAIN, TokenDataset, type TrainConfig, Trainer } f
 import { manualSeed, Philox } from "../core/random.ts";
 import { ByteTokenizer, HubTokenizer } from "../mamba/tokenizer.ts";
 import { fixturePath } from "./fixture_util.ts";
+import { assertClose } from "./helpers.ts";
+import type { Tensor } from "../core/tensor.ts";
 
 const quiet = () => {};
 const small = [
@@ -1145,6 +1147,93 @@ Deno.test("train: --mup-base-width trains a muP model (mamba.py's groups), whose
     assert.throws(
       () => parseTrainArgs(["--mup-base-width", "0"]),
       /--mup-base-width must be an integer >= 1, got '0'/,
+    );
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
+Deno.test("train: accumulate 2 micro-batches of 2 = one batch of 4 (same windows, loss and gradients) in less memory", async () => {
+  await init();
+  const { keep } = await import("../core/tensor.ts");
+  const { copy } = await import("../core/ops/index.ts");
+  const { resetPeak } = await import("../core/memory.ts");
+  manualSeed(5);
+  const a = new MambaLM({ dModel: 16, nLayers: 2, dState: 4 }, { vocabSize: 11 });
+  const b = new MambaLM({ dModel: 16, nLayers: 2, dState: 4 }, { vocabSize: 11 });
+  b.loadStateDict(a.stateDict());
+  const data = new TokenDataset(Array.from({ length: 4000 }, (_, i) => (i * 7 + (i >> 3)) % 11));
+  const recipe = { ...DEFAULT_TRAIN, steps: 10, warmup: 1, seq: 64, logEvery: 1 };
+  const whole = new Trainer(a, data, { ...recipe, batch: 4 });
+  const micro = new Trainer(b, data, { ...recipe, batch: 2, accumulate: 2 });
+  /** One step's loss, the gradients the optimizer got (before clipping), and the step's peak bytes. */
+  const step = async (t: Trainer) => {
+    let grads: Tensor[] = [];
+    const opt = t.opt;
+    const real = opt.step.bind(opt);
+    opt.step = (o) => {
+      grads = t.model.parameters().map((p) => keep(copy(p.grad!)));
+      real(o);
+    };
+    resetPeak();
+    const base = memory().liveBytes;
+    const loss = (await t.trainStep())!;
+    const peak = memory().peakBytes - base;
+    opt.step = real;
+    const g = await Promise.all(grads.map(async (x) => Float32Array.from(await x.toArray())));
+    for (const x of grads) x.dispose();
+    return { loss, grads: g, peak };
+  };
+  try {
+    assert.deepEqual(micro.batchOf(3), whole.batchOf(3), "the same windows");
+    for (let s = 0; s < 2; s++) {
+      const [w, m] = [await step(whole), await step(micro)];
+      assert.ok(Math.abs(m.loss - w.loss) <= 1e-6 * w.loss, `step ${s}: loss ${m.loss} against ${w.loss}`);
+      w.grads.forEach((g, i) => {
+        // summed in another order: errors relative to the parameter's largest gradient
+        const scale = new Float32Array(g.length).fill(g.reduce((x, v) => Math.max(x, Math.abs(v)), 0));
+        assertClose(m.grads[i], g, { rtol: 1e-5, atol: 0, scale }, `step ${s}: gradient of parameter ${i}`);
+      });
+      assert.ok(m.peak < w.peak, `step ${s}: peak ${m.peak} bytes with micro-batches, ${w.peak} without`);
+    }
+    const bad = { ...recipe, batch: 2, accumulate: 0 };
+    assert.throws(() => new Trainer(b, data, bad), /TrainConfig.accumulate must be an integer >= 1, got 0/);
+  } finally {
+    for (const t of [whole, micro]) t.dispose();
+    for (const m of [a, b]) m.dispose();
+  }
+});
+
+Deno.test("train: --accumulate is a recipe flag: its checkpoint keeps it and resumes bit-exact", async () => {
+  const root = await Deno.makeTempDir();
+  try {
+    const run = async (args: string[], stopAfter?: number) => {
+      let n = 0;
+      const t = await runTraining(parseTrainArgs(args)!, {
+        progress: quiet,
+        shouldStop: stopAfter === undefined ? undefined : () => ++n === stopAfter,
+      });
+      const r = { step: t.step, accumulate: t.config.accumulate };
+      t.model.dispose();
+      t.dispose();
+      return r;
+    };
+    const args = [...small.slice(2), "--accumulate", "2", "--steps", "4"]; // small without its --steps
+    assert.deepEqual(await run([...args, "--out", `${root}/a`]), { step: 4, accumulate: 2 });
+    const log = JSON.parse(await Deno.readTextFile(`${root}/a/training_log.json`));
+    assert.equal(log.train.accumulate, 2);
+    // b: interrupted after step 3 and resumed: the same weights as a
+    assert.equal((await run([...args, "--out", `${root}/b`], 3)).step, 3);
+    assert.deepEqual(await run(["--resume", `${root}/b`]), { step: 4, accumulate: 2 });
+    const [wa, wb] = [await weights(`${root}/a`), await weights(`${root}/b`)];
+    for (const [k, t] of wa) assert.deepEqual(wb.get(k)!.data, t.data, `${k} differs`);
+    assert.throws(
+      () => parseTrainArgs(["--accumulate", "0"]),
+      /--accumulate must be an integer >= 1, got '0'/,
+    );
+    assert.throws(
+      () => parseTrainArgs(["--resume", `${root}/a`, "--accumulate", "4"]),
+      /--accumulate/,
     );
   } finally {
     await Deno.remove(root, { recursive: true });
