@@ -29,6 +29,8 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
   --top-k <n>        sample among the k most likely tokens (default 0: all)
   --top-p <x>        nucleus sampling: the smallest set with probability >= x
   --seed <n>         sampler seed (default: random; printed to stderr); not with --greedy
+  --repetition-penalty <x>  divide the logits (> 0; multiply the negative ones) of tokens already in the
+                     row, prompt included, by x (HF's repetition_penalty; default 1: none; greedy too)
   --batch <n>        rows generated at once from the same prompt (default 1)
   --tokenizer <s>    hub id, folder or URL of the tokenizer (default: the model's own)
   --revision <s>     hub branch, tag or commit (default main)
@@ -67,6 +69,7 @@ function parse(argv: string[]) {
         "top-k": { type: "string" },
         "top-p": { type: "string" },
         seed: { type: "string" },
+        "repetition-penalty": { type: "string" },
         batch: { type: "string" },
         tokenizer: { type: "string" },
         revision: { type: "string" },
@@ -83,6 +86,12 @@ function parse(argv: string[]) {
   const temperature = num("temperature", values.temperature, (x) => x > 0, "a number > 0");
   const topP = num("top-p", values["top-p"], (x) => x > 0 && x <= 1, "a number in (0, 1]");
   const topK = int("top-k", values["top-k"], 0, 0, 2 ** 32 - 1);
+  const repetitionPenalty = num(
+    "repetition-penalty",
+    values["repetition-penalty"],
+    (x) => x > 0,
+    "a number > 0",
+  );
   const sampling = [
     temperature !== undefined,
     values["top-k"] !== undefined,
@@ -102,6 +111,7 @@ function parse(argv: string[]) {
     temperature: temperature ?? 1,
     topK,
     topP: topP !== undefined && topP < 1 ? topP : undefined,
+    repetitionPenalty: repetitionPenalty ?? 1,
     seed: values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : int("seed", values.seed, 0, 0),
     batch: int("batch", values.batch, 1, 1),
     tokenizer: values.tokenizer,
@@ -207,6 +217,7 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       temperature: a.temperature,
       topK: a.topK,
       topP: a.topP,
+      repetitionPenalty: a.repetitionPenalty,
       seed: a.seed,
       readEvery: a.readEvery,
       onTokens,
@@ -224,11 +235,12 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       out(`[${b + 1}/${a.batch}] ${a.prompt}${tok.decode(ids, { skipSpecialTokens: true })}\n`);
     }
     const n = result.reduce((sum, r) => sum + r.length, 0); // rows end at the end token
+    const penalty = a.repetitionPenalty === 1 ? "" : `, repetition penalty ${a.repetitionPenalty}`;
     const mode = a.greedy
-      ? "greedy"
+      ? `greedy${penalty && ` (${penalty.slice(2)})`}`
       : `sampled (T ${a.temperature}${a.topK ? `, top-k ${a.topK}` : ""}${
         a.topP !== undefined ? `, top-p ${a.topP}` : ""
-      }, seed ${a.seed})`;
+      }${penalty}, seed ${a.seed})`;
     io.err(
       `${n} tokens (${a.batch} x ${a.tokens}${
         n < a.batch * a.tokens ? " at most: rows end at the end token" : ""

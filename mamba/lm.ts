@@ -15,7 +15,7 @@ import { Embedding, Linear, RMSNorm } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { type LayerCache, Mamba } from "./block.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./config.ts";
-import { drawSeed, sampleInto, type SampleOptions, sampleParams } from "./sampling.ts";
+import { drawSeed, sampleInto, type SampleOptions, sampleParams, seenMask, seenWords } from "./sampling.ts";
 
 /** LM options on top of the Mamba config. Unknown keys are an error. */
 export interface LMOptions {
@@ -65,6 +65,7 @@ const GENERATE_OPTION_KEYS = [
   "topP",
   "temperature",
   "seed",
+  "repetitionPenalty",
   "onTokens",
   "readEvery",
   "stopTokens",
@@ -378,16 +379,25 @@ export class MambaLM extends Module {
       if (ids !== prompt) ids.dispose();
       throw new Error(`generate: the prompt is empty (shape ${fmt(ids.shape)})`);
     }
+    let rowsIn = prompt as readonly ArrayLike<number>[]; // the prompt's rows on the host
     if (ids === prompt) {
       const host = await ids.toArray();
       for (let i = 0; i < host.length; i++) this.checkId(host[i], Math.floor(i / P), i % P);
+      rowsIn = Array.from({ length: B }, (_, b) => host.subarray(b * P, (b + 1) * P));
     }
-    let all: Tensor | null = null, next: Tensor | null = null;
+    let all: Tensor | null = null, next: Tensor | null = null, seen: Tensor | null = null;
     try {
       all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" })); // all: (B, max(nTokens, 1)) i32
       next = keep(zeros([B], { dtype: "i32" })); // next: (B) i32, the last chosen tokens
+      // seen: (B, ceil(vocab / 32)) bits, the ids of each row so far: its prompt's, then the chosen ones
+      // (without a penalty a word the sampler binds but never reads: made once here, not at every token)
+      seen = keep(
+        params.repetitionPenalty === 1
+          ? Tensor.empty([1], "i32")
+          : tensor(seenMask(rowsIn, this.vocabSize), [B, seenWords(this.vocabSize)], { dtype: "i32" }),
+      );
     } catch (e) {
-      dispose([all, next]);
+      dispose([all, next, seen]);
       if (ids !== prompt) ids.dispose();
       throw new Error(`generate: ${B} rows of nTokens ${nTokens}: ${(e as Error).message}`, { cause: e });
     }
@@ -439,7 +449,7 @@ export class MambaLM extends Module {
               logits = r.logits; // logits: (B, vocab)
               c = r.caches;
             }
-            sampleInto(logits, next, all, i, params);
+            sampleInto(logits, next, all, i, params, seen!);
             return c;
           })
         );
@@ -451,7 +461,7 @@ export class MambaLM extends Module {
       }
       if (!allEnded()) await readNew(nTokens);
     } finally {
-      dispose([caches, all, next]);
+      dispose([caches, all, next, seen]);
       if (ids !== prompt) ids.dispose();
     }
     return rows.map((r, b) => (ended[b] >= 0 ? r.slice(0, ended[b]) : r));

@@ -14,6 +14,9 @@
  * the max (24 rounds of a workgroup sum of exp((x - max) / T) over the
  * top-k set) finds the smallest set holding probability p; logits outside it are skipped (ties at its
  * edge are all kept). Writes the token into `next` (B) and into column `step` of `all` (B, T).
+ * Repetition penalty (HF's RepetitionPenaltyLogitsProcessor, mamba_ssm's generate): before all of that, a
+ * logit x of an id the row has seen (its bit in `seen` (B, W) u32, W = ceil(V / 32): the prompt's ids and the
+ * tokens chosen so far) counts as x / penalty, or x * penalty where x < 0; the chosen id's bit is then set.
  * Workgroup memory: WG (value, index) pairs, WG counts, WG partial sums.
  * @module
  */
@@ -21,7 +24,7 @@
 import { deviceInfo } from "../core/device.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { streamFor } from "../core/random.ts";
-import type { Tensor } from "../core/tensor.ts";
+import { Tensor } from "../core/tensor.ts";
 
 /**
  * Loop trips one invocation runs for a row of V logits, each loop's final test counted (software adapters
@@ -58,6 +61,7 @@ function makeSampleKernel(WG: number): Kernel {
       { name: "x", type: "f32", access: "read" },
       { name: "next", type: "i32", access: "read_write" },
       { name: "all", type: "i32", access: "read_write" },
+      { name: "seen", type: "u32", access: "read_write" },
     ],
     uniforms: [
       ["V", "u32"],
@@ -68,6 +72,8 @@ function makeSampleKernel(WG: number): Kernel {
       ["topK", "u32"],
       ["invTemp", "f32"],
       ["topP", "f32"],
+      ["W", "u32"],
+      ["penalty", "f32"],
     ],
     workgroupSize: WG,
     decls: `
@@ -92,11 +98,17 @@ fn key(x: f32) -> u32 {
 fn unkey(k: u32) -> f32 {
   return bitcast<f32>(select(~k, k & 0x7fffffffu, (k & 0x80000000u) != 0u));
 }
-fn massAtLeast(base: u32, thr: f32, m: f32, kKey: u32, lid: u32) -> f32 {
+fn logit(row: u32, v: u32) -> f32 {
+  // every read of a logit: with a penalty, one of an id the row has seen is divided by it (multiplied if < 0)
+  let x = ld_x(row * P.V + v);
+  if (P.penalty == 1.0 || ((ld_seen(row * P.W + (v >> 5u)) >> (v & 31u)) & 1u) == 0u) { return x; }
+  return select(x / P.penalty, x * P.penalty, x < 0.0);
+}
+fn massAtLeast(row: u32, thr: f32, m: f32, kKey: u32, lid: u32) -> f32 {
   // sum of exp((x - m) / T) over the top-k logits x >= thr (unnormalised probability mass)
   var c = 0.0;
   for (var v = lid; v < P.V; v += ${WG}u) {
-    let x = ld_x(base + v);
+    let x = logit(row, v);
     if (x >= thr && key(x) >= kKey) { c += exp((x - m) * P.invTemp); }
   }
   fred[lid] = c;
@@ -120,14 +132,13 @@ fn sumCounts(c: u32, lid: u32) -> u32 {
   workgroupBarrier();
   return total;
 }
-fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
+fn countKeyAtLeast(row: u32, k: u32, lid: u32) -> u32 {
   var c = 0u;
-  for (var v = lid; v < P.V; v += ${WG}u) { c += select(0u, 1u, key(ld_x(base + v)) >= k); }
+  for (var v = lid; v < P.V; v += ${WG}u) { c += select(0u, 1u, key(logit(row, v)) >= k); }
   return sumCounts(c, lid);
 }`,
     body: `
   let row = group;
-  let base = row * P.V;
   // top-k: key(x) >= kKey (0: all, NaN included; NaN is no candidate anyway); top-p: x >= thr
   var kKey = 0u;
   var thr = -3.4028234663852886e38;
@@ -137,7 +148,7 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
   if (P.greedy == 0u) {
     var lo = 3.4028234663852886e38;
     var hi = -3.4028234663852886e38;
-    for (var v = lid; v < P.V; v += ${WG}u) { let x = ld_x(base + v); lo = min(lo, x); hi = max(hi, x); }
+    for (var v = lid; v < P.V; v += ${WG}u) { let x = logit(row, v); lo = min(lo, x); hi = max(hi, x); }
     bestV[lid] = lo;
     workgroupBarrier();
     for (var s = ${WG / 2}u; s > 0u; s = s >> 1u) {
@@ -164,20 +175,20 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
       for (var it = 0u; it < 32u; it++) {
         let d = khi - klo;
         let mid = klo + (d >> 1u) + (d & 1u);
-        if (countKeyAtLeast(base, mid, lid) >= P.topK) { klo = mid; } else { khi = mid - 1u; }
+        if (countKeyAtLeast(row, mid, lid) >= P.topK) { klo = mid; } else { khi = mid - 1u; }
       }
       kKey = klo;
       thrK = unkey(klo);
     }
     if (useP) {
-      let total = massAtLeast(base, thrK, rowMax, kKey, lid); // mass left after top-k
+      let total = massAtLeast(row, thrK, rowMax, kKey, lid); // mass left after top-k
       // below rowMax - 104 T, exp((x - rowMax) / T) is 0 in f32: starting there keeps the 24 rounds among
       // the candidates when a row holds -inf or a far outlier
       var plo = max(max(rowMin, thrK), rowMax - 104.0 / P.invTemp);
       var phi = rowMax;
       for (var it = 0u; it < 24u; it++) {
         let mid = plo + (phi - plo) * 0.5;
-        if (massAtLeast(base, mid, rowMax, kKey, lid) >= P.topP * total) { plo = mid; } else { phi = mid; }
+        if (massAtLeast(row, mid, rowMax, kKey, lid) >= P.topP * total) { plo = mid; } else { phi = mid; }
       }
       thr = plo;
     }
@@ -189,7 +200,7 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
   var bv = bitcast<f32>(ninf);
   var bi = 0xffffffffu;
   for (var v = lid; v < P.V; v += ${WG}u) {
-    let x = ld_x(base + v);
+    let x = logit(row, v);
     var score = x;
     if (P.greedy == 0u) {
       if (x < thr || key(x) < kKey) { continue; }
@@ -223,6 +234,10 @@ fn countKeyAtLeast(base: u32, k: u32, lid: u32) -> u32 {
     let found = bestI[0] < P.V;
     st_next(row, i32(select(0u, bestI[0], found))); // a valid id for the next step's embedding either way
     st_all(row * P.T + P.step, select(-1, i32(bestI[0]), found));
+    if (found && P.penalty != 1.0) {
+      let w = row * P.W + (bestI[0] >> 5u);
+      st_seen(w, ld_seen(w) | (1u << (bestI[0] & 31u)));
+    }
   }`,
   });
 }
@@ -242,6 +257,12 @@ export interface SampleOptions {
   topP?: number;
   /** Softmax temperature, > 0 (1). */
   temperature?: number;
+  /**
+   * Repetition penalty, > 0 (1: none), as HF's `repetition_penalty` and mamba_ssm's generate: the logit x of
+   * every id already in the row (prompt or output) counts as x / penalty, or x * penalty where x < 0, before
+   * anything else. Greedy decoding too: it is not a sampling option.
+   */
+  repetitionPenalty?: number;
   /**
    * Seed of the sampler, an integer (taken modulo 2^32): the same seed, prompt and options give the same
    * tokens. Without one, each call draws its seed from the global generator, so successive calls differ
@@ -263,6 +284,8 @@ export interface SampleParams {
   topK: number;
   /** Top-p (1: all). */
   topP: number;
+  /** Repetition penalty (1: none). */
+  repetitionPenalty: number;
   /** Seed as a u32; undefined: not given (generate draws one from the global generator when sampling). */
   seed: number | undefined;
 }
@@ -299,6 +322,12 @@ export function sampleParams(o: SampleOptions): SampleParams {
   if (typeof topP !== "number" || !(topP > 0 && topP <= 1)) {
     throw new Error(`generate: topP must be a number in (0, 1], got ${show(topP)}`);
   }
+  const repetitionPenalty = o.repetitionPenalty ?? 1;
+  if (typeof repetitionPenalty !== "number" || !(repetitionPenalty > 0 && repetitionPenalty < Infinity)) {
+    throw new Error(
+      `generate: repetitionPenalty must be a finite number > 0, got ${show(repetitionPenalty)}`,
+    );
+  }
   if (o.seed !== undefined && !Number.isSafeInteger(o.seed)) {
     throw new Error(`generate: seed must be an integer within ±(2^53 - 1), got ${show(o.seed)}`);
   }
@@ -307,6 +336,7 @@ export function sampleParams(o: SampleOptions): SampleParams {
     temperature,
     topK,
     topP,
+    repetitionPenalty,
     seed: o.seed === undefined ? undefined : o.seed >>> 0,
   };
 }
@@ -316,9 +346,44 @@ export function drawSeed(): number {
   return streamFor().nextU32();
 }
 
-/** Writes the chosen token of each row of `logits` (B, V) into `next` (B) and column `step` of `all` (B, T). */
-export function sampleInto(logits: Tensor, next: Tensor, all: Tensor, step: number, p: SampleParams): void {
+/** Words per row of a repetition penalty's mask of the ids seen, one bit per id of a vocabulary of V. */
+export function seenWords(V: number): number {
+  return Math.ceil(V / 32);
+}
+
+/** The mask of the ids each row of `rows` (B rows of ids < V) holds: (B, seenWords(V)) words, as i32. */
+export function seenMask(rows: readonly ArrayLike<number>[], V: number): Int32Array {
+  const W = seenWords(V);
+  const mask = new Int32Array(rows.length * W);
+  rows.forEach((r, b) => {
+    for (let i = 0; i < r.length; i++) mask[b * W + (r[i] >> 5)] |= 1 << (r[i] & 31);
+  });
+  return mask;
+}
+
+/**
+ * Writes the chosen token of each row of `logits` (B, V) into `next` (B) and column `step` of `all` (B, T).
+ * With a repetition penalty, `seen` (B, seenWords(V)) holds the ids each row has seen ({@linkcode seenMask});
+ * the chosen ones are added to it. Without one, `seen` may be any tensor (it is bound, not read): a caller
+ * that samples many times passes one, else each call makes and frees its own.
+ */
+export function sampleInto(
+  logits: Tensor,
+  next: Tensor,
+  all: Tensor,
+  step: number,
+  p: SampleParams,
+  seen?: Tensor,
+): void {
   const [B, V] = logits.shape;
+  const penalised = p.repetitionPenalty !== 1;
+  if (penalised && (!seen || seen.size !== B * seenWords(V))) {
+    throw new Error(
+      `sampleInto: a repetition penalty needs the mask of the ids seen, (${B}, ${seenWords(V)}), got ${
+        seen ? `(${seen.shape.join(", ")})` : "none"
+      }`,
+    );
+  }
   const WG = sampleWorkgroup(V);
   const mode = p.greedy ? "greedy" : p.topK || p.topP < 1 ? "top" : "sample";
   const trips = loopIterations(V, WG, mode);
@@ -329,14 +394,24 @@ export function sampleInto(logits: Tensor, next: Tensor, all: Tensor, step: numb
         "software adapter runs (top-k/top-p: at most about 281k logits; sampling 8.3M; greedy 16.7M)",
     );
   }
-  dispatch(sampleKernel(WG), { x: logits.storage, next: next.storage, all: all.storage }, {
-    V,
-    T: all.shape[1],
-    step,
-    seed: p.seed ?? 0,
-    greedy: p.greedy ? 1 : 0,
-    topK: p.topK,
-    invTemp: Math.min(1 / p.temperature, F32_MAX), // an f32: 1 / 1e-40 would be inf there, and 0 * inf NaN
-    topP: p.topP,
-  }, B);
+  // without a penalty the kernel neither reads nor writes the mask: any buffer of its own will do
+  const mask = seen ?? Tensor.empty([1], "i32");
+  dispatch(
+    sampleKernel(WG),
+    { x: logits.storage, next: next.storage, all: all.storage, seen: mask.storage },
+    {
+      V,
+      T: all.shape[1],
+      step,
+      seed: p.seed ?? 0,
+      greedy: p.greedy ? 1 : 0,
+      topK: p.topK,
+      invTemp: Math.min(1 / p.temperature, F32_MAX), // an f32: 1 / 1e-40 would be inf there, and 0 * inf NaN
+      topP: p.topP,
+      W: seenWords(V),
+      penalty: p.repetitionPenalty,
+    },
+    B,
+  );
+  if (!seen) mask.dispose();
 }

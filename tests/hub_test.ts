@@ -858,6 +858,25 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.equal(g.out, `${prompt}ner was not the more the consideration of the consideration of t\n`);
   assert.ok(g.pieces.length >= 8, `streamed in ${g.pieces.length} pieces`);
   assert.match(g.err, /64 tokens \(1 x 64, greedy\) in [\d.]+ s: [\d.]+ tokens\/s/);
+  // The repetition penalty: the API's tokens (lm_test checks them against a full forward), another text.
+  const rp = await run(
+    "--model",
+    char,
+    "--prompt",
+    prompt,
+    "--greedy",
+    "--tokens",
+    "64",
+    "--repetition-penalty",
+    "1.3",
+  );
+  assert.equal(rp.code, 0, rp.err);
+  const charLm = await fromPretrained(char);
+  const want = await charLm.generate([charLm.tokenizer!.encode(prompt)], 64, { repetitionPenalty: 1.3 });
+  assert.equal(rp.out, `${prompt}${charLm.tokenizer!.decode(want[0])}\n`);
+  assert.notEqual(rp.out, g.out);
+  assert.match(rp.err, /64 tokens \(1 x 64, greedy \(repetition penalty 1\.3\)\)/);
+  charLm.dispose();
   // Sampling: seeded runs repeat, on the GPU (top-k) and on the host (top-p); batches print every row.
   for (const extra of [["--top-k", "5"], ["--top-p", "0.9"]]) {
     const args = [
@@ -944,6 +963,10 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.match(bad.err, /Unknown option '--bogus'[^]*--help/);
   assert.equal((await run("--prompt", "x")).code, 2);
   assert.match((await run("--model", char, "--top-p", "2")).err, /--top-p must be a number in \(0, 1\]/);
+  assert.match(
+    (await run("--model", char, "--repetition-penalty", "0")).err,
+    /--repetition-penalty must be a number > 0, got '0'/,
+  );
   assert.match((await run("--model", char, "--greedy", "--top-k", "3")).err, /does not combine/);
   // out-of-range integers: refused as flags, before the model loads
   const tooBig: [string, string, string][] = [

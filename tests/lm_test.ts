@@ -5,11 +5,11 @@ import { deviceInfo, init } from "../core/device.ts";
 import { dispatchCount } from "../core/executor.ts";
 import { memory, resetPeak } from "../core/memory.ts";
 import { crossEntropy, matmul, narrow } from "../core/ops/index.ts";
-import { manualSeed } from "../core/random.ts";
+import { manualSeed, Philox } from "../core/random.ts";
 import { dispose, type Tensor, tidy } from "../core/tensor.ts";
 import { setMaxChunksFolded } from "../scan/fused_run.ts";
 import { MAX_CHUNKS_FOLDED, setFusedVariant } from "../scan/fused_variant.ts";
-import { sampleInto, sampleParams } from "../mamba/sampling.ts";
+import { sampleInto, sampleParams, seenMask, seenWords } from "../mamba/sampling.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { mambaConfig } from "../mamba/config.ts";
@@ -746,6 +746,12 @@ Deno.test("generate: options are checked before any work; sampling options need 
       [{ readEvery: NaN }, /readEvery must be a positive integer or Infinity, got NaN/],
       [{ readEvery: 2.5 }, /readEvery must be a positive integer or Infinity, got 2.5/],
       [{ topk: 3 }, /unknown option 'topk'/],
+      [{ repetitionPenalty: 0 }, /repetitionPenalty must be a finite number > 0, got 0/],
+      [{ repetitionPenalty: Infinity }, /repetitionPenalty must be a finite number > 0, got Infinity/],
+      [
+        { sample: true, repetitionPenalty: "1.2" },
+        /repetitionPenalty must be a finite number > 0, got "1.2"/,
+      ],
     ] as const
   ) {
     await assert.rejects(() => lm.generate(prompt, 4, o as never), msg);
@@ -764,6 +770,86 @@ Deno.test("generate: options are checked before any work; sampling options need 
   let calls = 0;
   await lm.generate(prompt, 8, { readEvery: Infinity, onTokens: () => calls++ });
   assert.equal(calls, 1);
+  lm.dispose();
+});
+
+Deno.test("repetition penalty: the sampler reads penalised logits (greedy, sampling, top-k, top-p) and marks the chosen ids seen", async () => {
+  await init();
+  // A penalty of 2 halves (doubles below 0) exactly in f32, so the kernel's penalised rows must choose as
+  // the same rows penalised here and sampled without one, id for id.
+  const [B, V] = [16, 300];
+  const rnd = new Philox(11);
+  const x = Float32Array.from({ length: B * V }, () => (rnd.nextU32() / 2 ** 32 - 0.5) * 8);
+  const rows = Array.from({ length: B }, () => Array.from({ length: 40 }, () => rnd.nextU32() % V));
+  const penalised = x.map((v, i) => {
+    const [b, id] = [Math.floor(i / V), i % V];
+    return rows[b].includes(id) ? (v < 0 ? v * 2 : v / 2) : v;
+  });
+  const cases = [{ sample: false }, { sample: true }, { sample: true, topK: 5 }, { sample: true, topP: 0.6 }];
+  for (const o of cases) {
+    const [logits, plain] = [tensor(x, [B, V]), tensor(penalised, [B, V])];
+    const seen = tensor(seenMask(rows, V), [B, seenWords(V)], { dtype: "i32" });
+    const outs: (Int32Array | Float32Array)[] = [];
+    for (const [l, p, mask] of [[logits, 2, seen], [plain, 1, undefined]] as const) {
+      const next = zeros([B], { dtype: "i32" });
+      const all = zeros([B, 1], { dtype: "i32" });
+      sampleInto(l, next, all, 0, { ...sampleParams({ ...o, repetitionPenalty: p }), seed: 5 }, mask);
+      outs.push(await all.toArray());
+      dispose([next, all]);
+    }
+    assert.deepEqual([...outs[0]], [...outs[1]], `${JSON.stringify(o)}: the penalised rows' choices`);
+    // the chosen ids join the rows' seen ids, nothing else changes
+    const want = seenMask(rows.map((r, b) => [...r, outs[0][b]]), V);
+    assert.deepEqual([...await seen.toArray()], [...want], `${JSON.stringify(o)}: the mask after`);
+    assert.ok(rows.some((r, b) => !r.includes(outs[0][b])), "some row chose an id it had not seen");
+    dispose([logits, plain, seen]);
+  }
+  assert.throws(
+    () =>
+      sampleInto(
+        zeros([2, V]),
+        zeros([2], { dtype: "i32" }),
+        zeros([2, 1], { dtype: "i32" }),
+        0,
+        sampleParams({ repetitionPenalty: 1.5 }),
+      ),
+    /a repetition penalty needs the mask of the ids seen, \(2, 10\), got none/,
+  );
+});
+
+Deno.test("generate with a repetition penalty: greedy tokens equal a full forward's penalised argmax, step by step (HF's rule)", async () => {
+  await init();
+  manualSeed(21);
+  const V = 48;
+  const lm = new MambaLM({ dModel: 16, nLayers: 2, dState: 4 }, { vocabSize: V });
+  // prompts over most of the vocabulary, so that their ids' penalty decides tokens from the first on
+  const prompt = [0, 1].map((b) => Array.from({ length: 30 }, (_, i) => (i * (5 + 2 * b) + 3 * b) % V));
+  const penalty = 1.6;
+  const n = 12;
+  const got = await lm.generate(prompt, n, { repetitionPenalty: penalty });
+  // the reference: the whole sequence through forward, the last logits penalised on the host, argmax
+  for (let b = 0; b < prompt.length; b++) {
+    const seq = [...prompt[b]];
+    for (let t = 0; t < n; t++) {
+      const logits = tidy(() => noGrad(() => narrow(lm.forward([seq]), 1, seq.length - 1, 1)));
+      const row = [...await logits.toArray()].map((
+        v,
+        id,
+      ) => (seq.includes(id) ? (v < 0 ? v * penalty : v / penalty) : v));
+      logits.dispose();
+      const best = row.indexOf(Math.max(...row));
+      assert.equal(got[b][t], best, `row ${b}, token ${t}`);
+      seq.push(best);
+    }
+  }
+  // a prompt given as a tensor: its ids come back from the GPU for the mask
+  const ids = tensor(Int32Array.from(prompt.flat()), [2, 30], { dtype: "i32" });
+  const fromTensor = await lm.generate(ids, n, { repetitionPenalty: penalty });
+  ids.dispose();
+  assert.deepEqual(fromTensor.map((r) => [...r]), got.map((r) => [...r]), "a tensor prompt");
+  // without it this model repeats itself: the penalty changed the output
+  const plain = await lm.generate(prompt, n);
+  assert.notDeepEqual(plain.map((r) => [...r]), got.map((r) => [...r]));
   lm.dispose();
 });
 
