@@ -790,7 +790,7 @@ Deno.test({
       );
 
       await t.step(
-        "demo page: a model without tokenizer.json says why it runs on bytes, and takes another's tokenizer",
+        "demo page: a model without tokenizer.json says why it runs on bytes, and takes another's tokenizer; the repetition penalty field",
         async () => {
           const page = await newPage("/");
           await page.waitForFunction(() =>
@@ -819,6 +819,24 @@ Deno.test({
           assert.match(await load(), /vocabulary 256, tokenizer from \.\/fixtures\/char-mamba\/$/);
           await page.fill("#tokenizer-from", "");
           assert.match(await load(), /vocabulary 256, bytes as tokens$/); // its own char tokenizer
+          // the repetition penalty field reaches generate (greedy reads it too): the Deno API's tokens
+          const prompt = "It is a truth universally acknowledged";
+          const lm = await fromPretrained(new URL("./fixtures/char-mamba", import.meta.url).pathname);
+          const want = await lm.generate([lm.tokenizer!.encode(prompt)], 24, { repetitionPenalty: 1.5 });
+          const plain = await lm.generate([lm.tokenizer!.encode(prompt)], 24);
+          assert.notDeepEqual([...want[0]], [...plain[0]], "the penalty changes these tokens");
+          const text = prompt + lm.tokenizer!.decode(want[0]);
+          lm.dispose();
+          await page.fill("#prompt", prompt);
+          await page.fill("#n-tokens", "24");
+          await page.selectOption("#decoding", "greedy");
+          await page.fill("#repetition-penalty", "1.5");
+          await page.click("#generate");
+          await page.waitForFunction(() => {
+            const d = (globalThis as unknown as { mambaDemo: DemoState }).mambaDemo;
+            return !d.generating && (d.lastGeneration || d.error);
+          });
+          assert.equal(await page.textContent("#output"), text);
           await page.close();
         },
       );

@@ -265,7 +265,14 @@ async function streamText(
   tokenizer: Tokenizer,
   prompt: string,
   n: number,
-  sampling: { sample: boolean; temperature?: number; topK?: number; topP?: number; seed?: number },
+  sampling: {
+    sample: boolean;
+    temperature?: number;
+    topK?: number;
+    topP?: number;
+    seed?: number;
+    repetitionPenalty?: number;
+  },
 ): Promise<{ text: string; tokens: number; seconds: number }> {
   target.textContent = "";
   const p = document.createElement("span");
@@ -312,7 +319,9 @@ async function generate(): Promise<void> {
     const n = num("n-tokens");
     // the field's own bounds: a run past them could not be stopped short of reloading the page
     if (!(Number.isInteger(n) && n >= 1 && n <= 4096)) throw new Error(`tokens must be 1 to 4096, got ${n}`);
-    // Greedy decoding reads none of the sampling fields (a cleared or 0 temperature is no error then).
+    // Greedy decoding reads none of the sampling fields (a cleared or 0 temperature is no error then); the
+    // repetition penalty acts on both.
+    const repetitionPenalty = num("repetition-penalty");
     const sampling = $<HTMLSelectElement>("decoding").value === "sample"
       ? {
         sample: true,
@@ -320,8 +329,9 @@ async function generate(): Promise<void> {
         topK: num("top-k"),
         topP: num("top-p"),
         seed: num("seed"),
+        repetitionPenalty,
       }
-      : { sample: false };
+      : { sample: false, repetitionPenalty };
     const r = await using(lm, () => streamText($("output"), lm, tokenizer, prompt, n, sampling));
     state.lastGeneration = { prompt, ...r };
     status(
