@@ -7,7 +7,7 @@
 import { isGradEnabled, noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { readBuffer } from "../core/executor.ts";
-import { matmul, narrow, rmsNormMatmul } from "../core/ops/index.ts";
+import { cat, matmul, narrow, rmsNormMatmul } from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
 import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { normal } from "../nn/init.ts";
@@ -37,7 +37,8 @@ export interface LMOptions {
 
 /**
  * Token ids: an i32 tensor (B, L), or B rows of L ids each, every row a number array or an Int32Array
- * (the rows {@linkcode MambaLM.generate} returns can be fed back as they are).
+ * (the rows {@linkcode MambaLM.generate} returns can be fed back as they are). A prompt's rows may differ in
+ * length ({@linkcode MambaLM.generate}).
  */
 export type Tokens = Tensor | readonly (readonly number[] | Int32Array)[];
 
@@ -111,6 +112,19 @@ function lmOptions(
  * again; its derived `dInner` must agree with `expandFactor * dModel`, since a config derived from another
  * with a new dModel would otherwise keep the old sizes.
  */
+/** Rows of a prompt that share a length, by index, and their ids (rows, length) on the GPU. */
+interface PromptGroup {
+  rows: number[];
+  ids: Tensor;
+}
+
+/** Checked rows of `L` ids as an i32 (rows, L) tensor. */
+function rowsTensor(rows: readonly ArrayLike<number>[], L: number): Tensor {
+  const flat = new Int32Array(rows.length * L);
+  rows.forEach((r, b) => flat.set(r, b * L));
+  return tensor(flat, [rows.length, L], { dtype: "i32" });
+}
+
 /** The language model. */
 export class MambaLM extends Module {
   /** Validated config of the backbone. */
@@ -247,27 +261,65 @@ export class MambaLM extends Module {
     }
     const rows = tokens as readonly (readonly number[] | Int32Array)[];
     const L = rows[0]?.length ?? 0;
-    const flat = new Int32Array(rows.length * L);
     rows.forEach((r, b) => {
-      if (!Array.isArray(r) && !(r instanceof Int32Array)) {
-        throw new Error(
-          `MambaLM: token row ${b} must be an array of ids or an Int32Array, got ${r}` +
-            (typeof r === "number" ? " (one row of ids is [ids])" : ""),
-        );
-      }
+      this.checkRow(r, b);
       if (r.length !== L) {
         throw new Error(
           `MambaLM: token rows must all have the same length: row 0 has ${L}, row ${b} has ${r.length}`,
         );
       }
-      for (let t = 0; t < L; t++) {
-        const id = r[t];
-        if (!Number.isInteger(id)) throw new Error(`MambaLM: token [${b}][${t}] = ${id} is not an integer`);
-        this.checkId(id, b, t);
-        flat[b * L + t] = id;
-      }
     });
-    return tensor(flat, [rows.length, L], { dtype: "i32" });
+    return rowsTensor(rows, L);
+  }
+
+  /** Throws for a row that is not an array of ids of the vocabulary, naming the row (b) and the token. */
+  private checkRow(r: unknown, b: number): void {
+    if (!Array.isArray(r) && !(r instanceof Int32Array)) {
+      throw new Error(
+        `MambaLM: token row ${b} must be an array of ids or an Int32Array, got ${r}` +
+          (typeof r === "number" ? " (one row of ids is [ids])" : ""),
+      );
+    }
+    for (let t = 0; t < r.length; t++) {
+      const id = r[t];
+      if (!Number.isInteger(id)) throw new Error(`MambaLM: token [${b}][${t}] = ${id} is not an integer`);
+      this.checkId(id, b, t);
+    }
+  }
+
+  /**
+   * A prompt's rows on the host and its ids on the GPU, grouped by row length: one group of all rows for a
+   * tensor or rows of one length, else one per length (rows in order of first appearance). A tensor's ids
+   * are read back once and range-checked.
+   */
+  private async promptGroups(
+    prompt: Tokens,
+  ): Promise<{ B: number; rows: readonly ArrayLike<number>[]; groups: PromptGroup[] }> {
+    const ragged = Array.isArray(prompt) && prompt.some((r) => r?.length !== prompt[0]?.length);
+    if (!ragged) {
+      const ids = this.tokensTensor(prompt); // ids: (B, P) i32
+      const [B, P] = ids.shape;
+      if (P === 0 || B === 0) {
+        if (ids !== prompt) ids.dispose();
+        throw new Error(`generate: the prompt is empty (shape ${fmt(ids.shape)})`);
+      }
+      let rows = prompt as readonly ArrayLike<number>[];
+      if (ids === prompt) {
+        const host = await ids.toArray();
+        for (let i = 0; i < host.length; i++) this.checkId(host[i], Math.floor(i / P), i % P);
+        rows = Array.from({ length: B }, (_, b) => host.subarray(b * P, (b + 1) * P));
+      }
+      return { B, rows, groups: [{ rows: rows.map((_, b) => b), ids }] };
+    }
+    const rows = prompt as readonly (readonly number[] | Int32Array)[];
+    const byLength = new Map<number, number[]>();
+    rows.forEach((r, b) => {
+      this.checkRow(r, b);
+      if (r.length === 0) throw new Error(`generate: prompt row ${b} is empty`);
+      byLength.get(r.length)?.push(b) ?? byLength.set(r.length, [b]);
+    });
+    const groups = [...byLength].map(([L, of]) => ({ rows: of, ids: rowsTensor(of.map((b) => rows[b]), L) }));
+    return { B: rows.length, rows, groups };
   }
 
   /** Throws for an id outside the vocabulary, naming its position [b][t] and the vocabulary size. */
@@ -336,10 +388,39 @@ export class MambaLM extends Module {
   }
 
   /**
+   * The prompt's forward: the last position's logits (B, vocab) and each layer's cache. Each group of rows of
+   * one length runs as one batch; with several, their logits and caches are put back in row order.
+   */
+  private prefill(groups: PromptGroup[], B: number): { logits: Tensor; caches: LayerCache[] } {
+    const parts = groups.map(({ ids }) => {
+      const [Bg, P] = ids.shape;
+      const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true); // r.out: (Bg, P, D)
+      // Only the last position's logits are needed: the head (norm_f works row by row) runs on it alone.
+      const last = narrow(r.out, 1, P - 1, 1); // last: (Bg, 1, D)
+      return { logits: this.head(last).reshape(Bg, this.vocabSize), caches: r.caches }; // logits: (Bg, vocab)
+    });
+    if (parts.length === 1) return parts[0];
+    const at: [number, number][] = new Array(B); // row b: [its group, its row there]
+    groups.forEach((g, k) => g.rows.forEach((b, j) => (at[b] = [k, j])));
+    const inRowOrder = (of: (k: number) => Tensor) => cat(at.map(([k, j]) => narrow(of(k), 0, j, 1)), 0);
+    return {
+      logits: inRowOrder((k) => parts[k].logits), // logits: (B, vocab)
+      caches: parts[0].caches.map((_, l) => ({
+        h: inRowOrder((k) => parts[k].caches[l].h), // h: (B, ED, N)
+        inputs: inRowOrder((k) => parts[k].caches[l].inputs), // inputs: (B, ED, dConv - 1)
+      })),
+    };
+  }
+
+  /**
    * Continues each prompt row by `nTokens` tokens. The prompt runs as one parallel forward that also fills
    * the caches; then each token costs one `step`. Tokens are chosen on the GPU (greedy by default) and read
    * back every `readEvery` steps. Returns the new tokens (B rows of up to nTokens: with `stopTokens` a row ends
    * at its first stop token).
+   *
+   * Prompt rows given as arrays may differ in length (no padding, as an SSM would read pads into its state):
+   * the rows of each length run their forward together, then all rows decode as one batch, each exactly as
+   * it would alone (greedy; a sampled row's noise depends on its index in the batch).
    *
    * Everything is checked before the prompt runs: the options (see {@linkcode SampleOptions}: sampling
    * options without `sample` are an error) and every prompt id, a tensor's ids after one readback.
@@ -373,18 +454,8 @@ export class MambaLM extends Module {
       );
     }
     const stops = new Set(stopList);
-    const ids = this.tokensTensor(prompt); // ids: (B, P) i32
-    const [B, P] = ids.shape;
-    if (P === 0 || B === 0) {
-      if (ids !== prompt) ids.dispose();
-      throw new Error(`generate: the prompt is empty (shape ${fmt(ids.shape)})`);
-    }
-    let rowsIn = prompt as readonly ArrayLike<number>[]; // the prompt's rows on the host
-    if (ids === prompt) {
-      const host = await ids.toArray();
-      for (let i = 0; i < host.length; i++) this.checkId(host[i], Math.floor(i / P), i % P);
-      rowsIn = Array.from({ length: B }, (_, b) => host.subarray(b * P, (b + 1) * P));
-    }
+    const { B, rows: rowsIn, groups } = await this.promptGroups(prompt);
+    const release = () => groups.forEach((g) => g.ids !== prompt && g.ids.dispose());
     let all: Tensor | null = null, next: Tensor | null = null, seen: Tensor | null = null;
     try {
       all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" })); // all: (B, max(nTokens, 1)) i32
@@ -398,7 +469,7 @@ export class MambaLM extends Module {
       );
     } catch (e) {
       dispose([all, next, seen]);
-      if (ids !== prompt) ids.dispose();
+      release();
       throw new Error(`generate: ${B} rows of nTokens ${nTokens}: ${(e as Error).message}`, { cause: e });
     }
     // Drawn only once everything is checked, so a call that throws leaves the global generator alone.
@@ -439,11 +510,7 @@ export class MambaLM extends Module {
             let logits: Tensor;
             let c: LayerCache[];
             if (i === 0) {
-              const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true); // r.out: (B, P, D)
-              // Only the last position's logits are needed: the head (norm_f works row by row) runs on it alone.
-              const last = narrow(r.out, 1, P - 1, 1); // last: (B, 1, D)
-              logits = this.head(last).reshape(B, this.vocabSize); // logits: (B, vocab)
-              c = r.caches;
+              ({ logits, caches: c } = this.prefill(groups, B));
             } else {
               const r = this.step(next, prev);
               logits = r.logits; // logits: (B, vocab)
@@ -462,7 +529,7 @@ export class MambaLM extends Module {
       if (!allEnded()) await readNew(nTokens);
     } finally {
       dispose([caches, all, next, seen]);
-      if (ids !== prompt) ids.dispose();
+      release();
     }
     return rows.map((r, b) => (ended[b] >= 0 ? r.slice(0, ended[b]) : r));
   }

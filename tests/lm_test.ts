@@ -719,10 +719,44 @@ Deno.test("generate: tensor prompt ids are range-checked, Int32Array rows are ac
     (await lm.generate(out.map((r) => [...r]), 3)).map((r) => [...r]),
   );
   await assert.rejects(() => lm.generate(new Int32Array([1, 2]) as never, 2), /a flat Int32Array/);
-  await assert.rejects(
-    () => lm.generate([[1, 2, 3], [1, 2]], 2),
+  assert.throws(
+    () => lm.forward([[1, 2, 3], [1, 2]]),
     /token rows must all have the same length: row 0 has 3, row 1 has 2/,
   );
+  // generate takes rows of different lengths; each is checked, naming its own index
+  await assert.rejects(
+    () => lm.generate([[1, 2, 3], [1, 2], [4, 32]], 2),
+    /token \[2\]\[1\] = 32 is outside/,
+  );
+  await assert.rejects(() => lm.generate([[1, 2, 3], []], 2), /generate: prompt row 1 is empty/);
+  await assert.rejects(() => lm.generate([[1, 2, 3], 4] as never, 2), /token row 1 must be an array of ids/);
+  lm.dispose();
+});
+
+Deno.test("generate: prompt rows of different lengths each continue as they would alone (greedy, with a repetition penalty, stop tokens)", async () => {
+  await init();
+  // the trained char model: its tokens depend on the whole prompt (a random one's on the last token alone,
+  // which would not see a row given another's state)
+  const lm = await fromPretrained(fixturePath("char-mamba"));
+  const texts = ["Elizabeth was", "Mr. Darcy", "It is a truth", "She", "Mr. Bingley", "Jane"];
+  const rows = texts.map((t) => [...new TextEncoder().encode(t)]);
+  const base = memory().liveBytes;
+  for (const o of [{}, { repetitionPenalty: 1.4 }]) {
+    const together = await lm.generate(rows, 9, o);
+    for (let b = 0; b < rows.length; b++) {
+      const alone = await lm.generate([rows[b]], 9, o);
+      assert.deepEqual([...together[b]], [...alone[0]], `${JSON.stringify(o)}: row ${b}`);
+    }
+  }
+  // a row's stop token ends that row alone
+  const plain = await lm.generate(rows, 9);
+  const stop = plain[1][3];
+  const stopped = await lm.generate(rows, 9, { stopTokens: [stop] });
+  stopped.forEach((r, b) => {
+    const end = plain[b].indexOf(stop);
+    assert.deepEqual([...r], [...plain[b].slice(0, end < 0 ? 9 : end + 1)], `row ${b} with a stop token`);
+  });
+  assert.equal(memory().liveBytes, base, "nothing left behind");
   lm.dispose();
 });
 
