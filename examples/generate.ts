@@ -22,7 +22,8 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
 
   --model <s>        hub id (org/name), local folder or URL with config.json + model.safetensors (or
                      pytorch_model.bin)
-  --prompt <s>       text to continue (default: the tokenizer's BOS/EOS token; a char model's: a new line)
+  --prompt <s>       text to continue (default: the tokenizer's BOS/EOS token; a char model's: a new line);
+                     given several times, one row each, generated at once (rows may differ in length)
   --tokens <n>       new tokens per row (default 100; fewer where a row reaches the end-of-text token)
   --greedy           always take the most likely token (default: sample)
   --temperature <x>  softmax temperature when sampling (default 1)
@@ -31,7 +32,7 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
   --seed <n>         sampler seed (default: random; printed to stderr); not with --greedy
   --repetition-penalty <x>  divide the logits (> 0; multiply the negative ones) of tokens already in the
                      row, prompt included, by x (HF's repetition_penalty; default 1: none; greedy too)
-  --batch <n>        rows generated at once from the same prompt (default 1)
+  --batch <n>        rows generated at once from the same prompt (default 1; not with several --prompt)
   --tokenizer <s>    hub id, folder or URL of the tokenizer (default: the model's own)
   --revision <s>     hub branch, tag or commit (default main)
   --cache-dir <s>    hub cache folder (default HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else HF_HOME/hub,
@@ -62,7 +63,7 @@ function parse(argv: string[]) {
       allowPositionals: false,
       options: {
         model: { type: "string" },
-        prompt: { type: "string" },
+        prompt: { type: "string", multiple: true },
         tokens: { type: "string" },
         greedy: { type: "boolean" },
         temperature: { type: "string" },
@@ -103,9 +104,12 @@ function parse(argv: string[]) {
       "--greedy takes the most likely token: it does not combine with --temperature/--top-k/--top-p/--seed",
     );
   }
+  if ((values.prompt?.length ?? 0) > 1 && values.batch !== undefined) {
+    throw new UsageError("--batch repeats one prompt: it does not combine with several --prompt");
+  }
   return {
     model: values.model,
-    prompt: values.prompt ?? "",
+    prompts: values.prompt ?? [""],
     tokens: int("tokens", values.tokens, 100, 1),
     greedy: values.greedy ?? false,
     temperature: temperature ?? 1,
@@ -172,19 +176,19 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
   }
   try {
     const tok: Tokenizer = lm.tokenizer!;
-    let prompt = a.prompt ? tok.encode(a.prompt) : [];
-    if (prompt.length === 0) {
-      // a char model has no special tokens: it starts from a new line, as a text's paragraphs do
-      const start = tok.specialTokens.bos ?? tok.specialTokens.eos ??
-        (tok instanceof ByteTokenizer ? 10 : null);
-      if (start === null) {
-        io.err("error: the prompt is empty and the tokenizer has no BOS/EOS token to start from");
-        return 2;
-      }
-      prompt = [start];
+    // a char model has no special tokens: it starts from a new line, as a text's paragraphs do
+    const start = tok.specialTokens.bos ?? tok.specialTokens.eos ??
+      (tok instanceof ByteTokenizer ? 10 : null);
+    const encoded = a.prompts.map((p) => (p ? tok.encode(p) : []));
+    if (start === null && encoded.some((ids) => ids.length === 0)) {
+      io.err("error: the prompt is empty and the tokenizer has no BOS/EOS token to start from");
+      return 2;
     }
     const loadMs = performance.now() - t0;
-    const rows = Array.from({ length: a.batch }, () => prompt);
+    // one row per --prompt, or --batch rows of the one prompt
+    const texts = a.prompts.length > 1 ? a.prompts : Array.from({ length: a.batch }, () => a.prompts[0]);
+    const rows = (a.prompts.length > 1 ? encoded : texts.map(() => encoded[0]))
+      .map((ids) => (ids.length ? ids : [start!]));
     // Row 0 streams; a special end token (not for byte tokenizers) ends what is shown.
     const eos = tok instanceof ByteTokenizer ? null : tok.specialTokens.eos;
     const decoder = new StreamDecoder(tok, { skipSpecialTokens: true });
@@ -210,8 +214,8 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
         throw new Error(`${(e as Error).message}${hint}`, { cause: e });
       }
     };
-    if (a.batch > 1) out(`[1/${a.batch}] `);
-    out(a.prompt);
+    if (rows.length > 1) out(`[1/${rows.length}] `);
+    out(texts[0]);
     const result = await lm.generate(rows, a.tokens, {
       sample: !a.greedy,
       temperature: a.temperature,
@@ -228,11 +232,11 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
     });
     const genMs = performance.now() - t1;
     out(decoder.flush() + "\n");
-    for (let b = 1; b < a.batch; b++) {
+    for (let b = 1; b < rows.length; b++) {
       let ids = result[b];
       const stop = eos === null ? -1 : ids.indexOf(eos);
       if (stop >= 0) ids = ids.subarray(0, stop);
-      out(`[${b + 1}/${a.batch}] ${a.prompt}${tok.decode(ids, { skipSpecialTokens: true })}\n`);
+      out(`[${b + 1}/${rows.length}] ${texts[b]}${tok.decode(ids, { skipSpecialTokens: true })}\n`);
     }
     const n = result.reduce((sum, r) => sum + r.length, 0); // rows end at the end token
     const penalty = a.repetitionPenalty === 1 ? "" : `, repetition penalty ${a.repetitionPenalty}`;
@@ -242,10 +246,12 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
         a.topP !== undefined ? `, top-p ${a.topP}` : ""
       }${penalty}, seed ${a.seed})`;
     io.err(
-      `${n} tokens (${a.batch} x ${a.tokens}${
-        n < a.batch * a.tokens ? " at most: rows end at the end token" : ""
+      `${n} tokens (${rows.length} x ${a.tokens}${
+        n < rows.length * a.tokens ? " at most: rows end at the end token" : ""
       }, ${mode}) in ${(genMs / 1000).toFixed(2)} s: ` +
-        `${(n / (genMs / 1000)).toFixed(1)} tokens/s; prompt ${prompt.length} tokens, first tokens after ` +
+        `${(n / (genMs / 1000)).toFixed(1)} tokens/s; prompt ${
+          [...new Set(rows.map((r) => r.length))].join(" / ")
+        } tokens, first tokens after ` +
         `${firstMs.toFixed(0)} ms; model loaded in ${(loadMs / 1000).toFixed(2)} s`,
     );
     return 0;

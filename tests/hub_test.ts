@@ -876,6 +876,30 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.equal(rp.out, `${prompt}${charLm.tokenizer!.decode(want[0])}\n`);
   assert.notEqual(rp.out, g.out);
   assert.match(rp.err, /64 tokens \(1 x 64, greedy \(repetition penalty 1\.3\)\)/);
+  // several --prompt: one row each, of different lengths, each as it would continue alone
+  const two = await run(
+    "--model",
+    char,
+    "--prompt",
+    "Elizabeth",
+    "--prompt",
+    "Mr. Darcy said",
+    "--greedy",
+    "--tokens",
+    "20",
+  );
+  assert.equal(two.code, 0, two.err);
+  const alone = await Promise.all(
+    ["Elizabeth", "Mr. Darcy said"].map(async (p) =>
+      p + charLm.tokenizer!.decode((await charLm.generate([charLm.tokenizer!.encode(p)], 20))[0])
+    ),
+  );
+  assert.equal(two.out, `[1/2] ${alone[0]}\n[2/2] ${alone[1]}\n`);
+  assert.match(two.err, /40 tokens \(2 x 20, greedy\)[^]*prompt 9 \/ 14 tokens/);
+  assert.match(
+    (await run("--model", char, "--prompt", "a", "--prompt", "b", "--batch", "2")).err,
+    /--batch repeats one prompt: it does not combine with several --prompt/,
+  );
   charLm.dispose();
   // Sampling: seeded runs repeat, on the GPU (top-k) and on the host (top-p); batches print every row.
   for (const extra of [["--top-k", "5"], ["--top-p", "0.9"]]) {
