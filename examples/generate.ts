@@ -29,6 +29,7 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
   --temperature <x>  softmax temperature when sampling (default 1)
   --top-k <n>        sample among the k most likely tokens (default 0: all)
   --top-p <x>        nucleus sampling: the smallest set with probability >= x
+  --min-p <x>        sample among the tokens at least x times as likely as the most likely one (HF's min_p)
   --seed <n>         sampler seed (default: random; printed to stderr); not with --greedy
   --repetition-penalty <x>  divide the logits (> 0; multiply the negative ones) of tokens already in the
                      row, prompt included, by x (HF's repetition_penalty; default 1: none; greedy too)
@@ -69,6 +70,7 @@ function parse(argv: string[]) {
         temperature: { type: "string" },
         "top-k": { type: "string" },
         "top-p": { type: "string" },
+        "min-p": { type: "string" },
         seed: { type: "string" },
         "repetition-penalty": { type: "string" },
         batch: { type: "string" },
@@ -87,6 +89,7 @@ function parse(argv: string[]) {
   const temperature = num("temperature", values.temperature, (x) => x > 0, "a number > 0");
   const topP = num("top-p", values["top-p"], (x) => x > 0 && x <= 1, "a number in (0, 1]");
   const topK = int("top-k", values["top-k"], 0, 0, 2 ** 32 - 1);
+  const minP = num("min-p", values["min-p"], (x) => x >= 0 && x <= 1, "a number in [0, 1]");
   const repetitionPenalty = num(
     "repetition-penalty",
     values["repetition-penalty"],
@@ -97,11 +100,12 @@ function parse(argv: string[]) {
     temperature !== undefined,
     values["top-k"] !== undefined,
     topP !== undefined,
+    minP !== undefined,
     values.seed !== undefined,
   ];
   if (values.greedy && sampling.some((given) => given)) {
     throw new UsageError(
-      "--greedy takes the most likely token: it does not combine with --temperature/--top-k/--top-p/--seed",
+      "--greedy takes the most likely token: it does not combine with --temperature/--top-k/--top-p/--min-p/--seed",
     );
   }
   if ((values.prompt?.length ?? 0) > 1 && values.batch !== undefined) {
@@ -115,6 +119,7 @@ function parse(argv: string[]) {
     temperature: temperature ?? 1,
     topK,
     topP: topP !== undefined && topP < 1 ? topP : undefined,
+    minP: minP ? minP : undefined,
     repetitionPenalty: repetitionPenalty ?? 1,
     seed: values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : int("seed", values.seed, 0, 0),
     batch: int("batch", values.batch, 1, 1),
@@ -221,6 +226,7 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       temperature: a.temperature,
       topK: a.topK,
       topP: a.topP,
+      minP: a.minP,
       repetitionPenalty: a.repetitionPenalty,
       seed: a.seed,
       readEvery: a.readEvery,
@@ -244,7 +250,7 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       ? `greedy${penalty && ` (${penalty.slice(2)})`}`
       : `sampled (T ${a.temperature}${a.topK ? `, top-k ${a.topK}` : ""}${
         a.topP !== undefined ? `, top-p ${a.topP}` : ""
-      }${penalty}, seed ${a.seed})`;
+      }${a.minP !== undefined ? `, min-p ${a.minP}` : ""}${penalty}, seed ${a.seed})`;
     io.err(
       `${n} tokens (${rows.length} x ${a.tokens}${
         n < rows.length * a.tokens ? " at most: rows end at the end token" : ""

@@ -64,6 +64,7 @@ const GENERATE_OPTION_KEYS = [
   "sample",
   "topK",
   "topP",
+  "minP",
   "temperature",
   "seed",
   "repetitionPenalty",

@@ -13,7 +13,9 @@
  * Top-p: a bisection on the logit value, from max - 104 T (below it exp((x - max) / T) is 0 in f32) up to
  * the max (24 rounds of a workgroup sum of exp((x - max) / T) over the
  * top-k set) finds the smallest set holding probability p; logits outside it are skipped (ties at its
- * edge are all kept). Writes the token into `next` (B) and into column `step` of `all` (B, T).
+ * edge are all kept). Min-p (HF's MinPLogitsWarper): tokens whose probability is below minP times the most
+ * likely one's are skipped too, x < max + T log(minP); top-k and top-p never drop the most likely token, so the
+ * order does not matter. Writes the token into `next` (B) and into column `step` of `all` (B, T).
  * Repetition penalty (HF's RepetitionPenaltyLogitsProcessor, mamba_ssm's generate): before all of that, a
  * logit x of an id the row has seen (its bit in `seen` (B, W) u32, W = ceil(V / 32): the prompt's ids and the
  * tokens chosen so far) counts as x / penalty, or x * penalty where x < 0; the chosen id's bit is then set.
@@ -72,6 +74,7 @@ function makeSampleKernel(WG: number): Kernel {
       ["topK", "u32"],
       ["invTemp", "f32"],
       ["topP", "f32"],
+      ["minP", "f32"],
       ["W", "u32"],
       ["penalty", "f32"],
     ],
@@ -192,6 +195,8 @@ fn countKeyAtLeast(row: u32, k: u32, lid: u32) -> u32 {
       }
       thr = plo;
     }
+    // min-p: exp((x - max) / T) >= minP
+    if (P.minP > 0.0) { thr = max(thr, rowMax + log(P.minP) / P.invTemp); }
   }
   // from -inf (a variable: WGSL rejects infinite constants), so that a greedy row of -inf takes its first id
   // as torch.argmax does; a row with no candidate at all (NaN logits, or an infinity when sampling: torch's
@@ -255,6 +260,9 @@ export interface SampleOptions {
   topK?: number;
   /** Nucleus sampling: keep the most likely tokens whose probability adds up to at least p (1: all). */
   topP?: number;
+  /** Min-p sampling (HF's `min_p`): keep the tokens at least minP times as likely as the most likely one, in
+   * [0, 1] (0: all). */
+  minP?: number;
   /** Softmax temperature, > 0 (1). */
   temperature?: number;
   /**
@@ -284,13 +292,15 @@ export interface SampleParams {
   topK: number;
   /** Top-p (1: all). */
   topP: number;
+  /** Min-p (0: all). */
+  minP: number;
   /** Repetition penalty (1: none). */
   repetitionPenalty: number;
   /** Seed as a u32; undefined: not given (generate draws one from the global generator when sampling). */
   seed: number | undefined;
 }
 
-const SAMPLING_ONLY = ["temperature", "topK", "topP", "seed"] as const;
+const SAMPLING_ONLY = ["temperature", "topK", "topP", "minP", "seed"] as const;
 
 /** A value for a message: numbers as JavaScript writes them (1e+21, NaN), anything else as JSON ("1"). */
 const show = (v: unknown) => (typeof v === "number" ? String(v) : JSON.stringify(v));
@@ -322,6 +332,10 @@ export function sampleParams(o: SampleOptions): SampleParams {
   if (typeof topP !== "number" || !(topP > 0 && topP <= 1)) {
     throw new Error(`generate: topP must be a number in (0, 1], got ${show(topP)}`);
   }
+  const minP = o.minP ?? 0;
+  if (typeof minP !== "number" || !(minP >= 0 && minP <= 1)) {
+    throw new Error(`generate: minP must be a number in [0, 1], got ${show(minP)}`);
+  }
   const repetitionPenalty = o.repetitionPenalty ?? 1;
   if (typeof repetitionPenalty !== "number" || !(repetitionPenalty > 0 && repetitionPenalty < Infinity)) {
     throw new Error(
@@ -336,6 +350,7 @@ export function sampleParams(o: SampleOptions): SampleParams {
     temperature,
     topK,
     topP,
+    minP,
     repetitionPenalty,
     seed: o.seed === undefined ? undefined : o.seed >>> 0,
   };
@@ -408,6 +423,7 @@ export function sampleInto(
       topK: p.topK,
       invTemp: Math.min(1 / p.temperature, F32_MAX), // an f32: 1 / 1e-40 would be inf there, and 0 * inf NaN
       topP: p.topP,
+      minP: p.minP,
       W: seenWords(V),
       penalty: p.repetitionPenalty,
     },

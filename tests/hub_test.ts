@@ -876,6 +876,9 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.equal(rp.out, `${prompt}${charLm.tokenizer!.decode(want[0])}\n`);
   assert.notEqual(rp.out, g.out);
   assert.match(rp.err, /64 tokens \(1 x 64, greedy \(repetition penalty 1\.3\)\)/);
+  // --min-p 1 keeps the most likely token alone: sampling gives the greedy text
+  const mp = await run("--model", char, "--prompt", prompt, "--tokens", "64", "--min-p", "1", "--seed", "3");
+  assert.equal(mp.out, g.out, mp.err);
   // several --prompt: one row each, of different lengths, each as it would continue alone
   const two = await run(
     "--model",
@@ -902,7 +905,7 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   );
   charLm.dispose();
   // Sampling: seeded runs repeat, on the GPU (top-k) and on the host (top-p); batches print every row.
-  for (const extra of [["--top-k", "5"], ["--top-p", "0.9"]]) {
+  for (const extra of [["--top-k", "5"], ["--top-p", "0.9"], ["--min-p", "0.1"]]) {
     const args = [
       "--model",
       char,
@@ -922,6 +925,7 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
     assert.equal(a.out, b.out);
     assert.match(a.out, /^\[1\/2\] It is[^]*\n\[2\/2\] It is/);
     if (extra[0] === "--top-p") assert.match(a.err, /top-p 0\.9,/);
+    if (extra[0] === "--min-p") assert.match(a.err, /min-p 0\.1,/);
   }
   // A hub-layout folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
   const dir = await Deno.makeTempDir();
@@ -992,6 +996,11 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
     /--repetition-penalty must be a number > 0, got '0'/,
   );
   assert.match((await run("--model", char, "--greedy", "--top-k", "3")).err, /does not combine/);
+  assert.match((await run("--model", char, "--greedy", "--min-p", "0.1")).err, /does not combine/);
+  assert.match(
+    (await run("--model", char, "--min-p", "2")).err,
+    /--min-p must be a number in \[0, 1\], got '2'/,
+  );
   // out-of-range integers: refused as flags, before the model loads
   const tooBig: [string, string, string][] = [
     ["--seed", "99999999999999999999", `from 0 to ${Number.MAX_SAFE_INTEGER}`],

@@ -780,6 +780,8 @@ Deno.test("generate: options are checked before any work; sampling options need 
       [{ readEvery: NaN }, /readEvery must be a positive integer or Infinity, got NaN/],
       [{ readEvery: 2.5 }, /readEvery must be a positive integer or Infinity, got 2.5/],
       [{ topk: 3 }, /unknown option 'topk'/],
+      [{ minP: 0.1 }, /minP is a sampling option but sample is not set/],
+      [{ sample: true, minP: 1.5 }, /minP must be a number in \[0, 1\], got 1.5/],
       [{ repetitionPenalty: 0 }, /repetitionPenalty must be a finite number > 0, got 0/],
       [{ repetitionPenalty: Infinity }, /repetitionPenalty must be a finite number > 0, got Infinity/],
       [
@@ -1016,7 +1018,7 @@ Deno.test("top-k keeps the k largest logits and every logit tied with the k-th (
   await assertSampledSets(cases);
 });
 
-type SampleCase = [number[], { topK?: number; topP?: number; temperature?: number }, number[]];
+type SampleCase = [number[], { topK?: number; topP?: number; minP?: number; temperature?: number }, number[]];
 
 /** Each case: one row of logits repeated over 256 rows (each row draws its own noise), and the set of ids
  * that sampling must produce, all of them and no other. */
@@ -1035,6 +1037,22 @@ async function assertSampledSets(cases: SampleCase[]) {
     dispose([logits, next, all]);
   }
 }
+
+Deno.test("min-p keeps the tokens at least minP times as likely as the best (after the temperature), with top-k and top-p", async () => {
+  await init();
+  const x = [0.5, 0.3, 0.15, 0.05].map(Math.log); // probability ratios to the best: 0.6, 0.3, 0.1
+  await assertSampledSets([
+    [x, { minP: 0.2 }, [0, 1, 2]],
+    [x, { minP: 0.55 }, [0, 1]],
+    [x, { minP: 0.65 }, [0]],
+    [x, { minP: 1 }, [0]],
+    [x, { minP: 0.4, temperature: 2 }, [0, 1, 2]], // at T 2 the ratios are 0.77, 0.55, 0.32
+    [x, { minP: 0.6, temperature: 2 }, [0, 1]],
+    [x, { minP: 0.2, topK: 2 }, [0, 1]],
+    [x, { minP: 0.05, topP: 0.85 }, [0, 1, 2]],
+    [x, { minP: 0.2, topP: 0.95 }, [0, 1, 2]], // top-p's set {0, 1, 2, 3}, then min-p's
+  ]);
+});
 
 Deno.test("top-p with -inf or far outliers in the row, and temperatures too small for 1 / T in f32", async () => {
   await init();
@@ -1059,12 +1077,14 @@ Deno.test("sampling draws from softmax(x / T), renormalised over top-k and top-p
   await init();
   const R = 8192;
   const x = [Math.log(0.5), Math.log(0.3), Math.log(0.15), Math.log(0.05)];
-  const cases: [{ temperature?: number; topK?: number; topP?: number }, number[]][] = [
+  const cases: [{ temperature?: number; topK?: number; topP?: number; minP?: number }, number[]][] = [
     [{}, [0.5, 0.3, 0.15, 0.05]],
     [{ temperature: 2 }, x.map((v) => Math.exp(v / 2))],
     [{ temperature: 0.5 }, x.map((v) => Math.exp(v / 0.5))],
     [{ topK: 2, temperature: 2 }, x.map((v, i) => (i < 2 ? Math.exp(v / 2) : 0))],
     [{ topP: 0.7 }, [0.5, 0.3, 0, 0]],
+    [{ minP: 0.2 }, [0.5, 0.3, 0.15, 0]],
+    [{ minP: 0.4, temperature: 2 }, x.map((v, i) => (i < 3 ? Math.exp(v / 2) : 0))],
   ];
   const logits = tensor(new Float32Array(Array.from({ length: R }, () => x).flat()), [R, x.length]);
   for (const [o, weights] of cases) {

@@ -270,6 +270,7 @@ async function streamText(
     temperature?: number;
     topK?: number;
     topP?: number;
+    minP?: number;
     seed?: number;
     repetitionPenalty?: number;
   },
@@ -328,6 +329,7 @@ async function generate(): Promise<void> {
         temperature: num("temperature"),
         topK: num("top-k"),
         topP: num("top-p"),
+        minP: num("min-p"),
         seed: num("seed"),
         repetitionPenalty,
       }
