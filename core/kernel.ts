@@ -360,7 +360,12 @@ export function dispatchElementwise(
     if (!decl) throw new Error(`kernel ${k.spec.name}: no buffer '${name}' to span`);
     return ELEM_BYTES[decl.type];
   });
-  const per = seg / Math.max(...bytes); // elements per span: whole windows of every spanned buffer
+  // elements per span: at most a window of every spanned buffer, and a multiple of `step` so that each span
+  // starts 256-byte aligned (the binding offset alignment) in every buffer, also where their elements differ
+  // in size (a whole window of vec4s is a quarter window of f32s, not a multiple of 256 bytes in general)
+  const step = 256 / Math.min(...bytes);
+  const per = Math.floor(seg / Math.max(...bytes) / step) * step;
+  if (per === 0) throw new Error(`kernel ${k.spec.name}: a ${seg}-byte binding window is too small to span`);
   for (let at = 0; at < n; at += per) {
     const count = Math.min(per, n - at);
     const spans = { ...buffers };

@@ -343,6 +343,47 @@ Deno.test("AdamW and SGD over a parameter past the binding window with too few b
   assert.equal(memory().liveBytes, base, "live bytes back to baseline");
 });
 
+Deno.test("dispatchElementwise: spans of buffers of different element sizes start aligned in each", async () => {
+  await setup();
+  const { deviceInfo } = await import("../core/device.ts");
+  const { dispatchCount } = await import("../core/executor.ts");
+  const { defineKernel, dispatchElementwise } = await import("../core/kernel.ts");
+  const k = defineKernel({
+    name: "test_span_vec4_f32",
+    buffers: [{ name: "a", type: "f32", access: "read" }, {
+      name: "y",
+      type: "vec4<f32>",
+      access: "read_write",
+    }],
+    uniforms: [["n", "u32"]],
+    workgroupSize: 64,
+    body: `
+  if (gid >= P.n) { return; }
+  st_y(gid, ld_a(gid) * vec4<f32>(1.0, 2.0, 3.0, 4.0));`,
+  });
+  const limits = deviceInfo().limits;
+  const [buffers, binding] = [limits.maxStorageBuffersPerShaderStage, limits.maxStorageBufferBindingSize];
+  const n = 1300;
+  const a = tensor(Float32Array.from({ length: n }, (_, i) => i + 0.5), [n]);
+  const y = tensor(new Float32Array(4 * n), [4 * n]);
+  try {
+    // a window of 9 x 256 bytes: 144 vec4s, whose f32 counterparts (576 bytes) are not 256-byte aligned
+    limits.maxStorageBufferBindingSize = 2304;
+    limits.maxStorageBuffersPerShaderStage = 8; // y alone takes 10 windows
+    const before = dispatchCount();
+    dispatchElementwise(k, { a: a.storage, y: y.storage }, ["a", "y"], {}, n);
+    assert.equal(dispatchCount() - before, 11, "spans of 128 elements");
+  } finally {
+    limits.maxStorageBuffersPerShaderStage = buffers;
+    limits.maxStorageBufferBindingSize = binding;
+  }
+  const got = await y.toArray();
+  const want = Float32Array.from({ length: 4 * n }, (_, i) => (Math.floor(i / 4) + 0.5) * (1 + (i % 4)));
+  assertBitEqual(got, want, "y");
+  a.dispose();
+  y.dispose();
+});
+
 Deno.test("cosineSchedule: linear warm-up from 0, cosine to minLr at total, minLr afterwards", () => {
   const lr = cosineSchedule({ warmup: 100, total: 1200, maxLr: 3e-3, minLr: 3e-4 });
   assert.equal(lr(0), 0);
