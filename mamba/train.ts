@@ -29,6 +29,7 @@ export interface TrainConfig {
    * Micro-batches whose gradients one optimizer step adds up (gradient accumulation, transformers'
    * `gradient_accumulation_steps`; default 1). A step draws `accumulate * batch` windows, those of one batch of
    * that size, and runs them `batch` at a time: the same update (up to rounding) in a micro-batch's memory.
+   * Validation batches are as large and run alike.
    */
   accumulate?: number;
   /** Characters per sequence. */
@@ -380,38 +381,24 @@ export class Trainer {
         this.#tuned = true;
       }
     }
-    const { batch: B, accumulate = 1, seq: L, clip, logEvery } = this.config;
-    const tokens = this.batchOf(this.step); // tokens: (accumulate * B, L + 1)
+    const { clip, logEvery } = this.config;
+    const tokens = this.batchOf(this.step); // tokens: (accumulate * batch, seq + 1)
     this.opt.lr = this.schedule(this.step);
-    let total: Tensor | null = null; // the step's loss: the sum of its micro-batches' losses
+    let loss: Tensor | null = null;
     try {
-      for (let a = 0; a < accumulate; a++) {
-        // one micro-batch's activations at a time; its gradients add into the parameters' .grad
-        total = tidy(() => {
-          const rows = tokens.subarray(a * B * (L + 1), (a + 1) * B * (L + 1));
-          const ids = tensor(rows, [B, L + 1], { dtype: "i32" });
-          const x = narrow(ids, 1, 0, L); // x: (B, L)
-          const y = narrow(ids, 1, 1, L); // y: (B, L)
-          const mean = crossEntropy(this.model.forward(x), y); // mean: []
-          const loss = accumulate === 1 ? mean : mul(mean, 1 / accumulate); // loss: [], a share of the batch's mean
-          loss.backward();
-          const sum = total ? noGrad(() => add(total!, loss)) : loss; // sum: []
-          total?.dispose();
-          return keep(sum);
-        });
-      }
+      loss = this.#batchLoss(tokens, true);
       tidy(() => {
         const { scale } = gradNormScale(this.model.parameters(), clip);
         this.opt.step({ gradScale: scale });
         this.opt.zeroGrad();
-        recordCopy(total!.storage.buffer, 0, this.#losses.storage.buffer, 4 * this.#pending, 4);
+        recordCopy(loss!.storage.buffer, 0, this.#losses.storage.buffer, 4 * this.#pending, 4);
       });
     } catch (e) {
       // a step that failed part-way (out of memory in the backward) leaves no gradients for the next to add to
       this.opt.zeroGrad();
       throw e;
     } finally {
-      total?.dispose();
+      loss?.dispose();
     }
     const step = ++this.step;
     const n = ++this.#pending;
@@ -426,23 +413,50 @@ export class Trainer {
     return mean;
   }
 
-  /** Mean loss over `evalBatches` fixed validation batches (the same every time). */
+  /**
+   * The mean loss of a batch of windows, (accumulate * batch, seq + 1), as a kept 0-d tensor: run `batch` at a
+   * time (`accumulate` micro-batches, each one's activations freed before the next), each micro-batch's mean
+   * divided by accumulate; with `train`, each one's gradients are added into the parameters' .grad.
+   */
+  #batchLoss(tokens: Int32Array, train: boolean): Tensor {
+    const { batch: B, accumulate = 1, seq: L } = this.config;
+    let total: Tensor | null = null; // the micro-batches' shares so far
+    try {
+      for (let a = 0; a < accumulate; a++) {
+        total = tidy(() => {
+          const rows = tokens.subarray(a * B * (L + 1), (a + 1) * B * (L + 1));
+          const ids = tensor(rows, [B, L + 1], { dtype: "i32" });
+          const x = narrow(ids, 1, 0, L); // x: (B, L)
+          const y = narrow(ids, 1, 1, L); // y: (B, L)
+          const mean = crossEntropy(this.model.forward(x), y); // mean: []
+          const loss = accumulate === 1 ? mean : mul(mean, 1 / accumulate); // loss: [], a share of the batch's mean
+          if (train) loss.backward();
+          const sum = total ? noGrad(() => add(total!, loss)) : loss; // sum: []
+          total?.dispose();
+          return keep(sum);
+        });
+      }
+      return total!;
+    } catch (e) {
+      total?.dispose();
+      throw e;
+    }
+  }
+
+  /** Mean loss over `evalBatches` fixed validation batches (the same every time), each of accumulate x batch
+   * windows run batch at a time: the windows and loss of a run of the same batch without accumulation. */
   async evaluate(): Promise<number> {
-    const { batch: B, seq: L, evalBatches, seed } = this.config;
+    const { batch: B, accumulate = 1, seq: L, evalBatches, seed } = this.config;
     const step = this.step; // the step evaluated: a step taken while the losses are read back comes after it
     const rng = new Philox(seed * 1e6 - 1);
     const sums = keep(tensor(new Float32Array(evalBatches), [evalBatches]));
     let v: Float32Array;
     try {
       for (let i = 0; i < evalBatches; i++) {
-        const tokens = this.data.windows("val", B, L, rng);
-        tidy(() =>
-          noGrad(() => {
-            const ids = tensor(tokens, [B, L + 1], { dtype: "i32" });
-            const loss = crossEntropy(this.model.forward(narrow(ids, 1, 0, L)), narrow(ids, 1, 1, L));
-            recordCopy(loss.storage.buffer, 0, sums.storage.buffer, 4 * i, 4);
-          })
-        );
+        const tokens = this.data.windows("val", accumulate * B, L, rng); // tokens: (accumulate * B, L + 1)
+        const loss = noGrad(() => this.#batchLoss(tokens, false)); // loss: []
+        recordCopy(loss.storage.buffer, 0, sums.storage.buffer, 4 * i, 4);
+        loss.dispose();
       }
       v = new Float32Array(await readBuffer(sums.storage.buffer, 0, 4 * evalBatches));
     } finally {

@@ -1153,7 +1153,7 @@ Deno.test("train: --mup-base-width trains a muP model (mamba.py's groups), whose
   }
 });
 
-Deno.test("train: accumulate 2 micro-batches of 2 = one batch of 4 (same windows, loss and gradients) in less memory", async () => {
+Deno.test("train: accumulate 2 micro-batches of 2 = one batch of 4 (same windows, loss, gradients and validation loss) in less memory", async () => {
   await init();
   const { keep } = await import("../core/tensor.ts");
   const { copy } = await import("../core/ops/index.ts");
@@ -1196,6 +1196,9 @@ Deno.test("train: accumulate 2 micro-batches of 2 = one batch of 4 (same windows
       });
       assert.ok(m.peak < w.peak, `step ${s}: peak ${m.peak} bytes with micro-batches, ${w.peak} without`);
     }
+    // validation: the windows of the unaccumulated run, run in micro-batches
+    const [vw, vm] = [await whole.evaluate(), await micro.evaluate()];
+    assert.ok(Math.abs(vm - vw) <= 1e-6 * vw, `validation loss ${vm} against ${vw}`);
     const bad = { ...recipe, batch: 2, accumulate: 0 };
     assert.throws(() => new Trainer(b, data, bad), /TrainConfig.accumulate must be an integer >= 1, got 0/);
   } finally {

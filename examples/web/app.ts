@@ -322,7 +322,8 @@ async function generate(): Promise<void> {
     if (!(Number.isInteger(n) && n >= 1 && n <= 4096)) throw new Error(`tokens must be 1 to 4096, got ${n}`);
     // Greedy decoding reads none of the sampling fields (a cleared or 0 temperature is no error then); the
     // repetition penalty acts on both.
-    const repetitionPenalty = num("repetition-penalty");
+    const penaltyField = $<HTMLInputElement>("repetition-penalty").value.trim();
+    const repetitionPenalty = penaltyField === "" ? 1 : Number(penaltyField); // a cleared field: none
     const sampling = $<HTMLSelectElement>("decoding").value === "sample"
       ? {
         sample: true,
