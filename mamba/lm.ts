@@ -12,7 +12,7 @@ import { fmt } from "../core/shape.ts";
 import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { normal } from "../nn/init.ts";
 import { Embedding, Linear, RMSNorm } from "../nn/layers.ts";
-import { Module } from "../nn/module.ts";
+import { type HostTensor, type LoadOptions, type LoadResult, Module, type StateDict } from "../nn/module.ts";
 import { type LayerCache, Mamba } from "./block.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./config.ts";
 import { drawSeed, sampleInto, type SampleOptions, sampleParams, seenMask, seenWords } from "./sampling.ts";
@@ -113,6 +113,16 @@ function lmOptions(
  * again; its derived `dInner` must agree with `expandFactor * dModel`, since a config derived from another
  * with a new dModel would otherwise keep the old sizes.
  */
+/** Whether two state-dict entries are one: the same tensor or array, or host tensors of equal shapes and values
+ * (GPU tensors are compared by identity: reading them back would make loading asynchronous). */
+function sameValues(a: Tensor | HostTensor, b: Tensor | HostTensor): boolean {
+  if (a === b) return true;
+  if (a instanceof Tensor || b instanceof Tensor) return false;
+  if (a.data === b.data) return true;
+  return a.shape.length === b.shape.length && a.shape.every((d, i) => d === b.shape[i]) &&
+    a.data.length === b.data.length && a.data.every((v, i) => Object.is(v, b.data[i]));
+}
+
 /** Rows of a prompt that share a length, by index, and their ids (rows, length) on the GPU. */
 interface PromptGroup {
   rows: number[];
@@ -182,6 +192,32 @@ export class MambaLM extends Module {
       this.dispose();
       throw e;
     }
+  }
+
+  /**
+   * {@linkcode Module.loadStateDict}; a tied model also takes `lm_head.weight`, its embedding's other name (a
+   * tied PyTorch model's state dict lists both, and state-spaces' files save the head as a view of the
+   * embedding): it must be the same entry as `embedding.weight` or, on the host, hold the same values (alone,
+   * it loads as the embedding). A head that differs is an error: it needs an untied model.
+   */
+  override loadStateDict(
+    dict: StateDict | Record<string, Tensor | HostTensor>,
+    options: LoadOptions = {},
+  ): LoadResult {
+    const entries: StateDict = dict instanceof Map ? dict : new Map(Object.entries(dict));
+    const head = entries.get("lm_head.weight");
+    if (!this.tied || head == null) return super.loadStateDict(entries, options);
+    const rest = new Map(entries);
+    rest.delete("lm_head.weight");
+    const emb = entries.get("embedding.weight");
+    if (emb == null) rest.set("embedding.weight", head);
+    else if (!sameValues(head, emb)) {
+      throw new Error(
+        "loadStateDict: lm_head.weight is not embedding.weight, but this model's head is its embedding " +
+          "(tieEmbeddings): load it into a model built with tieEmbeddings: false",
+      );
+    }
+    return super.loadStateDict(rest, options);
   }
 
   /** Draws the LM's initial weights, mamba.py's way (`plainInit`, or `mupInit` with muP), and loads them. */

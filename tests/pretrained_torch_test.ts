@@ -94,6 +94,62 @@ Deno.test("pytorch_model.bin: a head saved as a view of the embedding ties them 
   lm.dispose();
 });
 
+Deno.test("parseTorchCheckpoint + loadStateDict: a tied MambaLM takes lm_head.weight as its embedding's other name, as mamba.py's from_pretrained feeds it", async () => {
+  await init();
+  const { MambaLM } = await import("../mamba/lm.ts");
+  const { noGrad } = await import("../core/autograd.ts");
+  const { tidy } = await import("../core/tensor.ts");
+  // mamba.py's renaming of state-spaces' keys (backbone.embedding -> embedding, backbone -> mamba)
+  const dict = new Map(
+    [...await parseTorchCheckpoint(await bin("tiny_tied.bin"))].map(([k, v]) => [
+      /^backbone\.(embedding|norm_f)\./.test(k)
+        ? k.slice("backbone.".length)
+        : k.replace(/^backbone\./, "mamba."),
+      v,
+    ]),
+  );
+  assert.equal(
+    dict.get("lm_head.weight")!.data,
+    dict.get("embedding.weight")!.data,
+    "one array for both names",
+  );
+  const make = () =>
+    new MambaLM({ dModel: 8, nLayers: 1, dState: 4, dtRank: 1 }, {
+      vocabSize: 16,
+      tieEmbeddings: true,
+      paddingIdx: null,
+    });
+  const base = memory().liveBytes;
+  const lm = make();
+  assert.deepEqual(lm.loadStateDict(dict), { missingKeys: [], unexpectedKeys: [] }); // strict
+  const ref = await load(await bin("tiny_tied.bin"), await bin("tiny_tied.json"));
+  const logits = async (m: InstanceType<typeof MambaLM>) => {
+    const t = tidy(() => noGrad(() => m.forward([[1, 5, 9, 3]])));
+    const a = await t.toArray();
+    t.dispose();
+    return a;
+  };
+  assert.deepEqual(await logits(lm), await logits(ref), "fromPretrained's logits");
+  // equal values in another array load too; a head that differs is refused, naming why
+  const copy = new Map(dict);
+  const emb = dict.get("embedding.weight")!;
+  copy.set("lm_head.weight", { ...emb, data: emb.data.slice() });
+  lm.loadStateDict(copy);
+  const data = emb.data.slice();
+  data[3] += 1;
+  copy.set("lm_head.weight", { ...emb, data });
+  assert.throws(
+    () => lm.loadStateDict(copy),
+    /lm_head.weight is not embedding.weight, but this model's head is its embedding/,
+  );
+  // alone, the head loads as the embedding
+  const headOnly = new Map([["lm_head.weight", { shape: emb.shape, data }]]);
+  lm.loadStateDict(headOnly, { strict: false });
+  assert.deepEqual(await lm.embedding.weight.toArray(), data);
+  for (const m of [lm, ref]) m.dispose();
+  assert.equal(memory().liveBytes, base);
+});
+
 // --- Malformed files, made here: a protocol-2 pickle of tensors and a stored zip around it. ---
 
 interface FakeTensor {
