@@ -147,6 +147,7 @@ export { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } fr
 export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";
 export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./mamba/lm.ts";
 export { type SampleOptions } from "./mamba/sampling.ts";
+export { perplexity, type PerplexityOptions, type PerplexityResult } from "./mamba/perplexity.ts";
 export {
   checkpointFiles,
   fromPretrained,

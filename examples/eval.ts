@@ -1,0 +1,155 @@
+/**
+ * The perplexity of a pretrained Mamba on a text file, as Hugging Face's perplexity guide computes it (windows
+ * of --seq predictions, each id predicted once): the check that a model loaded here scores a text as it does
+ * in PyTorch.
+ *
+ * ```sh
+ * deno task eval --model state-spaces/mamba-130m --tokenizer EleutherAI/gpt-neox-20b --data my.txt
+ * deno task eval --model tests/fixtures/char-mamba --data data/pride_and_prejudice.txt --seq 256 --batch 8
+ * ```
+ *
+ * Prints the loss (nats per token), the perplexity and bits per byte of the scored text on stdout, progress
+ * and speed on stderr.
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { init } from "../core/device.ts";
+import { perplexity } from "../mamba/perplexity.ts";
+import { fromPretrained, NoTokenizerError } from "../mamba/pretrained.ts";
+import { intFlag as int, UsageError } from "./lib/cli.ts";
+
+const USAGE = `Usage: deno task eval --model <id|folder|url> --data <file> [options]
+
+  --model <s>        hub id (org/name), local folder or URL with config.json + model.safetensors (or
+                     pytorch_model.bin)
+  --data <file>      UTF-8 text to score
+  --seq <n>          predictions per window: each token is predicted from at most n before it (default 1024)
+  --batch <n>        windows per forward pass (default 1)
+  --max-tokens <n>   score the text's first n tokens only (default: all)
+  --tokenizer <s>    hub id, folder or URL of the tokenizer (default: the model's own)
+  --revision <s>     hub branch, tag or commit (default main)
+  --cache-dir <s>    hub cache folder (as for deno task generate)
+  -h, --help         this text`;
+
+/** Where {@linkcode main} writes: the result, and progress/statistics. */
+export interface EvalIO {
+  /** The result lines (default: stdout). */
+  out(line: string): void;
+  /** Progress, errors and statistics, one line each (default: stderr). */
+  err(line: string): void;
+}
+
+const STDIO: EvalIO = { out: (l) => console.log(l), err: (l) => console.error(l) };
+
+function parse(argv: string[]) {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        model: { type: "string" },
+        data: { type: "string" },
+        seq: { type: "string" },
+        batch: { type: "string" },
+        "max-tokens": { type: "string" },
+        tokenizer: { type: "string" },
+        revision: { type: "string" },
+        "cache-dir": { type: "string" },
+        help: { type: "boolean", short: "h" },
+      },
+    }));
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  if (values.help) return null;
+  if (!values.model) throw new UsageError("--model is required");
+  if (!values.data) throw new UsageError("--data is required");
+  return {
+    model: values.model,
+    data: values.data,
+    seq: int("seq", values.seq, 1024, 1),
+    batch: int("batch", values.batch, 1, 1),
+    maxTokens: values["max-tokens"] === undefined ? null : int("max-tokens", values["max-tokens"], 0, 2),
+    tokenizer: values.tokenizer,
+    revision: values.revision,
+    cacheDir: values["cache-dir"],
+  };
+}
+
+/** Runs the command line `argv`; returns the exit status (0 ok, 2 usage errors). Other errors throw. */
+export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> {
+  let a;
+  try {
+    a = parse(argv);
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    io.err(`error: ${e.message}\n(run with --help for the options)`);
+    return 2;
+  }
+  if (a === null) {
+    io.out(USAGE);
+    return 0;
+  }
+  const text = await Deno.readTextFile(a.data); // before the model downloads: a missing file says so first
+  await init();
+  let lm;
+  try {
+    lm = await fromPretrained(a.model, {
+      revision: a.revision,
+      cacheDir: a.cacheDir,
+      tokenizer: a.tokenizer,
+      requireTokenizer: true,
+    });
+  } catch (e) {
+    if (!(e instanceof NoTokenizerError)) throw e;
+    io.err(`error: no tokenizer (${e.reason}): name one with --tokenizer <id|folder|url>`);
+    return 2;
+  }
+  try {
+    const tok = lm.tokenizer!;
+    let ids = tok.encode(text);
+    if (a.maxTokens !== null) ids = ids.slice(0, a.maxTokens);
+    if (ids.length < 2) {
+      io.err(`error: ${a.data} has ${ids.length} token${ids.length === 1 ? "" : "s"}: at least 2 are needed`);
+      return 2;
+    }
+    const t0 = performance.now();
+    let shown = 0;
+    const r = await perplexity(lm, ids, {
+      seq: a.seq,
+      batch: a.batch,
+      onProgress: (done, total) => {
+        if (done - shown >= total / 10 || done === total) {
+          io.err(`${done} / ${total} tokens`);
+          shown = done;
+        }
+      },
+    });
+    const secs = (performance.now() - t0) / 1000;
+    // bytes of the scored tokens' text (all but the first token's)
+    const bytes = new TextEncoder().encode(tok.decode(ids.slice(1))).length;
+    io.out(
+      `loss ${r.loss.toFixed(4)} nats/token, perplexity ${r.perplexity.toFixed(3)}, ` +
+        `${(r.nll / Math.LN2 / bytes).toFixed(4)} bits/byte`,
+    );
+    io.err(
+      `${r.tokens} tokens predicted in ${r.windows} windows of at most ${a.seq} in ${secs.toFixed(2)} s ` +
+        `(${(r.tokens / secs).toFixed(0)} tokens/s)`,
+    );
+    return 0;
+  } finally {
+    lm.dispose();
+  }
+}
+
+if (import.meta.main) {
+  try {
+    Deno.exit(await main(Deno.args));
+  } catch (e) {
+    console.error(`error: ${(e as Error).message}`);
+    Deno.exit(1);
+  }
+}

@@ -1,0 +1,101 @@
+/**
+ * `perplexity` and `deno task eval`: the summed negative log-likelihood of a text in windows (every id but the
+ * first predicted once, from the ids before it in its window) against float64 log-softmaxes of the same
+ * forward's logits, with any batch; bad input named; the command line's result line.
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { init } from "../core/device.ts";
+import { memory } from "../core/memory.ts";
+import { noGrad } from "../core/autograd.ts";
+import { tidy } from "../core/tensor.ts";
+import { perplexity } from "../mamba/perplexity.ts";
+import { fromPretrained } from "../mamba/pretrained.ts";
+import { main } from "../examples/eval.ts";
+import { fixturePath } from "./fixture_util.ts";
+
+const TEXT =
+  "It is a truth universally acknowledged, that a single man in possession of a good fortune, must " +
+  "be in want of a wife. However little known the feelings or views of such a man may be";
+
+Deno.test("perplexity: windows of seq predictions, every id but the first once, as float64 log-softmaxes of the logits say", async () => {
+  await init();
+  const lm = await fromPretrained(fixturePath("char-mamba"));
+  const ids = lm.tokenizer!.encode(TEXT);
+  const seq = 37; // 180 predictions: 4 windows of 37 and one of 32
+  let want = 0;
+  for (let at = 0; at < ids.length - 1; at += seq) {
+    const L = Math.min(seq, ids.length - 1 - at);
+    const t = tidy(() => noGrad(() => lm.forward([ids.slice(at, at + L)])));
+    const logits = Float32Array.from(await t.toArray()); // (1, L, V)
+    t.dispose();
+    const V = lm.vocabSize;
+    for (let i = 0; i < L; i++) {
+      const row = logits.subarray(i * V, (i + 1) * V);
+      const max = Math.max(...row);
+      const lse = max + Math.log(row.reduce((s, x) => s + Math.exp(x - max), 0));
+      want += lse - row[ids[at + i + 1]];
+    }
+  }
+  const base = memory().liveBytes;
+  for (const batch of [1, 3, 8]) {
+    const done: number[] = [];
+    const r = await perplexity(lm, ids, { seq, batch, onProgress: (d) => done.push(d) });
+    assert.equal(r.tokens, ids.length - 1);
+    assert.equal(r.windows, 5);
+    assert.equal(done.at(-1), r.tokens, `batch ${batch}: progress ends at every token`);
+    assert.ok(Math.abs(r.nll - want) <= 1e-5 * want, `batch ${batch}: nll ${r.nll} against ${want}`);
+    assert.ok(Math.abs(r.loss - want / r.tokens) <= 1e-5 * r.loss);
+    assert.equal(r.perplexity, Math.exp(r.loss));
+  }
+  assert.equal(memory().liveBytes, base, "nothing left on the GPU");
+  await assert.rejects(() => perplexity(lm, [5]), /needs at least 2 ids \(one to predict\), got 1/);
+  await assert.rejects(() => perplexity(lm, ids, { seq: 0 }), /seq must be an integer >= 1, got 0/);
+  await assert.rejects(
+    () => perplexity(lm, [1, 2, 999]),
+    /id 999 at index 2 is outside the vocabulary \[0, 256\)/,
+  );
+  lm.dispose();
+});
+
+Deno.test("deno task eval prints the loss, perplexity and bits per byte of a text file", async () => {
+  await init();
+  const dir = await Deno.makeTempDir();
+  try {
+    const file = `${dir}/text.txt`;
+    await Deno.writeTextFile(file, TEXT);
+    const run = async (...argv: string[]) => {
+      const out: string[] = [], err: string[] = [];
+      const code = await main(argv, { out: (l) => out.push(l), err: (l) => err.push(l) });
+      return { code, out: out.join("\n"), err: err.join("\n") };
+    };
+    const char = fixturePath("char-mamba");
+    const r = await run("--model", char, "--data", file, "--seq", "50", "--batch", "2");
+    assert.equal(r.code, 0, r.err);
+    const lm = await fromPretrained(char);
+    const ids = lm.tokenizer!.encode(TEXT);
+    const want = await perplexity(lm, ids, { seq: 50, batch: 2 });
+    lm.dispose();
+    // a char model's ids are the bytes: bits per byte = loss / ln 2
+    assert.equal(
+      r.out,
+      `loss ${want.loss.toFixed(4)} nats/token, perplexity ${want.perplexity.toFixed(3)}, ` +
+        `${(want.loss / Math.LN2).toFixed(4)} bits/byte`,
+    );
+    assert.match(r.err, /180 tokens predicted in 4 windows of at most 50 in [\d.]+ s/);
+    const head = await run("--model", char, "--data", file, "--max-tokens", "20", "--seq", "8");
+    assert.match(head.err, /19 tokens predicted in 3 windows of at most 8/);
+    assert.equal((await run("--model", char)).code, 2);
+    assert.match((await run("--model", char)).err, /--data is required/);
+    assert.match(
+      (await run("--model", char, "--data", file, "--seq", "0")).err,
+      /--seq must be an integer >= 1/,
+    );
+    await Deno.writeTextFile(file, "I");
+    assert.match((await run("--model", char, "--data", file)).err, /has 1 token: at least 2 are needed/);
+    await assert.rejects(() => run("--model", char, "--data", `${dir}/none.txt`), /No such file|not found/i);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
