@@ -355,7 +355,14 @@ export class MambaLM extends Module {
       if (r.length === 0) throw new Error(`generate: prompt row ${b} is empty`);
       byLength.get(r.length)?.push(b) ?? byLength.set(r.length, [b]);
     });
-    const groups = [...byLength].map(([L, of]) => ({ rows: of, ids: rowsTensor(of.map((b) => rows[b]), L) }));
+    const groups: PromptGroup[] = [];
+    try {
+      for (const [L, of] of byLength) groups.push({ rows: of, ids: rowsTensor(of.map((b) => rows[b]), L) });
+    } catch (e) {
+      // out of memory at a later group's ids (under setMemoryLimit): the earlier ones have no other owner
+      dispose(groups.map((g) => g.ids));
+      throw e;
+    }
     return { B: rows.length, rows, groups };
   }
 

@@ -3,7 +3,7 @@ import { noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { deviceInfo, init } from "../core/device.ts";
 import { dispatchCount } from "../core/executor.ts";
-import { memory, resetPeak } from "../core/memory.ts";
+import { memory, resetPeak, setMemoryLimit } from "../core/memory.ts";
 import { crossEntropy, matmul, narrow } from "../core/ops/index.ts";
 import { manualSeed, Philox } from "../core/random.ts";
 import { dispose, type Tensor, tidy } from "../core/tensor.ts";
@@ -757,6 +757,35 @@ Deno.test("generate: prompt rows of different lengths each continue as they woul
     assert.deepEqual([...r], [...plain[b].slice(0, end < 0 ? 9 : end + 1)], `row ${b} with a stop token`);
   });
   assert.equal(memory().liveBytes, base, "nothing left behind");
+  lm.dispose();
+});
+
+Deno.test("generate: rows of different lengths that run out of memory part-way leave nothing behind", async () => {
+  await init();
+  const lm = new MambaLM({ dModel: 16, nLayers: 2, dState: 8 }, { vocabSize: 32 });
+  const rows = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12], [13]]; // three groups: 5, 2 and 1 ids
+  const base = memory();
+  // caps from the live bytes up: the groups' ids (a later one's after an earlier one's), the prefill of a
+  // later group, the decoding, until it fits
+  let failed = 0;
+  for (let room = 0;; room += 256) {
+    setMemoryLimit(base.liveBytes + room);
+    try {
+      await lm.generate(rows, 2, { repetitionPenalty: 1.3 });
+      break;
+    } catch (e) {
+      assert.match((e as Error).message, /out of memory/);
+      failed++;
+    } finally {
+      setMemoryLimit(null);
+    }
+    assert.deepEqual(
+      [memory().liveBytes, memory().liveTensors],
+      [base.liveBytes, base.liveTensors],
+      `left behind at +${room} bytes`,
+    );
+  }
+  assert.ok(failed > 10, `${failed} failed runs`);
   lm.dispose();
 });
 
