@@ -14,8 +14,9 @@
  * the max (24 rounds of a workgroup sum of exp((x - max) / T) over the
  * top-k set) finds the smallest set holding probability p; logits outside it are skipped (ties at its
  * edge are all kept). Min-p (HF's MinPLogitsWarper): tokens whose probability is below minP times the most
- * likely one's are skipped too, x < max + T log(minP); top-k and top-p never drop the most likely token, so the
- * order does not matter. Writes the token into `next` (B) and into column `step` of `all` (B, T).
+ * likely one's are skipped too, x < max + T log(minP), after top-k and top-p as HF's warpers (top-p's mass
+ * is over the top-k set alone; min-p's threshold needs only the max, which neither drops). Writes the token
+ * into `next` (B) and into column `step` of `all` (B, T).
  * Repetition penalty (HF's RepetitionPenaltyLogitsProcessor, mamba_ssm's generate): before all of that, a
  * logit x of an id the row has seen (its bit in `seen` (B, W) u32, W = ceil(V / 32): the prompt's ids and the
  * tokens chosen so far) counts as x / penalty, or x * penalty where x < 0; the chosen id's bit is then set.

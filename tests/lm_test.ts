@@ -1080,6 +1080,9 @@ Deno.test("min-p keeps the tokens at least minP times as likely as the best (aft
     [x, { minP: 0.2, topK: 2 }, [0, 1]],
     [x, { minP: 0.05, topP: 0.85 }, [0, 1, 2]],
     [x, { minP: 0.2, topP: 0.95 }, [0, 1, 2]], // top-p's set {0, 1, 2, 3}, then min-p's
+    // min-p after top-p, as HF's warpers: top-p's set of 0.6 is {0, 1}, then min-p's; with min-p first
+    // ({0, 1}, renormalised to 0.625 and 0.375) top-p's would be {0}
+    [x, { minP: 0.55, topP: 0.6 }, [0, 1]],
   ]);
 });
 
