@@ -7,8 +7,8 @@
  * ```
  *
  * `--model` is a hub id (downloaded into the Hugging Face cache), a folder or a URL. Tokens are chosen on
- * the GPU (greedy, or sampled with temperature, top-k and top-p) and read back in batches. Statistics go
- * to stderr.
+ * the GPU (greedy, or sampled with temperature, top-k, top-p and min-p) and read back in batches.
+ * Statistics go to stderr.
  * @module
  */
 

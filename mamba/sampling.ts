@@ -249,9 +249,9 @@ fn countKeyAtLeast(row: u32, k: u32, lid: u32) -> u32 {
 }
 
 /**
- * How the next token is chosen. Greedy (argmax) unless `sample` is true. `temperature`, `topK`, `topP` and
- * `seed` only act when sampling: giving any of them without `sample` is an error (say `sample: true`, or
- * `sample: false` to decode greedily and ignore them, as a UI toggle would).
+ * How the next token is chosen. Greedy (argmax) unless `sample` is true. `temperature`, `topK`, `topP`,
+ * `minP` and `seed` only act when sampling: giving any of them without `sample` is an error (say `sample:
+ * true`, or `sample: false` to decode greedily and ignore them, as a UI toggle would).
  */
 export interface SampleOptions {
   /** Draw from the distribution (default false: greedy argmax). */
