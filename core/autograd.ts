@@ -92,6 +92,9 @@ export interface OpDef<A> {
    * does not read (the fused scan and out_proj: the scan's backward recomputes y itself).
    */
   replay?(inputs: Tensor[], attrs: A, kept: Tensor[], save: (...tensors: Tensor[]) => void): Tensor;
+  /** Which inputs may be bf16 (weights stored in bfloat16, which its kernels read as f32); other ops
+   * refuse bf16 inputs. */
+  bf16Inputs?: readonly number[];
 }
 
 /** What a checkpoint's first pass kept for one op that has `replay` (in call order). */
@@ -256,6 +259,16 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
       throw new Error(
         `${def.name}: Tensor#${gone.id} ${fmt(gone.shape)} ${gone.dtype} was disposed and cannot be used`,
       );
+    }
+    for (let i = 0; i < inputs.length; i++) {
+      if (inputs[i].dtype === "bf16" && !def.bf16Inputs?.includes(i)) {
+        throw new Error(
+          `${def.name}: input ${i} is ${
+            inputs[i]
+          }: bf16 tensors are weights for matmul's second operand and ` +
+            "the embedding's table only",
+        );
+      }
     }
     checkNotReplayed(def.name, inputs);
     const ctx = keepContexts[keepContexts.length - 1];

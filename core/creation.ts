@@ -6,7 +6,8 @@
 import { recordClear, upload } from "./executor.ts";
 import { checkHostFill } from "./memory.ts";
 import { checkShape, fmt, isInt32, type Shape, sizeOf } from "./shape.ts";
-import { type DType, Tensor } from "./tensor.ts";
+import { bytesOf, type DType, Tensor } from "./tensor.ts";
+import { packBF16 } from "./bf16.ts";
 import { mapOp } from "./ops/map_kernel.ts";
 import { fillNormal, fillUniform, streamFor } from "./random.ts";
 
@@ -132,7 +133,9 @@ export function tensor(
       if (!isInt32(flat[i])) throw new Error(`tensor: i32 data has ${flat[i]} at ${i}, not an int32 integer`);
     }
   }
-  const host = dtype === "f32"
+  const host = dtype === "bf16"
+    ? packBF16(flat) // rounded to nearest even, two per word
+    : dtype === "f32"
     ? (flat instanceof Float32Array ? flat : Float32Array.from(flat))
     : (flat instanceof Int32Array ? flat : Int32Array.from(flat));
   const t = Tensor.empty(s, dtype);
@@ -154,13 +157,14 @@ function filled(op: string, shape: Shape, value: number, options: CreateOptions)
     throw new Error(`${op}: i32 fill value ${value} is not an int32 integer`);
   }
   if (value === 0 && !Object.is(value, -0)) return finish(cleared(shape, dtype), options);
+  if (dtype === "bf16") return tensor(new Float32Array(sizeOf(shape)).fill(value), shape, { dtype });
   return finish(mapOp("a", [value], shape, dtype, [dtype]), options);
 }
 
 /** Zeros by clearing the buffer (a memset on the queue, no kernel): 0.0 and 0 are both all-zero bits. */
 function cleared(shape: Shape, dtype: DType): Tensor {
   const t = Tensor.empty(shape, dtype);
-  if (t.size > 0) recordClear(t.storage.buffer, 0, 4 * t.size);
+  if (t.size > 0) recordClear(t.storage.buffer, 0, bytesOf(t.size, dtype));
   return t;
 }
 

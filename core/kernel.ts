@@ -119,8 +119,46 @@ function accessors(b: BufferDecl, windows: number, segElems: number): string {
   return b.access === "read" ? ld : ld + st;
 }
 
-/** The WGSL source of a kernel for the given number of windows per buffer. */
-function kernelSource(k: Kernel, windows: number[]): string {
+/**
+ * Accessors of a buffer that holds bf16 pairs (core/bf16.ts) bound to a read-only f32 or vec4<f32> declaration:
+ * its windows are arrays of words (vec2s of words for vec4 loads), and `ld_<name>(i)` returns element i
+ * unpacked (the upper 16 bits of an f32), so the kernel computes in f32 as with an f32 buffer.
+ */
+function packedAccessors(b: BufferDecl, windows: number, seg: number): string {
+  const vec = b.type === "vec4<f32>";
+  const per = seg / (vec ? 8 : 4); // array elements per window
+  const j = vec ? "i" : "(i >> 1u)";
+  let pick = `  var w: ${vec ? "vec2<u32>" : "u32"};
+  let j = ${j};
+`;
+  for (let k = 0; k < windows - 1; k++) {
+    pick += `  if (j < ${(k + 1) * per}u) { w = ${b.name}_${k}[j - ${k * per}u]; } else
+`;
+  }
+  pick += `  { w = ${b.name}_${windows - 1}[j - ${(windows - 1) * per}u]; }
+`;
+  const lo = (x: string) => `bitcast<f32>(${x} << 16u)`;
+  const hi = (x: string) => `bitcast<f32>(${x} & 0xffff0000u)`;
+  const value = vec
+    ? `vec4<f32>(${lo("w.x")}, ${hi("w.x")}, ${lo("w.y")}, ${hi("w.y")})`
+    : `select(${lo("w")}, ${hi("w")}, (i & 1u) == 1u)`;
+  return `fn ld_${b.name}(i: u32) -> ${b.type} {
+${pick}  return ${value};
+}
+`;
+}
+
+/** Why a bf16 buffer cannot bind to declaration `b` (null: it can): read-only f32 or vec4<f32> declarations
+ * unpack it; u32 ones see its words. */
+function packedProblem(b: BufferDecl): string | null {
+  if (b.type === "u32") return null;
+  if (b.access === "read" && (b.type === "f32" || b.type === "vec4<f32>")) return null;
+  return `a bf16 tensor can only be read there as f32 (buffer '${b.name}' is ${b.access} ${b.type})`;
+}
+
+/** The WGSL source of a kernel for the given number of windows per buffer; bit i of `packed`: buffer i holds
+ * bf16 pairs. */
+function kernelSource(k: Kernel, windows: number[], packed = 0): string {
   const { spec } = k;
   const lines: string[] = [];
   const sg = spec.subgroups ? deviceInfo().subgroups : null;
@@ -132,12 +170,16 @@ function kernelSource(k: Kernel, windows: number[]): string {
   let binding = 1;
   const seg = windowBytes();
   spec.buffers.forEach((b, i) => {
+    const unpack = (packed >> i) & 1 && b.type !== "u32";
+    const type = unpack ? (b.type === "vec4<f32>" ? "vec2<u32>" : "u32") : b.type;
     for (let w = 0; w < windows[i]; w++) {
       lines.push(
-        `@group(0) @binding(${binding++}) var<storage, ${b.access}> ${b.name}_${w}: array<${b.type}>;`,
+        `@group(0) @binding(${binding++}) var<storage, ${b.access}> ${b.name}_${w}: array<${type}>;`,
       );
     }
-    lines.push(accessors(b, windows[i], seg / ELEM_BYTES[b.type]));
+    lines.push(
+      unpack ? packedAccessors(b, windows[i], seg) : accessors(b, windows[i], seg / ELEM_BYTES[b.type]),
+    );
   });
   if (spec.decls) lines.push(spec.decls);
   lines.push(
@@ -155,9 +197,9 @@ function kernelSource(k: Kernel, windows: number[]): string {
   return lines.join("\n");
 }
 
-function pipelineFor(k: Kernel, windows: number[]): PipelineEntry {
+function pipelineFor(k: Kernel, windows: number[], packed = 0): PipelineEntry {
   // the window's size is in the source's accessors (a test may shrink it)
-  const key = `${k.spec.name}|${windows.join(",")}|${windowBytes()}`;
+  const key = `${k.spec.name}|${windows.join(",")}|${windowBytes()}|${packed}`;
   let p = pipelines.get(key);
   if (p) {
     // Pipelines are cached by name: a kernel generated again under the same name must be the same kernel.
@@ -169,7 +211,7 @@ function pipelineFor(k: Kernel, windows: number[]): PipelineEntry {
     return p;
   }
   const dev = gpuDevice();
-  const code = kernelSource(k, windows);
+  const code = kernelSource(k, windows, packed);
   const entries: GPUBindGroupLayoutEntry[] = [
     { binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: { type: "uniform", hasDynamicOffset: true } },
   ];
@@ -289,11 +331,17 @@ export function dispatch(
   const storages: Storage[] = new Array(decls.length);
   const windows: number[] = new Array(decls.length);
   let bindings = 0;
+  let packed = 0; // bit i: buffer i holds bf16 pairs
   for (let i = 0; i < decls.length; i++) {
     const s = buffers[decls[i].name];
     if (!s) throw new Error(`kernel ${k.spec.name}: buffer '${decls[i].name}' not given`);
     storages[i] = s;
     bindings += windows[i] = Math.max(1, Math.ceil(s.size / seg));
+    if (s.bf16) {
+      const problem = packedProblem(decls[i]);
+      if (problem) throw new Error(`kernel ${k.spec.name}: ${problem}`);
+      packed |= 1 << i;
+    }
   }
   // WebGPU forbids a writable storage binding that aliases another binding of the same dispatch (browsers
   // reject it; Deno's wgpu does not check): say so here, on every adapter.
@@ -316,7 +364,9 @@ export function dispatch(
         `binding window takes one per window), the device allows ${limits.maxStorageBuffersPerShaderStage}`,
     );
   }
-  const p = bindings === decls.length ? singleWindowPipeline(k, windows) : pipelineFor(k, windows);
+  const p = packed === 0 && bindings === decls.length
+    ? singleWindowPipeline(k, windows)
+    : pipelineFor(k, windows, packed);
   const at = reserveUniforms(k.uniformBytes);
   writeUniform(k, at, "_groups", groups);
   for (const name in uniforms) writeUniform(k, at, name, uniforms[name]);

@@ -41,6 +41,8 @@ export class Storage {
   savedBy = 0;
   /** Set once the buffer went back to the pool. */
   released = false;
+  /** Holds bfloat16 pairs (a bf16 tensor's): kernels read it through unpacking accessors (core/kernel.ts). */
+  bf16 = false;
 
   /** Where in `buffer` the storage starts: 0, but for a {@linkcode storageSpan}. */
   readonly offset: number;

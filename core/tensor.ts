@@ -6,14 +6,24 @@
  * @module
  */
 
+import { unpackBF16 } from "./bf16.ts";
 import { readBuffer } from "./executor.ts";
 import { allocStorage, countTensor, releaseStorage, type Storage } from "./memory.ts";
 import { fmt, type Shape, sizeOf } from "./shape.ts";
 import { type BackwardOptions, type GradNode, releaseIfUnconsumed, releaseNode } from "./autograd.ts";
 import * as ops from "./ops/index.ts";
 
-/** Element types: 32-bit floats and 32-bit integers. */
-export type DType = "f32" | "i32";
+/**
+ * Element types: 32-bit floats, 32-bit integers, and bfloat16 (two per word, core/bf16.ts), a storage format
+ * for weights that inference only reads: matmul's second operand and the embedding's table take it (their
+ * kernels unpack it and compute in f32); other ops refuse it, and it takes no gradient.
+ */
+export type DType = "f32" | "i32" | "bf16";
+
+/** Bytes of `size` elements of `dtype` (bf16: whole words of two). */
+export function bytesOf(size: number, dtype: DType): number {
+  return dtype === "bf16" ? 4 * Math.ceil(size / 2) : 4 * size;
+}
 
 /** A scalar or a tensor operand of a binary op. */
 export type Operand = Tensor | number;
@@ -77,6 +87,7 @@ export class Tensor {
     storage.users++;
     this.shape = Object.freeze(shape.slice()); // slice: no iterator, unlike a spread
     this.dtype = dtype;
+    if (dtype === "bf16") storage.bf16 = true; // kernels read it through unpacking accessors
     this.size = sizeOf(shape);
     countTensor(1);
     scopes[scopes.length - 1]?.add(this);
@@ -86,7 +97,7 @@ export class Tensor {
   /** Allocates an uninitialised tensor (kernels fill it). */
   static empty(shape: Shape, dtype: DType = "f32"): Tensor {
     return new Tensor(
-      allocStorage(Math.max(sizeOf(shape), 1) * 4, () => `${dtype} ${fmt(shape)}`),
+      allocStorage(Math.max(bytesOf(sizeOf(shape), dtype), 4), () => `${dtype} ${fmt(shape)}`),
       shape,
       dtype,
     );
@@ -145,9 +156,10 @@ export class Tensor {
     if (!this.node) { for (const scope of scopes) scope.delete(this); }
   }
 
-  /** Reads the data back: Float32Array for f32, Int32Array for i32. */
+  /** Reads the data back: Float32Array for f32 and bf16 (its values, exactly), Int32Array for i32. */
   async toArray(): Promise<Float32Array | Int32Array> {
-    const buf = await readBuffer(this.storage.buffer, 0, this.size * 4);
+    const buf = await readBuffer(this.storage.buffer, 0, bytesOf(this.size, this.dtype));
+    if (this.dtype === "bf16") return unpackBF16(new Uint32Array(buf), this.size);
     return this.dtype === "f32" ? new Float32Array(buf) : new Int32Array(buf);
   }
 

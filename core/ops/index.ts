@@ -11,4 +11,5 @@ export * from "./index_ops.ts";
 export * from "./softmax.ts";
 export * from "./conv.ts";
 export * from "./rms_norm.ts";
+export * from "./cast.ts";
 export { backward, checkpoint, noGrad } from "../autograd.ts";

@@ -34,24 +34,31 @@ const INDEX_UNIFORMS: [string, "u32"][] = [
   ["si", "u32"],
 ];
 
-const gatherKernel = defineKernel({
-  name: "gather",
-  buffers: [
-    { name: "x", type: "u32", access: "read" },
-    { name: "idx", type: "i32", access: "read" },
-    { name: "y", type: "u32", access: "read_write" },
-  ],
-  uniforms: INDEX_UNIFORMS,
-  workgroupSize: WG,
-  body: `
+/** `gather`: y[gid] = x at the index's row, as raw words (f32 or i32 alike); `gather_bf16`: from a bf16 table
+ * (read as f32 through its unpacking accessor) into f32. An index out of range gives NaN's bits. */
+function gatherKernelOf(bf16: boolean) {
+  const type = bf16 ? "f32" : "u32";
+  const nan = bf16 ? "bitcast<f32>(0x7fc00000u)" : "0x7fc00000u";
+  return defineKernel({
+    name: bf16 ? "gather_bf16" : "gather",
+    buffers: [
+      { name: "x", type, access: "read" },
+      { name: "idx", type: "i32", access: "read" },
+      { name: "y", type, access: "read_write" },
+    ],
+    uniforms: INDEX_UNIFORMS,
+    workgroupSize: WG,
+    body: `
   if (gid >= P.n) { return; }
   let i = gid % P.inner;
   let j = (gid / P.inner) % P.J;
   let o = gid / (P.inner * P.J);
   let v = ld_idx(o * P.so + j * P.sj + i * P.si);
-  if (v < 0 || u32(v) >= P.V) { st_y(gid, 0x7fc00000u); return; }
+  if (v < 0 || u32(v) >= P.V) { st_y(gid, ${nan}); return; }
   st_y(gid, ld_x((o * P.V + u32(v)) * P.inner + i));`,
-});
+  });
+}
+const gatherKernels = { words: gatherKernelOf(false), bf16: gatherKernelOf(true) };
 
 const scatterKernel = defineKernel({
   name: "gather_backward",
@@ -130,12 +137,12 @@ const gatherOp = defineOp<IndexAttrs>({
   name: "gather",
   forward: ([x, idx], { dim, outShape, strides }, save) => {
     save(idx);
-    const out = Tensor.empty(outShape, x.dtype);
+    const out = Tensor.empty(outShape, x.dtype === "bf16" ? "f32" : x.dtype); // a bf16 table gives f32 rows
     const { V, J, inner } = view(x, dim, outShape.length === x.rank ? outShape[dim] : idx.size);
     const n = out.size;
     const [so, sj, si] = strides;
     dispatch(
-      gatherKernel,
+      x.dtype === "bf16" ? gatherKernels.bf16 : gatherKernels.words,
       { x: x.storage, idx: idx.storage, y: out.storage },
       { n, V, J, inner, so, sj, si },
       Math.ceil(n / WG),
@@ -170,6 +177,7 @@ const gatherOp = defineOp<IndexAttrs>({
     clearPad(dx);
     return [dx, null];
   },
+  bf16Inputs: [0], // a table stored in bfloat16 gives f32 rows (and takes no gradient)
 });
 
 function checkIndex(idx: Tensor, op: string): void {
@@ -207,7 +215,7 @@ export function embedding(weight: Tensor, ids: Tensor, paddingIdx: number | null
     pad = paddingIdx < 0 ? paddingIdx + V : paddingIdx;
   }
   const outShape = [...ids.shape, weight.shape[1]];
-  return gatherOp([weight, ids], { dim: 0, outShape, strides: [0, 1, 0], paddingIdx: pad });
+  return gatherOp([weight, ids], { dim: 0, outShape, strides: [0, 1, 0], paddingIdx: pad }); // bf16 weight: f32 rows
 }
 
 /**

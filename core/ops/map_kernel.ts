@@ -105,11 +105,14 @@ function vec4Kernel(expr: string, kinds: Kind[]): Kernel {
   return k;
 }
 
+/** The element types of map kernels' buffers (bf16 is refused before). */
+type Word = "f32" | "i32";
+
 function kernelFor(
   expr: string,
   kinds: Kind[],
-  types: DType[],
-  outType: DType,
+  types: Word[],
+  outType: Word,
 ): Kernel {
   const key = `${expr}|${kinds.join()}|${types.join()}|${outType}`;
   let k = kernels.get(key);
@@ -196,11 +199,15 @@ export function mapOp(
   outType: DType = "f32",
   scalarTypes?: DType[],
 ): Tensor {
+  const bf16 = outType === "bf16" || operands.some((o) => typeof o !== "number" && o.dtype === "bf16");
+  if (bf16) throw new Error(`elementwise ${expr}: bf16 tensors are weights for matmul and embedding only`);
   const out = Tensor.empty(outShape, outType);
   const n = out.size;
   if (n === 0) return out;
   const kinds = operands.map((o): Kind => typeof o === "number" ? "scalar" : readKind(o.shape, outShape));
-  const types = operands.map((o, j) => typeof o === "number" ? (scalarTypes?.[j] ?? "f32") : o.dtype);
+  const types = operands.map((o, j) =>
+    typeof o === "number" ? (scalarTypes?.[j] ?? "f32") : o.dtype
+  ) as Word[];
   if (
     n % 4 === 0 && outType === "f32" && types.every((t) => t === "f32") && !/\bgid\b/.test(expr) &&
     kinds.every((k) => k === "same" || k === "scalar")
@@ -214,7 +221,7 @@ export function mapOp(
     dispatch(vec4Kernel(expr, kinds), buffers, uniforms, Math.ceil(n / 4 / WG));
     return out;
   }
-  const k = kernelFor(expr, kinds, types, outType);
+  const k = kernelFor(expr, kinds, types, outType as Word);
   const buffers: Record<string, Tensor["storage"]> = { y: out.storage };
   const uniforms: Record<string, number | number[]> = { n };
   operands.forEach((o, j) => {

@@ -377,16 +377,21 @@ export function rmsNormMatmul(x: Tensor, g: Tensor, eps: number, w: Tensor): Ten
   const K = x.shape[1];
   if (
     x.rank !== 2 || w.rank !== 2 || w.shape[1] !== K || !sameShape(g.shape, [K]) ||
-    x.dtype !== "f32" || g.dtype !== "f32" || w.dtype !== "f32"
+    x.dtype !== "f32" || g.dtype !== "f32" || !isF32Weight(w)
   ) {
     throw new Error(
       `rmsNormMatmul: x must be f32 (M, K), g (K) and w (N, K); got x ${x.dtype} ${fmt(x.shape)}, ` +
-        `g ${g.dtype} ${fmt(g.shape)}, w ${w.dtype} ${fmt(w.shape)}`,
+        `g ${g.dtype} ${fmt(g.shape)}, w ${w.dtype} ${fmt(w.shape)} (w may be bf16)`,
     );
   }
   // as rmsNorm checks it, whichever path runs
   if (!Number.isFinite(eps)) throw new Error(`rmsNormMatmul: eps must be a finite number, got ${eps}`);
   return product(x, w, { transB: true }, matmulVariant(), undefined, { g, eps });
+}
+
+/** Whether `b` can be matmul's second operand: f32, or a weight stored in bf16 (its kernels read it as f32). */
+function isF32Weight(b: Tensor): boolean {
+  return b.dtype === "f32" || (b.dtype === "bf16" && !b.requiresGrad);
 }
 
 /** matmulRaw's product; with `rms`, op(a)'s rows RMS-normalized with weight g first (rmsNormMatmul). */
@@ -590,7 +595,7 @@ const matmulOp = defineOp<MatmulAttrs>({
     // 1-D operands are viewed as a row (A) or a column (B) here, inside the op, so that the views are saved
     // tensors the op owns (disposed with the graph, or at once without one) rather than graph nodes.
     const a2 = vecA ? new Tensor(a.storage, [1, a.shape[0]], "f32") : a;
-    const b2 = vecB ? new Tensor(b.storage, [b.shape[0], 1], "f32") : b;
+    const b2 = vecB ? new Tensor(b.storage, [b.shape[0], 1], b.dtype) : b;
     const c = matmulRaw(a2, b2, opts); // bad shapes throw: defineOp's freeOnThrow disposes the views
     save(a2, b2);
     if (!vecA && !vecB) return c;
@@ -602,6 +607,7 @@ const matmulOp = defineOp<MatmulAttrs>({
     return out;
   },
   backward: (g, [a, b], inputs, attrs, targets) => matmulGrads(g, a, b, inputs, attrs, targets),
+  bf16Inputs: [1], // a weight stored in bfloat16, read as f32 (it takes no gradient)
 });
 
 /**
@@ -624,6 +630,7 @@ const matmulAddOp = defineOp<MatmulAttrs>({
     ...matmulGrads(g, a, b, inputs, attrs, targets),
     inputs[2].requiresGrad ? g : null,
   ],
+  bf16Inputs: [1],
 });
 
 /**
@@ -632,8 +639,8 @@ const matmulAddOp = defineOp<MatmulAttrs>({
  * Gradients flow to all three.
  */
 export function matmulAdd(a: Tensor, b: Tensor, c: Tensor, options: MatmulOptions = {}): Tensor {
-  for (const t of [a, b, c]) {
-    if (t.dtype !== "f32") throw new Error(`matmulAdd needs f32 tensors, got ${a}, ${b} and ${c}`);
+  if (a.dtype !== "f32" || !isF32Weight(b) || c.dtype !== "f32") {
+    throw new Error(`matmulAdd needs f32 tensors (b: f32 or bf16), got ${a}, ${b} and ${c}`);
   }
   if (a.rank < 2 || b.rank < 2) {
     throw new Error(`matmulAdd: operands must have rank >= 2, got ${a} and ${b} (use matmul and add)`);
@@ -653,7 +660,9 @@ export function matmulAdd(a: Tensor, b: Tensor, c: Tensor, options: MatmulOption
  * (after broadcasting; the result has rank 6 or less): more throw.
  */
 export function matmul(a: Tensor, b: Tensor, options: MatmulOptions = {}): Tensor {
-  if (a.dtype !== "f32" || b.dtype !== "f32") throw new Error(`matmul needs f32 tensors, got ${a} and ${b}`);
+  if (a.dtype !== "f32" || !isF32Weight(b)) {
+    throw new Error(`matmul needs f32 tensors (b: f32 or bf16), got ${a} and ${b}`);
+  }
   if (a.rank === 0 || b.rank === 0) {
     throw new Error(`matmul: operands must have rank >= 1, got ${a} and ${b}`);
   }

@@ -1,0 +1,37 @@
+/**
+ * The cast of f32 tensors to bf16 storage (core/bf16.ts): kernel `to_bf16`, one invocation per output word,
+ * which reads two f32 values and writes their bf16 bits rounded to nearest even, as `bf16Bits` on the host.
+ * @module
+ */
+
+import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
+import { Tensor } from "../tensor.ts";
+
+/** `to_bf16`: invocation w packs x's elements 2w and 2w + 1 into word w of y (rounded as {@linkcode bf16Bits}). */
+const castKernel: Kernel = defineKernel({
+  name: "to_bf16",
+  buffers: [{ name: "x", type: "f32", access: "read" }, { name: "y", type: "u32", access: "read_write" }],
+  uniforms: [["n", "u32"]],
+  workgroupSize: 64,
+  decls: `
+fn bits(x: f32) -> u32 {
+  let b = bitcast<u32>(x);
+  if ((b & 0x7fffffffu) > 0x7f800000u) { return (b >> 16u) | 0x40u; }
+  return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}`,
+  body: `
+  let i = 2u * gid;
+  if (i >= P.n) { return; }
+  var hi = 0u;
+  if (i + 1u < P.n) { hi = bits(ld_x(i + 1u)) << 16u; }
+  st_y(gid, bits(ld_x(i)) | hi);`,
+});
+
+/** x (f32) as a new bf16 tensor of its shape (no gradient). */
+export function castToBF16(x: Tensor): Tensor {
+  if (x.dtype !== "f32") throw new Error(`castToBF16: needs an f32 tensor, got ${x}`);
+  const y = Tensor.empty(x.shape, "bf16");
+  const words = Math.ceil(x.size / 2);
+  dispatch(castKernel, { x: x.storage, y: y.storage }, { n: x.size }, Math.ceil(words / 64));
+  return y;
+}

@@ -1,0 +1,167 @@
+/**
+ * bf16 storage (core/bf16.ts): the rounding of `bf16Bits` and the GPU cast against known bits; tensors that
+ * read back as the rounded values; matmul's second operand and the embedding's table read through the
+ * unpacking accessors, bit for bit the f32 kernels on the rounded values (every matmul variant, the matvec
+ * plan a GPU takes, windows of a shrunk binding); and bf16 refused everywhere else.
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { bf16Bits, packBF16, unpackBF16 } from "../core/bf16.ts";
+import { tensor, zeros } from "../core/creation.ts";
+import { deviceInfo, init } from "../core/device.ts";
+import { memory } from "../core/memory.ts";
+import { add, castToBF16, embedding, matmul, matmulAdd } from "../core/ops/index.ts";
+import {
+  availableMatmulVariants,
+  matmulVariant,
+  rmsNormMatmul,
+  setMatmulVariant,
+} from "../core/ops/matmul.ts";
+import { Philox } from "../core/random.ts";
+import { dispose, type Tensor } from "../core/tensor.ts";
+
+/** Values that round every way, specials included. */
+function values(n: number, seed: number): Float32Array {
+  const r = new Philox(seed);
+  const v = Float32Array.from({ length: n }, () => (r.nextU32() / 2 ** 32 - 0.5) * 6);
+  const specials = [
+    0,
+    -0,
+    1,
+    -1,
+    1 + 2 ** -8,
+    1 + 3 * 2 ** -8,
+    65504,
+    3e38,
+    1e-40,
+    -1e-40,
+    Infinity,
+    -Infinity,
+  ];
+  specials.forEach((x, i) => (v[i] = x));
+  return v;
+}
+
+const bits = (a: ArrayLike<number>) => new Uint32Array(Float32Array.from(a).buffer);
+
+Deno.test("bf16Bits rounds to nearest even (ties to even, NaN stays NaN, overflow to infinity)", () => {
+  assert.equal(bf16Bits(1), 0x3f80);
+  assert.equal(bf16Bits(1 + 2 ** -8), 0x3f80, "a tie goes to the even neighbour");
+  assert.equal(bf16Bits(1 + 3 * 2 ** -8), 0x3f82, "this tie to the upper one");
+  assert.equal(bf16Bits(1 + 2 ** -8 + 2 ** -20), 0x3f81, "above the tie: up");
+  assert.equal(bf16Bits(-0), 0x8000);
+  assert.equal(bf16Bits(Infinity), 0x7f80);
+  assert.equal(bf16Bits(3.4e38), 0x7f80, "past bf16's largest: infinity");
+  assert.ok((bf16Bits(NaN) & 0x7fff) > 0x7f80, "NaN");
+  const v = values(101, 1);
+  const back = unpackBF16(packBF16(v), v.length);
+  v.forEach((x, i) => assert.equal(bits([back[i]])[0], (bf16Bits(x) << 16) >>> 0, `value ${i} (${x})`));
+});
+
+Deno.test("castToBF16 and tensor({ dtype: bf16 }) hold bf16Bits' values; zeros and full too", async () => {
+  await init();
+  const base = memory().liveBytes;
+  const v = values(1001, 2); // odd: the last word's upper half is 0
+  const want = unpackBF16(packBF16(v), v.length);
+  const x = tensor(v, [7, 143]);
+  const cast = castToBF16(x);
+  const direct = tensor(v, [7, 143], { dtype: "bf16" });
+  assert.equal(cast.storage.size, direct.storage.size);
+  assert.equal(direct.storage.bytes, 4 * 501, "two values per word");
+  assert.deepEqual(bits(await cast.toArray()), bits(want), "GPU cast");
+  assert.deepEqual(bits(await direct.toArray()), bits(want), "host pack");
+  const zero = zeros([3], { dtype: "bf16" });
+  assert.deepEqual([...await zero.toArray()], [0, 0, 0]);
+  const full = tensor(new Float32Array(5).fill(0.1), [5], { dtype: "bf16" });
+  assert.deepEqual(
+    bits(await full.toArray()),
+    bits(new Float32Array(5).fill(unpackBF16(packBF16([0.1]), 1)[0])),
+  );
+  dispose([x, cast, direct, zero, full]);
+  assert.equal(memory().liveBytes, base);
+});
+
+/** matmul and embedding with a bf16 weight against the f32 kernels on its rounded values, bit for bit. */
+async function assertWeightReads(what: string): Promise<void> {
+  for (const [M, K, N] of [[1, 64, 24], [3, 64, 10], [5, 37, 9], [70, 128, 66]]) {
+    const x = tensor(values(M * K, M + K), [M, K]);
+    const w = values(N * K, 7 * N);
+    const wb = tensor(w, [N, K], { dtype: "bf16" });
+    const wr = tensor(unpackBF16(packBF16(w), w.length), [N, K]);
+    const g = tensor(values(K, 3), [K]);
+    const c = tensor(values(M * N, 9), [M, N]);
+    const [wbKN, wrKN] = [tensor(w, [K, N], { dtype: "bf16" }), wr.reshape(K, N)]; // the same values as (K, N)
+    const pairs: [string, Tensor, Tensor][] = [
+      ["matmul", matmul(x, wb, { transB: true }), matmul(x, wr, { transB: true })],
+      ["matmul, b not transposed", matmul(x, wbKN), matmul(x, wrKN)],
+      ["matmulAdd", matmulAdd(x, wb, c, { transB: true }), matmulAdd(x, wr, c, { transB: true })],
+      ["rmsNormMatmul", rmsNormMatmul(x, g, 1e-5, wb), rmsNormMatmul(x, g, 1e-5, wr)],
+    ];
+    const ids = tensor(Int32Array.from([0, N - 1, 2, 2, N]), [5], { dtype: "i32" }); // N: out of range, NaN
+    pairs.push(["embedding", embedding(wb, ids), embedding(wr, ids)]);
+    for (const [op, got, want] of pairs) {
+      assert.equal(got.dtype, "f32");
+      assert.deepEqual(
+        bits(await got.toArray()),
+        bits(await want.toArray()),
+        `${what}: ${op} (${M}, ${K}, ${N})`,
+      );
+    }
+    dispose([x, wb, wr, wbKN, wrKN, g, c, ids, ...pairs.flatMap(([, a, b]) => [a, b])]);
+  }
+}
+
+Deno.test("a bf16 weight reads as its rounded f32 values: matmul (every variant), matmulAdd, rmsNormMatmul, embedding", async () => {
+  await init();
+  const base = memory().liveBytes;
+  const info = deviceInfo();
+  const variant = matmulVariant();
+  try {
+    for (const v of availableMatmulVariants()) {
+      setMatmulVariant(v);
+      await assertWeightReads(v);
+    }
+    setMatmulVariant(variant);
+    info.isFallbackAdapter = !info.isFallbackAdapter; // the other plans: a GPU's split over K and matvec
+    try {
+      await assertWeightReads("the other adapter kind's plans");
+    } finally {
+      info.isFallbackAdapter = !info.isFallbackAdapter;
+    }
+    // a weight bound as several windows of a shrunk binding (8192 bytes: 4096 bf16 values a window; the
+    // (66, 128) weight takes three)
+    const binding = info.limits.maxStorageBufferBindingSize;
+    info.limits.maxStorageBufferBindingSize = 8192;
+    try {
+      await assertWeightReads("8192-byte windows");
+    } finally {
+      info.limits.maxStorageBufferBindingSize = binding;
+    }
+  } finally {
+    setMatmulVariant(variant);
+  }
+  assert.equal(memory().liveBytes, base);
+});
+
+Deno.test("bf16 tensors go into matmul's second operand and the embedding's table only, and take no gradient", async () => {
+  await init();
+  const w = tensor([1, 2, 3, 4], [2, 2], { dtype: "bf16" });
+  const x = tensor([1, 2, 3, 4], [2, 2]);
+  assert.throws(
+    () => add(w, x),
+    /add: input 0 is Tensor.*bf16.*: bf16 tensors are weights for matmul's second/,
+  );
+  assert.throws(() => matmul(w, x), /matmul needs f32 tensors \(b: f32 or bf16\)/);
+  assert.throws(() => w.reshape(4).exp(), /bf16 tensors are weights/);
+  assert.throws(() => w.requiresGrad_(), /only f32 tensors can require grad, got bf16/);
+  assert.throws(
+    () => tensor([1, 2], [2], { dtype: "bf16", requiresGrad: true }),
+    /only f32 tensors can require grad/,
+  );
+  // the gradient flows to x, none to the weight
+  const xg = tensor([1, 2, 3, 4], [2, 2], { requiresGrad: true });
+  matmul(xg, w, { transB: true }).sum().backward();
+  assert.deepEqual([...await xg.grad!.toArray()], [4, 6, 4, 6]);
+  dispose([w, x, xg, xg.grad!]);
+});
