@@ -99,7 +99,7 @@ export {
 } from "./core/safetensors.ts";
 export { parseTorchCheckpoint } from "./core/torch_checkpoint.ts";
 export { type HostTensor, type LoadOptions, type LoadResult, Module, type StateDict } from "./nn/module.ts";
-export { Conv1d, Embedding, Linear, RMSNorm } from "./nn/layers.ts";
+export { Conv1d, Embedding, Linear, RMSNorm, type WeightDtype } from "./nn/layers.ts";
 export {
   AdamW,
   type AdamWOptions,

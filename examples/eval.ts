@@ -17,7 +17,7 @@ import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { perplexity } from "../mamba/perplexity.ts";
 import { fromPretrained, NoTokenizerError } from "../mamba/pretrained.ts";
-import { intFlag as int, UsageError } from "./lib/cli.ts";
+import { intFlag as int, UsageError, weightDtypeFlag } from "./lib/cli.ts";
 
 const USAGE = `Usage: deno task eval --model <id|folder|url> --data <file> [options]
 
@@ -27,6 +27,8 @@ const USAGE = `Usage: deno task eval --model <id|folder|url> --data <file> [opti
   --seq <n>          predictions per window: each token is predicted from at most n before it (default 1024)
   --batch <n>        windows per forward pass (default 1)
   --max-tokens <n>   score the text's first n tokens only (default: all)
+  --dtype <s>        how the large weights are stored on the GPU: f32 (default) or bf16 (about half the
+                     memory, rounded to nearest even as they load)
   --tokenizer <s>    hub id, folder or URL of the tokenizer (default: the model's own)
   --revision <s>     hub branch, tag or commit (default main)
   --cache-dir <s>    hub cache folder (as for deno task generate)
@@ -55,6 +57,7 @@ function parse(argv: string[]) {
         seq: { type: "string" },
         batch: { type: "string" },
         "max-tokens": { type: "string" },
+        dtype: { type: "string" },
         tokenizer: { type: "string" },
         revision: { type: "string" },
         "cache-dir": { type: "string" },
@@ -73,6 +76,7 @@ function parse(argv: string[]) {
     seq: int("seq", values.seq, 1024, 1),
     batch: int("batch", values.batch, 1, 1),
     maxTokens: values["max-tokens"] === undefined ? null : int("max-tokens", values["max-tokens"], 0, 2),
+    weightDtype: weightDtypeFlag(values.dtype),
     tokenizer: values.tokenizer,
     revision: values.revision,
     cacheDir: values["cache-dir"],
@@ -101,6 +105,7 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
       revision: a.revision,
       cacheDir: a.cacheDir,
       tokenizer: a.tokenizer,
+      weightDtype: a.weightDtype,
       requireTokenizer: true,
     });
   } catch (e) {

@@ -16,7 +16,7 @@ import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { fromPretrained, NoTokenizerError } from "../mamba/pretrained.ts";
 import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../mamba/tokenizer.ts";
-import { intFlag as int, UsageError } from "./lib/cli.ts";
+import { intFlag as int, UsageError, weightDtypeFlag } from "./lib/cli.ts";
 
 const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [options]
 
@@ -34,6 +34,8 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
   --repetition-penalty <x>  divide the logits (> 0; multiply the negative ones) of tokens already in the
                      row, prompt included, by x (HF's repetition_penalty; default 1: none; greedy too)
   --batch <n>        rows generated at once from the same prompt (default 1; not with several --prompt)
+  --dtype <s>        how the large weights are stored on the GPU: f32 (default) or bf16 (about half the
+                     memory, rounded to nearest even as they load)
   --tokenizer <s>    hub id, folder or URL of the tokenizer (default: the model's own)
   --revision <s>     hub branch, tag or commit (default main)
   --cache-dir <s>    hub cache folder (default HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else HF_HOME/hub,
@@ -74,6 +76,7 @@ function parse(argv: string[]) {
         seed: { type: "string" },
         "repetition-penalty": { type: "string" },
         batch: { type: "string" },
+        dtype: { type: "string" },
         tokenizer: { type: "string" },
         revision: { type: "string" },
         "cache-dir": { type: "string" },
@@ -123,6 +126,7 @@ function parse(argv: string[]) {
     repetitionPenalty: repetitionPenalty ?? 1,
     seed: values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : int("seed", values.seed, 0, 0),
     batch: int("batch", values.batch, 1, 1),
+    weightDtype: weightDtypeFlag(values.dtype),
     tokenizer: values.tokenizer,
     revision: values.revision,
     cacheDir: values["cache-dir"],
@@ -172,6 +176,7 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       revision: a.revision,
       cacheDir: a.cacheDir,
       tokenizer: a.tokenizer,
+      weightDtype: a.weightDtype,
       requireTokenizer: true, // said before the weights download
     });
   } catch (e) {
@@ -258,7 +263,9 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
         `${(n / (genMs / 1000)).toFixed(1)} tokens/s; prompt ${
           [...new Set(rows.map((r) => r.length))].join(" / ")
         } tokens, first tokens after ` +
-        `${firstMs.toFixed(0)} ms; model loaded in ${(loadMs / 1000).toFixed(2)} s`,
+        `${firstMs.toFixed(0)} ms; model loaded in ${(loadMs / 1000).toFixed(2)} s${
+          a.weightDtype === "bf16" ? " (bf16 weights)" : ""
+        }`,
     );
     return 0;
   } finally {

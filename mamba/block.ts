@@ -24,7 +24,7 @@ import {
 import { fmt, sameShape } from "../core/shape.ts";
 import { freeOnThrow, type Tensor, tidy } from "../core/tensor.ts";
 import { streamFor } from "../core/random.ts";
-import { Conv1d, Linear, RMSNorm } from "../nn/layers.ts";
+import { Conv1d, Linear, RMSNorm, type WeightDtype } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { fusedMambaScan, fusedMambaScanForward } from "../scan/fused.ts";
@@ -72,13 +72,14 @@ export class MambaBlock extends Module {
   /** The config, checked (a key that is missing or ill-typed, or a stale dInner, is named). */
   readonly config: MambaConfig;
 
-  /** Builds the mixer with mamba.py's initialisation. */
-  constructor(config: MambaConfig) {
+  /** Builds the mixer with mamba.py's initialisation; with `weightDtype` bf16, in_proj's and out_proj's weights
+   * (most of a block's) are stored in bfloat16, for inference. */
+  constructor(config: MambaConfig, weightDtype: WeightDtype = "f32") {
     super();
     config = this.config = mambaConfig(config);
     const { dModel, dInner: ED, dState: N, dtRank: R, dConv } = config;
     try {
-      this.inProj = this.child("in_proj", new Linear(dModel, 2 * ED, config.bias));
+      this.inProj = this.child("in_proj", new Linear(dModel, 2 * ED, config.bias, weightDtype));
       this.conv1d = this.child("conv1d", new Conv1d(ED, dConv, config.convBias));
       this.xProj = this.child("x_proj", new Linear(ED, R + 2 * N, false));
       this.dtProj = this.child("dt_proj", new Linear(R, ED, true));
@@ -87,7 +88,7 @@ export class MambaBlock extends Module {
       for (let i = 0; i < aLog.length; i++) aLog[i] = Math.log((i % N) + 1);
       this.A_log = this.param("A_log", tensor(aLog, [ED, N]));
       this.D = this.param("D", tensor(new Float32Array(ED).fill(1), [ED]));
-      this.outProj = this.child("out_proj", new Linear(ED, dModel, config.bias));
+      this.outProj = this.child("out_proj", new Linear(ED, dModel, config.bias, weightDtype));
       this.norms = config.innerLayernorms
         ? {
           dt: this.child("dt_layernorm", new RMSNorm(R, config.rmsNormEps, { affine: !config.mup })),
@@ -335,10 +336,10 @@ export class ResidualBlock extends Module {
   /** The pre-norm. */
   readonly norm: RMSNorm;
 
-  /** Builds one block. */
-  constructor(config: MambaConfig) {
+  /** Builds one block (see {@linkcode MambaBlock}'s `weightDtype`). */
+  constructor(config: MambaConfig, weightDtype: WeightDtype = "f32") {
     super();
-    this.mixer = this.child("mixer", new MambaBlock(config)); // validates the config
+    this.mixer = this.child("mixer", new MambaBlock(config, weightDtype)); // validates the config
     const { dModel, rmsNormEps, mup } = this.mixer.config;
     try {
       this.norm = this.child("norm", new RMSNorm(dModel, rmsNormEps, { affine: !mup }));
@@ -389,13 +390,14 @@ export class Mamba extends Module {
   /** The config, checked (a key that is missing or ill-typed, or a stale dInner, is named). */
   readonly config: MambaConfig;
 
-  /** Builds `config.nLayers` blocks. */
-  constructor(config: MambaConfig) {
+  /** Builds `config.nLayers` blocks; `weightDtype` bf16 stores in_proj's and out_proj's weights in bfloat16,
+   * for inference (half the memory; see {@linkcode MambaBlock}). */
+  constructor(config: MambaConfig, weightDtype: WeightDtype = "f32") {
     super();
     config = this.config = mambaConfig(config);
     const blocks: ResidualBlock[] = [];
     try {
-      for (let i = 0; i < config.nLayers; i++) blocks.push(new ResidualBlock(config));
+      for (let i = 0; i < config.nLayers; i++) blocks.push(new ResidualBlock(config, weightDtype));
     } catch (e) {
       for (const b of blocks) b.dispose(); // the blocks made before one ran out of memory
       throw e;

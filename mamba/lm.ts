@@ -11,7 +11,7 @@ import { cat, matmul, narrow, rmsNormMatmul } from "../core/ops/index.ts";
 import { fmt } from "../core/shape.ts";
 import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { normal } from "../nn/init.ts";
-import { Embedding, Linear, RMSNorm } from "../nn/layers.ts";
+import { Embedding, Linear, RMSNorm, type WeightDtype } from "../nn/layers.ts";
 import { type HostTensor, type LoadOptions, type LoadResult, Module, type StateDict } from "../nn/module.ts";
 import { type LayerCache, Mamba } from "./block.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./config.ts";
@@ -33,6 +33,12 @@ export interface LMOptions {
    * table. HF transformers' and state-spaces' Mamba have none ({@linkcode fromPretrained} gives null).
    */
   paddingIdx?: number | null;
+  /**
+   * How the large weights are stored: "f32" (default), or "bf16" for inference: the embedding (and an untied
+   * head) and every block's in_proj and out_proj in bfloat16, about half the memory, read as f32 by their
+   * products (the rest stays f32). A bf16 model does not train ({@linkcode Trainer} refuses it).
+   */
+  weightDtype?: WeightDtype;
 }
 
 /**
@@ -57,7 +63,7 @@ export interface GenerateOptions extends SampleOptions {
   stopTokens?: readonly number[];
 }
 
-const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings", "paddingIdx"];
+const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings", "paddingIdx", "weightDtype"];
 // A value for a message: numbers as JavaScript writes them (NaN, Infinity), anything else as JSON.
 const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
 const GENERATE_OPTION_KEYS = [
@@ -76,7 +82,13 @@ const GENERATE_OPTION_KEYS = [
 /** Validates LMOptions; every error names the option. Undefined values count as absent. */
 function lmOptions(
   o: LMOptions,
-): { vocabSize: number; multiple: number; tied: boolean; paddingIdx: number | null } {
+): {
+  vocabSize: number;
+  multiple: number;
+  tied: boolean;
+  paddingIdx: number | null;
+  weightDtype: WeightDtype;
+} {
   if (typeof o !== "object" || o === null) {
     throw new Error(`MambaLM: options must be an object with vocabSize, got ${o}`);
   }
@@ -105,7 +117,11 @@ function lmOptions(
       }`,
     );
   }
-  return { vocabSize, multiple, tied, paddingIdx };
+  const { weightDtype = "f32" } = o;
+  if (weightDtype !== "f32" && weightDtype !== "bf16") {
+    throw new Error(`MambaLM: weightDtype must be "f32" or "bf16", got ${show(weightDtype)}`);
+  }
+  return { vocabSize, multiple, tied, paddingIdx, weightDtype };
 }
 
 /**
@@ -152,6 +168,8 @@ export class MambaLM extends Module {
   readonly normF: RMSNorm;
   /** (vocab, D) head, or null when tied. */
   readonly lmHead: Linear | null;
+  /** How the large weights are stored (see {@linkcode LMOptions}'s `weightDtype`). */
+  readonly weightDtype: WeightDtype;
 
   /**
    * Builds the LM with mamba.py's initialisation (llama2.c-style normal(0, baseStd) for every Linear weight and
@@ -169,10 +187,11 @@ export class MambaLM extends Module {
     this.tied = o.tied;
     this.embedding = this.child(
       "embedding",
-      new Embedding(this.vocabSize, this.config.dModel, o.paddingIdx),
+      new Embedding(this.vocabSize, this.config.dModel, o.paddingIdx, o.weightDtype),
     );
+    this.weightDtype = o.weightDtype;
     try {
-      this.mamba = this.child("mamba", new Mamba(this.config));
+      this.mamba = this.child("mamba", new Mamba(this.config, o.weightDtype));
       // muP: no gains, and the logits divided by the width multiplier (mamba.py's x / mup_width_mult before
       // lm_head), folded into the norm's constant so that every head path (forward, prefill, decoding) has it
       this.normF = this.child(
@@ -184,7 +203,7 @@ export class MambaLM extends Module {
       );
       this.lmHead = this.tied
         ? null
-        : this.child("lm_head", new Linear(this.config.dModel, this.vocabSize, false));
+        : this.child("lm_head", new Linear(this.config.dModel, this.vocabSize, false, o.weightDtype));
       this.initWeights();
     } catch (e) {
       // what was made before running out of memory (under setMemoryLimit; fromPretrained of a model that

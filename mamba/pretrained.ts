@@ -13,6 +13,7 @@
  * @module
  */
 
+import type { WeightDtype } from "../nn/layers.ts";
 import { init } from "../core/device.ts";
 import { type SafetensorsInput, serializeSafetensors } from "../core/safetensors.ts";
 import { mambaConfig, type MambaConfigInput } from "./config.ts";
@@ -43,6 +44,9 @@ export interface PretrainedOptions extends HubOptions {
   /** Throw a {@linkcode NoTokenizerError} before any weight is fetched when no tokenizer is found (default
    * false: the model loads with `tokenizer` null and `noTokenizer` saying why). For programs that need text. */
   requireTokenizer?: boolean;
+  /** How the large weights are stored on the GPU (`LMOptions.weightDtype`): "f32" (default), or "bf16" for
+   * inference in about half the memory (rounded to nearest even as they load, whatever the file's dtype). */
+  weightDtype?: WeightDtype;
 }
 
 /** {@linkcode fromPretrained} with `requireTokenizer` found no tokenizer; thrown before any weight is fetched. */
@@ -210,7 +214,7 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     checkShapes(config, lm, layout, entries, ours, weightsWhere, cfgWhere);
     model = new PretrainedLM(
       { ...config, ...runs },
-      { ...lm, tieEmbeddings: tie },
+      { ...lm, tieEmbeddings: tie, ...(options.weightDtype ? { weightDtype: options.weightDtype } : {}) },
       tokenizer,
       src.where,
       noTokenizer,

@@ -292,6 +292,12 @@ export class Trainer {
    */
   constructor(readonly model: MambaLM, readonly data: TrainData, config: TrainConfig) {
     this.#config = validateTrainConfig(config);
+    if (model.weightDtype !== "f32") {
+      throw new Error(
+        `Trainer: the model stores its weights in ${model.weightDtype}, which is for inference (no gradient): ` +
+          'build or load it with weightDtype "f32" to train it',
+      );
+    }
     if (!Number.isInteger(data.maxId) || data.maxId < -1) {
       throw new Error(`TrainData.maxId must be an integer >= -1 (the largest id), got ${data.maxId}`);
     }

@@ -6,6 +6,7 @@
 
 import {
   add,
+  castToBF16,
   causalConv1d,
   type ConvActivation,
   embedding,
@@ -34,6 +35,24 @@ function lastDim(x: Tensor, want: number, layer: string): void {
   }
 }
 
+/** How a layer stores its weight: f32 (trainable), or bf16 for inference (half the memory; read as f32 by
+ * matmul and the embedding, no gradient; see core/bf16.ts). */
+export type WeightDtype = "f32" | "bf16";
+
+/** `init` as a weight of `dtype`: bf16 casts it (and frees the f32 draw). */
+function asWeight(init: Tensor, dtype: WeightDtype, layer: string): Tensor {
+  if (dtype === "f32") return init;
+  if (dtype !== "bf16") {
+    init.dispose();
+    throw new Error(`${layer}: dtype must be "f32" or "bf16", got ${JSON.stringify(dtype)}`);
+  }
+  try {
+    return castToBF16(init);
+  } finally {
+    init.dispose();
+  }
+}
+
 /** `y = x @ W^T + b`, with W of shape (outFeatures, inFeatures) as in PyTorch. */
 export class Linear extends Module {
   /** (outFeatures, inFeatures) */
@@ -41,12 +60,21 @@ export class Linear extends Module {
   /** (outFeatures) or null */
   readonly bias: Tensor | null;
 
-  /** Creates the layer with PyTorch's default (kaiming-uniform) initialisation; `bias` defaults to true. */
-  constructor(readonly inFeatures: number, readonly outFeatures: number, bias = true) {
+  /** Creates the layer with PyTorch's default (kaiming-uniform) initialisation; `bias` defaults to true. A
+   * bf16 `dtype` stores the weight in bfloat16, for inference (the bias stays f32). */
+  constructor(
+    readonly inFeatures: number,
+    readonly outFeatures: number,
+    bias = true,
+    dtype: WeightDtype = "f32",
+  ) {
     super();
     checkSize("Linear", "inFeatures", inFeatures);
     checkSize("Linear", "outFeatures", outFeatures);
-    this.weight = this.param("weight", kaimingUniform([outFeatures, inFeatures], inFeatures));
+    this.weight = this.param(
+      "weight",
+      asWeight(kaimingUniform([outFeatures, inFeatures], inFeatures), dtype, "Linear"),
+    );
     try {
       this.bias = bias ? this.param("bias", kaimingUniform([outFeatures], inFeatures)) : null;
     } catch (e) {
@@ -100,6 +128,7 @@ export class Embedding extends Module {
     readonly numEmbeddings: number,
     readonly embeddingDim: number,
     paddingIdx: number | null = null,
+    dtype: WeightDtype = "f32",
   ) {
     super();
     checkSize("Embedding", "numEmbeddings", numEmbeddings);
@@ -110,7 +139,7 @@ export class Embedding extends Module {
     if (this.paddingIdx !== null && embeddingDim > 0) {
       recordClear(init.storage.buffer, 4 * this.paddingIdx * embeddingDim, 4 * embeddingDim);
     }
-    this.weight = this.param("weight", init);
+    this.weight = this.param("weight", asWeight(init, dtype, "Embedding"));
   }
 
   /** The padding row in [0, numEmbeddings), or null (PyTorch's `padding_idx`). Setting it (a negative value

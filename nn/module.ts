@@ -6,7 +6,9 @@
 
 import { recordCopy, upload } from "../core/executor.ts";
 import { fmt } from "../core/shape.ts";
-import { keep, type Tensor } from "../core/tensor.ts";
+import { bytesOf, keep, type Tensor } from "../core/tensor.ts";
+import { packBF16 } from "../core/bf16.ts";
+import { castToBF16, castToF32 } from "../core/ops/cast.ts";
 
 /** Host data for one state-dict entry (what a safetensors file decodes to). */
 export interface HostTensor {
@@ -43,17 +45,36 @@ export function entryProblem(
     const size = shape.reduce((a, b) => a * b, 1);
     if (d.length !== size) return `${key} has ${d.length} values, needs ${size}`;
     const got = d instanceof Int32Array ? "i32" : "f32";
-    return got === dtype ? null : `${key} is ${got}, the ${to}'s is ${dtype}`;
+    return got === dtype || (got === "f32" && dtype === "bf16")
+      ? null
+      : `${key} is ${got}, the ${to}'s is ${dtype}`;
   }
   if (e.disposed) return `${key} was disposed`;
-  return e.dtype === dtype ? null : `${key} is ${e.dtype}, the ${to}'s is ${dtype}`;
+  // a bf16 weight takes f32 values (rounded), an f32 one bf16 values (exact)
+  const floats = (t: string) => t === "f32" || t === "bf16";
+  return e.dtype === dtype || (floats(e.dtype) && floats(dtype))
+    ? null
+    : `${key} is ${e.dtype}, the ${to}'s is ${dtype}`;
 }
 
 /** Records copying entry `v` into `dst` (nothing when `v` is `dst` itself or a view of it). */
 export function writeEntry(v: Tensor | HostTensor, dst: Tensor): void {
+  if (dst.dtype === "bf16" && ("data" in v || v.dtype === "f32")) {
+    // f32 values into a bf16 weight: rounded to nearest even, on the host or by the GPU cast
+    if ("data" in v) return upload(dst.storage.buffer, 0, packBF16(v.data));
+    if (dst.size === 0) return;
+    const cast = castToBF16(v);
+    recordCopy(cast.storage.buffer, 0, dst.storage.buffer, 0, bytesOf(dst.size, "bf16"));
+    return cast.dispose();
+  }
   if ("data" in v) upload(dst.storage.buffer, 0, v.data);
-  else if (v.storage !== dst.storage && dst.size > 0) {
-    recordCopy(v.storage.buffer, 0, dst.storage.buffer, 0, dst.size * 4);
+  else if (v.dtype === "bf16" && dst.dtype === "f32") {
+    if (dst.size === 0) return;
+    const cast = castToF32(v); // exact
+    recordCopy(cast.storage.buffer, 0, dst.storage.buffer, 0, 4 * dst.size);
+    cast.dispose();
+  } else if (v.storage !== dst.storage && dst.size > 0) {
+    recordCopy(v.storage.buffer, 0, dst.storage.buffer, 0, bytesOf(dst.size, dst.dtype));
   }
 }
 
@@ -84,7 +105,7 @@ export class Module {
    * part of its state-dict key: non-empty, without '.', and not yet used in this module. */
   protected param(name: string, t: Tensor): Tensor {
     this.#checkName("parameter", name);
-    t.requiresGrad_(true);
+    if (t.dtype === "f32") t.requiresGrad_(true); // a bf16 weight is for inference: no gradient
     this.#params.set(name, keep(t));
     return t;
   }

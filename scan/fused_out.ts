@@ -99,6 +99,7 @@ const scanOutOp = defineOp<ScanOutAttrs>({
       ...(a.residual ? [gres] : []),
     ];
   },
+  bf16Inputs: [7], // out_proj's weight may be stored in bfloat16 (inference): the products read it as f32
 });
 
 /**
@@ -130,9 +131,13 @@ export function fusedMambaScanOut(
   const a = mambaScanAttrs("fusedMambaScanOut", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
   const [B, L, ED] = x.shape;
   const Dm = outWeight.shape[0];
-  if (outWeight.rank !== 2 || outWeight.shape[1] !== ED || outWeight.dtype !== "f32") {
+  // bf16: a weight stored in bfloat16 for inference (its products read it as f32; it takes no gradient)
+  const weightType = outWeight.dtype === "f32" || (outWeight.dtype === "bf16" && !outWeight.requiresGrad);
+  if (outWeight.rank !== 2 || outWeight.shape[1] !== ED || !weightType) {
     throw new Error(
-      `fusedMambaScanOut: outWeight must be f32 (Dm, ${ED}), got ${outWeight.dtype} ${fmt(outWeight.shape)}`,
+      `fusedMambaScanOut: outWeight must be f32 or bf16 (Dm, ${ED}), got ${outWeight.dtype} ${
+        fmt(outWeight.shape)
+      }`,
     );
   }
   if (outBias && (outBias.shape.join() !== `${Dm}` || outBias.dtype !== "f32")) {

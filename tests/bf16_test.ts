@@ -165,3 +165,95 @@ Deno.test("bf16 tensors go into matmul's second operand and the embedding's tabl
   assert.deepEqual([...await xg.grad!.toArray()], [4, 6, 4, 6]);
   dispose([w, x, xg, xg.grad!]);
 });
+
+Deno.test("MambaLM with weightDtype bf16: the logits and tokens of an f32 model holding its rounded weights, bit for bit, in about half the memory", async () => {
+  await init();
+  const { MambaLM } = await import("../mamba/lm.ts");
+  const { noGrad } = await import("../core/autograd.ts");
+  const { tidy } = await import("../core/tensor.ts");
+  const { manualSeed } = await import("../core/random.ts");
+  const { Trainer, CharDataset, DEFAULT_TRAIN } = await import("../mamba/train.ts");
+  const info = deviceInfo();
+  for (const gpuPath of [false, true]) {
+    const real = info.isFallbackAdapter;
+    if (gpuPath) info.isFallbackAdapter = false; // a GPU's plans: the split over K, matvec, rmsNormMatmul
+    try {
+      for (const tieEmbeddings of [false, true]) {
+        manualSeed(3);
+        const before = memory().liveBytes;
+        const half = new MambaLM({ dModel: 32, nLayers: 2, dState: 8 }, {
+          vocabSize: 300,
+          tieEmbeddings,
+          weightDtype: "bf16",
+        });
+        const halfBytes = memory().liveBytes - before;
+        const full = new MambaLM({ dModel: 32, nLayers: 2, dState: 8 }, { vocabSize: 300, tieEmbeddings });
+        const fullBytes = memory().liveBytes - before - halfBytes;
+        full.loadStateDict(half.stateDict()); // bf16 into f32: exact
+        const what = `${gpuPath ? "GPU plans" : "this adapter's plans"}, ${
+          tieEmbeddings ? "tied" : "untied"
+        }`;
+        const big = half.stateDict();
+        assert.deepEqual(
+          [...big].filter(([, t]) => t.dtype === "bf16").map(([k]) => k).sort(),
+          [
+            "embedding.weight",
+            ...(tieEmbeddings ? [] : ["lm_head.weight"]),
+            ...[0, 1].flatMap((
+              l,
+            ) => [`mamba.layers.${l}.mixer.in_proj.weight`, `mamba.layers.${l}.mixer.out_proj.weight`]),
+          ].sort(),
+          `${what}: the large weights`,
+        );
+        assert.ok(halfBytes < 0.62 * fullBytes, `${what}: ${halfBytes} bytes against ${fullBytes}`);
+        const prompt = [[5, 17, 250, 3, 99, 42, 7]];
+        const logits = async (m: InstanceType<typeof MambaLM>) => {
+          const t = tidy(() => noGrad(() => m.forward(prompt)));
+          const a = await t.toArray();
+          t.dispose();
+          return bits(a);
+        };
+        assert.deepEqual(await logits(half), await logits(full), `${what}: forward logits`);
+        const [a, b] = [await half.generate(prompt, 12), await full.generate(prompt, 12)];
+        assert.deepEqual([...a[0]], [...b[0]], `${what}: greedy tokens (prefill and decoding)`);
+        if (!gpuPath && !tieEmbeddings) {
+          const data = new CharDataset(new TextEncoder().encode("abcdefghij".repeat(30)));
+          assert.throws(
+            () => new Trainer(half, data, { ...DEFAULT_TRAIN, steps: 2, warmup: 1, batch: 1, seq: 8 }),
+            /Trainer: the model stores its weights in bf16, which is for inference/,
+          );
+        }
+        half.dispose();
+        full.dispose();
+        assert.equal(memory().liveBytes, before, `${what}: nothing left`);
+      }
+    } finally {
+      info.isFallbackAdapter = real;
+    }
+  }
+});
+
+Deno.test("fromPretrained({ weightDtype: bf16 }): the char model's weights rounded as they load; its text as the rounded f32 model's", async () => {
+  await init();
+  const { fromPretrained } = await import("../mamba/pretrained.ts");
+  const { fixturePath } = await import("./fixture_util.ts");
+  const dir = fixturePath("char-mamba");
+  const half = await fromPretrained(dir, { weightDtype: "bf16" });
+  const full = await fromPretrained(dir);
+  assert.equal(half.weightDtype, "bf16");
+  const rounded = new Map<string, { shape: number[]; data: Float32Array }>();
+  for (const [k, t] of full.stateDict()) {
+    const v = await t.toArray() as Float32Array;
+    const isBig = /embedding|in_proj|out_proj|lm_head/.test(k) && k.endsWith(".weight");
+    rounded.set(k, { shape: [...t.shape], data: isBig ? unpackBF16(packBF16(v), v.length) : v });
+    if (isBig) {
+      assert.deepEqual(bits(await half.stateDict().get(k)!.toArray()), bits(rounded.get(k)!.data), k);
+    }
+  }
+  full.loadStateDict(rounded);
+  const prompt = half.tokenizer!.encode("It is a truth universally acknowledged");
+  const [a, b] = [await half.generate([prompt], 40), await full.generate([prompt], 40)];
+  assert.deepEqual([...a[0]], [...b[0]]);
+  half.dispose();
+  full.dispose();
+});

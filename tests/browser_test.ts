@@ -837,6 +837,23 @@ Deno.test({
             return !d.generating && (d.lastGeneration || d.error);
           });
           assert.equal(await page.textContent("#output"), text);
+          // bf16 weights: the Deno API's text for the bf16 model
+          await page.selectOption("#weight-dtype", "bf16");
+          assert.match(await load(), /vocabulary 256, bf16 weights, bytes as tokens$/);
+          const half = await fromPretrained(new URL("./fixtures/char-mamba", import.meta.url).pathname, {
+            weightDtype: "bf16",
+          });
+          const halfIds = await half.generate([half.tokenizer!.encode(prompt)], 24, {
+            repetitionPenalty: 1.5,
+          });
+          const halfText = prompt + half.tokenizer!.decode(halfIds[0]);
+          half.dispose();
+          await page.click("#generate");
+          await page.waitForFunction(() => {
+            const d = (globalThis as unknown as { mambaDemo: DemoState }).mambaDemo;
+            return !d.generating && (d.lastGeneration || d.error);
+          });
+          assert.equal(await page.textContent("#output"), halfText);
           await page.close();
         },
       );

@@ -268,7 +268,7 @@ Deno.test("fusedMambaScanOut (the scan and out_proj in one op; y recomputed by t
   const t = inputs({ B: 1, L: 4, ED: 8, N: 4, R: 2, gated: true, dtWeight: true, outProj: "residual" }, 36);
   assert.throws(
     () => fusedMambaScanOut(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined, t.x, null, t.res),
-    /fusedMambaScanOut: outWeight must be f32 \(Dm, 8\), got f32 \[1, 4, 8\]/,
+    /fusedMambaScanOut: outWeight must be f32 or bf16 \(Dm, 8\), got f32 \[1, 4, 8\]/,
   );
   assert.throws(
     () => fusedMambaScanOut(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined, t.Wout, null, t.x),

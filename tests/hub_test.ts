@@ -876,6 +876,15 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.equal(rp.out, `${prompt}${charLm.tokenizer!.decode(want[0])}\n`);
   assert.notEqual(rp.out, g.out);
   assert.match(rp.err, /64 tokens \(1 x 64, greedy \(repetition penalty 1\.3\)\)/);
+  // --dtype bf16: the weights rounded as they load, the API's tokens
+  const bf = await run("--model", char, "--prompt", prompt, "--greedy", "--tokens", "32", "--dtype", "bf16");
+  assert.equal(bf.code, 0, bf.err);
+  const charBf = await fromPretrained(char, { weightDtype: "bf16" });
+  const bfWant = await charBf.generate([charBf.tokenizer!.encode(prompt)], 32);
+  charBf.dispose();
+  assert.equal(bf.out, `${prompt}${charLm.tokenizer!.decode(bfWant[0])}\n`);
+  assert.match(bf.err, /\(bf16 weights\)/);
+  assert.match((await run("--model", char, "--dtype", "f16")).err, /--dtype must be f32 or bf16, got 'f16'/);
   // --min-p 1 keeps the most likely token alone: sampling gives the greedy text
   const mp = await run("--model", char, "--prompt", prompt, "--tokens", "64", "--min-p", "1", "--seed", "3");
   assert.equal(mp.out, g.out, mp.err);

@@ -84,6 +84,12 @@ Deno.test("deno task eval prints the loss, perplexity and bits per byte of a tex
         `${(want.loss / Math.LN2).toFixed(4)} bits/byte`,
     );
     assert.match(r.err, /180 tokens predicted in 4 windows of at most 50 in [\d.]+ s/);
+    // --dtype bf16: the bf16 model's numbers
+    const bf = await run("--model", char, "--data", file, "--seq", "50", "--dtype", "bf16");
+    const half = await fromPretrained(char, { weightDtype: "bf16" });
+    const wantBf = await perplexity(half, ids, { seq: 50 });
+    half.dispose();
+    assert.ok(bf.out.startsWith(`loss ${wantBf.loss.toFixed(4)} nats/token`), bf.out);
     const head = await run("--model", char, "--data", file, "--max-tokens", "20", "--seq", "8");
     assert.match(head.err, /19 tokens predicted in 3 windows of at most 8/);
     assert.equal((await run("--model", char)).code, 2);

@@ -1,6 +1,7 @@
 /**
- * The cast of f32 tensors to bf16 storage (core/bf16.ts): kernel `to_bf16`, one invocation per output word,
+ * Casts between f32 tensors and bf16 storage (core/bf16.ts). Kernel `to_bf16`: one invocation per output word,
  * which reads two f32 values and writes their bf16 bits rounded to nearest even, as `bf16Bits` on the host.
+ * Kernel `from_bf16`: one invocation per value, read through the unpacking accessor.
  * @module
  */
 
@@ -33,5 +34,24 @@ export function castToBF16(x: Tensor): Tensor {
   const y = Tensor.empty(x.shape, "bf16");
   const words = Math.ceil(x.size / 2);
   dispatch(castKernel, { x: x.storage, y: y.storage }, { n: x.size }, Math.ceil(words / 64));
+  return y;
+}
+
+/** `from_bf16`: y[gid] = x[gid], x a bf16 buffer read through its unpacking accessor. */
+const uncastKernel: Kernel = defineKernel({
+  name: "from_bf16",
+  buffers: [{ name: "x", type: "f32", access: "read" }, { name: "y", type: "f32", access: "read_write" }],
+  uniforms: [["n", "u32"]],
+  workgroupSize: 64,
+  body: `
+  if (gid >= P.n) { return; }
+  st_y(gid, ld_x(gid));`,
+});
+
+/** x (bf16) as a new f32 tensor of its shape, exactly (no gradient). */
+export function castToF32(x: Tensor): Tensor {
+  if (x.dtype !== "bf16") throw new Error(`castToF32: needs a bf16 tensor, got ${x}`);
+  const y = Tensor.empty(x.shape);
+  dispatch(uncastKernel, { x: x.storage, y: y.storage }, { n: x.size }, Math.ceil(x.size / 64));
   return y;
 }

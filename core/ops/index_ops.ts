@@ -38,7 +38,8 @@ const INDEX_UNIFORMS: [string, "u32"][] = [
  * (read as f32 through its unpacking accessor) into f32. An index out of range gives NaN's bits. */
 function gatherKernelOf(bf16: boolean) {
   const type = bf16 ? "f32" : "u32";
-  const nan = bf16 ? "bitcast<f32>(0x7fc00000u)" : "0x7fc00000u";
+  // a NaN from a variable: WGSL rejects NaN constants (Chrome's compiler refuses bitcast<f32>(0x7fc00000u))
+  const nan = bf16 ? "bitcast<f32>(nanBits)" : "nanBits";
   return defineKernel({
     name: bf16 ? "gather_bf16" : "gather",
     buffers: [
@@ -54,6 +55,7 @@ function gatherKernelOf(bf16: boolean) {
   let j = (gid / P.inner) % P.J;
   let o = gid / (P.inner * P.J);
   let v = ld_idx(o * P.so + j * P.sj + i * P.si);
+  var nanBits = 0x7fc00000u;
   if (v < 0 || u32(v) >= P.V) { st_y(gid, ${nan}); return; }
   st_y(gid, ld_x((o * P.V + u32(v)) * P.inner + i));`,
   });

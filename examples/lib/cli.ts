@@ -71,3 +71,9 @@ export function intFlag(
   }
   return n;
 }
+
+/** The `--dtype` flag of the examples that load a model: "f32" (absent) or "bf16"; throws {@linkcode UsageError}. */
+export function weightDtypeFlag(v: string | undefined): "f32" | "bf16" {
+  if (v === undefined || v === "f32" || v === "bf16") return v ?? "f32";
+  throw new UsageError(`--dtype must be f32 or bf16, got '${v}'`);
+}

@@ -138,8 +138,8 @@ function setCurrent(next: Loaded): void {
     "model-status",
     `${next.label}: ${lm.numParameters().toLocaleString()} parameters, d_model ${lm.config.dModel}, ` +
       `${lm.config.nLayers} layers, vocabulary ${lm.vocabSize}${
-        next.tokenizerNote && `, ${next.tokenizerNote}`
-      }`,
+        lm.weightDtype === "bf16" ? ", bf16 weights" : ""
+      }${next.tokenizerNote && `, ${next.tokenizerNote}`}`,
   );
   updateButtons();
   showMemory();
@@ -208,7 +208,8 @@ async function loadModel(): Promise<void> {
     status("model-status", "loading…");
     // A model without tokenizer.json (state-spaces' own repositories) takes another's, as mamba.py does.
     const tokenizerFrom = $<HTMLInputElement>("tokenizer-from").value.trim();
-    const options = tokenizerFrom ? { tokenizer: tokenizerFrom } : {};
+    const weightDtype = $<HTMLSelectElement>("weight-dtype").value === "bf16" ? "bf16" : "f32";
+    const options = { weightDtype, ...(tokenizerFrom ? { tokenizer: tokenizerFrom } : {}) } as const;
     if (v.startsWith("local:")) {
       label = v.slice("local:".length).replace(/\/$/, "");
       lm = await fromPretrained(new URL(v.slice("local:".length), location.href).href, options);

@@ -35,15 +35,18 @@ import { simpleCommandLine } from "../lib/cli.ts";
  * review's (stop tokens, sampling checks) took it to 289.6 KiB, 103.6 KiB gzipped; from 296 KiB when loading
  * `pytorch_model.bin` (the restricted unpickler, the zip reader, the views' streaming) took it to 304.1 KiB,
  * 108.5 KiB gzipped, 2026-12-01; 307.7 KiB, 110.0 KiB gzipped with its reviews' fixes and requireTokenizer; from 310 KiB when muP took it to
- * 309.3 KiB, 110.6 KiB gzipped, the same day). */
-export const LIBRARY_BUDGET_BYTES = 316 * 1024;
+ * 309.3 KiB, 110.6 KiB gzipped, the same day; from 316 KiB when generation's repetition penalty, min-p and
+ * prompts of different lengths, perplexity and bf16 weights took it to 319.8 KiB, 114.3 KiB gzipped, the next
+ * stop). */
+export const LIBRARY_BUDGET_BYTES = 324 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
  * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB
  * minified, 88.1 KiB gzipped, 2026-11-29; from 92 and 94 KiB with the minified budget, above; from 96 KiB when
  * `fusedMambaScanOut` above the inline dt rank and its binding-window count took it to 269.0 KiB minified,
- * 96.0 KiB gzipped, 2026-11-30; from 98, 100, 102, 104, 106 and 112 KiB with the minified budget, above). */
-export const LIBRARY_BUDGET_GZIP_BYTES = 114 * 1024;
+ * 96.0 KiB gzipped, 2026-11-30; from 98, 100, 102, 104, 106, 112 and 114 KiB with the minified budget,
+ * above). */
+export const LIBRARY_BUDGET_GZIP_BYTES = 117 * 1024;
 
 /** The repository's root folder (a file path: spaces and non-ASCII names stay as they are). */
 const ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
