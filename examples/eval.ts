@@ -16,8 +16,8 @@
 import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { perplexity } from "../mamba/perplexity.ts";
-import { fromPretrained, NoTokenizerError } from "../mamba/pretrained.ts";
-import { intFlag as int, UsageError, weightDtypeFlag } from "./lib/cli.ts";
+import { intFlag as int, UsageError } from "./lib/cli.ts";
+import { loadModel, MODEL_OPTIONS, modelFlags, runProgram } from "./lib/model_cli.ts";
 
 const USAGE = `Usage: deno task eval --model <id|folder|url> --data <file> [options]
 
@@ -52,15 +52,11 @@ function parse(argv: string[]) {
       strict: true,
       allowPositionals: false,
       options: {
-        model: { type: "string" },
+        ...MODEL_OPTIONS,
         data: { type: "string" },
         seq: { type: "string" },
         batch: { type: "string" },
         "max-tokens": { type: "string" },
-        dtype: { type: "string" },
-        tokenizer: { type: "string" },
-        revision: { type: "string" },
-        "cache-dir": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     }));
@@ -68,18 +64,13 @@ function parse(argv: string[]) {
     throw new UsageError((e as Error).message);
   }
   if (values.help) return null;
-  if (!values.model) throw new UsageError("--model is required");
   if (!values.data) throw new UsageError("--data is required");
   return {
-    model: values.model,
+    ...modelFlags(values),
     data: values.data,
     seq: int("seq", values.seq, 1024, 1),
     batch: int("batch", values.batch, 1, 1),
     maxTokens: values["max-tokens"] === undefined ? null : int("max-tokens", values["max-tokens"], 0, 2),
-    weightDtype: weightDtypeFlag(values.dtype),
-    tokenizer: values.tokenizer,
-    revision: values.revision,
-    cacheDir: values["cache-dir"],
   };
 }
 
@@ -99,20 +90,8 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
   }
   const text = await Deno.readTextFile(a.data); // before the model downloads: a missing file says so first
   await init();
-  let lm;
-  try {
-    lm = await fromPretrained(a.model, {
-      revision: a.revision,
-      cacheDir: a.cacheDir,
-      tokenizer: a.tokenizer,
-      weightDtype: a.weightDtype,
-      requireTokenizer: true,
-    });
-  } catch (e) {
-    if (!(e instanceof NoTokenizerError)) throw e;
-    io.err(`error: no tokenizer (${e.reason}): name one with --tokenizer <id|folder|url>`);
-    return 2;
-  }
+  const lm = await loadModel(a, (line) => io.err(line));
+  if (!lm) return 2;
   try {
     const tok = lm.tokenizer!;
     let ids = tok.encode(text);
@@ -150,11 +129,4 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
   }
 }
 
-if (import.meta.main) {
-  try {
-    Deno.exit(await main(Deno.args));
-  } catch (e) {
-    console.error(`error: ${(e as Error).message}`);
-    Deno.exit(1);
-  }
-}
+if (import.meta.main) await runProgram(main);

@@ -14,9 +14,9 @@
 
 import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
-import { fromPretrained, NoTokenizerError } from "../mamba/pretrained.ts";
 import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../mamba/tokenizer.ts";
-import { intFlag as int, UsageError, weightDtypeFlag } from "./lib/cli.ts";
+import { intFlag as int, UsageError } from "./lib/cli.ts";
+import { loadModel, MODEL_OPTIONS, modelFlags, runProgram } from "./lib/model_cli.ts";
 
 const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [options]
 
@@ -65,7 +65,7 @@ function parse(argv: string[]) {
       strict: true,
       allowPositionals: false,
       options: {
-        model: { type: "string" },
+        ...MODEL_OPTIONS,
         prompt: { type: "string", multiple: true },
         tokens: { type: "string" },
         greedy: { type: "boolean" },
@@ -76,10 +76,6 @@ function parse(argv: string[]) {
         seed: { type: "string" },
         "repetition-penalty": { type: "string" },
         batch: { type: "string" },
-        dtype: { type: "string" },
-        tokenizer: { type: "string" },
-        revision: { type: "string" },
-        "cache-dir": { type: "string" },
         "read-every": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
@@ -88,7 +84,6 @@ function parse(argv: string[]) {
     throw new UsageError((e as Error).message);
   }
   if (values.help) return null;
-  if (!values.model) throw new UsageError("--model is required");
   const temperature = num("temperature", values.temperature, (x) => x > 0, "a number > 0");
   const topP = num("top-p", values["top-p"], (x) => x > 0 && x <= 1, "a number in (0, 1]");
   const topK = int("top-k", values["top-k"], 0, 0, 2 ** 32 - 1);
@@ -115,7 +110,7 @@ function parse(argv: string[]) {
     throw new UsageError("--batch repeats one prompt: it does not combine with several --prompt");
   }
   return {
-    model: values.model,
+    ...modelFlags(values),
     prompts: values.prompt ?? [""],
     tokens: int("tokens", values.tokens, 100, 1),
     greedy: values.greedy ?? false,
@@ -126,10 +121,6 @@ function parse(argv: string[]) {
     repetitionPenalty: repetitionPenalty ?? 1,
     seed: values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : int("seed", values.seed, 0, 0),
     batch: int("batch", values.batch, 1, 1),
-    weightDtype: weightDtypeFlag(values.dtype),
-    tokenizer: values.tokenizer,
-    revision: values.revision,
-    cacheDir: values["cache-dir"],
     readEvery: int("read-every", values["read-every"], 4, 1),
   };
 }
@@ -170,20 +161,8 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
   }
   await init();
   const t0 = performance.now();
-  let lm;
-  try {
-    lm = await fromPretrained(a.model, {
-      revision: a.revision,
-      cacheDir: a.cacheDir,
-      tokenizer: a.tokenizer,
-      weightDtype: a.weightDtype,
-      requireTokenizer: true, // said before the weights download
-    });
-  } catch (e) {
-    if (!(e instanceof NoTokenizerError)) throw e;
-    io.err(`error: no tokenizer (${e.reason}): name one with --tokenizer <id|folder|url>`);
-    return 2;
-  }
+  const lm = await loadModel(a, (line) => io.err(line));
+  if (!lm) return 2;
   try {
     const tok: Tokenizer = lm.tokenizer!;
     // a char model has no special tokens: it starts from a new line, as a text's paragraphs do
@@ -273,11 +252,4 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
   }
 }
 
-if (import.meta.main) {
-  try {
-    Deno.exit(await main(Deno.args));
-  } catch (e) {
-    console.error(`error: ${(e as Error).message}`);
-    Deno.exit(1);
-  }
-}
+if (import.meta.main) await runProgram(main);

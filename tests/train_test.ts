@@ -35,6 +35,22 @@ const small = [
   "4",
 ];
 
+/** Runs `deno task train` with `args` quietly (stopped after `stopAfter` steps if given) and returns what
+ * `read` takes from its trainer before the run is freed. */
+async function trainRun<R>(args: string[], read: (t: Trainer) => R, stopAfter?: number): Promise<R> {
+  let n = 0;
+  const t = await runTraining(parseTrainArgs(args)!, {
+    progress: quiet,
+    shouldStop: stopAfter === undefined ? undefined : () => ++n === stopAfter,
+  });
+  try {
+    return read(t);
+  } finally {
+    t.model.dispose();
+    t.dispose();
+  }
+}
+
 async function weights(dir: string) {
   return (await readSafetensorsFile(`${dir}/model.safetensors`)).tensors;
 }
@@ -1112,22 +1128,13 @@ Deno.test("checkpoint: a clip of Infinity and the model's scan and recompute sur
 Deno.test("train: --mup-base-width trains a muP model (mamba.py's groups), whose checkpoint resumes as one, bit-exact", async () => {
   const root = await Deno.makeTempDir();
   try {
-    const run = async (args: string[], stopAfter?: number) => {
-      let n = 0;
-      const t = await runTraining(parseTrainArgs(args)!, {
-        progress: quiet,
-        shouldStop: stopAfter === undefined ? undefined : () => ++n === stopAfter,
-      });
-      const r = {
+    const run = (args: string[], stopAfter?: number) =>
+      trainRun(args, (t) => ({
         step: t.step,
         mup: t.model.config.mup,
         base: t.model.config.mupBaseWidth,
         groups: t.opt.paramGroups,
-      };
-      t.model.dispose();
-      t.dispose();
-      return r;
-    };
+      }), stopAfter);
     const base = ["--batch", "4", "--seq", "32", "--d-model", "16", "--layers", "1", "--eval-every", "2"];
     const mup = [...base, "--mup-base-width", "8", "--steps", "2"];
     const a = await run([...mup, "--out", `${root}/a`]);
@@ -1210,17 +1217,8 @@ Deno.test("train: accumulate 2 micro-batches of 2 = one batch of 4 (same windows
 Deno.test("train: --accumulate is a recipe flag: its checkpoint keeps it and resumes bit-exact", async () => {
   const root = await Deno.makeTempDir();
   try {
-    const run = async (args: string[], stopAfter?: number) => {
-      let n = 0;
-      const t = await runTraining(parseTrainArgs(args)!, {
-        progress: quiet,
-        shouldStop: stopAfter === undefined ? undefined : () => ++n === stopAfter,
-      });
-      const r = { step: t.step, accumulate: t.config.accumulate };
-      t.model.dispose();
-      t.dispose();
-      return r;
-    };
+    const run = (args: string[], stopAfter?: number) =>
+      trainRun(args, (t) => ({ step: t.step, accumulate: t.config.accumulate }), stopAfter);
     const args = [...small.slice(2), "--accumulate", "2", "--steps", "4"]; // small without its --steps
     assert.deepEqual(await run([...args, "--out", `${root}/a`]), { step: 4, accumulate: 2 });
     const log = JSON.parse(await Deno.readTextFile(`${root}/a/training_log.json`));
