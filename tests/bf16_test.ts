@@ -11,7 +11,7 @@ import { bf16Bits, packBF16, unpackBF16 } from "../core/bf16.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { deviceInfo, init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
-import { add, castToBF16, embedding, matmul, matmulAdd } from "../core/ops/index.ts";
+import { add, castToBF16, copy, embedding, matmul, matmulAdd } from "../core/ops/index.ts";
 import {
   availableMatmulVariants,
   matmulVariant,
@@ -79,6 +79,20 @@ Deno.test("castToBF16 and tensor({ dtype: bf16 }) hold bf16Bits' values; zeros a
     bits(new Float32Array(5).fill(unpackBF16(packBF16([0.1]), 1)[0])),
   );
   dispose([x, cast, direct, zero, full]);
+  assert.equal(memory().liveBytes, base);
+});
+
+Deno.test("copy of a bf16 tensor copies its words (two values each), not four bytes a value", async () => {
+  await init();
+  const base = memory().liveBytes;
+  // 4099 values: 8200 bytes in a buffer of 8448, where 4 bytes a value overran it (the GPU rejected the
+  // submission: the next readback threw)
+  const v = values(4099, 5);
+  const w = tensor(v, [4099], { dtype: "bf16" });
+  const c = copy(w);
+  assert.equal(c.dtype, "bf16");
+  assert.deepEqual(bits(await c.toArray()), bits(unpackBF16(packBF16(v), v.length)));
+  dispose([w, c]);
   assert.equal(memory().liveBytes, base);
 });
 

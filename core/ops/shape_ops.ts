@@ -26,7 +26,7 @@ import {
   stridesOf,
 } from "../shape.ts";
 import type { Storage } from "../memory.ts";
-import { freeOnThrow, Tensor } from "../tensor.ts";
+import { bytesOf, freeOnThrow, Tensor } from "../tensor.ts";
 import { full } from "../creation.ts";
 import { mapOp } from "./map_kernel.ts";
 import { sumToShape } from "./reduce.ts";
@@ -281,7 +281,7 @@ export function packInto(dst: Tensor, parts: readonly Tensor[], at = 0): void {
 /** A contiguous copy with its own storage (no autograd; one buffer copy). */
 export function copy(x: Tensor): Tensor {
   const out = Tensor.empty(x.shape, x.dtype);
-  if (x.size > 0) recordCopy(x.storage.buffer, 0, out.storage.buffer, 0, x.size * 4);
+  if (x.size > 0) recordCopy(x.storage.buffer, 0, out.storage.buffer, 0, bytesOf(x.size, x.dtype)); // bf16: 2 per word
   return out;
 }
 
