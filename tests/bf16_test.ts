@@ -11,7 +11,7 @@ import { bf16Bits, packBF16, unpackBF16 } from "../core/bf16.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { deviceInfo, init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
-import { add, castToBF16, copy, embedding, matmul, matmulAdd } from "../core/ops/index.ts";
+import { add, castToBF16, copy, copyBox, embedding, matmul, matmulAdd, packInto } from "../core/ops/index.ts";
 import {
   availableMatmulVariants,
   matmulVariant,
@@ -173,6 +173,12 @@ Deno.test("bf16 tensors go into matmul's second operand and the embedding's tabl
     () => tensor([1, 2], [2], { dtype: "bf16", requiresGrad: true }),
     /only f32 tensors can require grad/,
   );
+  // the shape helpers that copy 32-bit words without an op (they counted a bf16 tensor's values as words)
+  const f = tensor(new Float32Array(8), [8]);
+  assert.throws(() => packInto(f, [w]), /packInto: bf16 tensors are weights for matmul and embedding only/);
+  const box = { offset: 0, strides: [2, 1] };
+  assert.throws(() => copyBox(w, box, x, box, [2, 2]), /copyBox: bf16 tensors are weights/);
+  f.dispose();
   // the gradient flows to x, none to the weight
   const xg = tensor([1, 2, 3, 4], [2, 2], { requiresGrad: true });
   matmul(xg, w, { transB: true }).sum().backward();

@@ -142,7 +142,7 @@ function checkBox(which: string, t: Tensor, box: Box, shape: Shape): void {
 }
 
 /**
- * Copies the box `shape` from `src` (read through `from`) into `dst` (written through `to`); with
+ * Copies the box `shape` from `src` (read through `from`) into `dst` (written through `to`), f32 or i32; with
  * `accumulate`, adds it to what `dst` holds there (f32 only). No autograd. Dims are merged first; a
  * contiguous run becomes a buffer copy, and rows whose length, strides and offsets are multiples of 4 move
  * as vec4. `src` and `dst` may share storage, even with overlapping boxes: the box then goes through a
@@ -158,6 +158,12 @@ export function copyBox(
 ): void {
   const n = sizeOf(shape);
   if (n === 0) return;
+  if (src.dtype === "bf16" || dst.dtype === "bf16") {
+    // boxes count 32-bit elements; a bf16 tensor holds two values a word
+    throw new Error(
+      `copyBox: bf16 tensors are weights for matmul and embedding only, got ${src} into ${dst}`,
+    );
+  }
   checkBox("source", src, from, shape);
   checkBox("destination", dst, to, shape);
   if (accumulate && (src.dtype !== "f32" || dst.dtype !== "f32")) {
@@ -241,11 +247,17 @@ function packKernel(k: number): Kernel {
 }
 
 /**
- * Writes `parts` one after another (their elements in order, any dtype) into `dst` from element `at` on:
+ * Writes `parts` one after another (their elements in order, f32 or i32) into `dst` from element `at` on:
  * one dispatch for up to 7 parts, where buffer copies would each end the compute pass (buffer copies where a
  * buffer is larger than one binding window). No autograd.
  */
 export function packInto(dst: Tensor, parts: readonly Tensor[], at = 0): void {
+  if ([dst, ...parts].some((t) => t.dtype === "bf16")) {
+    // the pack copies 32-bit words, one per element; a bf16 tensor holds two values a word
+    throw new Error(
+      `packInto: bf16 tensors are weights for matmul and embedding only, got ${dst} and ${parts.join(", ")}`,
+    );
+  }
   const n = parts.reduce((sum, t) => sum + t.size, 0);
   if (at < 0 || at + n > dst.size) {
     throw new Error(`packInto: ${n} elements from ${at} do not fit ${dst}`);
