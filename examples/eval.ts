@@ -1,7 +1,7 @@
 /**
- * The perplexity of a pretrained Mamba on a text file, as Hugging Face's perplexity guide computes it (windows
- * of --seq predictions, each id predicted once): the check that a model loaded here scores a text as it does
- * in PyTorch.
+ * The perplexity of a pretrained Mamba on a text file, as Hugging Face's perplexity guide computes it with
+ * max_length --seq + 1 and stride --seq (windows of --seq predictions, each id but the first predicted once):
+ * the check that a model loaded here scores a text as it does in PyTorch.
  *
  * ```sh
  * deno task eval --model state-spaces/mamba-130m --tokenizer EleutherAI/gpt-neox-20b --data my.txt

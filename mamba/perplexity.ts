@@ -1,8 +1,9 @@
 /**
- * Perplexity of a language model on a text's token ids, as Hugging Face's perplexity guide computes it with a
- * stride equal to the window: the ids are cut into consecutive windows of `seq` predictions (seq + 1 ids,
- * each window's last id the next one's first), every id but the first is predicted once from the ids before
- * it in its window, and the mean negative log-likelihood is summed on the GPU and read back once.
+ * Perplexity of a language model on a text's token ids, as Hugging Face's perplexity guide computes it with
+ * max_length seq + 1 and stride seq (with a stride equal to its max_length, the guide leaves each window's
+ * first id unpredicted): the ids are cut into consecutive windows of `seq` predictions (seq + 1 ids, each
+ * window's last id the next one's first), every id but the first is predicted once from the ids before it in
+ * its window, and the mean negative log-likelihood is summed on the GPU and read back once.
  * @module
  */
 
