@@ -24,6 +24,8 @@ export interface PerplexityOptions {
   onProgress?: (done: number, total: number) => void;
 }
 
+const OPTION_KEYS = ["seq", "batch", "onProgress"];
+
 /** What {@linkcode perplexity} measured. */
 export interface PerplexityResult {
   /** Mean negative log-likelihood per predicted id, in nats. */
@@ -40,13 +42,23 @@ export interface PerplexityResult {
 
 /**
  * The perplexity of `lm` on `ids` (at least 2, each in its vocabulary), in windows of `seq` predictions
- * (see the module). Runs without gradients; one readback at the end.
+ * (see the module). Runs without gradients; one readback at the end. An unknown option is an error (the
+ * guide's stride is `seq` here: windows share their boundary id only).
  */
 export async function perplexity(
   lm: MambaLM,
   ids: ArrayLike<number>,
   options: PerplexityOptions = {},
 ): Promise<PerplexityResult> {
+  if (typeof options !== "object" || options === null || Array.isArray(options)) {
+    throw new Error(`perplexity: options must be an object, got ${JSON.stringify(options)}`);
+  }
+  for (const k of Object.keys(options)) {
+    // named: HF's guide has a stride (here the window, seq), which would otherwise be ignored silently
+    if (!OPTION_KEYS.includes(k)) {
+      throw new Error(`perplexity: unknown option '${k}' (options are ${OPTION_KEYS.join(", ")})`);
+    }
+  }
   const { seq = 1024, batch = 1 } = options;
   for (const [name, v] of [["seq", seq], ["batch", batch]] as const) {
     if (!Number.isSafeInteger(v) || v < 1) {

@@ -10,7 +10,7 @@ import { init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
 import { noGrad } from "../core/autograd.ts";
 import { tidy } from "../core/tensor.ts";
-import { perplexity } from "../mamba/perplexity.ts";
+import { perplexity, type PerplexityOptions } from "../mamba/perplexity.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
 import { main } from "../examples/eval.ts";
 import { fixturePath } from "./fixture_util.ts";
@@ -52,6 +52,10 @@ Deno.test("perplexity: windows of seq predictions, every id but the first once, 
   assert.equal(memory().liveBytes, base, "nothing left on the GPU");
   await assert.rejects(() => perplexity(lm, [5]), /needs at least 2 ids \(one to predict\), got 1/);
   await assert.rejects(() => perplexity(lm, ids, { seq: 0 }), /seq must be an integer >= 1, got 0/);
+  await assert.rejects(
+    () => perplexity(lm, ids, { seq, stride: 16 } as PerplexityOptions),
+    /unknown option 'stride' \(options are seq, batch, onProgress\)/,
+  );
   await assert.rejects(
     () => perplexity(lm, [1, 2, 999]),
     /id 999 at index 2 is outside the vocabulary \[0, 256\)/,
