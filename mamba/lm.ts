@@ -12,7 +12,14 @@ import { fmt } from "../core/shape.ts";
 import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { normal } from "../nn/init.ts";
 import { Embedding, Linear, RMSNorm, type WeightDtype } from "../nn/layers.ts";
-import { type HostTensor, type LoadOptions, type LoadResult, Module, type StateDict } from "../nn/module.ts";
+import {
+  type HostTensor,
+  type LoadOptions,
+  type LoadResult,
+  Module,
+  type StateDict,
+  writeEntry,
+} from "../nn/module.ts";
 import { type LayerCache, Mamba } from "./block.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./config.ts";
 import { drawSeed, sampleInto, type SampleOptions, sampleParams, seenMask, seenWords } from "./sampling.ts";
@@ -242,15 +249,16 @@ export class MambaLM extends Module {
   /** Draws the LM's initial weights, mamba.py's way (`plainInit`, or `mupInit` with muP), and loads them. */
   private initWeights(): void {
     const draw = this.config.mup ? this.mupInit() : this.plainInit();
-    const fresh = new Map<string, Tensor>();
-    try {
-      for (const [name, p] of this.namedParameters()) {
-        const t = draw(name, p.shape);
-        if (t) fresh.set(name, t);
+    // each draw loaded and freed before the next: all of them at once held the weights twice over (a bf16
+    // model: its f32 weights on top, more than an f32 model's weights)
+    for (const [name, p] of this.namedParameters()) {
+      const t = draw(name, p.shape); // t: p's shape, f32
+      if (!t) continue;
+      try {
+        writeEntry(t, p); // a bf16 weight takes it rounded
+      } finally {
+        t.dispose();
       }
-      this.loadStateDict(fresh, { strict: false });
-    } finally {
-      dispose([...fresh.values()]);
     }
   }
 

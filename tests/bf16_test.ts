@@ -253,6 +253,26 @@ Deno.test("MambaLM with weightDtype bf16: the logits and tokens of an f32 model 
   }
 });
 
+Deno.test("building a bf16 MambaLM holds one f32 draw at a time: it peaks below the f32 model's weights", async () => {
+  await init();
+  const { MambaLM } = await import("../mamba/lm.ts");
+  const { resetPeak } = await import("../core/memory.ts");
+  // the blocks' weights outweigh the embedding, as in the pretrained shapes (the 130m: 30% of the weights)
+  const cfg = { dModel: 64, nLayers: 8, dState: 8 };
+  const sizes: Record<string, number> = {};
+  for (const weightDtype of ["f32", "bf16"] as const) {
+    const base = memory().liveBytes;
+    resetPeak();
+    const lm = new MambaLM(cfg, { vocabSize: 256, weightDtype });
+    sizes[weightDtype] = memory().liveBytes - base;
+    sizes[`${weightDtype} peak`] = memory().peakBytes - base;
+    lm.dispose();
+  }
+  // drawn all at once, the f32 initial weights came on top of the bf16 ones: 1.55 times the f32 weights
+  assert.ok(sizes["bf16 peak"] < 0.75 * sizes.f32, JSON.stringify(sizes));
+  assert.ok(sizes["f32 peak"] < 1.25 * sizes.f32, JSON.stringify(sizes));
+});
+
 Deno.test("fromPretrained({ weightDtype: bf16 }): the char model's weights rounded as they load; its text as the rounded f32 model's", async () => {
   await init();
   const { fromPretrained } = await import("../mamba/pretrained.ts");
