@@ -157,7 +157,10 @@ function filled(op: string, shape: Shape, value: number, options: CreateOptions)
     throw new Error(`${op}: i32 fill value ${value} is not an int32 integer`);
   }
   if (value === 0 && !Object.is(value, -0)) return finish(cleared(shape, dtype), options);
-  if (dtype === "bf16") return tensor(new Float32Array(sizeOf(shape)).fill(value), shape, { dtype });
+  if (dtype === "bf16") {
+    checkHostFill(bytesOf(sizeOf(shape), dtype), () => `${op} bf16 ${fmt(shape)}`); // before the host array
+    return tensor(new Float32Array(sizeOf(shape)).fill(value), shape, { dtype });
+  }
   return finish(mapOp("a", [value], shape, dtype, [dtype]), options);
 }
 

@@ -408,6 +408,10 @@ export function dispatchElementwise(
   const bytes = spanned.map((name) => {
     const decl = k.spec.buffers.find((b) => b.name === name);
     if (!decl) throw new Error(`kernel ${k.spec.name}: no buffer '${name}' to span`);
+    // its spans would be counted in 32-bit elements and lose the packing: refused, not read as raw words
+    if (buffers[name].bf16) {
+      throw new Error(`kernel ${k.spec.name}: a bf16 buffer ('${name}') cannot be spanned`);
+    }
     return ELEM_BYTES[decl.type];
   });
   // elements per span: at most a window of every spanned buffer, and a multiple of `step` so that each span

@@ -143,6 +143,12 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
   // how the model runs, which config.json does not hold: checked before anything else is read
   const runs = { scan: options.scan ?? config.scan, recompute: options.recompute ?? config.recompute };
   mambaConfig({ ...config, ...runs });
+  const { weightDtype } = options;
+  if (weightDtype !== undefined && weightDtype !== "f32" && weightDtype !== "bf16") {
+    throw new Error(
+      `fromPretrained: weightDtype must be "f32" or "bf16", got ${JSON.stringify(weightDtype)}`,
+    );
+  }
 
   let tokenizer: Tokenizer | null = null;
   let tokWhere = `${src.where}/tokenizer.json`;
@@ -214,7 +220,7 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     checkShapes(config, lm, layout, entries, ours, weightsWhere, cfgWhere);
     model = new PretrainedLM(
       { ...config, ...runs },
-      { ...lm, tieEmbeddings: tie, ...(options.weightDtype ? { weightDtype: options.weightDtype } : {}) },
+      { ...lm, tieEmbeddings: tie, ...(weightDtype ? { weightDtype } : {}) },
       tokenizer,
       src.where,
       noTokenizer,

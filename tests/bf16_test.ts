@@ -281,6 +281,12 @@ Deno.test("fromPretrained({ weightDtype: bf16 }): the char model's weights round
   const half = await fromPretrained(dir, { weightDtype: "bf16" });
   const full = await fromPretrained(dir);
   assert.equal(half.weightDtype, "bf16");
+  for (const bad of ["", "f16"]) {
+    await assert.rejects(
+      () => fromPretrained(dir, { weightDtype: bad as "bf16" }),
+      new RegExp(`weightDtype must be "f32" or "bf16", got "${bad}"`),
+    );
+  }
   const rounded = new Map<string, { shape: number[]; data: Float32Array }>();
   for (const [k, t] of full.stateDict()) {
     const v = await t.toArray() as Float32Array;

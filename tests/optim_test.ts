@@ -373,6 +373,13 @@ Deno.test("dispatchElementwise: spans of buffers of different element sizes star
     const before = dispatchCount();
     dispatchElementwise(k, { a: a.storage, y: y.storage }, ["a", "y"], {}, n);
     assert.equal(dispatchCount() - before, 11, "spans of 128 elements");
+    // a bf16 buffer's spans would be counted in 32-bit elements and lose its packing: refused
+    const half = tensor(new Float32Array(n).fill(1), [n], { dtype: "bf16" });
+    assert.throws(
+      () => dispatchElementwise(k, { a: half.storage, y: y.storage }, ["a", "y"], {}, n),
+      /kernel test_span_vec4_f32: a bf16 buffer \('a'\) cannot be spanned/,
+    );
+    half.dispose();
   } finally {
     limits.maxStorageBuffersPerShaderStage = buffers;
     limits.maxStorageBufferBindingSize = binding;
