@@ -303,7 +303,14 @@ export async function hfTensors(model: MambaLM): Promise<Record<string, Safetens
   // every readback is recorded before the first wait (a wait per parameter let steps run in between)
   const data = await Promise.all(named.map(([, p]) => p.toArray()));
   const out: Record<string, SafetensorsInput> = {};
-  named.forEach(([key, p], i) => out[key] = { shape: [...p.shape], data: data[i] });
+  // a bf16 weight is written as BF16: its values exactly, in half the bytes
+  named.forEach(([key, p], i) =>
+    out[key] = {
+      shape: [...p.shape],
+      data: data[i],
+      ...(p.dtype === "bf16" ? { dtype: "BF16" as const } : {}),
+    }
+  );
   return out;
 }
 

@@ -300,6 +300,30 @@ Deno.test("fromPretrained({ weightDtype: bf16 }): the char model's weights round
   const prompt = half.tokenizer!.encode("It is a truth universally acknowledged");
   const [a, b] = [await half.generate([prompt], 40), await full.generate([prompt], 40)];
   assert.deepEqual([...a[0]], [...b[0]]);
+  // saved, its bf16 weights are BF16 in the file (their values, half the bytes); it loads back as either
+  const { saveCheckpoint } = await import("../mamba/pretrained.ts");
+  const { readSafetensorsFile } = await import("../core/safetensors_fs.ts");
+  const out = await Deno.makeTempDir();
+  try {
+    await saveCheckpoint(half, `${out}/half`);
+    await saveCheckpoint(full, `${out}/full`);
+    const file = (d: string) => readSafetensorsFile(`${d}/model.safetensors`);
+    const [h, f] = [await file(`${out}/half`), await file(`${out}/full`)];
+    assert.equal(h.tensors.get("backbone.embeddings.weight")!.dtype, "BF16");
+    assert.equal(h.tensors.get("backbone.layers.0.mixer.x_proj.weight")!.dtype, "F32");
+    const size = async (d: string) => (await Deno.stat(`${d}/model.safetensors`)).size;
+    assert.ok(await size(`${out}/half`) < 0.6 * await size(`${out}/full`));
+    for (const [k, t] of f.tensors) {
+      assert.deepEqual(bits(h.tensors.get(k)!.data), bits(t.data), `saved ${k}`);
+    }
+    for (const weightDtype of ["f32", "bf16"] as const) {
+      const back = await fromPretrained(`${out}/half`, { weightDtype });
+      assert.deepEqual([...(await back.generate([prompt], 40))[0]], [...a[0]], `reloaded as ${weightDtype}`);
+      back.dispose();
+    }
+  } finally {
+    await Deno.remove(out, { recursive: true });
+  }
   half.dispose();
   full.dispose();
 });
