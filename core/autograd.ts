@@ -9,6 +9,7 @@
  * @module
  */
 
+import { BF16_ONLY } from "./bf16.ts";
 import { markSaved, type Storage } from "./memory.ts";
 import { fmt, sameShape, stridesOf } from "./shape.ts";
 import { freeOnThrow, keep, nextTensorId, Tensor, tidy, unscope } from "./tensor.ts";
@@ -262,12 +263,7 @@ export function defineOp<A>(def: OpDef<A>): (inputs: Tensor[], attrs: A) => Tens
     }
     for (let i = 0; i < inputs.length; i++) {
       if (inputs[i].dtype === "bf16" && !def.bf16Inputs?.includes(i)) {
-        throw new Error(
-          `${def.name}: input ${i} is ${
-            inputs[i]
-          }: bf16 tensors are weights for matmul's second operand and ` +
-            "the embedding's table only",
-        );
+        throw new Error(`${def.name}: input ${i} is ${inputs[i]}: ${BF16_ONLY}`);
       }
     }
     checkNotReplayed(def.name, inputs);

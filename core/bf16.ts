@@ -8,6 +8,10 @@
  * @module
  */
 
+/** What every op but matmul's second operand and the embedding's table says to a bf16 tensor. */
+export const BF16_ONLY =
+  "bf16 tensors are weights for matmul's second operand and the embedding's table only";
+
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
 

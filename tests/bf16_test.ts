@@ -175,7 +175,10 @@ Deno.test("bf16 tensors go into matmul's second operand and the embedding's tabl
   );
   // the shape helpers that copy 32-bit words without an op (they counted a bf16 tensor's values as words)
   const f = tensor(new Float32Array(8), [8]);
-  assert.throws(() => packInto(f, [w]), /packInto: bf16 tensors are weights for matmul and embedding only/);
+  assert.throws(
+    () => packInto(f, [w]),
+    /packInto: bf16 tensors are weights for matmul's second operand and the embedding's table only/,
+  );
   const box = { offset: 0, strides: [2, 1] };
   assert.throws(() => copyBox(w, box, x, box, [2, 2]), /copyBox: bf16 tensors are weights/);
   f.dispose();

@@ -15,6 +15,7 @@
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { broadcastStrides, MAX_RANK, padRank, sameShape, type Shape } from "../shape.ts";
 import { type DType, Tensor } from "../tensor.ts";
+import { BF16_ONLY } from "../bf16.ts";
 
 /** One operand of a map: a tensor, or a number passed as a uniform. */
 export type MapOperand = Tensor | number;
@@ -199,15 +200,12 @@ export function mapOp(
   outType: DType = "f32",
   scalarTypes?: DType[],
 ): Tensor {
-  const bf16 = outType === "bf16" || operands.some((o) => typeof o !== "number" && o.dtype === "bf16");
-  if (bf16) throw new Error(`elementwise ${expr}: bf16 tensors are weights for matmul and embedding only`);
+  const types = operands.map((o, j) => typeof o === "number" ? (scalarTypes?.[j] ?? "f32") : o.dtype);
+  if (outType === "bf16" || types.includes("bf16")) throw new Error(`elementwise ${expr}: ${BF16_ONLY}`);
   const out = Tensor.empty(outShape, outType);
   const n = out.size;
   if (n === 0) return out;
   const kinds = operands.map((o): Kind => typeof o === "number" ? "scalar" : readKind(o.shape, outShape));
-  const types = operands.map((o, j) =>
-    typeof o === "number" ? (scalarTypes?.[j] ?? "f32") : o.dtype
-  ) as Word[];
   if (
     n % 4 === 0 && outType === "f32" && types.every((t) => t === "f32") && !/\bgid\b/.test(expr) &&
     kinds.every((k) => k === "same" || k === "scalar")
@@ -221,7 +219,7 @@ export function mapOp(
     dispatch(vec4Kernel(expr, kinds), buffers, uniforms, Math.ceil(n / 4 / WG));
     return out;
   }
-  const k = kernelFor(expr, kinds, types, outType as Word);
+  const k = kernelFor(expr, kinds, types as Word[], outType as Word);
   const buffers: Record<string, Tensor["storage"]> = { y: out.storage };
   const uniforms: Record<string, number | number[]> = { n };
   operands.forEach((o, j) => {

@@ -27,6 +27,7 @@ import {
 } from "../shape.ts";
 import type { Storage } from "../memory.ts";
 import { bytesOf, freeOnThrow, Tensor } from "../tensor.ts";
+import { BF16_ONLY } from "../bf16.ts";
 import { full } from "../creation.ts";
 import { mapOp } from "./map_kernel.ts";
 import { sumToShape } from "./reduce.ts";
@@ -160,9 +161,7 @@ export function copyBox(
   if (n === 0) return;
   if (src.dtype === "bf16" || dst.dtype === "bf16") {
     // boxes count 32-bit elements; a bf16 tensor holds two values a word
-    throw new Error(
-      `copyBox: bf16 tensors are weights for matmul and embedding only, got ${src} into ${dst}`,
-    );
+    throw new Error(`copyBox: ${BF16_ONLY}, got ${src} into ${dst}`);
   }
   checkBox("source", src, from, shape);
   checkBox("destination", dst, to, shape);
@@ -254,9 +253,7 @@ function packKernel(k: number): Kernel {
 export function packInto(dst: Tensor, parts: readonly Tensor[], at = 0): void {
   if ([dst, ...parts].some((t) => t.dtype === "bf16")) {
     // the pack copies 32-bit words, one per element; a bf16 tensor holds two values a word
-    throw new Error(
-      `packInto: bf16 tensors are weights for matmul and embedding only, got ${dst} and ${parts.join(", ")}`,
-    );
+    throw new Error(`packInto: ${BF16_ONLY}, got ${dst} and ${parts.join(", ")}`);
   }
   const n = parts.reduce((sum, t) => sum + t.size, 0);
   if (at < 0 || at + n > dst.size) {
