@@ -132,7 +132,7 @@ export function fusedMambaScanOut(
   const [B, L, ED] = x.shape;
   const Dm = outWeight.shape[0];
   // bf16: a weight stored in bfloat16 for inference (its products read it as f32; it takes no gradient)
-  const weightType = outWeight.dtype === "f32" || (outWeight.dtype === "bf16" && !outWeight.requiresGrad);
+  const weightType = outWeight.dtype === "f32" || outWeight.dtype === "bf16";
   if (outWeight.rank !== 2 || outWeight.shape[1] !== ED || !weightType) {
     throw new Error(
       `fusedMambaScanOut: outWeight must be f32 or bf16 (Dm, ${ED}), got ${outWeight.dtype} ${

@@ -391,7 +391,7 @@ export function rmsNormMatmul(x: Tensor, g: Tensor, eps: number, w: Tensor): Ten
 
 /** Whether `b` can be matmul's second operand: f32, or a weight stored in bf16 (its kernels read it as f32). */
 function isF32Weight(b: Tensor): boolean {
-  return b.dtype === "f32" || (b.dtype === "bf16" && !b.requiresGrad);
+  return b.dtype === "f32" || b.dtype === "bf16";
 }
 
 /** matmulRaw's product; with `rms`, op(a)'s rows RMS-normalized with weight g first (rmsNormMatmul). */
