@@ -8,7 +8,7 @@ import { recordCopy, upload } from "../core/executor.ts";
 import { fmt } from "../core/shape.ts";
 import { bytesOf, keep, type Tensor } from "../core/tensor.ts";
 import { packBF16 } from "../core/bf16.ts";
-import { castToBF16, castToF32 } from "../core/ops/cast.ts";
+import { castInto } from "../core/ops/cast.ts";
 
 /** Host data for one state-dict entry (what a safetensors file decodes to). */
 export interface HostTensor {
@@ -59,21 +59,11 @@ export function entryProblem(
 
 /** Records copying entry `v` into `dst` (nothing when `v` is `dst` itself or a view of it). */
 export function writeEntry(v: Tensor | HostTensor, dst: Tensor): void {
-  if (dst.dtype === "bf16" && ("data" in v || v.dtype === "f32")) {
-    // f32 values into a bf16 weight: rounded to nearest even, on the host or by the GPU cast
-    if ("data" in v) return upload(dst.storage.buffer, 0, packBF16(v.data));
-    if (dst.size === 0) return;
-    const cast = castToBF16(v);
-    recordCopy(cast.storage.buffer, 0, dst.storage.buffer, 0, bytesOf(dst.size, "bf16"));
-    return cast.dispose();
-  }
-  if ("data" in v) upload(dst.storage.buffer, 0, v.data);
-  else if (v.dtype === "bf16" && dst.dtype === "f32") {
-    if (dst.size === 0) return;
-    const cast = castToF32(v); // exact
-    recordCopy(cast.storage.buffer, 0, dst.storage.buffer, 0, 4 * dst.size);
-    cast.dispose();
-  } else if (v.storage !== dst.storage && dst.size > 0) {
+  // f32 values into a bf16 weight are rounded to nearest even (on the host, or by the GPU cast); bf16 values
+  // into an f32 one are exact
+  if ("data" in v) upload(dst.storage.buffer, 0, dst.dtype === "bf16" ? packBF16(v.data) : v.data);
+  else if (v.dtype !== dst.dtype) castInto(v, dst);
+  else if (v.storage !== dst.storage && dst.size > 0) {
     recordCopy(v.storage.buffer, 0, dst.storage.buffer, 0, bytesOf(dst.size, dst.dtype));
   }
 }

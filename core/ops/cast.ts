@@ -31,10 +31,7 @@ fn bits(x: f32) -> u32 {
 /** x (f32) as a new bf16 tensor of its shape (no gradient). */
 export function castToBF16(x: Tensor): Tensor {
   if (x.dtype !== "f32") throw new Error(`castToBF16: needs an f32 tensor, got ${x}`);
-  const y = Tensor.empty(x.shape, "bf16");
-  const words = Math.ceil(x.size / 2);
-  dispatch(castKernel, { x: x.storage, y: y.storage }, { n: x.size }, Math.ceil(words / 64));
-  return y;
+  return castInto(x, Tensor.empty(x.shape, "bf16"));
 }
 
 /** `from_bf16`: y[gid] = x[gid], x a bf16 buffer read through its unpacking accessor. */
@@ -51,7 +48,24 @@ const uncastKernel: Kernel = defineKernel({
 /** x (bf16) as a new f32 tensor of its shape, exactly (no gradient). */
 export function castToF32(x: Tensor): Tensor {
   if (x.dtype !== "bf16") throw new Error(`castToF32: needs a bf16 tensor, got ${x}`);
-  const y = Tensor.empty(x.shape);
-  dispatch(uncastKernel, { x: x.storage, y: y.storage }, { n: x.size }, Math.ceil(x.size / 64));
+  return castInto(x, Tensor.empty(x.shape));
+}
+
+/** Writes x's values into y, one f32 and the other bf16, of x's size (no gradient); returns y. */
+export function castInto(x: Tensor, y: Tensor): Tensor {
+  if (
+    x.size !== y.size || x.dtype === y.dtype || ![x.dtype, y.dtype].every((d) => d === "f32" || d === "bf16")
+  ) {
+    throw new Error(`castInto: needs an f32 and a bf16 tensor of one size, got ${x} into ${y}`);
+  }
+  if (x.size === 0) return y;
+  const toBF16 = y.dtype === "bf16";
+  const invocations = toBF16 ? Math.ceil(x.size / 2) : x.size; // a word of two, or a value
+  dispatch(
+    toBF16 ? castKernel : uncastKernel,
+    { x: x.storage, y: y.storage },
+    { n: x.size },
+    Math.ceil(invocations / 64),
+  );
   return y;
 }
