@@ -14,6 +14,7 @@ import { deviceInfo, init } from "../../core/device.ts";
 import { memory } from "../../core/memory.ts";
 import { manualSeed } from "../../core/random.ts";
 import { MambaLM } from "../../mamba/lm.ts";
+import type { SampleOptions } from "../../mamba/sampling.ts";
 import { checkpointFiles, fromPretrained, fromPretrainedFiles } from "../../mamba/pretrained.ts";
 import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../../mamba/tokenizer.ts";
 import { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer, type TrainLog } from "../../mamba/train.ts";
@@ -266,15 +267,7 @@ async function streamText(
   tokenizer: Tokenizer,
   prompt: string,
   n: number,
-  sampling: {
-    sample: boolean;
-    temperature?: number;
-    topK?: number;
-    topP?: number;
-    minP?: number;
-    seed?: number;
-    repetitionPenalty?: number;
-  },
+  sampling: SampleOptions,
 ): Promise<{ text: string; tokens: number; seconds: number }> {
   target.textContent = "";
   const p = document.createElement("span");
