@@ -145,7 +145,13 @@ export {
 } from "./scan/tune_fused.ts";
 export { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./mamba/config.ts";
 export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";
-export { type GenerateOptions, type LMOptions, MambaLM, type Tokens } from "./mamba/lm.ts";
+export {
+  type GenerateOptions,
+  type LMOptions,
+  MambaLM,
+  type PrefillOptions,
+  type Tokens,
+} from "./mamba/lm.ts";
 export { type SampleOptions } from "./mamba/sampling.ts";
 export { perplexity, type PerplexityOptions, type PerplexityResult } from "./mamba/perplexity.ts";
 export {

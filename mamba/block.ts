@@ -105,26 +105,47 @@ export class MambaBlock extends Module {
   /**
    * u: (B, L, D) -> (B, L, D); with `wantCache`, also the layer's state after the last step. With `residual`
    * (B, L, D), `out` is residual + the mixer's output, added by out_proj's product itself (`matmulAdd`).
+   * With `from`, the layer's cache after the tokens before u (`step`'s or a previous forward's), the steps
+   * go on from it: the conv sees its last inputs before u's and the scan starts from its state, so u's
+   * outputs are those of one forward over both (a long prompt in chunks; inference-only).
    */
-  forward(u: Tensor, wantCache = false, residual?: Tensor): { out: Tensor; cache: LayerCache | null } {
-    if (wantCache && isGradEnabled()) {
+  forward(
+    u: Tensor,
+    wantCache = false,
+    residual?: Tensor,
+    from?: LayerCache,
+  ): { out: Tensor; cache: LayerCache | null } {
+    if ((wantCache || from) && isGradEnabled()) {
       // The fused prefill kernel has no backward: gradients would be dropped silently.
       throw new Error(
-        "Mamba: prefill with a cache is inference-only: run it under noGrad (forwardWithCache(x, true) / " +
-          "forward(u, true) with gradients enabled)",
+        `Mamba: ${
+          from ? "a forward from a cache" : "prefill with a cache"
+        } is inference-only: run it under noGrad (forwardWithCache(x, ${
+          from ? "wantCache, caches" : "true"
+        }) / forward(u, ${from ? "wantCache, residual, cache" : "true"}) with gradients enabled)`,
       );
     }
     const { dInner: ED, dConv: K } = this.config;
     const [Bsz, L] = u.shape;
+    if (from) checkLayerCache("MambaBlock.forward", from, this.config, Bsz);
     const xz = this.inProj.forward(u); // xz: (B, L, 2ED) = [xIn | z]
     let out: Tensor;
     let h: Tensor | null = null;
     let xIn: Tensor | null = null; // the conv's input, where this path copies it out of xz
     if (this.config.scan === "fused" && fusedScanAvailable()) {
-      // The conv and the scan read the two halves of xz in place (no copies).
-      const x = this.conv1d.forward(xz, "silu", 0); // x: (B, L, ED)
-      if (wantCache) {
-        const r = this.fusedSsm(x, xz, true); // gated y: (B, L, ED), h: (B, ED, N)
+      // The conv and the scan read the two halves of xz in place (no copies), except after a cache: the conv
+      // then runs over the cache's last inputs and u's (copied side by side) and drops the first K-1 outputs.
+      let x: Tensor; // x: (B, L, ED)
+      if (from && K > 1) {
+        const x0 = narrow(xz, -1, 0, ED); // x0: (B, L, ED)
+        xIn = disposeAfter(withInputs(from, x0), x0); // xIn: (B, K-1 + L, ED)
+        const conv = this.conv1d.forward(xIn, "silu"); // conv: (B, K-1 + L, ED)
+        x = disposeAfter(narrow(conv, 1, K - 1, L), conv);
+      } else {
+        x = this.conv1d.forward(xz, "silu", 0);
+      }
+      if (wantCache || from) {
+        const r = this.fusedSsm(x, xz, true, from?.h); // gated y: (B, L, ED), h: (B, ED, N)
         out = this.outProj.forward(r.y, residual); // out: (B, L, D)
         h = r.h;
       } else {
@@ -149,29 +170,39 @@ export class MambaBlock extends Module {
       // As mamba.py: split into copies (silu(z) keeps its own z, so xz itself need not be kept).
       const [x0, z] = split(xz, ED, -1); // x0, z: (B, L, ED)
       xz.dispose(); // nothing saves it (split's backward needs only its shape): free it before the scan
-      xIn = x0;
-      const x = this.conv1d.forward(x0, "silu"); // x: (B, L, ED)
-      const { y, hs } = this.ssm(x); // y: (B, L, ED), hs: (B, L, ED, N)
+      // after a cache, the conv runs over its last inputs and x0's, and its first K-1 outputs are dropped
+      xIn = from && K > 1 ? disposeAfter(withInputs(from, x0), x0) : x0; // xIn: (B, L, ED) or (B, K-1 + L, ED)
+      let x = this.conv1d.forward(xIn, "silu"); // x: (B, L, ED) or (B, K-1 + L, ED)
+      if (xIn !== x0) x = disposeAfter(narrow(x, 1, K - 1, L), x); // x: (B, L, ED)
+      const { y, hs } = this.ssm(x, from?.h); // y: (B, L, ED), hs: (B, L, ED, N)
       out = this.outProj.forward(mul(y, silu(z)), residual); // out: (B, L, D)
       if (wantCache) h = narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState); // h: (B, ED, N)
     }
-    if (!wantCache || !h) return { out, cache: null };
+    const ownInput = from && K > 1; // xIn was made here (no autograd: nothing else holds it)
+    if (!wantCache || !h) {
+      h?.dispose();
+      if (ownInput) xIn!.dispose();
+      return { out, cache: null };
+    }
     // The conv's last K-1 inputs: narrow time first (xz is 2ED wide in the fused path), then the channels,
-    // then zeros in front when L < K-1, as the conv's left padding.
-    const n = Math.min(L, K - 1);
-    let tail = narrow(xIn ?? xz, 1, L - n, n); // tail: (B, n, ED) or, from xz, (B, n, 2ED)
+    // then zeros in front when there were fewer than K-1, as the conv's left padding.
+    const src = xIn ?? xz;
+    const Ls = src.shape[1]; // L, or K-1 + L after a cache
+    const n = Math.min(Ls, K - 1);
+    let tail = narrow(src, 1, Ls - n, n); // tail: (B, n, ED) or, from xz, (B, n, 2ED)
     if (!xIn) tail = disposeAfter(narrow(tail, -1, 0, ED), tail); // tail: (B, n, ED)
     if (n < K - 1) tail = disposeAfter(pad(tail, [0, 0, K - 1 - n, 0]), tail); // tail: (B, K-1, ED)
     const inputs = transpose(tail, 1, 2); // inputs: (B, ED, K-1)
     tail.dispose();
+    if (ownInput) xIn!.dispose();
     return { out, cache: { h, inputs } };
   }
 
   /**
    * The fused kernel path: x: (B, L, ED) and xz: (B, L, 2ED), whose z half gates -> gated y (B, L, ED); with
-   * `wantState`, h at the end (B, ED, N).
+   * `wantState`, h at the end (B, ED, N), and the scan starts from `h0` (B, ED, N) where given (no autograd).
    */
-  fusedSsm(x: Tensor, xz: Tensor, wantState: boolean): { y: Tensor; h: Tensor | null } {
+  fusedSsm(x: Tensor, xz: Tensor, wantState: boolean, h0?: Tensor): { y: Tensor; h: Tensor | null } {
     const { dState: N, dInner: ED } = this.config;
     const dBC = this.dBC(x); // dBC: (B, L, R + 2N) or padded
     const bias = this.dtProj.bias!;
@@ -180,7 +211,8 @@ export class MambaBlock extends Module {
       return { y: fusedMambaScan(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED), h: null };
     }
     // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.
-    const { y, ph } = fusedMambaScanForward(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED);
+    const w = this.dtProj.weight;
+    const { y, ph } = fusedMambaScanForward(x, dBC, w, bias, this.A_log, this.D, xz, ED, h0 ?? null);
     const h = lastState(ph, x.shape[0], ED, N, x.shape[1]); // h: (B, ED, N)
     ph.dispose();
     return { y, h };
@@ -215,8 +247,9 @@ export class MambaBlock extends Module {
     return dBC;
   }
 
-  /** x: (B, L, ED) after the conv -> y: (B, L, ED) and the states hs: (B, L, ED, N). */
-  ssm(x: Tensor): { y: Tensor; hs: Tensor } {
+  /** x: (B, L, ED) after the conv -> y: (B, L, ED) and the states hs: (B, L, ED, N); from `h0` (B, ED, N)
+   * where given, else zeros. */
+  ssm(x: Tensor, h0?: Tensor): { y: Tensor; hs: Tensor } {
     const { dtRank: R, dState: N } = this.config;
     const A = neg(exp(this.A_log)); // A: (ED, N)
     const dBC = this.xProj.forward(x); // dBC: (B, L, R + 2N)
@@ -235,6 +268,7 @@ export class MambaBlock extends Module {
       C,
       this.D,
       this.config.scan === "fused" ? "pscan" : this.config.scan,
+      h0,
     );
   }
 
@@ -349,10 +383,10 @@ export class ResidualBlock extends Module {
     }
   }
 
-  /** x: (B, L, D) -> (B, L, D) */
-  forward(x: Tensor, wantCache = false): { out: Tensor; cache: LayerCache | null } {
+  /** x: (B, L, D) -> (B, L, D); with `from`, on from that cache (see {@linkcode MambaBlock.forward}). */
+  forward(x: Tensor, wantCache = false, from?: LayerCache): { out: Tensor; cache: LayerCache | null } {
     const recompute = this.mixer.config.recompute;
-    if (recompute && !wantCache && isGradEnabled()) {
+    if (recompute && !wantCache && !from && isGradEnabled()) {
       // Keep only the block's input; norm, in_proj, conv and x_proj run again in the backward (the fused
       // scan and out_proj replay from the chunk states they keep: fusedMambaScanOut; with "input" they keep
       // nothing and run again too). The residual is added inside, by out_proj's product (so the block's
@@ -362,7 +396,7 @@ export class ResidualBlock extends Module {
       return { out, cache: null };
     }
     // out_proj adds the residual x itself (matmulAdd): no elementwise add after it
-    return this.mixer.forward(this.norm.forward(x), wantCache, x); // out: (B, L, D)
+    return this.mixer.forward(this.norm.forward(x), wantCache, x, from); // out: (B, L, D)
   }
 
   /** x: (B, D) -> (B, D) */
@@ -413,22 +447,38 @@ export class Mamba extends Module {
   /**
    * Forward that can also return each layer's cache after the last position (for generation). With
    * `wantCache` it is inference-only (run it under `noGrad`; with grad on it throws), and the caller owns the
-   * returned caches: dispose them (`dispose(caches)`) when done.
+   * returned caches: dispose them (`dispose(caches)`) when done. With `from` (one cache per layer, from
+   * `step` or a forward before), x's positions follow the tokens those caches have seen: the outputs are those
+   * of one forward over both (a long prompt in chunks); inference-only too. The caches given stay alive.
    */
-  forwardWithCache(x: Tensor, wantCache: boolean): { out: Tensor; caches: LayerCache[] } {
+  forwardWithCache(
+    x: Tensor,
+    wantCache: boolean,
+    from?: LayerCache[],
+  ): { out: Tensor; caches: LayerCache[] } {
     this.checkInput(x, 3);
+    if (from) {
+      if (from.length !== this.config.nLayers) {
+        throw new Error(`Mamba.forwardWithCache: ${from.length} caches for ${this.config.nLayers} layers`);
+      }
+      const B = x.shape[0];
+      from.forEach((c, i) =>
+        checkLayerCache("Mamba.forwardWithCache", c, this.config, B, i, `input ${fmt(x.shape)}`)
+      );
+    }
     const caches: LayerCache[] = [];
     // Without autograd nothing later needs a layer's intermediates: each layer runs in its own tidy, and the
     // previous layer's output goes as soon as the next one has read it (the caller's input stays).
     const grad = isGradEnabled();
     const input = x;
-    for (const layer of this.layers.items) {
+    this.layers.items.forEach((layer, i) => {
       const prev = x;
-      const r = grad ? layer.forward(prev, wantCache) : tidy(() => layer.forward(prev, wantCache));
+      const c = from?.[i];
+      const r = grad ? layer.forward(prev, wantCache, c) : tidy(() => layer.forward(prev, wantCache, c));
       x = r.out; // x: (B, L, D)
       if (!grad && prev !== input) prev.dispose();
       if (r.cache) caches.push(r.cache);
-    }
+    });
     return { out: x, caches };
   }
 
@@ -439,27 +489,8 @@ export class Mamba extends Module {
       throw new Error(`Mamba.step: ${caches.length} caches for ${this.config.nLayers} layers`);
     }
     // Every cache is checked before any layer runs: h (B, ED, N), inputs (B, ED, K-1).
-    const { dInner: ED, dState: N, dConv: K } = this.config;
     const B = x.shape[0];
-    const wantH = [B, ED, N];
-    const wantInputs = [B, ED, K - 1];
-    caches.forEach((c, i) => {
-      for (const [name, t] of [["h", c.h], ["inputs", c.inputs]] as const) {
-        if (t.disposed || t.dtype !== "f32") {
-          throw new Error(
-            `Mamba.step: the cache of layer ${i} has ${name} ${t.disposed ? "disposed" : `of ${t.dtype}`}`,
-          );
-        }
-      }
-      if (!sameShape(c.h.shape, wantH) || !sameShape(c.inputs.shape, wantInputs)) {
-        throw new Error(
-          `Mamba.step: the cache of layer ${i} has h ${fmt(c.h.shape)} and inputs ${fmt(c.inputs.shape)}; ` +
-            `input ${fmt(x.shape)} needs h ${fmt(wantH)} (B, ED, N) and inputs ${
-              fmt(wantInputs)
-            } (B, ED, dConv-1)`,
-        );
-      }
-    });
+    caches.forEach((c, i) => checkLayerCache("Mamba.step", c, this.config, B, i, `input ${fmt(x.shape)}`));
     const next: LayerCache[] = [];
     this.layers.items.forEach((layer, i) => {
       const r = layer.step(x, caches[i]);
@@ -498,6 +529,41 @@ export class Mamba extends Module {
     if (rank === 3 && x.shape[0] === 0) {
       throw new Error(`Mamba: the input ${fmt(x.shape)} has no rows (B = 0)`);
     }
+  }
+}
+
+/** The conv's last K-1 inputs from a cache, then x's: (B, K-1 + L, ED), from inputs (B, ED, K-1), x (B, L, ED). */
+function withInputs(cache: LayerCache, x: Tensor): Tensor {
+  const before = transpose(cache.inputs, 1, 2); // before: (B, K-1, ED)
+  return disposeAfter(cat([before, x], 1), before);
+}
+
+/** Throws, naming what it wants and what it got, unless `cache` (of layer `layer`, where given) fits a batch of
+ * B for this config; `input` names the input in the message. */
+export function checkLayerCache(
+  who: string,
+  cache: LayerCache,
+  config: MambaConfig,
+  B: number,
+  layer?: number,
+  input = `a batch of ${B}`,
+): void {
+  const { dInner: ED, dState: N, dConv: K } = config;
+  const of = layer === undefined ? "the cache" : `the cache of layer ${layer}`;
+  for (const [name, t] of [["h", cache.h], ["inputs", cache.inputs]] as const) {
+    if (!t || t.disposed || t.dtype !== "f32") {
+      throw new Error(
+        `${who}: ${of} has ${name} ${!t ? "missing" : t.disposed ? "disposed" : `of ${t.dtype}`}`,
+      );
+    }
+  }
+  const wantH = [B, ED, N];
+  const wantInputs = [B, ED, K - 1];
+  if (!sameShape(cache.h.shape, wantH) || !sameShape(cache.inputs.shape, wantInputs)) {
+    throw new Error(
+      `${who}: ${of} has h ${fmt(cache.h.shape)} and inputs ${fmt(cache.inputs.shape)}; ${input} needs ` +
+        `h ${fmt(wantH)} (B, ED, N) and inputs ${fmt(wantInputs)} (B, ED, dConv-1)`,
+    );
   }
 }
 

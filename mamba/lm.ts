@@ -24,6 +24,12 @@ import { type LayerCache, Mamba } from "./block.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./config.ts";
 import { drawSeed, sampleInto, type SampleOptions, sampleParams, seenMask, seenWords } from "./sampling.ts";
 
+/** Options of {@linkcode MambaLM.prefill}. */
+export interface PrefillOptions {
+  /** The logits returned: of the last position (B, vocab), the default, or of "all" (B, L, vocab). */
+  logits?: "last" | "all";
+}
+
 /** LM options on top of the Mamba config. Unknown keys are an error. */
 export interface LMOptions {
   /** Vocabulary size before padding, a positive integer. */
@@ -453,6 +459,49 @@ export class MambaLM extends Module {
     return { logits, caches: r.caches }; // logits: (B, vocab)
   }
 
+  /**
+   * Runs `tokens` (B, L) on from `from`, each layer's cache after the tokens before them (from `step` or an
+   * earlier `prefill`; omitted or null: from the start), and returns each layer's cache after the last token
+   * and the logits of the last position (B, vocab), or with `{ logits: "all" }` of every position (B, L,
+   * vocab). The logits and caches are those of one forward over all the tokens so far: a long prompt can be
+   * processed in chunks (memory grows with the chunk, not with the prompt), a conversation can go on from
+   * where it stopped, and text can be scored past any window (`perplexity`'s `carryState`). Inference-only:
+   * it runs without gradients and frees its intermediates. The caches given stay alive; the caller disposes
+   * them and the results (`dispose`).
+   *
+   * ```ts
+   * import { dispose, init, MambaLM } from "@mambats/mamba";
+   *
+   * await init();
+   * const lm = new MambaLM({ dModel: 16, nLayers: 1 }, { vocabSize: 16 });
+   * const first = lm.prefill([[1, 2, 3]]); // from the start
+   * const next = lm.prefill([[4, 5]], first.caches); // logits as after [[1, 2, 3, 4, 5]]
+   * dispose([first, next]);
+   * lm.dispose();
+   * ```
+   */
+  prefill(
+    tokens: Tokens,
+    from: LayerCache[] | null = null,
+    options: PrefillOptions = {},
+  ): { logits: Tensor; caches: LayerCache[] } {
+    const which = options.logits ?? "last";
+    if (which !== "last" && which !== "all") {
+      throw new Error(`MambaLM.prefill: logits must be "last" or "all", got ${JSON.stringify(which)}`);
+    }
+    return tidy(() =>
+      noGrad(() => {
+        const ids = this.tokensTensor(tokens); // ids: (B, L) i32
+        const [B, L] = ids.shape;
+        const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true, from ?? undefined);
+        // r.out: (B, L, D); the head (norm_f works row by row) on the last position alone where that is all
+        const out = which === "all" ? r.out : narrow(r.out, 1, L - 1, 1); // out: (B, L or 1, D)
+        const logits = this.head(out); // logits: (B, L or 1, vocab)
+        return { logits: which === "all" ? logits : logits.reshape(B, this.vocabSize), caches: r.caches };
+      })
+    );
+  }
+
   /** Zero caches for a batch size; the caller disposes them (see {@linkcode MambaLM.step}). */
   emptyCache(batch: number): LayerCache[] {
     return this.mamba.emptyCache(batch);
@@ -462,7 +511,7 @@ export class MambaLM extends Module {
    * The prompt's forward: the last position's logits (B, vocab) and each layer's cache. Each group of rows of
    * one length runs as one batch; with several, their logits and caches are put back in row order.
    */
-  private prefill(groups: PromptGroup[], B: number): { logits: Tensor; caches: LayerCache[] } {
+  private prefillGroups(groups: PromptGroup[], B: number): { logits: Tensor; caches: LayerCache[] } {
     const parts = groups.map(({ ids }) => {
       const [Bg, P] = ids.shape;
       const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true); // r.out: (Bg, P, D)
@@ -581,7 +630,7 @@ export class MambaLM extends Module {
             let logits: Tensor;
             let c: LayerCache[];
             if (i === 0) {
-              ({ logits, caches: c } = this.prefill(groups, B));
+              ({ logits, caches: c } = this.prefillGroups(groups, B));
             } else {
               const r = this.step(next, prev);
               logits = r.logits; // logits: (B, vocab)

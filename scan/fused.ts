@@ -217,11 +217,12 @@ export function dtScanForward(
   z: Tensor | null,
   a: FusedAttrs,
   states: "all" | "last" = "all",
+  h0: Tensor | null = null,
 ): { y: Tensor; ph: Tensor; dt: Tensor | null } {
   const dt = a.dtInside ? null : dtColumns(dBC, a.R); // dt: (B, L, R)
   const draw = dt && matmulRaw(dt, W, { transB: true }); // draw: (B, L, ED)
   // par: (ED + ED*N + ED), and dt_proj's weight (ED*R) after it when it runs inside
-  const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D, ...(dt ? [] : [W])], z, a, states);
+  const { y, ph } = fusedScanForward(x, draw, dBC, [bias, A_log, D, ...(dt ? [] : [W])], z, a, states, h0);
   draw?.dispose();
   return { y, ph, dt };
 }
@@ -354,7 +355,7 @@ export function fusedMambaScan(
  * {@linkcode fusedMambaScan}'s forward without autograd (a prompt's prefill): y (B, L, ED) and `ph`, whose
  * last chunk state (the only one it writes, besides those the forward reads again) is the inference cache:
  * `lastState(ph, B, ED, N, L)` ({@linkcode lastState}) copies it out as (B, ED, N). The caller disposes `y` and
- * `ph`.
+ * `ph`. With `h0` (B, ED, N), the scan starts from that state (a cache's h) instead of zeros.
  */
 export function fusedMambaScanForward(
   x: Tensor,
@@ -365,10 +366,13 @@ export function fusedMambaScanForward(
   D: Tensor,
   z: Tensor | null,
   zStart?: number,
+  h0: Tensor | null = null,
 ): { y: Tensor; ph: Tensor } {
   const a = mambaScanAttrs("fusedMambaScanForward", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
   // not an op (no autograd), so freed here if it throws part-way (out of memory under a limit)
-  const { y, ph, dt } = freeOnThrow(() => dtScanForward(x, dBC, dtWeight, dtBias, A_log, D, z, a, "last"));
+  const { y, ph, dt } = freeOnThrow(() =>
+    dtScanForward(x, dBC, dtWeight, dtBias, A_log, D, z, a, "last", h0)
+  );
   dt?.dispose();
   return { y, ph };
 }

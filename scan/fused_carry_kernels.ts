@@ -22,7 +22,8 @@
  * `fused_scan_chain_{fwd,bwd}` (template: the runs per chain, 1 or `_seg{S}`; the forward's chunks per walk G,
  * `_G{G}` above 1, whose links are the walks' cells in hs: the last chunk of each).
  * Owns: an invocation owns one (b, d, n) and walks its links in order (chunks; the forward's walks of G
- * chunks), the forward up, h = exp(A S_k) h + loc_k, leaving loc_k = h, the state after link k; the backward down, leaving loc_k = m, the carry into
+ * chunks), the forward up from zero (or the call's initial state h0: uniform init), h = exp(A S_k) h + loc_k,
+ * leaving loc_k = h, the state after link k; the backward down, leaving loc_k = m, the carry into
  * chunk k from the chunks after it, then m = loc_k + exp(A S_k) m. Reads A_log from `ph` and S; reads and
  * writes `loc`, loading 8 chunks' values at a time so that their loads overlap. At most MAX_CHUNKS_CHAINED / 8
  * + 7 iterations. `_seg{S}` (GPUs, many chunks): S invocations per (b, d, n), each owning a run of the chunks,
@@ -189,6 +190,10 @@ export function chainGroups(states: number, segments: number): number {
   return Math.ceil((states * segments) / 64);
 }
 
+/** WGSL of the forward chain's carry before its first link: the call's initial state h0 (at h0Off in ph) where
+ * it has one (uniform init 1), else 0 (the load is in bounds either way: ph holds B ED N values past 0). */
+const H0 = "select(0.0, ld_ph(P.h0Off + bd * P.N + n), P.init != 0u)";
+
 function generateChain(dir: CarryDirection, segments: number, G: number): Kernel {
   const fwd = dir === "fwd";
   const W = walksOf(G); // the chain's links: walks of G chunks (the backward's: chunks)
@@ -250,7 +255,7 @@ function generateChain(dir: CarryDirection, segments: number, G: number): Kernel
   let bd = gid / P.N; // b * ED + d
   let d = bd % P.ED;
   let A = -exp(ld_ph(P.ED + d * P.N + n));
-  var m = 0.0;
+  var m = ${fwd ? H0 : "0.0"};
   ${walk("0u", W)}`,
     });
   }
@@ -291,7 +296,7 @@ var<workgroup> runS: array<f32, 64>; // each run's sum of dt`,
   workgroupBarrier();
   // the carry into each run, walked over the chain's runs by its first invocation
   if (s == 0u) {
-    var h = 0.0;
+    var h = ${fwd ? H0 : "0.0"};
     for (var q = lid; q < lid + ${segments}u; q++) {
       let mq = runM[q];
       runM[q] = h;

@@ -9,7 +9,9 @@
  * Workgroup memory: none; no barriers. With `shuffle`, each step's B and C row is loaded once per subgroup
  * and handed to the lanes by subgroupShuffle.
  * Reads: x, draw (or, with Ri > 0, dBC's dt columns and dt_proj's row, draw computed per step), B and C
- * from dBC, the parameters [bias | A_log | D | W] at the front of `ph`, z (a window of a wider tensor).
+ * from dBC, the parameters [bias | A_log | D | W] at the front of `ph`, z (a window of a wider tensor), and
+ * with the uniform init 1 (inference continuing from a cache) the initial state h0 (B, ED, N) at h0Off in `ph`,
+ * the state before step 0 instead of zeros.
  * Writes: out (state blocks after the first add their C.h to it; the last gates), and after each chunk of Lc
  * steps (and at the end) the state into hs (B, ED, chunks, N) behind the parameters in `ph`: the only state
  * that leaves the chip, read by the backward and, after a prompt, as the inference cache. Without a backward
@@ -76,6 +78,9 @@ export function forwardKernel(
   const K = Nb / lanes; // states of the block per invocation
   /** WGSL of this invocation's state j of the block, from the block's first: j, or with lanes its share. */
   const st = (j: number) => laneState(lanes, j);
+  /** WGSL of its state j before step 0: h0's where the call has one, else 0 (ph holds at least B ED N values
+   * past h0Off 0, so the load is in bounds either way). */
+  const init = (j: number) => `select(0.0, ld_ph(P.h0Off + hInit + ${st(j)}), P.init != 0u)`;
   return cachedKernel(key, () =>
     defineKernel({
       name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${G > 1 ? `_Lf${G * Lc}` : ""}_WG${v.WG}${
@@ -128,7 +133,8 @@ export function forwardKernel(
   var Bv: array<f32, ${K}>;
   var Cv: array<f32, ${K}>;
   let hsBase = (b * P.ED + dc) * P.chunks;
-  let h0 = (hsBase + t0 / ${Lc}u - 1u) * ${N}u${plus(n0)};
+  let hPrev = (hsBase + t0 / ${Lc}u - 1u) * ${N}u${plus(n0)}; // the state before t0 in hs (t0 > 0)
+  let hInit = (b * P.ED + dc) * ${N}u${plus(n0)}; // this channel's h0 (in ph whenever init is 1)
   ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)}));`)}
   ${
         fold
@@ -141,9 +147,10 @@ export function forwardKernel(
               (j) => `(b * P.ED + dc) * ${W} + (${j})`,
               (c) => `ld_carry(P.sdtOff + ${c})`,
               (c, n) => `ld_carry(P.locOff + ${c} * ${N}u${plus(n0)} + ${st(n)})`,
+              (n) => init(n),
             )
           }`
-          : unroll(K, (n) => `h[${n}] = select(0.0, ld_ph(P.hsOff + h0 + ${st(n)}), t0 > 0u);`)
+          : unroll(K, (n) => `h[${n}] = select(${init(n)}, ld_ph(P.hsOff + hPrev + ${st(n)}), t0 > 0u);`)
       }
   let bias = ld_ph(dc);
   let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);

@@ -196,6 +196,8 @@ function sizes(x: Tensor, dBC: Tensor, a: FusedAttrs, z: Tensor | null, ran?: Fu
       gated: a.gated ? 1 : 0,
       zS: z ? z.shape[2] : ED,
       z0: a.zStart ?? 0,
+      init: 0, // no initial state (fusedScanForward's h0 sets these)
+      h0Off: 0,
     },
   };
 }
@@ -261,6 +263,10 @@ function checkForwardArgs(
  * itself reads again and the state after the last step, which {@linkcode lastState} reads; the backward
  * refuses such a `ph`. The caller disposes `y` and `ph` (after reading the state out of `ph` with
  * {@linkcode lastState}).
+ *
+ * With `h0` (B, ED, N) the scan starts from that state instead of zeros (a cache's h: a prompt continued in
+ * chunks); it is packed into `ph` after the parameters (`ph` = [par | h0 | hs]). Inference only: `states` must
+ * be "last".
  */
 export function fusedScanForward(
   x: Tensor,
@@ -270,6 +276,7 @@ export function fusedScanForward(
   z: Tensor | null,
   a: FusedAttrs,
   states: "all" | "last" = "all",
+  h0: Tensor | null = null,
 ): { y: Tensor; ph: Tensor } {
   const Ri = a.dtInside ? a.R : 0;
   if (!draw && !Ri) throw new Error("fusedScanForward: draw is needed unless dt_proj runs inside");
@@ -278,14 +285,22 @@ export function fusedScanForward(
     throw new Error(`fusedScanForward: states must be "all" or "last", got ${JSON.stringify(states)}`);
   }
   const { B, L, ED, v, picked, u } = sizes(x, dBC, a, z, undefined, true);
+  if (h0 && (h0.dtype !== "f32" || !sameShape(h0.shape, [B, ED, a.N]) || states !== "last")) {
+    throw new Error(
+      `fusedScanForward: the initial state h0 must be f32 (${B}, ${ED}, ${a.N}) (B, ED, N) and states "last" ` +
+        `(no backward), got ${h0.dtype} ${fmt(h0.shape)} and states "${states}"`,
+    );
+  }
   const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
-  const parSize = params.reduce((n, t) => n + t.size, 0);
-  const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
+  const h0Off = params.reduce((n, t) => n + t.size, 0);
+  const parSize = h0Off + (h0 ? h0.size : 0); // where hs starts
+  if (h0) Object.assign(u, { init: 1, h0Off });
+  const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | h0 | hs (B, ED, chunks, N)]
   ranWith.set(ph.storage, picked);
   ranShape.set(ph.storage, [B, L, ED, a.N]);
   if (states === "last") lastOnly.add(ph.storage);
   const allStates = states === "all" ? 1 : 0;
-  packInto(ph, params); // one dispatch: copies would each end the compute pass
+  packInto(ph, h0 ? [...params, h0] : params); // one dispatch: copies would each end the compute pass
   const blocks = stateBlocks(v);
   const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
   const walks = forwardWalks(v, L);

@@ -163,6 +163,8 @@ export const UNIFORMS: [string, "u32"][] = [
   ["zS", "u32"], // row length of z: ED, or more when z is a window of a wider tensor (in_proj's output)
   ["z0", "u32"], // z's first column in its rows
   ["hsOff", "u32"], // where the chunk states start in ph
+  ["init", "u32"], // 1: the forward starts from an initial state h0 (B, ED, N), at h0Off in ph (inference)
+  ["h0Off", "u32"],
 ];
 
 /** The bindings both kernels read first, in this order (fused_run.ts's scanInputs gives them): x, draw (x in its
@@ -200,11 +202,12 @@ const FOLD_GROUP = 4;
 
 /**
  * WGSL that folds a carry over chunks: for i = 0 .. count-1, chunk c = cell(i), each state n of `v` (K in
- * registers, zeroed first) becomes exp(S_c A[n]) v[n] + loc_c[n] (the forward's h from the chunks before, the
+ * registers, `init` first) becomes exp(S_c A[n]) v[n] + loc_c[n] (the forward's h from the chunks before, the
  * backward's lam from the chunks after: the same form). Loads come FOLD_GROUP chunks at a time, state by
  * state, before their updates: one chunk at a time, each load would wait out its latency alone.
  * `count` is a WGSL u32 expression; `cell(i)` gives chunk i's cell from a WGSL index; `sAt(cell)` and
- * `locAt(cell, n)` the loads of its sum of dt and its local state n.
+ * `locAt(cell, n)` the loads of its sum of dt and its local state n; `init(n)`, WGSL of state n before the
+ * first chunk (0.0 without).
  */
 export function foldCarry(
   v: string,
@@ -213,12 +216,13 @@ export function foldCarry(
   cell: (i: string) => string,
   sAt: (cell: string) => string,
   locAt: (cell: string, n: number) => string,
+  init: (n: number) => string = () => "0.0",
 ): string {
   const G = FOLD_GROUP;
   const steps = (q: number) =>
     unroll(G, (g) => `let l${g} = ${locAt(`c${g}`, q)};`) + "\n    " +
     unroll(G, (g) => `${v}[${q}] = exp(s${g} * A[${q}]) * ${v}[${q}] + l${g};`);
-  return `${unroll(K, (n) => `${v}[${n}] = 0.0;`)}
+  return `${unroll(K, (n) => `${v}[${n}] = ${init(n)};`)}
   var fi = 0u;
   loop {
     if (fi + ${G}u > ${count}) { break; }

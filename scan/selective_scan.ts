@@ -5,7 +5,7 @@
  * @module
  */
 
-import { add, exp, matmul, mul } from "../core/ops/index.ts";
+import { add, cat, exp, matmul, mul, narrow } from "../core/ops/index.ts";
 import { fmt, sameShape } from "../core/shape.ts";
 import type { Tensor } from "../core/tensor.ts";
 import { linearScan, type ScanMode } from "./linear_scan.ts";
@@ -40,7 +40,9 @@ function checkSelectiveScanArgs(x: Tensor, delta: Tensor, A: Tensor, Bm: Tensor,
  * y[t] = C[t] . h[t] + D * x[t] with h[t] = exp(delta[t] A) h[t-1] + delta[t] B[t] x[t].
  * x, delta: (B, L, ED); A: (ED, N); Bm, C: (B, L, N); D: (ED). Returns y: (B, L, ED) and every state hs:
  * (B, L, ED, N) (hs[:, L-1] is the inference cache after a prompt). `mode` picks the scan of h (see
- * {@linkcode linearScan}): "sequential" or "pscan".
+ * {@linkcode linearScan}): "sequential" or "pscan". With `h0` (B, ED, N), h[-1] = h0 instead of zeros (a
+ * cache's state: the scan goes on from it); it enters the first step as exp(delta[0] A) h0, added to
+ * delta[0] B[0] x[0], so the scan itself still starts from zero.
  */
 export function selectiveScan(
   x: Tensor,
@@ -50,13 +52,24 @@ export function selectiveScan(
   C: Tensor,
   D: Tensor,
   mode: ScanMode,
+  h0?: Tensor,
 ): { y: Tensor; hs: Tensor } {
   checkSelectiveScanArgs(x, delta, A, Bm, C, D);
   const [Bsz, L, ED] = x.shape;
   const N = A.shape[1];
+  if (h0 && (h0.dtype !== "f32" || !sameShape(h0.shape, [Bsz, ED, N]))) {
+    throw new Error(
+      `selectiveScan: h0 must be f32 (${Bsz}, ${ED}, ${N}) (B, ED, N), got ${h0.dtype} ${fmt(h0.shape)}`,
+    );
+  }
   const delta4 = delta.reshape(Bsz, L, ED, 1); // delta4: (B, L, ED, 1)
   const deltaA = exp(mul(delta4, A)); // deltaA: (B, L, ED, N)
-  const BX = mul(mul(delta4, Bm.reshape(Bsz, L, 1, N)), x.reshape(Bsz, L, ED, 1)); // BX: (B, L, ED, N)
+  let BX = mul(mul(delta4, Bm.reshape(Bsz, L, 1, N)), x.reshape(Bsz, L, ED, 1)); // BX: (B, L, ED, N)
+  if (h0) {
+    // BX[:, 0] += deltaA[:, 0] h0
+    const first = add(narrow(BX, 1, 0, 1), mul(narrow(deltaA, 1, 0, 1), h0.reshape(Bsz, 1, ED, N))); // (B, 1, ED, N)
+    BX = L > 1 ? cat([first, narrow(BX, 1, 1, L - 1)], 1) : first; // BX: (B, L, ED, N)
+  }
   const hs = linearScan(deltaA, BX, mode); // hs: (B, L, ED, N)
   const y = matmul(hs, C.reshape(Bsz, L, N, 1)).reshape(Bsz, L, ED); // y: (B, L, ED)
   return { y: add(y, mul(D, x)), hs };

@@ -1,0 +1,332 @@
+/**
+ * Going on from a cache: the selective scan from an initial state h0 (every scan mode, every fused forward
+ * plan), and `Mamba.forwardWithCache` / `MambaLM.prefill` from the caches of the tokens before. Each is checked against one run over the whole sequence, which has no initial
+ * state: a sequence cut in two, the second part from the first part's state, must give the whole's outputs.
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { init } from "../core/device.ts";
+import { randn, tensor } from "../core/creation.ts";
+import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus } from "../core/ops/index.ts";
+import { dispose, type Tensor, tidy } from "../core/tensor.ts";
+import { noGrad } from "../core/autograd.ts";
+import { emptyPool } from "../core/memory.ts";
+import { fusedMambaScanForward } from "../scan/fused.ts";
+import { lastState, setFusedChainRuns, setMaxChunksFolded } from "../scan/fused_run.ts";
+import { fusedVariant, MAX_CHUNKS_FOLDED, setFusedVariant } from "../scan/fused_variant.ts";
+import { selectiveScan } from "../scan/selective_scan.ts";
+import { fromPretrained } from "../mamba/pretrained.ts";
+import type { LayerCache } from "../mamba/block.ts";
+import type { MambaLM } from "../mamba/lm.ts";
+import { assertMatches, fixturePath, tolerance } from "./fixture_util.ts";
+import { inputs } from "./fused_cases.ts";
+import { fusedUnavailable, kernelsRun } from "./helpers.ts";
+
+await init();
+const noFused = fusedUnavailable();
+
+/** The fused forward's plans (as fused_test.ts's lastState test forces them): in order (the variant in use),
+ * chunks of 8 in parallel with their carries chained or folded, walks of 3 chunks, and the chain in 8 runs (a
+ * GPU's, from 128 chunks). */
+const PLANS = [
+  "in order",
+  "chunks in parallel, carries chained",
+  "chunks in parallel, carries folded",
+  "walks of 3 chunks, carries chained",
+  "walks of 3 chunks, carries chained in 8 runs",
+  "walks of 3 chunks, carries folded",
+] as const;
+type Plan = typeof PLANS[number];
+
+/** Runs `fn` with the fused forward planned as `plan` for N states, then restores the defaults. */
+async function withPlan<T>(plan: Plan, N: number, fn: () => Promise<T>): Promise<T> {
+  const chunkParallel = plan !== "in order";
+  const { Lf: _, ...inUse } = fusedVariant(N);
+  setFusedVariant(
+    N,
+    plan.startsWith("walks")
+      ? { WG: 8, Lc: 8, Lf: 24, chunkParallel }
+      : chunkParallel
+      ? { WG: 8, Lc: 8, chunkParallel }
+      : { ...inUse, chunkParallel },
+  );
+  setMaxChunksFolded(plan.includes("chained") ? 0 : plan.includes("folded") ? MAX_CHUNKS_FOLDED : null);
+  setFusedChainRuns(plan.endsWith("8 runs") ? 8 : null);
+  try {
+    return await fn();
+  } finally {
+    setFusedVariant(N, null);
+    setMaxChunksFolded(null);
+    setFusedChainRuns(null);
+  }
+}
+
+/** (x, delta, A, Bm, C) of a case's seeded inputs, as the sequential scan takes them, from step t0 for L. */
+function scanArgs(t: ReturnType<typeof inputs>, R: number, N: number, t0: number, L: number) {
+  const part = (v: Tensor) => narrow(v, 1, t0, L);
+  const dBC = part(t.dBC);
+  return {
+    x: part(t.x),
+    delta: softplus(add(matmul(narrow(dBC, 2, 0, R), t.W, { transB: true }), t.bias)), // (B, L, ED)
+    A: neg(exp(t.A_log)), // (ED, N)
+    Bm: narrow(dBC, 2, R, N),
+    C: narrow(dBC, 2, R + N, N),
+    z: part(t.z),
+  };
+}
+
+for (const plan of PLANS) {
+  Deno.test({
+    name:
+      `fused forward from an initial state (${plan}): a sequence cut in two gives the whole's y and last state`,
+    ignore: noFused,
+    fn: async () => {
+      // 150 steps in chunks of 8: 19 chunks, cut at 61 (inside a chunk and a walk), so both parts span several
+      const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true };
+      const cut = 61;
+      const t = inputs(c, 31);
+      emptyPool(); // fresh buffers: no state a previous plan left
+      await withPlan(plan, c.N, async () => {
+        const part = (v: Tensor, t0: number, L: number) => narrow(v, 1, t0, L);
+        const run = (t0: number, L: number, h0: Tensor | null) =>
+          fusedMambaScanForward(
+            part(t.x, t0, L),
+            part(t.dBC, t0, L),
+            t.W,
+            t.bias,
+            t.A_log,
+            t.D,
+            part(t.z, t0, L),
+            undefined,
+            h0,
+          );
+        const whole = run(0, c.L, null);
+        const first = run(0, cut, null);
+        const h1 = lastState(first.ph, c.B, c.ED, c.N, cut); // h1: (B, ED, N)
+        const { value: second, kernels } = await kernelsRun(() => run(cut, c.L - cut, h1));
+        // the plan ran (the chain, folded carries, walks)
+        assert.equal(
+          kernels.some((k) => k.startsWith("fused_scan_chain_fwd")),
+          plan.includes("chained"),
+          `${kernels}`,
+        );
+        assert.equal(
+          kernels.some((k) => k.endsWith("_chunked_folded")),
+          plan.endsWith("folded"),
+          `${kernels}`,
+        );
+        assert.equal(kernels.some((k) => k.startsWith("fused_scan_chain_fwd_seg8")), plan.endsWith("8 runs"));
+        const bound = tolerance("op");
+        const got = async (v: Tensor) => ({ data: await v.toArray(), shape: v.shape });
+        const rest = part(whole.y, cut, c.L - cut);
+        assertMatches(await got(second.y), await got(rest), bound, "y after the cut");
+        const hWhole = lastState(whole.ph, c.B, c.ED, c.N, c.L);
+        const hSecond = lastState(second.ph, c.B, c.ED, c.N, c.L - cut);
+        assertMatches(await got(hSecond), await got(hWhole), bound, "last state");
+        // and the sequential scan from h1 (selectiveScan's own h0), gated as the fused op gates
+        const want = tidy(() => {
+          const a = scanArgs(t, c.R, c.N, cut, c.L - cut);
+          const { y } = selectiveScan(a.x, a.delta, a.A, a.Bm, a.C, t.D, "sequential", h1);
+          return mul(y, silu(a.z));
+        });
+        assertMatches(await got(second.y), await got(want), bound, "y against the sequential scan from h1");
+        dispose([whole, first, second, h1, rest, hWhole, hSecond, want]);
+      });
+      dispose(t);
+    },
+  });
+}
+
+for (const mode of ["sequential", "pscan"] as const) {
+  Deno.test(`selectiveScan (${mode}) from an initial state: a sequence cut in two gives the whole's y and states`, async () => {
+    const c = { B: 2, L: 37, ED: 6, N: 4, R: 2, gated: true };
+    const t = inputs(c, 32);
+    // (compared outside tidy: toArray is async)
+    for (const cut of [1, 20, 36]) {
+      const r = tidy(() => {
+        const whole = scanArgs(t, c.R, c.N, 0, c.L);
+        const w = selectiveScan(whole.x, whole.delta, whole.A, whole.Bm, whole.C, t.D, mode);
+        const a = scanArgs(t, c.R, c.N, 0, cut);
+        const first = selectiveScan(a.x, a.delta, a.A, a.Bm, a.C, t.D, mode);
+        const h1 = narrow(first.hs, 1, cut - 1, 1).reshape(c.B, c.ED, c.N);
+        const b = scanArgs(t, c.R, c.N, cut, c.L - cut);
+        const second = selectiveScan(b.x, b.delta, b.A, b.Bm, b.C, t.D, mode, h1);
+        return [cat([first.y, second.y], 1), w.y, cat([first.hs, second.hs], 1), w.hs];
+      });
+      const arr = async (v: Tensor) => ({ data: await v.toArray(), shape: v.shape });
+      assertMatches(await arr(r[0]), await arr(r[1]), tolerance("op"), `y, cut at ${cut}`);
+      assertMatches(await arr(r[2]), await arr(r[3]), tolerance("op"), `states, cut at ${cut}`);
+      dispose(r);
+    }
+    const h0 = randn([c.B, c.ED, c.N + 1]);
+    const a = scanArgs(t, c.R, c.N, 0, c.L);
+    assert.throws(
+      () => selectiveScan(a.x, a.delta, a.A, a.Bm, a.C, t.D, mode, h0),
+      /selectiveScan: h0 must be f32 \(2, 6, 4\) \(B, ED, N\), got f32 \[2, 6, 5\]/,
+    );
+    dispose([t, a, h0]);
+  });
+}
+
+/** The char model (trained in PyTorch: its state carries what it read) in a scan mode. */
+function charModel(scan: "fused" | "pscan" | "sequential"): Promise<MambaLM> {
+  return fromPretrained(fixturePath("char-mamba"), { scan });
+}
+
+/** Seeded ids of the char model's vocabulary. */
+function someIds(n: number, vocab: number, seed = 7): number[] {
+  let s = seed;
+  return Array.from({ length: n }, () => (s = (s * 1103515245 + 12345) % 2147483648) % vocab);
+}
+
+/** Every position's logits and the caches, running `ids` (B rows) in chunks of the given lengths, each from the
+ * caches of the chunks before; the caches in between are freed. */
+function chunked(lm: MambaLM, ids: number[][], lengths: number[]) {
+  const logits: Tensor[] = [];
+  let caches: LayerCache[] | null = null;
+  let at = 0;
+  for (const n of lengths) {
+    const r = lm.prefill(ids.map((row) => row.slice(at, at + n)), caches, { logits: "all" });
+    dispose(caches);
+    caches = r.caches;
+    logits.push(r.logits);
+    at += n;
+  }
+  const all = cat(logits, 1); // all: (B, L, vocab)
+  dispose(logits);
+  return { logits: all, caches: caches! };
+}
+
+const shaped = async (v: Tensor) => ({ data: await v.toArray(), shape: v.shape });
+
+/** Asserts that two runs' logits and caches agree within the model bound. */
+async function assertSameRun(
+  got: { logits: Tensor; caches: LayerCache[] },
+  want: { logits: Tensor; caches: LayerCache[] },
+  what: string,
+) {
+  const bound = tolerance("model");
+  assertMatches(await shaped(got.logits), await shaped(want.logits), bound, `${what}: logits`);
+  for (const [l, c] of got.caches.entries()) {
+    assertMatches(await shaped(c.h), await shaped(want.caches[l].h), bound, `${what}: layer ${l}'s h`);
+    assertMatches(
+      await shaped(c.inputs),
+      await shaped(want.caches[l].inputs),
+      bound,
+      `${what}: layer ${l}'s inputs`,
+    );
+  }
+}
+
+// chunks shorter than the conv's window (dConv - 1 = 3), one of a single token, and longer ones
+const LENGTHS = [1, 2, 3, 37, 64, 43];
+
+for (const scan of ["fused", "pscan", "sequential"] as const) {
+  Deno.test({
+    name:
+      `MambaLM.prefill (${scan}): a text in chunks, each from the caches before, gives one forward's logits and caches`,
+    ignore: scan === "fused" && noFused,
+    fn: async () => {
+      const lm = await charModel(scan);
+      const L = LENGTHS.reduce((a, b) => a + b, 0);
+      const ids = [someIds(L, lm.vocabSize, 1), someIds(L, lm.vocabSize, 2)];
+      try {
+        const whole = lm.prefill(ids, null, { logits: "all" });
+        // the whole forward's logits are forward()'s (no cache path)
+        const plain = tidy(() => noGrad(() => lm.forward(ids)));
+        assertMatches(
+          await shaped(whole.logits),
+          await shaped(plain),
+          tolerance("model"),
+          "prefill against forward",
+        );
+        const parts = chunked(lm, ids, LENGTHS);
+        await assertSameRun(parts, whole, `chunks ${LENGTHS}`);
+        // the last position's logits alone (the default)
+        const last = lm.prefill(ids.map((r) => r.slice(0, 6)), null);
+        assert.deepEqual(last.logits.shape, [2, lm.vocabSize]);
+        const six = lm.prefill(ids.map((r) => r.slice(0, 6)), null, { logits: "all" });
+        const want = narrow(six.logits, 1, 5, 1).reshape(2, lm.vocabSize);
+        assertMatches(await shaped(last.logits), await shaped(want), tolerance("model"), "the last position");
+        dispose([whole, plain, parts, last, six, want]);
+      } finally {
+        lm.dispose();
+      }
+    },
+  });
+}
+
+for (const plan of PLANS) {
+  Deno.test({
+    name: `MambaLM.prefill, fused forward ${plan}: a text in chunks gives one forward's logits and caches`,
+    ignore: noFused,
+    fn: async () => {
+      const lm = await charModel("fused");
+      const lengths = [5, 70, 61]; // chunks of 8 (walks of 24) on both sides of the cuts
+      const L = lengths.reduce((a, b) => a + b, 0);
+      const ids = [someIds(L, lm.vocabSize, 3)];
+      try {
+        await withPlan(plan, lm.config.dState, async () => {
+          const whole = lm.prefill(ids, null, { logits: "all" });
+          const parts = chunked(lm, ids, lengths);
+          await assertSameRun(parts, whole, plan);
+          dispose([whole, parts]);
+        });
+      } finally {
+        lm.dispose();
+      }
+    },
+  });
+}
+
+Deno.test({
+  name: "MambaLM.prefill goes on from step's caches, and step from prefill's: one forward's logits",
+  ignore: noFused,
+  fn: async () => {
+    const lm = await charModel("fused");
+    const ids = [someIds(30, lm.vocabSize, 4)];
+    try {
+      const whole = lm.prefill(ids, null, { logits: "all" });
+      const a = lm.prefill([ids[0].slice(0, 10)], null, { logits: "all" });
+      const id = tensor(new Int32Array([ids[0][10]]), [1], { dtype: "i32" });
+      const s = tidy(() => noGrad(() => lm.step(id, a.caches))); // s.logits: (1, vocab)
+      const b = lm.prefill([ids[0].slice(11)], s.caches, { logits: "all" });
+      const logits = cat([a.logits, s.logits.reshape(1, 1, lm.vocabSize), b.logits], 1);
+      await assertSameRun({ logits, caches: b.caches }, whole, "prefill, step, prefill");
+      dispose([whole, a, id, s, b, logits]);
+    } finally {
+      lm.dispose();
+    }
+  },
+});
+
+Deno.test("MambaLM.prefill and Mamba.forwardWithCache name what is wrong with the caches they are given", async () => {
+  const lm = await charModel("fused");
+  try {
+    const a = lm.prefill([[1, 2, 3], [4, 5, 6]], null);
+    assert.throws(
+      () => lm.prefill([[1, 2]], a.caches),
+      /Mamba.forwardWithCache: the cache of layer 0 has h \[2, 128, 16\] .*input \[1, 2, 64\] needs h \[1, 128, 16\] \(B, ED, N\)/,
+    );
+    assert.throws(
+      () => lm.prefill([[1, 2], [3, 4]], a.caches.slice(1)),
+      /Mamba.forwardWithCache: 1 caches for 2 layers/,
+    );
+    assert.throws(
+      () => lm.prefill([[1, 2], [3, 4]], a.caches, { logits: "first" as "all" }),
+      /MambaLM.prefill: logits must be "last" or "all", got "first"/,
+    );
+    const x = randn([2, 2, 64]);
+    // with gradients on, the layers refuse (inference-only) rather than drop the gradients
+    assert.throws(
+      () => lm.mamba.forwardWithCache(x, false, a.caches),
+      /Mamba: a forward from a cache is inference-only: run it under noGrad/,
+    );
+    a.caches[1].h.dispose();
+    assert.throws(() => lm.prefill([[1, 2], [3, 4]], a.caches), /the cache of layer 1 has h disposed/);
+    dispose([a, x]);
+  } finally {
+    lm.dispose();
+  }
+});
