@@ -6,7 +6,11 @@
  * ```sh
  * deno task eval --model state-spaces/mamba-130m --tokenizer EleutherAI/gpt-neox-20b --data my.txt
  * deno task eval --model tests/fixtures/char-mamba --data data/pride_and_prejudice.txt --seq 256 --batch 8
+ * deno task eval --model tests/fixtures/char-mamba --data data/pride_and_prejudice.txt --seq 256 --carry-state
  * ```
+ *
+ * With --carry-state each window goes on from the model's state after the windows before it: every token is
+ * predicted from the whole text before it, in one window's memory.
  *
  * Prints the loss (nats per token), the perplexity and bits per byte of the scored text on stdout, progress
  * and speed on stderr.
@@ -26,6 +30,8 @@ const USAGE = `Usage: deno task eval --model <id|folder|url> --data <file> [opti
   --data <file>      UTF-8 text to score
   --seq <n>          predictions per window: each token is predicted from at most n before it (default 1024)
   --batch <n>        windows per forward pass (default 1)
+  --carry-state      each window goes on from the state after the ones before: every token is predicted
+                     from all the text before it (windows run one at a time: --batch 1)
   --max-tokens <n>   score the text's first n tokens only (default: all)
   --dtype <s>        how the large weights are stored on the GPU: f32 (default) or bf16 (about half the
                      memory, rounded to nearest even as they load)
@@ -56,6 +62,7 @@ function parse(argv: string[]) {
         data: { type: "string" },
         seq: { type: "string" },
         batch: { type: "string" },
+        "carry-state": { type: "boolean" },
         "max-tokens": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
@@ -65,11 +72,15 @@ function parse(argv: string[]) {
   }
   if (values.help) return null;
   if (!values.data) throw new UsageError("--data is required");
+  if (values["carry-state"] && values.batch !== undefined && values.batch !== "1") {
+    throw new UsageError("--carry-state runs the windows one at a time: --batch must be 1");
+  }
   return {
     ...modelFlags(values),
     data: values.data,
     seq: int("seq", values.seq, 1024, 1),
     batch: int("batch", values.batch, 1, 1),
+    carryState: values["carry-state"] === true,
     maxTokens: values["max-tokens"] === undefined ? null : int("max-tokens", values["max-tokens"], 0, 2),
   };
 }
@@ -105,6 +116,7 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
     const r = await perplexity(lm, ids, {
       seq: a.seq,
       batch: a.batch,
+      carryState: a.carryState,
       onProgress: (done, total) => {
         if (done - shown >= total / 10 || done === total) {
           io.err(`${done} / ${total} tokens`);
@@ -120,7 +132,9 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
         `${(r.nll / Math.LN2 / bytes).toFixed(4)} bits/byte`,
     );
     io.err(
-      `${r.tokens} tokens predicted in ${r.windows} windows of at most ${a.seq} in ${secs.toFixed(2)} s ` +
+      `${r.tokens} tokens predicted in ${r.windows} windows of at most ${a.seq}${
+        a.carryState ? ", each from the state after those before" : ""
+      } in ${secs.toFixed(2)} s ` +
         `(${(r.tokens / secs).toFixed(0)} tokens/s)`,
     );
     return 0;

@@ -54,7 +54,7 @@ Deno.test("perplexity: windows of seq predictions, every id but the first once, 
   await assert.rejects(() => perplexity(lm, ids, { seq: 0 }), /seq must be an integer >= 1, got 0/);
   await assert.rejects(
     () => perplexity(lm, ids, { seq, stride: 16 } as PerplexityOptions),
-    /unknown option 'stride' \(options are seq, batch, onProgress\)/,
+    /unknown option 'stride' \(options are seq, batch, carryState, onProgress\)/,
   );
   await assert.rejects(
     () => perplexity(lm, [1, 2, 999]),
@@ -96,6 +96,19 @@ Deno.test("deno task eval prints the loss, perplexity and bits per byte of a tex
     assert.ok(bf.out.startsWith(`loss ${wantBf.loss.toFixed(4)} nats/token`), bf.out);
     const head = await run("--model", char, "--data", file, "--max-tokens", "20", "--seq", "8");
     assert.match(head.err, /19 tokens predicted in 3 windows of at most 8/);
+    // --carry-state: windows of 50 from the state before score as one window over all 181 ids
+    const carried = await run("--model", char, "--data", file, "--seq", "50", "--carry-state");
+    const all = await run("--model", char, "--data", file, "--seq", "1024");
+    assert.equal(carried.out, all.out);
+    assert.notEqual(r.out, all.out);
+    assert.match(
+      carried.err,
+      /180 tokens predicted in 4 windows of at most 50, each from the state after those before/,
+    );
+    assert.match(
+      (await run("--model", char, "--data", file, "--carry-state", "--batch", "2")).err,
+      /--carry-state runs the windows one at a time: --batch must be 1/,
+    );
     assert.equal((await run("--model", char)).code, 2);
     assert.match((await run("--model", char)).err, /--data is required/);
     assert.match(

@@ -1,6 +1,7 @@
 /**
  * Going on from a cache: the selective scan from an initial state h0 (every scan mode, every fused forward
- * plan), and `Mamba.forwardWithCache` / `MambaLM.prefill` from the caches of the tokens before. Each is checked against one run over the whole sequence, which has no initial
+ * plan), `Mamba.forwardWithCache` / `MambaLM.prefill` from the caches of the tokens before, and
+ * `perplexity`'s `carryState`. Each is checked against one run over the whole sequence, which has no initial
  * state: a sequence cut in two, the second part from the first part's state, must give the whole's outputs.
  * @module
  */
@@ -19,6 +20,7 @@ import { selectiveScan } from "../scan/selective_scan.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
 import type { LayerCache } from "../mamba/block.ts";
 import type { MambaLM } from "../mamba/lm.ts";
+import { perplexity } from "../mamba/perplexity.ts";
 import { assertMatches, fixturePath, tolerance } from "./fixture_util.ts";
 import { inputs } from "./fused_cases.ts";
 import { fusedUnavailable, kernelsRun } from "./helpers.ts";
@@ -329,4 +331,33 @@ Deno.test("MambaLM.prefill and Mamba.forwardWithCache name what is wrong with th
   } finally {
     lm.dispose();
   }
+});
+
+Deno.test({
+  name: "perplexity with carryState: windows of 32 score the text as one window over all of it",
+  ignore: noFused,
+  fn: async () => {
+    const lm = await charModel("fused");
+    const ids = someIds(150, lm.vocabSize, 5);
+    try {
+      const one = await perplexity(lm, ids, { seq: 1024 });
+      const carried = await perplexity(lm, ids, { seq: 32, carryState: true });
+      const cut = await perplexity(lm, ids, { seq: 32 });
+      assert.equal(carried.tokens, 149);
+      assert.equal(carried.windows, 5);
+      // the model bound on a sum of 149 log-likelihoods; without the state the windows score differently
+      assert.ok(Math.abs(carried.nll - one.nll) <= 1e-4 * one.nll, `${carried.nll} vs ${one.nll}`);
+      assert.ok(Math.abs(cut.nll - one.nll) > 1e-3 * one.nll, `${cut.nll} vs ${one.nll}`);
+      await assert.rejects(
+        () => perplexity(lm, ids, { seq: 32, batch: 2, carryState: true }),
+        /perplexity: carryState runs the windows one after another: batch must be 1, got 2/,
+      );
+      await assert.rejects(
+        () => perplexity(lm, ids, { carryState: "yes" as unknown as boolean }),
+        /perplexity: carryState must be true or false, got "yes"/,
+      );
+    } finally {
+      lm.dispose();
+    }
+  },
 });
