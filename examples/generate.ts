@@ -41,6 +41,8 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
   --cache-dir <s>    hub cache folder (default HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else HF_HOME/hub,
                      else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub)
   --read-every <n>   tokens between readbacks while streaming (default 4)
+  --prefill-chunk <n>  prompt tokens per forward: a long prompt in chunks, each from the state after those
+                     before, in one chunk's memory (default: the whole prompt at once)
   -h, --help         this text`;
 
 function num(
@@ -77,6 +79,7 @@ function parse(argv: string[]) {
         "repetition-penalty": { type: "string" },
         batch: { type: "string" },
         "read-every": { type: "string" },
+        "prefill-chunk": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     }));
@@ -122,6 +125,9 @@ function parse(argv: string[]) {
     seed: values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : int("seed", values.seed, 0, 0),
     batch: int("batch", values.batch, 1, 1),
     readEvery: int("read-every", values["read-every"], 4, 1),
+    prefillChunk: values["prefill-chunk"] === undefined
+      ? Infinity
+      : int("prefill-chunk", values["prefill-chunk"], 0, 1),
   };
 }
 
@@ -214,6 +220,7 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       repetitionPenalty: a.repetitionPenalty,
       seed: a.seed,
       readEvery: a.readEvery,
+      prefillChunk: a.prefillChunk,
       onTokens,
       ...(eos === null ? {} : { stopTokens: [eos] }), // every row at its end: decoding stops
     }).catch((e) => {
@@ -241,7 +248,9 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       }, ${mode}) in ${(genMs / 1000).toFixed(2)} s: ` +
         `${(n / (genMs / 1000)).toFixed(1)} tokens/s; prompt ${
           [...new Set(rows.map((r) => r.length))].join(" / ")
-        } tokens, first tokens after ` +
+        } tokens${
+          a.prefillChunk < Infinity ? ` (run in chunks of ${a.prefillChunk})` : ""
+        }, first tokens after ` +
         `${firstMs.toFixed(0)} ms; model loaded in ${(loadMs / 1000).toFixed(2)} s${
           a.weightDtype === "bf16" ? " (bf16 weights)" : ""
         }`,

@@ -74,6 +74,12 @@ export interface GenerateOptions extends SampleOptions {
    * rows may be shorter than nTokens. Default none.
    */
   stopTokens?: readonly number[];
+  /**
+   * Prompt tokens per forward of the prompt, a positive integer or Infinity (the default: the whole prompt in
+   * one forward). A long prompt then runs in chunks, each from the caches of those before
+   * ({@linkcode MambaLM.prefill}): the same tokens, in the memory of one chunk's activations.
+   */
+  prefillChunk?: number;
 }
 
 const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings", "paddingIdx", "weightDtype"];
@@ -90,6 +96,7 @@ const GENERATE_OPTION_KEYS = [
   "onTokens",
   "readEvery",
   "stopTokens",
+  "prefillChunk",
 ];
 
 /** Validates LMOptions; every error names the option. Undefined values count as absent. */
@@ -509,15 +516,34 @@ export class MambaLM extends Module {
 
   /**
    * The prompt's forward: the last position's logits (B, vocab) and each layer's cache. Each group of rows of
-   * one length runs as one batch; with several, their logits and caches are put back in row order.
+   * one length runs as one batch; with several, their logits and caches are put back in row order. A group
+   * longer than `chunk` runs in forwards of `chunk` positions, each from the caches of those before, each in
+   * its own tidy (its activations go before the next runs).
    */
-  private prefillGroups(groups: PromptGroup[], B: number): { logits: Tensor; caches: LayerCache[] } {
+  private prefillGroups(
+    groups: PromptGroup[],
+    B: number,
+    chunk = Infinity,
+  ): { logits: Tensor; caches: LayerCache[] } {
     const parts = groups.map(({ ids }) => {
       const [Bg, P] = ids.shape;
-      const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true); // r.out: (Bg, P, D)
-      // Only the last position's logits are needed: the head (norm_f works row by row) runs on it alone.
-      const last = narrow(r.out, 1, P - 1, 1); // last: (Bg, 1, D)
-      return { logits: this.head(last).reshape(Bg, this.vocabSize), caches: r.caches }; // logits: (Bg, vocab)
+      let caches: LayerCache[] | null = null;
+      let last: Tensor | null = null; // the last position's output: (Bg, 1, D)
+      for (let t0 = 0; t0 < P; t0 += chunk) {
+        const n = Math.min(chunk, P - t0);
+        const from = caches;
+        const r = tidy(() => {
+          const part = n === P ? ids : narrow(ids, 1, t0, n); // part: (Bg, n) i32
+          const f = this.mamba.forwardWithCache(this.embedding.forward(part), true, from ?? undefined);
+          // Only the last position's logits are needed: the head (norm_f works row by row) runs on it alone.
+          return { last: t0 + n === P ? narrow(f.out, 1, n - 1, 1) : null, caches: f.caches };
+        });
+        dispose(from);
+        caches = r.caches;
+        last = r.last;
+      }
+      // logits: (Bg, vocab)
+      return { logits: this.head(last!).reshape(Bg, this.vocabSize), caches: caches! };
     });
     if (parts.length === 1) return parts[0];
     const at: [number, number][] = new Array(B); // row b: [its group, its row there]
@@ -534,7 +560,8 @@ export class MambaLM extends Module {
 
   /**
    * Continues each prompt row by `nTokens` tokens. The prompt runs as one parallel forward that also fills
-   * the caches; then each token costs one `step`. Tokens are chosen on the GPU (greedy by default) and read
+   * the caches (or, with `prefillChunk`, as forwards of that many tokens, each from the caches before); then
+   * each token costs one `step`. Tokens are chosen on the GPU (greedy by default) and read
    * back every `readEvery` steps. Returns the new tokens (B rows of up to nTokens: with `stopTokens` a row ends
    * at its first stop token).
    *
@@ -574,6 +601,12 @@ export class MambaLM extends Module {
       );
     }
     const stops = new Set(stopList);
+    const prefillChunk = options.prefillChunk ?? Infinity;
+    if (!(Number.isInteger(prefillChunk) && prefillChunk >= 1) && prefillChunk !== Infinity) {
+      throw new Error(
+        `generate: prefillChunk must be a positive integer or Infinity, got ${show(prefillChunk)}`,
+      );
+    }
     const { B, rows: rowsIn, groups } = await this.promptGroups(prompt);
     const release = () => groups.forEach((g) => g.ids !== prompt && g.ids.dispose());
     let all: Tensor | null = null, next: Tensor | null = null, seen: Tensor | null = null;
@@ -630,7 +663,7 @@ export class MambaLM extends Module {
             let logits: Tensor;
             let c: LayerCache[];
             if (i === 0) {
-              ({ logits, caches: c } = this.prefillGroups(groups, B));
+              ({ logits, caches: c } = this.prefillGroups(groups, B, prefillChunk));
             } else {
               const r = this.step(next, prev);
               logits = r.logits; // logits: (B, vocab)

@@ -858,6 +858,24 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.equal(g.out, `${prompt}ner was not the more the consideration of the consideration of t\n`);
   assert.ok(g.pieces.length >= 8, `streamed in ${g.pieces.length} pieces`);
   assert.match(g.err, /64 tokens \(1 x 64, greedy\) in [\d.]+ s: [\d.]+ tokens\/s/);
+  // --prefill-chunk: the prompt in forwards of 5 tokens, each from the state before; the same text
+  const pc = await run(
+    "--model",
+    char,
+    "--prompt",
+    prompt,
+    "--greedy",
+    "--tokens",
+    "64",
+    "--prefill-chunk",
+    "5",
+  );
+  assert.equal(pc.out, g.out, pc.err);
+  assert.match(pc.err, /prompt 57 tokens \(run in chunks of 5\)/);
+  assert.match(
+    (await run("--model", char, "--prefill-chunk", "0")).err,
+    /--prefill-chunk must be an integer >= 1/,
+  );
   // The repetition penalty: the API's tokens (lm_test checks them against a full forward), another text.
   const rp = await run(
     "--model",

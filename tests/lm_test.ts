@@ -696,6 +696,49 @@ Deno.test("generate: the prompt's logits are computed for its last position only
   lm.dispose();
 });
 
+Deno.test("generate with prefillChunk: a long prompt in chunks gives the same tokens at a fraction of the peak", async () => {
+  await init();
+  const lm = await fromPretrained(fixturePath("char-mamba"));
+  // prompt rows of two lengths (two groups), longer than the chunk
+  const P = 600;
+  const long = Array.from({ length: P }, (_, i) => (i * 13 + 5) % lm.vocabSize);
+  const prompt = [long, long.slice(0, 437)];
+  const sampled = { sample: true, temperature: 1.5, seed: 9 };
+  try {
+    const peakOf = async (options: Record<string, unknown>) => {
+      await lm.generate(prompt, 2, options); // warm
+      const base = memory().liveBytes;
+      resetPeak();
+      const tokens = await lm.generate(prompt, 12, options);
+      return { tokens, peak: memory().peakBytes - base };
+    };
+    const whole = await peakOf({});
+    for (const chunk of [1, 37, 256]) {
+      const parts = await peakOf({ prefillChunk: chunk });
+      assert.deepEqual(parts.tokens, whole.tokens, `greedy, chunks of ${chunk}`);
+    }
+    const chunked = await peakOf({ prefillChunk: 64 });
+    // measured on lavapipe: 315,136 bytes against 1,957,376 (chunks of 256: 1,002,496)
+    assert.ok(
+      chunked.peak < whole.peak / 3,
+      `peak ${chunked.peak} bytes in chunks of 64, ${whole.peak} whole`,
+    );
+    assert.deepEqual(
+      await lm.generate(prompt, 12, { ...sampled, prefillChunk: 100 }),
+      await lm.generate(prompt, 12, sampled),
+      "sampled, chunks of 100",
+    );
+    for (const bad of [0, 1.5, -1, NaN]) {
+      await assert.rejects(
+        () => lm.generate(prompt, 1, { prefillChunk: bad }),
+        new RegExp(`generate: prefillChunk must be a positive integer or Infinity, got ${bad}`),
+      );
+    }
+  } finally {
+    lm.dispose();
+  }
+});
+
 Deno.test("generate: tensor prompt ids are range-checked, Int32Array rows are accepted", async () => {
   await init();
   const lm = new MambaLM({ dModel: 16, nLayers: 1 }, { vocabSize: 32 });
