@@ -20,7 +20,7 @@ import {
   type StateDict,
   writeEntry,
 } from "../nn/module.ts";
-import { type LayerCache, Mamba } from "./block.ts";
+import { checkLayerCache, type LayerCache, Mamba } from "./block.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./config.ts";
 import { drawSeed, sampleInto, type SampleOptions, sampleParams, seenMask, seenWords } from "./sampling.ts";
 
@@ -80,6 +80,14 @@ export interface GenerateOptions extends SampleOptions {
    * ({@linkcode MambaLM.prefill}): the same tokens, in the memory of one chunk's activations.
    */
   prefillChunk?: number;
+  /**
+   * The caches of the tokens before the prompt (from {@linkcode MambaLM.prefill} or `step`), one per layer,
+   * for the prompt's B rows: each row goes on from its row of them, as if its earlier tokens came first. A
+   * conversation thus continues without running it again; to go on after the reply, `prefill` the prompt and
+   * the reply from these same caches. They stay alive (the caller's). `repetitionPenalty` counts the prompt's
+   * and the new tokens, not the ones before. Default: from the start.
+   */
+  from?: LayerCache[];
 }
 
 const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings", "paddingIdx", "weightDtype"];
@@ -97,6 +105,7 @@ const GENERATE_OPTION_KEYS = [
   "readEvery",
   "stopTokens",
   "prefillChunk",
+  "from",
 ];
 
 /** Validates LMOptions; every error names the option. Undefined values count as absent. */
@@ -163,6 +172,12 @@ function sameValues(a: Tensor | HostTensor, b: Tensor | HostTensor): boolean {
 interface PromptGroup {
   rows: number[];
   ids: Tensor;
+}
+
+/** The given batch rows of each layer's cache, in that order (copies). */
+function cacheRows(caches: LayerCache[], rows: number[]): LayerCache[] {
+  const pick = (t: Tensor) => cat(rows.map((b) => narrow(t, 0, b, 1)), 0);
+  return caches.map((c) => ({ h: pick(c.h), inputs: pick(c.inputs) })); // h: (rows, ED, N), inputs: (rows, ED, K-1)
 }
 
 /** Checked rows of `L` ids as an i32 (rows, L) tensor. */
@@ -518,16 +533,20 @@ export class MambaLM extends Module {
    * The prompt's forward: the last position's logits (B, vocab) and each layer's cache. Each group of rows of
    * one length runs as one batch; with several, their logits and caches are put back in row order. A group
    * longer than `chunk` runs in forwards of `chunk` positions, each from the caches of those before, each in
-   * its own tidy (its activations go before the next runs).
+   * its own tidy (its activations go before the next runs). With `start` (B rows), each row goes on from its
+   * row of those caches (the caller's: left alive).
    */
   private prefillGroups(
     groups: PromptGroup[],
     B: number,
     chunk = Infinity,
+    start: LayerCache[] | null = null,
   ): { logits: Tensor; caches: LayerCache[] } {
-    const parts = groups.map(({ ids }) => {
+    const parts = groups.map(({ ids, rows }) => {
       const [Bg, P] = ids.shape;
-      let caches: LayerCache[] | null = null;
+      // this group's rows of the starting caches (a copy, where the group is not every row in order)
+      const own = start && groups.length > 1 ? cacheRows(start, rows) : null;
+      let caches: LayerCache[] | null = own ?? start;
       let last: Tensor | null = null; // the last position's output: (Bg, 1, D)
       for (let t0 = 0; t0 < P; t0 += chunk) {
         const n = Math.min(chunk, P - t0);
@@ -538,7 +557,7 @@ export class MambaLM extends Module {
           // Only the last position's logits are needed: the head (norm_f works row by row) runs on it alone.
           return { last: t0 + n === P ? narrow(f.out, 1, n - 1, 1) : null, caches: f.caches };
         });
-        dispose(from);
+        if (from !== start) dispose(from);
         caches = r.caches;
         last = r.last;
       }
@@ -609,6 +628,24 @@ export class MambaLM extends Module {
     }
     const { B, rows: rowsIn, groups } = await this.promptGroups(prompt);
     const release = () => groups.forEach((g) => g.ids !== prompt && g.ids.dispose());
+    const start = options.from ?? null;
+    try {
+      if (start !== null) {
+        if (!Array.isArray(start) || start.length !== this.config.nLayers) {
+          throw new Error(
+            `generate: from must be one cache per layer (${this.config.nLayers}), got ${
+              Array.isArray(start) ? `${start.length}` : typeof start
+            }`,
+          );
+        }
+        start.forEach((c, i) =>
+          checkLayerCache("generate: from", c, this.config, B, i, `a prompt of ${B} rows`)
+        );
+      }
+    } catch (e) {
+      release();
+      throw e;
+    }
     let all: Tensor | null = null, next: Tensor | null = null, seen: Tensor | null = null;
     try {
       all = keep(zeros([B, Math.max(nTokens, 1)], { dtype: "i32" })); // all: (B, max(nTokens, 1)) i32
@@ -663,7 +700,7 @@ export class MambaLM extends Module {
             let logits: Tensor;
             let c: LayerCache[];
             if (i === 0) {
-              ({ logits, caches: c } = this.prefillGroups(groups, B, prefillChunk));
+              ({ logits, caches: c } = this.prefillGroups(groups, B, prefillChunk, start));
             } else {
               const r = this.step(next, prev);
               logits = r.logits; // logits: (B, vocab)

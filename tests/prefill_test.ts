@@ -172,7 +172,7 @@ for (const mode of ["sequential", "pscan"] as const) {
 }
 
 /** The char model (trained in PyTorch: its state carries what it read) in a scan mode. */
-function charModel(scan: "fused" | "pscan" | "sequential"): Promise<MambaLM> {
+function charModel(scan: "fused" | "pscan" | "sequential"): ReturnType<typeof fromPretrained> {
   return fromPretrained(fixturePath("char-mamba"), { scan });
 }
 
@@ -356,6 +356,57 @@ Deno.test({
         () => perplexity(lm, ids, { carryState: "yes" as unknown as boolean }),
         /perplexity: carryState must be true or false, got "yes"/,
       );
+    } finally {
+      lm.dispose();
+    }
+  },
+});
+
+Deno.test({
+  name: "generate from caches: a conversation goes on as if run whole, prompt rows of different lengths too",
+  ignore: noFused,
+  fn: async () => {
+    const lm = await charModel("fused");
+    const V = lm.vocabSize;
+    const tok = lm.tokenizer!;
+    // the conversation so far (three rows), then each row's next message (two lengths): text the model knows,
+    // so that what came before changes what it says next
+    const text =
+      "It is a truth universally acknowledged, that a single man in possession of a good fortune, " +
+      "must be in want of a wife.";
+    const before = [text.slice(0, 60), text.slice(10, 70), text.slice(20, 80)].map((t) => tok.encode(t));
+    // (short: the char model's state forgets in about 20 characters)
+    // rows 0 and 2 one group, row 1 another
+    const prompt = [text.slice(60, 62), text.slice(70, 71), text.slice(80, 82)].map((t) => tok.encode(t));
+    const sampled = { sample: true, seed: 3, temperature: 0.8 };
+    try {
+      const state = lm.prefill(before, null);
+      for (const prefillChunk of [Infinity, 3]) {
+        const got = await lm.generate(prompt, 40, { from: state.caches, prefillChunk });
+        // each row alone, run whole: its earlier tokens, then its message
+        for (let b = 0; b < 3; b++) {
+          const [want] = await lm.generate([[...before[b], ...prompt[b]]], 40);
+          assert.deepEqual(got[b], want, `row ${b}, prefillChunk ${prefillChunk}`);
+        }
+      }
+      // sampled: the same noise for the same row and step, so the same tokens where the logits agree
+      const got = await lm.generate(prompt, 40, { ...sampled, from: state.caches });
+      const want = await lm.generate(before.map((r, b) => [...r, ...prompt[b]]), 40, sampled);
+      assert.deepEqual(got, want, "sampled");
+      // without the conversation before, the model says something else
+      assert.notDeepEqual(await lm.generate(prompt, 40, sampled), want);
+      // the caches given stay alive and unchanged: the same call again gives the same tokens
+      const again = await lm.generate(prompt, 20, { from: state.caches });
+      assert.deepEqual(again, await lm.generate(prompt, 20, { from: state.caches }));
+      await assert.rejects(
+        () => lm.generate([prompt[0]], 2, { from: state.caches }),
+        /generate: from: the cache of layer 0 has h \[3, 128, 16\] .*a prompt of 1 rows needs h \[1, 128, 16\]/,
+      );
+      await assert.rejects(
+        () => lm.generate(prompt, 2, { from: state.caches.slice(1) }),
+        /generate: from must be one cache per layer \(2\), got 1/,
+      );
+      dispose(state);
     } finally {
       lm.dispose();
     }
