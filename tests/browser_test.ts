@@ -826,6 +826,8 @@ Deno.test({
           const plain = await lm.generate([lm.tokenizer!.encode(prompt)], 24);
           assert.notDeepEqual([...want[0]], [...plain[0]], "the penalty changes these tokens");
           const text = prompt + lm.tokenizer!.decode(want[0]);
+          const longer = prompt +
+            lm.tokenizer!.decode((await lm.generate([lm.tokenizer!.encode(prompt)], 48))[0]);
           lm.dispose();
           await page.fill("#prompt", prompt);
           await page.fill("#n-tokens", "24");
@@ -837,6 +839,23 @@ Deno.test({
             return !d.generating && (d.lastGeneration || d.error);
           });
           assert.equal(await page.textContent("#output"), text);
+          // Continue: 24 greedy tokens, then 24 more from the state at the text's end, are 48 at once
+          const done = () =>
+            page.waitForFunction(() => {
+              const d = (globalThis as unknown as { mambaDemo: DemoState }).mambaDemo;
+              return !d.generating && (d.lastGeneration || d.error);
+            });
+          await page.fill("#repetition-penalty", "1");
+          await page.click("#generate");
+          await done();
+          assert.equal(await page.isDisabled("#generate-continue"), false);
+          await page.click("#generate-continue");
+          await page.waitForFunction(() =>
+            !(globalThis as unknown as { mambaDemo: DemoState }).mambaDemo.generating
+          );
+          await done();
+          assert.equal(await page.textContent("#output"), longer);
+          await page.fill("#repetition-penalty", "1.5");
           // bf16 weights: the Deno API's text for the bf16 model
           await page.selectOption("#weight-dtype", "bf16");
           assert.match(await load(), /vocabulary 256, bf16 weights, bytes as tokens$/);

@@ -4,7 +4,8 @@
  * The demo page's script (bundled into `out/web/app.js` by `deno task build:web`; served by `deno task web`).
  *
  * Generate: load a model (a local char model, a hub id, a URL, or picked files), type a prompt and watch the
- * tokens stream; save the model as downloads. Train: train the char model on the bundled text with a live
+ * tokens stream, Continue from where the text ends (the model's state kept: `generate`'s `from`); save the
+ * model as downloads. Train: train the char model on the bundled text with a live
  * loss chart, then generate from it. The header shows the adapter, GPU memory from `memory()` and tokens/s.
  * `window.mambaDemo` exposes the state for the browser tests.
  * @module
@@ -13,6 +14,8 @@
 import { deviceInfo, init } from "../../core/device.ts";
 import { memory } from "../../core/memory.ts";
 import { manualSeed } from "../../core/random.ts";
+import { dispose } from "../../core/tensor.ts";
+import type { LayerCache } from "../../mamba/block.ts";
 import { MambaLM } from "../../mamba/lm.ts";
 import type { SampleOptions } from "../../mamba/sampling.ts";
 import { checkpointFiles, fromPretrained, fromPretrainedFiles } from "../../mamba/pretrained.ts";
@@ -63,6 +66,20 @@ const state: DemoState = {
 (globalThis as unknown as { mambaDemo: DemoState }).mambaDemo = state;
 
 let current: Loaded | null = null;
+
+/** Where the text in the output ends, for Continue: the model's caches after every token of it but the last,
+ * which has not run through the model yet (the next generation's one-token prompt). */
+interface Continuation {
+  lm: MambaLM;
+  caches: LayerCache[];
+  last: number;
+}
+let continuation: Continuation | null = null;
+
+function dropContinuation(): void {
+  if (continuation) dispose(continuation.caches);
+  continuation = null;
+}
 let trained: Loaded | null = null;
 let stopTraining = false;
 /** No WebGPU: nothing can load or train. */
@@ -105,6 +122,7 @@ function updateButtons(): void {
   button("train-start").disabled = noGpu || state.training || state.generating;
   button("train-stop").disabled = !state.training;
   button("generate").disabled = !current || state.generating;
+  button("generate-continue").disabled = !current || state.generating || continuation?.lm !== current.lm;
   button("generate-stop").disabled = !state.generating;
   button("save").disabled = !current;
 }
@@ -131,6 +149,7 @@ function showSpeed(tokens: number, seconds: number, what = ""): void {
 
 function setCurrent(next: Loaded): void {
   if (current && current !== trained && current.lm !== next.lm) retire(current.lm);
+  if (continuation && continuation.lm !== next.lm) dropContinuation(); // Continue is for the model shown
   retired.delete(next.lm);
   current = next;
   state.model = next.label;
@@ -261,6 +280,11 @@ let stopGenerating = false;
 /** Thrown from onTokens to end a generation the user stopped. */
 class Stopped extends Error {}
 
+/**
+ * Streams n tokens into `target`: after `prompt` (which replaces what it shows), or with `from` after the text
+ * it shows, from the model's state at its end. Either way the state at the new end becomes `continuation`
+ * (also when the user stops it).
+ */
 async function streamText(
   target: HTMLElement,
   lm: MambaLM,
@@ -268,32 +292,49 @@ async function streamText(
   prompt: string,
   n: number,
   sampling: SampleOptions,
+  from: Continuation | null = null,
 ): Promise<{ text: string; tokens: number; seconds: number }> {
-  target.textContent = "";
-  const p = document.createElement("span");
-  p.className = "prompt";
-  p.textContent = prompt;
+  let ids: number[] = [];
+  if (!from) {
+    target.textContent = "";
+    const p = document.createElement("span");
+    p.className = "prompt";
+    p.textContent = prompt;
+    target.append(p);
+    ids = tokenizer.encode(prompt);
+    if (!ids.length) throw new Error("the prompt is empty");
+  }
   const out = document.createTextNode("");
-  target.append(p, out);
-  const ids = tokenizer.encode(prompt);
-  if (!ids.length) throw new Error("the prompt is empty");
+  target.append(out);
   const decoder = new StreamDecoder(tokenizer);
   let text = "";
   let got = 0;
+  const reply: number[] = [];
   stopGenerating = false; // a Stop belongs to the run it was clicked in
   const t0 = performance.now();
-  await lm.generate([ids], n, {
-    ...sampling,
-    readEvery: 8,
-    onTokens: (fresh) => {
-      if (stopGenerating) throw new Stopped(`stopped after ${got} tokens`);
-      got += fresh[0].length;
-      text += decoder.push(fresh[0]);
-      out.textContent = text;
-      showSpeed(got, (performance.now() - t0) / 1000);
-      showMemory();
-    },
-  });
+  let ended = false; // generated all, or stopped: the state at the text's end is worth keeping
+  try {
+    await lm.generate([from ? [from.last] : ids], n, {
+      ...sampling,
+      ...(from ? { from: from.caches } : {}),
+      readEvery: 8,
+      onTokens: (fresh) => {
+        if (stopGenerating) throw new Stopped(`stopped after ${got} tokens`);
+        got += fresh[0].length;
+        reply.push(...fresh[0]);
+        text += decoder.push(fresh[0]);
+        out.textContent = text;
+        showSpeed(got, (performance.now() - t0) / 1000);
+        showMemory();
+      },
+    });
+    ended = true;
+  } catch (e) {
+    if (e instanceof Stopped) ended = true;
+    throw e;
+  } finally {
+    keepEnd(lm, ended, from, ids, reply);
+  }
   text += decoder.flush();
   out.textContent = text;
   const seconds = (performance.now() - t0) / 1000;
@@ -302,8 +343,42 @@ async function streamText(
   return { text, tokens: got, seconds };
 }
 
-async function generate(): Promise<void> {
+/** After a generation: the caches at the end of the text, for Continue (dropped where it failed part-way). The
+ * tokens that have not run through the model are the new ones but the last, after the prompt's or the one
+ * `from` left: one forward over them from `from`'s caches (or from the start). */
+function keepEnd(
+  lm: MambaLM,
+  ended: boolean,
+  from: Continuation | null,
+  prompt: number[],
+  reply: number[],
+): void {
+  const all = [...(from ? [from.last] : prompt), ...reply];
+  const base = from?.caches ?? null; // the generation's own (generate took them): disposed once replaced
+  if (ended && all.length > 1) {
+    try {
+      const r = lm.prefill([all.slice(0, -1)], base);
+      r.logits.dispose();
+      dropContinuation();
+      continuation = { lm, caches: r.caches, last: all[all.length - 1] };
+    } catch {
+      dropContinuation(); // out of memory: Continue stays off
+    }
+  } else if (from && reply.length === 0) {
+    continuation = from; // no new token (stopped at once, or options refused before any work): the same end
+    return;
+  } else if (ended) {
+    dropContinuation();
+    continuation = { lm, caches: lm.emptyCache(1), last: all[0] };
+  } else {
+    dropContinuation();
+  }
+  if (base && continuation?.caches !== base) dispose(base);
+}
+
+async function generate(continueText = false): Promise<void> {
   if (!current || state.generating) return;
+  if (continueText && continuation?.lm !== current.lm) return;
   const { lm, tokenizer } = current;
   state.generating = true;
   stopGenerating = false;
@@ -329,7 +404,11 @@ async function generate(): Promise<void> {
         repetitionPenalty,
       }
       : { sample: false, repetitionPenalty };
-    const r = await using(lm, () => streamText($("output"), lm, tokenizer, prompt, n, sampling));
+    // Continue takes the state over (a model loaded meanwhile drops only what is left in `continuation`)
+    const from = continueText ? continuation : null;
+    if (from) continuation = null;
+    else dropContinuation();
+    const r = await using(lm, () => streamText($("output"), lm, tokenizer, prompt, n, sampling, from));
     state.lastGeneration = { prompt, ...r };
     status(
       "generate-status",
@@ -348,7 +427,8 @@ async function generate(): Promise<void> {
     updateButtons();
   }
 }
-$("generate").addEventListener("click", generate);
+$("generate").addEventListener("click", () => generate());
+$("generate-continue").addEventListener("click", () => generate(true));
 $("generate-stop").addEventListener("click", () => stopGenerating = true);
 
 // ---- saving as downloads ----
