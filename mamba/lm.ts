@@ -24,7 +24,7 @@ import { checkLayerCache, type LayerCache, Mamba } from "./block.ts";
 import { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./config.ts";
 import { drawSeed, sampleInto, type SampleOptions, sampleParams, seenMask, seenWords } from "./sampling.ts";
 
-/** Options of {@linkcode MambaLM.prefill}. */
+/** Options of {@linkcode MambaLM.prefill}. Unknown keys are an error. */
 export interface PrefillOptions {
   /** The logits returned: of the last position (B, vocab), the default, or of "all" (B, L, vocab). */
   logits?: "last" | "all";
@@ -507,6 +507,12 @@ export class MambaLM extends Module {
     from: LayerCache[] | null = null,
     options: PrefillOptions = {},
   ): { logits: Tensor; caches: LayerCache[] } {
+    if (typeof options !== "object" || options === null || Array.isArray(options)) {
+      throw new Error(`MambaLM.prefill: options must be an object, got ${JSON.stringify(options)}`);
+    }
+    for (const k of Object.keys(options)) {
+      if (k !== "logits") throw new Error(`MambaLM.prefill: unknown option '${k}' (options are logits)`);
+    }
     const which = options.logits ?? "last";
     if (which !== "last" && which !== "all") {
       throw new Error(`MambaLM.prefill: logits must be "last" or "all", got ${JSON.stringify(which)}`);

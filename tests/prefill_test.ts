@@ -19,7 +19,7 @@ import { fusedVariant, MAX_CHUNKS_FOLDED, setFusedVariant } from "../scan/fused_
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
 import type { LayerCache } from "../mamba/block.ts";
-import type { MambaLM } from "../mamba/lm.ts";
+import type { MambaLM, PrefillOptions } from "../mamba/lm.ts";
 import { perplexity } from "../mamba/perplexity.ts";
 import { assertMatches, fixturePath, tolerance } from "./fixture_util.ts";
 import { inputs } from "./fused_cases.ts";
@@ -318,6 +318,15 @@ Deno.test("MambaLM.prefill and Mamba.forwardWithCache name what is wrong with th
     assert.throws(
       () => lm.prefill([[1, 2], [3, 4]], a.caches, { logits: "first" as "all" }),
       /MambaLM.prefill: logits must be "last" or "all", got "first"/,
+    );
+    // a misspelt option is an error, not the last position's logits
+    assert.throws(
+      () => lm.prefill([[1, 2], [3, 4]], a.caches, { logit: "all" } as PrefillOptions),
+      /MambaLM.prefill: unknown option 'logit' \(options are logits\)/,
+    );
+    assert.throws(
+      () => lm.prefill([[1, 2], [3, 4]], a.caches, null as unknown as PrefillOptions),
+      /MambaLM.prefill: options must be an object, got null/,
     );
     const x = randn([2, 2, 64]);
     // with gradients on, the layers refuse (inference-only) rather than drop the gradients
