@@ -115,16 +115,7 @@ export class MambaBlock extends Module {
     residual?: Tensor,
     from?: LayerCache,
   ): { out: Tensor; cache: LayerCache | null } {
-    if ((wantCache || from) && isGradEnabled()) {
-      // The fused prefill kernel has no backward: gradients would be dropped silently.
-      throw new Error(
-        `Mamba: ${
-          from ? "a forward from a cache" : "prefill with a cache"
-        } is inference-only: run it under noGrad (forwardWithCache(x, ${
-          from ? "wantCache, caches" : "true"
-        }) / forward(u, ${from ? "wantCache, residual, cache" : "true"}) with gradients enabled)`,
-      );
-    }
+    checkInferenceOnly(wantCache, from);
     const { dInner: ED, dConv: K } = this.config;
     const [Bsz, L] = u.shape;
     if (from) checkLayerCache("MambaBlock.forward", from, this.config, Bsz);
@@ -457,6 +448,7 @@ export class Mamba extends Module {
     from?: LayerCache[],
   ): { out: Tensor; caches: LayerCache[] } {
     this.checkInput(x, 3);
+    checkInferenceOnly(wantCache, from); // before the first layer's norm runs (with autograd: nothing frees it)
     if (from) {
       if (from.length !== this.config.nLayers) {
         throw new Error(`Mamba.forwardWithCache: ${from.length} caches for ${this.config.nLayers} layers`);
@@ -529,6 +521,20 @@ export class Mamba extends Module {
     if (rank === 3 && x.shape[0] === 0) {
       throw new Error(`Mamba: the input ${fmt(x.shape)} has no rows (B = 0)`);
     }
+  }
+}
+
+/** Throws where a forward that fills or reads a cache (`wantCache`, `from`) would run with autograd on. */
+function checkInferenceOnly(wantCache: boolean, from: unknown): void {
+  if ((wantCache || from) && isGradEnabled()) {
+    // The fused prefill kernel has no backward: gradients would be dropped silently.
+    throw new Error(
+      `Mamba: ${
+        from ? "a forward from a cache" : "prefill with a cache"
+      } is inference-only: run it under noGrad (forwardWithCache(x, ${
+        from ? "wantCache, caches" : "true"
+      }) / forward(u, ${from ? "wantCache, residual, cache" : "true"}) with gradients enabled)`,
+    );
   }
 }
 

@@ -12,7 +12,7 @@ import { randn, tensor } from "../core/creation.ts";
 import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus } from "../core/ops/index.ts";
 import { dispose, type Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
-import { emptyPool } from "../core/memory.ts";
+import { emptyPool, memory } from "../core/memory.ts";
 import { fusedMambaScanForward } from "../scan/fused.ts";
 import { lastState, setFusedChainRuns, setMaxChunksFolded } from "../scan/fused_run.ts";
 import { fusedVariant, MAX_CHUNKS_FOLDED, setFusedVariant } from "../scan/fused_variant.ts";
@@ -329,11 +329,15 @@ Deno.test("MambaLM.prefill and Mamba.forwardWithCache name what is wrong with th
       /MambaLM.prefill: options must be an object, got null/,
     );
     const x = randn([2, 2, 64]);
-    // with gradients on, the layers refuse (inference-only) rather than drop the gradients
+    // with gradients on, the layers refuse (inference-only) rather than drop the gradients, before any layer
+    // runs (nothing would free what it made)
+    const live = memory().liveBytes;
     assert.throws(
       () => lm.mamba.forwardWithCache(x, false, a.caches),
       /Mamba: a forward from a cache is inference-only: run it under noGrad/,
     );
+    assert.throws(() => lm.mamba.forwardWithCache(x, true), /Mamba: prefill with a cache is inference-only/);
+    assert.equal(memory().liveBytes, live, "bytes left behind by the refused forwards");
     a.caches[1].h.dispose();
     assert.throws(() => lm.prefill([[1, 2], [3, 4]], a.caches), /the cache of layer 1 has h disposed/);
     dispose([a, x]);
