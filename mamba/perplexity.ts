@@ -21,7 +21,8 @@ import type { MambaLM } from "./lm.ts";
 
 /** Options of {@linkcode perplexity}. */
 export interface PerplexityOptions {
-  /** Predictions per window: each id is predicted from at most seq ids before it (default 1024). */
+  /** Predictions per window: each id is predicted from at most seq ids before it (with `carryState`, from all the
+   * ids before it; default 1024). */
   seq?: number;
   /** Windows per forward pass (default 1; the last, shorter window runs alone). 1 with `carryState`. */
   batch?: number;
