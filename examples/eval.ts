@@ -28,7 +28,8 @@ const USAGE = `Usage: deno task eval --model <id|folder|url> --data <file> [opti
   --model <s>        hub id (org/name), local folder or URL with config.json + model.safetensors (or
                      pytorch_model.bin)
   --data <file>      UTF-8 text to score
-  --seq <n>          predictions per window: each token is predicted from at most n before it (default 1024)
+  --seq <n>          predictions per window: each token is predicted from at most n before it (all before
+                     it with --carry-state) (default 1024)
   --batch <n>        windows per forward pass (default 1)
   --carry-state      each window goes on from the state after the ones before: every token is predicted
                      from all the text before it (windows run one at a time: --batch 1)

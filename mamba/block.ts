@@ -450,9 +450,7 @@ export class Mamba extends Module {
     this.checkInput(x, 3);
     checkInferenceOnly(wantCache, from); // before the first layer's norm runs (with autograd: nothing frees it)
     if (from) {
-      if (from.length !== this.config.nLayers) {
-        throw new Error(`Mamba.forwardWithCache: ${from.length} caches for ${this.config.nLayers} layers`);
-      }
+      checkCacheCount("Mamba.forwardWithCache", from, this.config.nLayers);
       const B = x.shape[0];
       from.forEach((c, i) =>
         checkLayerCache("Mamba.forwardWithCache", c, this.config, B, i, `input ${fmt(x.shape)}`)
@@ -477,9 +475,7 @@ export class Mamba extends Module {
   /** x: (B, D), one cache per layer -> (B, D) and the new caches. */
   step(x: Tensor, caches: LayerCache[]): { out: Tensor; caches: LayerCache[] } {
     this.checkInput(x, 2);
-    if (caches.length !== this.config.nLayers) {
-      throw new Error(`Mamba.step: ${caches.length} caches for ${this.config.nLayers} layers`);
-    }
+    checkCacheCount("Mamba.step", caches, this.config.nLayers);
     // Every cache is checked before any layer runs: h (B, ED, N), inputs (B, ED, K-1).
     const B = x.shape[0];
     caches.forEach((c, i) => checkLayerCache("Mamba.step", c, this.config, B, i, `input ${fmt(x.shape)}`));
@@ -542,6 +538,16 @@ function checkInferenceOnly(wantCache: boolean, from: unknown): void {
 function withInputs(cache: LayerCache, x: Tensor): Tensor {
   const before = transpose(cache.inputs, 1, 2); // before: (B, K-1, ED)
   return disposeAfter(cat([before, x], 1), before);
+}
+
+/** Throws unless `caches` is an array of one cache per layer (a single cache given as the list is named). */
+function checkCacheCount(who: string, caches: unknown, layers: number): void {
+  if (Array.isArray(caches) && caches.length === layers) return;
+  throw new Error(
+    Array.isArray(caches)
+      ? `${who}: ${caches.length} caches for ${layers} layers`
+      : `${who}: ${typeof caches} given where an array of ${layers} caches (one per layer) is needed`,
+  );
 }
 
 /** Throws, naming what it wants and what it got, unless `cache` (of layer `layer`, where given) fits a batch of

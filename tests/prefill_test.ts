@@ -316,6 +316,10 @@ Deno.test("MambaLM.prefill and Mamba.forwardWithCache name what is wrong with th
       /Mamba.forwardWithCache: 1 caches for 2 layers/,
     );
     assert.throws(
+      () => lm.prefill([[1, 2], [3, 4]], a.caches[0] as unknown as LayerCache[]),
+      /Mamba.forwardWithCache: object given where an array of 2 caches \(one per layer\) is needed/,
+    );
+    assert.throws(
       () => lm.prefill([[1, 2], [3, 4]], a.caches, { logits: "first" as "all" }),
       /MambaLM.prefill: logits must be "last" or "all", got "first"/,
     );
