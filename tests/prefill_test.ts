@@ -384,7 +384,6 @@ Deno.test({
   ignore: noFused,
   fn: async () => {
     const lm = await charModel("fused");
-    const V = lm.vocabSize;
     const tok = lm.tokenizer!;
     // the conversation so far (three rows), then each row's next message (two lengths): text the model knows,
     // so that what came before changes what it says next
