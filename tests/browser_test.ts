@@ -931,6 +931,9 @@ Deno.test({
         await page.waitForFunction(() =>
           /trained here/.test((globalThis as { mambaDemo?: { model: string | null } }).mambaDemo?.model ?? "")
         );
+        // Nothing was generated in the Generate tab: Continue has no text to go on from (the Train tab's sample
+        // is not the output's)
+        assert.equal(await page.isDisabled("#generate-continue"), true);
         // Stop ends a long generation at the next readback, with what streamed kept and no error.
         await page.fill("#n-tokens", "4096");
         await page.click("#generate");

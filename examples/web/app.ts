@@ -282,8 +282,8 @@ class Stopped extends Error {}
 
 /**
  * Streams n tokens into `target`: after `prompt` (which replaces what it shows), or with `from` after the text
- * it shows, from the model's state at its end. Either way the state at the new end becomes `continuation`
- * (also when the user stops it).
+ * it shows, from the model's state at its end. With `keep` (the Generate tab's output, which Continue goes on
+ * from) the state at the new end becomes `continuation` (also when the user stops it).
  */
 async function streamText(
   target: HTMLElement,
@@ -293,6 +293,7 @@ async function streamText(
   n: number,
   sampling: SampleOptions,
   from: Continuation | null = null,
+  keep = false,
 ): Promise<{ text: string; tokens: number; seconds: number }> {
   let ids: number[] = [];
   if (!from) {
@@ -333,7 +334,7 @@ async function streamText(
     if (e instanceof Stopped) ended = true;
     throw e;
   } finally {
-    keepEnd(lm, ended, from, ids, reply);
+    if (keep) keepEnd(lm, ended, from, ids, reply);
   }
   text += decoder.flush();
   out.textContent = text;
@@ -408,7 +409,7 @@ async function generate(continueText = false): Promise<void> {
     const from = continueText ? continuation : null;
     if (from) continuation = null;
     else dropContinuation();
-    const r = await using(lm, () => streamText($("output"), lm, tokenizer, prompt, n, sampling, from));
+    const r = await using(lm, () => streamText($("output"), lm, tokenizer, prompt, n, sampling, from, true));
     state.lastGeneration = { prompt, ...r };
     status(
       "generate-status",
