@@ -562,6 +562,10 @@ export function checkLayerCache(
 ): void {
   const { dInner: ED, dState: N, dConv: K } = config;
   const of = layer === undefined ? "the cache" : `the cache of layer ${layer}`;
+  if (typeof cache !== "object" || cache === null) {
+    // a hole in the list (a cache disposed and set to null) read 'Cannot read properties of null'
+    throw new Error(`${who}: ${of} is ${cache === null ? "null" : typeof cache}, not a cache {h, inputs}`);
+  }
   for (const [name, t] of [["h", cache.h], ["inputs", cache.inputs]] as const) {
     if (!t || t.disposed || t.dtype !== "f32") {
       throw new Error(

@@ -320,6 +320,14 @@ Deno.test("MambaLM.prefill and Mamba.forwardWithCache name what is wrong with th
       /Mamba.forwardWithCache: object given where an array of 2 caches \(one per layer\) is needed/,
     );
     assert.throws(
+      () => lm.prefill([[1, 2], [3, 4]], [a.caches[0], null] as unknown as LayerCache[]),
+      /Mamba.forwardWithCache: the cache of layer 1 is null, not a cache \{h, inputs\}/,
+    );
+    await assert.rejects(
+      () => lm.generate([[1, 2], [3, 4]], 2, { from: [a.caches[0], undefined] as unknown as LayerCache[] }),
+      /generate: from: the cache of layer 1 is undefined, not a cache \{h, inputs\}/,
+    );
+    assert.throws(
       () => lm.prefill([[1, 2], [3, 4]], a.caches, { logits: "first" as "all" }),
       /MambaLM.prefill: logits must be "last" or "all", got "first"/,
     );
