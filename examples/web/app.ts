@@ -73,6 +73,9 @@ interface Continuation {
   lm: MambaLM;
   caches: LayerCache[];
   last: number;
+  /** Tokens generated into the text so far: a sampled Continue offsets its seed by them, so that its noise
+   * is not the first run's again. */
+  generated: number;
 }
 let continuation: Continuation | null = null;
 
@@ -93,6 +96,7 @@ const retired = new Set<MambaLM>();
 
 /** Disposes `lm` now, or when the jobs using it end. */
 function retire(lm: MambaLM): void {
+  if (continuation?.lm === lm) dropContinuation();
   if (inUse.has(lm)) retired.add(lm);
   else lm.dispose();
 }
@@ -355,13 +359,14 @@ function keepEnd(
   reply: number[],
 ): void {
   const all = [...(from ? [from.last] : prompt), ...reply];
+  const generated = (from?.generated ?? 0) + reply.length;
   const base = from?.caches ?? null; // the generation's own (generate took them): disposed once replaced
   if (ended && all.length > 1) {
     try {
       const r = lm.prefill([all.slice(0, -1)], base);
       r.logits.dispose();
       dropContinuation();
-      continuation = { lm, caches: r.caches, last: all[all.length - 1] };
+      continuation = { lm, caches: r.caches, last: all[all.length - 1], generated };
     } catch {
       dropContinuation(); // out of memory: Continue stays off
     }
@@ -370,11 +375,13 @@ function keepEnd(
     return;
   } else if (ended) {
     dropContinuation();
-    continuation = { lm, caches: lm.emptyCache(1), last: all[0] };
+    continuation = { lm, caches: lm.emptyCache(1), last: all[0], generated };
   } else {
     dropContinuation();
   }
   if (base && continuation?.caches !== base) dispose(base);
+  // a model replaced while this generation ran (a Load or Train finishing meanwhile): nothing to continue
+  if (continuation && (retired.has(lm) || continuation.lm !== current?.lm)) dropContinuation();
 }
 
 async function generate(continueText = false): Promise<void> {
@@ -401,7 +408,8 @@ async function generate(continueText = false): Promise<void> {
         topK: num("top-k"),
         topP: num("top-p"),
         minP: num("min-p"),
-        seed: num("seed"),
+        // Continue: offset by the tokens already generated, else its noise would be the first run's again
+        seed: num("seed") + (continueText ? continuation?.generated ?? 0 : 0),
         repetitionPenalty,
       }
       : { sample: false, repetitionPenalty };
