@@ -852,24 +852,17 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   };
   const prompt = "It is a truth universally acknowledged, that a single man";
   const char = fixturePath("char-mamba");
-  const g = await run("--model", char, "--prompt", prompt, "--greedy", "--tokens", "64", "--read-every", "8");
+  /** 64 greedy tokens of the char model after `prompt`, with `extra` flags. */
+  const greedy64 = (...extra: string[]) =>
+    run("--model", char, "--prompt", prompt, "--greedy", "--tokens", "64", ...extra);
+  const g = await greedy64("--read-every", "8");
   assert.equal(g.code, 0, g.err);
   // mamba.py's greedy continuation (tests/fixtures/char-mamba/sample.json), streamed in pieces.
   assert.equal(g.out, `${prompt}ner was not the more the consideration of the consideration of t\n`);
   assert.ok(g.pieces.length >= 8, `streamed in ${g.pieces.length} pieces`);
   assert.match(g.err, /64 tokens \(1 x 64, greedy\) in [\d.]+ s: [\d.]+ tokens\/s/);
   // --prefill-chunk: the prompt in forwards of 5 tokens, each from the state before; the same text
-  const pc = await run(
-    "--model",
-    char,
-    "--prompt",
-    prompt,
-    "--greedy",
-    "--tokens",
-    "64",
-    "--prefill-chunk",
-    "5",
-  );
+  const pc = await greedy64("--prefill-chunk", "5");
   assert.equal(pc.out, g.out, pc.err);
   assert.match(pc.err, /prompt 57 tokens \(run in chunks of 5\)/);
   assert.match(
@@ -877,17 +870,7 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
     /--prefill-chunk must be an integer >= 1/,
   );
   // The repetition penalty: the API's tokens (lm_test checks them against a full forward), another text.
-  const rp = await run(
-    "--model",
-    char,
-    "--prompt",
-    prompt,
-    "--greedy",
-    "--tokens",
-    "64",
-    "--repetition-penalty",
-    "1.3",
-  );
+  const rp = await greedy64("--repetition-penalty", "1.3");
   assert.equal(rp.code, 0, rp.err);
   const charLm = await fromPretrained(char);
   const want = await charLm.generate([charLm.tokenizer!.encode(prompt)], 64, { repetitionPenalty: 1.3 });
