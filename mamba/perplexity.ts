@@ -113,10 +113,8 @@ export async function perplexity(
           if (carryState) {
             const r = lm.prefill(narrow(x, 1, 0, L), caches, { logits: "all" });
             dispose(caches);
-            for (const c of r.caches) {
-              keep(c.h);
-              keep(c.inputs);
-            } // past this pass's tidy
+            // the new state outlives this pass's tidy
+            for (const c of r.caches) [c.h, c.inputs].forEach((t) => keep(t));
             caches = r.caches;
             logits = r.logits;
           } else {

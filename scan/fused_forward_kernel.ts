@@ -147,7 +147,7 @@ export function forwardKernel(
               (j) => `(b * P.ED + dc) * ${W} + (${j})`,
               (c) => `ld_carry(P.sdtOff + ${c})`,
               (c, n) => `ld_carry(P.locOff + ${c} * ${N}u${plus(n0)} + ${st(n)})`,
-              (n) => init(n),
+              init,
             )
           }`
           : unroll(K, (n) => `h[${n}] = select(${init(n)}, ld_ph(P.hsOff + hPrev + ${st(n)}), t0 > 0u);`)
