@@ -25,7 +25,14 @@
  * @module
  */
 
-import { defineOp, type GradTargets, savesForBackward, savesForLater, WindowGrad } from "../core/autograd.ts";
+import {
+  defineOp,
+  type GradTargets,
+  isGradEnabled,
+  savesForBackward,
+  savesForLater,
+  WindowGrad,
+} from "../core/autograd.ts";
 import { copyBox } from "../core/ops/index.ts";
 import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt, stridesOf } from "../core/shape.ts";
@@ -35,6 +42,7 @@ import {
   type FusedGrads,
   fusedScanBackward,
   fusedScanForward,
+  lastState,
   phForBackward,
 } from "./fused_run.ts";
 import { MAX_INLINE_DT_RANK } from "./fused_wgsl.ts";
@@ -117,11 +125,14 @@ const fusedOp = defineOp<FusedAttrs>({
  * dBC's: no draw tensor, no matmul. Above it, draw comes from a matmul in the forward and again in the
  * backward (as the official kernels' checkpoint_lvl 1), and the op saves the dt columns.
  */
-const dtScanOp = defineOp<FusedAttrs>({
+const dtScanOp = defineOp<DtScanAttrs>({
   name: "fusedMambaScan",
   forward: (inputs, a, save) => {
-    const [x, dBC, W, bias, A_log, D, z] = inputs;
-    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z ?? null, a, statesFor());
+    const [x, dBC, W, bias, A_log, D] = inputs;
+    const z = a.gated ? inputs[6] : null;
+    const h0 = a.init ? inputs[inputs.length - 1] : null; // packed into ph, where the backward reads it
+    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z, a, statesFor(), h0);
+    if (a.stateInto) a.stateInto.h = lastState(ph, x.shape[0], x.shape[2], a.N, x.shape[1]);
     save(x, dBC, A_log, phSaved(ph), ...(z ? [z] : []), ...(dt ? [dt, W] : []));
     return y;
   },
@@ -142,9 +153,13 @@ const dtScanOp = defineOp<FusedAttrs>({
       gzTarget(inputs, x.shape[2], a, targets),
     );
     const grads = needed([r.gx, r.gdBC, r.gW, r.gbias, r.gAlog, r.gD], inputs);
-    return z ? [...grads, zGrad(r.gz, inputs[6], x.shape[2], a)] : grads;
+    return [...grads, ...(z ? [zGrad(r.gz, inputs[6], x.shape[2], a)] : []), ...(a.init ? [null] : [])];
   },
 });
+
+/** dtScanOp's attributes: with `init`, the op's last input is the initial state h0 (no gradient); with
+ * `stateInto`, the forward puts the state after the last step there (a new tensor, no autograd). */
+type DtScanAttrs = FusedAttrs & { init?: boolean; stateInto?: { h: Tensor | null } };
 
 /**
  * fusedMambaScan's backward kernels (no autograd), for inputs [x, dBC, W, ...] (`inputs` says which need
@@ -349,6 +364,44 @@ export function fusedMambaScan(
 ): Tensor {
   const a = mambaScanAttrs("fusedMambaScan", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
   return dtScanOp([x, dBC, dtWeight, dtBias, A_log, D, ...(z ? [z] : [])], a);
+}
+
+/**
+ * {@linkcode fusedMambaScan} from an initial state, and the state after: the scan starts from `h0` (B, ED, N)
+ * where given (a cache's h), else zeros, and `h` is the state after the last step (B, ED, N), a new tensor
+ * without autograd that the caller disposes. The output y is differentiable as fusedMambaScan's; h0 is a
+ * constant, so no gradient flows into it: training from a carried state is truncated backpropagation through
+ * time (h0 that requires grad is refused, not silently cut). Under noGrad this is the prefill of a prompt
+ * continued in chunks.
+ */
+export function fusedMambaScanFrom(
+  x: Tensor,
+  dBC: Tensor,
+  dtWeight: Tensor,
+  dtBias: Tensor,
+  A_log: Tensor,
+  D: Tensor,
+  z: Tensor | null,
+  zStart: number | undefined,
+  h0: Tensor | null,
+): { y: Tensor; h: Tensor } {
+  const a = mambaScanAttrs("fusedMambaScanFrom", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
+  const [B, , ED] = x.shape;
+  if (h0 && (h0.dtype !== "f32" || h0.shape.join() !== [B, ED, a.N].join())) {
+    throw new Error(
+      `fusedMambaScanFrom: h0 must be f32 (${B}, ${ED}, ${a.N}) (B, ED, N), got ${h0.dtype} ${fmt(h0.shape)}`,
+    );
+  }
+  if (h0?.requiresGrad && isGradEnabled()) {
+    throw new Error(
+      "fusedMambaScanFrom: h0 requires grad, but no gradient flows into the initial state (truncated " +
+        "backpropagation): pass a state without autograd (a cache, or detach it)",
+    );
+  }
+  const box: { h: Tensor | null } = { h: null };
+  const inputs = [x, dBC, dtWeight, dtBias, A_log, D, ...(z ? [z] : []), ...(h0 ? [h0] : [])];
+  const y = dtScanOp(inputs, { ...a, ...(h0 ? { init: true } : {}), stateInto: box });
+  return { y, h: box.h! };
 }
 
 /**

@@ -17,7 +17,7 @@
  * summed over channels between two barriers; with "subgroup" none (a butterfly of subgroupShuffleXor, or
  * subgroupAdd, sums them; no barriers). With `hbuf: "workgroup"` the recomputed states too
  * ([step][state][channel]).
- * Reads: x, draw or the dt columns, dBC, ph = [bias | A_log | D | W | hs], z, and g, the output's gradient.
+ * Reads: x, draw or the dt columns, dBC, ph = [bias | A_log | D | W | h0 (uniform init 1) | hs], z, and g, the output's gradient.
  * Writes: dx, ddraw (through softplus), dz per (b, t, d) (dz possibly into a window of a wider gradient;
  * state blocks after the first add to them), with `yOut` also the gated y it recomputes for dz (into yg, or
  * over g);
@@ -233,7 +233,7 @@ function kernelName(
 }
 
 // The states of the recompute, by their names in the WGSL (K floats each unless said; K = Nb / lanes):
-//   hb      the saved state before the chunk (from hs; zeros before the first chunk)
+//   hb      the saved state before the chunk (from hs; before the first chunk h0, or zeros)
 //   hw      walks the chunk from hb to its sub-chunk boundaries (two-level recompute only)
 //   hsub    the states at those boundaries, (SUB - 1) x K (two-level only)
 //   h0      the state before the current sub-chunk: hb, or one of hsub
@@ -366,7 +366,13 @@ function chunkStart(c: Shape): string {
     let clen = min(${Lc}u, P.L - cstart);
     var hb: array<f32, ${K}>; // the saved state before this chunk
     let hsAt = (hsBase + k - 1u) * ${N}u${plus(n0)};
-    ${unroll(K, (n) => `hb[${n}] = select(0.0, ld_ph(P.hsOff + hsAt + ${st(c, n)}), k > 0u);`)}
+    let h0At = (b * P.ED + dc) * ${N}u${plus(n0)}; // the call's initial state h0, where it has one (init 1)
+    ${
+    unroll(K, (n) => {
+      const h0 = `select(0.0, ld_ph(P.h0Off + h0At + ${st(c, n)}), P.init != 0u)`;
+      return `hb[${n}] = select(${h0}, ld_ph(P.hsOff + hsAt + ${st(c, n)}), k > 0u);`;
+    })
+  }
     let nsub = (clen + ${Ls - 1}u) / ${Ls}u;`;
 }
 

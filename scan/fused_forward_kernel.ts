@@ -10,7 +10,7 @@
  * and handed to the lanes by subgroupShuffle.
  * Reads: x, draw (or, with Ri > 0, dBC's dt columns and dt_proj's row, draw computed per step), B and C
  * from dBC, the parameters [bias | A_log | D | W] at the front of `ph`, z (a window of a wider tensor), and
- * with the uniform init 1 (inference continuing from a cache) the initial state h0 (B, ED, N) at h0Off in `ph`,
+ * with the uniform init 1 (continuing from a cache) the initial state h0 (B, ED, N) at h0Off in `ph`,
  * the state before step 0 instead of zeros.
  * Writes: out (state blocks after the first add their C.h to it; the last gates), and after each chunk of Lc
  * steps (and at the end) the state into hs (B, ED, chunks, N) behind the parameters in `ph`: the only state

@@ -158,6 +158,15 @@ const MIN_GROUPS = 4;
 const ranWith = new WeakMap<Storage, FusedVariant>();
 /** The [B, L, ED, N] of each forward, by the storage of its `ph`: `lastState` checks its arguments against it. */
 const ranShape = new WeakMap<Storage, number[]>();
+/** Where the initial state h0 sits in a `ph` whose forward started from one (by its storage): the backward, and
+ * the states worked out again for it, start the first chunk from there too. */
+const h0Offset = new WeakMap<Storage, number>();
+
+/** The uniforms `init` and `h0Off` of the kernels that read `ph`: from h0, where its forward had one. */
+function initOf(ph: Tensor): { init: number; h0Off: number } {
+  const h0Off = h0Offset.get(ph.storage);
+  return h0Off === undefined ? { init: 0, h0Off: 0 } : { init: 1, h0Off };
+}
 
 /** A call's shapes, its variant (the workgroup halved for small problems) and the main kernels' uniforms.
  * `forward`: size the workgroups for the forward's walks (of Lf steps), else for chunks of Lc. */
@@ -265,8 +274,9 @@ function checkForwardArgs(
  * {@linkcode lastState}).
  *
  * With `h0` (B, ED, N) the scan starts from that state instead of zeros (a cache's h: a prompt continued in
- * chunks); it is packed into `ph` after the parameters (`ph` = [par | h0 | hs]). Inference only: `states` must
- * be "last".
+ * chunks, or training from a carried state); it is packed into `ph` after the parameters (`ph` = [par | h0 |
+ * hs]), where the backward finds it. It is a constant: no gradient flows into h0 (truncated backpropagation
+ * through time).
  */
 export function fusedScanForward(
   x: Tensor,
@@ -285,10 +295,11 @@ export function fusedScanForward(
     throw new Error(`fusedScanForward: states must be "all" or "last", got ${JSON.stringify(states)}`);
   }
   const { B, L, ED, v, picked, u } = sizes(x, dBC, a, z, undefined, true);
-  if (h0 && (h0.dtype !== "f32" || !sameShape(h0.shape, [B, ED, a.N]) || states !== "last")) {
+  if (h0 && (h0.dtype !== "f32" || !sameShape(h0.shape, [B, ED, a.N]))) {
     throw new Error(
-      `fusedScanForward: the initial state h0 must be f32 (${B}, ${ED}, ${a.N}) (B, ED, N) and states "last" ` +
-        `(no backward), got ${h0.dtype} ${fmt(h0.shape)} and states "${states}"`,
+      `fusedScanForward: the initial state h0 must be f32 (${B}, ${ED}, ${a.N}) (B, ED, N), got ${h0.dtype} ${
+        fmt(h0.shape)
+      }`,
     );
   }
   const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
@@ -298,6 +309,7 @@ export function fusedScanForward(
   const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | h0 | hs (B, ED, chunks, N)]
   ranWith.set(ph.storage, picked);
   ranShape.set(ph.storage, [B, L, ED, a.N]);
+  if (h0) h0Offset.set(ph.storage, h0Off);
   if (states === "last") lastOnly.add(ph.storage);
   const allStates = states === "all" ? 1 : 0;
   packInto(ph, h0 ? [...params, h0] : params); // one dispatch: copies would each end the compute pass
@@ -414,13 +426,16 @@ export function phForBackward(ph: Tensor): Tensor {
   view.dispose();
   ranWith.set(par.storage, v);
   ranShape.set(par.storage, shape);
+  const h0Off = h0Offset.get(ph.storage);
+  if (h0Off !== undefined) h0Offset.set(par.storage, h0Off); // par holds h0 too: it precedes the states
   statesDropped.add(par.storage);
   ph.dispose();
   return par;
 }
 
 /** The full `ph` (parameters and chunk states) again, from the parameters that `phForBackward` saved: every
- * chunk's state from a zero state into hs, then the chain turns them into the state after each chunk. */
+ * chunk's state from a zero state into hs, then the chain turns them into the state after each chunk (from h0
+ * where the forward had one). */
 function statesAgain(
   x: Tensor,
   draw: Tensor | null,
@@ -434,9 +449,11 @@ function statesAgain(
     const ph = Tensor.empty([par.size + B * ED * u.chunks * a.N]); // ph: [par | hs (B, ED, chunks, N)]
     ranWith.set(ph.storage, ranWith.get(par.storage)!);
     ranShape.set(ph.storage, ranShape.get(par.storage)!);
+    const h0Off = h0Offset.get(par.storage);
+    if (h0Off !== undefined) h0Offset.set(ph.storage, h0Off);
     packInto(ph, [par]);
     const sdt = Tensor.empty([B * ED * u.chunks]); // sdt: each chunk's sum of dt (B, ED, chunks)
-    const cu = { ...u, N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
+    const cu = { ...u, ...initOf(par), N: a.N, hsOff: par.size, locOff: 0, sdtOff: 0 };
     // every chunk's state, the forward's walks of Lf steps or not: one walk per chunk
     const { Lf: _walk, ...perChunk } = v;
     const Ri = a.dtInside ? a.R : 0;
@@ -626,6 +643,7 @@ function backwardKernels(
     ...(yg ? { yg: yg.storage } : {}),
   };
   const hsOff = ph.size - B * ED * u.chunks * N;
+  Object.assign(u, initOf(ph)); // the first chunk starts from h0 where the forward did
   if (chunked) {
     // every chunk's lam carry from a zero carry, and its sum of dt; the chain down the chunks leaves in
     // place of each the carry into its chunk

@@ -163,7 +163,7 @@ export const UNIFORMS: [string, "u32"][] = [
   ["zS", "u32"], // row length of z: ED, or more when z is a window of a wider tensor (in_proj's output)
   ["z0", "u32"], // z's first column in its rows
   ["hsOff", "u32"], // where the chunk states start in ph
-  ["init", "u32"], // 1: the forward starts from an initial state h0 (B, ED, N), at h0Off in ph (inference)
+  ["init", "u32"], // 1: the forward starts from an initial state h0 (B, ED, N), at h0Off in ph (a cache)
   ["h0Off", "u32"],
 ];
 

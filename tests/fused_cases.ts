@@ -10,7 +10,7 @@ import { init } from "../core/device.ts";
 import { full, randn, tensor } from "../core/creation.ts";
 import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus, sum } from "../core/ops/index.ts";
 import { dispose, keep, type Tensor, tidy } from "../core/tensor.ts";
-import { fusedMambaScan, fusedSelectiveScan } from "../scan/fused.ts";
+import { fusedMambaScan, fusedMambaScanFrom, fusedSelectiveScan } from "../scan/fused.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { assertMatches, tolerance } from "./fixture_util.ts";
@@ -41,6 +41,9 @@ export interface Case {
   /** With `dtWeight` and `gated`, not with `zTimesY`: out_proj too, fusedMambaScanOut (res + y Wout^T + ob,
    * Wout (3, ED)), with a residual, also a bias, or neither. The loss's G is then (B, L, 3). */
   outProj?: "residual" | "bias" | "plain";
+  /** With `dtWeight`, not with `outProj`: the scan starts from a seeded state h0 (B, ED, N), a constant
+   * (fusedMambaScanFrom; the reference's sequential scan from the same h0). */
+  h0?: boolean;
 }
 
 /** out_proj's output width in `outProj` cases (odd: no multiple of 4 to hide a column the product skips). */
@@ -49,7 +52,8 @@ const DM = 3;
 /** The seeded inputs of a case (every one but G requires grad): x, draw (B, L, ED); dBC (B, L, R + 2N + pad);
  * bias, D (ED); A_log (ED, N); z (B, L, ED or the window's width); G (B, L, ED, or 3 with outProj), the loss's
  * weights on the output; W (ED, R), dt_proj's weight; Wout (3, ED) and res (B, L, 3), out_proj's weight and
- * the residual; ob (3), out_proj's bias. Seed s draws from seeds 100 s + 1 .. 100 s + 12. */
+ * the residual; ob (3), out_proj's bias; h0 (B, ED, N), an initial state. Seed s draws from seeds 100 s + 1 ..
+ * 100 s + 13. */
 export function inputs(c: Case, seed: number) {
   const r = (shape: number[], s: number, scale = 1) => randn(shape, { seed: seed * 100 + s, std: scale });
   const t = {
@@ -65,6 +69,7 @@ export function inputs(c: Case, seed: number) {
     Wout: r([DM, c.ED], 10, 0.5),
     res: r([c.B, c.L, DM], 11),
     ob: r([DM], 12),
+    h0: r([c.B, c.ED, c.N], 13), // no gradient: a carried state is a constant
   };
   for (const k of GRADS) t[k].requiresGrad_(true);
   return t;
@@ -80,7 +85,7 @@ export function reference(t: ReturnType<typeof inputs>, c: Case): Tensor {
   const Bm = narrow(t.dBC, 2, c.R, c.N);
   const C = narrow(t.dBC, 2, c.R + c.N, c.N);
   const A = neg(exp(t.A_log));
-  const { y } = selectiveScan(t.x, delta, A, Bm, C, t.D, "sequential");
+  const { y } = selectiveScan(t.x, delta, A, Bm, C, t.D, "sequential", c.h0 ? t.h0 : undefined);
   const z = c.zWindow ? narrow(t.z, 2, c.zWindow.start, c.ED) : t.z;
   const yg = c.gated ? mul(y, silu(z)) : y; // (B, L, ED)
   if (!c.outProj) return yg;
@@ -150,6 +155,7 @@ export async function compare(c: Case, seed: number, options: CompareOptions = {
           res,
         );
       }
+      if (c.h0) return fusedMambaScanFrom(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, z, c.zWindow?.start, t.h0).y;
       return c.dtWeight
         ? fusedMambaScan(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, z, c.zWindow?.start)
         : fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, z, c.zWindow?.start);

@@ -13,8 +13,8 @@ import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus } from "../core
 import { dispose, type Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
 import { emptyPool, memory } from "../core/memory.ts";
-import { fusedMambaScanForward } from "../scan/fused.ts";
-import { lastState, setFusedChainRuns, setMaxChunksFolded } from "../scan/fused_run.ts";
+import { fusedMambaScanForward, fusedMambaScanFrom } from "../scan/fused.ts";
+import { lastState, setFusedChainRuns, setFusedStateSaving, setMaxChunksFolded } from "../scan/fused_run.ts";
 import { fusedVariant, MAX_CHUNKS_FOLDED, setFusedVariant } from "../scan/fused_variant.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { fromPretrained } from "../mamba/pretrained.ts";
@@ -22,7 +22,7 @@ import type { LayerCache } from "../mamba/block.ts";
 import type { MambaLM, PrefillOptions } from "../mamba/lm.ts";
 import { perplexity } from "../mamba/perplexity.ts";
 import { assertMatches, fixturePath, tolerance } from "./fixture_util.ts";
-import { inputs } from "./fused_cases.ts";
+import { compare, inputs } from "./fused_cases.ts";
 import { fusedUnavailable, kernelsRun } from "./helpers.ts";
 
 await init();
@@ -170,6 +170,67 @@ for (const mode of ["sequential", "pscan"] as const) {
     dispose([t, a, h0]);
   });
 }
+
+// Training from a carried state: the fused op from h0 and its gradients (h0 a constant), every forward plan
+// with its backward, the chunk states kept or worked out again in the backward.
+for (const plan of PLANS) {
+  for (const saving of plan === "in order" ? ["keep"] as const : ["keep", "recompute"] as const) {
+    Deno.test({
+      name:
+        `fusedMambaScanFrom (${plan}, states ${saving}): y and every gradient from h0 as the sequential scan's`,
+      ignore: noFused,
+      fn: async () => {
+        // 150 steps in chunks of 8 (19 chunks; in order: the variant's chunks)
+        const c = { B: 2, L: 150, ED: 12, N: 16, R: 2, gated: true, dtWeight: true, h0: true };
+        emptyPool();
+        setFusedStateSaving(saving);
+        try {
+          await withPlan(plan, c.N, () => compare(c, 41));
+        } finally {
+          setFusedStateSaving(null);
+        }
+      },
+    });
+  }
+}
+
+Deno.test({
+  name: "fusedMambaScanFrom from h0: several state blocks (N 40), dt_proj outside (R 20), z a window, L 1",
+  ignore: noFused,
+  fn: async () => {
+    const base = { B: 2, ED: 12, gated: true, dtWeight: true, h0: true };
+    await compare({ ...base, L: 70, N: 40, R: 2 }, 42);
+    await compare({ ...base, L: 70, N: 16, R: 20 }, 43);
+    await compare({ ...base, L: 33, N: 4, R: 2, zWindow: { width: 30, start: 12 } }, 44);
+    await compare({ ...base, L: 1, N: 16, R: 2 }, 45);
+  },
+});
+
+Deno.test({
+  name: "fusedMambaScanFrom: its last state is the sequential scan's; an h0 that requires grad is refused",
+  ignore: noFused,
+  fn: async () => {
+    const c = { B: 2, L: 75, ED: 12, N: 16, R: 2, gated: true };
+    const t = inputs(c, 46);
+    const h0 = randn([c.B, c.ED, c.N], { seed: 47 });
+    const { y, h } = fusedMambaScanFrom(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined, h0);
+    const a = scanArgs(t, c.R, c.N, 0, c.L);
+    const want = selectiveScan(a.x, a.delta, a.A, a.Bm, a.C, t.D, "sequential", h0);
+    const last = narrow(want.hs, 1, c.L - 1, 1).reshape(c.B, c.ED, c.N); // last: (B, ED, N)
+    assertMatches(await shaped(h), await shaped(last), tolerance("op"), "the state after the last step");
+    h0.requiresGrad_(true);
+    assert.throws(
+      () => fusedMambaScanFrom(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined, h0),
+      /fusedMambaScanFrom: h0 requires grad, but no gradient flows into the initial state/,
+    );
+    const wrong = randn([c.B, c.ED, c.N + 1]);
+    assert.throws(
+      () => fusedMambaScanFrom(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined, wrong),
+      /fusedMambaScanFrom: h0 must be f32 \(2, 12, 16\) \(B, ED, N\), got f32 \[2, 12, 17\]/,
+    );
+    dispose([t, h0, y, h, a, want, last, wrong]);
+  },
+});
 
 /** The char model (trained in PyTorch: its state carries what it read) in a scan mode. */
 function charModel(scan: "fused" | "pscan" | "sequential"): ReturnType<typeof fromPretrained> {
