@@ -27,12 +27,11 @@ import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm, type WeightDtype } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
-import { fusedMambaScan, fusedMambaScanForward } from "../scan/fused.ts";
-import { lastState } from "../scan/fused_run.ts";
+import { fusedMambaScan, fusedMambaScanFrom } from "../scan/fused.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { convStep, ssmStep } from "../scan/fused_step.ts";
 import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs
-import { checkpoint, checkpointInputsOnly, isGradEnabled } from "../core/autograd.ts";
+import { checkpoint, checkpointInputsOnly, isGradEnabled, noGrad } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
 import { type MambaConfig, mambaConfig } from "./config.ts";
 
@@ -107,7 +106,9 @@ export class MambaBlock extends Module {
    * (B, L, D), `out` is residual + the mixer's output, added by out_proj's product itself (`matmulAdd`).
    * With `from`, the layer's cache after the tokens before u (`step`'s or a previous forward's), the steps
    * go on from it: the conv sees its last inputs before u's and the scan starts from its state, so u's
-   * outputs are those of one forward over both (a long prompt in chunks; inference-only).
+   * outputs are those of one forward over both (a long prompt in chunks). With autograd on, the cache given
+   * is a constant (it must not require grad) and the cache returned has no autograd: training from a carried
+   * state backpropagates within u's steps only (truncated backpropagation through time).
    */
   forward(
     u: Tensor,
@@ -115,10 +116,15 @@ export class MambaBlock extends Module {
     residual?: Tensor,
     from?: LayerCache,
   ): { out: Tensor; cache: LayerCache | null } {
-    checkInferenceOnly(wantCache, from);
     const { dInner: ED, dConv: K } = this.config;
     const [Bsz, L] = u.shape;
-    if (from) checkLayerCache("MambaBlock.forward", from, this.config, Bsz);
+    if (from) {
+      checkLayerCache("MambaBlock.forward", from, this.config, Bsz);
+      checkCacheConstant("MambaBlock.forward", from);
+    }
+    // With autograd, nothing made here is freed early: the conv's backward reads its input.
+    const grad = isGradEnabled();
+    const drop = (next: Tensor, prev: Tensor) => (grad ? next : disposeAfter(next, prev));
     const xz = this.inProj.forward(u); // xz: (B, L, 2ED) = [xIn | z]
     let out: Tensor;
     let h: Tensor | null = null;
@@ -129,9 +135,9 @@ export class MambaBlock extends Module {
       let x: Tensor; // x: (B, L, ED)
       if (from && K > 1) {
         const x0 = narrow(xz, -1, 0, ED); // x0: (B, L, ED)
-        xIn = disposeAfter(withInputs(from, x0), x0); // xIn: (B, K-1 + L, ED)
+        xIn = drop(withInputs(from, x0), x0); // xIn: (B, K-1 + L, ED)
         const conv = this.conv1d.forward(xIn, "silu"); // conv: (B, K-1 + L, ED)
-        x = disposeAfter(narrow(conv, 1, K - 1, L), conv);
+        x = drop(narrow(conv, 1, K - 1, L), conv);
       } else {
         x = this.conv1d.forward(xz, "silu", 0);
       }
@@ -162,51 +168,55 @@ export class MambaBlock extends Module {
       const [x0, z] = split(xz, ED, -1); // x0, z: (B, L, ED)
       xz.dispose(); // nothing saves it (split's backward needs only its shape): free it before the scan
       // after a cache, the conv runs over its last inputs and x0's, and its first K-1 outputs are dropped
-      xIn = from && K > 1 ? disposeAfter(withInputs(from, x0), x0) : x0; // xIn: (B, L, ED) or (B, K-1 + L, ED)
+      xIn = from && K > 1 ? drop(withInputs(from, x0), x0) : x0; // xIn: (B, L, ED) or (B, K-1 + L, ED)
       let x = this.conv1d.forward(xIn, "silu"); // x: (B, L, ED) or (B, K-1 + L, ED)
-      if (xIn !== x0) x = disposeAfter(narrow(x, 1, K - 1, L), x); // x: (B, L, ED)
+      if (xIn !== x0) x = drop(narrow(x, 1, K - 1, L), x); // x: (B, L, ED)
       const { y, hs } = this.ssm(x, from?.h); // y: (B, L, ED), hs: (B, L, ED, N)
       out = this.outProj.forward(mul(y, silu(z)), residual); // out: (B, L, D)
-      if (wantCache) h = narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState); // h: (B, ED, N)
+      // h: (B, ED, N), a copy outside the graph
+      if (wantCache) h = noGrad(() => narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState));
     }
-    const ownInput = from && K > 1; // xIn was made here (no autograd: nothing else holds it)
+    const ownInput = from && K > 1 && !grad; // xIn was made here, and nothing else holds it
     if (!wantCache || !h) {
       h?.dispose();
       if (ownInput) xIn!.dispose();
       return { out, cache: null };
     }
     // The conv's last K-1 inputs: narrow time first (xz is 2ED wide in the fused path), then the channels,
-    // then zeros in front when there were fewer than K-1, as the conv's left padding.
-    const src = xIn ?? xz;
+    // then zeros in front when there were fewer than K-1, as the conv's left padding. Copies outside the graph.
+    return { out, cache: { h, inputs: noGrad(() => this.convInputs(xIn ?? xz, ownInput ? xIn : null)) } };
+  }
+
+  /** The cache's conv inputs (B, ED, K-1): the last K-1 rows of `src` (B, L', ED or 2ED), zeros in front where
+   * L' < K-1; `own` (src itself, or null) is disposed. */
+  private convInputs(src: Tensor, own: Tensor | null): Tensor {
+    const { dInner: ED, dConv: K } = this.config;
     const Ls = src.shape[1]; // L, or K-1 + L after a cache
     const n = Math.min(Ls, K - 1);
     let tail = narrow(src, 1, Ls - n, n); // tail: (B, n, ED) or, from xz, (B, n, 2ED)
-    if (!xIn) tail = disposeAfter(narrow(tail, -1, 0, ED), tail); // tail: (B, n, ED)
+    if (src.shape[2] !== ED) tail = disposeAfter(narrow(tail, -1, 0, ED), tail); // tail: (B, n, ED)
     if (n < K - 1) tail = disposeAfter(pad(tail, [0, 0, K - 1 - n, 0]), tail); // tail: (B, K-1, ED)
     const inputs = transpose(tail, 1, 2); // inputs: (B, ED, K-1)
     tail.dispose();
-    if (ownInput) xIn!.dispose();
-    return { out, cache: { h, inputs } };
+    own?.dispose();
+    return inputs;
   }
 
   /**
    * The fused kernel path: x: (B, L, ED) and xz: (B, L, 2ED), whose z half gates -> gated y (B, L, ED); with
-   * `wantState`, h at the end (B, ED, N), and the scan starts from `h0` (B, ED, N) where given (no autograd).
+   * `wantState`, h at the end (B, ED, N, no autograd), and the scan starts from `h0` (B, ED, N) where given (a
+   * constant).
    */
   fusedSsm(x: Tensor, xz: Tensor, wantState: boolean, h0?: Tensor): { y: Tensor; h: Tensor | null } {
-    const { dState: N, dInner: ED } = this.config;
+    const ED = this.config.dInner;
     const dBC = this.dBC(x); // dBC: (B, L, R + 2N) or padded
     const bias = this.dtProj.bias!;
     if (!wantState) {
       // dt_proj inside the op: delta is never saved
       return { y: fusedMambaScan(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED), h: null };
     }
-    // Prefill for generation (no autograd): the kernel's last chunk state is the cache's h.
-    const w = this.dtProj.weight;
-    const { y, ph } = fusedMambaScanForward(x, dBC, w, bias, this.A_log, this.D, xz, ED, h0 ?? null);
-    const h = lastState(ph, x.shape[0], ED, N, x.shape[1]); // h: (B, ED, N)
-    ph.dispose();
-    return { y, h };
+    // A prefill, or training from a carried state: the kernel's last chunk state is the cache's h.
+    return fusedMambaScanFrom(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED, h0 ?? null);
   }
 
   /** The fused path's x_proj: x (B, L, ED) -> dBC (B, L, R + 2N), or padded (below), normed with `norms`. */
@@ -437,10 +447,12 @@ export class Mamba extends Module {
 
   /**
    * Forward that can also return each layer's cache after the last position (for generation). With
-   * `wantCache` it is inference-only (run it under `noGrad`; with grad on it throws), and the caller owns the
-   * returned caches: dispose them (`dispose(caches)`) when done. With `from` (one cache per layer, from
-   * `step` or a forward before), x's positions follow the tokens those caches have seen: the outputs are those
-   * of one forward over both (a long prompt in chunks); inference-only too. The caches given stay alive.
+   * `wantCache`, the caller owns the returned caches: dispose them (`dispose(caches)`) when done. With `from`
+   * (one cache per layer, from `step` or a forward before), x's positions follow the tokens those caches have
+   * seen: the outputs are those of one forward over both (a long prompt in chunks). The caches given stay
+   * alive. With autograd on, the caches are constants: those given must not require grad, those returned have
+   * no autograd, and the gradients stay within x's positions (truncated backpropagation through time: training
+   * from a carried state). `recompute` does not apply to such a forward (its blocks keep their activations).
    */
   forwardWithCache(
     x: Tensor,
@@ -448,13 +460,13 @@ export class Mamba extends Module {
     from?: LayerCache[],
   ): { out: Tensor; caches: LayerCache[] } {
     this.checkInput(x, 3);
-    checkInferenceOnly(wantCache, from); // before the first layer's norm runs (with autograd: nothing frees it)
-    if (from) {
+    if (from) { // checked before the first layer's norm runs (with autograd: nothing frees it)
       checkCacheCount("Mamba.forwardWithCache", from, this.config.nLayers);
       const B = x.shape[0];
-      from.forEach((c, i) =>
-        checkLayerCache("Mamba.forwardWithCache", c, this.config, B, i, `input ${fmt(x.shape)}`)
-      );
+      from.forEach((c, i) => {
+        checkLayerCache("Mamba.forwardWithCache", c, this.config, B, i, `input ${fmt(x.shape)}`);
+        checkCacheConstant("Mamba.forwardWithCache", c, i);
+      });
     }
     const caches: LayerCache[] = [];
     // Without autograd nothing later needs a layer's intermediates: each layer runs in its own tidy, and the
@@ -520,18 +532,16 @@ export class Mamba extends Module {
   }
 }
 
-/** Throws where a forward that fills or reads a cache (`wantCache`, `from`) would run with autograd on. */
-function checkInferenceOnly(wantCache: boolean, from: unknown): void {
-  if ((wantCache || from) && isGradEnabled()) {
-    // The fused prefill kernel has no backward: gradients would be dropped silently.
-    throw new Error(
-      `Mamba: ${
-        from ? "a forward from a cache" : "prefill with a cache"
-      } is inference-only: run it under noGrad (forwardWithCache(x, ${
-        from ? "wantCache, caches" : "true"
-      }) / forward(u, ${from ? "wantCache, residual, cache" : "true"}) with gradients enabled)`,
-    );
-  }
+/** Throws where a cache that a forward goes on from requires grad (with autograd on): no gradient flows into
+ * a carried state (truncated backpropagation), so one that wants it is refused rather than silently cut. */
+function checkCacheConstant(who: string, cache: LayerCache, layer?: number): void {
+  if (!isGradEnabled() || !(cache.h.requiresGrad || cache.inputs.requiresGrad)) return;
+  const which = layer === undefined ? "cache" : `cache of layer ${layer}`;
+  throw new Error(
+    `${who}: the ${which} requires grad, but no gradient flows ` +
+      "into a carried state (truncated backpropagation through time): pass caches without autograd (those a " +
+      "forward returns), or detach them",
+  );
 }
 
 /** The conv's last K-1 inputs from a cache, then x's: (B, K-1 + L, ED), from inputs (B, ED, K-1), x (B, L, ED). */

@@ -443,6 +443,22 @@ export class MambaLM extends Module {
   }
 
   /**
+   * tokens (B, L) -> logits (B, L, vocab) with autograd, going on from `from` (each layer's cache after the
+   * tokens before: from `prefill`, `step` or an earlier `forwardFrom`; null: from the start), and each layer's
+   * cache after the last token. The caches are constants: those given must not require grad and those returned
+   * have no autograd, so a loss on these logits backpropagates through these L positions only, not into the
+   * windows before (truncated backpropagation through time: training on a long text window after window with
+   * the state carried between them, as `TrainConfig.carryState` does). `MambaConfig.recompute` does not apply
+   * here: the blocks keep their activations. The caches given stay alive; the caller disposes the returned ones
+   * (return them from a `tidy`, or `keep` them, to carry them past it).
+   */
+  forwardFrom(tokens: Tokens, from: LayerCache[] | null): { logits: Tensor; caches: LayerCache[] } {
+    const ids = this.tokensTensor(tokens); // ids: (B, L) i32
+    const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true, from ?? undefined);
+    return { logits: this.head(r.out), caches: r.caches }; // logits: (B, L, vocab)
+  }
+
+  /**
    * One token per row: ids (B) i32 -> logits (B, vocab) and the new caches (ids are not range-checked).
    *
    * The caches passed in stay alive: the caller owns them and disposes them once the step has run

@@ -17,7 +17,8 @@
  * summed over channels between two barriers; with "subgroup" none (a butterfly of subgroupShuffleXor, or
  * subgroupAdd, sums them; no barriers). With `hbuf: "workgroup"` the recomputed states too
  * ([step][state][channel]).
- * Reads: x, draw or the dt columns, dBC, ph = [bias | A_log | D | W | h0 (uniform init 1) | hs], z, and g, the output's gradient.
+ * Reads: x, draw or the dt columns, dBC, ph = [bias | A_log | D | W | h0 (uniform init 1) | hs], z, and g,
+ * the output's gradient.
  * Writes: dx, ddraw (through softplus), dz per (b, t, d) (dz possibly into a window of a wider gradient;
  * state blocks after the first add to them), with `yOut` also the gated y it recomputes for dz (into yg, or
  * over g);

@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { init } from "../core/device.ts";
 import { randn, tensor } from "../core/creation.ts";
-import { add, cat, exp, matmul, mul, narrow, neg, silu, softplus } from "../core/ops/index.ts";
+import { add, cat, crossEntropy, exp, matmul, mul, narrow, neg, silu, softplus } from "../core/ops/index.ts";
 import { dispose, type Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
 import { emptyPool, memory } from "../core/memory.ts";
@@ -282,6 +282,84 @@ async function assertSameRun(
   }
 }
 
+/** Training from a carried state with the char model in a scan mode: the first 50 ids of each row prefilled,
+ * then forwardFrom over the next 40 under autograd, and the backward of their next-id loss. Gives the logits,
+ * the caches after, and every parameter's gradient (read back); `carry` false runs the 40 from the start. */
+async function windowAfter(scan: "fused" | "pscan" | "sequential", ids: number[][], carry = true) {
+  const lm = await charModel(scan);
+  try {
+    const first = lm.prefill(ids.map((r) => r.slice(0, 50)));
+    const r = tidy(() => {
+      const out = lm.forwardFrom(ids.map((r) => r.slice(50, 90)), carry ? first.caches : null);
+      const logits = narrow(out.logits, 1, 0, 39); // logits: (B, 39, vocab)
+      const targets = tensor(new Int32Array(ids.flatMap((r) => r.slice(51, 90))), [ids.length, 39], {
+        dtype: "i32",
+      });
+      crossEntropy(logits, targets).backward();
+      return out;
+    });
+    const grads = new Map<string, { data: Float32Array | Int32Array; shape: readonly number[] }>();
+    for (const [name, p] of lm.namedParameters()) grads.set(name, await shaped(p.grad!));
+    const got = {
+      logits: await shaped(r.logits),
+      caches: await Promise.all(
+        r.caches.map(async (c) => ({ h: await shaped(c.h), inputs: await shaped(c.inputs) })),
+      ),
+    };
+    dispose([first, r]);
+    return { ...got, grads, requiresGrad: r.logits.requiresGrad };
+  } finally {
+    lm.dispose();
+  }
+}
+
+Deno.test({
+  name: "MambaLM.forwardFrom: a window from the carried state, with gradients, in every scan mode alike",
+  ignore: noFused,
+  fn: async () => {
+    const lm = await charModel("sequential");
+    const ids = [someIds(90, lm.vocabSize, 3), someIds(90, lm.vocabSize, 4)];
+    // the whole 90 in one forward: the window's logits and the caches after it
+    const whole = lm.prefill(ids, null, { logits: "all" });
+    const tail = narrow(whole.logits, 1, 50, 40);
+    const want = {
+      logits: await shaped(tail),
+      caches: await Promise.all(
+        whole.caches.map(async (c) => ({ h: await shaped(c.h), inputs: await shaped(c.inputs) })),
+      ),
+    };
+    dispose([whole, tail]);
+    lm.dispose();
+    const bound = tolerance("model");
+    const runs = {
+      sequential: await windowAfter("sequential", ids),
+      pscan: await windowAfter("pscan", ids),
+      fused: await windowAfter("fused", ids),
+    };
+    for (const [scan, r] of Object.entries(runs)) {
+      assert.ok(r.requiresGrad, `${scan}: the logits have autograd`);
+      assertMatches(r.logits, want.logits, bound, `${scan}: the window's logits`);
+      r.caches.forEach((c, l) => {
+        assertMatches(c.h, want.caches[l].h, bound, `${scan}: layer ${l}'s h after the window`);
+        assertMatches(c.inputs, want.caches[l].inputs, bound, `${scan}: layer ${l}'s conv inputs`);
+      });
+      // the gradients of truncated backpropagation: the fused kernels' against autograd through the
+      // sequential scan from h0 (selectiveScan's), and pscan's
+      for (const [name, g] of runs.sequential.grads) {
+        assertMatches(r.grads.get(name)!, g, bound, `${scan}: the gradient of ${name}`);
+      }
+    }
+    // the carried state changes the gradients (the char model's first few positions of the window)
+    const fresh = await windowAfter("fused", ids, false);
+    const moved = [...fresh.grads].some(([name, g]) => {
+      const c = runs.fused.grads.get(name)!.data;
+      const scale = Math.max(1, ...[...c].map(Math.abs));
+      return [...g.data].some((v, i) => Math.abs(v - c[i]) > 100 * bound.rtol * scale);
+    });
+    assert.ok(moved, "the gradients from the carried state equal those from the start");
+  },
+});
+
 // chunks shorter than the conv's window (dConv - 1 = 3), one of a single token, and longer ones
 const LENGTHS = [1, 2, 3, 37, 64, 43];
 
@@ -402,15 +480,16 @@ Deno.test("MambaLM.prefill and Mamba.forwardWithCache name what is wrong with th
       /MambaLM.prefill: options must be an object, got null/,
     );
     const x = randn([2, 2, 64]);
-    // with gradients on, the layers refuse (inference-only) rather than drop the gradients, before any layer
-    // runs (nothing would free what it made)
+    // with gradients on, a cache that requires grad is refused (no gradient flows into a carried state)
+    // rather than cut silently, before any layer runs (nothing would free what it made)
     const live = memory().liveBytes;
+    const wants = { h: a.caches[1].h, inputs: a.caches[1].inputs.detach().requiresGrad_(true) };
     assert.throws(
-      () => lm.mamba.forwardWithCache(x, false, a.caches),
-      /Mamba: a forward from a cache is inference-only: run it under noGrad/,
+      () => lm.mamba.forwardWithCache(x, false, [a.caches[0], wants]),
+      /Mamba.forwardWithCache: the cache of layer 1 requires grad, but no gradient flows into a carried state/,
     );
-    assert.throws(() => lm.mamba.forwardWithCache(x, true), /Mamba: prefill with a cache is inference-only/);
-    assert.equal(memory().liveBytes, live, "bytes left behind by the refused forwards");
+    assert.equal(memory().liveBytes, live, "bytes left behind by the refused forward");
+    wants.inputs.dispose();
     a.caches[1].h.dispose();
     assert.throws(() => lm.prefill([[1, 2], [3, 4]], a.caches), /the cache of layer 1 has h disposed/);
     dispose([a, x]);
