@@ -218,10 +218,11 @@ export class Conv1d extends Module {
   /**
    * x: (B, L, channels), time along dim 1 -> (B, L, channels); `activation` ("none" by default) fuses silu into
    * the kernel.
-   * With `start`, x is wider and the layer reads its channels start .. start + channels in place.
+   * With `start`, x is wider and the layer reads its channels start .. start + channels in place. With
+   * `prefix` (B, channels, kernelSize - 1), the inputs before x's first step instead of zeros (a cache's).
    */
-  forward(x: Tensor, activation: ConvActivation = "none", start?: number): Tensor {
+  forward(x: Tensor, activation: ConvActivation = "none", start?: number, prefix?: Tensor | null): Tensor {
     if (start === undefined) lastDim(x, this.channels, "Conv1d");
-    return causalConv1d(x, this.weight, this.bias, activation, start); // (B, L, channels)
+    return causalConv1d(x, this.weight, this.bias, activation, start, prefix); // (B, L, channels)
   }
 }

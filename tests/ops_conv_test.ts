@@ -6,8 +6,20 @@ await setup();
 
 type Act = "none" | "silu";
 
+/** x[b, u, c] of the conv's input, u < 0 reading the prefix (B, C, K-1) where there is one, else 0. */
+function xAt(x: Nd, prefix: Nd | null, b: number, u: number, c: number, K: number): number {
+  const [, L, C] = x.shape;
+  if (u >= 0) return x.data[(b * L + u) * C + c];
+  return prefix ? prefix.data[(b * C + c) * (K - 1) + K - 1 + u] : 0;
+}
+
 /** Float64 pre-activation of the causal depthwise conv and the per-element error scale |bias| + sum |w x|. */
-function preRef(x: Nd, w: Nd, bias: Nd | null): { pre: Float64Array; scale: Float64Array } {
+function preRef(
+  x: Nd,
+  w: Nd,
+  bias: Nd | null,
+  prefix: Nd | null = null,
+): { pre: Float64Array; scale: Float64Array } {
   const [B, L, C] = x.shape;
   const K = w.data.length / C;
   const pre = new Float64Array(B * L * C), scale = new Float64Array(B * L * C);
@@ -17,8 +29,7 @@ function preRef(x: Nd, w: Nd, bias: Nd | null): { pre: Float64Array; scale: Floa
         let acc = bias ? bias.data[c] : 0, mag = Math.abs(acc);
         for (let k = 0; k < K; k++) {
           const u = t - (K - 1) + k;
-          if (u < 0) continue;
-          const v = w.data[c * K + k] * x.data[(b * L + u) * C + c];
+          const v = w.data[c * K + k] * xAt(x, prefix, b, u, c, K);
           acc += v;
           mag += Math.abs(v);
         }
@@ -40,10 +51,10 @@ const DACT: Record<Act, (p: number) => number> = {
 };
 
 /** Analytic float64 gradients of sum(conv(x) * G): [gx, gw, gbias]. */
-function convGradRef(x: Nd, w: Nd, bias: Nd | null, act: Act, G: Nd): Nd[] {
+function convGradRef(x: Nd, w: Nd, bias: Nd | null, act: Act, G: Nd, prefix: Nd | null = null): Nd[] {
   const [B, L, C] = x.shape;
   const K = w.data.length / C;
-  const { pre } = preRef(x, w, bias);
+  const { pre } = preRef(x, w, bias, prefix);
   const gpre = pre.map((p, i) => G.data[i] * DACT[act](p));
   const gx = new Float64Array(x.data.length), gw = new Float64Array(C * K), gb = new Float64Array(C);
   for (let b = 0; b < B; b++) {
@@ -53,9 +64,8 @@ function convGradRef(x: Nd, w: Nd, bias: Nd | null, act: Act, G: Nd): Nd[] {
         gb[c] += gp;
         for (let k = 0; k < K; k++) {
           const u = t - (K - 1) + k;
-          if (u < 0) continue;
-          gw[c * K + k] += gp * x.data[(b * L + u) * C + c];
-          gx[(b * L + u) * C + c] += gp * w.data[c * K + k];
+          gw[c * K + k] += gp * xAt(x, prefix, b, u, c, K);
+          if (u >= 0) gx[(b * L + u) * C + c] += gp * w.data[c * K + k];
         }
       }
     }
@@ -76,6 +86,8 @@ function convCase(
     flatWeight?: boolean;
     /** x is `width` channels wide and the conv reads channels start .. start + C of it. */
     window?: { width: number; start: number };
+    /** The inputs before t = 0 (B, C, K-1), the op's last input (no gradient). */
+    prefix?: boolean;
   } = {},
 ): OpCase {
   const seed = B * 1000003 + L * 1009 + C * 31 + K * 7 + (act === "silu" ? 3 : 0) + (hasBias ? 1 : 0);
@@ -99,30 +111,48 @@ function convCase(
     return { data, shape: [B, L, win.width] };
   };
   const w = rand(options.flatWeight ? [C, K] : [C, 1, K], seed + 1);
-  const inputs = hasBias ? [x, w, rand([C], seed + 2)] : [x, w];
+  const pre = options.prefix ? [rand([B, C, K - 1], seed + 3, { low: -2, high: 2 })] : [];
+  const inputs = [x, w, ...(hasBias ? [rand([C], seed + 2)] : []), ...pre];
+  // bias and prefix of the inputs as given
+  const parts = (xs: Nd[]) => ({
+    bias: hasBias ? xs[2] : null,
+    prefix: options.prefix ? xs[xs.length - 1] : null,
+  });
   const ref = (xs: Nd[]): Nd => {
-    const { pre } = preRef(inWin(xs[0]), xs[1], xs[2] ?? null);
+    const { bias, prefix } = parts(xs);
+    const { pre } = preRef(inWin(xs[0]), xs[1], bias, prefix);
     return { data: pre.map(ACT[act]), shape: [B, L, C] };
   };
   return {
     what: `conv B=${B} L=${L} C=${C} K=${K} ${act}${hasBias ? " +bias" : ""}${
       options.xGrad === false ? " (x without grad)" : ""
-    }${win ? ` (channels ${win.start}.. of ${win.width})` : ""}`,
+    }${win ? ` (channels ${win.start}.. of ${win.width})` : ""}${options.prefix ? " after a prefix" : ""}`,
     inputs,
-    gpu: ([tx, tw, tb]) => M.causalConv1d(tx, tw, tb ?? null, act, win?.start),
+    gpu: (ts) => {
+      const bias = hasBias ? ts[2] : null;
+      return M.causalConv1d(ts[0], ts[1], bias, act, win?.start, options.prefix ? ts[ts.length - 1] : null);
+    },
     ref,
     // f32 sums are accurate relative to their terms; silu' is at most 1.1.
     scale: (xs) => ({
-      data: preRef(inWin(xs[0]), xs[1], xs[2] ?? null).scale.map((s) => 1.1 * s),
+      data: preRef(inWin(xs[0]), xs[1], parts(xs).bias, parts(xs).prefix).scale.map((s) => 1.1 * s),
       shape: [B, L, C],
     }),
     // dw and dbias sum B*L terms.
     gradTol: { rtol: 2e-5, atol: 2e-6 * Math.sqrt(B * L) },
-    grad: options.xGrad === false ? [false, true, ...(hasBias ? [true] : [])] : true,
+    grad: options.xGrad === false || options.prefix
+      ? [options.xGrad !== false, true, ...(hasBias ? [true] : []), ...(options.prefix ? [false] : [])]
+      : true,
     refGrad: options.analytic
       ? (xs, G) => {
-        const [gx, ...rest] = convGradRef(inWin(xs[0]), xs[1], xs[2] ?? null, act, G);
-        return [widen(gx), ...rest].slice(0, xs.length);
+        const { bias, prefix } = parts(xs);
+        const [gx, gw, gb] = convGradRef(inWin(xs[0]), xs[1], bias, act, G, prefix);
+        return [
+          widen(gx),
+          gw,
+          ...(hasBias ? [gb] : []),
+          ...(prefix ? [{ data: new Float64Array(prefix.data.length), shape: prefix.shape }] : []),
+        ];
       }
       : undefined,
   };
@@ -225,6 +255,37 @@ function assertClose(got: ArrayLike<number>, want: ArrayLike<number>, tol: numbe
   }
   assert.ok(worst <= tol, `${what}: worst relative error ${worst.toExponential(2)} > ${tol}`);
 }
+
+Deno.test("causalConv1d after a prefix (a cache's conv inputs): forward and gradients, L shorter than the window too", async () => {
+  const cases: OpCase[] = [];
+  for (
+    const [B, L, C, K] of [[2, 1, 3, 4], [1, 2, 3, 4], [2, 7, 3, 4], [3, 70, 5, 3], [2, 9, 8, 4], [
+      1,
+      2,
+      8,
+      4,
+    ]]
+  ) {
+    cases.push(convCase(B, L, C, K, "silu", true, { prefix: true })); // finite differences
+    cases.push(convCase(B, L, C, K, "none", false, { prefix: true, analytic: true }));
+  }
+  // wide rows (vec4, chunks of 16 / 8), a channel window of a wider x (in_proj's x half), K 2, x without grad
+  cases.push(convCase(2, 37, 260, 4, "silu", true, { prefix: true, analytic: true }));
+  cases.push(
+    convCase(2, 70, 8, 4, "silu", true, { prefix: true, analytic: true, window: { width: 16, start: 0 } }),
+  );
+  cases.push(convCase(2, 5, 4, 2, "silu", true, { prefix: true, analytic: true }));
+  cases.push(convCase(2, 9, 8, 4, "silu", true, { prefix: true, analytic: true, xGrad: false }));
+  await checkOps(cases);
+  const x = M.randn([2, 5, 4]), w = M.randn([4, 1, 4]);
+  assert.throws(
+    () => M.causalConv1d(x, w, null, "silu", undefined, M.randn([2, 4, 2])),
+    /causalConv1d: the prefix must be f32 \(2, 4, 3\) \(B, C, K-1\), got f32 \[2, 4, 2\]/,
+  );
+  const wants = M.randn([2, 4, 3]).requiresGrad_(true);
+  assert.throws(() => M.causalConv1d(x, w, null, "silu", undefined, wants), /the prefix requires grad/);
+  M.dispose([x, w, wants]);
+});
 
 Deno.test("causalConv1d: a window that does not fit, or a wider x without one, is a clear error", () => {
   const x = M.zeros([1, 4, 6]);

@@ -1,6 +1,9 @@
 /**
  * Depthwise causal 1-D convolution over time, optionally fused with silu, as one op:
  *   pre[b,t,c] = bias[c] + sum_k w[c,k] * x[b, t-(K-1)+k, c]   (x = 0 before t = 0),  y = act(pre).
+ * With a `prefix` (B, C, K-1), x before t = 0 is the prefix's instead of zeros: x[b, -j, c] = prefix[b, c, K-1-j]
+ * (the conv inputs an inference cache keeps, in its layout: a sequence that goes on from a cache); it is a
+ * constant (no gradient).
  *
  * Every kernel gives one invocation a (b, group of V channels, chunk of T consecutive time steps); the lanes
  * of a workgroup are consecutive channel groups, so neighbouring lanes read neighbouring addresses. V = 4
@@ -22,7 +25,7 @@
  * @module
  */
 
-import { defineOp, WindowGrad } from "../autograd.ts";
+import { defineOp, isGradEnabled, WindowGrad } from "../autograd.ts";
 import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { zeros } from "../creation.ts";
 import { fmt } from "../shape.ts";
@@ -93,12 +96,20 @@ function weights(K: number, V: number): string {
 
 /**
  * WGSL shared by every kernel: the invocation's (b, channel group cv, chunk), its weights `w0..`, `bias`,
- * and the input window `x0..x{K-2}` = x[t0-K+1 .. t0-1] (zero before t = 0). In units of V channels: `at`
+ * and the input window `x0..x{K-2}` = x[t0-K+1 .. t0-1] (before t = 0: zeros, or with `pre` the prefix's
+ * values, read channel by channel from its (B, C, K-1) layout). In units of V channels: `at`
  * indexes g at [b, t0, cv] and `CV` is its row length; `xat` indexes x at [b, t0, X0 + cv] and `P.XS` is
  * x's row length (x can be a window of a wider tensor); `yat` indexes y, or gx, the same way with Y0, YS
  * (gx can be a window of x's gradient).
  */
-function prologue(K: number, T: number, V: number, F: string): string {
+function prologue(K: number, T: number, V: number, F: string, pre: boolean): string {
+  // x[t0 - (K-1) + k] before t = 0 is prefix[b, c, t0 + k]
+  const before = (k: number) =>
+    V === 1
+      ? `ld_pre((b * P.C + cv) * ${K - 1}u + t0 + ${k}u)`
+      : `vec4<f32>(${
+        each(0, 4, (i) => `ld_pre((b * P.C + 4u * cv + ${i}u) * ${K - 1}u + t0 + ${k}u)`, ", ")
+      })`;
   return `
   // invocation -> (row r = b * chunks + chunk, channel group cv): steps t0 .. end-1 of sequence b.
   let CV = P.C / ${V}u;
@@ -113,7 +124,17 @@ function prologue(K: number, T: number, V: number, F: string): string {
   var xat = (b * P.L + t0) * P.XS + P.X0 + cv;
   ${weights(K, V)}
   ${each(0, K - 1, (k) => `var x${k} = ${F}();`)}
-  ${each(0, K - 1, (k) => `if (t0 >= ${K - 1 - k}u) { x${k} = ld_x(xat - ${K - 1 - k}u * P.XS); }`, "\n  ")}`;
+  ${
+    each(
+      0,
+      K - 1,
+      (k) =>
+        `if (t0 >= ${K - 1 - k}u) { x${k} = ld_x(xat - ${K - 1 - k}u * P.XS); }${
+          pre ? ` else { x${k} = ${before(k)}; }` : ""
+        }`,
+      "\n  ",
+    )
+  }`;
 }
 
 /**
@@ -149,14 +170,21 @@ function shiftX(K: number): string {
  * multiple of 4) binds every buffer as vec4<f32>: on lavapipe each access is a loop over the SIMD lanes,
  * which four components share, so 16-byte accesses cost little more than 4-byte ones.
  */
-function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V: number, T: number): Kernel {
-  const key = `${kind}|${K}|${act}|${V}|${T}`;
+function kernel(
+  kind: "fwd" | "bwd" | "bwd_w",
+  K: number,
+  act: ConvActivation,
+  V: number,
+  T: number,
+  pre: boolean,
+): Kernel {
+  const key = `${kind}|${K}|${act}|${V}|${T}|${pre}`;
   let k = kernels.get(key);
   if (k) return k;
   const F = V === 1 ? "f32" : `vec4<f32>`;
   const gx = kind === "bwd";
   const body = kind === "fwd"
-    ? `${prologue(K, T, V, F)}
+    ? `${prologue(K, T, V, F, pre)}
   for (var s = t0; s < end; s++) {
     let xs = ld_x(xat);
     st_y(yat, act(${preExpr(K)}));
@@ -165,7 +193,7 @@ function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V
     xat += P.XS;
     yat += P.YS;
   }`
-    : `${prologue(K, T, V, F)}
+    : `${prologue(K, T, V, F, pre)}
   ${each(0, K + 1, (k) => `var gw${k} = ${F}();`)}
   ${gx ? `${each(1, K, (k) => `var d${k} = ${F}();`)} // dk = gpre[s - k]` : ""}
   // ${gx ? "its steps, then K-1 more (gpre for its last gx)" : "its steps"}
@@ -193,11 +221,12 @@ function kernel(kind: "fwd" | "bwd" | "bwd_w", K: number, act: ConvActivation, V
   ${storePartials(K, V)}`;
   const data = (name: string, access: "read" | "read_write") => ({ name, type: F as "f32", access });
   k = defineKernel({
-    name: `conv_${kind}_K${K}_${act}${V === 1 ? "" : "_v4"}_T${T}`,
+    name: `conv_${kind}_K${K}_${act}${V === 1 ? "" : "_v4"}_T${T}${pre ? "_pre" : ""}`,
     buffers: [
       data("x", "read"),
       data("w", "read"),
       data("bias", "read"),
+      ...(pre ? [{ name: "pre", type: "f32" as const, access: "read" as const }] : []),
       ...(kind === "fwd" ? [] : [data("g", "read")]),
       ...(kind === "bwd_w" ? [] : [data("y", "read_write")]),
       ...(kind === "fwd" ? [] : [data("part", "read_write")]),
@@ -219,6 +248,8 @@ interface ConvAttrs {
   /** Channels C (the weight's) and x's first channel of them. */
   C: number;
   start: number;
+  /** A prefix (B, C, K-1) is the op's last input: x before t = 0. */
+  pre: boolean;
 }
 
 /** Vector width and the uniforms of a call on x: (B, L, Cx) reading channels start .. start + C. */
@@ -260,27 +291,40 @@ const paramsKernel = defineKernel({
 
 const convOp = defineOp<ConvAttrs>({
   name: "causalConv1d",
-  forward: ([x, w, bias], a, save) => {
+  forward: (inputs, a, save) => {
+    const [x, w] = inputs;
+    const bias = a.hasBias ? inputs[2] : null;
+    const pre = a.pre ? inputs[inputs.length - 1] : null;
     const { B, L, V, T, u, groups } = layout(x, a, "fwd");
     const y = Tensor.empty([B, L, a.C]);
     const bufs = { x: x.storage, w: w.storage, bias: (bias ?? w).storage, y: y.storage };
-    dispatch(kernel("fwd", a.K, a.act, V, T), bufs, u, groups);
-    save(x, w, ...(bias ? [bias] : []));
+    dispatch(kernel("fwd", a.K, a.act, V, T, a.pre), pre ? { ...bufs, pre: pre.storage } : bufs, u, groups);
+    save(x, w, ...(bias ? [bias] : []), ...(pre ? [pre] : []));
     return y;
   },
-  backward: (g, [x, w, bias], inputs, a, targets) => {
+  backward: (g, saved, inputs, a, targets) => {
+    const [x, w] = saved;
+    const bias = a.hasBias ? saved[2] : null;
+    const pre = a.pre ? saved[saved.length - 1] : null;
     const { K, act, C, start } = a;
     const kind = inputs[0].requiresGrad ? "bwd" : "bwd_w";
     const { B, L, V, T, chunks, u, groups } = layout(x, a, kind);
     const part = Tensor.empty([B * chunks, C, K + 1]);
-    const bufs = { x: x.storage, w: w.storage, bias: (bias ?? w).storage, g: g.storage, part: part.storage };
+    const bufs = {
+      x: x.storage,
+      w: w.storage,
+      bias: (bias ?? w).storage,
+      g: g.storage,
+      part: part.storage,
+      ...(pre ? { pre: pre.storage } : {}),
+    };
     // x a window of a wider tensor: write gx straight into that window of x's gradient where autograd
     // offers it (else gx is its own tensor, returned as a window).
     const wide = x.shape[2] !== C;
     const target = kind === "bwd" && wide ? targets.window(0, 2, start, C) : null;
     const gx = kind === "bwd" ? target ?? Tensor.empty([B, L, C]) : null;
     const gu = target ? { ...u, YS: u.XS, Y0: u.X0 } : u;
-    dispatch(kernel(kind, K, act, V, T), gx ? { ...bufs, y: gx.storage } : bufs, gu, groups);
+    dispatch(kernel(kind, K, act, V, T, a.pre), gx ? { ...bufs, y: gx.storage } : bufs, gu, groups);
     // No rows (B or L zero): the sums over them are zero, which the params kernel would never write.
     const none = B * chunks === 0;
     const gw = none ? zeros(w.shape) : Tensor.empty(w.shape);
@@ -294,8 +338,9 @@ const convOp = defineOp<ConvAttrs>({
     }
     if (!gb) gbOut.dispose();
     part.dispose();
-    if (target || !gx) return [null, gw, gb];
-    return [wide ? new WindowGrad(gx, 2, start) : gx, gw, gb];
+    const rest = a.pre ? [null] : []; // the prefix: a constant
+    if (target || !gx) return [null, gw, gb, ...rest];
+    return [wide ? new WindowGrad(gx, 2, start) : gx, gw, gb, ...rest];
   },
 });
 
@@ -304,7 +349,9 @@ const convOp = defineOp<ConvAttrs>({
  * Returns act(conv(x)): (B, L, C), where `activation` defaults to "none" ("silu" as a Mamba block uses it).
  * With `start`, x is (B, L, Cx), Cx >= start + C, and the conv reads its
  * channels start .. start + C in place (e.g. the x half of in_proj's output, without a copy); x's gradient
- * is zero outside them.
+ * is zero outside them. With `prefix` (B, C, K-1), the inputs before x's first step (an inference cache's
+ * `inputs`: a sequence that goes on from it) instead of zeros; it gets no gradient (one that requires grad is
+ * refused).
  */
 export function causalConv1d(
   x: Tensor,
@@ -312,6 +359,7 @@ export function causalConv1d(
   bias: Tensor | null,
   activation: ConvActivation = "none",
   start?: number,
+  prefix?: Tensor | null,
 ): Tensor {
   for (const [name, t] of [["x", x], ["weight", weight], ["bias", bias]] as const) {
     if (t && t.dtype !== "f32") throw new Error(`causalConv1d: ${name} must be f32, got ${t.dtype} ${t}`);
@@ -343,6 +391,24 @@ export function causalConv1d(
       `causalConv1d: weight ${fmt(weight.shape)} / bias ${bias ? fmt(bias.shape) : "none"} for ${C} channels`,
     );
   }
-  const inputs = bias ? [x, weight, bias] : [x, weight];
-  return convOp(inputs, { K, act: activation, hasBias: bias !== null, C, start: start ?? 0 });
+  const pre = prefix && K > 1 ? prefix : null; // one tap reads no step before its own
+  if (prefix && (prefix.dtype !== "f32" || prefix.shape.join() !== `${x.shape[0]},${C},${K - 1}`)) {
+    throw new Error(
+      `causalConv1d: the prefix must be f32 (${x.shape[0]}, ${C}, ${
+        K - 1
+      }) (B, C, K-1), got ${prefix.dtype} ${fmt(prefix.shape)}`,
+    );
+  }
+  if (pre?.requiresGrad && isGradEnabled()) {
+    throw new Error("causalConv1d: the prefix requires grad, but it gets none (a constant): detach it");
+  }
+  const inputs = [x, weight, ...(bias ? [bias] : []), ...(pre ? [pre] : [])];
+  return convOp(inputs, {
+    K,
+    act: activation,
+    hasBias: bias !== null,
+    C,
+    start: start ?? 0,
+    pre: pre !== null,
+  });
 }
