@@ -141,7 +141,7 @@ export function prepareSsm(mode: TimeMode, dModel: number, N: number, L: number)
     step() {
       inMode(mode, N, () =>
         tidy(() => {
-          if (fusedPath) return block.fusedSsm(x, xz, false).y.backward(G); // gated y: (1, L, ED)
+          if (fusedPath) return block.fusedSsm(x, xz).backward(G); // gated y: (1, L, ED)
           const z = split(xz, ED, -1)[1]; // z: (1, L, ED)
           mul(block.ssm(x).y, silu(z)).backward(G); // y * silu(z): (1, L, ED)
         }));

@@ -429,6 +429,12 @@ export function unscope(t: Tensor): void {
   for (const scope of scopes) scope.delete(t);
 }
 
+/** Puts a tensor into the innermost tidy scope, which then frees it unless it is returned or kept: for one made
+ * in an inner scope and taken out of it with {@linkcode unscope} (a checkpoint's first pass). */
+export function rescope(t: Tensor): void {
+  scopes[scopes.length - 1]?.add(t);
+}
+
 /** Disposes every tensor found in a value: a tensor, or arrays, Sets, Maps and objects holding tensors at any
  * depth (as `tidy` finds what it returns). */
 export function dispose(value: unknown): void {

@@ -22,12 +22,12 @@ import {
   transpose,
 } from "../core/ops/index.ts";
 import { fmt, sameShape } from "../core/shape.ts";
-import { freeOnThrow, type Tensor, tidy } from "../core/tensor.ts";
+import { dispose, freeOnThrow, rescope, type Tensor, tidy, unscope } from "../core/tensor.ts";
 import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm, type WeightDtype } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
-import { fusedMambaScan, fusedMambaScanFrom } from "../scan/fused.ts";
+import { fusedMambaScan } from "../scan/fused.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { convStep, ssmStep } from "../scan/fused_step.ts";
 import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs
@@ -116,107 +116,86 @@ export class MambaBlock extends Module {
     residual?: Tensor,
     from?: LayerCache,
   ): { out: Tensor; cache: LayerCache | null } {
-    const { dInner: ED, dConv: K } = this.config;
+    const ED = this.config.dInner;
     const [Bsz, L] = u.shape;
     if (from) {
       checkLayerCache("MambaBlock.forward", from, this.config, Bsz);
       checkCacheConstant("MambaBlock.forward", from);
     }
-    // With autograd, nothing made here is freed early: the conv's backward reads its input.
-    const grad = isGradEnabled();
-    const drop = (next: Tensor, prev: Tensor) => (grad ? next : disposeAfter(next, prev));
     const xz = this.inProj.forward(u); // xz: (B, L, 2ED) = [xIn | z]
+    // After a cache, the conv's inputs before u's are the cache's (the kernel reads them as its prefix) and the
+    // scan starts from its h: no copies.
+    const prefix = from?.inputs ?? null; // prefix: (B, ED, K-1)
     let out: Tensor;
     let h: Tensor | null = null;
-    let xIn: Tensor | null = null; // the conv's input, where this path copies it out of xz
+    let xIn: Tensor; // the conv's input: xz (its first ED channels), or x0
     if (this.config.scan === "fused" && fusedScanAvailable()) {
-      // The conv and the scan read the two halves of xz in place (no copies), except after a cache: the conv
-      // then runs over the cache's last inputs and u's (copied side by side) and drops the first K-1 outputs.
-      let x: Tensor; // x: (B, L, ED)
-      if (from && K > 1) {
-        const x0 = narrow(xz, -1, 0, ED); // x0: (B, L, ED)
-        xIn = drop(withInputs(from, x0), x0); // xIn: (B, K-1 + L, ED)
-        const conv = this.conv1d.forward(xIn, "silu"); // conv: (B, K-1 + L, ED)
-        x = drop(narrow(conv, 1, K - 1, L), conv);
-      } else {
-        x = this.conv1d.forward(xz, "silu", 0);
-      }
-      if (wantCache || from) {
-        const r = this.fusedSsm(x, xz, true, from?.h); // gated y: (B, L, ED), h: (B, ED, N)
-        out = this.outProj.forward(r.y, residual); // out: (B, L, D)
-        h = r.h;
-      } else {
-        // The scan and out_proj in one op: no y saved (the scan's backward recomputes it), and replayed in
-        // a recomputing block's rerun (see fusedMambaScanOut).
-        const w = this.dtProj;
-        out = fusedMambaScanOut(
-          x,
-          this.dBC(x),
-          w.weight,
-          w.bias!,
-          this.A_log,
-          this.D,
-          xz,
-          ED,
-          this.outProj.weight,
-          this.outProj.bias,
-          residual,
-        ); // out: (B, L, D)
-      }
+      // The conv and the scan read the two halves of xz in place (no copies).
+      xIn = xz;
+      const x = this.conv1d.forward(xz, "silu", 0, prefix); // x: (B, L, ED)
+      // The scan and out_proj in one op: no y saved (the scan's backward recomputes it), and replayed in a
+      // recomputing block's rerun (see fusedMambaScanOut). After a cache the scan starts from its h; with
+      // wantCache, the state after the last step (the kernel's last chunk state) comes back in `box`.
+      const w = this.dtProj;
+      const box = wantCache ? { h: null as Tensor | null } : undefined;
+      out = fusedMambaScanOut(
+        x,
+        this.dBC(x),
+        w.weight,
+        w.bias!,
+        this.A_log,
+        this.D,
+        xz,
+        ED,
+        this.outProj.weight,
+        this.outProj.bias,
+        residual,
+        { h0: from?.h ?? null, stateInto: box },
+      ); // out: (B, L, D)
+      h = box?.h ?? null; // h: (B, ED, N)
     } else {
       // As mamba.py: split into copies (silu(z) keeps its own z, so xz itself need not be kept).
       const [x0, z] = split(xz, ED, -1); // x0, z: (B, L, ED)
       xz.dispose(); // nothing saves it (split's backward needs only its shape): free it before the scan
-      // after a cache, the conv runs over its last inputs and x0's, and its first K-1 outputs are dropped
-      xIn = from && K > 1 ? drop(withInputs(from, x0), x0) : x0; // xIn: (B, L, ED) or (B, K-1 + L, ED)
-      let x = this.conv1d.forward(xIn, "silu"); // x: (B, L, ED) or (B, K-1 + L, ED)
-      if (xIn !== x0) x = drop(narrow(x, 1, K - 1, L), x); // x: (B, L, ED)
+      xIn = x0;
+      const x = this.conv1d.forward(x0, "silu", undefined, prefix); // x: (B, L, ED)
       const { y, hs } = this.ssm(x, from?.h); // y: (B, L, ED), hs: (B, L, ED, N)
       out = this.outProj.forward(mul(y, silu(z)), residual); // out: (B, L, D)
       // h: (B, ED, N), a copy outside the graph
       if (wantCache) h = noGrad(() => narrow(hs, 1, L - 1, 1).reshape(Bsz, ED, this.config.dState));
     }
-    const ownInput = from && K > 1 && !grad; // xIn was made here, and nothing else holds it
-    if (!wantCache || !h) {
-      h?.dispose();
-      if (ownInput) xIn!.dispose();
-      return { out, cache: null };
-    }
-    // The conv's last K-1 inputs: narrow time first (xz is 2ED wide in the fused path), then the channels,
-    // then zeros in front when there were fewer than K-1, as the conv's left padding. Copies outside the graph.
-    return { out, cache: { h, inputs: noGrad(() => this.convInputs(xIn ?? xz, ownInput ? xIn : null)) } };
-  }
-
-  /** The cache's conv inputs (B, ED, K-1): the last K-1 rows of `src` (B, L', ED or 2ED), zeros in front where
-   * L' < K-1; `own` (src itself, or null) is disposed. */
-  private convInputs(src: Tensor, own: Tensor | null): Tensor {
-    const { dInner: ED, dConv: K } = this.config;
-    const Ls = src.shape[1]; // L, or K-1 + L after a cache
-    const n = Math.min(Ls, K - 1);
-    let tail = narrow(src, 1, Ls - n, n); // tail: (B, n, ED) or, from xz, (B, n, 2ED)
-    if (src.shape[2] !== ED) tail = disposeAfter(narrow(tail, -1, 0, ED), tail); // tail: (B, n, ED)
-    if (n < K - 1) tail = disposeAfter(pad(tail, [0, 0, K - 1 - n, 0]), tail); // tail: (B, K-1, ED)
-    const inputs = transpose(tail, 1, 2); // inputs: (B, ED, K-1)
-    tail.dispose();
-    own?.dispose();
-    return inputs;
+    if (!wantCache || !h) return { out, cache: null };
+    return { out, cache: { h, inputs: noGrad(() => this.convInputs(xIn, prefix)) } };
   }
 
   /**
-   * The fused kernel path: x: (B, L, ED) and xz: (B, L, 2ED), whose z half gates -> gated y (B, L, ED); with
-   * `wantState`, h at the end (B, ED, N, no autograd), and the scan starts from `h0` (B, ED, N) where given (a
-   * constant).
+   * The cache's conv inputs (B, ED, K-1) after `src` (B, L, ED, or 2ED wide: its first ED channels): its last
+   * K-1 steps; where L < K-1, the steps before them first: the prefix's (B, ED, K-1), the inputs before src's
+   * (a cache's), or zeros (the conv's left padding). Copies, outside the graph.
    */
-  fusedSsm(x: Tensor, xz: Tensor, wantState: boolean, h0?: Tensor): { y: Tensor; h: Tensor | null } {
-    const ED = this.config.dInner;
-    const dBC = this.dBC(x); // dBC: (B, L, R + 2N) or padded
-    const bias = this.dtProj.bias!;
-    if (!wantState) {
-      // dt_proj inside the op: delta is never saved
-      return { y: fusedMambaScan(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED), h: null };
+  private convInputs(src: Tensor, prefix: Tensor | null): Tensor {
+    const { dInner: ED, dConv: K } = this.config;
+    const L = src.shape[1];
+    const n = Math.min(L, K - 1);
+    let tail = narrow(src, 1, L - n, n); // tail: (B, n, ED) or, from xz, (B, n, 2ED)
+    if (src.shape[2] !== ED) tail = disposeAfter(narrow(tail, -1, 0, ED), tail); // tail: (B, n, ED)
+    let inputs = transpose(tail, 1, 2); // inputs: (B, ED, n)
+    tail.dispose();
+    if (n < K - 1) {
+      const before = prefix ? narrow(prefix, 2, n, K - 1 - n) : null; // before: (B, ED, K-1-n)
+      const all = before ? cat([before, inputs], 2) : pad(inputs, [K - 1 - n, 0]); // all: (B, ED, K-1)
+      before?.dispose();
+      inputs.dispose();
+      inputs = all;
     }
-    // A prefill, or training from a carried state: the kernel's last chunk state is the cache's h.
-    return fusedMambaScanFrom(x, dBC, this.dtProj.weight, bias, this.A_log, this.D, xz, ED, h0 ?? null);
+    return inputs;
+  }
+
+  /** The fused path's SSM alone: x (B, L, ED) after the conv and xz (B, L, 2ED), whose z half gates -> the
+   * gated y (B, L, ED): x_proj, dt_proj, the scan, D x and the gate (what bench/scan_report.ts times). */
+  fusedSsm(x: Tensor, xz: Tensor): Tensor {
+    const w = this.dtProj;
+    return fusedMambaScan(x, this.dBC(x), w.weight, w.bias!, this.A_log, this.D, xz, this.config.dInner);
   }
 
   /** The fused path's x_proj: x (B, L, ED) -> dBC (B, L, R + 2N), or padded (below), normed with `norms`. */
@@ -387,14 +366,30 @@ export class ResidualBlock extends Module {
   /** x: (B, L, D) -> (B, L, D); with `from`, on from that cache (see {@linkcode MambaBlock.forward}). */
   forward(x: Tensor, wantCache = false, from?: LayerCache): { out: Tensor; cache: LayerCache | null } {
     const recompute = this.mixer.config.recompute;
-    if (recompute && !wantCache && !from && isGradEnabled()) {
+    if (recompute && isGradEnabled()) {
       // Keep only the block's input; norm, in_proj, conv and x_proj run again in the backward (the fused
       // scan and out_proj replay from the chunk states they keep: fusedMambaScanOut; with "input" they keep
       // nothing and run again too). The residual is added inside, by out_proj's product (so the block's
-      // output is the checkpoint's).
+      // output is the checkpoint's). A cache wanted is the first pass's (made without autograd), taken out of
+      // its scope; the rerun's is freed. A cache given must outlive the backward (the rerun reads it).
       const run = recompute === "input" ? checkpointInputsOnly : checkpoint;
-      const out = run((u) => this.mixer.forward(this.norm.forward(u), false, u).out, x); // out: (B, L, D)
-      return { out, cache: null };
+      let cache: LayerCache | null = null;
+      let firstPass = true;
+      const out = run((u) => {
+        const r = this.mixer.forward(this.norm.forward(u), wantCache, u, from);
+        if (r.cache && firstPass) {
+          cache = r.cache;
+          unscope(cache.h);
+          unscope(cache.inputs);
+        } else if (r.cache) {
+          dispose(r.cache);
+        }
+        firstPass = false;
+        return r.out;
+      }, x); // out: (B, L, D)
+      const c = cache as LayerCache | null;
+      if (c) [c.h, c.inputs].forEach(rescope);
+      return { out, cache: c };
     }
     // out_proj adds the residual x itself (matmulAdd): no elementwise add after it
     return this.mixer.forward(this.norm.forward(x), wantCache, x, from); // out: (B, L, D)
@@ -452,7 +447,8 @@ export class Mamba extends Module {
    * seen: the outputs are those of one forward over both (a long prompt in chunks). The caches given stay
    * alive. With autograd on, the caches are constants: those given must not require grad, those returned have
    * no autograd, and the gradients stay within x's positions (truncated backpropagation through time: training
-   * from a carried state). `recompute` does not apply to such a forward (its blocks keep their activations).
+   * from a carried state). With `recompute`, each block's cache is its checkpoint's first pass's, and a cache
+   * given must stay alive until the backward (the rerun reads it).
    */
   forwardWithCache(
     x: Tensor,
@@ -542,12 +538,6 @@ function checkCacheConstant(who: string, cache: LayerCache, layer?: number): voi
       "into a carried state (truncated backpropagation through time): pass caches without autograd (those a " +
       "forward returns), or detach them",
   );
-}
-
-/** The conv's last K-1 inputs from a cache, then x's: (B, K-1 + L, ED), from inputs (B, ED, K-1), x (B, L, ED). */
-function withInputs(cache: LayerCache, x: Tensor): Tensor {
-  const before = transpose(cache.inputs, 1, 2); // before: (B, K-1, ED)
-  return disposeAfter(cat([before, x], 1), before);
 }
 
 /** Throws unless `caches` is an array of one cache per layer (a single cache given as the list is named). */

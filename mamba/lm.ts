@@ -448,9 +448,10 @@ export class MambaLM extends Module {
    * cache after the last token. The caches are constants: those given must not require grad and those returned
    * have no autograd, so a loss on these logits backpropagates through these L positions only, not into the
    * windows before (truncated backpropagation through time: training on a long text window after window with
-   * the state carried between them, as `TrainConfig.carryState` does). `MambaConfig.recompute` does not apply
-   * here: the blocks keep their activations. The caches given stay alive; the caller disposes the returned ones
-   * (return them from a `tidy`, or `keep` them, to carry them past it).
+   * the state carried between them, as `TrainConfig.carryState` does). With `MambaConfig.recompute` the blocks
+   * rerun in the backward as usual, from the caches given: keep those alive until the backward. The caches
+   * given stay alive; the caller disposes the returned ones (return them from a `tidy`, or `keep` them, to
+   * carry them past it).
    */
   forwardFrom(tokens: Tokens, from: LayerCache[] | null): { logits: Tensor; caches: LayerCache[] } {
     const ids = this.tokensTensor(tokens); // ids: (B, L) i32

@@ -42,6 +42,7 @@ import {
   type FusedGrads,
   fusedScanBackward,
   fusedScanForward,
+  initialState,
   lastState,
   phForBackward,
 } from "./fused_run.ts";
@@ -194,12 +195,14 @@ export function dtScanBackward(
     // several state blocks and no binding free for y: the forward kernel again (y: (B, L, ED)), with the
     // parameters the first forward packed into ph ([bias | A_log | D] here: dt_proj outside)
     const par = new Tensor(ph.storage, [ED * (a.N + 2)], "f32");
+    const h0 = initialState(ph, B, ED, a.N); // from the first forward's initial state, where it had one
     try {
-      const f = fusedScanForward(x, draw, dBC, [par], z, a, "last"); // for y alone
+      const f = fusedScanForward(x, draw, dBC, [par], z, a, "last", h0); // for y alone
       f.ph.dispose();
       r.y = f.y;
     } finally {
       par.dispose();
+      h0?.dispose();
     }
   }
   draw.dispose();
@@ -386,22 +389,26 @@ export function fusedMambaScanFrom(
   h0: Tensor | null,
 ): { y: Tensor; h: Tensor } {
   const a = mambaScanAttrs("fusedMambaScanFrom", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
-  const [B, , ED] = x.shape;
-  if (h0 && (h0.dtype !== "f32" || h0.shape.join() !== [B, ED, a.N].join())) {
-    throw new Error(
-      `fusedMambaScanFrom: h0 must be f32 (${B}, ${ED}, ${a.N}) (B, ED, N), got ${h0.dtype} ${fmt(h0.shape)}`,
-    );
-  }
-  if (h0?.requiresGrad && isGradEnabled()) {
-    throw new Error(
-      "fusedMambaScanFrom: h0 requires grad, but no gradient flows into the initial state (truncated " +
-        "backpropagation): pass a state without autograd (a cache, or detach it)",
-    );
-  }
+  checkInitialState("fusedMambaScanFrom", h0, x.shape[0], x.shape[2], a.N);
   const box: { h: Tensor | null } = { h: null };
   const inputs = [x, dBC, dtWeight, dtBias, A_log, D, ...(z ? [z] : []), ...(h0 ? [h0] : [])];
   const y = dtScanOp(inputs, { ...a, ...(h0 ? { init: true } : {}), stateInto: box });
   return { y, h: box.h! };
+}
+
+/** Throws unless `h0` is null or an f32 (B, ED, N) state that takes no gradient (`what` names the function). */
+export function checkInitialState(what: string, h0: Tensor | null, B: number, ED: number, N: number): void {
+  if (h0 && (h0.dtype !== "f32" || h0.shape.join() !== [B, ED, N].join())) {
+    throw new Error(
+      `${what}: h0 must be f32 (${B}, ${ED}, ${N}) (B, ED, N), got ${h0.dtype} ${fmt(h0.shape)}`,
+    );
+  }
+  if (h0?.requiresGrad && isGradEnabled()) {
+    throw new Error(
+      `${what}: h0 requires grad, but no gradient flows into the initial state (truncated ` +
+        "backpropagation): pass a state without autograd (a cache, or detach it)",
+    );
+  }
 }
 
 /**

@@ -13,6 +13,7 @@ import { matmulRaw } from "../core/ops/matmul.ts";
 import { fmt } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 import {
+  checkInitialState,
   dtColumns,
   dtScanBackward,
   dtScanForward,
@@ -23,26 +24,39 @@ import {
   statesFor,
   zGrad,
 } from "./fused.ts";
-import type { FusedAttrs } from "./fused_run.ts";
+import { type FusedAttrs, lastState } from "./fused_run.ts";
 
-/** The op's attributes: the scan's, and which of out_proj's bias and the residual are inputs. */
+/** The op's attributes: the scan's, which of out_proj's bias, the residual and the initial state h0 are
+ * inputs, and where the forward puts the state after the last step (`stateInto`, where given). */
 interface ScanOutAttrs extends FusedAttrs {
   outBias: boolean;
   residual: boolean;
+  init: boolean;
+  stateInto?: { h: Tensor | null };
 }
 
-/** inputs: [x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, outBias?, residual?]; gated; dt_proj inside
+/** Where the residual and h0 sit in the op's inputs (after outBias, where it has one). */
+function tailIndices(a: ScanOutAttrs): { residual: number; h0: number } {
+  const residual = 8 + (a.outBias ? 1 : 0);
+  return { residual, h0: residual + (a.residual ? 1 : 0) };
+}
+
+/** inputs: [x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, outBias?, residual?, h0?]; gated; dt_proj inside
  * (R 1..8) or draw from a matmul. Where outWeight needs a gradient, the backward kernel writes the gated y for
- * it (see fusedScanBackward), or where it cannot, the forward kernel runs again for it. */
+ * it (see fusedScanBackward), or where it cannot, the forward kernel runs again for it. h0, the state before
+ * the first step, is packed into ph (where the backward and a rerun find it) and gets no gradient. */
 const scanOutOp = defineOp<ScanOutAttrs>({
   name: "fusedMambaScanOut",
   forward: (inputs, a, save, keep) => {
     const [x, dBC, W, bias, A_log, D, z, Wout] = inputs;
+    const at = tailIndices(a);
     const ob = a.outBias ? inputs[8] : null;
-    const residual = a.residual ? inputs[inputs.length - 1] : null;
-    // y: (B, L, ED), ph: par + chunk states, dt: above the inline rank, dBC's dt columns (B, L, R)
+    const residual = a.residual ? inputs[at.residual] : null;
+    // y: (B, L, ED), ph: par (+ h0) + chunk states, dt: above the inline rank, dBC's dt columns (B, L, R)
     // every chunk state where a backward or a checkpoint's rerun reads ph, else the last
-    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z, a, statesFor());
+    const h0 = a.init ? inputs[at.h0] : null;
+    const { y, ph, dt } = dtScanForward(x, dBC, W, bias, A_log, D, z, a, statesFor(), h0);
+    if (a.stateInto) a.stateInto.h = lastState(ph, x.shape[0], x.shape[2], a.N, x.shape[1]); // h: (B, ED, N)
     // the product added into a copy of the residual (as matmulAdd), then the bias
     const into = residual ? copy(residual) : undefined;
     const r = matmulRaw(y, Wout, { transB: true }, undefined, into); // r: (B, L, Dm)
@@ -90,13 +104,14 @@ const scanOutOp = defineOp<ScanOutAttrs>({
     yg?.dispose();
     const grads = needed([r.gx, r.gdBC, r.gW, r.gbias, r.gAlog, r.gD], inputs);
     const gob = a.outBias && inputs[8].requiresGrad ? sumToShape(g, [Dm]) : null; // gob: (Dm)
-    const gres = a.residual && inputs[inputs.length - 1].requiresGrad ? g : null; // gres: (B, L, Dm)
+    const gres = a.residual && inputs[tailIndices(a).residual].requiresGrad ? g : null; // gres: (B, L, Dm)
     return [
       ...grads,
       zGrad(r.gz, inputs[6], ED, a),
       gWout,
       ...(a.outBias ? [gob] : []),
       ...(a.residual ? [gres] : []),
+      ...(a.init ? [null] : []), // h0: a constant
     ];
   },
   bf16Inputs: [7], // out_proj's weight may be stored in bfloat16 (inference): the products read it as f32
@@ -113,6 +128,11 @@ const scanOutOp = defineOp<ScanOutAttrs>({
  * the default variant) or where dt_proj runs inside it (dt rank 1 to `MAX_INLINE_DT_RANK`); otherwise it
  * needs an 11th (native adapters have it; Chrome exposes 10), and without one the backward runs the scan's
  * forward kernel again for y.
+ *
+ * With `from`, the scan goes on from a state (a cache's, or one carried between training windows): `h0` (B, ED,
+ * N) is the state before the first step (a constant: no gradient flows into it, and one that requires grad is
+ * refused; a checkpoint's rerun reads it again, so keep it alive until the backward), and `stateInto.h`, where
+ * given, receives the state after the last step (B, ED, N; no autograd; the caller disposes it).
  */
 export function fusedMambaScanOut(
   x: Tensor,
@@ -126,10 +146,13 @@ export function fusedMambaScanOut(
   outWeight: Tensor,
   outBias: Tensor | null = null,
   residual?: Tensor,
+  from: ScanFrom = {},
 ): Tensor {
   if (!z) throw new Error("fusedMambaScanOut: z (the gate) is required");
   const a = mambaScanAttrs("fusedMambaScanOut", x, dBC, dtWeight, dtBias, A_log, D, z, zStart);
   const [B, L, ED] = x.shape;
+  const h0 = from.h0 ?? null;
+  checkInitialState("fusedMambaScanOut", h0, B, ED, a.N);
   const Dm = outWeight.shape[0];
   // bf16: a weight stored in bfloat16 for inference (its products read it as f32; it takes no gradient)
   const weightType = outWeight.dtype === "f32" || outWeight.dtype === "bf16";
@@ -152,10 +175,21 @@ export function fusedMambaScanOut(
       }`,
     );
   }
-  const extra = [...(outBias ? [outBias] : []), ...(residual ? [residual] : [])]; // null or undefined: none
+  // null or undefined: none
+  const extra = [...(outBias ? [outBias] : []), ...(residual ? [residual] : []), ...(h0 ? [h0] : [])];
   return scanOutOp([x, dBC, dtWeight, dtBias, A_log, D, z, outWeight, ...extra], {
     ...a,
     outBias: outBias != null,
     residual: residual != null,
+    init: h0 !== null,
+    ...(from.stateInto ? { stateInto: from.stateInto } : {}),
   });
+}
+
+/** Where {@linkcode fusedMambaScanOut} starts and what it gives back of the state. */
+export interface ScanFrom {
+  /** The state before the first step (B, ED, N), a constant; null or absent: zeros. */
+  h0?: Tensor | null;
+  /** Receives the state after the last step (B, ED, N), a new tensor without autograd. */
+  stateInto?: { h: Tensor | null };
 }

@@ -492,6 +492,17 @@ export function lastState(ph: Tensor, B: number, ED: number, N: number, L: numbe
   return h;
 }
 
+/** A copy of the initial state h0 (B, ED, N) that the forward which made `ph` started from (or of the `ph` that
+ * phForBackward saved of it), or null where it started from zeros. */
+export function initialState(ph: Tensor, B: number, ED: number, N: number): Tensor | null {
+  const off = h0Offset.get(ph.storage);
+  if (off === undefined) return null;
+  const h0 = Tensor.empty([B, ED, N]); // h0: (B, ED, N)
+  const box = { offset: off, strides: [ED * N, N, 1] };
+  copyBox(ph, box, h0, { offset: 0, strides: [ED * N, N, 1] }, [B, ED, N]);
+  return h0;
+}
+
 /** The gradients of the fused scan's inputs (gz null when ungated). */
 export interface FusedGrads {
   gx: Tensor;

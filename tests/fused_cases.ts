@@ -41,8 +41,8 @@ export interface Case {
   /** With `dtWeight` and `gated`, not with `zTimesY`: out_proj too, fusedMambaScanOut (res + y Wout^T + ob,
    * Wout (3, ED)), with a residual, also a bias, or neither. The loss's G is then (B, L, 3). */
   outProj?: "residual" | "bias" | "plain";
-  /** With `dtWeight`, not with `outProj`: the scan starts from a seeded state h0 (B, ED, N), a constant
-   * (fusedMambaScanFrom; the reference's sequential scan from the same h0). */
+  /** With `dtWeight`: the scan starts from a seeded state h0 (B, ED, N), a constant (fusedMambaScanFrom, or
+   * fusedMambaScanOut's `from`; the reference's sequential scan from the same h0). */
   h0?: boolean;
 }
 
@@ -153,6 +153,7 @@ export async function compare(c: Case, seed: number, options: CompareOptions = {
           t.Wout,
           ob,
           res,
+          { h0: c.h0 ? t.h0 : null },
         );
       }
       if (c.h0) return fusedMambaScanFrom(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, z, c.zWindow?.start, t.h0).y;

@@ -14,6 +14,8 @@ import { dispose, type Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
 import { emptyPool, memory } from "../core/memory.ts";
 import { fusedMambaScanForward, fusedMambaScanFrom } from "../scan/fused.ts";
+import { fusedMambaScanOut } from "../scan/fused_out.ts";
+import { deviceInfo } from "../core/device.ts";
 import { lastState, setFusedChainRuns, setFusedStateSaving, setMaxChunksFolded } from "../scan/fused_run.ts";
 import { fusedVariant, MAX_CHUNKS_FOLDED, setFusedVariant } from "../scan/fused_variant.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
@@ -207,6 +209,44 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "fusedMambaScanOut from h0: y and every gradient, also where the backward runs the forward again for y",
+  ignore: noFused,
+  fn: async () => {
+    const base = { B: 2, gated: true, dtWeight: true, h0: true } as const;
+    await compare({ ...base, L: 70, ED: 16, N: 16, R: 2, outProj: "residual" }, 48);
+    await compare({ ...base, L: 37, ED: 12, N: 4, R: 9, outProj: "bias" }, 49);
+    // two state blocks, dt_proj outside and 10 bindings (Chrome's): no binding for y, so the backward runs the
+    // forward kernel again, which must start from h0 too
+    const limits = deviceInfo().limits;
+    const real = limits.maxStorageBuffersPerShaderStage;
+    limits.maxStorageBuffersPerShaderStage = 10;
+    try {
+      const c = { ...base, B: 1, L: 40, ED: 16, N: 32, R: 9, outProj: "residual" } as const;
+      const { kernels } = await kernelsRun(() => compare(c, 50));
+      assert.ok(!kernels.some((k) => /^fused_scan_bwd_.*_y(_g)?$/.test(k)), `${kernels}`);
+    } finally {
+      limits.maxStorageBuffersPerShaderStage = real;
+    }
+    // the state after the last step comes back where asked for
+    const c = { B: 2, L: 30, ED: 8, N: 4, R: 2, gated: true, dtWeight: true, outProj: "plain" } as const;
+    const t = inputs(c, 51);
+    const box: { h: Tensor | null } = { h: null };
+    const out = noGrad(() =>
+      fusedMambaScanOut(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z, undefined, t.Wout, null, undefined, {
+        h0: t.h0,
+        stateInto: box,
+      })
+    );
+    const a = scanArgs(t, c.R, c.N, 0, c.L);
+    const want = selectiveScan(a.x, a.delta, a.A, a.Bm, a.C, t.D, "sequential", t.h0);
+    const last = narrow(want.hs, 1, c.L - 1, 1).reshape(c.B, c.ED, c.N); // last: (B, ED, N)
+    assertMatches(await shaped(box.h!), await shaped(last), tolerance("op"), "the state after the last step");
+    dispose([t, out, box.h, a, want, last]);
+  },
+});
+
+Deno.test({
   name: "fusedMambaScanFrom: its last state is the sequential scan's; an h0 that requires grad is refused",
   ignore: noFused,
   fn: async () => {
@@ -233,8 +273,11 @@ Deno.test({
 });
 
 /** The char model (trained in PyTorch: its state carries what it read) in a scan mode. */
-function charModel(scan: "fused" | "pscan" | "sequential"): ReturnType<typeof fromPretrained> {
-  return fromPretrained(fixturePath("char-mamba"), { scan });
+function charModel(
+  scan: "fused" | "pscan" | "sequential",
+  recompute: boolean | "input" = true,
+): ReturnType<typeof fromPretrained> {
+  return fromPretrained(fixturePath("char-mamba"), { scan, recompute });
 }
 
 /** Seeded ids of the char model's vocabulary. */
@@ -285,8 +328,13 @@ async function assertSameRun(
 /** Training from a carried state with the char model in a scan mode: the first 50 ids of each row prefilled,
  * then forwardFrom over the next 40 under autograd, and the backward of their next-id loss. Gives the logits,
  * the caches after, and every parameter's gradient (read back); `carry` false runs the 40 from the start. */
-async function windowAfter(scan: "fused" | "pscan" | "sequential", ids: number[][], carry = true) {
-  const lm = await charModel(scan);
+async function windowAfter(
+  scan: "fused" | "pscan" | "sequential",
+  ids: number[][],
+  carry = true,
+  recompute: boolean | "input" = true,
+) {
+  const lm = await charModel(scan, recompute);
   try {
     const first = lm.prefill(ids.map((r) => r.slice(0, 50)));
     const r = tidy(() => {
@@ -347,6 +395,17 @@ Deno.test({
       // sequential scan from h0 (selectiveScan's), and pscan's
       for (const [name, g] of runs.sequential.grads) {
         assertMatches(r.grads.get(name)!, g, bound, `${scan}: the gradient of ${name}`);
+      }
+    }
+    // the blocks' recompute (a checkpoint around each, its cache the first pass's) changes nothing
+    for (const recompute of [false, "input"] as const) {
+      const r = await windowAfter("fused", ids, true, recompute);
+      assertMatches(r.logits, runs.fused.logits, bound, `recompute ${recompute}: logits`);
+      r.caches.forEach((c, l) =>
+        assertMatches(c.h, runs.fused.caches[l].h, bound, `recompute ${recompute}: h`)
+      );
+      for (const [name, g] of runs.fused.grads) {
+        assertMatches(r.grads.get(name)!, g, bound, `recompute ${recompute}: the gradient of ${name}`);
       }
     }
     // the carried state changes the gradients (the char model's first few positions of the window)
