@@ -22,7 +22,7 @@ import {
   transpose,
 } from "../core/ops/index.ts";
 import { fmt, sameShape } from "../core/shape.ts";
-import { dispose, freeOnThrow, rescope, type Tensor, tidy, unscope } from "../core/tensor.ts";
+import { freeOnThrow, rescope, type Tensor, tidy, unscope } from "../core/tensor.ts";
 import { streamFor } from "../core/random.ts";
 import { Conv1d, Linear, RMSNorm, type WeightDtype } from "../nn/layers.ts";
 import { Module } from "../nn/module.ts";
@@ -371,18 +371,16 @@ export class ResidualBlock extends Module {
       // scan and out_proj replay from the chunk states they keep: fusedMambaScanOut; with "input" they keep
       // nothing and run again too). The residual is added inside, by out_proj's product (so the block's
       // output is the checkpoint's). A cache wanted is the first pass's (made without autograd), taken out of
-      // its scope; the rerun's is freed. A cache given must outlive the backward (the rerun reads it).
+      // its scope; the rerun makes none. A cache given must outlive the backward (the rerun reads it).
       const run = recompute === "input" ? checkpointInputsOnly : checkpoint;
       let cache: LayerCache | null = null;
       let firstPass = true;
       const out = run((u) => {
-        const r = this.mixer.forward(this.norm.forward(u), wantCache, u, from);
-        if (r.cache && firstPass) {
+        const r = this.mixer.forward(this.norm.forward(u), wantCache && firstPass, u, from);
+        if (r.cache) {
           cache = r.cache;
           unscope(cache.h);
           unscope(cache.inputs);
-        } else if (r.cache) {
-          dispose(r.cache);
         }
         firstPass = false;
         return r.out;
