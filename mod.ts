@@ -120,9 +120,14 @@ export {
 } from "./nn/optim.ts";
 export { linearScan, runScan, type ScanMode } from "./scan/linear_scan.ts";
 export { selectiveScan } from "./scan/selective_scan.ts";
-export { fusedMambaScan, fusedMambaScanForward, fusedSelectiveScan } from "./scan/fused.ts";
+export {
+  fusedMambaScan,
+  fusedMambaScanForward,
+  fusedMambaScanFrom,
+  fusedSelectiveScan,
+} from "./scan/fused.ts";
 export { type FusedAttrs, fusedScanForward, lastState, setFusedStateSaving } from "./scan/fused_run.ts";
-export { fusedMambaScanOut } from "./scan/fused_out.ts";
+export { fusedMambaScanOut, type ScanFrom } from "./scan/fused_out.ts";
 export {
   defaultFusedVariant,
   type FusedVariant,
@@ -193,10 +198,12 @@ export {
 export {
   CharDataset,
   DEFAULT_TRAIN,
+  type OrderedWindows,
   TokenDataset,
   type TrainConfig,
   type TrainData,
   Trainer,
   type TrainLog,
   validateTrainConfig,
+  windowsInOrder,
 } from "./mamba/train.ts";

@@ -52,6 +52,9 @@ const USAGE = `Usage: deno task train [options]
   --accumulate <n>   run each step's batch as n micro-batches of --batch sequences (gradient accumulation:
                      n times the batch in one micro-batch's memory; default 1)
   --seq <n>          tokens per sequence: characters for a char model (default ${DEFAULT_TRAIN.seq})
+  --carry-state      each row reads its own stretch of the text window after window, going on from the
+                     state its last window ended in (truncated backpropagation through time; validation
+                     alike): the model learns to use what came before a window. Off by default
   --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr}; with
                      --from ${FINE_TUNE_LR})
   --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup}; at most --steps: a shorter run warms up
@@ -115,6 +118,7 @@ export interface TrainArgs {
 const RECIPE_FLAGS = [
   "batch",
   "accumulate",
+  "carry-state",
   "seq",
   "lr",
   "warmup",
@@ -138,6 +142,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       steps: { type: "string" },
       batch: { type: "string" },
       accumulate: { type: "string" },
+      "carry-state": { type: "boolean" },
       seq: { type: "string" },
       lr: { type: "string" },
       warmup: { type: "string" },
@@ -221,6 +226,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     warmup: int("warmup", values.warmup, DEFAULT_TRAIN.warmup, 0),
     seed: int("seed", values.seed, DEFAULT_TRAIN.seed, 0, MAX_TRAIN_SEED),
     evalEvery: int("eval-every", values["eval-every"], DEFAULT_TRAIN.evalEvery),
+    ...(values["carry-state"] ? { carryState: true } : {}),
   };
   train.warmup = Math.min(train.warmup, train.steps); // short runs warm up over their whole length
   const how = new Map<string | undefined, boolean | "input">([

@@ -27,6 +27,7 @@ import {
 } from "./pretrained.ts";
 import { writeFiles } from "./pretrained_fs.ts";
 import type { Tokenizer } from "./tokenizer.ts";
+import type { Tensor } from "../core/tensor.ts";
 import {
   checkFiniteLosses,
   type TrainConfig,
@@ -89,6 +90,8 @@ const CHECKPOINT_FILES = [
   "training_log.json",
   "tokenizer.json",
 ];
+/** The states a run with `carryState` goes on from (`Trainer.carriedState`), by name. */
+const CARRIED_FILE = "carried_state.safetensors";
 /** The files of checkpoints whose training_log.json has no `files` (deno task train added the loss chart). */
 const LEGACY_FILES = [...CHECKPOINT_FILES, "loss.json", "loss.svg"];
 /** The suffix of our temporary names: `<name>.tmp-` and 8 hex digits. */
@@ -336,7 +339,13 @@ export async function saveTrainingCheckpoint(
   } catch (e) {
     throw new Error(`cannot write checkpoint ${path}: ${(e as Error).message}`, { cause: e });
   }
-  const own = tok.config === undefined ? CHECKPOINT_FILES : [...CHECKPOINT_FILES, "tokenizer_config.json"];
+  // a run with carryState saves the states its rows go on from (none where the next step starts them again)
+  const carried = trainer.config.carryState ? trainer.carriedState() : null;
+  const own = [
+    ...CHECKPOINT_FILES,
+    ...(tok.config === undefined ? [] : ["tokenizer_config.json"]),
+    ...(carried ? [CARRIED_FILE] : []),
+  ];
   const extra = Object.entries(options.files ?? {});
   for (const [name, content] of extra) {
     if (!/^[^\\/]+$/.test(name) || name === "." || name === ".." || own.includes(name)) {
@@ -375,6 +384,9 @@ export async function saveTrainingCheckpoint(
     hfTensors(trainer.model),
     Promise.all([...state.tensors.values()].map((t) => t.toArray())),
     trainer.pendingLosses(),
+    Promise.all(
+      [...(carried ?? new Map<string, Tensor>())].map(async ([k, t]) => [k, t, await t.toArray()] as const),
+    ),
   ]);
   read.catch(() => {}); // awaited below, unless the save is refused first
 
@@ -400,7 +412,7 @@ export async function saveTrainingCheckpoint(
   try {
     await Deno.mkdir(parent, { recursive: true });
     await Deno.mkdir(tmp);
-    const [weights, optData, losses] = await read;
+    const [weights, optData, losses, carriedData] = await read;
     // A diverged run never replaces a checkpoint: its losses since the last readback (which waits for
     // logEvery steps) are checked here, and its weights (a step whose loss was finite can still have written
     // NaN into them).
@@ -433,6 +445,13 @@ export async function saveTrainingCheckpoint(
         paramSteps: JSON.stringify(state.paramSteps),
       }),
     );
+    if (carried) {
+      const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
+      for (const [k, t, data] of carriedData) {
+        tensors[k] = { shape: [...t.shape], data: data as Float32Array };
+      }
+      await Deno.writeFile(`${tmp}/${CARRIED_FILE}`, serializeSafetensors(tensors));
+    }
     log.pendingLosses = losses.map(jsonNumber);
     await Deno.writeTextFile(`${tmp}/training_log.json`, JSON.stringify(log) + "\n");
     const tokText = JSON.stringify(tok.tokenizer, null, 1);
@@ -621,6 +640,20 @@ export async function loadTrainingCheckpoint(
     trainer.dispose();
     model.dispose();
     throw new Error(`${from}/training_log.json: ${(e as Error).message}`, { cause: e });
+  }
+  if (state.train.carryState) {
+    try {
+      const carried = await readSafetensorsFile(`${from}/${CARRIED_FILE}`);
+      const tensors = new Map([...carried.tensors].map(([k, t]) => [k, { shape: t.shape, data: t.data }]));
+      trainer.restoreCarriedState(tensors);
+    } catch (e) {
+      trainer.dispose();
+      model.dispose();
+      throw new Error(
+        `${from}/${CARRIED_FILE} (the states of a run with carryState): ${(e as Error).message}`,
+        { cause: e },
+      );
+    }
   }
   return trainer;
 }

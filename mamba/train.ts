@@ -13,10 +13,11 @@ import { readBuffer, recordCopy } from "../core/executor.ts";
 import { add, crossEntropy, mul, narrow } from "../core/ops/index.ts";
 import { noGrad } from "../core/autograd.ts";
 import { Philox } from "../core/random.ts";
-import { keep, type Tensor, tidy } from "../core/tensor.ts";
+import { dispose, freeOnThrow, keep, type Tensor, tidy } from "../core/tensor.ts";
 import { configureOptimizers, cosineSchedule, gradNormScale } from "../nn/optim.ts";
 import type { AdamW } from "../nn/optim.ts";
 import type { MambaLM } from "./lm.ts";
+import type { LayerCache } from "./block.ts";
 import { ensureFusedTuned } from "../scan/tune_fused.ts";
 
 /** Hyper-parameters of a run (mamba.py's char-model recipe by default). */
@@ -57,6 +58,17 @@ export interface TrainConfig {
   evalBatches: number;
   /** Steps between loss readbacks (the logged train loss is the mean over them). */
   logEvery: number;
+  /**
+   * Train from a carried state (truncated backpropagation through time; default false). The training part is
+   * cut into `accumulate * batch` equal stretches, one per row, and each row reads its stretch window after
+   * window (step s: window s mod W, W = floor((stretch length - 1) / seq)), going on from the state its
+   * previous window ended in; at a stretch's first window the state starts from zeros. The gradient stays
+   * within the window. The model so learns to use what came before a window, as it does when it reads a text
+   * past any window (`perplexity`'s `carryState`, generation). The validation part is read alike: its first
+   * `evalBatches` windows in order, the state carried from one to the next. The states take
+   * `accumulate * batch * nLayers * dInner * (dState + dConv - 1)` floats, and a checkpoint saves them.
+   */
+  carryState?: boolean;
 }
 
 /**
@@ -99,6 +111,51 @@ export interface TrainData {
   readonly maxId: number;
   /** B random windows of L + 1 ids (inputs and shifted targets), drawn from `rng`, as one (B, L + 1) array. */
   windows(split: "train" | "val", B: number, L: number, rng: Philox): Int32Array;
+  /** For {@linkcode TrainConfig.carryState}: window `index` of each of B stretches read in order (see
+   * {@linkcode windowsInOrder}). Optional: the Trainer refuses carryState without it. */
+  windowsInOrder?(split: "train" | "val", B: number, L: number, index: number): OrderedWindows;
+}
+
+/** Windows read in order ({@linkcode TrainConfig.carryState}): the ids, and whether they start their stretches. */
+export interface OrderedWindows {
+  /** (B, L + 1) ids: row b is window `index mod W` of stretch b. */
+  ids: Int32Array;
+  /** Whether these are the stretches' first windows (the carried state starts from zeros there). */
+  first: boolean;
+}
+
+/**
+ * Window `index` of B stretches of `src`, read in order: `src` is cut into B equal stretches of M =
+ * floor(length / B) ids; each holds W = floor((M - 1) / L) windows of L + 1 ids, window w at w L (a window's
+ * last id is the next one's first, so their inputs follow each other), and `index` wraps: window index mod W.
+ * `unit` names the ids in errors.
+ */
+export function windowsInOrder(
+  src: ArrayLike<number>,
+  split: "train" | "val",
+  B: number,
+  L: number,
+  index: number,
+  unit = "ids",
+): OrderedWindows {
+  if (!Number.isSafeInteger(index) || index < 0) {
+    throw new Error(`windowsInOrder: index must be an integer >= 0, got ${index}`);
+  }
+  const M = Math.floor(src.length / B);
+  const W = Math.floor((M - 1) / L);
+  if (!(W >= 1)) {
+    throw new Error(
+      `the ${split} part has ${src.length} ${unit}: ${B} stretches of ${M}, each fewer than seq + 1 = ` +
+        `${L + 1} (carryState reads each row's windows in order from a stretch of its own)`,
+    );
+  }
+  const w = index % W;
+  const ids = new Int32Array(B * (L + 1));
+  for (let b = 0; b < B; b++) {
+    const start = b * M + w * L;
+    for (let t = 0; t <= L; t++) ids[b * (L + 1) + t] = src[start + t];
+  }
+  return { ids, first: w === 0 };
 }
 
 /** B windows of L + 1 ids from `src`, each starting where `rng` says; `unit` names the ids in errors. */
@@ -152,6 +209,11 @@ export class CharDataset implements TrainData {
   /** B random windows of L + 1 bytes (inputs and shifted targets), drawn from `rng`. */
   windows(split: "train" | "val", B: number, L: number, rng: Philox): Int32Array {
     return windowsOf(split === "train" ? this.train : this.val, split, B, L, rng, "bytes");
+  }
+
+  /** Window `index` of B stretches read in order (see {@linkcode windowsInOrder}). */
+  windowsInOrder(split: "train" | "val", B: number, L: number, index: number): OrderedWindows {
+    return windowsInOrder(split === "train" ? this.train : this.val, split, B, L, index, "bytes");
   }
 }
 
@@ -208,6 +270,11 @@ export class TokenDataset implements TrainData {
   windows(split: "train" | "val", B: number, L: number, rng: Philox): Int32Array {
     return windowsOf(split === "train" ? this.train : this.val, split, B, L, rng, "tokens");
   }
+
+  /** Window `index` of B stretches read in order (see {@linkcode windowsInOrder}). */
+  windowsInOrder(split: "train" | "val", B: number, L: number, index: number): OrderedWindows {
+    return windowsInOrder(split === "train" ? this.train : this.val, split, B, L, index, "tokens");
+  }
 }
 
 /** Largest {@linkcode TrainConfig.seed}: seed * 1e6 + step seeds a batch's generator, exact below 2^53. */
@@ -254,6 +321,7 @@ export function validateTrainConfig(config: TrainConfig): Readonly<TrainConfig> 
   int("evalBatches", 1);
   int("logEvery", 1);
   if (c.accumulate !== undefined) int("accumulate", 1);
+  if (c.carryState !== undefined && typeof c.carryState !== "boolean") bad("carryState", "true or false");
   if (config.minLr > config.lr) {
     throw new Error(
       `TrainConfig.minLr (${config.minLr}) must be <= lr (${config.lr}): the schedule decays from lr to minLr ` +
@@ -285,6 +353,8 @@ export class Trainer {
    * null: not started. */
   #tuning: Promise<void> | null = null;
   #tuned = false;
+  /** With carryState: each micro-batch's caches after its last window (null: from zeros). */
+  #carried: (LayerCache[] | null)[] = [];
 
   /**
    * Builds the optimizer and schedule for `model`. `config` is validated (see
@@ -315,6 +385,21 @@ export class Trainer {
       const n = parts[split]?.length;
       if (n !== undefined && (split === "train" || n > 0) && n < this.#config.seq + 1) {
         data.windows(split, 1, this.#config.seq, new Philox(0)); // throws, naming the part and its size
+      }
+    }
+    if (this.#config.carryState) {
+      if (typeof data.windowsInOrder !== "function") {
+        throw new Error(
+          "TrainConfig.carryState needs data that reads windows in order (TrainData.windowsInOrder)",
+        );
+      }
+      // every row's stretch holds a window (the validation part's too, where it has ids)
+      const { batch, accumulate = 1, seq } = this.#config;
+      for (const split of ["train", "val"] as const) {
+        const n = parts[split]?.length;
+        if (split === "train" || n === undefined || n > 0) {
+          data.windowsInOrder(split, accumulate * batch, seq, 0);
+        }
       }
     }
     this.#schedule = Trainer.#scheduleOf(this.#config);
@@ -365,8 +450,17 @@ export class Trainer {
   /** The windows of a step, (accumulate * batch, seq + 1): the same for the same (seed, step), so resumed runs
    * see the same data, and one batch of 8 draws the windows of two micro-batches of 4. */
   batchOf(step: number): Int32Array {
-    const { batch, accumulate = 1, seq, seed } = this.config;
-    return this.data.windows("train", accumulate * batch, seq, new Philox(seed * 1e6 + step));
+    return this.#windowsOf(step).ids;
+  }
+
+  /** A step's windows, and whether they start the stretches (with carryState; else always false). */
+  #windowsOf(step: number): OrderedWindows {
+    const { batch, accumulate = 1, seq, seed, carryState } = this.config;
+    if (carryState) return this.data.windowsInOrder!("train", accumulate * batch, seq, step);
+    return {
+      ids: this.data.windows("train", accumulate * batch, seq, new Philox(seed * 1e6 + step)),
+      first: false,
+    };
   }
 
   /**
@@ -387,12 +481,13 @@ export class Trainer {
         this.#tuned = true;
       }
     }
-    const { clip, logEvery } = this.config;
-    const tokens = this.batchOf(this.step); // tokens: (accumulate * batch, seq + 1)
+    const { clip, logEvery, carryState } = this.config;
+    const { ids: tokens, first } = this.#windowsOf(this.step); // tokens: (accumulate * batch, seq + 1)
+    if (first) this.#dropCarried(); // the stretches start again: from zeros
     this.opt.lr = this.schedule(this.step);
     let loss: Tensor | null = null;
     try {
-      loss = this.#batchLoss(tokens, true);
+      loss = this.#batchLoss(tokens, true, carryState ? this.#carried : null);
       tidy(() => {
         const { scale } = gradNormScale(this.model.parameters(), clip);
         this.opt.step({ gradScale: scale });
@@ -422,11 +517,15 @@ export class Trainer {
   /**
    * The mean loss of a batch of windows, (accumulate * batch, seq + 1), as a kept 0-d tensor: run `batch` at a
    * time (`accumulate` micro-batches, each one's activations freed before the next), each micro-batch's mean
-   * divided by accumulate; with `train`, each one's gradients are added into the parameters' .grad.
+   * divided by accumulate; with `train`, each one's gradients are added into the parameters' .grad. With
+   * `carried` (carryState: one entry per micro-batch), each micro-batch goes on from its caches there (null:
+   * from zeros), and once all have run they are replaced by the caches after these windows (on a throw they
+   * stay as they were, so that a retried step starts from the same states).
    */
-  #batchLoss(tokens: Int32Array, train: boolean): Tensor {
+  #batchLoss(tokens: Int32Array, train: boolean, carried: (LayerCache[] | null)[] | null = null): Tensor {
     const { batch: B, accumulate = 1, seq: L } = this.config;
     let total: Tensor | null = null; // the micro-batches' shares so far
+    const next: LayerCache[][] = []; // the caches after each micro-batch's windows
     try {
       for (let a = 0; a < accumulate; a++) {
         total = tidy(() => {
@@ -434,7 +533,19 @@ export class Trainer {
           const ids = tensor(rows, [B, L + 1], { dtype: "i32" });
           const x = narrow(ids, 1, 0, L); // x: (B, L)
           const y = narrow(ids, 1, 1, L); // y: (B, L)
-          const mean = crossEntropy(this.model.forward(x), y); // mean: []
+          let logits: Tensor; // logits: (B, L, vocab)
+          if (carried) {
+            const r = this.model.forwardFrom(x, carried[a] ?? null);
+            for (const c of r.caches) {
+              keep(c.h);
+              keep(c.inputs);
+            }
+            next.push(r.caches);
+            logits = r.logits;
+          } else {
+            logits = this.model.forward(x);
+          }
+          const mean = crossEntropy(logits, y); // mean: []
           const loss = accumulate === 1 ? mean : mul(mean, 1 / accumulate); // loss: [], a share of the batch's mean
           if (train) loss.backward();
           const sum = total ? noGrad(() => add(total!, loss)) : loss; // sum: []
@@ -442,31 +553,114 @@ export class Trainer {
           return keep(sum);
         });
       }
-      return total!;
     } catch (e) {
       total?.dispose();
+      dispose(next);
       throw e;
     }
+    if (carried) {
+      dispose(carried);
+      carried.splice(0, carried.length, ...next);
+    }
+    return total!;
+  }
+
+  /** Frees the carried states: the next step starts from zeros. */
+  #dropCarried(): void {
+    dispose(this.#carried);
+    this.#carried = [];
+  }
+
+  /**
+   * The carried states ({@linkcode TrainConfig.carryState}) by name, `carry.<micro-batch>.<layer>.h` and
+   * `.inputs`: what a training checkpoint saves so that a resumed run goes on from them. Empty without
+   * carryState, and where the next step starts the stretches again. The tensors are the Trainer's (do not
+   * dispose them).
+   */
+  carriedState(): Map<string, Tensor> {
+    const out = new Map<string, Tensor>();
+    this.#carried.forEach((caches, a) =>
+      caches?.forEach((c, l) => {
+        out.set(`carry.${a}.${l}.h`, c.h);
+        out.set(`carry.${a}.${l}.inputs`, c.inputs);
+      })
+    );
+    return out;
+  }
+
+  /**
+   * Restores {@linkcode Trainer.carriedState}'s tensors (as saved: name -> shape and values), replacing the
+   * carried states. Throws, naming it, at a tensor that is missing, unknown or of the wrong shape, and
+   * without carryState; then nothing changes.
+   */
+  restoreCarriedState(
+    tensors: Map<string, { shape: readonly number[]; data: Float32Array | Int32Array }>,
+  ): void {
+    const { carryState, batch: B, accumulate = 1 } = this.config;
+    if (tensors.size === 0) return this.#dropCarried();
+    if (!carryState) throw new Error("carried states given to a run without TrainConfig.carryState");
+    const { nLayers, dInner: ED, dState: N, dConv: K } = this.model.config;
+    const want = new Map<string, number[]>();
+    for (let a = 0; a < accumulate; a++) {
+      for (let l = 0; l < nLayers; l++) {
+        want.set(`carry.${a}.${l}.h`, [B, ED, N]);
+        want.set(`carry.${a}.${l}.inputs`, [B, ED, K - 1]);
+      }
+    }
+    for (const [name, shape] of want) {
+      const t = tensors.get(name);
+      if (!t) {
+        throw new Error(`the carried state ${name} is missing (${accumulate} x ${nLayers} caches wanted)`);
+      }
+      if (t.shape.join() !== shape.join() || t.data.length !== shape.reduce((p, d) => p * d, 1)) {
+        throw new Error(`the carried state ${name} is [${t.shape}], not [${shape}] (B, ED, ...)`);
+      }
+      if (!(t.data instanceof Float32Array)) throw new Error(`the carried state ${name} is not f32`);
+    }
+    const unknown = [...tensors.keys()].find((k) => !want.has(k));
+    if (unknown) {
+      throw new Error(`unknown carried state ${unknown} (${accumulate} x ${nLayers} caches wanted)`);
+    }
+    const carried = freeOnThrow(() =>
+      Array.from({ length: accumulate }, (_, a) =>
+        Array.from({ length: nLayers }, (_, l) => {
+          const of = (k: string) => tensors.get(`carry.${a}.${l}.${k}`)!;
+          return {
+            h: keep(tensor(of("h").data, [...of("h").shape])),
+            inputs: keep(tensor(of("inputs").data, [...of("inputs").shape])),
+          };
+        }))
+    );
+    this.#dropCarried();
+    this.#carried = carried;
   }
 
   /** Mean loss over `evalBatches` fixed validation batches (the same every time), each of accumulate x batch
-   * windows run batch at a time: the windows and loss of a run of the same batch without accumulation. */
+   * windows run batch at a time: the windows and loss of a run of the same batch without accumulation. With
+   * carryState, the validation part's first evalBatches windows in order, each from the state the one before
+   * ended in. */
   async evaluate(): Promise<number> {
-    const { batch: B, accumulate = 1, seq: L, evalBatches, seed } = this.config;
+    const { batch: B, accumulate = 1, seq: L, evalBatches, seed, carryState } = this.config;
     const step = this.step; // the step evaluated: a step taken while the losses are read back comes after it
     const rng = new Philox(seed * 1e6 - 1);
     const sums = keep(tensor(new Float32Array(evalBatches), [evalBatches]));
+    const carried: (LayerCache[] | null)[] = []; // with carryState, each micro-batch's state so far
     let v: Float32Array;
     try {
       for (let i = 0; i < evalBatches; i++) {
-        const tokens = this.data.windows("val", accumulate * B, L, rng); // tokens: (accumulate * B, L + 1)
-        const loss = noGrad(() => this.#batchLoss(tokens, false)); // loss: []
+        // tokens: (accumulate * B, L + 1)
+        const w = carryState
+          ? this.data.windowsInOrder!("val", accumulate * B, L, i)
+          : { ids: this.data.windows("val", accumulate * B, L, rng), first: false };
+        if (w.first) dispose(carried.splice(0)); // the stretches start again
+        const loss = noGrad(() => this.#batchLoss(w.ids, false, carryState ? carried : null)); // loss: []
         recordCopy(loss.storage.buffer, 0, sums.storage.buffer, 4 * i, 4);
         loss.dispose();
       }
       v = new Float32Array(await readBuffer(sums.storage.buffer, 0, 4 * evalBatches));
     } finally {
       sums.dispose();
+      dispose(carried);
     }
     const val = v.reduce((a, b) => a + b, 0) / evalBatches;
     this.log.val.push([step, val]);
@@ -495,9 +689,10 @@ export class Trainer {
     this.#pending = losses.length;
   }
 
-  /** Frees the optimizer state and the loss log (not the model). */
+  /** Frees the optimizer state, the loss log and the carried states (not the model). */
   dispose(): void {
     this.opt.dispose();
     this.#losses.dispose();
+    this.#dropCarried();
   }
 }

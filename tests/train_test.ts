@@ -1240,3 +1240,166 @@ Deno.test("train: --accumulate is a recipe flag: its checkpoint keeps it and res
     await Deno.remove(root, { recursive: true });
   }
 });
+
+Deno.test("windowsInOrder: B stretches, each read window after window (inputs following each other), wrapping", async () => {
+  const { windowsInOrder } = await import("../mamba/train.ts");
+  const src = Array.from({ length: 103 }, (_, i) => i);
+  // 3 stretches of 34 ids: 6 windows of 5 + 1 ids each
+  const rows = (index: number) => {
+    const { ids, first } = windowsInOrder(src, "train", 3, 5, index);
+    return { rows: [0, 1, 2].map((b) => [...ids.subarray(b * 6, b * 6 + 6)]), first };
+  };
+  assert.deepEqual(rows(0), {
+    rows: [[0, 1, 2, 3, 4, 5], [34, 35, 36, 37, 38, 39], [68, 69, 70, 71, 72, 73]],
+    first: true,
+  });
+  assert.deepEqual(rows(1).rows[0], [5, 6, 7, 8, 9, 10]);
+  assert.deepEqual(rows(5), {
+    rows: [[25, 26, 27, 28, 29, 30], [59, 60, 61, 62, 63, 64], [93, 94, 95, 96, 97, 98]],
+    first: false,
+  });
+  assert.deepEqual(rows(6), rows(0), "past its last window a stretch starts again");
+  assert.throws(
+    () => windowsInOrder(src, "val", 20, 5, 0),
+    /the val part has 103 ids: 20 stretches of 5, each fewer than seq \+ 1 = 6/,
+  );
+  assert.throws(() => windowsInOrder(src, "train", 3, 5, -1), /index must be an integer >= 0, got -1/);
+});
+
+Deno.test("train: carryState: each step's loss is its windows' loss in one forward over each stretch; stretches wrap from zeros", async () => {
+  await init();
+  const { tidy } = await import("../core/tensor.ts");
+  const { noGrad } = await import("../core/autograd.ts");
+  // the char model trained in PyTorch (its state carries what it read: a fresh model's hardly does)
+  const lm = await fromPretrained(fixturePath("char-mamba"));
+  const V = lm.vocabSize;
+  // 400 bytes of its book: a training part of 200, 4 stretches of 50: 3 windows of 16 + 1 each (validation
+  // alike)
+  const text = await Deno.readFile(new URL("../data/pride_and_prejudice.txt", import.meta.url));
+  const ids = [...text.subarray(5000, 5400)];
+  const data = new CharDataset(Uint8Array.from(ids), 0.5);
+  // a learning rate too small to move a weight in f32: every step sees the same model
+  const recipe = {
+    ...DEFAULT_TRAIN,
+    steps: 6,
+    warmup: 0,
+    lr: 1e-30,
+    minLr: 1e-30,
+    weightDecay: 0,
+    batch: 2,
+    accumulate: 2,
+    seq: 16,
+    logEvery: 1,
+    evalBatches: 3,
+    carryState: true,
+  };
+  const trainer = new Trainer(lm, data, recipe);
+  try {
+    const losses: number[] = [];
+    for (let s = 0; s < 6; s++) losses.push((await trainer.trainStep())!);
+    /** Cross-entropy of each position of `input` (one row) predicting the id after it in `ids` from `at`. */
+    const perPositionOf = async (at: number, n: number) => {
+      const logits = tidy(() => noGrad(() => lm.forward([ids.slice(at, at + n)]))); // logits: (1, n, V)
+      const v = Float32Array.from(await logits.toArray());
+      logits.dispose();
+      return Array.from({ length: n }, (_, t) => {
+        const row = v.subarray(t * V, t * V + V);
+        const max = Math.max(...row);
+        const lse = max + Math.log(row.reduce((a, x) => a + Math.exp(x - max), 0));
+        return lse - row[ids[at + t + 1]];
+      });
+    };
+    const mean = (rows: number[][]) => rows.flat().reduce((a, x) => a + x, 0) / rows.flat().length;
+    // the reference: each stretch's first 48 inputs in one forward
+    const stretches = await Promise.all([0, 1, 2, 3].map((b) => perPositionOf(b * 50, 48)));
+    for (let s = 0; s < 6; s++) {
+      const w = s % 3;
+      const want = mean(stretches.map((p) => p.slice(16 * w, 16 * w + 16)));
+      assert.ok(
+        Math.abs(losses[s] - want) <= 1e-5 * want,
+        `step ${s}: loss ${losses[s]}, one forward ${want}`,
+      );
+    }
+    // validation: the validation part's 3 windows in order, as one forward over each of its stretches
+    const val = await trainer.evaluate();
+    const valStretches = await Promise.all([0, 1, 2, 3].map((b) => perPositionOf(200 + b * 50, 48)));
+    assert.ok(
+      Math.abs(val - mean(valStretches)) <= 1e-5 * val,
+      `validation ${val}, one forward ${mean(valStretches)}`,
+    );
+    // the second window from zeros has another loss: the comparison above can tell a state not carried
+    const fromZeros = mean(await Promise.all([0, 1, 2, 3].map((b) => perPositionOf(b * 50 + 16, 16))));
+    assert.ok(Math.abs(losses[1] - fromZeros) > 1e-3 * fromZeros, `${losses[1]} against ${fromZeros}`);
+  } finally {
+    trainer.dispose();
+    lm.dispose();
+  }
+});
+
+Deno.test("train: --carry-state is a recipe flag: its checkpoint holds the carried states and resumes bit-exact", async () => {
+  const root = await Deno.makeTempDir();
+  try {
+    const run = (args: string[], stopAfter?: number) =>
+      trainRun(
+        args,
+        (t) => ({ step: t.step, carryState: t.config.carryState, held: t.carriedState().size }),
+        stopAfter,
+      );
+    const args = [...small.slice(2), "--carry-state", "--steps", "4"]; // small without its --steps
+    // one micro-batch of one layer: its h and conv inputs
+    assert.deepEqual(await run([...args, "--out", `${root}/a`]), { step: 4, carryState: true, held: 2 });
+    const log = JSON.parse(await Deno.readTextFile(`${root}/a/training_log.json`));
+    assert.equal(log.train.carryState, true);
+    assert.ok(log.files.includes("carried_state.safetensors"), `${log.files}`);
+    // b: interrupted after step 3 and resumed from the states it saved: the same weights as a
+    assert.equal((await run([...args, "--out", `${root}/b`], 3)).step, 3);
+    assert.deepEqual(await run(["--resume", `${root}/b`]), { step: 4, carryState: true, held: 2 });
+    const [wa, wb] = [await weights(`${root}/a`), await weights(`${root}/b`)];
+    for (const [k, t] of wa) assert.deepEqual(wb.get(k)!.data, t.data, `${k} differs`);
+    // a checkpoint without its states is refused, naming the file
+    await Deno.remove(`${root}/a/carried_state.safetensors`);
+    const text = await Deno.readFile(new URL("../data/pride_and_prejudice.txt", import.meta.url));
+    await assert.rejects(
+      () => loadTrainingCheckpoint(`${root}/a`, new CharDataset(text)),
+      /carried_state.safetensors \(the states of a run with carryState\)/,
+    );
+    assert.throws(
+      () => parseTrainArgs(["--resume", `${root}/a`, "--carry-state"]),
+      /--carry-state cannot be used with --resume/,
+    );
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
+Deno.test("train: carryState needs data read in order, stretches that hold a window, and a boolean", async () => {
+  await init();
+  manualSeed(3);
+  const lm = new MambaLM({ dModel: 16, nLayers: 1, dState: 16 }, { vocabSize: 11 });
+  const ids = Array.from({ length: 3000 }, (_, i) => i % 11);
+  const recipe = { ...DEFAULT_TRAIN, steps: 2, warmup: 0, batch: 4, seq: 32, carryState: true };
+  try {
+    const random = { maxId: 10, windows: new TokenDataset(ids).windows.bind(new TokenDataset(ids)) };
+    assert.throws(() => new Trainer(lm, random, recipe), /carryState needs data that reads windows in order/);
+    // 2700 training ids in 32 stretches of 84: no window of 101
+    assert.throws(
+      () => new Trainer(lm, new TokenDataset(ids), { ...recipe, batch: 8, accumulate: 4, seq: 100 }),
+      /the train part has 2700 tokens: 32 stretches of 84, each fewer than seq \+ 1 = 101/,
+    );
+    assert.throws(
+      () => new Trainer(lm, new TokenDataset(ids), { ...recipe, carryState: "yes" as unknown as boolean }),
+      /TrainConfig.carryState must be true or false, got 'yes'/,
+    );
+    const t = new Trainer(lm, new TokenDataset(ids), recipe);
+    assert.throws(
+      () =>
+        t.restoreCarriedState(
+          new Map([["carry.0.0.h", { shape: [4, 32, 16], data: new Float32Array(2048) }]]),
+        ),
+      /the carried state carry.0.0.inputs is missing \(1 x 1 caches wanted\)/,
+    );
+    t.dispose();
+  } finally {
+    lm.dispose();
+  }
+});
