@@ -48,7 +48,8 @@ export interface TrainConfig {
   /** Global gradient-norm clip. */
   clip: number;
   /**
-   * Seed of the batches (training windows and validation batches). The model exists before the Trainer, so
+   * Seed of the batches (training windows and validation batches; with `carryState` the windows are read in
+   * order and the seed draws none). The model exists before the Trainer, so
    * this does not seed its initialisation: call `manualSeed(config.seed)` before building the model.
    */
   seed: number;
@@ -64,8 +65,9 @@ export interface TrainConfig {
    * window (step s: window s mod W, W = floor((stretch length - 1) / seq)), going on from the state its
    * previous window ended in; at a stretch's first window the state starts from zeros. The gradient stays
    * within the window. The model so learns to use what came before a window, as it does when it reads a text
-   * past any window (`perplexity`'s `carryState`, generation). The validation part is read alike: its first
-   * `evalBatches` windows in order, the state carried from one to the next. The states take
+   * past any window (`perplexity`'s `carryState`, generation). The validation part is read alike: window 0 to
+   * `evalBatches - 1` of its stretches in order, the state carried from one to the next (past a stretch's last
+   * window it wraps to its first, from zeros again). `seed` draws no batches here. The states take
    * `accumulate * batch * nLayers * dInner * (dState + dConv - 1)` floats, and a checkpoint saves them.
    */
   carryState?: boolean;
@@ -448,7 +450,8 @@ export class Trainer {
   }
 
   /** The windows of a step, (accumulate * batch, seq + 1): the same for the same (seed, step), so resumed runs
-   * see the same data, and one batch of 8 draws the windows of two micro-batches of 4. */
+   * see the same data, and one batch of 8 draws the windows of two micro-batches of 4. With carryState, window
+   * `step` of each row's stretch (see {@linkcode windowsInOrder}; the seed plays no part). */
   batchOf(step: number): Int32Array {
     return this.#windowsOf(step).ids;
   }
@@ -486,8 +489,9 @@ export class Trainer {
     if (first) this.#dropCarried(); // the stretches start again: from zeros
     this.opt.lr = this.schedule(this.step);
     let loss: Tensor | null = null;
+    let next: LayerCache[][] | null = null; // with carryState: the states after this step's windows
     try {
-      loss = this.#batchLoss(tokens, true, carryState ? this.#carried : null);
+      ({ loss, next } = this.#batchLoss(tokens, true, carryState ? this.#carried : null));
       tidy(() => {
         const { scale } = gradNormScale(this.model.parameters(), clip);
         this.opt.step({ gradScale: scale });
@@ -495,11 +499,17 @@ export class Trainer {
         recordCopy(loss!.storage.buffer, 0, this.#losses.storage.buffer, 4 * this.#pending, 4);
       });
     } catch (e) {
-      // a step that failed part-way (out of memory in the backward) leaves no gradients for the next to add to
+      // a step that failed part-way (out of memory in the backward) leaves no gradients for the next to add to,
+      // and the carried states as they were (a retried step starts from the same states)
       this.opt.zeroGrad();
+      if (next) dispose(next);
       throw e;
     } finally {
       loss?.dispose();
+    }
+    if (next) {
+      dispose(this.#carried);
+      this.#carried = next;
     }
     const step = ++this.step;
     const n = ++this.#pending;
@@ -519,10 +529,14 @@ export class Trainer {
    * time (`accumulate` micro-batches, each one's activations freed before the next), each micro-batch's mean
    * divided by accumulate; with `train`, each one's gradients are added into the parameters' .grad. With
    * `carried` (carryState: one entry per micro-batch), each micro-batch goes on from its caches there (null:
-   * from zeros), and once all have run they are replaced by the caches after these windows (on a throw they
-   * stay as they were, so that a retried step starts from the same states).
+   * from zeros), and `next` holds the caches after these windows (kept; the caller replaces `carried` with
+   * them once the step has succeeded, so that a step that throws leaves the states as they were); else null.
    */
-  #batchLoss(tokens: Int32Array, train: boolean, carried: (LayerCache[] | null)[] | null = null): Tensor {
+  #batchLoss(
+    tokens: Int32Array,
+    train: boolean,
+    carried: (LayerCache[] | null)[] | null = null,
+  ): { loss: Tensor; next: LayerCache[][] | null } {
     const { batch: B, accumulate = 1, seq: L } = this.config;
     let total: Tensor | null = null; // the micro-batches' shares so far
     const next: LayerCache[][] = []; // the caches after each micro-batch's windows
@@ -555,14 +569,10 @@ export class Trainer {
       }
     } catch (e) {
       total?.dispose();
-      dispose(next);
+      if (next) dispose(next);
       throw e;
     }
-    if (carried) {
-      dispose(carried);
-      carried.splice(0, carried.length, ...next);
-    }
-    return total!;
+    return { loss: total!, next: carried ? next : null };
   }
 
   /** Frees the carried states: the next step starts from zeros. */
@@ -579,6 +589,8 @@ export class Trainer {
    */
   carriedState(): Map<string, Tensor> {
     const out = new Map<string, Tensor>();
+    // at a stretch's end the states are still held (the next step drops them), but nothing goes on from them
+    if (!this.config.carryState || this.#windowsOf(this.step).first) return out;
     this.#carried.forEach((caches, a) =>
       caches?.forEach((c, l) => {
         out.set(`carry.${a}.${l}.h`, c.h);
@@ -637,8 +649,8 @@ export class Trainer {
 
   /** Mean loss over `evalBatches` fixed validation batches (the same every time), each of accumulate x batch
    * windows run batch at a time: the windows and loss of a run of the same batch without accumulation. With
-   * carryState, the validation part's first evalBatches windows in order, each from the state the one before
-   * ended in. */
+   * carryState, the validation part's windows 0 to evalBatches - 1 in order, each from the state the one
+   * before ended in (wrapping, from zeros, past a stretch's last window). */
   async evaluate(): Promise<number> {
     const { batch: B, accumulate = 1, seq: L, evalBatches, seed, carryState } = this.config;
     const step = this.step; // the step evaluated: a step taken while the losses are read back comes after it
@@ -653,7 +665,8 @@ export class Trainer {
           ? this.data.windowsInOrder!("val", accumulate * B, L, i)
           : { ids: this.data.windows("val", accumulate * B, L, rng), first: false };
         if (w.first) dispose(carried.splice(0)); // the stretches start again
-        const loss = noGrad(() => this.#batchLoss(w.ids, false, carryState ? carried : null)); // loss: []
+        const { loss, next } = noGrad(() => this.#batchLoss(w.ids, false, carryState ? carried : null)); // loss: []
+        if (next) dispose(carried.splice(0, carried.length, ...next));
         recordCopy(loss.storage.buffer, 0, sums.storage.buffer, 4 * i, 4);
         loss.dispose();
       }

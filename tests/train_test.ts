@@ -682,6 +682,54 @@ Deno.test("train: a step that runs out of memory part-way leaves no gradients: t
   }
 });
 
+Deno.test("train: with carryState, a step that throws (out of memory, or in the optimizer's step) leaves the carried states as they were", async () => {
+  await init();
+  const a = new MambaLM({ dModel: 16, nLayers: 2, dState: 4 }, { vocabSize: 11 });
+  const b = new MambaLM({ dModel: 16, nLayers: 2, dState: 4 }, { vocabSize: 11 });
+  b.loadStateDict(a.stateDict());
+  const data = new TokenDataset(Array.from({ length: 400 }, (_, i) => (i * 7) % 11));
+  const recipe = { ...DEFAULT_TRAIN, steps: 10, warmup: 1, batch: 2, seq: 8, logEvery: 1, carryState: true };
+  const [ta, tb] = [new Trainer(a, data, recipe), new Trainer(b, data, recipe)];
+  const states = (t: Trainer) =>
+    Promise.all([...t.carriedState()].map(async ([k, v]) => [k, await v.toArray()]));
+  try {
+    await ta.trainStep();
+    await tb.trainStep();
+    // a throw in the optimizer's step, after the windows ran (no cap reaches it: the backward's peak is higher)
+    const step = ta.opt.step;
+    ta.opt.step = () => {
+      throw new Error("injected");
+    };
+    await assert.rejects(() => ta.trainStep(), /injected/);
+    ta.opt.step = step;
+    // caps from the live bytes up: the step fails in the forward, then the backward, until it fits
+    const live = memory().liveBytes;
+    let failed = 0;
+    for (let room = 0;; room += 512) {
+      setMemoryLimit(live + room);
+      try {
+        await ta.trainStep();
+        break;
+      } catch (e) {
+        assert.match((e as Error).message, /out of memory/);
+        failed++;
+      } finally {
+        setMemoryLimit(null);
+      }
+    }
+    assert.ok(failed > 10, `${failed} failed steps`);
+    await tb.trainStep();
+    assert.deepEqual(await states(ta), await states(tb), "carried states after the retried step");
+    const [pa, pb] = [a.parameters(), b.parameters()];
+    for (let i = 0; i < pa.length; i++) {
+      assert.deepEqual(await pa[i].toArray(), await pb[i].toArray(), `parameter ${i} after the retried step`);
+    }
+  } finally {
+    for (const t of [ta, tb]) t.dispose();
+    for (const m of [a, b]) m.dispose();
+  }
+});
+
 Deno.test("train: steps and an evaluation called without awaiting each log the losses of steps awaited one by one", async () => {
   await init();
   const text = new TextEncoder().encode("the quick brown fox jumps over the lazy dog. ".repeat(20));
@@ -1296,7 +1344,14 @@ Deno.test("train: carryState: each step's loss is its windows' loss in one forwa
   const trainer = new Trainer(lm, data, recipe);
   try {
     const losses: number[] = [];
-    for (let s = 0; s < 6; s++) losses.push((await trainer.trainStep())!);
+    for (let s = 0; s < 6; s++) {
+      losses.push((await trainer.trainStep())!);
+      // the states a checkpoint saves: none at a stretch's end (the next step starts from zeros), else
+      // h and the conv inputs of each of 2 micro-batches x the layers
+      const held = trainer.carriedState().size;
+      if ((s + 1) % 3 === 0) assert.equal(held, 0, `states held after step ${s + 1}, a stretch's end`);
+      else assert.equal(held, 2 * 2 * lm.config.nLayers, `states held after step ${s + 1}`);
+    }
     /** Cross-entropy of each position of `input` (one row) predicting the id after it in `ids` from `at`. */
     const perPositionOf = async (at: number, n: number) => {
       const logits = tidy(() => noGrad(() => lm.forward([ids.slice(at, at + n)]))); // logits: (1, n, V)
