@@ -366,6 +366,12 @@ export class ResidualBlock extends Module {
   /** x: (B, L, D) -> (B, L, D); with `from`, on from that cache (see {@linkcode MambaBlock.forward}). */
   forward(x: Tensor, wantCache = false, from?: LayerCache): { out: Tensor; cache: LayerCache | null } {
     const recompute = this.mixer.config.recompute;
+    // Checked before the norm runs (a throw after it left its output behind), and before a checkpoint's first
+    // pass, which runs without autograd: the mixer's own check there let a cache that requires grad through.
+    if (from) {
+      checkLayerCache("ResidualBlock.forward", from, this.mixer.config, x.shape[0]);
+      checkCacheConstant("ResidualBlock.forward", from);
+    }
     if (recompute && isGradEnabled()) {
       // Keep only the block's input; norm, in_proj, conv and x_proj run again in the backward (the fused
       // scan and out_proj replay from the chunk states they keep: fusedMambaScanOut; with "input" they keep

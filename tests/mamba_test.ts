@@ -7,7 +7,7 @@ import { memory, resetPeak } from "../core/memory.ts";
 import { randn, tensor } from "../core/creation.ts";
 import { manualSeed } from "../core/random.ts";
 import { mambaConfig } from "../mamba/config.ts";
-import { Mamba, MambaBlock } from "../mamba/block.ts";
+import { Mamba, MambaBlock, ResidualBlock } from "../mamba/block.ts";
 import type { ScanMode } from "../scan/linear_scan.ts";
 import type { DecodedTensor } from "../core/safetensors.ts";
 import {
@@ -758,4 +758,38 @@ Deno.test("selectiveScan, Mamba's constructors, Mamba.step's caches and the fuse
     () => setFusedVariantsByProblem(16, [{ problem: [1, 2], variant: { Lc: 64, WG: 32 } }]),
     /a problem is \(B, L, ED\), three positive integers, got \[1,2\]/,
   );
+});
+
+Deno.test("ResidualBlock.forward refuses a cache that requires grad with every recompute setting, leaving nothing behind", async () => {
+  await init();
+  // With recompute the checkpoint's first pass runs without autograd, where the mixer's check does not fire:
+  // the block checks before it (else the backward's rerun threw, or the state's gradient was cut silently).
+  for (const recompute of [true, "input", false] as const) {
+    const block = new ResidualBlock(mambaConfig({ dModel: 8, nLayers: 1, recompute }));
+    const x = randn([2, 3, 8], { seed: 2 });
+    const { dInner: ED, dState: N, dConv: K } = block.mixer.config;
+    const c = { h: randn([2, ED, N], { seed: 3 }), inputs: randn([2, ED, K - 1], { seed: 4 }) };
+    const wants = { h: c.h.detach().requiresGrad_(true), inputs: c.inputs };
+    const x1 = randn([1, 3, 8], { seed: 5 });
+    const live = memory().liveBytes;
+    assert.throws(
+      () => block.forward(x, false, wants),
+      /ResidualBlock.forward: the cache requires grad, but no gradient flows into a carried state/,
+      `recompute ${recompute}`,
+    );
+    assert.equal(memory().liveBytes, live, `bytes left behind (recompute ${recompute})`);
+    // a cache of another batch size: named before the norm runs
+    assert.throws(
+      () => block.forward(x1, false, c),
+      /ResidualBlock.forward: the cache has h \[2, 16, 16\] and inputs \[2, 16, 3\]; a batch of 1 needs h \[1, 16, 16\]/,
+    );
+    assert.equal(memory().liveBytes, live, `bytes left behind by the wrong batch (recompute ${recompute})`);
+    // the same cache without grad goes through, and the gradient reaches x
+    const u = x.detach().requiresGrad_(true);
+    const out = block.forward(u, false, c).out;
+    tidy(() => sum(out).backward());
+    assert.deepEqual(u.grad?.shape, [2, 3, 8]);
+    dispose([out, u, wants.h, c, x, x1]);
+    block.dispose();
+  }
 });
