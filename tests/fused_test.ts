@@ -43,7 +43,7 @@ import { fusedMambaScanOut } from "../scan/fused_out.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { assertMatches, tolerance } from "./fixture_util.ts";
 import { type Case, compare, inputs } from "./fused_cases.ts";
-import { kernelsRun } from "./helpers.ts";
+import { kernelsRun, underRisingCaps } from "./helpers.ts";
 import {
   ensureFusedTuned,
   fusedCandidates,
@@ -423,27 +423,15 @@ Deno.test("fused scan: bad shapes and dtypes are errors that name them; forward-
   }
   assert.equal(memory().liveTensors, before, "live tensors after three forwards, all outputs disposed");
   // ... and one that runs out of memory part-way (under a limit just above what is live) leaves nothing either
-  const { setMemoryLimit } = await import("../core/memory.ts");
-  let partWay = 0;
-  for (let room = 256;; room += 256) {
-    const live = memory().liveBytes;
-    setMemoryLimit(live + room);
-    let out: { y: Tensor; ph: Tensor } | null = null;
-    try {
-      out = fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z); // y takes 256 bytes first
-    } catch (e) {
-      assert.match((e as Error).message, /out of memory/);
-      partWay++;
-    } finally {
-      setMemoryLimit(null);
-    }
-    if (out) {
-      out.y.dispose();
-      out.ph.dispose();
-      break;
-    }
-    assert.equal(memory().liveBytes, live, `nothing left live (limit +${room} bytes)`);
-  }
+  const live = memory().liveBytes;
+  const { result: out, failed: partWay } = await underRisingCaps(
+    () => fusedMambaScanForward(t.x, t.dBC, t.W, t.bias, t.A_log, t.D, t.z), // y takes 256 bytes first
+    256,
+    (room) => assert.equal(memory().liveBytes, live, `nothing left live (limit +${room} bytes)`),
+    1,
+  );
+  out.y.dispose();
+  out.ph.dispose();
   assert.ok(partWay >= 1, "some limit let the forward allocate before it failed");
   for (const v of Object.values(t)) v.dispose();
 });

@@ -12,6 +12,7 @@
 import { AssertionError } from "node:assert/strict";
 import { init, mul, sum, type Tensor, tensor, tidy } from "../mod.ts";
 import { deviceInfo } from "../core/device.ts";
+import { memory, setMemoryLimit } from "../core/memory.ts";
 import { matmulGpuSplit, matmulMatvec, setMatmulGpuSplit, setMatmulMatvec } from "../core/ops/matmul.ts";
 import { fusedScanAvailable } from "../mamba/block.ts";
 
@@ -28,6 +29,32 @@ export function setup(): Promise<unknown> {
 /** Reads many tensors back at once (their waits overlap: one ~11 ms wait instead of one per tensor). */
 export function readAll(ts: readonly Tensor[]): Promise<(Float32Array | Int32Array)[]> {
   return Promise.all(ts.map((t) => t.toArray()));
+}
+
+/**
+ * Runs `run` under memory caps rising from the bytes live now (`setMemoryLimit`) by `step` from `step * first`
+ * until it fits. Every failure must be out of memory; `afterFailure(room)` then checks what it left (room: the
+ * cap's bytes above the live ones). Returns what the run that fit returned and how many failed before it.
+ */
+export async function underRisingCaps<T>(
+  run: () => T | Promise<T>,
+  step: number,
+  afterFailure: (room: number) => void | Promise<void> = () => {},
+  first = 0,
+): Promise<{ result: T; failed: number }> {
+  const live = memory().liveBytes;
+  for (let room = step * first, failed = 0;; room += step) {
+    setMemoryLimit(live + room);
+    try {
+      return { result: await run(), failed };
+    } catch (e) {
+      if (!/out of memory/.test((e as Error).message)) throw e;
+    } finally {
+      setMemoryLimit(null);
+    }
+    failed++;
+    await afterFailure(room);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ environment

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import * as M from "../mod.ts";
 import { defineOp, dispose, emptyPool, keep, memory, noGrad, type Tensor, tensor, tidy } from "../mod.ts";
 import { fixturePath } from "./fixture_util.ts";
-import { setup } from "./helpers.ts";
+import { setup, underRisingCaps } from "./helpers.ts";
 
 await setup();
 
@@ -261,28 +261,15 @@ Deno.test("a model that runs out of memory while it is built leaks nothing: Mamb
   ];
   for (const [what, build] of builds) {
     const base = memory();
-    let failed = 0;
     // caps from the live bytes up, until it fits: each failure leaves nothing live
-    for (let room = 0;; room += 512) {
-      M.setMemoryLimit(base.liveBytes + room);
-      let built: M.Module;
-      try {
-        built = await build();
-      } catch (e) {
-        assert.match((e as Error).message, /out of memory/, what);
-        assert.deepEqual(
-          [memory().liveTensors, memory().liveBytes],
-          [base.liveTensors, base.liveBytes],
-          `${what}: nothing left live at +${room}`,
-        );
-        failed++;
-        continue;
-      } finally {
-        M.setMemoryLimit(null);
-      }
-      built.dispose();
-      break;
-    }
+    const { result: built, failed } = await underRisingCaps(build, 512, (room) => {
+      assert.deepEqual(
+        [memory().liveTensors, memory().liveBytes],
+        [base.liveTensors, base.liveBytes],
+        `${what}: nothing left live at +${room}`,
+      );
+    });
+    built.dispose();
     assert.ok(failed > 1, `${what}: ${failed} failed builds`);
     assert.equal(memory().liveBytes, base.liveBytes, what);
   }
