@@ -134,10 +134,16 @@ Deno.test("subgroup probe: sums that match the size and aligned subgroups give s
   assert.deepEqual(subgroupProbeResult(words(32), "", 4, 64), { directive: "", minSize: 4, maxSize: 64 });
 });
 
-/** Runs `script` in a fresh Deno process (the repository's config, or `flags` instead) and parses the last
- * line it prints as JSON; a non-zero exit fails with its stderr. */
+/** Runs `script` in a fresh Deno process (the repository's config and the tests' location, whose localStorage
+ * holds the tests' tuner choices, not the benches'; or `flags` instead) and parses the last line it prints as
+ * JSON; a non-zero exit fails with its stderr. */
 async function lastLineOf(script: string, flags?: string[]): Promise<unknown> {
-  const config = ["--config", fileURLToPath(new URL("../deno.json", import.meta.url))];
+  const config = [
+    "--config",
+    fileURLToPath(new URL("../deno.json", import.meta.url)),
+    "--location",
+    "http://tests.mambats.test/",
+  ];
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["eval", ...(flags ?? config), script],
     stdout: "piped",
