@@ -569,7 +569,7 @@ export class Trainer {
       }
     } catch (e) {
       total?.dispose();
-      if (next) dispose(next);
+      dispose(next);
       throw e;
     }
     return { loss: total!, next: carried ? next : null };
