@@ -5,7 +5,9 @@
  * Records are stored uncompressed. PyTorch's writer puts their sizes in data descriptors after the data, not
  * in the headers before it, so a storage's size comes from the pickle, and the pickle's own end is found by
  * its descriptor (signature, CRC-32 and size must all agree). ZIP64 sizes are read. The central directory at
- * the end is not needed, so a stream of unknown length works too.
+ * the end is not needed, so a stream of unknown length works too. The storages' own CRC-32s are not checked,
+ * as `torch.load` does not check them (PyTorch builds miniz with `MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS`); a
+ * download from the hub is checked by its sha256 instead.
  * @module
  */
 
