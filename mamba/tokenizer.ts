@@ -292,10 +292,17 @@ export class StreamDecoder {
     return out;
   }
 
+  /**
+   * The text held back so far, as {@linkcode flush} would emit it now (an incomplete character as U+FFFD), but
+   * kept: to show where a stream paused, and go on with `push` later (the character then comes out whole).
+   */
+  held(): string {
+    return this.#emit(this.#tok.decode(this.#ids, this.#opts));
+  }
+
   /** Emits whatever is held back (an incomplete character becomes U+FFFD) and starts over. */
   flush(): string {
-    const text = this.#tok.decode(this.#ids, this.#opts);
-    const out = this.#emit(text);
+    const out = this.held();
     this.#ids = [];
     this.#prefix = "";
     this.#prefixIndex = 0;

@@ -82,7 +82,17 @@ Deno.test("StreamDecoder: invalid bytes do not stall the stream; flush emits wha
   const bytes = new ByteTokenizer();
   const dec = new StreamDecoder(bytes);
   assert.equal(dec.push([0xf0, 0x9f]), ""); // first half of a 4-byte character: held back
+  assert.equal(dec.held(), "\uFFFD", "held() shows it as flush would");
+  assert.equal(dec.held(), "\uFFFD", "and keeps it");
   assert.equal(dec.flush(), "\uFFFD");
+  assert.equal(dec.held(), "", "nothing held after a flush");
+  // Paused mid-character (a generation that ends there, continued later): held() shows the pause, and the
+  // next push completes the character instead of emitting a second U+FFFD.
+  const paused = new StreamDecoder(bytes);
+  assert.equal(paused.push([0x41, 0xf0, 0x9f]), "A");
+  assert.equal(paused.held(), "\uFFFD");
+  assert.equal(paused.push([0x98, 0x80, 0x42]), "😀B");
+  assert.equal(paused.held(), "");
   // A lone continuation byte followed by text: emitted (as U+FFFD) once more tokens arrive.
   const dec2 = new StreamDecoder(bytes);
   const out = dec2.push([0x80, 0x80, 0x80, 0x80, 0x41]) + dec2.flush();

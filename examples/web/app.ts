@@ -76,6 +76,12 @@ interface Continuation {
   /** Tokens generated into the text so far: a sampled Continue offsets its seed by them, so that its noise
    * is not the first run's again. */
   generated: number;
+  /** The text's decoder, not flushed: a character split at the text's end (shown as U+FFFD meanwhile) comes out
+   * whole when Continue pushes its last bytes. */
+  decoder: StreamDecoder;
+  /** The node the text ends in, and what it shows but the decoder's held-back part. */
+  node: Text;
+  shown: string;
 }
 let continuation: Continuation | null = null;
 
@@ -278,7 +284,8 @@ $("load").addEventListener("click", loadModel);
 
 // ---- generating ----
 
-/** Set by Stop: the next tokens read back end the generation (generate frees its buffers as it unwinds). */
+/** Set by the Generate tab's Stop: the next tokens read back end the generation (generate frees its buffers as
+ * it unwinds). The Train tab's sample stops on that tab's Stop (`stopTraining`). */
 let stopGenerating = false;
 
 /** Thrown from onTokens to end a generation the user stopped. */
@@ -286,8 +293,9 @@ class Stopped extends Error {}
 
 /**
  * Streams n tokens into `target`: after `prompt` (which replaces what it shows), or with `from` after the text
- * it shows, from the model's state at its end. With `keep` (the Generate tab's output, which Continue goes on
- * from) the state at the new end becomes `continuation` (also when the user stops it).
+ * it shows, from the model's state at its end; `stop()` true ends it (its tab's Stop: both tabs may generate
+ * at once). With `keep` (the Generate tab's output, which Continue goes on from) the state at the new end
+ * becomes `continuation` (also when the user stops it).
  */
 async function streamText(
   target: HTMLElement,
@@ -296,6 +304,7 @@ async function streamText(
   prompt: string,
   n: number,
   sampling: SampleOptions,
+  stop: () => boolean,
   from: Continuation | null = null,
   keep = false,
 ): Promise<{ text: string; tokens: number; seconds: number }> {
@@ -309,13 +318,13 @@ async function streamText(
     ids = tokenizer.encode(prompt);
     if (!ids.length) throw new Error("the prompt is empty");
   }
-  const out = document.createTextNode("");
-  target.append(out);
-  const decoder = new StreamDecoder(tokenizer);
-  let text = "";
+  // Continue writes on into the node the text ends in, with that text's decoder
+  const out = from?.node ?? target.appendChild(document.createTextNode(""));
+  const decoder = from?.decoder ?? new StreamDecoder(tokenizer);
+  const before = from?.shown ?? "";
+  let text = ""; // this run's
   let got = 0;
   const reply: number[] = [];
-  stopGenerating = false; // a Stop belongs to the run it was clicked in
   const t0 = performance.now();
   let ended = false; // generated all, or stopped: the state at the text's end is worth keeping
   try {
@@ -324,11 +333,11 @@ async function streamText(
       ...(from ? { from: from.caches } : {}),
       readEvery: 8,
       onTokens: (fresh) => {
-        if (stopGenerating) throw new Stopped(`stopped after ${got} tokens`);
+        if (stop()) throw new Stopped(`stopped after ${got} tokens`);
         got += fresh[0].length;
         reply.push(...fresh[0]);
         text += decoder.push(fresh[0]);
-        out.textContent = text;
+        out.textContent = before + text;
         showSpeed(got, (performance.now() - t0) / 1000);
         showMemory();
       },
@@ -338,10 +347,11 @@ async function streamText(
     if (e instanceof Stopped) ended = true;
     throw e;
   } finally {
-    if (keep) keepEnd(lm, ended, from, ids, reply);
+    if (keep) keepEnd(lm, ended, from, ids, reply, { decoder, node: out, shown: before + text });
   }
-  text += decoder.flush();
-  out.textContent = text;
+  // what is held back is shown; flushed unless Continue may complete it
+  text += continuation?.decoder === decoder ? decoder.held() : decoder.flush();
+  out.textContent = before + text;
   const seconds = (performance.now() - t0) / 1000;
   showSpeed(got, seconds);
   showMemory(); // what the generation left (its buffers are back in the pool)
@@ -357,6 +367,7 @@ function keepEnd(
   from: Continuation | null,
   prompt: number[],
   reply: number[],
+  end: Pick<Continuation, "decoder" | "node" | "shown">,
 ): void {
   const all = [...(from ? [from.last] : prompt), ...reply];
   const generated = (from?.generated ?? 0) + reply.length;
@@ -366,7 +377,7 @@ function keepEnd(
       const r = lm.prefill([all.slice(0, -1)], base);
       r.logits.dispose();
       dropContinuation();
-      continuation = { lm, caches: r.caches, last: all[all.length - 1], generated };
+      continuation = { lm, caches: r.caches, last: all[all.length - 1], generated, ...end };
     } catch {
       dropContinuation(); // out of memory: Continue stays off
     }
@@ -375,7 +386,7 @@ function keepEnd(
     return;
   } else if (ended) {
     dropContinuation();
-    continuation = { lm, caches: lm.emptyCache(1), last: all[0], generated };
+    continuation = { lm, caches: lm.emptyCache(1), last: all[0], generated, ...end };
   } else {
     dropContinuation();
   }
@@ -417,7 +428,10 @@ async function generate(continueText = false): Promise<void> {
     const from = continueText ? continuation : null;
     if (from) continuation = null;
     else dropContinuation();
-    const r = await using(lm, () => streamText($("output"), lm, tokenizer, prompt, n, sampling, from, true));
+    const r = await using(
+      lm,
+      () => streamText($("output"), lm, tokenizer, prompt, n, sampling, () => stopGenerating, from, true),
+    );
     state.lastGeneration = { prompt, ...r };
     status(
       "generate-status",
@@ -600,20 +614,29 @@ async function train(): Promise<void> {
     (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = false;
     const prompt = $<HTMLTextAreaElement>("prompt").value || "It is a truth";
     const lm = model, tokenizer = trained.tokenizer;
-    const r = await using(lm, () =>
-      streamText($("train-sample"), lm, tokenizer, prompt, 200, {
-        sample: true,
-        temperature: 0.7,
-        topK: 20,
-        seed: 1,
-      }));
-    state.trainSample = r.text;
+    let sample = ""; // a Stop while it samples ends the sample only: the model is trained
+    stopTraining = false; // a Stop that ended the training is not the sample's
+    try {
+      const r = await using(lm, () =>
+        streamText($("train-sample"), lm, tokenizer, prompt, 200, {
+          sample: true,
+          temperature: 0.7,
+          topK: 20,
+          seed: 1,
+        }, () => stopTraining));
+      state.trainSample = r.text;
+    } catch (e) {
+      if (!(e instanceof Stopped)) throw e;
+      sample = ` The sample was ${e.message}.`;
+    }
     status(
       "train-status",
       `trained ${trainer.step} steps in ${secs.toFixed(1)} s: validation loss ${
         trainer.log.val[0][1].toFixed(3)
-      } → ${lastVal.toFixed(3)} nats/char. The Generate tab can use this model ("the model trained in the ` +
-        `Train tab").`,
+      } → ${
+        lastVal.toFixed(3)
+      } nats/char.${sample} The Generate tab can use this model ("the model trained ` +
+        `in the Train tab").`,
     );
   } catch (e) {
     status("train-status", (e as Error).message, true);
