@@ -54,19 +54,6 @@ export async function parseTorchCheckpoint(
       );
     }
   }
-  // Each distinct view is copied out (the same view under several names, as a tied head or a module listed
-  // twice saves it, shares one array), so views that differ but share a storage decode it again. In all at
-  // most 4 times what the storages hold, plus 4 repeated views' allowance: else thousands of views of one
-  // storage, a few bytes of pickle each, could ask for gigabytes.
-  const distinct = new Map([...state.tensors.values()].map((r) => [viewKey(r), r]));
-  const total = [...distinct.values()].reduce((a, r) => a + viewCount(r), 0);
-  const stored = [...state.storages.values()].reduce((a, s) => a + s.numel, 0);
-  if (total > 4 * stored + 4 * MAX_REPEATED) {
-    throw new Error(
-      `${source}: its ${distinct.size} distinct views would decode to ${total} elements from the ${stored} that ` +
-        `its storages hold: views share storages more than 4 times over (at most 4 x ${stored} + 2^26 are decoded)`,
-    );
-  }
   const storages = new Map<string, Float32Array | Int32Array>();
   const viewer = new Map<string, string>(); // a tensor that views each storage, to name it in errors
   for (const [name, r] of state.tensors) if (!viewer.has(r.storage)) viewer.set(r.storage, name);
@@ -81,11 +68,29 @@ export async function parseTorchCheckpoint(
       throw new Error(`${source}: ${(e as Error).message}`, { cause: e });
     }
   }
+  // Each distinct view is copied out (the same view under several names, as a tied head or a module listed
+  // twice saves it, shares one array), so views that differ but share a storage decode it again. In all at
+  // most 4 times what the storages read hold (not what the pickle claims: a storage it names but the archive
+  // lacks would raise the bound), plus 4 repeated views' allowance: else thousands of views of one storage, a
+  // few bytes of pickle each, could ask for gigabytes.
+  const distinct = new Map([...state.tensors.values()].map((r) => [viewKey(r), r]));
+  const total = [...distinct.values()].reduce((a, r) => a + viewCount(r), 0);
+  const stored = [...storages.values()].reduce((a, s) => a + s.length, 0);
+  if (total > 4 * stored + 4 * MAX_REPEATED) {
+    throw new Error(
+      `${source}: its ${distinct.size} distinct views would decode to ${total} elements from the ${stored} that ` +
+        `its storages hold: views share storages more than 4 times over (at most 4 x ${stored} + 2^26 are decoded)`,
+    );
+  }
+  for (const [name, r] of state.tensors) {
+    if (!storages.has(r.storage)) {
+      throw new Error(`${source}: the archive ends without storage ${r.storage} (of ${name})`);
+    }
+  }
   const out = new Map<string, DecodedTensor>();
   const decoded = new Map<string, DecodedTensor["data"]>(); // by view
   for (const [name, r] of state.tensors) {
-    const all = storages.get(r.storage);
-    if (!all) throw new Error(`${source}: the archive ends without storage ${r.storage} (of ${name})`);
+    const all = storages.get(r.storage)!;
     const key = viewKey(r);
     if (!decoded.has(key)) decoded.set(key, gatherView(all, r) as DecodedTensor["data"]);
     out.set(name, { dtype: r.dtype, shape: r.shape, data: decoded.get(key)! });

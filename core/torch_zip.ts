@@ -76,8 +76,8 @@ const isLegacy = (head: Uint8Array) => head[0] === 0x80 && head[1] >= 2 && head[
 const isSignature = (sig: number) => sig === LOCAL || ENDS.has(sig);
 
 let crcTable: Uint32Array | null = null;
-/** CRC-32 (zip's) of `bytes`. */
-export function crc32(bytes: Uint8Array): number {
+/** CRC-32 (zip's) of `bytes`; with `prev`, the CRC-32 of what `prev` was the CRC of, followed by `bytes`. */
+export function crc32(bytes: Uint8Array, prev = 0): number {
   if (!crcTable) {
     crcTable = new Uint32Array(256);
     for (let i = 0; i < 256; i++) {
@@ -86,7 +86,7 @@ export function crc32(bytes: Uint8Array): number {
       crcTable[i] = c >>> 0;
     }
   }
-  let c = 0xffffffff;
+  let c = (prev ^ 0xffffffff) >>> 0;
   for (let i = 0; i < bytes.length; i++) c = crcTable[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
   return (c ^ 0xffffffff) >>> 0;
 }
@@ -231,6 +231,10 @@ export class TorchArchiveReader {
     let buf = new Uint8Array(1024);
     let len = 0;
     const start = this.#pos;
+    // the CRC-32 of buf[0, crcTo), carried forward as candidates come: one from the start per candidate made a
+    // record full of descriptor-like bytes quadratic (a file of 512 KiB took a minute)
+    let crc = 0;
+    let crcTo = 0;
     for (let from = 0;;) {
       const left = this.#left();
       if (left <= 0) {
@@ -263,9 +267,11 @@ export class TorchArchiveReader {
         const end = from + (short ? 16 : 24);
         // torch.save under torch.serialization.set_crc32_options(False) (PyTorch 2.x) writes 0 for
         // every CRC-32, which torch.load accepts: taken where a record's signature (or the file's end) follows
-        const crc = v.getUint32(from + 4, true);
-        if (crc !== crc32(buf.subarray(0, from))) {
-          if (crc !== 0) continue;
+        const want = v.getUint32(from + 4, true);
+        crc = crc32(buf.subarray(crcTo, from), crc);
+        crcTo = from;
+        if (want !== crc) {
+          if (want !== 0) continue;
           if (end + 4 > len) {
             if (this.#left() > 0) break; // look again with more bytes
           } else if (!isSignature(v.getUint32(end, true))) continue;

@@ -106,6 +106,51 @@ export function blobSource(blob: Blob, name: string): ByteSource {
   };
 }
 
+/** The most bytes a model's text file (config.json, tokenizer.json, an index) may have: the largest
+ * tokenizer.json files are tens of MiB. One past it is refused as it streams, not read whole first. */
+export const MAX_TEXT_FILE_BYTES: number = 100 * 2 ** 20;
+
+/**
+ * A model's text file from its bytes as they stream (`size`: the length the source gives, -1 if none): an
+ * error naming `name` (if not empty) once it is past {@linkcode MAX_TEXT_FILE_BYTES} (a body that never ends would otherwise
+ * fill the memory). Decoded as UTF-8 as `Response.text()` decodes.
+ */
+export async function readBoundedText(
+  stream: ReadableStream<Uint8Array> | null,
+  name: string,
+  size = -1,
+): Promise<string> {
+  const MiB = MAX_TEXT_FILE_BYTES / 2 ** 20;
+  const tooLarge = (what: string) =>
+    new Error(
+      `${
+        name ? `${name}: ` : ""
+      }${what} the ${MiB} MiB a model's text file (config.json, tokenizer.json, an ` +
+        "index) may have",
+    );
+  if (size > MAX_TEXT_FILE_BYTES) {
+    await stream?.cancel().catch(() => {});
+    throw tooLarge(`${size} bytes, more than`);
+  }
+  const parts: Uint8Array[] = [];
+  let total = 0;
+  if (stream) {
+    const reader = stream.getReader();
+    for (let r; !(r = await reader.read()).done;) {
+      total += r.value.length;
+      if (total > MAX_TEXT_FILE_BYTES) {
+        await reader.cancel().catch(() => {});
+        throw tooLarge(`${total} bytes read and more coming, past`);
+      }
+      parts.push(r.value);
+    }
+  }
+  const bytes = new Uint8Array(total);
+  let at = 0;
+  for (const p of parts) bytes.set(p, (at += p.length) - p.length);
+  return new TextDecoder().decode(bytes);
+}
+
 /** Weight files a model may lack, where another form stands for them (model.safetensors: its index, or
  * pytorch_model.bin; pytorch_model.bin: the safetensors): opening one that is absent gives null. */
 export const OPTIONAL_WEIGHT_FILES: ReadonlySet<string> = new Set(["model.safetensors", "pytorch_model.bin"]);

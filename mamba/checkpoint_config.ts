@@ -104,6 +104,18 @@ const SSM_KEYS = new Set([
 
 const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
 
+/** `ssm_cfg` as an object whose `layer`, if any, is Mamba1 (the only mixer here). */
+function ssmConfig(raw: unknown, where: string): Record<string, unknown> {
+  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
+    throw new Error(`${where}: 'ssm_cfg' must be an object, got ${show(raw)}`);
+  }
+  const ssm = raw as Record<string, unknown>;
+  if (ssm.layer !== undefined && ssm.layer !== "Mamba1") {
+    throw new Error(`${where}: ssm_cfg.layer '${ssm.layer}' is not supported (only Mamba1)`);
+  }
+  return ssm;
+}
+
 // Typed reads of a config object; every error names the file and the key as config.json spells it.
 class ConfigReader {
   constructor(
@@ -210,6 +222,9 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
     if (r.has("fused_add_norm")) r.bool("fused_add_norm");
     if (r.has("use_associative_scan")) r.bool("use_associative_scan");
     if (r.has("use_mambapy")) r.bool("use_mambapy");
+    // carried over from state-spaces configs, read by neither transformers nor us: one naming another layer
+    // (Mamba2) is refused, not loaded as Mamba1
+    if (r.has("ssm_cfg")) ssmConfig(cfg.ssm_cfg, where);
     const dModel = r.int("hidden_size");
     const nLayers = r.int("num_hidden_layers");
     r.same("d_model", "hidden_size", dModel);
@@ -281,17 +296,15 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
   if ("d_model" in cfg) {
     const unknown = Object.keys(cfg).filter((k) => !SS_KEYS.has(k));
     if (unknown.length) throw new Error(`${where}: unknown config keys ${unknown.join(", ")}`);
-    const rawSsm = cfg.ssm_cfg ?? {};
-    if (typeof rawSsm !== "object" || rawSsm === null || Array.isArray(rawSsm)) {
-      throw new Error(`${where}: 'ssm_cfg' must be an object, got ${show(rawSsm)}`);
-    }
-    const ssm = rawSsm as Record<string, unknown>;
+    const ssm = ssmConfig(cfg.ssm_cfg ?? {}, where);
     const s = new ConfigReader(ssm, where, "ssm_cfg.");
-    if (ssm.layer !== undefined && ssm.layer !== "Mamba1") {
-      throw new Error(`${where}: ssm_cfg.layer '${ssm.layer}' is not supported (only Mamba1)`);
-    }
     const badSsm = Object.keys(ssm).filter((k) => !SSM_KEYS.has(k));
     if (badSsm.length) throw new Error(`${where}: unknown ssm_cfg keys ${badSsm.join(", ")}`);
+    if (cfg.attn_layer_idx !== undefined && !Array.isArray(cfg.attn_layer_idx)) {
+      throw new Error(
+        `${where}: 'attn_layer_idx' must be a list of layer indices, got ${show(cfg.attn_layer_idx)}`,
+      );
+    }
     if (Array.isArray(cfg.attn_layer_idx) && cfg.attn_layer_idx.length) {
       throw new Error(`${where}: hybrid models with attention layers are not supported`);
     }

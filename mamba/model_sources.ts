@@ -8,7 +8,13 @@
 
 import { duplicateJsonKey, jsonDepth, MAX_JSON_DEPTH } from "../core/safetensors.ts";
 import { hubEndpoint, HubError, type HubOptions, hubRefusal, isHubId, startTimer, timeoutOf } from "./hub.ts";
-import { blobSource, type ModelSource, OPTIONAL_WEIGHT_FILES, responseSource } from "./byte_source.ts";
+import {
+  blobSource,
+  type ModelSource,
+  OPTIONAL_WEIGHT_FILES,
+  readBoundedText,
+  responseSource,
+} from "./byte_source.ts";
 import { type Tokenizer, tokenizerFromJSON } from "./tokenizer.ts";
 
 const isUrl = (s: string) => /^https?:\/\//i.test(s);
@@ -109,7 +115,7 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
         throw new Error(`cannot fetch ${base}/${file}: HTTP 404`);
       }
       try {
-        return await res.text();
+        return await readBoundedText(res.body, "", Number(res.headers.get("content-length") ?? -1));
       } catch (e) {
         throw new Error(`cannot fetch ${base}/${file}: ${(e as Error).message}`, { cause: e });
       }
@@ -170,7 +176,7 @@ export function filesSource(files: ModelFiles, where: string): ModelSource {
     where,
     async text(file, optional) {
       const b = byName.get(file);
-      if (b) return await b.text();
+      if (b) return await readBoundedText(b.stream(), `${where}/${file}`, b.size);
       if (optional) return null;
       throw new Error(`${where}/${file}: no such file among the given ones (${names()})`);
     },

@@ -5,9 +5,21 @@
  */
 
 import { writeFileAtomic } from "../core/safetensors_fs.ts";
-import { type ModelSource, OPTIONAL_WEIGHT_FILES } from "./byte_source.ts";
+import { type ModelSource, OPTIONAL_WEIGHT_FILES, readBoundedText } from "./byte_source.ts";
 import { hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
 import { isDirectory, openFileSource } from "./hub_fs.ts";
+
+/** A model's text file, refused past MAX_TEXT_FILE_BYTES as it is read (a size that stat gives, or not). */
+async function readTextFile(path: string): Promise<string> {
+  const file = await Deno.open(path);
+  let size = -1;
+  try {
+    size = (await file.stat()).size;
+  } catch {
+    // read it and count
+  }
+  return await readBoundedText(file.readable, path, size); // (the stream closes the file)
+}
 
 function folderSource(dir: string): ModelSource {
   const base = dir.replace(/\/+$/, "") || "/";
@@ -16,9 +28,10 @@ function folderSource(dir: string): ModelSource {
     where: base,
     async text(file, optional) {
       try {
-        return await Deno.readTextFile(path(file));
+        return await readTextFile(path(file));
       } catch (e) {
         if (optional && e instanceof Deno.errors.NotFound) return null;
+        if ((e as Error).message.startsWith(path(file))) throw e; // names the file already (too large)
         throw new Error(`cannot read ${path(file)}: ${(e as Error).message}`, { cause: e });
       }
     },
@@ -91,7 +104,7 @@ function hubSource(id: string, options: HubOptions): ModelSource {
         if (optional) return null;
         throw orFolder(new HubError("EntryNotFound", `${where}: the repository has no ${file}`));
       }
-      return await Deno.readTextFile(path);
+      return await readTextFile(path);
     },
     async open(file) {
       const path = await get(file, OPTIONAL_WEIGHT_FILES.has(file));

@@ -208,6 +208,10 @@ const SIZE_KEYS = {
   },
 } as const;
 
+// r[k] where k is r's own key (not one of Object.prototype's)
+const ownEntry = <T>(r: Record<string, T>, k: string): T | undefined =>
+  Object.hasOwn(r, k) ? r[k] : undefined;
+
 /** Compares the checkpoint's shapes (of the parameters that config.json sizes) and its number of layers with
  * what config.json makes, naming the config keys; names that are no parameter are left to the caller. */
 export function checkShapes(
@@ -249,7 +253,8 @@ export function checkShapes(
   for (const [o, k] of ours) {
     const m = /^mamba\.layers\.(\d+)\.(.*)$/.exec(o);
     if (m) layers = Math.max(layers, Number(m[1]) + 1);
-    const want = m ? (Number(m[1]) < L ? layer[m[2]] : undefined) : dims[o];
+    // own keys only: a name ending in `constructor` or `toString` is no parameter
+    const want = m ? (Number(m[1]) < L ? ownEntry(layer, m[2]) : undefined) : ownEntry(dims, o);
     const shape = entries.get(k)!.shape;
     if (want && shape.join() !== want[0].join()) {
       mismatched.push(`${o}: checkpoint ${fmt(shape)} vs model ${fmt(want[0])} (${want[1]})`);

@@ -482,6 +482,18 @@ Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", 
     () => parseCheckpointConfig({ d_model: 8, n_layer: 1, vocab_size: 8, ssm_cfg: { layer: "Mamba2" } }),
     /Mamba1/,
   );
+  // the HF layout reads no ssm_cfg, but one naming Mamba2 is no Mamba1 model
+  const hf = { model_type: "mamba", hidden_size: 8, num_hidden_layers: 1, state_size: 4, vocab_size: 8 };
+  assert.throws(
+    () => parseCheckpointConfig({ ...hf, ssm_cfg: { layer: "Mamba2" } }),
+    /config\.json: ssm_cfg\.layer 'Mamba2' is not supported \(only Mamba1\)/,
+  );
+  assert.throws(() => parseCheckpointConfig({ ...hf, ssm_cfg: [] }), /'ssm_cfg' must be an object, got \[\]/);
+  assert.equal(parseCheckpointConfig({ ...hf, ssm_cfg: {} }).layout, "hf");
+  assert.throws(
+    () => parseCheckpointConfig({ d_model: 8, n_layer: 1, vocab_size: 8, attn_layer_idx: { 0: 1 } }),
+    /'attn_layer_idx' must be a list of layer indices, got \{"0":1\}/,
+  );
   await assert.rejects(
     () => fromPretrained("/nonexistent/model"),
     /cannot read \/nonexistent\/model\/config.json/,

@@ -13,6 +13,7 @@ import { memory } from "../core/memory.ts";
 import { parseSafetensors } from "../core/safetensors.ts";
 import { tidy } from "../core/tensor.ts";
 import { mambaConfig } from "../mamba/config.ts";
+import { MAX_TEXT_FILE_BYTES, readBoundedText } from "../mamba/byte_source.ts";
 import { HubError } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { parseCheckpointConfig } from "../mamba/checkpoint_config.ts";
@@ -196,6 +197,11 @@ Deno.test("fromPretrained: checkpoint tensors the model has no parameter for are
       "a LayerNorm bias",
       [...entries, ["backbone.layers.1.norm.bias", f32(32)]],
       /backbone\.layers\.1\.norm\.bias \(mamba\.layers\.1\.norm\.bias\)/,
+    ],
+    [
+      "names of Object.prototype's properties (the shape table's lookup found functions)",
+      [...entries, ["backbone.layers.0.constructor", f32(2)], ["backbone.layers.1.toString", f32(2)]],
+      /backbone\.layers\.0\.constructor .*backbone\.layers\.1\.toString /,
     ],
   ];
   const before = memory().liveTensors;
@@ -710,4 +716,48 @@ Deno.test("saveCheckpoint keeps a loaded model's tokenizer (and its config); nul
     small.dispose();
     await Deno.remove(root, { recursive: true });
   }
+});
+
+Deno.test("a model's text files (config.json, tokenizer.json, an index) past 100 MiB are refused as they stream, not read whole", async () => {
+  // a folder whose config.json stat says is 101 MiB (sparse: nothing is written)
+  const dir = await Deno.makeTempDir();
+  try {
+    const f = await Deno.open(`${dir}/config.json`, { write: true, create: true });
+    await f.truncate(101 * 2 ** 20);
+    f.close();
+    await assert.rejects(
+      () => fromPretrained(dir),
+      new RegExp(`^Error: ${dir}/config\\.json: 105906176 bytes, more than the 100 MiB a model's text file`),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+  // a body that never ends (a server gone wrong): refused once past the bound, the stream cancelled
+  let cancelled = false;
+  const endless = new ReadableStream<Uint8Array>({
+    pull: (c) => c.enqueue(new Uint8Array(1 << 20)),
+    cancel: () => {
+      cancelled = true;
+    },
+  });
+  await assert.rejects(
+    () => readBoundedText(endless, "https://example.test/config.json"),
+    /^Error: https:\/\/example\.test\/config\.json: 105906176 bytes read and more coming, past the 100 MiB/,
+  );
+  assert.ok(cancelled, "the stream is cancelled");
+  // a size given up front is refused before any read; below the bound, chunks join (a character split
+  // across two of them decodes whole)
+  await assert.rejects(
+    () => readBoundedText(null, "", MAX_TEXT_FILE_BYTES + 1),
+    /^Error: 104857601 bytes, more/,
+  );
+  const bytes = new TextEncoder().encode('{"name": "é😀"}');
+  const split = new ReadableStream<Uint8Array>({
+    start(c) {
+      c.enqueue(bytes.subarray(0, 12));
+      c.enqueue(bytes.subarray(12));
+      c.close();
+    },
+  });
+  assert.equal(await readBoundedText(split, "x"), '{"name": "é😀"}');
 });

@@ -503,6 +503,26 @@ Deno.test("parseTorchCheckpoint refuses distinct views that share a storage far 
     () => parseTorchCheckpoint(file(69), "many.pt"),
     /many\.pt: its 69 distinct views would decode to 72342912 elements from the 1048576 that its storages hold/,
   );
+  // The bound counts the storages the archive holds, not those the pickle claims: a storage it names but lacks,
+  // claimed huge, would otherwise let repeated views (2^24 each, of a small storage) decode gigabytes first.
+  const repeated = Array.from(
+    { length: 20 },
+    (_, i) => ({ name: `r${i}`, key: "0", numel: 1024, offset: i, shape: [1 << 24], stride: [0] }),
+  );
+  await assert.rejects(
+    () =>
+      parseTorchCheckpoint(
+        storedZip([
+          [
+            "archive/data.pkl",
+            statePickle([...repeated, { name: "z", key: "big", numel: 2 ** 40, shape: [0] }]),
+          ],
+          ["archive/data/0", new Uint8Array(4096)],
+        ]),
+        "claims.pt",
+      ),
+    /claims\.pt: its 21 distinct views would decode to 335544320 elements from the 1024 that its storages hold/,
+  );
   // The same view under many names (a module listed 200 times, as nn.ModuleList([layer] * 200) saves it):
   // one array for all, so no bound is reached.
   const same = Array.from(
@@ -626,6 +646,34 @@ Deno.test("parseTorchCheckpoint: a pickle whose data descriptor is bad is refuse
     () => parseTorchCheckpoint(cat(bytes, new Uint8Array(8 << 20)), "bad.pt"),
     /bad\.pt: byte 0: record archive\/data\.pkl: no data descriptor matches its size and CRC-32/,
   );
+});
+
+Deno.test("parseTorchCheckpoint: the search for data.pkl's end is linear: 2 MiB of descriptor-like bytes, each with a wrong CRC-32, are refused", async () => {
+  // data.pkl sized by a descriptor (flag 8), then 16-byte records that look like its descriptor at every
+  // offset (signature, sizes equal to the offset) but carry a CRC-32 of 1: one CRC from the start per
+  // candidate took about an hour at this size
+  const name = enc.encode("archive/data.pkl");
+  const head = cat(u32(0x04034b50), [20, 0, 8, 0, 0, 0, 0, 0, 0, 0], u32(0), u32(0), u32(0), [
+    name.length,
+    0,
+    0,
+    0,
+  ], name);
+  const body = new Uint8Array(2 << 20);
+  const v = new DataView(body.buffer);
+  for (let p = 0; p < body.length; p += 16) {
+    v.setUint32(p, 0x08074b50, true);
+    v.setUint32(p + 4, 1, true);
+    v.setUint32(p + 8, p, true);
+    v.setUint32(p + 12, p, true);
+  }
+  await assert.rejects(
+    () => parseTorchCheckpoint(cat(head, body), "fake.pt"),
+    /fake\.pt: byte 0: record archive\/data\.pkl: no data descriptor matches its size and CRC-32/,
+  );
+  // the CRC-32 carried over parts is the CRC-32 of the whole
+  const bytes = crypto.getRandomValues(new Uint8Array(1000));
+  assert.equal(crc32(bytes.subarray(300), crc32(bytes.subarray(0, 300))), crc32(bytes));
 });
 
 Deno.test("parseTorchCheckpoint: a seeded corruption fuzz (bit flips, bytes set, cuts, insertions, deletions) gives a value or an Error naming the file, never a crash or garbage from a damaged structure", async () => {
