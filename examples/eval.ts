@@ -20,6 +20,7 @@
 import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { perplexity } from "../mamba/perplexity.ts";
+import { ByteTokenizer } from "../mamba/tokenizer.ts";
 import { intFlag as int, UsageError } from "./lib/cli.ts";
 import { loadModel, MODEL_OPTIONS, modelFlags, runProgram } from "./lib/model_cli.ts";
 
@@ -100,13 +101,15 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
     io.out(USAGE);
     return 0;
   }
-  const text = await Deno.readTextFile(a.data); // before the model downloads: a missing file says so first
+  const bytes = await Deno.readFile(a.data); // before the model downloads: a missing file says so first
   await init();
   const lm = await loadModel(a, (line) => io.err(line));
   if (!lm) return 2;
   try {
     const tok = lm.tokenizer!;
-    let ids = tok.encode(text);
+    const chars = tok instanceof ByteTokenizer; // a char model: ids are bytes
+    // as deno task train reads it: a char model's text with its byte-order mark, if any (a byte it trained on)
+    let ids = tok.encode(new TextDecoder("utf-8", { ignoreBOM: chars }).decode(bytes));
     if (a.maxTokens !== null) ids = ids.slice(0, a.maxTokens);
     if (ids.length < 2) {
       io.err(`error: ${a.data} has ${ids.length} token${ids.length === 1 ? "" : "s"}: at least 2 are needed`);
@@ -126,11 +129,13 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
       },
     });
     const secs = (performance.now() - t0) / 1000;
-    // bytes of the scored tokens' text (all but the first token's)
-    const bytes = new TextEncoder().encode(tok.decode(ids.slice(1))).length;
+    // bytes of the scored tokens' text (all but the first token's): for a char model one per token (decoding
+    // would make a character that --max-tokens cuts, or the first token splits, 3 bytes of U+FFFD)
+    const utf8 = (s: string) => new TextEncoder().encode(s).length;
+    const scored = chars ? ids.length - 1 : utf8(tok.decode(ids)) - utf8(tok.decode(ids.slice(0, 1)));
     io.out(
       `loss ${r.loss.toFixed(4)} nats/token, perplexity ${r.perplexity.toFixed(3)}, ` +
-        `${(r.nll / Math.LN2 / bytes).toFixed(4)} bits/byte`,
+        `${(r.nll / Math.LN2 / scored).toFixed(4)} bits/byte`,
     );
     io.err(
       `${r.tokens} tokens predicted in ${r.windows} windows of at most ${a.seq}${

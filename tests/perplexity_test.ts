@@ -96,6 +96,28 @@ Deno.test("deno task eval prints the loss, perplexity and bits per byte of a tex
     assert.ok(bf.out.startsWith(`loss ${wantBf.loss.toFixed(4)} nats/token`), bf.out);
     const head = await run("--model", char, "--data", file, "--max-tokens", "20", "--seq", "8");
     assert.match(head.err, /19 tokens predicted in 3 windows of at most 8/);
+    // a char model's bytes are its tokens, whatever characters --max-tokens or the first token split (decoding
+    // the scored ids made each half character 3 bytes of U+FFFD); a tokenizer that takes any byte reads "é"
+    await Deno.mkdir(`${dir}/bytes`);
+    await Deno.writeTextFile(
+      `${dir}/bytes/tokenizer.json`,
+      JSON.stringify({ type: "byte-level characters" }),
+    );
+    await Deno.writeTextFile(`${dir}/e.txt`, "ééé");
+    const cut = await run(
+      "--model",
+      char,
+      "--tokenizer",
+      `${dir}/bytes`,
+      "--data",
+      `${dir}/e.txt`,
+      "--max-tokens",
+      "3",
+    );
+    const [loss, bits] = /^loss ([\d.]+) nats\/token, .* ([\d.]+) bits\/byte$/.exec(cut.out)!.slice(1).map(
+      Number,
+    );
+    assert.ok(Math.abs(bits - loss / Math.LN2) < 1e-3, `${cut.out} ${cut.err}`);
     // --carry-state: windows of 50 from the state before score as one window over all 181 ids
     const carried = await run("--model", char, "--data", file, "--seq", "50", "--carry-state");
     const all = await run("--model", char, "--data", file, "--seq", "1024");
