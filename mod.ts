@@ -197,6 +197,7 @@ export {
 } from "./mamba/tokenizer.ts";
 export {
   CharDataset,
+  dataFingerprint,
   DEFAULT_TRAIN,
   type OrderedWindows,
   TokenDataset,

@@ -4,7 +4,7 @@
  * ```sh
  * deno task train                                  # mamba.py's recipe: 1200 steps of 16 x 128 characters
  * deno task train --steps 300 --out runs/short     # shorter
- * deno task train --resume runs/char               # continue a run exactly where it stopped
+ * deno task train --resume runs/char               # continue a run exactly where it stopped (on its own text)
  * deno task train --resume runs/short --steps 600  # extend a run (the cosine schedule stretches from here on)
  * deno task train --from state-spaces/mamba-130m-hf --data my.txt --out runs/ft --steps 200 --batch 4 --seq 256
  * ```
@@ -41,6 +41,9 @@ import {
 } from "../mamba/checkpoint.ts";
 import { lossChartSVG } from "./lib/loss_chart.ts";
 
+/** The bundled text a run trains on without --data. */
+const DEFAULT_DATA = fileURLToPath(new URL("../data/pride_and_prejudice.txt", import.meta.url));
+
 /** Default peak learning rate with --from: DEFAULT_TRAIN's 3e-3 (a new char model's) would wreck pretrained
  * weights; 1e-4 is a common fine-tuning rate for models of this size. */
 export const FINE_TUNE_LR = 1e-4;
@@ -68,11 +71,13 @@ const USAGE = `Usage: deno task train [options]
                      default), input (its input alone: least memory for deep models and long --seq, about a
                      tenth more time per step) or false (every op's saved tensors); not with --resume
   --seed <n>         seed of the initialisation and the batches (default ${DEFAULT_TRAIN.seed})
-  --data <file>      training text (default data/pride_and_prejudice.txt; last 10% is validation)
+  --data <file>      training text (default data/pride_and_prejudice.txt; last 10% is validation; with
+                     --resume, the run's own, which must be the same text: its checkpoint names it)
+  --other-data       with --resume: go on with a --data that is not the run's text (refused otherwise)
   --out <dir>        checkpoint folder (default runs/char; with --from runs/ft; with --resume, the resumed
                      folder)
   --resume <dir>     continue the run saved in <dir> with its recipe and model; only --steps (to extend
-                     it), --data, --out and --save-every may be given with it
+                     it), --data, --other-data, --out and --save-every may be given with it
   --from <model>     fine-tune a pretrained model (hub id, folder or URL) instead of training a new one:
                      the text is encoded by its tokenizer; --d-model, --layers, --d-state, --mup-base-width
                      do not apply
@@ -98,8 +103,10 @@ export interface TrainArgs {
   mupBaseWidth: number | null;
   /** `MambaConfig.recompute` of a new or fine-tuned model. */
   recompute: boolean | "input";
-  /** Text file. */
-  data: string;
+  /** Text file; null with `resume` and no --data: the run's own (its checkpoint names it). */
+  data: string | null;
+  /** With `resume`: go on with `data` even if it is not the run's (--other-data). */
+  otherData: boolean;
   /** Output folder. */
   out: string;
   /** Folder to resume from, if any. */
@@ -153,6 +160,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       recompute: { type: "string" },
       seed: { type: "string" },
       data: { type: "string" },
+      "other-data": { type: "boolean" },
       out: { type: "string" },
       resume: { type: "string" },
       from: { type: "string" },
@@ -192,9 +200,11 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     if (given.length > 0) {
       throw new Error(
         `${given.map((f) => `--${f}`).join(", ")} cannot be used with --resume: a resumed run keeps the ` +
-          `recipe and model of its checkpoint (only --steps, --data, --out and --save-every apply)`,
+          `recipe and model of its checkpoint (only --steps, --data, --other-data, --out and --save-every apply)`,
       );
     }
+  } else if (values["other-data"]) {
+    throw new Error("--other-data applies to --resume only");
   }
   const int = (name: string, v: string | undefined, dflt: number, min = 1, max = Number.MAX_SAFE_INTEGER) => {
     if (v === undefined) return dflt;
@@ -248,7 +258,8 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       ? null
       : int("mup-base-width", values["mup-base-width"], 0),
     recompute,
-    data: values.data ?? fileURLToPath(new URL("../data/pride_and_prejudice.txt", import.meta.url)),
+    data: values.data ?? (values.resume === undefined ? DEFAULT_DATA : null),
+    otherData: values["other-data"] === true,
     out: values.out ?? values.resume ?? (values.from === undefined ? "runs/char" : "runs/ft"),
     resume: values.resume ?? null,
     from: values.from ?? null,
@@ -299,17 +310,24 @@ export interface TrainHooks {
 export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise<Trainer> {
   await init();
   await checkCheckpointFolder(a.out); // a folder we may not replace or write in fails now, not at the first save
-  const text = await Deno.readFile(a.data).catch((e) => {
-    throw new Error(`cannot read the training text ${a.data}: ${(e as Error).message}`);
-  });
+  const readText = (path: string) =>
+    Deno.readFile(path).catch((e) => {
+      throw new Error(`cannot read the training text ${path}: ${(e as Error).message}`);
+    });
+  // (read before any model loads, so that a missing file says so first; a resume without --data reads the
+  // run's own, which its checkpoint names)
+  const text = a.data === null ? null : await readText(a.data);
+  let dataPath = a.data ?? DEFAULT_DATA; // kept in the checkpoints, for a resume without --data
   let trainer: Trainer;
   let tokenizer!: Tokenizer; // what the checkpoints carry
   if (a.resume) {
-    trainer = await loadTrainingCheckpoint(a.resume, (tok) => {
-      const run = encodeText(text, tok);
+    trainer = await loadTrainingCheckpoint(a.resume, async (tok, source) => {
+      // checkpoints written before they named their text: the bundled one, as then
+      if (text === null) dataPath = source ?? DEFAULT_DATA;
+      const run = encodeText(text ?? await readText(dataPath), tok);
       tokenizer = run.tokenizer;
       return run.data;
-    });
+    }, { otherData: a.otherData });
     if (a.stepsGiven) {
       try {
         trainer.setSteps(a.train.steps); // the learning-rate schedule follows
@@ -336,7 +354,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
         );
       });
     try {
-      const run = encodeText(text, lm.tokenizer!);
+      const run = encodeText(text!, lm.tokenizer!);
       tokenizer = run.tokenizer;
       manualSeed(a.train.seed);
       trainer = new Trainer(lm, run.data, a.train);
@@ -345,7 +363,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       throw e;
     }
   } else {
-    const run = encodeText(text, null);
+    const run = encodeText(text!, null);
     tokenizer = run.tokenizer;
     manualSeed(a.train.seed);
     const mup = a.mupBaseWidth === null ? {} : { mup: true, mupBaseWidth: a.mupBaseWidth };
@@ -358,6 +376,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       throw e;
     }
   }
+  const dataSource = await Deno.realPath(dataPath).catch(() => dataPath); // a resume may run elsewhere
   const cfg = trainer.config;
   const isTTY = Deno.stderr.isTerminal();
   const progress = hooks.progress ??
@@ -378,6 +397,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     // diverged since the last readback is refused by the save (its losses are read there), so it never
     // replaces the checkpoint of one that had not.
     await saveTrainingCheckpoint(a.out, trainer, tokenizer, {
+      dataSource,
       files: {
         "loss.json": JSON.stringify(trainer.log) + "\n",
         "loss.svg": await lossChartSVG(trainer.log),
@@ -419,7 +439,13 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     if (saving) await save();
     if (stop) break;
   }
-  progress(`done: step ${trainer.step}, val ${lastVal.toFixed(4)}, checkpoint in ${a.out}`, true);
+  progress(
+    saved === null
+      ? `nothing to train: the run is at step ${trainer.step} of ${cfg.steps} (--steps trains it longer); ` +
+        `its checkpoint stays in ${a.resume}`
+      : `done: step ${trainer.step}, val ${lastVal.toFixed(4)}, checkpoint in ${a.out}`,
+    true,
+  );
   return trainer;
 }
 

@@ -63,6 +63,12 @@ export interface TrainingState {
    * run takes them from here. Absent in checkpoints written before it existed: the defaults.
    */
   model?: { scan: MambaConfig["scan"]; recompute: MambaConfig["recompute"] };
+  /**
+   * The run's data: its fingerprint (`TrainData.fingerprint`), which a resume checks, and where it came from
+   * when the save was told (`SaveTrainingOptions.dataSource`). Absent in checkpoints written before it existed
+   * and for data without a fingerprint: not checked.
+   */
+  data?: { fingerprint?: string; source?: string };
 }
 
 /** Options of {@linkcode loadTrainingCheckpoint}. */
@@ -71,6 +77,9 @@ export interface ResumeOptions {
   scan?: MambaConfig["scan"];
   /** What each block keeps for the backward (default: as the saved run did); it changes memory, not results. */
   recompute?: MambaConfig["recompute"];
+  /** Goes on with data other than the run's (another fingerprint than the saved one). Default false: an error,
+   * since a resume continues a run on its own data. */
+  otherData?: boolean;
 }
 
 /** Options of {@linkcode saveTrainingCheckpoint}. */
@@ -80,6 +89,9 @@ export interface SaveTrainingOptions {
    * the rest and replace the folder with it, atomically. Names are plain file names, not the checkpoint's own.
    */
   files?: Record<string, Uint8Array | string>;
+  /** Where the run's data comes from (e.g. its text file), kept for a resume that is not told
+   * (`TrainingState.data.source`: `deno task train --resume` without `--data`). */
+  dataSource?: string;
 }
 
 /** The files every training checkpoint has. */
@@ -379,6 +391,7 @@ export async function saveTrainingCheckpoint(
     files: names,
     paddingIdx: trainer.model.embedding.paddingIdx,
     model: { scan, recompute },
+    data: { fingerprint: trainer.data.fingerprint?.(), source: options.dataSource },
   };
   const read = Promise.all([
     hfTensors(trainer.model),
@@ -535,6 +548,15 @@ function readTrainingState(json: unknown): TrainingState {
       throw new Error(`model.recompute must be true, false or "input", got ${JSON.stringify(recompute)}`);
     }
   }
+  if (state.data !== undefined) {
+    if (typeof state.data !== "object" || state.data === null) {
+      throw new Error(`data must be an object, got ${JSON.stringify(state.data)}`);
+    }
+    const { fingerprint, source } = state.data;
+    for (const [k, v] of [["fingerprint", fingerprint], ["source", source]]) {
+      if (v !== undefined && typeof v !== "string") throw new Error(`data.${k} must be a string, got ${v}`);
+    }
+  }
   return state;
 }
 
@@ -556,13 +578,15 @@ async function resolveDir(dir: string): Promise<string> {
 /**
  * Loads a run to continue it (Deno): the model, the optimizer state, the step and the log. `data` is the
  * run's data, or a function that makes it from the checkpoint's tokenizer (its `tokenizer.json`, read as
- * `fromPretrained` reads it), for data that must be encoded by the run's own tokenizer. The caller disposes
+ * `fromPretrained` reads it), for data that must be encoded by the run's own tokenizer; the function also gets
+ * where the run's data came from, when its save was told (`SaveTrainingOptions.dataSource`). Data whose
+ * fingerprint differs from the run's is refused (`options.otherData` goes on with it). The caller disposes
  * both `trainer` and `trainer.model` (a `PretrainedLM`, with the tokenizer when `data` is a function):
  * `trainer.dispose()` frees the optimizer state and the loss log, not the model.
  */
 export async function loadTrainingCheckpoint(
   dir: string,
-  data: TrainData | ((tokenizer: Tokenizer) => TrainData | Promise<TrainData>),
+  data: TrainData | ((tokenizer: Tokenizer, source?: string) => TrainData | Promise<TrainData>),
   options: ResumeOptions = {},
 ): Promise<Trainer> {
   needDeno("loadTrainingCheckpoint");
@@ -590,11 +614,21 @@ export async function loadTrainingCheckpoint(
   });
   if (typeof data === "function") {
     try {
-      data = await data(model.tokenizer!);
+      data = await data(model.tokenizer!, state.data?.source);
     } catch (e) {
       model.dispose();
       throw e;
     }
+  }
+  const [saved, given] = [state.data?.fingerprint, data.fingerprint?.()];
+  if (saved !== undefined && given !== undefined && saved !== given && !options.otherData) {
+    model.dispose();
+    throw new Error(
+      `cannot resume ${from} with this data: the run trained on ${saved}${
+        state.data?.source ? ` (${state.data.source})` : ""
+      }, this data is ${given}. Resume with the run's own data, or go on with this one (otherData: true; ` +
+        "or start a new run from the weights: fromPretrained, deno task train --from)",
+    );
   }
   let trainer: Trainer;
   try {

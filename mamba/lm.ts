@@ -8,6 +8,7 @@ import { isGradEnabled, noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { readBuffer } from "../core/executor.ts";
 import { cat, matmul, narrow, rmsNormMatmul } from "../core/ops/index.ts";
+import { checkOptionKeys } from "../core/options.ts";
 import { fmt } from "../core/shape.ts";
 import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { normal } from "../nn/init.ts";
@@ -524,12 +525,7 @@ export class MambaLM extends Module {
     from: LayerCache[] | null = null,
     options: PrefillOptions = {},
   ): { logits: Tensor; caches: LayerCache[] } {
-    if (typeof options !== "object" || options === null || Array.isArray(options)) {
-      throw new Error(`MambaLM.prefill: options must be an object, got ${JSON.stringify(options)}`);
-    }
-    for (const k of Object.keys(options)) {
-      if (k !== "logits") throw new Error(`MambaLM.prefill: unknown option '${k}' (options are logits)`);
-    }
+    checkOptionKeys(options, ["logits"], "MambaLM.prefill");
     const which = options.logits ?? "last";
     if (which !== "last" && which !== "all") {
       throw new Error(`MambaLM.prefill: logits must be "last" or "all", got ${JSON.stringify(which)}`);
@@ -618,14 +614,7 @@ export class MambaLM extends Module {
     if (!Number.isSafeInteger(nTokens) || nTokens < 0) {
       throw new Error(`generate: nTokens must be a non-negative integer, got ${JSON.stringify(nTokens)}`);
     }
-    if (typeof options !== "object" || options === null || Array.isArray(options)) {
-      throw new Error(`generate: options must be an object, got ${JSON.stringify(options)}`);
-    }
-    for (const k of Object.keys(options)) {
-      if (!GENERATE_OPTION_KEYS.includes(k)) {
-        throw new Error(`generate: unknown option '${k}' (options are ${GENERATE_OPTION_KEYS.join(", ")})`);
-      }
-    }
+    checkOptionKeys(options, GENERATE_OPTION_KEYS, "generate");
     const params = sampleParams(options);
     const readEvery = options.readEvery ?? 16;
     if (!(Number.isInteger(readEvery) && readEvery >= 1) && readEvery !== Infinity) {

@@ -14,6 +14,7 @@
 import { tensor } from "../core/creation.ts";
 import { readBuffer, recordCopy } from "../core/executor.ts";
 import { noGrad } from "../core/autograd.ts";
+import { checkOptionKeys } from "../core/options.ts";
 import { crossEntropy, mul, narrow } from "../core/ops/index.ts";
 import { dispose, keep, tidy } from "../core/tensor.ts";
 import type { LayerCache } from "./block.ts";
@@ -59,15 +60,8 @@ export async function perplexity(
   ids: ArrayLike<number>,
   options: PerplexityOptions = {},
 ): Promise<PerplexityResult> {
-  if (typeof options !== "object" || options === null || Array.isArray(options)) {
-    throw new Error(`perplexity: options must be an object, got ${JSON.stringify(options)}`);
-  }
-  for (const k of Object.keys(options)) {
-    // named: HF's guide has a stride (here the window, seq), which would otherwise be ignored silently
-    if (!OPTION_KEYS.includes(k)) {
-      throw new Error(`perplexity: unknown option '${k}' (options are ${OPTION_KEYS.join(", ")})`);
-    }
-  }
+  // named: HF's guide has a stride (here the window, seq), which would otherwise be ignored silently
+  checkOptionKeys(options, OPTION_KEYS, "perplexity");
   const { seq = 1024, batch = 1, carryState = false } = options;
   for (const [name, v] of [["seq", seq], ["batch", batch]] as const) {
     if (!Number.isSafeInteger(v) || v < 1) {

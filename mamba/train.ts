@@ -12,6 +12,7 @@ import { tensor } from "../core/creation.ts";
 import { readBuffer, recordCopy } from "../core/executor.ts";
 import { add, crossEntropy, mul, narrow } from "../core/ops/index.ts";
 import { noGrad } from "../core/autograd.ts";
+import { checkOptionKeys } from "../core/options.ts";
 import { Philox } from "../core/random.ts";
 import { dispose, freeOnThrow, keep, type Tensor, tidy } from "../core/tensor.ts";
 import { configureOptimizers, cosineSchedule, gradNormScale } from "../nn/optim.ts";
@@ -116,6 +117,27 @@ export interface TrainData {
   /** For {@linkcode TrainConfig.carryState}: window `index` of each of B stretches read in order (see
    * {@linkcode windowsInOrder}). Optional: the Trainer refuses carryState without it. */
   windowsInOrder?(split: "train" | "val", B: number, L: number, index: number): OrderedWindows;
+  /** What identifies the data (see {@linkcode dataFingerprint}), saved with a training checkpoint: a resume
+   * refuses data whose fingerprint differs from the run's. Optional: data without one is not checked. */
+  fingerprint?(): string;
+}
+
+/**
+ * A dataset's fingerprint: the lengths of its two parts in `unit` and a 53-bit hash of every id (cyrb53), e.g.
+ * "bytes 1458 + 162, hash 0c5e1f2a9b3d7": data with another text, tokenizer or validation split differs.
+ */
+export function dataFingerprint(train: ArrayLike<number>, val: ArrayLike<number>, unit: string): string {
+  let h1 = 0xdeadbeef, h2 = 0x41c6ce57;
+  for (const part of [train, val]) {
+    for (let i = 0; i < part.length; i++) {
+      h1 = Math.imul(h1 ^ part[i], 2654435761);
+      h2 = Math.imul(h2 ^ part[i], 1597334677);
+    }
+  }
+  h1 = Math.imul(h1 ^ (h1 >>> 16), 2246822507) ^ Math.imul(h2 ^ (h2 >>> 13), 3266489909);
+  h2 = Math.imul(h2 ^ (h2 >>> 16), 2246822507) ^ Math.imul(h1 ^ (h1 >>> 13), 3266489909);
+  const hash = (0x100000000 * (h2 & 0x1fffff) + (h1 >>> 0)).toString(16).padStart(14, "0");
+  return `${unit} ${train.length} + ${val.length}, hash ${hash}`;
 }
 
 /** Windows read in order ({@linkcode TrainConfig.carryState}): the ids, and whether they start their stretches. */
@@ -217,6 +239,12 @@ export class CharDataset implements TrainData {
   windowsInOrder(split: "train" | "val", B: number, L: number, index: number): OrderedWindows {
     return windowsInOrder(split === "train" ? this.train : this.val, split, B, L, index, "bytes");
   }
+
+  #fingerprint: string | null = null;
+  /** Its {@linkcode dataFingerprint} (computed once). */
+  fingerprint(): string {
+    return this.#fingerprint ??= dataFingerprint(this.train, this.val, "bytes");
+  }
 }
 
 /** Throws if a loss of `losses` (those of steps from + 1, from + 2, ...) is not finite, naming the first: at
@@ -277,6 +305,12 @@ export class TokenDataset implements TrainData {
   windowsInOrder(split: "train" | "val", B: number, L: number, index: number): OrderedWindows {
     return windowsInOrder(split === "train" ? this.train : this.val, split, B, L, index, "tokens");
   }
+
+  #fingerprint: string | null = null;
+  /** Its {@linkcode dataFingerprint} (computed once). */
+  fingerprint(): string {
+    return this.#fingerprint ??= dataFingerprint(this.train, this.val, "tokens");
+  }
 }
 
 /** Largest {@linkcode TrainConfig.seed}: seed * 1e6 + step seeds a batch's generator, exact below 2^53. */
@@ -290,6 +324,7 @@ export function validateTrainConfig(config: TrainConfig): Readonly<TrainConfig> 
   if (typeof config !== "object" || config === null) {
     throw new Error(`TrainConfig must be an object, got ${config === null ? "null" : typeof config}`);
   }
+  checkOptionKeys(config, [...Object.keys(DEFAULT_TRAIN), "accumulate", "carryState"], "TrainConfig");
   const c = config as unknown as Record<string, unknown>;
   const show = (v: unknown) => (typeof v === "string" ? `'${v}'` : Array.isArray(v) ? JSON.stringify(v) : v);
   const bad = (key: string, want: string): never => {

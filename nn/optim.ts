@@ -52,6 +52,7 @@
 import { full, zeros } from "../core/creation.ts";
 import { defineKernel, dispatch, dispatchElementwise, type Kernel } from "../core/kernel.ts";
 import { copy } from "../core/ops/index.ts";
+import { checkOptionKeys } from "../core/options.ts";
 import { fmt } from "../core/shape.ts";
 import { freeOnThrow, keep, Tensor } from "../core/tensor.ts";
 import { entryProblem, type HostTensor, type Module, writeEntry } from "./module.ts";
@@ -485,6 +486,7 @@ export abstract class Optimizer {
   step(options: StepOptions = {}): void {
     checkLr("step", this.lr); // a schedule's NaN would turn every parameter into NaN
     const scale = options.gradScale ?? (this.#one ??= keep(full([1], 1)));
+    if (scale.disposed) throw new Error("step: gradScale was disposed");
     if (scale.dtype !== "f32" || scale.size < 1) throw new Error(`step: gradScale must be f32, got ${scale}`);
     // every gradient checked before any parameter moves: a bad one leaves the step undone, not half done
     for (const { p, name } of this.#slots) {
@@ -642,6 +644,7 @@ export class AdamW extends Optimizer {
 
   /** Takes a list of parameters or of groups (each may set its own weight decay). */
   constructor(params: ParamGroup[] | Tensor[], options: AdamWOptions = {}) {
+    checkOptionKeys(options, ["lr", "betas", "eps", "weightDecay"], "AdamW");
     super(params, options.lr ?? 1e-3, options.weightDecay ?? 1e-2);
     const [b1, b2] = options.betas ?? [0.9, 0.999];
     if (!(b1 >= 0 && b1 < 1 && b2 >= 0 && b2 < 1)) {
@@ -705,11 +708,16 @@ export class SGD extends Optimizer {
 
   /** Takes a list of parameters or of groups (each may set its own weight decay). */
   constructor(params: ParamGroup[] | Tensor[], options: SGDOptions = {}) {
+    checkOptionKeys(options, ["lr", "momentum", "dampening", "weightDecay", "nesterov"], "SGD");
     super(params, options.lr ?? 1e-3, options.weightDecay ?? 0);
     this.momentum = options.momentum ?? 0;
     this.dampening = options.dampening ?? 0;
     this.nesterov = options.nesterov ?? false;
     if (!(this.momentum >= 0)) throw new Error(`SGD: momentum must be >= 0, got ${this.momentum}`);
+    // (torch.optim.SGD checks neither; a NaN here would turn every parameter into NaN)
+    if (!Number.isFinite(this.dampening)) {
+      throw new Error(`SGD: dampening must be finite, got ${this.dampening}`);
+    }
     if (this.nesterov && (this.momentum <= 0 || this.dampening !== 0)) {
       throw new Error("SGD: nesterov needs a positive momentum and zero dampening");
     }

@@ -8,12 +8,14 @@ import { MambaLM } from "../mamba/lm.ts";
 import type { HostTensor } from "../nn/module.ts";
 import {
   AdamW,
+  type AdamWOptions,
   clipGradNorm,
   configureOptimizers,
   cosineSchedule,
   gradNormScale,
   type Optimizer,
   SGD,
+  type SGDOptions,
 } from "../nn/optim.ts";
 import { assertClose, readAll, rng, setup, uniform } from "./helpers.ts";
 
@@ -655,6 +657,12 @@ Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any par
     assert.equal(opt.stepCount, 0, "no step counted");
   }
   b.grad = null;
+  // a disposed gradScale (gradNormScale's result freed too early): the step is undone, its counts too
+  const scale = tensor([1]);
+  scale.dispose();
+  assert.throws(() => opt.step({ gradScale: scale }), /step: gradScale was disposed/);
+  assert.deepEqual([...await a.toArray()], [1, 2], "a did not move");
+  assert.deepEqual([opt.stepCount, opt.stateDict().paramSteps], [0, {}], "no step counted");
   // a learning rate set to NaN or Infinity (a schedule's bug) would turn every parameter into NaN
   for (const lr of [NaN, Infinity, -1]) {
     opt.lr = lr;
@@ -688,6 +696,16 @@ Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any par
   for (const [arg, want] of notParams) {
     assert.throws(() => new AdamW(arg as Tensor[]), want);
   }
+  // a misspelt option is named, not a default taken silently (PyTorch raises on unknown keywords too)
+  const misspelt: [() => unknown, RegExp][] = [
+    [
+      () => new AdamW([c], { weight_decay: 0.1 } as AdamWOptions),
+      /AdamW: unknown option 'weight_decay' \(options are lr, betas, eps, weightDecay\)/,
+    ],
+    [() => new SGD([c], { momentum: 0.9, nestrov: true } as SGDOptions), /SGD: unknown option 'nestrov'/],
+    [() => new SGD([c], { momentum: 0.9, dampening: NaN }), /SGD: dampening must be finite, got NaN/],
+  ];
+  for (const [make, want] of misspelt) assert.throws(make, want);
   assert.throws(
     () => new SGD([c], { lr: Infinity }),
     /optimizer: lr must be a finite number >= 0, got Infinity/,

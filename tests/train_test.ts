@@ -12,7 +12,14 @@ import {
   loadTrainingCheckpoint,
   saveTrainingCheckpoint,
 } from "../mamba/checkpoint.ts";
-import { CharDataset, DEFAULT_TRAIN, TokenDataset, type TrainConfig, Trainer } from "../mamba/train.ts";
+import {
+  CharDataset,
+  dataFingerprint,
+  DEFAULT_TRAIN,
+  TokenDataset,
+  type TrainConfig,
+  Trainer,
+} from "../mamba/train.ts";
 import { manualSeed, Philox } from "../core/random.ts";
 import { ByteTokenizer, HubTokenizer } from "../mamba/tokenizer.ts";
 import { fixturePath } from "./fixture_util.ts";
@@ -503,6 +510,80 @@ Deno.test("train: --resume writes to its own folder, and extending a run with --
   }
 });
 
+Deno.test("train: a resume trains on the run's own text: without --data it reads the file its checkpoint names; another text is refused unless --other-data; a finished run says nothing was trained", async () => {
+  const root = await Deno.makeTempDir();
+  try {
+    const book = await Deno.readFile(new URL("../data/pride_and_prejudice.txt", import.meta.url));
+    await Deno.writeFile(`${root}/mine.txt`, book.subarray(0, 4000));
+    await Deno.writeFile(`${root}/other.txt`, book.subarray(10000, 14000));
+    const base = ["--batch", "4", "--seq", "32", "--d-model", "16", "--layers", "1", "--eval-every", "4"];
+    const fingerprint = (t: Trainer) => t.data.fingerprint!();
+    const mine = new CharDataset(book.subarray(0, 4000)).fingerprint();
+    // a and b: 4 steps on mine.txt, stopped after 2
+    for (const d of ["a", "b"]) {
+      const at = await trainRun(
+        [...base, "--steps", "4", "--data", `${root}/mine.txt`, "--out", `${root}/${d}`],
+        (t) => t.step,
+        2,
+      );
+      assert.equal(at, 2);
+    }
+    const log = JSON.parse(await Deno.readTextFile(`${root}/a/training_log.json`));
+    assert.deepEqual(log.data, { fingerprint: mine, source: await Deno.realPath(`${root}/mine.txt`) });
+    assert.match(mine, /^bytes 3600 \+ 400, hash [0-9a-f]{14}$/);
+    // README's fine-tuning example resumes without --data: the run's own text, not the bundled book
+    assert.deepEqual(await trainRun(["--resume", `${root}/a`], (t) => [t.step, fingerprint(t)]), [4, mine]);
+    // another text is refused, naming both; --other-data goes on with it
+    const live = memory().liveBytes;
+    await assert.rejects(
+      () => trainRun(["--resume", `${root}/b`, "--data", `${root}/other.txt`], (t) => t.step),
+      new RegExp(
+        `cannot resume .*/b with this data: the run trained on bytes 3600 \\+ 400, hash [0-9a-f]+ ` +
+          `\\(.*/mine\\.txt\\), this data is bytes 3600 \\+ 400, hash (?!${mine.slice(-14)})`,
+      ),
+    );
+    assert.equal(memory().liveBytes, live, "a refused resume leaves nothing behind");
+    const other = new CharDataset(book.subarray(10000, 14000)).fingerprint();
+    assert.deepEqual(
+      await trainRun(
+        ["--resume", `${root}/b`, "--data", `${root}/other.txt`, "--other-data"],
+        (t) => [t.step, fingerprint(t)],
+      ),
+      [4, other],
+    );
+    assert.throws(() => parseTrainArgs(["--other-data"]), /--other-data applies to --resume only/);
+    // a finished run resumed into another folder trains nothing and writes nothing there
+    const lines: string[] = [];
+    const t = await runTraining(parseTrainArgs(["--resume", `${root}/a`, "--out", `${root}/c`])!, {
+      progress: (line) => lines.push(line),
+    });
+    t.model.dispose();
+    t.dispose();
+    assert.match(
+      lines.at(-1)!,
+      /^nothing to train: the run is at step 4 of 4 .*its checkpoint stays in .*\/a$/,
+    );
+    assert.deepEqual(await names(root), ["a", "b", "mine.txt", "other.txt"]);
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
+Deno.test("dataFingerprint: the same ids give the same; another id, split or unit another", () => {
+  const bytes = new TextEncoder().encode("It is a truth universally acknowledged, that a single man");
+  const f = new CharDataset(bytes).fingerprint();
+  assert.equal(new CharDataset(bytes.slice()).fingerprint(), f);
+  assert.equal(dataFingerprint(new CharDataset(bytes).train, new CharDataset(bytes).val, "bytes"), f);
+  const changed = bytes.slice();
+  changed[20] ^= 1;
+  assert.notEqual(new CharDataset(changed).fingerprint(), f);
+  assert.notEqual(new CharDataset(bytes, 0.2).fingerprint(), f, "another validation split");
+  const tokens = new TokenDataset([...bytes]).fingerprint();
+  assert.equal(tokens.replace(/^tokens/, "bytes"), f, "the ids hash alike; the unit names them");
+  // the parts' boundary counts: 1 + 2 and 2 + 1 of the same ids differ
+  assert.notEqual(dataFingerprint([1], [2, 3], "x"), dataFingerprint([1, 2], [3], "x"));
+});
+
 Deno.test("train: a loss that is not finite names its first step, and no checkpoint of the diverged run replaces the last good one", async () => {
   const root = await Deno.makeTempDir();
   try {
@@ -619,6 +700,11 @@ Deno.test("train: Trainer checks its recipe, and evaluate frees its buffer when 
     bad({ betas: [0.9] }, /TrainConfig.betas must be two numbers in \[0, 1\), got \[0.9\]/);
     bad({ seq: undefined }, /TrainConfig.seq must be an integer >= 1, got undefined/);
     bad({ seed: "7" }, /TrainConfig.seed must be an integer in \[0, 9000000000\], got '7'/);
+    // a misspelt key would leave its setting at the default (and be saved with the run)
+    bad(
+      { accumulation: 4 },
+      /TrainConfig: unknown option 'accumulation' \(options are steps, .*, carryState\)/,
+    );
     // The validation text (10 bytes) is shorter than seq + 1: said when the Trainer is made, not at the first
     // evaluate() after the training steps
     const recipe = { ...DEFAULT_TRAIN, steps: 4, warmup: 2, batch: 2, seq: 16 };
@@ -1128,15 +1214,20 @@ Deno.test("checkpoint: a clip of Infinity and the model's scan and recompute sur
       await edit(change);
       await assert.rejects(() => loadTrainingCheckpoint(dir, data), want);
     }
-    // Data the run cannot take is named as the data's fault, not training_log.json's.
+    // Data the run cannot take is named as the data's fault, not training_log.json's (other data than the
+    // run's is refused first, unless otherData).
     await edit(() => {});
     const short = new CharDataset(new TextEncoder().encode("tiny"));
     await assert.rejects(
       () => loadTrainingCheckpoint(dir, short),
+      /^Error: cannot resume .*\/c with this data: the run trained on bytes 720 \+ 80, hash [0-9a-f]{14}, this data is bytes 3 \+ 1, hash/,
+    );
+    await assert.rejects(
+      () => loadTrainingCheckpoint(dir, short, { otherData: true }),
       /^Error: cannot resume .*\/c with this data: the train text has 3 bytes, fewer than seq \+ 1 = 9$/,
     );
     await assert.rejects(
-      () => loadTrainingCheckpoint(dir, new TokenDataset(new Array(20).fill(300))),
+      () => loadTrainingCheckpoint(dir, new TokenDataset(new Array(20).fill(300)), { otherData: true }),
       /^Error: cannot resume .*\/c with this data: the data has token id 300, outside the model's vocabulary/,
     );
     assert.equal(memory().liveTensors, live, "a refused resume leaves nothing behind");
