@@ -78,6 +78,16 @@ export function hubRefusal(
       res.status,
     );
   }
+  if (code === "GatedRepo") {
+    return new HubError(
+      "RepositoryNotFound",
+      `repository '${repo.id}' is gated (${detail}, ${url}): its files need an account that accepted its ` +
+        "conditions, and tokens are not supported here; download it with huggingface-cli (logged in) and load " +
+        "it from the hub cache or a folder",
+      url,
+      res.status,
+    );
+  }
   if (code === "RevisionNotFound") {
     return new HubError(
       "RevisionNotFound",

@@ -59,28 +59,48 @@ function resolveOptions(id: string, o: HubOptions): Resolved {
     endpoint: (o.endpoint ?? hubEndpoint()).replace(/\/+$/, ""),
     offline: o.localFilesOnly ?? (off !== undefined && ["1", "true", "yes", "on"].includes(off)),
     progress,
-    retries: Math.max(0, o.retries ?? 3),
+    retries: retriesOf(o.retries),
     timeoutMs,
   };
 }
 
+// A count of resumed attempts: NaN or Infinity would retry for ever.
+function retriesOf(retries = 3): number {
+  if (!(Number.isInteger(retries) && retries >= 0)) {
+    throw new Error(`retries must be an integer >= 0, got ${retries}`);
+  }
+  return retries;
+}
+
 function checkFilename(filename: string): void {
-  if (!filename || filename.startsWith("/") || filename.split("/").some((p) => p === "" || p === "..")) {
+  const parts = filename.split("/");
+  if (!filename || filename.startsWith("/") || parts.some((p) => p === "" || p === "." || p === "..")) {
     throw new Error(`invalid file name '${filename}'`);
   }
 }
 
 const encodePath = (p: string) => p.split("/").map(encodeURIComponent).join("/");
 
-// The commit a revision stands for in the cache: a commit hash itself, else refs/<revision>, else (as
-// huggingface_hub) the revision string used as a snapshot name.
+// A name of one folder (a file name, not a path): what refs may hold (by-hand placement takes any such name)
+// and ETags may be to name cache entries.
+const FOLDER_NAME_RE = /^[\w-][\w.-]*$/;
+
+// The commit a revision stands for in the cache: a commit hash itself, else refs/<revision> (when it names a
+// folder, not a path out of snapshots/), else (as huggingface_hub) the revision string used as a snapshot name.
 async function cachedCommit(r: Resolved): Promise<string> {
   if (COMMIT_RE.test(r.revision)) return r.revision;
   try {
-    return (await Deno.readTextFile(`${r.repoDir}/refs/${r.revision}`)).trim();
-  } catch {
-    return r.revision;
-  }
+    const ref = (await Deno.readTextFile(`${r.repoDir}/refs/${r.revision}`)).trim();
+    if (FOLDER_NAME_RE.test(ref)) return ref;
+  } catch { /* no ref */ }
+  return r.revision;
+}
+
+// The commit an answer names (X-Repo-Commit), if it is one: the value names cache folders, so anything else
+// (`../..`) is not taken.
+function commitOf(h: Headers): string | null {
+  const c = h.get("x-repo-commit");
+  return c !== null && COMMIT_RE.test(c) ? c : null;
 }
 
 // The files the by-hand instructions name: a model's, and the file asked for when it is none of them (a
@@ -120,8 +140,10 @@ export async function cachedDownload(
   try {
     return await download(r, filename);
   } catch (e) {
-    // A refresh that cannot reach the hub keeps to what the cache has, as huggingface_hub does.
-    if (cached !== null && e instanceof HubError && e.code === "Network") {
+    // A refresh that cannot reach the hub, or gets an answer that is not the file's (an HTTP error, a proxy's
+    // page), keeps to what the cache has, as huggingface_hub does; a revision or file the hub says is not
+    // there is its answer.
+    if (cached !== null && e instanceof HubError && !["RevisionNotFound", "EntryNotFound"].includes(e.code)) {
       return cached === ABSENT ? null : cached;
     }
     throw e;
@@ -129,7 +151,7 @@ export async function cachedDownload(
 }
 
 interface Meta {
-  commit: string | null;
+  commit: string;
   etag: string | null;
   size: number;
 }
@@ -202,7 +224,7 @@ async function head(r: Resolved, filename: string, url: string): Promise<Meta | 
     }
     const code = h.get("x-error-code");
     if (res.status === 404 && (code === "EntryNotFound" || code === null)) {
-      const commit = h.get("x-repo-commit");
+      const commit = commitOf(h);
       if (commit) {
         await writeTextAtomic(`${r.repoDir}/.no_exist/${commit}/${filename}`, "");
         await writeRef(r, commit);
@@ -210,11 +232,23 @@ async function head(r: Resolved, filename: string, url: string): Promise<Meta | 
       return null;
     }
     if (res.status >= 400) throw httpError(r, filename, url, res);
+    // The hub names the commit of every file it serves: an answer without one (a captive portal's login page,
+    // a proxy's) is not cached as the file, which a later call would take without asking again.
+    const commit = commitOf(h);
+    if (commit === null) {
+      throw new HubError(
+        "HTTP",
+        `${url} answered HTTP ${res.status} without naming the commit of ${filename} (X-Repo-Commit): not the ` +
+          `hub's answer (a proxy or login page in between? the endpoint is ${r.endpoint}); nothing was cached`,
+        url,
+        res.status,
+      );
+    }
     // A redirect's own ETag and Content-Length describe the redirect, not the file.
     const redirect = res.status >= 300;
     const linkedSize = intHeader(h, "x-linked-size");
     return {
-      commit: h.get("x-repo-commit"),
+      commit,
       etag: ETAG_CLEAN(h.get("x-linked-etag") ?? (redirect ? null : h.get("etag"))),
       size: linkedSize >= 0 ? linkedSize : redirect ? -1 : intHeader(h, "content-length"),
     };
@@ -235,18 +269,16 @@ async function download(r: Resolved, filename: string): Promise<string | null> {
   const url = `${r.endpoint}/${r.id}/resolve/${encodeURIComponent(r.revision)}/${encodePath(filename)}`;
   const meta = await head(r, filename, url);
   if (meta === null) return null;
-  const commit = meta.commit ?? r.revision;
+  const commit = meta.commit;
   const pointer = `${r.repoDir}/snapshots/${commit}/${filename}`;
   if (await fileSize(pointer) >= 0) {
     await writeRef(r, commit);
     return pointer;
   }
   // Pin the GET to the commit, so that a branch moving in between cannot mix two versions.
-  const getUrl = meta.commit
-    ? `${r.endpoint}/${r.id}/resolve/${encodeURIComponent(meta.commit)}/${encodePath(filename)}`
-    : url;
+  const getUrl = `${r.endpoint}/${r.id}/resolve/${commit}/${encodePath(filename)}`;
   const key = meta.etag ?? `url-${(await sha256Hasher()).update(getUrl).digest("hex")}`;
-  if (key.includes("/") || key.startsWith(".")) {
+  if (!FOLDER_NAME_RE.test(key)) {
     throw new HubError("HTTP", `${url}: the ETag '${meta.etag}' cannot name a file`, url);
   }
   let blob = `${r.repoDir}/blobs/${key}`;

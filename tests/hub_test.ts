@@ -456,6 +456,90 @@ Deno.test("hub: unknown repository, revision and file give clear errors", async 
   });
 });
 
+Deno.test("hub: answers that are not the hub's are never cached; a commit header is no path; a refresh keeps the cache when the hub errs", async () => {
+  const cache = await Deno.makeTempDir({ prefix: "hub-cache-" });
+  const outside = await Deno.makeTempDir({ prefix: "outside-" });
+  let answer: (req: Request, url: URL) => Response = () => new Response(null, { status: 500 });
+  const ac = new AbortController();
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} },
+    (req) => answer(req, new URL(req.url)),
+  );
+  const o = (x = {}) => ({
+    endpoint: `http://127.0.0.1:${server.addr.port}`,
+    cacheDir: cache,
+    progress: false,
+    ...x,
+  });
+  const body = new TextEncoder().encode('{"a": 1}');
+  const file = (commit: string) => (req: Request) =>
+    new Response(req.method === "HEAD" ? null : body, {
+      headers: { "x-repo-commit": commit, etag: '"abc123"', "content-length": String(body.length) },
+    });
+  try {
+    // X-Repo-Commit names cache folders: a path in it would write outside the cache (a symlink, refs/main)
+    const evil = `../../../../../../..${outside}`;
+    answer = file(evil);
+    await assert.rejects(
+      () => hubDownload("org/m", "config.json", o()),
+      /config\.json answered HTTP 200 without naming the commit of config\.json \(X-Repo-Commit\): not the hub's/,
+    );
+    await Deno.writeTextFile(`${outside}/tokenizer.json`, "precious");
+    answer = () =>
+      new Response("no", {
+        status: 404,
+        headers: { "x-error-code": "EntryNotFound", "x-repo-commit": evil },
+      });
+    assert.equal(await hubDownload("org/m", "tokenizer.json", o()), null);
+    assert.deepEqual([...Deno.readDirSync(outside)].map((e) => e.name), ["tokenizer.json"]);
+    assert.equal(await Deno.readTextFile(`${outside}/tokenizer.json`), "precious");
+    assert.equal(await Deno.lstat(`${repoCacheDir("org/m", cache)}/refs`).catch(() => null), null, "no ref");
+    // a captive portal: every URL redirected to a login page, no commit, no ETag; nothing cached, so once it
+    // is gone the next call asks the hub again
+    answer = (req, url) =>
+      url.pathname === "/login"
+        ? new Response(req.method === "HEAD" ? null : "<html>log in</html>", {
+          headers: { "content-type": "text/html" },
+        })
+        : new Response(null, { status: 302, headers: { location: `${url.origin}/login` } });
+    await assert.rejects(
+      () => hubDownload("org/m", "config.json", o()),
+      /not the hub's answer \(a proxy or login page/,
+    );
+    assert.equal(await Deno.lstat(`${repoCacheDir("org/m", cache)}/snapshots`).catch(() => null), null);
+    answer = file("0123456789abcdef0123456789abcdef01234567");
+    const path = await hubDownload("org/m", "config.json", o());
+    assert.equal(await Deno.readTextFile(path!), '{"a": 1}');
+    // a refresh whose HEAD gets an HTTP error (503, a gated 401) keeps to the cached file, as huggingface_hub
+    for (const status of [503, 429, 401]) {
+      answer = () => new Response("down", { status });
+      assert.equal(await hubDownload("org/m", "config.json", o({ refresh: true })), path, `HTTP ${status}`);
+    }
+    // a gated repository says so (tokens are not supported), in Deno and in a browser's fetches
+    answer = () =>
+      new Response("x", {
+        status: 401,
+        headers: { "x-error-code": "GatedRepo", "x-error-message": "Access to model org/g is restricted." },
+      });
+    await assert.rejects(
+      () => hubDownload("org/g", "config.json", o()),
+      /repository 'org\/g' is gated \(HTTP 401/,
+    );
+    await assert.rejects(() => hubUrlSource("org/g", o()).text("config.json", false), /is gated/);
+    // options and names that cannot be right
+    await assert.rejects(
+      () => hubDownload("org/m", "x.json", o({ retries: NaN })),
+      /retries must be an integer >= 0, got NaN/,
+    );
+    await assert.rejects(() => hubDownload("org/m", "./x.json", o()), /invalid file name '\.\/x\.json'/);
+  } finally {
+    ac.abort();
+    await server.finished;
+    await Deno.remove(cache, { recursive: true });
+    await Deno.remove(outside, { recursive: true });
+  }
+});
+
 // Two shards and an index, made from lm_v64_hf.
 function shard(model: Uint8Array): Record<string, Uint8Array | string> {
   const { tensors } = parseSafetensors(model);
