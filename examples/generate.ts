@@ -186,7 +186,8 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       .map((ids) => (ids.length ? ids : [start!]));
     // Row 0 streams; a special end token (not for byte tokenizers) ends what is shown.
     const eos = tok instanceof ByteTokenizer ? null : tok.specialTokens.eos;
-    const decoder = new StreamDecoder(tok, { skipSpecialTokens: true });
+    // the prompt as context: decoders that drop a text's leading space keep the one before the reply
+    const decoder = new StreamDecoder(tok, { skipSpecialTokens: true, context: rows[0] });
     let ended = false;
     let firstMs = 0;
     const t1 = performance.now();
@@ -233,7 +234,10 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       let ids = result[b];
       const stop = eos === null ? -1 : ids.indexOf(eos);
       if (stop >= 0) ids = ids.subarray(0, stop);
-      out(`[${b + 1}/${rows.length}] ${texts[b]}${tok.decode(ids, { skipSpecialTokens: true })}\n`);
+      // the reply as decoded after its prompt (alone, a leading space could go), less the prompt's own text
+      const decode = (x: ArrayLike<number>) => tok.decode(x, { skipSpecialTokens: true });
+      const reply = decode([...rows[b], ...ids]).slice(decode(rows[b]).length);
+      out(`[${b + 1}/${rows.length}] ${texts[b]}${reply}\n`);
     }
     const n = result.reduce((sum, r) => sum + r.length, 0); // rows end at the end token
     const penalty = a.repetitionPenalty === 1 ? "" : `, repetition penalty ${a.repetitionPenalty}`;

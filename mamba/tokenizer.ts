@@ -249,6 +249,9 @@ export function tokenizerFromJSON(
   throw new Error(`${where}: neither a Hugging Face tokenizers file ('model') nor a char tokenizer`);
 }
 
+/** Ids of `StreamDecoder`'s context that are kept (more than a character's bytes, for a split one). */
+const CONTEXT_IDS = 8;
+
 /** Options of {@linkcode StreamDecoder}. */
 export interface StreamDecoderOptions extends DecodeOptions {
   /**
@@ -257,6 +260,12 @@ export interface StreamDecoderOptions extends DecodeOptions {
    * held); anything else is an error.
    */
   maxPending?: number;
+  /**
+   * Ids shown before the stream (a prompt): its last few are the context of the first window, their text not
+   * emitted. A decoder that drops the space at the start of a text (SentencePiece's Metaspace) then keeps the
+   * one before the first new token, as decoding the prompt and the reply together does.
+   */
+  context?: ArrayLike<number>;
 }
 
 /**
@@ -283,6 +292,12 @@ export class StreamDecoder {
       throw new Error(`StreamDecoder: maxPending must be a positive integer, got ${max}`);
     }
     this.#maxPending = max;
+    const context = Array.from(options.context ?? []).slice(-CONTEXT_IDS);
+    if (context.length) {
+      this.#ids = context;
+      this.#prefixIndex = context.length;
+      this.#prefix = tokenizer.decode(context, this.#opts);
+    }
   }
 
   /** Adds ids; returns the text they complete (possibly ""). */

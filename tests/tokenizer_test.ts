@@ -169,3 +169,50 @@ Deno.test("toFiles: both tokenizers give back the files they read, and tokenizer
   const any = tokenizerFromJSON(new ByteTokenizer().toFiles().tokenizer) as ByteTokenizer;
   assert.ok(any instanceof ByteTokenizer && any.known === null, "no known set: any byte");
 });
+
+Deno.test("StreamDecoder with the prompt as context keeps the space that a SentencePiece (Metaspace) decoder drops at a text's start", () => {
+  // a minimal Metaspace BPE tokenizer, as Llama's and T5's
+  const vocab: Record<string, number> = { "<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "▁Hello": 4, "▁world": 5 };
+  const special = (id: number, content: string) => ({
+    id,
+    content,
+    single_word: false,
+    lstrip: false,
+    rstrip: false,
+    normalized: false,
+    special: true,
+  });
+  const metaspace = { type: "Metaspace", replacement: "▁", prepend_scheme: "first", split: false };
+  const tok = new HubTokenizer({
+    version: "1.0",
+    truncation: null,
+    padding: null,
+    added_tokens: [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+    normalizer: null,
+    pre_tokenizer: metaspace,
+    post_processor: null,
+    decoder: metaspace,
+    model: {
+      type: "BPE",
+      dropout: null,
+      unk_token: "<unk>",
+      fuse_unk: true,
+      byte_fallback: false,
+      vocab,
+      merges: [],
+    },
+  }, { bos_token: "<s>", eos_token: "</s>" });
+  const prompt = [4]; // "▁Hello"
+  const whole = tok.decode([...prompt, 5, 5]);
+  assert.equal(whole, "Hello world world");
+  // alone, the first new token loses its space; with the prompt as context it keeps it
+  const alone = new StreamDecoder(tok);
+  assert.equal("Hello" + alone.push([5]) + alone.push([5]) + alone.flush(), "Helloworld world");
+  const after = new StreamDecoder(tok, { context: prompt });
+  assert.equal("Hello" + after.push([5]) + after.push([5]) + after.flush(), whole);
+  assert.equal(
+    new StreamDecoder(tok, { context: prompt }).flush(),
+    "",
+    "the context's own text is not emitted",
+  );
+});
