@@ -179,6 +179,7 @@ export {
   HubError,
   type HubErrorCode,
   type HubOptions,
+  hubToken,
   isHubId,
   placeByHandHelp,
   repoCacheDir,

@@ -9,7 +9,7 @@
  *
  * - `blobs/<etag>`: the content, named by its ETag (the sha256 for LFS files, from `X-Linked-Etag`);
  * - `snapshots/<commit>/<file>`: a relative symlink to the blob (a copy where symlinks fail); the commit is
- *   the `X-Repo-Commit` header (else the revision string);
+ *   the `X-Repo-Commit` header (an answer without one is not the hub's, and is not cached);
  * - `refs/<revision>`: the commit of a branch or tag; `.no_exist/<commit>/<file>`: files the repository
  *   lacks, so that asking again needs no request.
  *
@@ -54,6 +54,46 @@ export interface HubOptions {
    * a finite value must be at most 2^31 - 1 (about 24.8 days, what a timer holds).
    */
   timeoutMs?: number;
+  /**
+   * A user access token, for private and gated repositories (default in Deno {@linkcode hubToken}: `HF_TOKEN`,
+   * else the file `huggingface-cli login` writes); false: none. It goes to the hub's endpoint only, never to a
+   * host a redirect leads to (the LFS storage), and into no message.
+   */
+  token?: string | false;
+}
+
+/**
+ * The token huggingface_hub would send: `HF_TOKEN` (or the older `HUGGING_FACE_HUB_TOKEN`), else the file at
+ * `HF_TOKEN_PATH`, else `HF_HOME/token` (`$XDG_CACHE_HOME/huggingface/token`, `~/.cache/huggingface/token`),
+ * which `huggingface-cli login` writes; null when there is none (or in a browser).
+ */
+export async function hubToken(): Promise<string | null> {
+  const env = hubEnv("HF_TOKEN") ?? hubEnv("HUGGING_FACE_HUB_TOKEN");
+  if (env?.trim()) return env.trim();
+  const deno = (globalThis as { Deno?: typeof Deno }).Deno;
+  if (!deno) return null;
+  const hfHome = hubEnv("HF_HOME");
+  const xdg = hubEnv("XDG_CACHE_HOME");
+  const path = hubEnv("HF_TOKEN_PATH") ??
+    `${hfHome ? expand(hfHome) : `${xdg ? expand(xdg) : `${home()}/.cache`}/huggingface`}/token`;
+  try {
+    return (await deno.readTextFile(expand(path))).trim() || null;
+  } catch {
+    return null; // none (or no --allow-read there)
+  }
+}
+
+/** The token of `options` (see {@linkcode HubOptions.token}), checked: a string with a space or none at all
+ * would make a broken header. */
+export async function tokenOf(options: HubOptions): Promise<string | null> {
+  if (options.token === false) return null;
+  const token = options.token ?? await hubToken();
+  if (token !== null && !/^[\x21-\x7e]+$/.test(token)) {
+    throw new Error(
+      "the hub token must be printable ASCII without spaces (HubOptions.token, HF_TOKEN or its file)",
+    );
+  }
+  return token;
 }
 
 /**
@@ -62,18 +102,20 @@ export interface HubOptions {
  * X-Error-Code: RepoNotFound (what huggingface_hub checks), also as a 401 for a private id.
  */
 export function hubRefusal(
-  repo: { id: string; revision: string; endpoint: string },
+  repo: { id: string; revision: string; endpoint: string; token?: string | null },
   res: Response,
   url: string,
 ): HubError | null {
   const code = res.headers.get("x-error-code");
   const msg = res.headers.get("x-error-message");
   const detail = `HTTP ${res.status}${msg ? `: ${msg}` : ""}`;
+  const token = repo.token
+    ? "the token sent was refused or has no access to it"
+    : "a private one needs a token (HubOptions.token, HF_TOKEN, or huggingface-cli login)";
   if (code === "RepoNotFound" || code === "RepositoryNotFound" || (res.status === 401 && !code)) {
     return new HubError(
       "RepositoryNotFound",
-      `repository '${repo.id}' not found at ${repo.endpoint} (${detail}, ${url}): check the id; private or gated ` +
-        `repositories are not supported`,
+      `repository '${repo.id}' not found at ${repo.endpoint} (${detail}, ${url}): check the id; ${token}`,
       url,
       res.status,
     );
@@ -81,9 +123,8 @@ export function hubRefusal(
   if (code === "GatedRepo") {
     return new HubError(
       "RepositoryNotFound",
-      `repository '${repo.id}' is gated (${detail}, ${url}): its files need an account that accepted its ` +
-        "conditions, and tokens are not supported here; download it with huggingface-cli (logged in) and load " +
-        "it from the hub cache or a folder",
+      `repository '${repo.id}' is gated (${detail}, ${url}): its files need the token of an account that ` +
+        `accepted its conditions on the hub; ${token}`,
       url,
       res.status,
     );

@@ -20,6 +20,7 @@ import {
   repoCacheDir,
   startTimer,
   timeoutOf,
+  tokenOf,
 } from "./hub.ts";
 import { fileSize, linkAtomic, ProgressBar, withLock, writeTextAtomic } from "./hub_fs.ts";
 
@@ -34,9 +35,11 @@ interface Resolved {
   progress: boolean;
   retries: number;
   timeoutMs: number;
+  /** Sent to the endpoint only (see `authTo`). */
+  token: string | null;
 }
 
-function resolveOptions(id: string, o: HubOptions): Resolved {
+async function resolveOptions(id: string, o: HubOptions): Promise<Resolved> {
   if (!isHubId(id)) throw new Error(`'${id}' is not a hub model id (org/name)`);
   const revision = o.revision ?? "main";
   if (!revision || revision.split("/").some((p) => p === "" || p === "." || p === "..")) {
@@ -52,15 +55,17 @@ function resolveOptions(id: string, o: HubOptions): Resolved {
       progress = false;
     }
   }
+  const offline = o.localFilesOnly ?? (off !== undefined && ["1", "true", "yes", "on"].includes(off));
   return {
     id,
     revision,
     repoDir: repoCacheDir(id, o.cacheDir ?? hubCacheDir()),
     endpoint: (o.endpoint ?? hubEndpoint()).replace(/\/+$/, ""),
-    offline: o.localFilesOnly ?? (off !== undefined && ["1", "true", "yes", "on"].includes(off)),
+    offline,
     progress,
     retries: retriesOf(o.retries),
     timeoutMs,
+    token: offline ? null : await tokenOf(o),
   };
 }
 
@@ -125,7 +130,7 @@ export async function cachedDownload(
   filename: string,
   options: HubOptions = {},
 ): Promise<string | null> {
-  const r = resolveOptions(id, options);
+  const r = await resolveOptions(id, options);
   checkFilename(filename);
   const cached = await fromCache(r, filename);
   if (cached === ABSENT && (!options.refresh || r.offline)) return null;
@@ -174,6 +179,14 @@ async function fetchTimed(url: string, init: RequestInit, timeoutMs: number): Pr
   }
 }
 
+// The Authorization header for a request to `url`: the token goes to the hub's endpoint only, never to a host
+// a redirect leads to (the LFS storage), as huggingface_hub.
+function authTo(r: Resolved, url: string): Record<string, string> {
+  return r.token && new URL(url).origin === new URL(r.endpoint).origin
+    ? { authorization: `Bearer ${r.token}` }
+    : {};
+}
+
 // Read lazily: nothing in this module touches Deno or node: APIs when it is merely imported (browsers).
 const userAgent = () => `mamba.ts; deno/${globalThis.Deno?.version?.deno ?? "?"}`;
 const sha256Hasher = async () => (await import("node:crypto")).createHash("sha256");
@@ -206,7 +219,7 @@ async function head(r: Resolved, filename: string, url: string): Promise<Meta | 
       res = await fetchTimed(at, {
         method: "HEAD",
         redirect: "manual",
-        headers: { "accept-encoding": "identity", "user-agent": userAgent() },
+        headers: { "accept-encoding": "identity", "user-agent": userAgent(), ...authTo(r, at) },
       }, r.timeoutMs);
     } catch (e) {
       throw new HubError(
@@ -369,7 +382,18 @@ async function getOnce(
   try {
     let res: Response;
     try {
-      res = await fetch(url, { headers, signal: ac.signal });
+      // redirects followed here: the token must not go along to another host
+      for (let at = url, hop = 0;; hop++) {
+        res = await fetch(at, {
+          headers: { ...headers, ...authTo(r, at) },
+          signal: ac.signal,
+          redirect: "manual",
+        });
+        const location = res.headers.get("location");
+        if (res.status < 300 || res.status >= 400 || !location || hop === 5) break;
+        await res.body?.cancel();
+        at = new URL(location, at).href;
+      }
     } catch (e) {
       throw new Retryable(errorText(e));
     }

@@ -53,6 +53,9 @@ interface HubRepo {
   id: string;
   revision: string;
   endpoint: string;
+  /** `HubOptions.token` where given as a string (a page has no environment); the browser drops it on a
+   * redirect to another origin (the LFS storage), as the Fetch standard says. */
+  token: string | null;
 }
 
 function urlSource(prefix: string, options: HubOptions, where?: string, hub?: HubRepo): ModelSource {
@@ -68,7 +71,8 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
     const timer = startTimer(() => ac.abort(new Error(`no response within ${timeoutMs} ms`)), timeoutMs);
     let res: Response;
     try {
-      res = await fetch(url, { headers: { "accept-encoding": "identity" }, signal: ac.signal });
+      const auth: Record<string, string> = hub?.token ? { authorization: `Bearer ${hub.token}` } : {};
+      res = await fetch(url, { headers: { "accept-encoding": "identity", ...auth }, signal: ac.signal });
     } catch (e) {
       // a browser says only "Failed to fetch" for a refused connection and for a server that does not allow
       // this page's origin alike
@@ -143,7 +147,8 @@ export function hubUrlSource(id: string, options: HubOptions): ModelSource {
   }
   const endpoint = (options.endpoint ?? hubEndpoint()).replace(/\/+$/, "");
   const base = `${endpoint}/${id}/resolve/${encodeURIComponent(revision)}`;
-  return urlSource(base, options, `${id}@${revision}`, { id, revision, endpoint });
+  const token = typeof options.token === "string" ? options.token : null;
+  return urlSource(base, options, `${id}@${revision}`, { id, revision, endpoint, token });
 }
 
 /** The source of a hub id, folder or URL: a folder or the hub cache in Deno, fetched in a browser. */

@@ -12,7 +12,7 @@ import { init } from "../core/device.ts";
 import { manualSeed } from "../core/random.ts";
 import { memory } from "../core/memory.ts";
 import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
-import { hubDownload, HubError, MODEL_FILES, repoCacheDir } from "../mamba/hub.ts";
+import { hubDownload, HubError, hubToken, MODEL_FILES, repoCacheDir } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { mapKey } from "../mamba/checkpoint_config.ts";
 import { hubUrlSource, loadTokenizer } from "../mamba/model_sources.ts";
@@ -515,7 +515,7 @@ Deno.test("hub: answers that are not the hub's are never cached; a commit header
       answer = () => new Response("down", { status });
       assert.equal(await hubDownload("org/m", "config.json", o({ refresh: true })), path, `HTTP ${status}`);
     }
-    // a gated repository says so (tokens are not supported), in Deno and in a browser's fetches
+    // a gated repository says so, in Deno and in a browser's fetches
     answer = () =>
       new Response("x", {
         status: 401,
@@ -537,6 +537,100 @@ Deno.test("hub: answers that are not the hub's are never cached; a commit header
     await server.finished;
     await Deno.remove(cache, { recursive: true });
     await Deno.remove(outside, { recursive: true });
+  }
+});
+
+Deno.test("hub: a private repository loads with a token (option, HF_TOKEN, or the login file), which goes to the hub only, never to the storage a redirect leads to", async () => {
+  await init();
+  const TOKEN = "hf_testtoken123";
+  const files = await lmFiles();
+  const seen: { host: string; auth: string | null }[] = [];
+  const ac = new AbortController();
+  // the LFS storage: another origin (another port), as the hub's CDN
+  const cdn = Deno.serve({ hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} }, (req) => {
+    seen.push({ host: "cdn", auth: req.headers.get("authorization") });
+    const data = files["model.safetensors"];
+    return new Response(req.method === "HEAD" ? null : data.slice(), {
+      headers: { "content-length": String(data.length) },
+    });
+  });
+  const hub = Deno.serve({ hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} }, (req) => {
+    const auth = req.headers.get("authorization");
+    seen.push({ host: "hub", auth });
+    if (auth !== `Bearer ${TOKEN}`) {
+      return new Response("no", { status: 401, headers: { "x-error-code": "RepoNotFound" } });
+    }
+    const file = new URL(req.url).pathname.replace(/^.*\/resolve\/[^/]+\//, "");
+    const headers = { "x-repo-commit": COMMIT };
+    if (file === "model.safetensors") {
+      const data = files[file];
+      return new Response(null, {
+        status: 302,
+        headers: {
+          ...headers,
+          location: `http://127.0.0.1:${cdn.addr.port}/blob`,
+          "x-linked-etag": sha256(data),
+          "x-linked-size": String(data.length),
+        },
+      });
+    }
+    const data = files[file];
+    if (!data) {
+      return new Response("no", { status: 404, headers: { ...headers, "x-error-code": "EntryNotFound" } });
+    }
+    return new Response(req.method === "HEAD" ? null : data.slice(), {
+      headers: { ...headers, etag: `"${gitSha1(data)}"`, "content-length": String(data.length) },
+    });
+  });
+  const cacheDir = await Deno.makeTempDir({ prefix: "hub-cache-" });
+  const o = { endpoint: `http://127.0.0.1:${hub.addr.port}`, cacheDir, progress: false };
+  try {
+    // without a token (none in the environment: token false), the refusal says what is missing
+    await assert.rejects(
+      () => fromPretrained("org/private", { ...o, token: false }),
+      /repository 'org\/private' not found .*a private one needs a token \(HubOptions\.token, HF_TOKEN/,
+    );
+    await assert.rejects(
+      () => fromPretrained("org/private", { ...o, token: "hf_wrong" }),
+      (e: Error) => /the token sent was refused/.test(e.message) && !e.message.includes("hf_wrong"),
+    );
+    seen.length = 0;
+    const lm = await fromPretrained("org/private", { ...o, token: TOKEN });
+    assert.equal(lm.config.dModel, 32);
+    lm.dispose();
+    assert.ok(seen.some((s) => s.host === "cdn"), "the weights came from the storage");
+    assert.deepEqual(
+      seen.filter((s) => s.host === "cdn").map((s) => s.auth),
+      seen.filter((s) => s.host === "cdn").map(() => null),
+      "no token to another host",
+    );
+    assert.ok(seen.filter((s) => s.host === "hub").every((s) => s.auth === `Bearer ${TOKEN}`));
+    // a page's fetches send the token given as an option (a page has no environment)
+    const page = hubUrlSource("org/private", { ...o, token: TOKEN });
+    assert.equal(await page.text("config.json", false), new TextDecoder().decode(files["config.json"]));
+    await assert.rejects(() => hubUrlSource("org/private", o).text("config.json", false), /needs a token/);
+    // the token huggingface_hub would send: HF_TOKEN, else the file at HF_TOKEN_PATH (HF_HOME/token)
+    const saved = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"].map((k) =>
+      [k, Deno.env.get(k)] as const
+    );
+    try {
+      for (const [k] of saved) Deno.env.delete(k);
+      await Deno.writeTextFile(`${cacheDir}/token`, `${TOKEN}\n`);
+      Deno.env.set("HF_TOKEN_PATH", `${cacheDir}/token`);
+      assert.equal(await hubToken(), TOKEN);
+      Deno.env.set("HF_TOKEN", "hf_fromenv");
+      assert.equal(await hubToken(), "hf_fromenv");
+      await assert.rejects(
+        () => hubDownload("org/private", "config.json", { ...o, token: "two words", refresh: true }),
+        /the hub token must be printable ASCII without spaces/,
+      );
+    } finally {
+      for (const [k, v] of saved) v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
+    }
+  } finally {
+    ac.abort();
+    await Promise.all([hub.finished, cdn.finished]);
+    await Deno.remove(cacheDir, { recursive: true });
   }
 });
 
