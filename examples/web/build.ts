@@ -41,16 +41,17 @@ import { simpleCommandLine } from "../lib/cli.ts";
  * `from` and `prefillChunk`, perplexity's `carryState`) and its review's checks took it to 324.1 KiB, 115.8
  * KiB gzipped, 2026-12-01; from 328 KiB when training from a carried state (the conv's prefix, the scan's
  * backward from h0, `forwardFrom`, the Trainer's `carryState` and `windowsInOrder`) took it to 329.7 KiB, 117.6
- * KiB gzipped, the same day). */
-export const LIBRARY_BUDGET_BYTES = 332 * 1024;
+ * KiB gzipped, the same day; from 332 KiB when four reviews' fixes (hostile files, data fingerprints on resume,
+ * option keys, bounded text files) and hub tokens took it to 333.3 KiB, 119.1 KiB gzipped, 2026-12-02). */
+export const LIBRARY_BUDGET_BYTES = 336 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
  * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB
  * minified, 88.1 KiB gzipped, 2026-11-29; from 92 and 94 KiB with the minified budget, above; from 96 KiB when
  * `fusedMambaScanOut` above the inline dt rank and its binding-window count took it to 269.0 KiB minified,
  * 96.0 KiB gzipped, 2026-11-30; from 98, 100, 102, 104, 106, 112 and 114 KiB with the minified budget,
- * above; from 117 KiB with the minified budget, above). */
-export const LIBRARY_BUDGET_GZIP_BYTES = 119 * 1024;
+ * above; from 117 and 119 KiB with the minified budget, above). */
+export const LIBRARY_BUDGET_GZIP_BYTES = 121 * 1024;
 
 /** The repository's root folder (a file path: spaces and non-ASCII names stay as they are). */
 const ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
