@@ -209,7 +209,7 @@ export function arange(start: number, end?: number, step = 1, options: CreateOpt
     throw new Error(`arange: i32 values from ${start} by ${step} (${n} of them) do not fit int32`);
   }
   checkHostFill(4 * n, () => `arange ${dtype} [${n}]`);
-  const host = dtype === "f32" ? new Float32Array(n) : new Int32Array(n);
+  const host = dtype === "i32" ? new Int32Array(n) : new Float32Array(n); // (bf16 rounds from f32)
   for (let i = 0; i < n; i++) host[i] = start + i * step;
   return tensor(host, [n], { ...options, dtype });
 }

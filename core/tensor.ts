@@ -30,6 +30,9 @@ export type Operand = Tensor | number;
 
 let nextId = 1;
 
+/** The most elements a tensor may have: kernels index in u32. */
+const MAX_ELEMENTS = 2 ** 32 - 1;
+
 const scopes: Set<Tensor>[] = [];
 
 /** Tensors made inside the outermost {@linkcode freeOnThrow} running, else null (no cost outside one). */
@@ -96,8 +99,15 @@ export class Tensor {
 
   /** Allocates an uninitialised tensor (kernels fill it). */
   static empty(shape: Shape, dtype: DType = "f32"): Tensor {
+    const n = sizeOf(shape);
+    // kernels count elements, offsets and strides in u32 (WGSL's index type): past it they would wrap
+    if (n > MAX_ELEMENTS && n < Infinity) { // (NaN and Infinity: not a size, said below)
+      throw new Error(
+        `cannot allocate ${dtype} ${fmt(shape)}: ${n} elements, more than 2^32 - 1 in one tensor`,
+      );
+    }
     return new Tensor(
-      allocStorage(Math.max(bytesOf(sizeOf(shape), dtype), 4), () => `${dtype} ${fmt(shape)}`),
+      allocStorage(Math.max(bytesOf(n, dtype), 4), () => `${dtype} ${fmt(shape)}`),
       shape,
       dtype,
     );

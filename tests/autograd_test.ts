@@ -484,6 +484,19 @@ Deno.test("tidy that returns an op's output keeps what its node made for the bac
   for (const t of [x, w, v]) t.dispose();
 });
 
+Deno.test("checkpoint of a function where nothing requires grad: an output that needs none, nothing saved (as PyTorch)", async () => {
+  await setup();
+  const c = tensor([1, 2, 3]);
+  const w = tensor([4, 5, 6]); // captured, frozen
+  const saved0 = memory().savedBytes;
+  const y = checkpoint((a) => a.mul(w).sum(), c);
+  assert.equal(y.requiresGrad, false);
+  assert.equal(memory().savedBytes, saved0, "nothing held for a backward");
+  assert.throws(() => y.backward(), /does not require grad/);
+  assert.equal(await y.item(), 32);
+  dispose([c, w, y]);
+});
+
 Deno.test("checkpoint of a function that returns its input: the input keeps its own graph", async () => {
   const x = M.ones([3], { requiresGrad: true });
   const h = x.mul(3); // h's node (mul) must survive: checkpoint's output is a tensor of its own

@@ -8,7 +8,7 @@
 
 import assert from "node:assert/strict";
 import { bf16Bits, packBF16, unpackBF16 } from "../core/bf16.ts";
-import { tensor, zeros } from "../core/creation.ts";
+import { arange, tensor, zeros } from "../core/creation.ts";
 import { deviceInfo, init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
 import { add, castToBF16, copy, copyBox, embedding, matmul, matmulAdd, packInto } from "../core/ops/index.ts";
@@ -78,7 +78,10 @@ Deno.test("castToBF16 and tensor({ dtype: bf16 }) hold bf16Bits' values; zeros a
     bits(await full.toArray()),
     bits(new Float32Array(5).fill(unpackBF16(packBF16([0.1]), 1)[0])),
   );
-  dispose([x, cast, direct, zero, full]);
+  // arange in bf16: the f32 values rounded (an i32 host array truncated them to integers)
+  const steps = arange(0.5, 3, 0.25, { dtype: "bf16" });
+  assert.deepEqual([...await steps.toArray()], [0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 2.75]);
+  dispose([x, cast, direct, zero, full, steps]);
   assert.equal(memory().liveBytes, base);
 });
 

@@ -105,6 +105,11 @@ Deno.test("creation errors show a NaN as NaN and name the function and the argum
   );
   assert.throws(() => M.randn([1e5, 1e5]), /cannot allocate randn f32 \[100000, 100000\]: 40000000000 bytes/);
   assert.throws(() => M.arange(0, 1e10, 1, { dtype: "f32" }), /cannot allocate arange f32 \[10000000000\]/);
+  // 2^32 elements or more: kernels index in u32 and would wrap (a device may allow such buffers: 16 GiB of f32)
+  assert.throws(
+    () => M.Tensor.empty([2 ** 16, 2 ** 16], "bf16"),
+    /cannot allocate bf16 \[65536, 65536\]: 4294967296 elements, more than 2\^32 - 1 in one tensor/,
+  );
   // a size past 2^53 bytes is too large too (it said: not a whole number of bytes)
   assert.throws(() => M.rand([2 ** 30, 2 ** 30, 2 ** 30]), /bytes is more than the device's largest buffer/);
   assert.ok(performance.now() - t0 < 1000, `refused at once (${performance.now() - t0} ms)`);
