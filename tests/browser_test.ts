@@ -957,6 +957,30 @@ Deno.test({
           null,
         );
         assert.equal(await page.isDisabled("#generate-stop"), true);
+        // Train again, then Stop before its first step: the model trained before stays, loaded and listed
+        await page.click("#tab-train");
+        // both clicks in one task: train() runs up to its first evaluation before the Stop (deterministic)
+        await page.evaluate(() => {
+          const doc = (globalThis as unknown as {
+            document: { getElementById(id: string): { click(): void } };
+          }).document;
+          doc.getElementById("train-start").click();
+          doc.getElementById("train-stop").click();
+        });
+        await page.waitForFunction(() =>
+          !(globalThis as { mambaDemo?: { training: boolean } }).mambaDemo?.training
+        );
+        assert.match(
+          await page.textContent("#train-status") ?? "",
+          /stopped before the first step: the model trained before stays/,
+        );
+        assert.equal(await page.isDisabled('#model-source option[value="trained"]'), false);
+        assert.match(
+          await page.evaluate(() =>
+            (globalThis as unknown as { mambaDemo: { model: string } }).mambaDemo.model
+          ),
+          /trained here \(12 steps\)/,
+        );
         await page.close();
       });
       assert.deepEqual(pageErrors, []);

@@ -90,6 +90,8 @@ function dropContinuation(): void {
   continuation = null;
 }
 let trained: Loaded | null = null;
+/** A save is making its files (about three copies of the weights in the page): one at a time. */
+let saving = false;
 let stopTraining = false;
 /** No WebGPU: nothing can load or train. */
 let noGpu = false;
@@ -128,13 +130,14 @@ async function using<T>(lm: MambaLM, job: () => Promise<T>): Promise<T> {
 /** Enables the buttons that can run now: nothing replaces a model while a generation runs (Load, Train). */
 function updateButtons(): void {
   const button = (id: string) => $<HTMLButtonElement>(id);
-  button("load").disabled = noGpu || state.loading || state.generating;
-  button("train-start").disabled = noGpu || state.training || state.generating;
+  // until init() is done (the kernels' tuning measures then: a training meanwhile would skew what it picks)
+  button("load").disabled = noGpu || !state.ready || state.loading || state.generating;
+  button("train-start").disabled = noGpu || !state.ready || state.training || state.generating;
   button("train-stop").disabled = !state.training;
   button("generate").disabled = !current || state.generating;
   button("generate-continue").disabled = !current || state.generating || continuation?.lm !== current.lm;
   button("generate-stop").disabled = !state.generating;
-  button("save").disabled = !current;
+  button("save").disabled = !current || saving;
 }
 
 function status(id: string, text: string, error = false): void {
@@ -245,10 +248,20 @@ async function loadModel(): Promise<void> {
       lm = await fromPretrained(new URL(v.slice("local:".length), location.href).href, options);
     } else if (v === "hub") {
       label = $<HTMLInputElement>("hub-id").value.trim();
+      if (!label) throw new Error("the hub id field is empty: type one, e.g. state-spaces/mamba-130m-hf");
       lm = await fromPretrained(label, options);
     } else if (v === "url") {
       label = $<HTMLInputElement>("model-url").value.trim();
-      lm = await fromPretrained(new URL(label, location.href).href, options);
+      if (!label) throw new Error("the URL field is empty: give the folder that holds config.json");
+      // the folder, not one of its files (a pasted link to config.json would look for config.json/config.json)
+      label = label.replace(/\/(config\.json|model\.safetensors|pytorch_model\.bin)$/, "");
+      let url: string;
+      try {
+        url = new URL(label, location.href).href;
+      } catch {
+        throw new Error(`the URL field holds no URL: '${label}'`);
+      }
+      lm = await fromPretrained(url, options);
     } else {
       const files = $<HTMLInputElement>("model-files").files;
       if (!files?.length) {
@@ -320,7 +333,8 @@ async function streamText(
   }
   // Continue writes on into the node the text ends in, with that text's decoder
   const out = from?.node ?? target.appendChild(document.createTextNode(""));
-  const decoder = from?.decoder ?? new StreamDecoder(tokenizer);
+  // a new text's decoder has the prompt as context (a SentencePiece decoder would drop the reply's first space)
+  const decoder = from?.decoder ?? new StreamDecoder(tokenizer, { skipSpecialTokens: true, context: ids });
   const before = from?.shown ?? "";
   let text = ""; // this run's
   let got = 0;
@@ -328,8 +342,11 @@ async function streamText(
   const t0 = performance.now();
   let ended = false; // generated all, or stopped: the state at the text's end is worth keeping
   try {
+    // a hub model's end-of-text token ends the reply, as in deno task generate (bytes have no such token)
+    const eos = tokenizer instanceof ByteTokenizer ? null : tokenizer.specialTokens.eos;
     await lm.generate([from ? [from.last] : ids], n, {
       ...sampling,
+      ...(eos === null ? {} : { stopTokens: [eos] }),
       ...(from ? { from: from.caches } : {}),
       readEvery: 8,
       onTokens: (fresh) => {
@@ -383,7 +400,6 @@ function keepEnd(
     }
   } else if (from && reply.length === 0) {
     continuation = from; // no new token (stopped at once, or options refused before any work): the same end
-    return;
   } else if (ended) {
     dropContinuation();
     continuation = { lm, caches: lm.emptyCache(1), last: all[0], generated, ...end };
@@ -457,9 +473,11 @@ $("generate-stop").addEventListener("click", () => stopGenerating = true);
 // ---- saving as downloads ----
 
 async function save(): Promise<void> {
-  if (!current) return;
+  if (!current || saving) return;
   const { lm, saved } = current;
   status("model-status", "saving…");
+  saving = true;
+  updateButtons();
   try {
     const files = await using(lm, () => checkpointFiles(lm, saved));
     for (const [name, bytes] of Object.entries(files)) {
@@ -476,6 +494,9 @@ async function save(): Promise<void> {
     // a large model's files are about three copies of its weights in the page: this can fail
     status("model-status", `saving failed: ${(e as Error).message}`, true);
     state.error = (e as Error).message;
+  } finally {
+    saving = false;
+    updateButtons();
   }
 }
 $("save").addEventListener("click", save);
@@ -561,17 +582,6 @@ async function train(): Promise<void> {
       throw e;
     }
     model = fresh;
-    if (trained) {
-      if (current === trained) {
-        current = null;
-        state.model = null;
-        status("model-status", "no model loaded (the Train tab is training a new one)");
-        updateButtons();
-      }
-      retire(trained.lm);
-      trained = null;
-      (source.querySelector('option[value="trained"]') as HTMLOptionElement).disabled = true;
-    }
     state.trainLog = trainer.log;
     const t0 = performance.now();
     let lastVal = await trainer.evaluate();
@@ -595,9 +605,30 @@ async function train(): Promise<void> {
       drawChart(trainer.log, steps);
       await new Promise((r) => setTimeout(r, 0)); // let the page repaint
     }
+    if (trainer.step === 0) {
+      // stopped before its first step: the model trained before (if any) stays
+      retire(model);
+      model = null;
+      status(
+        "train-status",
+        "stopped before the first step" + (trained ? ": the model trained before stays" : ""),
+      );
+      return;
+    }
     if (trainer.log.val.at(-1)?.[0] !== trainer.step) lastVal = await trainer.evaluate();
     drawChart(trainer.log, steps);
     const secs = (performance.now() - t0) / 1000;
+    if (trained) {
+      // replaced by this run's model
+      if (current === trained) {
+        current = null;
+        state.model = null;
+        status("model-status", "no model loaded (the Train tab trained a new one: load it from the list)");
+        updateButtons();
+      }
+      retire(trained.lm);
+      trained = null;
+    }
     status(
       "train-status",
       `trained ${trainer.step} steps in ${secs.toFixed(1)} s: validation loss ${
@@ -669,6 +700,7 @@ async function start(): Promise<void> {
     }
     $("adapter").textContent = name + (info.isFallbackAdapter ? " (software adapter: CPU speed)" : "");
     state.ready = true;
+    updateButtons();
     showMemory();
     await addLocalModels();
   } catch (e) {

@@ -215,11 +215,25 @@ if (import.meta.main) {
     Deno.exit(1);
   }
   console.log(`built out/web/mamba.js (${kb(b.library.bytes)}) and out/web/app.js (${kb(b.app.bytes)})`);
-  Deno.serve({
-    hostname: values.host,
-    port,
-    // localhost as asked, not the address it resolved to
-    onListen: ({ hostname, port }) =>
-      console.log(`mamba.ts demo: http://${values.host === "localhost" ? values.host : hostname}:${port}/`),
-  }, webHandler({ hosts: [values.host] }));
+  try {
+    Deno.serve({
+      hostname: values.host,
+      port,
+      // localhost as asked, not the address it resolved to; an IPv6 address in brackets
+      onListen: ({ hostname, port }) => {
+        const host = values.host === "localhost"
+          ? values.host
+          : hostname.includes(":")
+          ? `[${hostname}]`
+          : hostname;
+        console.log(`mamba.ts demo: http://${host}:${port}/`);
+      },
+    }, webHandler({ hosts: [values.host] }));
+  } catch (e) {
+    const busy = e instanceof Deno.errors.AddrInUse
+      ? ": the port is taken (another server?): pick one with --port"
+      : "";
+    console.error(`error: cannot listen on ${values.host}:${port} (${(e as Error).message})${busy}`);
+    Deno.exit(1);
+  }
 }
