@@ -867,12 +867,6 @@ function checkpointOf(fn: (...inputs: Tensor[]) => Tensor, inputs: Tensor[], rep
   const captured = [...reads].filter((x) => x.node && x.id < first && !inputs.includes(x));
   // what replayable ops kept: saved (counted) and owned by this node, so freed with the graph
   const kept = keeps.flatMap((k) => k.tensors);
-  if (![...inputs, ...captured].some((x) => x.requiresGrad)) {
-    // nothing to differentiate (frozen weights, inputs without grad): as PyTorch, an output that needs no
-    // gradient, and nothing held for a backward
-    for (const t of kept) t.dispose();
-    return out;
-  }
   attach(out, {
     name: "checkpoint",
     inputs: [...inputs, ...captured],
