@@ -69,6 +69,7 @@ const HF_KEYS = new Set([
   "inner_layernorms", // ours (mamba.py's inner_layernorms): written by hfConfig when true
   "mup", // ours (mamba.py's mup and mup_base_width): written by hfConfig for a muP model
   "mup_base_width",
+  "padding_idx", // ours (mamba.py's Embedding padding_idx, 0 there): written by hfConfig where there is one
   "d_inner", // the -hf conversions' copies of state-spaces names (d_model, n_layer too): checked against ours
   "use_associative_scan", // transformers' choice of scan in PyTorch: how a run executes, not the weights
 ]);
@@ -287,7 +288,8 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
         vocabSize: r.int("vocab_size"),
         padVocabSizeMultiple: 1,
         tieEmbeddings: r.bool("tie_word_embeddings", true),
-        paddingIdx: null, // HF's MambaForCausalLM embedding has no padding_idx
+        // HF's MambaForCausalLM embedding has none; ours, saved here, keeps the row it froze
+        paddingIdx: r.has("padding_idx") ? r.int("padding_idx", 0, 0) : null,
       },
       layout: "hf",
       ignored,
@@ -390,7 +392,8 @@ export function hfConfig(model: MambaLM): Record<string, unknown> {
     time_step_init_scheme: c.dtInit,
     time_step_scale: c.dtScale,
     time_step_floor: c.dtInitFloor,
-    torch_dtype: "float32",
+    torch_dtype: model.weightDtype === "bf16" ? "bfloat16" : "float32",
+    ...(model.embedding.paddingIdx === null ? {} : { padding_idx: model.embedding.paddingIdx }),
     ...(c.innerLayernorms ? { inner_layernorms: true } : {}),
     ...(c.mup ? { mup: true, mup_base_width: c.mupBaseWidth } : {}),
   };

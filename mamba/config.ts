@@ -92,6 +92,8 @@ const DEFAULTS = {
 };
 
 const INT_KEYS = ["dModel", "nLayers", "dState", "expandFactor", "dConv"] as const;
+/** The largest finite f32. */
+const F32_MAX = 3.4028234663852886e38;
 const POS_KEYS = [
   "dtMin",
   "dtMax",
@@ -122,14 +124,17 @@ export function mambaConfig(config: MambaConfigInput | MambaConfig): MambaConfig
   }
   const given = Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined));
   const c = { ...DEFAULTS, ...given } as Required<MambaConfigInput>;
+  // sizes within int32 and values within f32: past them a size fails later at an allocation that does not
+  // name the key, and a value becomes Infinity on the GPU (dtScale 1e39 made every output NaN). (nLayers
+  // sizes no tensor: a loader compares it with the checkpoint's layers, and says that better.)
   for (const k of INT_KEYS) {
-    if (!Number.isInteger(c[k]) || c[k] <= 0) {
-      throw new Error(`MambaConfig: ${k} must be a positive integer, got ${show(c[k])}`);
+    if (!Number.isInteger(c[k]) || c[k] <= 0 || (k !== "nLayers" && c[k] > 2 ** 31 - 1)) {
+      throw new Error(`MambaConfig: ${k} must be a positive integer below 2^31, got ${show(c[k])}`);
     }
   }
   for (const k of POS_KEYS) {
-    if (typeof c[k] !== "number" || !(c[k] > 0) || !Number.isFinite(c[k])) {
-      throw new Error(`MambaConfig: ${k} must be a positive finite number, got ${show(c[k])}`);
+    if (typeof c[k] !== "number" || !(c[k] > 0) || !(c[k] <= F32_MAX)) {
+      throw new Error(`MambaConfig: ${k} must be a positive number within f32's range, got ${show(c[k])}`);
     }
   }
   for (const k of BOOL_KEYS) {

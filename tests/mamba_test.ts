@@ -424,7 +424,19 @@ Deno.test("Mamba rejects bad input and configs with clear errors", async () => {
   for (const b of [0, -1, 1.5, NaN]) {
     assert.throws(() => model.emptyCache(b), /emptyCache: batch must be a positive integer, got/);
   }
-  assert.throws(() => mambaConfig({ dModel: 0, nLayers: 1 }), /dModel must be a positive integer, got 0/);
+  assert.throws(
+    () => mambaConfig({ dModel: 0, nLayers: 1 }),
+    /dModel must be a positive integer below 2\^31, got 0/,
+  );
+  // sizes past int32 and values past f32's range are named here, not as an allocation or NaN outputs later
+  assert.throws(
+    () => mambaConfig({ dModel: 1e300, nLayers: 1 }),
+    /dModel must be a positive integer below 2\^31/,
+  );
+  assert.throws(
+    () => mambaConfig({ dModel: 4, nLayers: 1, dtScale: 1e39 }),
+    /dtScale must be a positive number within f32's range, got 1e\+39/,
+  );
   assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, scan: "fast" as "pscan" }), /scan must be/);
   assert.throws(() => mambaConfig({ dModel: 4, nLayers: 1, dtInit: "x" as "random" }), /dtInit/);
   assert.throws(

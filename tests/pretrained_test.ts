@@ -166,7 +166,7 @@ Deno.test("mambaConfig: a key set to undefined takes its default; infinite numbe
   );
   assert.throws(
     () => mambaConfig({ dModel: 16, nLayers: 2, rmsNormEps: Infinity }),
-    /rmsNormEps must be a positive finite number, got Infinity/,
+    /rmsNormEps must be a positive number within f32's range, got Infinity/,
   );
   for (const bad of [null, 3, [16, 2]]) {
     assert.throws(
@@ -760,4 +760,24 @@ Deno.test("a model's text files (config.json, tokenizer.json, an index) past 100
     },
   });
   assert.equal(await readBoundedText(split, "x"), '{"name": "é😀"}');
+});
+
+Deno.test("saveCheckpoint keeps the embedding's padding row (padding_idx, ours) and says bf16 weights are bfloat16", async () => {
+  await init();
+  const dir = await Deno.makeTempDir();
+  try {
+    for (const [paddingIdx, weightDtype] of [[3, "f32"], [0, "bf16"], [null, "f32"]] as const) {
+      const lm = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 10, paddingIdx, weightDtype });
+      await saveCheckpoint(lm, dir, null);
+      lm.dispose();
+      const cfg = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+      assert.equal(cfg.torch_dtype, weightDtype === "bf16" ? "bfloat16" : "float32");
+      assert.equal(cfg.padding_idx, paddingIdx ?? undefined);
+      const back = await fromPretrained(dir);
+      assert.equal(back.embedding.paddingIdx, paddingIdx, `paddingIdx ${paddingIdx}`);
+      back.dispose();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
