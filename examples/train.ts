@@ -431,7 +431,10 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       const tps = ((step - startStep) * cfg.batch * (cfg.accumulate ?? 1) * cfg.seq) / secs;
       const eta = ((cfg.steps - step) * secs) / (step - startStep);
       progress(
-        `step ${step}/${cfg.steps}  loss ${lastLoss.toFixed(4)}  val ${lastVal.toFixed(4)}  ` +
+        // (before the first readback of the losses, a save's line has none yet: "-", not NaN, which would
+        // read as a diverged run)
+        `step ${step}/${cfg.steps}  loss ${Number.isNaN(lastLoss) ? "-" : lastLoss.toFixed(4)}  ` +
+          `val ${lastVal.toFixed(4)}  ` +
           `${tps.toFixed(0)} tok/s  ETA ${fmtTime(eta)}`,
         false,
       );
