@@ -19,7 +19,14 @@ import {
   tolerance,
   toTensor,
 } from "./fixture_util.ts";
-import { assertFusedRan, assertFusedStepRan, fusedUnavailable, kernelsRun, withPlans } from "./helpers.ts";
+import {
+  assertClose,
+  assertFusedRan,
+  assertFusedStepRan,
+  fusedUnavailable,
+  kernelsRun,
+  withPlans,
+} from "./helpers.ts";
 
 await init();
 /** The fused tests are ignored where the fused kernels cannot run (the block would run pscan instead). */
@@ -803,5 +810,28 @@ Deno.test("ResidualBlock.forward refuses a cache that requires grad with every r
     assert.deepEqual(u.grad?.shape, [2, 3, 8]);
     dispose([out, u, wants.h, c, x, x1]);
     block.dispose();
+  }
+});
+
+Deno.test("a Mamba fed data (an input that needs no grad) trains its weights with every recompute setting", async () => {
+  await init();
+  const grads: Float32Array[][] = [];
+  for (const recompute of [false, true, "input"] as const) {
+    manualSeed(3);
+    const model = new Mamba(mambaConfig({ dModel: 16, nLayers: 2, recompute }));
+    manualSeed(4);
+    const x = randn([1, 12, 16]); // x: (B, L, D), no grad: data, as bench and the report feed a layer
+    const y = model.forward(x);
+    assert.equal(y.requiresGrad, true, `recompute ${recompute}`);
+    const loss = y.sum();
+    loss.backward();
+    const params = model.parameters();
+    grads.push(await Promise.all(params.map(async (p) => (await p.grad!.toArray()) as Float32Array)));
+    for (const p of params) p.grad!.dispose();
+    dispose([x, y, loss]);
+    model.dispose();
+  }
+  for (const g of grads.slice(1)) {
+    g.forEach((t, i) => assertClose(t, grads[0][i], { rtol: 1e-5, atol: 1e-6 }, `parameter ${i}`));
   }
 });
