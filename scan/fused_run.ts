@@ -240,17 +240,23 @@ function checkForwardArgs(
   let total = 0;
   for (let i = 0; i < params.length; i++) total += params[i].size;
   const want = ED * (2 + a.N + (a.dtInside ? a.R : 0)); // bias, A_log, D (and W): pieces, or packed already
-  const badX = x.rank !== 3;
+  const badX = x.rank !== 3 || L === 0; // (L 0: no state after a last step, which lastState would read)
+  let badDtype = x.dtype !== "f32" || dBC.dtype !== "f32" || (draw !== null && draw.dtype !== "f32") ||
+    (z !== null && z.dtype !== "f32");
+  for (let i = 0; i < params.length; i++) badDtype ||= params[i].dtype !== "f32";
   const badAttrs = !(Number.isInteger(a.N) && a.N >= 1 && Number.isInteger(a.R) && a.R >= 0);
   const badDraw = draw !== null && !sameShape(draw.shape, x.shape);
   const badDBC = dBC.rank !== 3 || dBC.shape[0] !== B || dBC.shape[1] !== L || dBC.shape[2] < a.R + 2 * a.N;
   const badGate = a.gated !== (z !== null);
   const badZ = z !== null &&
     (z.rank !== 3 || z.shape[0] !== B || z.shape[1] !== L || z.shape[2] < zStart + ED);
-  if (!(badX || badAttrs || badDraw || badDBC || total !== want || badGate || badZ)) return;
+  if (!(badX || badDtype || badAttrs || badDraw || badDBC || total !== want || badGate || badZ)) return;
   const pieces = [ED, ED * a.N, ED, ...(a.dtInside ? [ED * a.R] : [])];
   const problems = [
-    badX && `x ${fmt(x.shape)} is not (B, L, ED)`,
+    badX && `x ${fmt(x.shape)} is not (B, L, ED) with L >= 1`,
+    badDtype &&
+    `every input must be f32, got x ${x.dtype}, draw ${draw?.dtype ?? "none"}, dBC ${dBC.dtype}, ` +
+      `params ${params.map((p) => p.dtype).join(" ")}, z ${z?.dtype ?? "none"}`,
     badAttrs && `N ${a.N} and R ${a.R}`,
     badDraw && `draw ${fmt(draw!.shape)} is not x's`,
     badDBC && `dBC ${fmt(dBC.shape)} is not (${B}, ${L}, >= R + 2N = ${a.R + 2 * a.N})`,
@@ -302,46 +308,49 @@ export function fusedScanForward(
       }`,
     );
   }
-  const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
-  const h0Off = params.reduce((n, t) => n + t.size, 0);
-  const parSize = h0Off + (h0 ? h0.size : 0); // where hs starts
-  if (h0) Object.assign(u, { init: 1, h0Off });
-  const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | h0 | hs (B, ED, chunks, N)]
-  ranWith.set(ph.storage, picked);
-  ranShape.set(ph.storage, [B, L, ED, a.N]);
-  if (h0) h0Offset.set(ph.storage, h0Off);
-  if (states === "last") lastOnly.add(ph.storage);
-  const allStates = states === "all" ? 1 : 0;
-  packInto(ph, h0 ? [...params, h0] : params); // one dispatch: copies would each end the compute pass
-  const blocks = stateBlocks(v);
-  const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
-  const walks = forwardWalks(v, L);
-  if (walks > 1) {
-    // Every walk (a chunk, or Lf / Lc of them) from a zero state (its local state, and its sum of dt), then
-    // every walk from the state before it. With few walks the main kernels fold that state themselves out of
-    // a scratch `carry` and write the states after their chunks into hs; else the local states go into hs,
-    // the sums into y (written last), and the chain turns hs into the state after each walk before the main
-    // kernels read it.
-    const folded = foldsCarries(walks, v.Lf ?? v.Lc);
-    const cells = B * ED * walks;
-    const carry = folded ? Tensor.empty([cells * (a.N + 1)]) : null; // carry: [local states | sums of dt]
-    const out = (carry ?? y).storage;
-    const offsets = { locOff: 0, sdtOff: carry ? cells * a.N : 0 };
-    localStates(v, Ri, bufs, out, ph, { ...u, N: a.N, hsOff: parSize, ...offsets }, folded, walks);
-    const uni = { ...u, hsOff: parSize, t0: 0, t1: L, allStates, ...(carry ? offsets : {}) };
-    const main = carry ? { ...bufs, carry: carry.storage } : bufs;
-    const groups = B * u.tiles * walks;
-    for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true, folded), main, uni, groups);
-    carry?.dispose();
+  // what it allocates goes if a read fails part-way (a disposed input: its storage throws)
+  return freeOnThrow(() => {
+    const y = Tensor.empty([B, L, ED]); // y: (B, L, ED)
+    const h0Off = params.reduce((n, t) => n + t.size, 0);
+    const parSize = h0Off + (h0 ? h0.size : 0); // where hs starts
+    if (h0) Object.assign(u, { init: 1, h0Off });
+    const ph = Tensor.empty([parSize + B * ED * u.chunks * a.N]); // ph: [par | h0 | hs (B, ED, chunks, N)]
+    ranWith.set(ph.storage, picked);
+    ranShape.set(ph.storage, [B, L, ED, a.N]);
+    if (h0) h0Offset.set(ph.storage, h0Off);
+    if (states === "last") lastOnly.add(ph.storage);
+    const allStates = states === "all" ? 1 : 0;
+    packInto(ph, h0 ? [...params, h0] : params); // one dispatch: copies would each end the compute pass
+    const blocks = stateBlocks(v);
+    const bufs = { ...scanInputs(x, draw, dBC, ph, z), y: y.storage };
+    const walks = forwardWalks(v, L);
+    if (walks > 1) {
+      // Every walk (a chunk, or Lf / Lc of them) from a zero state (its local state, and its sum of dt), then
+      // every walk from the state before it. With few walks the main kernels fold that state themselves out of
+      // a scratch `carry` and write the states after their chunks into hs; else the local states go into hs,
+      // the sums into y (written last), and the chain turns hs into the state after each walk before the main
+      // kernels read it.
+      const folded = foldsCarries(walks, v.Lf ?? v.Lc);
+      const cells = B * ED * walks;
+      const carry = folded ? Tensor.empty([cells * (a.N + 1)]) : null; // carry: [local states | sums of dt]
+      const out = (carry ?? y).storage;
+      const offsets = { locOff: 0, sdtOff: carry ? cells * a.N : 0 };
+      localStates(v, Ri, bufs, out, ph, { ...u, N: a.N, hsOff: parSize, ...offsets }, folded, walks);
+      const uni = { ...u, hsOff: parSize, t0: 0, t1: L, allStates, ...(carry ? offsets : {}) };
+      const main = carry ? { ...bufs, carry: carry.storage } : bufs;
+      const groups = B * u.tiles * walks;
+      for (const block of blocks) dispatch(forwardKernel(v, block, Ri, true, folded), main, uni, groups);
+      carry?.dispose();
+      return { y, ph };
+    }
+    const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
+    for (let t0 = 0; t0 < L; t0 += step) {
+      const uni = { ...u, hsOff: parSize, t0, t1: Math.min(L, t0 + step), allStates };
+      // state blocks one after another: each adds its share of y
+      for (const block of blocks) dispatch(forwardKernel(v, block, Ri), bufs, uni, B * u.tiles);
+    }
     return { y, ph };
-  }
-  const step = Math.floor(MAX_STEPS / v.Lc) * v.Lc;
-  for (let t0 = 0; t0 < L; t0 += step) {
-    const uni = { ...u, hsOff: parSize, t0, t1: Math.min(L, t0 + step), allStates };
-    // state blocks one after another: each adds its share of y
-    for (const block of blocks) dispatch(forwardKernel(v, block, Ri), bufs, uni, B * u.tiles);
-  }
-  return { y, ph };
+  });
 }
 
 /** How many walks the forward of a call of L steps takes with variant v: with chunks in parallel, one per Lf

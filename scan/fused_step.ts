@@ -130,19 +130,13 @@ export function convStep(
         "fit (need f32 tensors, K >= 2, weight ED x K, bias (ED), xz (B, >= ED))",
     );
   }
+  // the inputs' storages first: a disposed one throws before anything is allocated
+  const read = { xz: xz.storage, inputs: inputs.storage, w: weight.storage, bias: (bias ?? weight).storage };
   const x = Tensor.empty([B, ED]); // x: (B, ED)
   const next = Tensor.empty([B, ED, K1]); // next: (B, ED, K-1)
-  const bufs = {
-    xz: xz.storage,
-    inputs: inputs.storage,
-    w: weight.storage,
-    bias: (bias ?? weight).storage,
-    x: x.storage,
-    next: next.storage,
-  };
   dispatch(
     convStepKernel(K),
-    bufs,
+    { ...read, x: x.storage, next: next.storage },
     { B, ED, xS: xz.shape[1], hasBias: bias ? 1 : 0 },
     Math.ceil(B * ED / WG),
   );
@@ -173,8 +167,8 @@ export function ssmStep(
   const bad = [
     x.rank !== 2,
     dBC.shape[0] !== B || S < R + 2 * N,
-    W.shape[0] !== ED,
-    A_log.shape[0] !== ED,
+    W.rank !== 2 || W.shape[0] !== ED,
+    A_log.rank !== 2 || A_log.shape[0] !== ED,
     h.rank !== 3 || h.shape[0] !== B || h.shape[1] !== ED || h.shape[2] !== N,
     xz.rank !== 2 || xz.shape[0] !== B || xz.shape[1] !== 2 * ED,
     bias.size !== ED,
@@ -198,9 +192,8 @@ export function ssmStep(
     throw new Error(`ssmStep: ${messages.filter((_, i) => bad[i]).join("; ")}`);
   }
   const Ri = R <= MAX_INLINE_DT_RANK ? R : 0; // unrolled up to rank 8, else a loop over R
-  const y = Tensor.empty([B, ED]); // y: (B, ED)
-  const next = Tensor.empty([B, ED, N]); // next: (B, ED, N)
-  const bufs = {
+  // the inputs' storages first: a disposed one throws before anything is allocated
+  const read = {
     x: x.storage,
     dbc: dBC.storage,
     dtw: W.storage,
@@ -209,9 +202,10 @@ export function ssmStep(
     dd: D.storage,
     xz: xz.storage,
     h: h.storage,
-    y: y.storage,
-    hnext: next.storage,
   };
+  const y = Tensor.empty([B, ED]); // y: (B, ED)
+  const next = Tensor.empty([B, ED, N]); // next: (B, ED, N)
+  const bufs = { ...read, y: y.storage, hnext: next.storage };
   dispatch(ssmStepKernel(N, Ri), bufs, { B, ED, S, R, zS: 2 * ED, z0: ED }, Math.ceil(B * ED / WG));
   return { y, h: next };
 }

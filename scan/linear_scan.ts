@@ -86,8 +86,20 @@ function sweepKernel(kind: "up" | "down") {
 const upKernel = sweepKernel("up");
 const downKernel = sweepKernel("down");
 
+/** A and X of one shape (B, L, ...), f32, and a mode of the scan's: else an error naming `what`. */
+function checkScanArgs(A: Tensor, X: Tensor, mode: ScanMode, what: string): void {
+  if (A.shape.join() !== X.shape.join() || A.rank < 2) {
+    throw new Error(`${what}: A ${fmt(A.shape)} and X ${fmt(X.shape)} must have one shape (B, L, ...)`);
+  }
+  if (mode !== "sequential" && mode !== "pscan") throw new Error(`${what}: unknown mode '${mode}'`);
+  if (A.dtype !== "f32" || X.dtype !== "f32") {
+    throw new Error(`${what}: A and X must be f32, got ${A.dtype}, ${X.dtype}`);
+  }
+}
+
 /** Runs the scan without autograd; `rev` walks time backwards. Returns H. */
 export function runScan(A: Tensor, X: Tensor, mode: ScanMode, rev = false): Tensor {
+  checkScanArgs(A, X, mode, "runScan");
   const [B, L] = A.shape;
   const C = sizeOf(A.shape.slice(2));
   const u = { B, L, C, rev: rev ? 1 : 0 };
@@ -153,12 +165,6 @@ const scanOp = defineOp<{ mode: ScanMode }>({
 /** H[t] = A[t] * H[t-1] + X[t] along dim 1 of (B, L, ...) tensors, H[-1] = 0; differentiable. `mode`
  * (default "pscan"): the parallel (Blelloch) scan, or "sequential" (one step after another). */
 export function linearScan(A: Tensor, X: Tensor, mode: ScanMode = "pscan"): Tensor {
-  if (A.shape.join() !== X.shape.join() || A.rank < 2) {
-    throw new Error(`linearScan: A ${fmt(A.shape)} and X ${fmt(X.shape)} must have one shape (B, L, ...)`);
-  }
-  if (mode !== "sequential" && mode !== "pscan") throw new Error(`linearScan: unknown mode '${mode}'`);
-  if (A.dtype !== "f32" || X.dtype !== "f32") {
-    throw new Error(`linearScan: A and X must be f32, got ${A.dtype}, ${X.dtype}`);
-  }
+  checkScanArgs(A, X, mode, "linearScan");
   return scanOp([A, X], { mode });
 }

@@ -7,13 +7,16 @@
 
 import { add, cat, exp, matmul, mul, narrow } from "../core/ops/index.ts";
 import { fmt, sameShape } from "../core/shape.ts";
-import type { Tensor } from "../core/tensor.ts";
+import { freeOnThrow, type Tensor } from "../core/tensor.ts";
 import { linearScan, type ScanMode } from "./linear_scan.ts";
 
 /** Throws, naming every argument and its shape, unless x, delta are f32 (B, L, ED), A (ED, N), Bm and C
  * (B, L, N), D (ED): reshapes of the right element count would otherwise pass a wrong layout silently. */
 function checkSelectiveScanArgs(x: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, C: Tensor, D: Tensor): void {
   const args = { x, delta, A, Bm, C, D };
+  for (const [k, t] of Object.entries(args)) {
+    if (t.disposed) throw new Error(`selectiveScan: ${k} was disposed`); // (else a reshape inside names it)
+  }
   const [Bsz, L, ED] = x.shape;
   const N = A.rank === 2 ? A.shape[1] : NaN;
   const want: Record<string, number[]> = {
@@ -57,20 +60,25 @@ export function selectiveScan(
   checkSelectiveScanArgs(x, delta, A, Bm, C, D);
   const [Bsz, L, ED] = x.shape;
   const N = A.shape[1];
-  if (h0 && (h0.dtype !== "f32" || !sameShape(h0.shape, [Bsz, ED, N]))) {
+  if (h0 && (h0.disposed || h0.dtype !== "f32" || !sameShape(h0.shape, [Bsz, ED, N]))) {
     throw new Error(
-      `selectiveScan: h0 must be f32 (${Bsz}, ${ED}, ${N}) (B, ED, N), got ${h0.dtype} ${fmt(h0.shape)}`,
+      `selectiveScan: h0 must be f32 (${Bsz}, ${ED}, ${N}) (B, ED, N), got ${
+        h0.disposed ? "a disposed " : ""
+      }${h0.dtype} ${fmt(h0.shape)}`,
     );
   }
-  const delta4 = delta.reshape(Bsz, L, ED, 1); // delta4: (B, L, ED, 1)
-  const deltaA = exp(mul(delta4, A)); // deltaA: (B, L, ED, N)
-  let BX = mul(mul(delta4, Bm.reshape(Bsz, L, 1, N)), x.reshape(Bsz, L, ED, 1)); // BX: (B, L, ED, N)
-  if (h0) {
-    // BX[:, 0] += deltaA[:, 0] h0
-    const first = add(narrow(BX, 1, 0, 1), mul(narrow(deltaA, 1, 0, 1), h0.reshape(Bsz, 1, ED, N))); // (B, 1, ED, N)
-    BX = L > 1 ? cat([first, narrow(BX, 1, 1, L - 1)], 1) : first; // BX: (B, L, ED, N)
-  }
-  const hs = linearScan(deltaA, BX, mode); // hs: (B, L, ED, N)
-  const y = matmul(hs, C.reshape(Bsz, L, N, 1)).reshape(Bsz, L, ED); // y: (B, L, ED)
-  return { y: add(y, mul(D, x)), hs };
+  // a composite of ops: what it made so far goes if one fails (out of memory part-way)
+  return freeOnThrow(() => {
+    const delta4 = delta.reshape(Bsz, L, ED, 1); // delta4: (B, L, ED, 1)
+    const deltaA = exp(mul(delta4, A)); // deltaA: (B, L, ED, N)
+    let BX = mul(mul(delta4, Bm.reshape(Bsz, L, 1, N)), x.reshape(Bsz, L, ED, 1)); // BX: (B, L, ED, N)
+    if (h0 && L > 0) {
+      // BX[:, 0] += deltaA[:, 0] h0 (no steps, L 0: nothing to start)
+      const first = add(narrow(BX, 1, 0, 1), mul(narrow(deltaA, 1, 0, 1), h0.reshape(Bsz, 1, ED, N))); // (B, 1, ED, N)
+      BX = L > 1 ? cat([first, narrow(BX, 1, 1, L - 1)], 1) : first; // BX: (B, L, ED, N)
+    }
+    const hs = linearScan(deltaA, BX, mode); // hs: (B, L, ED, N)
+    const y = matmul(hs, C.reshape(Bsz, L, N, 1)).reshape(Bsz, L, ED); // y: (B, L, ED)
+    return { y: add(y, mul(D, x)), hs };
+  });
 }

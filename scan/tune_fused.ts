@@ -259,6 +259,20 @@ async function timeRuns(run: () => void): Promise<number> {
 }
 
 /** The result of a choice made without measuring. */
+/** A cached result as the type says, every field there: else an error (the caller measures again). A null
+ * variant would reset to the default without measuring, and missing fields broke their readers. */
+function readCachedResult(json: unknown): FusedTuneResult {
+  const r = json as Partial<FusedTuneResult> | null;
+  const obj = (v: unknown) => typeof v === "object" && v !== null && !Array.isArray(v);
+  if (
+    !obj(r) || !obj(r!.variant) || !obj(r!.timings) || !obj(r!.confirmations) || !obj(r!.problemTimings) ||
+    !Array.isArray(r!.problems) || !Array.isArray(r!.byProblem)
+  ) {
+    throw new Error("a cached tuning result without every field");
+  }
+  return r as FusedTuneResult;
+}
+
 function unmeasured(variant: FusedVariant): FusedTuneResult {
   return {
     variant,
@@ -323,9 +337,9 @@ export async function tuneFusedScan(
     try {
       const cached = globalThis.localStorage?.getItem(key);
       if (cached) {
-        const r = JSON.parse(cached) as FusedTuneResult;
+        const r = readCachedResult(JSON.parse(cached));
         setFusedVariant(N, r.variant);
-        setFusedVariantsByProblem(N, r.byProblem ?? null);
+        setFusedVariantsByProblem(N, r.byProblem);
         return { ...r, fromCache: true };
       }
     } catch { /* no localStorage here, or a cached variant that no longer fits: measure */ }

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { deviceInfo, fixedSubgroupSize, init } from "../core/device.ts";
 import { full, randn, tensor } from "../core/creation.ts";
 import { add, exp, matmul, mul, narrow, neg, softplus, sum } from "../core/ops/index.ts";
-import { Tensor, tidy } from "../core/tensor.ts";
+import { dispose, Tensor, tidy } from "../core/tensor.ts";
 import { noGrad } from "../core/autograd.ts";
 import { emptyPool, memory } from "../core/memory.ts";
 import { profile } from "../core/executor.ts";
@@ -15,6 +15,7 @@ import {
 } from "../scan/fused.ts";
 import {
   fusedScanBackward,
+  fusedScanForward,
   lastState,
   phForBackward,
   setFusedChainRuns,
@@ -520,11 +521,47 @@ Deno.test("the decoding steps (convStep, ssmStep) name what does not fit", async
     assert.throws(step(o), re);
     for (const v of Object.values(o)) v.dispose();
   }
+  // a dt weight of rank 1 (R undefined) is named, not a TypeError
+  const flat = randn([ED]);
+  assert.throws(step({ W: flat }), /ssmStep: the dt_proj weight must be \(6, R\), got \[6\]/);
   const inputs = randn([B, ED, 3]);
   const w = randn([ED, 4]);
   const wideBias = randn([ED + 1]);
   assert.throws(() => convStep(ts.xz, inputs, w, wideBias), /convStep: .*bias \(ED\)/);
-  for (const v of [...Object.values(ts), inputs, w, wideBias]) v.dispose();
+  // a disposed input throws before the outputs are allocated: nothing left live
+  const gone = randn([B, ED, N]);
+  gone.dispose();
+  const live = memory().liveTensors;
+  assert.throws(step({ h: gone }), /was disposed/);
+  const goneInputs = randn([B, ED, 3]);
+  goneInputs.dispose();
+  assert.throws(() => convStep(ts.xz, goneInputs, w, null), /was disposed/);
+  assert.equal(memory().liveTensors, live, "nothing allocated for a step that could not run");
+  for (const v of [...Object.values(ts), inputs, w, wideBias, flat]) v.dispose();
+});
+
+Deno.test("fusedScanForward names inputs that are not f32 and an empty sequence, and leaves nothing live when an input was disposed", async () => {
+  await init();
+  const [B, L, ED, N] = [1, 5, 4, 2];
+  const attrs = { N, R: 0, gated: false, dtInside: false };
+  const x = randn([B, L, ED]), draw = randn([B, L, ED]), dBC = randn([B, L, 2 * N]);
+  const params = [randn([ED]), randn([ED * N]), randn([ED])]; // bias, A_log, D
+  const ints = full([B, L, ED], 2, { dtype: "i32" });
+  assert.throws(
+    () => fusedScanForward(ints, draw, dBC, params, null, attrs),
+    /fusedScanForward: every input must be f32, got x i32, draw f32, dBC f32, params f32 f32 f32, z none/,
+  );
+  const empty = [randn([B, 0, ED]), randn([B, 0, ED]), randn([B, 0, 2 * N])];
+  assert.throws(
+    () => fusedScanForward(empty[0], empty[1], empty[2], params, null, attrs),
+    /fusedScanForward: x \[1, 0, 4\] is not \(B, L, ED\) with L >= 1/,
+  );
+  const gone = randn([B, L, ED]);
+  gone.dispose();
+  const live = memory().liveTensors;
+  assert.throws(() => fusedScanForward(gone, draw, dBC, params, null, attrs), /was disposed/);
+  assert.equal(memory().liveTensors, live, "y and ph freed");
+  dispose([x, draw, dBC, ...params, ints, ...empty]);
 });
 
 for (
@@ -1440,6 +1477,36 @@ async function tunerState(): Promise<() => void> {
     setFusedVariant(16, before);
   };
 }
+
+Deno.test("the fused tuner measures again where its cached entry is not whole (not JSON, null, a null variant, fields missing)", async () => {
+  await init();
+  if (fusedCandidates(16).length < 2) return; // one candidate: nothing is cached or read
+  const restore = await tunerState();
+  try {
+    const timer = () => Promise.resolve(1); // scripted: nothing runs
+    await tuneFusedScan(16, { force: true, timer });
+    const key = Object.keys(localStorage).find((k) =>
+      k.startsWith("mambats.fusedScan.") && k.includes(".N16.")
+    )!;
+    const whole = JSON.parse(localStorage.getItem(key)!);
+    assert.equal((await tuneFusedScan(16, { timer })).fromCache, true, "a whole entry is taken");
+    for (
+      const bad of [
+        "{",
+        "null",
+        JSON.stringify({ variant: null }),
+        JSON.stringify({ variant: whole.variant }),
+      ]
+    ) {
+      localStorage.setItem(key, bad);
+      const r = await tuneFusedScan(16, { timer });
+      assert.equal(r.fromCache, false, bad);
+      assert.ok(r.variant !== null && Array.isArray(r.problems) && Array.isArray(r.byProblem), bad);
+    }
+  } finally {
+    restore();
+  }
+});
 
 Deno.test("the fused tuner stops after a candidate whose compile is slow or past its time budget, keeping the fastest measured; GPUs score three problems", async () => {
   const info = await init();

@@ -1,7 +1,11 @@
 import assert from "node:assert/strict";
 import { sum } from "../core/ops/index.ts";
-import { tidy } from "../core/tensor.ts";
-import { linearScan, type ScanMode } from "../scan/linear_scan.ts";
+import { dispose, tidy } from "../core/tensor.ts";
+import { rand, randn } from "../core/creation.ts";
+import { init } from "../core/device.ts";
+import { memory } from "../core/memory.ts";
+import { selectiveScan } from "../scan/selective_scan.ts";
+import { linearScan, runScan, type ScanMode } from "../scan/linear_scan.ts";
 import { assertMatchesFixture, loadFixture, tolerance, toTensor } from "./fixture_util.ts";
 
 // mamba.py's pscan fixtures: H = pscan(A, X); dA, dX = gradients of sum(H * G). linearScan is one op: the
@@ -34,4 +38,41 @@ Deno.test("linearScan: shapes, dtypes and modes that do not fit are errors that 
   assert.throws(() => linearScan(a, xi), /linearScan: A and X must be f32, got f32, i32/);
   assert.throws(() => linearScan(a, a, "blelloch" as ScanMode), /linearScan: unknown mode 'blelloch'/);
   for (const t of [a, x, xi]) t.dispose();
+});
+
+Deno.test("runScan (exported) checks what linearScan checks; selectiveScan names a disposed input, leaves nothing live, and runs L = 0 with h0", async () => {
+  await init();
+  const a = rand([2, 5, 3]), x = randn([2, 4, 3]);
+  assert.throws(
+    () => runScan(a, x, "sequential"),
+    /runScan: A \[2, 5, 3\] and X \[2, 4, 3\] must have one shape/,
+  );
+  assert.throws(() => runScan(a, a, "fused" as ScanMode), /runScan: unknown mode 'fused'/);
+  const [B, L, ED, N] = [2, 6, 4, 3];
+  const args = () => [
+    randn([B, L, ED]),
+    rand([B, L, ED]),
+    randn([ED, N]),
+    randn([B, L, N]),
+    randn([B, L, N]),
+    randn([ED]),
+  ];
+  const t = args();
+  const h0 = randn([B, ED, N]);
+  h0.dispose();
+  const [xs, delta, A, Bm, C, D] = t;
+  const gone = randn([B, L, N]);
+  gone.dispose();
+  const live = memory().liveTensors;
+  assert.throws(
+    () => selectiveScan(xs, delta, A, Bm, C, D, "pscan", h0),
+    /selectiveScan: h0 must be .*got a disposed f32/,
+  );
+  assert.throws(() => selectiveScan(xs, delta, A, gone, C, D, "pscan"), /selectiveScan: Bm was disposed/);
+  assert.equal(memory().liveTensors, live, "nothing made");
+  // no steps: no state to start, nothing to scan (with h0 it failed in a narrow)
+  const e = [randn([B, 0, ED]), rand([B, 0, ED]), randn([B, 0, N]), randn([B, 0, N]), randn([B, ED, N])];
+  const r = selectiveScan(e[0], e[1], A, e[2], e[3], D, "sequential", e[4]);
+  assert.deepEqual([r.y.shape, r.hs.shape], [[B, 0, ED], [B, 0, ED, N]]);
+  dispose([a, x, xs, delta, A, Bm, C, D, ...e, r.y, r.hs]);
 });
