@@ -302,7 +302,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
     const s = new ConfigReader(ssm, where, "ssm_cfg.");
     const badSsm = Object.keys(ssm).filter((k) => !SSM_KEYS.has(k));
     if (badSsm.length) throw new Error(`${where}: unknown ssm_cfg keys ${badSsm.join(", ")}`);
-    if (cfg.attn_layer_idx !== undefined && !Array.isArray(cfg.attn_layer_idx)) {
+    if (cfg.attn_layer_idx != null && !Array.isArray(cfg.attn_layer_idx)) { // (null: absent, as elsewhere)
       throw new Error(
         `${where}: 'attn_layer_idx' must be a list of layer indices, got ${show(cfg.attn_layer_idx)}`,
       );

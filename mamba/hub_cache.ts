@@ -35,11 +35,12 @@ interface Resolved {
   progress: boolean;
   retries: number;
   timeoutMs: number;
-  /** Sent to the endpoint only (see `authTo`). */
+  /** Sent to the endpoint only (see `authTo`); resolved when a request is to be made (a cached file needs
+   * none, so a token that cannot be sent does not stop it). */
   token: string | null;
 }
 
-async function resolveOptions(id: string, o: HubOptions): Promise<Resolved> {
+function resolveOptions(id: string, o: HubOptions): Resolved {
   if (!isHubId(id)) throw new Error(`'${id}' is not a hub model id (org/name)`);
   const revision = o.revision ?? "main";
   if (!revision || revision.split("/").some((p) => p === "" || p === "." || p === "..")) {
@@ -65,7 +66,7 @@ async function resolveOptions(id: string, o: HubOptions): Promise<Resolved> {
     progress,
     retries: retriesOf(o.retries),
     timeoutMs,
-    token: offline ? null : await tokenOf(o),
+    token: null,
   };
 }
 
@@ -130,7 +131,7 @@ export async function cachedDownload(
   filename: string,
   options: HubOptions = {},
 ): Promise<string | null> {
-  const r = await resolveOptions(id, options);
+  const r = resolveOptions(id, options);
   checkFilename(filename);
   const cached = await fromCache(r, filename);
   if (cached === ABSENT && (!options.refresh || r.offline)) return null;
@@ -142,6 +143,7 @@ export async function cachedDownload(
         `(localFilesOnly or HF_HUB_OFFLINE). ${help(r.repoDir, r.revision, filesToPlace(filename))}`,
     );
   }
+  r.token = await tokenOf(options);
   try {
     return await download(r, filename);
   } catch (e) {

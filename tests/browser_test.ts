@@ -879,6 +879,18 @@ Deno.test({
 
       await t.step("demo page: the Train tab trains with a live loss chart, then generates", async () => {
         const page = await newPage("/");
+        // Load and Train wait for init() (the tuner measures then): disabled until the page is ready
+        assert.ok(
+          await page.evaluate(() => {
+            const g = globalThis as unknown as {
+              mambaDemo?: { ready: boolean };
+              document: { getElementById(id: string): { disabled: boolean } };
+            };
+            const off = (id: string) => g.document.getElementById(id).disabled;
+            return g.mambaDemo?.ready === true || (off("load") && off("train-start"));
+          }),
+          "Load and Train enabled before the page was ready",
+        );
         await page.waitForFunction(
           () => (globalThis as { mambaDemo?: { ready: boolean } }).mambaDemo?.ready,
           null,

@@ -490,6 +490,11 @@ Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", 
   );
   assert.throws(() => parseCheckpointConfig({ ...hf, ssm_cfg: [] }), /'ssm_cfg' must be an object, got \[\]/);
   assert.equal(parseCheckpointConfig({ ...hf, ssm_cfg: {} }).layout, "hf");
+  // null is absent, as for every other key
+  assert.equal(
+    parseCheckpointConfig({ d_model: 8, n_layer: 1, vocab_size: 8, attn_layer_idx: null }).layout,
+    "state-spaces",
+  );
   assert.throws(
     () => parseCheckpointConfig({ d_model: 8, n_layer: 1, vocab_size: 8, attn_layer_idx: { 0: 1 } }),
     /'attn_layer_idx' must be a list of layer indices, got \{"0":1\}/,

@@ -523,6 +523,21 @@ Deno.test("parseTorchCheckpoint refuses distinct views that share a storage far 
       ),
     /claims\.pt: its 21 distinct views would decode to 335544320 elements from the 1024 that its storages hold/,
   );
+  // ... and a storage missing from the archive is named as such, not as views outnumbering what is held
+  await assert.rejects(
+    () =>
+      parseTorchCheckpoint(
+        storedZip([[
+          "archive/data.pkl",
+          statePickle([
+            { name: "w", key: "1", numel: 2 ** 27, shape: [2 ** 27] },
+            { name: "b", key: "0", numel: 4, shape: [4] },
+          ]),
+        ], ["archive/data/0", new Uint8Array(16)]]),
+        "cut.bin",
+      ),
+    /cut\.bin: the archive ends without storage 1 \(of w\)/,
+  );
   // The same view under many names (a module listed 200 times, as nn.ModuleList([layer] * 200) saves it):
   // one array for all, so no bound is reached.
   const same = Array.from(

@@ -226,7 +226,7 @@ async function addLocalModels(): Promise<void> {
 }
 
 async function loadModel(): Promise<void> {
-  if (state.loading || state.generating) return;
+  if (!state.ready || state.loading || state.generating) return; // (the buttons start disabled in the page)
   state.loading = true;
   updateButtons();
   const t0 = performance.now();
@@ -539,7 +539,7 @@ function drawChart(log: TrainLog, totalSteps: number): void {
 let textBytes: Uint8Array | null = null;
 
 async function train(): Promise<void> {
-  if (state.training || state.generating) return;
+  if (!state.ready || state.training || state.generating) return;
   stopTraining = false;
   state.training = true;
   updateButtons();
@@ -605,6 +605,7 @@ async function train(): Promise<void> {
       drawChart(trainer.log, steps);
       await new Promise((r) => setTimeout(r, 0)); // let the page repaint
     }
+    const endedByStop = stopTraining;
     if (trainer.step === 0) {
       // stopped before its first step: the model trained before (if any) stays
       retire(model);
@@ -646,7 +647,7 @@ async function train(): Promise<void> {
     const prompt = $<HTMLTextAreaElement>("prompt").value || "It is a truth";
     const lm = model, tokenizer = trained.tokenizer;
     let sample = ""; // a Stop while it samples ends the sample only: the model is trained
-    stopTraining = false; // a Stop that ended the training is not the sample's
+    if (endedByStop) stopTraining = false; // a Stop that ended the training is not the sample's (one since is)
     try {
       const r = await using(lm, () =>
         streamText($("train-sample"), lm, tokenizer, prompt, 200, {
