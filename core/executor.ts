@@ -220,13 +220,36 @@ export function flush(): void {
 
 /** Reads `bytes` bytes at `offset` of a GPU buffer back to the host. The only place the runtime waits. */
 export async function readBuffer(src: GPUBuffer, offset: number, bytes: number): Promise<ArrayBuffer> {
+  return await readSpans(src, [[offset, bytes]]);
+}
+
+/**
+ * Reads several spans (byte offset, byte count) of a GPU buffer back to the host with one wait: their bytes one
+ * after another. Where there are several, each must be a multiple of 4 bytes (what a buffer copy moves), e.g.
+ * the new columns of each row of a (rows, columns) i32 tensor.
+ */
+export async function readSpans(
+  src: GPUBuffer,
+  spans: readonly (readonly [number, number])[],
+): Promise<ArrayBuffer> {
   if (profiler && profiler.names.length) resolveProfile();
+  for (const [, n] of spans.length > 1 ? spans : []) {
+    if (n % 4 !== 0) throw new Error(`readSpans: a span of ${n} bytes is not a multiple of 4`);
+  }
+  const bytes = spans.reduce((n, [, b]) => n + b, 0);
   const size = Math.ceil(Math.max(bytes, 4) / 4) * 4;
   const staging = gpuDevice().createBuffer({
     size,
     usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
   });
-  recordCopy(src, offset, staging, 0, size);
+  if (spans.length === 1) recordCopy(src, spans[0][0], staging, 0, size);
+  else {
+    let at = 0;
+    for (const [offset, n] of spans) {
+      if (n > 0) recordCopy(src, offset, staging, at, n);
+      at += n;
+    }
+  }
   flush();
   try {
     await staging.mapAsync(GPUMapMode.READ);

@@ -6,7 +6,7 @@
 
 import { isGradEnabled, noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
-import { readBuffer } from "../core/executor.ts";
+import { readSpans } from "../core/executor.ts";
 import { cat, matmul, narrow, rmsNormMatmul } from "../core/ops/index.ts";
 import { checkOptionKeys } from "../core/options.ts";
 import { fmt } from "../core/shape.ts";
@@ -683,10 +683,14 @@ export class MambaLM extends Module {
     let done = 0;
     const readNew = async (upto: number) => {
       if (upto <= done) return;
-      const buf = new Int32Array(await readBuffer(all!.storage.buffer, 0, B * all!.shape[1] * 4));
+      // only the new columns of each row, in one wait (the whole (B, nTokens) buffer each time made the bytes
+      // read grow with the square of the output's length)
+      const [T, n] = [all!.shape[1], upto - done];
+      const spans = Array.from({ length: B }, (_, b) => [(b * T + done) * 4, n * 4] as const);
+      const buf = new Int32Array(await readSpans(all!.storage.buffer, spans));
       const fresh: Int32Array[] = [];
       for (let b = 0; b < B; b++) {
-        rows[b].set(buf.subarray(b * all!.shape[1] + done, b * all!.shape[1] + upto), done);
+        rows[b].set(buf.subarray(b * n, (b + 1) * n), done);
         let end = ended[b] >= 0 ? done : upto;
         for (let t = done; t < end; t++) {
           if (rows[b][t] < 0) {

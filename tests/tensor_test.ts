@@ -515,3 +515,18 @@ Deno.test("profile: times a block's kernels; a second profile while one runs is 
   assert.deepEqual([...await y.toArray()], [11, 12, 13]);
   for (const t of [x, y]) t.dispose();
 });
+
+Deno.test("readSpans reads several spans of a buffer with one wait, one after another", async () => {
+  await setup();
+  const { readSpans } = await import("../core/executor.ts");
+  const t = tensor(Int32Array.from({ length: 12 }, (_, i) => i), [3, 4], { dtype: "i32" });
+  // the last two columns of each row, as generate reads its new tokens
+  const got = new Int32Array(await readSpans(t.storage.buffer, [[8, 8], [24, 8], [40, 8]]));
+  assert.deepEqual([...got], [2, 3, 6, 7, 10, 11]);
+  assert.deepEqual([...new Int32Array(await readSpans(t.storage.buffer, [[4, 4]]))], [1]);
+  await assert.rejects(
+    () => readSpans(t.storage.buffer, [[0, 6], [8, 4]]),
+    /a span of 6 bytes is not a multiple of 4/,
+  );
+  t.dispose();
+});
