@@ -74,7 +74,7 @@ export async function parseTorchCheckpoint(
   // lacks would raise the bound), plus 4 repeated views' allowance: else thousands of views of one storage, a
   // few bytes of pickle each, could ask for gigabytes.
   const distinct = new Map([...state.tensors.values()].map((r) => [viewKey(r), r]));
-  // (views of a storage the archive lacks are named below, as such, not counted here)
+  // (views of a storage the archive lacks are named as such below, not counted here)
   const total = [...distinct.values()].reduce((a, r) => a + (storages.has(r.storage) ? viewCount(r) : 0), 0);
   const stored = [...storages.values()].reduce((a, s) => a + s.length, 0);
   if (total > 4 * stored + 4 * MAX_REPEATED) {
@@ -83,15 +83,11 @@ export async function parseTorchCheckpoint(
         `its storages hold: views share storages more than 4 times over (at most 4 x ${stored} + 2^26 are decoded)`,
     );
   }
-  for (const [name, r] of state.tensors) {
-    if (!storages.has(r.storage)) {
-      throw new Error(`${source}: the archive ends without storage ${r.storage} (of ${name})`);
-    }
-  }
   const out = new Map<string, DecodedTensor>();
   const decoded = new Map<string, DecodedTensor["data"]>(); // by view
   for (const [name, r] of state.tensors) {
-    const all = storages.get(r.storage)!;
+    const all = storages.get(r.storage);
+    if (!all) throw new Error(`${source}: the archive ends without storage ${r.storage} (of ${name})`);
     const key = viewKey(r);
     if (!decoded.has(key)) decoded.set(key, gatherView(all, r) as DecodedTensor["data"]);
     out.set(name, { dtype: r.dtype, shape: r.shape, data: decoded.get(key)! });

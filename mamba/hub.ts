@@ -72,10 +72,7 @@ export async function hubToken(): Promise<string | null> {
   if (env?.trim()) return env.trim();
   const deno = (globalThis as { Deno?: typeof Deno }).Deno;
   if (!deno) return null;
-  const hfHome = hubEnv("HF_HOME");
-  const xdg = hubEnv("XDG_CACHE_HOME");
-  const path = hubEnv("HF_TOKEN_PATH") ??
-    `${hfHome ? expand(hfHome) : `${xdg ? expand(xdg) : `${home()}/.cache`}/huggingface`}/token`;
+  const path = hubEnv("HF_TOKEN_PATH") ?? `${hfHome()}/token`;
   try {
     return (await deno.readTextFile(expand(path))).trim() || null;
   } catch {
@@ -213,11 +210,11 @@ export function hubEnv(key: string): string | undefined {
   }
 }
 
-function home(): string {
+function homeDir(): string {
   return hubEnv("HOME") ?? hubEnv("USERPROFILE") ?? ".";
 }
 
-const expand = (p: string) => p.startsWith("~/") || p === "~" ? home() + p.slice(1) : p;
+const expand = (p: string) => p.startsWith("~/") || p === "~" ? homeDir() + p.slice(1) : p;
 
 /**
  * The hub cache folder: `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else `HF_HOME/hub`, else
@@ -225,11 +222,15 @@ const expand = (p: string) => p.startsWith("~/") || p === "~" ? home() + p.slice
  */
 export function hubCacheDir(): string {
   const hub = hubEnv("HF_HUB_CACHE") ?? hubEnv("HUGGINGFACE_HUB_CACHE");
-  if (hub) return expand(hub);
-  const hfHome = hubEnv("HF_HOME");
-  if (hfHome) return `${expand(hfHome)}/hub`;
+  return hub ? expand(hub) : `${hfHome()}/hub`;
+}
+
+/** huggingface_hub's home folder: `HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`. */
+function hfHome(): string {
+  const home = hubEnv("HF_HOME");
+  if (home) return expand(home);
   const xdg = hubEnv("XDG_CACHE_HOME");
-  return `${xdg ? expand(xdg) : `${home()}/.cache`}/huggingface/hub`;
+  return `${xdg ? expand(xdg) : `${homeDir()}/.cache`}/huggingface`;
 }
 
 /** The hub address: `HF_ENDPOINT`, else https://huggingface.co (no trailing slash). */

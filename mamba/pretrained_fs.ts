@@ -9,8 +9,9 @@ import { type ModelSource, OPTIONAL_WEIGHT_FILES, readBoundedText } from "./byte
 import { hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
 import { isDirectory, openFileSource } from "./hub_fs.ts";
 
-/** A model's text file, refused past MAX_TEXT_FILE_BYTES as it is read (a size that stat gives, or not). */
-async function readTextFile(path: string): Promise<string> {
+/** A model's text file, refused past MAX_TEXT_FILE_BYTES as it is read (a size that stat gives, or not);
+ * `name` as readBoundedText's. */
+async function readTextFile(path: string, name: string): Promise<string> {
   const file = await Deno.open(path);
   let size = -1;
   try {
@@ -18,7 +19,7 @@ async function readTextFile(path: string): Promise<string> {
   } catch {
     // read it and count
   }
-  return await readBoundedText(file.readable, path, size); // (the stream closes the file)
+  return await readBoundedText(file.readable, name, size); // (the stream closes the file)
 }
 
 function folderSource(dir: string): ModelSource {
@@ -28,10 +29,9 @@ function folderSource(dir: string): ModelSource {
     where: base,
     async text(file, optional) {
       try {
-        return await readTextFile(path(file));
+        return await readTextFile(path(file), ""); // (named below)
       } catch (e) {
         if (optional && e instanceof Deno.errors.NotFound) return null;
-        if ((e as Error).message.startsWith(path(file))) throw e; // names the file already (too large)
         throw new Error(`cannot read ${path(file)}: ${(e as Error).message}`, { cause: e });
       }
     },
@@ -104,7 +104,7 @@ function hubSource(id: string, options: HubOptions): ModelSource {
         if (optional) return null;
         throw orFolder(new HubError("EntryNotFound", `${where}: the repository has no ${file}`));
       }
-      return await readTextFile(path);
+      return await readTextFile(path, path);
     },
     async open(file) {
       const path = await get(file, OPTIONAL_WEIGHT_FILES.has(file));

@@ -124,7 +124,7 @@ export interface TrainData {
 
 /**
  * A dataset's fingerprint: the lengths of its two parts in `unit` and a 53-bit hash of every id (cyrb53), e.g.
- * "bytes 1458 + 162, hash 0c5e1f2a9b3d7": data with another text, tokenizer or validation split differs.
+ * "bytes 1458 + 162, hash 000c5e1f2a9b3d": data with another text, tokenizer or validation split differs.
  */
 export function dataFingerprint(train: ArrayLike<number>, val: ArrayLike<number>, unit: string): string {
   let h1 = 0xdeadbeef, h2 = 0x41c6ce57;

@@ -258,7 +258,6 @@ async function timeRuns(run: () => void): Promise<number> {
   return (performance.now() - t0) / 3;
 }
 
-/** The result of a choice made without measuring. */
 /** A cached result as the type says, every field there: else an error (the caller measures again). A null
  * variant would reset to the default without measuring, and missing fields broke their readers. */
 function readCachedResult(json: unknown): FusedTuneResult {
@@ -273,6 +272,7 @@ function readCachedResult(json: unknown): FusedTuneResult {
   return r as FusedTuneResult;
 }
 
+/** The result of a choice made without measuring. */
 function unmeasured(variant: FusedVariant): FusedTuneResult {
   return {
     variant,
