@@ -63,7 +63,7 @@ export interface FusedVariant {
    * steps on the H200) make the chunk states most of the forward's traffic: written by the local walk, read
    * and written by the chain, read by the main kernel, 4 N / Lc floats per channel and step. Walks of Lf leave
    * 3 N / Lf + N / Lc of that (the main kernel stores all states but a walk's last, which the chain wrote;
-   * 3 N / Lf where no backward reads them), for Lf / Lc times fewer workgroups. The backward keeps chunks of
+   * 4 N / Lf where no backward reads them), for Lf / Lc times fewer workgroups. The backward keeps chunks of
    * Lc. */
   Lf?: number;
 }
