@@ -38,7 +38,8 @@ export interface TrainConfig {
   seq: number;
   /** Peak learning rate. */
   lr: number;
-  /** Final learning rate of the cosine decay. */
+  /** Final learning rate of the cosine decay, reached at step `steps`: the last step, `steps - 1`, runs a hair
+   * above it. */
   minLr: number;
   /** Linear warm-up steps. */
   warmup: number;

@@ -5,6 +5,7 @@
  */
 
 import { recordCopy, upload } from "../core/executor.ts";
+import { checkOptionKeys } from "../core/options.ts";
 import { fmt } from "../core/shape.ts";
 import { bytesOf, keep, type Tensor } from "../core/tensor.ts";
 import { packBF16 } from "../core/bf16.ts";
@@ -174,6 +175,10 @@ export class Module {
     dict: StateDict | Record<string, Tensor | HostTensor>,
     options: LoadOptions = {},
   ): LoadResult {
+    checkOptionKeys(options, ["strict"], "loadStateDict");
+    if (options.strict !== undefined && typeof options.strict !== "boolean") {
+      throw new Error(`loadStateDict: strict must be a boolean, got ${JSON.stringify(options.strict)}`);
+    }
     const entries = dict instanceof Map ? dict : new Map(Object.entries(dict));
     const own = this.stateDict();
     // a null or undefined value counts as missing

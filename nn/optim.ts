@@ -347,6 +347,9 @@ export interface OptimizerState {
   paramSteps: Record<string, number>;
   /** Per-parameter buffers, keyed `<name>.<slot>`: AdamW `exp_avg`, `exp_avg_sq`; SGD `momentum_buffer`. */
   tensors: Map<string, Tensor>;
+  /** Parameters per group. A state loads into an optimizer whose parameters are named by their index
+   * (groups without `names`) only where these are its own, as PyTorch's `load_state_dict` checks. */
+  groupSizes: number[];
 }
 
 /** What {@linkcode Optimizer.loadStateDict} accepts: the tensors may be GPU tensors or host data. */
@@ -357,6 +360,9 @@ export interface OptimizerStateInput {
   paramSteps?: Record<string, number>;
   /** Per-parameter buffers keyed `<name>.<slot>`. */
   tensors: Map<string, Tensor | HostTensor> | Record<string, Tensor | HostTensor>;
+  /** Parameters per group of the optimizer that saved it (checked where it is given and this optimizer names
+   * parameters by their index). */
+  groupSizes?: number[];
 }
 
 /** Options of {@linkcode Optimizer.step}. */
@@ -402,6 +408,14 @@ function paramGroupsOf(groups: ParamGroup[] | Tensor[]): ParamGroup[] {
             : `params ${Array.isArray(params) ? "holding a non-tensor" : what(params)}`),
       );
     }
+    // PyTorch's groups take their own lr: here a group scales the optimizer's (which a schedule sets)
+    if ((g as Record<string, unknown>).lr !== undefined) {
+      throw new Error(
+        `optimizer: group ${i} sets lr; a group's learning rate is lrScale times the optimizer's lr (which a ` +
+          "schedule sets each step), e.g. { params, lrScale: 0.1 }",
+      );
+    }
+    checkOptionKeys(g, ["params", "weightDecay", "lrScale", "names"], `optimizer: group ${i}`);
   });
   return groups as ParamGroup[];
 }
@@ -427,6 +441,8 @@ export abstract class Optimizer {
   abstract readonly stateNames: readonly string[];
   #slots: Slot[] = [];
   #one: Tensor | null = null;
+  /** Whether some parameter is named by its index (a group without `names`). */
+  #indexNames = false;
 
   /** Collects the groups; `weightDecay` is the default of groups that do not set their own. */
   constructor(groups: ParamGroup[] | Tensor[], lr: number, weightDecay: number) {
@@ -441,7 +457,9 @@ export abstract class Optimizer {
         throw new Error(`optimizer: ${group.names.length} names for ${group.params.length} parameters`);
       }
       const wd = group.weightDecay ?? weightDecay;
-      if (!(wd >= 0)) throw new Error(`optimizer: weightDecay must be >= 0, got ${wd}`);
+      if (!(wd >= 0 && wd < Infinity)) {
+        throw new Error(`optimizer: weightDecay must be a finite number >= 0, got ${wd}`);
+      }
       const lrScale = group.lrScale ?? 1;
       if (!(lrScale >= 0 && lrScale < Infinity)) {
         throw new Error(`optimizer: lrScale must be a finite number >= 0, got ${lrScale}`);
@@ -450,6 +468,7 @@ export abstract class Optimizer {
         if (seen.has(p)) throw new Error(`optimizer: parameter ${p} appears twice`);
         if (p.dtype !== "f32") throw new Error(`optimizer: parameters must be f32, got ${p}`);
         const name = group.names?.[i] ?? String(this.#slots.length);
+        if (!group.names) this.#indexNames = true;
         if (names.has(name)) throw new Error(`optimizer: parameter name '${name}' appears twice`);
         seen.add(p);
         names.add(name);
@@ -545,18 +564,42 @@ export abstract class Optimizer {
       paramSteps[s.name] = s.steps;
       s.state.forEach((t, j) => tensors.set(`${s.name}.${this.stateNames[j]}`, t));
     }
-    return { step: this.stepCount, paramSteps, tensors };
+    return {
+      step: this.stepCount,
+      paramSteps,
+      tensors,
+      groupSizes: this.paramGroups.map((g) => g.params.length),
+    };
   }
 
   /**
    * Copies a saved state into this optimizer (same parameters and names). Throws, naming the keys, on
-   * unknown keys, shape mismatches and parameters with only some of their buffers. Parameters absent from
-   * the state start fresh. Hyper-parameters (lr, betas, ...) are not part of the state.
+   * unknown keys, shape mismatches, parameters with only some of their buffers or with a step count and no
+   * buffers, and, where parameters are named by their index, groups of other sizes than the state's
+   * `groupSizes`. Parameters absent from the state start fresh. Hyper-parameters (lr, betas, ...) are not
+   * part of the state.
    */
   loadStateDict(state: OptimizerStateInput): void {
+    if (typeof state?.tensors !== "object" || state.tensors === null) {
+      throw new Error(
+        `loadStateDict: the state's tensors must be a Map or an object of tensors, got ${
+          state === null || typeof state !== "object" ? `a state of ${state}` : typeof state.tensors
+        }`,
+      );
+    }
     const entries = state.tensors instanceof Map ? state.tensors : new Map(Object.entries(state.tensors));
     const known = new Map(this.#slots.map((s) => [s.name, s]));
     const problems: string[] = [];
+    const own = this.paramGroups.map((g) => g.params.length);
+    if (this.#indexNames && state.groupSizes && state.groupSizes.join() !== own.join()) {
+      problems.push(
+        `the state's groups hold ${JSON.stringify(state.groupSizes)} parameters and this optimizer's ` +
+          `${
+            JSON.stringify(own)
+          }: parameters named by their index would take other parameters' state (give ` +
+          "the groups names, or the same parameters)",
+      );
+    }
     const unexpected = [...entries.keys()].filter((k) => {
       const dot = k.lastIndexOf(".");
       return !known.has(k.slice(0, dot)) || !this.stateNames.includes(k.slice(dot + 1));
@@ -572,7 +615,8 @@ export abstract class Optimizer {
       const have = vals.filter((v) => v != null).length;
       // a parameter without buffers (plain SGD) keeps its step count where the state has one
       const stateless = keys.length === 0 && state.paramSteps?.[s.name] !== undefined;
-      if (have === 0 && !stateless) {
+      // absent from the state: it starts fresh, unless its step count says its buffers were saved
+      if (have === 0 && !stateless && state.paramSteps?.[s.name] === undefined) {
         plan.push([s, null, 0]);
         continue;
       }
@@ -713,7 +757,9 @@ export class SGD extends Optimizer {
     this.momentum = options.momentum ?? 0;
     this.dampening = options.dampening ?? 0;
     this.nesterov = options.nesterov ?? false;
-    if (!(this.momentum >= 0)) throw new Error(`SGD: momentum must be >= 0, got ${this.momentum}`);
+    if (!(this.momentum >= 0 && this.momentum < Infinity)) {
+      throw new Error(`SGD: momentum must be a finite number >= 0, got ${this.momentum}`);
+    }
     // (torch.optim.SGD checks neither; a NaN here would turn every parameter into NaN)
     if (!Number.isFinite(this.dampening)) {
       throw new Error(`SGD: dampening must be finite, got ${this.dampening}`);
@@ -775,6 +821,11 @@ export interface ConfigureOptions {
  * `weightDecay` x w, where w is by default the model's `mupWidthMult(config)`.
  */
 export function configureOptimizers(model: Module, options: ConfigureOptions): AdamW {
+  checkOptionKeys(options, ["lr", "weightDecay", "betas", "eps", "mupWidthMult"], "configureOptimizers");
+  // required, as mamba.py's arguments: a missing weight decay must not become AdamW's default
+  for (const k of ["lr", "weightDecay", "betas"] as const) {
+    if (options[k] === undefined) throw new Error(`configureOptimizers: options.${k} is required`);
+  }
   const named = model.namedParameters().filter(([, p]) => p.requiresGrad);
   // a muP model's own multiplier by default: mamba.py's configure_optimizers reads its config.mup
   const own = (model as { config?: { mup?: unknown; dModel: number; mupBaseWidth: number } }).config;

@@ -14,6 +14,8 @@ import {
   cosineSchedule,
   gradNormScale,
   type Optimizer,
+  type OptimizerStateInput,
+  type ParamGroup,
   SGD,
   type SGDOptions,
 } from "../nn/optim.ts";
@@ -480,6 +482,19 @@ Deno.test("configureOptimizers: mamba.py's grouping (rank >= 2 decayed, incl. A_
     for (const n of ["mamba.layers.0.mixer.D", "norm_f.weight", "mamba.layers.0.mixer.dt_proj.bias"]) {
       assert.ok(noDecay.names.includes(n), `${n} not decayed`);
     }
+    // a weight decay left out or misspelt was AdamW's default 0.01 in silence
+    const [lr, betas] = [1e-3, [0.9, 0.95] as [number, number]];
+    const wrong: [unknown, RegExp][] = [
+      [{ lr, betas }, /configureOptimizers: options\.weightDecay is required/],
+      [
+        { lr, betas, weightDecay: 0.1, weight_decay: 0 },
+        /configureOptimizers: unknown option 'weight_decay'/,
+      ],
+      [{ weightDecay: 0.1, betas }, /configureOptimizers: options\.lr is required/],
+    ];
+    for (const [o, want] of wrong) {
+      assert.throws(() => configureOptimizers(model, o as Parameters<typeof configureOptimizers>[1]), want);
+    }
     opt.dispose();
     model.dispose();
   }));
@@ -570,6 +585,55 @@ Deno.test("loadStateDict names bad keys, shapes and partial states", async () =>
   p.dispose();
 });
 
+Deno.test("loadStateDict: a parameter with a step count and no buffers, another optimizer's groups, no tensors", async () => {
+  await setup();
+  const host = (shape: number[]) => ({ shape, data: new Float32Array(shape.reduce((a, b) => a * b, 1)) });
+  const [a, b] = [param(new Float64Array(2), [2]), param(new Float64Array(2), [2])];
+  const named = new AdamW([{ params: [a, b], names: ["a", "b"] }]);
+  // b's step count says its moments were saved: a state that lost them is not b starting fresh
+  assert.throws(
+    () =>
+      named.loadStateDict({
+        step: 2,
+        paramSteps: { a: 2, b: 2 },
+        tensors: { "a.exp_avg": host([2]), "a.exp_avg_sq": host([2]) },
+      }),
+    /loadStateDict: missing keys: b\.exp_avg, b\.exp_avg_sq/,
+  );
+  assert.throws(
+    () => named.loadStateDict({ step: 2 } as unknown as OptimizerStateInput),
+    /loadStateDict: the state's tensors must be a Map or an object of tensors, got undefined/,
+  );
+  // parameters named by their index: one more parameter shifts every name, so the group sizes must agree
+  const w0 = param(new Float64Array(2), [2]);
+  const saver = new AdamW([a, b]);
+  a.grad = keep(tensor([1, 1], [2]));
+  b.grad = keep(tensor([-5, -5], [2]));
+  saver.step();
+  const saved = saver.stateDict();
+  assert.deepEqual(saved.groupSizes, [1 + 1]);
+  const shifted = new AdamW([w0, a, b]);
+  assert.throws(
+    () => shifted.loadStateDict(saved),
+    /the state's groups hold \[2\] parameters and this optimizer's \[3\]: parameters named by their index/,
+  );
+  // the same parameters load; named parameters match by name whatever the groups
+  const same = new AdamW([a, b]);
+  same.loadStateDict(saved);
+  assert.deepEqual(same.stateDict().paramSteps, { 0: 1, 1: 1 });
+  const byName = new AdamW([{ params: [w0], names: ["0"] }, { params: [a], names: ["1"] }]);
+  byName.loadStateDict({
+    ...saved,
+    tensors: new Map([...saved.tensors].filter(([k]) => !k.startsWith("1."))),
+    paramSteps: { 0: 1 },
+  });
+  for (const o of [named, saver, shifted, same, byName]) o.dispose();
+  for (const t of [a, b, w0]) {
+    t.grad?.dispose();
+    t.dispose();
+  }
+});
+
 Deno.test("Module.loadStateDict checks dtypes and value counts before writing any parameter", async () => {
   await setup();
   const { Linear } = await import("../nn/layers.ts");
@@ -602,6 +666,14 @@ Deno.test("Module.loadStateDict checks dtypes and value counts before writing an
     assert.throws(() => lin.loadStateDict({ weight, bias } as Record<string, HostTensor>), want);
   }
   assert.deepEqual([...await lin.weight.toArray()], [...before], "the weight was not written");
+  // a misspelt option loaded strictly in silence (Python raises on an unknown keyword)
+  const opts: [unknown, RegExp][] = [
+    [{ strcit: false }, /loadStateDict: unknown option 'strcit' \(options are strict\)/],
+    [{ strict: "no" }, /loadStateDict: strict must be a boolean, got "no"/],
+  ];
+  for (const [o, want] of opts) {
+    assert.throws(() => lin.loadStateDict(lin.stateDict(), o as { strict?: boolean }), want);
+  }
   lin.dispose();
 });
 
@@ -704,6 +776,21 @@ Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any par
     ],
     [() => new SGD([c], { momentum: 0.9, nestrov: true } as SGDOptions), /SGD: unknown option 'nestrov'/],
     [() => new SGD([c], { momentum: 0.9, dampening: NaN }), /SGD: dampening must be finite, got NaN/],
+    // infinite hyper-parameters turned every parameter into NaN at the first or second step
+    [
+      () => new AdamW([c], { weightDecay: Infinity }),
+      /optimizer: weightDecay must be a finite number >= 0, got Infinity/,
+    ],
+    [() => new SGD([c], { momentum: Infinity }), /SGD: momentum must be a finite number >= 0, got Infinity/],
+    // a group's keys too: PyTorch's per-group lr (here lrScale) or a snake_case key were dropped in silence
+    [
+      () => new SGD([{ params: [c], lr: 0.5 } as ParamGroup], { lr: 0.1 }),
+      /optimizer: group 0 sets lr; a group's learning rate is lrScale times the optimizer's lr/,
+    ],
+    [
+      () => new AdamW([{ params: [c], weight_decay: 0 } as ParamGroup]),
+      /optimizer: group 0: unknown option 'weight_decay' \(options are params, weightDecay, lrScale, names\)/,
+    ],
   ];
   for (const [make, want] of misspelt) assert.throws(make, want);
   assert.throws(
