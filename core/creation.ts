@@ -6,7 +6,7 @@
 import { recordClear, upload } from "./executor.ts";
 import { checkHostFill } from "./memory.ts";
 import { checkShape, fmt, isInt32, type Shape, sizeOf } from "./shape.ts";
-import { bytesOf, type DType, Tensor } from "./tensor.ts";
+import { bytesOf, checkDType, type DType, Tensor } from "./tensor.ts";
 import { packBF16 } from "./bf16.ts";
 import { mapOp } from "./ops/map_kernel.ts";
 import { fillNormal, fillUniform, streamFor } from "./random.ts";
@@ -97,6 +97,10 @@ function finish(t: Tensor, options: CreateOptions): Tensor {
 
 /** requiresGrad_'s check, before the tensor is made (an i32 tensor made first would be left live). */
 function checkGradDtype(dtype: DType, options: CreateOptions): void {
+  checkDType(dtype, "dtype");
+  if (options.requiresGrad !== undefined && typeof options.requiresGrad !== "boolean") {
+    throw new Error(`requiresGrad must be a boolean, got ${describeValue(options.requiresGrad)}`);
+  }
   if (options.requiresGrad && dtype !== "f32") {
     throw new Error(`only f32 tensors can require grad, got ${dtype}`);
   }

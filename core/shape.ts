@@ -89,7 +89,8 @@ export function normAxis(axis: number, rank: number, op = "op"): number {
   // As PyTorch, a 0-d tensor's axes wrap as a vector's: 0 and -1 both name it (reductions, softmax).
   const r = Math.max(rank, 1);
   const a = axis < 0 ? axis + r : axis;
-  if (!Number.isInteger(axis) || a < 0 || a >= r) {
+  if (!Number.isInteger(axis)) throw new Error(`${op}: axis ${axis} is not an integer`);
+  if (a < 0 || a >= r) {
     throw new Error(`${op}: axis ${axis} is out of range for a tensor of rank ${rank}`);
   }
   return a;

@@ -20,6 +20,18 @@ import * as ops from "./ops/index.ts";
  */
 export type DType = "f32" | "i32" | "bf16";
 
+/** Throws unless `dtype` is one of the element types (a misspelt one went down the i32 path or into WGSL). */
+export function checkDType(dtype: unknown, what: string): asserts dtype is DType {
+  if (dtype !== "f32" && dtype !== "i32" && dtype !== "bf16") {
+    throw new Error(`${what} must be "f32", "i32" or "bf16", got ${JSON.stringify(dtype) ?? String(dtype)}`);
+  }
+}
+
+/** A method's dims given as numbers or as one list (PyTorch takes both). */
+function dimsOf(args: number[] | [readonly number[]]): number[] {
+  return args.length === 1 && Array.isArray(args[0]) ? [...args[0]] : args as number[];
+}
+
 /** Bytes of `size` elements of `dtype` (bf16: whole words of two). */
 export function bytesOf(size: number, dtype: DType): number {
   return dtype === "bf16" ? 4 * Math.ceil(size / 2) : 4 * size;
@@ -99,6 +111,7 @@ export class Tensor {
 
   /** Allocates an uninitialised tensor (kernels fill it). */
   static empty(shape: Shape, dtype: DType = "f32"): Tensor {
+    checkDType(dtype, "Tensor.empty: dtype");
     const n = sizeOf(shape);
     // kernels count elements, offsets and strides in u32 (WGSL's index type): past it they would wrap
     if (n > MAX_ELEMENTS && n < Infinity) { // (NaN and Infinity: not a size, said below)
@@ -200,6 +213,11 @@ export class Tensor {
   /** Sets `requiresGrad` (default true: `t.requiresGrad_()` makes `t` a leaf that collects gradients) and
    * returns this tensor. Only f32 tensors can require grad. */
   requiresGrad_(value = true): this {
+    if (typeof value !== "boolean") {
+      throw new Error(
+        `requiresGrad_: the value must be a boolean, got ${JSON.stringify(value) ?? String(value)}`,
+      );
+    }
     if (value && this.dtype !== "f32") {
       throw new Error(`only f32 tensors can require grad, got ${this.dtype}`);
     }
@@ -308,21 +326,22 @@ export class Tensor {
   matmul(other: Tensor, options?: ops.MatmulOptions): Tensor {
     return ops.matmul(this, other, options);
   }
-  /** Same data, new shape (one dim may be -1). Shares storage. */
-  reshape(...shape: number[]): Tensor {
-    return ops.reshape(this, shape);
+  /** Same data, new shape (one dim may be -1), given as numbers or one list (`reshape(3, 2)`,
+   * `reshape([3, 2])`, as PyTorch). Shares storage. */
+  reshape(...shape: number[] | [readonly number[]]): Tensor {
+    return ops.reshape(this, dimsOf(shape));
   }
   /** Alias of `reshape` (tensors are always contiguous). */
-  view(...shape: number[]): Tensor {
-    return ops.reshape(this, shape);
+  view(...shape: number[] | [readonly number[]]): Tensor {
+    return ops.reshape(this, dimsOf(shape));
   }
   /** Swaps two dims (a copy). */
   transpose(dim0 = -2, dim1 = -1): Tensor {
     return ops.transpose(this, dim0, dim1);
   }
-  /** Reorders dims (a copy). */
-  permute(...dims: number[]): Tensor {
-    return ops.permute(this, dims);
+  /** Reorders dims (a copy), given as numbers or one list. */
+  permute(...dims: number[] | [readonly number[]]): Tensor {
+    return ops.permute(this, dimsOf(dims));
   }
   /** `length` elements of `dim` from `start`. */
   narrow(dim: number, start: number, length: number): Tensor {
@@ -341,9 +360,9 @@ export class Tensor {
   chunk(chunks: number, dim = 0): Tensor[] {
     return ops.chunk(this, chunks, dim);
   }
-  /** Broadcasts to a larger shape (a copy). */
-  expand(...shape: number[]): Tensor {
-    return ops.expand(this, shape);
+  /** Broadcasts to a larger shape (a copy), given as numbers or one list. */
+  expand(...shape: number[] | [readonly number[]]): Tensor {
+    return ops.expand(this, dimsOf(shape));
   }
   /** Softmax over `axis` (default last). */
   softmax(axis = -1): Tensor {
@@ -426,6 +445,9 @@ function collectTensors(value: unknown, into: Set<Tensor>, seen = new Set<unknow
 
 /** Marks a tensor as kept: no `tidy` disposes it (it still can be disposed explicitly). Returns it. */
 export function keep<T extends Tensor>(t: T): T {
+  if (!(t instanceof Tensor)) {
+    throw new Error(`keep: expected a Tensor, got ${t === null ? "null" : typeof t}`);
+  }
   t.kept = true;
   for (const scope of scopes) scope.delete(t);
   return t;

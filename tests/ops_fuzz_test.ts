@@ -1741,7 +1741,11 @@ function invalidCase(R: Rand): Invalid {
         text: `${op}(zeros(${fmt(shape)}), axis ${axis})`,
         make: () => [z(shape), z([2], "i32"), z(shape, "i32")],
         call: ([t, i, j]) => calls[op](t as Tensor, i as Tensor, j as Tensor),
-        re: new RegExp(`^${op}: axis ${esc(String(axis))} is out of range for a tensor of rank ${r}`),
+        re: new RegExp(
+          `^${op}: axis ${esc(String(axis))} ${
+            Number.isInteger(axis) ? `is out of range for a tensor of rank ${r}` : "is not an integer"
+          }`,
+        ),
       };
     }
     case 7: {
@@ -1775,11 +1779,13 @@ function invalidCase(R: Rand): Invalid {
         text: `narrow(zeros(${fmt(s)}), ${d}, ${start}, ${len})`,
         make: () => [z(s)],
         call: ([t]) => M.narrow(t as Tensor, d, start, len),
-        re: new RegExp(
-          `^narrow: \\[${esc(String(start))}, ${
-            esc(String(start + len))
-          }\\) is outside dim ${d} of size ${n}`,
-        ),
+        re: Number.isInteger(start)
+          ? new RegExp(
+            `^narrow: \\[${esc(String(start))}, ${
+              esc(String(start + len))
+            }\\) is outside dim ${d} of size ${n}`,
+          )
+          : new RegExp(`^narrow: start and length must be integers, got ${esc(String(start))} and ${len}`),
       };
     }
     case 10: {

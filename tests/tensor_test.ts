@@ -530,3 +530,54 @@ Deno.test("readSpans reads several spans of a buffer with one wait, one after an
   );
   t.dispose();
 });
+
+Deno.test("misuse is named: a misspelt dtype, non-boolean grad flags, operands that are not tensors, NaN clamp bounds", () => {
+  const x = tensor([[1, 2, 3], [4, 5, 6]]);
+  const bad: [() => unknown, RegExp][] = [
+    // a misspelt dtype read its values as i32, or reached WGSL as a type name
+    [
+      () => tensor([1.5], undefined, { dtype: "f64" as M.DType }),
+      /dtype must be "f32", "i32" or "bf16", got "f64"/,
+    ],
+    [
+      () => M.ones([2], { dtype: "float32" as M.DType }),
+      /dtype must be "f32", "i32" or "bf16", got "float32"/,
+    ],
+    [() => M.arange(0, 3, 1, { dtype: "f64" as M.DType }), /dtype must be .*got "f64"/],
+    [() => M.Tensor.empty([2], "u8" as M.DType), /Tensor\.empty: dtype must be .*got "u8"/],
+    [
+      () => tensor([1], undefined, { requiresGrad: "no" as unknown as boolean }),
+      /requiresGrad must be a boolean/,
+    ],
+    [
+      () => x.requiresGrad_("no" as unknown as boolean),
+      /requiresGrad_: the value must be a boolean, got "no"/,
+    ],
+    [() => M.keep(3 as unknown as M.Tensor), /keep: expected a Tensor, got number/],
+    // a string, null or an array read as a tensor's fields
+    [() => x.mul("3" as unknown as number), /mul: operand 2 must be a Tensor or a number, got string/],
+    [() => x.add(null as unknown as number), /add: operand 2 must be a Tensor or a number, got null/],
+    [() => x.add([1, 2, 3] as unknown as number), /add: operand 2 .*got an array \(make it a tensor\)/],
+    [
+      () => M.compare("lt", x, "1" as unknown as number),
+      /lt: operand 2 must be a Tensor or a number, got string/,
+    ],
+    [() => x.clamp(NaN), /clamp: a bound is NaN/],
+    [() => x.clamp(0, NaN), /clamp: a bound is NaN/],
+    [() => x.sum(0.5), /sum: axis 0\.5 is not an integer/],
+    [() => x.narrow(1, 1.5, 1), /narrow: start and length must be integers, got 1\.5 and 1/],
+  ];
+  for (const [f, want] of bad) assert.throws(f, want);
+  assert.equal(x.requiresGrad, false);
+  x.dispose();
+});
+
+Deno.test("shapes as one list (reshape, view, permute, expand, as PyTorch) and a 0-d tensor's transpose", async () => {
+  const x = tensor([[1, 2, 3], [4, 5, 6]]);
+  const s = tensor(3);
+  const outs = [x.reshape([3, 2]), x.view([6]), x.permute([1, 0]), x.expand([2, 2, 3]), s.transpose(0, -1)];
+  assert.deepEqual(outs.map((t) => t.shape), [[3, 2], [6], [3, 2], [2, 2, 3], []]);
+  assert.deepEqual([...await outs[2].toArray()], [1, 4, 2, 5, 3, 6]);
+  assert.deepEqual([...await outs[4].toArray()], [3]);
+  for (const t of [x, s, ...outs]) t.dispose();
+});

@@ -51,7 +51,8 @@ export function castToF32(x: Tensor): Tensor {
   return castInto(x, Tensor.empty(x.shape));
 }
 
-/** Writes x's values into y, one f32 and the other bf16, of x's size (no gradient); returns y. */
+/** Writes x's values into y, one f32 and the other bf16, of x's size (no gradient: a raw write, as `copyBox`);
+ * returns y. */
 export function castInto(x: Tensor, y: Tensor): Tensor {
   if (
     x.size !== y.size || x.dtype === y.dtype || ![x.dtype, y.dtype].every((d) => d === "f32" || d === "bf16")

@@ -6,7 +6,7 @@
 
 import { defineOp } from "../autograd.ts";
 import { broadcastShapes, isInt32 } from "../shape.ts";
-import type { DType, Operand, Tensor } from "../tensor.ts";
+import { type DType, type Operand, Tensor } from "../tensor.ts";
 import { mapOp } from "./map_kernel.ts";
 import { sumToShape } from "./reduce.ts";
 
@@ -201,8 +201,19 @@ for (const [name, def] of Object.entries(BINARY) as [BinaryName, BinaryDef][]) {
   );
 }
 
+/** Throws unless both operands are tensors or numbers (a string or an array read as a tensor's fields). */
+function checkOperands(name: string, ...operands: Operand[]): void {
+  operands.forEach((o, i) => {
+    if (typeof o !== "number" && !(o instanceof Tensor)) {
+      const what = o === null ? "null" : Array.isArray(o) ? "an array (make it a tensor)" : typeof o;
+      throw new Error(`${name}: operand ${i + 1} must be a Tensor or a number, got ${what}`);
+    }
+  });
+}
+
 /** Applies a binary op by name; either operand may be a number. */
 export function binary(name: BinaryName, a: Operand, b: Operand): Tensor {
+  checkOperands(name, a, b);
   const inputs = [a, b].filter((o): o is Tensor => typeof o !== "number");
   if (inputs.length === 0) throw new Error(`${name}: at least one operand must be a tensor`);
   return binaryOps.get(name)!(inputs, { a, b });
@@ -233,6 +244,7 @@ export type CompareName = "eq" | "ne" | "lt" | "le" | "gt" | "ge";
 
 /** Elementwise comparison; returns an f32 mask of 0 and 1 (not differentiable). */
 export function compare(name: CompareName, a: Operand, b: Operand): Tensor {
+  checkOperands(name, a, b);
   if (typeof a === "number" && typeof b === "number") {
     throw new Error(`${name}: one operand must be a tensor`);
   }
@@ -290,6 +302,10 @@ const clampOp = defineOp<{ lo: number; hi: number }>({
  * as in PyTorch.
  */
 export function clamp(x: Tensor, min?: number, max?: number): Tensor {
+  // a NaN bound would be dropped by the kernel's clamp, not applied
+  if (Number.isNaN(min) || Number.isNaN(max)) {
+    throw new Error(`clamp: a bound is NaN (min ${min}, max ${max})`);
+  }
   const lo = min ?? -3.4028234663852886e38;
   const hi = max ?? 3.4028234663852886e38;
   if (lo > hi) throw new Error(`clamp: min ${min} is greater than max ${max}`);

@@ -147,7 +147,9 @@ function checkBox(which: string, t: Tensor, box: Box, shape: Shape): void {
  * `accumulate`, adds it to what `dst` holds there (f32 only). No autograd. Dims are merged first; a
  * contiguous run becomes a buffer copy, and rows whose length, strides and offsets are multiples of 4 move
  * as vec4. `src` and `dst` may share storage, even with overlapping boxes: the box then goes through a
- * temporary (WebGPU copies no buffer into itself and binds none as both read and written).
+ * temporary (WebGPU copies no buffer into itself and binds none as both read and written). A raw write, as
+ * PyTorch's writes through `.data`: into a tensor that a graph saved for its backward, it changes what that
+ * backward computes.
  */
 export function copyBox(
   src: Tensor,
@@ -248,7 +250,7 @@ function packKernel(k: number): Kernel {
 /**
  * Writes `parts` one after another (their elements in order, f32 or i32) into `dst` from element `at` on:
  * one dispatch for up to 7 parts, where buffer copies would each end the compute pass (buffer copies where a
- * buffer is larger than one binding window). No autograd.
+ * buffer is larger than one binding window). No autograd: a raw write, as {@linkcode copyBox}.
  */
 export function packInto(dst: Tensor, parts: readonly Tensor[], at = 0): void {
   if ([dst, ...parts].some((t) => t.dtype === "bf16")) {
@@ -374,6 +376,7 @@ export function transpose(x: Tensor, dim0 = -2, dim1 = -1): Tensor {
   const dims = x.shape.map((_, i) => i);
   const a = normAxis(dim0, x.rank, "transpose");
   const b = normAxis(dim1, x.rank, "transpose");
+  if (x.rank === 0) return permuteOp([x], { dims: [] }); // a 0-d tensor's axes 0 and -1 name it (PyTorch)
   [dims[a], dims[b]] = [dims[b], dims[a]];
   return permuteOp([x], { dims });
 }
@@ -399,10 +402,10 @@ const narrowOp = defineOp<{ dim: number; start: number; length: number }>({
 /** `length` elements of `dim` starting at `start` (a copy). */
 export function narrow(x: Tensor, dim: number, start: number, length: number): Tensor {
   const d = normDim(dim, x.rank, "narrow");
-  if (
-    !Number.isInteger(start) || !Number.isInteger(length) || start < 0 || length < 0 ||
-    start + length > x.shape[d]
-  ) {
+  if (!Number.isInteger(start) || !Number.isInteger(length)) {
+    throw new Error(`narrow: start and length must be integers, got ${start} and ${length}`);
+  }
+  if (start < 0 || length < 0 || start + length > x.shape[d]) {
     throw new Error(
       `narrow: [${start}, ${start + length}) is outside dim ${dim} of size ${x.shape[d]} (${fmt(x.shape)})`,
     );
