@@ -382,6 +382,7 @@ function propagate(
   if (!grad && root.size !== 1) {
     throw new Error(`backward() without a gradient needs a scalar, got shape ${fmt(root.shape)}`);
   }
+  if (grad?.disposed) throw new Error(`backward(): the gradient given for ${root} was disposed`);
   if (grad && grad.dtype !== root.dtype) {
     throw new Error(`backward(): gradient dtype ${grad.dtype} differs from tensor dtype ${root.dtype}`);
   }

@@ -414,6 +414,12 @@ Deno.test("backward: clear errors for a non-scalar without gradient, a wrong gra
   const gi = M.ones([2, 3], { dtype: "i32" });
   assert.throws(() => backward(y, gi), /backward\(\): gradient dtype i32 differs from tensor dtype f32/);
   gi.dispose();
+  const gone = M.ones([2, 3]);
+  gone.dispose();
+  assert.throws(
+    () => backward(y, gone),
+    /backward\(\): the gradient given for Tensor\(\[2, 3\].* was disposed/,
+  );
   const c = M.ones([2]);
   assert.throws(() => c.sum().backward(), /does not require grad/);
   assert.throws(() => M.ones([2], { dtype: "i32" }).requiresGrad_(), /only f32 tensors can require grad/);
