@@ -139,19 +139,35 @@ class ConfigReader {
     return fallback;
   }
 
-  /** An integer >= min (1 unless told); `fallback` when absent, else required. */
-  int(key: string, fallback?: number, min = 1): number {
+  /** An integer >= min (1 unless told) and, where `sized` (a tensor's size: MambaConfig's bound, named here by
+   * the file's key), below 2^31; `fallback` when absent, else required. */
+  int(key: string, fallback?: number, min = 1, sized = true): number {
     const v = this.#get(key, fallback);
-    if (!Number.isInteger(v) || (v as number) < min) {
-      this.#bad(key, min === 1 ? "a positive integer" : `an integer >= ${min}`);
+    if (!Number.isInteger(v) || (v as number) < min || (sized && (v as number) > 2 ** 31 - 1)) {
+      const below = sized ? " below 2^31" : "";
+      this.#bad(
+        key,
+        min === 1 ? `a positive integer${below}` : `an integer >= ${min}${sized ? " and" : ""}${below}`,
+      );
     }
     return v as number;
   }
 
-  /** A positive finite number. */
+  /** An index into `n` rows: an integer in [0, n). */
+  index(key: string, n: number): number {
+    const v = this.#get(key, undefined);
+    if (!Number.isInteger(v) || (v as number) < 0 || (v as number) >= n) {
+      this.#bad(key, `an integer in [0, ${n}) (vocab_size ${n})`);
+    }
+    return v as number;
+  }
+
+  /** A positive number within f32's range (MambaConfig's bound, named here by the file's key). */
   pos(key: string, fallback?: number): number {
     const v = this.#get(key, fallback);
-    if (typeof v !== "number" || !(v > 0) || !Number.isFinite(v)) this.#bad(key, "a positive number");
+    if (typeof v !== "number" || !(v > 0) || !(v <= 3.4028234663852886e38)) {
+      this.#bad(key, "a positive number within f32's range");
+    }
     return v;
   }
 
@@ -227,7 +243,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
     // (Mamba2) is refused, not loaded as Mamba1
     if (r.has("ssm_cfg")) ssmConfig(cfg.ssm_cfg, where);
     const dModel = r.int("hidden_size");
-    const nLayers = r.int("num_hidden_layers");
+    const nLayers = r.int("num_hidden_layers", undefined, 1, false); // the loader names a count past the file's
     r.same("d_model", "hidden_size", dModel);
     r.same("n_layer", "num_hidden_layers", nLayers);
     const dState = r.int("state_size");
@@ -279,17 +295,24 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
       mup: r.bool("mup", false),
       mupBaseWidth: r.pos("mup_base_width", 128),
     };
+    if (config.mup && !Number.isFinite(dModel / config.mupBaseWidth!)) {
+      throw new Error(
+        `${where}: 'mup_base_width' ${config.mupBaseWidth} makes the width multiplier hidden_size / ` +
+          "mup_base_width overflow",
+      );
+    }
+    const vocabSize = r.int("vocab_size");
     // Checked, not applied: the -hf configs carry it over from state-spaces, but transformers' MambaConfig
     // has no such field, and MambaForCausalLM's embedding and head have exactly vocab_size rows.
     r.int("pad_vocab_size_multiple", 1);
     return {
       config,
       lm: {
-        vocabSize: r.int("vocab_size"),
+        vocabSize,
         padVocabSizeMultiple: 1,
         tieEmbeddings: r.bool("tie_word_embeddings", true),
         // HF's MambaForCausalLM embedding has none; ours, saved here, keeps the row it froze
-        paddingIdx: r.has("padding_idx") ? r.int("padding_idx", 0, 0) : null,
+        paddingIdx: r.has("padding_idx") ? r.index("padding_idx", vocabSize) : null,
       },
       layout: "hf",
       ignored,
@@ -324,7 +347,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
     }
     const config: MambaConfigInput = {
       dModel: r.int("d_model"),
-      nLayers: r.int("n_layer"),
+      nLayers: r.int("n_layer", undefined, 1, false),
       dState: s.int("d_state", 16),
       dConv: s.int("d_conv", 4),
       expandFactor: s.int("expand", 2),

@@ -160,12 +160,17 @@ export function mambaConfig(config: MambaConfigInput | MambaConfig): MambaConfig
     );
   }
   const dtRank = c.dtRank === "auto" ? Math.ceil(c.dModel / 16) : c.dtRank;
-  if (!Number.isInteger(dtRank) || dtRank <= 0) {
+  if (!Number.isInteger(dtRank) || dtRank <= 0 || dtRank > 2 ** 31 - 1) {
     throw new Error(
-      `MambaConfig: dtRank must be "auto" or a positive integer, got ${show(c.dtRank)}`,
+      `MambaConfig: dtRank must be "auto" or a positive integer below 2^31, got ${show(c.dtRank)}`,
     );
   }
   const derived = c.expandFactor * c.dModel;
+  if (derived > 2 ** 31 - 1) {
+    throw new Error(
+      `MambaConfig: expandFactor * dModel (the inner width, ${c.expandFactor} * ${c.dModel}) must be below 2^31`,
+    );
+  }
   if (dInner !== undefined && dInner !== derived) {
     throw new Error(
       `MambaConfig: dInner is ${

@@ -584,6 +584,15 @@ Deno.test("LMOptions are validated and a config derived from another with a new 
   );
   // ... by mambaConfig itself too: a resolved config round-trips
   assert.deepEqual(mambaConfig(lm.config), lm.config);
+  // sizes past int32 are named by their key (they failed at an allocation that named none)
+  assert.throws(
+    () => mambaConfig({ dModel: 16, nLayers: 1, dtRank: 2 ** 40 }),
+    /MambaConfig: dtRank must be "auto" or a positive integer below 2\^31, got 1099511627776/,
+  );
+  assert.throws(
+    () => mambaConfig({ dModel: 2 ** 20, nLayers: 1, expandFactor: 2 ** 12 }),
+    /MambaConfig: expandFactor \* dModel \(the inner width, 4096 \* 1048576\) must be below 2\^31/,
+  );
   assert.throws(
     () => new MambaLM({ ...lm.config, dState: 0 }, { vocabSize: 30 }),
     /dState must be a positive integer/,

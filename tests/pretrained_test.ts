@@ -76,15 +76,21 @@ Deno.test("parseCheckpointConfig: bad values are named by config.json's keys, no
     [{ ...hf, intermediate_size: 48 }, /'intermediate_size' 48 is not a multiple of 'hidden_size' 32/],
     [{ ...hf, expand: 3 }, /'expand' 3 disagrees with 'intermediate_size' 64 \/ 'hidden_size' 32 = 2/],
     [{ ...hf, num_hidden_layers: 2.5 }, /'num_hidden_layers' must be a positive integer, got 2\.5/],
-    [{ ...hf, hidden_size: "32" }, /'hidden_size' must be a positive integer, got "32"/],
-    [{ ...hf, state_size: 0 }, /'state_size' must be a positive integer, got 0/],
+    [{ ...hf, hidden_size: "32" }, /'hidden_size' must be a positive integer below 2\^31, got "32"/],
+    [{ ...hf, state_size: 0 }, /'state_size' must be a positive integer below 2\^31, got 0/],
     [{ ...hf, use_bias: "yes" }, /'use_bias' must be true or false, got "yes"/],
     [{ ...hf, use_conv_bias: 1 }, /'use_conv_bias' must be true or false, got 1/],
     [{ ...hf, tie_word_embeddings: "no" }, /'tie_word_embeddings' must be true or false, got "no"/],
-    [{ ...hf, layer_norm_epsilon: "1e-5" }, /'layer_norm_epsilon' must be a positive number, got "1e-5"/],
+    [
+      { ...hf, layer_norm_epsilon: "1e-5" },
+      /'layer_norm_epsilon' must be a positive number within f32's range, got "1e-5"/,
+    ],
     [{ ...hf, time_step_rank: 2.5 }, /'time_step_rank' must be "auto" or a positive integer, got 2\.5/],
-    [{ ...hf, pad_vocab_size_multiple: 0 }, /'pad_vocab_size_multiple' must be a positive integer, got 0/],
-    [{ ...hf, vocab_size: 64.5 }, /'vocab_size' must be a positive integer, got 64\.5/],
+    [
+      { ...hf, pad_vocab_size_multiple: 0 },
+      /'pad_vocab_size_multiple' must be a positive integer below 2\^31, got 0/,
+    ],
+    [{ ...hf, vocab_size: 64.5 }, /'vocab_size' must be a positive integer below 2\^31, got 64\.5/],
     [{ ...hf, time_step_init_scheme: "zeros" }, /'time_step_init_scheme' must be "random" or "constant"/],
     [{ ...hf, time_step_min: 0.5 }, /'time_step_min' 0\.5 is greater than 'time_step_max' 0\.1/],
     [{ ...hf, inner_layernorms: "yes" }, /'inner_layernorms' must be true or false/],
@@ -94,6 +100,11 @@ Deno.test("parseCheckpointConfig: bad values are named by config.json's keys, no
     [{ ...ss, ssm_cfg: { ...ss.ssm_cfg, expand: 1.5 } }, /'ssm_cfg\.expand' must be a positive integer/],
     [{ ...ss, ssm_cfg: [] }, /'ssm_cfg' must be an object/],
     [{ ...ss, tie_embeddings: 0 }, /'tie_embeddings' must be true or false, got 0/],
+    // what MambaConfig refuses is refused here, by the file's key (its message named MambaConfig's)
+    [{ ...hf, time_step_scale: 1e39 }, /'time_step_scale' must be a positive number within f32's range/],
+    [{ ...hf, state_size: 2 ** 31 }, /'state_size' must be a positive integer below 2\^31, got 2147483648/],
+    [{ ...hf, mup: true, mup_base_width: 1e-320 }, /'mup_base_width' 1e-320 makes the width multiplier/],
+    [{ ...hf, padding_idx: 500 }, /'padding_idx' must be an integer in \[0, 64\) \(vocab_size 64\), got 500/],
   ];
   for (const [cfg, re] of bad) {
     assert.throws(
@@ -127,7 +138,7 @@ Deno.test("parseCheckpointConfig: keys that change the model are refused; residu
     [{ ...hf, hidden_act: "gelu" }, /'hidden_act' "gelu" is not supported: .*SiLU/],
     [{ ...ss, rms_norm: false }, /'rms_norm' false is not supported/],
     [{ ...ss, d_intermediate: 128 }, /'d_intermediate' 128 is not supported: the blocks here have no MLP/],
-    [{ ...ss, d_intermediate: -1 }, /'d_intermediate' must be an integer >= 0, got -1/],
+    [{ ...ss, d_intermediate: -1 }, /'d_intermediate' must be an integer >= 0 and below 2\^31, got -1/],
   ];
   for (const [cfg, re] of refused) assert.throws(() => parseCheckpointConfig(cfg, "m/config.json"), re);
   // Everything here is f32, so the residual always is; the fused add+norm is a CUDA kernel detail;
