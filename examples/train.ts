@@ -60,8 +60,8 @@ const USAGE = `Usage: deno task train [options]
                      alike): the model learns to use what came before a window. Off by default
   --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr}; with
                      --from ${FINE_TUNE_LR})
-  --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup}; at most --steps: a shorter run warms up
-                     over its whole length)
+  --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup}; at most --steps - 1: a shorter run
+                     reaches the peak lr at its last step)
   --d-model <n>      model width (default 64)
   --layers <n>       Mamba blocks (default 2)
   --d-state <n>      SSM state size (default 16)
@@ -238,7 +238,9 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     evalEvery: int("eval-every", values["eval-every"], DEFAULT_TRAIN.evalEvery),
     ...(values["carry-state"] ? { carryState: true } : {}),
   };
-  train.warmup = Math.min(train.warmup, train.steps); // short runs warm up over their whole length
+  // a short run reaches the peak at its last step (a warm-up of --steps left its lr below the peak, and a
+  // one-step run at lr 0: no update)
+  train.warmup = Math.min(train.warmup, train.steps - 1);
   const how = new Map<string | undefined, boolean | "input">([
     [undefined, true],
     ["true", true],

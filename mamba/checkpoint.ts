@@ -381,6 +381,8 @@ export async function saveTrainingCheckpoint(
   // The run as it is at the call, its readbacks recorded before the first wait: steps taken while the files
   // are written (a save not awaited) end up in none of them.
   const state = trainer.opt.stateDict();
+  const inFlight = trainer.logsInFlight(); // readbacks started before the call: their rows belong to it
+  inFlight.catch(() => {}); // awaited below
   const { scan, recompute } = trainer.model.config;
   const pairs = (rows: [number, number][]) => rows.map(([step, x]) => [step, jsonNumber(x)]);
   const log = {
@@ -426,6 +428,18 @@ export async function saveTrainingCheckpoint(
     await Deno.mkdir(parent, { recursive: true });
     await Deno.mkdir(tmp);
     const [weights, optData, losses, carriedData] = await read;
+    try {
+      const rows = await inFlight;
+      log.log.train.push(...pairs(rows.train));
+      log.log.val.push(...pairs(rows.val));
+    } catch (e) {
+      throw new Error(
+        `cannot write checkpoint ${path}: ${(e as Error).message}; ${path} keeps what it held`,
+        {
+          cause: e,
+        },
+      );
+    }
     // A diverged run never replaces a checkpoint: its losses since the last readback (which waits for
     // logEvery steps) are checked here, and its weights (a step whose loss was finite can still have written
     // NaN into them).

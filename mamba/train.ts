@@ -387,6 +387,8 @@ export class Trainer {
   #schedule: (step: number) => number;
   #losses: Tensor;
   #pending = 0;
+  /** Log rows whose readback is in flight ("train" or "val", step, value): a save records them too. */
+  #inFlight = new Set<Promise<["train" | "val", number, number]>>();
   /** The scan's tuning for the model's state size, which the first step starts and every step waits for;
    * null: not started. */
   #tuning: Promise<void> | null = null;
@@ -553,9 +555,13 @@ export class Trainer {
     // Counted before the wait: a step called meanwhile (not awaited) writes its loss from slot 0, after this
     // readback's copy in the GPU's order, and logs under its own step.
     this.#pending = 0;
-    const losses = new Float32Array(await readBuffer(this.#losses.storage.buffer, 0, 4 * n));
-    const mean = losses.reduce((a, b) => a + b, 0) / n;
-    checkFiniteLosses(losses, step - n);
+    const [, , mean] = await this.#reading(
+      readBuffer(this.#losses.storage.buffer, 0, 4 * n).then((bytes) => {
+        const losses = new Float32Array(bytes);
+        checkFiniteLosses(losses, step - n);
+        return ["train", step, losses.reduce((a, b) => a + b, 0) / n];
+      }),
+    );
     this.log.train.push([step, mean]);
     return mean;
   }
@@ -693,7 +699,7 @@ export class Trainer {
     const rng = new Philox(seed * 1e6 - 1);
     const sums = keep(tensor(new Float32Array(evalBatches), [evalBatches]));
     const carried: (LayerCache[] | null)[] = []; // with carryState, each micro-batch's state so far
-    let v: Float32Array;
+    let val: number;
     try {
       for (let i = 0; i < evalBatches; i++) {
         // tokens: (accumulate * B, L + 1)
@@ -706,14 +712,39 @@ export class Trainer {
         recordCopy(loss.storage.buffer, 0, sums.storage.buffer, 4 * i, 4);
         loss.dispose();
       }
-      v = new Float32Array(await readBuffer(sums.storage.buffer, 0, 4 * evalBatches));
+      [, , val] = await this.#reading(
+        readBuffer(sums.storage.buffer, 0, 4 * evalBatches).then((bytes) => {
+          const v = new Float32Array(bytes);
+          return ["val", step, v.reduce((a, b) => a + b, 0) / evalBatches];
+        }),
+      );
     } finally {
       sums.dispose();
       dispose(carried);
     }
-    const val = v.reduce((a, b) => a + b, 0) / evalBatches;
     this.log.val.push([step, val]);
     return val;
+  }
+
+  /** Tracks a log row's readback until it ends (read or failed). */
+  #reading(
+    read: Promise<["train" | "val", number, number]>,
+  ): Promise<["train" | "val", number, number]> {
+    this.#inFlight.add(read);
+    const done = () => this.#inFlight.delete(read);
+    read.then(done, done);
+    return read;
+  }
+
+  /**
+   * The log rows whose readback is in flight when called (a step's mean loss or an evaluation not yet logged),
+   * as they will be logged: a save records the log as it is at its call, these included.
+   */
+  logsInFlight(): Promise<{ train: [number, number][]; val: [number, number][] }> {
+    return Promise.all([...this.#inFlight]).then((rows) => ({
+      train: rows.filter(([part]) => part === "train").map(([, step, x]) => [step, x]),
+      val: rows.filter(([part]) => part === "val").map(([, step, x]) => [step, x]),
+    }));
   }
 
   /** Losses of the steps since the last logged mean (saved with a checkpoint so that a resume logs alike). */

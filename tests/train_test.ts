@@ -476,9 +476,9 @@ Deno.test("train: --resume writes to its own folder, and extending a run with --
     await run([...base, "--steps", "6", "--out", `${root}/a`]);
     const ra = await run(["--resume", `${root}/a`, "--steps", "12"]);
     assert.equal(ra.step, 12);
-    // The schedule follows the new length: warm-up 6 (clamped to the first run's 6 steps), cosine to 12.
+    // The schedule follows the new length: warm-up 5 (clamped to the first run's 6 steps - 1), cosine to 12.
     const lrAt = cosineSchedule({
-      warmup: 6,
+      warmup: 5,
       total: 12,
       maxLr: DEFAULT_TRAIN.lr,
       minLr: DEFAULT_TRAIN.lr / 10,
@@ -876,6 +876,34 @@ Deno.test("train: a save not awaited writes the run as it was when called, thoug
   }
 });
 
+Deno.test("train: a save called while a step's losses or an evaluation are read back records them (they were lost)", async () => {
+  await init();
+  const text = new TextEncoder().encode("the quick brown fox jumps over the lazy dog. ".repeat(20));
+  const recipe = { ...DEFAULT_TRAIN, steps: 8, warmup: 1, batch: 2, seq: 16, logEvery: 2, evalBatches: 2 };
+  const model = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 256 });
+  const t = new Trainer(model, new CharDataset(text), recipe);
+  const dir = await Deno.makeTempDir();
+  const savedLog = (d: string) => JSON.parse(Deno.readTextFileSync(`${dir}/${d}/training_log.json`)).log;
+  try {
+    await t.trainStep();
+    const step = t.trainStep(); // its readback is in flight when the save is called
+    await saveTrainingCheckpoint(`${dir}/a`, t, new ByteTokenizer());
+    await step;
+    assert.equal(t.log.train.length, 1);
+    assert.deepEqual(savedLog("a").train, t.log.train);
+    const evaluation = t.evaluate();
+    await saveTrainingCheckpoint(`${dir}/b`, t, new ByteTokenizer());
+    await evaluation;
+    assert.equal(t.log.val.length, 1);
+    assert.deepEqual(savedLog("b").val, t.log.val);
+    assert.deepEqual(savedLog("b").train, t.log.train);
+  } finally {
+    t.dispose();
+    model.dispose();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("TokenDataset: the same windows as CharDataset from the same ids; bad ids, valFrac and ids past the model's vocabulary are named", async () => {
   await init();
   const bytes = new TextEncoder().encode("It is a truth universally acknowledged. ".repeat(20));
@@ -995,6 +1023,20 @@ Deno.test("fine-tune: a pretrained checkpoint trains on its tokenizer's ids (Tok
   } finally {
     lm.dispose();
     await Deno.remove(root, { recursive: true });
+  }
+});
+
+Deno.test("train: a run shorter than the warm-up reaches the peak lr at its last step; one step trains at the peak", () => {
+  for (const [steps, warmup] of [[1, 0], [20, 19], [500, 100]]) {
+    const { train } = parseTrainArgs(["--steps", String(steps)])!;
+    assert.equal(train.warmup, warmup, `--steps ${steps}`);
+    const lr = cosineSchedule({
+      warmup: train.warmup,
+      total: train.steps,
+      maxLr: train.lr,
+      minLr: train.minLr,
+    });
+    assert.equal(lr(Math.min(warmup, steps - 1)), train.lr, `--steps ${steps}: the peak`);
   }
 });
 
