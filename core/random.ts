@@ -28,6 +28,23 @@ export class Philox {
     return this.#buf[this.#at++];
   }
 
+  /**
+   * An integer uniform in [0, n), for a positive integer n up to 2^53. Unbiased, as torch.randint: a draw past
+   * the last whole multiple of n in its range (one word, or 53 bits of two past 2^32) is drawn again; the
+   * remainder of one word alone made the low values of a large n up to twice as likely.
+   */
+  below(n: number): number {
+    if (!Number.isSafeInteger(n) || n < 1) {
+      throw new Error(`below: n must be an integer in [1, 2^53], got ${n}`);
+    }
+    const range = n <= 2 ** 32 ? 2 ** 32 : 2 ** 53;
+    const limit = range - (range % n); // exact: both below 2^53
+    for (;;) {
+      const u = range === 2 ** 32 ? this.nextU32() : (this.nextU32() & 0x1fffff) * 2 ** 32 + this.nextU32();
+      if (u < limit) return u % n;
+    }
+  }
+
   /** A uniform float in [0, 1) with 24 random bits (exact in f32). */
   nextFloat(): number {
     return (this.nextU32() >>> 8) / 16777216;

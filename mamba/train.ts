@@ -200,7 +200,7 @@ function windowsOf(
   }
   const out = new Int32Array(B * (L + 1));
   for (let b = 0; b < B; b++) {
-    const start = rng.nextU32() % (src.length - L); // any window of L + 1 ids, the last one's included
+    const start = rng.below(src.length - L); // any window of L + 1 ids, the last one's included
     for (let t = 0; t <= L; t++) out[b * (L + 1) + t] = src[start + t];
   }
   return out;

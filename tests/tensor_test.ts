@@ -581,3 +581,25 @@ Deno.test("shapes as one list (reshape, view, permute, expand, as PyTorch) and a
   assert.deepEqual([...await outs[4].toArray()], [3]);
   for (const t of [x, s, ...outs]) t.dispose();
 });
+
+Deno.test("Philox.below: unbiased integers in [0, n) (one word's remainder made low values twice as likely)", async () => {
+  const { Philox } = await import("../core/random.ts");
+  // n = 3 * 2^30: 2^32 % n = 2^30, so a remainder puts half of the draws below 2^30 instead of a third
+  const rng = new Philox(7);
+  const n = 3 * 2 ** 30, draws = 3000;
+  let low = 0;
+  for (let i = 0; i < draws; i++) {
+    const v = rng.below(n);
+    assert.ok(Number.isInteger(v) && v >= 0 && v < n);
+    if (v < 2 ** 30) low++;
+  }
+  assert.ok(Math.abs(low / draws - 1 / 3) < 0.03, `${low} of ${draws} below 2^30, expected about a third`);
+  // past 2^32 (two words), and every value of a small n
+  const big = 2 ** 40 + 3;
+  for (let i = 0; i < 100; i++) assert.ok(rng.below(big) < big);
+  const seen = new Set(Array.from({ length: 200 }, () => rng.below(5)));
+  assert.deepEqual([...seen].sort(), [0, 1, 2, 3, 4]);
+  for (const bad of [0, 1.5, 2 ** 54, NaN]) {
+    assert.throws(() => rng.below(bad), /below: n must be an integer/);
+  }
+});
