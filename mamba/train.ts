@@ -34,7 +34,7 @@ export interface TrainConfig {
    * Validation batches are as large and run alike.
    */
   accumulate?: number;
-  /** Characters per sequence. */
+  /** Tokens per sequence (a `CharDataset`'s are bytes: characters of an ASCII text). */
   seq: number;
   /** Peak learning rate. */
   lr: number;
