@@ -95,8 +95,9 @@ function finish(t: Tensor, options: CreateOptions): Tensor {
   return t;
 }
 
-/** requiresGrad_'s check, before the tensor is made (an i32 tensor made first would be left live). */
-function checkGradDtype(dtype: DType, options: CreateOptions): void {
+/** The dtype and requiresGrad_'s checks, before the tensor is made (an i32 tensor made first would be left
+ * live). */
+function checkCreateOptions(dtype: DType, options: CreateOptions): void {
   checkDType(dtype, "dtype");
   if (options.requiresGrad !== undefined && typeof options.requiresGrad !== "boolean") {
     throw new Error(`requiresGrad must be a boolean, got ${describeValue(options.requiresGrad)}`);
@@ -116,7 +117,7 @@ export function tensor(
   options: CreateOptions = {},
 ): Tensor {
   const dtype = options.dtype ?? (data instanceof Int32Array ? "i32" : "f32");
-  checkGradDtype(dtype, options);
+  checkCreateOptions(dtype, options);
   let flat: ArrayLike<number>;
   let inferred: number[];
   if (data instanceof Float32Array || data instanceof Int32Array) [flat, inferred] = [data, [data.length]];
@@ -156,7 +157,7 @@ export function full(shape: Shape, value: number, options: CreateOptions = {}): 
 function filled(op: string, shape: Shape, value: number, options: CreateOptions): Tensor {
   checkShape(shape, `${op}: shape`);
   const dtype = options.dtype ?? "f32";
-  checkGradDtype(dtype, options);
+  checkCreateOptions(dtype, options);
   if (dtype === "i32" && !isInt32(value)) {
     throw new Error(`${op}: i32 fill value ${value} is not an int32 integer`);
   }

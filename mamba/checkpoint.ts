@@ -428,22 +428,13 @@ export async function saveTrainingCheckpoint(
     await Deno.mkdir(parent, { recursive: true });
     await Deno.mkdir(tmp);
     const [weights, optData, losses, carriedData] = await read;
+    // A diverged run never replaces a checkpoint: its losses since the last readback (which waits for
+    // logEvery steps) are checked here (and those a readback in flight at the call checks, as it logs them),
+    // and its weights (a step whose loss was finite can still have written NaN into them).
     try {
       const rows = await inFlight;
       log.log.train.push(...pairs(rows.train));
       log.log.val.push(...pairs(rows.val));
-    } catch (e) {
-      throw new Error(
-        `cannot write checkpoint ${path}: ${(e as Error).message}; ${path} keeps what it held`,
-        {
-          cause: e,
-        },
-      );
-    }
-    // A diverged run never replaces a checkpoint: its losses since the last readback (which waits for
-    // logEvery steps) are checked here, and its weights (a step whose loss was finite can still have written
-    // NaN into them).
-    try {
       checkFiniteLosses(losses, log.step - losses.length);
     } catch (e) {
       throw new Error(

@@ -153,11 +153,11 @@ class ConfigReader {
     return v as number;
   }
 
-  /** An index into `n` rows: an integer in [0, n). */
-  index(key: string, n: number): number {
+  /** An index into the `n` rows that key `of` counts: an integer in [0, n). */
+  index(key: string, n: number, of: string): number {
     const v = this.#get(key, undefined);
     if (!Number.isInteger(v) || (v as number) < 0 || (v as number) >= n) {
-      this.#bad(key, `an integer in [0, ${n}) (vocab_size ${n})`);
+      this.#bad(key, `an integer in [0, ${n}) (${of} ${n})`);
     }
     return v as number;
   }
@@ -312,7 +312,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
         padVocabSizeMultiple: 1,
         tieEmbeddings: r.bool("tie_word_embeddings", true),
         // HF's MambaForCausalLM embedding has none; ours, saved here, keeps the row it froze
-        paddingIdx: r.has("padding_idx") ? r.index("padding_idx", vocabSize) : null,
+        paddingIdx: r.has("padding_idx") ? r.index("padding_idx", vocabSize, "vocab_size") : null,
       },
       layout: "hf",
       ignored,

@@ -613,10 +613,9 @@ export abstract class Optimizer {
       const keys = this.stateNames.map((n) => `${s.name}.${n}`);
       const vals = keys.map((k) => entries.get(k));
       const have = vals.filter((v) => v != null).length;
-      // a parameter without buffers (plain SGD) keeps its step count where the state has one
-      const stateless = keys.length === 0 && state.paramSteps?.[s.name] !== undefined;
-      // absent from the state: it starts fresh, unless its step count says its buffers were saved
-      if (have === 0 && !stateless && state.paramSteps?.[s.name] === undefined) {
+      // absent from the state: it starts fresh; a step count without buffers is kept where it has none (plain
+      // SGD) and names its missing buffers otherwise
+      if (have === 0 && state.paramSteps?.[s.name] === undefined) {
         plan.push([s, null, 0]);
         continue;
       }
