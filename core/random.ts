@@ -4,19 +4,31 @@
  * @module
  */
 
-/** A stream of random 32-bit words: Philox4x32-10 keyed by a seed, counting up from 0. */
+/**
+ * A stream of random 32-bit words: Philox4x32-10 keyed by a seed, counting up from 0. A second number picks
+ * one of 2^53 independent streams of the same seed (the counter's upper 64 bits, as curand's subsequence), so
+ * that (seed, step) pairs never share words, where a single seed made of both (seed * 1e6 + step) would.
+ */
 export class Philox {
   #k0: number;
   #k1: number;
+  #s0: number;
+  #s1: number;
   #counter = 0;
   #buf = new Uint32Array(4);
   #at = 4;
 
-  /** Seeds the stream (any integer below 2^53 in magnitude; anything else is an error, not a truncation). */
-  constructor(seed: number) {
+  /** Seeds the stream: `seed` any integer below 2^53 in magnitude, `stream` an integer in [0, 2^53) (0: the
+   * seed's first stream); anything else is an error, not a truncation. */
+  constructor(seed: number, stream = 0) {
     if (!Number.isSafeInteger(seed)) throw new Error(`seed must be an integer (|seed| < 2^53), got ${seed}`);
+    if (!Number.isSafeInteger(stream) || stream < 0) {
+      throw new Error(`stream must be an integer in [0, 2^53), got ${stream}`);
+    }
     this.#k0 = seed >>> 0;
     this.#k1 = Math.floor(seed / 2 ** 32) >>> 0;
+    this.#s0 = stream >>> 0;
+    this.#s1 = Math.floor(stream / 2 ** 32) >>> 0;
   }
 
   /** The next random 32-bit unsigned word. */
@@ -51,7 +63,7 @@ export class Philox {
   }
 
   #block(ctr: number): void {
-    let c0 = ctr >>> 0, c1 = Math.floor(ctr / 2 ** 32) >>> 0, c2 = 0, c3 = 0;
+    let c0 = ctr >>> 0, c1 = Math.floor(ctr / 2 ** 32) >>> 0, c2 = this.#s0, c3 = this.#s1;
     let k0 = this.#k0, k1 = this.#k1;
     for (let r = 0; r < 10; r++) {
       const hi0 = mulhi(0xD2511F53, c0), lo0 = Math.imul(0xD2511F53, c0) >>> 0;

@@ -314,8 +314,11 @@ export class TokenDataset implements TrainData {
   }
 }
 
-/** Largest {@linkcode TrainConfig.seed}: seed * 1e6 + step seeds a batch's generator, exact below 2^53. */
-export const MAX_TRAIN_SEED = 9e9;
+/** Largest {@linkcode TrainConfig.seed} (2^53 - 1): a batch's generator is the seed's stream numbered by the
+ * step, so seeds and steps never share windows. */
+export const MAX_TRAIN_SEED: number = Number.MAX_SAFE_INTEGER;
+/** The seed's stream that validation batches are drawn from (no step reaches it). */
+const EVAL_STREAM = Number.MAX_SAFE_INTEGER;
 
 /**
  * Checks a {@linkcode TrainConfig}: every key present, integers where steps or counts are meant, finite
@@ -499,7 +502,7 @@ export class Trainer {
     const { batch, accumulate = 1, seq, seed, carryState } = this.config;
     if (carryState) return this.data.windowsInOrder!("train", accumulate * batch, seq, step);
     return {
-      ids: this.data.windows("train", accumulate * batch, seq, new Philox(seed * 1e6 + step)),
+      ids: this.data.windows("train", accumulate * batch, seq, new Philox(seed, step)),
       first: false,
     };
   }
@@ -696,7 +699,7 @@ export class Trainer {
   async evaluate(): Promise<number> {
     const { batch: B, accumulate = 1, seq: L, evalBatches, seed, carryState } = this.config;
     const step = this.step; // the step evaluated: a step taken while the losses are read back comes after it
-    const rng = new Philox(seed * 1e6 - 1);
+    const rng = new Philox(seed, EVAL_STREAM);
     const sums = keep(tensor(new Float32Array(evalBatches), [evalBatches]));
     const carried: (LayerCache[] | null)[] = []; // with carryState, each micro-batch's state so far
     let val: number;

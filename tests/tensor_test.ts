@@ -582,6 +582,24 @@ Deno.test("shapes as one list (reshape, view, permute, expand, as PyTorch) and a
   for (const t of [x, s, ...outs]) t.dispose();
 });
 
+Deno.test("Philox: Random123's known answer, and a seed's streams apart", async () => {
+  const { Philox } = await import("../core/random.ts");
+  // philox4x32_10 of counter 0, key 0 (Random123's kat_vectors): stream 0 is the plain counter
+  const words = (r: InstanceType<typeof Philox>, n = 4) => Array.from({ length: n }, () => r.nextU32());
+  assert.deepEqual(words(new Philox(0)), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+  // streams are the counter's upper words: no two of (seed, stream) below share a word in their first 64
+  const seen = new Map<number, string>();
+  for (const [seed, stream] of [[7, 0], [7, 1], [8, 0], [7, 2 ** 32], [7, 2 ** 53 - 1], [2 ** 32 + 7, 0]]) {
+    for (const w of words(new Philox(seed, stream), 64)) {
+      assert.equal(seen.get(w), undefined, `(${seed}, ${stream}) repeats a word of ${seen.get(w)}`);
+      seen.set(w, `(${seed}, ${stream})`);
+    }
+  }
+  for (const bad of [-1, 0.5, 2 ** 53, NaN]) {
+    assert.throws(() => new Philox(1, bad), /stream must be an integer/);
+  }
+});
+
 Deno.test("Philox.below: unbiased integers in [0, n) (one word's remainder made low values twice as likely)", async () => {
   const { Philox } = await import("../core/random.ts");
   // n = 3 * 2^30: 2^32 % n = 2^30, so a remainder puts half of the draws below 2^30 instead of a third
