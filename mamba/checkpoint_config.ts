@@ -25,7 +25,8 @@ export interface CheckpointConfig {
   ignored: string[];
 }
 
-/** The HF-layout keys that are read (and checked); any other key of that layout is ignored. */
+/** The HF-layout keys this library knows: read and checked, or (token ids, `initializer_range`, `use_cache`, ...)
+ * known not to change the weights or how they compute. Any other key of that layout is ignored, and listed. */
 const HF_KEYS = new Set([
   "architectures",
   "model_type",
@@ -63,12 +64,13 @@ const HF_KEYS = new Set([
   "fused_add_norm",
   "rms_norm",
   "ssm_cfg",
-  "layer_norm_eps",
+  "layer_norm_eps", // another spelling of layer_norm_epsilon: read where that is absent, checked where both are
   "_name_or_path",
   "dtype",
   "inner_layernorms", // ours (mamba.py's inner_layernorms): written by hfConfig when true
   "mup", // ours (mamba.py's mup and mup_base_width): written by hfConfig for a muP model
   "mup_base_width",
+  "base_std", // ours (mamba.py's base_std): written by hfConfig where it is not 0.02
   "padding_idx", // ours (mamba.py's Embedding padding_idx, 0 there): written by hfConfig where there is one
   "d_inner", // the -hf conversions' copies of state-spaces names (d_model, n_layer too): checked against ours
   "use_associative_scan", // transformers' choice of scan in PyTorch: how a run executes, not the weights
@@ -129,8 +131,10 @@ class ConfigReader {
     throw new Error(`${this.where}: '${this.prefix}${key}' must be ${what}, got ${show(this.cfg[key])}`);
   }
 
+  /** Whether the key is present. A JSON null is present: a key read here that is null is an error naming it
+   * (transformers would keep the None), except where null means none (`padding_idx`, `ssm_cfg`). */
   has(key: string): boolean {
-    return this.cfg[key] !== undefined && this.cfg[key] !== null;
+    return this.cfg[key] !== undefined;
   }
 
   #get(key: string, fallback: unknown): unknown {
@@ -186,7 +190,7 @@ class ConfigReader {
 
   /** "auto" or a positive integer; "auto" when absent. */
   rank(key: string): number | "auto" {
-    const v = this.cfg[key] ?? "auto";
+    const v = this.cfg[key] === undefined ? "auto" : this.cfg[key];
     if (v !== "auto" && (!Number.isInteger(v) || (v as number) < 1)) {
       this.#bad(key, `"auto" or a positive integer`);
     }
@@ -241,7 +245,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
     if (r.has("use_mambapy")) r.bool("use_mambapy");
     // carried over from state-spaces configs, read by neither transformers nor us: one naming another layer
     // (Mamba2) is refused, not loaded as Mamba1
-    if (r.has("ssm_cfg")) ssmConfig(cfg.ssm_cfg, where);
+    if (cfg.ssm_cfg != null) ssmConfig(cfg.ssm_cfg, where);
     const dModel = r.int("hidden_size");
     const nLayers = r.int("num_hidden_layers", undefined, 1, false); // the loader names a count past the file's
     r.same("d_model", "hidden_size", dModel);
@@ -285,7 +289,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
       dtRank: r.rank("time_step_rank"),
       bias: r.bool("use_bias", false),
       convBias: r.bool("use_conv_bias", true),
-      rmsNormEps: r.pos("layer_norm_epsilon", 1e-5),
+      rmsNormEps: r.has("layer_norm_epsilon") ? r.pos("layer_norm_epsilon") : r.pos("layer_norm_eps", 1e-5),
       dtMin,
       dtMax,
       dtInit: r.oneOf("time_step_init_scheme", ["random", "constant"] as const, "random"),
@@ -294,7 +298,16 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
       innerLayernorms: r.bool("inner_layernorms", false),
       mup: r.bool("mup", false),
       mupBaseWidth: r.pos("mup_base_width", 128),
+      baseStd: r.pos("base_std", 0.02),
     };
+    if (
+      r.has("layer_norm_epsilon") && r.has("layer_norm_eps") && r.pos("layer_norm_eps") !== config.rmsNormEps
+    ) {
+      throw new Error(
+        `${where}: 'layer_norm_eps' ${show(cfg.layer_norm_eps)} disagrees with 'layer_norm_epsilon' ` +
+          `${config.rmsNormEps}`,
+      );
+    }
     if (config.mup && !Number.isFinite(dModel / config.mupBaseWidth!)) {
       throw new Error(
         `${where}: 'mup_base_width' ${config.mupBaseWidth} makes the width multiplier hidden_size / ` +
@@ -312,7 +325,7 @@ export function parseCheckpointConfig(cfg: Record<string, unknown>, where = "con
         padVocabSizeMultiple: 1,
         tieEmbeddings: r.bool("tie_word_embeddings", true),
         // HF's MambaForCausalLM embedding has none; ours, saved here, keeps the row it froze
-        paddingIdx: r.has("padding_idx") ? r.index("padding_idx", vocabSize, "vocab_size") : null,
+        paddingIdx: cfg.padding_idx == null ? null : r.index("padding_idx", vocabSize, "vocab_size"),
       },
       layout: "hf",
       ignored,
@@ -389,8 +402,9 @@ export function mapKey(key: string): string | null {
 /**
  * The Hugging Face transformers config.json of a model. A model with inner layernorms (`innerLayernorms`,
  * which transformers' Mamba does not have) also gets `"inner_layernorms": true`, and a muP model `"mup": true`
- * and `"mup_base_width"`: keys of ours (mamba.py's names) that {@linkcode fromPretrained} reads back
- * (transformers would ignore them and give logits w times too large: a muP checkpoint is for mamba.ts).
+ * and `"mup_base_width"`, and a model initialised with another std than 0.02 `"base_std"`: keys of ours
+ * (mamba.py's names) that {@linkcode fromPretrained} reads back (transformers would ignore them, and give a muP
+ * model's logits w times too large: a muP checkpoint is for mamba.ts).
  */
 export function hfConfig(model: MambaLM): Record<string, unknown> {
   const c = model.config;
@@ -417,6 +431,7 @@ export function hfConfig(model: MambaLM): Record<string, unknown> {
     time_step_floor: c.dtInitFloor,
     torch_dtype: model.weightDtype === "bf16" ? "bfloat16" : "float32",
     ...(model.embedding.paddingIdx === null ? {} : { padding_idx: model.embedding.paddingIdx }),
+    ...(c.baseStd === 0.02 ? {} : { base_std: c.baseStd }),
     ...(c.innerLayernorms ? { inner_layernorms: true } : {}),
     ...(c.mup ? { mup: true, mup_base_width: c.mupBaseWidth } : {}),
   };

@@ -490,7 +490,7 @@ Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", 
   );
   assert.throws(() => parseCheckpointConfig({ ...hf, ssm_cfg: [] }), /'ssm_cfg' must be an object, got \[\]/);
   assert.equal(parseCheckpointConfig({ ...hf, ssm_cfg: {} }).layout, "hf");
-  // null is absent, as for every other key
+  // attn_layer_idx null: no attention layers (state-spaces' own default is None)
   assert.equal(
     parseCheckpointConfig({ d_model: 8, n_layer: 1, vocab_size: 8, attn_layer_idx: null }).layout,
     "state-spaces",

@@ -105,6 +105,20 @@ Deno.test("parseCheckpointConfig: bad values are named by config.json's keys, no
     [{ ...hf, state_size: 2 ** 31 }, /'state_size' must be a positive integer below 2\^31, got 2147483648/],
     [{ ...hf, mup: true, mup_base_width: 1e-320 }, /'mup_base_width' 1e-320 makes the width multiplier/],
     [{ ...hf, padding_idx: 500 }, /'padding_idx' must be an integer in \[0, 64\) \(vocab_size 64\), got 500/],
+    // a null is not the default (transformers keeps the None): conv_kernel null built 4-wide convs
+    [{ ...hf, conv_kernel: null }, /'conv_kernel' must be a positive integer below 2\^31, got null/],
+    [{ ...hf, time_step_rank: null }, /'time_step_rank' must be "auto" or a positive integer, got null/],
+    [
+      { ...hf, layer_norm_epsilon: null },
+      /'layer_norm_epsilon' must be a positive number within f32's range/,
+    ],
+    [{ ...ss, ssm_cfg: { ...ss.ssm_cfg, d_state: null } }, /'ssm_cfg\.d_state' must be a positive integer/],
+    // the other spelling of layer_norm_epsilon is read, and must agree with it
+    [
+      { ...hf, layer_norm_eps: 1e-6 },
+      /'layer_norm_eps' 0\.000001 disagrees with 'layer_norm_epsilon' 0\.00001/,
+    ],
+    [{ ...hf, base_std: -1 }, /'base_std' must be a positive number within f32's range, got -1/],
   ];
   for (const [cfg, re] of bad) {
     assert.throws(
@@ -124,6 +138,26 @@ Deno.test("parseCheckpointConfig: bad values are named by config.json's keys, no
   assert.equal(mambaConfig(c.config).expandFactor, 2);
   const s = parseCheckpointConfig({ ...ss, ssm_cfg: { ...ss.ssm_cfg, dt_max: 0.05, use_fast_path: false } });
   assert.equal(mambaConfig(s.config).dtMax, 0.05);
+  // null where it means none; layer_norm_eps where layer_norm_epsilon is absent; mamba.py's base_std
+  const { layer_norm_epsilon: _eps, ...noEps } = hf;
+  const n = parseCheckpointConfig({
+    ...noEps,
+    padding_idx: null,
+    ssm_cfg: null,
+    layer_norm_eps: 1e-6,
+    base_std: 0.01,
+  });
+  assert.deepEqual([n.lm.paddingIdx, n.config.rmsNormEps, n.config.baseStd, n.ignored], [
+    null,
+    1e-6,
+    0.01,
+    [],
+  ]);
+  assert.equal(
+    parseCheckpointConfig({ ...hf, layer_norm_eps: hf.layer_norm_epsilon }).config.rmsNormEps,
+    1e-5,
+  );
+  assert.equal(mambaConfig(parseCheckpointConfig(hf).config).baseStd, 0.02);
   // keys a hand-written config may leave out take transformers' MambaConfig defaults
   const { conv_kernel: _k, expand: _e, intermediate_size: _i, use_bias: _b, ...bare } = hf;
   const d = mambaConfig(parseCheckpointConfig(bare).config);
@@ -270,7 +304,10 @@ Deno.test("fromPretrained: checkpoint tensors the model has no parameter for are
 Deno.test("saveCheckpoint then fromPretrained round-trips a model with inner layernorms", async () => {
   await init();
   for (const innerLayernorms of [true, false]) {
-    const lm = new MambaLM({ dModel: 16, nLayers: 2, dState: 4, innerLayernorms }, { vocabSize: 32 });
+    const baseStd = innerLayernorms ? 0.01 : 0.02; // saved where not the default (it was lost)
+    const lm = new MambaLM({ dModel: 16, nLayers: 2, dState: 4, innerLayernorms, baseStd }, {
+      vocabSize: 32,
+    });
     // Non-trivial norm weights, so that a load that skipped them would show.
     const sd = lm.stateDict();
     const norms = [...sd.keys()].filter((k) => k.includes("_layernorm"));
@@ -288,6 +325,7 @@ Deno.test("saveCheckpoint then fromPretrained round-trips a model with inner lay
     assert.equal(cfg.inner_layernorms, innerLayernorms ? true : undefined);
     const back = await fromPretrained(dir);
     assert.equal(back.config.innerLayernorms, innerLayernorms);
+    assert.deepEqual([cfg.base_std, back.config.baseStd], [innerLayernorms ? 0.01 : undefined, baseStd]);
     const got = back.stateDict();
     for (const [k, p] of lm.stateDict()) {
       assert.deepEqual(await got.get(k)!.toArray(), await p.toArray(), k);
