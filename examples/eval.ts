@@ -109,8 +109,9 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
     const tok = lm.tokenizer!;
     const chars = tok instanceof ByteTokenizer; // a char model: ids are bytes
     // as deno task train reads it: a char model's text with its byte-order mark, if any (a byte it trained on)
-    let ids = tok.encode(new TextDecoder("utf-8", { ignoreBOM: chars }).decode(bytes));
-    if (a.maxTokens !== null) ids = ids.slice(0, a.maxTokens);
+    const text = new TextDecoder("utf-8", { ignoreBOM: chars }).decode(bytes);
+    const all = tok.encode(text);
+    const ids = a.maxTokens === null ? all : all.slice(0, a.maxTokens);
     if (ids.length < 2) {
       io.err(`error: ${a.data} has ${ids.length} token${ids.length === 1 ? "" : "s"}: at least 2 are needed`);
       return 2;
@@ -130,9 +131,15 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
     });
     const secs = (performance.now() - t0) / 1000;
     // bytes of the scored tokens' text (all but the first token's): for a char model one per token (decoding
-    // would make a character that --max-tokens cuts, or the first token splits, 3 bytes of U+FFFD)
+    // would make a character that --max-tokens cuts, or the first token splits, 3 bytes of U+FFFD); else the
+    // file's text (a decode's clean-up of spaces, " ." to ".", made it up to a tenth shorter) less the first
+    // token's, or where --max-tokens cuts it the decoded tokens' without clean-up
     const utf8 = (s: string) => new TextEncoder().encode(s).length;
-    const scored = chars ? ids.length - 1 : utf8(tok.decode(ids)) - utf8(tok.decode(ids.slice(0, 1)));
+    const plain = { skipSpecialTokens: true, cleanUpTokenizationSpaces: false };
+    const scored = chars
+      ? ids.length - 1
+      : (ids.length === all.length ? utf8(text) : utf8(tok.decode(ids, plain))) -
+        utf8(tok.decode([ids[0]], plain));
     io.out(
       `loss ${r.loss.toFixed(4)} nats/token, perplexity ${r.perplexity.toFixed(3)}, ` +
         `${(r.nll / Math.LN2 / scored).toFixed(4)} bits/byte`,

@@ -612,7 +612,7 @@ export class MambaLM extends Module {
    */
   async generate(prompt: Tokens, nTokens: number, options: GenerateOptions = {}): Promise<Int32Array[]> {
     if (!Number.isSafeInteger(nTokens) || nTokens < 0) {
-      throw new Error(`generate: nTokens must be a non-negative integer, got ${JSON.stringify(nTokens)}`);
+      throw new Error(`generate: nTokens must be a non-negative integer, got ${show(nTokens)}`);
     }
     checkOptionKeys(options, GENERATE_OPTION_KEYS, "generate");
     const params = sampleParams(options);

@@ -37,6 +37,12 @@ export interface EncodeOptions {
 export interface DecodeOptions {
   /** Leave special tokens (`<|endoftext|>`, ...) out of the text; default false. */
   skipSpecialTokens?: boolean;
+  /**
+   * transformers' clean-up of tokenization spaces (" ." to ".", " n't" to "n't", ...: see
+   * {@linkcode cleanUpTokenization}); default: the tokenizer's own {@linkcode Tokenizer.cleanUpTokenizationSpaces}.
+   * A tokenizer that never cleans up (ByteTokenizer) ignores it.
+   */
+  cleanUpTokenizationSpaces?: boolean;
 }
 
 /**
@@ -56,6 +62,9 @@ export interface Tokenizer {
   readonly vocabSize: number;
   /** Special token ids. */
   readonly specialTokens: SpecialTokens;
+  /** Whether `decode` applies transformers' clean-up of tokenization spaces unless told (absent: it does not);
+   * {@linkcode StreamDecoder} reads it to apply the clean-up to a stream as a whole decode would. */
+  readonly cleanUpTokenizationSpaces?: boolean;
   /** Text to ids. */
   encode(text: string, options?: EncodeOptions): number[];
   /** Ids to text; an incomplete UTF-8 character at either end decodes to U+FFFD. */
@@ -72,18 +81,39 @@ export class ByteTokenizer implements Tokenizer {
   readonly vocabSize: number = 256;
   /** None. */
   readonly specialTokens: SpecialTokens = NO_SPECIAL;
+  /** Never: bytes are the text. */
+  readonly cleanUpTokenizationSpaces: boolean = false;
   /** Characters the model saw in training (from tokenizer.json), if known. */
   readonly known: Set<number> | null;
-  #stream = new TextDecoder("utf-8", { fatal: false });
 
   /** `known`: ids that occur in training; `encode` rejects other characters when given. */
   constructor(known?: Iterable<number>) {
     this.known = known ? new Set(known) : null;
   }
 
-  /** Reads a char-model tokenizer.json (`char_to_id`). */
+  /**
+   * Reads a char-model tokenizer.json (`char_to_id`, whose ids must be the bytes: each key one character below
+   * U+0100 whose code is its id, as `toFiles` writes it). A map of characters to ids of its own (a dense
+   * char-level vocabulary) is an error: this tokenizer could not decode it.
+   */
   static fromJSON(json: { char_to_id?: Record<string, number> }): ByteTokenizer {
-    return new ByteTokenizer(json.char_to_id ? Object.values(json.char_to_id) : undefined);
+    const map = json.char_to_id;
+    if (map === undefined) return new ByteTokenizer();
+    if (typeof map !== "object" || map === null || Array.isArray(map)) {
+      throw new Error(`char_to_id must be an object of characters to byte ids, got ${JSON.stringify(map)}`);
+    }
+    for (const [ch, id] of Object.entries(map)) {
+      if (ch.length !== 1 || ch.charCodeAt(0) > 255 || id !== ch.charCodeAt(0)) {
+        throw new Error(
+          `char_to_id maps ${JSON.stringify(ch)} to ${
+            JSON.stringify(id)
+          }: a byte-level char model's ids are ` +
+            "the bytes (each key one character below U+0100, its id that character's code); a vocabulary of " +
+            "its own is not supported",
+        );
+      }
+    }
+    return new ByteTokenizer(Object.values(map));
   }
 
   /** UTF-8 bytes of the text; with a known set, unknown characters give an error naming them. */
@@ -106,14 +136,10 @@ export class ByteTokenizer implements Tokenizer {
     return ids;
   }
 
-  /** Whole-text decode. Ids outside 0..255 are an error. */
+  /** Whole-text decode (a leading byte-order mark kept: it was a byte of the text). Ids outside 0..255 are an
+   * error. */
   decode(ids: ArrayLike<number>, _options?: DecodeOptions): string {
-    return new TextDecoder().decode(bytesOf(ids));
-  }
-
-  /** Streaming decode: holds back the bytes of an incomplete UTF-8 character until it completes. */
-  decodeStream(ids: ArrayLike<number>): string {
-    return this.#stream.decode(bytesOf(ids), { stream: true });
+    return new TextDecoder("utf-8", { ignoreBOM: true }).decode(bytesOf(ids));
   }
 
   /** The char-model `tokenizer.json` (`char_to_id` lists the known bytes, when there is a known set). */
@@ -160,6 +186,9 @@ export class HubTokenizer implements Tokenizer {
   readonly specialTokens: SpecialTokens;
   /** The `model.type` of tokenizer.json ("BPE", "Unigram", ...). */
   readonly modelType: string;
+  /** tokenizer_config.json's `clean_up_tokenization_spaces`; true where it has none, as @huggingface/tokenizers
+   * (and transformers before 4.45) take it. */
+  readonly cleanUpTokenizationSpaces: boolean;
   #tok: HFTokenizer;
   #files: TokenizerFiles;
 
@@ -186,6 +215,15 @@ export class HubTokenizer implements Tokenizer {
       const text = tokenText(config[key]);
       return text === null ? null : this.#tok.token_to_id(text) ?? null;
     };
+    const cleanUp = config.clean_up_tokenization_spaces ?? true;
+    if (typeof cleanUp !== "boolean") {
+      throw new Error(
+        `tokenizer_config.json: 'clean_up_tokenization_spaces' must be true or false, got ${
+          JSON.stringify(cleanUp)
+        }`,
+      );
+    }
+    this.cleanUpTokenizationSpaces = cleanUp;
     this.specialTokens = Object.freeze({
       bos: id("bos_token"),
       eos: id("eos_token"),
@@ -202,7 +240,10 @@ export class HubTokenizer implements Tokenizer {
   /** Ids to text ("" for no ids, as ByteTokenizer; the tokenizers library throws there). */
   decode(ids: ArrayLike<number>, options: DecodeOptions = {}): string {
     if (ids.length === 0) return "";
-    return this.#tok.decode(Array.from(ids), { skip_special_tokens: options.skipSpecialTokens ?? false });
+    return this.#tok.decode(Array.from(ids), {
+      skip_special_tokens: options.skipSpecialTokens ?? false,
+      clean_up_tokenization_spaces: options.cleanUpTokenizationSpaces ?? this.cleanUpTokenizationSpaces,
+    });
   }
 
   /** The id of a token string, or null. */
@@ -270,28 +311,44 @@ export interface StreamDecoderOptions extends DecodeOptions {
 
 /**
  * Incremental decoding for any {@linkcode Tokenizer}: `push` ids as they are generated and get the text they
- * complete. Each step decodes a small window (the last emitted token as context plus the new ones) and emits
- * only what lies past the context's text, once the window no longer ends in an incomplete UTF-8 character
- * (U+FFFD). The context keeps decoders that treat the first token specially (a leading space) right; the
- * algorithm is that of the Rust `tokenizers` crate's `DecodeStream`.
+ * complete. Each step decodes a small window (the last emitted tokens as context plus the new ones) and emits
+ * what lies past the context's text, up to an incomplete UTF-8 character at its end (U+FFFD), which waits for
+ * the tokens that complete it. The window moves on once its text ends in a whole character. The context keeps
+ * decoders that treat the first token specially (a leading space) right; the algorithm is that of the Rust
+ * `tokenizers` crate's `DecodeStream`, plus the text before a pending character (in byte-level BPE a run of
+ * tokens can each finish one character and start the next), and transformers' clean-up of spaces applied to
+ * the stream as a whole-text decode applies it (see {@linkcode StreamDecoderOptions.cleanUpTokenizationSpaces}).
  */
 export class StreamDecoder {
   readonly #tok: Tokenizer;
   readonly #opts: DecodeOptions;
   readonly #maxPending: number;
+  readonly #cleanUp: boolean;
   #ids: number[] = [];
   #prefix = "";
   #prefixIndex = 0;
+  /** UTF-16 units of the window's text past the context already emitted (what came before a pending character). */
+  #emitted = 0;
+  /** Tokens since the text last grew. */
+  #stalled = 0;
+  /** With clean-up: the end of the emitted text that the next tokens may still rewrite (" ", " n", " '", ...). */
+  #tail = "";
 
-  /** Decodes with `tokenizer`; options as {@linkcode Tokenizer.decode} plus `maxPending`. */
+  /** Decodes with `tokenizer`; options as {@linkcode Tokenizer.decode} plus `maxPending` and `context`. */
   constructor(tokenizer: Tokenizer, options: StreamDecoderOptions = {}) {
     this.#tok = tokenizer;
-    this.#opts = { skipSpecialTokens: options.skipSpecialTokens };
     const max = options.maxPending ?? 4;
     if (!Number.isInteger(max) || max < 1) {
       throw new Error(`StreamDecoder: maxPending must be a positive integer, got ${max}`);
     }
     this.#maxPending = max;
+    const cleanUp = options.cleanUpTokenizationSpaces ?? tokenizer.cleanUpTokenizationSpaces ?? false;
+    if (typeof cleanUp !== "boolean") {
+      throw new Error(`StreamDecoder: cleanUpTokenizationSpaces must be true or false, got ${cleanUp}`);
+    }
+    this.#cleanUp = cleanUp;
+    // windows are decoded without clean-up: it rewrites text across their edges
+    this.#opts = { skipSpecialTokens: options.skipSpecialTokens, cleanUpTokenizationSpaces: false };
     const context = Array.from(options.context ?? []).slice(-CONTEXT_IDS);
     if (context.length) {
       this.#ids = context;
@@ -304,7 +361,7 @@ export class StreamDecoder {
   push(ids: ArrayLike<number>): string {
     let out = "";
     for (let i = 0; i < ids.length; i++) out += this.#step(ids[i]);
-    return out;
+    return this.#clean(out);
   }
 
   /**
@@ -312,7 +369,8 @@ export class StreamDecoder {
    * kept: to show where a stream paused, and go on with `push` later (the character then comes out whole).
    */
   held(): string {
-    return this.#emit(this.#tok.decode(this.#ids, this.#opts));
+    const raw = this.#tail + this.#past(this.#tok.decode(this.#ids, this.#opts));
+    return this.#cleanUp ? cleanUpTokenization(raw) : raw;
   }
 
   /** Emits whatever is held back (an incomplete character becomes U+FFFD) and starts over. */
@@ -321,27 +379,103 @@ export class StreamDecoder {
     this.#ids = [];
     this.#prefix = "";
     this.#prefixIndex = 0;
+    this.#emitted = 0;
+    this.#stalled = 0;
+    this.#tail = "";
     return out;
   }
 
+  // One id: the text it completes, before clean-up.
   #step(id: number): string {
     this.#ids.push(id);
     const text = this.#tok.decode(this.#ids, this.#opts);
-    const pending = this.#ids.length - this.#prefixIndex;
-    if (text.length > this.#prefix.length && !text.endsWith("\uFFFD") || pending >= this.#maxPending) {
-      const out = this.#emit(text);
-      // Keep the tokens just emitted as the context of the next window.
-      this.#ids = this.#ids.slice(this.#prefixIndex);
-      this.#prefixIndex = this.#ids.length;
-      this.#prefix = this.#tok.decode(this.#ids, this.#opts);
+    if (text.length > this.#prefix.length && !text.endsWith("\uFFFD")) return this.#advance(text);
+    // what comes before the incomplete character at the end is final
+    const whole = text.replace(/\uFFFD+$/, "");
+    if (whole.length > this.#prefix.length + this.#emitted) {
+      const out = this.#past(whole);
+      this.#emitted += out.length;
+      this.#stalled = 0;
       return out;
     }
-    return "";
+    return ++this.#stalled >= this.#maxPending ? this.#advance(text) : "";
   }
 
-  // The part of `text` past the context's text. (Should a decoder rewrite the context, e.g. clean-up of a space
-  // before punctuation, the text already emitted cannot be taken back: the cut stays at the context's length.)
-  #emit(text: string): string {
-    return text.slice(this.#prefix.length);
+  // Emits the rest of the window's text and keeps the tokens past the context as the next window's context.
+  #advance(text: string): string {
+    const out = this.#past(text);
+    this.#ids = this.#ids.slice(this.#prefixIndex);
+    this.#prefixIndex = this.#ids.length;
+    this.#prefix = this.#tok.decode(this.#ids, this.#opts);
+    this.#emitted = 0;
+    this.#stalled = 0;
+    return out;
   }
+
+  // The part of a window's `text` not yet emitted. (A context emitted with U+FFFD for a character that maxPending
+  // cut short ends where the completed character does: the U+FFFD stood for it, and the cut skips the second
+  // half of a surrogate pair rather than emit it alone.)
+  #past(text: string): string {
+    let at = this.#prefix.length + this.#emitted;
+    if (
+      at > 0 && at < text.length && isLowSurrogate(text.charCodeAt(at)) &&
+      isHighSurrogate(text.charCodeAt(at - 1))
+    ) {
+      at++;
+    }
+    return text.slice(at);
+  }
+
+  // With clean-up: cleans what the tokens to come cannot change, and holds back the rest.
+  #clean(raw: string): string {
+    if (!this.#cleanUp) return raw;
+    const text = this.#tail + raw;
+    const cut = settledLength(text);
+    this.#tail = text.slice(cut);
+    return cleanUpTokenization(text.slice(0, cut));
+  }
+}
+
+const isHighSurrogate = (c: number) => c >= 0xd800 && c <= 0xdbff;
+const isLowSurrogate = (c: number) => c >= 0xdc00 && c <= 0xdfff;
+
+/** transformers' `clean_up_tokenization` (and @huggingface/tokenizers'): the space before punctuation and
+ * English contractions removed, in this order. */
+const CLEAN_UPS: readonly (readonly [string, string])[] = [
+  [" .", "."],
+  [" ?", "?"],
+  [" !", "!"],
+  [" ,", ","],
+  [" ' ", "'"],
+  [" n't", "n't"],
+  [" 'm", "'m"],
+  [" 's", "'s"],
+  [" 've", "'ve"],
+  [" 're", "'re"],
+];
+
+/** Applies transformers' clean-up of tokenization spaces to a text. */
+export function cleanUpTokenization(text: string): string {
+  for (const [from, to] of CLEAN_UPS) text = text.replaceAll(from, to);
+  return text;
+}
+
+/**
+ * The longest start of `text` that no clean-up can reach across, whatever text follows: no pattern that starts
+ * before the cut and ends after it matches, or could match, the text there. Every pattern starts with a space,
+ * and what a replacement removes is spaces, so cleaning the two sides apart cleans the whole.
+ */
+function settledLength(text: string): number {
+  const longest = 4; // " n't", " 've", " 're"
+  for (let cut = text.length; cut > 0; cut--) {
+    let settled = true;
+    for (let s = Math.max(0, cut - longest + 1); s < cut && settled; s++) {
+      if (text[s] !== " ") continue;
+      settled = !CLEAN_UPS.some(([from]) =>
+        s + from.length > cut && from.startsWith(text.slice(s, s + from.length))
+      );
+    }
+    if (settled) return cut;
+  }
+  return 0;
 }

@@ -885,6 +885,7 @@ Deno.test("generate: options are checked before any work; sampling options need 
     await assert.rejects(() => lm.generate(prompt, 4, o as never), msg);
   }
   await assert.rejects(() => lm.generate(prompt, 2.5), /nTokens must be a non-negative integer, got 2.5/);
+  await assert.rejects(() => lm.generate(prompt, NaN), /nTokens must be a non-negative integer, got NaN/); // not null
   await assert.rejects(() => lm.generate(prompt, 2, null as never), /options must be an object, got null/);
   const noRows = zeros([0, 3], { dtype: "i32" });
   await assert.rejects(() => lm.generate(noRows, 2), /generate: the prompt is empty \(shape \[0, 3\]\)/);

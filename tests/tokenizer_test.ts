@@ -74,8 +74,96 @@ Deno.test("StreamDecoder: characters split across tokens come out whole, for bot
   assert.equal(pieces.join(""), TEXT);
   assert.ok(pieces.every((p) => !p.includes("\uFFFD")));
   assert.equal(pieces.filter((p) => p === "😀").length, 1, "the 4-byte emoji is emitted once, whole");
-  // ByteTokenizer's own stateful decodeStream agrees.
-  assert.equal(bids.map((b) => bytes.decodeStream([b])).join(""), TEXT);
+});
+
+Deno.test("StreamDecoder: a run of tokens that each finish one character and start the next streams whole", async () => {
+  const tok = await hubTokenizer();
+  for (
+    const text of ["אאאאא", "שלום אאאאאא עולם", "אאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאאא"]
+  ) {
+    const ids = tok.encode(text, { addSpecialTokens: false });
+    // the fixture's BPE splits these letters' two bytes across tokens (each window ends mid-character):
+    // maxPending counted those tokens and forced a U+FFFD out in place of a letter
+    assert.ok(
+      ids.filter((id) => tok.decode([id]).endsWith("\uFFFD")).length >= 4,
+      `${text}: a straddling run`,
+    );
+    const pieces = streamPieces(tok, ids);
+    assert.equal(pieces.join(""), text);
+    // every letter out by the last token (none left for the flush)
+    assert.equal(pieces.at(-1), "", JSON.stringify(pieces));
+  }
+});
+
+Deno.test("StreamDecoder: maxPending's U+FFFD stands for the cut character, without a lone surrogate after it", () => {
+  const bytes = new ByteTokenizer();
+  const two = new StreamDecoder(bytes, { maxPending: 2 });
+  // 😀 = f0 9f 98 80: two bytes in, forced out as U+FFFD; the rest completes it, and nothing more is emitted
+  const out = two.push([0xf0, 0x9f]) + two.push([0x98, 0x80]) + two.push([0x41]) + two.flush();
+  assert.equal(out, "\uFFFDA");
+  assert.ok(out.isWellFormed(), JSON.stringify(out));
+});
+
+Deno.test("StreamDecoder: transformers' clean-up of spaces applies to the stream as to the whole decode", async () => {
+  const tok = await hubTokenizer(); // its tokenizer_config.json says clean_up_tokenization_spaces: true
+  assert.equal(tok.cleanUpTokenizationSpaces, true);
+  const texts = [
+    "I do n't know",
+    "a ' b",
+    "Hello , world !",
+    "Wait ! Now . Then ?",
+    "it 's you 're we 've I 'm",
+  ];
+  for (const text of texts) {
+    const ids = tok.encode(text, { addSpecialTokens: false });
+    const whole = tok.decode(ids);
+    assert.notEqual(whole, text, `${text}: the clean-up changes it`);
+    for (const perPush of [1, 2, 3]) {
+      assert.equal(streamPieces(tok, ids, perPush).join(""), whole, `${text}, ${perPush} per push`);
+    }
+    assert.equal(
+      streamPieces(new HubTokenizer(tok.toFiles().tokenizer, { clean_up_tokenization_spaces: false }), ids)
+        .join(""),
+      text,
+      "off where the config says so",
+    );
+  }
+  // a lone space token, then "." (the space was emitted before the "." that removes it)
+  const [hello, space, dot, x] = ["Hello", "Ġ", ".", "x"].map((t) => tok.tokenToId(t)!);
+  assert.equal(streamPieces(tok, [hello, space, dot, x]).join(""), "Hello.x");
+  // random streams of the tokens the clean-up looks at, against the whole decode
+  const parts = [
+    " ",
+    ".",
+    "?",
+    "!",
+    ",",
+    "'",
+    "n",
+    "'t",
+    "t",
+    "m",
+    "s",
+    "ve",
+    "re",
+    "a",
+    "Ġn",
+    "Ġ'",
+    "Ġ.",
+    "ĠĠ",
+  ]
+    .map((t) => tok.tokenToId(t)).filter((id): id is number => id !== null);
+  assert.ok(parts.length >= 14, `${parts.length} of the tokens exist`);
+  let seed = 1;
+  const rand = (n: number) => (seed = (seed * 1103515245 + 12345) % 2 ** 31) % n;
+  for (let trial = 0; trial < 300; trial++) {
+    const ids = Array.from({ length: 1 + rand(12) }, () => parts[rand(parts.length)]);
+    assert.equal(streamPieces(tok, ids, 1 + rand(3)).join(""), tok.decode(ids), JSON.stringify(ids));
+  }
+  assert.throws(
+    () => new HubTokenizer(tok.toFiles().tokenizer, { clean_up_tokenization_spaces: "yes" }),
+    /'clean_up_tokenization_spaces' must be true or false, got "yes"/,
+  );
 });
 
 Deno.test("StreamDecoder: invalid bytes do not stall the stream; flush emits what is held back", () => {
@@ -146,6 +234,15 @@ Deno.test("tokenizerFromJSON picks ByteTokenizer for char models and HubTokenize
     /bad.json: cannot build the NoSuchModel tokenizer/,
   );
   assert.throws(() => new ByteTokenizer().decode([300]), /id 300 is not a byte/);
+  // a leading byte-order mark is a byte of the text (TextDecoder drops it by default)
+  assert.equal(c.decode(new ByteTokenizer().encode("\uFEFFab")), "\uFEFFab");
+  // a dense char vocabulary (ids of its own) is not a byte tokenizer: it decoded 2 as "\u0002"
+  assert.throws(
+    () => tokenizerFromJSON({ char_to_id: { "\n": 0, " ": 1, "a": 2 } }),
+    /char_to_id maps "\\n" to 0: a byte-level char model's ids are the bytes/,
+  );
+  assert.throws(() => tokenizerFromJSON({ char_to_id: { "ab": 97 } }), /char_to_id maps "ab" to 97/);
+  assert.throws(() => tokenizerFromJSON({ char_to_id: [1] }), /char_to_id must be an object/);
 });
 
 Deno.test("toFiles: both tokenizers give back the files they read, and tokenizerFromJSON rebuilds them", async () => {
