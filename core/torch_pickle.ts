@@ -162,7 +162,10 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
   ): Value => (stack.length ? stack[stack.length - 1] : fail(at, "the stack is empty"));
 
   const global = (module: string, name: string, at: number): Value => {
-    if (module === "torch" && name in STORAGE_DTYPES) return new StorageType(STORAGE_DTYPES[name]);
+    // own keys only: `in` also found Object.prototype's (torch.constructor was taken for a storage type)
+    if (module === "torch" && Object.hasOwn(STORAGE_DTYPES, name)) {
+      return new StorageType(STORAGE_DTYPES[name]);
+    }
     if (CALLABLE.has(`${module}.${name}`)) return new Global(module, name);
     // tensors a state dict may hold that are not read: say so rather than that the file is no state dict
     if (module === "torch" && name.endsWith("Storage")) {

@@ -481,6 +481,14 @@ Deno.test("parseTorchPickle: malformed pickles are refused with an Error naming 
     /^p: byte 2 of the pickle: torch\._utils\._rebuild_sparse_tensor: a kind of tensor that is not read/,
     "sparse",
   );
+  // names of Object.prototype's properties are no storage types (`name in` took them for one)
+  for (const name of ["constructor", "__proto__", "toString", "hasOwnProperty"]) {
+    refuse(
+      [[0x80, 2], global("torch", name), [0x2e]],
+      new RegExp(`^p: byte 2 of the pickle: it refers to torch\\.${name}, which a state dict .* refused`),
+      `torch.${name}`,
+    );
+  }
   // APPENDS of 300000 items (a list is refused as the top object, after it is built)
   refuse(
     [[0x80, 2, 0x5d, 0x28], new Uint8Array(300000).fill(0x4e), [0x65, 0x2e]],
