@@ -113,6 +113,11 @@ const CALLABLE = new Set([
   "torch._utils._rebuild_parameter_with_state",
 ]);
 
+// Values the unpickler may push or memoize (dicts, lists, tuples, marks, strings, tensors, numbers, memo
+// entries): one opcode byte makes a dict of ~200 bytes, so a 32 MiB pickle of EMPTY_DICT exhausted memory. A
+// state dict makes 30 to 40 per tensor (torch.save's, measured), so this admits some 50000 tensors.
+export const MAX_PICKLE_VALUES = 2 ** 21;
+
 const isInt = (v: Value): v is number => typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
 const isIntTuple = (v: Value): v is number[] => Array.isArray(v) && v.every(isInt);
 
@@ -149,6 +154,15 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
 
   const stack: Value[] = [];
   const memo = new Map<number, Value>();
+  let made = 0;
+  const count = (at: number) => {
+    if (++made > MAX_PICKLE_VALUES) {
+      fail(at, `it makes over ${MAX_PICKLE_VALUES} values (a state dict makes 30 to 40 per tensor): refused`);
+    }
+  };
+  // pushes a value the opcode at `at` made
+  const push = (v: Value, at: number) => (count(at), stack.push(v));
+  const remember = (i: number, at: number) => (count(at), memo.set(i, top(at)));
   const pop = (at: number): Value => (stack.length ? stack.pop() : fail(at, "the stack is empty"));
   const popMark = (at: number): Value[] => {
     let i = stack.length - 1;
@@ -263,57 +277,57 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
         return { tensors: stateDictOf(result, where), storages };
       }
       case 0x28: // MARK
-        stack.push(new Mark());
+        push(new Mark(), at);
         break;
       case 0x7d: // EMPTY_DICT
-        stack.push(new Map());
+        push(new Map(), at);
         break;
       case 0x5d: // EMPTY_LIST
-        stack.push([]);
+        push([], at);
         break;
       case 0x29: // EMPTY_TUPLE
-        stack.push(Object.freeze([]));
+        push(Object.freeze([]), at);
         break;
       case 0x74: // TUPLE
-        stack.push(Object.freeze(popMark(at)));
+        push(Object.freeze(popMark(at)), at);
         break;
       case 0x85: // TUPLE1
       case 0x86: // TUPLE2
       case 0x87: { // TUPLE3
         const n = op - 0x84;
         if (stack.length < n) fail(at, "the stack is empty");
-        stack.push(Object.freeze(stack.splice(stack.length - n)));
+        push(Object.freeze(stack.splice(stack.length - n)), at);
         break;
       }
       case 0x6c: // LIST
-        stack.push(popMark(at));
+        push(popMark(at), at);
         break;
       case 0x64: { // DICT
         const d = new Map();
         setItems(d, popMark(at), at);
-        stack.push(d);
+        push(d, at);
         break;
       }
       case 0x58: // BINUNICODE
-        stack.push(text(u32(at), at));
+        push(text(u32(at), at), at);
         break;
       case 0x8c: // SHORT_BINUNICODE
-        stack.push(text(u8(at), at));
+        push(text(u8(at), at), at);
         break;
       case 0x55: // SHORT_BINSTRING
-        stack.push(new TextDecoder("latin1").decode(take(u8(at), at)));
+        push(new TextDecoder("latin1").decode(take(u8(at), at)), at);
         break;
       case 0x54: // BINSTRING
-        stack.push(new TextDecoder("latin1").decode(take(u32(at), at)));
+        push(new TextDecoder("latin1").decode(take(u32(at), at)), at);
         break;
       case 0x4b: // BININT1
-        stack.push(u8(at));
+        push(u8(at), at);
         break;
       case 0x4d: // BININT2
-        stack.push(u16(at));
+        push(u16(at), at);
         break;
       case 0x4a: // BININT
-        stack.push(u32(at) | 0);
+        push(u32(at) | 0, at);
         break;
       case 0x8a: { // LONG1: little-endian two's complement
         const b = take(u8(at), at);
@@ -323,57 +337,57 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
         if (v > BigInt(Number.MAX_SAFE_INTEGER) || v < -BigInt(Number.MAX_SAFE_INTEGER)) {
           fail(at, `the integer ${v} is out of range`);
         }
-        stack.push(Number(v));
+        push(Number(v), at);
         break;
       }
       case 0x47: // BINFLOAT (big-endian)
         need(8, at);
-        stack.push(view.getFloat64(pos, false));
+        push(view.getFloat64(pos, false), at);
         pos += 8;
         break;
       case 0x4e: // NONE
-        stack.push(null);
+        push(null, at);
         break;
       case 0x88: // NEWTRUE
       case 0x89: // NEWFALSE
-        stack.push(op === 0x88);
+        push(op === 0x88, at);
         break;
       case 0x71: // BINPUT
-        memo.set(u8(at), top(at));
+        remember(u8(at), at);
         break;
       case 0x72: // LONG_BINPUT
-        memo.set(u32(at), top(at));
+        remember(u32(at), at);
         break;
       case 0x94: // MEMOIZE
-        memo.set(memo.size, top(at));
+        remember(memo.size, at);
         break;
       case 0x68: // BINGET
       case 0x6a: { // LONG_BINGET
         const i = op === 0x68 ? u8(at) : u32(at);
         if (!memo.has(i)) fail(at, `memo ${i} was never stored`);
-        stack.push(memo.get(i));
+        push(memo.get(i), at);
         break;
       }
       case 0x63: { // GLOBAL
         const module = line(at);
-        stack.push(global(module, line(at), at));
+        push(global(module, line(at), at), at);
         break;
       }
       case 0x93: { // STACK_GLOBAL
         const name = pop(at);
         const module = pop(at);
         if (typeof module !== "string" || typeof name !== "string") fail(at, "STACK_GLOBAL without names");
-        stack.push(global(module as string, name as string, at));
+        push(global(module as string, name as string, at), at);
         break;
       }
       case 0x52: { // REDUCE
         const args = pop(at);
-        stack.push(call(pop(at), args, at));
+        push(call(pop(at), args, at), at);
         break;
       }
       case 0x81: { // NEWOBJ: cls.__new__(cls, *args), as REDUCE for the admitted globals
         const args = pop(at);
-        stack.push(call(pop(at), args, at));
+        push(call(pop(at), args, at), at);
         break;
       }
       case 0x62: // BUILD: the state of an OrderedDict (state_dict's _metadata) is not needed
@@ -381,7 +395,7 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
         if (!(top(at) instanceof Map)) fail(at, "BUILD on something that is not a dict");
         break;
       case 0x51: // BINPERSID
-        stack.push(persistent(pop(at), at));
+        push(persistent(pop(at), at), at);
         break;
       case 0x73: { // SETITEM
         const v = pop(at);
@@ -415,7 +429,7 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
         popMark(at);
         break;
       case 0x32: // DUP
-        stack.push(top(at));
+        push(top(at), at);
         break;
       default:
         fail(at, `opcode 0x${op.toString(16).padStart(2, "0")} is not one a state dict needs`);

@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import { init } from "../core/device.ts";
 import { memory } from "../core/memory.ts";
 import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
-import { parseTorchPickle } from "../core/torch_pickle.ts";
+import { MAX_PICKLE_VALUES, parseTorchPickle } from "../core/torch_pickle.ts";
 import { bytesSource, crc32, TorchArchiveReader } from "../core/torch_zip.ts";
 import { parseTorchCheckpoint } from "../core/torch_checkpoint.ts";
 import { fromPretrained, fromPretrainedFiles } from "../mamba/pretrained.ts";
@@ -489,6 +489,13 @@ Deno.test("parseTorchPickle: malformed pickles are refused with an Error naming 
       `torch.${name}`,
     );
   }
+  // A pickle of opcodes that each make a value (a 32 MiB one of EMPTY_DICT exhausted memory) is refused at
+  // the value past the bound, pushed or memoized.
+  const over = new RegExp(
+    `^p: byte ${2 + MAX_PICKLE_VALUES} of the pickle: it makes over ${MAX_PICKLE_VALUES} values`,
+  );
+  refuse([[0x80, 2], new Uint8Array(MAX_PICKLE_VALUES + 1).fill(0x28), [0x2e]], over, "MARKs");
+  refuse([[0x80, 2, 0x7d], new Uint8Array(MAX_PICKLE_VALUES).fill(0x94), [0x2e]], over, "MEMOIZEs");
   // APPENDS of 300000 items (a list is refused as the top object, after it is built)
   refuse(
     [[0x80, 2, 0x5d, 0x28], new Uint8Array(300000).fill(0x4e), [0x65, 0x2e]],
