@@ -188,6 +188,13 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
         `torch.${name}: a storage of an element type that is not read (read: ${READ_STORAGES})`,
       );
     }
+    if (module === "torch._utils" && name === "_rebuild_tensor_v3") { // its 7th argument: the dtype
+      return fail(
+        at,
+        "torch._utils._rebuild_tensor_v3: a tensor of an element type without a storage class (uint16, uint32, " +
+          `uint64, float8, ...: PyTorch 2.3+ saves those with it), which is not read (read: ${READ_STORAGES})`,
+      );
+    }
     if (module === "torch._utils" && name.startsWith("_rebuild_")) {
       return fail(
         at,
@@ -231,8 +238,8 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
   const call = (fn: Value, args: Value, at: number): Value => {
     if (!(fn instanceof Global) || !Array.isArray(args)) return fail(at, "REDUCE of something not callable");
     switch (`${fn.module}.${fn.name}`) {
-      case "collections.OrderedDict":
-        return new Map();
+      case "collections.OrderedDict": // a state dict's items come by SETITEMS; any here would be lost
+        return args.length ? fail(at, "OrderedDict called with arguments") : new Map();
       case "torch._utils._rebuild_tensor_v2":
         return rebuildTensor(args, at);
       default: // _rebuild_parameter(data, requires_grad, hooks[, state]): the tensor it wraps
@@ -259,6 +266,9 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
 
   const setItems = (d: Value, items: Value[], at: number) => {
     if (!(d instanceof Map)) fail(at, "SETITEM(S) on something that is not a dict");
+    if (items.length % 2) {
+      fail(at, `an odd number of items (${items.length}) for a dict's keys and values (Python raises)`);
+    }
     for (let i = 0; i + 1 < items.length; i += 2) (d as Map<Value, Value>).set(items[i], items[i + 1]);
   };
 

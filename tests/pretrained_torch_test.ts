@@ -481,6 +481,29 @@ Deno.test("parseTorchPickle: malformed pickles are refused with an Error naming 
     /^p: byte 2 of the pickle: torch\._utils\._rebuild_sparse_tensor: a kind of tensor that is not read/,
     "sparse",
   );
+  // PyTorch 2.3+ saves dense tensors of types without a storage class (uint16, float8, ...) with v3
+  refuse(
+    [[0x80, 2], global("torch._utils", "_rebuild_tensor_v3"), [0x2e]],
+    /^p: byte 2 of the pickle: torch\._utils\._rebuild_tensor_v3: a tensor of an element type without a storage class \(uint16, uint32, uint64, float8, \.\.\.: PyTorch 2\.3\+ saves those with it\), which is not read \(read: FloatStorage, /,
+    "uint16",
+  );
+  // items that would be lost: OrderedDict's arguments, a dict's odd item out (SETITEMS, DICT)
+  const od = global("collections", "OrderedDict");
+  refuse(
+    [[0x80, 2], od, tuple([[0x5d]]), [0x52, 0x2e]],
+    /^p: byte 30 of the pickle: OrderedDict called with arguments$/,
+    "OrderedDict([])",
+  );
+  refuse(
+    [[0x80, 2, 0x7d, 0x28], str("a"), [0x4e], str("b"), [0x75, 0x2e]],
+    /^p: byte 17 of the pickle: an odd number of items \(3\) for a dict/,
+    "SETITEMS",
+  );
+  refuse(
+    [[0x80, 2, 0x28], str("a"), [0x64, 0x2e]],
+    /^p: byte 9 of the pickle: an odd number of items \(1\) for a dict/,
+    "DICT",
+  );
   // names of Object.prototype's properties are no storage types (`name in` took them for one)
   for (const name of ["constructor", "__proto__", "toString", "hasOwnProperty"]) {
     refuse(
