@@ -9,10 +9,11 @@ import { type DecodedTensor, decodeTensor } from "./safetensors.ts";
 import { isContiguous, type TorchTensorRef, viewCount, viewKey } from "./torch_pickle.ts";
 import { bytesSource, TorchArchiveReader } from "./torch_zip.ts";
 
-/** The elements of a strided view, in row-major order, taken from its whole storage's values. */
+/** The elements of a strided view, in row-major order, taken from its whole storage's values (negated where
+ * the view has the neg bit). */
 export function gatherView<T extends Float32Array | Int32Array>(all: T, r: TorchTensorRef): T {
   const count = viewCount(r);
-  if (isContiguous(r)) return all.slice(r.offset, r.offset + count) as T;
+  if (isContiguous(r)) return negated(r, all.slice(r.offset, r.offset + count) as T);
   const out = new (all.constructor as new (n: number) => T)(count);
   const idx = new Array(r.shape.length).fill(0);
   for (let i = 0; i < count; i++) {
@@ -21,7 +22,13 @@ export function gatherView<T extends Float32Array | Int32Array>(all: T, r: Torch
     out[i] = all[at];
     for (let d = idx.length - 1; d >= 0 && ++idx[d] === r.shape[d]; d--) idx[d] = 0;
   }
-  return out;
+  return negated(r, out);
+}
+
+/** `data`, a view's values as stored (a copy of them), negated in place where the view has the neg bit. */
+export function negated<T extends Float32Array | Int32Array>(r: TorchTensorRef, data: T): T {
+  if (r.neg) { for (let i = 0; i < data.length; i++) data[i] = -data[i]; }
+  return data;
 }
 
 const MAX_REPEATED = 2 ** 24;

@@ -21,6 +21,9 @@ export interface TorchTensorRef {
   strides: number[];
   /** First element within the storage. */
   offset: number;
+  /** Whether its values are the storage's negated (the neg bit: metadata `{"neg": True}`, as a
+   * `torch._neg_view` saves); absent where not. Only float tensors have it (others are refused). */
+  neg?: true;
 }
 
 /** Number of elements of a view. */
@@ -40,7 +43,7 @@ export function isContiguous(r: TorchTensorRef): boolean {
 
 /** A key equal for the same view of the same storage (a tied weight saved under two names). */
 export function viewKey(r: TorchTensorRef): string {
-  return `${r.storage}|${r.offset}|${r.shape}|${r.strides}`;
+  return `${r.storage}|${r.offset}|${r.shape}|${r.strides}${r.neg ? "|neg" : ""}`;
 }
 
 /** A storage that tensors view: its element type and count. */
@@ -73,6 +76,8 @@ const STORAGE_DTYPES: Record<string, SafetensorsDtype> = {
   BoolStorage: "BOOL",
 };
 
+const FLOATS = new Set<SafetensorsDtype>(["F32", "F16", "BF16", "F64"]);
+
 const READ_STORAGES = Object.keys(STORAGE_DTYPES).join(", ");
 
 /** Bytes per element of each dtype a storage can hold. */
@@ -101,7 +106,8 @@ class StorageRef {
   constructor(readonly key: string) {}
 }
 class TensorValue {
-  constructor(readonly ref: TorchTensorRef) {}
+  // `unread`: why it is refused once its name is known (metadata that is not applied)
+  constructor(readonly ref: TorchTensorRef, readonly unread: string | null) {}
 }
 type Value = unknown;
 
@@ -210,20 +216,37 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
 
   // A tensor's arguments, checked: storage, offset, size, stride, requires_grad, hooks[, metadata].
   const rebuildTensor = (args: Value[], at: number): TensorValue => {
-    const [storage, offset, shape, strides] = args;
+    const [storage, offset, shape, strides, , , metadata] = args;
     if (!(storage instanceof StorageRef)) return fail(at, "a tensor without its storage");
     const key = storage.key;
     if (!isInt(offset) || !isIntTuple(shape) || !isIntTuple(strides) || shape.length !== strides.length) {
       fail(at, `a tensor of storage ${key} with a bad offset, size or stride`);
     }
     const s = storages.get(key)!;
-    const r = {
+    const r: TorchTensorRef = {
       storage: key,
       dtype: s.dtype,
       shape: shape as number[],
       strides: strides as number[],
       offset: offset as number,
     };
+    // torch.load's set_tensor_metadata: the neg bit negates the values; the conj bit is the identity on real
+    // numbers (only real dtypes are read). Any other bit, or neg on an integer tensor, is refused by name.
+    if (metadata != null && !(metadata instanceof Map)) {
+      fail(at, `a tensor of storage ${key} with metadata not a dict`);
+    }
+    const bits = [...(metadata as Map<Value, Value> | null) ?? []];
+    if (bits.some(([k, v]) => typeof k !== "string" || typeof v !== "boolean")) {
+      fail(at, `a tensor of storage ${key} with metadata not of names and booleans`);
+    }
+    const set = bits.filter(([, v]) => v).map(([k]) => k as string);
+    if (set.includes("neg")) r.neg = true;
+    const unread = set.filter((k) => k !== "conj" && (k !== "neg" || !FLOATS.has(r.dtype)));
+    const bad = `${unread.join(", ")} (on ${r.dtype})`;
+    const why = unread.length
+      ? `byte ${at} of the pickle: its metadata sets ${bad}, which is not applied (read: neg on float ` +
+        `tensors; conj, the identity on real ones)`
+      : null;
     const last = viewExtent(r) === 0 ? 0 : r.offset + viewExtent(r);
     if (last > s.numel) {
       fail(
@@ -232,7 +255,7 @@ export function parseTorchPickle(bytes: Uint8Array, where: string): TorchStateDi
           `reaches element ${last} of storage ${key}, which has ${s.numel}`,
       );
     }
-    return new TensorValue(r);
+    return new TensorValue(r, why);
   };
 
   const call = (fn: Value, args: Value, at: number): Value => {
@@ -459,6 +482,7 @@ function stateDictOf(result: Value, where: string): Map<string, TorchTensorRef> 
       const hint = v instanceof Map ? " (a training checkpoint? save its model's state_dict() alone)" : "";
       throw new Error(`${where}: '${k}' is ${kindOf(v)}, not a tensor${hint}`);
     }
+    if (v.unread) throw new Error(`${where}: tensor '${k}': ${v.unread}: refused`);
     tensors.set(k, v.ref);
   }
   return tensors;

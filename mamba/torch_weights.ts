@@ -20,7 +20,7 @@ import {
   viewKey,
 } from "../core/torch_pickle.ts";
 import { TorchArchiveReader } from "../core/torch_zip.ts";
-import { gatherView } from "../core/torch_checkpoint.ts";
+import { gatherView, negated } from "../core/torch_checkpoint.ts";
 import type { ByteSource } from "./byte_source.ts";
 import type { MambaLM } from "./lm.ts";
 import { checkLoadable, readTensor } from "./read_tensor.ts";
@@ -103,7 +103,7 @@ export async function streamTorchInto(
             continue;
           }
           await w.archive.skip((r.offset - pos) * size);
-          const data = await readTensor(reader, entry(r.dtype, viewCount(r)), k);
+          const data = negated(r, await readTensor(reader, entry(r.dtype, viewCount(r)), k));
           pos = r.offset + viewCount(r);
           load(k, r, data);
           last = [r, data];

@@ -161,6 +161,7 @@ interface FakeTensor {
   shape: number[];
   stride?: number[];
   stored?: number; // elements in its data/<key> record, where not numel
+  meta?: Uint8Array; // a 7th argument to _rebuild_tensor_v2 (PyTorch 2.x's metadata dict)
 }
 
 const enc = new TextEncoder();
@@ -196,6 +197,7 @@ function statePickle(tensors: FakeTensor[], extra: Uint8Array[] = []): Uint8Arra
       tuple(stride.map(int)),
       [0x89], // False
       cat(global("collections", "OrderedDict"), [0x29, 0x52]), // OrderedDict()
+      ...(t.meta ? [t.meta] : []),
     ]);
     return cat(str(t.name), global("torch._utils", "_rebuild_tensor_v2"), args, [0x52]);
   });
@@ -244,19 +246,30 @@ const lmV64Tensors = async (): Promise<FakeTensor[]> => {
   }));
 };
 
-// An archive of lm_v64's names and shapes with zero-filled storages; `edit` changes the tensors first.
+// An archive of lm_v64's names and shapes with zero-filled storages (`values`: some F32 storages' by key);
+// `edit` changes the tensors first.
 async function fakeCheckpoint(
   edit: (ts: FakeTensor[]) => FakeTensor[] = (ts) => ts,
-  options: { extra?: Uint8Array[]; drop?: string; method?: number; zip64?: boolean; descriptors?: boolean } =
-    {},
+  options: {
+    extra?: Uint8Array[];
+    drop?: string;
+    method?: number;
+    zip64?: boolean;
+    descriptors?: boolean;
+    values?: Map<string, Float32Array>;
+  } = {},
 ): Promise<Uint8Array<ArrayBuffer>> {
   const ts = edit(await lmV64Tensors());
   const storages = new Map(ts.map((t) => [t.key, t]));
   const records: [string, Uint8Array][] = [["archive/data.pkl", statePickle(ts, options.extra)]];
   for (const [key, t] of storages) {
     const size = { LongStorage: 8, HalfStorage: 2 }[t.storage ?? ""] ?? 4;
+    const values = options.values?.get(key);
     if (key !== options.drop) {
-      records.push([`archive/data/${key}`, new Uint8Array((t.stored ?? t.numel) * size)]);
+      records.push([
+        `archive/data/${key}`,
+        values ? new Uint8Array(values.buffer) : new Uint8Array((t.stored ?? t.numel) * size),
+      ]);
     }
   }
   records.push(["archive/version", enc.encode("3\n")]);
@@ -688,6 +701,83 @@ Deno.test("parseTorchCheckpoint: every kind of state dict decodes to torch.load'
       assert.deepEqual(t.data, want.get(k)!.data, `${file}: ${k} (${t.dtype})`);
     }
   }
+});
+
+// PyTorch 2.x's metadata dict (the 7th argument of _rebuild_tensor_v2) of the given bits.
+const metadata = (...bits: [string, boolean][]) =>
+  cat([0x7d, 0x28], ...bits.flatMap(([k, v]) => [str(k), [v ? 0x88 : 0x89]]), [0x75]);
+
+Deno.test("parseTorchCheckpoint applies a tensor's metadata as torch.load does: the neg bit negates its values, conj is the identity on real ones; any other bit is refused, naming the tensor", async () => {
+  const file = (ts: FakeTensor[]) =>
+    storedZip([
+      ["archive/data.pkl", statePickle(ts)],
+      ["archive/data/0", new Uint8Array(new Float32Array([1, -2, 3, 4]).buffer)],
+    ]);
+  const got = await parseTorchCheckpoint(file([
+    { name: "neg", key: "0", numel: 4, shape: [4], meta: metadata(["neg", true]) },
+    { name: "plain", key: "0", numel: 4, shape: [4] },
+    {
+      name: "negT",
+      key: "0",
+      numel: 4,
+      shape: [2, 2],
+      stride: [1, 2],
+      meta: metadata(["neg", true], ["conj", false]),
+    },
+    { name: "conj", key: "0", numel: 4, shape: [4], meta: metadata(["conj", true]) },
+    { name: "unset", key: "0", numel: 4, shape: [4], meta: metadata(["neg", false]) },
+  ]));
+  assert.deepEqual(got.get("neg")!.data, new Float32Array([-1, 2, -3, -4]));
+  assert.deepEqual(got.get("negT")!.data, new Float32Array([-1, -3, 2, -4]));
+  for (const k of ["plain", "conj", "unset"]) {
+    assert.deepEqual(got.get(k)!.data, new Float32Array([1, -2, 3, 4]), k);
+  }
+  await assert.rejects(
+    () =>
+      parseTorchCheckpoint(
+        file([{ name: "w", key: "0", numel: 4, shape: [4], meta: metadata(["sparse", true]) }]),
+        "m.pt",
+      ),
+    /^Error: m\.pt: archive\/data\.pkl: tensor 'w': byte \d+ of the pickle: its metadata sets sparse \(on F32\), which is not applied/,
+  );
+  await assert.rejects(
+    () =>
+      parseTorchCheckpoint(
+        file([{
+          name: "n",
+          storage: "IntStorage",
+          key: "0",
+          numel: 4,
+          shape: [4],
+          meta: metadata(["neg", true]),
+        }]),
+        "m.pt",
+      ),
+    /m\.pt: archive\/data\.pkl: tensor 'n': byte \d+ of the pickle: its metadata sets neg \(on I32\), which is not applied/,
+  );
+});
+
+Deno.test("pytorch_model.bin: tensors saved with the neg bit load negated, streamed (contiguous) and gathered (transposed)", async () => {
+  await init();
+  const ts = await lmV64Tensors();
+  const [d, x] = [ts[1], ts[5]]; // backbone.layers.0.mixer.D [64], x_proj.weight [a, b] saved transposed
+  const [a, b] = x.shape;
+  const iota = (n: number) => Float32Array.from({ length: n }, (_, i) => i + 1);
+  const bytes = await fakeCheckpoint(
+    (ts) =>
+      ts.map((t) =>
+        t.name === d.name || t.name === x.name
+          ? { ...t, meta: metadata(["neg", true]), stride: t.name === d.name ? [1] : [1, a] }
+          : t
+      ),
+    { values: new Map([[d.key, iota(d.numel)], [x.key, iota(x.numel)]]) },
+  );
+  const lm = await load(bytes);
+  const sd = lm.stateDict();
+  assert.deepEqual(await sd.get("mamba.layers.0.mixer.D")!.toArray(), iota(d.numel).map((v) => -v));
+  const want = new Float32Array(a * b).map((_, k) => -(1 + Math.floor(k / b) + a * (k % b)));
+  assert.deepEqual(await sd.get("mamba.layers.0.mixer.x_proj.weight")!.toArray(), want);
+  lm.dispose();
 });
 
 // The search is linear in what follows (measured: 8 MiB in 56 ms; quadratic, it took 48 s): no timing here, as
