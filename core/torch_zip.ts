@@ -1,7 +1,9 @@
 /**
  * A PyTorch checkpoint (`pytorch_model.bin`, the zip archive `torch.save` writes since PyTorch 1.6) read
  * front to back, as it downloads: `<prefix>/data.pkl` first (the state dict, see `torch_pickle.ts`), then
- * one `<prefix>/data/<key>` record per storage, and small records (`version`, `byteorder`) that are skipped.
+ * one `<prefix>/data/<key>` record per storage, and small records (`version`, ...) that are skipped; a
+ * `byteorder` other than "little" is refused wherever it is, and so are a storage before `data.pkl` and a
+ * name twice.
  * Records are stored uncompressed. PyTorch's writer puts their sizes in data descriptors after the data, not
  * in the headers before it, so a storage's size comes from the pickle, and the pickle's own end is found by
  * its descriptor (signature, CRC-32 and size must all agree). ZIP64 sizes are read. The central directory at
@@ -108,6 +110,7 @@ export class TorchArchiveReader {
   #back: Uint8Array = new Uint8Array(0); // bytes read ahead, given back
   #prefix = "";
   #open: LocalHeader | null = null; // the record whose data is being read
+  #seen = new Map<string, number>(); // each record's offset, by name
 
   /** Reads `src` (positioned at the file's start); `where` names the file in errors. */
   constructor(src: SequentialSource, where: string) {
@@ -184,6 +187,13 @@ export class TorchArchiveReader {
     let size: number | null = h.getUint32(14, true);
     const name = new TextDecoder().decode(await this.#bytes(h.getUint16(22, true)));
     const extra = await this.#bytes(h.getUint16(24, true));
+    // A name twice (a second storage or data.pkl, appended) leaves which is meant to the reader: torch.load's
+    // takes one, a streaming one the other.
+    const first = this.#seen.get(name);
+    if (first !== undefined) {
+      this.#fail(at, `record ${name} is in the archive twice (at bytes ${first} and ${at})`);
+    }
+    this.#seen.set(name, at);
     if (flags & 1) this.#fail(at, `record ${name} is encrypted`);
     if (method !== 0) {
       this.#fail(at, `record ${name} is compressed (method ${method}); PyTorch stores records as they are`);
@@ -298,16 +308,34 @@ export class TorchArchiveReader {
     return data;
   }
 
-  /** Reads the records up to `<prefix>/data.pkl` and parses it (the records before it are skipped). */
+  // A `byteorder` record (torch.save's since PyTorch 2.1) other than "little": refused.
+  #checkOrder(h: LocalHeader, data: Uint8Array) {
+    const order = new TextDecoder().decode(data);
+    if (order !== "little") this.#fail(h.at, `the storages are ${order}-endian; only little-endian is read`);
+  }
+
+  /**
+   * Reads the records up to `<prefix>/data.pkl` and parses it (the records before it are skipped, but a
+   * `byteorder` is checked and a storage refused: torch.save writes data.pkl first).
+   */
   async readStateDict(): Promise<TorchStateDict> {
     for (;;) {
       const h = await this.#header();
       if (!h) this.#fail(this.#pos - 4, "the archive has no data.pkl (not a torch.save checkpoint?)");
+      // (the archive's prefix is not known yet: torch's has one, so any is taken as it)
+      if (/(^|\/)data\/[^/]+$/.test(h.name)) {
+        this.#fail(
+          h.at,
+          `record ${h.name}, a storage, comes before data.pkl: this reader needs data.pkl first, as torch.save ` +
+            "writes it (load the file in PyTorch and save it again with torch.save)",
+        );
+      }
       const data = await this.#whole(h);
       if (h.name === "data.pkl" || h.name.endsWith("/data.pkl")) {
         this.#prefix = h.name.slice(0, -"data.pkl".length);
         return parseTorchPickle(data, `${this.#where}: ${h.name}`);
       }
+      if (/(^|\/)byteorder$/.test(h.name)) this.#checkOrder(h, data);
     }
   }
 
@@ -328,10 +356,7 @@ export class TorchArchiveReader {
       const dataPrefix = `${this.#prefix}data/`;
       if (!h.name.startsWith(dataPrefix)) {
         const data = await this.#whole(h);
-        const order = h.name === `${this.#prefix}byteorder` ? new TextDecoder().decode(data) : "little";
-        if (order !== "little") {
-          this.#fail(h.at, `the storages are ${order}-endian; only little-endian is read`);
-        }
+        if (h.name === `${this.#prefix}byteorder`) this.#checkOrder(h, data);
         continue;
       }
       const key = h.name.slice(dataPrefix.length);

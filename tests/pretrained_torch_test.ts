@@ -257,6 +257,7 @@ async function fakeCheckpoint(
     zip64?: boolean;
     descriptors?: boolean;
     values?: Map<string, Float32Array>;
+    records?: (rs: [string, Uint8Array][]) => [string, Uint8Array][]; // edits the records
   } = {},
 ): Promise<Uint8Array<ArrayBuffer>> {
   const ts = edit(await lmV64Tensors());
@@ -273,7 +274,7 @@ async function fakeCheckpoint(
     }
   }
   records.push(["archive/version", enc.encode("3\n")]);
-  return storedZip(records, options);
+  return storedZip(options.records?.(records) ?? records, options);
 }
 
 Deno.test("pytorch_model.bin made here: the test's own writer is read (so that the refusals below test what they say)", async () => {
@@ -778,6 +779,53 @@ Deno.test("pytorch_model.bin: tensors saved with the neg bit load negated, strea
   const want = new Float32Array(a * b).map((_, k) => -(1 + Math.floor(k / b) + a * (k % b)));
   assert.deepEqual(await sd.get("mamba.layers.0.mixer.x_proj.weight")!.toArray(), want);
   lm.dispose();
+});
+
+Deno.test("Torch archives: a byteorder record is checked wherever it is; a storage before data.pkl and a record twice are refused, naming them, by both loaders", async () => {
+  await init();
+  const pkl = statePickle([{ name: "w", key: "0", numel: 1, shape: [1] }]);
+  const one = new Uint8Array(new Float32Array([1]).buffer);
+  const read = async (records: [string, Uint8Array][]) =>
+    (await parseTorchCheckpoint(storedZip(records), "o.pt")).get("w")!.data;
+  // PyTorch 2.x puts byteorder after data.pkl (at 30 + 16 + its size); a zip of sorted names, before it
+  for (const order of ["little", "big"]) {
+    for (const before of [true, false]) {
+      const records: [string, Uint8Array][] = [["archive/data.pkl", pkl], ["archive/data/0", one]];
+      records.splice(before ? 0 : 1, 0, ["archive/byteorder", enc.encode(order)]);
+      if (order === "little") assert.deepEqual(await read(records), new Float32Array([1]));
+      else {
+        await assert.rejects(
+          () => read(records),
+          new RegExp(
+            `^Error: o\\.pt: byte ${
+              before ? 0 : 46 + pkl.length
+            }: the storages are big-endian; only little-endian`,
+          ),
+        );
+      }
+    }
+  }
+  await assert.rejects(
+    () => read([["archive/data/0", one], ["archive/data.pkl", pkl]]),
+    /^Error: o\.pt: byte 0: record archive\/data\/0, a storage, comes before data\.pkl: this reader needs data\.pkl first, as torch\.save writes it \(load the file in PyTorch and save it again with torch\.save\)/,
+  );
+  // the same name twice: a storage (torch.load took the last copy, the streaming loader the first), data.pkl
+  const live = memory().liveBytes;
+  for (const name of ["archive/data/1", "archive/data.pkl"]) {
+    const bytes = await fakeCheckpoint(undefined, {
+      records: (rs) => [...rs, rs.find(([n]) => n === name)!],
+    });
+    const text = new TextDecoder("latin1").decode(bytes);
+    const [first, second] = [text.indexOf(name) - 30, text.lastIndexOf(name) - 30];
+    const twice = new RegExp(
+      `byte ${second}: record ${
+        name.replaceAll(".", "\\.")
+      } is in the archive twice \\(at bytes ${first} and ${second}\\)`,
+    );
+    await assert.rejects(() => parseTorchCheckpoint(bytes, "o.pt"), twice);
+    await assert.rejects(() => load(bytes), twice);
+  }
+  assert.equal(memory().liveBytes, live);
 });
 
 // The search is linear in what follows (measured: 8 MiB in 56 ms; quadratic, it took 48 s): no timing here, as
