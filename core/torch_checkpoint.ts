@@ -11,7 +11,10 @@ import { bytesSource, TorchArchiveReader } from "./torch_zip.ts";
 
 /** The elements of a strided view, in row-major order, taken from its whole storage's values (negated where
  * the view has the neg bit). */
-export function gatherView<T extends Float32Array | Int32Array>(all: T, r: TorchTensorRef): T {
+export function gatherView<T extends Float32Array | Int32Array | BigInt64Array>(
+  all: T,
+  r: TorchTensorRef,
+): T {
   const count = viewCount(r);
   if (isContiguous(r)) return negated(r, all.slice(r.offset, r.offset + count) as T);
   const out = new (all.constructor as new (n: number) => T)(count);
@@ -26,8 +29,9 @@ export function gatherView<T extends Float32Array | Int32Array>(all: T, r: Torch
 }
 
 /** `data`, a view's values as stored (a copy of them), negated in place where the view has the neg bit. */
-export function negated<T extends Float32Array | Int32Array>(r: TorchTensorRef, data: T): T {
-  if (r.neg) { for (let i = 0; i < data.length; i++) data[i] = -data[i]; }
+export function negated<T extends Float32Array | Int32Array | BigInt64Array>(r: TorchTensorRef, data: T): T {
+  const d = data as Float32Array; // only float views have the neg bit (parseTorchPickle refuses it on others)
+  if (r.neg) { for (let i = 0; i < d.length; i++) d[i] = -d[i]; }
   return data;
 }
 
@@ -35,8 +39,9 @@ const MAX_REPEATED = 2 ** 24;
 
 /**
  * Decodes every tensor of a PyTorch checkpoint (the zip archive `torch.save` writes since PyTorch 1.6) held in
- * memory: floats to f32, integers and bools to int32 (an I64 value past int32 is an error naming it), views
- * (offsets, strides, shared storages) as saved; a view that repeats elements (expand()) up to 2^24 of them.
+ * memory: floats to f32, integers and bools to int32 (an I64 value past int32 in a tensor is an error naming the
+ * tensor and its index there; one no tensor views is not read), views (offsets, strides, shared storages) as
+ * saved; a view that repeats elements (expand()) up to 2^24 of them.
  * Names that save the same view (a tied head, a module listed twice) share one array.
  * The pickle is read by a restricted unpickler that refuses any global a state dict of tensors does not name,
  * so nothing in the file runs. `source` names it in errors.
@@ -61,20 +66,31 @@ export async function parseTorchCheckpoint(
       );
     }
   }
-  const storages = new Map<string, Float32Array | Int32Array>();
-  const viewer = new Map<string, string>(); // a tensor that views each storage, to name it in errors
-  for (const [name, r] of state.tensors) if (!viewer.has(r.storage)) viewer.set(r.storage, name);
+  const storages = new Map<string, Float32Array | Int32Array | BigInt64Array>();
   for (let rec; (rec = await archive.nextStorage(state));) {
     const raw = new Uint8Array(rec.bytes);
     await archive.read(raw);
     const s = state.storages.get(rec.key)!;
     const entry = { dtype: s.dtype, shape: [s.numel], dataOffsets: [0, rec.bytes] as [number, number] };
+    // int64 goes to int32 per view (below): a value past int32 that no tensor views is no error
+    storages.set(
+      rec.key,
+      s.dtype === "I64" ? new BigInt64Array(raw.buffer) : decodeTensor(entry, raw, rec.key),
+    );
+  }
+  // A view's int64 values as int32; one that does not fit is an error naming the tensor and its index there.
+  const toInt32 = (v: BigInt64Array, name: string) => {
+    const entry = {
+      dtype: "I64" as const,
+      shape: [v.length],
+      dataOffsets: [0, v.byteLength] as [number, number],
+    };
     try {
-      storages.set(rec.key, decodeTensor(entry, raw, viewer.get(rec.key) ?? `storage ${rec.key}`)); // index: the storage's
+      return decodeTensor(entry, new Uint8Array(v.buffer, v.byteOffset, v.byteLength), name);
     } catch (e) {
       throw new Error(`${source}: ${(e as Error).message}`, { cause: e });
     }
-  }
+  };
   // Each distinct view is copied out (the same view under several names, as a tied head or a module listed
   // twice saves it, shares one array), so views that differ but share a storage decode it again. In all at
   // most 4 times what the storages read hold (not what the pickle claims: a storage it names but the archive
@@ -96,7 +112,10 @@ export async function parseTorchCheckpoint(
     const all = storages.get(r.storage);
     if (!all) throw new Error(`${source}: the archive ends without storage ${r.storage} (of ${name})`);
     const key = viewKey(r);
-    if (!decoded.has(key)) decoded.set(key, gatherView(all, r) as DecodedTensor["data"]);
+    if (!decoded.has(key)) {
+      const v = gatherView(all, r);
+      decoded.set(key, v instanceof BigInt64Array ? toInt32(v, name) : v as DecodedTensor["data"]);
+    }
     out.set(name, { dtype: r.dtype, shape: r.shape, data: decoded.get(key)! });
   }
   return out;

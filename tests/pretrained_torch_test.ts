@@ -663,6 +663,30 @@ Deno.test("parseTorchCheckpoint decodes every tensor in memory: views as saved, 
       ),
     /big\.pt: tensor "n": I64 value 4294967296 at index 0 does not fit in int32$/,
   );
+  // int64 is converted per view, as torch.load keeps it: a value past int32 that no tensor views is no error,
+  // and one that a view holds is named by that view and its own index (it was the storage's, and its first viewer)
+  const longs = (ts: Omit<FakeTensor, "key" | "numel">[], values: bigint[]) =>
+    storedZip([
+      [
+        "archive/data.pkl",
+        statePickle(ts.map((t) => ({ ...t, storage: "LongStorage", key: "0", numel: 4 }))),
+      ],
+      ["archive/data/0", new Uint8Array(new BigInt64Array(values).buffer)],
+    ]);
+  assert.deepEqual(
+    (await parseTorchCheckpoint(longs([{ name: "a", offset: 1, shape: [3] }], [2n ** 40n, 5n, -6n, 7n]))).get(
+      "a",
+    ),
+    { dtype: "I64", shape: [3], data: new Int32Array([5, -6, 7]) },
+  );
+  await assert.rejects(
+    () =>
+      parseTorchCheckpoint(
+        longs([{ name: "a", shape: [2] }, { name: "b", offset: 1, shape: [3] }], [5n, 6n, 7n, -(2n ** 40n)]),
+        "big.pt",
+      ),
+    /big\.pt: tensor "b": I64 value -1099511627776 at index 2 does not fit in int32$/,
+  );
   // a file cut short is named too, as the file sources of fromPretrained name theirs
   await assert.rejects(
     async () => parseTorchCheckpoint((await bin("lm_v64.bin")).slice(0, 10), "cut.pt"),
