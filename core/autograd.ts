@@ -772,18 +772,23 @@ function abandonGraph(order: Tensor[], ran: Tensor[]): void {
  * that were disposed and that no node consumes any more are released in turn.
  */
 export function releaseNode(t: Tensor, why: ReleaseReason = "backward"): void {
-  if (!t.node) return;
-  const node = t.node;
-  t.node = null; // first: disposing an owned tensor below must not come back here
-  for (const s of savedStorages.get(node) ?? []) markSaved(s, -1);
-  for (const s of node.owned) s.dispose();
-  released.set(t, [node.name, why]);
-  for (const x of new Set(node.inputs)) {
-    const n = (consumers.get(x) ?? 0) - 1;
-    if (n > 0) consumers.set(x, n);
-    else {
-      consumers.delete(x);
-      if (why !== "backward" && x.disposed) releaseNode(x, why);
+  // a worklist, not recursion: a chain of disposed tensors 10^4 long would overflow the stack part-way
+  const work = [t];
+  while (work.length) {
+    const t = work.pop()!;
+    if (!t.node) continue;
+    const node = t.node;
+    t.node = null; // first: disposing an owned tensor below must not come back here
+    for (const s of savedStorages.get(node) ?? []) markSaved(s, -1);
+    for (const s of node.owned) s.dispose();
+    released.set(t, [node.name, why]);
+    for (const x of new Set(node.inputs)) {
+      const n = (consumers.get(x) ?? 0) - 1;
+      if (n > 0) consumers.set(x, n);
+      else {
+        consumers.delete(x);
+        if (why !== "backward" && x.disposed) work.push(x);
+      }
     }
   }
 }

@@ -546,3 +546,21 @@ Deno.test("a tensor larger than the device's largest buffer is a clear error nam
   }
   assert.equal(memory().liveTensors, base.liveTensors);
 });
+
+Deno.test("disposing the end of a chain of 10^4 disposed tensors releases the whole graph without a stack overflow", () => {
+  const w = M.randn([1], { seed: 1, requiresGrad: true });
+  const before = memory();
+  let y = w.mul(2); // mul saves w: savedBytes counts it until the chain is released
+  for (let i = 0; i < 10_000; i++) {
+    const next = y.add(1);
+    y.dispose(); // consumed: its node stays until the chain's end goes
+    y = next;
+  }
+  assert.ok(memory().savedBytes > before.savedBytes);
+  y.dispose(); // it threw RangeError part-way, and savedBytes stayed counted
+  const after = memory();
+  assert.equal(after.savedBytes, before.savedBytes);
+  assert.equal(after.liveTensors, before.liveTensors);
+  assert.equal(after.liveBytes, before.liveBytes);
+  w.dispose();
+});
