@@ -683,6 +683,10 @@ function onesLike(t: Tensor): Tensor {
 /** Adds `g` into a leaf's `.grad`; takes ownership of `g` unless it is the caller's own gradient. */
 function accumulateLeaf(t: Tensor, g: Tensor, userGrad: Tensor | undefined): void {
   if (!t.requiresGrad) return;
+  if (t.disposed) { // a .grad kept on it would have no owner left: nothing frees a disposed leaf's .grad
+    if (g !== userGrad) g.dispose();
+    return;
+  }
   if (t.grad?.disposed) {
     throw new Error(
       `backward: the .grad of ${t} was disposed but not set to null (zeroGrad() does both; or set .grad = null)`,

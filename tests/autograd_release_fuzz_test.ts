@@ -12,10 +12,10 @@
  * without any backward; then it disposes everything in a random order.
  *
  * Every case checks:
- * 1. the backward either succeeds, with every leaf's gradient (and the loss) equal to a float64 finite
- *    difference of a plain-JS forward of the same graph, or throws a clear error, and it throws exactly when
- *    a tensor the backward needs was disposed or released (by the caller or by a tidy), as predicted by a
- *    mirror of the graph: never a result computed from freed data;
+ * 1. the backward either succeeds, with every live leaf's gradient (one disposed before it gets none) and the
+ *    loss equal to a float64 finite difference of a plain-JS forward of the same graph, or throws a clear
+ *    error, and it throws exactly when a tensor the backward needs was disposed or released (by the caller or
+ *    by a tidy), as predicted by a mirror of the graph: never a result computed from freed data;
  * 2. once everything the case made is disposed, `memory()`'s live tensors, live bytes and saved bytes are
  *    back to where the case started, and no tensor it ever held still has a graph node;
  * 3. nothing else throws (no crash, no stack overflow).
@@ -1053,6 +1053,10 @@ async function checkGradients(c: Case, fail: (category: string, message: string)
   let at = 0;
   c.params.forEach((p, i) => {
     const got = grads[i] ? reads[at++] : new Float32Array(ref[i].length);
+    if (p.disposed) { // before the backward: it gets no .grad (nothing would free it)
+      if (grads[i]) fail("gradient", `${p.name} was disposed before the backward and got a .grad`);
+      return;
+    }
     // the op bound, 1e-5 of the largest reference gradient (at least 1); measured on lavapipe: 4.1e-7 over the
     // default 500 cases, 1.1e-6 over 2000 from seed 777 (it was 1e-3 until 2026-11-30: a 5e-4 error passed)
     const bad = ref[i].findIndex((v, j) => !(Math.abs(got[j] - v) <= 1e-5 * scale));

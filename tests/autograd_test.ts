@@ -826,3 +826,24 @@ Deno.test("checkpoint replay: an op reading a replayed output, or a rerun runnin
   assertClose(await x.grad!.toArray(), xv.map((v) => 4 * Math.exp(2 * v)), { rtol: 1e-5 }, "nested d/dx");
   dispose([x, c, read, inner, differs, mixed, nested, x.grad!]);
 });
+
+Deno.test("backward gives no .grad to a leaf disposed before it: the gradient is freed, the other leaves get theirs", async () => {
+  const x = M.randn([4, 8], { seed: 2, requiresGrad: true });
+  const before = memory();
+  for (let i = 0; i < 5; i++) {
+    const b = M.randn([8], { seed: 1, requiresGrad: true });
+    const y = x.add(b); // add saves neither operand: b can go before the backward
+    const s = y.sum();
+    b.dispose();
+    s.backward();
+    assert.equal(b.grad, null); // it got a kept .grad that nothing freed
+    dispose([y, s]);
+  }
+  assert.deepEqual(await x.grad!.toArray(), new Float32Array(32).fill(5));
+  x.grad!.dispose();
+  x.grad = null;
+  const after = memory();
+  assert.equal(after.liveTensors, before.liveTensors);
+  assert.equal(after.liveBytes, before.liveBytes);
+  x.dispose();
+});
