@@ -174,9 +174,10 @@ export class Tensor {
     countTensor(-1);
     if (--s.users === 0) releaseStorage(s);
     // A node no other node consumes goes now; one still consumed stays (with its tensor listed in its scope)
-    // until its consumers are released or its tidy scope ends.
+    // until its consumers are released or its tidy scope ends. A leaf with a .grad stays listed too: the
+    // scope's end frees the gradient (kept, it has no other owner), or hands it on where it is returned.
     releaseIfUnconsumed(this);
-    if (!this.node) { for (const scope of scopes) scope.delete(this); }
+    if (!this.node && !this.grad) { for (const scope of scopes) scope.delete(this); }
   }
 
   /** Reads the data back: Float32Array for f32 and bf16 (its values, exactly), Int32Array for i32. */
@@ -376,10 +377,11 @@ export class Tensor {
 
 /**
  * Runs `fn`; afterwards disposes every tensor it created, except the ones it returns or `keep`s, and with a
- * disposed leaf its `.grad` (unless returned). The graph
- * through the disposed intermediates goes with them (their saved tensors are freed): run `backward()` inside
- * the tidy, or `keep()` the tensors it must pass through. `fn` must be synchronous: an async `fn` (one
- * that returns a Promise) throws, since its tensors would be freed before it awaits; await readbacks such as
+ * leaf it disposes (or one that `fn` disposed) the leaf's `.grad`. A `.grad` it returns is no longer kept: it
+ * leaves the leaf (`.grad` null) and moves on as any returned tensor. The graph through the disposed
+ * intermediates goes with them (their saved tensors are freed): run `backward()` inside the tidy, or `keep()`
+ * the tensors it must pass through. `fn` must be synchronous: an async `fn` (one that returns a Promise)
+ * throws, since its tensors would be freed before it awaits; await readbacks such as
  * `item()` outside of tidy. Tensors it returns move to the enclosing tidy, if any, else the caller disposes them.
  * Returned tensors are found at any depth in arrays, Sets, Maps and objects (their own enumerable properties).
  */
@@ -411,12 +413,15 @@ export function tidy<T>(fn: () => T): T {
   return result;
 }
 
-/** Frees a tensor of a tidy scope, and a leaf's gradient with it unless `returned` holds it (kept, as every
- * gradient is, it has no owner left); the scope's graph ends with it: nodes of its intermediates stop holding
- * saved tensors. */
+/** Frees a tensor of a tidy scope, and a leaf's gradient with it (kept, as every gradient is, it has no owner
+ * left) unless `returned` holds it: that one becomes an ordinary tensor of the enclosing scope, as any
+ * returned tensor. The scope's graph ends with it: nodes of its intermediates stop holding saved tensors. */
 function free(t: Tensor, returned: Set<Tensor> | null): void {
-  if (t.grad && !returned?.has(t.grad)) {
-    t.grad.dispose();
+  if (t.grad) {
+    if (returned?.has(t.grad)) {
+      t.grad.kept = false;
+      scopes[scopes.length - 1]?.add(t.grad);
+    } else t.grad.dispose();
     t.grad = null;
   }
   t.dispose();

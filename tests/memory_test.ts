@@ -564,3 +564,41 @@ Deno.test("disposing the end of a chain of 10^4 disposed tensors releases the wh
   assert.equal(after.liveBytes, before.liveBytes);
   w.dispose();
 });
+
+Deno.test("tidy frees the .grad of a leaf that fn disposed itself", () => {
+  const x = M.randn([4, 8], { seed: 2 });
+  const base = memory();
+  for (let i = 0; i < 3; i++) {
+    tidy(() => {
+      const w = M.randn([8, 8], { seed: 1, requiresGrad: true });
+      x.matmul(w).sum().backward();
+      w.dispose(); // it left the scope, and its kept .grad with no owner leaked
+    });
+  }
+  assert.equal(memory().liveTensors, base.liveTensors, "a disposed leaf's .grad outlived its tidy");
+  assert.equal(memory().liveBytes, base.liveBytes);
+  x.dispose();
+});
+
+Deno.test("a .grad returned from a nested tidy is no longer kept: the enclosing tidy frees it", async () => {
+  const x = M.randn([4, 8], { seed: 2 });
+  const base = memory();
+  let sum = 0;
+  for (let i = 0; i < 3; i++) {
+    const s = tidy(() => {
+      const g = tidy(() => {
+        const w = M.randn([8, 8], { seed: 1, requiresGrad: true });
+        x.matmul(w).sum().backward();
+        return w.grad!; // stayed kept, in no scope: the enclosing tidy did not free it
+      });
+      assert.ok(!g.kept);
+      return g.sum();
+    });
+    sum += await s.item();
+    s.dispose();
+  }
+  assert.ok(sum !== 0);
+  assert.equal(memory().liveTensors, base.liveTensors, "a returned .grad outlived the enclosing tidy");
+  assert.equal(memory().liveBytes, base.liveBytes);
+  x.dispose();
+});
