@@ -797,6 +797,16 @@ export function releaseNode(t: Tensor, why: ReleaseReason = "backward"): void {
   }
 }
 
+/**
+ * Disposes `t`, a tensor made for one op's call alone (the ids a model built from an array), when that op's
+ * output `out` is released, where its node saved `t` for the backward; else now.
+ */
+export function disposeWithGraph(t: Tensor, out: Tensor): void {
+  if (!out.node?.saved.includes(t)) return t.dispose();
+  (out.node.owned as Tensor[]).push(t); // owned: disposed with the node (after its backward, or with its tidy)
+  unscope(t);
+}
+
 /** Releases a disposed output's node when no node consumes it (called by `Tensor.dispose`). */
 export function releaseIfUnconsumed(t: Tensor): void {
   if (t.node && !consumers.get(t)) releaseNode(t, "dispose");

@@ -4,7 +4,7 @@
  * @module
  */
 
-import { isGradEnabled, noGrad } from "../core/autograd.ts";
+import { disposeWithGraph, isGradEnabled, noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { readSpans } from "../core/executor.ts";
 import { cat, matmul, narrow, rmsNormMatmul } from "../core/ops/index.ts";
@@ -437,10 +437,21 @@ export class MambaLM extends Module {
   }
 
   /** tokens (B, L) -> logits (B, L, vocab). The ids of a tensor are not range-checked (see
-   * {@linkcode MambaLM.tokensTensor}). */
+   * {@linkcode MambaLM.tokensTensor}). Under noGrad the logits are all it leaves; with autograd the backward
+   * reads its intermediates: run it in a tidy. */
   forward(tokens: Tokens): Tensor {
+    const run = () => this.head(this.mamba.forward(this.embed(tokens))); // logits: (B, L, vocab)
+    // without autograd nothing reads the intermediates later: only the logits leave (with it, the backward
+    // reads them: the caller's tidy frees them)
+    return isGradEnabled() ? run() : tidy(run);
+  }
+
+  /** The embedding of `tokens` (B, L, D); ids built from an array go with its graph, or at once without one. */
+  private embed(tokens: Tokens): Tensor {
     const ids = this.tokensTensor(tokens); // ids: (B, L) i32
-    return this.head(this.mamba.forward(this.embedding.forward(ids))); // logits: (B, L, vocab)
+    const x = this.embedding.forward(ids);
+    if (ids !== tokens) disposeWithGraph(ids, x);
+    return x;
   }
 
   /**
@@ -455,9 +466,11 @@ export class MambaLM extends Module {
    * carry them past it).
    */
   forwardFrom(tokens: Tokens, from: LayerCache[] | null): { logits: Tensor; caches: LayerCache[] } {
-    const ids = this.tokensTensor(tokens); // ids: (B, L) i32
-    const r = this.mamba.forwardWithCache(this.embedding.forward(ids), true, from ?? undefined);
-    return { logits: this.head(r.out), caches: r.caches }; // logits: (B, L, vocab)
+    const run = () => {
+      const r = this.mamba.forwardWithCache(this.embed(tokens), true, from ?? undefined);
+      return { logits: this.head(r.out), caches: r.caches }; // logits: (B, L, vocab)
+    };
+    return isGradEnabled() ? run() : tidy(run); // as forward
   }
 
   /**

@@ -1270,3 +1270,29 @@ Deno.test("top-k and top-p over a 100k vocabulary: a wider workgroup keeps every
     dispose([huge, n2, a2]);
   }
 });
+
+Deno.test("MambaLM.forward and forwardFrom of array tokens free the ids and, under noGrad, every intermediate; with autograd the backward still runs", async () => {
+  await init();
+  const lm = new MambaLM({ dModel: 8, nLayers: 1, dState: 4 }, { vocabSize: 16 });
+  const rows = [[1, 2, 3], [4, 5, 6]];
+  const base = memory();
+  for (let i = 0; i < 3; i++) {
+    noGrad(() => lm.forward(rows)).dispose(); // it left the ids, the embedding, the block's and norm_f's output
+    dispose(noGrad(() => lm.forwardFrom(rows, null)));
+  }
+  assert.equal(memory().liveTensors, base.liveTensors, "noGrad forward leaked");
+  assert.equal(memory().liveBytes, base.liveBytes);
+  // with autograd: the ids (saved by the embedding's gather) stay until its backward, then go with its graph
+  const ids = tensor(Int32Array.from(rows.flat()), [2, 3], { dtype: "i32" });
+  const grads = async (tokens: number[][] | Tensor) => {
+    tidy(() => lm.forward(tokens).square().sum().backward());
+    const gs = await Promise.all(lm.parameters().map((p) => p.grad!.toArray()));
+    for (const p of lm.parameters()) p.grad!.dispose(), p.grad = null;
+    return gs;
+  };
+  assert.deepEqual(await grads(rows), await grads(ids));
+  ids.dispose();
+  assert.equal(memory().liveTensors, base.liveTensors, "forward with autograd leaked");
+  assert.equal(memory().savedBytes, base.savedBytes);
+  lm.dispose();
+});
