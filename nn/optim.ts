@@ -508,12 +508,16 @@ export abstract class Optimizer {
     if (scale.disposed) throw new Error("step: gradScale was disposed");
     if (scale.dtype !== "f32" || scale.size < 1) throw new Error(`step: gradScale must be f32, got ${scale}`);
     // every gradient checked before any parameter moves: a bad one leaves the step undone, not half done
-    for (const { p, name } of this.#slots) {
+    // (and every parameter that moves, and its state buffers, alive)
+    for (const { p, name, state } of this.#slots) {
       const g = p.grad;
       if (g && (g.shape.join() !== p.shape.join() || g.dtype !== "f32" || g.disposed)) {
         const what = g.disposed ? "a disposed gradient" : `gradient ${g.dtype} ${fmt(g.shape)}`;
         throw new Error(`step: ${what} for parameter '${name}' of shape ${fmt(p.shape)} (f32)`);
       }
+      if (g && p.disposed) throw new Error(`step: parameter '${name}' was disposed (its gradient was not)`);
+      const gone = g && state ? this.stateNames.find((_, i) => state[i].disposed) : undefined;
+      if (gone) throw new Error(`step: the ${gone} state buffer of parameter '${name}' was disposed`);
     }
     // and every new state buffer made before then: running out of memory leaves it undone too
     const fresh = this.#newState(this.#slots.filter((s) => s.p.grad && !s.state), zeros);

@@ -1052,3 +1052,35 @@ Deno.test("Linear: the residual must have the output's shape, for 1-D inputs too
   plain.dispose();
   lin.dispose();
 });
+
+Deno.test("step: a disposed parameter or state buffer is named before any parameter moves", async () => {
+  await setup();
+  const make = () => {
+    const [a, b] = [param(Float64Array.from([1, 2]), [2]), param(Float64Array.from([3, 4, 5]), [3])];
+    const opt = new AdamW([{ params: [a, b], names: ["a", "b"] }]);
+    setGrad(a, Float64Array.from([1, 1]));
+    setGrad(b, Float64Array.from([1, 1, 1]));
+    return { a, b, opt };
+  };
+  const undone = async (a: Tensor, opt: AdamW, steps: number, want: RegExp) => {
+    const before = [...await a.toArray()];
+    assert.throws(() => opt.step(), want);
+    assert.deepEqual([...await a.toArray()], before, "a did not move");
+    assert.equal(opt.stepCount, steps, "no step counted"); // it counted the step and moved a, then threw
+  };
+  const base = memory();
+  {
+    const { a, b, opt } = make();
+    b.dispose(); // its gradient stays
+    await undone(a, opt, 0, /step: parameter 'b' was disposed/);
+    for (const t of [a, a.grad!, b.grad!, opt]) t.dispose();
+  }
+  {
+    const { a, b, opt } = make();
+    opt.step(); // makes the state buffers
+    opt.stateDict().tensors.get("b.exp_avg_sq")!.dispose();
+    await undone(a, opt, 1, /step: the exp_avg_sq state buffer of parameter 'b' was disposed/);
+    for (const t of [a, b, a.grad!, b.grad!, opt]) t.dispose();
+  }
+  assert.equal(memory().liveTensors, base.liveTensors);
+});
