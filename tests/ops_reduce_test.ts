@@ -375,3 +375,22 @@ Deno.test("an op given a disposed tensor names it and allocates nothing; reshape
   );
   a.dispose();
 });
+
+Deno.test("sumToShape: a shape that does not broadcast to the gradient's is an error naming both, and leaks nothing", async () => {
+  const g = M.randn([2, 4, 8], { seed: 1 });
+  const ok = M.sumToShape(g, [4, 1]);
+  assert.deepEqual(ok.shape, [4, 1]);
+  ok.dispose();
+  const before = M.memory();
+  for (const shape of [[3], [2, 1, 4, 8], [4, 2]]) {
+    assert.throws(
+      () => M.sumToShape(g, shape),
+      new RegExp(`sumToShape: cannot sum \\[2, 4, 8\\] to \\[${shape.join(", ")}\\]`),
+    );
+  }
+  // the sum over the broadcast axes was made before the reshape's check threw, and leaked
+  assert.equal(M.memory().liveTensors, before.liveTensors);
+  assert.equal(M.memory().liveBytes, before.liveBytes);
+  await M.sync();
+  g.dispose();
+});

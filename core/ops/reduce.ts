@@ -197,6 +197,12 @@ export function logsumexp(x: Tensor, axis: number, keepdim = false): Tensor {
 export function sumToShape(g: Tensor, shape: Shape): Tensor {
   if (sameShape(g.shape, shape)) return g;
   const lead = g.rank - shape.length;
+  // checked first: the reshape's own check came after the sum was made, which then leaked
+  if (lead < 0 || shape.some((d, i) => d !== 1 && d !== g.shape[i + lead])) {
+    throw new Error(
+      `sumToShape: cannot sum ${fmt(g.shape)} to ${fmt(shape)}, which does not broadcast to it`,
+    );
+  }
   const axes: number[] = [];
   g.shape.forEach((d, i) => {
     if (i < lead || (shape[i - lead] === 1 && d !== 1)) axes.push(i);
