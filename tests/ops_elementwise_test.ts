@@ -517,3 +517,14 @@ Deno.test("NaN stays NaN through max, maximum, minimum, relu and clamp, as in Py
     t.dispose();
   }
 });
+
+Deno.test("compare: an unknown name is an error naming it and the six names, before any kernel", () => {
+  const a = tensor([1, 2, 3]);
+  const before = M.memory();
+  assert.throws(
+    () => M.compare("gte" as "eq", a, 2), // it made a kernel of invalid WGSL, an error at the next sync
+    /compare: name must be one of eq, ne, lt, le, gt, ge, got "gte"/,
+  );
+  assert.equal(M.memory().liveTensors, before.liveTensors);
+  a.dispose();
+});

@@ -244,6 +244,11 @@ export type CompareName = "eq" | "ne" | "lt" | "le" | "gt" | "ge";
 
 /** Elementwise comparison; returns an f32 mask of 0 and 1 (not differentiable). */
 export function compare(name: CompareName, a: Operand, b: Operand): Tensor {
+  if (!Object.hasOwn(COMPARE, name)) { // else invalid WGSL, an error only at the next sync
+    throw new Error(
+      `compare: name must be one of ${Object.keys(COMPARE).join(", ")}, got ${JSON.stringify(name)}`,
+    );
+  }
   checkOperands(name, a, b);
   if (typeof a === "number" && typeof b === "number") {
     throw new Error(`${name}: one operand must be a tensor`);
