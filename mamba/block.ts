@@ -118,6 +118,9 @@ export class MambaBlock extends Module {
   ): { out: Tensor; cache: LayerCache | null } {
     const ED = this.config.dInner;
     const [Bsz, L] = u.shape;
+    if (u.rank !== 3 || u.size === 0) { // the modes differed at L = 0 (an error inside, or an empty output)
+      throw new Error(`MambaBlock.forward: u must be (B, L, D) with B, L >= 1, got ${fmt(u.shape)}`);
+    }
     if (from) {
       checkLayerCache("MambaBlock.forward", from, this.config, Bsz);
       checkCacheConstant("MambaBlock.forward", from);
@@ -259,17 +262,17 @@ export class MambaBlock extends Module {
     const { dInner: ED, dState: N, dtRank: R, dConv: K, dModel: D } = this.config;
     const Bu = u.shape[0];
     if (
-      u.rank !== 2 || u.shape[1] !== D || u.dtype !== "f32" || !sameShape(cache.h.shape, [Bu, ED, N]) ||
-      !sameShape(cache.inputs.shape, [Bu, ED, K - 1]) || (residual && !sameShape(residual.shape, u.shape))
+      u.rank !== 2 || u.shape[1] !== D || u.dtype !== "f32" ||
+      (residual && !sameShape(residual.shape, u.shape))
     ) {
       throw new Error(
-        `MambaBlock.step: u must be f32 (B, ${D}), the cache's h (B, ${ED}, ${N}) and inputs (B, ${ED}, ${
-          K - 1
-        })` +
-          `, a residual as u; got u ${u.dtype} ${fmt(u.shape)}, h ${fmt(cache.h.shape)}, inputs ` +
-          `${fmt(cache.inputs.shape)}${residual ? `, residual ${fmt(residual.shape)}` : ""}`,
+        `MambaBlock.step: u must be f32 (B, ${D}), a residual as u; got u ${u.dtype} ${fmt(u.shape)}${
+          residual ? `, residual ${fmt(residual.shape)}` : ""
+        }`,
       );
     }
+    // (a disposed or i32 cache met an op's error inside, different per mode)
+    checkLayerCache("MambaBlock.step", cache, this.config, Bu, undefined, `u ${fmt(u.shape)}`);
     // The fused step's kernels have no backward: with gradients wanted (the input or a parameter requires
     // grad, outside noGrad) the readable step below runs, differentiable as mamba.py's (the fused one dropped
     // every gradient but out_proj's and the residual's).

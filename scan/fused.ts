@@ -315,10 +315,13 @@ function checkScanArgs(
 
 /**
  * The whole SSM of a Mamba block in one kernel, differentiable with a recomputing backward.
- * x, draw: (B, L, ED); dBC: (B, L, R + 2N) (B at columns R.., C at R+N..); bias, D: (ED); A_log: (ED, N);
- * z: (B, L, ED) or null. Returns (C.h + D x) * silu(z): (B, L, ED). With `zStart`, z is (B, L, Z), Z >=
- * zStart + ED, and the gate reads its columns zStart .. zStart + ED in place (e.g. the z half of in_proj's
- * output, without a copy); z's gradient is zero outside them.
+ * x, draw: (B, L, ED); dBC: (B, L, R + 2N), B and C its last 2N columns (B at columns R.., C at R+N..; the R
+ * before them, x_proj's dt columns, are not read); bias, D: (ED); A_log: (ED, N); z: (B, L, ED) or null.
+ * Returns (C.h + D x) * silu(z): (B, L, ED). With `zStart`, z is (B, L, Z), Z >= zStart + ED, and the gate
+ * reads its columns zStart .. zStart + ED in place (e.g. the z half of in_proj's output, without a copy); z's
+ * gradient is zero outside them. With `dtRank`, dBC must be R + 2N wide (or padded to a multiple of 4, as
+ * {@linkcode fusedMambaScan} takes it): without it any R fits, so an N or a width off by one reads B and C
+ * from the wrong columns.
  *
  * Per batch, channel d and step t, with h[-1] = 0 (h[t] a row of N):
  * delta = softplus(draw[t] + bias[d]) (torch's softplus, linear above 20), A = -exp(A_log[d]),
@@ -334,8 +337,12 @@ export function fusedSelectiveScan(
   D: Tensor,
   z: Tensor | null,
   zStart?: number,
+  dtRank?: number,
 ): Tensor {
-  const { R, N } = checkScanArgs("fusedSelectiveScan", x, dBC, bias, A_log, D, z, zStart);
+  if (dtRank !== undefined && !(Number.isInteger(dtRank) && dtRank >= 0)) {
+    throw new Error(`fusedSelectiveScan: dtRank must be an integer >= 0, got ${dtRank}`);
+  }
+  const { R, N } = checkScanArgs("fusedSelectiveScan", x, dBC, bias, A_log, D, z, zStart, dtRank);
   if (draw.shape.join() !== x.shape.join() || draw.dtype !== "f32") {
     throw new Error(
       `fusedSelectiveScan: draw ${draw.dtype} ${fmt(draw.shape)} must be f32 ${fmt(x.shape)} as x`,

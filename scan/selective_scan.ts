@@ -58,6 +58,12 @@ export function selectiveScan(
   h0?: Tensor,
 ): { y: Tensor; hs: Tensor } {
   checkSelectiveScanArgs(x, delta, A, Bm, C, D);
+  if (mode !== "pscan" && mode !== "sequential") { // before any op runs ("fused" is MambaConfig.scan's)
+    throw new Error(
+      `selectiveScan: mode must be "pscan" or "sequential", got ${JSON.stringify(mode)} (the fused scan is ` +
+        "fusedSelectiveScan, or MambaConfig.scan)",
+    );
+  }
   const [Bsz, L, ED] = x.shape;
   const N = A.shape[1];
   if (h0 && (h0.disposed || h0.dtype !== "f32" || !sameShape(h0.shape, [Bsz, ED, N]))) {

@@ -98,6 +98,17 @@ Deno.test("fused scan reads the gate z as a column window of a wider tensor (in_
     () => fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, t.z),
     /z \[1, 4, 12\] must equal x \[1, 4, 8\]/,
   );
+  // With dtRank a width that is not R + 2N is refused (without it, any leading columns are dt's): an A_log of
+  // one state too many read B and C from shifted columns
+  const wide = inputs({ B: 1, L: 4, ED: 8, N: 5, R: 1, gated: false }, 20);
+  assert.throws(
+    () => fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, wide.A_log, t.D, null, undefined, 1),
+    /fusedSelectiveScan: dBC must be \(1, 4, 1 \+ 2\*5, or 12 padded\), got \[1, 4, 9\]/,
+  );
+  assert.throws(
+    () => fusedSelectiveScan(t.x, t.draw, t.dBC, t.bias, t.A_log, t.D, null, undefined, 1.5),
+    /dtRank must be an integer >= 0, got 1.5/,
+  );
   for (const v of Object.values(t)) v.dispose();
 });
 

@@ -763,8 +763,36 @@ Deno.test("selectiveScan, Mamba's constructors, Mamba.step's caches and the fuse
   assert.throws(() => model.step(x, caches), /Mamba.step: the cache of layer 1 has h disposed/);
   assert.equal(memory().liveTensors, live + 5, "nothing left behind but the caches");
   for (const c of caches) (c.h.disposed || c.h.dispose(), c.inputs.dispose());
+  // ... and a block's own step and forward (a disposed cache met an op's error inside, different per mode; L
+  // = 0 gave an empty output or an error in a narrow, per mode)
+  const beforeBlocks = memory().liveTensors;
+  for (const scan of ["fused", "pscan"] as const) {
+    const one = new Mamba(mambaConfig({ dModel: 8, nLayers: 1, scan }));
+    const block = one.layers.items[0].mixer;
+    const [c] = one.emptyCache(2);
+    c.inputs.dispose();
+    assert.throws(() => block.step(x, c), /MambaBlock.step: the cache has inputs disposed/);
+    c.h.dispose();
+    const empty = randn([2, 0, 8]);
+    assert.throws(
+      () => block.forward(empty, true),
+      /MambaBlock.forward: u must be \(B, L, D\) with B, L >= 1, got \[2, 0, 8\]/,
+    );
+    empty.dispose();
+    one.dispose();
+  }
+  assert.equal(memory().liveTensors, beforeBlocks, "the refused calls left nothing");
   x.dispose();
   model.dispose();
+  // selectiveScan's mode is checked before any op runs
+  const few = [t(1, 2, 3), t(1, 2, 3), t(3, 2), t(1, 2, 2), t(1, 2, 2), t(3)];
+  const before = memory().liveTensors;
+  assert.throws(
+    () => selectiveScan(few[0], few[1], few[2], few[3], few[4], few[5], "fused" as "pscan"),
+    /selectiveScan: mode must be "pscan" or "sequential", got "fused"/,
+  );
+  assert.equal(memory().liveTensors, before);
+  for (const v of few) v.dispose();
   // state sizes for the fused variants
   for (const n of [0, NaN, 1.5, 1e9]) {
     assert.throws(
