@@ -75,6 +75,14 @@ export interface Tokenizer {
 
 const NO_SPECIAL: SpecialTokens = Object.freeze({ bos: null, eos: null, pad: null, unk: null });
 
+/** A character as an error shows it: quoted, or U+XXXX where it does not show (a byte-order mark, a control
+ * character, a space other than ' '). */
+function showChar(c: string): string {
+  if (c === " " || !/[\p{C}\p{Z}]/u.test(c)) return JSON.stringify(c);
+  const u = `U+${c.codePointAt(0)!.toString(16).toUpperCase().padStart(4, "0")}`;
+  return c === "\uFEFF" ? `${u} (byte-order mark)` : u;
+}
+
 /** Byte-level tokenizer: UTF-8 bytes are the ids (vocabulary 256). */
 export class ByteTokenizer implements Tokenizer {
   /** Always 256. */
@@ -128,7 +136,7 @@ export class ByteTokenizer implements Tokenizer {
       if (bad.length) {
         throw new Error(
           `the text has characters this tokenizer does not know (the model never saw them): ${
-            bad.map((c) => JSON.stringify(c)).join(", ")
+            bad.map(showChar).join(", ")
           }`,
         );
       }

@@ -220,6 +220,11 @@ Deno.test("tokenizerFromJSON picks ByteTokenizer for char models and HubTokenize
     () => c.encode("naïve"),
     /the text has characters this tokenizer does not know \(the model never saw them\): "ï"/,
   );
+  // characters that do not show are named by code point (a byte-order mark printed as nothing at all)
+  assert.throws(
+    () => c.encode("\uFEFFIt\u00A0is\u200B"),
+    /never saw them\): U\+FEFF \(byte-order mark\), U\+00A0, U\+200B$/,
+  );
   assert.deepEqual(c.specialTokens, { bos: null, eos: null, pad: null, unk: null });
   const h = tokenizerFromJSON(JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer.json"))));
   assert.ok(h instanceof HubTokenizer);
