@@ -21,7 +21,7 @@ import { parseArgs } from "node:util";
 import { init } from "../core/device.ts";
 import { perplexity } from "../mamba/perplexity.ts";
 import { ByteTokenizer } from "../mamba/tokenizer.ts";
-import { intFlag as int, UsageError } from "./lib/cli.ts";
+import { intFlag as int, UsageError, userPath } from "./lib/cli.ts";
 import { loadModel, MODEL_OPTIONS, modelFlags, runProgram } from "./lib/model_cli.ts";
 
 const USAGE = `Usage: deno task eval --model <id|folder|url> --data <file> [options]
@@ -79,7 +79,7 @@ function parse(argv: string[]) {
   }
   return {
     ...modelFlags(values),
-    data: values.data,
+    data: userPath(values.data),
     seq: int("seq", values.seq, 1024, 1),
     batch: int("batch", values.batch, 1, 1),
     carryState: values["carry-state"] === true,

@@ -39,6 +39,7 @@ import {
   loadTrainingCheckpoint,
   saveTrainingCheckpoint,
 } from "../mamba/checkpoint.ts";
+import { userModelPath, userPath } from "./lib/cli.ts";
 import { lossChartSVG } from "./lib/loss_chart.ts";
 
 /** The bundled text a run trains on without --data. */
@@ -206,6 +207,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
   } else if (values["other-data"]) {
     throw new Error("--other-data applies to --resume only");
   }
+  const path = (p: string | undefined) => p === undefined ? undefined : userPath(p);
   const int = (name: string, v: string | undefined, dflt: number, min = 1, max = Number.MAX_SAFE_INTEGER) => {
     if (v === undefined) return dflt;
     const n = Number(v);
@@ -260,15 +262,16 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       ? null
       : int("mup-base-width", values["mup-base-width"], 0),
     recompute,
-    data: values.data ?? (values.resume === undefined ? DEFAULT_DATA : null),
+    // relative paths given are the user's, not the repository root's that deno task runs in
+    data: path(values.data) ?? (values.resume === undefined ? DEFAULT_DATA : null),
     otherData: values["other-data"] === true,
-    out: values.out ?? values.resume ?? (values.from === undefined ? "runs/char" : "runs/ft"),
-    resume: values.resume ?? null,
-    from: values.from ?? null,
+    out: path(values.out) ?? path(values.resume) ?? (values.from === undefined ? "runs/char" : "runs/ft"),
+    resume: path(values.resume) ?? null,
+    from: values.from === undefined ? null : userModelPath(values.from),
     hub: {
       revision: values.revision,
-      cacheDir: values["cache-dir"],
-      ...(values.tokenizer === undefined ? {} : { tokenizer: values.tokenizer }),
+      cacheDir: path(values["cache-dir"]),
+      ...(values.tokenizer === undefined ? {} : { tokenizer: userModelPath(values.tokenizer) }),
     },
     saveEvery: int("save-every", values["save-every"], 200),
     stepsGiven: values.steps !== undefined,

@@ -162,6 +162,15 @@ Deno.test("deno task eval prints the loss, perplexity and bits per byte of a tex
       (await run("--model", char, "--data", file, "--carry-state", "--batch", "2")).err,
       /--carry-state runs the windows one at a time: --batch must be 1/,
     );
+    // a relative --data is the user's folder's (deno task's INIT_CWD), not the repository root's
+    const cwd = Deno.env.get("INIT_CWD");
+    Deno.env.set("INIT_CWD", dir);
+    try {
+      assert.equal((await run("--model", char, "--data", "e.txt", "--tokenizer", "bytes")).code, 0);
+    } finally {
+      if (cwd === undefined) Deno.env.delete("INIT_CWD");
+      else Deno.env.set("INIT_CWD", cwd);
+    }
     assert.equal((await run("--model", char)).code, 2);
     assert.match((await run("--model", char)).err, /--data is required/);
     assert.match(

@@ -1101,13 +1101,46 @@ Deno.test("train: bad flags give clear errors", () => {
   const ft = parseTrainArgs(["--from", "org/model", "--revision", "v1", "--cache-dir", "c"])!;
   assert.deepEqual([ft.from, ft.hub, ft.train.lr, ft.train.minLr], [
     "org/model",
-    { revision: "v1", cacheDir: "c" },
+    { revision: "v1", cacheDir: `${Deno.cwd()}/c` },
     FINE_TUNE_LR,
     FINE_TUNE_LR / 10,
   ]);
   assert.equal(parseTrainArgs(["--from", "m", "--lr", "0.002"])!.train.lr, 0.002);
   // a fine-tuned run does not replace the char run of the default folder
   assert.deepEqual([parseTrainArgs([])!.out, parseTrainArgs(["--from", "m"])!.out], ["runs/char", "runs/ft"]);
+});
+
+Deno.test("train: relative paths are the user's folder's (deno task's INIT_CWD), not the repository root's", () => {
+  const saved = Deno.env.get("INIT_CWD");
+  const dir = Deno.makeTempDirSync();
+  try {
+    Deno.env.set("INIT_CWD", dir);
+    Deno.mkdirSync(`${dir}/org/local`, { recursive: true });
+    const a = parseTrainArgs([
+      "--data",
+      "t.txt",
+      "--out",
+      "../o",
+      "--from",
+      "./m",
+      "--tokenizer",
+      "org/local",
+    ])!;
+    const ft = parseTrainArgs(["--from", "state-spaces/mamba-130m-hf", "--cache-dir", "c"])!;
+    assert.deepEqual([a.data, a.out, a.from, a.hub.tokenizer], [
+      `${dir}/t.txt`,
+      `${dir.replace(/\/[^/]+$/, "")}/o`,
+      `${dir}/m`,
+      `${dir}/org/local`, // a folder there, though it has the form of a hub id
+    ]);
+    assert.deepEqual([ft.from, ft.hub.cacheDir], ["state-spaces/mamba-130m-hf", `${dir}/c`]);
+    assert.equal(parseTrainArgs(["--resume", "r"])!.out, `${dir}/r`);
+    assert.equal(parseTrainArgs(["--resume", "/abs/r"])!.resume, "/abs/r");
+  } finally {
+    if (saved === undefined) Deno.env.delete("INIT_CWD");
+    else Deno.env.set("INIT_CWD", saved);
+    Deno.removeSync(dir, { recursive: true });
+  }
 });
 
 Deno.test("train: --from fine-tunes a pretrained model on its own tokenizer's ids; the run carries the tokenizer and resumes", async () => {

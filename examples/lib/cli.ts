@@ -5,7 +5,9 @@
  * @module
  */
 
+import { resolve } from "node:path";
 import { parseArgs } from "node:util";
+import { isHubId } from "../../mamba/hub.ts";
 
 /** A bad flag or value; {@linkcode parseCommandLine} prints it with the usage text and exits with 2. */
 export class UsageError extends Error {}
@@ -76,4 +78,32 @@ export function intFlag(
 export function weightDtypeFlag(v: string | undefined): "f32" | "bf16" {
   if (v === undefined || v === "f32" || v === "bf16") return v ?? "f32";
   throw new UsageError(`--dtype must be f32 or bf16, got '${v}'`);
+}
+
+/**
+ * The folder relative paths on the command line mean: the user's (`deno task` runs a script in deno.json's
+ * folder and names the one it was typed in as INIT_CWD), else the working folder.
+ */
+export function userCwd(): string {
+  return Deno.env.get("INIT_CWD") || Deno.cwd();
+}
+
+/** A file or folder path given on the command line, resolved against {@linkcode userCwd}. */
+export function userPath(p: string): string {
+  return resolve(userCwd(), p);
+}
+
+/**
+ * A model or tokenizer flag's value (hub id, folder or URL): a URL, or a hub id (org/name) with nothing of that
+ * name in {@linkcode userCwd}, as given; else a path, resolved as {@linkcode userPath}.
+ */
+export function userModelPath(s: string): string {
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(s)) return s;
+  if (!isHubId(s)) return userPath(s);
+  try {
+    Deno.statSync(userPath(s));
+    return userPath(s);
+  } catch {
+    return s;
+  }
 }

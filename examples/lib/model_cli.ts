@@ -6,7 +6,7 @@
 
 import { fromPretrained, NoTokenizerError, type PretrainedLM } from "../../mamba/pretrained.ts";
 import type { WeightDtype } from "../../nn/layers.ts";
-import { UsageError, weightDtypeFlag } from "./cli.ts";
+import { UsageError, userModelPath, userPath, weightDtypeFlag } from "./cli.ts";
 
 /** The model flags: `--model`'s value and the hub, tokenizer and weight options. */
 export interface ModelFlags {
@@ -37,11 +37,12 @@ export function modelFlags(
 ): ModelFlags {
   if (!values.model) throw new UsageError("--model is required");
   return {
-    model: values.model,
+    // relative paths are the user's, not the repository root's that deno task runs in
+    model: userModelPath(values.model),
     weightDtype: weightDtypeFlag(values.dtype),
-    tokenizer: values.tokenizer,
+    tokenizer: values.tokenizer === undefined ? undefined : userModelPath(values.tokenizer),
     revision: values.revision,
-    cacheDir: values["cache-dir"],
+    cacheDir: values["cache-dir"] === undefined ? undefined : userPath(values["cache-dir"]),
   };
 }
 
