@@ -28,7 +28,7 @@ const USAGE = `Usage: deno task eval --model <id|folder|url> --data <file> [opti
 
   --model <s>        hub id (org/name), local folder or URL with config.json + model.safetensors (or
                      pytorch_model.bin)
-  --data <file>      UTF-8 text to score
+  --data <file>      UTF-8 text to score (a char model's: any bytes)
   --seq <n>          predictions per window: each token is predicted from at most n before it (all before
                      it with --carry-state) (default 1024)
   --batch <n>        windows per forward pass (default 1)
@@ -74,14 +74,15 @@ function parse(argv: string[]) {
   }
   if (values.help) return null;
   if (!values.data) throw new UsageError("--data is required");
-  if (values["carry-state"] && values.batch !== undefined && values.batch !== "1") {
+  const batch = int("batch", values.batch, 1, 1);
+  if (values["carry-state"] && batch !== 1) {
     throw new UsageError("--carry-state runs the windows one at a time: --batch must be 1");
   }
   return {
     ...modelFlags(values),
     data: userPath(values.data),
     seq: int("seq", values.seq, 1024, 1),
-    batch: int("batch", values.batch, 1, 1),
+    batch,
     carryState: values["carry-state"] === true,
     maxTokens: values["max-tokens"] === undefined ? null : int("max-tokens", values["max-tokens"], 0, 2),
   };
@@ -108,9 +109,10 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
   try {
     const tok = lm.tokenizer!;
     const chars = tok instanceof ByteTokenizer; // a char model: ids are bytes
-    // as deno task train reads it: a char model's text with its byte-order mark, if any (a byte it trained on)
-    const text = new TextDecoder("utf-8", { ignoreBOM: chars }).decode(bytes);
-    const all = tok.encode(text);
+    // as deno task train reads it: a char model's ids are the file's bytes (a byte-order mark, a text that is
+    // not UTF-8: bytes it trained on)
+    const text = chars ? "" : new TextDecoder().decode(bytes);
+    const all = chars ? (tok as ByteTokenizer).encodeBytes(bytes) : tok.encode(text);
     const ids = a.maxTokens === null ? all : all.slice(0, a.maxTokens);
     if (ids.length < 2) {
       io.err(`error: ${a.data} has ${ids.length} token${ids.length === 1 ? "" : "s"}: at least 2 are needed`);

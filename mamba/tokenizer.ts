@@ -144,6 +144,27 @@ export class ByteTokenizer implements Tokenizer {
     return ids;
   }
 
+  /**
+   * The bytes themselves as ids, as training reads a text (one that is not UTF-8 too); with a known set,
+   * unknown bytes give an error naming them (the characters, where the bytes are UTF-8).
+   */
+  encodeBytes(bytes: Uint8Array): number[] {
+    const bad = this.known ? [...new Set(bytes)].filter((b) => !this.known!.has(b)) : [];
+    if (bad.length) {
+      let text: string | null = null;
+      try {
+        text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(bytes);
+      } catch { /* not UTF-8: the bytes are named */ }
+      if (text !== null) this.encode(text); // throws, naming the characters
+      throw new Error(
+        `the text has bytes this tokenizer does not know (the model never saw them): ${
+          bad.map((b) => `0x${b.toString(16).toUpperCase().padStart(2, "0")}`).join(", ")
+        }`,
+      );
+    }
+    return [...bytes];
+  }
+
   /** Whole-text decode (a leading byte-order mark kept: it was a byte of the text). Ids outside 0..255 are an
    * error. */
   decode(ids: ArrayLike<number>, _options?: DecodeOptions): string {

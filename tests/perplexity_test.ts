@@ -162,6 +162,18 @@ Deno.test("deno task eval prints the loss, perplexity and bits per byte of a tex
       (await run("--model", char, "--data", file, "--carry-state", "--batch", "2")).err,
       /--carry-state runs the windows one at a time: --batch must be 1/,
     );
+    // --batch is compared as a number: 1.0 is 1
+    const one = await run("--model", char, "--data", file, "--seq", "50", "--carry-state", "--batch", "1.0");
+    assert.equal(one.out, carried.out, one.err);
+    // a char model scores a text that is not UTF-8 on its bytes, as deno task train trains on them (decoding
+    // made each byte 3 of U+FFFD); bytes it never saw are named
+    await Deno.writeFile(`${dir}/latin1.txt`, new Uint8Array([0x49, 0x20, 0xe9, 0x74, 0xe9]));
+    const latin1 = await run("--model", char, "--tokenizer", `${dir}/bytes`, "--data", `${dir}/latin1.txt`);
+    assert.match(latin1.err, /^4 tokens predicted/m, latin1.out + latin1.err);
+    await assert.rejects(
+      () => run("--model", char, "--data", `${dir}/latin1.txt`),
+      /the text has bytes this tokenizer does not know \(the model never saw them\): 0xE9$/,
+    );
     // a relative --data is the user's folder's (deno task's INIT_CWD), not the repository root's
     const cwd = Deno.env.get("INIT_CWD");
     Deno.env.set("INIT_CWD", dir);
