@@ -4,6 +4,7 @@
  * ```sh
  * deno task train                                  # mamba.py's recipe: 1200 steps of 16 x 128 characters
  * deno task train --steps 300 --out runs/short     # shorter
+ * deno task train --steps 300 --overwrite          # a new run in place of the one in runs/char
  * deno task train --resume runs/char               # continue a run exactly where it stopped (on its own text)
  * deno task train --resume runs/short --steps 600  # extend a run (the cosine schedule stretches from here on)
  * deno task train --from state-spaces/mamba-130m-hf --data my.txt --out runs/ft --steps 200 --batch 4 --seq 256
@@ -12,7 +13,8 @@
  * tokenizer, which the checkpoints carry (`deno task generate --model runs/ft` reads it back).
  * A progress line shows step, loss, validation loss, tokens/s and ETA. Checkpoints (config.json,
  * model.safetensors in the Hugging Face layout, optimizer state, training log, tokenizer) are written every
- * `--save-every` steps and at the end; Ctrl-C saves one before exiting. The loss curve is written as
+ * `--save-every` steps and at the end; Ctrl-C saves one before exiting (before the run's first step, none).
+ * A new run refuses an `--out` holding another run's checkpoint unless `--overwrite`. The loss curve is written as
  * `loss.json` and `loss.svg`, in the checkpoint folder. A resumed run keeps its recipe and model (flags that
  * would change them are errors) and writes to the folder it resumes unless `--out` names another.
  * @module
@@ -39,7 +41,7 @@ import {
   loadTrainingCheckpoint,
   saveTrainingCheckpoint,
 } from "../mamba/checkpoint.ts";
-import { userModelPath, userPath } from "./lib/cli.ts";
+import { UsageError, userModelPath, userPath } from "./lib/cli.ts";
 import { lossChartSVG } from "./lib/loss_chart.ts";
 
 /** The bundled text a run trains on without --data. */
@@ -76,9 +78,10 @@ const USAGE = `Usage: deno task train [options]
                      --resume, the run's own, which must be the same text: its checkpoint names it)
   --other-data       with --resume: go on with a --data that is not the run's text (refused otherwise)
   --out <dir>        checkpoint folder (default runs/char; with --from runs/ft; with --resume, the resumed
-                     folder)
+                     folder); one that holds another run's checkpoint is refused unless --overwrite
+  --overwrite        replace the checkpoint of another run in --out (HF Trainer's overwrite_output_dir)
   --resume <dir>     continue the run saved in <dir> with its recipe and model; only --steps (to extend
-                     it), --data, --other-data, --out and --save-every may be given with it
+                     it), --data, --other-data, --out, --overwrite and --save-every may be given with it
   --from <model>     fine-tune a pretrained model (hub id, folder or URL) instead of training a new one:
                      the text is encoded by its tokenizer; --d-model, --layers, --d-state, --mup-base-width
                      do not apply
@@ -88,7 +91,7 @@ const USAGE = `Usage: deno task train [options]
   --tokenizer <s>    hub id, folder or URL of --from's tokenizer (default: the model's own)
   --eval-every <n>   steps between validation losses (default ${DEFAULT_TRAIN.evalEvery})
   --save-every <n>   steps between checkpoints (default 200)
-  --help             this text`;
+  -h, --help         this text`;
 
 /** Parsed command line. */
 export interface TrainArgs {
@@ -110,6 +113,8 @@ export interface TrainArgs {
   otherData: boolean;
   /** Output folder. */
   out: string;
+  /** Whether a checkpoint of another run in `out` may be replaced (--overwrite). */
+  overwrite: boolean;
   /** Folder to resume from, if any. */
   resume: string | null;
   /** Pretrained model to fine-tune (hub id, folder or URL), if any. */
@@ -163,6 +168,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
       data: { type: "string" },
       "other-data": { type: "boolean" },
       out: { type: "string" },
+      overwrite: { type: "boolean" },
       resume: { type: "string" },
       from: { type: "string" },
       revision: { type: "string" },
@@ -201,7 +207,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     if (given.length > 0) {
       throw new Error(
         `${given.map((f) => `--${f}`).join(", ")} cannot be used with --resume: a resumed run keeps the ` +
-          `recipe and model of its checkpoint (only --steps, --data, --other-data, --out and --save-every apply)`,
+          `recipe and model of its checkpoint (only --steps, --data, --other-data, --out, --overwrite and --save-every apply)`,
       );
     }
   } else if (values["other-data"]) {
@@ -265,6 +271,7 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     // relative paths given are the user's, not the repository root's that deno task runs in
     data: path(values.data) ?? (values.resume === undefined ? DEFAULT_DATA : null),
     otherData: values["other-data"] === true,
+    overwrite: values.overwrite === true,
     out: path(values.out) ?? path(values.resume) ?? (values.from === undefined ? "runs/char" : "runs/ft"),
     resume: path(values.resume) ?? null,
     from: values.from === undefined ? null : userModelPath(values.from),
@@ -301,12 +308,32 @@ function fmtTime(s: number): string {
     : `${s.toFixed(0)}s`;
 }
 
+/** Throws where `a.out` holds the checkpoint of a run other than the one `a` resumes: a new run would replace
+ * it at its first save. */
+async function refuseOtherRun(a: TrainArgs): Promise<void> {
+  let step: unknown;
+  try {
+    step = (JSON.parse(await Deno.readTextFile(`${a.out}/training_log.json`)) as { step?: unknown }).step;
+  } catch {
+    return; // no checkpoint there (checkCheckpointFolder refused anything else)
+  }
+  if (a.resume !== null) {
+    const [from, to] = await Promise.all([a.resume, a.out].map((p) => Deno.realPath(p).catch(() => p)));
+    if (from === to) return; // the run itself
+  }
+  throw new UsageError(
+    `--out ${a.out} holds the checkpoint of another run (at step ${step}): pass --resume ${a.out} to continue ` +
+      "it, another --out, or --overwrite to replace it",
+  );
+}
+
 /** Hooks for `runTraining` (the demo uses them to print samples). */
 export interface TrainHooks {
   /** Receives progress text (default: stderr, one line rewritten in place on a terminal). */
   progress?: (line: string, final: boolean) => void;
-  /** Stops the run early (checked after every step), e.g. set by Ctrl-C. */
-  shouldStop?: () => boolean;
+  /** Stops the run early, e.g. set by Ctrl-C: asked before the first step (`stepped` false; stopped there, the
+   * run saves nothing: `--out` stays as it was) and after every step (a checkpoint of that step is saved). */
+  shouldStop?: (stepped: boolean) => boolean;
   /** Runs once the model exists, before the first step (the demo prints a sample there). */
   onStart?: (trainer: Trainer) => Promise<void>;
 }
@@ -315,6 +342,15 @@ export interface TrainHooks {
 export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise<Trainer> {
   await init();
   await checkCheckpointFolder(a.out); // a folder we may not replace or write in fails now, not at the first save
+  if (a.from) {
+    const same = await Promise.all([a.from, a.out].map((p) => Deno.realPath(p).catch(() => null)));
+    if (same[0] !== null && same[0] === same[1]) {
+      throw new UsageError(
+        `--out ${a.out} is the folder --from reads: name another --out (or --resume it to continue that run)`,
+      );
+    }
+  }
+  if (!a.overwrite) await refuseOtherRun(a);
   const readText = (path: string) =>
     Deno.readFile(path).catch((e) => {
       throw new Error(`cannot read the training text ${path}: ${(e as Error).message}`);
@@ -332,7 +368,15 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       const run = encodeText(text ?? await readText(dataPath), tok);
       tokenizer = run.tokenizer;
       return run.data;
-    }, { otherData: a.otherData });
+    }, { otherData: a.otherData }).catch((e) => {
+      // the library's option, named by its flag here
+      const m = /^(cannot resume .* with this data: .*go on with this one) \(otherData: true;/.exec(
+        e.message,
+      );
+      throw m
+        ? new UsageError(`${m[1]} (--other-data; or start a new run from its weights: --from ${a.resume})`)
+        : e;
+    });
     if (a.stepsGiven) {
       try {
         trainer.setSteps(a.train.steps); // the learning-rate schedule follows
@@ -343,17 +387,11 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       }
     }
   } else if (a.from) {
-    const same = await Promise.all([a.from, a.out].map((p) => Deno.realPath(p).catch(() => null)));
-    if (same[0] !== null && same[0] === same[1]) {
-      throw new Error(
-        `--out ${a.out} is the folder --from reads: name another --out (or --resume it to continue that run)`,
-      );
-    }
     // a tokenizer to encode the text with is needed: said before the weights download
     const lm = await fromPretrained(a.from, { ...a.hub, recompute: a.recompute, requireTokenizer: true })
       .catch((e) => {
         if (!(e instanceof NoTokenizerError)) throw e;
-        throw new Error(
+        throw new UsageError( // as deno task generate and eval say it: a flag is missing
           `${a.from} has no tokenizer.json to encode the text with (${e.reason}): name one with ` +
             "--tokenizer <id|folder|url>",
         );
@@ -405,7 +443,12 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       dataSource,
       files: {
         "loss.json": JSON.stringify(trainer.log) + "\n",
-        "loss.svg": await lossChartSVG(trainer.log),
+        "loss.svg": await lossChartSVG(
+          trainer.log,
+          [],
+          "loss",
+          tokenizer instanceof ByteTokenizer ? "char" : "token",
+        ),
       },
     }).catch((e) => {
       const cause = (e as Error).cause; // the divergence itself, said with the checkpoint left
@@ -417,18 +460,29 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
   const t0 = performance.now();
   const startStep = trainer.step;
   const priorSeconds = trainer.log.time.at(-1)?.[1] ?? 0;
-  let lastVal = trainer.log.val.at(-1)?.[1] ?? NaN;
+  let [valStep, lastVal] = trainer.log.val.at(-1) ?? [0, NaN];
   if (trainer.step === 0) lastVal = await trainer.evaluate();
+  // The validation loss is that of the last evaluation (every --eval-every steps, and the last), marked with
+  // its step where older than the step shown: evaluating at a stop instead would cost a pass over the
+  // validation text.
+  const val = (step: number) => `val ${lastVal.toFixed(4)}${valStep === step ? "" : ` @${valStep}`}`;
   let lastLoss = trainer.log.train.at(-1)?.[1] ?? NaN;
+  if (trainer.step < cfg.steps && (hooks.shouldStop?.(false) ?? false)) {
+    // stopped before a step of its own: a save would replace the checkpoint in --out with no new work
+    progress(`interrupted before the first step: nothing saved (${a.out} is as it was)`, true);
+    return trainer;
+  }
   while (trainer.step < cfg.steps) {
     const mean = await trainer.trainStep().catch((e) => {
       throw /^training diverged/.test((e as Error).message) ? diverged(e) : e;
     });
     if (mean !== null) lastLoss = mean;
     const step = trainer.step;
-    if (step % cfg.evalEvery === 0 || step === cfg.steps) lastVal = await trainer.evaluate();
+    if (step % cfg.evalEvery === 0 || step === cfg.steps) {
+      [valStep, lastVal] = [step, await trainer.evaluate()];
+    }
     const secs = (performance.now() - t0) / 1000;
-    const stop = hooks.shouldStop?.() ?? false;
+    const stop = hooks.shouldStop?.(true) ?? false;
     const saving = step % a.saveEvery === 0 || step === cfg.steps || stop;
     // the time goes with each checkpoint too: a run resumed from one adds its own to the seconds saved there
     if (mean !== null || saving) {
@@ -439,7 +493,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
         // (before the first readback of the losses, a save's line has none yet: "-", not NaN, which would
         // read as a diverged run)
         `step ${step}/${cfg.steps}  loss ${Number.isNaN(lastLoss) ? "-" : lastLoss.toFixed(4)}  ` +
-          `val ${lastVal.toFixed(4)}  ` +
+          `${val(step)}  ` +
           `${tps.toFixed(0)} tok/s  ETA ${fmtTime(eta)}`,
         false,
       );
@@ -451,7 +505,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     saved === null
       ? `nothing to train: the run is at step ${trainer.step} of ${cfg.steps} (--steps trains it longer); ` +
         `its checkpoint stays in ${a.resume}`
-      : `done: step ${trainer.step}, val ${lastVal.toFixed(4)}, checkpoint in ${a.out}`,
+      : `done: step ${trainer.step}, ${val(trainer.step)}, checkpoint in ${a.out}`,
     true,
   );
   return trainer;
@@ -470,18 +524,29 @@ if (import.meta.main) {
     Deno.exit(0);
   }
   let interrupted = false;
+  let stepped = false; // whether a step of this run was taken: before it, a save would replace --out for nothing
   Deno.addSignalListener("SIGINT", () => {
+    if (!stepped) {
+      // loading, downloading (--from) or the first evaluation: nothing of this run to keep
+      console.error("\ninterrupted before the first step: nothing saved");
+      Deno.exit(130);
+    }
     if (interrupted) Deno.exit(130);
     interrupted = true;
     console.error("\ninterrupted: saving a checkpoint (Ctrl-C again to quit at once)");
   });
   try {
-    const trainer = await runTraining(args, { shouldStop: () => interrupted });
+    const trainer = await runTraining(args, {
+      shouldStop: (took) => {
+        stepped = took;
+        return interrupted;
+      },
+    });
     trainer.model.dispose();
     trainer.dispose();
     Deno.exit(interrupted ? 130 : 0);
   } catch (e) {
     console.error(`error: ${(e as Error).message}`);
-    Deno.exit(1);
+    Deno.exit(e instanceof UsageError ? 2 : 1);
   }
 }

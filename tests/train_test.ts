@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { FINE_TUNE_LR, parseTrainArgs, runTraining } from "../examples/train.ts";
+import { UsageError } from "../examples/lib/cli.ts";
 import { init } from "../core/device.ts";
 import { upload } from "../core/executor.ts";
 import { memory } from "../core/memory.ts";
@@ -48,7 +49,7 @@ async function trainRun<R>(args: string[], read: (t: Trainer) => R, stopAfter?: 
   let n = 0;
   const t = await runTraining(parseTrainArgs(args)!, {
     progress: quiet,
-    shouldStop: stopAfter === undefined ? undefined : () => ++n === stopAfter,
+    shouldStop: stopAfter === undefined ? undefined : (stepped) => stepped && ++n === stopAfter,
   });
   try {
     return read(t);
@@ -110,7 +111,7 @@ Deno.test("train: a resumed run continues exactly as an uninterrupted one (losse
     // The same run, interrupted after step 5 (as Ctrl-C does), then resumed.
     let steps = 0;
     const b = parseTrainArgs([...small, "--out", `${root}/b`, "--save-every", "100"])!;
-    const tb = await runTraining(b, { progress: quiet, shouldStop: () => ++steps === 5 });
+    const tb = await runTraining(b, { progress: quiet, shouldStop: (stepped) => stepped && ++steps === 5 });
     assert.equal(tb.step, 5);
     tb.model.dispose();
     // The checkpoint holds the seconds up to step 5 (there was no readback yet), which the resume adds to.
@@ -454,6 +455,54 @@ Deno.test("train: an --out it cannot write in fails before the first step, not a
   }
 });
 
+Deno.test("train: a new run refuses an --out holding another run's checkpoint unless --overwrite; stopped before its first step it saves nothing; a stale validation loss shows its step", async () => {
+  const root = await Deno.makeTempDir();
+  try {
+    const lines: string[] = [];
+    const progress = (line: string) => lines.push(line);
+    const step = async (dir: string) =>
+      JSON.parse(await Deno.readTextFile(`${dir}/training_log.json`)).step as number;
+    const run = async (args: string[], stopAfter?: number) => {
+      let n = 0;
+      const t = await runTraining(parseTrainArgs([...small, ...args])!, {
+        progress,
+        shouldStop: stopAfter === undefined ? undefined : (stepped) => (stepped ? ++n : 0) === stopAfter,
+      });
+      t.model.dispose();
+      t.dispose();
+    };
+    // stopped after step 1 of evaluations every 4: the validation loss shown is step 0's, marked so
+    await run(["--steps", "2", "--out", `${root}/a`], 1);
+    assert.match(lines.at(-2)!, /^step 1\/2 {2}loss \S+ {2}val \d+\.\d{4} @0 /);
+    assert.match(lines.at(-1)!, /^done: step 1, val \d+\.\d{4} @0, checkpoint in .*\/a$/);
+    await run(["--steps", "4", "--out", `${root}/b`]);
+    assert.match(lines.at(-1)!, /^done: step 4, val \d+\.\d{4}, checkpoint/, "measured at the step shown");
+    // a new run into a's folder is refused, naming it and its step; --resume continues it
+    const live = memory().liveBytes;
+    await assert.rejects(
+      () => run(["--steps", "2", "--out", `${root}/a`]),
+      (e) =>
+        e instanceof UsageError &&
+        e.message === `--out ${root}/a holds the checkpoint of another run (at step 1): pass --resume ` +
+            `${root}/a to continue it, another --out, or --overwrite to replace it`,
+    );
+    await assert.rejects(
+      () => runTraining(parseTrainArgs(["--resume", `${root}/b`, "--out", `${root}/a`])!, { progress }),
+      /holds the checkpoint of another run \(at step 1\)/,
+    );
+    assert.equal(memory().liveBytes, live, "a refused run leaves nothing behind");
+    assert.equal(await step(`${root}/a`), 1);
+    // stopped before its first step (Ctrl-C while it loads): nothing saved over the checkpoint
+    await run(["--steps", "3", "--out", `${root}/a`, "--overwrite"], 0);
+    assert.match(lines.at(-1)!, /^interrupted before the first step: nothing saved \(.*\/a is as it was\)$/);
+    assert.equal(await step(`${root}/a`), 1);
+    await run(["--steps", "3", "--out", `${root}/a`, "--overwrite"]);
+    assert.equal(await step(`${root}/a`), 3, "--overwrite replaces it");
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
 Deno.test("train: --resume writes to its own folder, and extending a run with --steps is bit-exact", async () => {
   const root = await Deno.makeTempDir();
   try {
@@ -464,7 +513,7 @@ Deno.test("train: --resume writes to its own folder, and extending a run with --
       let n = 0;
       const t = await runTraining(parseTrainArgs(args)!, {
         progress: quiet,
-        shouldStop: stopAfter === undefined ? undefined : () => ++n === stopAfter,
+        shouldStop: stopAfter === undefined ? undefined : (stepped) => stepped && ++n === stopAfter,
       });
       const r = { step: t.step, lr9: t.schedule(9), config: t.config };
       t.model.dispose();
@@ -539,7 +588,8 @@ Deno.test("train: a resume trains on the run's own text: without --data it reads
       () => trainRun(["--resume", `${root}/b`, "--data", `${root}/other.txt`], (t) => t.step),
       new RegExp(
         `cannot resume .*/b with this data: the run trained on bytes 3600 \\+ 400, hash [0-9a-f]+ ` +
-          `\\(.*/mine\\.txt\\), this data is bytes 3600 \\+ 400, hash (?!${mine.slice(-14)})`,
+          `\\(.*/mine\\.txt\\), this data is bytes 3600 \\+ 400, hash (?!${mine.slice(-14)}).*` +
+          `go on with this one \\(--other-data; or start a new run from its weights: --from .*/b\\)$`,
       ),
     );
     assert.equal(memory().liveBytes, live, "a refused resume leaves nothing behind");
@@ -591,7 +641,8 @@ Deno.test("train: a loss that is not finite names its first step, and no checkpo
     const run = async (saveEvery: string, poisonAt = 12) => {
       let trainer: Trainer | undefined;
       const args = ["--steps", "30", "--batch", "2", "--seq", "16", "--d-model", "8", "--layers", "1"];
-      const a = parseTrainArgs([...args, "--warmup", "2", "--save-every", saveEvery, "--out", `${root}/r`])!;
+      const out = ["--out", `${root}/r`, "--overwrite"]; // each run replaces the last
+      const a = parseTrainArgs([...args, "--warmup", "2", "--save-every", saveEvery, ...out])!;
       try {
         await runTraining(a, {
           progress: quiet,
@@ -1204,6 +1255,9 @@ Deno.test("train: --from fine-tunes a pretrained model on its own tokenizer's id
     assert.equal(b.step, 4);
     const log = JSON.parse(await Deno.readTextFile(`${root}/hub/training_log.json`));
     assert.ok(log.files.includes("tokenizer_config.json"), `files: ${log.files}`);
+    // its loss chart's unit is the tokenizer's tokens; a char model's are characters
+    assert.match(await Deno.readTextFile(`${root}/hub/loss.svg`), /cross-entropy \(nats\/token\)/);
+    assert.match(await Deno.readTextFile(`${root}/char/loss.svg`), /cross-entropy \(nats\/char\)/);
     assert.equal((await run(["--resume", `${root}/hub`, "--data", text, "--steps", "6"])).step, 6);
     const back = await fromPretrained(`${root}/hub`);
     try {
@@ -1218,7 +1272,10 @@ Deno.test("train: --from fine-tunes a pretrained model on its own tokenizer's id
     bare.dispose();
     await assert.rejects(
       () => run(["--from", `${root}/bare`, ...flags, "--steps", "2", "--out", `${root}/x`]),
-      /bare has no tokenizer.json to encode the text with \(.*\): name one with --tokenizer <id\|folder\|url>/,
+      (e) =>
+        e instanceof UsageError && // exit status 2, as deno task generate and eval give it
+        /bare has no tokenizer.json to encode the text with \(.*\): name one with --tokenizer <id\|folder\|url>/
+          .test(e.message),
     );
     const named = await run([
       "--from",

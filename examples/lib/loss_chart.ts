@@ -16,11 +16,13 @@ export interface ReferenceCurve {
 }
 
 /** Renders train and validation loss against step; `refs` adds reference curves (examples/train.ts draws
- * none; examples/loss_vs_pytorch.ts adds PyTorch mamba.py's validation loss for docs/loss_vs_pytorch.svg). */
+ * none; examples/loss_vs_pytorch.ts adds PyTorch mamba.py's validation loss for docs/loss_vs_pytorch.svg);
+ * `unit` is what a loss is per: "char" for a char model, "token" for a tokenizer's ids. */
 export async function lossChartSVG(
   log: TrainLog,
   refs: ReferenceCurve[] = [],
   title = "loss",
+  unit: "char" | "token" = "char",
 ): Promise<string> {
   const values = [
     ...log.train.map(([step, loss]) => ({ step, loss, curve: "train (mamba.ts)" })),
@@ -36,7 +38,12 @@ export async function lossChartSVG(
     mark: { type: "line", point: { size: 12 } },
     encoding: {
       x: { field: "step", type: "quantitative", title: "step" },
-      y: { field: "loss", type: "quantitative", title: "cross-entropy (nats/char)", scale: { zero: false } },
+      y: {
+        field: "loss",
+        type: "quantitative",
+        title: `cross-entropy (nats/${unit})`,
+        scale: { zero: false },
+      },
       color: { field: "curve", type: "nominal", title: null },
     },
   };
