@@ -78,6 +78,7 @@ function makeSampleKernel(WG: number): Kernel {
       ["minP", "f32"],
       ["W", "u32"],
       ["penalty", "f32"],
+      ["seedHi", "u32"],
     ],
     workgroupSize: WG,
     decls: `
@@ -205,6 +206,8 @@ fn countKeyAtLeast(row: u32, k: u32, lid: u32) -> u32 {
   var ninf = 0xff800000u;
   var bv = bitcast<f32>(ninf);
   var bi = 0xffffffffu;
+  // the seed's upper word (of seeds past 2^32 or below 0) mixed in; seeds below 2^32 as before it was read
+  let seed = select(P.seed ^ hash(P.seedHi ^ 0x5BD1E995u), P.seed, P.seedHi == 0u);
   for (var v = lid; v < P.V; v += ${WG}u) {
     let x = logit(row, v);
     var score = x;
@@ -214,7 +217,7 @@ fn countKeyAtLeast(row: u32, k: u32, lid: u32) -> u32 {
       // (24 bits rounded u to 1.0 once in 2^24 draws: an infinite score, a uniformly random token once in about
       // 330 at a 50k vocabulary); and -log(u) kept above 0 where log rounds u near 1 to 0. The row is hashed
       // apart from the token id (row * 65599 + v made row r + 1's noise row r's past 65599 tokens).
-      let h = hash(P.seed ^ hash((P.step * 0x9E3779B9u) ^ hash(hash(v) ^ hash(row + 0x85EBCA6Bu))));
+      let h = hash(seed ^ hash((P.step * 0x9E3779B9u) ^ hash(hash(v) ^ hash(row + 0x85EBCA6Bu))));
       let u = (f32(h >> 9u) + 0.5) / 8388608.0;
       score = (x - rowMax) * P.invTemp - log(max(-log(u), 2.98e-8));
     }
@@ -273,7 +276,7 @@ export interface SampleOptions {
    */
   repetitionPenalty?: number;
   /**
-   * Seed of the sampler, an integer (taken modulo 2^32): the same seed, prompt and options give the same
+   * Seed of the sampler, an integer within ±(2^53 - 1), all of its bits used: the same seed, prompt and options give the same
    * tokens. Without one, each call draws its seed from the global generator, so successive calls differ
    * and `manualSeed` makes a program's samples reproducible (as torch.manual_seed before HF's generate).
    * That generator starts from one fixed seed in every process, as PyTorch's default generator does (its
@@ -297,7 +300,7 @@ export interface SampleParams {
   minP: number;
   /** Repetition penalty (1: none). */
   repetitionPenalty: number;
-  /** Seed as a u32; undefined: not given (generate draws one from the global generator when sampling). */
+  /** Seed (a safe integer); undefined: not given (generate draws one from the global generator when sampling). */
   seed: number | undefined;
 }
 
@@ -353,7 +356,7 @@ export function sampleParams(o: SampleOptions): SampleParams {
     topP,
     minP,
     repetitionPenalty,
-    seed: o.seed === undefined ? undefined : o.seed >>> 0,
+    seed: o.seed,
   };
 }
 
@@ -419,7 +422,8 @@ export function sampleInto(
       V,
       T: all.shape[1],
       step,
-      seed: p.seed ?? 0,
+      seed: (p.seed ?? 0) >>> 0,
+      seedHi: Math.floor((p.seed ?? 0) / 2 ** 32) >>> 0,
       greedy: p.greedy ? 1 : 0,
       topK: p.topK,
       invTemp: Math.min(1 / p.temperature, F32_MAX), // an f32: 1 / 1e-40 would be inf there, and 0 * inf NaN

@@ -461,6 +461,11 @@ Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", 
   const c = await lm.generate(prompt, 24, { sample: true, seed: 6, temperature: 0.8, topK: 5 });
   assert.deepEqual(a, b);
   assert.notDeepEqual(a, c);
+  // every bit of the seed counts: 5 + 2^32 and -(2^32 - 5) sample other tokens than 5 (it was taken modulo 2^32)
+  for (const seed of [5 + 2 ** 32, 5 - 2 ** 32]) {
+    const far = await lm.generate(prompt, 24, { sample: true, seed, temperature: 0.8, topK: 5 });
+    assert.notDeepEqual(far, a, `seed ${seed}`);
+  }
   // topK = 1 is greedy.
   assert.deepEqual(
     await lm.generate(prompt, 12, { sample: true, topK: 1, seed: 3 }),
