@@ -30,7 +30,7 @@ const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [
   --top-k <n>        sample among the k most likely tokens (default 0: all)
   --top-p <x>        nucleus sampling: the smallest set with probability >= x
   --min-p <x>        sample among the tokens at least x times as likely as the most likely one (HF's min_p)
-  --seed <n>         sampler seed (default: random; printed to stderr); not with --greedy
+  --seed <n>         sampler seed (default: random, printed to stderr first); not with --greedy
   --repetition-penalty <x>  divide the logits (> 0; multiply the negative ones) of tokens already in the
                      row, prompt included, by x (HF's repetition_penalty; default 1: none; greedy too)
   --batch <n>        rows generated at once from the same prompt (default 1; not with several --prompt)
@@ -123,6 +123,7 @@ function parse(argv: string[]) {
     minP: minP ? minP : undefined,
     repetitionPenalty: repetitionPenalty ?? 1,
     seed: values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : int("seed", values.seed, 0, 0),
+    seedDrawn: values.seed === undefined && !values.greedy,
     batch: int("batch", values.batch, 1, 1),
     readEvery: int("read-every", values["read-every"], 4, 1),
     prefillChunk: values["prefill-chunk"] === undefined
@@ -150,9 +151,28 @@ const STDIO: GenerateIO = {
   err: (line: string) => console.error(line),
 };
 
-/** Runs the command line `argv`; returns the exit status (0 ok, 2 usage errors). Other errors throw. */
+/** The text's reader went away (`| head`): generation stops, quietly. */
+class OutputClosed extends Error {}
+
+/** Runs the command line `argv`; returns the exit status (0 ok, or the text's reader closed it; 2 usage
+ * errors). Other errors throw. */
 export async function main(argv: string[], io: GenerateIO = STDIO): Promise<number> {
-  const out = (text: string) => io.out(text);
+  try {
+    return await generate(argv, io);
+  } catch (e) {
+    if (e instanceof OutputClosed || (e as Error).cause instanceof OutputClosed) return 0;
+    throw e;
+  }
+}
+
+async function generate(argv: string[], io: GenerateIO): Promise<number> {
+  const out = (text: string) => {
+    try {
+      io.out(text);
+    } catch (e) {
+      throw e instanceof Deno.errors.BrokenPipe ? new OutputClosed("stdout closed", { cause: e }) : e;
+    }
+  };
   let a: Args | null;
   try {
     a = parse(argv);
@@ -165,6 +185,8 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
     out(USAGE + "\n");
     return 0;
   }
+  // said first: a run stopped part-way (Ctrl-C) keeps it
+  if (a.seedDrawn) io.err(`seed ${a.seed} (--seed ${a.seed} samples this text again)`);
   await init();
   const t0 = performance.now();
   const lm = await loadModel(a, (line) => io.err(line));
@@ -225,7 +247,8 @@ export async function main(argv: string[], io: GenerateIO = STDIO): Promise<numb
       onTokens,
       ...(eos === null ? {} : { stopTokens: [eos] }), // every row at its end: decoding stops
     }).catch((e) => {
-      out("\n"); // the error's line starts on its own, after the text streamed so far
+      // the error's line starts on its own, after the text streamed so far
+      if (!(e instanceof OutputClosed || e.cause instanceof OutputClosed)) out("\n");
       throw e;
     });
     const genMs = performance.now() - t1;

@@ -1040,6 +1040,20 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   // mamba.py's greedy continuation (tests/fixtures/char-mamba/sample.json), streamed in pieces.
   assert.equal(g.out, `${prompt}ner was not the more the consideration of the consideration of t\n`);
   assert.ok(g.pieces.length >= 8, `streamed in ${g.pieces.length} pieces`);
+  // a seed drawn at random is said first, before the model loads: a run stopped part-way keeps it
+  const drawn = await run("--model", char, "--tokens", "4");
+  const seed = /^seed (\d+) \(--seed \1 samples this text again\)\n/.exec(drawn.err)?.[1];
+  assert.ok(seed !== undefined, drawn.err);
+  assert.equal((await run("--model", char, "--tokens", "4", "--seed", seed)).out, drawn.out);
+  // a reader that goes away (deno task generate | head -c 3) stops it quietly, not with "error: Broken pipe"
+  let writes = 0;
+  const piped = await main(["--model", char, "--greedy", "--tokens", "64", "--read-every", "8"], {
+    out: () => {
+      if (++writes > 2) throw new Deno.errors.BrokenPipe("Broken pipe (os error 32)");
+    },
+    err: () => {},
+  });
+  assert.deepEqual([piped, writes], [0, 3], "stopped at the first write it could not make");
   assert.match(g.err, /64 tokens \(1 x 64, greedy\) in [\d.]+ s: [\d.]+ tokens\/s/);
   // --prefill-chunk: the prompt in forwards of 5 tokens, each from the state before; the same text
   const pc = await greedy64("--prefill-chunk", "5");
