@@ -24,7 +24,7 @@ Trains a small character-level Mamba on Pride and Prejudice (300 steps, under a 
 generates from it. It takes no options: deno task train has them (steps, batch, model size, data,
 output folder, resume).
 
-  --help    this text`;
+  -h, --help    this text`;
 
 simpleCommandLine(USAGE);
 

@@ -5,7 +5,7 @@
  * same recipe (tests/fixtures/char-mamba/training_log.json, written by the fixture generator).
  *
  * ```sh
- * deno run -A examples/loss_vs_pytorch.ts [runs/<folder>/training_log.json]
+ * deno run -A examples/loss_vs_pytorch.ts [runs/<folder>/training_log.json or loss.json]
  * ```
  * @module
  */
@@ -19,22 +19,23 @@ import { lossChartSVG } from "./lib/loss_chart.ts";
 
 const ROOT = fileURLToPath(new URL("../", import.meta.url));
 
-const USAGE = `Usage: deno run -A examples/loss_vs_pytorch.ts [training_log.json]
+const USAGE = `Usage: deno run -A examples/loss_vs_pytorch.ts [training_log.json | loss.json]
 
-Draws a mamba.ts run's train and validation loss (the training_log.json of its checkpoint folder; default
-docs/char_training_log.json) beside PyTorch mamba.py's validation loss for the same recipe
+Draws a mamba.ts run's train and validation loss (the training_log.json or loss.json of its checkpoint
+folder; default docs/char_training_log.json) beside PyTorch mamba.py's validation loss for the same recipe
 (tests/fixtures/char-mamba/training_log.json) into docs/loss_vs_pytorch.svg.
 
-  --help    this text`;
+  -h, --help    this text`;
 
 const logPath = simpleCommandLine(USAGE, [], "log").positional;
 
 const oursPath = logPath ?? join(ROOT, "docs", "char_training_log.json");
 let ours: { log: TrainLog };
 try {
-  ours = JSON.parse(await Deno.readTextFile(oursPath));
+  const json = JSON.parse(await Deno.readTextFile(oursPath));
+  ours = Array.isArray(json?.train) ? { log: json } : json; // a loss.json is the log itself
   if (!Array.isArray(ours?.log?.train) || !Array.isArray(ours.log.val)) {
-    throw new Error("no log.train and log.val");
+    throw new Error("no log.train and log.val (training_log.json) nor train and val (loss.json)");
   }
 } catch (e) {
   console.error(`error: ${oursPath} is not a training log: ${(e as Error).message}\n\n${USAGE}`);

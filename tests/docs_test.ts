@@ -96,6 +96,34 @@ Deno.test("every script answers --help with its usage and refuses an unknown fla
   }
 });
 
+Deno.test("-h is --help in every example, and loss_vs_pytorch draws a run's loss.json as its training_log.json", async () => {
+  const run = (...args: string[]) =>
+    new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", ...args],
+      cwd: ROOT,
+      stdin: "null",
+      env: { NO_COLOR: "1" },
+    }).output();
+  for (const script of ["demo", "generate", "eval", "train", "loss_vs_pytorch"]) {
+    const h = await run(`examples/${script}.ts`, "-h");
+    assert.equal(h.code, 0, `${script} -h: ${new TextDecoder().decode(h.stderr)}`);
+    assert.match(new TextDecoder().decode(h.stdout), /^Usage: /, script);
+  }
+  // the log of the README's run as a loss.json (a checkpoint folder's): the committed chart, drawn again
+  const chart = await Deno.readTextFile(new URL("docs/loss_vs_pytorch.svg", ROOT));
+  const dir = await Deno.makeTempDir();
+  try {
+    const { log } = JSON.parse(await Deno.readTextFile(new URL("docs/char_training_log.json", ROOT)));
+    await Deno.writeTextFile(`${dir}/loss.json`, JSON.stringify(log));
+    const drawn = await run("examples/loss_vs_pytorch.ts", `${dir}/loss.json`);
+    assert.equal(drawn.code, 0, new TextDecoder().decode(drawn.stderr));
+    assert.equal(await Deno.readTextFile(new URL("docs/loss_vs_pytorch.svg", ROOT)), chart);
+  } finally {
+    await Deno.writeTextFile(new URL("docs/loss_vs_pytorch.svg", ROOT), chart);
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("the committed charts are what bench/charts.ts draws from the committed reports", async () => {
   for (const report of ["bench/results/scan.json", "bench/results/h200/scan.json"]) {
     const path = new URL(report, ROOT).pathname;

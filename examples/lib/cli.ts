@@ -41,7 +41,10 @@ export function simpleCommandLine(
   flags: string[] = [],
   positional?: string,
 ): { values: Record<string, boolean | undefined>; positional: string | undefined } {
-  const options = Object.fromEntries(["help", ...flags].map((f) => [f, { type: "boolean" as const }]));
+  const options = {
+    ...Object.fromEntries(flags.map((f) => [f, { type: "boolean" as const }])),
+    help: { type: "boolean" as const, short: "h" }, // as deno task train, generate and eval take it
+  };
   const r = parseCommandLine(usage, () => {
     const r = parseArgs({
       args: Deno.args,
