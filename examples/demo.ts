@@ -8,19 +8,24 @@
  * @module
  */
 
+import { relative } from "node:path";
+import { fileURLToPath } from "node:url";
 import { deviceInfo, init } from "../core/device.ts";
 import { ByteTokenizer } from "../mamba/tokenizer.ts";
 import type { MambaLM } from "../mamba/lm.ts";
 import { parseTrainArgs, runTraining } from "./train.ts";
-import { simpleCommandLine } from "./lib/cli.ts";
+import { simpleCommandLine, userCwd } from "./lib/cli.ts";
 
 const PROMPT = "It is a truth universally acknowledged, that a single man";
-const OUT = "runs/demo";
+/** The repository's runs/demo (which deno task web serves), wherever the command is typed. */
+const OUT = fileURLToPath(new URL("../runs/demo", import.meta.url));
+/** OUT as the user names it: relative to the folder the command was typed in. */
+const SHOWN = relative(userCwd(), OUT);
 
 const USAGE = `Usage: deno task demo
 
 Trains a small character-level Mamba on Pride and Prejudice (300 steps, under a minute on a
-2-core software adapter), prints a sample before and after, saves the checkpoint to ${OUT}/ and
+2-core software adapter), prints a sample before and after, saves the checkpoint to ${SHOWN}/ and
 generates from it. It takes no options: deno task train has them (steps, batch, model size, data,
 output folder, resume).
 
@@ -54,7 +59,18 @@ async function main(): Promise<void> {
   console.log(
     `mamba.ts demo on ${info.description}${info.isFallbackAdapter ? " (a software adapter: CPU speed)" : ""}`,
   );
-  const args = parseTrainArgs(["--steps", "300", "--eval-every", "50", "--save-every", "100", "--out", OUT])!;
+  // each demo replaces the last one's checkpoint
+  const args = parseTrainArgs([
+    "--steps",
+    "300",
+    "--eval-every",
+    "50",
+    "--save-every",
+    "100",
+    "--out",
+    OUT,
+    "--overwrite",
+  ])!;
   const t0 = performance.now();
   const trainer = await runTraining(args, {
     onStart: (t) => sample(t.model, "before training (random weights)"),
@@ -67,8 +83,8 @@ async function main(): Promise<void> {
       `validation loss ${log.val[0][1].toFixed(3)} -> ${log.val.at(-1)![1].toFixed(3)} nats/char`,
   );
   await sample(trainer.model, "after training");
-  console.log(`\ncheckpoint: ${OUT}/ (loss curve: ${OUT}/loss.svg)`);
-  console.log(`more text: deno task generate --model ${OUT} --prompt "Elizabeth" --tokens 300`);
+  console.log(`\ncheckpoint: ${SHOWN}/ (loss curve: ${SHOWN}/loss.svg)`);
+  console.log(`more text: deno task generate --model ${SHOWN} --prompt "Elizabeth" --tokens 300`);
   trainer.model.dispose();
   trainer.dispose();
 }
