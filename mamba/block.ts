@@ -525,12 +525,13 @@ export class Mamba extends Module {
       const want = rank === 3 ? `(B, L, ${D})` : `(B, ${D})`;
       throw new Error(`Mamba: expected an f32 input ${want}, got ${x.dtype} ${fmt(x.shape)}`);
     }
-    if (rank === 3 && x.shape[1] === 0) {
-      throw new Error(`Mamba: the input ${fmt(x.shape)} has no positions (L = 0)`);
-    }
-    // as L = 0: the fused scan's check named its own x (B, L, ED), not this input
+    // rows first: an empty batch (prefill([])) is (0, 0), which said "no positions"; as L = 0, the fused scan's
+    // check named its own x (B, L, ED), not this input
     if (rank === 3 && x.shape[0] === 0) {
       throw new Error(`Mamba: the input ${fmt(x.shape)} has no rows (B = 0)`);
+    }
+    if (rank === 3 && x.shape[1] === 0) {
+      throw new Error(`Mamba: the input ${fmt(x.shape)} has no positions (L = 0)`);
     }
   }
 }

@@ -421,6 +421,9 @@ Deno.test("Mamba rejects bad input and configs with clear errors", async () => {
   const empty = (await import("../core/creation.ts")).zeros([2, 0, 8]);
   assert.throws(() => model.forward(empty), /input \[2, 0, 8\] has no positions \(L = 0\)/);
   empty.dispose();
+  const neither = (await import("../core/creation.ts")).zeros([0, 0, 8]); // prefill([])'s: no rows, first
+  assert.throws(() => model.forward(neither), /input \[0, 0, 8\] has no rows \(B = 0\)/);
+  neither.dispose();
   for (const scan of ["fused", "pscan"] as const) {
     const m = new Mamba(mambaConfig({ dModel: 8, nLayers: 1, scan }));
     const none = (await import("../core/creation.ts")).zeros([0, 3, 8]);
