@@ -22,7 +22,7 @@ import {
   timeoutOf,
   tokenOf,
 } from "./hub.ts";
-import { fileSize, linkAtomic, ProgressBar, withLock, writeTextAtomic } from "./hub_fs.ts";
+import { fileSize, isDirectory, linkAtomic, ProgressBar, withLock, writeTextAtomic } from "./hub_fs.ts";
 
 const SHA256_RE = /^[0-9a-f]{64}$/;
 
@@ -275,7 +275,12 @@ async function writeRef(r: Resolved, commit: string): Promise<void> {
   if (r.revision === commit) return;
   const ref = `${r.repoDir}/refs/${r.revision}`;
   try {
-    if ((await Deno.readTextFile(ref)).trim() === commit) return;
+    const old = (await Deno.readTextFile(ref)).trim();
+    // A ref naming a snapshot placed by hand (not a commit) is the user's choice: a download never replaces it.
+    if (
+      old === commit || (!COMMIT_RE.test(old) && FOLDER_NAME_RE.test(old) &&
+        await isDirectory(`${r.repoDir}/snapshots/${old}`))
+    ) return;
   } catch { /* not there yet */ }
   await writeTextAtomic(ref, commit);
 }

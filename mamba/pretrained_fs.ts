@@ -6,7 +6,7 @@
 
 import { writeFileAtomic } from "../core/safetensors_fs.ts";
 import { type ModelSource, OPTIONAL_WEIGHT_FILES, readBoundedText } from "./byte_source.ts";
-import { hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
+import { COMMIT_RE, hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
 import { isDirectory, openFileSource } from "./hub_fs.ts";
 
 /** A model's text file, refused past MAX_TEXT_FILE_BYTES as it is read (a size that stat gives, or not);
@@ -61,12 +61,12 @@ function hubSource(id: string, options: HubOptions): ModelSource {
   // Offline, a file the cache lacks may still exist upstream: optional files count as absent then, except
   // that the weights must be found one way or the other (planWeights throws this error if neither is).
   const notCached = new Map<string, HubError>();
-  // Every file after the first comes from the commit that one did (as huggingface_hub's snapshot_download
+  // Every file after the first comes from the snapshot that one did (as huggingface_hub's snapshot_download
   // pins one commit): else a branch that moved between a cached config.json and its weights' download would
   // mix two versions of the model.
   let pinned: string | null = null;
-  // Whether the first file came from the cache without a request: then a network failure of an optional file
-  // means no network (a model placed there by hand), not a blip while downloading, and it counts as absent.
+  // Whether the first file came from the cache without a request: then a hub failure on an optional file
+  // means no hub (a model placed there by hand, an outage), not a blip while downloading: it counts as absent.
   let fromCacheFirst: boolean | null = null;
   const get = async (file: string, optional: boolean) => {
     try {
@@ -78,17 +78,29 @@ function hubSource(id: string, options: HubOptions): ModelSource {
         }
         fromCacheFirst = path !== null;
       }
-      path ??= await hubDownload(id, file, pinned === null ? options : { ...options, revision: pinned });
+      // A snapshot placed by hand (no commit names it) is looked up by the revision's ref, which a download
+      // never replaces; a file it lacks comes from the hub as without it.
+      const byHand = pinned !== null && !COMMIT_RE.test(pinned);
+      if (byHand) path = await hubDownload(id, file, { ...options, localFilesOnly: true }).catch(() => null);
+      path ??= await hubDownload(
+        id,
+        file,
+        pinned === null || byHand ? options : { ...options, revision: pinned },
+      );
       if (path !== null) {
         found = true;
-        pinned ??= /\/snapshots\/([0-9a-f]{40})\/[^/]+$/.exec(path)?.[1] ?? null;
+        // the snapshot folder, whatever its name: <repo>/snapshots/<name>/<file>
+        pinned ??= path.slice(0, -file.length - 1).replace(/^.*\//, "");
       }
       return path;
     } catch (e) {
       if (!(e instanceof HubError)) throw e;
-      // Offline, or without network once a file was found (a model placed in the cache by hand, without the
-      // optional files it does not have): an optional file counts as absent, as a cached model needs no network.
-      if (optional && (e.code === "NotCached" || (e.code === "Network" && fromCacheFirst))) {
+      // Offline, or once the first file came from the cache: an optional file that the hub cannot give (no
+      // network, an outage's 503, a proxy's page, a lapsed token's 401) counts as absent, as a cached model
+      // needs no hub (huggingface_hub falls back to the cache on HTTP errors too); the hub saying that the
+      // revision or file does not exist is its answer.
+      const hubsAnswer = e.code === "RevisionNotFound" || e.code === "EntryNotFound";
+      if (optional && (e.code === "NotCached" || (fromCacheFirst && !hubsAnswer))) {
         notCached.set(file, orFolder(e));
         return null;
       }

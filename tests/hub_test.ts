@@ -41,6 +41,8 @@ class HubServer {
   readonly lie = new Map<string, Uint8Array>();
   /** Commits a repository may be read at besides "main" (which is COMMIT); each serves the same files. */
   readonly commits = new Set([COMMIT]);
+  /** Answers in place of the hub while set (null: the hub answers). */
+  override: ((req: Request) => Response | null) | null = null;
   /** Called while a cut body is being served, after the first half went out. */
   midBody: (() => Promise<void>) | null = null;
   readonly #ac = new AbortController();
@@ -103,6 +105,8 @@ class HubServer {
   #handle(req: Request): Response {
     const url = new URL(req.url);
     this.requests.push({ method: req.method, path: url.pathname, range: req.headers.get("range") });
+    const over = this.override?.(req);
+    if (over) return over;
     const cdn = /^\/cdn\/([^/]+\/[^/]+)\/(.+)$/.exec(url.pathname);
     if (cdn) {
       const data = this.repos.get(cdn[1])?.get(cdn[2]);
@@ -986,6 +990,50 @@ Deno.test("hub: offline with a model's first file cached, the by-hand help names
     const lm = await fromPretrained("org/lm", { ...opts(s, cacheDir), localFilesOnly: true });
     await assertLmV64Logits(lm);
     lm.dispose();
+  });
+});
+
+Deno.test("hub: a model placed in the cache by hand (snapshots/<name>, refs/main = <name>) survives an online load: its files are read from it, a file it lacks is asked for at main, the ref stays", async () => {
+  await withHub(async (s, cacheDir) => {
+    s.addRepo("org/lm", await lmFiles());
+    const repo = repoCacheDir("org/lm", cacheDir);
+    await Deno.mkdir(`${repo}/snapshots/byhand`, { recursive: true });
+    await Deno.mkdir(`${repo}/refs`);
+    for (const f of ["config.json", "model.safetensors"]) {
+      await Deno.copyFile(fixturePath(`lm_v64_hf/${f}`), `${repo}/snapshots/byhand/${f}`);
+    }
+    await Deno.writeTextFile(`${repo}/refs/main`, "byhand");
+    const lm = await fromPretrained("org/lm", opts(s, cacheDir));
+    await assertLmV64Logits(lm);
+    assert.equal(lm.tokenizer, null);
+    lm.dispose();
+    assert.deepEqual(s.requests.map((r) => r.path).filter((p) => !p.includes("tokenizer")), []);
+    assert.equal(await Deno.readTextFile(`${repo}/refs/main`), "byhand", "a download never replaces it");
+    const offline = await fromPretrained("org/lm", { ...opts(s, cacheDir), localFilesOnly: true });
+    await assertLmV64Logits(offline);
+    offline.dispose();
+  });
+});
+
+Deno.test("hub: a cached model loads when the hub errs (503, a portal's page, 401) as when it is unreachable; optional files count as absent", async () => {
+  await withHub(async (s, cacheDir) => {
+    s.addRepo("org/lm", await lmFiles());
+    for (const f of ["config.json", "model.safetensors"]) await hubDownload("org/lm", f, opts(s, cacheDir));
+    // as mamba_ssm caches a model: no tokenizer files and no .no_exist for them
+    await Deno.remove(`${repoCacheDir("org/lm", cacheDir)}/.no_exist`, { recursive: true }).catch(() => {});
+    for (
+      const res of [
+        () => new Response("down", { status: 503 }),
+        () => new Response("<html>login</html>", { status: 200 }),
+        () => new Response("no", { status: 401, headers: { "x-error-code": "RepoNotFound" } }),
+      ]
+    ) {
+      s.override = res;
+      const lm = await fromPretrained("org/lm", { ...opts(s, cacheDir), retries: 0 });
+      assert.equal(lm.tokenizer, null);
+      await assertLmV64Logits(lm);
+      lm.dispose();
+    }
   });
 });
 
