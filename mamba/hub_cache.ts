@@ -307,8 +307,8 @@ async function download(r: Resolved, filename: string): Promise<string | null> {
     if (meta.etag && await fileSize(blob) >= 0) return; // another revision or process brought it
     const incomplete = `${blob}.incomplete`;
     await Deno.mkdir(`${r.repoDir}/blobs`, { recursive: true });
-    await fetchResuming(r, getUrl, incomplete, meta.size, filename);
-    const sha = await verify(incomplete, meta, filename, url);
+    const got = await fetchResuming(r, getUrl, incomplete, meta.size, filename);
+    const sha = await verify(incomplete, meta, got, filename, url);
     if (!meta.etag) blob = `${r.repoDir}/blobs/${sha}`;
     await Deno.rename(incomplete, blob);
   });
@@ -332,23 +332,23 @@ function errorText(e: unknown): string {
 }
 
 // Downloads `url` into `path`, appending to what is there (Range), retrying breaks up to r.retries times.
+// Returns the file's size as the last answer told it (-1: none did).
 async function fetchResuming(
   r: Resolved,
   url: string,
   path: string,
   size: number,
   label: string,
-): Promise<void> {
+): Promise<number> {
   for (let attempt = 0;; attempt++) {
     let have = Math.max(0, await fileSize(path));
     if (size >= 0 && have > size) {
       await Deno.remove(path);
       have = 0;
     }
-    if (size >= 0 && have === size && have > 0) return;
+    if (size >= 0 && have === size && have > 0) return size;
     try {
-      await getOnce(r, url, path, have, size, label);
-      return;
+      return await getOnce(r, url, path, have, size, label);
     } catch (e) {
       if (!(e instanceof Retryable)) throw e;
       if (attempt >= r.retries) {
@@ -374,7 +374,7 @@ async function getOnce(
   have: number,
   size: number,
   label: string,
-): Promise<void> {
+): Promise<number> {
   const ac = new AbortController();
   let timer: ReturnType<typeof setTimeout> | undefined;
   const arm = () => {
@@ -470,6 +470,7 @@ async function getOnce(
     await file.syncData();
     bar.finish(done);
     if (total >= 0 && done < total) throw new Retryable(`the body ended at byte ${done} of ${total}`);
+    return total;
   } catch (e) {
     bar?.finish(Math.max(0, await fileSize(path)));
     if (e instanceof HubError && e.code === "Corrupt") await Deno.remove(path).catch(() => {});
@@ -480,15 +481,21 @@ async function getOnce(
   }
 }
 
-// Size, sha256 (when the ETag is one) and safetensors header; a file that fails is deleted. Returns the sha256.
-async function verify(path: string, meta: Meta, filename: string, url: string): Promise<string> {
+// Size, hash (the ETag as a sha256, or as a 40-hex git blob sha1) and a safetensors header; a file that fails is deleted. A file that nothing checks (no size known, no such ETag) may be cut off
+// unnoticed (a body that ends with its connection): it is refused, kept as .incomplete. Returns the sha256.
+async function verify(path: string, meta: Meta, got: number, filename: string, url: string): Promise<string> {
   const fail = async (why: string): Promise<never> => {
     await Deno.remove(path).catch(() => {});
     throw new HubError("Corrupt", `${url}: ${why}; the download was deleted`, url);
   };
   const size = await fileSize(path);
   if (meta.size >= 0 && size !== meta.size) await fail(`got ${size} bytes, the hub announced ${meta.size}`);
+  const etag = meta.etag ?? "";
   const hash = await sha256Hasher();
+  // git names a file by sha1("blob <size>\0" + content): the hub's ETag of a file not in LFS
+  const sha1 = COMMIT_RE.test(etag)
+    ? (await import("node:crypto")).createHash("sha1").update(`blob ${size}\0`)
+    : null;
   const file = await Deno.open(path, { read: true });
   const buf = new Uint8Array(1 << 20);
   let prefix: Uint8Array | null = null;
@@ -497,19 +504,35 @@ async function verify(path: string, meta: Meta, filename: string, url: string): 
       const n = await file.read(buf);
       if (n === null) break;
       hash.update(buf.subarray(0, n));
+      sha1?.update(buf.subarray(0, n));
       if (prefix === null && filename.endsWith(".safetensors")) prefix = buf.slice(0, n);
     }
   } finally {
     file.close();
   }
   const sha = hash.digest("hex");
-  if (meta.etag && SHA256_RE.test(meta.etag) && sha !== meta.etag) {
-    await fail(`sha256 ${sha} differs from the hub's ${meta.etag} (corrupted in transfer)`);
+  if (SHA256_RE.test(etag) && sha !== etag) {
+    await fail(`sha256 ${sha} differs from the hub's ${etag} (corrupted in transfer)`);
   }
+  const sha1Hex = sha1?.digest("hex");
+  if (sha1Hex !== undefined && sha1Hex !== etag) {
+    await fail(`git sha1 ${sha1Hex} differs from the hub's ETag ${etag} (corrupted in transfer)`);
+  }
+  const hashed = SHA256_RE.test(etag) || sha1Hex !== undefined;
+  if (!hashed && meta.size < 0 && got < 0) {
+    throw new HubError(
+      "Interrupted",
+      `${url}: nothing tells whether the ${size} bytes received are the whole file (no Content-Length or ` +
+        `X-Linked-Size, no sha256 or git sha1 ETag), so it is not cached; they are kept in ${path}`,
+      url,
+    );
+  }
+  // The header's structure (its length, JSON, offsets that tile the file); its dtypes are the loader's
+  // business: spec-valid ones this project does not read (U32, F8_E4M3) were deleted as corrupt.
   if (filename.endsWith(".safetensors")) {
     try {
       const head8 = prefix ?? new Uint8Array(0);
-      if (size < 8) parseSafetensorsHeader(head8, size, filename);
+      if (size < 8) parseSafetensorsHeader(head8, size, filename, true);
       const n = safetensorsHeaderLength(head8, filename);
       let full = head8;
       if (head8.length < 8 + n && 8 + n <= size) {
@@ -525,7 +548,7 @@ async function verify(path: string, meta: Meta, filename: string, url: string): 
           f.close();
         }
       }
-      parseSafetensorsHeader(full, size, filename);
+      parseSafetensorsHeader(full, size, filename, true);
     } catch (e) {
       await fail(`not a valid safetensors file: ${(e as Error).message}`);
     }

@@ -1037,6 +1037,90 @@ Deno.test("hub: a cached model loads when the hub errs (503, a portal's page, 40
   });
 });
 
+// A hub over raw TCP whose answers have no Content-Length (HTTP/1.1 close-delimited bodies): each GET sends
+// the bytes `body` gives for its count (the file cut short, or whole), then closes.
+function closeDelimitedHub(data: Uint8Array, etag: string | null, cut: (n: number) => number) {
+  const lis = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  (async () => {
+    let gets = 0;
+    for await (const c of lis) {
+      (async () => {
+        const buf = new Uint8Array(8192);
+        const n = await c.read(buf);
+        const head = new TextDecoder().decode(buf.subarray(0, n ?? 0)).startsWith("HEAD");
+        const tag = etag ? `etag: "${etag}"\r\n` : "";
+        await c.write(
+          new TextEncoder().encode(
+            `HTTP/1.1 200 OK\r\nx-repo-commit: ${COMMIT}\r\n${tag}connection: close\r\n\r\n`,
+          ),
+        );
+        if (!head) await c.write(data.subarray(0, cut(gets++)));
+        c.close();
+      })().catch(() => {});
+    }
+  })().catch(() => {});
+  return { url: `http://127.0.0.1:${(lis.addr as Deno.NetAddr).port}`, close: () => lis.close() };
+}
+
+Deno.test("hub: a body of unknown size cut off is never cached: a git sha1 ETag is checked, and without one nothing is finalized", async () => {
+  const cacheDir = await Deno.makeTempDir({ prefix: "hub-cache-" });
+  const data = new TextEncoder().encode(JSON.stringify({ d_model: 64, pad: "x".repeat(5000) }));
+  const o = { cacheDir, progress: false, token: false as const, retries: 0 };
+  const repo = repoCacheDir("org/lm", cacheDir);
+  try {
+    const sha1Hub = closeDelimitedHub(data, gitSha1(data), (n) => n === 0 ? data.length >> 1 : data.length);
+    try {
+      await assert.rejects(
+        () => hubDownload("org/lm", "config.json", { ...o, endpoint: sha1Hub.url }),
+        (e: Error) => e instanceof HubError && e.code === "Corrupt" && /git sha1/.test(e.message),
+      );
+      assert.deepEqual(await list(`${repo}/blobs`), []);
+      assert.deepEqual(await list(`${repo}/snapshots`), []);
+      const p = await hubDownload("org/lm", "config.json", { ...o, endpoint: sha1Hub.url });
+      assert.deepEqual(await Deno.readFile(p!), data, "the whole body, its sha1 checked, is cached");
+    } finally {
+      sha1Hub.close();
+    }
+    const bare = closeDelimitedHub(data, null, () => data.length >> 1);
+    try {
+      await assert.rejects(
+        () => hubDownload("org/lm", "other.json", { ...o, endpoint: bare.url }),
+        (e: Error) =>
+          e instanceof HubError && e.code === "Interrupted" && /nothing tells whether/.test(e.message),
+      );
+      const blobs = await list(`${repo}/blobs`);
+      assert.equal(blobs.filter((b) => b.endsWith(".incomplete")).length, 1, blobs.join());
+      assert.deepEqual(await list(`${repo}/snapshots/${COMMIT}`), ["config.json"]);
+    } finally {
+      bare.close();
+    }
+  } finally {
+    await Deno.remove(cacheDir, { recursive: true });
+  }
+});
+
+Deno.test("hub: safetensors files whose dtypes the spec has but this project does not read (U32, F8_E4M3) are cached, not deleted", async () => {
+  await withHub(async (s, cacheDir) => {
+    const st = (dtype: string, nbytes: number) => {
+      const hdr = new TextEncoder().encode(
+        JSON.stringify({ w: { dtype, shape: [4], data_offsets: [0, nbytes] } }),
+      );
+      const out = new Uint8Array(8 + hdr.length + nbytes);
+      new DataView(out.buffer).setBigUint64(0, BigInt(hdr.length), true);
+      out.set(hdr, 8);
+      return out;
+    };
+    s.addRepo("org/lm", { "u32.safetensors": st("U32", 16), "fp8.safetensors": st("F8_E4M3", 4) });
+    for (const f of ["u32.safetensors", "fp8.safetensors"]) {
+      const p = await hubDownload("org/lm", f, opts(s, cacheDir));
+      assert.ok(p && await Deno.stat(p), f);
+      const before = s.count();
+      assert.equal(await hubDownload("org/lm", f, opts(s, cacheDir)), p);
+      assert.equal(s.count(), before, `${f} is cached`);
+    }
+  });
+});
+
 Deno.test("fromPretrained streams F16/BF16 tensors larger than one read chunk, converting exactly", async () => {
   await init();
   // 65000 x 40 = 2.6M elements: the embedding spans two 4 MiB chunks as BF16.
