@@ -16,8 +16,9 @@
  * The cache is read first: a file already in the snapshot of `refs/<revision>` costs no request. A download
  * writes `blobs/<etag>.incomplete` (under a lock), resumes it with an HTTP Range request after an interruption
  * (in the same call up to `retries` times, or in a later one), checks the size against the server's, the
- * sha256 when the ETag is one, and a safetensors header against the file, and only then renames it into
- * place: no half-written file is ever under its final name.
+ * sha256 or git blob sha1 when the ETag is one, and a safetensors header's structure, and only then renames
+ * it into place: no half-written file is ever under its final name (one that nothing checks stays
+ * `.incomplete`).
  *
  * The cache itself (Deno's file system) is in `hub_cache.ts`, imported by the first download: this module
  * only names things, so it loads anywhere (browsers).
@@ -45,7 +46,11 @@ export interface HubOptions {
    * Without network a refresh takes the cached file, as huggingface_hub does.
    */
   refresh?: boolean;
-  /** Resumed attempts after a download breaks off, in the same call (default 3). */
+  /**
+   * Retries in the same call, in all (default 3): of a request that failed (no connection, HTTP 429 or 5xx),
+   * the HEAD or the download (which resumes where it broke off), after the server's Retry-After (up to 30 s)
+   * or 0.1 s doubling.
+   */
   retries?: number;
   /**
    * Milliseconds to wait for a response or for the next bytes of a body (default 30000): the wait restarts

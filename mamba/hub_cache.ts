@@ -33,6 +33,7 @@ interface Resolved {
   endpoint: string;
   offline: boolean;
   progress: boolean;
+  /** Retries left to this call, HEADs and resumed downloads together (see `retry`). */
   retries: number;
   timeoutMs: number;
   /** Sent to the endpoint only (see `authTo`); resolved when a request is to be made (a cached file needs
@@ -215,7 +216,7 @@ function httpError(r: Resolved, filename: string, url: string, res: Response): H
 // LFS storage) carries the metadata itself.
 async function head(r: Resolved, filename: string, url: string): Promise<Meta | null> {
   let at = url;
-  for (let hop = 0; hop < 5; hop++) {
+  for (let hop = 0, attempt = 0; hop < 5;) {
     let res: Response;
     try {
       res = await fetchTimed(at, {
@@ -224,6 +225,7 @@ async function head(r: Resolved, filename: string, url: string): Promise<Meta | 
         headers: { "accept-encoding": "identity", "user-agent": userAgent(), ...authTo(r, at) },
       }, r.timeoutMs);
     } catch (e) {
+      if (await retry(r, attempt++, null)) continue;
       throw new HubError(
         "Network",
         `cannot reach ${url}: ${errorText(e)}. ${help(r.repoDir, r.revision, filesToPlace(filename))}`,
@@ -232,9 +234,11 @@ async function head(r: Resolved, filename: string, url: string): Promise<Meta | 
     }
     await res.body?.cancel();
     const h = res.headers;
+    if (isTransient(res.status) && await retry(r, attempt++, h.get("retry-after"))) continue;
     const location = h.get("location");
     if (res.status >= 300 && res.status < 400 && location && location.startsWith("/")) {
       at = new URL(location, at).href;
+      hop++;
       continue;
     }
     const code = h.get("x-error-code");
@@ -322,7 +326,36 @@ async function download(r: Resolved, filename: string): Promise<string | null> {
   return pointer;
 }
 
-class Retryable extends Error {}
+// A failure worth retrying: `status` is the HTTP status that caused it (null: the connection), `retryAfter`
+// the server's Retry-After, `noResponse` that no server answered.
+class Retryable extends Error {
+  constructor(
+    msg: string,
+    readonly status: number | null = null,
+    readonly retryAfter: string | null = null,
+    readonly noResponse = false,
+  ) {
+    super(msg);
+  }
+}
+
+// What a retry may mend: rate limits and server errors (besides connections that fail).
+const isTransient = (status: number) => status === 429 || status >= 500;
+
+// Whether to retry, after waiting: while the call has retries left (r.retries, counted down), as long as
+// the server's Retry-After asks (seconds or a date, at most 30 s), else 0.1 s doubling up to 2 s.
+async function retry(r: Resolved, attempt: number, retryAfter: string | null): Promise<boolean> {
+  if (r.retries <= 0) return false;
+  r.retries--;
+  const after = retryAfter === null
+    ? NaN
+    : /^\s*\d+\s*$/.test(retryAfter)
+    ? Number(retryAfter) * 1000
+    : Date.parse(retryAfter) - Date.now();
+  const ms = Number.isNaN(after) ? Math.min(2000, 100 * 2 ** attempt) : Math.min(30_000, Math.max(0, after));
+  await new Promise((res) => setTimeout(res, ms));
+  return true;
+}
 
 // An error's message with its cause's (fetch's "fetch failed" says why only in the cause).
 function errorText(e: unknown): string {
@@ -351,18 +384,24 @@ async function fetchResuming(
       return await getOnce(r, url, path, have, size, label);
     } catch (e) {
       if (!(e instanceof Retryable)) throw e;
-      if (attempt >= r.retries) {
-        const got = Math.max(0, await fileSize(path));
+      if (await retry(r, attempt, e.retryAfter)) continue;
+      const got = await fileSize(path);
+      const kept = got > 0
+        ? `; ${got} of ${
+          size >= 0 ? size : "?"
+        } bytes are kept in ${path} and the next call resumes from there`
+        : "";
+      if (e.status !== null) {
+        throw new HubError("HTTP", `cannot download ${url}: ${e.message}${kept}`, url, e.status);
+      }
+      if (got <= 0 && e.noResponse) {
         throw new HubError(
-          "Interrupted",
-          `download of ${url} broke off (${e.message}); ${got} of ${
-            size >= 0 ? size : "?"
-          } bytes are kept in ` +
-            `${path} and the next call resumes from there`,
+          "Network",
+          `cannot reach ${url}: ${e.message}. ${help(r.repoDir, r.revision, filesToPlace(label))}`,
           url,
         );
       }
-      await new Promise((res) => setTimeout(res, Math.min(2000, 100 * 2 ** attempt)));
+      throw new HubError("Interrupted", `download of ${url} broke off (${e.message})${kept}`, url);
     }
   }
 }
@@ -402,7 +441,7 @@ async function getOnce(
         at = new URL(location, at).href;
       }
     } catch (e) {
-      throw new Retryable(errorText(e));
+      throw new Retryable(errorText(e), null, null, true);
     }
     let start = 0;
     if (res.status === 206) {
@@ -419,9 +458,9 @@ async function getOnce(
       await res.body?.cancel();
       await Deno.remove(path).catch(() => {});
       throw new Retryable("range not satisfiable");
-    } else if (res.status >= 500 || res.status === 429) {
+    } else if (isTransient(res.status)) {
       await res.body?.cancel();
-      throw new Retryable(`HTTP ${res.status}`);
+      throw new Retryable(`HTTP ${res.status}`, res.status, res.headers.get("retry-after"));
     } else {
       await res.body?.cancel();
       throw new HubError("HTTP", `cannot download ${url}: HTTP ${res.status}`, url, res.status);

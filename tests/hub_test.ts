@@ -1121,6 +1121,61 @@ Deno.test("hub: safetensors files whose dtypes the spec has but this project doe
   });
 });
 
+Deno.test("hub: HEAD requests are retried on 429/5xx as downloads are, Retry-After honoured, within the retries option", async () => {
+  await withHub(async (s, cacheDir) => {
+    s.addRepo("org/lm", await lmFiles());
+    const answers = [
+      () => new Response("busy", { status: 503, headers: { "retry-after": "1" } }),
+      () => new Response("slow down", { status: 429 }),
+    ];
+    const failTwice = () => {
+      let n = 0;
+      s.override = (req) => req.method === "HEAD" && n < 2 ? answers[n++]() : null;
+    };
+    failTwice();
+    const t0 = performance.now();
+    assert.ok(await hubDownload("org/lm", "config.json", opts(s, cacheDir)));
+    assert.ok(performance.now() - t0 >= 950, "waited the Retry-After of 1 s");
+    assert.equal(s.count((r) => r.method === "HEAD"), 3);
+    failTwice();
+    await assert.rejects(
+      () => hubDownload("org/lm", "model.safetensors", { ...opts(s, cacheDir), retries: 1 }),
+      (e: Error) => e instanceof HubError && e.code === "HTTP" && e.status === 429,
+    );
+  });
+});
+
+Deno.test("hub: a download that the storage refuses (5xx) or that cannot reach it says so, and says bytes are kept only when some are", async () => {
+  await withHub(async (s, cacheDir) => {
+    s.addRepo("org/lm", await lmFiles());
+    const o = { ...opts(s, cacheDir), retries: 1 };
+    s.override = (req) =>
+      new URL(req.url).pathname.startsWith("/cdn/") ? new Response("x", { status: 503 }) : null;
+    await assert.rejects(() => hubDownload("org/lm", "model.safetensors", o), (e: Error) => {
+      assert.ok(e instanceof HubError && e.code === "HTTP" && e.status === 503, e.message);
+      assert.match(
+        e.message,
+        /cannot download http:\/\/127\.0\.0\.1:\d+\/org\/lm\/resolve\/\w+\/model\.safetensors: HTTP 503/,
+      );
+      assert.doesNotMatch(e.message, /kept/);
+      return true;
+    });
+    const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const dead = `http://127.0.0.1:${(probe.addr as Deno.NetAddr).port}`;
+    probe.close();
+    s.override = (req) =>
+      req.method === "GET" && new URL(req.url).pathname.includes("/resolve/")
+        ? new Response(null, { status: 302, headers: { location: `${dead}/cdn/org/lm/model.safetensors` } })
+        : null;
+    await assert.rejects(() => hubDownload("org/lm", "model.safetensors", o), (e: Error) => {
+      assert.ok(e instanceof HubError && e.code === "Network", e.message);
+      assert.match(e.message, /cannot reach .* To work without network/);
+      assert.doesNotMatch(e.message, /kept/);
+      return true;
+    });
+  });
+});
+
 Deno.test("fromPretrained streams F16/BF16 tensors larger than one read chunk, converting exactly", async () => {
   await init();
   // 65000 x 40 = 2.6M elements: the embedding spans two 4 MiB chunks as BF16.
