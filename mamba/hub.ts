@@ -36,7 +36,8 @@ export interface HubOptions {
   cacheDir?: string;
   /** Hub address (default `HF_ENDPOINT`, else https://huggingface.co). */
   endpoint?: string;
-  /** Use only the cache, never the network (default: `HF_HUB_OFFLINE` is set to 1/true/yes/on). */
+  /** Use only the cache, never the network. `HF_HUB_OFFLINE` set to 1/true/yes/on means true whatever this
+   * says, as huggingface_hub goes offline whenever it is set. */
   localFilesOnly?: boolean;
   /** Progress bar on stderr (default: when stderr is a terminal). */
   progress?: boolean;

@@ -44,9 +44,9 @@ interface Resolved {
 function resolveOptions(id: string, o: HubOptions): Resolved {
   if (!isHubId(id)) throw new Error(`'${id}' is not a hub model id (org/name)`);
   const revision = o.revision ?? "main";
-  if (!revision || revision.split("/").some((p) => p === "" || p === "." || p === "..")) {
-    throw new Error(`invalid revision '${revision}'`);
-  }
+  if (!revision || !pathPartsOk(revision)) throw new Error(`invalid revision '${revision}'`);
+  // "" would put the cache at the file system's root
+  if (o.cacheDir === "") throw new Error("cacheDir is empty: name a folder, or leave it out for the default");
   const timeoutMs = timeoutOf(o);
   const off = hubEnv("HF_HUB_OFFLINE")?.toLowerCase();
   let progress = o.progress;
@@ -57,7 +57,8 @@ function resolveOptions(id: string, o: HubOptions): Resolved {
       progress = false;
     }
   }
-  const offline = o.localFilesOnly ?? (off !== undefined && ["1", "true", "yes", "on"].includes(off));
+  // HF_HUB_OFFLINE wins over localFilesOnly: false, as huggingface_hub goes offline whenever it is set
+  const offline = (off !== undefined && ["1", "true", "yes", "on"].includes(off)) || !!o.localFilesOnly;
   return {
     id,
     revision,
@@ -79,11 +80,13 @@ function retriesOf(retries = 3): number {
   return retries;
 }
 
+// Parts of a path in the repository: no empty, "." or ".." part, and no backslash (a separator on Windows,
+// where "..\\x" would step out of the repository's folder).
+const pathPartsOk = (p: string) =>
+  !p.includes("\\") && p.split("/").every((q) => q && q !== "." && q !== "..");
+
 function checkFilename(filename: string): void {
-  const parts = filename.split("/");
-  if (!filename || filename.startsWith("/") || parts.some((p) => p === "" || p === "." || p === "..")) {
-    throw new Error(`invalid file name '${filename}'`);
-  }
+  if (!filename || !pathPartsOk(filename)) throw new Error(`invalid file name '${filename}'`);
 }
 
 const encodePath = (p: string) => p.split("/").map(encodeURIComponent).join("/");
@@ -201,7 +204,7 @@ function httpError(r: Resolved, filename: string, url: string, res: Response): H
   const code = res.headers.get("x-error-code");
   const msg = res.headers.get("x-error-message");
   const detail = `HTTP ${res.status}${msg ? `: ${msg}` : ""}`;
-  if (code === "EntryNotFound" || res.status === 404) {
+  if (code === "EntryNotFound") {
     return new HubError(
       "EntryNotFound",
       `${filename} not found in '${r.id}' at revision '${r.revision}' (${url})`,
@@ -242,11 +245,13 @@ async function head(r: Resolved, filename: string, url: string): Promise<Meta | 
       continue;
     }
     const code = h.get("x-error-code");
-    if (res.status === 404 && (code === "EntryNotFound" || code === null)) {
-      const commit = commitOf(h);
-      if (commit) {
-        await writeTextAtomic(`${r.repoDir}/.no_exist/${commit}/${filename}`, "");
-        await writeRef(r, commit);
+    // A 404 is the hub's "no such file" when it says so or names the commit; a bare one (a proxy's, a wrong
+    // endpoint's) is an HTTP error, as huggingface_hub raises it.
+    const commit404 = res.status === 404 ? commitOf(h) : null;
+    if (res.status === 404 && (code === "EntryNotFound" || (code === null && commit404))) {
+      if (commit404) {
+        await writeTextAtomic(`${r.repoDir}/.no_exist/${commit404}/${filename}`, "");
+        await writeRef(r, commit404);
       }
       return null;
     }

@@ -1176,6 +1176,45 @@ Deno.test("hub: a download that the storage refuses (5xx) or that cannot reach i
   });
 });
 
+Deno.test("hub: HF_HUB_OFFLINE wins over localFilesOnly: false; an empty cacheDir, backslashes in names, and a bare 404 (no hub's headers) are refused", async () => {
+  await withHub(async (s, cacheDir) => {
+    s.addRepo("org/lm", await lmFiles());
+    Deno.env.set("HF_HUB_OFFLINE", "1");
+    try {
+      await assert.rejects(
+        () => hubDownload("org/lm", "config.json", { ...opts(s, cacheDir), localFilesOnly: false }),
+        (e: Error) => e instanceof HubError && e.code === "NotCached",
+      );
+    } finally {
+      Deno.env.delete("HF_HUB_OFFLINE");
+    }
+    assert.equal(s.count(), 0);
+    await assert.rejects(
+      () => hubDownload("org/lm", "config.json", { ...opts(s, cacheDir), cacheDir: "" }),
+      /cacheDir is empty/,
+    );
+    await assert.rejects(
+      () => hubDownload("org/lm", "..\\..\\x.json", opts(s, cacheDir)),
+      /invalid file name/,
+    );
+    await assert.rejects(
+      () => hubDownload("org/lm", "config.json", { ...opts(s, cacheDir), revision: "..\\..\\x" }),
+      /invalid revision/,
+    );
+    assert.equal(s.count(), 0);
+    s.override = () => new Response("no such page", { status: 404 });
+    await assert.rejects(() => hubDownload("org/lm", "config.json", opts(s, cacheDir)), (e: Error) => {
+      assert.ok(e instanceof HubError && e.code === "HTTP" && e.status === 404, e.message);
+      assert.match(
+        e.message,
+        /cannot download http:\/\/127\.0\.0\.1:\d+\/org\/lm\/resolve\/main\/config\.json: HTTP 404/,
+      );
+      return true;
+    });
+    assert.deepEqual(await list(`${repoCacheDir("org/lm", cacheDir)}/.no_exist`), []);
+  });
+});
+
 Deno.test("fromPretrained streams F16/BF16 tensors larger than one read chunk, converting exactly", async () => {
   await init();
   // 65000 x 40 = 2.6M elements: the embedding spans two 4 MiB chunks as BF16.
