@@ -378,7 +378,7 @@ export class Tensor {
 /**
  * Runs `fn`; afterwards disposes every tensor it created, except the ones it returns or `keep`s, and with a
  * leaf it disposes (or one that `fn` disposed) the leaf's `.grad`. A `.grad` it returns is no longer kept: it
- * leaves the leaf (`.grad` null) and moves on as any returned tensor. The graph through the disposed
+ * moves on as any returned tensor (the disposed leaf still names it as its `.grad`). The graph through the disposed
  * intermediates goes with them (their saved tensors are freed): run `backward()` inside the tidy, or `keep()`
  * the tensors it must pass through. `fn` must be synchronous: an async `fn` (one that returns a Promise)
  * throws, since its tensors would be freed before it awaits; await readbacks such as
@@ -417,11 +417,11 @@ export function tidy<T>(fn: () => T): T {
  * left) unless `returned` holds it: that one becomes an ordinary tensor of the enclosing scope, as any
  * returned tensor. The scope's graph ends with it: nodes of its intermediates stop holding saved tensors. */
 function free(t: Tensor, returned: Set<Tensor> | null): void {
-  if (t.grad) {
-    if (returned?.has(t.grad)) {
-      t.grad.kept = false;
-      scopes[scopes.length - 1]?.add(t.grad);
-    } else t.grad.dispose();
+  if (t.grad && returned?.has(t.grad)) { // (the leaf goes on naming it: code that kept the leaf reads it)
+    t.grad.kept = false;
+    scopes[scopes.length - 1]?.add(t.grad);
+  } else if (t.grad) {
+    t.grad.dispose();
     t.grad = null;
   }
   t.dispose();
