@@ -323,7 +323,8 @@ export class TorchArchiveReader {
       const h = await this.#header();
       if (!h) this.#fail(this.#pos - 4, "the archive has no data.pkl (not a torch.save checkpoint?)");
       // (the archive's prefix is not known yet: torch's has one, so any is taken as it)
-      if (/(^|\/)data\/[^/]+$/.test(h.name)) {
+      // (torch.save("data.pt") names its prefix data/: its data.pkl is data/data.pkl, no storage)
+      if (/(^|\/)data\/[^/]+$/.test(h.name) && !h.name.endsWith("/data.pkl")) {
         this.#fail(
           h.at,
           `record ${h.name}, a storage, comes before data.pkl: this reader needs data.pkl first, as torch.save ` +

@@ -97,10 +97,11 @@ function hubSource(id: string, options: HubOptions): ModelSource {
       if (!(e instanceof HubError)) throw e;
       // Offline, or once the first file came from the cache: an optional file that the hub cannot give (no
       // network, an outage's 503, a proxy's page, a lapsed token's 401) counts as absent, as a cached model
-      // needs no hub (huggingface_hub falls back to the cache on HTTP errors too); the hub saying that the
-      // revision or file does not exist is its answer.
-      const hubsAnswer = e.code === "RevisionNotFound" || e.code === "EntryNotFound";
-      if (optional && (e.code === "NotCached" || (fromCacheFirst && !hubsAnswer))) {
+      // needs no hub (huggingface_hub falls back to the cache on HTTP errors too). Not what the hub answered
+      // about the file (no such revision or file) or what its download did (Interrupted, Corrupt): an
+      // interrupted model.safetensors must not turn into a fallback to pytorch_model.bin.
+      const unreachable = e.code === "Network" || e.code === "HTTP" || e.code === "RepositoryNotFound";
+      if (optional && (e.code === "NotCached" || (fromCacheFirst && unreachable))) {
         notCached.set(file, orFolder(e));
         return null;
       }

@@ -423,7 +423,7 @@ export class StreamDecoder {
     const whole = text.replace(/\uFFFD+$/, "");
     if (whole.length > this.#prefix.length + this.#emitted) {
       const out = this.#past(whole);
-      this.#emitted += out.length;
+      this.#emitted = whole.length - this.#prefix.length; // (#past may skip a surrogate half: not out.length)
       this.#stalled = 0;
       return out;
     }

@@ -319,9 +319,9 @@ function checkScanArgs(
  * before them, x_proj's dt columns, are not read); bias, D: (ED); A_log: (ED, N); z: (B, L, ED) or null.
  * Returns (C.h + D x) * silu(z): (B, L, ED). With `zStart`, z is (B, L, Z), Z >= zStart + ED, and the gate
  * reads its columns zStart .. zStart + ED in place (e.g. the z half of in_proj's output, without a copy); z's
- * gradient is zero outside them. With `dtRank`, dBC must be R + 2N wide (or padded to a multiple of 4, as
- * {@linkcode fusedMambaScan} takes it): without it any R fits, so an N or a width off by one reads B and C
- * from the wrong columns.
+ * gradient is zero outside them. With `dtRank`, dBC must be R + 2N wide, or padded to a multiple of 4 as
+ * {@linkcode fusedMambaScan} takes it (B and C then the 2N columns after the R, the padding last): without it
+ * any R fits, so an N or a width off by one reads B and C from the wrong columns.
  *
  * Per batch, channel d and step t, with h[-1] = 0 (h[t] a row of N):
  * delta = softplus(draw[t] + bias[d]) (torch's softplus, linear above 20), A = -exp(A_log[d]),

@@ -1037,6 +1037,26 @@ Deno.test("hub: a cached model loads when the hub errs (503, a portal's page, 40
   });
 });
 
+Deno.test("hub: a cached model's weights that fail to download (Corrupt) are an error, not a fallback to pytorch_model.bin", async () => {
+  await withHub(async (s, cacheDir) => {
+    const files = await lmFiles();
+    s.addRepo("org/lm", {
+      ...files,
+      "pytorch_model.bin": await Deno.readFile(fixturePath("torch/lm_v64.bin")),
+    });
+    await hubDownload("org/lm", "config.json", opts(s, cacheDir));
+    const bad = files["model.safetensors"].slice().fill(7, 100, 200); // the size announced, other bytes
+    s.override = (req) =>
+      req.method === "GET" && req.url.includes("model.safetensors")
+        ? new Response(bad, { status: 200 })
+        : null;
+    await assert.rejects(
+      () => fromPretrained("org/lm", { ...opts(s, cacheDir), retries: 0 }),
+      (e: Error) => e instanceof HubError && e.code === "Corrupt",
+    );
+  });
+});
+
 // A hub over raw TCP whose answers have no Content-Length (HTTP/1.1 close-delimited bodies): each GET sends
 // the bytes `body` gives for its count (the file cut short, or whole), then closes.
 function closeDelimitedHub(data: Uint8Array, etag: string | null, cut: (n: number) => number) {

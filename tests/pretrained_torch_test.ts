@@ -284,6 +284,13 @@ Deno.test("pytorch_model.bin made here: the test's own writer is read (so that t
     assert.equal(lm.stateDict().size, 23, JSON.stringify(options));
     lm.dispose();
   }
+  // torch.save names the archive's folder after the file: "data.pt" writes data/data.pkl, which the check for a
+  // storage record (<prefix>/data/<key>) before data.pkl took for one
+  const prefixed = (rs: [string, Uint8Array][]) =>
+    rs.map(([name, bytes]) => [name.replace(/^archive\//, "data/"), bytes] as [string, Uint8Array]);
+  const lm = await load(await fakeCheckpoint(undefined, { records: prefixed }));
+  assert.equal(lm.stateDict().size, 23, "the prefix data/");
+  lm.dispose();
 });
 
 Deno.test("pytorch_model.bin: malformed files are refused, naming what is wrong, and leak nothing", async () => {

@@ -102,6 +102,17 @@ Deno.test("StreamDecoder: maxPending's U+FFFD stands for the cut character, with
   const out = two.push([0xf0, 0x9f]) + two.push([0x98, 0x80]) + two.push([0x41]) + two.flush();
   assert.equal(out, "\uFFFDA");
   assert.ok(out.isWellFormed(), JSON.stringify(out));
+  // tokens of byte chunks: the cut character's completion comes with the next character's first byte, then
+  // its end; the surrogate half skipped was not counted as emitted, and "A" came out twice
+  const chunks = [[0xf0, 0x9f], [0x98], [0x80, 0x41, 0xe2], [0x82, 0xac]];
+  const chunked: Tokenizer = {
+    vocabSize: chunks.length,
+    specialTokens: { bos: null, eos: null, pad: null, unk: null },
+    encode: () => [],
+    decode: (ids) => new TextDecoder().decode(Uint8Array.from(Array.from(ids).flatMap((i) => chunks[i]))),
+  };
+  const dec = new StreamDecoder(chunked, { maxPending: 2 });
+  assert.equal([0, 1, 2, 3].map((i) => dec.push([i])).join("") + dec.flush(), "\uFFFDA€");
 });
 
 Deno.test("StreamDecoder: transformers' clean-up of spaces applies to the stream as to the whole decode", async () => {

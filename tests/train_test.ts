@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { FINE_TUNE_LR, parseTrainArgs, runTraining } from "../examples/train.ts";
-import { UsageError } from "../examples/lib/cli.ts";
+import { UsageError, userPath } from "../examples/lib/cli.ts";
 import { init } from "../core/device.ts";
 import { upload } from "../core/executor.ts";
 import { memory } from "../core/memory.ts";
@@ -1152,7 +1152,7 @@ Deno.test("train: bad flags give clear errors", () => {
   const ft = parseTrainArgs(["--from", "org/model", "--revision", "v1", "--cache-dir", "c"])!;
   assert.deepEqual([ft.from, ft.hub, ft.train.lr, ft.train.minLr], [
     "org/model",
-    { revision: "v1", cacheDir: `${Deno.cwd()}/c` },
+    { revision: "v1", cacheDir: userPath("c") }, // the folder deno task was typed in
     FINE_TUNE_LR,
     FINE_TUNE_LR / 10,
   ]);
