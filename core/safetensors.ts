@@ -460,8 +460,13 @@ function f32ToBf16Bits(x: number): number {
   return (bits + 0x7fff + ((bits >>> 16) & 1)) >>> 16;
 }
 
+/** The writable dtypes in the Rust crate's `Dtype` order, which its writer sorts by (descending). */
+const DTYPE_RANK: Record<string, number> = { F16: 0, BF16: 1, I32: 2, F32: 3 };
+
 /**
- * Serializes tensors (stored back to back in insertion order) and optional string metadata. The header is
+ * Serializes tensors and optional string metadata. As the Rust `safetensors` crate (and so Python's
+ * `save_file`), the tensors are stored back to back by dtype, widest first (F32, I32, BF16, F16), then by name:
+ * every tensor starts at a multiple of its element size, which zero-copy loaders need. The header is
  * padded with spaces to a multiple of 8 bytes so the data section is aligned. Throws
  * {@linkcode SafetensorsError} naming the tensor if `data.length` does not match the shape or the dtype does
  * not fit the data's array type.
@@ -482,7 +487,11 @@ export function serializeSafetensors(
   }
   const plan: { data: Float32Array | Int32Array; dtype: string; begin: number }[] = [];
   let offset = 0;
-  for (const [name, { shape, data, dtype: given }] of Object.entries(tensors)) {
+  const ordered = Object.entries(tensors).map(([name, t]) => {
+    const dtype = t?.dtype ?? (t?.data instanceof Int32Array ? "I32" : "F32");
+    return { name, t, rank: DTYPE_RANK[dtype] ?? 0 }; // (an unknown dtype is refused below)
+  }).sort((a, b) => b.rank - a.rank || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  for (const { name, t: { shape, data, dtype: given } } of ordered) {
     const what = `serializeSafetensors: tensor "${name}"`;
     if (name === "__metadata__") throw new SafetensorsError(`${what}: the name is reserved`);
     if (!Array.isArray(shape) || !shape.every(isCount)) {

@@ -58,8 +58,8 @@ Deno.test("round trip F32 and I32 with metadata", () => {
   const { header, tensors } = parseSafetensors(file, "rt");
   assert.deepEqual(header.metadata, { format: "pt", note: "ünïcode" });
   assert.equal(header.dataStart, 8 + len);
-  assert.deepEqual([...header.entries.keys()], ["w", "idx", "s"]);
-  assert.deepEqual(header.entries.get("idx"), { dtype: "I32", shape: [4], dataOffsets: [24, 40] });
+  assert.deepEqual([...header.entries.keys()], ["s", "w", "idx"], "F32 before I32, then by name");
+  assert.deepEqual(header.entries.get("idx"), { dtype: "I32", shape: [4], dataOffsets: [28, 44] });
   assert.equal(file.length, header.dataStart + 44);
   assert.deepEqual(tensors.get("w"), { dtype: "F32", shape: [2, 3], data: w });
   assert.deepEqual(tensors.get("idx"), { dtype: "I32", shape: [4], data: idx });
@@ -579,4 +579,31 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
   },
+});
+
+Deno.test("the writer lays tensors out as the Rust crate does: widest dtype first, then by name; each aligned", () => {
+  const f = (n: number) => new Float32Array(n).map((_, i) => i + 0.5);
+  const file = serializeSafetensors({
+    odd: { shape: [3], data: f(3), dtype: "BF16" }, // 6 bytes: an F32 after it would start at byte 6
+    z: { shape: [2], data: f(2) },
+    h: { shape: [1], data: f(1), dtype: "F16" },
+    i: { shape: [2], data: new Int32Array([7, -7]) },
+    a: { shape: [3], data: f(3) },
+  });
+  const { header, tensors } = parseSafetensors(file, "order");
+  const order = [...header.entries].map(([name, e]) => `${name}@${e.dataOffsets[0]}`);
+  assert.deepEqual(order, ["a@0", "z@12", "i@20", "odd@28", "h@34"]);
+  for (const [name, e] of header.entries) {
+    assert.equal(
+      e.dataOffsets[0] % ({ F32: 4, I32: 4, BF16: 2, F16: 2 } as Record<string, number>)[e.dtype],
+      0,
+    );
+    assert.equal(header.dataStart % 8, 0, name);
+  }
+  // the header's keys follow the data (as the crate writes them), and the values come back exactly
+  const json = new TextDecoder().decode(file.subarray(8, header.dataStart));
+  assert.deepEqual(Object.keys(JSON.parse(json)), ["a", "z", "i", "odd", "h"]);
+  assert.deepEqual([...tensors.get("a")!.data], [0.5, 1.5, 2.5]);
+  assert.deepEqual([...tensors.get("odd")!.data], [0.5, 1.5, 2.5]);
+  assert.deepEqual([...tensors.get("i")!.data], [7, -7]);
 });
