@@ -282,6 +282,14 @@ export function parseSafetensorsHeader(
     }]);
   }
 
+  // JSON.parse reads 2.0 and 2e0 as 2; the Rust crate and Python refuse them (expected usize). With the strings
+  // out of the way, a number with a fraction or an exponent is a digit followed by '.', 'e' or 'E'. (Checked
+  // after the entries, whose errors name a 1.5 or a -1.)
+  const real = text.replace(/"(?:[^"\\]|\\.)*"/g, '""').match(/\d+(?:\.\d*)?[.eE][-+\d]*/);
+  if (real) {
+    fail(source, `header has a number that is not an integer (${real[0]}): shapes and offsets are counts`);
+  }
+
   // The layout rule of the safetensors library: sorted by offsets, the tensors tile the data section, each
   // starting where the previous one ends, and the last one ends at the end of the file. Checking the end
   // catches a header length that was shortened into the header's padding, which would shift every tensor.

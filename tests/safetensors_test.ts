@@ -607,3 +607,19 @@ Deno.test("the writer lays tensors out as the Rust crate does: widest dtype firs
   assert.deepEqual([...tensors.get("odd")!.data], [0.5, 1.5, 2.5]);
   assert.deepEqual([...tensors.get("i")!.data], [7, -7]);
 });
+
+Deno.test("a shape or offset written as 1.0 or 1e0 is refused, as the Rust crate's 'expected usize'", () => {
+  for (const bad of ["[2.0]", "[2e0]", "[2E+0]"]) {
+    const text = `{"a":{"dtype":"F32","shape":${bad},"data_offsets":[0,8]}}`;
+    assert.throws(
+      () => parseSafetensors(rawFile(text, new Uint8Array(8)), "x"),
+      /x: header has a number that is not an integer \((2\.0|2e0|2E\+0)\)/,
+      bad,
+    );
+  }
+  const offs = `{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8.0]}}`;
+  assert.throws(() => parseSafetensors(rawFile(offs, new Uint8Array(8)), "x"), /not an integer \(8\.0\)/);
+  // in a string (a name, metadata) the same text is no number
+  const named = `{"__metadata__":{"v":"1.0e5"},"t 2.0e1":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}`;
+  assert.deepEqual([...parseSafetensors(rawFile(named, new Uint8Array(8)), "x").tensors.keys()], ["t 2.0e1"]);
+});
