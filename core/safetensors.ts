@@ -495,11 +495,12 @@ export function serializeSafetensors(
   }
   const plan: { data: Float32Array | Int32Array; dtype: string; begin: number }[] = [];
   let offset = 0;
-  const ordered = Object.entries(tensors).map(([name, t]) => {
-    const dtype = t?.dtype ?? (t?.data instanceof Int32Array ? "I32" : "F32");
-    return { name, t, rank: DTYPE_RANK[dtype] ?? 0 }; // (an unknown dtype is refused below)
-  }).sort((a, b) => b.rank - a.rank || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  for (const { name, t: { shape, data, dtype: given } } of ordered) {
+  const rank = ([, t]: [string, SafetensorsInput]) =>
+    DTYPE_RANK[t?.dtype ?? (t?.data instanceof Int32Array ? "I32" : "F32")] ?? 0; // (bad ones refused below)
+  const ordered = Object.entries(tensors).sort((a, b) =>
+    rank(b) - rank(a) || (a[0] < b[0] ? -1 : +(a[0] > b[0]))
+  );
+  for (const [name, { shape, data, dtype: given }] of ordered) {
     const what = `serializeSafetensors: tensor "${name}"`;
     if (name === "__metadata__") throw new SafetensorsError(`${what}: the name is reserved`);
     if (!Array.isArray(shape) || !shape.every(isCount)) {
