@@ -136,10 +136,8 @@ export async function fromPretrainedFiles(
 
 async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<PretrainedLM> {
   const cfgWhere = `${src.where}/config.json`;
-  const { config, lm, layout } = parseCheckpointConfig(
-    parseJson((await src.text("config.json", false))!, cfgWhere, true),
-    cfgWhere,
-  );
+  const rawConfig = parseJson((await src.text("config.json", false))!, cfgWhere, true);
+  const { config, lm, layout } = parseCheckpointConfig(rawConfig, cfgWhere);
   // how the model runs, which config.json does not hold: checked before anything else is read
   const runs = { scan: options.scan ?? config.scan, recompute: options.recompute ?? config.recompute };
   mambaConfig({ ...config, ...runs });
@@ -191,6 +189,16 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     const weightsWhere = `${src.where}/${
       plan.single || plan.torch ? plan.files[0] : "model.safetensors.index.json"
     }`;
+    // Both written by one saveCheckpoint, or the pair mixes two saves (one stopped between its renames).
+    const [cfgId, wId] = [
+      (rawConfig as Record<string, unknown>)[SAVE_ID],
+      plan.single?.header.metadata[SAVE_ID],
+    ];
+    if (cfgId !== undefined && wId !== undefined && cfgId !== wId) {
+      throw new Error(
+        `${weightsWhere} and ${cfgWhere} are from different saves (${SAVE_ID} ${wId}, ${cfgId}): save again`,
+      );
+    }
     const ours = new Map<string, string>();
     const unexpected: string[] = [];
     for (const k of plan.fileOf.keys()) {
@@ -341,6 +349,9 @@ export function tokenizerFilesFor(model: MambaLM, tokenizer: Tokenizer): Tokeniz
   return tokenizer.toFiles();
 }
 
+/** The key of a save's id in config.json and in model.safetensors' metadata. */
+export const SAVE_ID = "mambats_save_id";
+
 /**
  * A checkpoint's files as bytes, by name: `model.safetensors` and `config.json` (Hugging Face layout), and the
  * tokenizer's `tokenizer.json` (+ `tokenizer_config.json` when it has one). `tokenizer` defaults to the
@@ -366,9 +377,12 @@ export function checkpointFilesOf(
 ): Record<string, Uint8Array<ArrayBuffer>> {
   const text = (v: unknown, indent: number) =>
     new TextEncoder().encode(JSON.stringify(v, null, indent) + "\n");
+  // "format": "pt" as save_pretrained writes it (transformers <= 4.48 fails on weights without it); the save's
+  // id in both files lets a loader tell a pair that mixes two saves
+  const id = Math.random().toString(16).slice(2); // (randomUUID needs a secure context)
   const files: Record<string, Uint8Array<ArrayBuffer>> = {
-    "model.safetensors": serializeSafetensors(tensors),
-    "config.json": text(hfConfig(model), 2),
+    "model.safetensors": serializeSafetensors(tensors, { format: "pt", [SAVE_ID]: id }),
+    "config.json": text({ ...hfConfig(model), [SAVE_ID]: id }, 2),
   };
   if (tok) files["tokenizer.json"] = text(tok.tokenizer, 1);
   if (tok?.config) files["tokenizer_config.json"] = text(tok.config, 2);
@@ -378,8 +392,10 @@ export function checkpointFilesOf(
 /**
  * Saves `config.json` + `model.safetensors` (Hugging Face layout) and the tokenizer's files (see
  * {@linkcode checkpointFiles}: the model's own by default; null writes none and leaves any in `dir` alone) into
- * `dir`, each file atomically (Deno). A tokenizer without a `tokenizer_config.json` removes one left in `dir`
- * by an earlier save, which would otherwise load with it.
+ * `dir` (Deno), keeping the folder's other files: all are written and synced under temporary names first, then
+ * renamed into place, so a save that fails leaves the folder as it was. A tokenizer without a
+ * `tokenizer_config.json` removes one left in `dir` by an earlier save, which would otherwise load with it.
+ * A training checkpoint's folder (with `training_log.json`) is refused: use `saveTrainingCheckpoint`.
  */
 export async function saveCheckpoint(
   model: MambaLM,
@@ -394,5 +410,5 @@ export async function saveCheckpoint(
   }
   const files = await checkpointFiles(model, tokenizer);
   const stale = files["tokenizer.json"] && !files["tokenizer_config.json"] ? ["tokenizer_config.json"] : [];
-  await (await import("./pretrained_fs.ts")).writeFiles(dir, files, stale);
+  await (await import("./pretrained_fs.ts")).saveFiles(dir, files, stale);
 }

@@ -4,6 +4,7 @@
  * @module
  */
 
+import { normalize } from "node:path";
 import { writeFileAtomic } from "../core/safetensors_fs.ts";
 import { type ModelSource, OPTIONAL_WEIGHT_FILES, readBoundedText } from "./byte_source.ts";
 import { COMMIT_RE, hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
@@ -146,5 +147,91 @@ export async function writeFiles(
     await Deno.remove(`${dir}/${name}`).catch((e) => {
       if (!(e instanceof Deno.errors.NotFound)) throw e;
     });
+  }
+}
+
+// The saves in flight, by folder: each waits for the one before it.
+const saving = new Map<string, Promise<unknown>>();
+
+/** Runs `save` after the saves to `dir` called before it (this process) have settled, so that saves that are
+ * not awaited replace the folder in call order and never touch each other's temporary files. */
+export function inOrder<T>(dir: string, save: () => Promise<T>): Promise<T> {
+  const key = normalize(dir).replace(/(?<=.)[\\/]+$/, "");
+  const run = (saving.get(key) ?? Promise.resolve()).then(save, save);
+  const done = run.catch(() => {});
+  saving.set(key, done);
+  done.then(() => saving.get(key) === done && saving.delete(key));
+  return run;
+}
+
+/** Temporary names of {@linkcode saveFiles}: `<file>.mambats-tmp-` and 8 hex digits. */
+const SAVE_TMP = /\.mambats-tmp-[0-9a-f]{8}$/;
+
+/**
+ * Writes `files` into `dir` (created if needed) as one set, keeping its other files: each is written and
+ * synced as `<name>.mambats-tmp-<random>`, then all are renamed into place and the files named in `remove`
+ * deleted. A failure before the renames leaves `dir` as it was; temporary files that a crash left are removed
+ * by the next save. A training checkpoint's folder is refused (its optimizer state and log would stay beside
+ * other weights). Saves to one folder run in call order.
+ */
+export function saveFiles(dir: string, files: Record<string, Uint8Array>, remove: readonly string[] = []) {
+  return inOrder(dir, async () => {
+    await Deno.mkdir(dir, { recursive: true });
+    if (await Deno.lstat(`${dir}/training_log.json`).then(() => true, () => false)) {
+      throw new Error(
+        `cannot save into ${dir}: it holds a training checkpoint (training_log.json), whose optimizer state ` +
+          "and log would no longer match its weights; use saveTrainingCheckpoint, or another folder",
+      );
+    }
+    for await (const e of Deno.readDir(dir)) {
+      if (e.isFile && SAVE_TMP.test(e.name)) await Deno.remove(`${dir}/${e.name}`).catch(() => {});
+    }
+    const suffix = `.mambats-tmp-${crypto.randomUUID().slice(0, 8)}`;
+    const written: string[] = [];
+    try {
+      for (const [name, bytes] of Object.entries(files)) {
+        const tmp = `${dir}/${name}${suffix}`;
+        written.push(tmp);
+        await Deno.writeFile(tmp, bytes);
+        const f = await Deno.open(tmp, { read: true });
+        try {
+          await f.syncData(); // on disk before the renames make it visible
+        } finally {
+          f.close();
+        }
+      }
+    } catch (e) {
+      for (const tmp of written) await Deno.remove(tmp).catch(() => {});
+      throw new Error(`cannot save into ${dir}: ${(e as Error).message}`, { cause: e });
+    }
+    // config.json last: weights renamed beside an older config.json before a crash are from another save,
+    // which fromPretrained refuses (the save id both hold)
+    const names = Object.keys(files).sort((a, b) => +(a === "config.json") - +(b === "config.json"));
+    try {
+      for (const name of names) await Deno.rename(`${dir}/${name}${suffix}`, `${dir}/${name}`);
+    } catch (e) {
+      for (const tmp of written) await Deno.remove(tmp).catch(() => {});
+      throw new Error(`cannot save into ${dir}: ${(e as Error).message}`, { cause: e });
+    }
+    for (const name of remove) {
+      await Deno.remove(`${dir}/${name}`).catch((e) => {
+        if (!(e instanceof Deno.errors.NotFound)) throw e;
+      });
+    }
+    await syncDir(dir);
+  });
+}
+
+/** Makes renames in `dir` durable; skipped where a folder cannot be opened or synced (Windows). */
+async function syncDir(dir: string): Promise<void> {
+  try {
+    const f = await Deno.open(dir, { read: true });
+    try {
+      await f.sync();
+    } finally {
+      f.close();
+    }
+  } catch {
+    // best effort: not every platform can fsync a folder
   }
 }

@@ -18,7 +18,7 @@ import { HubError } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { parseCheckpointConfig } from "../mamba/checkpoint_config.ts";
 import { fromPretrained, fromPretrainedFiles, saveCheckpoint } from "../mamba/pretrained.ts";
-import { HubTokenizer, type Tokenizer } from "../mamba/tokenizer.ts";
+import { ByteTokenizer, HubTokenizer, type Tokenizer } from "../mamba/tokenizer.ts";
 import { assertLmV64Logits, fixturePath } from "./fixture_util.ts";
 
 const HF = fixturePath("lm_v64_hf");
@@ -344,7 +344,7 @@ Deno.test("saveCheckpoint then fromPretrained round-trips a model with inner lay
       await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(cfg));
       await assert.rejects(
         () => fromPretrained(dir),
-        /no parameter for: backbone\.layers\.0\.mixer\.dt_layernorm\.weight \(mamba\.layers\.0\.mixer\.dt_layernorm\.weight\), .* \(inner layernorms: add "inner_layernorms": true to .*config\.json\)$/,
+        /no parameter for: backbone\.layers\.0\.mixer\.B_layernorm\.weight \(mamba\.layers\.0\.mixer\.B_layernorm\.weight\), .* \(inner layernorms: add "inner_layernorms": true to .*config\.json\)$/,
       );
     }
     await Deno.remove(dir, { recursive: true });
@@ -829,6 +829,80 @@ Deno.test("saveCheckpoint keeps the embedding's padding row (padding_idx, ours) 
       back.dispose();
     }
   } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("saveCheckpoint replaces its files as a set: a failed save leaves the folder as it was, a mixed pair is refused", async () => {
+  await init();
+  const dir = await Deno.makeTempDir();
+  const fs = Deno as unknown as {
+    writeFile: typeof Deno.writeFile;
+    rename: typeof Deno.rename;
+  };
+  const { writeFile, rename } = fs;
+  const a = new MambaLM({ dModel: 8, nLayers: 1, dState: 4 }, { vocabSize: 256 });
+  const b = new MambaLM({ dModel: 8, nLayers: 1, dState: 4, rmsNormEps: 0.5 }, {
+    vocabSize: 256,
+    paddingIdx: 3,
+  });
+  const snapshot = async () =>
+    Object.fromEntries(
+      await Promise.all(
+        [...Deno.readDirSync(dir)].map(async (e) =>
+          [e.name, await Deno.readFile(`${dir}/${e.name}`)] as const
+        ),
+      ),
+    );
+  try {
+    await saveCheckpoint(a, dir, new ByteTokenizer());
+    await Deno.writeTextFile(`${dir}/notes.txt`, "mine"); // a file of the user's: kept
+    // as save_pretrained: "format": "pt" (transformers <= 4.48 fails without it), and the save's id
+    const meta = parseSafetensors(await Deno.readFile(`${dir}/model.safetensors`)).header.metadata;
+    assert.equal(meta.format, "pt");
+    const cfg = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+    assert.equal(meta.mambats_save_id, cfg.mambats_save_id);
+    const before = await snapshot();
+    // A write that fails (a full disk) at the second file: nothing replaced, no temporary file left.
+    let writes = 0;
+    fs.writeFile = (p, d, o) =>
+      ++writes === 2 ? Promise.reject(new Error("injected: no space")) : writeFile(p, d, o);
+    await assert.rejects(
+      () => saveCheckpoint(b, dir, new ByteTokenizer()),
+      /cannot save into .*: injected: no space/,
+    );
+    fs.writeFile = writeFile;
+    assert.deepEqual(await snapshot(), before);
+    // Stopped between its renames: b's weights beside a's config.json, which fromPretrained refuses.
+    fs.rename = (p, q) =>
+      String(q).endsWith("/config.json") ? Promise.reject(new Error("injected: stopped")) : rename(p, q);
+    await assert.rejects(() => saveCheckpoint(b, dir, new ByteTokenizer()), /injected: stopped/);
+    fs.rename = rename;
+    await assert.rejects(
+      () => fromPretrained(dir),
+      /model\.safetensors and .*config\.json are from different saves \(mambats_save_id [0-9a-f]+, [0-9a-f]+\): save again/,
+    );
+    // A crash's temporary files are removed by the next save; the user's file stays.
+    await Deno.writeTextFile(`${dir}/config.json.mambats-tmp-0123abcd`, "{");
+    await saveCheckpoint(b, dir, new ByteTokenizer());
+    assert.deepEqual(
+      [...Deno.readDirSync(dir)].map((e) => e.name).sort(),
+      ["config.json", "model.safetensors", "notes.txt", "tokenizer.json"],
+    );
+    const back = await fromPretrained(dir);
+    assert.deepEqual([back.config.rmsNormEps, back.embedding.paddingIdx], [0.5, 3]);
+    back.dispose();
+    // A training checkpoint's folder: its optimizer state and log would stay beside other weights.
+    await Deno.writeTextFile(`${dir}/training_log.json`, "{}");
+    await assert.rejects(
+      () => saveCheckpoint(a, dir, null),
+      /cannot save into .*: it holds a training checkpoint \(training_log\.json\).*use saveTrainingCheckpoint/,
+    );
+  } finally {
+    fs.writeFile = writeFile;
+    fs.rename = rename;
+    a.dispose();
+    b.dispose();
     await Deno.remove(dir, { recursive: true });
   }
 });
