@@ -23,9 +23,10 @@ import {
   fromPretrained,
   hfTensors,
   type PretrainedLM,
+  SAVE_ID,
   tokenizerFilesFor,
 } from "./pretrained.ts";
-import { writeFiles } from "./pretrained_fs.ts";
+import { inOrder, writeFiles } from "./pretrained_fs.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import type { Tensor } from "../core/tensor.ts";
 import {
@@ -69,6 +70,9 @@ export interface TrainingState {
    * and for data without a fingerprint: not checked.
    */
   data?: { fingerprint?: string; source?: string };
+  /** The save's id, also in config.json and both safetensors files' metadata: a resume checks that they are
+   * from one save. Absent in checkpoints written before it existed: not checked. */
+  saveId?: string;
 }
 
 /** Options of {@linkcode loadTrainingCheckpoint}. */
@@ -193,7 +197,7 @@ function listNames(names: string[]): string {
  */
 async function inspect(
   path: string,
-): Promise<{ kind: "missing" | "ours" } | { kind: "foreign"; why: string }> {
+): Promise<{ kind: "missing" | "empty" | "ours" } | { kind: "foreign"; why: string }> {
   let info: Deno.FileInfo;
   try {
     info = await Deno.lstat(path);
@@ -205,7 +209,7 @@ async function inspect(
   if (!info.isDirectory) return { kind: "foreign", why: "it is a file, not a folder" };
   const entries: Deno.DirEntry[] = [];
   for await (const e of Deno.readDir(path)) entries.push(e);
-  if (entries.length === 0) return { kind: "ours" };
+  if (entries.length === 0) return { kind: "empty" }; // (mkdir -p): no checkpoint, nothing to lose
   const names = entries.map((e) => e.name).sort();
   if (!names.includes("training_log.json")) {
     return {
@@ -282,6 +286,9 @@ async function syncDir(dir: string): Promise<void> {
   }
 }
 
+/** The names of the temporary folders of the saves in flight (this process), which removeOrphans leaves. */
+const savesInFlight = new Set<string>();
+
 /**
  * Removes the `<base>.tmp-*` folders that interrupted saves left in `parent` and the `<base>.del-*` ones that a
  * deletion cut short left (see {@linkcode discard}), each only if it holds nothing but files a save writes
@@ -309,7 +316,8 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
         [names, LEGACY_FILES, ["tokenizer_config.json"]].some((n) =>
           n.includes(f.name.replace(TMP_SUFFIX, ""))
         );
-      const known = inside.every(ours) || (DEL_SUFFIX.test(e.name) && (await inspect(path)).kind === "ours");
+      const known = !savesInFlight.has(e.name) &&
+        (inside.every(ours) || (DEL_SUFFIX.test(e.name) && (await inspect(path)).kind !== "foreign"));
       if (known) await Deno.remove(path, { recursive: true });
     } catch {
       // left for the next save
@@ -394,6 +402,7 @@ export async function saveTrainingCheckpoint(
     paddingIdx: trainer.model.embedding.paddingIdx,
     model: { scan, recompute },
     data: { fingerprint: trainer.data.fingerprint?.(), source: options.dataSource },
+    saveId: undefined as string | undefined,
   };
   const read = Promise.all([
     hfTensors(trainer.model),
@@ -404,125 +413,150 @@ export async function saveTrainingCheckpoint(
     ),
   ]);
   read.catch(() => {}); // awaited below, unless the save is refused first
+  // The run is read: the folder is replaced after the saves to it called before this one (saves not awaited
+  // raced, and an older state could replace a newer one).
+  return await inOrder(path, () => replaceFolder());
 
-  // An interrupted save can leave the checkpoint under .prev alone: move it back first, so that one stays in
-  // place until the new one is complete.
-  let prevKind: Awaited<ReturnType<typeof inspect>>;
-  let cur: Awaited<ReturnType<typeof inspect>>;
-  try {
-    prevKind = await inspect(prev);
-    if (prevKind.kind === "foreign") throw refusal(path, prev, prevKind.why);
-    cur = await inspect(path);
-    if (cur.kind === "missing" && prevKind.kind === "ours") {
-      await Deno.rename(prev, path);
-      await syncDir(parent);
-      [cur, prevKind] = [{ kind: "ours" }, { kind: "missing" }];
-    }
-    if (cur.kind === "foreign") throw refusal(path, path, cur.why);
-  } catch (e) {
-    throw wrap(e);
-  }
-
-  const tmp = `${path}${tmpSuffix()}`;
-  try {
-    await Deno.mkdir(parent, { recursive: true });
-    await Deno.mkdir(tmp);
-    const [weights, optData, losses, carriedData] = await read;
-    // A diverged run never replaces a checkpoint: its losses since the last readback (which waits for
-    // logEvery steps) are checked here (and those a readback in flight at the call checks, as it logs them),
-    // and its weights (a step whose loss was finite can still have written NaN into them).
+  async function replaceFolder(): Promise<void> {
+    // An interrupted save can leave the checkpoint under .prev alone: move it back first, so that one stays in
+    // place until the new one is complete.
+    let prevKind: Awaited<ReturnType<typeof inspect>>;
+    let cur: Awaited<ReturnType<typeof inspect>>;
     try {
-      const rows = await inFlight;
-      log.log.train.push(...pairs(rows.train));
-      log.log.val.push(...pairs(rows.val));
-      checkFiniteLosses(losses, log.step - losses.length);
+      prevKind = await inspect(prev);
+      if (prevKind.kind === "foreign") throw refusal(path, prev, prevKind.why);
+      cur = await inspect(path);
+      // an empty folder is none: .prev, the checkpoint, goes back in its place
+      if (cur.kind === "empty" && prevKind.kind === "ours") {
+        await Deno.remove(path);
+        cur = { kind: "missing" };
+      }
+      if (cur.kind === "missing" && prevKind.kind === "ours") {
+        await Deno.rename(prev, path);
+        await syncDir(parent);
+        [cur, prevKind] = [{ kind: "ours" }, { kind: "missing" }];
+      }
+      if (cur.kind === "foreign") throw refusal(path, path, cur.why);
     } catch (e) {
-      throw new Error(
-        `cannot write checkpoint ${path}: ${(e as Error).message}; ${path} keeps what it held`,
-        {
-          cause: e,
-        },
-      );
+      throw wrap(e);
     }
-    const bad = Object.entries(weights).find(([, t]) => !t.data.every(Number.isFinite));
-    if (bad) {
-      throw new Error(
-        `cannot write checkpoint ${path}: ${bad[0]} holds values that are not finite (the run diverged by ` +
-          `step ${log.step}); ${path} keeps what it held`,
-      );
-    }
-    await writeFiles(tmp, checkpointFilesOf(trainer.model, weights, null)); // the tokenizer's files below
-    const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
-    [...state.tensors].forEach(([k, t], i) =>
-      tensors[k] = { shape: [...t.shape], data: optData[i] as Float32Array }
-    );
-    await Deno.writeFile(
-      `${tmp}/optimizer.safetensors`,
-      serializeSafetensors(tensors, {
-        step: String(state.step),
-        paramSteps: JSON.stringify(state.paramSteps),
-      }),
-    );
-    if (carried) {
-      const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
-      for (const [k, t, data] of carriedData) {
-        tensors[k] = { shape: [...t.shape], data: data as Float32Array };
-      }
-      await Deno.writeFile(`${tmp}/${CARRIED_FILE}`, serializeSafetensors(tensors));
-    }
-    log.pendingLosses = losses.map(jsonNumber);
-    await Deno.writeTextFile(`${tmp}/training_log.json`, JSON.stringify(log) + "\n");
-    const tokText = JSON.stringify(tok.tokenizer, null, 1);
-    if (tokText === undefined) {
-      throw new Error(`the tokenizer is not a JSON value or a Tokenizer (got ${typeof tok.tokenizer})`);
-    }
-    await Deno.writeTextFile(`${tmp}/tokenizer.json`, tokText + "\n");
-    if (tok.config !== undefined) {
-      await Deno.writeTextFile(`${tmp}/tokenizer_config.json`, JSON.stringify(tok.config, null, 2) + "\n");
-    }
-    for (const [name, content] of extra) {
-      const bytes = typeof content === "string" ? new TextEncoder().encode(content) : content;
-      await Deno.writeFile(`${tmp}/${name}`, bytes);
-    }
-    // Make the new folder durable before it replaces the old one.
-    for await (const e of Deno.readDir(tmp)) {
-      const f = await Deno.open(`${tmp}/${e.name}`, { read: true });
-      try {
-        await f.syncData();
-      } finally {
-        f.close();
-      }
-    }
-    await syncDir(tmp);
-  } catch (e) {
-    await Deno.remove(tmp, { recursive: true }).catch(() => {});
-    throw wrap(e);
-  }
 
-  let moved = false;
-  try {
-    // The folder may have changed while the new one was written: look again.
-    cur = await inspect(path);
-    if (cur.kind === "foreign") throw refusal(path, path, cur.why);
-    // Both present: .prev is what an interrupted save had left behind after putting its folder in place.
-    if (prevKind.kind === "ours" && cur.kind === "ours") await discard(prev);
-    if (cur.kind === "ours") {
-      await Deno.rename(path, prev);
-      moved = true;
+    const tmp = `${path}${tmpSuffix()}`;
+    savesInFlight.add(tmp.slice(parent.length + 1));
+    try {
+      await Deno.mkdir(parent, { recursive: true });
+      await Deno.mkdir(tmp);
+      const [weights, optData, losses, carriedData] = await read;
+      // A diverged run never replaces a checkpoint: its losses since the last readback (which waits for
+      // logEvery steps) are checked here (and those a readback in flight at the call checks, as it logs them),
+      // and its weights (a step whose loss was finite can still have written NaN into them).
+      try {
+        const rows = await inFlight;
+        log.log.train.push(...pairs(rows.train));
+        log.log.val.push(...pairs(rows.val));
+        checkFiniteLosses(losses, log.step - losses.length);
+      } catch (e) {
+        throw new Error(
+          `cannot write checkpoint ${path}: ${(e as Error).message}; ${path} keeps what it held`,
+          {
+            cause: e,
+          },
+        );
+      }
+      const bad = Object.entries(weights).find(([, t]) => !t.data.every(Number.isFinite));
+      if (bad) {
+        throw new Error(
+          `cannot write checkpoint ${path}: ${
+            bad[0]
+          } holds values that are not finite (the run diverged by ` +
+            `step ${log.step}); ${path} keeps what it held`,
+        );
+      }
+      const hf = checkpointFilesOf(trainer.model, weights, null); // the tokenizer's files below
+      // the save's id, as checkpointFilesOf wrote it into config.json and model.safetensors, in every part
+      const saveId = JSON.parse(new TextDecoder().decode(hf["config.json"]))[SAVE_ID];
+      log.saveId = saveId;
+      await writeFiles(tmp, hf);
+      const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
+      [...state.tensors].forEach(([k, t], i) =>
+        tensors[k] = { shape: [...t.shape], data: optData[i] as Float32Array }
+      );
+      await Deno.writeFile(
+        `${tmp}/optimizer.safetensors`,
+        serializeSafetensors(tensors, {
+          step: String(state.step),
+          paramSteps: JSON.stringify(state.paramSteps),
+          [SAVE_ID]: saveId,
+        }),
+      );
+      if (carried) {
+        const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
+        for (const [k, t, data] of carriedData) {
+          tensors[k] = { shape: [...t.shape], data: data as Float32Array };
+        }
+        await Deno.writeFile(`${tmp}/${CARRIED_FILE}`, serializeSafetensors(tensors));
+      }
+      log.pendingLosses = losses.map(jsonNumber);
+      await Deno.writeTextFile(`${tmp}/training_log.json`, JSON.stringify(log) + "\n");
+      const tokText = JSON.stringify(tok.tokenizer, null, 1);
+      if (tokText === undefined) {
+        throw new Error(`the tokenizer is not a JSON value or a Tokenizer (got ${typeof tok.tokenizer})`);
+      }
+      await Deno.writeTextFile(`${tmp}/tokenizer.json`, tokText + "\n");
+      if (tok.config !== undefined) {
+        await Deno.writeTextFile(`${tmp}/tokenizer_config.json`, JSON.stringify(tok.config, null, 2) + "\n");
+      }
+      for (const [name, content] of extra) {
+        const bytes = typeof content === "string" ? new TextEncoder().encode(content) : content;
+        await Deno.writeFile(`${tmp}/${name}`, bytes);
+      }
+      // Make the new folder durable before it replaces the old one.
+      for await (const e of Deno.readDir(tmp)) {
+        const f = await Deno.open(`${tmp}/${e.name}`, { read: true });
+        try {
+          await f.syncData();
+        } finally {
+          f.close();
+        }
+      }
+      await syncDir(tmp);
+    } catch (e) {
+      await Deno.remove(tmp, { recursive: true }).catch(() => {});
+      savesInFlight.delete(tmp.slice(parent.length + 1));
+      throw wrap(e);
     }
-    await Deno.rename(tmp, path);
-    moved = false;
-    await syncDir(parent);
-  } catch (e) {
-    if (moved) await Deno.rename(prev, path).catch(() => {}); // the old checkpoint back in place
-    await Deno.remove(tmp, { recursive: true }).catch(() => {});
-    throw wrap(e);
+
+    let moved = false;
+    try {
+      // The folder may have changed while the new one was written: look again.
+      cur = await inspect(path);
+      if (cur.kind === "foreign") throw refusal(path, path, cur.why);
+      if (cur.kind === "empty") {
+        await Deno.remove(path); // (an empty folder is none: .prev is discarded only for a checkpoint in place)
+        cur = { kind: "missing" };
+      }
+      // Both present: .prev is what an interrupted save had left behind after putting its folder in place.
+      if (prevKind.kind === "ours" && cur.kind === "ours") await discard(prev);
+      if (cur.kind === "ours") {
+        await Deno.rename(path, prev);
+        moved = true;
+      }
+      await Deno.rename(tmp, path);
+      moved = false;
+      await syncDir(parent);
+    } catch (e) {
+      if (moved) await Deno.rename(prev, path).catch(() => {}); // the old checkpoint back in place
+      await Deno.remove(tmp, { recursive: true }).catch(() => {});
+      throw wrap(e);
+    } finally {
+      savesInFlight.delete(tmp.slice(parent.length + 1));
+    }
+    if (cur.kind === "ours") {
+      await discard(prev).catch(() => {}); // the next save removes it otherwise
+      await syncDir(parent);
+    }
+    await removeOrphans(parent, base, names);
   }
-  if (cur.kind === "ours") {
-    await discard(prev).catch(() => {}); // the next save removes it otherwise
-    await syncDir(parent);
-  }
-  await removeOrphans(parent, base, names);
 }
 
 /** training_log.json's content, checked where a resume reads it unchecked (the recipe is the Trainer's to check). */
@@ -661,6 +695,16 @@ export async function loadTrainingCheckpoint(
   try {
     const opt = await readSafetensorsFile(`${from}/optimizer.safetensors`);
     const meta = opt.header.metadata;
+    // model (config.json, which fromPretrained checked against model.safetensors), optimizer and log: one save's
+    if (state.saveId !== undefined) {
+      const cfgId = JSON.parse(await Deno.readTextFile(`${from}/config.json`))[SAVE_ID];
+      if (cfgId !== state.saveId || meta[SAVE_ID] !== state.saveId) {
+        throw new Error(
+          `the model (config.json: ${cfgId}), the optimizer state (${meta[SAVE_ID]}) and training_log.json ` +
+            `(${state.saveId}) are not from one save (${SAVE_ID}); the folder mixes two checkpoints`,
+        );
+      }
+    }
     trainer.opt.loadStateDict({
       step: Number(meta.step),
       paramSteps: JSON.parse(meta.paramSteps ?? "{}"),

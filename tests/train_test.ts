@@ -4,6 +4,7 @@ import { UsageError, userPath } from "../examples/lib/cli.ts";
 import { init } from "../core/device.ts";
 import { upload } from "../core/executor.ts";
 import { memory } from "../core/memory.ts";
+import { parseSafetensors } from "../core/safetensors.ts";
 import { readSafetensorsFile } from "../core/safetensors_fs.ts";
 import { cosineSchedule } from "../nn/optim.ts";
 import { MambaLM } from "../mamba/lm.ts";
@@ -930,8 +931,22 @@ Deno.test("train: a save not awaited writes the run as it was when called, thoug
       const names = (d: string) => Array.from(Deno.readDirSync(`${dir}/${d}`), (e) => e.name).sort();
       assert.deepEqual(names(b), names(a));
       for (const name of names(a)) {
-        const [x, y] = [Deno.readFileSync(`${dir}/${a}/${name}`), Deno.readFileSync(`${dir}/${b}/${name}`)];
-        assert.ok(x.length === y.length && x.every((v, i) => v === y[i]), `${b}/${name} differs from ${a}'s`);
+        // the same content, but for the id of the save that wrote it
+        const content = (d: string) => {
+          const bytes = Deno.readFileSync(`${dir}/${d}/${name}`);
+          if (name.endsWith(".json")) {
+            const { mambats_save_id: _, saveId: __, ...rest } = JSON.parse(new TextDecoder().decode(bytes));
+            return rest;
+          }
+          const { header: { metadata: { mambats_save_id: _, ...meta }, entries }, tensors } =
+            parseSafetensors(bytes);
+          return {
+            meta,
+            entries: [...entries.values()],
+            data: [...tensors.values()].map((t) => [...t.data]),
+          };
+        };
+        assert.deepEqual(content(b), content(a), `${b}/${name} differs from ${a}'s`);
       }
     }
   } finally {
@@ -1667,5 +1682,62 @@ Deno.test("train: carryState needs data read in order, stretches that hold a win
     t.dispose();
   } finally {
     lm.dispose();
+  }
+});
+
+Deno.test("train: saves not awaited replace the folder in call order; an empty folder beside .prev and mixed parts are caught", async () => {
+  await init();
+  const root = await Deno.makeTempDir();
+  const text = new TextEncoder().encode("hello world, the quick brown fox. ".repeat(40));
+  const data = new CharDataset(text);
+  const cfg: TrainConfig = { ...DEFAULT_TRAIN, steps: 100, warmup: 1, batch: 2, seq: 16, evalEvery: 1000 };
+  const model = new MambaLM({ dModel: 8, nLayers: 1, dState: 4 }, { vocabSize: 256 });
+  const t = new Trainer(model, data, cfg);
+  const c = `${root}/c`;
+  const resumedStep = async (dir: string) => {
+    const back = await loadTrainingCheckpoint(dir, data);
+    back.model.dispose();
+    back.dispose();
+    return back.step;
+  };
+  try {
+    await t.trainStep();
+    await saveTrainingCheckpoint(c, t, new ByteTokenizer());
+    // Three saves in flight at once (a documented pattern): each succeeds, the last called is what stays.
+    for (let round = 0; round < 2; round++) {
+      const saves: Promise<void>[] = [];
+      for (let k = 0; k < 3; k++) {
+        await t.trainStep();
+        saves.push(saveTrainingCheckpoint(c, t, new ByteTokenizer()));
+      }
+      await Promise.all(saves);
+      assert.equal(await resumedStep(c), t.step, `round ${round}`);
+      assert.deepEqual(await names(root), ["c"], `round ${round}: no folder of a save left`);
+    }
+    // An interrupted save left .prev; a script made an empty <dir> (mkdir -p). A save that then fails at
+    // its last rename leaves the checkpoint of .prev, not nothing.
+    await Deno.rename(c, `${c}.prev`);
+    await Deno.mkdir(c);
+    await withFsHook((_, op, [from, to]) => {
+      if (op === "rename" && to === c && from.includes(".tmp-")) throw new Error("injected: no space left");
+    }, () => assert.rejects(() => saveTrainingCheckpoint(c, t, new ByteTokenizer()), /injected/));
+    assert.equal(await resumedStep(c), t.step);
+    // saveCheckpoint refuses the run's folder: its optimizer state and log would no longer match the weights.
+    await assert.rejects(
+      () => saveCheckpoint(model, c, null),
+      /cannot save into .*\/c: it holds a training checkpoint \(training_log\.json\)/,
+    );
+    // Parts of two saves (a file copied by hand): the resume refuses them, naming the ids.
+    await t.trainStep();
+    await saveTrainingCheckpoint(`${root}/d`, t, new ByteTokenizer());
+    await Deno.copyFile(`${root}/d/optimizer.safetensors`, `${c}/optimizer.safetensors`);
+    await assert.rejects(
+      () => loadTrainingCheckpoint(c, data),
+      /optimizer\.safetensors: the model \(config\.json: \w+\), the optimizer state \(\w+\) and training_log\.json \(\w+\) are not from one save/,
+    );
+  } finally {
+    model.dispose();
+    t.dispose();
+    await Deno.remove(root, { recursive: true });
   }
 });
