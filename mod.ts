@@ -22,6 +22,7 @@ export {
   type DeviceInfo,
   deviceInfo,
   type DeviceLimits,
+  deviceLost,
   GPUError,
   init,
   type InitOptions,

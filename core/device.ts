@@ -96,6 +96,16 @@ export function autoTuneEnabled(): boolean {
 }
 let firstError: string | null = null;
 let lostReason: string | null = null;
+let onLost!: (reason: string) => void;
+const lost = new Promise<string>((r) => (onLost = r));
+
+/**
+ * Resolves with the loss's message (that of the {@linkcode GPUError} every later call throws) once the device is
+ * lost; never while it lives. Nothing acquires another device: a page can show it and ask for a reload.
+ */
+export function deviceLost(): Promise<string> {
+  return lost;
+}
 
 const NO_ADAPTER = "No WebGPU adapter found (navigator.gpu.requestAdapter() returned null). mamba.ts needs " +
   "WebGPU: use a machine with a GPU and current drivers, or on Linux without a GPU install Mesa's software " +
@@ -183,6 +193,7 @@ async function acquire(options: InitOptions): Promise<DeviceInfo> {
     lostReason = `GPU device lost (${l.reason}): ${l.message}. mamba.ts does not acquire another device: ` +
       "reload the page or restart the process";
     device = null;
+    onLost(lostReason);
   });
   const ai = adapter.info;
   const l = dev.limits;

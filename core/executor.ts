@@ -9,7 +9,7 @@
  * @module
  */
 
-import { deviceInfo, gpuDevice, throwIfGPUFailed } from "./device.ts";
+import { deviceInfo, deviceLost, gpuDevice, throwIfGPUFailed } from "./device.ts";
 import { destroyDoomed } from "./memory.ts";
 
 const UNIFORM_RING_BYTES = 1 << 20;
@@ -255,6 +255,11 @@ export async function readSpans(
     await staging.mapAsync(GPUMapMode.READ);
   } catch (e) {
     staging.destroy();
+    // Chromium rejects the map ("unmapped before mapping was resolved") before device.lost resolves: wait a
+    // little for a loss, to throw it rather than that
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([deviceLost(), new Promise((r) => (timer = setTimeout(r, 500)))]);
+    clearTimeout(timer);
     throwIfGPUFailed();
     throw e;
   }

@@ -186,6 +186,24 @@ await first;`;
   });
 });
 
+Deno.test("a lost device: a readback that the browser rejects before device.lost resolves throws the loss, and deviceLost() says it", async () => {
+  // as Chromium: mapAsync rejects ("unmapped before mapping was resolved") a moment before the loss is known
+  const url = (p: string) => JSON.stringify(new URL(p, import.meta.url).href);
+  const script = `import { deviceLost, init, randn } from ${url("../mod.ts")};
+import { gpuDevice } from ${url("../core/device.ts")};
+await init({ tune: false });
+const dev = gpuDevice();
+GPUBuffer.prototype.mapAsync = () => {
+  setTimeout(() => dev.destroy(), 20);
+  return Promise.reject(new Error("Buffer was unmapped before mapping was resolved"));
+};
+const said = await randn([4]).toArray().then(() => "resolved", (e) => e.name + ": " + e.message);
+console.log(JSON.stringify([said, "GPUError: " + await deviceLost()]));`;
+  const [said, lost] = await lastLineOf(script) as string[];
+  assert.match(said, /^GPUError: GPU device lost \(destroyed\): .*reload/, said);
+  assert.equal(said, lost);
+});
+
 Deno.test("a lost device: a readback in flight, later ops, sync() and init() all reject with the loss, none waits", async () => {
   // a fresh process: the device is destroyed for good
   const url = (p: string) => JSON.stringify(new URL(p, import.meta.url).href);
