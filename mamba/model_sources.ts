@@ -74,10 +74,12 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
       const auth: Record<string, string> = hub?.token ? { authorization: `Bearer ${hub.token}` } : {};
       res = await fetch(url, { headers: { "accept-encoding": "identity", ...auth }, signal: ac.signal });
     } catch (e) {
-      // a browser says only "Failed to fetch" for a refused connection and for a server that does not allow
-      // this page's origin alike
+      // a browser's fetch says only "Failed to fetch" (a TypeError) for a refused connection and for a server
+      // that does not allow this page's origin alike; a timeout is the abort's own error
       const page = typeof (globalThis as { Deno?: unknown }).Deno === "undefined";
-      const why = page ? " (a network error, or the server does not allow this page's origin: CORS)" : "";
+      const why = page && e instanceof TypeError
+        ? " (a network error, or the server does not allow this page's origin: CORS)"
+        : "";
       throw new Error(`cannot fetch ${url}: ${(e as Error).message}${why}`, { cause: e });
     } finally {
       clearTimeout(timer);

@@ -111,8 +111,10 @@ Deno.test({
     let browser: Browser | undefined;
     let context: BrowserContext | undefined;
     const pageErrors: string[] = [];
-    const newPage = async (path: string): Promise<Page> => {
+    /** A page at `path`, with `init` run in it before its own scripts. */
+    const newPage = async (path: string, init?: string): Promise<Page> => {
       const page = await context!.newPage();
+      if (init) await page.addInitScript(init);
       page.on("pageerror", (e) => pageErrors.push(`${path}: ${e.message}`));
       page.on("console", (m) => {
         // A 404 is how optional files (tokenizer_config.json) are found absent.
@@ -162,6 +164,22 @@ Deno.test({
         );
         assert.deepEqual(r.missing, [], `mod.ts does not export ${r.missing.join(", ")}`);
       });
+
+      await t.step(
+        "a load that times out says so, with no CORS hint (that is for fetch's own TypeError)",
+        async () => {
+          await lib.route("**/hang/**", () => {}); // never answered
+          const said = await lib.evaluate(
+            (base) =>
+              (globalThis as unknown as { mamba: Bundle }).mamba.fromPretrained(`${base}/hang/model`, {
+                timeoutMs: 200,
+              })
+                .then(() => "loaded", (e) => (e as Error).message),
+            base,
+          );
+          assert.match(said, /^cannot fetch .*\/hang\/model\/config\.json: no response within 200 ms$/);
+        },
+      );
 
       await t.step(
         "char-mamba from a URL: prompt logits within 1e-4 of PyTorch, 64 greedy tokens exact",
