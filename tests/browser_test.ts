@@ -873,6 +873,26 @@ Deno.test({
           );
           await done();
           assert.equal(await page.textContent("#output"), longer);
+          // A setting generate refuses leaves the output and Continue as they were; the message names the
+          // field as the page does, and an empty field is not 0
+          await page.selectOption("#decoding", "sample");
+          for (
+            const [id, value, said] of [
+              ["#temperature", "0", "temperature must be a number > 0, got 0"],
+              ["#top-k", "", "top-k must be an integer >= 0 (0: all), got an empty field"],
+              ["#n-tokens", "", "tokens must be an integer from 1 to 4096, got an empty field"],
+            ]
+          ) {
+            const was = await page.inputValue(id);
+            await page.fill(id, value);
+            await page.click("#generate");
+            await done();
+            assert.equal(await page.textContent("#generate-status"), said);
+            assert.equal(await page.textContent("#output"), longer);
+            assert.equal(await page.isDisabled("#generate-continue"), false);
+            await page.fill(id, was);
+          }
+          await page.selectOption("#decoding", "greedy");
           await page.fill("#repetition-penalty", "1.5");
           // bf16 weights: the Deno API's text for the bf16 model
           await page.selectOption("#weight-dtype", "bf16");

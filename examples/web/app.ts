@@ -17,13 +17,27 @@ import { manualSeed } from "../../core/random.ts";
 import { dispose } from "../../core/tensor.ts";
 import type { LayerCache } from "../../mamba/block.ts";
 import { MambaLM } from "../../mamba/lm.ts";
-import type { SampleOptions } from "../../mamba/sampling.ts";
+import { type SampleOptions, sampleParams } from "../../mamba/sampling.ts";
 import { checkpointFiles, fromPretrained, fromPretrainedFiles } from "../../mamba/pretrained.ts";
 import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../../mamba/tokenizer.ts";
 import { CharDataset, DEFAULT_TRAIN, type TrainConfig, Trainer, type TrainLog } from "../../mamba/train.ts";
 
 const $ = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
-const num = (id: string) => Number($<HTMLInputElement>(id).value);
+
+/**
+ * A number field's value, refused with a message that names the field as the page labels it where `ok` refuses
+ * it (`want` says what it takes); an empty field is refused too (it is not 0), unless `empty` gives its value.
+ */
+function num(id: string, label: string, ok: (v: number) => boolean, want: string, empty?: number): number {
+  const text = $<HTMLInputElement>(id).value.trim(); // "" also for text a number field cannot parse
+  if (text === "" && empty !== undefined) return empty;
+  const v = text === "" ? NaN : Number(text);
+  if (!ok(v)) throw new Error(`${label} must be ${want}, got ${text === "" ? "an empty field" : text}`);
+  return v;
+}
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) => (v: number) =>
+  Number.isSafeInteger(v) && v >= min && v <= max;
+const positive = (v: number) => v > 0 && v < Infinity;
 
 interface Loaded {
   lm: MambaLM;
@@ -420,26 +434,29 @@ async function generate(continueText = false): Promise<void> {
   updateButtons();
   status("generate-status", "generating…");
   try {
+    // Every setting is checked before the output and the state Continue needs are touched: a refused one
+    // leaves both as they were.
     const prompt = $<HTMLTextAreaElement>("prompt").value;
-    const n = num("n-tokens");
+    if (!continueText && !tokenizer.encode(prompt).length) throw new Error("the prompt is empty");
     // the field's own bounds: a run past them could not be stopped short of reloading the page
-    if (!(Number.isInteger(n) && n >= 1 && n <= 4096)) throw new Error(`tokens must be 1 to 4096, got ${n}`);
+    const n = num("n-tokens", "tokens", int(1, 4096), "an integer from 1 to 4096");
     // Greedy decoding reads none of the sampling fields (a cleared or 0 temperature is no error then); the
-    // repetition penalty acts on both.
-    const penaltyField = $<HTMLInputElement>("repetition-penalty").value.trim();
-    const repetitionPenalty = penaltyField === "" ? 1 : Number(penaltyField); // a cleared field: none
+    // repetition penalty acts on both (a cleared field: none).
+    const repetitionPenalty = num("repetition-penalty", "repetition penalty", positive, "a number > 0", 1);
     const sampling = $<HTMLSelectElement>("decoding").value === "sample"
       ? {
         sample: true,
-        temperature: num("temperature"),
-        topK: num("top-k"),
-        topP: num("top-p"),
-        minP: num("min-p"),
+        temperature: num("temperature", "temperature", positive, "a number > 0"),
+        topK: num("top-k", "top-k", int(0, 2 ** 32 - 1), "an integer >= 0 (0: all)"),
+        topP: num("top-p", "top-p", (v) => v > 0 && v <= 1, "a number in (0, 1]"),
+        minP: num("min-p", "min-p", (v) => v >= 0 && v <= 1, "a number in [0, 1]"),
         // Continue: offset by the tokens already generated, else its noise would be the first run's again
-        seed: num("seed") + (continueText ? continuation?.generated ?? 0 : 0),
+        seed: num("seed", "seed", int(0), "an integer >= 0") +
+          (continueText ? continuation?.generated ?? 0 : 0),
         repetitionPenalty,
       }
       : { sample: false, repetitionPenalty };
+    sampleParams(sampling); // what generate would refuse, refused now
     // Continue takes the state over (a model loaded meanwhile drops only what is left in `continuation`)
     const from = continueText ? continuation : null;
     if (from) continuation = null;
@@ -555,13 +572,13 @@ async function train(): Promise<void> {
       textBytes = new Uint8Array(await res.arrayBuffer());
     }
     const data = new CharDataset(textBytes);
-    const steps = num("train-steps");
-    const lr = num("train-lr");
+    const steps = num("train-steps", "steps", int(1), "an integer >= 1");
+    const lr = num("train-lr", "learning rate", positive, "a number > 0");
     const config: TrainConfig = {
       ...DEFAULT_TRAIN,
       steps,
-      batch: num("train-batch"),
-      seq: num("train-seq"),
+      batch: num("train-batch", "batch", int(1), "an integer >= 1"),
+      seq: num("train-seq", "sequence", int(1), "an integer >= 1"),
       lr,
       minLr: lr / 10,
       warmup: Math.min(DEFAULT_TRAIN.warmup, Math.floor(steps / 10)),
@@ -572,7 +589,11 @@ async function train(): Promise<void> {
     manualSeed(config.seed);
     // the new model and its trainer first: a setting they refuse leaves the model trained before in place
     const fresh = new MambaLM(
-      { dModel: num("train-dmodel"), nLayers: num("train-layers"), dState: 16 },
+      {
+        dModel: num("train-dmodel", "d_model", int(1, 2 ** 31 - 1), "an integer >= 1"),
+        nLayers: num("train-layers", "layers", int(1, 2 ** 31 - 1), "an integer >= 1"),
+        dState: 16,
+      },
       { vocabSize: 256 },
     );
     try {
