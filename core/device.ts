@@ -110,7 +110,7 @@ export function deviceLost(): Promise<string> {
 const NO_ADAPTER = "No WebGPU adapter found (navigator.gpu.requestAdapter() returned null). mamba.ts needs " +
   "WebGPU: use a machine with a GPU and current drivers, or on Linux without a GPU install Mesa's software " +
   "Vulkan driver (`sudo apt-get install mesa-vulkan-drivers`) and run with DENO_WEBGPU_BACKEND=vulkan " +
-  "and XDG_RUNTIME_DIR set to a private directory. In a browser, WebGPU must be enabled.";
+  "and XDG_RUNTIME_DIR set to a private directory.";
 
 /**
  * Acquires the adapter and device, and tunes the kernels (see {@linkcode InitOptions.tune}). Idempotent: later
@@ -145,11 +145,12 @@ export function acquired(): Promise<DeviceInfo> {
 
 async function acquire(options: InitOptions): Promise<DeviceInfo> {
   const gpu = (globalThis.navigator as Navigator | undefined)?.gpu;
+  // a page's user needs the browser's advice, not Deno's
+  const page = typeof (globalThis as { Deno?: unknown }).Deno === "undefined" &&
+    typeof (globalThis as { isSecureContext?: boolean }).isSecureContext === "boolean";
   if (!gpu) {
     // a page without navigator.gpu: WebGPU is off, or the page is not a secure context (http:// on a LAN
     // address), where browsers hide it
-    const page = typeof (globalThis as { Deno?: unknown }).Deno === "undefined" &&
-      typeof (globalThis as { isSecureContext?: boolean }).isSecureContext === "boolean";
     throw new GPUError(
       page
         ? "No WebGPU in this page (navigator.gpu is undefined). " +
@@ -161,7 +162,14 @@ async function acquire(options: InitOptions): Promise<DeviceInfo> {
     );
   }
   const adapter = await gpu.requestAdapter({ powerPreference: options.powerPreference });
-  if (!adapter) throw new GPUError(NO_ADAPTER);
+  if (!adapter) {
+    throw new GPUError(
+      page
+        ? "No WebGPU adapter (navigator.gpu.requestAdapter() returned null): the browser has WebGPU but offers " +
+          "no adapter (a GPU or driver it blocks, or hardware acceleration off; chrome://gpu says why in Chrome)"
+        : NO_ADAPTER,
+    );
+  }
   const a = adapter.limits;
   const wanted: Record<string, number> = {
     maxStorageBufferBindingSize: a.maxStorageBufferBindingSize,

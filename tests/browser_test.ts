@@ -915,124 +915,202 @@ Deno.test({
         },
       );
 
-      await t.step("demo page: the Train tab trains with a live loss chart, then generates", async () => {
-        const page = await newPage("/");
-        // Load and Train wait for init() (the tuner measures then): disabled until the page is ready
-        assert.ok(
+      await t.step(
+        "demo page: the Train tab trains with a live loss chart, then generates; a lost device",
+        async () => {
+          // every device the page asks for, to lose it at the end
+          const page = await newPage(
+            "/",
+            `const requestDevice = GPUAdapter.prototype.requestDevice;
+          GPUAdapter.prototype.requestDevice = async function (...a) {
+            const d = await requestDevice.apply(this, a);
+            (globalThis.devices ??= []).push(d);
+            return d;
+          };`,
+          );
+          // Load and Train wait for init() (the tuner measures then): disabled until the page is ready
+          assert.ok(
+            await page.evaluate(() => {
+              const g = globalThis as unknown as {
+                mambaDemo?: { ready: boolean };
+                document: { getElementById(id: string): { disabled: boolean } };
+              };
+              const off = (id: string) => g.document.getElementById(id).disabled;
+              return g.mambaDemo?.ready === true || (off("load") && off("train-start"));
+            }),
+            "Load and Train enabled before the page was ready",
+          );
+          await page.waitForFunction(
+            () => (globalThis as { mambaDemo?: { ready: boolean } }).mambaDemo?.ready,
+            null,
+            {
+              timeout: 20_000,
+            },
+          );
+          await page.click("#tab-train");
+          for (
+            const [id, v] of [
+              ["train-steps", "12"],
+              ["train-batch", "4"],
+              ["train-seq", "32"],
+              ["train-lr", "0.01"],
+              ["train-layers", "1"],
+              ["train-dmodel", "32"],
+            ]
+          ) {
+            await page.fill(`#${id}`, v);
+          }
+          const trained = async () => {
+            await page.click("#train-start");
+            await page.waitForFunction(
+              () => !(globalThis as { mambaDemo?: { training: boolean } }).mambaDemo?.training,
+              null,
+              { timeout: 45_000 },
+            );
+            return await page.textContent("#train-status") ?? "";
+          };
+          // a field named as the page labels it, an empty one refused (not 0)
+          await page.fill("#train-steps", "");
+          assert.equal(await trained(), "steps must be an integer >= 1, got an empty field");
+          // a diverged run: its NaN losses are left out of the chart (not drawn at NaN coordinates)
+          await page.fill("#train-steps", "5");
+          await page.fill("#train-lr", "1e9");
+          assert.match(await trained(), /^training diverged: loss NaN/);
+          const chart = await page.innerHTML("#loss-chart");
+          assert.ok(chart.includes("<polyline") && !/NaN|Infinity/.test(chart), chart);
+          await page.evaluate(() =>
+            (globalThis as unknown as { mambaDemo: { error: null } }).mambaDemo.error = null
+          );
+          await page.fill("#train-steps", "12");
+          await page.fill("#train-lr", "0.01");
+          await trained();
+          const st = await page.evaluate(() =>
+            (globalThis as unknown as {
+              mambaDemo: { error: string | null; trainLog: Train.TrainLog; trainSample: string };
+            })
+              .mambaDemo
+          );
+          assert.equal(st.error, null);
+          const train = st.trainLog.train;
+          assert.ok(train.length >= 3, `logged ${train.length} losses`);
+          assert.ok(train.at(-1)![1] < train[0][1], `train loss ${train[0][1]} -> ${train.at(-1)![1]}`);
+          assert.ok(st.trainLog.val.at(-1)![1] < st.trainLog.val[0][1]);
+          assert.ok(st.trainSample.length > 0);
+          assert.equal(await page.locator("#loss-chart polyline").count(), 1);
+          assert.match(await page.textContent("#train-status") ?? "", /trained 12 steps/);
+          await page.screenshot({ path: `${ARTIFACTS}/train.png`, fullPage: true });
+          const memoryShown = await page.textContent("#memory");
+          // The trained model is offered in the Generate tab.
+          await page.click("#tab-generate");
+          await page.selectOption("#model-source", "trained");
+          await page.click("#load");
+          await page.waitForFunction(() =>
+            /trained here/.test(
+              (globalThis as { mambaDemo?: { model: string | null } }).mambaDemo?.model ?? "",
+            )
+          );
+          // the figure shown when training ended was without the trainer's buffers (loading allocates nothing)
+          assert.equal(memoryShown, await page.textContent("#memory"));
+          // Nothing was generated in the Generate tab: Continue has no text to go on from (the Train tab's sample
+          // is not the output's)
+          assert.equal(await page.isDisabled("#generate-continue"), true);
+          // Stop ends a long generation at the next readback, with what streamed kept and no error.
+          await page.fill("#n-tokens", "4096");
+          await page.click("#generate");
+          await page.waitForFunction(() =>
+            ((globalThis as unknown as {
+              document: { querySelector(s: string): { textContent: string } | null };
+            })
+              .document.querySelector("#output")?.textContent ?? "").length > 40
+          );
+          await page.click("#generate-stop");
+          await page.waitForFunction(() =>
+            !(globalThis as { mambaDemo?: { generating: boolean } }).mambaDemo?.generating
+          );
+          const stopped = await page.textContent("#generate-status") ?? "";
+          const n = Number(/stopped after (\d+) tokens/.exec(stopped)?.[1]);
+          assert.ok(n > 0 && n < 4096, stopped);
+          assert.equal(
+            await page.evaluate(() =>
+              (globalThis as unknown as { mambaDemo: { error: string | null } }).mambaDemo.error
+            ),
+            null,
+          );
+          assert.equal(await page.isDisabled("#generate-stop"), true);
+          // Train again, then Stop before its first step: the model trained before stays, loaded and listed
+          await page.click("#tab-train");
+          // both clicks in one task: train() runs up to its first evaluation before the Stop (deterministic)
           await page.evaluate(() => {
-            const g = globalThis as unknown as {
-              mambaDemo?: { ready: boolean };
-              document: { getElementById(id: string): { disabled: boolean } };
-            };
-            const off = (id: string) => g.document.getElementById(id).disabled;
-            return g.mambaDemo?.ready === true || (off("load") && off("train-start"));
-          }),
-          "Load and Train enabled before the page was ready",
-        );
-        await page.waitForFunction(
-          () => (globalThis as { mambaDemo?: { ready: boolean } }).mambaDemo?.ready,
-          null,
-          {
-            timeout: 20_000,
-          },
-        );
-        await page.click("#tab-train");
-        for (
-          const [id, v] of [
-            ["train-steps", "12"],
-            ["train-batch", "4"],
-            ["train-seq", "32"],
-            ["train-lr", "0.01"],
-            ["train-layers", "1"],
-            ["train-dmodel", "32"],
-          ]
-        ) {
-          await page.fill(`#${id}`, v);
-        }
-        await page.click("#train-start");
-        await page.waitForFunction(
-          () => {
-            const s =
-              (globalThis as { mambaDemo?: { trainSample: string | null; error: string | null } }).mambaDemo;
-            return s?.trainSample !== null || s?.error;
-          },
-          null,
-          { timeout: 45_000 },
-        );
-        const st = await page.evaluate(() =>
-          (globalThis as unknown as {
-            mambaDemo: { error: string | null; trainLog: Train.TrainLog; trainSample: string };
-          })
-            .mambaDemo
-        );
-        assert.equal(st.error, null);
-        const train = st.trainLog.train;
-        assert.ok(train.length >= 3, `logged ${train.length} losses`);
-        assert.ok(train.at(-1)![1] < train[0][1], `train loss ${train[0][1]} -> ${train.at(-1)![1]}`);
-        assert.ok(st.trainLog.val.at(-1)![1] < st.trainLog.val[0][1]);
-        assert.ok(st.trainSample.length > 0);
-        assert.equal(await page.locator("#loss-chart polyline").count(), 1);
-        assert.match(await page.textContent("#train-status") ?? "", /trained 12 steps/);
-        await page.screenshot({ path: `${ARTIFACTS}/train.png`, fullPage: true });
-        // The trained model is offered in the Generate tab.
-        await page.click("#tab-generate");
-        await page.selectOption("#model-source", "trained");
-        await page.click("#load");
-        await page.waitForFunction(() =>
-          /trained here/.test((globalThis as { mambaDemo?: { model: string | null } }).mambaDemo?.model ?? "")
-        );
-        // Nothing was generated in the Generate tab: Continue has no text to go on from (the Train tab's sample
-        // is not the output's)
-        assert.equal(await page.isDisabled("#generate-continue"), true);
-        // Stop ends a long generation at the next readback, with what streamed kept and no error.
-        await page.fill("#n-tokens", "4096");
-        await page.click("#generate");
-        await page.waitForFunction(() =>
-          ((globalThis as unknown as {
-            document: { querySelector(s: string): { textContent: string } | null };
-          })
-            .document.querySelector("#output")?.textContent ?? "").length > 40
-        );
-        await page.click("#generate-stop");
-        await page.waitForFunction(() =>
-          !(globalThis as { mambaDemo?: { generating: boolean } }).mambaDemo?.generating
-        );
-        const stopped = await page.textContent("#generate-status") ?? "";
-        const n = Number(/stopped after (\d+) tokens/.exec(stopped)?.[1]);
-        assert.ok(n > 0 && n < 4096, stopped);
-        assert.equal(
+            const doc = (globalThis as unknown as {
+              document: { getElementById(id: string): { click(): void } };
+            }).document;
+            doc.getElementById("train-start").click();
+            doc.getElementById("train-stop").click();
+          });
+          await page.waitForFunction(() =>
+            !(globalThis as { mambaDemo?: { training: boolean } }).mambaDemo?.training
+          );
+          assert.match(
+            await page.textContent("#train-status") ?? "",
+            /stopped before the first step: the model trained before stays/,
+          );
+          assert.equal(await page.isDisabled('#model-source option[value="trained"]'), false);
+          assert.match(
+            await page.evaluate(() =>
+              (globalThis as unknown as { mambaDemo: { model: string } }).mambaDemo.model
+            ),
+            /trained here \(12 steps\)/,
+          );
+          // The device lost during a generation: the generation says so (not Chromium's "Buffer was unmapped"),
+          // the adapter line asks for a reload, and nothing that needs the GPU can be clicked
+          await page.click("#tab-generate");
+          await page.click("#generate");
+          await page.waitForFunction(() =>
+            ((globalThis as unknown as {
+              document: { querySelector(s: string): { textContent: string } | null };
+            })
+              .document.querySelector("#output")?.textContent ?? "").length > 40
+          );
           await page.evaluate(() =>
-            (globalThis as unknown as { mambaDemo: { error: string | null } }).mambaDemo.error
-          ),
-          null,
-        );
-        assert.equal(await page.isDisabled("#generate-stop"), true);
-        // Train again, then Stop before its first step: the model trained before stays, loaded and listed
-        await page.click("#tab-train");
-        // both clicks in one task: train() runs up to its first evaluation before the Stop (deterministic)
-        await page.evaluate(() => {
-          const doc = (globalThis as unknown as {
-            document: { getElementById(id: string): { click(): void } };
-          }).document;
-          doc.getElementById("train-start").click();
-          doc.getElementById("train-stop").click();
-        });
-        await page.waitForFunction(() =>
-          !(globalThis as { mambaDemo?: { training: boolean } }).mambaDemo?.training
-        );
-        assert.match(
-          await page.textContent("#train-status") ?? "",
-          /stopped before the first step: the model trained before stays/,
-        );
-        assert.equal(await page.isDisabled('#model-source option[value="trained"]'), false);
-        assert.match(
-          await page.evaluate(() =>
-            (globalThis as unknown as { mambaDemo: { model: string } }).mambaDemo.model
-          ),
-          /trained here \(12 steps\)/,
-        );
-        await page.close();
-      });
+            (globalThis as unknown as { devices: { destroy(): void }[] }).devices.forEach((d) => d.destroy())
+          );
+          await page.waitForFunction(() =>
+            !(globalThis as { mambaDemo?: { generating: boolean } }).mambaDemo?.generating
+          );
+          assert.match(await page.textContent("#generate-status") ?? "", /^GPU device lost \(destroyed\): /);
+          assert.match(
+            await page.textContent("#adapter") ?? "",
+            /^GPU device lost \(destroyed\): .* Reload the page\.$/,
+          );
+          for (const id of ["load", "save", "generate", "generate-continue", "train-start"]) {
+            assert.equal(await page.isDisabled(`#${id}`), true, id);
+          }
+          await page.close();
+        },
+      );
+
+      await t.step(
+        "demo page: without WebGPU, or without an adapter, the browser's advice, once",
+        async () => {
+          const said = async (init: string) => {
+            const page = await newPage("/", init);
+            await page.waitForFunction(() =>
+              (globalThis as { mambaDemo?: { error: string | null } }).mambaDemo?.error
+            );
+            const text = await page.textContent("#model-status") ?? "";
+            assert.equal(await page.isDisabled("#load"), true);
+            await page.close();
+            return text;
+          };
+          const noGpu = await said(
+            `Object.defineProperty(Navigator.prototype, "gpu", { get: () => undefined });`,
+          );
+          assert.equal(noGpu.match(/Chrome and Edge/g)?.length, 1, noGpu);
+          const noAdapter = await said(`GPU.prototype.requestAdapter = async () => null;`);
+          assert.match(noAdapter, /requestAdapter\(\) returned null.*chrome:\/\/gpu/);
+          assert.doesNotMatch(noAdapter, /apt-get|DENO_WEBGPU_BACKEND/);
+        },
+      );
       assert.deepEqual(pageErrors, []);
     } finally {
       await browser?.close();

@@ -11,7 +11,7 @@
  * @module
  */
 
-import { deviceInfo, init } from "../../core/device.ts";
+import { deviceInfo, deviceLost, init } from "../../core/device.ts";
 import { memory } from "../../core/memory.ts";
 import { manualSeed } from "../../core/random.ts";
 import { dispose } from "../../core/tensor.ts";
@@ -107,7 +107,7 @@ let trained: Loaded | null = null;
 /** A save is making its files (about three copies of the weights in the page): one at a time. */
 let saving = false;
 let stopTraining = false;
-/** No WebGPU: nothing can load or train. */
+/** No WebGPU, or its device was lost: nothing can load, generate, train or save. */
 let noGpu = false;
 
 // A model that a generation, a save or the training's sample still uses is disposed only when the last of
@@ -148,10 +148,11 @@ function updateButtons(): void {
   button("load").disabled = noGpu || !state.ready || state.loading || state.generating;
   button("train-start").disabled = noGpu || !state.ready || state.training || state.generating;
   button("train-stop").disabled = !state.training;
-  button("generate").disabled = !current || state.generating;
-  button("generate-continue").disabled = !current || state.generating || continuation?.lm !== current.lm;
+  button("generate").disabled = noGpu || !current || state.generating;
+  button("generate-continue").disabled = noGpu || !current || state.generating ||
+    continuation?.lm !== current.lm;
   button("generate-stop").disabled = !state.generating;
-  button("save").disabled = !current || saving;
+  button("save").disabled = noGpu || !current || saving;
 }
 
 function status(id: string, text: string, error = false): void {
@@ -525,7 +526,10 @@ const SVG = "http://www.w3.org/2000/svg";
 function drawChart(log: TrainLog, totalSteps: number): void {
   const svg = $("loss-chart") as unknown as SVGSVGElement;
   const W = 900, H = 260, left = 50, right = 12, top = 14, bottom = 28;
-  const all = [...log.train, ...log.val].map(([, l]) => l);
+  // a diverged run's NaN or infinite losses are left out (they have no place on the chart)
+  const finite = (points: [number, number][]) => points.filter(([, l]) => Number.isFinite(l));
+  const train = finite(log.train), val = finite(log.val);
+  const all = [...train, ...val].map(([, l]) => l);
   const hi = Math.max(...all, 1e-3), lo = Math.min(...all, hi) * 0.95;
   const x = (s: number) => left + (s / Math.max(totalSteps, 1)) * (W - left - right);
   const y = (l: number) => top + (1 - (l - lo) / Math.max(hi - lo, 1e-6)) * (H - top - bottom);
@@ -544,12 +548,12 @@ function drawChart(log: TrainLog, totalSteps: number): void {
     el("text", { x: left + 8, y: H - 8, "font-size": 12, fill: "#2f6fde" }, "train loss"),
     el("text", { x: left + 90, y: H - 8, "font-size": 12, fill: "#d9822b" }, "validation loss"),
     el("polyline", {
-      points: log.train.map(([s, l]) => `${x(s).toFixed(1)},${y(l).toFixed(1)}`).join(" "),
+      points: train.map(([s, l]) => `${x(s).toFixed(1)},${y(l).toFixed(1)}`).join(" "),
       fill: "none",
       stroke: "#2f6fde",
       "stroke-width": 2,
     }),
-    ...log.val.map(([s, l]) => el("circle", { cx: x(s), cy: y(l), r: 4, fill: "#d9822b" })),
+    ...val.map(([s, l]) => el("circle", { cx: x(s), cy: y(l), r: 4, fill: "#d9822b" })),
   );
 }
 
@@ -697,6 +701,7 @@ async function train(): Promise<void> {
     if (model && trained?.lm !== model) retire(model);
   } finally {
     trainer?.dispose();
+    showMemory(); // without the trainer's gradients and optimizer state
     state.training = false;
     updateButtons();
   }
@@ -708,6 +713,7 @@ $("train-stop").addEventListener("click", () => (stopTraining = true));
 
 async function start(): Promise<void> {
   showSourceInput();
+  deviceLost().then(showLoss); // a device lost while the page is idle shows now, not at the next click
   try {
     // init() measures the kernel variants the first time a browser runs this page (up to about a minute on a
     // software adapter; cached after): say so rather than "starting…" all along
@@ -726,19 +732,22 @@ async function start(): Promise<void> {
     showMemory();
     await addLocalModels();
   } catch (e) {
+    if (noGpu) return; // lost (during init() too): said already
     $("adapter").textContent = "no WebGPU";
-    status(
-      "model-status",
-      `${
-        (e as Error).message
-      } (Chrome and Edge have WebGPU; on Linux, or in Firefox and Safari, it may need ` +
-        `to be enabled)`,
-      true,
-    );
+    // init()'s message says what a browser user can do (Chrome and Edge have WebGPU)
+    status("model-status", (e as Error).message, true);
     state.error = (e as Error).message;
     noGpu = true;
     updateButtons();
   }
+}
+
+/** The device is gone for good: nothing can run until the page is reloaded. */
+function showLoss(reason: string): void {
+  noGpu = true;
+  status("adapter", reason.replace(/ mamba\.ts does not acquire.*/, " Reload the page."), true);
+  state.error = reason;
+  updateButtons();
 }
 
 start();
