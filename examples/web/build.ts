@@ -46,16 +46,18 @@ import { simpleCommandLine } from "../lib/cli.ts";
  * 336 KiB when four reviews' checks and fixes (optimizer groups and states, tensor-API misuse, config.json
  * bounds, logs read back during a save) took it to 338.3 KiB, 120.8 KiB gzipped, the next stop; from 340 KiB
  * when seven reviews' fixes (streamed text as a whole decode gives it, torch archives, hub downloads, memory
- * on error paths, config.json nulls) took it to 345.8 KiB, 123.2 KiB gzipped, 2026-12-02). */
-export const LIBRARY_BUDGET_BYTES = 348 * 1024;
+ * on error paths, config.json nulls) took it to 345.8 KiB, 123.2 KiB gzipped, 2026-12-02; from 348 KiB when
+ * three more (checkpoints saved as a set with a save id, safetensors laid out as the Rust crate does, device
+ * loss while idle) took it to 348.5 KiB, 124.3 KiB gzipped, the same day). */
+export const LIBRARY_BUDGET_BYTES = 352 * 1024;
 /** Budget for the gzip-compressed library bundle, in bytes (raised from 80 KiB when input validation with
  * messages naming keys, shapes and offsets took the bundle to 81 KiB; 236 KiB minified, 84 KiB gzipped at
  * commit e71a001; from 88 KiB when the fused scan's chunk-parallel variant, for GPUs, took it to 248.6 KiB
  * minified, 88.1 KiB gzipped, 2026-11-29; from 92 and 94 KiB with the minified budget, above; from 96 KiB when
  * `fusedMambaScanOut` above the inline dt rank and its binding-window count took it to 269.0 KiB minified,
  * 96.0 KiB gzipped, 2026-11-30; from 98, 100, 102, 104, 106, 112 and 114 KiB with the minified budget,
- * above; from 117, 119, 121 and 123 KiB with the minified budget, above). */
-export const LIBRARY_BUDGET_GZIP_BYTES = 125 * 1024;
+ * above; from 117, 119, 121, 123 and 125 KiB with the minified budget, above). */
+export const LIBRARY_BUDGET_GZIP_BYTES = 127 * 1024;
 
 /** The repository's root folder (a file path: spaces and non-ASCII names stay as they are). */
 const ROOT: string = fileURLToPath(new URL("../../", import.meta.url));
