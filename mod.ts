@@ -187,6 +187,7 @@ export {
 } from "./mamba/hub.ts";
 export {
   ByteTokenizer,
+  cleanUpTokenization,
   type DecodeOptions,
   type EncodeOptions,
   HubTokenizer,

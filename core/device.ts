@@ -73,7 +73,8 @@ export interface DeviceLimits {
   minUniformBufferOffsetAlignment: number;
 }
 
-/** Raised for any failure reported by the GPU: validation, out-of-memory, device loss, no adapter. */
+/** Raised for any failure reported by the GPU (validation, out-of-memory, device loss, no adapter) and for the
+ * runtime's own: an allocation past `setMemoryLimit`'s cap or of an impossible size, use before `init()`. */
 export class GPUError extends Error {
   /** Creates the error; `name` is "GPUError". */
   constructor(message: string) {

@@ -32,7 +32,7 @@ export class Storage {
   /** The buffer's size in bytes, kept here: reading `buffer.size` is a call into Deno's native WebGPU, and
    * every dispatch needs the sizes of the buffers it binds. */
   readonly size: number;
-  /** The buffer's id, unique for the process ({@linkcode bufferId}): caches keyed by bound buffers (the
+  /** The buffer's id, unique for the process (`bufferId`): caches keyed by bound buffers (the
    * bind groups) hash numbers, not strings, on every dispatch. */
   readonly bufferId: number;
   /** Tensors that use this storage; it returns to the pool when the last is disposed. */
@@ -44,7 +44,7 @@ export class Storage {
   /** Holds bfloat16 pairs (a bf16 tensor's): kernels read it through unpacking accessors (core/kernel.ts). */
   bf16 = false;
 
-  /** Where in `buffer` the storage starts: 0, but for a {@linkcode storageSpan}. */
+  /** Where in `buffer` the storage starts: 0, but for a `storageSpan`. */
   readonly offset: number;
 
   /** Wraps a pooled buffer of `size` bytes (or, with `offset` and `id`, a span of it). */
@@ -112,7 +112,7 @@ let limit = Infinity;
 
 /**
  * Caps the bytes live tensors may hold (default: no cap). An allocation past the cap throws a clear
- * out-of-memory error instead of reaching the driver; use it to test that a workload fits a budget.
+ * out-of-memory error (a `GPUError`) instead of reaching the driver; use it to test that a workload fits a budget.
  */
 export function setMemoryLimit(bytes: number | null): void {
   // a NaN (or a string) would compare false with every allocation: no cap, silently

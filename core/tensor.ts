@@ -352,7 +352,7 @@ export class Tensor {
   slice(dim: number, start: number, end?: number): Tensor {
     return ops.slice(this, dim, start, end);
   }
-  /** Splits along `dim` into pieces of the given sizes (or of `size` each). */
+  /** Splits along `dim` into pieces of the given sizes (or, with a number, pieces of that size). */
   split(sizes: number | number[], dim = 0): Tensor[] {
     return ops.split(this, sizes, dim);
   }

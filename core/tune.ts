@@ -59,7 +59,7 @@ export interface TuneResult {
   measuredAt: string;
   /**
    * GPUs: whether matmuls split K until enough invocations run (`matmulGpuSplit`), as measured: the
-   * {@linkcode SPLIT_PROBES} timed both ways with the chosen variant, back to back between waits, so that
+   * `SPLIT_PROBES` timed both ways with the chosen variant, back to back between waits, so that
    * the split's extra dispatches count as much as the time they save; null where not measured (CPU
    * adapters, which never split so).
    */
@@ -68,7 +68,7 @@ export interface TuneResult {
    * null where not measured). */
   splitMs: { on: number; off: number } | null;
   /** GPUs: whether a few rows against a weight take the matvec kernel (`setMatmulMatvec`), as measured: the
-   * {@linkcode MATVEC_PROBES} timed both ways, as the split; null where not measured. */
+   * `MATVEC_PROBES` timed both ways, as the split; null where not measured. */
   matvec: boolean | null;
   /** The matvec probes' total ms with it on and off (null where not measured). */
   matvecMs: { on: number; off: number } | null;
@@ -125,8 +125,8 @@ export function tuneResult(): TuneResult | null {
  * untimed dispatch first (pipeline compilation), then batches of dispatches between two waits, growing
  * until a batch's calls last at least 40 ms not counting the wait (at most 4096 calls); the cost of an empty
  * wait, measured first, is subtracted. The variant with the highest GFLOP/s over both sizes wins. On a GPU it then times the
- * {@linkcode SPLIT_PROBES} (a layer's gradients) with that variant, with `matmulGpuSplit` on and off, and keeps
- * the faster (`TuneResult.gpuSplit`), and likewise the {@linkcode MATVEC_PROBES} (decoding's products) with the
+ * `SPLIT_PROBES` (a layer's gradients) with that variant, with `matmulGpuSplit` on and off, and keeps
+ * the faster (`TuneResult.gpuSplit`), and likewise the `MATVEC_PROBES` (decoding's products) with the
  * matvec kernel on and off (`TuneResult.matvec`). On a CPU adapter the first
  * measurement takes about 1-2 s.
  *
@@ -231,7 +231,7 @@ export async function waitCost(): Promise<number> {
 }
 
 /**
- * Times the {@linkcode SPLIT_PROBES} with a variant, with the GPU split on and off, and keeps the faster
+ * Times the `SPLIT_PROBES` with a variant, with the GPU split on and off, and keeps the faster
  * (`setMatmulGpuSplit`). Runs on any adapter (the split applies on GPUs only: on a CPU adapter both ways
  * plan alike unless the adapter is taken for a GPU).
  */
@@ -244,7 +244,7 @@ export async function tuneGpuSplit(
 }
 
 /**
- * Times the {@linkcode MATVEC_PROBES} with a variant, with the matvec kernel on and off (with the GPU split as
+ * Times the `MATVEC_PROBES` with a variant, with the matvec kernel on and off (with the GPU split as
  * set), and keeps the faster (`setMatmulMatvec`). As {@linkcode tuneGpuSplit}, it runs on any adapter; only
  * GPU plans take matvec.
  */

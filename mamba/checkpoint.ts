@@ -55,7 +55,7 @@ export interface TrainingState {
    */
   files?: string[];
   /**
-   * The embedding's padding row (see `LMOptions.paddingIdx`): config.json's HF layout has no padding_idx, so
+   * The embedding's padding row (see `LMOptions.paddingIdx`), which config.json holds too (`padding_idx`, ours);
    * a resumed run takes it from here. Absent in checkpoints written before it existed: 0, mamba.py's.
    */
   paddingIdx?: number | null;

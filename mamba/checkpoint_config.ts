@@ -402,8 +402,9 @@ export function mapKey(key: string): string | null {
 
 /**
  * The Hugging Face transformers config.json of a model. A model with inner layernorms (`innerLayernorms`,
- * which transformers' Mamba does not have) also gets `"inner_layernorms": true`, and a muP model `"mup": true`
- * and `"mup_base_width"`, and a model initialised with another std than 0.02 `"base_std"`: keys of ours
+ * which transformers' Mamba does not have) also gets `"inner_layernorms": true`, a muP model `"mup": true`
+ * and `"mup_base_width"`, a model initialised with another std than 0.02 `"base_std"`, and an embedding with a
+ * padding row `"padding_idx"`: keys of ours
  * (mamba.py's names) that {@linkcode fromPretrained} reads back (transformers would ignore them, and give a muP
  * model's logits w times too large: a muP checkpoint is for mamba.ts).
  */

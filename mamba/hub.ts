@@ -25,6 +25,21 @@
  * @module
  */
 
+import { checkOptionKeys } from "../core/options.ts";
+
+/** The keys of {@linkcode HubOptions}: any other is an error (a misspelt one was ignored in silence). */
+export const HUB_OPTION_KEYS: readonly string[] = [
+  "revision",
+  "cacheDir",
+  "endpoint",
+  "localFilesOnly",
+  "progress",
+  "refresh",
+  "retries",
+  "timeoutMs",
+  "token",
+];
+
 /** Where and how hub files are fetched. */
 export interface HubOptions {
   /** Branch, tag or commit (default "main"). */
@@ -278,14 +293,16 @@ export function help(dir: string, rev: string, files: string): string {
  * the cache does not have it. Returns null when the repository has no such file (known from the hub or
  * from the cache's `.no_exist`). Throws {@linkcode HubError}: unknown repository or revision, no network
  * (the message has the URL tried and how to place the files by hand), offline and not cached ("NotCached"),
- * an interrupted download ("Interrupted": the `.incomplete` file stays for the next call to resume), or a
- * file that fails the checks ("Corrupt": it is deleted).
+ * an interrupted download ("Interrupted": the `.incomplete` file stays for the next call to resume), a
+ * file that fails the checks ("Corrupt": it is deleted), or another HTTP answer ("HTTP": a 401 or 403 of a gated
+ * or private repository without a token that may read it, a 5xx left after the retries).
  */
 export async function hubDownload(
   id: string,
   filename: string,
   options: HubOptions = {},
 ): Promise<string | null> {
+  checkOptionKeys(options, HUB_OPTION_KEYS, "hubDownload");
   if (typeof (globalThis as { Deno?: unknown }).Deno === "undefined") {
     throw new Error(
       "hubDownload stores files in the hub cache folder, which needs Deno's file system; in a browser, " +

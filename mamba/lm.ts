@@ -44,7 +44,8 @@ export interface LMOptions {
    * The embedding's padding row, an integer in [0, vocabSize) or null for none: its gradient is always zero,
    * so training never changes it (PyTorch's `padding_idx`). Default 0, as mamba.py's
    * `nn.Embedding(vocab_size, d_model, padding_idx=0)`; the row is still initialised with the rest of the
-   * table. HF transformers' and state-spaces' Mamba have none ({@linkcode fromPretrained} gives null).
+   * table. HF transformers' and state-spaces' Mamba have none ({@linkcode fromPretrained} gives null unless config.json
+   * has `padding_idx`, as `saveCheckpoint` writes it).
    */
   paddingIdx?: number | null;
   /**

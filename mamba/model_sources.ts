@@ -7,7 +7,17 @@
  */
 
 import { duplicateJsonKey, jsonDepth, MAX_JSON_DEPTH } from "../core/safetensors.ts";
-import { hubEndpoint, HubError, type HubOptions, hubRefusal, isHubId, startTimer, timeoutOf } from "./hub.ts";
+import { checkOptionKeys } from "../core/options.ts";
+import {
+  HUB_OPTION_KEYS,
+  hubEndpoint,
+  HubError,
+  type HubOptions,
+  hubRefusal,
+  isHubId,
+  startTimer,
+  timeoutOf,
+} from "./hub.ts";
 import {
   blobSource,
   type ModelSource,
@@ -235,5 +245,6 @@ export async function tokenizerOf(src: ModelSource, required: boolean): Promise<
  * {@linkcode HubTokenizer}.
  */
 export async function loadTokenizer(idOrDirOrUrl: string, options: HubOptions = {}): Promise<Tokenizer> {
+  checkOptionKeys(options, HUB_OPTION_KEYS, "loadTokenizer");
   return (await tokenizerOf(await sourceOf(idOrDirOrUrl, options), true))!;
 }

@@ -17,7 +17,8 @@ import type { WeightDtype } from "../nn/layers.ts";
 import { init } from "../core/device.ts";
 import { type SafetensorsInput, serializeSafetensors } from "../core/safetensors.ts";
 import { mambaConfig, type MambaConfigInput } from "./config.ts";
-import { HubError, type HubOptions } from "./hub.ts";
+import { HUB_OPTION_KEYS, HubError, type HubOptions } from "./hub.ts";
+import { checkOptionKeys } from "../core/options.ts";
 import type { ByteSource, ModelSource } from "./byte_source.ts";
 import { hfConfig, mapKey, parseCheckpointConfig } from "./checkpoint_config.ts";
 import { type LMOptions, MambaLM } from "./lm.ts";
@@ -48,6 +49,15 @@ export interface PretrainedOptions extends HubOptions {
    * inference in about half the memory (rounded to nearest even as they load, whatever the file's dtype). */
   weightDtype?: WeightDtype;
 }
+
+const PRETRAINED_OPTION_KEYS = [
+  ...HUB_OPTION_KEYS,
+  "tokenizer",
+  "scan",
+  "recompute",
+  "requireTokenizer",
+  "weightDtype",
+];
 
 /** {@linkcode fromPretrained} with `requireTokenizer` found no tokenizer; thrown before any weight is fetched. */
 export class NoTokenizerError extends Error {
@@ -116,6 +126,7 @@ export async function fromPretrained(
   idOrDirOrUrl: string,
   options: PretrainedOptions = {},
 ): Promise<PretrainedLM> {
+  checkOptionKeys(options, PRETRAINED_OPTION_KEYS, "fromPretrained");
   await init(); // idempotent: loading is often the first thing a program does
   return await loadFrom(await sourceOf(idOrDirOrUrl, options), options);
 }
@@ -130,6 +141,7 @@ export async function fromPretrainedFiles(
   files: ModelFiles,
   options: PretrainedOptions & { name?: string } = {},
 ): Promise<PretrainedLM> {
+  checkOptionKeys(options, [...PRETRAINED_OPTION_KEYS, "name"], "fromPretrainedFiles");
   await init();
   return await loadFrom(filesSource(files, options.name ?? "files"), options);
 }

@@ -7,7 +7,7 @@
 import { normalize } from "node:path";
 import { writeFileAtomic } from "../core/safetensors_fs.ts";
 import { type ModelSource, OPTIONAL_WEIGHT_FILES, readBoundedText } from "./byte_source.ts";
-import { COMMIT_RE, hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
+import { COMMIT_RE, HUB_OPTION_KEYS, hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
 import { isDirectory, openFileSource } from "./hub_fs.ts";
 
 /** A model's text file, refused past MAX_TEXT_FILE_BYTES as it is read (a size that stat gives, or not);
@@ -49,7 +49,11 @@ function folderSource(dir: string): ModelSource {
 
 // `id` has the form of a hub id but is no local folder: until the hub has answered with a file, its errors
 // say first that there is no such folder (`runs/char` before training is a folder, not a repository).
-function hubSource(id: string, options: HubOptions): ModelSource {
+function hubSource(id: string, given: HubOptions): ModelSource {
+  // the hub's own options (a PretrainedOptions holds others, which hubDownload refuses)
+  const options: HubOptions = Object.fromEntries(
+    Object.entries(given).filter(([k]) => HUB_OPTION_KEYS.includes(k)),
+  );
   const where = `${id}@${options.revision ?? "main"}`;
   let found = false;
   const orFolder = (e: HubError) =>

@@ -270,7 +270,7 @@ export interface SampleOptions {
   /** Softmax temperature, > 0 (1). */
   temperature?: number;
   /**
-   * Repetition penalty, > 0 (1: none), as HF's `repetition_penalty` and mamba_ssm's generate: the logit x of
+   * Repetition penalty, a finite number > 0 (1: none), as HF's `repetition_penalty` and mamba_ssm's generate: the logit x of
    * every id already in the row (prompt or output) counts as x / penalty, or x * penalty where x < 0, before
    * anything else. Greedy decoding too: it is not a sampling option.
    */

@@ -394,7 +394,7 @@ export class StreamDecoder {
   }
 
   /**
-   * The text held back so far, as {@linkcode flush} would emit it now (an incomplete character as U+FFFD), but
+   * The text held back so far, as {@linkcode StreamDecoder.flush} would emit it now (an incomplete character as U+FFFD), but
    * kept: to show where a stream paused, and go on with `push` later (the character then comes out whole).
    */
   held(): string {

@@ -875,6 +875,8 @@ export interface CosineScheduleOptions {
  * - `warmup <= step <= total`: `minLr + 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup))) * (maxLr - minLr)`
  *   (maxLr at `warmup`, minLr at `total`);
  * - `step > total`: `minLr`.
+ *
+ * With `warmup == total` there is no decay: `maxLr` at `total`, `minLr` after it.
  */
 export function cosineSchedule(options: CosineScheduleOptions): (step: number) => number {
   const { warmup, total, maxLr, minLr } = options;

@@ -13,7 +13,7 @@ export interface FusedVariant {
   /** State size. */
   N: number;
   /** Most states per block (1 to N; default N up to 16, else the largest of ceil(N / 16) near-equal blocks:
-   * 9 at N = 17, 16 at N = 64): N is walked in ceil(N / Nb) blocks of near-equal size ({@linkcode stateBlocks}:
+   * 9 at N = 17, 16 at N = 64): N is walked in ceil(N / Nb) blocks of near-equal size (`stateBlocks`:
    * N = 17 at Nb = 16 is 9 + 8), each block its own pipeline (its offset and size compiled in) and dispatch,
    * walking all the steps (states outer, time inner, as the CUDA kernel does). Loops over a block's states are
    * unrolled, so code size and live registers grow with the block, not N; blocks after the first add their

@@ -14,7 +14,8 @@ import { parseSafetensors } from "../core/safetensors.ts";
 import { tidy } from "../core/tensor.ts";
 import { mambaConfig } from "../mamba/config.ts";
 import { MAX_TEXT_FILE_BYTES, readBoundedText } from "../mamba/byte_source.ts";
-import { HubError } from "../mamba/hub.ts";
+import { hubDownload, HubError } from "../mamba/hub.ts";
+import { loadTokenizer } from "../mamba/model_sources.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { parseCheckpointConfig } from "../mamba/checkpoint_config.ts";
 import { fromPretrained, fromPretrainedFiles, saveCheckpoint } from "../mamba/pretrained.ts";
@@ -600,6 +601,27 @@ function stalledAfter(data: Uint8Array, n: number, release: Promise<void>): Resp
   }, { highWaterMark: 0 });
   return new Response(stream, { headers: { "content-length": String(data.length) } });
 }
+
+Deno.test("fromPretrained, fromPretrainedFiles, loadTokenizer and hubDownload refuse an unknown option by name", async () => {
+  // { weightDType: "bf16" } loaded in f32 without a word, as every misspelt key did
+  const dir = fixturePath("char-mamba");
+  await assert.rejects(
+    () => fromPretrained(dir, { weightDType: "bf16" } as never),
+    /fromPretrained: unknown option 'weightDType' \(options are revision, .*, weightDtype\)/,
+  );
+  await assert.rejects(
+    () => fromPretrainedFiles({}, { nmae: "x" } as never),
+    /fromPretrainedFiles: unknown option 'nmae'/,
+  );
+  await assert.rejects(
+    () => loadTokenizer(dir, { scan: "fused" } as never),
+    /loadTokenizer: unknown option 'scan'/,
+  );
+  await assert.rejects(
+    () => hubDownload("org/m", "config.json", { cachedir: "c" } as never),
+    /hubDownload: unknown option 'cachedir'/,
+  );
+});
 
 Deno.test("fromPretrained: a missing folder that looks like a hub id says that the folder is missing too", async () => {
   await init();

@@ -422,7 +422,7 @@ export function slice(x: Tensor, dim: number, start: number, end?: number): Tens
   return narrow(x, d, s, e - s);
 }
 
-/** Splits along `dim` (default 0) into pieces of the given sizes, or of `size` each (the last may be smaller). */
+/** Splits along `dim` (default 0) into pieces of the given sizes, or, with a number, pieces of that size (the last may be smaller). */
 export function split(x: Tensor, sizes: number | number[], dim = 0): Tensor[] {
   const d = normDim(dim, x.rank, "split");
   const n = x.shape[d];
