@@ -4,7 +4,6 @@
  * @module
  */
 
-import { normalize } from "node:path";
 import { writeFileAtomic } from "../core/safetensors_fs.ts";
 import { type ModelSource, OPTIONAL_WEIGHT_FILES, readBoundedText } from "./byte_source.ts";
 import { COMMIT_RE, HUB_OPTION_KEYS, hubDownload, HubError, type HubOptions, isHubId } from "./hub.ts";
@@ -154,13 +153,26 @@ export async function writeFiles(
   }
 }
 
+/** A folder's path made absolute, "." and ".." resolved: one key for its spellings. (Not node:path's normalize:
+ * pretrained.ts reaches this module by a dynamic import, which bundles it, its static imports hoisted, and no
+ * browser has node:path.) */
+function folderKey(dir: string): string {
+  const parts: string[] = [];
+  const abs = /^([a-zA-Z]:)?[\\/]/.test(dir) ? dir : `${Deno.cwd()}/${dir}`;
+  for (const p of abs.split(/[\\/]+/)) {
+    if (p === "..") parts.pop();
+    else if (p !== "." && p !== "") parts.push(p);
+  }
+  return parts.join("/");
+}
+
 // The saves in flight, by folder: each waits for the one before it.
 const saving = new Map<string, Promise<unknown>>();
 
 /** Runs `save` after the saves to `dir` called before it (this process) have settled, so that saves that are
  * not awaited replace the folder in call order and never touch each other's temporary files. */
 export function inOrder<T>(dir: string, save: () => Promise<T>): Promise<T> {
-  const key = normalize(dir).replace(/(?<=.)[\\/]+$/, "");
+  const key = folderKey(dir);
   const run = (saving.get(key) ?? Promise.resolve()).then(save, save);
   const done = run.catch(() => {});
   saving.set(key, done);

@@ -141,6 +141,17 @@ async function bundle(entry: string, out: string, extra: string[]): Promise<Stag
     const hasMap = js.includes(link);
     if (hasMap) js = js.replace(link, `//# sourceMappingURL=${basename(out)}.map`);
     if (extra.includes("--minify")) js = stripKernelComments(js);
+    // A static import of a Node built-in (a Deno-only module reached even by a dynamic import is bundled in,
+    // its imports hoisted) fails the whole module in a browser: "Failed to fetch dynamically imported module"
+    const nodeImport = /(?:\bfrom|\bimport)\s*"(node:[\w/]+)"/.exec(js);
+    if (nodeImport) {
+      throw new Error(
+        `${entry}'s bundle imports ${
+          nodeImport[1]
+        } statically, which no browser has: import it dynamically ` +
+          "where it is used (as hub_cache.ts does node:crypto), or do without it",
+      );
+    }
     await Deno.writeTextFile(tmp, js);
     const bytes = new TextEncoder().encode(js);
     return {
