@@ -29,7 +29,7 @@ import { Module } from "../nn/module.ts";
 import { selectiveScan } from "../scan/selective_scan.ts";
 import { fusedMambaScan } from "../scan/fused.ts";
 import { fusedMambaScanOut } from "../scan/fused_out.ts";
-import { convStep, ssmStep } from "../scan/fused_step.ts";
+import { convStep, ssmStep, ssmStepFits } from "../scan/fused_step.ts";
 import "../scan/tune_fused.ts"; // registers the fused-scan tuner that init() runs
 import { checkpoint, checkpointInputsOnly, isGradEnabled, noGrad } from "../core/autograd.ts";
 import { deviceInfo } from "../core/device.ts";
@@ -278,7 +278,11 @@ export class MambaBlock extends Module {
     // every gradient but out_proj's and the residual's).
     const wantsGrad = isGradEnabled() &&
       [u, residual, norm?.weight, cache.h, cache.inputs, ...this.parameters()].some((t) => t?.requiresGrad);
-    if (this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2 && !wantsGrad) {
+    // (On a software adapter a large N would loop past its limit in the SSM step: the readable step runs.)
+    if (
+      this.config.scan === "fused" && fusedScanAvailable() && !this.norms && K >= 2 && !wantsGrad &&
+      ssmStepFits(N, R)
+    ) {
       // The same step in two kernels (conv, SSM) around x_proj's product: see scan/fused_step.ts. The norm
       // inside in_proj's product where it is one (matvec) kernel.
       const fold = norm && !this.inProj.bias;

@@ -13,16 +13,30 @@
  *   h[n] = exp(delta A[n]) h[n] + delta B[n] x, y = C.h + D x, y silu(z) with z read in place from in_proj's
  *   output. Writes y (B, ED) and the new state (B, ED, N), reading the old one once.
  * No workgroup memory; the SSM step binds 10 storage buffers (as the fused backward does, so it runs where
- * `fusedScanAvailable()`).
+ * `fusedScanAvailable()`). Its invocation loops over the N states (and R above 8): past 65535 trips in all a
+ * software adapter stops it silently, so there `ssmStepFits` is false and the block takes its readable step.
  * @module
  */
 
+import { deviceInfo } from "../core/device.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
 import { fmt } from "../core/shape.ts";
 import { Tensor } from "../core/tensor.ts";
 import { cachedKernel, COMMON, MAX_INLINE_DT_RANK, unroll } from "./fused_wgsl.ts";
 
 const WG = 64;
+
+/** Loop trips of one SSM step invocation: its loop over the N states and, above rank 8, over dt_proj's R
+ * (each loop's final test a trip too). */
+export function ssmStepLoopTrips(N: number, R: number): number {
+  return N + 1 + (R > MAX_INLINE_DT_RANK ? R + 1 : 0);
+}
+
+/** Whether `ssmStep` runs here at state size N and dt rank R: software adapters stop an invocation silently
+ * past 65535 loop trips in all (GPUs have no such limit). */
+export function ssmStepFits(N: number, R: number): boolean {
+  return ssmStepLoopTrips(N, R) <= 65535 || !deviceInfo().isFallbackAdapter;
+}
 
 function convStepKernel(K: number): Kernel {
   return cachedKernel(`conv_step|${K}`, () =>
@@ -190,6 +204,14 @@ export function ssmStep(
       ),
     ];
     throw new Error(`ssmStep: ${messages.filter((_, i) => bad[i]).join("; ")}`);
+  }
+  if (!ssmStepFits(N, R)) {
+    throw new Error(
+      `ssmStep: N ${N} and dt rank ${R} would loop ${
+        ssmStepLoopTrips(N, R)
+      } times per invocation, past the ` +
+        "65535 a software adapter runs (GPUs have no such limit; MambaBlock.step takes its readable step there)",
+    );
   }
   const Ri = R <= MAX_INLINE_DT_RANK ? R : 0; // unrolled up to rank 8, else a loop over R
   // the inputs' storages first: a disposed one throws before anything is allocated

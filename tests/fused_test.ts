@@ -551,6 +551,70 @@ Deno.test("the decoding steps (convStep, ssmStep) name what does not fit", async
   for (const v of [...Object.values(ts), inputs, w, wideBias, flat]) v.dispose();
 });
 
+Deno.test("the SSM decoding step past a software adapter's loop limit is a clear error, and MambaBlock.step takes its readable step there", async () => {
+  await init();
+  const { ssmStep, ssmStepLoopTrips } = await import("../scan/fused_step.ts");
+  // the loop over N, and over R above rank 8 (unrolled up to 8), each with its final test
+  assert.deepEqual([ssmStepLoopTrips(16, 8), ssmStepLoopTrips(16, 12)], [17, 30]);
+  if (!deviceInfo().isFallbackAdapter) return; // GPUs run any length of loop
+  // B = ED = 1, R = 1: x = 1, W = 0 and bias 32 (dt = 32), h = 0, B[n] = 1: every new state is 32 (a state
+  // the loop limit cut off stays 0)
+  const run = async (N: number) => {
+    const ts = [
+      full([1, 1], 1),
+      full([1, 1 + 2 * N], 1),
+      full([1, 1], 0),
+      full([1], 32),
+      full([1, N], 0),
+      full([1], 0),
+      full([1, 2], 1),
+      full([1, 1, N], 0),
+    ] as const;
+    try {
+      const r = ssmStep(...ts);
+      const h = await r.h.toArray();
+      r.y.dispose();
+      r.h.dispose();
+      return h;
+    } finally {
+      dispose(ts);
+    }
+  };
+  const h = await run(65534); // 65535 trips: all of them run
+  assert.ok(h.every((v) => v === 32), `state ${h.findIndex((v) => v !== 32)} is not 32`);
+  // (unguarded, lavapipe left the last state of N 65536 at 0)
+  await assert.rejects(
+    () => run(65536),
+    /^Error: ssmStep: N 65536 and dt rank 1 would loop 65537 times per invocation, past the 65535/,
+  );
+  // the block's step: the readable one, as the pscan block's
+  const { MambaBlock } = await import("../mamba/block.ts");
+  const { mambaConfig } = await import("../mamba/config.ts");
+  const config = { dModel: 2, nLayers: 1, dtRank: 1, dState: 65536 };
+  const [fused, readable] = [
+    new MambaBlock(mambaConfig({ ...config, scan: "fused" })),
+    new MambaBlock(mambaConfig({ ...config, scan: "pscan" })),
+  ];
+  readable.loadStateDict(fused.stateDict(), { strict: true });
+  const u = randn([1, 2], { seed: 3 });
+  const outs = [];
+  for (const m of [fused, readable]) {
+    const { value, kernels } = await kernelsRun(() =>
+      tidy(() =>
+        noGrad(() => {
+          const cache = { h: full([1, 4, 65536], 0), inputs: full([1, 4, 3], 0) };
+          return m.step(u, cache).out;
+        })
+      )
+    );
+    assert.ok(!kernels.some((k) => k.startsWith("ssm_step")), `no fused SSM step (${kernels.join(", ")})`);
+    outs.push(await value.toArray());
+    value.dispose();
+  }
+  assert.deepEqual(outs[0], outs[1]);
+  for (const t of [u, fused, readable]) t.dispose();
+});
+
 Deno.test("fusedScanForward names inputs that are not f32 and an empty sequence, and leaves nothing live when an input was disposed", async () => {
   await init();
   const [B, L, ED, N] = [1, 5, 4, 2];
