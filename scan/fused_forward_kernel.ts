@@ -78,6 +78,8 @@ export function forwardKernel(
   const K = Nb / lanes; // states of the block per invocation
   /** WGSL of this invocation's state j of the block, from the block's first: j, or with lanes its share. */
   const st = (j: number) => laneState(lanes, j);
+  /** WGSL of whether this invocation stores the channel's y: the channel is valid, and with lanes, lane 0. */
+  const own = lanes > 1 ? "valid && q == 0u" : "valid";
   /** WGSL of its state j before step 0: h0's where the call has one, else 0 (ph holds at least B ED N values
    * past h0Off 0, so the load is in bounds either way). */
   const init = (j: number) => `select(0.0, ld_ph(P.h0Off + hInit + ${st(j)}), P.init != 0u)`;
@@ -166,9 +168,14 @@ export function forwardKernel(
     let xv = ld_x(i);
     let row = (b * P.L + t) * P.S + P.R${plus(n0)};
     ${loadBC(N, Nb, "row", true, shuffle, lanes)}
-    var yv = ${
-        lanes > 1 ? `select(0.0, ${first ? "Dd * xv" : "ld_y(i)"}, q == 0u)` : first ? "Dd * xv" : "ld_y(i)"
-      };
+    ${
+        first
+          ? `var yv = ${lanes > 1 ? "select(0.0, Dd * xv, q == 0u)" : "Dd * xv"};`
+          : `// the earlier blocks' y, read only by the invocation that stores it (the other lanes of the channel
+    // and the clamped lanes past ED reading it as it is written would be a data race)
+    var yv = 0.0;
+    if (${own}) { yv = ld_y(i); }`
+      }
     let dtx = dt * xv;
     ${unroll(K, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
     ${unroll(K, (n) => `yv += Cv[${n}] * h[${n}];`)}
@@ -178,7 +185,7 @@ export function forwardKernel(
           ? "if (P.gated != 0u) { let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc); yv *= zv * sigmoid_(zv); }"
           : ""
       }
-    if (valid${lanes > 1 ? " && q == 0u" : ""}) { st_y(i, yv); }
+    if (${own}) { st_y(i, yv); }
   }
   ${
         !store ? "" : `if (${store}) {
