@@ -6,9 +6,10 @@
  * than one storage binding (128 MiB): such a buffer is bound as several consecutive windows and the
  * accessor picks the window. Shapes travel in uniforms, so one pipeline serves every shape; pipelines are
  * cached per kernel and window count, and bind groups per pipeline and bound buffers (the uniforms sit
- * at a dynamic offset, so pooled buffers that come back step after step find their bind group). Work is
- * laid out over a linear workgroup index `group` (the dispatch is folded into two dimensions past 65535
- * workgroups), with `lid` the local invocation id.
+ * at a dynamic offset, so pooled buffers that come back step after step find their bind group; a pipeline's
+ * key also holds the window size in bytes and which buffers are bf16 packed). Work is laid out over a linear
+ * workgroup index `group` (the dispatch is folded into two dimensions past the device's
+ * maxComputeWorkgroupsPerDimension, 65535 at least), with `lid` the local invocation id.
  * @module
  */
 
@@ -313,7 +314,8 @@ export function bindGroupKeyCount(): number {
 export type UniformValues = Record<string, number | readonly number[]>;
 
 /**
- * Records a dispatch of `groups` workgroups (any count; folded into 2-D past 65535).
+ * Records a dispatch of `groups` workgroups (any count; folded into 2-D past the device's
+ * maxComputeWorkgroupsPerDimension).
  * `buffers` maps each declared buffer name to the storage it binds.
  */
 export function dispatch(

@@ -11,9 +11,9 @@
  * (with `lanes`, its share of the block's states), walking walk k from a zero state, the forward up, h = a h + dt x B, the
  * backward down, m = a (gy C + m) with gy the gated gradient of y (m after the chunk's first step is the
  * carry it passes to the chunk before it). Registers only; no workgroup memory, no barriers.
- * Reads: x, draw (or dBC's dt columns and dt_proj's row), B or C from dBC, the parameters in `ph`, z; the
- * backward also g. Writes: the chunk's local state into `loc` (B, ED, chunks, N) (the forward: the chunk
- * states hs in `ph`, or with folded carries a scratch `out` at `locOff`; the backward: in `out` at `locOff`)
+ * Reads: draw (or dBC's dt columns and dt_proj's row), B or C from dBC and the parameters in `ph`; the
+ * forward also x, the backward g and z (never x). Writes: the chunk's local state into `loc` (B, ED, chunks,
+ * N) (the forward: the chunk states hs in `ph`, or with folded carries a scratch `out` at `locOff`; the backward: in `out` at `locOff`)
  * and, from the first state block, S into `sdt` (B, ED, chunks) (in `out`, at `sdtOff`). With few chunks no
  * chain follows: the main kernels fold their carries from these (`foldCarry`, MAX_CHUNKS_FOLDED). The forward
  * with `Lf` > Lc walks G = Lf / Lc chunks per workgroup instead of one: its local state goes into hs at the

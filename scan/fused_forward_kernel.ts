@@ -94,7 +94,8 @@ export function forwardKernel(
       buffers: [
         ...scanInputBuffers("read_write"),
         { name: "y", type: "f32", access: "read_write" },
-        // folded: the local kernel's chunk states (B, ED, chunks, N) at locOff and sums of dt at sdtOff
+        // folded: the local kernel's walk states (B, ED, walks, N) at locOff and sums of dt (B, ED, walks) at
+        // sdtOff
         ...(fold ? [{ name: "carry", type: "f32" as const, access: "read" as const }] : []),
       ],
       uniforms: [

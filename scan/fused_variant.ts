@@ -118,7 +118,8 @@ export function stateBlocks(v: FusedVariant): StateBlock[] {
 }
 
 /** Steps per barrier pair of the backward in a block of Nb states (default the variant's largest): as many
- * as 16 KiB of workgroup memory holds (at most 16); each step holds `cols` terms per channel (2 Nb, plus the
+ * as 16 KiB of workgroup memory holds, less the recomputed states kept there (hbuf "workgroup": WG x Ls x Nb
+ * floats), at most 16 and at least 1; each step holds `cols` terms per channel (2 Nb, plus the
  * dt terms in the last state block). */
 export function stepsPerBarrier(v: FusedVariant, Nb = stateBlocks(v)[0].Nb, cols = 2 * Nb): number {
   const budget = 16384 - (v.hbuf === "workgroup" ? 4 * v.WG * (v.Ls ?? v.Lc) * Nb : 0);

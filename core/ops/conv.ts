@@ -7,11 +7,12 @@
  *
  * Every kernel gives one invocation a (b, group of V channels, chunk of T consecutive time steps); the lanes
  * of a workgroup are consecutive channel groups, so neighbouring lanes read neighbouring addresses. V = 4
- * (C a multiple of 4) binds x, g, y, w, bias and the partials as vec4<f32>; otherwise V = 1. The invocation
- * walks its chunk in time order with a sliding window of the last K-1 inputs in registers (K is a template
- * constant, so the window is K-1 values and the k loops unroll): each element is loaded once and its
- * activation computed once, and the (b, channels, chunk) decomposition costs integer divisions once per
- * invocation (they are scalar on CPU adapters), not once per element.
+ * (C, x's row width Cx and the first channel read, start, multiples of 4) binds x, g, y, w, bias and the
+ * partials as vec4<f32>; otherwise V = 1. The invocation walks its chunk in time order with a sliding window
+ * of the last K-1 inputs in registers (K is a template constant, so the window is K-1 values and the k loops
+ * unroll): each element is loaded once and its activation computed once, and the (b, channels, chunk)
+ * decomposition costs integer divisions once per invocation (they are scalar on CPU adapters), not once per
+ * element.
  * - `conv_fwd`: y[t] = act(pre[t]) for the steps of its chunk (after reading the K-1 inputs before it).
  * - `conv_bwd`: the backward of x and of (w, bias) in one pass. For each step s of its chunk and the K-1
  *   after it, gpre[s] = g[s] act'(pre[s]) (pre from the window, one exp per element) enters a second window
@@ -166,9 +167,9 @@ function shiftX(K: number): string {
 }
 
 /**
- * The kernel of one kind for K taps, the activation, V channels and T steps per invocation. V = 4 (C a
- * multiple of 4) binds every buffer as vec4<f32>: on lavapipe each access is a loop over the SIMD lanes,
- * which four components share, so 16-byte accesses cost little more than 4-byte ones.
+ * The kernel of one kind for K taps, the activation, V channels and T steps per invocation. V = 4 (C, Cx and
+ * start multiples of 4) binds every buffer as vec4<f32>: on lavapipe each access is a loop over the SIMD
+ * lanes, which four components share, so 16-byte accesses cost little more than 4-byte ones.
  */
 function kernel(
   kind: "fwd" | "bwd" | "bwd_w",

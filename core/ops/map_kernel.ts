@@ -2,7 +2,7 @@
  * The elementwise kernel template: one output element per invocation, y[i] = f(a, b, c).
  *
  * Every unary, binary and ternary op (and the fused gradient helpers) is this template with a WGSL
- * expression. Operands are read in one of three ways, chosen per call:
+ * expression. Operands are read in one of four ways, chosen per call:
  * - `same`: all operands have the output's shape, read at `i`;
  * - `tail`/`head`: an operand that spans only the trailing (e.g. a bias) or leading (e.g. a per-row scale)
  *   dims of the output is read at `i % m` or `i / m`;

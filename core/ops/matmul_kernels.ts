@@ -5,8 +5,9 @@
  * - `tiled`, `tiled128`: a workgroup of 16x16 invocations owns 64x64 (128x128) of C, staging 64x16 (128x8)
  *   slices of A and B in workgroup memory; one template (`tiledKernel`), generated per tile and transposes.
  * - `matvec` (GPUs, any variant): a few rows against a weight, a workgroup per column of C splitting K.
- * Every kernel reads A, B through the kernel accessors (binding windows) and writes (or adds into) C; a
- * workgroup index maps to (K slice, batch, block of C), and slice s writes the s-th partial C.
+ * Every kernel reads A, B through the kernel accessors (binding windows) and writes (or adds into) C. In the
+ * `register` and `tiled` kernels a workgroup index maps to (K slice, batch, block of C), and slice s writes the
+ * s-th partial C; in `matvec` it maps to a column of C, all of K (up to MAX_K) in one dispatch, unbatched.
  * @module
  */
 
@@ -483,8 +484,8 @@ const MATVEC_WG = 64;
  * nn.Linear stores it) on a GPU: a workgroup of 64 owns one column n of C for all M (at most 4) rows. Its
  * invocations take every 64th element of k in [k0, k1) (vec4s where K is a multiple of 4), so that they read
  * W's row n side by side, and sum their M partials through workgroup memory (M x 64 floats) in a tree of six
- * barriers. One dispatch with N workgroups where the `register` kernels split K into slices and sum them in a
- * second dispatch. Unbatched, A and W contiguous.
+ * levels (seven barriers). One dispatch with N workgroups where the `register` kernels split K into slices
+ * and sum them in a second dispatch. Unbatched, A and W contiguous.
  *
  * With `rms`, A's rows are RMS-normalized on the way, as `rmsNorm(a, g, eps) @ W^T` (decoding's norm before
  * in_proj): each invocation also sums its elements' squares of each row and multiplies A by g (K), the tree

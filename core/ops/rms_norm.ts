@@ -13,7 +13,8 @@
  * No workgroup memory. A per-row invocation runs two loops of D / V trips; a `rms_bwd_w` invocation one
  * loop of ceil(sqrt(rows)). Software adapters stop an invocation silently once its loops have run about
  * 65535 trips in all (each loop's final test counting as one), so D / V is capped at 32766: D is at most
- * 32766, or 131064 for a multiple of 4. Past 65535 workgroups the dispatch is folded into two dimensions.
+ * 32766, or 131064 for a multiple of 4. Past the device's maxComputeWorkgroupsPerDimension workgroups the
+ * dispatch is folded into two dimensions.
  * @module
  */
 
