@@ -41,14 +41,19 @@ import {
   cachedKernel,
   channelLines,
   COMMON,
-  drawLines,
   foldCarry,
+  h0Value,
   laneState,
-  loadBC,
+  LOAD_BIAS,
+  loadA,
+  loadD,
   loadWd,
+  loadZ,
   partialWidth,
   plus,
   scanInputBuffers,
+  stateUpdate,
+  stepInputLines,
   sumLanes,
   UNIFORMS,
   unroll,
@@ -344,11 +349,11 @@ function carryIn(c: Shape): string {
   // the first block alone sums dD and the last alone dbias; the others leave them be
   ${last ? "var gbias = select(0.0, ld_gred(gp), more);" : ""}
   ${first ? "var gD = select(0.0, ld_gred(gp + 1u), more);" : ""}
-  ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u + ${n0}u + ${st(c, n)}));`)}
+  ${loadA(N, n0, K, c.lanes)}
   ${unroll(K, (n) => `gA[${n}] = select(0.0, ld_gred(gp + ${2 + n0}u + ${st(c, n)}), more);`)}
   ${c.fold ? lamFolded : unroll(K, lamIn)}
-  let bias = ld_ph(dc);
-  let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
+  ${LOAD_BIAS}
+  ${loadD(N)}
   ${loadWd(N, Ri)}
   ${
     c.dtHere
@@ -369,10 +374,8 @@ function chunkStart(c: Shape): string {
     let hsAt = (hsBase + k - 1u) * ${N}u${plus(n0)};
     let h0At = (b * P.ED + dc) * ${N}u${plus(n0)}; // the call's initial state h0, where it has one (init 1)
     ${
-    unroll(K, (n) => {
-      const h0 = `select(0.0, ld_ph(P.h0Off + h0At + ${st(c, n)}), P.init != 0u)`;
-      return `hb[${n}] = select(${h0}, ld_ph(P.hsOff + hsAt + ${st(c, n)}), k > 0u);`;
-    })
+    unroll(K, (n) =>
+      `hb[${n}] = select(${h0Value(`h0At + ${st(c, n)}`)}, ld_ph(P.hsOff + hsAt + ${st(c, n)}), k > 0u);`)
   }
     let nsub = (clen + ${Ls - 1}u) / ${Ls}u;`;
 }
@@ -423,16 +426,9 @@ function chunkRecompute(c: Shape): string {
 
 /** One recomputed step of the state array `h` at time `t`: h = exp(dt A) h + dt x B. */
 function recomputeStep(c: Shape, h: string, t: string): string {
-  const { Ri, shuffle, n0, K, N, Nb, lanes } = c;
   return `{
-      let i = (b * P.L + ${t}) * P.ED + dc;
-      ${drawLines(Ri, shuffle, `(b * P.L + ${t}) * P.S`)}
-      let dt = softplus_(dr + bias);
-      let dtx = dt * ld_x(i);
-      let row = (b * P.L + ${t}) * P.S + P.R${plus(n0)};
-      var Bv: array<f32, ${K}>;
-      ${loadBC(N, Nb, "row", false, shuffle, lanes)}
-      ${unroll(K, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * Bv[${n}];`)}
+      ${stepInputLines(c, t, { declare: true, afterDt: "let dtx = dt * ld_x(i);", indent: "      " })}
+      ${stateUpdate(c.K, h)}
       }`;
 }
 
@@ -454,16 +450,14 @@ function reverseStep(c: Shape): string {
 
 /** The step's inputs, read from x, draw (or dBC's dt columns) and dBC: i, dr, u, dt, xv, and the block's B
  * and C (Bv, Cv). */
-function stepInputs({ Ri, shuffle, n0, K, N, Nb, lanes }: Shape): string {
-  return `let i = (b * P.L + t) * P.ED + dc;
-      ${drawLines(Ri, shuffle, "(b * P.L + t) * P.S")}
-      let u = dr + bias;
-      let dt = softplus_(u);
-      let xv = ld_x(i);
-      let row = (b * P.L + t) * P.S + P.R${plus(n0)};
-      var Bv: array<f32, ${K}>;
-      var Cv: array<f32, ${K}>;
-      ${loadBC(N, Nb, "row", true, shuffle, lanes)}`;
+function stepInputs(c: Shape): string {
+  return stepInputLines(c, "t", {
+    withC: true,
+    u: true,
+    declare: true,
+    afterDt: "let xv = ld_x(i);",
+    indent: "      ",
+  });
 }
 
 /** gy, the gradient of y: g, through the gate when gated, which needs y (this block's share, from hcur) and
@@ -484,7 +478,7 @@ function outputGradient(c: Shape): string {
         var yv = ${firstOnce(c, "Dd * xv")};
         ${unroll(c.K, (n) => `yv += Cv[${n}] * hcur[${n}];`)}
         ${sumLanes("yv", c.lanes)}
-        let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc);
+        ${loadZ("t")}
         let sig = sigmoid_(zv);
         // gz is its own (B, L, ED) or a window of the whole gradient of a wider z (P.gzS, P.gz0)
         let iz = (b * P.L + t) * P.gzS + P.gz0 + dc;

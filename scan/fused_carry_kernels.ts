@@ -13,11 +13,12 @@
  * carry it passes to the chunk before it). Registers only; no workgroup memory, no barriers.
  * Reads: draw (or dBC's dt columns and dt_proj's row), B or C from dBC and the parameters in `ph`; the
  * forward also x, the backward g and z (never x). Writes: the chunk's local state into `loc` (B, ED, chunks,
- * N) (the forward: the chunk states hs in `ph`, or with folded carries a scratch `out` at `locOff`; the backward: in `out` at `locOff`)
- * and, from the first state block, S into `sdt` (B, ED, chunks) (in `out`, at `sdtOff`). With few chunks no
- * chain follows: the main kernels fold their carries from these (`foldCarry`, MAX_CHUNKS_FOLDED). The forward
- * with `Lf` > Lc walks G = Lf / Lc chunks per workgroup instead of one: its local state goes into hs at the
- * cell of its last chunk (or into the scratch `out`, one cell per walk), its S beside it, one per walk.
+ * N) (the forward: the chunk states hs in `ph`, or with folded carries a scratch `out` at `locOff`; the
+ * backward: in `out` at `locOff`) and, from the first state block, S into `sdt` (B, ED, chunks) (in `out`,
+ * at `sdtOff`). With few chunks no chain follows: the main kernels fold their carries from these
+ * (`foldCarry`, MAX_CHUNKS_FOLDED). The forward with `Lf` > Lc walks G = Lf / Lc chunks per workgroup
+ * instead of one: its local state goes into hs at the cell of its last chunk (or into the scratch `out`, one
+ * cell per walk), its S beside it, one per walk.
  *
  * `fused_scan_chain_{fwd,bwd}` (template: the runs per chain, 1 or `_seg{S}`; the forward's chunks per walk G,
  * `_G{G}` above 1, whose links are the walks' cells in hs: the last chunk of each).
@@ -40,12 +41,17 @@ import {
   cachedKernel,
   channelLines,
   COMMON,
-  drawLines,
+  gated,
+  h0Value,
   laneState,
-  loadBC,
+  LOAD_BIAS,
+  loadA,
   loadWd,
+  loadZ,
   plus,
   scanInputBuffers,
+  stateUpdate,
+  stepInputLines,
   UNIFORMS,
   unroll,
   walkChunks,
@@ -101,9 +107,9 @@ function generateLocal(
   // the forward reads B (columns R + n0..), the backward C (R + N + n0..): loadBC's "B" at an offset row
   const step = fwd
     ? `let dtx = dt * ld_x(i);
-    ${unroll(K, (n) => `m[${n}] = exp(dt * A[${n}]) * m[${n}] + dtx * Bv[${n}];`)}`
+    ${stateUpdate(K, "m")}`
     : `var gy = ld_g(i);
-    if (P.gated != 0u) { let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc); gy = gy * zv * sigmoid_(zv); }
+    if (P.gated != 0u) { ${loadZ("t")} gy = ${gated("gy")}; }
     ${unroll(K, (n) => `m[${n}] = exp(dt * A[${n}]) * (gy * Bv[${n}] + m[${n}]);`)}`;
   const loc = (n: number) =>
     inOut ? `st_out(P.locOff + at + ${st(n)}, m[${n}]);` : `st_ph(P.hsOff + at + ${st(n)}, m[${n}]);`;
@@ -136,20 +142,22 @@ function generateLocal(
   var A: array<f32, ${K}>;
   var m: array<f32, ${K}>;
   var Bv: array<f32, ${K}>;
-  ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)})); m[${n}] = 0.0;`)}
-  let bias = ld_ph(dc);
+  ${loadA(N, n0, K, lanes)}
+  ${unroll(K, (n) => `m[${n}] = 0.0;`)}
+  ${LOAD_BIAS}
   ${loadWd(N, Ri)}
   let t0 = k * ${G * Lc}u;
   let t1 = min(P.L, t0 + ${G * Lc}u);
   var sdt = 0.0;
   for (var j = t0; j < t1; j++) {
     let t = ${fwd ? "j" : "t0 + t1 - 1u - j"};
-    let i = (b * P.L + t) * P.ED + dc;
-    ${drawLines(Ri, shuffle, "(b * P.L + t) * P.S")}
-    let dt = softplus_(dr + bias);
-    sdt += dt;
-    let row = (b * P.L + t) * P.S + P.R${fwd ? "" : ` + ${N}u`}${plus(n0)};
-    ${loadBC(N, Nb, "row", false, shuffle, lanes)}
+    ${
+      stepInputLines({ N, Nb, n0, Ri, shuffle, lanes }, "t", {
+        fromC: !fwd,
+        afterDt: "sdt += dt;",
+        indent: "    ",
+      })
+    }
     ${step}
   }
   // the walk's cell in the scratch out; in hs, the cell of its last chunk
@@ -192,7 +200,7 @@ export function chainGroups(states: number, segments: number): number {
 
 /** WGSL of the forward chain's carry before its first link: the call's initial state h0 (at h0Off in ph) where
  * it has one (uniform init 1), else 0 (the load is in bounds either way: ph holds B ED N values past 0). */
-const H0 = "select(0.0, ld_ph(P.h0Off + bd * P.N + n), P.init != 0u)";
+const H0 = h0Value("bd * P.N + n");
 
 function generateChain(dir: CarryDirection, segments: number, G: number): Kernel {
   const fwd = dir === "fwd";

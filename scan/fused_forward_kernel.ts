@@ -33,13 +33,19 @@ import {
   cachedKernel,
   channelLines,
   COMMON,
-  drawLines,
   foldCarry,
+  gated,
+  h0Value,
   laneState,
-  loadBC,
+  LOAD_BIAS,
+  loadA,
+  loadD,
   loadWd,
+  loadZ,
   plus,
   scanInputBuffers,
+  stateUpdate,
+  stepInputLines,
   sumLanes,
   UNIFORMS,
   unroll,
@@ -82,7 +88,7 @@ export function forwardKernel(
   const own = lanes > 1 ? "valid && q == 0u" : "valid";
   /** WGSL of its state j before step 0: h0's where the call has one, else 0 (ph holds at least B ED N values
    * past h0Off 0, so the load is in bounds either way). */
-  const init = (j: number) => `select(0.0, ld_ph(P.h0Off + hInit + ${st(j)}), P.init != 0u)`;
+  const init = (j: number) => h0Value(`hInit + ${st(j)}`);
   return cachedKernel(key, () =>
     defineKernel({
       name: `fused_scan_fwd_N${N}${blockName(N, Nb, n0)}_Lc${Lc}${G > 1 ? `_Lf${G * Lc}` : ""}_WG${v.WG}${
@@ -138,7 +144,7 @@ export function forwardKernel(
   let hsBase = (b * P.ED + dc) * P.chunks;
   let hPrev = (hsBase + t0 / ${Lc}u - 1u) * ${N}u${plus(n0)}; // the state before t0 in hs (t0 > 0)
   let hInit = (b * P.ED + dc) * ${N}u${plus(n0)}; // this channel's h0 (in ph whenever init is 1)
-  ${unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${st(n)}));`)}
+  ${loadA(N, n0, K, lanes)}
   ${
         fold
           ? `// the state before this chunk, from every chunk j before it: h = exp(A S_j) h + its local state
@@ -155,20 +161,21 @@ export function forwardKernel(
           }`
           : unroll(K, (n) => `h[${n}] = select(${init(n)}, ld_ph(P.hsOff + hPrev + ${st(n)}), t0 > 0u);`)
       }
-  let bias = ld_ph(dc);
-  let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);
+  ${LOAD_BIAS}
+  ${loadD(N)}
   ${loadWd(N, Ri)}
   // chunks, then their steps: the state is stored after each chunk's loop, not under a condition inside it
   // (lavapipe runs an \`if\` body on every step with its lanes masked off: 1.5-2x slower)
   for (var c0 = t0; c0 < t1; c0 += ${Lc}u) {
   let cend = min(c0 + ${Lc}u, t1);
   for (var t = c0; t < cend; t++) {
-    let i = (b * P.L + t) * P.ED + dc;
-    ${drawLines(Ri, shuffle, "(b * P.L + t) * P.S")}
-    let dt = softplus_(dr + bias);
-    let xv = ld_x(i);
-    let row = (b * P.L + t) * P.S + P.R${plus(n0)};
-    ${loadBC(N, Nb, "row", true, shuffle, lanes)}
+    ${
+        stepInputLines({ N, Nb, n0, Ri, shuffle, lanes }, "t", {
+          withC: true,
+          afterDt: "let xv = ld_x(i);",
+          indent: "    ",
+        })
+      }
     ${
         first
           ? `var yv = ${lanes > 1 ? "select(0.0, Dd * xv, q == 0u)" : "Dd * xv"};`
@@ -178,14 +185,10 @@ export function forwardKernel(
     if (${own}) { yv = ld_y(i); }`
       }
     let dtx = dt * xv;
-    ${unroll(K, (n) => `h[${n}] = exp(dt * A[${n}]) * h[${n}] + dtx * Bv[${n}];`)}
+    ${stateUpdate(K, "h")}
     ${unroll(K, (n) => `yv += Cv[${n}] * h[${n}];`)}
     ${sumLanes("yv", lanes)}
-    ${
-        last
-          ? "if (P.gated != 0u) { let zv = ld_z((b * P.L + t) * P.zS + P.z0 + dc); yv *= zv * sigmoid_(zv); }"
-          : ""
-      }
+    ${last ? `if (P.gated != 0u) { ${loadZ("t")} yv = ${gated("yv")}; }` : ""}
     if (${own}) { st_y(i, yv); }
   }
   ${

@@ -137,6 +137,76 @@ export function loadBC(
   ].join("\n    ");
 }
 
+/** The compile-time shape a step's loads depend on: the state block (N, Nb, n0), dt_proj's rank inside (Ri),
+ * whether B and C rows (and dt columns) are shuffled, and the lanes per channel. */
+export interface StepShape {
+  N: number;
+  Nb: number;
+  n0: number;
+  Ri: number;
+  shuffle: boolean;
+  lanes: number;
+}
+
+/**
+ * WGSL of the inputs of step `t` of channel dc: `i`, its index in (B, L, ED); `dr` (drawLines); `dt` =
+ * softplus(dr + bias) (with `u`, dr + bias named `u` too), then the caller's `afterDt` lines (x's load);
+ * `row`, the block's first B column of the step's dBC row (with `fromC`, its first C column), and `Bv` (with
+ * `withC` also `Cv`) loaded from it (with `declare`, the arrays declared here). Every kernel that walks
+ * steps reads them so.
+ */
+export function stepInputLines(
+  { N, Nb, n0, Ri, shuffle, lanes }: StepShape,
+  t: string,
+  o: { withC?: boolean; fromC?: boolean; u?: boolean; declare?: boolean; afterDt?: string; indent: string },
+): string {
+  const K = Nb / lanes;
+  return [
+    `let i = (b * P.L + ${t}) * P.ED + dc;`,
+    drawLines(Ri, shuffle, `(b * P.L + ${t}) * P.S`),
+    ...(o.u ? ["let u = dr + bias;", "let dt = softplus_(u);"] : ["let dt = softplus_(dr + bias);"]),
+    ...(o.afterDt ? [o.afterDt] : []),
+    `let row = (b * P.L + ${t}) * P.S + P.R${o.fromC ? ` + ${N}u` : ""}${plus(n0)};`,
+    ...(o.declare ? [`var Bv: array<f32, ${K}>;`, ...(o.withC ? [`var Cv: array<f32, ${K}>;`] : [])] : []),
+    loadBC(N, Nb, "row", o.withC === true, shuffle, lanes),
+  ].join(`\n${o.indent}`);
+}
+
+/** WGSL of the state update over K states of array `h`: h = exp(dt A) h + dt x B (`dtx` = dt x in scope). */
+export function stateUpdate(K: number, h: string): string {
+  return unroll(K, (n) => `${h}[${n}] = exp(dt * A[${n}]) * ${h}[${n}] + dtx * Bv[${n}];`);
+}
+
+/** WGSL loading A = -exp(A_log) of channel dc's K states of the block at n0 (with lanes, this lane's share)
+ * from ph = [bias | A_log | D | ...]. */
+export function loadA(N: number, n0: number, K: number, lanes: number): string {
+  return unroll(K, (n) => `A[${n}] = -exp(ld_ph(P.ED + dc * ${N}u${plus(n0)} + ${laneState(lanes, n)}));`);
+}
+
+/** WGSL of channel dc's dt bias from ph. */
+export const LOAD_BIAS = "let bias = ld_ph(dc);";
+
+/** WGSL of channel dc's D from ph = [bias (ED) | A_log (ED N) | D | ...]. */
+export function loadD(N: number): string {
+  return `let Dd = ld_ph(P.ED + P.ED * ${N}u + dc);`;
+}
+
+/** WGSL of a state before step 0 at `at` (a WGSL offset into h0): h0's where the call has one (uniform init
+ * 1), else 0 (ph holds at least B ED N values past h0Off 0, so the load is in bounds either way). */
+export function h0Value(at: string): string {
+  return `select(0.0, ld_ph(P.h0Off + ${at}), P.init != 0u)`;
+}
+
+/** WGSL reading the gate's z of channel dc at step `t` into `zv` (z is (B, L, zS), ED columns from z0). */
+export function loadZ(t: string): string {
+  return `let zv = ld_z((b * P.L + ${t}) * P.zS + P.z0 + dc);`;
+}
+
+/** WGSL of `v` gated: v silu(z) / z = v z sigmoid(z), with `zv` (loadZ) in scope. */
+export function gated(v: string): string {
+  return `${v} * zv * sigmoid_(zv)`;
+}
+
 /** WGSL functions both kernels use: softplus (as torch's, linear above 20) and sigmoid. */
 export const COMMON = `
 fn softplus_(u: f32) -> f32 {
