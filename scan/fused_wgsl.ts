@@ -7,6 +7,7 @@
  */
 
 import type { BufferDecl, Kernel } from "../core/kernel.ts";
+import { SIGMOID_WGSL, SOFTPLUS_WGSL } from "../core/ops/wgsl_math.ts";
 import { type FusedVariant, shuffleSize } from "./fused_variant.ts";
 export { MAX_INLINE_DT_RANK } from "./fused_variant.ts";
 
@@ -209,14 +210,8 @@ export function gated(v: string): string {
 
 /** WGSL functions both kernels use: softplus (as torch's, linear above 20) and sigmoid. */
 export const COMMON = `
-fn softplus_(u: f32) -> f32 {
-  if (u > 20.0) { return u; }
-  let e = exp(u);
-  let w = 1.0 + e;
-  if (w == 1.0) { return e; }
-  return log(w) * e / (w - 1.0);
-}
-fn sigmoid_(u: f32) -> f32 { return 1.0 / (1.0 + exp(-u)); }`;
+${SOFTPLUS_WGSL}
+${SIGMOID_WGSL}`;
 
 /** The uniforms both kernels take (each adds its own after them). */
 export const UNIFORMS: [string, "u32"][] = [

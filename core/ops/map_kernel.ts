@@ -16,6 +16,7 @@ import { defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { broadcastStrides, MAX_RANK, padRank, sameShape, type Shape } from "../shape.ts";
 import { type DType, Tensor } from "../tensor.ts";
 import { BF16_ONLY } from "../bf16.ts";
+import { SIGMOID_WGSL, SOFTPLUS_WGSL } from "./wgsl_math.ts";
 
 /** One operand of a map: a tensor, or a number passed as a uniform. */
 export type MapOperand = Tensor | number;
@@ -41,7 +42,7 @@ fn log1p_(u: f32) -> f32 {
 fn fmax_(a: f32, b: f32) -> f32 { return select(select(max(a, b), b, isnan_(b)), a, isnan_(a)); }
 fn fmin_(a: f32, b: f32) -> f32 { return select(select(min(a, b), b, isnan_(b)), a, isnan_(a)); }
 fn fclamp_(x: f32, lo: f32, hi: f32) -> f32 { return select(clamp(x, lo, hi), x, isnan_(x)); }
-fn sigmoid_(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
+${SIGMOID_WGSL}
 fn tanh_(x: f32) -> f32 {
   // WGSL's tanh may lose small x (its accuracy is absolute, from exp: llvmpipe gave tanh(1e-8) = 3e-8 and
   // tanh(1e-5) 0.14% off). Below 0.1 the series x - x^3/3 + 2x^5/15 - 17x^7/315 is exact to f32 (the next
@@ -50,7 +51,7 @@ fn tanh_(x: f32) -> f32 {
   let q = x * x;
   return x + x * q * (-1.0 / 3.0 + q * (2.0 / 15.0 - q * (17.0 / 315.0)));
 }
-fn softplus_(x: f32) -> f32 { return max(x, 0.0) + log1p_(exp(-abs(x))); }
+${SOFTPLUS_WGSL}
 fn pow_(x: f32, p: f32) -> f32 {
   // WGSL pow is undefined for x < 0 and for x = 0 with p <= 0; PyTorch's values there: x ** 0 = 1,
   // 0 ** p = 0 (p > 0) or inf (p < 0), integer powers of negative numbers, NaN for fractional ones.
