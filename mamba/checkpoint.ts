@@ -26,7 +26,7 @@ import {
   SAVE_ID,
   tokenizerFilesFor,
 } from "./pretrained.ts";
-import { inOrder, writeFiles } from "./pretrained_fs.ts";
+import { inOrder, syncDir, writeFiles } from "./pretrained_fs.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import type { Tensor } from "../core/tensor.ts";
 import {
@@ -271,19 +271,6 @@ export async function checkCheckpointFolder(dir: string): Promise<void> {
     throw new Error(`cannot write checkpoint ${path}: ${(e as Error).message}`, { cause: e });
   }
   await Deno.remove(probe);
-}
-
-/** Makes renames in `dir` durable; skipped where a folder cannot be opened or synced (Windows). */
-async function syncDir(dir: string): Promise<void> {
-  let f: Deno.FsFile | undefined;
-  try {
-    f = await Deno.open(dir, { read: true });
-    await f.sync();
-  } catch {
-    // best effort: not every platform can fsync a folder
-  } finally {
-    f?.close();
-  }
 }
 
 /** The names of the temporary folders of the saves in flight (this process), which removeOrphans leaves. */

@@ -216,17 +216,12 @@ export function saveFiles(dir: string, files: Record<string, Uint8Array>, remove
           f.close();
         }
       }
-    } catch (e) {
-      for (const tmp of written) await Deno.remove(tmp).catch(() => {});
-      throw new Error(`cannot save into ${dir}: ${(e as Error).message}`, { cause: e });
-    }
-    // config.json last: weights renamed beside an older config.json before a crash are from another save,
-    // which fromPretrained refuses (the save id both hold)
-    const names = Object.keys(files).sort((a, b) => +(a === "config.json") - +(b === "config.json"));
-    try {
+      // config.json last: weights renamed beside an older config.json before a crash are from another save,
+      // which fromPretrained refuses (the save id both hold)
+      const names = Object.keys(files).sort((a, b) => +(a === "config.json") - +(b === "config.json"));
       for (const name of names) await Deno.rename(`${dir}/${name}${suffix}`, `${dir}/${name}`);
     } catch (e) {
-      for (const tmp of written) await Deno.remove(tmp).catch(() => {});
+      for (const tmp of written) await Deno.remove(tmp).catch(() => {}); // (those renamed are gone already)
       throw new Error(`cannot save into ${dir}: ${(e as Error).message}`, { cause: e });
     }
     for (const name of remove) {
@@ -239,7 +234,7 @@ export function saveFiles(dir: string, files: Record<string, Uint8Array>, remove
 }
 
 /** Makes renames in `dir` durable; skipped where a folder cannot be opened or synced (Windows). */
-async function syncDir(dir: string): Promise<void> {
+export async function syncDir(dir: string): Promise<void> {
   try {
     const f = await Deno.open(dir, { read: true });
     try {
