@@ -38,6 +38,7 @@ import {
 } from "../mamba/train.ts";
 import {
   checkCheckpointFolder,
+  DataMismatchError,
   loadTrainingCheckpoint,
   saveTrainingCheckpoint,
 } from "../mamba/checkpoint.ts";
@@ -370,11 +371,8 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
       return run.data;
     }, { otherData: a.otherData }).catch((e) => {
       // the library's option, named by its flag here
-      const m = /^(cannot resume .* with this data: .*go on with this one) \(otherData: true;/.exec(
-        e.message,
-      );
-      throw m
-        ? new UsageError(`${m[1]} (--other-data; or start a new run from its weights: --from ${a.resume})`)
+      throw e instanceof DataMismatchError
+        ? new UsageError(`${e.what} (--other-data; or start a new run from its weights: --from ${a.resume})`)
         : e;
     });
     if (a.stepsGiven) {

@@ -75,6 +75,17 @@ export interface TrainingState {
   saveId?: string;
 }
 
+/** {@linkcode loadTrainingCheckpoint}'s refusal of data that is not the run's; `what` says so without naming
+ * the way on (`otherData: true` here, a program's own flag in its message). */
+export class DataMismatchError extends Error {
+  /** Creates the error. */
+  constructor(readonly what: string) {
+    super(
+      `${what} (otherData: true; or start a new run from the weights: fromPretrained, deno task train --from)`,
+    );
+  }
+}
+
 /** Options of {@linkcode loadTrainingCheckpoint}. */
 export interface ResumeOptions {
   /** How the resumed model runs its scan (default: as the saved run did). */
@@ -649,11 +660,10 @@ export async function loadTrainingCheckpoint(
   const [saved, given] = [state.data?.fingerprint, data.fingerprint?.()];
   if (saved !== undefined && given !== undefined && saved !== given && !options.otherData) {
     model.dispose();
-    throw new Error(
+    throw new DataMismatchError(
       `cannot resume ${from} with this data: the run trained on ${saved}${
         state.data?.source ? ` (${state.data.source})` : ""
-      }, this data is ${given}. Resume with the run's own data, or go on with this one (otherData: true; ` +
-        "or start a new run from the weights: fromPretrained, deno task train --from)",
+      }, this data is ${given}. Resume with the run's own data, or go on with this one`,
     );
   }
   let trainer: Trainer;
