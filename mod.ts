@@ -29,7 +29,7 @@ export {
   type SubgroupSupport,
 } from "./core/device.ts";
 export { dispose, type DType, keep, type Operand, Tensor, tidy } from "./core/tensor.ts";
-export { emptyPool, memory, type MemoryInfo, resetPeak, setMemoryLimit, Storage } from "./core/memory.ts";
+export { emptyPool, memory, type MemoryInfo, resetPeak, setMemoryLimit } from "./core/memory.ts";
 export { type Shape } from "./core/shape.ts";
 export { dispatchCount, flush, sync } from "./core/executor.ts";
 export {
@@ -47,43 +47,73 @@ export {
   zerosLike,
 } from "./core/creation.ts";
 export { manualSeed, Philox } from "./core/random.ts";
-export {
-  registerTuner,
-  tuneCacheKey,
-  tuneKernels,
-  type TuneOptions,
-  type TuneResult,
-  tuneResult,
-} from "./core/tune.ts";
+export { tuneKernels, type TuneOptions, type TuneResult, tuneResult } from "./core/tune.ts";
 export { type KernelTime, profile } from "./core/executor.ts";
 export {
   backward,
   type BackwardOptions,
   checkpoint,
-  checkpointInputsOnly,
-  defineOp,
   enableGrad,
-  type GradNode,
-  type GradTargets,
   isGradEnabled,
   noGrad,
-  type OpDef,
-  savesForBackward,
-  savesForLater,
-  WindowGrad,
 } from "./core/autograd.ts";
-export * from "./core/ops/index.ts";
 export {
-  type BufferDecl,
-  defineKernel,
-  dispatch,
-  dispatchElementwise,
-  type ElemType,
-  type Kernel,
-  type KernelSpec,
-  type UniformType,
-  type UniformValues,
-} from "./core/kernel.ts";
+  abs,
+  add,
+  castToBF16,
+  castToF32,
+  cat,
+  causalConv1d,
+  chunk,
+  clamp,
+  compare,
+  type CompareName,
+  type ConvActivation,
+  copy,
+  crossEntropy,
+  type CrossEntropyOptions,
+  detach,
+  div,
+  embedding,
+  exp,
+  expand,
+  gather,
+  indexSelect,
+  log,
+  logSoftmax,
+  logsumexp,
+  matmul,
+  matmulAdd,
+  type MatmulOptions,
+  max,
+  maximum,
+  mean,
+  minimum,
+  mul,
+  narrow,
+  neg,
+  pad,
+  permute,
+  pow,
+  relu,
+  reshape,
+  rmsNorm,
+  rmsNormMatmul,
+  rsqrt,
+  sigmoid,
+  silu,
+  slice,
+  softmax,
+  softplus,
+  split,
+  sqrt,
+  square,
+  sub,
+  sum,
+  tanh,
+  transpose,
+  where,
+} from "./core/ops/index.ts";
 export {
   type DecodedTensor,
   decodeTensor,
@@ -119,36 +149,9 @@ export {
   type SGDOptions,
   type StepOptions,
 } from "./nn/optim.ts";
-export { linearScan, runScan, type ScanMode } from "./scan/linear_scan.ts";
+export { linearScan, type ScanMode } from "./scan/linear_scan.ts";
 export { selectiveScan } from "./scan/selective_scan.ts";
-export {
-  fusedMambaScan,
-  fusedMambaScanForward,
-  fusedMambaScanFrom,
-  fusedSelectiveScan,
-} from "./scan/fused.ts";
-export { type FusedAttrs, fusedScanForward, lastState, setFusedStateSaving } from "./scan/fused_run.ts";
-export { fusedMambaScanOut, type ScanFrom } from "./scan/fused_out.ts";
-export {
-  defaultFusedVariant,
-  type FusedVariant,
-  fusedVariant,
-  fusedVariantFor,
-  fusedVariantsByProblem,
-  NEAR_PROBLEM,
-  type ProblemVariant,
-  setFusedVariant,
-  setFusedVariantsByProblem,
-} from "./scan/fused_variant.ts";
-export { MAX_INLINE_DT_RANK } from "./scan/fused_wgsl.ts";
-export {
-  CONFIRM_FINALISTS,
-  FUSED_KERNEL_VERSION,
-  type FusedTuneResult,
-  TUNE_BUDGET_MS,
-  tuneFusedScan,
-  tuneProblems,
-} from "./scan/tune_fused.ts";
+export { fusedSelectiveScan } from "./scan/fused.ts";
 export { type MambaConfig, mambaConfig, type MambaConfigInput, mupWidthMult } from "./mamba/config.ts";
 export { type LayerCache, Mamba, MambaBlock, ModuleList, ResidualBlock } from "./mamba/block.ts";
 export {
@@ -164,14 +167,13 @@ export {
   checkpointFiles,
   fromPretrained,
   fromPretrainedFiles,
-  hfTensors,
   NoTokenizerError,
   PretrainedLM,
   type PretrainedOptions,
   saveCheckpoint,
   tokenizerFilesFor,
 } from "./mamba/pretrained.ts";
-export { type CheckpointConfig, hfConfig, mapKey, parseCheckpointConfig } from "./mamba/checkpoint_config.ts";
+export { type CheckpointConfig, hfConfig, parseCheckpointConfig } from "./mamba/checkpoint_config.ts";
 export { loadTokenizer, type ModelFiles } from "./mamba/model_sources.ts";
 export {
   hubCacheDir,
@@ -182,7 +184,6 @@ export {
   type HubOptions,
   hubToken,
   isHubId,
-  placeByHandHelp,
   repoCacheDir,
 } from "./mamba/hub.ts";
 export {

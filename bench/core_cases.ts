@@ -16,21 +16,8 @@
  * @module
  */
 
-import {
-  add,
-  availableMatmulVariants,
-  defineKernel,
-  deviceInfo,
-  embedding,
-  full,
-  gather,
-  matmulRaw,
-  type MatmulVariant,
-  rand,
-  sync,
-  type Tensor,
-  tensor,
-} from "../mod.ts";
+import { add, deviceInfo, embedding, full, gather, rand, sync, type Tensor, tensor } from "../mod.ts";
+import { availableMatmulVariants, defineKernel, matmulRaw, type MatmulVariant } from "../advanced.ts";
 import { recordCopy } from "../core/executor.ts";
 import { dispatch } from "../core/kernel.ts";
 

@@ -26,7 +26,6 @@ import {
   deviceInfo,
   emptyPool,
   exp,
-  fusedMambaScan,
   init,
   keep,
   Mamba,
@@ -48,6 +47,7 @@ import {
   type Tensor,
   tidy,
 } from "../mod.ts";
+import { fusedMambaScan } from "../advanced.ts";
 import { add } from "../core/ops/index.ts";
 import { fusedVariant, fusedVariantFor, setFusedVariant } from "../scan/fused_variant.ts";
 import { setFusedStateSaving } from "../scan/fused_run.ts";

@@ -28,8 +28,8 @@
  */
 
 import assert from "node:assert/strict";
-import * as M from "../mod.ts";
-import type { Tensor, UnaryName } from "../mod.ts";
+import * as M from "./library.ts";
+import type { Tensor, UnaryName } from "./library.ts";
 import {
   catRef,
   env,

@@ -1,17 +1,7 @@
 import assert from "node:assert/strict";
-import * as M from "../mod.ts";
-import {
-  backward,
-  checkpoint,
-  checkpointInputsOnly,
-  defineOp,
-  dispose,
-  memory,
-  noGrad,
-  type Tensor,
-  tensor,
-  tidy,
-} from "../mod.ts";
+import * as M from "./library.ts";
+import { backward, checkpoint, dispose, memory, noGrad, type Tensor, tensor, tidy } from "../mod.ts";
+import { checkpointInputsOnly, defineOp } from "../advanced.ts";
 import {
   assertClose,
   checkOps,

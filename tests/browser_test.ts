@@ -12,7 +12,7 @@
 
 import assert from "node:assert/strict";
 import type { Browser, BrowserContext, Page } from "playwright-core";
-import type * as Library from "../mod.ts";
+import type * as Library from "../examples/web/library.ts";
 import type * as Pretrained from "../mamba/pretrained.ts";
 import { checkpointFiles, fromPretrained, fromPretrainedFiles } from "../mamba/pretrained.ts";
 import { noGrad } from "../core/autograd.ts";
@@ -37,7 +37,7 @@ type PageDocument = {
   getElementById(id: string): { click(): void; disabled: boolean; textContent: string | null };
 };
 
-/** What the page gets from `import("/mamba.js")`: mod.ts (with the browser loading and training exports). */
+/** What the page gets from `import("/mamba.js")`: both entries (with the browser loading and training exports). */
 type Bundle = typeof Library & typeof Pretrained & typeof Train;
 
 const ARTIFACTS = new URL("../out/browser-test/", import.meta.url).pathname;

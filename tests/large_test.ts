@@ -4,7 +4,7 @@
  * Values are small integers or halves, so every expected value is exact; only small slices are read back.
  */
 import assert from "node:assert/strict";
-import * as M from "../mod.ts";
+import * as M from "./library.ts";
 import { dispose, noGrad, tensor } from "../mod.ts";
 import { readAll, setup } from "./helpers.ts";
 

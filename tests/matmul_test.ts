@@ -5,20 +5,14 @@
  * results larger than one 128 MiB storage binding; and the autotuner's choice and cache.
  */
 import assert from "node:assert/strict";
+import { init, matmul, memory, rmsNormMatmul, setMemoryLimit, tensor, tidy } from "../mod.ts";
 import {
   availableMatmulVariants,
-  init,
-  matmul,
   matmulRaw,
   matmulTuneCandidates,
   type MatmulVariant,
   matmulVariant,
-  memory,
-  rmsNormMatmul,
-  setMemoryLimit,
-  tensor,
-  tidy,
-} from "../mod.ts";
+} from "../advanced.ts";
 import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneMatvec, tuneResult } from "../core/tune.ts";
 import { matmulGpuSplit, matmulMatvec, type MatmulOptions, matmulPlan } from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";

@@ -12,9 +12,7 @@
 import assert from "node:assert/strict";
 import {
   exp,
-  fusedMambaScan,
   fusedSelectiveScan,
-  fusedVariantFor,
   keep,
   Mamba,
   mambaConfig,
@@ -34,6 +32,7 @@ import {
   type Tensor,
   tidy,
 } from "../mod.ts";
+import { fusedMambaScan, fusedVariantFor } from "../advanced.ts";
 import { add } from "../core/ops/index.ts";
 import { kernelsRun, setup } from "./helpers.ts";
 

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
-import * as M from "../mod.ts";
-import { defineOp, dispose, emptyPool, keep, memory, noGrad, type Tensor, tensor, tidy } from "../mod.ts";
+import * as M from "./library.ts";
+import { dispose, emptyPool, keep, memory, noGrad, type Tensor, tensor, tidy } from "../mod.ts";
+import { defineOp } from "../advanced.ts";
 import { fixturePath } from "./fixture_util.ts";
 import { setup, underRisingCaps } from "./helpers.ts";
 

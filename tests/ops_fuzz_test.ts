@@ -51,7 +51,7 @@
  */
 
 import { AssertionError } from "node:assert/strict";
-import * as M from "../mod.ts";
+import * as M from "./library.ts";
 import { type DType, memory, type Tensor, tidy } from "../mod.ts";
 import { env, forEachCoord, intEnv, readAll, rng, setup, sizeOf, stridesOf } from "./helpers.ts";
 import { fmt } from "../core/shape.ts";

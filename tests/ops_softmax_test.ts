@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import * as M from "../mod.ts";
+import * as M from "./library.ts";
 import { tensor } from "../mod.ts";
 import {
   checkOps,

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
-import * as M from "../mod.ts";
-import { defineOp, dispose, tensor } from "../mod.ts";
+import * as M from "./library.ts";
+import { dispose, tensor } from "../mod.ts";
+import { defineOp } from "../advanced.ts";
 import { assertClose, checkOps, map1, nd, numericGrad, rand, readAll, setup } from "./helpers.ts";
 import { defineKernel, dispatch } from "../core/kernel.ts";
 

@@ -1,6 +1,7 @@
 /**
- * The browser build: `mod.ts` bundled into one ES module, `out/web/mamba.js` (minified, with a linked source
- * map), checked against a size budget, and the demo page's script, `out/web/app.js`.
+ * The browser build: the library (both entries, `mod.ts` and `advanced.ts`, through `examples/web/library.ts`)
+ * bundled into one ES module, `out/web/mamba.js` (minified, with a linked source map), checked against a
+ * size budget, and the demo page's script, `out/web/app.js`.
  *
  * ```sh
  * deno task build:web        # deno run --allow-read --allow-write --allow-run examples/web/build.ts
@@ -76,7 +77,7 @@ export interface BundleInfo {
 
 /** What {@linkcode buildWeb} made. */
 export interface WebBuild {
-  /** `mod.ts` as one ES module. */
+  /** The library (both entries) as one ES module. */
   library: BundleInfo;
   /** The demo page's script. */
   app: BundleInfo;
@@ -169,7 +170,7 @@ async function bundle(entry: string, out: string, extra: string[]): Promise<Stag
 }
 
 /**
- * Bundles the library (`mod.ts` -> `out/web/mamba.js`, minified) and the demo (`examples/web/app.ts` ->
+ * Bundles the library (`examples/web/library.ts` -> `out/web/mamba.js`, minified) and the demo (`examples/web/app.ts` ->
  * `out/web/app.js`); throws when the library is over its budget, and then leaves the files it would have
  * replaced as they were.
  */
@@ -178,7 +179,7 @@ export async function buildWeb(outDir: string = OUT_DIR): Promise<WebBuild> {
   await Deno.mkdir(outDir, { recursive: true });
   const dir = outDir.replace(/\/+$/, "");
   const staged = await Promise.allSettled([
-    bundle("mod.ts", `${dir}/mamba.js`, ["--minify", "--sourcemap", "linked"]),
+    bundle("examples/web/library.ts", `${dir}/mamba.js`, ["--minify", "--sourcemap", "linked"]),
     bundle("examples/web/app.ts", `${dir}/app.js`, ["--minify", "--sourcemap", "linked"]),
   ]);
   const ok = staged.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
@@ -203,7 +204,7 @@ export const kb = (n: number): string => `${(n / 1024).toFixed(1)} KiB`;
 
 const USAGE = `Usage: deno task build:web
 
-Bundles mod.ts into out/web/mamba.js (minified, checked against the size budget) and the demo page's
+Bundles the library (mod.ts and advanced.ts) into out/web/mamba.js (minified, checked against the size budget) and the demo page's
 script into out/web/app.js.
 
   --help    this text`;
