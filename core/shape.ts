@@ -84,14 +84,14 @@ export function broadcastStrides(from: Shape, to: Shape): number[] {
   return to.map((_, i) => (i < off || from[i - off] === 1 ? 0 : s[i - off]));
 }
 
-/** Resolves a possibly negative axis; the error names the axis and the rank. */
+/** Resolves a possibly negative dim (an axis); the error names the dim and the rank. */
 export function normAxis(axis: number, rank: number, op = "op"): number {
   // As PyTorch, a 0-d tensor's axes wrap as a vector's: 0 and -1 both name it (reductions, softmax).
   const r = Math.max(rank, 1);
   const a = axis < 0 ? axis + r : axis;
-  if (!Number.isInteger(axis)) throw new Error(`${op}: axis ${axis} is not an integer`);
+  if (!Number.isInteger(axis)) throw new Error(`${op}: dim ${axis} is not an integer`);
   if (a < 0 || a >= r) {
-    throw new Error(`${op}: axis ${axis} is out of range for a tensor of rank ${rank}`);
+    throw new Error(`${op}: dim ${axis} is out of range for a tensor of rank ${rank}`);
   }
   return a;
 }

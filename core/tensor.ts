@@ -307,21 +307,21 @@ export class Tensor {
   clamp(min?: number, max?: number): Tensor {
     return ops.clamp(this, min, max);
   }
-  /** Sum over `axis` (all axes when omitted). */
-  sum(axis?: number | number[], keepdim = false): Tensor {
-    return ops.sum(this, axis, keepdim);
+  /** Sum over `dim` (one or several; all when omitted). */
+  sum(dim?: number | number[], keepdim = false): Tensor {
+    return ops.sum(this, dim, keepdim);
   }
-  /** Mean over `axis` (all axes when omitted). */
-  mean(axis?: number | number[], keepdim = false): Tensor {
-    return ops.mean(this, axis, keepdim);
+  /** Mean over `dim` (one or several; all when omitted). */
+  mean(dim?: number | number[], keepdim = false): Tensor {
+    return ops.mean(this, dim, keepdim);
   }
-  /** Maximum over `axis` (all axes when omitted). */
-  max(axis?: number | number[], keepdim = false): Tensor {
-    return ops.max(this, axis, keepdim);
+  /** Maximum over `dim` (one or several; all when omitted). */
+  max(dim?: number | number[], keepdim = false): Tensor {
+    return ops.max(this, dim, keepdim);
   }
-  /** `log(sum(exp(x)))` over `axis`, stable. */
-  logsumexp(axis: number, keepdim = false): Tensor {
-    return ops.logsumexp(this, axis, keepdim);
+  /** `log(sum(exp(x)))` over `dim`, stable. */
+  logsumexp(dim: number, keepdim = false): Tensor {
+    return ops.logsumexp(this, dim, keepdim);
   }
   /** Matrix product (batched, broadcasting leading dims). */
   matmul(other: Tensor, options?: ops.MatmulOptions): Tensor {
@@ -365,13 +365,13 @@ export class Tensor {
   expand(...shape: number[] | [readonly number[]]): Tensor {
     return ops.expand(this, dimsOf(shape));
   }
-  /** Softmax over `axis` (default last). */
-  softmax(axis = -1): Tensor {
-    return ops.softmax(this, axis);
+  /** Softmax over `dim` (default last). */
+  softmax(dim = -1): Tensor {
+    return ops.softmax(this, dim);
   }
-  /** Log-softmax over `axis` (default last). */
-  logSoftmax(axis = -1): Tensor {
-    return ops.logSoftmax(this, axis);
+  /** Log-softmax over `dim` (default last). */
+  logSoftmax(dim = -1): Tensor {
+    return ops.logSoftmax(this, dim);
   }
 }
 

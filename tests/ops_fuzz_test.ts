@@ -1742,7 +1742,7 @@ function invalidCase(R: Rand): Invalid {
         make: () => [z(shape), z([2], "i32"), z(shape, "i32")],
         call: ([t, i, j]) => calls[op](t as Tensor, i as Tensor, j as Tensor),
         re: new RegExp(
-          `^${op}: axis ${esc(String(axis))} ${
+          `^${op}: dim ${esc(String(axis))} ${
             Number.isInteger(axis) ? `is out of range for a tensor of rank ${r}` : "is not an integer"
           }`,
         ),
@@ -1756,7 +1756,7 @@ function invalidCase(R: Rand): Invalid {
         text: `${op}(zeros(${fmt(s)}), ${JSON.stringify(list)})`,
         make: () => [z(s)],
         call: ([t]) => M[op](t as Tensor, list),
-        re: new RegExp(`^${op}: repeated axis in ${esc(JSON.stringify(list))}`),
+        re: new RegExp(`^${op}: repeated dim in ${esc(JSON.stringify(list))}`),
       };
     }
     case 8: {
@@ -1768,7 +1768,7 @@ function invalidCase(R: Rand): Invalid {
         text: `${op}(zeros(${fmt(shape)}), ${a})`,
         make: () => [z(shape)],
         call: ([t]) => (op === "max" ? M.max(t as Tensor, a) : M.logsumexp(t as Tensor, a)),
-        re: new RegExp(`max over an empty axis of shape ${esc(fmt(shape))}`),
+        re: new RegExp(`max over an empty dim of shape ${esc(fmt(shape))}`),
         mayReturn: op === "logsumexp", // PyTorch: -inf
       };
     }
@@ -1798,7 +1798,7 @@ function invalidCase(R: Rand): Invalid {
         text: `permute(zeros(${fmt(s)}), ${JSON.stringify(bad)})`,
         make: () => [z(s)],
         call: ([t]) => M.permute(t as Tensor, bad),
-        re: /^permute: (\[.*\] is not a permutation of the \d+ dims|axis \d+ is out of range)/,
+        re: /^permute: (\[.*\] is not a permutation of the \d+ dims|dim \d+ is out of range)/,
       };
     }
     case 11: {

@@ -168,7 +168,7 @@ Deno.test("index ops: i32 tables, out-of-range indices read NaN (i32: its bits),
     () => M.gather(f, 1, tensor(new Int32Array([0, 1, 0]), [3, 1])),
     /gather: index \[3, 1\] must match x \[2, 2\]/,
   );
-  assert.throws(() => M.indexSelect(f, 2, tensor(new Int32Array([0]))), /axis 2 is out of range/);
+  assert.throws(() => M.indexSelect(f, 2, tensor(new Int32Array([0]))), /dim 2 is out of range/);
   for (const t of [table, picked, f, oob]) t.dispose();
 });
 

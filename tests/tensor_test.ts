@@ -330,21 +330,21 @@ Deno.test("bad input: reshape, permute, narrow, split, pad, axes and shapes out 
   assert.throws(() => x.reshape(-1, -1), /reshape: only one dim can be -1 \(inferred\), got \[-1, -1\]/);
   assert.throws(() => x.permute(0, 0), /permute: \[0,0\] is not a permutation of the 2 dims of \[2, 3\]/);
   assert.throws(() => x.permute(1), /not a permutation/);
-  assert.throws(() => x.permute(0, 2), /axis 2 is out of range for a tensor of rank 2/);
+  assert.throws(() => x.permute(0, 2), /dim 2 is out of range for a tensor of rank 2/);
   assert.throws(() => x.narrow(1, 2, 5), /narrow: \[2, 7\) is outside dim 1 of size 3 \(\[2, 3\]\)/);
   assert.throws(() => x.narrow(0, -1, 1), /outside dim 0/);
   assert.throws(() => x.split([1, 1], 1), /split: sizes \[1,1\] sum to 2, dim 1 has 3/);
   assert.throws(() => M.pad(x, [1]), /pad: padding \[1\] must be non-negative pairs/);
   assert.throws(() => M.pad(x, [1, -1]), /non-negative pairs/);
-  assert.throws(() => x.sum(2), /sum: axis 2 is out of range for a tensor of rank 2/);
-  assert.throws(() => x.sum([0, -2]), /repeated axis/);
-  assert.throws(() => x.softmax(5), /softmax: axis 5 is out of range/);
+  assert.throws(() => x.sum(2), /sum: dim 2 is out of range for a tensor of rank 2/);
+  assert.throws(() => x.sum([0, -2]), /repeated dim/);
+  assert.throws(() => x.softmax(5), /softmax: dim 5 is out of range/);
   assert.throws(() => x.clamp(1, 0), /clamp: min 1 is greater than max 0/);
   assert.throws(() => tensor([1, 2, 3], [2, 2]), /tensor: shape \[2, 2\] needs 4 values, got 3/);
   assert.throws(() => M.zeros([2, -1]), /non-negative integers/);
   assert.throws(() => M.zeros([1, 1, 1, 1, 1, 1, 1, 1, 1]), /rank 9 > 8/);
   assert.throws(() => M.arange(0, 5, 0), /step must not be 0/);
-  assert.throws(() => M.ones([3]).transpose(), /axis -2 is out of range for a tensor of rank 1/);
+  assert.throws(() => M.ones([3]).transpose(), /dim -2 is out of range for a tensor of rank 1/);
   x.dispose();
 });
 
@@ -565,7 +565,7 @@ Deno.test("misuse is named: a misspelt dtype, non-boolean grad flags, operands t
     ],
     [() => x.clamp(NaN), /clamp: a bound is NaN/],
     [() => x.clamp(0, NaN), /clamp: a bound is NaN/],
-    [() => x.sum(0.5), /sum: axis 0\.5 is not an integer/],
+    [() => x.sum(0.5), /sum: dim 0\.5 is not an integer/],
     [() => x.narrow(1, 1.5, 1), /narrow: start and length must be integers, got 1\.5 and 1/],
   ];
   for (const [f, want] of bad) assert.throws(f, want);

@@ -14,12 +14,12 @@ import { mapOp } from "./map_kernel.ts";
 import { copy, reshape } from "./shape_ops.ts";
 import { reduceRun } from "./reduce_kernel.ts";
 
-function axesOf(x: Tensor, axis: number | number[] | undefined, op: string): number[] {
+function axesOf(x: Tensor, dim: number | number[] | undefined, op: string): number[] {
   // every public reduction takes f32 (named here, where the op's own name is known)
   if (x.dtype !== "f32") throw new Error(`${op} needs an f32 tensor, got ${x.dtype} ${fmt(x.shape)}`);
-  const list = axis === undefined ? x.shape.map((_, i) => i) : typeof axis === "number" ? [axis] : axis;
+  const list = dim === undefined ? x.shape.map((_, i) => i) : typeof dim === "number" ? [dim] : dim;
   const norm = list.map((a) => normAxis(a, x.rank, op));
-  if (new Set(norm).size !== norm.length) throw new Error(`${op}: repeated axis in ${JSON.stringify(axis)}`);
+  if (new Set(norm).size !== norm.length) throw new Error(`${op}: repeated dim in ${JSON.stringify(dim)}`);
   // a 0-d tensor's one axis (0 or -1, as PyTorch allows) holds its one value: nothing to reduce
   return x.rank === 0 ? [] : norm.sort((a, b) => b - a);
 }
@@ -32,7 +32,7 @@ function reduceAxes(x: Tensor, axes: number[], kind: "sum" | "max", share = fals
   const outShape = keptShape(x.shape, axes);
   if (x.size === 0) {
     if (kind === "max" && axes.some((a) => x.shape[a] === 0)) {
-      throw new Error(`max over an empty axis of shape ${fmt(x.shape)}`);
+      throw new Error(`max over an empty dim of shape ${fmt(x.shape)}`);
     }
     return zeros(outShape);
   }
@@ -116,15 +116,15 @@ function broadcastGrad(g: Tensor, shape: Shape, axes: number[]): Tensor {
   return out;
 }
 
-/** Sum over `axis` (or all axes); `keepdim` keeps reduced axes as size 1. */
-export function sum(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
-  return sumOp([x], { axes: axesOf(x, axis, "sum"), keepdim });
+/** Sum over `dim` (one or several; all when omitted); `keepdim` keeps reduced dims as size 1. */
+export function sum(x: Tensor, dim?: number | number[], keepdim = false): Tensor {
+  return sumOp([x], { axes: axesOf(x, dim, "sum"), keepdim });
 }
 
-/** Maximum over `axis` (or all axes; -inf over a row of -inf, NaN over a row with a NaN, as in PyTorch); ties
+/** Maximum over `dim` (one or several, or all; -inf over a row of -inf, NaN over a row with a NaN, as in PyTorch); ties
  * share the gradient. */
-export function max(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
-  return maxOp([x], { axes: axesOf(x, axis, "max"), keepdim });
+export function max(x: Tensor, dim?: number | number[], keepdim = false): Tensor {
+  return maxOp([x], { axes: axesOf(x, dim, "max"), keepdim });
 }
 
 const meanOp = defineOp<{ axes: number[]; keepdim: boolean }>({
@@ -147,9 +147,9 @@ function countOf(shape: Shape, axes: number[]): number {
   return axes.reduce((n, a) => n * shape[a], 1);
 }
 
-/** Mean over `axis` (or all axes). */
-export function mean(x: Tensor, axis?: number | number[], keepdim = false): Tensor {
-  return meanOp([x], { axes: axesOf(x, axis, "mean"), keepdim });
+/** Mean over `dim` (one or several; all when omitted). */
+export function mean(x: Tensor, dim?: number | number[], keepdim = false): Tensor {
+  return meanOp([x], { axes: axesOf(x, dim, "mean"), keepdim });
 }
 
 /** WGSL of the shift of logsumexp from the max in operand `v`: the max, or 0 where it is infinite, as PyTorch's
@@ -185,10 +185,10 @@ const logsumexpOp = defineOp<{ axis: number; keepdim: boolean }>({
   },
 });
 
-/** `log(sum(exp(x), axis))`, shifted by the maximum so that it never overflows (a row with +inf gives inf, one of
+/** `log(sum(exp(x), dim))`, shifted by the maximum so that it never overflows (a row with +inf gives inf, one of
  * -inf or an empty one gives -inf, as PyTorch). */
-export function logsumexp(x: Tensor, axis: number, keepdim = false): Tensor {
-  const a = normAxis(axis, x.rank, "logsumexp");
+export function logsumexp(x: Tensor, dim: number, keepdim = false): Tensor {
+  const a = normAxis(dim, x.rank, "logsumexp");
   if (x.rank === 0) return reshape(x, []); // its one value: a view of it
   return logsumexpOp([x], { axis: a, keepdim });
 }

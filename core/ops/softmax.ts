@@ -242,10 +242,10 @@ function checkF32(x: Tensor, op: string): void {
   if (x.dtype !== "f32") throw new Error(`${op} needs an f32 tensor, got ${x.dtype}`);
 }
 
-/** Softmax over `axis` (default last), stable for any input range. */
-export function softmax(x: Tensor, axis = -1): Tensor {
+/** Softmax over `dim` (default last), stable for any input range. */
+export function softmax(x: Tensor, dim = -1): Tensor {
   checkF32(x, "softmax");
-  const a = normAxis(axis, x.rank, "softmax");
+  const a = normAxis(dim, x.rank, "softmax");
   // a 0-d tensor (axis 0 or -1, as PyTorch allows) is a row of one: exp(x - x) (1; NaN at +-inf, as PyTorch)
   if (x.rank === 0) {
     const d = x.sub(x);
@@ -258,10 +258,10 @@ export function softmax(x: Tensor, axis = -1): Tensor {
   return softmaxOp([x], { axis: a });
 }
 
-/** Log-softmax over `axis` (default last), stable for any input range. */
-export function logSoftmax(x: Tensor, axis = -1): Tensor {
+/** Log-softmax over `dim` (default last), stable for any input range. */
+export function logSoftmax(x: Tensor, dim = -1): Tensor {
   checkF32(x, "logSoftmax");
-  const a = normAxis(axis, x.rank, "logSoftmax");
+  const a = normAxis(dim, x.rank, "logSoftmax");
   if (x.rank === 0) return x.sub(x); // a row of one: x - x
   return logSoftmaxOp([x], { axis: a });
 }
