@@ -641,8 +641,13 @@ export class MambaLM extends Module {
     if (
       !Array.isArray(stopList) || !stopList.every((t) => Number.isInteger(t) && t >= 0 && t < this.vocabSize)
     ) {
+      // [tok.specialTokens.eos] with a tokenizer that declares no eos (a char model's) is the usual way here.
+      const hint = Array.isArray(stopList) && stopList.some((t) => t === null || t === undefined)
+        ? " (a null or undefined id: is it a tokenizer's specialTokens.eos, which is null for one that declares " +
+          "no end-of-text token? Leave it out, or choose a stop id of your own)"
+        : "";
       throw new Error(
-        `generate: stopTokens must be a list of token ids in [0, ${this.vocabSize}), got ${show(stopList)}`,
+        `generate: stopTokens must be a list of token ids in [0, ${this.vocabSize}), got ${show(stopList)}${hint}`,
       );
     }
     const stops = new Set(stopList);

@@ -1059,6 +1059,11 @@ Deno.test("generate: stopTokens end each row at its first one (kept) and stop de
     () => lm.generate(prompt, 4, { stopTokens: 3 as unknown as number[] }),
     /stopTokens must be a list/,
   );
+  // a char tokenizer's specialTokens.eos is null: the message says where such an id comes from
+  await assert.rejects(
+    () => lm.generate(prompt, 4, { stopTokens: [null as unknown as number] }),
+    /got \[null\] \(a null or undefined id: is it a tokenizer's specialTokens\.eos/,
+  );
   lm.dispose();
 });
 
