@@ -2,6 +2,41 @@
  * mamba.ts: Mamba (the selective state-space model) in TypeScript on WebGPU, with its own small tensor
  * runtime (tensors, autograd, fused kernels).
  *
+ * Where to start, by task:
+ * - Load a model: {@linkcode fromPretrained} (a hub id, a local folder or a URL) gives a
+ *   {@linkcode PretrainedLM} with its tokenizer; {@linkcode fromPretrainedFiles} takes files a page's user
+ *   picked; {@linkcode loadTokenizer} a tokenizer alone.
+ * - Generate: {@linkcode MambaLM.generate} (greedy by default; `sample`, `temperature`, `topK`, `topP`, `minP`,
+ *   `repetitionPenalty`, `stopTokens`, `onTokens` for streaming with a {@linkcode StreamDecoder});
+ *   {@linkcode MambaLM.prefill} continues from a cache.
+ * - Train or fine-tune: {@linkcode Trainer} over a {@linkcode CharDataset} or {@linkcode TokenDataset} with a
+ *   {@linkcode TrainConfig} such as {@linkcode DEFAULT_TRAIN}; {@linkcode saveCheckpoint} writes a model in
+ *   the Hugging Face layout. Resumable training checkpoints (optimizer state included, Deno only) come from
+ *   the `@mambats/mamba/checkpoint` entry.
+ * - Score text: {@linkcode perplexity}.
+ * - Build models: {@linkcode Mamba} and {@linkcode MambaLM} (a {@linkcode MambaConfigInput}), the layers
+ *   ({@linkcode Linear}, {@linkcode RMSNorm}, ...), {@linkcode AdamW}; the scan alone: {@linkcode selectiveScan}.
+ * - Memory: {@linkcode memory} (live, peak and saved-for-backward bytes), {@linkcode tidy},
+ *   {@linkcode dispose}, {@linkcode setMemoryLimit}.
+ * - Going under the model (custom kernels and ops, the kernel tuner's choices): the
+ *   `@mambats/mamba/advanced` entry.
+ *
+ * ```ts
+ * import { CharDataset, DEFAULT_TRAIN, init, MambaLM, Trainer } from "@mambats/mamba";
+ *
+ * await init();
+ * const text = new TextEncoder().encode("It is a truth universally acknowledged... ".repeat(200));
+ * const lm = new MambaLM({ dModel: 64, nLayers: 2 }, { vocabSize: 256 }); // bytes as tokens
+ * const recipe = { ...DEFAULT_TRAIN, steps: 50, warmup: 5, seq: 64, batch: 8 };
+ * const trainer = new Trainer(lm, new CharDataset(text), recipe);
+ * while (trainer.step < 50) await trainer.trainStep();
+ * console.log(await trainer.evaluate()); // validation loss (nats per byte)
+ * const [ids] = await lm.generate([[...new TextEncoder().encode("It is")]], 20);
+ * console.log(new TextDecoder().decode(new Uint8Array(ids)));
+ * ```
+ *
+ * The runtime underneath, on its own:
+ *
  * ```ts
  * import { init, tensor, tidy } from "@mambats/mamba";
  *
