@@ -51,6 +51,9 @@ const DEFAULT_DATA = fileURLToPath(new URL("../data/pride_and_prejudice.txt", im
 /** Default peak learning rate with --from: DEFAULT_TRAIN's 3e-3 (a new char model's) would wreck pretrained
  * weights; 1e-4 is a common fine-tuning rate for models of this size. */
 export const FINE_TUNE_LR = 1e-4;
+/** Default warm-up steps with --from: DEFAULT_TRAIN's 100 (a new model's, from random weights) would spend half
+ * of a typical 200-step fine-tune below the peak rate; README's fine-tuning snippet uses 10. */
+export const FINE_TUNE_WARMUP = 10;
 
 const USAGE = `Usage: deno task train [options]
 
@@ -64,8 +67,8 @@ const USAGE = `Usage: deno task train [options]
                      alike): the model learns to use what came before a window. Off by default
   --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr}; with
                      --from ${FINE_TUNE_LR})
-  --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup}; at most --steps - 1: a shorter run
-                     reaches the peak lr at its last step)
+  --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup}; with --from ${FINE_TUNE_WARMUP}; at most
+                     --steps - 1: a shorter run reaches the peak lr at its last step)
   --d-model <n>      model width (default 64)
   --layers <n>       Mamba blocks (default 2)
   --d-state <n>      SSM state size (default 16)
@@ -242,7 +245,12 @@ export function parseTrainArgs(argv: string[]): TrainArgs | null {
     seq: int("seq", values.seq, DEFAULT_TRAIN.seq),
     lr,
     minLr: lr / 10,
-    warmup: int("warmup", values.warmup, DEFAULT_TRAIN.warmup, 0),
+    warmup: int(
+      "warmup",
+      values.warmup,
+      values.from === undefined ? DEFAULT_TRAIN.warmup : FINE_TUNE_WARMUP,
+      0,
+    ),
     seed: int("seed", values.seed, DEFAULT_TRAIN.seed, 0, MAX_TRAIN_SEED),
     evalEvery: int("eval-every", values["eval-every"], DEFAULT_TRAIN.evalEvery),
     ...(values["carry-state"] ? { carryState: true } : {}),

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { FINE_TUNE_LR, parseTrainArgs, runTraining } from "../examples/train.ts";
+import { FINE_TUNE_LR, FINE_TUNE_WARMUP, parseTrainArgs, runTraining } from "../examples/train.ts";
 import { UsageError, userPath } from "../examples/lib/cli.ts";
 import { init } from "../core/device.ts";
 import { upload } from "../core/executor.ts";
@@ -1165,13 +1165,16 @@ Deno.test("train: bad flags give clear errors", () => {
   );
   assert.throws(() => parseTrainArgs(["--revision", "v1"]), /--revision apply to --from only/);
   const ft = parseTrainArgs(["--from", "org/model", "--revision", "v1", "--cache-dir", "c"])!;
-  assert.deepEqual([ft.from, ft.hub, ft.train.lr, ft.train.minLr], [
+  assert.deepEqual([ft.from, ft.hub, ft.train.lr, ft.train.minLr, ft.train.warmup], [
     "org/model",
     { revision: "v1", cacheDir: userPath("c") }, // the folder deno task was typed in
     FINE_TUNE_LR,
     FINE_TUNE_LR / 10,
+    FINE_TUNE_WARMUP, // as README's fine-tuning snippet, which it says this does the same as
   ]);
   assert.equal(parseTrainArgs(["--from", "m", "--lr", "0.002"])!.train.lr, 0.002);
+  assert.equal(parseTrainArgs(["--from", "m", "--warmup", "30"])!.train.warmup, 30);
+  assert.equal(parseTrainArgs([])!.train.warmup, 100, "a new model keeps DEFAULT_TRAIN's warm-up");
   // a fine-tuned run does not replace the char run of the default folder
   assert.deepEqual([parseTrainArgs([])!.out, parseTrainArgs(["--from", "m"])!.out], ["runs/char", "runs/ft"]);
 });
