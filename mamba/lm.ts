@@ -647,7 +647,9 @@ export class MambaLM extends Module {
           "no end-of-text token? Leave it out, or choose a stop id of your own)"
         : "";
       throw new Error(
-        `generate: stopTokens must be a list of token ids in [0, ${this.vocabSize}), got ${show(stopList)}${hint}`,
+        `generate: stopTokens must be a list of token ids in [0, ${this.vocabSize}), got ${
+          show(stopList)
+        }${hint}`,
       );
     }
     const stops = new Set(stopList);

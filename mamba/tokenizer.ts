@@ -12,9 +12,7 @@
  * @module
  */
 
-// A full specifier, not the import map's name: programs that import this library by path (a clone) have no
-// deno.json of ours to resolve a bare name.
-import { Tokenizer as HFTokenizer } from "npm:@huggingface/tokenizers@0.2.0";
+import { Tokenizer as HFTokenizer } from "@huggingface/tokenizers";
 
 /** Ids of the special tokens a tokenizer declares (null where it declares none). */
 export interface SpecialTokens {
