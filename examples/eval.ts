@@ -102,7 +102,10 @@ export async function main(argv: string[], io: EvalIO = STDIO): Promise<number> 
     io.out(USAGE);
     return 0;
   }
-  const bytes = await Deno.readFile(a.data); // before the model downloads: a missing file says so first
+  // before the model downloads: a missing file says so first, naming what it was for (as train's does)
+  const bytes = await Deno.readFile(a.data).catch((e) => {
+    throw new Error(`cannot read the text to score ${a.data}: ${(e as Error).message}`);
+  });
   await init();
   const lm = await loadModel(a, (line) => io.err(line));
   if (!lm) return 2;

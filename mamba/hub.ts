@@ -285,7 +285,7 @@ export function help(dir: string, rev: string, files: string): string {
     : `${dir}/snapshots/<name>/ and write <name> into ${dir}/refs/${rev} (any name works; `;
   return `To work without network, copy the repository's files (${files}) from a machine that has it, ` +
     `then either pass their folder instead of the id, or put them into the cache as ${place}` +
-    `HF_HUB_CACHE picks the cache, HF_HUB_OFFLINE=1 keeps to it).`;
+    `the cacheDir option or HF_HUB_CACHE picks the cache, HF_HUB_OFFLINE=1 keeps to it).`;
 }
 
 /**

@@ -46,6 +46,9 @@ function folderSource(dir: string): ModelSource {
   };
 }
 
+/** `path` against the working folder, for messages: which folder was looked for. */
+const absolute = (path: string) => path.startsWith("/") ? path : `${Deno.cwd().replace(/\/+$/, "")}/${path}`;
+
 // `id` has the form of a hub id but is no local folder: until the hub has answered with a file, its errors
 // say first that there is no such folder (`runs/char` before training is a folder, not a repository).
 function hubSource(id: string, given: HubOptions): ModelSource {
@@ -58,7 +61,7 @@ function hubSource(id: string, given: HubOptions): ModelSource {
   const orFolder = (e: HubError) =>
     found ? e : new HubError(
       e.code,
-      `there is no local folder '${id}', and as a hub id: ${e.message}`,
+      `there is no local folder '${id}' (${absolute(id)}), and as a hub id: ${e.message}`,
       e.url,
       e.status,
     );

@@ -191,7 +191,10 @@ Deno.test("deno task eval prints the loss, perplexity and bits per byte of a tex
     );
     await Deno.writeTextFile(file, "I");
     assert.match((await run("--model", char, "--data", file)).err, /has 1 token: at least 2 are needed/);
-    await assert.rejects(() => run("--model", char, "--data", `${dir}/none.txt`), /No such file|not found/i);
+    await assert.rejects(
+      () => run("--model", char, "--data", `${dir}/none.txt`),
+      /^Error: cannot read the text to score \S*none\.txt: .*(No such file|not found)/i,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
