@@ -18,7 +18,7 @@ import { ByteTokenizer, StreamDecoder, type Tokenizer } from "../mamba/tokenizer
 import { intFlag as int, UsageError } from "./lib/cli.ts";
 import { loadModel, MODEL_OPTIONS, modelFlags, runProgram } from "./lib/model_cli.ts";
 
-const USAGE = `Usage: deno run -A examples/generate.ts --model <id|folder|url> [options]
+const USAGE = `Usage: deno task generate --model <id|folder|url> [options]
 
   --model <s>        hub id (org/name), local folder or URL with config.json + model.safetensors (or
                      pytorch_model.bin)

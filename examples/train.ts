@@ -67,8 +67,8 @@ const USAGE = `Usage: deno task train [options]
                      alike): the model learns to use what came before a window. Off by default
   --lr <x>           peak learning rate; warm-up then cosine to lr/10 (default ${DEFAULT_TRAIN.lr}; with
                      --from ${FINE_TUNE_LR})
-  --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup}; with --from ${FINE_TUNE_WARMUP}; at most
-                     --steps - 1: a shorter run reaches the peak lr at its last step)
+  --warmup <n>       warm-up steps (default ${DEFAULT_TRAIN.warmup}; with --from ${FINE_TUNE_WARMUP}; at most --steps - 1:
+                     a shorter run reaches the peak lr at its last step)
   --d-model <n>      model width (default 64)
   --layers <n>       Mamba blocks (default 2)
   --d-state <n>      SSM state size (default 16)
