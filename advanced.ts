@@ -49,7 +49,14 @@ export {
   type UniformType,
   type UniformValues,
 } from "./core/kernel.ts";
-export { registerTuner, tuneCacheKey } from "./core/tune.ts";
+export {
+  type ProductTimer,
+  registerTuner,
+  TIE_SPREAD,
+  tuneCacheKey,
+  type TuneProduct,
+  UNSURE_TRIES,
+} from "./core/tune.ts";
 
 // Generic elementwise entry points, raw writes (no autograd) and gradient helpers.
 export { binary, type BinaryName, unary, type UnaryName } from "./core/ops/elementwise.ts";

@@ -65,6 +65,11 @@ t0 = performance.now();
 const mm = await tuneKernels({ force }); // the matmul, then every registered tuner (the fused scan at N 16)
 console.log(`tuning: ${(performance.now() - t0).toFixed(0)} ms${mm.fromCache ? " (cached)" : ""}`);
 console.log(`matmul: ${mm.variant}; GFLOP/s`, JSON.stringify(mm.gflops), "sizes", JSON.stringify(mm.sizes));
+// how sure: each variant's spread over its rounds (a busy machine shows there); whether every choice was clear
+console.log(
+  `  ${mm.confident ? "confident" : `not confident (${mm.unsure} in a row)`}, ${mm.rounds} rounds; spread`,
+  JSON.stringify(mm.spread),
+);
 // GPUs: the split over K timed both ways (ms of the tuner's probes) and the one kept
 console.log(`matmul split over K on GPUs: ${mm.gpuSplit ?? "not measured"}; ms`, JSON.stringify(mm.splitMs));
 console.log(`matmul matvec kernel on GPUs: ${mm.matvec ?? "not measured"}; ms`, JSON.stringify(mm.matvecMs));

@@ -13,8 +13,24 @@ import {
   type MatmulVariant,
   matmulVariant,
 } from "../advanced.ts";
-import { tuneCacheKey, tuneGpuSplit, tuneKernels, tuneMatvec, tuneResult } from "../core/tune.ts";
-import { matmulGpuSplit, matmulMatvec, type MatmulOptions, matmulPlan } from "../core/ops/matmul.ts";
+import {
+  type ProductTimer,
+  SPLIT_PROBES,
+  TIE_SPREAD,
+  tuneCacheKey,
+  tuneGpuSplit,
+  tuneKernels,
+  tuneMatvec,
+  tuneResult,
+  UNSURE_TRIES,
+} from "../core/tune.ts";
+import {
+  matmulGpuSplit,
+  matmulMatvec,
+  type MatmulOptions,
+  matmulPlan,
+  setMatmulVariant,
+} from "../core/ops/matmul.ts";
 import { FUSED_KERNEL_VERSION } from "../scan/tune_fused.ts";
 import { hashKey, KeyedCache } from "../core/keyed_cache.ts";
 import { kernelsRun, withPlans } from "./helpers.ts";
@@ -541,12 +557,18 @@ Deno.test("tuneKernels measures once, selects a variant and caches the choice", 
   assert.equal(measured.splitMs === null, !gpu);
   assert.equal(measured.matvec === null, !gpu, `matvec ${measured.matvec}`);
   assert.equal(measured.matvecMs === null, !gpu);
+  // a forced measurement counts the unsure afresh
+  assert.equal(measured.unsure, measured.confident ? 0 : 1);
   const again = await tuneKernels();
-  assert.equal(again.variant, measured.variant);
-  assert.equal(again.gpuSplit, measured.gpuSplit);
-  assert.equal(again.matvec, measured.matvec);
   const hasStorage = (localStorageOrNull()?.getItem(measured.key) ?? null) !== null; // none: every call measures
-  assert.equal(again.fromCache, hasStorage);
+  // a choice that was not clear (a busy machine) is measured again
+  assert.equal(again.fromCache, hasStorage && measured.confident, `confident ${measured.confident}`);
+  if (again.fromCache) {
+    assert.equal(again.variant, measured.variant);
+    assert.equal(again.gpuSplit, measured.gpuSplit);
+    assert.equal(again.matvec, measured.matvec);
+    assert.deepEqual(again.spread, measured.spread);
+  }
   assert.equal(again.key, tuneCacheKey());
 });
 
@@ -651,6 +673,7 @@ Deno.test("the tuner's cached choice carries the GPU split and matvec", async ()
     try {
       const entry = {
         ...JSON.parse(before),
+        confident: true, // else read only after measuring again
         gpuSplit: false,
         splitMs: { on: 2, off: 1 },
         matvec: false,
@@ -677,6 +700,154 @@ Deno.test("the tuner's cached choice carries the GPU split and matvec", async ()
     } finally {
       storage.setItem(key, before);
     }
+  });
+});
+
+/** Runs `fn` with this adapter's cached tuner choice saved, and puts it back after, with the variant, split
+ * and matvec in use (the scripted tunings set them); without `localStorage` nothing is cached, and `fn` does
+ * not run. */
+async function withTuneCache(fn: (storage: Storage, key: string) => Promise<void>): Promise<void> {
+  const storage = localStorageOrNull();
+  if (!storage) return;
+  const key = tuneCacheKey();
+  const [before, variant] = [storage.getItem(key), matmulVariant()];
+  await withPlans({}, async () => {
+    try {
+      await fn(storage, key);
+    } finally {
+      if (before === null) storage.removeItem(key);
+      else storage.setItem(key, before);
+      setMatmulVariant(variant);
+    }
+  });
+}
+
+/** A scripted tuner timer: `ms(variant, round)` gives a variant's ms per product in its n-th round (each of
+ * the square sizes alike); `calls` records the variant of each round, in order. Probes (split, matvec) take 1
+ * ms either way. */
+function scripted(ms: (v: MatmulVariant, round: number) => number): { timer: ProductTimer; calls: string[] } {
+  const calls: string[] = [];
+  const seen = new Map<string, number>();
+  const timer: ProductTimer = (v, p) => {
+    if (p.M !== p.K || p.K !== p.N) return Promise.resolve(1); // a probe
+    const n = seen.get(v) ?? 0; // a round times each square size once: two calls
+    seen.set(v, n + 1);
+    if (n % 2 === 0) calls.push(v);
+    return Promise.resolve(ms(v, n >> 1));
+  };
+  return { timer, calls };
+}
+
+Deno.test("the matmul tuner times its variants in interleaved rounds, each at its best: a slow first round does not decide", async () => {
+  await withTuneCache(async () => {
+    const vs = matmulTuneCandidates();
+    const last = vs.at(-1)!;
+    // every variant 2 ms, `last` 1 ms but 8 in its first round (a burst of other work on the machine):
+    // measured once each, as before, the first variant won
+    const { timer, calls } = scripted((v, round) => v !== last ? 2 : round === 0 ? 8 : 1);
+    const r = await tuneKernels({ force: true, timer });
+    assert.equal(r.variant, last);
+    assert.equal(matmulVariant(), last);
+    // two rounds in turn (A B C, C B A); `last`'s spread (8 over 1) left the others unclear: one more round
+    // of all, then each has two equal best times
+    assert.deepEqual(calls.slice(0, 2 * vs.length), [...vs, ...[...vs].reverse()]);
+    assert.deepEqual(calls.slice(2 * vs.length), [last, ...vs.slice(0, -1)]);
+    assert.deepEqual([r.confident, r.rounds, r.unsure, r.spread[last]], [true, 3, 0, 0]);
+    const flops = 2 * (256 ** 3 + 512 ** 3);
+    assert.ok(
+      Math.abs(r.gflops[last]! - flops / 2 / 1e6) < 1e-9,
+      `${r.gflops[last]} GFLOP/s: the best round`,
+    );
+  });
+});
+
+Deno.test("a matmul choice that was not clear is cached as such and measured again by the next call, up to UNSURE_TRIES in a row; a clear one is reused", async () => {
+  await withTuneCache(async (storage, key) => {
+    const vs = matmulTuneCandidates();
+    // the first variant 10% ahead, but every round 50% slower than the one before: the spread (50%) hides the
+    // margin in every round
+    const unclear = () => scripted((v, round) => (v === vs[0] ? 1 : 1.1) * (1 + round / 2));
+    let s = unclear();
+    const first = await tuneKernels({ force: true, timer: s.timer });
+    assert.deepEqual([first.variant, first.confident, first.rounds, first.unsure], [vs[0], false, 5, 1]);
+    assert.equal(JSON.parse(storage.getItem(key)!).confident, false, "cached as not confident");
+    for (let unsure = 2; unsure <= UNSURE_TRIES; unsure++) {
+      s = unclear();
+      const again = await tuneKernels({ timer: s.timer });
+      assert.deepEqual(
+        [again.fromCache, again.confident, again.unsure],
+        [false, false, unsure],
+        `try ${unsure}`,
+      );
+      assert.ok(s.calls.length > 0, "measured again");
+    }
+    s = unclear();
+    const kept = await tuneKernels({ timer: s.timer });
+    assert.deepEqual([kept.fromCache, kept.confident, kept.unsure, s.calls], [true, false, UNSURE_TRIES, []]);
+    // a clear measurement (forced) is cached as confident, and read from then on
+    s = scripted((v) => (v === vs[0] ? 1 : 2));
+    const clear = await tuneKernels({ force: true, timer: s.timer });
+    assert.deepEqual([clear.confident, clear.rounds, clear.unsure], [true, 2, 0]);
+    s = scripted(() => 1);
+    const cached = await tuneKernels({ timer: s.timer });
+    assert.deepEqual([cached.fromCache, cached.confident, s.calls], [true, true, []]);
+    assert.equal(cached.spread[vs[0]], 0);
+  });
+});
+
+Deno.test("a cached matmul choice from before the confidence was kept is measured again once; a steady near-tie is confident", async () => {
+  await withTuneCache(async (storage, key) => {
+    const vs = matmulTuneCandidates();
+    const old = {
+      variant: vs[0],
+      gflops: {},
+      sizes: [256, 512],
+      measuredAt: "",
+      gpuSplit: null,
+      splitMs: null,
+    };
+    storage.setItem(key, JSON.stringify({ ...old, matvec: null, matvecMs: null }));
+    // the last variant 3% ahead, every round alike: a tie within TIE_SPREAD, not worth more rounds
+    let s = scripted((v) => (v === vs.at(-1) ? 1 : 1.03));
+    const r = await tuneKernels({ timer: s.timer });
+    assert.deepEqual([r.fromCache, r.variant, r.confident, r.rounds, r.unsure], [
+      false,
+      vs.at(-1),
+      true,
+      2,
+      0,
+    ]);
+    assert.ok(1.03 - 1 < TIE_SPREAD);
+    s = scripted(() => 1);
+    assert.equal((await tuneKernels({ timer: s.timer })).fromCache, true, "then read");
+    assert.deepEqual(s.calls, []);
+  });
+});
+
+Deno.test("on a GPU an unclear split or matvec leaves the tuner's choice not confident", async () => {
+  await withTuneCache(async () => {
+    await withPlans({ gpu: true }, async () => {
+      const vs = matmulTuneCandidates();
+      const probes = new Map<string, number>(); // each way's rounds so far
+      const timer: ProductTimer = (v, p) => {
+        if (p.M === p.K && p.K === p.N) return Promise.resolve(v === vs[0] ? 1 : 2); // the variants: clear
+        // the split: on 1 ms a round, off 1.02, but each way's rounds 50% apart; matvec clear
+        if (!SPLIT_PROBES.includes(p)) return Promise.resolve(matmulMatvec() ? 1 : 2);
+        const way = String(matmulGpuSplit());
+        const n = probes.get(way) ?? 0;
+        probes.set(way, n + 1);
+        return Promise.resolve((matmulGpuSplit() ? 1 : 1.02) * (1 + (n >> 1) / 2));
+      };
+      const r = await tuneKernels({ force: true, timer });
+      assert.deepEqual([r.variant, r.gpuSplit, r.matvec, r.confident, r.unsure], [
+        vs[0],
+        true,
+        true,
+        false,
+        1,
+      ]);
+      assert.deepEqual(r.spread[vs[0]], 0, "the variants were clear");
+    });
   });
 });
 
