@@ -101,6 +101,7 @@ export {
 export { MAX_INLINE_DT_RANK } from "./scan/fused_wgsl.ts";
 export {
   CONFIRM_FINALISTS,
+  CONFIRM_SAMPLES,
   FUSED_KERNEL_VERSION,
   type FusedTuneResult,
   TUNE_BUDGET_MS,

@@ -76,16 +76,18 @@ console.log(`matmul matvec kernel on GPUs: ${mm.matvec ?? "not measured"}; ms`, 
 
 const fused = await tuneFusedScan(16); // cached by now: the measurement tuneKernels just made
 console.log(`fused scan, d_state 16: ${JSON.stringify(fused.variant)}`);
+console.log(`  ${fused.confident ? "confident" : `not confident (${fused.unsure} in a row)`}`);
 const shapes = fused.problems.map((p) => `(${p.join(", ")})`);
 console.log(
   `  ms per forward + backward of ${shapes.join(" and ")}` +
-    `${shapes.length > 1 ? " (score: their geometric mean)" : ""}, fastest first; the finalists, measured ` +
-    "twice, count the slower time per problem (the second measurement in brackets):",
+    `${shapes.length > 1 ? " (score: their geometric mean)" : ""}, fastest first; those measured again ` +
+    "count each problem's median (the later measurements in brackets, then the spread):",
 );
 for (const [v, ms] of Object.entries(fused.timings).sort((a, b) => a[1] - b[1])) {
   const each = shapes.length > 1 ? fused.problemTimings[v].map((m) => m.toFixed(3).padStart(9)).join("") : "";
   const again = fused.confirmations?.[v]
-    ? `  [${fused.confirmations[v].map((m) => m.toFixed(3)).join(", ")}]`
+    ? `  [${fused.confirmations[v].map((r) => r.map((m) => m.toFixed(3)).join(" / ")).join(", ")}] ` +
+      `${((fused.spread?.[v] ?? NaN) * 100).toFixed(1)}%`
     : "";
   console.log(`  ${ms.toFixed(3).padStart(9)}${each}  ${v}${again}`);
 }

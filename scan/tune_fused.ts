@@ -9,14 +9,15 @@
  * (barriers are costly); GPUs want more and prefer workgroup memory. Each candidate runs a forward +
  * backward of a small problem a few times (on GPUs also of a long, narrow one and of a wide one:
  * {@linkcode tuneProblems}); the fastest by GPU time (timestamp queries, else wall clock; the geometric mean
- * over the problems) is selected with `setFusedVariant`.
+ * over the problems) is selected with `setFusedVariant`, after the best have been measured again in
+ * interleaved rounds ({@linkcode FusedTuneResult.confirmations}).
  * @module
  */
 
 import { randn } from "../core/creation.ts";
 import { acquired, autoTuneEnabled, deviceInfo, fixedSubgroupSize } from "../core/device.ts";
 import { profile, profiling, sync } from "../core/executor.ts";
-import { dropStaleTuneKeys, registerTuner } from "../core/tune.ts";
+import { dropStaleTuneKeys, registerTuner, unclearRivals, UNSURE_TRIES } from "../core/tune.ts";
 import { mul, sum } from "../core/ops/index.ts";
 import { dispose, tidy } from "../core/tensor.ts";
 import { fusedSelectiveScan } from "./fused.ts";
@@ -45,18 +46,23 @@ export interface FusedTuneResult {
    * backward over the {@linkcode FusedTuneResult.problems}. With timestamp queries that is the GPU time of the
    * fused-scan kernels alone (forward and backward, without the surrounding ops); without them, the wall time
    * of the whole step, host included. Empty when nothing was measured (one candidate, or an adapter that
-   * cannot run the backward). A finalist's score counts, per problem, the slower of its two measurements
-   * (see {@linkcode FusedTuneResult.confirmations}).
+   * cannot run the backward). A candidate measured again counts, per problem, the median of its
+   * measurements (see {@linkcode FusedTuneResult.confirmations}).
    */
   timings: Record<string, number>;
   /**
-   * The second measurement (ms per problem) of the finalists: the {@linkcode CONFIRM_FINALISTS} best scores,
-   * measured again after all the others, the fastest last, each problem's time then the slower of the two;
-   * and of any candidate that this leaves fastest overall or on a problem, until those are all confirmed.
-   * On the H200 the same kernel, measured first in one run and among the others in another, scored 0.289 and
-   * 0.834 ms, while the layer steps it ran in took about the same: one measurement alone may mislead.
+   * The later measurements (per round, ms per problem) of the candidates measured again: the
+   * {@linkcode CONFIRM_FINALISTS} best scores, after all the others, in interleaved rounds (slowest first,
+   * then the other way) until each has {@linkcode CONFIRM_SAMPLES} measurements, each problem's time then
+   * their median; likewise any candidate this leaves fastest overall or on a problem; then, while rivals'
+   * scores stay within the noise of the fastest's (see {@linkcode FusedTuneResult.confident}), those and the
+   * fastest, two rounds at most and within the time budget. The median, not the best time, because a
+   * measurement misleads either way: a burst of other work slows one, and on the H200 the same kernel,
+   * measured first in one run and among the others in another, scored 0.289 and 0.834 ms while the layer
+   * steps it ran in took about the same. (Until these rounds, the finalists were measured twice and counted
+   * the slower time, which a burst in either measurement decided.)
    */
-  confirmations: Record<string, number[]>;
+  confirmations: Record<string, number[][]>;
   /** The problems measured, as [B, L, ED]: one on CPU adapters, three on GPUs (see {@linkcode tuneProblems}). */
   problems: number[][];
   /** Each candidate's milliseconds on each problem, in the order of `problems`. */
@@ -68,6 +74,20 @@ export interface FusedTuneResult {
   byProblem: ProblemVariant[];
   /** True when read from the cache without measuring. */
   fromCache: boolean;
+  /**
+   * Whether the selected variant's score was clearly ahead of every candidate measured again: by more than
+   * twice the larger of the two spreads, or within `TIE_SPREAD` of it on a steady measurement (as
+   * `TuneResult.confident`). A choice cached as not confident is measured again by the next call that finds
+   * it, until `UNSURE_TRIES` measurements in a row were not. True when nothing was measured.
+   */
+  confident: boolean;
+  /**
+   * The spread of each candidate measured again: the median distance of its measurements' scores from
+   * their median, relative (0.03: 3%). One outlier, in either direction, does not move it.
+   */
+  spread: Record<string, number>;
+  /** Measurements in a row, this one included, that were not confident (0 when this one was). */
+  unsure: number;
 }
 
 /** Steps of the forward's walks that the tuner offers to chunk-parallel candidates with short chunks (`Lf`). */
@@ -259,7 +279,9 @@ async function timeRuns(run: () => void): Promise<number> {
 }
 
 /** A cached result as the type says, every field there: else an error (the caller measures again). A null
- * variant would reset to the default without measuring, and missing fields broke their readers. */
+ * variant would reset to the default without measuring, and missing fields broke their readers. An entry from
+ * before the confidence was kept (no `confident`) reads as not confident, not yet counted: measured again
+ * once, as it may have been measured on a busy machine, which is what the confidence is for. */
 function readCachedResult(json: unknown): FusedTuneResult {
   const r = json as Partial<FusedTuneResult> | null;
   const obj = (v: unknown) => typeof v === "object" && v !== null && !Array.isArray(v);
@@ -269,7 +291,13 @@ function readCachedResult(json: unknown): FusedTuneResult {
   ) {
     throw new Error("a cached tuning result without every field");
   }
-  return r as FusedTuneResult;
+  const unsure = Number.isInteger(r!.unsure) && r!.unsure! >= 0 ? r!.unsure! : 0;
+  return {
+    ...r,
+    confident: r!.confident === true,
+    spread: obj(r!.spread) ? r!.spread : {},
+    unsure,
+  } as FusedTuneResult;
 }
 
 /** The result of a choice made without measuring. */
@@ -282,14 +310,36 @@ function unmeasured(variant: FusedVariant): FusedTuneResult {
     problemTimings: {},
     byProblem: [],
     fromCache: false,
+    confident: true,
+    spread: {},
+    unsure: 0,
   };
 }
 
-/** How many of the best candidates are measured a second time (see `FusedTuneResult.confirmations`). */
+/** How many of the best candidates are measured again (see `FusedTuneResult.confirmations`). */
 export const CONFIRM_FINALISTS = 3;
+
+/** Measurements of a candidate measured again, the first included: three, so that the median sets one that
+ * misleads aside, whichever way. */
+export const CONFIRM_SAMPLES = 3;
+
+/** Rounds at most, after the confirmations, of the fastest and the rivals within its noise. */
+const EXTRA_ROUNDS = 2;
 
 function geometricMean(xs: number[]): number {
   return Math.exp(xs.reduce((a, x) => a + Math.log(x), 0) / xs.length);
+}
+
+function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const h = s.length >> 1;
+  return s.length % 2 ? s[h] : (s[h - 1] + s[h]) / 2;
+}
+
+/** The median distance of times from their median, relative to it (see `FusedTuneResult.spread`). */
+function medianSpread(xs: readonly number[]): number {
+  const m = median(xs);
+  return median(xs.map((x) => Math.abs(x - m))) / m;
 }
 
 /** A candidate whose first run (its compile) takes longer than this ends the measurement. */
@@ -304,13 +354,15 @@ export const TUNE_BUDGET_MS = 60_000;
 
 /**
  * Measures (or reads the cached choice of) the fused-scan variants for state size N and selects the fastest.
- * `force` measures even when a choice is cached. The default variant is measured first (on GPUs, with
- * chunks in parallel); once a candidate's first run (its compile) takes longer than `slowCompileMs` (default
- * 20,000: Mesa through GL takes minutes), or once the measurement has taken `budgetMs` (default
- * {@linkcode TUNE_BUDGET_MS}), no further candidate is measured and the fastest measured is kept. The best
- * are then measured again ({@linkcode FusedTuneResult.confirmations}). `timer` replaces running and timing
- * one problem's runs under the variant in use (tests script the times with it, and nothing is compiled; the
- * default times the GPU's kernels, or the wall time without timestamp queries or inside a `profile()`).
+ * `force` measures even when a choice is cached; so does a cached choice that was not confident
+ * ({@linkcode FusedTuneResult.confident}), until `UNSURE_TRIES` measurements in a row were not. The default
+ * variant is measured first (on GPUs, with chunks in parallel); once a candidate's first run (its compile)
+ * takes longer than `slowCompileMs` (default 20,000: Mesa through GL takes minutes), or once the measurement
+ * has taken `budgetMs` (default {@linkcode TUNE_BUDGET_MS}), no further candidate is measured and the fastest
+ * measured is kept. The best are then measured again ({@linkcode FusedTuneResult.confirmations}; the rounds
+ * for an unclear choice only within `budgetMs`). `timer` replaces running and timing one problem's runs under
+ * the variant in use (tests script the times with it, and nothing is compiled; the default times the GPU's
+ * kernels, or the wall time without timestamp queries or inside a `profile()`).
  */
 export async function tuneFusedScan(
   N: number,
@@ -333,18 +385,23 @@ export async function tuneFusedScan(
     return unmeasured(candidates[0]);
   }
   const key = cacheKey(N);
+  let unsure = 0; // the cached choice's count, where it is measured again for want of confidence
   if (!options.force) {
     try {
       const cached = globalThis.localStorage?.getItem(key);
       if (cached) {
         const r = readCachedResult(JSON.parse(cached));
-        setFusedVariant(N, r.variant);
-        setFusedVariantsByProblem(N, r.byProblem);
-        return { ...r, fromCache: true };
+        if (r.confident || r.unsure >= UNSURE_TRIES) {
+          setFusedVariant(N, r.variant);
+          setFusedVariantsByProblem(N, r.byProblem);
+          return { ...r, fromCache: true };
+        }
+        unsure = r.unsure;
       }
     } catch { /* no localStorage here, or a cached variant that no longer fits: measure */ }
   }
   const started = performance.now();
+  const budgetMs = options.budgetMs ?? TUNE_BUDGET_MS;
   // A time that is not a positive number (timestamps quantised to 0, as Chrome's 100 µs can make a fast
   // kernel's, or out of order) tells nothing: it counts as Infinity, so that it can never win.
   const timer = options.timer ?? timeRuns;
@@ -357,11 +414,22 @@ export async function tuneFusedScan(
   // problems' tensors freed.
   const [prevVariant, prevPicks] = [fusedVariant(N), fusedVariantsByProblem(N)];
   const runs: { run: () => void; dispose: () => void }[] = [];
+  const samples: Record<string, number[][]> = {}; // each measurement of a candidate: ms per problem
   const timings: Record<string, number> = {};
   const problemTimings: Record<string, number[]> = {};
-  const confirmations: Record<string, number[]> = {};
+  /** Measures the variant in use, and counts it in its candidate's timings. */
+  const measure = async (k: string) => {
+    const ms: number[] = [];
+    for (const p of runs) ms.push(await time(p.run));
+    (samples[k] ??= []).push(ms);
+    problemTimings[k] = problems.map((_, i) => median(samples[k].map((s) => s[i])));
+    // geometric mean: a candidate 20x slower on one problem is not rescued by being 5% faster on the other
+    timings[k] = geometricMean(problemTimings[k]);
+  };
   let best: FusedVariant;
   let byProblem: ProblemVariant[];
+  let confident = false;
+  const spread: Record<string, number> = {};
   try {
     for (const [B, L, ED] of problems) runs.push(problemRun(N, B, L, ED));
     for (const v of candidates) {
@@ -372,28 +440,23 @@ export async function tuneFusedScan(
         await sync();
       }
       const compileMs = performance.now() - t0;
-      const ms: number[] = [];
-      for (const p of runs) ms.push(await time(p.run));
-      // geometric mean: a candidate 20x slower on one problem is not rescued by being 5% faster on the other
-      const score = geometricMean(ms);
-      timings[JSON.stringify(v)] = score;
-      problemTimings[JSON.stringify(v)] = ms;
+      await measure(JSON.stringify(v));
       // Where one compile takes this long, each further candidate would too: keep the fastest so far. (naga's
       // GLSL backend zero-fills workgroup arrays with one array constructor, which Mesa's GL drivers compile in
       // time quadratic in its length: minutes for the backward's 16 KiB; lavapipe takes seconds.)
       if (compileMs > (options.slowCompileMs ?? SLOW_COMPILE_MS)) break;
-      if (performance.now() - started > (options.budgetMs ?? TUNE_BUDGET_MS)) break;
+      if (performance.now() - started > budgetMs) break;
     }
-    // The finalists again, slowest first, each problem at the slower of its two times. A finalist's score may
-    // rise past an unconfirmed one's: then that one is measured again too, until the best overall and the best
-    // on each problem are confirmed (each candidate at most once more).
-    const confirm = async (k: string) => {
-      setFusedVariant(N, JSON.parse(k) as FusedVariant);
-      const again: number[] = [];
-      for (const p of runs) again.push(await time(p.run));
-      confirmations[k] = again;
-      problemTimings[k] = problemTimings[k].map((m, i) => Math.max(m, again[i]));
-      timings[k] = geometricMean(problemTimings[k]);
+    // Measured again in rounds, each round's order the last one's reversed, so that a burst of load or a
+    // drift of the clocks hits them alike: the finalists (slowest first) and any candidate left fastest
+    // overall or on a problem, until each has CONFIRM_SAMPLES measurements; then the fastest and its unclear
+    // rivals, a few rounds at most.
+    let round = 0;
+    const again = async (keys: string[]) => {
+      for (const k of round++ % 2 ? [...keys].reverse() : keys) {
+        setFusedVariant(N, JSON.parse(k) as FusedVariant);
+        await measure(k);
+      }
     };
     const fastest = (time: (k: string) => number) =>
       Object.keys(timings).reduce((a, b) => (time(b) < time(a) ? b : a));
@@ -402,9 +465,21 @@ export async function tuneFusedScan(
       ...problems.map((_, i) => fastest((k) => problemTimings[k][i])),
     ];
     const ranked = Object.keys(timings).sort((a, b) => timings[a] - timings[b]);
-    for (const k of ranked.slice(0, CONFIRM_FINALISTS).reverse()) await confirm(k);
-    for (let k = leaders().find((l) => !confirmations[l]); k; k = leaders().find((l) => !confirmations[l])) {
-      await confirm(k);
+    const finalists = ranked.slice(0, CONFIRM_FINALISTS).reverse(); // slowest first
+    for (let extra = 0;;) {
+      const todo = [...new Set([...finalists, ...leaders()])]
+        .filter((k) => samples[k].length < CONFIRM_SAMPLES);
+      if (todo.length) {
+        await again(todo);
+        continue;
+      }
+      const confirmed = Object.keys(samples).filter((k) => samples[k].length >= CONFIRM_SAMPLES);
+      for (const k of confirmed) spread[k] = medianSpread(samples[k].map(geometricMean));
+      const pick = fastest((k) => timings[k]);
+      const unclear = unclearRivals(Object.fromEntries(confirmed.map((k) => [k, timings[k]])), spread, pick);
+      confident = unclear.length === 0;
+      if (confident || extra++ >= EXTRA_ROUNDS || performance.now() - started > budgetMs) break;
+      await again([pick, ...unclear]);
     }
     best = JSON.parse(fastest((k) => timings[k])) as FusedVariant;
     // the fastest on each problem, for calls of about its shape (with one problem, `best` is that)
@@ -421,6 +496,9 @@ export async function tuneFusedScan(
   } finally {
     for (const p of runs) p.dispose();
   }
+  const confirmations = Object.fromEntries(
+    Object.entries(samples).filter(([, s]) => s.length > 1).map(([k, s]) => [k, s.slice(1)]),
+  );
   const result = {
     variant: best,
     timings,
@@ -429,6 +507,10 @@ export async function tuneFusedScan(
     problemTimings,
     byProblem,
     fromCache: false,
+    confident,
+    spread,
+    // a forced measurement starts the count afresh: the user asked for this one
+    unsure: confident ? 0 : unsure + 1,
   };
   try {
     globalThis.localStorage?.setItem(key, JSON.stringify(result));
