@@ -7,14 +7,15 @@
  * (the H200 picked `register`: 6.4 TFLOP/s against 1.5 for `tiled`).
  * {@linkcode tuneKernels} measures the variants on the current adapter, selects the fastest, and remembers
  * the choice in `localStorage` (when the platform has it) under a key made of the adapter's description and
- * the kernels' version, so later processes on the same adapter skip the measurement.
+ * the kernels' version, so later processes on the same adapter skip the measurement (unless it was not
+ * confident, as on a machine busy with other work: `TuneResult.confident`).
  *
  * ```ts
  * import { init, tuneKernels } from "@mambats/mamba";
  *
  * await init();
  * const t = await tuneKernels(); // measures once per adapter, then reads the cached choice
- * console.log(t.variant, t.fromCache, t.gflops);
+ * console.log(t.variant, t.fromCache, t.gflops, t.confident, t.spread);
  * ```
  * @module
  */
@@ -144,8 +145,8 @@ const MAX_REPS = 4096;
 const KEY_PREFIX = "mamba.ts/tune/";
 /** Rounds every candidate runs (two: a spread needs a second time) ... */
 const MIN_ROUNDS = 2;
-/** ... and at most, while a rival stays within the noise of the fastest. On a CPU adapter a round of the
- * variants costs about 0.3 s idle; a clear measurement stops at MIN_ROUNDS. */
+/** ... and at most, while a rival stays within the noise of the fastest. On lavapipe a round of the variants
+ * costs about 0.3-0.5 s; a clear measurement stops at MIN_ROUNDS. */
 const MAX_ROUNDS = 5;
 /**
  * A spread (relative) up to which a measurement counts as steady: rivals within it of the pick are a tie, not
@@ -178,7 +179,8 @@ export function tuneResult(): TuneResult | null {
  * rival that close as a tie). On a GPU it then times the `SPLIT_PROBES` (a layer's gradients) with that
  * variant, with `matmulGpuSplit` on and off, and keeps the faster (`TuneResult.gpuSplit`), and likewise the
  * `MATVEC_PROBES` (decoding's products) with the matvec kernel on and off (`TuneResult.matvec`), in rounds as
- * the variants. On a CPU adapter the first measurement takes about 1-2 s.
+ * the variants. On a CPU adapter the first measurement takes about 2-3 s (lavapipe on 2 cores; one
+ * measurement per variant took 1-2 s).
  *
  * The choice is cached in `localStorage` under `mamba.ts/tune/<kernel version>/<adapter>`; a later call
  * (in this process or a later one on the same adapter) reads it instead of measuring, unless
