@@ -372,7 +372,7 @@ export function validateTrainConfig(config: TrainConfig): Readonly<TrainConfig> 
   if (config.warmup > config.steps) {
     throw new Error(
       `TrainConfig.warmup (${config.warmup}) must be <= steps (${config.steps}): ` +
-        `lower warmup for a run this short (deno task train clamps it to steps)`,
+        `lower warmup for a run this short (deno task train clamps it to steps - 1, so that the last step runs at the peak lr)`,
     );
   }
   return Object.freeze({ ...config, betas: Object.freeze([...config.betas]) as [number, number] });

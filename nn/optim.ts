@@ -374,8 +374,14 @@ export interface StepOptions {
   gradScale?: Tensor;
 }
 
+/** Whether `v` is a finite number >= 0 (a string such as "0.1" is not: comparisons would convert it). */
+const finiteNonNegative = (v: unknown): v is number => typeof v === "number" && v >= 0 && v < Infinity;
+
+/** `v` for a message: a string quoted, so that "0.1" does not read as the number it failed to be. */
+const shown = (v: unknown) => typeof v === "string" ? JSON.stringify(v) : String(v);
+
 function checkLr(where: string, lr: number): void {
-  if (!(lr >= 0 && lr < Infinity)) throw new Error(`${where}: lr must be a finite number >= 0, got ${lr}`);
+  if (!finiteNonNegative(lr)) throw new Error(`${where}: lr must be a finite number >= 0, got ${shown(lr)}`);
 }
 
 /** The optimizer's argument as groups: a list of tensors is one group; anything else is named. */
@@ -457,12 +463,12 @@ export abstract class Optimizer {
         throw new Error(`optimizer: ${group.names.length} names for ${group.params.length} parameters`);
       }
       const wd = group.weightDecay ?? weightDecay;
-      if (!(wd >= 0 && wd < Infinity)) {
-        throw new Error(`optimizer: weightDecay must be a finite number >= 0, got ${wd}`);
+      if (!finiteNonNegative(wd)) {
+        throw new Error(`optimizer: weightDecay must be a finite number >= 0, got ${shown(wd)}`);
       }
       const lrScale = group.lrScale ?? 1;
-      if (!(lrScale >= 0 && lrScale < Infinity)) {
-        throw new Error(`optimizer: lrScale must be a finite number >= 0, got ${lrScale}`);
+      if (!finiteNonNegative(lrScale)) {
+        throw new Error(`optimizer: lrScale must be a finite number >= 0, got ${shown(lrScale)}`);
       }
       group.params.forEach((p, i) => {
         if (seen.has(p)) throw new Error(`optimizer: parameter ${p} appears twice`);
@@ -503,7 +509,14 @@ export abstract class Optimizer {
    * gradient are skipped and their state is unchanged, as in PyTorch.
    */
   step(options: StepOptions = {}): void {
+    // (gradNormScale's { norm, scale } passed whole would otherwise step unclipped)
+    checkOptionKeys(options, ["gradScale"], "step");
     checkLr("step", this.lr); // a schedule's NaN would turn every parameter into NaN
+    if (options.gradScale !== undefined && !(options.gradScale instanceof Tensor)) {
+      throw new Error(
+        `step: gradScale must be a Tensor (gradNormScale(...).scale), got ${shown(options.gradScale)}`,
+      );
+    }
     const scale = options.gradScale ?? (this.#one ??= keep(full([1], 1)));
     if (scale.disposed) throw new Error("step: gradScale was disposed");
     if (scale.dtype !== "f32" || scale.size < 1) throw new Error(`step: gradScale must be f32, got ${scale}`);
@@ -694,12 +707,14 @@ export class AdamW extends Optimizer {
     checkOptionKeys(options, ["lr", "betas", "eps", "weightDecay"], "AdamW");
     super(params, options.lr ?? 1e-3, options.weightDecay ?? 1e-2);
     const [b1, b2] = options.betas ?? [0.9, 0.999];
-    if (!(b1 >= 0 && b1 < 1 && b2 >= 0 && b2 < 1)) {
-      throw new Error(`AdamW: betas must be in [0, 1), got ${b1}, ${b2}`);
+    if (!(typeof b1 === "number" && typeof b2 === "number" && b1 >= 0 && b1 < 1 && b2 >= 0 && b2 < 1)) {
+      throw new Error(`AdamW: betas must be numbers in [0, 1), got ${shown(b1)}, ${shown(b2)}`);
     }
     this.betas = [b1, b2];
     this.eps = options.eps ?? 1e-8;
-    if (!(this.eps >= 0)) throw new Error(`AdamW: eps must be >= 0, got ${this.eps}`);
+    if (!(typeof this.eps === "number" && this.eps >= 0)) {
+      throw new Error(`AdamW: eps must be a number >= 0, got ${shown(this.eps)}`);
+    }
   }
 
   /** Records the fused AdamW update of one parameter. */
@@ -760,12 +775,15 @@ export class SGD extends Optimizer {
     this.momentum = options.momentum ?? 0;
     this.dampening = options.dampening ?? 0;
     this.nesterov = options.nesterov ?? false;
-    if (!(this.momentum >= 0 && this.momentum < Infinity)) {
-      throw new Error(`SGD: momentum must be a finite number >= 0, got ${this.momentum}`);
+    if (!finiteNonNegative(this.momentum)) {
+      throw new Error(`SGD: momentum must be a finite number >= 0, got ${shown(this.momentum)}`);
     }
     // (torch.optim.SGD checks neither; a NaN here would turn every parameter into NaN)
     if (!Number.isFinite(this.dampening)) {
-      throw new Error(`SGD: dampening must be finite, got ${this.dampening}`);
+      throw new Error(`SGD: dampening must be a finite number, got ${shown(this.dampening)}`);
+    }
+    if (typeof this.nesterov !== "boolean") {
+      throw new Error(`SGD: nesterov must be true or false, got ${shown(this.nesterov)}`);
     }
     if (this.nesterov && (this.momentum <= 0 || this.dampening !== 0)) {
       throw new Error("SGD: nesterov needs a positive momentum and zero dampening");
@@ -879,15 +897,19 @@ export interface CosineScheduleOptions {
  * With `warmup == total` there is no decay: `maxLr` at `total`, `minLr` after it.
  */
 export function cosineSchedule(options: CosineScheduleOptions): (step: number) => number {
+  checkOptionKeys(options, ["warmup", "total", "maxLr", "minLr"], "cosineSchedule");
   const { warmup, total, maxLr, minLr } = options;
-  if (!(warmup >= 0 && total >= warmup && total < Infinity)) {
+  if (
+    !(typeof warmup === "number" && typeof total === "number" && warmup >= 0 && total >= warmup &&
+      total < Infinity)
+  ) {
     throw new Error(
       `cosineSchedule: needs 0 <= warmup <= total < Infinity, got warmup ${warmup}, total ${total}`,
     );
   }
   for (const [name, lr] of [["maxLr", maxLr], ["minLr", minLr]] as const) {
-    if (!(lr >= 0 && lr < Infinity)) {
-      throw new Error(`cosineSchedule: ${name} must be a finite number >= 0, got ${lr}`);
+    if (!finiteNonNegative(lr)) {
+      throw new Error(`cosineSchedule: ${name} must be a finite number >= 0, got ${shown(lr)}`);
     }
   }
   return (step: number): number => {

@@ -204,6 +204,13 @@ Deno.test("crossEntropy: targets out of range give NaN; bad targets and an unkno
     () => M.crossEntropy(x, tensor(new Int32Array([0, 1])), { reduction: "avg" as "mean" }),
     /crossEntropy: reduction must be "mean", "sum" or "none", got "avg"/,
   );
+  // PyTorch's spellings and options this one lacks are named, not dropped (the plain mean came out)
+  for (const key of ["ignore_index", "label_smoothing", "weight"]) {
+    assert.throws(
+      () => M.crossEntropy(x, tensor(new Int32Array([0, 1])), { [key]: 0 } as never),
+      new RegExp(`crossEntropy: unknown option '${key}' \\(options are ignoreIndex, reduction\\)`),
+    );
+  }
   for (const t of [x, loss]) t.dispose();
 });
 

@@ -775,7 +775,7 @@ Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any par
       /AdamW: unknown option 'weight_decay' \(options are lr, betas, eps, weightDecay\)/,
     ],
     [() => new SGD([c], { momentum: 0.9, nestrov: true } as SGDOptions), /SGD: unknown option 'nestrov'/],
-    [() => new SGD([c], { momentum: 0.9, dampening: NaN }), /SGD: dampening must be finite, got NaN/],
+    [() => new SGD([c], { momentum: 0.9, dampening: NaN }), /SGD: dampening must be a finite number, got NaN/],
     // infinite hyper-parameters turned every parameter into NaN at the first or second step
     [
       () => new AdamW([c], { weightDecay: Infinity }),
@@ -797,6 +797,44 @@ Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any par
     () => new SGD([c], { lr: Infinity }),
     /optimizer: lr must be a finite number >= 0, got Infinity/,
   );
+  // values of the wrong type: comparisons converted "0.001" to a number, and "no" made nesterov true
+  const wrongType: [() => unknown, RegExp][] = [
+    [
+      () => new AdamW([c], { lr: "0.001" as unknown as number }),
+      /optimizer: lr must be a finite number >= 0, got "0\.001"/,
+    ],
+    [
+      () => new AdamW([c], { eps: "1e-8" as unknown as number }),
+      /AdamW: eps must be a number >= 0, got "1e-8"/,
+    ],
+    [
+      () => new AdamW([c], { betas: ["0.9", 0.95] as unknown as [number, number] }),
+      /AdamW: betas must be numbers in \[0, 1\), got "0\.9", 0\.95/,
+    ],
+    [
+      () => new SGD([c], { momentum: "0.9" as unknown as number }),
+      /SGD: momentum must be a finite number >= 0, got "0\.9"/,
+    ],
+    [
+      () => new SGD([c], { momentum: 0.9, nesterov: "no" as unknown as boolean }),
+      /SGD: nesterov must be true or false, got "no"/,
+    ],
+    [
+      () => cosineSchedule({ warmup: 1, total: 9, maxLr: 1, minLr: 0, steps: 99 } as never),
+      /cosineSchedule: unknown option 'steps' \(options are warmup, total, maxLr, minLr\)/,
+    ],
+  ];
+  for (const [make, want] of wrongType) assert.throws(make, want);
+  // step's options: gradNormScale's result passed whole (or as { scale }) stepped unclipped
+  const sgd = new SGD([c], { lr: 0.1 });
+  const g = gradNormScale([c], 1);
+  assert.throws(() => sgd.step(g as never), /step: unknown option 'norm' \(options are gradScale\)/);
+  assert.throws(() => sgd.step({ scale: g.scale } as never), /step: unknown option 'scale'/);
+  assert.throws(() => sgd.step({ gradScale: 0.5 } as never), /step: gradScale must be a Tensor/);
+  sgd.lr = "0.1" as unknown as number;
+  assert.throws(() => sgd.step(), /step: lr must be a finite number >= 0, got "0\.1"/);
+  g.norm.dispose();
+  g.scale.dispose();
   c.dispose();
   model.dispose();
 });

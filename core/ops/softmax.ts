@@ -25,6 +25,7 @@ import { defineOp } from "../autograd.ts";
 import { fixedSubgroupSize } from "../device.ts";
 import { type BufferDecl, defineKernel, dispatch, type Kernel } from "../kernel.ts";
 import { fmt, normAxis, sizeOf } from "../shape.ts";
+import { checkOptionKeys } from "../options.ts";
 import { Tensor } from "../tensor.ts";
 import { mapOp } from "./map_kernel.ts";
 import { reshape } from "./shape_ops.ts";
@@ -425,6 +426,8 @@ function softmaxMinusOneHot(x: Tensor, stats: Tensor, t: Tensor, w: Tensor): Ten
  * gradient and do not count towards the mean. `ignoreIndex` must be an integer in the int32 range.
  */
 export function crossEntropy(logits: Tensor, target: Tensor, options: CrossEntropyOptions = {}): Tensor {
+  // (PyTorch's spellings, ignore_index or label_smoothing, would otherwise give the plain mean in silence)
+  checkOptionKeys(options, ["ignoreIndex", "reduction"], "crossEntropy");
   checkF32(logits, "crossEntropy");
   if (target.dtype !== "i32") throw new Error(`crossEntropy: targets must be i32, got ${target.dtype}`);
   const ignore = options.ignoreIndex ?? -100;
