@@ -775,7 +775,10 @@ Deno.test("step: a bad gradient (shape, dtype, disposed) is named before any par
       /AdamW: unknown option 'weight_decay' \(options are lr, betas, eps, weightDecay\)/,
     ],
     [() => new SGD([c], { momentum: 0.9, nestrov: true } as SGDOptions), /SGD: unknown option 'nestrov'/],
-    [() => new SGD([c], { momentum: 0.9, dampening: NaN }), /SGD: dampening must be a finite number, got NaN/],
+    [
+      () => new SGD([c], { momentum: 0.9, dampening: NaN }),
+      /SGD: dampening must be a finite number, got NaN/,
+    ],
     // infinite hyper-parameters turned every parameter into NaN at the first or second step
     [
       () => new AdamW([c], { weightDecay: Infinity }),
