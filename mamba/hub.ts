@@ -158,6 +158,29 @@ export function hubRefusal(
   return null;
 }
 
+/**
+ * The commit in a hub answer's `X-Repo-Commit` (40 hex digits), or null: the hub names it in every answer
+ * about a file, its 404s included.
+ */
+export function repoCommitOf(h: Headers): string | null {
+  const c = h.get("x-repo-commit");
+  return c !== null && COMMIT_RE.test(c) ? c : null;
+}
+
+/**
+ * Whether an HTTP 404 is the hub's "no such file": it says so (`X-Error-Code: EntryNotFound`), or names the
+ * commit it looked in (`X-Repo-Commit`, with no other error code). A bare 404 (a proxy's, an endpoint that is
+ * no hub) is an error, as huggingface_hub raises it: taken for absence, it would skip an optional file (a
+ * tokenizer, one form of the weights) in silence. A page reads them only where the hub exposes them
+ * (`Access-Control-Expose-Headers`): huggingface.co does (huggingface.js, which runs in pages, tells absence
+ * by `X-Error-Code` alike); a mirror that does not makes every missing file an error, which says so.
+ */
+export function hubSaysAbsent(res: Response): boolean {
+  if (res.status !== 404) return false;
+  const code = res.headers.get("x-error-code");
+  return code === "EntryNotFound" || (code === null && repoCommitOf(res.headers) !== null);
+}
+
 /** `HubOptions.timeoutMs` checked, with its default (30 s). */
 export function timeoutOf(options: HubOptions): number {
   const ms = options.timeoutMs ?? 30_000;

@@ -14,10 +14,12 @@ import {
   HubError,
   type HubOptions,
   hubRefusal,
+  hubSaysAbsent,
   isHubId,
   MODEL_FILE_NAMES,
   MODEL_FILES,
   repoCacheDir,
+  repoCommitOf,
   startTimer,
   timeoutOf,
   tokenOf,
@@ -108,10 +110,7 @@ async function cachedCommit(r: Resolved): Promise<string> {
 
 // The commit an answer names (X-Repo-Commit), if it is one: the value names cache folders, so anything else
 // (`../..`) is not taken.
-function commitOf(h: Headers): string | null {
-  const c = h.get("x-repo-commit");
-  return c !== null && COMMIT_RE.test(c) ? c : null;
-}
+const commitOf = repoCommitOf;
 
 // The files the by-hand instructions name: a model's, and the file asked for when it is none of them (a
 // shard, or a file hubDownload was asked for).
@@ -244,11 +243,10 @@ async function head(r: Resolved, filename: string, url: string): Promise<Meta | 
       hop++;
       continue;
     }
-    const code = h.get("x-error-code");
     // A 404 is the hub's "no such file" when it says so or names the commit; a bare one (a proxy's, a wrong
     // endpoint's) is an HTTP error, as huggingface_hub raises it.
-    const commit404 = res.status === 404 ? commitOf(h) : null;
-    if (res.status === 404 && (code === "EntryNotFound" || (code === null && commit404))) {
+    if (hubSaysAbsent(res)) {
+      const commit404 = commitOf(h);
       if (commit404) {
         await writeTextAtomic(`${r.repoDir}/.no_exist/${commit404}/${filename}`, "");
         await writeRef(r, commit404);

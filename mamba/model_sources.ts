@@ -14,6 +14,7 @@ import {
   HubError,
   type HubOptions,
   hubRefusal,
+  hubSaysAbsent,
   isHubId,
   startTimer,
   timeoutOf,
@@ -68,13 +69,31 @@ interface HubRepo {
   token: string | null;
 }
 
+// A hub's failed answer that is not its "no such file": an error, as the Deno hub cache makes it (a bare 404
+// taken for absence would skip an optional file in silence: the tokenizer, one form of the weights).
+function notTheHubs(hub: HubRepo, res: Response, url: string): HubError {
+  const msg = res.headers.get("x-error-message");
+  const why = res.status !== 404
+    ? ""
+    : " without the hub's X-Error-Code (EntryNotFound) or X-Repo-Commit: not " +
+      `the hub's answer (a proxy, or an endpoint that is no hub? it is ${hub.endpoint}; a page sees those ` +
+      "headers only where the server exposes them: Access-Control-Expose-Headers)";
+  return new HubError(
+    "HTTP",
+    `cannot fetch ${url}: HTTP ${res.status}${msg ? `: ${msg}` : ""}${why}`,
+    url,
+    res.status,
+  );
+}
+
 function urlSource(prefix: string, options: HubOptions, where?: string, hub?: HubRepo): ModelSource {
   let base = prefix.replace(/\/+$/, "");
   let pinned = false;
   const refused = new Map<string, HubError>();
   const timeoutMs = timeoutOf(options);
   // `optional`: a file a model may lack (tokenizer files, one form of the weights where another may stand for
-  // it), which servers that hide what they do not list (S3 buckets) answer with 403 rather than 404
+  // it), which servers that hide what they do not list (S3 buckets) answer with 403 rather than 404; the hub
+  // says which of its 404s are a missing file, and any other failure of its is an error
   const get = async (file: string, optional: boolean): Promise<Response | null> => {
     const url = `${base}/${file}`;
     const ac = new AbortController();
@@ -106,6 +125,11 @@ function urlSource(prefix: string, options: HubOptions, where?: string, hub?: Hu
         base = `${hub.endpoint}/${hub.id}/resolve/${commit}`;
         pinned = true;
       }
+    }
+    if (hub && !res.ok) {
+      await res.body?.cancel();
+      if (hubSaysAbsent(res)) return null;
+      throw notTheHubs(hub, res, url);
     }
     if (res.status === 404 || (optional && (res.status === 403 || res.status === 410))) {
       await res.body?.cancel();

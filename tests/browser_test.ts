@@ -84,23 +84,52 @@ Deno.test({
         if (url.pathname === "/test.html") {
           return new Response(TEST_PAGE, { headers: { "content-type": "text/html" } });
         }
-        // A stand-in for the hub: /hub/<org>/<name>/resolve/<revision>/<file>. As huggingface.co: small
+        // A stand-in for the hub: /hub/<org>/<name>/resolve/<revision>/<file>, fetched cross-origin (the page on
+        // 127.0.0.1, the hub on localhost). As huggingface.co: CORS allowed, its own headers exposed; small
         // files answered in place with the commit that the revision resolves to (X-Repo-Commit), large ones
-        // redirected to the CDN (here the fixture); an unknown repository is 404 with X-Error-Code.
+        // redirected to the CDN (here /hub-cdn/), a file the repository lacks 404 with X-Error-Code
+        // EntryNotFound, an unknown repository 404 with RepoNotFound. `char-mamba-unexposed` exposes no
+        // header (a mirror that forgot to), so the page cannot tell its 404s from a proxy's.
+        const cors = (headers: Headers, expose: boolean) => {
+          headers.set("access-control-allow-origin", "*");
+          if (expose) {
+            headers.set("access-control-expose-headers", "X-Repo-Commit, X-Error-Code, X-Error-Message");
+          }
+          return headers;
+        };
+        const cdn = /^\/hub-cdn\/([\w.]+)$/.exec(url.pathname);
+        if (cdn) {
+          return (async () => {
+            const res = await handler(new Request(`${url.origin}/fixtures/char-mamba/${cdn[1]}`, req));
+            return new Response(res.body, {
+              status: res.status,
+              headers: cors(new Headers(res.headers), false),
+            });
+          })();
+        }
         const hub = /^\/hub\/test-org\/([\w-]+)\/resolve\/(\w+)\/([\w.]+)$/.exec(url.pathname);
         if (hub) {
           const [, name, revision, file] = hub;
           hubRequests.push(`${name}@${revision}/${file}`);
-          if (name !== "char-mamba") {
+          const expose = name !== "char-mamba-unexposed";
+          if (name !== "char-mamba" && expose) {
             const headers = { "x-error-code": "RepoNotFound", "x-error-message": "Repository not found" };
-            return new Response("not found", { status: 404, headers });
+            return new Response("not found", { status: 404, headers: cors(new Headers(headers), true) });
           }
-          const fixture = `${url.origin}/fixtures/char-mamba/${file}`;
-          if (file.endsWith(".safetensors")) return Response.redirect(fixture, 302);
+          const commit = { "x-repo-commit": HUB_COMMIT };
+          if (file.endsWith(".safetensors")) {
+            const headers = cors(
+              new Headers({ ...commit, location: `${url.origin}/hub-cdn/${file}` }),
+              expose,
+            );
+            return new Response(null, { status: 302, headers });
+          }
           return (async () => {
+            const fixture = `${url.origin}/fixtures/char-mamba/${file}`;
             const res = await handler(new Request(fixture, { headers: req.headers })); // its Host: the server checks it
-            const headers = new Headers(res.headers);
-            if (res.ok) headers.set("x-repo-commit", HUB_COMMIT);
+            const headers = cors(new Headers(res.headers), expose);
+            if (res.ok || res.status === 404) headers.set("x-repo-commit", HUB_COMMIT);
+            if (res.status === 404) headers.set("x-error-code", "EntryNotFound");
             return new Response(res.body, { status: res.status, headers });
           })();
         }
@@ -257,7 +286,8 @@ Deno.test({
               return d;
             };
             const fromUrl = await m.fromPretrained(dir);
-            const fromHub = await m.fromPretrained("test-org/char-mamba", { endpoint: `${base}/hub` });
+            const hub = base.replace("127.0.0.1", "localhost") + "/hub"; // another origin
+            const fromHub = await m.fromPretrained("test-org/char-mamba", { endpoint: hub });
             const fromFiles = await m.fromPretrainedFiles(files, { name: "picked" });
             const ref = await logitsOf(fromUrl);
             const saved = await m.checkpointFiles(fromFiles); // with its own tokenizer
@@ -266,9 +296,14 @@ Deno.test({
               () => "loaded",
               (e: Error) => e.message,
             );
-            const noRepo = await m.fromPretrained("test-org/no-such-model", { endpoint: `${base}/hub` }).then(
+            const noRepo = await m.fromPretrained("test-org/no-such-model", { endpoint: hub }).then(
               () => "loaded",
               (e: Error) => `${e.name}: ${e.message}`,
+            );
+            // the hub's headers hidden from the page: its 404 for tokenizer_config.json is not taken for one
+            const unexposed = await m.fromPretrained("test-org/char-mamba-unexposed", { endpoint: hub }).then(
+              () => "loaded",
+              (e: Error) => e.message,
             );
             // A PyTorch checkpoint picked in the page (views of storages, ZIP64 data descriptors) and the same
             // weights as safetensors from a URL: the same values, so the same logits.
@@ -301,6 +336,7 @@ Deno.test({
               ),
               missing,
               noRepo,
+              unexposed,
             };
             for (const lm of [fromUrl, fromHub, fromFiles, back, fromBin, fromSafetensors]) lm.dispose();
             return out;
@@ -318,6 +354,10 @@ Deno.test({
             /repository 'test-org\/no-such-model' not found at .*HTTP 404: Repository not found/,
           );
           assert.equal(r.hubTokenizer, true);
+          assert.match(
+            r.unexposed,
+            /char-mamba-unexposed\/resolve\/main\/tokenizer_config\.json: HTTP 404 without the hub's X-Error-Code .*Access-Control-Expose-Headers/,
+          );
           assert.equal(r.filesDiff, 0);
           assert.equal(r.savedDiff, 0);
           assert.equal(r.byteTokenizer, true);

@@ -15,7 +15,7 @@ import { parseSafetensors, serializeSafetensors } from "../core/safetensors.ts";
 import { hubDownload, HubError, hubToken, MODEL_FILES, repoCacheDir } from "../mamba/hub.ts";
 import { MambaLM } from "../mamba/lm.ts";
 import { mapKey } from "../mamba/checkpoint_config.ts";
-import { hubUrlSource, loadTokenizer } from "../mamba/model_sources.ts";
+import { hubUrlSource, loadTokenizer, tokenizerOf } from "../mamba/model_sources.ts";
 import { fromPretrained, NoTokenizerError, saveCheckpoint } from "../mamba/pretrained.ts";
 import { ByteTokenizer, HubTokenizer, StreamDecoder } from "../mamba/tokenizer.ts";
 import { assertLmV64Logits, fixturePath, maxAbsDiff } from "./fixture_util.ts";
@@ -303,6 +303,42 @@ Deno.test("hub in a browser (fetched, no cache): an unknown repository or revisi
       s.requests.slice(before).filter((r) => r.path.includes("/resolve/")).map((r) => r.path),
       ["/org/lm/resolve/main/config.json", `/org/lm/resolve/${COMMIT}/model.safetensors`],
     );
+  });
+});
+
+Deno.test("hub in a browser: a 404 is a missing file only where the hub says so (EntryNotFound, or its commit); a bare 404 or a 403 is an error", async () => {
+  await withHub(async (s) => {
+    s.addRepo("org/lm", { ...await lmFiles(), ...await tokFiles() });
+    const src = () => hubUrlSource("org/lm", { endpoint: s.url });
+    // the hub's own answer for a file the repository lacks (X-Error-Code and X-Repo-Commit), or either header
+    assert.equal(await src().text("no_such_file.json", true), null);
+    for (
+      const headers of [{ "x-error-code": "EntryNotFound" }, { "x-repo-commit": COMMIT }] as Record<
+        string,
+        string
+      >[]
+    ) {
+      s.override = (req) =>
+        req.url.endsWith("/tokenizer_config.json") ? new Response("no", { status: 404, headers }) : null;
+      assert.equal(await src().text("tokenizer_config.json", true), null, JSON.stringify(headers));
+    }
+    // A proxy's or a wrong endpoint's 404 (no hub's headers), or a 403, is no missing file: the tokenizer is not
+    // loaded without its config in silence, nor the weights without a form of them.
+    for (
+      const [status, said] of [[404, /HTTP 404 without the hub's X-Error-Code/], [403, /HTTP 403$/]] as const
+    ) {
+      s.override = (req) =>
+        /\/(tokenizer_config\.json|model\.safetensors)$/.test(req.url)
+          ? new Response("no", { status })
+          : null;
+      await assert.rejects(
+        () => tokenizerOf(src(), false),
+        (e: Error) =>
+          e instanceof HubError && e.code === "HTTP" && e.status === status && said.test(e.message),
+        `tokenizer_config.json: HTTP ${status}`,
+      );
+      await assert.rejects(() => src().open("model.safetensors"), said, `model.safetensors: HTTP ${status}`);
+    }
   });
 });
 
