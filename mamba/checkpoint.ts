@@ -4,10 +4,10 @@
  * counts in its metadata), `training_log.json` (recipe, loss curve, step, and the list of the folder's files)
  * and `tokenizer.json`, plus any files the caller adds (`deno task train` adds its loss chart).
  *
- * The folder is replaced as a whole: everything is written and fsynced into `<dir>.tmp-<random>`, then the
- * old folder is moved to `<dir>.prev`, the new one into place, and `.prev` removed (renamed to
- * `<dir>.del-<random>` first, so that a removal cut short leaves no half-deleted `.prev`). A crash at any point
- * leaves a complete checkpoint under `<dir>` or `<dir>.prev`: `loadTrainingCheckpoint` falls back to
+ * The folder is replaced as a whole: everything is written and fsynced into `<dir>.mambats-tmp-<random>`,
+ * then the old folder is moved to `<dir>.prev`, the new one into place, and `.prev` removed (renamed to
+ * `<dir>.mambats-del-<random>` first, so that a removal cut short leaves no half-deleted `.prev`). A crash at
+ * any point leaves a complete checkpoint under `<dir>` or `<dir>.prev`: `loadTrainingCheckpoint` falls back to
  * `.prev`, and the next save first moves `.prev` back. A save never deletes files it did not write: it
  * refuses to replace a non-empty folder that is not a checkpoint, or a checkpoint holding other files.
  * @module
@@ -121,23 +121,28 @@ const CHECKPOINT_FILES = [
 const CARRIED_FILE = "carried_state.safetensors";
 /** The files of checkpoints whose training_log.json has no `files` (deno task train added the loss chart). */
 const LEGACY_FILES = [...CHECKPOINT_FILES, "loss.json", "loss.svg"];
-/** The suffix of our temporary names: `<name>.tmp-` and 8 hex digits. */
-const TMP_SUFFIX = /\.tmp-[0-9a-f]{8}$/;
+/** The suffix of a save's new folder: `<dir>.mambats-tmp-` and 8 hex digits. Marked as ours (as saveFiles'
+ * temporary files are), since cleanup deletes such folders: a user's `run.tmp-20250101` must not look like
+ * one. */
+const TMP_SUFFIX = /\.mambats-tmp-[0-9a-f]{8}$/;
 
 function tmpSuffix(): string {
-  return `.tmp-${crypto.randomUUID().slice(0, 8)}`;
+  return `.mambats-tmp-${crypto.randomUUID().slice(0, 8)}`;
 }
 
-/** The suffix of a folder of ours renamed to be deleted: `<name>.del-` and 8 hex digits. */
-const DEL_SUFFIX = /\.del-[0-9a-f]{8}$/;
+/** The suffix of a folder of ours renamed to be deleted: `<dir>.mambats-del-` and 8 hex digits. */
+const DEL_SUFFIX = /\.mambats-del-[0-9a-f]{8}$/;
+
+/** The suffix of writeFileAtomic's temporary files (inside a save's new folder): `.tmp-` and 8 hex digits. */
+const FILE_TMP_SUFFIX = /\.tmp-[0-9a-f]{8}$/;
 
 /**
- * Deletes `<dir>.prev`, a checkpoint of ours, by first renaming it to `<dir>.del-<random>` (atomic), then
- * removing that: a removal cut short (a crash, a file held open) leaves a folder that the next save deletes,
- * never a half-deleted `.prev` that would look foreign to every later save.
+ * Deletes `<dir>.prev`, a checkpoint of ours, by first renaming it to `<dir>.mambats-del-<random>` (atomic),
+ * then removing that: a removal cut short (a crash, a file held open) leaves a folder that the next save
+ * deletes, never a half-deleted `.prev` that would look foreign to every later save.
  */
 async function discard(prev: string): Promise<void> {
-  const doomed = `${prev.replace(/\.prev$/, "")}.del-${crypto.randomUUID().slice(0, 8)}`;
+  const doomed = `${prev.replace(/\.prev$/, "")}.mambats-del-${crypto.randomUUID().slice(0, 8)}`;
   await Deno.rename(prev, doomed);
   await Deno.remove(doomed, { recursive: true });
 }
@@ -288,10 +293,11 @@ export async function checkCheckpointFolder(dir: string): Promise<void> {
 const savesInFlight = new Set<string>();
 
 /**
- * Removes the `<base>.tmp-*` folders that interrupted saves left in `parent` and the `<base>.del-*` ones that a
- * deletion cut short left (see {@linkcode discard}), each only if it holds nothing but files a save writes
- * (or, a `.del-` one, a checkpoint whose training_log.json lists what it holds): a save deletes no files of
- * others.
+ * Removes the `<base>.mambats-tmp-*` folders that interrupted saves left in `parent` and the
+ * `<base>.mambats-del-*` ones that a deletion cut short left (see {@linkcode discard}), each only if it holds
+ * nothing but files a save writes (or, a `-del-` one, a checkpoint whose training_log.json lists what it
+ * holds): a save deletes no files of others. Folders named `<base>.tmp-*` or `<base>.del-*` by versions before
+ * the `mambats-` names are left: nothing tells them from a user's own (`run.tmp-20250101`).
  */
 async function removeOrphans(parent: string, base: string, names: string[]): Promise<void> {
   let entries: Deno.DirEntry[];
@@ -301,7 +307,9 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
     return;
   }
   for (const e of entries) {
-    if (!e.isDirectory || !e.name.startsWith(base) || e.name.length !== base.length + ".tmp-".length + 8) {
+    if (
+      !e.isDirectory || !e.name.startsWith(base) || e.name.length !== base.length + ".mambats-tmp-".length + 8
+    ) {
       continue;
     }
     const path = `${parent}/${e.name}`;
@@ -312,7 +320,7 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
       const ours = (f: Deno.DirEntry) =>
         f.isFile &&
         [names, LEGACY_FILES, ["tokenizer_config.json"]].some((n) =>
-          n.includes(f.name.replace(TMP_SUFFIX, ""))
+          n.includes(f.name.replace(FILE_TMP_SUFFIX, ""))
         );
       const known = !savesInFlight.has(e.name) &&
         (inside.every(ours) || (DEL_SUFFIX.test(e.name) && (await inspect(path)).kind !== "foreign"));

@@ -195,7 +195,7 @@ async function withFsHook(
   const fs = Deno as unknown as Fs;
   const { rename, remove } = fs;
   let n = 0;
-  const inTmp = /\.tmp-[0-9a-f]{8}[\\/]/;
+  const inTmp = /\.mambats-tmp-[0-9a-f]{8}[\\/]/;
   const hooked = <T>(op: string, args: string[], run: () => Promise<T>): Promise<T> => {
     if (inTmp.test(args[0])) return run(); // writing the new folder: its files' own renames
     try {
@@ -239,7 +239,7 @@ Deno.test("train: the loss falls, and a save that fails after writing its new fo
     // The new folder is complete; putting it in place fails.
     let failed = false;
     await withFsHook((_, op, [from, to]) => {
-      if (op === "rename" && to === `${root}/c` && from.includes(".tmp-")) {
+      if (op === "rename" && to === `${root}/c` && from.includes(".mambats-tmp-")) {
         failed = true;
         throw new Error("injected: no space left");
       }
@@ -280,8 +280,8 @@ Deno.test("train: a save interrupted at any point leaves a loadable checkpoint; 
     const tok = { type: "test" };
     // An orphan of an earlier interrupted save: a partial temporary folder.
     const orphan = async (at: string) => {
-      await Deno.mkdir(`${at}.tmp-0123abcd`);
-      await Deno.writeTextFile(`${at}.tmp-0123abcd/config.json.tmp-89abcdef`, "{");
+      await Deno.mkdir(`${at}.mambats-tmp-0123abcd`);
+      await Deno.writeTextFile(`${at}.mambats-tmp-0123abcd/config.json.tmp-89abcdef`, "{");
     };
     const states: Record<string, (at: string) => Promise<void>> = {
       "a checkpoint": (at) => copyDir(`${root}/tpl`, at),
@@ -367,17 +367,30 @@ Deno.test("train: a save refuses to replace a folder that is not its checkpoint,
     );
     // A file, not a folder.
     await assert.rejects(() => saveTrainingCheckpoint(`${foreign}/precious.txt`, t, {}), /it is a file/);
-    // Folders named as a save's leftovers (<dir>.tmp-*, <dir>.del-*) holding what no save writes are left.
+    // Folders named as a save's leftovers (<dir>.mambats-tmp-*, <dir>.mambats-del-*) holding what no save
+    // writes are left.
     const fresh = `${root}/fresh`;
-    for (const left of [`${fresh}.tmp-0123abcd`, `${fresh}.del-0123abcd`]) {
+    for (const left of [`${fresh}.mambats-tmp-0123abcd`, `${fresh}.mambats-del-0123abcd`]) {
       await Deno.mkdir(left);
       await Deno.writeTextFile(`${left}/precious.txt`, "user data");
     }
     await saveTrainingCheckpoint(fresh, t, {});
-    for (const left of [`${fresh}.tmp-0123abcd`, `${fresh}.del-0123abcd`]) {
+    for (const left of [`${fresh}.mambats-tmp-0123abcd`, `${fresh}.mambats-del-0123abcd`]) {
       assert.equal(await Deno.readTextFile(`${left}/precious.txt`), "user data", left);
       await Deno.remove(left, { recursive: true });
     }
+    // A user's own folders named <dir>.tmp-<8 digits> or .del-<8 digits> (a date is 8 hex digits): not a save's,
+    // whatever they hold (a model saved there, a copy of the checkpoint, nothing yet).
+    const mine = [`${fresh}.tmp-20250101`, `${fresh}.del-20250101`, `${fresh}.tmp-20250102`];
+    await saveCheckpoint(model, mine[0], null);
+    await copyDir(fresh, mine[1]);
+    await Deno.mkdir(mine[2]);
+    await saveTrainingCheckpoint(fresh, t, {});
+    assert.deepEqual(
+      await names(root),
+      ["fresh", ...mine.map((d) => d.slice(root.length + 1)), "mine"].sort(),
+    );
+    for (const d of mine) await Deno.remove(d, { recursive: true });
     await Deno.remove(fresh, { recursive: true });
     // A checkpoint that also holds a file its save did not write.
     const ck = `${root}/ck`;
@@ -1722,7 +1735,9 @@ Deno.test("train: saves not awaited replace the folder in call order; an empty f
     await Deno.rename(c, `${c}.prev`);
     await Deno.mkdir(c);
     await withFsHook((_, op, [from, to]) => {
-      if (op === "rename" && to === c && from.includes(".tmp-")) throw new Error("injected: no space left");
+      if (op === "rename" && to === c && from.includes(".mambats-tmp-")) {
+        throw new Error("injected: no space left");
+      }
     }, () => assert.rejects(() => saveTrainingCheckpoint(c, t, new ByteTokenizer()), /injected/));
     assert.equal(await resumedStep(c), t.step);
     // saveCheckpoint refuses the run's folder: its optimizer state and log would no longer match the weights.
