@@ -72,6 +72,7 @@ const HF_KEYS = new Set([
   "mup_base_width",
   "base_std", // ours (mamba.py's base_std): written by hfConfig where it is not 0.02
   "mambats_save_id", // ours: the save that wrote it, also in model.safetensors' metadata (a mixed pair is refused)
+  "mambats_tokenizer_digest", // ours: the digest of the tokenizer files saved with it (others are refused)
   "padding_idx", // ours (mamba.py's Embedding padding_idx, 0 there): written by hfConfig where there is one
   "d_inner", // the -hf conversions' copies of state-spaces names (d_model, n_layer too): checked against ours
   "use_associative_scan", // transformers' choice of scan in PyTorch: how a run executes, not the weights

@@ -249,18 +249,46 @@ export function parseJson(text: string, where: string, unique = false): Record<s
   return json as Record<string, unknown>;
 }
 
-/** The tokenizer of a source (`tokenizer.json` + optional `tokenizer_config.json`); null where it has none
- * and it is not `required`. */
-export async function tokenizerOf(src: ModelSource, required: boolean): Promise<Tokenizer | null> {
+/** 32 bits of a text (FNV-1a over its UTF-16 units) as 8 hex digits. */
+function fnv1a(text: string, seed: number): string {
+  let h = seed;
+  for (let i = 0; i < text.length; i++) h = Math.imul(h ^ text.charCodeAt(i), 0x01000193);
+  return (h >>> 0).toString(16).padStart(8, "0");
+}
+
+/**
+ * The digest of a tokenizer's files as saved (`tokenizer.json`'s text, and `tokenizer_config.json`'s or null
+ * where there is none), which `config.json` keeps to tell them from another save's. Two 32-bit FNV-1a lanes
+ * per file: against mix-ups, not tampering (crypto.subtle is async, and absent from pages that are no secure
+ * context).
+ */
+export function tokenizerDigest(tokenizer: string, config: string | null): string {
+  const of = (text: string) => fnv1a(text, 0x811c9dc5) + fnv1a(text, 0x5bd1e995 ^ text.length);
+  return of(tokenizer) + (config === null ? "" : `+${of(config)}`);
+}
+
+/** The tokenizer of a source (`tokenizer.json` + optional `tokenizer_config.json`) and the
+ * {@linkcode tokenizerDigest} of those files; null where it has none and it is not `required`. */
+export async function readTokenizer(
+  src: ModelSource,
+  required: boolean,
+): Promise<{ tokenizer: Tokenizer; digest: string } | null> {
   const text = await src.text("tokenizer.json", !required);
   if (text === null) return null;
   const cfgText = await src.text("tokenizer_config.json", true);
   const where = `${src.where}/tokenizer.json`;
-  return tokenizerFromJSON(
+  const tokenizer = tokenizerFromJSON(
     parseJson(text, where),
     cfgText === null ? {} : parseJson(cfgText, `${src.where}/tokenizer_config.json`),
     where,
   );
+  return { tokenizer, digest: tokenizerDigest(text, cfgText) };
+}
+
+/** The tokenizer of a source (see {@linkcode readTokenizer}); null where it has none and it is not
+ * `required`. */
+export async function tokenizerOf(src: ModelSource, required: boolean): Promise<Tokenizer | null> {
+  return (await readTokenizer(src, required))?.tokenizer ?? null;
 }
 
 /**

@@ -22,7 +22,15 @@ import { checkOptionKeys } from "../core/options.ts";
 import type { ByteSource, ModelSource } from "./byte_source.ts";
 import { hfConfig, mapKey, parseCheckpointConfig } from "./checkpoint_config.ts";
 import { type LMOptions, MambaLM } from "./lm.ts";
-import { filesSource, type ModelFiles, parseJson, sourceOf, tokenizerOf } from "./model_sources.ts";
+import {
+  filesSource,
+  type ModelFiles,
+  parseJson,
+  readTokenizer,
+  sourceOf,
+  tokenizerDigest,
+  tokenizerOf,
+} from "./model_sources.ts";
 import type { Tokenizer, TokenizerFiles } from "./tokenizer.ts";
 import type { Tensor } from "../core/tensor.ts";
 import { checkShapes, planWeights, readHeader, shardHeaders, streamInto } from "./weight_stream.ts";
@@ -171,7 +179,17 @@ async function loadFrom(src: ModelSource, options: PretrainedOptions): Promise<P
     tokenizer = t;
     tokWhere = "the given tokenizer";
   } else if (t !== false) {
-    tokenizer = await tokenizerOf(src, false);
+    const own = await readTokenizer(src, false);
+    tokenizer = own?.tokenizer ?? null;
+    // saved with config.json as a set: files of another save (one cut short, or two at once) are refused
+    const saved = (rawConfig as Record<string, unknown>)[TOKENIZER_DIGEST];
+    if (own && typeof saved === "string" && own.digest !== saved) {
+      throw new Error(
+        `${tokWhere} (and tokenizer_config.json, or its absence) and ${cfgWhere} are from different saves ` +
+          `(${TOKENIZER_DIGEST} ${saved}, the files' ${own.digest}): save again (tokenizer files edited by ` +
+          `hand: remove ${TOKENIZER_DIGEST} from config.json)`,
+      );
+    }
   }
   if (tokenizer && tokenizer.vocabSize > lm.vocabSize) {
     throw new Error(
@@ -363,14 +381,19 @@ export function tokenizerFilesFor(model: MambaLM, tokenizer: Tokenizer): Tokeniz
 
 /** The key of a save's id in config.json and in model.safetensors' metadata. */
 export const SAVE_ID = "mambats_save_id";
+/** The key of the {@linkcode tokenizerDigest} of the tokenizer files saved with config.json (where there were
+ * some): tokenizer.json is Hugging Face's format, whose Rust reader may not skip a key it does not know. */
+export const TOKENIZER_DIGEST = "mambats_tokenizer_digest";
 
 /**
  * A checkpoint's files as bytes, by name: `model.safetensors` and `config.json` (Hugging Face layout), and the
  * tokenizer's `tokenizer.json` (+ `tokenizer_config.json` when it has one). `tokenizer` defaults to the
  * model's own (a {@linkcode PretrainedLM}'s); null leaves it out. In a page, offer the files as downloads; in
  * Deno, {@linkcode saveCheckpoint} writes them into a folder. {@linkcode fromPretrainedFiles} and
- * {@linkcode fromPretrained} read them back, tokenizer included. The weights are read as they are at the call
- * (a training step taken before the promise resolves changes none of them).
+ * {@linkcode fromPretrained} read them back, tokenizer included, and refuse files of two saves: config.json
+ * holds the save's id (as model.safetensors does) and the {@linkcode tokenizerDigest} of the tokenizer files.
+ * The weights are read as they are at the call (a training step taken before the promise resolves changes none
+ * of them).
  */
 export async function checkpointFiles(
   model: MambaLM,
@@ -392,12 +415,17 @@ export function checkpointFilesOf(
   // "format": "pt" as save_pretrained writes it (transformers <= 4.48 fails on weights without it); the save's
   // id in both files lets a loader tell a pair that mixes two saves
   const id = Math.random().toString(16).slice(2); // (randomUUID needs a secure context)
+  const tokText = tok && JSON.stringify(tok.tokenizer, null, 1) + "\n";
+  const tokCfgText = tok?.config ? JSON.stringify(tok.config, null, 2) + "\n" : null;
+  // the tokenizer files' digest too: a loader tells them from another save's (the tokenizer has no id of its own)
+  const digest = tokText === null ? {} : { [TOKENIZER_DIGEST]: tokenizerDigest(tokText, tokCfgText) };
   const files: Record<string, Uint8Array<ArrayBuffer>> = {
     "model.safetensors": serializeSafetensors(tensors, { format: "pt", [SAVE_ID]: id }),
-    "config.json": text({ ...hfConfig(model), [SAVE_ID]: id }, 2),
+    "config.json": text({ ...hfConfig(model), [SAVE_ID]: id, ...digest }, 2),
   };
-  if (tok) files["tokenizer.json"] = text(tok.tokenizer, 1);
-  if (tok?.config) files["tokenizer_config.json"] = text(tok.config, 2);
+  const utf8 = (s: string) => new TextEncoder().encode(s);
+  if (tokText !== null) files["tokenizer.json"] = utf8(tokText);
+  if (tokCfgText !== null) files["tokenizer_config.json"] = utf8(tokCfgText);
   return files;
 }
 

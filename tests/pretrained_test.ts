@@ -842,6 +842,46 @@ Deno.test("a model's text files (config.json, tokenizer.json, an index) past 100
   assert.equal(await readBoundedText(split, "x"), '{"name": "é😀"}');
 });
 
+Deno.test("saveCheckpoint's tokenizer files are part of its set: those of another save are refused; null keeps the folder's", async () => {
+  await init();
+  const root = await Deno.makeTempDir({ prefix: "pretrained-" });
+  const fs = Deno as unknown as { remove: typeof Deno.remove };
+  const { remove } = fs;
+  const json = JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer.json")));
+  const config = JSON.parse(await Deno.readTextFile(fixturePath("hub/tokenizer_config.json")));
+  const lm = new MambaLM({ dModel: 4, nLayers: 1, dState: 4 }, { vocabSize: 65000 });
+  const mixed =
+    /tokenizer\.json \(and tokenizer_config\.json, or its absence\) and .*config\.json are from different saves \(mambats_tokenizer_digest [0-9a-f+]+, the files' [0-9a-f+]+\): save again/;
+  try {
+    // A save stopped after its renames, before it removed the tokenizer_config.json of the one before: the
+    // new tokenizer.json would load with the old special tokens.
+    const dir = `${root}/stopped`;
+    await saveCheckpoint(lm, dir, new HubTokenizer(json, config));
+    fs.remove = (p, o) =>
+      String(p).endsWith("/tokenizer_config.json")
+        ? Promise.reject(new Error("injected: stopped"))
+        : remove(p, o);
+    await assert.rejects(() => saveCheckpoint(lm, dir, new HubTokenizer(json)), /injected: stopped/);
+    fs.remove = remove;
+    await assert.rejects(() => fromPretrained(dir), mixed);
+    // Two saves at once (two processes): one's tokenizer.json beside the other's config.json and weights.
+    const [a, b] = [`${root}/a`, `${root}/b`];
+    await saveCheckpoint(lm, a, new ByteTokenizer());
+    await saveCheckpoint(lm, b, new ByteTokenizer(new TextEncoder().encode("abc")));
+    await Deno.copyFile(`${b}/tokenizer.json`, `${a}/tokenizer.json`);
+    await assert.rejects(() => fromPretrained(a), mixed);
+    // A save without a tokenizer (null) leaves the folder's own to load with it, as it says.
+    await saveCheckpoint(lm, b, null);
+    const back = await fromPretrained(b);
+    assert.deepEqual([...(back.tokenizer as ByteTokenizer).known!].sort(), [97, 98, 99]);
+    back.dispose();
+  } finally {
+    fs.remove = remove;
+    lm.dispose();
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
 Deno.test("saveCheckpoint keeps the embedding's padding row (padding_idx, ours) and says bf16 weights are bfloat16", async () => {
   await init();
   const dir = await Deno.makeTempDir();
