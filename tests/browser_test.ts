@@ -792,7 +792,8 @@ Deno.test({
           for (const id of ["#load", "#train-start", "#generate"]) {
             assert.equal(await page.isDisabled(id), false);
           }
-          assert.match(await page.textContent("#tps") ?? "", /^\d+(\.\d)? tokens\/s$/);
+          assert.match(await page.textContent("#tps-generate") ?? "", /^\d+(\.\d)? tokens\/s$/);
+          assert.equal(await page.textContent("#tps-train"), "–", "no training ran: its own field");
           assert.match(await page.textContent("#memory") ?? "", /MiB live/);
           await page.screenshot({ path: `${ARTIFACTS}/generate.png`, fullPage: true });
 
@@ -862,16 +863,26 @@ Deno.test({
             return await page.textContent("#model-status") ?? "";
           };
           await page.selectOption("#model-source", "url");
+          // a failed load says which model stays loaded: none yet
+          assert.equal(
+            await load(),
+            "cannot load: the URL field is empty: give the folder that holds config.json; no model is loaded",
+          );
           await page.fill("#model-url", "./fixtures/lm_v64_hf/");
           assert.match(
             await load(),
             /vocabulary 64, no tokenizer \(.*fixtures\/lm_v64_hf\/tokenizer\.json.*\): bytes as tokens$/,
           );
-          // the field's tokenizer is checked against the model (256 ids > 64)
+          // the field's tokenizer is checked against the model (256 ids > 64); the model loaded before stays
           await page.fill("#tokenizer-from", "./fixtures/char-mamba/");
           assert.match(
             await load(),
-            /cannot load: .*fixtures\/char-mamba\/tokenizer\.json.* 256 token ids .* 64/,
+            /cannot load: .*fixtures\/char-mamba\/tokenizer\.json.* 256 token ids .* 64.*; the model loaded before stays: \.\/fixtures\/lm_v64_hf\/ \(loaded in [\d.]+ s\)$/,
+          );
+          assert.match(
+            await page.evaluate(() => (globalThis as unknown as { mambaDemo: DemoState }).mambaDemo.model) ??
+              "",
+            /^\.\/fixtures\/lm_v64_hf\/ \(loaded in/,
           );
           await page.selectOption("#model-source", "local:models/char-mamba/");
           assert.match(await load(), /vocabulary 256, tokenizer from \.\/fixtures\/char-mamba\/$/);
@@ -1040,6 +1051,11 @@ Deno.test({
           assert.match(await page.textContent("#train-status") ?? "", /trained 12 steps/);
           await page.screenshot({ path: `${ARTIFACTS}/train.png`, fullPage: true });
           const memoryShown = await page.textContent("#memory");
+          // the training's tokens/s in its own field; the sample after it writes none (a generation may run
+          // meanwhile, whose figure is the other field's)
+          const trainSpeed = await page.textContent("#tps-train") ?? "";
+          assert.match(trainSpeed, /^\d+(\.\d)? tokens\/s$/);
+          assert.equal(await page.textContent("#tps-generate"), "–");
           // The trained model is offered in the Generate tab.
           await page.click("#tab-generate");
           await page.selectOption("#model-source", "trained");
@@ -1070,6 +1086,9 @@ Deno.test({
           const stopped = await page.textContent("#generate-status") ?? "";
           const n = Number(/stopped after (\d+) tokens/.exec(stopped)?.[1]);
           assert.ok(n > 0 && n < 4096, stopped);
+          // the generation's figure did not replace the training's
+          assert.match(await page.textContent("#tps-generate") ?? "", /^\d+(\.\d)? tokens\/s$/);
+          assert.equal(await page.textContent("#tps-train"), trainSpeed);
           assert.equal(
             await page.evaluate(() =>
               (globalThis as unknown as { mambaDemo: { error: string | null } }).mambaDemo.error

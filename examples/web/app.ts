@@ -6,7 +6,8 @@
  * Generate: load a model (a local char model, a hub id, a URL, or picked files), type a prompt and watch the
  * tokens stream, Continue from where the text ends (the model's state kept: `generate`'s `from`); save the
  * model as downloads. Train: train the char model on the bundled text with a live
- * loss chart, then generate from it. The header shows the adapter, GPU memory from `memory()` and tokens/s.
+ * loss chart, then generate from it. The header shows the adapter, GPU memory from `memory()`, and the tokens/s
+ * of the last generation and of the training, each in its own field.
  * `window.mambaDemo` exposes the state for the browser tests.
  * @module
  */
@@ -171,8 +172,10 @@ function showMemory(): void {
   } pooled`;
 }
 
-function showSpeed(tokens: number, seconds: number, what = ""): void {
-  $("tps").textContent = `${(tokens / Math.max(seconds, 1e-6)).toFixed(1)} tokens/s${what && ` (${what})`}`;
+/** Tokens/s into the header's field for the job (`tps-generate`, `tps-train`): training and a generation may
+ * run at once, and each keeps its own figure. */
+function showSpeed(id: "tps-generate" | "tps-train", tokens: number, seconds: number): void {
+  $(id).textContent = `${(tokens / Math.max(seconds, 1e-6)).toFixed(1)} tokens/s`;
 }
 
 function setCurrent(next: Loaded): void {
@@ -301,7 +304,9 @@ async function loadModel(): Promise<void> {
         : "",
     });
   } catch (e) {
-    status("model-status", `cannot load: ${(e as Error).message}`, true);
+    // the model loaded before is still the one Generate uses: said, since "loading…" replaced its line
+    const stays = current ? `the model loaded before stays: ${current.label}` : "no model is loaded";
+    status("model-status", `cannot load: ${(e as Error).message}; ${stays}`, true);
     state.error = (e as Error).message;
   } finally {
     state.loading = false;
@@ -323,7 +328,8 @@ class Stopped extends Error {}
  * Streams n tokens into `target`: after `prompt` (which replaces what it shows), or with `from` after the text
  * it shows, from the model's state at its end; `stop()` true ends it (its tab's Stop: both tabs may generate
  * at once). With `keep` (the Generate tab's output, which Continue goes on from) the state at the new end
- * becomes `continuation` (also when the user stops it).
+ * becomes `continuation` (also when the user stops it). `speed`: the header's field for its tokens/s (the
+ * Generate tab's; the Train tab's sample shows none, since a generation may run meanwhile).
  */
 async function streamText(
   target: HTMLElement,
@@ -335,6 +341,7 @@ async function streamText(
   stop: () => boolean,
   from: Continuation | null = null,
   keep = false,
+  speed: "tps-generate" | null = null,
 ): Promise<{ text: string; tokens: number; seconds: number }> {
   let ids: number[] = [];
   if (!from) {
@@ -370,7 +377,7 @@ async function streamText(
         reply.push(...fresh[0]);
         text += decoder.push(fresh[0]);
         out.textContent = before + text;
-        showSpeed(got, (performance.now() - t0) / 1000);
+        if (speed) showSpeed(speed, got, (performance.now() - t0) / 1000);
         showMemory();
       },
     });
@@ -385,7 +392,7 @@ async function streamText(
   text += continuation?.decoder === decoder ? decoder.held() : decoder.flush();
   out.textContent = before + text;
   const seconds = (performance.now() - t0) / 1000;
-  showSpeed(got, seconds);
+  if (speed) showSpeed(speed, got, seconds);
   showMemory(); // what the generation left (its buffers are back in the pool)
   return { text, tokens: got, seconds };
 }
@@ -464,7 +471,19 @@ async function generate(continueText = false): Promise<void> {
     else dropContinuation();
     const r = await using(
       lm,
-      () => streamText($("output"), lm, tokenizer, prompt, n, sampling, () => stopGenerating, from, true),
+      () =>
+        streamText(
+          $("output"),
+          lm,
+          tokenizer,
+          prompt,
+          n,
+          sampling,
+          () => stopGenerating,
+          from,
+          true,
+          "tps-generate",
+        ),
     );
     state.lastGeneration = { prompt, ...r };
     status(
@@ -620,7 +639,7 @@ async function train(): Promise<void> {
       lastLoss = mean;
       const secs = (performance.now() - t0) / 1000;
       trainer.log.time.push([step, secs]);
-      showSpeed(step * config.batch * config.seq, secs, "training");
+      showSpeed("tps-train", step * config.batch * config.seq, secs);
       showMemory();
       status(
         "train-status",
