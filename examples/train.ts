@@ -445,7 +445,7 @@ export async function runTraining(a: TrainArgs, hooks: TrainHooks = {}): Promise
     // The loss chart goes into the checkpoint folder with the rest, replaced with it atomically. A run that
     // diverged since the last readback is refused by the save (its losses are read there), so it never
     // replaces the checkpoint of one that had not.
-    await saveTrainingCheckpoint(a.out, trainer, tokenizer, {
+    await saveTrainingCheckpoint(trainer, a.out, tokenizer, {
       dataSource,
       files: {
         "loss.json": JSON.stringify(trainer.log) + "\n",

@@ -332,7 +332,8 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
 }
 
 /**
- * Writes a complete checkpoint of a run into `dir` (Deno), replacing the previous one only once the new one
+ * Writes a complete checkpoint of `trainer`'s run into `dir` (Deno; the run first, then where, as
+ * {@linkcode saveCheckpoint}'s model and folder), replacing the previous one only once the new one
  * is complete; `options.files` adds files to it. Refuses (and writes nothing) when `dir` or `<dir>.prev` is a
  * non-empty folder that is not a checkpoint, or a checkpoint holding files its save did not write. Errors
  * name `dir`. `tokenizer` is required: the run's {@linkcode Tokenizer} (one with `toFiles()`, as
@@ -343,12 +344,21 @@ async function removeOrphans(parent: string, base: string, names: string[]): Pro
  * `training diverged` and the step, or names the tensor), and `dir` keeps what it held.
  */
 export async function saveTrainingCheckpoint(
-  dir: string,
   trainer: Trainer,
+  dir: string,
   tokenizer: Tokenizer | unknown,
   options: SaveTrainingOptions = {},
 ): Promise<void> {
   needDeno("saveTrainingCheckpoint");
+  if (!(trainer instanceof Trainer) || typeof dir !== "string") {
+    // (the folder came first until 2026-12-02: a call written so is named, not a crash inside)
+    const got = typeof trainer === "string"
+      ? "a folder name first"
+      : `a ${typeof trainer} and a ${typeof dir}`;
+    throw new Error(
+      `saveTrainingCheckpoint(trainer, dir, tokenizer): takes the Trainer first, then the folder; got ${got}`,
+    );
+  }
   const { path, parent, base } = splitDir(dir);
   let tok: { tokenizer: unknown; config?: unknown };
   try {

@@ -245,7 +245,7 @@ Deno.test("train: the loss falls, and a save that fails after writing its new fo
       }
     }, async () => {
       await assert.rejects(
-        () => saveTrainingCheckpoint(`${root}/c`, t, {}),
+        () => saveTrainingCheckpoint(t, `${root}/c`, {}),
         /cannot write checkpoint .*\/c: injected: no space left/,
       );
     });
@@ -253,7 +253,7 @@ Deno.test("train: the loss falls, and a save that fails after writing its new fo
     assert.deepEqual(await names(root), ["c"], "no .prev or temporary folder left");
     assert.deepEqual(await snapshot(`${root}/c`), before);
     // the same checkpoint through a path with `..` and `.`, into a folder that does not exist yet
-    await saveTrainingCheckpoint(`${root}/x/../c2/./`, t, {});
+    await saveTrainingCheckpoint(t, `${root}/x/../c2/./`, {});
     assert.deepEqual(await names(root), ["c", "c2"]);
     await Deno.remove(`${root}/c2`, { recursive: true });
     const back = await loadTrainingCheckpoint(`${root}/c`, t.data);
@@ -300,7 +300,7 @@ Deno.test("train: a save interrupted at any point leaves a loadable checkpoint; 
         const dir = `${root}/count/c`;
         await Deno.mkdir(`${root}/count`);
         await make(dir);
-        await withFsHook((_, op) => ops.push(op), () => saveTrainingCheckpoint(dir, t, tok));
+        await withFsHook((_, op) => ops.push(op), () => saveTrainingCheckpoint(t, dir, tok));
         assert.deepEqual(await names(`${root}/count`), ["c"], `${what}: a save leaves the folder alone`);
         await Deno.remove(`${root}/count`, { recursive: true });
       })();
@@ -318,7 +318,7 @@ Deno.test("train: a save interrupted at any point leaves a loadable checkpoint; 
         await withFsHook((n, _op, args) => {
           if (n === k && halfRemoved) Deno.removeSync(`${args[0]}/training_log.json`);
           if (n >= k) throw new Error("injected crash");
-        }, () => saveTrainingCheckpoint(dir, t, tok).catch(() => {}));
+        }, () => saveTrainingCheckpoint(t, dir, tok).catch(() => {}));
         const where = `${what}, crash at fs call ${k} of ${calls}${halfRemoved ? " (half removed)" : ""}`;
         const back = await loadTrainingCheckpoint(dir, t.data).catch((e) => {
           throw new Error(
@@ -328,7 +328,7 @@ Deno.test("train: a save interrupted at any point leaves a loadable checkpoint; 
         assert.ok(back.step === 3 || back.step === 4, `${where}: step ${back.step}`);
         back.model.dispose();
         back.dispose();
-        await saveTrainingCheckpoint(dir, t, tok);
+        await saveTrainingCheckpoint(t, dir, tok);
         assert.deepEqual(await names(at), ["c"], `${where}: the next save leaves only the checkpoint`);
         const state = JSON.parse(await Deno.readTextFile(`${dir}/training_log.json`));
         assert.equal(state.step, 4, where);
@@ -355,7 +355,7 @@ Deno.test("train: a save refuses to replace a folder that is not its checkpoint,
     await Deno.mkdir(foreign);
     await Deno.writeTextFile(`${foreign}/precious.txt`, "user data");
     await assert.rejects(
-      () => saveTrainingCheckpoint(foreign, t, {}),
+      () => saveTrainingCheckpoint(t, foreign, {}),
       /cannot write checkpoint .*\/mine: refusing to replace .*\/mine: it is not a training checkpoint \(no training_log\.json\) and holds precious\.txt/,
     );
     assert.equal(await Deno.readTextFile(`${foreign}/precious.txt`), "user data");
@@ -366,7 +366,7 @@ Deno.test("train: a save refuses to replace a folder that is not its checkpoint,
       /refusing to replace .*\/mine: it is not a training checkpoint/,
     );
     // A file, not a folder.
-    await assert.rejects(() => saveTrainingCheckpoint(`${foreign}/precious.txt`, t, {}), /it is a file/);
+    await assert.rejects(() => saveTrainingCheckpoint(t, `${foreign}/precious.txt`, {}), /it is a file/);
     // Folders named as a save's leftovers (<dir>.mambats-tmp-*, <dir>.mambats-del-*) holding what no save
     // writes are left.
     const fresh = `${root}/fresh`;
@@ -374,7 +374,7 @@ Deno.test("train: a save refuses to replace a folder that is not its checkpoint,
       await Deno.mkdir(left);
       await Deno.writeTextFile(`${left}/precious.txt`, "user data");
     }
-    await saveTrainingCheckpoint(fresh, t, {});
+    await saveTrainingCheckpoint(t, fresh, {});
     for (const left of [`${fresh}.mambats-tmp-0123abcd`, `${fresh}.mambats-del-0123abcd`]) {
       assert.equal(await Deno.readTextFile(`${left}/precious.txt`), "user data", left);
       await Deno.remove(left, { recursive: true });
@@ -385,7 +385,7 @@ Deno.test("train: a save refuses to replace a folder that is not its checkpoint,
     await saveCheckpoint(model, mine[0], null);
     await copyDir(fresh, mine[1]);
     await Deno.mkdir(mine[2]);
-    await saveTrainingCheckpoint(fresh, t, {});
+    await saveTrainingCheckpoint(t, fresh, {});
     assert.deepEqual(
       await names(root),
       ["fresh", ...mine.map((d) => d.slice(root.length + 1)), "mine"].sort(),
@@ -394,15 +394,15 @@ Deno.test("train: a save refuses to replace a folder that is not its checkpoint,
     await Deno.remove(fresh, { recursive: true });
     // A checkpoint that also holds a file its save did not write.
     const ck = `${root}/ck`;
-    await saveTrainingCheckpoint(ck, t, {}, { files: { "notes.md": "x" } });
+    await saveTrainingCheckpoint(t, ck, {}, { files: { "notes.md": "x" } });
     await Deno.writeTextFile(`${ck}/samples.txt`, "kept");
     await assert.rejects(
-      () => saveTrainingCheckpoint(ck, t, {}),
+      () => saveTrainingCheckpoint(t, ck, {}),
       /holds files the checkpoint does not: samples\.txt/,
     );
     assert.equal(await Deno.readTextFile(`${ck}/samples.txt`), "kept");
     await Deno.remove(`${ck}/samples.txt`);
-    await saveTrainingCheckpoint(ck, t, {}); // notes.md was ours: replaced
+    await saveTrainingCheckpoint(t, ck, {}); // notes.md was ours: replaced
     assert.deepEqual(await names(ck), [
       "config.json",
       "model.safetensors",
@@ -414,16 +414,16 @@ Deno.test("train: a save refuses to replace a folder that is not its checkpoint,
     await Deno.mkdir(`${ck}.prev`);
     await Deno.writeTextFile(`${ck}.prev/x.txt`, "x");
     await assert.rejects(
-      () => saveTrainingCheckpoint(ck, t, {}),
+      () => saveTrainingCheckpoint(t, ck, {}),
       /refusing to replace .*ck\.prev \(the folder a save keeps the previous checkpoint in\): it is not a training/,
     );
     assert.equal(await Deno.readTextFile(`${ck}.prev/x.txt`), "x");
     // An empty folder holds nothing to lose.
     await Deno.mkdir(`${root}/empty`);
-    await saveTrainingCheckpoint(`${root}/empty/`, t, {});
+    await saveTrainingCheckpoint(t, `${root}/empty/`, {});
     assert.ok((await names(`${root}/empty`)).includes("training_log.json"));
     await assert.rejects(
-      () => saveTrainingCheckpoint(`${root}/e2`, t, {}, { files: { "model.safetensors": "x" } }),
+      () => saveTrainingCheckpoint(t, `${root}/e2`, {}, { files: { "model.safetensors": "x" } }),
       /options.files: 'model.safetensors' must be a plain file name/,
     );
   } finally {
@@ -711,7 +711,7 @@ Deno.test("train: a loss that is not finite names its first step, and no checkpo
       upload(lm.embedding.weight.storage.buffer, 0, new Float32Array(lm.embedding.weight.size).fill(NaN));
       await t.trainStep(); // step 2's loss is NaN, read back at step 10 only (logEvery 10)
       await assert.rejects(
-        () => saveTrainingCheckpoint(`${root}/lib`, t, new ByteTokenizer()),
+        () => saveTrainingCheckpoint(t, `${root}/lib`, new ByteTokenizer()),
         new RegExp(
           `cannot write checkpoint ${root}/lib: training diverged: loss NaN at step 2; ${root}/lib keeps`,
         ),
@@ -933,9 +933,9 @@ Deno.test("train: a save not awaited writes the run as it was when called, thoug
   const dir = await Deno.makeTempDir();
   try {
     for (let i = 0; i < 4; i++) await t.trainStep(); // a loss logged, one pending
-    await saveTrainingCheckpoint(`${dir}/awaited`, t, new ByteTokenizer());
+    await saveTrainingCheckpoint(t, `${dir}/awaited`, new ByteTokenizer());
     await saveCheckpoint(model, `${dir}/model-awaited`, null);
-    const run = saveTrainingCheckpoint(`${dir}/meanwhile`, t, new ByteTokenizer());
+    const run = saveTrainingCheckpoint(t, `${dir}/meanwhile`, new ByteTokenizer());
     const plain = saveCheckpoint(model, `${dir}/model-meanwhile`, null);
     await t.trainStep();
     await t.trainStep(); // reads its losses back
@@ -980,12 +980,12 @@ Deno.test("train: a save called while a step's losses or an evaluation are read 
   try {
     await t.trainStep();
     const step = t.trainStep(); // its readback is in flight when the save is called
-    await saveTrainingCheckpoint(`${dir}/a`, t, new ByteTokenizer());
+    await saveTrainingCheckpoint(t, `${dir}/a`, new ByteTokenizer());
     await step;
     assert.equal(t.log.train.length, 1);
     assert.deepEqual(savedLog("a").train, t.log.train);
     const evaluation = t.evaluate();
-    await saveTrainingCheckpoint(`${dir}/b`, t, new ByteTokenizer());
+    await saveTrainingCheckpoint(t, `${dir}/b`, new ByteTokenizer());
     await evaluation;
     assert.equal(t.log.val.length, 1);
     assert.deepEqual(savedLog("b").val, t.log.val);
@@ -1067,16 +1067,21 @@ Deno.test("fine-tune: a pretrained checkpoint trains on its tokenizer's ids (Tok
     for (let i = 0; i < 30; i++) await t.trainStep();
     const after = await t.evaluate();
     assert.ok(after < before - 0.5, `val loss ${before} -> ${after}`);
-    await saveTrainingCheckpoint(`${root}/ft`, t, {});
+    await saveTrainingCheckpoint(t, `${root}/ft`, {});
     // no tokenizer (a model loaded without one), or one that cannot be saved: refused before anything is written
     await assert.rejects(
-      () => saveTrainingCheckpoint(`${root}/none`, t, null),
+      () => saveTrainingCheckpoint(t, `${root}/none`, null),
       /cannot write checkpoint .*none: the run's tokenizer is required, got null/,
     );
     const own = { ...lm.tokenizer!, encode: () => [], decode: () => "", toFiles: undefined };
     await assert.rejects(
-      () => saveTrainingCheckpoint(`${root}/none`, t, own),
+      () => saveTrainingCheckpoint(t, `${root}/none`, own),
       /cannot write checkpoint .*none: cannot save the tokenizer: it has no toFiles\(\)/,
+    );
+    // the argument order of before 2026-12-02 (folder first) is named, not a crash inside
+    await assert.rejects(
+      () => saveTrainingCheckpoint(`${root}/none` as never, t as never, {}),
+      /saveTrainingCheckpoint\(trainer, dir, tokenizer\): takes the Trainer first, then the folder; got a folder name first/,
     );
     assert.ok(!(await Deno.stat(`${root}/none`).then(() => true, () => false)), "nothing written");
     // a run saved with a tokenizer.json that is no tokenizer resumes with its data, not with a data function
@@ -1337,7 +1342,7 @@ Deno.test("checkpoint: a clip of Infinity and the model's scan and recompute sur
   try {
     await t.trainStep();
     const dir = `${root}/c`;
-    await saveTrainingCheckpoint(dir, t, new ByteTokenizer());
+    await saveTrainingCheckpoint(t, dir, new ByteTokenizer());
     const saved = JSON.parse(await Deno.readTextFile(`${dir}/training_log.json`));
     assert.equal(saved.train.clip, "Infinity", "JSON has no Infinity: written as a string, not null");
     assert.deepEqual(saved.model, { scan: "pscan", recompute: "input" });
@@ -1718,13 +1723,13 @@ Deno.test("train: saves not awaited replace the folder in call order; an empty f
   };
   try {
     await t.trainStep();
-    await saveTrainingCheckpoint(c, t, new ByteTokenizer());
+    await saveTrainingCheckpoint(t, c, new ByteTokenizer());
     // Three saves in flight at once (a documented pattern): each succeeds, the last called is what stays.
     for (let round = 0; round < 2; round++) {
       const saves: Promise<void>[] = [];
       for (let k = 0; k < 3; k++) {
         await t.trainStep();
-        saves.push(saveTrainingCheckpoint(c, t, new ByteTokenizer()));
+        saves.push(saveTrainingCheckpoint(t, c, new ByteTokenizer()));
       }
       await Promise.all(saves);
       assert.equal(await resumedStep(c), t.step, `round ${round}`);
@@ -1738,7 +1743,7 @@ Deno.test("train: saves not awaited replace the folder in call order; an empty f
       if (op === "rename" && to === c && from.includes(".mambats-tmp-")) {
         throw new Error("injected: no space left");
       }
-    }, () => assert.rejects(() => saveTrainingCheckpoint(c, t, new ByteTokenizer()), /injected/));
+    }, () => assert.rejects(() => saveTrainingCheckpoint(t, c, new ByteTokenizer()), /injected/));
     assert.equal(await resumedStep(c), t.step);
     // saveCheckpoint refuses the run's folder: its optimizer state and log would no longer match the weights.
     await assert.rejects(
@@ -1747,7 +1752,7 @@ Deno.test("train: saves not awaited replace the folder in call order; an empty f
     );
     // Parts of two saves (a file copied by hand): the resume refuses them, naming the ids.
     await t.trainStep();
-    await saveTrainingCheckpoint(`${root}/d`, t, new ByteTokenizer());
+    await saveTrainingCheckpoint(t, `${root}/d`, new ByteTokenizer());
     await Deno.copyFile(`${root}/d/optimizer.safetensors`, `${c}/optimizer.safetensors`);
     await assert.rejects(
       () => loadTrainingCheckpoint(c, data),
