@@ -66,7 +66,10 @@
 # is about. The `tiled128` matmul (128x128 tiles, 8x8 per invocation): its GFLOP/s in the adapter phase's
 # tuner line against register's 6.4 TFLOP/s at 2d4b27c, and its column in the matmul phase's tables at a
 # layer's shapes (whether the tuner picks it, and whether d_model 1024's products, 0.93-1.08 ms each at
-# 2d4b27c, fall). With time to spare: the generate phase (decode tokens/s).
+# 2d4b27c, fall). With time to spare: the generate phase (decode tokens/s). Since 2026-12-02 the tuners measure
+# in interleaved rounds and cache a confidence (13d0251, f63e90b): the adapter phase prints each choice's
+# `confident` and spreads; whether the 5% TIE_SPREAD suits a GPU's spreads has never been seen (a GPU whose
+# near-equal variants are never confident would re-measure at three starts in a row, then keep its choice).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DENO_VERSION=2.9.6
