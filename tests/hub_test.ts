@@ -1501,7 +1501,7 @@ Deno.test("examples/generate.ts streams text from the char folder and from a hub
   assert.equal(noPrompt.code, 0, noPrompt.err);
   await Deno.remove(dir, { recursive: true });
   // Usage.
-  assert.match((await run("--help")).out, /^Usage: deno run -A examples\/generate\.ts --model/);
+  assert.match((await run("--help")).out, /^Usage: deno task generate --model/);
   const bad = await run("--model", char, "--bogus");
   assert.equal(bad.code, 2);
   assert.match(bad.err, /Unknown option '--bogus'[^]*--help/);
