@@ -3,20 +3,21 @@
  *
  * Kernel `sample_rows`: one workgroup of WG invocations per row of logits (B, V): 64, or 256 where a row is so
  * long that 64 would loop past 65535 iterations (software adapters stop there silently; top-k and top-p
- * walk the row about 61 times: V above 68k). Greedy: argmax (first
- * index on ties, as torch.argmax). Sampling: Gumbel-max, argmax((x - max) / T + g) with g = -log(-log(u)), which
- * draws exactly from softmax(x / T); u comes from a hash of (seed, step, row, v), so a seed reproduces a
- * run. Top-k, as mamba.py's generate and HF's TopKLogitsWarper: a bisection on an order-preserving u32 key of
- * the f32 logit (32 rounds of a workgroup count) finds the k-th largest value, and every logit at least that
- * large is kept (so ties with the k-th are all kept, more than k then, where torch.topk alone would cut them
- * by index).
- * Top-p: a bisection on the logit value, from max - 104 T (below it exp((x - max) / T) is 0 in f32) up to
- * the max (24 rounds of a workgroup sum of exp((x - max) / T) over the
- * top-k set) finds the smallest set holding probability p; logits outside it are skipped (ties at its
- * edge are all kept). Min-p (HF's MinPLogitsWarper): tokens whose probability is below minP times the most
- * likely one's are skipped too, x < max + T log(minP), after top-k and top-p as HF's warpers (top-p's mass
- * is over the top-k set alone; min-p's threshold needs only the max, which neither drops). Writes the token
- * into `next` (B) and into column `step` of `all` (B, T).
+ * walk the row 66 times: V above 62912). Greedy: argmax (first index on ties, as torch.argmax; NaN logits
+ * are skipped, where torch.argmax would return a NaN's index, and a row of NaN alone is marked -1).
+ * Sampling: Gumbel-max, argmax((x - max) / T + g) with g = -log(-log(u)), which draws exactly from
+ * softmax(x / T); u comes from a hash of (seed, step, row, v), so a seed reproduces a run. Top-k, as
+ * mamba.py's generate and HF's TopKLogitsWarper: a bisection on an order-preserving u32 key of the f32 logit
+ * (32 rounds of a workgroup count) finds the k-th largest value, and every logit at least that large is kept
+ * (so ties with the k-th are all kept, more than k then, where torch.topk alone would cut them by index).
+ * Top-p: a bisection on the same key of the scaled logit s = (x - max) / T (31 rounds of a workgroup sum of
+ * exp(s) over the top-k set, from every key to key(0), the max's) finds, exactly, the smallest set of the
+ * most likely tokens holding probability p, as HF's TopPLogitsWarper; logits outside it are skipped (ties at
+ * its edge, equal s, are all kept; the max always is, as HF keeps at least one token). Min-p (HF's
+ * MinPLogitsWarper): tokens whose probability is below minP times the most likely one's are skipped too,
+ * x < max + T log(minP), after top-k and top-p as HF's warpers (top-p's mass is over the top-k set alone;
+ * min-p's threshold needs only the max, which neither drops). Writes the token into `next` (B) and into
+ * column `step` of `all` (B, T).
  * Repetition penalty (HF's RepetitionPenaltyLogitsProcessor, mamba_ssm's generate): before all of that, a
  * logit x of an id the row has seen (its bit in `seen` (B, W) u32, W = ceil(V / 32): the prompt's ids and the
  * tokens chosen so far) counts as x / penalty, or x * penalty where x < 0; the chosen id's bit is then set.
@@ -32,15 +33,18 @@ import { Tensor } from "../core/tensor.ts";
 /**
  * Loop trips one invocation runs for a row of V logits, each loop's final test counted (software adapters
  * stop an invocation silently once all its loops together pass 65535): greedy walks the row once and reduces
- * by a tree; sampling also finds the row's max and min (two trees); top-k and top-p add the bisections (32 and
- * 24 rounds, each a walk and a tree) and the top-p total (a walk and a tree), bounds that reproduce the
- * lengths at which lavapipe was measured to fail (top-k/top-p: V past 70464 at 64 invocations, 281344 at 256).
+ * by a tree; sampling also finds the row's max (a walk and a tree); top-k and top-p add the bisections (32
+ * and 31 rounds, each a walk and a tree, and the bisection loops' own 33 + 32 trips) and the top-p total (a
+ * walk and a tree). Lavapipe counts a few trips more than these loops (9 greedy, 7 sampling: added as
+ * measured); the counts reproduce the lengths at which it was measured to fail: greedy right to V 16772096
+ * at 256 invocations, wrong at 16772352; sampling right to 8385024, wrong at 8385280; top-k/top-p right to
+ * 62912 at 64 invocations and 251136 at 256, wrong at 62976 and 251392.
  */
 export function loopIterations(V: number, WG: number, mode: "greedy" | "sample" | "top"): number {
   const [walk, tree] = [Math.ceil(V / WG) + 1, Math.log2(WG) + 1];
-  if (mode === "greedy") return walk + tree;
-  if (mode === "sample") return 2 * walk + 3 * tree;
-  return 59 * walk + 60 * tree + 64;
+  if (mode === "greedy") return walk + tree + 9;
+  if (mode === "sample") return 2 * walk + 2 * tree + 7;
+  return 66 * walk + 66 * tree + 65 + 7;
 }
 
 /** The workgroup size for rows of V logits: 64, or 256 when top-k and top-p would loop past 65535 trips at 64. */
@@ -100,21 +104,20 @@ fn key(x: f32) -> u32 {
   if (x == 0.0) { return 0x80000000u; }
   return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
 }
-fn unkey(k: u32) -> f32 {
-  return bitcast<f32>(select(~k, k & 0x7fffffffu, (k & 0x80000000u) != 0u));
-}
 fn logit(row: u32, v: u32) -> f32 {
   // every read of a logit: with a penalty, one of an id the row has seen is divided by it (multiplied if < 0)
   let x = ld_x(row * P.V + v);
   if (P.penalty == 1.0 || ((ld_seen(row * P.W + (v >> 5u)) >> (v & 31u)) & 1u) == 0u) { return x; }
   return select(x / P.penalty, x * P.penalty, x < 0.0);
 }
-fn massAtLeast(row: u32, thr: f32, m: f32, kKey: u32, lid: u32) -> f32 {
-  // sum of exp((x - m) / T) over the top-k logits x >= thr (unnormalised probability mass)
+fn massAtLeast(row: u32, pKey: u32, m: f32, kKey: u32, lid: u32) -> f32 {
+  // sum of exp(s), s = (x - m) / T, over the top-k logits x with key(s) >= pKey (unnormalised probability
+  // mass; pKey 1 and up leaves out NaN, whose key is 0)
   var c = 0.0;
   for (var v = lid; v < P.V; v += ${WG}u) {
     let x = logit(row, v);
-    if (x >= thr && key(x) >= kKey) { c += exp((x - m) * P.invTemp); }
+    let s = (x - m) * P.invTemp;
+    if (key(x) >= kKey && key(s) >= pKey) { c += exp(s); }
   }
   fred[lid] = c;
   workgroupBarrier();
@@ -144,35 +147,25 @@ fn countKeyAtLeast(row: u32, k: u32, lid: u32) -> u32 {
 }`,
     body: `
   let row = group;
-  // top-k: key(x) >= kKey (0: all, NaN included; NaN is no candidate anyway); top-p: x >= thr
+  // top-k: key(x) >= kKey (0: all, NaN included; NaN is no candidate anyway); top-p: key(s) >= pKey, s the
+  // scaled logit (x - max) / T; min-p: x >= thr
   var kKey = 0u;
+  var pKey = 0u;
   var thr = -3.4028234663852886e38;
   let useK = P.topK > 0u && P.topK < P.V;
   let useP = P.topP < 1.0;
   var rowMax = 0.0; // sampling scores (x - rowMax) / T: no overflow however small T is
   if (P.greedy == 0u) {
-    var lo = 3.4028234663852886e38;
     var hi = -3.4028234663852886e38;
-    for (var v = lid; v < P.V; v += ${WG}u) { let x = logit(row, v); lo = min(lo, x); hi = max(hi, x); }
-    bestV[lid] = lo;
-    workgroupBarrier();
-    for (var s = ${WG / 2}u; s > 0u; s = s >> 1u) {
-      if (lid < s) { bestV[lid] = min(bestV[lid], bestV[lid + s]); }
-      workgroupBarrier();
-    }
-    lo = bestV[0];
-    workgroupBarrier();
+    for (var v = lid; v < P.V; v += ${WG}u) { hi = max(hi, logit(row, v)); }
     bestV[lid] = hi;
     workgroupBarrier();
     for (var s = ${WG / 2}u; s > 0u; s = s >> 1u) {
       if (lid < s) { bestV[lid] = max(bestV[lid], bestV[lid + s]); }
       workgroupBarrier();
     }
-    hi = bestV[0];
+    rowMax = bestV[0];
     workgroupBarrier();
-    let rowMin = lo;
-    rowMax = hi;
-    var thrK = -3.4028234663852886e38;
     if (useK) {
       // the largest key with count(key >= it) >= k: the k-th largest logit's
       var klo = 0u;
@@ -183,19 +176,21 @@ fn countKeyAtLeast(row: u32, k: u32, lid: u32) -> u32 {
         if (countKeyAtLeast(row, mid, lid) >= P.topK) { klo = mid; } else { khi = mid - 1u; }
       }
       kKey = klo;
-      thrK = unkey(klo);
     }
     if (useP) {
-      let total = massAtLeast(row, thrK, rowMax, kKey, lid); // mass left after top-k
-      // below rowMax - 104 T, exp((x - rowMax) / T) is 0 in f32: starting there keeps the 24 rounds among
-      // the candidates when a row holds -inf or a far outlier
-      var plo = max(max(rowMin, thrK), rowMax - 104.0 / P.invTemp);
-      var phi = rowMax;
-      for (var it = 0u; it < 24u; it++) {
-        let mid = plo + (phi - plo) * 0.5;
-        if (massAtLeast(row, mid, rowMax, kKey, lid) >= P.topP * total) { plo = mid; } else { phi = mid; }
+      // the largest key of a score s with mass(key(s) >= it) >= p of the mass left after top-k: exactly, as
+      // the scores' keys are integers. From 1 (every score but NaN's: the whole mass) up to key(0), the max's
+      // score, which is so always kept (when p times the mass is 0 in f32, the max and its ties alone, as
+      // HF keeps at least one token): 2^31 keys, 31 rounds.
+      let want = P.topP * massAtLeast(row, 1u, rowMax, kKey, lid);
+      var plo = 1u;
+      var phi = 0x80000000u;
+      for (var it = 0u; it < 31u; it++) {
+        let d = phi - plo;
+        let mid = plo + (d >> 1u) + (d & 1u);
+        if (massAtLeast(row, mid, rowMax, kKey, lid) >= want) { plo = mid; } else { phi = mid - 1u; }
       }
-      thr = plo;
+      pKey = plo;
     }
     // min-p: exp((x - max) / T) >= minP
     if (P.minP > 0.0) { thr = max(thr, rowMax + log(P.minP) / P.invTemp); }
@@ -212,14 +207,15 @@ fn countKeyAtLeast(row: u32, k: u32, lid: u32) -> u32 {
     let x = logit(row, v);
     var score = x;
     if (P.greedy == 0u) {
-      if (x < thr || key(x) < kKey) { continue; }
+      let s = (x - rowMax) * P.invTemp;
+      if (x < thr || key(x) < kKey || key(s) < pKey) { continue; }
       // Gumbel noise -log(-log(u)) from u in (0, 1): 23 bits, so that 0.5 + (2^23 - 1) stays below 2^23 in f32
       // (24 bits rounded u to 1.0 once in 2^24 draws: an infinite score, a uniformly random token once in about
       // 330 at a 50k vocabulary); and -log(u) kept above 0 where log rounds u near 1 to 0. The row is hashed
       // apart from the token id (row * 65599 + v made row r + 1's noise row r's past 65599 tokens).
       let h = hash(seed ^ hash((P.step * 0x9E3779B9u) ^ hash(hash(v) ^ hash(row + 0x85EBCA6Bu))));
       let u = (f32(h >> 9u) + 0.5) / 8388608.0;
-      score = (x - rowMax) * P.invTemp - log(max(-log(u), 2.98e-8));
+      score = s - log(max(-log(u), 2.98e-8));
     }
     // a NaN score (a NaN logit, or inf - inf) is no candidate, nor when sampling one of probability 0 (a score
     // of -inf: beside a logit of +inf, every finite one): tested by its bits, as WGSL lets a compiler assume
@@ -262,7 +258,9 @@ export interface SampleOptions {
   /** Keep only the k most likely tokens before sampling, and every token tied with the k-th (as mamba.py's
    * generate and HF's TopKLogitsWarper); 0 or undefined: all. */
   topK?: number;
-  /** Nucleus sampling: keep the most likely tokens whose probability adds up to at least p (1: all). */
+  /** Nucleus sampling, in (0, 1]: keep the fewest most likely tokens whose probability (after top-k) adds up
+   * to at least p, as HF's TopPLogitsWarper (1: all). The cut is exact; tokens tied with the last one kept are
+   * kept too, and the most likely always is. */
   topP?: number;
   /** Min-p sampling (HF's `min_p`): keep the tokens at least minP times as likely as the most likely one, in
    * [0, 1] (0: all). */
@@ -410,7 +408,7 @@ export function sampleInto(
     const what = { greedy: "greedy decoding", sample: "sampling", top: "top-k/top-p" }[mode];
     throw new Error(
       `generate: ${what} over ${V} logits would loop ${trips} times per invocation, past the 65535 a ` +
-        "software adapter runs (top-k/top-p: at most about 281k logits; sampling 8.3M; greedy 16.7M)",
+        "software adapter runs (top-k/top-p: at most about 251k logits; sampling 8.3M; greedy 16.7M)",
     );
   }
   // without a penalty the kernel neither reads nor writes the mask: any buffer of its own will do

@@ -1162,8 +1162,8 @@ Deno.test("min-p keeps the tokens at least minP times as likely as the best (aft
 
 Deno.test("top-p with -inf or far outliers in the row, and temperatures too small for 1 / T in f32", async () => {
   await init();
-  // token 1 holds 0.91 of the mass (0.95 in the third row): the nucleus of 0.5 (0.9) is {1} alone. The
-  // bisection starts 104 T below the max: from the row's minimum, 24 rounds never got near the logits.
+  // token 1 holds 0.91 of the mass (0.95 in the third row): the nucleus of 0.5 (0.9) is {1} alone. (When the
+  // search halved logit values, from the row's minimum 24 rounds never got near the logits.)
   // 1 / 1e-40 overflows f32: scores (x - max) / T stay finite, so the draw tends to the argmax (ties
   // split), not to the first positive logit or the last id.
   await assertSampledSets([
@@ -1174,6 +1174,34 @@ Deno.test("top-p with -inf or far outliers in the row, and temperatures too smal
     [[-3, -0.5, -2, -1], { temperature: 1e-40 }, [1]],
     [[5, 1, 5, -2], { temperature: 1e-40 }, [0, 2]],
     [[5, 1, 5, -2], { temperature: 1e-40, topP: 0.9 }, [0, 2]],
+  ]);
+});
+
+Deno.test("top-p cuts exactly where the sorted mass reaches p, as HF: a token a few ulps below the last one kept is dropped", async () => {
+  await init();
+  // Token 2's probability is token 1's (0.3) less a hair; p = 0.65 of the mass (1.15 in all) is reached with
+  // tokens 0 and 1, so HF's TopPLogitsWarper keeps those two alone. The cut was found by halving logit values
+  // 24 times between max - 104 T and max, within 6.2e-6 T: token 2 was kept with d = 9.5e-7 and 3.9e-6
+  // (drawn in about a third of the rows). Now on the f32 keys of the scaled logits, exactly.
+  const x1 = Math.fround(Math.log(0.3));
+  const below = (v: number) => { // the next f32 below v < 0
+    const b = new Float32Array([v]);
+    new Int32Array(b.buffer)[0]++;
+    return b[0];
+  };
+  const row = (x2: number) => [Math.log(0.5), x1, x2, Math.log(0.05), -1000];
+  await assertSampledSets([
+    [row(Math.log(0.3) - 9.5e-7), { topP: 0.65 }, [0, 1]],
+    [row(Math.log(0.3) - 3.9e-6), { topP: 0.65 }, [0, 1]],
+    [row(Math.log(0.3) - 6e-6), { topP: 0.65 }, [0, 1]],
+    [row(below(x1)), { topP: 0.65 }, [0, 1]], // one ulp below
+    [row(below(x1)), { topP: 0.55, temperature: 3 }, [0, 1]], // at T 3 tokens 0 and 1 hold 0.585 of the mass
+    [row(x1), { topP: 0.65 }, [0, 1, 2]], // an exact tie at the cut: both kept (documented)
+    // at T 1e-40 every exp((x - max) / T) but the max's is 0: the max alone
+    [row(below(x1)), { topP: 0.99, temperature: 1e-40 }, [0]],
+    // p so small that p times the mass is 0 in f32: the most likely token still (HF keeps at least one)
+    [row(below(x1)), { topP: 1e-50 }, [0]],
+    [[2, 7, 7, 1], { topP: 1e-50 }, [1, 2]],
   ]);
 });
 
@@ -1234,33 +1262,42 @@ Deno.test("greedy decoding takes the first of tied maxima, as torch.argmax: in o
 Deno.test("top-k and top-p over a 100k vocabulary: a wider workgroup keeps every loop under 65535 iterations", async () => {
   await init();
   const { loopIterations, sampleWorkgroup } = await import("../mamba/sampling.ts");
-  const [R, V] = [4, 100_000];
+  const R = 4;
   assert.equal(sampleWorkgroup(50_280), 64, "the hub models' vocabulary keeps 64 invocations");
-  assert.equal(sampleWorkgroup(V), 256);
+  assert.equal(sampleWorkgroup(100_000), 256);
   // lavapipe (trips counted with each loop's last test) kept the right token at these lengths and lost it
-  // one size class up: top-k/top-p at 64 invocations to V 70464, not 70528, and at 256 to 281344, not 281600
-  // (2026-12-01, since top-k keeps its ties: no tie walks); greedy to 16742400, not 16793600; sampling to
-  // 8371200, not 8396800 (measured with repro scripts, 2026-11-30)
+  // one size class up (measured with repro scripts since top-p's exact search of 31 rounds, which moved the
+  // top-k/top-p limits from 70464 and 281344): top-k/top-p at 64 invocations to V 62912, not 62976, and at
+  // 256 to 251136, not 251392; greedy to 16772096, not 16772352; sampling to 8385024, not 8385280
   const fits = (V: number, WG: number, mode: "greedy" | "sample" | "top") =>
     loopIterations(V, WG, mode) <= 65535;
-  assert.deepEqual([fits(70_464, 64, "top"), fits(70_528, 64, "top")], [true, false]);
-  assert.deepEqual([fits(281_344, 256, "top"), fits(281_600, 256, "top")], [true, false]);
-  assert.deepEqual([fits(16_742_400, 256, "greedy"), fits(16_793_600, 256, "greedy")], [true, false]);
-  assert.deepEqual([fits(8_371_200, 256, "sample"), fits(8_396_800, 256, "sample")], [true, false]);
-  assert.equal(sampleWorkgroup(70_528), 256, "past 64 invocations' limit: 256");
-  // distinct logits with each row's maximum somewhere else
-  const host = new Float32Array(R * V).map((_, i) => Math.sin(i * 12.9898) * 0.5);
-  const peaks = [99_999, 7, 65_000, 50_001];
-  peaks.forEach((v, r) => (host[r * V + v] = 3));
-  const logits = tensor(host, [R, V]);
-  for (const o of [{ topK: 1 }, { topP: 1e-6 }, { topK: 2, topP: 0.5, temperature: 0.1 }]) {
-    const next = zeros([R], { dtype: "i32" });
-    const all = zeros([R, 1], { dtype: "i32" });
-    sampleInto(logits, next, all, 0, { ...sampleParams({ sample: true, ...o }), seed: 11 });
-    assert.deepEqual([...await next.toArray()], peaks, JSON.stringify(o));
-    dispose([next, all]);
+  assert.deepEqual([fits(62_912, 64, "top"), fits(62_976, 64, "top")], [true, false]);
+  assert.deepEqual([fits(251_136, 256, "top"), fits(251_392, 256, "top")], [true, false]);
+  assert.deepEqual([fits(16_772_096, 256, "greedy"), fits(16_772_352, 256, "greedy")], [true, false]);
+  assert.deepEqual([fits(8_385_024, 256, "sample"), fits(8_385_280, 256, "sample")], [true, false]);
+  assert.equal(sampleWorkgroup(62_912), 64);
+  assert.equal(sampleWorkgroup(62_976), 256, "past 64 invocations' limit: 256");
+  // distinct logits with each row's maximum somewhere else (the last id's among them), at 256 invocations
+  // and at the longest row 64 take
+  const rows: [number, number[]][] = [[100_000, [99_999, 7, 65_000, 50_001]], [62_912, [
+    62_911,
+    7,
+    62_000,
+    31_001,
+  ]]];
+  for (const [V, peaks] of rows) {
+    const host = new Float32Array(R * V).map((_, i) => Math.sin(i * 12.9898) * 0.5);
+    peaks.forEach((v, r) => (host[r * V + v] = 3));
+    const logits = tensor(host, [R, V]);
+    for (const o of [{ topK: 1 }, { topP: 1e-6 }, { topK: 2, topP: 0.5, temperature: 0.1 }]) {
+      const next = zeros([R], { dtype: "i32" });
+      const all = zeros([R, 1], { dtype: "i32" });
+      sampleInto(logits, next, all, 0, { ...sampleParams({ sample: true, ...o }), seed: 11 });
+      assert.deepEqual([...await next.toArray()], peaks, `V ${V}: ${JSON.stringify(o)}`);
+      dispose([next, all]);
+    }
+    logits.dispose();
   }
-  logits.dispose();
   if (deviceInfo().isFallbackAdapter) {
     // past what even 256 invocations walk within the limit: a clear error, not a silently wrong token
     const wide = zeros([1, 300_000]);
