@@ -716,10 +716,15 @@ export class MambaLM extends Module {
         for (let t = done; t < end; t++) {
           if (rows[b][t] < 0) {
             // the sampler's mark for a row of logits with no token to choose
+            const penalty = params.repetitionPenalty;
             throw new Error(
               `generate: row ${b}, token ${t}: the logits had no token to choose (NaN${
                 params.greedy ? "" : ", or an infinity when sampling"
-              }: a diverged model?)`,
+              }: a diverged model?${
+                params.greedy || penalty >= 1
+                  ? ""
+                  : ` Or repetitionPenalty ${penalty}, which divides a seen token's logit, took it past f32's range`
+              })`,
             );
           }
           if (stops.has(rows[b][t])) [end, ended[b]] = [t + 1, t + 1];

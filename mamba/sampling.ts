@@ -54,6 +54,7 @@ export function sampleWorkgroup(V: number): number {
 
 const kernels = new Map<number, Kernel>();
 const F32_MAX = 3.4028234663852886e38;
+const F32_MIN_NORMAL = 2 ** -126;
 
 function sampleKernel(WG: number): Kernel {
   let k = kernels.get(WG);
@@ -265,12 +266,16 @@ export interface SampleOptions {
   /** Min-p sampling (HF's `min_p`): keep the tokens at least minP times as likely as the most likely one, in
    * [0, 1] (0: all). */
   minP?: number;
-  /** Softmax temperature, > 0 (1). */
+  /** Softmax temperature, > 0 and at most 2^126 (1 / temperature is an f32 in the sampler: past 2^126 it
+   * would be subnormal, 0 on GPUs that flush those, and sampling uniform); default 1. A temperature below
+   * about 2.9e-39, where 1 / temperature overflows f32, samples as one just above: the argmax, ties drawn
+   * evenly. */
   temperature?: number;
   /**
-   * Repetition penalty, a finite number > 0 (1: none), as HF's `repetition_penalty` and mamba_ssm's generate: the logit x of
-   * every id already in the row (prompt or output) counts as x / penalty, or x * penalty where x < 0, before
-   * anything else. Greedy decoding too: it is not a sampling option.
+   * Repetition penalty, in f32's normal range [1.1754944e-38, 3.4028235e+38] (it is an f32 in the sampler)
+   * (1: none), as HF's `repetition_penalty` and mamba_ssm's generate: the logit x of every id already in the
+   * row (prompt or output) counts as x / penalty, or x * penalty where x < 0, before anything else. Greedy
+   * decoding too: it is not a sampling option.
    */
   repetitionPenalty?: number;
   /**
@@ -323,8 +328,15 @@ export function sampleParams(o: SampleOptions): SampleParams {
     }
   }
   const temperature = o.temperature ?? 1;
-  if (typeof temperature !== "number" || !(temperature > 0)) {
-    throw new Error(`generate: temperature must be a number > 0, got ${show(temperature)}`);
+  // the sampler multiplies by 1 / temperature, an f32: at most F32_MAX (smaller temperatures sample as the
+  // smallest above), and normal, or a GPU that flushes subnormals would sample uniformly (Infinity did)
+  if (
+    typeof temperature !== "number" || !(temperature > 0 && Math.fround(1 / temperature) >= F32_MIN_NORMAL)
+  ) {
+    throw new Error(
+      `generate: temperature must be a number > 0 and at most 2^126 (8.507059e+37: 1 / temperature is an f32 ` +
+        `normal in the sampler), got ${show(temperature)}`,
+    );
   }
   const topK = o.topK ?? 0;
   if (!Number.isInteger(topK) || topK < 0 || topK > 0xffffffff) {
@@ -339,9 +351,12 @@ export function sampleParams(o: SampleOptions): SampleParams {
     throw new Error(`generate: minP must be a number in [0, 1], got ${show(minP)}`);
   }
   const repetitionPenalty = o.repetitionPenalty ?? 1;
-  if (typeof repetitionPenalty !== "number" || !(repetitionPenalty > 0 && repetitionPenalty < Infinity)) {
+  // an f32 in the sampler: 1e-50 was 0 there (seen logits divided by it: infinities), 1e39 infinity
+  const penalty32 = typeof repetitionPenalty === "number" ? Math.fround(repetitionPenalty) : NaN;
+  if (!(penalty32 >= F32_MIN_NORMAL && penalty32 <= F32_MAX)) {
     throw new Error(
-      `generate: repetitionPenalty must be a finite number > 0, got ${show(repetitionPenalty)}`,
+      "generate: repetitionPenalty must be a number in f32's normal range [1.1754944e-38, 3.4028235e+38] " +
+        `(it is an f32 in the sampler), got ${show(repetitionPenalty)}`,
     );
   }
   if (o.seed !== undefined && !Number.isSafeInteger(o.seed)) {

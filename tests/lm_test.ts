@@ -478,7 +478,7 @@ Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", 
   assert.throws(() => lm.tokensTensor([[1.5]]), /is not an integer/);
   await assert.rejects(
     () => lm.generate(prompt, 2, { temperature: 0, sample: true }),
-    /temperature must be a number > 0, got 0/,
+    /temperature must be a number > 0 and at most 2\^126 \(8.507059e\+37: 1 \/ temperature is an f32 normal in the sampler\), got 0/,
   );
   lm.dispose();
   assert.throws(() => parseCheckpointConfig({ model_type: "llama", hidden_size: 8 }), /not a Mamba/);
@@ -872,23 +872,54 @@ Deno.test("generate: options are checked before any work; sampling options need 
         { sample: true, topK: 1e10 },
         /topK must be an integer from 0 to 2\^32 - 1 \(0: all\), got 10000000000/,
       ],
-      [{ sample: true, temperature: "1" }, /temperature must be a number > 0, got "1"/],
+      [{ sample: true, temperature: "1" }, /temperature must be a number > 0 and at most 2\^126 .*, got "1"/],
+      // 1 / temperature, an f32 in the sampler, would be 0 (Infinity sampled uniformly) or subnormal
+      [
+        { sample: true, temperature: Infinity },
+        /temperature must be a number > 0 and at most 2\^126 .*, got Infinity/,
+      ],
+      [{ sample: true, temperature: 1e38 }, /temperature must be .*, got 1e\+38/],
       [{ sample: true, seed: 0.5 }, /seed must be an integer within ±\(2\^53 - 1\), got 0.5/],
       [{ readEvery: NaN }, /readEvery must be a positive integer or Infinity, got NaN/],
       [{ readEvery: 2.5 }, /readEvery must be a positive integer or Infinity, got 2.5/],
       [{ topk: 3 }, /unknown option 'topk'/],
       [{ minP: 0.1 }, /minP is a sampling option but sample is not set/],
       [{ sample: true, minP: 1.5 }, /minP must be a number in \[0, 1\], got 1.5/],
-      [{ repetitionPenalty: 0 }, /repetitionPenalty must be a finite number > 0, got 0/],
-      [{ repetitionPenalty: Infinity }, /repetitionPenalty must be a finite number > 0, got Infinity/],
+      [{ repetitionPenalty: 0 }, /repetitionPenalty must be a number in f32's normal range .*, got 0/],
+      [
+        { repetitionPenalty: Infinity },
+        /repetitionPenalty must be a number in f32's normal range .*, got Infinity/,
+      ],
       [
         { sample: true, repetitionPenalty: "1.2" },
-        /repetitionPenalty must be a finite number > 0, got "1.2"/,
+        /repetitionPenalty must be a number in f32's normal range .*, got "1.2"/,
+      ],
+      // an f32 in the sampler: 1e-50 was 0 there (a seen logit over it infinite), 1e39 infinite, 1e-40 subnormal
+      [
+        { repetitionPenalty: 1e-50 },
+        /repetitionPenalty must be a number in f32's normal range \[1.1754944e-38, 3.4028235e\+38\] \(it is an f32 in the sampler\), got 1e-50/,
+      ],
+      [
+        { repetitionPenalty: 1e39 },
+        /repetitionPenalty must be a number in f32's normal range .*, got 1e\+39/,
+      ],
+      [
+        { repetitionPenalty: 1e-40 },
+        /repetitionPenalty must be a number in f32's normal range .*, got 1e-40/,
       ],
     ] as const
   ) {
     await assert.rejects(() => lm.generate(prompt, 4, o as never), msg);
   }
+  // the ends of the ranges are accepted (a temperature below f32's reach samples as the argmax, by design)
+  for (
+    const o of [
+      { repetitionPenalty: 2 ** -126 },
+      { repetitionPenalty: 3.4028234663852886e38 },
+      { sample: true, temperature: 2 ** 126 },
+      { sample: true, temperature: 1e-300 },
+    ]
+  ) sampleParams(o);
   await assert.rejects(() => lm.generate(prompt, 2.5), /nTokens must be a non-negative integer, got 2.5/);
   await assert.rejects(() => lm.generate(prompt, NaN), /nTokens must be a non-negative integer, got NaN/); // not null
   await assert.rejects(() => lm.generate(prompt, 2, null as never), /options must be an object, got null/);
@@ -1092,6 +1123,17 @@ Deno.test("logits with no token to choose (NaN; infinities when sampling) are na
     /generate: row 0, token 0: the logits had no token to choose \(NaN: a diverged model\?\)/,
   );
   lm.dispose();
+  // a repetition penalty below 1 divides a seen logit past f32's range (above 4.08 at 2^-126): named with it
+  const big = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 16 });
+  big.loadStateDict({ "norm_f.weight": { shape: [8], data: new Float32Array(8).fill(1e4) } }, {
+    strict: false,
+  });
+  const every = [Array.from({ length: 16 }, (_, i) => i)];
+  await assert.rejects(
+    () => big.generate(every, 2, { sample: true, seed: 1, repetitionPenalty: 2 ** -126, readEvery: 1 }),
+    /no token to choose \(NaN, or an infinity when sampling: a diverged model\? Or repetitionPenalty 1.1754943508222875e-38, which divides a seen token's logit, took it past f32's range\)/,
+  );
+  big.dispose();
 });
 
 Deno.test("top-k keeps the k largest logits and every logit tied with the k-th (as mamba.py and HF)", async () => {
