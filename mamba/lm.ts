@@ -8,7 +8,7 @@ import { disposeWithGraph, isGradEnabled, noGrad } from "../core/autograd.ts";
 import { tensor, zeros } from "../core/creation.ts";
 import { readSpans } from "../core/executor.ts";
 import { cat, matmul, narrow, rmsNormMatmul } from "../core/ops/index.ts";
-import { checkOptionKeys } from "../core/options.ts";
+import { checkOptionKeys, showValue } from "../core/options.ts";
 import { fmt } from "../core/shape.ts";
 import { dispose, keep, Tensor, tidy } from "../core/tensor.ts";
 import { normal } from "../nn/init.ts";
@@ -73,9 +73,18 @@ export interface GenerateOptions extends SampleOptions {
   /**
    * Token ids that end a row (e.g. the tokenizer's end of text, as HF's eos_token_id): a row ends with its
    * first one (kept, as HF keeps it), and decoding stops at the first readback where every row has ended, so
-   * rows may be shorter than nTokens. Default none.
+   * rows may be shorter than nTokens. A number array or a typed array of integers (an Int32Array row of
+   * generate's, a tokenizer's Uint32Array). Default none.
    */
-  stopTokens?: readonly number[];
+  stopTokens?:
+    | readonly number[]
+    | Int32Array
+    | Uint32Array
+    | Uint16Array
+    | Int16Array
+    | Uint8Array
+    | Uint8ClampedArray
+    | Int8Array;
   /**
    * Prompt tokens per forward of the prompt, a positive integer or Infinity (the default: the whole prompt in
    * one forward). A long prompt then runs in chunks, each from the caches of those before
@@ -93,8 +102,19 @@ export interface GenerateOptions extends SampleOptions {
 }
 
 const LM_OPTION_KEYS = ["vocabSize", "padVocabSizeMultiple", "tieEmbeddings", "paddingIdx", "weightDtype"];
-// A value for a message: numbers as JavaScript writes them (NaN, Infinity), anything else as JSON.
-const show = (v: unknown) => typeof v === "number" ? String(v) : JSON.stringify(v);
+// A value for a message: numbers as JavaScript writes them (NaN, Infinity), strings quoted, other things by
+// their type ("a Set"), arrays and typed arrays with their elements.
+const show = showValue;
+/** Typed arrays of integers that stopTokens takes besides a number array. */
+const ID_ARRAYS = [
+  Int8Array,
+  Uint8Array,
+  Uint8ClampedArray,
+  Int16Array,
+  Uint16Array,
+  Int32Array,
+  Uint32Array,
+];
 const GENERATE_OPTION_KEYS = [
   "sample",
   "topK",
@@ -121,7 +141,7 @@ function lmOptions(
   weightDtype: WeightDtype;
 } {
   if (typeof o !== "object" || o === null) {
-    throw new Error(`MambaLM: options must be an object with vocabSize, got ${o}`);
+    throw new Error(`MambaLM: options must be an object with vocabSize, got ${show(o)}`);
   }
   for (const k of Object.keys(o)) {
     if (!LM_OPTION_KEYS.includes(k)) {
@@ -349,7 +369,7 @@ export class MambaLM extends Module {
         `MambaLM: tokens must be an i32 (B, L) tensor or an array of B rows of ids, got ${
           ArrayBuffer.isView(tokens)
             ? `a flat ${tokens.constructor.name} (wrap it as [ids] for one row)`
-            : String(tokens)
+            : show(tokens)
         }`,
       );
     }
@@ -370,13 +390,15 @@ export class MambaLM extends Module {
   private checkRow(r: unknown, b: number): void {
     if (!Array.isArray(r) && !(r instanceof Int32Array)) {
       throw new Error(
-        `MambaLM: token row ${b} must be an array of ids or an Int32Array, got ${r}` +
+        `MambaLM: token row ${b} must be an array of ids or an Int32Array, got ${show(r)}` +
           (typeof r === "number" ? " (one row of ids is [ids])" : ""),
       );
     }
     for (let t = 0; t < r.length; t++) {
       const id = r[t];
-      if (!Number.isInteger(id)) throw new Error(`MambaLM: token [${b}][${t}] = ${id} is not an integer`);
+      if (!Number.isInteger(id)) {
+        throw new Error(`MambaLM: token [${b}][${t}] = ${show(id)} is not an integer`);
+      }
       this.checkId(id, b, t);
     }
   }
@@ -632,27 +654,29 @@ export class MambaLM extends Module {
     const params = sampleParams(options);
     const readEvery = options.readEvery ?? 16;
     if (!(Number.isInteger(readEvery) && readEvery >= 1) && readEvery !== Infinity) {
-      throw new Error(`generate: readEvery must be a positive integer or Infinity, got ${readEvery}`);
+      throw new Error(`generate: readEvery must be a positive integer or Infinity, got ${show(readEvery)}`);
     }
     if (options.onTokens !== undefined && typeof options.onTokens !== "function") {
-      throw new Error(`generate: onTokens must be a function, got ${options.onTokens}`);
+      throw new Error(`generate: onTokens must be a function, got ${show(options.onTokens)}`);
     }
-    const stopList = options.stopTokens ?? [];
+    const stopList: unknown = options.stopTokens ?? [];
+    const isList = Array.isArray(stopList) || ID_ARRAYS.some((T) => stopList instanceof T);
+    const ids = isList ? Array.from(stopList as ArrayLike<unknown>) : [];
     if (
-      !Array.isArray(stopList) || !stopList.every((t) => Number.isInteger(t) && t >= 0 && t < this.vocabSize)
+      !isList ||
+      !ids.every((t) => Number.isInteger(t) && (t as number) >= 0 && (t as number) < this.vocabSize)
     ) {
       // [tok.specialTokens.eos] with a tokenizer that declares no eos (a char model's) is the usual way here.
-      const hint = Array.isArray(stopList) && stopList.some((t) => t === null || t === undefined)
+      const hint = ids.some((t) => t === null || t === undefined)
         ? " (a null or undefined id: is it a tokenizer's specialTokens.eos, which is null for one that declares " +
           "no end-of-text token? Leave it out, or choose a stop id of your own)"
         : "";
       throw new Error(
-        `generate: stopTokens must be a list of token ids in [0, ${this.vocabSize}), got ${
-          show(stopList)
-        }${hint}`,
+        `generate: stopTokens must be a list of token ids in [0, ${this.vocabSize}) (an array, or a typed ` +
+          `array of integers), got ${show(stopList)}${hint}`,
       );
     }
-    const stops = new Set(stopList);
+    const stops = new Set(ids as number[]);
     const prefillChunk = options.prefillChunk ?? Infinity;
     if (!(Number.isInteger(prefillChunk) && prefillChunk >= 1) && prefillChunk !== Infinity) {
       throw new Error(

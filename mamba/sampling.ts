@@ -27,6 +27,7 @@
 
 import { deviceInfo } from "../core/device.ts";
 import { defineKernel, dispatch, type Kernel } from "../core/kernel.ts";
+import { showValue } from "../core/options.ts";
 import { streamFor } from "../core/random.ts";
 import { Tensor } from "../core/tensor.ts";
 
@@ -309,13 +310,14 @@ export interface SampleParams {
 
 const SAMPLING_ONLY = ["temperature", "topK", "topP", "minP", "seed"] as const;
 
-/** A value for a message: numbers as JavaScript writes them (1e+21, NaN), anything else as JSON ("1"). */
-const show = (v: unknown) => (typeof v === "number" ? String(v) : JSON.stringify(v));
+/** A value for a message: numbers as JavaScript writes them (1e+21, NaN), strings quoted ("1"), other things
+ * by their type. */
+const show = showValue;
 
 /** Validates sampling options before any work starts; errors name the option and the value. */
 export function sampleParams(o: SampleOptions): SampleParams {
   if (o.sample !== undefined && typeof o.sample !== "boolean") {
-    throw new Error(`generate: sample must be a boolean, got ${JSON.stringify(o.sample)}`);
+    throw new Error(`generate: sample must be a boolean, got ${show(o.sample)}`);
   }
   if (o.sample === undefined) {
     const given = SAMPLING_ONLY.filter((k) => o[k] !== undefined);

@@ -476,6 +476,17 @@ Deno.test("sampling is seeded, respects topK and bad inputs give clear errors", 
     /token \[0\]\[1\] = 300 is outside the vocabulary \[0, 256\)/,
   );
   assert.throws(() => lm.tokensTensor([[1.5]]), /is not an integer/);
+  // values shown as what they are: a string quoted, an object by its type (they read 1 and [object Object])
+  assert.throws(() => lm.tokensTensor([[1, "1" as never]]), /token \[0\]\[1\] = "1" is not an integer/);
+  assert.throws(
+    () => lm.tokensTensor([{} as never]),
+    /token row 0 must be an array of ids or an Int32Array, got an object$/,
+  );
+  assert.throws(
+    () => lm.tokensTensor([Uint32Array.of(1, 2) as never]),
+    /token row 0 must be an array of ids or an Int32Array, got a Uint32Array \[1,2\]$/,
+  );
+  assert.throws(() => new MambaLM({ dModel: 8, nLayers: 1 }, "x" as never), /with vocabSize, got "x"$/);
   await assert.rejects(
     () => lm.generate(prompt, 2, { temperature: 0, sample: true }),
     /temperature must be a number > 0 and at most 2\^126 \(8.507059e\+37: 1 \/ temperature is an f32 normal in the sampler\), got 0/,
@@ -882,6 +893,11 @@ Deno.test("generate: options are checked before any work; sampling options need 
       [{ sample: true, seed: 0.5 }, /seed must be an integer within ±\(2\^53 - 1\), got 0.5/],
       [{ readEvery: NaN }, /readEvery must be a positive integer or Infinity, got NaN/],
       [{ readEvery: 2.5 }, /readEvery must be a positive integer or Infinity, got 2.5/],
+      // a string shows quoted, an object by its type (they read 4 and [object Object])
+      [{ readEvery: "4" }, /readEvery must be a positive integer or Infinity, got "4"$/],
+      [{ onTokens: { a: 1 } }, /onTokens must be a function, got an object$/],
+      [{ onTokens: [1] }, /onTokens must be a function, got \[1\]$/],
+      [{ prefillChunk: new Map() }, /prefillChunk must be a positive integer or Infinity, got a Map$/],
       [{ topk: 3 }, /unknown option 'topk'/],
       [{ minP: 0.1 }, /minP is a sampling option but sample is not set/],
       [{ sample: true, minP: 1.5 }, /minP must be a number in \[0, 1\], got 1.5/],
@@ -1084,12 +1100,32 @@ Deno.test("generate: stopTokens end each row at its first one (kept) and stop de
   assert.equal(drawn, 8, "8 tokens drawn: decoding stopped at the readback of the 8th, not a step later");
   await assert.rejects(
     () => lm.generate(prompt, 4, { stopTokens: [32] }),
-    /stopTokens must be a list of token ids in \[0, 32\), got \[32\]/,
+    /stopTokens must be a list of token ids in \[0, 32\) \(an array, or a typed array of integers\), got \[32\]$/,
   );
   await assert.rejects(
     () => lm.generate(prompt, 4, { stopTokens: 3 as unknown as number[] }),
-    /stopTokens must be a list/,
+    /stopTokens must be a list of token ids in \[0, 32\) \(.*\), got 3$/,
   );
+  // typed arrays of ids are lists too (generate returns Int32Array rows); other containers are named (a Set
+  // read as {}, an Int32Array as {"0":1})
+  for (const ids of [Int32Array.from(stops), Uint32Array.from(stops), Uint16Array.from(stops)]) {
+    const rows = await lm.generate(prompt, 40, { sample: true, seed: 9, stopTokens: ids, readEvery: 8 });
+    assert.deepEqual(rows.map((r) => [...r]), got.map((r) => [...r]), ids.constructor.name);
+  }
+  for (
+    const [bad, said] of [
+      [new Set(stops), "a Set"],
+      [Float32Array.of(1, 2), "a Float32Array \\[1,2\\]"],
+      [{ 0: 1, length: 1 }, "an object"],
+      [Int32Array.of(1, 32), "an Int32Array \\[1,32\\]"],
+      [["1"], '\\["1"\\]'],
+    ] as const
+  ) {
+    await assert.rejects(
+      () => lm.generate(prompt, 4, { stopTokens: bad as unknown as number[] }),
+      new RegExp(`stopTokens must be a list of token ids in \\[0, 32\\) \\(.*\\), got ${said}$`),
+    );
+  }
   // a char tokenizer's specialTokens.eos is null: the message says where such an id comes from
   await assert.rejects(
     () => lm.generate(prompt, 4, { stopTokens: [null as unknown as number] }),
