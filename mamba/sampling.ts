@@ -255,7 +255,9 @@ fn countKeyAtLeast(row: u32, k: u32, lid: u32) -> u32 {
  * true`, or `sample: false` to decode greedily and ignore them, as a UI toggle would).
  */
 export interface SampleOptions {
-  /** Draw from the distribution (default false: greedy argmax). */
+  /** Draw from the distribution (default false: greedy argmax, the first of tied maxima as torch.argmax). A
+   * NaN logit is never chosen, greedy or sampling: greedy takes the largest of the others, where
+   * torch.argmax would return the NaN's index; a row with no other candidate is an error of generate's. */
   sample?: boolean;
   /** Keep only the k most likely tokens before sampling, and every token tied with the k-th (as mamba.py's
    * generate and HF's TopKLogitsWarper); 0 or undefined: all. */

@@ -1148,6 +1148,14 @@ Deno.test("logits with no token to choose (NaN; infinities when sampling) are na
   assert.deepEqual([...await all.toArray()], [-1, -1, 0, -1, 2, -1]);
   assert.deepEqual([...await next.toArray()], [0, 0, 0], "the next step's ids stay valid");
   dispose([logits, all, next]);
+  // a few NaN logits among finite ones are passed over, greedy or sampling (torch.argmax would return the
+  // NaN's index; documented on SampleOptions.sample)
+  const someNaN = tensor([[NaN, 0, 3, NaN, 1, NaN]]);
+  const [n1, a1] = [zeros([1], { dtype: "i32" }), zeros([1, 2], { dtype: "i32" })];
+  sampleInto(someNaN, n1, a1, 0, sampleParams({}));
+  sampleInto(someNaN, n1, a1, 1, { ...sampleParams({ sample: true, temperature: 0.01 }), seed: 1 });
+  assert.deepEqual([...await a1.toArray()], [2, 2]);
+  dispose([someNaN, n1, a1]);
   // generate names the row and the token
   const lm = new MambaLM({ dModel: 8, nLayers: 1 }, { vocabSize: 16 });
   // a final norm of NaN: every logit NaN (one NaN logit among finite ones is only never chosen)
