@@ -8,7 +8,7 @@
  * (`memory().savedBytes` right after the forward). Until the commit that changed this, the step computed
  * the loss sum(y * G) and its gradient too, which added a (B, L, D) product and its broadcast gradient to
  * the peaks (about 0.5 MiB at N 16, L 1024).
- * Then the scan alone, with dt_proj: the bytes saved by `fusedMambaScan` (as MambaBlock runs it) against those
+ * Then the scan alone, with dt_proj: the bytes saved by `fusedMambaScan` (MambaBlock runs `fusedMambaScanOut`, the same scan with out_proj in the op) against those
  * of the pscan path (dt_proj, `selectiveScan(..., "pscan")` and the gate) for the same inputs, per token. Then the "does not fit"
  * demonstration: under one memory limit, a pscan layer fails with an out-of-memory error while the
  * fused + recompute layer trains (forward, backward, SGD update). Finally 8- and 24-layer models, recompute

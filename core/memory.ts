@@ -3,7 +3,8 @@
  *
  * Every tensor's data lives in a {@linkcode Storage}: one GPUBuffer, shared by views (reshape) of the same
  * data. Freed buffers go back to a pool keyed by their size class and are reused; `memory()` reports exact
- * bytes from these counters, which tests use to prove that nothing leaks.
+ * counts of the bytes allocated (each buffer's size class, which may round a tensor's bytes up), from these
+ * counters, which tests use to prove that nothing leaks.
  * @module
  */
 
@@ -11,7 +12,7 @@ import { deviceInfo, gpuDevice, GPUError } from "./device.ts";
 
 /** Byte counts from the runtime's own allocator. */
 export interface MemoryInfo {
-  /** Bytes held by live tensors' buffers. */
+  /** Bytes held by live tensors' buffers (each its size class: 256-byte multiples up to 1 MiB). */
   liveBytes: number;
   /** Highest `liveBytes` since start or the last {@linkcode resetPeak}. */
   peakBytes: number;

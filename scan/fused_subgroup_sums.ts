@@ -25,8 +25,9 @@ export function butterflyRounds(C: number, SG: number): { W: number; rounds: { m
  * `lanes` > 1 lane q's share, states q*K..), then the dt terms (`dt` of them, alike in a channel's lanes).
  * With a fixed subgroup size SG, a butterfly over the masks that change the channel (lanes .. SG/2): each round
  * halves the columns a lane keeps and adds its partner's half, so lane (g, q) of channel group g ends with the
- * sums of columns g*W..g*W+W-1 of its set (W = C / (SG / lanes), the terms padded with zeros) and stores them:
- * C - W shuffles instead of C subgroupAdds and C stores from one lane (the backward 1.4x faster on lavapipe,
+ * sums of columns g*W..g*W+W-1 of its set (W = ceil(C / G), G = SG / lanes channels, the terms padded with
+ * zeros to W G) and stores them: W (G - 1) shuffles (C - W where G divides C) and W stores per lane instead of
+ * C subgroupAdds and C stores from one lane (the backward 1.4x faster on lavapipe,
  * where each of those is a loop over the lanes). Only lane q = 0 stores dt columns. Without SG (the size
  * varies, or the variant neither shuffles nor splits lanes, so whole subgroups are not guaranteed; lanes 1
  * only): subgroupAdd, and lane 0 stores.

@@ -145,7 +145,7 @@ const chosen = new Map<number, FusedVariant>();
  * own pipeline, and at most 256 floats of recomputed h held per invocation (Ls x Nb, Ls at most 64):
  * lavapipe's first compile of the backward grows steeply with that private array (N = 16: 2.0 s at 256
  * floats, 7.1 s at 512, 25 s at 1024, about 4 minutes at 2048), and a GPU spills such arrays to slow local
- * memory. Chunks are max(64, 4N) steps (at most 16 sub-chunks of Ls), so the saved states, 4 ED N / Lc bytes
+ * memory. Chunks are max(64, 4N) steps rounded up to whole sub-chunks of Ls, at most 16 of them, so the saved states, 4 ED N / Lc bytes
  * per token, are at most ED bytes up to N = 64; when Lc > Ls the backward first recomputes the states at
  * sub-chunk boundaries (two-level recompute: one more forward walk). Where the device has subgroups, dB/dC are
  * summed with subgroup operations (no barriers) and B, C rows shared by subgroupShuffle (when the subgroup

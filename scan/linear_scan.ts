@@ -3,7 +3,8 @@
  * differentiable op in two modes that compute the same thing:
  * - `sequential`: one invocation per (b, channel) carries h along L (in slices of at most 16384 steps per
  *   dispatch, as software adapters silently stop loops at 65535 iterations);
- * - `pscan`: mamba.py's Blelloch scan, an up-sweep and a down-sweep of log2(L) levels each, one dispatch
+ * - `pscan`: mamba.py's "Blelloch" scan (strictly the inclusive Brent–Kung form: its down-sweep adds each
+ *   stride's left partner, no root clearing), an up-sweep and a down-sweep of log2(L) levels each, one dispatch
  *   per level, one invocation per (b, pair, channel); any L (positions past the end are skipped, which is
  *   the same as padding with identity elements).
  * The backward is the same scan run in reverse time on (A shifted by one, G):
